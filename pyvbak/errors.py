@@ -1,0 +1,72 @@
+"""Every error pyvbak reports to a user, each carrying its exit code.
+
+The CLI prints ``str(err)`` as one line on stderr and exits with ``err.exit_code``; no
+traceback is shown for a ``PyvbakError``.  Messages say what went wrong, where, and what
+to do.  Anything that is not a ``PyvbakError`` is a bug and keeps its traceback.
+
+Exit codes (stable, documented in README):
+  1  generic failure              2  usage / bad argument
+  3  repository problem           4  source (image, NBD, hypervisor) problem
+  5  snapshot not found           6  integrity error (verify found missing/corrupt data)
+  7  target exists                8  locked by another process
+  9  out of space                 10 interrupted (Ctrl-C / SIGTERM)
+"""
+
+from __future__ import annotations
+
+
+class PyvbakError(Exception):
+    """Base class: a user-facing error with a one-line message and an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # one line, always
+        return self.message.replace("\n", " ")
+
+
+class UsageError(PyvbakError, ValueError):
+    """An argument has a value pyvbak cannot use (block size, key, URI, ...)."""
+
+    exit_code = 2
+
+
+class RepositoryError(PyvbakError):
+    """The repository is missing, not a repository, of a newer format, or damaged."""
+
+    exit_code = 3
+
+
+class SourceError(PyvbakError):
+    """The disk being backed up cannot be read (missing file, NBD/QMP failure, ...)."""
+
+    exit_code = 4
+
+
+class SnapshotNotFound(PyvbakError):
+    exit_code = 5
+
+
+class IntegrityError(RepositoryError):
+    """Stored data does not match its digest, or referenced data is missing."""
+
+    exit_code = 6
+
+
+class TargetExists(PyvbakError):
+    exit_code = 7
+
+
+class LockedError(RepositoryError):
+    exit_code = 8
+
+
+class OutOfSpace(PyvbakError):
+    exit_code = 9
+
+
+class Interrupted(PyvbakError):
+    exit_code = 10

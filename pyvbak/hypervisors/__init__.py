@@ -1,0 +1,1 @@
+"""hypervisors layer (see docs/ARCHITECTURE.md)."""

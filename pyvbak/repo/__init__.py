@@ -1,0 +1,1 @@
+"""repo layer (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,58 @@
+"""The Source interface: what the engine reads a disk through.
+
+A Source is a context manager over one disk's bytes at one instant.  The engine asks it
+for the disk size, which extents are allocated (so holes are never read), optionally
+which extents changed since the last backup (changed-block tracking), and reads blocks.
+
+Error contract: every method raises ``pyvbak.errors.SourceError`` (with a one-line
+message naming the source) for any I/O or protocol failure; never a bare OSError.
+``read`` is thread-safe: the engine calls it from several worker threads at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    length: int
+    zero: bool = False  # True: reads as zeros (hole / unallocated); never read it
+
+
+@dataclass
+class ChangeTracking:
+    """What a hypervisor says changed since the previous backup.
+
+    ``extents`` is None when change tracking cannot be trusted for this backup; then
+    ``fallback_reason`` says why and the engine scans the whole disk.
+    ``state`` is stored in the snapshot metadata (e.g. bitmap name and generation) and
+    handed back to the hypervisor layer at the next backup to check continuity.
+    """
+
+    extents: list[tuple[int, int]] | None
+    state: dict = field(default_factory=dict)
+    fallback_reason: str | None = None
+
+
+class Source(Protocol):
+    #: a short description for messages and metadata, e.g. "file:/var/lib/vm.img"
+    description: str
+    #: size of the disk in bytes
+    size: int
+
+    def __enter__(self) -> "Source": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset`` (short only at end of disk)."""
+
+    def extents(self) -> Iterator[Extent]:
+        """Allocation map covering [0, size) in order; zero extents are not read."""
+
+    def change_tracking(self, previous_state: dict | None) -> ChangeTracking | None:
+        """Changed extents since the backup whose metadata recorded ``previous_state``;
+        None when this source has no change tracking at all."""

@@ -1,0 +1,38 @@
+"""Shared test helpers.
+
+Tests that need a real external program call ``require_tool``: outside CI a missing tool
+skips the test with the install hint; in CI (CI=true) it fails, because the README's
+test command is supposed to have installed it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str, debian_package: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    hint = f"{name} not found: install the Debian package '{debian_package}' (the README's test command does)"
+    if IN_CI:
+        pytest.fail(hint)
+    pytest.skip(hint)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,192 @@
+"""The NBD client against a misbehaving server: each fault is a clear SourceError within
+the timeout, never a hang; legal oddities (out-of-order replies, holes, chunks in any
+order, short block status) still work."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from conftest import wait_until
+from nbd_fakes import FakeNbdServer
+from pyvbak.errors import SourceError
+from pyvbak.sources import nbd_protocol as P
+from pyvbak.sources.base import Extent
+from pyvbak.sources.nbd import NbdSource
+
+TIMEOUT = 1.0
+DATA = os.urandom(256 * 1024)
+
+
+def open_source(server, **kw):
+    kw.setdefault("timeout", TIMEOUT)
+    return NbdSource(server.uri, **kw)
+
+
+def expect_error(behaviour, match, *, op=lambda s: s.read(0, 8192), **srv):
+    with FakeNbdServer(DATA, behaviour, **srv) as server:
+        t0 = time.monotonic()
+        with pytest.raises(SourceError, match=match) as ei:
+            with open_source(server) as src:
+                op(src)
+        # Generous bound: the point is "no hang", not a timing assertion.
+        assert time.monotonic() - t0 < TIMEOUT * 5 + 2
+        assert server.uri in str(ei.value)
+        return ei.value
+
+
+@pytest.mark.parametrize("behaviour", ["ok", "out_of_order", "no_structured"])
+def test_reads_correct(behaviour):
+    with FakeNbdServer(DATA, behaviour) as server, open_source(server) as src:
+        assert src.size == len(DATA)
+        assert src.read(0, len(DATA)) == DATA
+        assert src.read(1000, 3) == DATA[1000:1003]
+        assert src.read(len(DATA) - 10, 100) == DATA[-10:]  # short at the end
+        assert src.read(len(DATA), 10) == b""
+        ranges = [(i * 4096 + 7, 5000) for i in range(40)]
+        assert list(src.read_many(ranges, depth=8)) == [DATA[o:o + n] for o, n in ranges]
+
+
+def test_out_of_order_replies_from_threads():
+    with FakeNbdServer(DATA, "out_of_order") as server, open_source(server) as src:
+        results = {}
+
+        def worker(i):
+            off = (i * 12345) % (len(DATA) - 9000)
+            results[i] = src.read(off, 9000) == DATA[off:off + 9000]
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert results == {i: True for i in range(16)}
+
+
+def test_hole_chunks_read_as_zero():
+    with FakeNbdServer(DATA, "holes") as server, open_source(server) as src:
+        got = src.read(0, 8192)
+        assert got == DATA[:4096] + bytes(4096)
+
+
+def test_block_size_constraints_split_and_align():
+    # minimum 512, maximum 64 KiB: a 1 MiB unaligned read becomes aligned requests of
+    # at most 64 KiB, and the caller still gets exactly the bytes asked for.
+    with FakeNbdServer(DATA, "ok", block_size=(512, 4096, 65536)) as server, open_source(server) as src:
+        assert src.client.max_payload == 65536
+        got = src.read(100, 200_000)
+        assert got == DATA[100:200_100]
+        reads = [r for r in server.requests if r[0] == P.CMD_READ]
+        assert len(reads) == 4
+        assert all(ln <= 65536 and off % 512 == 0 and ln % 512 == 0 for _, _, off, ln in reads)
+
+
+def test_client_payload_cap():
+    with FakeNbdServer(DATA, "ok") as server, open_source(server, max_payload=16384) as src:
+        assert src.read(0, len(DATA)) == DATA
+        assert max(ln for cmd, _, _, ln in server.requests if cmd == P.CMD_READ) == 16384
+
+
+@pytest.mark.parametrize("bad", [(3, 4096, 65536), (512, 256, 65536), (512, 4096, 1000)])
+def test_invalid_block_size_rejected(bad):
+    expect_error("ok", "block size", block_size=bad)
+
+
+def test_block_status_partial_replies_loop():
+    extents = [(8192, 0), (65536, P.STATE_HOLE | P.STATE_ZERO), (len(DATA) - 8192 - 65536, 0)]
+    with FakeNbdServer(DATA, "bs_partial", extents=extents) as server, open_source(server) as src:
+        assert src.allocated_extents() == [Extent(0, 8192), Extent(8192, 65536, True),
+                                           Extent(8192 + 65536, len(DATA) - 8192 - 65536)]
+        assert sum(1 for r in server.requests if r[0] == P.CMD_BLOCK_STATUS) > 10
+        assert src.change_tracking(None) is None
+
+
+def test_short_reply():
+    expect_error("short_reply", "covered only 4096 bytes")
+
+
+def test_garbage_magic():
+    expect_error("garbage_magic", "bad reply magic 0xdeadbeef")
+
+
+def test_unknown_handle():
+    expect_error("unknown_handle", "did not send")
+
+
+def test_chunk_outside_range():
+    expect_error("outside_range", "outside the request")
+
+
+def test_reply_longer_than_request():
+    expect_error("too_long", "outside the request")
+
+
+def test_stall_mid_handshake():
+    expect_error("stall_handshake", r"timed out after 1s waiting for the greeting", op=lambda s: None)
+
+
+def test_stall_mid_reply():
+    expect_error("stall_mid_reply", "timed out after 1s")
+
+
+def test_stall_before_reply():
+    expect_error("stall_reply", "timed out after 1s waiting for a reply")
+
+
+def test_close_mid_reply():
+    expect_error("close_mid_reply", "closed the connection in the middle")
+
+
+def test_error_chunk_names_errno():
+    expect_error("error", "EIO for NBD_CMD_READ at offset 0 length 8192: injected failure")
+
+
+def test_error_offset_chunk():
+    expect_error("error_offset", r"EIO .*at offset 1\): bad sector")
+
+
+def test_simple_error_reply():
+    expect_error("simple_error", "EPERM")
+
+
+def test_unknown_export():
+    with FakeNbdServer(DATA, "ok") as server:
+        with pytest.raises(SourceError, match="NBD_REP_ERR_UNKNOWN.*no such export"):
+            NbdSource(server.uri.replace("disk0", "nope"), timeout=TIMEOUT).open()
+
+
+def test_error_poisons_connection_and_pending_reads():
+    with FakeNbdServer(DATA, "garbage_magic") as server, open_source(server) as src:
+        with pytest.raises(SourceError):
+            list(src.read_many([(0, 4096)] * 4))
+        with pytest.raises(SourceError, match="bad reply magic"):
+            src.read(0, 10)
+
+
+def test_nbd_error_reply_keeps_connection_usable():
+    # An NBD error is about one request, not the stream: the next request still runs.
+    with FakeNbdServer(DATA, "error") as server, open_source(server) as src:
+        for _ in range(2):
+            with pytest.raises(SourceError, match="EIO"):
+                src.read(0, 100)
+        assert src.client._fatal is None
+
+
+def test_stalled_server_does_not_block_close():
+    with FakeNbdServer(DATA, "stall_reply") as server:
+        src = open_source(server).open()
+        t = threading.Thread(target=lambda: pytest.raises(SourceError, src.read, 0, 100), daemon=True)
+        t.start()
+        wait_until(lambda: src.client._pending, timeout=5, what="the read to be submitted")
+        # close must fail the outstanding read, not wait for the stalled server
+        src.close()
+        t.join(TIMEOUT * 5)
+        assert not t.is_alive()
+
+
+def test_connection_refused(tmp_path):
+    with pytest.raises(SourceError, match="cannot connect"):
+        NbdSource(f"nbd+unix:///x?socket={tmp_path}/missing.sock", timeout=TIMEOUT).open()

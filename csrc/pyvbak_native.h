@@ -1,0 +1,63 @@
+/* pyvbak native delta-engine scanner: public C interface.
+ *
+ * Everything here is called from pyvbak/native.py through cffi (out-of-line API mode);
+ * the same declarations are repeated, without preprocessor logic, in native_cdef.h.
+ * See docs/HASH.md for the hash construction and its collision bound.
+ */
+#ifndef PYVBAK_NATIVE_H
+#define PYVBAK_NATIVE_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* Expanded key table (made from the 16-byte repository key by native.py):
+ *   bytes [0, 1088)    272 little-endian uint32 NH key words (256 + 16 for the Toeplitz shift)
+ *   bytes [1088, 1104) 2 little-endian uint64 polynomial points r_0, r_1 (masked to 61 bits)
+ *   bytes [1104, 1120) 2 little-endian uint64 finalizer key words f_0, f_1                  */
+#define PV_KEY_TABLE_BYTES 1120
+
+#define PV_KERNEL_SCALAR 0
+#define PV_KERNEL_AVX2 1
+#define PV_KERNEL_AVX512 2
+
+/* Return codes (negative = error). */
+#define PV_OK 0
+#define PV_ERR_ARG (-1)    /* bad argument (Python validates first; defensive) */
+#define PV_ERR_KERNEL (-2) /* kernel unknown or not supported by this CPU */
+#define PV_ERR_IO (-3)     /* I/O error; *detail = errno */
+#define PV_ERR_SIGBUS (-4) /* mapped page vanished (file truncated); *detail = file offset */
+#define PV_ERR_SHORT (-5)  /* file shorter than offset+length; *detail = current size */
+
+/* pv_scan_fd flags. */
+#define PV_SCAN_NO_HOLES 1      /* do not use SEEK_DATA/SEEK_HOLE */
+#define PV_SCAN_PREAD 2         /* read with pread instead of mmap */
+#define PV_SCAN_NO_POPULATE 4   /* mmap without MAP_POPULATE (benchmarking) */
+#define PV_SCAN_TEST_TRUNCATE 8 /* test hook: ftruncate(fd, offset) right after mapping */
+
+/* Bit i set <=> kernel i usable on this CPU (bit 0 always). */
+int pv_cpu_kernels(void);
+
+/* Scan len bytes at buf in blocks of block_size (last block may be partial):
+ * zero_out[i] = 1 and hash (0,0) for an all-zero block, else 0 and the keyed hash;
+ * hash_out[2i], hash_out[2i+1] = the two 64-bit words. */
+int pv_scan_buffer(const uint8_t *buf, uint64_t len, uint32_t block_size, const uint8_t *ktab,
+                   int kernel, uint8_t *zero_out, uint64_t *hash_out);
+
+/* Hash one block of any length; out = 16 bytes (two little-endian uint64), all zero for
+ * all-zero data.  Returns 1 if the data was all zero, 0 if not, <0 on error. */
+int pv_hash_block(const uint8_t *buf, uint64_t len, const uint8_t *ktab, int kernel,
+                  uint8_t *out);
+
+/* Scan [offset, offset+length) of fd (offset block-aligned) into zero_out/hash_out
+ * (entries for this range only).  window_bytes bounds each mmap (0 = default). */
+int pv_scan_fd(int fd, uint64_t offset, uint64_t length, uint32_t block_size,
+               const uint8_t *ktab, int kernel, uint8_t *zero_out, uint64_t *hash_out,
+               uint64_t window_bytes, int flags, int64_t *detail);
+
+/* Indices (ascending) of blocks of the new image that differ from the old one; returns
+ * how many were written to out (which must hold new_n entries). */
+int64_t pv_changed_blocks(const uint8_t *old_zero, const uint64_t *old_hash, uint64_t old_n,
+                          const uint8_t *new_zero, const uint64_t *new_hash, uint64_t new_n,
+                          int64_t *out);
+
+#endif

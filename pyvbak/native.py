@@ -1,0 +1,330 @@
+"""The native delta-engine scanner: zero detection + keyed 128-bit fast hash per block.
+
+This is the only module that imports the compiled ``pyvbak._native`` (built from csrc/ by
+cffi, out-of-line API mode).  It validates every argument (``UsageError`` naming the bad
+value), turns C return codes into exceptions (``SourceError`` naming the file) and splits
+file scans over a thread pool; the C calls release the GIL.
+
+Conventions (shared with the engine and the index format):
+  * an all-zero block has zero flag 1 and hash (0, 0) — holes are never hashed;
+  * a non-zero block has zero flag 0 and the keyed hash (two uint64 words, stored and
+    returned little-endian), which covers the block's byte length;
+  * the hash is only for comparing the block at the same index of two backups of the
+    same disk under the same repository key — deduplication uses SHA-256 (docs/HASH.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+
+from pyvbak._native import ffi, lib
+from pyvbak.errors import SourceError, UsageError
+
+KEY_BYTES = 16
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 16 * 2**20
+
+KERNELS = ("scalar", "avx2", "avx512")  # index = C kernel id
+_KERNEL_ID = {name: i for i, name in enumerate(KERNELS)}
+_ENV = "PYVBAK_KERNEL"
+
+# Ranges handed to one C call.  Several per thread so a thread that drew mostly holes
+# picks up more work; at least this big so per-call overhead stays negligible.
+_RANGES_PER_THREAD = 4
+_MIN_RANGE = 32 * 2**20
+
+# Domain-separation label of the key expansion.  Changing it changes every hash: do not.
+_KDF_LABEL = b"pyvbak fast block hash v1 key table\x00"
+
+# Private test/benchmark hooks passed to the C scanner (see csrc/pyvbak_native.h).
+SCAN_NO_HOLES = lib.PV_SCAN_NO_HOLES
+SCAN_PREAD = lib.PV_SCAN_PREAD
+SCAN_NO_POPULATE = lib.PV_SCAN_NO_POPULATE
+SCAN_TEST_TRUNCATE = lib.PV_SCAN_TEST_TRUNCATE
+
+
+# ---- kernels ------------------------------------------------------------------------------
+
+def available_kernels() -> list[str]:
+    """The kernels this CPU (and OS) supports, slowest first; "scalar" is always there."""
+    mask = lib.pv_cpu_kernels()
+    return [name for i, name in enumerate(KERNELS) if mask & (1 << i)]
+
+
+def selected_kernel(kernel: str | None = None) -> str:
+    """The kernel to use: ``kernel`` if given, else $PYVBAK_KERNEL, else the fastest.
+
+    Asking for a kernel this CPU lacks raises ``UsageError``: a forced kernel never
+    silently falls back to another one."""
+    source = "kernel argument"
+    if kernel is None:
+        kernel = os.environ.get(_ENV) or None
+        source = f"${_ENV}"
+    avail = available_kernels()
+    if kernel is None:
+        return avail[-1]
+    if not isinstance(kernel, str) or kernel not in _KERNEL_ID:
+        raise UsageError(
+            f"unknown scan kernel {kernel!r} ({source}); choose one of {', '.join(KERNELS)}"
+        )
+    if kernel not in avail:
+        raise UsageError(
+            f"scan kernel {kernel!r} ({source}) is not supported by this CPU; "
+            f"available: {', '.join(avail)}"
+        )
+    return kernel
+
+
+def _kernel_id(kernel: str | None) -> int:
+    return _KERNEL_ID[selected_kernel(kernel)]
+
+
+# ---- argument checks ----------------------------------------------------------------------
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise UsageError(f"block size must be an integer, got {block_size!r}")
+    bs = int(block_size)
+    if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
+        raise UsageError(
+            f"block size {bs} is invalid: it must be a power of two between "
+            f"{MIN_BLOCK_SIZE} (4 KiB) and {MAX_BLOCK_SIZE} (16 MiB)"
+        )
+    return bs
+
+
+def _check_size(size, what: str) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+        raise UsageError(f"{what} must be a non-negative integer, got {size!r}")
+    return int(size)
+
+
+@lru_cache(maxsize=64)
+def _key_table(key: bytes) -> bytes:
+    """Expand the 16-byte key into the C key table: SHA-256 in counter mode (35 blocks)."""
+    n = lib.PV_KEY_TABLE_BYTES
+    out = b"".join(
+        hashlib.sha256(_KDF_LABEL + key + i.to_bytes(4, "little")).digest()
+        for i in range((n + 31) // 32)
+    )
+    return out[:n]
+
+
+def _key(key) -> bytes:
+    try:
+        kb = bytes(memoryview(key))
+    except TypeError:
+        raise UsageError(f"key must be {KEY_BYTES} bytes, got {type(key).__name__}") from None
+    if len(kb) != KEY_BYTES:
+        raise UsageError(f"key must be {KEY_BYTES} bytes, got {len(kb)} bytes")
+    return _key_table(kb)
+
+
+def _check_array(arr, name: str, dtype, ncols: int | None, min_rows: int, writable: bool):
+    want = f"{np.dtype(dtype).name} array of shape ({min_rows},{' ' + str(ncols) if ncols else ''})"
+    if not isinstance(arr, np.ndarray):
+        raise UsageError(f"{name} must be a numpy {want}, got {type(arr).__name__}")
+    if arr.dtype != np.dtype(dtype):
+        raise UsageError(f"{name} has dtype {arr.dtype}, expected {np.dtype(dtype).name}")
+    shape_ok = arr.ndim == (1 if ncols is None else 2) and (ncols is None or arr.shape[1] == ncols)
+    if not shape_ok:
+        raise UsageError(f"{name} has shape {arr.shape}, expected a {want}")
+    if arr.shape[0] < min_rows:
+        raise UsageError(f"{name} has {arr.shape[0]} entries, needs at least {min_rows}")
+    if not arr.flags.c_contiguous:
+        raise UsageError(f"{name} is not C-contiguous")
+    if writable and not arr.flags.writeable:
+        raise UsageError(f"{name} is read-only")
+
+
+def _input_buffer(buf, name: str):
+    try:
+        mv = memoryview(buf)
+    except TypeError:
+        raise UsageError(f"{name} must support the buffer protocol, got {type(buf).__name__}") from None
+    if not mv.c_contiguous:
+        raise UsageError(f"{name} is not a contiguous buffer")
+    return ffi.from_buffer("uint8_t[]", mv), mv.nbytes
+
+
+# ---- public API ---------------------------------------------------------------------------
+
+def block_count(size: int, block_size: int) -> int:
+    """Number of blocks (the last one may be partial) in ``size`` bytes."""
+    size = _check_size(size, "size")
+    bs = _check_block_size(block_size)
+    return -(-size // bs)
+
+
+def new_arrays(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Result arrays for n blocks: zero flags uint8 (n,), hashes uint64 (n, 2)."""
+    n = _check_size(n, "block count")
+    return np.zeros(n, dtype=np.uint8), np.zeros((n, 2), dtype=np.uint64)
+
+
+def scan_buffer(buf, block_size, key, zero_out, hash_out, *, kernel=None) -> None:
+    """Scan an in-memory image: fill the first ceil(len(buf)/block_size) entries."""
+    bs = _check_block_size(block_size)
+    ktab = _key(key)
+    kid = _kernel_id(kernel)
+    cbuf, nbytes = _input_buffer(buf, "buf")
+    n = -(-nbytes // bs)
+    _check_array(zero_out, "zero_out", np.uint8, None, n, True)
+    _check_array(hash_out, "hash_out", np.uint64, 2, n, True)
+    if n == 0:
+        return
+    rc = lib.pv_scan_buffer(cbuf, nbytes, bs, ktab, kid,
+                            ffi.from_buffer("uint8_t[]", zero_out, require_writable=True),
+                            ffi.from_buffer("uint64_t[]", hash_out, require_writable=True))
+    if rc != lib.PV_OK:  # pragma: no cover - arguments were checked above
+        raise UsageError(f"native scan rejected its arguments (code {rc})")
+
+
+def hash_block(data, key, *, kernel=None) -> bytes:
+    """The 16-byte fast hash of one block (what a scan stores); all-zero data -> 16 zeros."""
+    ktab = _key(key)
+    kid = _kernel_id(kernel)
+    cbuf, nbytes = _input_buffer(data, "data")
+    out = ffi.new("uint8_t[16]")
+    rc = lib.pv_hash_block(cbuf, nbytes, ktab, kid, out)
+    if rc < 0:  # pragma: no cover
+        raise UsageError(f"native hash rejected its arguments (code {rc})")
+    return bytes(ffi.buffer(out, 16))
+
+
+def changed_blocks(old_zero, old_hash, old_size, new_zero, new_hash, new_size, block_size) -> np.ndarray:
+    """Indices (int64, ascending) of the new image's blocks that differ from the old scan.
+
+    A block is changed if it is past the old end, its zero flag changed, or both are
+    non-zero and their hashes differ (the hash covers the length, so a partial old tail
+    that grew is changed)."""
+    bs = _check_block_size(block_size)
+    on = -(-_check_size(old_size, "old_size") // bs)
+    nn = -(-_check_size(new_size, "new_size") // bs)
+    for arr, name, n in ((old_zero, "old_zero", on), (new_zero, "new_zero", nn)):
+        _check_array(arr, name, np.uint8, None, 0, False)
+        if arr.shape[0] != n:
+            raise UsageError(
+                f"{name} has {arr.shape[0]} entries but the image size "
+                f"{old_size if name == 'old_zero' else new_size} has {n} blocks of {bs} bytes"
+            )
+    for arr, name, n in ((old_hash, "old_hash", on), (new_hash, "new_hash", nn)):
+        _check_array(arr, name, np.uint64, 2, 0, False)
+        if arr.shape[0] != n:
+            raise UsageError(f"{name} has {arr.shape[0]} rows, expected {n} (as many as the zero flags)")
+    out = np.empty(nn, dtype=np.int64)
+    if nn == 0:
+        return out
+    count = lib.pv_changed_blocks(
+        ffi.from_buffer("uint8_t[]", old_zero), ffi.from_buffer("uint64_t[]", old_hash), on,
+        ffi.from_buffer("uint8_t[]", new_zero), ffi.from_buffer("uint64_t[]", new_hash), nn,
+        ffi.from_buffer("int64_t[]", out, require_writable=True))
+    return out[:count].copy() if count < nn // 2 else out[:count]
+
+
+def _split(size: int, bs: int, threads: int) -> list[tuple[int, int]]:
+    """Block-aligned (offset, length) ranges covering [0, size)."""
+    if size == 0:
+        return []
+    nblocks = -(-size // bs)
+    per = max(-(-nblocks // (threads * _RANGES_PER_THREAD)), -(-_MIN_RANGE // bs), 1)
+    if threads == 1:
+        per = nblocks
+    return [(i * bs, min(size, (i + per) * bs) - i * bs) for i in range(0, nblocks, per)]
+
+
+def scan_file(path_or_fd, block_size, key, *, size=None, threads=None, kernel=None,
+              _flags: int = 0, _window: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scan a whole regular file or block device; returns (zero flags, hashes).
+
+    ``path_or_fd``: a path, or an open file descriptor (its file position is restored).
+    ``size``: bytes to scan (default: the file's size; a block device's size by seeking
+    to its end).  ``threads``: default ``os.cpu_count()``.  Holes are reported zero
+    without reading them.  ``_flags``/``_window`` are test and benchmark hooks."""
+    bs = _check_block_size(block_size)
+    ktab = _key(key)
+    kid = _kernel_id(kernel)
+    if threads is None:
+        threads = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"threads must be a positive integer, got {threads!r}")
+    if size is not None:
+        size = _check_size(size, "size")
+
+    if isinstance(path_or_fd, bool):
+        raise UsageError(f"expected a path or file descriptor, got {path_or_fd!r}")
+    own = not isinstance(path_or_fd, (int, np.integer))
+    if own:
+        name = os.fsdecode(path_or_fd) if isinstance(path_or_fd, (str, bytes, os.PathLike)) else None
+        if name is None:
+            raise UsageError(f"expected a path or file descriptor, got {type(path_or_fd).__name__}")
+        try:
+            fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceError(f"cannot open image {name}: {e.strerror}") from e
+    else:
+        fd = int(path_or_fd)
+        if fd < 0:
+            raise UsageError(f"file descriptor must be >= 0, got {fd}")
+        name = f"file descriptor {fd}"
+    try:
+        try:
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                raise SourceError(f"cannot scan {name}: not a regular file or block device")
+            saved_pos = None if own else os.lseek(fd, 0, os.SEEK_CUR)
+            if size is None:
+                size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
+        except OSError as e:
+            raise SourceError(f"cannot scan {name}: {e.strerror}") from e
+        zero, hashes = new_arrays(-(-size // bs))
+        zp = ffi.from_buffer("uint8_t[]", zero, require_writable=True)
+        hp = ffi.from_buffer("uint64_t[]", hashes, require_writable=True)
+
+        def run(rng):
+            off, length = rng
+            detail = ffi.new("int64_t *")
+            i = off // bs
+            rc = lib.pv_scan_fd(fd, off, length, bs, ktab, kid, zp + i, hp + 2 * i,
+                                _window, _flags, detail)
+            return rc, detail[0], off, length
+
+        ranges = _split(size, bs, threads)
+        if threads == 1 or len(ranges) <= 1:
+            results = [run(r) for r in ranges]
+        else:
+            with ThreadPoolExecutor(max_workers=min(threads, len(ranges))) as pool:
+                results = list(pool.map(run, ranges))
+        for rc, detail, off, length in results:
+            if rc != lib.PV_OK:
+                raise _scan_error(rc, detail, name, off, length, size)
+        if saved_pos is not None:
+            os.lseek(fd, saved_pos, os.SEEK_SET)
+        return zero, hashes
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _scan_error(rc: int, detail: int, name: str, off: int, length: int, size: int) -> Exception:
+    if rc == lib.PV_ERR_SIGBUS:
+        return SourceError(
+            f"image {name} was truncated while being scanned (page at offset {detail} vanished); "
+            "is something else writing to it?"
+        )
+    if rc == lib.PV_ERR_SHORT:
+        return SourceError(
+            f"image {name} is shorter than the {size} bytes to scan (found {detail} bytes); "
+            "was it truncated?"
+        )
+    if rc == lib.PV_ERR_IO:
+        return SourceError(
+            f"cannot read image {name} at bytes {off}..{off + length}: {os.strerror(detail)}"
+        )
+    return UsageError(f"native scan of {name} rejected its arguments (code {rc})")

@@ -84,7 +84,7 @@ class LocalBackend(Backend):
         where = ""
         failed_at = os.fspath(exc.filename) if exc.filename is not None else path
         if failed_at != path:
-            where = f" at {os.path.basename(failed_at) if os.path.basename(failed_at).startswith(TEMP_PREFIX) else failed_at}"
+            where = f" at {failed_at}"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return BackendError(
                 f"permission denied {action} {path} (object {name!r} in local backend "

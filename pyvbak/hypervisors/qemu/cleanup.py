@@ -1,0 +1,264 @@
+"""Find and remove what an earlier, killed pyvbak run left in a VM and its work dir.
+
+A ``kill -9`` (or a power cut of the backup host) skips every ``finally``.  What can be
+left behind, all named with ``pyvbak-<run>`` (see ``naming``):
+
+* an NBD export (and the NBD server pyvbak started for it),
+* the fleecing backup job and its copy-before-write filter (slowing every guest write),
+* the fleecing qcow2 node and its file in the work dir,
+* a socket and a journal file in the work dir,
+* a rotated-but-not-settled dirty bitmap pair: the previous generation disabled and the
+  next one recording.  The newer one is merged back into the one the last good backup
+  recorded, so no guest write is forgotten.
+
+A run is only cleaned when the process that created it is gone (its pid is in the run
+id); a live one means two pyvbak sessions on one VM, which is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from pyvbak.errors import SourceError
+
+from ..resources import pid_alive
+from .naming import GEN_PREFIX, PREFIX, generation_of, pid_of_run, run_of
+from .qmp import QmpClient, QmpError
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SourceError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def named_nodes(qmp: QmpClient) -> list[dict]:
+    return qmp.execute("query-named-block-nodes", flat=True)
+
+
+def node_info(qmp: QmpClient, node: str) -> dict | None:
+    for n in named_nodes(qmp):
+        if n.get("node-name") == node:
+            return n
+    return None
+
+
+def pyvbak_exports(qmp: QmpClient) -> list[str]:
+    return [e["id"] for e in qmp.execute("query-block-exports") if e.get("id", "").startswith(PREFIX)]
+
+
+def pyvbak_jobs(qmp: QmpClient) -> list[str]:
+    return [j["id"] for j in qmp.execute("query-jobs") if j.get("id", "").startswith(PREFIX)]
+
+
+def remove_export(qmp: QmpClient, export_id: str, timeout: float = 30.0) -> None:
+    ok, err = qmp.try_execute("block-export-del", id=export_id, mode="hard")
+    if not ok and "not found" not in err.desc.lower():
+        raise err
+    wait_for(lambda: export_id not in [e["id"] for e in qmp.execute("query-block-exports")], timeout,
+             f"export {export_id} to go away")
+
+
+def cancel_job(qmp: QmpClient, job_id: str, timeout: float = 30.0) -> None:
+    ok, err = qmp.try_execute("block-job-cancel", device=job_id, force=True)
+    if not ok and "not found" not in err.desc.lower() and "no active block job" not in err.desc.lower():
+        # a job that concluded but was not dismissed: dismiss it
+        qmp.try_execute("job-dismiss", id=job_id)
+
+    def gone() -> bool:
+        for j in qmp.execute("query-jobs"):
+            if j["id"] == job_id:
+                if j.get("status") == "concluded":
+                    qmp.try_execute("job-dismiss", id=job_id)
+                return False
+        return True
+
+    wait_for(gone, timeout, f"backup job {job_id} to end")
+
+
+def remove_node(qmp: QmpClient, node: str) -> None:
+    ok, err = qmp.try_execute("blockdev-del", **{"node-name": node})
+    if not ok and "cannot find" not in err.desc.lower() and "not found" not in err.desc.lower():
+        raise err
+
+
+def socket_listening(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def stop_nbd_server(qmp: QmpClient) -> None:
+    ok, err = qmp.try_execute("nbd-server-stop")
+    if not ok and "not running" not in err.desc.lower():
+        raise err
+
+
+def gen_bitmaps(node: dict) -> dict[str, dict]:
+    return {b["name"]: b for b in node.get("dirty-bitmaps", []) if b.get("name", "").startswith(GEN_PREFIX)}
+
+
+def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_bitmap: str | None,
+                    own_run: str | None = None) -> list[str]:
+    """Remove every pyvbak resource of a dead run; return one line per thing cleaned.
+
+    ``previous_bitmap`` is the bitmap the last good backup recorded: other
+    ``pyvbak-gen-N`` bitmaps on ``node`` are either merged into it (newer: a run that
+    rotated and died) or dropped (older: a run that committed and died before deleting it).
+    """
+    cleaned: list[str] = []
+    work_dir = Path(work_dir)
+
+    exports = pyvbak_exports(qmp)
+    jobs = pyvbak_jobs(qmp)
+    nodes = [n["node-name"] for n in named_nodes(qmp) if n.get("node-name", "").startswith(PREFIX)]
+    files = sorted(p for p in work_dir.glob(f"{PREFIX}*") if run_of(p.name)) if work_dir.is_dir() else []
+
+    runs = {run_of(x) for x in exports + jobs + nodes + [p.name for p in files]} - {None, own_run}
+    for run in sorted(runs):  # type: ignore[arg-type]
+        pid = pid_of_run(run)
+        if pid != os.getpid() and pid_alive(pid):
+            raise SourceError(
+                f"another pyvbak session (pid {pid}, run {run}) is active on this VM or work dir "
+                f"{work_dir}; wait for it to finish (QEMU serves one NBD server per VM)"
+            )
+
+    def mine(name: str) -> bool:
+        r = run_of(name)
+        return r is not None and r in runs
+
+    server_was_ours = False
+    for e in exports:
+        if mine(e):
+            remove_export(qmp, e)
+            cleaned.append(f"NBD export {e}")
+            server_was_ours = True  # pyvbak only exports on a server it started itself
+    journals = {}
+    for p in files:
+        if p.suffix == ".json":
+            try:
+                journals[run_of(p.name)] = json.loads(p.read_text())
+            except (OSError, ValueError):
+                pass
+    for p in files:
+        if p.name.endswith("-nbd.sock") and socket_listening(p):
+            server_was_ours = True
+    if server_was_ours:
+        stop_nbd_server(qmp)
+        cleaned.append("NBD server started by pyvbak")
+    for j in jobs:
+        if mine(j):
+            cancel_job(qmp, j)
+            cleaned.append(f"fleecing backup job {j}")
+    # top-level nodes only: the -cbw filter disappeared with its job; inline children with the parent
+    for n in nodes:
+        if mine(n) and n.endswith("-fl"):
+            remove_node(qmp, n)
+            cleaned.append(f"fleecing node {n}")
+    still_open = {str(n.get("file", "")) for n in named_nodes(qmp)}
+    cleaned += clean_files([p for p in files if mine(p.name) and str(p) not in still_open])
+
+    if node is not None:
+        cleaned += settle_bitmaps(qmp, node, previous_bitmap)
+    return cleaned
+
+
+def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None) -> list[str]:
+    info = node_info(qmp, node)
+    if info is None:
+        return []
+    bitmaps = gen_bitmaps(info)
+    prev = bitmaps.get(previous_bitmap) if previous_bitmap else None
+    prev_gen = generation_of(previous_bitmap) if prev else None
+    cleaned = []
+    newer = [b for b in bitmaps if b != previous_bitmap and prev_gen is not None
+             and (generation_of(b) or 0) > prev_gen and not bitmaps[b].get("busy")]
+    others = [b for b in bitmaps if b != previous_bitmap and b not in newer and not bitmaps[b].get("busy")]
+    if newer and prev is not None and not prev.get("busy"):
+        actions = [{"type": "block-dirty-bitmap-merge",
+                    "data": {"node": node, "target": previous_bitmap, "bitmaps": newer}}]
+        if not prev.get("recording"):
+            actions.append({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": previous_bitmap}})
+        actions += [{"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": b}} for b in newer]
+        qmp.execute("transaction", actions=actions)
+        cleaned.append(f"dirty bitmap(s) {', '.join(newer)} of an unfinished backup merged back into "
+                       f"{previous_bitmap}" + ("" if prev.get("recording") else f" and {previous_bitmap} re-enabled"))
+    else:
+        others += newer
+    for b in others:
+        try:
+            qmp.execute("block-dirty-bitmap-remove", node=node, name=b)
+            cleaned.append(f"stale dirty bitmap {b} on {node}")
+        except QmpError:
+            pass
+    return cleaned
+
+
+def kill_leftover_qemu_nbd(pidfile: Path) -> str | None:
+    """Kill the qemu-nbd a dead run started (its pid file names it), if still running."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except (OSError, ValueError):
+        return None
+    if b"qemu-nbd" not in cmd:
+        return None  # pid reused by something else
+    try:
+        os.kill(pid, 15)
+    except ProcessLookupError:
+        return None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.02)
+    return f"qemu-nbd process {pid}"
+
+
+def clean_files(paths: list[Path]) -> list[str]:
+    """Remove leftover work-dir files (killing a qemu-nbd named by a pid file first)."""
+    cleaned = []
+    for p in sorted(paths, key=lambda p: not p.name.endswith(".pid")):
+        if p.name.endswith(".pid"):
+            killed = kill_leftover_qemu_nbd(p)
+            if killed:
+                cleaned.append(killed)
+        try:
+            p.unlink()
+            cleaned.append(f"file {p}")
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise SourceError(f"cannot remove leftover {p}: {e.strerror}") from None
+    return cleaned
+
+
+def dead_run_files(work_dir: Path, own_run: str | None) -> list[Path]:
+    """Work-dir files of pyvbak runs whose process is gone; SourceError if one is alive."""
+    if not work_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(work_dir.glob(f"{PREFIX}*")):
+        run = run_of(p.name)
+        if run is None or run == own_run:
+            continue
+        pid = pid_of_run(run)
+        if pid != os.getpid() and pid_alive(pid):
+            raise SourceError(f"another pyvbak session (pid {pid}) is using work dir {work_dir}; "
+                              f"wait for it to finish")
+        out.append(p)
+    return out

@@ -1,0 +1,85 @@
+"""Names of everything pyvbak creates in QEMU and in the work directory.
+
+Every resource carries the prefix ``pyvbak-`` and a run id ``<pid>-<4 hex>`` so that a
+later run can tell (a) that pyvbak made it and (b) whether the process that made it is
+still alive.  QEMU node names are limited to 31 characters, which bounds the run id.
+
+  export / NBD export name   pyvbak-<run>
+  fleecing qcow2 node        pyvbak-<run>-fl
+  copy-before-write filter   pyvbak-<run>-cbw
+  backup job id              pyvbak-<run>-job
+  fleecing file              <work_dir>/pyvbak-<run>-fleece.qcow2
+  NBD server socket          <work_dir>/pyvbak-<run>-nbd.sock
+  journal                    <work_dir>/pyvbak-<run>.json
+  persistent dirty bitmaps   pyvbak-gen-<N>   (not per run: they outlive runs on purpose)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "pyvbak-"
+GEN_PREFIX = "pyvbak-gen-"
+_RUN_RE = re.compile(r"^pyvbak-(\d+)-([0-9a-f]{4})(?:$|[-.])")
+_GEN_RE = re.compile(r"^pyvbak-gen-(\d+)$")
+
+
+def new_run_id() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def run_of(name: str) -> str | None:
+    """The run id inside a pyvbak resource name (or file name), else None."""
+    m = _RUN_RE.match(name)
+    return f"{m.group(1)}-{m.group(2)}" if m else None
+
+
+def pid_of_run(run: str) -> int:
+    return int(run.split("-", 1)[0])
+
+
+def bitmap_name(generation: int) -> str:
+    return f"{GEN_PREFIX}{generation}"
+
+
+def generation_of(bitmap: str) -> int | None:
+    m = _GEN_RE.match(bitmap or "")
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class RunNames:
+    run: str
+    work_dir: Path
+
+    @property
+    def export(self) -> str:
+        return f"{PREFIX}{self.run}"
+
+    @property
+    def fleece_node(self) -> str:
+        return f"{PREFIX}{self.run}-fl"
+
+    @property
+    def cbw_node(self) -> str:
+        return f"{PREFIX}{self.run}-cbw"
+
+    @property
+    def job(self) -> str:
+        return f"{PREFIX}{self.run}-job"
+
+    @property
+    def fleece_file(self) -> Path:
+        return self.work_dir / f"{PREFIX}{self.run}-fleece.qcow2"
+
+    @property
+    def nbd_socket(self) -> Path:
+        return self.work_dir / f"{PREFIX}{self.run}-nbd.sock"
+
+    @property
+    def journal(self) -> Path:
+        return self.work_dir / f"{PREFIX}{self.run}.json"

@@ -1,0 +1,259 @@
+"""A powered-off VM disk image (qcow2, vmdk, vhdx, vdi, raw, ...) served by ``qemu-nbd``.
+
+The image is opened read-only (``qemu-nbd -r``) so pyvbak cannot change the guest's data;
+``-t`` keeps the server up across the engine's several connections.  The format is taken
+from ``qemu-img info`` (never guessed by qemu-nbd: probing a raw image is unsafe).
+
+Change tracking for qcow2: persistent dirty bitmaps live inside the image.  Because the
+VM is off, nothing writes between two ``qemu-img bitmap`` calls, so the rotation needs no
+transaction: before serving, ``pyvbak-gen-<N+1>`` is added (enabled, empty: the VM will
+fill it when it next runs) and ``pyvbak-gen-<N>`` disabled; the latter is exported with
+``-B`` so its ``qemu:dirty-bitmap`` context lists what the VM wrote since the previous
+backup.  On exit after ``commit()`` the old generation is removed; otherwise it is
+re-enabled with the new one merged in and the new one removed.  Other formats (and qcow2
+images pyvbak cannot write, e.g. read-only files) have no bitmaps: ``fallback_reason``
+says so and the engine scans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from pyvbak.errors import SourceError
+
+from ..resources import TerminationGuard
+from . import cleanup
+from .naming import PREFIX, bitmap_name, generation_of, new_run_id
+
+STATE_KIND = "qemu-image-bitmap"
+EXPORT_NAME = "pyvbak"
+
+
+def _run(args: list[str], what: str, timeout: float = 60) -> str:
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SourceError(f"{args[0]} not found: install the Debian package 'qemu-utils'") from None
+    except subprocess.TimeoutExpired:
+        raise SourceError(f"{what} timed out after {timeout}s") from None
+    if r.returncode != 0:
+        raise SourceError(f"{what} failed: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
+
+
+def image_info(path: Path) -> dict:
+    if not path.exists():
+        raise SourceError(f"disk image {path} does not exist")
+    try:
+        out = _run(["qemu-img", "info", "--output=json", str(path)], f"qemu-img info {path}")
+    except SourceError as e:
+        if "lock" in str(e).lower():
+            raise SourceError(
+                f"disk image {path} is in use (locked, probably by the running VM): back up a running "
+                f"VM through its QMP socket with a qemu:///PATH/TO/QMP.SOCK?node=NODE URI instead"
+            ) from None
+        raise
+    return json.loads(out)
+
+
+class QemuOfflineImage:
+    """Serve one powered-off image read-only over NBD.  Context manager; same attributes
+    as ``QemuHotBackup``: nbd_uri, dirty_bitmap, size, change_tracking_state,
+    fallback_reason, cleaned_leftovers; ``commit()`` after the backup is durable."""
+
+    def __init__(self, path: str | os.PathLike, *, previous_state: dict | None, work_dir: str | os.PathLike,
+                 verify_cbt: bool = False, start_timeout: float = 30.0):
+        self.path = Path(path).resolve()
+        self.previous_state = dict(previous_state) if previous_state else None
+        self.work_dir = Path(work_dir)
+        self.verify_cbt = verify_cbt
+        self.start_timeout = start_timeout
+        self.run = new_run_id()
+        self.socket_path = self.work_dir / f"{PREFIX}{self.run}-nbd.sock"
+        self.pid_file = self.work_dir / f"{PREFIX}{self.run}-qemu-nbd.pid"
+        self.description = f"image:{self.path}"
+
+        self.format: str = ""
+        self.nbd_uri: str | None = None
+        self.dirty_bitmap: str | None = None
+        self.size = 0
+        self.change_tracking_state: dict = {}
+        self.fallback_reason: str | None = None
+        self.cleaned_leftovers: list[str] = []
+
+        self._proc: subprocess.Popen | None = None
+        self._guard: TerminationGuard | None = None
+        self._committed = False
+        self._old: str | None = None
+        self._old_disabled = False
+        self._new: str | None = None
+
+    def commit(self) -> None:
+        self._committed = True
+
+    def open_source(self):
+        from pyvbak.sources.nbd import NbdSource
+
+        return NbdSource(self.nbd_uri, dirty_bitmap=self.dirty_bitmap)
+
+    def __enter__(self) -> "QemuOfflineImage":
+        self._guard = TerminationGuard().__enter__()
+        try:
+            self._setup()
+        except BaseException:
+            self._teardown(failed=True, raise_errors=False)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._teardown(failed=exc_type is not None or not self._committed, raise_errors=exc_type is None)
+
+    # -- setup -------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.cleaned_leftovers = cleanup.clean_files(cleanup.dead_run_files(self.work_dir, self.run))
+        info = image_info(self.path)
+        self.format = info["format"]
+        self.size = int(info["virtual-size"])
+        bitmaps = {}
+        if self.format == "qcow2":
+            for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", []) or []:
+                bitmaps[b["name"]] = b
+        self.fallback_reason, old = self._check_cbt(bitmaps)
+        if self.verify_cbt and self.fallback_reason is None:
+            self.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
+        prev_name = (self.previous_state or {}).get("bitmap")
+        self._old = prev_name if prev_name in bitmaps else None
+
+        generation = None
+        if self.format == "qcow2" and os.access(self.path, os.W_OK):
+            gens = [generation_of(b) or 0 for b in bitmaps]
+            gens.append(int((self.previous_state or {}).get("generation") or 0))
+            generation = max(gens) + 1
+            new = bitmap_name(generation)
+            try:
+                self._bitmap_op("--add", new)
+                self._new = new
+                if old is not None:
+                    self._bitmap_op("--disable", old)
+                    self._old_disabled = True
+            except SourceError as e:
+                generation = None
+                if self.fallback_reason is None:
+                    self.fallback_reason = f"cannot rotate the dirty bitmap in {self.path}: {e}"
+                old = None
+        self.dirty_bitmap = old
+
+        args = ["qemu-nbd", "-t", "-r", "-f", self.format, f"--socket={self.socket_path}", "-x", EXPORT_NAME,
+                f"--pid-file={self.pid_file}"]
+        if old is not None:
+            args += ["-B", old]
+        args.append(str(self.path))
+        try:
+            self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            raise SourceError("qemu-nbd not found: install the Debian package 'qemu-utils'") from None
+        deadline = time.monotonic() + self.start_timeout
+        while not (self.socket_path.exists() and self.pid_file.exists()):
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace").strip()
+                raise SourceError(f"qemu-nbd could not serve {self.path}: {err}")
+            if time.monotonic() > deadline:
+                raise SourceError(f"qemu-nbd did not start serving {self.path} within {self.start_timeout}s")
+            time.sleep(0.01)
+        self.nbd_uri = f"nbd+unix:///{EXPORT_NAME}?socket={self.socket_path}"
+        self.change_tracking_state = {
+            "kind": STATE_KIND, "bitmap": self._new, "generation": generation,
+            "image": str(self.path), "format": self.format, "size": self.size,
+        }
+
+    def _check_cbt(self, bitmaps: dict[str, dict]) -> tuple[str | None, str | None]:
+        prev = self.previous_state
+        if self.format != "qcow2":
+            return f"image format '{self.format}' cannot store persistent dirty bitmaps (qcow2 can)", None
+        if not prev:
+            return "no previous backup", None
+        name = prev.get("bitmap")
+        if prev.get("kind") not in (None, STATE_KIND) or not name:
+            return "the previous backup recorded no dirty bitmap for this image", None
+        if prev.get("image") not in (None, str(self.path)):
+            return f"the previous backup read image {prev.get('image')}, not {self.path}", None
+        b = bitmaps.get(name)
+        if b is None:
+            return f"dirty bitmap {name} is gone from {self.path} (deleted by someone else?)", None
+        flags = b.get("flags", [])
+        if "in-use" in flags:
+            return f"dirty bitmap {name} is marked in-use/inconsistent (the VM stopped without saving it)", None
+        if "auto" not in flags:
+            return f"dirty bitmap {name} is disabled, so it missed writes", None
+        if prev.get("generation") != generation_of(name):
+            return f"bitmap generation mismatch: previous backup recorded {prev.get('generation')}, bitmap is {name}", None
+        if int(prev.get("size", -1)) != self.size:
+            return f"disk resized from {prev.get('size')} to {self.size} bytes since the previous backup", None
+        return None, name
+
+    def _bitmap_op(self, *ops: str) -> None:
+        *flags, name = ops
+        _run(["qemu-img", "bitmap", *flags, "-f", "qcow2", str(self.path), name],
+             f"qemu-img bitmap {' '.join(flags)} {name} on {self.path}")
+
+    # -- teardown ----------------------------------------------------------------
+
+    def _teardown(self, *, failed: bool, raise_errors: bool) -> None:
+        errors: list[str] = []
+        guard = self._guard
+        try:
+            with (guard.deferred() if guard else _Null()):
+                self._stop_server(errors)
+                try:
+                    if not failed:
+                        if self._old is not None:
+                            self._bitmap_op("--remove", self._old)
+                    else:
+                        if self._new is not None and self._old is not None and self._old_disabled:
+                            self._bitmap_op("--merge", self._new, "--enable", self._old)
+                        elif self._old is not None and self._old_disabled:
+                            self._bitmap_op("--enable", self._old)
+                        if self._new is not None:
+                            self._bitmap_op("--remove", self._new)
+                except SourceError as e:
+                    errors.append(str(e))
+        finally:
+            if guard:
+                guard.__exit__(None, None, None)
+        if errors and raise_errors:
+            raise SourceError("cleanup after the backup was incomplete: " + "; ".join(errors))
+
+    def _stop_server(self, errors: list[str]) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+            if proc.stderr:
+                proc.stderr.close()
+        for p in (self.socket_path, self.pid_file):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                errors.append(f"removing {p}: {e.strerror}")
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

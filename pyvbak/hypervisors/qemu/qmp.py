@@ -1,0 +1,237 @@
+"""A small QMP (QEMU Machine Protocol) client over a unix socket.
+
+QMP is line-delimited JSON: the server greets with ``{"QMP": {...}}``, the client must
+send ``qmp_capabilities`` before anything else, then each ``{"execute": ...}`` gets one
+``{"return": ...}`` or ``{"error": {"class", "desc"}}`` reply.  Asynchronous events
+(``{"event": ...}``) can arrive at any time, also in between a command and its reply;
+they are kept aside in order so callers can wait for them (``wait_event``).
+
+Every socket operation has a timeout.  A timeout leaves the stream in an unknown state
+(a late reply could be mistaken for the next one), so the client is then marked broken
+and refuses further commands.
+
+A QMP monitor socket serves ONE client at a time; a second client is accepted by the
+kernel but never greeted.  That is why a missing greeting is reported as "busy".
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from pyvbak.errors import SourceError
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class QmpError(SourceError):
+    """QEMU answered a command with an error; ``error_class``/``desc`` are QEMU's."""
+
+    def __init__(self, command: str, error_class: str, desc: str, socket_path: str):
+        super().__init__(f"QEMU refused '{command}' on {socket_path}: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QmpClient:
+    """Synchronous QMP client.  Thread-safe (one command at a time)."""
+
+    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT):
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self.events: collections.deque[dict] = collections.deque(maxlen=10000)
+        self.greeting: dict = {}
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self._next_id = 0
+        self._lock = threading.RLock()
+        self._broken: str | None = None
+
+    # -- connection --------------------------------------------------------------
+
+    def connect(self) -> "QmpClient":
+        path = self.socket_path
+        if not os.path.exists(path):
+            raise SourceError(
+                f"QMP socket {path} does not exist: is the VM running, and was it started with "
+                f"a QMP monitor for pyvbak (e.g. -qmp unix:{path},server=on,wait=off)?"
+            )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError) as e:
+            sock.close()
+            raise SourceError(
+                f"QMP socket {path} refuses connections ({e.strerror}): the VM is probably not "
+                f"running any more (stale socket file); start the VM or fix the qemu:// URI"
+            ) from None
+        except socket.timeout:
+            sock.close()
+            raise SourceError(f"connecting to QMP socket {path} timed out after {self.timeout}s") from None
+        except OSError as e:
+            sock.close()
+            raise SourceError(f"cannot connect to QMP socket {path}: {e.strerror or e}") from None
+        self._sock = sock
+        try:
+            greeting = self._read_message(
+                what="the QMP greeting",
+                hint=(
+                    "another client is probably connected to this monitor (QEMU serves one client "
+                    "per QMP socket); give pyvbak its own monitor, e.g. an extra "
+                    "-qmp unix:PATH,server=on,wait=off"
+                ),
+            )
+            if "QMP" not in greeting:
+                raise SourceError(f"{path} is not a QMP socket (got {str(greeting)[:80]!r})")
+            self.greeting = greeting["QMP"]
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "QmpClient":
+        if self._sock is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def qemu_version(self) -> str:
+        v = self.greeting.get("version", {}).get("qemu", {})
+        pkg = self.greeting.get("version", {}).get("package", "")
+        s = f"{v.get('major', '?')}.{v.get('minor', '?')}.{v.get('micro', '?')}"
+        return f"{s} {pkg}".strip()
+
+    # -- I/O ---------------------------------------------------------------------
+
+    def _fail(self, msg: str) -> SourceError:
+        self._broken = msg
+        self.close()
+        return SourceError(msg)
+
+    def _read_message(self, *, what: str = "a QMP reply", hint: str = "", deadline: float | None = None) -> dict:
+        """Read one JSON message; raises SourceError on timeout/EOF."""
+        if self._sock is None:
+            raise SourceError(f"QMP connection to {self.socket_path} is closed" + (f" ({self._broken})" if self._broken else ""))
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._fail(f"timed out after {self.timeout}s waiting for {what} on {self.socket_path}" + (f": {hint}" if hint else ""))
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError as e:
+                raise self._fail(f"QMP connection to {self.socket_path} failed while waiting for {what}: {e.strerror or e}")
+            if not chunk:
+                raise self._fail(f"QEMU closed the QMP connection {self.socket_path} while pyvbak waited for {what} (did the VM stop?)")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise self._fail(f"garbled QMP message on {self.socket_path}: {line[:80]!r}")
+
+    def _send(self, obj: dict) -> None:
+        if self._sock is None:
+            raise SourceError(f"QMP connection to {self.socket_path} is closed" + (f" ({self._broken})" if self._broken else ""))
+        data = json.dumps(obj).encode() + b"\n"
+        self._sock.settimeout(self.timeout)
+        try:
+            self._sock.sendall(data)
+        except socket.timeout:
+            raise self._fail(f"timed out after {self.timeout}s sending to QMP socket {self.socket_path}")
+        except OSError as e:
+            raise self._fail(f"QMP connection to {self.socket_path} failed: {e.strerror or e}")
+
+    # -- commands and events -----------------------------------------------------
+
+    def execute(self, command: str, /, **arguments: Any) -> Any:
+        """Run one QMP command and return its ``return`` value.
+
+        Raises ``QmpError`` (a SourceError) carrying QEMU's error class and description.
+        """
+        with self._lock:
+            self._next_id += 1
+            msg_id = f"pyvbak-{self._next_id}"
+            msg: dict = {"execute": command, "id": msg_id}
+            if arguments:
+                msg["arguments"] = arguments
+            self._send(msg)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                reply = self._read_message(what=f"the reply to '{command}'", deadline=deadline)
+                if "event" in reply:
+                    self.events.append(reply)
+                    continue
+                if reply.get("id") != msg_id:
+                    continue  # a reply to a command of an earlier, timed-out exchange
+                if "error" in reply:
+                    err = reply["error"]
+                    raise QmpError(command, err.get("class", "?"), err.get("desc", "?"), self.socket_path)
+                return reply.get("return")
+
+    def try_execute(self, command: str, /, **arguments: Any) -> tuple[bool, Any]:
+        """Like ``execute`` but returns ``(False, QmpError)`` instead of raising on a
+        QEMU-level error (connection errors still raise)."""
+        try:
+            return True, self.execute(command, **arguments)
+        except QmpError as e:
+            return False, e
+
+    def wait_event(self, predicate: Callable[[dict], bool], timeout: float | None = None, what: str = "a QMP event") -> dict:
+        """Return (and remove) the first kept or incoming event for which ``predicate``
+        is true; SourceError after ``timeout`` seconds."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for ev in list(self.events):
+                    if predicate(ev):
+                        self.events.remove(ev)
+                        return ev
+                if time.monotonic() >= deadline:
+                    raise SourceError(f"timed out after {timeout}s waiting for {what} on {self.socket_path}")
+                if self._sock is None:
+                    raise SourceError(f"QMP connection to {self.socket_path} is closed")
+                # poll with a short read; a quiet socket is not an error here
+                self._sock.settimeout(max(0.01, min(0.2, deadline - time.monotonic())))
+                try:
+                    chunk = self._sock.recv(65536)
+                except socket.timeout:
+                    chunk = None
+                except OSError as e:
+                    raise self._fail(f"QMP connection to {self.socket_path} failed: {e.strerror or e}")
+                if chunk == b"":
+                    raise self._fail(f"QEMU closed the QMP connection {self.socket_path}")
+                if chunk:
+                    self._buf += chunk
+                while b"\n" in self._buf:
+                    line, _, self._buf = self._buf.partition(b"\n")
+                    try:
+                        m = json.loads(line)
+                    except ValueError:
+                        continue
+                    if "event" in m:
+                        self.events.append(m)

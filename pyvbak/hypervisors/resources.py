@@ -1,0 +1,108 @@
+"""Signal-safe cleanup helpers shared by the hypervisor control planes.
+
+Python turns SIGINT into KeyboardInterrupt, so a ``with`` block's ``__exit__`` runs on
+Ctrl-C.  SIGTERM (what systemd, docker and ``kill`` send) would instead end the process
+without running any cleanup, leaving snapshots, exports and bitmaps behind in the
+hypervisor.  ``TerminationGuard`` converts SIGTERM (and SIGHUP) into an ``Interrupted``
+exception in the main thread while a resource-owning session is active, and restores the
+previous handlers afterwards.
+
+Cleanup itself must not be cut short by a second signal: ``guard.deferred()`` is a block
+during which SIGTERM/SIGHUP/SIGINT are only recorded; ``pending`` tells afterwards whether
+one arrived, so the caller can still report the interruption once cleanup is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+from pyvbak.errors import Interrupted
+
+_CONVERTED = (signal.SIGTERM, signal.SIGHUP)
+
+
+class TerminationGuard:
+    """Context manager: SIGTERM/SIGHUP raise ``Interrupted`` in the main thread.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing; the
+    owner of the main thread is then responsible for signals.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+        self._active = False
+        self._deferring = 0
+        self.pending: int | None = None  # signal number received while deferring
+
+    def _handler(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        if self._deferring:
+            self.pending = signum
+            return
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; cleaned up what this run created")
+
+    def __enter__(self) -> "TerminationGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in _CONVERTED:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._active:
+            for sig, prev in self._previous.items():
+                signal.signal(sig, prev)  # type: ignore[arg-type]
+            self._previous.clear()
+            self._active = False
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Run a block (cleanup) that signals cannot interrupt; SIGINT included."""
+        if not self._active:
+            yield
+            return
+        self._deferring += 1
+        prev_int = signal.getsignal(signal.SIGINT)
+
+        def _int(signum, frame):  # noqa: ARG001
+            self.pending = signum
+
+        signal.signal(signal.SIGINT, _int)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, prev_int)
+            self._deferring -= 1
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with ``pid`` exists and looks like a Python/pyvbak process
+    (guards against pid reuse by an unrelated program)."""
+    import os
+
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().lower()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    # a zombie (killed, not yet reaped) holds nothing any more
+    try:
+        if stat.rsplit(b")", 1)[1].split()[0] == b"Z":
+            return False
+    except IndexError:
+        pass
+    return b"python" in cmd or b"pyvbak" in cmd

@@ -1,0 +1,172 @@
+"""A stand-in for a running QEMU VM, for control-plane tests.
+
+``qemu-storage-daemon`` plays the VM: it opens a qcow2 disk as nodes ``disk0-file`` (file)
+and ``disk0`` (qcow2), offers two QMP monitors — ``qmp.sock`` for pyvbak and
+``ctl.sock`` for the test itself (a QMP socket serves one client at a time, just as a
+real VM under libvirt would need a dedicated monitor for pyvbak) — and a writable FUSE
+export of ``disk0`` onto a regular file ``guest.img``.  Writing to that file is what the
+guest does: the writes enter the block graph above ``disk0`` and therefore pass through
+pyvbak's copy-before-write filter, while QEMU's NBD server stays free for pyvbak.
+
+Teardown always kills the daemon and unmounts the FUSE file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import require_tool, wait_until
+
+MiB = 1 << 20
+
+
+class Qmp:
+    """Minimal test-side QMP client (independent of the code under test)."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.f = self.sock.makefile("rwb")
+        json.loads(self.f.readline())
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **args):
+        self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.f.flush()
+        while True:
+            msg = json.loads(self.f.readline())
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise RuntimeError(f"{name}: {msg['error']['desc']}")
+
+    def close(self):
+        try:
+            self.f.close()
+        finally:
+            self.sock.close()
+
+
+class FakeVM:
+    def __init__(self, tmp: Path, size: int = 16 * MiB):
+        require_tool("qemu-storage-daemon", "qemu-system-common")
+        require_tool("qemu-img", "qemu-utils")
+        require_tool("fusermount3", "fuse3")
+        self.dir = tmp
+        self.size = size
+        self.image = tmp / "disk.qcow2"
+        self.qmp_path = tmp / "qmp.sock"
+        self.ctl_path = tmp / "ctl.sock"
+        self.guest_path = tmp / "guest.img"
+        self.proc: subprocess.Popen | None = None
+        self._ctl: Qmp | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"qemu://{self.qmp_path}?node=disk0"
+
+    def start(self, create: bool = True) -> "FakeVM":
+        if create:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.image), str(self.size)], check=True)
+        self.guest_path.touch()
+        self.proc = subprocess.Popen(
+            ["qemu-storage-daemon",
+             "--blockdev", f"driver=file,node-name=disk0-file,filename={self.image}",
+             "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file",
+             "--chardev", f"socket,path={self.qmp_path},server=on,wait=off,id=qmp0",
+             "--monitor", "chardev=qmp0",
+             "--chardev", f"socket,path={self.ctl_path},server=on,wait=off,id=ctl0",
+             "--monitor", "chardev=ctl0",
+             "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={self.guest_path},writable=on"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: self.proc.poll() is not None or (self.ctl_path.exists() and self._mounted()),
+                   timeout=15, what="qemu-storage-daemon to start")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"qemu-storage-daemon failed: {self.proc.stdout.read().decode()}")
+        return self
+
+    def _mounted(self) -> bool:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == str(self.guest_path) for line in f)
+
+    @property
+    def ctl(self) -> Qmp:
+        if self._ctl is None:
+            self._ctl = Qmp(self.ctl_path)
+        return self._ctl
+
+    # --- guest I/O through the FUSE export ---------------------------------------
+    def write(self, offset: int, data: bytes) -> None:
+        fd = os.open(self.guest_path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, offset: int, length: int) -> bytes:
+        fd = os.open(self.guest_path, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    # --- state inspection ----------------------------------------------------------
+    def node(self, name: str = "disk0") -> dict:
+        for n in self.ctl.cmd("query-named-block-nodes", flat=True):
+            if n["node-name"] == name:
+                return n
+        raise KeyError(name)
+
+    def bitmaps(self, node: str = "disk0") -> dict[str, dict]:
+        return {b["name"]: b for b in self.node(node).get("dirty-bitmaps", []) if "name" in b}
+
+    def pyvbak_nodes(self) -> list[str]:
+        return [n["node-name"] for n in self.ctl.cmd("query-named-block-nodes", flat=True)
+                if n["node-name"].startswith("pyvbak-")]
+
+    def exports(self) -> list[str]:
+        return [e["id"] for e in self.ctl.cmd("query-block-exports")]
+
+    def jobs(self) -> list[str]:
+        return [j["id"] for j in self.ctl.cmd("query-jobs")]
+
+    # --- teardown ------------------------------------------------------------------
+    def stop(self) -> None:
+        if self._ctl is not None:
+            try:
+                self._ctl.close()
+            except OSError:
+                pass
+            self._ctl = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc is not None and self.proc.stdout:
+            self.proc.stdout.close()
+        if self._mounted():
+            subprocess.run(["fusermount3", "-u", str(self.guest_path)], check=False)
+        self.proc = None
+
+
+def hard_kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def now() -> float:
+    return time.monotonic()

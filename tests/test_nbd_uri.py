@@ -1,0 +1,26 @@
+import pytest
+
+from pyvbak.errors import UsageError
+from pyvbak.sources.nbd import parse_nbd_uri
+
+
+@pytest.mark.parametrize("uri,expected", [
+    ("nbd://example.com/disk0", {"transport": "tcp", "host": "example.com", "port": 10809, "socket": None, "export": "disk0"}),
+    ("nbd://127.0.0.1:12345/", {"transport": "tcp", "host": "127.0.0.1", "port": 12345, "socket": None, "export": ""}),
+    ("nbd://h", {"transport": "tcp", "host": "h", "port": 10809, "socket": None, "export": ""}),
+    ("nbd://[::1]:99/a%20b/c", {"transport": "tcp", "host": "::1", "port": 99, "socket": None, "export": "a b/c"}),
+    ("nbd+unix:///disk0?socket=/run/x.sock", {"transport": "unix", "host": None, "port": None, "socket": "/run/x.sock", "export": "disk0"}),
+    ("nbd+unix://?socket=/s", {"transport": "unix", "host": None, "port": None, "socket": "/s", "export": ""}),
+])
+def test_parse(uri, expected):
+    assert parse_nbd_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", [
+    "disk.img", "http://h/x", "nbd:///x", "nbd://h:notaport/x", "nbd://h:70000/x", "nbd://h/x?socket=/s",
+    "nbd+unix:///x", "nbd+unix://host/x?socket=/s", "nbd+unix:///x?socket=/a&socket=/b", "nbds://h/x",
+    "nbd+unix:///x?socket=", "nbd://h/x#frag",
+])
+def test_malformed(uri):
+    with pytest.raises(UsageError):
+        parse_nbd_uri(uri)

@@ -37,7 +37,7 @@ class Qmp:
         json.loads(self.f.readline())
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name: str, **args):
+    def cmd(self, name: str, /, **args):
         self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
         self.f.flush()
         while True:

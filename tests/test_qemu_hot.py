@@ -1,0 +1,300 @@
+"""Hot backup sessions against a real qemu-storage-daemon standing in for a VM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until
+from qemu_vm import MiB, FakeVM
+from pyvbak.errors import SourceError, UsageError
+from pyvbak.hypervisors.qemu import QemuHotBackup, QmpClient, parse_qemu_uri
+from pyvbak.sources.nbd import NbdSource
+
+ROOT = Path(__file__).resolve().parent.parent
+K64 = 64 * 1024
+
+
+@pytest.fixture
+def vm(tmp_path):
+    v = FakeVM(tmp_path).start()
+    try:
+        yield v
+    finally:
+        v.stop()
+
+
+@pytest.fixture
+def work(tmp_path):
+    return tmp_path / "work"
+
+
+def assert_clean(vm: FakeVM, work: Path):
+    assert vm.exports() == ["guest"]
+    assert vm.pyvbak_nodes() == []
+    assert vm.jobs() == []
+    assert not work.exists() or list(work.iterdir()) == []
+
+
+def backup(vm, work, previous_state=None, **kw):
+    """One committed backup; returns (session, dirty extents or None)."""
+    with QemuHotBackup(vm.uri, previous_state=previous_state, work_dir=work, **kw) as s:
+        with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
+            ct = src.change_tracking(previous_state) if s.dirty_bitmap else None
+        s.commit()
+    return s, (ct.extents if ct else None)
+
+
+# -- URI -------------------------------------------------------------------------------
+
+
+def test_parse_qemu_uri():
+    assert parse_qemu_uri("qemu:///run/vm/qmp.sock?node=disk0") == ("/run/vm/qmp.sock", "disk0")
+    for bad in ("qemu:///run/qmp.sock", "qemu://host/run/qmp.sock?node=a", "nbd:///x?node=a",
+                "qemu:///?node=a", "qemu:///s?node=a&x=1"):
+        with pytest.raises(UsageError):
+            parse_qemu_uri(bad)
+
+
+# -- CBT lifecycle ---------------------------------------------------------------------
+
+
+def test_first_then_incremental_backup(vm, work):
+    vm.write(0, b"A" * MiB)
+    s1, ext = backup(vm, work)
+    assert s1.fallback_reason == "no previous backup"
+    assert s1.dirty_bitmap is None and ext is None
+    assert s1.size == vm.size
+    st = s1.change_tracking_state
+    assert st["bitmap"] == "pyvbak-gen-1" and st["generation"] == 1 and st["node"] == "disk0"
+    assert st["size"] == vm.size and st["image"].endswith("disk.qcow2")
+    assert vm.bitmaps()["pyvbak-gen-1"]["recording"] is True
+    assert_clean(vm, work)
+
+    vm.write(3 * K64, b"x" * K64)
+    vm.write(10 * K64 + 100, b"y" * 10)  # inside one 64 KiB granule
+    vm.write(5 * MiB, b"z" * (2 * K64))
+    s2, ext = backup(vm, work, st)
+    assert s2.fallback_reason is None and s2.dirty_bitmap == "pyvbak-gen-1"
+    assert ext == [(3 * K64, K64), (10 * K64, K64), (5 * MiB, 2 * K64)]
+    assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
+    assert s2.change_tracking_state["generation"] == 2
+    assert_clean(vm, work)
+
+    s3, ext = backup(vm, work, s2.change_tracking_state)
+    assert s3.fallback_reason is None and ext == []
+
+    s4, _ = backup(vm, work, s3.change_tracking_state, verify_cbt=True)
+    assert "verify-cbt" in s4.fallback_reason and s4.dirty_bitmap == "pyvbak-gen-3"
+
+
+def test_point_in_time_view(vm, work):
+    blocks = 64  # 4 MiB of pattern A in 64 KiB blocks
+    for i in range(blocks):
+        vm.write(i * K64, bytes([0x41 + i % 8]) * K64)
+    stop = threading.Event()
+    written: list[int] = []
+
+    def guest():
+        i = 0
+        while not stop.is_set() or i < 8:
+            blk = (i * 7) % blocks
+            vm.write(blk * K64, b"B" * K64)
+            written.append(blk)
+            i += 1
+
+    with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
+        t = threading.Thread(target=guest)
+        t.start()
+        try:
+            with NbdSource(s.nbd_uri) as src:
+                for rnd in range(2):
+                    for i in range(blocks):
+                        assert src.read(i * K64, K64) == bytes([0x41 + i % 8]) * K64, f"block {i} round {rnd}"
+                    if rnd == 0:
+                        wait_until(lambda: len(written) >= 8, what="guest writes")
+        finally:
+            stop.set()
+            t.join()
+        s.commit()
+    assert written
+    for i in range(blocks):
+        want = b"B" * K64 if i in written else bytes([0x41 + i % 8]) * K64
+        assert vm.read(i * K64, K64) == want
+    assert_clean(vm, work)
+    # the writes during the backup belong to the next increment
+    assert vm.bitmaps()["pyvbak-gen-1"]["count"] == len(set(written)) * K64
+
+
+def test_failure_cleans_up_and_keeps_dirty_bits(vm, work):
+    s1, _ = backup(vm, work)
+    vm.write(0, b"x" * K64)
+    with pytest.raises(RuntimeError):
+        with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
+            assert s.fallback_reason is None
+            fleece = s.names.fleece_file
+            assert fleece.exists()
+            vm.write(2 * MiB, b"y" * K64)
+            s.commit()  # even a committed session that then fails must not lose bits
+            raise RuntimeError("engine failed")
+    assert not fleece.exists()
+    assert_clean(vm, work)
+    bm = vm.bitmaps()
+    assert set(bm) == {"pyvbak-gen-1"} and bm["pyvbak-gen-1"]["recording"]
+    s3, ext = backup(vm, work, s1.change_tracking_state)
+    assert s3.fallback_reason is None
+    assert ext == [(0, K64), (2 * MiB, K64)]
+
+
+def test_keyboard_interrupt_cleans_up(vm, work):
+    with pytest.raises(KeyboardInterrupt):
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work):
+            raise KeyboardInterrupt
+    assert_clean(vm, work)
+    assert vm.bitmaps() == {}
+
+
+# -- killed runs -----------------------------------------------------------------------
+
+CHILD = r"""
+import sys, time, json
+from pyvbak.errors import PyvbakError
+from pyvbak.hypervisors.qemu import QemuHotBackup
+uri, work, prev = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+try:
+    with QemuHotBackup(uri, previous_state=prev, work_dir=work) as s:
+        print("READY", s.nbd_uri, flush=True)
+        time.sleep(60)
+except PyvbakError as e:
+    print("ERR", e, flush=True)
+    sys.exit(e.exit_code)
+"""
+
+
+def start_child(vm, work, prev):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-c", CHILD, vm.uri, str(work), json_dumps(prev)],
+                         stdout=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline()
+    assert line.startswith("READY"), line
+    return p
+
+
+def json_dumps(x):
+    import json
+
+    return json.dumps(x)
+
+
+def test_kill9_leftovers_cleaned_by_next_run(vm, work):
+    s1, _ = backup(vm, work)
+    vm.write(0, b"x" * K64)
+    p = start_child(vm, work, s1.change_tracking_state)
+    vm.write(MiB, b"y" * K64)  # written after the killed run's instant: only in gen-2
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    assert len(vm.exports()) == 2 and vm.pyvbak_nodes() and vm.jobs()
+    assert set(vm.bitmaps()) == {"pyvbak-gen-1", "pyvbak-gen-2"}
+
+    with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
+        cleaned = " | ".join(s.cleaned_leftovers)
+        assert "NBD export" in cleaned and "job" in cleaned and "fleecing node" in cleaned
+        assert "fleece.qcow2" in cleaned and "merged back into pyvbak-gen-1" in cleaned
+        assert s.fallback_reason is None
+        with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
+            assert src.change_tracking(s1.change_tracking_state).extents == [(0, K64), (MiB, K64)]
+        s.commit()
+    assert_clean(vm, work)
+    assert set(vm.bitmaps()) == {s.change_tracking_state["bitmap"]}
+
+
+def test_sigterm_cleans_up(vm, work):
+    s1, _ = backup(vm, work)
+    p = start_child(vm, work, s1.change_tracking_state)
+    vm.write(0, b"x" * K64)
+    p.send_signal(signal.SIGTERM)
+    out = p.stdout.read()
+    assert p.wait(20) == 10, out
+    p.stdout.close()
+    assert "SIGTERM" in out
+    assert_clean(vm, work)
+    bm = vm.bitmaps()
+    assert set(bm) == {"pyvbak-gen-1"} and bm["pyvbak-gen-1"]["recording"] and bm["pyvbak-gen-1"]["count"] == K64
+
+
+# -- errors and fallbacks --------------------------------------------------------------
+
+
+def test_qmp_socket_missing(tmp_path):
+    with pytest.raises(SourceError, match="does not exist.*-qmp unix:"):
+        QemuHotBackup(f"qemu://{tmp_path}/nope.sock?node=d", previous_state=None, work_dir=tmp_path).__enter__()
+
+
+def test_qmp_socket_busy(vm, work):
+    with QmpClient(str(vm.qmp_path), timeout=5):
+        with pytest.raises(SourceError, match="another client"):
+            QemuHotBackup(vm.uri, previous_state=None, work_dir=work, qmp_timeout=0.5).__enter__()
+
+
+def test_qmp_error_class(vm):
+    with QmpClient(str(vm.ctl_path), timeout=5) as q:
+        with pytest.raises(SourceError, match="no-such-command.*CommandNotFound"):
+            q.execute("no-such-command")
+        assert q.execute("query-jobs") == []
+
+
+def test_wrong_node_name(vm, work):
+    with pytest.raises(SourceError, match="no block node named 'disk9'.*disk0"):
+        with QemuHotBackup(f"qemu://{vm.qmp_path}?node=disk9", previous_state=None, work_dir=work):
+            pass
+    assert_clean(vm, work)
+
+
+def test_bitmap_deleted_by_someone_else(vm, work):
+    s1, _ = backup(vm, work)
+    vm.ctl.cmd("block-dirty-bitmap-remove", node="disk0", name="pyvbak-gen-1")
+    s2, ext = backup(vm, work, s1.change_tracking_state)
+    assert "gone" in s2.fallback_reason and ext is None and s2.dirty_bitmap is None
+    assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
+
+
+def test_bitmap_disabled_by_someone_else(vm, work):
+    s1, _ = backup(vm, work)
+    vm.ctl.cmd("block-dirty-bitmap-disable", node="disk0", name="pyvbak-gen-1")
+    s2, _ = backup(vm, work, s1.change_tracking_state)
+    assert "disabled" in s2.fallback_reason
+    assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
+
+
+def test_disk_resized(vm, work):
+    s1, _ = backup(vm, work)
+    vm.ctl.cmd("block_resize", **{"node-name": "disk0", "size": 32 * MiB})
+    s2, _ = backup(vm, work, s1.change_tracking_state)
+    assert "resized" in s2.fallback_reason and s2.size == 32 * MiB
+    assert s2.change_tracking_state["size"] == 32 * MiB
+
+
+def test_generation_mismatch(vm, work):
+    s1, _ = backup(vm, work)
+    prev = dict(s1.change_tracking_state, generation=7)
+    s2, _ = backup(vm, work, prev)
+    assert "generation" in s2.fallback_reason
+
+
+def test_nbd_server_already_running(vm, work, tmp_path):
+    s1, _ = backup(vm, work)
+    vm.ctl.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "other.sock")}})
+    with pytest.raises(SourceError, match="already runs an NBD server.*one NBD server per"):
+        with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work):
+            pass
+    assert_clean(vm, work)
+    bm = vm.bitmaps()
+    assert set(bm) == {"pyvbak-gen-1"} and bm["pyvbak-gen-1"]["recording"]
+    vm.ctl.cmd("nbd-server-stop")

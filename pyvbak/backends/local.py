@@ -331,6 +331,8 @@ class LocalBackend(Backend):
                 with _live_lock:
                     if path in _live_temps:
                         continue
+                if _writer_alive(fn):
+                    continue  # another live process on this host is still writing it
                 try:
                     if os.lstat(path).st_mtime > cutoff:
                         continue
@@ -344,3 +346,21 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         self._closed = True
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """Temp names carry the writer's pid (``.pyvbak-tmp-<pid>-<random>``): a temp file whose
+    writer still runs is a write in progress, not a leftover, whatever its age."""
+    try:
+        pid = int(temp_name[len(TEMP_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False  # our own: _live_temps above already protects writes in progress
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

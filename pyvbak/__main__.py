@@ -1,0 +1,3 @@
+from pyvbak.cli.main import entry
+
+entry()

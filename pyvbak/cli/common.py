@@ -1,0 +1,70 @@
+"""What every command shares: finding the repository, printing, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+import typer
+
+REPO_HELP = "Repository path (or PYVBAK_REPO); default: a repository in your data directory, created on first use."
+RepoOption = typer.Option(None, "--repo", "-r", help=REPO_HELP, envvar="PYVBAK_REPO", show_envvar=True)
+JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+
+
+def open_repository(location: str | None, *, create_default: bool = True):
+    """The repository named by --repo/PYVBAK_REPO, or the default one (created on first use)."""
+    from ..repo.repository import Repository, default_repository_path
+
+    if location:
+        return Repository.open(location)
+    path = default_repository_path()
+    if not os.path.exists(os.path.join(path, "config")) and create_default:
+        os.makedirs(path, exist_ok=True)
+        repo = Repository.init(path)
+        info(f"created the default repository at {path}")
+        return repo
+    info(f"using the default repository at {path}")
+    return Repository.open(path)
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def emit_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool):
+    """A rich progress bar (rate, ETA) on a terminal; a no-op callback otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update

@@ -1,0 +1,64 @@
+"""The pyvbak command line: one module per command group, errors mapped to exit codes.
+
+A ``PyvbakError`` prints one line on stderr (``pyvbak: error: ...``) and exits with the
+error's code; Ctrl-C and SIGTERM become ``Interrupted`` so every context manager below
+cleans up (snapshots, exports, locks, temp files) before the process exits.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import typer
+
+from ..errors import Interrupted, PyvbakError
+from . import backup_cmd, repo_cmds, restore_cmd
+
+app = typer.Typer(
+    name="pyvbak",
+    help="Hot, deduplicated, compressed, forever-incremental backups of virtual machine disks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("init")(repo_cmds.init)
+app.command("backup")(backup_cmd.backup)
+app.command("snapshots")(repo_cmds.snapshots)
+app.command("restore")(restore_cmd.restore)
+app.command("verify")(repo_cmds.verify)
+
+
+def _sigterm(signum, frame):
+    raise Interrupted("interrupted by SIGTERM: stopped cleanly, nothing was committed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        app(args=argv, prog_name="pyvbak", standalone_mode=False)
+        return 0
+    except PyvbakError as exc:
+        print(f"pyvbak: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pyvbak: error: interrupted (Ctrl-C): stopped cleanly, nothing was committed", file=sys.stderr)
+        return Interrupted.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("pyvbak: error: aborted", file=sys.stderr)
+        return Interrupted.exit_code
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show(file=sys.stderr)
+            return 2
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Repository commands: init, snapshots, verify."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository
+
+
+def init(
+    repo: str = typer.Argument(..., help="Directory for the new repository (must be empty or absent)."),
+    block_size: str = typer.Option("64K", "--block-size", help="Block size, a power of two from 64K to 16M."),
+    compression: str = typer.Option("zstd:3", "--compression", help="zstd:LEVEL (-7..22)."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Create a repository."""
+    from ..repo.repository import Repository, parse_size
+
+    r = Repository.init(repo, block_size=parse_size(block_size), compression=compression)
+    if json_out:
+        emit_json({"repository": repo, "id": r.config.repo_id, "block_size": r.config.block_size})
+    else:
+        print(f"created pyvbak repository {r.config.repo_id[:12]} at {repo} (block size {human_bytes(r.config.block_size)})")
+
+
+def snapshots(
+    repo: Optional[str] = RepoOption,
+    vm: Optional[str] = typer.Option(None, "--vm", help="Only snapshots of this VM."),
+    disk: Optional[str] = typer.Option(None, "--disk", help="Only snapshots of this disk."),
+    json_out: bool = JsonOption,
+) -> None:
+    """List snapshots, oldest first."""
+    r = open_repository(repo)
+    snaps = r.snapshots(vm, disk)
+    if json_out:
+        emit_json([s.summary() for s in snaps])
+        return
+    if not snaps:
+        info("no snapshots")
+        return
+    print(f"{'ID':<26} {'VM':<16} {'DISK':<12} {'TIME':<20} {'SIZE':>10}  CBT")
+    for s in snaps:
+        m = s.summary()
+        print(f"{s.id:<26} {m['vm']:<16} {m['disk']:<12} {m['time'][:19]:<20} {human_bytes(m['size']):>10}  {'yes' if m['cbt'] else 'no'}")
+
+
+def verify(
+    repo: Optional[str] = RepoOption,
+    sample: Optional[float] = typer.Option(None, "--sample", help="Check only this PERCENT of blocks, chosen at random."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Re-read stored blocks, check their digests, name the snapshots any bad block affects."""
+    from ..errors import IntegrityError
+    from ..repo.verify import verify_repository
+
+    r = open_repository(repo)
+    with r.lock(purpose="verify"):
+        report = verify_repository(r, sample_percent=sample)
+    if json_out:
+        emit_json(report)
+    else:
+        print(
+            f"checked {report['blocks_checked']} blocks ({human_bytes(report['bytes_checked'])}) "
+            f"of {report['snapshots']} snapshots in {report['duration']:.1f}s"
+        )
+        for a in report["affected_snapshots"]:
+            info(f"snapshot {a['id']}: {a['reason']}")
+    if not report["ok"]:
+        n = len(report["affected_snapshots"])
+        raise IntegrityError(f"verify found {report['problem_count']} bad block(s) affecting {n} snapshot(s) in {r.location}")

@@ -1,0 +1,31 @@
+"""pyvbak restore SNAPSHOT OUTPUT --repo REPO [--force]"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, progress_bar
+
+
+def restore(
+    snapshot: str = typer.Argument(..., help="Snapshot id (or unique prefix), or VM[/DISK]@latest."),
+    output: str = typer.Argument(..., help="File or block device to restore to."),
+    repo: Optional[str] = RepoOption,
+    force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Worker threads (default: all cores)."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Restore a snapshot byte-identical, checking every block's digest."""
+    from ..repo.restore import restore_snapshot
+
+    r = open_repository(repo, create_default=False)
+    snap = r.resolve(snapshot)
+    with r.lock(purpose=f"restore of {snap.id}"):
+        with progress_bar(f"restore {snap.id}", not json_out) as update:
+            report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update)
+    if json_out:
+        emit_json(report)
+    else:
+        print(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {output} in {report['duration']:.2f}s")

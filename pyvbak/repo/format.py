@@ -1,0 +1,170 @@
+"""On-disk formats of a pyvbak repository (version 1), as byte grammars.
+
+docs/FORMAT.md is the normative description; this module is its only implementation.
+All multi-byte integers are big-endian so that ``restore.sh`` can read them from an
+``od`` hex dump with plain shell arithmetic.  Fast hashes are stored as the 16 bytes the
+native scanner produces (two little-endian uint64).
+
+DO NOT MODIFY the magic numbers or record layouts: existing repositories depend on them.
+A change of layout is a new format version with its own magic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import zstandard
+
+from ..errors import IntegrityError
+
+FORMAT_VERSION = 1
+
+# Magic numbers: first 8 bytes of SHA-256 of a versioned string (as Proxmox Backup Server
+# does), so they are unlikely to collide with anything else and document themselves.
+SNAPSHOT_INDEX_MAGIC = bytes.fromhex("29388ea2738fa92c")  # sha256("pyvbak snapshot index v1")[:8]
+PACK_INDEX_MAGIC = bytes.fromhex("692fe50019b13e63")  # sha256("pyvbak pack index v1")[:8]
+PACK_TRAILER_MAGIC = bytes.fromhex("e529f3c35eb6d9dc")  # sha256("pyvbak pack trailer v1")[:8]
+
+# zstd skippable frame magic (zstd format spec: 0x184D2A50..0x184D2A5F, little-endian).
+SKIPPABLE_FRAME_MAGIC = 0x184D2A5E
+
+ZERO_DIGEST = bytes(32)  # the zero-block marker in a snapshot index; never a stored block
+
+# -- record layouts -------------------------------------------------------------------
+SNAPSHOT_RECORD = np.dtype([("digest", "V32"), ("fast", "V16")])  # 48 bytes
+assert SNAPSHOT_RECORD.itemsize == 48
+SNAPSHOT_HEADER = struct.Struct(">8sIIQQ16x")  # magic, version, block_size, disk_size, block_count
+assert SNAPSHOT_HEADER.size == 48
+
+PACK_INDEX_RECORD = np.dtype(
+    [("digest", "V32"), ("pack", "V32"), ("offset", ">u8"), ("clen", ">u4"), ("ulen", ">u4")]
+)  # 80 bytes
+assert PACK_INDEX_RECORD.itemsize == 80
+PACK_INDEX_HEADER = struct.Struct(">8sIQ60x")  # magic, version, record count
+assert PACK_INDEX_HEADER.size == 80
+
+PACK_TRAILER_RECORD = np.dtype([("digest", "V32"), ("offset", ">u8"), ("clen", ">u4"), ("ulen", ">u4")])
+assert PACK_TRAILER_RECORD.itemsize == 48
+PACK_TRAILER_HEADER = struct.Struct(">8sII")  # magic, version, record count
+
+# -- object names ---------------------------------------------------------------------
+CONFIG_NAME = "config"
+
+
+def pack_name(pack_id_hex: str) -> str:
+    return f"packs/{pack_id_hex[:2]}/{pack_id_hex}"
+
+
+def pack_index_name(index_id_hex: str) -> str:
+    return f"index/{index_id_hex}"
+
+
+def snapshot_meta_name(snapshot_id: str) -> str:
+    return f"snapshots/{snapshot_id}.json"
+
+
+def snapshot_index_name(snapshot_id: str) -> str:
+    return f"snapshots/{snapshot_id}.index"
+
+
+# -- metadata frames ------------------------------------------------------------------
+# Metadata files are one zstd frame with content checksum, so `zstd -t` checks them and a
+# torn or bit-flipped file is always detected.
+def _compress_meta(payload: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=9, write_checksum=True).compress(payload)
+
+
+def _decompress_meta(data: bytes, what: str) -> bytes:
+    try:
+        return zstandard.ZstdDecompressor().decompress(data)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{what} is corrupt ({exc}): run 'pyvbak verify' and restore the file from a copy") from None
+
+
+def encode_snapshot_index(block_size: int, disk_size: int, records: np.ndarray) -> bytes:
+    """Snapshot index := zstd_frame( header(48) record(48)* )."""
+    if records.dtype != SNAPSHOT_RECORD:
+        raise TypeError("records must have dtype SNAPSHOT_RECORD")
+    header = SNAPSHOT_HEADER.pack(SNAPSHOT_INDEX_MAGIC, FORMAT_VERSION, block_size, disk_size, len(records))
+    return _compress_meta(header + records.tobytes())
+
+
+def decode_snapshot_index(data: bytes, what: str) -> tuple[int, int, np.ndarray]:
+    """Returns (block_size, disk_size, records); IntegrityError on any inconsistency."""
+    raw = _decompress_meta(data, what)
+    if len(raw) < SNAPSHOT_HEADER.size:
+        raise IntegrityError(f"{what} is truncated: run 'pyvbak verify'")
+    magic, version, block_size, disk_size, count = SNAPSHOT_HEADER.unpack_from(raw)
+    if magic != SNAPSHOT_INDEX_MAGIC:
+        raise IntegrityError(f"{what} is not a pyvbak snapshot index (bad magic)")
+    if version != FORMAT_VERSION:
+        raise IntegrityError(f"{what} has index version {version}; this pyvbak reads version {FORMAT_VERSION}")
+    body = raw[SNAPSHOT_HEADER.size :]
+    expected = -(-disk_size // block_size) if block_size else -1
+    if len(body) != count * SNAPSHOT_RECORD.itemsize or count != expected:
+        raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
+    return block_size, disk_size, np.frombuffer(body, dtype=SNAPSHOT_RECORD)
+
+
+def encode_pack_index(records: np.ndarray) -> bytes:
+    """Pack index file := zstd_frame( header(80) record(80)* )."""
+    header = PACK_INDEX_HEADER.pack(PACK_INDEX_MAGIC, FORMAT_VERSION, len(records))
+    return _compress_meta(header + records.astype(PACK_INDEX_RECORD).tobytes())
+
+
+def decode_pack_index(data: bytes, what: str) -> np.ndarray:
+    raw = _decompress_meta(data, what)
+    if len(raw) < PACK_INDEX_HEADER.size:
+        raise IntegrityError(f"{what} is truncated")
+    magic, version, count = PACK_INDEX_HEADER.unpack_from(raw)
+    if magic != PACK_INDEX_MAGIC or version != FORMAT_VERSION:
+        raise IntegrityError(f"{what} is not a pyvbak pack index of version {FORMAT_VERSION}")
+    body = raw[PACK_INDEX_HEADER.size :]
+    if len(body) != count * PACK_INDEX_RECORD.itemsize:
+        raise IntegrityError(f"{what} is inconsistent: header says {count} records")
+    return np.frombuffer(body, dtype=PACK_INDEX_RECORD)
+
+
+def encode_pack_trailer(records: np.ndarray) -> bytes:
+    """Pack trailer := skippable_magic(u32 LE) frame_len(u32 LE) header(16) record(48)* payload_len(u32 BE).
+
+    A zstd skippable frame: ``zstd -dc PACK`` ignores it and decodes the block frames.
+    Its last 4 bytes repeat the payload length so a reader finds the trailer from the end
+    of the pack with two range reads (how indexes are rebuilt from packs alone).
+    """
+    body = PACK_TRAILER_HEADER.pack(PACK_TRAILER_MAGIC, FORMAT_VERSION, len(records)) + records.tobytes()
+    payload = body + struct.pack(">I", len(body) + 4)
+    return struct.pack("<II", SKIPPABLE_FRAME_MAGIC, len(payload)) + payload
+
+
+def trailer_length_from_tail(tail4: bytes) -> int:
+    """Total trailer size (frame header included) from the pack's last 4 bytes."""
+    (payload_len,) = struct.unpack(">I", tail4)
+    return payload_len + 8
+
+
+def decode_pack_trailer(trailer: bytes, what: str) -> np.ndarray:
+    """Decode a trailer as cut from the end of a pack (see trailer_length_from_tail)."""
+    if len(trailer) < 8 + PACK_TRAILER_HEADER.size + 4:
+        raise IntegrityError(f"{what} has no valid pack trailer")
+    magic, frame_len = struct.unpack_from("<II", trailer)
+    tmagic, version, count = PACK_TRAILER_HEADER.unpack_from(trailer, 8)
+    body = trailer[8 + PACK_TRAILER_HEADER.size : -4]
+    if (
+        magic != SKIPPABLE_FRAME_MAGIC
+        or frame_len != len(trailer) - 8
+        or tmagic != PACK_TRAILER_MAGIC
+        or version != FORMAT_VERSION
+        or len(body) != count * PACK_TRAILER_RECORD.itemsize
+    ):
+        raise IntegrityError(f"{what} has no valid pack trailer")
+    return np.frombuffer(body, dtype=PACK_TRAILER_RECORD)
+
+
+def pack_id_of(buffers) -> str:
+    h = hashlib.sha256()
+    for b in buffers:
+        h.update(b)
+    return h.hexdigest()

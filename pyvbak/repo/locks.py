@@ -1,0 +1,106 @@
+"""Repository locks, built only from create-only objects (works on any Backend).
+
+A lock is an object ``locks/<random>.json`` holding host, pid, time and whether it is
+exclusive.  Backups take *shared* locks: two backups (of the same or different VMs) may
+run at once because everything they write is content-addressed and create-only, and each
+snapshot has its own names.  Operations that delete data (prune, future GC) take an
+*exclusive* lock and refuse to start while any other lock exists; a shared lock refuses
+to start while an exclusive one exists.  After writing its lock a process lists the
+locks again, so two processes racing for conflicting locks both see each other and the
+later one backs off.  Locks of dead processes on this host (pid no longer running) are
+stale and removed; locks from other hosts are left for the user (``pyvbak unlock``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+
+from ..backends import ObjectMissing
+from ..errors import LockedError
+
+LOCK_PREFIX = "locks/"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RepositoryLock:
+    def __init__(self, backend, *, exclusive: bool, purpose: str):
+        self.backend = backend
+        self.exclusive = exclusive
+        self.purpose = purpose
+        self.name = f"{LOCK_PREFIX}{secrets.token_hex(16)}.json"
+        self.stale_removed: list[str] = []
+
+    def _read_all(self) -> dict[str, dict]:
+        locks = {}
+        for name in self.backend.list(LOCK_PREFIX):
+            try:
+                locks[name] = json.loads(self.backend.read(name))
+            except (ObjectMissing, ValueError):
+                continue  # removed meanwhile, or being written: treat as absent
+        return locks
+
+    def _remove_stale(self, locks: dict[str, dict]) -> dict[str, dict]:
+        here = socket.gethostname()
+        live = {}
+        for name, info in locks.items():
+            if info.get("host") == here and not _pid_alive(int(info.get("pid", 0))):
+                try:
+                    self.backend.delete(name)
+                    self.stale_removed.append(name)
+                except ObjectMissing:
+                    pass
+            else:
+                live[name] = info
+        return live
+
+    def _conflict(self, locks: dict[str, dict]) -> dict | None:
+        for name, info in locks.items():
+            if name == self.name:
+                continue
+            if self.exclusive or info.get("exclusive"):
+                return info
+        return None
+
+    def __enter__(self) -> "RepositoryLock":
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+            "exclusive": self.exclusive,
+            "purpose": self.purpose,
+        }
+        other = self._conflict(self._remove_stale(self._read_all()))
+        if other is None:
+            self.backend.write_new(self.name, json.dumps(info).encode())
+            other = self._conflict(self._read_all())
+            if other is not None:
+                self._release()
+        if other is not None:
+            raise LockedError(
+                f"repository {self.backend.location} is locked by {other.get('purpose', '?')} "
+                f"(pid {other.get('pid')} on {other.get('host')}): wait for it to finish, "
+                "or remove the stale lock with 'pyvbak unlock' if that process is gone"
+            )
+        return self
+
+    def _release(self) -> None:
+        try:
+            self.backend.delete(self.name)
+        except ObjectMissing:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        self._release()

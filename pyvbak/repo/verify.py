@@ -1,0 +1,71 @@
+"""Verify: re-read referenced blocks and check them; name every snapshot a bad block hurts."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from ..errors import PyvbakError
+from .reader import read_blocks, sort_for_reading
+
+
+def verify_repository(repo, *, sample_percent: float | None = None, threads: int | None = None, seed: int | None = None) -> dict:
+    t0 = time.monotonic()
+    threads = threads or os.cpu_count() or 1
+    snaps = repo.snapshots()
+    bad_snapshots: dict[str, str] = {}
+    per_snap: list[tuple[str, np.ndarray]] = []
+    for snap in snaps:
+        try:
+            _, _, records = repo.load_snapshot_index(snap)
+        except PyvbakError as exc:
+            bad_snapshots[snap.id] = str(exc)
+            continue
+        digests = records["digest"].view("S32")
+        per_snap.append((snap.id, np.unique(digests[digests != b""])))
+    all_digests = np.unique(np.concatenate([d for _, d in per_snap])) if per_snap else np.empty(0, "S32")
+    if sample_percent is not None and len(all_digests):
+        if not 0 < sample_percent <= 100:
+            from ..errors import UsageError
+
+            raise UsageError(f"--sample {sample_percent} is out of range: give a percentage in (0, 100]")
+        rng = np.random.default_rng(seed)
+        k = max(1, int(round(len(all_digests) * sample_percent / 100)))
+        all_digests = np.sort(rng.choice(all_digests, size=k, replace=False))
+
+    index = repo.load_digest_index()
+    pos = index.locate(all_digests)
+    problems: dict[bytes, str] = {bytes(d).ljust(32, b"\0"): "block is missing (no pack index names it)" for d in all_digests[pos < 0]}
+    recs = index.records[pos[pos >= 0]]
+    recs = recs[sort_for_reading(recs)]
+    checked = {"blocks": 0, "bytes": 0}
+
+    def on_block(k: int, data: bytes) -> None:
+        checked["blocks"] += 1
+        checked["bytes"] += len(data)
+
+    def on_error(k: int, reason: str) -> None:
+        problems[bytes(recs["digest"][k])] = reason
+
+    read_blocks(repo, recs, on_block, on_error, threads=threads)
+
+    if problems:
+        bad = np.array(sorted(problems), dtype="S32")
+        for sid, digests in per_snap:
+            hit = np.isin(digests, bad)
+            if hit.any():
+                first = bytes(digests[hit][0]).ljust(32, b"\0")
+                bad_snapshots.setdefault(sid, f"{int(hit.sum())} bad block(s), e.g. {first.hex()[:16]}…: {problems[first]}")
+    return {
+        "ok": not problems and not bad_snapshots,
+        "snapshots": len(snaps),
+        "blocks_checked": checked["blocks"],
+        "bytes_checked": checked["bytes"],
+        "sampled_percent": sample_percent,
+        "problems": [{"digest": d.ljust(32, b"\0").hex(), "reason": r} for d, r in sorted(problems.items())][:1000],
+        "problem_count": len(problems),
+        "affected_snapshots": [{"id": sid, "reason": r} for sid, r in sorted(bad_snapshots.items())],
+        "duration": time.monotonic() - t0,
+    }

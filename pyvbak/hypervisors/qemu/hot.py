@@ -144,12 +144,15 @@ class QemuHotBackup:
 
         info = cleanup.node_info(qmp, self.node)
         if info is None:
+            self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, None, None, own_run=self.names.run)
             known = sorted(n["node-name"] for n in cleanup.named_nodes(qmp)
                            if n.get("node-name") and not n["node-name"].startswith(("#", "pyvbak-")))
             raise SourceError(
                 f"VM at {self.qmp_path} has no block node named '{self.node}'; "
                 f"named nodes: {', '.join(known) or 'none'} (fix ?node= in the qemu:// URI)"
             )
+        # generations only grow, also past the ones cleaned away now: a name is never reused
+        max_gen = max([generation_of(b) or 0 for b in cleanup.gen_bitmaps(info)], default=0)
         # (a) leftovers of a killed run, before anything else
         self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, self.node, prev_bitmap,
                                                          own_run=self.names.run)
@@ -165,8 +168,8 @@ class QemuHotBackup:
         reason, old = self._check_cbt(fmt, bitmaps, identity)
         self._old_bitmap = prev_bitmap if prev_bitmap in bitmaps and not bitmaps[prev_bitmap].get("busy") else None
         if fmt in _BITMAP_FORMATS:
-            gens = [generation_of(b) or 0 for b in bitmaps]
-            gens.append(int((self.previous_state or {}).get("generation") or 0))
+            gens = [max_gen, *(generation_of(b) or 0 for b in bitmaps),
+                    int((self.previous_state or {}).get("generation") or 0)]
             generation = max(gens) + 1
             self._new_bitmap = bitmap_name(generation)
         else:

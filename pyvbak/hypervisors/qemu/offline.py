@@ -129,12 +129,15 @@ class QemuOfflineImage:
         if self.verify_cbt and self.fallback_reason is None:
             self.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
         prev_name = (self.previous_state or {}).get("bitmap")
+        # generations only grow, also past the ones cleaned away now: a name is never reused
+        max_gen = max([generation_of(b) or 0 for b in bitmaps], default=0)
+        if self.format == "qcow2" and os.access(self.path, os.W_OK):
+            self._settle_leftover_bitmaps(bitmaps, prev_name)
         self._old = prev_name if prev_name in bitmaps else None
 
         generation = None
         if self.format == "qcow2" and os.access(self.path, os.W_OK):
-            gens = [generation_of(b) or 0 for b in bitmaps]
-            gens.append(int((self.previous_state or {}).get("generation") or 0))
+            gens = [max_gen, int((self.previous_state or {}).get("generation") or 0)]
             generation = max(gens) + 1
             new = bitmap_name(generation)
             try:
@@ -156,7 +159,8 @@ class QemuOfflineImage:
             args += ["-B", old]
         args.append(str(self.path))
         try:
-            self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          preexec_fn=_die_with_parent)
         except FileNotFoundError:
             raise SourceError("qemu-nbd not found: install the Debian package 'qemu-utils'") from None
         deadline = time.monotonic() + self.start_timeout
@@ -197,6 +201,26 @@ class QemuOfflineImage:
         if int(prev.get("size", -1)) != self.size:
             return f"disk resized from {prev.get('size')} to {self.size} bytes since the previous backup", None
         return None, name
+
+    def _settle_leftover_bitmaps(self, bitmaps: dict[str, dict], prev_name: str | None) -> None:
+        """Same rule as for running VMs (cleanup.settle_bitmaps): a newer generation than
+        the previous backup's is an unfinished run's and is merged back; older ones and,
+        without a previous backup, all pyvbak generations are dropped."""
+        prev_gen = generation_of(prev_name) if prev_name in bitmaps else None
+        for name in sorted(bitmaps, key=lambda n: generation_of(n) or 0):
+            gen = generation_of(name)
+            if gen is None or name == prev_name:
+                continue
+            if prev_gen is not None and gen > prev_gen:
+                self._bitmap_op("--merge", name, prev_name)
+                if "auto" not in bitmaps[prev_name].get("flags", []):
+                    self._bitmap_op("--enable", prev_name)
+                    bitmaps[prev_name]["flags"] = ["auto"]
+                self.cleaned_leftovers.append(f"dirty bitmap {name} of an unfinished backup merged back into {prev_name}")
+            else:
+                self.cleaned_leftovers.append(f"stale dirty bitmap {name} in {self.path}")
+            self._bitmap_op("--remove", name)
+            del bitmaps[name]
 
     def _bitmap_op(self, *ops: str) -> None:
         *flags, name = ops
@@ -249,6 +273,17 @@ class QemuOfflineImage:
                 pass
             except OSError as e:
                 errors.append(f"removing {p}: {e.strerror}")
+
+
+def _die_with_parent() -> None:
+    """In the qemu-nbd child: get SIGTERM when pyvbak dies, even by kill -9, so a
+    killed backup does not leave a server holding the image open."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort; the next run's cleanup is the backstop
+        pass
 
 
 class _Null:

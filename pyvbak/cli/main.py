@@ -13,7 +13,7 @@ import sys
 import typer
 
 from ..errors import Interrupted, PyvbakError
-from . import backup_cmd, repo_cmds, restore_cmd
+from . import backup_cmd, demo_cmd, repo_cmds, restore_cmd
 
 app = typer.Typer(
     name="pyvbak",
@@ -27,6 +27,7 @@ app.command("backup")(backup_cmd.backup)
 app.command("snapshots")(repo_cmds.snapshots)
 app.command("restore")(restore_cmd.restore)
 app.command("verify")(repo_cmds.verify)
+app.command("demo")(demo_cmd.demo)
 
 
 def _sigterm(signum, frame):

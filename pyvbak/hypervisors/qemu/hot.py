@@ -181,14 +181,16 @@ class QemuHotBackup:
         # (c) the fleecing image
         self._write_journal()
         self._create_fleece_file(info)
-        qmp.execute("blockdev-add", **{
+        # flags are set BEFORE each creating command: if a signal lands between sending it
+        # and reading the reply, cleanup still tries (and tolerates "not found")
+        self._fleece_node_added = True
+        try_create(qmp, "blockdev-add", lambda: setattr(self, "_fleece_node_added", False), **{
             "driver": "qcow2",
             "node-name": self.names.fleece_node,
             "file": {"driver": "file", "filename": str(self.names.fleece_file)},
             "backing": self.node,
             "discard": "unmap",
         })
-        self._fleece_node_added = True
 
         # (d) one transaction: bitmap rotation + point-in-time view
         actions: list[dict] = []
@@ -200,20 +202,23 @@ class QemuHotBackup:
         actions.append({"type": "blockdev-backup", "data": {
             "device": self.node, "target": self.names.fleece_node, "sync": "none",
             "job-id": self.names.job, "filter-node-name": self.names.cbw_node}})
-        try:
-            qmp.execute("transaction", actions=actions)
-        except QmpError as e:
-            self._new_bitmap = None
-            raise SourceError(f"QEMU could not start the point-in-time view of '{self.node}': {e.error_class}: {e.desc}") from None
         self._job_started = True
         self._old_disabled_by_us = old is not None
+        try:
+            qmp.execute("transaction", actions=actions)
+        except QmpError as e:  # a transaction is all or nothing
+            self._job_started = self._old_disabled_by_us = False
+            self._new_bitmap = None
+            raise SourceError(f"QEMU could not start the point-in-time view of '{self.node}': {e.error_class}: {e.desc}") from None
         self.dirty_bitmap = old
 
         # (e) NBD server + export
         sock = self.names.nbd_socket
+        self._server_started = True
         try:
             qmp.execute("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
         except QmpError as e:
+            self._server_started = False
             if "already running" in e.desc.lower():
                 raise SourceError(
                     f"the VM at {self.qmp_path} already runs an NBD server (QEMU runs one NBD server per "
@@ -221,14 +226,13 @@ class QemuHotBackup:
                     f"stop it ('nbd-server-stop' on the VM's monitor) and retry"
                 ) from None
             raise
-        self._server_started = True
         self._write_journal()
         export: dict[str, Any] = {"type": "nbd", "id": self.names.export, "node-name": self.names.fleece_node,
                                   "name": self.names.export, "writable": False}
         if old is not None:
             export["bitmaps"] = [old]
-        qmp.execute("block-export-add", **export)
         self._export_added = True
+        try_create(qmp, "block-export-add", lambda: setattr(self, "_export_added", False), **export)
         self.nbd_uri = f"nbd+unix:///{self.names.export}?socket={sock}"
 
         self.change_tracking_state = {
@@ -365,10 +369,16 @@ class QemuHotBackup:
                     pass
 
     def _settle_bitmaps(self, qmp: QmpClient, failed: bool) -> None:
-        node, old, new = self.node, self._old_bitmap, self._new_bitmap
+        """Decide from the bitmaps QEMU actually has (not from what we believe we did:
+        a signal may have cut a command's reply short)."""
+        node = self.node
+        info = cleanup.node_info(qmp, node) or {}
+        present = cleanup.gen_bitmaps(info)
+        old = self._old_bitmap if self._old_bitmap in present else None
+        new = self._new_bitmap if self._new_bitmap in present else None
         if not failed:
             # the new generation now tracks changes since this backup's instant
-            if old is not None:
+            if old is not None and new is not None:
                 qmp.execute("block-dirty-bitmap-remove", node=node, name=old)
             return
         actions: list[dict] = []
@@ -376,11 +386,21 @@ class QemuHotBackup:
             if new is not None:
                 actions.append({"type": "block-dirty-bitmap-merge",
                                 "data": {"node": node, "target": old, "bitmaps": [new]}})
-            actions.append({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": old}})
+            if not present[old].get("recording"):
+                actions.append({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": old}})
         if new is not None:
             actions.append({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": new}})
         if actions:
             qmp.execute("transaction", actions=actions)
+
+
+def try_create(qmp: QmpClient, command: str, undo_flag, **args) -> None:
+    """Run a creating command; on a QEMU error (nothing was created) clear its flag."""
+    try:
+        qmp.execute(command, **args)
+    except QmpError:
+        undo_flag()
+        raise
 
 
 class _null:

@@ -14,6 +14,43 @@ from contextlib import contextmanager
 from ..errors import UsageError
 
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbd+tcp://")
+# Image formats QEMU reads that are not raw: served read-only by qemu-nbd (covers
+# Hyper-V's vhdx/vhd, VMware's vmdk, VirtualBox's vdi, Xen/XCP-ng's vhd).
+QEMU_IMAGE_SUFFIXES = (".qcow2", ".qcow", ".qed", ".vmdk", ".vhdx", ".vhd", ".vpc", ".vdi")
+
+
+def default_work_dir() -> str:
+    """Where sockets and fleecing files live; the same place every run, so the next run
+    finds what a killed one left."""
+    base = os.environ.get("PYVBAK_WORK_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pyvbak", "work"
+    )
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base
+
+
+class SessionSource:
+    """The engine's view of a hypervisor session: the NBD export of the frozen disk,
+    with change tracking answered by the session (which checked the bitmap first)."""
+
+    def __init__(self, session, nbd):
+        self.session, self.nbd = session, nbd
+        self.description = session.description
+        self.size = nbd.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.nbd.read(offset, length)
+
+    def extents(self):
+        return self.nbd.extents()
+
+    def change_tracking(self, previous_state):
+        from ..sources.base import ChangeTracking
+
+        state = dict(self.session.change_tracking_state)
+        if self.session.fallback_reason or not self.session.dirty_bitmap:
+            return ChangeTracking(None, state, self.session.fallback_reason or "no dirty bitmap")
+        return ChangeTracking(self.nbd.dirty_extents(), state, None)
 
 
 def default_disk_name(spec: str) -> str:
@@ -39,6 +76,15 @@ def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bo
 
         with NbdSource(spec) as src:
             yield src, None
+        return
+    if spec.startswith("qemu://") or spec.lower().endswith(QEMU_IMAGE_SUFFIXES):
+        from .qemu import QemuHotBackup, QemuOfflineImage
+
+        kind = QemuHotBackup if spec.startswith("qemu://") else QemuOfflineImage
+        work = work_dir or default_work_dir()
+        with kind(spec, previous_state=previous_state, work_dir=work, verify_cbt=verify_cbt) as session:
+            with session.open_source() as nbd:
+                yield SessionSource(session, nbd), session
         return
     if "://" in spec and not spec.startswith("file://"):
         scheme = spec.split("://", 1)[0]

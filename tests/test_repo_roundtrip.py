@@ -1,0 +1,223 @@
+"""Round trips through the repository: full and incremental backups restore byte-identical,
+every snapshot restores alone, dedup across snapshots / disks / VMs, zero blocks never stored."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from pyvbak.repo import format as fmt
+from pyvbak.repo.repository import Repository
+
+from images import (
+    BS,
+    KiB,
+    MiB,
+    PAGE,
+    allocated_bytes,
+    backup_file,
+    make_image,
+    random_bytes,
+    resize,
+    restore_to,
+    rewrite_pages,
+    same_file,
+    vm_image,
+    write_at,
+)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return Repository.init(str(tmp_path / "repo"))
+
+
+def stored_digests(repo) -> set[bytes]:
+    idx = repo.load_digest_index()
+    return {bytes(d) for d in idx.records["digest"]}
+
+
+def test_full_incremental_grow_shrink_zero_changes_restore_identical(repo, tmp_path):
+    img = tmp_path / "disk.img"
+    vm_image(img, 8 * MiB + 12345, seed=1)  # partial last block
+    states = []  # (snapshot id, frozen copy of the image at that time)
+
+    def snap(expect_parent: bool):
+        res = backup_file(repo, img)
+        assert (res.parent is not None) == expect_parent
+        copy = tmp_path / f"state{len(states)}.img"
+        shutil.copyfile(img, copy)
+        states.append((res.snapshot_id, copy))
+        return res
+
+    full = snap(False)
+    assert full.changed_blocks == -(-(8 * MiB + 12345) // BS)
+
+    # 1: clustered page rewrites; exactly the blocks holding rewritten pages change
+    pages = rewrite_pages(img, fraction=0.01, seed=2)
+    res = snap(True)
+    touched = {p * PAGE // BS for p in pages}
+    assert res.changed_blocks == len(touched)
+    assert res.new_blocks == len(touched)
+    assert res.new_bytes <= 4 * len(set(pages)) * PAGE  # "<= 4x the changed bytes" at 64 KiB
+
+    # 2: unchanged disk stores nothing
+    res = snap(True)
+    assert (res.changed_blocks, res.new_blocks, res.new_bytes, res.packs_written) == (0, 0, 0, 0)
+
+    # 3: grow to a size that is not a block multiple, data in the new tail
+    old = os.path.getsize(img)
+    resize(img, 11 * MiB + 777)
+    write_at(img, old - 10, random_bytes(3 * BS, 3))
+    res = snap(True)
+    assert res.size == 11 * MiB + 777
+    assert res.new_blocks >= 3
+
+    # 4: zero -> nonzero (into the hole) and nonzero -> zero (over random data)
+    write_at(img, 6 * MiB + 5 * KiB, random_bytes(2 * BS, 4))
+    write_at(img, 3 * MiB, bytes(3 * BS))
+    res = snap(True)
+    assert res.changed_blocks >= 5
+
+    # 5: shrink to a size that is not a block multiple (old tail block now partial)
+    write_at(img, 5 * MiB - 10, random_bytes(20, 5))
+    resize(img, 5 * MiB + 3)
+    res = snap(True)
+    assert res.size == 5 * MiB + 3
+    assert res.new_blocks == 2  # the block before the cut and the new 3-byte tail block
+
+    # 6: grow back with zeros only: the new blocks are zero and not stored; only the old
+    # 3-byte tail block, now a full-length block, is new
+    resize(img, 9 * MiB + 1)
+    res = snap(True)
+    assert (res.new_blocks, res.new_bytes) == (1, BS)
+
+    for k, (sid, copy) in enumerate(states):
+        out = tmp_path / f"restored{k}.img"
+        report = restore_to(repo, sid, out)
+        assert report["size"] == os.path.getsize(copy)
+        assert same_file(out, copy), f"snapshot {k} ({sid}) did not restore identical"
+    assert not [n for n in os.listdir(tmp_path) if ".pyvbak-restore-" in n]
+
+
+def test_every_snapshot_restores_alone(repo, tmp_path):
+    """Forever incremental: no chain; each snapshot needs only its own index and the packs."""
+    img = tmp_path / "disk.img"
+    vm_image(img, 4 * MiB + 999, seed=5)
+    states = []
+    for k in range(4):
+        if k:
+            rewrite_pages(img, fraction=0.05, seed=10 + k)
+        if k == 2:
+            resize(img, 6 * MiB + 1)
+            write_at(img, 5 * MiB, random_bytes(BS, 77))
+        states.append((backup_file(repo, img).snapshot_id, shutil.copyfile(img, tmp_path / f"s{k}.img")))
+
+    for k, (sid, copy) in enumerate(states):
+        alone = tmp_path / f"alone{k}"
+        shutil.copytree(repo.location, alone)
+        for other, _ in states:
+            if other != sid:
+                os.unlink(alone / "snapshots" / f"{other}.json")
+                os.unlink(alone / "snapshots" / f"{other}.index")
+        r = Repository.open(str(alone))
+        assert [s.id for s in r.snapshots()] == [sid]
+        out = tmp_path / f"out{k}.img"
+        restore_to(r, sid, out)
+        assert same_file(out, copy)
+
+
+def test_dedup_across_snapshots_disks_and_vms(repo, tmp_path):
+    img = tmp_path / "a.img"
+    vm_image(img, 6 * MiB, seed=9)
+    first = backup_file(repo, img, vm="web", disk="sda")
+    assert first.new_blocks > 0
+    n_digests = len(stored_digests(repo))
+    packs_before = sorted(os.listdir(os.path.join(repo.location, "packs")))
+
+    # same image as another disk of the same VM, and as the disk of another VM
+    again = backup_file(repo, img, vm="web", disk="sdb")
+    assert (again.new_blocks, again.new_bytes, again.stored_bytes, again.packs_written) == (0, 0, 0, 0)
+    assert again.parent is None  # a different disk: full scan, but every block already stored
+    clone = tmp_path / "b.img"
+    shutil.copyfile(img, clone)
+    other_vm = backup_file(repo, clone, vm="db", disk="sda")
+    assert other_vm.new_bytes == 0 and other_vm.new_blocks == 0
+    assert len(stored_digests(repo)) == n_digests
+    assert sorted(os.listdir(os.path.join(repo.location, "packs"))) == packs_before
+
+    # dedup within one image: the same block 20 times is stored once
+    block = random_bytes(BS, 123)
+    rep = tmp_path / "rep.img"
+    make_image(rep, 20 * BS, [(k * BS, BS, block) for k in range(20)])
+    res = backup_file(repo, rep, vm="rep", disk="d")
+    assert res.new_blocks == 1 and res.new_bytes == BS
+
+    for sid, src in [(again.snapshot_id, img), (other_vm.snapshot_id, img), (res.snapshot_id, rep)]:
+        out = tmp_path / f"o-{sid}.img"
+        restore_to(repo, sid, out)
+        assert same_file(out, src)
+
+
+def test_zero_blocks_never_stored_and_restore_sparse(repo, tmp_path):
+    img = tmp_path / "sparse.img"
+    size = 16 * MiB + 100  # zero partial tail block
+    make_image(img, size, [(2 * MiB, 4 * MiB, "zero"), (9 * MiB + 7, 10, b"0123456789"), (10 * MiB, BS, "random")])
+    assert allocated_bytes(img) < 6 * MiB  # the rest is holes
+    res = backup_file(repo, img)
+    # only the block holding the 10 bytes and the random block (straddles nothing: aligned)
+    assert res.new_blocks == 2
+    digests = stored_digests(repo)
+    assert fmt.ZERO_DIGEST not in digests
+    assert hashlib.sha256(bytes(BS)).digest() not in digests
+    assert hashlib.sha256(bytes(100)).digest() not in digests
+
+    _, disk_size, records = repo.load_snapshot_index(repo.resolve(res.snapshot_id))
+    assert disk_size == size and len(records) == -(-size // BS)
+    is_zero = records["digest"].view("S32") == b""
+    assert int((~is_zero).sum()) == 2
+    assert not is_zero[(9 * MiB + 7) // BS] and not is_zero[10 * MiB // BS]
+
+    out = tmp_path / "out.img"
+    restore_to(repo, res.snapshot_id, out)
+    assert same_file(out, img)
+    assert allocated_bytes(out) <= 4 * BS  # zero blocks stay holes in the restored file
+
+    # an all-zero disk stores nothing at all
+    z = tmp_path / "zero.img"
+    make_image(z, 3 * BS + 5, [(0, 3 * BS + 5, "zero")])
+    res = backup_file(repo, z, vm="z")
+    assert (res.new_blocks, res.packs_written) == (0, 0)
+    restore_to(repo, res.snapshot_id, tmp_path / "zout.img")
+    assert same_file(tmp_path / "zout.img", z)
+
+
+def test_memory_backend_roundtrip(tmp_path):
+    """The repository works on any Backend: memory://NAME reopened by name."""
+    import uuid
+
+    loc = f"memory://rt-{uuid.uuid4().hex[:8]}"
+    r = Repository.init(loc)
+    img = vm_image(tmp_path / "m.img", 3 * MiB + 5, seed=3)
+    sid = backup_file(r, img).snapshot_id
+    r2 = Repository.open(loc)
+    assert r2.config == r.config
+    restore_to(r2, sid, tmp_path / "m.out")
+    assert same_file(tmp_path / "m.out", img)
+
+
+def test_snapshot_index_records_match_blocks(repo, tmp_path):
+    """Each record's digest is the SHA-256 of its block (the partial tail block unpadded)."""
+    img = vm_image(tmp_path / "d.img", 2 * MiB + 4097, seed=11)
+    res = backup_file(repo, img)
+    _, _, records = repo.load_snapshot_index(repo.resolve(res.snapshot_id))
+    data = open(img, "rb").read()
+    for i, rec in enumerate(records):
+        block = data[i * BS : (i + 1) * BS]
+        want = fmt.ZERO_DIGEST if block.count(0) == len(block) else hashlib.sha256(block).digest()
+        assert bytes(rec["digest"]) == want, i
+    assert np.all(records["digest"].view("S32")[-1:] != b"")

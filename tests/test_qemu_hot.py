@@ -298,3 +298,18 @@ def test_nbd_server_already_running(vm, work, tmp_path):
     bm = vm.bitmaps()
     assert set(bm) == {"pyvbak-gen-1"} and bm["pyvbak-gen-1"]["recording"]
     vm.ctl.cmd("nbd-server-stop")
+
+
+def test_raw_node_is_backed_up_without_cbt(vm, work, tmp_path):
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(b"R" * MiB)
+    vm.ctl.cmd("blockdev-add", driver="raw", **{"node-name": "rawdisk"},
+               file={"driver": "file", "filename": str(raw)})
+    with QemuHotBackup(f"qemu://{vm.qmp_path}?node=rawdisk", previous_state=None, work_dir=work) as s:
+        assert "cannot store persistent dirty bitmaps" in s.fallback_reason
+        assert s.dirty_bitmap is None and s.change_tracking_state["bitmap"] is None and s.size == MiB
+        with NbdSource(s.nbd_uri) as src:
+            assert src.read(0, 4) == b"RRRR"
+        s.commit()
+    assert_clean(vm, work)
+    assert vm.bitmaps("rawdisk") == {}

@@ -321,6 +321,8 @@ class QemuHotBackup:
             if self._qmp is not None:
                 self._qmp.close()
         pending = guard.pending if guard else None
+        if errors and exc is not None:
+            exc.add_note("pyvbak cleanup was incomplete: " + "; ".join(errors))
         if errors and exc is None:
             raise SourceError(
                 "cleanup after the backup was incomplete: " + "; ".join(errors)

@@ -1,0 +1,208 @@
+"""The repository's bytes: every stored block is a standard zstd frame, a pack is a valid
+zstd stream (the trailer is a skippable frame), metadata is zstd with checksums, and golden
+bytes freeze the format so a change to it fails loudly."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import require_tool
+from images import BS, MiB, backup_file, make_image, vm_image
+from pyvbak.backends import MemoryBackend
+from pyvbak.errors import IntegrityError
+from pyvbak.repo import format as fmt
+from pyvbak.repo.repository import Repository, RepoConfig
+
+
+@pytest.fixture
+def filled(tmp_path):
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = vm_image(tmp_path / "d.img", 6 * MiB + 321, seed=21)
+    res = backup_file(repo, img)
+    return repo, res
+
+
+def _pack_paths(repo):
+    root = os.path.join(repo.location, "packs")
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+def test_each_block_is_a_standard_zstd_frame(filled):
+    zstd = require_tool("zstd", "zstd")
+    repo, res = filled
+    idx = repo.load_digest_index()
+    assert len(idx) == res.new_blocks > 3
+    # first, last and a middle record: range-read the frame named by the pack index
+    for k in (0, len(idx) // 2, len(idx) - 1):
+        rec = idx.records[k]
+        pack = os.path.join(repo.location, fmt.pack_name(bytes(rec["pack"]).hex()))
+        with open(pack, "rb") as f:
+            f.seek(int(rec["offset"]))
+            frame = f.read(int(rec["clen"]))
+        assert frame[:4] == bytes.fromhex("28b52ffd")  # zstd frame magic
+        out = subprocess.run(f"{zstd} -dc | sha256sum", shell=True, input=frame, capture_output=True, check=True)
+        assert out.stdout.split()[0].decode() == bytes(rec["digest"]).hex()
+        plain = subprocess.run([zstd, "-dc"], input=frame, capture_output=True, check=True).stdout
+        assert len(plain) == int(rec["ulen"])
+
+
+def test_whole_pack_is_a_valid_zstd_stream(filled):
+    zstd = require_tool("zstd", "zstd")
+    repo, _ = filled
+    packs = _pack_paths(repo)
+    assert packs
+    idx = repo.load_digest_index()
+    for pack in packs:
+        subprocess.run([zstd, "-tq", pack], check=True)  # the trailer is a skippable frame
+        # zstd -dc PACK == the pack's blocks in offset order
+        plain = subprocess.run([zstd, "-dcq", pack], capture_output=True, check=True).stdout
+        mine = idx.records[idx.records["pack"].view("S32") == bytes.fromhex(os.path.basename(pack))]
+        mine = mine[np.argsort(mine["offset"])]
+        assert len(plain) == int(mine["ulen"].sum())
+        pos = 0
+        for rec in mine:
+            n = int(rec["ulen"])
+            assert hashlib.sha256(plain[pos : pos + n]).digest() == bytes(rec["digest"])
+            pos += n
+        # a pack is named by the SHA-256 of its bytes
+        assert hashlib.sha256(open(pack, "rb").read()).hexdigest() == os.path.basename(pack)
+
+
+def test_metadata_files_are_checksummed_zstd(filled):
+    zstd = require_tool("zstd", "zstd")
+    repo, res = filled
+    names = [fmt.snapshot_index_name(res.snapshot_id)] + repo.pack_index_names()
+    for name in names:
+        subprocess.run([zstd, "-tq", os.path.join(repo.location, name)], check=True)
+    # a flipped byte inside the frame is detected (content checksum)
+    path = os.path.join(repo.location, names[0])
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x40
+    with pytest.raises(IntegrityError):
+        fmt.decode_snapshot_index(bytes(data), "test index")
+
+
+def test_pack_trailer_found_from_the_end(filled):
+    repo, _ = filled
+    for pack in _pack_paths(repo):
+        blob = open(pack, "rb").read()
+        tlen = fmt.trailer_length_from_tail(blob[-4:])
+        recs = fmt.decode_pack_trailer(blob[-tlen:], pack)
+        assert len(recs)
+        assert int(recs["offset"][0]) == 0
+        last = recs[-1]
+        assert int(last["offset"]) + int(last["clen"]) == len(blob) - tlen
+
+
+# -- golden bytes ------------------------------------------------------------------------
+GOLDEN_KEY = bytes(range(16))
+GOLDEN_SNAPSHOT_HEADER = (
+    "29388ea2738fa92c"  # magic = sha256("pyvbak snapshot index v1")[:8]
+    "00000001"  # version
+    "00010000"  # block size 65536
+    "000000000003008c"  # disk size 196748
+    "0000000000000004"  # 4 records
+    + "00" * 16
+)
+GOLDEN_FAST = [  # native keyed fast hash of each block under GOLDEN_KEY
+    "71027138bc47ed6fc9277dc133c3fb3f",
+    "ef6ed34bbf1af48ad1070cac53054771",
+    "00000000000000000000000000000000",  # zero block
+    "3ed240cffde7b89db7f417324fe9c08f",
+]
+GOLDEN_SNAPSHOT_INDEX_SHA256 = "ab05248542bb5af3ec976e60473a0225367709a7e7264f3d8604c5a981dc5bd2"
+
+
+def _golden_image(path) -> bytes:
+    data = bytes([1]) * BS + bytes([2]) * BS + bytes(BS) + b"pyvbak golden\n" * 10
+    make_image(path, len(data), [(0, len(data), data)])
+    return data
+
+
+def test_golden_snapshot_index(tmp_path):
+    """A fixed key and fixed data give these exact decompressed snapshot-index bytes."""
+    for name in ("SNAPSHOT_INDEX_MAGIC", "PACK_INDEX_MAGIC", "PACK_TRAILER_MAGIC"):
+        text = {"SNAPSHOT_INDEX_MAGIC": "snapshot index", "PACK_INDEX_MAGIC": "pack index", "PACK_TRAILER_MAGIC": "pack trailer"}[name]
+        assert getattr(fmt, name) == hashlib.sha256(f"pyvbak {text} v1".encode()).digest()[:8]
+    cfg = RepoConfig("00" * 16, 1, BS, 3, GOLDEN_KEY)
+    repo = Repository(MemoryBackend(), cfg)
+    data = _golden_image(tmp_path / "g.img")
+    res = backup_file(repo, tmp_path / "g.img")
+    raw = fmt._decompress_meta(repo.backend.read(fmt.snapshot_index_name(res.snapshot_id)), "golden")
+    assert raw[:48].hex() == GOLDEN_SNAPSHOT_HEADER
+    blocks = [data[i : i + BS] for i in range(0, len(data), BS)]
+    for i, block in enumerate(blocks):
+        rec = raw[48 + 48 * i : 96 + 48 * i]
+        want = bytes(32) if i == 2 else hashlib.sha256(block).digest()
+        assert rec[:32] == want, f"digest of block {i}"
+        assert rec[32:].hex() == GOLDEN_FAST[i], f"fast hash of block {i}"
+    assert hashlib.sha256(raw).hexdigest() == GOLDEN_SNAPSHOT_INDEX_SHA256
+
+    # the engine's pack index names exactly the three non-zero blocks with their lengths
+    recs = repo.load_digest_index().records
+    got = sorted((bytes(r["digest"]), int(r["ulen"])) for r in recs)
+    assert got == sorted((hashlib.sha256(b).digest(), len(b)) for k, b in enumerate(blocks) if k != 2)
+
+
+GOLDEN_PACK_INDEX = (
+    "692fe50019b13e63" "00000001" "0000000000000002" + "00" * 60  # magic, version, count, pad
+    + "11" * 32 + "aa" * 32 + "0000000000000000" + "00000010" + "00010000"
+    + "22" * 32 + "aa" * 32 + "0000000000000010" + "00000020" + "0000008c"
+)
+GOLDEN_PACK_TRAILER = (
+    "5e2a4d18"  # skippable frame magic 0x184D2A5E, little-endian
+    "74000000"  # frame length 116 (16 header + 2 * 48 records + 4), little-endian
+    "e529f3c35eb6d9dc" "00000001" "00000002"  # trailer magic, version, count
+    + "11" * 32 + "0000000000000000" + "00000010" + "00010000"
+    + "22" * 32 + "0000000000000010" + "00000020" + "0000008c"
+    + "00000074"  # payload length again (116), big-endian, so readers find it from the end
+)
+
+
+def _fixed_records():
+    idx = np.zeros(2, fmt.PACK_INDEX_RECORD)
+    idx["digest"] = np.frombuffer(b"\x11" * 32 + b"\x22" * 32, "V32")
+    idx["pack"] = np.frombuffer(b"\xaa" * 32, "V32")[0]
+    idx["offset"] = [0, 16]
+    idx["clen"] = [16, 32]
+    idx["ulen"] = [65536, 140]
+    tr = np.zeros(2, fmt.PACK_TRAILER_RECORD)
+    for f in ("digest", "offset", "clen", "ulen"):
+        tr[f] = idx[f]
+    return idx, tr
+
+
+def test_golden_pack_index_and_trailer():
+    idx, tr = _fixed_records()
+    raw = fmt._decompress_meta(fmt.encode_pack_index(idx), "golden")
+    assert raw.hex() == GOLDEN_PACK_INDEX
+    assert fmt.decode_pack_index(fmt.encode_pack_index(idx), "golden").tobytes() == idx.tobytes()
+    trailer = fmt.encode_pack_trailer(tr)
+    assert trailer.hex() == GOLDEN_PACK_TRAILER
+    assert fmt.trailer_length_from_tail(trailer[-4:]) == len(trailer)
+    assert fmt.decode_pack_trailer(trailer, "golden").tobytes() == tr.tobytes()
+    assert (fmt.SNAPSHOT_RECORD.itemsize, fmt.PACK_INDEX_RECORD.itemsize, fmt.PACK_TRAILER_RECORD.itemsize) == (48, 80, 48)
+
+
+def test_decoders_reject_damage():
+    idx, tr = _fixed_records()
+    trailer = bytearray(fmt.encode_pack_trailer(tr))
+    trailer[12] ^= 1  # trailer magic
+    with pytest.raises(IntegrityError):
+        fmt.decode_pack_trailer(bytes(trailer), "t")
+    raw = fmt._decompress_meta(fmt.encode_pack_index(idx), "x")
+    bad = fmt._compress_meta(raw[:8] + b"\x00\x00\x00\x02" + raw[12:])  # version 2
+    with pytest.raises(IntegrityError, match="version"):
+        fmt.decode_pack_index(bad, "p")
+    recs = np.zeros(3, fmt.SNAPSHOT_RECORD)
+    good = fmt.encode_snapshot_index(BS, 3 * BS, recs)
+    assert fmt.decode_snapshot_index(good, "s")[1] == 3 * BS
+    with pytest.raises(IntegrityError, match="inconsistent"):
+        fmt.decode_snapshot_index(fmt.encode_snapshot_index(BS, 4 * BS, recs), "s")
+    with pytest.raises(IntegrityError):
+        fmt.decode_snapshot_index(b"not zstd at all", "s")

@@ -54,7 +54,8 @@ missing=$(join -v1 "$tmp/blocks" "$tmp/where" | wc -l)
 truncate -s "$size" "$part"
 join "$tmp/blocks" "$tmp/where" | sort -k3,3 -k4,4 | while read -r d n p o c; do
   dd if="$repo/packs/$(echo "$p" | cut -c1-2)/$p" iflag=skip_bytes,count_bytes \
-     skip=$((0x$o)) count=$((0x$c)) bs=1M status=none | zstd -dcq > "$tmp/block"
+     skip=$((0x$o)) count=$((0x$c)) bs=1M status=none | zstd -dcq > "$tmp/block" \
+    || die "block $n cannot be decompressed (pack $p): the repository is damaged"
   got=$(sha256sum "$tmp/block" | cut -c1-64)
   [ "$got" = "$d" ] || die "block $n does not match its digest (pack $p): the repository is damaged"
   dd if="$tmp/block" of="$part" bs="$bs" seek="$n" conv=notrunc,sparse status=none

@@ -1,0 +1,129 @@
+"""restore.sh restores a snapshot without pyvbak: only sh, coreutils and zstd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import require_tool
+from images import BS, KiB, MiB, backup_file, random_bytes, resize, rewrite_pages, same_file, vm_image, write_at
+from pyvbak.repo import format as fmt
+from pyvbak.repo.repository import Repository
+
+BARE_ENV = {"PATH": "/usr/bin:/bin"}  # no PYTHONPATH, no venv, no pyenv shims
+
+
+def run_sh(repo_dir, *args, cwd):
+    return subprocess.run(
+        ["/bin/sh", os.path.join(repo_dir, "restore.sh"), *map(str, args)],
+        env=BARE_ENV,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    require_tool("zstd", "zstd")
+    base = tmp_path_factory.mktemp("rsh")
+    repo = Repository.init(str(base / "repo"))
+    img = base / "disk.img"
+    vm_image(img, 3 * MiB + 4321, seed=31)  # text, random, zeros, a hole, partial tail block
+    s1 = backup_file(repo, img).snapshot_id
+    c1 = shutil.copyfile(img, base / "s1.img")
+    rewrite_pages(img, fraction=0.05, seed=32)
+    resize(img, 4 * MiB + 17)
+    write_at(img, 4 * MiB - 5 * KiB, random_bytes(5 * KiB + 17, 33))
+    s2 = backup_file(repo, img).snapshot_id
+    c2 = shutil.copyfile(img, base / "s2.img")
+    elsewhere = base / "elsewhere"
+    elsewhere.mkdir()
+    return repo, [(s1, c1), (s2, c2)], elsewhere
+
+
+def test_pyvbak_not_importable_in_bare_env(setup):
+    _, _, elsewhere = setup
+    p = subprocess.run(["python3", "-c", "import pyvbak"], env=BARE_ENV, cwd=elsewhere, capture_output=True, text=True)
+    assert p.returncode != 0 and "pyvbak" in p.stderr
+
+
+def test_restore_sh_byte_identical(setup):
+    repo, snaps, elsewhere = setup
+    for k, (sid, copy) in enumerate(snaps):
+        out = elsewhere / f"out{k}.img"
+        p = run_sh(repo.location, sid, out, cwd=elsewhere)
+        assert p.returncode == 0, p.stderr
+        assert f"restored snapshot {sid}" in p.stdout
+        assert same_file(out, copy)
+        assert not [n for n in os.listdir(elsewhere) if "partial" in n]
+
+
+def test_restore_sh_errors(setup, tmp_path):
+    repo, snaps, elsewhere = setup
+    sid, copy = snaps[0]
+
+    p = run_sh(repo.location, "20000101T000000Z-deadbeef", elsewhere / "x.img", cwd=elsewhere)
+    assert p.returncode != 0
+    assert "restore.sh: error: no snapshot 20000101T000000Z-deadbeef" in p.stderr
+    assert not (elsewhere / "x.img").exists()
+
+    existing = elsewhere / "exists.img"
+    existing.write_bytes(b"keep me")
+    p = run_sh(repo.location, sid, existing, cwd=elsewhere)
+    assert p.returncode != 0 and "exists" in p.stderr
+    assert existing.read_bytes() == b"keep me"
+
+    p = run_sh(repo.location, sid, cwd=elsewhere)
+    assert p.returncode != 0 and "usage" in p.stderr
+
+    # a block missing from the repository: delete the pack of one of this snapshot's blocks
+    broken = tmp_path / "broken"
+    shutil.copytree(repo.location, broken)
+    r = Repository.open(str(broken))
+    _, _, records = r.load_snapshot_index(r.resolve(sid))
+    idx = r.load_digest_index()
+    victim = next(d for d in records["digest"] if bytes(d) != fmt.ZERO_DIGEST)
+    pack = bytes(idx.records[idx.find(bytes(victim))]["pack"]).hex()
+    os.unlink(os.path.join(broken, fmt.pack_name(pack)))
+    # and remove the index naming it: the block is then unknown, not just unreadable
+    for name in r.pack_index_names():
+        recs = fmt.decode_pack_index(r.backend.read(name), name)
+        if (recs["pack"].view("S32") == bytes.fromhex(pack)).any():
+            os.unlink(os.path.join(broken, name))
+    out = elsewhere / "missing.img"
+    p = run_sh(broken, sid, out, cwd=elsewhere)
+    assert p.returncode != 0
+    assert "missing from the repository" in p.stderr
+    assert not out.exists()
+    assert not [n for n in os.listdir(elsewhere) if "partial" in n]
+
+
+def test_restore_sh_detects_corrupt_block(setup, tmp_path):
+    repo, snaps, elsewhere = setup
+    sid, _ = snaps[0]
+    broken = tmp_path / "corrupt"
+    shutil.copytree(repo.location, broken)
+    r = Repository.open(str(broken))
+    rec = r.load_digest_index().records[0]
+    pack = os.path.join(broken, fmt.pack_name(bytes(rec["pack"]).hex()))
+    data = bytearray(open(pack, "rb").read())
+    data[int(rec["offset"]) + int(rec["clen"]) // 2] ^= 0xFF
+    open(pack, "wb").write(data)
+    victim = bytes(rec["digest"])
+    for s, _ in snaps:
+        _, _, records = r.load_snapshot_index(r.resolve(s))
+        uses = victim in {bytes(d) for d in records["digest"]}
+        out = elsewhere / f"c-{s}.img"
+        p = run_sh(broken, s, out, cwd=elsewhere)
+        if uses:
+            assert p.returncode != 0, "a corrupt block went unnoticed"
+            assert "restore.sh: error: block " in p.stderr and "damaged" in p.stderr, p.stderr
+            assert not out.exists()
+        else:
+            assert p.returncode == 0, p.stderr
+    assert not [n for n in os.listdir(elsewhere) if "partial" in n]

@@ -27,6 +27,7 @@ app.command("backup")(backup_cmd.backup)
 app.command("snapshots")(repo_cmds.snapshots)
 app.command("restore")(restore_cmd.restore)
 app.command("verify")(repo_cmds.verify)
+app.command("unlock")(repo_cmds.unlock)
 app.command("demo")(demo_cmd.demo)
 
 

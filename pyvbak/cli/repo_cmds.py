@@ -70,3 +70,15 @@ def verify(
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         raise IntegrityError(f"verify found {report['problem_count']} bad block(s) affecting {n} snapshot(s) in {r.location}")
+
+
+def unlock(
+    repo: Optional[str] = RepoOption,
+    all_locks: bool = typer.Option(False, "--all", help="Remove every lock, also those of other hosts (only when no pyvbak uses the repository)."),
+) -> None:
+    """Remove stale locks (of processes that no longer run on this host)."""
+    from ..repo.locks import remove_locks
+
+    r = open_repository(repo, create_default=False)
+    removed = remove_locks(r.backend, all_hosts=all_locks)
+    print(f"removed {len(removed)} lock(s)" + (": " + ", ".join(removed) if removed else ""))

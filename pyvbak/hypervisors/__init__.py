@@ -48,7 +48,10 @@ class SessionSource:
         from ..sources.base import ChangeTracking
 
         state = dict(self.session.change_tracking_state)
-        if self.session.fallback_reason or not self.session.dirty_bitmap:
+        # With --verify-cbt the session reports a fallback reason but still offers the
+        # bitmap it would have trusted: the engine scans everything and compares.
+        trusted = self.session.fallback_reason is None or getattr(self.session, "verify_cbt", False)
+        if not (trusted and self.session.dirty_bitmap):
             return ChangeTracking(None, state, self.session.fallback_reason or "no dirty bitmap")
         return ChangeTracking(self.nbd.dirty_extents(), state, None)
 

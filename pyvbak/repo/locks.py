@@ -104,3 +104,21 @@ class RepositoryLock:
 
     def __exit__(self, *exc) -> None:
         self._release()
+
+
+def remove_locks(backend, *, all_hosts: bool = False) -> list[str]:
+    """``pyvbak unlock``: remove locks of dead processes on this host, or every lock
+    (``all_hosts``) when the user knows no other pyvbak uses the repository."""
+    probe = RepositoryLock(backend, exclusive=False, purpose="unlock")
+    locks = probe._read_all()
+    if not all_hosts:
+        probe._remove_stale(locks)
+        return probe.stale_removed
+    removed = []
+    for name in locks:
+        try:
+            backend.delete(name)
+            removed.append(name)
+        except ObjectMissing:
+            pass
+    return removed

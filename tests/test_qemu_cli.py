@@ -1,0 +1,81 @@
+"""End to end: `pyvbak backup qemu:///QMP.SOCK?node=NODE` on a running (stand-in) VM."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pyvbak.cli.main import main
+from qemu_vm import MiB, FakeVM
+
+
+@pytest.fixture
+def vm(tmp_path):
+    v = FakeVM(tmp_path / "vm", size=32 * MiB)
+    (tmp_path / "vm").mkdir()
+    v.start()
+    try:
+        yield v
+    finally:
+        v.stop()
+
+
+def _run_json(capsys, argv) -> dict:
+    capsys.readouterr()
+    code = main(argv + ["--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_hot_backups_use_the_dirty_bitmap_and_restore_exactly(vm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(4 * MiB))
+    vm.write(20 * MiB, b"guest text " * 100000)
+
+    first = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert first["cbt"] is False and first["fallback_reason"]
+    assert first["disk"] == "disk0"
+
+    # The guest writes 3 separate 64 KiB-aligned regions (5 blocks in all).
+    vm.write(1 * MiB, os.urandom(64 * 1024))
+    vm.write(8 * MiB, os.urandom(128 * 1024))
+    vm.write(30 * MiB, os.urandom(100 * 1024))  # unaligned length: touches 2 blocks
+    second = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert second["cbt"] is True and second["fallback_reason"] is None
+    assert second["changed_blocks"] == 5
+    assert second["bytes_read"] == 5 * 64 * 1024  # only the dirty blocks were read
+
+    out = tmp_path / "restored.img"
+    capsys.readouterr()
+    assert main(["restore", "web@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == vm.read(0, vm.size)
+
+    # --verify-cbt: full scan, nothing missed, and the chain keeps working afterwards.
+    vm.write(12 * MiB, os.urandom(64 * 1024))
+    checked = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--verify-cbt"])
+    assert checked["cbt"] is False and checked["cbt_missed_blocks"] == []
+    assert checked["changed_blocks"] == 1
+    vm.write(13 * MiB, os.urandom(64 * 1024))
+    again = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert again["cbt"] is True and again["changed_blocks"] == 1
+    assert vm.pyvbak_nodes() == [] and vm.exports() == ["guest"]
+    assert len([b for b in vm.bitmaps() if b.startswith("pyvbak-")]) == 1  # just the current generation
+
+
+def test_unreachable_qmp_socket_is_a_clean_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    capsys.readouterr()
+    code = main(["backup", f"qemu://{tmp_path}/nope.sock?node=disk0", "--repo", repo, "--vm", "web"])
+    _, err = capsys.readouterr()
+    assert code == 4
+    assert err.startswith("pyvbak: error:") and "nope.sock" in err and len(err.strip().splitlines()) == 1
+    capsys.readouterr()
+    assert main(["snapshots", "--repo", repo, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

@@ -10,6 +10,7 @@ exactly equal to the snapshot.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -17,10 +18,14 @@ import time
 
 import numpy as np
 
-from ..errors import IntegrityError, TargetExists, UsageError
+from ..errors import IntegrityError, OutOfSpace, PyvbakError, TargetExists, UsageError
 from .reader import read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
+
+
+class RestoreError(PyvbakError):
+    """Writing the restore target failed (I/O error on the target)."""
 ZERO_WRITE_BYTES = 4 * 1024 * 1024
 
 
@@ -102,7 +107,8 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         fd = -1
         if not is_device:
             os.replace(path, output)
-    except BaseException:
+    except BaseException as exc:
+        failure = exc
         if fd >= 0:
             os.close(fd)
         if not is_device:
@@ -110,6 +116,10 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        if isinstance(failure, OSError):
+            if failure.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"no space left writing {output}: free space there, or restore elsewhere") from None
+            raise RestoreError(f"writing {output} failed: {failure.strerror or failure}") from None
         raise
     return {
         "snapshot": snap.id,

@@ -79,7 +79,8 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             os.close(fd)
             raise UsageError(f"block device {output} has {dev_size} bytes, the snapshot needs {size}")
     else:
-        path = os.path.join(parent_dir, f".{os.path.basename(output)}{TEMP_MARK}{secrets.token_hex(4)}")
+        cleanup_restore_leftovers(parent_dir)
+        path = os.path.join(parent_dir, f".{os.path.basename(output)}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     errors: list[str] = []
     written = [0]
@@ -148,15 +149,23 @@ def _zero_device_runs(fd: int, records: np.ndarray, bs: int, size: int) -> None:
 
 
 def cleanup_restore_leftovers(directory: str) -> list[str]:
-    """Remove temp files of restores killed with SIGKILL (recognised by their mark)."""
+    """Remove temp files of restores killed with SIGKILL: recognised by their mark, and
+    only when the pid in their name no longer runs (a concurrent restore keeps its own)."""
     removed = []
     for name in os.listdir(directory):
-        if TEMP_MARK in name and name.startswith("."):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(name)
-            except OSError:
-                pass
+        if not (name.startswith(".") and TEMP_MARK in name):
+            continue
+        try:
+            pid = int(name.split(TEMP_MARK, 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+            continue  # its restore is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
     return removed
-
-

@@ -52,14 +52,28 @@ def main(argv: list[str] | None = None) -> int:
         print("pyvbak: error: aborted", file=sys.stderr)
         return Interrupted.exit_code
     except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _click_exception_types()):
             exc.show(file=sys.stderr)
             return 2
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _click_exception_types() -> tuple[type, ...]:
+    """Typer >= 0.20 raises the exceptions of its vendored click (``typer._click``), which
+    are not ``click.exceptions.ClickException``: match both, or usage errors escape as
+    tracebacks with exit code 1."""
+    import click
+
+    types: list[type] = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        types.append(vendored.ClickException)
+    return tuple(types)
 
 
 def entry() -> None:

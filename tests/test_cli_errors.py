@@ -1,0 +1,273 @@
+"""Bad input through the CLI: each error is one ``pyvbak: error:`` line on stderr, no
+traceback, and the documented exit code (pyvbak/errors.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from conftest import require_tool
+from images import BS, MiB, assert_one_error_line, random_bytes, run_pyvbak, same_file, vm_image, write_at
+from pyvbak.cli.main import main
+from pyvbak.repo import format as fmt
+from pyvbak.repo.repository import Repository
+
+
+def cli(capsys, *args):
+    """main(argv) in process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYVBAK_REPO", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    repo = tmp_path / "repo"
+    img = vm_image(tmp_path / "disk.img", 3 * MiB + 1000, seed=41)
+    return tmp_path, str(repo), img
+
+
+@pytest.fixture
+def backed_up(env, capsys):
+    tmp, repo, img = env
+    assert cli(capsys, "init", repo)[0] == 0
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0, err
+    return tmp, repo, img, json.loads(out)["id"]
+
+
+def test_missing_image(env, capsys):
+    tmp, repo, _ = env
+    cli(capsys, "init", repo)
+    code, out, err = cli(capsys, "backup", tmp / "nope.img", "--repo", repo, "--vm", "x")
+    assert code == 4 and out == ""
+    assert_one_error_line(err, "nope.img", "does not exist")
+    assert Repository.open(repo).snapshots() == []
+
+
+def test_directory_as_image(env, capsys):
+    tmp, repo, _ = env
+    cli(capsys, "init", repo)
+    (tmp / "adir").mkdir()
+    code, _, err = cli(capsys, "backup", tmp / "adir", "--repo", repo, "--vm", "x")
+    assert code == 4
+    assert_one_error_line(err, "is a directory")
+
+
+def test_unreadable_image(env, capsys):
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+    os.chmod(img, 0)
+    try:
+        prefix = []
+        if os.geteuid() == 0:
+            # root reads anything: drop the capabilities that bypass file permissions
+            setpriv = require_tool("setpriv", "util-linux")
+            prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+        import subprocess
+
+        p = subprocess.run(
+            prefix + [sys.executable, "-m", "pyvbak", "backup", img, "--repo", repo, "--vm", "x"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.chmod(img, 0o644)
+    assert p.returncode == 4, p.stderr
+    assert_one_error_line(p.stderr, "not readable", "permission denied")
+    assert Repository.open(repo).snapshots() == []
+    assert os.listdir(os.path.join(repo, "locks")) == []  # the lock was released
+
+
+def test_not_a_repository(env, capsys):
+    tmp, _, img = env
+    (tmp / "empty").mkdir()
+    for path in (tmp / "empty", tmp / "absent"):
+        for args in (["snapshots", "--repo", path], ["backup", img, "--repo", path, "--vm", "v"], ["verify", "--repo", path]):
+            code, out, err = cli(capsys, *args)
+            assert code == 3, (args, err)
+            assert_one_error_line(err, "is not a pyvbak repository", "pyvbak init")
+    assert not (tmp / "absent").exists()  # nothing was created by a failed open
+
+
+def test_newer_repository_version(backed_up, capsys):
+    tmp, repo, img, sid = backed_up
+    cfg_path = os.path.join(repo, "config")
+    doc = json.loads(open(cfg_path).read())
+    doc["version"] = 2
+    os.chmod(cfg_path, 0o644)
+    open(cfg_path, "w").write(json.dumps(doc))
+    for args in (["snapshots", "--repo", repo], ["backup", img, "--repo", repo, "--vm", "web"], ["restore", sid, tmp / "o", "--repo", repo]):
+        code, _, err = cli(capsys, *args)
+        assert code == 3
+        assert_one_error_line(err, "format version 2", "upgrade pyvbak")
+    assert not (tmp / "o").exists()
+
+
+def test_unknown_snapshot(backed_up, capsys):
+    tmp, repo, _, _ = backed_up
+    for spec in ("20000101T000000Z-00000000", "nosuchvm@latest", "web/nosuchdisk@latest", "bad/id!"):
+        code, out, err = cli(capsys, "restore", spec, tmp / "out.img", "--repo", repo)
+        assert code == 5, (spec, err)
+        assert out == ""
+        assert_one_error_line(err)
+    assert not (tmp / "out.img").exists()
+
+
+def test_restore_existing_output_and_force(backed_up, capsys):
+    tmp, repo, img, sid = backed_up
+    out = tmp / "out.img"
+    out.write_bytes(b"precious")
+    code, _, err = cli(capsys, "restore", sid, out, "--repo", repo)
+    assert code == 7
+    assert_one_error_line(err, "already exists", "--force")
+    assert out.read_bytes() == b"precious"
+    code, stdout, err = cli(capsys, "restore", sid, out, "--repo", repo, "--force")
+    assert code == 0, err
+    assert f"restored snapshot {sid}" in stdout
+    assert same_file(out, img)
+    assert [n for n in os.listdir(tmp) if ".pyvbak-restore-" in n] == []
+
+
+def test_corrupt_snapshot_index(backed_up, capsys):
+    tmp, repo, img, sid = backed_up
+    # a second, healthy snapshot of another VM
+    code, out, _ = cli(capsys, "backup", img, "--repo", repo, "--vm", "db", "--json")
+    healthy = json.loads(out)["id"]
+    path = os.path.join(repo, fmt.snapshot_index_name(sid))
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    os.chmod(path, 0o644)
+    open(path, "wb").write(data)
+
+    code, _, err = cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)
+    assert code == 6
+    assert_one_error_line(err, "corrupt")
+    assert not (tmp / "out.img").exists()
+
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    assert code == 6
+    report = json.loads(out)
+    assert not report["ok"]
+    assert [a["id"] for a in report["affected_snapshots"]] == [sid]
+    assert_one_error_line(err, "affecting 1 snapshot")
+
+    code, _, err = cli(capsys, "restore", healthy, tmp / "h.img", "--repo", repo)
+    assert code == 0, err
+    assert same_file(tmp / "h.img", img)
+
+
+def test_corrupt_chunk_verify_and_restore(env, capsys):
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+    code, out, _ = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    s1 = json.loads(out)["id"]
+    # a second VM whose disk shares every block but one with the first
+    img2 = tmp / "other.img"
+    shutil.copyfile(img, img2)
+    write_at(img2, 0, random_bytes(BS, 42))
+    code, out, _ = cli(capsys, "backup", img2, "--repo", repo, "--vm", "db", "--json")
+    s2 = json.loads(out)["id"]
+    r = Repository.open(repo)
+    # corrupt the block only s2 has (block 0 of img2): s1 must stay clean
+    own = bytes(r.load_snapshot_index(r.resolve(s2))[2]["digest"][0])
+    idx = r.load_digest_index()
+    rec = idx.records[idx.find(own)]
+    pack = os.path.join(repo, fmt.pack_name(bytes(rec["pack"]).hex()))
+    data = bytearray(open(pack, "rb").read())
+    data[int(rec["offset"]) + int(rec["clen"]) // 2] ^= 0xFF
+    os.chmod(pack, 0o644)
+    open(pack, "wb").write(data)
+
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6
+    assert f"snapshot {s2}" in err and s1 not in err
+    assert_one_error_line(err, "1 bad block", "affecting 1 snapshot")
+
+    code, out, err = cli(capsys, "restore", s2, tmp / "r2.img", "--repo", repo)
+    assert code == 6
+    assert_one_error_line(err, s2)
+    assert not (tmp / "r2.img").exists()
+    assert [n for n in os.listdir(tmp) if ".pyvbak-restore-" in n] == []
+
+    # now a block both share: both snapshots are named
+    shared = bytes(r.load_snapshot_index(r.resolve(s1))[2]["digest"][-1])
+    rec = idx.records[idx.find(shared)]
+    pack = os.path.join(repo, fmt.pack_name(bytes(rec["pack"]).hex()))
+    data = bytearray(open(pack, "rb").read())
+    data[int(rec["offset"]) + 20] ^= 0xFF
+    open(pack, "wb").write(data)
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    assert code == 6
+    report = json.loads(out)
+    assert {a["id"] for a in report["affected_snapshots"]} == {s1, s2}
+    assert report["problem_count"] == 2
+
+
+@pytest.mark.parametrize("bad", ["100K", "32K", "32M", "abc", "0"])
+def test_invalid_block_size(env, capsys, bad):
+    tmp, repo, _ = env
+    code, out, err = cli(capsys, "init", repo, "--block-size", bad)
+    assert code == 2
+    assert_one_error_line(err)
+    assert not os.path.exists(os.path.join(repo, "config"))
+
+
+def test_valid_block_size_and_init_twice(env, capsys):
+    tmp, repo, img = env
+    code, out, err = cli(capsys, "init", repo, "--block-size", "1M")
+    assert code == 0 and "created pyvbak repository" in out
+    assert Repository.open(repo).config.block_size == 1 << 20
+    code, _, err = cli(capsys, "init", repo)
+    assert code == 3
+    assert_one_error_line(err, "already holds a pyvbak repository")
+
+
+def test_repo_from_environment(env, capsys, monkeypatch):
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+    monkeypatch.setenv("PYVBAK_REPO", repo)
+    code, out, err = cli(capsys, "backup", img, "--vm", "envvm", "--json")
+    assert code == 0, err
+    sid = json.loads(out)["id"]
+    code, out, _ = cli(capsys, "snapshots", "--json")
+    assert [s["id"] for s in json.loads(out)] == [sid]
+    assert not (tmp / "xdg").exists()  # the default repository was not touched
+    code, _, err = cli(capsys, "restore", "envvm@latest", tmp / "o.img")
+    assert code == 0, err
+    assert same_file(tmp / "o.img", img)
+
+
+def test_default_repository_created_on_first_use(tmp_path):
+    img = vm_image(tmp_path / "d.img", 1 * MiB + 5, seed=43)
+    xdg = tmp_path / "xdg"
+    default = xdg / "pyvbak" / "repository"
+    p = run_pyvbak(["backup", img, "--vm", "first"], env={"XDG_DATA_HOME": str(xdg)})
+    assert p.returncode == 0, p.stderr
+    assert f"created the default repository at {default}" in p.stderr
+    assert (default / "config").exists()
+    p = run_pyvbak(["snapshots"], env={"XDG_DATA_HOME": str(xdg)})
+    assert p.returncode == 0
+    assert f"using the default repository at {default}" in p.stderr
+    assert "first" in p.stdout
+    # restore never creates a repository
+    p = run_pyvbak(["restore", "first@latest", tmp_path / "o"], env={"XDG_DATA_HOME": str(tmp_path / "other")})
+    assert p.returncode == 3
+    assert_one_error_line(p.stderr, "not a pyvbak repository")
+    assert not (tmp_path / "other").exists()
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    p = run_pyvbak(["snapshots", "--repo", tmp_path / "nothing"])
+    assert p.returncode == 3 and p.stdout == ""
+    assert_one_error_line(p.stderr, "not a pyvbak repository")
+    p = run_pyvbak(["restore"])  # usage error from the parser
+    assert p.returncode == 2 and "Traceback" not in p.stderr

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import wait_until
 from nbd_fakes import FakeNbdServer
-from pyvbak.errors import SourceError
+from pyvbak.errors import SourceError, UsageError
 from pyvbak.sources import nbd_protocol as P
 from pyvbak.sources.base import Extent
 from pyvbak.sources.nbd import NbdSource
@@ -190,3 +190,24 @@ def test_stalled_server_does_not_block_close():
 def test_connection_refused(tmp_path):
     with pytest.raises(SourceError, match="cannot connect"):
         NbdSource(f"nbd+unix:///x?socket={tmp_path}/missing.sock", timeout=TIMEOUT).open()
+
+
+def test_read_into_and_hole_zeroing_in_reused_buffers():
+    with FakeNbdServer(DATA, "holes") as server, open_source(server) as src:
+        buf = bytearray(b"\xff" * 10000)
+        assert src.read_into(0, memoryview(buf)[:8192]) == 8192
+        assert buf[:8192] == DATA[:4096] + bytes(4096) and buf[8192:] == b"\xff" * (10000 - 8192)
+        for _ in range(3):  # pooled buffers carry old data: holes must still read as zero
+            assert src.read(0, 8192) == DATA[:4096] + bytes(4096)
+        assert src.read_into(len(DATA) - 100, buf) == 100
+        with pytest.raises(UsageError):
+            src.read_into(0, b"readonly")
+
+
+def test_read_into_unaligned_falls_back():
+    with FakeNbdServer(DATA, "ok", block_size=(512, 4096, 65536)) as server, open_source(server) as src:
+        buf = bytearray(100_000)
+        assert src.read_into(3, buf) == 100_000
+        assert buf == DATA[3:100_003]
+        assert src.read_into(65536, buf) == 100_000
+        assert buf == DATA[65536:165536]

@@ -163,6 +163,9 @@ def test_large_reads_are_split(big_raw, sockdir):
             assert src.client.max_payload == 32 * MiB
             assert src.read(0, len(data)) == data
             assert src.read(12345, 70 * MiB) == data[12345:12345 + 70 * MiB]
+            buf = bytearray(40 * MiB)
+            assert src.read_into(4096, buf) == len(buf)
+            assert buf == data[4096:4096 + 40 * MiB]
         with NbdSource(uri, timeout=10, max_payload=MiB) as src:
             assert src.client.max_payload == MiB
             assert src.read(777, 9 * MiB + 3) == data[777:777 + 9 * MiB + 3]

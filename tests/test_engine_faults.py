@@ -1,0 +1,129 @@
+"""Disk full during a backup: the backup fails with OutOfSpace, nothing is visible, the
+repository verifies clean, and the next backup adopts the packs the failed one left."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from images import MiB, assert_one_error_line, backup_file, make_image, restore_to, same_file
+from pyvbak.backends import FaultInjectingBackend, open_backend
+from pyvbak.errors import OutOfSpace
+from pyvbak.repo.repository import Repository
+from pyvbak.repo.verify import verify_repository
+
+SMALL_PACK = 1 * MiB
+
+
+@pytest.fixture(autouse=True)
+def small_packs(monkeypatch):
+    # many packs from a small image, so "the Nth pack write" has meaning
+    monkeypatch.setattr("pyvbak.engine.backup.PACK_TARGET_BYTES", SMALL_PACK)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "d.img", 8 * MiB + 5, [(0, 8 * MiB + 5, "random")], seed=51)
+    return repo, img
+
+
+def faulty(repo, **kw):
+    return Repository(FaultInjectingBackend(open_backend(repo.location), **kw), repo.config)
+
+
+def packs(repo):
+    return sorted(repo.backend.list("packs/"))
+
+
+def test_out_of_space_on_third_pack_then_heal(setup, tmp_path):
+    repo, img = setup
+    bad = faulty(repo, fail_on_write=3, prefix="packs/")
+    with pytest.raises(OutOfSpace, match="out of space"):
+        backup_file(bad, img)
+    assert bad.backend.faults >= 1
+    written = bad.backend.writes
+    assert written >= 2  # packs 1 and 2 were stored (and maybe one more in flight)
+
+    fresh = Repository.open(repo.location)
+    assert fresh.snapshots() == []
+    assert list(fresh.backend.list("snapshots/")) == []
+    assert fresh.pack_index_names() == []  # nothing indexes the orphan packs yet
+    assert len(packs(fresh)) == written
+    report = verify_repository(fresh, threads=2)
+    assert report["ok"] and report["problem_count"] == 0
+
+    # space is freed; the next run cleans up first (as the CLI does) and adopts the packs
+    bad.backend.heal()
+    cleaned = bad.recover_leftovers()
+    adopted = [line for line in cleaned if line.startswith("adopted unindexed pack")]
+    assert len(adopted) == written
+    res = backup_file(bad, img)
+    # the adopted blocks are not stored again
+    assert res.new_bytes < 8 * MiB + 5
+    assert res.new_bytes <= (8 * MiB + 5) - written * (SMALL_PACK - 64 * 1024)
+    assert [s.id for s in fresh.snapshots()] == [res.snapshot_id]
+    assert verify_repository(fresh, threads=2)["ok"]
+    restore_to(fresh, res.snapshot_id, tmp_path / "out.img")
+    assert same_file(tmp_path / "out.img", img)
+    # a second recovery finds nothing left to adopt
+    assert not [line for line in fresh.recover_leftovers() if "adopted" in line]
+
+
+@pytest.mark.parametrize("prefix", ["index/", "snapshots/"])
+def test_out_of_space_at_commit_leaves_no_snapshot(setup, tmp_path, prefix):
+    """Space runs out after the packs, when writing the pack index or the snapshot."""
+    repo, img = setup
+    bad = faulty(repo, fail_on_write=1 if prefix == "index/" else 2, prefix=prefix)
+    with pytest.raises(OutOfSpace):
+        backup_file(bad, img)
+    fresh = Repository.open(repo.location)
+    assert fresh.snapshots() == []
+    assert not [n for n in fresh.backend.list("snapshots/") if n.endswith(".json")]
+    assert verify_repository(fresh, threads=2)["ok"]
+    bad.backend.heal()
+    bad.recover_leftovers()
+    res = backup_file(bad, img)
+    assert fresh.snapshots()[0].id == res.snapshot_id
+    if prefix == "index/":  # the packs were adopted, so nothing was stored twice
+        assert res.new_bytes == 0
+    restore_to(fresh, res.snapshot_id, tmp_path / "o.img")
+    assert same_file(tmp_path / "o.img", img)
+
+
+def test_out_of_space_after_bytes_incremental_keeps_parent(setup, tmp_path):
+    repo, img = setup
+    first = backup_file(repo, img)
+    from images import rewrite_pages
+
+    rewrite_pages(img, fraction=0.3, seed=52)
+    bad = faulty(repo, fail_after_bytes=2 * MiB, prefix="packs/")
+    with pytest.raises(OutOfSpace):
+        backup_file(bad, img)
+    fresh = Repository.open(repo.location)
+    assert [s.id for s in fresh.snapshots()] == [first.snapshot_id]
+    assert verify_repository(fresh, threads=2)["ok"]
+    # the parent still restores; the next backup is still an incremental of it
+    bad.backend.heal()
+    bad.recover_leftovers()
+    res = backup_file(bad, img)
+    assert res.parent == first.snapshot_id
+    restore_to(fresh, res.snapshot_id, tmp_path / "o.img")
+    assert same_file(tmp_path / "o.img", img)
+
+
+def test_cli_out_of_space_exit_code(setup, capsys, monkeypatch):
+    repo, img = setup
+    from pyvbak.cli import backup_cmd
+    from pyvbak.cli.main import main
+
+    bad = faulty(repo, fail_on_write=1, prefix="packs/")
+    monkeypatch.setattr(backup_cmd, "open_repository", lambda location, **kw: bad)
+    capsys.readouterr()
+    code = main(["backup", str(img), "--repo", repo.location, "--vm", "full", "--json"])
+    out = capsys.readouterr()
+    assert code == 9
+    assert out.out == ""
+    assert_one_error_line(out.err, "out of space", "packs/")
+    assert Repository.open(repo.location).snapshots() == []
+    assert list(repo.backend.list("locks/")) == []  # the lock was released on the error

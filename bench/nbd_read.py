@@ -22,6 +22,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def listening(path: str) -> bool:
+    # the socket file exists from bind(), a moment before listen(): probe with connect
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
 
 
 def make_image(path: str, size: int) -> None:
@@ -107,7 +118,7 @@ def main() -> int:
         proc = subprocess.Popen(["qemu-nbd", "-t", "-r", "-e", "4", "-f", "raw", "--socket", sock, image],
                                 stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
+        while not listening(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"qemu-nbd did not start: {proc.stderr.read().decode(errors='replace')}")
             time.sleep(0.01)

@@ -15,7 +15,13 @@
 #include "hash_impl.h"
 #include "pyvbak_native.h"
 
-/* Window size: see the measurement in bench/RESULTS.md ("## Native scan"). */
+/* Window size and MAP_POPULATE (measured on the 2-core AMD EPYC, 2 GiB page-cached image,
+ * 64 MiB windows): mapping page-cache pages costs 41-61 ms per 2 GiB (80-115 ns/page) with
+ * MAP_POPULATE vs 54-60 ms (103-114 ns/page) faulting them in by touch (fault-around), i.e.
+ * about a third of the time of hashing at ~25 GB/s per core; so we populate.  pread into an
+ * L2-sized buffer instead was slower (21.6 vs 34.2 GB/s on 2 threads: the copy costs more
+ * than the mapping).  Windows of 16-128 MiB were within run-to-run noise; 64 MiB bounds the
+ * address space to 64 MiB per thread.  Details: bench/RESULTS.md, "## Native scan". */
 #define DEFAULT_WINDOW (64u << 20)
 #define PREAD_CHUNK (4u << 20)
 

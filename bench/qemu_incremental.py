@@ -288,7 +288,7 @@ def startup_times(env: dict, n: int = 5) -> dict:
             "python_import_cli_s": imp[0], "python_import_cli_plus_backup_path_s": impb[0]}
 
 
-def profiled_backup(repo: str, uri: str, workdir: str) -> dict:
+def profiled_backup(repo: str, uri: str, workdir: str, cprofile: str | None = None) -> dict:
     """The incremental backup in-process, with timers around each phase (cheap: a
     wrapper per call, no sampling profiler)."""
     os.environ["PYVBAK_WORK_DIR"] = workdir
@@ -351,10 +351,18 @@ def profiled_backup(repo: str, uri: str, workdir: str) -> dict:
     from contextlib import redirect_stdout
     buf = io.StringIO()
     try:
+        prof = None
+        if cprofile:  # main thread only; distorts the timings above, for where-not-how-much
+            import cProfile
+            prof = cProfile.Profile()
+            prof.enable()
         t0 = time.perf_counter()
         with redirect_stdout(buf):
             code = climain.main(["backup", uri, "--repo", repo, "--vm", "bench", "--json"])
         total = time.perf_counter() - t0
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(cprofile)
     finally:
         for owner, name, orig in reversed(undo):
             setattr(owner, name, orig)
@@ -373,6 +381,7 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3, help="rewrite + incremental + baseline rounds (median reported)")
     ap.add_argument("--no-profile", action="store_true", help="skip the in-process per-phase round")
+    ap.add_argument("--cprofile", metavar="FILE", help="also dump a cProfile of the in-process round to FILE")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -458,7 +467,7 @@ def main() -> int:
         if not a.no_profile:
             rw = rewrite([vm.guest, rawcopy], size, 100 + a.rounds)
             warm(rawcopy)
-            prof = profiled_backup(repo, vm.uri, work)
+            prof = profiled_backup(repo, vm.uri, work, a.cprofile)
             base_s, _, _ = baseline(rawcopy, rw["blocks"], threads)
             prof["baseline_read_compress_s"] = round(base_s, 4)
             prof["in_process_ratio"] = round(prof["main_s"] / base_s, 2)

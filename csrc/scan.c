@@ -27,9 +27,12 @@
 
 /* ---- SIGBUS guard -------------------------------------------------------------------- */
 
-static __thread sigjmp_buf *tl_jmp;
-static __thread const uint8_t *tl_lo, *tl_hi;
-static __thread const uint8_t *tl_fault;
+/* initial-exec TLS: reading it in the signal handler must not call __tls_get_addr (which
+ * may allocate) in a thread that never scanned. */
+#define TLS __thread __attribute__((tls_model("initial-exec")))
+static TLS sigjmp_buf *tl_jmp;
+static TLS const uint8_t *tl_lo, *tl_hi;
+static TLS const uint8_t *tl_fault;
 static struct sigaction prev_bus;
 static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
 

@@ -1,0 +1,142 @@
+"""Two backups into one repository at once; an exclusive lock blocks backups (exit 8)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import wait_until
+from images import MiB, assert_one_error_line, make_image, same_file
+from pyvbak.cli.main import main
+from pyvbak.repo.repository import Repository
+from test_crash_safety import CHILD
+
+
+def cli(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _env(**extra):
+    env = dict(os.environ, **extra)
+    env.pop("PYVBAK_REPO", None)
+    return env
+
+
+def _images(tmp_path):
+    a = make_image(tmp_path / "a.img", 24 * MiB + 3, [(0, 24 * MiB + 3, "random")], seed=71)
+    b = make_image(tmp_path / "b.img", 20 * MiB, [(0, 12 * MiB, "random"), (14 * MiB, 6 * MiB, "text")], seed=72)
+    return a, b
+
+
+def _restore_latest_and_compare(capsys, repo, tmp_path, spec, image):
+    out = tmp_path / f"{spec.replace('/', '_')}.out"
+    code, _, err = cli(capsys, "restore", spec, out, "--repo", repo)
+    assert code == 0, err
+    assert same_file(out, image)
+
+
+def test_two_backups_of_different_vms_at_once(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    a, b = _images(tmp_path)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pyvbak", "backup", img, "--repo", repo, "--vm", vm, "--json", "--threads", "1"],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for img, vm in ((a, "alpha"), (b, "beta"))
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert json.loads(out)["new_bytes"] > 0
+    code, out, _ = cli(capsys, "snapshots", "--repo", repo, "--json")
+    assert sorted(s["vm"] for s in json.loads(out)) == ["alpha", "beta"]
+    _restore_latest_and_compare(capsys, repo, tmp_path, "alpha@latest", a)
+    _restore_latest_and_compare(capsys, repo, tmp_path, "beta@latest", b)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+
+
+def test_backup_runs_while_another_is_mid_way(tmp_path, capsys):
+    """Deterministic overlap: backup A holds its (shared) lock and has written a pack it has
+    not indexed yet; backup B runs from start to end meanwhile (and may adopt A's pack);
+    then A continues.  Both snapshots restore identical."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    a, b = _images(tmp_path)
+    marker, release = tmp_path / "a-paused", tmp_path / "a-release"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, "backup", a, "--repo", repo, "--vm", "alpha", "--json", "--threads", "1"],
+        env=_env(PYVBAK_TEST_FAILPOINT="pack-1", PYVBAK_TEST_MARKER=str(marker), PYVBAK_TEST_RELEASE=str(release)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60, what="backup A to pause")
+        assert marker.exists(), proc.communicate()
+        assert len(os.listdir(repo / "locks")) == 1
+        code, out, err = cli(capsys, "backup", b, "--repo", repo, "--vm", "beta", "--json")
+        assert code == 0, err
+        assert Repository.open(str(repo)).snapshots()[0].vm == "beta"
+        release.touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert json.loads(out)["vm"] == "alpha"
+    assert os.listdir(repo / "locks") == []
+    _restore_latest_and_compare(capsys, repo, tmp_path, "alpha@latest", a)
+    _restore_latest_and_compare(capsys, repo, tmp_path, "beta@latest", b)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+
+
+def test_exclusive_lock_blocks_backup(tmp_path, capsys):
+    repo_dir = tmp_path / "repo"
+    cli(capsys, "init", repo_dir)
+    img = make_image(tmp_path / "s.img", 1 * MiB, [(0, MiB, "random")], seed=73)
+    repo = Repository.open(str(repo_dir))
+    with repo.lock(exclusive=True, purpose="prune"):
+        code, out, err = cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")
+        assert code == 8 and out == ""
+        assert_one_error_line(err, "is locked by prune", f"pid {os.getpid()}")
+        code, _, err = cli(capsys, "verify", "--repo", repo_dir)
+        assert code == 8
+        # and in a separate process too
+        p = subprocess.run(
+            [sys.executable, "-m", "pyvbak", "backup", img, "--repo", repo_dir, "--vm", "v"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert p.returncode == 8
+        assert_one_error_line(p.stderr, "locked")
+        assert len(os.listdir(repo_dir / "locks")) == 1  # only the exclusive lock remains
+    assert repo.snapshots() == []
+    assert cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")[0] == 0  # released
+
+
+def test_shared_lock_blocks_exclusive(tmp_path, capsys):
+    from pyvbak.errors import LockedError
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    with repo.lock(purpose="backup"):
+        try:
+            with repo.lock(exclusive=True, purpose="prune"):
+                raise AssertionError("exclusive lock granted while a backup holds a shared one")
+        except LockedError as exc:
+            assert exc.exit_code == 8
+        with repo.lock(purpose="second backup"):  # shared locks coexist
+            assert len(list(repo.backend.list("locks/"))) == 2
+    assert list(repo.backend.list("locks/")) == []

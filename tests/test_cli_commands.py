@@ -1,0 +1,180 @@
+"""The CLI's normal output: verify (--sample, --json), snapshots --json, restore VM@latest
+and VM/DISK@latest, backup --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from images import BS, MiB, assert_one_error_line, make_image, rewrite_pages, same_file
+from pyvbak.cli.main import main
+from pyvbak.repo.repository import Repository
+from pyvbak.repo.verify import verify_repository
+
+
+def cli(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory):
+    """web/sda (two snapshots), web/sdb, db/sda; 400 unique random blocks in all."""
+    tmp = tmp_path_factory.mktemp("cmds")
+    repo = tmp / "repo"
+    assert main(["init", str(repo)]) == 0
+    sda = make_image(tmp / "sda.img", 200 * BS, [(0, 200 * BS, "random")], seed=81)
+    sdb = make_image(tmp / "sdb.img", 100 * BS + 17, [(0, 100 * BS + 17, "random")], seed=82)
+    dbsda = make_image(tmp / "db-sda.img", 100 * BS, [(0, 100 * BS, "random")], seed=83)
+    copies = {}
+
+    def backup(img, vm, disk):
+        assert main(["backup", str(img), "--repo", str(repo), "--vm", vm, "--disk", disk, "--json"]) == 0
+        snap = Repository.open(str(repo)).latest(vm, disk)
+        copies[snap.id] = shutil.copyfile(img, tmp / f"{snap.id}.copy")
+        return snap.id
+
+    ids = {"web/sda#1": backup(sda, "web", "sda")}
+    with open(sda, "r+b") as f:  # change 10 blocks
+        for k in range(10):
+            f.seek(k * 20 * BS)
+            f.write(os.urandom(BS))
+    ids["web/sda#2"] = backup(sda, "web", "sda")
+    ids["web/sdb"] = backup(sdb, "web", "sdb")
+    ids["db/sda"] = backup(dbsda, "db", "sda")
+    return tmp, str(repo), ids, copies
+
+
+def test_snapshots_json(populated, capsys):
+    tmp, repo, ids, _ = populated
+    code, out, err = cli(capsys, "snapshots", "--repo", repo, "--json")
+    assert code == 0, err
+    snaps = json.loads(out)
+    assert isinstance(snaps, list) and len(snaps) == 4
+    for s in snaps:
+        assert isinstance(s, dict)
+        assert {"id", "vm", "disk", "time", "size"} <= set(s)
+        assert isinstance(s["size"], int) and isinstance(s["time"], str)
+    assert [s["id"] for s in snaps] == [ids["web/sda#1"], ids["web/sda#2"], ids["web/sdb"], ids["db/sda"]]
+    assert [s["time"] for s in snaps] == sorted(s["time"] for s in snaps)
+    by_id = {s["id"]: s for s in snaps}
+    assert (by_id[ids["web/sdb"]]["vm"], by_id[ids["web/sdb"]]["disk"], by_id[ids["web/sdb"]]["size"]) == ("web", "sdb", 100 * BS + 17)
+    assert by_id[ids["web/sda#2"]]["parent"] == ids["web/sda#1"]
+
+    code, out, _ = cli(capsys, "snapshots", "--repo", repo, "--json", "--vm", "web", "--disk", "sda")
+    assert [s["id"] for s in json.loads(out)] == [ids["web/sda#1"], ids["web/sda#2"]]
+    code, out, _ = cli(capsys, "snapshots", "--repo", repo)
+    assert code == 0
+    assert out.splitlines()[0].split()[:3] == ["ID", "VM", "DISK"]
+    assert all(i in out for i in ids.values())
+
+
+def test_restore_latest_specs(populated, capsys, tmp_path):
+    tmp, repo, ids, copies = populated
+    for spec, want in (("web/sda@latest", ids["web/sda#2"]), ("web/sdb@latest", ids["web/sdb"]), ("db@latest", ids["db/sda"])):
+        out = tmp_path / spec.replace("/", "_")
+        code, stdout, err = cli(capsys, "restore", spec, out, "--repo", repo)
+        assert code == 0, err
+        assert f"restored snapshot {want}" in stdout
+        assert same_file(out, copies[want])
+    # a unique id prefix works too
+    prefix = ids["web/sda#1"][:-3]
+    code, _, err = cli(capsys, "restore", prefix, tmp_path / "p.img", "--repo", repo)
+    if sum(i.startswith(prefix) for i in ids.values()) == 1:
+        assert code == 0, err
+        assert same_file(tmp_path / "p.img", copies[ids["web/sda#1"]])
+    # VM@latest is ambiguous for a VM with several disks
+    code, _, err = cli(capsys, "restore", "web@latest", tmp_path / "amb.img", "--repo", repo)
+    assert code == 2
+    assert_one_error_line(err, "several disks", "web/DISK@latest")
+    assert not (tmp_path / "amb.img").exists()
+
+
+def test_restore_json(populated, capsys, tmp_path):
+    tmp, repo, ids, copies = populated
+    code, out, err = cli(capsys, "restore", ids["web/sdb"], tmp_path / "j.img", "--repo", repo, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["snapshot"] == ids["web/sdb"] and report["size"] == 100 * BS + 17
+    assert report["blocks"] == 101 and report["unique_blocks_read"] == 101
+    assert same_file(tmp_path / "j.img", copies[ids["web/sdb"]])
+
+
+def test_verify_json_shape(populated, capsys):
+    tmp, repo, ids, _ = populated
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] is True
+    assert report["snapshots"] == 4
+    # 200 + 10 changed + 101 + 100 unique blocks
+    assert report["blocks_checked"] == 411
+    assert report["bytes_checked"] == 410 * BS + 17
+    assert report["problems"] == [] and report["problem_count"] == 0
+    assert report["affected_snapshots"] == []
+    assert report["sampled_percent"] is None
+    assert isinstance(report["duration"], float)
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 0
+    assert out.startswith("checked 411 blocks") and "of 4 snapshots" in out
+
+
+def test_verify_sample(populated, capsys):
+    tmp, repo, _, _ = populated
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--sample", "50", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["sampled_percent"] == 50
+    assert 200 <= report["blocks_checked"] <= 212  # round(411 / 2) = 206 chosen, all distinct
+    # different runs choose different blocks (seeded runs are reproducible)
+    r = Repository.open(repo)
+    a = verify_repository(r, sample_percent=10, seed=1, threads=2)
+    b = verify_repository(r, sample_percent=10, seed=1, threads=2)
+    assert a["blocks_checked"] == b["blocks_checked"] == 41
+    for bad in ("0", "150", "-5"):
+        code, _, err = cli(capsys, "verify", "--repo", repo, "--sample", bad)
+        assert code == 2, (bad, err)
+        assert_one_error_line(err, "--sample")
+
+
+def test_verify_sample_finds_corruption_sometimes_full_always(tmp_path, capsys):
+    """A sample checks only part; with every block corrupt any sample finds problems."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=84)
+    cli(capsys, "backup", img, "--repo", repo, "--vm", "v")
+    r = Repository.open(str(repo))
+    idx = r.load_digest_index()
+    for rec in idx.records:  # corrupt every block
+        pack = os.path.join(repo, "packs", bytes(rec["pack"]).hex()[:2], bytes(rec["pack"]).hex())
+        data = bytearray(open(pack, "rb").read())
+        data[int(rec["offset"]) + int(rec["clen"]) - 5] ^= 0x55
+        os.chmod(pack, 0o644)
+        open(pack, "wb").write(data)
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--sample", "50", "--json")
+    assert code == 6
+    report = json.loads(out)
+    assert report["problem_count"] == 20  # exactly the sampled half, all bad
+    assert report["blocks_checked"] == 0
+
+
+def test_backup_json_and_human_output(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "vm-disk.qcow.img", 2 * MiB + 1, [(0, MiB, "random")], seed=85)
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["disk"] == "vm-disk"  # default disk name: file name without extension
+    assert res["id"] == res["snapshot_id"]
+    assert res["new_blocks"] == 16 and res["new_bytes"] == MiB and res["size"] == 2 * MiB + 1
+    assert res["parent"] is None and res["cleaned_leftovers"] == []
+    rewrite_pages(img, fraction=0.01, seed=86, run_pages=1)
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v")
+    assert code == 0, err
+    assert out.startswith("snapshot ") and "of v/vm-disk" in out and "new " in out

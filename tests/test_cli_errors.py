@@ -271,3 +271,19 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert_one_error_line(p.stderr, "not a pyvbak repository")
     p = run_pyvbak(["restore"])  # usage error from the parser
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_missing_pack(backed_up, capsys):
+    """A pack deleted behind pyvbak's back: verify and restore exit 6, no output left."""
+    tmp, repo, img, sid = backed_up
+    packs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs]
+    assert packs
+    os.unlink(packs[0])
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6
+    assert f"snapshot {sid}" in err and "missing" in err
+    code, _, err = cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)
+    assert code == 6
+    assert_one_error_line(err, sid)
+    assert not (tmp / "out.img").exists()
+    assert [n for n in os.listdir(tmp) if ".pyvbak-restore-" in n] == []

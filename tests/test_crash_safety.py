@@ -250,3 +250,37 @@ def test_kill9_real_process(tmp_path, image, capsys, condition):
     if killed and not before:
         # killed with its lock (or the lock's temp file) in place: the next run cleans it
         assert res["cleaned_leftovers"], res
+
+
+def test_sigterm_during_commit_exits_10_and_cleans_up(tmp_path, image, capsys):
+    """SIGTERM (not -9) between the snapshot's index and its metadata: exit 10, one error
+    line, the lock released, no snapshot visible; the next backup needs no cleanup of locks."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    marker = tmp_path / "at-snapshot-index"
+    env = dict(os.environ, PYVBAK_TEST_FAILPOINT="snapshot-index", PYVBAK_TEST_MARKER=str(marker))
+    env.pop("PYVBAK_REPO", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *backup_argv(image, repo)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60, what="failpoint snapshot-index")
+        assert marker.exists(), proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 10, err
+    assert out == ""
+    from images import assert_one_error_line
+
+    assert_one_error_line(err, "SIGTERM", "nothing was committed")
+    assert os.listdir(repo / "locks") == []
+    assert Repository.open(str(repo)).snapshots() == []
+    code, out, err = cli(capsys, *backup_argv(image, repo), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert not [c for c in res["cleaned_leftovers"] if "lock" in c]
+    assert res["new_bytes"] == 0  # the interrupted run's packs were indexed before the commit

@@ -183,15 +183,21 @@ def main() -> int:
     ap.add_argument("--tools", default="pyvbak,restic,borg")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the repositories under bench/.data/peers/")
+    ap.add_argument(
+        "--work-dir",
+        default=WORK,
+        help="where repositories and restores go (default bench/.data/peers); e.g. a tmpfs dir to take a throttled disk out of the comparison",
+    )
     a = ap.parse_args()
+    work = os.path.abspath(a.work_dir)
 
-    if os.path.exists(WORK):
-        shutil.rmtree(WORK)
-    os.makedirs(WORK)
+    if os.path.exists(work):
+        shutil.rmtree(work)
+    os.makedirs(work)
     image = os.path.join(DATA, f"vm-{a.size_mib}MiB-s{a.seed}-peers.img")
     log: list = []
     classes = {"pyvbak": Pyvbak, "restic": Restic, "borg": Borg}
-    tools = [classes[n](WORK, log) for n in a.tools.split(",")]
+    tools = [classes[n](work, log) for n in a.tools.split(",")]
     skipped = [t.name for t in tools if not t.available()]
     tools = [t for t in tools if t.available()]
     res: dict = {t.name: {"version": t.version()} for t in tools}
@@ -216,7 +222,7 @@ def main() -> int:
             res[t.name]["repo_bytes"] = size["allocated"]
             res[t.name]["repo_apparent_bytes"] = size["apparent"]
         for t in tools:
-            outdir = os.path.join(WORK, f"{t.name}-restore")
+            outdir = os.path.join(work, f"{t.name}-restore")
             os.makedirs(outdir)
             s0 = time.perf_counter()
             dt, out = t.restore(image, outdir)
@@ -227,7 +233,7 @@ def main() -> int:
             shutil.rmtree(outdir)
     finally:
         if not a.keep:
-            shutil.rmtree(WORK, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
     # the image is left rewritten; its stamp makes the next run regenerate it
 
     ratios = {}
@@ -250,6 +256,7 @@ def main() -> int:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "size_mib": a.size_mib,
+        "work_dir": work,
         "image": {"path": os.path.relpath(image), **stamp},
         "rewrite": {"pages": rw["pages"], "bytes": rw["bytes"], "runs": len(rw["runs"])},
         "tools": res,

@@ -8,11 +8,13 @@ repository, compressed and packed.  Unchanged blocks inherit the parent's digest
 every snapshot index is complete and restores alone.
 
 Pipeline and memory bound: the changed blocks are cut into chunks of at most
-``CHUNK_BYTES`` of contiguous blocks; ``threads`` workers each read, hash and compress a
-chunk (hashlib, zstandard and the native scan release the GIL); the main thread keeps at
-most ``2 * threads`` chunks in flight and feeds finished frames to the PackWriter, which
-holds one open pack and at most two uploading.  Peak memory is therefore about
-``2 * threads * CHUNK_BYTES * 2`` (data + frames) + ``3 * PACK_TARGET_BYTES`` + the
+``CHUNK_BYTES`` of contiguous blocks; ``workers`` threads each read, hash and compress a
+chunk (hashlib, zstandard and the native scan release the GIL); workers = ``threads``
+(default: all cores) for files, 4 x ``threads`` for network sources whose reads wait on a
+server.  The main thread keeps at most ``2 * workers`` chunks in flight and feeds
+finished frames to the PackWriter, which holds one open pack and at most two uploading.
+Peak memory is therefore about ``2 * workers * CHUNK_BYTES * 2`` (data + frames; 128 MiB
+for an NBD source on 2 cores, 32 MiB for a file) + ``3 * PACK_TARGET_BYTES`` + the
 per-block arrays (n * (1 + 16 + 32) bytes, plus the parent's index).
 """
 
@@ -226,7 +228,10 @@ def run_backup(
     total_job_bytes = sum((b - a) * bs for a, b, _ in jobs) or 1
     done_bytes = 0
     try:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyvbak-worker") as pool:
+        # Reads from a network source (NBD) wait on the server, not on a core: give them
+        # more workers so more requests are in flight while others hash and compress.
+        workers = threads if scan_blocks is None or hasattr(source, "fileno") else 4 * threads
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pyvbak-worker") as pool:
             inflight: deque = deque()
             it = iter(jobs)
 
@@ -249,7 +254,7 @@ def run_backup(
 
             for job in it:
                 inflight.append(pool.submit(work, *job))
-                if len(inflight) >= 2 * threads:
+                if len(inflight) >= 2 * workers:
                     drain_one()
             while inflight:
                 drain_one()

@@ -294,9 +294,18 @@ class Repository:
         return list(self.backend.list("index/"))
 
     def load_digest_index(self) -> DigestIndex:
-        parts = [fmt.decode_pack_index(self.backend.read(n), f"pack index {n}") for n in self.pack_index_names()]
+        """All pack indexes, merged.  Cached per pack-index listing: loading them is the
+        one repository read that grows with history, and a backup needs it twice
+        (leftover adoption, then dedup)."""
+        names = tuple(sorted(self.pack_index_names()))
+        cached = getattr(self, "_digest_index_cache", None)
+        if cached is not None and cached[0] == names:
+            return cached[1]
+        parts = [fmt.decode_pack_index(self.backend.read(n), f"pack index {n}") for n in names]
         records = np.concatenate(parts) if parts else np.empty(0, fmt.PACK_INDEX_RECORD)
-        return DigestIndex(records)
+        index = DigestIndex(records)
+        self._digest_index_cache = (names, index)
+        return index
 
     def write_pack_index(self, records: np.ndarray) -> str | None:
         if not len(records):
@@ -321,10 +330,8 @@ class Repository:
         reclaimed by prune.
         """
         report = [f"removed incomplete object {n}" for n in self.backend.cleanup_incomplete(older_than_seconds=0)]
-        indexed = set()
-        for n in self.pack_index_names():
-            recs = fmt.decode_pack_index(self.backend.read(n), f"pack index {n}")
-            indexed.update(bytes(p).hex() for p in np.unique(recs["pack"].view("S32")).astype("V32"))
+        packs = self.load_digest_index().records["pack"]
+        indexed = {bytes(p).hex() for p in np.unique(packs.view("S32")).astype("V32")} if len(packs) else set()
         adopted = []
         for name in self.backend.list("packs/"):
             pack_hex = name.rsplit("/", 1)[-1]

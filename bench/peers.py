@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """pyvbak against restic and borg on the same VM-like image, in one run (issue 3).
 
-    python bench/peers.py --size-mib 2048 --json [--tools pyvbak,restic,borg] [--keep]
+    python bench/peers.py --size-mib 2048 --json [--reps 3] [--work-dir DIR] [--tools pyvbak,restic,borg] [--keep]
 
 Steps (every tool sees exactly the same bytes at every step; tools run one after the
 other, each with a fresh repository under bench/.data/peers/, removed at the end):
@@ -25,7 +25,13 @@ so one tool's write-back does not land on the next one's clock; restore times ar
 reported as the command alone (``restore_s``, used for the ratios) and command + sync
 (``restore_durable_s``: pyvbak fsyncs its output, restic and borg do not).
 
-Ratios (> 1 means pyvbak is faster / smaller):
+With ``--reps N`` the whole sequence runs N times (fresh repositories, the rewrite undone
+so every round starts from the same image, tool order rotated so no tool always goes
+first); each round's ratios are computed within that round, and the median round ratio
+(with min/max) is reported.  ``--work-dir /dev/shm/...`` puts repositories and restores
+on tmpfs, taking this machine's throttled disk out of the comparison.
+
+Ratios (> 1 means pyvbak is faster; < 1 for sizes means pyvbak is smaller):
   full_speedup_vs_X    = X_full_s / pyvbak_full_s
   incr_speedup_vs_X    = X_incr_s / pyvbak_incr_s
   restore_speedup_vs_X = X_restore_s / pyvbak_restore_s
@@ -39,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -176,6 +183,56 @@ class Borg(Tool):
         return dt, os.path.join(outdir, os.path.abspath(image).lstrip("/"))
 
 
+def one_round(tools: list, image: str, work: str) -> dict:
+    """Full, rewrite, incremental, sizes, restore - each tool in turn at every step."""
+    res: dict = {t.name: {} for t in tools}
+    vmimage.page_cache(image)
+    for t in tools:
+        t.init()
+    for t in tools:
+        res[t.name]["full_s"] = t.backup(image, "full")
+        if t.name == "pyvbak":
+            res[t.name]["full_engine_s"] = t.last_engine_s
+    rw = vmimage.rewrite_clustered(image, keep_original=True)
+    res["_rewrite"] = rw
+    res["_rewrite_stats"] = {"pages": rw["pages"], "bytes": rw["bytes"], "runs": len(rw["runs"])}
+    vmimage.page_cache(image)
+    for t in tools:
+        res[t.name]["incr_s"] = t.backup(image, "incr")
+        if t.name == "pyvbak":
+            res[t.name]["incr_engine_s"] = t.last_engine_s
+    for t in tools:
+        size = du(t.repo)
+        res[t.name]["repo_bytes"] = size["allocated"]
+        res[t.name]["repo_apparent_bytes"] = size["apparent"]
+    for t in tools:
+        outdir = os.path.join(work, f"{t.name}-restore")
+        os.makedirs(outdir)
+        s0 = time.perf_counter()
+        dt, out = t.restore(image, outdir)
+        os.sync()
+        res[t.name]["restore_s"] = dt
+        res[t.name]["restore_durable_s"] = time.perf_counter() - s0
+        res[t.name]["restore_identical"] = same_file(out, image)
+        shutil.rmtree(outdir)
+    return res
+
+
+def round_ratios(res: dict) -> dict:
+    ratios = {}
+    p = res.get("pyvbak")
+    for peer in ("restic", "borg"):
+        q = res.get(peer)
+        if not p or not q:
+            continue
+        ratios[f"full_speedup_vs_{peer}"] = q["full_s"] / p["full_s"]
+        ratios[f"incr_speedup_vs_{peer}"] = q["incr_s"] / p["incr_s"]
+        ratios[f"restore_speedup_vs_{peer}"] = q["restore_s"] / p["restore_s"]
+        ratios[f"restore_durable_speedup_vs_{peer}"] = q["restore_durable_s"] / p["restore_durable_s"]
+        ratios[f"repo_size_ratio_vs_{peer}"] = p["repo_bytes"] / q["repo_bytes"]
+    return ratios
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=2048)
@@ -188,6 +245,7 @@ def main() -> int:
         default=WORK,
         help="where repositories and restores go (default bench/.data/peers); e.g. a tmpfs dir to take a throttled disk out of the comparison",
     )
+    ap.add_argument("--reps", type=int, default=1, help="rounds (fresh repositories, image reset, tool order rotated); medians reported")
     a = ap.parse_args()
     work = os.path.abspath(a.work_dir)
 
@@ -200,68 +258,56 @@ def main() -> int:
     tools = [classes[n](work, log) for n in a.tools.split(",")]
     skipped = [t.name for t in tools if not t.available()]
     tools = [t for t in tools if t.available()]
-    res: dict = {t.name: {"version": t.version()} for t in tools}
+    versions = {t.name: t.version() for t in tools}
+    rounds: list[dict] = []
     t0 = time.perf_counter()
     try:
         stamp = vmimage.ensure_image(image, a.size_mib, a.seed)
-        vmimage.page_cache(image)
-        for t in tools:
-            t.init()
-        for t in tools:
-            res[t.name]["full_s"] = t.backup(image, "full")
-            if t.name == "pyvbak":
-                res[t.name]["full_engine_s"] = t.last_engine_s
-        rw = vmimage.rewrite_clustered(image)
-        vmimage.page_cache(image)
-        for t in tools:
-            res[t.name]["incr_s"] = t.backup(image, "incr")
-            if t.name == "pyvbak":
-                res[t.name]["incr_engine_s"] = t.last_engine_s
-        for t in tools:
-            size = du(t.repo)
-            res[t.name]["repo_bytes"] = size["allocated"]
-            res[t.name]["repo_apparent_bytes"] = size["apparent"]
-        for t in tools:
-            outdir = os.path.join(work, f"{t.name}-restore")
-            os.makedirs(outdir)
-            s0 = time.perf_counter()
-            dt, out = t.restore(image, outdir)
-            os.sync()
-            res[t.name]["restore_s"] = dt
-            res[t.name]["restore_durable_s"] = time.perf_counter() - s0
-            res[t.name]["restore_identical"] = same_file(out, image)
-            shutil.rmtree(outdir)
+        for rnd in range(a.reps):
+            order = tools[rnd % len(tools) :] + tools[: rnd % len(tools)]
+            if rnd:
+                for name in os.listdir(work):
+                    shutil.rmtree(os.path.join(work, name))
+                del log[:]  # keep the commands of one round only
+            res = one_round(order, image, work)
+            res["_order"] = [t.name for t in order]
+            rounds.append(res)
+            vmimage.undo_rewrite(image, res.pop("_rewrite"))
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    # the image is left rewritten; its stamp makes the next run regenerate it
 
-    ratios = {}
-    p = res.get("pyvbak")
-    for peer in ("restic", "borg"):
-        q = res.get(peer)
-        if not p or not q:
-            continue
-        ratios[f"full_speedup_vs_{peer}"] = q["full_s"] / p["full_s"]
-        ratios[f"incr_speedup_vs_{peer}"] = q["incr_s"] / p["incr_s"]
-        ratios[f"restore_speedup_vs_{peer}"] = q["restore_s"] / p["restore_s"]
-        ratios[f"restore_durable_speedup_vs_{peer}"] = q["restore_durable_s"] / p["restore_durable_s"]
-        ratios[f"repo_size_ratio_vs_{peer}"] = p["repo_bytes"] / q["repo_bytes"]
+    per_round = [round_ratios(r) for r in rounds]
+    ratios = {k: statistics.median(pr[k] for pr in per_round) for k in per_round[0]}
+    spread = {k: [round(min(pr[k] for pr in per_round), 3), round(max(pr[k] for pr in per_round), 3)] for k in per_round[0]}
+    res = {}
+    for t in tools:
+        keys = [k for k in rounds[0][t.name] if isinstance(rounds[0][t.name][k], (int, float)) and not isinstance(rounds[0][t.name][k], bool)]
+        res[t.name] = {"version": versions[t.name], **{k: statistics.median(r[t.name][k] for r in rounds) for k in keys}}
+        res[t.name]["restore_identical"] = all(r[t.name]["restore_identical"] for r in rounds)
+    rw = rounds[0]["_rewrite_stats"]
     targets = {}
     for k, goal in TARGETS.items():
         if k in ratios:
             ok = ratios[k] <= goal if k.startswith("repo_size") else ratios[k] >= goal
-            targets[k] = {"target": (f"<= {goal}" if k.startswith("repo_size") else f">= {goal}"), "value": round(ratios[k], 2), "met": ok}
+            targets[k] = {"target": (f"<= {goal}" if k.startswith("repo_size") else f">= {goal}"), "value": round(ratios[k], 2), "range": spread[k], "met": ok}
     doc = {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "size_mib": a.size_mib,
         "work_dir": work,
         "image": {"path": os.path.relpath(image), **stamp},
-        "rewrite": {"pages": rw["pages"], "bytes": rw["bytes"], "runs": len(rw["runs"])},
+        "rewrite": rw,
+        "reps": a.reps,
         "tools": res,
         "skipped": skipped,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "ratio_range": spread,
+        "rounds": [
+            {"order": r["_order"], "ratios": {k: round(v, 3) for k, v in pr.items()},
+             **{t.name: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r[t.name].items()} for t in tools}}
+            for r, pr in zip(rounds, per_round)
+        ],
         "targets": targets,
         "commands": log,
         "total_s": round(time.perf_counter() - t0, 1),
@@ -275,7 +321,7 @@ def main() -> int:
                 f"(durable {r['restore_durable_s']:.2f}s)  repo {r['repo_bytes'] / 2**20:8.1f} MiB  identical={r['restore_identical']}"
             )
         for k, v in doc["targets"].items():
-            print(f"{k}: {v['value']} (target {v['target']}) {'met' if v['met'] else 'MISSED'}")
+            print(f"{k}: {v['value']} {v['range']} (target {v['target']}) {'met' if v['met'] else 'MISSED'}")
     return 0
 
 

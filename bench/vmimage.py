@@ -198,15 +198,19 @@ def clustered_pages(total_pages: int, fraction: float = 0.01, seed: int = 2, max
     return [(int(r[0]), int(len(r))) for r in np.split(idx, breaks)]
 
 
-def rewrite_clustered(path: str, fraction: float = 0.01, seed: int = 2, max_run: int = 64) -> dict:
+def rewrite_clustered(path: str, fraction: float = 0.01, seed: int = 2, max_run: int = 64, *, keep_original: bool = False) -> dict:
     """Overwrite ``fraction`` of the 4 KiB pages of ``path`` with random bytes, in
-    clustered runs (see clustered_pages).  Returns {pages, bytes, runs: [(page, n)...]}."""
+    clustered runs (see clustered_pages).  Returns {pages, bytes, runs: [(page, n)...]}
+    and, with ``keep_original``, the overwritten bytes for ``undo_rewrite``."""
     size = os.path.getsize(path)
     runs = clustered_pages(size // PAGE, fraction, seed, max_run)
     rng = np.random.default_rng([seed, 7])
-    fd = os.open(path, os.O_WRONLY)
+    original = []
+    fd = os.open(path, os.O_RDWR)
     try:
         for first, count in runs:
+            if keep_original:
+                original.append(os.pread(fd, count * PAGE, first * PAGE))
             os.pwrite(fd, rng.bytes(count * PAGE), first * PAGE)
         os.fsync(fd)
     finally:
@@ -215,7 +219,21 @@ def rewrite_clustered(path: str, fraction: float = 0.01, seed: int = 2, max_run:
     doc = _read_stamp(path) or {}
     doc["rewritten"] = {"fraction": fraction, "seed": seed, "max_run": max_run, "pages": pages}
     _write_stamp(path, doc)
-    return {"pages": pages, "bytes": pages * PAGE, "runs": runs}
+    return {"pages": pages, "bytes": pages * PAGE, "runs": runs, "original": original if keep_original else None}
+
+
+def undo_rewrite(path: str, rewrite: dict) -> None:
+    """Put back the pages a ``rewrite_clustered(..., keep_original=True)`` overwrote."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for (first, _), data in zip(rewrite["runs"], rewrite["original"], strict=True):
+            os.pwrite(fd, data, first * PAGE)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    doc = _read_stamp(path) or {}
+    doc["rewritten"] = None
+    _write_stamp(path, doc)
 
 
 def page_cache(path: str) -> None:

@@ -171,6 +171,15 @@ class Backend(abc.ABC):
         the object's size.
         """
 
+    def read_range_into(self, name: str, offset: int, buf) -> None:
+        """Fill the writable buffer ``buf`` with exactly ``len(buf)`` bytes of the object
+        from ``offset``; same errors as ``read_range``.  Lets hot loops (restore, verify)
+        reuse one buffer instead of allocating fresh memory per read, which costs ~0.8 s
+        per GiB in page faults on this project's VMs.  Backends override it to read
+        straight into ``buf``; this default copies."""
+        view = memoryview(buf).cast("B")
+        view[:] = self.read_range(name, offset, len(view))
+
     @abc.abstractmethod
     def write_new(self, name: str, data: Data) -> bool:
         """Create the object if it does not exist; return True if this call created it.

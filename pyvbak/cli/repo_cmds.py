@@ -6,13 +6,14 @@ from typing import Optional
 
 import typer
 
+from ..repo.repository import DEFAULT_COMPRESSION
 from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository
 
 
 def init(
     repo: str = typer.Argument(..., help="Directory for the new repository (must be empty or absent)."),
     block_size: str = typer.Option("64K", "--block-size", help="Block size, a power of two from 64K to 16M."),
-    compression: str = typer.Option("zstd:3", "--compression", help="zstd:LEVEL (-7..22)."),
+    compression: str = typer.Option(DEFAULT_COMPRESSION, "--compression", help="zstd:LEVEL (-7..22)."),
     json_out: bool = JsonOption,
 ) -> None:
     """Create a repository."""

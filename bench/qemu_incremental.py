@@ -19,10 +19,25 @@ the minimal work any tool must do for the same changed blocks.
    copy (page cache), SHA-256 and zstd-3 each, all cores (thread pool, one compressor per
    thread, contiguous runs read in one pread of at most 4 MiB, as the engine reads).
    ``ratio = incremental_s / baseline_read_compress_s`` (target <= 2.0).
+   Second baseline, same round: the same blocks read from where any backup tool must
+   read them, the running QEMU.  Through the control QMP socket: ``nbd-server-start`` on
+   a unix socket in the run dir, ``block-export-add`` of ``disk0`` read-only; a minimal
+   NBD client in this file (fixed newstyle, NBD_OPT_GO, NBD_CMD_READ, simple replies;
+   not pyvbak's) reads the same runs (<= 4 MiB per request) from ``--nbd-readers``
+   threads, each on its own connection (so that many requests in flight), and hands
+   each run to the same 2-thread SHA-256 + zstd-3 pool as the first baseline; then the
+   export is deleted and the server stopped (in ``finally``).  The writable FUSE export
+   (our stand-in guest) is removed for the baseline and re-added after it: in QEMU 7.2 it
+   takes the RESIZE permission an NBD export unshares (a real guest device does not).  Server start, export add
+   and the NBD handshakes are outside the clock and reported apart (``qemu_nbd_setup_s``).
+   ``ratio_vs_qemu_read = incremental_s / baseline_qemu_nbd_s``.  The export only reads,
+   so it does not touch the dirty bitmap; odd rounds run both baselines before pyvbak,
+   even rounds after (pyvbak's own NBD server must be gone first: one per QEMU).
 6. A last, separate round runs the same backup in-process with timers wrapped around the
    phases (QMP session set-up / teardown, NBD connect, block-status queries, index
    loading, the read/hash/compress pipeline, pack + index + snapshot writes) and
-   measures interpreter + CLI import start-up apart.
+   measures interpreter + CLI import start-up apart; ``in_process_ratio`` (vs the
+   page-cache baseline) and ``in_process_ratio_vs_qemu_read``.
 
 The daemon is stopped by its pid and the FUSE mount removed in ``finally`` (and on
 SIGTERM/SIGINT); repositories and work dirs are deleted at the end.
@@ -35,13 +50,16 @@ import hashlib
 import json
 import os
 import platform
+import queue
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -164,6 +182,33 @@ class BenchVM:
         if self.mounted():
             subprocess.run(["fusermount3", "-u", self.guest], check=False)
 
+    def wait_export_gone(self, q: "Qmp", exp_id: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while any(e.get("id") == exp_id for e in q.cmd("query-block-exports")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"export {exp_id} still present after {timeout} s")
+            time.sleep(0.005)
+
+    def detach_guest(self, q: "Qmp") -> None:
+        """Remove the writable FUSE export (unmounts guest.img).  QEMU 7.2's writable FUSE
+        export takes the RESIZE permission and an NBD export unshares it, so the two cannot
+        coexist on disk0; a real guest device (virtio-blk) does not take RESIZE, and a
+        read-only NBD export of its node is allowed.  The guest is idle here anyway."""
+        q.cmd("block-export-del", id="guest")
+        self.wait_export_gone(q, "guest")
+        deadline = time.monotonic() + 10
+        while self.mounted() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def attach_guest(self, q: "Qmp") -> None:
+        q.cmd("block-export-add", type="fuse", id="guest", **{"node-name": "disk0"},
+              mountpoint=self.guest, writable=True)
+        deadline = time.monotonic() + 10
+        while not self.mounted():
+            if time.monotonic() > deadline:
+                raise RuntimeError("FUSE guest export did not come back")
+            time.sleep(0.005)
+
     def bitmaps(self) -> list[str]:
         q = Qmp(self.ctl_path)
         try:
@@ -216,27 +261,37 @@ def block_runs(blocks: np.ndarray, max_blocks: int):
     return out
 
 
-def baseline(path: str, blocks: np.ndarray, threads: int) -> tuple[float, int, int]:
+class HashCompress:
+    """SHA-256 + zstd-3 of every 64 KiB block of a run, one compressor per thread; the
+    digests are kept (block index -> digest) so the two baselines can be compared."""
+
+    def __init__(self):
+        self.cctxs: dict[int, zstandard.ZstdCompressor] = {}
+        self.digests: dict[int, bytes] = {}
+
+    def __call__(self, first_block: int, data) -> tuple[int, int]:
+        c = self.cctxs.get(threading.get_ident())
+        if c is None:
+            c = self.cctxs[threading.get_ident()] = zstandard.ZstdCompressor(level=3, write_checksum=True)
+        mv = memoryview(data)
+        out = 0
+        for n, i in enumerate(range(0, len(data), BLOCK)):
+            blk = mv[i : i + BLOCK]
+            self.digests[first_block + n] = hashlib.sha256(blk).digest()
+            out += len(c.compress(blk))
+        return len(data), out
+
+
+def baseline(path: str, blocks: np.ndarray, threads: int) -> tuple[float, int, int, dict]:
     """Read exactly ``blocks`` (64 KiB each) from ``path``, SHA-256 + zstd-3 each block,
-    ``threads`` workers.  Returns (seconds, bytes read, compressed bytes)."""
+    ``threads`` workers.  Returns (seconds, bytes read, compressed bytes, digests)."""
     jobs = block_runs(blocks, CHUNK // BLOCK)
     fd = os.open(path, os.O_RDONLY)
-    cctxs: dict[int, zstandard.ZstdCompressor] = {}
-    import threading
+    hc = HashCompress()
 
     def work(job):
         a, b = job
-        c = cctxs.get(threading.get_ident())
-        if c is None:
-            c = cctxs[threading.get_ident()] = zstandard.ZstdCompressor(level=3, write_checksum=True)
-        data = os.pread(fd, (b - a) * BLOCK, a * BLOCK)
-        mv = memoryview(data)
-        out = 0
-        for i in range(0, len(data), BLOCK):
-            blk = mv[i : i + BLOCK]
-            hashlib.sha256(blk).digest()
-            out += len(c.compress(blk))
-        return len(data), out
+        return hc(a, os.pread(fd, (b - a) * BLOCK, a * BLOCK))
 
     try:
         with ThreadPoolExecutor(threads) as pool:
@@ -246,7 +301,156 @@ def baseline(path: str, blocks: np.ndarray, threads: int) -> tuple[float, int, i
             dt = time.perf_counter() - t0
     finally:
         os.close(fd)
-    return dt, sum(r[0] for r in res), sum(r[1] for r in res)
+    return dt, sum(r[0] for r in res), sum(r[1] for r in res), hc.digests
+
+
+# --------------------------------------------------------------------------------------
+# second baseline: the same blocks read from the running QEMU over NBD
+# --------------------------------------------------------------------------------------
+
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_OPT_GO = 7
+NBD_REP_ACK, NBD_REP_INFO = 1, 3
+NBD_CMD_READ, NBD_CMD_DISC = 0, 2
+
+
+class MiniNbd:
+    """Just enough of an NBD client for the baseline, independent of pyvbak: fixed
+    newstyle handshake, NBD_OPT_GO, one NBD_CMD_READ at a time, simple replies (no
+    structured replies are negotiated, so the server must answer with simple ones)."""
+
+    def __init__(self, path: str, name: str):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(30)
+        self.sock.connect(path)
+        self.handle = 0
+        self.size = None
+        magic, opt, flags = struct.unpack(">QQH", self._recv(18))
+        if magic != NBDMAGIC or opt != IHAVEOPT or not flags & 1:
+            raise RuntimeError("NBD server does not speak fixed newstyle")
+        self.sock.sendall(struct.pack(">I", 1 | (flags & 2)))  # FIXED_NEWSTYLE [| NO_ZEROES]
+        nm = name.encode()
+        payload = struct.pack(">I", len(nm)) + nm + struct.pack(">H", 0)
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, len(payload)) + payload)
+        while True:
+            magic, opt, rtype, ln = struct.unpack(">QIII", self._recv(20))
+            data = self._recv(ln) if ln else b""
+            if magic != OPT_REPLY_MAGIC or opt != NBD_OPT_GO:
+                raise RuntimeError("bad NBD option reply")
+            if rtype == NBD_REP_ACK:
+                break
+            if rtype & 0x80000000:
+                raise RuntimeError(f"NBD_OPT_GO refused ({rtype:#x}): {data!r}")
+            if rtype == NBD_REP_INFO and len(data) >= 10 and struct.unpack(">H", data[:2])[0] == 0:
+                self.size = struct.unpack(">Q", data[2:10])[0]
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _recv_into(self, view: memoryview) -> None:
+        while len(view):
+            k = self.sock.recv_into(view)
+            if not k:
+                raise RuntimeError("NBD server closed the connection")
+            view = view[k:]
+
+    def read(self, offset: int, length: int) -> bytearray:
+        self.handle += 1
+        self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, NBD_CMD_READ, self.handle, offset, length))
+        magic, err, handle = struct.unpack(">IIQ", self._recv(16))
+        if magic != SIMPLE_REPLY_MAGIC or handle != self.handle:
+            raise RuntimeError(f"unexpected NBD reply (magic {magic:#x}, handle {handle})")
+        if err:
+            raise RuntimeError(f"NBD read at {offset} failed: errno {err}")
+        buf = bytearray(length)
+        self._recv_into(memoryview(buf))
+        return buf
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, NBD_CMD_DISC, 0, 0, 0))
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def baseline_qemu_nbd(vm: "BenchVM", blocks: np.ndarray, threads: int, readers: int) -> dict:
+    """Export ``disk0`` read-only over NBD from the running daemon (control QMP), read
+    exactly ``blocks`` through it from ``readers`` connections, SHA-256 + zstd-3 on
+    ``threads`` workers; always remove the export and stop the server."""
+    sock = os.path.join(vm.dir, "baseline-nbd.sock")
+    exp_id = name = "bench-baseline"
+    jobs = block_runs(blocks, CHUNK // BLOCK)
+    q = Qmp(vm.ctl_path)
+    conns: list[MiniNbd] = []
+    started = added = detached = False
+    try:
+        vm.detach_guest(q)  # outside the clock; see BenchVM.detach_guest
+        detached = True
+        t0 = time.perf_counter()
+        q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        started = True
+        q.cmd("block-export-add", type="nbd", id=exp_id, **{"node-name": "disk0"}, name=name, writable=False)
+        added = True
+        conns = [MiniNbd(sock, name) for _ in range(readers)]
+        setup = time.perf_counter() - t0
+        free: "queue.Queue[MiniNbd]" = queue.Queue()
+        for c in conns:
+            free.put(c)
+        hc = HashCompress()
+
+        with ThreadPoolExecutor(readers) as rpool, ThreadPoolExecutor(threads) as cpool:
+            def read_then_hand_off(job):
+                a, b = job
+                c = free.get()
+                try:
+                    data = c.read(a * BLOCK, (b - a) * BLOCK)
+                finally:
+                    free.put(c)
+                return cpool.submit(hc, a, data)
+
+            for p in (rpool, cpool):  # threads exist before the clock starts
+                list(p.map(lambda _: None, range(p._max_workers)))
+            t0 = time.perf_counter()
+            res = [f.result() for f in list(rpool.map(read_then_hand_off, jobs))]
+            dt = time.perf_counter() - t0
+
+            # for the reading only: the same reads again, without hashing/compression
+            t1 = time.perf_counter()
+            def read_only(job):
+                a, b = job
+                c = free.get()
+                try:
+                    return len(c.read(a * BLOCK, (b - a) * BLOCK))
+                finally:
+                    free.put(c)
+            nread = sum(rpool.map(read_only, jobs))
+            dt_read = time.perf_counter() - t1
+        return {"s": dt, "read_only_s": dt_read, "setup_s": setup, "bytes_read": sum(r[0] for r in res),
+                "compressed_bytes": sum(r[1] for r in res), "read_only_bytes": nread,
+                "requests": len(jobs), "digests": hc.digests, "export_size": conns[0].size}
+    finally:
+        for c in conns:
+            c.close()
+        try:
+            if added:
+                q.cmd("block-export-del", id=exp_id)
+            if started:
+                q.cmd("nbd-server-stop")  # closes every NBD export and waits for them
+            if added:
+                vm.wait_export_gone(q, exp_id)
+            if detached:
+                vm.attach_guest(q)
+        finally:
+            q.close()
+            if os.path.exists(sock):
+                os.unlink(sock)
 
 
 def warm(path: str) -> None:
@@ -382,6 +586,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rewrite + incremental + baseline rounds (median reported)")
     ap.add_argument("--no-profile", action="store_true", help="skip the in-process per-phase round")
     ap.add_argument("--cprofile", metavar="FILE", help="also dump a cProfile of the in-process round to FILE")
+    ap.add_argument("--nbd-readers", type=int, default=4,
+                    help="connections (= requests in flight) of the QEMU NBD baseline's reader")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -435,16 +641,34 @@ def main() -> int:
         for r in range(a.rounds):
             rw = rewrite([vm.guest, rawcopy], size, 100 + r)
             warm(rawcopy)  # the baseline reads from the page cache
+
+            def baselines():
+                b = baseline(rawcopy, rw["blocks"], threads)
+                qn = baseline_qemu_nbd(vm, rw["blocks"], threads, a.nbd_readers)
+                return b, qn
+
+            baseline_first = r % 2 == 1  # the NBD baseline only reads: the bitmap is untouched
+            if baseline_first:
+                (base_s, base_read, base_comp, dig), qn = baselines()
             inc_s, inc, _ = run_pyvbak(["backup", vm.uri, "--repo", repo, "--vm", "bench", "--json"], env)
             if inc.get("cbt") is not True:
                 raise RuntimeError(f"incremental backup did not use the dirty bitmap: {inc.get('fallback_reason')}")
+            if not baseline_first:
+                (base_s, base_read, base_comp, dig), qn = baselines()
             exp_bytes = len(rw["blocks"]) * BLOCK
-            base_s, base_read, base_comp = baseline(rawcopy, rw["blocks"], threads)
             rounds.append({
+                "order": "baselines first" if baseline_first else "pyvbak first",
                 "incremental_s": round(inc_s, 4),
                 "incremental_engine_duration_s": round(inc["duration"], 4),
                 "baseline_read_compress_s": round(base_s, 4),
                 "ratio": round(inc_s / base_s, 2),
+                "baseline_qemu_nbd_s": round(qn["s"], 4),
+                "ratio_vs_qemu_read": round(inc_s / qn["s"], 2),
+                "qemu_nbd_read_only_s": round(qn["read_only_s"], 4),
+                "qemu_nbd_setup_s": round(qn["setup_s"], 4),
+                "qemu_nbd_requests": qn["requests"],
+                "qemu_nbd_bytes_read": qn["bytes_read"],
+                "qemu_nbd_matches_raw_copy": qn["digests"] == dig and qn["bytes_read"] == base_read,
                 "rewritten_pages": rw["pages"], "rewrite_runs": rw["runs"],
                 "changed_blocks_expected": int(len(rw["blocks"])),
                 "bytes_read": inc["bytes_read"], "changed_bytes": inc["changed_bytes"],
@@ -452,27 +676,42 @@ def main() -> int:
                 "baseline_compressed_bytes": base_comp,
                 "bitmap_exact": inc["changed_bytes"] == exp_bytes,
             })
-            log(f"round {r}: incremental {inc_s:.3f}s (engine {inc['duration']:.3f}s), "
-                f"baseline {base_s:.4f}s, ratio {inc_s / base_s:.1f}; read {inc['bytes_read']} "
-                f"changed {inc['changed_bytes']} (expected {exp_bytes})")
+            log(f"round {r} ({rounds[-1]['order']}): incremental {inc_s:.3f}s (engine {inc['duration']:.3f}s), "
+                f"baseline {base_s:.4f}s, ratio {inc_s / base_s:.1f}; qemu nbd baseline {qn['s']:.4f}s "
+                f"(read only {qn['read_only_s']:.4f}s), ratio {inc_s / qn['s']:.1f}; read {inc['bytes_read']} "
+                f"changed {inc['changed_bytes']} (expected {exp_bytes}); same bytes {rounds[-1]['qemu_nbd_matches_raw_copy']}")
         out["rounds"] = rounds
         med = lambda k: statistics.median(x[k] for x in rounds)  # noqa: E731
         out["incremental_s"] = med("incremental_s")
         out["baseline_read_compress_s"] = med("baseline_read_compress_s")
         out["ratio"] = round(statistics.median(x["ratio"] for x in rounds), 2)
+        out["baseline_qemu_nbd_s"] = med("baseline_qemu_nbd_s")
+        out["qemu_nbd_read_only_s"] = med("qemu_nbd_read_only_s")
+        out["ratio_vs_qemu_read"] = round(statistics.median(x["ratio_vs_qemu_read"] for x in rounds), 2)
+        out["qemu_nbd_reader"] = f"own minimal NBD client (bench), {a.nbd_readers} connections, simple replies"
         out["target_ratio"] = 2.0
         out["meets_target"] = out["ratio"] <= 2.0
+        out["meets_target_vs_qemu_read"] = out["ratio_vs_qemu_read"] <= 2.0
         out["startup_share_of_incremental"] = round(out["startup"]["pyvbak_help_s"] / out["incremental_s"], 2)
 
         if not a.no_profile:
             rw = rewrite([vm.guest, rawcopy], size, 100 + a.rounds)
             warm(rawcopy)
             prof = profiled_backup(repo, vm.uri, work, a.cprofile)
-            base_s, _, _ = baseline(rawcopy, rw["blocks"], threads)
+            base_s, _, _, dig = baseline(rawcopy, rw["blocks"], threads)
+            qn = baseline_qemu_nbd(vm, rw["blocks"], threads, a.nbd_readers)
             prof["baseline_read_compress_s"] = round(base_s, 4)
+            prof["baseline_qemu_nbd_s"] = round(qn["s"], 4)
+            prof["qemu_nbd_matches_raw_copy"] = qn["digests"] == dig
             prof["in_process_ratio"] = round(prof["main_s"] / base_s, 2)
+            prof["in_process_ratio_vs_qemu_read"] = round(prof["main_s"] / qn["s"], 2)
+            rb = prof["phases"].get("run_backup (total)", {}).get("s")
+            if rb:
+                prof["run_backup_ratio"] = round(rb / base_s, 2)
+                prof["run_backup_ratio_vs_qemu_read"] = round(rb / qn["s"], 2)
             out["profile"] = prof
-            log(f"profile: in-process {prof['main_s']:.3f}s, baseline {base_s:.4f}s")
+            log(f"profile: in-process {prof['main_s']:.3f}s (run_backup {rb}s), baseline {base_s:.4f}s, "
+                f"qemu nbd baseline {qn['s']:.4f}s")
         out["bitmaps_after"] = vm.bitmaps()
     finally:
         vm.stop()
@@ -487,7 +726,8 @@ def main() -> int:
         print(json.dumps(out, indent=2))
     else:
         print(f"incremental {out['incremental_s']:.3f}s  baseline {out['baseline_read_compress_s']:.4f}s  "
-              f"ratio {out['ratio']} (target <= 2.0)")
+              f"ratio {out['ratio']} (target <= 2.0)  qemu nbd baseline {out['baseline_qemu_nbd_s']:.4f}s  "
+              f"ratio_vs_qemu_read {out['ratio_vs_qemu_read']}")
     return 0
 
 

@@ -613,7 +613,10 @@ def main() -> int:
     work = os.path.join(run, "work")
     vmdir = os.path.join(run, "vm")
     os.makedirs(vmdir)
-    env = dict(os.environ, PYVBAK_WORK_DIR=work)
+    # the checkout this bench lives in, not whatever an editable install points at
+    root = os.path.abspath(os.path.join(HERE, ".."))
+    env = dict(os.environ, PYVBAK_WORK_DIR=work,
+               PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     vm = BenchVM(vmdir, qcow)
 
     def on_signal(signum, frame):

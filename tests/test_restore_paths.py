@@ -1,0 +1,326 @@
+"""Restore's write paths: O_DIRECT for full blocks (staged runs), the buffered fallback when
+O_DIRECT is refused, sparse holes, atomic replacement with --force, and the reused read
+buffers (``Backend.read_range_into``) shared with verify."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+import pytest
+
+from test_blockdev import loopdev  # noqa: F401  (fixture)
+from images import BS, KiB, MiB, allocated_bytes, backup_file, make_image, random_bytes, restore_to, same_file, vm_image
+from pyvbak.errors import IntegrityError, OutOfSpace
+from pyvbak.repo import restore as restore_mod
+from pyvbak.repo.repository import Repository
+from pyvbak.repo.restore import TEMP_MARK
+from pyvbak.repo.verify import verify_repository
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return Repository.init(str(tmp_path / "repo"))
+
+
+def direct_io_works(directory) -> bool:
+    """Whether this filesystem takes an aligned O_DIRECT write (ext4, xfs: yes)."""
+    probe = os.path.join(os.fspath(directory), ".direct-probe")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        dfd = os.open(probe, os.O_WRONLY | os.O_DIRECT)
+        try:
+            import mmap
+
+            os.pwrite(dfd, mmap.mmap(-1, BS), 0)
+            return True
+        finally:
+            os.close(dfd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+@pytest.fixture
+def direct_dir(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    if not direct_io_works(out):
+        pytest.skip(f"{out} does not take O_DIRECT writes; the direct path cannot be observed here")
+    return out
+
+
+def no_temps(directory) -> bool:
+    return not [n for n in os.listdir(directory) if TEMP_MARK in n]
+
+
+def dedup_image(path, size: int) -> str:
+    """Runs longer than one staged O_DIRECT write, gaps (holes and written zeros between
+    runs), a block repeated at several places, and text."""
+    same = random_bytes(BS, 99)
+    return make_image(
+        path,
+        size,
+        [
+            (0, 6 * MiB + 3 * BS, "random"),  # one run longer than DIRECT_WRITE_BYTES
+            (7 * MiB, 2 * BS, "zero"),
+            (7 * MiB + 5 * BS, BS, same),
+            (8 * MiB, 1 * MiB, "text"),
+            (9 * MiB + 2 * BS, BS, same),  # the same block again, elsewhere
+            (10 * MiB, BS, same),
+            (size - 3 * BS - 777, 3 * BS + 777, "random"),  # ends in the partial last block, if any
+        ],
+        seed=5,
+    )
+
+
+@pytest.mark.parametrize("size", [12 * MiB, 12 * MiB + 12345, 12 * MiB - BS + 1])
+def test_direct_restore_identical_block_multiple_or_not(repo, tmp_path, direct_dir, size):
+    img = dedup_image(tmp_path / "disk.img", size)
+    sid = backup_file(repo, img).snapshot_id
+    out = direct_dir / "restored.img"
+    report = restore_to(repo, sid, out)
+    assert report["write_mode"] == "direct"
+    assert os.path.getsize(out) == size
+    assert same_file(out, img)
+    assert no_temps(direct_dir)
+
+
+def test_direct_restore_small_staging_buffer(repo, tmp_path, direct_dir, monkeypatch):
+    """Every run split at the staging limit (one block per write) still lands right."""
+    monkeypatch.setattr(restore_mod, "DIRECT_WRITE_BYTES", BS)
+    img = dedup_image(tmp_path / "disk.img", 12 * MiB + 4321)
+    sid = backup_file(repo, img).snapshot_id
+    out = direct_dir / "restored.img"
+    assert restore_to(repo, sid, out)["write_mode"] == "direct"
+    assert same_file(out, img)
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_zero_blocks_stay_holes(repo, tmp_path, direct_dir, monkeypatch, direct):
+    monkeypatch.setenv(restore_mod.DIRECT_ENV, direct)
+    size = 64 * MiB + 1000
+    img = make_image(
+        tmp_path / "sparse.img",
+        size,
+        [(0, BS, "random"), (20 * MiB, 2 * MiB, "zero"), (33 * MiB, 3 * BS, "text"), (size - 1000, 1000, "random")],
+        seed=3,
+    )
+    sid = backup_file(repo, img).snapshot_id
+    out = direct_dir / "restored.img"
+    report = restore_to(repo, sid, out)
+    assert report["write_mode"] == ("direct" if direct == "1" else "buffered")
+    assert same_file(out, img)
+    # 5 data blocks (+ filesystem slack); the 2 MiB of written zeros and the rest are holes
+    assert allocated_bytes(out) <= 5 * BS + 256 * KiB, allocated_bytes(out)
+
+
+def test_buffered_when_env_says_so(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv(restore_mod.DIRECT_ENV, "0")
+    img = vm_image(tmp_path / "disk.img", 4 * MiB + 100, seed=2)
+    sid = backup_file(repo, img).snapshot_id
+    report = restore_to(repo, sid, tmp_path / "restored.img")
+    assert report["write_mode"] == "buffered"
+    assert same_file(tmp_path / "restored.img", img)
+
+
+def refuse_direct_open(monkeypatch):
+    real_open = os.open
+
+    def fake_open(path, flags, *a, **kw):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(restore_mod.os, "open", fake_open)
+
+
+def direct_fds(monkeypatch) -> set[int]:
+    """Record the descriptors restore opens with O_DIRECT."""
+    real_open = os.open
+    fds: set[int] = set()
+
+    def spy_open(path, flags, *a, **kw):
+        fd = real_open(path, flags, *a, **kw)
+        if flags & os.O_DIRECT:
+            fds.add(fd)
+        return fd
+
+    monkeypatch.setattr(restore_mod.os, "open", spy_open)
+    return fds
+
+
+def test_fallback_when_direct_open_fails(repo, tmp_path, monkeypatch):
+    refuse_direct_open(monkeypatch)
+    img = dedup_image(tmp_path / "disk.img", 12 * MiB + 12345)
+    sid = backup_file(repo, img).snapshot_id
+    out = tmp_path / "restored.img"
+    report = restore_to(repo, sid, out)
+    assert report["write_mode"] == "buffered"
+    assert same_file(out, img)
+    assert no_temps(tmp_path)
+
+
+def test_fallback_when_direct_write_fails(repo, tmp_path, direct_dir, monkeypatch):
+    """open(O_DIRECT) accepted but the writes refused (EINVAL): buffered, still identical."""
+    fds = direct_fds(monkeypatch)
+    real_pwrite = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, offset):
+        if fd in fds:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(restore_mod.os, "pwrite", pwrite)
+    img = dedup_image(tmp_path / "disk.img", 12 * MiB + 12345)
+    sid = backup_file(repo, img).snapshot_id
+    out = direct_dir / "restored.img"
+    report = restore_to(repo, sid, out)
+    assert refused and report["write_mode"] == "buffered"
+    assert same_file(out, img)
+    assert no_temps(direct_dir)
+
+
+def test_short_direct_write_finished_buffered(repo, tmp_path, direct_dir, monkeypatch):
+    fds = direct_fds(monkeypatch)
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fd in fds and len(data) > 4 * KiB:
+            return real_pwrite(fd, memoryview(data)[: 4 * KiB], offset)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(restore_mod.os, "pwrite", pwrite)
+    img = dedup_image(tmp_path / "disk.img", 12 * MiB + 12345)
+    sid = backup_file(repo, img).snapshot_id
+    out = direct_dir / "restored.img"
+    assert restore_to(repo, sid, out)["write_mode"] == "direct"
+    assert same_file(out, img)
+
+
+def test_out_of_space_on_direct_write_leaves_no_temp(repo, tmp_path, direct_dir, monkeypatch):
+    fds = direct_fds(monkeypatch)
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if fd in fds:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(restore_mod.os, "pwrite", pwrite)
+    img = vm_image(tmp_path / "disk.img", 4 * MiB, seed=4)
+    sid = backup_file(repo, img).snapshot_id
+    with pytest.raises(OutOfSpace, match="no space left"):
+        restore_to(repo, sid, direct_dir / "restored.img")
+    assert os.listdir(direct_dir) == []
+
+
+def test_force_replaces_existing_file_atomically(repo, tmp_path, direct_dir):
+    img = dedup_image(tmp_path / "disk.img", 12 * MiB + 12345)
+    sid = backup_file(repo, img).snapshot_id
+    out = direct_dir / "restored.img"
+    old = make_image(out, 20 * MiB, [(0, 20 * MiB, "random")], seed=8)  # bigger than the snapshot
+    old_copy = shutil.copyfile(old, tmp_path / "old-copy.img")
+    old_ino = os.stat(out).st_ino
+
+    # a corrupt block: the restore fails, the existing file is untouched, no temp is left
+    packs = [n for n in repo.backend.list("packs/")]
+    victim = os.path.join(repo.location, packs[0])
+    original = open(victim, "rb").read()
+    os.chmod(victim, 0o644)
+    with open(victim, "r+b") as f:
+        f.seek(100)
+        f.write(bytes(b ^ 0xFF for b in original[100:140]))
+    with pytest.raises(IntegrityError):
+        restore_to(repo, sid, out, force=True)
+    assert same_file(out, old_copy) and os.stat(out).st_ino == old_ino
+    assert no_temps(direct_dir)
+
+    # repaired: the restore replaces the file by rename (a new inode), complete
+    with open(victim, "r+b") as f:
+        f.write(original)
+    report = restore_to(repo, sid, out, force=True)
+    assert report["write_mode"] == "direct"
+    assert same_file(out, img)
+    assert os.stat(out).st_ino != old_ino
+    assert no_temps(direct_dir)
+
+
+class CountingBackend:
+    """Wraps a backend; counts the reader's read_range and read_range_into calls."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = {"read_range": 0, "read_range_into": 0}
+        self.buffers: set[int] = set()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def read_range(self, name, offset, length):
+        self.calls["read_range"] += 1
+        return self.inner.read_range(name, offset, length)
+
+    def read_range_into(self, name, offset, buf):
+        self.calls["read_range_into"] += 1
+        self.buffers.add(id(buf.obj) if isinstance(buf, memoryview) else id(buf))
+        view = memoryview(buf).cast("B")
+        view[:] = self.inner.read_range(name, offset, len(view))
+
+
+def test_restore_and_verify_read_into_reused_buffers(repo, tmp_path, monkeypatch):
+    monkeypatch.setattr("pyvbak.repo.reader.RANGE_BYTES", 256 * KiB)  # many ranges per pack
+    img = vm_image(tmp_path / "disk.img", 8 * MiB, seed=6)
+    sid = backup_file(repo, img).snapshot_id
+    counting = CountingBackend(repo.backend)
+    monkeypatch.setattr(repo, "backend", counting)
+    restore_to(repo, sid, tmp_path / "restored.img")
+    assert same_file(tmp_path / "restored.img", img)
+    assert counting.calls["read_range"] == 0 and counting.calls["read_range_into"] > 4
+    assert len(counting.buffers) <= 2  # one per worker thread, reused for every range
+
+    counting.calls = {"read_range": 0, "read_range_into": 0}
+    report = verify_repository(repo, threads=2)
+    assert report["ok"] and report["blocks_checked"] > 0
+    assert counting.calls["read_range_into"] > 4
+
+
+def test_verify_still_finds_corruption(repo, tmp_path):
+    img = vm_image(tmp_path / "disk.img", 4 * MiB, seed=7)
+    backup_file(repo, img)
+    pack = next(iter(repo.backend.list("packs/")))
+    path = os.path.join(repo.location, pack)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(200)
+        b = f.read(1)
+        f.seek(200)
+        f.write(bytes([b[0] ^ 1]))
+    report = verify_repository(repo, threads=2)
+    assert not report["ok"] and report["problem_count"] >= 1
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_block_device_in_place_zero_runs_and_partial_tail(repo, tmp_path, loopdev, monkeypatch, direct):  # noqa: F811
+    """Onto a bigger device full of garbage: data blocks (O_DIRECT when direct=1), zero
+    runs written as zeros, the partial last block through the page cache, the rest of the
+    device untouched."""
+    monkeypatch.setenv(restore_mod.DIRECT_ENV, direct)
+    size = 12 * MiB + 12345
+    img = dedup_image(tmp_path / "disk.img", size)
+    sid = backup_file(repo, img).snapshot_id
+    dev_img = tmp_path / "dev.img"
+    garbage = random_bytes(16 * MiB, 77)
+    dev_img.write_bytes(garbage)
+    dev = loopdev(dev_img)
+    report = restore_to(repo, sid, dev, force=True)
+    assert report["write_mode"] == ("direct" if direct == "1" else "buffered")
+    with open(dev, "rb") as f:
+        got = f.read()
+    assert got[:size] == open(img, "rb").read()
+    assert got[size:] == garbage[size:]

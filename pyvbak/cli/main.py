@@ -7,8 +7,13 @@ cleans up (snapshots, exports, locks, temp files) before the process exits.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+
+# numpy's OpenBLAS worker threads spin-wait and took ~3 % of the CPU of a restore
+# (perf, bench/restore_paths.py); pyvbak does no linear algebra.  Must precede numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import typer
 

@@ -10,7 +10,7 @@ from .common import JsonOption, RepoOption, emit_json, human_bytes, open_reposit
 
 
 def restore(
-    snapshot: str = typer.Argument(..., help="Snapshot id (or unique prefix), or VM[/DISK]@latest."),
+    snapshot: str = typer.Argument(..., help="Snapshot id (or unique prefix), or VM@latest, or VM/DISK@latest."),
     output: str = typer.Argument(..., help="File or block device to restore to."),
     repo: Optional[str] = RepoOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),

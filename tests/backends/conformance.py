@@ -153,6 +153,56 @@ def test_read_range_empty_object(backend):
         backend.read_range("obj", 0, 1)
 
 
+def test_read_range_into_fills_exactly(backend):
+    data = _pattern(300000, 4)
+    backend.write_new("data/ab/obj", [data[:1000], data[1000:]])
+    buf = bytearray(b"\xee" * 4321)
+    assert backend.read_range_into("data/ab/obj", 1234, buf) is None
+    assert bytes(buf) == data[1234:5555]
+    # a slice of a larger buffer: only the slice is written
+    big = bytearray(b"\xee" * 10000)
+    backend.read_range_into("data/ab/obj", 0, memoryview(big)[100:3001])
+    assert bytes(big[100:3001]) == data[: 3001 - 100]
+    assert big[:100] == b"\xee" * 100 and big[3001:] == b"\xee" * (10000 - 3001)
+    # the whole object, up to its last byte, into a buffer of another item size
+    whole = array.array("I", bytes(len(data)))
+    backend.read_range_into("data/ab/obj", 0, whole)
+    assert whole.tobytes() == data
+    last = bytearray(1)
+    backend.read_range_into("data/ab/obj", len(data) - 1, last)
+    assert bytes(last) == data[-1:]
+    # empty buffers read nothing, at any offset up to the size
+    backend.read_range_into("data/ab/obj", 0, bytearray())
+    backend.read_range_into("data/ab/obj", len(data), bytearray())
+
+
+@pytest.mark.parametrize("offset,length", [(9999, 2), (10000, 1), (0, 10001), (20000, 0), (20000, 5)])
+def test_read_range_into_beyond_end(backend, offset, length):
+    backend.write_new("obj", _pattern(10000))
+    with pytest.raises(BackendError) as ei:
+        backend.read_range_into("obj", offset, bytearray(length))
+    assert "obj" in str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["missing", "data/zz/missing", "a/b"])
+def test_read_range_into_missing_object(backend, name):
+    backend.write_new("a/b/c", b"x")  # "a/b" exists only as a prefix
+    with pytest.raises(ObjectMissing) as ei:
+        backend.read_range_into(name, 0, bytearray(1))
+    assert name in str(ei.value)
+    assert backend.location in str(ei.value)
+    with pytest.raises(ObjectMissing):
+        backend.read_range_into(name, 0, bytearray())
+
+
+def test_read_range_into_bad_arguments(backend):
+    backend.write_new("obj", b"abc")
+    with pytest.raises(UsageError):
+        backend.read_range_into("obj", -1, bytearray(1))
+    with pytest.raises(UsageError):
+        backend.read_range_into("../obj", 0, bytearray(1))
+
+
 # -- create-only and replace ------------------------------------------------------------
 
 

@@ -312,3 +312,258 @@ def test_missing_root_reads_as_empty(tmp_path):
     assert not (tmp_path / "not-yet").exists()
     assert b.write_new("config", b"c")
     assert (tmp_path / "not-yet" / "config").read_bytes() == b"c"
+
+
+# -- direct I/O for large writes ------------------------------------------------------------
+
+
+def _is_direct(fd: int) -> bool:
+    import fcntl
+
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+    except OSError:
+        return False
+
+
+def _unaligned_frames(size: int, seed: int) -> tuple[list, bytes]:
+    """Frames of odd sizes (and a memoryview at an odd offset) adding up to ``size``."""
+    import random
+
+    rng = random.Random(seed)
+    raw = rng.randbytes(size + 7)
+    frames, pos = [], 0
+    while pos < size:
+        n = min(size - pos, rng.randint(1, 70000))
+        piece = raw[pos:pos + n]
+        kind = rng.randrange(3)
+        frames.append(piece if kind == 0 else bytearray(piece) if kind == 1 else memoryview(b"x" + piece)[1:])
+        pos += n
+    return frames, raw[:size]
+
+
+@pytest.fixture
+def fresh_direct_state(monkeypatch):
+    """No filesystem remembered as refusing O_DIRECT, for this test only."""
+    monkeypatch.setattr(local_mod, "_no_direct_devs", set())
+    monkeypatch.delenv(local_mod.DIRECT_IO_ENV, raising=False)
+
+
+def _direct_opens(monkeypatch) -> list:
+    """Record the paths opened with O_DIRECT."""
+    opened = []
+    real_open = os.open
+
+    def recording_open(path, flags, *args, **kw):
+        if flags & os.O_DIRECT:
+            opened.append(os.fspath(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    return opened
+
+
+@pytest.mark.parametrize("staging", [16 << 20, (1 << 20) + 4096])  # one piece / several pieces
+@pytest.mark.parametrize("op", ["write_new", "replace"])
+def test_large_object_goes_through_o_direct(tmp_path, monkeypatch, fresh_direct_state, staging, op):
+    monkeypatch.setattr(local_mod, "STAGING_MAX_BYTES", staging)
+    b = LocalBackend(tmp_path / "repo")
+    assert b.direct_io
+    frames, expected = _unaligned_frames((5 << 20) + 123, seed=staging)
+    opened = _direct_opens(monkeypatch)
+    before = dict(local_mod.direct_stats)
+    if op == "write_new":
+        assert b.write_new("data/ab/pack", frames) is True
+    else:
+        b.replace("data/ab/pack", b"old")
+        b.replace("data/ab/pack", frames)
+    monkeypatch.undo()
+    assert local_mod.direct_stats["direct"] == before["direct"] + 1
+    assert local_mod.direct_stats["fallbacks"] == before["fallbacks"]
+    assert len(opened) == 1 and os.path.basename(opened[0]).startswith(TEMP_PREFIX)
+    assert os.path.dirname(opened[0]) == os.path.join(b.root, "data", "ab")  # the same temp file
+    assert b.read("data/ab/pack") == expected
+    assert b.stat("data/ab/pack") == len(expected)
+    buf = bytearray(len(expected) - 4000)
+    b.read_range_into("data/ab/pack", 2000, buf)
+    assert buf == expected[2000:-2000]
+    assert _all_files(b.root) == [os.path.join("data", "ab", "pack")]
+    assert os.stat(os.path.join(b.root, "data", "ab", "pack")).st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("size", [1 << 20, 4 << 20, (1 << 20) + 1, (3 << 20) - 1])
+def test_direct_sizes_at_alignment_edges(fresh_direct_state, backend, size):
+    frames, expected = _unaligned_frames(size, seed=size)
+    before = local_mod.direct_stats["direct"]
+    assert backend.write_new("data/ab/x", frames)
+    assert local_mod.direct_stats["direct"] == before + 1
+    assert backend.read("data/ab/x") == expected
+
+
+def test_small_objects_stay_buffered(fresh_direct_state, backend, monkeypatch):
+    opened = _direct_opens(monkeypatch)
+    backend.write_new("data/ab/small", b"s" * (local_mod.DIRECT_MIN_BYTES - 1))
+    assert opened == []
+
+
+def test_staging_buffer_is_reused_per_thread(fresh_direct_state, backend):
+    backend.write_new("data/ab/1", b"1" * (2 << 20))
+    first = local_mod._staging.view
+    backend.write_new("data/ab/2", b"2" * (3 << 20) + b"tail")
+    backend.write_new("data/ab/3", b"3" * (1 << 20))
+    assert local_mod._staging.view is first  # grown to fit, then reused, never remapped
+    seen = []
+    t = threading.Thread(target=lambda: (backend.write_new("data/ab/4", b"4" * (2 << 20)), seen.append(local_mod._staging.view)))
+    t.start()
+    t.join()
+    assert seen and seen[0] is not first  # each thread has its own
+    assert backend.read("data/ab/2") == b"2" * (3 << 20) + b"tail"
+
+
+def test_concurrent_large_writes(fresh_direct_state, backend):
+    payloads = {f"data/{i:02x}/p{j}": _unaligned_frames((2 << 20) + 1000 * i + j, seed=10 * i + j) for i in range(4) for j in range(3)}
+    errors = []
+
+    def writer(i):
+        try:
+            for j in range(3):
+                assert backend.write_new(f"data/{i:02x}/p{j}", payloads[f"data/{i:02x}/p{j}"][0])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for name, (_, expected) in payloads.items():
+        assert backend.read(name) == expected
+
+
+def test_direct_io_can_be_turned_off(tmp_path, monkeypatch, fresh_direct_state):
+    opened = _direct_opens(monkeypatch)
+    big = b"b" * (2 << 20)
+    assert LocalBackend(tmp_path / "a", direct_io=False).write_new("x", big)
+    monkeypatch.setenv(local_mod.DIRECT_IO_ENV, "0")
+    assert LocalBackend(tmp_path / "b").write_new("x", big)
+    assert open_backend(str(tmp_path / "c")).write_new("x", big)
+    assert opened == []
+    assert LocalBackend(tmp_path / "d", direct_io=True).write_new("x", big)  # the flag wins
+    assert len(opened) == 1
+
+
+def test_fallback_when_o_direct_open_is_refused(tmp_path, monkeypatch, fresh_direct_state):
+    attempts = []
+    real_open = os.open
+
+    def no_direct_open(path, flags, *args, **kw):
+        if flags & os.O_DIRECT:
+            attempts.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    b = LocalBackend(tmp_path / "repo")
+    frames, expected = _unaligned_frames((2 << 20) + 5, seed=1)
+    before = dict(local_mod.direct_stats)
+    assert b.write_new("data/ab/1", frames) is True
+    b.replace("data/cd/2", frames)
+    assert b.write_new("data/ab/1", frames) is False
+    assert len(attempts) == 1  # remembered for this filesystem: not tried again
+    assert local_mod.direct_stats["fallbacks"] == before["fallbacks"] + 1
+    assert local_mod.direct_stats["buffered"] == before["buffered"] + 3
+    monkeypatch.undo()
+    assert b.read("data/ab/1") == expected
+    assert b.read("data/cd/2") == expected
+    assert sorted(b.list()) == ["data/ab/1", "data/cd/2"]
+    assert [f for f in _all_files(b.root) if TEMP_PREFIX in f] == []
+
+
+def test_fallback_when_o_direct_write_is_refused(tmp_path, monkeypatch, fresh_direct_state):
+    """A filesystem that accepts the O_DIRECT open but fails the I/O with EINVAL, after some
+    pieces went through: the whole object is rewritten buffered."""
+    monkeypatch.setattr(local_mod, "STAGING_MAX_BYTES", 1 << 20)
+    real_pwrite = os.pwrite
+    direct_writes = [0]
+
+    def flaky_pwrite(fd, data, offset):
+        if _is_direct(fd):
+            direct_writes[0] += 1
+            if direct_writes[0] > 1:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", flaky_pwrite)
+    b = LocalBackend(tmp_path / "repo")
+    frames, expected = _unaligned_frames((3 << 20) + 77, seed=2)
+    before = dict(local_mod.direct_stats)
+    assert b.write_new("data/ab/1", frames) is True
+    assert b.write_new("data/ab/2", frames[::-1]) is True
+    assert direct_writes[0] == 2  # the second object did not try O_DIRECT again
+    assert local_mod.direct_stats["fallbacks"] == before["fallbacks"] + 1
+    monkeypatch.undo()
+    assert b.read("data/ab/1") == expected
+    assert b.read("data/ab/2") == b"".join(bytes(f) for f in frames[::-1])
+    assert [f for f in _all_files(b.root) if TEMP_PREFIX in f] == []
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+@pytest.mark.parametrize("how", ["direct", "short-direct", "tail"])
+@pytest.mark.parametrize("op", ["write_new", "replace"])
+def test_out_of_space_mid_direct_write_leaves_nothing(fresh_direct_state, backend, monkeypatch, err, how, op):
+    """The disk fills during the O_DIRECT pieces (after the first one), with a short direct
+    write, or at the buffered tail: OutOfSpace, no temp file, the old object intact."""
+    monkeypatch.setattr(local_mod, "STAGING_MAX_BYTES", 1 << 20)
+    backend.replace("index/i", b"old")
+    real_pwrite = os.pwrite
+    calls = {"direct": 0}
+
+    def filling_pwrite(fd, data, offset):
+        if TEMP_PREFIX not in _fd_path(fd):
+            return real_pwrite(fd, data, offset)
+        if _is_direct(fd):
+            calls["direct"] += 1
+            if how == "direct" and calls["direct"] == 2:
+                raise OSError(err, os.strerror(err))
+            if how == "short-direct" and calls["direct"] == 2:
+                return real_pwrite(fd, memoryview(data)[:8192], offset)  # some, then full
+            return real_pwrite(fd, data, offset)
+        if how == "tail" or calls["direct"] >= 2:
+            raise OSError(err, os.strerror(err))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", filling_pwrite)
+    name = "index/i" if op == "replace" else "data/ab/new"
+    frames, _ = _unaligned_frames((3 << 20) + 99, seed=3)
+    with pytest.raises(OutOfSpace) as ei:
+        getattr(backend, op)(name, frames)
+    monkeypatch.undo()
+    assert calls["direct"] >= 2 or how == "tail"
+    msg = str(ei.value)
+    assert name in msg and backend.location in msg
+    assert ei.value.exit_code == 9
+    assert backend.read("index/i") == b"old"
+    assert [f for f in _all_files(backend.root) if TEMP_PREFIX in f] == []
+    assert sorted(backend.list()) == ["index/i"]
+    assert local_mod._no_direct_devs == set()  # a full disk is not "no O_DIRECT here"
+    assert backend.write_new("data/ab/new", frames) is True  # and the next write still works
+
+
+def test_read_range_into_reads_in_place(backend, monkeypatch):
+    """read_range_into fills the caller's buffer with preadv, looping on short reads."""
+    data = _unaligned_frames(100000, seed=4)[1]
+    backend.write_new("obj", data)
+    real_preadv = os.preadv
+    calls = []
+
+    def short_preadv(fd, buffers, offset):
+        (view,) = buffers
+        calls.append(len(view))
+        return real_preadv(fd, [memoryview(view)[:min(len(view), 30000)]], offset)
+
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    buf = bytearray(90000)
+    backend.read_range_into("obj", 5000, buf)
+    assert buf == data[5000:95000]
+    assert calls == [90000, 60000, 30000]

@@ -336,8 +336,9 @@ class Repository:
         reclaimed by prune.
         """
         report = [f"removed incomplete object {n}" for n in self.backend.cleanup_incomplete(older_than_seconds=0)]
-        packs = self.load_digest_index().records["pack"]
-        indexed = {bytes(p).hex() for p in np.unique(packs.view("S32")).astype("V32")} if len(packs) else set()
+        raw = self.load_digest_index().records["pack"].tobytes()
+        # A set over 32-byte slices: np.unique on S32 cost 16 ms here (it imports numpy.ma).
+        indexed = {raw[i : i + 32].hex() for i in range(0, len(raw), 32)}
         adopted = []
         for name in self.backend.list("packs/"):
             pack_hex = name.rsplit("/", 1)[-1]

@@ -235,7 +235,10 @@ def _locate(repo, snap, records: np.ndarray):
 
 def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: int | None = None, progress=None) -> dict:
     t0 = time.monotonic()
-    threads = threads or os.cpu_count() or 1
+    # Twice the cores by default: pack reads wait on the disk (packs are written with
+    # O_DIRECT, so a restore reads them cold): 2 GiB image, dropped caches, 2 cores:
+    # 2 threads 2.64 s, 4 threads 2.24 s, 6 threads 2.35 s; warm caches: no difference.
+    threads = threads or 2 * (os.cpu_count() or 1)
     bs, size, records = repo.load_snapshot_index(snap)
     try:
         st = os.stat(output)

@@ -183,7 +183,19 @@ class Borg(Tool):
         return dt, os.path.join(outdir, os.path.abspath(image).lstrip("/"))
 
 
-def one_round(tools: list, image: str, work: str) -> dict:
+def drop_caches() -> None:
+    """Evict the page cache (root only): restores then read every repository cold.
+
+    Without it the comparison is lopsided: restic and borg write their packs through the
+    page cache, so their restores read them from memory, while pyvbak writes packs with
+    O_DIRECT and restores from disk.  A real restore, days after the backup, is cold for
+    every tool."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def one_round(tools: list, image: str, work: str, cold_restore: bool = False) -> dict:
     """Full, rewrite, incremental, sizes, restore - each tool in turn at every step."""
     res: dict = {t.name: {} for t in tools}
     vmimage.page_cache(image)
@@ -212,6 +224,8 @@ def one_round(tools: list, image: str, work: str) -> dict:
     for t in tools:
         outdir = os.path.join(work, f"{t.name}-restore")
         os.makedirs(outdir)
+        if cold_restore:
+            drop_caches()
         s0 = time.perf_counter()
         dt, out = t.restore(image, outdir)
         os.sync()
@@ -249,6 +263,7 @@ def main() -> int:
         default=WORK,
         help="where repositories and restores go (default bench/.data/peers); e.g. a tmpfs dir to take a throttled disk out of the comparison",
     )
+    ap.add_argument("--cold-restore", action="store_true", help="drop the page cache before each tool's restore (root): restore from a cold repository")
     ap.add_argument("--reps", type=int, default=1, help="rounds (fresh repositories, image reset, tool order rotated); medians reported")
     a = ap.parse_args()
     work = os.path.abspath(a.work_dir)
@@ -273,7 +288,7 @@ def main() -> int:
                 for name in os.listdir(work):
                     shutil.rmtree(os.path.join(work, name))
                 del log[:]  # keep the commands of one round only
-            res = one_round(order, image, work)
+            res = one_round(order, image, work, cold_restore=a.cold_restore)
             res["_order"] = [t.name for t in order]
             rounds.append(res)
             vmimage.undo_rewrite(image, res.pop("_rewrite"))
@@ -303,6 +318,7 @@ def main() -> int:
         "image": {"path": os.path.relpath(image), **stamp},
         "rewrite": rw,
         "reps": a.reps,
+        "cold_restore": a.cold_restore,
         "tools": res,
         "skipped": skipped,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},

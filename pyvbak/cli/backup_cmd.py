@@ -25,7 +25,8 @@ def backup(
     r = open_repository(repo)
     disk = disk or default_disk_name(source)
     with r.lock(purpose=f"backup of {vm}/{disk}") as lock:
-        cleaned = [f"removed stale lock {n}" for n in lock.stale_removed] + r.recover_leftovers()
+        cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
+        cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
         parent = r.latest(vm, disk)
         prev_state = (parent.meta.get("change_tracking") or {}).get("state") if parent else None
         with open_source(source, previous_state=prev_state, verify_cbt=verify_cbt) as (src, session):

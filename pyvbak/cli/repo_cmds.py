@@ -57,7 +57,7 @@ def verify(
     from ..repo.verify import verify_repository
 
     r = open_repository(repo)
-    with r.lock(purpose="verify"):
+    with r.lock(purpose="verify", clean_stale=False):
         report = verify_repository(r, sample_percent=sample)
     if json_out:
         emit_json(report)
@@ -83,3 +83,7 @@ def unlock(
     r = open_repository(repo, create_default=False)
     removed = remove_locks(r.backend, all_hosts=all_locks)
     print(f"removed {len(removed)} lock(s)" + (": " + ", ".join(removed) if removed else ""))
+    if removed:  # what the removed locks' processes may have left: adopt it now
+        with r.lock(purpose="unlock"):
+            for line in r.recover_leftovers():
+                print(f"cleanup: {line}")

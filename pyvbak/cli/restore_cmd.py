@@ -22,7 +22,7 @@ def restore(
 
     r = open_repository(repo, create_default=False)
     snap = r.resolve(snapshot)
-    with r.lock(purpose=f"restore of {snap.id}"):
+    with r.lock(purpose=f"restore of {snap.id}", clean_stale=False):
         with progress_bar(f"restore {snap.id}", not json_out) as update:
             report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update)
     if json_out:

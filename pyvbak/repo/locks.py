@@ -36,8 +36,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RepositoryLock:
-    def __init__(self, backend, *, exclusive: bool, purpose: str):
+    def __init__(self, backend, *, exclusive: bool, purpose: str, clean_stale: bool = True):
         self.backend = backend
+        # Readers (restore, verify) leave stale locks alone: a stale lock is the evidence
+        # the next backup uses to look for packs a killed backup left unindexed.
+        self.clean_stale = clean_stale
         self.exclusive = exclusive
         self.purpose = purpose
         self.name = f"{LOCK_PREFIX}{secrets.token_hex(16)}.json"
@@ -52,11 +55,14 @@ class RepositoryLock:
                 continue  # removed meanwhile, or being written: treat as absent
         return locks
 
+    @staticmethod
+    def _is_stale(info: dict) -> bool:
+        return info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", 0)))
+
     def _remove_stale(self, locks: dict[str, dict]) -> dict[str, dict]:
-        here = socket.gethostname()
         live = {}
         for name, info in locks.items():
-            if info.get("host") == here and not _pid_alive(int(info.get("pid", 0))):
+            if self._is_stale(info):
                 try:
                     self.backend.delete(name)
                     self.stale_removed.append(name)
@@ -82,10 +88,12 @@ class RepositoryLock:
             "exclusive": self.exclusive,
             "purpose": self.purpose,
         }
-        other = self._conflict(self._remove_stale(self._read_all()))
+        locks = self._read_all()
+        live = self._remove_stale(locks) if self.clean_stale else {n: i for n, i in locks.items() if not self._is_stale(i)}
+        other = self._conflict(live)
         if other is None:
             self.backend.write_new(self.name, json.dumps(info).encode())
-            other = self._conflict(self._read_all())
+            other = self._conflict({n: i for n, i in self._read_all().items() if not self._is_stale(i)})
             if other is not None:
                 self._release()
         if other is not None:

@@ -232,8 +232,8 @@ class Repository:
             raise RepositoryError(f"{location}/config is damaged: restore it from a copy") from None
         return cls(backend, config)
 
-    def lock(self, *, exclusive: bool = False, purpose: str = "backup") -> RepositoryLock:
-        return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose)
+    def lock(self, *, exclusive: bool = False, purpose: str = "backup", clean_stale: bool = True) -> RepositoryLock:
+        return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale)
 
     # -- snapshots ------------------------------------------------------------------
     def snapshots(self, vm: str | None = None, disk: str | None = None) -> list[SnapshotInfo]:
@@ -326,8 +326,14 @@ class Repository:
         return self.backend.read_range(fmt.pack_name(pack_hex), int(record["offset"]), int(record["clen"]))
 
     # -- leftovers of interrupted runs ------------------------------------------------
-    def recover_leftovers(self) -> list[str]:
+    def recover_leftovers(self, *, after_crash: bool = True) -> list[str]:
         """Clean what a killed backup left: temp objects, and packs no index names.
+
+        Finding unindexed packs lists every pack, which grows with the repository (and
+        costs requests on object stores), so callers that know no backup died - no stale
+        lock was found (a backup writes its lock before anything else, so a killed one
+        always leaves one) - pass ``after_crash=False``; incomplete temp objects found
+        then still trigger the full check.
 
         Such packs are complete (pack writes are atomic) but were never indexed because
         the backup died first.  They are *adopted* - indexed from their own trailer - not
@@ -336,6 +342,8 @@ class Repository:
         reclaimed by prune.
         """
         report = [f"removed incomplete object {n}" for n in self.backend.cleanup_incomplete(older_than_seconds=0)]
+        if not (after_crash or report):
+            return report
         raw = self.load_digest_index().records["pack"].tobytes()
         # A set over 32-byte slices: np.unique on S32 cost 16 ms here (it imports numpy.ma).
         indexed = {raw[i : i + 32].hex() for i in range(0, len(raw), 32)}

@@ -1,0 +1,85 @@
+"""When the next backup looks for packs a killed backup left unindexed.
+
+A backup writes its lock before anything else, so a killed backup always leaves a stale
+lock; only then (or when incomplete temp objects are found) does the next backup list
+every pack.  Readers (verify, restore) must leave that evidence in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pyvbak.backends import FaultInjectingBackend, open_backend
+from pyvbak.cli.main import main
+from pyvbak.engine.backup import run_backup
+from pyvbak.errors import OutOfSpace
+from pyvbak.repo.repository import Repository
+from pyvbak.sources.file import FileSource
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
+def crashed_repo(tmp_path):
+    """A repository where a 'killed' backup left packs without an index and a stale lock."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(40 << 20))
+    repo = Repository.init(str(tmp_path / "repo"))
+    faulty = Repository(FaultInjectingBackend(open_backend(repo.location), fail_on_write=1, prefix="index/"), repo.config)
+    with FileSource(str(img)) as src, pytest.raises(OutOfSpace):
+        run_backup(faulty, src, vm="vm", disk="d")
+    assert list(repo.backend.list("packs/")) and not list(repo.backend.list("index/"))
+    lock = {"host": socket.gethostname(), "pid": _dead_pid(), "time": 0, "exclusive": False, "purpose": "backup"}
+    repo.backend.write_new("locks/deadbeef.json", json.dumps(lock).encode())
+    return repo, img
+
+
+def test_verify_keeps_the_stale_lock_and_the_next_backup_adopts(crashed_repo, capsys):
+    repo, img = crashed_repo
+    assert main(["verify", "--repo", repo.location]) == 0
+    assert repo.backend.exists("locks/deadbeef.json")
+    capsys.readouterr()
+    assert main(["backup", str(img), "--repo", repo.location, "--vm", "vm", "--disk", "d", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert any("stale lock" in line for line in out["cleaned_leftovers"])
+    assert any("adopted unindexed pack" in line for line in out["cleaned_leftovers"])
+    assert out["new_bytes"] == 0  # every block was in the adopted packs
+
+
+def test_backup_without_crash_evidence_does_not_list_packs(tmp_path, monkeypatch, capsys):
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(8 << 20))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 0
+    listed = []
+    from pyvbak.backends.local import LocalBackend
+
+    original = LocalBackend.list
+
+    def spy(self, prefix=""):
+        listed.append(prefix)
+        return original(self, prefix)
+
+    monkeypatch.setattr(LocalBackend, "list", spy)
+    assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 0
+    assert "packs/" not in listed
+    capsys.readouterr()
+
+
+def test_unlock_adopts_what_the_removed_lock_left(crashed_repo, capsys):
+    repo, _ = crashed_repo
+    assert main(["unlock", "--repo", repo.location]) == 0
+    out = capsys.readouterr().out
+    assert "removed 1 lock" in out and "adopted unindexed pack" in out
+    assert list(repo.backend.list("index/"))

@@ -156,9 +156,11 @@ def run_backup(
         zero[:m], fast[:m] = parent.zero[:m], parent.fast[:m]
         scan_blocks = cbt_candidates
         pre_changed = None
-    elif hasattr(source, "path") and hasattr(source, "fileno"):
+    elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
         # Memory-speed path for files and block devices: the native scanner maps the
-        # image and hashes every block; only then are changed blocks read again.
+        # image and hashes every block; only then are changed blocks read again.  (With
+        # no parent every non-zero block is new: the streaming path below hashes each
+        # chunk while it is hot in cache instead of making a separate pass.)
         nz, nf = native.scan_file(source.path, bs, key, size=size, threads=threads)
         zero[:], fast[:] = nz, nf
         result.bytes_scanned = size

@@ -288,10 +288,8 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise self._error(exc, name, path, "reading") from exc
 
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        path = self._path(name)
-        if offset < 0 or length < 0:
-            raise UsageError(f"read_range of {name!r}: offset ({offset}) and length ({length}) must be >= 0")
+    def _open_range(self, name: str, path: str, offset: int, length: int, what: str) -> int:
+        """An fd on the object, after checking [offset, offset+length) lies inside it."""
         try:
             fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -304,9 +302,20 @@ class LocalBackend(Backend):
                 raise ObjectMissing(f"object {name!r} not found in local backend {self.location}")
             if offset + length > st.st_size:
                 raise BackendError(
-                    f"read_range of {name!r} in local backend {self.location}: bytes "
+                    f"{what} of {name!r} in local backend {self.location}: bytes "
                     f"[{offset}, {offset + length}) beyond its end ({st.st_size} bytes)"
                 )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        path = self._path(name)
+        if offset < 0 or length < 0:
+            raise UsageError(f"read_range of {name!r}: offset ({offset}) and length ({length}) must be >= 0")
+        fd = self._open_range(name, path, offset, length, "read_range")
+        try:
             parts = []
             pos, left = offset, length
             while left:
@@ -335,21 +344,8 @@ class LocalBackend(Backend):
         length = view.nbytes
         if offset < 0:
             raise UsageError(f"read_range_into of {name!r}: offset ({offset}) must be >= 0")
+        fd = self._open_range(name, path, offset, length, "read_range_into")
         try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            raise ObjectMissing(f"object {name!r} not found in local backend {self.location}") from None
-        except OSError as exc:
-            raise self._error(exc, name, path, "opening") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise ObjectMissing(f"object {name!r} not found in local backend {self.location}")
-            if offset + length > st.st_size:
-                raise BackendError(
-                    f"read_range_into of {name!r} in local backend {self.location}: bytes "
-                    f"[{offset}, {offset + length}) beyond its end ({st.st_size} bytes)"
-                )
             done = 0
             while done < length:
                 n = os.preadv(fd, [view[done:]], offset + done)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -52,22 +51,13 @@ sys.path.insert(0, HERE)
 
 from pyvbak.backends import local as local_mod  # noqa: E402
 from pyvbak.backends.local import LocalBackend  # noqa: E402
+from benchutil import cpu_model  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
 DEFAULT_WORK = os.path.join(HERE, ".data", "backend_write")
 DISTINCT_PACKS = 4
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def parse_size(text: str) -> int:

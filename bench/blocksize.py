@@ -41,7 +41,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import vmimage  # noqa: E402
-from peers import cpu_model  # noqa: E402
+from benchutil import cpu_model  # noqa: E402
 
 WORK = os.path.join(vmimage.DATA, "blocksize")
 MIB = 1 << 20

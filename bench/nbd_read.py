@@ -31,19 +31,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pyvbak.sources.nbd import NbdSource  # noqa: E402
+from benchutil import cpu_model  # noqa: E402
 
 MiB = 1 << 20
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def listening(path: str) -> bool:

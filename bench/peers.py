@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -53,21 +52,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import vmimage  # noqa: E402
+from benchutil import cpu_model  # noqa: E402
 
 DATA = vmimage.DATA
 WORK = os.path.join(DATA, "peers")
 TARGETS = {"full_speedup_vs_restic": 4.0, "incr_speedup_vs_restic": 10.0, "restore_speedup_vs_restic": 3.0, "repo_size_ratio_vs_restic": 1.0}
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def du(path: str) -> dict:

@@ -71,22 +71,13 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import vmimage  # noqa: E402  (bench/vmimage.py, the shared VM-like image generator)
+from benchutil import cpu_model  # noqa: E402
 
 MiB = 1 << 20
 PAGE = 4096
 BLOCK = 64 * 1024  # pyvbak's default block size: the granularity the bitmap is read at
 CHUNK = 4 * MiB  # the engine's CHUNK_BYTES
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def pyvbak_cmd() -> list[str]:

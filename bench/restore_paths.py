@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import vmimage  # noqa: E402
-from peers import cpu_model  # noqa: E402
+from benchutil import cpu_model  # noqa: E402
 
 WORK = os.path.join(vmimage.DATA, "restore_paths")
 

@@ -19,6 +19,8 @@ the old generation is deleted; otherwise the new one is merged back into the old
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import json
 import os
 import subprocess
@@ -28,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pyvbak.errors import Interrupted, SourceError, UsageError
 
+from .session import ExportSession
 from ..resources import TerminationGuard
 from . import cleanup
 from .naming import GEN_PREFIX, RunNames, bitmap_name, generation_of, new_run_id
@@ -62,7 +65,7 @@ def parse_qemu_uri(uri: str) -> tuple[str, str]:
     return parts.path, nodes[0]
 
 
-class QemuHotBackup:
+class QemuHotBackup(ExportSession):
     """One hot backup session of one disk of a running VM.  A context manager.
 
     Attributes valid inside the ``with`` block:
@@ -113,15 +116,7 @@ class QemuHotBackup:
 
     # -- public API --------------------------------------------------------------
 
-    def commit(self) -> None:
-        """The backup is durable: on exit, drop the old bitmap generation."""
-        self._committed = True
 
-    def open_source(self):
-        """An ``NbdSource`` over the frozen view (with the dirty-bitmap context)."""
-        from pyvbak.sources.nbd import NbdSource  # the data plane; imported late on purpose
-
-        return NbdSource(self.nbd_uri, dirty_bitmap=self.dirty_bitmap)
 
     def __enter__(self) -> "QemuHotBackup":
         self._guard = TerminationGuard().__enter__()
@@ -313,7 +308,7 @@ class QemuHotBackup:
         guard = self._guard
         errors: list[str] = []
         try:
-            with (guard.deferred() if guard else _null()):
+            with (guard.deferred() if guard else nullcontext()):
                 self._cleanup(failed, errors)
         finally:
             if guard:
@@ -404,13 +399,6 @@ def try_create(qmp: QmpClient, command: str, undo_flag, **args) -> None:
         undo_flag()
         raise
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["QemuHotBackup", "parse_qemu_uri", "GEN_PREFIX"]

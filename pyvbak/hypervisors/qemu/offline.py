@@ -17,6 +17,8 @@ says so and the engine scans.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import json
 import os
 import signal
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from pyvbak.errors import SourceError
 
+from .session import ExportSession
 from ..resources import TerminationGuard
 from . import cleanup
 from .naming import PREFIX, bitmap_name, generation_of, new_run_id
@@ -61,7 +64,7 @@ def image_info(path: Path) -> dict:
     return json.loads(out)
 
 
-class QemuOfflineImage:
+class QemuOfflineImage(ExportSession):
     """Serve one powered-off image read-only over NBD.  Context manager; same attributes
     as ``QemuHotBackup``: nbd_uri, dirty_bitmap, size, change_tracking_state,
     fallback_reason, cleaned_leftovers; ``commit()`` after the backup is durable."""
@@ -93,13 +96,7 @@ class QemuOfflineImage:
         self._old_disabled = False
         self._new: str | None = None
 
-    def commit(self) -> None:
-        self._committed = True
 
-    def open_source(self):
-        from pyvbak.sources.nbd import NbdSource
-
-        return NbdSource(self.nbd_uri, dirty_bitmap=self.dirty_bitmap)
 
     def __enter__(self) -> "QemuOfflineImage":
         self._guard = TerminationGuard().__enter__()
@@ -233,7 +230,7 @@ class QemuOfflineImage:
         errors: list[str] = []
         guard = self._guard
         try:
-            with (guard.deferred() if guard else _Null()):
+            with (guard.deferred() if guard else nullcontext()):
                 self._stop_server(errors)
                 try:
                     if not failed:
@@ -285,10 +282,3 @@ def _die_with_parent() -> None:
     except Exception:  # noqa: BLE001 - best effort; the next run's cleanup is the backstop
         pass
 
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -1,0 +1,23 @@
+"""What hot (QMP) and offline (qemu-nbd) sessions share: the engine-facing half."""
+
+from __future__ import annotations
+
+
+class ExportSession:
+    """A session that serves a frozen disk over NBD: ``nbd_uri`` and ``dirty_bitmap`` are
+    set by the subclass's set-up; ``commit()`` marks the backup durable so that exit
+    retires the old bitmap generation instead of merging it back."""
+
+    nbd_uri: str | None = None
+    dirty_bitmap: str | None = None
+    _committed = False
+
+    def commit(self) -> None:
+        """The backup is durable: on exit, drop the old bitmap generation."""
+        self._committed = True
+
+    def open_source(self):
+        """An ``NbdSource`` over the frozen view (with the dirty-bitmap context)."""
+        from pyvbak.sources.nbd import NbdSource  # the data plane; imported late on purpose
+
+        return NbdSource(self.nbd_uri, dirty_bitmap=self.dirty_bitmap)

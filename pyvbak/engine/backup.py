@@ -178,7 +178,6 @@ def run_backup(
     claim_lock = threading.Lock()
     local = threading.local()
     level = cfg.compression_level
-    stats_lock = threading.Lock()
     changed_all: list[np.ndarray] = []
 
     def compressor():

@@ -46,8 +46,8 @@ def backup(
     for w in result.warnings:
         info(f"warning: {w}")
     print(
-        f"snapshot {result.snapshot_id} of {vm}/{disk}: {human_bytes(result.size)} scanned "
-        f"{human_bytes(result.bytes_scanned)}, changed {human_bytes(result.changed_bytes)}, "
+        f"snapshot {result.snapshot_id} of {vm}/{disk} ({human_bytes(result.size)}): scanned "
+        f"{human_bytes(result.bytes_scanned)}, read {human_bytes(result.bytes_read)}, changed {human_bytes(result.changed_bytes)}, "
         f"new {human_bytes(result.new_bytes)}, stored {human_bytes(result.stored_bytes)} "
         f"in {result.duration:.2f}s{' (change tracking)' if result.cbt else ''}"
     )

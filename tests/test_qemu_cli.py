@@ -79,3 +79,49 @@ def test_unreachable_qmp_socket_is_a_clean_error(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["snapshots", "--repo", repo, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_qemu_killed_mid_backup_fails_cleanly_and_the_next_run_falls_back(vm, tmp_path, capsys, monkeypatch):
+    """QEMU dies while pyvbak reads the export: a one-line error, nothing visible in the
+    repository, and after QEMU is back the next backup does a full scan with a reason."""
+    from pyvbak.errors import PyvbakError
+    from pyvbak.hypervisors import open_source
+    from pyvbak.repo.repository import Repository
+    from pyvbak.repo.verify import verify_repository
+    from pyvbak.engine.backup import run_backup
+    from qemu_vm import hard_kill
+
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo_path = str(tmp_path / "repo")
+    assert main(["init", repo_path]) == 0
+    vm.write(0, os.urandom(8 * MiB))
+    first = _run_json(capsys, ["backup", vm.uri, "--repo", repo_path, "--vm", "web"])
+    vm.write(2 * MiB, os.urandom(1 * MiB))
+
+    repo = Repository.open(repo_path)
+    state = repo.latest("web", "disk0").meta["change_tracking"]["state"]
+    with pytest.raises(PyvbakError) as failure:
+        with repo.lock():
+            with open_source(vm.uri, previous_state=state) as (src, session):
+                real_read = src.read
+
+                def read_then_die(offset, length):
+                    hard_kill(vm.proc.pid)  # the VM's QEMU dies under the backup
+                    vm.proc.wait(10)
+                    return real_read(offset, length)
+
+                src.read = read_then_die
+                run_backup(repo, src, vm="web", disk="disk0")
+                session.commit()
+    assert "\n" not in str(failure.value) and ("NBD" in str(failure.value) or "QMP" in str(failure.value))
+    assert [s.id for s in repo.snapshots()] == [first["id"]]
+    assert verify_repository(repo)["ok"]
+
+    vm.stop()
+    vm.start(create=False)  # QEMU restarted on the same qcow2 (its bitmap was not saved cleanly)
+    again = _run_json(capsys, ["backup", vm.uri, "--repo", repo_path, "--vm", "web"])
+    assert again["cbt"] is False and again["fallback_reason"]
+    out = tmp_path / "after.img"
+    capsys.readouterr()
+    assert main(["restore", "web@latest", str(out), "--repo", repo_path]) == 0
+    assert out.read_bytes() == vm.read(0, vm.size)

@@ -121,6 +121,8 @@ def test_qemu_killed_mid_backup_fails_cleanly_and_the_next_run_falls_back(vm, tm
     vm.start(create=False)  # QEMU restarted on the same qcow2 (its bitmap was not saved cleanly)
     again = _run_json(capsys, ["backup", vm.uri, "--repo", repo_path, "--vm", "web"])
     assert again["cbt"] is False and again["fallback_reason"]
+    assert not [p for p in os.listdir(tmp_path / "work") if p.startswith("pyvbak-")]  # fleece file etc. gone
+    assert vm.pyvbak_nodes() == [] and vm.exports() == ["guest"]
     out = tmp_path / "after.img"
     capsys.readouterr()
     assert main(["restore", "web@latest", str(out), "--repo", repo_path]) == 0

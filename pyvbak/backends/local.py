@@ -38,6 +38,7 @@ from pyvbak.backends.base import (
     validate_prefix,
 )
 from pyvbak.errors import UsageError
+from pyvbak.processes import pid_alive
 
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -527,10 +528,4 @@ def _writer_alive(temp_name: str) -> bool:
         return False
     if pid == os.getpid():
         return False  # our own: _live_temps above already protects writes in progress
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)

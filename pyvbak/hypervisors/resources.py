@@ -20,6 +20,7 @@ import threading
 from typing import Iterator
 
 from pyvbak.errors import Interrupted
+from pyvbak.processes import pid_alive  # noqa: F401  (re-exported for the qemu layer)
 
 _CONVERTED = (signal.SIGTERM, signal.SIGHUP)
 
@@ -77,32 +78,3 @@ class TerminationGuard:
             self._deferring -= 1
 
 
-def pid_alive(pid: int) -> bool:
-    """True when a process with ``pid`` exists and looks like a Python/pyvbak process
-    (guards against pid reuse by an unrelated program)."""
-    import os
-
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().lower()
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    # a zombie (killed, not yet reaped) holds nothing any more
-    try:
-        if stat.rsplit(b")", 1)[1].split()[0] == b"Z":
-            return False
-    except IndexError:
-        pass
-    return b"python" in cmd or b"pyvbak" in cmd

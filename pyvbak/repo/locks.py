@@ -21,18 +21,9 @@ import time
 
 from ..backends import ObjectMissing
 from ..errors import LockedError
+from ..processes import pid_alive
 
 LOCK_PREFIX = "locks/"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RepositoryLock:
@@ -57,7 +48,7 @@ class RepositoryLock:
 
     @staticmethod
     def _is_stale(info: dict) -> bool:
-        return info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", 0)))
+        return info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", 0)))
 
     def _remove_stale(self, locks: dict[str, dict]) -> dict[str, dict]:
         live = {}

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import IntegrityError, OutOfSpace, PyvbakError, TargetExists, UsageError
+from ..processes import pid_alive
 from .reader import read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
@@ -349,12 +350,10 @@ def cleanup_restore_leftovers(directory: str) -> list[str]:
             continue
         try:
             pid = int(name.split(TEMP_MARK, 1)[1].split("-", 1)[0])
-            os.kill(pid, 0)
-            continue  # its restore is still running
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError):
+        except ValueError:
             continue
+        if pid_alive(pid):
+            continue  # its restore is still running
         try:
             os.unlink(os.path.join(directory, name))
             removed.append(name)

@@ -142,6 +142,15 @@ def encode_pack_trailer(records: np.ndarray) -> bytes:
     return struct.pack("<II", SKIPPABLE_FRAME_MAGIC, len(payload)) + payload
 
 
+def pack_id(trailer: bytes) -> bytes:
+    """A pack's 32-byte id: SHA-256 of its trailer (frame header included).
+
+    The trailer lists every block's digest, offset and lengths, so two packs with one id
+    hold the same blocks at the same places; each block is checked by its digest on read.
+    """
+    return hashlib.sha256(trailer).digest()
+
+
 def trailer_length_from_tail(tail4: bytes) -> int:
     """Total trailer size (frame header included) from the pack's last 4 bytes."""
     (payload_len,) = struct.unpack(">I", tail4)

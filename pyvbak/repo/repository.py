@@ -357,7 +357,11 @@ class Repository:
             tlen = fmt.trailer_length_from_tail(tail)
             if tlen > size:
                 continue
-            trailer = fmt.decode_pack_trailer(self.backend.read_range(name, size - tlen, tlen), f"pack {name}")
+            raw_trailer = self.backend.read_range(name, size - tlen, tlen)
+            if fmt.pack_id(raw_trailer).hex() != pack_hex:
+                report.append(f"left pack {pack_hex[:16]}… alone: its trailer does not match its name (damaged or not pyvbak's)")
+                continue
+            trailer = fmt.decode_pack_trailer(raw_trailer, f"pack {name}")
             recs = np.zeros(len(trailer), fmt.PACK_INDEX_RECORD)
             for field in ("digest", "offset", "clen", "ulen"):
                 recs[field] = trailer[field]

@@ -180,6 +180,14 @@ class Backend(abc.ABC):
         view = memoryview(buf).cast("B")
         view[:] = self.read_range(name, offset, len(view))
 
+    def prefetch(self, name: str, offset: int, length: int) -> None:
+        """A hint: ``length`` bytes of the object from ``offset`` will be read soon.
+
+        Never raises and may do nothing (the default).  Lets a reader keep its threads on
+        CPU work while the storage fetches ahead: a local backend asks the kernel to read
+        the range into the page cache (restore reads packs written with O_DIRECT, so
+        cold)."""
+
     @abc.abstractmethod
     def write_new(self, name: str, data: Data) -> bool:
         """Create the object if it does not exist; return True if this call created it.

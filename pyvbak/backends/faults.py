@@ -130,6 +130,9 @@ class FaultInjectingBackend(Backend):
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         return self.inner.read_range(name, offset, length)
 
+    def prefetch(self, name: str, offset: int, length: int) -> None:
+        self.inner.prefetch(name, offset, length)
+
     def list(self, prefix: str = "") -> Iterator[str]:
         return self.inner.list(prefix)
 

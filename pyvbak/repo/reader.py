@@ -22,6 +22,8 @@ from . import format as fmt
 
 GAP_BYTES = 256 * 1024
 RANGE_BYTES = 16 * 1024 * 1024
+#: ranges (of up to RANGE_BYTES) the backend is asked to prefetch beyond those queued
+PREFETCH_GROUPS = 2
 #: read buffers grow in steps of this much (a group is at most RANGE_BYTES, or one frame)
 _BUF_STEP = 1024 * 1024
 
@@ -112,9 +114,19 @@ def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> 
                 continue
             on_block(k, data)
 
+    groups = list(_groups(recs))
+    # Ask the backend to fetch ahead of the workers (PREFETCH_GROUPS beyond the ones
+    # queued), so the worker threads stay on decompression and hashing instead of
+    # waiting on the disk: see restore_snapshot for the measurement.
+    ahead = 2 * threads + PREFETCH_GROUPS
+    for pack_hex, start, end, _ in groups[:ahead]:
+        repo.backend.prefetch(fmt.pack_name(pack_hex), start, end - start)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyvbak-reader") as pool:
         inflight: deque = deque()
-        for group in _groups(recs):
+        for i, group in enumerate(groups):
+            if i + ahead < len(groups):
+                pack_hex, start, end, _ = groups[i + ahead]
+                repo.backend.prefetch(fmt.pack_name(pack_hex), start, end - start)
             inflight.append(pool.submit(work, *group))
             if len(inflight) >= 2 * threads:
                 inflight.popleft().result()

@@ -22,6 +22,7 @@ The suite asserts behaviour, never timing.
 from __future__ import annotations
 
 import array
+import os
 import threading
 
 import pytest
@@ -201,6 +202,18 @@ def test_read_range_into_bad_arguments(backend):
         backend.read_range_into("obj", -1, bytearray(1))
     with pytest.raises(UsageError):
         backend.read_range_into("../obj", 0, bytearray(1))
+
+
+def test_prefetch_is_a_hint_that_never_raises(backend):
+    data = os.urandom(3 * 65536 + 17)
+    backend.write_new("data/ab/obj", data)
+    for offset, length in ((0, len(data)), (65536, 4096), (len(data) - 1, 1), (0, 10 * len(data))):
+        assert backend.prefetch("data/ab/obj", offset, length) is None
+    backend.prefetch("data/zz/missing", 0, 100)  # missing: the read reports it, not the hint
+    backend.prefetch("a/b", 0, 1)
+    # the object reads back unchanged after the hints
+    assert backend.read_range("data/ab/obj", 65536, 4096) == data[65536 : 65536 + 4096]
+    assert backend.read("data/ab/obj") == data
 
 
 # -- create-only and replace ------------------------------------------------------------

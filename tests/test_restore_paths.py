@@ -324,3 +324,59 @@ def test_block_device_in_place_zero_runs_and_partial_tail(repo, tmp_path, loopde
         got = f.read()
     assert got[:size] == open(img, "rb").read()
     assert got[size:] == garbage[size:]
+
+
+# -- raw zstd frames taken in place (reader.raw_frame_content) -------------------------
+
+@pytest.mark.parametrize("size", [1, 4096, 64 * KiB, 128 * KiB, 128 * KiB + 1, 256 * KiB])
+@pytest.mark.parametrize("level", [-5, 1, 3, 19])
+@pytest.mark.parametrize("checksum", [True, False])
+@pytest.mark.parametrize("content_size", [True, False])
+def test_raw_frame_content_is_exactly_the_block_or_none(size, level, checksum, content_size):
+    import zstandard
+
+    from pyvbak.repo.reader import raw_frame_content
+
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=checksum, write_content_size=content_size)
+    for data in (random_bytes(size, seed=size), b"text " * (size // 5) + b"x" * (size % 5)):
+        frame = memoryview(cctx.compress(data))
+        got = raw_frame_content(frame, len(data))
+        if got is not None:
+            assert bytes(got) == data
+            assert len(data) <= 128 * KiB  # zstd's largest block: bigger blocks span several
+        else:
+            assert zstandard.ZstdDecompressor().decompress(frame, max_output_size=len(data)) == data
+        # a wrong expected length never yields content
+        assert raw_frame_content(frame, len(data) + 1) is None
+    # incompressible blocks up to zstd's block limit are the ones taken in place
+    if size <= 128 * KiB and size >= 4096:
+        assert raw_frame_content(memoryview(cctx.compress(random_bytes(size, seed=1))), size) is not None
+
+
+def test_raw_frame_content_rejects_other_bytes():
+    from pyvbak.repo.reader import raw_frame_content
+
+    assert raw_frame_content(memoryview(b""), 0) is None
+    assert raw_frame_content(memoryview(random_bytes(70000, seed=3)), 65536) is None
+    # a skippable frame (the pack trailer's kind) is not content
+    assert raw_frame_content(memoryview(b"\x5e\x2a\x4d\x18" + (65536).to_bytes(4, "little") + bytes(65536)), 65536) is None
+
+
+def test_corrupt_raw_block_is_caught_by_its_digest(repo, tmp_path):
+    """A flipped byte inside a raw (incompressible) block: restore refuses, verify names it."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(random_bytes(4 * BS, seed=11))
+    sid = backup_file(repo, img).snapshot_id
+    pack = next(iter(repo.backend.list("packs/")))
+    path = os.path.join(repo.location, pack)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(BS // 2)  # inside the first frame's raw payload
+        b = f.read(1)
+        f.seek(BS // 2)
+        f.write(bytes([b[0] ^ 0x40]))
+    with pytest.raises(IntegrityError, match="does not match its digest"):
+        restore_to(repo, sid, tmp_path / "out.img")
+    assert not (tmp_path / "out.img").exists()
+    report = verify_repository(repo, threads=2)
+    assert not report["ok"] and report["problem_count"] == 1

@@ -28,6 +28,38 @@ PREFETCH_GROUPS = 2
 _BUF_STEP = 1024 * 1024
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_DICT_ID_BYTES = (0, 1, 2, 4)
+_FCS_BYTES = (0, 2, 4, 8)
+
+
+def raw_frame_content(frame: memoryview, ulen: int) -> memoryview | None:
+    """The content of a zstd frame that holds it in one Raw_Block (RFC 8878, 3.1.1),
+    as a view into ``frame`` - or None for any other frame (decompress those).
+
+    zstd stores incompressible blocks (~half the bench image) raw; taking the bytes in
+    place skips a 64 KiB allocation, a copy and the frame's XXH64 for each - the
+    caller's SHA-256 check covers them.  Only a frame of exactly header + one last raw
+    block of ``ulen`` bytes + optional checksum qualifies.
+    """
+    if len(frame) < ulen + 8 or frame[:4] != _ZSTD_MAGIC:
+        return None
+    fhd = frame[4]
+    if fhd & 0x08:  # reserved bit: not a frame this reader knows; let zstd judge it
+        return None
+    single_segment = (fhd >> 5) & 1
+    fcs = _FCS_BYTES[fhd >> 6] or single_segment  # flag 0: 1 byte if single segment
+    pos = 5 + (0 if single_segment else 1) + _DICT_ID_BYTES[fhd & 3] + fcs
+    if pos + 3 > len(frame):
+        return None
+    bh = frame[pos] | (frame[pos + 1] << 8) | (frame[pos + 2] << 16)
+    last, btype, bsize = bh & 1, (bh >> 1) & 3, bh >> 3
+    end = pos + 3 + bsize
+    if not last or btype != 0 or bsize != ulen or end + (4 if fhd & 0x04 else 0) != len(frame):
+        return None
+    return frame[pos + 3 : end]
+
+
 def _groups(recs: np.ndarray):
     """Yield (pack_hex, start, end, [k...]) ranges; recs sorted by (pack, offset)."""
     # Plain lists: this runs on the main thread, and numpy scalar indexing per record
@@ -105,7 +137,9 @@ def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> 
             off = offs[k] - start
             frame = view[off : off + clens[k]]
             try:
-                data = d.decompress(frame)
+                data = raw_frame_content(frame, ulens[k])
+                if data is None:
+                    data = d.decompress(frame)
             except zstandard.ZstdError as exc:
                 on_error(k, f"block frame in pack {pack_hex[:16]}… is corrupt ({exc})")
                 continue

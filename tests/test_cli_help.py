@@ -4,7 +4,7 @@ import pytest
 
 from pyvbak.cli.main import main
 
-COMMANDS = ["init", "backup", "snapshots", "restore", "verify", "unlock", "demo"]
+COMMANDS = ["init", "backup", "snapshots", "restore", "verify", "forget", "prune", "unlock", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -7,18 +7,13 @@ cleans up (snapshots, exports, locks, temp files) before the process exits.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
-
-# numpy's OpenBLAS worker threads spin-wait and took ~3 % of the CPU of a restore
-# (perf, bench/restore_paths.py); pyvbak does no linear algebra.  Must precede numpy.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import typer
 
 from ..errors import Interrupted, PyvbakError
-from . import backup_cmd, demo_cmd, repo_cmds, restore_cmd
+from . import backup_cmd, demo_cmd, prune_cmds, repo_cmds, restore_cmd
 
 app = typer.Typer(
     name="pyvbak",
@@ -32,6 +27,8 @@ app.command("backup")(backup_cmd.backup)
 app.command("snapshots")(repo_cmds.snapshots)
 app.command("restore")(restore_cmd.restore)
 app.command("verify")(repo_cmds.verify)
+app.command("forget")(prune_cmds.forget)
+app.command("prune")(prune_cmds.prune)
 app.command("unlock")(repo_cmds.unlock)
 app.command("demo")(demo_cmd.demo)
 

@@ -3,7 +3,7 @@
 A lock is an object ``locks/<random>.json`` holding host, pid, time and whether it is
 exclusive.  Backups take *shared* locks: two backups (of the same or different VMs) may
 run at once because everything they write is content-addressed and create-only, and each
-snapshot has its own names.  Operations that delete data (prune, future GC) take an
+snapshot has its own names.  Operations that delete data (prune) take an
 *exclusive* lock and refuse to start while any other lock exists; a shared lock refuses
 to start while an exclusive one exists.  After writing its lock a process lists the
 locks again, so two processes racing for conflicting locks both see each other and the

@@ -1,0 +1,86 @@
+"""Maintenance commands: forget (delete snapshots) and prune (free what nothing uses)."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository
+
+
+def forget(
+    snapshots: Optional[List[str]] = typer.Argument(None, help="Snapshot ids (or unique prefixes) or VM[/DISK]@latest."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Forget all but the N newest snapshots of each VM disk."),
+    vm: Optional[str] = typer.Option(None, "--vm", help="With --keep-last: only this VM's disks."),
+    prune_after: bool = typer.Option(False, "--prune", help="Prune right after (needs the repository to itself)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be forgotten (and pruned); change nothing."),
+    repo: Optional[str] = RepoOption,
+    json_out: bool = JsonOption,
+) -> None:
+    """Delete snapshots.  Their blocks stay until 'pyvbak prune' (or --prune)."""
+    from ..errors import UsageError
+    from ..repo.prune import forget_snapshots, keep_last_selection
+
+    if not snapshots and keep_last is None:
+        raise UsageError("forget needs snapshot ids, VM[/DISK]@latest or --keep-last N: list snapshots with 'pyvbak snapshots'")
+    if vm is not None and keep_last is None:
+        raise UsageError("--vm only goes with --keep-last; name snapshots by id or VM[/DISK]@latest instead")
+    r = open_repository(repo, create_default=False)
+    with r.lock(purpose="forget"):
+        chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots or [])}
+        if keep_last is not None:
+            for s in keep_last_selection(r.snapshots(vm), keep_last):
+                chosen.setdefault(s.id, s)
+        targets = sorted(chosen.values(), key=lambda s: (s.time, s.id))
+        forgotten = [s.id for s in targets] if dry_run else forget_snapshots(r, targets)
+    result = {"forgotten": forgotten, "dry_run": dry_run}
+    if prune_after:
+        result["prune"] = _prune(r, dry_run)
+    if json_out:
+        emit_json(result)
+        return
+    verb = "would forget" if dry_run else "forgot"
+    print(f"{verb} {len(forgotten)} snapshot(s)" + (": " + ", ".join(forgotten) if forgotten else ""))
+    if prune_after:
+        _print_prune(result["prune"])
+
+
+def prune(
+    repo: Optional[str] = RepoOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; change nothing."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Delete blocks no snapshot references; repack mostly-unused packs (exclusive lock)."""
+    r = open_repository(repo, create_default=False)
+    report = _prune(r, dry_run)
+    if json_out:
+        emit_json(report)
+    else:
+        _print_prune(report)
+
+
+def _prune(r, dry_run: bool) -> dict:
+    from ..repo.prune import prune_repository
+
+    with r.lock(exclusive=True, purpose="prune"):
+        return prune_repository(r, dry_run=dry_run)
+
+
+def _print_prune(rep: dict) -> None:
+    verb = "would free" if rep["dry_run"] else "freed"
+    print(
+        f"{verb} {human_bytes(rep['bytes_freed'])}: {rep['packs_deleted']} pack(s) deleted, "
+        f"{rep['packs_repacked']} repacked into {rep['packs_written']}, {rep['blocks_removed']} unused block(s) removed; "
+        f"{rep['snapshots']} snapshot(s) keep {rep['referenced_blocks']} block(s)"
+    )
+    done = "would remove" if rep["dry_run"] else "removed"
+    for what in ("orphan_snapshot_indexes", "temp_objects_removed"):
+        for name in rep[what]:
+            info(f"cleanup: {done} {name} ({what.replace('_', ' ').replace(' removed', '')})")
+    if rep["unindexed_packs_deleted"]:
+        info(f"cleanup: {done} {rep['unindexed_packs_deleted']} pack(s) no index names (left by killed backups)")
+    for p in rep["problems"]:
+        info(f"warning: {p}")
+    if rep["missing_blocks"]:
+        info(f"warning: {rep['missing_blocks']} referenced block(s) are in no pack: run 'pyvbak verify'")

@@ -1,0 +1,254 @@
+"""Forget snapshots and prune the data no snapshot references any more.
+
+``forget`` deletes a snapshot's metadata (it disappears at that instant) and then its
+block index.  It needs only a shared lock: it deletes nothing another snapshot or a
+running backup uses (a backup that took the forgotten snapshot as its parent has already
+loaded the parent's index, and the blocks stay until a prune).
+
+``prune`` takes the exclusive lock (no backup, restore or verify runs meanwhile) and:
+
+1. removes temp objects of interrupted writes and block indexes without metadata (left
+   by backups killed between their last two writes);
+2. reads every snapshot's block index: the set of referenced blocks (a snapshot whose
+   index cannot be read stops the prune - deleting data it might reference is never
+   safe);
+3. reads every pack index: for each referenced block one copy is kept (duplicates come
+   from adopted packs of killed backups); a pack none of whose blocks is kept is
+   deleted, a pack with at least ``repack_unused`` of its bytes unused is *repacked* -
+   its kept frames, each checked against its digest, are copied as they are (no
+   recompression) into new packs;
+4. writes the new pack index (create-only), then deletes the old pack index files, then
+   the packs no index names any more.
+
+Crash safety (docs/FORMAT.md "Prune"): until step 4 only new objects are written; in step
+4 the old indexes go before any pack, so no index ever names a deleted pack, and a
+killed prune leaves at worst unindexed packs (adopted by the next backup, removed by
+the next prune) and duplicate index entries (harmless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import zstandard
+
+from ..errors import IntegrityError, PyvbakError
+from . import format as fmt
+from .packer import PackWriter
+from .reader import raw_frame_content
+from .repository import PACK_TARGET_BYTES
+
+#: repack a pack once this share of its frame bytes is unused (restic's default
+#: ``--max-unused`` is 5 % of the whole repository; per pack, 20 % keeps repacking - a
+#: full read and rewrite of the pack - for packs that are mostly garbage)
+REPACK_UNUSED = 0.2
+#: records per new pack index file (80 bytes each: 80 MiB per file before compression)
+INDEX_RECORDS_PER_FILE = 1 << 20
+
+
+def forget_snapshots(repo, snaps) -> list[str]:
+    """Delete each snapshot: metadata first (it is gone at that instant), then its index.
+    Caller holds a (shared) repository lock.  Returns the ids."""
+    from ..backends import ObjectMissing
+
+    done = []
+    for snap in snaps:
+        for name in (fmt.snapshot_meta_name(snap.id), fmt.snapshot_index_name(snap.id)):
+            try:
+                repo.backend.delete(name)
+            except ObjectMissing:
+                pass  # forgotten concurrently, or a crash between the two deletes
+        done.append(snap.id)
+    return done
+
+
+def keep_last_selection(snaps, keep_last: int) -> list:
+    """Snapshots to forget so that each (vm, disk) keeps its ``keep_last`` newest."""
+    groups: dict[tuple[str, str], list] = {}
+    for s in snaps:  # oldest first (Repository.snapshots)
+        groups.setdefault((s.vm, s.disk), []).append(s)
+    out = []
+    for group in groups.values():
+        out.extend(group[: max(0, len(group) - keep_last)])
+    return out
+
+
+def _frame_ok(dctx, frame: memoryview, digest: bytes, ulen: int) -> bool:
+    try:
+        data = raw_frame_content(frame, ulen)
+        if data is None:
+            data = dctx.decompress(frame)
+    except zstandard.ZstdError:
+        return False
+    return len(data) == ulen and hashlib.sha256(data).digest() == digest
+
+
+def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPACK_UNUSED) -> dict:
+    """Remove what no snapshot references.  Caller holds the EXCLUSIVE lock."""
+    t0 = time.monotonic()
+    backend = repo.backend
+    report: dict = {
+        "dry_run": dry_run,
+        "temp_objects_removed": [],
+        "orphan_snapshot_indexes": [],
+        "snapshots": 0,
+        "referenced_blocks": 0,
+        "missing_blocks": 0,
+        "packs_before": 0,
+        "packs_deleted": 0,
+        "packs_repacked": 0,
+        "packs_written": 0,
+        "unindexed_packs_deleted": 0,
+        "blocks_removed": 0,
+        "bytes_freed": 0,
+        "problems": [],
+    }
+
+    # 1. leftovers of interrupted writes
+    if not dry_run:
+        report["temp_objects_removed"] = backend.cleanup_incomplete(older_than_seconds=0)
+    names = list(backend.list("snapshots/"))
+    metas = {n[: -len(".json")] for n in names if n.endswith(".json")}
+    orphans = sorted(n for n in names if n.endswith(".index") and n[: -len(".index")] not in metas)
+    report["orphan_snapshot_indexes"] = orphans
+
+    # 2. what the snapshots reference
+    snaps = repo.snapshots()
+    report["snapshots"] = len(snaps)
+    parts = []
+    for snap in snaps:
+        try:
+            _, _, records = repo.load_snapshot_index(snap)
+        except PyvbakError as exc:
+            raise IntegrityError(f"prune stopped, nothing deleted: {exc}") from None
+        d = records["digest"].view("S32")
+        parts.append(np.unique(d[d != b""]))
+    referenced = np.unique(np.concatenate(parts)) if parts else np.empty(0, "S32")
+    report["referenced_blocks"] = int(len(referenced))
+
+    # 3. what the packs hold, and which copy of each referenced block stays
+    index_names = sorted(repo.pack_index_names())
+    loaded = [fmt.decode_pack_index(backend.read(n), f"pack index {n}") for n in index_names]
+    recs = np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD)
+    listed_records = len(recs)
+    if len(recs):  # the same record listed by two index files counts once
+        order = np.lexsort((recs["offset"], recs["pack"].view("S32")))
+        recs = recs[order]
+        p, o = recs["pack"].view("S32"), recs["offset"]
+        uniq = np.ones(len(recs), bool)
+        uniq[1:] = (p[1:] != p[:-1]) | (o[1:] != o[:-1])
+        recs = recs[uniq]
+    digests = recs["digest"].view("S32")
+    packs = recs["pack"].view("S32")
+    clen = recs["clen"].astype(np.int64)
+    is_ref = np.isin(digests, referenced)
+    report["missing_blocks"] = int(np.count_nonzero(~np.isin(referenced, digests)))
+    pack_ids, inv = np.unique(packs, return_inverse=True)
+    report["packs_before"] = int(len(pack_ids))
+    ref_bytes = np.bincount(inv, weights=clen * is_ref, minlength=len(pack_ids))
+    cand = np.flatnonzero(is_ref)
+    # per digest the copy in the pack with the most referenced bytes (likeliest to stay)
+    cand = cand[np.lexsort((-ref_bytes[inv[cand]], digests[cand]))]
+    first = np.ones(len(cand), bool)
+    first[1:] = digests[cand][1:] != digests[cand][:-1]
+    keep = np.zeros(len(recs), bool)
+    keep[cand[first]] = True
+    kept_bytes = np.bincount(inv, weights=clen * keep, minlength=len(pack_ids))
+    total_bytes = np.bincount(inv, weights=clen, minlength=len(pack_ids))
+    unused_share = np.where(total_bytes > 0, 1 - kept_bytes / np.maximum(total_bytes, 1), 1.0)
+    delete_p = kept_bytes == 0
+    repack_p = ~delete_p & (unused_share >= repack_unused)
+    # Records of packs that stay are all kept in the index, used or not: their frames are
+    # still there (a later backup may dedup against them), and the next prune counts
+    # their bytes when it decides whether to repack.
+    report["blocks_removed"] = int(np.count_nonzero(delete_p[inv] | (repack_p[inv] & ~keep)))
+
+    indexed_hex = {bytes(p).ljust(32, b"\0").hex() for p in pack_ids}
+    unindexed = [n for n in backend.list("packs/") if n.rsplit("/", 1)[-1] not in indexed_hex]
+    report["unindexed_packs_deleted"] = len(unindexed)
+    pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
+    report["packs_deleted"] = int(np.count_nonzero(delete_p))
+    report["packs_repacked"] = int(np.count_nonzero(repack_p))
+    if dry_run:
+        report["bytes_freed"] = int(total_bytes[delete_p | repack_p].sum() - kept_bytes[repack_p].sum())
+        report["duration"] = time.monotonic() - t0
+        return report
+
+    for name in orphans:
+        _delete(backend, name)
+
+    # repack: kept frames of mostly-unused packs, checked, into new packs
+    new_parts = []
+    gone = set(np.flatnonzero(delete_p).tolist())
+    if repack_p.any():
+        writer = PackWriter(backend, PACK_TARGET_BYTES)
+        dctx = zstandard.ZstdDecompressor()
+        try:
+            for pi in np.flatnonzero(repack_p).tolist():
+                mine = np.flatnonzero((inv == pi) & keep)
+                name = fmt.pack_name(pack_hex[pi])
+                end = int((recs["offset"][mine] + recs["clen"][mine]).max())
+                data = memoryview(backend.read_range(name, 0, end))
+                frames = []
+                for k in mine.tolist():
+                    off, n = int(recs["offset"][k]), int(recs["clen"][k])
+                    frame = data[off : off + n]
+                    d, ulen = bytes(recs["digest"][k]), int(recs["ulen"][k])
+                    if not _frame_ok(dctx, frame, d, ulen):
+                        frames = None
+                        report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: block {d.hex()[:16]}… does not match its digest (run 'pyvbak verify')")
+                        break
+                    frames.append((d, bytes(frame), ulen))
+                if frames is None:
+                    repack_p[pi] = False  # keep the whole pack and its records
+                    report["blocks_removed"] -= int(np.count_nonzero((inv == pi) & ~keep))
+                    continue
+                for d, frame, ulen in frames:
+                    writer.add(d, frame, ulen)
+                gone.add(pi)
+            new_parts.append(writer.finish())
+        except BaseException:
+            writer.abort()
+            raise
+        report["packs_written"] = writer.packs_written
+        report["packs_repacked"] = int(np.count_nonzero(repack_p))
+
+    # 4. new index, then old indexes away, then packs away
+    drop = np.zeros(len(pack_ids), bool)
+    drop[list(gone)] = True
+    survivors = recs[~drop[inv]]
+    new_records = np.concatenate([survivors, *new_parts]) if new_parts else survivors
+    # nothing dropped, moved or deduplicated: the index files stay as they are
+    rewrite_index = len(new_records) != listed_records or bool(new_parts)
+    if rewrite_index:
+        written = set()
+        for i in range(0, len(new_records), INDEX_RECORDS_PER_FILE):
+            n = repo.write_pack_index(new_records[i : i + INDEX_RECORDS_PER_FILE])
+            if n:
+                written.add(n)
+        for name in index_names:
+            if name not in written:
+                _delete(backend, name)
+    freed = 0
+    for pi in sorted(gone):
+        freed += _delete(backend, fmt.pack_name(pack_hex[pi]))
+    for name in unindexed:
+        freed += _delete(backend, name)
+    report["bytes_freed"] = freed
+    repo._digest_index_cache = None
+    report["duration"] = time.monotonic() - t0
+    return report
+
+
+def _delete(backend, name: str) -> int:
+    """Delete ``name``; its size in bytes (0 if it was already gone)."""
+    from ..backends import ObjectMissing
+
+    try:
+        size = backend.stat(name)
+        backend.delete(name)
+        return size
+    except ObjectMissing:
+        return 0

@@ -1,0 +1,309 @@
+"""forget and prune: only unreferenced data goes, every kept snapshot still restores,
+mostly-unused packs are repacked without recompression, a prune stopped at any write or
+delete leaves a valid repository, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from images import BS, assert_one_error_line, backup_file, make_image, restore_to, same_file
+from pyvbak.cli.main import main
+from pyvbak.errors import IntegrityError
+from pyvbak.repo import format as fmt
+from pyvbak.repo.prune import forget_snapshots, prune_repository
+from pyvbak.repo.repository import Repository
+from pyvbak.repo.verify import verify_repository
+
+
+def cli(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def objects(repo) -> dict[str, int]:
+    return {n: repo.backend.stat(n) for n in repo.backend.list("") if not n.startswith("locks/")}
+
+
+def packs(repo) -> list[str]:
+    return sorted(repo.backend.list("packs/"))
+
+
+@pytest.fixture
+def two_generations(tmp_path):
+    """Snapshot A: 100 random blocks (one pack).  Snapshot B: the same disk with its
+    second half rewritten - so forgetting A leaves A's pack half unused."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "disk.img", 100 * BS, [(0, 100 * BS, "random")], seed=1)
+    a = backup_file(repo, img).snapshot_id
+    a_copy = tmp_path / "a.img"
+    a_copy.write_bytes(open(img, "rb").read())
+    with open(img, "r+b") as f:
+        f.seek(50 * BS)
+        f.write(os.urandom(50 * BS))
+    b = backup_file(repo, img).snapshot_id
+    return repo, img, a, b, a_copy
+
+
+def check_all_restore(repo, tmp_path, expected: dict) -> None:
+    for sid, image in expected.items():
+        out = tmp_path / f"check-{sid}.img"
+        restore_to(repo, sid, out, force=True)
+        assert same_file(out, image), sid
+        out.unlink()
+
+
+def test_prune_without_forget_changes_nothing(two_generations):
+    repo, *_ = two_generations
+    before = objects(repo)
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert rep["packs_deleted"] == rep["packs_repacked"] == rep["blocks_removed"] == rep["bytes_freed"] == 0
+    assert objects(repo) == before
+
+
+def test_forget_then_prune_repacks_the_half_used_pack(two_generations, tmp_path):
+    repo, img, a, b, a_copy = two_generations
+    old_packs = packs(repo)
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a)])
+    assert [s.id for s in repo.snapshots()] == [b]
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert rep["packs_repacked"] == 1 and rep["packs_written"] == 1
+    assert rep["blocks_removed"] == 50 and rep["bytes_freed"] > 45 * BS
+    new_packs = packs(repo)
+    assert len(new_packs) == 2 and len(set(new_packs) & set(old_packs)) == 1  # B's own pack stays
+    # 100 blocks, every one referenced by B, are all the index names now
+    index = repo.load_digest_index()
+    assert len(index) == 100
+    check_all_restore(repo, tmp_path, {b: img})
+    assert verify_repository(repo, threads=2)["ok"]
+
+
+def test_frames_are_copied_byte_for_byte(two_generations):
+    repo, img, a, b, _ = two_generations
+    before = {}
+    for rec in repo.load_digest_index().records:
+        before[bytes(rec["digest"])] = repo.read_block_frame(rec)
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a)])
+    with repo.lock(exclusive=True):
+        prune_repository(repo)
+    after = repo.load_digest_index()
+    assert len(after)
+    for rec in after.records:
+        assert repo.read_block_frame(rec) == before[bytes(rec["digest"])]
+
+
+def test_forget_everything_then_prune_empties_the_repository(two_generations, tmp_path):
+    repo, img, a, b, _ = two_generations
+    with repo.lock():
+        forget_snapshots(repo, repo.snapshots())
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert rep["referenced_blocks"] == 0 and rep["packs_deleted"] == rep["packs_before"] == 2
+    assert packs(repo) == [] and repo.pack_index_names() == [] and list(repo.backend.list("snapshots/")) == []
+    # the repository is still a repository: a new backup dedups against nothing and restores
+    sid = backup_file(repo, img).snapshot_id
+    check_all_restore(repo, tmp_path, {sid: img})
+
+
+def test_dry_run_deletes_nothing_and_reports_the_same_plan(two_generations):
+    repo, img, a, b, _ = two_generations
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a)])
+    before = objects(repo)
+    with repo.lock(exclusive=True):
+        dry = prune_repository(repo, dry_run=True)
+    assert objects(repo) == before
+    with repo.lock(exclusive=True):
+        real = prune_repository(repo)
+    for key in ("packs_deleted", "packs_repacked", "blocks_removed", "referenced_blocks"):
+        assert dry[key] == real[key], key
+
+
+def test_prune_removes_crash_leftovers(two_generations, tmp_path):
+    repo, img, a, b, _ = two_generations
+    # a killed backup: a block index without metadata, and a complete pack no index names
+    repo.backend.write_new("snapshots/20000101T000000Z-deadbeef.index", b"partial")
+    idx_names = repo.pack_index_names()
+    lone = make_image(tmp_path / "lone.img", 3 * BS, [(0, 3 * BS, "random")], seed=9)
+    backup_file(repo, lone, vm="lone")
+    lone_snap = repo.latest("lone", "disk0")
+    new_index = [n for n in repo.pack_index_names() if n not in idx_names]
+    forget_snapshots(repo, [lone_snap])
+    for n in new_index:
+        repo.backend.delete(n)  # its pack is now unindexed
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert rep["orphan_snapshot_indexes"] == ["snapshots/20000101T000000Z-deadbeef.index"]
+    assert rep["unindexed_packs_deleted"] == 1
+    assert not repo.backend.exists("snapshots/20000101T000000Z-deadbeef.index")
+    check_all_restore(repo, tmp_path, {b: img})
+
+
+def test_prune_stops_when_a_snapshot_index_is_unreadable(two_generations):
+    repo, img, a, b, _ = two_generations
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a)])
+    repo.backend.delete(fmt.snapshot_index_name(b))
+    before = objects(repo)
+    with repo.lock(exclusive=True), pytest.raises(IntegrityError, match="prune stopped, nothing deleted"):
+        prune_repository(repo)
+    assert objects(repo) == before
+
+
+class CrashAt:
+    """Backend wrapper: the Nth mutating call (write_new, replace, delete) raises, as if
+    the process died right there; everything before it has happened."""
+
+    class Crash(BaseException):
+        pass
+
+    def __init__(self, inner, n: int):
+        self.inner, self.n, self.calls = inner, n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def _tick(self):
+        self.calls += 1
+        if self.calls == self.n:
+            raise CrashAt.Crash()
+
+    def write_new(self, name, data):
+        self._tick()
+        return self.inner.write_new(name, data)
+
+    def replace(self, name, data):
+        self._tick()
+        return self.inner.replace(name, data)
+
+    def delete(self, name):
+        self._tick()
+        return self.inner.delete(name)
+
+
+def test_prune_stopped_at_every_step_leaves_a_valid_repository(tmp_path):
+    """Crash at each mutating call of a prune that repacks, deletes and rewrites the
+    index: the kept snapshot always restores, verify passes, and the next prune finishes
+    the job."""
+    n = 0
+    while True:
+        n += 1
+        work = tmp_path / f"run{n}"
+        work.mkdir()
+        repo = Repository.init(str(work / "repo"))
+        img = make_image(work / "disk.img", 60 * BS, [(0, 60 * BS, "random")], seed=3)
+        a = backup_file(repo, img).snapshot_id
+        gone = make_image(work / "gone.img", 20 * BS, [(0, 20 * BS, "random")], seed=4)
+        g = backup_file(repo, gone, vm="gone").snapshot_id
+        with open(img, "r+b") as f:
+            f.seek(0)
+            f.write(os.urandom(40 * BS))
+        b = backup_file(repo, img).snapshot_id
+        with repo.lock():
+            forget_snapshots(repo, [repo.resolve(a), repo.resolve(g)])
+        inner = repo.backend
+        repo.backend = CrashAt(inner, n)
+        try:
+            with repo.lock(exclusive=True):
+                prune_repository(repo)
+            finished = True
+        except CrashAt.Crash:
+            finished = False
+        repo = Repository.open(str(work / "repo"))
+        for lock in list(repo.backend.list("locks/")):  # the dead process's lock, now stale
+            repo.backend.delete(lock)
+        assert verify_repository(repo, threads=2)["ok"], f"crash at mutating call {n}"
+        check_all_restore(repo, work, {b: img})
+        with repo.lock(exclusive=True):
+            prune_repository(repo)
+        with repo.lock(exclusive=True):
+            again = prune_repository(repo)
+        assert again["packs_deleted"] == again["packs_repacked"] == again["blocks_removed"] == 0
+        assert len(repo.load_digest_index()) == 60  # exactly B's blocks remain
+        if finished:
+            assert n > 4  # the loop really crossed the writes and deletes
+            break
+
+
+# -- CLI ---------------------------------------------------------------------------------
+
+def test_cli_forget_keep_last_and_prune(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["init", str(repo)]) == 0
+    img = make_image(tmp_path / "d.img", 20 * BS, [(0, 20 * BS, "random")], seed=5)
+    ids = []
+    for i in range(3):
+        with open(img, "r+b") as f:
+            f.seek(i * BS)
+            f.write(os.urandom(BS))
+        assert main(["backup", str(img), "--repo", str(repo), "--vm", "web", "--json"]) == 0
+        ids.append(Repository.open(str(repo)).latest("web", "d").id)
+    code, out, err = cli(capsys, "forget", "--keep-last", "1", "--repo", repo, "--dry-run", "--json")
+    assert code == 0, err
+    assert json.loads(out)["forgotten"] == ids[:2]
+    assert len(Repository.open(str(repo)).snapshots()) == 3
+    code, out, err = cli(capsys, "forget", "--keep-last", "1", "--repo", repo, "--prune")
+    assert code == 0, err
+    assert "forgot 2 snapshot(s)" in out and "freed" in out
+    r = Repository.open(str(repo))
+    assert [s.id for s in r.snapshots()] == ids[2:]
+    code, out, err = cli(capsys, "restore", "web@latest", tmp_path / "out.img", "--repo", repo)
+    assert code == 0, err
+    assert same_file(tmp_path / "out.img", img)
+    code, out, err = cli(capsys, "prune", "--repo", repo, "--json")
+    assert code == 0, err
+    assert json.loads(out)["bytes_freed"] == 0
+
+
+def test_cli_forget_by_id_and_latest(two_generations, capsys):
+    repo, img, a, b, _ = two_generations
+    code, out, err = cli(capsys, "forget", "vm1/disk0@latest", "--repo", repo.location)
+    assert code == 0, err
+    assert b in out
+    code, out, err = cli(capsys, "forget", a[:12], "--repo", repo.location, "--json")
+    assert code == 0, err
+    assert json.loads(out)["forgotten"] == [a]
+    assert Repository.open(repo.location).snapshots() == []
+
+
+@pytest.mark.parametrize(
+    "args, code, needles",
+    [
+        (["forget"], 2, ("forget needs snapshot ids",)),
+        (["forget", "--vm", "x", "20990101"], 2, ("--vm only goes with --keep-last",)),
+        (["forget", "nosuchsnapshot"], 5, ("not found",)),
+        (["forget", "--keep-last", "0"], 2, ()),
+    ],
+)
+def test_cli_forget_bad_input(two_generations, capsys, args, code, needles):
+    repo, *_ = two_generations
+    before = objects(repo)
+    got, out, err = cli(capsys, *args, "--repo", repo.location)
+    assert got == code, err
+    if needles:
+        assert_one_error_line(err, *needles)
+    assert objects(repo) == before
+
+
+def test_cli_prune_refuses_while_another_process_holds_a_lock(two_generations, capsys):
+    repo, *_ = two_generations
+    before = objects(repo)
+    with repo.lock(purpose="backup"):  # a live backup (this process: alive, same host)
+        code, out, err = cli(capsys, "prune", "--repo", repo.location)
+    assert code == 8
+    assert_one_error_line(err)
+    assert objects(repo) == before
+
+
+def test_cli_prune_of_a_missing_repository(tmp_path, capsys):
+    code, out, err = cli(capsys, "prune", "--repo", tmp_path / "nope")
+    assert code == 3
+    assert_one_error_line(err, "not a pyvbak repository")

@@ -127,3 +127,31 @@ def test_qemu_killed_mid_backup_fails_cleanly_and_the_next_run_falls_back(vm, tm
     capsys.readouterr()
     assert main(["restore", "web@latest", str(out), "--repo", repo_path]) == 0
     assert out.read_bytes() == vm.read(0, vm.size)
+
+
+def test_forgetting_the_newest_snapshot_forces_a_full_scan_never_a_wrong_incremental(vm, tmp_path, capsys, monkeypatch):
+    """The dirty bitmap tracks changes since the newest backup.  Once that snapshot is
+    forgotten the next backup's parent is an older one, and an incremental through the
+    bitmap would miss what changed between the two: pyvbak must scan everything."""
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(2 * MiB))
+    _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    vm.write(4 * MiB, os.urandom(64 * 1024))  # only in the snapshot about to be forgotten
+    newest = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert newest["cbt"] is True
+    capsys.readouterr()
+    assert main(["forget", newest["id"], "--repo", repo, "--prune"]) == 0
+    vm.write(9 * MiB, os.urandom(64 * 1024))
+    after = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert after["cbt"] is False and "newer backup that is not in this repository" in after["fallback_reason"]
+    assert after["changed_blocks"] == 2  # the block of the forgotten snapshot and the new one
+    out = tmp_path / "restored.img"
+    capsys.readouterr()
+    assert main(["restore", "web@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == vm.read(0, vm.size)
+    # and the chain is healthy again
+    vm.write(10 * MiB, os.urandom(64 * 1024))
+    again = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert again["cbt"] is True and again["changed_blocks"] == 1

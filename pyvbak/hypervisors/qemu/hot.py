@@ -147,7 +147,8 @@ class QemuHotBackup(ExportSession):
                 f"named nodes: {', '.join(known) or 'none'} (fix ?node= in the qemu:// URI)"
             )
         # generations only grow, also past the ones cleaned away now: a name is never reused
-        max_gen = max([generation_of(b) or 0 for b in cleanup.gen_bitmaps(info)], default=0)
+        bitmaps_before = cleanup.gen_bitmaps(info)
+        max_gen = max([generation_of(b) or 0 for b in bitmaps_before], default=0)
         # (a) leftovers of a killed run, before anything else
         self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, self.node, prev_bitmap,
                                                          own_run=self.names.run)
@@ -160,7 +161,7 @@ class QemuHotBackup(ExportSession):
         bitmaps = cleanup.gen_bitmaps(info)
 
         # (b) can the previous bitmap be trusted?
-        reason, old = self._check_cbt(fmt, bitmaps, identity)
+        reason, old = self._check_cbt(fmt, bitmaps, identity, bitmaps_before)
         self._old_bitmap = prev_bitmap if prev_bitmap in bitmaps and not bitmaps[prev_bitmap].get("busy") else None
         if fmt in _BITMAP_FORMATS:
             gens = [max_gen, *(generation_of(b) or 0 for b in bitmaps),
@@ -239,8 +240,10 @@ class QemuHotBackup(ExportSession):
             **identity,
         }
 
-    def _check_cbt(self, fmt: str, bitmaps: dict[str, dict], identity: dict) -> tuple[str | None, str | None]:
-        """(fallback reason or None, bitmap to export or None)."""
+    def _check_cbt(self, fmt: str, bitmaps: dict[str, dict], identity: dict,
+                   bitmaps_before: dict[str, dict] | None = None) -> tuple[str | None, str | None]:
+        """(fallback reason or None, bitmap to export or None).  ``bitmaps_before``: the
+        node's generations before leftover cleanup (which removes stale ones)."""
         prev = self.previous_state
         if fmt not in _BITMAP_FORMATS:
             return (f"node '{self.node}' has format '{fmt}', which cannot store persistent dirty bitmaps "
@@ -256,6 +259,10 @@ class QemuHotBackup(ExportSession):
             return f"the node now holds image {identity['image']}, the previous backup read {prev['image']}", None
         b = bitmaps.get(name)
         if b is None:
+            newer = sorted(n for n in (bitmaps_before or bitmaps) if (generation_of(n) or 0) > (generation_of(name) or 0))
+            if newer:  # a later backup rotated it away, and its snapshot is not the parent now
+                return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of a "
+                        f"newer backup that is not in this repository (forgotten, or made into another repository)"), None
             return (f"dirty bitmap {name} is gone from node '{self.node}' (deleted by someone else, or the "
                     f"VM restarted from an image without it)"), None
         if b.get("inconsistent"):

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
-import shutil
-import subprocess
-import tempfile
 from typing import Optional
 
 import typer
@@ -23,6 +19,8 @@ from .common import RepoOption, human_bytes, open_repository
 
 
 def _tool(name: str) -> str:
+    import shutil
+
     path = shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.path.exists(p)), None)
     if not path:
         raise SourceError(f"the demo needs {name}: install the Debian package 'e2fsprogs'")
@@ -58,6 +56,11 @@ def demo(
     keep: bool = typer.Option(False, "--keep", help="Keep the demo work directory."),
 ) -> None:
     """Run the main job on a built-in demo disk: backup, change, backup, restore, check."""
+    import random
+    import shutil
+    import subprocess
+    import tempfile
+
     from ..engine.backup import run_backup
     from ..repo.restore import restore_snapshot
     from ..sources.file import FileSource

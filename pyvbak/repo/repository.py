@@ -16,7 +16,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import resources
 
 import numpy as np
 
@@ -187,6 +186,8 @@ class Repository:
             if os.path.exists(os.path.join(location, fmt.CONFIG_NAME)):
                 raise RepositoryError(f"{location} already holds a pyvbak repository")
             raise RepositoryError(f"{location} is not empty: give an empty or new directory for the repository")
+        from importlib import resources  # only init needs it (~8 ms of every start-up otherwise)
+
         backend = open_backend(location)
         config = RepoConfig(secrets.token_hex(16), fmt.FORMAT_VERSION, block_size, level, secrets.token_bytes(16))
         # Helpers first, config last: a directory without config is not a repository yet.

@@ -55,7 +55,7 @@ class Qmp:
 
 
 class FakeVM:
-    def __init__(self, tmp: Path, size: int = 16 * MiB):
+    def __init__(self, tmp: Path, size: int = 16 * MiB, extra_monitors: int = 0):
         require_tool("qemu-storage-daemon", "qemu-system-common")
         require_tool("qemu-img", "qemu-utils")
         require_tool("fusermount3", "fuse3")
@@ -65,6 +65,8 @@ class FakeVM:
         self.qmp_path = tmp / "qmp.sock"
         self.ctl_path = tmp / "ctl.sock"
         self.guest_path = tmp / "guest.img"
+        # more QMP sockets for pyvbak (a VM managed by several tools has several monitors)
+        self.extra_qmp_paths = [tmp / f"qmp{i + 2}.sock" for i in range(extra_monitors)]
         self.proc: subprocess.Popen | None = None
         self._ctl: Qmp | None = None
 
@@ -84,6 +86,8 @@ class FakeVM:
              "--monitor", "chardev=qmp0",
              "--chardev", f"socket,path={self.ctl_path},server=on,wait=off,id=ctl0",
              "--monitor", "chardev=ctl0",
+             *[a for i, p in enumerate(self.extra_qmp_paths)
+               for a in ("--chardev", f"socket,path={p},server=on,wait=off,id=qmpx{i}", "--monitor", f"chardev=qmpx{i}")],
              "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={self.guest_path},writable=on"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
@@ -132,6 +136,10 @@ class FakeVM:
     def pyvbak_nodes(self) -> list[str]:
         return [n["node-name"] for n in self.ctl.cmd("query-named-block-nodes", flat=True)
                 if n["node-name"].startswith("pyvbak-")]
+
+    def pyvbak_objects(self) -> list[str]:
+        """QOM objects pyvbak made (the per-VM session locks)."""
+        return sorted(o["name"] for o in self.ctl.cmd("qom-list", path="/objects") if o["name"].startswith("pyvbak-"))
 
     def exports(self) -> list[str]:
         return [e["id"] for e in self.ctl.cmd("query-block-exports")]

@@ -38,6 +38,7 @@ def work(tmp_path):
 def assert_clean(vm: FakeVM, work: Path):
     assert vm.exports() == ["guest"]
     assert vm.pyvbak_nodes() == []
+    assert vm.pyvbak_objects() == []  # the session lock is released
     assert vm.jobs() == []
     assert not work.exists() or list(work.iterdir()) == []
 
@@ -203,8 +204,10 @@ def test_kill9_leftovers_cleaned_by_next_run(vm, work):
     assert len(vm.exports()) == 2 and vm.pyvbak_nodes() and vm.jobs()
     assert set(vm.bitmaps()) == {"pyvbak-gen-1", "pyvbak-gen-2"}
 
+    assert len(vm.pyvbak_objects()) == 1  # the killed run's session lock stays behind
     with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
         cleaned = " | ".join(s.cleaned_leftovers)
+        assert "session lock" in cleaned and "of a dead run" in cleaned
         assert "NBD export" in cleaned and "job" in cleaned and "fleecing node" in cleaned
         assert "fleece.qcow2" in cleaned and "merged back into pyvbak-gen-1" in cleaned
         assert s.fallback_reason is None
@@ -313,3 +316,121 @@ def test_raw_node_is_backed_up_without_cbt(vm, work, tmp_path):
         s.commit()
     assert_clean(vm, work)
     assert vm.bitmaps("rawdisk") == {}
+
+
+# -- one session per VM (session_lock) -------------------------------------------------
+
+
+def live_pid():
+    """A process that is alive for the test's duration (not this one)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    return p
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def foreign_lock(vm, pid: int, started: float) -> str:
+    name = f"pyvbak-{pid}-beef-lock"
+    vm.ctl.cmd("object-add", **{"qom-type": "secret", "id": name, "data": f"{started:.6f}"})
+    return name
+
+
+def test_a_second_session_on_the_same_vm_is_refused_whatever_its_work_dir(vm, tmp_path):
+    """A session that started earlier and is alive holds the VM: a new one fails before
+    touching anything, and leaves the other's lock alone."""
+    import time
+
+    other = live_pid()
+    try:
+        name = foreign_lock(vm, other.pid, time.time() - 5)
+        before = set(vm.bitmaps())
+        with pytest.raises(SourceError, match=rf"another pyvbak session \(pid {other.pid}.*wait for it to finish"):
+            with QemuHotBackup(vm.uri, previous_state=None, work_dir=tmp_path / "elsewhere"):
+                pass
+        assert vm.pyvbak_objects() == [name]
+        assert set(vm.bitmaps()) == before and vm.pyvbak_nodes() == [] and vm.exports() == ["guest"]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_later_session_backs_off_not_the_earlier_one(vm, work):
+    """Two sessions racing: the one that started first wins (a lock newer than ours is a
+    session that will back off when it sees ours)."""
+    import time
+
+    other = live_pid()
+    try:
+        name = foreign_lock(vm, other.pid, time.time() + 3600)
+        backup(vm, work)
+        assert vm.pyvbak_objects() == [name]  # ours released, theirs untouched
+        assert vm.pyvbak_nodes() == [] and vm.jobs() == []
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_lock_of_a_killed_run_is_removed_and_reported(vm, work):
+    import time
+
+    name = foreign_lock(vm, dead_pid(), time.time() - 60)
+    with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
+        assert any(name in line and "dead run" in line for line in s.cleaned_leftovers)
+        s.commit()
+    assert_clean(vm, work)
+
+
+def test_concurrent_sessions_exactly_one_wins(tmp_path):
+    """Two processes, each on its own QMP monitor of the same VM and with its own work
+    dir, start a session at the same moment; a session that gets in stays in until the
+    test releases it.  Exactly one gets in, the other is refused with the one-line
+    message, and nothing is left afterwards.  (On one monitor QEMU itself serialises
+    them: it serves one QMP client at a time.)"""
+    (tmp_path / "vm").mkdir()
+    vm = FakeVM(tmp_path / "vm", extra_monitors=1).start()
+    try:
+        _concurrent_sessions(vm, tmp_path, [vm.uri, f"qemu://{vm.extra_qmp_paths[0]}?node=disk0"])
+    finally:
+        vm.stop()
+
+
+def _concurrent_sessions(vm, tmp_path, uris):
+    script = (
+        "import os, sys, time; from pyvbak.hypervisors.qemu import QemuHotBackup\n"
+        "from pyvbak.errors import SourceError\n"
+        "uri, work, flag, release = sys.argv[1:]\n"
+        "try:\n"
+        "    with QemuHotBackup(uri, previous_state=None, work_dir=work) as s:\n"
+        "        open(flag, 'w').close()\n"
+        "        deadline = time.monotonic() + 60\n"
+        "        while not os.path.exists(release) and time.monotonic() < deadline:\n"
+        "            time.sleep(0.01)\n"
+        "        s.commit()\n"
+        "    print('OK')\n"
+        "except SourceError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for attempt in range(3):
+        d = tmp_path / f"a{attempt}"
+        d.mkdir()
+        release = d / "release"
+        flags = [d / f"in-{i}" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", script, uris[i], str(d / f"work{i}"), str(flags[i]), str(release)],
+                                  stdout=subprocess.PIPE, text=True, env=env) for i in range(2)]
+        try:
+            # one is in and the other has given up: the refused one exits on its own
+            wait_until(lambda: sum(f.exists() for f in flags) >= 1 and any(p.poll() is not None for p in procs),
+                       timeout=60, what="one session in, the other refused")
+            assert sum(f.exists() for f in flags) == 1  # never both at once
+        finally:
+            release.touch()
+            outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+        assert sorted(o.split()[0] for o in outs) == ["OK", "REFUSED"], outs
+        refused = next(o for o in outs if o.startswith("REFUSED"))
+        assert "another pyvbak session" in refused and len(refused.splitlines()) == 1, refused
+        assert vm.pyvbak_objects() == [] and vm.pyvbak_nodes() == [] and vm.exports() == ["guest"]

@@ -28,6 +28,8 @@ from pyvbak.errors import SourceError
 from ..resources import pid_alive
 from .naming import GEN_PREFIX, PREFIX, generation_of, pid_of_run, run_of
 from .qmp import QmpClient, QmpError
+from .session_lock import release as release_lock
+from .session_lock import session_locks
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
@@ -137,6 +139,17 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
                 f"another pyvbak session (pid {pid}, run {run}) is active on this VM or work dir "
                 f"{work_dir}; wait for it to finish (QEMU serves one NBD server per VM)"
             )
+    # Session locks of dead runs go; a live one is a session that is about to back off
+    # (session_lock orders them), never a reason to stop this one.
+    for lock in session_locks(qmp):
+        run = run_of(lock)
+        if run is None or run == own_run:
+            continue
+        pid = pid_of_run(run)
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        release_lock(qmp, lock)
+        cleaned.append(f"session lock {lock} of a dead run")
 
     def mine(name: str) -> bool:
         r = run_of(name)

@@ -33,6 +33,7 @@ from pyvbak.errors import Interrupted, SourceError, UsageError
 from .session import ExportSession
 from ..resources import TerminationGuard
 from . import cleanup
+from . import session_lock
 from .naming import GEN_PREFIX, RunNames, bitmap_name, generation_of, new_run_id
 from .qmp import QmpClient, QmpError
 
@@ -113,6 +114,7 @@ class QemuHotBackup(ExportSession):
         self._old_bitmap: str | None = None       # previous generation, if present on the node
         self._old_disabled_by_us = False
         self._new_bitmap: str | None = None
+        self._lock: str | None = None             # the VM's session lock object, once held
 
     # -- public API --------------------------------------------------------------
 
@@ -135,6 +137,8 @@ class QemuHotBackup(ExportSession):
     def _setup(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         qmp = self._qmp = QmpClient(self.qmp_path, timeout=self.qmp_timeout).connect()
+        # one pyvbak session per VM, whatever work dir or repository the other one uses
+        self._lock = session_lock.acquire(qmp, self.names.run)
         prev_bitmap = (self.previous_state or {}).get("bitmap")
 
         info = cleanup.node_info(qmp, self.node)
@@ -354,6 +358,8 @@ class QemuHotBackup(ExportSession):
                 step(f"removing node {n.fleece_node}", cleanup.remove_node, qmp, n.fleece_node)
             if self._job_started:
                 step("settling dirty bitmaps", self._settle_bitmaps, qmp, failed)
+            if self._lock is not None:  # last: another session may start once it is gone
+                step("releasing the session lock", session_lock.release, qmp, self._lock)
         elif self._job_started or self._fleece_node_added:
             errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
         for p in (n.fleece_file, n.nbd_socket):

@@ -4,6 +4,7 @@ Every resource carries the prefix ``pyvbak-`` and a run id ``<pid>-<4 hex>`` so 
 later run can tell (a) that pyvbak made it and (b) whether the process that made it is
 still alive.  QEMU node names are limited to 31 characters, which bounds the run id.
 
+  session lock (QOM object) pyvbak-<run>-lock   (session_lock.py)
   export / NBD export name   pyvbak-<run>
   fleecing qcow2 node        pyvbak-<run>-fl
   copy-before-write filter   pyvbak-<run>-cbw

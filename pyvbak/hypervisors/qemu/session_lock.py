@@ -1,0 +1,89 @@
+"""One pyvbak session per VM, enforced inside QEMU itself.
+
+Two pyvbak processes backing up the same VM would fight over its one NBD server and
+rotate the same dirty bitmaps, and they need not share a work directory (different
+users, jobs or repositories), so the lock lives in the VM: a QOM object
+``/objects/pyvbak-<run>-lock`` (a ``secret`` - the one object type every QEMU build,
+qemu-storage-daemon included, can create - whose data is the time the session started).
+``object-add`` of an id is atomic; ordering the sessions makes the lock fair:
+
+1. create our object;
+2. list the ``pyvbak-*-lock`` objects; for every other one whose process (the pid in its
+   run id) is alive, the session that started first - (time, run id) - wins;
+3. if another live session is first, delete ours and fail with a clear message.
+
+Two sessions racing through 1-2 both see both objects and agree on the winner.  A
+``kill -9`` leaves the object behind; it carries the dead run's id, so the next run's
+leftover cleanup removes it (``cleanup.clean_leftovers``).  QEMU restarting removes it too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pyvbak.errors import SourceError
+
+from ..resources import pid_alive
+from .naming import PREFIX, pid_of_run, run_of
+from .qmp import QmpClient, QmpError
+
+LOCK_SUFFIX = "-lock"
+
+
+def lock_id(run: str) -> str:
+    return f"{PREFIX}{run}{LOCK_SUFFIX}"
+
+
+def session_locks(qmp: QmpClient) -> list[str]:
+    """Ids of every pyvbak session lock object in the VM."""
+    try:
+        props = qmp.execute("qom-list", path="/objects")
+    except QmpError:
+        return []
+    return [p["name"] for p in props if p.get("name", "").startswith(PREFIX) and p["name"].endswith(LOCK_SUFFIX)
+            and run_of(p["name"]) is not None]
+
+
+def _started(qmp: QmpClient, obj: str) -> float | None:
+    try:
+        return float(qmp.execute("qom-get", path=f"/objects/{obj}", property="data"))
+    except (QmpError, ValueError, TypeError):
+        return None  # gone meanwhile, or not ours to read
+
+
+def acquire(qmp: QmpClient, run: str) -> str:
+    """Take the VM's session lock for ``run``; returns the object id (release with
+    ``release``).  SourceError naming the other session if one that is alive holds it."""
+    me = lock_id(run)
+    started = time.time()
+    qmp.execute("object-add", **{"qom-type": "secret", "id": me, "data": f"{started:.6f}"})
+    try:
+        for other in session_locks(qmp):
+            orun = run_of(other)
+            if other == me or orun is None:
+                continue
+            pid = pid_of_run(orun)
+            if pid != os.getpid() and not pid_alive(pid):
+                continue  # a killed run's lock: leftover cleanup removes it
+            t = _started(qmp, other)
+            if t is None:
+                continue
+            if (t, orun) < (started, run):
+                raise SourceError(
+                    f"another pyvbak session (pid {pid}, run {orun}) is backing up this VM since "
+                    f"{time.strftime('%H:%M:%S', time.localtime(t))}; wait for it to finish"
+                )
+    except BaseException:
+        release(qmp, me)
+        raise
+    return me
+
+
+def release(qmp: QmpClient, obj: str) -> None:
+    """Delete a lock object; absent already is fine."""
+    try:
+        qmp.execute("object-del", id=obj)
+    except QmpError as e:
+        if "not found" not in e.desc.lower() and "no object" not in e.desc.lower():
+            raise

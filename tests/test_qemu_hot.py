@@ -434,3 +434,54 @@ def _concurrent_sessions(vm, tmp_path, uris):
         refused = next(o for o in outs if o.startswith("REFUSED"))
         assert "another pyvbak session" in refused and len(refused.splitlines()) == 1, refused
         assert vm.pyvbak_objects() == [] and vm.pyvbak_nodes() == [] and vm.exports() == ["guest"]
+
+
+# -- fleecing never fails a guest write (fleece_guard) ---------------------------------
+
+
+def low_space_switch(monkeypatch, low: bool):
+    from pyvbak.hypervisors.qemu import fleece_guard
+
+    state = {"low": low}
+    real = fleece_guard.free_bytes
+
+    def fake(path):
+        free, size = real(path)
+        return (0 if state["low"] else free), size
+
+    monkeypatch.setattr(fleece_guard, "free_bytes", fake)
+    return state
+
+
+def test_work_dir_running_out_of_space_breaks_the_backup_not_the_guest(vm, work, monkeypatch):
+    from pyvbak.hypervisors import SessionSource
+
+    s1, _ = backup(vm, work)
+    state = low_space_switch(monkeypatch, low=False)
+    with pytest.raises(SourceError, match=r"stopped the backup: work dir .* the VM was not affected"):
+        with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
+            with s.open_source() as nbd:
+                src = SessionSource(s, nbd)
+                assert len(src.read(0, K64)) == K64  # fine while there is room
+                vm.write(0, b"a" * K64)  # copied into the fleecing file first
+                state["low"] = True
+                wait_until(lambda: s.broken, timeout=10, what="the guard to break the backup")
+                wait_until(lambda: vm.jobs() == [], timeout=10, what="the fleecing job to be cancelled")
+                vm.write(MiB, b"b" * K64)  # the guest keeps writing, straight to its disk
+                src.read(0, K64)  # the view is no longer frozen: refused
+    assert_clean(vm, work)
+    assert vm.read(0, K64) == b"a" * K64 and vm.read(MiB, K64) == b"b" * K64
+    bm = vm.bitmaps()
+    # both writes are in the bitmap the last good backup recorded: the next one sees them
+    assert set(bm) == {"pyvbak-gen-1"} and bm["pyvbak-gen-1"]["recording"] and bm["pyvbak-gen-1"]["count"] == 2 * K64
+
+
+def test_no_backup_starts_without_room_for_the_copies(vm, work, monkeypatch):
+    s1, _ = backup(vm, work)
+    low_space_switch(monkeypatch, low=True)
+    before = vm.bitmaps()
+    with pytest.raises(SourceError, match=r"cannot start the backup: work dir .* free space there or set PYVBAK_WORK_DIR"):
+        with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work):
+            pass
+    assert_clean(vm, work)
+    assert vm.bitmaps() == before

@@ -38,11 +38,22 @@ class SessionSource:
         self.description = session.description
         self.size = nbd.size
 
+    def _check(self) -> None:
+        if self.session.broken:
+            from ..errors import SourceError
+
+            raise SourceError(self.session.broken)
+
     def read(self, offset: int, length: int) -> bytes:
-        return self.nbd.read(offset, length)
+        self._check()
+        data = self.nbd.read(offset, length)
+        self._check()  # after too: data that arrived once the view broke is not trusted
+        return data
 
     def extents(self):
-        return self.nbd.extents()
+        out = list(self.nbd.extents())
+        self._check()
+        return out
 
     def change_tracking(self, previous_state):
         from ..sources.base import ChangeTracking

@@ -33,7 +33,7 @@ from pyvbak.errors import Interrupted, SourceError, UsageError
 from .session import ExportSession
 from ..resources import TerminationGuard
 from . import cleanup
-from . import session_lock
+from . import fleece_guard, session_lock
 from .naming import GEN_PREFIX, RunNames, bitmap_name, generation_of, new_run_id
 from .qmp import QmpClient, QmpError
 
@@ -115,6 +115,7 @@ class QemuHotBackup(ExportSession):
         self._old_disabled_by_us = False
         self._new_bitmap: str | None = None
         self._lock: str | None = None             # the VM's session lock object, once held
+        self._space_guard: fleece_guard.FleeceSpaceGuard | None = None
 
     # -- public API --------------------------------------------------------------
 
@@ -178,7 +179,11 @@ class QemuHotBackup(ExportSession):
         if self.verify_cbt and reason is None:
             self.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
 
-        # (c) the fleecing image
+        # (c) the fleecing image - only with room for the copies the guest's writes cause
+        free, fs_size = fleece_guard.free_bytes(str(self.work_dir))
+        if free < fleece_guard.reserve_for(fs_size):
+            raise SourceError("cannot start the backup: " + fleece_guard.low_space_message(
+                str(self.work_dir), free, fleece_guard.reserve_for(fs_size), self.node))
         self._write_journal()
         self._create_fleece_file(info)
         # flags are set BEFORE each creating command: if a signal lands between sending it
@@ -234,6 +239,8 @@ class QemuHotBackup(ExportSession):
         self._export_added = True
         try_create(qmp, "block-export-add", lambda: setattr(self, "_export_added", False), **export)
         self.nbd_uri = f"nbd+unix:///{self.names.export}?socket={sock}"
+        # from now on guest writes are copied into the work dir: never let that fill up
+        self._space_guard = fleece_guard.FleeceSpaceGuard(str(self.work_dir), self._on_low_space).start()
 
         self.change_tracking_state = {
             "kind": STATE_KIND,
@@ -337,9 +344,19 @@ class QemuHotBackup(ExportSession):
         if pending is not None and exc is None:
             raise Interrupted("interrupted by a signal during cleanup; cleanup was completed first")
 
+    def _on_low_space(self, free: int, reserve: int) -> None:
+        """Guard thread: break the backup, not the guest (see fleece_guard)."""
+        # broken first: a read that completes from now on may see post-cancel data
+        self.broken = "stopped the backup: " + fleece_guard.low_space_message(str(self.work_dir), free, reserve, self.node)
+        cleanup.cancel_job(self._qmp, self.names.job)
+
     def _cleanup(self, failed: bool, errors: list[str]) -> None:
         qmp = self._qmp
         n = self.names
+        if self._space_guard is not None:
+            self._space_guard.stop()
+            if self._space_guard.error is not None:
+                errors.append(f"work-dir space guard: {self._space_guard.error}")
 
         def step(what: str, fn, *args):
             try:

@@ -10,6 +10,8 @@ class ExportSession:
 
     nbd_uri: str | None = None
     dirty_bitmap: str | None = None
+    #: why the frozen view can no longer be trusted (set from another thread), else None
+    broken: str | None = None
     _committed = False
 
     def commit(self) -> None:

@@ -66,9 +66,13 @@ def _click_exception_types() -> tuple[type, ...]:
     """Typer >= 0.20 raises the exceptions of its vendored click (``typer._click``), which
     are not ``click.exceptions.ClickException``: match both, or usage errors escape as
     tracebacks with exit code 1."""
-    import click
-
-    types: list[type] = [click.exceptions.ClickException]
+    types: list[type] = []
+    try:  # typer < 0.20 depends on click; later ones vendor it and need not install click
+        import click
+    except ImportError:
+        pass
+    else:
+        types.append(click.exceptions.ClickException)
     try:
         from typer._click import exceptions as vendored
     except ImportError:

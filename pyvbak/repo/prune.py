@@ -28,7 +28,6 @@ the next prune) and duplicate index entries (harmless).
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 import numpy as np
@@ -37,7 +36,7 @@ import zstandard
 from ..errors import IntegrityError, PyvbakError
 from . import format as fmt
 from .packer import PackWriter
-from .reader import raw_frame_content
+from .reader import decode_block
 from .repository import PACK_TARGET_BYTES
 
 #: repack a pack once this share of its frame bytes is unused (restic's default
@@ -73,16 +72,6 @@ def keep_last_selection(snaps, keep_last: int) -> list:
     for group in groups.values():
         out.extend(group[: max(0, len(group) - keep_last)])
     return out
-
-
-def _frame_ok(dctx, frame: memoryview, digest: bytes, ulen: int) -> bool:
-    try:
-        data = raw_frame_content(frame, ulen)
-        if data is None:
-            data = dctx.decompress(frame)
-    except zstandard.ZstdError:
-        return False
-    return len(data) == ulen and hashlib.sha256(data).digest() == digest
 
 
 def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPACK_UNUSED) -> dict:
@@ -196,7 +185,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
                     off, n = int(recs["offset"][k]), int(recs["clen"][k])
                     frame = data[off : off + n]
                     d, ulen = bytes(recs["digest"][k]), int(recs["ulen"][k])
-                    if not _frame_ok(dctx, frame, d, ulen):
+                    if decode_block(dctx, frame, ulen, d)[1] is not None:
                         frames = None
                         report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: block {d.hex()[:16]}… does not match its digest (run 'pyvbak verify')")
                         break

@@ -60,6 +60,20 @@ def raw_frame_content(frame: memoryview, ulen: int) -> memoryview | None:
     return frame[pos + 3 : end]
 
 
+def decode_block(dctx, frame: memoryview, ulen: int, digest: bytes):
+    """``(data, None)`` when ``frame`` holds the ``ulen``-byte block named ``digest``, else
+    ``(None, reason)``.  ``data`` may be a view into ``frame`` (raw frames are not copied)."""
+    try:
+        data = raw_frame_content(frame, ulen)
+        if data is None:
+            data = dctx.decompress(frame)
+    except zstandard.ZstdError as exc:
+        return None, f"has a corrupt frame ({exc})"
+    if len(data) != ulen or hashlib.sha256(data).digest() != digest:
+        return None, "does not match its digest"
+    return data, None
+
+
 def _groups(recs: np.ndarray):
     """Yield (pack_hex, start, end, [k...]) ranges; recs sorted by (pack, offset)."""
     # Plain lists: this runs on the main thread, and numpy scalar indexing per record
@@ -135,16 +149,9 @@ def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> 
         d = dctx()
         for k in members:
             off = offs[k] - start
-            frame = view[off : off + clens[k]]
-            try:
-                data = raw_frame_content(frame, ulens[k])
-                if data is None:
-                    data = d.decompress(frame)
-            except zstandard.ZstdError as exc:
-                on_error(k, f"block frame in pack {pack_hex[:16]}… is corrupt ({exc})")
-                continue
-            if len(data) != ulens[k] or hashlib.sha256(data).digest() != digests[k]:
-                on_error(k, f"block in pack {pack_hex[:16]}… does not match its digest")
+            data, problem = decode_block(d, view[off : off + clens[k]], ulens[k], digests[k])
+            if problem is not None:
+                on_error(k, f"block in pack {pack_hex[:16]}… {problem}")
                 continue
             on_block(k, data)
 

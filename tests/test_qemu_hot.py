@@ -485,3 +485,22 @@ def test_no_backup_starts_without_room_for_the_copies(vm, work, monkeypatch):
             pass
     assert_clean(vm, work)
     assert vm.bitmaps() == before
+
+
+def test_a_lock_this_process_leaked_does_not_block_its_next_session(vm, work):
+    """A lock with this process's pid whose session is not running here (leaked, e.g. a
+    signal right after object-add) is stale: the next session cleans it and proceeds."""
+    import time
+
+    from pyvbak.hypervisors.qemu import session_lock
+
+    name = foreign_lock(vm, os.getpid(), time.time() - 60)
+    with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
+        assert any(name in line for line in s.cleaned_leftovers)
+        s.commit()
+    assert_clean(vm, work)
+    # releasing an already-released lock is fine
+    from pyvbak.hypervisors.qemu.qmp import QmpClient
+
+    with QmpClient(vm.qmp_path).connect() as q:
+        session_lock.release(q, name)

@@ -29,6 +29,7 @@ from ..resources import pid_alive
 from .naming import GEN_PREFIX, PREFIX, generation_of, pid_of_run, run_of
 from .qmp import QmpClient, QmpError
 from .session_lock import release as release_lock
+from .session_lock import is_live as lock_is_live
 from .session_lock import session_locks
 
 
@@ -145,8 +146,7 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
         run = run_of(lock)
         if run is None or run == own_run:
             continue
-        pid = pid_of_run(run)
-        if pid == os.getpid() or pid_alive(pid):
+        if lock_is_live(run):
             continue
         release_lock(qmp, lock)
         cleaned.append(f"session lock {lock} of a dead run")

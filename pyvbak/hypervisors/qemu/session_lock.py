@@ -20,6 +20,7 @@ leftover cleanup removes it (``cleanup.clean_leftovers``).  QEMU restarting remo
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from pyvbak.errors import SourceError
@@ -29,6 +30,21 @@ from .naming import PREFIX, pid_of_run, run_of
 from .qmp import QmpClient, QmpError
 
 LOCK_SUFFIX = "-lock"
+
+# Runs of this process that hold a lock: a lock carrying this process's pid but not
+# listed here was leaked (e.g. a signal between object-add and the session recording it)
+# and is as stale as a dead process's.
+_held: set[str] = set()
+_held_lock = threading.Lock()
+
+
+def is_live(run: str) -> bool:
+    """Whether the session ``run`` may still be running."""
+    pid = pid_of_run(run)
+    if pid == os.getpid():
+        with _held_lock:
+            return run in _held
+    return pid_alive(pid)
 
 
 def lock_id(run: str) -> str:
@@ -57,15 +73,22 @@ def acquire(qmp: QmpClient, run: str) -> str:
     ``release``).  SourceError naming the other session if one that is alive holds it."""
     me = lock_id(run)
     started = time.time()
-    qmp.execute("object-add", **{"qom-type": "secret", "id": me, "data": f"{started:.6f}"})
+    with _held_lock:
+        _held.add(run)
+    try:
+        qmp.execute("object-add", **{"qom-type": "secret", "id": me, "data": f"{started:.6f}"})
+    except BaseException:
+        with _held_lock:
+            _held.discard(run)
+        raise
     try:
         for other in session_locks(qmp):
             orun = run_of(other)
             if other == me or orun is None:
                 continue
             pid = pid_of_run(orun)
-            if pid != os.getpid() and not pid_alive(pid):
-                continue  # a killed run's lock: leftover cleanup removes it
+            if not is_live(orun):
+                continue  # a killed (or leaked) run's lock: leftover cleanup removes it
             t = _started(qmp, other)
             if t is None:
                 continue
@@ -87,3 +110,7 @@ def release(qmp: QmpClient, obj: str) -> None:
     except QmpError as e:
         if "not found" not in e.desc.lower() and "no object" not in e.desc.lower():
             raise
+    run = run_of(obj)
+    if run is not None:
+        with _held_lock:
+            _held.discard(run)

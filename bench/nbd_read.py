@@ -22,7 +22,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,21 +29,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pyvbak.hypervisors.qemu.cleanup import socket_listening  # noqa: E402
 from pyvbak.sources.nbd import NbdSource  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
 
 MiB = 1 << 20
 
-
-
-def listening(path: str) -> bool:
-    # the socket file exists from bind(), a moment before listen(): probe with connect
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
 
 
 def make_image(path: str, size: int) -> None:
@@ -109,7 +99,7 @@ def main() -> int:
         proc = subprocess.Popen(["qemu-nbd", "-t", "-r", "-e", "4", "-f", "raw", "--socket", sock, image],
                                 stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while not listening(sock):
+        while not socket_listening(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"qemu-nbd did not start: {proc.stderr.read().decode(errors='replace')}")
             time.sleep(0.01)

@@ -92,30 +92,12 @@ def pyvbak_cmd() -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
-class Qmp:
-    def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rwb")
-        json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
+def Qmp(path: str):
+    """The bench's control connection to the stand-in VM: pyvbak's own QMP client (the
+    bench measures the backup, not QMP; the minimal NBD client below stays independent)."""
+    from pyvbak.hypervisors.qemu.qmp import QmpClient
 
-    def cmd(self, name: str, /, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        self.f.flush()
-        while True:
-            msg = json.loads(self.f.readline())
-            if "return" in msg:
-                return msg["return"]
-            if "error" in msg:
-                raise RuntimeError(f"{name}: {msg['error']['desc']}")
-
-    def close(self):
-        try:
-            self.f.close()
-        finally:
-            self.sock.close()
+    return QmpClient(path, timeout=30).connect()
 
 
 class BenchVM:
@@ -175,7 +157,7 @@ class BenchVM:
 
     def wait_export_gone(self, q: "Qmp", exp_id: str, timeout: float = 10) -> None:
         deadline = time.monotonic() + timeout
-        while any(e.get("id") == exp_id for e in q.cmd("query-block-exports")):
+        while any(e.get("id") == exp_id for e in q.execute("query-block-exports")):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"export {exp_id} still present after {timeout} s")
             time.sleep(0.005)
@@ -185,14 +167,14 @@ class BenchVM:
         export takes the RESIZE permission and an NBD export unshares it, so the two cannot
         coexist on disk0; a real guest device (virtio-blk) does not take RESIZE, and a
         read-only NBD export of its node is allowed.  The guest is idle here anyway."""
-        q.cmd("block-export-del", id="guest")
+        q.execute("block-export-del", id="guest")
         self.wait_export_gone(q, "guest")
         deadline = time.monotonic() + 10
         while self.mounted() and time.monotonic() < deadline:
             time.sleep(0.005)
 
     def attach_guest(self, q: "Qmp") -> None:
-        q.cmd("block-export-add", type="fuse", id="guest", **{"node-name": "disk0"},
+        q.execute("block-export-add", type="fuse", id="guest", **{"node-name": "disk0"},
               mountpoint=self.guest, writable=True)
         deadline = time.monotonic() + 10
         while not self.mounted():
@@ -203,7 +185,7 @@ class BenchVM:
     def bitmaps(self) -> list[str]:
         q = Qmp(self.ctl_path)
         try:
-            for n in q.cmd("query-named-block-nodes", flat=True):
+            for n in q.execute("query-named-block-nodes", flat=True):
                 if n["node-name"] == "disk0":
                     return [b.get("name") for b in n.get("dirty-bitmaps", [])]
             return []
@@ -385,9 +367,9 @@ def baseline_qemu_nbd(vm: "BenchVM", blocks: np.ndarray, threads: int, readers: 
         vm.detach_guest(q)  # outside the clock; see BenchVM.detach_guest
         detached = True
         t0 = time.perf_counter()
-        q.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
+        q.execute("nbd-server-start", addr={"type": "unix", "data": {"path": sock}})
         started = True
-        q.cmd("block-export-add", type="nbd", id=exp_id, **{"node-name": "disk0"}, name=name, writable=False)
+        q.execute("block-export-add", type="nbd", id=exp_id, **{"node-name": "disk0"}, name=name, writable=False)
         added = True
         conns = [MiniNbd(sock, name) for _ in range(readers)]
         setup = time.perf_counter() - t0
@@ -431,9 +413,9 @@ def baseline_qemu_nbd(vm: "BenchVM", blocks: np.ndarray, threads: int, readers: 
             c.close()
         try:
             if added:
-                q.cmd("block-export-del", id=exp_id)
+                q.execute("block-export-del", id=exp_id)
             if started:
-                q.cmd("nbd-server-stop")  # closes every NBD export and waits for them
+                q.execute("nbd-server-stop")  # closes every NBD export and waits for them
             if added:
                 vm.wait_export_gone(q, exp_id)
             if detached:

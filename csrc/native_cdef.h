@@ -26,3 +26,7 @@ int pv_scan_fd(int fd, uint64_t offset, uint64_t length, uint32_t block_size,
 int64_t pv_changed_blocks(const uint8_t *old_zero, const uint64_t *old_hash, uint64_t old_n,
                           const uint8_t *new_zero, const uint64_t *new_hash, uint64_t new_n,
                           int64_t *out);
+int pv_sha256_available(void);
+int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out);
+int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t *lens, uint64_t n,
+                     uint8_t *out);

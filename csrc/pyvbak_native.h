@@ -60,4 +60,13 @@ int64_t pv_changed_blocks(const uint8_t *old_zero, const uint64_t *old_hash, uin
                           const uint8_t *new_zero, const uint64_t *new_hash, uint64_t new_n,
                           int64_t *out);
 
+/* SHA-256 (block names) with the SHA-NI kernel in sha256.c: 1 if it runs on this CPU. */
+int pv_sha256_available(void);
+/* SHA-256 of n messages, msgs[i] of lens[i] bytes, into out[32*i .. 32*i+32).  Neighbours
+ * of equal length are hashed two at a time.  PV_ERR_KERNEL without the SHA extensions. */
+int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out);
+/* The same for n blocks of one buffer: message i is base[offsets[i] .. offsets[i]+lens[i]). */
+int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t *lens, uint64_t n,
+                     uint8_t *out);
+
 #endif

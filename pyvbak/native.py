@@ -312,6 +312,81 @@ def scan_file(path_or_fd, block_size, key, *, size=None, threads=None, kernel=No
             os.close(fd)
 
 
+# ---- SHA-256 of blocks (block names) ------------------------------------------------------
+#
+# Blocks are named by SHA-256 (docs/FORMAT.md).  hashlib (OpenSSL) is the reference; the
+# native kernel (csrc/sha256.c, SHA-NI) hashes two equal-length blocks at a time, about 2x
+# hashlib's speed per core here (bench/RESULTS.md), and must give identical digests
+# (tests/test_sha256.py).  $PYVBAK_SHA256 forces one of SHA256_KERNELS.
+
+SHA256_KERNELS = ("hashlib", "sha-ni")
+_SHA_ENV = "PYVBAK_SHA256"
+
+
+def available_sha256_kernels() -> list[str]:
+    """The SHA-256 kernels this CPU supports, reference first."""
+    return list(SHA256_KERNELS) if lib.pv_sha256_available() else ["hashlib"]
+
+
+def selected_sha256_kernel(kernel: str | None = None) -> str:
+    """``kernel`` if given, else $PYVBAK_SHA256, else the fastest; a forced kernel this
+    CPU lacks raises ``UsageError`` (never a silent fallback)."""
+    source = "kernel argument"
+    if kernel is None:
+        kernel = os.environ.get(_SHA_ENV) or None
+        source = f"${_SHA_ENV}"
+    avail = available_sha256_kernels()
+    if kernel is None:
+        return avail[-1]
+    if kernel not in SHA256_KERNELS:
+        raise UsageError(f"unknown SHA-256 kernel {kernel!r} ({source}); choose one of {', '.join(SHA256_KERNELS)}")
+    if kernel not in avail:
+        raise UsageError(f"SHA-256 kernel {kernel!r} ({source}) is not supported by this CPU; available: {', '.join(avail)}")
+    return kernel
+
+
+def sha256_blocks(buf, offsets, lengths, *, kernel=None) -> bytes:
+    """SHA-256 of ``buf[offsets[i] : offsets[i] + lengths[i]]`` for every i, concatenated
+    (32 bytes each, in order).  ``offsets`` and ``lengths``: int64 arrays of equal length."""
+    cbuf, nbytes = _input_buffer(buf, "buf")
+    offs = np.ascontiguousarray(offsets, dtype=np.int64)
+    lens = np.ascontiguousarray(lengths, dtype=np.int64)
+    if offs.ndim != 1 or lens.shape != offs.shape:
+        raise UsageError(f"offsets {offs.shape} and lengths {lens.shape} must be 1-d arrays of one length")
+    n = len(offs)
+    if n and (offs.min() < 0 or lens.min() < 0 or (offs + lens).max() > nbytes):
+        raise UsageError(f"a block lies outside the {nbytes}-byte buffer")
+    if selected_sha256_kernel(kernel) == "hashlib":
+        mv = memoryview(buf).cast("B")
+        return b"".join(hashlib.sha256(mv[o : o + ln]).digest() for o, ln in zip(offs.tolist(), lens.tolist()))
+    out = bytearray(32 * n)
+    if n:
+        rc = lib.pv_sha256_blocks(cbuf, ffi.from_buffer("int64_t[]", offs), ffi.from_buffer("uint64_t[]", lens.view(np.uint64)),
+                                  n, ffi.from_buffer("uint8_t[]", out))
+        if rc != lib.PV_OK:  # pragma: no cover - availability was checked above
+            raise UsageError(f"native SHA-256 failed (code {rc})")
+    return bytes(out)
+
+
+def sha256_many(buffers, *, kernel=None) -> list[bytes]:
+    """SHA-256 digest of each bytes-like object in ``buffers`` (a list), in order."""
+    if selected_sha256_kernel(kernel) == "hashlib":
+        return [hashlib.sha256(b).digest() for b in buffers]
+    n = len(buffers)
+    if not n:
+        return []
+    try:
+        cbufs = [ffi.from_buffer(b) for b in buffers]  # keeps every buffer alive for the call
+    except TypeError as exc:
+        raise UsageError(f"sha256_many needs bytes-like objects: {exc}") from None
+    out = bytearray(32 * n)
+    rc = lib.pv_sha256_many(ffi.new("uint8_t *[]", cbufs), ffi.new("uint64_t[]", [len(c) for c in cbufs]), n,
+                            ffi.from_buffer("uint8_t[]", out))
+    if rc != lib.PV_OK:  # pragma: no cover
+        raise UsageError(f"native SHA-256 failed (code {rc})")
+    return [bytes(out[i : i + 32]) for i in range(0, 32 * n, 32)]
+
+
 def _scan_error(rc: int, detail: int, name: str, off: int, length: int, size: int) -> Exception:
     if rc == lib.PV_ERR_SIGBUS:
         return SourceError(

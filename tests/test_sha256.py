@@ -1,0 +1,128 @@
+"""The native SHA-256 kernel (csrc/sha256.c) against its reference, hashlib.
+
+Block names are SHA-256: a kernel that differs by one bit in one length would make every
+block it hashes unreadable (restore checks every digest), so every padding boundary is
+covered, both code paths (one message, two interleaved), and the reader's batch check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyvbak import native
+from pyvbak.errors import UsageError
+from pyvbak.repo.reader import decode_block, decode_blocks
+
+KERNELS = native.available_sha256_kernels()
+NATIVE = [k for k in KERNELS if k != "hashlib"]
+
+
+def ref(data) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def test_cpu_here_has_the_native_kernel():
+    # The CPUs this project runs its CI on have SHA-NI; if this fails the kernel tests
+    # below would only compare hashlib with itself.
+    assert NATIVE == ["sha-ni"], f"no native SHA-256 kernel on this CPU: {KERNELS}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_length_through_two_padding_blocks(kernel):
+    data = os.urandom(300)
+    # singles (lengths differ) and pairs (equal neighbours) for every length 0..299
+    bufs = []
+    for n in range(300):
+        bufs += [data[:n], data[1 : n + 1], data[:n]]
+    assert native.sha256_many(bufs, kernel=kernel) == [ref(b) for b in bufs]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n", [64 * 1024, 64 * 1024 + 1, 1 << 20, 4 * 1024 * 1024 - 7])
+def test_large_blocks(kernel, n):
+    a, b = os.urandom(n), os.urandom(n)
+    assert native.sha256_many([a, b, a], kernel=kernel) == [ref(a), ref(b), ref(a)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(max_size=700), max_size=9))
+def test_many_matches_hashlib(bufs):
+    assert native.sha256_many(bufs) == [ref(b) for b in bufs]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=1, max_size=5000), st.data())
+def test_blocks_matches_hashlib(buf, data):
+    n = data.draw(st.integers(0, 8))
+    offs = [data.draw(st.integers(0, len(buf))) for _ in range(n)]
+    lens = [data.draw(st.integers(0, len(buf) - o)) for o in offs]
+    got = native.sha256_blocks(buf, np.array(offs, np.int64), np.array(lens, np.int64))
+    assert got == b"".join(ref(buf[o : o + ln]) for o, ln in zip(offs, lens))
+
+
+def test_blocks_of_a_chunk_like_the_engine():
+    bs = 64 * 1024
+    chunk = memoryview(bytearray(os.urandom(10 * bs + 100)))
+    offs = np.arange(11, dtype=np.int64) * bs
+    lens = np.minimum(len(chunk) - offs, bs)  # the last block is partial
+    for kernel in KERNELS:
+        got = native.sha256_blocks(chunk, offs, lens, kernel=kernel)
+        assert got == b"".join(ref(chunk[o : o + ln]) for o, ln in zip(offs.tolist(), lens.tolist()))
+
+
+def test_bad_arguments():
+    with pytest.raises(UsageError, match="outside the 10-byte buffer"):
+        native.sha256_blocks(bytes(10), np.array([5]), np.array([6]))
+    with pytest.raises(UsageError, match="outside"):
+        native.sha256_blocks(bytes(10), np.array([-1]), np.array([1]))
+    with pytest.raises(UsageError, match="one length"):
+        native.sha256_blocks(bytes(10), np.array([0, 1]), np.array([1]))
+    if NATIVE:
+        with pytest.raises(UsageError, match="bytes-like"):
+            native.sha256_many([b"x", 3], kernel=NATIVE[0])
+    assert native.sha256_many([]) == [] and native.sha256_blocks(b"", np.array([], np.int64), np.array([], np.int64)) == b""
+
+
+def test_kernel_selection(monkeypatch):
+    monkeypatch.delenv("PYVBAK_SHA256", raising=False)
+    assert native.selected_sha256_kernel() == KERNELS[-1]
+    monkeypatch.setenv("PYVBAK_SHA256", "hashlib")
+    assert native.selected_sha256_kernel() == "hashlib"
+    monkeypatch.setenv("PYVBAK_SHA256", "md5")
+    with pytest.raises(UsageError, match="unknown SHA-256 kernel 'md5'.*PYVBAK_SHA256"):
+        native.sha256_many([b"x"])
+    monkeypatch.delenv("PYVBAK_SHA256")
+    monkeypatch.setattr(native, "available_sha256_kernels", lambda: ["hashlib"])
+    with pytest.raises(UsageError, match="'sha-ni'.*not supported by this CPU"):
+        native.sha256_many([b"x"], kernel="sha-ni")
+    assert native.sha256_many([b"x"]) == [ref(b"x")]  # falls back to the reference
+
+
+def test_decode_blocks_reports_each_bad_frame_in_place():
+    cctx, dctx = zstandard.ZstdCompressor(level=1, write_checksum=True), zstandard.ZstdDecompressor()
+    blocks = [os.urandom(4096), b"text " * 800, b"more text " * 400, os.urandom(4096)]
+    frames = [memoryview(cctx.compress(b)) for b in blocks]
+    digests = [ref(b) for b in blocks]
+    ulens = [len(b) for b in blocks]
+    good = decode_blocks(dctx, frames, ulens, digests)
+    assert [bytes(d) for d, p in good] == blocks and all(p is None for _, p in good)
+
+    bad_digests = list(digests)
+    bad_digests[1] = ref(b"other")
+    garbage = list(frames)
+    garbage[3] = memoryview(b"\x28\xb5\x2f\xfd" + bytes(20))
+    wrong_len = list(ulens)
+    wrong_len[0] += 1
+    out = decode_blocks(dctx, garbage, wrong_len, bad_digests)
+    assert out[0] == (None, "does not match its digest")  # wrong length
+    assert out[1] == (None, "does not match its digest")  # wrong digest
+    assert bytes(out[2][0]) == blocks[2] and out[2][1] is None
+    assert out[3][0] is None and "corrupt frame" in out[3][1]
+    assert decode_block(dctx, frames[2], ulens[2], digests[2])[1] is None

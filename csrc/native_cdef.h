@@ -30,3 +30,4 @@ int pv_sha256_available(void);
 int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out);
 int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t *lens, uint64_t n,
                      uint8_t *out);
+uint64_t pv_gather(uint8_t *dst, const uint8_t *const *srcs, const uint64_t *lens, uint64_t n);

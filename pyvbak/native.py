@@ -312,6 +312,24 @@ def scan_file(path_or_fd, block_size, key, *, size=None, threads=None, kernel=No
             os.close(fd)
 
 
+# ---- copying (outside the GIL) --------------------------------------------------------------
+
+def gather_into(dst, buffers) -> int:
+    """Copy the bytes-like objects in ``buffers`` back to back into the start of the
+    writable buffer ``dst`` in one C call (the GIL is released); returns the bytes copied."""
+    try:
+        cdst = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+        srcs = [ffi.from_buffer(b) for b in buffers]
+    except (TypeError, BufferError) as exc:
+        raise UsageError(f"gather_into needs a writable buffer and bytes-like sources: {exc}") from None
+    lens = [len(c) for c in srcs]
+    if sum(lens) > len(cdst):
+        raise UsageError(f"gather_into: {sum(lens)} bytes do not fit in a {len(cdst)}-byte buffer")
+    if not srcs:
+        return 0
+    return int(lib.pv_gather(cdst, ffi.new("uint8_t *[]", srcs), ffi.new("uint64_t[]", lens), len(srcs)))
+
+
 # ---- SHA-256 of blocks (block names) ------------------------------------------------------
 #
 # Blocks are named by SHA-256 (docs/FORMAT.md).  hashlib (OpenSSL) is the reference; the

@@ -551,3 +551,21 @@ def test_truncated_while_mapped(tmp_path, threads):
         os.close(fd)
     z, h = native.scan_file(p, 65536, KEY)
     assert z.shape == (0,) or z.all()
+
+
+# ---- gather_into (the local backend's O_DIRECT staging copy) -------------------------------
+
+def test_gather_into_copies_back_to_back():
+    parts = [b"abc", memoryview(b"xdefg")[1:], b"", bytearray(b"h" * 5000), np.arange(3, dtype=np.uint8)]
+    dst = bytearray(6000)
+    n = native.gather_into(dst, parts)
+    want = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    assert n == len(want) and bytes(dst[:n]) == want and not any(dst[n:])
+    assert native.gather_into(dst, []) == 0
+
+
+def test_gather_into_refuses_overflow_and_readonly():
+    with pytest.raises(UsageError, match="do not fit in a 4-byte buffer"):
+        native.gather_into(bytearray(4), [b"abc", b"de"])
+    with pytest.raises(UsageError, match="writable buffer"):
+        native.gather_into(b"immutable", [b"x"])

@@ -37,6 +37,7 @@ from pyvbak.backends.base import (
     validate_name,
     validate_prefix,
 )
+from pyvbak import native
 from pyvbak.errors import UsageError
 from pyvbak.processes import pid_alive
 
@@ -235,18 +236,21 @@ class LocalBackend(Backend):
             stage = _staging_buffer(min(aligned, STAGING_MAX_BYTES))
             cap = min(stage.nbytes, STAGING_MAX_BYTES) // DIRECT_ALIGN * DIRECT_ALIGN
             file_off = 0  # where the staged bytes go in the file
-            fill = 0  # staged bytes
+            fill = 0  # bytes of the stage taken by ``parts``
+            parts: list[memoryview] = []  # copied into the stage in one native call
             for view in views:
                 pos, n = 0, view.nbytes
                 while pos < n:
                     k = min(n - pos, cap - fill)
-                    stage[fill:fill + k] = view[pos:pos + k]
+                    parts.append(view[pos:pos + k] if k < n else view)
                     fill += k
                     pos += k
                     if fill == cap:
+                        native.gather_into(stage, parts)
                         _pwrite_direct(dfd, fd, stage[:cap], file_off)
                         file_off += cap
-                        fill = 0
+                        fill, parts = 0, []
+            native.gather_into(stage, parts)
             # what is left: an aligned part (direct) and the unaligned tail (buffered fd)
             head = fill - fill % DIRECT_ALIGN
             if head:

@@ -57,28 +57,26 @@ def available_kernels() -> list[str]:
     return [name for i, name in enumerate(KERNELS) if mask & (1 << i)]
 
 
-def selected_kernel(kernel: str | None = None) -> str:
-    """The kernel to use: ``kernel`` if given, else $PYVBAK_KERNEL, else the fastest.
-
-    Asking for a kernel this CPU lacks raises ``UsageError``: a forced kernel never
-    silently falls back to another one."""
+def _choose(kind: str, kernel, env: str, known: tuple, avail: list[str]) -> str:
+    """``kernel`` if given, else $env, else the fastest available (the last).  A forced
+    kernel that is unknown or that this CPU lacks raises ``UsageError``: a forced kernel
+    never silently falls back to another one."""
     source = "kernel argument"
     if kernel is None:
-        kernel = os.environ.get(_ENV) or None
-        source = f"${_ENV}"
-    avail = available_kernels()
+        kernel = os.environ.get(env) or None
+        source = f"${env}"
     if kernel is None:
         return avail[-1]
-    if not isinstance(kernel, str) or kernel not in _KERNEL_ID:
-        raise UsageError(
-            f"unknown scan kernel {kernel!r} ({source}); choose one of {', '.join(KERNELS)}"
-        )
+    if not isinstance(kernel, str) or kernel not in known:
+        raise UsageError(f"unknown {kind} kernel {kernel!r} ({source}); choose one of {', '.join(known)}")
     if kernel not in avail:
-        raise UsageError(
-            f"scan kernel {kernel!r} ({source}) is not supported by this CPU; "
-            f"available: {', '.join(avail)}"
-        )
+        raise UsageError(f"{kind} kernel {kernel!r} ({source}) is not supported by this CPU; available: {', '.join(avail)}")
     return kernel
+
+
+def selected_kernel(kernel: str | None = None) -> str:
+    """The scan kernel to use: ``kernel`` if given, else $PYVBAK_KERNEL, else the fastest."""
+    return _choose("scan", kernel, _ENV, KERNELS, available_kernels())
 
 
 def _kernel_id(kernel: str | None) -> int:
@@ -347,20 +345,8 @@ def available_sha256_kernels() -> list[str]:
 
 
 def selected_sha256_kernel(kernel: str | None = None) -> str:
-    """``kernel`` if given, else $PYVBAK_SHA256, else the fastest; a forced kernel this
-    CPU lacks raises ``UsageError`` (never a silent fallback)."""
-    source = "kernel argument"
-    if kernel is None:
-        kernel = os.environ.get(_SHA_ENV) or None
-        source = f"${_SHA_ENV}"
-    avail = available_sha256_kernels()
-    if kernel is None:
-        return avail[-1]
-    if kernel not in SHA256_KERNELS:
-        raise UsageError(f"unknown SHA-256 kernel {kernel!r} ({source}); choose one of {', '.join(SHA256_KERNELS)}")
-    if kernel not in avail:
-        raise UsageError(f"SHA-256 kernel {kernel!r} ({source}) is not supported by this CPU; available: {', '.join(avail)}")
-    return kernel
+    """``kernel`` if given, else $PYVBAK_SHA256, else the fastest."""
+    return _choose("SHA-256", kernel, _SHA_ENV, SHA256_KERNELS, available_sha256_kernels())
 
 
 def sha256_blocks(buf, offsets, lengths, *, kernel=None) -> bytes:

@@ -36,3 +36,10 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test gets its own pyvbak cache directory (never the user's ~/.cache).
+    Subprocesses inherit it through the environment."""
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path_factory.mktemp("pyvbak-cache")))

@@ -20,9 +20,10 @@ from datetime import datetime, timezone
 import numpy as np
 
 from .. import __version__
-from ..backends import ObjectMissing, open_backend
+from ..backends import BackendError, ObjectMissing, open_backend
 from ..errors import IntegrityError, RepositoryError, SnapshotNotFound, UsageError
 from . import format as fmt
+from .digest_index import DigestIndex, cache_root, load_cached
 from .locks import RepositoryLock
 
 MIN_REPO_BLOCK = 64 * 1024
@@ -128,42 +129,6 @@ def _now_iso() -> str:
 def new_snapshot_id() -> str:
     """Sortable by time, unique by 32 random bits, safe in any shell word."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
-
-
-class DigestIndex:
-    """Where every stored block is: digest -> (pack, offset, compressed length).
-
-    Held as numpy arrays sorted by digest (80 bytes per block, no Python object per
-    block), looked up with binary search.
-    """
-
-    def __init__(self, records: np.ndarray):
-        digests = records["digest"].view("S32") if len(records) else np.empty(0, "S32")
-        order = np.argsort(digests, kind="stable")
-        self.records = records[order]
-        self.digests = digests[order]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def find(self, digest: bytes) -> int:
-        """Position of ``digest`` in ``records`` or -1."""
-        key = np.array(digest, dtype="S32")
-        pos = int(np.searchsorted(self.digests, key))
-        if pos < len(self.digests) and self.digests[pos] == key:
-            return pos
-        return -1
-
-    def __contains__(self, digest: bytes) -> bool:
-        return self.find(digest) >= 0
-
-    def locate(self, digests: np.ndarray) -> np.ndarray:
-        """Positions for an array of digests ('S32' or 'V32'); -1 where missing."""
-        keys = digests.view("S32") if digests.dtype != np.dtype("S32") else digests
-        pos = np.searchsorted(self.digests, keys)
-        pos_c = np.minimum(pos, max(len(self.digests) - 1, 0))
-        found = (pos < len(self.digests)) & (self.digests[pos_c] == keys) if len(self.digests) else np.zeros(len(keys), bool)
-        return np.where(found, pos_c, -1)
 
 
 class Repository:
@@ -301,17 +266,31 @@ class Repository:
         return list(self.backend.list("index/"))
 
     def load_digest_index(self) -> DigestIndex:
-        """All pack indexes, merged.  Cached per pack-index listing: loading them is the
-        one repository read that grows with history, and a backup needs it twice
-        (leftover adoption, then dedup)."""
-        names = tuple(sorted(self.pack_index_names()))
+        """All pack indexes, merged (repo/digest_index.py: through the local cache when
+        there is one, else in memory).  Kept per pack-index listing: a backup needs it
+        twice (leftover adoption, then dedup)."""
+        names = sorted(self.pack_index_names())
+        key = tuple(names)
         cached = getattr(self, "_digest_index_cache", None)
-        if cached is not None and cached[0] == names:
+        if cached is not None and cached[0] == key:
             return cached[1]
-        parts = [fmt.decode_pack_index(self.backend.read(n), f"pack index {n}") for n in names]
-        records = np.concatenate(parts) if parts else np.empty(0, fmt.PACK_INDEX_RECORD)
-        index = DigestIndex(records)
-        self._digest_index_cache = (names, index)
+
+        def read_index(name: str) -> np.ndarray:
+            return fmt.decode_pack_index(self.backend.read(name), f"pack index {name}")
+
+        index = None
+        root = cache_root()
+        if root is not None:
+            try:
+                index = load_cached(os.path.join(root, self.config.repo_id), self.config.repo_id, names, read_index)
+            except (IntegrityError, ObjectMissing, BackendError):
+                raise  # the repository's own problem: report it, the cache cannot help
+            except Exception:  # the cache's problem (disk full, permissions, damage): do without
+                index = None
+        if index is None:
+            parts = [read_index(n) for n in names]
+            index = DigestIndex(np.concatenate(parts) if parts else np.empty(0, fmt.PACK_INDEX_RECORD))
+        self._digest_index_cache = (key, index)
         return index
 
     def write_pack_index(self, records: np.ndarray) -> str | None:
@@ -345,7 +324,7 @@ class Repository:
         report = [f"removed incomplete object {n}" for n in self.backend.cleanup_incomplete(older_than_seconds=0)]
         if not (after_crash or report):
             return report
-        raw = self.load_digest_index().records["pack"].tobytes()
+        raw = self.load_digest_index().records["pack"].tobytes()  # all records: after a crash only
         # A set over 32-byte slices: np.unique on S32 cost 16 ms here (it imports numpy.ma).
         indexed = {raw[i : i + 32].hex() for i in range(0, len(raw), 32)}
         adopted = []

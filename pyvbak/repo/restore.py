@@ -227,7 +227,7 @@ def _locate(repo, snap, records: np.ndarray):
             f"snapshot {snap.id} references {missing} block(s) missing from {repo.location}: "
             "run 'pyvbak verify' to see which snapshots are affected"
         )
-    recs = index.records[pos]
+    recs = index.records_at(pos)
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
     targets = [nonzero[order[bounds[k] : bounds[k + 1]]] for k in range(len(uniq))]

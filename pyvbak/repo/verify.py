@@ -38,7 +38,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     index = repo.load_digest_index()
     pos = index.locate(all_digests)
     problems: dict[bytes, str] = {bytes(d).ljust(32, b"\0"): "block is missing (no pack index names it)" for d in all_digests[pos < 0]}
-    recs = index.records[pos[pos >= 0]]
+    recs = index.records_at(pos[pos >= 0])
     recs = recs[sort_for_reading(recs)]
     checked = {"blocks": 0, "bytes": 0}
 

@@ -1,0 +1,260 @@
+"""Where every stored block is: digest -> (pack, offset, lengths), and its local cache.
+
+The repository's pack index objects (``index/…``, docs/FORMAT.md) are the truth.  Merging
+them means reading every one and sorting all records: 80 bytes per stored block in RAM and
+an argsort per backup (4 M blocks = 256 GiB stored at 64 KiB: 0.94 s for the argsort alone
+on the project's VM, growing n log n), for a backup that may look up a few hundred changed
+blocks.  So the merged, sorted index is kept in a local cache directory as two flat files
+(digests, records) that lookups memory-map: a binary search touches ~log2(n) pages, and
+only the pack indexes written since the cache was last merged are read and sorted.
+
+Safety: a cache that knows a digest the repository no longer stores would make a backup
+skip a block it must write.  The cache therefore records the exact set of pack index
+names it was built from; pack index objects are immutable (content-addressed names), so
+entries are valid exactly as long as all of those names still exist.  When any of them
+is gone (prune rewrote the indexes) the cache is rebuilt from scratch.  Any problem with
+the cache (unwritable, damaged, concurrently replaced) falls back to merging in memory:
+the cache can make pyvbak faster, never wrong.  Layout: docs/ARCHITECTURE.md, "Local cache".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+
+import numpy as np
+
+from . import format as fmt
+
+CACHE_ENV = "PYVBAK_CACHE_DIR"
+CACHE_FORMAT = "pyvbak-digest-index-cache-v1"
+MANIFEST = "digest-index.json"
+#: the pack indexes read besides the cached base are merged into it once they hold more
+#: than base/MERGE_FRACTION records (or MERGE_MIN_RECORDS, or MERGE_MAX_FILES objects):
+#: geometric growth, so each record is rewritten O(log n) times over the repository's life
+MERGE_FRACTION = 8
+MERGE_MIN_RECORDS = 1 << 16
+MERGE_MAX_FILES = 64
+#: records per step of the streaming merge (80 + 32 bytes each)
+MERGE_CHUNK = 1 << 18
+#: cache files no manifest names are deleted once this old: younger ones may be a
+#: concurrent writer's, still being written (a reader that loses its files to this falls
+#: back to memory; a writer maps its files before installing them, so it keeps them)
+STALE_SECONDS = 60
+
+
+class DigestIndex:
+    """Sorted parts (in memory or memory-mapped), each a digest array and a record array.
+
+    A *position* numbers the records of all parts one after the other; ``locate`` returns
+    positions and ``records_at`` turns them into records.  A digest stored more than once
+    (two backups wrote it at the same time) has several entries; any of them will do.
+    """
+
+    def __init__(self, records: np.ndarray | None = None, *, parts: list | None = None):
+        if parts is None:
+            parts = [_sorted_part(records if records is not None else np.empty(0, fmt.PACK_INDEX_RECORD))]
+        self._parts = [(d, r) for d, r in parts if len(d)]
+        self._starts = np.cumsum([0] + [len(d) for d, _ in self._parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, digests: np.ndarray) -> np.ndarray:
+        """Positions for an array of digests ('S32' or 'V32'); -1 where missing."""
+        keys = digests.view("S32") if digests.dtype != np.dtype("S32") else digests
+        out = np.full(len(keys), -1, dtype=np.int64)
+        for (dig, _), start in zip(self._parts, self._starts):
+            todo = np.flatnonzero(out < 0)
+            if not len(todo):
+                break
+            k = keys[todo]
+            pos = np.searchsorted(dig, k)
+            pos_c = np.minimum(pos, len(dig) - 1)
+            found = (pos < len(dig)) & (np.asarray(dig[pos_c]) == k)
+            out[todo[found]] = start + pos_c[found]
+        return out
+
+    def find(self, digest: bytes) -> int:
+        """Position of ``digest`` or -1."""
+        return int(self.locate(np.array([digest], dtype="S32"))[0])
+
+    def __contains__(self, digest: bytes) -> bool:
+        return self.find(digest) >= 0
+
+    def records_at(self, positions) -> np.ndarray:
+        """The records at ``positions`` (all >= 0), in that order."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        out = np.empty(len(pos), fmt.PACK_INDEX_RECORD)
+        which = np.searchsorted(self._starts, pos, side="right") - 1
+        for p, (_, recs) in enumerate(self._parts):
+            sel = np.flatnonzero(which == p)
+            if len(sel):
+                out[sel] = recs[pos[sel] - self._starts[p]]
+        return out
+
+    @property
+    def records(self) -> np.ndarray:
+        """Every record, in position order (reads all of a memory-mapped cache: tools,
+        tests and crash recovery, not the per-backup paths)."""
+        if not self._parts:
+            return np.empty(0, fmt.PACK_INDEX_RECORD)
+        return np.concatenate([np.asarray(r) for _, r in self._parts])
+
+
+def _sorted_part(records: np.ndarray):
+    digests = records["digest"].view("S32") if len(records) else np.empty(0, "S32")
+    order = np.argsort(digests, kind="stable")
+    return digests[order], records[order]
+
+
+# ---- the cache ------------------------------------------------------------------------
+
+def cache_root() -> str | None:
+    """$PYVBAK_CACHE_DIR, else $XDG_CACHE_HOME/pyvbak, else ~/.cache/pyvbak."""
+    root = os.environ.get(CACHE_ENV)
+    if root is not None:
+        return root or None  # set but empty: no cache
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pyvbak")
+
+
+def load_cached(directory: str, repo_id: str, names: list[str], read_index) -> DigestIndex:
+    """The digest index of the pack indexes ``names`` through the cache in ``directory``
+    (created if needed); ``read_index(name)`` returns one pack index's records.  Raises
+    on any cache problem (the caller falls back to merging in memory)."""
+    if not names:  # an empty repository: nothing worth a cache directory
+        return DigestIndex()
+    os.makedirs(directory, exist_ok=True)
+    manifest = _read_manifest(directory, repo_id)
+    wanted = set(names)
+    if manifest is None or not set(manifest["indexes"]) <= wanted:
+        # no cache, or built from an index that is gone: rebuild from everything
+        recs = _read_all(names, read_index)
+        dig, rec = _sorted_part(recs)
+        base = _write_base(directory, repo_id, sorted(wanted), len(rec), [(dig, rec)])
+        return DigestIndex(parts=[base])
+    base = _open_base(directory, manifest)
+    new = sorted(wanted - set(manifest["indexes"]))
+    delta = _sorted_part(_read_all(new, read_index))
+    n_base, n_delta = len(base[0]), len(delta[0])
+    if n_delta > max(n_base // MERGE_FRACTION, MERGE_MIN_RECORDS) or len(new) > MERGE_MAX_FILES:
+        merged = _write_base(directory, repo_id, sorted(wanted), n_base + n_delta, _merge_chunks(base, delta))
+        return DigestIndex(parts=[merged])
+    return DigestIndex(parts=[base, delta])
+
+
+def _read_all(names: list[str], read_index) -> np.ndarray:
+    parts = [read_index(n) for n in names]
+    return np.concatenate(parts) if parts else np.empty(0, fmt.PACK_INDEX_RECORD)
+
+
+def _read_manifest(directory: str, repo_id: str) -> dict | None:
+    try:
+        with open(os.path.join(directory, MANIFEST), "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # damaged: rebuild
+    ok = (
+        isinstance(doc, dict)
+        and doc.get("format") == CACHE_FORMAT
+        and doc.get("repository") == repo_id
+        and isinstance(doc.get("indexes"), list)
+        and isinstance(doc.get("count"), int)
+        and isinstance(doc.get("digests"), str)
+        and isinstance(doc.get("records"), str)
+    )
+    if not ok:
+        return None
+    for key, width in (("digests", 32), ("records", fmt.PACK_INDEX_RECORD.itemsize)):
+        path = os.path.join(directory, os.path.basename(doc[key]))
+        try:
+            if os.path.getsize(path) != doc["count"] * width:
+                return None
+        except OSError:
+            return None
+    return doc
+
+
+def _open_base(directory: str, manifest: dict):
+    n = manifest["count"]
+    if n == 0:
+        return np.empty(0, "S32"), np.empty(0, fmt.PACK_INDEX_RECORD)
+    dig = np.memmap(os.path.join(directory, manifest["digests"]), dtype="S32", mode="r", shape=(n,))
+    rec = np.memmap(os.path.join(directory, manifest["records"]), dtype=fmt.PACK_INDEX_RECORD, mode="r", shape=(n,))
+    return dig, rec
+
+
+def _merge_chunks(base, delta):
+    """Sorted (digests, records) chunks of base and delta merged (delta is in memory)."""
+    bdig, brec = base
+    ddig, drec = delta
+    ins = np.searchsorted(bdig, ddig)  # delta[j] goes before base[ins[j]]
+    n = len(bdig)
+    lo = 0
+    for a in range(0, max(n, 1), MERGE_CHUNK):
+        b = min(a + MERGE_CHUNK, n)
+        last = b >= n
+        hi = len(ddig) if last else int(np.searchsorted(ins, b, side="left"))
+        at = ins[lo:hi] - a
+        yield (np.insert(np.asarray(bdig[a:b]), at, ddig[lo:hi]), np.insert(np.asarray(brec[a:b]), at, drec[lo:hi]))
+        lo = hi
+        if last:
+            break
+
+
+def _write_base(directory: str, repo_id: str, names: list[str], count: int, chunks) -> tuple:
+    """Write the sorted chunks as a new base, fsync it, install its manifest atomically,
+    drop old bases; return the new base memory-mapped."""
+    token = f"{int(time.time())}-{secrets.token_hex(6)}"
+    files = {"digests": f"digests-{token}.bin", "records": f"records-{token}.bin"}
+    paths = {k: os.path.join(directory, v) for k, v in files.items()}
+    written = 0
+    try:
+        with open(paths["digests"], "wb") as fd, open(paths["records"], "wb") as fr:
+            for dig, rec in chunks:
+                # as the file's dtype: np.concatenate may hand back native byte order
+                fd.write(np.ascontiguousarray(dig, dtype="S32").tobytes())
+                fr.write(np.ascontiguousarray(rec).astype(fmt.PACK_INDEX_RECORD, copy=False).tobytes())
+                written += len(dig)
+            for f in (fd, fr):
+                f.flush()
+                os.fsync(f.fileno())
+        if written != count:
+            raise RuntimeError(f"digest index cache: merged {written} records, expected {count}")
+        manifest = {"format": CACHE_FORMAT, "repository": repo_id, "count": count, "indexes": names, **files}
+        mapped = _open_base(directory, manifest)  # before anyone can see (and drop) them
+        tmp = os.path.join(directory, f".{MANIFEST}.{token}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(manifest).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, MANIFEST))
+    except BaseException:
+        for p in paths.values():
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        raise
+    _drop_stale(directory, set(files.values()))
+    return mapped
+
+
+def _drop_stale(directory: str, keep: set[str]) -> None:
+    now = time.time()
+    for entry in os.scandir(directory):
+        name = entry.name
+        if name in keep or name == MANIFEST:
+            continue
+        if not (name.startswith(("digests-", "records-")) or name.startswith(f".{MANIFEST}.")):
+            continue
+        try:
+            if now - entry.stat().st_mtime > STALE_SECONDS:
+                os.unlink(entry.path)
+        except OSError:
+            pass

@@ -1,0 +1,200 @@
+"""The digest index and its local cache (pyvbak/repo/digest_index.py).
+
+The cache may make lookups cheaper, never different: every test compares it with the
+index merged in memory from the repository's pack indexes, and the safety test checks
+that a block pruned from the repository is never reported as stored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import pyvbak.repo.digest_index as dx
+from pyvbak.engine.backup import run_backup
+from pyvbak.repo import format as fmt
+from pyvbak.repo.prune import forget_snapshots, prune_repository
+from pyvbak.repo.repository import Repository
+from pyvbak.sources.file import FileSource
+
+BS = 64 * 1024
+
+
+def backup(repo_path, img, vm="v", blocks=20, seed=None):
+    rng = np.random.default_rng(seed)
+    with open(img, "wb") as f:
+        f.write(rng.bytes(blocks * BS))
+    repo = Repository.open(repo_path)
+    with FileSource(img) as src:
+        return run_backup(repo, src, vm=vm, disk="d"), repo
+
+
+def in_memory(repo) -> dx.DigestIndex:
+    names = sorted(repo.pack_index_names())
+    parts = [fmt.decode_pack_index(repo.backend.read(n), n) for n in names]
+    return dx.DigestIndex(np.concatenate(parts) if parts else np.empty(0, fmt.PACK_INDEX_RECORD))
+
+
+def cache_dir(repo) -> str:
+    return os.path.join(os.environ["PYVBAK_CACHE_DIR"], repo.config.repo_id)
+
+
+def assert_same(idx: dx.DigestIndex, ref: dx.DigestIndex, absent: int = 50):
+    assert len(idx) == len(ref)
+    want = ref.records
+    pos = idx.locate(want["digest"])
+    assert (pos >= 0).all()
+    got = idx.records_at(pos)
+    # the same digest may sit in two packs; then either entry is right, so compare per digest
+    for g, w in zip(got, want):
+        assert bytes(g["digest"]) == bytes(w["digest"])
+        alts = ref.records_at(np.flatnonzero(ref.records["digest"] == w["digest"]))
+        assert any(g.tobytes() == a.tobytes() for a in alts)
+    missing = np.frombuffer(os.urandom(32 * absent), "S32")
+    assert (idx.locate(missing) == -1).all()
+    assert sorted(bytes(r) for r in idx.records) == sorted(bytes(r) for r in want)
+
+
+@pytest.fixture
+def small_merges(monkeypatch):
+    """Merge the delta into the cached base after a few records, in chunks of 7."""
+    monkeypatch.setattr(dx, "MERGE_MIN_RECORDS", 8)
+    monkeypatch.setattr(dx, "MERGE_FRACTION", 2)
+    monkeypatch.setattr(dx, "MERGE_CHUNK", 7)
+
+
+def test_cached_index_equals_the_in_memory_merge_through_merges(tmp_path, small_merges):
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    shapes = set()
+    for i in range(7):
+        _, _ = backup(repo_path, tmp_path / "img", vm=f"vm{i % 3}", blocks=5 + 7 * i, seed=i)
+        repo = Repository.open(repo_path)  # a fresh process's view: no in-memory cache
+        idx = repo.load_digest_index()
+        shapes.add(tuple(len(d) for d, _ in idx._parts))
+        assert_same(idx, in_memory(repo))
+    # both states were exercised: a merged base alone, and base + unmerged delta
+    assert any(len(s) == 1 for s in shapes) and any(len(s) == 2 for s in shapes)
+    assert os.path.exists(os.path.join(cache_dir(repo), dx.MANIFEST))
+
+
+def test_large_offsets_survive_the_cache_file_byte_order(tmp_path, small_merges):
+    # records go through np.concatenate, which may return native byte order; the cache
+    # file must still hold the index's big-endian layout (a mix-up gave 2**63-sized offsets)
+    recs = np.zeros(40, fmt.PACK_INDEX_RECORD)
+    recs["digest"] = np.frombuffer(os.urandom(32 * 40), "V32")
+    recs["offset"] = np.arange(40, dtype=np.uint64) * (3 << 32) + 5
+    recs["clen"] = 1234
+    recs["ulen"] = BS
+    halves = {"index/a": recs[:20], "index/b": recs[20:]}
+    d = str(tmp_path / "cache")
+    first = dx.load_cached(d, "r1", ["index/a"], halves.__getitem__)
+    second = dx.load_cached(d, "r1", ["index/a", "index/b"], halves.__getitem__)
+    assert len(second._parts) == 1  # merged into a new memory-mapped base
+    assert isinstance(second._parts[0][1], np.memmap)
+    pos = second.locate(recs["digest"])
+    assert (second.records_at(pos)["offset"] == recs["offset"]).all()
+    assert (first.records_at(first.locate(recs["digest"][:20]))["clen"] == 1234).all()
+
+
+def test_pruned_blocks_are_never_reported_as_stored(tmp_path, small_merges):
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    gone, repo = backup(repo_path, tmp_path / "a.img", vm="gone", blocks=30, seed=1)
+    backup(repo_path, tmp_path / "b.img", vm="kept", blocks=30, seed=2)
+    repo = Repository.open(repo_path)
+    gone_digests = repo.load_snapshot_index(repo.resolve(gone.snapshot_id))[2]["digest"]
+    assert (repo.load_digest_index().locate(gone_digests) >= 0).all()  # cached now
+
+    forget_snapshots(repo, [repo.resolve(gone.snapshot_id)])
+    prune_repository(Repository.open(repo_path))
+    repo = Repository.open(repo_path)
+    idx = repo.load_digest_index()
+    assert (idx.locate(gone_digests) == -1).all(), "the cache still claims pruned blocks"
+    assert_same(idx, in_memory(repo))
+    # and a backup of the same data stores it again
+    again, _ = backup(repo_path, tmp_path / "a.img", vm="back", blocks=30, seed=1)
+    assert again.new_blocks == 30
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage manifest", "truncated digests", "missing records", "other repository", "empty files"],
+)
+def test_damaged_cache_is_rebuilt_or_bypassed(tmp_path, small_merges, damage):
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    for i in range(3):
+        backup(repo_path, tmp_path / "img", blocks=10, seed=10 + i)
+    repo = Repository.open(repo_path)
+    repo.load_digest_index()
+    d = cache_dir(repo)
+    manifest_path = os.path.join(d, dx.MANIFEST)
+    import json
+
+    doc = json.loads(open(manifest_path).read())
+    if damage == "garbage manifest":
+        open(manifest_path, "wb").write(b"\x00{not json")
+    elif damage == "truncated digests":
+        os.truncate(os.path.join(d, doc["digests"]), 32 * doc["count"] - 7)
+    elif damage == "missing records":
+        os.unlink(os.path.join(d, doc["records"]))
+    elif damage == "other repository":
+        doc["repository"] = "0" * 12
+        open(manifest_path, "w").write(json.dumps(doc))
+    elif damage == "empty files":
+        for k in ("digests", "records"):
+            open(os.path.join(d, doc[k]), "wb").close()
+    repo = Repository.open(repo_path)
+    assert_same(repo.load_digest_index(), in_memory(repo))
+    res, _ = backup(repo_path, tmp_path / "img", blocks=10, seed=10)  # same data as backup 1
+    assert res.new_blocks == 0
+
+
+def test_unusable_cache_directory_falls_back_to_memory(tmp_path, monkeypatch):
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    backup(repo_path, tmp_path / "img", blocks=10, seed=3)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_bytes(b"x")
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(blocker))  # makedirs fails under a file
+    repo = Repository.open(repo_path)
+    assert_same(repo.load_digest_index(), in_memory(repo))
+    res, _ = backup(repo_path, tmp_path / "img", blocks=10, seed=3)
+    assert res.new_blocks == 0
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")  # explicitly off
+    repo = Repository.open(repo_path)
+    assert_same(repo.load_digest_index(), in_memory(repo))
+
+
+def test_damaged_pack_index_is_still_reported(tmp_path):
+    # the cache must not swallow the repository's own errors
+    from pyvbak.errors import IntegrityError
+
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    backup(repo_path, tmp_path / "img", blocks=10, seed=4)
+    repo = Repository.open(repo_path)
+    name = sorted(repo.pack_index_names())[0]
+    path = os.path.join(repo_path, name)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff" * 8)
+    with pytest.raises(IntegrityError):
+        Repository.open(repo_path).load_digest_index()
+
+
+def test_stale_cache_files_are_removed(tmp_path, small_merges, monkeypatch):
+    monkeypatch.setattr(dx, "STALE_SECONDS", 0)
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    for i in range(5):
+        backup(repo_path, tmp_path / "img", blocks=12, seed=20 + i)
+        Repository.open(repo_path).load_digest_index()
+    repo = Repository.open(repo_path)
+    files = sorted(os.listdir(cache_dir(repo)))
+    # one manifest and the one base it names
+    assert len(files) == 3 and dx.MANIFEST in files, files

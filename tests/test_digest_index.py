@@ -198,3 +198,47 @@ def test_stale_cache_files_are_removed(tmp_path, small_merges, monkeypatch):
     files = sorted(os.listdir(cache_dir(repo)))
     # one manifest and the one base it names
     assert len(files) == 3 and dx.MANIFEST in files, files
+
+
+@pytest.mark.parametrize("run_records,chunk", [(1, 1), (5, 3), (13, 64), (1000, 4)])
+def test_build_in_spilled_runs_equals_in_memory_sort(tmp_path, monkeypatch, run_records, chunk):
+    # a (re)build of a large repository sorts runs in bounded memory and merges them
+    monkeypatch.setattr(dx, "BUILD_RUN_RECORDS", run_records)
+    monkeypatch.setattr(dx, "MERGE_CHUNK", chunk)
+    rng = np.random.default_rng(run_records)
+    objects = {}
+    for i in range(9):
+        n = int(rng.integers(0, 30))
+        recs = np.zeros(n, fmt.PACK_INDEX_RECORD)
+        # few distinct digests: many duplicates within and across runs
+        recs["digest"] = np.frombuffer(bytes(rng.integers(0, 4, size=32 * n, dtype=np.uint8)), "V32")
+        recs["offset"] = rng.integers(0, 1 << 40, size=n)
+        recs["clen"] = i
+        objects[f"index/{i:02d}"] = recs
+    d = str(tmp_path / "cache")
+    idx = dx.load_cached(d, "rid", sorted(objects), objects.__getitem__)
+    every = np.concatenate(list(objects.values()))
+    ref = dx.DigestIndex(every)
+    assert len(idx) == len(every)
+    dig = idx._parts[0][0] if idx._parts else np.empty(0, "S32")
+    assert (np.asarray(dig[1:]) >= np.asarray(dig[:-1])).all(), "merged digests are not sorted"
+    assert sorted(bytes(r) for r in idx.records) == sorted(bytes(r) for r in ref.records)
+    assert not [f for f in os.listdir(d) if f.startswith("run-")], "spilled runs left behind"
+
+
+def test_failed_build_leaves_no_runs_and_no_manifest(tmp_path, monkeypatch):
+    from pyvbak.errors import IntegrityError
+
+    monkeypatch.setattr(dx, "BUILD_RUN_RECORDS", 4)
+
+    def read_index(name):
+        if name == "index/5":
+            raise IntegrityError("pack index index/5 is truncated")
+        recs = np.zeros(6, fmt.PACK_INDEX_RECORD)
+        recs["digest"] = np.frombuffer(os.urandom(32 * 6), "V32")
+        return recs
+
+    d = tmp_path / "cache"
+    with pytest.raises(IntegrityError, match="index/5"):
+        dx.load_cached(str(d), "rid", [f"index/{i}" for i in range(8)], read_index)
+    assert os.listdir(d) == []

@@ -37,8 +37,11 @@ MANIFEST = "digest-index.json"
 MERGE_FRACTION = 8
 MERGE_MIN_RECORDS = 1 << 16
 MERGE_MAX_FILES = 64
-#: records per step of the streaming merge (80 + 32 bytes each)
+#: records per step of the streaming merges (80 + 32 bytes each)
 MERGE_CHUNK = 1 << 18
+#: a (re)build sorts at most this many records in memory at a time (4 M: ~450 MiB with
+#: the argsort); more are sorted in runs spilled to the cache directory and merged
+BUILD_RUN_RECORDS = 1 << 22
 #: cache files no manifest names are deleted once this old: younger ones may be a
 #: concurrent writer's, still being written (a reader that loses its files to this falls
 #: back to memory; a writer maps its files before installing them, so it keeps them)
@@ -132,9 +135,7 @@ def load_cached(directory: str, repo_id: str, names: list[str], read_index) -> D
     wanted = set(names)
     if manifest is None or not set(manifest["indexes"]) <= wanted:
         # no cache, or built from an index that is gone: rebuild from everything
-        recs = _read_all(names, read_index)
-        dig, rec = _sorted_part(recs)
-        base = _write_base(directory, repo_id, sorted(wanted), len(rec), [(dig, rec)])
+        base = _write_base(directory, repo_id, sorted(wanted), None, _build_chunks(directory, sorted(wanted), read_index))
         return DigestIndex(parts=[base])
     base = _open_base(directory, manifest)
     new = sorted(wanted - set(manifest["indexes"]))
@@ -144,6 +145,79 @@ def load_cached(directory: str, repo_id: str, names: list[str], read_index) -> D
         merged = _write_base(directory, repo_id, sorted(wanted), n_base + n_delta, _merge_chunks(base, delta))
         return DigestIndex(parts=[merged])
     return DigestIndex(parts=[base, delta])
+
+
+def _build_chunks(directory: str, names: list[str], read_index):
+    """All records of the pack indexes ``names`` as sorted chunks, in bounded memory: read
+    and sorted in runs of at most BUILD_RUN_RECORDS; if there is more than one run, the
+    runs are spilled to the cache directory and merged (k-way) chunk by chunk."""
+    batch: list[np.ndarray] = []
+    held = 0
+    spilled: list[tuple[str, str, int]] = []
+    token = f"{int(time.time())}-{secrets.token_hex(6)}"
+    try:
+        for name in names:
+            recs = read_index(name)
+            batch.append(recs)
+            held += len(recs)
+            if held >= BUILD_RUN_RECORDS:
+                spilled.append(_spill(directory, f"run-{token}-{len(spilled)}", _sorted_part(np.concatenate(batch))))
+                batch, held = [], 0
+        if not spilled:
+            yield _sorted_part(np.concatenate(batch) if batch else np.empty(0, fmt.PACK_INDEX_RECORD))
+            return
+        if batch:
+            spilled.append(_spill(directory, f"run-{token}-{len(spilled)}", _sorted_part(np.concatenate(batch))))
+        runs = [
+            (np.memmap(d, dtype="S32", mode="r", shape=(n,)), np.memmap(r, dtype=fmt.PACK_INDEX_RECORD, mode="r", shape=(n,)))
+            for d, r, n in spilled
+        ]
+        yield from _kway(runs)
+    finally:
+        for d, r, _ in spilled:
+            for p in (d, r):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+
+
+def _spill(directory: str, stem: str, part) -> tuple[str, str, int]:
+    dig, rec = part
+    paths = (os.path.join(directory, stem + ".dig"), os.path.join(directory, stem + ".rec"))
+    with open(paths[0], "wb") as f:
+        f.write(np.ascontiguousarray(dig, dtype="S32").tobytes())
+    with open(paths[1], "wb") as f:
+        f.write(np.ascontiguousarray(rec).astype(fmt.PACK_INDEX_RECORD, copy=False).tobytes())
+    return paths[0], paths[1], len(dig)
+
+
+def _kway(runs):
+    """Merge sorted (digests, records) runs: each step takes MERGE_CHUNK from every run,
+    emits everything up to the smallest last digest among the runs that have more (all of
+    that run's chunk, so every step makes progress), sorted."""
+    pos = [0] * len(runs)
+    while True:
+        heads = []
+        limit = None
+        for i, (dig, _) in enumerate(runs):
+            if pos[i] < len(dig):
+                d = np.asarray(dig[pos[i] : pos[i] + MERGE_CHUNK])
+                heads.append((i, d))
+                if pos[i] + len(d) < len(dig) and (limit is None or d[-1] < limit):
+                    limit = d[-1]
+        if not heads:
+            return
+        digs, recs = [], []
+        for i, d in heads:
+            k = len(d) if limit is None else int(np.searchsorted(d, limit, side="right"))
+            if k:
+                digs.append(d[:k])
+                recs.append(np.asarray(runs[i][1][pos[i] : pos[i] + k]))
+                pos[i] += k
+        dig = np.concatenate(digs)
+        order = np.argsort(dig, kind="stable")
+        yield dig[order], np.concatenate(recs)[order]
 
 
 def _read_all(names: list[str], read_index) -> np.ndarray:
@@ -207,7 +281,7 @@ def _merge_chunks(base, delta):
             break
 
 
-def _write_base(directory: str, repo_id: str, names: list[str], count: int, chunks) -> tuple:
+def _write_base(directory: str, repo_id: str, names: list[str], count: int | None, chunks) -> tuple:
     """Write the sorted chunks as a new base, fsync it, install its manifest atomically,
     drop old bases; return the new base memory-mapped."""
     token = f"{int(time.time())}-{secrets.token_hex(6)}"
@@ -224,9 +298,9 @@ def _write_base(directory: str, repo_id: str, names: list[str], count: int, chun
             for f in (fd, fr):
                 f.flush()
                 os.fsync(f.fileno())
-        if written != count:
+        if count is not None and written != count:
             raise RuntimeError(f"digest index cache: merged {written} records, expected {count}")
-        manifest = {"format": CACHE_FORMAT, "repository": repo_id, "count": count, "indexes": names, **files}
+        manifest = {"format": CACHE_FORMAT, "repository": repo_id, "count": written, "indexes": names, **files}
         mapped = _open_base(directory, manifest)  # before anyone can see (and drop) them
         tmp = os.path.join(directory, f".{MANIFEST}.{token}.tmp")
         with open(tmp, "wb") as f:
@@ -251,7 +325,7 @@ def _drop_stale(directory: str, keep: set[str]) -> None:
         name = entry.name
         if name in keep or name == MANIFEST:
             continue
-        if not (name.startswith(("digests-", "records-")) or name.startswith(f".{MANIFEST}.")):
+        if not (name.startswith(("digests-", "records-", "run-")) or name.startswith(f".{MANIFEST}.")):
             continue
         try:
             if now - entry.stat().st_mtime > STALE_SECONDS:

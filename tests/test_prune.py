@@ -307,3 +307,34 @@ def test_cli_prune_of_a_missing_repository(tmp_path, capsys):
     code, out, err = cli(capsys, "prune", "--repo", tmp_path / "nope")
     assert code == 3
     assert_one_error_line(err, "not a pyvbak repository")
+
+
+@pytest.mark.parametrize("fold_min", [1, 3, 1 << 20])
+def test_referenced_set_is_the_same_however_often_it_is_folded(tmp_path, monkeypatch, fold_min):
+    # prune folds per-snapshot digests into the union in batches to bound memory; the
+    # union (and so what is kept) must not depend on the batch size
+    import pyvbak.repo.prune as prune_mod
+
+    monkeypatch.setattr(prune_mod, "FOLD_MIN_DIGESTS", fold_min)
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "disk.img", 40 * BS, [(0, 40 * BS, "random")], seed=7)
+    images = {}
+    for rewrite in (None, (0, 16), (16, 8), (24, 8), (32, 8)):  # (first block, blocks)
+        if rewrite:
+            with open(img, "r+b") as f:
+                f.seek(rewrite[0] * BS)
+                f.write(os.urandom(rewrite[1] * BS))
+        sid = backup_file(repo, img).snapshot_id
+        images[sid] = tmp_path / f"gen{len(images)}.img"
+        images[sid].write_bytes(open(img, "rb").read())
+    first = next(iter(images))  # the oldest (ids made in one second do not sort by time)
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(first)])
+    del images[first]
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    # 4 kept snapshots: the 40 blocks of the oldest kept one + 8 new blocks per later one
+    assert rep["referenced_blocks"] == 40 + 3 * 8
+    # the forgotten snapshot's own 16 blocks: 40 % of its pack, which is repacked
+    assert rep["blocks_removed"] == 16 and rep["packs_repacked"] == 1
+    check_all_restore(repo, tmp_path, images)

@@ -205,6 +205,7 @@ def test_build_in_spilled_runs_equals_in_memory_sort(tmp_path, monkeypatch, run_
     # a (re)build of a large repository sorts runs in bounded memory and merges them
     monkeypatch.setattr(dx, "BUILD_RUN_RECORDS", run_records)
     monkeypatch.setattr(dx, "MERGE_CHUNK", chunk)
+    monkeypatch.setattr(dx, "MERGE_MIN_RECORDS", 8)  # this many records make a cache
     rng = np.random.default_rng(run_records)
     objects = {}
     for i in range(9):
@@ -223,6 +224,7 @@ def test_build_in_spilled_runs_equals_in_memory_sort(tmp_path, monkeypatch, run_
     dig = idx._parts[0][0] if idx._parts else np.empty(0, "S32")
     assert (np.asarray(dig[1:]) >= np.asarray(dig[:-1])).all(), "merged digests are not sorted"
     assert sorted(bytes(r) for r in idx.records) == sorted(bytes(r) for r in ref.records)
+    assert isinstance(idx._parts[0][0], np.memmap)  # served from the cache files
     assert not [f for f in os.listdir(d) if f.startswith("run-")], "spilled runs left behind"
 
 
@@ -230,6 +232,7 @@ def test_failed_build_leaves_no_runs_and_no_manifest(tmp_path, monkeypatch):
     from pyvbak.errors import IntegrityError
 
     monkeypatch.setattr(dx, "BUILD_RUN_RECORDS", 4)
+    monkeypatch.setattr(dx, "MERGE_MIN_RECORDS", 8)
 
     def read_index(name):
         if name == "index/5":
@@ -241,4 +244,16 @@ def test_failed_build_leaves_no_runs_and_no_manifest(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     with pytest.raises(IntegrityError, match="index/5"):
         dx.load_cached(str(d), "rid", [f"index/{i}" for i in range(8)], read_index)
-    assert os.listdir(d) == []
+    assert os.listdir(d) == []  # the build had started (spilled runs) and cleaned up
+
+
+def test_small_repository_stays_in_memory(tmp_path):
+    # below MERGE_MIN_RECORDS and MERGE_MAX_FILES no cache files are written at all
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    for i in range(3):
+        backup(repo_path, tmp_path / "img", blocks=10, seed=40 + i)
+    repo = Repository.open(repo_path)
+    idx = repo.load_digest_index()
+    assert_same(idx, in_memory(repo))
+    assert not os.path.exists(cache_dir(repo))

@@ -14,7 +14,9 @@ names it was built from; pack index objects are immutable (content-addressed nam
 entries are valid exactly as long as all of those names still exist.  When any of them
 is gone (prune rewrote the indexes) the cache is rebuilt from scratch.  Any problem with
 the cache (unwritable, damaged, concurrently replaced) falls back to merging in memory:
-the cache can make pyvbak faster, never wrong.  Layout: docs/ARCHITECTURE.md, "Local cache".
+the cache can make pyvbak faster, never wrong.  Small repositories (under MERGE_MIN_RECORDS
+records and MERGE_MAX_FILES pack indexes) are merged in memory and write no cache at all.
+Layout: docs/ARCHITECTURE.md, "Local cache".
 """
 
 from __future__ import annotations

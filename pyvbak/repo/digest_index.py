@@ -126,14 +126,20 @@ def cache_root() -> str | None:
     return os.path.join(base, "pyvbak")
 
 
-def load_cached(directory: str, repo_id: str, names: list[str], read_index) -> DigestIndex:
+def load_cached(directory: str, repo_id: str, names: list[str], read_index, relist=None) -> DigestIndex:
     """The digest index of the pack indexes ``names`` through the cache in ``directory``
-    (created if needed); ``read_index(name)`` returns one pack index's records.  Raises
-    on any cache problem (the caller falls back to merging in memory)."""
+    (created if needed); ``read_index(name)`` returns one pack index's records and
+    ``relist()`` lists the pack indexes again.  Raises on any cache problem (the caller
+    falls back to merging in memory)."""
     if not names:  # an empty repository: nothing worth a cache directory
         return DigestIndex()
     manifest = _read_manifest(directory, repo_id)
     wanted = set(names)
+    if manifest is not None and not set(manifest["indexes"]) <= wanted and relist is not None:
+        # a concurrent backup may have added (and cached) a pack index after our listing
+        fresh = sorted(relist())
+        if set(manifest["indexes"]) <= set(fresh):
+            names, wanted = fresh, set(fresh)
     if manifest is not None and not set(manifest["indexes"]) <= wanted:
         # built from a pack index that is gone (prune rewrote them): never use it again
         _forget(directory)

@@ -282,7 +282,9 @@ class Repository:
         root = cache_root()
         if root is not None:
             try:
-                index = load_cached(os.path.join(root, self.config.repo_id), self.config.repo_id, names, read_index)
+                index = load_cached(
+                    os.path.join(root, self.config.repo_id), self.config.repo_id, names, read_index, self.pack_index_names
+                )
             except (IntegrityError, ObjectMissing, BackendError):
                 raise  # the repository's own problem: report it, the cache cannot help
             except Exception:  # the cache's problem (disk full, permissions, damage): do without

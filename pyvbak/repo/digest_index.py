@@ -29,8 +29,8 @@ import time
 import numpy as np
 
 from . import format as fmt
+from .cache import cache_root  # noqa: F401  (re-exported: the cache's root)
 
-CACHE_ENV = "PYVBAK_CACHE_DIR"
 CACHE_FORMAT = "pyvbak-digest-index-cache-v1"
 MANIFEST = "digest-index.json"
 #: the pack indexes read besides the cached base are merged into it once they hold more
@@ -116,15 +116,6 @@ def _sorted_part(records: np.ndarray):
 
 
 # ---- the cache ------------------------------------------------------------------------
-
-def cache_root() -> str | None:
-    """$PYVBAK_CACHE_DIR, else $XDG_CACHE_HOME/pyvbak, else ~/.cache/pyvbak."""
-    root = os.environ.get(CACHE_ENV)
-    if root is not None:
-        return root or None  # set but empty: no cache
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pyvbak")
-
 
 def load_cached(directory: str, repo_id: str, names: list[str], read_index, relist=None) -> DigestIndex:
     """The digest index of the pack indexes ``names`` through the cache in ``directory``

@@ -23,7 +23,8 @@ from .. import __version__
 from ..backends import BackendError, ObjectMissing, open_backend
 from ..errors import IntegrityError, RepositoryError, SnapshotNotFound, UsageError
 from . import format as fmt
-from .digest_index import DigestIndex, cache_root, load_cached
+from .cache import SnapshotMetaCache, repo_cache_dir
+from .digest_index import DigestIndex, load_cached
 from .locks import RepositoryLock
 
 MIN_REPO_BLOCK = 64 * 1024
@@ -202,26 +203,39 @@ class Repository:
         return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale)
 
     # -- snapshots ------------------------------------------------------------------
-    def snapshots(self, vm: str | None = None, disk: str | None = None) -> list[SnapshotInfo]:
-        """Complete snapshots, oldest first.  Only metadata objects make a snapshot visible."""
-        found = []
+    def snapshots(self, vm: str | None = None, disk: str | None = None, *, cached: bool = True) -> list[SnapshotInfo]:
+        """Complete snapshots, oldest first.  Only metadata objects make a snapshot visible.
+        Metadata comes from the local cache where it has it (repo/cache.py); ``cached=False``
+        reads every object (verify: the repository itself is what is checked)."""
+        cache = SnapshotMetaCache(self.config.repo_id)
+        from_cache = cache.load() if cached else {}
+        metas: dict[str, dict] = {}
         for name in self.backend.list("snapshots/"):
             if not name.endswith(".json"):
                 continue
             sid = name[len("snapshots/") : -len(".json")]
-            try:
-                meta = json.loads(self.backend.read(name))
-            except ObjectMissing:
-                continue
-            except ValueError:
-                raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'") from None
+            meta = from_cache.get(name)
+            if meta is None or meta.get("id", sid) != sid:
+                try:
+                    meta = json.loads(self.backend.read(name))
+                except ObjectMissing:
+                    continue
+                except ValueError:
+                    raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'") from None
+                if not isinstance(meta, dict):
+                    raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'")
+            metas[name] = meta
+        if metas.keys() != from_cache.keys():
+            cache.save(metas)
+        found = []
+        for name, meta in metas.items():
             if meta.get("status") != "complete":
                 continue
             if vm is not None and meta.get("vm") != vm:
                 continue
             if disk is not None and meta.get("disk") != disk:
                 continue
-            found.append(SnapshotInfo(sid, meta))
+            found.append(SnapshotInfo(name[len("snapshots/") : -len(".json")], meta))
         found.sort(key=lambda s: (s.meta.get("time", ""), s.id))
         return found
 
@@ -279,12 +293,10 @@ class Repository:
             return fmt.decode_pack_index(self.backend.read(name), f"pack index {name}")
 
         index = None
-        root = cache_root()
-        if root is not None:
+        cache_dir = repo_cache_dir(self.config.repo_id)
+        if cache_dir is not None:
             try:
-                index = load_cached(
-                    os.path.join(root, self.config.repo_id), self.config.repo_id, names, read_index, self.pack_index_names
-                )
+                index = load_cached(cache_dir, self.config.repo_id, names, read_index, self.pack_index_names)
             except (IntegrityError, ObjectMissing, BackendError):
                 raise  # the repository's own problem: report it, the cache cannot help
             except Exception:  # the cache's problem (disk full, permissions, damage): do without

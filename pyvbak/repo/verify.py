@@ -14,7 +14,7 @@ from .reader import read_blocks, sort_for_reading
 def verify_repository(repo, *, sample_percent: float | None = None, threads: int | None = None, seed: int | None = None) -> dict:
     t0 = time.monotonic()
     threads = threads or os.cpu_count() or 1
-    snaps = repo.snapshots()
+    snaps = repo.snapshots(cached=False)
     bad_snapshots: dict[str, str] = {}
     per_snap: list[tuple[str, np.ndarray]] = []
     for snap in snaps:

@@ -1,0 +1,96 @@
+"""The snapshot-metadata cache (pyvbak/repo/cache.py): the same snapshots as reading every
+metadata object, fewer reads, and never a snapshot that is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from images import backup_file, make_image, BS
+from pyvbak.errors import IntegrityError
+from pyvbak.repo.cache import SNAPSHOTS_FILE, repo_cache_dir
+from pyvbak.repo.prune import forget_snapshots
+from pyvbak.repo.repository import Repository
+from pyvbak.repo.verify import verify_repository
+
+
+def ids(snaps):
+    return [s.id for s in snaps]
+
+
+@pytest.fixture
+def repo_with_snapshots(tmp_path):
+    repo = Repository.init(str(tmp_path / "repo"))
+    made = []
+    for vm in ("a", "b", "a"):
+        img = make_image(tmp_path / f"{vm}.img", 8 * BS, [(0, 8 * BS, "random")], seed=len(made))
+        made.append(backup_file(repo, img, vm=vm).snapshot_id)
+    return repo, made
+
+
+def uncached(repo, **kw):
+    return Repository.open(repo.location).snapshots(cached=False, **kw)
+
+
+def test_same_snapshots_as_reading_every_object(repo_with_snapshots, monkeypatch):
+    repo, made = repo_with_snapshots
+    r = Repository.open(repo.location)
+    assert ids(r.snapshots()) == ids(uncached(repo)) and sorted(made) == sorted(ids(uncached(repo)))
+    assert ids(r.snapshots(vm="a")) == ids(uncached(repo, vm="a"))
+    assert os.path.exists(os.path.join(repo_cache_dir(r.config.repo_id), SNAPSHOTS_FILE))
+    # the second listing reads no metadata object
+    reads = []
+    orig = r.backend.read
+    monkeypatch.setattr(r.backend, "read", lambda name: reads.append(name) or orig(name))
+    assert ids(r.snapshots()) == ids(uncached(repo))
+    assert not [n for n in reads if n.startswith("snapshots/")]
+
+
+def test_forgotten_snapshots_leave_the_cache(repo_with_snapshots):
+    repo, made = repo_with_snapshots
+    r = Repository.open(repo.location)
+    r.snapshots()  # cached
+    with r.lock():
+        forget_snapshots(r, [r.resolve(made[0])])
+    r = Repository.open(repo.location)
+    assert made[0] not in ids(r.snapshots())
+    assert ids(r.snapshots()) == ids(uncached(repo))
+    with open(os.path.join(repo_cache_dir(r.config.repo_id), SNAPSHOTS_FILE)) as f:
+        assert not [k for k in json.load(f)["metas"] if made[0] in k]
+
+
+@pytest.mark.parametrize("damage", [b"", b"{not json", b'{"format": "x"}', b"[1, 2]"])
+def test_damaged_cache_is_ignored(repo_with_snapshots, damage):
+    repo, made = repo_with_snapshots
+    r = Repository.open(repo.location)
+    r.snapshots()
+    with open(os.path.join(repo_cache_dir(r.config.repo_id), SNAPSHOTS_FILE), "wb") as f:
+        f.write(damage)
+    assert ids(Repository.open(repo.location).snapshots()) == ids(uncached(repo))
+
+
+def test_a_cached_entry_under_the_wrong_name_is_read_again(repo_with_snapshots):
+    repo, made = repo_with_snapshots
+    r = Repository.open(repo.location)
+    r.snapshots()
+    path = os.path.join(repo_cache_dir(r.config.repo_id), SNAPSHOTS_FILE)
+    doc = json.load(open(path))
+    name = f"snapshots/{made[1]}.json"
+    doc["metas"][name] = dict(doc["metas"][name], id="20200101T000000Z-deadbeef", vm="zzz")
+    json.dump(doc, open(path, "w"))
+    snaps = {s.id: s for s in Repository.open(repo.location).snapshots()}
+    assert snaps[made[1]].vm == "b"
+
+
+def test_verify_reads_the_repository_not_the_cache(repo_with_snapshots):
+    repo, made = repo_with_snapshots
+    r = Repository.open(repo.location)
+    r.snapshots()  # cached while intact
+    path = os.path.join(repo.location, "snapshots", f"{made[2]}.json")
+    os.chmod(path, 0o644)
+    with open(path, "wb") as f:
+        f.write(b"{damaged")
+    with pytest.raises(IntegrityError, match="corrupt"):
+        verify_repository(Repository.open(repo.location))

@@ -15,7 +15,9 @@ server.  The main thread keeps at most ``2 * workers`` chunks in flight and feed
 finished frames to the PackWriter, which holds one open pack and at most two uploading.
 Peak memory is therefore about ``2 * workers * CHUNK_BYTES * 2`` (data + frames; 128 MiB
 for an NBD source on 2 cores, 32 MiB for a file) + ``3 * PACK_TARGET_BYTES`` + the
-per-block arrays (n * (1 + 16 + 32) bytes, plus the parent's index).
+per-block arrays (n * (1 + 16 + 32) bytes, plus the parent's index) + the repository's
+digest index: 80 bytes per stored block merged in memory for small repositories, pages of
+the memory-mapped local cache otherwise (repo/digest_index.py).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -94,3 +95,25 @@ def test_verify_reads_the_repository_not_the_cache(repo_with_snapshots):
         f.write(b"{damaged")
     with pytest.raises(IntegrityError, match="corrupt"):
         verify_repository(Repository.open(repo.location))
+
+
+def test_caches_of_repositories_unused_for_30_days_are_removed(repo_with_snapshots, monkeypatch):
+    import pyvbak.repo.cache as cache_mod
+
+    repo, _ = repo_with_snapshots
+    root = os.environ["PYVBAK_CACHE_DIR"]
+    old = 31 * 86400
+    stale = os.path.join(root, "ab" * 16)
+    recent = os.path.join(root, "cd" * 16)
+    work = os.path.join(root, "work")  # QEMU work dir: never expired
+    for d in (stale, recent, work):
+        os.makedirs(d, exist_ok=True)
+        open(os.path.join(d, "x"), "w").close()
+    now = time.time()
+    os.utime(stale, (now - old, now - old))
+    os.utime(work, (now - old, now - old))
+    monkeypatch.setattr(cache_mod, "_expired_once", False)
+    Repository.open(repo.location).snapshots()
+    assert not os.path.exists(stale)
+    assert os.path.exists(recent) and os.path.exists(work)
+    assert os.path.isdir(repo_cache_dir(repo.config.repo_id))

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import shutil
+import time
 
 CACHE_ENV = "PYVBAK_CACHE_DIR"
 SNAPSHOTS_FILE = "snapshots.json"
 SNAPSHOTS_FORMAT = "pyvbak-snapshot-metadata-cache-v1"
+#: the cache directories of repositories not used for this long are removed (a repository
+#: deleted or moved elsewhere would otherwise leave its cache behind for ever)
+EXPIRE_SECONDS = 30 * 86400
+_REPO_DIR = re.compile(r"[0-9a-f]{32}")
+_expired_once = False
 
 
 def cache_root() -> str | None:
@@ -30,6 +38,38 @@ def cache_root() -> str | None:
 def repo_cache_dir(repo_id: str) -> str | None:
     root = cache_root()
     return os.path.join(root, repo_id) if root else None
+
+
+def mark_used(repo_id: str) -> None:
+    """Note that the repository's cache is in use (its directory's mtime) and, once per
+    process, remove the cache directories of repositories unused for EXPIRE_SECONDS.
+    Only directories named like a repository id are touched (the QEMU work dir and
+    anything else under the root are not)."""
+    global _expired_once
+    d = repo_cache_dir(repo_id)
+    if d is None:
+        return
+    try:
+        os.utime(d)
+    except OSError:
+        pass
+    if _expired_once:
+        return
+    _expired_once = True
+    root = os.path.dirname(d)
+    now = time.time()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name == repo_id or not _REPO_DIR.fullmatch(entry.name):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > EXPIRE_SECONDS:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 class SnapshotMetaCache:
@@ -51,6 +91,7 @@ class SnapshotMetaCache:
     def load(self) -> dict[str, dict]:
         if self.path is None:
             return {}
+        mark_used(self.repo_id)
         try:
             with open(self.path, "rb") as f:
                 doc = json.loads(f.read())

@@ -215,7 +215,9 @@ class _Target:
 
 
 def _locate(repo, snap, records: np.ndarray):
-    """(unique records to read, block indices per unique record)."""
+    """(unique records to read, ``blocks``, ``bounds``): the disk block indices of unique
+    record u are ``blocks[bounds[u] : bounds[u + 1]]``.  Flat arrays: a Python list of one
+    small array per unique block cost 3.2 s and ~700 MiB at 4 M blocks (a 256 GiB disk)."""
     nonzero = np.flatnonzero(records["digest"].view("S32") != b"")
     digests = records["digest"][nonzero]
     uniq, inverse = np.unique(digests.view("S32"), return_inverse=True)
@@ -230,8 +232,7 @@ def _locate(repo, snap, records: np.ndarray):
     recs = index.records_at(pos)
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-    targets = [nonzero[order[bounds[k] : bounds[k + 1]]] for k in range(len(uniq))]
-    return recs, targets
+    return recs, nonzero[order], bounds
 
 
 def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: int | None = None, progress=None) -> dict:
@@ -256,10 +257,10 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     if not os.path.isdir(parent_dir):
         raise UsageError(f"directory {parent_dir} for the restore target does not exist")
 
-    recs, targets = _locate(repo, snap, records)
+    recs, blocks, bounds = _locate(repo, snap, records)
     order = sort_for_reading(recs)
     recs_sorted = recs[order]
-    targets_sorted = [targets[k] for k in order]
+    starts, stops = bounds[order], bounds[order + 1]  # per record in reading order
 
     if is_device:
         path = output
@@ -278,7 +279,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     target = None
 
     def on_block(k: int, data) -> None:
-        offsets = (targets_sorted[k] * bs).tolist()
+        offsets = (blocks[starts[k] : stops[k]] * bs).tolist()
         target.write_block(data, offsets)
         with count_lock:
             written[0] += len(data) * len(offsets)

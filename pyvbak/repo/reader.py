@@ -98,27 +98,33 @@ DECODE_BATCH = 8
 
 
 def _groups(recs: np.ndarray):
-    """Yield (pack_hex, start, end, [k...]) ranges; recs sorted by (pack, offset)."""
-    # Plain lists: this runs on the main thread, and numpy scalar indexing per record
-    # holds the GIL the workers need.
-    packs = recs["pack"].view("S32").tolist()
-    offs = recs["offset"].tolist()
-    clens = recs["clen"].tolist()
-    k, n = 0, len(recs)
-    while k < n:
-        pack = packs[k]
-        start = offs[k]
-        end = start + clens[k]
-        members = [k]
-        k += 1
-        while k < n and packs[k] == pack:
-            off = offs[k]
-            if off - end > GAP_BYTES or off + clens[k] - start > RANGE_BYTES:
-                break
-            end = max(end, off + clens[k])
-            members.append(k)
+    """Yield (pack_hex, start, end, k0, k1): records k0..k1-1 (``recs`` sorted by pack,
+    then offset) are read with one range read [start, end) of that pack."""
+    n = len(recs)
+    if not n:
+        return
+    packs = recs["pack"]
+    edges = [0, *(np.flatnonzero(packs[1:] != packs[:-1]) + 1).tolist(), n]
+    for a, b in zip(edges[:-1], edges[1:]):
+        # Plain lists per pack (a few hundred records): numpy scalar indexing per record
+        # holds the GIL the workers need; lists of the whole snapshot cost ~100 bytes per
+        # block (gigabytes for a multi-TB disk).
+        offs = recs["offset"][a:b].tolist()
+        clens = recs["clen"][a:b].tolist()
+        pack_hex = bytes(packs[a]).hex()
+        k, m = 0, b - a
+        while k < m:
+            start = offs[k]
+            end = start + clens[k]
+            k0 = k
             k += 1
-        yield bytes(recs["pack"][members[0]]).hex(), start, end, members
+            while k < m:
+                off = offs[k]
+                if off - end > GAP_BYTES or off + clens[k] - start > RANGE_BYTES:
+                    break
+                end = max(end, off + clens[k])
+                k += 1
+            yield pack_hex, start, end, a + k0, a + k
 
 
 def sort_for_reading(recs: np.ndarray) -> np.ndarray:
@@ -132,12 +138,6 @@ def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> 
     threads; ``data`` is bytes-like and only valid during the call (copy to keep it).
     ``recs`` must be sorted with ``sort_for_reading``."""
     local = threading.local()
-    # per-block fields as Python lists: numpy scalar indexing in the per-block loop
-    # holds the GIL for microseconds per access
-    offs = recs["offset"].tolist()
-    clens = recs["clen"].tolist()
-    ulens = recs["ulen"].tolist()
-    digests = [bytes(d) for d in recs["digest"]]
 
     def dctx():
         d = getattr(local, "dctx", None)
@@ -156,8 +156,9 @@ def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> 
             view = local.view = memoryview(mmap.mmap(-1, -(-n // _BUF_STEP) * _BUF_STEP))
         return view[:n]
 
-    def work(pack_hex: str, start: int, end: int, members: list[int]) -> None:
+    def work(pack_hex: str, start: int, end: int, k0: int, k1: int) -> None:
         name = fmt.pack_name(pack_hex)
+        members = range(k0, k1)
         try:
             view = read_buffer(end - start)
             repo.backend.read_range_into(name, start, view)
@@ -170,11 +171,15 @@ def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> 
                 on_error(k, f"pack {pack_hex[:16]}… unreadable: {exc}")
             return
         d = dctx()
-        for b in range(0, len(members), DECODE_BATCH):
-            batch = members[b : b + DECODE_BATCH]
-            frames = [view[offs[k] - start : offs[k] - start + clens[k]] for k in batch]
-            decoded = decode_blocks(d, frames, [ulens[k] for k in batch], [digests[k] for k in batch])
-            for k, (data, problem) in zip(batch, decoded):
+        # this range's per-block fields as lists (numpy scalar indexing per block holds the GIL)
+        part = recs[k0:k1]
+        offs, clens, ulens = part["offset"].tolist(), part["clen"].tolist(), part["ulen"].tolist()
+        digests = part["digest"].tolist()  # V32: full 32-byte bytes objects
+        for b in range(0, k1 - k0, DECODE_BATCH):
+            idx = range(b, min(b + DECODE_BATCH, k1 - k0))
+            frames = [view[offs[i] - start : offs[i] - start + clens[i]] for i in idx]
+            decoded = decode_blocks(d, frames, [ulens[i] for i in idx], [digests[i] for i in idx])
+            for k, (data, problem) in zip((k0 + i for i in idx), decoded):
                 if problem is not None:
                     on_error(k, f"block in pack {pack_hex[:16]}… {problem}")
                     continue
@@ -185,13 +190,13 @@ def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> 
     # queued), so the worker threads stay on decompression and hashing instead of
     # waiting on the disk: see restore_snapshot for the measurement.
     ahead = 2 * threads + PREFETCH_GROUPS
-    for pack_hex, start, end, _ in groups[:ahead]:
+    for pack_hex, start, end, *_ in groups[:ahead]:
         repo.backend.prefetch(fmt.pack_name(pack_hex), start, end - start)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyvbak-reader") as pool:
         inflight: deque = deque()
         for i, group in enumerate(groups):
             if i + ahead < len(groups):
-                pack_hex, start, end, _ = groups[i + ahead]
+                pack_hex, start, end, *_ = groups[i + ahead]
                 repo.backend.prefetch(fmt.pack_name(pack_hex), start, end - start)
             inflight.append(pool.submit(work, *group))
             if len(inflight) >= 2 * threads:

@@ -313,9 +313,9 @@ def test_cli_prune_of_a_missing_repository(tmp_path, capsys):
 def test_referenced_set_is_the_same_however_often_it_is_folded(tmp_path, monkeypatch, fold_min):
     # prune folds per-snapshot digests into the union in batches to bound memory; the
     # union (and so what is kept) must not depend on the batch size
-    import pyvbak.repo.prune as prune_mod
+    import pyvbak.repo.repository as repository_mod
 
-    monkeypatch.setattr(prune_mod, "FOLD_MIN_DIGESTS", fold_min)
+    monkeypatch.setattr(repository_mod, "FOLD_MIN_DIGESTS", fold_min)
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "disk.img", 40 * BS, [(0, 40 * BS, "random")], seed=7)
     images = {}

@@ -42,8 +42,6 @@ from .repository import PACK_TARGET_BYTES
 #: repack a pack once this share of its frame bytes is unused (restic's default
 #: ``--max-unused`` is 5 % of the whole repository; per pack, 20 % keeps repacking - a
 #: full read and rewrite of the pack - for packs that are mostly garbage)
-#: prune folds per-snapshot digests into the referenced set at least this many at a time
-FOLD_MIN_DIGESTS = 1 << 20
 REPACK_UNUSED = 0.2
 #: records per new pack index file (80 bytes each: 80 MiB per file before compression)
 INDEX_RECORDS_PER_FILE = 1 << 20
@@ -108,26 +106,10 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     # 2. what the snapshots reference
     snaps = repo.snapshots()
     report["snapshots"] = len(snaps)
-    # Snapshots of one disk share most blocks: fold each snapshot's unique digests into the
-    # union once the pending ones outnumber it, so memory stays ~2-3x the union instead of
-    # the sum over snapshots (365 nightly snapshots would hold 365 copies of a disk's digests).
-    referenced = np.empty(0, "S32")
-    pending: list[np.ndarray] = []
-    held = 0
-    for snap in snaps:
-        try:
-            _, _, records = repo.load_snapshot_index(snap)
-        except PyvbakError as exc:
-            raise IntegrityError(f"prune stopped, nothing deleted: {exc}") from None
-        d = records["digest"].view("S32")
-        pending.append(np.unique(d[d != b""]))
-        held += len(pending[-1])
-        del records, d
-        if held > max(len(referenced), FOLD_MIN_DIGESTS):
-            referenced = np.unique(np.concatenate([referenced, *pending]))
-            pending, held = [], 0
-    if pending:
-        referenced = np.unique(np.concatenate([referenced, *pending]))
+    try:
+        referenced = repo.referenced_digests(snaps)
+    except PyvbakError as exc:
+        raise IntegrityError(f"prune stopped, nothing deleted: {exc}") from None
     report["referenced_blocks"] = int(len(referenced))
 
     # 3. what the packs hold, and which copy of each referenced block stays

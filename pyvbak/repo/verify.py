@@ -16,16 +16,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     threads = threads or os.cpu_count() or 1
     snaps = repo.snapshots(cached=False)
     bad_snapshots: dict[str, str] = {}
-    per_snap: list[tuple[str, np.ndarray]] = []
-    for snap in snaps:
-        try:
-            _, _, records = repo.load_snapshot_index(snap)
-        except PyvbakError as exc:
-            bad_snapshots[snap.id] = str(exc)
-            continue
-        digests = records["digest"].view("S32")
-        per_snap.append((snap.id, np.unique(digests[digests != b""])))
-    all_digests = np.unique(np.concatenate([d for _, d in per_snap])) if per_snap else np.empty(0, "S32")
+    all_digests = repo.referenced_digests(snaps, on_unreadable=lambda snap, exc: bad_snapshots.__setitem__(snap.id, str(exc)))
     if sample_percent is not None and len(all_digests):
         if not 0 < sample_percent <= 100:
             from ..errors import UsageError
@@ -51,13 +42,22 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
 
     read_blocks(repo, recs, on_block, on_error, threads=threads)
 
-    if problems:
+    if problems:  # a second pass names the snapshots each bad block hurts
         bad = np.array(sorted(problems), dtype="S32")
-        for sid, digests in per_snap:
+        for snap in snaps:
+            if snap.id in bad_snapshots:
+                continue
+            try:
+                _, _, records = repo.load_snapshot_index(snap)
+            except PyvbakError as exc:
+                bad_snapshots[snap.id] = str(exc)
+                continue
+            d = records["digest"].view("S32")
+            digests = np.unique(d[d != b""])
             hit = np.isin(digests, bad)
             if hit.any():
                 first = bytes(digests[hit][0]).ljust(32, b"\0")
-                bad_snapshots.setdefault(sid, f"{int(hit.sum())} bad block(s), e.g. {first.hex()[:16]}…: {problems[first]}")
+                bad_snapshots[snap.id] = f"{int(hit.sum())} bad block(s), e.g. {first.hex()[:16]}…: {problems[first]}"
     return {
         "ok": not problems and not bad_snapshots,
         "snapshots": len(snaps),

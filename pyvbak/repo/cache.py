@@ -113,6 +113,8 @@ class SnapshotMetaCache:
                 json.dump({"format": SNAPSHOTS_FORMAT, "repository": self.repo_id, "metas": metas}, f)
             os.replace(tmp, self.path)
         except OSError:
+            pass
+        finally:  # also on Ctrl-C: no temp file left behind
             try:
                 os.unlink(tmp)
             except OSError:

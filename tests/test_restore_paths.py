@@ -380,3 +380,35 @@ def test_corrupt_raw_block_is_caught_by_its_digest(repo, tmp_path):
     assert not (tmp_path / "out.img").exists()
     report = verify_repository(repo, threads=2)
     assert not report["ok"] and report["problem_count"] == 1
+
+
+def test_restore_reads_packs_in_the_order_of_the_disk_regions_they_fill():
+    import numpy as np
+
+    from pyvbak.repo import format as fmt
+    from pyvbak.repo.reader import _groups, sort_for_reading
+
+    rng = np.random.default_rng(3)
+    n = 300
+    recs = np.zeros(n, fmt.PACK_INDEX_RECORD)
+    packs = [bytes([p]) * 32 for p in rng.permutation(6)]
+    pack_of = rng.integers(0, 6, size=n)
+    recs["pack"] = np.frombuffer(b"".join(packs[i] for i in pack_of), "V32")
+    recs["offset"] = rng.permutation(n) * 100
+    recs["clen"] = 50
+    disk_pos = rng.permutation(n)
+    order = sort_for_reading(recs, disk_pos=disk_pos)
+    assert sorted(order.tolist()) == list(range(n))
+    got = recs[order]
+    # each pack's records together, by offset; packs by the first disk block they fill
+    seen, firsts = [], []
+    for pack_hex, start, end, k0, k1 in _groups(got):
+        if not seen or seen[-1] != pack_hex:
+            seen.append(pack_hex)
+            firsts.append(min(disk_pos[order[k]] for k in range(len(order)) if bytes(got["pack"][k]).hex() == pack_hex))
+        assert (np.diff(got["offset"][k0:k1].astype(np.int64)) > 0).all()
+    assert len(seen) == len(set(seen)) == 6
+    assert firsts == sorted(firsts)
+    # without disk positions: by pack id
+    plain = recs[sort_for_reading(recs)]
+    assert [bytes(p) for p in plain["pack"][np.r_[True, plain["pack"][1:] != plain["pack"][:-1]]]] == sorted(packs)

@@ -127,9 +127,22 @@ def _groups(recs: np.ndarray):
             yield pack_hex, start, end, a + k0, a + k
 
 
-def sort_for_reading(recs: np.ndarray) -> np.ndarray:
-    """Order for _groups: by pack, then offset."""
-    return np.lexsort((recs["offset"], recs["pack"].view("S32")))
+def sort_for_reading(recs: np.ndarray, disk_pos: np.ndarray | None = None) -> np.ndarray:
+    """Order for _groups: pack by pack, each pack's frames by offset.
+
+    With ``disk_pos`` (per record, the first disk block it restores) the packs come in the
+    order of the disk regions they fill, so a restore writes its target front to back -
+    sequential writes for a disk or block device (cold 2 GiB restore on this project's VM,
+    9 alternating pairs: median 1.74 s vs 1.81 s in pack-name order); else by pack id."""
+    packs = recs["pack"].view("S32")
+    if disk_pos is None or not len(recs):
+        return np.lexsort((recs["offset"], packs))
+    _, inv = np.unique(packs, return_inverse=True)
+    inv = inv.reshape(-1)
+    by_pack = np.argsort(inv, kind="stable")
+    starts = np.flatnonzero(np.r_[True, inv[by_pack][1:] != inv[by_pack][:-1]])
+    rank = np.minimum.reduceat(np.asarray(disk_pos, dtype=np.int64)[by_pack], starts)
+    return np.lexsort((recs["offset"], inv, rank[inv]))
 
 
 def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> None:

@@ -258,7 +258,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         raise UsageError(f"directory {parent_dir} for the restore target does not exist")
 
     recs, blocks, bounds = _locate(repo, snap, records)
-    order = sort_for_reading(recs)
+    order = sort_for_reading(recs, disk_pos=blocks[bounds[:-1]])
     recs_sorted = recs[order]
     starts, stops = bounds[order], bounds[order + 1]  # per record in reading order
 

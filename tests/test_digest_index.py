@@ -331,3 +331,23 @@ def json_manifest(d):
 
     with open(os.path.join(d, dx.MANIFEST)) as f:
         return json.load(f)
+
+
+def test_an_interruption_while_building_the_cache_is_not_swallowed(tmp_path, small_merges, monkeypatch):
+    # SIGTERM / Ctrl-C arrive as exceptions; the cache's fallback must not eat them
+    from pyvbak.errors import Interrupted
+
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    for i in range(2):
+        backup(repo_path, tmp_path / "img", blocks=10, seed=60 + i)
+
+    def interrupted(*a, **k):
+        raise Interrupted("interrupted by SIGTERM")
+
+    monkeypatch.setattr(dx, "_write_base", interrupted)
+    with pytest.raises(Interrupted):
+        Repository.open(repo_path).load_digest_index()
+    monkeypatch.setattr(dx, "_write_base", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    repo = Repository.open(repo_path)
+    assert_same(repo.load_digest_index(), in_memory(repo))  # a full cache disk: memory instead

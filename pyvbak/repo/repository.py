@@ -329,8 +329,8 @@ class Repository:
         if cache_dir is not None:
             try:
                 index = load_cached(cache_dir, self.config.repo_id, names, read_index, self.pack_index_names)
-            except (IntegrityError, ObjectMissing, BackendError):
-                raise  # the repository's own problem: report it, the cache cannot help
+            except (PyvbakError, BackendError):
+                raise  # the repository's own problem, or Ctrl-C/SIGTERM (Interrupted): report it
             except Exception:  # the cache's problem (disk full, permissions, damage): do without
                 index = None
         if index is None:

@@ -29,7 +29,6 @@ import time
 import numpy as np
 
 from . import format as fmt
-from .cache import cache_root  # noqa: F401  (re-exported: the cache's root)
 
 CACHE_FORMAT = "pyvbak-digest-index-cache-v1"
 MANIFEST = "digest-index.json"
@@ -183,28 +182,39 @@ def _build_chunks(directory: str, names: list[str], read_index):
             return
         if batch:
             spilled.append(_spill(directory, f"run-{token}-{len(spilled)}", _sorted_part(np.concatenate(batch))))
-        runs = [
-            (np.memmap(d, dtype="S32", mode="r", shape=(n,)), np.memmap(r, dtype=fmt.PACK_INDEX_RECORD, mode="r", shape=(n,)))
-            for d, r, n in spilled
-        ]
+        runs = [_map_part(d, r, n) for d, r, n in spilled]
         yield from _kway(runs)
     finally:
-        for d, r, _ in spilled:
-            for p in (d, r):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+        _unlink_all([p for d, r, _ in spilled for p in (d, r)])
 
 
 def _spill(directory: str, stem: str, part) -> tuple[str, str, int]:
-    dig, rec = part
     paths = (os.path.join(directory, stem + ".dig"), os.path.join(directory, stem + ".rec"))
-    with open(paths[0], "wb") as f:
-        f.write(np.ascontiguousarray(dig, dtype="S32").tobytes())
-    with open(paths[1], "wb") as f:
-        f.write(np.ascontiguousarray(rec).astype(fmt.PACK_INDEX_RECORD, copy=False).tobytes())
-    return paths[0], paths[1], len(dig)
+    try:
+        with open(paths[0], "wb") as fd, open(paths[1], "wb") as fr:
+            _write_part(fd, fr, part)
+    except BaseException:
+        _unlink_all(paths)
+        raise
+    return paths[0], paths[1], len(part[0])
+
+
+def _write_part(fd, fr, part) -> None:
+    """Append sorted (digests, records) to the digest and record files, in the files'
+    dtypes (np.concatenate may hand back records in native byte order)."""
+    dig, rec = part
+    fd.write(np.ascontiguousarray(dig, dtype="S32").tobytes())
+    fr.write(np.ascontiguousarray(rec).astype(fmt.PACK_INDEX_RECORD, copy=False).tobytes())
+
+
+def _map_part(dig_path: str, rec_path: str, n: int):
+    """The (digests, records) files of n records, memory-mapped read-only."""
+    if n == 0:
+        return np.empty(0, "S32"), np.empty(0, fmt.PACK_INDEX_RECORD)
+    return (
+        np.memmap(dig_path, dtype="S32", mode="r", shape=(n,)),
+        np.memmap(rec_path, dtype=fmt.PACK_INDEX_RECORD, mode="r", shape=(n,)),
+    )
 
 
 def _kway(runs):
@@ -279,12 +289,7 @@ def _read_manifest(directory: str, repo_id: str) -> dict | None:
 
 
 def _open_base(directory: str, manifest: dict):
-    n = manifest["count"]
-    if n == 0:
-        return np.empty(0, "S32"), np.empty(0, fmt.PACK_INDEX_RECORD)
-    dig = np.memmap(os.path.join(directory, manifest["digests"]), dtype="S32", mode="r", shape=(n,))
-    rec = np.memmap(os.path.join(directory, manifest["records"]), dtype=fmt.PACK_INDEX_RECORD, mode="r", shape=(n,))
-    return dig, rec
+    return _map_part(os.path.join(directory, manifest["digests"]), os.path.join(directory, manifest["records"]), manifest["count"])
 
 
 def _merge_chunks(base, delta):
@@ -311,14 +316,13 @@ def _write_base(directory: str, repo_id: str, names: list[str], count: int | Non
     token = f"{int(time.time())}-{secrets.token_hex(6)}"
     files = {"digests": f"digests-{token}.bin", "records": f"records-{token}.bin"}
     paths = {k: os.path.join(directory, v) for k, v in files.items()}
+    tmp = os.path.join(directory, f".{MANIFEST}.{token}.tmp")
     written = 0
     try:
         with open(paths["digests"], "wb") as fd, open(paths["records"], "wb") as fr:
-            for dig, rec in chunks:
-                # as the file's dtype: np.concatenate may hand back native byte order
-                fd.write(np.ascontiguousarray(dig, dtype="S32").tobytes())
-                fr.write(np.ascontiguousarray(rec).astype(fmt.PACK_INDEX_RECORD, copy=False).tobytes())
-                written += len(dig)
+            for part in chunks:
+                _write_part(fd, fr, part)
+                written += len(part[0])
             for f in (fd, fr):
                 f.flush()
                 os.fsync(f.fileno())
@@ -326,21 +330,24 @@ def _write_base(directory: str, repo_id: str, names: list[str], count: int | Non
             raise RuntimeError(f"digest index cache: merged {written} records, expected {count}")
         manifest = {"format": CACHE_FORMAT, "repository": repo_id, "count": written, "indexes": names, **files}
         mapped = _open_base(directory, manifest)  # before anyone can see (and drop) them
-        tmp = os.path.join(directory, f".{MANIFEST}.{token}.tmp")
         with open(tmp, "wb") as f:
             f.write(json.dumps(manifest).encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(directory, MANIFEST))
     except BaseException:
-        for p in paths.values():
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+        _unlink_all([*paths.values(), tmp])
         raise
     _drop_stale(directory, set(files.values()))
     return mapped
+
+
+def _unlink_all(paths) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 def _drop_stale(directory: str, keep: set[str]) -> None:

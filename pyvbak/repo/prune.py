@@ -36,7 +36,7 @@ import zstandard
 from ..errors import IntegrityError, PyvbakError
 from . import format as fmt
 from .packer import PackWriter
-from .reader import decode_block
+from .reader import decode_block, group_members
 from .repository import PACK_TARGET_BYTES
 
 #: repack a pack once this share of its frame bytes is unused (restic's default
@@ -171,8 +171,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         dctx = zstandard.ZstdDecompressor()
         # records grouped by pack once (a scan of all records per repacked pack would be
         # records x packs: 10^11 steps for 160 M records and 1000 packs)
-        by_pack = np.argsort(inv, kind="stable")
-        pack_bounds = np.searchsorted(inv[by_pack], np.arange(len(pack_ids) + 1))
+        by_pack, pack_bounds = group_members(inv, len(pack_ids))
         try:
             for pi in np.flatnonzero(repack_p).tolist():
                 in_pack = by_pack[pack_bounds[pi] : pack_bounds[pi + 1]]

@@ -127,6 +127,13 @@ def _groups(recs: np.ndarray):
             yield pack_hex, start, end, a + k0, a + k
 
 
+def group_members(group_of: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, bounds)``: the members of group g (``group_of[i] == g``, 0 <= g < groups)
+    are ``order[bounds[g] : bounds[g + 1]]``, in index order."""
+    order = np.argsort(group_of, kind="stable")
+    return order, np.searchsorted(group_of[order], np.arange(groups + 1))
+
+
 def sort_for_reading(recs: np.ndarray, disk_pos: np.ndarray | None = None) -> np.ndarray:
     """Order for _groups: pack by pack, each pack's frames by offset.
 
@@ -139,9 +146,8 @@ def sort_for_reading(recs: np.ndarray, disk_pos: np.ndarray | None = None) -> np
         return np.lexsort((recs["offset"], packs))
     _, inv = np.unique(packs, return_inverse=True)
     inv = inv.reshape(-1)
-    by_pack = np.argsort(inv, kind="stable")
-    starts = np.flatnonzero(np.r_[True, inv[by_pack][1:] != inv[by_pack][:-1]])
-    rank = np.minimum.reduceat(np.asarray(disk_pos, dtype=np.int64)[by_pack], starts)
+    by_pack, bounds = group_members(inv, int(inv.max()) + 1)
+    rank = np.minimum.reduceat(np.asarray(disk_pos, dtype=np.int64)[by_pack], bounds[:-1])
     return np.lexsort((recs["offset"], inv, rank[inv]))
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import IntegrityError, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import pid_alive
-from .reader import read_blocks, sort_for_reading
+from .reader import group_members, read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
 
@@ -230,8 +230,7 @@ def _locate(repo, snap, records: np.ndarray):
             "run 'pyvbak verify' to see which snapshots are affected"
         )
     recs = index.records_at(pos)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    order, bounds = group_members(inverse.reshape(-1), len(uniq))
     return recs, nonzero[order], bounds
 
 

@@ -3,9 +3,10 @@
  * Block names are SHA-256 (docs/FORMAT.md), computed for every changed block on backup and
  * for every block on restore and verify.  One sha256rnds2 stream is latency-bound; two
  * independent streams interleaved in the same loop fill the gaps: on the project's AMD EPYC
- * (2 vCPUs), 64 KiB blocks hash at 3.23 GB/s per core two at a time vs 1.78 GB/s one at a
- * time, the same as hashlib/OpenSSL (1.78 GB/s; bench/sha256.py, bench/RESULTS.md).  Four streams
- * would need 32 xmm registers (16 without AVX-512) and spill.
+ * (2 vCPUs), 64 KiB blocks hash at 3.23 GB/s per core two at a time vs 1.78 GB/s for a
+ * single-stream version of this code - no faster than hashlib/OpenSSL (1.78 GB/s;
+ * bench/sha256.py, bench/RESULTS.md).  Four streams would need 32 xmm registers (16
+ * without AVX-512) and spill.  A lone message runs through both streams.
  *
  * The reference is hashlib: pyvbak/native.py falls back to it where this kernel is missing,
  * and tests/test_sha256.py checks the kernel bit-identical to it.  Constants: FIPS 180-4. */
@@ -69,31 +70,6 @@ PV_SHA_TARGET static void blocks_x2(__m128i st[4], const uint8_t *pa, const uint
     st[0] = a0; st[1] = a1; st[2] = b0; st[3] = b1;
 }
 
-PV_SHA_TARGET static void blocks_x1(__m128i st[2], const uint8_t *p, size_t nblk) {
-    const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
-    __m128i s0 = st[0], s1 = st[1];
-    for (size_t k = 0; k < nblk; k++, p += 64) {
-        __m128i v[4];
-        const __m128i k0 = s0, k1 = s1;
-#pragma GCC unroll 16
-        for (int g = 0; g < 16; g++) {
-            if (g < 4)
-                v[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * g)), bswap);
-            else
-                v[g & 3] = _mm_sha256msg2_epu32(
-                    _mm_add_epi32(_mm_sha256msg1_epu32(v[g & 3], v[(g + 1) & 3]),
-                                  _mm_alignr_epi8(v[(g + 3) & 3], v[(g + 2) & 3], 4)),
-                    v[(g + 3) & 3]);
-            __m128i m = _mm_add_epi32(v[g & 3], _mm_loadu_si128((const __m128i *)(K256 + 4 * g)));
-            s1 = _mm_sha256rnds2_epu32(s1, s0, m);
-            s0 = _mm_sha256rnds2_epu32(s0, s1, _mm_shuffle_epi32(m, 0x0E));
-        }
-        s0 = _mm_add_epi32(s0, k0);
-        s1 = _mm_add_epi32(s1, k1);
-    }
-    st[0] = s0; st[1] = s1;
-}
-
 /* H0..H7 <-> the (ABEF, CDGH) register pair sha256rnds2 works on. */
 PV_SHA_TARGET static void state_in(__m128i st[2]) {
     __m128i abcd = _mm_loadu_si128((const __m128i *)H0), efgh = _mm_loadu_si128((const __m128i *)(H0 + 4));
@@ -121,15 +97,6 @@ static size_t pad_tail(uint8_t buf[128], const uint8_t *msg, uint64_t len) {
     uint64_t bits = len << 3;
     for (int i = 0; i < 8; i++) buf[n - 1 - i] = (uint8_t)(bits >> (8 * i));
     return n / 64;
-}
-
-PV_SHA_TARGET static void sha256_x1(const uint8_t *msg, uint64_t len, uint8_t out[32]) {
-    __m128i st[2];
-    uint8_t tail[128];
-    state_in(st);
-    blocks_x1(st, msg, len / 64);
-    blocks_x1(st, tail, pad_tail(tail, msg, len));
-    state_out(st, out);
 }
 
 PV_SHA_TARGET static void sha256_x2(const uint8_t *ma, const uint8_t *mb, uint64_t len, uint8_t outa[32], uint8_t outb[32]) {
@@ -165,7 +132,10 @@ PV_SHA_TARGET static void hash_all(const uint8_t *base, const uint8_t *const *ms
             sha256_x2(a, b, lens[i], out + 32 * i, out + 32 * (i + 1));
             i += 2;
         } else {
-            sha256_x1(a, lens[i], out + 32 * i);
+            /* a single message: the same one in both streams costs ~12 % more than one
+             * stream alone would, and it happens at most once per run of equal lengths */
+            uint8_t unused[32];
+            sha256_x2(a, a, lens[i], out + 32 * i, unused);
             i += 1;
         }
     }

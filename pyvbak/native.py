@@ -196,6 +196,36 @@ def hash_block(data, key, *, kernel=None) -> bytes:
     return bytes(ffi.buffer(out, 16))
 
 
+def scan_fd_range(fd: int, offset: int, length: int, block_size, key, zero_out, hash_out, *,
+                  kernel=None, name: str | None = None, size: int | None = None) -> None:
+    """Scan ``length`` bytes of an open file or block device from ``offset`` (a multiple of
+    ``block_size``) into the first ceil(length/block_size) entries of the output arrays.
+
+    The piece of work the backup engine schedules per window, so that the changed blocks
+    of a window are read again while still in the page cache.  Holes read as zero without
+    being read.  Raises SourceError for truncated or unreadable images (``name`` and
+    ``size`` only word the message)."""
+    bs = _check_block_size(block_size)
+    ktab = _key(key)
+    kid = _kernel_id(kernel)
+    offset, length = _check_size(offset, "offset"), _check_size(length, "length")
+    if offset % bs:
+        raise UsageError(f"offset {offset} is not a multiple of the block size {bs}")
+    n = -(-length // bs)
+    _check_array(zero_out, "zero_out", np.uint8, None, n, True)
+    _check_array(hash_out, "hash_out", np.uint64, 2, n, True)
+    if n == 0:
+        return
+    detail = ffi.new("int64_t *")
+    rc = lib.pv_scan_fd(int(fd), offset, length, bs, ktab, kid,
+                        ffi.from_buffer("uint8_t[]", zero_out, require_writable=True),
+                        ffi.from_buffer("uint64_t[]", hash_out, require_writable=True),
+                        0, 0, detail)
+    if rc != lib.PV_OK:
+        raise _scan_error(rc, detail[0], name or f"file descriptor {fd}", offset, length,
+                          offset + length if size is None else size)
+
+
 def changed_blocks(old_zero, old_hash, old_size, new_zero, new_hash, new_size, block_size) -> np.ndarray:
     """Indices (int64, ascending) of the new image's blocks that differ from the old scan.
 

@@ -553,6 +553,43 @@ def test_truncated_while_mapped(tmp_path, threads):
     assert z.shape == (0,) or z.all()
 
 
+@pytest.mark.parametrize("bs", [4096, 65536])
+def test_scan_fd_range_windows_equal_whole_scan(image_file, bs):
+    """Windows of any size (the engine's jobs), including a partial last block, fill the
+    same entries a whole-buffer scan does."""
+    path, data = image_file
+    want = scan(data, bs)
+    n = len(want[0])
+    z, h = native.new_arrays(n)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for window in (1, 7, 3 * 2**20 // bs, 2**30):
+            z[:], h[:] = 9, 9
+            for a in range(0, n, window):
+                b = min(a + window, n)
+                native.scan_fd_range(fd, a * bs, min(b * bs, len(data)) - a * bs, bs, KEY, z[a:b], h[a:b])
+            assert np.array_equal(z, want[0]) and np.array_equal(h, want[1])
+    finally:
+        os.close(fd)
+
+
+def test_scan_fd_range_errors(tmp_path):
+    p = tmp_path / "r.raw"
+    p.write_bytes(b"\x03" * 20000)
+    z, h = native.new_arrays(8)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        with pytest.raises(UsageError, match="offset 100 is not a multiple of the block size 4096"):
+            native.scan_fd_range(fd, 100, 4096, 4096, KEY, z, h)
+        with pytest.raises(UsageError, match="zero_out has 8 entries, needs at least 9"):
+            native.scan_fd_range(fd, 0, 9 * 4096, 4096, KEY, z, h)
+        with pytest.raises(SourceError, match=r"disk r.raw is shorter than the 32768 bytes.*20000"):
+            native.scan_fd_range(fd, 0, 8 * 4096, 4096, KEY, z, h, name="disk r.raw")
+        native.scan_fd_range(fd, 4096, 0, 4096, KEY, z[:0], h[:0])  # empty range: nothing to do
+    finally:
+        os.close(fd)
+
+
 # ---- gather_into (the local backend's O_DIRECT staging copy) -------------------------------
 
 def test_gather_into_copies_back_to_back():

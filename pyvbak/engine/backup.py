@@ -7,14 +7,18 @@ fast hashes.  Only changed, non-zero blocks are SHA-256-hashed, looked up in the
 repository, compressed and packed.  Unchanged blocks inherit the parent's digests, so
 every snapshot index is complete and restores alone.
 
-Pipeline and memory bound: the changed blocks are cut into chunks of at most
-``CHUNK_BYTES`` of contiguous blocks; ``workers`` threads each read, hash and compress a
-chunk (native SHA-256, zstandard and the native scan release the GIL); workers = ``threads``
+Pipeline and memory bound: the work is cut into jobs; ``workers`` threads run them
+(native scan, native SHA-256 and zstandard release the GIL); workers = ``threads``
 (default: all cores) for files, 4 x ``threads`` for network sources whose reads wait on a
-server.  The main thread keeps at most ``2 * workers`` chunks in flight and feeds
-finished frames to the PackWriter, which holds one open pack and at most two uploading.
-Peak memory is therefore about ``2 * workers * CHUNK_BYTES * 2`` (data + frames; 128 MiB
-for an NBD source on 2 cores, 32 MiB for a file) + ``3 * PACK_TARGET_BYTES`` + the
+server.  A job is either a chunk of at most ``CHUNK_BYTES`` of contiguous blocks to read,
+scan, hash and compress, or -- files and block devices with a parent -- a window of the
+disk the native scanner maps and hashes, after which only the window's changed blocks are
+read (in chunks) while still in the page cache.  The main thread keeps at most
+``2 * workers`` jobs in flight and feeds finished frames to the PackWriter, which holds
+one open pack and at most two uploading.  Peak memory is therefore about
+``2 * workers * CHUNK_BYTES * 2`` for chunk jobs (data + frames; 128 MiB for an NBD
+source on 2 cores, 32 MiB for a file), at most ``MAPPED_FRAMES_BUDGET`` (256 MiB) of
+frames for window jobs when every block changed, + ``3 * PACK_TARGET_BYTES`` + the
 per-block arrays (n * (1 + 16 + 32) bytes, plus the parent's index) + the repository's
 digest index: 80 bytes per stored block merged in memory for small repositories, pages of
 the memory-mapped local cache otherwise (repo/digest_index.py).
@@ -38,6 +42,13 @@ from ..repo.packer import PackWriter
 from ..repo.repository import PACK_TARGET_BYTES, Repository, new_snapshot_id, snapshot_time
 
 CHUNK_BYTES = 4 * 1024 * 1024
+# Mapped-scan windows: 32 MiB beat 8, 16 and 64 MiB and the former whole-disk scan
+# followed by re-reads (bench/RESULTS.md, "Scan windows"): a 1 % incremental of a 2 GiB
+# image 0.20 s vs 0.21 s page-cached, 1.10 s vs 1.57 s with the image not cached.
+# Smaller on many cores, so that the frames of the windows in flight (every block
+# changed and incompressible) stay within MAPPED_FRAMES_BUDGET.
+SCAN_WINDOW_BYTES = 32 * 1024 * 1024
+MAPPED_FRAMES_BUDGET = 256 * 1024 * 1024
 
 
 @dataclass
@@ -153,27 +164,31 @@ def run_backup(
     digests[:m] = parent.digests[:m]
 
     # -- decide what to read ------------------------------------------------------------
+    # Three kinds of job, each covering blocks [a, b):
+    #   "stream": read the blocks, scan them, then hash and compress the changed ones
+    #             (change-tracking candidates; sources that cannot be mapped; no parent,
+    #             where every non-zero block is new and hashing it while hot saves a pass);
+    #   "mapped": files and block devices with a parent: the native scanner maps a window
+    #             and hashes its blocks at memory speed, then only the window's changed
+    #             blocks are read again, still in the page cache -- on a disk larger than
+    #             RAM a separate whole-disk scan first would have evicted them;
+    #   "read":   read, hash and compress blocks known to have changed (inside "mapped").
     if result.cbt:
         zero[:m], fast[:m] = parent.zero[:m], parent.fast[:m]
-        scan_blocks = cbt_candidates
-        pre_changed = None
+        jobs = [(a, b, "stream") for a, b in _runs(cbt_candidates, max(1, CHUNK_BYTES // bs))]
+        result.bytes_scanned = int(len(cbt_candidates)) * bs
     elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
-        # Memory-speed path for files and block devices: the native scanner maps the
-        # image and hashes every block; only then are changed blocks read again.  (With
-        # no parent every non-zero block is new: the streaming path below hashes each
-        # chunk while it is hot in cache instead of making a separate pass.)
-        nz, nf = native.scan_file(source.path, bs, key, size=size, threads=threads)
-        zero[:], fast[:] = nz, nf
-        # The scan read the whole disk (holes excepted, a detail the count ignores); the
-        # changed blocks read again for SHA-256 and compression are added below.
+        window_bytes = max(CHUNK_BYTES, min(SCAN_WINDOW_BYTES, MAPPED_FRAMES_BUDGET // (2 * threads)))
+        window = max(1, window_bytes // bs)
+        jobs = [(a, min(a + window, n), "mapped") for a in range(0, n, window)]
+        # The scan reads the whole disk (holes excepted, a detail the count ignores); the
+        # changed blocks read again for SHA-256 and compression are added as they go.
         result.bytes_scanned = result.bytes_read = size
-        pre_changed = native.changed_blocks(parent.zero, parent.fast, parent.size, zero, fast, size, bs)
-        scan_blocks = None
     else:
-        scan_blocks = np.arange(n, dtype=np.int64)
-        pre_changed = None
+        jobs = [(a, b, "stream") for a, b in _runs(np.arange(n, dtype=np.int64), max(1, CHUNK_BYTES // bs))]
+        result.bytes_scanned = n * bs
 
-    zero_ranges = _zero_extent_blocks(source, n, bs) if scan_blocks is not None else None
+    zero_ranges = _zero_extent_blocks(source, n, bs) if jobs and jobs[0][2] == "stream" else None
 
     # -- the pipeline ------------------------------------------------------------------
     repo_index = repo.load_digest_index()
@@ -189,7 +204,10 @@ def run_backup(
             c = local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         return c
 
-    def work(a: int, b: int, scan: bool):
+    def work(a: int, b: int, kind: str):
+        if kind == "mapped":
+            return scan_mapped(a, b)
+        scan = kind == "stream"
         out = []
         nread = 0
         if scan and zero_ranges is not None and zero_ranges[a:b].all():
@@ -225,13 +243,16 @@ def run_backup(
             out.append((i, d, cctx.compress(block) if first else None, len(block)))
         return a, b, changed, out, nread
 
-    if scan_blocks is not None:
-        jobs = [(a, b, True) for a, b in _runs(scan_blocks, max(1, CHUNK_BYTES // bs))]
-        result.bytes_scanned = int(len(scan_blocks)) * bs
-    else:
-        nonzero_changed = pre_changed[zero[pre_changed] == 0] if len(pre_changed) else pre_changed
-        jobs = [(a, b, False) for a, b in _runs(nonzero_changed, max(1, CHUNK_BYTES // bs))]
-        changed_all.append(pre_changed)
+    def scan_mapped(a: int, b: int):
+        native.scan_fd_range(source.fileno(), a * bs, min(b * bs, size) - a * bs, bs, key,
+                             zero[a:b], fast[a:b], name=source.path, size=size)
+        changed = a + np.flatnonzero(_differs(parent, zero, fast, a, b))
+        out, nread = [], 0
+        for ra, rb in _runs(changed[zero[changed] == 0], max(1, CHUNK_BYTES // bs)):
+            _, _, _, part, nr = work(ra, rb, "read")
+            out.extend(part)
+            nread += nr
+        return a, b, changed, out, nread
 
     packer = PackWriter(repo.backend, PACK_TARGET_BYTES)
     total_job_bytes = sum((b - a) * bs for a, b, _ in jobs) or 1
@@ -239,7 +260,7 @@ def run_backup(
     try:
         # Reads from a network source (NBD) wait on the server, not on a core: give them
         # more workers so more requests are in flight while others hash and compress.
-        workers = threads if scan_blocks is None or hasattr(source, "fileno") else 4 * threads
+        workers = threads if hasattr(source, "fileno") else 4 * threads
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pyvbak-worker") as pool:
             inflight: deque = deque()
             it = iter(jobs)
@@ -248,8 +269,7 @@ def run_backup(
                 nonlocal done_bytes
                 a, b, changed, out, nread = inflight.popleft().result()
                 result.bytes_read += nread
-                if scan_blocks is not None:
-                    changed_all.append(changed)
+                changed_all.append(changed)
                 if out:
                     digests[[o[0] for o in out]] = np.frombuffer(b"".join(o[1] for o in out), "V32")
                 for i, d, frame, ulen in out:

@@ -2,7 +2,7 @@
 
 Reads use ``os.pread`` (thread-safe, releases the GIL).  ``extents`` reports holes of
 sparse files via SEEK_DATA/SEEK_HOLE so they are never read.  The native scanner maps
-the file itself (``pyvbak.native.scan_file``); the engine uses ``path`` for that.
+the file itself, window by window (``pyvbak.native.scan_fd_range`` on ``fileno()``).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import vmimage  # noqa: E402
-from benchutil import cpu_model  # noqa: E402
+from benchutil import cpu_model, ensure_bytecode  # noqa: E402
 
 DATA = vmimage.DATA
 WORK = os.path.join(DATA, "peers")
@@ -256,6 +256,7 @@ def main() -> int:
     ap.add_argument("--cold-restore", action="store_true", help="drop the page cache before each tool's restore (root): restore from a cold repository")
     ap.add_argument("--reps", type=int, default=1, help="rounds (fresh repositories, image reset, tool order rotated); medians reported")
     a = ap.parse_args()
+    ensure_bytecode()  # time pyvbak as installed: see benchutil.ensure_bytecode
     work = os.path.abspath(a.work_dir)
 
     if os.path.exists(work):

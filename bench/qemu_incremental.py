@@ -71,7 +71,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import vmimage  # noqa: E402  (bench/vmimage.py, the shared VM-like image generator)
-from benchutil import cpu_model  # noqa: E402
+from benchutil import cpu_model, ensure_bytecode  # noqa: E402
 
 MiB = 1 << 20
 PAGE = 4096
@@ -563,6 +563,7 @@ def main() -> int:
                     help="connections (= requests in flight) of the QEMU NBD baseline's reader")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    ensure_bytecode()  # time pyvbak as installed: see benchutil.ensure_bytecode
 
     for tool in ("qemu-storage-daemon", "qemu-img", "fusermount3"):
         if not shutil.which(tool):

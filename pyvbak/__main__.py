@@ -1,3 +1,3 @@
-from pyvbak.cli.main import entry
+from pyvbak.cli.entry import entry
 
 entry()

@@ -80,7 +80,3 @@ def _click_exception_types() -> tuple[type, ...]:
     else:
         types.append(vendored.ClickException)
     return tuple(types)
-
-
-def entry() -> None:
-    sys.exit(main())

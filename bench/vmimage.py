@@ -237,7 +237,23 @@ def undo_rewrite(path: str, rewrite: dict) -> None:
 
 
 def page_cache(path: str) -> None:
-    """Read the file once so every measurement starts from the page cache."""
+    """Put the whole file in the page cache, in the same state whatever ran before.
+
+    The file is written back and evicted first, then read: how pages entered the cache
+    decides their folio sizes (kernel 6.18, ext4 large folios), and the folio sizes decide
+    what mapping them costs.  Written by the generator in 1 MiB writes, the image sits in
+    folios of at most 1 MiB, mapped one 4 KiB page at a time (populating a 2 GiB mapping:
+    ~100 ms); read back through readahead it sits mostly in 2 MiB folios, mapped with one
+    PMD entry each (~2-4 ms).  pyvbak's scan maps the image, restic and borg read() it,
+    so without the eviction a tool's time depended on whether borg (which evicts what
+    it reads) happened to run before it in the round.  Measured in bench/RESULTS.md,
+    "Page-cache state of the image"."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(16 * MIB)
         while f.readinto(buf):

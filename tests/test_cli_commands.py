@@ -174,6 +174,9 @@ def test_backup_json_and_human_output(tmp_path, capsys):
     assert res["id"] == res["snapshot_id"]
     assert res["new_blocks"] == 16 and res["new_bytes"] == MiB and res["size"] == 2 * MiB + 1
     assert res["parent"] is None and res["cleaned_leftovers"] == []
+    assert set(res["phases"]) == {"prepare", "data", "commit"}
+    assert all(v >= 0 for v in res["phases"].values())
+    assert sum(res["phases"].values()) == pytest.approx(res["duration"], abs=1e-6)
     rewrite_pages(img, fraction=0.01, seed=86, run_pages=1)
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v")
     assert code == 0, err

@@ -68,6 +68,9 @@ class BackupResult:
     stored_bytes: int = 0
     packs_written: int = 0
     duration: float = 0.0
+    #: seconds per phase (prepare: parent index and change tracking; data: scan, read, hash,
+    #: compress, pack writes; commit: pack index, snapshot index and metadata, fsyncs)
+    phases: dict = field(default_factory=dict)
     cbt: bool = False
     fallback_reason: str | None = None
     cbt_missed_blocks: list[int] | None = None
@@ -192,6 +195,8 @@ def run_backup(
 
     # -- the pipeline ------------------------------------------------------------------
     repo_index = repo.load_digest_index()
+    t_data = time.monotonic()
+    result.phases["prepare"] = t_data - t0
     claimed: set[bytes] = set()
     claim_lock = threading.Lock()
     local = threading.local()
@@ -310,6 +315,8 @@ def run_backup(
             result.warnings.append(f"change tracking missed {len(missed)} changed blocks (found by the full scan)")
 
     # -- commit: packs are durable; index them, then the snapshot, metadata last ---------
+    t_commit = time.monotonic()
+    result.phases["data"] = t_commit - t_data
     repo.write_pack_index(pack_records)
     records = np.zeros(n, fmt.SNAPSHOT_RECORD)
     records["digest"] = digests
@@ -337,7 +344,9 @@ def run_backup(
     if extra_meta:
         meta.update(extra_meta)
     repo.commit_snapshot(sid, meta, records)
-    result.duration = time.monotonic() - t0
+    t_end = time.monotonic()
+    result.phases["commit"] = t_end - t_commit
+    result.duration = t_end - t0
     return result
 
 

@@ -6,7 +6,9 @@ such tool has: reading the whole image once.
 
 1. The VM-like image of bench/vmimage.py (35 % random, 30 % text, 35 % zero by 1 MiB
    extents; its own copy under bench/.data/) and a repository with a full backup of it.
-2. Per round and per cache state (``warm``: the image read into the page cache first;
+2. Per round and per cache state (``warm``: the image evicted and read back into the page
+   cache first; ``written``: in the page cache as a writer left it, 1 MiB writes, so in
+   smaller folios that cost more to map (``--states warm,written,cold`` to include it);
    ``cold``: fsync + POSIX_FADV_DONTNEED on the image first, as for a disk larger than
    RAM or not read since yesterday's backup): rewrite 1 % of the 4 KiB pages in clustered
    runs (a fresh seed per round), then
@@ -58,7 +60,18 @@ def evict(path: str) -> None:
 
 def prepare(path: str, state: str) -> None:
     if state == "warm":
-        vmimage.page_cache(path)
+        vmimage.page_cache(path)  # evicted, then read back: mostly 2 MiB folios
+    elif state == "written":
+        # In the page cache as a writer left it: evicted, then every 1 MiB written back
+        # unchanged (folios of at most 1 MiB, mapped page by page; see vmimage.page_cache).
+        evict(path)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for off in range(0, os.fstat(fd).st_size, 1 << 20):
+                os.pwrite(fd, os.pread(fd, 1 << 20, off), off)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     else:
         evict(path)
 

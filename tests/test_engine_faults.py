@@ -3,12 +3,15 @@ repository verifies clean, and the next backup adopts the packs the failed one l
 
 from __future__ import annotations
 
+import os
+import shutil
+
 
 import pytest
 
 from images import MiB, assert_one_error_line, backup_file, make_image, restore_to, same_file
 from pyvbak.backends import FaultInjectingBackend, open_backend
-from pyvbak.errors import OutOfSpace
+from pyvbak.errors import OutOfSpace, SourceError
 from pyvbak.repo.repository import Repository
 from pyvbak.repo.verify import verify_repository
 
@@ -127,3 +130,41 @@ def test_cli_out_of_space_exit_code(setup, capsys, monkeypatch):
     assert_one_error_line(out.err, "out of space", "packs/")
     assert Repository.open(repo.location).snapshots() == []
     assert list(repo.backend.list("locks/")) == []  # the lock was released on the error
+
+
+def test_image_shrinking_during_incremental_scan(setup, tmp_path, capsys, monkeypatch):
+    """The image loses its tail while an incremental maps it window by window: one clear
+    error line naming the image, no snapshot, the parent still restores, no lock left."""
+    repo, img = setup
+    first = backup_file(repo, img)
+    parent_copy = tmp_path / "parent.img"
+    shutil.copyfile(img, parent_copy)
+    from pyvbak import native
+    from pyvbak.cli.main import main
+    from pyvbak.engine import backup as engine
+
+    monkeypatch.setattr(engine, "SCAN_WINDOW_BYTES", 1 * MiB)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 1 * MiB)
+    real = native.scan_fd_range
+    calls = []
+
+    def shrink_then_scan(fd, offset, length, *a, **kw):
+        calls.append(offset)
+        if len(calls) == 3:  # mid-backup: the file is cut to 2 MiB
+            os.truncate(img, 2 * MiB)
+        return real(fd, offset, length, *a, **kw)
+
+    monkeypatch.setattr(native, "scan_fd_range", shrink_then_scan)
+    capsys.readouterr()
+    code = main(["backup", str(img), "--repo", repo.location, "--vm", "vm1", "--disk", "disk0", "--json"])
+    out = capsys.readouterr()
+    assert len(calls) >= 3
+    assert code == SourceError.exit_code
+    assert out.out == ""
+    assert_one_error_line(out.err, str(img), "shorter than")
+    fresh = Repository.open(repo.location)
+    assert [s.id for s in fresh.snapshots()] == [first.snapshot_id]
+    assert list(fresh.backend.list("locks/")) == []
+    assert verify_repository(fresh, threads=2)["ok"]
+    restore_to(fresh, first.snapshot_id, tmp_path / "o.img")
+    assert same_file(tmp_path / "o.img", parent_copy)

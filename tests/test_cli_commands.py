@@ -102,6 +102,8 @@ def test_restore_json(populated, capsys, tmp_path):
     report = json.loads(out)
     assert report["snapshot"] == ids["web/sdb"] and report["size"] == 100 * BS + 17
     assert report["blocks"] == 101 and report["unique_blocks_read"] == 101
+    assert set(report["phases"]) == {"prepare", "data", "sync"}
+    assert sum(report["phases"].values()) == pytest.approx(report["duration"], abs=1e-6)
     assert same_file(tmp_path / "j.img", copies[ids["web/sdb"]])
 
 

@@ -49,22 +49,13 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".data")
 PIECE = 4 * 1024 * 1024
 
 
-def evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def prepare(path: str, state: str) -> None:
     if state == "warm":
         vmimage.page_cache(path)  # evicted, then read back: mostly 2 MiB folios
     elif state == "written":
         # In the page cache as a writer left it: evicted, then every 1 MiB written back
         # unchanged (folios of at most 1 MiB, mapped page by page; see vmimage.page_cache).
-        evict(path)
+        vmimage.evict(path)
         fd = os.open(path, os.O_RDWR)
         try:
             for off in range(0, os.fstat(fd).st_size, 1 << 20):
@@ -73,7 +64,7 @@ def prepare(path: str, state: str) -> None:
         finally:
             os.close(fd)
     else:
-        evict(path)
+        vmimage.evict(path)
 
 
 def read_whole(path: str, threads: int) -> float:

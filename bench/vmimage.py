@@ -236,6 +236,16 @@ def undo_rewrite(path: str, rewrite: dict) -> None:
     _write_stamp(path, doc)
 
 
+def evict(path: str) -> None:
+    """Write the file back and drop it from the page cache (the next read is cold)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def page_cache(path: str) -> None:
     """Put the whole file in the page cache, in the same state whatever ran before.
 
@@ -248,12 +258,7 @@ def page_cache(path: str) -> None:
     so without the eviction a tool's time depended on whether borg (which evicts what
     it reads) happened to run before it in the round.  Measured in bench/RESULTS.md,
     "Page-cache state of the image"."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict(path)
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(16 * MIB)
         while f.readinto(buf):

@@ -33,3 +33,15 @@ def ensure_bytecode() -> None:
     import pyvbak
 
     compileall.compile_dir(os.path.dirname(pyvbak.__file__), quiet=1)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB (``VmHWM``).
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across ``execve``, so a benchmark's
+    child process would report the parent's memory at fork time if it was larger."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")

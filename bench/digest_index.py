@@ -36,7 +36,8 @@ sys.path.insert(0, HERE)
 from benchutil import cpu_model  # noqa: E402
 
 CHILD = r"""
-import os, sys, time, resource, json
+import os, sys, time, json
+from benchutil import peak_rss_mib
 import numpy as np
 t0 = time.perf_counter()
 from pyvbak.repo.repository import Repository
@@ -49,12 +50,12 @@ pos = idx.locate(keys)
 t3 = time.perf_counter()
 assert (pos >= 0).all(), "lookup missed a stored digest"
 print(json.dumps({"load_s": t2 - t1, "locate_s": t3 - t2, "total_s": t3 - t1,
-                  "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "records": len(idx)}))
+                  "maxrss_mib": peak_rss_mib(), "records": len(idx)}))
 """
 
 
 def child(repo: str, keys: str, cache: str) -> dict:
-    env = dict(os.environ, PYVBAK_CACHE_DIR=cache, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYVBAK_CACHE_DIR=cache, PYTHONPATH=os.pathsep.join([ROOT, HERE]))
     out = subprocess.run([sys.executable, "-c", CHILD, repo, keys], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 

@@ -34,6 +34,7 @@ import numpy as np
 import zstandard
 
 from ..errors import IntegrityError, PyvbakError
+from . import digest_sets
 from . import format as fmt
 from .packer import PackWriter
 from .reader import decode_block, group_members
@@ -116,27 +117,32 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     index_names = sorted(repo.pack_index_names())
     loaded = [fmt.decode_pack_index(backend.read(n), f"pack index {n}") for n in index_names]
     recs = np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD)
+    del loaded
     listed_records = len(recs)
+    # Integer keys from here on: sorting and comparing the 32-byte names themselves is
+    # what made a prune of 4 M records take 26 s (digest_sets).
+    pack_ids, inv = digest_sets.unique_inverse(recs["pack"].view("S32"))
     if len(recs):  # the same record listed by two index files counts once
-        order = np.lexsort((recs["offset"], recs["pack"].view("S32")))
-        recs = recs[order]
-        p, o = recs["pack"].view("S32"), recs["offset"]
+        order = np.lexsort((recs["offset"], inv))
+        recs, inv = recs[order], inv[order]
+        o = recs["offset"]
         uniq = np.ones(len(recs), bool)
-        uniq[1:] = (p[1:] != p[:-1]) | (o[1:] != o[:-1])
-        recs = recs[uniq]
-    digests = recs["digest"].view("S32")
-    packs = recs["pack"].view("S32")
+        uniq[1:] = (inv[1:] != inv[:-1]) | (o[1:] != o[:-1])
+        recs, inv = recs[uniq], inv[uniq]
+        del order, o, uniq
     clen = recs["clen"].astype(np.int64)
-    is_ref = np.isin(digests, referenced)
-    report["missing_blocks"] = int(np.count_nonzero(~np.isin(referenced, digests)))
-    pack_ids, inv = np.unique(packs, return_inverse=True)
+    ref_pos = digest_sets.locate(recs["digest"].view("S32"), referenced)  # digest rank, -1: unreferenced
+    is_ref = ref_pos >= 0
+    stored = np.zeros(len(referenced), bool)
+    stored[ref_pos[is_ref]] = True
+    report["missing_blocks"] = int(len(referenced) - np.count_nonzero(stored))
     report["packs_before"] = int(len(pack_ids))
     ref_bytes = np.bincount(inv, weights=clen * is_ref, minlength=len(pack_ids))
     cand = np.flatnonzero(is_ref)
     # per digest the copy in the pack with the most referenced bytes (likeliest to stay)
-    cand = cand[np.lexsort((-ref_bytes[inv[cand]], digests[cand]))]
+    cand = cand[np.lexsort((-ref_bytes[inv[cand]], ref_pos[cand]))]
     first = np.ones(len(cand), bool)
-    first[1:] = digests[cand][1:] != digests[cand][:-1]
+    first[1:] = ref_pos[cand][1:] != ref_pos[cand][:-1]
     keep = np.zeros(len(recs), bool)
     keep[cand[first]] = True
     kept_bytes = np.bincount(inv, weights=clen * keep, minlength=len(pack_ids))

@@ -18,6 +18,7 @@ import zstandard
 
 from .. import native
 from ..backends import ObjectMissing
+from . import digest_sets
 from . import format as fmt
 
 GAP_BYTES = 256 * 1024
@@ -141,11 +142,11 @@ def sort_for_reading(recs: np.ndarray, disk_pos: np.ndarray | None = None) -> np
     order of the disk regions they fill, so a restore writes its target front to back -
     sequential writes for a disk or block device (cold 2 GiB restore on this project's VM,
     9 alternating pairs: median 1.74 s vs 1.81 s in pack-name order); else by pack id."""
-    packs = recs["pack"].view("S32")
-    if disk_pos is None or not len(recs):
-        return np.lexsort((recs["offset"], packs))
-    _, inv = np.unique(packs, return_inverse=True)
-    inv = inv.reshape(-1)
+    if not len(recs):
+        return np.empty(0, np.intp)
+    _, inv = digest_sets.unique_inverse(recs["pack"].view("S32"))  # pack rank: integer keys sort fast
+    if disk_pos is None:
+        return np.lexsort((recs["offset"], inv))
     by_pack, bounds = group_members(inv, int(inv.max()) + 1)
     rank = np.minimum.reduceat(np.asarray(disk_pos, dtype=np.int64)[by_pack], bounds[:-1])
     return np.lexsort((recs["offset"], inv, rank[inv]))

@@ -22,6 +22,7 @@ import numpy as np
 from .. import __version__
 from ..backends import BackendError, ObjectMissing, open_backend
 from ..errors import IntegrityError, PyvbakError, RepositoryError, SnapshotNotFound, UsageError
+from . import digest_sets
 from . import format as fmt
 from .cache import SnapshotMetaCache, repo_cache_dir
 from .digest_index import DigestIndex, load_cached
@@ -297,14 +298,14 @@ class Repository:
                 on_unreadable(snap, exc)
                 continue
             d = records["digest"].view("S32")
-            pending.append(np.unique(d[d != b""]))
+            pending.append(digest_sets.unique(d[d != b""]))
             held += len(pending[-1])
             del records, d
             if held > max(len(referenced), FOLD_MIN_DIGESTS):
-                referenced = np.unique(np.concatenate([referenced, *pending]))
+                referenced = digest_sets.unique(np.concatenate([referenced, *pending]))
                 pending, held = [], 0
         if pending:
-            referenced = np.unique(np.concatenate([referenced, *pending]))
+            referenced = digest_sets.unique(np.concatenate([referenced, *pending]))
         return referenced
 
     # -- digest index ---------------------------------------------------------------
@@ -372,7 +373,7 @@ class Repository:
             return report
         # Unique packs first (vectorised: a Python set over every record's pack id took
         # minutes at 10^8 records); only after a crash or with incomplete temp objects.
-        raw = np.unique(self.load_digest_index().records["pack"]).tobytes()
+        raw = digest_sets.unique(self.load_digest_index().records["pack"].view("S32")).tobytes()
         indexed = {raw[i : i + 32].hex() for i in range(0, len(raw), 32)}
         adopted = []
         for name in self.backend.list("packs/"):

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import IntegrityError, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import pid_alive
+from . import digest_sets
 from .reader import group_members, read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
@@ -220,7 +221,7 @@ def _locate(repo, snap, records: np.ndarray):
     small array per unique block cost 3.2 s and ~700 MiB at 4 M blocks (a 256 GiB disk)."""
     nonzero = np.flatnonzero(records["digest"].view("S32") != b"")
     digests = records["digest"][nonzero]
-    uniq, inverse = np.unique(digests.view("S32"), return_inverse=True)
+    uniq, inverse = digest_sets.unique_inverse(digests.view("S32"))
     index = repo.load_digest_index()
     pos = index.locate(uniq)
     if (pos < 0).any():

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from ..errors import PyvbakError
+from . import digest_sets
 from .reader import read_blocks, sort_for_reading
 
 
@@ -43,7 +44,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     read_blocks(repo, recs, on_block, on_error, threads=threads)
 
     if problems:  # a second pass names the snapshots each bad block hurts
-        bad = np.array(sorted(problems), dtype="S32")
+        bad = digest_sets.unique(np.array(list(problems), dtype="S32"))
         for snap in snaps:
             if snap.id in bad_snapshots:
                 continue
@@ -53,8 +54,8 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
                 bad_snapshots[snap.id] = str(exc)
                 continue
             d = records["digest"].view("S32")
-            digests = np.unique(d[d != b""])
-            hit = np.isin(digests, bad)
+            digests = digest_sets.unique(d[d != b""])
+            hit = digest_sets.isin(digests, bad)
             if hit.any():
                 first = bytes(digests[hit][0]).ljust(32, b"\0")
                 bad_snapshots[snap.id] = f"{int(hit.sum())} bad block(s), e.g. {first.hex()[:16]}…: {problems[first]}"

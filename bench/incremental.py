@@ -7,8 +7,9 @@ such tool has: reading the whole image once.
 1. The VM-like image of bench/vmimage.py (35 % random, 30 % text, 35 % zero by 1 MiB
    extents; its own copy under bench/.data/) and a repository with a full backup of it.
 2. Per round and per cache state (``warm``: the image evicted and read back into the page
-   cache first; ``written``: in the page cache as a writer left it, 1 MiB writes, so in
-   smaller folios that cost more to map (``--states warm,written,cold`` to include it);
+   cache first; ``written``: in the page cache as the writer of a new file leaves it (a
+   copy in 1 MiB writes replaces it), in small folios that cost more to map
+   (``--states warm,written,cold`` to include it);
    ``cold``: fsync + POSIX_FADV_DONTNEED on the image first, as for a disk larger than
    RAM or not read since yesterday's backup): rewrite 1 % of the 4 KiB pages in clustered
    runs (a fresh seed per round), then
@@ -53,16 +54,20 @@ def prepare(path: str, state: str) -> None:
     if state == "warm":
         vmimage.page_cache(path)  # evicted, then read back: mostly 2 MiB folios
     elif state == "written":
-        # In the page cache as a writer left it: evicted, then every 1 MiB written back
-        # unchanged (folios of at most 1 MiB, mapped page by page; see vmimage.page_cache).
-        vmimage.evict(path)
-        fd = os.open(path, os.O_RDWR)
+        # In the page cache as a writer of a new file leaves it: a copy written in 1 MiB
+        # pieces (as vmimage.generate_image does) replaces the image.  Such pages sit in
+        # small folios, mapped one 4 KiB page at a time; overwriting the image in place
+        # after an eviction left 2 MiB folios instead (FilePmdMapped, checked).
+        tmp = path + ".written"
+        src, dst = os.open(path, os.O_RDONLY), os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for off in range(0, os.fstat(fd).st_size, 1 << 20):
-                os.pwrite(fd, os.pread(fd, 1 << 20, off), off)
-            os.fsync(fd)
+            for off in range(0, os.fstat(src).st_size, 1 << 20):
+                os.write(dst, os.pread(src, 1 << 20, off))
+            os.fsync(dst)
         finally:
-            os.close(fd)
+            os.close(src)
+            os.close(dst)
+        os.replace(tmp, path)
     else:
         vmimage.evict(path)
 

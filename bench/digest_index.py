@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+import vmimage  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
 
 CHILD = r"""
@@ -74,7 +75,7 @@ def main() -> int:
     from pyvbak.repo import format as fmt
     from pyvbak.repo.repository import Repository
 
-    work = os.path.join(HERE, ".data", "digest_index")
+    work = os.path.join(vmimage.DATA, "digest_index")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     try:

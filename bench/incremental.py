@@ -46,7 +46,7 @@ from pyvbak.engine import backup as engine  # noqa: E402
 from pyvbak.repo.repository import Repository  # noqa: E402
 from pyvbak.sources.file import FileSource  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".data")
+DATA = vmimage.DATA
 PIECE = 4 * 1024 * 1024
 
 

@@ -27,6 +27,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import vmimage  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
 
 PRUNE = r"""
@@ -104,7 +105,7 @@ def main() -> int:
     if a.make:
         make(a.make, a.records)
         return 0
-    work = os.path.join(HERE, ".data", "prune_scale")
+    work = os.path.join(vmimage.DATA, "prune_scale")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     try:

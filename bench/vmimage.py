@@ -33,7 +33,8 @@ import numpy as np
 
 MIB = 1 << 20
 PAGE = 4096
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".data")
+#: where benchmarks keep images and repositories ($PYVBAK_BENCH_DATA, e.g. for the smoke tests)
+DATA = os.environ.get("PYVBAK_BENCH_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), ".data")
 GENERATOR_VERSION = 1
 FRACTIONS = {"random": 0.35, "text": 0.30, "zero": 0.35}
 

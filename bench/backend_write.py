@@ -52,10 +52,11 @@ sys.path.insert(0, HERE)
 from pyvbak.backends import local as local_mod  # noqa: E402
 from pyvbak.backends.local import LocalBackend  # noqa: E402
 from benchutil import cpu_model  # noqa: E402
+import vmimage  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
-DEFAULT_WORK = os.path.join(HERE, ".data", "backend_write")
+DEFAULT_WORK = os.path.join(vmimage.DATA, "backend_write")
 DISTINCT_PACKS = 4
 
 

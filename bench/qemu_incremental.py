@@ -572,7 +572,7 @@ def main() -> int:
 
     size = a.size_mib * MiB
     threads = os.cpu_count() or 1
-    data = os.path.join(HERE, ".data", "qemu_incr")
+    data = os.path.join(vmimage.DATA, "qemu_incr")
     os.makedirs(data, exist_ok=True)
     pristine = os.path.join(data, f"vm-{a.size_mib}MiB-s1.img")
     log = (lambda *m: print(*m, file=sys.stderr, flush=True))

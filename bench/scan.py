@@ -23,9 +23,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vmimage  # noqa: E402
 from pyvbak import native  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".data")
+DATA = vmimage.DATA
 MIB = 2**20
 
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-def run_bench(tmp_path, script: str, *args: str) -> dict:
-    env = dict(os.environ, PYVBAK_BENCH_DATA=str(tmp_path / "bench-data"))
+def run_bench(tmp_path, script: str, *args: str, data=None) -> dict:
+    env = dict(os.environ, PYVBAK_BENCH_DATA=str(data or tmp_path / "bench-data"))
     out = subprocess.run([sys.executable, os.path.join(BENCH, script), *args, "--json"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -53,3 +55,38 @@ def test_index_scale_benches(tmp_path, script):
     else:
         assert positive(doc["cached"]["total_s"]) and positive(doc["memory"]["maxrss_mib"])
     assert not os.listdir(tmp_path / "bench-data")  # its work directory is removed
+
+
+def test_scan_and_sha256_benches(tmp_path):
+    doc = run_bench(tmp_path, "scan.py", "--size-mib", "64", "--reps", "1")
+    assert positive(doc["scan_gbps"]) and positive(doc["memread_gbps"]) and positive(doc["ratio"])
+    doc = run_bench(tmp_path, "sha256.py", "--mib", "8", "--reps", "1")
+    assert doc["block_bytes"] == 65536 and doc["results"]
+
+
+def test_peers_bench_pyvbak_only(tmp_path):
+    doc = run_bench(tmp_path, "peers.py", "--size-mib", "16", "--tools", "pyvbak")
+    p = doc["tools"]["pyvbak"]
+    assert p["restore_identical"] is True
+    assert positive(p["full_s"]) and positive(p["incr_s"]) and positive(p["restore_s"])
+
+
+def test_backend_write_and_blocksize_benches(tmp_path):
+    doc = run_bench(tmp_path, "backend_write.py", "--total-mib", "32", "--reps", "1", "--settle", "0",
+                    "--work-dir", str(tmp_path / "bw"))
+    assert doc["packs"] == 2 and doc["packs_result"]
+    doc = run_bench(tmp_path, "blocksize.py", "--size-mib", "32", "--sizes", "64K,1M")
+    assert list(doc["block_sizes"]) == ["64K", "1M"]
+
+
+def test_qemu_benches(tmp_path):
+    # a short data path: the bench's QEMU and pyvbak's NBD server make UNIX sockets in it
+    short = tempfile.mkdtemp(prefix="pvb-", dir="/tmp")
+    try:
+        doc = run_bench(tmp_path, "qemu_incremental.py", "--size-mib", "64", "--rounds", "1", "--no-profile", data=short)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert positive(doc["incremental_s"]) and positive(doc["ratio"])
+    assert all(r["bitmap_exact"] for r in doc["rounds"])
+    doc = run_bench(tmp_path, "nbd_read.py", "--size-mib", "64", "--repeat", "1")
+    assert positive(doc["client_gbps"]) and positive(doc["qemu_img_gbps"]) and positive(doc["ratio"])

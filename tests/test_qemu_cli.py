@@ -81,6 +81,30 @@ def test_unreachable_qmp_socket_is_a_clean_error(tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out) == []
 
 
+def test_work_dir_too_long_for_the_nbd_socket_is_refused_before_touching_the_vm(vm, tmp_path, capsys, monkeypatch):
+    """QEMU refuses a UNIX socket path over 107 bytes only at nbd-server-start, after the
+    bitmap rotation and the fleecing set-up; pyvbak refuses the work dir first."""
+    deep = tmp_path / ("w" * 60) / ("x" * 60)
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(deep))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    bitmaps_before = vm.bitmaps()
+    capsys.readouterr()
+    code = main(["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("pyvbak: error: work dir ")
+    assert "PYVBAK_WORK_DIR" in err and "107" in err
+    assert vm.bitmaps() == bitmaps_before
+    assert (vm.pyvbak_nodes(), vm.exports(), vm.jobs()) == ([], ["guest"], [])  # only the guest's own export
+    assert not any(deep.iterdir())  # nothing created in it
+    # a shorter work dir works
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "w"))
+    vm.write(0, os.urandom(65536))
+    doc = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert doc["new_blocks"] > 0
+
+
 def test_qemu_killed_mid_backup_fails_cleanly_and_the_next_run_falls_back(vm, tmp_path, capsys, monkeypatch):
     """QEMU dies while pyvbak reads the export: a one-line error, nothing visible in the
     repository, and after QEMU is back the next backup does a full scan with a reason."""

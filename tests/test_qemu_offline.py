@@ -95,6 +95,20 @@ def test_other_formats_have_no_cbt(tmp_path):
         assert "cannot store persistent dirty bitmaps" in s.fallback_reason and ext is None
 
 
+def test_work_dir_too_long_for_the_socket_refused_before_the_bitmap_changes(tmp_path):
+    from pyvbak.errors import UsageError
+
+    img = tmp_path / "vm.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M"], check=True)
+    s1, _, _ = backup(img, tmp_path / "work")
+    assert bitmaps(img) == {"pyvbak-gen-1": ["auto"]}
+    deep = tmp_path / ("w" * 60) / ("x" * 60)
+    with pytest.raises(UsageError, match=r"too long a path for the NBD socket .* set PYVBAK_WORK_DIR"):
+        backup(img, deep, s1.change_tracking_state)
+    assert bitmaps(img) == {"pyvbak-gen-1": ["auto"]}  # not rotated
+    assert not deep.exists()
+
+
 def test_missing_image(tmp_path):
     with pytest.raises(SourceError, match="does not exist"):
         with QemuOfflineImage(tmp_path / "nope.qcow2", previous_state=None, work_dir=tmp_path / "w"):

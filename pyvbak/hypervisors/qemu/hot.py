@@ -34,7 +34,7 @@ from .session import ExportSession
 from ..resources import TerminationGuard
 from . import cleanup
 from . import fleece_guard, session_lock
-from .naming import GEN_PREFIX, RunNames, bitmap_name, generation_of, new_run_id
+from .naming import GEN_PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id
 from .qmp import QmpClient, QmpError
 
 STATE_KIND = "qemu-dirty-bitmap"
@@ -136,6 +136,7 @@ class QemuHotBackup(ExportSession):
     # -- setup -------------------------------------------------------------------
 
     def _setup(self) -> None:
+        check_socket_path(self.names.nbd_socket)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         qmp = self._qmp = QmpClient(self.qmp_path, timeout=self.qmp_timeout).connect()
         # one pyvbak session per VM, whatever work dir or repository the other one uses

@@ -23,10 +23,28 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvbak.errors import UsageError
+
 PREFIX = "pyvbak-"
 GEN_PREFIX = "pyvbak-gen-"
 _RUN_RE = re.compile(r"^pyvbak-(\d+)-([0-9a-f]{4})(?:$|[-.])")
 _GEN_RE = re.compile(r"^pyvbak-gen-(\d+)$")
+
+
+#: bytes a UNIX socket path may have on Linux (``sun_path`` holds 108 with the final NUL)
+SOCKET_PATH_MAX = 107
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse, before anything is created, a work dir too deep for the NBD socket in it
+    (QEMU would refuse only after the bitmap rotation and the fleecing set-up)."""
+    n = len(os.fsencode(path))
+    if n > SOCKET_PATH_MAX:
+        raise UsageError(
+            f"work dir {path.parent} is too long a path for the NBD socket pyvbak creates in it "
+            f"({n} bytes; UNIX socket paths hold at most {SOCKET_PATH_MAX}): set PYVBAK_WORK_DIR "
+            "to a shorter directory"
+        )
 
 
 def new_run_id() -> str:

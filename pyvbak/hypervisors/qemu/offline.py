@@ -31,7 +31,7 @@ from pyvbak.errors import SourceError
 from .session import ExportSession
 from ..resources import TerminationGuard
 from . import cleanup
-from .naming import PREFIX, bitmap_name, generation_of, new_run_id
+from .naming import PREFIX, bitmap_name, check_socket_path, generation_of, new_run_id
 
 STATE_KIND = "qemu-image-bitmap"
 EXPORT_NAME = "pyvbak"
@@ -113,6 +113,7 @@ class QemuOfflineImage(ExportSession):
     # -- setup -------------------------------------------------------------------
 
     def _setup(self) -> None:
+        check_socket_path(self.socket_path)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.cleaned_leftovers = cleanup.clean_files(cleanup.dead_run_files(self.work_dir, self.run))
         info = image_info(self.path)

@@ -287,3 +287,25 @@ def test_missing_pack(backed_up, capsys):
     assert_one_error_line(err, sid)
     assert not (tmp / "out.img").exists()
     assert [n for n in os.listdir(tmp) if ".pyvbak-restore-" in n] == []
+
+
+@pytest.mark.parametrize("vm,disk,needle", [
+    ("a/b", "d", "VM name 'a/b' contains '/'"),
+    ("", "d", "VM name is empty"),
+    ("  ", "d", "VM name is empty"),
+    ("web", "x/y", "disk name 'x/y' contains '/'"),
+    ("web", "a\tb", "disk name 'a\\tb' contains '\\t'"),
+    ("web", "é" * 200, "disk name is longer than 255 bytes"),
+])
+def test_bad_vm_or_disk_names_are_refused_before_anything_happens(tmp_path, capsys, vm, disk, needle):
+    """Names a snapshot reference (VM/DISK@latest) could not name again are refused with one
+    line, before the repository is even opened."""
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(70000))
+    repo = tmp_path / "no-repo-here"
+    capsys.readouterr()
+    code = main(["backup", str(img), "--repo", str(repo), "--vm", vm, "--disk", disk])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert_one_error_line(err, needle)
+    assert not repo.exists()

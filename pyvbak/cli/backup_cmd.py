@@ -22,8 +22,11 @@ def backup(
     from ..engine.backup import run_backup
     from ..hypervisors import default_disk_name, open_source
 
-    r = open_repository(repo)
+    from ..repo.repository import check_vm_disk_names
+
     disk = disk or default_disk_name(source)
+    check_vm_disk_names(vm, disk)  # before anything is opened or created
+    r = open_repository(repo)
     with r.lock(purpose=f"backup of {vm}/{disk}") as lock:
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
         cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))

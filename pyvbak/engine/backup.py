@@ -39,7 +39,7 @@ import zstandard
 from .. import native
 from ..repo import format as fmt
 from ..repo.packer import PackWriter
-from ..repo.repository import PACK_TARGET_BYTES, Repository, new_snapshot_id, snapshot_time
+from ..repo.repository import PACK_TARGET_BYTES, Repository, check_vm_disk_names, new_snapshot_id, snapshot_time
 
 CHUNK_BYTES = 4 * 1024 * 1024
 # Mapped-scan windows (bench/RESULTS.md, "Incremental of an image file: scan windows"):
@@ -126,6 +126,7 @@ def run_backup(
     The caller holds the repository lock.  Raises PyvbakError subclasses; on any
     exception nothing visible is written (packs may remain and are adopted later).
     """
+    check_vm_disk_names(vm, disk)
     t0 = time.monotonic()
     cfg = repo.config
     bs, key = cfg.block_size, cfg.hash_key

@@ -72,7 +72,7 @@ def default_disk_name(spec: str) -> str:
     if spec.startswith(NBD_SCHEMES):
         from ..sources.nbd import parse_nbd_uri
 
-        return parse_nbd_uri(spec)["export"] or "disk0"
+        return (parse_nbd_uri(spec)["export"] or "disk0").replace("/", "-")
     if spec.startswith("qemu://"):
         from urllib.parse import parse_qs, urlsplit
 

@@ -135,6 +135,28 @@ def new_snapshot_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 
+#: longest VM or disk name, in UTF-8 bytes
+NAME_MAX_BYTES = 255
+
+
+def check_vm_disk_names(vm: str, disk: str) -> None:
+    """VM and disk names of a new snapshot: what ``VM[/DISK]@latest`` can name again.
+
+    Non-empty, at most NAME_MAX_BYTES bytes of UTF-8, no '/' (it separates VM and disk
+    in snapshot references), no control characters.  Raises UsageError."""
+    for kind, flag, name in (("VM", "--vm", vm), ("disk", "--disk", disk)):
+        if not isinstance(name, str) or not name.strip():
+            raise UsageError(f"{kind} name is empty: give {flag} NAME")
+        bad = sorted({c for c in name if c == "/" or ord(c) < 32 or ord(c) == 127})
+        if bad:
+            shown = ", ".join(repr(c) for c in bad)
+            raise UsageError(f"{kind} name {name!r} contains {shown}: names may not contain '/' (it "
+                             f"separates VM and disk in VM/DISK@latest) or control characters; give "
+                             f"{flag} without it")
+        if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+            raise UsageError(f"{kind} name is longer than {NAME_MAX_BYTES} bytes: give a shorter {flag}")
+
+
 class Repository:
     def __init__(self, backend, config: RepoConfig):
         self.backend = backend

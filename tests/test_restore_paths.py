@@ -5,6 +5,7 @@ buffers (``Backend.read_range_into``) shared with verify."""
 from __future__ import annotations
 
 import errno
+import stat
 import os
 import shutil
 
@@ -412,3 +413,30 @@ def test_restore_reads_packs_in_the_order_of_the_disk_regions_they_fill():
     # without disk positions: by pack id
     plain = recs[sort_for_reading(recs)]
     assert [bytes(p) for p in plain["pack"][np.r_[True, plain["pack"][1:] != plain["pack"][:-1]]]] == sorted(packs)
+
+
+def test_special_file_targets_are_refused_and_left_alone(repo, tmp_path):
+    """A file restore renames its result over the target: over a FIFO (or /dev/null, a
+    character device) that would replace the node itself.  Refused, node untouched."""
+    from pyvbak.errors import UsageError
+
+    img = make_image(tmp_path / "d.img", 3 * BS, [(0, 3 * BS, "random")], seed=21)
+    sid = backup_file(repo, img).snapshot_id
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError, match=r"restore target .*pipe is a FIFO: give a regular file path or a block device"):
+        restore_to(repo, sid, fifo, force=True)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert no_temps(tmp_path)
+
+
+def test_restore_through_a_symlink_writes_the_file_it_names(repo, tmp_path):
+    img = make_image(tmp_path / "d.img", 3 * BS + 7, [(0, 3 * BS + 7, "random")], seed=22)
+    sid = backup_file(repo, img).snapshot_id
+    (tmp_path / "vms").mkdir()
+    real = make_image(tmp_path / "vms" / "disk.img", BS, [(0, BS, "random")], seed=23)
+    link = tmp_path / "current.img"
+    link.symlink_to(real)
+    restore_to(repo, sid, link, force=True)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert same_file(real, img)

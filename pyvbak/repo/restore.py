@@ -251,6 +251,15 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     is_device = st is not None and stat.S_ISBLK(st.st_mode)
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise UsageError(f"restore target {output} is a directory: give a file or block device path")
+    if st is not None and not (is_device or stat.S_ISREG(st.st_mode)):
+        # A file restore replaces its target by rename: over a character device, FIFO or
+        # socket that would replace the device node itself (e.g. /dev/null).
+        kind = ("character device" if stat.S_ISCHR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "socket" if stat.S_ISSOCK(st.st_mode) else "special file")
+        raise UsageError(f"restore target {output} is a {kind}: give a regular file path or a block device")
+    if not is_device and os.path.islink(output):
+        # restore to the file the link names (as cp does), not over the link itself
+        output = os.path.realpath(output)
     if st is not None and not force:
         raise TargetExists(f"restore target {output} already exists: pass --force to overwrite it")
     parent_dir = os.path.dirname(os.path.abspath(output))

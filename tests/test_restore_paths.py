@@ -440,3 +440,27 @@ def test_restore_through_a_symlink_writes_the_file_it_names(repo, tmp_path):
     restore_to(repo, sid, link, force=True)
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert same_file(real, img)
+
+
+def test_block_device_in_use_is_refused(repo, tmp_path, loopdev):  # noqa: F811
+    """A mounted device (here: held by an exclusive opener, which is what a mount is to the
+    kernel) is not written: one clear error, the device unchanged."""
+    from pyvbak.errors import UsageError
+
+    img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=31)
+    sid = backup_file(repo, img).snapshot_id
+    dev_img = tmp_path / "dev.img"
+    garbage = random_bytes(MiB, 32)
+    dev_img.write_bytes(garbage)
+    dev = loopdev(dev_img)
+    holder = os.open(dev, os.O_RDONLY | os.O_EXCL)
+    try:
+        with pytest.raises(UsageError, match=r"block device .* is in use .*: unmount or release it first"):
+            restore_to(repo, sid, dev, force=True)
+    finally:
+        os.close(holder)
+    with open(dev, "rb") as f:
+        assert f.read() == garbage
+    restore_to(repo, sid, dev, force=True)  # released: the restore goes through
+    with open(dev, "rb") as f:
+        assert f.read(4 * BS) == open(img, "rb").read()

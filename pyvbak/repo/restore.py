@@ -274,7 +274,15 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
 
     if is_device:
         path = output
-        fd = os.open(path, os.O_WRONLY)
+        try:
+            # O_EXCL on a block device (Linux): fails with EBUSY while it is mounted or
+            # held by another exclusive user (device mapper, RAID, a running restore)
+            fd = os.open(path, os.O_WRONLY | os.O_EXCL)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise UsageError(f"block device {output} is in use (mounted, or held by device mapper, RAID or "
+                                 "another restore): unmount or release it first") from None
+            raise RestoreError(f"cannot open block device {output}: {exc.strerror}") from None
         dev_size = os.lseek(fd, 0, os.SEEK_END)
         if dev_size < size:
             os.close(fd)

@@ -464,3 +464,41 @@ def test_block_device_in_use_is_refused(repo, tmp_path, loopdev):  # noqa: F811
     restore_to(repo, sid, dev, force=True)  # released: the restore goes through
     with open(dev, "rb") as f:
         assert f.read(4 * BS) == open(img, "rb").read()
+
+
+@pytest.mark.parametrize("failure", ["ctrl-c", "sigterm", "bad block"])
+def test_failed_device_restore_says_the_device_was_partly_overwritten(repo, tmp_path, loopdev, monkeypatch, failure):  # noqa: F811
+    """A file target is left as it was; a device is not, and the error must say so instead
+    of the generic "nothing was committed"."""
+    from pyvbak.errors import Interrupted
+
+    img = make_image(tmp_path / "d.img", 8 * BS, [(0, 8 * BS, "random")], seed=41)
+    sid = backup_file(repo, img).snapshot_id
+    dev_img = tmp_path / "dev.img"
+    dev_img.write_bytes(random_bytes(MiB, 42))
+    dev = loopdev(dev_img)
+    real = restore_mod.read_blocks
+
+    def fail_midway(repo_, recs, on_block, on_error, *, threads):
+        def first_blocks_then_fail(k, data):
+            if k == 3:
+                if failure == "ctrl-c":
+                    raise KeyboardInterrupt
+                if failure == "sigterm":
+                    raise Interrupted("interrupted by SIGTERM: stopped cleanly, nothing was committed")
+                on_error(k, "block does not match its digest")
+                return
+            on_block(k, data)
+
+        real(repo_, recs, first_blocks_then_fail, on_error, threads=1)
+
+    monkeypatch.setattr(restore_mod, "read_blocks", fail_midway)
+    want = Interrupted if failure != "bad block" else IntegrityError
+    with pytest.raises(want, match=r"block device .* was partly overwritten: restore it again before using it"):
+        restore_to(repo, sid, dev, force=True)
+    # the same failure onto a file leaves no file and no temp
+    out = tmp_path / "out.img"
+    with pytest.raises(KeyboardInterrupt if failure == "ctrl-c" else want) as info:
+        restore_to(repo, sid, out, force=True)
+    assert "partly overwritten" not in str(info.value)
+    assert not out.exists() and no_temps(tmp_path)

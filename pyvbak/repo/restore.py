@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import IntegrityError, OutOfSpace, PyvbakError, TargetExists, UsageError
+from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import pid_alive
 from . import digest_sets
 from .reader import group_members, read_blocks, sort_for_reading
@@ -338,10 +338,16 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        # A file target is untouched (the temp file is gone); a device was written in place.
+        note = f"; block device {output} was partly overwritten: restore it again before using it" if is_device else ""
         if isinstance(failure, OSError):
             if failure.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(f"no space left writing {output}: free space there, or restore elsewhere") from None
-            raise RestoreError(f"writing {output} failed: {failure.strerror or failure}") from None
+                raise OutOfSpace(f"no space left writing {output}: free space there, or restore elsewhere{note}") from None
+            raise RestoreError(f"writing {output} failed: {failure.strerror or failure}{note}") from None
+        if note and isinstance(failure, KeyboardInterrupt):
+            raise Interrupted(f"restore interrupted (Ctrl-C){note}") from None
+        if note and isinstance(failure, PyvbakError):
+            raise type(failure)(f"{failure}{note}") from None
         raise
     return {
         "snapshot": snap.id,

@@ -229,3 +229,53 @@ def test_snapshot_index_records_match_blocks(repo, tmp_path):
         want = fmt.ZERO_DIGEST if block.count(0) == len(block) else hashlib.sha256(block).digest()
         assert bytes(rec["digest"]) == want, i
     assert np.all(records["digest"].view("S32")[-1:] != b"")
+
+
+def punch_hole(path, offset: int, length: int) -> None:
+    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the range becomes a hole."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, 3, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    finally:
+        os.close(fd)
+
+
+def test_thin_image_hole_windows_need_no_scan(repo, tmp_path, monkeypatch):
+    """An incremental of a sparse image maps only windows holding data; windows wholly in
+    holes are zero without a job, and count as changed where the parent had data there
+    (a punched hole) or had no block (the disk grew)."""
+    from pyvbak import native
+    from pyvbak.engine import backup as engine
+
+    monkeypatch.setattr(engine, "SCAN_WINDOW_BYTES", 4 * BS)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 4 * BS)
+    img = tmp_path / "thin.img"
+    with open(img, "wb") as f:
+        f.truncate(64 * BS)
+        for blk in (1, 2, 9, 30, 31):  # data in windows 0, 2 and 7; the rest holes
+            f.seek(blk * BS)
+            f.write(random_bytes(BS, blk))
+    first = backup_file(repo, img)
+    first_copy = shutil.copyfile(img, tmp_path / "first-copy.img")
+    mapped = []
+    real = native.scan_fd_range
+
+    def counting(fd, offset, length, *a, **kw):
+        mapped.append(offset // BS)
+        return real(fd, offset, length, *a, **kw)
+
+    monkeypatch.setattr(native, "scan_fd_range", counting)
+    punch_hole(img, 28 * BS, 4 * BS)  # window 7's data (blocks 30, 31) becomes a hole
+    resize(img, 72 * BS)  # and the disk grows by 8 blocks of holes
+    res = backup_file(repo, img)
+    assert sorted(mapped) == [0, 8]  # only the windows still holding data were mapped
+    assert res.changed_blocks == 2 + 8
+    assert res.new_blocks == 0
+    restore_to(repo, res.snapshot_id, tmp_path / "out.img")
+    assert same_file(tmp_path / "out.img", img)
+    restore_to(repo, first.snapshot_id, tmp_path / "first.img")
+    assert same_file(tmp_path / "first.img", first_copy)

@@ -165,6 +165,7 @@ def run_backup(
     result.cbt = bool(use_cbt and not verify_cbt)
 
     m = min(n, parent.n)
+    hole_changed = np.empty(0, np.int64)
     digests = np.zeros(n, "V32")
     digests[:m] = parent.digests[:m]
 
@@ -185,7 +186,19 @@ def run_backup(
     elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
         window_bytes = max(CHUNK_BYTES, min(SCAN_WINDOW_BYTES, MAPPED_FRAMES_BUDGET // (2 * threads)))
         window = max(1, window_bytes // bs)
-        jobs = [(a, min(a + window, n), "mapped") for a in range(0, n, window)]
+        starts = np.arange(0, n, window)
+        # Windows wholly inside holes (most of a thin image) need no job: their blocks are
+        # zero, and changed where the parent had data (or had no block).  A job per such
+        # window cost ~150 us of Python: ~5 s for a 1 TB thin image.
+        holes = _zero_extent_blocks(source, n, bs)
+        all_hole = np.logical_and.reduceat(holes, starts) if n else np.zeros(0, bool)
+        if all_hole.any():
+            in_hole_window = np.repeat(all_hole, window)[:n]
+            zero[in_hole_window], fast[in_hole_window] = 1, 0
+            had_data = np.ones(n, bool)
+            had_data[:m] = parent.zero[:m] == 0
+            hole_changed = np.flatnonzero(in_hole_window & had_data)
+        jobs = [(a, min(a + window, n), "mapped") for a in starts[~all_hole].tolist()]
         # The scan reads the whole disk (holes excepted, a detail the count ignores); the
         # changed blocks read again for SHA-256 and compression are added as they go.
         result.bytes_scanned = result.bytes_read = size
@@ -203,7 +216,7 @@ def run_backup(
     claim_lock = threading.Lock()
     local = threading.local()
     level = cfg.compression_level
-    changed_all: list[np.ndarray] = []
+    changed_all: list[np.ndarray] = [hole_changed]
 
     def compressor():
         c = getattr(local, "cctx", None)
@@ -300,7 +313,7 @@ def run_backup(
         packer.abort()
         raise
 
-    changed_idx = np.concatenate(changed_all) if changed_all else np.empty(0, np.int64)
+    changed_idx = np.sort(np.concatenate(changed_all)) if changed_all else np.empty(0, np.int64)
     zero_changed = changed_idx[zero[changed_idx] == 1] if len(changed_idx) else changed_idx
     digests[zero_changed] = np.frombuffer(fmt.ZERO_DIGEST, "V32")[0]
     result.changed_blocks = int(len(changed_idx))

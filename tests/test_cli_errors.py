@@ -309,3 +309,14 @@ def test_bad_vm_or_disk_names_are_refused_before_anything_happens(tmp_path, caps
     assert code == 2
     assert_one_error_line(err, needle)
     assert not repo.exists()
+
+
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_threads_beyond_the_bound_are_a_usage_error(tmp_path, capsys, command):
+    args = ["backup", str(tmp_path / "d.img"), "--vm", "v"] if command == "backup" else ["restore", "v@latest", str(tmp_path / "o.img")]
+    capsys.readouterr()
+    code = main(args + ["--repo", str(tmp_path / "r"), "--threads", "1000"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "'--threads': 1000 is not in the range 1<=x<=256" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

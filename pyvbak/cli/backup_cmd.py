@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository, progress_bar
+from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes, info, open_repository, progress_bar
 
 
 def backup(
@@ -14,7 +14,7 @@ def backup(
     repo: Optional[str] = RepoOption,
     vm: str = typer.Option(..., "--vm", help="Name of the VM the disk belongs to."),
     disk: Optional[str] = typer.Option(None, "--disk", help="Disk name (default: image file name, NBD export or QEMU node)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Worker threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),
     verify_cbt: bool = typer.Option(False, "--verify-cbt", help="Scan the whole disk and report blocks change tracking missed."),
     json_out: bool = JsonOption,
 ) -> None:

@@ -9,6 +9,10 @@ from contextlib import contextmanager
 
 import typer
 
+#: upper bound of --threads: the pipelines' memory grows with their threads (a backup's
+#: chunk jobs ~16 MiB per worker, 4 workers per thread for NBD sources)
+MAX_THREADS = 256
+
 REPO_HELP = "Repository path (or PYVBAK_REPO); default: a repository in your data directory, created on first use."
 RepoOption = typer.Option(None, "--repo", "-r", help=REPO_HELP, envvar="PYVBAK_REPO", show_envvar=True)
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout.")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import JsonOption, RepoOption, emit_json, human_bytes, open_repository, progress_bar
+from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes, open_repository, progress_bar
 
 
 def restore(
@@ -14,7 +14,7 @@ def restore(
     output: str = typer.Argument(..., help="File or block device to restore to."),
     repo: Optional[str] = RepoOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Worker threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),
     json_out: bool = JsonOption,
 ) -> None:
     """Restore a snapshot byte-identical, checking every block's digest."""

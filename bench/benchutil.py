@@ -45,3 +45,15 @@ def peak_rss_mib() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def report(out: dict, as_json: bool) -> None:
+    """Print a benchmark's result: JSON (what RESULTS.md quotes), or one ``key: value`` line
+    per entry."""
+    import json
+
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")

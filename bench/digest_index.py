@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import vmimage  # noqa: E402
-from benchutil import cpu_model  # noqa: E402
+from benchutil import cpu_model, report  # noqa: E402
 
 CHILD = r"""
 import os, sys, time, json
@@ -125,11 +125,7 @@ def main() -> int:
             out[mode] = {k: med(mode, k) for k in ("load_s", "locate_s", "total_s", "maxrss_mib")}
         out["speedup_cached_vs_memory"] = round(out["memory"]["total_s"] / out["cached"]["total_s"], 1)
         out["speedup_delta_vs_memory"] = round(out["memory"]["total_s"] / out["delta"]["total_s"], 1)
-        if args.json:
-            print(json.dumps(out, indent=2))
-        else:
-            for k, v in out.items():
-                print(f"{k}: {v}")
+        report(out, args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

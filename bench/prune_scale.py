@@ -28,7 +28,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import vmimage  # noqa: E402
-from benchutil import cpu_model  # noqa: E402
+from benchutil import cpu_model, report  # noqa: E402
 
 PRUNE = r"""
 import sys, time, json
@@ -124,11 +124,7 @@ def main() -> int:
         out[mode] = {k: round(statistics.median(x[k] for x in rows), 3) for k in ("s", "maxrss_mib")}
     out["ratio"] = round(out["prune"]["s"] / out["baseline"]["s"], 2)
     out["rss_ratio"] = round(out["prune"]["maxrss_mib"] / out["baseline"]["maxrss_mib"], 2)
-    if a.json:
-        print(json.dumps(out, indent=2))
-    else:
-        for k, v in out.items():
-            print(f"{k}: {v}")
+    report(out, a.json)
     return 0
 
 

@@ -320,3 +320,46 @@ def test_threads_beyond_the_bound_are_a_usage_error(tmp_path, capsys, command):
     assert code == 2
     assert "'--threads': 1000 is not in the range 1<=x<=256" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A tmpfs at tmp_path/ro; call the returned function to remount it read-only."""
+    import subprocess
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = f"cannot mount a tmpfs ({r.stderr.strip()}): needs root"
+        pytest.fail(msg) if os.environ.get("CI", "").lower() in ("1", "true", "yes") else pytest.skip(msg)
+    try:
+        yield mnt, lambda: subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_read_only_repository_restores_and_verifies_with_no_lock(tmp_path, capsys, read_only_mount):
+    """A backup disk mounted read-only (disaster recovery): restore and verify cannot take
+    their shared lock, say so with the way out (--no-lock), and work with it; a backup
+    fails with one line and no such hint."""
+    mnt, remount_ro = read_only_mount
+    repo = str(mnt / "repo")
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(5 * BS + 3, 91))
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(img), "--repo", repo, "--vm", "v"]) == 0
+    remount_ro()
+    out = tmp_path / "out.img"
+    capsys.readouterr()
+    assert main(["restore", "v@latest", str(out), "--repo", repo]) == 3
+    assert_one_error_line(capsys.readouterr().err, "read-only file system", "add --no-lock")
+    assert not out.exists()
+    assert main(["restore", "v@latest", str(out), "--repo", repo, "--no-lock"]) == 0
+    assert same_file(out, img)
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo, "--no-lock", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert main(["backup", str(img), "--repo", repo, "--vm", "v"]) == 3
+    err = assert_one_error_line(capsys.readouterr().err, "read-only file system")
+    assert "--no-lock" not in err

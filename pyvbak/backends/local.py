@@ -149,7 +149,12 @@ class LocalBackend(Backend):
         failed_at = os.fspath(exc.filename) if exc.filename is not None else path
         if failed_at != path:
             where = f" at {failed_at}"
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno == errno.EROFS:
+            return BackendError(
+                f"cannot write {path} (object {name!r} in local backend {self.location}){where}: "
+                "the repository is on a read-only file system"
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM):
             return BackendError(
                 f"permission denied {action} {path} (object {name!r} in local backend "
                 f"{self.location}){where}: {exc.strerror}; check ownership and permissions of "

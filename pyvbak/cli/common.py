@@ -16,6 +16,18 @@ MAX_THREADS = 256
 REPO_HELP = "Repository path (or PYVBAK_REPO); default: a repository in your data directory, created on first use."
 RepoOption = typer.Option(None, "--repo", "-r", help=REPO_HELP, envvar="PYVBAK_REPO", show_envvar=True)
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
+NoLockOption = typer.Option(
+    False, "--no-lock",
+    help="Read without taking the repository's shared lock: for a repository on read-only storage. "
+    "Nothing may prune it meanwhile.",
+)
+
+
+def maybe_lock(repo, no_lock: bool, purpose: str):
+    """The shared lock a reader takes, or nothing with --no-lock."""
+    from contextlib import nullcontext
+
+    return nullcontext() if no_lock else repo.lock(purpose=purpose, clean_stale=False, reader=True)
 
 
 def open_repository(location: str | None, *, create_default: bool = True):

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..repo.repository import DEFAULT_COMPRESSION
-from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository
+from .common import JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository
 
 
 def init(
@@ -51,13 +51,14 @@ def verify(
     repo: Optional[str] = RepoOption,
     sample: Optional[float] = typer.Option(None, "--sample", help="Check only this PERCENT of blocks, chosen at random."),
     json_out: bool = JsonOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Re-read stored blocks, check their digests, name the snapshots any bad block affects."""
     from ..errors import IntegrityError
     from ..repo.verify import verify_repository
 
     r = open_repository(repo)
-    with r.lock(purpose="verify", clean_stale=False):
+    with maybe_lock(r, no_lock, "verify"):
         report = verify_repository(r, sample_percent=sample)
     if json_out:
         emit_json(report)

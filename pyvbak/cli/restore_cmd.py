@@ -1,4 +1,4 @@
-"""pyvbak restore SNAPSHOT OUTPUT --repo REPO [--force]"""
+"""pyvbak restore SNAPSHOT OUTPUT --repo REPO [--force] [--no-lock]"""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes, open_repository, progress_bar
+from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, maybe_lock, open_repository, progress_bar
 
 
 def restore(
@@ -16,13 +16,14 @@ def restore(
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),
     json_out: bool = JsonOption,
+    no_lock: bool = NoLockOption,
 ) -> None:
     """Restore a snapshot byte-identical, checking every block's digest."""
     from ..repo.restore import restore_snapshot
 
     r = open_repository(repo, create_default=False)
     snap = r.resolve(snapshot)
-    with r.lock(purpose=f"restore of {snap.id}", clean_stale=False):
+    with maybe_lock(r, no_lock, f"restore of {snap.id}"):
         with progress_bar(f"restore {snap.id}", not json_out) as update:
             report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update)
     if json_out:

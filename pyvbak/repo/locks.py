@@ -19,7 +19,7 @@ import secrets
 import socket
 import time
 
-from ..backends import ObjectMissing
+from ..backends import BackendError, ObjectMissing
 from ..errors import LockedError
 from ..processes import pid_alive
 
@@ -27,8 +27,9 @@ LOCK_PREFIX = "locks/"
 
 
 class RepositoryLock:
-    def __init__(self, backend, *, exclusive: bool, purpose: str, clean_stale: bool = True):
+    def __init__(self, backend, *, exclusive: bool, purpose: str, clean_stale: bool = True, reader: bool = False):
         self.backend = backend
+        self.reader = reader  # restore / verify: --no-lock can do without the lock
         # Readers (restore, verify) leave stale locks alone: a stale lock is the evidence
         # the next backup uses to look for packs a killed backup left unindexed.
         self.clean_stale = clean_stale
@@ -83,7 +84,13 @@ class RepositoryLock:
         live = self._remove_stale(locks) if self.clean_stale else {n: i for n, i in locks.items() if not self._is_stale(i)}
         other = self._conflict(live)
         if other is None:
-            self.backend.write_new(self.name, json.dumps(info).encode())
+            try:
+                self.backend.write_new(self.name, json.dumps(info).encode())
+            except BackendError as exc:
+                if not self.reader:
+                    raise
+                # e.g. a backup disk mounted read-only for a disaster recovery
+                raise BackendError(f"{exc}; to only read the repository (restore, verify), add --no-lock") from None
             other = self._conflict({n: i for n, i in self._read_all().items() if not self._is_stale(i)})
             if other is not None:
                 self._release()

@@ -224,8 +224,9 @@ class Repository:
             raise RepositoryError(f"{location}/config is damaged: restore it from a copy") from None
         return cls(backend, config)
 
-    def lock(self, *, exclusive: bool = False, purpose: str = "backup", clean_stale: bool = True) -> RepositoryLock:
-        return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale)
+    def lock(self, *, exclusive: bool = False, purpose: str = "backup", clean_stale: bool = True,
+             reader: bool = False) -> RepositoryLock:
+        return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale, reader=reader)
 
     # -- snapshots ------------------------------------------------------------------
     def snapshots(self, vm: str | None = None, disk: str | None = None, *, cached: bool = True) -> list[SnapshotInfo]:

@@ -288,9 +288,15 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             os.close(fd)
             raise UsageError(f"block device {output} has {dev_size} bytes, the snapshot needs {size}")
     else:
-        cleanup_restore_leftovers(parent_dir)
         path = os.path.join(parent_dir, f".{os.path.basename(output)}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            cleanup_restore_leftovers(parent_dir)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"no space left in {parent_dir} for the restore: free space there, or restore elsewhere") from None
+            raise RestoreError(f"cannot create the restored file in {parent_dir}: {exc.strerror}; "
+                               "restore into a directory you can write") from None
     errors: list[str] = []
     written = [0]
     count_lock = threading.Lock()

@@ -363,3 +363,6 @@ def test_read_only_repository_restores_and_verifies_with_no_lock(tmp_path, capsy
     assert main(["backup", str(img), "--repo", repo, "--vm", "v"]) == 3
     err = assert_one_error_line(capsys.readouterr().err, "read-only file system")
     assert "--no-lock" not in err
+    # restoring *into* the read-only file system: one line, not a traceback
+    assert main(["restore", "v@latest", str(mnt / "back.img"), "--repo", repo, "--no-lock"]) == 1
+    assert_one_error_line(capsys.readouterr().err, f"cannot create the restored file in {mnt}", "Read-only file system")

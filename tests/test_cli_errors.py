@@ -366,3 +366,15 @@ def test_read_only_repository_restores_and_verifies_with_no_lock(tmp_path, capsy
     # restoring *into* the read-only file system: one line, not a traceback
     assert main(["restore", "v@latest", str(mnt / "back.img"), "--repo", repo, "--no-lock"]) == 1
     assert_one_error_line(capsys.readouterr().err, f"cannot create the restored file in {mnt}", "Read-only file system")
+
+
+def test_default_repository_that_cannot_be_created_is_one_line(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.delenv("PYVBAK_REPO", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(blocker / "data"))
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(BS, 92))
+    capsys.readouterr()
+    assert main(["backup", str(img), "--vm", "v"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "cannot create the default repository at", "give --repo REPO or set PYVBAK_REPO")

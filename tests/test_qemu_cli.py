@@ -179,3 +179,17 @@ def test_forgetting_the_newest_snapshot_forces_a_full_scan_never_a_wrong_increme
     vm.write(10 * MiB, os.urandom(64 * 1024))
     again = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert again["cbt"] is True and again["changed_blocks"] == 1
+
+
+def test_work_dir_that_cannot_be_created_is_one_line(vm, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(blocker / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    bitmaps_before = vm.bitmaps()
+    capsys.readouterr()
+    assert main(["backup", vm.uri, "--repo", repo, "--vm", "web"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot create the work dir" in err and "PYVBAK_WORK_DIR" in err
+    assert vm.bitmaps() == bitmaps_before

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import typer
 
+from ..errors import UsageError
+
 #: upper bound of --threads: the pipelines' memory grows with their threads (a backup's
 #: chunk jobs ~16 MiB per worker, 4 workers per thread for NBD sources)
 MAX_THREADS = 256
@@ -38,7 +40,11 @@ def open_repository(location: str | None, *, create_default: bool = True):
         return Repository.open(location)
     path = default_repository_path()
     if not os.path.exists(os.path.join(path, "config")) and create_default:
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the default repository at {path}: {exc.strerror}; "
+                             "give --repo REPO or set PYVBAK_REPO") from None
         repo = Repository.init(path)
         info(f"created the default repository at {path}")
         return repo

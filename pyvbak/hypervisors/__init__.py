@@ -25,7 +25,11 @@ def default_work_dir() -> str:
     base = os.environ.get("PYVBAK_WORK_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pyvbak", "work"
     )
-    os.makedirs(base, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the work dir {base} (sockets and fleecing files): {exc.strerror}; "
+                         "set PYVBAK_WORK_DIR to a writable directory") from None
     return base
 
 

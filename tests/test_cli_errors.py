@@ -378,3 +378,19 @@ def test_default_repository_that_cannot_be_created_is_one_line(tmp_path, capsys,
     capsys.readouterr()
     assert main(["backup", str(img), "--vm", "v"]) == 2
     assert_one_error_line(capsys.readouterr().err, "cannot create the default repository at", "give --repo REPO or set PYVBAK_REPO")
+
+
+def test_an_unexpected_os_error_is_one_line_unless_debugging(tmp_path, capsys, monkeypatch):
+    from pyvbak.cli import repo_cmds
+
+    def refuse(*a, **kw):
+        raise PermissionError(13, "Permission denied", "/some/where")
+
+    monkeypatch.setattr(repo_cmds, "open_repository", refuse)
+    monkeypatch.delenv("PYVBAK_DEBUG", raising=False)
+    capsys.readouterr()
+    assert main(["snapshots", "--repo", str(tmp_path)]) == 1
+    assert_one_error_line(capsys.readouterr().err, "Permission denied: /some/where", "PYVBAK_DEBUG=1")
+    monkeypatch.setenv("PYVBAK_DEBUG", "1")
+    with pytest.raises(PermissionError):
+        main(["snapshots", "--repo", str(tmp_path)])

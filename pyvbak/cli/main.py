@@ -7,6 +7,7 @@ cleans up (snapshots, exports, locks, temp files) before the process exits.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -33,6 +34,12 @@ app.command("unlock")(repo_cmds.unlock)
 app.command("demo")(demo_cmd.demo)
 
 
+#: environment variable that lets unexpected OSErrors through as tracebacks
+DEBUG_ENV = "PYVBAK_DEBUG"
+#: exit code of an OSError no code path turned into a PyvbakError
+OS_ERROR_EXIT = 1
+
+
 def _sigterm(signum, frame):
     raise Interrupted("interrupted by SIGTERM: stopped cleanly, nothing was committed")
 
@@ -57,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _click_exception_types()):
             exc.show(file=sys.stderr)
             return 2
+        if isinstance(exc, OSError) and not os.environ.get(DEBUG_ENV):
+            # The environment refused something no code path turned into a PyvbakError
+            # (permissions, a full or read-only disk, a vanished path): one line, the
+            # traceback only on request.  Everything else is a bug: traceback.
+            where = f": {exc.filename}" if exc.filename is not None else ""
+            print(f"pyvbak: error: {exc.strerror or exc}{where} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+            return OS_ERROR_EXIT
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

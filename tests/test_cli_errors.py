@@ -96,6 +96,9 @@ def test_not_a_repository(env, capsys):
             assert code == 3, (args, err)
             assert_one_error_line(err, "is not a pyvbak repository", "pyvbak init")
     assert not (tmp / "absent").exists()  # nothing was created by a failed open
+    code, out, err = cli(capsys, "snapshots", "--repo", img)  # a file given as the repository
+    assert code == 3
+    assert_one_error_line(err, "is a file, not a pyvbak repository", "directory")
 
 
 def test_newer_repository_version(backed_up, capsys):

@@ -194,6 +194,8 @@ class Repository:
     @classmethod
     def open(cls, location: str) -> "Repository":
         if _is_local(location) and not os.path.isdir(location):
+            if os.path.exists(location):
+                raise RepositoryError(f"{location} is a file, not a pyvbak repository: give the repository's directory")
             raise RepositoryError(
                 f"{location} is not a pyvbak repository (no such directory): create one with 'pyvbak init {location}'"
             )

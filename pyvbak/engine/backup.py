@@ -233,14 +233,14 @@ def run_backup(
         if scan and zero_ranges is not None and zero_ranges[a:b].all():
             zero[a:b] = 1
             fast[a:b] = 0
-            changed = a + np.flatnonzero(_differs(parent, zero, fast, a, b))
+            changed = _changed(parent, zero, fast, a, b, bs)
             return a, b, changed, out, 0
         data = source.read(a * bs, min(b * bs, size) - a * bs)
         nread = len(data)
         mv = memoryview(data)
         if scan:
             native.scan_buffer(mv, bs, key, zero[a:b], fast[a:b])
-            changed = a + np.flatnonzero(_differs(parent, zero, fast, a, b))
+            changed = _changed(parent, zero, fast, a, b, bs)
         else:
             changed = np.arange(a, b, dtype=np.int64)
         cctx = compressor()
@@ -266,7 +266,7 @@ def run_backup(
     def scan_mapped(a: int, b: int):
         native.scan_fd_range(source.fileno(), a * bs, min(b * bs, size) - a * bs, bs, key,
                              zero[a:b], fast[a:b], name=source.path, size=size)
-        changed = a + np.flatnonzero(_differs(parent, zero, fast, a, b))
+        changed = _changed(parent, zero, fast, a, b, bs)
         out, nread = [], 0
         for ra, rb in _runs(changed[zero[changed] == 0], max(1, CHUNK_BYTES // bs)):
             _, _, _, part, nr = work(ra, rb, "read")
@@ -365,19 +365,14 @@ def run_backup(
     return result
 
 
-def _differs(parent: _Parent, zero, fast, a: int, b: int) -> np.ndarray:
-    """Changed mask for blocks [a, b) against the parent (vectorised).
-
-    A grown disk's old partial tail block needs no special case: the fast hash covers
-    the block length, so the now-longer block hashes differently unless it is zero.
-    """
-    mask = np.ones(b - a, dtype=bool)
+def _changed(parent: _Parent, zero, fast, a: int, b: int, bs: int) -> np.ndarray:
+    """Indices of the blocks in [a, b) that changed since the parent: the native
+    changed-block kernel on the window's slices (past the parent's end, zero flag changed,
+    or both non-zero with different hashes; a grown disk's old partial tail block hashes
+    differently because the hash covers the length)."""
     m = max(0, min(b, parent.n) - a)
-    if m:
-        same_zero = parent.zero[a : a + m] == zero[a : a + m]
-        same_hash = (parent.fast[a : a + m] == fast[a : a + m]).all(axis=1)
-        mask[:m] = ~(same_zero & (same_hash | (zero[a : a + m] == 1)))
-    return mask
+    return a + native.changed_blocks(parent.zero[a : a + m], parent.fast[a : a + m], m * bs,
+                                     zero[a:b], fast[a:b], (b - a) * bs, bs)
 
 
 def _zero_extent_blocks(source, n: int, bs: int) -> np.ndarray:

@@ -90,3 +90,10 @@ def test_qemu_benches(tmp_path):
     assert all(r["bitmap_exact"] for r in doc["rounds"])
     doc = run_bench(tmp_path, "nbd_read.py", "--size-mib", "64", "--repeat", "1")
     assert positive(doc["client_gbps"]) and positive(doc["qemu_img_gbps"]) and positive(doc["ratio"])
+
+
+def test_restore_disk_bench(tmp_path):
+    doc = run_bench(tmp_path, "restore_disk.py", "--size-mib", "32", "--rounds", "1")
+    assert positive(doc["cold_s"]) and positive(doc["warm_s"]) and positive(doc["copy_s"]) and positive(doc["ratio"])
+    assert doc["bytes_written"] > 0
+    assert not os.path.exists(tmp_path / "bench-data" / "restore_disk")  # its work directory is removed

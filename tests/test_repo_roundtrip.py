@@ -245,9 +245,10 @@ def punch_hole(path, offset: int, length: int) -> None:
 
 
 def test_thin_image_hole_windows_need_no_scan(repo, tmp_path, monkeypatch):
-    """An incremental of a sparse image maps only windows holding data; windows wholly in
-    holes are zero without a job, and count as changed where the parent had data there
-    (a punched hole) or had no block (the disk grew)."""
+    """A full backup of a sparse image reads only its data blocks; an incremental maps only
+    windows holding data; windows wholly in holes are zero without a job, and count as
+    changed where the parent had data there (a punched hole) or had no block (the disk
+    grew)."""
     from pyvbak import native
     from pyvbak.engine import backup as engine
 
@@ -260,6 +261,8 @@ def test_thin_image_hole_windows_need_no_scan(repo, tmp_path, monkeypatch):
             f.seek(blk * BS)
             f.write(random_bytes(BS, blk))
     first = backup_file(repo, img)
+    # the full backup reads only the data blocks (holes are zero without a read or a job)
+    assert (first.bytes_read, first.changed_blocks, first.new_blocks) == (5 * BS, 64, 5)
     first_copy = shutil.copyfile(img, tmp_path / "first-copy.img")
     mapped = []
     real = native.scan_fd_range

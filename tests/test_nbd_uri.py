@@ -24,3 +24,19 @@ def test_parse(uri, expected):
 def test_malformed(uri):
     with pytest.raises(UsageError):
         parse_nbd_uri(uri)
+
+
+@pytest.mark.parametrize("spec,disk", [
+    ("/var/lib/vm/web-disk0.qcow2", "web-disk0"),
+    ("/dev/vg/vm-disk", "vm-disk"),
+    ("nbd://host/exp", "exp"),
+    ("nbd://host/vms/web/disk0", "vms-web-disk0"),  # '/' is not allowed in disk names
+    ("nbd+unix:///?socket=/run/x.sock", "disk0"),
+    ("qemu:///run/qmp.sock?node=drive-virtio0", "drive-virtio0"),
+])
+def test_default_disk_names_are_valid_names(spec, disk):
+    from pyvbak.hypervisors import default_disk_name
+    from pyvbak.repo.repository import check_vm_disk_names
+
+    assert default_disk_name(spec) == disk
+    check_vm_disk_names("vm", disk)

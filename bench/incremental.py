@@ -64,10 +64,12 @@ def prepare(path: str, state: str) -> None:
             for off in range(0, os.fstat(src).st_size, 1 << 20):
                 os.write(dst, os.pread(src, 1 << 20, off))
             os.fsync(dst)
+            os.replace(tmp, path)
         finally:
             os.close(src)
             os.close(dst)
-        os.replace(tmp, path)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     else:
         vmimage.evict(path)
 

@@ -23,6 +23,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from .. import __version__, native
+    from ..repo import format as fmt
+
+    print(f"pyvbak {__version__} (repository format {fmt.FORMAT_VERSION}; scan kernel "
+          f"{native.selected_kernel()}, SHA-256 {native.selected_sha256_kernel()})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version, repository format and native kernels, and exit."),
+) -> None:
+    pass
+
+
 app.command("init")(repo_cmds.init)
 app.command("backup")(backup_cmd.backup)
 app.command("snapshots")(repo_cmds.snapshots)

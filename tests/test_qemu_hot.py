@@ -358,20 +358,77 @@ def test_a_second_session_on_the_same_vm_is_refused_whatever_its_work_dir(vm, tm
         other.wait()
 
 
-def test_a_later_session_backs_off_not_the_earlier_one(vm, work):
-    """Two sessions racing: the one that started first wins (a lock newer than ours is a
-    session that will back off when it sees ours)."""
+def test_a_later_session_that_goes_away_lets_us_in(vm, work, monkeypatch):
+    """Two sessions racing: a lock that started later than ours is a session that saw ours
+    and is backing off - we wait for it to go, then get in."""
+    import threading
     import time
 
+    from pyvbak.hypervisors.qemu import session_lock
+
+    monkeypatch.setattr(session_lock, "RACE_GRACE_S", 5.0)
     other = live_pid()
     try:
         name = foreign_lock(vm, other.pid, time.time() + 3600)
+        gone = threading.Timer(0.3, lambda: vm.ctl.cmd("object-del", id=name))
+        gone.start()
+        t = time.monotonic()
         backup(vm, work)
+        assert time.monotonic() - t >= 0.25  # it waited for the other to go
+        gone.join()
+        assert_clean(vm, work)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_later_session_that_stays_holds_the_vm(vm, work, monkeypatch):
+    """A lock that started later than ours but stays was made by a session that listed the
+    locks before ours existed: it is in, so we are refused (after the grace period) and
+    leave its lock alone."""
+    import time
+
+    from pyvbak.hypervisors.qemu import session_lock
+
+    monkeypatch.setattr(session_lock, "RACE_GRACE_S", 0.3)
+    other = live_pid()
+    try:
+        name = foreign_lock(vm, other.pid, time.time() + 3600)
+        with pytest.raises(SourceError, match=rf"another pyvbak session \(pid {other.pid}, .*wait for it to finish"):
+            backup(vm, work)
         assert vm.pyvbak_objects() == [name]  # ours released, theirs untouched
         assert vm.pyvbak_nodes() == [] and vm.jobs() == []
     finally:
         other.kill()
         other.wait()
+
+
+def test_an_earlier_start_does_not_prove_an_earlier_lock(tmp_path, monkeypatch):
+    """The race that let two sessions in: A creates its lock and, seeing no other, is in;
+    B read its start time before A's but created its lock after A's listing.  B sees A's
+    later-started lock and must not go ahead of it."""
+    from pyvbak.hypervisors.qemu import session_lock
+    from pyvbak.hypervisors.qemu.qmp import QmpClient
+
+    monkeypatch.setattr(session_lock, "RACE_GRACE_S", 0.3)
+    (tmp_path / "vm").mkdir()
+    vm = FakeVM(tmp_path / "vm", extra_monitors=1).start()
+    qa = QmpClient(vm.qmp_path).connect()
+    qb = QmpClient(vm.extra_qmp_paths[0]).connect()
+    clock = iter([1000.0, 500.0])  # A's start time, then B's (earlier)
+    monkeypatch.setattr(session_lock.time, "time", lambda: next(clock))
+    try:
+        me = os.getpid()  # both runs "alive": this process holds them
+        a = session_lock.acquire(qa, f"{me}-aaaa")
+        with pytest.raises(SourceError, match=f"another pyvbak session .*run {me}-aaaa"):
+            session_lock.acquire(qb, f"{me}-bbbb")
+        assert session_lock.session_locks(qa) == [a]  # B removed its own lock
+        session_lock.release(qa, a)
+        assert session_lock.session_locks(qa) == []
+    finally:
+        qa.close()
+        qb.close()
+        vm.stop()
 
 
 def test_the_lock_of_a_killed_run_is_removed_and_reported(vm, work):

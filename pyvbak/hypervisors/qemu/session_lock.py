@@ -8,13 +8,21 @@ qemu-storage-daemon included, can create - whose data is the time the session st
 ``object-add`` of an id is atomic; ordering the sessions makes the lock fair:
 
 1. create our object;
-2. list the ``pyvbak-*-lock`` objects; for every other one whose process (the pid in its
-   run id) is alive, the session that started first - (time, run id) - wins;
-3. if another live session is first, delete ours and fail with a clear message.
+2. list the ``pyvbak-*-lock`` objects of other sessions whose process (the pid in the run
+   id) is alive; none: ours is the lock;
+3. one that started first - (time, run id) - is ahead: delete ours, fail with a clear
+   message;
+4. only later ones: each of them either saw ours and is backing off, or listed before ours
+   existed and holds the VM (the start times are read before ``object-add``, so a later
+   start does not prove a later object).  Wait up to ``RACE_GRACE_S`` for them to go;
+   any still there holds the VM: delete ours and fail.
 
-Two sessions racing through 1-2 both see both objects and agree on the winner.  A
-``kill -9`` leaves the object behind; it carries the dead run's id, so the next run's
-leftover cleanup removes it (``cleanup.clean_leftovers``).  QEMU restarting removes it too.
+Whoever gets in listed no other live object, or saw every other one go: never two at
+once.  (Before step 4 existed, the earlier-started session went ahead at once, and two
+sessions could both get in when the earlier one was slow between reading its start time
+and creating its object.)  A ``kill -9`` leaves the object behind; it carries the dead
+run's id, so the next run's leftover cleanup removes it (``cleanup.clean_leftovers``).
+QEMU restarting removes it too.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from .naming import PREFIX, pid_of_run, run_of
 from .qmp import QmpClient, QmpError
 
 LOCK_SUFFIX = "-lock"
+#: how long a session waits for later-started sessions that saw its lock to back off (a
+#: few QMP round trips each); one still there after this holds the VM
+RACE_GRACE_S = 2.0
 
 # Runs of this process that hold a lock: a lock carrying this process's pid but not
 # listed here was leaked (e.g. a signal between object-add and the session recording it)
@@ -82,25 +93,45 @@ def acquire(qmp: QmpClient, run: str) -> str:
             _held.discard(run)
         raise
     try:
-        for other in session_locks(qmp):
-            orun = run_of(other)
-            if other == me or orun is None:
-                continue
-            pid = pid_of_run(orun)
-            if not is_live(orun):
-                continue  # a killed (or leaked) run's lock: leftover cleanup removes it
-            t = _started(qmp, other)
-            if t is None:
-                continue
+        later = []
+        for other, orun, t in _live_others(qmp, me):
             if (t, orun) < (started, run):
-                raise SourceError(
-                    f"another pyvbak session (pid {pid}, run {orun}) is backing up this VM since "
-                    f"{time.strftime('%H:%M:%S', time.localtime(t))}; wait for it to finish"
-                )
+                raise _held_by(orun, t)
+            later.append(other)
+        # Later sessions either saw ours and are going, or hold the VM: wait for them.
+        deadline = time.monotonic() + RACE_GRACE_S
+        while later:
+            present = {other: (orun, t) for other, orun, t in _live_others(qmp, me)}
+            later = [o for o in later if o in present]
+            if later and time.monotonic() >= deadline:
+                orun, t = present[later[0]]
+                raise _held_by(orun, t)
+            if later:
+                time.sleep(0.01)
     except BaseException:
         release(qmp, me)
         raise
     return me
+
+
+def _live_others(qmp: QmpClient, me: str) -> list[tuple[str, str, float]]:
+    """(object, run, start time) of the other live sessions' lock objects."""
+    out = []
+    for other in session_locks(qmp):
+        orun = run_of(other)
+        if other == me or orun is None or not is_live(orun):
+            continue  # a killed (or leaked) run's lock: leftover cleanup removes it
+        t = _started(qmp, other)
+        if t is not None:
+            out.append((other, orun, t))
+    return out
+
+
+def _held_by(orun: str, t: float) -> SourceError:
+    return SourceError(
+        f"another pyvbak session (pid {pid_of_run(orun)}, run {orun}) is backing up this VM since "
+        f"{time.strftime('%H:%M:%S', time.localtime(t))}; wait for it to finish"
+    )
 
 
 def release(qmp: QmpClient, obj: str) -> None:

@@ -431,6 +431,59 @@ def test_an_earlier_start_does_not_prove_an_earlier_lock(tmp_path, monkeypatch):
         vm.stop()
 
 
+def test_sessions_racing_within_a_microsecond_agree_on_one(tmp_path, monkeypatch):
+    """Both sessions create their lock before either lists them, with start times half a
+    microsecond apart (they are stored rounded to 6 decimals): both must compare the same
+    numbers, so exactly one gets in.  Comparing its unrounded time with the other's
+    rounded one, each found the other later and both gave up (seen ~1 in 100 races)."""
+    from pyvbak.hypervisors.qemu import session_lock
+    from pyvbak.hypervisors.qemu.qmp import QmpClient
+
+    monkeypatch.setattr(session_lock, "RACE_GRACE_S", 1.0)
+    (tmp_path / "vm").mkdir()
+    vm = FakeVM(tmp_path / "vm", extra_monitors=1).start()
+    clients = {"A": QmpClient(vm.qmp_path).connect(), "B": QmpClient(vm.extra_qmp_paths[0]).connect()}
+    base = 1764100000.0
+    clock = {"A": base + 0.1234566, "B": base + 0.1234568}
+    monkeypatch.setattr(session_lock.time, "time", lambda: clock[threading.current_thread().name])
+    both_added = threading.Barrier(2)
+    listed_once: set[str] = set()
+    real_locks = session_lock.session_locks
+
+    def after_both_added(qmp):
+        name = threading.current_thread().name
+        if name not in listed_once:
+            listed_once.add(name)
+            both_added.wait(timeout=10)
+        return real_locks(qmp)
+
+    monkeypatch.setattr(session_lock, "session_locks", after_both_added)
+    results: dict[str, object] = {}
+    me = os.getpid()
+
+    def run(name):
+        try:
+            results[name] = session_lock.acquire(clients[name], f"{me}-{name.lower() * 4}")
+        except SourceError as e:
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=(n,), name=n) for n in ("A", "B")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        won = [n for n, r in results.items() if isinstance(r, str)]
+        lost = [n for n, r in results.items() if isinstance(r, SourceError)]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert real_locks(clients["A"]) == [results[won[0]]]
+        session_lock.release(clients[won[0]], results[won[0]])
+    finally:
+        for c in clients.values():
+            c.close()
+        vm.stop()
+
+
 def test_the_lock_of_a_killed_run_is_removed_and_reported(vm, work):
     import time
 

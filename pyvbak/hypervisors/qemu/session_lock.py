@@ -83,7 +83,10 @@ def acquire(qmp: QmpClient, run: str) -> str:
     """Take the VM's session lock for ``run``; returns the object id (release with
     ``release``).  SourceError naming the other session if one that is alive holds it."""
     me = lock_id(run)
-    started = time.time()
+    # Compared as written: the other sessions read it back rounded to 6 decimals, and a
+    # session comparing its unrounded time with their rounded ones could find, with a
+    # rival started within half a microsecond, that each is later than the other.
+    started = round(time.time(), 6)
     with _held_lock:
         _held.add(run)
     try:

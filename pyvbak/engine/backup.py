@@ -13,7 +13,9 @@ Pipeline and memory bound: the work is cut into jobs; ``workers`` threads run th
 server.  A job is either a chunk of at most ``CHUNK_BYTES`` of contiguous blocks to read,
 scan, hash and compress, or -- files and block devices with a parent -- a window of the
 disk the native scanner maps and hashes, after which only the window's changed blocks are
-read (in chunks) while still in the page cache.  The main thread keeps at most
+read (in chunks) while still in the page cache.  Blocks in holes (sparse files, NBD
+unallocated extents) are zero without a read, and stretches of them get no job at all.
+The main thread keeps at most
 ``2 * workers`` jobs in flight and feeds finished frames to the PackWriter, which holds
 one open pack and at most two uploading.  Peak memory is therefore about
 ``2 * workers * CHUNK_BYTES * 2`` for chunk jobs (data + frames; 128 MiB for an NBD

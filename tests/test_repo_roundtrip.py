@@ -282,3 +282,29 @@ def test_thin_image_hole_windows_need_no_scan(repo, tmp_path, monkeypatch):
     assert same_file(tmp_path / "out.img", img)
     restore_to(repo, first.snapshot_id, tmp_path / "first.img")
     assert same_file(tmp_path / "first.img", first_copy)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_damaged_latest_snapshot_does_not_stop_the_next_backup(repo, tmp_path, damage):
+    """The next backup of the disk is made without the unreadable parent (a full scan,
+    with a warning naming it); it restores alone, and the one after is incremental again."""
+    img = tmp_path / "disk.img"
+    vm_image(img, 2 * MiB + 100, seed=61)
+    first = backup_file(repo, img)
+    index = os.path.join(repo.location, fmt.snapshot_index_name(first.snapshot_id))
+    if damage == "missing":
+        os.unlink(index)
+    else:
+        os.chmod(index, 0o644)
+        with open(index, "r+b") as f:
+            f.seek(10)
+            f.write(b"\xff" * 16)
+    rewrite_pages(img, fraction=0.05, seed=62)
+    res = backup_file(repo, img)
+    assert res.parent is None and res.changed_blocks == -(-(2 * MiB + 100) // BS)
+    assert any(f"previous snapshot {first.snapshot_id} cannot be read" in w for w in res.warnings)
+    restore_to(repo, res.snapshot_id, tmp_path / "out.img")
+    assert same_file(tmp_path / "out.img", img)
+    rewrite_pages(img, fraction=0.01, seed=63)
+    nxt = backup_file(repo, img)
+    assert nxt.parent == res.snapshot_id and nxt.changed_blocks < res.changed_blocks

@@ -39,6 +39,7 @@ import numpy as np
 import zstandard
 
 from .. import native
+from ..errors import IntegrityError
 from ..repo import format as fmt
 from ..repo.packer import PackWriter
 from ..repo.repository import PACK_TARGET_BYTES, Repository, check_vm_disk_names, new_snapshot_id, snapshot_time
@@ -135,9 +136,18 @@ def run_backup(
     threads = threads or os.cpu_count() or 1
     size = source.size
     n = native.block_count(size, bs)
-    parent = _Parent(repo, repo.latest(vm, disk))
+    latest = repo.latest(vm, disk)
+    unreadable_parent = None
+    try:
+        parent = _Parent(repo, latest)
+    except IntegrityError as exc:
+        # A damaged latest snapshot must not stop every later backup of the disk: this one
+        # is made without it (a full scan; dedup still finds the stored blocks).
+        parent, unreadable_parent = _Parent(repo, None), f"the previous snapshot {latest.id} cannot be read ({exc})"
     sid = new_snapshot_id()
     result = BackupResult(sid, vm, disk, parent.snap.id if parent.snap else None, size, bs)
+    if unreadable_parent:
+        result.warnings.append(f"{unreadable_parent}; scanned the whole disk")
 
     prev_state = (parent.snap.meta.get("change_tracking") or {}).get("state") if parent.snap else None
     ct = source.change_tracking(prev_state)
@@ -147,7 +157,7 @@ def run_backup(
         if ct.extents is None:
             reason = ct.fallback_reason or "change tracking unavailable"
         elif parent.snap is None:
-            reason = "no previous backup of this disk"
+            reason = unreadable_parent or "no previous backup of this disk"
         elif parent.size != size:
             reason = f"disk size changed from {parent.size} to {size} bytes"
         elif verify_cbt:

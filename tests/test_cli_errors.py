@@ -397,3 +397,44 @@ def test_an_unexpected_os_error_is_one_line_unless_debugging(tmp_path, capsys, m
     monkeypatch.setenv("PYVBAK_DEBUG", "1")
     with pytest.raises(PermissionError):
         main(["snapshots", "--repo", str(tmp_path)])
+
+
+@pytest.mark.parametrize("damage", [b"garbage{", b'{"vm": "a", "status": "complete"}'])
+def test_a_damaged_snapshot_metadata_object_blocks_nothing_but_prune(tmp_path, capsys, monkeypatch, damage):
+    """One corrupt metadata object used to stop every command ("run verify" - and verify
+    stopped too).  Now: listed as a warning, backups of every disk go on, verify names it
+    and how to fix it, prune refuses (its blocks may still be needed), forget by id
+    removes it, and then verify and prune pass."""
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")  # read the metadata objects themselves
+    repo = str(tmp_path / "repo")
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(3 * BS, 93))
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(img), "--repo", repo, "--vm", "a"]) == 0
+    assert main(["backup", str(img), "--repo", repo, "--vm", "b"]) == 0
+    r = Repository.open(repo)
+    victim = r.latest("a", "d").id
+    meta = os.path.join(repo, fmt.snapshot_meta_name(victim))
+    os.chmod(meta, 0o644)
+    with open(meta, "wb") as f:
+        f.write(damage)
+    capsys.readouterr()
+
+    assert main(["backup", str(img), "--repo", repo, "--vm", "b", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert any("corrupt and were left out" in w and victim in w for w in json.loads(out)["warnings"])
+    assert main(["snapshots", "--repo", repo, "--json"]) == 0
+    listed = capsys.readouterr()
+    assert victim not in {s["id"] for s in json.loads(listed.out)} and len(json.loads(listed.out)) == 2
+    assert f"snapshot metadata snapshots/{victim}.json is corrupt" in listed.err
+    assert main(["verify", "--repo", repo, "--json"]) == 6
+    report = json.loads(capsys.readouterr().out)
+    assert [a["id"] for a in report["affected_snapshots"]] == [victim]
+    assert f"pyvbak forget {victim}" in report["affected_snapshots"][0]["reason"]
+    assert main(["prune", "--repo", repo]) == 6
+    assert_one_error_line(capsys.readouterr().err, "prune stopped, nothing deleted", victim)
+    assert main(["forget", victim, "--repo", repo]) == 0
+    assert not os.path.exists(meta)
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo]) == 0
+    assert main(["prune", "--repo", repo]) == 0

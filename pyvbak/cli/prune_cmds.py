@@ -21,6 +21,7 @@ def forget(
     """Delete snapshots.  Their blocks stay until 'pyvbak prune' (or --prune)."""
     from ..errors import UsageError
     from ..repo.prune import forget_snapshots, keep_last_selection
+    from ..repo.repository import SnapshotInfo
 
     if not snapshots and keep_last is None:
         raise UsageError("forget needs snapshot ids, VM[/DISK]@latest or --keep-last N: list snapshots with 'pyvbak snapshots'")
@@ -28,7 +29,12 @@ def forget(
         raise UsageError("--vm only goes with --keep-last; name snapshots by id or VM[/DISK]@latest instead")
     r = open_repository(repo, create_default=False)
     with r.lock(purpose="forget"):
-        chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots or [])}
+        # A snapshot whose metadata is damaged can be named by its exact id only (nothing
+        # else of it is readable); forgetting it is how a prune becomes possible again.
+        r.snapshots()
+        damaged = {n[len("snapshots/") : -len(".json")] for n in r.damaged_snapshots}
+        chosen = {spec: SnapshotInfo(spec, {"time": ""}) for spec in snapshots or [] if spec in damaged}
+        chosen.update({s.id: s for s in (r.resolve(spec) for spec in snapshots or [] if spec not in damaged)})
         if keep_last is not None:
             for s in keep_last_selection(r.snapshots(vm), keep_last):
                 chosen.setdefault(s.id, s)

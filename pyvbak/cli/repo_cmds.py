@@ -35,6 +35,8 @@ def snapshots(
     """List snapshots, oldest first."""
     r = open_repository(repo)
     snaps = r.snapshots(vm, disk)
+    for name in r.damaged_snapshots:
+        info(f"warning: snapshot metadata {name} is corrupt and was left out: run 'pyvbak verify'")
     if json_out:
         emit_json([s.summary() for s in snaps])
         return

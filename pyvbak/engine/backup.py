@@ -137,6 +137,7 @@ def run_backup(
     size = source.size
     n = native.block_count(size, bs)
     latest = repo.latest(vm, disk)
+    damaged = list(repo.damaged_snapshots)
     unreadable_parent = None
     try:
         parent = _Parent(repo, latest)
@@ -148,6 +149,9 @@ def run_backup(
     result = BackupResult(sid, vm, disk, parent.snap.id if parent.snap else None, size, bs)
     if unreadable_parent:
         result.warnings.append(f"{unreadable_parent}; scanned the whole disk")
+    if damaged:  # perhaps this disk's newest: then this backup is a full scan, not wrong
+        result.warnings.append(f"{len(damaged)} snapshot metadata object(s) are corrupt and were left out "
+                               f"({', '.join(damaged[:3])}{', …' if len(damaged) > 3 else ''}): run 'pyvbak verify'")
 
     prev_state = (parent.snap.meta.get("change_tracking") or {}).get("state") if parent.snap else None
     ct = source.change_tracking(prev_state)

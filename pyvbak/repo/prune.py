@@ -105,9 +105,9 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     report["orphan_snapshot_indexes"] = orphans
 
     # 2. what the snapshots reference
-    snaps = repo.snapshots()
-    report["snapshots"] = len(snaps)
     try:
+        snaps = repo.snapshots(strict=True)
+        report["snapshots"] = len(snaps)
         referenced = repo.referenced_digests(snaps)
     except PyvbakError as exc:
         raise IntegrityError(f"prune stopped, nothing deleted: {exc}") from None

@@ -135,6 +135,15 @@ def new_snapshot_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 
+#: what every snapshot description holds (docs/FORMAT.md, snapshot metadata)
+_META_FIELDS = {"vm": str, "disk": str, "size": int, "block_size": int, "time": str, "status": str}
+
+
+def _valid_snapshot_meta(meta) -> bool:
+    return isinstance(meta, dict) and all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
+                                          for k, t in _META_FIELDS.items())
+
+
 #: longest VM or disk name, in UTF-8 bytes
 NAME_MAX_BYTES = 255
 
@@ -162,6 +171,8 @@ class Repository:
         self.backend = backend
         self.config = config
         self.location = backend.location
+        #: metadata objects the last snapshots() call left out as damaged
+        self.damaged_snapshots: list[str] = []
 
     # -- creation / opening ---------------------------------------------------------
     @classmethod
@@ -231,13 +242,21 @@ class Repository:
         return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale, reader=reader)
 
     # -- snapshots ------------------------------------------------------------------
-    def snapshots(self, vm: str | None = None, disk: str | None = None, *, cached: bool = True) -> list[SnapshotInfo]:
+    def snapshots(self, vm: str | None = None, disk: str | None = None, *, cached: bool = True,
+                  strict: bool = False) -> list[SnapshotInfo]:
         """Complete snapshots, oldest first.  Only metadata objects make a snapshot visible.
         Metadata comes from the local cache where it has it (repo/cache.py); ``cached=False``
-        reads every object (verify: the repository itself is what is checked)."""
+        reads every object (verify: the repository itself is what is checked).
+
+        A metadata object that is not a valid snapshot description is left out and its
+        name recorded in ``damaged_snapshots`` (one damaged object must not stop backups
+        of every other disk, nor the verify that reports it); ``strict`` raises
+        IntegrityError instead (prune: deleting data such a snapshot may use is never
+        safe)."""
         cache = SnapshotMetaCache(self.config.repo_id)
         from_cache = cache.load() if cached else {}
         metas: dict[str, dict] = {}
+        self.damaged_snapshots = []
         for name in self.backend.list("snapshots/"):
             if not name.endswith(".json"):
                 continue
@@ -249,9 +268,12 @@ class Repository:
                 except ObjectMissing:
                     continue
                 except ValueError:
-                    raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'") from None
-                if not isinstance(meta, dict):
-                    raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'")
+                    meta = None
+                if not _valid_snapshot_meta(meta):
+                    if strict:
+                        raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'")
+                    self.damaged_snapshots.append(name)
+                    continue
             metas[name] = meta
         if metas.keys() != from_cache.keys():
             cache.save(metas)

@@ -16,7 +16,12 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     t0 = time.monotonic()
     threads = threads or os.cpu_count() or 1
     snaps = repo.snapshots(cached=False)
-    bad_snapshots: dict[str, str] = {}
+    bad_snapshots: dict[str, str] = {
+        sid: f"snapshot metadata {name} is corrupt: restore it from a copy, or forget the snapshot "
+        f"('pyvbak forget {sid}'); prune refuses to run until then"
+        for name in repo.damaged_snapshots
+        for sid in [name[len("snapshots/") : -len(".json")]]
+    }
     all_digests = repo.referenced_digests(snaps, on_unreadable=lambda snap, exc: bad_snapshots.__setitem__(snap.id, str(exc)))
     if sample_percent is not None and len(all_digests):
         if not 0 < sample_percent <= 100:

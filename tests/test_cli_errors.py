@@ -438,3 +438,49 @@ def test_a_damaged_snapshot_metadata_object_blocks_nothing_but_prune(tmp_path, c
     capsys.readouterr()
     assert main(["verify", "--repo", repo]) == 0
     assert main(["prune", "--repo", repo]) == 0
+
+
+@pytest.mark.parametrize("cache", ["none", "built-before-the-damage"])
+def test_a_damaged_pack_index_is_reported_then_rebuilt_from_the_packs(tmp_path, capsys, monkeypatch, cache):
+    """Overwritten pack index: restore says the blocks are missing, prune refuses, verify
+    reports it (and drops a local cache that would hide it); the next backup re-indexes
+    the packs from their own tables of contents and removes the damaged object; then
+    everything passes and nothing was stored twice."""
+    import pyvbak.repo.digest_index as digest_index
+
+    if cache == "none":
+        monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    else:
+        monkeypatch.setattr(digest_index, "MERGE_MIN_RECORDS", 0)  # small repositories use it too
+    repo = str(tmp_path / "repo")
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(6 * BS + 5, 94))
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(img), "--repo", repo, "--vm", "a"]) == 0
+    if cache != "none":
+        assert main(["backup", str(img), "--repo", repo, "--vm", "a"]) == 0  # the cache now holds the index
+    (index_name,) = os.listdir(os.path.join(repo, "index"))
+    damaged = os.path.join(repo, "index", index_name)
+    os.chmod(damaged, 0o644)
+    with open(damaged, "wb") as f:
+        f.write(b"not a pack index")
+    out = tmp_path / "out.img"
+    capsys.readouterr()
+    if cache == "none":
+        assert main(["restore", "a@latest", str(out), "--repo", repo]) == 6
+        assert_one_error_line(capsys.readouterr().err, "missing from")
+    assert main(["prune", "--repo", repo]) == 6
+    assert_one_error_line(capsys.readouterr().err, f"pack index index/{index_name} is corrupt")
+    assert main(["verify", "--repo", repo, "--json"]) == 6
+    report = json.loads(capsys.readouterr().out)
+    assert [d["name"] for d in report["damaged_pack_indexes"]] == [f"index/{index_name}"]
+
+    assert main(["backup", str(img), "--repo", repo, "--vm", "b", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert any(f"removed damaged pack index index/{index_name}" in c for c in res["cleaned_leftovers"])
+    assert any(c.startswith("adopted unindexed pack") for c in res["cleaned_leftovers"])
+    assert res["new_blocks"] == 0  # found again through the rebuilt index
+    assert main(["verify", "--repo", repo]) == 0
+    assert main(["restore", "a@latest", str(out), "--repo", repo, "--force"]) == 0
+    assert same_file(out, img)
+    assert main(["prune", "--repo", repo]) == 0

@@ -170,9 +170,8 @@ def test_unusable_cache_directory_falls_back_to_memory(tmp_path, monkeypatch):
 
 
 def test_damaged_pack_index_is_still_reported(tmp_path):
-    # the cache must not swallow the repository's own errors
-    from pyvbak.errors import IntegrityError
-
+    # the cache must not swallow the repository's own errors: a damaged pack index is left
+    # out of the index (so its packs get re-indexed, tests/test_cli_errors.py) and named
     repo_path = str(tmp_path / "repo")
     Repository.init(repo_path)
     backup(repo_path, tmp_path / "img", blocks=10, seed=4)
@@ -183,8 +182,10 @@ def test_damaged_pack_index_is_still_reported(tmp_path):
     with open(path, "r+b") as f:
         f.seek(20)
         f.write(b"\xff" * 8)
-    with pytest.raises(IntegrityError):
-        Repository.open(repo_path).load_digest_index()
+    reopened = Repository.open(repo_path)
+    index = reopened.load_digest_index()
+    assert reopened.damaged_pack_indexes == [name]
+    assert len(index) == 0  # its records are not trusted
 
 
 def test_stale_cache_files_are_removed(tmp_path, small_merges, monkeypatch):
@@ -352,3 +353,21 @@ def test_an_interruption_while_building_the_cache_is_not_swallowed(tmp_path, sma
     monkeypatch.setattr(dx, "_write_base", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     repo = Repository.open(repo_path)
     assert_same(repo.load_digest_index(), in_memory(repo))  # a full cache disk: memory instead
+
+
+def test_the_repository_loads_through_the_cache_and_verify_does_not(tmp_path, monkeypatch):
+    """Repository.load_digest_index() builds and uses the local cache (above the small-
+    repository threshold); load_digest_index(cached=False), what verify uses, reads the
+    pack index objects and leaves the cache alone."""
+    from pyvbak.repo.cache import repo_cache_dir
+
+    monkeypatch.setattr(dx, "MERGE_MIN_RECORDS", 0)
+    repo = Repository.init(str(tmp_path / "repo"))
+    recs = np.zeros(5, fmt.PACK_INDEX_RECORD)
+    recs["digest"] = np.frombuffer(os.urandom(32 * 5), "V32")
+    repo.write_pack_index(recs)
+    manifest = os.path.join(repo_cache_dir(repo.config.repo_id), dx.MANIFEST)
+    direct = Repository.open(repo.location).load_digest_index(cached=False)
+    assert len(direct) == 5 and not os.path.exists(manifest)
+    through_cache = Repository.open(repo.location).load_digest_index()
+    assert len(through_cache) == 5 and os.path.exists(manifest)

@@ -69,11 +69,15 @@ def verify(
             f"checked {report['blocks_checked']} blocks ({human_bytes(report['bytes_checked'])}) "
             f"of {report['snapshots']} snapshots in {report['duration']:.1f}s"
         )
+        for d in report["damaged_pack_indexes"]:
+            info(f"pack index {d['name']}: {d['reason']}")
         for a in report["affected_snapshots"]:
             info(f"snapshot {a['id']}: {a['reason']}")
     if not report["ok"]:
         n = len(report["affected_snapshots"])
-        raise IntegrityError(f"verify found {report['problem_count']} bad block(s) affecting {n} snapshot(s) in {r.location}")
+        damaged = len(report["damaged_pack_indexes"])
+        raise IntegrityError(f"verify found {report['problem_count']} bad block(s) affecting {n} snapshot(s)"
+                             + (f" and {damaged} damaged pack index(es)" if damaged else "") + f" in {r.location}")
 
 
 def unlock(

@@ -245,6 +245,14 @@ def _kway(runs):
         yield dig[order], np.concatenate(recs)[order]
 
 
+def forget_cached(directory: str | None) -> None:
+    """Drop a repository's cached digest index (e.g. when verify found a damaged pack index
+    the cache was built before: the next load reads the objects, finds the damage and
+    the next backup repairs it)."""
+    if directory is not None and os.path.isdir(directory):
+        _forget(directory)
+
+
 def _forget(directory: str) -> None:
     """Retire the cache's manifest (its files go with the stale ones)."""
     try:

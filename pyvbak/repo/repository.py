@@ -173,6 +173,8 @@ class Repository:
         self.location = backend.location
         #: metadata objects the last snapshots() call left out as damaged
         self.damaged_snapshots: list[str] = []
+        #: pack index objects the last load_digest_index() left out as damaged
+        self.damaged_pack_indexes: list[str] = []
 
     # -- creation / opening ---------------------------------------------------------
     @classmethod
@@ -359,21 +361,32 @@ class Repository:
     def pack_index_names(self) -> list[str]:
         return list(self.backend.list("index/"))
 
-    def load_digest_index(self) -> DigestIndex:
+    def load_digest_index(self, *, cached: bool = True) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when
         there is one, else in memory).  Kept per pack-index listing: a backup needs it
-        twice (leftover adoption, then dedup)."""
+        twice (leftover adoption, then dedup).  ``cached=False`` reads every pack index
+        object (verify: the repository itself is what is checked)."""
         names = sorted(self.pack_index_names())
-        key = tuple(names)
-        cached = getattr(self, "_digest_index_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        key = (tuple(names), cached)
+        held = getattr(self, "_digest_index_cache", None)
+        if held is not None and held[0] == key:
+            return held[1]
+
+        damaged: list[str] = []
 
         def read_index(name: str) -> np.ndarray:
-            return fmt.decode_pack_index(self.backend.read(name), f"pack index {name}")
+            # A damaged pack index is left out rather than stopping every backup, restore
+            # and verify: its packs still carry their tables of contents, and the next
+            # backup re-indexes them (recover_leftovers).  Until then their blocks are
+            # simply not found (stored again by backups, reported missing by restores).
+            try:
+                return fmt.decode_pack_index(self.backend.read(name), f"pack index {name}")
+            except IntegrityError:
+                damaged.append(name)
+                return np.empty(0, fmt.PACK_INDEX_RECORD)
 
         index = None
-        cache_dir = repo_cache_dir(self.config.repo_id)
+        cache_dir = repo_cache_dir(self.config.repo_id) if cached else None
         if cache_dir is not None:
             try:
                 index = load_cached(cache_dir, self.config.repo_id, names, read_index, self.pack_index_names)
@@ -382,8 +395,10 @@ class Repository:
             except Exception:  # the cache's problem (disk full, permissions, damage): do without
                 index = None
         if index is None:
+            damaged.clear()
             parts = [read_index(n) for n in names]
             index = DigestIndex(np.concatenate(parts) if parts else np.empty(0, fmt.PACK_INDEX_RECORD))
+        self.damaged_pack_indexes = sorted(set(damaged))
         self._digest_index_cache = (key, index)
         return index
 
@@ -416,11 +431,13 @@ class Repository:
         reclaimed by prune.
         """
         report = [f"removed incomplete object {n}" for n in self.backend.cleanup_incomplete(older_than_seconds=0)]
-        if not (after_crash or report):
+        index = self.load_digest_index()
+        damaged = list(self.damaged_pack_indexes)
+        if not (after_crash or report or damaged):
             return report
         # Unique packs first (vectorised: a Python set over every record's pack id took
         # minutes at 10^8 records); only after a crash or with incomplete temp objects.
-        raw = digest_sets.unique(self.load_digest_index().records["pack"].view("S32")).tobytes()
+        raw = digest_sets.unique(index.records["pack"].view("S32")).tobytes()
         indexed = {raw[i : i + 32].hex() for i in range(0, len(raw), 32)}
         adopted = []
         for name in self.backend.list("packs/"):
@@ -442,9 +459,20 @@ class Repository:
                 recs[field] = trailer[field]
             recs["pack"] = np.frombuffer(bytes.fromhex(pack_hex), "V32")[0]
             adopted.append(recs)
-            report.append(f"adopted unindexed pack {pack_hex[:16]}… ({len(recs)} blocks) left by an interrupted backup")
+            report.append(f"adopted unindexed pack {pack_hex[:16]}… ({len(recs)} blocks): indexed from its own table of contents")
+        # A damaged index goes before the adopted one is written: re-indexing a pack gives
+        # the same records, so often the same (content-named, create-only) object name.  A
+        # crash in between leaves unindexed packs, which the next backup adopts.
+        for name in damaged:
+            try:
+                self.backend.delete(name)
+            except ObjectMissing:
+                pass
+            report.append(f"removed damaged pack index {name} (its packs were re-indexed from their own tables of contents)")
         if adopted:
             self.write_pack_index(np.concatenate(adopted))
+        if adopted or damaged:
+            self._digest_index_cache = None
         return report
 
     # -- snapshot writing (last step of a backup) -----------------------------------------

@@ -32,7 +32,13 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         k = max(1, int(round(len(all_digests) * sample_percent / 100)))
         all_digests = np.sort(rng.choice(all_digests, size=k, replace=False))
 
-    index = repo.load_digest_index()
+    index = repo.load_digest_index(cached=False)  # the index objects themselves, not the cache
+    if repo.damaged_pack_indexes:
+        # A cache built before the damage would hide it from the backup that repairs it.
+        from .cache import repo_cache_dir
+        from .digest_index import forget_cached
+
+        forget_cached(repo_cache_dir(repo.config.repo_id))
     pos = index.locate(all_digests)
     problems: dict[bytes, str] = {bytes(d).ljust(32, b"\0"): "block is missing (no pack index names it)" for d in all_digests[pos < 0]}
     recs = index.records_at(pos[pos >= 0])
@@ -65,7 +71,12 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
                 first = bytes(digests[hit][0]).ljust(32, b"\0")
                 bad_snapshots[snap.id] = f"{int(hit.sum())} bad block(s), e.g. {first.hex()[:16]}…: {problems[first]}"
     return {
-        "ok": not problems and not bad_snapshots,
+        "ok": not problems and not bad_snapshots and not repo.damaged_pack_indexes,
+        "damaged_pack_indexes": [
+            {"name": n, "reason": "not a readable pack index: the next backup re-indexes its packs from their "
+             "own tables of contents and removes it"}
+            for n in repo.damaged_pack_indexes
+        ],
         "snapshots": len(snaps),
         "blocks_checked": checked["blocks"],
         "bytes_checked": checked["bytes"],

@@ -355,10 +355,9 @@ def test_an_interruption_while_building_the_cache_is_not_swallowed(tmp_path, sma
     assert_same(repo.load_digest_index(), in_memory(repo))  # a full cache disk: memory instead
 
 
-def test_the_repository_loads_through_the_cache_and_verify_does_not(tmp_path, monkeypatch):
-    """Repository.load_digest_index() builds and uses the local cache (above the small-
-    repository threshold); load_digest_index(cached=False), what verify uses, reads the
-    pack index objects and leaves the cache alone."""
+def test_the_repository_loads_through_the_cache(tmp_path, monkeypatch):
+    """Repository.load_digest_index() builds and uses the local cache above the small-
+    repository threshold (a bug while adding the damaged-index handling bypassed it)."""
     from pyvbak.repo.cache import repo_cache_dir
 
     monkeypatch.setattr(dx, "MERGE_MIN_RECORDS", 0)
@@ -367,7 +366,6 @@ def test_the_repository_loads_through_the_cache_and_verify_does_not(tmp_path, mo
     recs["digest"] = np.frombuffer(os.urandom(32 * 5), "V32")
     repo.write_pack_index(recs)
     manifest = os.path.join(repo_cache_dir(repo.config.repo_id), dx.MANIFEST)
-    direct = Repository.open(repo.location).load_digest_index(cached=False)
-    assert len(direct) == 5 and not os.path.exists(manifest)
-    through_cache = Repository.open(repo.location).load_digest_index()
-    assert len(through_cache) == 5 and os.path.exists(manifest)
+    assert not os.path.exists(manifest)
+    assert len(Repository.open(repo.location).load_digest_index()) == 5
+    assert os.path.exists(manifest)

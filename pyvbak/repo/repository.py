@@ -361,13 +361,12 @@ class Repository:
     def pack_index_names(self) -> list[str]:
         return list(self.backend.list("index/"))
 
-    def load_digest_index(self, *, cached: bool = True) -> DigestIndex:
+    def load_digest_index(self) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when
         there is one, else in memory).  Kept per pack-index listing: a backup needs it
-        twice (leftover adoption, then dedup).  ``cached=False`` reads every pack index
-        object (verify: the repository itself is what is checked)."""
+        twice (leftover adoption, then dedup)."""
         names = sorted(self.pack_index_names())
-        key = (tuple(names), cached)
+        key = tuple(names)
         held = getattr(self, "_digest_index_cache", None)
         if held is not None and held[0] == key:
             return held[1]
@@ -386,7 +385,7 @@ class Repository:
                 return np.empty(0, fmt.PACK_INDEX_RECORD)
 
         index = None
-        cache_dir = repo_cache_dir(self.config.repo_id) if cached else None
+        cache_dir = repo_cache_dir(self.config.repo_id)
         if cache_dir is not None:
             try:
                 index = load_cached(cache_dir, self.config.repo_id, names, read_index, self.pack_index_names)
@@ -401,6 +400,19 @@ class Repository:
         self.damaged_pack_indexes = sorted(set(damaged))
         self._digest_index_cache = (key, index)
         return index
+
+    def damaged_pack_index_names(self) -> list[str]:
+        """Pack index objects that do not decode, read one at a time (verify: the objects
+        themselves, whatever the local cache holds, in the memory of the largest one)."""
+        damaged = []
+        for name in sorted(self.pack_index_names()):
+            try:
+                fmt.decode_pack_index(self.backend.read(name), f"pack index {name}")
+            except IntegrityError:
+                damaged.append(name)
+            except ObjectMissing:
+                pass  # removed meanwhile (a repair by a backup)
+        return damaged
 
     def write_pack_index(self, records: np.ndarray) -> str | None:
         if not len(records):

@@ -32,8 +32,10 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         k = max(1, int(round(len(all_digests) * sample_percent / 100)))
         all_digests = np.sort(rng.choice(all_digests, size=k, replace=False))
 
-    index = repo.load_digest_index(cached=False)  # the index objects themselves, not the cache
-    if repo.damaged_pack_indexes:
+    index = repo.load_digest_index()
+    # The index objects themselves, whatever the local cache holds (it may predate damage)
+    damaged_indexes = sorted(set(repo.damaged_pack_indexes) | set(repo.damaged_pack_index_names()))
+    if damaged_indexes:
         # A cache built before the damage would hide it from the backup that repairs it.
         from .cache import repo_cache_dir
         from .digest_index import forget_cached
@@ -71,11 +73,11 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
                 first = bytes(digests[hit][0]).ljust(32, b"\0")
                 bad_snapshots[snap.id] = f"{int(hit.sum())} bad block(s), e.g. {first.hex()[:16]}…: {problems[first]}"
     return {
-        "ok": not problems and not bad_snapshots and not repo.damaged_pack_indexes,
+        "ok": not problems and not bad_snapshots and not damaged_indexes,
         "damaged_pack_indexes": [
             {"name": n, "reason": "not a readable pack index: the next backup re-indexes its packs from their "
              "own tables of contents and removes it"}
-            for n in repo.damaged_pack_indexes
+            for n in damaged_indexes
         ],
         "snapshots": len(snaps),
         "blocks_checked": checked["blocks"],

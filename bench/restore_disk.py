@@ -115,18 +115,22 @@ def copy_baseline(pack_dir: str, out: str, write_bytes: int) -> float:
     t = time.perf_counter()
     reader = threading.Thread(target=read_tree, args=(pack_dir,))
     reader.start()
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o600)
     try:
-        done = 0
-        while done < write_bytes:
-            done += os.pwrite(fd, buf, done)
-        os.fsync(fd)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o600)
+        try:
+            done = 0
+            while done < write_bytes:
+                done += os.pwrite(fd, buf, done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        reader.join()  # the baseline ends when both the reads and the writes are done
+        return time.perf_counter() - t
     finally:
-        os.close(fd)
-    reader.join()
-    dt = time.perf_counter() - t
-    os.unlink(out)
-    return dt
+        reader.join()
+        buf.close()
+        if os.path.exists(out):
+            os.unlink(out)
 
 
 def main() -> int:

@@ -55,13 +55,15 @@ class Qmp:
 
 
 class FakeVM:
-    def __init__(self, tmp: Path, size: int = 16 * MiB, extra_monitors: int = 0):
+    def __init__(self, tmp: Path, size: int = 16 * MiB, extra_monitors: int = 0, disks: int = 1):
         require_tool("qemu-storage-daemon", "qemu-system-common")
         require_tool("qemu-img", "qemu-utils")
         require_tool("fusermount3", "fuse3")
         self.dir = tmp
         self.size = size
         self.image = tmp / "disk.qcow2"
+        # more disks: node diskI on diskI.qcow2, guest view guestI.img (export id guestI)
+        self.extra_disks = [(f"disk{i}", tmp / f"disk{i}.qcow2", tmp / f"guest{i}.img") for i in range(1, disks)]
         self.qmp_path = tmp / "qmp.sock"
         self.ctl_path = tmp / "ctl.sock"
         self.guest_path = tmp / "guest.img"
@@ -74,10 +76,23 @@ class FakeVM:
     def uri(self) -> str:
         return f"qemu://{self.qmp_path}?node=disk0"
 
+    @property
+    def all_disks_uri(self) -> str:
+        return f"qemu://{self.qmp_path}?" + "&".join(f"node={n}" for n in self.node_names)
+
+    @property
+    def node_names(self) -> list[str]:
+        return ["disk0"] + [n for n, _, _ in self.extra_disks]
+
+    def _guest(self, disk: int) -> Path:
+        return self.guest_path if disk == 0 else self.extra_disks[disk - 1][2]
+
     def start(self, create: bool = True) -> "FakeVM":
         if create:
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.image), str(self.size)], check=True)
-        self.guest_path.touch()
+            for img in [self.image] + [img for _, img, _ in self.extra_disks]:
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(self.size)], check=True)
+        for g in [self.guest_path] + [g for _, _, g in self.extra_disks]:
+            g.touch()
         self.proc = subprocess.Popen(
             ["qemu-storage-daemon",
              "--blockdev", f"driver=file,node-name=disk0-file,filename={self.image}",
@@ -88,18 +103,25 @@ class FakeVM:
              "--monitor", "chardev=ctl0",
              *[a for i, p in enumerate(self.extra_qmp_paths)
                for a in ("--chardev", f"socket,path={p},server=on,wait=off,id=qmpx{i}", "--monitor", f"chardev=qmpx{i}")],
-             "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={self.guest_path},writable=on"],
+             "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={self.guest_path},writable=on",
+             *[a for i, (node, img, guest) in enumerate(self.extra_disks, 1)
+               for a in ("--blockdev", f"driver=file,node-name={node}-file,filename={img}",
+                         "--blockdev", f"driver=qcow2,node-name={node},file={node}-file",
+                         "--export", f"type=fuse,id=guest{i},node-name={node},mountpoint={guest},writable=on")]],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-        wait_until(lambda: self.proc.poll() is not None or (self.ctl_path.exists() and self._mounted()),
+        wait_until(lambda: self.proc.poll() is not None or (self.ctl_path.exists() and self._all_mounted()),
                    timeout=15, what="qemu-storage-daemon to start")
         if self.proc.poll() is not None:
             raise RuntimeError(f"qemu-storage-daemon failed: {self.proc.stdout.read().decode()}")
         return self
 
-    def _mounted(self) -> bool:
+    def _mounted(self, path: Path | None = None) -> bool:
         with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == str(self.guest_path) for line in f)
+            return any(line.split()[4] == str(path or self.guest_path) for line in f)
+
+    def _all_mounted(self) -> bool:
+        return all(self._mounted(g) for g in [self.guest_path] + [g for _, _, g in self.extra_disks])
 
     @property
     def ctl(self) -> Qmp:
@@ -108,16 +130,16 @@ class FakeVM:
         return self._ctl
 
     # --- guest I/O through the FUSE export ---------------------------------------
-    def write(self, offset: int, data: bytes) -> None:
-        fd = os.open(self.guest_path, os.O_WRONLY)
+    def write(self, offset: int, data: bytes, disk: int = 0) -> None:
+        fd = os.open(self._guest(disk), os.O_WRONLY)
         try:
             os.pwrite(fd, data, offset)
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def read(self, offset: int, length: int) -> bytes:
-        fd = os.open(self.guest_path, os.O_RDONLY)
+    def read(self, offset: int, length: int, disk: int = 0) -> bytes:
+        fd = os.open(self._guest(disk), os.O_RDONLY)
         try:
             return os.pread(fd, length, offset)
         finally:
@@ -164,8 +186,9 @@ class FakeVM:
                 self.proc.wait(10)
         if self.proc is not None and self.proc.stdout:
             self.proc.stdout.close()
-        if self._mounted():
-            subprocess.run(["fusermount3", "-u", str(self.guest_path)], check=False)
+        for g in [self.guest_path] + [g for _, _, g in self.extra_disks]:
+            if self._mounted(g):
+                subprocess.run(["fusermount3", "-u", str(g)], check=False)
         self.proc = None
 
 

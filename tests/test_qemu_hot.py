@@ -139,10 +139,9 @@ def test_failure_cleans_up_and_keeps_dirty_bits(vm, work):
     with pytest.raises(RuntimeError):
         with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
             assert s.fallback_reason is None
-            fleece = s.names.fleece_file
+            fleece = s.names.for_disk(0).fleece_file
             assert fleece.exists()
             vm.write(2 * MiB, b"y" * K64)
-            s.commit()  # even a committed session that then fails must not lose bits
             raise RuntimeError("engine failed")
     assert not fleece.exists()
     assert_clean(vm, work)
@@ -151,6 +150,24 @@ def test_failure_cleans_up_and_keeps_dirty_bits(vm, work):
     s3, ext = backup(vm, work, s1.change_tracking_state)
     assert s3.fallback_reason is None
     assert ext == [(0, K64), (2 * MiB, K64)]
+
+
+def test_a_committed_disk_keeps_its_new_generation_when_the_session_then_fails(vm, work):
+    """commit() says the disk's snapshot is durable: the old generation goes even if the
+    session fails afterwards (a later disk of the run, a Ctrl-C before exit), and the
+    writes after the instant are in the new one - nothing lost, and no needless full scan."""
+    s1, _ = backup(vm, work)
+    vm.write(0, b"x" * K64)
+    with pytest.raises(RuntimeError):
+        with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
+            vm.write(2 * MiB, b"y" * K64)
+            s.commit()
+            raise RuntimeError("failed after the snapshot was durable")
+    assert_clean(vm, work)
+    assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
+    s3, ext = backup(vm, work, s.change_tracking_state)
+    assert s3.fallback_reason is None
+    assert ext == [(2 * MiB, K64)]
 
 
 def test_keyboard_interrupt_cleans_up(vm, work):

@@ -10,7 +10,7 @@ from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes,
 
 
 def backup(
-    source: str = typer.Argument(..., help="Disk image path, block device, nbd://… / nbd+unix://… URI, or qemu:///QMP.SOCK?node=NODE."),
+    source: str = typer.Argument(..., help="Disk image path, block device, nbd://… / nbd+unix://… URI, or qemu:///QMP.SOCK?node=NODE[&node=NODE2…] (several nodes: the VM's disks at one instant)."),
     repo: Optional[str] = RepoOption,
     vm: str = typer.Option(..., "--vm", help="Name of the VM the disk belongs to."),
     disk: Optional[str] = typer.Option(None, "--disk", help="Disk name (default: image file name, NBD export or QEMU node)."),
@@ -18,39 +18,62 @@ def backup(
     verify_cbt: bool = typer.Option(False, "--verify-cbt", help="Scan the whole disk and report blocks change tracking missed."),
     json_out: bool = JsonOption,
 ) -> None:
-    """Back up one disk: only changed blocks are read, new blocks are stored once, compressed."""
+    """Back up a disk (or a VM's disks): only changed blocks are read, new blocks are stored once, compressed."""
     from ..engine.backup import run_backup
-    from ..hypervisors import default_disk_name, open_source
+    from ..hypervisors import disk_names, open_disks
+    from ..repo.repository import check_vm_disk_names, new_snapshot_id, snapshot_time
 
-    from ..repo.repository import check_vm_disk_names
-
-    disk = disk or default_disk_name(source)
-    check_vm_disk_names(vm, disk)  # before anything is opened or created
+    names = disk_names(source, disk)
+    for name in names:
+        check_vm_disk_names(vm, name)  # before anything is opened or created
     r = open_repository(repo)
-    with r.lock(purpose=f"backup of {vm}/{disk}") as lock:
+    results = []
+    with r.lock(purpose=f"backup of {vm}/{','.join(names)}") as lock:
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
         cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
-        parent = r.latest(vm, disk)
-        prev_state = (parent.meta.get("change_tracking") or {}).get("state") if parent else None
-        with open_source(source, previous_state=prev_state, verify_cbt=verify_cbt) as (src, session):
-            with progress_bar(f"backup {vm}/{disk}", not json_out) as update:
-                result = run_backup(r, src, vm=vm, disk=disk, threads=threads, verify_cbt=verify_cbt, progress=update)
-            if session is not None:
-                session.commit()
-            cleaned += list(getattr(session, "cleaned_leftovers", []) or [])
-    result.cleaned_leftovers = cleaned
+        prev_states = {}
+        for name in names:
+            parent = r.latest(vm, name)
+            prev_states[name] = (parent.meta.get("change_tracking") or {}).get("state") if parent else None
+        try:
+            with open_disks(source, names, previous_states=prev_states, verify_cbt=verify_cbt) as (disks, session_cleaned):
+                # several disks were frozen together just now: their snapshots say so
+                group = ({"consistency_group": {"id": new_snapshot_id(), "time": snapshot_time(), "disks": names}}
+                         if len(names) > 1 else None)
+                for d in disks:
+                    with d.open() as src:
+                        with progress_bar(f"backup {vm}/{d.name}", not json_out) as update:
+                            result = run_backup(r, src, vm=vm, disk=d.name, threads=threads, verify_cbt=verify_cbt,
+                                                progress=update, extra_meta=group)
+                        d.commit()
+                    results.append(result)
+            cleaned += session_cleaned
+        except BaseException:
+            if results:  # the snapshots made before the failure exist and are complete
+                info("backed up and kept before the failure: "
+                     + ", ".join(f"{x.vm}/{x.disk} snapshot {x.snapshot_id}" for x in results)
+                     + " (the disk in progress and those after it were not backed up)")
+            raise
+    for result in results:
+        result.cleaned_leftovers = cleaned
     if json_out:
-        out = result.to_json()
-        out["id"] = result.snapshot_id
-        emit_json(out)
+        outs = []
+        for result in results:
+            out = result.to_json()
+            out["id"] = result.snapshot_id
+            if len(names) > 1:
+                out["consistency_group"] = group["consistency_group"]
+            outs.append(out)
+        emit_json(outs[0] if len(outs) == 1 else outs)
         return
     for line in cleaned:
         info(f"cleanup: {line}")
-    for w in result.warnings:
-        info(f"warning: {w}")
-    print(
-        f"snapshot {result.snapshot_id} of {vm}/{disk} ({human_bytes(result.size)}): scanned "
-        f"{human_bytes(result.bytes_scanned)}, read {human_bytes(result.bytes_read)}, changed {human_bytes(result.changed_bytes)}, "
-        f"new {human_bytes(result.new_bytes)}, stored {human_bytes(result.stored_bytes)} "
-        f"in {result.duration:.2f}s{' (change tracking)' if result.cbt else ''}"
-    )
+    for result in results:
+        for w in result.warnings:
+            info(f"warning: {w}")
+        print(
+            f"snapshot {result.snapshot_id} of {result.vm}/{result.disk} ({human_bytes(result.size)}): scanned "
+            f"{human_bytes(result.bytes_scanned)}, read {human_bytes(result.bytes_read)}, changed {human_bytes(result.changed_bytes)}, "
+            f"new {human_bytes(result.new_bytes)}, stored {human_bytes(result.stored_bytes)} "
+            f"in {result.duration:.2f}s{' (change tracking)' if result.cbt else ''}"
+        )

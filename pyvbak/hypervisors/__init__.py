@@ -2,8 +2,9 @@
 
 ``open_source(spec, previous_state=...)`` is a context manager yielding a Source; for a
 hypervisor it also owns the snapshot/export/bitmap resources and cleans them up on exit
-(success, error, Ctrl-C, SIGTERM).  The engine never knows which hypervisor a disk came
-from.
+(success, error, Ctrl-C, SIGTERM).  ``open_disks(spec, ...)`` is the same for a spec
+that may name several disks of one VM (``qemu:///SOCK?node=A&node=B``), all frozen at
+one instant.  The engine never knows which hypervisor a disk came from.
 """
 
 from __future__ import annotations
@@ -83,6 +84,79 @@ def default_disk_name(spec: str) -> str:
         return (parse_qs(urlsplit(spec).query).get("node") or ["disk0"])[0]
     base = os.path.basename(spec.rstrip("/")) or "disk0"
     return base.split(".", 1)[0] or base
+
+
+def disk_names(spec: str, disk: str | None = None) -> list[str]:
+    """The disk names a backup of ``spec`` makes snapshots of, in order: ``--disk`` or
+    the default name for one disk; the node names for a qemu:// URI naming several."""
+    if spec.startswith("qemu://"):
+        from .qemu.hot import parse_qemu_uri_nodes
+
+        _, nodes = parse_qemu_uri_nodes(spec)
+        if len(nodes) > 1:
+            if disk is not None:
+                raise UsageError(f"--disk names one disk, but {spec} names {len(nodes)} nodes: "
+                                 "their snapshots are named after the nodes; drop --disk")
+            return nodes
+    return [disk or default_disk_name(spec)]
+
+
+class OpenedDisk:
+    """One disk of ``open_disks``: ``name``; ``open()`` → context manager of its Source;
+    ``commit()`` once its snapshot is durable (retires its old dirty-bitmap generation)."""
+
+    def __init__(self, name: str, opener, committer=None):
+        self.name, self._opener, self._committer = name, opener, committer
+
+    def open(self):
+        return self._opener()
+
+    def commit(self) -> None:
+        if self._committer is not None:
+            self._committer()
+
+
+@contextmanager
+def open_disks(spec: str, names: list[str], *, previous_states: dict[str, dict | None],
+               verify_cbt: bool = False, work_dir: str | None = None):
+    """Yields (list of OpenedDisk, cleaned) for the disks ``disk_names`` gave; ``cleaned``
+    fills with what the hypervisor session removed of an earlier, killed run.
+
+    Several disks (a qemu:// URI with several nodes) share one hypervisor session: their
+    point-in-time views are taken in one step, so together they are what the VM's disks
+    held at one instant; each disk's source is opened in turn."""
+    if len(names) > 1:
+        from .qemu import QemuHotBackup
+
+        by_node = dict(zip(disk_names(spec), names))
+        with QemuHotBackup(spec, previous_states={n: previous_states.get(by_node[n]) for n in by_node},
+                           work_dir=work_dir or default_work_dir(), verify_cbt=verify_cbt) as session:
+            yield [OpenedDisk(by_node[d.node], lambda d=d: _disk_source(d), d.commit)
+                   for d in session.disks], list(session.cleaned_leftovers)
+        return
+    name = names[0]
+    holder: dict = {}
+    cleaned: list[str] = []
+
+    @contextmanager
+    def opener():
+        with open_source(spec, previous_state=previous_states.get(name), verify_cbt=verify_cbt,
+                         work_dir=work_dir) as (src, session):
+            holder["session"] = session
+            cleaned.extend(getattr(session, "cleaned_leftovers", None) or [])
+            yield src
+
+    def committer():
+        if holder.get("session") is not None:
+            holder["session"].commit()
+
+    yield [OpenedDisk(name, opener, committer)], cleaned
+
+
+@contextmanager
+def _disk_source(disk):
+    with disk.open_source() as nbd:
+        yield SessionSource(disk, nbd)
 
 
 @contextmanager

@@ -112,7 +112,7 @@ class SnapshotInfo:
 
     def summary(self) -> dict:
         m = self.meta
-        return {
+        out = {
             "id": self.id,
             "vm": m["vm"],
             "disk": m["disk"],
@@ -124,6 +124,9 @@ class SnapshotInfo:
             "cbt": m.get("change_tracking", {}).get("used", False),
             "stats": m.get("stats", {}),
         }
+        if isinstance(m.get("consistency_group"), dict):  # disks of a VM frozen at one instant
+            out["consistency_group"] = m["consistency_group"]
+        return out
 
 
 def _now_iso() -> str:

@@ -35,10 +35,11 @@ def reserve_for(fs_size: int) -> int:
     return max(RESERVE_MIN_BYTES, int(fs_size * RESERVE_FRACTION))
 
 
-def low_space_message(work_dir: str, free: int, reserve: int, node: str) -> str:
+def low_space_message(work_dir: str, free: int, reserve: int, nodes: str) -> str:
+    """``nodes``: the disks being backed up, quoted (``'disk0', 'disk1'``)."""
     return (
         f"work dir {work_dir} has only {free >> 20} MiB free (pyvbak keeps {reserve >> 20} MiB) for copies "
-        f"of the blocks node '{node}' rewrites while it is backed up; the VM was not affected - free "
+        f"of the blocks the guest rewrites on {nodes} while they are backed up; the VM was not affected - free "
         f"space there or set PYVBAK_WORK_DIR to a bigger filesystem"
     )
 

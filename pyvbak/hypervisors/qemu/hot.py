@@ -41,8 +41,21 @@ STATE_KIND = "qemu-dirty-bitmap"
 _BITMAP_FORMATS = {"qcow2"}  # formats that can store persistent dirty bitmaps
 
 
+#: most disks one run freezes together (each takes a fleecing file, node, job and export)
+MAX_DISKS = 64
+
+
 def parse_qemu_uri(uri: str) -> tuple[str, str]:
     """``qemu:///PATH/TO/QMP.SOCK?node=NODE`` → (socket path, node name)."""
+    path, nodes = parse_qemu_uri_nodes(uri)
+    if len(nodes) != 1:
+        raise UsageError(f"qemu URI {uri!r} names {len(nodes)} nodes where one disk is expected")
+    return path, nodes[0]
+
+
+def parse_qemu_uri_nodes(uri: str) -> tuple[str, list[str]]:
+    """``qemu:///PATH/TO/QMP.SOCK?node=A[&node=B...]`` → (socket path, node names): the
+    disks of one VM, frozen together at one instant."""
     parts = urlsplit(uri)
     if parts.scheme != "qemu":
         raise UsageError(f"not a qemu URI: {uri!r} (expected qemu:///PATH/TO/QMP.SOCK?node=NODE)")
@@ -57,19 +70,64 @@ def parse_qemu_uri(uri: str) -> tuple[str, str]:
     unknown = set(query) - {"node"}
     if unknown:
         raise UsageError(f"qemu URI {uri!r}: unknown parameter(s) {', '.join(sorted(unknown))}; only 'node' is accepted")
-    nodes = query.get("node") or [""]
-    if len(nodes) != 1 or not nodes[0]:
+    nodes = query.get("node") or []
+    if not nodes or not all(nodes):
         raise UsageError(
-            f"qemu URI {uri!r} needs exactly one ?node=NODE: the block node name of the disk "
-            f"(see 'query-named-block-nodes', e.g. libvirt's libvirt-1-format)"
+            f"qemu URI {uri!r} needs ?node=NODE: the block node name of the disk (see "
+            f"'query-named-block-nodes', e.g. libvirt's libvirt-1-format); repeat it "
+            f"(?node=A&node=B) to freeze several disks of the VM at one instant"
         )
-    return parts.path, nodes[0]
+    dup = sorted({n for n in nodes if nodes.count(n) > 1})
+    if dup:
+        raise UsageError(f"qemu URI {uri!r} names node(s) {', '.join(dup)} more than once")
+    if len(nodes) > MAX_DISKS:
+        raise UsageError(f"qemu URI {uri!r} names {len(nodes)} nodes; one run freezes at most {MAX_DISKS}")
+    return parts.path, nodes
+
+
+class HotDisk(ExportSession):
+    """One disk of a hot backup session: what the engine reads (``nbd_uri``,
+    ``dirty_bitmap``), what its snapshot records (``change_tracking_state``) and what
+    the session undoes for it.  ``commit()`` once this disk's snapshot is durable:
+    only then is its old bitmap generation retired."""
+
+    def __init__(self, session: "QemuHotBackup", node: str, names: RunNames, previous_state: dict | None):
+        self.session = session
+        self.node = node
+        self.names = names
+        self.previous_state = dict(previous_state) if previous_state else None
+        self.verify_cbt = session.verify_cbt
+        self.description = f"qemu:{session.qmp_path}?node={node}"
+        self.size: int = 0
+        self.change_tracking_state: dict = {}
+        self.fallback_reason: str | None = None
+        self.nbd_uri: str | None = None
+        self.dirty_bitmap: str | None = None
+        # what this run created for the disk, so cleanup undoes exactly that
+        self.fleece_file_created = False
+        self.fleece_node_added = False
+        self.job_started = False
+        self.export_added = False
+        self.old_bitmap: str | None = None       # previous generation, if present on the node
+        self.old_disabled_by_us = False
+        self.new_bitmap: str | None = None
+
+    @property
+    def broken(self) -> str | None:  # the frozen view of every disk breaks together
+        return self.session.broken
+
+    @property
+    def committed(self) -> bool:
+        return self._committed
 
 
 class QemuHotBackup(ExportSession):
-    """One hot backup session of one disk of a running VM.  A context manager.
+    """One hot backup session of one or more disks of a running VM, all frozen at the
+    same instant (one QMP ``transaction``).  A context manager.
 
-    Attributes valid inside the ``with`` block:
+    ``disks``: one ``HotDisk`` per ``?node=`` of the URI, in order.  With one disk the
+    session also answers for it directly (the attributes below, ``commit()``,
+    ``open_source()``); valid inside the ``with`` block:
       ``nbd_uri``             nbd+unix:///EXPORT?socket=PATH — the frozen view, read-only
       ``dirty_bitmap``        name of the bitmap offered as ``qemu:dirty-bitmap:NAME`` on
                               the export (changes since the previous backup) or None
@@ -77,49 +135,59 @@ class QemuHotBackup(ExportSession):
       ``change_tracking_state`` dict to store in this backup's snapshot metadata and pass
                               back as ``previous_state`` next time
       ``fallback_reason``     None when the dirty bitmap can be trusted, else why not
-      ``cleaned_leftovers``   what was cleaned from an earlier killed run
-
-    The engine calls ``commit()`` once the snapshot metadata is durable; only then does
-    the old bitmap generation get deleted.
+    and for the whole session ``cleaned_leftovers`` (what was cleaned from an earlier
+    killed run) and ``run`` (the run id, shared by the disks' snapshots).
     """
 
-    def __init__(self, uri: str, *, previous_state: dict | None, work_dir: str | os.PathLike,
-                 verify_cbt: bool = False, qmp_timeout: float = 30.0):
+    def __init__(self, uri: str, *, previous_state: dict | None = None, work_dir: str | os.PathLike,
+                 verify_cbt: bool = False, qmp_timeout: float = 30.0,
+                 previous_states: dict[str, dict | None] | None = None):
         self.uri = uri
-        self.qmp_path, self.node = parse_qemu_uri(uri)
-        self.previous_state = dict(previous_state) if previous_state else None
+        self.qmp_path, nodes = parse_qemu_uri_nodes(uri)
+        if previous_states is None:
+            if previous_state is not None and len(nodes) > 1:
+                raise ValueError("several disks: pass previous_states={node: state}")
+            previous_states = {nodes[0]: previous_state} if len(nodes) == 1 else {}
         self.work_dir = Path(work_dir)
         self.verify_cbt = verify_cbt
         self.qmp_timeout = qmp_timeout
         self.names = RunNames(new_run_id(), self.work_dir)
-
-        self.nbd_uri: str | None = None
-        self.dirty_bitmap: str | None = None
-        self.size: int = 0
-        self.change_tracking_state: dict = {}
-        self.fallback_reason: str | None = None
+        self.run = self.names.run
+        self.disks = [HotDisk(self, node, self.names.for_disk(i), previous_states.get(node))
+                      for i, node in enumerate(nodes)]
         self.cleaned_leftovers: list[str] = []
-        self.description = f"qemu:{self.qmp_path}?node={self.node}"
+        self.description = f"qemu:{self.qmp_path}?node={'&node='.join(nodes)}"
 
         self._qmp: QmpClient | None = None
         self._guard: TerminationGuard | None = None
-        self._committed = False
-        # what this run created, so cleanup undoes exactly that
         self._journal: dict[str, Any] = {}
-        self._fleece_file_created = False
-        self._fleece_node_added = False
-        self._job_started = False
         self._server_started = False
-        self._export_added = False
-        self._old_bitmap: str | None = None       # previous generation, if present on the node
-        self._old_disabled_by_us = False
-        self._new_bitmap: str | None = None
         self._lock: str | None = None             # the VM's session lock object, once held
         self._space_guard: fleece_guard.FleeceSpaceGuard | None = None
 
-    # -- public API --------------------------------------------------------------
+    # -- one disk: the session answers for it --------------------------------------
 
+    def _only(self) -> HotDisk:
+        if len(self.disks) != 1:
+            raise AttributeError("this session has several disks: use session.disks")
+        return self.disks[0]
 
+    node = property(lambda self: self._only().node)
+    nbd_uri = property(lambda self: self._only().nbd_uri)
+    dirty_bitmap = property(lambda self: self._only().dirty_bitmap)
+    size = property(lambda self: self._only().size)
+    change_tracking_state = property(lambda self: self._only().change_tracking_state)
+    fallback_reason = property(lambda self: self._only().fallback_reason)
+    previous_state = property(lambda self: self._only().previous_state)
+
+    def commit(self) -> None:
+        """One disk's backup is durable (see HotDisk.commit)."""
+        self._only().commit()
+
+    def open_source(self):
+        return self._only().open_source()
+
+    # -- context manager -------------------------------------------------------------
 
     def __enter__(self) -> "QemuHotBackup":
         self._guard = TerminationGuard().__enter__()
@@ -131,7 +199,7 @@ class QemuHotBackup(ExportSession):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._teardown(failed=exc_type is not None or not self._committed, exc=exc)
+        self._teardown(failed=exc_type is not None, exc=exc)
 
     # -- setup -------------------------------------------------------------------
 
@@ -141,84 +209,73 @@ class QemuHotBackup(ExportSession):
         qmp = self._qmp = QmpClient(self.qmp_path, timeout=self.qmp_timeout).connect()
         # one pyvbak session per VM, whatever work dir or repository the other one uses
         self._lock = session_lock.acquire(qmp, self.names.run)
-        prev_bitmap = (self.previous_state or {}).get("bitmap")
 
-        info = cleanup.node_info(qmp, self.node)
-        if info is None:
-            self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, None, None, own_run=self.names.run)
-            known = sorted(n["node-name"] for n in cleanup.named_nodes(qmp)
-                           if n.get("node-name") and not n["node-name"].startswith(("#", "pyvbak-")))
+        infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
+        missing = [d.node for d in self.disks if d.node not in infos]
+        # generations only grow, also past the ones cleaned away now: a name is never reused
+        max_gen = {d.node: max([generation_of(b) or 0 for b in cleanup.gen_bitmaps(infos[d.node])], default=0)
+                   for d in self.disks if d.node in infos}
+        bitmaps_before = {d.node: cleanup.gen_bitmaps(infos[d.node]) for d in self.disks if d.node in infos}
+        # (a) leftovers of a killed run, before anything else
+        self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, None, None, own_run=self.names.run)
+        if missing:
+            known = sorted(n for n in infos if not n.startswith(("#", "pyvbak-")))
             raise SourceError(
-                f"VM at {self.qmp_path} has no block node named '{self.node}'; "
+                f"VM at {self.qmp_path} has no block node named {', '.join(repr(m) for m in missing)}; "
                 f"named nodes: {', '.join(known) or 'none'} (fix ?node= in the qemu:// URI)"
             )
-        # generations only grow, also past the ones cleaned away now: a name is never reused
-        bitmaps_before = cleanup.gen_bitmaps(info)
-        max_gen = max([generation_of(b) or 0 for b in bitmaps_before], default=0)
-        # (a) leftovers of a killed run, before anything else
-        self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, self.node, prev_bitmap,
-                                                         own_run=self.names.run)
-        info = cleanup.node_info(qmp, self.node) or info
-        image = info.get("image", {})
-        self.size = int(image.get("virtual-size", 0))
-        fmt = info.get("drv", "")
-        identity = {"image": image.get("filename") or info.get("file"), "format": fmt,
-                    "qemu": qmp.qemu_version}
-        bitmaps = cleanup.gen_bitmaps(info)
+        for d in self.disks:
+            self.cleaned_leftovers += cleanup.settle_bitmaps(qmp, d.node, (d.previous_state or {}).get("bitmap"))
+        infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
+        olds: dict[str, str | None] = {}
+        for d in self.disks:
+            self._prepare_disk(d, infos[d.node], max_gen[d.node], bitmaps_before[d.node], olds)
 
-        # (b) can the previous bitmap be trusted?
-        reason, old = self._check_cbt(fmt, bitmaps, identity, bitmaps_before)
-        self._old_bitmap = prev_bitmap if prev_bitmap in bitmaps and not bitmaps[prev_bitmap].get("busy") else None
-        if fmt in _BITMAP_FORMATS:
-            gens = [max_gen, *(generation_of(b) or 0 for b in bitmaps),
-                    int((self.previous_state or {}).get("generation") or 0)]
-            generation = max(gens) + 1
-            self._new_bitmap = bitmap_name(generation)
-        else:
-            generation = None
-        self.fallback_reason = reason
-        if self.verify_cbt and reason is None:
-            self.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
-
-        # (c) the fleecing image - only with room for the copies the guest's writes cause
+        # (c) the fleecing images - only with room for the copies the guest's writes cause
         free, fs_size = fleece_guard.free_bytes(str(self.work_dir))
         if free < fleece_guard.reserve_for(fs_size):
             raise SourceError("cannot start the backup: " + fleece_guard.low_space_message(
-                str(self.work_dir), free, fleece_guard.reserve_for(fs_size), self.node))
+                str(self.work_dir), free, fleece_guard.reserve_for(fs_size), self._node_list()))
         self._write_journal()
-        self._create_fleece_file(info)
-        # flags are set BEFORE each creating command: if a signal lands between sending it
-        # and reading the reply, cleanup still tries (and tolerates "not found")
-        self._fleece_node_added = True
-        try_create(qmp, "blockdev-add", lambda: setattr(self, "_fleece_node_added", False), **{
-            "driver": "qcow2",
-            "node-name": self.names.fleece_node,
-            "file": {"driver": "file", "filename": str(self.names.fleece_file)},
-            "backing": self.node,
-            "discard": "unmap",
-        })
+        for d in self.disks:
+            self._create_fleece_file(d, infos[d.node])
+            # flags are set BEFORE each creating command: if a signal lands between sending
+            # it and reading the reply, cleanup still tries (and tolerates "not found")
+            d.fleece_node_added = True
+            try_create(qmp, "blockdev-add", lambda d=d: setattr(d, "fleece_node_added", False), **{
+                "driver": "qcow2",
+                "node-name": d.names.fleece_node,
+                "file": {"driver": "file", "filename": str(d.names.fleece_file)},
+                "backing": d.node,
+                "discard": "unmap",
+            })
 
-        # (d) one transaction: bitmap rotation + point-in-time view
+        # (d) one transaction for every disk: bitmap rotation + point-in-time view, so
+        # the VM's disks are frozen at the same instant (crash-consistent together)
         actions: list[dict] = []
-        if self._new_bitmap:
-            actions.append({"type": "block-dirty-bitmap-add",
-                            "data": {"node": self.node, "name": self._new_bitmap, "persistent": True}})
-        if old is not None:
-            actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": self.node, "name": old}})
-        actions.append({"type": "blockdev-backup", "data": {
-            "device": self.node, "target": self.names.fleece_node, "sync": "none",
-            "job-id": self.names.job, "filter-node-name": self.names.cbw_node}})
-        self._job_started = True
-        self._old_disabled_by_us = old is not None
+        for d in self.disks:
+            if d.new_bitmap:
+                actions.append({"type": "block-dirty-bitmap-add",
+                                "data": {"node": d.node, "name": d.new_bitmap, "persistent": True}})
+            if olds[d.node] is not None:
+                actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": olds[d.node]}})
+            actions.append({"type": "blockdev-backup", "data": {
+                "device": d.node, "target": d.names.fleece_node, "sync": "none",
+                "job-id": d.names.job, "filter-node-name": d.names.cbw_node}})
+            d.job_started = True
+            d.old_disabled_by_us = olds[d.node] is not None
         try:
             qmp.execute("transaction", actions=actions)
         except QmpError as e:  # a transaction is all or nothing
-            self._job_started = self._old_disabled_by_us = False
-            self._new_bitmap = None
-            raise SourceError(f"QEMU could not start the point-in-time view of '{self.node}': {e.error_class}: {e.desc}") from None
-        self.dirty_bitmap = old
+            for d in self.disks:
+                d.job_started = d.old_disabled_by_us = False
+                d.new_bitmap = None
+            raise SourceError(f"QEMU could not start the point-in-time view of {self._node_list()}: "
+                              f"{e.error_class}: {e.desc}") from None
+        for d in self.disks:
+            d.dirty_bitmap = olds[d.node]
 
-        # (e) NBD server + export
+        # (e) NBD server + one export per disk
         sock = self.names.nbd_socket
         self._server_started = True
         try:
@@ -233,89 +290,76 @@ class QemuHotBackup(ExportSession):
                 ) from None
             raise
         self._write_journal()
-        export: dict[str, Any] = {"type": "nbd", "id": self.names.export, "node-name": self.names.fleece_node,
-                                  "name": self.names.export, "writable": False}
-        if old is not None:
-            export["bitmaps"] = [old]
-        self._export_added = True
-        try_create(qmp, "block-export-add", lambda: setattr(self, "_export_added", False), **export)
-        self.nbd_uri = f"nbd+unix:///{self.names.export}?socket={sock}"
+        for d in self.disks:
+            export: dict[str, Any] = {"type": "nbd", "id": d.names.export, "node-name": d.names.fleece_node,
+                                      "name": d.names.export, "writable": False}
+            if d.dirty_bitmap is not None:
+                export["bitmaps"] = [d.dirty_bitmap]
+            d.export_added = True
+            try_create(qmp, "block-export-add", lambda d=d: setattr(d, "export_added", False), **export)
+            d.nbd_uri = f"nbd+unix:///{d.names.export}?socket={sock}"
         # from now on guest writes are copied into the work dir: never let that fill up
         self._space_guard = fleece_guard.FleeceSpaceGuard(str(self.work_dir), self._on_low_space).start()
 
-        self.change_tracking_state = {
+    def _prepare_disk(self, d: HotDisk, info: dict, max_gen: int, bitmaps_before: dict, olds: dict) -> None:
+        """(b) for one disk: size, identity, whether its previous bitmap can be trusted,
+        the name of its next generation."""
+        image = info.get("image", {})
+        d.size = int(image.get("virtual-size", 0))
+        fmt = info.get("drv", "")
+        identity = {"image": image.get("filename") or info.get("file"), "format": fmt,
+                    "qemu": self._qmp.qemu_version}
+        bitmaps = cleanup.gen_bitmaps(info)
+        reason, old = _check_cbt(d, fmt, bitmaps, identity, bitmaps_before)
+        prev_bitmap = (d.previous_state or {}).get("bitmap")
+        d.old_bitmap = prev_bitmap if prev_bitmap in bitmaps and not bitmaps[prev_bitmap].get("busy") else None
+        if fmt in _BITMAP_FORMATS:
+            gens = [max_gen, *(generation_of(b) or 0 for b in bitmaps),
+                    int((d.previous_state or {}).get("generation") or 0)]
+            generation = max(gens) + 1
+            d.new_bitmap = bitmap_name(generation)
+        else:
+            generation = None
+        d.fallback_reason = reason
+        if self.verify_cbt and reason is None:
+            d.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
+        olds[d.node] = old
+        d.change_tracking_state = {
             "kind": STATE_KIND,
-            "bitmap": self._new_bitmap,
+            "bitmap": d.new_bitmap,
             "generation": generation,
-            "node": self.node,
-            "size": self.size,
+            "node": d.node,
+            "size": d.size,
             **identity,
         }
 
-    def _check_cbt(self, fmt: str, bitmaps: dict[str, dict], identity: dict,
-                   bitmaps_before: dict[str, dict] | None = None) -> tuple[str | None, str | None]:
-        """(fallback reason or None, bitmap to export or None).  ``bitmaps_before``: the
-        node's generations before leftover cleanup (which removes stale ones)."""
-        prev = self.previous_state
-        if fmt not in _BITMAP_FORMATS:
-            return (f"node '{self.node}' has format '{fmt}', which cannot store persistent dirty bitmaps "
-                    f"(qcow2 can)"), None
-        if not prev:
-            return "no previous backup", None
-        name = prev.get("bitmap")
-        if prev.get("kind") not in (None, STATE_KIND) or not name:
-            return "the previous backup recorded no QEMU dirty bitmap", None
-        if prev.get("node") != self.node:
-            return f"the previous backup was of node '{prev.get('node')}', not '{self.node}'", None
-        if prev.get("image") and identity["image"] and prev["image"] != identity["image"]:
-            return f"the node now holds image {identity['image']}, the previous backup read {prev['image']}", None
-        b = bitmaps.get(name)
-        if b is None:
-            newer = sorted(n for n in (bitmaps_before or bitmaps) if (generation_of(n) or 0) > (generation_of(name) or 0))
-            if newer:  # a later backup rotated it away, and its snapshot is not the parent now
-                return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of a "
-                        f"newer backup that is not in this repository (forgotten, or made into another repository)"), None
-            return (f"dirty bitmap {name} is gone from node '{self.node}' (deleted by someone else, or the "
-                    f"VM restarted from an image without it)"), None
-        if b.get("inconsistent"):
-            return f"dirty bitmap {name} is marked inconsistent (QEMU stopped without saving it)", None
-        if b.get("busy"):
-            return f"dirty bitmap {name} is in use by another operation", None
-        if not b.get("recording"):
-            return f"dirty bitmap {name} is disabled, so it missed writes", None
-        if not b.get("persistent"):
-            return f"dirty bitmap {name} is not persistent", None
-        if generation_of(name) is None or prev.get("generation") != generation_of(name):
-            return f"bitmap generation mismatch: previous backup recorded {prev.get('generation')}, bitmap is {name}", None
-        newer = [n for n in bitmaps if (generation_of(n) or 0) > generation_of(name)]
-        if newer:
-            return f"a newer bitmap generation ({', '.join(newer)}) exists than the previous backup's {name}", None
-        if int(prev.get("size", -1)) != self.size:
-            return f"disk resized from {prev.get('size')} to {self.size} bytes since the previous backup", None
-        return None, name
+    def _node_list(self) -> str:
+        return ", ".join(f"'{d.node}'" for d in self.disks)
 
-    def _create_fleece_file(self, info: dict) -> None:
+    def _create_fleece_file(self, d: HotDisk, info: dict) -> None:
         cluster = int(info.get("image", {}).get("cluster-size") or 65536)
-        path = self.names.fleece_file
+        path = d.names.fleece_file
         try:
             r = subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(self.size)],
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(d.size)],
                 capture_output=True, text=True, timeout=60,
             )
         except FileNotFoundError:
             raise SourceError("qemu-img not found: install the Debian package 'qemu-utils'") from None
         except subprocess.TimeoutExpired:
             raise SourceError(f"qemu-img create {path} timed out") from None
-        self._fleece_file_created = True
+        d.fleece_file_created = True
         if r.returncode != 0:
             raise SourceError(f"cannot create the fleecing image {path}: {r.stderr.strip()}")
 
     def _write_journal(self) -> None:
+        """What this run creates, for a person looking at the work dir (leftover cleanup
+        goes by the names, which carry the run id, not by the journal)."""
         self._journal = {
-            "run": self.names.run, "pid": os.getpid(), "qmp": self.qmp_path, "node": self.node,
+            "run": self.names.run, "pid": os.getpid(), "qmp": self.qmp_path,
             "nbd_socket": str(self.names.nbd_socket), "server_started": self._server_started,
-            "fleece_file": str(self.names.fleece_file), "new_bitmap": self._new_bitmap,
-            "old_bitmap": self._old_bitmap,
+            "disks": [{"node": d.node, "fleece_file": str(d.names.fleece_file), "new_bitmap": d.new_bitmap,
+                       "old_bitmap": d.old_bitmap} for d in self.disks],
         }
         tmp = self.names.journal.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._journal))
@@ -348,12 +392,14 @@ class QemuHotBackup(ExportSession):
     def _on_low_space(self, free: int, reserve: int) -> None:
         """Guard thread: break the backup, not the guest (see fleece_guard)."""
         # broken first: a read that completes from now on may see post-cancel data
-        self.broken = "stopped the backup: " + fleece_guard.low_space_message(str(self.work_dir), free, reserve, self.node)
-        cleanup.cancel_job(self._qmp, self.names.job)
+        self.broken = "stopped the backup: " + fleece_guard.low_space_message(
+            str(self.work_dir), free, reserve, self._node_list())
+        for d in self.disks:
+            if d.job_started:
+                cleanup.cancel_job(self._qmp, d.names.job)
 
     def _cleanup(self, failed: bool, errors: list[str]) -> None:
         qmp = self._qmp
-        n = self.names
         if self._space_guard is not None:
             self._space_guard.stop()
             if self._space_guard.error is not None:
@@ -366,23 +412,27 @@ class QemuHotBackup(ExportSession):
                 errors.append(f"{what}: {e}")
 
         if qmp is not None and qmp._sock is not None:
-            if self._export_added:
-                step(f"removing export {n.export}", cleanup.remove_export, qmp, n.export)
+            for d in self.disks:
+                if d.export_added:
+                    step(f"removing export {d.names.export}", cleanup.remove_export, qmp, d.names.export)
             if self._server_started:
                 step("stopping the NBD server", cleanup.stop_nbd_server, qmp)
-            if self._job_started:
-                step(f"cancelling job {n.job}", cleanup.cancel_job, qmp, n.job)
-            if self._fleece_node_added:
-                step(f"removing node {n.fleece_node}", cleanup.remove_node, qmp, n.fleece_node)
-            if self._job_started:
-                step("settling dirty bitmaps", self._settle_bitmaps, qmp, failed)
+            for d in self.disks:
+                if d.job_started:
+                    step(f"cancelling job {d.names.job}", cleanup.cancel_job, qmp, d.names.job)
+                if d.fleece_node_added:
+                    step(f"removing node {d.names.fleece_node}", cleanup.remove_node, qmp, d.names.fleece_node)
+            for d in self.disks:
+                if d.job_started:
+                    # a disk whose snapshot is durable retires its old generation even if a
+                    # later disk of the run failed
+                    step(f"settling dirty bitmaps of '{d.node}'", _settle_bitmaps, qmp, d, not d.committed)
             if self._lock is not None:  # last: another session may start once it is gone
                 step("releasing the session lock", session_lock.release, qmp, self._lock)
-        elif self._job_started or self._fleece_node_added:
+        elif any(d.job_started or d.fleece_node_added for d in self.disks):
             errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
-        for p in (n.fleece_file, n.nbd_socket):
-            if p == n.fleece_file and not self._fleece_file_created:
-                continue
+        paths = [d.names.fleece_file for d in self.disks if d.fleece_file_created] + [self.names.nbd_socket]
+        for p in paths:
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -390,36 +440,81 @@ class QemuHotBackup(ExportSession):
             except OSError as e:
                 errors.append(f"removing {p}: {e.strerror}")
         if not errors:
-            for p in (n.journal, n.journal.with_suffix(".tmp")):
+            for p in (self.names.journal, self.names.journal.with_suffix(".tmp")):
                 try:
                     p.unlink()
                 except FileNotFoundError:
                     pass
 
-    def _settle_bitmaps(self, qmp: QmpClient, failed: bool) -> None:
-        """Decide from the bitmaps QEMU actually has (not from what we believe we did:
-        a signal may have cut a command's reply short)."""
-        node = self.node
-        info = cleanup.node_info(qmp, node) or {}
-        present = cleanup.gen_bitmaps(info)
-        old = self._old_bitmap if self._old_bitmap in present else None
-        new = self._new_bitmap if self._new_bitmap in present else None
-        if not failed:
-            # the new generation now tracks changes since this backup's instant
-            if old is not None and new is not None:
-                qmp.execute("block-dirty-bitmap-remove", node=node, name=old)
-            return
-        actions: list[dict] = []
-        if old is not None and self._old_disabled_by_us:
-            if new is not None:
-                actions.append({"type": "block-dirty-bitmap-merge",
-                                "data": {"node": node, "target": old, "bitmaps": [new]}})
-            if not present[old].get("recording"):
-                actions.append({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": old}})
+
+def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
+               bitmaps_before: dict[str, dict] | None = None) -> tuple[str | None, str | None]:
+    """(fallback reason or None, bitmap to export or None) for one disk.
+    ``bitmaps_before``: the node's generations before leftover cleanup (which removes
+    stale ones)."""
+    prev, node = d.previous_state, d.node
+    if fmt not in _BITMAP_FORMATS:
+        return (f"node '{node}' has format '{fmt}', which cannot store persistent dirty bitmaps "
+                f"(qcow2 can)"), None
+    if not prev:
+        return "no previous backup", None
+    name = prev.get("bitmap")
+    if prev.get("kind") not in (None, STATE_KIND) or not name:
+        return "the previous backup recorded no QEMU dirty bitmap", None
+    if prev.get("node") != node:
+        return f"the previous backup was of node '{prev.get('node')}', not '{node}'", None
+    if prev.get("image") and identity["image"] and prev["image"] != identity["image"]:
+        return f"the node now holds image {identity['image']}, the previous backup read {prev['image']}", None
+    b = bitmaps.get(name)
+    if b is None:
+        newer = sorted(n for n in (bitmaps_before or bitmaps) if (generation_of(n) or 0) > (generation_of(name) or 0))
+        if newer:  # a later backup rotated it away, and its snapshot is not the parent now
+            return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of a "
+                    f"newer backup that is not in this repository (forgotten, or made into another repository)"), None
+        return (f"dirty bitmap {name} is gone from node '{node}' (deleted by someone else, or the "
+                f"VM restarted from an image without it)"), None
+    if b.get("inconsistent"):
+        return f"dirty bitmap {name} is marked inconsistent (QEMU stopped without saving it)", None
+    if b.get("busy"):
+        return f"dirty bitmap {name} is in use by another operation", None
+    if not b.get("recording"):
+        return f"dirty bitmap {name} is disabled, so it missed writes", None
+    if not b.get("persistent"):
+        return f"dirty bitmap {name} is not persistent", None
+    if generation_of(name) is None or prev.get("generation") != generation_of(name):
+        return f"bitmap generation mismatch: previous backup recorded {prev.get('generation')}, bitmap is {name}", None
+    newer = [n for n in bitmaps if (generation_of(n) or 0) > generation_of(name)]
+    if newer:
+        return f"a newer bitmap generation ({', '.join(newer)}) exists than the previous backup's {name}", None
+    if int(prev.get("size", -1)) != d.size:
+        return f"disk resized from {prev.get('size')} to {d.size} bytes since the previous backup", None
+    return None, name
+
+
+def _settle_bitmaps(qmp: QmpClient, d: HotDisk, failed: bool) -> None:
+    """Decide from the bitmaps QEMU actually has (not from what we believe we did: a
+    signal may have cut a command's reply short)."""
+    node = d.node
+    info = cleanup.node_info(qmp, node) or {}
+    present = cleanup.gen_bitmaps(info)
+    old = d.old_bitmap if d.old_bitmap in present else None
+    new = d.new_bitmap if d.new_bitmap in present else None
+    if not failed:
+        # the new generation now tracks changes since this backup's instant
+        if old is not None and new is not None:
+            qmp.execute("block-dirty-bitmap-remove", node=node, name=old)
+        return
+    actions: list[dict] = []
+    if old is not None and d.old_disabled_by_us:
         if new is not None:
-            actions.append({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": new}})
-        if actions:
-            qmp.execute("transaction", actions=actions)
+            actions.append({"type": "block-dirty-bitmap-merge",
+                            "data": {"node": node, "target": old, "bitmaps": [new]}})
+        if not present[old].get("recording"):
+            actions.append({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": old}})
+    if new is not None:
+        actions.append({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": new}})
+    if actions:
+        qmp.execute("transaction", actions=actions)
 
 
 def try_create(qmp: QmpClient, command: str, undo_flag, **args) -> None:
@@ -432,4 +527,4 @@ def try_create(qmp: QmpClient, command: str, undo_flag, **args) -> None:
 
 
 
-__all__ = ["QemuHotBackup", "parse_qemu_uri", "GEN_PREFIX"]
+__all__ = ["HotDisk", "QemuHotBackup", "parse_qemu_uri", "parse_qemu_uri_nodes", "GEN_PREFIX"]

@@ -5,14 +5,17 @@ later run can tell (a) that pyvbak made it and (b) whether the process that made
 still alive.  QEMU node names are limited to 31 characters, which bounds the run id.
 
   session lock (QOM object) pyvbak-<run>-lock   (session_lock.py)
-  export / NBD export name   pyvbak-<run>
-  fleecing qcow2 node        pyvbak-<run>-fl
-  copy-before-write filter   pyvbak-<run>-cbw
-  backup job id              pyvbak-<run>-job
-  fleecing file              <work_dir>/pyvbak-<run>-fleece.qcow2
+  export / NBD export name   pyvbak-<run><d>
+  fleecing qcow2 node        pyvbak-<run><d>-fl
+  copy-before-write filter   pyvbak-<run><d>-cbw
+  backup job id              pyvbak-<run><d>-job
+  fleecing file              <work_dir>/pyvbak-<run><d>-fleece.qcow2
   NBD server socket          <work_dir>/pyvbak-<run>-nbd.sock
   journal                    <work_dir>/pyvbak-<run>.json
   persistent dirty bitmaps   pyvbak-gen-<N>   (not per run: they outlive runs on purpose)
+
+``<d>`` tells the disks of one run apart: empty for its first disk, ``-d<i>`` for the
+i-th (0-based) after it — a VM's disks are frozen at one instant by one run.
 """
 
 from __future__ import annotations
@@ -74,26 +77,31 @@ def generation_of(bitmap: str) -> int | None:
 class RunNames:
     run: str
     work_dir: Path
+    disk_tag: str = ""  # "" for a run's first disk, "-d<i>" for the others
+
+    def for_disk(self, index: int) -> "RunNames":
+        """The names of the index-th (0-based) disk of this run."""
+        return RunNames(self.run, self.work_dir, f"-d{index}" if index else "")
 
     @property
     def export(self) -> str:
-        return f"{PREFIX}{self.run}"
+        return f"{PREFIX}{self.run}{self.disk_tag}"
 
     @property
     def fleece_node(self) -> str:
-        return f"{PREFIX}{self.run}-fl"
+        return f"{PREFIX}{self.run}{self.disk_tag}-fl"
 
     @property
     def cbw_node(self) -> str:
-        return f"{PREFIX}{self.run}-cbw"
+        return f"{PREFIX}{self.run}{self.disk_tag}-cbw"
 
     @property
     def job(self) -> str:
-        return f"{PREFIX}{self.run}-job"
+        return f"{PREFIX}{self.run}{self.disk_tag}-job"
 
     @property
     def fleece_file(self) -> Path:
-        return self.work_dir / f"{PREFIX}{self.run}-fleece.qcow2"
+        return self.work_dir / f"{PREFIX}{self.run}{self.disk_tag}-fleece.qcow2"
 
     @property
     def nbd_socket(self) -> Path:

@@ -1,0 +1,218 @@
+"""Several disks of one running VM frozen at one instant (`qemu:///SOCK?node=A&node=B`).
+
+A VM whose database keeps its data on one disk and its log on another is only
+crash-consistent if both disks are read as they were at the same instant; two separate
+hot backups would freeze them at two different instants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until
+from pyvbak.cli.main import main
+from pyvbak.errors import SourceError, UsageError
+from pyvbak.hypervisors import disk_names
+from pyvbak.hypervisors.qemu import QemuHotBackup
+from pyvbak.hypervisors.qemu.hot import parse_qemu_uri_nodes
+from pyvbak.sources.nbd import NbdSource
+from qemu_vm import MiB, FakeVM
+
+ROOT = Path(__file__).resolve().parents[1]
+K64 = 64 * 1024
+
+
+@pytest.fixture
+def vm(tmp_path):
+    (tmp_path / "vm").mkdir()
+    v = FakeVM(tmp_path / "vm", disks=2).start()
+    try:
+        yield v
+    finally:
+        v.stop()
+
+
+def assert_clean(vm: FakeVM, work: Path):
+    assert sorted(vm.exports()) == ["guest", "guest1"]
+    assert vm.pyvbak_nodes() == [] and vm.pyvbak_objects() == [] and vm.jobs() == []
+    assert not work.exists() or list(work.iterdir()) == []
+
+
+def _json(capsys, argv):
+    capsys.readouterr()
+    code = main(argv + ["--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_uri_with_several_nodes():
+    assert parse_qemu_uri_nodes("qemu:///run/q.sock?node=a&node=b") == ("/run/q.sock", ["a", "b"])
+    assert disk_names("qemu:///run/q.sock?node=a&node=b") == ["a", "b"]
+    assert disk_names("qemu:///run/q.sock?node=a", "sda") == ["sda"]
+    for bad in ("qemu:///q.sock?node=a&node=a", "qemu:///q.sock?node=a&node="):
+        with pytest.raises(UsageError):
+            parse_qemu_uri_nodes(bad)
+    with pytest.raises(UsageError, match="drop --disk"):
+        disk_names("qemu:///run/q.sock?node=a&node=b", "sda")
+
+
+def test_the_disks_are_frozen_at_one_instant(vm, tmp_path):
+    """The guest writes a counter to disk0 and then to disk1, over and over, while the
+    session is set up.  Whatever instant the views are taken at, disk1 can never be
+    ahead of disk0 nor behind it by more than the one write in flight."""
+    work = tmp_path / "work"
+    stop = threading.Event()
+    count = [0]
+
+    def guest():
+        k = 0
+        while not stop.is_set():
+            k += 1
+            vm.write(0, struct.pack("<Q", k) * (4096 // 8), disk=0)
+            vm.write(0, struct.pack("<Q", k) * (4096 // 8), disk=1)
+            count[0] = k
+
+    t = threading.Thread(target=guest)
+    t.start()
+    try:
+        wait_until(lambda: count[0] >= 3, what="guest writes")
+        with QemuHotBackup(vm.all_disks_uri, previous_states={}, work_dir=work) as s:
+            assert [d.node for d in s.disks] == ["disk0", "disk1"]
+            at_entry = count[0]
+            wait_until(lambda: count[0] >= at_entry + 5, what="guest writes after the instant")
+            seen = []
+            for d in s.disks:
+                with NbdSource(d.nbd_uri) as src:
+                    seen.append(struct.unpack("<Q", src.read(0, 8))[0])
+                d.commit()
+    finally:
+        stop.set()
+        t.join()
+    k0, k1 = seen
+    assert k1 in (k0, k0 - 1), seen
+    assert k0 <= at_entry + 1  # frozen before the writes made after the set-up
+    assert struct.unpack("<Q", vm.read(0, 8, disk=1))[0] == count[0]  # the guest lost nothing
+    assert_clean(vm, work)
+
+
+def test_cli_backs_up_every_disk_with_its_own_bitmap(vm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(2 * MiB), disk=0)
+    vm.write(4 * MiB, os.urandom(MiB), disk=1)
+
+    first = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    assert [r["disk"] for r in first] == ["disk0", "disk1"]
+    group = first[0]["consistency_group"]
+    assert group["disks"] == ["disk0", "disk1"] and first[1]["consistency_group"] == group
+    assert all(r["cbt"] is False for r in first)
+
+    vm.write(K64, os.urandom(K64), disk=0)
+    vm.write(8 * MiB, os.urandom(2 * K64), disk=1)
+    second = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    assert [(r["cbt"], r["changed_blocks"], r["bytes_read"]) for r in second] == [(True, 1, K64), (True, 2, 2 * K64)]
+    assert second[0]["consistency_group"]["id"] != group["id"]
+
+    snaps = _json(capsys, ["snapshots", "--repo", repo, "--vm", "db"])
+    assert sorted(s["disk"] for s in snaps) == ["disk0", "disk0", "disk1", "disk1"]
+    assert sorted(s["id"] for s in snaps if s["consistency_group"]["id"] == group["id"]) == sorted(r["id"] for r in first)
+    for i, disk in enumerate(("disk0", "disk1")):
+        out = tmp_path / f"{disk}.img"
+        assert main(["restore", f"db/{disk}@latest", str(out), "--repo", repo]) == 0
+        assert out.read_bytes() == vm.read(0, vm.size, disk=i)
+    assert_clean(vm, tmp_path / "work")
+
+    capsys.readouterr()
+    assert main(["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db", "--disk", "x"]) == UsageError.exit_code
+    assert "drop --disk" in capsys.readouterr().err
+
+
+def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path, capsys, monkeypatch):
+    """disk1's backup fails after disk0's snapshot was committed: disk0 keeps its new
+    bitmap generation (its snapshot is durable), disk1's bits are merged back, the
+    output names what was kept, and the next run is incremental on both."""
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    vm.write(0, os.urandom(K64), disk=0)
+    vm.write(MiB, os.urandom(K64), disk=1)
+
+    import pyvbak.engine.backup as engine
+
+    real = engine.run_backup
+
+    def failing_on_disk1(repo_, src, **kw):
+        if kw["disk"] == "disk1":
+            vm.write(2 * MiB, os.urandom(K64), disk=1)  # a guest write during the failed backup
+            raise SourceError("simulated read failure on disk1")
+        return real(repo_, src, **kw)
+
+    monkeypatch.setattr(engine, "run_backup", failing_on_disk1)
+    capsys.readouterr()
+    assert main(["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"]) == 4
+    err = capsys.readouterr().err
+    assert "simulated read failure" in err and "db/disk0 snapshot" in err
+    assert_clean(vm, tmp_path / "work")
+    monkeypatch.setattr(engine, "run_backup", real)
+
+    again = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    assert [(r["disk"], r["cbt"], r["changed_blocks"]) for r in again] == [("disk0", True, 0), ("disk1", True, 2)]
+    for i, disk in enumerate(("disk0", "disk1")):
+        out = tmp_path / f"{disk}.img"
+        assert main(["restore", f"db/{disk}@latest", str(out), "--repo", repo]) == 0
+        assert out.read_bytes() == vm.read(0, vm.size, disk=i)
+
+
+CHILD = """
+import sys, json
+from pyvbak.hypervisors.qemu import QemuHotBackup
+uri, work = sys.argv[1], sys.argv[2]
+with QemuHotBackup(uri, previous_states=json.loads(sys.argv[3]), work_dir=work) as s:
+    print("READY", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_kill9_of_a_multi_disk_run_is_cleaned_by_the_next_one(vm, tmp_path):
+    work = tmp_path / "work"
+    with QemuHotBackup(vm.all_disks_uri, previous_states={}, work_dir=work) as s1:
+        for d in s1.disks:
+            d.commit()
+    states = {d.node: d.change_tracking_state for d in s1.disks}
+    vm.write(0, b"a" * K64, disk=0)
+    vm.write(0, b"b" * K64, disk=1)
+    p = subprocess.Popen([sys.executable, "-c", CHILD, vm.all_disks_uri, str(work), json.dumps(states)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.stdout.readline().startswith("READY")
+    vm.write(MiB, b"c" * K64, disk=1)  # after the killed run's instant
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdin.close()
+    p.stdout.close()
+    assert len(vm.exports()) == 4 and len(vm.jobs()) == 2
+
+    with QemuHotBackup(vm.all_disks_uri, previous_states=states, work_dir=work) as s:
+        cleaned = " | ".join(s.cleaned_leftovers)
+        assert cleaned.count("fleecing node") == 2 and cleaned.count("fleecing backup job") == 2
+        assert "merged back into pyvbak-gen-1" in cleaned
+        extents = []
+        for d in s.disks:
+            assert d.fallback_reason is None
+            with NbdSource(d.nbd_uri, dirty_bitmap=d.dirty_bitmap) as src:
+                extents.append(src.change_tracking(states[d.node]).extents)
+            d.commit()
+    assert extents == [[(0, K64)], [(0, K64), (MiB, K64)]]
+    assert_clean(vm, work)

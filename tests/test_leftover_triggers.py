@@ -1,8 +1,7 @@
 """When the next backup looks for packs a killed backup left unindexed.
 
 A backup writes its lock before anything else, so a killed backup always leaves a stale
-lock; only then (or when incomplete temp objects are found) does the next backup list
-every pack.  Readers (verify, restore) must leave that evidence in place.
+lock; only then does the next backup look for temp objects and list every pack.  Readers (verify, restore) must leave that evidence in place.
 """
 
 from __future__ import annotations
@@ -71,10 +70,32 @@ def test_backup_without_crash_evidence_does_not_list_packs(tmp_path, monkeypatch
         listed.append(prefix)
         return original(self, prefix)
 
+    walked = []
+    real_walk = os.walk
+
+    def walk_spy(top, *a, **kw):
+        walked.append(str(top))
+        return real_walk(top, *a, **kw)
+
     monkeypatch.setattr(LocalBackend, "list", spy)
+    monkeypatch.setattr(os, "walk", walk_spy)
     assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 0
     assert "packs/" not in listed
+    # no walk over the repository's objects either: only its locks/ folder is looked at
+    assert [w for w in walked if w.startswith(repo)] == [os.path.join(repo, "locks")]
     capsys.readouterr()
+
+
+def test_temp_objects_of_a_killed_backup_go_with_its_stale_lock(crashed_repo, capsys):
+    repo, img = crashed_repo
+    stray = os.path.join(repo.location, "packs", "00", ".pyvbak-tmp-%d-x" % _dead_pid())
+    os.makedirs(os.path.dirname(stray), exist_ok=True)
+    with open(stray, "wb") as f:
+        f.write(b"half a pack")
+    assert main(["backup", str(img), "--repo", repo.location, "--vm", "vm", "--disk", "d", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert any("removed incomplete object packs/00/.pyvbak-tmp-" in line for line in out["cleaned_leftovers"])
+    assert not os.path.exists(stray)
 
 
 def test_unlock_adopts_what_the_removed_lock_left(crashed_repo, capsys):

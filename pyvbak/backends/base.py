@@ -116,6 +116,15 @@ def validate_prefix(prefix: object) -> str:
     return prefix
 
 
+def check_folder_prefix(prefix: object) -> str:
+    """cleanup_incomplete's prefix: "" or a folder ("locks/", "packs/ab/"); temp objects
+    are named after no final name, only the folder they were written in."""
+    validate_prefix(prefix)
+    if prefix and not prefix.endswith("/"):
+        raise UsageError(f"cleanup prefix {prefix!r} must be a folder ending in '/'")
+    return prefix
+
+
 def as_buffers(data: Data) -> tuple[list[memoryview], int]:
     """Normalise write data to a list of flat byte memoryviews and their total length.
 
@@ -230,9 +239,12 @@ class Backend(abc.ABC):
         """Remove the object, durably.  Raises ObjectMissing if it does not exist."""
 
     @abc.abstractmethod
-    def cleanup_incomplete(self, older_than_seconds: float = 0) -> list[str]:
+    def cleanup_incomplete(self, older_than_seconds: float = 0, prefix: str = "") -> list[str]:
         """Remove leftovers of interrupted writes (temp objects) older than the given age
-        and return their names (backend-specific, for a log line).
+        and return their names (backend-specific, for a log line).  With ``prefix`` (a
+        folder such as ``"locks/"``) only temp objects of writes to names under it are
+        looked for: the whole repository is not listed.  A prefix that is not "" and
+        does not end in "/" is a UsageError.
 
         Writes in progress in *this process* are never removed.  Writes in progress in
         other processes are removed if old enough, so call it with age 0 only while holding

@@ -145,8 +145,8 @@ class FaultInjectingBackend(Backend):
     def delete(self, name: str) -> None:
         self.inner.delete(name)
 
-    def cleanup_incomplete(self, older_than_seconds: float = 0) -> list[str]:
-        return self.inner.cleanup_incomplete(older_than_seconds)
+    def cleanup_incomplete(self, older_than_seconds: float = 0, prefix: str = "") -> list[str]:
+        return self.inner.cleanup_incomplete(older_than_seconds, prefix)
 
     def close(self) -> None:
         self.inner.close()

@@ -37,6 +37,7 @@ from pyvbak.backends.base import (
     validate_name,
     validate_prefix,
 )
+from pyvbak.backends.base import check_folder_prefix as _check_folder_prefix
 from pyvbak import native
 from pyvbak.errors import UsageError
 from pyvbak.processes import pid_alive
@@ -502,12 +503,13 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise self._error(exc, name, path, "deleting") from exc
 
-    def cleanup_incomplete(self, older_than_seconds: float = 0) -> list[str]:
+    def cleanup_incomplete(self, older_than_seconds: float = 0, prefix: str = "") -> list[str]:
         if self._closed:
             raise UsageError(f"backend {self.location} is closed")
+        _check_folder_prefix(prefix)
         cutoff = time.time() - older_than_seconds
         removed = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(self.root, prefix.rstrip("/")) if prefix else self.root):
             for fn in filenames:
                 if not fn.startswith(TEMP_PREFIX):
                     continue

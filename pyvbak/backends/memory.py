@@ -22,6 +22,7 @@ from pyvbak.backends.base import (
     validate_name,
     validate_prefix,
 )
+from pyvbak.backends.base import check_folder_prefix as _check_folder_prefix
 from pyvbak.errors import UsageError
 
 
@@ -137,12 +138,13 @@ class MemoryBackend(Backend):
             if self._store.objects.pop(name, None) is None:
                 raise self._missing(name)
 
-    def cleanup_incomplete(self, older_than_seconds: float = 0) -> list[str]:
+    def cleanup_incomplete(self, older_than_seconds: float = 0, prefix: str = "") -> list[str]:
         if self._closed:
             raise UsageError(f"backend {self.location} is closed")
+        _check_folder_prefix(prefix)
         cutoff = time.time() - older_than_seconds
         with self._store.lock:
-            removed = [t for t, created in self._store.incomplete.items() if created <= cutoff]
+            removed = [t for t, created in self._store.incomplete.items() if created <= cutoff and t.startswith(prefix)]
             for t in removed:
                 del self._store.incomplete[t]
         return removed

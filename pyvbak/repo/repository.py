@@ -433,11 +433,16 @@ class Repository:
     def recover_leftovers(self, *, after_crash: bool = True) -> list[str]:
         """Clean what a killed backup left: temp objects, and packs no index names.
 
-        Finding unindexed packs lists every pack, which grows with the repository (and
-        costs requests on object stores), so callers that know no backup died - no stale
-        lock was found (a backup writes its lock before anything else, so a killed one
-        always leaves one) - pass ``after_crash=False``; incomplete temp objects found
-        then still trigger the full check.
+        Finding temp objects and unindexed packs lists every object, which grows with the
+        repository (a local walk of 125 000 packs: 0.08 s warm, 0.32 s cold, per backup;
+        requests on object stores), so callers that know no writer died - no stale lock
+        was found - pass ``after_crash=False`` and only a damaged pack index triggers the
+        check (and temp objects are looked for in ``locks/`` alone).  That is enough:
+        every writer (backup, prune) makes its lock durable before its first object and
+        removes it after its last temp object is gone, so a writer that died after its
+        lock existed always leaves a stale lock; one that died before leaves at most the
+        lock's own temp object.  Temp objects a user stranded by deleting a stale lock by
+        hand are invisible to readers and removed by prune.
 
         Such packs are complete (pack writes are atomic) but were never indexed because
         the backup died first.  They are *adopted* - indexed from their own trailer - not
@@ -445,7 +450,10 @@ class Repository:
         index entry is harmless while a deleted pack would not be.  Unreferenced data is
         reclaimed by prune.
         """
-        report = [f"removed incomplete object {n}" for n in self.backend.cleanup_incomplete(older_than_seconds=0)]
+        # Without a stale lock only locks/ is looked at: the one window in which a killed
+        # writer leaves no lock is between writing its lock's temp object and linking it.
+        report = [f"removed incomplete object {n}" for n in
+                  self.backend.cleanup_incomplete(older_than_seconds=0, prefix="" if after_crash else "locks/")]
         index = self.load_digest_index()
         damaged = list(self.damaged_pack_indexes)
         if not (after_crash or report or damaged):

@@ -492,6 +492,18 @@ def test_cleanup_incomplete_removes_stale_temp_objects(backend, make_leftover):
 
 def test_cleanup_incomplete_on_empty_backend(backend):
     assert backend.cleanup_incomplete() == []
+    assert backend.cleanup_incomplete(prefix="locks/") == []
+
+
+def test_cleanup_incomplete_under_a_folder_leaves_the_others(backend, make_leftover):
+    in_locks = make_leftover(backend, "locks/l1", 3600)
+    in_data = make_leftover(backend, "data/ab/ab02", 3600)
+    assert backend.cleanup_incomplete(prefix="locks/") == [in_locks]
+    assert backend.cleanup_incomplete(prefix="locks/") == []
+    assert backend.cleanup_incomplete(prefix="data/ab/") == [in_data]
+    for bad in ("locks", "../", "/abs/"):
+        with pytest.raises(UsageError):
+            backend.cleanup_incomplete(prefix=bad)
 
 
 # -- faults -----------------------------------------------------------------------------

@@ -119,3 +119,23 @@ def test_caches_of_repositories_unused_for_30_days_are_removed(repo_with_snapsho
     assert not os.path.exists(stale)
     assert os.path.exists(recent) and os.path.exists(work)
     assert os.path.isdir(repo_cache_dir(repo.config.repo_id))
+
+
+def test_one_instance_reads_the_cache_file_once_and_still_sees_other_writers(repo_with_snapshots, tmp_path, monkeypatch):
+    """A backup lists snapshots twice (its parent, then the engine's check); the second
+    listing must not parse the cache file again, yet it lists afresh: a snapshot another
+    process added or forgot in between shows (or goes)."""
+    repo, made = repo_with_snapshots
+    r = Repository.open(repo.location)
+    assert sorted(ids(r.snapshots())) == sorted(made)
+    import pyvbak.repo.cache as cache_mod
+
+    loads = []
+    monkeypatch.setattr(cache_mod.SnapshotMetaCache, "load", lambda self: loads.append(1) or {})
+    other = Repository.open(repo.location)  # another process, in effect
+    img = make_image(tmp_path / "c.img", 4 * BS, [(0, 4 * BS, "random")], seed=99)
+    added = backup_file(other, img, vm="c").snapshot_id
+    forget_snapshots(other, [other.resolve(made[0])])
+    loads.clear()
+    assert sorted(ids(r.snapshots())) == sorted(made[1:] + [added])
+    assert loads == []

@@ -178,6 +178,10 @@ class Repository:
         self.damaged_snapshots: list[str] = []
         #: pack index objects the last load_digest_index() left out as damaged
         self.damaged_pack_indexes: list[str] = []
+        # parsed snapshot metadata by object name, kept between snapshots() calls: the
+        # objects are immutable (create-only, then only deleted), so an entry is right for
+        # as long as its name is listed; the local cache file is read once per process
+        self._meta_memo: dict[str, dict] | None = None
 
     # -- creation / opening ---------------------------------------------------------
     @classmethod
@@ -259,7 +263,12 @@ class Repository:
         IntegrityError instead (prune: deleting data such a snapshot may use is never
         safe)."""
         cache = SnapshotMetaCache(self.config.repo_id)
-        from_cache = cache.load() if cached else {}
+        if cached:
+            if self._meta_memo is None:
+                self._meta_memo = cache.load()
+            from_cache = self._meta_memo
+        else:
+            from_cache = {}
         metas: dict[str, dict] = {}
         self.damaged_snapshots = []
         for name in self.backend.list("snapshots/"):
@@ -282,6 +291,7 @@ class Repository:
             metas[name] = meta
         if metas.keys() != from_cache.keys():
             cache.save(metas)
+        self._meta_memo = metas
         found = []
         for name, meta in metas.items():
             if meta.get("status") != "complete":

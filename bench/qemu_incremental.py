@@ -516,7 +516,7 @@ def profiled_backup(repo: str, uri: str, workdir: str, cprofile: str | None = No
     wrap(qcleanup, "stop_nbd_server", "  nbd-server-stop")
     wrap(qcleanup, "cancel_job", "  block-job-cancel + wait")
     wrap(qcleanup, "remove_node", "  blockdev-del fleece node")
-    wrap(hot.QemuHotBackup, "_settle_bitmaps", "  settle bitmaps")
+    wrap(hot, "_settle_bitmaps", "  settle bitmaps")
     wrap(nbd.NbdClient, "connect", "NBD connect + handshake")
     wrap(nbd.NbdClient, "close", "NBD close")
     wrap(SessionSource, "change_tracking", "dirty bitmap block status")

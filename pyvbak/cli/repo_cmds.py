@@ -43,10 +43,12 @@ def snapshots(
     if not snaps:
         info("no snapshots")
         return
-    print(f"{'ID':<26} {'VM':<16} {'DISK':<12} {'TIME':<20} {'SIZE':>10}  CBT")
-    for s in snaps:
-        m = s.summary()
-        print(f"{s.id:<26} {m['vm']:<16} {m['disk']:<12} {m['time'][:19]:<20} {human_bytes(m['size']):>10}  {'yes' if m['cbt'] else 'no'}")
+    rows = [s.summary() for s in snaps]
+    wv = max([16] + [len(m["vm"]) for m in rows])  # columns as wide as the longest name
+    wd = max([12] + [len(m["disk"]) for m in rows])
+    print(f"{'ID':<26} {'VM':<{wv}} {'DISK':<{wd}} {'TIME':<20} {'SIZE':>10}  CBT")
+    for m in rows:
+        print(f"{m['id']:<26} {m['vm']:<{wv}} {m['disk']:<{wd}} {m['time'][:19]:<20} {human_bytes(m['size']):>10}  {'yes' if m['cbt'] else 'no'}")
 
 
 def verify(

@@ -145,7 +145,8 @@ def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path
     monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
     repo = str(tmp_path / "repo")
     assert main(["init", repo]) == 0
-    _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    first = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    at_first = [vm.read(0, vm.size, disk=i) for i in (0, 1)]
     vm.write(0, os.urandom(K64), disk=0)
     vm.write(MiB, os.urandom(K64), disk=1)
 
@@ -166,6 +167,19 @@ def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path
     assert "simulated read failure" in err and "db/disk0 snapshot" in err
     assert_clean(vm, tmp_path / "work")
     monkeypatch.setattr(engine, "run_backup", real)
+
+    # the VM's newest complete group is still the first one: disk0's newer snapshot was
+    # frozen with a disk1 that has none, so restoring the VM takes the first group whole
+    vmdir = tmp_path / "vm-restore"
+    restored = _json(capsys, ["restore", "db@latest", f"{vmdir}/", "--repo", repo])
+    assert [r["snapshot"] for r in restored] == [r["id"] for r in first]
+    assert {r["consistency_group"] for r in restored} == {first[0]["consistency_group"]["id"]}
+    assert [(vmdir / f"disk{i}.img").read_bytes() for i in (0, 1)] == at_first
+    capsys.readouterr()
+    assert main(["restore", "db@latest", str(vmdir), "--repo", repo]) == 7  # exists, no --force
+    assert "--force" in capsys.readouterr().err
+    assert main(["restore", "db@latest", str(tmp_path / "one.img"), "--repo", repo]) == 2
+    assert "DIR/" in capsys.readouterr().err
 
     again = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
     assert [(r["disk"], r["cbt"], r["changed_blocks"]) for r in again] == [("disk0", True, 0), ("disk1", True, 2)]

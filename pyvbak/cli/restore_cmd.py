@@ -11,7 +11,7 @@ from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json
 
 def restore(
     snapshot: str = typer.Argument(..., help="Snapshot id (or unique prefix), or VM@latest, or VM/DISK@latest."),
-    output: str = typer.Argument(..., help="File or block device to restore to."),
+    output: str = typer.Argument(..., help="File or block device to restore to; for VM@latest of a VM with several disks, a directory (each disk to DIR/DISK.img)."),
     repo: Optional[str] = RepoOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),
@@ -22,6 +22,10 @@ def restore(
     from ..repo.restore import restore_snapshot
 
     r = open_repository(repo, create_default=False)
+    group = _vm_group(r, snapshot, output)
+    if group is not None:
+        _restore_group(r, group, output, force=force, threads=threads, json_out=json_out, no_lock=no_lock)
+        return
     snap = r.resolve(snapshot)
     with maybe_lock(r, no_lock, f"restore of {snap.id}"):
         with progress_bar(f"restore {snap.id}", not json_out) as update:
@@ -30,3 +34,67 @@ def restore(
         emit_json(report)
     else:
         print(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {output} in {report['duration']:.2f}s")
+
+
+def _vm_group(r, spec: str, output: str):
+    """The snapshots to restore for ``VM@latest`` into a directory when the VM has several
+    disks: its newest complete consistency group; else None (a single restore)."""
+    import os
+
+    from ..errors import SnapshotNotFound, UsageError
+
+    if not spec.endswith("@latest") or "/" in spec[: -len("@latest")]:
+        return None
+    if not (os.path.isdir(output) or output.endswith("/")):
+        return None
+    vm = spec[: -len("@latest")]
+    disks = {s.disk for s in r.snapshots(vm)}
+    if len(disks) <= 1:
+        if disks:  # one disk: a directory is not a restore target
+            raise UsageError(f"{output} is a directory: give the file or block device to restore {spec} to")
+        return None  # resolve() says there is no such snapshot
+    group = r.latest_group(vm)
+    if group is None:
+        raise SnapshotNotFound(f"VM {vm} has several disks ({', '.join(sorted(disks))}) but no backup that froze them "
+                               f"together (qemu:///SOCK?node=A&node=B): restore each with {vm}/DISK@latest")
+    return group
+
+
+def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: bool, no_lock: bool) -> None:
+    """Every disk of one consistency group to OUTDIR/DISK.img, in the group's order."""
+    import os
+
+    from ..errors import TargetExists, UsageError
+    from ..repo.restore import restore_snapshot
+    from .common import info
+
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the restore directory {outdir}: {exc.strerror}") from None
+    targets = [os.path.join(outdir, f"{s.disk}.img") for s in group]
+    if not force:  # refuse before writing anything, not half-way through the VM
+        existing = [t for t in targets if os.path.lexists(t)]
+        if existing:
+            raise TargetExists(f"restore target(s) {', '.join(existing)} already exist: pass --force to overwrite them")
+    reports, done = [], []
+    try:
+        with maybe_lock(r, no_lock, f"restore of {group[0].vm} ({len(group)} disks)"):
+            for snap, target in zip(group, targets):
+                with progress_bar(f"restore {snap.vm}/{snap.disk}", not json_out) as update:
+                    report = restore_snapshot(r, snap, target, force=force, threads=threads, progress=update)
+                reports.append(report)
+                done.append(f"{snap.disk} to {target}")
+    except BaseException:
+        if done:
+            info("restored before the failure: " + ", ".join(done))
+        raise
+    group_id = group[0].meta["consistency_group"]["id"]
+    if json_out:
+        emit_json([{**rep, "consistency_group": group_id} for rep in reports])
+        return
+    for snap, target, report in zip(group, targets, reports):
+        print(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {target} "
+              f"in {report['duration']:.2f}s")
+    print(f"consistency group {group_id}: {len(group)} disks of {group[0].vm} as they were at one instant "
+          f"({group[0].meta['consistency_group'].get('time', '?')})")

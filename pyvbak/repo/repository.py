@@ -308,6 +308,22 @@ class Repository:
         snaps = self.snapshots(vm, disk)
         return snaps[-1] if snaps else None
 
+    def latest_group(self, vm: str) -> list[SnapshotInfo] | None:
+        """The newest complete consistency group of ``vm`` (its disks frozen at one
+        instant by one run), one snapshot per disk in the group's order; None if the VM
+        has none.  A group a failed run left incomplete (a disk without its snapshot) is
+        passed over: its snapshots are not from one instant with the others' latest."""
+        groups: dict[str, dict] = {}
+        for s in self.snapshots(vm):
+            g = s.meta.get("consistency_group")
+            if isinstance(g, dict) and isinstance(g.get("id"), str) and isinstance(g.get("disks"), list):
+                groups.setdefault(g["id"], {"disks": g["disks"], "time": str(g.get("time", "")), "snaps": {}})["snaps"][s.disk] = s
+        complete = [g for g in groups.values() if all(d in g["snaps"] for d in g["disks"])]
+        if not complete:
+            return None
+        newest = max(complete, key=lambda g: (g["time"], max(x.id for x in g["snaps"].values())))
+        return [newest["snaps"][d] for d in newest["disks"]]
+
     def resolve(self, spec: str) -> SnapshotInfo:
         """A snapshot id (or unique prefix), or ``VM[/DISK]@latest``."""
         if spec.endswith("@latest"):
@@ -318,7 +334,9 @@ class Repository:
                 raise SnapshotNotFound(f"no snapshot of {target} in {self.location}: list them with 'pyvbak snapshots'")
             disks = {s.disk for s in snaps}
             if not disk and len(disks) > 1:
-                raise UsageError(f"VM {vm} has several disks ({', '.join(sorted(disks))}): use {vm}/DISK@latest")
+                raise UsageError(f"VM {vm} has several disks ({', '.join(sorted(disks))}): restore one with "
+                                 f"{vm}/DISK@latest, or every disk of its newest consistency group into a "
+                                 f"directory: pyvbak restore {vm}@latest DIR/")
             return snaps[-1]
         if not re.fullmatch(r"[0-9A-Za-z-]+", spec):
             raise SnapshotNotFound(f"'{spec}' is not a snapshot id or VM[/DISK]@latest")

@@ -369,3 +369,26 @@ def test_the_repository_loads_through_the_cache(tmp_path, monkeypatch):
     assert not os.path.exists(manifest)
     assert len(Repository.open(repo.location).load_digest_index()) == 5
     assert os.path.exists(manifest)
+
+
+def test_verify_decodes_each_pack_index_once_when_merged_in_memory(tmp_path, monkeypatch):
+    """Verify checks every pack index object itself; an index merged in memory already
+    decoded (and judged) them all, so the check does not read them again - and still
+    names a damaged one."""
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    repo_path = str(tmp_path / "repo")
+    Repository.init(repo_path)
+    for i in range(3):
+        backup(repo_path, tmp_path / "img", blocks=6, seed=40 + i)
+    repo = Repository.open(repo_path)
+    names = sorted(repo.pack_index_names())
+    with open(os.path.join(repo_path, names[1]), "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff" * 8)
+    decoded = []
+    real = fmt.decode_pack_index
+    monkeypatch.setattr(fmt, "decode_pack_index", lambda data, what: decoded.append(what) or real(data, what))
+    repo = Repository.open(repo_path)
+    repo.load_digest_index()
+    assert repo.damaged_pack_index_names() == [names[1]]
+    assert sorted(decoded) == sorted(f"pack index {n}" for n in names)  # each once

@@ -180,9 +180,16 @@ def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path
     assert "--force" in capsys.readouterr().err
     assert main(["restore", "db@latest", str(tmp_path / "one.img"), "--repo", repo]) == 2
     assert "DIR/" in capsys.readouterr().err
+    # retention keeps the newest complete group even though disk0 has a newer snapshot:
+    # counting per disk alone would forget disk0's half of the only consistent set
+    kept = _json(capsys, ["forget", "--keep-last", "1", "--vm", "db", "--repo", repo])
+    assert kept["forgotten"] == []
 
     again = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
     assert [(r["disk"], r["cbt"], r["changed_blocks"]) for r in again] == [("disk0", True, 0), ("disk1", True, 2)]
+    # now a newer complete group exists: the first one and the failed run's half go
+    gone = _json(capsys, ["forget", "--keep-last", "1", "--vm", "db", "--repo", repo])
+    assert len(gone["forgotten"]) == 3 and not set(gone["forgotten"]) & {r["id"] for r in again}
     for i, disk in enumerate(("disk0", "disk1")):
         out = tmp_path / f"{disk}.img"
         assert main(["restore", f"db/{disk}@latest", str(out), "--repo", repo]) == 0

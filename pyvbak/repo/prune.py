@@ -65,13 +65,36 @@ def forget_snapshots(repo, snaps) -> list[str]:
 
 
 def keep_last_selection(snaps, keep_last: int) -> list:
-    """Snapshots to forget so that each (vm, disk) keeps its ``keep_last`` newest."""
-    groups: dict[tuple[str, str], list] = {}
+    """Snapshots to forget so that each (vm, disk) keeps its ``keep_last`` newest - and
+    each VM its ``keep_last`` newest complete consistency groups (its disks frozen at one
+    instant): a run that failed on one disk leaves the others a snapshot more, and
+    counting per disk alone could forget every group whole, leaving no consistent set
+    of the VM's disks to restore."""
+    per_disk: dict[tuple[str, str], list] = {}
     for s in snaps:  # oldest first (Repository.snapshots)
-        groups.setdefault((s.vm, s.disk), []).append(s)
+        per_disk.setdefault((s.vm, s.disk), []).append(s)
     out = []
-    for group in groups.values():
+    for group in per_disk.values():
         out.extend(group[: max(0, len(group) - keep_last)])
+    protected = {s.id for s in _newest_complete_groups(snaps, keep_last)}
+    return [s for s in out if s.id not in protected]
+
+
+def _newest_complete_groups(snaps, n: int) -> list:
+    """The snapshots of each VM's ``n`` newest consistency groups that have a snapshot of
+    every disk they froze."""
+    by_vm: dict[str, dict[str, dict]] = {}
+    for s in snaps:
+        g = s.meta.get("consistency_group")
+        if isinstance(g, dict) and isinstance(g.get("id"), str) and isinstance(g.get("disks"), list):
+            entry = by_vm.setdefault(s.vm, {}).setdefault(g["id"], {"disks": g["disks"], "snaps": {}})
+            entry["snaps"][s.disk] = s
+    out = []
+    for groups in by_vm.values():
+        complete = [g for g in groups.values() if all(d in g["snaps"] for d in g["disks"])]
+        complete.sort(key=lambda g: max((x.time, x.id) for x in g["snaps"].values()))
+        for g in complete[-n:]:
+            out.extend(g["snaps"].values())
     return out
 
 

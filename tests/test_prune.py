@@ -338,3 +338,51 @@ def test_referenced_set_is_the_same_however_often_it_is_folded(tmp_path, monkeyp
     # the forgotten snapshot's own 16 blocks: 40 % of its pack, which is repacked
     assert rep["blocks_removed"] == 16 and rep["packs_repacked"] == 1
     check_all_restore(repo, tmp_path, images)
+
+
+def test_a_prune_never_deletes_a_pack_it_just_wrote_under_the_same_name(tmp_path):
+    """Packs are named by their contents.  A prune interrupted after writing its new pack
+    and index but before deleting the old pack leaves the old pack behind; the next
+    backup adopts it (indexes it again from its trailer).  If the following prune keeps
+    the blocks' copies in that old pack and repacks it, the repacked bytes are exactly
+    the pack the interrupted prune wrote - same name, so the write is a no-op - and
+    deleting that pack as unused must not happen: the blocks would be gone."""
+    for seed in range(40):  # which copy a prune keeps depends on the packs' names
+        base = tmp_path / f"s{seed}"
+        repo = Repository.init(str(base / "repo"))
+        img = make_image(base / "disk.img", 12 * BS, [(0, 12 * BS, "random")], seed=seed)
+        a = backup_file(repo, img).snapshot_id
+        with open(img, "r+b") as f:  # B shares blocks 0-7 with A, A's 8-11 go with A
+            f.seek(8 * BS)
+            f.write(bytes(4 * BS))
+        b = backup_file(repo, img).snapshot_id
+        (old_pack,) = packs(repo)
+        saved = repo.backend.read(old_pack)
+        forget_snapshots(repo, [repo.resolve(a)])
+        prune_repository(repo)  # old pack 1/3 unused: its kept 2/3 move to a new pack
+        (new_pack,) = packs(repo)
+        # as if that prune had died before deleting the old pack, and a backup adopted it
+        repo.backend.write_new(old_pack, saved)
+        Repository.open(repo.location).recover_leftovers(after_crash=True)
+        r = Repository.open(repo.location)
+        keeper = prune_repository(r, dry_run=True)
+        report = prune_repository(r)
+        assert verify_repository(Repository.open(repo.location))["ok"], (seed, report)
+        check_all_restore(Repository.open(repo.location), base, {b: img})
+        assert packs(r) == [new_pack], seed
+        if keeper["packs_repacked"]:  # the copies in the old pack were kept: the hazard ran
+            return
+    pytest.fail("no seed made the prune keep the old pack's copies")
+
+
+def test_a_pack_with_nothing_unused_is_not_repacked_at_any_threshold(two_generations, tmp_path):
+    """Found by a randomized run: with a threshold of 0 every pack qualified, and a fully
+    used pack 'repacked' into the same bytes under the same name was then deleted."""
+    repo, img, a, b, a_copy = two_generations
+    forget_snapshots(repo, [repo.resolve(a)])
+    prune_repository(repo, repack_unused=0.0)
+    before = packs(repo)
+    report = prune_repository(repo, repack_unused=0.0)
+    assert report["packs_repacked"] == 0 and packs(repo) == before
+    assert verify_repository(Repository.open(repo.location))["ok"]
+    check_all_restore(Repository.open(repo.location), tmp_path, {b: img})

@@ -172,7 +172,9 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     total_bytes = np.bincount(inv, weights=clen, minlength=len(pack_ids))
     unused_share = np.where(total_bytes > 0, 1 - kept_bytes / np.maximum(total_bytes, 1), 1.0)
     delete_p = kept_bytes == 0
-    repack_p = ~delete_p & (unused_share >= repack_unused)
+    # a pack with nothing unused is never repacked, whatever the threshold: the copy would
+    # be the same bytes under the same content-derived name
+    repack_p = ~delete_p & (unused_share >= repack_unused) & (kept_bytes < total_bytes)
     # Records of packs that stay are all kept in the index, used or not: their frames are
     # still there (a later backup may dedup against them), and the next prune counts
     # their bytes when it decides whether to repack.
@@ -248,11 +250,22 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         for name in index_names:
             if name not in written:
                 _delete(backend, name)
+    # Packs are named by their contents, so a pack this prune wrote can carry the name of
+    # one it is about to delete (the kept frames of a repacked pack can equal a pack an
+    # interrupted earlier prune wrote and a backup then re-adopted): writing it was a no-op
+    # and deleting "the old one" would delete the blocks just moved there.
+    written_packs = set()
+    for part in new_parts:
+        if len(part):
+            written_packs.update(bytes(p).ljust(32, b"\0").hex()
+                                 for p in digest_sets.unique(part["pack"].view("S32")))
     freed = 0
     for pi in sorted(gone):
-        freed += _delete(backend, fmt.pack_name(pack_hex[pi]))
+        if pack_hex[pi] not in written_packs:
+            freed += _delete(backend, fmt.pack_name(pack_hex[pi]))
     for name in unindexed:
-        freed += _delete(backend, name)
+        if name.rsplit("/", 1)[-1] not in written_packs:
+            freed += _delete(backend, name)
     report["bytes_freed"] = freed
     repo._digest_index_cache = None
     report["duration"] = time.monotonic() - t0

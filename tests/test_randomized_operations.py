@@ -13,7 +13,9 @@ import random
 import numpy as np
 import pytest
 
+import pyvbak.engine.backup as eb
 import pyvbak.repo.digest_index as dx
+import pyvbak.repo.prune as pr
 from pyvbak.engine.backup import run_backup
 from pyvbak.repo.prune import forget_snapshots, prune_repository
 from pyvbak.repo.repository import Repository
@@ -62,6 +64,10 @@ def test_random_operations_with_crashes_keep_every_promise(tmp_path, monkeypatch
         monkeypatch.setattr(dx, "MERGE_FRACTION", 2)
         monkeypatch.setattr(dx, "MERGE_CHUNK", 7)
         monkeypatch.setattr(dx, "BUILD_RUN_RECORDS", 16)
+    if seed % 4 >= 2:  # several packs per backup and pack index files of a few records
+        monkeypatch.setattr(eb, "PACK_TARGET_BYTES", 200_000)
+        monkeypatch.setattr(pr, "PACK_TARGET_BYTES", 200_000)
+        monkeypatch.setattr(pr, "INDEX_RECORDS_PER_FILE", 5)
     loc = str(tmp_path / "repo")
     Repository.init(loc)
     disks: dict[str, bytearray] = {}

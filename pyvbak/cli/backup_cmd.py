@@ -19,6 +19,39 @@ def backup(
     json_out: bool = JsonOption,
 ) -> None:
     """Back up a disk (or a VM's disks): only changed blocks are read, new blocks are stored once, compressed."""
+    from ..hypervisors import disk_names
+    from ..repo.repository import check_vm_disk_names
+
+    for name in disk_names(source, disk):
+        check_vm_disk_names(vm, name)  # before anything is opened or created (the default repository)
+    r = open_repository(repo)
+    results, cleaned = backup_source(r, source, vm=vm, disk=disk, threads=threads, verify_cbt=verify_cbt,
+                                     show_progress=not json_out)
+    if json_out:
+        outs = []
+        for result in results:
+            out = result.to_json()
+            out["id"] = result.snapshot_id
+            outs.append(out)
+        emit_json(outs[0] if len(outs) == 1 else outs)
+        return
+    for line in cleaned:
+        info(f"cleanup: {line}")
+    for result in results:
+        for w in result.warnings:
+            info(f"warning: {w}")
+        print(
+            f"snapshot {result.snapshot_id} of {result.vm}/{result.disk} ({human_bytes(result.size)}): scanned "
+            f"{human_bytes(result.bytes_scanned)}, read {human_bytes(result.bytes_read)}, changed {human_bytes(result.changed_bytes)}, "
+            f"new {human_bytes(result.new_bytes)}, stored {human_bytes(result.stored_bytes)} "
+            f"in {result.duration:.2f}s{' (change tracking)' if result.cbt else ''}"
+        )
+
+
+def backup_source(r, source: str, *, vm: str, disk: str | None = None, threads: int | None = None,
+                  verify_cbt: bool = False, show_progress: bool = True):
+    """What ``pyvbak backup`` does, for any caller (the demo too): lock, clean up after a
+    dead run, back up every disk ``source`` names, commit each; (results, cleaned)."""
     from ..engine.backup import run_backup
     from ..hypervisors import disk_names, open_disks
     from ..repo.repository import check_vm_disk_names, new_snapshot_id, snapshot_time
@@ -26,7 +59,6 @@ def backup(
     names = disk_names(source, disk)
     for name in names:
         check_vm_disk_names(vm, name)  # before anything is opened or created
-    r = open_repository(repo)
     results = []
     with r.lock(purpose=f"backup of {vm}/{','.join(names)}") as lock:
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
@@ -42,7 +74,7 @@ def backup(
                          if len(names) > 1 else None)
                 for d in disks:
                     with d.open() as src:
-                        with progress_bar(f"backup {vm}/{d.name}", not json_out) as update:
+                        with progress_bar(f"backup {vm}/{d.name}", show_progress) as update:
                             result = run_backup(r, src, vm=vm, disk=d.name, threads=threads, verify_cbt=verify_cbt,
                                                 progress=update, extra_meta=group)
                         d.commit()
@@ -56,24 +88,5 @@ def backup(
             raise
     for result in results:
         result.cleaned_leftovers = cleaned
-    if json_out:
-        outs = []
-        for result in results:
-            out = result.to_json()
-            out["id"] = result.snapshot_id
-            if len(names) > 1:
-                out["consistency_group"] = group["consistency_group"]
-            outs.append(out)
-        emit_json(outs[0] if len(outs) == 1 else outs)
-        return
-    for line in cleaned:
-        info(f"cleanup: {line}")
-    for result in results:
-        for w in result.warnings:
-            info(f"warning: {w}")
-        print(
-            f"snapshot {result.snapshot_id} of {result.vm}/{result.disk} ({human_bytes(result.size)}): scanned "
-            f"{human_bytes(result.bytes_scanned)}, read {human_bytes(result.bytes_read)}, changed {human_bytes(result.changed_bytes)}, "
-            f"new {human_bytes(result.new_bytes)}, stored {human_bytes(result.stored_bytes)} "
-            f"in {result.duration:.2f}s{' (change tracking)' if result.cbt else ''}"
-        )
+        result.consistency_group = (group or {}).get("consistency_group")
+    return results, cleaned

@@ -80,9 +80,14 @@ class BackupResult:
     cbt_missed_blocks: list[int] | None = None
     warnings: list[str] = field(default_factory=list)
     cleaned_leftovers: list[str] = field(default_factory=list)
+    #: id, time and disks of the run that froze this disk with others at one instant
+    consistency_group: dict | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["consistency_group"] is None:  # a single disk: the key is absent
+            del out["consistency_group"]
+        return out
 
 
 def _runs(indices: np.ndarray, max_blocks: int):

@@ -49,7 +49,7 @@ def backup(
 
 
 def backup_source(r, source: str, *, vm: str, disk: str | None = None, threads: int | None = None,
-                  verify_cbt: bool = False, show_progress: bool = True):
+                  verify_cbt: bool = False, show_progress: bool = True, work_dir: str | None = None):
     """What ``pyvbak backup`` does, for any caller (the demo too): lock, clean up after a
     dead run, back up every disk ``source`` names, commit each; (results, cleaned)."""
     from ..engine.backup import run_backup
@@ -68,7 +68,8 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, threads: 
             parent = r.latest(vm, name)
             prev_states[name] = (parent.meta.get("change_tracking") or {}).get("state") if parent else None
         try:
-            with open_disks(source, names, previous_states=prev_states, verify_cbt=verify_cbt) as (disks, session_cleaned):
+            with open_disks(source, names, previous_states=prev_states, verify_cbt=verify_cbt,
+                            work_dir=work_dir) as (disks, session_cleaned):
                 # several disks were frozen together just now: their snapshots say so
                 group = ({"consistency_group": {"id": new_snapshot_id(), "time": snapshot_time(), "disks": names}}
                          if len(names) > 1 else None)

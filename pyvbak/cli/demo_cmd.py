@@ -4,6 +4,13 @@ Makes a disk image holding a real ext4 filesystem (``mkfs.ext4 -d``), backs it u
 changes files inside the filesystem (``debugfs -w``, no mount needed), backs up again
 (only the changed blocks are stored), restores both snapshots and checks them
 byte for byte and with ``e2fsck``.  Uses the default repository unless --repo is given.
+
+``--hot`` does the same to a *running* VM: the disk becomes a qcow2 served by
+``qemu-storage-daemon`` (standing in for QEMU: a QMP socket, and a writable FUSE export
+as the guest's view of its disk), the backups go through ``qemu:///…?node=disk0`` (a
+point-in-time fleecing view, a persistent dirty bitmap) and the files change through
+the guest's view while the VM runs; the demo then shows QEMU holds nothing of pyvbak's
+but the bitmap.
 """
 
 from __future__ import annotations
@@ -50,10 +57,86 @@ def _populate(root: str, rng: random.Random) -> None:
         f.write("demo-vm\n")
 
 
+def _qemu_tool(name: str, package: str) -> str:
+    import shutil
+
+    path = shutil.which(name)
+    if not path:
+        raise SourceError(f"demo --hot needs {name}: install the Debian package '{package}' (or run the demo without --hot)")
+    return path
+
+
+class _DemoVM:
+    """qemu-storage-daemon serving ``qcow2`` as node disk0, a QMP socket for pyvbak and a
+    writable FUSE export as the guest's view; stopped and unmounted by ``stop()``."""
+
+    def __init__(self, work: str, qcow2: str):
+        self.qmp = os.path.join(work, "qmp.sock")
+        self.guest = os.path.join(work, "guest-view.img")
+        self.qcow2 = qcow2
+        self.proc = None
+
+    def start(self) -> "_DemoVM":
+        import subprocess
+        import time
+
+        qsd = _qemu_tool("qemu-storage-daemon", "qemu-system-common")
+        _qemu_tool("fusermount3", "fuse3")
+        open(self.guest, "wb").close()
+        self.proc = subprocess.Popen(
+            [qsd, "--blockdev", f"driver=file,node-name=disk0-file,filename={self.qcow2}",
+             "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file",
+             "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0",
+             "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={self.guest},writable=on"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(self.qmp) and self._mounted()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = self.proc.stdout.read().decode(errors="replace") if self.proc.poll() is not None else "timed out"
+                raise SourceError(f"demo --hot: qemu-storage-daemon did not start: {out.strip()[-300:]}")
+            time.sleep(0.02)
+        return self
+
+    def _mounted(self) -> bool:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == self.guest for line in f)
+
+    def qemu_state(self) -> str:
+        """What QEMU holds after the backups, from its own QMP answers."""
+        from ..hypervisors.qemu.qmp import QmpClient
+
+        with QmpClient(self.qmp, timeout=10).connect() as q:
+            exports = [e["id"] for e in q.execute("query-block-exports")]
+            jobs = [j["id"] for j in q.execute("query-jobs")]
+            nodes = [n["node-name"] for n in q.execute("query-named-block-nodes", flat=True)
+                     if n.get("node-name", "").startswith("pyvbak-")]
+            bitmaps = [f"{b['name']}{' (recording)' if b.get('recording') else ''}"
+                       for n in q.execute("query-named-block-nodes", flat=True) if n.get("node-name") == "disk0"
+                       for b in n.get("dirty-bitmaps", [])]
+        return (f"exports {exports or 'none'}, block jobs {jobs or 'none'}, pyvbak nodes {nodes or 'none'}, "
+                f"dirty bitmaps on disk0 {bitmaps or 'none'}")
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        if self.proc is not None and self.proc.stdout:
+            self.proc.stdout.close()
+        if self._mounted():
+            subprocess.run(["fusermount3", "-u", self.guest], check=False, capture_output=True)
+
+
 def demo(
     repo: Optional[str] = RepoOption,
-    size_mib: int = typer.Option(64, "--size-mib", min=16, help="Size of the demo disk."),
+    size_mib: int = typer.Option(64, "--size-mib", min=32, help="Size of the demo disk (its files take ~15 MiB)."),
     keep: bool = typer.Option(False, "--keep", help="Keep the demo work directory."),
+    hot: bool = typer.Option(False, "--hot", help="Back up a running VM instead (qemu-storage-daemon stands in for QEMU; needs qemu-utils, qemu-system-common, fuse3)."),
 ) -> None:
     """Run the main job on a built-in demo disk: backup, change, backup, restore, check."""
     import random
@@ -66,24 +149,52 @@ def demo(
     from ..sources.file import FileSource
 
     mkfs, debugfs, fsck = _tool("mkfs.ext4"), _tool("debugfs"), _tool("e2fsck")
+    if hot:
+        qemu_img = _qemu_tool("qemu-img", "qemu-utils")
+        _qemu_tool("qemu-storage-daemon", "qemu-system-common")
+        _qemu_tool("fusermount3", "fuse3")
     r = open_repository(repo)
     print(f"repository: {r.location}")
-    work = tempfile.mkdtemp(prefix="pyvbak-demo-")
+    # under /tmp: the QMP and NBD sockets must fit a UNIX socket path
+    work = tempfile.mkdtemp(prefix="pyvbak-demo-", dir="/tmp" if hot else None)
     rng = random.Random(2026)
+    vm = None
     try:
         tree, image = os.path.join(work, "tree"), os.path.join(work, "demo-vm-disk0.img")
         _populate(tree, rng)
-        subprocess.run([mkfs, "-q", "-F", "-t", "ext4", "-d", tree, image, f"{size_mib}M"], check=True, capture_output=True)
+        made = subprocess.run([mkfs, "-q", "-F", "-t", "ext4", "-d", tree, image, f"{size_mib}M"], capture_output=True, text=True)
+        if made.returncode != 0:
+            last = ((made.stderr or made.stdout).strip().splitlines() or ["(no message)"])[-1]
+            raise SourceError(f"demo: mkfs.ext4 could not make the {size_mib} MiB disk image: {last}")
         print(f"made a {size_mib} MiB disk image with an ext4 filesystem: {image}")
+        source = image
+        if hot:
+            from .backup_cmd import backup_source
+
+            qcow2 = os.path.join(work, "demo-vm-disk0.qcow2")
+            subprocess.run([qemu_img, "convert", "-O", "qcow2", image, qcow2], check=True, capture_output=True)
+            os.unlink(image)
+            vm = _DemoVM(work, qcow2).start()
+            image = vm.guest  # the guest's view of its running disk: what is checked and changed
+            source = f"qemu://{vm.qmp}?node=disk0"
+            print(f"started the VM stand-in (qemu-storage-daemon) on {qcow2}; backing up {source}")
 
         def backup_once(label: str):
-            with r.lock(purpose="demo backup"):
-                r.recover_leftovers()
-                with FileSource(image) as src:
-                    res = run_backup(r, src, vm="demo-vm", disk="disk0")
+            if hot:
+                (res,), _ = backup_source(r, source, vm="demo-vm", disk="disk0", show_progress=False,
+                                          work_dir=os.path.join(work, "pyvbak-work"))
+            else:
+                with r.lock(purpose="demo backup"):
+                    r.recover_leftovers()
+                    with FileSource(image) as src:
+                        res = run_backup(r, src, vm="demo-vm", disk="disk0")
+            how = ""
+            if hot:
+                how = (f", read {human_bytes(res.bytes_read)} of {human_bytes(res.size)}"
+                       + (" via the dirty bitmap" if res.cbt else f" (full scan: {res.fallback_reason})"))
             print(
                 f"{label}: snapshot {res.snapshot_id}: changed {human_bytes(res.changed_bytes)}, "
-                f"new {human_bytes(res.new_bytes)}, stored {human_bytes(res.stored_bytes)} in {res.duration:.2f}s"
+                f"new {human_bytes(res.new_bytes)}, stored {human_bytes(res.stored_bytes)} in {res.duration:.2f}s{how}"
             )
             return res, _sha256(image)
 
@@ -97,8 +208,13 @@ def demo(
             f.write(rng.randbytes(1 << 20))
         cmds = f"rm /srv/data/blob0.bin\nwrite {new_blob} /srv/data/blob0.bin\nwrite {new_log} /var/log/nightly.log\n"
         subprocess.run([debugfs, "-w", "-f", "-", image], input=cmds.encode(), check=True, capture_output=True)
-        print("changed files inside the filesystem (debugfs): /srv/data/blob0.bin, /var/log/nightly.log")
+        print("changed files inside the filesystem (debugfs): /srv/data/blob0.bin, /var/log/nightly.log"
+              + (" - through the running VM's disk" if hot else ""))
         second, second_sum = backup_once("incremental backup")
+        if hot:
+            print(f"QEMU after the backups: {vm.qemu_state()}")
+            if not second.cbt:
+                raise SourceError(f"demo check failed: the incremental did not use the dirty bitmap: {second.fallback_reason}")
 
         for res, expected in ((first, first_sum), (second, second_sum)):
             out = os.path.join(work, f"restored-{res.snapshot_id}.img")
@@ -113,6 +229,8 @@ def demo(
         print(f"restore without pyvbak: sh {os.path.join(r.location, 'restore.sh')} {second.snapshot_id} OUTPUT.img")
         print("demo OK")
     finally:
+        if vm is not None:
+            vm.stop()
         if keep:
             print(f"kept the work directory {work}")
         else:

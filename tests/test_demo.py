@@ -1,0 +1,50 @@
+"""`pyvbak demo` (the README's first command) and `pyvbak demo --hot` end to end."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import require_tool
+from pyvbak.cli.main import main
+
+
+def _run(capsys, *args):
+    capsys.readouterr()
+    code = main(["demo", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _demo_dirs() -> set[str]:
+    return {n for n in os.listdir("/tmp") if n.startswith("pyvbak-demo-")}
+
+
+def test_demo_backs_up_changes_restores_and_checks(tmp_path, capsys):
+    require_tool("mkfs.ext4", "e2fsprogs")
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    code, out, err = _run(capsys, "--repo", repo, "--size-mib", "32")
+    assert code == 0, err
+    assert out.count("byte-identical=True, e2fsck clean=True") == 2 and out.rstrip().endswith("demo OK")
+
+
+def test_hot_demo_uses_the_dirty_bitmap_and_leaves_nothing_in_qemu(tmp_path, capsys):
+    require_tool("mkfs.ext4", "e2fsprogs")
+    require_tool("qemu-storage-daemon", "qemu-system-common")
+    require_tool("fusermount3", "fuse3")
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    before = _demo_dirs()
+    code, out, err = _run(capsys, "--hot", "--repo", repo, "--size-mib", "32")
+    assert code == 0, err
+    assert "via the dirty bitmap" in out
+    assert "exports ['guest'], block jobs none, pyvbak nodes none" in out and "pyvbak-gen-2 (recording)" in out
+    assert out.count("byte-identical=True, e2fsck clean=True") == 2 and out.rstrip().endswith("demo OK")
+    assert _demo_dirs() == before  # work dir, sockets, FUSE mount: all gone
+    with open("/proc/self/mountinfo") as f:
+        assert "pyvbak-demo-" not in f.read()
+
+
+def test_demo_size_below_what_its_files_need_is_a_usage_error(tmp_path, capsys):
+    code, _, err = _run(capsys, "--repo", str(tmp_path / "r"), "--size-mib", "16")
+    assert code == 2 and "--size-mib" in err

@@ -127,14 +127,14 @@ def test_qemu_killed_mid_backup_fails_cleanly_and_the_next_run_falls_back(vm, tm
     with pytest.raises(PyvbakError) as failure:
         with repo.lock():
             with open_source(vm.uri, previous_state=state) as (src, session):
-                real_read = src.read
+                real_read_into = src.read_into
 
-                def read_then_die(offset, length):
+                def read_then_die(offset, buffer):
                     hard_kill(vm.proc.pid)  # the VM's QEMU dies under the backup
                     vm.proc.wait(10)
-                    return real_read(offset, length)
+                    return real_read_into(offset, buffer)
 
-                src.read = read_then_die
+                src.read_into = read_then_die  # the engine reads network sources into its buffers
                 run_backup(repo, src, vm="web", disk="disk0")
                 session.commit()
     assert "\n" not in str(failure.value) and ("NBD" in str(failure.value) or "QMP" in str(failure.value))

@@ -19,7 +19,8 @@ The main thread keeps at most
 ``2 * workers`` jobs in flight and feeds finished frames to the PackWriter, which holds
 one open pack and at most two uploading.  Peak memory is therefore about
 ``2 * workers * CHUNK_BYTES * 2`` for chunk jobs (data + frames; 128 MiB for an NBD
-source on 2 cores, 32 MiB for a file), at most ``MAPPED_FRAMES_BUDGET`` (256 MiB) of
+source on 2 cores, 32 MiB for a file; a network source is read into one reused buffer
+per worker, so its data is at most ``workers * CHUNK_BYTES``), at most ``MAPPED_FRAMES_BUDGET`` (256 MiB) of
 frames for window jobs when every block changed, + ``3 * PACK_TARGET_BYTES`` + the
 per-block arrays (n * (1 + 16 + 32) bytes, plus the parent's index) + the repository's
 digest index: 80 bytes per stored block merged in memory for small repositories, pages of
@@ -39,7 +40,7 @@ import numpy as np
 import zstandard
 
 from .. import native
-from ..errors import IntegrityError
+from ..errors import IntegrityError, SourceError
 from ..repo import format as fmt
 from ..repo.packer import PackWriter
 from ..repo.repository import PACK_TARGET_BYTES, Repository, check_vm_disk_names, new_snapshot_id, snapshot_time
@@ -252,6 +253,8 @@ def run_backup(
             c = local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
         return c
 
+    reads_into = hasattr(source, "read_into") and not hasattr(source, "fileno")
+
     def work(a: int, b: int, kind: str):
         if kind == "mapped":
             return scan_mapped(a, b)
@@ -263,9 +266,23 @@ def run_backup(
             fast[a:b] = 0
             changed = _changed(parent, zero, fast, a, b, bs)
             return a, b, changed, out, 0
-        data = source.read(a * bs, min(b * bs, size) - a * bs)
-        nread = len(data)
-        mv = memoryview(data)
+        length = min(b * bs, size) - a * bs
+        if reads_into:
+            # network sources fill the worker's own buffer: no copy of each reply into a
+            # fresh bytes object (1 GiB over NBD, 4 MiB reads on 2 threads: 0.25-0.33 s
+            # of CPU instead of 0.35-0.43 s); nothing of it outlives this job
+            buf = getattr(local, "read_buffer", None)
+            if buf is None or len(buf) < length:
+                buf = local.read_buffer = memoryview(bytearray(max(length, CHUNK_BYTES)))
+            nread = source.read_into(a * bs, buf[:length])
+            if nread != length:
+                raise SourceError(f"short read from {source.description} at offset {a * bs}: "
+                                  f"{nread} of {length} bytes")
+            mv = buf[:nread]
+        else:
+            data = source.read(a * bs, length)
+            nread = len(data)
+            mv = memoryview(data)
         if scan:
             native.scan_buffer(mv, bs, key, zero[a:b], fast[a:b])
             changed = _changed(parent, zero, fast, a, b, bs)

@@ -55,6 +55,12 @@ class SessionSource:
         self._check()  # after too: data that arrived once the view broke is not trusted
         return data
 
+    def read_into(self, offset: int, buffer) -> int:
+        self._check()
+        n = self.nbd.read_into(offset, buffer)
+        self._check()  # as read(): data that arrived once the view broke is not trusted
+        return n
+
     def extents(self):
         out = list(self.nbd.extents())
         self._check()

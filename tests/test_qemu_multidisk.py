@@ -127,6 +127,10 @@ def test_cli_backs_up_every_disk_with_its_own_bitmap(vm, tmp_path, capsys, monke
     snaps = _json(capsys, ["snapshots", "--repo", repo, "--vm", "db"])
     assert sorted(s["disk"] for s in snaps) == ["disk0", "disk0", "disk1", "disk1"]
     assert sorted(s["id"] for s in snaps if s["consistency_group"]["id"] == group["id"]) == sorted(r["id"] for r in first)
+    capsys.readouterr()
+    assert main(["snapshots", "--repo", repo, "--vm", "db"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].endswith("GROUP") and sum(group["id"].rsplit("-", 1)[1] in line for line in listing) == 2
     for i, disk in enumerate(("disk0", "disk1")):
         out = tmp_path / f"{disk}.img"
         assert main(["restore", f"db/{disk}@latest", str(out), "--repo", repo]) == 0

@@ -46,9 +46,15 @@ def snapshots(
     rows = [s.summary() for s in snaps]
     wv = max([16] + [len(m["vm"]) for m in rows])  # columns as wide as the longest name
     wd = max([12] + [len(m["disk"]) for m in rows])
-    print(f"{'ID':<26} {'VM':<{wv}} {'DISK':<{wd}} {'TIME':<20} {'SIZE':>10}  CBT")
+    # disks frozen together by one run share a group: its id's random part names it here
+    grouped = any(m.get("consistency_group") for m in rows)
+    print(f"{'ID':<26} {'VM':<{wv}} {'DISK':<{wd}} {'TIME':<20} {'SIZE':>10}  CBT" + ("  GROUP" if grouped else ""))
     for m in rows:
-        print(f"{m['id']:<26} {m['vm']:<{wv}} {m['disk']:<{wd}} {m['time'][:19]:<20} {human_bytes(m['size']):>10}  {'yes' if m['cbt'] else 'no'}")
+        group = (m.get("consistency_group") or {}).get("id", "")
+        cbt = "yes" if m["cbt"] else "no"
+        if grouped:
+            cbt = f"{cbt:<3}  {group.rsplit('-', 1)[-1] if group else '-'}"
+        print(f"{m['id']:<26} {m['vm']:<{wv}} {m['disk']:<{wd}} {m['time'][:19]:<20} {human_bytes(m['size']):>10}  {cbt}")
 
 
 def verify(

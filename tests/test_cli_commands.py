@@ -165,6 +165,37 @@ def test_verify_sample_finds_corruption_sometimes_full_always(tmp_path, capsys):
     assert report["blocks_checked"] == 0
 
 
+def test_verify_of_chosen_snapshots_checks_their_blocks_only(tmp_path, capsys):
+    """`verify SNAPSHOT...`: last night's snapshot checked without re-reading the whole
+    repository; a bad block of another snapshot is not its problem."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    ids = {}
+    for name, seed in (("a", 90), ("b", 91)):
+        img = make_image(tmp_path / f"{name}.img", 10 * BS, [(0, 10 * BS, "random")], seed=seed)
+        code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--disk", name, "--json")
+        ids[name] = json.loads(out)["id"]
+    r = Repository.open(str(repo))
+    a_digests = {bytes(d) for d in r.load_snapshot_index(r.resolve(ids["a"]))[2]["digest"]}
+    rec = next(x for x in r.load_digest_index().records if bytes(x["digest"]) in a_digests)
+    pack = os.path.join(repo, "packs", bytes(rec["pack"]).hex()[:2], bytes(rec["pack"]).hex())
+    data = bytearray(open(pack, "rb").read())
+    data[int(rec["offset"]) + int(rec["clen"]) - 5] ^= 0x55
+    os.chmod(pack, 0o644)
+    open(pack, "wb").write(data)
+
+    code, out, err = cli(capsys, "verify", "v/b@latest", "--repo", repo, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["snapshots"] == 1 and report["blocks_checked"] == 10
+    code, out, err = cli(capsys, "verify", ids["a"], "--repo", repo, "--json")
+    assert code == 6 and [a["id"] for a in json.loads(out)["affected_snapshots"]] == [ids["a"]]
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    assert code == 6 and json.loads(out)["snapshots"] == 2
+    code, out, err = cli(capsys, "verify", "v/nope@latest", "--repo", repo)
+    assert code == 5
+
+
 def test_backup_json_and_human_output(tmp_path, capsys):
     repo = tmp_path / "repo"
     cli(capsys, "init", repo)

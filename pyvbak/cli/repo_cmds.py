@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -58,6 +58,7 @@ def snapshots(
 
 
 def verify(
+    snapshots: Optional[List[str]] = typer.Argument(None, help="Only the blocks of these snapshots (ids, VM/DISK@latest); default: every snapshot."),
     repo: Optional[str] = RepoOption,
     sample: Optional[float] = typer.Option(None, "--sample", help="Check only this PERCENT of blocks, chosen at random."),
     json_out: bool = JsonOption,
@@ -69,7 +70,10 @@ def verify(
 
     r = open_repository(repo)
     with maybe_lock(r, no_lock, "verify"):
-        report = verify_repository(r, sample_percent=sample)
+        chosen = None
+        if snapshots:
+            chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots)}.values()
+        report = verify_repository(r, sample_percent=sample, snapshots=chosen)
     if json_out:
         emit_json(report)
     else:

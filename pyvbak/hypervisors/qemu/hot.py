@@ -1,7 +1,8 @@
 """Hot backup of a running QEMU VM's disks: image fleecing + persistent dirty bitmaps.
 
-See docs/QEMU.md for the full sequence.  In short, ``QemuHotBackup.__enter__`` (for each
-disk the URI names; steps 3-5 of every disk in one transaction and on one NBD server):
+See docs/QEMU.md for the full sequence.  In short, ``QemuHotBackup.__enter__`` (for every
+disk the URI names: step 4 holds all disks' actions in one transaction, step 5 exports
+each disk on the one NBD server):
 
 1. connects to QMP, cleans what a killed earlier run left (``cleanup.clean_leftovers``);
 2. checks whether the dirty bitmap recorded by the previous backup can be trusted;

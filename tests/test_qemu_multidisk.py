@@ -141,6 +141,13 @@ def test_cli_backs_up_every_disk_with_its_own_bitmap(vm, tmp_path, capsys, monke
     assert main(["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db", "--disk", "x"]) == UsageError.exit_code
     assert "drop --disk" in capsys.readouterr().err
 
+    # forgetting one disk's half of a group says what that breaks; both halves: nothing to say
+    assert main(["forget", first[0]["id"], "--repo", repo]) == 0
+    err = capsys.readouterr().err
+    assert f"consistency group {group['id']} keeps db/disk1" in err and "db@latest DIR/" in err
+    assert main(["forget", second[0]["id"], second[1]["id"], "--repo", repo]) == 0
+    assert "warning" not in capsys.readouterr().err
+
 
 def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path, capsys, monkeypatch):
     """disk1's backup fails after disk0's snapshot was committed: disk0 keeps its new

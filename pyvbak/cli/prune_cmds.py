@@ -39,7 +39,10 @@ def forget(
             for s in keep_last_selection(r.snapshots(vm), keep_last):
                 chosen.setdefault(s.id, s)
         targets = sorted(chosen.values(), key=lambda s: (s.time, s.id))
+        broken = _groups_left_incomplete(r, targets)
         forgotten = [s.id for s in targets] if dry_run else forget_snapshots(r, targets)
+    for line in broken:
+        info(f"warning: {line}")
     result = {"forgotten": forgotten, "dry_run": dry_run}
     if prune_after:
         result["prune"] = _prune(r, dry_run)
@@ -90,3 +93,19 @@ def _print_prune(rep: dict) -> None:
         info(f"warning: {p}")
     if rep["missing_blocks"]:
         info(f"warning: {rep['missing_blocks']} referenced block(s) are in no pack: run 'pyvbak verify'")
+
+
+def _groups_left_incomplete(r, targets) -> list[str]:
+    """Consistency groups (disks frozen at one instant) that forgetting ``targets`` leaves
+    with some disks but not all: their snapshots still restore one by one, but no longer
+    as the VM's consistent set."""
+    going = {s.id for s in targets}
+    out = []
+    for gid in sorted({(s.meta.get("consistency_group") or {}).get("id") for s in targets} - {None}):
+        members = [s for s in r.snapshots() if (s.meta.get("consistency_group") or {}).get("id") == gid]
+        staying = [s for s in members if s.id not in going]
+        if staying:
+            out.append(f"consistency group {gid} keeps {', '.join(f'{s.vm}/{s.disk}' for s in staying)} without "
+                       f"the other disks frozen with them: 'restore {members[0].vm}@latest DIR/' will use an "
+                       "older complete group")
+    return out

@@ -4,8 +4,9 @@ invocation per disk, incremental backups, same VM, same rewrites, same run.
 
     python bench/qemu_multidisk.py [--disks 8] [--size-mib 256] [--rounds 3] [--json]
 
-``qemu-storage-daemon`` serves ``--disks`` qcow2 disks (nodes disk0…, each half random
-data) with a QMP socket for pyvbak and a writable FUSE view per disk (the guest).  After
+The stand-in VM (pyvbak/hypervisors/qemu/standin.py: ``qemu-storage-daemon``) serves
+``--disks`` qcow2 disks (nodes disk0…, each half random data) with a QMP socket for pyvbak
+and a writable FUSE view per disk (the guest).  After
 one full backup of every disk, each round rewrites 1 % of every disk's 4 KiB pages
 (clustered runs, fsync) and times, in alternating order:
 
@@ -25,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,46 +36,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from benchutil import cpu_model, ensure_bytecode  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(HERE))
+from pyvbak.hypervisors.qemu.standin import StandInVM, missing_tools  # noqa: E402
+
 MiB = 1 << 20
 PAGE = 4096
 
 
-class Disks:
-    """qemu-storage-daemon with ``n`` qcow2 disks and a FUSE guest view of each."""
+class Disks(StandInVM):
+    """The stand-in VM with ``n`` qcow2 disks, each half random data by 1 MiB extents."""
 
-    def __init__(self, work: str, n: int, size: int):
-        self.work, self.n, self.size = work, n, size
-        self.qmp = os.path.join(work, "qmp.sock")
-        self.guests = [os.path.join(work, f"guest{i}.img") for i in range(n)]
-        self.proc = None
-
-    def start(self, seed: int) -> "Disks":
+    def __init__(self, work: str, n: int, size: int, seed: int):
         rng = random.Random(seed)
-        args = ["qemu-storage-daemon", "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=q0",
-                "--monitor", "chardev=q0"]
-        for i in range(self.n):
-            raw, qcow = os.path.join(self.work, f"d{i}.raw"), os.path.join(self.work, f"d{i}.qcow2")
-            with open(raw, "wb") as f:  # half random data, half zeros, by 1 MiB extents
-                for _ in range(self.size // MiB):
+        images = []
+        for i in range(n):
+            raw, qcow = os.path.join(work, f"d{i}.raw"), os.path.join(work, f"d{i}.qcow2")
+            with open(raw, "wb") as f:
+                for _ in range(size // MiB):
                     f.write(rng.randbytes(MiB) if rng.random() < 0.5 else bytes(MiB))
             subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, qcow], check=True)
             os.unlink(raw)
-            open(self.guests[i], "wb").close()
-            args += ["--blockdev", f"driver=file,node-name=disk{i}-file,filename={qcow}",
-                     "--blockdev", f"driver=qcow2,node-name=disk{i},file=disk{i}-file",
-                     "--export", f"type=fuse,id=guest{i},node-name=disk{i},mountpoint={self.guests[i]},writable=on"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(self.qmp) and all(self._mounted(g) for g in self.guests)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"qemu-storage-daemon did not start: {self.proc.stderr.read().decode()[-300:]}")
-            time.sleep(0.02)
-        return self
-
-    @staticmethod
-    def _mounted(path: str) -> bool:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == path for line in f)
+            images.append(qcow)
+        super().__init__(work, images)
+        self.size = size
 
     def rewrite(self, seed: int, fraction: float = 0.01) -> int:
         """1 % of each disk's pages in clustered runs of 1-64 pages, through the guest."""
@@ -95,18 +78,6 @@ class Disks:
             finally:
                 os.close(fd)
         return total
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        for g in self.guests:
-            if self._mounted(g):
-                subprocess.run(["fusermount3", "-u", g], check=False)
 
 
 def pyvbak(args: list[str], env: dict) -> float:
@@ -130,20 +101,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    for tool, pkg in (("qemu-storage-daemon", "qemu-system-common"), ("qemu-img", "qemu-utils"), ("fusermount3", "fuse3")):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} not found: install the Debian package '{pkg}'")
+    if missing_tools():
+        raise SystemExit(f"needs {', '.join(missing_tools())}")
     ensure_bytecode()  # time pyvbak as installed: see benchutil.ensure_bytecode
     work = tempfile.mkdtemp(prefix="pvb-md-", dir="/tmp")
     env = dict(os.environ, PYVBAK_WORK_DIR=os.path.join(work, "w"), PYTHONPATH=os.path.dirname(HERE))
-    vm = Disks(work, a.disks, a.size_mib * MiB)
+    vm = None
     rounds = []
     try:
-        vm.start(seed=1)
+        vm = Disks(work, a.disks, a.size_mib * MiB, seed=1).start()
         repo = os.path.join(work, "repo")
         pyvbak(["init", repo], env)
-        nodes = [f"disk{i}" for i in range(a.disks)]
-        together = ["backup", f"qemu://{vm.qmp}?" + "&".join(f"node={n}" for n in nodes), "--repo", repo, "--vm", "vm", "--json"]
+        together = ["backup", vm.uri(), "--repo", repo, "--vm", "vm", "--json"]
         full_s = pyvbak(together, env)
         for rnd in range(a.rounds):
             res = {}
@@ -152,11 +121,12 @@ def main() -> int:
                 if which == "together":
                     res["together_s"] = pyvbak(together, env)
                 else:
-                    res["apart_s"] = sum(pyvbak(["backup", f"qemu://{vm.qmp}?node={n}", "--repo", repo, "--vm", "vm", "--json"], env)
-                                         for n in nodes)
+                    res["apart_s"] = sum(pyvbak(["backup", vm.uri(i), "--repo", repo, "--vm", "vm", "--json"], env)
+                                         for i in range(a.disks))
             rounds.append(res)
     finally:
-        vm.stop()
+        if vm is not None:
+            vm.stop()
         shutil.rmtree(work, ignore_errors=True)
     tog = statistics.median(r["together_s"] for r in rounds)
     apart = statistics.median(r["apart_s"] for r in rounds)

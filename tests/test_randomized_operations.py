@@ -7,7 +7,6 @@ the same content-derived name.)"""
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 
 import numpy as np

@@ -57,81 +57,6 @@ def _populate(root: str, rng: random.Random) -> None:
         f.write("demo-vm\n")
 
 
-def _qemu_tool(name: str, package: str) -> str:
-    import shutil
-
-    path = shutil.which(name)
-    if not path:
-        raise SourceError(f"demo --hot needs {name}: install the Debian package '{package}' (or run the demo without --hot)")
-    return path
-
-
-class _DemoVM:
-    """qemu-storage-daemon serving ``qcow2`` as node disk0, a QMP socket for pyvbak and a
-    writable FUSE export as the guest's view; stopped and unmounted by ``stop()``."""
-
-    def __init__(self, work: str, qcow2: str):
-        self.qmp = os.path.join(work, "qmp.sock")
-        self.guest = os.path.join(work, "guest-view.img")
-        self.qcow2 = qcow2
-        self.proc = None
-
-    def start(self) -> "_DemoVM":
-        import subprocess
-        import time
-
-        qsd = _qemu_tool("qemu-storage-daemon", "qemu-system-common")
-        _qemu_tool("fusermount3", "fuse3")
-        open(self.guest, "wb").close()
-        self.proc = subprocess.Popen(
-            [qsd, "--blockdev", f"driver=file,node-name=disk0-file,filename={self.qcow2}",
-             "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file",
-             "--chardev", f"socket,path={self.qmp},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0",
-             "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={self.guest},writable=on"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while not (os.path.exists(self.qmp) and self._mounted()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                out = self.proc.stdout.read().decode(errors="replace") if self.proc.poll() is not None else "timed out"
-                raise SourceError(f"demo --hot: qemu-storage-daemon did not start: {out.strip()[-300:]}")
-            time.sleep(0.02)
-        return self
-
-    def _mounted(self) -> bool:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == self.guest for line in f)
-
-    def qemu_state(self) -> str:
-        """What QEMU holds after the backups, from its own QMP answers."""
-        from ..hypervisors.qemu.qmp import QmpClient
-
-        with QmpClient(self.qmp, timeout=10).connect() as q:
-            exports = [e["id"] for e in q.execute("query-block-exports")]
-            jobs = [j["id"] for j in q.execute("query-jobs")]
-            nodes = [n["node-name"] for n in q.execute("query-named-block-nodes", flat=True)
-                     if n.get("node-name", "").startswith("pyvbak-")]
-            bitmaps = [f"{b['name']}{' (recording)' if b.get('recording') else ''}"
-                       for n in q.execute("query-named-block-nodes", flat=True) if n.get("node-name") == "disk0"
-                       for b in n.get("dirty-bitmaps", [])]
-        return (f"exports {exports or 'none'}, block jobs {jobs or 'none'}, pyvbak nodes {nodes or 'none'}, "
-                f"dirty bitmaps on disk0 {bitmaps or 'none'}")
-
-    def stop(self) -> None:
-        import subprocess
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        if self.proc is not None and self.proc.stdout:
-            self.proc.stdout.close()
-        if self._mounted():
-            subprocess.run(["fusermount3", "-u", self.guest], check=False, capture_output=True)
-
-
 def demo(
     repo: Optional[str] = RepoOption,
     size_mib: int = typer.Option(64, "--size-mib", min=32, help="Size of the demo disk (its files take ~15 MiB)."),
@@ -150,9 +75,10 @@ def demo(
 
     mkfs, debugfs, fsck = _tool("mkfs.ext4"), _tool("debugfs"), _tool("e2fsck")
     if hot:
-        qemu_img = _qemu_tool("qemu-img", "qemu-utils")
-        _qemu_tool("qemu-storage-daemon", "qemu-system-common")
-        _qemu_tool("fusermount3", "fuse3")
+        from ..hypervisors.qemu.standin import StandInVM, missing_tools
+
+        if missing_tools():
+            raise SourceError(f"demo --hot needs {', '.join(missing_tools())}: install them (or run the demo without --hot)")
     r = open_repository(repo)
     print(f"repository: {r.location}")
     # under /tmp: the QMP and NBD sockets must fit a UNIX socket path
@@ -172,11 +98,11 @@ def demo(
             from .backup_cmd import backup_source
 
             qcow2 = os.path.join(work, "demo-vm-disk0.qcow2")
-            subprocess.run([qemu_img, "convert", "-O", "qcow2", image, qcow2], check=True, capture_output=True)
+            subprocess.run(["qemu-img", "convert", "-O", "qcow2", image, qcow2], check=True, capture_output=True)
             os.unlink(image)
-            vm = _DemoVM(work, qcow2).start()
-            image = vm.guest  # the guest's view of its running disk: what is checked and changed
-            source = f"qemu://{vm.qmp}?node=disk0"
+            vm = StandInVM(work, [qcow2]).start()
+            image = vm.guests[0]  # the guest's view of its running disk: what is checked and changed
+            source = vm.uri()
             print(f"started the VM stand-in (qemu-storage-daemon) on {qcow2}; backing up {source}")
 
         def backup_once(label: str):
@@ -212,7 +138,7 @@ def demo(
               + (" - through the running VM's disk" if hot else ""))
         second, second_sum = backup_once("incremental backup")
         if hot:
-            print(f"QEMU after the backups: {vm.qemu_state()}")
+            print(f"QEMU after the backups: {vm.state()}")
             if not second.cbt:
                 raise SourceError(f"demo check failed: the incremental did not use the dirty bitmap: {second.fallback_reason}")
 

@@ -191,6 +191,14 @@ def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path
     assert "--force" in capsys.readouterr().err
     assert main(["restore", "db@latest", str(tmp_path / "one.img"), "--repo", repo]) == 2
     assert "DIR/" in capsys.readouterr().err
+    # a snapshot id into a directory: the whole group it belongs to, or why not
+    again_dir = tmp_path / "by-id"
+    by_id = _json(capsys, ["restore", first[1]["id"], f"{again_dir}/", "--repo", repo])
+    assert [r["snapshot"] for r in by_id] == [r["id"] for r in first]
+    partial = [s for s in _json(capsys, ["snapshots", "--repo", repo, "--vm", "db", "--disk", "disk0"])
+               if s["id"] not in {r["id"] for r in first}]
+    assert main(["restore", partial[0]["id"], f"{tmp_path / 'partial'}/", "--repo", repo]) == 5
+    assert "lacks the snapshot(s) of disk1" in capsys.readouterr().err
     # retention keeps the newest complete group even though disk0 has a newer snapshot:
     # counting per disk alone would forget disk0's half of the only consistent set
     kept = _json(capsys, ["forget", "--keep-last", "1", "--vm", "db", "--repo", repo])

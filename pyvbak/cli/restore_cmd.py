@@ -10,7 +10,7 @@ from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json
 
 
 def restore(
-    snapshot: str = typer.Argument(..., help="Snapshot id (or unique prefix), or VM@latest, or VM/DISK@latest."),
+    snapshot: str = typer.Argument(..., help="Snapshot id (or unique prefix), or VM@latest, or VM/DISK@latest; into a directory: its whole consistency group."),
     output: str = typer.Argument(..., help="File or block device to restore to; for VM@latest of a VM with several disks, a directory (each disk to DIR/DISK.img)."),
     repo: Optional[str] = RepoOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
@@ -37,15 +37,29 @@ def restore(
 
 
 def _vm_group(r, spec: str, output: str):
-    """The snapshots to restore for ``VM@latest`` into a directory when the VM has several
-    disks: its newest complete consistency group; else None (a single restore)."""
+    """The snapshots to restore into a directory: for ``VM@latest`` of a VM with several
+    disks its newest complete consistency group, for a snapshot id the whole group that
+    snapshot belongs to; None for a single restore (OUTPUT not a directory)."""
     import os
 
     from ..errors import SnapshotNotFound, UsageError
 
-    if not spec.endswith("@latest") or "/" in spec[: -len("@latest")]:
-        return None
     if not (os.path.isdir(output) or output.endswith("/")):
+        return None
+    if not spec.endswith("@latest"):
+        snap = r.resolve(spec)
+        group = (snap.meta.get("consistency_group") or {})
+        if not isinstance(group.get("id"), str) or not isinstance(group.get("disks"), list):
+            raise UsageError(f"{output} is a directory: give the file or block device to restore {snap.id} to "
+                             "(only a snapshot of disks frozen together restores into a directory)")
+        members = {s.disk: s for s in r.snapshots(snap.vm)
+                   if (s.meta.get("consistency_group") or {}).get("id") == group["id"]}
+        missing = [d for d in group["disks"] if d not in members]
+        if missing:
+            raise SnapshotNotFound(f"consistency group {group['id']} of {snap.id} lacks the snapshot(s) of "
+                                   f"{', '.join(missing)} (a failed run, or forgotten): restore the disks one by one")
+        return [members[d] for d in group["disks"]]
+    if "/" in spec[: -len("@latest")]:
         return None
     vm = spec[: -len("@latest")]
     disks = {s.disk for s in r.snapshots(vm)}

@@ -99,13 +99,14 @@ def _groups_left_incomplete(r, targets) -> list[str]:
     """Consistency groups (disks frozen at one instant) that forgetting ``targets`` leaves
     with some disks but not all: their snapshots still restore one by one, but no longer
     as the VM's consistent set."""
+    from ..repo.repository import consistency_groups
+
     going = {s.id for s in targets}
     out = []
-    for gid in sorted({(s.meta.get("consistency_group") or {}).get("id") for s in targets} - {None}):
-        members = [s for s in r.snapshots() if (s.meta.get("consistency_group") or {}).get("id") == gid]
-        staying = [s for s in members if s.id not in going]
-        if staying:
-            out.append(f"consistency group {gid} keeps {', '.join(f'{s.vm}/{s.disk}' for s in staying)} without "
-                       f"the other disks frozen with them: 'restore {members[0].vm}@latest DIR/' will use an "
+    for g in consistency_groups(r.snapshots()):
+        staying = [s for s in g.ordered() if s.id not in going]
+        if staying and len(staying) < len(g.snaps):
+            out.append(f"consistency group {g.id} keeps {', '.join(f'{s.vm}/{s.disk}' for s in staying)} without "
+                       f"the other disks frozen with them: 'restore {g.vm}@latest DIR/' will use an "
                        "older complete group")
     return out

@@ -47,18 +47,18 @@ def _vm_group(r, spec: str, output: str):
     if not (os.path.isdir(output) or output.endswith("/")):
         return None
     if not spec.endswith("@latest"):
+        from ..repo.repository import consistency_groups
+
         snap = r.resolve(spec)
-        group = (snap.meta.get("consistency_group") or {})
-        if not isinstance(group.get("id"), str) or not isinstance(group.get("disks"), list):
+        group = next((g for g in consistency_groups(r.snapshots(snap.vm)) if snap.id in {s.id for s in g.ordered()}), None)
+        if group is None:
             raise UsageError(f"{output} is a directory: give the file or block device to restore {snap.id} to "
                              "(only a snapshot of disks frozen together restores into a directory)")
-        members = {s.disk: s for s in r.snapshots(snap.vm)
-                   if (s.meta.get("consistency_group") or {}).get("id") == group["id"]}
-        missing = [d for d in group["disks"] if d not in members]
+        missing = [d for d in group.disks if d not in group.snaps]
         if missing:
-            raise SnapshotNotFound(f"consistency group {group['id']} of {snap.id} lacks the snapshot(s) of "
+            raise SnapshotNotFound(f"consistency group {group.id} of {snap.id} lacks the snapshot(s) of "
                                    f"{', '.join(missing)} (a failed run, or forgotten): restore the disks one by one")
-        return [members[d] for d in group["disks"]]
+        return group.ordered()
     if "/" in spec[: -len("@latest")]:
         return None
     vm = spec[: -len("@latest")]

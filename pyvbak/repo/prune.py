@@ -38,7 +38,7 @@ from . import digest_sets
 from . import format as fmt
 from .packer import PackWriter
 from .reader import decode_block, group_members
-from .repository import PACK_TARGET_BYTES
+from .repository import PACK_TARGET_BYTES, consistency_groups
 
 #: repack a pack once this share of its frame bytes is unused (restic's default
 #: ``--max-unused`` is 5 % of the whole repository; per pack, 20 % keeps repacking - a
@@ -83,19 +83,11 @@ def keep_last_selection(snaps, keep_last: int) -> list:
 def _newest_complete_groups(snaps, n: int) -> list:
     """The snapshots of each VM's ``n`` newest consistency groups that have a snapshot of
     every disk they froze."""
-    by_vm: dict[str, dict[str, dict]] = {}
-    for s in snaps:
-        g = s.meta.get("consistency_group")
-        if isinstance(g, dict) and isinstance(g.get("id"), str) and isinstance(g.get("disks"), list):
-            entry = by_vm.setdefault(s.vm, {}).setdefault(g["id"], {"disks": g["disks"], "snaps": {}})
-            entry["snaps"][s.disk] = s
-    out = []
-    for groups in by_vm.values():
-        complete = [g for g in groups.values() if all(d in g["snaps"] for d in g["disks"])]
-        complete.sort(key=lambda g: max((x.time, x.id) for x in g["snaps"].values()))
-        for g in complete[-n:]:
-            out.extend(g["snaps"].values())
-    return out
+    by_vm: dict[str, list] = {}
+    for g in consistency_groups(snaps):  # oldest first
+        if g.complete:
+            by_vm.setdefault(g.vm, []).append(g)
+    return [s for groups in by_vm.values() for g in groups[-n:] for s in g.ordered()]
 
 
 def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPACK_UNUSED) -> dict:

@@ -129,6 +129,40 @@ class SnapshotInfo:
         return out
 
 
+@dataclass
+class ConsistencyGroup:
+    """Snapshots one run made of several disks of a VM frozen at one instant (their
+    metadata's ``consistency_group``).  ``snaps``: the ones present, by disk."""
+
+    id: str
+    vm: str
+    time: str
+    disks: list
+    snaps: dict
+
+    @property
+    def complete(self) -> bool:
+        """A snapshot of every disk it froze (a failed run, or a forget, leaves it without)."""
+        return all(d in self.snaps for d in self.disks)
+
+    def ordered(self) -> list[SnapshotInfo]:
+        """The present snapshots, in the order the run named the disks."""
+        return [self.snaps[d] for d in self.disks if d in self.snaps]
+
+
+def consistency_groups(snaps) -> list[ConsistencyGroup]:
+    """The groups the given snapshots belong to, oldest first (by their instant)."""
+    groups: dict[tuple[str, str], ConsistencyGroup] = {}
+    for s in snaps:
+        g = s.meta.get("consistency_group")
+        if isinstance(g, dict) and isinstance(g.get("id"), str) and isinstance(g.get("disks"), list):
+            key = (s.vm, g["id"])
+            if key not in groups:
+                groups[key] = ConsistencyGroup(g["id"], s.vm, str(g.get("time", "")), list(g["disks"]), {})
+            groups[key].snaps[s.disk] = s
+    return sorted(groups.values(), key=lambda g: (g.time, max(x.id for x in g.snaps.values())))
+
+
 def _now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -313,16 +347,8 @@ class Repository:
         instant by one run), one snapshot per disk in the group's order; None if the VM
         has none.  A group a failed run left incomplete (a disk without its snapshot) is
         passed over: its snapshots are not from one instant with the others' latest."""
-        groups: dict[str, dict] = {}
-        for s in self.snapshots(vm):
-            g = s.meta.get("consistency_group")
-            if isinstance(g, dict) and isinstance(g.get("id"), str) and isinstance(g.get("disks"), list):
-                groups.setdefault(g["id"], {"disks": g["disks"], "time": str(g.get("time", "")), "snaps": {}})["snaps"][s.disk] = s
-        complete = [g for g in groups.values() if all(d in g["snaps"] for d in g["disks"])]
-        if not complete:
-            return None
-        newest = max(complete, key=lambda g: (g["time"], max(x.id for x in g["snaps"].values())))
-        return [newest["snaps"][d] for d in newest["disks"]]
+        complete = [g for g in consistency_groups(self.snapshots(vm)) if g.complete]
+        return complete[-1].ordered() if complete else None
 
     def resolve(self, spec: str) -> SnapshotInfo:
         """A snapshot id (or unique prefix), or ``VM[/DISK]@latest``."""

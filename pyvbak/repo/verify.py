@@ -19,8 +19,9 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     pack indexes always are: they hide blocks from every snapshot)."""
     t0 = time.monotonic()
     threads = threads or os.cpu_count() or 1
-    everything = repo.snapshots(cached=False)
-    snaps = everything if snapshots is None else list(snapshots)
+    # every metadata object read afresh only when everything is checked (damaged ones are
+    # then reported); chosen snapshots come resolved already
+    snaps = repo.snapshots(cached=False) if snapshots is None else list(snapshots)
     bad_snapshots: dict[str, str] = {
         sid: f"snapshot metadata {name} is corrupt: restore it from a copy, or forget the snapshot "
         f"('pyvbak forget {sid}'); prune refuses to run until then"

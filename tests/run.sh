@@ -5,12 +5,21 @@
 set -eu
 cd "$(dirname "$0")/.."
 DEB_PACKAGES="gcc zstd e2fsprogs qemu-utils qemu-system-common fuse3 coreutils"
+# a real VM for the guest-device tests; without its recommends (a GUI, UEFI firmware)
+DEB_PACKAGES_NO_RECOMMENDS="qemu-system-x86"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=""
   for p in $DEB_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
-  if [ -n "$missing" ]; then
+  lean=""
+  for p in $DEB_PACKAGES_NO_RECOMMENDS; do dpkg -s "$p" >/dev/null 2>&1 || lean="$lean $p"; done
+  if [ -n "$missing$lean" ]; then
     apt-get update -qq
+  fi
+  if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  fi
+  if [ -n "$lean" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $lean >/dev/null
   fi
 fi
 python3 -m pip install -q -e '.[test]'

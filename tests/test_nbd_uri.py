@@ -33,10 +33,11 @@ def test_malformed(uri):
     ("nbd://host/vms/web/disk0", "vms-web-disk0"),  # '/' is not allowed in disk names
     ("nbd+unix:///?socket=/run/x.sock", "disk0"),
     ("qemu:///run/qmp.sock?node=drive-virtio0", "drive-virtio0"),
+    ("qemu:///run/qmp.sock?device=virtio-disk0", "virtio-disk0"),
 ])
 def test_default_disk_names_are_valid_names(spec, disk):
-    from pyvbak.hypervisors import default_disk_name
+    from pyvbak.hypervisors import disk_names
     from pyvbak.repo.repository import check_vm_disk_names
 
-    assert default_disk_name(spec) == disk
+    assert disk_names(spec) == [disk]
     check_vm_disk_names("vm", disk)

@@ -57,6 +57,7 @@ def backup(vm, work, previous_state=None, **kw):
 
 def test_parse_qemu_uri():
     assert parse_qemu_uri("qemu:///run/vm/qmp.sock?node=disk0") == ("/run/vm/qmp.sock", "disk0")
+    assert parse_qemu_uri("qemu:///run/vm/qmp.sock?device=vda") == ("/run/vm/qmp.sock", "vda")
     for bad in ("qemu:///run/qmp.sock", "qemu://host/run/qmp.sock?node=a", "nbd:///x?node=a",
                 "qemu:///?node=a", "qemu:///s?node=a&x=1"):
         with pytest.raises(UsageError):

@@ -23,7 +23,7 @@ from pyvbak.cli.main import main
 from pyvbak.errors import SourceError, UsageError
 from pyvbak.hypervisors import disk_names
 from pyvbak.hypervisors.qemu import QemuHotBackup
-from pyvbak.hypervisors.qemu.hot import parse_qemu_uri_nodes
+from pyvbak.hypervisors.qemu.vm_disks import DiskSelector, parse_qemu_uri_disks
 from pyvbak.sources.nbd import NbdSource
 from qemu_vm import MiB, FakeVM
 
@@ -55,13 +55,20 @@ def _json(capsys, argv):
     return json.loads(out)
 
 
-def test_uri_with_several_nodes():
-    assert parse_qemu_uri_nodes("qemu:///run/q.sock?node=a&node=b") == ("/run/q.sock", ["a", "b"])
+def test_uri_with_several_disks():
+    assert parse_qemu_uri_disks("qemu:///run/q.sock?node=a&node=b") == (
+        "/run/q.sock", [DiskSelector("node", "a"), DiskSelector("node", "b")])
+    # nodes and devices mixed keep the URI's order; no parameter means every disk
+    assert parse_qemu_uri_disks("qemu:///q.sock?device=vda&node=b&device=vdc")[1] == [
+        DiskSelector("device", "vda"), DiskSelector("node", "b"), DiskSelector("device", "vdc")]
+    assert parse_qemu_uri_disks("qemu:///q.sock") == ("/q.sock", [])
     assert disk_names("qemu:///run/q.sock?node=a&node=b") == ["a", "b"]
+    assert disk_names("qemu:///run/q.sock?device=virtio-disk0&node=b") == ["virtio-disk0", "b"]
     assert disk_names("qemu:///run/q.sock?node=a", "sda") == ["sda"]
-    for bad in ("qemu:///q.sock?node=a&node=a", "qemu:///q.sock?node=a&node="):
+    for bad in ("qemu:///q.sock?node=a&node=a", "qemu:///q.sock?node=a&node=", "qemu:///q.sock?device=",
+                "qemu:///q.sock?node=#block12", "qemu:///q.sock?disk=a"):
         with pytest.raises(UsageError):
-            parse_qemu_uri_nodes(bad)
+            parse_qemu_uri_disks(bad)
     with pytest.raises(UsageError, match="drop --disk"):
         disk_names("qemu:///run/q.sock?node=a&node=b", "sda")
 

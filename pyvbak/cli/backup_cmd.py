@@ -10,10 +10,10 @@ from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes,
 
 
 def backup(
-    source: str = typer.Argument(..., help="Disk image path, block device, nbd://… / nbd+unix://… URI, or qemu:///QMP.SOCK?node=NODE[&node=NODE2…] (several nodes: the VM's disks at one instant)."),
+    source: str = typer.Argument(..., help="Disk image path, block device, nbd://… / nbd+unix://… URI, or qemu:///QMP.SOCK (every disk of the running VM, at one instant; ?device=ID or ?node=NODE, repeatable, to choose)."),
     repo: Optional[str] = RepoOption,
     vm: str = typer.Option(..., "--vm", help="Name of the VM the disk belongs to."),
-    disk: Optional[str] = typer.Option(None, "--disk", help="Disk name (default: image file name, NBD export or QEMU node)."),
+    disk: Optional[str] = typer.Option(None, "--disk", help="Disk name (default: image file name, NBD export, QEMU device id or node)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),
     verify_cbt: bool = typer.Option(False, "--verify-cbt", help="Scan the whole disk and report blocks change tracking missed."),
     json_out: bool = JsonOption,
@@ -22,10 +22,11 @@ def backup(
     from ..hypervisors import disk_names
     from ..repo.repository import check_vm_disk_names
 
-    for name in disk_names(source, disk):
+    names = disk_names(source, disk)  # a qemu:// URI naming no disk: QEMU is asked which it has
+    for name in names:
         check_vm_disk_names(vm, name)  # before anything is opened or created (the default repository)
     r = open_repository(repo)
-    results, cleaned = backup_source(r, source, vm=vm, disk=disk, threads=threads, verify_cbt=verify_cbt,
+    results, cleaned = backup_source(r, source, vm=vm, names=names, threads=threads, verify_cbt=verify_cbt,
                                      show_progress=not json_out)
     if json_out:
         outs = []
@@ -48,15 +49,18 @@ def backup(
         )
 
 
-def backup_source(r, source: str, *, vm: str, disk: str | None = None, threads: int | None = None,
-                  verify_cbt: bool = False, show_progress: bool = True, work_dir: str | None = None):
+def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: list[str] | None = None,
+                  threads: int | None = None, verify_cbt: bool = False, show_progress: bool = True,
+                  work_dir: str | None = None):
     """What ``pyvbak backup`` does, for any caller (the demo too): lock, clean up after a
-    dead run, back up every disk ``source`` names, commit each; (results, cleaned)."""
+    dead run, back up every disk ``source`` names, commit each; (results, cleaned).
+    ``names``: ``disk_names(source, disk)`` when the caller has them already."""
     from ..engine.backup import run_backup
     from ..hypervisors import disk_names, open_disks
     from ..repo.repository import check_vm_disk_names, new_snapshot_id, snapshot_time
 
-    names = disk_names(source, disk)
+    if names is None:
+        names = disk_names(source, disk)
     for name in names:
         check_vm_disk_names(vm, name)  # before anything is opened or created
     results = []

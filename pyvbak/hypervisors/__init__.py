@@ -79,31 +79,29 @@ class SessionSource:
 
 
 def default_disk_name(spec: str) -> str:
-    """Default --disk: the image's file name without extension, the NBD export or QEMU node."""
+    """Default --disk: the image's file name without extension, or the NBD export."""
     if spec.startswith(NBD_SCHEMES):
         from ..sources.nbd import parse_nbd_uri
 
         return (parse_nbd_uri(spec)["export"] or "disk0").replace("/", "-")
-    if spec.startswith("qemu://"):
-        from urllib.parse import parse_qs, urlsplit
-
-        return (parse_qs(urlsplit(spec).query).get("node") or ["disk0"])[0]
     base = os.path.basename(spec.rstrip("/")) or "disk0"
     return base.split(".", 1)[0] or base
 
 
 def disk_names(spec: str, disk: str | None = None) -> list[str]:
     """The disk names a backup of ``spec`` makes snapshots of, in order: ``--disk`` or
-    the default name for one disk; the node names for a qemu:// URI naming several."""
+    the default name for one disk.  A qemu:// URI names its disks by node or device
+    (``?node=``, ``?device=``); one without either means every disk of the VM, and QEMU
+    is asked which those are."""
     if spec.startswith("qemu://"):
-        from .qemu.hot import parse_qemu_uri_nodes
+        from .qemu.vm_disks import parse_qemu_uri_disks, query_disk_names
 
-        _, nodes = parse_qemu_uri_nodes(spec)
-        if len(nodes) > 1:
-            if disk is not None:
-                raise UsageError(f"--disk names one disk, but {spec} names {len(nodes)} nodes: "
-                                 "their snapshots are named after the nodes; drop --disk")
-            return nodes
+        path, selectors = parse_qemu_uri_disks(spec)
+        names = query_disk_names(path, selectors)
+        if len(names) > 1 and disk is not None:
+            raise UsageError(f"--disk names one disk, but {spec} means {len(names)} disks "
+                             f"({', '.join(names)}): their snapshots are named after them; drop --disk")
+        return [disk] if disk is not None else names
     return [disk or default_disk_name(spec)]
 
 
@@ -131,13 +129,12 @@ def open_disks(spec: str, names: list[str], *, previous_states: dict[str, dict |
     Several disks (a qemu:// URI with several nodes) share one hypervisor session: their
     point-in-time views are taken in one step, so together they are what the VM's disks
     held at one instant; each disk's source is opened in turn."""
-    if len(names) > 1:
+    if spec.startswith("qemu://"):
         from .qemu import QemuHotBackup
 
-        by_node = dict(zip(disk_names(spec), names))
-        with QemuHotBackup(spec, previous_states={n: previous_states.get(by_node[n]) for n in by_node},
+        with QemuHotBackup(spec, previous_states=previous_states, disk_names=names,
                            work_dir=work_dir or default_work_dir(), verify_cbt=verify_cbt) as session:
-            yield [OpenedDisk(by_node[d.node], lambda d=d: _disk_source(d), d.commit)
+            yield [OpenedDisk(d.name, lambda d=d: _disk_source(d), d.commit)
                    for d in session.disks], list(session.cleaned_leftovers)
         return
     name = names[0]

@@ -28,7 +28,6 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from pyvbak.errors import Interrupted, SourceError, UsageError
 
@@ -36,6 +35,7 @@ from .session import ExportSession
 from ..resources import TerminationGuard
 from . import cleanup
 from . import fleece_guard, session_lock
+from .vm_disks import MAX_DISKS, VmDisk, parse_qemu_uri_disks, resolve
 from .naming import GEN_PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id
 from .qmp import QmpClient, QmpError
 
@@ -43,48 +43,13 @@ STATE_KIND = "qemu-dirty-bitmap"
 _BITMAP_FORMATS = {"qcow2"}  # formats that can store persistent dirty bitmaps
 
 
-#: most disks one run freezes together (each takes a fleecing file, node, job and export)
-MAX_DISKS = 64
-
-
 def parse_qemu_uri(uri: str) -> tuple[str, str]:
-    """``qemu:///PATH/TO/QMP.SOCK?node=NODE`` → (socket path, node name)."""
-    path, nodes = parse_qemu_uri_nodes(uri)
-    if len(nodes) != 1:
-        raise UsageError(f"qemu URI {uri!r} names {len(nodes)} nodes where one disk is expected")
-    return path, nodes[0]
-
-
-def parse_qemu_uri_nodes(uri: str) -> tuple[str, list[str]]:
-    """``qemu:///PATH/TO/QMP.SOCK?node=A[&node=B...]`` → (socket path, node names): the
-    disks of one VM, frozen together at one instant."""
-    parts = urlsplit(uri)
-    if parts.scheme != "qemu":
-        raise UsageError(f"not a qemu URI: {uri!r} (expected qemu:///PATH/TO/QMP.SOCK?node=NODE)")
-    if parts.netloc:
-        raise UsageError(
-            f"qemu URI {uri!r} names a host ({parts.netloc!r}); only local QMP sockets are supported: "
-            f"qemu:///PATH/TO/QMP.SOCK?node=NODE (three slashes)"
-        )
-    if not parts.path or parts.path == "/":
-        raise UsageError(f"qemu URI {uri!r} has no QMP socket path: qemu:///PATH/TO/QMP.SOCK?node=NODE")
-    query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(query) - {"node"}
-    if unknown:
-        raise UsageError(f"qemu URI {uri!r}: unknown parameter(s) {', '.join(sorted(unknown))}; only 'node' is accepted")
-    nodes = query.get("node") or []
-    if not nodes or not all(nodes):
-        raise UsageError(
-            f"qemu URI {uri!r} needs ?node=NODE: the block node name of the disk (see "
-            f"'query-named-block-nodes', e.g. libvirt's libvirt-1-format); repeat it "
-            f"(?node=A&node=B) to freeze several disks of the VM at one instant"
-        )
-    dup = sorted({n for n in nodes if nodes.count(n) > 1})
-    if dup:
-        raise UsageError(f"qemu URI {uri!r} names node(s) {', '.join(dup)} more than once")
-    if len(nodes) > MAX_DISKS:
-        raise UsageError(f"qemu URI {uri!r} names {len(nodes)} nodes; one run freezes at most {MAX_DISKS}")
-    return parts.path, nodes
+    """``qemu:///PATH/TO/QMP.SOCK?node=NODE`` (or ``?device=ID``) → (socket path, the
+    node or device named): a URI that names exactly one disk."""
+    path, selectors = parse_qemu_uri_disks(uri)
+    if len(selectors) != 1:
+        raise UsageError(f"qemu URI {uri!r} names {len(selectors) or 'every'} disk(s) where one is expected")
+    return path, selectors[0].value
 
 
 class HotDisk(ExportSession):
@@ -93,13 +58,15 @@ class HotDisk(ExportSession):
     the session undoes for it.  ``commit()`` once this disk's snapshot is durable:
     only then is its old bitmap generation retired."""
 
-    def __init__(self, session: "QemuHotBackup", node: str, names: RunNames, previous_state: dict | None):
+    def __init__(self, session: "QemuHotBackup", disk: VmDisk, names: RunNames, previous_state: dict | None):
         self.session = session
-        self.node = node
+        self.name = disk.name          # the disk's name in the repository
+        self.node = disk.node          # the block node pyvbak works on
+        self.device = disk.device      # the guest device it was found through, if any
         self.names = names
         self.previous_state = dict(previous_state) if previous_state else None
         self.verify_cbt = session.verify_cbt
-        self.description = f"qemu:{session.qmp_path}?node={node}"
+        self.description = f"qemu:{session.qmp_path}?{disk.selector}"
         self.size: int = 0
         self.change_tracking_state: dict = {}
         self.fallback_reason: str | None = None
@@ -143,22 +110,27 @@ class QemuHotBackup(ExportSession):
 
     def __init__(self, uri: str, *, previous_state: dict | None = None, work_dir: str | os.PathLike,
                  verify_cbt: bool = False, qmp_timeout: float = 30.0,
-                 previous_states: dict[str, dict | None] | None = None):
+                 previous_states: dict[str, dict | None] | None = None, disk_names: list[str] | None = None):
+        """``previous_states``: {disk name: change-tracking state of its latest snapshot}
+        (``previous_state`` alone: the one disk's); ``disk_names``: the names the caller
+        expects, in order (from ``vm_disks.query_disk_names``; one name renames one disk)."""
         self.uri = uri
-        self.qmp_path, nodes = parse_qemu_uri_nodes(uri)
-        if previous_states is None:
-            if previous_state is not None and len(nodes) > 1:
-                raise ValueError("several disks: pass previous_states={node: state}")
-            previous_states = {nodes[0]: previous_state} if len(nodes) == 1 else {}
+        self.qmp_path, self.selectors = parse_qemu_uri_disks(uri)
+        if previous_states is None and previous_state is not None and len(self.selectors) != 1:
+            raise ValueError("several disks: pass previous_states={disk name: state}")
+        self._previous_states = previous_states
+        self._previous_state = previous_state
+        self._expected_names = list(disk_names) if disk_names is not None else None
         self.work_dir = Path(work_dir)
         self.verify_cbt = verify_cbt
         self.qmp_timeout = qmp_timeout
         self.names = RunNames(new_run_id(), self.work_dir)
         self.run = self.names.run
-        self.disks = [HotDisk(self, node, self.names.for_disk(i), previous_states.get(node))
-                      for i, node in enumerate(nodes)]
+        #: one HotDisk per disk, in URI order (every disk of the VM: by name); set up
+        #: by __enter__, which asks QEMU which nodes the URI's devices are
+        self.disks: list[HotDisk] = []
+        self.description = f"qemu:{self.qmp_path}" + ("?" + "&".join(map(str, self.selectors)) if self.selectors else "")
         self.cleaned_leftovers: list[str] = []
-        self.description = f"qemu:{self.qmp_path}?node={'&node='.join(nodes)}"
 
         self._qmp: QmpClient | None = None
         self._guard: TerminationGuard | None = None
@@ -213,19 +185,17 @@ class QemuHotBackup(ExportSession):
         self._lock = session_lock.acquire(qmp, self.names.run)
 
         infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
-        missing = [d.node for d in self.disks if d.node not in infos]
         # generations only grow, also past the ones cleaned away now: a name is never reused
-        max_gen = {d.node: max([generation_of(b) or 0 for b in cleanup.gen_bitmaps(infos[d.node])], default=0)
-                   for d in self.disks if d.node in infos}
-        bitmaps_before = {d.node: cleanup.gen_bitmaps(infos[d.node]) for d in self.disks if d.node in infos}
+        bitmaps_before = {node: cleanup.gen_bitmaps(info) for node, info in infos.items()}
         # (a) leftovers of a killed run, before anything else
         self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, None, None, own_run=self.names.run)
-        if missing:
-            known = sorted(n for n in infos if not n.startswith(("#", "pyvbak-")))
-            raise SourceError(
-                f"VM at {self.qmp_path} has no block node named {', '.join(repr(m) for m in missing)}; "
-                f"named nodes: {', '.join(known) or 'none'} (fix ?node= in the qemu:// URI)"
-            )
+        infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
+        # devices are resolved to nodes now, with no leftover filter above a disk's node
+        self.disks = [HotDisk(self, vd, self.names.for_disk(i), self._previous_for(vd.name))
+                      for i, vd in enumerate(self._named(resolve(qmp, self.qmp_path, self.selectors, set(infos))))]
+        max_gen = {d.node: max([generation_of(b) or 0 for b in bitmaps_before.get(d.node, {})], default=0)
+                   for d in self.disks}
+        bitmaps_before = {d.node: bitmaps_before.get(d.node, {}) for d in self.disks}
         for d in self.disks:
             self.cleaned_leftovers += cleanup.settle_bitmaps(qmp, d.node, (d.previous_state or {}).get("bitmap"))
         infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
@@ -303,6 +273,26 @@ class QemuHotBackup(ExportSession):
         # from now on guest writes are copied into the work dir: never let that fill up
         self._space_guard = fleece_guard.FleeceSpaceGuard(str(self.work_dir), self._on_low_space).start()
 
+    def _named(self, disks: list[VmDisk]) -> list[VmDisk]:
+        """The resolved disks under the names the caller expects (it asked QEMU moments ago,
+        or ``--disk`` renames the one disk)."""
+        expected = self._expected_names
+        if expected is None:
+            return disks
+        if len(expected) == 1 and len(disks) == 1:
+            disks[0].name = expected[0]
+            return disks
+        found = [d.name for d in disks]
+        if found != expected:
+            raise SourceError(f"the disks of the VM at {self.qmp_path} changed while the backup started "
+                              f"(expected {', '.join(expected)}; found {', '.join(found) or 'none'}): run it again")
+        return disks
+
+    def _previous_for(self, name: str) -> dict | None:
+        if self._previous_states is not None:
+            return self._previous_states.get(name)
+        return self._previous_state
+
     def _prepare_disk(self, d: HotDisk, info: dict, max_gen: int, bitmaps_before: dict, olds: dict) -> None:
         """(b) for one disk: size, identity, whether its previous bitmap can be trusted,
         the name of its next generation."""
@@ -311,6 +301,8 @@ class QemuHotBackup(ExportSession):
         fmt = info.get("drv", "")
         identity = {"image": image.get("filename") or info.get("file"), "format": fmt,
                     "qemu": self._qmp.qemu_version}
+        if d.device is not None:
+            identity["device"] = d.device
         bitmaps = cleanup.gen_bitmaps(info)
         reason, old = _check_cbt(d, fmt, bitmaps, identity, bitmaps_before)
         prev_bitmap = (d.previous_state or {}).get("bitmap")
@@ -463,7 +455,12 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
     name = prev.get("bitmap")
     if prev.get("kind") not in (None, STATE_KIND) or not name:
         return "the previous backup recorded no QEMU dirty bitmap", None
-    if prev.get("node") != node:
+    if d.device is not None and prev.get("device"):
+        # a device's node may have a generated name (#block123) that differs after a
+        # restart; the bitmap lives in the image, which is checked next
+        if prev["device"] != d.device:
+            return f"the previous backup was of device '{prev['device']}', not '{d.device}'", None
+    elif prev.get("node") != node:
         return f"the previous backup was of node '{prev.get('node')}', not '{node}'", None
     if prev.get("image") and identity["image"] and prev["image"] != identity["image"]:
         return f"the node now holds image {identity['image']}, the previous backup read {prev['image']}", None
@@ -529,4 +526,4 @@ def try_create(qmp: QmpClient, command: str, undo_flag, **args) -> None:
 
 
 
-__all__ = ["HotDisk", "QemuHotBackup", "parse_qemu_uri", "parse_qemu_uri_nodes", "GEN_PREFIX"]
+__all__ = ["HotDisk", "QemuHotBackup", "parse_qemu_uri", "parse_qemu_uri_disks", "GEN_PREFIX", "MAX_DISKS"]

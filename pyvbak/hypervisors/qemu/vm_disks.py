@@ -1,0 +1,186 @@
+"""Which block nodes a ``qemu://`` URI means, and what each disk is called.
+
+Three ways to name the disks of a running VM (docs/QEMU.md, "Choosing the disks"):
+
+``?node=NODE``     a block node by name (``query-named-block-nodes``; libvirt's
+                   ``libvirt-1-format``).  The disk is called NODE in the repository.
+``?device=ID``     a guest disk by its device id (``-device virtio-blk-pci,id=ID``;
+                   libvirt's ``virtio-disk0``) or drive name (``-drive id=ID``): QEMU is
+                   asked which node the device reads from.  The way to name disks whose
+                   nodes have generated names (``#block123``: every ``-drive`` disk).
+                   The disk is called ID.
+(neither)          every disk of the VM: each guest device with a medium that is not
+                   removable (CD-ROM and floppy drives are left out), in the order of their names.
+
+``node`` and ``device`` may be repeated and mixed; all disks named in one URI are frozen
+at one instant.  A device is resolved to its node again by every session, after the
+leftovers of a killed run are cleaned (a leftover copy-before-write filter would
+otherwise stand where the disk's node is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from pyvbak.errors import SourceError, UsageError
+
+from .qmp import QmpClient, QmpError
+
+#: most disks one run freezes together (each takes a fleecing file, node, job and export)
+MAX_DISKS = 64
+_FORM = "qemu:///PATH/TO/QMP.SOCK[?node=NODE|?device=ID ...]"
+
+
+@dataclass(frozen=True)
+class DiskSelector:
+    kind: str   # "node" or "device"
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value}"
+
+
+@dataclass
+class VmDisk:
+    """One disk a URI names, resolved: ``name`` in the repository, the ``node`` pyvbak
+    works on, the guest ``device`` it was found through (None for ``?node=``)."""
+
+    name: str
+    node: str
+    device: str | None
+    selector: DiskSelector
+
+
+def parse_qemu_uri_disks(uri: str) -> tuple[str, list[DiskSelector]]:
+    """``qemu:///SOCK[?node=A&device=B...]`` → (QMP socket path, selectors in URI order;
+    an empty list means every disk of the VM).  Raises UsageError."""
+    parts = urlsplit(uri)
+    if parts.scheme != "qemu":
+        raise UsageError(f"not a qemu URI: {uri!r} (expected {_FORM})")
+    if parts.netloc:
+        raise UsageError(f"qemu URI {uri!r} names a host ({parts.netloc!r}); only local QMP sockets are "
+                         f"supported: {_FORM} (three slashes)")
+    if not parts.path or parts.path == "/":
+        raise UsageError(f"qemu URI {uri!r} has no QMP socket path: {_FORM}")
+    if parts.fragment:
+        raise UsageError(f"qemu URI {uri!r} has a '#' in it: generated node names (#block123) cannot be "
+                         f"named in a URI; name the disk by its guest device instead (?device=ID, see "
+                         f"'query-block')")
+    selectors: list[DiskSelector] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in ("node", "device"):
+            raise UsageError(f"qemu URI {uri!r}: unknown parameter {key!r}; accepted: node=NODE, device=ID")
+        if not value:
+            raise UsageError(f"qemu URI {uri!r}: {key}= is empty (give a block node name, e.g. "
+                             f"libvirt-1-format, or a guest device id, e.g. virtio-disk0)")
+        selectors.append(DiskSelector(key, value))
+    dup = sorted({str(s) for s in selectors if selectors.count(s) > 1})
+    if dup:
+        raise UsageError(f"qemu URI {uri!r} names {', '.join(dup)} more than once")
+    if len(selectors) > MAX_DISKS:
+        raise UsageError(f"qemu URI {uri!r} names {len(selectors)} disks; one run freezes at most {MAX_DISKS}")
+    return parts.path, selectors
+
+
+def static_names(selectors: list[DiskSelector]) -> list[str] | None:
+    """The disks' names when the URI alone says them (None: ask QEMU for every disk)."""
+    return [s.value for s in selectors] if selectors else None
+
+
+def device_id(qdev: str | None) -> str | None:
+    """The id a guest device was given (``-device ...,id=ID``) from query-block's ``qdev``:
+    the id itself, or a QOM path ``/machine/peripheral/ID/...`` (a device without an id
+    lives under ``peripheral-anon`` and has none)."""
+    if not qdev:
+        return None
+    if "/" not in qdev:
+        return qdev
+    parts = qdev.strip("/").split("/")
+    if len(parts) >= 3 and parts[0] == "machine" and parts[1] == "peripheral":
+        return parts[2]
+    return None
+
+
+def guest_disks(qmp: QmpClient) -> list[dict]:
+    """query-block's devices as {"id", "backend", "node", "removable", "medium"}: every
+    block device the guest has (a storage daemon has none)."""
+    try:
+        blocks = qmp.execute("query-block")
+    except QmpError as e:
+        if e.error_class == "CommandNotFound":
+            return []
+        raise
+    out = []
+    for b in blocks or []:
+        inserted = b.get("inserted") or {}
+        dev = device_id(b.get("qdev"))
+        backend = b.get("device") or None
+        if dev is None and backend is None and not b.get("qdev"):
+            continue  # a named drive with no guest device: not a disk of the VM
+        out.append({"id": dev, "backend": backend, "qdev": b.get("qdev"), "node": inserted.get("node-name"),
+                    "removable": bool(b.get("removable")), "medium": bool(inserted)})
+    return out
+
+
+def resolve(qmp: QmpClient, qmp_path: str, selectors: list[DiskSelector], node_names: set[str]) -> list[VmDisk]:
+    """The disks ``selectors`` name on this VM (``node_names``: its named block nodes).
+    Raises SourceError naming what exists when something named is not there."""
+    devices = guest_disks(qmp) if (not selectors or any(s.kind == "device" for s in selectors)) else []
+    if not selectors:
+        disks = [d for d in devices if d["medium"] and not d["removable"] and d["node"]]
+        if not disks:
+            raise SourceError(
+                f"the VM at {qmp_path} has no guest disks to back up (no block device with a medium that is not "
+                f"removable); name the block nodes instead: qemu://{qmp_path}?node=NODE"
+                + (f" (named nodes: {', '.join(_user_nodes(node_names))})" if _user_nodes(node_names) else ""))
+        found = [VmDisk(d["id"] or d["backend"] or d["node"], d["node"], d["id"] or d["backend"],
+                        DiskSelector("device", d["id"] or d["backend"] or d["node"])) for d in disks]
+        return sorted(found, key=lambda d: d.name)  # QEMU lists drives before -blockdev disks
+    out: list[VmDisk] = []
+    missing_nodes = [s.value for s in selectors if s.kind == "node" and s.value not in node_names]
+    if missing_nodes:
+        known = _user_nodes(node_names)
+        guest = sorted({d["id"] or d["backend"] for d in (devices or guest_disks(qmp))
+                        if (d["id"] or d["backend"]) and d["medium"] and not d["removable"]})
+        raise SourceError(
+            f"VM at {qmp_path} has no block node named {', '.join(repr(m) for m in missing_nodes)}; "
+            f"named nodes: {', '.join(known) or 'none'} (fix ?node= in the qemu:// URI"
+            + (f", or name guest disks with ?device=ID: {', '.join(guest)})" if guest else ")"))
+    for s in selectors:
+        if s.kind == "node":
+            out.append(VmDisk(s.value, s.value, None, s))
+            continue
+        match = [d for d in devices if s.value in (d["id"], d["backend"], d["qdev"])]
+        if not match:
+            names = sorted({d["id"] or d["backend"] for d in devices if d["id"] or d["backend"]})
+            raise SourceError(f"VM at {qmp_path} has no disk device {s.value!r}; its block devices: "
+                              f"{', '.join(names) or 'none'} (fix ?device= in the qemu:// URI)")
+        d = match[0]
+        if not d["medium"] or not d["node"]:
+            raise SourceError(f"device {s.value!r} of the VM at {qmp_path} has no medium inserted: nothing to back up")
+        out.append(VmDisk(s.value, d["node"], s.value, s))
+    nodes = [d.node for d in out]
+    dup = sorted({n for n in nodes if nodes.count(n) > 1})
+    if dup:
+        raise SourceError(f"qemu URI names node {', '.join(dup)} twice (once by ?node=, once through a ?device=): "
+                          f"name each disk once")
+    return out
+
+
+def query_disk_names(qmp_path: str, selectors: list[DiskSelector], timeout: float = 30.0) -> list[str]:
+    """The names of the disks ``selectors`` mean, asking QEMU when the URI names none
+    (every disk of the VM).  Connects briefly; the session resolves them again."""
+    names = static_names(selectors)
+    if names is not None:
+        return names
+    qmp = QmpClient(qmp_path, timeout=timeout).connect()
+    try:
+        nodes = {n.get("node-name") for n in qmp.execute("query-named-block-nodes", flat=True) if n.get("node-name")}
+        return [d.name for d in resolve(qmp, qmp_path, selectors, nodes)]
+    finally:
+        qmp.close()
+
+
+def _user_nodes(node_names: set[str]) -> list[str]:
+    return sorted(n for n in node_names if n and not n.startswith(("#", "pyvbak-")))

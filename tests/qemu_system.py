@@ -1,0 +1,159 @@
+"""A real QEMU virtual machine (``qemu-system-x86_64``), for tests of what only a VM has:
+guest devices.
+
+The machine is a q35 PC with guest disks attached the two ways VMs are defined:
+
+* ``virtio-disk0``: ``-blockdev`` nodes (``disk0-file``, ``disk0``) behind
+  ``-device virtio-blk-pci,id=virtio-disk0`` — how libvirt defines disks;
+* ``data``: ``-drive if=none,id=drive-data`` behind ``-device virtio-blk-pci,id=data`` —
+  the older form, whose block nodes get generated names (``#block123``);
+* ``cd0``: an empty IDE CD-ROM drive (removable: never backed up as a disk).
+
+It is started paused (``-S``: no firmware or guest code runs, no KVM needed).  What the
+guest would write reaches the disks through their devices: the HMP ``qemu-io -d`` command
+writes through the device's own block backend, so the writes enter the block graph where
+a guest's do, above pyvbak's copy-before-write filter.  Two QMP sockets: ``qmp.sock`` for
+pyvbak, ``ctl.sock`` for the test.  ``spare_drives`` adds unattached drives first, which
+shifts the generated node names (what a changed VM definition does across a restart).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+from conftest import require_tool, wait_until
+from qemu_vm import Qmp
+
+MiB = 1 << 20
+DEVICES = ("virtio-disk0", "data")
+
+
+class QemuSystemVM:
+    def __init__(self, tmp: Path, size: int = 8 * MiB):
+        require_tool("qemu-system-x86_64", "qemu-system-x86")
+        require_tool("qemu-img", "qemu-utils")
+        self.dir = tmp
+        self.size = size
+        self.images = {"virtio-disk0": tmp / "disk0.qcow2", "data": tmp / "data.qcow2"}
+        self.qmp_path = tmp / "qmp.sock"
+        self.ctl_path = tmp / "ctl.sock"
+        self.proc: subprocess.Popen | None = None
+        self._ctl: Qmp | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"qemu://{self.qmp_path}"
+
+    def start(self, *, create: bool = True, spare_drives: int = 0) -> "QemuSystemVM":
+        if create:
+            for img in self.images.values():
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(self.size)], check=True)
+        spares = []
+        for i in range(spare_drives):
+            img = self.dir / f"spare{i}.qcow2"
+            if not img.exists():
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
+            spares += ["-drive", f"file={img},format=qcow2,if=none,id=spare{i}"]
+        self.proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-no-user-config",
+             "-display", "none", "-m", "32", "-S",
+             "-chardev", f"socket,path={self.qmp_path},server=on,wait=off,id=qmp0", "-mon", "chardev=qmp0,mode=control",
+             "-chardev", f"socket,path={self.ctl_path},server=on,wait=off,id=ctl0", "-mon", "chardev=ctl0,mode=control",
+             *spares,
+             "-blockdev", f"driver=file,node-name=disk0-file,filename={self.images['virtio-disk0']}",
+             "-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file",
+             "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0",
+             "-drive", f"file={self.images['data']},format=qcow2,if=none,id=drive-data",
+             "-device", "virtio-blk-pci,drive=drive-data,id=data",
+             "-device", "ide-cd,id=cd0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: self.proc.poll() is not None or (self.ctl_path.exists() and self.qmp_path.exists()),
+                   timeout=20, what="qemu-system-x86_64 to start")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"qemu-system-x86_64 failed: {self.proc.stdout.read().decode()}")
+        return self
+
+    @property
+    def ctl(self) -> Qmp:
+        if self._ctl is None:
+            self._ctl = Qmp(self.ctl_path)
+        return self._ctl
+
+    # --- the guest's writes, through the device ------------------------------------
+    def write_pattern(self, device: str, offset: int, length: int, byte: int) -> None:
+        out = self.ctl.cmd("human-monitor-command", **{"command-line": (
+            f'qemu-io -d /machine/peripheral/{device}/virtio-backend "write -P {byte} {offset} {length}"')})
+        if out.strip():
+            raise RuntimeError(f"qemu-io on {device}: {out.strip()}")
+
+    def node_of(self, device: str) -> str:
+        for b in self.ctl.cmd("query-block"):
+            if b.get("qdev", "").startswith(f"/machine/peripheral/{device}/"):
+                return b["inserted"]["node-name"]
+        raise KeyError(device)
+
+    def read_disk(self, device: str, out: Path) -> bytes:
+        """The disk's content as the guest sees it now: a read-only NBD export of the
+        device's node (the test's own, on the control monitor), copied by qemu-img."""
+        sock = self.dir / "test-nbd.sock"
+        self.ctl.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+        try:
+            self.ctl.cmd("block-export-add", type="nbd", id="test-read", **{"node-name": self.node_of(device)},
+                         name="test-read", writable=False)
+            try:
+                subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                                f"nbd+unix:///test-read?socket={sock}", str(out)], check=True, timeout=60)
+            finally:
+                self.ctl.cmd("block-export-del", id="test-read")
+                wait_until(lambda: not self.ctl.cmd("query-block-exports"), timeout=10, what="the test export to go")
+        finally:
+            self.ctl.cmd("nbd-server-stop")
+        return out.read_bytes()
+
+    # --- state inspection ----------------------------------------------------------
+    def bitmaps(self, device: str) -> dict[str, dict]:
+        node = self.node_of(device)
+        for n in self.ctl.cmd("query-named-block-nodes", flat=True):
+            if n["node-name"] == node:
+                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
+        raise KeyError(node)
+
+    def pyvbak_traces(self) -> list[str]:
+        """Everything of pyvbak's QEMU holds outside the disks' bitmaps: nodes, jobs,
+        exports, session-lock objects."""
+        nodes = [n["node-name"] for n in self.ctl.cmd("query-named-block-nodes", flat=True)
+                 if n["node-name"].startswith("pyvbak-")]
+        jobs = [j["id"] for j in self.ctl.cmd("query-jobs")]
+        exports = [e["id"] for e in self.ctl.cmd("query-block-exports")]
+        objects = [o["name"] for o in self.ctl.cmd("qom-list", path="/objects") if o["name"].startswith("pyvbak-")]
+        return nodes + jobs + exports + objects
+
+    # --- teardown ------------------------------------------------------------------
+    def quit(self) -> None:
+        """Shut QEMU down the orderly way (persistent bitmaps are written to the images)."""
+        self.ctl.cmd("quit")
+        self.proc.wait(20)
+        self.stop()
+
+    def stop(self) -> None:
+        if self._ctl is not None:
+            try:
+                self._ctl.close()
+            except OSError:
+                pass
+            self._ctl = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc is not None and self.proc.stdout:
+            self.proc.stdout.close()
+        self.proc = None
+        for p in (self.qmp_path, self.ctl_path):
+            p.unlink(missing_ok=True)

@@ -1,0 +1,141 @@
+"""Hot backups of a real QEMU VM's guest disks, named the way users know them.
+
+``qemu:///SOCK`` backs up every disk of the VM (its guest block devices that hold a
+medium and are not removable), ``?device=ID`` one guest device; a device is resolved to
+its block node by every run, so disks whose nodes have generated names (``-drive``)
+can be backed up, and their dirty bitmaps still found after a restart renames the nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyvbak.cli.main import main
+from pyvbak.errors import SourceError
+from pyvbak.hypervisors import disk_names
+from qemu_system import MiB, QemuSystemVM
+
+K64 = 64 * 1024
+
+
+@pytest.fixture
+def vm(tmp_path):
+    (tmp_path / "vm").mkdir()
+    v = QemuSystemVM(tmp_path / "vm").start()
+    try:
+        yield v
+    finally:
+        v.stop()
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    return tmp_path / "work"
+
+
+def _run(capsys, argv) -> tuple[int, object, str]:
+    capsys.readouterr()
+    code = main(argv + ["--json"])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 and out.strip() else None), err
+
+
+def assert_clean(vm: QemuSystemVM, work: Path):
+    assert vm.pyvbak_traces() == []
+    assert not work.exists() or list(work.iterdir()) == []
+
+
+def test_every_disk_of_the_vm_by_default(vm, work, tmp_path, capsys):
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write_pattern("virtio-disk0", 0, MiB, 0x11)
+    vm.write_pattern("data", 2 * MiB, MiB, 0x22)
+    assert disk_names(vm.uri) == ["data", "virtio-disk0"]  # the CD-ROM is not a disk to back up
+
+    code, first, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert code == 0, err
+    assert [r["disk"] for r in first] == ["data", "virtio-disk0"]
+    assert first[0]["consistency_group"] == first[1]["consistency_group"]
+    assert all(not r["cbt"] for r in first)
+    assert_clean(vm, work)
+    # each disk now carries exactly one generation of pyvbak's bitmap, recording
+    assert all(list(vm.bitmaps(d)) == ["pyvbak-gen-1"] for d in ("virtio-disk0", "data"))
+
+    vm.write_pattern("virtio-disk0", 4 * MiB, K64, 0x33)
+    vm.write_pattern("data", 0, 2 * K64, 0x44)
+    code, second, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert code == 0, err
+    assert [(r["disk"], r["cbt"], r["changed_blocks"], r["bytes_read"]) for r in second] == [
+        ("data", True, 2, 2 * K64), ("virtio-disk0", True, 1, K64)]
+    assert_clean(vm, work)
+
+    out = tmp_path / "restored"
+    code, restored, err = _run(capsys, ["restore", "web@latest", f"{out}/", "--repo", repo])
+    assert code == 0, err
+    for device in ("virtio-disk0", "data"):
+        assert (out / f"{device}.img").read_bytes() == vm.read_disk(device, tmp_path / f"{device}.now")
+
+
+def test_one_device_and_what_a_wrong_name_gets(vm, work, tmp_path, capsys):
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write_pattern("data", 0, MiB, 0x55)
+    # a -drive disk: its node has a generated name, which a URI cannot even spell
+    assert vm.node_of("data").startswith("#")
+    code, res, err = _run(capsys, ["backup", f"{vm.uri}?device=data", "--repo", repo, "--vm", "web"])
+    assert code == 0, err
+    assert res["disk"] == "data"
+    code, _, err = _run(capsys, ["backup", f"{vm.uri}?device=data", "--repo", repo, "--vm", "web", "--disk", "vdb"])
+    assert code == 0, err
+
+    for uri, needle in ((f"{vm.uri}?device=nope", "has no disk device 'nope'; its block devices: cd0, data, virtio-disk0"),
+                        (f"{vm.uri}?device=cd0", "has no medium inserted"),
+                        (f"{vm.uri}?node=nope", "no block node named 'nope'")):
+        code, _, err = _run(capsys, ["backup", uri, "--repo", repo, "--vm", "web"])
+        assert code != 0 and needle in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, ["backup", f"{vm.uri}?node=%23block1", "--repo", repo, "--vm", "web"])
+    assert code != 0 and "no block node named '#block1'" in err and "?device=ID" in err
+    code, _, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "x"])
+    assert code == 2 and "drop --disk" in err
+    assert_clean(vm, work)
+
+
+def test_bitmaps_are_found_again_after_a_restart_renames_the_nodes(vm, work, tmp_path, capsys):
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write_pattern("data", 0, MiB, 0x66)
+    code, first, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert code == 0, err
+    node_before = vm.node_of("data")
+
+    vm.quit()  # an orderly shutdown stores the persistent bitmaps in the qcow2 images
+    vm.start(create=False, spare_drives=2)  # a changed definition: other generated names
+    assert vm.node_of("data") != node_before
+    vm.write_pattern("data", 3 * MiB, K64, 0x77)
+    code, second, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert code == 0, err
+    by_disk = {r["disk"]: r for r in second}
+    assert by_disk["data"]["cbt"] and by_disk["data"]["changed_blocks"] == 1, by_disk["data"]
+    assert by_disk["virtio-disk0"]["cbt"] and by_disk["virtio-disk0"]["changed_blocks"] == 0
+    assert_clean(vm, work)
+
+    out = tmp_path / "data.img"
+    assert main(["restore", "web/data@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == vm.read_disk("data", tmp_path / "data.now")
+
+
+def test_a_vm_without_guest_disks_is_told_to_name_nodes(tmp_path, work, capsys):
+    from qemu_vm import FakeVM
+
+    (tmp_path / "sd").mkdir()
+    v = FakeVM(tmp_path / "sd").start()
+    try:
+        with pytest.raises(SourceError, match=r"no guest disks to back up .*\?node=NODE \(named nodes: .*disk0"):
+            disk_names(f"qemu://{v.qmp_path}")
+    finally:
+        v.stop()

@@ -139,3 +139,73 @@ def test_a_vm_without_guest_disks_is_told_to_name_nodes(tmp_path, work, capsys):
             disk_names(f"qemu://{v.qmp_path}")
     finally:
         v.stop()
+
+
+def test_the_backup_is_the_disks_at_one_instant_while_the_guest_writes(vm, tmp_path):
+    """Writes through the devices after the session froze the disks reach the live disks
+    and not the frozen views; afterwards the live disks hold every write."""
+    from pyvbak.hypervisors.qemu import QemuHotBackup
+    from pyvbak.sources.nbd import NbdSource
+
+    vm.write_pattern("virtio-disk0", 0, MiB, 0xA1)
+    vm.write_pattern("data", 0, MiB, 0xA2)
+    with QemuHotBackup(vm.uri, previous_states={}, work_dir=tmp_path / "work") as s:
+        vm.write_pattern("virtio-disk0", 0, K64, 0xB1)   # over frozen data: copied before written
+        vm.write_pattern("data", 5 * MiB, K64, 0xB2)     # over a never-written area
+        views = {}
+        for d in s.disks:
+            with NbdSource(d.nbd_uri) as src:
+                views[d.name] = src.read(0, vm.size)
+    assert views["virtio-disk0"][:MiB] == b"\xa1" * MiB
+    assert views["data"][:MiB] == b"\xa2" * MiB and views["data"][5 * MiB : 5 * MiB + K64] == bytes(K64)
+    now = vm.read_disk("virtio-disk0", tmp_path / "d0.now")
+    assert now[:K64] == b"\xb1" * K64 and now[K64:MiB] == b"\xa1" * (MiB - K64)
+    assert vm.read_disk("data", tmp_path / "data.now")[5 * MiB : 5 * MiB + K64] == b"\xb2" * K64
+    assert vm.pyvbak_traces() == []
+
+
+KILLED_CHILD = """
+import sys
+from pyvbak.hypervisors.qemu import QemuHotBackup
+with QemuHotBackup(sys.argv[1], previous_states={}, work_dir=sys.argv[2]) as s:
+    print("READY", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters(vm, work, tmp_path, capsys):
+    """A killed run leaves its copy-before-write filters as the root nodes of the devices'
+    drives; the next run must clean them before it asks which node each device reads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write_pattern("data", 0, MiB, 0x31)
+    code, first, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert code == 0, err
+    p = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, vm.uri, str(work)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    try:
+        assert p.stdout.readline().startswith("READY")
+        assert vm.node_of("virtio-disk0").startswith("pyvbak-")  # the filter stands above the disk
+        vm.write_pattern("virtio-disk0", 2 * MiB, K64, 0x32)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        p.stdin.close()
+        p.stdout.close()
+
+    code, second, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert code == 0, err
+    # the killed run's new bitmap generation was merged back: no write was lost from tracking
+    assert [(r["disk"], r["cbt"], r["changed_blocks"]) for r in second] == [("data", True, 0), ("virtio-disk0", True, 1)]
+    assert any("fleecing node" in line for line in second[0]["cleaned_leftovers"])
+    assert vm.node_of("virtio-disk0") == "disk0" and vm.pyvbak_traces() == []
+    out = tmp_path / "restored"
+    assert main(["restore", "web@latest", f"{out}/", "--repo", repo]) == 0
+    for device in ("data", "virtio-disk0"):
+        assert (out / f"{device}.img").read_bytes() == vm.read_disk(device, tmp_path / f"{device}.now")

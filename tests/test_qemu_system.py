@@ -167,7 +167,10 @@ def test_the_backup_is_the_disks_at_one_instant_while_the_guest_writes(vm, tmp_p
 KILLED_CHILD = """
 import sys
 from pyvbak.hypervisors.qemu import QemuHotBackup
-with QemuHotBackup(sys.argv[1], previous_states={}, work_dir=sys.argv[2]) as s:
+from pyvbak.repo.repository import Repository
+repo = Repository.open(sys.argv[3])
+states = {d: repo.latest("web", d).meta["change_tracking"]["state"] for d in ("data", "virtio-disk0")}
+with QemuHotBackup(sys.argv[1], previous_states=states, work_dir=sys.argv[2]) as s:
     print("READY", flush=True)
     sys.stdin.read()
 """
@@ -186,7 +189,7 @@ def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters
     vm.write_pattern("data", 0, MiB, 0x31)
     code, first, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
-    p = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, vm.uri, str(work)], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, vm.uri, str(work), repo], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     try:
@@ -202,7 +205,7 @@ def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters
     code, second, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
     # the killed run's new bitmap generation was merged back: no write was lost from tracking
-    assert [(r["disk"], r["cbt"], r["changed_blocks"]) for r in second] == [("data", True, 0), ("virtio-disk0", True, 1)]
+    assert [(r["disk"], r["cbt"], r["changed_blocks"], r["fallback_reason"]) for r in second] == [("data", True, 0, None), ("virtio-disk0", True, 1, None)]
     assert any("fleecing node" in line for line in second[0]["cleaned_leftovers"])
     assert vm.node_of("virtio-disk0") == "disk0" and vm.pyvbak_traces() == []
     out = tmp_path / "restored"

@@ -509,7 +509,7 @@ def profiled_backup(repo: str, uri: str, workdir: str, cprofile: str | None = No
     wrap(packer.PackWriter, "finish", "pack finish (flush + wait uploads)")
     wrap(QmpClient, "connect", "QMP connect + capabilities")
     wrap(hot.QemuHotBackup, "_setup", "QEMU session setup (total)")
-    wrap(hot.QemuHotBackup, "_create_fleece_file", "  qemu-img create fleece file")
+    wrap(hot.QemuHotBackup, "_create_fleece_file", "  fleecing file (raw; qemu-img before QEMU 7.1)")
     wrap(qcleanup, "clean_leftovers", "  leftover scan")
     wrap(hot.QemuHotBackup, "_teardown", "QEMU session teardown (total)")
     wrap(qcleanup, "remove_export", "  block-export-del + wait")

@@ -93,6 +93,8 @@ def test_qemu_benches(tmp_path):
     assert all(r["bitmap_exact"] for r in doc["rounds"])
     doc = run_bench(tmp_path, "qemu_multidisk.py", "--disks", "2", "--size-mib", "16", "--rounds", "1")
     assert positive(doc["together_s"]) and positive(doc["apart_s"]) and doc["rounds"][0]["rewritten_bytes"] > 0
+    doc = run_bench(tmp_path, "qemu_fleecing.py", "--disks", "2", "--size-mib", "16", "--rounds", "2")
+    assert positive(doc["snapshot_access_s"]) and positive(doc["qcow2_s"]) and len(doc["rounds"]) == 2
     doc = run_bench(tmp_path, "nbd_read.py", "--size-mib", "64", "--repeat", "1")
     assert positive(doc["client_gbps"]) and positive(doc["qemu_img_gbps"]) and positive(doc["ratio"])
 

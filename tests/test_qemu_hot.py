@@ -14,7 +14,7 @@ import pytest
 from conftest import wait_until
 from qemu_vm import MiB, FakeVM
 from pyvbak.errors import SourceError, UsageError
-from pyvbak.hypervisors.qemu import QemuHotBackup, QmpClient, parse_qemu_uri
+from pyvbak.hypervisors.qemu import QemuHotBackup, QmpClient, hot, parse_qemu_uri
 from pyvbak.sources.nbd import NbdSource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,16 @@ def vm(tmp_path):
 @pytest.fixture
 def work(tmp_path):
     return tmp_path / "work"
+
+
+@pytest.fixture(params=["snapshot-access", "qcow2"])
+def fleecing(request, monkeypatch):
+    """Both ways of taking the frozen view: snapshot-access (QEMU >= 7.1, what 7.2 here
+    gets) and the qcow2 fleecing image older QEMUs get, forced by pretending 7.1 is far
+    off."""
+    if request.param == "qcow2":
+        monkeypatch.setattr(hot, "SNAPSHOT_ACCESS_SINCE", (99, 0))
+    return request.param
 
 
 def assert_clean(vm: FakeVM, work: Path):
@@ -67,7 +77,7 @@ def test_parse_qemu_uri():
 # -- CBT lifecycle ---------------------------------------------------------------------
 
 
-def test_first_then_incremental_backup(vm, work):
+def test_first_then_incremental_backup(vm, work, fleecing):
     vm.write(0, b"A" * MiB)
     s1, ext = backup(vm, work)
     assert s1.fallback_reason == "no previous backup"
@@ -96,7 +106,7 @@ def test_first_then_incremental_backup(vm, work):
     assert "verify-cbt" in s4.fallback_reason and s4.dirty_bitmap == "pyvbak-gen-3"
 
 
-def test_point_in_time_view(vm, work):
+def test_point_in_time_view(vm, work, fleecing):
     blocks = 64  # 4 MiB of pattern A in 64 KiB blocks
     for i in range(blocks):
         vm.write(i * K64, bytes([0x41 + i % 8]) * K64)
@@ -112,6 +122,7 @@ def test_point_in_time_view(vm, work):
             i += 1
 
     with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
+        assert s.snapshot_access == (fleecing == "snapshot-access")
         t = threading.Thread(target=guest)
         t.start()
         try:
@@ -134,14 +145,14 @@ def test_point_in_time_view(vm, work):
     assert vm.bitmaps()["pyvbak-gen-1"]["count"] == len(set(written)) * K64
 
 
-def test_failure_cleans_up_and_keeps_dirty_bits(vm, work):
+def test_failure_cleans_up_and_keeps_dirty_bits(vm, work, fleecing):
     s1, _ = backup(vm, work)
     vm.write(0, b"x" * K64)
     with pytest.raises(RuntimeError):
         with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
             assert s.fallback_reason is None
-            fleece = s.names.for_disk(0).fleece_file
-            assert fleece.exists()
+            fleece = s.disks[0].fleece_path
+            assert fleece.exists() and fleece.suffix == (".raw" if fleecing == "snapshot-access" else ".qcow2")
             vm.write(2 * MiB, b"y" * K64)
             raise RuntimeError("engine failed")
     assert not fleece.exists()
@@ -184,8 +195,10 @@ def test_keyboard_interrupt_cleans_up(vm, work):
 CHILD = r"""
 import sys, time, json
 from pyvbak.errors import PyvbakError
-from pyvbak.hypervisors.qemu import QemuHotBackup
+from pyvbak.hypervisors.qemu import QemuHotBackup, hot
 uri, work, prev = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if sys.argv[4:] == ["qcow2"]:
+    hot.SNAPSHOT_ACCESS_SINCE = (99, 0)
 try:
     with QemuHotBackup(uri, previous_state=prev, work_dir=work) as s:
         print("READY", s.nbd_uri, flush=True)
@@ -196,9 +209,9 @@ except PyvbakError as e:
 """
 
 
-def start_child(vm, work, prev):
+def start_child(vm, work, prev, fleecing="snapshot-access"):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.Popen([sys.executable, "-c", CHILD, vm.uri, str(work), json_dumps(prev)],
+    p = subprocess.Popen([sys.executable, "-c", CHILD, vm.uri, str(work), json_dumps(prev), fleecing],
                          stdout=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     assert line.startswith("READY"), line
@@ -211,10 +224,10 @@ def json_dumps(x):
     return json.dumps(x)
 
 
-def test_kill9_leftovers_cleaned_by_next_run(vm, work):
+def test_kill9_leftovers_cleaned_by_next_run(vm, work, fleecing):
     s1, _ = backup(vm, work)
     vm.write(0, b"x" * K64)
-    p = start_child(vm, work, s1.change_tracking_state)
+    p = start_child(vm, work, s1.change_tracking_state, fleecing)
     vm.write(MiB, b"y" * K64)  # written after the killed run's instant: only in gen-2
     p.send_signal(signal.SIGKILL)
     p.wait(10)
@@ -227,7 +240,11 @@ def test_kill9_leftovers_cleaned_by_next_run(vm, work):
         cleaned = " | ".join(s.cleaned_leftovers)
         assert "session lock" in cleaned and "of a dead run" in cleaned
         assert "NBD export" in cleaned and "job" in cleaned and "fleecing node" in cleaned
-        assert "fleece.qcow2" in cleaned and "merged back into pyvbak-gen-1" in cleaned
+        if fleecing == "snapshot-access":
+            assert "snapshot-access node" in cleaned and "fleece.raw" in cleaned
+        else:
+            assert "snapshot-access node" not in cleaned and "fleece.qcow2" in cleaned
+        assert "merged back into pyvbak-gen-1" in cleaned
         assert s.fallback_reason is None
         with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
             assert src.change_tracking(s1.change_tracking_state).extents == [(0, K64), (MiB, K64)]
@@ -581,7 +598,7 @@ def low_space_switch(monkeypatch, low: bool):
     return state
 
 
-def test_work_dir_running_out_of_space_breaks_the_backup_not_the_guest(vm, work, monkeypatch):
+def test_work_dir_running_out_of_space_breaks_the_backup_not_the_guest(vm, work, monkeypatch, fleecing):
     from pyvbak.hypervisors import SessionSource
 
     s1, _ = backup(vm, work)

@@ -174,6 +174,10 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     if server_was_ours:
         stop_nbd_server(qmp)
         cleaned.append("NBD server started by pyvbak")
+    for n in nodes:  # the frozen views, before the jobs whose filters they read
+        if mine(n) and n.endswith("-acc"):
+            remove_node(qmp, n)
+            cleaned.append(f"snapshot-access node {n}")
     for j in jobs:
         if mine(j):
             cancel_job(qmp, j)

@@ -40,6 +40,11 @@ from .naming import GEN_PREFIX, RunNames, bitmap_name, check_socket_path, genera
 from .qmp import QmpClient, QmpError
 
 STATE_KIND = "qemu-dirty-bitmap"
+#: QEMU from which the frozen view is a snapshot-access node (7.0) over the copy-before-
+#: write filter, with a raw fleecing file of the copies alone, exported with the disk's
+#: bitmap named by node (7.1); before it, a qcow2 fleecing image backed by the disk,
+#: which qemu-img had to create (~10 ms per disk; bench/RESULTS.md, "Snapshot-access")
+SNAPSHOT_ACCESS_SINCE = (7, 1)
 _BITMAP_FORMATS = {"qcow2"}  # formats that can store persistent dirty bitmaps
 
 
@@ -73,8 +78,10 @@ class HotDisk(ExportSession):
         self.nbd_uri: str | None = None
         self.dirty_bitmap: str | None = None
         # what this run created for the disk, so cleanup undoes exactly that
+        self.fleece_path = names.fleece_file  # the qcow2 one under QEMU < 7.0
         self.fleece_file_created = False
         self.fleece_node_added = False
+        self.access_node_added = False
         self.job_started = False
         self.export_added = False
         self.old_bitmap: str | None = None       # previous generation, if present on the node
@@ -136,6 +143,7 @@ class QemuHotBackup(ExportSession):
         self._guard: TerminationGuard | None = None
         self._journal: dict[str, Any] = {}
         self._server_started = False
+        self.snapshot_access = True  # decided from QEMU's version once connected
         self._lock: str | None = None             # the VM's session lock object, once held
         self._space_guard: fleece_guard.FleeceSpaceGuard | None = None
 
@@ -181,6 +189,7 @@ class QemuHotBackup(ExportSession):
         check_socket_path(self.names.nbd_socket)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         qmp = self._qmp = QmpClient(self.qmp_path, timeout=self.qmp_timeout).connect()
+        self.snapshot_access = qmp.version_tuple >= SNAPSHOT_ACCESS_SINCE
         # one pyvbak session per VM, whatever work dir or repository the other one uses
         self._lock = session_lock.acquire(qmp, self.names.run)
 
@@ -214,13 +223,11 @@ class QemuHotBackup(ExportSession):
             # flags are set BEFORE each creating command: if a signal lands between sending
             # it and reading the reply, cleanup still tries (and tolerates "not found")
             d.fleece_node_added = True
-            try_create(qmp, "blockdev-add", lambda d=d: setattr(d, "fleece_node_added", False), **{
-                "driver": "qcow2",
-                "node-name": d.names.fleece_node,
-                "file": {"driver": "file", "filename": str(d.names.fleece_file)},
-                "backing": d.node,
-                "discard": "unmap",
-            })
+            fleece = {"driver": "raw", "node-name": d.names.fleece_node,
+                      "file": {"driver": "file", "filename": str(d.fleece_path)}, "discard": "unmap"}
+            if not self.snapshot_access:
+                fleece.update(driver="qcow2", backing=d.node)
+            try_create(qmp, "blockdev-add", lambda d=d: setattr(d, "fleece_node_added", False), **fleece)
 
         # (d) one transaction for every disk: bitmap rotation + point-in-time view, so
         # the VM's disks are frozen at the same instant (crash-consistent together)
@@ -246,6 +253,12 @@ class QemuHotBackup(ExportSession):
                               f"{e.error_class}: {e.desc}") from None
         for d in self.disks:
             d.dirty_bitmap = olds[d.node]
+            if self.snapshot_access:
+                # the frozen view: the filter's snapshot API (copied blocks from the
+                # fleecing file, the others from the disk)
+                d.access_node_added = True
+                try_create(qmp, "blockdev-add", lambda d=d: setattr(d, "access_node_added", False),
+                           driver="snapshot-access", **{"node-name": d.names.access_node}, file=d.names.cbw_node)
 
         # (e) NBD server + one export per disk
         sock = self.names.nbd_socket
@@ -263,10 +276,13 @@ class QemuHotBackup(ExportSession):
             raise
         self._write_journal()
         for d in self.disks:
-            export: dict[str, Any] = {"type": "nbd", "id": d.names.export, "node-name": d.names.fleece_node,
+            view = d.names.access_node if self.snapshot_access else d.names.fleece_node
+            export: dict[str, Any] = {"type": "nbd", "id": d.names.export, "node-name": view,
                                       "name": d.names.export, "writable": False}
             if d.dirty_bitmap is not None:
-                export["bitmaps"] = [d.dirty_bitmap]
+                # the view is not a filter of the disk: name the bitmap's node (QEMU >= 7.1)
+                export["bitmaps"] = ([{"node": d.node, "name": d.dirty_bitmap}] if self.snapshot_access
+                                     else [d.dirty_bitmap])
             d.export_added = True
             try_create(qmp, "block-export-add", lambda d=d: setattr(d, "export_added", False), **export)
             d.nbd_uri = f"nbd+unix:///{d.names.export}?socket={sock}"
@@ -331,8 +347,24 @@ class QemuHotBackup(ExportSession):
         return ", ".join(f"'{d.node}'" for d in self.disks)
 
     def _create_fleece_file(self, d: HotDisk, info: dict) -> None:
+        """The file the guest's overwritten blocks are copied to while the view is open:
+        a sparse raw file (snapshot-access), or a qcow2 whose backing is the disk."""
+        if self.snapshot_access:
+            path = d.fleece_path = d.names.fleece_file
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise SourceError(f"cannot create the fleecing file {path}: {e.strerror}") from None
+            d.fleece_file_created = True
+            try:
+                os.ftruncate(fd, d.size)
+            except OSError as e:
+                raise SourceError(f"cannot size the fleecing file {path}: {e.strerror}") from None
+            finally:
+                os.close(fd)
+            return
         cluster = int(info.get("image", {}).get("cluster-size") or 65536)
-        path = d.names.fleece_file
+        path = d.fleece_path = d.names.fleece_qcow2
         try:
             r = subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(d.size)],
@@ -352,7 +384,7 @@ class QemuHotBackup(ExportSession):
         self._journal = {
             "run": self.names.run, "pid": os.getpid(), "qmp": self.qmp_path,
             "nbd_socket": str(self.names.nbd_socket), "server_started": self._server_started,
-            "disks": [{"node": d.node, "fleece_file": str(d.names.fleece_file), "new_bitmap": d.new_bitmap,
+            "disks": [{"node": d.node, "fleece_file": str(d.fleece_path), "new_bitmap": d.new_bitmap,
                        "old_bitmap": d.old_bitmap} for d in self.disks],
         }
         tmp = self.names.journal.with_suffix(".tmp")
@@ -412,6 +444,8 @@ class QemuHotBackup(ExportSession):
             if self._server_started:
                 step("stopping the NBD server", cleanup.stop_nbd_server, qmp)
             for d in self.disks:
+                if d.access_node_added:
+                    step(f"removing node {d.names.access_node}", cleanup.remove_node, qmp, d.names.access_node)
                 if d.job_started:
                     step(f"cancelling job {d.names.job}", cleanup.cancel_job, qmp, d.names.job)
                 if d.fleece_node_added:
@@ -423,9 +457,9 @@ class QemuHotBackup(ExportSession):
                     step(f"settling dirty bitmaps of '{d.node}'", _settle_bitmaps, qmp, d, not d.committed)
             if self._lock is not None:  # last: another session may start once it is gone
                 step("releasing the session lock", session_lock.release, qmp, self._lock)
-        elif any(d.job_started or d.fleece_node_added for d in self.disks):
+        elif any(d.job_started or d.fleece_node_added or d.access_node_added for d in self.disks):
             errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
-        paths = [d.names.fleece_file for d in self.disks if d.fleece_file_created] + [self.names.nbd_socket]
+        paths = [d.fleece_path for d in self.disks if d.fleece_file_created] + [self.names.nbd_socket]
         for p in paths:
             try:
                 p.unlink()

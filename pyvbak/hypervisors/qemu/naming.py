@@ -6,10 +6,11 @@ still alive.  QEMU node names are limited to 31 characters, which bounds the run
 
   session lock (QOM object) pyvbak-<run>-lock   (session_lock.py)
   export / NBD export name   pyvbak-<run><d>
-  fleecing qcow2 node        pyvbak-<run><d>-fl
+  fleecing node              pyvbak-<run><d>-fl
   copy-before-write filter   pyvbak-<run><d>-cbw
+  snapshot-access node       pyvbak-<run><d>-acc   (the frozen view, QEMU >= 7.0)
   backup job id              pyvbak-<run><d>-job
-  fleecing file              <work_dir>/pyvbak-<run><d>-fleece.qcow2
+  fleecing file              <work_dir>/pyvbak-<run><d>-fleece.raw   (QEMU < 7.0: .qcow2)
   NBD server socket          <work_dir>/pyvbak-<run>-nbd.sock
   journal                    <work_dir>/pyvbak-<run>.json
   persistent dirty bitmaps   pyvbak-gen-<N>   (not per run: they outlive runs on purpose)
@@ -92,6 +93,10 @@ class RunNames:
         return f"{PREFIX}{self.run}{self.disk_tag}-fl"
 
     @property
+    def access_node(self) -> str:
+        return f"{PREFIX}{self.run}{self.disk_tag}-acc"
+
+    @property
     def cbw_node(self) -> str:
         return f"{PREFIX}{self.run}{self.disk_tag}-cbw"
 
@@ -101,6 +106,12 @@ class RunNames:
 
     @property
     def fleece_file(self) -> Path:
+        """The fleecing file of a snapshot-access session (raw: only the copies)."""
+        return self.work_dir / f"{PREFIX}{self.run}{self.disk_tag}-fleece.raw"
+
+    @property
+    def fleece_qcow2(self) -> Path:
+        """The fleecing file of a QEMU < 7.0 session (qcow2 backed by the disk)."""
         return self.work_dir / f"{PREFIX}{self.run}{self.disk_tag}-fleece.qcow2"
 
     @property

@@ -114,6 +114,15 @@ class QmpClient:
         self.close()
 
     @property
+    def version_tuple(self) -> tuple[int, int]:
+        """(major, minor) of the QEMU at the other end; (0, 0) when it did not say."""
+        v = self.greeting.get("version", {}).get("qemu", {})
+        try:
+            return int(v.get("major", 0)), int(v.get("minor", 0))
+        except (TypeError, ValueError):
+            return 0, 0
+
+    @property
     def qemu_version(self) -> str:
         v = self.greeting.get("version", {}).get("qemu", {})
         pkg = self.greeting.get("version", {}).get("package", "")

@@ -52,24 +52,28 @@ def pause():
     while not (release and os.path.exists(release)):  # without a release file: until killed
         time.sleep(0.01)
 
-orig = L.LocalBackend.write_new
+# wraps a call that makes an object `name` visible: LocalBackend.write_new, and the
+# commit of a stream (packs are written through streams)
+def hooked(orig):
+    def call(self, name, *rest):
+        hit = name.startswith(prefix) and (seen.__setitem__(0, seen[0] + 1) or seen[0] == nth)
+        if hit and point == "mid-pack":
+            # what a writer killed mid-write leaves: a partial temp file carrying its pid
+            backend = getattr(self, "_backend", self)
+            d = os.path.dirname(backend._path(name))
+            backend._ensure_dir(d)
+            piece = as_buffers(rest[0])[0][0] if rest else b"partial pack"
+            with open(os.path.join(d, L.temp_name()), "wb") as f:
+                f.write(piece[: max(1, len(piece) // 2)])
+            pause()
+        result = orig(self, name, *rest)
+        if hit:
+            pause()
+        return result
+    return call
 
-def write_new(self, name, data):
-    hit = name.startswith(prefix) and (seen.__setitem__(0, seen[0] + 1) or seen[0] == nth)
-    if hit and point == "mid-pack":
-        # what a writer killed mid-write leaves: a partial temp file carrying its pid
-        views, _ = as_buffers(data)
-        d = os.path.dirname(self._path(name))
-        self._ensure_dir(d)
-        with open(os.path.join(d, L.temp_name()), "wb") as f:
-            f.write(views[0][: len(views[0]) // 2])
-        pause()
-    result = orig(self, name, data)
-    if hit:
-        pause()
-    return result
-
-L.LocalBackend.write_new = write_new
+L.LocalBackend.write_new = hooked(L.LocalBackend.write_new)
+L._LocalObjectStream.commit = hooked(L._LocalObjectStream.commit)
 from pyvbak.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -32,6 +32,8 @@ from pyvbak.backends.base import (
     BackendError,
     Data,
     ObjectMissing,
+    ObjectStream,
+    check_stream_name,
     as_buffers,
     out_of_space,
     validate_name,
@@ -69,6 +71,9 @@ PREFETCH_PIECE_BYTES = 1 << 20
 DIRECT_ALIGN = 4096
 #: the largest staging buffer per thread; bigger objects are written in pieces of this size
 STAGING_MAX_BYTES = 16 << 20
+#: a stream (open_stream) writes what it was given once this much is pending: the pieces go
+#: to the disk while the caller produces the rest (bench/RESULTS.md, "Pack streaming")
+STREAM_PIECE_BYTES = 2 << 20
 #: PYVBAK_DIRECT_IO=0 turns the direct path off (e.g. to compare, or on a filesystem where
 #: O_DIRECT is accepted but slow); the constructor's ``direct_io`` overrides it.
 DIRECT_IO_ENV = "PYVBAK_DIRECT_IO"
@@ -390,6 +395,36 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
+    def open_stream(self, folder: str) -> ObjectStream:
+        _check_folder_prefix(folder)
+        if not folder:
+            raise UsageError("open_stream needs a folder such as 'packs/'")
+        return _LocalObjectStream(self, folder)
+
+    def _link_new(self, tmp: str, name: str) -> bool:
+        """Publish the complete, fsynced temp file ``tmp`` as ``name``, create-only (the
+        second half of write_new); True if created.  The caller removes ``tmp``."""
+        path = self._path(name)
+        dirpath = os.path.dirname(path)
+        try:
+            if os.path.isdir(path):
+                raise IsADirectoryError(errno.EISDIR, "a directory exists where the object should be", path)
+            self._ensure_dir(dirpath)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            self._fsync_dir(dirpath)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP) and os.path.exists(tmp):
+                raise BackendError(
+                    f"cannot create {path} (object {name!r}) in local backend {self.location}: the "
+                    f"filesystem refused a hard link ({exc.strerror}); pyvbak needs hard links for "
+                    f"atomic create-only writes, use a filesystem that supports them"
+                ) from exc
+            raise self._error(exc, name, path, "writing") from exc
+
     def write_new(self, name: str, data: Data) -> bool:
         path = self._path(name)
         dirpath = os.path.dirname(path)
@@ -532,6 +567,152 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         self._closed = True
+
+
+class _LocalObjectStream(ObjectStream):
+    """A temp file in the folder, filled as pieces arrive (O_DIRECT in aligned pieces of
+    STREAM_PIECE_BYTES or more, like write_new's large objects), fsynced and hard-linked
+    under its name at commit.  The temp file carries the writer's pid like any other, so a
+    killed writer's stream is a recognisable leftover."""
+
+    def __init__(self, backend: LocalBackend, folder: str):
+        self._backend, self._folder = backend, folder
+        self._dir = os.path.join(backend.root, *folder.rstrip("/").split("/"))
+        self._pending: list[memoryview] = []
+        self._pending_bytes = 0
+        self._offset = 0  # bytes already in the file
+        self._fd = self._dfd = -1
+        self._broken: BaseException | None = None
+        self._done = False
+        self._tmp: str | None = None
+        try:
+            backend._ensure_dir(self._dir)
+            self._tmp = os.path.join(self._dir, temp_name())
+            with _live_lock:
+                _live_temps.add(self._tmp)
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, backend.file_mode)
+        except OSError as exc:
+            self.abort()
+            raise backend._error(exc, folder, self._dir, "creating a temp file in") from exc
+        if backend.direct_io and os.fstat(self._fd).st_dev not in _no_direct_devs:
+            try:
+                self._dfd = os.open(self._tmp, os.O_WRONLY | _O_DIRECT | _O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    self.abort()
+                    raise backend._error(exc, folder, self._tmp, "opening") from exc
+                _no_direct_devs.add(os.fstat(self._fd).st_dev)
+
+    def _check(self) -> None:
+        if self._done:
+            raise UsageError("the stream was committed or aborted")
+        if self._broken is not None:
+            raise BackendError(f"an earlier write of this stream to {self._dir} failed: {self._broken}")
+
+    def write(self, data: Data) -> None:
+        self._check()
+        views, total = as_buffers(data)
+        self._pending.extend(views)
+        self._pending_bytes += total
+        if self._pending_bytes >= STREAM_PIECE_BYTES:
+            self._write_pending(final=False)
+
+    def _write_pending(self, final: bool) -> None:
+        """Write the pending pieces: all of them when ``final``, else the largest
+        DIRECT_ALIGN multiple (the rest, under 4 KiB, stays pending)."""
+        total = self._pending_bytes
+        keep = 0 if final else total % DIRECT_ALIGN
+        n = total - keep
+        try:
+            if self._dfd >= 0 and n >= DIRECT_ALIGN:
+                stage = _staging_buffer(min(n, STAGING_MAX_BYTES))
+                cap = min(stage.nbytes, STAGING_MAX_BYTES) // DIRECT_ALIGN * DIRECT_ALIGN
+                views, self._pending = self._pending, []
+                taken, parts, fill = 0, [], 0
+                rest: list[memoryview] = []
+                for v in views:  # cut the views into stage-sized pieces, then `keep` bytes stay
+                    pos = 0
+                    while pos < v.nbytes:
+                        if taken == n:
+                            rest.append(v[pos:])
+                            break
+                        k = min(v.nbytes - pos, cap - fill, n - taken)
+                        parts.append(v[pos:pos + k])
+                        fill += k
+                        taken += k
+                        pos += k
+                        if fill == cap or taken == n:
+                            native.gather_into(stage, parts)
+                            self._write_stage(stage, fill)
+                            fill, parts = 0, []
+                self._pending, self._pending_bytes = rest, keep
+            else:
+                views, self._pending = self._pending, []
+                self._pending_bytes = 0
+                for v in views:
+                    _pwrite_all(self._fd, v, self._offset)
+                    self._offset += v.nbytes
+        except OSError as exc:
+            raise self._fail(self._backend._error(exc, self._folder, self._tmp, "writing")) from exc
+
+    def _write_stage(self, stage: memoryview, fill: int) -> None:
+        """The first ``fill`` staged bytes at the file's end: the aligned head direct, the
+        tail buffered."""
+        head = fill - fill % DIRECT_ALIGN if self._dfd >= 0 else 0
+        if head:
+            try:
+                _pwrite_direct(self._dfd, self._fd, stage[:head], self._offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # took the O_DIRECT open, refuses the I/O: this file system goes buffered
+                _no_direct_devs.add(os.fstat(self._fd).st_dev)
+                direct_stats["fallbacks"] += 1
+                os.close(self._dfd)
+                self._dfd = -1
+                _pwrite_all(self._fd, stage[:head], self._offset)
+        if fill > head:
+            _pwrite_all(self._fd, stage[head:fill], self._offset + head)
+        self._offset += fill
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        self._broken = exc
+        return exc
+
+    def commit(self, name: str) -> bool:
+        if self._done:
+            raise UsageError("the stream was committed or aborted")
+        try:
+            self._check()
+            check_stream_name(name, self._folder)
+            self._write_pending(final=True)
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise self._backend._error(exc, name, self._tmp, "writing") from exc
+            self._close_fds()
+            return self._backend._link_new(self._tmp, name)
+        finally:
+            self.abort()  # closes and removes the temp file (the object, if made, is a link)
+
+    def _close_fds(self) -> None:
+        for attr in ("_dfd", "_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                setattr(self, attr, -1)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._pending, self._pending_bytes = [], 0
+        self._close_fds()
+        if self._tmp is not None:
+            self._backend._discard(self._tmp)
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

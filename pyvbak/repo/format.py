@@ -53,8 +53,12 @@ PACK_TRAILER_HEADER = struct.Struct(">8sII")  # magic, version, record count
 CONFIG_NAME = "config"
 
 
+#: the folder every pack lies under (PackWriter opens its streams there)
+PACKS_FOLDER = "packs/"
+
+
 def pack_name(pack_id_hex: str) -> str:
-    return f"packs/{pack_id_hex[:2]}/{pack_id_hex}"
+    return f"{PACKS_FOLDER}{pack_id_hex[:2]}/{pack_id_hex}"
 
 
 def pack_index_name(index_id_hex: str) -> str:

@@ -5,27 +5,43 @@ one block; the trailer is a zstd skippable frame listing the blocks, so a pack i
 a valid zstd stream.  Packs are named by the SHA-256 of their trailer (their table of
 contents: every block's digest, offset and lengths) and written create-only.  Hashing the
 whole pack again instead cost 0.4-0.6 s of a 2.7 s full backup of the 2 GiB bench image
-(bench/RESULTS.md, "Pack names"); the blocks inside are checked by their own digests.  Uploads run on one background thread (at most two packs in flight) so
-compression workers keep going while a pack is written: memory bound 3 x pack target.
+(bench/RESULTS.md, "Pack names"); the blocks inside are checked by their own digests.
+
+Each pack is written through a backend stream (``Backend.open_stream``): its frames go to
+storage in pieces while later blocks are still being hashed and compressed, and the
+stream is committed under the pack's name once the trailer is known.  The last pack of a
+backup therefore no longer waits to be written whole at the end (bench/RESULTS.md,
+"Pack streaming").  Writes run on one background thread, in order, so compression workers
+keep going while a pack is written; the frames handed to it are bounded by
+``2 x target`` (plus the open pack's own: memory bound 3 x pack target, as before).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from . import format as fmt
 
+#: hand the open pack's frames to the writer thread once this much has gathered
+#: (the local stream writes in pieces of 2 MiB: STREAM_PIECE_BYTES)
+SEND_BYTES = 2 << 20
+
 
 class PackWriter:
     def __init__(self, backend, target_bytes: int):
         self.backend = backend
         self.target = target_bytes
-        self._frames: list[bytes] = []
+        self._frames: list[bytes] = []        # the open pack's frames not yet handed over
         self._entries: list[tuple[bytes, int, int, int]] = []
-        self._size = 0
-        self._pending: list[Future] = []
+        self._size = 0                         # bytes of the open pack so far
+        self._unsent = 0                       # bytes in self._frames
+        self._stream = None                    # the open pack's stream, once it has data
+        self._streams: list = []               # streams not yet committed (to abort)
+        self._inflight: deque[tuple[Future, int]] = deque()  # (future, bytes it holds)
+        self._inflight_bytes = 0
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyvbak-pack-upload")
         self._index_parts: list[np.ndarray] = []
         self.packs_written = 0
@@ -35,11 +51,44 @@ class PackWriter:
         self._entries.append((digest, self._size, len(frame), ulen))
         self._frames.append(frame)
         self._size += len(frame)
+        self._unsent += len(frame)
         if self._size >= self.target:
             self.flush()
+        elif self._unsent >= SEND_BYTES:
+            self._send(self._frames)
+
+    def _send(self, buffers: list, name: str | None = None) -> None:
+        """Hand ``buffers`` (the open pack's next bytes) to the writer thread; with
+        ``name``, commit the pack under it afterwards."""
+        if self._stream is None:
+            self._stream = self.backend.open_stream(fmt.PACKS_FOLDER)
+            self._streams.append(self._stream)
+        stream, nbytes = self._stream, sum(len(b) for b in buffers)
+        # Bound memory: wait for older writes before queueing more than 2 packs' worth.
+        while self._inflight and self._inflight_bytes + nbytes > 2 * self.target:
+            self._wait_oldest()
+        if name is None:
+            fut = self._uploader.submit(stream.write, buffers)
+        else:
+            fut = self._uploader.submit(self._write_and_commit, stream, buffers, name)
+            self._stream = None
+        self._inflight.append((fut, nbytes))
+        self._inflight_bytes += nbytes
+        self._frames, self._unsent = [], 0
+
+    def _write_and_commit(self, stream, buffers: list, name: str) -> bool:
+        stream.write(buffers)
+        created = stream.commit(name)
+        self._streams.remove(stream)  # only this thread changes the list after creation
+        return created
+
+    def _wait_oldest(self) -> None:
+        fut, nbytes = self._inflight.popleft()
+        self._inflight_bytes -= nbytes
+        fut.result()
 
     def flush(self) -> None:
-        if not self._frames:
+        if not self._entries:
             return
         trailer_recs = np.zeros(len(self._entries), fmt.PACK_TRAILER_RECORD)
         trailer_recs["digest"] = np.frombuffer(b"".join(e[0] for e in self._entries), "V32")
@@ -47,36 +96,40 @@ class PackWriter:
         trailer_recs["clen"] = [e[2] for e in self._entries]
         trailer_recs["ulen"] = [e[3] for e in self._entries]
         trailer = fmt.encode_pack_trailer(trailer_recs)
-        buffers = self._frames + [trailer]
         pack_hex = fmt.pack_id(trailer).hex()
         idx = np.zeros(len(trailer_recs), fmt.PACK_INDEX_RECORD)
         for field in ("digest", "offset", "clen", "ulen"):
             idx[field] = trailer_recs[field]
         idx["pack"] = np.frombuffer(bytes.fromhex(pack_hex), "V32")[0]
         self._index_parts.append(idx)
-        self._frames, self._entries, self._size = [], [], 0
-        # Bound memory: wait for the older upload before queueing a third pack.
-        while len(self._pending) >= 2:
-            self._pending.pop(0).result()
-        size = sum(len(b) for b in buffers)
-        self._pending.append(self._uploader.submit(self.backend.write_new, fmt.pack_name(pack_hex), buffers))
+        size = self._size + len(trailer)
+        self._entries, self._size = [], 0
+        self._send(self._frames + [trailer], name=fmt.pack_name(pack_hex))
         self.packs_written += 1
         self.bytes_written += size
 
     def finish(self) -> np.ndarray:
-        """Flush, wait for every upload (raising the first failure); the index records."""
+        """Flush, wait for every write (raising the first failure); the index records."""
         try:
             self.flush()
-            for fut in self._pending:
-                fut.result()
+            while self._inflight:
+                self._wait_oldest()
         finally:
-            self._pending.clear()
             self._uploader.shutdown(wait=True)
+            self._abort_streams()
         if not self._index_parts:
             return np.empty(0, fmt.PACK_INDEX_RECORD)
         return np.concatenate(self._index_parts)
 
     def abort(self) -> None:
-        for fut in self._pending:
+        for fut, _ in self._inflight:
             fut.cancel()
+        self._inflight.clear()
         self._uploader.shutdown(wait=True, cancel_futures=True)
+        self._abort_streams()
+
+    def _abort_streams(self) -> None:
+        """Streams that were not committed (a failure, an abort) leave no temp file."""
+        for stream in list(self._streams):
+            stream.abort()
+        self._streams.clear()

@@ -551,6 +551,94 @@ def test_fault_custom_exception(backend):
     assert not backend.exists("x")
 
 
+# -- streams (an object written piece by piece, named at commit) ------------------------
+
+
+@pytest.mark.parametrize("pieces", [[], [0], [1], [4095, 1, 4096], [5 << 20], [1 << 20, 3, 4097, 2 << 20, 777]])
+def test_stream_round_trip(backend, pieces):
+    parts = [_pattern(n, seed=i) for i, n in enumerate(pieces)]
+    s = backend.open_stream("packs/")
+    for p in parts:
+        s.write(p)
+    assert sorted(backend.list()) == []  # nothing visible before the commit
+    assert s.commit("packs/ab/ab01") is True
+    assert backend.read("packs/ab/ab01") == b"".join(parts)
+    assert sorted(backend.list()) == ["packs/ab/ab01"]
+    s.abort()  # after a commit: nothing happens
+    assert backend.exists("packs/ab/ab01")
+
+
+def test_stream_takes_what_write_new_takes(backend):
+    s = backend.open_stream("packs/")
+    s.write([b"ab", bytearray(b"cd"), memoryview(b"ef")])
+    s.write(b"gh")
+    assert s.commit("packs/x") and backend.read("packs/x") == b"abcdefgh"
+
+
+def test_stream_commit_is_create_only(backend):
+    backend.write_new("packs/aa/1", b"first")
+    s = backend.open_stream("packs/")
+    s.write(b"second" * 1000)
+    assert s.commit("packs/aa/1") is False
+    assert backend.read("packs/aa/1") == b"first"
+    assert sorted(backend.list()) == ["packs/aa/1"]
+
+
+def test_stream_abort_leaves_nothing(backend):
+    s = backend.open_stream("packs/")
+    s.write(_pattern(3 << 20))
+    s.abort()
+    s.abort()
+    assert sorted(backend.list()) == []
+    assert backend.cleanup_incomplete(0) == []  # no temp object was left either
+    with pytest.raises(UsageError):
+        s.write(b"x")
+    with pytest.raises(UsageError):
+        s.commit("packs/x")
+
+
+def test_streams_interleaved_and_concurrent(backend):
+    streams = [backend.open_stream("packs/") for _ in range(4)]
+    for rnd in range(3):
+        for i, s in enumerate(streams):
+            s.write(_pattern(1 << 19, seed=10 * i + rnd))
+
+    def commit(i):
+        assert streams[i].commit(f"packs/0{i}/p")
+
+    threads = [threading.Thread(target=commit, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert backend.read(f"packs/0{i}/p") == b"".join(_pattern(1 << 19, seed=10 * i + r) for r in range(3))
+
+
+@pytest.mark.parametrize("folder", ["", "packs", "/packs/", "../x/", "packs//"])
+def test_stream_folder_validation(backend, folder):
+    with pytest.raises(UsageError):
+        backend.open_stream(folder)
+
+
+def test_stream_name_must_lie_in_its_folder(backend):
+    s = backend.open_stream("packs/")
+    s.write(b"x")
+    with pytest.raises(UsageError):
+        s.commit("index/x")
+    with pytest.raises(UsageError):
+        s.commit("packs/../x")
+
+
+def test_stream_commit_through_a_full_disk_is_out_of_space(backend):
+    faulty = FaultInjectingBackend(backend, fail_after_bytes=100, prefix="packs/")
+    s = faulty.open_stream("packs/")
+    s.write(b"y" * 101)
+    with pytest.raises(OutOfSpace):
+        s.commit("packs/f")
+    assert not backend.exists("packs/f") and sorted(backend.list()) == []
+
+
 # -- lifecycle --------------------------------------------------------------------------
 
 

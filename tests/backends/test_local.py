@@ -606,3 +606,121 @@ def test_prefetch_brings_the_whole_range_into_the_page_cache(backend, tmp_path):
     # the whole requested range [1 MiB, 21 MiB) gets cached, not just the first readahead window
     wait_until(lambda: _resident_bytes(path) >= 20 << 20, timeout=20, interval=0.05,
                what="the whole 20 MiB range in the page cache")
+
+
+# -- streams -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("staging", [16 << 20, (1 << 20) + 4096])  # one stage / several per piece
+def test_stream_goes_to_disk_as_it_comes_through_o_direct(tmp_path, monkeypatch, fresh_direct_state, staging):
+    """The pieces are in the temp file before the commit (that is the point of a stream),
+    through O_DIRECT; the commit adds the rest, fsyncs and links."""
+    monkeypatch.setattr(local_mod, "STAGING_MAX_BYTES", staging)
+    b = LocalBackend(tmp_path / "repo")
+    opened = _direct_opens(monkeypatch)
+    frames, expected = _unaligned_frames((9 << 20) + 321, seed=staging)
+    s = b.open_stream("packs/")
+    half = len(frames) // 2
+    s.write(frames[:half])
+    written = sum(len(f) for f in frames[:half])
+    (tmp,) = [f for f in _all_files(b.root) if TEMP_PREFIX in f]
+    assert os.path.dirname(tmp) == "packs"  # in the folder, not yet in its final directory
+    on_disk = os.path.getsize(os.path.join(b.root, tmp))
+    assert on_disk % 4096 == 0 and written - local_mod.STREAM_PIECE_BYTES < on_disk <= written
+    s.write(frames[half:])
+    assert s.commit("packs/ab/pack") is True
+    monkeypatch.undo()
+    assert len(opened) == 1 and opened[0] == os.path.join(b.root, tmp)
+    assert b.read("packs/ab/pack") == expected
+    assert _all_files(b.root) == [os.path.join("packs", "ab", "pack")]
+    assert os.stat(os.path.join(b.root, "packs", "ab", "pack")).st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_stream_sizes_at_alignment_edges(tmp_path, fresh_direct_state, direct_io):
+    b = LocalBackend(tmp_path / "repo", direct_io=direct_io)
+    for i, size in enumerate([0, 4095, 4096, (2 << 20) - 1, 2 << 20, (2 << 20) + 1, (6 << 20) + 4097]):
+        frames, expected = _unaligned_frames(size, seed=i)
+        s = b.open_stream("packs/")
+        for f in frames:
+            s.write(f)
+        assert s.commit(f"packs/{i:02x}/x") is True
+        assert b.read(f"packs/{i:02x}/x") == expected
+    assert [f for f in _all_files(b.root) if TEMP_PREFIX in f] == []
+
+
+def test_stream_falls_back_when_o_direct_write_is_refused(tmp_path, monkeypatch, fresh_direct_state):
+    monkeypatch.setattr(local_mod, "STAGING_MAX_BYTES", 1 << 20)
+    real_pwrite = os.pwrite
+    direct_writes = [0]
+
+    def flaky_pwrite(fd, data, offset):
+        if _is_direct(fd):
+            direct_writes[0] += 1
+            if direct_writes[0] > 1:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", flaky_pwrite)
+    b = LocalBackend(tmp_path / "repo")
+    frames, expected = _unaligned_frames((5 << 20) + 77, seed=3)
+    s = b.open_stream("packs/")
+    for f in frames:
+        s.write(f)
+    assert s.commit("packs/ab/1") is True
+    monkeypatch.undo()
+    assert direct_writes[0] == 2 and b.read("packs/ab/1") == expected
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_stream_write_error_breaks_the_stream_and_leaves_nothing(tmp_path, monkeypatch, fresh_direct_state, err):
+    b = LocalBackend(tmp_path / "repo")
+    real_pwrite = os.pwrite
+    calls = [0]
+
+    def failing(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(err, os.strerror(err))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    s = b.open_stream("packs/")
+    with pytest.raises(OutOfSpace if err == errno.ENOSPC else BackendError):
+        for _ in range(8):
+            s.write(b"z" * (1 << 20))
+    with pytest.raises(BackendError, match="an earlier write of this stream"):
+        s.commit("packs/ab/broken")
+    monkeypatch.undo()
+    assert _all_files(b.root) == [] and not b.exists("packs/ab/broken")
+
+
+_KILLED_STREAM_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from pyvbak.backends import LocalBackend
+    s = LocalBackend(sys.argv[1]).open_stream("packs/")
+    s.write(b"p" * (5 << 20))
+    print("writing", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_kill_9_mid_stream_leaves_only_a_recognisable_temp_file(tmp_path):
+    repo = str(tmp_path / "repo")
+    b = LocalBackend(repo)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_STREAM_CHILD, repo], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline() == b"writing\n"
+        assert b.cleanup_incomplete(prefix="packs/") == []  # its writer is alive: not a leftover
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    (leftover,) = [f for f in _all_files(repo) if TEMP_PREFIX in f]
+    assert os.path.basename(leftover).startswith(f"{TEMP_PREFIX}{proc.pid}-")
+    assert list(b.list()) == []
+    assert b.cleanup_incomplete(prefix="packs/") == [leftover.replace(os.sep, "/")]
+    assert _all_files(repo) == []

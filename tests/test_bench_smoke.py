@@ -99,6 +99,12 @@ def test_qemu_benches(tmp_path):
     assert positive(doc["client_gbps"]) and positive(doc["qemu_img_gbps"]) and positive(doc["ratio"])
 
 
+def test_pack_streaming_bench(tmp_path):
+    doc = run_bench(tmp_path, "pack_streaming.py", "--size-mib", "64", "--rounds", "2")
+    assert positive(doc["streamed_s"]) and positive(doc["whole_s"]) and positive(doc["whole_over_streamed"])
+    assert all(r["streamed_packs"] >= 1 and r["whole_packs"] >= 1 for r in doc["rounds"])
+
+
 def test_restore_disk_bench(tmp_path):
     doc = run_bench(tmp_path, "restore_disk.py", "--size-mib", "32", "--rounds", "1")
     assert positive(doc["cold_s"]) and positive(doc["warm_s"]) and positive(doc["copy_s"]) and positive(doc["ratio"])

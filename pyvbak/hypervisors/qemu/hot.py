@@ -1,19 +1,21 @@
 """Hot backup of a running QEMU VM's disks: image fleecing + persistent dirty bitmaps.
 
 See docs/QEMU.md for the full sequence.  In short, ``QemuHotBackup.__enter__`` (for every
-disk the URI names: step 4 holds all disks' actions in one transaction, step 5 exports
-each disk on the one NBD server):
+disk the URI means — ``vm_disks``: named nodes, guest devices, or all of the VM's disks;
+step 4 holds all disks' actions in one transaction, step 5 exports each disk on the one
+NBD server):
 
-1. connects to QMP, cleans what a killed earlier run left (``cleanup.clean_leftovers``);
+1. connects to QMP, takes the VM's session lock, cleans what a killed earlier run left
+   (``cleanup.clean_leftovers``), then resolves the URI's devices to block nodes;
 2. checks whether the dirty bitmap recorded by the previous backup can be trusted;
-3. creates a temporary qcow2 (the fleecing image) whose backing is the live node;
+3. creates the fleecing file (raw, sparse; QEMU < 7.1: a qcow2 backed by the live node);
 4. in ONE ``transaction``: adds the next persistent bitmap ``pyvbak-gen-<N+1>``,
    disables ``pyvbak-gen-<N>`` and starts ``blockdev-backup sync=none`` live → fleecing,
    which inserts a copy-before-write filter: from that instant a guest write first copies
-   the old data into the fleecing image, so the fleecing node reads as the disk at that
-   instant, and the new bitmap records exactly the writes after it;
-5. starts QEMU's NBD server on a unix socket in the work dir and exports the fleecing
-   node read-only, offering ``qemu:dirty-bitmap:pyvbak-gen-<N>``.
+   the old data into the fleecing file, and the new bitmap records exactly the writes
+   after it; then a ``snapshot-access`` node over the filter is the disk at that instant;
+5. starts QEMU's NBD server on a unix socket in the work dir and exports the view
+   read-only, offering ``qemu:dirty-bitmap:pyvbak-gen-<N>``.
 
 ``__exit__`` undoes 5..3 in reverse order and settles the bitmaps: after ``commit()``
 the old generation is deleted; otherwise the new one is merged back into the old one.
@@ -78,7 +80,7 @@ class HotDisk(ExportSession):
         self.nbd_uri: str | None = None
         self.dirty_bitmap: str | None = None
         # what this run created for the disk, so cleanup undoes exactly that
-        self.fleece_path = names.fleece_file  # the qcow2 one under QEMU < 7.0
+        self.fleece_path = names.fleece_file  # the qcow2 one under QEMU < 7.1
         self.fleece_file_created = False
         self.fleece_node_added = False
         self.access_node_added = False

@@ -7,7 +7,9 @@ The machine is a q35 PC with guest disks attached the two ways VMs are defined:
   ``-device virtio-blk-pci,id=virtio-disk0`` — how libvirt defines disks;
 * ``data``: ``-drive if=none,id=drive-data`` behind ``-device virtio-blk-pci,id=data`` —
   the older form, whose block nodes get generated names (``#block123``);
-* ``cd0``: an empty IDE CD-ROM drive (removable: never backed up as a disk).
+* ``cd0``: an empty IDE CD-ROM drive (removable: not one of "every disk");
+* ``pflash0``: read-only firmware code in a pflash drive, as UEFI VMs have (read-only:
+  not one of "every disk" either).
 
 It is started paused (``-S``: no firmware or guest code runs, no KVM needed).  What the
 guest would write reaches the disks through their devices: the HMP ``qemu-io -d`` command
@@ -37,6 +39,7 @@ class QemuSystemVM:
         self.dir = tmp
         self.size = size
         self.images = {"virtio-disk0": tmp / "disk0.qcow2", "data": tmp / "data.qcow2"}
+        self.firmware = tmp / "code.fd"
         self.qmp_path = tmp / "qmp.sock"
         self.ctl_path = tmp / "ctl.sock"
         self.proc: subprocess.Popen | None = None
@@ -48,6 +51,8 @@ class QemuSystemVM:
 
     def start(self, *, create: bool = True, spare_drives: int = 0) -> "QemuSystemVM":
         if create:
+            with open(self.firmware, "wb") as f:
+                f.truncate(2 * MiB)
             for img in self.images.values():
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(self.size)], check=True)
         spares = []
@@ -67,7 +72,8 @@ class QemuSystemVM:
              "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0",
              "-drive", f"file={self.images['data']},format=qcow2,if=none,id=drive-data",
              "-device", "virtio-blk-pci,drive=drive-data,id=data",
-             "-device", "ide-cd,id=cd0"],
+             "-device", "ide-cd,id=cd0",
+             "-drive", f"if=pflash,format=raw,readonly=on,file={self.firmware}"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         wait_until(lambda: self.proc.poll() is not None or (self.ctl_path.exists() and self.qmp_path.exists()),

@@ -54,7 +54,8 @@ def test_every_disk_of_the_vm_by_default(vm, work, tmp_path, capsys):
     assert main(["init", repo]) == 0
     vm.write_pattern("virtio-disk0", 0, MiB, 0x11)
     vm.write_pattern("data", 2 * MiB, MiB, 0x22)
-    assert disk_names(vm.uri) == ["data", "virtio-disk0"]  # the CD-ROM is not a disk to back up
+    # neither the CD-ROM drive nor the read-only firmware flash is a disk to back up
+    assert disk_names(vm.uri) == ["data", "virtio-disk0"]
 
     code, first, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
@@ -92,7 +93,7 @@ def test_one_device_and_what_a_wrong_name_gets(vm, work, tmp_path, capsys):
     code, _, err = _run(capsys, ["backup", f"{vm.uri}?device=data", "--repo", repo, "--vm", "web", "--disk", "vdb"])
     assert code == 0, err
 
-    for uri, needle in ((f"{vm.uri}?device=nope", "has no disk device 'nope'; its block devices: cd0, data, virtio-disk0"),
+    for uri, needle in ((f"{vm.uri}?device=nope", "has no disk device 'nope'; its block devices: cd0, data, pflash0, virtio-disk0"),
                         (f"{vm.uri}?device=cd0", "has no medium inserted"),
                         (f"{vm.uri}?node=nope", "no block node named 'nope'")):
         code, _, err = _run(capsys, ["backup", uri, "--repo", repo, "--vm", "web"])
@@ -100,6 +101,9 @@ def test_one_device_and_what_a_wrong_name_gets(vm, work, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, ["backup", f"{vm.uri}?node=%23block1", "--repo", repo, "--vm", "web"])
     assert code != 0 and "no block node named '#block1'" in err and "?device=ID" in err
+    # a read-only device is backed up when named (no change tracking: a raw image)
+    code, res, err = _run(capsys, ["backup", f"{vm.uri}?device=pflash0", "--repo", repo, "--vm", "web"])
+    assert code == 0 and res["disk"] == "pflash0" and res["size"] == 2 * MiB, err
     code, _, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "x"])
     assert code == 2 and "drop --disk" in err
     assert_clean(vm, work)
@@ -119,6 +123,7 @@ def test_bitmaps_are_found_again_after_a_restart_renames_the_nodes(vm, work, tmp
     vm.write_pattern("data", 3 * MiB, K64, 0x77)
     code, second, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
+    assert [r["disk"] for r in second] == ["data", "virtio-disk0"]  # not the spare drives no device uses
     by_disk = {r["disk"]: r for r in second}
     assert by_disk["data"]["cbt"] and by_disk["data"]["changed_blocks"] == 1, by_disk["data"]
     assert by_disk["virtio-disk0"]["cbt"] and by_disk["virtio-disk0"]["changed_blocks"] == 0

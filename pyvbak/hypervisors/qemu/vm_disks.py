@@ -9,8 +9,10 @@ Three ways to name the disks of a running VM (docs/QEMU.md, "Choosing the disks"
                    asked which node the device reads from.  The way to name disks whose
                    nodes have generated names (``#block123``: every ``-drive`` disk).
                    The disk is called ID.
-(neither)          every disk of the VM: each guest device with a medium that is not
-                   removable (CD-ROM and floppy drives are left out), in the order of their names.
+(neither)          every disk of the VM: each guest device with a medium that is neither
+                   removable (CD-ROM and floppy drives) nor read-only (firmware code in
+                   a pflash drive, an ISO attached as a disk), in the order of their names.
+                   Such devices can still be named with ``?device=``.
 
 ``node`` and ``device`` may be repeated and mixed; all disks named in one URI are frozen
 at one instant.  A device is resolved to its node again by every session, after the
@@ -103,8 +105,8 @@ def device_id(qdev: str | None) -> str | None:
 
 
 def guest_disks(qmp: QmpClient) -> list[dict]:
-    """query-block's devices as {"id", "backend", "node", "removable", "medium"}: every
-    block device the guest has (a storage daemon has none)."""
+    """query-block's devices as {"id", "backend", "qdev", "node", "removable", "medium",
+    "read_only"}: every block device the guest has (a storage daemon has none)."""
     try:
         blocks = qmp.execute("query-block")
     except QmpError as e:
@@ -116,10 +118,11 @@ def guest_disks(qmp: QmpClient) -> list[dict]:
         inserted = b.get("inserted") or {}
         dev = device_id(b.get("qdev"))
         backend = b.get("device") or None
-        if dev is None and backend is None and not b.get("qdev"):
-            continue  # a named drive with no guest device: not a disk of the VM
+        if not b.get("qdev"):
+            continue  # a drive no guest device uses (-drive if=none alone): not a disk of the VM
         out.append({"id": dev, "backend": backend, "qdev": b.get("qdev"), "node": inserted.get("node-name"),
-                    "removable": bool(b.get("removable")), "medium": bool(inserted)})
+                    "removable": bool(b.get("removable")), "medium": bool(inserted),
+                    "read_only": bool(inserted.get("ro"))})
     return out
 
 
@@ -128,11 +131,11 @@ def resolve(qmp: QmpClient, qmp_path: str, selectors: list[DiskSelector], node_n
     Raises SourceError naming what exists when something named is not there."""
     devices = guest_disks(qmp) if (not selectors or any(s.kind == "device" for s in selectors)) else []
     if not selectors:
-        disks = [d for d in devices if d["medium"] and not d["removable"] and d["node"]]
+        disks = [d for d in devices if d["medium"] and not d["removable"] and not d["read_only"] and d["node"]]
         if not disks:
             raise SourceError(
-                f"the VM at {qmp_path} has no guest disks to back up (no block device with a medium that is not "
-                f"removable); name the block nodes instead: qemu://{qmp_path}?node=NODE"
+                f"the VM at {qmp_path} has no guest disks to back up (no writable block device with a medium that "
+                f"is not removable); name the block nodes instead: qemu://{qmp_path}?node=NODE"
                 + (f" (named nodes: {', '.join(_user_nodes(node_names))})" if _user_nodes(node_names) else ""))
         found = [VmDisk(d["id"] or d["backend"] or d["node"], d["node"], d["id"] or d["backend"],
                         DiskSelector("device", d["id"] or d["backend"] or d["node"])) for d in disks]
@@ -142,7 +145,7 @@ def resolve(qmp: QmpClient, qmp_path: str, selectors: list[DiskSelector], node_n
     if missing_nodes:
         known = _user_nodes(node_names)
         guest = sorted({d["id"] or d["backend"] for d in (devices or guest_disks(qmp))
-                        if (d["id"] or d["backend"]) and d["medium"] and not d["removable"]})
+                        if (d["id"] or d["backend"]) and d["medium"] and not d["removable"] and not d["read_only"]})
         raise SourceError(
             f"VM at {qmp_path} has no block node named {', '.join(repr(m) for m in missing_nodes)}; "
             f"named nodes: {', '.join(known) or 'none'} (fix ?node= in the qemu:// URI"

@@ -43,3 +43,16 @@ def _private_cache_dir(tmp_path_factory, monkeypatch):
     """Every test gets its own pyvbak cache directory (never the user's ~/.cache).
     Subprocesses inherit it through the environment."""
     monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path_factory.mktemp("pyvbak-cache")))
+
+
+def cli_json(capsys, argv: list[str]):
+    """Run the CLI in-process with --json; its exit code must be 0; the parsed output."""
+    import json
+
+    from pyvbak.cli.main import main
+
+    capsys.readouterr()
+    code = main(list(argv) + ["--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)

@@ -21,12 +21,11 @@ shifts the generated node names (what a changed VM definition does across a rest
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from pathlib import Path
 
 from conftest import require_tool, wait_until
-from qemu_vm import Qmp
+from qemu_vm import Qmp, stop_qemu
 
 MiB = 1 << 20
 DEVICES = ("virtio-disk0", "data")
@@ -145,21 +144,8 @@ class QemuSystemVM:
         self.stop()
 
     def stop(self) -> None:
-        if self._ctl is not None:
-            try:
-                self._ctl.close()
-            except OSError:
-                pass
-            self._ctl = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc is not None and self.proc.stdout:
-            self.proc.stdout.close()
+        stop_qemu(self.proc, self._ctl)
+        self._ctl = None
         self.proc = None
         for p in (self.qmp_path, self.ctl_path):
             p.unlink(missing_ok=True)

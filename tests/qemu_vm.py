@@ -171,25 +171,30 @@ class FakeVM:
 
     # --- teardown ------------------------------------------------------------------
     def stop(self) -> None:
-        if self._ctl is not None:
-            try:
-                self._ctl.close()
-            except OSError:
-                pass
-            self._ctl = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc is not None and self.proc.stdout:
-            self.proc.stdout.close()
+        stop_qemu(self.proc, self._ctl)
+        self._ctl = None
         for g in [self.guest_path] + [g for _, _, g in self.extra_disks]:
             if self._mounted(g):
                 subprocess.run(["fusermount3", "-u", str(g)], check=False)
         self.proc = None
+
+
+def stop_qemu(proc: subprocess.Popen | None, ctl: Qmp | None) -> None:
+    """Close the test's monitor, SIGTERM the QEMU process (SIGKILL after 10 s), reap it."""
+    if ctl is not None:
+        try:
+            ctl.close()
+        except OSError:
+            pass
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if proc is not None and proc.stdout:
+        proc.stdout.close()
 
 
 def hard_kill(pid: int) -> None:

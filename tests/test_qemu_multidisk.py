@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import cli_json, wait_until
 from pyvbak.cli.main import main
 from pyvbak.errors import SourceError, UsageError
 from pyvbak.hypervisors import disk_names
@@ -46,13 +46,6 @@ def assert_clean(vm: FakeVM, work: Path):
     assert vm.pyvbak_nodes() == [] and vm.pyvbak_objects() == [] and vm.jobs() == []
     assert not work.exists() or list(work.iterdir()) == []
 
-
-def _json(capsys, argv):
-    capsys.readouterr()
-    code = main(argv + ["--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
 
 
 def test_uri_with_several_disks():
@@ -119,7 +112,7 @@ def test_cli_backs_up_every_disk_with_its_own_bitmap(vm, tmp_path, capsys, monke
     vm.write(0, os.urandom(2 * MiB), disk=0)
     vm.write(4 * MiB, os.urandom(MiB), disk=1)
 
-    first = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    first = cli_json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
     assert [r["disk"] for r in first] == ["disk0", "disk1"]
     group = first[0]["consistency_group"]
     assert group["disks"] == ["disk0", "disk1"] and first[1]["consistency_group"] == group
@@ -127,11 +120,11 @@ def test_cli_backs_up_every_disk_with_its_own_bitmap(vm, tmp_path, capsys, monke
 
     vm.write(K64, os.urandom(K64), disk=0)
     vm.write(8 * MiB, os.urandom(2 * K64), disk=1)
-    second = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    second = cli_json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
     assert [(r["cbt"], r["changed_blocks"], r["bytes_read"]) for r in second] == [(True, 1, K64), (True, 2, 2 * K64)]
     assert second[0]["consistency_group"]["id"] != group["id"]
 
-    snaps = _json(capsys, ["snapshots", "--repo", repo, "--vm", "db"])
+    snaps = cli_json(capsys, ["snapshots", "--repo", repo, "--vm", "db"])
     assert sorted(s["disk"] for s in snaps) == ["disk0", "disk0", "disk1", "disk1"]
     assert sorted(s["id"] for s in snaps if s["consistency_group"]["id"] == group["id"]) == sorted(r["id"] for r in first)
     capsys.readouterr()
@@ -163,7 +156,7 @@ def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path
     monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
     repo = str(tmp_path / "repo")
     assert main(["init", repo]) == 0
-    first = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    first = cli_json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
     at_first = [vm.read(0, vm.size, disk=i) for i in (0, 1)]
     vm.write(0, os.urandom(K64), disk=0)
     vm.write(MiB, os.urandom(K64), disk=1)
@@ -189,7 +182,7 @@ def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path
     # the VM's newest complete group is still the first one: disk0's newer snapshot was
     # frozen with a disk1 that has none, so restoring the VM takes the first group whole
     vmdir = tmp_path / "vm-restore"
-    restored = _json(capsys, ["restore", "db@latest", f"{vmdir}/", "--repo", repo])
+    restored = cli_json(capsys, ["restore", "db@latest", f"{vmdir}/", "--repo", repo])
     assert [r["snapshot"] for r in restored] == [r["id"] for r in first]
     assert {r["consistency_group"] for r in restored} == {first[0]["consistency_group"]["id"]}
     assert [(vmdir / f"disk{i}.img").read_bytes() for i in (0, 1)] == at_first
@@ -200,21 +193,21 @@ def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path
     assert "DIR/" in capsys.readouterr().err
     # a snapshot id into a directory: the whole group it belongs to, or why not
     again_dir = tmp_path / "by-id"
-    by_id = _json(capsys, ["restore", first[1]["id"], f"{again_dir}/", "--repo", repo])
+    by_id = cli_json(capsys, ["restore", first[1]["id"], f"{again_dir}/", "--repo", repo])
     assert [r["snapshot"] for r in by_id] == [r["id"] for r in first]
-    partial = [s for s in _json(capsys, ["snapshots", "--repo", repo, "--vm", "db", "--disk", "disk0"])
+    partial = [s for s in cli_json(capsys, ["snapshots", "--repo", repo, "--vm", "db", "--disk", "disk0"])
                if s["id"] not in {r["id"] for r in first}]
     assert main(["restore", partial[0]["id"], f"{tmp_path / 'partial'}/", "--repo", repo]) == 5
     assert "lacks the snapshot(s) of disk1" in capsys.readouterr().err
     # retention keeps the newest complete group even though disk0 has a newer snapshot:
     # counting per disk alone would forget disk0's half of the only consistent set
-    kept = _json(capsys, ["forget", "--keep-last", "1", "--vm", "db", "--repo", repo])
+    kept = cli_json(capsys, ["forget", "--keep-last", "1", "--vm", "db", "--repo", repo])
     assert kept["forgotten"] == []
 
-    again = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
+    again = cli_json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"])
     assert [(r["disk"], r["cbt"], r["changed_blocks"]) for r in again] == [("disk0", True, 0), ("disk1", True, 2)]
     # now a newer complete group exists: the first one and the failed run's half go
-    gone = _json(capsys, ["forget", "--keep-last", "1", "--vm", "db", "--repo", repo])
+    gone = cli_json(capsys, ["forget", "--keep-last", "1", "--vm", "db", "--repo", repo])
     assert len(gone["forgotten"]) == 3 and not set(gone["forgotten"]) & {r["id"] for r in again}
     for i, disk in enumerate(("disk0", "disk1")):
         out = tmp_path / f"{disk}.img"

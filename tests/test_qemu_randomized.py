@@ -10,8 +10,6 @@ writer, each write synced before the next), the same prefix for both disks of a 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import subprocess
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import cli_json
 from pyvbak.cli.main import main
 from pyvbak.repo.repository import Repository
 from pyvbak.repo.verify import verify_repository
@@ -31,13 +29,6 @@ from qemu_vm import MiB, FakeVM, hard_kill
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 8 * MiB
 
-
-def _json(capsys, argv):
-    capsys.readouterr()
-    code = main(argv + ["--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
 
 
 def _random_write(rng: random.Random, size: int) -> tuple[int, bytes]:
@@ -113,7 +104,7 @@ def test_random_hot_backups_keep_every_promise(tmp_path, capsys, monkeypatch, se
             if action in ("backup", "one-disk"):
                 names = disks if action == "backup" else [rng.choice(disks)]
                 uri = vm.all_disks_uri if action == "backup" else f"qemu://{vm.qmp_path}?node={names[0]}"
-                res = _json(capsys, ["backup", uri, "--repo", repo, "--vm", "vm"])
+                res = cli_json(capsys, ["backup", uri, "--repo", repo, "--vm", "vm"])
                 res = res if isinstance(res, list) else [res]
                 assert [r["disk"] for r in res] == names
                 for r in res:  # a bitmap the previous run left is used, and read only what changed
@@ -137,7 +128,7 @@ def test_random_hot_backups_keep_every_promise(tmp_path, capsys, monkeypatch, se
                 t = threading.Thread(target=guest)
                 t.start()
                 try:
-                    res = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "vm"])
+                    res = cli_json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "vm"])
                 finally:
                     stop.set()
                     t.join()
@@ -168,7 +159,7 @@ def test_random_hot_backups_keep_every_promise(tmp_path, capsys, monkeypatch, se
                 time.sleep(rng.uniform(0.05, 0.6))  # an arbitrary instant, on purpose
                 hard_kill(p.pid)
                 p.wait(30)
-                res = _json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "vm"])
+                res = cli_json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "vm"])
                 assert [r["disk"] for r in res] == disks
                 backed_up.update(disks)
                 check_clean()

@@ -430,23 +430,13 @@ class LocalBackend(Backend):
         dirpath = os.path.dirname(path)
         tmp = None
         try:
-            if os.path.isdir(path):
-                raise IsADirectoryError(errno.EISDIR, "a directory exists where the object should be", path)
-            tmp = self._write_temp(dirpath, data)
             try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            self._fsync_dir(dirpath)
-            return True
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP) and tmp is not None and os.path.exists(tmp):
-                raise BackendError(
-                    f"cannot create {path} (object {name!r}) in local backend {self.location}: the "
-                    f"filesystem refused a hard link ({exc.strerror}); pyvbak needs hard links for "
-                    f"atomic create-only writes, use a filesystem that supports them"
-                ) from exc
-            raise self._error(exc, name, path, "writing") from exc
+                if os.path.isdir(path):  # before the data is written, not after
+                    raise IsADirectoryError(errno.EISDIR, "a directory exists where the object should be", path)
+                tmp = self._write_temp(dirpath, data)
+            except OSError as exc:
+                raise self._error(exc, name, path, "writing") from exc
+            return self._link_new(tmp, name)
         finally:
             if tmp is not None:
                 self._discard(tmp)

@@ -481,9 +481,9 @@ def test_fallback_when_o_direct_open_is_refused(tmp_path, monkeypatch, fresh_dir
     assert [f for f in _all_files(b.root) if TEMP_PREFIX in f] == []
 
 
-def test_fallback_when_o_direct_write_is_refused(tmp_path, monkeypatch, fresh_direct_state):
-    """A filesystem that accepts the O_DIRECT open but fails the I/O with EINVAL, after some
-    pieces went through: the whole object is rewritten buffered."""
+def _direct_writes_fail_after_the_first(monkeypatch) -> list[int]:
+    """A filesystem that takes the O_DIRECT open and one direct write, then fails the
+    others with EINVAL (1 MiB staging pieces); the count of direct writes tried."""
     monkeypatch.setattr(local_mod, "STAGING_MAX_BYTES", 1 << 20)
     real_pwrite = os.pwrite
     direct_writes = [0]
@@ -496,6 +496,13 @@ def test_fallback_when_o_direct_write_is_refused(tmp_path, monkeypatch, fresh_di
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", flaky_pwrite)
+    return direct_writes
+
+
+def test_fallback_when_o_direct_write_is_refused(tmp_path, monkeypatch, fresh_direct_state):
+    """A filesystem that accepts the O_DIRECT open but fails the I/O with EINVAL, after some
+    pieces went through: the whole object is rewritten buffered."""
+    direct_writes = _direct_writes_fail_after_the_first(monkeypatch)
     b = LocalBackend(tmp_path / "repo")
     frames, expected = _unaligned_frames((3 << 20) + 77, seed=2)
     before = dict(local_mod.direct_stats)
@@ -650,18 +657,7 @@ def test_stream_sizes_at_alignment_edges(tmp_path, fresh_direct_state, direct_io
 
 
 def test_stream_falls_back_when_o_direct_write_is_refused(tmp_path, monkeypatch, fresh_direct_state):
-    monkeypatch.setattr(local_mod, "STAGING_MAX_BYTES", 1 << 20)
-    real_pwrite = os.pwrite
-    direct_writes = [0]
-
-    def flaky_pwrite(fd, data, offset):
-        if _is_direct(fd):
-            direct_writes[0] += 1
-            if direct_writes[0] > 1:
-                raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", flaky_pwrite)
+    direct_writes = _direct_writes_fail_after_the_first(monkeypatch)
     b = LocalBackend(tmp_path / "repo")
     frames, expected = _unaligned_frames((5 << 20) + 77, seed=3)
     s = b.open_stream("packs/")

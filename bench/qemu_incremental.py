@@ -33,7 +33,12 @@ the minimal work any tool must do for the same changed blocks.
    ``ratio_vs_qemu_read = incremental_s / baseline_qemu_nbd_s``.  The export only reads,
    so it does not touch the dirty bitmap; odd rounds run both baselines before pyvbak,
    even rounds after (pyvbak's own NBD server must be gone first: one per QEMU).
-6. A last, separate round runs the same backup in-process with timers wrapped around the
+6. ``--in-process-rounds N`` (default 3) more rounds the same way, each running the backup
+   command in this process (``pyvbak.cli.main.main``, no timers wrapped around anything:
+   the CLI's work without interpreter start-up and imports), against both baselines of
+   its own round; ``in_process`` reports the medians (the number the engine and control
+   plane can be held to, since start-up alone exceeds the baseline).
+7. A last, separate round runs the same backup in-process with timers wrapped around the
    phases (QMP session set-up / teardown, NBD connect, block-status queries, index
    loading, the read/hash/compress pipeline, pack + index + snapshot writes) and
    measures interpreter + CLI import start-up apart; ``in_process_ratio`` (vs the
@@ -78,6 +83,10 @@ PAGE = 4096
 BLOCK = 64 * 1024  # pyvbak's default block size: the granularity the bitmap is read at
 CHUNK = 4 * MiB  # the engine's CHUNK_BYTES
 
+
+
+def log(*m) -> None:
+    print(*m, file=sys.stderr, flush=True)
 
 
 def pyvbak_cmd() -> list[str]:
@@ -465,6 +474,47 @@ def startup_times(env: dict, n: int = 5) -> dict:
             "python_import_cli_s": imp[0], "python_import_cli_plus_backup_path_s": impb[0]}
 
 
+def in_process_rounds(n: int, vm: "BenchVM", rawcopy: str, size: int, repo: str, workdir: str, threads: int,
+                      readers: int, seed0: int) -> dict:
+    """``n`` rounds of rewrite + the backup command run in this process + both baselines
+    (order alternating); medians of the times and of the per-round ratios."""
+    import contextlib
+    import io
+
+    os.environ["PYVBAK_WORK_DIR"] = workdir
+    from pyvbak.cli.main import main as cli_main
+
+    rounds = []
+    for r in range(n):
+        rw = rewrite([vm.guest, rawcopy], size, seed0 + r)
+        warm(rawcopy)
+        first = r % 2 == 1
+        if first:
+            base_s, _, _, dig = baseline(rawcopy, rw["blocks"], threads)
+            qn = baseline_qemu_nbd(vm, rw["blocks"], threads, readers)
+        buf = io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(buf):
+            code = cli_main(["backup", vm.uri, "--repo", repo, "--vm", "bench", "--json"])
+        dt = time.perf_counter() - t0
+        res = json.loads(buf.getvalue()) if code == 0 else {}
+        if code != 0 or res.get("cbt") is not True:
+            raise RuntimeError(f"in-process incremental failed (exit {code}) or did not use the bitmap: {res}")
+        if not first:
+            base_s, _, _, dig = baseline(rawcopy, rw["blocks"], threads)
+            qn = baseline_qemu_nbd(vm, rw["blocks"], threads, readers)
+        rounds.append({"main_s": round(dt, 4), "engine_duration_s": round(res["duration"], 4),
+                       "baseline_read_compress_s": round(base_s, 4), "baseline_qemu_nbd_s": round(qn["s"], 4),
+                       "ratio": round(dt / base_s, 2), "ratio_vs_qemu_read": round(dt / qn["s"], 2),
+                       "bitmap_exact": res["changed_bytes"] == len(rw["blocks"]) * BLOCK})
+        log(f"in-process round {r}: main() {dt:.3f}s (engine {res['duration']:.3f}s), ratio {dt / base_s:.1f}, "
+            f"vs qemu read {dt / qn['s']:.2f}")
+    med = lambda k: statistics.median(x[k] for x in rounds)  # noqa: E731
+    return {"main_s": med("main_s"), "engine_duration_s": med("engine_duration_s"),
+            "baseline_read_compress_s": med("baseline_read_compress_s"), "baseline_qemu_nbd_s": med("baseline_qemu_nbd_s"),
+            "ratio": med("ratio"), "ratio_vs_qemu_read": med("ratio_vs_qemu_read"), "rounds": rounds}
+
+
 def profiled_backup(repo: str, uri: str, workdir: str, cprofile: str | None = None) -> dict:
     """The incremental backup in-process, with timers around each phase (cheap: a
     wrapper per call, no sampling profiler)."""
@@ -557,6 +607,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3, help="rewrite + incremental + baseline rounds (median reported)")
+    ap.add_argument("--in-process-rounds", type=int, default=3,
+                    help="rounds with the backup command run in this process (no start-up), median reported")
     ap.add_argument("--no-profile", action="store_true", help="skip the in-process per-phase round")
     ap.add_argument("--cprofile", metavar="FILE", help="also dump a cProfile of the in-process round to FILE")
     ap.add_argument("--nbd-readers", type=int, default=4,
@@ -575,7 +627,6 @@ def main() -> int:
     data = os.path.join(vmimage.DATA, "qemu_incr")
     os.makedirs(data, exist_ok=True)
     pristine = os.path.join(data, f"vm-{a.size_mib}MiB-s1.img")
-    log = (lambda *m: print(*m, file=sys.stderr, flush=True))
     t = time.perf_counter()
     vmimage.ensure_image(pristine, a.size_mib, 1)
     log(f"image ready ({time.perf_counter() - t:.1f}s)")
@@ -670,6 +721,10 @@ def main() -> int:
         out["meets_target"] = out["ratio"] <= 2.0
         out["meets_target_vs_qemu_read"] = out["ratio_vs_qemu_read"] <= 2.0
         out["startup_share_of_incremental"] = round(out["startup"]["pyvbak_help_s"] / out["incremental_s"], 2)
+
+        if a.in_process_rounds:
+            out["in_process"] = in_process_rounds(a.in_process_rounds, vm, rawcopy, size, repo, work, threads,
+                                                  a.nbd_readers, seed0=1000)
 
         if not a.no_profile:
             rw = rewrite([vm.guest, rawcopy], size, 100 + a.rounds)

@@ -83,10 +83,13 @@ def test_qemu_benches(tmp_path):
     # a short data path: the bench's QEMU and pyvbak's NBD server make UNIX sockets in it
     short = tempfile.mkdtemp(prefix="pvb-", dir="/tmp")
     try:
-        doc = run_bench(tmp_path, "qemu_incremental.py", "--size-mib", "64", "--rounds", "1", data=short)
+        doc = run_bench(tmp_path, "qemu_incremental.py", "--size-mib", "64", "--rounds", "1",
+                        "--in-process-rounds", "2", data=short)
     finally:
         shutil.rmtree(short, ignore_errors=True)
     assert positive(doc["incremental_s"]) and positive(doc["ratio"])
+    assert len(doc["in_process"]["rounds"]) == 2 and positive(doc["in_process"]["ratio_vs_qemu_read"])
+    assert all(r["bitmap_exact"] for r in doc["in_process"]["rounds"])
     # the in-process round wraps pyvbak internals by name: it must keep up with them
     phases = doc["profile"]["phases"]
     assert phases["run_backup (total)"]["calls"] == 1 and phases["  settle bitmaps"]["calls"] == 1

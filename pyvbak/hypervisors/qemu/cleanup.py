@@ -187,16 +187,21 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
         if mine(n) and n.endswith("-fl"):
             remove_node(qmp, n)
             cleaned.append(f"fleecing node {n}")
-    still_open = {str(n.get("file", "")) for n in named_nodes(qmp)}
-    cleaned += clean_files([p for p in files if mine(p.name) and str(p) not in still_open])
+    leftover_files = [p for p in files if mine(p.name)]
+    if leftover_files:  # (the common case has none: no query then)
+        still_open = {str(n.get("file", "")) for n in named_nodes(qmp)}
+        cleaned += clean_files([p for p in leftover_files if str(p) not in still_open])
 
     if node is not None:
         cleaned += settle_bitmaps(qmp, node, previous_bitmap)
     return cleaned
 
 
-def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None) -> list[str]:
-    info = node_info(qmp, node)
+def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info: dict | None = None) -> list[str]:
+    """Merge a dead run's newer bitmap generations of ``node`` into ``previous_bitmap`` and
+    drop stale ones (see clean_leftovers); ``info``: the node's current query-named-block-
+    nodes entry, if the caller has it."""
+    info = info if info is not None else node_info(qmp, node)
     if info is None:
         return []
     bitmaps = gen_bitmaps(info)

@@ -200,16 +200,20 @@ class QemuHotBackup(ExportSession):
         bitmaps_before = {node: cleanup.gen_bitmaps(info) for node, info in infos.items()}
         # (a) leftovers of a killed run, before anything else
         self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, None, None, own_run=self.names.run)
-        infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
+        if self.cleaned_leftovers:  # nodes may have gone: ask again
+            infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
         # devices are resolved to nodes now, with no leftover filter above a disk's node
         self.disks = [HotDisk(self, vd, self.names.for_disk(i), self._previous_for(vd.name))
                       for i, vd in enumerate(self._named(resolve(qmp, self.qmp_path, self.selectors, set(infos))))]
         max_gen = {d.node: max([generation_of(b) or 0 for b in bitmaps_before.get(d.node, {})], default=0)
                    for d in self.disks}
         bitmaps_before = {d.node: bitmaps_before.get(d.node, {}) for d in self.disks}
+        settled = []
         for d in self.disks:
-            self.cleaned_leftovers += cleanup.settle_bitmaps(qmp, d.node, (d.previous_state or {}).get("bitmap"))
-        infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
+            settled += cleanup.settle_bitmaps(qmp, d.node, (d.previous_state or {}).get("bitmap"), infos.get(d.node))
+        if settled:  # bitmaps were merged or removed: ask again
+            self.cleaned_leftovers += settled
+            infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
         olds: dict[str, str | None] = {}
         for d in self.disks:
             self._prepare_disk(d, infos[d.node], max_gen[d.node], bitmaps_before[d.node], olds)

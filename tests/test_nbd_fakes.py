@@ -50,6 +50,26 @@ def test_reads_correct(behaviour):
         assert list(src.read_many(ranges, depth=8)) == [DATA[o:o + n] for o, n in ranges]
 
 
+@pytest.mark.parametrize("behaviour", ["ok", "out_of_order", "no_structured"])
+def test_read_ranges_into_correct(behaviour):
+    ranges = [(i * 8192, 4096) for i in range(20)] + [(3, 100), (len(DATA) - 4096, 8192)]
+    with FakeNbdServer(DATA, behaviour) as server, open_source(server) as src:
+        buf = bytearray(sum(n for _, n in ranges))
+        assert src.read_ranges_into(ranges, buf) == len(buf) - 4096
+        assert bytes(buf[:len(buf) - 4096]) == b"".join(DATA[o:o + n] for o, n in ranges)
+        with pytest.raises(UsageError):
+            src.read_ranges_into([(0, 10)], bytearray(5))
+
+
+@pytest.mark.parametrize("behaviour,match", [("stall_reply", "timed out after 1s waiting for a reply"),
+                                             ("garbage_magic", "bad reply magic"),
+                                             ("close_mid_reply", "closed the connection in the middle|connection error while receiving read data")])
+def test_read_ranges_into_misbehaving_server(behaviour, match):
+    """Every request of the batch in flight, the server fails: one clear error, no hang."""
+    expect_error(behaviour, match, op=lambda s: s.read_ranges_into([(i * 8192, 4096) for i in range(16)],
+                                                                   bytearray(16 * 4096)))
+
+
 def test_out_of_order_replies_from_threads():
     with FakeNbdServer(DATA, "out_of_order") as server, open_source(server) as src:
         results = {}

@@ -41,3 +41,24 @@ def test_default_disk_names_are_valid_names(spec, disk):
 
     assert disk_names(spec) == [disk]
     check_vm_disk_names("vm", disk)
+
+
+def test_file_source_read_ranges_into(tmp_path):
+    """The engine's batched read of an image file: ranges back to back, clipped at the
+    end; a file that shrank under a range inside its recorded size is an error."""
+    import os
+
+    from pyvbak.errors import SourceError
+    from pyvbak.sources.file import FileSource
+
+    data = os.urandom(300_000)
+    img = tmp_path / "disk.img"
+    img.write_bytes(data)
+    with FileSource(str(img)) as src:
+        ranges = [(0, 4096), (65536, 70_000), (299_000, 4096)]
+        buf = bytearray(sum(n for _, n in ranges))
+        n = src.read_ranges_into(ranges, buf)
+        assert n == 4096 + 70_000 + 1000 and bytes(buf[:n]) == data[:4096] + data[65536:135_536] + data[299_000:]
+        os.truncate(img, 100_000)
+        with pytest.raises(SourceError, match="shrank while being read"):
+            src.read_ranges_into([(90_000, 20_000)], bytearray(20_000))

@@ -127,14 +127,14 @@ def test_qemu_killed_mid_backup_fails_cleanly_and_the_next_run_falls_back(vm, tm
     with pytest.raises(PyvbakError) as failure:
         with repo.lock():
             with open_source(vm.uri, previous_state=state) as (src, session):
-                real_read_into = src.read_into
+                real_read = src.read_ranges_into
 
-                def read_then_die(offset, buffer):
+                def read_then_die(ranges, buffer):
                     hard_kill(vm.proc.pid)  # the VM's QEMU dies under the backup
                     vm.proc.wait(10)
-                    return real_read_into(offset, buffer)
+                    return real_read(ranges, buffer)
 
-                src.read_into = read_then_die  # the engine reads network sources into its buffers
+                src.read_ranges_into = read_then_die  # how the engine reads its jobs' block runs
                 run_backup(repo, src, vm="web", disk="disk0")
                 session.commit()
     assert "\n" not in str(failure.value) and ("NBD" in str(failure.value) or "QMP" in str(failure.value))

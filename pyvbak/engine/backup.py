@@ -102,6 +102,21 @@ def _runs(indices: np.ndarray, max_blocks: int):
             yield a, min(a + max_blocks, end)
 
 
+def _groups(runs, max_blocks: int):
+    """Consecutive runs gathered into groups of at most ``max_blocks`` blocks (a run is
+    never split here: ``_runs`` already cut them to that size)."""
+    group: list[tuple[int, int]] = []
+    count = 0
+    for a, b in runs:
+        if group and count + (b - a) > max_blocks:
+            yield group
+            group, count = [], 0
+        group.append((a, b))
+        count += b - a
+    if group:
+        yield group
+
+
 class _Parent:
     """The parent snapshot's per-block arrays, in the shapes the native diff wants."""
 
@@ -214,12 +229,22 @@ def run_backup(
         had_data[:m] = parent.zero[:m] == 0
         return np.flatnonzero(mask & had_data)
 
-    zero_ranges = None
+    chunk_blocks = max(1, CHUNK_BYTES // bs)
     if result.cbt:
         zero[:m], fast[:m] = parent.zero[:m], parent.fast[:m]
-        jobs = [(a, b, "stream") for a, b in _runs(cbt_candidates, max(1, CHUNK_BYTES // bs))]
+        # Dirty runs are short (a 1 % rewrite: ~160 runs of ~3 blocks over 2 GiB): one job
+        # per run cost ~0.4 ms of Python each, under the GIL; a job takes up to
+        # CHUNK_BYTES of runs, read with all their requests in flight at once.
+        runs = list(_runs(cbt_candidates, chunk_blocks))
+        hole_runs = [(a, b) for a, b in runs if holes[a:b].all()]  # unallocated: zero, unread
+        if hole_runs:
+            hole_mask = np.zeros(n, bool)
+            for a, b in hole_runs:
+                hole_mask[a:b] = True
+            hole_changed = settle_holes(hole_mask)
+            runs = [(a, b) for a, b in runs if not holes[a:b].all()]
+        jobs = [("stream", g) for g in _groups(runs, chunk_blocks)]
         result.bytes_scanned = int(len(cbt_candidates)) * bs
-        zero_ranges = holes
     elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
         window_bytes = max(CHUNK_BYTES, min(SCAN_WINDOW_BYTES, MAPPED_FRAMES_BUDGET // (2 * threads)))
         window = max(1, window_bytes // bs)
@@ -227,14 +252,14 @@ def run_backup(
         all_hole = np.logical_and.reduceat(holes, starts) if n else np.zeros(0, bool)
         if all_hole.any():
             hole_changed = settle_holes(np.repeat(all_hole, window)[:n])
-        jobs = [(a, min(a + window, n), "mapped") for a in starts[~all_hole].tolist()]
+        jobs = [("mapped", [(a, min(a + window, n))]) for a in starts[~all_hole].tolist()]
         # The scan reads the whole disk (holes excepted, a detail the count ignores); the
         # changed blocks read again for SHA-256 and compression are added as they go.
         result.bytes_scanned = result.bytes_read = size
     else:
         if holes.any():
             hole_changed = settle_holes(holes)
-        jobs = [(a, b, "stream") for a, b in _runs(np.flatnonzero(~holes), max(1, CHUNK_BYTES // bs))]
+        jobs = [("stream", [run]) for run in _runs(np.flatnonzero(~holes), chunk_blocks)]
         result.bytes_scanned = n * bs
 
     # -- the pipeline ------------------------------------------------------------------
@@ -254,73 +279,106 @@ def run_backup(
         return c
 
     reads_into = hasattr(source, "read_into") and not hasattr(source, "fileno")
+    reads_ranges = hasattr(source, "read_ranges_into")
 
-    def work(a: int, b: int, kind: str):
-        if kind == "mapped":
-            return scan_mapped(a, b)
-        scan = kind == "stream"
-        out = []
-        nread = 0
-        if scan and zero_ranges is not None and zero_ranges[a:b].all():
-            zero[a:b] = 1
-            fast[a:b] = 0
-            changed = _changed(parent, zero, fast, a, b, bs)
-            return a, b, changed, out, 0
-        length = min(b * bs, size) - a * bs
-        if reads_into:
-            # network sources fill the worker's own buffer: no copy of each reply into a
-            # fresh bytes object (1 GiB over NBD, 4 MiB reads on 2 threads: 0.25-0.33 s
-            # of CPU instead of 0.35-0.43 s); nothing of it outlives this job
+    def read_ranges(ranges: list[tuple[int, int]]):
+        """The blocks of ``ranges`` back to back: (memoryview, bytes read)."""
+        spans = [(a * bs, min(b * bs, size) - a * bs) for a, b in ranges]
+        total = sum(ln for _, ln in spans)
+        if reads_into or reads_ranges:
+            # one reused buffer per worker: no copy of each reply into a fresh bytes
+            # object (1 GiB over NBD, 4 MiB reads on 2 threads: 0.25-0.33 s of CPU
+            # instead of 0.35-0.43 s); nothing of it outlives this job
             buf = getattr(local, "read_buffer", None)
-            if buf is None or len(buf) < length:
-                buf = local.read_buffer = memoryview(bytearray(max(length, CHUNK_BYTES)))
-            nread = source.read_into(a * bs, buf[:length])
-            if nread != length:
-                raise SourceError(f"short read from {source.description} at offset {a * bs}: "
-                                  f"{nread} of {length} bytes")
-            mv = buf[:nread]
+            if buf is None or len(buf) < total:
+                buf = local.read_buffer = memoryview(bytearray(max(total, CHUNK_BYTES)))
+            view = buf[:total]
+            if reads_ranges:
+                nread = source.read_ranges_into(spans, view)
+            else:
+                nread, pos = 0, 0
+                for off, ln in spans:
+                    nread += source.read_into(off, view[pos:pos + ln])
+                    pos += ln
+            if nread != total:
+                raise SourceError(f"short read from {source.description} at offset {spans[0][0]}: "
+                                  f"{nread} of {total} bytes")
+            return view, nread
+        data = source.read(*spans[0]) if len(spans) == 1 else b"".join(source.read(o, ln) for o, ln in spans)
+        return memoryview(data), len(data)
+
+    def work(ranges: list[tuple[int, int]], scan: bool):
+        """Read the blocks of ``ranges`` (block runs in ascending order), scan them when
+        ``scan`` (else all of them are changed), then hash and compress the changed
+        non-zero ones; (blocks covered, changed indices, frames out, bytes read)."""
+        mv, nread = read_ranges(ranges)
+        if len(ranges) == 1:
+            a, b = ranges[0]
+            idx = None
+            count = b - a
+            if scan:
+                native.scan_buffer(mv, bs, key, zero[a:b], fast[a:b])
+                changed = _changed(parent, zero, fast, a, b, bs)
+            else:
+                changed = np.arange(a, b, dtype=np.int64)
+            local_changed = changed - a
         else:
-            data = source.read(a * bs, length)
-            nread = len(data)
-            mv = memoryview(data)
-        if scan:
-            native.scan_buffer(mv, bs, key, zero[a:b], fast[a:b])
-            changed = _changed(parent, zero, fast, a, b, bs)
-        else:
-            changed = np.arange(a, b, dtype=np.int64)
-        cctx = compressor()
-        data_np = changed[zero[changed] == 0]
-        data_idx = data_np.tolist()
-        blocks = [mv[(i - a) * bs : (i - a + 1) * bs] for i in data_idx]
-        # One native call per chunk (SHA-NI, two blocks at a time) and one vectorised
-        # lookup, instead of a call per block under the GIL.
-        offsets = (data_np - a) * bs
-        joined = native.sha256_blocks(mv, offsets, np.minimum(nread - offsets, bs))
+            idx = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges])
+            count = len(idx)
+            if scan:
+                z, f = native.new_arrays(count)
+                native.scan_buffer(mv, bs, key, z, f)
+                zero[idx], fast[idx] = z, f
+                k = int(np.searchsorted(idx, parent.n))  # blocks the parent also has
+                local_changed = native.changed_blocks(parent.zero[idx[:k]], parent.fast[idx[:k]], k * bs,
+                                                      z, f, count * bs, bs)
+            else:
+                local_changed = np.arange(count, dtype=np.int64)
+            changed = idx[local_changed]
+        out = []
+        data_local = local_changed[zero[changed] == 0]
+        if not len(data_local):
+            return count, changed, out, nread
+        data_idx = (changed[zero[changed] == 0]).tolist()
+        # One native call per job (SHA-NI, two blocks at a time) and one vectorised
+        # lookup, instead of a call per block under the GIL.  Blocks lie back to back
+        # in ``mv``; only the disk's last block may be short, and it comes last.
+        offsets = data_local * bs
+        lengths = np.minimum(nread - offsets, bs)
+        joined = native.sha256_blocks(mv, offsets, lengths)
         names = [joined[k : k + 32] for k in range(0, len(joined), 32)]
-        known = repo_index.locate(np.frombuffer(joined, "S32")) >= 0 if names else ()
-        for i, block, d, in_repo in zip(data_idx, blocks, names, known):
+        known = repo_index.locate(np.frombuffer(joined, "S32")) >= 0
+        cctx = compressor()
+        for i, off, ln, d, in_repo in zip(data_idx, offsets.tolist(), lengths.tolist(), names, known):
             if in_repo:
-                out.append((i, d, None, len(block)))
+                out.append((i, d, None, ln))
                 continue
             with claim_lock:
                 first = d not in claimed
                 claimed.add(d)
-            out.append((i, d, cctx.compress(block) if first else None, len(block)))
-        return a, b, changed, out, nread
+            out.append((i, d, cctx.compress(mv[off : off + ln]) if first else None, ln))
+        return count, changed, out, nread
 
     def scan_mapped(a: int, b: int):
         native.scan_fd_range(source.fileno(), a * bs, min(b * bs, size) - a * bs, bs, key,
                              zero[a:b], fast[a:b], name=source.path, size=size)
         changed = _changed(parent, zero, fast, a, b, bs)
         out, nread = [], 0
-        for ra, rb in _runs(changed[zero[changed] == 0], max(1, CHUNK_BYTES // bs)):
-            _, _, _, part, nr = work(ra, rb, "read")
+        # the window's changed blocks, re-read while in the page cache, as few jobs' worth
+        # of work as fit CHUNK_BYTES (one hashing call and one lookup per group)
+        for group in _groups(_runs(changed[zero[changed] == 0], chunk_blocks), chunk_blocks):
+            _, _, part, nr = work(group, scan=False)
             out.extend(part)
             nread += nr
-        return a, b, changed, out, nread
+        return b - a, changed, out, nread
+
+    def run_job(kind: str, ranges: list[tuple[int, int]]):
+        if kind == "mapped":
+            return scan_mapped(*ranges[0])
+        return work(ranges, scan=True)
 
     packer = PackWriter(repo.backend, PACK_TARGET_BYTES)
-    total_job_bytes = sum((b - a) * bs for a, b, _ in jobs) or 1
+    total_job_bytes = sum((b - a) * bs for _, ranges in jobs for a, b in ranges) or 1
     done_bytes = 0
     try:
         # Reads from a network source (NBD) wait on the server, not on a core: give them
@@ -332,7 +390,7 @@ def run_backup(
 
             def drain_one():
                 nonlocal done_bytes
-                a, b, changed, out, nread = inflight.popleft().result()
+                nblocks, changed, out, nread = inflight.popleft().result()
                 result.bytes_read += nread
                 changed_all.append(changed)
                 if out:
@@ -343,12 +401,12 @@ def run_backup(
                         result.new_blocks += 1
                         result.new_bytes += ulen
                         result.stored_bytes += len(frame)
-                done_bytes += (b - a) * bs
+                done_bytes += nblocks * bs
                 if progress is not None:
                     progress(done_bytes, total_job_bytes)
 
             for job in it:
-                inflight.append(pool.submit(work, *job))
+                inflight.append(pool.submit(run_job, *job))
                 if len(inflight) >= 2 * workers:
                     drain_one()
             while inflight:

@@ -61,6 +61,12 @@ class SessionSource:
         self._check()  # as read(): data that arrived once the view broke is not trusted
         return n
 
+    def read_ranges_into(self, ranges, buffer) -> int:
+        self._check()
+        n = self.nbd.read_ranges_into(ranges, buffer)
+        self._check()  # as read()
+        return n
+
     def extents(self):
         out = list(self.nbd.extents())
         self._check()

@@ -64,6 +64,29 @@ class FileSource:
             raise SourceError(f"{self.path} shrank while being read (short read at offset {offset}): retry the backup")
         return data
 
+    def read_ranges_into(self, ranges: list[tuple[int, int]], buffer) -> int:
+        """Fill ``buffer`` with the (offset, length) ranges back to back (``preadv``
+        straight into it: no fresh bytes per read); returns the bytes filled.  A range
+        past the end of the file is clipped (the next one follows what it filled).
+        Raises SourceError like ``read`` when the file shrank under it."""
+        fd, view, pos = self.fileno(), memoryview(buffer).cast("B"), 0
+        for off, ln in ranges:
+            part = view[pos:pos + ln]
+            got = 0
+            while got < ln:
+                try:
+                    n = os.preadv(fd, [part[got:]], off + got)
+                except OSError as exc:
+                    raise SourceError(f"read of {self.path} at offset {off + got} failed: {exc.strerror}") from None
+                if n == 0:
+                    if off + ln <= self.size:
+                        raise SourceError(f"{self.path} shrank while being read (short read at offset "
+                                          f"{off + got}): retry the backup")
+                    break
+                got += n
+            pos += got
+        return pos
+
     def extents(self) -> Iterator[Extent]:
         fd, pos, end = self.fileno(), 0, self.size
         while pos < end:

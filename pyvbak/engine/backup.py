@@ -55,6 +55,10 @@ CHUNK_BYTES = 4 * 1024 * 1024
 # Smaller on many cores, so that the frames of the windows in flight (every block
 # changed and incompressible) stay within MAPPED_FRAMES_BUDGET.
 SCAN_WINDOW_BYTES = 32 * 1024 * 1024
+#: most bytes of short block runs one job reads (then scans, hashes, compresses).  In-process
+#: hot incrementals of a 1 GiB disk, 15 MiB changed, 8 alternating rounds: groups of 256 KiB
+#: 66 ms, 512 KiB 62, 1 MiB 65, 2 MiB 61, 4 MiB 52; then 4/8/16 MiB 70/70/75 (noise).
+GROUP_BYTES = CHUNK_BYTES
 MAPPED_FRAMES_BUDGET = 256 * 1024 * 1024
 
 
@@ -245,7 +249,7 @@ def run_backup(
                 hole_mask[a:b] = True
             hole_changed = settle_holes(hole_mask)
             runs = [(a, b) for a, b in runs if not holes[a:b].all()]
-        jobs = [("stream", g) for g in _groups(runs, chunk_blocks)]
+        jobs = [("stream", g) for g in _groups(runs, max(1, GROUP_BYTES // bs))]
         result.bytes_scanned = int(len(cbt_candidates)) * bs
     elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
         window_bytes = max(CHUNK_BYTES, min(SCAN_WINDOW_BYTES, MAPPED_FRAMES_BUDGET // (2 * threads)))
@@ -368,7 +372,7 @@ def run_backup(
         out, nread = [], 0
         # the window's changed blocks, re-read while in the page cache, as few jobs' worth
         # of work as fit CHUNK_BYTES (one hashing call and one lookup per group)
-        for group in _groups(_runs(changed[zero[changed] == 0], chunk_blocks), chunk_blocks):
+        for group in _groups(_runs(changed[zero[changed] == 0], chunk_blocks), max(1, GROUP_BYTES // bs)):
             _, _, part, nr = work(group, scan=False)
             out.extend(part)
             nread += nr

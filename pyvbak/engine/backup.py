@@ -242,13 +242,13 @@ def run_backup(
         # per run cost ~0.4 ms of Python each, under the GIL; a job takes up to
         # CHUNK_BYTES of runs, read with all their requests in flight at once.
         runs = list(_runs(cbt_candidates, chunk_blocks))
-        hole_runs = [(a, b) for a, b in runs if holes[a:b].all()]  # unallocated: zero, unread
-        if hole_runs:
+        in_hole = [bool(holes[a:b].all()) for a, b in runs]  # unallocated: zero, never read
+        if any(in_hole):
             hole_mask = np.zeros(n, bool)
-            for a, b in hole_runs:
-                hole_mask[a:b] = True
+            for (a, b), h in zip(runs, in_hole):
+                hole_mask[a:b] = h
             hole_changed = settle_holes(hole_mask)
-            runs = [(a, b) for a, b in runs if not holes[a:b].all()]
+            runs = [r for r, h in zip(runs, in_hole) if not h]
         jobs = [("stream", g) for g in _groups(runs, max(1, GROUP_BYTES // bs))]
         result.bytes_scanned = int(len(cbt_candidates)) * bs
     elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
@@ -318,9 +318,8 @@ def run_backup(
         ``scan`` (else all of them are changed), then hash and compress the changed
         non-zero ones; (blocks covered, changed indices, frames out, bytes read)."""
         mv, nread = read_ranges(ranges)
-        if len(ranges) == 1:
+        if len(ranges) == 1:  # contiguous: the arrays' own slices, no gathering
             a, b = ranges[0]
-            idx = None
             count = b - a
             if scan:
                 native.scan_buffer(mv, bs, key, zero[a:b], fast[a:b])
@@ -342,10 +341,11 @@ def run_backup(
                 local_changed = np.arange(count, dtype=np.int64)
             changed = idx[local_changed]
         out = []
-        data_local = local_changed[zero[changed] == 0]
+        nonzero = zero[changed] == 0
+        data_local = local_changed[nonzero]
         if not len(data_local):
             return count, changed, out, nread
-        data_idx = (changed[zero[changed] == 0]).tolist()
+        data_idx = changed[nonzero].tolist()
         # One native call per job (SHA-NI, two blocks at a time) and one vectorised
         # lookup, instead of a call per block under the GIL.  Blocks lie back to back
         # in ``mv``; only the disk's last block may be short, and it comes last.

@@ -3,8 +3,8 @@
 ``open_source(spec, previous_state=...)`` is a context manager yielding a Source; for a
 hypervisor it also owns the snapshot/export/bitmap resources and cleans them up on exit
 (success, error, Ctrl-C, SIGTERM).  ``open_disks(spec, ...)`` is the same for a spec
-that may name several disks of one VM (``qemu:///SOCK?node=A&node=B``), all frozen at
-one instant.  The engine never knows which hypervisor a disk came from.
+that may mean several disks of one VM (``qemu:///SOCK``: every disk; ``?node=``,
+``?device=`` repeated), all frozen at one instant.  The engine never knows which hypervisor a disk came from.
 """
 
 from __future__ import annotations
@@ -132,9 +132,9 @@ def open_disks(spec: str, names: list[str], *, previous_states: dict[str, dict |
     """Yields (list of OpenedDisk, cleaned) for the disks ``disk_names`` gave; ``cleaned``
     fills with what the hypervisor session removed of an earlier, killed run.
 
-    Several disks (a qemu:// URI with several nodes) share one hypervisor session: their
-    point-in-time views are taken in one step, so together they are what the VM's disks
-    held at one instant; each disk's source is opened in turn."""
+    The disks of a qemu:// URI share one hypervisor session: their point-in-time views
+    are taken in one step, so together they are what the VM's disks held at one instant;
+    each disk's source is opened in turn."""
     if spec.startswith("qemu://"):
         from .qemu import QemuHotBackup
 

@@ -1,6 +1,6 @@
 """Which block nodes a ``qemu://`` URI means, and what each disk is called.
 
-Three ways to name the disks of a running VM (docs/QEMU.md, "Choosing the disks"):
+Three ways to name the disks of a running VM (docs/QEMU.md, "URI: choosing the disks"):
 
 ``?node=NODE``     a block node by name (``query-named-block-nodes``; libvirt's
                    ``libvirt-1-format``).  The disk is called NODE in the repository.

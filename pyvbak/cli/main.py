@@ -13,6 +13,7 @@ import sys
 
 import typer
 
+from ..allocator import tune_for_throughput
 from ..errors import Interrupted, PyvbakError
 from . import backup_cmd, demo_cmd, prune_cmds, repo_cmds, restore_cmd
 
@@ -64,6 +65,7 @@ def _sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_for_throughput()  # this process is the CLI's: see pyvbak/allocator.py
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         app(args=argv, prog_name="pyvbak", standalone_mode=False)

@@ -97,6 +97,19 @@ class BackupResult:
         return out
 
 
+def compress_blocks(cctx, blocks: list) -> list:
+    """One zstd frame per block of ``blocks``, in one call where the binding allows.
+
+    ``multi_compress_to_buffer`` (python-zstandard's C backend) compresses a list into one
+    output buffer with the GIL released throughout: no per-block call, output allocation
+    and shrink.  The frames are the same bytes ``compress`` gives (tests/test_engine_compress.py).
+    """
+    if len(blocks) > 1 and hasattr(cctx, "multi_compress_to_buffer"):
+        frames = cctx.multi_compress_to_buffer(blocks, threads=1)
+        return [memoryview(frames[k]) for k in range(len(frames))]
+    return [cctx.compress(b) for b in blocks]
+
+
 def _runs(indices: np.ndarray, max_blocks: int):
     """Split sorted block indices into (first, last_exclusive) runs of contiguous blocks."""
     if not len(indices):
@@ -340,12 +353,11 @@ def run_backup(
             else:
                 local_changed = np.arange(count, dtype=np.int64)
             changed = idx[local_changed]
-        out = []
         nonzero = zero[changed] == 0
         data_local = local_changed[nonzero]
         if not len(data_local):
-            return count, changed, out, nread
-        data_idx = changed[nonzero].tolist()
+            return count, changed, [], nread
+        data_idx = changed[nonzero]
         # One native call per job (SHA-NI, two blocks at a time) and one vectorised
         # lookup, instead of a call per block under the GIL.  Blocks lie back to back
         # in ``mv``; only the disk's last block may be short, and it comes last.
@@ -354,16 +366,17 @@ def run_backup(
         joined = native.sha256_blocks(mv, offsets, lengths)
         names = [joined[k : k + 32] for k in range(0, len(joined), 32)]
         known = repo_index.locate(np.frombuffer(joined, "S32")) >= 0
-        cctx = compressor()
-        for i, off, ln, d, in_repo in zip(data_idx, offsets.tolist(), lengths.tolist(), names, known):
-            if in_repo:
-                out.append((i, d, None, ln))
-                continue
+        new = []  # (position among the job's data blocks) of blocks this job stores
+        if not known.all():
             with claim_lock:
-                first = d not in claimed
-                claimed.add(d)
-            out.append((i, d, cctx.compress(mv[off : off + ln]) if first else None, ln))
-        return count, changed, out, nread
+                for k in np.flatnonzero(~known).tolist():
+                    if names[k] not in claimed:
+                        claimed.add(names[k])
+                        new.append(k)
+        offs, lens = offsets.tolist(), lengths.tolist()
+        frames = compress_blocks(compressor(), [mv[offs[k] : offs[k] + lens[k]] for k in new])
+        stored = [(names[k], frame, lens[k]) for k, frame in zip(new, frames)]
+        return count, changed, [(data_idx, joined, stored)], nread
 
     def scan_mapped(a: int, b: int):
         native.scan_fd_range(source.fileno(), a * bs, min(b * bs, size) - a * bs, bs, key,
@@ -399,14 +412,13 @@ def run_backup(
                 nblocks, changed, out, nread = inflight.popleft().result()
                 result.bytes_read += nread
                 changed_all.append(changed)
-                if out:
-                    digests[[o[0] for o in out]] = np.frombuffer(b"".join(o[1] for o in out), "V32")
-                for i, d, frame, ulen in out:
-                    if frame is not None:
+                for data_idx, joined, stored in out:
+                    digests[data_idx] = np.frombuffer(joined, "V32")
+                    for d, frame, ulen in stored:
                         packer.add(d, frame, ulen)
-                        result.new_blocks += 1
                         result.new_bytes += ulen
                         result.stored_bytes += len(frame)
+                    result.new_blocks += len(stored)
                 done_bytes += nblocks * bs
                 if progress is not None:
                     progress(done_bytes, total_job_bytes)

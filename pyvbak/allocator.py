@@ -12,12 +12,14 @@ thresholds below, and ran 7-12 % faster.
 
 The memory kept is the pipeline's own high-water mark, which the process would reach again
 anyway; peak RSS is unchanged.  Called once by the CLI (``cli.main.main``), the process's
-owner; a program embedding pyvbak decides for itself.  Elsewhere than glibc nothing happens.
+owner; a program embedding pyvbak decides for itself.  Elsewhere than glibc nothing happens;
+``PYVBAK_MALLOC_TUNING=0`` keeps glibc's defaults (``bench/allocator.py`` times both).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 # mallopt parameter numbers (glibc <malloc.h>)
@@ -30,6 +32,9 @@ MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 #: freed memory at a heap's top stays mapped up to this much
 TRIM_THRESHOLD_BYTES = 512 * 1024 * 1024
 
+#: "0" keeps glibc's defaults
+TUNING_ENV = "PYVBAK_MALLOC_TUNING"
+
 _tuned: bool | None = None
 
 
@@ -38,7 +43,7 @@ def tune_for_throughput() -> bool:
     global _tuned
     if _tuned is None:
         _tuned = False
-        if sys.platform.startswith("linux"):
+        if sys.platform.startswith("linux") and os.environ.get(TUNING_ENV, "1") != "0":
             try:
                 # the process's own symbols: libc's when it is glibc (find_library would
                 # run ldconfig, milliseconds of every start-up)

@@ -113,3 +113,12 @@ def test_restore_disk_bench(tmp_path):
     assert positive(doc["cold_s"]) and positive(doc["warm_s"]) and positive(doc["copy_s"]) and positive(doc["ratio"])
     assert doc["bytes_written"] > 0
     assert not os.path.exists(tmp_path / "bench-data" / "restore_disk")  # its work directory is removed
+
+
+def test_allocator_bench(tmp_path):
+    doc = run_bench(tmp_path, "allocator.py", "--size-mib", "16", "--rounds", "2")
+    for kind in ("full", "incremental"):
+        assert positive(doc["summary"][f"{kind}_wall_s"]["default_over_tuned"])
+    for variant in ("tuned", "default"):
+        assert len(doc["runs"][variant]) == 2
+        assert all(positive(r["full"]["duration_s"]) for r in doc["runs"][variant])

@@ -55,15 +55,18 @@ class Qmp:
 
 
 class FakeVM:
-    def __init__(self, tmp: Path, size: int = 16 * MiB, extra_monitors: int = 0, disks: int = 1):
+    def __init__(self, tmp: Path, size: int = 16 * MiB, extra_monitors: int = 0, disks: int = 1, fmt: str = "qcow2"):
+        """``fmt``: the disks' image format, "qcow2" or "raw" (a raw disk's dirty bitmaps
+        can only live in QEMU's memory)."""
         require_tool("qemu-storage-daemon", "qemu-system-common")
         require_tool("qemu-img", "qemu-utils")
         require_tool("fusermount3", "fuse3")
         self.dir = tmp
         self.size = size
-        self.image = tmp / "disk.qcow2"
-        # more disks: node diskI on diskI.qcow2, guest view guestI.img (export id guestI)
-        self.extra_disks = [(f"disk{i}", tmp / f"disk{i}.qcow2", tmp / f"guest{i}.img") for i in range(1, disks)]
+        self.fmt = fmt
+        self.image = tmp / f"disk.{fmt}"
+        # more disks: node diskI on diskI.FMT, guest view guestI.img (export id guestI)
+        self.extra_disks = [(f"disk{i}", tmp / f"disk{i}.{fmt}", tmp / f"guest{i}.img") for i in range(1, disks)]
         self.qmp_path = tmp / "qmp.sock"
         self.ctl_path = tmp / "ctl.sock"
         self.guest_path = tmp / "guest.img"
@@ -90,13 +93,13 @@ class FakeVM:
     def start(self, create: bool = True) -> "FakeVM":
         if create:
             for img in [self.image] + [img for _, img, _ in self.extra_disks]:
-                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(self.size)], check=True)
+                subprocess.run(["qemu-img", "create", "-q", "-f", self.fmt, str(img), str(self.size)], check=True)
         for g in [self.guest_path] + [g for _, _, g in self.extra_disks]:
             g.touch()
         self.proc = subprocess.Popen(
             ["qemu-storage-daemon",
              "--blockdev", f"driver=file,node-name=disk0-file,filename={self.image}",
-             "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file",
+             "--blockdev", f"driver={self.fmt},node-name=disk0,file=disk0-file",
              "--chardev", f"socket,path={self.qmp_path},server=on,wait=off,id=qmp0",
              "--monitor", "chardev=qmp0",
              "--chardev", f"socket,path={self.ctl_path},server=on,wait=off,id=ctl0",
@@ -106,7 +109,7 @@ class FakeVM:
              "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={self.guest_path},writable=on",
              *[a for i, (node, img, guest) in enumerate(self.extra_disks, 1)
                for a in ("--blockdev", f"driver=file,node-name={node}-file,filename={img}",
-                         "--blockdev", f"driver=qcow2,node-name={node},file={node}-file",
+                         "--blockdev", f"driver={self.fmt},node-name={node},file={node}-file",
                          "--export", f"type=fuse,id=guest{i},node-name={node},mountpoint={guest},writable=on")]],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )

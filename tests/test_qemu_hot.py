@@ -338,19 +338,56 @@ def test_nbd_server_already_running(vm, work, tmp_path):
     vm.ctl.cmd("nbd-server-stop")
 
 
-def test_raw_node_is_backed_up_without_cbt(vm, work, tmp_path):
-    raw = tmp_path / "raw.img"
-    raw.write_bytes(b"R" * MiB)
-    vm.ctl.cmd("blockdev-add", driver="raw", **{"node-name": "rawdisk"},
-               file={"driver": "file", "filename": str(raw)})
-    with QemuHotBackup(f"qemu://{vm.qmp_path}?node=rawdisk", previous_state=None, work_dir=work) as s:
-        assert "cannot store persistent dirty bitmaps" in s.fallback_reason
-        assert s.dirty_bitmap is None and s.change_tracking_state["bitmap"] is None and s.size == MiB
-        with NbdSource(s.nbd_uri) as src:
-            assert src.read(0, 4) == b"RRRR"
-        s.commit()
+def test_raw_disk_tracks_changes_in_memory_until_qemu_restarts(tmp_path, work):
+    """A raw disk cannot store a bitmap: pyvbak's lives in QEMU's memory, trusted while the
+    same QEMU runs; after a restart it is gone and the backup scans, saying why."""
+    (tmp_path / "vm").mkdir()
+    vm = FakeVM(tmp_path / "vm", fmt="raw").start()
+    try:
+        vm.write(0, b"R" * MiB)
+        s1, ext = backup(vm, work)
+        assert s1.fallback_reason == "no previous backup" and ext is None
+        st = s1.change_tracking_state
+        assert st["bitmap"] == "pyvbak-gen-1" and st["persistent"] is False and st["format"] == "raw"
+        bm = vm.bitmaps()
+        assert set(bm) == {"pyvbak-gen-1"} and bm["pyvbak-gen-1"]["recording"] and not bm["pyvbak-gen-1"]["persistent"]
+        assert_clean(vm, work)
+
+        vm.write(2 * K64, b"x" * K64)
+        vm.write(7 * MiB + 5, b"y")
+        s2, ext = backup(vm, work, st)
+        assert s2.fallback_reason is None and s2.dirty_bitmap == "pyvbak-gen-1"
+        assert ext == [(2 * K64, K64), (7 * MiB, K64)]
+        assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
+        with QemuHotBackup(vm.uri, previous_state=s2.change_tracking_state, work_dir=work) as s:
+            with NbdSource(s.nbd_uri) as src:
+                assert src.read(2 * K64, 4) == b"xxxx" and src.read(0, 4) == b"RRRR"
+            # not committed: the new generation is merged back into gen-2
+        assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
+        assert_clean(vm, work)
+
+        vm.stop()
+        vm.start(create=False)  # the VM's QEMU restarts: in-memory bitmaps are gone
+        assert vm.bitmaps() == {}
+        vm.write(9 * K64, b"z" * K64)
+        s3, ext = backup(vm, work, s2.change_tracking_state)
+        assert ext is None and s3.dirty_bitmap is None
+        assert "gone" in s3.fallback_reason and "memory" in s3.fallback_reason and "restarted" in s3.fallback_reason
+        assert s3.change_tracking_state["generation"] == 3  # names are never reused
+        assert set(vm.bitmaps()) == {"pyvbak-gen-3"}
+        s4, ext = backup(vm, work, s3.change_tracking_state)
+        assert s4.fallback_reason is None and ext == []
+        assert_clean(vm, work)
+    finally:
+        vm.stop()
+
+
+def test_format_change_is_not_trusted(vm, work):
+    s1, _ = backup(vm, work)
+    state = dict(s1.change_tracking_state, format="raw")
+    with QemuHotBackup(vm.uri, previous_state=state, work_dir=work) as s:
+        assert "format changed from 'raw' to 'qcow2'" in s.fallback_reason and s.dirty_bitmap is None
     assert_clean(vm, work)
-    assert vm.bitmaps("rawdisk") == {}
 
 
 # -- one session per VM (session_lock) -------------------------------------------------

@@ -1,4 +1,4 @@
-"""Hot backup of a running QEMU VM's disks: image fleecing + persistent dirty bitmaps.
+"""Hot backup of a running QEMU VM's disks: image fleecing + dirty bitmaps.
 
 See docs/QEMU.md for the full sequence.  In short, ``QemuHotBackup.__enter__`` (for every
 disk the URI means — ``vm_disks``: named nodes, guest devices, or all of the VM's disks;
@@ -9,7 +9,8 @@ NBD server):
    (``cleanup.clean_leftovers``), then resolves the URI's devices to block nodes;
 2. checks whether the dirty bitmap recorded by the previous backup can be trusted;
 3. creates the fleecing file (raw, sparse; QEMU < 7.1: a qcow2 backed by the live node);
-4. in ONE ``transaction``: adds the next persistent bitmap ``pyvbak-gen-<N+1>``,
+4. in ONE ``transaction``: adds the next bitmap ``pyvbak-gen-<N+1>`` (persistent in a
+   qcow2; in QEMU's memory on any other format),
    disables ``pyvbak-gen-<N>`` and starts ``blockdev-backup sync=none`` live → fleecing,
    which inserts a copy-before-write filter: from that instant a guest write first copies
    the old data into the fleecing file, and the new bitmap records exactly the writes
@@ -47,7 +48,11 @@ STATE_KIND = "qemu-dirty-bitmap"
 #: bitmap named by node (7.1); before it, a qcow2 fleecing image backed by the disk,
 #: which qemu-img had to create (~10 ms per disk; bench/RESULTS.md, "Snapshot-access")
 SNAPSHOT_ACCESS_SINCE = (7, 1)
-_BITMAP_FORMATS = {"qcow2"}  # formats that can store persistent dirty bitmaps
+#: formats that store dirty bitmaps in the image, so they outlive the QEMU process; on
+#: any other node (raw files, LVM or Ceph volumes, vmdk...) pyvbak's bitmap lives in QEMU's
+#: memory: change tracking holds while the VM's QEMU runs, and the first backup after a
+#: restart finds the bitmap gone and scans (as Proxmox Backup Server does for every disk)
+_BITMAP_FORMATS = {"qcow2"}
 
 
 def parse_qemu_uri(uri: str) -> tuple[str, str]:
@@ -89,6 +94,7 @@ class HotDisk(ExportSession):
         self.old_bitmap: str | None = None       # previous generation, if present on the node
         self.old_disabled_by_us = False
         self.new_bitmap: str | None = None
+        self.bitmap_persistent = True            # False: kept in QEMU's memory only
 
     @property
     def broken(self) -> str | None:  # the frozen view of every disk breaks together
@@ -241,7 +247,7 @@ class QemuHotBackup(ExportSession):
         for d in self.disks:
             if d.new_bitmap:
                 actions.append({"type": "block-dirty-bitmap-add",
-                                "data": {"node": d.node, "name": d.new_bitmap, "persistent": True}})
+                                "data": {"node": d.node, "name": d.new_bitmap, "persistent": d.bitmap_persistent}})
             if olds[d.node] is not None:
                 actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": d.node, "name": olds[d.node]}})
             actions.append({"type": "blockdev-backup", "data": {
@@ -329,13 +335,11 @@ class QemuHotBackup(ExportSession):
         reason, old = _check_cbt(d, fmt, bitmaps, identity, bitmaps_before)
         prev_bitmap = (d.previous_state or {}).get("bitmap")
         d.old_bitmap = prev_bitmap if prev_bitmap in bitmaps and not bitmaps[prev_bitmap].get("busy") else None
-        if fmt in _BITMAP_FORMATS:
-            gens = [max_gen, *(generation_of(b) or 0 for b in bitmaps),
-                    int((d.previous_state or {}).get("generation") or 0)]
-            generation = max(gens) + 1
-            d.new_bitmap = bitmap_name(generation)
-        else:
-            generation = None
+        gens = [max_gen, *(generation_of(b) or 0 for b in bitmaps),
+                int((d.previous_state or {}).get("generation") or 0)]
+        generation = max(gens) + 1
+        d.new_bitmap = bitmap_name(generation)
+        d.bitmap_persistent = fmt in _BITMAP_FORMATS
         d.fallback_reason = reason
         if self.verify_cbt and reason is None:
             d.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
@@ -344,6 +348,7 @@ class QemuHotBackup(ExportSession):
             "kind": STATE_KIND,
             "bitmap": d.new_bitmap,
             "generation": generation,
+            "persistent": d.bitmap_persistent,
             "node": d.node,
             "size": d.size,
             **identity,
@@ -487,9 +492,6 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
     ``bitmaps_before``: the node's generations before leftover cleanup (which removes
     stale ones)."""
     prev, node = d.previous_state, d.node
-    if fmt not in _BITMAP_FORMATS:
-        return (f"node '{node}' has format '{fmt}', which cannot store persistent dirty bitmaps "
-                f"(qcow2 can)"), None
     if not prev:
         return "no previous backup", None
     name = prev.get("bitmap")
@@ -504,12 +506,19 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
         return f"the previous backup was of node '{prev.get('node')}', not '{node}'", None
     if prev.get("image") and identity["image"] and prev["image"] != identity["image"]:
         return f"the node now holds image {identity['image']}, the previous backup read {prev['image']}", None
+    if prev.get("format") and prev["format"] != fmt:
+        return f"the disk's format changed from '{prev['format']}' to '{fmt}' since the previous backup", None
+    persistent = fmt in _BITMAP_FORMATS
     b = bitmaps.get(name)
     if b is None:
         newer = sorted(n for n in (bitmaps_before or bitmaps) if (generation_of(n) or 0) > (generation_of(name) or 0))
         if newer:  # a later backup rotated it away, and its snapshot is not the parent now
             return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of a "
                     f"newer backup that is not in this repository (forgotten, or made into another repository)"), None
+        if not persistent:
+            return (f"dirty bitmap {name} of node '{node}' is gone: a '{fmt}' disk's bitmap lives in QEMU's "
+                    f"memory, so the VM's QEMU was restarted (or the bitmap deleted) since the previous backup "
+                    f"(only qcow2 keeps bitmaps across restarts)"), None
         return (f"dirty bitmap {name} is gone from node '{node}' (deleted by someone else, or the "
                 f"VM restarted from an image without it)"), None
     if b.get("inconsistent"):
@@ -518,7 +527,7 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
         return f"dirty bitmap {name} is in use by another operation", None
     if not b.get("recording"):
         return f"dirty bitmap {name} is disabled, so it missed writes", None
-    if not b.get("persistent"):
+    if persistent and not b.get("persistent"):
         return f"dirty bitmap {name} is not persistent", None
     if generation_of(name) is None or prev.get("generation") != generation_of(name):
         return f"bitmap generation mismatch: previous backup recorded {prev.get('generation')}, bitmap is {name}", None

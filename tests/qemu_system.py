@@ -17,6 +17,13 @@ writes through the device's own block backend, so the writes enter the block gra
 a guest's do, above pyvbak's copy-before-write filter.  Two QMP sockets: ``qmp.sock`` for
 pyvbak, ``ctl.sock`` for the test.  ``spare_drives`` adds unattached drives first, which
 shifts the generated node names (what a changed VM definition does across a restart).
+
+Given a kernel (``kernel``, ``initrd``, ``append``: ``tests/guest_linux.py`` builds them)
+the machine instead boots that Linux guest: 256 MiB, no firmware flash (it would replace
+the BIOS that loads the kernel), each disk's virtio serial number set to its device id
+(how the guest finds its disks), the serial port on ``serial.sock``.  It is still started
+paused: ``start`` connects ``console`` (a ``SerialConsole``) first, so not a line of the
+guest's is lost, and only then lets the guest run.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import require_tool, wait_until
+from guest_linux import SerialConsole
 from qemu_vm import Qmp, stop_qemu
 
 MiB = 1 << 20
@@ -32,7 +40,8 @@ DEVICES = ("virtio-disk0", "data")
 
 
 class QemuSystemVM:
-    def __init__(self, tmp: Path, size: int = 8 * MiB):
+    def __init__(self, tmp: Path, size: int = 8 * MiB, *, kernel: Path | None = None,
+                 initrd: Path | None = None, append: str = ""):
         require_tool("qemu-system-x86_64", "qemu-system-x86")
         require_tool("qemu-img", "qemu-utils")
         self.dir = tmp
@@ -41,17 +50,22 @@ class QemuSystemVM:
         self.firmware = tmp / "code.fd"
         self.qmp_path = tmp / "qmp.sock"
         self.ctl_path = tmp / "ctl.sock"
+        self.serial_path = tmp / "serial.sock"
+        self.kernel, self.initrd, self.append = kernel, initrd, append
         self.proc: subprocess.Popen | None = None
         self._ctl: Qmp | None = None
+        self.console: SerialConsole | None = None
 
     @property
     def uri(self) -> str:
         return f"qemu://{self.qmp_path}"
 
     def start(self, *, create: bool = True, spare_drives: int = 0) -> "QemuSystemVM":
-        if create:
+        booting = self.kernel is not None
+        if create and not booting:
             with open(self.firmware, "wb") as f:
                 f.truncate(2 * MiB)
+        if create:
             for img in self.images.values():
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(self.size)], check=True)
         spares = []
@@ -60,25 +74,40 @@ class QemuSystemVM:
             if not img.exists():
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1M"], check=True)
             spares += ["-drive", f"file={img},format=qcow2,if=none,id=spare{i}"]
+        if booting:
+            machine = ["-m", "256", "-no-reboot", "-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                       "-append", self.append,
+                       "-chardev", f"socket,path={self.serial_path},server=on,wait=off,id=ser0",
+                       "-serial", "chardev:ser0"]
+            firmware = []
+            serial = {d: f",serial={d}" for d in DEVICES}
+        else:
+            machine = ["-m", "32"]
+            firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={self.firmware}"]
+            serial = {d: "" for d in DEVICES}
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-no-user-config",
-             "-display", "none", "-m", "32", "-S",
+             "-display", "none", *machine, "-S",
              "-chardev", f"socket,path={self.qmp_path},server=on,wait=off,id=qmp0", "-mon", "chardev=qmp0,mode=control",
              "-chardev", f"socket,path={self.ctl_path},server=on,wait=off,id=ctl0", "-mon", "chardev=ctl0,mode=control",
              *spares,
              "-blockdev", f"driver=file,node-name=disk0-file,filename={self.images['virtio-disk0']}",
              "-blockdev", "driver=qcow2,node-name=disk0,file=disk0-file",
-             "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0",
+             "-device", f"virtio-blk-pci,drive=disk0,id=virtio-disk0{serial['virtio-disk0']}",
              "-drive", f"file={self.images['data']},format=qcow2,if=none,id=drive-data",
-             "-device", "virtio-blk-pci,drive=drive-data,id=data",
+             "-device", f"virtio-blk-pci,drive=drive-data,id=data{serial['data']}",
              "-device", "ide-cd,id=cd0",
-             "-drive", f"if=pflash,format=raw,readonly=on,file={self.firmware}"],
+             *firmware],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
-        wait_until(lambda: self.proc.poll() is not None or (self.ctl_path.exists() and self.qmp_path.exists()),
+        sockets = (self.ctl_path, self.qmp_path) + ((self.serial_path,) if booting else ())
+        wait_until(lambda: self.proc.poll() is not None or all(p.exists() for p in sockets),
                    timeout=20, what="qemu-system-x86_64 to start")
         if self.proc.poll() is not None:
             raise RuntimeError(f"qemu-system-x86_64 failed: {self.proc.stdout.read().decode()}")
+        if booting:
+            self.console = SerialConsole(self.serial_path)
+            self.ctl.cmd("cont")
         return self
 
     @property
@@ -145,7 +174,10 @@ class QemuSystemVM:
 
     def stop(self) -> None:
         stop_qemu(self.proc, self._ctl)
+        if self.console is not None:
+            self.console.close()  # QEMU is gone: its reader thread has seen the end
         self._ctl = None
         self.proc = None
-        for p in (self.qmp_path, self.ctl_path):
+        self.console = None
+        for p in (self.qmp_path, self.ctl_path, self.serial_path):
             p.unlink(missing_ok=True)

@@ -5,8 +5,10 @@
 set -eu
 cd "$(dirname "$0")/.."
 DEB_PACKAGES="gcc zstd e2fsprogs qemu-utils qemu-system-common fuse3 coreutils"
-# a real VM for the guest-device tests; without its recommends (a GUI, UEFI firmware)
-DEB_PACKAGES_NO_RECOMMENDS="qemu-system-x86"
+# a real VM for the guest-device tests, and the kernel and static busybox its booted Linux
+# guest is built from (tests/guest_linux.py); without their recommends (a GUI, UEFI firmware,
+# firmware blobs)
+DEB_PACKAGES_NO_RECOMMENDS="qemu-system-x86 linux-image-cloud-amd64 busybox-static"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=""
   for p in $DEB_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

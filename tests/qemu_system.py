@@ -9,7 +9,9 @@ The machine is a q35 PC with guest disks attached the two ways VMs are defined:
   the older form, whose block nodes get generated names (``#block123``);
 * ``cd0``: an empty IDE CD-ROM drive (removable: not one of "every disk");
 * ``pflash0``: read-only firmware code in a pflash drive, as UEFI VMs have (read-only:
-  not one of "every disk" either).
+  not one of "every disk" either);
+* ``pflash1``: the writable UEFI variable store beside it (raw: one of "every disk", its
+  dirty bitmap in QEMU's memory).
 
 It is started paused (``-S``: no firmware or guest code runs, no KVM needed).  What the
 guest would write reaches the disks through their devices: the HMP ``qemu-io -d`` command
@@ -37,6 +39,7 @@ from qemu_vm import Qmp, stop_qemu
 
 MiB = 1 << 20
 DEVICES = ("virtio-disk0", "data")
+VARS_SIZE = 256 * 1024
 
 
 class QemuSystemVM:
@@ -48,6 +51,7 @@ class QemuSystemVM:
         self.size = size
         self.images = {"virtio-disk0": tmp / "disk0.qcow2", "data": tmp / "data.qcow2"}
         self.firmware = tmp / "code.fd"
+        self.uefi_vars = tmp / "vars.fd"  # a UEFI VM's writable variable store: pflash1, raw
         self.qmp_path = tmp / "qmp.sock"
         self.ctl_path = tmp / "ctl.sock"
         self.serial_path = tmp / "serial.sock"
@@ -65,6 +69,8 @@ class QemuSystemVM:
         if create and not booting:
             with open(self.firmware, "wb") as f:
                 f.truncate(2 * MiB)
+            with open(self.uefi_vars, "wb") as f:
+                f.truncate(VARS_SIZE)
         if create:
             for img in self.images.values():
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(self.size)], check=True)
@@ -83,7 +89,8 @@ class QemuSystemVM:
             serial = {d: f",serial={d}" for d in DEVICES}
         else:
             machine = ["-m", "32"]
-            firmware = ["-drive", f"if=pflash,format=raw,readonly=on,file={self.firmware}"]
+            firmware = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={self.firmware}",
+                        "-drive", f"if=pflash,format=raw,unit=1,file={self.uefi_vars}"]
             serial = {d: "" for d in DEVICES}
         self.proc = subprocess.Popen(
             ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-no-user-config",
@@ -118,14 +125,16 @@ class QemuSystemVM:
 
     # --- the guest's writes, through the device ------------------------------------
     def write_pattern(self, device: str, offset: int, length: int, byte: int) -> None:
+        """Write through the device's block backend (a flash drive: by its drive name)."""
+        target = device if device.startswith("pflash") else f"-d /machine/peripheral/{device}/virtio-backend"
         out = self.ctl.cmd("human-monitor-command", **{"command-line": (
-            f'qemu-io -d /machine/peripheral/{device}/virtio-backend "write -P {byte} {offset} {length}"')})
+            f'qemu-io {target} "write -P {byte} {offset} {length}"')})
         if out.strip():
             raise RuntimeError(f"qemu-io on {device}: {out.strip()}")
 
     def node_of(self, device: str) -> str:
         for b in self.ctl.cmd("query-block"):
-            if b.get("qdev", "").startswith(f"/machine/peripheral/{device}/"):
+            if b.get("qdev", "").startswith(f"/machine/peripheral/{device}/") or b["device"] == device:
                 return b["inserted"]["node-name"]
         raise KeyError(device)
 

@@ -54,30 +54,35 @@ def test_every_disk_of_the_vm_by_default(vm, work, tmp_path, capsys):
     assert main(["init", repo]) == 0
     vm.write_pattern("virtio-disk0", 0, MiB, 0x11)
     vm.write_pattern("data", 2 * MiB, MiB, 0x22)
-    # neither the CD-ROM drive nor the read-only firmware flash is a disk to back up
-    assert disk_names(vm.uri) == ["data", "virtio-disk0"]
+    vm.write_pattern("pflash1", 0, 4096, 0x5A)
+    # neither the CD-ROM drive nor the read-only firmware flash is a disk to back up; the
+    # writable UEFI variable store is (VM state)
+    assert disk_names(vm.uri) == ["data", "pflash1", "virtio-disk0"]
 
     code, first, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
-    assert [r["disk"] for r in first] == ["data", "virtio-disk0"]
-    assert first[0]["consistency_group"] == first[1]["consistency_group"]
+    assert [r["disk"] for r in first] == ["data", "pflash1", "virtio-disk0"]
+    assert len({r["consistency_group"]["id"] for r in first}) == 1
     assert all(not r["cbt"] for r in first)
     assert_clean(vm, work)
-    # each disk now carries exactly one generation of pyvbak's bitmap, recording
-    assert all(list(vm.bitmaps(d)) == ["pyvbak-gen-1"] for d in ("virtio-disk0", "data"))
+    # each disk now carries exactly one generation of pyvbak's bitmap, recording; the raw
+    # flash's lives in QEMU's memory (it cannot be stored in a raw image)
+    assert all(list(vm.bitmaps(d)) == ["pyvbak-gen-1"] for d in ("virtio-disk0", "data", "pflash1"))
+    assert vm.bitmaps("data")["pyvbak-gen-1"]["persistent"] and not vm.bitmaps("pflash1")["pyvbak-gen-1"]["persistent"]
 
     vm.write_pattern("virtio-disk0", 4 * MiB, K64, 0x33)
     vm.write_pattern("data", 0, 2 * K64, 0x44)
+    vm.write_pattern("pflash1", 128 * 1024, 100, 0x6B)
     code, second, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
     assert [(r["disk"], r["cbt"], r["changed_blocks"], r["bytes_read"]) for r in second] == [
-        ("data", True, 2, 2 * K64), ("virtio-disk0", True, 1, K64)]
+        ("data", True, 2, 2 * K64), ("pflash1", True, 1, K64), ("virtio-disk0", True, 1, K64)]
     assert_clean(vm, work)
 
     out = tmp_path / "restored"
     code, restored, err = _run(capsys, ["restore", "web@latest", f"{out}/", "--repo", repo])
     assert code == 0, err
-    for device in ("virtio-disk0", "data"):
+    for device in ("virtio-disk0", "data", "pflash1"):
         assert (out / f"{device}.img").read_bytes() == vm.read_disk(device, tmp_path / f"{device}.now")
 
 
@@ -93,7 +98,7 @@ def test_one_device_and_what_a_wrong_name_gets(vm, work, tmp_path, capsys):
     code, _, err = _run(capsys, ["backup", f"{vm.uri}?device=data", "--repo", repo, "--vm", "web", "--disk", "vdb"])
     assert code == 0, err
 
-    for uri, needle in ((f"{vm.uri}?device=nope", "has no disk device 'nope'; its block devices: cd0, data, pflash0, virtio-disk0"),
+    for uri, needle in ((f"{vm.uri}?device=nope", "has no disk device 'nope'; its block devices: cd0, data, pflash0, pflash1, virtio-disk0"),
                         (f"{vm.uri}?device=cd0", "has no medium inserted"),
                         (f"{vm.uri}?node=nope", "no block node named 'nope'")):
         code, _, err = _run(capsys, ["backup", uri, "--repo", repo, "--vm", "web"])
@@ -101,9 +106,12 @@ def test_one_device_and_what_a_wrong_name_gets(vm, work, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, ["backup", f"{vm.uri}?node=%23block1", "--repo", repo, "--vm", "web"])
     assert code != 0 and "no block node named '#block1'" in err and "?device=ID" in err
-    # a read-only device is backed up when named (no change tracking: a raw image)
+    # a read-only device is backed up when named; its bitmap (raw: in QEMU's memory) then
+    # tracks it like any other (a firmware update through QEMU would show up)
     code, res, err = _run(capsys, ["backup", f"{vm.uri}?device=pflash0", "--repo", repo, "--vm", "web"])
-    assert code == 0 and res["disk"] == "pflash0" and res["size"] == 2 * MiB, err
+    assert code == 0 and res["disk"] == "pflash0" and res["size"] == 2 * MiB and not res["cbt"], err
+    code, res, err = _run(capsys, ["backup", f"{vm.uri}?device=pflash0", "--repo", repo, "--vm", "web"])
+    assert code == 0 and res["cbt"] and res["changed_blocks"] == 0 and res["bytes_read"] == 0, (res, err)
     code, _, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "x"])
     assert code == 2 and "drop --disk" in err
     assert_clean(vm, work)
@@ -123,10 +131,12 @@ def test_bitmaps_are_found_again_after_a_restart_renames_the_nodes(vm, work, tmp
     vm.write_pattern("data", 3 * MiB, K64, 0x77)
     code, second, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
-    assert [r["disk"] for r in second] == ["data", "virtio-disk0"]  # not the spare drives no device uses
+    assert [r["disk"] for r in second] == ["data", "pflash1", "virtio-disk0"]  # not the spare drives no device uses
     by_disk = {r["disk"]: r for r in second}
     assert by_disk["data"]["cbt"] and by_disk["data"]["changed_blocks"] == 1, by_disk["data"]
     assert by_disk["virtio-disk0"]["cbt"] and by_disk["virtio-disk0"]["changed_blocks"] == 0
+    # the raw flash's bitmap lived in the QEMU that quit: read whole once, and why
+    assert not by_disk["pflash1"]["cbt"] and "QEMU was restarted" in by_disk["pflash1"]["fallback_reason"]
     assert_clean(vm, work)
 
     out = tmp_path / "data.img"
@@ -174,7 +184,7 @@ import sys
 from pyvbak.hypervisors.qemu import QemuHotBackup
 from pyvbak.repo.repository import Repository
 repo = Repository.open(sys.argv[3])
-states = {d: repo.latest("web", d).meta["change_tracking"]["state"] for d in ("data", "virtio-disk0")}
+states = {d: repo.latest("web", d).meta["change_tracking"]["state"] for d in ("data", "pflash1", "virtio-disk0")}
 with QemuHotBackup(sys.argv[1], previous_states=states, work_dir=sys.argv[2]) as s:
     print("READY", flush=True)
     sys.stdin.read()
@@ -210,10 +220,11 @@ def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters
     code, second, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
     # the killed run's new bitmap generation was merged back: no write was lost from tracking
-    assert [(r["disk"], r["cbt"], r["changed_blocks"], r["fallback_reason"]) for r in second] == [("data", True, 0, None), ("virtio-disk0", True, 1, None)]
+    assert [(r["disk"], r["cbt"], r["changed_blocks"], r["fallback_reason"]) for r in second] == [
+        ("data", True, 0, None), ("pflash1", True, 0, None), ("virtio-disk0", True, 1, None)]
     assert any("fleecing node" in line for line in second[0]["cleaned_leftovers"])
     assert vm.node_of("virtio-disk0") == "disk0" and vm.pyvbak_traces() == []
     out = tmp_path / "restored"
     assert main(["restore", "web@latest", f"{out}/", "--repo", repo]) == 0
-    for device in ("data", "virtio-disk0"):
+    for device in ("data", "pflash1", "virtio-disk0"):
         assert (out / f"{device}.img").read_bytes() == vm.read_disk(device, tmp_path / f"{device}.now")

@@ -18,7 +18,6 @@ settings help).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -30,7 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from benchutil import cpu_model, ensure_bytecode, report  # noqa: E402
+from benchutil import cpu_model, ensure_bytecode, image_bench_args, report  # noqa: E402
 from vmimage import ensure_image, page_cache, rewrite_clustered  # noqa: E402
 
 DATA = os.environ.get("PYVBAK_BENCH_DATA") or os.path.join(HERE, ".data")
@@ -50,11 +49,7 @@ def timed(cmd: list[str], env: dict) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = image_bench_args(__doc__, size_mib=2048, rounds=3)
     ensure_bytecode()
     os.makedirs(DATA, exist_ok=True)
     pristine = os.path.join(DATA, f"vm-{a.size_mib}MiB-s1-allocator.img")

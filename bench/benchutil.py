@@ -57,3 +57,17 @@ def report(out: dict, as_json: bool) -> None:
     else:
         for k, v in out.items():
             print(f"{k}: {v}")
+
+
+def image_bench_args(doc: str, *, size_mib: int, rounds: int, extra=None):
+    """Parse the arguments the image benchmarks share: ``--size-mib``, ``--rounds`` (the
+    variants alternate within each), ``--json``; ``extra(parser)`` adds a script's own."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=size_mib)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--json", action="store_true")
+    if extra is not None:
+        extra(ap)
+    return ap.parse_args()

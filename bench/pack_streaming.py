@@ -21,7 +21,6 @@ Reported: medians, ``whole_over_streamed`` (> 1: streaming is faster) and the en
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from benchutil import cpu_model  # noqa: E402
+from benchutil import cpu_model, image_bench_args  # noqa: E402
 from vmimage import ensure_image, page_cache, rewrite_clustered  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(HERE))
@@ -45,11 +44,7 @@ VARIANTS = {"streamed": packer.SEND_BYTES, "whole": 1 << 62}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = image_bench_args(__doc__, size_mib=2048, rounds=8)
     os.makedirs(DATA, exist_ok=True)
     img = os.path.join(DATA, f"vm-{a.size_mib}MiB-s1-packstream.img")
     ensure_image(img, a.size_mib)

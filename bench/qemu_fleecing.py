@@ -17,7 +17,6 @@ and ``qcow2_over_snapshot_access`` (> 1: snapshot-access is faster).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from benchutil import cpu_model  # noqa: E402
+from benchutil import cpu_model, image_bench_args  # noqa: E402
 from qemu_multidisk import Disks  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(HERE))
@@ -42,12 +41,8 @@ VARIANTS = {"snapshot_access": hot.SNAPSHOT_ACCESS_SINCE, "qcow2": (99, 0)}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--disks", type=int, default=4)
-    ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = image_bench_args(__doc__, size_mib=256, rounds=7,
+                         extra=lambda ap: ap.add_argument("--disks", type=int, default=4))
     if missing_tools():
         raise SystemExit(f"needs {', '.join(missing_tools())}")
     work = tempfile.mkdtemp(prefix="pvb-fl-", dir="/tmp")

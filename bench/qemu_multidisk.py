@@ -21,7 +21,6 @@ end; the daemon is stopped and the FUSE views unmounted in ``finally``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -34,7 +33,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from benchutil import cpu_model, ensure_bytecode  # noqa: E402
+from benchutil import cpu_model, ensure_bytecode, image_bench_args  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(HERE))
 from pyvbak.hypervisors.qemu.standin import StandInVM, missing_tools  # noqa: E402
@@ -95,12 +94,8 @@ def pyvbak(args: list[str], env: dict) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--disks", type=int, default=8)
-    ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = image_bench_args(__doc__, size_mib=256, rounds=3,
+                         extra=lambda ap: ap.add_argument("--disks", type=int, default=8))
     if missing_tools():
         raise SystemExit(f"needs {', '.join(missing_tools())}")
     ensure_bytecode()  # time pyvbak as installed: see benchutil.ensure_bytecode

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import argparse
 import mmap
 import os
 import shutil
@@ -33,7 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vmimage  # noqa: E402
-from benchutil import cpu_model, ensure_bytecode, report  # noqa: E402
+from benchutil import cpu_model, ensure_bytecode, image_bench_args, report  # noqa: E402
 
 from pyvbak.engine.backup import run_backup  # noqa: E402
 from pyvbak.repo.repository import Repository  # noqa: E402
@@ -134,11 +133,7 @@ def copy_baseline(pack_dir: str, out: str, write_bytes: int) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=2048)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", action="store_true")
-    a = ap.parse_args()
+    a = image_bench_args(__doc__, size_mib=2048, rounds=3)
     ensure_bytecode()
     os.makedirs(vmimage.DATA, exist_ok=True)
     image = os.path.join(vmimage.DATA, f"vm-{a.size_mib}MiB-s1-restore-disk.img")

@@ -45,6 +45,14 @@ def _private_cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path_factory.mktemp("pyvbak-cache")))
 
 
+@pytest.fixture
+def cli_work_dir(tmp_path, monkeypatch):
+    """The work dir of the CLI's QEMU sessions (``PYVBAK_WORK_DIR``), under the test's tmp:
+    empty again after every session that cleaned up."""
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    return tmp_path / "work"
+
+
 def cli_json(capsys, argv: list[str]):
     """Run the CLI in-process with --json; its exit code must be 0; the parsed output."""
     import json

@@ -63,11 +63,6 @@ def guest_vm(linux_guest, tmp_path):
         vm.stop()
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    return tmp_path / "work"
-
 
 def prefix_records(image: bytes, base: int = BASE) -> tuple[int, str | None]:
     """(k, None) when ``image`` is zeros but for records ``0..k-1`` from ``base`` on;
@@ -138,7 +133,7 @@ def backup_while_the_guest_writes(vm, capsys, repo) -> dict:
             "seconds": seconds}
 
 
-def test_a_booted_guest_writing_its_disk_is_backed_up_at_one_instant(guest_vm, work, tmp_path, capsys):
+def test_a_booted_guest_writing_its_disk_is_backed_up_at_one_instant(guest_vm, cli_work_dir, tmp_path, capsys):
     vm, con = guest_vm, guest_vm.console
     repo = str(tmp_path / "repo")
     assert main(["init", repo]) == 0
@@ -168,7 +163,7 @@ def test_a_booted_guest_writing_its_disk_is_backed_up_at_one_instant(guest_vm, w
     # QEMU keeps nothing of pyvbak but the bitmap generation that tracks writes since the
     # second backup (the guest's, after its instant); the work dir is empty
     assert vm.pyvbak_traces() == []
-    assert not work.exists() or list(work.iterdir()) == []
+    assert not cli_work_dir.exists() or list(cli_work_dir.iterdir()) == []
     bitmap = vm.bitmaps("virtio-disk0")
     assert list(bitmap) == ["pyvbak-gen-2"] and bitmap["pyvbak-gen-2"]["recording"], bitmap
     assert bitmap["pyvbak-gen-2"]["count"] > 0 and vm.bitmaps("data")["pyvbak-gen-2"]["count"] == 0

@@ -31,11 +31,6 @@ def vm(tmp_path):
         v.stop()
 
 
-@pytest.fixture
-def work(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    return tmp_path / "work"
-
 
 def _run(capsys, argv) -> tuple[int, object, str]:
     capsys.readouterr()
@@ -44,12 +39,12 @@ def _run(capsys, argv) -> tuple[int, object, str]:
     return code, (json.loads(out) if code == 0 and out.strip() else None), err
 
 
-def assert_clean(vm: QemuSystemVM, work: Path):
+def assert_clean(vm: QemuSystemVM, cli_work_dir: Path):
     assert vm.pyvbak_traces() == []
-    assert not work.exists() or list(work.iterdir()) == []
+    assert not cli_work_dir.exists() or list(cli_work_dir.iterdir()) == []
 
 
-def test_every_disk_of_the_vm_by_default(vm, work, tmp_path, capsys):
+def test_every_disk_of_the_vm_by_default(vm, cli_work_dir, tmp_path, capsys):
     repo = str(tmp_path / "repo")
     assert main(["init", repo]) == 0
     vm.write_pattern("virtio-disk0", 0, MiB, 0x11)
@@ -64,7 +59,7 @@ def test_every_disk_of_the_vm_by_default(vm, work, tmp_path, capsys):
     assert [r["disk"] for r in first] == ["data", "pflash1", "virtio-disk0"]
     assert len({r["consistency_group"]["id"] for r in first}) == 1
     assert all(not r["cbt"] for r in first)
-    assert_clean(vm, work)
+    assert_clean(vm, cli_work_dir)
     # each disk now carries exactly one generation of pyvbak's bitmap, recording; the raw
     # flash's lives in QEMU's memory (it cannot be stored in a raw image)
     assert all(list(vm.bitmaps(d)) == ["pyvbak-gen-1"] for d in ("virtio-disk0", "data", "pflash1"))
@@ -77,7 +72,7 @@ def test_every_disk_of_the_vm_by_default(vm, work, tmp_path, capsys):
     assert code == 0, err
     assert [(r["disk"], r["cbt"], r["changed_blocks"], r["bytes_read"]) for r in second] == [
         ("data", True, 2, 2 * K64), ("pflash1", True, 1, K64), ("virtio-disk0", True, 1, K64)]
-    assert_clean(vm, work)
+    assert_clean(vm, cli_work_dir)
 
     out = tmp_path / "restored"
     code, restored, err = _run(capsys, ["restore", "web@latest", f"{out}/", "--repo", repo])
@@ -86,7 +81,7 @@ def test_every_disk_of_the_vm_by_default(vm, work, tmp_path, capsys):
         assert (out / f"{device}.img").read_bytes() == vm.read_disk(device, tmp_path / f"{device}.now")
 
 
-def test_one_device_and_what_a_wrong_name_gets(vm, work, tmp_path, capsys):
+def test_one_device_and_what_a_wrong_name_gets(vm, cli_work_dir, tmp_path, capsys):
     repo = str(tmp_path / "repo")
     assert main(["init", repo]) == 0
     vm.write_pattern("data", 0, MiB, 0x55)
@@ -114,10 +109,10 @@ def test_one_device_and_what_a_wrong_name_gets(vm, work, tmp_path, capsys):
     assert code == 0 and res["cbt"] and res["changed_blocks"] == 0 and res["bytes_read"] == 0, (res, err)
     code, _, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "x"])
     assert code == 2 and "drop --disk" in err
-    assert_clean(vm, work)
+    assert_clean(vm, cli_work_dir)
 
 
-def test_bitmaps_are_found_again_after_a_restart_renames_the_nodes(vm, work, tmp_path, capsys):
+def test_bitmaps_are_found_again_after_a_restart_renames_the_nodes(vm, cli_work_dir, tmp_path, capsys):
     repo = str(tmp_path / "repo")
     assert main(["init", repo]) == 0
     vm.write_pattern("data", 0, MiB, 0x66)
@@ -137,14 +132,14 @@ def test_bitmaps_are_found_again_after_a_restart_renames_the_nodes(vm, work, tmp
     assert by_disk["virtio-disk0"]["cbt"] and by_disk["virtio-disk0"]["changed_blocks"] == 0
     # the raw flash's bitmap lived in the QEMU that quit: read whole once, and why
     assert not by_disk["pflash1"]["cbt"] and "QEMU was restarted" in by_disk["pflash1"]["fallback_reason"]
-    assert_clean(vm, work)
+    assert_clean(vm, cli_work_dir)
 
     out = tmp_path / "data.img"
     assert main(["restore", "web/data@latest", str(out), "--repo", repo]) == 0
     assert out.read_bytes() == vm.read_disk("data", tmp_path / "data.now")
 
 
-def test_a_vm_without_guest_disks_is_told_to_name_nodes(tmp_path, work, capsys):
+def test_a_vm_without_guest_disks_is_told_to_name_nodes(tmp_path, cli_work_dir, capsys):
     from qemu_vm import FakeVM
 
     (tmp_path / "sd").mkdir()
@@ -191,7 +186,7 @@ with QemuHotBackup(sys.argv[1], previous_states=states, work_dir=sys.argv[2]) as
 """
 
 
-def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters(vm, work, tmp_path, capsys):
+def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters(vm, cli_work_dir, tmp_path, capsys):
     """A killed run leaves its copy-before-write filters as the root nodes of the devices'
     drives; the next run must clean them before it asks which node each device reads."""
     import os
@@ -204,7 +199,7 @@ def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters
     vm.write_pattern("data", 0, MiB, 0x31)
     code, first, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert code == 0, err
-    p = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, vm.uri, str(work), repo], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, vm.uri, str(cli_work_dir), repo], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     try:

@@ -183,3 +183,26 @@ def assert_one_error_line(stderr: str, *needles: str) -> str:
     for n in needles:
         assert n in errs[0], f"{n!r} not in {errs[0]!r}"
     return errs[0]
+
+
+def punch_hole(path, offset: int, length: int) -> None:
+    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the range becomes a hole."""
+    _fallocate(path, 0x02 | 0x01, offset, length)
+
+
+def zero_range(path, offset: int, length: int) -> None:
+    """fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE): the range reads as zeros."""
+    _fallocate(path, 0x10 | 0x01, offset, length)
+
+
+def _fallocate(path, mode: int, offset: int, length: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -21,6 +21,7 @@ from images import (
     allocated_bytes,
     backup_file,
     make_image,
+    punch_hole,
     random_bytes,
     resize,
     restore_to,
@@ -229,19 +230,6 @@ def test_snapshot_index_records_match_blocks(repo, tmp_path):
         want = fmt.ZERO_DIGEST if block.count(0) == len(block) else hashlib.sha256(block).digest()
         assert bytes(rec["digest"]) == want, i
     assert np.all(records["digest"].view("S32")[-1:] != b"")
-
-
-def punch_hole(path, offset: int, length: int) -> None:
-    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE): the range becomes a hole."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if libc.fallocate(fd, 3, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    finally:
-        os.close(fd)
 
 
 def test_thin_image_hole_windows_need_no_scan(repo, tmp_path, monkeypatch):

@@ -373,13 +373,16 @@ class Repository:
             raise SnapshotNotFound(f"snapshot id prefix {spec} is ambiguous ({len(matches)} matches): give more characters")
         return matches[0]
 
-    def load_snapshot_index(self, snap: SnapshotInfo) -> tuple[int, int, np.ndarray]:
+    def load_snapshot_index(self, snap: SnapshotInfo, *, writable: bool = False) -> tuple[int, int, np.ndarray]:
+        """(block size, disk size, records) of ``snap``; ``writable``: records the caller may
+        change in place (the next backup of the disk starts from them)."""
         name = fmt.snapshot_index_name(snap.id)
         try:
             data = self.backend.read(name)
         except ObjectMissing:
             raise IntegrityError(f"index of snapshot {snap.id} ({name}) is missing: run 'pyvbak verify'") from None
-        bs, size, records = fmt.decode_snapshot_index(data, f"snapshot index {name}")
+        bs, size, records = fmt.decode_snapshot_index(data, f"snapshot index {name}", writable=writable)
+        del data  # compressed bytes: not held while the caller works on the records
         if bs != snap.meta["block_size"] or size != snap.meta["size"]:
             raise IntegrityError(f"index of snapshot {snap.id} does not match its metadata")
         return bs, size, records

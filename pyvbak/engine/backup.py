@@ -24,7 +24,9 @@ one open pack and at most two uploading.  Peak memory is therefore about
 source on 2 cores, 32 MiB for a file; sources are read into one reused buffer per
 worker, so their data is at most ``workers * CHUNK_BYTES``), at most ``MAPPED_FRAMES_BUDGET`` (256 MiB) of
 frames for window jobs when every block changed, + ``3 * PACK_TARGET_BYTES`` + the
-per-block arrays (n * (1 + 16 + 32) bytes, plus the parent's index) + the repository's
+per-block arrays: the snapshot index being built (48 bytes per block: the parent's,
+decompressed and taken over when the disk kept its size), the new zero flags and fast
+hashes and the parent's (17 bytes per block each; ~1.1 GiB in all for a 1 TiB disk) + the repository's
 digest index: 80 bytes per stored block merged in memory for small repositories, pages of
 the memory-mapped local cache otherwise (repo/digest_index.py).
 """

@@ -11,7 +11,7 @@ backup then costs is per block of the disk, not per byte of data - the per-block
 bytes per block, 800 MB for 1 TiB) and whatever passes over them.  Per round, into a
 fresh repository under bench/.data/: a full backup, then 1 MiB written and an incremental
 (a file's full scan by mapped windows; holes skipped), then a restore of that snapshot to
-a sparse file.  Measured per command: wall time and the process's peak RSS (``wait4``).
+a sparse file, and a verify of the repository (both snapshots).  Measured per command: wall time and the process's peak RSS (``wait4``).
 ``--pyvbak-root`` runs another checkout's pyvbak (its ``PYTHONPATH``), for A/B runs.
 """
 
@@ -95,17 +95,19 @@ def main() -> int:
                 with open(img, "rb") as g:
                     g.seek(size // 3)
                     assert f.read(MiB) == g.read(MiB), "restored data differs"
-            rounds.append({"full": full, "incremental": incr, "restore": restore})
+            verify = run(py + ["verify", "--repo", repo, "--json"], env)
+            rounds.append({"full": full, "incremental": incr, "restore": restore, "verify": verify})
             print(f"round {rnd}: full {full['wall_s']} s / {full['peak_rss_mib']} MiB, incremental "
                   f"{incr['wall_s']} s / {incr['peak_rss_mib']} MiB, restore {restore['wall_s']} s / "
-                  f"{restore['peak_rss_mib']} MiB", file=sys.stderr, flush=True)
+                  f"{restore['peak_rss_mib']} MiB, verify {verify['wall_s']} s / {verify['peak_rss_mib']} MiB",
+                  file=sys.stderr, flush=True)
     finally:
         for p in (img, out):
             if os.path.exists(p):
                 os.unlink(p)
         shutil.rmtree(repo, ignore_errors=True)
     med = {kind: {k: statistics.median(r[kind][k] for r in rounds) for k in ("wall_s", "peak_rss_mib")}
-           for kind in ("full", "incremental", "restore")}
+           for kind in ("full", "incremental", "restore", "verify")}
     report({"command": "python bench/thin_disk.py " + " ".join(sys.argv[1:]), "cpu": cpu_model(),
             "cores": os.cpu_count(), "size_gib": a.size_gib, "data_mib": a.data_mib, "pyvbak_root": root,
             "blocks": size // (64 * 1024), "median": med, "rounds": rounds}, a.json)

@@ -126,6 +126,6 @@ def test_allocator_bench(tmp_path):
 
 def test_thin_disk_bench(tmp_path):
     doc = run_bench(tmp_path, "thin_disk.py", "--size-gib", "1", "--data-mib", "2", "--rounds", "1")
-    for kind in ("full", "incremental", "restore"):
+    for kind in ("full", "incremental", "restore", "verify"):
         assert positive(doc["median"][kind]["wall_s"]) and positive(doc["median"][kind]["peak_rss_mib"])
     assert doc["blocks"] == 16384 and doc["rounds"][0]["full"]["duration_s"] > 0

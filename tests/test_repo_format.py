@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import zstandard
 
 from conftest import require_tool
 from images import BS, MiB, backup_file, make_image, vm_image
@@ -208,3 +209,28 @@ def test_decoders_reject_damage():
         fmt.decode_snapshot_index(fmt.encode_snapshot_index(BS, 4 * BS, recs), "s")
     with pytest.raises(IntegrityError):
         fmt.decode_snapshot_index(b"not zstd at all", "s")
+
+
+def test_snapshot_index_streamed_in_chunks_equals_decoded(tmp_path):
+    """iter_snapshot_index gives the records decode_snapshot_index gives, chunk by chunk
+    (a reused buffer), and the same errors for a bad frame, count or metadata."""
+    rng = np.random.default_rng(5)
+    n = 1000
+    records = np.zeros(n, fmt.SNAPSHOT_RECORD)
+    records.view(np.uint8).reshape(n, 48)[::3] = rng.integers(0, 256, (len(range(0, n, 3)), 48), dtype=np.uint8)
+    data = fmt.encode_snapshot_index(4096, n * 4096 - 100, records)
+    for chunk in (1, 7, 333, 1000, 5000):
+        got = np.concatenate([c.copy() for c in fmt.iter_snapshot_index(data, "t", chunk, expect=(4096, n * 4096 - 100))])
+        assert (got == fmt.decode_snapshot_index(data, "t")[2]).all() and len(got) == n
+    with pytest.raises(IntegrityError, match="does not match its snapshot's metadata"):
+        list(fmt.iter_snapshot_index(data, "t", 100, expect=(4096, n * 4096)))
+    bad = bytearray(data)
+    bad[-1] ^= 0xFF  # the checksum: found only at the end, after every chunk was handed out
+    with pytest.raises(IntegrityError, match="corrupt"):
+        list(fmt.iter_snapshot_index(bytes(bad), "t", 100))
+    short = fmt._compress_meta(zstandard.ZstdDecompressor().decompress(data)[:-48])
+    with pytest.raises(IntegrityError, match="inconsistent"):
+        list(fmt.iter_snapshot_index(short, "t", 100))
+    longer = fmt._compress_meta(zstandard.ZstdDecompressor().decompress(data) + bytes(48))
+    with pytest.raises(IntegrityError, match="inconsistent"):
+        list(fmt.iter_snapshot_index(longer, "t", 100))

@@ -387,6 +387,17 @@ class Repository:
             raise IntegrityError(f"index of snapshot {snap.id} does not match its metadata")
         return bs, size, records
 
+    def iter_snapshot_index(self, snap: SnapshotInfo):
+        """``snap``'s records in chunks (format.iter_snapshot_index): for passes that need
+        each record once, in constant memory."""
+        name = fmt.snapshot_index_name(snap.id)
+        try:
+            data = self.backend.read(name)
+        except ObjectMissing:
+            raise IntegrityError(f"index of snapshot {snap.id} ({name}) is missing: run 'pyvbak verify'") from None
+        yield from fmt.iter_snapshot_index(data, f"snapshot index {name}",
+                                           expect=(snap.meta["block_size"], snap.meta["size"]))
+
     def referenced_digests(self, snaps, on_unreadable=None) -> np.ndarray:
         """Sorted unique digests (S32) of the non-zero blocks ``snaps`` reference.
 
@@ -400,16 +411,16 @@ class Repository:
         held = 0
         for snap in snaps:
             try:
-                _, _, records = self.load_snapshot_index(snap)
+                parts = [d[d != b""] for d in (chunk["digest"].view("S32")
+                                                for chunk in self.iter_snapshot_index(snap))]
             except PyvbakError as exc:
                 if on_unreadable is None:
                     raise
                 on_unreadable(snap, exc)
                 continue
-            d = records["digest"].view("S32")
-            pending.append(digest_sets.unique(d[d != b""]))
+            pending.append(digest_sets.unique(np.concatenate(parts)) if parts else np.empty(0, "S32"))
             held += len(pending[-1])
-            del records, d
+            del parts
             if held > max(len(referenced), FOLD_MIN_DIGESTS):
                 referenced = digest_sets.unique(np.concatenate([referenced, *pending]))
                 pending, held = [], 0

@@ -143,15 +143,17 @@ def test_a_booted_guest_writing_its_disk_is_backed_up_at_one_instant(guest_vm, c
     first = backup_while_the_guest_writes(vm, capsys, repo)
     assert all(not r["cbt"] for r in first["results"].values())
     assert vm.pyvbak_traces() == [] and list(vm.bitmaps("virtio-disk0")) == ["pyvbak-gen-1"]
-    # the guest went on writing while pyvbak held its disk frozen
-    assert first["during"] > first["before"], first
     con.wait_for(rf"rec {first['upper'] + 50}", 30)  # new records, some in clusters the first backup never saw
 
     second = backup_while_the_guest_writes(vm, capsys, repo)
     by_disk = second["results"]
     assert by_disk["virtio-disk0"]["cbt"] is True and by_disk["data"]["cbt"] is True, by_disk
     assert by_disk["data"]["changed_blocks"] == 0 and by_disk["virtio-disk0"]["changed_blocks"] > 0, by_disk
-    assert second["during"] > second["before"] > first["upper"], second
+    assert second["before"] > first["upper"], second
+    # the guest went on writing while pyvbak held its disk frozen (it writes ~100-200
+    # records a second, a backup takes 60-240 ms; one of the two is enough to show it, so a
+    # guest starved of CPU for one whole backup on a loaded machine does not fail the test)
+    assert first["during"] > first["before"] or second["during"] > second["before"], (first, second)
 
     start = len(con.lines)
     con.send("stop")

@@ -398,6 +398,12 @@ class Repository:
         yield from fmt.iter_snapshot_index(data, f"snapshot index {name}",
                                            expect=(snap.meta["block_size"], snap.meta["size"]))
 
+    def snapshot_digests(self, snap: SnapshotInfo) -> np.ndarray:
+        """Sorted unique digests (S32) of the non-zero blocks ``snap`` references, its index
+        read in chunks."""
+        parts = [d[d != b""] for d in (chunk["digest"].view("S32") for chunk in self.iter_snapshot_index(snap))]
+        return digest_sets.unique(np.concatenate(parts)) if parts else np.empty(0, "S32")
+
     def referenced_digests(self, snaps, on_unreadable=None) -> np.ndarray:
         """Sorted unique digests (S32) of the non-zero blocks ``snaps`` reference.
 
@@ -411,16 +417,13 @@ class Repository:
         held = 0
         for snap in snaps:
             try:
-                parts = [d[d != b""] for d in (chunk["digest"].view("S32")
-                                                for chunk in self.iter_snapshot_index(snap))]
+                pending.append(self.snapshot_digests(snap))
             except PyvbakError as exc:
                 if on_unreadable is None:
                     raise
                 on_unreadable(snap, exc)
                 continue
-            pending.append(digest_sets.unique(np.concatenate(parts)) if parts else np.empty(0, "S32"))
             held += len(pending[-1])
-            del parts
             if held > max(len(referenced), FOLD_MIN_DIGESTS):
                 referenced = digest_sets.unique(np.concatenate([referenced, *pending]))
                 pending, held = [], 0

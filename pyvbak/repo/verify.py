@@ -68,12 +68,10 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
             if snap.id in bad_snapshots:
                 continue
             try:
-                _, _, records = repo.load_snapshot_index(snap)
+                digests = repo.snapshot_digests(snap)
             except PyvbakError as exc:
                 bad_snapshots[snap.id] = str(exc)
                 continue
-            d = records["digest"].view("S32")
-            digests = digest_sets.unique(d[d != b""])
             hit = digest_sets.isin(digests, bad)
             if hit.any():
                 first = bytes(digests[hit][0]).ljust(32, b"\0")

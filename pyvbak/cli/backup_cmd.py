@@ -1,4 +1,4 @@
-"""pyvbak backup SOURCE --repo REPO --vm NAME [--disk NAME] [--json]"""
+"""pyvbak backup SOURCE --repo REPO --vm NAME [--disk NAME] [--json]; pyvbak cbt-off SOURCE"""
 
 from __future__ import annotations
 
@@ -95,3 +95,21 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         result.cleaned_leftovers = cleaned
         result.consistency_group = (group or {}).get("consistency_group")
     return results, cleaned
+
+
+def cbt_off(
+    source: str = typer.Argument(..., help="qemu:///QMP.SOCK of a running VM (?device=ID or ?node=NODE to choose disks, as for backup), or a qcow2 image no VM runs."),
+    json_out: bool = JsonOption,
+) -> None:
+    """Turn pyvbak's change tracking off: remove its dirty bitmaps from the disks (the next backup reads them whole)."""
+    from ..hypervisors import default_work_dir
+    from ..hypervisors.qemu.tracking import remove_change_tracking
+
+    removed = remove_change_tracking(source, work_dir=default_work_dir())
+    if json_out:
+        emit_json({"source": source, "removed": removed})
+        return
+    for line in removed:
+        print(line)
+    if not removed:
+        print(f"no dirty bitmap of pyvbak's on {source}")

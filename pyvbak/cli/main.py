@@ -51,6 +51,7 @@ app.command("verify")(repo_cmds.verify)
 app.command("forget")(prune_cmds.forget)
 app.command("prune")(prune_cmds.prune)
 app.command("unlock")(repo_cmds.unlock)
+app.command("cbt-off")(backup_cmd.cbt_off)
 app.command("demo")(demo_cmd.demo)
 
 

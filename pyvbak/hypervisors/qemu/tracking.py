@@ -1,0 +1,75 @@
+"""Turning pyvbak's change tracking off: its dirty bitmaps removed from a VM's disks.
+
+Between backups each disk keeps one ``pyvbak-gen-N`` bitmap on purpose: it records the
+guest's writes for the next incremental.  A VM that is no longer backed up (or moves to
+another tool) should not keep one: QEMU updates it on every guest write and a qcow2 image
+stores it.  ``remove_change_tracking`` removes them - from a running VM through QMP, under
+the VM's session lock and after cleaning what a killed run left (so no bitmap is busy);
+from a qcow2 image that no VM runs with ``qemu-img bitmap --remove``.  The next backup of
+such a disk finds its bitmap gone and reads the disk whole (never a wrong incremental).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pyvbak.errors import SourceError, UsageError
+
+from . import cleanup, session_lock
+from .naming import GEN_PREFIX, new_run_id
+from .qmp import QmpClient, QmpError
+from .vm_disks import parse_qemu_uri_disks, resolve
+
+
+def remove_change_tracking(spec: str, *, work_dir: str, qmp_timeout: float = 30.0) -> list[str]:
+    """Remove every ``pyvbak-gen-*`` bitmap of the disks ``spec`` names (a ``qemu://``
+    URI as for backups, or a qcow2 image file); one line per bitmap removed."""
+    if spec.startswith("qemu://"):
+        return _from_running_vm(spec, Path(work_dir), qmp_timeout)
+    if spec.lower().endswith(".qcow2"):
+        return _from_image(Path(spec))
+    raise UsageError(f"{spec} has no change tracking of pyvbak's: only a running QEMU VM (qemu:///QMP.SOCK) "
+                     "or a qcow2 image holds its dirty bitmaps")
+
+
+def _from_running_vm(uri: str, work_dir: Path, timeout: float) -> list[str]:
+    qmp_path, selectors = parse_qemu_uri_disks(uri)
+    run = new_run_id()
+    removed: list[str] = []
+    with QmpClient(qmp_path, timeout=timeout).connect() as qmp:
+        lock = session_lock.acquire(qmp, run)  # no pyvbak session runs on this VM meanwhile
+        try:
+            # a killed run's filters and exports first: they hold its bitmaps busy
+            removed += cleanup.clean_leftovers(qmp, work_dir, None, None, own_run=run)
+            infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
+            for disk in resolve(qmp, qmp_path, selectors, set(infos)):
+                for name in sorted(cleanup.gen_bitmaps(infos.get(disk.node) or {})):
+                    try:
+                        qmp.execute("block-dirty-bitmap-remove", node=disk.node, name=name)
+                    except QmpError as e:
+                        raise SourceError(f"QEMU could not remove dirty bitmap {name} from disk {disk.name} "
+                                          f"(node '{disk.node}'): {e.desc}") from None
+                    removed.append(f"removed dirty bitmap {name} from disk {disk.name} (node '{disk.node}')")
+        finally:
+            session_lock.release(qmp, lock)
+    return removed
+
+
+def _from_image(path: Path) -> list[str]:
+    from .offline import _run, image_info
+
+    if not path.exists():
+        raise UsageError(f"image {path} does not exist")
+    info = image_info(path)
+    if info.get("format") != "qcow2":
+        raise UsageError(f"{path} is a {info.get('format')} image, not qcow2: it holds no dirty bitmaps")
+    names = sorted(b["name"] for b in (info.get("format-specific", {}).get("data", {}).get("bitmaps") or [])
+                   if b.get("name", "").startswith(GEN_PREFIX))
+    if names and not os.access(path, os.W_OK):
+        raise UsageError(f"image {path} is not writable: its dirty bitmaps cannot be removed")
+    removed = []
+    for name in names:
+        _run(["qemu-img", "bitmap", "--remove", "-f", "qcow2", str(path), name], f"qemu-img bitmap --remove {name} on {path}")
+        removed.append(f"removed dirty bitmap {name} from {path}")
+    return removed

@@ -61,6 +61,7 @@ class FakeVM:
         require_tool("qemu-storage-daemon", "qemu-system-common")
         require_tool("qemu-img", "qemu-utils")
         require_tool("fusermount3", "fuse3")
+        tmp.mkdir(parents=True, exist_ok=True)
         self.dir = tmp
         self.size = size
         self.fmt = fmt
@@ -118,6 +119,12 @@ class FakeVM:
         if self.proc.poll() is not None:
             raise RuntimeError(f"qemu-storage-daemon failed: {self.proc.stdout.read().decode()}")
         return self
+
+    def __enter__(self) -> "FakeVM":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def _mounted(self, path: Path | None = None) -> bool:
         with open("/proc/self/mountinfo") as f:

@@ -15,12 +15,8 @@ from qemu_vm import MiB, FakeVM
 
 @pytest.fixture
 def vm(tmp_path):
-    (tmp_path / "vm").mkdir()
-    v = FakeVM(tmp_path / "vm", size=16 * MiB, disks=2).start()
-    try:
+    with FakeVM(tmp_path / "vm", size=16 * MiB, disks=2) as v:
         yield v
-    finally:
-        v.stop()
 
 
 def _run(capsys, argv) -> tuple[int, object, str]:
@@ -98,14 +94,10 @@ def test_refused_while_a_backup_session_holds_the_vm(tmp_path, capsys, cli_work_
     lock stops it, and the running session's bitmap is untouched."""
     from pyvbak.hypervisors.qemu import QemuHotBackup
 
-    (tmp_path / "vm").mkdir()
-    vm = FakeVM(tmp_path / "vm", extra_monitors=1).start()
-    try:
+    with FakeVM(tmp_path / "vm", extra_monitors=1) as vm:
         with QemuHotBackup(vm.uri, previous_state=None, work_dir=tmp_path / "other-work"):
             code, _, err = _run(capsys, ["cbt-off", f"qemu://{vm.extra_qmp_paths[0]}?node=disk0"])
             assert code != 0 and "another pyvbak session" in err and "Traceback" not in err, err
             assert len(err.strip().splitlines()) == 1
             assert set(vm.bitmaps("disk0")) == {"pyvbak-gen-1"}  # untouched
         assert vm.pyvbak_nodes() == [] and vm.pyvbak_objects() == []
-    finally:
-        vm.stop()

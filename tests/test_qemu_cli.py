@@ -15,7 +15,6 @@ from qemu_vm import MiB, FakeVM
 @pytest.fixture
 def vm(tmp_path):
     v = FakeVM(tmp_path / "vm", size=32 * MiB)
-    (tmp_path / "vm").mkdir()
     v.start()
     try:
         yield v

@@ -134,18 +134,25 @@ def decode_snapshot_index(data: bytes, what: str, *, writable: bool = False) -> 
     ``records`` is a view of the decompressed bytes (no copy), read-only unless
     ``writable`` (then the caller may change it in place)."""
     raw = _decompress_meta_writable(data, what) if writable else memoryview(_decompress_meta(data, what))
-    if len(raw) < SNAPSHOT_HEADER.size:
+    block_size, disk_size, count = _snapshot_header(raw[: SNAPSHOT_HEADER.size], what)
+    body = raw[SNAPSHOT_HEADER.size :]
+    if len(body) != count * SNAPSHOT_RECORD.itemsize:
+        raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
+    return block_size, disk_size, np.frombuffer(body, dtype=SNAPSHOT_RECORD)
+
+
+def _snapshot_header(head, what: str) -> tuple[int, int, int]:
+    """(block size, disk size, record count) from a snapshot index's first bytes, checked."""
+    if len(head) < SNAPSHOT_HEADER.size:
         raise IntegrityError(f"{what} is truncated: run 'pyvbak verify'")
-    magic, version, block_size, disk_size, count = SNAPSHOT_HEADER.unpack_from(raw)
+    magic, version, block_size, disk_size, count = SNAPSHOT_HEADER.unpack(head)
     if magic != SNAPSHOT_INDEX_MAGIC:
         raise IntegrityError(f"{what} is not a pyvbak snapshot index (bad magic)")
     if version != FORMAT_VERSION:
         raise IntegrityError(f"{what} has index version {version}; this pyvbak reads version {FORMAT_VERSION}")
-    body = raw[SNAPSHOT_HEADER.size :]
-    expected = -(-disk_size // block_size) if block_size else -1
-    if len(body) != count * SNAPSHOT_RECORD.itemsize or count != expected:
+    if count != (-(-disk_size // block_size) if block_size else -1):
         raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
-    return block_size, disk_size, np.frombuffer(body, dtype=SNAPSHOT_RECORD)
+    return block_size, disk_size, count
 
 
 def iter_snapshot_index(data: bytes, what: str, chunk_records: int = 1 << 20, *,
@@ -161,17 +168,7 @@ def iter_snapshot_index(data: bytes, what: str, chunk_records: int = 1 << 20, *,
     buf = np.empty(chunk_records * record, np.uint8)
     try:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-            head = reader.read(SNAPSHOT_HEADER.size)
-            if len(head) < SNAPSHOT_HEADER.size:
-                raise IntegrityError(f"{what} is truncated: run 'pyvbak verify'")
-            magic, version, block_size, disk_size, count = SNAPSHOT_HEADER.unpack(head)
-            if magic != SNAPSHOT_INDEX_MAGIC:
-                raise IntegrityError(f"{what} is not a pyvbak snapshot index (bad magic)")
-            if version != FORMAT_VERSION:
-                raise IntegrityError(f"{what} has index version {version}; this pyvbak reads version {FORMAT_VERSION}")
-            expected = -(-disk_size // block_size) if block_size else -1
-            if count != expected:
-                raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
+            block_size, disk_size, count = _snapshot_header(reader.read(SNAPSHOT_HEADER.size), what)
             if expect is not None and expect != (block_size, disk_size):
                 raise IntegrityError(f"{what} does not match its snapshot's metadata")
             left = count

@@ -145,8 +145,10 @@ class _Parent:
     ``records`` (the parent's index, decompressed into writable memory) is handed on to
     the new snapshot when the disk kept its size: its digests are then already those of
     every unchanged block, and the one n-sized index array is the only one there is.  The
-    parent's zero marks and fast hashes are copies, so they stay the parent's while the
-    new snapshot's values are written over ``records``.  Each n-sized array costs fresh
+    parent's zero marks are a copy; its fast hashes are read through ``fast``, a strided
+    view into the records, window by window: the new snapshot's hashes are written into
+    the records only at commit (or, in place, by the change-tracking path, which reads
+    each block's old hash before writing its new one).  Each n-sized array costs fresh
     memory (1 TiB disk: 16.7 M blocks, 800 MB of records), which on this project's VMs is
     ~0.8 s per GiB of page faults (bench/RESULTS.md, "Thin disks of a terabyte")."""
 
@@ -154,23 +156,14 @@ class _Parent:
         self.snap = snap
         if snap is None:
             self.n, self.size = 0, 0
-            self.zero, self._fast = native.new_arrays(0)
+            self.zero, self.fast = native.new_arrays(0)
             self.records = np.zeros(0, fmt.SNAPSHOT_RECORD)
             return
         _, self.size, self.records = repo.load_snapshot_index(snap, writable=True)
         self.n = len(self.records)
         self.zero = (self.records["digest"].view("S32") == b"").astype(np.uint8)
-        self._fast = None
-
-    @property
-    def fast(self) -> np.ndarray:
-        """The parent's fast hashes as the native diff wants them: a contiguous copy, made
-        on first use - before ``take_records`` hands the records on (a change-tracking
-        incremental never needs it: it reads the parent's hashes in place)."""
-        if self._fast is None:
-            # native byte order is little-endian on every platform built
-            self._fast = np.ascontiguousarray(self.records["fast"]).view("<u8").reshape(-1, 2).astype(np.uint64, copy=False)
-        return self._fast
+        # (n, 2) uint64, strided; native byte order is little-endian on every platform built
+        self.fast = self.records.view("<u8").reshape(self.n, 6)[:, 4:6]
 
     def take_records(self, n: int) -> np.ndarray:
         """The new snapshot's records for an ``n``-block disk, holding the parent's digest
@@ -259,16 +252,14 @@ def run_backup(
     hole_changed_runs: list[tuple[int, int]] = []
     # A change-tracking incremental updates the parent's index in place: the fast hashes
     # too, through a view, instead of copying 16 bytes per block of the disk out and back
-    # (1 TiB: ~1 s).  Every other path scans into contiguous arrays and compares them
-    # with a contiguous copy of the parent's hashes, made before the index is handed on.
+    # (1 TiB: ~1 s).  Every other path scans into contiguous arrays, compares them with
+    # the parent's hashes window by window, and writes them into the records at commit.
     taken = parent.snap is not None and parent.n == n and parent.records.flags.writeable
     in_place = result.cbt and taken
-    if parent.snap is not None and not in_place:
-        parent.fast  # noqa: B018 - materialised while the parent still holds its records
     records = parent.take_records(n)  # the new index: digests filled in below, fast at commit
     digests = records["digest"]
     if in_place:
-        fast = records.view("<u8").reshape(n, 6)[:, 4:6]  # the parent's hashes until overwritten
+        fast = parent.fast  # the parent's hashes, each until its block's job writes the new one
 
     # -- decide what to read ------------------------------------------------------------
     # Three kinds of job, each covering blocks [a, b):
@@ -404,7 +395,7 @@ def run_backup(
                 native.scan_buffer(mv, bs, key, z, f)
                 k = int(np.searchsorted(idx, parent.n))  # blocks the parent also has
                 # in place, ``fast`` holds the parent's hashes until this job writes them
-                old_fast = fast[idx[:k]] if in_place else parent.fast[idx[:k]]
+                old_fast = parent.fast[idx[:k]]  # a gathered copy, taken before the writes below
                 local_changed = native.changed_blocks(parent.zero[idx[:k]], old_fast, k * bs,
                                                       z, f, count * bs, bs)
                 zero[idx], fast[idx] = z, f
@@ -559,7 +550,7 @@ def _changed(parent: _Parent, zero, fast, a: int, b: int, bs: int) -> np.ndarray
     or both non-zero with different hashes; a grown disk's old partial tail block hashes
     differently because the hash covers the length)."""
     m = max(0, min(b, parent.n) - a)
-    return a + native.changed_blocks(parent.zero[a : a + m], parent.fast[a : a + m], m * bs,
+    return a + native.changed_blocks(parent.zero[a : a + m], np.ascontiguousarray(parent.fast[a : a + m]), m * bs,
                                      zero[a:b], fast[a:b], (b - a) * bs, bs)
 
 

@@ -26,8 +26,9 @@ worker, so their data is at most ``workers * CHUNK_BYTES``), at most ``MAPPED_FR
 frames for window jobs when every block changed, + ``3 * PACK_TARGET_BYTES`` + the
 per-block arrays: the snapshot index being built (48 bytes per block: the parent's,
 decompressed and taken over when the disk kept its size), the new zero flags and fast
-hashes and the parent's (17 bytes per block each; a change-tracking incremental updates
-the parent's hashes in place instead; ~0.9-1.1 GiB in all for a 1 TiB disk) + the repository's
+hashes (17 bytes per block; a change-tracking incremental updates the parent's hashes in
+place instead) and the parent's zero flags (1 byte per block; its hashes are read in the
+index): ~0.9 GiB in all for a 1 TiB disk + the repository's
 digest index: 80 bytes per stored block merged in memory for small repositories, pages of
 the memory-mapped local cache otherwise (repo/digest_index.py).
 """

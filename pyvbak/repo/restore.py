@@ -215,12 +215,26 @@ class _Target:
             self.dfd = -1
 
 
-def _locate(repo, snap, records: np.ndarray):
+def _data_blocks(repo, snap) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, digests) of the snapshot's non-zero blocks, its index read in chunks: a
+    thin disk's index is mostly zero markers (1 TiB: 800 MB decompressed, ~1 s and as
+    much memory to hold whole; bench/RESULTS.md, "Thin disks of a terabyte")."""
+    idx, digests, base = [], [], 0
+    for chunk in repo.iter_snapshot_index(snap):
+        d = chunk["digest"]
+        nz = np.flatnonzero(d.view("S32") != b"")
+        idx.append(nz + base)
+        digests.append(d[nz])  # a copy: the chunk's buffer is reused
+        base += len(chunk)
+    if not idx:
+        return np.empty(0, np.int64), np.empty(0, "V32")
+    return np.concatenate(idx), np.concatenate(digests)
+
+
+def _locate(repo, snap, nonzero: np.ndarray, digests: np.ndarray):
     """(unique records to read, ``blocks``, ``bounds``): the disk block indices of unique
     record u are ``blocks[bounds[u] : bounds[u + 1]]``.  Flat arrays: a Python list of one
     small array per unique block cost 3.2 s and ~700 MiB at 4 M blocks (a 256 GiB disk)."""
-    nonzero = np.flatnonzero(records["digest"].view("S32") != b"")
-    digests = records["digest"][nonzero]
     uniq, inverse = digest_sets.unique_inverse(digests.view("S32"))
     index = repo.load_digest_index()
     pos = index.locate(uniq)
@@ -243,7 +257,9 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     # dropped caches 2 threads 1.54-1.61 s, 4 threads 1.65-1.83 s (more threads only add
     # hand-offs once reads no longer block them).
     threads = threads or (os.cpu_count() or 1)
-    bs, size, records = repo.load_snapshot_index(snap)
+    bs, size = snap.meta["block_size"], snap.meta["size"]
+    nblocks = -(-size // bs)
+    data_idx, data_digests = _data_blocks(repo, snap)  # checked against the metadata too
     try:
         st = os.stat(output)
     except FileNotFoundError:
@@ -266,7 +282,8 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     if not os.path.isdir(parent_dir):
         raise UsageError(f"directory {parent_dir} for the restore target does not exist")
 
-    recs, blocks, bounds = _locate(repo, snap, records)
+    recs, blocks, bounds = _locate(repo, snap, data_idx, data_digests)
+    del data_digests
     t_data = time.monotonic()
     order = sort_for_reading(recs, disk_pos=blocks[bounds[:-1]])
     recs_sorted = recs[order]
@@ -319,7 +336,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         if not is_device:
             os.ftruncate(fd, size)  # sparse: blocks never written stay holes
         else:
-            _zero_device_runs(target, records, bs, size)
+            _zero_device_runs(target, data_idx, nblocks, bs, size)
         read_blocks(repo, recs_sorted, on_block, on_error, threads=threads)
         target.flush()
         if errors:
@@ -360,7 +377,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         "output": output,
         "size": size,
         "bytes_written": written[0],
-        "blocks": int(len(records)),
+        "blocks": int(nblocks),
         "unique_blocks_read": int(len(recs)),
         "write_mode": "direct" if direct else "buffered",
         # seconds per phase: index loading and block lookup; reading, checking and
@@ -370,13 +387,12 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     }
 
 
-def _zero_device_runs(target: _Target, records: np.ndarray, bs: int, size: int) -> None:
-    zero_idx = np.flatnonzero(records["digest"].view("S32") == b"")
-    if not len(zero_idx):
-        return
-    breaks = np.flatnonzero(np.diff(zero_idx) != 1) + 1
-    for run in np.split(zero_idx, breaks):
-        target.write_zeros(int(run[0]) * bs, min((int(run[-1]) + 1) * bs, size))
+def _zero_device_runs(target: _Target, data_idx: np.ndarray, nblocks: int, bs: int, size: int) -> None:
+    """Zeros over every run of blocks between the data blocks (``data_idx``, ascending)."""
+    edges = np.concatenate(([-1], data_idx, [nblocks]))
+    for g in np.flatnonzero(np.diff(edges) > 1).tolist():
+        a, b = int(edges[g]) + 1, int(edges[g + 1])
+        target.write_zeros(a * bs, min(b * bs, size))
 
 
 def cleanup_restore_leftovers(directory: str) -> list[str]:

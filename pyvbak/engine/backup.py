@@ -395,8 +395,9 @@ def run_backup(
                 z, f = native.new_arrays(count)
                 native.scan_buffer(mv, bs, key, z, f)
                 k = int(np.searchsorted(idx, parent.n))  # blocks the parent also has
-                # in place, ``fast`` holds the parent's hashes until this job writes them
-                old_fast = parent.fast[idx[:k]]  # a gathered copy, taken before the writes below
+                # a gathered copy, taken before the writes below (in place, ``fast`` is the
+                # parent's hashes until this job writes them)
+                old_fast = parent.fast[idx[:k]]
                 local_changed = native.changed_blocks(parent.zero[idx[:k]], old_fast, k * bs,
                                                       z, f, count * bs, bs)
                 zero[idx], fast[idx] = z, f

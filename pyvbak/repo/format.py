@@ -91,7 +91,22 @@ def _decompress_meta(data: bytes, what: str) -> bytes:
     try:
         return zstandard.ZstdDecompressor().decompress(data)
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{what} is corrupt ({exc}): run 'pyvbak verify' and restore the file from a copy") from None
+        raise _corrupt(what, exc) from None
+
+
+def _corrupt(what: str, exc: Exception) -> IntegrityError:
+    return IntegrityError(f"{what} is corrupt ({exc}): run 'pyvbak verify' and restore the file from a copy")
+
+
+def _read_full(reader, view) -> int:
+    """Fill ``view`` from a zstd stream reader; the bytes read (fewer only at its end)."""
+    got = 0
+    while got < len(view):
+        n = reader.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def encode_snapshot_index(block_size: int, disk_size: int, records: np.ndarray) -> bytes:
@@ -116,16 +131,11 @@ def _decompress_meta_writable(data: bytes, what: str) -> memoryview:
     out = np.empty(size, np.uint8)
     try:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-            got = 0
-            while got < size:
-                n = reader.readinto(out[got:])
-                if not n:
-                    break
-                got += n
+            got = _read_full(reader, out)
             if got != size or reader.read(1):  # reading to the frame's end checks its checksum
                 raise zstandard.ZstdError(f"content is {got}+ bytes, its frame header says {size}")
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{what} is corrupt ({exc}): run 'pyvbak verify' and restore the file from a copy") from None
+        raise _corrupt(what, exc) from None
     return memoryview(out)
 
 
@@ -174,18 +184,14 @@ def iter_snapshot_index(data: bytes, what: str, chunk_records: int = 1 << 20, *,
             left = count
             while left:
                 want = min(left, chunk_records) * record
-                got = 0
-                while got < want:
-                    n = reader.readinto(buf[got:want])
-                    if not n:
-                        raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
-                    got += n
+                if _read_full(reader, buf[:want]) != want:
+                    raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
                 left -= want // record
                 yield buf[:want].view(SNAPSHOT_RECORD)
             if reader.read(1):  # past the records, and to the frame's end: its checksum
                 raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
     except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{what} is corrupt ({exc}): run 'pyvbak verify' and restore the file from a copy") from None
+        raise _corrupt(what, exc) from None
 
 
 def encode_pack_index(records: np.ndarray) -> bytes:

@@ -215,22 +215,6 @@ class _Target:
             self.dfd = -1
 
 
-def _data_blocks(repo, snap) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, digests) of the snapshot's non-zero blocks, its index read in chunks: a
-    thin disk's index is mostly zero markers (1 TiB: 800 MB decompressed, ~1 s and as
-    much memory to hold whole; bench/RESULTS.md, "Thin disks of a terabyte")."""
-    idx, digests, base = [], [], 0
-    for chunk in repo.iter_snapshot_index(snap):
-        d = chunk["digest"]
-        nz = np.flatnonzero(d.view("S32") != b"")
-        idx.append(nz + base)
-        digests.append(d[nz])  # a copy: the chunk's buffer is reused
-        base += len(chunk)
-    if not idx:
-        return np.empty(0, np.int64), np.empty(0, "V32")
-    return np.concatenate(idx), np.concatenate(digests)
-
-
 def _locate(repo, snap, nonzero: np.ndarray, digests: np.ndarray):
     """(unique records to read, ``blocks``, ``bounds``): the disk block indices of unique
     record u are ``blocks[bounds[u] : bounds[u + 1]]``.  Flat arrays: a Python list of one
@@ -259,7 +243,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     threads = threads or (os.cpu_count() or 1)
     bs, size = snap.meta["block_size"], snap.meta["size"]
     nblocks = -(-size // bs)
-    data_idx, data_digests = _data_blocks(repo, snap)  # checked against the metadata too
+    data_idx, data_digests = repo.data_blocks(snap)  # checked against the metadata too
     try:
         st = os.stat(output)
     except FileNotFoundError:

@@ -72,6 +72,11 @@ class SessionSource:
         self._check()
         return out
 
+    def zero_ranges(self):
+        out = self.nbd.zero_ranges()
+        self._check()
+        return out
+
     def change_tracking(self, previous_state):
         from ..sources.base import ChangeTracking
 

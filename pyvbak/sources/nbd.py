@@ -24,6 +24,8 @@ import urllib.parse
 from collections import deque
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from pyvbak.errors import SourceError, UsageError
 from pyvbak.sources import nbd_protocol as P
 from pyvbak.sources.base import ChangeTracking, Extent
@@ -108,7 +110,7 @@ class _Request:
         self.event = threading.Event()
         self.error: SourceError | None = None
         self.covered: list[tuple[int, int]] = []  # READ: (start, end) relative to offset
-        self.status: dict[int, list[tuple[int, int]]] = {}  # BLOCK_STATUS: ctx id -> [(len, flags)]
+        self.status: dict[int, np.ndarray] = {}  # BLOCK_STATUS: ctx id -> (k, 2) int64 [length, flags]
         self.sent_at = 0.0
 
 
@@ -391,15 +393,22 @@ class NbdClient:
             raise self._err("not connected")
 
     def _submit(self, cmd: int, offset: int, length: int, view: memoryview | None, flags: int = 0) -> _Request:
+        return self._submit_all([(cmd, offset, length, view)], flags)[0]
+
+    def _submit_all(self, requests: list[tuple[int, int, int, memoryview | None]], flags: int = 0) -> list[_Request]:
+        """Send (cmd, offset, length, view) requests in one write: a job's dirty runs are
+        ~20 short reads, and a send per request was a syscall each under the GIL."""
         self._check_alive()
-        req = _Request(next(self._handles), cmd, offset, length, view)
-        header = P.S_REQUEST.pack(P.REQUEST_MAGIC, flags, cmd, req.handle, offset, length)
+        reqs = [_Request(next(self._handles), cmd, offset, length, view) for cmd, offset, length, view in requests]
+        header = b"".join(P.S_REQUEST.pack(P.REQUEST_MAGIC, flags, r.cmd, r.handle, r.offset, r.length) for r in reqs)
         with self._send_lock:
             with self._pending_lock:
                 if self._fatal is not None:
                     raise self._fatal
-                req.sent_at = time.monotonic()
-                self._pending[req.handle] = req
+                now = time.monotonic()
+                for req in reqs:
+                    req.sent_at = now
+                    self._pending[req.handle] = req
             try:
                 self._sock.sendall(header)
             except (OSError, socket.timeout) as e:
@@ -412,7 +421,7 @@ class NbdClient:
                     reader.join(self.timeout)
                 self._set_fatal(err)
                 raise self._fatal from None
-        return req
+        return reqs
 
     def _wait(self, req: _Request) -> None:
         # The reader thread completes or fails every request (it fails them all when it
@@ -542,7 +551,7 @@ class NbdClient:
         if view.readonly:
             raise UsageError("read_ranges_into needs a writable buffer")
         m, step = self.min_block, self.max_payload
-        reqs, pos, odd = [], 0, []
+        reqs, wanted, pos, odd = [], [], 0, []
         try:
             for off, ln in ranges:
                 n = max(0, min(ln, self.size - off))  # clipped at the end of the export
@@ -551,9 +560,11 @@ class NbdClient:
                 if off % m or (n % m and off + n != self.size):
                     odd.append((off, view[pos:pos + n]))
                 else:
-                    reqs += [self._submit(P.CMD_READ, off + p, min(step, n - p), view[pos + p:pos + p + min(step, n - p)])
-                             for p in range(0, n, step)]
+                    wanted += [(P.CMD_READ, off + p, min(step, n - p), view[pos + p:pos + p + min(step, n - p)])
+                               for p in range(0, n, step)]
                 pos += n
+            if wanted:
+                reqs = self._submit_all(wanted)
             for r in reqs:
                 self._wait(r)
         except BaseException:
@@ -582,7 +593,7 @@ class NbdClient:
                 self._drain(item[3])
 
     # ---- block status ------------------------------------------------------------
-    def block_status(self, offset: int, length: int) -> dict[str, list[tuple[int, int]]]:
+    def block_status(self, offset: int, length: int) -> dict[str, np.ndarray]:
         """One NBD_CMD_BLOCK_STATUS: {context name: [(length, flags), ...]} starting at
         ``offset``.  Each list may cover less than ``length`` (never more: extents
         reaching past the request are clipped)."""
@@ -603,18 +614,27 @@ class NbdClient:
     def context_extents(self, context: str, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, int]]:
         """(offset, length, flags) for ``context`` covering [offset, offset+length), in
         order, looping over replies that cover less than asked."""
+        for off, ln, fl in self.context_extent_array(context, offset, length).tolist():
+            yield off, ln, fl
+
+    def context_extent_array(self, context: str, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """``context_extents`` as one (k, 3) int64 array of [offset, length, flags] rows:
+        no Python object per extent (a fragmented disk has 10^5-10^6 of them; on the
+        2 GiB bench disk, 1.7 k extents, the per-extent objects of the base:allocation
+        map alone cost ~15 ms of CPU per backup)."""
         if context not in self.contexts:
             raise self._err(f"metadata context {context!r} was not negotiated (server offered: "
                             f"{', '.join(self.contexts) or 'none'})")
         end = self.size if length is None else min(self.size, offset + length)
-        pos = offset
+        pos, parts = offset, []
         while pos < end:
             extents = self.block_status(pos, end - pos)[context]
-            if not extents:
+            if not len(extents):
                 raise self._err(f"block status for {context!r} at offset {pos} made no progress")
-            for ln, flags in extents:
-                yield pos, ln, flags
-                pos += ln
+            ends = pos + np.cumsum(extents[:, 0])
+            parts.append(np.column_stack([ends - extents[:, 0], extents[:, 0], extents[:, 1]]))
+            pos = int(ends[-1])
+        return np.concatenate(parts) if parts else np.empty((0, 3), np.int64)
 
     # ---- reader thread -----------------------------------------------------------
     def _set_fatal(self, err: SourceError) -> None:
@@ -764,19 +784,9 @@ class NbdClient:
                 raise self._err(f"block status for unknown metadata context id {cid}")
             if cid in req.status:
                 raise self._err(f"two block status chunks for context {self._context_names[cid]!r} in one reply")
-            out = []
-            remaining = req.length
-            for ln, fl in P.S_EXTENT.iter_unpack(memoryview(data)[4:]):
-                if ln == 0:
-                    raise self._err(f"zero-length extent in block status for {what}")
-                if remaining == 0:
-                    break  # past the requested range: ignore
-                ln = min(ln, remaining)
-                remaining -= ln
-                if out and out[-1][1] == fl:
-                    out[-1] = (out[-1][0] + ln, fl)
-                else:
-                    out.append((ln, fl))
+            out = _status_descriptors(memoryview(data)[4:], req.length)
+            if out is None:
+                raise self._err(f"zero-length extent in block status for {what}")
             req.status[cid] = out
         elif rtype == P.REPLY_TYPE_NONE:
             if length != 0 or not flags & P.REPLY_FLAG_DONE:
@@ -811,14 +821,34 @@ def _cmd_name(cmd: int) -> str:
     return {P.CMD_READ: "NBD_CMD_READ", P.CMD_BLOCK_STATUS: "NBD_CMD_BLOCK_STATUS"}.get(cmd, f"command {cmd}")
 
 
-def _merge(extents: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for off, ln in extents:
-        if out and out[-1][0] + out[-1][1] == off:
-            out[-1] = (out[-1][0], out[-1][1] + ln)
-        else:
-            out.append((off, ln))
-    return out
+def _status_descriptors(data, length: int) -> np.ndarray | None:
+    """A BLOCK_STATUS chunk's extent descriptors (after the context id) as a (k, 2) int64
+    array of [length, flags]: cut at the request's ``length`` (a server may describe
+    more), neighbours with equal flags merged; None if a descriptor has length 0 (not
+    allowed)."""
+    raw = np.frombuffer(data, ">u4").reshape(-1, 2).astype(np.int64)
+    lengths, flags = raw[:, 0], raw[:, 1]
+    if not lengths.all():
+        return None
+    ends = np.cumsum(lengths)
+    k = int(np.searchsorted(ends, length))  # the first extent reaching the request's end
+    if k < len(ends):
+        lengths, flags = lengths[:k + 1].copy(), flags[:k + 1]
+        lengths[k] -= int(ends[k]) - length
+    if not len(lengths):
+        return np.empty((0, 2), np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], flags[1:] != flags[:-1]]))
+    return np.column_stack([np.add.reduceat(lengths, starts), flags[starts]])
+
+
+def _merge_ranges(offsets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ranges in ascending order with touching neighbours joined: (offsets, lengths)."""
+    if not len(offsets):
+        return offsets, lengths
+    ends = offsets + lengths
+    starts = np.flatnonzero(np.concatenate([[True], offsets[1:] != ends[:-1]]))
+    last = np.concatenate([starts[1:] - 1, [len(offsets) - 1]])
+    return offsets[starts], ends[last] - offsets[starts]
 
 
 # --------------------------------------------------------------------------------------
@@ -892,15 +922,23 @@ class NbdSource:
         size = self.size
         if BASE_ALLOCATION not in self.client.contexts:
             return [Extent(0, size, False)] if size else []
-        out: list[Extent] = []
-        for off, ln, flags in self.client.context_extents(BASE_ALLOCATION):
-            zero = bool(flags & P.STATE_ZERO)
-            if out and out[-1].zero == zero:
-                last = out.pop()
-                out.append(Extent(last.offset, last.length + ln, zero))
-            else:
-                out.append(Extent(off, ln, zero))
-        return out
+        arr = self.client.context_extent_array(BASE_ALLOCATION)
+        if not len(arr):
+            return []
+        zero = (arr[:, 2] & P.STATE_ZERO) != 0
+        starts = np.flatnonzero(np.concatenate([[True], zero[1:] != zero[:-1]]))
+        ends = np.concatenate([arr[starts[1:], 0], [size]])
+        return [Extent(o, e - o, z) for o, e, z in zip(arr[starts, 0].tolist(), ends.tolist(), zero[starts].tolist())]
+
+    def zero_ranges(self) -> np.ndarray:
+        """The extents that read as zeros (``base:allocation`` with NBD_STATE_ZERO) as a
+        (k, 2) int64 array of [offset, length], touching ones joined; what the engine
+        asks instead of ``extents()`` (no object per extent)."""
+        if BASE_ALLOCATION not in self.client.contexts:
+            return np.empty((0, 2), np.int64)
+        arr = self.client.context_extent_array(BASE_ALLOCATION)
+        arr = arr[(arr[:, 2] & P.STATE_ZERO) != 0]
+        return np.column_stack(_merge_ranges(arr[:, 0], arr[:, 1]))
 
     def extents(self) -> Iterator[Extent]:
         return iter(self.allocated_extents())
@@ -911,7 +949,10 @@ class NbdSource:
         ctx = bitmap_context or (DIRTY_BITMAP_PREFIX + (self.dirty_bitmap or ""))
         if not ctx.startswith(DIRTY_BITMAP_PREFIX) and ":" not in ctx:
             ctx = DIRTY_BITMAP_PREFIX + ctx
-        return _merge((off, ln) for off, ln, flags in self.client.context_extents(ctx) if flags & P.STATE_DIRTY)
+        arr = self.client.context_extent_array(ctx)
+        arr = arr[(arr[:, 2] & P.STATE_DIRTY) != 0]
+        offsets, lengths = _merge_ranges(arr[:, 0], arr[:, 1])
+        return list(zip(offsets.tolist(), lengths.tolist()))
 
     def change_tracking(self, previous_state: dict | None) -> ChangeTracking | None:
         if not self.dirty_bitmap:

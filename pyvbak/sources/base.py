@@ -51,7 +51,11 @@ class Source(Protocol):
         """Exactly ``length`` bytes at ``offset`` (short only at end of disk)."""
 
     def extents(self) -> Iterator[Extent]:
-        """Allocation map covering [0, size) in order; zero extents are not read."""
+        """Allocation map covering [0, size) in order; zero extents are not read.
+
+        A source whose maps can be large may also offer ``zero_ranges()``: its zero
+        extents as a (k, 2) int64 numpy array of [offset, length], disjoint and
+        ascending; the engine then asks that instead (no object per extent)."""
 
     def change_tracking(self, previous_state: dict | None) -> ChangeTracking | None:
         """Changed extents since the backup whose metadata recorded ``previous_state``;

@@ -223,3 +223,70 @@ def test_blocks_the_guest_zeroes_are_dirty_zero_extents_restored_as_zeros(vm, tm
             assert got == want
         else:
             assert got[4 * MiB : 6 * MiB] == data
+
+
+def test_the_point_in_time_view_is_gone_before_the_snapshot_is_committed(vm, tmp_path, capsys, monkeypatch):
+    """Once everything is read the guest stops paying copy-before-write: the export, the
+    view's nodes and the backup job are removed while the packs are made durable, before
+    the commit; the bitmaps wait for the commit (the old generation is still there)."""
+    from pyvbak.repo.repository import Repository
+
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(4 * MiB))
+    _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    vm.write(2 * MiB, os.urandom(256 * 1024))
+
+    seen = {}
+    real_commit = Repository.commit_snapshot
+
+    def commit_and_look(self, *args, **kwargs):
+        seen.update(nodes=vm.pyvbak_nodes(), exports=vm.exports(), jobs=vm.jobs(),
+                    bitmaps={n: b["recording"] for n, b in vm.bitmaps().items() if n.startswith("pyvbak-")})
+        return real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Repository, "commit_snapshot", commit_and_look)
+    second = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert second["cbt"] is True and second["changed_blocks"] == 4
+    assert seen == {"nodes": [], "exports": ["guest"], "jobs": [],
+                    "bitmaps": {"pyvbak-gen-1": False, "pyvbak-gen-2": True}}
+    assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
+    out = tmp_path / "restored.img"
+    capsys.readouterr()
+    assert main(["restore", "web@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == vm.read(0, vm.size)
+
+
+def test_a_commit_that_fails_after_the_view_went_keeps_every_change_for_the_next_backup(vm, tmp_path, capsys, monkeypatch):
+    """The view is released before the commit; if the commit then fails, the bitmaps are
+    still merged back: the next incremental reads what the failed one read, and more."""
+    from pyvbak.backends.base import BackendError
+    from pyvbak.repo.repository import Repository
+
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(4 * MiB))
+    first = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    vm.write(1 * MiB, os.urandom(128 * 1024))
+
+    def fail(self, *args, **kwargs):
+        raise BackendError("the repository refused the snapshot (test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(Repository, "commit_snapshot", fail)
+        capsys.readouterr()
+        assert main(["backup", vm.uri, "--repo", repo, "--vm", "web"]) != 0
+    assert "refused the snapshot" in capsys.readouterr().err
+    assert vm.pyvbak_nodes() == [] and vm.exports() == ["guest"] and vm.jobs() == []
+    assert set(vm.bitmaps()) == {"pyvbak-gen-1"} and vm.bitmaps()["pyvbak-gen-1"]["recording"]
+
+    vm.write(3 * MiB, os.urandom(64 * 1024))
+    again = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert again["cbt"] is True and again["parent"] == first["id"]
+    assert again["changed_blocks"] == 3  # the failed run's 2 blocks and the new one
+    out = tmp_path / "restored.img"
+    capsys.readouterr()
+    assert main(["restore", "web@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == vm.read(0, vm.size)

@@ -480,6 +480,11 @@ def run_backup(
                     drain_one()
             while inflight:
                 drain_one()
+        done_reading = getattr(source, "done_reading", None)
+        if done_reading is not None:
+            # a hot source's point-in-time view can go now: the guest stops paying for it
+            # while the packs below are made durable, and its removal overlaps their writes
+            done_reading()
         pack_records = packer.finish()
     except BaseException:
         packer.abort()

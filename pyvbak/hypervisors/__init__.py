@@ -77,6 +77,14 @@ class SessionSource:
         self._check()
         return out
 
+    def done_reading(self) -> None:
+        """The engine has read all it will: disconnect, and let a hot session remove this
+        disk's point-in-time view now rather than after the commit (``release_view``)."""
+        self.nbd.close()
+        release = getattr(self.session, "release_view", None)
+        if release is not None:
+            release()
+
     def change_tracking(self, previous_state):
         from ..sources.base import ChangeTracking
 

@@ -60,3 +60,7 @@ class Source(Protocol):
     def change_tracking(self, previous_state: dict | None) -> ChangeTracking | None:
         """Changed extents since the backup whose metadata recorded ``previous_state``;
         None when this source has no change tracking at all."""
+
+    # Optional: ``done_reading()`` is called once the engine has read everything it will
+    # (before its data is made durable): a source holding a point-in-time view of a running
+    # VM's disk releases it then.  No read follows; it raises only ``Interrupted``.

@@ -18,8 +18,10 @@ NBD server):
 5. starts QEMU's NBD server on a unix socket in the work dir and exports the view
    read-only, offering ``qemu:dirty-bitmap:pyvbak-gen-<N>``.
 
-``__exit__`` undoes 5..3 in reverse order and settles the bitmaps: after ``commit()``
-the old generation is deleted; otherwise the new one is merged back into the old one.
+``release_view()`` (a disk's reads are done) undoes 5..3 for that disk early, while its
+data is made durable; ``__exit__`` undoes whatever of 5..3 is left, in reverse order, and
+settles the bitmaps: after ``commit()`` the old generation is deleted; otherwise the new
+one is merged back into the old one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from contextlib import nullcontext
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,7 @@ class HotDisk(ExportSession):
         self.fleece_node_added = False
         self.access_node_added = False
         self.job_started = False
+        self.job_cancelled = False      # by release_view, before the teardown
         self.export_added = False
         self.old_bitmap: str | None = None       # previous generation, if present on the node
         self.old_disabled_by_us = False
@@ -99,6 +103,11 @@ class HotDisk(ExportSession):
     @property
     def broken(self) -> str | None:  # the frozen view of every disk breaks together
         return self.session.broken
+
+    def release_view(self) -> None:
+        """Everything this disk's backup reads has been read: its export and point-in-time
+        view go now (see ``QemuHotBackup.release_view``)."""
+        self.session._release_view(self)
 
     @property
     def committed(self) -> bool:
@@ -173,6 +182,10 @@ class QemuHotBackup(ExportSession):
     def commit(self) -> None:
         """One disk's backup is durable (see HotDisk.commit)."""
         self._only().commit()
+
+    def release_view(self) -> None:
+        """The one disk's reads are done (see ``_release_view``)."""
+        self._release_view(self._only())
 
     def open_source(self):
         return self._only().open_source()
@@ -435,6 +448,39 @@ class QemuHotBackup(ExportSession):
             if d.job_started:
                 cleanup.cancel_job(self._qmp, d.names.job)
 
+    def _release_view(self, d: HotDisk) -> None:
+        """Remove ``d``'s export, snapshot-access node, copy-before-write job and fleecing
+        node as soon as the engine has read what it needs, instead of at the session's
+        end: from then on the guest's writes to this disk no longer pay a copy into the
+        fleecing file while the backup makes its packs durable and commits (and the
+        removal overlaps those writes instead of following them).  The bitmaps are not
+        touched: they are settled at the end, once the snapshot is committed (or not).
+        Never raises for a failed step: its flag stays set, so the teardown tries again
+        and reports it.  A signal during the steps is taken after them."""
+        qmp = self._qmp
+        if qmp is None or qmp._sock is None:
+            return
+        guard = self._guard
+        with (guard.deferred() if guard else nullcontext()):
+            try:  # in this order: a node still in use by the one before cannot go
+                if d.export_added:
+                    cleanup.remove_export(qmp, d.names.export)
+                    d.export_added = False
+                if d.access_node_added:
+                    cleanup.remove_node(qmp, d.names.access_node)
+                    d.access_node_added = False
+                if d.job_started and not d.job_cancelled:
+                    cleanup.cancel_job(qmp, d.names.job)
+                    d.job_cancelled = True  # job_started stays: the bitmaps are settled at the end
+                if d.fleece_node_added:
+                    cleanup.remove_node(qmp, d.names.fleece_node)
+                    d.fleece_node_added = False
+            except Exception:  # noqa: BLE001 - the teardown tries the rest again and reports it
+                pass
+        if guard is not None and guard.pending is not None:
+            raise Interrupted(f"interrupted by {signal.Signals(guard.pending).name}; "
+                              "cleaned up what this run created")
+
     def _cleanup(self, failed: bool, errors: list[str]) -> None:
         qmp = self._qmp
         if self._space_guard is not None:
@@ -457,7 +503,7 @@ class QemuHotBackup(ExportSession):
             for d in self.disks:
                 if d.access_node_added:
                     step(f"removing node {d.names.access_node}", cleanup.remove_node, qmp, d.names.access_node)
-                if d.job_started:
+                if d.job_started and not d.job_cancelled:
                     step(f"cancelling job {d.names.job}", cleanup.cancel_job, qmp, d.names.job)
                 if d.fleece_node_added:
                     step(f"removing node {d.names.fleece_node}", cleanup.remove_node, qmp, d.names.fleece_node)
@@ -468,7 +514,8 @@ class QemuHotBackup(ExportSession):
                     step(f"settling dirty bitmaps of '{d.node}'", _settle_bitmaps, qmp, d, not d.committed)
             if self._lock is not None:  # last: another session may start once it is gone
                 step("releasing the session lock", session_lock.release, qmp, self._lock)
-        elif any(d.job_started or d.fleece_node_added or d.access_node_added for d in self.disks):
+        elif any((d.job_started and not d.job_cancelled) or d.fleece_node_added or d.access_node_added
+                 for d in self.disks):
             errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
         paths = [d.fleece_path for d in self.disks if d.fleece_file_created] + [self.names.nbd_socket]
         for p in paths:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pyvbak.engine.backup import _zero_extent_blocks
+from pyvbak.engine.backup import _run_arrays, _runs, _runs_within, _zero_extent_blocks
 from pyvbak.sources import nbd_protocol as P
 from pyvbak.sources.base import Extent
 from pyvbak.sources.nbd import _merge_ranges, _status_descriptors
@@ -127,3 +127,27 @@ def test_zero_extent_blocks_of_a_source_without_a_map_read_everything():
             raise OSError("no map")
 
     assert not _zero_extent_blocks(Broken(), 16, 65536).any()
+
+
+def reference_runs(indices, max_blocks):
+    out = []
+    if not len(indices):
+        return out
+    for part in np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1):
+        start, end = int(part[0]), int(part[-1]) + 1
+        out += [(a, min(a + max_blocks, end)) for a in range(start, end, max_blocks)]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_block_runs_and_their_masks_match_the_references(seed):
+    rng = random.Random(seed)
+    n = rng.randrange(1, 3000)
+    density = rng.choice([0.05, 0.5, 0.95, 1.0])
+    indices = np.flatnonzero(np.array([rng.random() < density for _ in range(n)]))
+    max_blocks = rng.choice([1, 2, 3, 64, 4096])
+    assert list(_runs(indices, max_blocks)) == reference_runs(indices, max_blocks)
+    firsts, ends = _run_arrays(indices, max_blocks)
+    mask = np.array([rng.random() < 0.8 for _ in range(n)])
+    want = [bool(mask[a:b].all()) for a, b in zip(firsts.tolist(), ends.tolist())]
+    assert _runs_within(mask, firsts, ends).tolist() == want

@@ -97,17 +97,38 @@ def parse_nbd_uri(uri: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+class _Completion:
+    """Signalled once every request of one submission has completed or failed: one
+    Event per batch instead of one per request (a fragmented incremental sends thousands
+    of short reads; an Event each cost ~10 us of Python to make, set and wait on)."""
+
+    __slots__ = ("event", "left", "lock")
+
+    def __init__(self, n: int):
+        self.event = threading.Event()
+        self.left = n
+        self.lock = threading.Lock()
+
+    def one_done(self) -> None:
+        # each request is completed once, by the thread that took it out of _pending
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.event.set()
+
+
 class _Request:
-    __slots__ = ("handle", "cmd", "offset", "length", "view", "event", "error", "covered",
+    __slots__ = ("handle", "cmd", "offset", "length", "view", "done", "error", "covered",
                  "status", "sent_at")
 
-    def __init__(self, handle, cmd, offset, length, view):
+    def __init__(self, handle, cmd, offset, length, view, done: _Completion):
         self.handle = handle
         self.cmd = cmd
         self.offset = offset
         self.length = length
         self.view = view  # memoryview to receive READ data into, or None
-        self.event = threading.Event()
+        self.done = done  # shared with the other requests sent with it
         self.error: SourceError | None = None
         self.covered: list[tuple[int, int]] = []  # READ: (start, end) relative to offset
         self.status: dict[int, np.ndarray] = {}  # BLOCK_STATUS: ctx id -> (k, 2) int64 [length, flags]
@@ -247,23 +268,25 @@ class NbdClient:
         self._recv_into(memoryview(buf), what)
         return bytes(buf)
 
-    def _recv_into(self, view: memoryview, what: str) -> None:
+    def _recv_into(self, view: memoryview, what) -> None:
+        """Fill ``view`` from the socket.  ``what`` (a string, or a callable making one,
+        so hot paths build no message unless there is an error) names it in errors."""
         sock = self._sock
         got, n = 0, len(view)
         while got < n:
             try:
-                r = sock.recv_into(view[got:])
+                r = sock.recv_into(view[got:] if got else view)
             except (socket.timeout, TimeoutError):
-                raise self._err(f"timed out after {self.timeout:g}s waiting for {what} "
+                raise self._err(f"timed out after {self.timeout:g}s waiting for {_text(what)} "
                                 f"({got} of {n} bytes received)") from None
             except OSError as e:
                 if self._closing:
                     raise self._err("connection closed by the client") from None
-                raise self._err(f"connection error while receiving {what}: {e}") from None
+                raise self._err(f"connection error while receiving {_text(what)}: {e}") from None
             if r == 0:
                 if self._closing:
                     raise self._err("connection closed by the client")
-                raise self._err(f"server closed the connection in the middle of {what} "
+                raise self._err(f"server closed the connection in the middle of {_text(what)} "
                                 f"({got} of {n} bytes received)")
             got += r
 
@@ -399,7 +422,8 @@ class NbdClient:
         """Send (cmd, offset, length, view) requests in one write: a job's dirty runs are
         ~20 short reads, and a send per request was a syscall each under the GIL."""
         self._check_alive()
-        reqs = [_Request(next(self._handles), cmd, offset, length, view) for cmd, offset, length, view in requests]
+        done = _Completion(len(requests))
+        reqs = [_Request(next(self._handles), cmd, offset, length, view, done) for cmd, offset, length, view in requests]
         header = b"".join(P.S_REQUEST.pack(P.REQUEST_MAGIC, flags, r.cmd, r.handle, r.offset, r.length) for r in reqs)
         with self._send_lock:
             with self._pending_lock:
@@ -426,7 +450,7 @@ class NbdClient:
     def _wait(self, req: _Request) -> None:
         # The reader thread completes or fails every request (it fails them all when it
         # dies), so this wait always ends; the poll only guards against a reader bug.
-        while not req.event.wait(1.0):
+        while not req.done.event.wait(1.0):
             r = self._reader
             if r is None or not r.is_alive():
                 self._set_fatal(self._err("reader thread stopped"))
@@ -565,8 +589,10 @@ class NbdClient:
                 pos += n
             if wanted:
                 reqs = self._submit_all(wanted)
-            for r in reqs:
-                self._wait(r)
+                self._wait(reqs[0])  # the batch's one completion: every request has ended
+                for r in reqs:
+                    if r.error is not None:
+                        raise r.error
         except BaseException:
             self._drain(reqs)  # do not return while the reader may still write into buffer
             raise
@@ -655,7 +681,7 @@ class NbdClient:
         for r in pending:
             if r.error is None:
                 r.error = err
-            r.event.set()
+            r.done.one_done()
 
     def _reader_main(self) -> None:
         try:
@@ -739,7 +765,7 @@ class NbdClient:
                                           f"covered only {pos} bytes")
         with self._pending_lock:
             self._pending.pop(req.handle, None)
-        req.event.set()
+        req.done.one_done()
 
     def _handle_simple(self, error: int, handle: int) -> None:
         req = self._lookup(handle)
@@ -747,7 +773,7 @@ class NbdClient:
             req.error = self._err(f"{P.errno_name(error)} for {_cmd_name(req.cmd)} at offset {req.offset} "
                                   f"length {req.length}")
         elif req.cmd == P.CMD_READ:
-            self._recv_into(req.view, f"read data at offset {req.offset} ({req.length} bytes)")
+            self._recv_into(req.view, lambda: f"read data at offset {req.offset} ({req.length} bytes)")
             req.covered.append((0, req.length))
         elif req.cmd == P.CMD_BLOCK_STATUS:
             raise self._err("simple reply without error to NBD_CMD_BLOCK_STATUS")
@@ -755,29 +781,28 @@ class NbdClient:
 
     def _handle_chunk(self, flags: int, rtype: int, handle: int, length: int) -> None:
         req = self._lookup(handle)
-        what = f"{_cmd_name(req.cmd)} at offset {req.offset} length {req.length}"
         if rtype == P.REPLY_TYPE_OFFSET_DATA:
             if req.cmd != P.CMD_READ or length < 8:
-                raise self._err(f"invalid OFFSET_DATA chunk ({length} bytes) in the reply to {what}")
+                raise self._err(f"invalid OFFSET_DATA chunk ({length} bytes) in the reply to {_describe(req)}")
             off = P.S_U64.unpack(self._recv_exact(8, "a data chunk offset"))[0]
             n = length - 8
             rel = off - req.offset
             if rel < 0 or n <= 0 or rel + n > req.length:
-                raise self._err(f"data chunk at offset {off} length {n} lies outside the request {what}")
-            self._recv_into(req.view[rel:rel + n], f"read data at offset {off} ({n} bytes)")
+                raise self._err(f"data chunk at offset {off} length {n} lies outside the request {_describe(req)}")
+            self._recv_into(req.view[rel:rel + n], lambda: f"read data at offset {off} ({n} bytes)")
             req.covered.append((rel, rel + n))
         elif rtype == P.REPLY_TYPE_OFFSET_HOLE:
             if req.cmd != P.CMD_READ or length != P.S_HOLE.size:
-                raise self._err(f"invalid OFFSET_HOLE chunk ({length} bytes) in the reply to {what}")
+                raise self._err(f"invalid OFFSET_HOLE chunk ({length} bytes) in the reply to {_describe(req)}")
             off, n = P.S_HOLE.unpack(self._recv_exact(P.S_HOLE.size, "a hole chunk"))
             rel = off - req.offset
             if rel < 0 or n == 0 or rel + n > req.length:
-                raise self._err(f"hole chunk at offset {off} length {n} lies outside the request {what}")
+                raise self._err(f"hole chunk at offset {off} length {n} lies outside the request {_describe(req)}")
             req.view[rel:rel + n] = bytes(n)  # pooled buffers hold old data
             req.covered.append((rel, rel + n))
         elif rtype == P.REPLY_TYPE_BLOCK_STATUS:
             if req.cmd != P.CMD_BLOCK_STATUS or length < 4 + 8 or (length - 4) % 8 or length > _MAX_STATUS_CHUNK:
-                raise self._err(f"invalid BLOCK_STATUS chunk ({length} bytes) in the reply to {what}")
+                raise self._err(f"invalid BLOCK_STATUS chunk ({length} bytes) in the reply to {_describe(req)}")
             data = self._recv_exact(length, "block status extents")
             (cid,) = P.S_U32.unpack_from(data)
             if cid not in self._context_names:
@@ -786,35 +811,45 @@ class NbdClient:
                 raise self._err(f"two block status chunks for context {self._context_names[cid]!r} in one reply")
             out = _status_descriptors(memoryview(data)[4:], req.length)
             if out is None:
-                raise self._err(f"zero-length extent in block status for {what}")
+                raise self._err(f"zero-length extent in block status for {_describe(req)}")
             req.status[cid] = out
         elif rtype == P.REPLY_TYPE_NONE:
             if length != 0 or not flags & P.REPLY_FLAG_DONE:
-                raise self._err(f"invalid NONE chunk in the reply to {what}")
+                raise self._err(f"invalid NONE chunk in the reply to {_describe(req)}")
         elif rtype & P.REPLY_TYPE_ERROR_BIT:
             if length < P.S_ERROR.size or length > _MAX_ERROR_CHUNK:
-                raise self._err(f"invalid error chunk ({length} bytes) in the reply to {what}")
+                raise self._err(f"invalid error chunk ({length} bytes) in the reply to {_describe(req)}")
             data = self._recv_exact(length, "an error chunk")
             err, mlen = P.S_ERROR.unpack_from(data)
             if P.S_ERROR.size + mlen > length:
-                raise self._err(f"error chunk message overruns the chunk in the reply to {what}")
+                raise self._err(f"error chunk message overruns the chunk in the reply to {_describe(req)}")
             msg = data[P.S_ERROR.size:P.S_ERROR.size + mlen].decode("utf-8", "replace")
             where = ""
             if rtype == P.REPLY_TYPE_ERROR_OFFSET:
                 if length != P.S_ERROR.size + mlen + 8:
-                    raise self._err(f"invalid ERROR_OFFSET chunk in the reply to {what}")
+                    raise self._err(f"invalid ERROR_OFFSET chunk in the reply to {_describe(req)}")
                 (eoff,) = P.S_U64.unpack_from(data, P.S_ERROR.size + mlen)
                 if not req.offset <= eoff < req.offset + req.length:
-                    raise self._err(f"error offset {eoff} outside the request {what}")
+                    raise self._err(f"error offset {eoff} outside the request {_describe(req)}")
                 where = f" (at offset {eoff})"
             if err == 0:
-                raise self._err(f"error chunk with error value 0 in the reply to {what}")
+                raise self._err(f"error chunk with error value 0 in the reply to {_describe(req)}")
             if req.error is None:
-                req.error = self._err(f"{P.errno_name(err)} for {what}{where}" + (f": {msg}" if msg else ""))
+                req.error = self._err(f"{P.errno_name(err)} for {_describe(req)}{where}" + (f": {msg}" if msg else ""))
         else:
-            raise self._err(f"unknown structured reply type {rtype} in the reply to {what}")
+            raise self._err(f"unknown structured reply type {rtype} in the reply to {_describe(req)}")
         if flags & P.REPLY_FLAG_DONE:
             self._complete(req)
+
+
+def _text(what) -> str:
+    return what() if callable(what) else what
+
+
+def _describe(req: _Request) -> str:
+    """The request, for an error message (built only when there is an error: per reply
+    chunk it was ~1 us of a fragmented incremental's thousands of short reads)."""
+    return f"{_cmd_name(req.cmd)} at offset {req.offset} length {req.length}"
 
 
 def _cmd_name(cmd: int) -> str:

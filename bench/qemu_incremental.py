@@ -11,8 +11,9 @@ the minimal work any tool must do for the same changed blocks.
    guest's disk: writes to it enter the block graph above ``disk0``).
 2. ``pyvbak backup qemu:///SOCK?node=disk0 --repo R --vm bench --json`` (full backup).
 3. Per round: through guest.img, rewrite 1 % of the 4 KiB pages in clustered runs of
-   1-64 pages (vmimage.clustered_pages, seed 100+round), fsync; the same bytes go to a
-   raw copy of the image (the baseline's input, kept in the page cache).
+   1-64 pages (vmimage.clustered_pages, seed 100+round; ``--max-run-pages 1``: scattered
+   single pages), fsync; the same bytes go to a raw copy of the image (the baseline's
+   input, kept in the page cache).
 4. Time the incremental ``pyvbak backup`` (same command, a subprocess: the user's wall
    time including interpreter start-up), check "cbt": true.
 5. Baseline, same round: read exactly the 64 KiB blocks the rewrite touched from the raw
@@ -207,10 +208,14 @@ class BenchVM:
 # --------------------------------------------------------------------------------------
 
 
+#: the longest run of pages one rewrite writes (--max-run-pages; 1: scattered single pages)
+MAX_RUN_PAGES = 64
+
+
 def rewrite(paths: list[str], size: int, seed: int) -> dict:
-    """1 % of pages in clustered runs of 1-64 pages, the same random bytes written to
-    every path (the guest file and the raw copy); fsync each."""
-    runs = vmimage.clustered_pages(size // PAGE, 0.01, seed, 64)
+    """1 % of pages in clustered runs of 1-MAX_RUN_PAGES pages, the same random bytes
+    written to every path (the guest file and the raw copy); fsync each."""
+    runs = vmimage.clustered_pages(size // PAGE, 0.01, seed, MAX_RUN_PAGES)
     rng = np.random.default_rng([seed, 7])
     fds = [os.open(p, os.O_WRONLY) for p in paths]
     try:
@@ -613,8 +618,13 @@ def main() -> int:
     ap.add_argument("--cprofile", metavar="FILE", help="also dump a cProfile of the in-process round to FILE")
     ap.add_argument("--nbd-readers", type=int, default=4,
                     help="connections (= requests in flight) of the QEMU NBD baseline's reader")
+    ap.add_argument("--max-run-pages", type=int, default=64,
+                    help="longest run of 4 KiB pages a rewrite writes (default 64, the issue's clustered runs; "
+                         "1: scattered single pages, a database's writes: ~10x the dirty blocks, one run each)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    global MAX_RUN_PAGES
+    MAX_RUN_PAGES = max(1, a.max_run_pages)
     ensure_bytecode()  # time pyvbak as installed: see benchutil.ensure_bytecode
 
     for tool in ("qemu-storage-daemon", "qemu-img", "fusermount3"):

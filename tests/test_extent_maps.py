@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pyvbak.engine.backup import _run_arrays, _runs, _runs_within, _zero_extent_blocks
+from pyvbak.engine.backup import _mask_run_arrays, _run_arrays, _runs, _runs_within, _zero_extent_blocks
 from pyvbak.sources import nbd_protocol as P
 from pyvbak.sources.base import Extent
 from pyvbak.sources.nbd import _merge_ranges, _status_descriptors
@@ -148,6 +148,8 @@ def test_block_runs_and_their_masks_match_the_references(seed):
     max_blocks = rng.choice([1, 2, 3, 64, 4096])
     assert list(_runs(indices, max_blocks)) == reference_runs(indices, max_blocks)
     firsts, ends = _run_arrays(indices, max_blocks)
+    from_mask = _mask_run_arrays(np.isin(np.arange(n), indices), max_blocks)
+    assert np.array_equal(from_mask[0], firsts) and np.array_equal(from_mask[1], ends)
     mask = np.array([rng.random() < 0.8 for _ in range(n)])
     want = [bool(mask[a:b].all()) for a, b in zip(firsts.tolist(), ends.tolist())]
     assert _runs_within(mask, firsts, ends).tolist() == want

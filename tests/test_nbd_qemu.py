@@ -254,3 +254,56 @@ def test_dirty_bitmap_via_storage_daemon(bitmap_qcow2, sockdir):
         with NbdSource(uri, dirty_bitmap="missing", timeout=5) as src:
             ct = src.change_tracking(None)
             assert ct.extents is None and "does not export dirty bitmap 'missing'" in ct.fallback_reason
+
+
+def _status_requests(client, log):
+    """Record (offset, length) of every BLOCK_STATUS request ``client`` sends."""
+    from pyvbak.sources import nbd_protocol as P
+
+    real = client._submit_all
+
+    def spy(requests, *args, **kwargs):
+        log.extend((off, ln) for cmd, off, ln, _ in requests if cmd == P.CMD_BLOCK_STATUS)
+        return real(requests, *args, **kwargs)
+
+    client._submit_all = spy
+
+
+def test_the_bitmap_is_asked_alone_and_allocation_only_around_dirty_extents(bitmap_qcow2, sockdir):
+    """A BLOCK_STATUS reply carries every context its connection negotiated, each computed
+    by the server (base:allocation of a whole fragmented TiB: seconds).  With a second
+    connection allowed, the dirty map comes from a connection that negotiated the bitmap
+    alone, and allocation is asked only in windows around the dirty extents."""
+    from pyvbak.sources.nbd import STATUS_WINDOW_GAP, _status_windows
+
+    image, dirty = bitmap_qcow2
+    with qemu_storage_daemon(image, sockdir, "bm0") as uri:
+        with NbdSource(uri, dirty_bitmap="bm0", timeout=5, bitmap_connection=True) as src:
+            main_requests: list = []
+            _status_requests(src.client, main_requests)
+            assert src.dirty_extents() == dirty
+            assert set(src._bitmap_client.contexts) == {"qemu:dirty-bitmap:bm0"}
+            assert main_requests == []  # the main connection computed nothing
+            # data at [0, 8 MiB) and [30, 32 MiB); the one window is [1 MiB, 32 MiB)
+            assert _status_windows(dirty) == [(1 * MiB, 31 * MiB)]
+            assert src.zero_ranges(within=dirty).tolist() == [[8 * MiB, 22 * MiB]]
+            assert main_requests == [(1 * MiB, 31 * MiB)]
+            assert src.zero_ranges().tolist() == [[8 * MiB, 22 * MiB], [32 * MiB, 32 * MiB]]
+        assert src._bitmap_client is None  # closed with the source
+    far = [(0, 4096), (STATUS_WINDOW_GAP + 8192, 4096), (STATUS_WINDOW_GAP + 16384, 10)]
+    assert _status_windows(far) == [(0, 4096), (STATUS_WINDOW_GAP + 8192, 8202)]
+
+
+def test_a_server_that_takes_one_connection_answers_the_bitmap_on_the_main_one(bitmap_qcow2, sockdir):
+    """qemu-nbd's default is one client at a time: the second connection gets no greeting
+    within the timeout, and the dirty map is asked on the main connection instead."""
+    image, dirty = bitmap_qcow2
+    tool = require_tool("qemu-nbd", "qemu-utils")
+    path = os.path.join(sockdir, "one.sock")
+    argv = [tool, "-t", "-r", "-f", "qcow2", "-x", "disk0", "-B", "bm0", "-k", path, str(image)]
+    with _running(argv, lambda: _unix_listening(path), "qemu-nbd"):
+        uri = f"nbd+unix:///disk0?socket={path}"
+        with NbdSource(uri, dirty_bitmap="bm0", timeout=1, bitmap_connection=True) as src:
+            assert src.dirty_extents() == dirty
+            assert src._bitmap_client is None and src.bitmap_connection is False
+            assert src.read(1 * MiB, 65536) == b"\x7e" * 65536  # the main connection still works

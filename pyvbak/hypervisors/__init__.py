@@ -72,8 +72,8 @@ class SessionSource:
         self._check()
         return out
 
-    def zero_ranges(self):
-        out = self.nbd.zero_ranges()
+    def zero_ranges(self, within=None):
+        out = self.nbd.zero_ranges(within=within)
         self._check()
         return out
 

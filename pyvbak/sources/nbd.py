@@ -648,19 +648,38 @@ class NbdClient:
         no Python object per extent (a fragmented disk has 10^5-10^6 of them; on the
         2 GiB bench disk, 1.7 k extents, the per-extent objects of the base:allocation
         map alone cost ~15 ms of CPU per backup)."""
+        end = self.size if length is None else min(self.size, offset + length)
+        return self.context_extent_ranges(context, [(offset, end - offset)])
+
+    def context_extent_ranges(self, context: str, ranges: Iterable[tuple[int, int]]) -> np.ndarray:
+        """``context_extent_array`` over several (offset, length) ranges, ascending and
+        disjoint, with every request in flight at once (a server answers less than asked
+        at will: the rest is asked again); rows in offset order."""
         if context not in self.contexts:
             raise self._err(f"metadata context {context!r} was not negotiated (server offered: "
                             f"{', '.join(self.contexts) or 'none'})")
-        end = self.size if length is None else min(self.size, offset + length)
-        pos, parts = offset, []
-        while pos < end:
-            extents = self.block_status(pos, end - pos)[context]
-            if not len(extents):
-                raise self._err(f"block status for {context!r} at offset {pos} made no progress")
-            ends = pos + np.cumsum(extents[:, 0])
-            parts.append(np.column_stack([ends - extents[:, 0], extents[:, 0], extents[:, 1]]))
-            pos = int(ends[-1])
-        return np.concatenate(parts) if parts else np.empty((0, 3), np.int64)
+        cid = self.contexts[context]
+        todo = [(off, min(self.size, off + ln)) for off, ln in ranges if min(self.size, off + ln) > off]
+        parts: dict[int, np.ndarray] = {}
+        while todo:
+            wanted = [(p, min(end - p, _MAX_STATUS_REQUEST)) for pos, end in todo
+                      for p in range(pos, end, _MAX_STATUS_REQUEST)]
+            reqs = self._submit_all([(P.CMD_BLOCK_STATUS, p, n, None) for p, n in wanted])
+            self._wait(reqs[0])  # the batch's one completion
+            todo = []
+            for (p, n), req in zip(wanted, reqs):
+                if req.error is not None:
+                    raise req.error
+                extents = req.status.get(cid)
+                if extents is None:
+                    raise self._err(f"block status reply at offset {p} has no extents for context {context!r}")
+                if not len(extents):
+                    raise self._err(f"block status for {context!r} at offset {p} made no progress")
+                ends = p + np.cumsum(extents[:, 0])
+                parts[p] = np.column_stack([ends - extents[:, 0], extents[:, 0], extents[:, 1]])
+                if int(ends[-1]) < p + n:
+                    todo.append((int(ends[-1]), p + n))
+        return np.concatenate([parts[k] for k in sorted(parts)]) if parts else np.empty((0, 3), np.int64)
 
     # ---- reader thread -----------------------------------------------------------
     def _set_fatal(self, err: SourceError) -> None:
@@ -876,6 +895,25 @@ def _status_descriptors(data, length: int) -> np.ndarray | None:
     return np.column_stack([np.add.reduceat(lengths, starts), flags[starts]])
 
 
+#: dirty extents closer than this share one block status window (``_status_windows``): a
+#: request's cost to the server is per byte covered, plus a round trip
+STATUS_WINDOW_GAP = 64 << 20
+
+
+def _status_windows(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) windows covering ``ranges`` (ascending), neighbours less than
+    STATUS_WINDOW_GAP apart joined."""
+    out: list[list[int]] = []
+    for off, ln in ranges:
+        if ln <= 0:
+            continue
+        if out and off - out[-1][1] < STATUS_WINDOW_GAP:
+            out[-1][1] = max(out[-1][1], off + ln)
+        else:
+            out.append([off, off + ln])
+    return [(a, b - a) for a, b in out]
+
+
 def _merge_ranges(offsets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ranges in ascending order with touching neighbours joined: (offsets, lengths)."""
     if not len(offsets):
@@ -899,8 +937,14 @@ class NbdSource:
     """
 
     def __init__(self, uri: str, *, dirty_bitmap: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 max_payload: int = P.DEFAULT_MAX_PAYLOAD):
+                 max_payload: int = P.DEFAULT_MAX_PAYLOAD, bitmap_connection: bool = False):
+        """``bitmap_connection``: the server takes a second connection (QEMU's NBD server;
+        ``qemu-nbd -e 2``): the dirty bitmap's status is then asked on one that negotiated
+        the bitmap alone (see ``dirty_extents``)."""
         self.uri = uri
+        self.timeout, self.max_payload = timeout, max_payload
+        self.bitmap_connection = bitmap_connection
+        self._bitmap_client: NbdClient | None = None
         self.params = parse_nbd_uri(uri)
         self.description = uri
         self.dirty_bitmap = dirty_bitmap
@@ -921,6 +965,9 @@ class NbdSource:
         return self
 
     def close(self) -> None:
+        if self._bitmap_client is not None:
+            self._bitmap_client, extra = None, self._bitmap_client
+            extra.close()
         if self._open:
             self._open = False
             self.client.close()
@@ -965,13 +1012,21 @@ class NbdSource:
         ends = np.concatenate([arr[starts[1:], 0], [size]])
         return [Extent(o, e - o, z) for o, e, z in zip(arr[starts, 0].tolist(), ends.tolist(), zero[starts].tolist())]
 
-    def zero_ranges(self) -> np.ndarray:
+    def zero_ranges(self, within: Iterable[tuple[int, int]] | None = None) -> np.ndarray:
         """The extents that read as zeros (``base:allocation`` with NBD_STATE_ZERO) as a
         (k, 2) int64 array of [offset, length], touching ones joined; what the engine
-        asks instead of ``extents()`` (no object per extent)."""
+        asks instead of ``extents()`` (no object per extent).
+
+        ``within``: (offset, length) ranges, ascending, the caller needs to know about
+        (an incremental's dirty extents); only windows around them are asked, and the
+        rest of the disk is reported as not zero.  The server's cost is per byte asked:
+        QEMU took ~2.4 s for base:allocation of a whole fragmented 1 TiB qcow2."""
         if BASE_ALLOCATION not in self.client.contexts:
             return np.empty((0, 2), np.int64)
-        arr = self.client.context_extent_array(BASE_ALLOCATION)
+        if within is None:
+            arr = self.client.context_extent_array(BASE_ALLOCATION)
+        else:
+            arr = self.client.context_extent_ranges(BASE_ALLOCATION, _status_windows(within))
         arr = arr[(arr[:, 2] & P.STATE_ZERO) != 0]
         return np.column_stack(_merge_ranges(arr[:, 0], arr[:, 1]))
 
@@ -984,10 +1039,37 @@ class NbdSource:
         ctx = bitmap_context or (DIRTY_BITMAP_PREFIX + (self.dirty_bitmap or ""))
         if not ctx.startswith(DIRTY_BITMAP_PREFIX) and ":" not in ctx:
             ctx = DIRTY_BITMAP_PREFIX + ctx
-        arr = self.client.context_extent_array(ctx)
+        arr = self._status_client(ctx).context_extent_array(ctx)
         arr = arr[(arr[:, 2] & P.STATE_DIRTY) != 0]
         offsets, lengths = _merge_ranges(arr[:, 0], arr[:, 1])
         return list(zip(offsets.tolist(), lengths.tolist()))
+
+    def _status_client(self, context: str) -> NbdClient:
+        """The connection to ask ``context``'s block status on.  A BLOCK_STATUS request is
+        answered for every context its connection negotiated, each computed by the
+        server: on a fragmented 1 TiB qcow2, QEMU spent ~2.4 s on base:allocation of the
+        whole disk while the backup only wanted the (in-memory) dirty bitmap's map.  So,
+        where the server takes a second connection, the bitmap is asked on one that
+        negotiated it alone; where that connection fails, on the main one."""
+        if not self.bitmap_connection or set(self.client.contexts) == {context}:
+            return self.client
+        if self._bitmap_client is None:
+            p = self.params
+            extra = NbdClient(host=p["host"], port=p["port"] or DEFAULT_PORT, unix_socket=p["socket"],
+                              export=p["export"], meta_contexts=[context], timeout=self.timeout,
+                              max_payload=self.max_payload, name=self.uri)
+            try:
+                extra.connect()
+            except SourceError:
+                extra.close()
+                self.bitmap_connection = False  # the main connection answers, as it can
+                return self.client
+            if context not in extra.contexts:
+                extra.close()
+                self.bitmap_connection = False
+                return self.client
+            self._bitmap_client = extra
+        return self._bitmap_client
 
     def change_tracking(self, previous_state: dict | None) -> ChangeTracking | None:
         if not self.dirty_bitmap:

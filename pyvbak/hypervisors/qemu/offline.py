@@ -151,8 +151,9 @@ class QemuOfflineImage(ExportSession):
                 old = None
         self.dirty_bitmap = old
 
-        args = ["qemu-nbd", "-t", "-r", "-f", self.format, f"--socket={self.socket_path}", "-x", EXPORT_NAME,
-                f"--pid-file={self.pid_file}"]
+        # --shared 2: the engine's connection, and one for the dirty bitmap's status alone
+        args = ["qemu-nbd", "-t", "-r", "--shared=2", "-f", self.format, f"--socket={self.socket_path}",
+                "-x", EXPORT_NAME, f"--pid-file={self.pid_file}"]
         if old is not None:
             args += ["-B", old]
         args.append(str(self.path))

@@ -19,7 +19,9 @@ class ExportSession:
         self._committed = True
 
     def open_source(self):
-        """An ``NbdSource`` over the frozen view (with the dirty-bitmap context)."""
+        """An ``NbdSource`` over the frozen view (with the dirty-bitmap context).  Both
+        servers a session starts take a second connection (QEMU's NBD server: any number;
+        pyvbak's qemu-nbd: ``--shared 2``), on which the bitmap's status is asked alone."""
         from pyvbak.sources.nbd import NbdSource  # the data plane; imported late on purpose
 
-        return NbdSource(self.nbd_uri, dirty_bitmap=self.dirty_bitmap)
+        return NbdSource(self.nbd_uri, dirty_bitmap=self.dirty_bitmap, bitmap_connection=True)

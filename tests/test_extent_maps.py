@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pyvbak.engine.backup import _mask_run_arrays, _run_arrays, _runs, _runs_within, _zero_extent_blocks
+from pyvbak.engine.backup import _mask_edges, _mask_run_arrays, _run_arrays, _runs, _runs_within, _zero_extent_blocks
 from pyvbak.sources import nbd_protocol as P
 from pyvbak.sources.base import Extent
 from pyvbak.sources.nbd import _merge_ranges, _status_descriptors
@@ -153,3 +153,12 @@ def test_block_runs_and_their_masks_match_the_references(seed):
     mask = np.array([rng.random() < 0.8 for _ in range(n)])
     want = [bool(mask[a:b].all()) for a, b in zip(firsts.tolist(), ends.tolist())]
     assert _runs_within(mask, firsts, ends).tolist() == want
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_mask_edges_match_the_diff_reference(seed):
+    rng = random.Random(seed)
+    mask = np.array([rng.random() < rng.choice([0.0, 0.1, 0.5, 1.0]) for _ in range(rng.randrange(0, 400))], dtype=bool)
+    want = np.flatnonzero(np.diff(mask.astype(np.int64), prepend=0, append=0))
+    got = _mask_edges(mask)
+    assert got.dtype == np.int64 and got.tolist() == want.tolist()

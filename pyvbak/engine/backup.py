@@ -130,8 +130,23 @@ def _run_arrays(indices: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.nd
 def _mask_run_arrays(mask: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
     """The runs of True in a boolean per-block array, none longer than ``max_blocks``:
     (firsts, ends), without listing the blocks (a 1 TiB disk has 16.7 M)."""
-    edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=0, append=0))
-    return _cut_runs(edges[0::2].astype(np.int64), edges[1::2].astype(np.int64), max_blocks)
+    edges = _mask_edges(mask)
+    return _cut_runs(edges[0::2], edges[1::2], max_blocks)
+
+
+def _mask_edges(mask: np.ndarray) -> np.ndarray:
+    """Where a boolean per-block array switches (int64 positions: the first of each run of
+    True, then the one after it, alternating).  In int8, one byte per block: ``np.diff``
+    with ``prepend=0`` made int64 copies (8 bytes per block, fresh memory: 0.6 s for a
+    1 TiB disk's 16.7 M blocks)."""
+    m = mask.view(np.int8)
+    step = np.empty(len(m) + 1, np.int8)
+    if len(m):
+        step[0], step[-1] = m[0], -m[-1]
+        np.subtract(m[1:], m[:-1], out=step[1:-1])
+    else:
+        step[0] = 0
+    return np.flatnonzero(step).astype(np.int64)
 
 
 def _cut_runs(firsts: np.ndarray, ends: np.ndarray, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -611,7 +626,7 @@ ZERO_MARK = np.frombuffer(fmt.ZERO_DIGEST, "V32")[0]
 
 def _mask_runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """The (first, last_exclusive) runs of True in a boolean array."""
-    edges = np.flatnonzero(np.diff(mask.view(np.int8), prepend=0, append=0))
+    edges = _mask_edges(mask)
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 

@@ -12,7 +12,7 @@ own process (``python -m pyvbak``):
 
   * the full backup;
   * per round: the guest writes 1 MiB at a random offset, then the incremental (checked:
-    ``"cbt": true``, exactly 16 blocks changed).
+    ``"cbt": true``).
 
 Baseline, same run: ``qemu-img map -U --output=json`` of the image, i.e. what it costs
 QEMU's block layer to walk the whole allocation map once (a full backup must; before

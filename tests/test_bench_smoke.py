@@ -98,6 +98,8 @@ def test_qemu_benches(tmp_path):
     assert positive(doc["together_s"]) and positive(doc["apart_s"]) and doc["rounds"][0]["rewritten_bytes"] > 0
     doc = run_bench(tmp_path, "qemu_fleecing.py", "--disks", "2", "--size-mib", "16", "--rounds", "2")
     assert positive(doc["snapshot_access_s"]) and positive(doc["qcow2_s"]) and len(doc["rounds"]) == 2
+    doc = run_bench(tmp_path, "qemu_fragmented.py", "--size-gib", "1", "--clusters", "50", "--rounds", "1")
+    assert positive(doc["full_s"]) and positive(doc["incr_s"]) and positive(doc["map_s"]) and doc["map_extents"] > 50
     doc = run_bench(tmp_path, "nbd_read.py", "--size-mib", "64", "--repeat", "1")
     assert positive(doc["client_gbps"]) and positive(doc["qemu_img_gbps"]) and positive(doc["ratio"])
 

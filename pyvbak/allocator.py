@@ -20,6 +20,7 @@ owner; a program embedding pyvbak decides for itself.  Elsewhere than glibc noth
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 
@@ -55,3 +56,38 @@ def tune_for_throughput() -> bool:
             _tuned = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
                 mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     return _tuned
+
+
+#: per-block arrays this large are mapped without transparent huge pages (sparse_zeros)
+SPARSE_MIN_BYTES = 64 * 1024 * 1024
+
+
+def sparse_zeros(shape, dtype):
+    """A zeroed numpy array for per-block data of a large disk that may be written only
+    here and there (a thin disk's scattered data: its blocks' index records and hashes).
+
+    With transparent huge pages (``always``, as on this project's VMs) the first write
+    into each 2 MiB of a fresh ``np.zeros`` array makes the kernel zero all 2 MiB: 20 000
+    digests scattered over a 1 TiB disk's 800 MB index touched every huge page, 2.1 s on
+    a fresh VM, against 94 ms with 4 KiB pages (bench/RESULTS.md, "Fragmented disks of a
+    terabyte").  So arrays of at least SPARSE_MIN_BYTES are anonymous maps advised
+    ``MADV_NOHUGEPAGE``; smaller ones, and platforms without the advice, are plain
+    ``np.zeros``.  A disk written densely pays 4 KiB faults instead (64 MB: ~16 k faults,
+    milliseconds beside reading the ~90 GiB such an index describes)."""
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    count = 1
+    for dim in (shape if isinstance(shape, tuple) else (shape,)):
+        count *= int(dim)
+    nbytes = count * dt.itemsize
+    if nbytes < SPARSE_MIN_BYTES or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, dt)
+    # private: a shared anonymous map is shmem, whose pages are real even when only read
+    # (the whole 800 MB index of a thin TiB was resident after one scan over it)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    try:
+        area.madvise(mmap.MADV_NOHUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages: nothing to advise
+        pass
+    return np.frombuffer(area, dt, count).reshape(shape)

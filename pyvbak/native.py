@@ -162,8 +162,10 @@ def block_count(size: int, block_size: int) -> int:
 
 def new_arrays(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Result arrays for n blocks: zero flags uint8 (n,), hashes uint64 (n, 2)."""
+    from .allocator import sparse_zeros
+
     n = _check_size(n, "block count")
-    return np.zeros(n, dtype=np.uint8), np.zeros((n, 2), dtype=np.uint64)
+    return np.zeros(n, dtype=np.uint8), sparse_zeros((n, 2), np.uint64)
 
 
 def scan_buffer(buf, block_size, key, zero_out, hash_out, *, kernel=None) -> None:

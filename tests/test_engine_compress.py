@@ -3,11 +3,14 @@ and every frame is a standard zstd frame of its block (content size and checksum
 
 from __future__ import annotations
 
+import mmap
 import platform
 import random
 import shutil
 import subprocess
+import sys
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -79,3 +82,35 @@ def test_batch_frames_pass_the_zstd_tool(tmp_path):
 def test_allocator_thresholds_apply_once():
     assert allocator.tune_for_throughput() is True
     assert allocator.tune_for_throughput() is True  # once per process, same answer
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding ``address`` in /proc/self/smaps."""
+    current = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                current = lo <= address < hi
+            elif head == "VmFlags:" and current:
+                return line.split()[1:]
+    return []
+
+
+def test_sparse_zeros_are_zeroed_writable_arrays_mapped_without_huge_pages():
+    """Large per-block arrays (a thin disk's index and hashes) are written here and
+    there: with transparent huge pages every first write zeroes 2 MiB, so they are
+    mapped with MADV_NOHUGEPAGE; small ones are plain np.zeros."""
+    from pyvbak.repo import format as fmt
+
+    big = allocator.sparse_zeros(allocator.SPARSE_MIN_BYTES // fmt.SNAPSHOT_RECORD.itemsize + 1, fmt.SNAPSHOT_RECORD)
+    assert big.dtype == fmt.SNAPSHOT_RECORD and big.flags.writeable and big.nbytes >= allocator.SPARSE_MIN_BYTES
+    big["digest"][[0, len(big) // 2, len(big) - 1]] = np.frombuffer(b"\x07" * 96, "V32")
+    assert (big["digest"].view("S32") != b"").sum() == 3 and not big["fast"].any()
+    if sys.platform.startswith("linux") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        assert "nh" in _vm_flags(big.ctypes.data)
+    pairs = allocator.sparse_zeros((allocator.SPARSE_MIN_BYTES // 16, 2), np.uint64)
+    assert pairs.shape == (allocator.SPARSE_MIN_BYTES // 16, 2) and not pairs[-1].any()
+    small = allocator.sparse_zeros((1000, 2), np.uint64)
+    assert small.shape == (1000, 2) and small.flags.owndata and not small.any()

@@ -46,6 +46,7 @@ import numpy as np
 import zstandard
 
 from .. import native
+from ..allocator import sparse_zeros
 from ..errors import IntegrityError, SourceError
 from ..repo import format as fmt
 from ..repo.packer import PackWriter
@@ -225,7 +226,7 @@ class _Parent:
         if self.n == n and self.records.flags.writeable:
             records, self.records = self.records, None
             return records
-        records = np.zeros(n, fmt.SNAPSHOT_RECORD)
+        records = sparse_zeros(n, fmt.SNAPSHOT_RECORD)  # a thin disk's digests land here and there
         m = min(n, self.n)
         records["digest"][:m] = self.records["digest"][:m]
         return records

@@ -272,6 +272,43 @@ def test_thin_image_hole_windows_need_no_scan(repo, tmp_path, monkeypatch):
     assert same_file(tmp_path / "first.img", first_copy)
 
 
+def test_a_first_backups_index_spans_without_data_are_fed_as_zeros_and_the_frame_is_the_same(repo, tmp_path, monkeypatch):
+    """A first backup hands the index encoder the record spans holding no data block, so
+    it never reads them (never-written memory); the stored index must be exactly the
+    frame of the whole records array, and the snapshot restore exactly."""
+    from pyvbak.engine import backup as engine
+
+    monkeypatch.setattr(engine, "ZERO_SPAN_RECORDS", 4)
+    seen = []
+    real = fmt.encode_snapshot_index
+
+    def spy(block_size, disk_size, records, known_zero=None):
+        seen.append(known_zero)
+        framed = real(block_size, disk_size, records, known_zero=known_zero)
+        assert framed == real(block_size, disk_size, records)
+        return framed
+
+    monkeypatch.setattr(fmt, "encode_snapshot_index", spy)
+    img = tmp_path / "thin.img"
+    with open(img, "wb") as f:
+        f.truncate(61 * BS + 700)  # a short last block, in a span of its own
+        for blk in (1, 2, 9, 31, 61):
+            f.seek(blk * BS)
+            f.write(random_bytes(BS if blk < 61 else 700, blk))
+        f.seek(20 * BS)
+        f.write(bytes(BS))  # a zero block that is data on disk: its record is zero too
+    first = backup_file(repo, img)
+    # spans of 4 records: data in spans 0, 2, 7 and 15
+    assert seen[-1] == [(4, 8), (12, 28), (32, 60)]
+    restore_to(repo, first.snapshot_id, tmp_path / "out.img")
+    assert same_file(tmp_path / "out.img", img)
+    write_at(img, 40 * BS, random_bytes(BS, 99))
+    second = backup_file(repo, img)
+    assert seen[-1] is None  # a backup with a parent reuses the parent's index instead
+    restore_to(repo, second.snapshot_id, tmp_path / "out2.img")
+    assert same_file(tmp_path / "out2.img", img)
+
+
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_a_damaged_latest_snapshot_does_not_stop_the_next_backup(repo, tmp_path, damage):
     """The next backup of the disk is made without the unreadable parent (a full scan,

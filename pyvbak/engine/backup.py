@@ -587,13 +587,13 @@ def run_backup(
             nonzero_blocks = np.flatnonzero(zero == 0)
             records["fast"][nonzero_blocks] = new_fast[nonzero_blocks]
     known_zero = None
-    if parent.snap is None:
+    if parent.snap is None:  # then the records are fresh: nonzero_blocks is set above
         # A first backup wrote records for data blocks only (zero blocks' records are
         # zero): spans of the index holding none are fed to the compressor as zeros, never
         # read (never-written memory: a read faults in its pages, 4 KiB at a time).
         span = ZERO_SPAN_RECORDS
         has_data = np.zeros(-(-n // span), dtype=bool)
-        has_data[np.flatnonzero(zero == 0) // span] = True
+        has_data[nonzero_blocks // span] = True
         edges = _mask_edges(~has_data) * span
         known_zero = list(zip(edges[0::2].tolist(), np.minimum(edges[1::2], n).tolist()))
     result.duration = time.monotonic() - t0

@@ -231,3 +231,21 @@ def test_read_into_unaligned_falls_back():
         assert buf == DATA[3:100_003]
         assert src.read_into(65536, buf) == 100_000
         assert buf == DATA[65536:165536]
+
+
+def test_zero_ranges_within_windows_loop_over_partial_replies(monkeypatch):
+    """Allocation asked only in windows around given ranges: a server that describes at
+    most 4 KiB per reply is asked again for the rest of each window, every window's
+    requests in flight together; nothing outside the windows is asked or reported."""
+    from pyvbak.sources import nbd as nbd_module
+
+    extents = [(8192, 0), (65536, P.STATE_HOLE | P.STATE_ZERO), (len(DATA) - 8192 - 65536, 0)]
+    monkeypatch.setattr(nbd_module, "STATUS_WINDOW_GAP", 1024)
+    with FakeNbdServer(DATA, "bs_partial", extents=extents) as server, open_source(server) as src:
+        assert src.zero_ranges().tolist() == [[8192, 65536]]
+        server.requests.clear()
+        got = src.zero_ranges(within=[(4096, 8192), (70000, 1000)])
+        assert got.tolist() == [[8192, 4096], [70000, 1000]]
+        asked = [(off, ln) for cmd, _, off, ln in server.requests if cmd == P.CMD_BLOCK_STATUS]
+        assert all(4096 <= off and off + ln <= 12288 or 70000 <= off and off + ln <= 71000 for off, ln in asked)
+        assert len(asked) > 2  # the 4 KiB replies were continued

@@ -234,3 +234,28 @@ def test_snapshot_index_streamed_in_chunks_equals_decoded(tmp_path):
     longer = fmt._compress_meta(zstandard.ZstdDecompressor().decompress(data) + bytes(48))
     with pytest.raises(IntegrityError, match="inconsistent"):
         list(fmt.iter_snapshot_index(longer, "t", 100))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_patched_index_is_the_frame_of_the_whole_patched_array(seed):
+    """encode_snapshot_index_patched: another index streamed in chunks, some records
+    replaced on the way: the same frame as encoding the whole patched array."""
+    import random
+
+    rng = random.Random(seed)
+    n = rng.randrange(1, 5000)
+    parent = np.zeros(n, fmt.SNAPSHOT_RECORD)
+    parent.view(np.uint8)[:] = np.frombuffer(rng.randbytes(parent.nbytes), np.uint8)
+    parent["digest"][rng.sample(range(n), n // 3)] = np.frombuffer(bytes(32), "V32")[0]  # zero blocks
+    patched = np.array(sorted(rng.sample(range(n), rng.randrange(0, n + 1))), dtype=np.int64)
+    records = np.zeros(n, fmt.SNAPSHOT_RECORD)
+    records.view(np.uint8)[:] = np.frombuffer(rng.randbytes(records.nbytes), np.uint8)
+    whole = parent.copy()
+    whole[patched] = records[patched]
+    data = fmt.encode_snapshot_index(65536, n * 65536, parent)
+    chunks = fmt.iter_snapshot_index(data, "parent", rng.choice([1, 7, 1000, 1 << 20]))
+    assert fmt.encode_snapshot_index_patched(65536, n * 65536, chunks, records, patched) == \
+        fmt.encode_snapshot_index(65536, n * 65536, whole)
+    with pytest.raises(IntegrityError):  # a base of another length is refused
+        fmt.encode_snapshot_index_patched(65536, (n + 1) * 65536, fmt.iter_snapshot_index(data, "parent"),
+                                          np.zeros(n + 1, fmt.SNAPSHOT_RECORD), patched)

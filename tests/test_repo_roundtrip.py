@@ -333,3 +333,82 @@ def test_a_damaged_latest_snapshot_does_not_stop_the_next_backup(repo, tmp_path,
     rewrite_pages(img, fraction=0.01, seed=63)
     nxt = backup_file(repo, img)
     assert nxt.parent == res.snapshot_id and nxt.changed_blocks < res.changed_blocks
+
+
+class TrackedImage:
+    """An image file as a change-tracking source (the QEMU session's shape: no fileno, so
+    the dirty extents are read as streams) reporting the given dirty byte extents."""
+
+    def __init__(self, path, extents):
+        from pyvbak.sources.file import FileSource
+
+        self.file = FileSource(os.fspath(path))
+        self.dirty = list(extents)
+
+    def __enter__(self):
+        self.file.__enter__()
+        self.size, self.description = self.file.size, self.file.description
+        return self
+
+    def __exit__(self, *exc):
+        self.file.__exit__(*exc)
+
+    def read(self, offset, length):
+        return self.file.read(offset, length)
+
+    def read_ranges_into(self, ranges, buffer):
+        return self.file.read_ranges_into(ranges, buffer)
+
+    def extents(self):
+        return self.file.extents()
+
+    def change_tracking(self, previous_state):
+        from pyvbak.sources.base import ChangeTracking
+
+        return ChangeTracking(self.dirty, {"kind": "test"}, None)
+
+
+def test_a_change_tracking_incremental_holds_only_its_dirty_blocks_records_and_writes_the_same_index(tmp_path, monkeypatch):
+    """The parent's index is read in chunks, its dirty blocks' records kept, the rest read
+    again at commit and patched into the new index on the way to the compressor: the
+    index must be exactly what the whole parent index in memory gives."""
+    from pyvbak.engine import backup as engine
+
+    monkeypatch.setattr(fmt, "SNAPSHOT_INDEX_CHUNK", 7, raising=False)
+    real_iter = fmt.iter_snapshot_index
+    monkeypatch.setattr(fmt, "iter_snapshot_index", lambda data, what, chunk_records=1 << 20, **kw:
+                        real_iter(data, what, 7, **kw))  # many chunks, a short last one
+    img = vm_image(tmp_path / "d.img", 4 * MiB + 3 * BS + 4097, seed=5)
+    first = Repository.init(str(tmp_path / "streamed"))
+    backup_file(first, img)
+    shutil.copytree(tmp_path / "streamed", tmp_path / "whole")  # the same key: the same fast hashes
+    repos = [first, Repository.open(str(tmp_path / "whole"))]
+    dirty = [(0, BS), (5 * BS + 100, 3 * BS), (40 * BS, 2 * BS), (67 * BS, 4097)]  # the last: the short tail
+    write_at(img, 0, random_bytes(BS, 1))
+    write_at(img, 5 * BS + 100, random_bytes(2 * BS, 2))  # the third block stays as it was
+    punch_hole(img, 40 * BS, 2 * BS)  # dirty and now zero
+    write_at(img, 67 * BS + 10, random_bytes(4000, 3))
+    streamed = []
+    real_parent = engine._Parent
+
+    def parent(*args, **kwargs):
+        p = real_parent(*args, **kwargs)
+        streamed.append(p.streamed)
+        return p
+
+    monkeypatch.setattr(engine, "_Parent", parent)
+    results = []
+    for repo, stream in zip(repos, (True, False)):
+        monkeypatch.setattr(engine, "STREAM_PARENT_MIN_BYTES", 0 if stream else 1 << 62)
+        with repo.lock(), TrackedImage(img, dirty) as src:
+            results.append(engine.run_backup(repo, src, vm="vm1", disk="disk0"))
+    assert streamed == [True, False], results[0].warnings
+    assert all(r.cbt for r in results) and results[0].changed_blocks == results[1].changed_blocks
+    indexes = [repo.load_snapshot_index(repo.resolve(r.snapshot_id))[2] for repo, r in zip(repos, results)]
+    differ = np.flatnonzero(indexes[0] != indexes[1])
+    assert not len(differ), (differ, indexes[0][differ[:3]], indexes[1][differ[:3]])
+    frames = [repo.backend.read(fmt.snapshot_index_name(r.snapshot_id)) for repo, r in zip(repos, results)]
+    assert frames[0] == frames[1]
+    for repo, r in zip(repos, results):
+        restore_to(repo, r.snapshot_id, tmp_path / f"out-{r.snapshot_id}.img")
+        assert same_file(tmp_path / f"out-{r.snapshot_id}.img", img)

@@ -65,6 +65,12 @@ SCAN_WINDOW_BYTES = 32 * 1024 * 1024
 #: 66 ms, 512 KiB 62, 1 MiB 65, 2 MiB 61, 4 MiB 52; then 4/8/16 MiB 70/70/75 (noise).
 GROUP_BYTES = CHUNK_BYTES
 MAPPED_FRAMES_BUDGET = 256 * 1024 * 1024
+#: a change-tracking incremental of a disk whose index is at least this large holds its
+#: parent's records for the dirty blocks only, the rest streamed at commit (see _Parent):
+#: 64 MiB of records is a ~87 GiB disk at 64 KiB blocks; a 1 TiB disk's incremental peaked
+#: at 198 MiB instead of 982 MiB.  Below it the whole index is held: reading it twice cost
+#: the 2 GiB bench disk's incremental 4-7 ms more (bench/RESULTS.md, "Fragmented disks").
+STREAM_PARENT_MIN_BYTES = 64 * 1024 * 1024
 #: a first backup's index is compressed with zeros fed for spans of this many records
 #: holding no data block (3 MiB of records: 768 pages)
 ZERO_SPAN_RECORDS = 65536
@@ -209,12 +215,40 @@ class _Parent:
     memory (1 TiB disk: 16.7 M blocks, 800 MB of records), which on this project's VMs is
     ~0.8 s per GiB of page faults (bench/RESULTS.md, "Thin disks of a terabyte")."""
 
-    def __init__(self, repo: Repository, snap):
+    def __init__(self, repo: Repository, snap, only: np.ndarray | None = None):
+        """``only`` (sorted block indices: a change-tracking incremental's dirty blocks):
+        the records are read in chunks and kept for those blocks alone, in a
+        ``sparse_zeros`` array (``streamed``); the zero marks of every block are kept.
+        The other records are read again, in chunks, when the new index is written
+        (``encode_snapshot_index_patched``): memory O(dirty blocks), not 48 bytes per
+        block of the disk (a 1 TiB disk: 800 MB)."""
         self.snap = snap
+        self.streamed = only is not None and snap is not None
         if snap is None:
             self.n, self.size = 0, 0
             self.zero, self.fast = native.new_arrays(0)
             self.records = np.zeros(0, fmt.SNAPSHOT_RECORD)
+            return
+        if self.streamed:
+            self.size = int(snap.meta["size"])
+            self.n = native.block_count(self.size, int(snap.meta["block_size"]))
+            self.records = sparse_zeros(self.n, fmt.SNAPSHOT_RECORD)
+            self.zero = np.empty(self.n, np.uint8)
+            base = 0
+            for chunk in repo.iter_snapshot_index(snap):
+                end = base + len(chunk)
+                if end > self.n:
+                    raise IntegrityError(f"the index of snapshot {snap.id} has more records than its disk has blocks")
+                self.zero[base:end] = chunk["digest"].view("S32") == b""
+                lo, hi = np.searchsorted(only, [base, end])
+                if hi > lo:
+                    picked = only[lo:hi]
+                    self.records[picked] = chunk[picked - base]
+                base = end
+            if base != self.n:
+                raise IntegrityError(f"the index of snapshot {snap.id} has {base} records for {self.n} blocks")
+            self.fast = self.records.view("<u8").reshape(self.n, 6)[:, 4:6]
+            self.patched = only
             return
         _, self.size, self.records = repo.load_snapshot_index(snap, writable=True)
         self.n = len(self.records)
@@ -261,8 +295,17 @@ def run_backup(
     latest = repo.latest(vm, disk)
     damaged = list(repo.damaged_snapshots)
     unreadable_parent = None
+    prev_state = (latest.meta.get("change_tracking") or {}).get("state") if latest else None
+    ct = source.change_tracking(prev_state)
+    # Dirty blocks (a change-tracking incremental of a disk that kept its size): only
+    # their parent records are held, the rest is streamed at commit (see _Parent).
+    dirty = None
+    if (ct is not None and ct.extents is not None and latest is not None and not verify_cbt
+            and n * fmt.SNAPSHOT_RECORD.itemsize >= STREAM_PARENT_MIN_BYTES
+            and latest.meta.get("size") == size and latest.meta.get("block_size") == bs):
+        dirty = _extent_blocks(ct.extents, n, bs)
     try:
-        parent = _Parent(repo, latest)
+        parent = _Parent(repo, latest, only=dirty)
     except IntegrityError as exc:
         # A damaged latest snapshot must not stop every later backup of the disk: this one
         # is made without it (a full scan; dedup still finds the stored blocks).
@@ -275,8 +318,6 @@ def run_backup(
         result.warnings.append(f"{len(damaged)} snapshot metadata object(s) are corrupt and were left out "
                                f"({', '.join(damaged[:3])}{', …' if len(damaged) > 3 else ''}): run 'pyvbak verify'")
 
-    prev_state = (parent.snap.meta.get("change_tracking") or {}).get("state") if parent.snap else None
-    ct = source.change_tracking(prev_state)
     zero, fast = native.new_arrays(n)
     use_cbt = ct is not None and ct.extents is not None and parent.snap is not None and parent.size == size
     if ct is not None:
@@ -295,11 +336,7 @@ def run_backup(
             result.warnings.append(f"change tracking not used: {reason}; scanned the whole disk")
     cbt_candidates = None
     if use_cbt:
-        marks = np.zeros(n, dtype=bool)
-        for off, length in ct.extents:
-            if length > 0:
-                marks[off // bs : -(-(off + length) // bs)] = True
-        cbt_candidates = np.flatnonzero(marks)
+        cbt_candidates = dirty if parent.streamed else _extent_blocks(ct.extents, n, bs)
     result.cbt = bool(use_cbt and not verify_cbt)
 
     m = min(n, parent.n)
@@ -618,7 +655,12 @@ def run_backup(
     }
     if extra_meta:
         meta.update(extra_meta)
-    repo.commit_snapshot(sid, meta, records, known_zero=known_zero)
+    if parent.streamed:
+        # records hold the dirty blocks' alone (updated in place): the others are the
+        # parent's, read again in chunks and patched on the way to the compressor
+        repo.commit_snapshot(sid, meta, records, base=(parent.snap, parent.patched))
+    else:
+        repo.commit_snapshot(sid, meta, records, known_zero=known_zero)
     t_end = time.monotonic()
     result.phases["commit"] = t_end - t_commit
     result.duration = t_end - t0
@@ -636,6 +678,15 @@ def _changed(parent: _Parent, zero, fast, a: int, b: int, bs: int) -> np.ndarray
 
 
 ZERO_MARK = np.frombuffer(fmt.ZERO_DIGEST, "V32")[0]
+
+
+def _extent_blocks(extents, n: int, bs: int) -> np.ndarray:
+    """The sorted indices of the blocks (offset, length) byte extents touch."""
+    marks = np.zeros(n, dtype=bool)
+    for off, length in extents:
+        if length > 0:
+            marks[off // bs : -(-(off + length) // bs)] = True
+    return np.flatnonzero(marks)
 
 
 def _mask_runs(mask: np.ndarray) -> list[tuple[int, int]]:

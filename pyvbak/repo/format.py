@@ -144,6 +144,33 @@ def encode_snapshot_index(block_size: int, disk_size: int, records: np.ndarray,
     return b"".join(out)
 
 
+def encode_snapshot_index_patched(block_size: int, disk_size: int, base_chunks, records: np.ndarray,
+                                  patched: np.ndarray) -> bytes:
+    """``encode_snapshot_index`` of the records ``base_chunks`` yields (another index's, in
+    order and in chunks: ``iter_snapshot_index``, whose buffers may be changed) with the
+    records at the sorted indices ``patched`` replaced by ``records[patched]``; the same
+    frame as encoding the whole patched array.  A change-tracking incremental holds only
+    its dirty blocks' records: the parent's others pass through here in chunks."""
+    count = len(records)
+    header = SNAPSHOT_HEADER.pack(SNAPSHOT_INDEX_MAGIC, FORMAT_VERSION, block_size, disk_size, count)
+    stream = _meta_compressor().compressobj(size=len(header) + count * SNAPSHOT_RECORD.itemsize)
+    out = [stream.compress(header)]
+    base = 0
+    for chunk in base_chunks:
+        end = base + len(chunk)
+        if end > count:
+            raise IntegrityError(f"the base index has more records than the {count} being written")
+        lo, hi = np.searchsorted(patched, [base, end])
+        if hi > lo:
+            chunk[patched[lo:hi] - base] = records[patched[lo:hi]]
+        out.append(stream.compress(memoryview(np.ascontiguousarray(chunk).view(np.uint8))))
+        base = end
+    if base != count:
+        raise IntegrityError(f"the base index has {base} records, {count} being written")
+    out.append(stream.flush())
+    return b"".join(out)
+
+
 def _decompress_meta_writable(data: bytes, what: str) -> memoryview:
     """``_decompress_meta`` into writable memory of its own (not zero-filled first)."""
     size = zstandard.frame_content_size(data) if len(data) >= 18 else -1

@@ -594,11 +594,19 @@ class Repository:
 
     # -- snapshot writing (last step of a backup) -----------------------------------------
     def commit_snapshot(self, snapshot_id: str, meta: dict, records: np.ndarray,
-                        known_zero: list[tuple[int, int]] | None = None) -> None:
+                        known_zero: list[tuple[int, int]] | None = None,
+                        base: tuple[SnapshotInfo, np.ndarray] | None = None) -> None:
         """Block index first, metadata last: the metadata is what makes it visible.
-        ``known_zero``: record ranges the caller knows are zero (encode_snapshot_index)."""
+        ``known_zero``: record ranges the caller knows are zero (encode_snapshot_index).
+        ``base``: (snapshot, sorted block indices): ``records`` holds only those blocks'
+        records; every other one is that snapshot's, read again in chunks
+        (encode_snapshot_index_patched)."""
         index_name = fmt.snapshot_index_name(snapshot_id)
-        data = fmt.encode_snapshot_index(meta["block_size"], meta["size"], records, known_zero=known_zero)
+        if base is not None:
+            data = fmt.encode_snapshot_index_patched(meta["block_size"], meta["size"],
+                                                     self.iter_snapshot_index(base[0]), records, base[1])
+        else:
+            data = fmt.encode_snapshot_index(meta["block_size"], meta["size"], records, known_zero=known_zero)
         if not self.backend.write_new(index_name, data):
             raise RepositoryError(f"snapshot index {index_name} already exists (snapshot id collision): retry")
         meta = dict(meta, id=snapshot_id, status="complete", index=index_name, pyvbak_version=__version__)

@@ -213,7 +213,9 @@ class _Parent:
     the records only at commit (or, in place, by the change-tracking path, which reads
     each block's old hash before writing its new one).  Each n-sized array costs fresh
     memory (1 TiB disk: 16.7 M blocks, 800 MB of records), which on this project's VMs is
-    ~0.8 s per GiB of page faults (bench/RESULTS.md, "Thin disks of a terabyte")."""
+    ~0.8 s per GiB of page faults (bench/RESULTS.md, "Thin disks of a terabyte").  A
+    change-tracking incremental of a large disk keeps only its dirty blocks' records
+    (``only``, ``streamed``): the rest is streamed again at commit."""
 
     def __init__(self, repo: Repository, snap, only: np.ndarray | None = None):
         """``only`` (sorted block indices: a change-tracking incremental's dirty blocks):

@@ -64,3 +64,21 @@ def cli_json(capsys, argv: list[str]):
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out)
+
+
+@pytest.fixture
+def parents_streamed(monkeypatch):
+    """A list that fills, per backup, with whether the engine held the parent's index in
+    chunks for the dirty blocks alone (``_Parent.streamed``) or whole."""
+    from pyvbak.engine import backup as engine
+
+    seen: list[bool] = []
+    real = engine._Parent
+
+    def recording(*args, **kwargs):
+        parent = real(*args, **kwargs)
+        seen.append(parent.streamed)
+        return parent
+
+    monkeypatch.setattr(engine, "_Parent", recording)
+    return seen

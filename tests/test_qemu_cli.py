@@ -322,7 +322,7 @@ def test_an_incremental_asks_the_allocation_map_only_around_its_dirty_extents(vm
     assert bitmap_only == [(0, vm.size)]
 
 
-def test_a_large_disks_incremental_holds_only_its_dirty_blocks_parent_records(tmp_path, capsys, monkeypatch):
+def test_a_large_disks_incremental_holds_only_its_dirty_blocks_parent_records(tmp_path, capsys, monkeypatch, parents_streamed):
     """A 256 GiB thin disk (4 M blocks, 192 MiB of index records): its change-tracking
     incremental reads the parent's index in chunks and keeps the dirty blocks' records
     alone; the new index holds the new digests there and the parent's everywhere else."""
@@ -341,18 +341,10 @@ def test_a_large_disks_incremental_holds_only_its_dirty_blocks_parent_records(tm
         vm.write(3 * block, kept)
         vm.write(200 << 30, os.urandom(block))
         _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "big"])
-        streamed = []
-        real_parent = engine._Parent
-
-        def parent(*args, **kwargs):
-            p = real_parent(*args, **kwargs)
-            streamed.append(p.streamed)
-            return p
-
-        monkeypatch.setattr(engine, "_Parent", parent)
+        parents_streamed.clear()
         vm.write(200 << 30, changed)
         second = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "big"])
-    assert second["cbt"] is True and second["changed_blocks"] == 1 and streamed == [True]
+    assert second["cbt"] is True and second["changed_blocks"] == 1 and parents_streamed == [True]
     r = Repository.open(repo)
     digests = {int(i): bytes(d) for i, d in zip(*r.data_blocks(r.resolve(second["id"])))}
     assert digests == {3: hashlib.sha256(kept).digest(), (200 << 30) // block: hashlib.sha256(changed).digest()}

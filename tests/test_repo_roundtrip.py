@@ -368,7 +368,7 @@ class TrackedImage:
         return ChangeTracking(self.dirty, {"kind": "test"}, None)
 
 
-def test_a_change_tracking_incremental_holds_only_its_dirty_blocks_records_and_writes_the_same_index(tmp_path, monkeypatch):
+def test_a_change_tracking_incremental_holds_only_its_dirty_blocks_records_and_writes_the_same_index(tmp_path, monkeypatch, parents_streamed):
     """The parent's index is read in chunks, its dirty blocks' records kept, the rest read
     again at commit and patched into the new index on the way to the compressor: the
     index must be exactly what the whole parent index in memory gives."""
@@ -388,21 +388,13 @@ def test_a_change_tracking_incremental_holds_only_its_dirty_blocks_records_and_w
     write_at(img, 5 * BS + 100, random_bytes(2 * BS, 2))  # the third block stays as it was
     punch_hole(img, 40 * BS, 2 * BS)  # dirty and now zero
     write_at(img, 67 * BS + 10, random_bytes(4000, 3))
-    streamed = []
-    real_parent = engine._Parent
-
-    def parent(*args, **kwargs):
-        p = real_parent(*args, **kwargs)
-        streamed.append(p.streamed)
-        return p
-
-    monkeypatch.setattr(engine, "_Parent", parent)
+    parents_streamed.clear()  # the full backups above were made whole
     results = []
     for repo, stream in zip(repos, (True, False)):
         monkeypatch.setattr(engine, "STREAM_PARENT_MIN_BYTES", 0 if stream else 1 << 62)
         with repo.lock(), TrackedImage(img, dirty) as src:
             results.append(engine.run_backup(repo, src, vm="vm1", disk="disk0"))
-    assert streamed == [True, False], results[0].warnings
+    assert parents_streamed == [True, False], results[0].warnings
     assert all(r.cbt for r in results) and results[0].changed_blocks == results[1].changed_blocks
     indexes = [repo.load_snapshot_index(repo.resolve(r.snapshot_id))[2] for repo, r in zip(repos, results)]
     differ = np.flatnonzero(indexes[0] != indexes[1])

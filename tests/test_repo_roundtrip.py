@@ -404,3 +404,41 @@ def test_a_change_tracking_incremental_holds_only_its_dirty_blocks_records_and_w
     for repo, r in zip(repos, results):
         restore_to(repo, r.snapshot_id, tmp_path / f"out-{r.snapshot_id}.img")
         assert same_file(tmp_path / f"out-{r.snapshot_id}.img", img)
+
+
+def test_a_scanning_incremental_keeps_hashes_and_changed_records_and_writes_the_same_index(tmp_path, monkeypatch, parents_streamed):
+    """An incremental that scans an image keeps the parent's hashes and zero marks, and
+    records for the blocks it finds changed; the rest of the new index is the parent's,
+    streamed at commit: the same frame as with the whole parent index in memory."""
+    from pyvbak.engine import backup as engine
+
+    real_iter = fmt.iter_snapshot_index
+    monkeypatch.setattr(fmt, "iter_snapshot_index", lambda data, what, chunk_records=1 << 20, **kw:
+                        real_iter(data, what, 5, **kw))
+    monkeypatch.setattr(engine, "SCAN_WINDOW_BYTES", 4 * BS)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 4 * BS)
+    img = vm_image(tmp_path / "d.img", 2 * MiB + 7 * BS + 999, seed=8)
+    punch_hole(img, 10 * BS, 6 * BS)  # holes in the parent
+    first = Repository.init(str(tmp_path / "streamed"))
+    backup_file(first, img)
+    shutil.copytree(tmp_path / "streamed", tmp_path / "whole")
+    repos = [first, Repository.open(str(tmp_path / "whole"))]
+    write_at(img, 0, random_bytes(BS, 1))                   # changed data
+    write_at(img, 10 * BS, bytes(2 * BS))                   # a hole becomes real zeros: unchanged
+    write_at(img, 12 * BS, random_bytes(BS, 2))             # a hole gets data
+    punch_hole(img, 20 * BS, 8 * BS)                        # data becomes a hole (a whole window)
+    write_at(img, 38 * BS + 7, bytes(100))                  # zeros inside data: changed
+    write_at(img, os.path.getsize(img) - 50, random_bytes(50, 3))  # the short tail
+    parents_streamed.clear()
+    results = []
+    for repo, stream in zip(repos, (True, False)):
+        monkeypatch.setattr(engine, "STREAM_PARENT_MIN_BYTES", 0 if stream else 1 << 62)
+        results.append(backup_file(repo, img))
+    assert parents_streamed == [True, False]
+    assert results[0].changed_blocks == results[1].changed_blocks > 0
+    indexes = [repo.load_snapshot_index(repo.resolve(r.snapshot_id))[2] for repo, r in zip(repos, results)]
+    assert np.array_equal(indexes[0], indexes[1])
+    frames = [repo.backend.read(fmt.snapshot_index_name(r.snapshot_id)) for repo, r in zip(repos, results)]
+    assert frames[0] == frames[1]
+    restore_to(repos[0], results[0].snapshot_id, tmp_path / "out.img")
+    assert same_file(tmp_path / "out.img", img)

@@ -217,15 +217,17 @@ class _Parent:
     change-tracking incremental of a large disk keeps only its dirty blocks' records
     (``only``, ``streamed``): the rest is streamed again at commit."""
 
-    def __init__(self, repo: Repository, snap, only: np.ndarray | None = None):
+    def __init__(self, repo: Repository, snap, only: np.ndarray | None = None, hashes: bool = False):
         """``only`` (sorted block indices: a change-tracking incremental's dirty blocks):
         the records are read in chunks and kept for those blocks alone, in a
         ``sparse_zeros`` array (``streamed``); the zero marks of every block are kept.
         The other records are read again, in chunks, when the new index is written
         (``encode_snapshot_index_patched``): memory O(dirty blocks), not 48 bytes per
-        block of the disk (a 1 TiB disk: 800 MB)."""
+        block of the disk (a 1 TiB disk: 800 MB).  ``hashes`` (an incremental that scans
+        the whole disk): every block's zero mark and fast hash are kept, and ``records``
+        starts empty, for the blocks the backup finds changed (``patched``, set at commit)."""
         self.snap = snap
-        self.streamed = only is not None and snap is not None
+        self.streamed = (only is not None or hashes) and snap is not None
         if snap is None:
             self.n, self.size = 0, 0
             self.zero, self.fast = native.new_arrays(0)
@@ -236,20 +238,25 @@ class _Parent:
             self.n = native.block_count(self.size, int(snap.meta["block_size"]))
             self.records = sparse_zeros(self.n, fmt.SNAPSHOT_RECORD)
             self.zero = np.empty(self.n, np.uint8)
+            fast = sparse_zeros((self.n, 2), np.uint64) if only is None else None
             base = 0
             for chunk in repo.iter_snapshot_index(snap):
                 end = base + len(chunk)
                 if end > self.n:
                     raise IntegrityError(f"the index of snapshot {snap.id} has more records than its disk has blocks")
                 self.zero[base:end] = chunk["digest"].view("S32") == b""
-                lo, hi = np.searchsorted(only, [base, end])
-                if hi > lo:
-                    picked = only[lo:hi]
-                    self.records[picked] = chunk[picked - base]
+                if only is None:  # a zero block's hash is never compared: written where data is
+                    data = np.flatnonzero(self.zero[base:end] == 0)
+                    fast.view("V16").reshape(self.n)[base + data] = chunk["fast"][data]
+                else:
+                    lo, hi = np.searchsorted(only, [base, end])
+                    if hi > lo:
+                        picked = only[lo:hi]
+                        self.records[picked] = chunk[picked - base]
                 base = end
             if base != self.n:
                 raise IntegrityError(f"the index of snapshot {snap.id} has {base} records for {self.n} blocks")
-            self.fast = self.records.view("<u8").reshape(self.n, 6)[:, 4:6]
+            self.fast = self.records.view("<u8").reshape(self.n, 6)[:, 4:6] if only is not None else fast
             self.patched = only
             return
         _, self.size, self.records = repo.load_snapshot_index(snap, writable=True)
@@ -301,13 +308,16 @@ def run_backup(
     ct = source.change_tracking(prev_state)
     # Dirty blocks (a change-tracking incremental of a disk that kept its size): only
     # their parent records are held, the rest is streamed at commit (see _Parent).
+    # An incremental that scans (an image file) keeps every block's hash and zero mark,
+    # and records for the blocks it finds changed.
+    stream_parent = (latest is not None and n * fmt.SNAPSHOT_RECORD.itemsize >= STREAM_PARENT_MIN_BYTES
+                     and latest.meta.get("size") == size and latest.meta.get("block_size") == bs)
     dirty = None
-    if (ct is not None and ct.extents is not None and latest is not None and not verify_cbt
-            and n * fmt.SNAPSHOT_RECORD.itemsize >= STREAM_PARENT_MIN_BYTES
-            and latest.meta.get("size") == size and latest.meta.get("block_size") == bs):
+    if stream_parent and ct is not None and ct.extents is not None and not verify_cbt:
         dirty = _extent_blocks(ct.extents, n, bs)
+    hashes_only = stream_parent and dirty is None and hasattr(source, "path") and hasattr(source, "fileno")
     try:
-        parent = _Parent(repo, latest, only=dirty)
+        parent = _Parent(repo, latest, only=dirty, hashes=hashes_only)
     except IntegrityError as exc:
         # A damaged latest snapshot must not stop every later backup of the disk: this one
         # is made without it (a full scan; dedup still finds the stored blocks).
@@ -620,7 +630,10 @@ def run_backup(
     repo.write_pack_index(pack_records)
     if not in_place:
         new_fast = np.ascontiguousarray(fast).view("V16").reshape(n)
-        if taken:  # the parent's hashes are there: every block's is replaced
+        if parent.streamed:  # records for the changed blocks alone: the rest are the parent's
+            parent.patched = np.unique(np.concatenate([job_changed, *hole_changed]))
+            records["fast"][parent.patched] = new_fast[parent.patched]
+        elif taken:  # the parent's hashes are there: every block's is replaced
             records["fast"] = new_fast
         else:  # fresh records: zero blocks' hashes are zero already (a thin disk's most)
             nonzero_blocks = np.flatnonzero(zero == 0)

@@ -65,11 +65,13 @@ SCAN_WINDOW_BYTES = 32 * 1024 * 1024
 #: 66 ms, 512 KiB 62, 1 MiB 65, 2 MiB 61, 4 MiB 52; then 4/8/16 MiB 70/70/75 (noise).
 GROUP_BYTES = CHUNK_BYTES
 MAPPED_FRAMES_BUDGET = 256 * 1024 * 1024
-#: a change-tracking incremental of a disk whose index is at least this large holds its
-#: parent's records for the dirty blocks only, the rest streamed at commit (see _Parent):
-#: 64 MiB of records is a ~87 GiB disk at 64 KiB blocks; a 1 TiB disk's incremental peaked
-#: at 198 MiB instead of 982 MiB.  Below it the whole index is held: reading it twice cost
-#: the 2 GiB bench disk's incremental 4-7 ms more (bench/RESULTS.md, "Fragmented disks").
+#: an incremental of a disk whose index is at least this large does not hold its parent's
+#: index: it keeps the dirty blocks' records (change tracking) or every block's hash and
+#: the changed blocks' records (a scan), the rest streamed at commit (see _Parent).  64 MiB
+#: of records is a ~87 GiB disk at 64 KiB blocks; a 1 TiB disk's incremental peaked at
+#: 198 / 145 MiB instead of 982 / 868 MiB.  Below it the whole index is held: reading it
+#: twice cost the 2 GiB bench disk's incremental 4-7 ms more (bench/RESULTS.md,
+#: "Fragmented disks").
 STREAM_PARENT_MIN_BYTES = 64 * 1024 * 1024
 #: a first backup's index is compressed with zeros fed for spans of this many records
 #: holding no data block (3 MiB of records: 768 pages)
@@ -213,9 +215,10 @@ class _Parent:
     the records only at commit (or, in place, by the change-tracking path, which reads
     each block's old hash before writing its new one).  Each n-sized array costs fresh
     memory (1 TiB disk: 16.7 M blocks, 800 MB of records), which on this project's VMs is
-    ~0.8 s per GiB of page faults (bench/RESULTS.md, "Thin disks of a terabyte").  A
-    change-tracking incremental of a large disk keeps only its dirty blocks' records
-    (``only``, ``streamed``): the rest is streamed again at commit."""
+    ~0.8 s per GiB of page faults (bench/RESULTS.md, "Thin disks of a terabyte").  An
+    incremental of a large disk does not hold the parent's index (``streamed``): it keeps
+    its dirty blocks' records (``only``) or every block's hash (``hashes``), and the rest
+    is streamed again at commit."""
 
     def __init__(self, repo: Repository, snap, only: np.ndarray | None = None, hashes: bool = False):
         """``only`` (sorted block indices: a change-tracking incremental's dirty blocks):

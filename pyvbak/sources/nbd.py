@@ -140,7 +140,7 @@ class _Stall(Exception):
 
 
 class NbdClient:
-    """One NBD connection.  ``read``, ``read_many`` and ``block_status`` are thread-safe.
+    """One NBD connection.  ``read``, ``read_many`` and the block status queries are thread-safe.
 
     ``meta_contexts``: context names to negotiate (only with structured replies);
     ``contexts`` afterwards maps each name the server accepted to its id.
@@ -619,24 +619,6 @@ class NbdClient:
                 self._drain(item[3])
 
     # ---- block status ------------------------------------------------------------
-    def block_status(self, offset: int, length: int) -> dict[str, np.ndarray]:
-        """One NBD_CMD_BLOCK_STATUS: {context name: [(length, flags), ...]} starting at
-        ``offset``.  Each list may cover less than ``length`` (never more: extents
-        reaching past the request are clipped)."""
-        if not self.contexts:
-            raise self._err("no metadata context was negotiated; block status is unavailable")
-        length = min(length, self.size - offset, _MAX_STATUS_REQUEST)
-        if length <= 0:
-            return {name: [] for name in self.contexts}
-        req = self._submit(P.CMD_BLOCK_STATUS, offset, length, None)
-        self._wait(req)
-        out = {}
-        for name, cid in self.contexts.items():
-            if cid not in req.status:
-                raise self._err(f"block status reply at offset {offset} has no extents for context {name!r}")
-            out[name] = req.status[cid]
-        return out
-
     def context_extents(self, context: str, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, int]]:
         """(offset, length, flags) for ``context`` covering [offset, offset+length), in
         order, looping over replies that cover less than asked."""
@@ -1060,8 +1042,10 @@ class NbdSource:
                               max_payload=self.max_payload, name=self.uri)
             try:
                 extra.connect()
-            except SourceError:
-                extra.close()
+            except BaseException as exc:
+                extra.close()  # no socket left behind, whatever stopped the handshake
+                if not isinstance(exc, SourceError):
+                    raise
                 self.bitmap_connection = False  # the main connection answers, as it can
                 return self.client
             if context not in extra.contexts:

@@ -126,10 +126,8 @@ def encode_snapshot_index(block_size: int, disk_size: int, records: np.ndarray,
     read would fault in).  The frame is the same either way."""
     if records.dtype != SNAPSHOT_RECORD:
         raise TypeError("records must have dtype SNAPSHOT_RECORD")
-    header = SNAPSHOT_HEADER.pack(SNAPSHOT_INDEX_MAGIC, FORMAT_VERSION, block_size, disk_size, len(records))
     body = memoryview(np.ascontiguousarray(records).view(np.uint8))
-    stream = _meta_compressor().compressobj(size=len(header) + len(body))
-    out = [stream.compress(header)]
+    stream, out = _index_stream(block_size, disk_size, len(records))
     size, pos = SNAPSHOT_RECORD.itemsize, 0
     for first, end in known_zero or ():
         first, end = max(first, pos // size) * size, min(end * size, len(body))
@@ -144,17 +142,23 @@ def encode_snapshot_index(block_size: int, disk_size: int, records: np.ndarray,
     return b"".join(out)
 
 
+def _index_stream(block_size: int, disk_size: int, count: int):
+    """(compressor stream, output pieces holding the header's) for a snapshot index of
+    ``count`` records, fed piece by piece."""
+    header = SNAPSHOT_HEADER.pack(SNAPSHOT_INDEX_MAGIC, FORMAT_VERSION, block_size, disk_size, count)
+    stream = _meta_compressor().compressobj(size=len(header) + count * SNAPSHOT_RECORD.itemsize)
+    return stream, [stream.compress(header)]
+
+
 def encode_snapshot_index_patched(block_size: int, disk_size: int, base_chunks, records: np.ndarray,
                                   patched: np.ndarray) -> bytes:
     """``encode_snapshot_index`` of the records ``base_chunks`` yields (another index's, in
     order and in chunks: ``iter_snapshot_index``, whose buffers may be changed) with the
     records at the sorted indices ``patched`` replaced by ``records[patched]``; the same
-    frame as encoding the whole patched array.  A change-tracking incremental holds only
-    its dirty blocks' records: the parent's others pass through here in chunks."""
+    frame as encoding the whole patched array.  An incremental of a large disk holds only
+    the records of the blocks it changes: the parent's others pass through here in chunks."""
     count = len(records)
-    header = SNAPSHOT_HEADER.pack(SNAPSHOT_INDEX_MAGIC, FORMAT_VERSION, block_size, disk_size, count)
-    stream = _meta_compressor().compressobj(size=len(header) + count * SNAPSHOT_RECORD.itemsize)
-    out = [stream.compress(header)]
+    stream, out = _index_stream(block_size, disk_size, count)
     base = 0
     for chunk in base_chunks:
         end = base + len(chunk)

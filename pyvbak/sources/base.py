@@ -53,9 +53,11 @@ class Source(Protocol):
     def extents(self) -> Iterator[Extent]:
         """Allocation map covering [0, size) in order; zero extents are not read.
 
-        A source whose maps can be large may also offer ``zero_ranges()``: its zero
-        extents as a (k, 2) int64 numpy array of [offset, length], disjoint and
-        ascending; the engine then asks that instead (no object per extent)."""
+        A source whose maps can be large may also offer ``zero_ranges(within=None)``: its
+        zero extents as a (k, 2) int64 numpy array of [offset, length], disjoint and
+        ascending; the engine then asks that instead (no object per extent).  With
+        ``within`` ((offset, length) ranges, ascending: a change-tracking incremental's
+        dirty extents) it may answer for those ranges alone."""
 
     def change_tracking(self, previous_state: dict | None) -> ChangeTracking | None:
         """Changed extents since the backup whose metadata recorded ``previous_state``;

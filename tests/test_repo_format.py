@@ -207,8 +207,13 @@ def test_decoders_reject_damage():
     assert fmt.decode_snapshot_index(good, "s")[1] == 3 * BS
     with pytest.raises(IntegrityError, match="inconsistent"):
         fmt.decode_snapshot_index(fmt.encode_snapshot_index(BS, 4 * BS, recs), "s")
-    with pytest.raises(IntegrityError):
-        fmt.decode_snapshot_index(b"not zstd at all", "s")
+    for writable in (False, True):
+        with pytest.raises(IntegrityError):
+            fmt.decode_snapshot_index(b"not zstd at all" * 40, "s", writable=writable)
+        # a valid frame whose content size disagrees with the index header it holds
+        lying = fmt._compress_meta(fmt._decompress_meta(good, "s") + bytes(48))
+        with pytest.raises(IntegrityError, match="inconsistent"):
+            fmt.decode_snapshot_index(lying, "s", writable=writable)
 
 
 def test_snapshot_index_streamed_in_chunks_equals_decoded(tmp_path):

@@ -309,7 +309,7 @@ def test_a_first_backups_index_spans_without_data_are_fed_as_zeros_and_the_frame
     assert same_file(tmp_path / "out2.img", img)
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "garbage"])
 def test_a_damaged_latest_snapshot_does_not_stop_the_next_backup(repo, tmp_path, damage):
     """The next backup of the disk is made without the unreadable parent (a full scan,
     with a warning naming it); it restores alone, and the one after is incremental again."""
@@ -319,6 +319,10 @@ def test_a_damaged_latest_snapshot_does_not_stop_the_next_backup(repo, tmp_path,
     index = os.path.join(repo.location, fmt.snapshot_index_name(first.snapshot_id))
     if damage == "missing":
         os.unlink(index)
+    elif damage == "garbage":  # not a zstd frame at all (random bytes from the first one)
+        os.chmod(index, 0o644)
+        with open(index, "wb") as f:
+            f.write(random_bytes(500, 64))
     else:
         os.chmod(index, 0o644)
         with open(index, "r+b") as f:

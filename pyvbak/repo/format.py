@@ -175,11 +175,25 @@ def encode_snapshot_index_patched(block_size: int, disk_size: int, base_chunks, 
     return b"".join(out)
 
 
-def _decompress_meta_writable(data: bytes, what: str) -> memoryview:
-    """``_decompress_meta`` into writable memory of its own (not zero-filled first)."""
-    size = zstandard.frame_content_size(data) if len(data) >= 18 else -1
+def _decompress_snapshot_writable(data: bytes, what: str) -> memoryview:
+    """A snapshot index decompressed into writable memory of its own (not zero-filled
+    first).  The frame header's content size is only trusted once the index header it
+    announces agrees with it: a damaged frame must give IntegrityError, not an
+    allocation of whatever size its garbage names."""
+    try:
+        size = zstandard.frame_content_size(data) if len(data) >= 18 else -1
+    except zstandard.ZstdError as exc:  # not a zstd frame at all
+        raise _corrupt(what, exc) from None
     if size < 0:  # no content size in the header: decompress, then copy once
         return memoryview(bytearray(_decompress_meta(data, what)))
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            head = reader.read(SNAPSHOT_HEADER.size)
+    except zstandard.ZstdError as exc:
+        raise _corrupt(what, exc) from None
+    _, _, count = _snapshot_header(head, what)
+    if size != SNAPSHOT_HEADER.size + count * SNAPSHOT_RECORD.itemsize:
+        raise IntegrityError(f"{what} is inconsistent: its frame holds {size} bytes for {count} records")
     out = np.empty(size, np.uint8)
     try:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
@@ -195,7 +209,7 @@ def decode_snapshot_index(data: bytes, what: str, *, writable: bool = False) -> 
     """Returns (block_size, disk_size, records); IntegrityError on any inconsistency.
     ``records`` is a view of the decompressed bytes (no copy), read-only unless
     ``writable`` (then the caller may change it in place)."""
-    raw = _decompress_meta_writable(data, what) if writable else memoryview(_decompress_meta(data, what))
+    raw = _decompress_snapshot_writable(data, what) if writable else memoryview(_decompress_meta(data, what))
     block_size, disk_size, count = _snapshot_header(raw[: SNAPSHOT_HEADER.size], what)
     body = raw[SNAPSHOT_HEADER.size :]
     if len(body) != count * SNAPSHOT_RECORD.itemsize:

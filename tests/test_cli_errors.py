@@ -484,3 +484,110 @@ def test_a_damaged_pack_index_is_reported_then_rebuilt_from_the_packs(tmp_path, 
     assert main(["restore", "a@latest", str(out), "--repo", repo, "--force"]) == 0
     assert same_file(out, img)
     assert main(["prune", "--repo", repo]) == 0
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: [],                                        # valid JSON, not an object
+    lambda d: dict(d, block_size=None),
+    lambda d: dict(d, compression=None),
+    lambda d: dict(d, block_size=65537),                 # not a power of two
+    lambda d: dict(d, block_size=4096),                  # below what init allows
+    lambda d: dict(d, fast_hash_key="abcd"),             # a key of 2 bytes
+    lambda d: dict(d, version="1"),
+], ids=["list", "bs-null", "compression-null", "bs-odd", "bs-small", "short-key", "version-str"])
+def test_a_damaged_config_is_one_line_and_exit_3(backed_up, capsys, edit):
+    tmp, repo, img, sid = backed_up
+    cfg_path = os.path.join(repo, "config")
+    os.chmod(cfg_path, 0o644)
+    doc = edit(json.loads(open(cfg_path).read()))
+    open(cfg_path, "w").write(json.dumps(doc))
+    for args in (["snapshots", "--repo", repo], ["backup", img, "--repo", repo, "--vm", "web"],
+                 ["restore", sid, tmp / "o", "--repo", repo]):
+        code, _, err = cli(capsys, *args)
+        assert code == 3, (args, err)
+        assert_one_error_line(err, f"{repo}/config")
+    assert not (tmp / "o").exists()
+
+
+@pytest.mark.parametrize("field,value", [("block_size", 0), ("block_size", 3000), ("size", -1)])
+def test_snapshot_metadata_with_impossible_values_is_damaged(backed_up, capsys, monkeypatch, field, value):
+    """Right types, impossible values (restore used to divide by a block size of 0): the
+    snapshot is treated as damaged like any unreadable description."""
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    tmp, repo, img, sid = backed_up
+    meta_path = os.path.join(repo, fmt.snapshot_meta_name(sid))
+    os.chmod(meta_path, 0o644)
+    meta = json.loads(open(meta_path).read())
+    open(meta_path, "w").write(json.dumps(dict(meta, **{field: value})))
+    code, _, err = cli(capsys, "restore", sid, tmp / "o", "--repo", repo)
+    assert code != 0 and "Traceback" not in err
+    assert_one_error_line(err, sid)
+    assert not (tmp / "o").exists()
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    assert cli(capsys, "prune", "--repo", repo)[0] == 6
+
+
+def test_prune_reads_metadata_damaged_after_it_was_cached(backed_up, capsys, monkeypatch):
+    """The local cache keeps parsed descriptions (the objects are immutable); prune still
+    reads every object, so damage done after a listing stops it."""
+    tmp, repo, img, sid = backed_up
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp / "cache"))
+    assert cli(capsys, "snapshots", "--repo", repo)[0] == 0  # the description is cached now
+    meta_path = os.path.join(repo, fmt.snapshot_meta_name(sid))
+    os.chmod(meta_path, 0o644)
+    open(meta_path, "w").write("not json")
+    code, _, err = cli(capsys, "prune", "--repo", repo)
+    assert code == 6
+    assert_one_error_line(err, "prune stopped, nothing deleted", sid)
+
+
+def test_verify_sample_out_of_range_even_on_an_empty_repository(env, capsys):
+    tmp, repo, _ = env
+    assert cli(capsys, "init", repo)[0] == 0
+    code, _, err = cli(capsys, "verify", "--repo", repo, "--sample", "500")
+    assert code == 2
+    assert_one_error_line(err, "--sample 500", "out of range")
+
+
+def test_init_completes_a_directory_an_interrupted_init_left(env, capsys):
+    """An init that died before its config leaves only the helpers: not a repository,
+    and no obstacle to the next init (which the 'no config' error tells the user to run)."""
+    tmp, repo, img = env
+    os.makedirs(repo)
+    for name in ("restore.sh", "README-RESTORE.txt"):
+        open(os.path.join(repo, name), "w").write("partial")
+    open(os.path.join(repo, ".pyvbak-tmp-1-0123456789abcdef"), "w").write("partial")
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "x")
+    assert code == 3
+    assert_one_error_line(err, "no config file", f"pyvbak init {repo}")
+    assert cli(capsys, "init", repo)[0] == 0
+    assert open(os.path.join(repo, "restore.sh")).read().startswith("#!/bin/sh")
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "x")[0] == 0
+    os.makedirs(tmp / "notempty")
+    open(tmp / "notempty" / "restore.sh", "w").write("x")
+    open(tmp / "notempty" / "data.txt", "w").write("x")
+    code, _, err = cli(capsys, "init", tmp / "notempty")
+    assert code == 3
+    assert_one_error_line(err, "is not empty")
+
+
+def test_default_repository_created_by_concurrent_first_commands(tmp_path):
+    """Several first commands at once: one creates the default repository, the others
+    use it (they used to fail with 'is not empty')."""
+    import subprocess
+
+    xdg = tmp_path / "xdg"
+    imgs = [vm_image(tmp_path / f"d{i}.img", 1 * MiB + i, seed=70 + i) for i in range(4)]
+    env = dict(os.environ, XDG_DATA_HOME=str(xdg))
+    env.pop("PYVBAK_REPO", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "pyvbak", "backup", str(img), "--vm", f"vm{i}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, img in enumerate(imgs)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert all(code == 0 for code, _ in results), results
+    assert sum("created the default repository" in err for _, err in results) == 1
+    repo = Repository.open(str(xdg / "pyvbak" / "repository"))
+    assert sorted(s.meta["vm"] for s in repo.snapshots()) == [f"vm{i}" for i in range(4)]

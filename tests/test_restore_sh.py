@@ -128,3 +128,63 @@ def test_restore_sh_detects_corrupt_block(setup, tmp_path):
         else:
             assert p.returncode == 0, p.stderr
     assert not [n for n in os.listdir(elsewhere) if "partial" in n]
+
+
+def _tools_dir(tmp_path, *, without=(), failing=()):
+    """A PATH of symlinks to the tools restore.sh uses, less ``without``; each name in
+    ``failing`` is a script that prints nothing and exits 1 (a stage that breaks)."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    for t in ("zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv rm "
+              "dirname sync cat").split():
+        if t in without:
+            continue
+        if t in failing:
+            (d / t).write_text("#!/bin/sh\nexit 1\n")
+            (d / t).chmod(0o755)
+            continue
+        (d / t).symlink_to(shutil.which(t))
+    return str(d)
+
+
+def test_restore_sh_under_busybox_sh(setup):
+    """busybox sh runs its own applets (cut without --output-delimiter, dd without
+    conv=sparse) even where GNU coreutils are installed: the script sticks to what both
+    have."""
+    busybox = require_tool("busybox", "busybox-static")
+    repo, snaps, elsewhere = setup
+    for k, (sid, copy) in enumerate(snaps):
+        out = elsewhere / f"bb{k}.img"
+        p = subprocess.run([busybox, "sh", os.path.join(repo.location, "restore.sh"), sid, str(out)],
+                           env=BARE_ENV, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert same_file(out, copy)
+
+
+@pytest.mark.parametrize("tool", ["join", "paste", "sort"])
+def test_restore_sh_without_a_tool_says_which_and_writes_nothing(setup, tmp_path, tool):
+    repo, snaps, elsewhere = setup
+    sid, _ = snaps[1]
+    out = elsewhere / f"no-{tool}.img"
+    p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), sid, str(out)],
+                       env={"PATH": _tools_dir(tmp_path, without=(tool,))}, cwd=elsewhere,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "restore.sh: error: needs these commands" in p.stderr and tool in p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("tool", "zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv".split())
+def test_restore_sh_a_failing_stage_is_an_error_not_a_disk_of_zeros(setup, tmp_path, tool):
+    """A stage of a pipeline that fails used to go unseen (`set -e` looks at a
+    pipeline's last command only): `join` failing gave a 'restored' disk of zeros."""
+    repo, snaps, elsewhere = setup
+    sid, _ = snaps[1]
+    out = elsewhere / f"fail-{tool}.img"
+    p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), sid, str(out)],
+                       env={"PATH": _tools_dir(tmp_path, failing=(tool,))}, cwd=elsewhere,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0, p.stdout
+    assert "restore.sh: error:" in p.stderr
+    assert not out.exists()
+    assert not [n for n in os.listdir(elsewhere) if "partial" in n]

@@ -34,6 +34,7 @@ def maybe_lock(repo, no_lock: bool, purpose: str):
 
 def open_repository(location: str | None, *, create_default: bool = True):
     """The repository named by --repo/PYVBAK_REPO, or the default one (created on first use)."""
+    from ..errors import RepositoryError
     from ..repo.repository import Repository, default_repository_path
 
     if location:
@@ -45,9 +46,15 @@ def open_repository(location: str | None, *, create_default: bool = True):
         except OSError as exc:
             raise UsageError(f"cannot create the default repository at {path}: {exc.strerror}; "
                              "give --repo REPO or set PYVBAK_REPO") from None
-        repo = Repository.init(path)
-        info(f"created the default repository at {path}")
-        return repo
+        try:
+            repo = Repository.init(path)
+        except RepositoryError:
+            if not os.path.exists(os.path.join(path, "config")):
+                raise
+            # another pyvbak command created it between the check and the init: use it
+        else:
+            info(f"created the default repository at {path}")
+            return repo
     info(f"using the default repository at {path}")
     return Repository.open(path)
 

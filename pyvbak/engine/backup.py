@@ -307,6 +307,7 @@ def run_backup(
     threads = threads or os.cpu_count() or 1
     size = source.size
     n = native.block_count(size, bs)
+    tail = n * bs - size  # bytes the partial last block lacks (0 when size is a multiple of bs)
     latest = repo.latest(vm, disk)
     damaged = list(repo.damaged_snapshots)
     unreadable_parent = None
@@ -424,7 +425,7 @@ def run_backup(
             firsts, ends = firsts[~in_hole], ends[~in_hole]
         runs = list(zip(firsts.tolist(), ends.tolist()))
         jobs = [("stream", g) for g in _groups(runs, max(1, GROUP_BYTES // bs))]
-        result.bytes_scanned = int(len(cbt_candidates)) * bs
+        result.bytes_scanned = int(len(cbt_candidates)) * bs - (tail if len(cbt_candidates) and cbt_candidates[-1] == n - 1 else 0)
     elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
         window_bytes = max(CHUNK_BYTES, min(SCAN_WINDOW_BYTES, MAPPED_FRAMES_BUDGET // (2 * threads)))
         window = max(1, window_bytes // bs)
@@ -443,7 +444,7 @@ def run_backup(
         # 64 KiB clusters over 1 TiB) had a job, a hand-off and a round trip per cluster.
         firsts, ends = _mask_run_arrays(~holes, chunk_blocks)
         jobs = [("stream", g) for g in _groups(zip(firsts.tolist(), ends.tolist()), max(1, GROUP_BYTES // bs))]
-        result.bytes_scanned = n * bs
+        result.bytes_scanned = size
 
     # -- the pipeline ------------------------------------------------------------------
     repo_index = repo.load_digest_index()
@@ -615,7 +616,10 @@ def run_backup(
     digests[job_changed[zero[job_changed] == 1]] = ZERO_MARK
     result.changed_blocks = (len(job_changed) + sum(len(h) for h in hole_changed)
                              + sum(b - a for a, b in hole_changed_runs))
-    result.changed_bytes = result.changed_blocks * bs
+    last_changed = n > 0 and ((len(job_changed) > 0 and int(job_changed[-1]) == n - 1)
+                              or any(len(h) and int(h.max()) == n - 1 for h in hole_changed)
+                              or any(b == n for _, b in hole_changed_runs))
+    result.changed_bytes = result.changed_blocks * bs - (tail if last_changed else 0)
     result.packs_written = packer.packs_written
 
     if verify_cbt and ct is not None and ct.extents is not None and parent.snap is not None and parent.size == size:

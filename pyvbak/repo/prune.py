@@ -121,7 +121,9 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
 
     # 2. what the snapshots reference
     try:
-        snaps = repo.snapshots(strict=True)
+        # Every metadata object read again, not taken from the local cache: a description
+        # damaged since it was cached must stop prune as much as one never seen before.
+        snaps = repo.snapshots(strict=True, cached=False)
         report["snapshots"] = len(snaps)
         referenced = repo.referenced_digests(snaps)
     except PyvbakError as exc:

@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from .. import __version__
-from ..backends import BackendError, ObjectMissing, open_backend
-from ..errors import IntegrityError, PyvbakError, RepositoryError, SnapshotNotFound, UsageError
+from ..backends import TEMP_PREFIX, BackendError, ObjectMissing, open_backend
+from ..errors import IntegrityError, OutOfSpace, PyvbakError, RepositoryError, SnapshotNotFound, UsageError
 from . import digest_sets
 from . import format as fmt
 from .cache import SnapshotMetaCache, repo_cache_dir
@@ -42,6 +42,8 @@ DEFAULT_BLOCK_SIZE = 64 * 1024
 # text blocks dominate (320 vs 228 MB/s).  1.3 % more stored bytes for 30 % less CPU in
 # the step that bounds a full backup on few cores.
 DEFAULT_COMPRESSION = "zstd:1"
+#: what init writes before the config (a directory holding only these is not a repository yet)
+INIT_HELPERS = ("restore.sh", "README-RESTORE.txt")
 # Packs group blocks so backends see few large objects (object stores bill per request).
 PACK_TARGET_BYTES = 16 * 1024 * 1024
 #: referenced_digests folds per-snapshot digests into the union at least this many at a time
@@ -177,8 +179,11 @@ _META_FIELDS = {"vm": str, "disk": str, "size": int, "block_size": int, "time": 
 
 
 def _valid_snapshot_meta(meta) -> bool:
-    return isinstance(meta, dict) and all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
-                                          for k, t in _META_FIELDS.items())
+    if not (isinstance(meta, dict) and all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
+                                           for k, t in _META_FIELDS.items())):
+        return False
+    bs = meta["block_size"]  # values too: restore divides by it, sizes arrays by size / bs
+    return meta["size"] >= 0 and MIN_REPO_BLOCK <= bs <= MAX_REPO_BLOCK and not bs & (bs - 1)
 
 
 #: longest VM or disk name, in UTF-8 bytes
@@ -227,21 +232,32 @@ class Repository:
         level = parse_compression(compression)
         if _is_local(location) and os.path.exists(location) and not os.path.isdir(location):
             raise RepositoryError(f"{location} exists and is not a directory: choose another repository path")
-        if _is_local(location) and os.path.isdir(location) and os.listdir(location):
+        if _is_local(location) and os.path.isdir(location):
             if os.path.exists(os.path.join(location, fmt.CONFIG_NAME)):
                 raise RepositoryError(f"{location} already holds a pyvbak repository")
-            raise RepositoryError(f"{location} is not empty: give an empty or new directory for the repository")
+            # What an init that failed or is running (config not written yet) leaves counts
+            # as empty: the helpers are written again, and the create-only config decides
+            # between two inits of one path.
+            if any(name not in INIT_HELPERS and not name.startswith(TEMP_PREFIX) for name in os.listdir(location)):
+                raise RepositoryError(f"{location} is not empty: give an empty or new directory for the repository")
         from importlib import resources  # only init needs it (~8 ms of every start-up otherwise)
 
         backend = open_backend(location)
         config = RepoConfig(secrets.token_hex(16), fmt.FORMAT_VERSION, block_size, level, secrets.token_bytes(16))
         # Helpers first, config last: a directory without config is not a repository yet.
-        for name in ("restore.sh", "README-RESTORE.txt"):
-            data = resources.files("pyvbak.repo").joinpath(name).read_bytes()
-            backend.replace(name, data)
-        if _is_local(location):
-            os.chmod(os.path.join(location, "restore.sh"), 0o755)
-        if not backend.write_new(fmt.CONFIG_NAME, config.to_json()):
+        try:
+            for name in INIT_HELPERS:
+                data = resources.files("pyvbak.repo").joinpath(name).read_bytes()
+                backend.replace(name, data)
+            if _is_local(location):
+                os.chmod(os.path.join(location, "restore.sh"), 0o755)
+            created = backend.write_new(fmt.CONFIG_NAME, config.to_json())
+        except OutOfSpace:
+            # The helpers written so far stay: they do not make a repository (no config),
+            # and the next init of this directory writes them again.
+            raise OutOfSpace(f"out of space creating the repository at {location}: no repository was "
+                             f"created; free space there and run 'pyvbak init' again") from None
+        if not created:
             raise RepositoryError(f"{location} already holds a pyvbak repository")
         return cls(backend, config)
 
@@ -262,10 +278,12 @@ class Repository:
             ) from None
         try:
             doc = json.loads(raw)
-            if doc.get("format") != "pyvbak-repository":
+            if not isinstance(doc, dict) or doc.get("format") != "pyvbak-repository":
                 raise ValueError("format")
-            version = int(doc["version"])
-        except (ValueError, KeyError, TypeError):
+            version = doc["version"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError("version")
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             raise RepositoryError(f"{location}/config is not a pyvbak repository configuration") from None
         if version > fmt.FORMAT_VERSION:
             raise RepositoryError(
@@ -273,10 +291,16 @@ class Repository:
                 f"({fmt.FORMAT_VERSION}): upgrade pyvbak"
             )
         try:
-            config = RepoConfig(
-                doc["id"], version, int(doc["block_size"]), parse_compression(doc["compression"]), bytes.fromhex(doc["fast_hash_key"])
-            )
-        except (KeyError, ValueError, UsageError):
+            repo_id, block_size, compression, key = (doc[k] for k in ("id", "block_size", "compression", "fast_hash_key"))
+            if not (isinstance(repo_id, str) and repo_id and isinstance(compression, str) and isinstance(key, str)):
+                raise TypeError("field types")
+            if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < MIN_REPO_BLOCK
+                    or block_size > MAX_REPO_BLOCK or block_size & (block_size - 1)):
+                raise ValueError("block size")
+            config = RepoConfig(repo_id, version, block_size, parse_compression(compression), bytes.fromhex(key))
+            if len(config.hash_key) != 16:
+                raise ValueError("fast hash key")
+        except (KeyError, ValueError, TypeError, UsageError):
             raise RepositoryError(f"{location}/config is damaged: restore it from a copy") from None
         return cls(backend, config)
 
@@ -610,7 +634,17 @@ class Repository:
         if not self.backend.write_new(index_name, data):
             raise RepositoryError(f"snapshot index {index_name} already exists (snapshot id collision): retry")
         meta = dict(meta, id=snapshot_id, status="complete", index=index_name, pyvbak_version=__version__)
-        if not self.backend.write_new(fmt.snapshot_meta_name(snapshot_id), json.dumps(meta, indent=2).encode()):
+        try:
+            created = self.backend.write_new(fmt.snapshot_meta_name(snapshot_id), json.dumps(meta, indent=2).encode())
+        except BaseException:
+            # No metadata, no snapshot: the index just written is nobody's (a kill -9 here
+            # leaves it to prune, which removes indexes without metadata).
+            try:
+                self.backend.delete(index_name)
+            except (PyvbakError, OSError):
+                pass
+            raise
+        if not created:
             raise RepositoryError(f"snapshot {snapshot_id} already exists: retry")
 
 

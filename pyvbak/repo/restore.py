@@ -333,6 +333,13 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         fd = -1
         if not is_device:
             os.replace(path, output)
+            # the new name durable too: after a power loss the restore is there (or the
+            # old file is, never neither) once the command said it succeeded
+            dfd = os.open(os.path.dirname(os.path.abspath(output)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         t_end = time.monotonic()
     except BaseException as exc:
         failure = exc

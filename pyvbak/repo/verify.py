@@ -17,6 +17,10 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     """Check every block the snapshots reference (``snapshots``: only these SnapshotInfos'
     blocks, e.g. last night's; damaged metadata of others is then not reported, damaged
     pack indexes always are: they hide blocks from every snapshot)."""
+    if sample_percent is not None and not 0 < sample_percent <= 100:
+        from ..errors import UsageError
+
+        raise UsageError(f"--sample {sample_percent} is out of range: give a percentage in (0, 100]")
     t0 = time.monotonic()
     threads = threads or os.cpu_count() or 1
     # every metadata object read afresh only when everything is checked (damaged ones are
@@ -30,10 +34,6 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     }
     all_digests = repo.referenced_digests(snaps, on_unreadable=lambda snap, exc: bad_snapshots.__setitem__(snap.id, str(exc)))
     if sample_percent is not None and len(all_digests):
-        if not 0 < sample_percent <= 100:
-            from ..errors import UsageError
-
-            raise UsageError(f"--sample {sample_percent} is out of range: give a percentage in (0, 100]")
         rng = np.random.default_rng(seed)
         k = max(1, int(round(len(all_digests) * sample_percent / 100)))
         all_digests = np.sort(rng.choice(all_digests, size=k, replace=False))

@@ -349,3 +349,48 @@ def test_a_large_disks_incremental_holds_only_its_dirty_blocks_parent_records(tm
     digests = {int(i): bytes(d) for i, d in zip(*r.data_blocks(r.resolve(second["id"])))}
     assert digests == {3: hashlib.sha256(kept).digest(), (200 << 30) // block: hashlib.sha256(changed).digest()}
     assert fmt.SNAPSHOT_RECORD.itemsize * ((256 << 30) // block) >= engine.STREAM_PARENT_MIN_BYTES
+
+
+def test_a_failed_backup_whose_cleanup_fails_too_says_so_and_keeps_the_fleecing_file(vm, tmp_path, capsys, monkeypatch):
+    """Both the backup and part of its cleanup fail: the one error line says why the backup
+    failed *and* that QEMU still holds pyvbak resources (a note on the exception was never
+    printed); the fleecing file stays while its node may still write to it; the next run
+    removes everything and backs up."""
+    from pyvbak.backends.base import BackendError
+    from pyvbak.hypervisors.qemu import cleanup
+    from pyvbak.repo.repository import Repository
+
+    work = tmp_path / "work"
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(work))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(2 * MiB))
+    real_remove_node = cleanup.remove_node
+
+    def remove_node(qmp, name):
+        if name.endswith("-fl"):
+            raise RuntimeError("node is busy (test)")
+        return real_remove_node(qmp, name)
+
+    def fail(self, *args, **kwargs):
+        raise BackendError("the repository refused the snapshot (test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(Repository, "commit_snapshot", fail)
+        m.setattr(cleanup, "remove_node", remove_node)
+        capsys.readouterr()
+        code = main(["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    err = capsys.readouterr().err
+    assert code == 3  # the failure's own exit code (a repository error)
+    from images import assert_one_error_line
+
+    assert_one_error_line(err, "refused the snapshot", "cleanup after it was incomplete", "QEMU still holds")
+    left = [n for n in vm.pyvbak_nodes() if n.endswith("-fl")]
+    assert left, vm.pyvbak_nodes()
+    fleece_files = [p for p in work.rglob("*") if "fleece" in p.name]
+    assert fleece_files, sorted(work.rglob("*"))  # kept: its node is still in QEMU
+
+    res = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert res["cleaned_leftovers"]
+    assert vm.pyvbak_nodes() == [] and vm.jobs() == []
+    assert not [p for p in work.rglob("*") if "fleece" in p.name]

@@ -281,6 +281,48 @@ def test_qmp_socket_busy(vm, work):
             QemuHotBackup(vm.uri, previous_state=None, work_dir=work, qmp_timeout=0.5).__enter__()
 
 
+@pytest.mark.parametrize("greeting,needle", [
+    (b"5\n", "is not a QMP socket"),
+    (b'"QMP"\n', "is not a QMP socket"),
+    (b"NBDMAGIC\x00\x00\x42\x02\x49\x53\x4f\x00\x03", "is an NBD server's socket"),
+    (b"{" + b" " * (1 << 20), "without ending a message"),  # a peer that never ends a line
+])
+def test_a_socket_that_is_not_qmp_is_refused_at_once(tmp_path, monkeypatch, greeting, needle):
+    """Non-object JSON used to raise TypeError (traceback); an NBD socket waited for the
+    timeout and then blamed 'another client'; an endless line was buffered unbounded."""
+    import socket
+    import time
+
+    from pyvbak.hypervisors.qemu import qmp
+
+    monkeypatch.setattr(qmp, "MAX_MESSAGE_BYTES", 256 << 10)
+    path = str(tmp_path / "fake.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        try:
+            conn.sendall(greeting)
+            conn.recv(1)  # hold the connection open until the client gives up
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SourceError, match=needle):
+            QmpClient(path, timeout=20).connect()
+    finally:
+        srv.close()
+    assert time.monotonic() - t0 < 10  # refused on what it read, not at the 20 s timeout
+    t.join(5)
+
+
 def test_qmp_error_class(vm):
     with QmpClient(str(vm.ctl_path), timeout=5) as q:
         with pytest.raises(SourceError, match="no-such-command.*CommandNotFound"):

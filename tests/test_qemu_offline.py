@@ -140,3 +140,40 @@ def test_killed_run_leaves_qemu_nbd_that_next_run_kills(tmp_path):
     assert bitmaps(img) == {"pyvbak-gen-2": ["auto"]}
     assert not os.path.exists(f"/proc/{nbd_pid}") or b"qemu-nbd" not in open(f"/proc/{nbd_pid}/cmdline", "rb").read()
     assert not list(work.iterdir())
+
+
+def test_a_run_killed_after_rotating_leaves_change_tracking_usable(tmp_path):
+    """A run killed after it added its generation and disabled the previous one: the next
+    run merges the new one back, enables the previous one again, and - checking after
+    that, not before - still backs up incrementally (it once fell back to a full scan,
+    calling the merged, re-enabled bitmap 'disabled')."""
+    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
+        state = s.change_tracking_state
+        s.commit()
+    assert bitmaps(img) == {"pyvbak-gen-1": ["auto"]}
+    child = (
+        "import json,sys,time\n"
+        "from pyvbak.hypervisors.qemu import QemuOfflineImage\n"
+        "with QemuOfflineImage(sys.argv[1], previous_state=json.loads(sys.argv[3]), work_dir=sys.argv[2]) as s:\n"
+        "    print('READY', flush=True); time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", child, str(img), str(work), json.dumps(state)],
+                         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.stdout.readline().startswith("READY")
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    left = bitmaps(img)
+    assert "auto" not in left["pyvbak-gen-1"] and left["pyvbak-gen-2"] == ["auto"], left
+    qemu_io(img, "qcow2", "write -P 7 1M 64k")  # written while no backup runs
+    with QemuOfflineImage(img, previous_state=state, work_dir=work) as s:
+        assert s.fallback_reason is None, s.fallback_reason
+        assert any("pyvbak-gen-2 of an unfinished backup merged back into pyvbak-gen-1" in c
+                   for c in s.cleaned_leftovers), s.cleaned_leftovers
+        assert s.dirty_bitmap == "pyvbak-gen-1"
+        with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
+            dirty = src.change_tracking(state).extents
+        s.commit()
+    assert any(off <= 1 * MiB < off + length for off, length in dirty), dirty

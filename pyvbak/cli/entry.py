@@ -17,8 +17,11 @@ import sys
 
 
 def entry() -> None:
-    from .main import main
-
+    try:
+        from .main import main
+    except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing was started yet
+        print("pyvbak: error: interrupted (Ctrl-C) while starting: nothing was done", file=sys.stderr)
+        sys.exit(10)  # errors.Interrupted.exit_code (not imported: it may be what was interrupted)
     code = main()
     gc.freeze()
     sys.exit(code)

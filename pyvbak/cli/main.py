@@ -87,6 +87,15 @@ DEBUG_ENV = "PYVBAK_DEBUG"
 OS_ERROR_EXIT = 1
 
 
+#: what typer makes of a KeyboardInterrupt (typer.core: ``raise Exit(130)``)
+_TYPER_CTRL_C_EXIT = 130
+
+
+def _interrupted() -> int:
+    print("pyvbak: error: interrupted (Ctrl-C): stopped cleanly, nothing was committed", file=sys.stderr)
+    return Interrupted.exit_code
+
+
 def _sigterm(signum, frame):
     raise Interrupted("interrupted by SIGTERM: stopped cleanly, nothing was committed")
 
@@ -96,14 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         args = sys.argv[1:] if argv is None else list(argv)
-        _app_for(args)(args=args, prog_name="pyvbak", standalone_mode=False)
-        return 0
+        rv = _app_for(args)(args=args, prog_name="pyvbak", standalone_mode=False)
+        # Without standalone mode, click *returns* the code of an Exit instead of raising
+        # it - and typer turns Ctrl-C (KeyboardInterrupt) into Exit(130) before we see it.
+        # A command that returns normally returns None.
+        if rv == _TYPER_CTRL_C_EXIT:
+            return _interrupted()
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except PyvbakError as exc:
         print(f"pyvbak: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("pyvbak: error: interrupted (Ctrl-C): stopped cleanly, nothing was committed", file=sys.stderr)
-        return Interrupted.exit_code
+        return _interrupted()
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:

@@ -631,18 +631,25 @@ class Repository:
                                                      self.iter_snapshot_index(base[0]), records, base[1])
         else:
             data = fmt.encode_snapshot_index(meta["block_size"], meta["size"], records, known_zero=known_zero)
-        if not self.backend.write_new(index_name, data):
-            raise RepositoryError(f"snapshot index {index_name} already exists (snapshot id collision): retry")
         meta = dict(meta, id=snapshot_id, status="complete", index=index_name, pyvbak_version=__version__)
+        ours = True  # the index name is this snapshot's own unless write_new finds it taken
         try:
+            if not self.backend.write_new(index_name, data):
+                ours = False
+                raise RepositoryError(f"snapshot index {index_name} already exists (snapshot id collision): retry")
             created = self.backend.write_new(fmt.snapshot_meta_name(snapshot_id), json.dumps(meta, indent=2).encode())
         except BaseException:
-            # No metadata, no snapshot: the index just written is nobody's (a kill -9 here
-            # leaves it to prune, which removes indexes without metadata).
-            try:
-                self.backend.delete(index_name)
-            except (PyvbakError, OSError):
-                pass
+            # No metadata, no snapshot: an index written (or half-written) here is nobody's.
+            # Out of space, an I/O error, Ctrl-C or SIGTERM remove it; a kill -9 leaves it
+            # to prune, which removes indexes without metadata.
+            # (Only while the metadata is not there: an interrupt can land after its
+            # object was published and before write_new returned.)
+            if ours:
+                try:
+                    if not self.backend.exists(fmt.snapshot_meta_name(snapshot_id)):
+                        self.backend.delete(index_name)
+                except (PyvbakError, OSError):
+                    pass
             raise
         if not created:
             raise RepositoryError(f"snapshot {snapshot_id} already exists: retry")

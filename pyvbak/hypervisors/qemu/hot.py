@@ -35,7 +35,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pyvbak.errors import Interrupted, SourceError, UsageError
+from pyvbak.errors import Interrupted, PyvbakError, SourceError, UsageError
 
 from .session import ExportSession
 from ..resources import TerminationGuard
@@ -429,7 +429,15 @@ class QemuHotBackup(ExportSession):
             if self._qmp is not None:
                 self._qmp.close()
         pending = guard.pending if guard else None
-        if errors and exc is not None:
+        if errors and isinstance(exc, (PyvbakError, KeyboardInterrupt)):
+            # The user must hear that QEMU still holds something of pyvbak's, not only
+            # why the backup failed: one message for both, the failure's exit code.
+            what = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            err = SourceError(f"{what}; cleanup after it was incomplete: " + "; ".join(errors)
+                              + " (QEMU still holds pyvbak resources: the next pyvbak run on this VM removes them)")
+            err.exit_code = getattr(exc, "exit_code", Interrupted.exit_code)
+            raise err from exc
+        if errors and exc is not None:  # a bug: its traceback shows the note
             exc.add_note("pyvbak cleanup was incomplete: " + "; ".join(errors))
         if errors and exc is None:
             raise SourceError(
@@ -488,11 +496,16 @@ class QemuHotBackup(ExportSession):
             if self._space_guard.error is not None:
                 errors.append(f"work-dir space guard: {self._space_guard.error}")
 
-        def step(what: str, fn, *args):
+        def step(what: str, fn, *args) -> bool:
             try:
                 fn(*args)
             except Exception as e:  # noqa: BLE001 - each step is attempted regardless
                 errors.append(f"{what}: {e}")
+                return False
+            return True
+
+        # a fleecing file is only removed once its node is gone (QEMU may still write to it)
+        fleece_in_use = {id(d) for d in self.disks if d.fleece_node_added}
 
         if qmp is not None and qmp._sock is not None:
             for d in self.disks:
@@ -505,8 +518,9 @@ class QemuHotBackup(ExportSession):
                     step(f"removing node {d.names.access_node}", cleanup.remove_node, qmp, d.names.access_node)
                 if d.job_started and not d.job_cancelled:
                     step(f"cancelling job {d.names.job}", cleanup.cancel_job, qmp, d.names.job)
-                if d.fleece_node_added:
-                    step(f"removing node {d.names.fleece_node}", cleanup.remove_node, qmp, d.names.fleece_node)
+                if d.fleece_node_added and step(f"removing node {d.names.fleece_node}", cleanup.remove_node,
+                                                qmp, d.names.fleece_node):
+                    fleece_in_use.discard(id(d))
             for d in self.disks:
                 if d.job_started:
                     # a disk whose snapshot is durable retires its old generation even if a
@@ -517,7 +531,8 @@ class QemuHotBackup(ExportSession):
         elif any((d.job_started and not d.job_cancelled) or d.fleece_node_added or d.access_node_added
                  for d in self.disks):
             errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
-        paths = [d.fleece_path for d in self.disks if d.fleece_file_created] + [self.names.nbd_socket]
+        paths = [d.fleece_path for d in self.disks if d.fleece_file_created and id(d) not in fleece_in_use]
+        paths.append(self.names.nbd_socket)
         for p in paths:
             try:
                 p.unlink()

@@ -123,14 +123,17 @@ class QemuOfflineImage(ExportSession):
         if self.format == "qcow2":
             for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", []) or []:
                 bitmaps[b["name"]] = b
-        self.fallback_reason, old = self._check_cbt(bitmaps)
-        if self.verify_cbt and self.fallback_reason is None:
-            self.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
         prev_name = (self.previous_state or {}).get("bitmap")
         # generations only grow, also past the ones cleaned away now: a name is never reused
         max_gen = max([generation_of(b) or 0 for b in bitmaps], default=0)
+        # Leftovers first, then the check (as for running VMs): a run killed after it
+        # disabled the previous generation left that one whole, and it is merged back and
+        # enabled again here - checked before, it looked disabled and forced a full scan.
         if self.format == "qcow2" and os.access(self.path, os.W_OK):
             self._settle_leftover_bitmaps(bitmaps, prev_name)
+        self.fallback_reason, old = self._check_cbt(bitmaps)
+        if self.verify_cbt and self.fallback_reason is None:
+            self.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
         self._old = prev_name if prev_name in bitmaps else None
 
         generation = None

@@ -27,6 +27,9 @@ from typing import Any, Callable
 from pyvbak.errors import SourceError
 
 DEFAULT_TIMEOUT = 30.0
+#: longest QMP message accepted (query-named-block-nodes of a VM with many disks and
+#: bitmaps is some hundreds of KiB; this only stops a peer that never ends a line)
+MAX_MESSAGE_BYTES = 64 << 20
 
 
 class QmpError(SourceError):
@@ -156,11 +159,29 @@ class QmpClient:
             if not chunk:
                 raise self._fail(f"QEMU closed the QMP connection {self.socket_path} while pyvbak waited for {what} (did the VM stop?)")
             self._buf += chunk
+            # Every QMP message is a JSON object on one line: anything else is not QEMU's
+            # monitor, and is refused at once instead of at the timeout (an NBD server
+            # greets with NBDMAGIC) or after buffering a peer's endless stream.
+            head = self._buf.lstrip()
+            if head and not head.startswith(b"{"):
+                raise self._fail(self._not_qmp(head))
+            if len(self._buf) > MAX_MESSAGE_BYTES and b"\n" not in self._buf:
+                raise self._fail(f"{self.socket_path} sent over {MAX_MESSAGE_BYTES >> 20} MiB without ending a "
+                                 f"message: not a QMP socket, or a QEMU that misbehaves")
         line, _, self._buf = self._buf.partition(b"\n")
         try:
-            return json.loads(line)
+            msg = json.loads(line)
         except ValueError:
             raise self._fail(f"garbled QMP message on {self.socket_path}: {line[:80]!r}")
+        if not isinstance(msg, dict):
+            raise self._fail(self._not_qmp(line))
+        return msg
+
+    def _not_qmp(self, head: bytes) -> str:
+        if head.startswith(b"NBDMAGIC"):
+            return (f"{self.socket_path} is an NBD server's socket, not a QMP monitor: give the VM's QMP "
+                    f"socket in qemu:///PATH?node=NODE (or read the export with nbd+unix:///EXPORT?socket=PATH)")
+        return f"{self.socket_path} is not a QMP socket (got {head[:80]!r}): give the VM's QMP monitor socket"
 
     def _send(self, obj: dict) -> None:
         if self._sock is None:

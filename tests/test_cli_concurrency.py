@@ -140,3 +140,47 @@ def test_shared_lock_blocks_exclusive(tmp_path, capsys):
         with repo.lock(purpose="second backup"):  # shared locks coexist
             assert len(list(repo.backend.list("locks/"))) == 2
     assert list(repo.backend.list("locks/")) == []
+
+
+def test_a_lock_whose_pid_now_runs_another_process_is_stale(tmp_path, capsys):
+    """A lock left by a killed prune whose pid went to a newer Python process (pid reuse)
+    must not block backups forever: the lock's boot and start time tell the processes
+    apart.  A lock of a live owner still blocks, and one from an older pyvbak (no such
+    fields) is judged by its pid as before."""
+    import socket
+
+    from pyvbak.processes import identity
+
+    repo_dir = tmp_path / "repo"
+    cli(capsys, "init", repo_dir)
+    img = make_image(tmp_path / "s.img", 1 * MiB, [(0, MiB, "random")], seed=74)
+    # a live Python process standing in for "whoever got the dead prune's pid"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = identity()
+
+        def lock(name, **fields):
+            info = {"host": socket.gethostname(), "pid": other.pid, "time": 0, "exclusive": True,
+                    "purpose": "prune", **fields}
+            (repo_dir / "locks").mkdir(exist_ok=True)
+            (repo_dir / "locks" / name).write_text(json.dumps(info))
+
+        wait_until(lambda: open(f"/proc/{other.pid}/cmdline", "rb").read().startswith(sys.executable.encode()),
+                   what="the child running python")
+        from pyvbak.processes import start_time
+
+        lock("a.json", boot=me["boot"], start=start_time(other.pid))  # really that process's
+        code, _, err = cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")
+        assert code == 8, err
+        (repo_dir / "locks" / "a.json").unlink()
+        lock("b.json")  # no identity fields: the pid alone, which is alive
+        assert cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")[0] == 8
+        (repo_dir / "locks" / "b.json").unlink()
+        lock("c.json", boot=me["boot"], start=start_time(other.pid) - 1)  # an earlier process
+        lock("d.json", boot="another-boot", start=start_time(other.pid))  # before a reboot
+        code, _, err = cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v", "--json")
+        assert code == 0, err
+        assert os.listdir(repo_dir / "locks") == []
+    finally:
+        other.kill()
+        other.wait()

@@ -7,7 +7,8 @@ snapshot has its own names.  Operations that delete data (prune) take an
 *exclusive* lock and refuse to start while any other lock exists; a shared lock refuses
 to start while an exclusive one exists.  After writing its lock a process lists the
 locks again, so two processes racing for conflicting locks both see each other and the
-later one backs off.  Locks of dead processes on this host (pid no longer running) are
+later one backs off.  Locks of dead processes on this host (pid no longer running, or
+running another process now: a lock records the boot and its process's start time) are
 stale and removed; locks from other hosts are left for the user (``pyvbak unlock``).
 """
 
@@ -21,7 +22,7 @@ import time
 
 from ..backends import BackendError, ObjectMissing
 from ..errors import LockedError
-from ..processes import pid_alive
+from ..processes import identity, owner_alive
 
 LOCK_PREFIX = "locks/"
 
@@ -49,7 +50,11 @@ class RepositoryLock:
 
     @staticmethod
     def _is_stale(info: dict) -> bool:
-        return info.get("host") == socket.gethostname() and not pid_alive(int(info.get("pid", 0)))
+        try:
+            pid = int(info.get("pid", 0))
+        except (TypeError, ValueError):
+            pid = 0
+        return info.get("host") == socket.gethostname() and not owner_alive(pid, info)
 
     def _remove_stale(self, locks: dict[str, dict]) -> dict[str, dict]:
         live = {}
@@ -76,6 +81,7 @@ class RepositoryLock:
         info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            **identity(),  # boot and start time: a later pid reuse does not keep the lock alive
             "time": time.time(),
             "exclusive": self.exclusive,
             "purpose": self.purpose,

@@ -446,3 +446,32 @@ def test_a_scanning_incremental_keeps_hashes_and_changed_records_and_writes_the_
     assert frames[0] == frames[1]
     restore_to(repos[0], results[0].snapshot_id, tmp_path / "out.img")
     assert same_file(tmp_path / "out.img", img)
+
+
+def test_a_parent_forgotten_during_a_streamed_incremental_is_a_clear_error(repo, tmp_path, monkeypatch):
+    """A large disk's incremental reads its parent's index again at commit; forget (which
+    runs beside backups) may have taken it by then: one clear error, nothing committed,
+    and the next backup works."""
+    from pyvbak.engine import backup as engine
+    from pyvbak.errors import RepositoryError
+
+    monkeypatch.setattr(engine, "STREAM_PARENT_MIN_BYTES", 0)
+    img = tmp_path / "disk.img"
+    vm_image(img, 2 * MiB + 100, seed=65)
+    first = backup_file(repo, img)
+    rewrite_pages(img, fraction=0.05, seed=66)
+    real_commit = Repository.commit_snapshot
+
+    def forget_then_commit(self, *args, **kwargs):
+        self.backend.delete(fmt.snapshot_meta_name(first.snapshot_id))  # what forget does
+        self.backend.delete(fmt.snapshot_index_name(first.snapshot_id))
+        return real_commit(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Repository, "commit_snapshot", forget_then_commit)
+        with pytest.raises(RepositoryError, match="parent, was forgotten while the backup ran"):
+            backup_file(repo, img)
+    assert repo.snapshots() == [] and list(repo.backend.list("snapshots/")) == []
+    again = backup_file(repo, img)
+    restore_to(repo, again.snapshot_id, tmp_path / "out.img")
+    assert same_file(tmp_path / "out.img", img)

@@ -627,8 +627,16 @@ class Repository:
         (encode_snapshot_index_patched)."""
         index_name = fmt.snapshot_index_name(snapshot_id)
         if base is not None:
-            data = fmt.encode_snapshot_index_patched(meta["block_size"], meta["size"],
-                                                     self.iter_snapshot_index(base[0]), records, base[1])
+            try:
+                data = fmt.encode_snapshot_index_patched(meta["block_size"], meta["size"],
+                                                         self.iter_snapshot_index(base[0]), records, base[1])
+            except IntegrityError:
+                if self.backend.exists(fmt.snapshot_meta_name(base[0].id)):
+                    raise
+                # forget (a shared lock: it runs beside backups) took the parent away
+                raise RepositoryError(
+                    f"snapshot {base[0].id}, this backup's parent, was forgotten while the backup ran: "
+                    f"nothing was committed; run the backup again") from None
         else:
             data = fmt.encode_snapshot_index(meta["block_size"], meta["size"], records, known_zero=known_zero)
         meta = dict(meta, id=snapshot_id, status="complete", index=index_name, pyvbak_version=__version__)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import mmap
 import platform
 import random
-import shutil
 import subprocess
 import sys
 
@@ -67,8 +66,10 @@ def test_one_block_and_none():
     assert bytes(frame) == cctx.compress(b"x" * 70000)
 
 
-@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")
 def test_batch_frames_pass_the_zstd_tool(tmp_path):
+    from conftest import require_tool
+
+    require_tool("zstd", "zstd")
     blocks = _blocks(7)
     cctx = zstandard.ZstdCompressor(level=1, write_checksum=True, write_content_size=True)
     frames = compress_blocks(cctx, [memoryview(b) for b in blocks])

@@ -28,7 +28,9 @@ def forget(
     if vm is not None and keep_last is None:
         raise UsageError("--vm only goes with --keep-last; name snapshots by id or VM[/DISK]@latest instead")
     r = open_repository(repo, create_default=False)
-    with r.lock(purpose="forget"):
+    # clean_stale=False: a stale lock is the evidence the next backup adopts a killed
+    # backup's unindexed packs by; forget deletes no data and must not erase it
+    with r.lock(purpose="forget", clean_stale=False):
         # A snapshot whose metadata is damaged can be named by its exact id only (nothing
         # else of it is readable); forgetting it is how a prune becomes possible again.
         r.snapshots()

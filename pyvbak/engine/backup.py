@@ -71,7 +71,7 @@ MAPPED_FRAMES_BUDGET = 256 * 1024 * 1024
 #: an incremental of a disk whose index is at least this large does not hold its parent's
 #: index: it keeps the dirty blocks' records (change tracking) or every block's hash and
 #: the changed blocks' records (a scan), the rest streamed at commit (see _Parent).  64 MiB
-#: of records is a ~87 GiB disk at 64 KiB blocks; a 1 TiB disk's incremental peaked at
+#: of records is a ~85 GiB disk at 64 KiB blocks; a 1 TiB disk's incremental peaked at
 #: 198 / 145 MiB instead of 982 / 868 MiB.  Below it the whole index is held: reading it
 #: twice cost the 2 GiB bench disk's incremental 4-7 ms more (bench/RESULTS.md,
 #: "Fragmented disks").

@@ -526,8 +526,6 @@ class QemuHotBackup(ExportSession):
                     # a disk whose snapshot is durable retires its old generation even if a
                     # later disk of the run failed
                     step(f"settling dirty bitmaps of '{d.node}'", _settle_bitmaps, qmp, d, not d.committed)
-            if self._lock is not None:  # last: another session may start once it is gone
-                step("releasing the session lock", session_lock.release, qmp, self._lock)
         elif any((d.job_started and not d.job_cancelled) or d.fleece_node_added or d.access_node_added
                  for d in self.disks):
             errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
@@ -546,6 +544,10 @@ class QemuHotBackup(ExportSession):
                     p.unlink()
                 except FileNotFoundError:
                     pass
+        # Last, after the files too: another session may start once the lock is gone, and
+        # one that found our files while we still run would refuse ("session active").
+        if self._lock is not None and qmp is not None and qmp._sock is not None:
+            step("releasing the session lock", session_lock.release, qmp, self._lock)
 
 
 def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,

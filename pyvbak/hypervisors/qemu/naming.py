@@ -8,9 +8,9 @@ still alive.  QEMU node names are limited to 31 characters, which bounds the run
   export / NBD export name   pyvbak-<run><d>
   fleecing node              pyvbak-<run><d>-fl
   copy-before-write filter   pyvbak-<run><d>-cbw
-  snapshot-access node       pyvbak-<run><d>-acc   (the frozen view, QEMU >= 7.0)
+  snapshot-access node       pyvbak-<run><d>-acc   (the frozen view, QEMU >= 7.1)
   backup job id              pyvbak-<run><d>-job
-  fleecing file              <work_dir>/pyvbak-<run><d>-fleece.raw   (QEMU < 7.0: .qcow2)
+  fleecing file              <work_dir>/pyvbak-<run><d>-fleece.raw   (QEMU < 7.1: .qcow2)
   NBD server socket          <work_dir>/pyvbak-<run>-nbd.sock
   journal                    <work_dir>/pyvbak-<run>.json
   persistent dirty bitmaps   pyvbak-gen-<N>   (not per run: they outlive runs on purpose)

@@ -10,11 +10,29 @@ from __future__ import annotations
 import os
 
 
-def boot_id() -> str | None:
-    """This boot of this host (Linux), or None: a process of another boot is gone."""
+def _read_first_line(path: str) -> str | None:
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
+        with open(path) as f:
             return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def boot_id() -> str | None:
+    """This boot of this host (Linux), or None."""
+    return _read_first_line("/proc/sys/kernel/random/boot_id")
+
+
+def machine_id() -> str | None:
+    """This machine (systemd's /etc/machine-id), or None: two machines may share a host name."""
+    return _read_first_line("/etc/machine-id")
+
+
+def pid_namespace() -> str | None:
+    """This process's pid namespace (``pid:[INODE]``), or None: a container's pids mean
+    nothing outside it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return None
 
@@ -30,25 +48,42 @@ def start_time(pid: int) -> int | None:
 
 def identity() -> dict:
     """What an owner record carries besides host and pid, so that a later check can tell
-    this process from another that got its pid after it died (``owner_alive``)."""
-    return {"boot": boot_id(), "start": start_time(os.getpid())}
+    whether it can judge the owner at all (same machine, same pid namespace) and this
+    process from one that got its pid after it died (``owner_alive``)."""
+    return {"machine": machine_id(), "pidns": pid_namespace(), "boot": boot_id(),
+            "start": start_time(os.getpid())}
+
+
+def can_judge(owner: dict) -> bool:
+    """Whether this process can tell if ``owner`` (an ``identity`` record of this host
+    name) still runs: not when it is another machine under the same host name, nor a
+    process of another pid namespace (a container).  Records without the fields (older
+    pyvbak) are judged by their pid."""
+    machine, ns = owner.get("machine"), owner.get("pidns")
+    if machine is not None and machine_id() not in (None, machine):
+        return False
+    if ns is not None and pid_namespace() not in (None, ns):
+        return False
+    return True
 
 
 def owner_alive(pid: int, owner: dict | None = None) -> bool:
-    """``pid_alive``, and - when ``owner`` records the boot and start time (``identity``) -
-    the process with that pid is the same one: after a reboot, or once its pid went to a
-    newer process (a Python one included), the owner is dead."""
+    """Whether the owner recorded as ``pid`` (+ ``identity`` fields) may still run: True
+    whenever this process cannot judge it (``can_judge``).  Within one boot, a recorded
+    start time that differs from the pid's current one means the pid went to a newer
+    process (a Python one included) and the owner is dead; across a reboot the pid alone
+    decides, as for records without the fields."""
     owner = owner or {}
-    boot, start = owner.get("boot"), owner.get("start")
-    if boot is not None and boot_id() not in (None, boot):
-        return False
-    if not pid_alive(pid):
-        return False
-    if start is not None and pid != os.getpid():
+    if not can_judge(owner):
+        return True
+    start = owner.get("start")
+    same_boot = owner.get("boot") is not None and owner.get("boot") == boot_id()
+    if same_boot and start is not None:
         now = start_time(pid)
-        if now is not None and now != start:
-            return False
-    return True
+        if now is None:  # no such process, or /proc hides it
+            return pid_alive(pid)
+        return now == start and pid_alive(pid)
+    return pid_alive(pid)
 
 
 def pid_alive(pid: int) -> bool:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import wait_until
 from images import MiB, assert_one_error_line, make_image, same_file
 from pyvbak.cli.main import main
@@ -145,8 +147,8 @@ def test_shared_lock_blocks_exclusive(tmp_path, capsys):
 def test_a_lock_whose_pid_now_runs_another_process_is_stale(tmp_path, capsys):
     """A lock left by a killed prune whose pid went to a newer Python process (pid reuse)
     must not block backups forever: the lock's boot and start time tell the processes
-    apart.  A lock of a live owner still blocks, and one from an older pyvbak (no such
-    fields) is judged by its pid as before."""
+    apart.  A lock of a live owner still blocks; one from an older pyvbak (no such
+    fields), or from before a reboot, is judged by its pid alone."""
     import socket
 
     from pyvbak.processes import identity
@@ -177,10 +179,83 @@ def test_a_lock_whose_pid_now_runs_another_process_is_stale(tmp_path, capsys):
         assert cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")[0] == 8
         (repo_dir / "locks" / "b.json").unlink()
         lock("c.json", boot=me["boot"], start=start_time(other.pid) - 1)  # an earlier process
-        lock("d.json", boot="another-boot", start=start_time(other.pid))  # before a reboot
+        code, _, err = cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v", "--json")
+        assert code == 0, err
+        assert os.listdir(repo_dir / "locks") == []
+        lock("d.json", boot="another-boot", start=start_time(other.pid))  # before a reboot:
+        assert cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")[0] == 8  # pid alone
+        other.kill()
+        other.wait()
         code, _, err = cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v", "--json")
         assert code == 0, err
         assert os.listdir(repo_dir / "locks") == []
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("field,value", [("machine", "0123456789abcdef0123456789abcdef"),
+                                         ("pidns", "pid:[1]")],
+                         ids=["another-machine-same-host-name", "another-pid-namespace"])
+def test_a_lock_this_process_cannot_judge_is_never_stale(tmp_path, capsys, field, value):
+    """A backup in a container (its own pid namespace) or on another machine with the same
+    host name records a pid that means nothing here: prune once judged such a live
+    backup's lock stale, deleted it, then the packs the backup was about to reference.
+    Such a lock keeps prune away; the message says how to remove it once that is known
+    to be safe."""
+    import socket
+
+    from pyvbak.processes import identity
+
+    repo_dir = tmp_path / "repo"
+    cli(capsys, "init", repo_dir)
+    (repo_dir / "locks").mkdir(exist_ok=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    info = {"host": socket.gethostname(), "pid": dead.pid, "time": 0, "exclusive": False,
+            "purpose": "backup", **identity()}
+    info[field] = value
+    (repo_dir / "locks" / "x.json").write_text(json.dumps(info))
+    code, _, err = cli(capsys, "prune", "--repo", repo_dir)
+    assert code == 8
+    assert_one_error_line(err, "locked by backup", "pyvbak unlock --all")
+    assert cli(capsys, "unlock", "--repo", repo_dir)[0] == 0
+    assert os.listdir(repo_dir / "locks") == ["x.json"]  # plain unlock leaves it
+    assert cli(capsys, "unlock", "--all", "--repo", repo_dir)[0] == 0
+    assert cli(capsys, "prune", "--repo", repo_dir)[0] == 0
+
+
+def test_a_damaged_lock_object_keeps_prune_away_but_not_backups(tmp_path, capsys):
+    repo_dir = tmp_path / "repo"
+    cli(capsys, "init", repo_dir)
+    img = make_image(tmp_path / "s.img", 1 * MiB, [(0, MiB, "random")], seed=75)
+    (repo_dir / "locks").mkdir(exist_ok=True)
+    (repo_dir / "locks" / "bad.json").write_text("[1, 2]")
+    assert cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")[0] == 0
+    code, _, err = cli(capsys, "prune", "--repo", repo_dir)
+    assert code == 8
+    assert_one_error_line(err, "unreadable lock object", "pyvbak unlock --all")
+    cli(capsys, "unlock", "--all", "--repo", repo_dir)
+    assert cli(capsys, "prune", "--repo", repo_dir)[0] == 0
+
+
+def test_a_backup_whose_lock_was_removed_under_it_commits_nothing(tmp_path, capsys, monkeypatch):
+    """The safety net behind lock judgement: a writer checks its lock is still there before
+    it commits (a prune may have run in between)."""
+    repo_dir = tmp_path / "repo"
+    cli(capsys, "init", repo_dir)
+    img = make_image(tmp_path / "s.img", 1 * MiB, [(0, MiB, "random")], seed=76)
+    real = Repository.load_digest_index
+
+    def remove_locks_then_load(self, *args, **kwargs):
+        for name in list(self.backend.list("locks/")):
+            self.backend.delete(name)  # what 'pyvbak unlock --all' elsewhere does
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Repository, "load_digest_index", remove_locks_then_load)
+        code, _, err = cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")
+    assert code == 8
+    assert_one_error_line(err, "lock on repository", "was removed while it ran", "nothing was committed")
+    assert Repository.open(str(repo_dir)).snapshots() == []
+    assert cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")[0] == 0

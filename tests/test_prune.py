@@ -390,3 +390,101 @@ def test_a_pack_with_nothing_unused_is_not_repacked_at_any_threshold(two_generat
     assert report["packs_repacked"] == 0 and packs(repo) == before
     assert verify_repository(Repository.open(repo.location))["ok"]
     check_all_restore(Repository.open(repo.location), tmp_path, {b: img})
+
+
+def test_real_bytes_freed_is_what_the_packs_shrank_by_and_the_dry_run_agrees(two_generations):
+    repo, img, a, b, _ = two_generations
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a)])
+    with repo.lock(exclusive=True):
+        dry = prune_repository(repo, dry_run=True)
+    before = sum(repo.backend.stat(n) for n in packs(repo))
+    with repo.lock(exclusive=True):
+        real = prune_repository(repo)
+    after = sum(repo.backend.stat(n) for n in packs(repo))
+    assert real["packs_repacked"] == 1
+    assert real["bytes_freed"] == before - after  # it once counted the repacked pack whole
+    assert abs(dry["bytes_freed"] - real["bytes_freed"]) <= 0.02 * real["bytes_freed"]  # trailers
+
+
+def test_a_lost_pack_leaves_the_index_so_the_next_backup_stores_its_blocks_again(two_generations, tmp_path):
+    """A pack gone from storage: verify names the damage; prune drops the pack's records
+    from the index (it once kept them, so every later backup deduplicated against frames
+    that were gone - new snapshots born broken); the next backup stores the blocks again."""
+    repo, img, a, b, a_copy = two_generations
+    lost = packs(repo)[0]
+    os.unlink(os.path.join(repo.location, lost))
+    assert not verify_repository(repo, threads=2)["ok"]
+    with repo.lock(exclusive=True):
+        dry = prune_repository(repo, dry_run=True)
+    assert dry["packs_missing"] == 1 and any("missing" in p for p in dry["problems"])
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert rep["packs_missing"] == 1 and rep["missing_blocks"] > 0
+    lost_hex = lost.rsplit("/", 1)[-1]
+    assert lost_hex not in {bytes(p).hex() for p in repo.load_digest_index().records["pack"]}
+    again = backup_file(repo, img)
+    assert again.new_bytes > 0 and again.parent is None
+    assert any("lost from the repository" in w for w in again.warnings), again.warnings
+    nxt = backup_file(repo, img)  # checked once: the one after is incremental again
+    assert nxt.parent == again.snapshot_id and nxt.new_bytes == 0
+    report = verify_repository(repo, threads=2, snapshots=[repo.resolve(again.snapshot_id)])
+    assert report["ok"], report
+    check_all_restore(repo, tmp_path, {again.snapshot_id: img})
+    with repo.lock(exclusive=True):
+        assert prune_repository(repo)["packs_missing"] == 0
+
+
+def test_a_pack_gone_while_prune_repacks_it_is_dropped_not_a_crash(two_generations, tmp_path, monkeypatch):
+    from pyvbak.backends import ObjectMissing
+
+    repo, img, a, b, _ = two_generations
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a)])
+    real = type(repo.backend).read_range
+
+    def vanished(self, name, *args, **kwargs):
+        if name.startswith("packs/"):
+            raise ObjectMissing(f"object {name!r} not found (test)")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(type(repo.backend), "read_range", vanished)
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert rep["packs_repacked"] == 0 and any("disappeared during the prune" in p for p in rep["problems"])
+    monkeypatch.undo()
+    again = backup_file(repo, img)
+    assert again.new_bytes > 0  # the half that was in the vanished pack is stored again
+    check_all_restore(repo, tmp_path, {again.snapshot_id: img})
+
+
+def test_cli_dry_runs_change_nothing_and_preview_the_forget(two_generations, capsys):
+    """prune --dry-run once removed stale locks (the evidence a backup adopts a killed
+    backup's packs by); forget --prune --dry-run once previewed a prune that still
+    counted the snapshots it was asked to forget."""
+    import socket
+    import subprocess
+    import sys
+
+    from pyvbak.processes import identity
+
+    repo, img, a, b, _ = two_generations
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.makedirs(os.path.join(repo.location, "locks"), exist_ok=True)
+    stale = os.path.join(repo.location, "locks", "stale.json")
+    with open(stale, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": dead.pid, "time": 0, "exclusive": False,
+                   "purpose": "backup", **identity()}, f)
+    code, out, err = cli(capsys, "forget", a, "--prune", "--dry-run", "--json", "--repo", repo.location)
+    assert code == 0, err
+    preview = json.loads(out)["prune"]
+    assert os.path.exists(stale)
+    assert cli(capsys, "prune", "--dry-run", "--repo", repo.location)[0] == 0
+    assert os.path.exists(stale)
+    code, out, err = cli(capsys, "forget", a, "--prune", "--json", "--repo", repo.location)
+    assert code == 0, err
+    done = json.loads(out)["prune"]
+    for key in ("snapshots", "packs_repacked", "blocks_removed", "referenced_blocks"):
+        assert preview[key] == done[key], key
+    assert preview["blocks_removed"] == 50

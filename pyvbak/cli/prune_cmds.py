@@ -47,7 +47,8 @@ def forget(
         info(f"warning: {line}")
     result = {"forgotten": forgotten, "dry_run": dry_run}
     if prune_after:
-        result["prune"] = _prune(r, dry_run)
+        # a dry run forgot nothing: its prune preview leaves the chosen snapshots out itself
+        result["prune"] = _prune(r, dry_run, without=frozenset(forgotten) if dry_run else frozenset())
     if json_out:
         emit_json(result)
         return
@@ -71,11 +72,13 @@ def prune(
         _print_prune(report)
 
 
-def _prune(r, dry_run: bool) -> dict:
+def _prune(r, dry_run: bool, without: frozenset[str] = frozenset()) -> dict:
     from ..repo.prune import prune_repository
 
-    with r.lock(exclusive=True, purpose="prune"):
-        return prune_repository(r, dry_run=dry_run)
+    # A dry run changes nothing, stale locks included (they are what the next backup
+    # adopts a killed backup's packs by).
+    with r.lock(exclusive=True, purpose="prune", clean_stale=not dry_run):
+        return prune_repository(r, dry_run=dry_run, without=without)
 
 
 def _print_prune(rep: dict) -> None:

@@ -323,8 +323,17 @@ def run_backup(
     if stream_parent and ct is not None and ct.extents is not None and not verify_cbt:
         dirty = _extent_blocks(ct.extents, n, bs)
     hashes_only = stream_parent and dirty is None and hasattr(source, "path") and hasattr(source, "fileno")
+    lost = repo.lost_markers()
+    missing = 0
     try:
-        parent = _Parent(repo, latest, only=dirty, hashes=hashes_only)
+        if latest is not None and not set(lost) <= set(latest.meta.get("lost_checked") or ()):
+            # A prune removed the records of packs gone from storage after this parent was
+            # made: an incremental would carry its records of those blocks on, unread.
+            missing = repo.lost_blocks_of(latest)
+        parent = _Parent(repo, latest if not missing else None, only=dirty, hashes=hashes_only)
+        if missing:
+            unreadable_parent = (f"the previous snapshot {latest.id} names {missing} block(s) lost from the "
+                                 f"repository (see {lost[-1]}); they are stored again if the disk still has them")
     except IntegrityError as exc:
         # A damaged latest snapshot must not stop every later backup of the disk: this one
         # is made without it (a full scan; dedup still finds the stored blocks).
@@ -676,6 +685,8 @@ def run_backup(
         },
         "warnings": result.warnings,
     }
+    if lost:  # every block this snapshot names is in the index (checked, or stored anew)
+        meta["lost_checked"] = lost
     if extra_meta:
         meta.update(extra_meta)
     if parent.streamed:

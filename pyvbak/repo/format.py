@@ -51,6 +51,8 @@ PACK_TRAILER_HEADER = struct.Struct(">8sII")  # magic, version, record count
 
 # -- object names ---------------------------------------------------------------------
 CONFIG_NAME = "config"
+#: markers a prune leaves when it removed the index records of packs gone from storage
+LOST_PREFIX = "lost/"
 
 
 #: the folder every pack lies under (PackWriter opens its streams there)

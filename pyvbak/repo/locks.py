@@ -22,7 +22,7 @@ import time
 
 from ..backends import BackendError, ObjectMissing
 from ..errors import LockedError
-from ..processes import identity, owner_alive
+from ..processes import can_judge, identity, owner_alive
 
 LOCK_PREFIX = "locks/"
 
@@ -38,18 +38,30 @@ class RepositoryLock:
         self.purpose = purpose
         self.name = f"{LOCK_PREFIX}{secrets.token_hex(16)}.json"
         self.stale_removed: list[str] = []
+        self.held = False  # between a successful __enter__ and __exit__
 
     def _read_all(self) -> dict[str, dict]:
         locks = {}
         for name in self.backend.list(LOCK_PREFIX):
             try:
-                locks[name] = json.loads(self.backend.read(name))
-            except (ObjectMissing, ValueError):
-                continue  # removed meanwhile, or being written: treat as absent
+                info = json.loads(self.backend.read(name))
+            except ObjectMissing:
+                continue  # removed meanwhile
+            except ValueError:
+                info = None
+            if not isinstance(info, dict):
+                # Lock objects are written whole (create-only), so this one is damaged.
+                # Whose it was is unknown: it keeps prune away (never judged stale) but
+                # does not stop backups; 'pyvbak unlock --all' removes it.
+                info = {"purpose": f"an unreadable lock object ({name})", "host": "?", "pid": "?",
+                        "exclusive": False, "damaged": True}
+            locks[name] = info
         return locks
 
     @staticmethod
     def _is_stale(info: dict) -> bool:
+        if info.get("damaged"):
+            return False
         try:
             pid = int(info.get("pid", 0))
         except (TypeError, ValueError):
@@ -101,12 +113,25 @@ class RepositoryLock:
             if other is not None:
                 self._release()
         if other is not None:
+            judged_here = other.get("host") == socket.gethostname() and not other.get("damaged") and can_judge(other)
+            fix = ("remove the stale lock with 'pyvbak unlock' if that process is gone" if judged_here else
+                   "once you know that process is gone (another machine or container: pyvbak cannot see it "
+                   "from here), remove the lock with 'pyvbak unlock --all'")
             raise LockedError(
                 f"repository {self.backend.location} is locked by {other.get('purpose', '?')} "
-                f"(pid {other.get('pid')} on {other.get('host')}): wait for it to finish, "
-                "or remove the stale lock with 'pyvbak unlock' if that process is gone"
+                f"(pid {other.get('pid')} on {other.get('host')}): wait for it to finish, or {fix}"
             )
+        self.held = True
         return self
+
+    def check_held(self) -> None:
+        """Raise LockedError unless this lock's object is still there.  A writer checks
+        before it commits: a lock removed under it ('pyvbak unlock --all', or a prune that
+        misjudged it stale) means a prune may have deleted what the commit would reference."""
+        if not self.backend.exists(self.name):
+            raise LockedError(
+                f"this process's lock on repository {self.backend.location} was removed while it ran "
+                f"('pyvbak unlock --all' or a prune elsewhere?): nothing was committed; run it again")
 
     def _release(self) -> None:
         try:
@@ -115,6 +140,7 @@ class RepositoryLock:
             pass
 
     def __exit__(self, *exc) -> None:
+        self.held = False
         self._release()
 
 

@@ -33,6 +33,7 @@ import time
 import numpy as np
 import zstandard
 
+from ..backends import ObjectMissing
 from ..errors import IntegrityError, PyvbakError
 from . import digest_sets
 from . import format as fmt
@@ -90,8 +91,11 @@ def _newest_complete_groups(snaps, n: int) -> list:
     return [s for groups in by_vm.values() for g in groups[-n:] for s in g.ordered()]
 
 
-def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPACK_UNUSED) -> dict:
-    """Remove what no snapshot references.  Caller holds the EXCLUSIVE lock."""
+def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPACK_UNUSED,
+                     without: frozenset[str] = frozenset()) -> dict:
+    """Remove what no snapshot references.  Caller holds the EXCLUSIVE lock.
+    ``without``: snapshot ids counted as forgotten already (the preview of
+    ``forget --prune --dry-run``)."""
     t0 = time.monotonic()
     backend = repo.backend
     report: dict = {
@@ -102,6 +106,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         "referenced_blocks": 0,
         "missing_blocks": 0,
         "packs_before": 0,
+        "packs_missing": 0,
         "packs_deleted": 0,
         "packs_repacked": 0,
         "packs_written": 0,
@@ -123,7 +128,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     try:
         # Every metadata object read again, not taken from the local cache: a description
         # damaged since it was cached must stop prune as much as one never seen before.
-        snaps = repo.snapshots(strict=True, cached=False)
+        snaps = [s for s in repo.snapshots(strict=True, cached=False) if s.id not in without]
         report["snapshots"] = len(snaps)
         referenced = repo.referenced_digests(snaps)
     except PyvbakError as exc:
@@ -148,7 +153,15 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         recs, inv = recs[uniq], inv[uniq]
         del order, o, uniq
     clen = recs["clen"].astype(np.int64)
+    # Packs an index names but the backend does not hold (lost storage, deleted by hand):
+    # their records go from the index, so the next backup of a disk that has those blocks
+    # stores them again instead of deduplicating against frames that are gone.
+    listed_packs = list(backend.list("packs/"))
+    present_hex = {n.rsplit("/", 1)[-1] for n in listed_packs}
+    pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
+    missing_p = np.array([h not in present_hex for h in pack_hex], bool)
     ref_pos = digest_sets.locate(recs["digest"].view("S32"), referenced)  # digest rank, -1: unreferenced
+    ref_pos[missing_p[inv]] = -1  # a copy in a missing pack is no copy
     is_ref = ref_pos >= 0
     stored = np.zeros(len(referenced), bool)
     stored[ref_pos[is_ref]] = True
@@ -165,19 +178,25 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     kept_bytes = np.bincount(inv, weights=clen * keep, minlength=len(pack_ids))
     total_bytes = np.bincount(inv, weights=clen, minlength=len(pack_ids))
     unused_share = np.where(total_bytes > 0, 1 - kept_bytes / np.maximum(total_bytes, 1), 1.0)
-    delete_p = kept_bytes == 0
+    delete_p = (kept_bytes == 0) & ~missing_p
     # a pack with nothing unused is never repacked, whatever the threshold: the copy would
     # be the same bytes under the same content-derived name
-    repack_p = ~delete_p & (unused_share >= repack_unused) & (kept_bytes < total_bytes)
+    repack_p = ~delete_p & ~missing_p & (unused_share >= repack_unused) & (kept_bytes < total_bytes)
     # Records of packs that stay are all kept in the index, used or not: their frames are
     # still there (a later backup may dedup against them), and the next prune counts
     # their bytes when it decides whether to repack.
     report["blocks_removed"] = int(np.count_nonzero(delete_p[inv] | (repack_p[inv] & ~keep)))
+    if missing_p.any():
+        report["packs_missing"] = int(np.count_nonzero(missing_p))
+        lost = int(np.count_nonzero(missing_p[inv]))
+        report["problems"].append(
+            f"{report['packs_missing']} pack(s) the index names are missing (e.g. {pack_hex[int(np.flatnonzero(missing_p)[0])][:16]}…): "
+            f"{'their' if dry_run else 'removed their'} {lost} block record(s) from the index, so backups store those "
+            f"blocks again; run 'pyvbak verify' to see which snapshots lost blocks")
 
-    indexed_hex = {bytes(p).ljust(32, b"\0").hex() for p in pack_ids}
-    unindexed = [n for n in backend.list("packs/") if n.rsplit("/", 1)[-1] not in indexed_hex]
+    indexed_hex = set(pack_hex)
+    unindexed = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
     report["unindexed_packs_deleted"] = len(unindexed)
-    pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
     report["packs_deleted"] = int(np.count_nonzero(delete_p))
     report["packs_repacked"] = int(np.count_nonzero(repack_p))
     if dry_run:
@@ -190,7 +209,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
 
     # repack: kept frames of mostly-unused packs, checked, into new packs
     new_parts = []
-    gone = set(np.flatnonzero(delete_p).tolist())
+    gone = set(np.flatnonzero(delete_p | missing_p).tolist())
     if repack_p.any():
         writer = PackWriter(backend, PACK_TARGET_BYTES)
         dctx = zstandard.ZstdDecompressor()
@@ -203,7 +222,15 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
                 mine = in_pack[keep[in_pack]]
                 name = fmt.pack_name(pack_hex[pi])
                 end = int((recs["offset"][mine] + recs["clen"][mine]).max())
-                data = memoryview(backend.read_range(name, 0, end))
+                try:
+                    data = memoryview(backend.read_range(name, 0, end))
+                except ObjectMissing:  # gone since the listing: nothing to copy, nothing to keep
+                    repack_p[pi] = False
+                    missing_p[pi] = True
+                    gone.add(pi)
+                    report["problems"].append(f"pack {pack_hex[pi][:16]}… disappeared during the prune: its "
+                                              f"records were removed from the index (run 'pyvbak verify')")
+                    continue
                 frames = []
                 for k in mine.tolist():
                     off, n = int(recs["offset"][k]), int(recs["clen"][k])
@@ -227,6 +254,12 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
             raise
         report["packs_written"] = writer.packs_written
         report["packs_repacked"] = int(np.count_nonzero(repack_p))
+
+    # The marker goes first: from it on, a backup whose parent is older checks that
+    # parent's blocks against the index (a crash after it costs a check, never a miss).
+    if missing_p.any():
+        lost_packs = [pack_hex[i] for i in np.flatnonzero(missing_p).tolist()]
+        report["lost_marker"] = repo.write_lost_marker(lost_packs, int(np.count_nonzero(missing_p[inv])))
 
     # 4. new index, then old indexes away, then packs away
     drop = np.zeros(len(pack_ids), bool)
@@ -255,11 +288,19 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
                                  for p in digest_sets.unique(part["pack"].view("S32")))
     freed = 0
     for pi in sorted(gone):
-        if pack_hex[pi] not in written_packs:
+        if pack_hex[pi] not in written_packs and not missing_p[pi]:
             freed += _delete(backend, fmt.pack_name(pack_hex[pi]))
     for name in unindexed:
         if name.rsplit("/", 1)[-1] not in written_packs:
             freed += _delete(backend, name)
+    # what the repacked frames take again in their new packs (a pack whose name existed
+    # before was not written anew)
+    existed = present_hex
+    for h in written_packs - existed:
+        try:
+            freed -= backend.stat(fmt.pack_name(h))
+        except ObjectMissing:
+            pass
     report["bytes_freed"] = freed
     repo._digest_index_cache = None
     report["duration"] = time.monotonic() - t0

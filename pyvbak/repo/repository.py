@@ -221,6 +221,8 @@ class Repository:
         # objects are immutable (create-only, then only deleted), so an entry is right for
         # as long as its name is listed; the local cache file is read once per process
         self._meta_memo: dict[str, dict] | None = None
+        #: locks taken through lock(): a commit checks that the held ones are still there
+        self._locks: list[RepositoryLock] = []
 
     # -- creation / opening ---------------------------------------------------------
     @classmethod
@@ -306,7 +308,9 @@ class Repository:
 
     def lock(self, *, exclusive: bool = False, purpose: str = "backup", clean_stale: bool = True,
              reader: bool = False) -> RepositoryLock:
-        return RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale, reader=reader)
+        lock = RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale, reader=reader)
+        self._locks = [lk for lk in self._locks if lk.held] + [lock]
+        return lock
 
     # -- snapshots ------------------------------------------------------------------
     def snapshots(self, vm: str | None = None, disk: str | None = None, *, cached: bool = True,
@@ -410,6 +414,25 @@ class Repository:
         if bs != snap.meta["block_size"] or size != snap.meta["size"]:
             raise IntegrityError(f"index of snapshot {snap.id} does not match its metadata")
         return bs, size, records
+
+    # -- blocks lost from storage ---------------------------------------------------
+    def lost_markers(self) -> list[str]:
+        """Names of the ``lost/`` markers: each says a prune removed the records of packs
+        that were gone from storage (docs/FORMAT.md, "Lost packs")."""
+        return sorted(n for n in self.backend.list(fmt.LOST_PREFIX) if not n.endswith("/"))
+
+    def write_lost_marker(self, packs: list[str], records: int) -> str:
+        name = fmt.LOST_PREFIX + new_snapshot_id()
+        doc = {"time": _now_iso(), "packs": packs, "records": records}
+        self.backend.write_new(name, json.dumps(doc, indent=2).encode())
+        return name
+
+    def lost_blocks_of(self, snap: SnapshotInfo) -> int:
+        """How many of ``snap``'s non-zero blocks the digest index no longer has."""
+        _, digests = self.data_blocks(snap)
+        if not len(digests):
+            return 0
+        return int(np.count_nonzero(self.load_digest_index().locate(digests) < 0))
 
     def iter_snapshot_index(self, snap: SnapshotInfo):
         """``snap``'s records in chunks (format.iter_snapshot_index): for passes that need
@@ -626,6 +649,9 @@ class Repository:
         records; every other one is that snapshot's, read again in chunks
         (encode_snapshot_index_patched)."""
         index_name = fmt.snapshot_index_name(snapshot_id)
+        for lock in self._locks:
+            if lock.held:
+                lock.check_held()
         if base is not None:
             try:
                 data = fmt.encode_snapshot_index_patched(meta["block_size"], meta["size"],

@@ -591,3 +591,14 @@ def test_default_repository_created_by_concurrent_first_commands(tmp_path):
     assert sum("created the default repository" in err for _, err in results) == 1
     repo = Repository.open(str(xdg / "pyvbak" / "repository"))
     assert sorted(s.meta["vm"] for s in repo.snapshots()) == [f"vm{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["frobnicate"], ["No such command 'frobnicate'", "pyvbak --help"]),
+    (["backup"], ["Missing argument", "pyvbak backup --help"]),
+    (["restore", "x", "y", "--frobnicate"], ["No such option: --frobnicate", "pyvbak restore --help"]),
+])
+def test_usage_errors_are_one_line_too(capsys, args, needles):
+    code, out, err = cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert_one_error_line(err, *needles)

@@ -124,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         return Interrupted.exit_code
     except Exception as exc:  # click usage errors
         if isinstance(exc, _click_exception_types()):
-            exc.show(file=sys.stderr)
-            return 2
+            # one line like every other error (click's own form is usage + hint + error)
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None and ctx.command_path else "pyvbak"
+            print(f"pyvbak: error: {exc.format_message()} (see '{where} --help')", file=sys.stderr)
+            return getattr(exc, "exit_code", 2) or 2
         if isinstance(exc, OSError) and not os.environ.get(DEBUG_ENV):
             # The environment refused something no code path turned into a PyvbakError
             # (permissions, a full or read-only disk, a vanished path): one line, the

@@ -35,6 +35,11 @@ BEHAVIOURS = {
     "simple_error",     # simple reply with EPERM
     "bs_partial",       # block status: at most one 4 KiB extent per reply, last one past the end
     "stall_reply",      # reads the request and never answers
+    "endless_holes",    # answers a read with hole chunks covering it, over and over, never DONE
+    "endless_errors",   # answers a read with error chunks, over and over, never DONE
+    "dup_context_ids",  # gives base:allocation and every other requested context one id
+    "endless_info",     # answers NBD_OPT_GO with NBD_REP_INFO replies forever
+    "huge_size",        # advertises an export of 2^62 bytes
 }
 
 
@@ -162,7 +167,7 @@ class FakeNbdServer:
                     qlen = struct.unpack_from(">I", payload, pos)[0]
                     q = payload[pos + 4:pos + 4 + qlen].decode()
                     pos += 4 + qlen
-                    if q == "base:allocation":
+                    if q == "base:allocation" or b == "dup_context_ids":
                         contexts[q] = 7
                         self._opt_reply(conn, opt, P.REP_META_CONTEXT, struct.pack(">I", 7) + q.encode())
                 self._opt_reply(conn, opt, P.REP_ACK)
@@ -172,8 +177,12 @@ class FakeNbdServer:
                 if name != self.export:
                     self._opt_reply(conn, opt, P.REP_FLAG_ERROR | 6, b"no such export")
                     continue
+                size = (1 << 62) if b == "huge_size" else len(self.data)
                 self._opt_reply(conn, opt, P.REP_INFO, P.S_INFO_EXPORT.pack(
-                    P.INFO_EXPORT, len(self.data), P.TFLAG_HAS_FLAGS | P.TFLAG_READ_ONLY))
+                    P.INFO_EXPORT, size, P.TFLAG_HAS_FLAGS | P.TFLAG_READ_ONLY))
+                while b == "endless_info" and not self._stop.is_set():
+                    self._opt_reply(conn, opt, P.REP_INFO, P.S_INFO_EXPORT.pack(
+                        P.INFO_EXPORT, size, P.TFLAG_HAS_FLAGS | P.TFLAG_READ_ONLY))
                 if self.block_size:
                     self._opt_reply(conn, opt, P.REP_INFO, P.S_INFO_BLOCK_SIZE.pack(P.INFO_BLOCK_SIZE, *self.block_size))
                 self._opt_reply(conn, opt, P.REP_ACK)
@@ -252,6 +261,13 @@ class FakeNbdServer:
             msg = b"bad sector"
             conn.sendall(self._chunk(DONE, P.REPLY_TYPE_ERROR_OFFSET, handle,
                                      P.S_ERROR.pack(5, len(msg)) + msg + P.S_U64.pack(off + 1)))
+            return
+        if b in ("endless_holes", "endless_errors"):
+            msg = b"again"
+            chunk = (self._chunk(0, P.REPLY_TYPE_OFFSET_HOLE, handle, P.S_HOLE.pack(off, ln)) if b == "endless_holes"
+                     else self._chunk(0, P.REPLY_TYPE_ERROR, handle, P.S_ERROR.pack(5, len(msg)) + msg))
+            while not self._stop.is_set():
+                conn.sendall(chunk * 64)
             return
         half = ln // 2
         if b == "holes":

@@ -602,3 +602,51 @@ def test_usage_errors_are_one_line_too(capsys, args, needles):
     code, out, err = cli(capsys, *args)
     assert code == 2 and out == ""
     assert_one_error_line(err, *needles)
+
+
+def test_a_fifo_as_the_image_is_refused_not_waited_on(env):
+    """Opening a FIFO for reading waits for a writer - while holding the repository lock."""
+    import subprocess
+
+    tmp, repo, _ = env
+    assert run_pyvbak(["init", repo]).returncode == 0
+    fifo = tmp / "fifo"
+    os.mkfifo(fifo)
+    try:
+        p = run_pyvbak(["backup", fifo, "--repo", repo, "--vm", "x"], timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("pyvbak waited on the FIFO")
+    assert p.returncode == 4
+    assert_one_error_line(p.stderr, "neither a regular file nor a block device")
+
+
+def test_a_file_that_shrank_since_it_was_opened_is_an_error_not_zeros(tmp_path):
+    """The hole scan once read 'no more data' past the new end as a hole up to the old
+    size: the vanished tail was stored as zeros without a word."""
+    from pyvbak.engine.backup import run_backup
+    from pyvbak.errors import SourceError
+    from pyvbak.sources.file import FileSource
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(4 * MiB, 77))
+    with repo.lock(), FileSource(str(img)) as src:
+        os.truncate(img, 1 * MiB)
+        with pytest.raises(SourceError, match="shrank"):
+            run_backup(repo, src, vm="v", disk="d", threads=2)
+    assert repo.snapshots() == []
+
+
+def test_out_of_memory_is_one_line(env, capsys, monkeypatch):
+    from pyvbak import native
+
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+
+    def no_memory(n):
+        raise MemoryError()
+
+    monkeypatch.setattr(native, "new_arrays", no_memory)
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "x")
+    assert code == 1
+    assert_one_error_line(err, "out of memory", "--block-size")

@@ -249,3 +249,38 @@ def test_zero_ranges_within_windows_loop_over_partial_replies(monkeypatch):
         asked = [(off, ln) for cmd, _, off, ln in server.requests if cmd == P.CMD_BLOCK_STATUS]
         assert all(4096 <= off and off + ln <= 12288 or 70000 <= off and off + ln <= 71000 for off, ln in asked)
         assert len(asked) > 2  # the 4 KiB replies were continued
+
+
+# -- faults found by an audit: each once hung, ate memory or mixed up data -------------
+
+def test_a_tiny_maximum_block_size_is_refused():
+    """(1, 1, 1) made a 4 MiB read 4 M requests held at once: gigabytes of memory."""
+    expect_error("ok", "maximum block size 1 is below 4096", block_size=(1, 1, 1))
+
+
+def test_endless_hole_chunks_are_an_overlap_at_once():
+    expect_error("endless_holes", "overlaps itself")
+
+
+def test_endless_error_chunks_are_cut_off():
+    """The first error is the one reported; the endless rest no longer keeps the reply
+    (and the caller) going forever."""
+    expect_error("endless_errors", "EIO for NBD_CMD_READ at offset 0 length 8192: again")
+
+
+def test_one_context_id_for_two_contexts_is_refused():
+    """Block status is told apart by context id alone: a server giving the dirty bitmap and
+    the allocation map one id made an incremental read the allocation map as the bitmap
+    (every change missed)."""
+    with FakeNbdServer(DATA, "dup_context_ids") as server:
+        with pytest.raises(SourceError, match="context id 7 to both"):
+            with open_source(server, dirty_bitmap="bm0", bitmap_connection=False) as src:
+                src.change_tracking(None)
+
+
+def test_endless_option_replies_are_cut_off():
+    expect_error("endless_info", "more than 256 replies")
+
+
+def test_an_export_beyond_any_disk_is_refused():
+    expect_error("huge_size", "beyond any disk")

@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("pyvbak: error: aborted", file=sys.stderr)
         return Interrupted.exit_code
+    except MemoryError:
+        # e.g. the per-block arrays of a disk far larger than this machine can index
+        print("pyvbak: error: out of memory: the disk needs more memory than this machine has (about 50 bytes "
+              "per block: see the README's 'Sizing'); use a repository with larger blocks (pyvbak init "
+              "--block-size 1M) or a machine with more memory", file=sys.stderr)
+        return 1
     except Exception as exc:  # click usage errors
         if isinstance(exc, _click_exception_types()):
             # one line like every other error (click's own form is usage + hint + error)

@@ -749,6 +749,8 @@ def _zero_extent_blocks(source, n: int, bs: int, within=None) -> np.ndarray:
             ranges = np.asarray(zr, dtype=np.int64).reshape(-1, 2)
         else:
             ranges = np.array([(e.offset, e.length) for e in source.extents() if e.zero], np.int64).reshape(-1, 2)
+    except MemoryError:
+        raise
     except Exception:  # an allocation map is an optimisation; read everything instead
         return np.zeros(n, dtype=bool)
     ends = ranges[:, 0] + ranges[:, 1]

@@ -25,7 +25,10 @@ class FileSource:
 
     def __enter__(self) -> "FileSource":
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: opening a FIFO for reading would wait for a writer (holding the
+            # repository lock); the type check below refuses it.  Regular files and block
+            # devices ignore the flag.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise SourceError(f"disk image {self.path} does not exist: check the path") from None
         except PermissionError:
@@ -93,7 +96,10 @@ class FileSource:
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no more data: the rest is a hole
+                if exc.errno == errno.ENXIO:  # no more data: the rest is a hole...
+                    if os.fstat(fd).st_size < end:  # ...or the file shrank since it was opened
+                        raise SourceError(f"{self.path} shrank while being read (now {os.fstat(fd).st_size} "
+                                          f"bytes, {end} when the backup started): retry the backup") from None
                     yield Extent(pos, end - pos, zero=True)
                     return
                 yield Extent(pos, end - pos)  # SEEK_DATA unsupported: all data

@@ -38,6 +38,16 @@ DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
 # Caps on the size of non-data messages; anything bigger is garbage, not a reason to
 # allocate gigabytes.
 _MAX_OPTION_REPLY = 1 << 20
+#: replies to one option (a few NBD_REP_INFO, one per metadata context, the ACK): a
+#: server that never ends them is refused instead of read forever
+_MAX_OPTION_REPLIES = 256
+#: error chunks beyond the data and status chunks a reply may carry before it is cut off
+_MAX_ERROR_CHUNKS = 64
+#: smallest maximum block size a server may advertise (the spec's own examples start at 512)
+_MIN_USABLE_MAX_BLOCK = 4096
+#: largest export pyvbak accepts (2^60 bytes = 1 EiB: beyond any disk; guards the
+#: per-block arrays and request lists against a garbage size)
+_MAX_EXPORT_SIZE = 1 << 60
 _MAX_STATUS_CHUNK = 64 << 20  # 8 M extent descriptors
 _MAX_ERROR_CHUNK = 4096 + 64
 # One BLOCK_STATUS request covers at most this much; the protocol length field is 32 bits.
@@ -120,7 +130,7 @@ class _Completion:
 
 class _Request:
     __slots__ = ("handle", "cmd", "offset", "length", "view", "done", "error", "covered",
-                 "status", "sent_at")
+                 "covered_bytes", "chunks", "status", "sent_at")
 
     def __init__(self, handle, cmd, offset, length, view, done: _Completion):
         self.handle = handle
@@ -131,6 +141,8 @@ class _Request:
         self.done = done  # shared with the other requests sent with it
         self.error: SourceError | None = None
         self.covered: list[tuple[int, int]] = []  # READ: (start, end) relative to offset
+        self.covered_bytes = 0  # their total: more than the length is an overlap, at once
+        self.chunks = 0  # error chunks of this reply so far (bounded: a reply must end)
         self.status: dict[int, np.ndarray] = {}  # BLOCK_STATUS: ctx id -> (k, 2) int64 [length, flags]
         self.sent_at = 0.0
 
@@ -320,7 +332,7 @@ class NbdClient:
         Error replies raise, except NBD_REP_ERR_UNSUP when ``allow_unsup`` (then
         nothing more is yielded)."""
         self._send(P.S_OPTION.pack(P.IHAVEOPT, opt, len(payload)) + payload)
-        while True:
+        for _ in range(_MAX_OPTION_REPLIES):
             magic, ropt, rtype, rlen = P.S_OPTION_REPLY.unpack(self._recv_exact(P.S_OPTION_REPLY.size, f"the reply to {what}"))
             if magic != P.OPT_REPLY_MAGIC:
                 raise self._err(f"bad option reply magic 0x{magic:016x} in the reply to {what}")
@@ -337,6 +349,7 @@ class NbdClient:
             yield rtype, data
             if rtype == P.REP_ACK:
                 return
+        raise self._err(f"server sent more than {_MAX_OPTION_REPLIES} replies to {what} without ending them")
 
     def _negotiate_meta_contexts(self) -> None:
         payload = P.option_payload_meta(self.export, self._wanted_contexts)
@@ -348,6 +361,10 @@ class NbdClient:
                 name = data[4:].decode("utf-8", "replace")
                 if name not in self._wanted_contexts:
                     raise self._err(f"server selected metadata context {name!r} that was not requested")
+                # one id names one context: block status replies are told apart by it alone
+                if cid in self._context_names or name in self.contexts:
+                    raise self._err(f"server gave metadata context id {cid} to both "
+                                    f"{self._context_names.get(cid, name)!r} and {name!r}")
                 self.contexts[name] = cid
                 self._context_names[cid] = name
             elif rtype != P.REP_ACK:
@@ -380,6 +397,7 @@ class NbdClient:
                 raise self._err(f"unexpected {P.rep_name(rtype)} in the reply to NBD_OPT_GO")
         if not got_export:
             raise self._err("NBD_OPT_GO succeeded without NBD_INFO_EXPORT (size unknown)")
+        self._check_size()
         if block_size is not None:
             self._apply_block_size(*block_size)
         else:
@@ -394,6 +412,10 @@ class NbdClient:
             raise self._err(f"invalid preferred block size {preferred} (minimum {minimum})")
         if maximum < minimum or (maximum != 0xFFFFFFFF and maximum % minimum):
             raise self._err(f"invalid maximum block size {maximum} (minimum {minimum})")
+        if maximum < _MIN_USABLE_MAX_BLOCK:
+            # every read would be split into requests of a few bytes, each held in memory
+            raise self._err(f"maximum block size {maximum} is below {_MIN_USABLE_MAX_BLOCK} bytes: "
+                            f"too small to read a disk through")
         self.min_block, self.preferred_block, self.max_block = minimum, preferred, maximum
         cap = min(self._client_max, maximum)
         cap -= cap % minimum
@@ -401,11 +423,17 @@ class NbdClient:
             cap = minimum
         self.max_payload = cap
 
+    def _check_size(self) -> None:
+        if self.size > _MAX_EXPORT_SIZE:
+            raise self._err(f"export size {self.size} bytes is beyond any disk (over {_MAX_EXPORT_SIZE >> 60} EiB): "
+                            f"a broken server")
+
     def _export_name_fallback(self) -> None:
         name = self.export.encode()
         self._send(P.S_OPTION.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, len(name)) + name)
         data = self._recv_exact(10 if self._no_zeroes else 134, "the reply to NBD_OPT_EXPORT_NAME")
         self.size, self.transmission_flags = P.S_U64.unpack_from(data)[0], P.S_U16.unpack_from(data, 8)[0]
+        self._check_size()
         self.max_payload = min(self._client_max, P.DEFAULT_MAX_PAYLOAD)
 
     # ---- request submission ------------------------------------------------------
@@ -768,6 +796,12 @@ class NbdClient:
             self._pending.pop(req.handle, None)
         req.done.one_done()
 
+    def _count_covered(self, req: _Request, n: int) -> None:
+        req.covered_bytes += n
+        if req.covered_bytes > req.length:
+            raise self._err(f"read reply at offset {req.offset} length {req.length} overlaps itself "
+                            f"({req.covered_bytes} bytes of data and holes so far)")
+
     def _handle_simple(self, error: int, handle: int) -> None:
         req = self._lookup(handle)
         if error:
@@ -792,6 +826,7 @@ class NbdClient:
                 raise self._err(f"data chunk at offset {off} length {n} lies outside the request {_describe(req)}")
             self._recv_into(req.view[rel:rel + n], lambda: f"read data at offset {off} ({n} bytes)")
             req.covered.append((rel, rel + n))
+            self._count_covered(req, n)
         elif rtype == P.REPLY_TYPE_OFFSET_HOLE:
             if req.cmd != P.CMD_READ or length != P.S_HOLE.size:
                 raise self._err(f"invalid OFFSET_HOLE chunk ({length} bytes) in the reply to {_describe(req)}")
@@ -801,6 +836,7 @@ class NbdClient:
                 raise self._err(f"hole chunk at offset {off} length {n} lies outside the request {_describe(req)}")
             req.view[rel:rel + n] = bytes(n)  # pooled buffers hold old data
             req.covered.append((rel, rel + n))
+            self._count_covered(req, n)
         elif rtype == P.REPLY_TYPE_BLOCK_STATUS:
             if req.cmd != P.CMD_BLOCK_STATUS or length < 4 + 8 or (length - 4) % 8 or length > _MAX_STATUS_CHUNK:
                 raise self._err(f"invalid BLOCK_STATUS chunk ({length} bytes) in the reply to {_describe(req)}")
@@ -818,6 +854,12 @@ class NbdClient:
             if length != 0 or not flags & P.REPLY_FLAG_DONE:
                 raise self._err(f"invalid NONE chunk in the reply to {_describe(req)}")
         elif rtype & P.REPLY_TYPE_ERROR_BIT:
+            # A reply that never sets DONE must not be read forever: data and hole chunks
+            # are bounded by the bytes they cover (_count_covered), block status chunks by
+            # one per context, error chunks by this count.
+            req.chunks += 1
+            if req.chunks > _MAX_ERROR_CHUNKS:
+                raise self._err(f"the reply to {_describe(req)} sent {req.chunks} error chunks without ending")
             if length < P.S_ERROR.size or length > _MAX_ERROR_CHUNK:
                 raise self._err(f"invalid error chunk ({length} bytes) in the reply to {_describe(req)}")
             data = self._recv_exact(length, "an error chunk")

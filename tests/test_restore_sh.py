@@ -16,10 +16,10 @@ from pyvbak.repo.repository import Repository
 BARE_ENV = {"PATH": "/usr/bin:/bin"}  # no PYTHONPATH, no venv, no pyenv shims
 
 
-def run_sh(repo_dir, *args, cwd):
+def run_sh(repo_dir, *args, cwd, shell=("/bin/sh",), env=BARE_ENV):
     return subprocess.run(
-        ["/bin/sh", os.path.join(repo_dir, "restore.sh"), *map(str, args)],
-        env=BARE_ENV,
+        [*shell, os.path.join(repo_dir, "restore.sh"), *map(str, args)],
+        env=env,
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -155,8 +155,7 @@ def test_restore_sh_under_busybox_sh(setup):
     repo, snaps, elsewhere = setup
     for k, (sid, copy) in enumerate(snaps):
         out = elsewhere / f"bb{k}.img"
-        p = subprocess.run([busybox, "sh", os.path.join(repo.location, "restore.sh"), sid, str(out)],
-                           env=BARE_ENV, cwd=elsewhere, capture_output=True, text=True, timeout=300)
+        p = run_sh(repo.location, sid, out, cwd=elsewhere, shell=(busybox, "sh"))
         assert p.returncode == 0, p.stderr
         assert same_file(out, copy)
 
@@ -166,9 +165,7 @@ def test_restore_sh_without_a_tool_says_which_and_writes_nothing(setup, tmp_path
     repo, snaps, elsewhere = setup
     sid, _ = snaps[1]
     out = elsewhere / f"no-{tool}.img"
-    p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), sid, str(out)],
-                       env={"PATH": _tools_dir(tmp_path, without=(tool,))}, cwd=elsewhere,
-                       capture_output=True, text=True, timeout=300)
+    p = run_sh(repo.location, sid, out, cwd=elsewhere, env={"PATH": _tools_dir(tmp_path, without=(tool,))})
     assert p.returncode != 0
     assert "restore.sh: error: needs these commands" in p.stderr and tool in p.stderr
     assert not out.exists()
@@ -181,9 +178,7 @@ def test_restore_sh_a_failing_stage_is_an_error_not_a_disk_of_zeros(setup, tmp_p
     repo, snaps, elsewhere = setup
     sid, _ = snaps[1]
     out = elsewhere / f"fail-{tool}.img"
-    p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), sid, str(out)],
-                       env={"PATH": _tools_dir(tmp_path, failing=(tool,))}, cwd=elsewhere,
-                       capture_output=True, text=True, timeout=300)
+    p = run_sh(repo.location, sid, out, cwd=elsewhere, env={"PATH": _tools_dir(tmp_path, failing=(tool,))})
     assert p.returncode != 0, p.stdout
     assert "restore.sh: error:" in p.stderr
     assert not out.exists()

@@ -97,10 +97,29 @@ def _check_block_size(block_size) -> int:
     return bs
 
 
+#: sizes and offsets the C side takes as int64 / off_t
+_MAX_SIZE = (1 << 63) - 1
+
+
 def _check_size(size, what: str) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
-        raise UsageError(f"{what} must be a non-negative integer, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 <= size <= _MAX_SIZE:
+        raise UsageError(f"{what} must be an integer from 0 to 2^63-1, got {size!r}")
     return int(size)
+
+
+def _check_fd(fd) -> int:
+    if isinstance(fd, bool) or not isinstance(fd, (int, np.integer)) or not 0 <= fd < (1 << 31):
+        raise UsageError(f"fd must be an open file descriptor (an int), got {fd!r}")
+    return int(fd)
+
+
+def _index_array(values, name: str) -> np.ndarray:
+    """``values`` as an aligned, C-contiguous int64 array (UsageError if they are not integers
+    that fit)."""
+    try:
+        return np.require(values, dtype=np.int64, requirements=["C", "A"])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UsageError(f"{name} must be integers from -2^63 to 2^63-1: {exc}") from None
 
 
 @lru_cache(maxsize=64)
@@ -137,6 +156,8 @@ def _check_array(arr, name: str, dtype, ncols: int | None, min_rows: int, writab
         raise UsageError(f"{name} has {arr.shape[0]} entries, needs at least {min_rows}")
     if not arr.flags.c_contiguous:
         raise UsageError(f"{name} is not C-contiguous")
+    if not arr.flags.aligned:  # C reads and writes its elements as uint64_t / int64_t
+        raise UsageError(f"{name} is not aligned to its element size (a view at an odd byte offset?)")
     if writable and not arr.flags.writeable:
         raise UsageError(f"{name} is read-only")
 
@@ -206,20 +227,24 @@ def scan_fd_range(fd: int, offset: int, length: int, block_size, key, zero_out, 
     The piece of work the backup engine schedules per window, so that the changed blocks
     of a window are read again while still in the page cache.  Holes read as zero without
     being read.  Raises SourceError for truncated or unreadable images (``name`` and
-    ``size`` only word the message)."""
+    ``size`` only word the message).  Moves the descriptor's file offset (SEEK_DATA /
+    SEEK_HOLE): read through it with ``pread``, as the engine does."""
     bs = _check_block_size(block_size)
     ktab = _key(key)
     kid = _kernel_id(kernel)
     offset, length = _check_size(offset, "offset"), _check_size(length, "length")
     if offset % bs:
         raise UsageError(f"offset {offset} is not a multiple of the block size {bs}")
+    if offset + length > _MAX_SIZE:  # C computes the end as offset + length
+        raise UsageError(f"offset {offset} + length {length} is past 2^63-1")
+    fd = _check_fd(fd)
     n = -(-length // bs)
     _check_array(zero_out, "zero_out", np.uint8, None, n, True)
     _check_array(hash_out, "hash_out", np.uint64, 2, n, True)
     if n == 0:
         return
     detail = ffi.new("int64_t *")
-    rc = lib.pv_scan_fd(int(fd), offset, length, bs, ktab, kid,
+    rc = lib.pv_scan_fd(fd, offset, length, bs, ktab, kid,
                         ffi.from_buffer("uint8_t[]", zero_out, require_writable=True),
                         ffi.from_buffer("uint64_t[]", hash_out, require_writable=True),
                         0, 0, detail)
@@ -286,6 +311,7 @@ def scan_file(path_or_fd, block_size, key, *, size=None, threads=None, kernel=No
         raise UsageError(f"threads must be a positive integer, got {threads!r}")
     if size is not None:
         size = _check_size(size, "size")
+    _window = _check_size(_window, "_window")
 
     if isinstance(path_or_fd, bool):
         raise UsageError(f"expected a path or file descriptor, got {path_or_fd!r}")
@@ -299,10 +325,9 @@ def scan_file(path_or_fd, block_size, key, *, size=None, threads=None, kernel=No
         except OSError as e:
             raise SourceError(f"cannot open image {name}: {e.strerror}") from e
     else:
-        fd = int(path_or_fd)
-        if fd < 0:
-            raise UsageError(f"file descriptor must be >= 0, got {fd}")
+        fd = _check_fd(path_or_fd)
         name = f"file descriptor {fd}"
+    saved_pos = None
     try:
         try:
             st = os.fstat(fd)
@@ -334,12 +359,12 @@ def scan_file(path_or_fd, block_size, key, *, size=None, threads=None, kernel=No
         for rc, detail, off, length in results:
             if rc != lib.PV_OK:
                 raise _scan_error(rc, detail, name, off, length, size)
-        if saved_pos is not None:
-            os.lseek(fd, saved_pos, os.SEEK_SET)
         return zero, hashes
     finally:
         if own:
             os.close(fd)
+        elif saved_pos is not None:  # on errors too: the caller's descriptor is as it was
+            os.lseek(fd, saved_pos, os.SEEK_SET)
 
 
 # ---- copying (outside the GIL) --------------------------------------------------------------
@@ -350,13 +375,21 @@ def gather_into(dst, buffers) -> int:
     try:
         cdst = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
         srcs = [ffi.from_buffer(b) for b in buffers]
-    except (TypeError, BufferError) as exc:
+    except (TypeError, BufferError, ValueError) as exc:  # ValueError: a non-contiguous array
         raise UsageError(f"gather_into needs a writable buffer and bytes-like sources: {exc}") from None
     lens = [len(c) for c in srcs]
-    if sum(lens) > len(cdst):
-        raise UsageError(f"gather_into: {sum(lens)} bytes do not fit in a {len(cdst)}-byte buffer")
+    total = sum(lens)
+    if total > len(cdst):
+        raise UsageError(f"gather_into: {total} bytes do not fit in a {len(cdst)}-byte buffer")
     if not srcs:
         return 0
+    # memcpy of overlapping ranges is undefined: a source may not lie in the bytes written
+    d0 = int(ffi.cast("uintptr_t", cdst))
+    d1 = d0 + total
+    for c, n in zip(srcs, lens):
+        s0 = int(ffi.cast("uintptr_t", c))
+        if n and s0 < d1 and d0 < s0 + n:
+            raise UsageError("gather_into: a source overlaps the part of the destination written")
     return int(lib.pv_gather(cdst, ffi.new("uint8_t *[]", srcs), ffi.new("uint64_t[]", lens), len(srcs)))
 
 
@@ -385,12 +418,13 @@ def sha256_blocks(buf, offsets, lengths, *, kernel=None) -> bytes:
     """SHA-256 of ``buf[offsets[i] : offsets[i] + lengths[i]]`` for every i, concatenated
     (32 bytes each, in order).  ``offsets`` and ``lengths``: int64 arrays of equal length."""
     cbuf, nbytes = _input_buffer(buf, "buf")
-    offs = np.ascontiguousarray(offsets, dtype=np.int64)
-    lens = np.ascontiguousarray(lengths, dtype=np.int64)
+    offs = _index_array(offsets, "offsets")
+    lens = _index_array(lengths, "lengths")
     if offs.ndim != 1 or lens.shape != offs.shape:
         raise UsageError(f"offsets {offs.shape} and lengths {lens.shape} must be 1-d arrays of one length")
     n = len(offs)
-    if n and (offs.min() < 0 or lens.min() < 0 or (offs + lens).max() > nbytes):
+    # element by element, without offs + lens (which wraps past 2^63 and passed the check)
+    if n and (offs.min() < 0 or lens.min() < 0 or offs.max() > nbytes or (lens > nbytes - offs).any()):
         raise UsageError(f"a block lies outside the {nbytes}-byte buffer")
     if selected_sha256_kernel(kernel) == "hashlib":
         mv = memoryview(buf).cast("B")
@@ -405,15 +439,19 @@ def sha256_blocks(buf, offsets, lengths, *, kernel=None) -> bytes:
 
 
 def sha256_many(buffers, *, kernel=None) -> list[bytes]:
-    """SHA-256 digest of each bytes-like object in ``buffers`` (a list), in order."""
+    """SHA-256 digest of each bytes-like object in ``buffers`` (any iterable), in order."""
+    buffers = buffers if isinstance(buffers, list) else list(buffers)
     if selected_sha256_kernel(kernel) == "hashlib":
-        return [hashlib.sha256(b).digest() for b in buffers]
+        try:
+            return [hashlib.sha256(b).digest() for b in buffers]
+        except TypeError as exc:
+            raise UsageError(f"sha256_many needs bytes-like objects: {exc}") from None
     n = len(buffers)
     if not n:
         return []
     try:
         cbufs = [ffi.from_buffer(b) for b in buffers]  # keeps every buffer alive for the call
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise UsageError(f"sha256_many needs bytes-like objects: {exc}") from None
     out = bytearray(32 * n)
     rc = lib.pv_sha256_many(ffi.new("uint8_t *[]", cbufs), ffi.new("uint64_t[]", [len(c) for c in cbufs]), n,

@@ -435,7 +435,7 @@ def test_block_count_and_new_arrays():
     z, h = native.new_arrays(5)
     assert z.shape == (5,) and z.dtype == np.uint8 and not z.any() and z.flags.c_contiguous
     assert h.shape == (5, 2) and h.dtype == np.uint64 and h.flags.c_contiguous
-    with pytest.raises(UsageError, match="size must be a non-negative integer"):
+    with pytest.raises(UsageError, match="size must be an integer from 0 to 2\\^63-1"):
         native.block_count(-1, 4096)
     assert native.KEY_BYTES == 16 and native.MIN_BLOCK_SIZE == 4096 and native.MAX_BLOCK_SIZE == 16 * 2**20
 
@@ -606,3 +606,65 @@ def test_gather_into_refuses_overflow_and_readonly():
         native.gather_into(bytearray(4), [b"abc", b"de"])
     with pytest.raises(UsageError, match="writable buffer"):
         native.gather_into(b"immutable", [b"x"])
+
+
+# -- argument checks an audit found missing (each once reached C with bad memory) ------
+
+def test_sha256_blocks_bounds_cannot_wrap():
+    """offs + lens past 2^63 wrapped negative and passed the check: the SHA-NI kernel then
+    read far outside the buffer (a segfault)."""
+    for kernel in native.available_sha256_kernels():
+        for offs, lens in (([2**62], [2**62]), ([4096], [2**63 - 1]), ([1], [4096])):
+            with pytest.raises(UsageError, match="outside the 4096-byte buffer"):
+                native.sha256_blocks(bytes(4096), np.array(offs), np.array(lens), kernel=kernel)
+        with pytest.raises(UsageError, match="integers"):
+            native.sha256_blocks(bytes(4096), [2**64], [0], kernel=kernel)
+
+
+def test_misaligned_arrays_are_refused():
+    """C reads and writes the arrays as uint64_t: a view at an odd byte offset is UB."""
+    h = np.zeros(49, np.uint8)[1:].view(np.uint64).reshape(3, 2)
+    assert not h.flags.aligned and h.flags.c_contiguous
+    with pytest.raises(UsageError, match="not aligned"):
+        native.scan_buffer(b"\x01" * 10000, 4096, KEY, np.zeros(3, np.uint8), h)
+
+
+def test_scan_fd_range_end_past_2_63_is_refused(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"\x01" * 16384)
+    z, h = np.full(2, 7, np.uint8), np.full((2, 2), 7, np.uint64)
+    with open(p, "rb") as f:
+        with pytest.raises(UsageError):  # it returned success without writing its outputs
+            native.scan_fd_range(f.fileno(), 2**64 - 4096, 8192, 4096, KEY, z, h)
+        with pytest.raises(UsageError, match="past 2\\^63-1"):
+            native.scan_fd_range(f.fileno(), 2**63 - 4096, 8192, 4096, KEY, z, h)
+        with pytest.raises(UsageError, match="file descriptor"):
+            native.scan_fd_range("3", 0, 8192, 4096, KEY, z, h)
+
+
+def test_gather_into_refuses_overlap_and_odd_sources():
+    b = bytearray(range(256)) * 16
+    with pytest.raises(UsageError, match="overlaps"):
+        native.gather_into(b, [memoryview(b)[1:2000]])
+    assert native.gather_into(b, [memoryview(b)[2000:3000]]) == 1000  # beside what is written: fine
+    with pytest.raises(UsageError):
+        native.gather_into(bytearray(100), [np.zeros((4, 4), np.uint8)[:, 1]])  # not contiguous
+
+
+def test_sha256_many_takes_any_iterable_and_refuses_the_same_things_on_every_kernel():
+    data = [b"a", b"bc" * 1000, b""]
+    want = [__import__("hashlib").sha256(d).digest() for d in data]
+    for kernel in native.available_sha256_kernels():
+        assert native.sha256_many((d for d in data), kernel=kernel) == want
+        with pytest.raises(UsageError):
+            native.sha256_many(["text"], kernel=kernel)
+
+
+def test_scan_file_restores_the_descriptor_position_on_errors_too(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"\x01" * 8192)
+    with open(p, "rb") as f:
+        os.lseek(f.fileno(), 123, os.SEEK_SET)
+        with pytest.raises(Exception):
+            native.scan_file(f.fileno(), 4096, KEY, size=1 << 20)  # longer than the file
+        assert os.lseek(f.fileno(), 0, os.SEEK_CUR) == 123

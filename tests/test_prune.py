@@ -142,7 +142,9 @@ def test_prune_removes_crash_leftovers(two_generations, tmp_path):
     with repo.lock(exclusive=True):
         rep = prune_repository(repo)
     assert rep["orphan_snapshot_indexes"] == ["snapshots/20000101T000000Z-deadbeef.index"]
-    assert rep["unindexed_packs_deleted"] == 1
+    # the unindexed pack is adopted, then deleted as unreferenced like any other
+    assert len(rep["adopted"]) == 1 and rep["packs_deleted"] >= 1
+    assert not [p for p in packs(repo) if p.rsplit("/", 1)[-1][:16] in rep["adopted"][0]]
     assert not repo.backend.exists("snapshots/20000101T000000Z-deadbeef.index")
     check_all_restore(repo, tmp_path, {b: img})
 
@@ -488,3 +490,19 @@ def test_cli_dry_runs_change_nothing_and_preview_the_forget(two_generations, cap
     for key in ("snapshots", "packs_repacked", "blocks_removed", "referenced_blocks"):
         assert preview[key] == done[key], key
     assert preview["blocks_removed"] == 50
+
+
+def test_a_lost_pack_index_costs_prune_nothing_it_adopts_the_packs(two_generations, tmp_path):
+    """A pack index gone from storage made its packs 'unindexed', and prune deleted them as
+    a killed backup's leftovers - blocks both snapshots still referenced."""
+    repo, img, a, b, a_copy = two_generations
+    for name in repo.pack_index_names():
+        repo.backend.delete(name)
+    with repo.lock(exclusive=True):
+        dry = prune_repository(repo, dry_run=True)
+    assert len(dry["adopted"]) == 2 and dry["packs_deleted"] == 0 and dry["missing_blocks"] == 0
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert len(rep["adopted"]) == 2 and rep["packs_deleted"] == 0 and rep["missing_blocks"] == 0
+    check_all_restore(repo, tmp_path, {a: a_copy, b: img})
+    assert verify_repository(repo, threads=2)["ok"]

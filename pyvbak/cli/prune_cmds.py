@@ -92,8 +92,8 @@ def _print_prune(rep: dict) -> None:
     for what in ("orphan_snapshot_indexes", "temp_objects_removed"):
         for name in rep[what]:
             info(f"cleanup: {done} {name} ({what.replace('_', ' ').replace(' removed', '')})")
-    if rep["unindexed_packs_deleted"]:
-        info(f"cleanup: {done} {rep['unindexed_packs_deleted']} pack(s) no index names (left by killed backups)")
+    for line in rep["adopted"]:  # packs no index named: indexed first, then judged like the rest
+        info(f"cleanup: {line}" if not rep["dry_run"] else f"cleanup: would have {line}")
     for p in rep["problems"]:
         info(f"warning: {p}")
     if rep["missing_blocks"]:

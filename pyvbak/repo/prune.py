@@ -8,7 +8,8 @@ loaded the parent's index, and the blocks stay until a prune).
 ``prune`` takes the exclusive lock (no backup, restore or verify runs meanwhile) and:
 
 1. removes temp objects of interrupted writes and block indexes without metadata (left
-   by backups killed between their last two writes);
+   by backups killed between their last two writes), and adopts packs no index names
+   (indexed from their trailers: a killed backup's, or ones whose index was lost);
 2. reads every snapshot's block index: the set of referenced blocks (a snapshot whose
    index cannot be read stops the prune - deleting data it might reference is never
    safe);
@@ -110,7 +111,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         "packs_deleted": 0,
         "packs_repacked": 0,
         "packs_written": 0,
-        "unindexed_packs_deleted": 0,
+        "adopted": [],
         "blocks_removed": 0,
         "bytes_freed": 0,
         "problems": [],
@@ -135,9 +136,22 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         raise IntegrityError(f"prune stopped, nothing deleted: {exc}") from None
     report["referenced_blocks"] = int(len(referenced))
 
+    # Packs no index names are adopted (indexed from their own trailers) before anything
+    # is decided, not deleted as a killed backup's leftovers: their blocks may be what a
+    # snapshot references (a pack index lost from storage); those no snapshot references
+    # go below like any other unreferenced pack.  A dry run adopts them in memory only.
+    adopted, lines = repo.unindexed_pack_records()
+    report["adopted"] = lines
+    if len(adopted) and not dry_run:
+        repo.write_pack_index(adopted)
+        repo._digest_index_cache = None
+        adopted = adopted[:0]
+
     # 3. what the packs hold, and which copy of each referenced block stays
     index_names = sorted(repo.pack_index_names())
     loaded = [fmt.decode_pack_index(backend.read(n), f"pack index {n}") for n in index_names]
+    if len(adopted):
+        loaded.append(adopted)
     recs = np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD)
     del loaded
     listed_records = len(recs)
@@ -195,8 +209,12 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
             f"blocks again; run 'pyvbak verify' to see which snapshots lost blocks")
 
     indexed_hex = set(pack_hex)
+    # what is left unindexed now could not be adopted (no valid trailer): not ours to delete
     unindexed = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
-    report["unindexed_packs_deleted"] = len(unindexed)
+    if unindexed:
+        report["problems"].append(f"{len(unindexed)} object(s) under packs/ are no pack pyvbak can read "
+                                  f"(e.g. {unindexed[0]}): left in place")
+    unindexed = []
     report["packs_deleted"] = int(np.count_nonzero(delete_p))
     report["packs_repacked"] = int(np.count_nonzero(repack_p))
     if dry_run:

@@ -516,7 +516,7 @@ class Repository:
             decoded.add(name)
             try:
                 return fmt.decode_pack_index(self.backend.read(name), f"pack index {name}")
-            except IntegrityError:
+            except (IntegrityError, ObjectMissing):  # listed but unreadable (e.g. a dangling link)
                 damaged.append(name)
                 return np.empty(0, fmt.PACK_INDEX_RECORD)
 
@@ -599,16 +599,42 @@ class Repository:
         damaged = list(self.damaged_pack_indexes)
         if not (after_crash or report or damaged):
             return report
+        adopted, found = self.unindexed_pack_records(index)
+        report += found
+        # A damaged index goes before the adopted one is written: re-indexing a pack gives
+        # the same records, so often the same (content-named, create-only) object name.  A
+        # crash in between leaves unindexed packs, which the next backup adopts.
+        for name in damaged:
+            try:
+                self.backend.delete(name)
+            except ObjectMissing:
+                pass
+            report.append(f"removed damaged pack index {name} (its packs were re-indexed from their own tables of contents)")
+        if len(adopted):
+            self.write_pack_index(adopted)
+        if len(adopted) or damaged:
+            self._digest_index_cache = None
+        return report
+
+    def unindexed_pack_records(self, index=None) -> tuple[np.ndarray, list[str]]:
+        """(pack index records, report lines) for the packs no pack index names, read from
+        their own trailers (tables of contents); packs whose trailer does not match their
+        name are left out and reported.  Writes nothing."""
+        index = self.load_digest_index() if index is None else index
         # Unique packs first (vectorised: a Python set over every record's pack id took
-        # minutes at 10^8 records); only after a crash or with incomplete temp objects.
+        # minutes at 10^8 records).
         raw = digest_sets.unique(index.records["pack"].view("S32")).tobytes()
         indexed = {raw[i : i + 32].hex() for i in range(0, len(raw), 32)}
+        report: list[str] = []
         adopted = []
         for name in self.backend.list("packs/"):
             pack_hex = name.rsplit("/", 1)[-1]
             if pack_hex in indexed or not re.fullmatch(r"[0-9a-f]{64}", pack_hex):
                 continue
             size = self.backend.stat(name)
+            if size < 4:
+                report.append(f"left {name} alone: {size} bytes cannot be a pack (not pyvbak's?)")
+                continue
             tail = self.backend.read_range(name, size - 4, 4)
             tlen = fmt.trailer_length_from_tail(tail)
             if tlen > size:
@@ -624,20 +650,7 @@ class Repository:
             recs["pack"] = np.frombuffer(bytes.fromhex(pack_hex), "V32")[0]
             adopted.append(recs)
             report.append(f"adopted unindexed pack {pack_hex[:16]}… ({len(recs)} blocks): indexed from its own table of contents")
-        # A damaged index goes before the adopted one is written: re-indexing a pack gives
-        # the same records, so often the same (content-named, create-only) object name.  A
-        # crash in between leaves unindexed packs, which the next backup adopts.
-        for name in damaged:
-            try:
-                self.backend.delete(name)
-            except ObjectMissing:
-                pass
-            report.append(f"removed damaged pack index {name} (its packs were re-indexed from their own tables of contents)")
-        if adopted:
-            self.write_pack_index(np.concatenate(adopted))
-        if adopted or damaged:
-            self._digest_index_cache = None
-        return report
+        return (np.concatenate(adopted) if adopted else np.empty(0, fmt.PACK_INDEX_RECORD)), report
 
     # -- snapshot writing (last step of a backup) -----------------------------------------
     def commit_snapshot(self, snapshot_id: str, meta: dict, records: np.ndarray,

@@ -475,3 +475,19 @@ def test_a_parent_forgotten_during_a_streamed_incremental_is_a_clear_error(repo,
     again = backup_file(repo, img)
     restore_to(repo, again.snapshot_id, tmp_path / "out.img")
     assert same_file(tmp_path / "out.img", img)
+
+
+def test_a_description_copied_over_anothers_is_damaged(repo, tmp_path):
+    """It used to be read as the snapshot whose name it has, with the other one's VM, time
+    and index: listings, VM@latest and --keep-last then acted on the wrong VM."""
+    img = tmp_path / "disk.img"
+    vm_image(img, 1 * MiB, seed=67)
+    a = backup_file(repo, img, vm="a").snapshot_id
+    b = backup_file(repo, img, vm="b").snapshot_id
+    dst = os.path.join(repo.location, fmt.snapshot_meta_name(a))
+    os.chmod(dst, 0o644)
+    shutil.copyfile(os.path.join(repo.location, fmt.snapshot_meta_name(b)), dst)
+    fresh = Repository.open(repo.location)
+    ids = [s.id for s in fresh.snapshots(cached=False)]
+    assert ids == [b] and fresh.damaged_snapshots == [fmt.snapshot_meta_name(a)]
+    assert fresh.latest("a", "disk0") is None

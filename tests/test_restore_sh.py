@@ -136,7 +136,7 @@ def _tools_dir(tmp_path, *, without=(), failing=()):
     d = tmp_path / "bin"
     d.mkdir()
     for t in ("zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv rm "
-              "dirname sync cat").split():
+              "dirname sync cat grep").split():
         if t in without:
             continue
         if t in failing:
@@ -183,3 +183,25 @@ def test_restore_sh_a_failing_stage_is_an_error_not_a_disk_of_zeros(setup, tmp_p
     assert "restore.sh: error:" in p.stderr
     assert not out.exists()
     assert not [n for n in os.listdir(elsewhere) if "partial" in n]
+
+
+def test_an_index_copied_over_another_snapshots_is_refused(setup, tmp_path):
+    """Both indexes decode and every block matches its digest: only the SHA-256 the
+    metadata records tells that the index is another snapshot's."""
+    repo, snaps, elsewhere = setup
+    (s1, _), (s2, _) = snaps
+    broken = tmp_path / "swapped"
+    shutil.copytree(repo.location, broken)
+    src = broken / "snapshots" / f"{s2}.index"
+    dst = broken / "snapshots" / f"{s1}.index"
+    os.chmod(dst, 0o644)
+    shutil.copyfile(src, dst)
+    out = elsewhere / "swapped.img"
+    p = run_sh(broken, s1, out, cwd=elsewhere)
+    assert p.returncode != 0 and "is not the index snapshot" in p.stderr, p.stderr
+    assert not out.exists()
+    from pyvbak.errors import IntegrityError
+
+    r = Repository.open(str(broken))
+    with pytest.raises(IntegrityError, match="is corrupt or another snapshot's"):
+        r.load_snapshot_index(r.resolve(s1))

@@ -9,6 +9,7 @@ a complete snapshot or none.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -178,7 +179,12 @@ def new_snapshot_id() -> str:
 _META_FIELDS = {"vm": str, "disk": str, "size": int, "block_size": int, "time": str, "status": str}
 
 
-def _valid_snapshot_meta(meta) -> bool:
+def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
+    """A usable snapshot description; with ``sid``, also the one stored under that id (a
+    description copied over another's names another snapshot: its VM, time and index)."""
+    if sid is not None and isinstance(meta, dict) and (
+            meta.get("id", sid) != sid or meta.get("index", fmt.snapshot_index_name(sid)) != fmt.snapshot_index_name(sid)):
+        return False
     if not (isinstance(meta, dict) and all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
                                            for k, t in _META_FIELDS.items())):
         return False
@@ -345,7 +351,7 @@ class Repository:
                     continue
                 except ValueError:
                     meta = None
-                if not _valid_snapshot_meta(meta):
+                if not _valid_snapshot_meta(meta, sid):
                     if strict:
                         raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'")
                     self.damaged_snapshots.append(name)
@@ -405,15 +411,27 @@ class Repository:
         """(block size, disk size, records) of ``snap``; ``writable``: records the caller may
         change in place (the next backup of the disk starts from them)."""
         name = fmt.snapshot_index_name(snap.id)
-        try:
-            data = self.backend.read(name)
-        except ObjectMissing:
-            raise IntegrityError(f"index of snapshot {snap.id} ({name}) is missing: run 'pyvbak verify'") from None
+        data = self._read_snapshot_index(snap, name)
         bs, size, records = fmt.decode_snapshot_index(data, f"snapshot index {name}", writable=writable)
         del data  # compressed bytes: not held while the caller works on the records
         if bs != snap.meta["block_size"] or size != snap.meta["size"]:
             raise IntegrityError(f"index of snapshot {snap.id} does not match its metadata")
         return bs, size, records
+
+    def _read_snapshot_index(self, snap: SnapshotInfo, name: str) -> bytes:
+        """The index object's bytes, checked against the SHA-256 the metadata records
+        (``index_sha256``; snapshots written before pyvbak recorded it have none and are
+        not checked): an index copied over another's decodes fine and restores the
+        other snapshot's disk, block digests and all."""
+        try:
+            data = self.backend.read(name)
+        except ObjectMissing:
+            raise IntegrityError(f"index of snapshot {snap.id} ({name}) is missing: run 'pyvbak verify'") from None
+        want = snap.meta.get("index_sha256")
+        if isinstance(want, str) and hashlib.sha256(data).hexdigest() != want:
+            raise IntegrityError(f"index of snapshot {snap.id} ({name}) is corrupt or another snapshot's: its "
+                                 f"SHA-256 is not the one the metadata records; run 'pyvbak verify'")
+        return data
 
     # -- blocks lost from storage ---------------------------------------------------
     def lost_markers(self) -> list[str]:
@@ -438,10 +456,7 @@ class Repository:
         """``snap``'s records in chunks (format.iter_snapshot_index): for passes that need
         each record once, in constant memory."""
         name = fmt.snapshot_index_name(snap.id)
-        try:
-            data = self.backend.read(name)
-        except ObjectMissing:
-            raise IntegrityError(f"index of snapshot {snap.id} ({name}) is missing: run 'pyvbak verify'") from None
+        data = self._read_snapshot_index(snap, name)
         yield from fmt.iter_snapshot_index(data, f"snapshot index {name}",
                                            expect=(snap.meta["block_size"], snap.meta["size"]))
 
@@ -678,7 +693,8 @@ class Repository:
                     f"nothing was committed; run the backup again") from None
         else:
             data = fmt.encode_snapshot_index(meta["block_size"], meta["size"], records, known_zero=known_zero)
-        meta = dict(meta, id=snapshot_id, status="complete", index=index_name, pyvbak_version=__version__)
+        meta = dict(meta, id=snapshot_id, status="complete", index=index_name,
+                    index_sha256=hashlib.sha256(data).hexdigest(), pyvbak_version=__version__)
         ours = True  # the index name is this snapshot's own unless write_new finds it taken
         try:
             if not self.backend.write_new(index_name, data):

@@ -20,7 +20,7 @@ die() { echo "restore.sh: error: $*" >&2; exit 1; }
 snap=$1
 out=$2
 missing_tools=
-for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv rm dirname sync; do
+for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv rm dirname sync grep; do
   command -v "$t" >/dev/null 2>&1 || missing_tools="$missing_tools $t"
 done
 [ -z "$missing_tools" ] || die "needs these commands, not found on PATH:$missing_tools (install coreutils and zstd)"
@@ -29,6 +29,13 @@ index="$repo/snapshots/$snap.index"
 [ -f "$index" ] || die "no snapshot $snap in $repo (see the snapshots/ directory: the ids are the *.json names)"
 [ -f "$repo/snapshots/$snap.json" ] || die "snapshot $snap is incomplete (no metadata): choose another"
 [ ! -e "$out" ] || die "$out exists: remove it first or choose another output"
+# The metadata names its index by SHA-256 (index_sha256; older snapshots have none): an
+# index copied over another's would restore the other snapshot's disk.
+want=$(tr -d ' \n\r\t' < "$repo/snapshots/$snap.json" | grep -o '"index_sha256":"[0-9a-f]*"' | cut -d'"' -f4) || want=
+if [ -n "$want" ]; then
+  got=$(sha256sum "$index" | cut -c1-64) || die "sha256sum failed on $index"
+  [ "$got" = "$want" ] || die "$index is not the index snapshot $snap's metadata names (replaced or damaged)"
+fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp}"
 part="$out.pyvbak-restore-partial"

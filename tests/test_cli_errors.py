@@ -650,3 +650,46 @@ def test_out_of_memory_is_one_line(env, capsys, monkeypatch):
     code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "x")
     assert code == 1
     assert_one_error_line(err, "out of memory", "--block-size")
+
+
+def test_verify_repair_makes_the_next_backup_store_corrupt_blocks_again(env, capsys):
+    """A corrupt frame used to stay in the index: every later backup of unchanged data
+    referenced it again (verify said so, nothing changed it).  --repair drops the bad copy
+    from the index; the next backup scans fully and stores the block again."""
+    tmp, repo, img = env
+    assert cli(capsys, "init", repo)[0] == 0
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0, err
+    first = json.loads(out)["id"]
+    r = Repository.open(repo)
+    rec = r.load_digest_index().records[0]
+    pack = os.path.join(repo, fmt.pack_name(bytes(rec["pack"]).hex()))
+    data = bytearray(open(pack, "rb").read())
+    data[int(rec["offset"]) + int(rec["clen"]) // 2] ^= 0xFF
+    os.chmod(pack, 0o644)
+    open(pack, "wb").write(data)
+
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair", "--json")
+    assert code == 6
+    report = json.loads(out)
+    assert report["repair"]["records_removed"] == 1 and report["repair"]["lost_marker"].startswith("lost/")
+    assert "_bad_records" not in report
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0, err
+    healed = json.loads(out)
+    assert healed["parent"] is None and healed["new_blocks"] >= 1
+    assert any("lost from the repository" in w for w in healed["warnings"])
+    code, _, err = cli(capsys, "verify", healed["id"], "--repo", repo)
+    assert code == 0, err
+    code, _, err = cli(capsys, "restore", healed["id"], tmp / "out.img", "--repo", repo)
+    assert code == 0, err
+    assert same_file(tmp / "out.img", img)
+    # blocks are named by content: the copy stored again heals the older snapshot too
+    code, _, err = cli(capsys, "verify", first, "--repo", repo)
+    assert code == 0, err
+    code, _, err = cli(capsys, "restore", first, tmp / "first.img", "--repo", repo)
+    assert code == 0, err
+    assert same_file(tmp / "first.img", img)
+    code, _, err = cli(capsys, "verify", "--repo", repo, "--repair", "--no-lock")
+    assert code == 2
+    assert_one_error_line(err, "--repair", "--no-lock")

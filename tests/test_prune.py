@@ -506,3 +506,22 @@ def test_a_lost_pack_index_costs_prune_nothing_it_adopts_the_packs(two_generatio
     assert len(rep["adopted"]) == 2 and rep["packs_deleted"] == 0 and rep["missing_blocks"] == 0
     check_all_restore(repo, tmp_path, {a: a_copy, b: img})
     assert verify_repository(repo, threads=2)["ok"]
+
+
+def test_a_truncated_pack_due_for_repacking_is_kept_and_named_not_a_failed_prune(two_generations, tmp_path):
+    repo, img, a, b, _ = two_generations
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a)])
+    old = set(packs(repo))
+    with repo.lock(exclusive=True):
+        plan = prune_repository(repo, dry_run=True)
+    assert plan["packs_repacked"] == 1
+    # the pack to be repacked is the one B shares with A: cut its end off
+    victim = next(p for p in sorted(old) if os.path.getsize(os.path.join(repo.location, p)) > 60 * BS)
+    path = os.path.join(repo.location, victim)
+    os.chmod(path, 0o644)
+    os.truncate(path, os.path.getsize(path) // 4)  # into the frames B still uses
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert rep["packs_repacked"] == 0 and any("cannot be read" in p for p in rep["problems"]), rep["problems"]
+    assert victim in packs(repo)

@@ -63,6 +63,7 @@ def verify(
     sample: Optional[float] = typer.Option(None, "--sample", help="Check only this PERCENT of blocks, chosen at random."),
     json_out: bool = JsonOption,
     no_lock: bool = NoLockOption,
+    repair: bool = typer.Option(False, "--repair", help="Remove the bad copies found from the index (exclusive lock), so the next backups store those blocks again."),
 ) -> None:
     """Re-read stored blocks, check their digests, name the snapshots any bad block affects."""
     from ..errors import IntegrityError
@@ -74,6 +75,15 @@ def verify(
         if snapshots:
             chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots)}.values()
         report = verify_repository(r, sample_percent=sample, snapshots=chosen)
+    bad = report.pop("_bad_records")
+    if repair:
+        from ..errors import UsageError
+        from ..repo.prune import drop_bad_records
+
+        if no_lock:
+            raise UsageError("--repair changes the index and needs the repository lock: drop --no-lock")
+        with r.lock(exclusive=True, purpose="verify --repair"):
+            report["repair"] = drop_bad_records(r, bad)
     if json_out:
         emit_json(report)
     else:
@@ -85,6 +95,10 @@ def verify(
             info(f"pack index {d['name']}: {d['reason']}")
         for a in report["affected_snapshots"]:
             info(f"snapshot {a['id']}: {a['reason']}")
+        if report.get("repair", {}).get("records_removed"):
+            info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
+                 f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "
+                 f"blocks stores them again")
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])

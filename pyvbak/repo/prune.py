@@ -34,7 +34,7 @@ import time
 import numpy as np
 import zstandard
 
-from ..backends import ObjectMissing
+from ..backends import BackendError, ObjectMissing
 from ..errors import IntegrityError, PyvbakError
 from . import digest_sets
 from . import format as fmt
@@ -249,6 +249,12 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
                     report["problems"].append(f"pack {pack_hex[pi][:16]}… disappeared during the prune: its "
                                               f"records were removed from the index (run 'pyvbak verify')")
                     continue
+                except BackendError as exc:  # e.g. truncated: kept as it is, for verify to name
+                    repack_p[pi] = False
+                    report["blocks_removed"] -= int(np.count_nonzero(~keep[in_pack]))
+                    report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: it cannot be read ({exc}); "
+                                              f"run 'pyvbak verify --repair'")
+                    continue
                 frames = []
                 for k in mine.tolist():
                     off, n = int(recs["offset"][k]), int(recs["clen"][k])
@@ -256,7 +262,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
                     d, ulen = bytes(recs["digest"][k]), int(recs["ulen"][k])
                     if decode_block(dctx, frame, ulen, d)[1] is not None:
                         frames = None
-                        report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: block {d.hex()[:16]}… does not match its digest (run 'pyvbak verify')")
+                        report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: block {d.hex()[:16]}… does not match its digest (run 'pyvbak verify --repair')")
                         break
                     frames.append((d, bytes(frame), ulen))
                 if frames is None:
@@ -335,3 +341,45 @@ def _delete(backend, name: str) -> int:
         return size
     except ObjectMissing:
         return 0
+
+
+def drop_bad_records(repo, bad: list[tuple[bytes, bytes]]) -> dict:
+    """``verify --repair``: remove from the pack index the records of block copies that
+    read back missing or corrupt (``bad``: (digest, pack id) pairs), after a ``lost/``
+    marker naming them.  Backups then no longer deduplicate against those copies: the
+    next backup of a disk that still holds the blocks stores them again (a disk whose
+    newest snapshot names one gets a full scan, see "Lost packs" in docs/FORMAT.md).
+    Snapshots that reference the blocks stay damaged.  Caller holds the EXCLUSIVE lock."""
+    report = {"records_removed": 0, "lost_marker": None}
+    if not bad:
+        return report
+    index_names = sorted(repo.pack_index_names())
+    loaded = [fmt.decode_pack_index(repo.backend.read(n), f"pack index {n}") for n in index_names]
+    recs = np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD)
+    # the bad digests first (vectorised), then the exact (digest, pack) pairs among those
+    wanted = {d + p for d, p in bad}
+    cand = np.flatnonzero(digest_sets.isin(recs["digest"].view("S32"),
+                                           digest_sets.unique(np.array([d for d, _ in bad], "S32"))))
+    drop = np.zeros(len(recs), bool)
+    for k in cand.tolist():
+        drop[k] = bytes(recs["digest"][k]) + bytes(recs["pack"][k]) in wanted
+    if not drop.any():
+        return report
+    packs = sorted({bytes(p).hex() for p in recs["pack"][drop]})
+    report["lost_marker"] = repo.write_lost_marker(packs, int(drop.sum()))
+    written = set()
+    keep = recs[~drop]
+    for i in range(0, len(keep), INDEX_RECORDS_PER_FILE):
+        n = repo.write_pack_index(keep[i : i + INDEX_RECORDS_PER_FILE])
+        if n:
+            written.add(n)
+    for name in index_names:  # new indexes first, then the old ones go (as in prune)
+        if name not in written:
+            _delete(repo.backend, name)
+    repo._digest_index_cache = None
+    from .cache import repo_cache_dir
+    from .digest_index import forget_cached
+
+    forget_cached(repo_cache_dir(repo.config.repo_id))
+    report["records_removed"] = int(drop.sum())
+    return report

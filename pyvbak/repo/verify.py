@@ -57,8 +57,11 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         checked["blocks"] += 1
         checked["bytes"] += len(data)
 
+    bad_records: list[tuple[bytes, bytes]] = []  # (digest, pack) of copies that read back wrong
+
     def on_error(k: int, reason: str) -> None:
         problems[bytes(recs["digest"][k])] = reason
+        bad_records.append((bytes(recs["digest"][k]), bytes(recs["pack"][k])))
 
     read_blocks(repo, recs, on_block, on_error, threads=threads)
 
@@ -91,4 +94,6 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "problem_count": len(problems),
         "affected_snapshots": [{"id": sid, "reason": r} for sid, r in sorted(bad_snapshots.items())],
         "duration": time.monotonic() - t0,
+        # for verify --repair (prune.drop_bad_records); not part of the JSON report
+        "_bad_records": bad_records,
     }

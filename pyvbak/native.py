@@ -369,6 +369,10 @@ def scan_file(path_or_fd, block_size, key, *, size=None, threads=None, kernel=No
 
 # ---- copying (outside the GIL) --------------------------------------------------------------
 
+#: what pv_gather returns when a source overlaps the destination (UINT64_MAX)
+_GATHER_OVERLAP = (1 << 64) - 1
+
+
 def gather_into(dst, buffers) -> int:
     """Copy the bytes-like objects in ``buffers`` back to back into the start of the
     writable buffer ``dst`` in one C call (the GIL is released); returns the bytes copied."""
@@ -383,14 +387,10 @@ def gather_into(dst, buffers) -> int:
         raise UsageError(f"gather_into: {total} bytes do not fit in a {len(cdst)}-byte buffer")
     if not srcs:
         return 0
-    # memcpy of overlapping ranges is undefined: a source may not lie in the bytes written
-    d0 = int(ffi.cast("uintptr_t", cdst))
-    d1 = d0 + total
-    for c, n in zip(srcs, lens):
-        s0 = int(ffi.cast("uintptr_t", c))
-        if n and s0 < d1 and d0 < s0 + n:
-            raise UsageError("gather_into: a source overlaps the part of the destination written")
-    return int(lib.pv_gather(cdst, ffi.new("uint8_t *[]", srcs), ffi.new("uint64_t[]", lens), len(srcs)))
+    copied = int(lib.pv_gather(cdst, ffi.new("uint8_t *[]", srcs), ffi.new("uint64_t[]", lens), len(srcs)))
+    if copied == _GATHER_OVERLAP:  # memcpy of overlapping ranges is undefined: C refused
+        raise UsageError("gather_into: a source overlaps the part of the destination written")
+    return copied
 
 
 # ---- SHA-256 of blocks (block names) ------------------------------------------------------

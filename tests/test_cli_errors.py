@@ -693,3 +693,13 @@ def test_verify_repair_makes_the_next_backup_store_corrupt_blocks_again(env, cap
     code, _, err = cli(capsys, "verify", "--repo", repo, "--repair", "--no-lock")
     assert code == 2
     assert_one_error_line(err, "--repair", "--no-lock")
+
+
+def test_verify_names_snapshot_indexes_without_metadata(backed_up, capsys):
+    """A snapshot whose metadata object vanished left no trace in verify's report."""
+    tmp, repo, img, sid = backed_up
+    os.unlink(os.path.join(repo, fmt.snapshot_meta_name(sid)))
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    assert json.loads(out)["orphan_snapshot_indexes"] == [fmt.snapshot_index_name(sid)]
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert f"note: {fmt.snapshot_index_name(sid)} has no metadata" in err

@@ -264,3 +264,25 @@ def test_a_patched_index_is_the_frame_of_the_whole_patched_array(seed):
     with pytest.raises(IntegrityError):  # a base of another length is refused
         fmt.encode_snapshot_index_patched(65536, (n + 1) * 65536, fmt.iter_snapshot_index(data, "parent"),
                                           np.zeros(n + 1, fmt.SNAPSHOT_RECORD), patched)
+
+
+def test_bytes_after_a_metadata_frame_are_damage():
+    """zstd stops at the end of a frame and ignores what follows: bytes appended to a pack
+    index or snapshot index went unseen by every reader and by verify."""
+    idx, _ = _fixed_records()
+    good = fmt.encode_pack_index(idx)
+    assert len(fmt.decode_pack_index(good, "p")) == len(idx)
+    with pytest.raises(IntegrityError, match="3 bytes after its zstd frame"):
+        fmt.decode_pack_index(good + b"abc", "p")
+    recs = np.zeros(3, fmt.SNAPSHOT_RECORD)
+    snap = fmt.encode_snapshot_index(BS, 3 * BS, recs)
+    for writable in (False, True):
+        with pytest.raises(IntegrityError, match="after its zstd frame"):
+            fmt.decode_snapshot_index(snap + b"\x00", "s", writable=writable)
+    with pytest.raises(IntegrityError, match="after its zstd frame"):
+        list(fmt.iter_snapshot_index(snap + b"junk", "s"))
+    # a long index (many blocks, RLE and compressed ones) is walked to its exact end
+    big = np.zeros(100_000, fmt.SNAPSHOT_RECORD)
+    big["digest"][::7] = np.frombuffer(os.urandom(32 * len(big[::7])), "V32")
+    data = fmt.encode_snapshot_index(BS, len(big) * BS, big)
+    assert len(fmt.decode_snapshot_index(data, "s")[2]) == len(big)

@@ -205,3 +205,18 @@ def test_an_index_copied_over_another_snapshots_is_refused(setup, tmp_path):
     r = Repository.open(str(broken))
     with pytest.raises(IntegrityError, match="is corrupt or another snapshot's"):
         r.load_snapshot_index(r.resolve(s1))
+
+
+def test_a_damaged_pack_index_the_snapshot_does_not_need_is_left_out(setup, tmp_path):
+    """restore.sh stopped at any undecodable pack index, also one naming none of the
+    snapshot's blocks (pyvbak leaves such an index out and restores)."""
+    repo, snaps, elsewhere = setup
+    sid, copy = snaps[0]
+    broken = tmp_path / "extra-index"
+    shutil.copytree(repo.location, broken)
+    (broken / "index" / ("ab" * 32)).write_bytes(b"not a zstd frame")
+    out = elsewhere / "extra.img"
+    p = run_sh(broken, sid, out, cwd=elsewhere)
+    assert p.returncode == 0, p.stderr
+    assert "warning: pack index" in p.stderr
+    assert same_file(out, copy)

@@ -95,6 +95,9 @@ def verify(
             info(f"pack index {d['name']}: {d['reason']}")
         for a in report["affected_snapshots"]:
             info(f"snapshot {a['id']}: {a['reason']}")
+        for name in report["orphan_snapshot_indexes"]:
+            info(f"note: {name} has no metadata (a killed backup's, or a snapshot whose metadata was "
+                 f"lost); prune removes it")
         if report.get("repair", {}).get("records_removed"):
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "

@@ -90,10 +90,40 @@ def _meta_compressor():
 
 
 def _decompress_meta(data: bytes, what: str) -> bytes:
+    _check_one_frame(data, what)
     try:
         return zstandard.ZstdDecompressor().decompress(data)
     except zstandard.ZstdError as exc:
         raise _corrupt(what, exc) from None
+
+
+_FHD_DICT_ID_BYTES = (0, 1, 2, 4)
+_FHD_FCS_BYTES = (0, 2, 4, 8)
+
+
+def _check_one_frame(data, what: str) -> None:
+    """IntegrityError unless ``data`` is exactly one zstd frame (RFC 8878 3.1.1: header,
+    blocks up to the last, optional checksum): zstd's decoders stop at the frame's end
+    and ignore whatever follows, so bytes appended to a metadata object went unseen.
+    Walks the block headers only (3 bytes per <= 128 KiB block)."""
+    mv = memoryview(data)
+    n = len(mv)
+    if n < 6 or bytes(mv[:4]) != b"\x28\xb5\x2f\xfd":
+        return  # not a zstd frame: the decoder says so in its own words
+    fhd = mv[4]
+    single_segment = (fhd >> 5) & 1
+    pos = 5 + (0 if single_segment else 1) + _FHD_DICT_ID_BYTES[fhd & 3] + (_FHD_FCS_BYTES[fhd >> 6] or single_segment)
+    while pos + 3 <= n:
+        bh = mv[pos] | (mv[pos + 1] << 8) | (mv[pos + 2] << 16)
+        last, btype, bsize = bh & 1, (bh >> 1) & 3, bh >> 3
+        pos += 3 + (1 if btype == 1 else bsize)  # an RLE block stores one byte
+        if last:
+            end = pos + (4 if fhd & 0x04 else 0)
+            if end < n:
+                raise IntegrityError(f"{what} is corrupt ({n - end} bytes after its zstd frame): run "
+                                     f"'pyvbak verify' and restore the file from a copy")
+            return
+    # truncated inside the frame: the decoder reports it
 
 
 def _corrupt(what: str, exc: Exception) -> IntegrityError:
@@ -182,6 +212,7 @@ def _decompress_snapshot_writable(data: bytes, what: str) -> memoryview:
     first).  The frame header's content size is only trusted once the index header it
     announces agrees with it: a damaged frame must give IntegrityError, not an
     allocation of whatever size its garbage names."""
+    _check_one_frame(data, what)
     try:
         size = zstandard.frame_content_size(data) if len(data) >= 18 else -1
     except zstandard.ZstdError as exc:  # not a zstd frame at all
@@ -243,6 +274,7 @@ def iter_snapshot_index(data: bytes, what: str, chunk_records: int = 1 << 20, *,
     over many snapshots (verify, prune): a thin 1 TiB disk's index is 800 MB decompressed,
     most of it the zero marker."""
     record = SNAPSHOT_RECORD.itemsize
+    _check_one_frame(data, what)
     buf = np.empty(chunk_records * record, np.uint8)
     try:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:

@@ -283,7 +283,7 @@ def test_sigterm_during_commit_exits_10_and_cleans_up(tmp_path, image, capsys, s
     assert out == ""
     from images import assert_one_error_line
 
-    assert_one_error_line(err, "SIGTERM" if sig == signal.SIGTERM else "interrupted (Ctrl-C)", "nothing was committed")
+    assert_one_error_line(err, "SIGTERM" if sig == signal.SIGTERM else "interrupted (Ctrl-C)", "no snapshot was left half-written")
     assert os.listdir(repo / "locks") == []
     assert os.listdir(repo / "snapshots") == []  # the index written before the signal went too
     assert Repository.open(str(repo)).snapshots() == []

@@ -256,3 +256,39 @@ def test_kill9_of_a_multi_disk_run_is_cleaned_by_the_next_one(vm, tmp_path):
             d.commit()
     assert extents == [[(0, K64)], [(0, K64), (MiB, K64)]]
     assert_clean(vm, work)
+
+
+class _QueryBlockOnly:
+    """What resolve() asks of QEMU, for naming alone: query-block's devices."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def execute(self, command, **kw):
+        assert command == "query-block"
+        return self.blocks
+
+
+def test_two_disks_that_would_share_a_name_are_refused():
+    """?node=a&device=a, where device a is another node's: both were named 'a', and the
+    second disk's snapshot was made on top of the first's - its data."""
+    from pyvbak.errors import SourceError
+    from pyvbak.hypervisors.qemu.vm_disks import resolve
+
+    qmp = _QueryBlockOnly([
+        {"device": "", "qdev": "/machine/peripheral/x/virtio-backend", "inserted": {"node-name": "a"}},
+        {"device": "", "qdev": "/machine/peripheral/a/virtio-backend", "inserted": {"node-name": "b"}},
+    ])
+    with pytest.raises(SourceError, match="would share a name .'a': node a, node b"):
+        resolve(qmp, "/q.sock", [DiskSelector("node", "a"), DiskSelector("device", "a")], {"a", "b"})
+    # a QOM path names the device by its id, as docs/QEMU.md says (it became the disk name,
+    # slashes and all, which no disk name may hold)
+    (disk,) = resolve(qmp, "/q.sock", [DiskSelector("device", "/machine/peripheral/a/virtio-backend")], {"a", "b"})
+    assert disk.name == "a" and disk.node == "b"
+    # the default (every guest disk): a drive id and another device's id colliding
+    clash = _QueryBlockOnly([
+        {"device": "vd", "qdev": "/machine/peripheral-anon/device[0]/virtio-backend", "inserted": {"node-name": "n1"}},
+        {"device": "", "qdev": "/machine/peripheral/vd/virtio-backend", "inserted": {"node-name": "n2"}},
+    ])
+    with pytest.raises(SourceError, match="would share a name"):
+        resolve(clash, "/q.sock", [], {"n1", "n2"})

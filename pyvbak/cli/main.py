@@ -92,12 +92,12 @@ _TYPER_CTRL_C_EXIT = 130
 
 
 def _interrupted() -> int:
-    print("pyvbak: error: interrupted (Ctrl-C): stopped cleanly, nothing was committed", file=sys.stderr)
+    print("pyvbak: error: interrupted (Ctrl-C): stopped cleanly; no snapshot was left half-written", file=sys.stderr)
     return Interrupted.exit_code
 
 
 def _sigterm(signum, frame):
-    raise Interrupted("interrupted by SIGTERM: stopped cleanly, nothing was committed")
+    raise Interrupted("interrupted by SIGTERM: stopped cleanly; no snapshot was left half-written")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,9 +85,26 @@ def parse_qemu_uri_disks(uri: str) -> tuple[str, list[DiskSelector]]:
     return parts.path, selectors
 
 
+def selector_name(s: DiskSelector) -> str:
+    """The disk name a selector gives: the node name, or the device's id (a QOM path
+    ``/machine/peripheral/ID/...`` names device ID)."""
+    return (device_id(s.value) or s.value) if s.kind == "device" else s.value
+
+
 def static_names(selectors: list[DiskSelector]) -> list[str] | None:
     """The disks' names when the URI alone says them (None: ask QEMU for every disk)."""
-    return [s.value for s in selectors] if selectors else None
+    return [selector_name(s) for s in selectors] if selectors else None
+
+
+def _check_distinct_names(disks: list, qmp_path: str) -> None:
+    """Two disks of one run under one name would share a snapshot name, a parent and change
+    tracking: the second disk's snapshot was made from the first's data."""
+    names = [d.name for d in disks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        clash = "; ".join(f"{n!r}: " + ", ".join(f"node {d.node}" for d in disks if d.name == n) for n in dup)
+        raise SourceError(f"the disks of the VM at {qmp_path} would share a name ({clash}): name them apart "
+                          f"in the URI, e.g. ?node=NODE for each")
 
 
 def device_id(qdev: str | None) -> str | None:
@@ -139,6 +156,7 @@ def resolve(qmp: QmpClient, qmp_path: str, selectors: list[DiskSelector], node_n
                 + (f" (named nodes: {', '.join(_user_nodes(node_names))})" if _user_nodes(node_names) else ""))
         found = [VmDisk(d["id"] or d["backend"] or d["node"], d["node"], d["id"] or d["backend"],
                         DiskSelector("device", d["id"] or d["backend"] or d["node"])) for d in disks]
+        _check_distinct_names(found, qmp_path)
         return sorted(found, key=lambda d: d.name)  # QEMU lists drives before -blockdev disks
     out: list[VmDisk] = []
     missing_nodes = [s.value for s in selectors if s.kind == "node" and s.value not in node_names]
@@ -155,6 +173,10 @@ def resolve(qmp: QmpClient, qmp_path: str, selectors: list[DiskSelector], node_n
             out.append(VmDisk(s.value, s.value, None, s))
             continue
         match = [d for d in devices if s.value in (d["id"], d["backend"], d["qdev"])]
+        if len(match) > 1:
+            raise SourceError(f"device={s.value} of the VM at {qmp_path} matches several disks ("
+                              + ", ".join(d["qdev"] or d["backend"] or "?" for d in match)
+                              + "): name one by its QOM path or its node (?node=NODE)")
         if not match:
             names = sorted({d["id"] or d["backend"] for d in devices if d["id"] or d["backend"]})
             raise SourceError(f"VM at {qmp_path} has no disk device {s.value!r}; its block devices: "
@@ -162,7 +184,8 @@ def resolve(qmp: QmpClient, qmp_path: str, selectors: list[DiskSelector], node_n
         d = match[0]
         if not d["medium"] or not d["node"]:
             raise SourceError(f"device {s.value!r} of the VM at {qmp_path} has no medium inserted: nothing to back up")
-        out.append(VmDisk(s.value, d["node"], s.value, s))
+        out.append(VmDisk(selector_name(s), d["node"], s.value, s))
+    _check_distinct_names(out, qmp_path)
     nodes = [d.node for d in out]
     dup = sorted({n for n in nodes if nodes.count(n) > 1})
     if dup:

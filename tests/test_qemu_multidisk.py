@@ -137,6 +137,22 @@ def test_cli_backs_up_every_disk_with_its_own_bitmap(vm, tmp_path, capsys, monke
         assert out.read_bytes() == vm.read(0, vm.size, disk=i)
     assert_clean(vm, tmp_path / "work")
 
+    # a group restore over an older one (--force) that cannot read its second disk's index
+    # changes nothing: it once replaced disk0 and left disk1 from the other instant
+    outdir = tmp_path / "group"
+    assert main(["restore", first[0]["id"], f"{outdir}/", "--repo", repo]) == 0
+    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    index1 = os.path.join(repo, "snapshots", f"{second[1]['id']}.index")
+    saved = open(index1, "rb").read()
+    os.chmod(index1, 0o644)
+    os.truncate(index1, 10)
+    capsys.readouterr()
+    assert main(["restore", "db@latest", f"{outdir}/", "--repo", repo, "--force"]) != 0
+    assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
+    open(index1, "wb").write(saved)
+    assert main(["restore", "db@latest", f"{outdir}/", "--repo", repo, "--force"]) == 0
+    assert [(outdir / f"disk{i}.img").read_bytes() == vm.read(0, vm.size, disk=i) for i in (0, 1)] == [True, True]
+
     capsys.readouterr()
     assert main(["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db", "--disk", "x"]) == UsageError.exit_code
     assert "drop --disk" in capsys.readouterr().err

@@ -91,9 +91,17 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
         existing = [t for t in targets if os.path.lexists(t)]
         if existing:
             raise TargetExists(f"restore target(s) {', '.join(existing)} already exist: pass --force to overwrite them")
+    directories = [t for t in targets if os.path.isdir(t)]
+    if directories:
+        raise UsageError(f"restore target(s) {', '.join(directories)} are directories: remove them or restore elsewhere")
     reports, done = [], []
     try:
         with maybe_lock(r, no_lock, f"restore of {group[0].vm} ({len(group)} disks)"):
+            # Every disk's index read (and checked against its metadata) before the first
+            # disk is written: with --force, a group restore that failed at its second disk
+            # left a directory of disks from two different instants.
+            for snap in group:
+                r.load_snapshot_index(snap)
             for snap, target in zip(group, targets):
                 with progress_bar(f"restore {snap.vm}/{snap.disk}", not json_out) as update:
                     report = restore_snapshot(r, snap, target, force=force, threads=threads, progress=update)

@@ -48,3 +48,49 @@ def test_hot_demo_uses_the_dirty_bitmap_and_leaves_nothing_in_qemu(tmp_path, cap
 def test_demo_size_below_what_its_files_need_is_a_usage_error(tmp_path, capsys):
     code, _, err = _run(capsys, "--repo", str(tmp_path / "r"), "--size-mib", "16")
     assert code == 2 and "--size-mib" in err
+
+
+def test_ctrl_c_to_the_whole_process_group_during_the_hot_demo_leaves_nothing(tmp_path):
+    """A terminal's Ctrl-C reaches every process of the foreground group: the daemon died
+    first, and the demo's own cleanup was then cut short by its KeyboardInterrupt, leaving
+    the work directory (and, during start-up, the daemon and its FUSE mount)."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    require_tool("mkfs.ext4", "e2fsprogs")
+    require_tool("qemu-storage-daemon", "qemu-system-common")
+    require_tool("fusermount3", "fuse3")
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    before = _demo_dirs()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "-m", "pyvbak", "demo", "--hot", "--repo", repo, "--size-mib", "32"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        lines = []
+        wait_until(lambda: (lines.append(p.stdout.readline()) or "started the VM stand-in" in lines[-1]
+                            or p.poll() is not None), timeout=120, what="the stand-in VM")
+        assert p.poll() is None, "".join(lines)
+        os.killpg(p.pid, signal.SIGINT)  # the whole group, as a terminal does
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        p.stdout.close()
+        p.stderr.close()
+    wait_until(lambda: _demo_dirs() == before, timeout=20, what="the demo's work directory gone")
+    with open("/proc/self/mountinfo") as f:
+        assert "pyvbak-demo-" not in f.read()
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"qemu-storage-daemon" in cmd and b"pyvbak-demo-" in cmd:
+            left.append(cmd.replace(b"\0", b" ")[:200])
+    assert left == []

@@ -100,7 +100,8 @@ def demo(
             qcow2 = os.path.join(work, "demo-vm-disk0.qcow2")
             subprocess.run(["qemu-img", "convert", "-O", "qcow2", image, qcow2], check=True, capture_output=True)
             os.unlink(image)
-            vm = StandInVM(work, [qcow2]).start()
+            vm = StandInVM(work, [qcow2])  # assigned first: the finally below stops it
+            vm.start()
             image = vm.guests[0]  # the guest's view of its running disk: what is checked and changed
             source = vm.uri()
             print(f"started the VM stand-in (qemu-storage-daemon) on {qcow2}; backing up {source}")
@@ -155,9 +156,14 @@ def demo(
         print(f"restore without pyvbak: sh {os.path.join(r.location, 'restore.sh')} {second.snapshot_id} OUTPUT.img")
         print("demo OK")
     finally:
-        if vm is not None:
-            vm.stop()
-        if keep:
-            print(f"kept the work directory {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        # Not cut short by a second Ctrl-C (a terminal sends it to the whole group): the
+        # daemon, its FUSE mount and the work directory go in any case.
+        from ..hypervisors.resources import TerminationGuard
+
+        with TerminationGuard() as guard, guard.deferred():
+            if vm is not None:
+                vm.stop()
+            if keep:
+                print(f"kept the work directory {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)

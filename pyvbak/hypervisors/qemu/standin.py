@@ -52,14 +52,20 @@ class StandInVM:
             args += ["--blockdev", f"driver=file,node-name=disk{i}-file,filename={image}",
                      "--blockdev", f"driver=qcow2,node-name=disk{i},file=disk{i}-file",
                      "--export", f"type=fuse,id=guest{i},node-name=disk{i},mountpoint={guest},writable=on"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not (os.path.exists(self.qmp) and all(self._mounted(g) for g in self.guests)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                out = self.proc.stdout.read().decode(errors="replace") if self.proc.poll() is not None else "timed out"
-                self.stop()
-                raise SourceError(f"qemu-storage-daemon did not start: {out.strip()[-300:]}")
-            time.sleep(0.02)
+        # Its own session: a terminal's Ctrl-C goes to the foreground process group, and the
+        # daemon dying first (under the backup, its FUSE mounts with it) is not a clean stop;
+        # stop() ends it, on any exit of its owner.
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not (os.path.exists(self.qmp) and all(self._mounted(g) for g in self.guests)):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    out = self.proc.stdout.read().decode(errors="replace") if self.proc.poll() is not None else "timed out"
+                    raise SourceError(f"qemu-storage-daemon did not start: {out.strip()[-300:]}")
+                time.sleep(0.02)
+        except BaseException:  # Ctrl-C while it starts included: no daemon or mount left behind
+            self.stop()
+            raise
         return self
 
     @staticmethod

@@ -703,3 +703,11 @@ def test_verify_names_snapshot_indexes_without_metadata(backed_up, capsys):
     assert json.loads(out)["orphan_snapshot_indexes"] == [fmt.snapshot_index_name(sid)]
     code, out, err = cli(capsys, "verify", "--repo", repo)
     assert f"note: {fmt.snapshot_index_name(sid)} has no metadata" in err
+
+
+def test_one_disk_restored_to_a_directory_path_is_a_usage_error(backed_up, capsys):
+    tmp, repo, img, sid = backed_up
+    code, _, err = cli(capsys, "restore", "web/disk@latest", f"{tmp}/nodir/", "--repo", repo)
+    assert code == 2
+    assert_one_error_line(err, "names a directory", "one disk")
+    assert not (tmp / "nodir").exists()

@@ -27,6 +27,11 @@ def restore(
         _restore_group(r, group, output, force=force, threads=threads, json_out=json_out, no_lock=no_lock)
         return
     snap = r.resolve(snapshot)
+    if output.endswith("/"):  # a directory meant, for one disk: say so, not "Not a directory"
+        from ..errors import UsageError
+
+        raise UsageError(f"{output} names a directory, but {snapshot} is one disk: give the file or block "
+                         f"device to restore it to (e.g. {output}{snap.disk}.img)")
     with maybe_lock(r, no_lock, f"restore of {snap.id}"):
         with progress_bar(f"restore {snap.id}", not json_out) as update:
             report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update)

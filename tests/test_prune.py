@@ -525,3 +525,20 @@ def test_a_truncated_pack_due_for_repacking_is_kept_and_named_not_a_failed_prune
         rep = prune_repository(repo)
     assert rep["packs_repacked"] == 0 and any("cannot be read" in p for p in rep["problems"]), rep["problems"]
     assert victim in packs(repo)
+
+
+def test_a_pack_moved_to_another_directory_counts_as_missing(two_generations, tmp_path):
+    """Readers open packs/HH/ID; prune matched packs by ID alone and kept the records of a
+    pack that was somewhere else, so backups went on deduplicating against it."""
+    repo, img, a, b, a_copy = two_generations
+    lost = packs(repo)[0]
+    pack_id = lost.rsplit("/", 1)[-1]
+    elsewhere = os.path.join(repo.location, "packs", "zz")
+    os.makedirs(elsewhere, exist_ok=True)
+    os.rename(os.path.join(repo.location, lost), os.path.join(elsewhere, pack_id))
+    with repo.lock(exclusive=True):
+        rep = prune_repository(repo)
+    assert rep["packs_missing"] == 1 and rep.get("lost_marker")
+    again = backup_file(repo, img)
+    assert again.new_bytes > 0
+    check_all_restore(repo, tmp_path, {again.snapshot_id: img})

@@ -172,8 +172,10 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     # stores them again instead of deduplicating against frames that are gone.
     listed_packs = list(backend.list("packs/"))
     present_hex = {n.rsplit("/", 1)[-1] for n in listed_packs}
+    present_names = set(listed_packs)
     pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
-    missing_p = np.array([h not in present_hex for h in pack_hex], bool)
+    # by full name: readers open packs/HH/ID, so a pack moved to another HH/ is missing too
+    missing_p = np.array([fmt.pack_name(h) not in present_names for h in pack_hex], bool)
     ref_pos = digest_sets.locate(recs["digest"].view("S32"), referenced)  # digest rank, -1: unreferenced
     ref_pos[missing_p[inv]] = -1  # a copy in a missing pack is no copy
     is_ref = ref_pos >= 0

@@ -646,6 +646,9 @@ class Repository:
             pack_hex = name.rsplit("/", 1)[-1]
             if pack_hex in indexed or not re.fullmatch(r"[0-9a-f]{64}", pack_hex):
                 continue
+            if name != fmt.pack_name(pack_hex):  # readers would look for it elsewhere
+                report.append(f"left {name} alone: a pack of that name belongs at {fmt.pack_name(pack_hex)}")
+                continue
             size = self.backend.stat(name)
             if size < 4:
                 report.append(f"left {name} alone: {size} bytes cannot be a pack (not pyvbak's?)")

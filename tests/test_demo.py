@@ -19,6 +19,16 @@ def _demo_dirs() -> set[str]:
     return {n for n in os.listdir("/tmp") if n.startswith("pyvbak-demo-")}
 
 
+def _hot_demo_repo(tmp_path) -> tuple[str, set[str]]:
+    """The tools demo --hot needs, a fresh repository, and the demo work dirs before it."""
+    require_tool("mkfs.ext4", "e2fsprogs")
+    require_tool("qemu-storage-daemon", "qemu-system-common")
+    require_tool("fusermount3", "fuse3")
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    return repo, _demo_dirs()
+
+
 def test_demo_backs_up_changes_restores_and_checks(tmp_path, capsys):
     require_tool("mkfs.ext4", "e2fsprogs")
     repo = str(tmp_path / "repo")
@@ -29,12 +39,7 @@ def test_demo_backs_up_changes_restores_and_checks(tmp_path, capsys):
 
 
 def test_hot_demo_uses_the_dirty_bitmap_and_leaves_nothing_in_qemu(tmp_path, capsys):
-    require_tool("mkfs.ext4", "e2fsprogs")
-    require_tool("qemu-storage-daemon", "qemu-system-common")
-    require_tool("fusermount3", "fuse3")
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
-    before = _demo_dirs()
+    repo, before = _hot_demo_repo(tmp_path)
     code, out, err = _run(capsys, "--hot", "--repo", repo, "--size-mib", "32")
     assert code == 0, err
     assert "via the dirty bitmap" in out
@@ -60,12 +65,7 @@ def test_ctrl_c_to_the_whole_process_group_during_the_hot_demo_leaves_nothing(tm
 
     from conftest import wait_until
 
-    require_tool("mkfs.ext4", "e2fsprogs")
-    require_tool("qemu-storage-daemon", "qemu-system-common")
-    require_tool("fusermount3", "fuse3")
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
-    before = _demo_dirs()
+    repo, before = _hot_demo_repo(tmp_path)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-m", "pyvbak", "demo", "--hot", "--repo", repo, "--size-mib", "32"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)

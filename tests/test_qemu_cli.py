@@ -394,3 +394,17 @@ def test_a_failed_backup_whose_cleanup_fails_too_says_so_and_keeps_the_fleecing_
     assert res["cleaned_leftovers"]
     assert vm.pyvbak_nodes() == [] and vm.jobs() == []
     assert not [p for p in work.rglob("*") if "fleece" in p.name]
+
+
+def test_the_file_node_under_a_qcow2_node_is_refused(vm, tmp_path, capsys, monkeypatch):
+    """?node=disk0-file was backed up: the qcow2 container's bytes, not the guest's disk."""
+    from images import assert_one_error_line
+
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    capsys.readouterr()
+    uri = vm.uri.replace("node=disk0", "node=disk0-file")
+    assert main(["backup", uri, "--repo", repo, "--vm", "web"]) == 4
+    assert_one_error_line(capsys.readouterr().err, "'disk0-file'", "file under the qcow2 node 'disk0'", "?node=disk0")
+    assert vm.pyvbak_nodes() == [] and vm.exports() == ["guest"]

@@ -41,7 +41,7 @@ from .session import ExportSession
 from ..resources import TerminationGuard
 from . import cleanup
 from . import fleece_guard, session_lock
-from .vm_disks import MAX_DISKS, VmDisk, parse_qemu_uri_disks, resolve
+from .vm_disks import MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
 from .naming import GEN_PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id
 from .qmp import QmpClient, QmpError
 
@@ -222,8 +222,10 @@ class QemuHotBackup(ExportSession):
         if self.cleaned_leftovers:  # nodes may have gone: ask again
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
         # devices are resolved to nodes now, with no leftover filter above a disk's node
+        resolved = resolve(qmp, self.qmp_path, self.selectors, set(infos))
+        check_guest_view(resolved, infos, self.qmp_path)
         self.disks = [HotDisk(self, vd, self.names.for_disk(i), self._previous_for(vd.name))
-                      for i, vd in enumerate(self._named(resolve(qmp, self.qmp_path, self.selectors, set(infos))))]
+                      for i, vd in enumerate(self._named(resolved))]
         max_gen = {d.node: max([generation_of(b) or 0 for b in bitmaps_before.get(d.node, {})], default=0)
                    for d in self.disks}
         bitmaps_before = {d.node: bitmaps_before.get(d.node, {}) for d in self.disks}

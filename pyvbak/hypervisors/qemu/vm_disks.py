@@ -210,3 +210,26 @@ def query_disk_names(qmp_path: str, selectors: list[DiskSelector], timeout: floa
 
 def _user_nodes(node_names: set[str]) -> list[str]:
     return sorted(n for n in node_names if n and not n.startswith(("#", "pyvbak-")))
+
+
+#: drivers that store a disk in their own layout: a protocol node under one of them holds
+#: the container's bytes, not the guest's disk ("raw" passes the bytes through)
+_CONTAINER_FORMATS = {"qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc", "luks", "parallels"}
+
+
+def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str) -> None:
+    """SourceError for a disk named by the protocol node under a format node (``?node=
+    disk0-file`` under qcow2 ``disk0``): its bytes are the image file's - qcow2 clusters,
+    metadata and all - not what the guest sees, and change tracking would follow the file."""
+    for d in disks:
+        info = infos.get(d.node) or {}
+        filename = info.get("file")
+        if not filename or info.get("drv") in _CONTAINER_FORMATS:
+            continue
+        above = [n for n, i in infos.items() if n != d.node and i.get("file") == filename
+                 and i.get("drv") in _CONTAINER_FORMATS]
+        if above:
+            fmt = infos[above[0]].get("drv")
+            raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is the file under the {fmt} node "
+                              f"{above[0]!r}: back up the guest's view, ?node={above[0]} (the file node "
+                              f"holds the {fmt} container's bytes)")

@@ -148,12 +148,9 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         adopted = adopted[:0]
 
     # 3. what the packs hold, and which copy of each referenced block stays
-    index_names = sorted(repo.pack_index_names())
-    loaded = [fmt.decode_pack_index(backend.read(n), f"pack index {n}") for n in index_names]
+    index_names, recs = _load_pack_indexes(repo)
     if len(adopted):
-        loaded.append(adopted)
-    recs = np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD)
-    del loaded
+        recs = np.concatenate([recs, adopted])
     listed_records = len(recs)
     # Integer keys from here on: sorting and comparing the 32-byte names themselves is
     # what made a prune of 4 M records take 26 s (digest_sets).
@@ -212,11 +209,10 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
 
     indexed_hex = set(pack_hex)
     # what is left unindexed now could not be adopted (no valid trailer): not ours to delete
-    unindexed = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
-    if unindexed:
-        report["problems"].append(f"{len(unindexed)} object(s) under packs/ are no pack pyvbak can read "
-                                  f"(e.g. {unindexed[0]}): left in place")
-    unindexed = []
+    unreadable = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
+    if unreadable:
+        report["problems"].append(f"{len(unreadable)} object(s) under packs/ are no pack pyvbak can read "
+                                  f"(e.g. {unreadable[0]}): left in place")
     report["packs_deleted"] = int(np.count_nonzero(delete_p))
     report["packs_repacked"] = int(np.count_nonzero(repack_p))
     if dry_run:
@@ -295,14 +291,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     # nothing dropped, moved or deduplicated: the index files stay as they are
     rewrite_index = len(new_records) != listed_records or bool(new_parts)
     if rewrite_index:
-        written = set()
-        for i in range(0, len(new_records), INDEX_RECORDS_PER_FILE):
-            n = repo.write_pack_index(new_records[i : i + INDEX_RECORDS_PER_FILE])
-            if n:
-                written.add(n)
-        for name in index_names:
-            if name not in written:
-                _delete(backend, name)
+        _rewrite_pack_indexes(repo, new_records, index_names)
     # Packs are named by their contents, so a pack this prune wrote can carry the name of
     # one it is about to delete (the kept frames of a repacked pack can equal a pack an
     # interrupted earlier prune wrote and a backup then re-adopted): writing it was a no-op
@@ -316,13 +305,9 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     for pi in sorted(gone):
         if pack_hex[pi] not in written_packs and not missing_p[pi]:
             freed += _delete(backend, fmt.pack_name(pack_hex[pi]))
-    for name in unindexed:
-        if name.rsplit("/", 1)[-1] not in written_packs:
-            freed += _delete(backend, name)
     # what the repacked frames take again in their new packs (a pack whose name existed
     # before was not written anew)
-    existed = present_hex
-    for h in written_packs - existed:
+    for h in written_packs - present_hex:
         try:
             freed -= backend.stat(fmt.pack_name(h))
         except ObjectMissing:
@@ -331,6 +316,26 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     repo._digest_index_cache = None
     report["duration"] = time.monotonic() - t0
     return report
+
+
+def _load_pack_indexes(repo) -> tuple[list[str], np.ndarray]:
+    """(names, every record) of the pack index objects, read from the repository itself."""
+    names = sorted(repo.pack_index_names())
+    loaded = [fmt.decode_pack_index(repo.backend.read(n), f"pack index {n}") for n in names]
+    return names, (np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD))
+
+
+def _rewrite_pack_indexes(repo, records: np.ndarray, old_names: list[str]) -> None:
+    """Replace the pack index objects ``old_names`` by ones holding ``records``: the new
+    objects first (create-only), then the old ones go (FORMAT.md, prune step 4)."""
+    written = set()
+    for i in range(0, len(records), INDEX_RECORDS_PER_FILE):
+        n = repo.write_pack_index(records[i : i + INDEX_RECORDS_PER_FILE])
+        if n:
+            written.add(n)
+    for name in old_names:
+        if name not in written:
+            _delete(repo.backend, name)
 
 
 def _delete(backend, name: str) -> int:
@@ -350,14 +355,13 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes]]) -> dict:
     read back missing or corrupt (``bad``: (digest, pack id) pairs), after a ``lost/``
     marker naming them.  Backups then no longer deduplicate against those copies: the
     next backup of a disk that still holds the blocks stores them again (a disk whose
-    newest snapshot names one gets a full scan, see "Lost packs" in docs/FORMAT.md).
-    Snapshots that reference the blocks stay damaged.  Caller holds the EXCLUSIVE lock."""
+    newest snapshot names one gets a full scan, see "Lost packs" in docs/FORMAT.md), and
+    every snapshot that references them restores again once it has.  Caller holds the
+    EXCLUSIVE lock."""
     report = {"records_removed": 0, "lost_marker": None}
     if not bad:
         return report
-    index_names = sorted(repo.pack_index_names())
-    loaded = [fmt.decode_pack_index(repo.backend.read(n), f"pack index {n}") for n in index_names]
-    recs = np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD)
+    index_names, recs = _load_pack_indexes(repo)
     # the bad digests first (vectorised), then the exact (digest, pack) pairs among those
     wanted = {d + p for d, p in bad}
     cand = np.flatnonzero(digest_sets.isin(recs["digest"].view("S32"),
@@ -369,19 +373,8 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes]]) -> dict:
         return report
     packs = sorted({bytes(p).hex() for p in recs["pack"][drop]})
     report["lost_marker"] = repo.write_lost_marker(packs, int(drop.sum()))
-    written = set()
-    keep = recs[~drop]
-    for i in range(0, len(keep), INDEX_RECORDS_PER_FILE):
-        n = repo.write_pack_index(keep[i : i + INDEX_RECORDS_PER_FILE])
-        if n:
-            written.add(n)
-    for name in index_names:  # new indexes first, then the old ones go (as in prune)
-        if name not in written:
-            _delete(repo.backend, name)
+    # the local digest-index cache names the old index objects: it is rebuilt once they go
+    _rewrite_pack_indexes(repo, recs[~drop], index_names)
     repo._digest_index_cache = None
-    from .cache import repo_cache_dir
-    from .digest_index import forget_cached
-
-    forget_cached(repo_cache_dir(repo.config.repo_id))
     report["records_removed"] = int(drop.sum())
     return report

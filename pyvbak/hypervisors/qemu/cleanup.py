@@ -11,8 +11,14 @@ left behind, all named with ``pyvbak-<run>`` (see ``naming``):
   next one recording.  The newer one is merged back into the one the last good backup
   recorded, so no guest write is forgotten.
 
-A run is only cleaned when the process that created it is gone (its pid is in the run
-id); a live one means two pyvbak sessions on one VM, which is refused.
+A run is only cleaned when the process that created it is gone (``run_alive``): its pid
+is in the run id, and the identity its session lock in the VM (or else its journal in the
+work dir) recorded - machine, pid namespace, boot, process start time - tells whether
+this process can judge that pid at all (a pyvbak in another container or on another
+machine sharing the QMP socket or work dir: never cleaned) and whether the pid now runs
+another process.  A run without a recorded identity (older pyvbak, or only files without
+a journal) is judged by its pid alone.  A live one means two pyvbak sessions on one VM,
+which is refused.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from pathlib import Path
 
 from pyvbak.errors import SourceError
 
-from ..resources import pid_alive
+from pyvbak.processes import can_judge, owner_alive
+
 from .naming import GEN_PREFIX, PREFIX, generation_of, pid_of_run, run_of
 from .qmp import QmpClient, QmpError
 from .session_lock import release as release_lock
 from .session_lock import is_live as lock_is_live
-from .session_lock import session_locks
+from .session_lock import lock_info, owner_identity, session_locks
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
@@ -116,6 +123,35 @@ def gen_bitmaps(node: dict) -> dict[str, dict]:
     return {b["name"]: b for b in node.get("dirty-bitmaps", []) if b.get("name", "").startswith(GEN_PREFIX)}
 
 
+def run_alive(run: str, owner: dict | None) -> bool:
+    """Whether the process that created run's resources may still run
+    (``processes.owner_alive``).  ``owner``: the identity recorded for the run (its session
+    lock's, else its journal's), None when unknown: judged by pid.  A run with this
+    process's pid and an identity this process can judge is not a live one (this process's
+    own session passes its run as ``own_run``)."""
+    pid = pid_of_run(run)
+    if pid == os.getpid() and can_judge(owner or {}):
+        return False
+    return owner_alive(pid, owner)
+
+
+def journal_owners(files: list[Path]) -> dict[str, dict]:
+    """run -> the owner identity its work-dir journal ``pyvbak-<run>.json`` recorded (runs
+    whose journal is missing, unreadable or without one are left out)."""
+    owners = {}
+    for p in files:
+        if p.suffix != ".json":
+            continue
+        try:
+            journal = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        owner = owner_identity(journal.get("owner")) if isinstance(journal, dict) else None
+        if owner is not None:
+            owners[run_of(p.name)] = owner
+    return owners
+
+
 def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_bitmap: str | None,
                     own_run: str | None = None) -> list[str]:
     """Remove every pyvbak resource of a dead run; return one line per thing cleaned.
@@ -133,20 +169,27 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     files = sorted(p for p in work_dir.glob(f"{PREFIX}*") if run_of(p.name)) if work_dir.is_dir() else []
 
     runs = {run_of(x) for x in exports + jobs + nodes + [p.name for p in files]} - {None, own_run}
+    # who made each run: the identity its session lock in the VM recorded, else its journal's
+    locks = {lock: run_of(lock) for lock in session_locks(qmp)}
+    owners = journal_owners(files)
+    for lock, run in locks.items():
+        if run is not None and run != own_run:
+            owner = owner_identity(lock_info(qmp, lock))
+            if owner is not None:
+                owners[run] = owner
     for run in sorted(runs):  # type: ignore[arg-type]
         pid = pid_of_run(run)
-        if pid != os.getpid() and pid_alive(pid):
+        if run_alive(run, owners.get(run)):
             raise SourceError(
                 f"another pyvbak session (pid {pid}, run {run}) is active on this VM or work dir "
                 f"{work_dir}; wait for it to finish (QEMU serves one NBD server per VM)"
             )
     # Session locks of dead runs go; a live one is a session that is about to back off
     # (session_lock orders them), never a reason to stop this one.
-    for lock in session_locks(qmp):
-        run = run_of(lock)
+    for lock, run in locks.items():
         if run is None or run == own_run:
             continue
-        if lock_is_live(run):
+        if lock_is_live(run, owners.get(run)):
             continue
         release_lock(qmp, lock)
         cleaned.append(f"session lock {lock} of a dead run")
@@ -161,13 +204,6 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
             remove_export(qmp, e)
             cleaned.append(f"NBD export {e}")
             server_was_ours = True  # pyvbak only exports on a server it started itself
-    journals = {}
-    for p in files:
-        if p.suffix == ".json":
-            try:
-                journals[run_of(p.name)] = json.loads(p.read_text())
-            except (OSError, ValueError):
-                pass
     for p in files:
         if p.name.endswith("-nbd.sock") and socket_listening(p):
             server_was_ours = True
@@ -270,16 +306,19 @@ def clean_files(paths: list[Path]) -> list[str]:
 
 
 def dead_run_files(work_dir: Path, own_run: str | None) -> list[Path]:
-    """Work-dir files of pyvbak runs whose process is gone; SourceError if one is alive."""
+    """Work-dir files of pyvbak runs whose process is gone (``run_alive``, with the identity
+    a run's journal recorded); SourceError if one is alive."""
     if not work_dir.is_dir():
         return []
     out = []
-    for p in sorted(work_dir.glob(f"{PREFIX}*")):
+    files = sorted(work_dir.glob(f"{PREFIX}*"))
+    owners = journal_owners(files)
+    for p in files:
         run = run_of(p.name)
         if run is None or run == own_run:
             continue
         pid = pid_of_run(run)
-        if pid != os.getpid() and pid_alive(pid):
+        if run_alive(run, owners.get(run)):
             raise SourceError(f"another pyvbak session (pid {pid}) is using work dir {work_dir}; "
                               f"wait for it to finish")
         out.append(p)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvbak.errors import Interrupted, PyvbakError, SourceError, UsageError
+from pyvbak.processes import identity
 
 from .session import ExportSession
 from ..resources import TerminationGuard
@@ -406,9 +407,13 @@ class QemuHotBackup(ExportSession):
 
     def _write_journal(self) -> None:
         """What this run creates, for a person looking at the work dir (leftover cleanup
-        goes by the names, which carry the run id, not by the journal)."""
+        finds a run's resources by their names, which carry the run id, not by the
+        journal), and who runs it:
+        ``owner`` (``processes.identity()``) lets a later run tell a live session of
+        another container or machine, or a pid reused since, from a dead one when the
+        VM holds no session lock of this run."""
         self._journal = {
-            "run": self.names.run, "pid": os.getpid(), "qmp": self.qmp_path,
+            "run": self.names.run, "pid": os.getpid(), "owner": identity(), "qmp": self.qmp_path,
             "nbd_socket": str(self.names.nbd_socket), "server_started": self._server_started,
             "disks": [{"node": d.node, "fleece_file": str(d.fleece_path), "new_bitmap": d.new_bitmap,
                        "old_bitmap": d.old_bitmap} for d in self.disks],

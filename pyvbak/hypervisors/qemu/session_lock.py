@@ -4,12 +4,24 @@ Two pyvbak processes backing up the same VM would fight over its one NBD server 
 rotate the same dirty bitmaps, and they need not share a work directory (different
 users, jobs or repositories), so the lock lives in the VM: a QOM object
 ``/objects/pyvbak-<run>-lock`` (a ``secret`` - the one object type every QEMU build,
-qemu-storage-daemon included, can create - whose data is the time the session started).
+qemu-storage-daemon included, can create).  Its data is a JSON object: the time the
+session started, its pid and the owner's identity (``processes.identity()``: machine
+id, pid namespace, boot id, process start time)::
+
+    {"started": 1764100000.123457, "pid": 4242, "machine": "…", "pidns": "pid:[4026531836]",
+     "boot": "…", "start": 1234567}
+
+(pyvbak before it wrote the start time alone, ``"%.6f"``; such locks are still read.)
+Whether a lock's session may still run is ``is_live``: a run of this process by
+``_held``; any other by ``processes.owner_alive(pid, identity)`` - alive whenever this
+process cannot judge it (another machine, or another pid namespace: a pyvbak in another
+container on the same QMP socket), dead when its pid went to a newer process (the
+recorded start time differs), else by its pid as for a lock without the identity.
 ``object-add`` of an id is atomic; ordering the sessions makes the lock fair:
 
 1. create our object;
-2. list the ``pyvbak-*-lock`` objects of other sessions whose process (the pid in the run
-   id) is alive; none: ours is the lock;
+2. list the ``pyvbak-*-lock`` objects of other sessions that may still run (``is_live``);
+   none: ours is the lock;
 3. one that started first - (time, run id) - is ahead: delete ours, fail with a clear
    message;
 4. only later ones: each of them either saw ours and is backing off, or listed before ours
@@ -21,19 +33,21 @@ Whoever gets in listed no other live object, or saw every other one go: never tw
 once.  (Before step 4 existed, the earlier-started session went ahead at once, and two
 sessions could both get in when the earlier one was slow between reading its start time
 and creating its object.)  A ``kill -9`` leaves the object behind; it carries the dead
-run's id, so the next run's leftover cleanup removes it (``cleanup.clean_leftovers``).
-QEMU restarting removes it too.
+run's id and identity, so the next run's leftover cleanup removes it
+(``cleanup.clean_leftovers``), which also judges the run's other resources with the
+identity its lock (or its work-dir journal) recorded.  QEMU restarting removes it too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 
 from pyvbak.errors import SourceError
+from pyvbak.processes import can_judge, identity, owner_alive
 
-from ..resources import pid_alive
 from .naming import PREFIX, pid_of_run, run_of
 from .qmp import QmpClient, QmpError
 
@@ -49,13 +63,28 @@ _held: set[str] = set()
 _held_lock = threading.Lock()
 
 
-def is_live(run: str) -> bool:
-    """Whether the session ``run`` may still be running."""
+#: the fields of ``processes.identity()``; a record with none of them is judged by pid
+IDENTITY_FIELDS = ("machine", "pidns", "boot", "start")
+
+
+def owner_identity(record: dict | None) -> dict | None:
+    """The owner identity in ``record`` (a lock's data, a journal's ``owner``), or None
+    when it has none (pyvbak before it recorded one)."""
+    if not isinstance(record, dict):
+        return None
+    owner = {k: record[k] for k in IDENTITY_FIELDS if record.get(k) is not None}
+    return owner or None
+
+
+def is_live(run: str, owner: dict | None = None) -> bool:
+    """Whether the session ``run`` may still be running.  ``owner``: the identity its lock
+    recorded (``lock_info``), None when unknown (judged by the pid in the run id).  A run
+    whose owner this process cannot judge (another machine or pid namespace) is live."""
     pid = pid_of_run(run)
-    if pid == os.getpid():
+    if pid == os.getpid() and can_judge(owner or {}):
         with _held_lock:
             return run in _held
-    return pid_alive(pid)
+    return owner_alive(pid, owner)
 
 
 def lock_id(run: str) -> str:
@@ -72,25 +101,56 @@ def session_locks(qmp: QmpClient) -> list[str]:
             and run_of(p["name"]) is not None]
 
 
-def _started(qmp: QmpClient, obj: str) -> float | None:
+def lock_data(started: float) -> str:
+    """The data of this process's lock object for a session started at ``started``."""
+    return json.dumps({"started": started, "pid": os.getpid(), **identity()})
+
+
+def parse_lock_data(data) -> dict | None:
+    """A lock object's data as ``{"started": float, ...identity fields}``, or None when it
+    is not a lock's.  The old form, the bare start time ``"%.6f"``, gives ``{"started": t}``
+    alone (judged by pid)."""
+    if not isinstance(data, str):
+        return None
     try:
-        return float(qmp.execute("qom-get", path=f"/objects/{obj}", property="data"))
-    except (QmpError, ValueError, TypeError):
-        return None  # gone meanwhile, or not ours to read
+        if not data.lstrip().startswith("{"):
+            return {"started": float(data)}
+        info = json.loads(data)
+        if not isinstance(info, dict):
+            return None
+        return {**info, "started": float(info["started"])}
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def lock_info(qmp: QmpClient, obj: str) -> dict | None:
+    """The parsed data of lock object ``obj`` (``parse_lock_data``), None when it is gone
+    meanwhile or not ours to read."""
+    try:
+        data = qmp.execute("qom-get", path=f"/objects/{obj}", property="data")
+    except QmpError:
+        return None
+    return parse_lock_data(data)
+
+
+def _started(qmp: QmpClient, obj: str) -> float | None:
+    info = lock_info(qmp, obj)
+    return None if info is None else info["started"]
 
 
 def acquire(qmp: QmpClient, run: str) -> str:
     """Take the VM's session lock for ``run``; returns the object id (release with
     ``release``).  SourceError naming the other session if one that is alive holds it."""
     me = lock_id(run)
-    # Compared as written: the other sessions read it back rounded to 6 decimals, and a
-    # session comparing its unrounded time with their rounded ones could find, with a
-    # rival started within half a microsecond, that each is later than the other.
+    # Compared as written: the other sessions read back the number stored (rounded to 6
+    # decimals, as the old bare-float locks were), and a session comparing its unrounded
+    # time with their rounded ones could find, with a rival started within half a
+    # microsecond, that each is later than the other.
     started = round(time.time(), 6)
     with _held_lock:
         _held.add(run)
     try:
-        qmp.execute("object-add", **{"qom-type": "secret", "id": me, "data": f"{started:.6f}"})
+        qmp.execute("object-add", **{"qom-type": "secret", "id": me, "data": lock_data(started)})
     except BaseException:
         with _held_lock:
             _held.discard(run)
@@ -122,11 +182,14 @@ def _live_others(qmp: QmpClient, me: str) -> list[tuple[str, str, float]]:
     out = []
     for other in session_locks(qmp):
         orun = run_of(other)
-        if other == me or orun is None or not is_live(orun):
+        if other == me or orun is None:
+            continue
+        info = lock_info(qmp, other)
+        if info is None:
+            continue  # gone meanwhile, or not ours to read
+        if not is_live(orun, owner_identity(info)):
             continue  # a killed (or leaked) run's lock: leftover cleanup removes it
-        t = _started(qmp, other)
-        if t is not None:
-            out.append((other, orun, t))
+        out.append((other, orun, info["started"]))
     return out
 
 

@@ -608,6 +608,188 @@ def test_the_lock_of_a_killed_run_is_removed_and_reported(vm, work):
     assert_clean(vm, work)
 
 
+# -- whose run is it: the owner identity a lock (or journal) records --------------------
+
+KILLED_AS = r"""
+import sys, time
+from pyvbak.hypervisors.qemu import QemuHotBackup, hot
+uri, work, run_pid = sys.argv[1:]
+if run_pid:  # the run id of a process whose pid another one got since
+    hot.new_run_id = lambda: f"{run_pid}-beef"
+with QemuHotBackup(uri, previous_state=None, work_dir=work) as s:
+    print("READY", s.run, flush=True)
+    time.sleep(60)
+"""
+
+
+def killed_session(vm, work, run_pid: int | None = None) -> str:
+    """A session killed with SIGKILL once its fleecing view and export were up; returns
+    its run id (the child's pid, or ``run_pid``)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-c", KILLED_AS, vm.uri, str(work), str(run_pid or "")],
+                         stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("READY"), line
+    finally:
+        p.kill()
+        p.wait(10)
+        p.stdout.close()
+    return line.split()[1]
+
+
+def lock_of(vm, run: str) -> str:
+    return vm.ctl.cmd("qom-get", path=f"/objects/pyvbak-{run}-lock", property="data")
+
+
+def replace_lock(vm, run: str, data: str) -> None:
+    name = f"pyvbak-{run}-lock"
+    vm.ctl.cmd("object-del", id=name)
+    vm.ctl.cmd("object-add", **{"qom-type": "secret", "id": name, "data": data})
+
+
+def edit_journal(work, run: str, **owner) -> None:
+    """Change the owner the killed run's journal records (none given: drop it, as pyvbak
+    before it wrote)."""
+    import json
+
+    path = work / f"pyvbak-{run}.json"
+    journal = json.loads(path.read_text())
+    if owner:
+        journal["owner"].update(owner)
+    else:
+        del journal["owner"]
+    path.write_text(json.dumps(journal))
+
+
+def vm_state(vm) -> tuple:
+    """What pyvbak has in the VM: exports, nodes, jobs, lock objects, bitmaps."""
+    return (vm.exports(), vm.pyvbak_nodes(), vm.jobs(), vm.pyvbak_objects(),
+            {name: (b["recording"], b.get("busy")) for name, b in vm.bitmaps().items()})
+
+
+def assert_refused_leaving_everything(vm, work, run: str, elsewhere) -> None:
+    """Neither a new session (whatever its work dir) nor leftover cleanup touches run's
+    resources: both fail with the one-line 'another pyvbak session' error."""
+    from pyvbak.hypervisors.qemu import cleanup
+
+    pid = run.split("-")[0]
+    before, files = vm_state(vm), sorted(os.listdir(work))
+    assert len(before[0]) == 2 and before[1] and before[2] and before[3] == [f"pyvbak-{run}-lock"]
+    for work_dir in (work, elsewhere):
+        with pytest.raises(SourceError, match=rf"another pyvbak session \(pid {pid}, run {run}\) is backing up "
+                                              r"this VM since .*wait for it to finish") as e:
+            with QemuHotBackup(vm.uri, previous_state=None, work_dir=work_dir):
+                pass
+        assert len(str(e.value).splitlines()) == 1
+        assert vm_state(vm) == before and sorted(os.listdir(work)) == files
+    with QmpClient(vm.qmp_path).connect() as q:
+        with pytest.raises(SourceError, match=rf"another pyvbak session \(pid {pid}, run {run}\) is active on this "
+                                              r"VM or work dir .*wait for it to finish") as e:
+            cleanup.clean_leftovers(q, work, "disk0", None, own_run=None)
+    assert len(str(e.value).splitlines()) == 1
+    assert vm_state(vm) == before and sorted(os.listdir(work)) == files
+
+
+@pytest.mark.parametrize("foreign", ["pidns", "machine"])
+def test_a_run_of_another_pid_namespace_or_machine_is_live(vm, work, tmp_path, monkeypatch, foreign):
+    """A pyvbak in another container (pid namespace) or on another machine sharing the QMP
+    socket: its pid means nothing here (dead in this namespace), so its session is live -
+    its lock holds the VM and its fleecing node, export and job are left alone."""
+    import json
+
+    from pyvbak import processes
+    from pyvbak.hypervisors.qemu import session_lock
+
+    monkeypatch.setattr(session_lock, "RACE_GRACE_S", 0.3)
+    run = killed_session(vm, work)
+    assert not processes.pid_alive(int(run.split("-")[0]))
+    data = json.loads(lock_of(vm, run))
+    assert data["pidns"] == processes.pid_namespace() and data["machine"] == processes.machine_id()
+    other = {"pidns": "pid:[1]"} if foreign == "pidns" else {"machine": "0" * 32}
+    assert other[foreign] != data[foreign]
+    replace_lock(vm, run, json.dumps({**data, **other}))
+    edit_journal(work, run, **other)
+    assert_refused_leaving_everything(vm, work, run, tmp_path / "elsewhere")
+
+
+def test_a_foreign_run_whose_lock_is_gone_is_judged_by_its_journal(vm, work):
+    """Without its lock in the VM, the identity the run's journal recorded decides: another
+    pid namespace's run is live, and the session's leftover cleanup refuses, removing
+    nothing (the session releases only its own lock)."""
+    run = killed_session(vm, work)
+    vm.ctl.cmd("object-del", id=f"pyvbak-{run}-lock")
+    edit_journal(work, run, pidns="pid:[1]")
+    before, files = vm_state(vm), sorted(os.listdir(work))
+    with pytest.raises(SourceError, match=rf"another pyvbak session \(pid {run.split('-')[0]}, run {run}\) is active "
+                                          r"on this VM or work dir") as e:
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work):
+            pass
+    assert len(str(e.value).splitlines()) == 1
+    assert vm_state(vm) == before and sorted(os.listdir(work)) == files
+
+
+def test_a_run_whose_pid_went_to_another_python_process_is_cleaned(vm, work):
+    """The run id's pid runs a Python process again, but not the one that made the run:
+    the start time its lock recorded differs, so the run is dead and cleaned."""
+    import json
+    import time
+
+    from pyvbak import processes
+
+    sleeper = live_pid()  # the Python process that "got the pid"
+    try:
+        time.sleep(0.05)  # a later clock tick: the killed run's start time differs
+        run = killed_session(vm, work, run_pid=sleeper.pid)
+        assert run == f"{sleeper.pid}-beef" and processes.pid_alive(sleeper.pid)
+        assert json.loads(lock_of(vm, run))["start"] != processes.start_time(sleeper.pid)
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
+            cleaned = " | ".join(s.cleaned_leftovers)
+            assert f"session lock pyvbak-{run}-lock of a dead run" in cleaned
+            assert f"NBD export pyvbak-{run}" in cleaned and f"fleecing backup job pyvbak-{run}-job" in cleaned
+            assert f"fleecing node pyvbak-{run}-fl" in cleaned and f"pyvbak-{run}.json" in cleaned
+            s.commit()
+        assert_clean(vm, work)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("form", ["identity with its start", "bare float"])
+def test_a_live_python_pid_holds_its_run_when_nothing_says_otherwise(vm, work, tmp_path, monkeypatch, form):
+    """The same leftovers, but the lock records the start time the pid's process has (it
+    is the owner), or is an old bare-float lock with a journal without identity (pyvbak
+    before it recorded one: judged by the pid, as then): the run is live."""
+    import json
+    import time
+
+    from pyvbak import processes
+    from pyvbak.hypervisors.qemu import session_lock
+
+    monkeypatch.setattr(session_lock, "RACE_GRACE_S", 0.3)
+    sleeper = live_pid()
+    try:
+        time.sleep(0.05)
+        run = killed_session(vm, work, run_pid=sleeper.pid)
+        data = json.loads(lock_of(vm, run))
+        if form == "bare float":
+            replace_lock(vm, run, f"{data['started']:.6f}")
+            edit_journal(work, run)
+        else:
+            replace_lock(vm, run, json.dumps({**data, "start": processes.start_time(sleeper.pid)}))
+            edit_journal(work, run, start=processes.start_time(sleeper.pid))
+        assert_refused_leaving_everything(vm, work, run, tmp_path / "elsewhere")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # once the pid is gone the same leftovers are a dead run's: cleaned (the old form too)
+    with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
+        cleaned = " | ".join(s.cleaned_leftovers)
+        assert f"session lock pyvbak-{run}-lock of a dead run" in cleaned and f"NBD export pyvbak-{run}" in cleaned
+        s.commit()
+    assert_clean(vm, work)
+
+
 def test_concurrent_sessions_exactly_one_wins(tmp_path):
     """Two processes, each on its own QMP monitor of the same VM and with its own work
     dir, start a session at the same moment; a session that gets in stays in until the

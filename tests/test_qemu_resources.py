@@ -115,8 +115,12 @@ def test_dead_run_files_a_reused_python_pid_with_another_start_is_dead(tmp_path)
     from pyvbak import processes
     from pyvbak.hypervisors.qemu.cleanup import dead_run_files
 
+    from conftest import wait_until
+
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
+        # (right after the spawn its /proc cmdline can still be empty: not a Python one yet)
+        wait_until(lambda: processes.pid_alive(sleeper.pid), timeout=10, what="the sleeper to run Python")
         run = f"{sleeper.pid}-beef"
         start = processes.start_time(sleeper.pid)
         path = tmp_path / f"pyvbak-{run}.json"

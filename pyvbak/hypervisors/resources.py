@@ -20,7 +20,7 @@ import threading
 from typing import Iterator
 
 from pyvbak.errors import Interrupted
-from pyvbak.processes import pid_alive  # noqa: F401  (re-exported for the qemu layer)
+from pyvbak.processes import pid_alive  # noqa: F401  (re-exported: its old import path)
 
 _CONVERTED = (signal.SIGTERM, signal.SIGHUP)
 

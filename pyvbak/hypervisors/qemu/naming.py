@@ -1,10 +1,15 @@
 """Names of everything pyvbak creates in QEMU and in the work directory.
 
 Every resource carries the prefix ``pyvbak-`` and a run id ``<pid>-<4 hex>`` so that a
-later run can tell (a) that pyvbak made it and (b) whether the process that made it is
-still alive.  QEMU node names are limited to 31 characters, which bounds the run id.
+later run can tell (a) that pyvbak made it and (b) which run made it, and so whether that
+run may still be going: the pid alone does not say (a pyvbak in another container or on
+another machine may share the VM's QMP socket or the work dir, and pids are reused), so
+the run's session lock in the VM, and its journal in the work dir, record the owner's
+identity (``processes.identity()``) and ``cleanup.run_alive`` / ``session_lock.is_live``
+judge the pid with it; a run with neither (older pyvbak, offline runs) is judged by its
+pid.  QEMU node names are limited to 31 characters, which bounds the run id.
 
-  session lock (QOM object) pyvbak-<run>-lock   (session_lock.py)
+  session lock (QOM object) pyvbak-<run>-lock   (session_lock.py; data: start time + owner)
   export / NBD export name   pyvbak-<run><d>
   fleecing node              pyvbak-<run><d>-fl
   copy-before-write filter   pyvbak-<run><d>-cbw
@@ -12,7 +17,7 @@ still alive.  QEMU node names are limited to 31 characters, which bounds the run
   backup job id              pyvbak-<run><d>-job
   fleecing file              <work_dir>/pyvbak-<run><d>-fleece.raw   (QEMU < 7.1: .qcow2)
   NBD server socket          <work_dir>/pyvbak-<run>-nbd.sock
-  journal                    <work_dir>/pyvbak-<run>.json
+  journal                    <work_dir>/pyvbak-<run>.json   (what the run made; "owner")
   persistent dirty bitmaps   pyvbak-gen-<N>   (not per run: they outlive runs on purpose)
 
 ``<d>`` tells the disks of one run apart: empty for its first disk, ``-d<i>`` for the

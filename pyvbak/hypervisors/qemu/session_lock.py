@@ -16,7 +16,8 @@ Whether a lock's session may still run is ``is_live``: a run of this process by
 ``_held``; any other by ``processes.owner_alive(pid, identity)`` - alive whenever this
 process cannot judge it (another machine, or another pid namespace: a pyvbak in another
 container on the same QMP socket), dead when its pid went to a newer process (the
-recorded start time differs), else by its pid as for a lock without the identity.
+recorded start time differs, same boot), else by its pid as for a lock without the
+identity.
 ``object-add`` of an id is atomic; ordering the sessions makes the lock fair:
 
 1. create our object;

@@ -12,7 +12,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["hash_scalar.c", "hash_avx2.c", "hash_avx512.c", "hash_common.c", "scan.c", "diff.c", "sha256.c", "gather.c"]
+SOURCES = ["hash_scalar.c", "hash_avx2.c", "hash_avx512.c", "hash_common.c", "scan.c", "diff.c", "sha256.c", "gather.c", "decode.c"]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "native_cdef.h")) as f:
@@ -24,6 +24,7 @@ ffibuilder.set_source(
     # setuptools wants paths relative to setup.py's directory (the project root).
     sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
+    libraries=["dl"],  # decode.c dlopens libzstd (glibc < 2.34 keeps dlopen in libdl)
     extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

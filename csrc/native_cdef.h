@@ -14,6 +14,9 @@
 #define PV_SCAN_PREAD 2
 #define PV_SCAN_NO_POPULATE 4
 #define PV_SCAN_TEST_TRUNCATE 8
+#define PV_DECODE_OK 0
+#define PV_DECODE_CORRUPT 1
+#define PV_DECODE_MISMATCH 2
 
 int pv_cpu_kernels(void);
 int pv_scan_buffer(const uint8_t *buf, uint64_t len, uint32_t block_size, const uint8_t *ktab,
@@ -31,3 +34,9 @@ int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n,
 int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t *lens, uint64_t n,
                      uint8_t *out);
 uint64_t pv_gather(uint8_t *dst, const uint8_t *const *srcs, const uint64_t *lens, uint64_t n);
+unsigned pv_zstd_load(void);
+void *pv_zstd_dctx_new(void);
+void pv_zstd_dctx_free(void *dctx);
+int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off, const uint64_t *src_len,
+                         uint8_t *dst, const int64_t *dst_off, const uint64_t *ulen, const uint8_t *digests,
+                         uint64_t n, uint8_t *status);

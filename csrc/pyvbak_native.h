@@ -72,4 +72,22 @@ int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t
 /* Copy srcs[i] (lens[i] bytes each) back to back to dst; returns the bytes copied. */
 uint64_t pv_gather(uint8_t *dst, const uint8_t *const *srcs, const uint64_t *lens, uint64_t n);
 
+/* Decode-and-check of stored blocks (decode.c), with libzstd loaded at run time. */
+#define PV_DECODE_OK 0       /* content decoded into its destination, SHA-256 equal to its name */
+#define PV_DECODE_CORRUPT 1  /* not a frame zstd can decode (damaged, truncated, no content size) */
+#define PV_DECODE_MISMATCH 2 /* decodes, but to another size or content than the block's name */
+
+/* Load libzstd.so.1: its version number (e.g. 10504), or 0 when it is missing or too old. */
+unsigned pv_zstd_load(void);
+/* A decompression context for one thread (NULL without libzstd); free with pv_zstd_dctx_free. */
+void *pv_zstd_dctx_new(void);
+void pv_zstd_dctx_free(void *dctx);
+/* Block i: the frame src[src_off[i] .. +src_len[i]) decoded to dst[dst_off[i] .. +ulen[i])
+ * and checked against digests[32*i .. +32); status[i] = PV_DECODE_*.  Returns the number
+ * of good blocks, or PV_ERR_KERNEL without libzstd or the SHA-256 kernel.  Bounds and
+ * non-overlap of the ranges are the caller's (native.py checks them). */
+int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off, const uint64_t *src_len,
+                         uint8_t *dst, const int64_t *dst_off, const uint64_t *ulen, const uint8_t *digests,
+                         uint64_t n, uint8_t *status);
+
 #endif

@@ -461,6 +461,101 @@ def sha256_many(buffers, *, kernel=None) -> list[bytes]:
     return [bytes(out[i : i + 32]) for i in range(0, 32 * n, 32)]
 
 
+# ---- decode-and-check of stored blocks (restore, verify) ------------------------------------
+#
+# csrc/decode.c decompresses a pack range's zstd frames straight into their destination
+# and checks each block's SHA-256 there, in one call without the GIL.  It needs libzstd
+# (loaded at run time) and the SHA-256 kernel; pyvbak/repo/reader.py keeps the reference
+# path (python-zstandard + sha256_many) and chooses (reader.selected_decode_kernel).
+
+DECODE_OK, DECODE_CORRUPT, DECODE_MISMATCH = lib.PV_DECODE_OK, lib.PV_DECODE_CORRUPT, lib.PV_DECODE_MISMATCH
+DECODE_KERNELS = ("python", "native")
+_DECODE_ENV = "PYVBAK_DECODE"
+
+
+@lru_cache(maxsize=None)
+def zstd_library_version() -> int:
+    """libzstd.so.1's version number (e.g. 10504) as loaded for the decode kernel, or 0
+    when it is missing or older than 1.4.0."""
+    return int(lib.pv_zstd_load())
+
+
+def decode_kernel_available() -> bool:
+    """Whether ``decode_blocks_into`` runs here (libzstd loaded, SHA-256 kernel on this CPU)."""
+    return bool(zstd_library_version()) and bool(lib.pv_sha256_available())
+
+
+def available_decode_kernels() -> list[str]:
+    """The decode kernels that run here, reference first."""
+    return list(DECODE_KERNELS) if decode_kernel_available() else ["python"]
+
+
+def selected_decode_kernel(kernel: str | None = None) -> str:
+    """``kernel`` if given, else $PYVBAK_DECODE, else the fastest available."""
+    return _choose("decode", kernel, _DECODE_ENV, DECODE_KERNELS, available_decode_kernels())
+
+
+def new_decode_context():
+    """A zstd decompression context for ``decode_blocks_into``; one per thread (not
+    thread-safe), freed when the returned object is collected."""
+    if not decode_kernel_available():
+        raise UsageError("the native decode kernel needs libzstd.so.1 (1.4+) and a CPU with SHA extensions")
+    return ffi.gc(lib.pv_zstd_dctx_new(), lib.pv_zstd_dctx_free)
+
+
+def _address_range(cbuf, nbytes: int) -> tuple[int, int]:
+    start = int(ffi.cast("uintptr_t", cbuf))
+    return start, start + nbytes
+
+
+def decode_blocks_into(dctx, src, src_offsets, src_lengths, dst, dst_offsets, ulens, digests) -> np.ndarray:
+    """Decode block i, the zstd frame ``src[src_offsets[i] : +src_lengths[i]]``, into
+    ``dst[dst_offsets[i] : +ulens[i]]`` and check its SHA-256 against ``digests[i]``
+    (``digests``: n x 32 bytes, e.g. an ``S32``/``V32`` array).  Returns a uint8 status
+    per block: DECODE_OK, DECODE_CORRUPT (not a decodable frame) or DECODE_MISMATCH
+    (another size or content than its name); a bad block's destination bytes are
+    undefined.  Offset/length arrays: int64 of one length n."""
+    csrc, nsrc = _input_buffer(src, "src")
+    try:
+        cdst = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+    except (TypeError, BufferError, ValueError) as exc:
+        raise UsageError(f"dst must be a writable contiguous buffer: {exc}") from None
+    ndst = len(cdst)
+    so, sl = _index_array(src_offsets, "src_offsets"), _index_array(src_lengths, "src_lengths")
+    do, ul = _index_array(dst_offsets, "dst_offsets"), _index_array(ulens, "ulens")
+    n = len(so)
+    if so.ndim != 1 or not (sl.shape == do.shape == ul.shape == so.shape):
+        raise UsageError("src_offsets, src_lengths, dst_offsets and ulens must be 1-d arrays of one length")
+    try:
+        cdig = ffi.from_buffer("uint8_t[]", digests)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"digests must be a contiguous buffer of 32-byte digests: {exc}") from None
+    if len(cdig) != 32 * n:
+        raise UsageError(f"digests holds {len(cdig)} bytes, {n} blocks need {32 * n}")
+    status = np.empty(n, np.uint8)
+    if not n:
+        return status
+    # element by element (no offs + lens, which wraps past 2^63), as sha256_blocks
+    if so.min() < 0 or sl.min() < 0 or so.max() > nsrc or (sl > nsrc - so).any():
+        raise UsageError(f"a frame lies outside the {nsrc}-byte source buffer")
+    if do.min() < 0 or ul.min() < 0 or do.max() > ndst or (ul > ndst - do).any():
+        raise UsageError(f"a block lies outside the {ndst}-byte destination buffer")
+    order = np.argsort(do, kind="stable") if n > 1 and (np.diff(do) < 0).any() else None
+    d_sorted, u_sorted = (do, ul) if order is None else (do[order], ul[order])
+    if n > 1 and (d_sorted[1:] < d_sorted[:-1] + u_sorted[:-1]).any():
+        raise UsageError("two blocks' destinations overlap")
+    s0, s1 = _address_range(csrc, nsrc)
+    t0, t1 = _address_range(cdst, ndst)
+    if s0 < t1 and t0 < s1:  # decompressing over its own input is undefined
+        raise UsageError("the destination buffer overlaps the source buffer")
+    rc = lib.pv_decode_blocks(dctx, csrc, ffi.from_buffer("int64_t[]", so), ffi.from_buffer("uint64_t[]", sl.view(np.uint64)),
+                              cdst, ffi.from_buffer("int64_t[]", do), ffi.from_buffer("uint64_t[]", ul.view(np.uint64)),
+                              cdig, n, ffi.from_buffer("uint8_t[]", status))
+    if rc < 0:  # pragma: no cover - availability was checked by new_decode_context
+        raise UsageError(f"native decode failed (code {rc})")
+    return status
+
+
 def _scan_error(rc: int, detail: int, name: str, off: int, length: int, size: int) -> Exception:
     if rc == lib.PV_ERR_SIGBUS:
         return SourceError(

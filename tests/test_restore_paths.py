@@ -479,18 +479,25 @@ def test_failed_device_restore_says_the_device_was_partly_overwritten(repo, tmp_
     dev = loopdev(dev_img)
     real = restore_mod.read_blocks
 
-    def fail_midway(repo_, recs, on_block, on_error, *, threads):
-        def first_blocks_then_fail(k, data):
-            if k == 3:
-                if failure == "ctrl-c":
-                    raise KeyboardInterrupt
-                if failure == "sigterm":
-                    raise Interrupted("interrupted by SIGTERM: stopped cleanly, nothing was committed")
-                on_error(k, "block does not match its digest")
-                return
-            on_block(k, data)
+    def fail_midway(repo_, recs, sink, *, threads):
+        class FirstBlocksThenFail(restore_mod.BlockSink):
+            def reserve(self, k, ulens):
+                return sink.reserve(k, ulens[:1])  # one record at a time
 
-        real(repo_, recs, first_blocks_then_fail, on_error, threads=1)
+            def filled(self, k, buffer, offsets, ulens, ok):
+                if k == 3:
+                    if failure == "ctrl-c":
+                        raise KeyboardInterrupt
+                    if failure == "sigterm":
+                        raise Interrupted("interrupted by SIGTERM: stopped cleanly, nothing was committed")
+                    sink.error(k, "block does not match its digest")
+                    ok = ok & False
+                sink.filled(k, buffer, offsets, ulens, ok)
+
+            def error(self, k, reason):
+                sink.error(k, reason)
+
+        real(repo_, recs, FirstBlocksThenFail(), threads=1)
 
     monkeypatch.setattr(restore_mod, "read_blocks", fail_midway)
     want = Interrupted if failure != "bad block" else IntegrityError

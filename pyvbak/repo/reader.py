@@ -61,6 +61,31 @@ def raw_frame_content(frame: memoryview, ulen: int) -> memoryview | None:
     return frame[pos + 3 : end]
 
 
+#: what a bad block's status means, for the messages of restore and verify
+PROBLEMS = {native.DECODE_CORRUPT: "has a corrupt frame", native.DECODE_MISMATCH: "does not match its digest"}
+
+
+def _frame_status(dctx, frame: memoryview, ulen: int):
+    """(content, DECODE_OK) or (None, a bad status): the reference decision for one frame,
+    which csrc/decode.c makes identically (tests/test_decode.py)."""
+    data = raw_frame_content(frame, ulen)
+    if data is not None:
+        return data, native.DECODE_OK
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        return None, native.DECODE_CORRUPT
+    if declared < 0:  # -1: the header does not say (pyvbak's frames always do)
+        return None, native.DECODE_CORRUPT
+    if declared != ulen:
+        return None, native.DECODE_MISMATCH
+    try:
+        data = dctx.decompress(frame)
+    except zstandard.ZstdError:
+        return None, native.DECODE_CORRUPT
+    return (data, native.DECODE_OK) if len(data) == ulen else (None, native.DECODE_MISMATCH)
+
+
 def decode_block(dctx, frame: memoryview, ulen: int, digest: bytes):
     """``(data, None)`` when ``frame`` holds the ``ulen``-byte block named ``digest``, else
     ``(None, reason)``.  ``data`` may be a view into ``frame`` (raw frames are not copied)."""
@@ -76,26 +101,54 @@ def decode_blocks(dctx, frames: list, ulens: list, digests: list) -> list:
     out: list = []
     check: list[int] = []
     for i, (frame, ulen) in enumerate(zip(frames, ulens)):
-        try:
-            data = raw_frame_content(frame, ulen)
-            if data is None:
-                data = dctx.decompress(frame)
-        except zstandard.ZstdError as exc:
-            out.append((None, f"has a corrupt frame ({exc})"))
-            continue
-        if len(data) != ulen:
-            out.append((None, "does not match its digest"))
+        data, status = _frame_status(dctx, frame, ulen)
+        if data is None:
+            out.append((None, PROBLEMS[status]))
             continue
         out.append((data, None))
         check.append(i)
     for i, got in zip(check, native.sha256_many([out[i][0] for i in check])):
         if got != digests[i]:
-            out[i] = (None, "does not match its digest")
+            out[i] = (None, PROBLEMS[native.DECODE_MISMATCH])
     return out
 
 
-#: frames decoded and SHA-256-checked together by a reader worker (64 KiB blocks: 512 KiB)
-DECODE_BATCH = 8
+class BlockDecoder:
+    """Decodes and checks stored blocks into a caller's buffer; one per thread.
+
+    Kernel "native" (csrc/decode.c: libzstd + the SHA-256 kernel, one call per batch
+    without the GIL) when it runs here, else "python", the reference (python-zstandard +
+    ``native.sha256_many`` + a copy); $PYVBAK_DECODE forces one.  Both give the same
+    statuses and bytes (tests/test_decode.py)."""
+
+    def __init__(self, kernel: str | None = None):
+        self.kernel = native.selected_decode_kernel(kernel)
+        self._ctx = native.new_decode_context() if self.kernel == "native" else zstandard.ZstdDecompressor()
+
+    def decode_into(self, src, src_offsets: np.ndarray, src_lengths: np.ndarray, dst, dst_offsets: np.ndarray,
+                    ulens: np.ndarray, digests: np.ndarray) -> np.ndarray:
+        """Block i: the frame ``src[src_offsets[i] : +src_lengths[i]]`` decoded into
+        ``dst[dst_offsets[i] : +ulens[i]]`` and checked against ``digests[i]`` (an ``S32``
+        or ``V32`` array); returns a uint8 ``native.DECODE_*`` status per block.  A bad
+        block's destination bytes are undefined."""
+        digests = np.ascontiguousarray(digests)
+        if self.kernel == "native":
+            return native.decode_blocks_into(self._ctx, src, src_offsets, src_lengths, dst, dst_offsets, ulens, digests)
+        n = len(src_offsets)
+        status = np.empty(n, np.uint8)
+        src, dst = memoryview(src).cast("B"), memoryview(dst).cast("B")
+        so, sl, do, ul = (a.tolist() for a in (src_offsets, src_lengths, dst_offsets, ulens))
+        good: list[int] = []
+        for i in range(n):
+            data, status[i] = _frame_status(self._ctx, src[so[i] : so[i] + sl[i]], ul[i])
+            if data is not None:
+                dst[do[i] : do[i] + ul[i]] = data
+                good.append(i)
+        sums = native.sha256_many(dst[do[i] : do[i] + ul[i]] for i in good)
+        for i, got in zip(good, sums):
+            if got != bytes(digests[i]):
+                status[i] = native.DECODE_MISMATCH
+        return status
 
 
 def _groups(recs: np.ndarray):
@@ -152,17 +205,76 @@ def sort_for_reading(recs: np.ndarray, disk_pos: np.ndarray | None = None) -> np
     return np.lexsort((recs["offset"], inv, rank[inv]))
 
 
-def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> None:
-    """Call ``on_block(k, data)`` for every record k whose block reads back intact and
-    ``on_error(k, reason)`` for each missing or corrupt one.  Callbacks run on worker
-    threads; ``data`` is bytes-like and only valid during the call (copy to keep it).
-    ``recs`` must be sorted with ``sort_for_reading``."""
+class BlockSink:
+    """Where ``read_blocks`` decodes blocks to, and what it tells about them.  Methods run
+    on reader threads (several at once, each for its own records).
+
+    For the records ``k, k+1, …`` of one pack range, ``reserve(k, ulens)`` returns
+    ``(buffer, offsets)``: room for the first ``len(offsets) >= 1`` of them (``ulens``:
+    their sizes) at ``buffer[offsets[i] : +ulens[i]]``.  The reader decodes them there,
+    calls ``error(k_i, reason)`` for each bad one, then ``filled(k, buffer, offsets,
+    ulens, ok)`` once (``ok``: a bool per reserved record); a bad record's bytes are
+    undefined.  ``error`` is also called for the records of a pack that cannot be read,
+    without a reservation."""
+
+    def reserve(self, k: int, ulens: np.ndarray) -> tuple[memoryview, np.ndarray]:
+        raise NotImplementedError
+
+    def filled(self, k: int, buffer: memoryview, offsets: np.ndarray, ulens: np.ndarray, ok: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def error(self, k: int, reason: str) -> None:
+        raise NotImplementedError
+
+
+#: bytes of decoded blocks a ScratchSink holds per thread (64 blocks of 64 KiB)
+SCRATCH_BYTES = 4 * 1024 * 1024
+
+
+class ScratchBuffers:
+    """A reused decode buffer per thread, of ``SCRATCH_BYTES`` (at least one block)."""
+
+    def __init__(self, block_size: int):
+        self._local = threading.local()
+        self._bytes = max(SCRATCH_BYTES, block_size)
+        self._bs = block_size
+
+    def reserve(self, ulens: np.ndarray) -> tuple[memoryview, np.ndarray]:
+        """``BlockSink.reserve`` in this thread's buffer: as many records as fit (each at
+        most one block: read_blocks sees to that)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(mmap.mmap(-1, self._bytes))
+        ends = np.cumsum(ulens[: self._bytes // self._bs])
+        m = max(1, int(np.searchsorted(ends, self._bytes, side="right")))
+        return buf, ends[:m] - ulens[:m]
+
+
+class ScratchSink(BlockSink):
+    """Decodes into ScratchBuffers and passes each batch on in one call:
+    ``on_blocks(k, buffer, offsets, ulens, ok)`` (views valid during the call only) and
+    ``on_error(k, reason)``."""
+
+    def __init__(self, on_blocks, on_error, *, block_size: int):
+        self._scratch = ScratchBuffers(block_size)
+        self.filled, self.error = on_blocks, on_error
+
+    def reserve(self, k: int, ulens: np.ndarray):
+        return self._scratch.reserve(ulens)
+
+
+def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel: str | None = None) -> None:
+    """Decode every record of ``recs`` (sorted with ``sort_for_reading``) into ``sink``
+    (see BlockSink), each block's SHA-256 checked against its name; ``kernel`` as for
+    BlockDecoder."""
+    native.selected_decode_kernel(kernel)  # a forced kernel this machine lacks fails here, not per thread
+    block_size = repo.config.block_size
     local = threading.local()
 
-    def dctx():
-        d = getattr(local, "dctx", None)
+    def decoder() -> BlockDecoder:
+        d = getattr(local, "decoder", None)
         if d is None:
-            d = local.dctx = zstandard.ZstdDecompressor()
+            d = local.decoder = BlockDecoder(kernel)
         return d
 
     def read_buffer(n: int) -> memoryview:
@@ -178,32 +290,43 @@ def read_blocks(repo, recs: np.ndarray, on_block, on_error, *, threads: int) -> 
 
     def work(pack_hex: str, start: int, end: int, k0: int, k1: int) -> None:
         name = fmt.pack_name(pack_hex)
-        members = range(k0, k1)
         try:
             view = read_buffer(end - start)
             repo.backend.read_range_into(name, start, view)
         except ObjectMissing:
-            for k in members:
-                on_error(k, f"pack {pack_hex[:16]}… is missing")
+            for k in range(k0, k1):
+                sink.error(k, f"pack {pack_hex[:16]}… is missing")
             return
         except Exception as exc:  # a short or failed read: report per block, keep going
-            for k in members:
-                on_error(k, f"pack {pack_hex[:16]}… unreadable: {exc}")
+            for k in range(k0, k1):
+                sink.error(k, f"pack {pack_hex[:16]}… unreadable: {exc}")
             return
-        d = dctx()
-        # this range's per-block fields as lists (numpy scalar indexing per block holds the GIL)
+        dec = decoder()
         part = recs[k0:k1]
-        offs, clens, ulens = part["offset"].tolist(), part["clen"].tolist(), part["ulen"].tolist()
-        digests = part["digest"].tolist()  # V32: full 32-byte bytes objects
-        for b in range(0, k1 - k0, DECODE_BATCH):
-            idx = range(b, min(b + DECODE_BATCH, k1 - k0))
-            frames = [view[offs[i] - start : offs[i] - start + clens[i]] for i in idx]
-            decoded = decode_blocks(d, frames, [ulens[i] for i in idx], [digests[i] for i in idx])
-            for k, (data, problem) in zip((k0 + i for i in idx), decoded):
-                if problem is not None:
-                    on_error(k, f"block in pack {pack_hex[:16]}… {problem}")
-                    continue
-                on_block(k, data)
+        src_off = part["offset"].astype(np.int64) - start
+        src_len = part["clen"].astype(np.int64)
+        ulens = part["ulen"].astype(np.int64)
+        # A record claiming more than a block (a damaged pack index) is bad as it stands:
+        # decoded as a 0-byte block it gets no room it could overrun, and is reported.
+        oversize = ulens > block_size
+        if oversize.any():
+            ulens[oversize] = 0
+        digests = np.ascontiguousarray(part["digest"])
+        i, n = 0, k1 - k0
+        while i < n:
+            buf, offs = sink.reserve(k0 + i, ulens[i:])
+            m = len(offs)
+            status = dec.decode_into(view, src_off[i : i + m], src_len[i : i + m], buf, offs, ulens[i : i + m],
+                                     digests[i : i + m])
+            ok = status == native.DECODE_OK
+            if oversize.any():
+                status[oversize[i : i + m]] = native.DECODE_MISMATCH
+                ok &= ~oversize[i : i + m]
+            if not ok.all():
+                for j in np.flatnonzero(~ok).tolist():
+                    sink.error(k0 + i + j, f"block in pack {pack_hex[:16]}… {PROBLEMS[int(status[j])]}")
+            sink.filled(k0 + i, buf, offs, ulens[i : i + m], ok)
+            i += m
 
     groups = list(_groups(recs))
     # Ask the backend to fetch ahead of the workers (PREFETCH_GROUPS beyond the ones

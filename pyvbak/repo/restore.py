@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import pid_alive
 from . import digest_sets
-from .reader import group_members, read_blocks, sort_for_reading
+from .reader import BlockSink, ScratchBuffers, group_members, read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
 
@@ -161,6 +161,34 @@ class _Target:
         else:
             for off in offsets:
                 _pwrite_all(self.fd, data, off)
+
+    def reserve_run(self, first_offsets: np.ndarray, ulens: np.ndarray) -> tuple[memoryview, np.ndarray] | None:
+        """Room in this thread's staging buffer for the leading records that continue one
+        run of full blocks (record i goes to disk offset ``first_offsets[i]``): ``(buffer,
+        offsets in it)`` for at least the first record, or None when it cannot be staged
+        (not a full block, or no O_DIRECT).  Blocks are decoded straight into that room
+        (no copy); the run is handed to a writer only by a later reserve or ``flush``, so
+        after the caller has filled it."""
+        bs = self.bs
+        if self.writers is None or int(ulens[0]) != bs:
+            return None
+        if self.error is not None:
+            raise self.error
+        stage = self._stage()
+        off0 = int(first_offsets[0])
+        if stage.fill and (off0 != stage.offset + stage.fill or stage.fill + bs > len(stage.buf)):
+            self._submit(stage)
+        if not stage.fill:
+            if stage.buf is None:
+                stage.buf = self._buffer()
+            stage.offset = off0
+        room = min(len(ulens), (len(stage.buf) - stage.fill) // bs)
+        steps = np.arange(room, dtype=np.int64) * bs
+        fits = (first_offsets[:room] == off0 + steps) & (ulens[:room] == bs)
+        m = room if fits.all() else int(np.argmin(fits))  # fits[0] holds: m >= 1
+        offsets = stage.fill + steps[:m]
+        stage.fill += m * bs
+        return stage.buf, offsets
 
     def _submit(self, stage: "_Stage") -> None:
         if stage.fill:
@@ -302,18 +330,48 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     written = [0]
     count_lock = threading.Lock()
     target = None
+    firsts = blocks[starts] * bs  # per record in reading order: the disk offset of its first copy
+    copies = stops - starts
 
-    def on_block(k: int, data) -> None:
-        offsets = (blocks[starts[k] : stops[k]] * bs).tolist()
-        target.write_block(data, offsets)
-        with count_lock:
-            written[0] += len(data) * len(offsets)
-            done = written[0]
-        if progress is not None:
-            progress(done, max(1, size))
+    class Sink(BlockSink):
+        """Full blocks are decoded straight into the O_DIRECT staging runs (``reserve_run``);
+        the partial last block, and every block when writes are buffered, into a scratch
+        buffer and written from there."""
 
-    def on_error(k: int, reason: str) -> None:
-        errors.append(reason)
+        def __init__(self):
+            self.scratch = ScratchBuffers(bs)
+            self.local = threading.local()  # whether this thread's reservation is staged
+
+        def reserve(self, k, ulens):
+            room = target.reserve_run(firsts[k : k + len(ulens)], ulens)
+            self.local.staged = room is not None
+            return room if room is not None else self.scratch.reserve(ulens)
+
+        def filled(self, k, buffer, offsets, ulens, ok):
+            n = len(offsets)
+            staged = self.local.staged
+            if staged:
+                # Staged blocks are in place already.  Those with more places (dedup inside
+                # the disk) are all copied out before the first write_block: it may submit
+                # the staging buffer, and a writer then hands it on to be overwritten.
+                more = np.flatnonzero(ok & (copies[k : k + n] > 1)).tolist()
+                extra = [(bytes(buffer[offsets[i] : offsets[i] + ulens[i]]),
+                          (blocks[starts[k + i] + 1 : stops[k + i]] * bs).tolist()) for i in more]
+                for data, places in extra:
+                    target.write_block(data, places)
+            else:  # the scratch buffer is this thread's alone: written from in place
+                for i in np.flatnonzero(ok).tolist():
+                    target.write_block(buffer[offsets[i] : offsets[i] + ulens[i]],
+                                       (blocks[starts[k + i] : stops[k + i]] * bs).tolist())
+            done_bytes = int((ulens * copies[k : k + n])[ok].sum())
+            with count_lock:
+                written[0] += done_bytes
+                done = written[0]
+            if progress is not None:
+                progress(done, max(1, size))
+
+        def error(self, k, reason):
+            errors.append(reason)
 
     try:
         target = _Target(path, fd, bs, direct=os.environ.get(DIRECT_ENV, "1") != "0", threads=threads)
@@ -321,7 +379,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             os.ftruncate(fd, size)  # sparse: blocks never written stay holes
         else:
             _zero_device_runs(target, data_idx, nblocks, bs, size)
-        read_blocks(repo, recs_sorted, on_block, on_error, threads=threads)
+        read_blocks(repo, recs_sorted, Sink(), threads=threads)
         target.flush()
         if errors:
             raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); run 'pyvbak verify'")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
 
 from ..errors import PyvbakError
 from . import digest_sets
-from .reader import read_blocks, sort_for_reading
+from .reader import ScratchSink, read_blocks, sort_for_reading
 
 
 def verify_repository(repo, *, sample_percent: float | None = None, threads: int | None = None, seed: int | None = None,
@@ -53,9 +54,12 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     recs = recs[sort_for_reading(recs)]
     checked = {"blocks": 0, "bytes": 0}
 
-    def on_block(k: int, data: bytes) -> None:
-        checked["blocks"] += 1
-        checked["bytes"] += len(data)
+    count_lock = threading.Lock()
+
+    def on_blocks(k: int, buffer, offsets, ulens, ok) -> None:
+        with count_lock:
+            checked["blocks"] += int(ok.sum())
+            checked["bytes"] += int(ulens[ok].sum())
 
     bad_records: list[tuple[bytes, bytes]] = []  # (digest, pack) of copies that read back wrong
 
@@ -63,7 +67,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         problems[bytes(recs["digest"][k])] = reason
         bad_records.append((bytes(recs["digest"][k]), bytes(recs["pack"][k])))
 
-    read_blocks(repo, recs, on_block, on_error, threads=threads)
+    read_blocks(repo, recs, ScratchSink(on_blocks, on_error, block_size=repo.config.block_size), threads=threads)
 
     if problems:  # a second pass names the snapshots each bad block hurts
         bad = digest_sets.unique(np.array(list(problems), dtype="S32"))

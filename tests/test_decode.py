@@ -1,0 +1,307 @@
+"""The native decode kernel (csrc/decode.c) against its reference (reader.py's python path).
+
+Restore and verify decide with one of them whether a stored block is intact; the two must
+take the same decision for every frame (a kernel that accepted what the reference rejects
+would restore damage; one that rejected good frames would fail restores), and produce the
+same bytes.  Frames of every shape pyvbak or another zstd writer could produce are covered,
+and random damage to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from images import BS, MiB, backup_file, make_image, random_bytes, restore_to, same_file, text_bytes
+from pyvbak import native
+from pyvbak.errors import IntegrityError, UsageError
+from pyvbak.repo import format as fmt
+from pyvbak.repo.reader import BlockDecoder, ScratchSink, read_blocks, sort_for_reading
+from pyvbak.repo.repository import Repository
+from pyvbak.repo.verify import verify_repository
+
+KERNELS = native.available_decode_kernels()
+OK, CORRUPT, MISMATCH = native.DECODE_OK, native.DECODE_CORRUPT, native.DECODE_MISMATCH
+needs_native = pytest.mark.skipif("native" not in KERNELS,
+                                  reason="no libzstd.so.1 or no SHA extensions here: only the reference runs")
+
+
+def sha(data) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def decode_all(kernel: str, frames: list[bytes], ulens: list[int], digests: list[bytes]):
+    """(statuses, decoded bytes of the good blocks) with ``kernel``, frames packed into
+    one source buffer as in a pack."""
+    src = b"".join(frames)
+    src_off = np.cumsum([0] + [len(f) for f in frames[:-1]]).astype(np.int64)
+    src_len = np.array([len(f) for f in frames], np.int64)
+    ul = np.array(ulens, np.int64)
+    dst_off = np.cumsum([0] + ulens[:-1]).astype(np.int64)
+    dst = bytearray(max(1, sum(ulens)))
+    dig = np.frombuffer(b"".join(digests), "S32")
+    status = BlockDecoder(kernel).decode_into(src, src_off, src_len, dst, dst_off, ul, dig)
+    good = [bytes(dst[o : o + u]) if s == OK else None for s, o, u in zip(status.tolist(), dst_off.tolist(), ulens)]
+    return status.tolist(), good
+
+
+def frame_cases():
+    """(name, frame, ulen, digest, expected status)."""
+    text, rnd = text_bytes(BS, seed=1), random_bytes(BS, seed=2)
+    big = text_bytes(256 * 1024, seed=3) + random_bytes(256 * 1024, seed=4)  # several zstd blocks
+    c1 = zstandard.ZstdCompressor(level=1, write_checksum=True)
+    c19 = zstandard.ZstdCompressor(level=19, write_checksum=False)
+    nosize = zstandard.ZstdCompressor(level=1, write_content_size=False)
+    cases = [
+        ("text level 1", c1.compress(text), BS, sha(text), OK),
+        ("text level 19, no checksum", c19.compress(text), BS, sha(text), OK),
+        ("random: one raw block", c1.compress(rnd), BS, sha(rnd), OK),
+        ("random, no checksum", c19.compress(rnd), BS, sha(rnd), OK),
+        ("multi-block frame", c1.compress(big), len(big), sha(big), OK),
+        ("short block", c1.compress(b"x" * 100), 100, sha(b"x" * 100), OK),
+        ("trailing bytes after the frame", c1.compress(text) + b"junk", BS, sha(text), OK),
+        ("two frames", c1.compress(text) + c1.compress(rnd), BS, sha(text), OK),
+        ("wrong digest", c1.compress(text), BS, sha(rnd), MISMATCH),
+        ("declares another size", c1.compress(text), BS - 1, sha(text[:-1]), MISMATCH),
+        ("raw frame, another size", c1.compress(rnd), BS + 1, sha(rnd), MISMATCH),
+        ("no content size in the header", nosize.compress(text), BS, sha(text), CORRUPT),
+        ("truncated", c1.compress(text)[:-10], BS, sha(text), CORRUPT),
+        ("truncated raw frame", c1.compress(rnd)[:-10], BS, sha(rnd), CORRUPT),
+        ("not zstd at all", random_bytes(500, seed=5), BS, sha(text), CORRUPT),
+        ("empty", b"", BS, sha(text), CORRUPT),
+        ("zstd magic and zeros", b"\x28\xb5\x2f\xfd" + bytes(20), BS, sha(text), CORRUPT),
+        # a skippable frame declares no content: size 0 is not the block's size
+        ("skippable frame", b"\x50\x2a\x4d\x18" + (16).to_bytes(4, "little") + bytes(16), BS, sha(text), MISMATCH),
+    ]
+    bad_sum = bytearray(c1.compress(text))
+    bad_sum[-1] ^= 1
+    cases.append(("compressed, checksum wrong", bytes(bad_sum), BS, sha(text), CORRUPT))
+    raw_bad_sum = bytearray(c1.compress(rnd))
+    raw_bad_sum[-1] ^= 1
+    # raw content is taken as is (reader.raw_frame_content); the SHA-256 proves it intact
+    cases.append(("raw, checksum wrong, content intact", bytes(raw_bad_sum), BS, sha(rnd), OK))
+    raw_bad_byte = bytearray(c1.compress(rnd))
+    raw_bad_byte[len(raw_bad_byte) // 2] ^= 1
+    cases.append(("raw, a content byte flipped", bytes(raw_bad_byte), BS, sha(rnd), MISMATCH))
+    return cases
+
+
+CASES = frame_cases()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_each_frame_shape_gets_the_same_decision(kernel, case):
+    _, frame, ulen, digest, want = case
+    status, good = decode_all(kernel, [frame], [ulen], [digest])
+    assert status == [want]
+    if want == OK:
+        assert sha(good[0]) == digest
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_batch_reports_each_block_in_place(kernel):
+    # all cases in one call, in one source buffer: a bad block must not disturb its neighbours
+    status, good = decode_all(kernel, [c[1] for c in CASES], [c[2] for c in CASES], [c[3] for c in CASES])
+    assert status == [c[4] for c in CASES]
+    for (_, _, _, digest, want), data in zip(CASES, good):
+        assert (data is not None) == (want == OK) and (data is None or sha(data) == digest)
+
+
+@needs_native
+def test_native_is_the_default_where_it_runs(monkeypatch):
+    monkeypatch.delenv("PYVBAK_DECODE", raising=False)
+    assert native.selected_decode_kernel() == "native" and BlockDecoder().kernel == "native"
+    assert native.zstd_library_version() >= 10400
+
+
+@needs_native
+@settings(max_examples=150, deadline=None)
+@given(case=st.integers(0, len(CASES) - 1), flips=st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 2**31)))
+def test_random_damage_gets_the_same_decision_from_both_kernels(case, flips, cut):
+    _, frame, ulen, digest, _ = CASES[case]
+    damaged = bytearray(frame)
+    for pos, mask in flips:
+        if damaged:
+            damaged[pos % len(damaged)] ^= mask
+    if cut is not None and damaged:
+        del damaged[cut % len(damaged):]
+    ref = decode_all("python", [bytes(damaged)], [ulen], [digest])
+    assert decode_all("native", [bytes(damaged)], [ulen], [digest]) == ref
+
+
+@needs_native
+def test_bad_arguments_are_refused_before_c_sees_them():
+    ctx = native.new_decode_context()
+    frame = zstandard.ZstdCompressor().compress(b"a" * 1000)
+    dst = bytearray(2000)
+    dig = np.frombuffer(sha(b"a" * 1000), "S32")
+
+    def call(src=frame, so=(0,), sl=(len(frame),), d=dst, do=(0,), ul=(1000,), digests=dig):
+        return native.decode_blocks_into(ctx, src, np.array(so), np.array(sl), d, np.array(do), np.array(ul), digests)
+
+    assert call().tolist() == [OK]
+    with pytest.raises(UsageError, match="outside the .*source"):
+        call(sl=(len(frame) + 1,))
+    with pytest.raises(UsageError, match="outside the .*source"):
+        call(so=(2**63 - 1,), sl=(2,))
+    with pytest.raises(UsageError, match="outside the .*destination"):
+        call(do=(1001,))
+    with pytest.raises(UsageError, match="outside the .*destination"):
+        call(do=(-1,))
+    with pytest.raises(UsageError, match="overlap"):
+        call(so=(0, 0), sl=(len(frame),) * 2, do=(0, 999), ul=(1000, 1000), digests=np.frombuffer(dig.tobytes() * 2, "S32"))
+    with pytest.raises(UsageError, match="digests"):
+        call(digests=b"short")
+    with pytest.raises(UsageError, match="writable"):
+        call(d=bytes(2000))
+    shared = bytearray(frame + bytes(2000))
+    with pytest.raises(UsageError, match="overlaps the source"):
+        native.decode_blocks_into(ctx, memoryview(shared)[: len(frame)], np.array([0]), np.array([len(frame)]),
+                                  memoryview(shared)[len(frame) - 1 :], np.array([0]), np.array([1000]), dig)
+
+
+def test_forced_kernels_are_checked(monkeypatch):
+    monkeypatch.setenv("PYVBAK_DECODE", "lz4")
+    with pytest.raises(UsageError, match="unknown decode kernel 'lz4'.*PYVBAK_DECODE"):
+        BlockDecoder()
+    monkeypatch.delenv("PYVBAK_DECODE")
+    monkeypatch.setattr(native, "decode_kernel_available", lambda: False)
+    with pytest.raises(UsageError, match="'native'.*not supported"):
+        BlockDecoder("native")
+    assert BlockDecoder().kernel == "python"  # the reference, where the kernel cannot run
+
+
+# -- restore and verify with each kernel ---------------------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return Repository.init(str(tmp_path / "repo"))
+
+
+def dedup_image(path) -> str:
+    """Text, random and zero extents, the same block at several places (dedup inside the
+    disk, also inside one staged run) and a partial last block."""
+    size = 40 * BS + 1234
+    make_image(path, size, [(0, 12 * BS, "text"), (12 * BS, 8 * BS, "random"), (30 * BS, 10 * BS + 1234, "text")], seed=7)
+    same = random_bytes(BS, seed=9)
+    with open(path, "r+b") as f:
+        for i in (3, 4, 21, 22, 25, 33):
+            f.seek(i * BS)
+            f.write(same)
+    return os.fspath(path)
+
+
+def nonzero_blocks(path) -> list[bytes]:
+    with open(path, "rb") as f:
+        blocks = iter(lambda: f.read(BS), b"")
+        return [b for b in blocks if b.count(0) != len(b)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_restore_is_the_image_with_each_kernel(repo, tmp_path, monkeypatch, kernel, direct):
+    monkeypatch.setenv("PYVBAK_DECODE", kernel)
+    monkeypatch.setenv("PYVBAK_RESTORE_DIRECT", direct)
+    img = dedup_image(tmp_path / "d.img")
+    sid = backup_file(repo, img).snapshot_id
+    out = tmp_path / "out.img"
+    result = restore_to(repo, sid, out)
+    assert same_file(img, out)
+    assert result["bytes_written"] == sum(map(len, nonzero_blocks(img)))  # zero blocks are holes, not writes
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_damaged_block_fails_restore_and_verify_with_each_kernel(repo, tmp_path, monkeypatch, kernel):
+    monkeypatch.setenv("PYVBAK_DECODE", kernel)
+    img = dedup_image(tmp_path / "d.img")
+    sid = backup_file(repo, img).snapshot_id
+    clean = verify_repository(repo, threads=2)
+    unique = set(nonzero_blocks(img))
+    assert clean["ok"] and clean["blocks_checked"] == len(unique) and clean["bytes_checked"] == sum(map(len, unique))
+    pack = next(n for n in repo.backend.list("packs/"))
+    path = os.path.join(repo.location, pack)
+    with open(path, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(IntegrityError, match="restore of snapshot .* failed: block in pack .*(corrupt frame|does not match)"):
+        restore_to(repo, sid, tmp_path / "out.img")
+    assert not (tmp_path / "out.img").exists()
+    report = verify_repository(repo, threads=2)
+    assert not report["ok"] and report["problem_count"] == 1 and report["blocks_checked"] == len(unique) - 1
+
+
+def test_both_kernels_restore_the_same_bytes(repo, tmp_path, monkeypatch):
+    img = make_image(tmp_path / "v.img", 4 * MiB, [(0, 2 * MiB, "text"), (2 * MiB, MiB, "random")], seed=3)
+    sid = backup_file(repo, img).snapshot_id
+    outs = []
+    for kernel in KERNELS:
+        monkeypatch.setenv("PYVBAK_DECODE", kernel)
+        outs.append(tmp_path / f"out-{kernel}.img")
+        restore_to(repo, sid, outs[-1])
+    assert all(same_file(img, o) for o in outs)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_record_claiming_more_than_a_block_is_reported_not_followed(repo, tmp_path, kernel):
+    """A damaged pack index could name a size no block has: it must be a bad block, not
+    room to write past the decode buffer."""
+    img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "text")], seed=2)
+    backup_file(repo, img)
+    recs = repo.load_digest_index().records_at(np.arange(4))
+    recs = recs[sort_for_reading(recs)].copy()
+    recs["ulen"][1] = 2**31
+    seen, errors = [], []
+
+    def on_blocks(k, buf, offsets, ulens, ok):
+        seen.extend(k + i for i in np.flatnonzero(ok).tolist())
+
+    read_blocks(repo, recs, ScratchSink(on_blocks, lambda k, r: errors.append((k, r)), block_size=BS), threads=1, kernel=kernel)
+    assert sorted(seen) == [0, 2, 3]
+    assert errors == [(1, errors[0][1])] and "does not match its digest" in errors[0][1]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_blocks_at_several_places_survive_their_staging_buffer_going_to_a_writer(repo, tmp_path, monkeypatch, kernel):
+    """Blocks are decoded straight into a staging run; a block that also belongs elsewhere
+    is written there from a copy.  Once a run is handed to a writer its buffer may be
+    reused at any moment: here a handed-on buffer is overwritten at once, so reading any
+    block from it afterwards would restore garbage."""
+    from pyvbak.repo import restore as restore_mod
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+    except OSError:
+        pytest.skip("no O_DIRECT here: nothing is staged")
+    monkeypatch.setenv("PYVBAK_DECODE", kernel)
+    blocks = [random_bytes(BS, seed=20 + i) for i in range(6)]
+    img = tmp_path / "d.img"
+    make_image(img, 16 * BS, [(i * BS, BS, b) for i, b in enumerate(blocks)] + [(10 * BS, BS, blocks[0]), (11 * BS, BS, blocks[1]),
+                                                                                 (13 * BS, BS, blocks[1])])
+    sid = backup_file(repo, img).snapshot_id
+
+    def submit_then_reuse(self, stage):
+        if stage.fill:
+            buf, fill, offset = stage.buf, stage.fill, stage.offset
+            stage.buf, stage.fill = None, 0
+            self._write_run(buf, fill, offset)  # written, and back in the pool...
+            buf[:] = b"\xaa" * len(buf)  # ...where the next run overwrites it
+
+    monkeypatch.setattr(restore_mod._Target, "_submit", submit_then_reuse)
+    out = tmp_path / "out.img"
+    result = restore_mod.restore_snapshot(repo, repo.resolve(sid), os.fspath(out), threads=1)
+    assert result["write_mode"] == "direct"
+    assert same_file(img, out)

@@ -2,6 +2,7 @@
 """Restore write/read paths, before and after, timed in one run.
 
     python bench/restore_paths.py [--size-mib 2048] [--reps 3] [--baseline REV] [--json]
+    python bench/restore_paths.py --baseline 819fcb4   # before the decode kernel
 
 Makes (or reuses) the bench/vmimage.py image bench/.data/vm-SIZEMiB-s1-restore.img, backs
 it up once into a fresh repository under bench/.data/restore_paths/ (pyvbak init +
@@ -12,7 +13,11 @@ pyvbak backup), then times ``pyvbak restore`` of that snapshot with
             fresh bytes per 16 MiB pack range, page-cache writes;
   buffered  the current code with PYVBAK_RESTORE_DIRECT=0: reused read buffers,
             page-cache writes;
-  direct    the current code: reused read buffers, O_DIRECT writes of staged runs;
+  direct    the current code: reused read buffers, O_DIRECT writes of staged runs, blocks
+            decoded straight into them by the native decode kernel (csrc/decode.c) where
+            it runs;
+  reference the same with PYVBAK_DECODE=python: the reference decode path (python-
+            zstandard + SHA-256 per batch, then a copy into the staging run);
 
 rotating the order every round.  Each restore runs under ``/usr/bin/time -f '%e %U %S'``
 (wall, user, system seconds) after an untimed ``sync``, so one variant's write-back does
@@ -91,11 +96,12 @@ def main() -> int:
         vmimage.page_cache(image)
         backup = json.loads(sh([sys.executable, "-m", "pyvbak", "backup", image, "--repo", repo, "--vm", "bench", "--disk", "vm", "--json"], cwd=ROOT))
         base = baseline_tree(a.baseline, tmp)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYVBAK_RESTORE_DIRECT")}
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYVBAK_RESTORE_DIRECT", "PYVBAK_DECODE")}
         variants = {
             "baseline": (base, env),
             "buffered": (ROOT, {**env, "PYVBAK_RESTORE_DIRECT": "0"}),
             "direct": (ROOT, env),
+            "reference": (ROOT, {**env, "PYVBAK_DECODE": "python"}),
         }
         # python -m puts the working directory first on sys.path: check each variant runs its own code
         for name, (cwd, venv) in variants.items():
@@ -124,7 +130,7 @@ def main() -> int:
         med[n]["identical"] = all(r[n]["identical"] for r in rounds)
         med[n]["write_mode"] = rounds[0][n]["write_mode"]
     ratios = {}
-    for n in ("buffered", "direct"):
+    for n in ("buffered", "direct", "reference"):
         for k in ("wall", "cpu", "sys"):
             per = [r["baseline"][k] / max(r[n][k], 1e-3) for r in rounds]
             ratios[f"{n}_{k}_speedup"] = {"median": round(statistics.median(per), 2), "range": [round(min(per), 2), round(max(per), 2)]}

@@ -305,3 +305,78 @@ def test_blocks_at_several_places_survive_their_staging_buffer_going_to_a_writer
     result = restore_mod.restore_snapshot(repo, repo.resolve(sid), os.fspath(out), threads=1)
     assert result["write_mode"] == "direct"
     assert same_file(img, out)
+
+
+# -- a second copy of a block saves the restore -------------------------------------------
+
+
+def second_copies(repo) -> None:
+    """A second copy of every stored block in a pack of its own, as two backups storing
+    the same blocks at the same time leave."""
+    from pyvbak.repo.packer import PackWriter
+
+    writer = PackWriter(repo.backend, 1 << 30)
+    for r in repo.load_digest_index().records:
+        writer.add(bytes(r["digest"]), repo.read_block_frame(r), int(r["ulen"]))
+    repo.write_pack_index(writer.finish())
+
+
+def damage_chosen_copy(repo, digest: bytes) -> None:
+    """Flip a byte inside the frame of the copy restore reads first."""
+    index = repo.load_digest_index()
+    rec = index.records_at([index.find(digest)])[0]
+    path = os.path.join(repo.location, fmt.pack_name(bytes(rec["pack"]).hex()))
+    with open(path, "r+b") as f:
+        f.seek(int(rec["offset"]) + int(rec["clen"]) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x55]))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_damaged_copy_is_restored_from_another_one(repo, tmp_path, monkeypatch, kernel):
+    monkeypatch.setenv("PYVBAK_DECODE", kernel)
+    img = dedup_image(tmp_path / "d.img")
+    sid = backup_file(repo, img).snapshot_id
+    second_copies(repo)
+    repo = Repository.open(repo.location)
+    victims = [sha(nonzero_blocks(img)[1]), sha(random_bytes(BS, seed=9))]  # the second: at six places
+    for d in victims:
+        damage_chosen_copy(repo, d)
+    out = tmp_path / "out.img"
+    report = restore_to(repo, sid, out)
+    assert same_file(img, out) and report["blocks_from_other_copies"] == 2
+    assert report["bytes_written"] == sum(map(len, nonzero_blocks(img)))
+
+
+def test_without_an_intact_copy_the_restore_fails(repo, tmp_path):
+    img = dedup_image(tmp_path / "d.img")
+    sid = backup_file(repo, img).snapshot_id
+    second_copies(repo)
+    repo = Repository.open(repo.location)
+    victim = sha(nonzero_blocks(img)[1])
+    damage_chosen_copy(repo, victim)
+    index = repo.load_digest_index()
+    for rec in index.copies(victim):  # the other copy too
+        if bytes(rec["pack"]) != bytes(index.records_at([index.find(victim)])[0]["pack"]):
+            with open(os.path.join(repo.location, fmt.pack_name(bytes(rec["pack"]).hex())), "r+b") as f:
+                f.seek(int(rec["offset"]) + 5)
+                f.write(b"\0\0\0\0")
+    with pytest.raises(IntegrityError, match="1 bad block"):
+        restore_to(repo, sid, tmp_path / "out.img")
+    assert not (tmp_path / "out.img").exists()
+
+
+def test_the_cli_says_which_blocks_came_from_another_copy(repo, tmp_path, capsys):
+    from pyvbak.cli.main import main
+
+    img = dedup_image(tmp_path / "d.img")
+    sid = backup_file(repo, img).snapshot_id
+    second_copies(repo)
+    damage_chosen_copy(Repository.open(repo.location), sha(nonzero_blocks(img)[0]))
+    capsys.readouterr()
+    code = main(["restore", sid, str(tmp_path / "out.img"), "--repo", repo.location])
+    err = capsys.readouterr().err
+    assert code == 0 and same_file(img, tmp_path / "out.img")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: 1 block(s) of snapshot") and "verify --repair" in lines[0]

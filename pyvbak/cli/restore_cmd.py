@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, maybe_lock, open_repository, progress_bar
+from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository, progress_bar
 
 
 def restore(
@@ -35,10 +35,19 @@ def restore(
     with maybe_lock(r, no_lock, f"restore of {snap.id}"):
         with progress_bar(f"restore {snap.id}", not json_out) as update:
             report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update)
+    _warn_other_copies(report)
     if json_out:
         emit_json(report)
     else:
         print(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {output} in {report['duration']:.2f}s")
+
+
+def _warn_other_copies(report: dict) -> None:
+    n = report.get("blocks_from_other_copies", 0)
+    if n:
+        info(f"warning: {n} block(s) of snapshot {report['snapshot']} had a missing or damaged copy and were "
+             "restored from another (the restore is complete and checked); run 'pyvbak verify --repair' to drop "
+             "the bad copies")
 
 
 def _vm_group(r, spec: str, output: str):
@@ -111,6 +120,7 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
                 with progress_bar(f"restore {snap.vm}/{snap.disk}", not json_out) as update:
                     report = restore_snapshot(r, snap, target, force=force, threads=threads, progress=update)
                 reports.append(report)
+                _warn_other_copies(report)
                 done.append(f"{snap.disk} to {target}")
     except BaseException:
         if done:

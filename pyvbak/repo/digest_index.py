@@ -81,6 +81,17 @@ class DigestIndex:
             out[todo[found]] = start + pos_c[found]
         return out
 
+    def copies(self, digest: bytes) -> np.ndarray:
+        """Every record of ``digest`` (usually one; more when backups stored it at the
+        same time, or prune adopted a killed backup's pack beside a live copy)."""
+        key = np.array([digest], dtype="S32")
+        out = []
+        for dig, recs in self._parts:
+            a, b = np.searchsorted(dig, key, side="left")[0], np.searchsorted(dig, key, side="right")[0]
+            if b > a:
+                out.append(np.asarray(recs[a:b]))
+        return np.concatenate(out) if out else np.empty(0, fmt.PACK_INDEX_RECORD)
+
     def find(self, digest: bytes) -> int:
         """Position of ``digest`` or -1."""
         return int(self.locate(np.array([digest], dtype="S32"))[0])

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..backends import BackendError, ObjectMissing
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import pid_alive
 from . import digest_sets
@@ -244,9 +245,10 @@ class _Target:
 
 
 def _locate(repo, snap, nonzero: np.ndarray, digests: np.ndarray):
-    """(unique records to read, ``blocks``, ``bounds``): the disk block indices of unique
-    record u are ``blocks[bounds[u] : bounds[u + 1]]``.  Flat arrays: a Python list of one
-    small array per unique block cost 3.2 s and ~700 MiB at 4 M blocks (a 256 GiB disk)."""
+    """(unique records to read, ``blocks``, ``bounds``, the digest index): the disk block
+    indices of unique record u are ``blocks[bounds[u] : bounds[u + 1]]``.  Flat arrays: a
+    Python list of one small array per unique block cost 3.2 s and ~700 MiB at 4 M blocks
+    (a 256 GiB disk)."""
     uniq, inverse = digest_sets.unique_inverse(digests.view("S32"))
     index = repo.load_digest_index()
     pos = index.locate(uniq)
@@ -258,7 +260,7 @@ def _locate(repo, snap, nonzero: np.ndarray, digests: np.ndarray):
         )
     recs = index.records_at(pos)
     order, bounds = group_members(inverse.reshape(-1), len(uniq))
-    return recs, nonzero[order], bounds
+    return recs, nonzero[order], bounds, index
 
 
 def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: int | None = None, progress=None) -> dict:
@@ -294,7 +296,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     if not os.path.isdir(parent_dir):
         raise UsageError(f"directory {parent_dir} for the restore target does not exist")
 
-    recs, blocks, bounds = _locate(repo, snap, data_idx, data_digests)
+    recs, blocks, bounds, index = _locate(repo, snap, data_idx, data_digests)
     del data_digests
     t_data = time.monotonic()
     order = sort_for_reading(recs, disk_pos=blocks[bounds[:-1]])
@@ -327,6 +329,8 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             raise RestoreError(f"cannot create the restored file in {parent_dir}: {exc.strerror}; "
                                "restore into a directory you can write") from None
     errors: list[str] = []
+    failed: list[tuple[int, str]] = []  # (record in reading order, why its copy is bad)
+    from_copies: list[str] = []  # digests restored from another copy than the index's first
     written = [0]
     count_lock = threading.Lock()
     target = None
@@ -371,7 +375,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
                 progress(done, max(1, size))
 
         def error(self, k, reason):
-            errors.append(reason)
+            failed.append((k, reason))
 
     try:
         target = _Target(path, fd, bs, direct=os.environ.get(DIRECT_ENV, "1") != "0", threads=threads)
@@ -380,7 +384,16 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         else:
             _zero_device_runs(target, data_idx, nblocks, bs, size)
         read_blocks(repo, recs_sorted, Sink(), threads=threads)
-        target.flush()
+        target.flush()  # every staged run written: what follows overwrites them, never races them
+        for k, reason in sorted(failed):
+            data = _other_copy(repo, index, recs_sorted[k])
+            if data is None:
+                errors.append(reason)
+                continue
+            places = (blocks[starts[k] : stops[k]] * bs).tolist()
+            target.write_block(data, places)
+            written[0] += len(data) * len(places)
+            from_copies.append(bytes(recs_sorted[k]["digest"]).hex())
         if errors:
             raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); run 'pyvbak verify'")
         direct = target.direct
@@ -429,11 +442,39 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         "blocks": int(nblocks),
         "unique_blocks_read": int(len(recs)),
         "write_mode": "direct" if direct else "buffered",
+        # blocks whose first copy was missing or damaged, restored from another copy
+        # ('pyvbak verify --repair' drops the bad one from the index)
+        "blocks_from_other_copies": len(from_copies),
         # seconds per phase: index loading and block lookup; reading, checking and
         # writing the blocks; fsync and rename (where a slow restore's time went)
         "phases": {"prepare": t_data - t0, "data": t_sync - t_data, "sync": t_end - t_sync},
         "duration": t_end - t0,
     }
+
+
+def _other_copy(repo, index, record):
+    """The block of ``record`` read and checked from another stored copy of it, or None
+    when there is none that is intact.  A digest is stored more than once when backups
+    wrote it at the same time: the second copy is what saves a restore from a damaged
+    or lost pack (verify names the bad one; 'verify --repair' drops it)."""
+    from .reader import decode_block
+
+    dctx = None
+    for alt in index.copies(bytes(record["digest"])):
+        if bytes(alt["pack"]) == bytes(record["pack"]) and int(alt["offset"]) == int(record["offset"]):
+            continue
+        try:
+            frame = memoryview(repo.read_block_frame(alt))
+        except (ObjectMissing, BackendError):  # missing or unreadable too: the next copy
+            continue
+        if dctx is None:
+            import zstandard
+
+            dctx = zstandard.ZstdDecompressor()
+        data, problem = decode_block(dctx, frame, int(alt["ulen"]), bytes(alt["digest"]))
+        if problem is None and len(data) == int(record["ulen"]):
+            return bytes(data)
+    return None
 
 
 def _zero_device_runs(target: _Target, data_idx: np.ndarray, nblocks: int, bs: int, size: int) -> None:

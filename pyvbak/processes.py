@@ -2,7 +2,8 @@
 
 Every resource pyvbak leaves outside itself (locks, temp objects, restore files, QEMU
 nodes, qemu-nbd) carries the pid of its owner; cleanup removes it only when that pid no
-longer runs a pyvbak.
+longer runs a pyvbak.  A child pyvbak may have to signal later (a qemu-nbd) is recorded
+with ``spawn_record`` and signalled only while ``same_process`` says its pid still runs it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,41 @@ def start_time(pid: int) -> int | None:
             return int(f.read().rsplit(b")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def running(pid: int) -> bool:
+    """A process with ``pid`` exists (in /proc) and is not a zombie (killed, not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cmdline(pid: int) -> list[str] | None:
+    """``pid``'s arguments (/proc/PID/cmdline, argv[0] first), or None when unreadable."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [os.fsdecode(a) for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+def spawn_record(pid: int) -> dict:
+    """What tells child ``pid`` (just started by this process) from a later process that
+    gets its pid: ``{"pid", "start", "boot"}``, for ``same_process``."""
+    return {"pid": pid, "start": start_time(pid), "boot": boot_id()}
+
+
+def same_process(record: dict) -> bool:
+    """Whether the process a ``spawn_record`` describes still runs: its pid runs, in this
+    boot, a process started at the recorded time.  False when the record lacks either or
+    /proc does not say (then it cannot be told from a newer process with its pid)."""
+    pid, start, boot = record.get("pid"), record.get("start"), record.get("boot")
+    if not isinstance(pid, int) or pid <= 0 or start is None or boot is None or boot != boot_id():
+        return False
+    return start_time(pid) == start and running(pid)
 
 
 def identity() -> dict:

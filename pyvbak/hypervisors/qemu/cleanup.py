@@ -6,7 +6,8 @@ left behind, all named with ``pyvbak-<run>`` (see ``naming``):
 * an NBD export (and the NBD server pyvbak started for it),
 * the fleecing backup job and its copy-before-write filter (slowing every guest write),
 * the fleecing qcow2 node and its file in the work dir,
-* a socket and a journal file in the work dir,
+* a socket and a journal file in the work dir; offline, a qemu-nbd pid file (and the
+  qemu-nbd still serving, if ``PR_SET_PDEATHSIG`` did not stop it),
 * a rotated-but-not-settled dirty bitmap pair: the previous generation disabled and the
   next one recording.  The newer one is merged back into the one the last good backup
   recorded, so no guest write is forgotten.
@@ -18,20 +19,22 @@ this process can judge that pid at all (a pyvbak in another container or on anot
 machine sharing the QMP socket or work dir: never cleaned) and whether the pid now runs
 another process.  A run without a recorded identity (older pyvbak, or only files without
 a journal) is judged by its pid alone.  A live one means two pyvbak sessions on one VM,
-which is refused.
+which is refused.  A dead run's qemu-nbd is signalled only when its pid still runs that
+very process (``stop_leftover_qemu_nbd``), never because a pid file names it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from pathlib import Path
 
 from pyvbak.errors import SourceError
 
-from pyvbak.processes import can_judge, owner_alive
+from pyvbak.processes import can_judge, cmdline, owner_alive, running, same_process
 
 from .naming import GEN_PREFIX, PREFIX, generation_of, pid_of_run, run_of
 from .qmp import QmpClient, QmpError
@@ -142,11 +145,8 @@ def journal_owners(files: list[Path]) -> dict[str, dict]:
     for p in files:
         if p.suffix != ".json":
             continue
-        try:
-            journal = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        owner = owner_identity(journal.get("owner")) if isinstance(journal, dict) else None
+        journal = read_journal(p)
+        owner = owner_identity(journal.get("owner")) if journal is not None else None
         if owner is not None:
             owners[run_of(p.name)] = owner
     return owners
@@ -267,34 +267,105 @@ def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info:
     return cleaned
 
 
-def kill_leftover_qemu_nbd(pidfile: Path) -> str | None:
-    """Kill the qemu-nbd a dead run started (its pid file names it), if still running."""
+def read_journal(path: Path) -> dict | None:
+    """A run's work-dir journal ``pyvbak-<run>.json``, or None (missing, unreadable)."""
     try:
-        pid = int(pidfile.read_text().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
+        journal = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if b"qemu-nbd" not in cmd:
-        return None  # pid reused by something else
+    return journal if isinstance(journal, dict) else None
+
+
+def serves_run(pid: int, run: str) -> bool:
+    """Whether ``pid`` runs a ``qemu-nbd`` serving ``run``'s socket (``--socket=…/pyvbak-
+    <run>-nbd.sock``, as ``offline`` starts it)."""
+    args = cmdline(pid)
+    if not args or os.path.basename(args[0]) != "qemu-nbd":
+        return False
+    want = f"{PREFIX}{run}-nbd.sock"
+    sockets = [a.split("=", 1)[1] for a in args if a.startswith("--socket=")]
+    sockets += [b for a, b in zip(args, args[1:]) if a in ("-k", "--socket")]
+    return any(os.path.basename(x) == want for x in sockets)
+
+
+def stop_leftover_qemu_nbd(run: str, work_dir: Path) -> list[str]:
+    """Stop the qemu-nbd a dead run started, if it still runs; one line per process
+    stopped or left alone.  Its pid comes from the pid file and from the run's journal,
+    which recorded the child at its spawn (``processes.spawn_record``); a pid is signalled
+    only when it still is THAT child: same boot and start time as recorded, and a
+    ``qemu-nbd`` serving the run's socket (a run without the record - older pyvbak, or
+    killed right at the spawn - by the socket alone).  A pid now running another process
+    (pid reuse) is left running, and so is anything of a run whose owner this process
+    cannot judge (another machine or pid namespace: its pids mean nothing here)."""
+    pidfile = work_dir / f"{PREFIX}{run}-qemu-nbd.pid"
+    journal_path = work_dir / f"{PREFIX}{run}.json"
+    journal = read_journal(journal_path) or {}
+    record = journal.get("qemu_nbd") if isinstance(journal.get("qemu_nbd"), dict) else None
+    owner = owner_identity(journal.get("owner"))
+    pids: dict[int, Path] = {}
     try:
-        os.kill(pid, 15)
+        pids[int(pidfile.read_text().strip())] = pidfile
+    except (OSError, ValueError):
+        pass
+    if record is not None and isinstance(record.get("pid"), int):
+        pids.setdefault(record["pid"], journal_path)
+    lines = []
+    for pid, source in sorted(pids.items()):
+        if pid <= 0 or pid == os.getpid() or not running(pid):
+            continue
+        try:  # held across the checks: the signal cannot reach a process that got the pid since
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        except OSError:  # a kernel without pidfds (< 5.3)
+            pidfd = None
+        try:
+            line = _stop_if_ours(pid, pidfd, source, run, owner, record)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _stop_if_ours(pid: int, pidfd: int | None, source: Path, run: str, owner: dict | None,
+                  record: dict | None) -> str | None:
+    if owner is not None and not can_judge(owner):
+        return (f"process {pid} named by {source}: not killed (run {run} belongs to a pyvbak of "
+                f"another machine or pid namespace)")
+    if record is not None:
+        ours = record.get("pid") == pid and same_process(record) and serves_run(pid, run)
+    else:
+        ours = serves_run(pid, run)
+    if not ours:
+        return (f"process {pid} named by {source} is not run {run}'s qemu-nbd (its pid went to "
+                f"another process): not killed")
+    try:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return None
+    except PermissionError as e:
+        raise SourceError(f"cannot stop qemu-nbd process {pid} left by run {run}: {e.strerror}") from None
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+    while time.monotonic() < deadline and running(pid):
         time.sleep(0.02)
     return f"qemu-nbd process {pid}"
 
 
 def clean_files(paths: list[Path]) -> list[str]:
-    """Remove leftover work-dir files (killing a qemu-nbd named by a pid file first)."""
+    """Remove leftover work-dir files of dead runs, stopping the qemu-nbd a run's pid file
+    (or journal) names first (``stop_leftover_qemu_nbd``)."""
     cleaned = []
+    stopped: set[str] = set()
     for p in sorted(paths, key=lambda p: not p.name.endswith(".pid")):
-        if p.name.endswith(".pid"):
-            killed = kill_leftover_qemu_nbd(p)
-            if killed:
-                cleaned.append(killed)
+        run = run_of(p.name)
+        if run is not None and run not in stopped and p.name.endswith((".pid", ".json")):
+            stopped.add(run)
+            cleaned += stop_leftover_qemu_nbd(run, p.parent)
         try:
             p.unlink()
             cleaned.append(f"file {p}")

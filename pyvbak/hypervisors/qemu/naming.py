@@ -6,8 +6,8 @@ run may still be going: the pid alone does not say (a pyvbak in another containe
 another machine may share the VM's QMP socket or the work dir, and pids are reused), so
 the run's session lock in the VM, and its journal in the work dir, record the owner's
 identity (``processes.identity()``) and ``cleanup.run_alive`` / ``session_lock.is_live``
-judge the pid with it; a run with neither (older pyvbak, offline runs) is judged by its
-pid.  QEMU node names are limited to 31 characters, which bounds the run id.
+judge the pid with it (offline runs write the journal too); a run with neither (older
+pyvbak) is judged by its pid.  QEMU node names are limited to 31 characters, which bounds the run id.
 
   session lock (QOM object) pyvbak-<run>-lock   (session_lock.py; data: start time + owner)
   export / NBD export name   pyvbak-<run><d>
@@ -17,7 +17,9 @@ pid.  QEMU node names are limited to 31 characters, which bounds the run id.
   backup job id              pyvbak-<run><d>-job
   fleecing file              <work_dir>/pyvbak-<run><d>-fleece.raw   (QEMU < 7.1: .qcow2)
   NBD server socket          <work_dir>/pyvbak-<run>-nbd.sock
-  journal                    <work_dir>/pyvbak-<run>.json   (what the run made; "owner")
+  journal                    <work_dir>/pyvbak-<run>.json   (what the run made; "owner";
+                             offline: "qemu_nbd", its qemu-nbd's spawn record)
+  qemu-nbd pid file          <work_dir>/pyvbak-<run>-qemu-nbd.pid   (offline)
   persistent dirty bitmaps   pyvbak-gen-<N>   (not per run: they outlive runs on purpose)
 
 ``<d>`` tells the disks of one run apart: empty for its first disk, ``-d<i>`` for the

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from pyvbak.errors import SourceError
+from pyvbak.processes import identity, spawn_record
 
 from .session import ExportSession
 from ..resources import TerminationGuard
@@ -79,6 +80,7 @@ class QemuOfflineImage(ExportSession):
         self.run = new_run_id()
         self.socket_path = self.work_dir / f"{PREFIX}{self.run}-nbd.sock"
         self.pid_file = self.work_dir / f"{PREFIX}{self.run}-qemu-nbd.pid"
+        self.journal = self.work_dir / f"{PREFIX}{self.run}.json"
         self.description = f"image:{self.path}"
 
         self.format: str = ""
@@ -90,13 +92,12 @@ class QemuOfflineImage(ExportSession):
         self.cleaned_leftovers: list[str] = []
 
         self._proc: subprocess.Popen | None = None
+        self._journal: dict = {}
         self._guard: TerminationGuard | None = None
         self._committed = False
         self._old: str | None = None
         self._old_disabled = False
         self._new: str | None = None
-
-
 
     def __enter__(self) -> "QemuOfflineImage":
         self._guard = TerminationGuard().__enter__()
@@ -116,6 +117,9 @@ class QemuOfflineImage(ExportSession):
         check_socket_path(self.socket_path)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.cleaned_leftovers = cleanup.clean_files(cleanup.dead_run_files(self.work_dir, self.run))
+        # who runs this run, before any other file of it (and before the image's bitmaps
+        # change): another pyvbak sharing the work dir judges it by this, not by its pid
+        self._write_journal()
         info = image_info(self.path)
         self.format = info["format"]
         self.size = int(info["virtual-size"])
@@ -165,6 +169,8 @@ class QemuOfflineImage(ExportSession):
                                           preexec_fn=_die_with_parent)
         except FileNotFoundError:
             raise SourceError("qemu-nbd not found: install the Debian package 'qemu-utils'") from None
+        # which process the pid is, so that a later cleanup never signals another one
+        self._write_journal(qemu_nbd=spawn_record(self._proc.pid))
         deadline = time.monotonic() + self.start_timeout
         while not (self.socket_path.exists() and self.pid_file.exists()):
             if self._proc.poll() is not None:
@@ -178,6 +184,23 @@ class QemuOfflineImage(ExportSession):
             "kind": STATE_KIND, "bitmap": self._new, "generation": generation,
             "image": str(self.path), "format": self.format, "size": self.size,
         }
+
+    def _write_journal(self, **more) -> None:
+        """``W/pyvbak-R.json``: the run, its owner's identity (``processes.identity()``) and,
+        once started, its qemu-nbd (``processes.spawn_record``).  Leftover cleanup judges
+        the run's files by the owner (``cleanup.dead_run_files``: another pid namespace or
+        machine is live) and signals a leftover qemu-nbd only if it is the recorded one
+        (``cleanup.stop_leftover_qemu_nbd``)."""
+        if not self._journal:
+            self._journal = {"run": self.run, "pid": os.getpid(), "owner": identity(), "image": str(self.path),
+                             "nbd_socket": str(self.socket_path), "pid_file": str(self.pid_file)}
+        self._journal.update(more)
+        tmp = self.journal.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self._journal))
+            os.replace(tmp, self.journal)
+        except OSError as e:
+            raise SourceError(f"cannot write {self.journal} in the work dir: {e.strerror}") from None
 
     def _check_cbt(self, bitmaps: dict[str, dict]) -> tuple[str | None, str | None]:
         prev = self.previous_state
@@ -236,7 +259,7 @@ class QemuOfflineImage(ExportSession):
         guard = self._guard
         try:
             with (guard.deferred() if guard else nullcontext()):
-                self._stop_server(errors)
+                server_left = not self._stop_server(errors)
                 try:
                     if not failed:
                         if self._old is not None:
@@ -250,13 +273,23 @@ class QemuOfflineImage(ExportSession):
                             self._bitmap_op("--remove", self._new)
                 except SourceError as e:
                     errors.append(str(e))
+                if not server_left:
+                    # last: until now another pyvbak on this work dir sees a live run
+                    for p in (self.journal, self.journal.with_suffix(".tmp")):
+                        try:
+                            p.unlink()
+                        except FileNotFoundError:
+                            pass
+                        except OSError as e:
+                            errors.append(f"removing {p}: {e.strerror}")
         finally:
             if guard:
                 guard.__exit__(None, None, None)
         if errors and raise_errors:
             raise SourceError("cleanup after the backup was incomplete: " + "; ".join(errors))
 
-    def _stop_server(self, errors: list[str]) -> None:
+    def _stop_server(self, errors: list[str]) -> bool:
+        """Stop qemu-nbd and remove its socket and pid file; False if a file stayed."""
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -268,6 +301,7 @@ class QemuOfflineImage(ExportSession):
                     proc.wait(10)
             if proc.stderr:
                 proc.stderr.close()
+        ok = True
         for p in (self.socket_path, self.pid_file):
             try:
                 p.unlink()
@@ -275,6 +309,8 @@ class QemuOfflineImage(ExportSession):
                 pass
             except OSError as e:
                 errors.append(f"removing {p}: {e.strerror}")
+                ok = False
+        return ok
 
 
 def _die_with_parent() -> None:

@@ -177,3 +177,188 @@ def test_a_run_killed_after_rotating_leaves_change_tracking_usable(tmp_path):
             dirty = src.change_tracking(state).extents
         s.commit()
     assert any(off <= 1 * MiB < off + length for off, length in dirty), dirty
+
+
+# -- leftovers of offline runs: judged by the owner identity their journal records -------
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _running(pid: int) -> bool:
+    """pid exists and is not a zombie (a killed process nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _serve(img: Path, sock: Path, pidfile: Path | None = None) -> subprocess.Popen:
+    """A qemu-nbd nobody's pyvbak run started (a person's, or a stand-in for one)."""
+    args = ["qemu-nbd", "-t", "-r", "-f", "qcow2", f"--socket={sock}", "-x", "x"]
+    if pidfile is not None:
+        args.append(f"--pid-file={pidfile}")
+    p = subprocess.Popen(args + [str(img)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from conftest import wait_until
+
+    wait_until(lambda: sock.exists(), timeout=10, what="qemu-nbd to listen")
+    return p
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_a_live_run_of_another_pid_namespace_is_left_alone(tmp_path):
+    """A pyvbak in another container (pid namespace) sharing the work dir serves an image;
+    its run id's pid means nothing here (it looked dead, and its socket, pid file and
+    journal were removed from under it).  Now its journal's owner identity makes it live:
+    a run here is refused with the one-line error and nothing of it is touched."""
+    if not _unshare_works():
+        pytest.skip("needs 'unshare --pid --fork --mount-proc' (root)")
+    from pyvbak.hypervisors.qemu.cleanup import socket_listening
+
+    img, other, work = tmp_path / "vm.qcow2", tmp_path / "other.qcow2", tmp_path / "work"
+    for i in (img, other):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(i), "4M"], check=True)
+    qemu_io(img, "qcow2", "write -P 0x61 0 4k")
+    child = (
+        "import sys\n"
+        "from pyvbak.hypervisors.qemu import QemuOfflineImage\n"
+        "with QemuOfflineImage(sys.argv[1], previous_state=None, work_dir=sys.argv[2]) as s:\n"
+        "    print('READY', s.run, flush=True); sys.stdin.read(); s.commit()\n"
+    )
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c", child,
+                          str(img), str(work)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        ready = p.stdout.readline().split()
+        assert ready[:1] == ["READY"], ready
+        run = ready[1]
+        sock = work / f"pyvbak-{run}-nbd.sock"
+        before = sorted(x.name for x in work.iterdir())
+        assert f"pyvbak-{run}-qemu-nbd.pid" in before and socket_listening(sock)
+        with pytest.raises(SourceError, match=rf"^another pyvbak session \(pid {run.split('-')[0]}\) is using "
+                                              rf"work dir {work}; wait for it to finish$"):
+            with QemuOfflineImage(other, previous_state=None, work_dir=work):
+                pass
+        assert sorted(x.name for x in work.iterdir()) == before
+        with NbdSource(f"nbd+unix:///pyvbak?socket={sock}") as src:  # still serving
+            assert src.read(0, 4) == b"aaaa"
+    finally:
+        p.stdin.close()
+        p.wait(30)
+        p.stdout.close()
+    assert p.returncode == 0 and not list(work.iterdir())
+    with QemuOfflineImage(other, previous_state=None, work_dir=work) as s:  # its turn now
+        assert s.cleaned_leftovers == []
+
+
+@pytest.mark.parametrize("case", ["sleep", "another qemu-nbd", "that socket, other start"])
+def test_a_pid_file_naming_another_process_does_not_get_it_killed(tmp_path, case):
+    """A dead run's pid file (or journal) names a pid that now runs another process: it is
+    left running, and the dead run's files are removed."""
+    from pyvbak import processes
+
+    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    run = f"{_dead_pid()}-beef"
+    journal = None
+    if case == "sleep":  # pid reused by an unrelated program (pid file only, as pyvbak wrote before)
+        victim = subprocess.Popen(["sleep", "60"])
+    elif case == "another qemu-nbd":  # by a person's qemu-nbd serving another image
+        mine = tmp_path / "mine.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(mine), "4M"], check=True)
+        victim = _serve(mine, tmp_path / "mine.sock")
+    else:  # a qemu-nbd of that very socket, but not the one the run recorded (another start)
+        victim = _serve(img, work / f"pyvbak-{run}-nbd.sock")
+        journal = {"run": run, "pid": int(run.split("-")[0]), "owner": {**processes.identity(), "start": 1},
+                   "qemu_nbd": {"pid": victim.pid, "start": processes.start_time(victim.pid) - 1,
+                                "boot": processes.boot_id()}}
+        (work / f"pyvbak-{run}.json").write_text(json.dumps(journal))
+    try:
+        (work / f"pyvbak-{run}-qemu-nbd.pid").write_text(f"{victim.pid}\n")
+        (work / f"pyvbak-{run}-nbd.sock").touch()
+        with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
+            cleaned = s.cleaned_leftovers
+            s.commit()
+        assert _running(victim.pid), cleaned
+        assert f"qemu-nbd process {victim.pid}" not in cleaned
+        assert any(f"process {victim.pid}" in c and "not killed" in c for c in cleaned), cleaned
+        assert f"file {work / f'pyvbak-{run}-qemu-nbd.pid'}" in cleaned
+        assert not list(work.iterdir())
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_a_leftover_qemu_nbd_of_a_killed_run_is_stopped(tmp_path):
+    """pyvbak SIGKILLed and its qemu-nbd still serving (no PR_SET_PDEATHSIG here, as if it
+    had failed): the next run stops that qemu-nbd - the process its journal recorded,
+    serving that run's socket - and removes the run's files."""
+    from pyvbak.hypervisors.qemu.cleanup import socket_listening
+
+    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    child = (
+        "import sys,time\n"
+        "from pyvbak.hypervisors.qemu import QemuOfflineImage, offline\n"
+        "offline._die_with_parent = lambda: None\n"
+        "with QemuOfflineImage(sys.argv[1], previous_state=None, work_dir=sys.argv[2]) as s:\n"
+        "    print('READY', s.run, flush=True); time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", child, str(img), str(work)], stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    ready = p.stdout.readline().split()
+    assert ready[:1] == ["READY"], ready
+    run = ready[1]
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    nbd_pid = int((work / f"pyvbak-{run}-qemu-nbd.pid").read_text())
+    try:
+        assert _running(nbd_pid) and socket_listening(work / f"pyvbak-{run}-nbd.sock")  # it outlived pyvbak
+        with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
+            cleaned = s.cleaned_leftovers
+            s.commit()
+        assert f"qemu-nbd process {nbd_pid}" in cleaned, cleaned
+        assert f"file {work / f'pyvbak-{run}-qemu-nbd.pid'}" in cleaned
+        assert not _running(nbd_pid)
+        assert not list(work.iterdir())
+    finally:
+        if _running(nbd_pid):
+            os.kill(nbd_pid, signal.SIGKILL)
+
+
+def test_clean_files_never_signals_the_qemu_nbd_of_another_pid_namespace(tmp_path):
+    """Even handed a foreign run's files (its callers refuse before), clean_files does not
+    signal the pid its pid file names: that pid is another namespace's."""
+    from pyvbak import processes
+    from pyvbak.hypervisors.qemu.cleanup import clean_files
+
+    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
+    work.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    run = f"{_dead_pid()}-beef"
+    nbd = _serve(img, work / f"pyvbak-{run}-nbd.sock", work / f"pyvbak-{run}-qemu-nbd.pid")
+    try:
+        journal = {"run": run, "owner": {**processes.identity(), "pidns": "pid:[1]"},
+                   "qemu_nbd": processes.spawn_record(nbd.pid)}
+        (work / f"pyvbak-{run}.json").write_text(json.dumps(journal))
+        from conftest import wait_until
+
+        wait_until(lambda: (work / f"pyvbak-{run}-qemu-nbd.pid").exists(), timeout=10, what="the pid file")
+        cleaned = clean_files(sorted(work.iterdir()))
+        assert _running(nbd.pid) and f"qemu-nbd process {nbd.pid}" not in cleaned
+        assert any("not killed" in c and "another machine or pid namespace" in c for c in cleaned), cleaned
+    finally:
+        nbd.kill()
+        nbd.wait()

@@ -542,3 +542,26 @@ def test_a_pack_moved_to_another_directory_counts_as_missing(two_generations, tm
     again = backup_file(repo, img)
     assert again.new_bytes > 0
     check_all_restore(repo, tmp_path, {again.snapshot_id: img})
+
+
+@pytest.mark.parametrize("how, left", [(["VM@latest"], 2), (["--keep-last", "1"], 1)])
+def test_forget_with_prune_forgets_nothing_while_a_backup_holds_the_repository(tmp_path, capsys, how, left):
+    """forget --prune during a backup once forgot the snapshots under its shared lock,
+    then failed to get prune's exclusive lock saying only "locked": every retry forgot
+    the next snapshot."""
+    repo = tmp_path / "repo"
+    assert main(["init", str(repo)]) == 0
+    img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=6)
+    for i in range(3):
+        with open(img, "r+b") as f:
+            f.write(os.urandom(BS))
+        assert main(["backup", str(img), "--repo", str(repo), "--vm", "web"]) == 0
+    args = [a.replace("VM", "web") for a in how]
+    with Repository.open(str(repo)).lock(purpose="backup"):  # a backup running
+        for _ in range(2):  # and a retry
+            code, out, err = cli(capsys, "forget", *args, "--prune", "--repo", repo)
+            assert code == 8 and "locked by backup" in err
+            assert len(Repository.open(str(repo)).snapshots()) == 3
+    code, out, err = cli(capsys, "forget", *args, "--prune", "--repo", repo)
+    assert code == 0, err
+    assert len(Repository.open(str(repo)).snapshots()) == left and "freed" in out

@@ -28,9 +28,16 @@ def forget(
     if vm is not None and keep_last is None:
         raise UsageError("--vm only goes with --keep-last; name snapshots by id or VM[/DISK]@latest instead")
     r = open_repository(repo, create_default=False)
-    # clean_stale=False: a stale lock is the evidence the next backup adopts a killed
-    # backup's unindexed packs by; forget deletes no data and must not erase it
-    with r.lock(purpose="forget", clean_stale=False):
+    # With --prune the exclusive lock comes first: forgetting under a shared lock and then
+    # failing to get the exclusive one (a backup running) forgot snapshots while saying
+    # only that the repository was locked, and a retry forgot the next ones.
+    # clean_stale=False otherwise: a stale lock is the evidence the next backup adopts a
+    # killed backup's unindexed packs by; forget deletes no data and must not erase it.
+    if prune_after:
+        lock = r.lock(exclusive=True, purpose="forget and prune", clean_stale=not dry_run)
+    else:
+        lock = r.lock(purpose="forget", clean_stale=False)
+    with lock:
         # A snapshot whose metadata is damaged can be named by its exact id only (nothing
         # else of it is readable); forgetting it is how a prune becomes possible again.
         r.snapshots()
@@ -43,12 +50,14 @@ def forget(
         targets = sorted(chosen.values(), key=lambda s: (s.time, s.id))
         broken = _groups_left_incomplete(r, targets)
         forgotten = [s.id for s in targets] if dry_run else forget_snapshots(r, targets)
+        result = {"forgotten": forgotten, "dry_run": dry_run}
+        if prune_after:
+            from ..repo.prune import prune_repository
+
+            # a dry run forgot nothing: its prune preview leaves the chosen snapshots out itself
+            result["prune"] = prune_repository(r, dry_run=dry_run, without=frozenset(forgotten) if dry_run else frozenset())
     for line in broken:
         info(f"warning: {line}")
-    result = {"forgotten": forgotten, "dry_run": dry_run}
-    if prune_after:
-        # a dry run forgot nothing: its prune preview leaves the chosen snapshots out itself
-        result["prune"] = _prune(r, dry_run, without=frozenset(forgotten) if dry_run else frozenset())
     if json_out:
         emit_json(result)
         return

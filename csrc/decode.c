@@ -16,7 +16,13 @@
  *     (no XXH64: the SHA-256 covers it), as reader.raw_frame_content does;
  *   - any other frame must declare a content size equal to ulen and decode to it; bytes
  *     after the frame are ignored, as python-zstandard's decompress() ignores them;
- *   - the SHA-256 of the content must equal the block's name. */
+ *   - the SHA-256 of the content must equal the block's name.
+ * "Exactly" holds as far as the two zstd libraries agree: python-zstandard bundles its own
+ * zstd, and releases differ on frames no encoder writes (zstd 1.5.7 refuses a set reserved
+ * bit in a sequences section's Symbol_Compression_Modes byte, the 1.5.4 of Debian 12 decodes
+ * it).  Such a difference can only refuse a block or accept one that is exactly the original
+ * (the SHA-256 is checked either way); tests/test_decode.py allows it where the libraries
+ * themselves disagree.  restore.sh's zstd tool uses the same libzstd.so.1 as this kernel. */
 #include <dlfcn.h>
 #include <stdint.h>
 #include <string.h>

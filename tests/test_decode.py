@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from images import BS, MiB, backup_file, make_image, random_bytes, restore_to, same_file, text_bytes
@@ -122,11 +122,39 @@ def test_native_is_the_default_where_it_runs(monkeypatch):
     assert native.zstd_library_version() >= 10400
 
 
+def zstd_libraries_disagree(frame: bytes) -> bool:
+    """Whether python-zstandard's bundled zstd (the reference's) and the system libzstd.so.1
+    (the kernel's) decode the first frame of ``frame`` differently: one refuses it, or they
+    give other bytes.  Releases differ on frames no encoder writes: zstd 1.5.7 refuses a
+    set reserved bit in a sequences section's Symbol_Compression_Modes byte, 1.5.4 ignores it."""
+    import ctypes
+
+    lib = ctypes.CDLL("libzstd.so.1")
+    lib.ZSTD_findFrameCompressedSize.restype = lib.ZSTD_decompress.restype = ctypes.c_size_t
+    lib.ZSTD_getFrameContentSize.restype = ctypes.c_ulonglong
+    size = lib.ZSTD_getFrameContentSize(frame, ctypes.c_size_t(len(frame)))
+    fsz = lib.ZSTD_findFrameCompressedSize(frame, ctypes.c_size_t(len(frame)))
+    sys_out = None
+    if size < 2**63 and not lib.ZSTD_isError(ctypes.c_size_t(fsz)):
+        buf = ctypes.create_string_buffer(max(1, size))
+        got = lib.ZSTD_decompress(buf, ctypes.c_size_t(size), frame, ctypes.c_size_t(fsz))
+        sys_out = None if lib.ZSTD_isError(ctypes.c_size_t(got)) else buf.raw[:got]
+    try:
+        py_out = zstandard.ZstdDecompressor().decompress(frame)
+    except zstandard.ZstdError:
+        py_out = None
+    return sys_out != py_out
+
+
 @needs_native
 @settings(max_examples=150, deadline=None)
 @given(case=st.integers(0, len(CASES) - 1), flips=st.lists(st.tuples(st.integers(0, 2**31), st.integers(1, 255)), max_size=4),
        cut=st.one_of(st.none(), st.integers(0, 2**31)))
+@example(case=5, flips=[(13, 1)], cut=None)  # a reserved bit: zstd 1.5.4 decodes the block, 1.5.7 refuses
 def test_random_damage_gets_the_same_decision_from_both_kernels(case, flips, cut):
+    """Same status and bytes from both kernels - except where the two zstd libraries
+    themselves disagree about the frame (each kernel decodes with its own): then any block
+    a kernel accepts is still exactly the original, its SHA-256 proves it."""
     _, frame, ulen, digest, _ = CASES[case]
     damaged = bytearray(frame)
     for pos, mask in flips:
@@ -135,7 +163,11 @@ def test_random_damage_gets_the_same_decision_from_both_kernels(case, flips, cut
     if cut is not None and damaged:
         del damaged[cut % len(damaged):]
     ref = decode_all("python", [bytes(damaged)], [ulen], [digest])
-    assert decode_all("native", [bytes(damaged)], [ulen], [digest]) == ref
+    got = decode_all("native", [bytes(damaged)], [ulen], [digest])
+    for status, good in (ref, got):
+        assert status != [OK] or sha(good[0]) == digest
+    if got != ref:
+        assert zstd_libraries_disagree(bytes(damaged)), (got[0], ref[0])
 
 
 @needs_native

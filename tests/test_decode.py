@@ -412,3 +412,70 @@ def test_the_cli_says_which_blocks_came_from_another_copy(repo, tmp_path, capsys
     assert code == 0 and same_file(img, tmp_path / "out.img")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: 1 block(s) of snapshot") and "verify --repair" in lines[0]
+
+
+# -- one bad record costs its own block, not the good frames read in the same range --------
+
+
+def one_pack_of_text_blocks(repo, tmp_path, n=8):
+    """An image of ``n`` compressible blocks in one pack; (snapshot id, image, the pack's
+    path, its records in reading order)."""
+    img = make_image(tmp_path / "d.img", n * BS, [(0, n * BS, "text")], seed=2)
+    sid = backup_file(repo, img).snapshot_id
+    recs = repo.load_digest_index().records_at(np.arange(n))
+    recs = recs[sort_for_reading(recs)].copy()
+    assert len({bytes(p) for p in recs["pack"]}) == 1
+    return sid, img, os.path.join(repo.location, fmt.pack_name(bytes(recs["pack"][0]).hex())), recs
+
+
+class RangeSpy:
+    """Wraps a backend; the largest range read_blocks asks for."""
+
+    def __init__(self, inner):
+        self.inner, self.largest = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def read_range_into(self, name, offset, buf):
+        self.largest = max(self.largest, len(buf))
+        return self.inner.read_range_into(name, offset, buf)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("damage", ["clen 4 GiB", "clen past the end", "offset past the end"])
+def test_a_damaged_record_fails_alone_not_its_range(repo, tmp_path, monkeypatch, kernel, damage):
+    """Records of one pack are read with one range read: a record whose frame lies past
+    the pack's end made that read fail, and every good frame of the range was reported
+    unreadable with it (verify --repair then dropped their index records)."""
+    _, _, pack_path, recs = one_pack_of_text_blocks(repo, tmp_path)
+    pack_size = os.path.getsize(pack_path)
+    if damage == "clen 4 GiB":
+        recs["clen"][3] = 2**32 - 1
+    elif damage == "clen past the end":
+        recs["clen"][3] = pack_size
+    else:
+        recs["offset"][7] = pack_size - 10
+    spy = RangeSpy(repo.backend)
+    monkeypatch.setattr(repo, "backend", spy)
+    seen, errors = [], []
+
+    def on_blocks(k, buf, offsets, ulens, ok):
+        seen.extend(k + i for i in np.flatnonzero(ok).tolist())
+
+    read_blocks(repo, recs, ScratchSink(on_blocks, lambda k, r: errors.append(k), block_size=BS), threads=2, kernel=kernel)
+    bad = 7 if damage == "offset past the end" else 3
+    assert sorted(seen) == [k for k in range(8) if k != bad] and errors == [bad]
+    assert spy.largest <= 16 * MiB  # no 4 GiB buffer for a record that claims 4 GiB
+
+
+def test_a_pack_cut_short_loses_only_the_frames_past_its_end(repo, tmp_path):
+    """A pack truncated by a storage fault: verify names the frames that are gone, counts
+    the others as checked, and --repair drops only the lost ones' records."""
+    _, _, pack_path, recs = one_pack_of_text_blocks(repo, tmp_path)
+    cut = int(recs["offset"][5]) + int(recs["clen"][5]) // 2  # inside frame 5: frames 5, 6, 7 are gone
+    os.chmod(pack_path, 0o644)
+    os.truncate(pack_path, cut)
+    report = verify_repository(repo, threads=2)
+    assert report["problem_count"] == 3 and report["blocks_checked"] == 5
+    assert sorted(d for d, _ in report["_bad_records"]) == sorted(bytes(d) for d in recs["digest"][5:])

@@ -151,9 +151,17 @@ class BlockDecoder:
         return status
 
 
-def _groups(recs: np.ndarray):
+def max_frame_bytes(block_size: int) -> int:
+    """More than any zstd frame of a ``block_size`` block can take (ZSTD_compressBound is
+    block + 1/256 + a few hundred bytes): a pack index record claiming a longer frame is
+    damaged, and is not read."""
+    return block_size + block_size // 64 + 64 * 1024
+
+
+def _groups(recs: np.ndarray, max_clen: int | None = None):
     """Yield (pack_hex, start, end, k0, k1): records k0..k1-1 (``recs`` sorted by pack,
-    then offset) are read with one range read [start, end) of that pack."""
+    then offset) are read with one range read [start, end) of that pack.  A record whose
+    ``clen`` exceeds ``max_clen`` is a group of its own."""
     n = len(recs)
     if not n:
         return
@@ -172,9 +180,10 @@ def _groups(recs: np.ndarray):
             end = start + clens[k]
             k0 = k
             k += 1
-            while k < m:
+            alone = max_clen is not None and clens[k0] > max_clen
+            while k < m and not alone:
                 off = offs[k]
-                if off - end > GAP_BYTES or off + clens[k] - start > RANGE_BYTES:
+                if off - end > GAP_BYTES or off + clens[k] - start > RANGE_BYTES or (max_clen is not None and clens[k] > max_clen):
                     break
                 end = max(end, off + clens[k])
                 k += 1
@@ -269,6 +278,7 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
     BlockDecoder."""
     native.selected_decode_kernel(kernel)  # a forced kernel this machine lacks fails here, not per thread
     block_size = repo.config.block_size
+    max_clen = max_frame_bytes(block_size)
     local = threading.local()
 
     def decoder() -> BlockDecoder:
@@ -290,6 +300,10 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
 
     def work(pack_hex: str, start: int, end: int, k0: int, k1: int) -> None:
         name = fmt.pack_name(pack_hex)
+        if k1 - k0 == 1 and end - start > max_clen:  # _groups leaves such a record alone
+            sink.error(k0, f"block in pack {pack_hex[:16]}… has a damaged pack index record "
+                           f"(a {end - start}-byte frame, more than a block's frame can be)")
+            return
         try:
             view = read_buffer(end - start)
             repo.backend.read_range_into(name, start, view)
@@ -298,8 +312,15 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
                 sink.error(k, f"pack {pack_hex[:16]}… is missing")
             return
         except Exception as exc:  # a short or failed read: report per block, keep going
-            for k in range(k0, k1):
-                sink.error(k, f"pack {pack_hex[:16]}… unreadable: {exc}")
+            if k1 - k0 > 1:
+                # One frame past the pack's end (a pack cut short, a damaged record) or on
+                # a bad sector fails the whole range: read each frame alone, so only the
+                # bad ones are reported (verify --repair drops the records reported).
+                offs, clens = recs["offset"][k0:k1].tolist(), recs["clen"][k0:k1].tolist()
+                for k, off, clen in zip(range(k0, k1), offs, clens):
+                    work(pack_hex, off, off + clen, k, k + 1)
+                return
+            sink.error(k0, f"pack {pack_hex[:16]}… unreadable: {exc}")
             return
         dec = decoder()
         part = recs[k0:k1]
@@ -328,7 +349,7 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
             sink.filled(k0 + i, buf, offs, ulens[i : i + m], ok)
             i += m
 
-    groups = list(_groups(recs))
+    groups = list(_groups(recs, max_clen))
     # Ask the backend to fetch ahead of the workers (PREFETCH_GROUPS beyond the ones
     # queued), so the worker threads stay on decompression and hashing instead of
     # waiting on the disk: see restore_snapshot for the measurement.

@@ -145,8 +145,9 @@ class BlockDecoder:
                 dst[do[i] : do[i] + ul[i]] = data
                 good.append(i)
         sums = native.sha256_many(dst[do[i] : do[i] + ul[i]] for i in good)
+        want = digests.tobytes()  # not bytes(digests[i]): an S32 scalar drops trailing zero bytes
         for i, got in zip(good, sums):
-            if got != bytes(digests[i]):
+            if got != want[32 * i : 32 * i + 32]:
                 status[i] = native.DECODE_MISMATCH
         return status
 

@@ -261,11 +261,17 @@ def test_default_repository_created_on_first_use(tmp_path):
     assert p.returncode == 0
     assert f"using the default repository at {default}" in p.stderr
     assert "first" in p.stdout
-    # restore never creates a repository
-    p = run_pyvbak(["restore", "first@latest", tmp_path / "o"], env={"XDG_DATA_HOME": str(tmp_path / "other")})
-    assert p.returncode == 3
-    assert_one_error_line(p.stderr, "not a pyvbak repository")
-    assert not (tmp_path / "other").exists()
+    # only commands that store something create it: the others say there is none, in
+    # one line (verify once created an empty one and reported success)
+    other = tmp_path / "other"
+    for args in (["restore", "first@latest", tmp_path / "o"], ["verify"], ["snapshots"], ["forget", "first@latest"],
+                 ["prune"], ["unlock"]):
+        p = run_pyvbak(args, env={"XDG_DATA_HOME": str(other)})
+        assert p.returncode == 3, (args, p.stderr)
+        line = assert_one_error_line(p.stderr, "no repository given", f"default one ({other / 'pyvbak' / 'repository'}) "
+                                     "does not exist yet", "--repo REPO")
+        assert "using" not in line
+    assert not other.exists()
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):

@@ -32,15 +32,21 @@ def maybe_lock(repo, no_lock: bool, purpose: str):
     return nullcontext() if no_lock else repo.lock(purpose=purpose, clean_stale=False, reader=True)
 
 
-def open_repository(location: str | None, *, create_default: bool = True):
-    """The repository named by --repo/PYVBAK_REPO, or the default one (created on first use)."""
+def open_repository(location: str | None, *, create_default: bool = False):
+    """The repository named by --repo/PYVBAK_REPO, or the default one.  Only commands that
+    store something (backup, demo) create the default repository on first use: a verify
+    that created an empty one reported success, and a restore said "using" it and then
+    that it was no repository."""
     from ..errors import RepositoryError
     from ..repo.repository import Repository, default_repository_path
 
     if location:
         return Repository.open(location)
     path = default_repository_path()
-    if not os.path.exists(os.path.join(path, "config")) and create_default:
+    if not os.path.exists(os.path.join(path, "config")) and not create_default:
+        raise RepositoryError(f"no repository given and the default one ({path}) does not exist yet: give "
+                              "--repo REPO or set PYVBAK_REPO ('pyvbak backup' creates the default one)")
+    if not os.path.exists(os.path.join(path, "config")):
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:

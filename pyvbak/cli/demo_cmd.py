@@ -79,7 +79,7 @@ def demo(
 
         if missing_tools():
             raise SourceError(f"demo --hot needs {', '.join(missing_tools())}: install them (or run the demo without --hot)")
-    r = open_repository(repo)
+    r = open_repository(repo, create_default=True)
     print(f"repository: {r.location}")
     # under /tmp: the QMP and NBD sockets must fit a UNIX socket path
     work = tempfile.mkdtemp(prefix="pyvbak-demo-", dir="/tmp" if hot else None)

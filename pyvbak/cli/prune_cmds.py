@@ -27,7 +27,7 @@ def forget(
         raise UsageError("forget needs snapshot ids, VM[/DISK]@latest or --keep-last N: list snapshots with 'pyvbak snapshots'")
     if vm is not None and keep_last is None:
         raise UsageError("--vm only goes with --keep-last; name snapshots by id or VM[/DISK]@latest instead")
-    r = open_repository(repo, create_default=False)
+    r = open_repository(repo)
     # With --prune the exclusive lock comes first: forgetting under a shared lock and then
     # failing to get the exclusive one (a backup running) forgot snapshots while saying
     # only that the repository was locked, and a retry forgot the next ones.
@@ -73,7 +73,7 @@ def prune(
     json_out: bool = JsonOption,
 ) -> None:
     """Delete blocks no snapshot references; repack mostly-unused packs (exclusive lock)."""
-    r = open_repository(repo, create_default=False)
+    r = open_repository(repo)
     report = _prune(r, dry_run)
     if json_out:
         emit_json(report)

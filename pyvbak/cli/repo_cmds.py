@@ -116,7 +116,7 @@ def unlock(
     """Remove stale locks (of processes that no longer run on this host)."""
     from ..repo.locks import remove_locks
 
-    r = open_repository(repo, create_default=False)
+    r = open_repository(repo)
     removed = remove_locks(r.backend, all_hosts=all_locks)
     print(f"removed {len(removed)} lock(s)" + (": " + ", ".join(removed) if removed else ""))
     if removed:  # what the removed locks' processes may have left: adopt it now

@@ -21,7 +21,7 @@ def restore(
     """Restore a snapshot byte-identical, checking every block's digest."""
     from ..repo.restore import restore_snapshot
 
-    r = open_repository(repo, create_default=False)
+    r = open_repository(repo)
     group = _vm_group(r, snapshot, output)
     if group is not None:
         _restore_group(r, group, output, force=force, threads=threads, json_out=json_out, no_lock=no_lock)

@@ -24,6 +24,7 @@
  * (the SHA-256 is checked either way); tests/test_decode.py allows it where the libraries
  * themselves disagree.  restore.sh's zstd tool uses the same libzstd.so.1 as this kernel. */
 #include <dlfcn.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -32,8 +33,10 @@
 #define ZSTD_CONTENTSIZE_UNKNOWN (0ULL - 1)
 #define ZSTD_CONTENTSIZE_ERROR (0ULL - 2)
 
+/* Z.state: 0 not tried, 2 loading, 1 loaded, -1 unavailable.  Read with acquire (the
+ * function pointers and version are written before the release store of 1). */
 static struct {
-    int state; /* 0 not tried, 1 loaded, -1 unavailable */
+    int state;
     unsigned version;
     void *(*create_dctx)(void);
     size_t (*free_dctx)(void *);
@@ -46,14 +49,12 @@ static struct {
 /* Oldest libzstd whose ZSTD_findFrameCompressedSize/ZSTD_getFrameContentSize are stable. */
 #define PV_ZSTD_MIN_VERSION 10400
 
-unsigned pv_zstd_load(void) {
-    /* Called once from native.py with the GIL held, so no race on Z. */
-    if (Z.state)
-        return Z.state > 0 ? Z.version : 0;
-    Z.state = -1;
+static int loaded(void) { return __atomic_load_n(&Z.state, __ATOMIC_ACQUIRE) == 1; }
+
+static int load_library(void) {
     void *h = dlopen("libzstd.so.1", RTLD_NOW | RTLD_LOCAL);
     if (!h)
-        return 0;
+        return -1;
     unsigned (*version)(void) = (unsigned (*)(void))dlsym(h, "ZSTD_versionNumber");
     *(void **)&Z.create_dctx = dlsym(h, "ZSTD_createDCtx");
     *(void **)&Z.free_dctx = dlsym(h, "ZSTD_freeDCtx");
@@ -64,17 +65,29 @@ unsigned pv_zstd_load(void) {
     if (!version || !Z.create_dctx || !Z.free_dctx || !Z.decompress_dctx || !Z.is_error || !Z.content_size ||
         !Z.frame_size || version() < PV_ZSTD_MIN_VERSION) {
         dlclose(h);
-        return 0;
+        return -1;
     }
     Z.version = version();
-    Z.state = 1;
-    return Z.version;
+    return 1;
 }
 
-void *pv_zstd_dctx_new(void) { return Z.state > 0 ? Z.create_dctx() : NULL; }
+unsigned pv_zstd_load(void) {
+    /* cffi releases the GIL around every call, so threads may get here at once: one loads,
+     * the others wait for its answer (a caller must never see "unavailable" because
+     * another thread is still loading). */
+    int expected = 0;
+    if (__atomic_compare_exchange_n(&Z.state, &expected, 2, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        __atomic_store_n(&Z.state, load_library(), __ATOMIC_RELEASE);
+    int state;
+    while ((state = __atomic_load_n(&Z.state, __ATOMIC_ACQUIRE)) == 2)
+        sched_yield();
+    return state == 1 ? Z.version : 0;
+}
+
+void *pv_zstd_dctx_new(void) { return loaded() ? Z.create_dctx() : NULL; }
 
 void pv_zstd_dctx_free(void *dctx) {
-    if (Z.state > 0 && dctx)
+    if (loaded() && dctx)
         Z.free_dctx(dctx);
 }
 
@@ -123,7 +136,7 @@ static uint8_t decode_one(void *dctx, const uint8_t *frame, uint64_t len, uint8_
 int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off, const uint64_t *src_len,
                          uint8_t *dst, const int64_t *dst_off, const uint64_t *ulen, const uint8_t *digests,
                          uint64_t n, uint8_t *status) {
-    if (Z.state <= 0 || !dctx || !pv_sha256_available())
+    if (!loaded() || !dctx || !pv_sha256_available())
         return PV_ERR_KERNEL;
     int64_t good = 0;
     /* Two at a time: the SHA-NI kernel hashes two equal-length messages in one pass

@@ -496,3 +496,34 @@ def test_a_digest_ending_in_zero_bytes_is_matched_whatever_its_dtype(kernel, dty
     status = BlockDecoder(kernel).decode_into(frame, np.array([0]), np.array([len(frame)]), bytearray(len(data)),
                                               np.array([0]), np.array([len(data)]), np.frombuffer(sha(data), dtype))
     assert status.tolist() == [OK]
+
+
+RACE = """
+import threading
+from pyvbak import native
+n = 16
+barrier = threading.Barrier(n)
+out = []
+def first_call():
+    barrier.wait()
+    out.append(native.selected_decode_kernel())
+threads = [threading.Thread(target=first_call) for _ in range(n)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(",".join(sorted(set(out))), native.selected_decode_kernel())
+"""
+
+
+@needs_native
+def test_threads_that_first_ask_at_once_all_get_the_kernel():
+    """libzstd is loaded on the first call (csrc/decode.c pv_zstd_load) - without the GIL,
+    as every cffi call: a thread asking while another was loading found it "unavailable",
+    so a restore's readers ran the reference, or failed where the native kernel was forced."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYVBAK_DECODE"}
+    for _ in range(6):  # each a fresh process: the load happens once per process
+        r = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["native", "native"], r.stdout

@@ -199,7 +199,7 @@ def test_verify_of_chosen_snapshots_checks_their_blocks_only(tmp_path, capsys):
 def test_backup_json_and_human_output(tmp_path, capsys):
     repo = tmp_path / "repo"
     cli(capsys, "init", repo)
-    img = make_image(tmp_path / "vm-disk.qcow.img", 2 * MiB + 1, [(0, MiB, "random")], seed=85)
+    img = make_image(tmp_path / "vm-disk.img", 2 * MiB + 1, [(0, MiB, "random")], seed=85)
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
     assert code == 0, err
     res = json.loads(out)
@@ -214,3 +214,29 @@ def test_backup_json_and_human_output(tmp_path, capsys):
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v")
     assert code == 0, err
     assert out.startswith("snapshot ") and "of v/vm-disk" in out and "new " in out
+
+
+def test_two_images_of_one_vm_get_their_own_disks_and_a_changed_source_is_said(tmp_path, capsys):
+    """The default disk name once stopped at the first dot: web01.root.img and
+    web01.data.img were both disk "web01", the data disk an incremental of the root disk
+    and retention counting them as one."""
+    from pyvbak.cli.main import main
+
+    repo = tmp_path / "repo"
+    assert main(["init", str(repo)]) == 0
+    root = make_image(tmp_path / "web01.root.img", 8 * BS, [(0, 8 * BS, "random")], seed=1)
+    data = make_image(tmp_path / "web01.data.img", 4 * BS, [(0, 4 * BS, "text")], seed=2)
+    capsys.readouterr()
+    for img in (root, data):
+        assert main(["backup", img, "--repo", str(repo), "--vm", "web01", "--json"]) == 0
+    first, second = (json.loads(x) for x in capsys.readouterr().out.replace("}\n{", "}\n\x00{").split("\x00"))
+    assert (first["disk"], second["disk"]) == ("web01.root", "web01.data")
+    assert second["parent"] is None and not second["warnings"]
+    # the same disk name from another file: said, as the other disk it may be
+    moved = tmp_path / "elsewhere.img"
+    os.rename(data, moved)
+    assert main(["backup", str(moved), "--repo", str(repo), "--vm", "web01", "--disk", "web01.data", "--json"]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert third["parent"] == second["id"]
+    assert len(third["warnings"]) == 1 and f"was read from {os.path.abspath(data)}" in third["warnings"][0] \
+        and "--disk NAME" in third["warnings"][0]

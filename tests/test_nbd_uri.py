@@ -28,6 +28,8 @@ def test_malformed(uri):
 
 @pytest.mark.parametrize("spec,disk", [
     ("/var/lib/vm/web-disk0.qcow2", "web-disk0"),
+    ("/var/lib/vm/web01.data.img", "web01.data"),  # not "web01", the root disk's name too
+    ("/var/lib/vm/noext", "noext"),
     ("/dev/vg/vm-disk", "vm-disk"),
     ("nbd://host/exp", "exp"),
     ("nbd://host/vms/web/disk0", "vms-web-disk0"),  # '/' is not allowed in disk names

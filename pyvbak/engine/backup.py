@@ -342,6 +342,13 @@ def run_backup(
     result = BackupResult(sid, vm, disk, parent.snap.id if parent.snap else None, size, bs)
     if unreadable_parent:
         result.warnings.append(f"{unreadable_parent}; scanned the whole disk")
+    before = latest.meta.get("source") if latest is not None else None
+    now = getattr(source, "description", None)
+    if before and now and before != now and before.startswith("file:") and now.startswith("file:"):
+        # Two images under one disk name chain into each other (and retention counts them
+        # as one disk): right when the image moved, wrong when it is another disk.
+        result.warnings.append(f"the previous snapshot {latest.id} of {vm}/{disk} was read from {before[5:]}, this "
+                               f"one from {now[5:]}: if that is another disk, give it its own --disk NAME")
     if damaged:  # perhaps this disk's newest: then this backup is a full scan, not wrong
         result.warnings.append(f"{len(damaged)} snapshot metadata object(s) are corrupt and were left out "
                                f"({', '.join(damaged[:3])}{', …' if len(damaged) > 3 else ''}): run 'pyvbak verify'")

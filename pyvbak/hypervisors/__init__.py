@@ -98,13 +98,15 @@ class SessionSource:
 
 
 def default_disk_name(spec: str) -> str:
-    """Default --disk: the image's file name without extension, or the NBD export."""
+    """Default --disk: the image's file name without its extension (the last one:
+    ``web01.data.img`` is ``web01.data``, not ``web01``, which another disk of the VM
+    would share), or the NBD export."""
     if spec.startswith(NBD_SCHEMES):
         from ..sources.nbd import parse_nbd_uri
 
         return (parse_nbd_uri(spec)["export"] or "disk0").replace("/", "-")
     base = os.path.basename(spec.rstrip("/")) or "disk0"
-    return base.split(".", 1)[0] or base
+    return os.path.splitext(base)[0] or base
 
 
 def disk_names(spec: str, disk: str | None = None) -> list[str]:

@@ -717,3 +717,28 @@ def test_one_disk_restored_to_a_directory_path_is_a_usage_error(backed_up, capsy
     assert code == 2
     assert_one_error_line(err, "names a directory", "one disk")
     assert not (tmp / "nodir").exists()
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_restore_speaks_of_the_restore(env, capsys, monkeypatch, how):
+    """Every interrupted command said "no snapshot was left half-written", a restore too."""
+    import pyvbak.repo.restore as restore_mod
+    from pyvbak.cli import main as main_mod
+
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+
+    def interrupted(*a, **k):
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        main_mod._sigterm(15, None)
+
+    monkeypatch.setattr(restore_mod, "restore_snapshot", interrupted)
+    code, out, err = cli(capsys, "restore", "v@latest", tmp / "o.img", "--repo", repo)
+    assert code == 10
+    line = assert_one_error_line(err, "SIGTERM" if how == "sigterm" else "Ctrl-C", "no partly restored file was left behind")
+    assert "snapshot" not in line
+    monkeypatch.setattr("pyvbak.repo.verify.verify_repository", interrupted)
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 10 and "run the command again" in assert_one_error_line(err, "stopped cleanly")

@@ -91,13 +91,26 @@ OS_ERROR_EXIT = 1
 _TYPER_CTRL_C_EXIT = 130
 
 
+#: what an interrupted command left, by command (a restore's message once spoke of snapshots)
+_AFTER_INTERRUPT = {
+    "backup": "no snapshot was left half-written",
+    "demo": "no snapshot was left half-written",
+    "restore": "no partly restored file was left behind",
+}
+_command = [""]
+
+
+def _after_interrupt() -> str:
+    return _AFTER_INTERRUPT.get(_command[0], "the repository is consistent; run the command again to finish")
+
+
 def _interrupted() -> int:
-    print("pyvbak: error: interrupted (Ctrl-C): stopped cleanly; no snapshot was left half-written", file=sys.stderr)
+    print(f"pyvbak: error: interrupted (Ctrl-C): stopped cleanly; {_after_interrupt()}", file=sys.stderr)
     return Interrupted.exit_code
 
 
 def _sigterm(signum, frame):
-    raise Interrupted("interrupted by SIGTERM: stopped cleanly; no snapshot was left half-written")
+    raise Interrupted(f"interrupted by SIGTERM: stopped cleanly; {_after_interrupt()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         args = sys.argv[1:] if argv is None else list(argv)
+        _command[0] = next((a for a in args if not a.startswith("-")), "")
         rv = _app_for(args)(args=args, prog_name="pyvbak", standalone_mode=False)
         # Without standalone mode, click *returns* the code of an Exit instead of raising
         # it - and typer turns Ctrl-C (KeyboardInterrupt) into Exit(130) before we see it.

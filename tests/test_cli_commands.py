@@ -91,8 +91,11 @@ def test_restore_latest_specs(populated, capsys, tmp_path):
     # VM@latest is ambiguous for a VM with several disks
     code, _, err = cli(capsys, "restore", "web@latest", tmp_path / "amb.img", "--repo", repo)
     assert code == 2
-    assert_one_error_line(err, "several disks", "web/DISK@latest")
+    assert_one_error_line(err, "several disks", "web/DISK@latest", "pyvbak restore web@latest DIR/")
     assert not (tmp_path / "amb.img").exists()
+    for cmd in (["verify", "web@latest"], ["forget", "web@latest"]):  # no restore advice there
+        code, _, err = cli(capsys, *cmd, "--repo", repo)
+        assert code == 2 and "restore" not in assert_one_error_line(err, "several disks", "web/DISK@latest")
 
 
 def test_restore_json(populated, capsys, tmp_path):

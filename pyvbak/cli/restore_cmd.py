@@ -26,10 +26,15 @@ def restore(
     if group is not None:
         _restore_group(r, group, output, force=force, threads=threads, json_out=json_out, no_lock=no_lock)
         return
-    snap = r.resolve(snapshot)
-    if output.endswith("/"):  # a directory meant, for one disk: say so, not "Not a directory"
-        from ..errors import UsageError
+    from ..errors import UsageError
+    from ..repo.repository import SeveralDisks
 
+    try:
+        snap = r.resolve(snapshot)
+    except SeveralDisks as exc:
+        raise UsageError(f"{exc}, or restore every disk of its newest consistency group into a directory: "
+                         f"pyvbak restore {exc.vm}@latest DIR/") from None
+    if output.endswith("/"):  # a directory meant, for one disk: say so, not "Not a directory"
         raise UsageError(f"{output} names a directory, but {snapshot} is one disk: give the file or block "
                          f"device to restore it to (e.g. {output}{snap.disk}.img)")
     with maybe_lock(r, no_lock, f"restore of {snap.id}"):

@@ -196,6 +196,14 @@ def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
 NAME_MAX_BYTES = 255
 
 
+class SeveralDisks(UsageError):
+    """``VM@latest`` named a VM with several disks where one snapshot is meant."""
+
+    def __init__(self, vm: str, disks: list[str]):
+        self.vm, self.disks = vm, disks
+        super().__init__(f"VM {vm} has several disks ({', '.join(disks)}): name one as {vm}/DISK@latest")
+
+
 def check_vm_disk_names(vm: str, disk: str) -> None:
     """VM and disk names of a new snapshot: what ``VM[/DISK]@latest`` can name again.
 
@@ -394,9 +402,7 @@ class Repository:
                 raise SnapshotNotFound(f"no snapshot of {target} in {self.location}: list them with 'pyvbak snapshots'")
             disks = {s.disk for s in snaps}
             if not disk and len(disks) > 1:
-                raise UsageError(f"VM {vm} has several disks ({', '.join(sorted(disks))}): restore one with "
-                                 f"{vm}/DISK@latest, or every disk of its newest consistency group into a "
-                                 f"directory: pyvbak restore {vm}@latest DIR/")
+                raise SeveralDisks(vm, sorted(disks))
             return snaps[-1]
         if not re.fullmatch(r"[0-9A-Za-z-]+", spec):
             raise SnapshotNotFound(f"'{spec}' is not a snapshot id or VM[/DISK]@latest")

@@ -31,3 +31,16 @@ def test_version(capsys):
     out = capsys.readouterr().out.strip()
     assert out.startswith(f"pyvbak {pyvbak.__version__} (repository format 1;")
     assert native.selected_kernel() in out and native.selected_sha256_kernel() in out
+    assert f"block decoder {native.selected_decode_kernel()}" in out
+
+
+def test_no_command_shows_the_help_without_an_empty_error(capsys):
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert "Commands" in out + err and "error" not in out + err
+
+
+def test_a_command_option_error_points_at_that_command_help(capsys):
+    assert main(["snapshots", "--repo", "/nonexistent", "--vm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'--vm' requires an argument" in err and "(see 'pyvbak snapshots --help')" in err

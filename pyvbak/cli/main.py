@@ -30,6 +30,14 @@ def _new_app() -> typer.Typer:
 app = _new_app()
 
 
+def _decoder_name(native) -> str:
+    kernel = native.selected_decode_kernel()
+    if kernel == "native":
+        v = native.zstd_library_version()
+        return f"native (libzstd {v // 10000}.{v // 100 % 100}.{v % 100})"
+    return "python (python-zstandard)"
+
+
 def _print_version(value: bool) -> None:
     if not value:
         return
@@ -37,7 +45,8 @@ def _print_version(value: bool) -> None:
     from ..repo import format as fmt
 
     print(f"pyvbak {__version__} (repository format {fmt.FORMAT_VERSION}; scan kernel "
-          f"{native.selected_kernel()}, SHA-256 {native.selected_sha256_kernel()})")
+          f"{native.selected_kernel()}, SHA-256 {native.selected_sha256_kernel()}, block decoder "
+          f"{_decoder_name(native)})")
     raise typer.Exit()
 
 
@@ -145,10 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # click usage errors
         if isinstance(exc, _click_exception_types()):
             # one line like every other error (click's own form is usage + hint + error)
+            code = getattr(exc, "exit_code", 2) or 2
+            message = exc.format_message()
+            if not message:  # no command at all: click printed the help, which says it all
+                return code
             ctx = getattr(exc, "ctx", None)
             where = ctx.command_path if ctx is not None and ctx.command_path else "pyvbak"
-            print(f"pyvbak: error: {exc.format_message()} (see '{where} --help')", file=sys.stderr)
-            return getattr(exc, "exit_code", 2) or 2
+            if where == "pyvbak" and args and args[0] in COMMANDS:  # the command's own options
+                where = f"pyvbak {args[0]}"
+            print(f"pyvbak: error: {message} (see '{where} --help')", file=sys.stderr)
+            return code
         if isinstance(exc, OSError) and not os.environ.get(DEBUG_ENV):
             # The environment refused something no code path turned into a PyvbakError
             # (permissions, a full or read-only disk, a vanished path): one line, the

@@ -742,3 +742,28 @@ def test_an_interrupted_restore_speaks_of_the_restore(env, capsys, monkeypatch, 
     monkeypatch.setattr("pyvbak.repo.verify.verify_repository", interrupted)
     code, out, err = cli(capsys, "verify", "--repo", repo)
     assert code == 10 and "run the command again" in assert_one_error_line(err, "stopped cleanly")
+
+
+def test_a_full_repository_filesystem_gives_advice_that_can_work(env, capsys, monkeypatch):
+    """With no space even for a lock, 'free space or prune old snapshots' was circular:
+    prune needs a lock too.  Readers are told about --no-lock."""
+    from pyvbak.backends import local
+    from pyvbak.backends.base import out_of_space
+
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    real = local.LocalBackend.write_new
+
+    def full(self, name, data):
+        if name.startswith("locks/"):
+            raise out_of_space(name, f"local backend {self.location}", "No space left on device")
+        return real(self, name, data)
+
+    monkeypatch.setattr(local.LocalBackend, "write_new", full)
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 9 and "add --no-lock" in assert_one_error_line(err, "no space left", "even for a lock")
+    assert cli(capsys, "verify", "--repo", repo, "--no-lock")[0] == 0
+    code, _, err = cli(capsys, "prune", "--repo", repo)
+    line = assert_one_error_line(err, "no space left", "even for a lock", "free space")
+    assert code == 9 and "prune old snapshots" not in line and "--no-lock" not in line

@@ -161,10 +161,12 @@ class LocalBackend(Backend):
                 "the repository is on a read-only file system"
             )
         if exc.errno in (errno.EACCES, errno.EPERM):
+            # A file being created (a temp file, a lock) does not exist: what refused is
+            # its directory - name that, not a file the user cannot find.
+            check = failed_at if os.path.lexists(failed_at) else os.path.dirname(failed_at)
             return BackendError(
-                f"permission denied {action} {path} (object {name!r} in local backend "
-                f"{self.location}){where}: {exc.strerror}; check ownership and permissions of "
-                f"{failed_at if where else 'that path'} and its parent directories"
+                f"permission denied {action} {path} (object {name!r} in local backend {self.location}): "
+                f"check ownership and permissions of {check}"
             )
         return BackendError(
             f"error {action} {path} (object {name!r} in local backend {self.location}){where}: "

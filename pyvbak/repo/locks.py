@@ -21,7 +21,7 @@ import socket
 import time
 
 from ..backends import BackendError, ObjectMissing
-from ..errors import LockedError
+from ..errors import LockedError, OutOfSpace
 from ..processes import can_judge, identity, owner_alive
 
 LOCK_PREFIX = "locks/"
@@ -104,6 +104,15 @@ class RepositoryLock:
         if other is None:
             try:
                 self.backend.write_new(self.name, json.dumps(info).encode())
+            except OutOfSpace:
+                # the generic advice ("... or prune old snapshots") is circular here: a
+                # prune needs a lock, and the lock needs space
+                where = f"repository {self.backend.location}"
+                if self.reader:
+                    raise OutOfSpace(f"no space left in {where} even for a lock: free space there, or add --no-lock "
+                                     "to only read the repository (restore, verify)") from None
+                raise OutOfSpace(f"no space left in {where} even for a lock: free space on its filesystem first "
+                                 "(prune, too, needs a lock to run)") from None
             except BackendError as exc:
                 if not self.reader:
                     raise

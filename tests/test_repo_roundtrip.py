@@ -251,6 +251,7 @@ def test_thin_image_hole_windows_need_no_scan(repo, tmp_path, monkeypatch):
     first = backup_file(repo, img)
     # the full backup reads only the data blocks (holes are zero without a read or a job)
     assert (first.bytes_read, first.changed_blocks, first.new_blocks) == (5 * BS, 64, 5)
+    assert first.bytes_scanned == 5 * BS  # holes are not scanned either
     first_copy = shutil.copyfile(img, tmp_path / "first-copy.img")
     mapped = []
     real = native.scan_fd_range
@@ -264,6 +265,9 @@ def test_thin_image_hole_windows_need_no_scan(repo, tmp_path, monkeypatch):
     resize(img, 72 * BS)  # and the disk grows by 8 blocks of holes
     res = backup_file(repo, img)
     assert sorted(mapped) == [0, 8]  # only the windows still holding data were mapped
+    # what the scan read (the 3 data blocks left) and nothing for holes: it once said the
+    # whole 72-block disk was read
+    assert res.bytes_scanned == 3 * BS and res.bytes_read == 3 * BS
     assert res.changed_blocks == 2 + 8
     assert res.new_blocks == 0
     restore_to(repo, res.snapshot_id, tmp_path / "out.img")

@@ -80,7 +80,7 @@ def test_parse_qemu_uri():
 def test_first_then_incremental_backup(vm, work, fleecing):
     vm.write(0, b"A" * MiB)
     s1, ext = backup(vm, work)
-    assert s1.fallback_reason == "no previous backup"
+    assert s1.fallback_reason == "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)"
     assert s1.dirty_bitmap is None and ext is None
     assert s1.size == vm.size
     st = s1.change_tracking_state
@@ -388,7 +388,7 @@ def test_raw_disk_tracks_changes_in_memory_until_qemu_restarts(tmp_path, work):
     try:
         vm.write(0, b"R" * MiB)
         s1, ext = backup(vm, work)
-        assert s1.fallback_reason == "no previous backup" and ext is None
+        assert s1.fallback_reason == "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)" and ext is None
         st = s1.change_tracking_state
         assert st["bitmap"] == "pyvbak-gen-1" and st["persistent"] is False and st["format"] == "raw"
         bm = vm.bitmaps()

@@ -59,7 +59,7 @@ def test_qcow2_bitmap_rotation(tmp_path):
     qemu_io(img, "qcow2", "write -P 0x41 0 64k")
     s1, ext, data = backup(img, work)
     assert data == b"A" * 8 and s1.format == "qcow2" and s1.size == 8 * MiB
-    assert s1.fallback_reason == "no previous backup" and ext is None
+    assert s1.fallback_reason == "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)" and ext is None
     st1 = s1.change_tracking_state
     assert st1["bitmap"] == "pyvbak-gen-1" and bitmaps(img) == {"pyvbak-gen-1": ["auto"]}
 

@@ -564,7 +564,7 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
     stale ones)."""
     prev, node = d.previous_state, d.node
     if not prev:
-        return "no previous backup", None
+        return "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)", None
     name = prev.get("bitmap")
     if prev.get("kind") not in (None, STATE_KIND) or not name:
         return "the previous backup recorded no QEMU dirty bitmap", None

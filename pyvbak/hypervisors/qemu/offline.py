@@ -207,7 +207,7 @@ class QemuOfflineImage(ExportSession):
         if self.format != "qcow2":
             return f"image format '{self.format}' cannot store persistent dirty bitmaps (qcow2 can)", None
         if not prev:
-            return "no previous backup", None
+            return "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)", None
         name = prev.get("bitmap")
         if prev.get("kind") not in (None, STATE_KIND) or not name:
             return "the previous backup recorded no dirty bitmap for this image", None

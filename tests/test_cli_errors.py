@@ -767,3 +767,16 @@ def test_a_full_repository_filesystem_gives_advice_that_can_work(env, capsys, mo
     code, _, err = cli(capsys, "prune", "--repo", repo)
     line = assert_one_error_line(err, "no space left", "even for a lock", "free space")
     assert code == 9 and "prune old snapshots" not in line and "--no-lock" not in line
+
+
+def test_vm_latest_into_a_directory_works_for_a_vm_with_one_disk(backed_up, capsys):
+    """VM@latest DIR/ put every disk of a VM with several into DIR but refused a VM with
+    one ("is a directory", of a directory that did not exist): scripts had to know."""
+    tmp, repo, img, sid = backed_up
+    code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/vmdir/", "--repo", repo, "--json")
+    assert code == 0, err
+    (report,) = json.loads(out)
+    assert report["snapshot"] == sid and report["consistency_group"] is None
+    assert same_file(tmp / "vmdir" / "disk.img", img)
+    code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/vmdir/", "--repo", repo)
+    assert code == 7 and "--force" in assert_one_error_line(err, "disk.img")

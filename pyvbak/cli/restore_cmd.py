@@ -57,8 +57,9 @@ def _warn_other_copies(report: dict) -> None:
 
 def _vm_group(r, spec: str, output: str):
     """The snapshots to restore into a directory: for ``VM@latest`` of a VM with several
-    disks its newest complete consistency group, for a snapshot id the whole group that
-    snapshot belongs to; None for a single restore (OUTPUT not a directory)."""
+    disks its newest complete consistency group (with one disk, that disk's newest
+    snapshot), for a snapshot id the whole group that snapshot belongs to; None for a
+    single restore (OUTPUT not a directory)."""
     import os
 
     from ..errors import SnapshotNotFound, UsageError
@@ -81,11 +82,12 @@ def _vm_group(r, spec: str, output: str):
     if "/" in spec[: -len("@latest")]:
         return None
     vm = spec[: -len("@latest")]
-    disks = {s.disk for s in r.snapshots(vm)}
+    snaps = r.snapshots(vm)
+    disks = {s.disk for s in snaps}
     if len(disks) <= 1:
-        if disks:  # one disk: a directory is not a restore target
-            raise UsageError(f"{output} is a directory: give the file or block device to restore {spec} to")
-        return None  # resolve() says there is no such snapshot
+        # One disk: VM@latest DIR/ means every disk of the VM into DIR, as for several
+        # (scripts need not know how many a VM has): DIR/DISK.img.
+        return [snaps[-1]] if snaps else None  # none: resolve() says there is no such snapshot
     group = r.latest_group(vm)
     if group is None:
         raise SnapshotNotFound(f"VM {vm} has several disks ({', '.join(sorted(disks))}) but no backup that froze them "
@@ -131,12 +133,14 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
         if done:
             info("restored before the failure: " + ", ".join(done))
         raise
-    group_id = group[0].meta["consistency_group"]["id"]
+    group_meta = group[0].meta.get("consistency_group") or {}  # none: a VM's one disk
+    group_id = group_meta.get("id")
     if json_out:
         emit_json([{**rep, "consistency_group": group_id} for rep in reports])
         return
     for snap, target, report in zip(group, targets, reports):
         print(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {target} "
               f"in {report['duration']:.2f}s")
-    print(f"consistency group {group_id}: {len(group)} disks of {group[0].vm} as they were at one instant "
-          f"({group[0].meta['consistency_group'].get('time', '?')})")
+    if group_id:
+        print(f"consistency group {group_id}: {len(group)} disks of {group[0].vm} as they were at one instant "
+              f"({group_meta.get('time', '?')})")

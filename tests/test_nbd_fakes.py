@@ -208,8 +208,25 @@ def test_stalled_server_does_not_block_close():
 
 
 def test_connection_refused(tmp_path):
-    with pytest.raises(SourceError, match="cannot connect"):
+    with pytest.raises(SourceError, match="cannot connect") as info:
         NbdSource(f"nbd+unix:///x?socket={tmp_path}/missing.sock", timeout=TIMEOUT).open()
+    # where, why and what to check; not a bare "[Errno 2]"
+    assert f"socket {tmp_path}/missing.sock (No such file or directory)" in str(info.value)
+    assert "NBD server" in str(info.value) and "running" in str(info.value) and "Errno" not in str(info.value)
+
+
+def test_relative_xdg_directories_are_ignored(monkeypatch, tmp_path):
+    """The XDG spec: a relative XDG_DATA_HOME / XDG_CACHE_HOME is invalid; it made a
+    repository under whatever the working directory was."""
+    from pyvbak.repo.cache import repo_cache_dir
+    from pyvbak.repo.repository import default_repository_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", "relative")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    monkeypatch.delenv("PYVBAK_CACHE_DIR", raising=False)
+    assert default_repository_path() == f"{tmp_path}/.local/share/pyvbak/repository"
+    assert repo_cache_dir("r" * 32).startswith(f"{tmp_path}/.cache/pyvbak")
 
 
 def test_read_into_and_hole_zeroing_in_reused_buffers():

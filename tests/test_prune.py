@@ -565,3 +565,13 @@ def test_forget_with_prune_forgets_nothing_while_a_backup_holds_the_repository(t
     code, out, err = cli(capsys, "forget", *args, "--prune", "--repo", repo)
     assert code == 0, err
     assert len(Repository.open(str(repo)).snapshots()) == left and "freed" in out
+
+
+def test_keep_last_for_a_vm_with_no_snapshots_says_so(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["init", str(repo)]) == 0
+    img = make_image(tmp_path / "d.img", 2 * BS, [(0, 2 * BS, "random")], seed=8)
+    assert main(["backup", str(img), "--repo", str(repo), "--vm", "web"]) == 0
+    code, out, err = cli(capsys, "forget", "--keep-last", "1", "--vm", "wbe", "--repo", repo)
+    assert code == 0 and "forgot 0 snapshot(s)" in out
+    assert "warning: no snapshot of VM wbe" in err and "pyvbak snapshots" in err

@@ -45,6 +45,9 @@ def forget(
         chosen = {spec: SnapshotInfo(spec, {"time": ""}) for spec in snapshots or [] if spec in damaged}
         chosen.update({s.id: s for s in (r.resolve(spec) for spec in snapshots or [] if spec not in damaged)})
         if keep_last is not None:
+            if vm is not None and not r.snapshots(vm):  # a typo kept everything, silently
+                info(f"warning: no snapshot of VM {vm} in {r.location}: nothing to keep or forget "
+                     "(list them with 'pyvbak snapshots')")
             for s in keep_last_selection(r.snapshots(vm), keep_last):
                 chosen.setdefault(s.id, s)
         targets = sorted(chosen.values(), key=lambda s: (s.time, s.id))

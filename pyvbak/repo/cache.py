@@ -31,7 +31,9 @@ def cache_root() -> str | None:
     root = os.environ.get(CACHE_ENV)
     if root is not None:
         return root or None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: a relative path is invalid and ignored
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "pyvbak")
 
 

@@ -732,7 +732,9 @@ def _is_local(location: str) -> bool:
 
 
 def default_repository_path() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    base = os.environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec: a relative path is invalid and ignored
+        base = os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "pyvbak", "repository")
 
 

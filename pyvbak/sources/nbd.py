@@ -213,7 +213,10 @@ class NbdClient:
                 sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, socket.timeout) as e:
-            raise self._err(f"cannot connect: {e}") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or "timed out"
+            where = f"socket {self.unix_socket}" if self.unix_socket is not None else f"{self.host}:{self.port}"
+            raise self._err(f"cannot connect to {where} ({why}): is the NBD server (e.g. qemu-nbd) running "
+                            "and is that its address?") from None
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)

@@ -527,3 +527,48 @@ def test_threads_that_first_ask_at_once_all_get_the_kernel():
         r = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["native", "native"], r.stdout
+
+
+# -- read_blocks returns only when no worker can touch the sink any more ---------------------
+
+
+def test_read_blocks_returns_only_when_its_workers_are_done_even_if_interrupted_again(repo, tmp_path, monkeypatch):
+    """A worker's error (here: a Ctrl-C in one) stops the reading; while read_blocks waits
+    for the other workers, a second Ctrl-C arrives.  It returned at once, its workers still
+    writing into the sink: restore then closed the target's descriptors under them (their
+    pwrites hit a closed - or reused - descriptor) and dropped the writer queue they could
+    be waiting on."""
+    import signal
+    import threading
+    import time
+
+    img = make_image(tmp_path / "d.img", 6 * BS, [(0, 6 * BS, "random")], seed=4)
+    backup_file(repo, img)
+    recs = repo.load_digest_index().records
+    recs = recs[sort_for_reading(recs)].copy()
+    monkeypatch.setattr("pyvbak.repo.reader.RANGE_BYTES", BS)  # a range per block: a task per block
+    calls = []
+    busy = threading.Event()
+    main = threading.get_ident()
+
+    class Sink(ScratchSink):
+        def __init__(self):
+            super().__init__(self.on_blocks, lambda k, r: None, block_size=BS)
+
+        def on_blocks(self, k, buf, offsets, ulens, ok):
+            if k == 0:
+                assert busy.wait(10)
+                raise KeyboardInterrupt  # the first Ctrl-C, while another worker is in the sink
+            if busy.is_set():
+                return
+            busy.set()
+            time.sleep(0.15)  # read_blocks is waiting for this worker by now
+            signal.pthread_kill(main, signal.SIGINT)  # the second Ctrl-C
+            time.sleep(0.3)  # still busy in the sink
+            calls.append(time.monotonic())
+
+    with pytest.raises(KeyboardInterrupt):
+        read_blocks(repo, recs, Sink(), threads=2)
+    returned = time.monotonic()
+    time.sleep(0.6)
+    assert calls and max(calls) <= returned

@@ -12,6 +12,7 @@ import mmap
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 
 import numpy as np
 import zstandard
@@ -281,6 +282,7 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
     block_size = repo.config.block_size
     max_clen = max_frame_bytes(block_size)
     local = threading.local()
+    stop = threading.Event()  # set on the first failure: the workers' remaining tasks end early
 
     def decoder() -> BlockDecoder:
         d = getattr(local, "decoder", None)
@@ -300,6 +302,8 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
         return view[:n]
 
     def work(pack_hex: str, start: int, end: int, k0: int, k1: int) -> None:
+        if stop.is_set():
+            return
         name = fmt.pack_name(pack_hex)
         if k1 - k0 == 1 and end - start > max_clen:  # _groups leaves such a record alone
             sink.error(k0, f"block in pack {pack_hex[:16]}… has a damaged pack index record "
@@ -335,7 +339,7 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
             ulens[oversize] = 0
         digests = np.ascontiguousarray(part["digest"])
         i, n = 0, k1 - k0
-        while i < n:
+        while i < n and not stop.is_set():
             buf, offs = sink.reserve(k0 + i, ulens[i:])
             m = len(offs)
             status = dec.decode_into(view, src_off[i : i + m], src_len[i : i + m], buf, offs, ulens[i : i + m],
@@ -357,8 +361,9 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
     ahead = 2 * threads + PREFETCH_GROUPS
     for pack_hex, start, end, *_ in groups[:ahead]:
         repo.backend.prefetch(fmt.pack_name(pack_hex), start, end - start)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyvbak-reader") as pool:
-        inflight: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyvbak-reader")
+    inflight: deque = deque()
+    try:
         for i, group in enumerate(groups):
             if i + ahead < len(groups):
                 pack_hex, start, end, *_ = groups[i + ahead]
@@ -368,3 +373,30 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
                 inflight.popleft().result()
         while inflight:
             inflight.popleft().result()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        _finish_workers(pool, inflight, stop)
+
+
+def _finish_workers(pool: ThreadPoolExecutor, pending, stop: threading.Event) -> None:
+    """Return only once no task runs, even when interrupted again meanwhile (a second
+    Ctrl-C): the tasks write into the caller's sink, whose buffers and descriptors the
+    caller releases once read_blocks returns (restore closes its target).  Once ``stop``
+    is set a queued task returns at once and a running one at its next batch, so the wait
+    is short; an interruption during it is raised after it.  Waits on the futures, not by
+    joining threads: an interrupted Thread.join() marks a thread that is still running as
+    stopped (CPython 3.11), and the next join returns at once.  (Not cancel_futures: wait()
+    never returns for a future cancelled that way.)"""
+    interrupted = None
+    while True:
+        try:
+            futures_wait(pending)
+            pool.shutdown(wait=True)  # idle threads now: they exit at once
+            break
+        except BaseException as exc:
+            stop.set()
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted

@@ -509,3 +509,58 @@ def test_failed_device_restore_says_the_device_was_partly_overwritten(repo, tmp_
         restore_to(repo, sid, out, force=True)
     assert "partly overwritten" not in str(info.value)
     assert not out.exists() and no_temps(tmp_path)
+
+
+def test_ctrl_c_while_waiting_for_the_writers_cleans_up_after_them(repo, tmp_path, direct_dir, monkeypatch):
+    """A Ctrl-C while flush() waits for the O_DIRECT writers, and another while close()
+    waits for them in the clean-up.  close() closed the descriptors with a write still in
+    flight (an interrupted Thread.join() lets the next one return at once), which then
+    went to a closed - or reused - descriptor after restore had returned; or, interrupted
+    in close(), the clean-up stopped there and left the temp file.  Now restore waits for
+    the writes in flight, closes, removes the temp file, and raises the interruption."""
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(restore_mod, "DIRECT_WRITERS", 1)
+    img = make_image(tmp_path / "d.img", 8 * MiB, [(0, 8 * MiB, "random")], seed=12)
+    sid = backup_file(repo, img).snapshot_id
+    main = threading.get_ident()
+    flushing, closing, closed = threading.Event(), threading.Event(), threading.Event()
+    ends, sent = [], []
+    real_write, real_flush, real_close = restore_mod._Target._write_direct, restore_mod._Target.flush, restore_mod._Target.close
+
+    def write(self, buf, offset):
+        try:
+            if flushing.is_set() and not sent:
+                sent.append(1)
+                signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C: restore is waiting in flush()
+                assert closing.wait(5)
+                time.sleep(0.1)
+                if not closed.is_set():
+                    signal.pthread_kill(main, signal.SIGINT)  # again: restore is waiting in close()
+                time.sleep(0.2)
+            real_write(self, buf, offset)
+        finally:
+            ends.append(time.monotonic())
+
+    def flush(self):
+        flushing.set()
+        return real_flush(self)
+
+    def close(self):
+        closing.set()
+        try:
+            return real_close(self)
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(restore_mod._Target, "_write_direct", write)
+    monkeypatch.setattr(restore_mod._Target, "flush", flush)
+    monkeypatch.setattr(restore_mod._Target, "close", close)
+    with pytest.raises(KeyboardInterrupt):
+        restore_to(repo, sid, direct_dir / "out.img")
+    returned = time.monotonic()
+    time.sleep(0.6)
+    assert sent and max(ends) <= returned
+    assert os.listdir(direct_dir) == []

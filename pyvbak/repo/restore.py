@@ -97,6 +97,12 @@ class _Target:
         self.zeros = None
         self.writers = None
         self.error: BaseException | None = None
+        # runs handed to the writers and not yet done: waited for with a condition, not by
+        # joining threads (an interrupted Thread.join() marks a thread that still runs as
+        # stopped in CPython 3.11, and the next join returns at once)
+        self.in_flight = 0
+        self.idle = threading.Condition()
+        self.closing = False  # close() before flush(): the runs still queued are not written
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
@@ -195,16 +201,33 @@ class _Target:
         if stage.fill:
             buf, fill, offset = stage.buf, stage.fill, stage.offset
             stage.buf, stage.fill = None, 0
-            self.writers.submit(self._write_run, buf, fill, offset)
+            with self.idle:
+                self.in_flight += 1
+            try:
+                self.writers.submit(self._write_run, buf, fill, offset)
+            except BaseException:
+                self._run_done()
+                raise
+
+    def _run_done(self) -> None:
+        with self.idle:
+            self.in_flight -= 1
+            self.idle.notify_all()
 
     def _write_run(self, buf: memoryview, fill: int, offset: int) -> None:
         try:
-            if self.error is None:
+            if self.error is None and not self.closing:
                 self._write_direct(buf[:fill], offset)
         except BaseException as exc:
             self.error = self.error or exc
         finally:
             self.free.put(buf)
+            self._run_done()
+
+    def _wait_for_writers(self) -> None:
+        with self.idle:
+            while self.in_flight > 0:
+                self.idle.wait()
 
     def flush(self) -> None:
         """Write what the worker threads staged and wait for the writers; call when the
@@ -212,7 +235,8 @@ class _Target:
         if self.writers is not None:
             for stage in self.stages:
                 self._submit(stage)
-            self.writers.shutdown(wait=True)
+            self._wait_for_writers()  # interrupted: close() waits again
+            self.writers.shutdown(wait=True)  # idle threads: they exit at once
             self.writers = None
         if self.error is not None:
             raise self.error
@@ -235,13 +259,24 @@ class _Target:
             start += n
 
     def close(self) -> None:
-        """Wait for writes in flight (never close an fd under a writer), drop the rest."""
+        """Wait for writes in flight (never close an fd under a writer), drop the rest.
+        Interrupted meanwhile (a second Ctrl-C), it still waits, closes, then raises."""
+        interrupted = None
         if self.writers is not None:
-            self.writers.shutdown(wait=True, cancel_futures=True)
+            self.closing = True
+            self.writers.shutdown(wait=False)
+            while True:
+                try:
+                    self._wait_for_writers()
+                    break
+                except BaseException as exc:
+                    interrupted = interrupted or exc
             self.writers = None
         if self.dfd >= 0:
             os.close(self.dfd)
             self.dfd = -1
+        if interrupted is not None:
+            raise interrupted
 
 
 def _locate(repo, snap, nonzero: np.ndarray, digests: np.ndarray):
@@ -415,7 +450,10 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     except BaseException as exc:
         failure = exc
         if target is not None:
-            target.close()
+            try:
+                target.close()
+            except BaseException:  # interrupted again while it waited for the writers (they are
+                pass  # done now): finish the clean-up and report the first failure
         if fd >= 0:
             os.close(fd)
         if not is_device:

@@ -73,9 +73,14 @@ def test_forget_then_prune_repacks_the_half_used_pack(two_generations, tmp_path)
         forget_snapshots(repo, [repo.resolve(a)])
     assert [s.id for s in repo.snapshots()] == [b]
     with repo.lock(exclusive=True):
+        preview = prune_repository(repo, dry_run=True)
         rep = prune_repository(repo)
     assert rep["packs_repacked"] == 1 and rep["packs_written"] == 1
     assert rep["blocks_removed"] == 50 and rep["bytes_freed"] > 45 * BS
+    # the preview says what the run then did (it once said "repacked into 0")
+    assert {k: preview[k] for k in ("packs_repacked", "packs_written", "blocks_removed")} == \
+        {k: rep[k] for k in ("packs_repacked", "packs_written", "blocks_removed")}
+    assert abs(preview["bytes_freed"] - rep["bytes_freed"]) < rep["bytes_freed"] / 100  # pack trailers aside
     new_packs = packs(repo)
     assert len(new_packs) == 2 and len(set(new_packs) & set(old_packs)) == 1  # B's own pack stays
     # 100 blocks, every one referenced by B, are all the index names now

@@ -89,7 +89,7 @@ def verify(
     else:
         print(
             f"checked {report['blocks_checked']} blocks ({human_bytes(report['bytes_checked'])}) "
-            f"of {report['snapshots']} snapshots in {report['duration']:.1f}s"
+            f"of {report['snapshots']} snapshot(s) in {report['duration']:.1f}s"
         )
         for d in report["damaged_pack_indexes"]:
             info(f"pack index {d['name']}: {d['reason']}")

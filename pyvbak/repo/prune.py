@@ -217,6 +217,10 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     report["packs_repacked"] = int(np.count_nonzero(repack_p))
     if dry_run:
         report["bytes_freed"] = int(total_bytes[delete_p | repack_p].sum() - kept_bytes[repack_p].sum())
+        # what the repack would write: its kept bytes in packs of PACK_TARGET_BYTES (the
+        # preview said "repacked into 0" where the real run writes one)
+        moved = int(kept_bytes[repack_p].sum())
+        report["packs_written"] = -(-moved // PACK_TARGET_BYTES) if moved else 0
         report["duration"] = time.monotonic() - t0
         return report
 

@@ -338,31 +338,6 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     recs_sorted = recs[order]
     starts, stops = bounds[order], bounds[order + 1]  # per record in reading order
 
-    if is_device:
-        path = output
-        try:
-            # O_EXCL on a block device (Linux): fails with EBUSY while it is mounted or
-            # held by another exclusive user (device mapper, RAID, a running restore)
-            fd = os.open(path, os.O_WRONLY | os.O_EXCL)
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                raise UsageError(f"block device {output} is in use (mounted, or held by device mapper, RAID or "
-                                 "another restore): unmount or release it first") from None
-            raise RestoreError(f"cannot open block device {output}: {exc.strerror}") from None
-        dev_size = os.lseek(fd, 0, os.SEEK_END)
-        if dev_size < size:
-            os.close(fd)
-            raise UsageError(f"block device {output} has {dev_size} bytes, the snapshot needs {size}")
-    else:
-        path = os.path.join(parent_dir, f".{os.path.basename(output)}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            cleanup_restore_leftovers(parent_dir)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(f"no space left in {parent_dir} for the restore: free space there, or restore elsewhere") from None
-            raise RestoreError(f"cannot create the restored file in {parent_dir}: {exc.strerror}; "
-                               "restore into a directory you can write") from None
     errors: list[str] = []
     failed: list[tuple[int, str]] = []  # (record in reading order, why its copy is bad)
     from_copies: list[str] = []  # digests restored from another copy than the index's first
@@ -412,6 +387,32 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         def error(self, k, reason):
             failed.append((k, reason))
 
+    # from the target's creation on, everything is inside the try: its clean-up removes it
+    if is_device:
+        path = output
+        try:
+            # O_EXCL on a block device (Linux): fails with EBUSY while it is mounted or
+            # held by another exclusive user (device mapper, RAID, a running restore)
+            fd = os.open(path, os.O_WRONLY | os.O_EXCL)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise UsageError(f"block device {output} is in use (mounted, or held by device mapper, RAID or "
+                                 "another restore): unmount or release it first") from None
+            raise RestoreError(f"cannot open block device {output}: {exc.strerror}") from None
+        dev_size = os.lseek(fd, 0, os.SEEK_END)
+        if dev_size < size:
+            os.close(fd)
+            raise UsageError(f"block device {output} has {dev_size} bytes, the snapshot needs {size}")
+    else:
+        path = os.path.join(parent_dir, f".{os.path.basename(output)}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            cleanup_restore_leftovers(parent_dir)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"no space left in {parent_dir} for the restore: free space there, or restore elsewhere") from None
+            raise RestoreError(f"cannot create the restored file in {parent_dir}: {exc.strerror}; "
+                               "restore into a directory you can write") from None
     try:
         target = _Target(path, fd, bs, direct=os.environ.get(DIRECT_ENV, "1") != "0", threads=threads)
         if not is_device:

@@ -572,3 +572,37 @@ def test_read_blocks_returns_only_when_its_workers_are_done_even_if_interrupted_
     returned = time.monotonic()
     time.sleep(0.6)
     assert calls and max(calls) <= returned
+
+
+def test_another_copy_whose_record_misstates_its_length_still_saves_the_restore(repo, tmp_path):
+    """The copy restore reads first is damaged; the other copy's frame is intact but its
+    pack index record names a wrong length.  The block's length is known from where it goes
+    (a full block, or the disk's partial tail) and its SHA-256 proves the bytes: the
+    fallback decoded with the record's length and compared with the first record's, and
+    gave up on an intact copy."""
+    img = dedup_image(tmp_path / "d.img")
+    sid = backup_file(repo, img).snapshot_id
+    second_copies(repo)
+    repo = Repository.open(repo.location)
+    victim = sha(nonzero_blocks(img)[1])
+    index = repo.load_digest_index()
+    chosen = index.records_at([index.find(victim)])[0]
+    where = lambda r: (bytes(r["pack"]), int(r["offset"]))  # noqa: E731
+    names = sorted(repo.pack_index_names())
+    first, other = names[0], names[1]  # the copy in the first-named index is read first
+    recs = fmt.decode_pack_index(repo.backend.read(other), other)
+    assert where(chosen) not in {where(r) for r in recs}
+    damage_chosen_copy(repo, victim)  # the chosen copy's frame
+    for bad_len in range(BS + 1, BS + 100):  # its record's length, in an index named after the first
+        bad = recs.copy()
+        bad["ulen"][bad["digest"] == np.frombuffer(victim, "V32")[0]] = bad_len
+        if fmt.pack_index_name(fmt.pack_id_of([fmt.encode_pack_index(bad)])) > first:
+            break
+    repo.write_pack_index(bad)
+    repo.backend.delete(other)
+    repo = Repository.open(repo.location)
+    index = repo.load_digest_index()
+    assert where(index.records_at([index.find(victim)])[0]) == where(chosen)
+    out = tmp_path / "out.img"
+    report = restore_to(repo, sid, out)
+    assert same_file(img, out) and report["blocks_from_other_copies"] == 1

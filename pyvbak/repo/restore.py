@@ -422,7 +422,8 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         read_blocks(repo, recs_sorted, Sink(), threads=threads)
         target.flush()  # every staged run written: what follows overwrites them, never races them
         for k, reason in sorted(failed):
-            data = _other_copy(repo, index, recs_sorted[k])
+            # the block's length is where it goes: a full block, or the disk's partial tail
+            data = _other_copy(repo, index, recs_sorted[k], min(bs, size - int(blocks[starts[k]]) * bs))
             if data is None:
                 errors.append(reason)
                 continue
@@ -491,17 +492,21 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     }
 
 
-def _other_copy(repo, index, record):
-    """The block of ``record`` read and checked from another stored copy of it, or None
-    when there is none that is intact.  A digest is stored more than once when backups
-    wrote it at the same time: the second copy is what saves a restore from a damaged
-    or lost pack (verify names the bad one; 'verify --repair' drops it)."""
-    from .reader import decode_block
+def _other_copy(repo, index, record, ulen: int):
+    """The ``ulen``-byte block of ``record`` read and checked from another stored copy of
+    it, or None when there is none that is intact.  A digest is stored more than once when
+    backups wrote it at the same time: the second copy is what saves a restore from a
+    damaged or lost pack (verify names the bad one; 'verify --repair' drops it).  ``ulen``
+    comes from the block's place on the disk, not from a pack index record (a wrong one
+    may be why the first copy failed); the SHA-256 proves the bytes either way."""
+    from .reader import decode_block, max_frame_bytes
 
     dctx = None
     for alt in index.copies(bytes(record["digest"])):
         if bytes(alt["pack"]) == bytes(record["pack"]) and int(alt["offset"]) == int(record["offset"]):
             continue
+        if int(alt["clen"]) > max_frame_bytes(repo.config.block_size):
+            continue  # a damaged record: not read (as read_blocks)
         try:
             frame = memoryview(repo.read_block_frame(alt))
         except (ObjectMissing, BackendError):  # missing or unreadable too: the next copy
@@ -510,8 +515,8 @@ def _other_copy(repo, index, record):
             import zstandard
 
             dctx = zstandard.ZstdDecompressor()
-        data, problem = decode_block(dctx, frame, int(alt["ulen"]), bytes(alt["digest"]))
-        if problem is None and len(data) == int(record["ulen"]):
+        data, problem = decode_block(dctx, frame, ulen, bytes(record["digest"]))
+        if problem is None:
             return bytes(data)
     return None
 

@@ -19,6 +19,7 @@ import zstandard
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from test_blockdev import loopdev  # noqa: F401  (fixture)
 from images import BS, MiB, backup_file, make_image, random_bytes, restore_to, same_file, text_bytes
 from pyvbak import native
 from pyvbak.errors import IntegrityError, UsageError
@@ -606,3 +607,36 @@ def test_another_copy_whose_record_misstates_its_length_still_saves_the_restore(
     out = tmp_path / "out.img"
     report = restore_to(repo, sid, out)
     assert same_file(img, out) and report["blocks_from_other_copies"] == 1
+
+
+@pytest.mark.parametrize("target", ["file", "device"])
+def test_a_record_claiming_a_full_block_for_the_partial_tail_writes_nothing_past_the_end(repo, tmp_path, target, request):
+    """Restore sized each block by its pack index record.  A record claiming a full block
+    for the disk's partial last block was staged as one: the failed block's room - garbage -
+    went to the target past the snapshot's end (a file grew, a device lost what followed),
+    and the other copy then "restored" the tail.  The length is the place's."""
+    make_dev = request.getfixturevalue("loopdev") if target == "device" else None
+    img = dedup_image(tmp_path / "d.img")
+    size = os.path.getsize(img)
+    tail = sha(open(img, "rb").read()[size // BS * BS :])
+    sid = backup_file(repo, img).snapshot_id
+    second_copies(repo)
+    for name in list(repo.pack_index_names()):  # every copy's record claims a full block
+        recs = fmt.decode_pack_index(repo.backend.read(name), name).copy()
+        recs["ulen"][recs["digest"] == np.frombuffer(tail, "V32")[0]] = BS
+        repo.write_pack_index(recs)
+        repo.backend.delete(name)
+    repo = Repository.open(repo.location)
+    if target == "file":
+        out = tmp_path / "out.img"
+        restore_to(repo, sid, out)
+        assert same_file(img, out)
+    else:
+        dev_img = tmp_path / "dev.img"
+        garbage = random_bytes(4 * MiB, 61)
+        dev_img.write_bytes(garbage)
+        dev = make_dev(dev_img)
+        restore_to(repo, sid, dev, force=True)
+        with open(dev, "rb") as f:
+            got = f.read()
+        assert got[:size] == open(img, "rb").read() and got[size:] == garbage[size:]

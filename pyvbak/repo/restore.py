@@ -337,6 +337,10 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     order = sort_for_reading(recs, disk_pos=blocks[bounds[:-1]])
     recs_sorted = recs[order]
     starts, stops = bounds[order], bounds[order + 1]  # per record in reading order
+    # A block's length is its place's - a full block, or the disk's partial tail - not what
+    # its pack index record says: a record claiming a full block for the tail was staged as
+    # one, and its failed room written past the snapshot's end (the SHA-256 proves the bytes).
+    recs_sorted["ulen"] = np.minimum(bs, size - blocks[starts] * bs)
 
     errors: list[str] = []
     failed: list[tuple[int, str]] = []  # (record in reading order, why its copy is bad)
@@ -422,8 +426,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         read_blocks(repo, recs_sorted, Sink(), threads=threads)
         target.flush()  # every staged run written: what follows overwrites them, never races them
         for k, reason in sorted(failed):
-            # the block's length is where it goes: a full block, or the disk's partial tail
-            data = _other_copy(repo, index, recs_sorted[k], min(bs, size - int(blocks[starts[k]]) * bs))
+            data = _other_copy(repo, index, recs_sorted[k], int(recs_sorted[k]["ulen"]))
             if data is None:
                 errors.append(reason)
                 continue

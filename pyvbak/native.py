@@ -508,6 +508,15 @@ def _address_range(cbuf, nbytes: int) -> tuple[int, int]:
     return start, start + nbytes
 
 
+def _decode_index(values, name: str) -> np.ndarray:
+    """_index_array for decode_blocks_into, integer arrays only: _index_array casts, so an
+    offset of 0.7 (or True, or "1000") was read as 0 (1, 1000) without a word."""
+    arr = np.asarray(values)
+    if arr.size and arr.dtype.kind not in "iu":  # (an empty list is float64: nothing to read)
+        raise UsageError(f"{name} must be integers, got {arr.dtype}")
+    return _index_array(arr, name)
+
+
 def decode_blocks_into(dctx, src, src_offsets, src_lengths, dst, dst_offsets, ulens, digests) -> np.ndarray:
     """Decode block i, the zstd frame ``src[src_offsets[i] : +src_lengths[i]]``, into
     ``dst[dst_offsets[i] : +ulens[i]]`` and check its SHA-256 against ``digests[i]``
@@ -521,8 +530,8 @@ def decode_blocks_into(dctx, src, src_offsets, src_lengths, dst, dst_offsets, ul
     except (TypeError, BufferError, ValueError) as exc:
         raise UsageError(f"dst must be a writable contiguous buffer: {exc}") from None
     ndst = len(cdst)
-    so, sl = _index_array(src_offsets, "src_offsets"), _index_array(src_lengths, "src_lengths")
-    do, ul = _index_array(dst_offsets, "dst_offsets"), _index_array(ulens, "ulens")
+    so, sl = _decode_index(src_offsets, "src_offsets"), _decode_index(src_lengths, "src_lengths")
+    do, ul = _decode_index(dst_offsets, "dst_offsets"), _decode_index(ulens, "ulens")
     n = len(so)
     if so.ndim != 1 or not (sl.shape == do.shape == ul.shape == so.shape):
         raise UsageError("src_offsets, src_lengths, dst_offsets and ulens must be 1-d arrays of one length")

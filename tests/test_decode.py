@@ -194,6 +194,9 @@ def test_bad_arguments_are_refused_before_c_sees_them():
         call(so=(0, 0), sl=(len(frame),) * 2, do=(0, 999), ul=(1000, 1000), digests=np.frombuffer(dig.tobytes() * 2, "S32"))
     with pytest.raises(UsageError, match="digests"):
         call(digests=b"short")
+    for bad in ({"so": (0.7,)}, {"sl": (float(len(frame)),)}, {"do": (True,)}, {"ul": ("1000",)}):
+        with pytest.raises(UsageError, match="integers"):  # not truncated to an offset silently
+            call(**bad)
     with pytest.raises(UsageError, match="writable"):
         call(d=bytes(2000))
     shared = bytearray(frame + bytes(2000))

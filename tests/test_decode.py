@@ -643,3 +643,28 @@ def test_a_record_claiming_a_full_block_for_the_partial_tail_writes_nothing_past
         with open(dev, "rb") as f:
             got = f.read()
         assert got[:size] == open(img, "rb").read() and got[size:] == garbage[size:]
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_other_copies_overwrite_the_failed_blocks_on_a_block_device(repo, tmp_path, monkeypatch, loopdev, direct):  # noqa: F811
+    """A failed block's staged room is written (garbage) with its run; the other copy must
+    land over it after the run, also on a device, direct or through the page cache - and
+    nothing past the snapshot's end changes."""
+    monkeypatch.setenv("PYVBAK_RESTORE_DIRECT", direct)
+    img = dedup_image(tmp_path / "d.img")
+    size = os.path.getsize(img)
+    sid = backup_file(repo, img).snapshot_id
+    second_copies(repo)
+    repo = Repository.open(repo.location)
+    blocks = nonzero_blocks(img)
+    for d in {sha(blocks[i]) for i in (0, 1, 5, 13, -1)} | {sha(random_bytes(BS, seed=9))}:
+        damage_chosen_copy(repo, d)
+    dev_img = tmp_path / "dev.img"
+    garbage = random_bytes(4 * MiB, 62)
+    dev_img.write_bytes(garbage)
+    dev = loopdev(dev_img)
+    report = restore_to(repo, sid, dev, force=True)
+    assert report["write_mode"] == ("direct" if direct == "1" else "buffered") and report["blocks_from_other_copies"] == 6
+    with open(dev, "rb") as f:
+        got = f.read()
+    assert got[:size] == open(img, "rb").read() and got[size:] == garbage[size:]

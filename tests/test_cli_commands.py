@@ -126,7 +126,7 @@ def test_verify_json_shape(populated, capsys):
     assert isinstance(report["duration"], float)
     code, out, err = cli(capsys, "verify", "--repo", repo)
     assert code == 0
-    assert out.startswith("checked 411 blocks") and "of 4 snapshots" in out
+    assert out.startswith("checked 411 blocks") and "of 4 snapshot(s)" in out
 
 
 def test_verify_sample(populated, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import signal
 import struct
 import subprocess
@@ -150,8 +151,27 @@ def test_cli_backs_up_every_disk_with_its_own_bitmap(vm, tmp_path, capsys, monke
     assert main(["restore", "db@latest", f"{outdir}/", "--repo", repo, "--force"]) != 0
     assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
     open(index1, "wb").write(saved)
+    # nor does one whose second disk fails while it is written: the first disk's complete
+    # file once replaced the old one before the second failed
+    import pyvbak.repo.restore as restore_mod
+    from pyvbak.errors import IntegrityError
+
+    real, calls = restore_mod.restore_snapshot, []
+
+    def second_fails(repo_, snap, *a, **kw):
+        calls.append(snap.disk)
+        if len(calls) == 2:
+            raise IntegrityError("restore of snapshot x failed: block in pack y… does not match its digest")
+        return real(repo_, snap, *a, **kw)
+
+    monkeypatch.setattr(restore_mod, "restore_snapshot", second_fails)
+    assert main(["restore", "db@latest", f"{outdir}/", "--repo", repo, "--force"]) == IntegrityError.exit_code
+    assert calls == ["disk0", "disk1"] and {p.name: p.read_bytes() for p in outdir.iterdir()} == before
+    monkeypatch.setattr(restore_mod, "restore_snapshot", real)
+    os.chmod(outdir / "disk0.img", 0o640)  # what the files were stays: mode (and owner)
     assert main(["restore", "db@latest", f"{outdir}/", "--repo", repo, "--force"]) == 0
     assert [(outdir / f"disk{i}.img").read_bytes() == vm.read(0, vm.size, disk=i) for i in (0, 1)] == [True, True]
+    assert stat.S_IMODE(os.stat(outdir / "disk0.img").st_mode) == 0o640
 
     capsys.readouterr()
     assert main(["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db", "--disk", "x"]) == UsageError.exit_code

@@ -582,3 +582,28 @@ def test_ctrl_c_just_after_the_temp_file_is_created_removes_it(repo, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         restore_to(repo, sid, tmp_path / "out" / "o.img")
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_restored_file_keeps_the_mode_and_owner_of_the_file_it_replaces(repo, tmp_path):
+    """restore --force over a libvirt image (libvirt-qemu:kvm 0660) left root 0600: the
+    VM could no longer open its disk.  A new file gets 0666 less the umask, as cp gives."""
+    img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=3)
+    sid = backup_file(repo, img).snapshot_id
+    old = os.umask(0o027)
+    try:
+        fresh = tmp_path / "fresh.img"
+        restore_to(repo, sid, fresh)
+        assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o640
+        target = tmp_path / "vm.img"
+        target.write_bytes(b"old disk")
+        os.chmod(target, 0o660)
+        if os.geteuid() == 0:
+            os.chown(target, 4321, 4322)
+        restore_to(repo, sid, target, force=True)
+        st = os.stat(target)
+        assert same_file(target, img) and stat.S_IMODE(st.st_mode) == 0o660
+        if os.geteuid() == 0:
+            assert (st.st_uid, st.st_gid) == (4321, 4322)
+    finally:
+        os.umask(old)
+    assert no_temps(tmp_path)

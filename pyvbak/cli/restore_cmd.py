@@ -100,7 +100,7 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
     import os
 
     from ..errors import TargetExists, UsageError
-    from ..repo.restore import restore_snapshot
+    from ..repo.restore import commit_restored, discard_restored, restore_snapshot
     from .common import info
 
     try:
@@ -115,23 +115,31 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
     directories = [t for t in targets if os.path.isdir(t)]
     if directories:
         raise UsageError(f"restore target(s) {', '.join(directories)} are directories: remove them or restore elsewhere")
-    reports, done = [], []
+    reports, pending, done = [], [], []
     try:
         with maybe_lock(r, no_lock, f"restore of {group[0].vm} ({len(group)} disks)"):
             # Every disk's index read (and checked against its metadata) before the first
-            # disk is written: with --force, a group restore that failed at its second disk
-            # left a directory of disks from two different instants.
+            # disk is written, and every disk written to its temp file before any is put
+            # in place: with --force, a group restore that failed at its second disk left
+            # a directory of disks from two different instants.
             for snap in group:
                 r.load_snapshot_index(snap)
             for snap, target in zip(group, targets):
                 with progress_bar(f"restore {snap.vm}/{snap.disk}", not json_out) as update:
-                    report = restore_snapshot(r, snap, target, force=force, threads=threads, progress=update)
+                    report = restore_snapshot(r, snap, target, force=force, threads=threads, progress=update,
+                                              replace=False)
+                if "pending" in report:
+                    pending.append(report.pop("pending"))
+                else:  # a block device behind DIR/DISK.img: written in place
+                    done.append(f"{snap.disk} to {target}")
                 reports.append(report)
                 _warn_other_copies(report)
-                done.append(f"{snap.disk} to {target}")
+            commit_restored(pending)
+            pending = []
     except BaseException:
+        discard_restored(pending)
         if done:
-            info("restored before the failure: " + ", ".join(done))
+            info("written in place before the failure (block devices): " + ", ".join(done))
         raise
     group_meta = group[0].meta.get("consistency_group") or {}  # none: a VM's one disk
     group_id = group_meta.get("id")

@@ -298,7 +298,68 @@ def _locate(repo, snap, nonzero: np.ndarray, digests: np.ndarray):
     return recs, nonzero[order], bounds, index
 
 
-def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: int | None = None, progress=None) -> dict:
+def _umask() -> int:
+    """This process's umask, read without changing it (/proc; else the usual 0o022)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _take_over_file_attributes(fd: int, st) -> None:
+    """The restored file gets the mode, owner and group of the file it replaces (``st``),
+    or, for a new file, the mode any new file gets (0666 less the umask), as ``cp`` would
+    do: a libvirt image restored by root over ``libvirt-qemu:kvm 0660`` became ``root
+    0600`` and the VM could no longer open it.  The temp file is 0600 while it is written."""
+    if st is None:
+        os.fchmod(fd, 0o666 & ~_umask())
+        return
+    try:
+        os.fchown(fd, st.st_uid, st.st_gid)
+    except PermissionError:  # not root: the file stays the caller's, as a copy would
+        pass
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))  # after chown, which may clear set-id bits
+
+
+def commit_restored(pending: list[tuple[str, str]]) -> None:
+    """Rename restored temp files over their targets (``(temp, target)`` pairs, from
+    ``restore_snapshot(..., replace=False)``), then make the renames durable."""
+    dirs = []
+    for temp, target in pending:
+        os.replace(temp, target)
+        d = os.path.dirname(os.path.abspath(target))
+        if d not in dirs:
+            dirs.append(d)
+    for d in dirs:
+        # the new names durable too: after a power loss the restore is there (or the old
+        # file is, never neither) once the command said it succeeded
+        dfd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def discard_restored(pending: list[tuple[str, str]]) -> None:
+    """Remove restored temp files that will not be committed."""
+    for temp, _ in pending:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+
+
+def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: int | None = None, progress=None,
+                     replace: bool = True) -> dict:
+    """Restore ``snap`` to ``output`` (a file or block device).  A file is written under a
+    temp name and renamed over ``output`` when complete; with ``replace=False`` the
+    complete, synced temp file is left for the caller (``report["pending"]``: ``(temp,
+    output)``, for ``commit_restored`` or ``discard_restored``), so several disks can be
+    put in place together."""
     t0 = time.monotonic()
     # One worker per core: the backend prefetches the pack ranges ahead of them (packs are
     # written with O_DIRECT, so a restore reads them cold).  2 GiB bench image, 2 cores,
@@ -439,18 +500,17 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         direct = target.direct
         target.close()
         t_sync = time.monotonic()
+        if not is_device:
+            _take_over_file_attributes(fd, st)
         os.fsync(fd)
         os.close(fd)
         fd = -1
+        pending = None
         if not is_device:
-            os.replace(path, output)
-            # the new name durable too: after a power loss the restore is there (or the
-            # old file is, never neither) once the command said it succeeded
-            dfd = os.open(os.path.dirname(os.path.abspath(output)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            if replace:
+                commit_restored([(path, output)])
+            else:
+                pending = (path, output)
         t_end = time.monotonic()
     except BaseException as exc:
         failure = exc
@@ -492,6 +552,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         # writing the blocks; fsync and rename (where a slow restore's time went)
         "phases": {"prepare": t_data - t0, "data": t_sync - t_data, "sync": t_end - t_sync},
         "duration": t_end - t0,
+        **({"pending": pending} if pending is not None else {}),
     }
 
 

@@ -161,7 +161,7 @@ def test_corrupt_snapshot_index(backed_up, capsys):
     report = json.loads(out)
     assert not report["ok"]
     assert [a["id"] for a in report["affected_snapshots"]] == [sid]
-    assert_one_error_line(err, "affecting 1 snapshot")
+    assert_one_error_line(err, "1 damaged snapshot(s)")  # its index: no bad block named
 
     code, _, err = cli(capsys, "restore", healthy, tmp / "h.img", "--repo", repo)
     assert code == 0, err
@@ -780,3 +780,34 @@ def test_vm_latest_into_a_directory_works_for_a_vm_with_one_disk(backed_up, caps
     assert same_file(tmp / "vmdir" / "disk.img", img)
     code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/vmdir/", "--repo", repo)
     assert code == 7 and "--force" in assert_one_error_line(err, "disk.img")
+
+
+def test_verify_finds_packs_no_index_names_and_repair_indexes_them(backed_up, capsys):
+    """A pack index lost from storage hid its packs' blocks from every snapshot: verify said
+    "missing" with no way out but a prune nothing suggested, and --repair did nothing."""
+    tmp, repo, img, sid = backed_up
+    for name in os.listdir(os.path.join(repo, "index")):
+        os.unlink(os.path.join(repo, "index", name))
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    report = json.loads(out)
+    assert code == 6 and report["unindexed_packs"]["packs"] >= 1 and report["problem_count"] > 0
+    assert all("verify --repair" in p["reason"] for p in report["problems"])
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert "named by no pack index" in err and "verify --repair" in err
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
+    assert "repair: adopted unindexed pack" in err
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 0, err
+    code, _, err = cli(capsys, "restore", sid, tmp / "back.img", "--repo", repo)
+    assert code == 0, err
+    assert same_file(tmp / "back.img", img)
+
+
+def test_verify_of_damaged_metadata_alone_does_not_speak_of_zero_bad_blocks(backed_up, capsys):
+    tmp, repo, img, sid = backed_up
+    with open(os.path.join(repo, fmt.snapshot_meta_name(sid)), "w") as f:
+        f.write("{garbage")
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6
+    line = err.strip().splitlines()[-1]
+    assert "1 damaged snapshot(s)" in line and "0 bad block" not in line

@@ -76,6 +76,7 @@ def verify(
             chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots)}.values()
         report = verify_repository(r, sample_percent=sample, snapshots=chosen)
     bad = report.pop("_bad_records")
+    adoptable = report.pop("_adoptable")
     if repair:
         from ..errors import UsageError
         from ..repo.prune import drop_bad_records
@@ -84,6 +85,11 @@ def verify(
             raise UsageError("--repair changes the index and needs the repository lock: drop --no-lock")
         with r.lock(exclusive=True, purpose="verify --repair"):
             report["repair"] = drop_bad_records(r, bad)
+            if adoptable:  # listed again under the lock: what is unindexed now
+                records, lines = r.unindexed_pack_records()
+                if len(records):
+                    r.write_pack_index(records)
+                report["repair"]["adopted"] = [ln for ln in lines if ln.startswith("adopted")]
     if json_out:
         emit_json(report)
     else:
@@ -98,6 +104,13 @@ def verify(
         for name in report["orphan_snapshot_indexes"]:
             info(f"note: {name} has no metadata (a killed backup's, or a snapshot whose metadata was "
                  f"lost); prune removes it")
+        if report.get("unindexed_packs") and not report.get("repair"):
+            u = report["unindexed_packs"]
+            info(f"{u['packs']} pack(s) holding {u['blocks']} block(s) are named by no pack index (one lost from "
+                 "storage?): 'pyvbak verify --repair' (or 'pyvbak prune') indexes them again from their own tables "
+                 "of contents")
+        for line in report.get("repair", {}).get("adopted", []):
+            info(f"repair: {line}; run 'pyvbak verify' again to check its blocks")
         if report.get("repair", {}).get("records_removed"):
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "
@@ -105,8 +118,11 @@ def verify(
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])
-        raise IntegrityError(f"verify found {report['problem_count']} bad block(s) affecting {n} snapshot(s)"
-                             + (f" and {damaged} damaged pack index(es)" if damaged else "") + f" in {r.location}")
+        found = (f"{report['problem_count']} bad block(s) affecting {n} snapshot(s)" if report["problem_count"]
+                 else f"{n} damaged snapshot(s)" if n else "")
+        if damaged:
+            found = f"{found} and {damaged} damaged pack index(es)" if found else f"{damaged} damaged pack index(es)"
+        raise IntegrityError(f"verify found {found} in {r.location}")
 
 
 def unlock(

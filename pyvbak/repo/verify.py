@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import PyvbakError
 from . import digest_sets
+from . import format as fmt
 from .reader import ScratchSink, read_blocks, sort_for_reading
 
 
@@ -50,6 +51,18 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         forget_cached(repo_cache_dir(repo.config.repo_id))
     pos = index.locate(all_digests)
     problems: dict[bytes, str] = {bytes(d).ljust(32, b"\0"): "block is missing (no pack index names it)" for d in all_digests[pos < 0]}
+    # Missing from every pack index is not always lost: a pack index object lost from
+    # storage leaves its packs unindexed, and their own tables of contents still say what
+    # they hold (prune and --repair index them again).  Only listed when blocks are missing.
+    adoptable = np.empty(0, fmt.PACK_INDEX_RECORD)
+    unindexed_lines: list[str] = []
+    if problems:
+        adoptable, unindexed_lines = repo.unindexed_pack_records(index)
+        if len(adoptable):
+            held = digest_sets.isin(all_digests[pos < 0], digest_sets.unique(adoptable["digest"].view("S32")))
+            for d in all_digests[pos < 0][held]:
+                problems[bytes(d).ljust(32, b"\0")] = ("block is in no pack index, but a pack no index names holds it: "
+                                                       "'pyvbak verify --repair' (or 'pyvbak prune') indexes that pack again")
     recs = index.records_at(pos[pos >= 0])
     recs = recs[sort_for_reading(recs)]
     checked = {"blocks": 0, "bytes": 0}
@@ -104,6 +117,10 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "problem_count": len(problems),
         "affected_snapshots": [{"id": sid, "reason": r} for sid, r in sorted(bad_snapshots.items())],
         "duration": time.monotonic() - t0,
+        # packs no pack index names (their blocks are invisible until indexed again)
+        "unindexed_packs": {"packs": len(set(adoptable["pack"].tolist())), "blocks": int(len(adoptable))}
+        if len(adoptable) else None,
         # for verify --repair (prune.drop_bad_records); not part of the JSON report
         "_bad_records": bad_records,
+        "_adoptable": len(adoptable) > 0,
     }

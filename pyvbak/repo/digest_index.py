@@ -36,7 +36,13 @@ MANIFEST = "digest-index.json"
 #: than base/MERGE_FRACTION records (or MERGE_MIN_RECORDS, or MERGE_MAX_FILES objects):
 #: geometric growth, so each record is rewritten O(log n) times over the repository's life
 MERGE_FRACTION = 8
-MERGE_MIN_RECORDS = 1 << 16
+#: and a repository under this many records (256 MiB stored at 64 KiB blocks) stays in
+#: memory.  Merging in memory costs every backup its pack indexes' read and sort (2 GiB
+#: bench image, 21 k records: 4-9 ms per backup) against 0.2-0.3 ms from the cache, which
+#: costs 13-17 ms to build once (bench/RESULTS.md, "Digest index at scale"): the cache pays
+#: for itself from the second incremental.  Below this, there is little to save and no
+#: reason for cache files.
+MERGE_MIN_RECORDS = 1 << 12
 MERGE_MAX_FILES = 64
 #: records per step of the streaming merges (80 + 32 bytes each)
 MERGE_CHUNK = 1 << 18
@@ -147,8 +153,7 @@ def load_cached(directory: str, repo_id: str, names: list[str], read_index, reli
         manifest = None
     if manifest is None:
         # The same rule as for the delta below, against an empty base: a small repository
-        # stays in memory (building the cache cost 15 ms vs 7 ms for merging 23 k records
-        # in memory, bench/RESULTS.md), a large one is built in bounded memory.
+        # stays in memory (MERGE_MIN_RECORDS), a larger one is built in bounded memory.
         first: dict[str, np.ndarray] = {}
         held = 0
         for name in names:

@@ -13,7 +13,13 @@ the minimal work any tool must do for the same changed blocks.
 3. Per round: through guest.img, rewrite 1 % of the 4 KiB pages in clustered runs of
    1-64 pages (vmimage.clustered_pages, seed 100+round; ``--max-run-pages 1``: scattered
    single pages), fsync; the same bytes go to a raw copy of the image (the baseline's
-   input, kept in the page cache).
+   input, kept in the page cache).  Then, untimed, ``sync`` and ``--settle`` seconds
+   (default 0.3) before whichever of the timed steps comes first: the rewrite's own
+   writes (QEMU's qcow2 updates, the raw copy) were still reaching the disk when the
+   round began, and the step that came first paid for them - pyvbak's fsync'd packs
+   far more than the baselines, which write nothing (session 10: in-process rounds
+   of pyvbak-first 0.18-0.25 s against baselines-first 0.09-0.11 s; with the settle
+   0.10-0.14 s in both orders).
 4. Time the incremental ``pyvbak backup`` (same command, a subprocess: the user's wall
    time including interpreter start-up), check "cbt": true.
 5. Baseline, same round: read exactly the 64 KiB blocks the rewrite touched from the raw
@@ -479,8 +485,14 @@ def startup_times(env: dict, n: int = 5) -> dict:
             "python_import_cli_s": imp[0], "python_import_cli_plus_backup_path_s": impb[0]}
 
 
+def settle(seconds: float) -> None:
+    """The rewrite's writes on the disk before anything is timed (see the docstring, 3.)."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def in_process_rounds(n: int, vm: "BenchVM", rawcopy: str, size: int, repo: str, workdir: str, threads: int,
-                      readers: int, seed0: int) -> dict:
+                      readers: int, seed0: int, settle_s: float) -> dict:
     """``n`` rounds of rewrite + the backup command run in this process + both baselines
     (order alternating); medians of the times and of the per-round ratios."""
     import contextlib
@@ -493,6 +505,7 @@ def in_process_rounds(n: int, vm: "BenchVM", rawcopy: str, size: int, repo: str,
     for r in range(n):
         rw = rewrite([vm.guest, rawcopy], size, seed0 + r)
         warm(rawcopy)
+        settle(settle_s)
         first = r % 2 == 1
         if first:
             base_s, _, _, dig = baseline(rawcopy, rw["blocks"], threads)
@@ -621,6 +634,8 @@ def main() -> int:
     ap.add_argument("--max-run-pages", type=int, default=64,
                     help="longest run of 4 KiB pages a rewrite writes (default 64, the issue's clustered runs; "
                          "1: scattered single pages, a database's writes: ~10x the dirty blocks, one run each)")
+    ap.add_argument("--settle", type=float, default=0.3,
+                    help="seconds to wait (after a sync) between a round's rewrite and its timed steps")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     global MAX_RUN_PAGES
@@ -679,6 +694,7 @@ def main() -> int:
         for r in range(a.rounds):
             rw = rewrite([vm.guest, rawcopy], size, 100 + r)
             warm(rawcopy)  # the baseline reads from the page cache
+            settle(a.settle)
 
             def baselines():
                 b = baseline(rawcopy, rw["blocks"], threads)
@@ -734,11 +750,12 @@ def main() -> int:
 
         if a.in_process_rounds:
             out["in_process"] = in_process_rounds(a.in_process_rounds, vm, rawcopy, size, repo, work, threads,
-                                                  a.nbd_readers, seed0=1000)
+                                                  a.nbd_readers, seed0=1000, settle_s=a.settle)
 
         if not a.no_profile:
             rw = rewrite([vm.guest, rawcopy], size, 100 + a.rounds)
             warm(rawcopy)
+            settle(a.settle)
             prof = profiled_backup(repo, vm.uri, work, a.cprofile)
             base_s, _, _, dig = baseline(rawcopy, rw["blocks"], threads)
             qn = baseline_qemu_nbd(vm, rw["blocks"], threads, a.nbd_readers)

@@ -117,9 +117,10 @@ def test_newer_repository_version(backed_up, capsys):
 
 def test_unknown_snapshot(backed_up, capsys):
     tmp, repo, _, _ = backed_up
-    for spec in ("20000101T000000Z-00000000", "nosuchvm@latest", "web/nosuchdisk@latest", "bad/id!"):
+    for spec, rc in (("20000101T000000Z-00000000", 5), ("nosuchvm@latest", 5), ("web/nosuchdisk@latest", 5),
+                     ("bad/id!", 2)):  # not found (5), or not a snapshot reference at all (a usage error)
         code, out, err = cli(capsys, "restore", spec, tmp / "out.img", "--repo", repo)
-        assert code == 5, (spec, err)
+        assert code == rc, (spec, err)
         assert out == ""
         assert_one_error_line(err)
     assert not (tmp / "out.img").exists()
@@ -811,3 +812,20 @@ def test_verify_of_damaged_metadata_alone_does_not_speak_of_zero_bad_blocks(back
     assert code == 6
     line = err.strip().splitlines()[-1]
     assert "1 damaged snapshot(s)" in line and "0 bad block" not in line
+
+
+def test_advice_for_a_path_that_is_no_repository_is_advice_that_works(env, capsys):
+    """'not a pyvbak repository: create one with pyvbak init DIR' for a directory of other
+    files sent the user to an init that then failed ("not empty")."""
+    tmp, repo, img = env
+    data = tmp / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, "snapshots", "--repo", data)
+    line = assert_one_error_line(err, "is not a pyvbak repository", "check the path")
+    assert code == 3 and "pyvbak init" not in line
+    assert cli(capsys, "init", repo)[0] == 0
+    code, _, err = cli(capsys, "init", repo)
+    assert code == 3 and "--repo" in assert_one_error_line(err, "already holds a pyvbak repository")
+    code, _, err = cli(capsys, "restore", "vm1@lates", tmp / "o.img", "--repo", repo)
+    assert code == 2 and "pyvbak snapshots" in assert_one_error_line(err, "is not a snapshot id or VM[/DISK]@latest")

@@ -250,7 +250,8 @@ class Repository:
             raise RepositoryError(f"{location} exists and is not a directory: choose another repository path")
         if _is_local(location) and os.path.isdir(location):
             if os.path.exists(os.path.join(location, fmt.CONFIG_NAME)):
-                raise RepositoryError(f"{location} already holds a pyvbak repository")
+                raise RepositoryError(f"{location} already holds a pyvbak repository: use it as it is (--repo "
+                                      f"{location}), or give another directory to create a new one")
             # What an init that failed or is running (config not written yet) leaves counts
             # as empty: the helpers are written again, and the create-only config decides
             # between two inits of one path.
@@ -274,7 +275,8 @@ class Repository:
             raise OutOfSpace(f"out of space creating the repository at {location}: no repository was "
                              f"created; free space there and run 'pyvbak init' again") from None
         if not created:
-            raise RepositoryError(f"{location} already holds a pyvbak repository")
+            raise RepositoryError(f"{location} already holds a pyvbak repository: use it as it is (--repo "
+                                  f"{location}), or give another directory to create a new one")
         return cls(backend, config)
 
     @classmethod
@@ -289,9 +291,12 @@ class Repository:
         try:
             raw = backend.read(fmt.CONFIG_NAME)
         except ObjectMissing:
-            raise RepositoryError(
-                f"{location} is not a pyvbak repository (no config file): create one with 'pyvbak init {location}'"
-            ) from None
+            # 'pyvbak init' of a directory holding other files fails: say so, not "init it"
+            empty = not os.path.isdir(location) or not any(
+                name not in INIT_HELPERS and not name.startswith(TEMP_PREFIX) for name in os.listdir(location))
+            fix = (f"create one with 'pyvbak init {location}'" if empty else
+                   "check the path (a repository holds config, restore.sh, packs/ …), or create one in a new directory")
+            raise RepositoryError(f"{location} is not a pyvbak repository (no config file): {fix}") from None
         try:
             doc = json.loads(raw)
             if not isinstance(doc, dict) or doc.get("format") != "pyvbak-repository":
@@ -405,7 +410,7 @@ class Repository:
                 raise SeveralDisks(vm, sorted(disks))
             return snaps[-1]
         if not re.fullmatch(r"[0-9A-Za-z-]+", spec):
-            raise SnapshotNotFound(f"'{spec}' is not a snapshot id or VM[/DISK]@latest")
+            raise UsageError(f"'{spec}' is not a snapshot id or VM[/DISK]@latest: list them with 'pyvbak snapshots'")
         matches = [s for s in self.snapshots() if s.id == spec] or [s for s in self.snapshots() if s.id.startswith(spec)]
         if not matches:
             raise SnapshotNotFound(f"snapshot {spec} not found in {self.location}: list them with 'pyvbak snapshots'")

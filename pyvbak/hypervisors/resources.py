@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from pathlib import Path
+from typing import Iterable, Iterator
 
 from pyvbak.errors import Interrupted
 from pyvbak.processes import pid_alive  # noqa: F401  (re-exported: its old import path)
@@ -78,3 +79,19 @@ class TerminationGuard:
             self._deferring -= 1
 
 
+
+
+def remove_files(paths: Iterable[Path], errors: list[str]) -> bool:
+    """Unlink each of ``paths`` (one already gone is fine); a failure is added to
+    ``errors`` as a line naming the path, and the rest are still tried.  False if any
+    file stayed."""
+    ok = True
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            errors.append(f"removing {p}: {e.strerror}")
+            ok = False
+    return ok

@@ -39,7 +39,7 @@ from pyvbak.errors import Interrupted, PyvbakError, SourceError, UsageError
 from pyvbak.processes import identity
 
 from .session import ExportSession
-from ..resources import TerminationGuard
+from ..resources import TerminationGuard, remove_files
 from . import cleanup
 from . import fleece_guard, session_lock
 from .vm_disks import MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
@@ -538,19 +538,9 @@ class QemuHotBackup(ExportSession):
             errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
         paths = [d.fleece_path for d in self.disks if d.fleece_file_created and id(d) not in fleece_in_use]
         paths.append(self.names.nbd_socket)
-        for p in paths:
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                errors.append(f"removing {p}: {e.strerror}")
+        remove_files(paths, errors)
         if not errors:
-            for p in (self.names.journal, self.names.journal.with_suffix(".tmp")):
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+            remove_files((self.names.journal, self.names.journal.with_suffix(".tmp")), errors)
         # Last, after the files too: another session may start once the lock is gone, and
         # one that found our files while we still run would refuse ("session active").
         if self._lock is not None and qmp is not None and qmp._sock is not None:

@@ -30,7 +30,7 @@ from pyvbak.errors import SourceError
 from pyvbak.processes import identity, spawn_record
 
 from .session import ExportSession
-from ..resources import TerminationGuard
+from ..resources import TerminationGuard, remove_files
 from . import cleanup
 from .naming import PREFIX, bitmap_name, check_socket_path, generation_of, new_run_id
 
@@ -275,13 +275,7 @@ class QemuOfflineImage(ExportSession):
                     errors.append(str(e))
                 if not server_left:
                     # last: until now another pyvbak on this work dir sees a live run
-                    for p in (self.journal, self.journal.with_suffix(".tmp")):
-                        try:
-                            p.unlink()
-                        except FileNotFoundError:
-                            pass
-                        except OSError as e:
-                            errors.append(f"removing {p}: {e.strerror}")
+                    remove_files((self.journal, self.journal.with_suffix(".tmp")), errors)
         finally:
             if guard:
                 guard.__exit__(None, None, None)
@@ -301,16 +295,7 @@ class QemuOfflineImage(ExportSession):
                     proc.wait(10)
             if proc.stderr:
                 proc.stderr.close()
-        ok = True
-        for p in (self.socket_path, self.pid_file):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                errors.append(f"removing {p}: {e.strerror}")
-                ok = False
-        return ok
+        return remove_files((self.socket_path, self.pid_file), errors)
 
 
 def _die_with_parent() -> None:

@@ -157,17 +157,23 @@ class _Target:
         if self.writers is not None and n == self.bs:
             stage = self._stage()
             for off in offsets:
-                if stage.fill and (off != stage.offset + stage.fill or stage.fill + n > len(stage.buf)):
-                    self._submit(stage)
-                if not stage.fill:
-                    if stage.buf is None:
-                        stage.buf = self._buffer()
-                    stage.offset = off
+                self._continue_run(stage, off, n)
                 stage.buf[stage.fill : stage.fill + n] = data
                 stage.fill += n
         else:
             for off in offsets:
                 _pwrite_all(self.fd, data, off)
+
+    def _continue_run(self, stage: "_Stage", off: int, n: int) -> None:
+        """Make ``stage`` the run that goes on at disk offset ``off`` with ``n`` more bytes:
+        a run that does not continue there, or has no room for them, goes to a writer; an
+        empty stage gets a buffer and starts at ``off``."""
+        if stage.fill and (off != stage.offset + stage.fill or stage.fill + n > len(stage.buf)):
+            self._submit(stage)
+        if not stage.fill:
+            if stage.buf is None:
+                stage.buf = self._buffer()
+            stage.offset = off
 
     def reserve_run(self, first_offsets: np.ndarray, ulens: np.ndarray) -> tuple[memoryview, np.ndarray] | None:
         """Room in this thread's staging buffer for the leading records that continue one
@@ -183,12 +189,7 @@ class _Target:
             raise self.error
         stage = self._stage()
         off0 = int(first_offsets[0])
-        if stage.fill and (off0 != stage.offset + stage.fill or stage.fill + bs > len(stage.buf)):
-            self._submit(stage)
-        if not stage.fill:
-            if stage.buf is None:
-                stage.buf = self._buffer()
-            stage.offset = off0
+        self._continue_run(stage, off0, bs)
         room = min(len(ulens), (len(stage.buf) - stage.fill) // bs)
         steps = np.arange(room, dtype=np.int64) * bs
         fits = (first_offsets[:room] == off0 + steps) & (ulens[:room] == bs)

@@ -53,6 +53,29 @@ def backup(img, work, prev=None, fail=False):
     return s, (ct.extents if ct else None), data
 
 
+
+def killed_offline_run(img, work, *, state=None, outlive: bool = False) -> str:
+    """Start an offline session in a child process, SIGKILL the child once qemu-nbd
+    serves, return the run id.  ``outlive``: qemu-nbd is not told to die with its parent
+    (PR_SET_PDEATHSIG), so it keeps serving."""
+    child = (
+        "import json,sys,time\n"
+        "from pyvbak.hypervisors.qemu import QemuOfflineImage, offline\n"
+        + ("offline._die_with_parent = lambda: None\n" if outlive else "")
+        + "with QemuOfflineImage(sys.argv[1], previous_state=json.loads(sys.argv[3]), work_dir=sys.argv[2]) as s:\n"
+        "    print('READY', s.run, flush=True); time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", child, str(img), str(work), json.dumps(state)],
+                         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        ready = p.stdout.readline().split()
+        assert ready[:1] == ["READY"], ready
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        p.stdout.close()
+    return ready[1]
+
 def test_qcow2_bitmap_rotation(tmp_path):
     img, work = tmp_path / "vm.qcow2", tmp_path / "work"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M"], check=True)
@@ -118,18 +141,7 @@ def test_missing_image(tmp_path):
 def test_killed_run_leaves_qemu_nbd_that_next_run_kills(tmp_path):
     img, work = tmp_path / "vm.qcow2", tmp_path / "work"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
-    child = (
-        "import sys,time\n"
-        "from pyvbak.hypervisors.qemu import QemuOfflineImage\n"
-        "with QemuOfflineImage(sys.argv[1], previous_state=None, work_dir=sys.argv[2]) as s:\n"
-        "    print('READY', flush=True); time.sleep(60)\n"
-    )
-    p = subprocess.Popen([sys.executable, "-c", child, str(img), str(work)], stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.stdout.readline().startswith("READY")
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    p.stdout.close()
+    killed_offline_run(img, work)
     pidfile = next(work.glob("*.pid"))
     nbd_pid = int(pidfile.read_text())
     with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
@@ -153,18 +165,7 @@ def test_a_run_killed_after_rotating_leaves_change_tracking_usable(tmp_path):
         state = s.change_tracking_state
         s.commit()
     assert bitmaps(img) == {"pyvbak-gen-1": ["auto"]}
-    child = (
-        "import json,sys,time\n"
-        "from pyvbak.hypervisors.qemu import QemuOfflineImage\n"
-        "with QemuOfflineImage(sys.argv[1], previous_state=json.loads(sys.argv[3]), work_dir=sys.argv[2]) as s:\n"
-        "    print('READY', flush=True); time.sleep(60)\n"
-    )
-    p = subprocess.Popen([sys.executable, "-c", child, str(img), str(work), json.dumps(state)],
-                         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    assert p.stdout.readline().startswith("READY")
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    p.stdout.close()
+    killed_offline_run(img, work, state=state)
     left = bitmaps(img)
     assert "auto" not in left["pyvbak-gen-1"] and left["pyvbak-gen-2"] == ["auto"], left
     qemu_io(img, "qcow2", "write -P 7 1M 64k")  # written while no backup runs
@@ -308,21 +309,7 @@ def test_a_leftover_qemu_nbd_of_a_killed_run_is_stopped(tmp_path):
 
     img, work = tmp_path / "vm.qcow2", tmp_path / "work"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
-    child = (
-        "import sys,time\n"
-        "from pyvbak.hypervisors.qemu import QemuOfflineImage, offline\n"
-        "offline._die_with_parent = lambda: None\n"
-        "with QemuOfflineImage(sys.argv[1], previous_state=None, work_dir=sys.argv[2]) as s:\n"
-        "    print('READY', s.run, flush=True); time.sleep(60)\n"
-    )
-    p = subprocess.Popen([sys.executable, "-c", child, str(img), str(work)], stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    ready = p.stdout.readline().split()
-    assert ready[:1] == ["READY"], ready
-    run = ready[1]
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    p.stdout.close()
+    run = killed_offline_run(img, work, outlive=True)
     nbd_pid = int((work / f"pyvbak-{run}-qemu-nbd.pid").read_text())
     try:
         assert _running(nbd_pid) and socket_listening(work / f"pyvbak-{run}-nbd.sock")  # it outlived pyvbak

@@ -10,7 +10,7 @@ from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes,
 
 
 def backup(
-    source: str = typer.Argument(..., help="Disk image path, block device, nbd://… / nbd+unix://… URI, or qemu:///QMP.SOCK (every disk of the running VM, at one instant; ?device=ID or ?node=NODE, repeatable, to choose)."),
+    source: str = typer.Argument(..., metavar="SOURCE", help="Disk image path, block device, nbd://… / nbd+unix://… URI, or qemu:///QMP.SOCK (every disk of the running VM, at one instant; ?device=ID or ?node=NODE, repeatable, to choose)."),
     repo: Optional[str] = RepoOption,
     vm: str = typer.Option(..., "--vm", help="Name of the VM the disk belongs to."),
     disk: Optional[str] = typer.Option(None, "--disk", help="Disk name (default: image file name, NBD export, QEMU device id or node)."),
@@ -98,7 +98,7 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
 
 
 def cbt_off(
-    source: str = typer.Argument(..., help="qemu:///QMP.SOCK of a running VM (?device=ID or ?node=NODE to choose disks, as for backup), or a qcow2 image no VM runs."),
+    source: str = typer.Argument(..., metavar="SOURCE", help="qemu:///QMP.SOCK of a running VM (?device=ID or ?node=NODE to choose disks, as for backup), or a qcow2 image no VM runs."),
     json_out: bool = JsonOption,
 ) -> None:
     """Turn pyvbak's change tracking off: remove its dirty bitmaps from the disks (the next backup reads them whole)."""

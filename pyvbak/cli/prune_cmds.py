@@ -10,7 +10,7 @@ from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_r
 
 
 def forget(
-    snapshots: Optional[List[str]] = typer.Argument(None, help="Snapshot ids (or unique prefixes), VM@latest or VM/DISK@latest."),
+    snapshots: Optional[List[str]] = typer.Argument(None, metavar="[SNAPSHOT]...", help="Snapshot ids (or unique prefixes), VM@latest or VM/DISK@latest."),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Forget all but the N newest snapshots of each VM disk."),
     vm: Optional[str] = typer.Option(None, "--vm", help="With --keep-last: only this VM's disks."),
     prune_after: bool = typer.Option(False, "--prune", help="Prune right after (needs the repository to itself)."),

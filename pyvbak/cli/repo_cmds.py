@@ -11,7 +11,7 @@ from .common import JsonOption, NoLockOption, RepoOption, emit_json, human_bytes
 
 
 def init(
-    repo: str = typer.Argument(..., help="Directory for the new repository (must be empty or absent)."),
+    repo: str = typer.Argument(..., metavar="REPO", help="Directory for the new repository (must be empty or absent)."),
     block_size: str = typer.Option("64K", "--block-size", help="Block size, a power of two from 64K to 16M."),
     compression: str = typer.Option(DEFAULT_COMPRESSION, "--compression", help="zstd:LEVEL (-7..22)."),
     json_out: bool = JsonOption,
@@ -58,7 +58,7 @@ def snapshots(
 
 
 def verify(
-    snapshots: Optional[List[str]] = typer.Argument(None, help="Only the blocks of these snapshots (ids, VM/DISK@latest); default: every snapshot."),
+    snapshots: Optional[List[str]] = typer.Argument(None, metavar="[SNAPSHOT]...", help="Only the blocks of these snapshots (ids, VM/DISK@latest); default: every snapshot."),
     repo: Optional[str] = RepoOption,
     sample: Optional[float] = typer.Option(None, "--sample", help="Check only this PERCENT of blocks, chosen at random."),
     json_out: bool = JsonOption,

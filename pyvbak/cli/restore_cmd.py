@@ -10,8 +10,8 @@ from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json
 
 
 def restore(
-    snapshot: str = typer.Argument(..., help="Snapshot id (or unique prefix), or VM@latest, or VM/DISK@latest; into a directory: its whole consistency group."),
-    output: str = typer.Argument(..., help="File or block device to restore to; for VM@latest of a VM with several disks, a directory (each disk to DIR/DISK.img)."),
+    snapshot: str = typer.Argument(..., metavar="SNAPSHOT", help="Snapshot id (or unique prefix), or VM@latest, or VM/DISK@latest; into a directory: its whole consistency group."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="File or block device to restore to; for VM@latest of a VM with several disks, a directory (each disk to DIR/DISK.img)."),
     repo: Optional[str] = RepoOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),

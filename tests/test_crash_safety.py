@@ -292,3 +292,20 @@ def test_sigterm_during_commit_exits_10_and_cleans_up(tmp_path, image, capsys, s
     res = json.loads(out)
     assert not [c for c in res["cleaned_leftovers"] if "lock" in c]
     assert res["new_bytes"] == 0  # the interrupted run's packs were indexed before the commit
+
+
+def test_verify_repair_after_a_killed_backup_leaves_no_temp_object(capsys, tmp_path, image):
+    # verify --repair takes the exclusive lock, which removes a killed backup's stale lock:
+    # the evidence 'unlock' and the next backup clean the killed backup's temp objects by.
+    # So the exclusive lock must clean them itself (no writer can be running under it).
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo)[0] == 0
+    kill_at_failpoint(tmp_path, image, repo, "mid-pack")
+    assert [f for _, _, fs in os.walk(repo) for f in fs if f.startswith(".pyvbak-tmp-")]
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
+    assert code == 0, err
+    assert cli(capsys, "unlock", "--repo", repo)[0] == 0
+    code, out, err = cli(capsys, *backup_argv(image, repo))
+    assert code == 0, err
+    assert os.listdir(os.path.join(repo, "locks")) == []
+    assert not [f for _, _, fs in os.walk(repo) for f in fs if f.startswith(".pyvbak-tmp-")]

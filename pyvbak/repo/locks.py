@@ -38,6 +38,7 @@ class RepositoryLock:
         self.purpose = purpose
         self.name = f"{LOCK_PREFIX}{secrets.token_hex(16)}.json"
         self.stale_removed: list[str] = []
+        self.temps_removed: list[str] = []
         self.held = False  # between a successful __enter__ and __exit__
 
     def _read_all(self) -> dict[str, dict]:
@@ -131,6 +132,16 @@ class RepositoryLock:
                 f"(pid {other.get('pid')} on {other.get('host')}): wait for it to finish, or {fix}"
             )
         self.held = True
+        if self.exclusive and self.stale_removed:
+            # The stale locks just removed were the evidence 'unlock' and the next backup
+            # clean a killed writer's temp objects by; under the exclusive lock no writer
+            # runs, so they go now (verify --repair left them stranded until a prune).
+            try:
+                self.temps_removed = self.backend.cleanup_incomplete(older_than_seconds=0)
+            except BaseException:
+                self.held = False
+                self._release()
+                raise
         return self
 
     def check_held(self) -> None:

@@ -1,0 +1,135 @@
+"""Real processes killed during the newer repair and restore paths: ``verify --repair``
+adopting packs no index names, and group restores (temp files, then renames)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import wait_until
+from images import MiB, make_image, same_file
+from pyvbak.cli.main import main
+from test_crash_safety import CHILD
+
+
+def cli(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def kill_child_at(tmp_path, point, argv, sig=signal.SIGKILL):
+    marker = tmp_path / f"at-{point}"
+    if marker.exists():
+        marker.unlink()
+    env = dict(os.environ, PYVBAK_TEST_FAILPOINT=point, PYVBAK_TEST_MARKER=str(marker))
+    env.pop("PYVBAK_REPO", None)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, argv)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60, what=f"failpoint {point}")
+        assert marker.exists(), f"child ended before failpoint {point}: {proc.communicate()}"
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def leftovers(repo):
+    return [f for _, _, fs in os.walk(repo) for f in fs if f.startswith(".pyvbak-tmp-")] + os.listdir(repo / "locks")
+
+
+def test_verify_repair_killed_while_adopting(capsys, tmp_path):
+    image = make_image(tmp_path / "d.img", 6 * MiB, [(0, 6 * MiB, "random")], seed=5)
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo)[0] == 0
+    assert cli(capsys, "backup", image, "--repo", repo, "--vm", "v", "--disk", "d")[0] == 0
+    for n in os.listdir(repo / "index"):  # a pack index lost from storage
+        os.unlink(repo / "index" / n)
+    assert cli(capsys, "verify", "--repo", repo)[0] != 0
+    # killed right after it wrote the adopted packs' index, holding the exclusive lock
+    kill_child_at(tmp_path, "pack-index", ["verify", "--repo", repo, "--repair"])
+    assert cli(capsys, "unlock", "--repo", repo)[0] == 0
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
+    assert code == 0, err
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 0, err
+    assert leftovers(repo) == []
+    code, _, err = cli(capsys, "restore", "v/d@latest", tmp_path / "out.img", "--repo", repo)
+    assert code == 0, err
+    assert same_file(tmp_path / "out.img", image)
+
+
+def _make_group(repo, vm, sids):
+    """Mark snapshots as one consistency group (what a QEMU backup of several disks writes)."""
+    import json
+
+    disks = []
+    metas = []
+    for sid in sids:
+        p = repo / "snapshots" / f"{sid}.json"
+        metas.append((p, json.loads(p.read_text())))
+        disks.append(metas[-1][1]["disk"])
+    group = {"id": "20260101T000000Z-0000abcd", "time": metas[0][1]["time"], "disks": disks}
+    for p, m in metas:
+        m["consistency_group"] = group
+        p.chmod(0o644)
+        p.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_group_restore_killed_leaves_targets_untouched_and_temps_cleaned(capsys, tmp_path, monkeypatch, sig):
+    import json
+
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo)[0] == 0
+    imgs, sids = [], []
+    for k, disk in enumerate(("d1", "d2")):
+        img = make_image(tmp_path / f"{disk}.src", 48 * MiB, [(0, 48 * MiB, "random")], seed=20 + k)
+        code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "g", "--disk", disk, "--json")
+        assert code == 0, err
+        imgs.append(img)
+        sids.append(json.loads(out)["id"])
+    _make_group(repo, "g", sids)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for disk in ("d1", "d2"):
+        (out_dir / f"{disk}.img").write_bytes(b"old " + disk.encode())
+        os.chmod(out_dir / f"{disk}.img", 0o640)
+    env = dict(os.environ, PYVBAK_CACHE_DIR="")
+    env.pop("PYVBAK_REPO", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pyvbak", "restore", "g@latest", f"{out_dir}/", "--repo", str(repo),
+                             "--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # the second disk's temp file exists: the first one is written and waits for its rename
+        wait_until(lambda: any(n.startswith(".d2.img.pyvbak-restore-") for n in os.listdir(out_dir))
+                   or proc.poll() is not None, timeout=60, what="second temp file")
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    for disk in ("d1", "d2"):  # not renamed: the group is put in place whole or not at all
+        assert (out_dir / f"{disk}.img").read_bytes() == b"old " + disk.encode()
+    if sig != signal.SIGKILL:
+        assert sorted(os.listdir(out_dir)) == ["d1.img", "d2.img"]
+    assert os.listdir(repo / "locks") == [] or sig == signal.SIGKILL
+    code, out, err = cli(capsys, "restore", "g@latest", f"{out_dir}/", "--repo", repo, "--force")
+    assert code == 0, err
+    assert sorted(os.listdir(out_dir)) == ["d1.img", "d2.img"]
+    for disk, img in zip(("d1", "d2"), imgs):
+        assert same_file(out_dir / f"{disk}.img", img)
+        assert os.stat(out_dir / f"{disk}.img").st_mode & 0o777 == 0o640

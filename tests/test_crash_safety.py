@@ -294,18 +294,39 @@ def test_sigterm_during_commit_exits_10_and_cleans_up(tmp_path, image, capsys, s
     assert res["new_bytes"] == 0  # the interrupted run's packs were indexed before the commit
 
 
-def test_verify_repair_after_a_killed_backup_leaves_no_temp_object(capsys, tmp_path, image):
+@pytest.mark.parametrize("point", ["mid-pack", "pack-2"])
+def test_verify_repair_after_a_killed_backup_leaves_nothing_behind(capsys, tmp_path, image, point):
     # verify --repair takes the exclusive lock, which removes a killed backup's stale lock:
-    # the evidence 'unlock' and the next backup clean the killed backup's temp objects by.
-    # So the exclusive lock must clean them itself (no writer can be running under it).
+    # the evidence 'unlock' and the next backup clean up the killed backup by (its temp
+    # objects, its unindexed packs).  So the exclusive lock must do that itself (no writer
+    # can be running under it).
     repo = tmp_path / "repo"
     assert cli(capsys, "init", repo)[0] == 0
-    kill_at_failpoint(tmp_path, image, repo, "mid-pack")
-    assert [f for _, _, fs in os.walk(repo) for f in fs if f.startswith(".pyvbak-tmp-")]
+    kill_at_failpoint(tmp_path, image, repo, point)
+    if point == "mid-pack":
+        assert [f for _, _, fs in os.walk(repo) for f in fs if f.startswith(".pyvbak-tmp-")]
+    else:
+        assert len(Repository.open(str(repo)).unindexed_pack_records()[0])
     code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
     assert code == 0, err
     assert cli(capsys, "unlock", "--repo", repo)[0] == 0
+    assert os.listdir(os.path.join(repo, "locks")) == []
+    assert not [f for _, _, fs in os.walk(repo) for f in fs if f.startswith(".pyvbak-tmp-")]
+    # adopted (its blocks dedup), as the next backup would have done had it seen the lock
+    assert not len(Repository.open(str(repo)).unindexed_pack_records()[0])
     code, out, err = cli(capsys, *backup_argv(image, repo))
     assert code == 0, err
     assert os.listdir(os.path.join(repo, "locks")) == []
+
+
+def test_prune_after_a_killed_backup_still_reports_what_it_adopted(capsys, tmp_path, image):
+    # the exclusive lock adopts a killed backup's packs when it removes its stale lock:
+    # prune's report still names them
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo)[0] == 0
+    kill_at_failpoint(tmp_path, image, repo, "mid-pack")
+    code, out, err = cli(capsys, "prune", "--repo", repo, "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["temp_objects_removed"] and all(".pyvbak-tmp-" in n for n in rep["temp_objects_removed"])
     assert not [f for _, _, fs in os.walk(repo) for f in fs if f.startswith(".pyvbak-tmp-")]

@@ -28,7 +28,8 @@ LOCK_PREFIX = "locks/"
 
 
 class RepositoryLock:
-    def __init__(self, backend, *, exclusive: bool, purpose: str, clean_stale: bool = True, reader: bool = False):
+    def __init__(self, backend, *, exclusive: bool, purpose: str, clean_stale: bool = True, reader: bool = False,
+                 recover=None):
         self.backend = backend
         self.reader = reader  # restore / verify: --no-lock can do without the lock
         # Readers (restore, verify) leave stale locks alone: a stale lock is the evidence
@@ -38,7 +39,8 @@ class RepositoryLock:
         self.purpose = purpose
         self.name = f"{LOCK_PREFIX}{secrets.token_hex(16)}.json"
         self.stale_removed: list[str] = []
-        self.temps_removed: list[str] = []
+        self.recover = recover  # what the exclusive lock does when it removed stale locks
+        self.recovered: list[str] = []
         self.held = False  # between a successful __enter__ and __exit__
 
     def _read_all(self) -> dict[str, dict]:
@@ -134,10 +136,12 @@ class RepositoryLock:
         self.held = True
         if self.exclusive and self.stale_removed:
             # The stale locks just removed were the evidence 'unlock' and the next backup
-            # clean a killed writer's temp objects by; under the exclusive lock no writer
-            # runs, so they go now (verify --repair left them stranded until a prune).
+            # clean up a killed writer by (temp objects, packs it left unindexed); under
+            # the exclusive lock no writer runs, so that is done now (verify --repair
+            # left them stranded until a prune).
             try:
-                self.temps_removed = self.backend.cleanup_incomplete(older_than_seconds=0)
+                self.recovered = (self.recover() if self.recover is not None
+                                  else self.backend.cleanup_incomplete(older_than_seconds=0))
             except BaseException:
                 self.held = False
                 self._release()

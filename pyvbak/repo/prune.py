@@ -117,9 +117,13 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         "problems": [],
     }
 
-    # 1. leftovers of interrupted writes
+    # 1. leftovers of interrupted writes (an exclusive lock that removed stale locks has
+    # cleaned up after their processes already: its findings are reported here too)
+    recovered = [line for lk in getattr(repo, "_locks", []) if lk.held and lk.exclusive for line in lk.recovered]
     if not dry_run:
-        report["temp_objects_removed"] = backend.cleanup_incomplete(older_than_seconds=0)
+        report["temp_objects_removed"] = [line[len("removed incomplete object "):] for line in recovered
+                                          if line.startswith("removed incomplete object ")]
+        report["temp_objects_removed"] += backend.cleanup_incomplete(older_than_seconds=0)
     names = list(backend.list("snapshots/"))
     metas = {n[: -len(".json")] for n in names if n.endswith(".json")}
     orphans = sorted(n for n in names if n.endswith(".index") and n[: -len(".index")] not in metas)
@@ -141,7 +145,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     # snapshot references (a pack index lost from storage); those no snapshot references
     # go below like any other unreferenced pack.  A dry run adopts them in memory only.
     adopted, lines = repo.unindexed_pack_records()
-    report["adopted"] = lines
+    report["adopted"] = [line for line in recovered if line.startswith(("adopted", "left"))] + lines
     if len(adopted) and not dry_run:
         repo.write_pack_index(adopted)
         repo._digest_index_cache = None

@@ -327,7 +327,10 @@ class Repository:
 
     def lock(self, *, exclusive: bool = False, purpose: str = "backup", clean_stale: bool = True,
              reader: bool = False) -> RepositoryLock:
-        lock = RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale, reader=reader)
+        # An exclusive lock that removes stale locks adopts what their processes left
+        # (the stale lock was the evidence 'unlock' and the next backup would act on)
+        lock = RepositoryLock(self.backend, exclusive=exclusive, purpose=purpose, clean_stale=clean_stale, reader=reader,
+                              recover=self.recover_leftovers if exclusive else None)
         self._locks = [lk for lk in self._locks if lk.held] + [lock]
         return lock
 

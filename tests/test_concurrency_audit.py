@@ -133,3 +133,33 @@ def test_group_restore_killed_leaves_targets_untouched_and_temps_cleaned(capsys,
     for disk, img in zip(("d1", "d2"), imgs):
         assert same_file(out_dir / f"{disk}.img", img)
         assert os.stat(out_dir / f"{disk}.img").st_mode & 0o777 == 0o640
+
+
+def test_verify_beside_a_forget_does_not_report_the_forgotten_snapshot_damaged(capsys, tmp_path, monkeypatch):
+    """forget takes a shared lock and runs beside verify: a snapshot forgotten between
+    verify's listing and its reading of the snapshot's index is gone, not damaged."""
+    import json
+
+    from pyvbak.repo.repository import Repository
+    from pyvbak.repo.verify import verify_repository
+
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo)[0] == 0
+    img = make_image(tmp_path / "d.img", 2 * MiB, [(0, 2 * MiB, "random")], seed=3)
+    sids = []
+    for _ in range(2):
+        code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--disk", "d", "--json")
+        assert code == 0, err
+        sids.append(json.loads(out)["id"])
+    r = Repository.open(str(repo))
+    listed = r.snapshots(cached=False)
+
+    def listing_then_forget(*a, **k):  # the forget lands right after verify's listing
+        assert cli(capsys, "forget", sids[0], "--repo", repo)[0] == 0
+        return listed
+
+    monkeypatch.setattr(r, "snapshots", listing_then_forget)
+    report = verify_repository(r)
+    assert report["ok"], report
+    assert report["affected_snapshots"] == []

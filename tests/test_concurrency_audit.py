@@ -163,3 +163,41 @@ def test_verify_beside_a_forget_does_not_report_the_forgotten_snapshot_damaged(c
     report = verify_repository(r)
     assert report["ok"], report
     assert report["affected_snapshots"] == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_group_commit_does_not_leave_disks_of_two_instants(capsys, tmp_path, monkeypatch, sig):
+    """SIGTERM/Ctrl-C between two renames of a group restore's commit put one disk in
+    place and discarded the other: a directory of disks from two instants."""
+    import json
+
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo)[0] == 0
+    imgs, sids = [], []
+    for k, disk in enumerate(("d1", "d2")):
+        img = make_image(tmp_path / f"{disk}.src", 2 * MiB, [(0, 2 * MiB, "random")], seed=40 + k)
+        code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "g", "--disk", disk, "--json")
+        assert code == 0, err
+        imgs.append(img)
+        sids.append(json.loads(out)["id"])
+    _make_group(repo, "g", sids)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for disk in ("d1", "d2"):
+        (out_dir / f"{disk}.img").write_bytes(b"old " + disk.encode())
+    real_replace = os.replace
+    sent = []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if ".pyvbak-restore-" in str(src) and not sent:
+            sent.append(dst)
+            os.kill(os.getpid(), sig)  # lands right after the first disk's rename
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, out, err = cli(capsys, "restore", "g@latest", f"{out_dir}/", "--repo", repo, "--force")
+    assert sent
+    new = [same_file(out_dir / f"{d}.img", img) for d, img in zip(("d1", "d2"), imgs)]
+    assert new in ([True, True], [False, False]), (code, err)
+    assert sorted(os.listdir(out_dir)) == ["d1.img", "d2.img"]

@@ -18,6 +18,7 @@ import mmap
 import os
 import queue
 import secrets
+import signal
 import stat
 import threading
 import time
@@ -330,11 +331,14 @@ def commit_restored(pending: list[tuple[str, str]]) -> None:
     """Rename restored temp files over their targets (``(temp, target)`` pairs, from
     ``restore_snapshot(..., replace=False)``), then make the renames durable."""
     dirs = []
-    for temp, target in pending:
-        os.replace(temp, target)
-        d = os.path.dirname(os.path.abspath(target))
-        if d not in dirs:
-            dirs.append(d)
+    # every rename or none: Ctrl-C or SIGTERM between two of them put some disks of a
+    # group in place and discarded the others (a directory of two instants)
+    with _signals_deferred():
+        for temp, target in pending:
+            os.replace(temp, target)
+            d = os.path.dirname(os.path.abspath(target))
+            if d not in dirs:
+                dirs.append(d)
     for d in dirs:
         # the new names durable too: after a power loss the restore is there (or the old
         # file is, never neither) once the command said it succeeded
@@ -343,6 +347,34 @@ def commit_restored(pending: list[tuple[str, str]]) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+class _signals_deferred:
+    """SIGINT and SIGTERM noted, not acted on, inside the block; the first one noted is
+    handed to its previous handler at the end.  Only in the main thread (the only one
+    Python signal handlers run in); elsewhere a no-op."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.previous, self.got = {}, []
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                if signal.getsignal(s) is not None:  # None: a handler Python cannot put back
+                    self.previous[s] = signal.signal(s, lambda signum, frame: self.got.append(signum))
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if self.got:
+            s = self.got[0]
+            handler = self.previous[s]
+            if callable(handler):
+                handler(s, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), s)
+        return False
 
 
 def discard_restored(pending: list[tuple[str, str]]) -> None:

@@ -101,3 +101,28 @@ def test_refused_while_a_backup_session_holds_the_vm(tmp_path, capsys, cli_work_
             assert len(err.strip().splitlines()) == 1
             assert set(vm.bitmaps("disk0")) == {"pyvbak-gen-1"}  # untouched
         assert vm.pyvbak_nodes() == [] and vm.pyvbak_objects() == []
+
+
+def test_messages_of_a_multi_disk_backup_name_their_disk_and_cbt_off_advice_fits(vm, tmp_path, capsys, cli_work_dir):
+    """Found by a user walk-through: two identical fallback warnings of a two-disk backup
+    did not say which disk each was about; cbt-off of the running VM's locked qcow2 advised
+    a backup URI; --verify-cbt said nothing when the bitmap had missed nothing; a regular
+    file given as the QMP socket was "a stopped VM's stale socket"."""
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(MiB))
+    code, out, err = _run(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "web"])
+    assert code == 0, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert sorted(w.split(":")[1].strip() for w in warnings) == ["web/disk0", "web/disk1"], err
+    vm.write(64 * 1024, os.urandom(64 * 1024))
+    code, out, err = _run(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--verify-cbt"])
+    assert code == 0 and "change tracking verified: the full scan found no block it had missed" in err, err
+
+    code, out, err = _run(capsys, ["cbt-off", str(vm.image)])
+    assert code != 0 and "pyvbak cbt-off 'qemu:///" in err and "back up" not in err, err
+
+    not_a_socket = tmp_path / "qsd.log"
+    not_a_socket.write_text("log")
+    code, out, err = _run(capsys, ["backup", f"qemu://{not_a_socket}?node=disk0", "--repo", repo, "--vm", "x"])
+    assert code != 0 and "is a regular file, not a socket" in err and "not running" not in err, err

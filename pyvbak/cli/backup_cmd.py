@@ -39,8 +39,12 @@ def backup(
     for line in cleaned:
         info(f"cleanup: {line}")
     for result in results:
+        # with several disks, say which one each warning is about
+        about = f"{result.vm}/{result.disk}: " if len(results) > 1 else ""
         for w in result.warnings:
-            info(f"warning: {w}")
+            info(f"warning: {about}{w}")
+        if verify_cbt and result.cbt_missed_blocks is not None and not len(result.cbt_missed_blocks):
+            info(f"{about}change tracking verified: the full scan found no block it had missed")
         print(
             f"snapshot {result.snapshot_id} of {result.vm}/{result.disk} ({human_bytes(result.size)}): scanned "
             f"{human_bytes(result.bytes_scanned)}, read {human_bytes(result.bytes_read)}, changed {human_bytes(result.changed_bytes)}, "

@@ -83,13 +83,16 @@ def verify(
 
         if no_lock:
             raise UsageError("--repair changes the index and needs the repository lock: drop --no-lock")
-        with r.lock(exclusive=True, purpose="verify --repair"):
+        with r.lock(exclusive=True, purpose="verify --repair") as lock:
             report["repair"] = drop_bad_records(r, bad)
+            # taking the lock adopts what killed writers left (their stale locks gone)
+            adopted = [ln for ln in lock.recovered if ln.startswith("adopted")]
             if adoptable:  # listed again under the lock: what is unindexed now
                 records, lines = r.unindexed_pack_records()
                 if len(records):
                     r.write_pack_index(records)
-                report["repair"]["adopted"] = [ln for ln in lines if ln.startswith("adopted")]
+                adopted += [ln for ln in lines if ln.startswith("adopted")]
+            report["repair"]["adopted"] = adopted
     if json_out:
         emit_json(report)
     else:

@@ -31,6 +31,7 @@ from contextlib import nullcontext
 import json
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,8 @@ class QemuHotBackup(ExportSession):
         self._guard: TerminationGuard | None = None
         self._journal: dict[str, Any] = {}
         self._server_started = False
+        #: set by the teardown when QEMU died under the run: what to tell the user instead
+        self.qemu_gone: str | None = None
         self.snapshot_access = True  # decided from QEMU's version once connected
         self._lock: str | None = None             # the VM's session lock object, once held
         self._space_guard: fleece_guard.FleeceSpaceGuard | None = None
@@ -436,6 +439,12 @@ class QemuHotBackup(ExportSession):
             if self._qmp is not None:
                 self._qmp.close()
         pending = guard.pending if guard else None
+        if self.qemu_gone and exc is not None and not isinstance(exc, KeyboardInterrupt):
+            err = SourceError(f"{self.qemu_gone}: no snapshot was made"
+                              + (f"; left in the work dir: {'; '.join(errors)}" if errors else "; nothing of this "
+                                 "run is left (the next backup checks the VM's dirty bitmaps)"))
+            err.exit_code = getattr(exc, "exit_code", SourceError.exit_code)
+            raise err from exc
         if errors and isinstance(exc, (PyvbakError, KeyboardInterrupt)):
             # The user must hear that QEMU still holds something of pyvbak's, not only
             # why the backup failed: one message for both, the failure's exit code.
@@ -504,10 +513,13 @@ class QemuHotBackup(ExportSession):
                 errors.append(f"work-dir space guard: {self._space_guard.error}")
 
         def step(what: str, fn, *args) -> bool:
+            if qmp is not None and qmp._sock is None and qmp._broken:
+                return False  # the connection broke in an earlier step: said once, below
             try:
                 fn(*args)
             except Exception as e:  # noqa: BLE001 - each step is attempted regardless
-                errors.append(f"{what}: {e}")
+                if not (qmp is not None and qmp._sock is None and qmp._broken):
+                    errors.append(f"{what}: {e}")
                 return False
             return True
 
@@ -533,8 +545,19 @@ class QemuHotBackup(ExportSession):
                     # a disk whose snapshot is durable retires its old generation even if a
                     # later disk of the run failed
                     step(f"settling dirty bitmaps of '{d.node}'", _settle_bitmaps, qmp, d, not d.committed)
-        elif any((d.job_started and not d.job_cancelled) or d.fleece_node_added or d.access_node_added
-                 for d in self.disks):
+        holds = any(d.export_added or (d.job_started and not d.job_cancelled) or d.fleece_node_added
+                    or d.access_node_added for d in self.disks)
+        if qmp is not None and qmp._sock is None and qmp._broken:  # it broke under this run
+            gone = _qemu_gone(self.qmp_path)
+            if gone:
+                # A dead QEMU holds nothing any more: its fleecing files can go now, and
+                # the failure is said as what it is (it was a wall of QMP errors).
+                self.qemu_gone = f"QEMU at {self.qmp_path} went away during the backup ({gone})"
+                fleece_in_use.clear()
+            elif holds:
+                errors.append(f"QMP connection to {self.qmp_path} lost ({qmp._broken}); QEMU still holds "
+                              "pyvbak resources")
+        elif (qmp is None or qmp._sock is None) and holds:
             errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
         paths = [d.fleece_path for d in self.disks if d.fleece_file_created and id(d) not in fleece_in_use]
         paths.append(self.names.nbd_socket)
@@ -545,6 +568,24 @@ class QemuHotBackup(ExportSession):
         # one that found our files while we still run would refuse ("session active").
         if self._lock is not None and qmp is not None and qmp._sock is not None:
             step("releasing the session lock", session_lock.release, qmp, self._lock)
+
+
+def _qemu_gone(qmp_path) -> str | None:
+    """Why the QEMU behind ``qmp_path`` is no longer running (its socket is gone, or
+    refuses connections), or None when something still listens there."""
+    if not os.path.exists(qmp_path):
+        return "its QMP socket is gone"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(str(qmp_path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return "its QMP socket refuses connections"
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None
 
 
 def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,

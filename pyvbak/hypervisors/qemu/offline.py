@@ -50,17 +50,16 @@ def _run(args: list[str], what: str, timeout: float = 60) -> str:
     return r.stdout
 
 
-def image_info(path: Path) -> dict:
+def image_info(path: Path, *, running_vm_hint: str | None = None) -> dict:
     if not path.exists():
         raise SourceError(f"disk image {path} does not exist")
     try:
         out = _run(["qemu-img", "info", "--output=json", str(path)], f"qemu-img info {path}")
     except SourceError as e:
         if "lock" in str(e).lower():
-            raise SourceError(
-                f"disk image {path} is in use (locked, probably by the running VM): back up a running "
-                f"VM through its QMP socket with a qemu:///PATH/TO/QMP.SOCK?node=NODE URI instead"
-            ) from None
+            hint = running_vm_hint or ("back up a running VM through its QMP socket with a "
+                                       "qemu:///PATH/TO/QMP.SOCK?node=NODE URI instead")
+            raise SourceError(f"disk image {path} is in use (locked, probably by the running VM): {hint}") from None
         raise
     return json.loads(out)
 

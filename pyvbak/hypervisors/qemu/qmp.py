@@ -20,6 +20,7 @@ import collections
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from typing import Any, Callable
@@ -65,6 +66,15 @@ class QmpClient:
                 f"QMP socket {path} does not exist: is the VM running, and was it started with "
                 f"a QMP monitor for pyvbak (e.g. -qmp unix:{path},server=on,wait=off)?"
             )
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not stat.S_ISSOCK(mode):
+            # connect() says "refused" for a regular file too: that is no stopped VM
+            kind = "a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode) else "not a socket"
+            raise SourceError(f"{path} is {kind}, not a socket: give the VM's QMP monitor socket "
+                              f"(e.g. the path of -qmp unix:PATH,server=on,wait=off)")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:

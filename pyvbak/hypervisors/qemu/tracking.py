@@ -41,7 +41,7 @@ def _from_running_vm(uri: str, work_dir: Path, timeout: float) -> list[str]:
         lock = session_lock.acquire(qmp, run)  # no pyvbak session runs on this VM meanwhile
         try:
             # a killed run's filters and exports first: they hold its bitmaps busy
-            removed += cleanup.clean_leftovers(qmp, work_dir, None, None, own_run=run)
+            removed += [f"cleanup: {line}" for line in cleanup.clean_leftovers(qmp, work_dir, None, None, own_run=run)]
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
             for disk in resolve(qmp, qmp_path, selectors, set(infos)):
                 for name in sorted(cleanup.gen_bitmaps(infos.get(disk.node) or {})):
@@ -61,7 +61,8 @@ def _from_image(path: Path) -> list[str]:
 
     if not path.exists():
         raise UsageError(f"image {path} does not exist")
-    info = image_info(path)
+    info = image_info(path, running_vm_hint="turn change tracking off through the VM's QMP socket: "
+                      "pyvbak cbt-off 'qemu:///PATH/TO/QMP.SOCK?node=NODE'")
     if info.get("format") != "qcow2":
         raise UsageError(f"{path} is a {info.get('format')} image, not qcow2: it holds no dirty bitmaps")
     names = sorted(b["name"] for b in (info.get("format-specific", {}).get("data", {}).get("bitmaps") or [])

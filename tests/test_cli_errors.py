@@ -829,3 +829,25 @@ def test_advice_for_a_path_that_is_no_repository_is_advice_that_works(env, capsy
     assert code == 3 and "--repo" in assert_one_error_line(err, "already holds a pyvbak repository")
     code, _, err = cli(capsys, "restore", "vm1@lates", tmp / "o.img", "--repo", repo)
     assert code == 2 and "pyvbak snapshots" in assert_one_error_line(err, "is not a snapshot id or VM[/DISK]@latest")
+
+
+def test_verify_repair_holds_the_exclusive_lock_from_the_start(backed_up, capsys, monkeypatch):
+    """--repair verified under a shared lock and asked for the exclusive one afterwards: a
+    backup started meanwhile made it fail after all the work.  Now a running backup is
+    refused before the verify starts, and the repair never finds the repository taken."""
+    import pyvbak.repo.verify as verify_mod
+
+    tmp, repo, img, sid = backed_up
+    started = []
+    real = verify_mod.verify_repository
+
+    def spy(*a, **k):
+        started.append(True)
+        return real(*a, **k)
+
+    monkeypatch.setattr(verify_mod, "verify_repository", spy)
+    with Repository.open(str(repo)).lock(purpose="backup"):
+        code, _, err = cli(capsys, "verify", "--repo", repo, "--repair")
+    assert code == 8 and "locked by backup" in err and not started
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair", "--json")
+    assert code == 0 and started and json.loads(out)["repair"]["records_removed"] == 0, err

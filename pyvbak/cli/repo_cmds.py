@@ -66,28 +66,30 @@ def verify(
     repair: bool = typer.Option(False, "--repair", help="Remove the bad copies found from the index (exclusive lock), so the next backups store those blocks again."),
 ) -> None:
     """Re-read stored blocks, check their digests, name the snapshots any bad block affects."""
-    from ..errors import IntegrityError
+    from contextlib import nullcontext
+
+    from ..errors import IntegrityError, UsageError
+    from ..repo.prune import drop_bad_records
     from ..repo.verify import verify_repository
 
+    if repair and no_lock:
+        raise UsageError("--repair changes the index and needs the repository lock: drop --no-lock")
     r = open_repository(repo)
-    with maybe_lock(r, no_lock, "verify"):
-        chosen = None
-        if snapshots:
-            chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots)}.values()
-        report = verify_repository(r, sample_percent=sample, snapshots=chosen)
-    bad = report.pop("_bad_records")
-    adoptable = report.pop("_adoptable")
-    if repair:
-        from ..errors import UsageError
-        from ..repo.prune import drop_bad_records
-
-        if no_lock:
-            raise UsageError("--repair changes the index and needs the repository lock: drop --no-lock")
-        with r.lock(exclusive=True, purpose="verify --repair") as lock:
+    # --repair holds the exclusive lock from the start: taken only after a long verify, it
+    # failed ("locked by backup") whenever a backup had started meanwhile, the work lost
+    with (r.lock(exclusive=True, purpose="verify --repair") if repair else nullcontext()) as lock:
+        with (nullcontext() if repair else maybe_lock(r, no_lock, "verify")):
+            chosen = None
+            if snapshots:
+                chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots)}.values()
+            report = verify_repository(r, sample_percent=sample, snapshots=chosen)
+        bad = report.pop("_bad_records")
+        adoptable = report.pop("_adoptable")
+        if repair:
             report["repair"] = drop_bad_records(r, bad)
-            # taking the lock adopts what killed writers left (their stale locks gone)
+            # taking the lock adopted what killed writers left (their stale locks gone)
             adopted = [ln for ln in lock.recovered if ln.startswith("adopted")]
-            if adoptable:  # listed again under the lock: what is unindexed now
+            if adoptable:
                 records, lines = r.unindexed_pack_records()
                 if len(records):
                     r.write_pack_index(records)

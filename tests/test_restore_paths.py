@@ -607,3 +607,22 @@ def test_a_restored_file_keeps_the_mode_and_owner_of_the_file_it_replaces(repo, 
     finally:
         os.umask(old)
     assert no_temps(tmp_path)
+
+
+def test_a_killed_restores_temp_file_goes_even_if_its_pid_now_runs_python(tmp_path):
+    """Leftover temp files were judged by the pid in their name alone: a later Python
+    process that got the pid kept a killed restore's file (a disk's size) forever."""
+    from pyvbak.processes import start_time
+    from pyvbak.repo.restore import cleanup_restore_leftovers, temp_name
+
+    me, mine = os.getpid(), start_time(os.getpid())
+    reused = tmp_path / f".a.img{TEMP_MARK}{me}-0123abcd-{mine + 1}"  # this pid, another process's start
+    live = tmp_path / temp_name(str(tmp_path / "b.img"))  # this very process's, running
+    old_style = tmp_path / f".c.img{TEMP_MARK}{me}-0123abcd"  # an older pyvbak's: pid alone
+    dead = tmp_path / f".d.img{TEMP_MARK}999999999-0123abcd-5"
+    for p in (reused, live, old_style, dead):
+        p.write_bytes(b"partial")
+    removed = cleanup_restore_leftovers(str(tmp_path))
+    assert sorted(removed) == sorted([reused.name, dead.name])
+    assert live.exists() and old_style.exists()
+    assert live.name.startswith(f".b.img{TEMP_MARK}{me}-") and live.name.endswith(f"-{mine}")

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..backends import BackendError, ObjectMissing
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
-from ..processes import pid_alive
+from ..processes import pid_alive, start_time
 from . import digest_sets
 from .reader import BlockSink, ScratchBuffers, group_members, read_blocks, sort_for_reading
 
@@ -502,7 +502,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             os.close(fd)
             raise UsageError(f"block device {output} has {dev_size} bytes, the snapshot needs {size}")
     else:
-        path = os.path.join(parent_dir, f".{os.path.basename(output)}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        path = os.path.join(parent_dir, temp_name(output))
         try:
             cleanup_restore_leftovers(parent_dir)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -626,18 +626,29 @@ def _zero_device_runs(target: _Target, data_idx: np.ndarray, nblocks: int, bs: i
         target.write_zeros(a * bs, min(b * bs, size))
 
 
+def temp_name(output: str) -> str:
+    """``.NAME.pyvbak-restore-PID-RANDOM-START``: recognisable, unique, and saying which
+    process owns it (START: the process's start time, so a later process that got the
+    pid does not keep a killed restore's file alive)."""
+    start = start_time(os.getpid()) or 0
+    return f".{os.path.basename(output)}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}-{start}"
+
+
 def cleanup_restore_leftovers(directory: str) -> list[str]:
     """Remove temp files of restores killed with SIGKILL: recognised by their mark, and
-    only when the pid in their name no longer runs (a concurrent restore keeps its own)."""
+    only when the process named in them no longer runs (a concurrent restore keeps its
+    own).  Names without a start time (older pyvbak) are judged by the pid alone."""
     removed = []
     for name in os.listdir(directory):
         if not (name.startswith(".") and TEMP_MARK in name):
             continue
+        parts = name.split(TEMP_MARK, 1)[1].split("-")
         try:
-            pid = int(name.split(TEMP_MARK, 1)[1].split("-", 1)[0])
+            pid = int(parts[0])
+            start = int(parts[2]) if len(parts) > 2 else None
         except ValueError:
             continue
-        if pid_alive(pid):
+        if pid_alive(pid) and (not start or start_time(pid) in (None, start)):
             continue  # its restore is still running
         try:
             os.unlink(os.path.join(directory, name))

@@ -851,3 +851,20 @@ def test_verify_repair_holds_the_exclusive_lock_from_the_start(backed_up, capsys
     assert code == 8 and "locked by backup" in err and not started
     code, out, err = cli(capsys, "verify", "--repo", repo, "--repair", "--json")
     assert code == 0 and started and json.loads(out)["repair"]["records_removed"] == 0, err
+
+
+def test_verify_repair_replaces_a_damaged_pack_index(backed_up, capsys):
+    """--repair re-indexed the packs of a damaged pack index under the same content-named
+    object name, which create-only writes never replaced: it said "adopted" and the
+    garbage stayed, every snapshot still failing."""
+    tmp, repo, img, sid = backed_up
+    (name,) = os.listdir(os.path.join(repo, "index"))
+    with open(os.path.join(repo, "index", name), "wb") as f:
+        f.write(b"garbage")
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
+    assert "repair: removed damaged pack index" in err and "repair: adopted unindexed pack" in err
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 0, err
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0 and json.loads(out)["cleaned_leftovers"] == [] and json.loads(out)["new_bytes"] == 0

@@ -88,12 +88,12 @@ def verify(
         if repair:
             report["repair"] = drop_bad_records(r, bad)
             # taking the lock adopted what killed writers left (their stale locks gone)
-            adopted = [ln for ln in lock.recovered if ln.startswith("adopted")]
-            if adoptable:
-                records, lines = r.unindexed_pack_records()
-                if len(records):
-                    r.write_pack_index(records)
-                adopted += [ln for ln in lines if ln.startswith("adopted")]
+            adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged"))]
+            if adoptable or report["damaged_pack_indexes"]:
+                # what a backup does after a crash: damaged pack indexes removed first (a
+                # re-indexed pack's index is often the very object name: create-only, it
+                # would not replace the garbage), then unindexed packs indexed again
+                adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged"))]
             report["repair"]["adopted"] = adopted
     if json_out:
         emit_json(report)
@@ -115,7 +115,7 @@ def verify(
                  "storage?): 'pyvbak verify --repair' (or 'pyvbak prune') indexes them again from their own tables "
                  "of contents")
         for line in report.get("repair", {}).get("adopted", []):
-            info(f"repair: {line}; run 'pyvbak verify' again to check its blocks")
+            info(f"repair: {line}" + ("; run 'pyvbak verify' again to check its blocks" if line.startswith("adopted") else ""))
         if report.get("repair", {}).get("records_removed"):
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "

@@ -86,16 +86,17 @@ def _make_group(repo, vm, sids):
         p.write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_group_restore_killed_leaves_targets_untouched_and_temps_cleaned(capsys, tmp_path, monkeypatch, sig):
+
+def _group_with_old_targets(capsys, tmp_path, size: int, seed: int):
+    """A repository holding a two-disk group of VM g (disks d1, d2 of ``size`` random
+    bytes), and tmp_path/out holding older d1.img and d2.img: (repo, images, ids, out)."""
     import json
 
-    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
     repo = tmp_path / "repo"
     assert cli(capsys, "init", repo)[0] == 0
     imgs, sids = [], []
     for k, disk in enumerate(("d1", "d2")):
-        img = make_image(tmp_path / f"{disk}.src", 48 * MiB, [(0, 48 * MiB, "random")], seed=20 + k)
+        img = make_image(tmp_path / f"{disk}.src", size, [(0, size, "random")], seed=seed + k)
         code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "g", "--disk", disk, "--json")
         assert code == 0, err
         imgs.append(img)
@@ -105,6 +106,13 @@ def test_group_restore_killed_leaves_targets_untouched_and_temps_cleaned(capsys,
     out_dir.mkdir()
     for disk in ("d1", "d2"):
         (out_dir / f"{disk}.img").write_bytes(b"old " + disk.encode())
+    return repo, imgs, sids, out_dir
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_group_restore_killed_leaves_targets_untouched_and_temps_cleaned(capsys, tmp_path, monkeypatch, sig):
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    repo, imgs, sids, out_dir = _group_with_old_targets(capsys, tmp_path, 48 * MiB, seed=20)
+    for disk in ("d1", "d2"):
         os.chmod(out_dir / f"{disk}.img", 0o640)
     env = dict(os.environ, PYVBAK_CACHE_DIR="")
     env.pop("PYVBAK_REPO", None)
@@ -169,23 +177,8 @@ def test_verify_beside_a_forget_does_not_report_the_forgotten_snapshot_damaged(c
 def test_a_signal_during_the_group_commit_does_not_leave_disks_of_two_instants(capsys, tmp_path, monkeypatch, sig):
     """SIGTERM/Ctrl-C between two renames of a group restore's commit put one disk in
     place and discarded the other: a directory of disks from two instants."""
-    import json
-
     monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
-    repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo)[0] == 0
-    imgs, sids = [], []
-    for k, disk in enumerate(("d1", "d2")):
-        img = make_image(tmp_path / f"{disk}.src", 2 * MiB, [(0, 2 * MiB, "random")], seed=40 + k)
-        code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "g", "--disk", disk, "--json")
-        assert code == 0, err
-        imgs.append(img)
-        sids.append(json.loads(out)["id"])
-    _make_group(repo, "g", sids)
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    for disk in ("d1", "d2"):
-        (out_dir / f"{disk}.img").write_bytes(b"old " + disk.encode())
+    repo, imgs, sids, out_dir = _group_with_old_targets(capsys, tmp_path, 2 * MiB, seed=40)
     real_replace = os.replace
     sent = []
 

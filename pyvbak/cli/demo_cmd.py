@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..errors import SourceError
 from .common import RepoOption, human_bytes, open_repository
+
+if TYPE_CHECKING:  # imported where it is used (start-up time)
+    import random
 
 
 def _tool(name: str) -> str:

@@ -780,12 +780,3 @@ def _zero_extent_blocks(source, n: int, bs: int, within=None) -> np.ndarray:
             covered[a:b] = True
         return covered
     return np.repeat(np.tile(np.array([False, True]), len(first) + 1)[:len(counts)], counts)
-    for e in extents:
-        if e.zero:
-            first = -(-e.offset // bs)
-            last = (e.offset + e.length) // bs
-            if e.offset + e.length >= source.size:
-                last = n
-            if last > first:
-                covered[first:last] = True
-    return covered

@@ -7,6 +7,7 @@ test command is supposed to have installed it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -36,6 +37,22 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def reaped(proc):
+    """Run the block with child ``proc``; afterwards (also on failure) it is killed if
+    still running, waited for, and its pipes closed: no process or descriptor outlives
+    the test."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 @pytest.fixture(autouse=True)

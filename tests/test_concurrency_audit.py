@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from conftest import wait_until
+from conftest import reaped, wait_until
 from images import MiB, make_image, same_file
 from pyvbak.cli.main import main
-from test_crash_safety import CHILD
+from test_crash_safety import kill_child_at
 
 
 def cli(capsys, *args):
@@ -21,27 +21,6 @@ def cli(capsys, *args):
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def kill_child_at(tmp_path, point, argv, sig=signal.SIGKILL):
-    marker = tmp_path / f"at-{point}"
-    if marker.exists():
-        marker.unlink()
-    env = dict(os.environ, PYVBAK_TEST_FAILPOINT=point, PYVBAK_TEST_MARKER=str(marker))
-    env.pop("PYVBAK_REPO", None)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, argv)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60, what=f"failpoint {point}")
-        assert marker.exists(), f"child ended before failpoint {point}: {proc.communicate()}"
-        os.kill(proc.pid, sig)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def leftovers(repo):
@@ -118,18 +97,12 @@ def test_group_restore_killed_leaves_targets_untouched_and_temps_cleaned(capsys,
     env.pop("PYVBAK_REPO", None)
     proc = subprocess.Popen([sys.executable, "-m", "pyvbak", "restore", "g@latest", f"{out_dir}/", "--repo", str(repo),
                              "--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with reaped(proc):
         # the second disk's temp file exists: the first one is written and waits for its rename
         wait_until(lambda: any(n.startswith(".d2.img.pyvbak-restore-") for n in os.listdir(out_dir))
                    or proc.poll() is not None, timeout=60, what="second temp file")
         os.kill(proc.pid, sig)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
     for disk in ("d1", "d2"):  # not renamed: the group is put in place whole or not at all
         assert (out_dir / f"{disk}.img").read_bytes() == b"old " + disk.encode()
     if sig != signal.SIGKILL:

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import reaped, wait_until
 from images import MiB, make_image, same_file
 from pyvbak.cli.main import main
 from pyvbak.repo.repository import Repository
@@ -136,24 +136,25 @@ def check_after_kill(capsys, repo, image, tmp_path, *, expect_cleanup: list[str]
     return before, res
 
 
-def kill_at_failpoint(tmp_path, image, repo, point):
+def kill_child_at(tmp_path, point, argv, sig=signal.SIGKILL) -> int:
+    """Run the CLI with ``argv`` in a child that stops at failpoint ``point``, send it
+    ``sig`` there; its exit status."""
     marker = tmp_path / f"at-{point}"
+    if marker.exists():
+        marker.unlink()
     env = dict(os.environ, PYVBAK_TEST_FAILPOINT=point, PYVBAK_TEST_MARKER=str(marker))
     env.pop("PYVBAK_REPO", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, *backup_argv(image, repo)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, argv)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with reaped(proc):
         wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60, what=f"failpoint {point}")
         assert marker.exists(), f"child ended before failpoint {point}: {proc.communicate()}"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        os.kill(proc.pid, sig)
+        return proc.wait(timeout=30)
+
+
+def kill_at_failpoint(tmp_path, image, repo, point):
+    assert kill_child_at(tmp_path, point, backup_argv(image, repo)) == -signal.SIGKILL
 
 
 @pytest.mark.parametrize(
@@ -238,15 +239,10 @@ def test_kill9_real_process(tmp_path, image, capsys, condition):
             return (repo / "locks").exists() and bool(os.listdir(repo / "locks"))
         return packs.exists() and any(fs for _, _, fs in os.walk(packs))
 
-    try:
+    with reaped(proc):
         _tight_wait(cond, proc)
         os.kill(proc.pid, signal.SIGKILL)
         rc = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
     killed = rc == -signal.SIGKILL
     assert killed or rc == 0, proc
     before, res = check_after_kill(capsys, repo, image, tmp_path, expect_cleanup=[])

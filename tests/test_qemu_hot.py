@@ -345,6 +345,22 @@ def test_bitmap_deleted_by_someone_else(vm, work):
     assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
 
 
+def test_old_generation_removed_by_someone_else_during_the_backup(vm, work):
+    """The commit retires the old generation without asking QEMU first: one already
+    gone is no failure, and the new generation stays."""
+    s1, _ = backup(vm, work)
+    vm.write(0, b"q" * K64)
+    with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
+        with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
+            ct = src.change_tracking(s1.change_tracking_state)
+        s.release_view()
+        vm.ctl.cmd("block-dirty-bitmap-remove", node="disk0", name="pyvbak-gen-1")
+        s.commit()
+    assert ct.extents == [(0, K64)]
+    assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
+    assert_clean(vm, work)
+
+
 def test_bitmap_disabled_by_someone_else(vm, work):
     s1, _ = backup(vm, work)
     vm.ctl.cmd("block-dirty-bitmap-disable", node="disk0", name="pyvbak-gen-1")

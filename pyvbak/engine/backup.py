@@ -621,7 +621,10 @@ def run_backup(
         done_reading = getattr(source, "done_reading", None)
         if done_reading is not None:
             # a hot source's point-in-time view can go now: the guest stops paying for it
-            # while the packs below are made durable, and its removal overlaps their writes
+            # while the packs below are made durable.  The last pack is handed to the
+            # writer thread first, so its write and fsync overlap the view's removal (QMP
+            # round trips, ~3-6 ms of QEMU's time per disk) instead of following it.
+            packer.flush()
             done_reading()
         pack_records = packer.finish()
     except BaseException:

@@ -1,8 +1,10 @@
 #!/bin/sh
 # restore.sh - restore a pyvbak snapshot WITHOUT pyvbak.
-# Needs only a POSIX sh (dash, bash, busybox sh), coreutils (GNU or busybox, plus `join`)
-# and zstd.  Usage, from anywhere:
-#     sh /path/to/REPO/restore.sh SNAPSHOT_ID OUTPUT_FILE
+# Needs only a POSIX sh (dash, bash, busybox sh), coreutils (GNU or busybox, plus `join`),
+# grep and zstd.  Usage, from anywhere:
+#     sh /path/to/REPO/restore.sh [--force] SNAPSHOT OUTPUT
+# SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
+# OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
@@ -13,111 +15,307 @@
 # stages together (records = blocks of the disk; every non-zero block found in a pack)
 # are compared: a missing tool or a failed step stops the script, never a disk of zeros.
 set -eu
+LC_ALL=C
+export LC_ALL
+unset CDPATH
 
-die() { echo "restore.sh: error: $*" >&2; exit 1; }
+writing=
+die() {
+  if [ -n "$writing" ]; then
+    echo "restore.sh: error: $* ($out now holds an INCOMPLETE restore: do not use it)" >&2
+  else
+    echo "restore.sh: error: $*" >&2
+  fi
+  writing=
+  exit 1
+}
+usage="usage: sh restore.sh [--force] SNAPSHOT OUTPUT (SNAPSHOT: an id from snapshots/, a unique prefix of one, VM@latest or VM/DISK@latest)"
 
-[ $# -eq 2 ] || die "usage: sh restore.sh SNAPSHOT_ID OUTPUT_FILE"
+force=
+if [ $# -eq 3 ] && [ "$1" = "--force" ]; then force=1; shift; fi
+[ $# -eq 2 ] || die "$usage"
 snap=$1
 out=$2
+[ -n "$out" ] || die "$usage"
+case $out in -*) out=./$out ;; esac  # a name no tool takes for an option
 missing_tools=
-for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv rm dirname sync grep; do
+for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv ln rm dirname sync grep; do
   command -v "$t" >/dev/null 2>&1 || missing_tools="$missing_tools $t"
 done
-[ -z "$missing_tools" ] || die "needs these commands, not found on PATH:$missing_tools (install coreutils and zstd)"
-repo=$(cd "$(dirname "$0")" && pwd)
+[ -z "$missing_tools" ] || die "needs these commands, not found on PATH:$missing_tools (install coreutils, grep and zstd)"
+case $0 in /*) self=$0 ;; *) self=./$0 ;; esac  # ./: neither an option nor looked up in CDPATH
+here=$(dirname "$self") || die "cannot find the directory of $0: run it as sh /path/to/REPO/restore.sh"
+repo=$(cd -P "$here" && pwd) || die "cannot enter the directory of $0 ($here)"
+[ -d "$repo/snapshots" ] && [ -d "$repo/index" ] \
+  || die "$repo is not a pyvbak repository (no snapshots/ and index/): run the restore.sh inside the repository"
+
+# The output: a new file, or (with --force) an existing file replaced only at the end, or a
+# block device written in place.
+device=
+if [ -b "$out" ]; then
+  [ -n "$force" ] || die "$out is a block device: pass --force to overwrite it with the snapshot"
+  device=1
+elif [ -e "$out" ] || [ -L "$out" ]; then
+  [ -n "$force" ] || die "$out exists: remove it, choose another output, or pass --force to replace it"
+  [ -f "$out" ] || die "$out exists and is neither a regular file nor a block device: choose another output"
+fi
+part="$out.pyvbak-restore-partial"
+if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
+  die "$part exists (left by an interrupted restore, or another restore is writing it): remove it first"
+fi
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp} (set TMPDIR to a writable directory)"
+made_part=
+cleanup() {
+  rm -rf "$tmp"
+  [ -z "$made_part" ] || rm -f "$part"
+}
+interrupted() {
+  if [ -n "$writing" ]; then
+    echo "restore.sh: error: interrupted by SIG$1: $out now holds an INCOMPLETE restore: do not use it" >&2
+  else
+    echo "restore.sh: error: interrupted by SIG$1: nothing restored, $out left as it was" >&2
+  fi
+  writing=
+  exit "$2"
+}
+trap cleanup EXIT
+trap 'interrupted HUP 129' HUP
+trap 'interrupted INT 130' INT
+trap 'interrupted TERM 143' TERM
+
+# 0. Which snapshot.  Its metadata snapshots/ID.json makes it exist (an index without it
+# is an interrupted backup's).  pyvbak writes the metadata with json.dumps(indent=2):
+# one "key": value per line, top-level keys indented by two spaces.
+json_field() {  # FILE KEY: the string value of a top-level key (empty if none)
+  grep "^  \"$2\": \"" "$1" > "$tmp/field" || :
+  head -n 1 "$tmp/field" | cut -d'"' -f4
+}
+case $snap in
+  *@latest)
+    target=${snap%@latest}
+    vm=${target%%/*}
+    want_disk=
+    case $target in */*) want_disk=${target#*/} ;; esac
+    [ -n "$vm" ] || die "$usage"
+    : > "$tmp/cands"
+    for f in "$repo"/snapshots/*.json; do
+      [ -f "$f" ] || continue
+      grep -Fqx -e "  \"vm\": \"$vm\"," "$f" || continue
+      grep -Fqx -e '  "status": "complete",' "$f" || continue
+      d=$(json_field "$f" disk) || die "cannot read $f"
+      [ -z "$want_disk" ] || [ "$d" = "$want_disk" ] || continue
+      t=$(json_field "$f" time) || die "cannot read $f"
+      id=${f##*/}
+      echo "$t ${id%.json} $d" >> "$tmp/cands"
+    done
+    [ -s "$tmp/cands" ] || die "no snapshot of $target in $repo (names with quotes, backslashes or non-ASCII characters: give the snapshot id; list them with: grep -l '\"vm\": \"NAME\"' $repo/snapshots/*.json)"
+    sort "$tmp/cands" > "$tmp/cands.sorted" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+    if [ -z "$want_disk" ]; then
+      cut -d' ' -f3- "$tmp/cands.sorted" > "$tmp/disks" && sort -u "$tmp/disks" > "$tmp/disks.u" || die "cut failed"
+      [ "$(wc -l < "$tmp/disks.u")" -eq 1 ] \
+        || die "VM $vm has several disks ($(tr '\n' ' ' < "$tmp/disks.u")): restore one at a time with $vm/DISK@latest"
+    fi
+    line=$(tail -n 1 "$tmp/cands.sorted") || die "tail failed"
+    snap=$(echo "$line" | cut -d' ' -f2) || die "cut failed"
+    ;;
+  '' | *[!0-9A-Za-z-]*)
+    die "'$snap' is not a snapshot id, prefix or VM[/DISK]@latest: the ids are the names of the *.json files in $repo/snapshots/"
+    ;;
+  *)
+    if [ ! -f "$repo/snapshots/$snap.json" ]; then
+      [ ! -f "$repo/snapshots/$snap.index" ] \
+        || die "snapshot $snap is incomplete (an interrupted backup's index, no metadata): choose another"
+      n=0
+      for f in "$repo/snapshots/$snap"*.json; do
+        [ -f "$f" ] || continue
+        n=$((n + 1))
+        id=${f##*/}
+        match=${id%.json}
+      done
+      [ "$n" -gt 0 ] || die "no snapshot $snap in $repo (the ids are the names of the *.json files in $repo/snapshots/)"
+      [ "$n" -eq 1 ] || die "snapshot id prefix $snap is ambiguous ($n snapshots): give more characters"
+      snap=$match
+    fi
+    ;;
+esac
+meta="$repo/snapshots/$snap.json"
 index="$repo/snapshots/$snap.index"
-[ -f "$index" ] || die "no snapshot $snap in $repo (see the snapshots/ directory: the ids are the *.json names)"
-[ -f "$repo/snapshots/$snap.json" ] || die "snapshot $snap is incomplete (no metadata): choose another"
-[ ! -e "$out" ] || die "$out exists: remove it first or choose another output"
+[ -f "$index" ] || die "the index of snapshot $snap ($index) is missing: the repository is damaged, restore another snapshot"
+grep -Fqx -e '  "status": "complete",' "$meta" \
+  || die "snapshot $snap is not complete ($meta has no \"status\": \"complete\"): choose another"
 # The metadata names its index by SHA-256 (index_sha256; older snapshots have none): an
 # index copied over another's would restore the other snapshot's disk.
-want=$(tr -d ' \n\r\t' < "$repo/snapshots/$snap.json" | grep -o '"index_sha256":"[0-9a-f]*"' | cut -d'"' -f4) || want=
+want=$(json_field "$meta" index_sha256) || die "cannot read $meta"
 if [ -n "$want" ]; then
-  got=$(sha256sum "$index" | cut -c1-64) || die "sha256sum failed on $index"
+  sha256sum "$index" > "$tmp/sum" || die "sha256sum failed on $index"
+  read -r got rest < "$tmp/sum"
   [ "$got" = "$want" ] || die "$index is not the index snapshot $snap's metadata names (replaced or damaged)"
 fi
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp}"
-part="$out.pyvbak-restore-partial"
-trap 'rm -rf "$tmp"; rm -f "$part"' EXIT
-trap 'exit 130' INT TERM
-
 # 1. The snapshot index: a 48-byte header, then one 48-byte record per block:
 #    sha256(32) fast_hash(16).  An all-zero digest marks a zero block.
-zstd -dcq "$index" > "$tmp/index.bin" || die "$index cannot be decompressed: the repository is damaged"
+zstd -dcq "$index" > "$tmp/index.bin" 2>/dev/null || die "$index cannot be decompressed: the repository is damaged, restore another snapshot"
 od -An -v -tx1 -w48 "$tmp/index.bin" > "$tmp/index.od" || die "od failed on $index"
 tr -d ' ' < "$tmp/index.od" > "$tmp/index.hex" || die "tr failed on $index"
 rm -f "$tmp/index.bin" "$tmp/index.od"
 header=$(head -n 1 "$tmp/index.hex") || die "head failed on $index"
-[ "$(echo "$header" | cut -c1-16)" = "29388ea2738fa92c" ] || die "$index is not a pyvbak snapshot index"
-[ "$((0x$(echo "$header" | cut -c17-24)))" -eq 1 ] || die "$index has an unsupported version"
+[ "${#header}" -eq 96 ] && [ "$(echo "$header" | cut -c1-16)" = "29388ea2738fa92c" ] \
+  || die "$index is not a pyvbak snapshot index (damaged)"
+[ "$((0x$(echo "$header" | cut -c17-24)))" -eq 1 ] || die "$index has an unsupported version: restore it with a newer pyvbak"
 bs=$((0x$(echo "$header" | cut -c25-32)))
 size=$((0x$(echo "$header" | cut -c33-48)))
 count=$((0x$(echo "$header" | cut -c49-64)))
-[ "$bs" -gt 0 ] && [ "$count" -eq $(( (size + bs - 1) / bs )) ] \
+[ "$bs" -gt 0 ] && [ "$size" -ge 0 ] && [ "$count" -eq $(( (size + bs - 1) / bs )) ] \
   || die "$index is damaged: $count records for a $size-byte disk of $bs-byte blocks"
+grep -o '"size": *[0-9]*' "$meta" > "$tmp/msize" || :
+grep -o '"block_size": *[0-9]*' "$meta" > "$tmp/mbs" || :
+msize=$(tr -dc 0-9 < "$tmp/msize") && mbs=$(tr -dc 0-9 < "$tmp/mbs") || die "tr failed on $meta"
+[ -z "$msize" ] || [ "$msize" = "$size" ] || die "$index is a $size-byte disk but $meta says $msize bytes: the repository is damaged"
+[ -z "$mbs" ] || [ "$mbs" = "$bs" ] || die "$index has $bs-byte blocks but $meta says $mbs: the repository is damaged"
 tail -n +2 "$tmp/index.hex" > "$tmp/records" || die "tail failed on $index"
-[ "$(wc -l < "$tmp/records")" -eq "$count" ] || die "$index is damaged: it holds fewer records than its $count blocks"
+[ "$(wc -l < "$tmp/records")" -eq "$count" ] || die "$index is damaged: it does not hold its $count block records"
 zero=0000000000000000000000000000000000000000000000000000000000000000
 # "digest blockno" for every non-zero block, sorted by digest.
 cut -c1-64 "$tmp/records" > "$tmp/digests" || die "cut failed on $index"
 nl -ba -v0 -w1 -s' ' "$tmp/digests" > "$tmp/numbered" || die "nl failed on $index"
-while read -r n d; do [ "$d" = "$zero" ] || echo "$d $n"; done < "$tmp/numbered" > "$tmp/unsorted" \
-  || die "cannot list the blocks of $index (is ${TMPDIR:-/tmp} full?)"
+rc=0; grep -v " $zero\$" "$tmp/numbered" > "$tmp/nonzero" || rc=$?
+[ "$rc" -le 1 ] || die "grep failed on $index (is ${TMPDIR:-/tmp} full?)"
+{ cut -d' ' -f1 "$tmp/nonzero" > "$tmp/nz.n" && cut -d' ' -f2 "$tmp/nonzero" > "$tmp/nz.d" \
+  && paste -d ' ' "$tmp/nz.d" "$tmp/nz.n" > "$tmp/unsorted"; } || die "cannot list the blocks of $index (is ${TMPDIR:-/tmp} full?)"
 sort -k1,1 "$tmp/unsorted" > "$tmp/blocks" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
-rm -f "$tmp/records" "$tmp/digests" "$tmp/numbered" "$tmp/unsorted"
+if [ -n "$device" ]; then
+  rc=0; grep " $zero\$" "$tmp/numbered" > "$tmp/zeros" || rc=$?
+  [ "$rc" -le 1 ] || die "grep failed on $index (is ${TMPDIR:-/tmp} full?)"
+  cut -d' ' -f1 "$tmp/zeros" > "$tmp/zero.n" || die "cut failed on $index"
+fi
+rm -f "$tmp/records" "$tmp/digests" "$tmp/numbered" "$tmp/unsorted" "$tmp/nonzero" "$tmp/nz.n" "$tmp/nz.d" "$tmp/zeros"
 
-# 2. Pack indexes: an 80-byte header, then 80-byte records:
-#    sha256(32) pack_id(32) offset(u64) compressed_len(u32) uncompressed_len(u32).
+# 2. Pack indexes: an 80-byte header (magic 692fe50019b13e63, version, count), then
+#    80-byte records: sha256(32) pack_id(32) offset(u64) compressed_len(u32) uncompressed_len(u32).
 : > "$tmp/packidx"
 for f in "$repo"/index/*; do
   [ -f "$f" ] || continue
   # A damaged pack index is left out, as pyvbak does: if it named a block this snapshot
-  # needs, step 3 says that block is missing.
+  # needs and no other index does, step 3 says that block is missing.
   if ! zstd -dcq "$f" > "$tmp/pi.bin" 2>/dev/null; then
     echo "restore.sh: warning: pack index $f cannot be decompressed: left out" >&2
     continue
   fi
   od -An -v -tx1 -w80 "$tmp/pi.bin" > "$tmp/pi.od" || die "od failed on $f"
   tr -d ' ' < "$tmp/pi.od" > "$tmp/pi.hex" || die "tr failed on $f"
-  tail -n +2 "$tmp/pi.hex" >> "$tmp/packidx" || die "tail failed on $f"
+  h=$(head -n 1 "$tmp/pi.hex") || die "head failed on $f"
+  tail -n +2 "$tmp/pi.hex" > "$tmp/pi.rec" || die "tail failed on $f"
+  if [ "$(echo "$h" | cut -c1-24)" != "692fe50019b13e6300000001" ] || [ "${#h}" -ne 160 ] \
+     || [ "$((0x$(echo "$h" | cut -c25-40)))" -ne "$(wc -l < "$tmp/pi.rec")" ]; then
+    echo "restore.sh: warning: pack index $f is damaged or not a pyvbak v1 pack index: left out" >&2
+    continue
+  fi
+  cat "$tmp/pi.rec" >> "$tmp/packidx" || die "cannot copy the records of $f (is ${TMPDIR:-/tmp} full?)"
 done
-rm -f "$tmp/pi.bin" "$tmp/pi.od" "$tmp/pi.hex"
-# "digest pack offset length" (cut and paste: busybox cut has no --output-delimiter)
+rm -f "$tmp/pi.bin" "$tmp/pi.od" "$tmp/pi.hex" "$tmp/pi.rec"
+# "digest pack offset length" (cut and paste: busybox cut has no --output-delimiter).
+# Every copy of a block is kept: one that reads back damaged is replaced by another.
 { cut -c1-64 "$tmp/packidx" > "$tmp/c1" && cut -c65-128 "$tmp/packidx" > "$tmp/c2" \
   && cut -c129-144 "$tmp/packidx" > "$tmp/c3" && cut -c145-152 "$tmp/packidx" > "$tmp/c4"; } \
-  || die "cut failed on the pack indexes"
+  || die "cut failed on the pack indexes (is ${TMPDIR:-/tmp} full?)"
 paste -d ' ' "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" > "$tmp/where.unsorted" || die "paste failed on the pack indexes"
-sort -u -k1,1 "$tmp/where.unsorted" > "$tmp/where" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+sort -u "$tmp/where.unsorted" > "$tmp/where" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
 rm -f "$tmp/packidx" "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" "$tmp/where.unsorted"
 
-# 3. Every block must be somewhere: "digest blockno pack offset length", in pack order
-#    for sequential reads.
+# 3. Every block must be somewhere: "digest blockno pack offset length" (one line per
+#    copy), in pack order for sequential reads.
 join "$tmp/blocks" "$tmp/where" > "$tmp/found" || die "join failed"
 sort -k3,3 -k4,4 "$tmp/found" > "$tmp/plan" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+cut -d' ' -f2 "$tmp/found" > "$tmp/found.n" && sort -u "$tmp/found.n" > "$tmp/found.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
 wanted=$(wc -l < "$tmp/blocks")
-found=$(wc -l < "$tmp/plan")
-[ "$found" -eq "$wanted" ] || die "$((wanted - found)) block(s) of snapshot $snap are missing from the repository"
+found=$(wc -l < "$tmp/found.u")
+[ "$found" -eq "$wanted" ] \
+  || die "$((wanted - found)) block(s) of snapshot $snap are missing from the repository (no pack index names them): run 'pyvbak verify', or restore another snapshot"
+rm -f "$tmp/found" "$tmp/found.n" "$tmp/found.u"
 
-# 4. Write every non-zero block at its place; zero blocks stay holes of the truncated file.
-: > "$part"
-truncate -s "$size" "$part" || die "cannot make $part $size bytes long"
-written=0
+# 4. Write every non-zero block at its place; zero blocks stay holes of the truncated file
+#    (on a block device they are written as zeros).
+if [ -n "$device" ]; then
+  dst=$out
+  dev=${out##*/}
+  if [ -r "/sys/class/block/$dev/size" ]; then
+    read -r sectors < "/sys/class/block/$dev/size" || sectors=
+    [ -z "$sectors" ] || [ $((sectors * 512)) -ge "$size" ] \
+      || die "$out holds $((sectors * 512)) bytes, the snapshot $size: choose a larger device"
+  fi
+else
+  dst=$part
+  ( set -C; : > "$part" ) 2>/dev/null \
+    || die "cannot create $part: does its directory exist, is it writable (or did another restore just create it)?"
+  made_part=1
+  truncate -s "$size" "$part" 2>"$tmp/err" || die "cannot make $part $size bytes long: $(tail -n 1 "$tmp/err")"
+fi
+writing=$device
+: > "$tmp/done"
+: > "$tmp/failed"
 while read -r d n p o c; do
-  pack="$repo/packs/$(echo "$p" | cut -c1-2)/$p"
-  dd if="$pack" iflag=skip_bytes,count_bytes skip=$((0x$o)) count=$((0x$c)) bs=1M status=none > "$tmp/frame" \
-    || die "block $n cannot be read (pack $p): the repository is damaged"
-  zstd -dcq < "$tmp/frame" > "$tmp/block" \
-    || die "block $n cannot be decompressed (pack $p): the repository is damaged"
-  got=$(sha256sum "$tmp/block" | cut -c1-64)
-  [ "$got" = "$d" ] || die "block $n does not match its digest (pack $p): the repository is damaged"
-  dd if="$tmp/block" of="$part" bs="$bs" seek="$n" conv=notrunc status=none \
-    || die "cannot write block $n to $part"
-  written=$((written + 1))
+  pack="$repo/packs/${p%"${p#??}"}/$p"
+  if [ ! -f "$pack" ]; then
+    echo "$n pack $p is missing" >> "$tmp/failed"
+    continue
+  fi
+  if ! dd if="$pack" iflag=skip_bytes,count_bytes skip=$((0x$o)) count=$((0x$c)) bs=1M status=none \
+      > "$tmp/frame" 2>/dev/null; then
+    echo "$n cannot be read from pack $p" >> "$tmp/failed"
+    continue
+  fi
+  if ! zstd -dcq < "$tmp/frame" > "$tmp/block" 2>/dev/null; then
+    echo "$n does not decompress from pack $p at offset $((0x$o))" >> "$tmp/failed"
+    continue
+  fi
+  sha256sum "$tmp/block" > "$tmp/sum" || die "sha256sum failed (is ${TMPDIR:-/tmp} full?)"
+  read -r got rest < "$tmp/sum"
+  if [ "$got" != "$d" ]; then
+    echo "$n does not match its digest in pack $p at offset $((0x$o))" >> "$tmp/failed"
+    continue
+  fi
+  dd if="$tmp/block" of="$dst" bs="$bs" seek="$n" conv=notrunc status=none 2>"$tmp/err" \
+    || die "cannot write block $n to $dst: $(tail -n 1 "$tmp/err")"
+  echo "$n" >> "$tmp/done"
 done < "$tmp/plan"
-[ "$written" -eq "$wanted" ] || die "wrote $written of $wanted blocks"
-[ "$(wc -c < "$part")" -eq "$size" ] || die "$part is not $size bytes after the restore"
+sort -u "$tmp/done" > "$tmp/done.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+written=$(wc -l < "$tmp/done.u")
+if [ "$written" -ne "$wanted" ]; then
+  sort -k1,1 "$tmp/failed" > "$tmp/failed.s" && join -v 1 "$tmp/failed.s" "$tmp/done.u" > "$tmp/lost" || die "join failed"
+  first=$(head -n 1 "$tmp/lost") || die "head failed"
+  die "block $first, and no other copy of it reads back good: the repository is damaged ($((wanted - written)) block(s) of snapshot $snap lost; run 'pyvbak verify', or restore another snapshot)"
+fi
+if [ -n "$device" ]; then
+  # Zero blocks, in runs of consecutive blocks: one dd per run.
+  start=-1; prev=-2
+  flush() {
+    [ "$start" -ge 0 ] || return 0
+    end=$(( (prev + 1) * bs )); [ "$end" -le "$size" ] || end=$size
+    dd if=/dev/zero of="$dst" bs="$bs" seek="$start" count=$((end - start * bs)) iflag=count_bytes \
+      conv=notrunc status=none 2>"$tmp/err" || die "cannot write zeros at block $start of $dst: $(tail -n 1 "$tmp/err")"
+  }
+  while read -r z; do
+    if [ "$z" -ne $((prev + 1)) ]; then flush; start=$z; fi
+    prev=$z
+  done < "$tmp/zero.n"
+  flush
+else
+  [ "$(wc -c < "$part")" -eq "$size" ] || die "$part is not $size bytes after the restore"
+fi
 sync  # the restored data is on disk before it gets its final name
-mv "$part" "$out" || die "cannot rename $part to $out"
-sync  # and the rename too
+if [ -z "$device" ]; then
+  if [ -n "$force" ]; then
+    mv -f "$part" "$out" || die "cannot rename $part to $out"
+  elif ln "$part" "$out" 2>/dev/null; then
+    rm -f "$part"
+  else
+    # ln refuses an OUTPUT made meanwhile, and also file systems without hard links.
+    [ ! -e "$out" ] && [ ! -L "$out" ] || die "$out was created by something else during the restore: left alone"
+    mv "$part" "$out" || die "cannot rename $part to $out"
+  fi
+  made_part=
+  sync  # and the rename too
+fi
+writing=
 echo "restored snapshot $snap ($size bytes) to $out"

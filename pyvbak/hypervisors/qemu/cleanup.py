@@ -153,19 +153,22 @@ def journal_owners(files: list[Path]) -> dict[str, dict]:
 
 
 def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_bitmap: str | None,
-                    own_run: str | None = None) -> list[str]:
+                    own_run: str | None = None, node_infos: list[dict] | None = None) -> list[str]:
     """Remove every pyvbak resource of a dead run; return one line per thing cleaned.
 
     ``previous_bitmap`` is the bitmap the last good backup recorded: other
     ``pyvbak-gen-N`` bitmaps on ``node`` are either merged into it (newer: a run that
     rotated and died) or dropped (older: a run that committed and died before deleting it).
+    ``node_infos``: ``named_nodes(qmp)`` as the caller asked it moments ago, if it did (one
+    QMP round trip less on every backup).
     """
     cleaned: list[str] = []
     work_dir = Path(work_dir)
 
     exports = pyvbak_exports(qmp)
     jobs = pyvbak_jobs(qmp)
-    nodes = [n["node-name"] for n in named_nodes(qmp) if n.get("node-name", "").startswith(PREFIX)]
+    nodes = [n["node-name"] for n in (named_nodes(qmp) if node_infos is None else node_infos)
+             if n.get("node-name", "").startswith(PREFIX)]
     files = sorted(p for p in work_dir.glob(f"{PREFIX}*") if run_of(p.name)) if work_dir.is_dir() else []
 
     runs = {run_of(x) for x in exports + jobs + nodes + [p.name for p in files]} - {None, own_run}

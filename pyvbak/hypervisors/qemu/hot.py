@@ -218,11 +218,13 @@ class QemuHotBackup(ExportSession):
         # one pyvbak session per VM, whatever work dir or repository the other one uses
         self._lock = session_lock.acquire(qmp, self.names.run)
 
-        infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
+        node_infos = cleanup.named_nodes(qmp)
+        infos = {n["node-name"]: n for n in node_infos if n.get("node-name")}
         # generations only grow, also past the ones cleaned away now: a name is never reused
         bitmaps_before = {node: cleanup.gen_bitmaps(info) for node, info in infos.items()}
         # (a) leftovers of a killed run, before anything else
-        self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, None, None, own_run=self.names.run)
+        self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, None, None, own_run=self.names.run,
+                                                         node_infos=node_infos)
         if self.cleaned_leftovers:  # nodes may have gone: ask again
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
         # devices are resolved to nodes now, with no leftover filter above a disk's node
@@ -499,6 +501,10 @@ class QemuHotBackup(ExportSession):
                 if d.fleece_node_added:
                     cleanup.remove_node(qmp, d.names.fleece_node)
                     d.fleece_node_added = False
+                if self._server_started and not any(x.export_added for x in self.disks):
+                    # the last export is gone: the server too, off the teardown's path
+                    cleanup.stop_nbd_server(qmp)
+                    self._server_started = False
             except Exception:  # noqa: BLE001 - the teardown tries the rest again and reports it
                 pass
         if guard is not None and guard.pending is not None:
@@ -645,15 +651,20 @@ def _settle_bitmaps(qmp: QmpClient, d: HotDisk, failed: bool) -> None:
     """Decide from the bitmaps QEMU actually has (not from what we believe we did: a
     signal may have cut a command's reply short)."""
     node = d.node
+    if not failed:
+        # The new generation now tracks changes since this backup's instant; the old one
+        # retires.  No need to ask first: the rotating transaction's reply was read (else
+        # the backup failed), so the new one exists, and an old one gone already is fine.
+        # (Without its new generation the next backup falls back to a full scan either way.)
+        if d.old_bitmap is not None and d.new_bitmap is not None:
+            ok, err = qmp.try_execute("block-dirty-bitmap-remove", node=node, name=d.old_bitmap)
+            if not ok and "not found" not in err.desc.lower():
+                raise err
+        return
     info = cleanup.node_info(qmp, node) or {}
     present = cleanup.gen_bitmaps(info)
     old = d.old_bitmap if d.old_bitmap in present else None
     new = d.new_bitmap if d.new_bitmap in present else None
-    if not failed:
-        # the new generation now tracks changes since this backup's instant
-        if old is not None and new is not None:
-            qmp.execute("block-dirty-bitmap-remove", node=node, name=old)
-        return
     actions: list[dict] = []
     if old is not None and d.old_disabled_by_us:
         if new is not None:

@@ -107,13 +107,17 @@ def owner_alive(pid: int, owner: dict | None = None) -> bool:
     """Whether the owner recorded as ``pid`` (+ ``identity`` fields) may still run: True
     whenever this process cannot judge it (``can_judge``).  Within one boot, a recorded
     start time that differs from the pid's current one means the pid went to a newer
-    process (a Python one included) and the owner is dead; across a reboot the pid alone
-    decides, as for records without the fields."""
+    process (a Python one included) and the owner is dead; a record of an earlier boot of
+    this same machine (its machine id recorded and equal to ours) is dead too; without a
+    recorded machine id the pid alone decides, as for records without the fields."""
     owner = owner or {}
     if not can_judge(owner):
         return True
     start = owner.get("start")
     same_boot = owner.get("boot") is not None and owner.get("boot") == boot_id()
+    if (not same_boot and owner.get("boot") is not None and boot_id() is not None
+            and owner.get("machine") is not None and owner.get("machine") == machine_id()):
+        return False  # this machine, an earlier boot: no process outlives a reboot
     if same_boot and start is not None:
         now = start_time(pid)
         if now is None:  # no such process, or /proc hides it

@@ -148,7 +148,8 @@ def test_a_lock_whose_pid_now_runs_another_process_is_stale(tmp_path, capsys):
     """A lock left by a killed prune whose pid went to a newer Python process (pid reuse)
     must not block backups forever: the lock's boot and start time tell the processes
     apart.  A lock of a live owner still blocks; one from an older pyvbak (no such
-    fields), or from before a reboot, is judged by its pid alone."""
+    fields), or from another boot of a machine it does not name, is judged by its pid alone;
+    one from an earlier boot of this machine is stale."""
     import socket
 
     from pyvbak.processes import identity
@@ -182,8 +183,15 @@ def test_a_lock_whose_pid_now_runs_another_process_is_stale(tmp_path, capsys):
         code, _, err = cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v", "--json")
         assert code == 0, err
         assert os.listdir(repo_dir / "locks") == []
-        lock("d.json", boot="another-boot", start=start_time(other.pid))  # before a reboot:
+        lock("d.json", boot="another-boot", start=start_time(other.pid))  # another boot, no machine id:
         assert cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v")[0] == 8  # pid alone
+        (repo_dir / "locks" / "d.json").unlink()
+        # an earlier boot of this very machine: no process outlives a reboot, whatever runs
+        # under its pid now (`unlock` and every backup remove it; before, only `unlock --all`)
+        lock("e.json", boot="another-boot", start=start_time(other.pid), machine=me["machine"], pidns=me["pidns"])
+        code, _, err = cli(capsys, "unlock", "--repo", repo_dir)
+        assert code == 0 and os.listdir(repo_dir / "locks") == [], err
+        lock("d.json", boot="another-boot", start=start_time(other.pid))
         other.kill()
         other.wait()
         code, _, err = cli(capsys, "backup", img, "--repo", repo_dir, "--vm", "v", "--json")

@@ -303,6 +303,8 @@ def test_missing_pack(backed_up, capsys):
     ("a/b", "d", "VM name 'a/b' contains '/'"),
     ("", "d", "VM name is empty"),
     ("  ", "d", "VM name is empty"),
+    ("web", "", "disk name is empty"),  # given empty, not the default name
+    ("web", " ", "disk name is empty"),
     ("web", "x/y", "disk name 'x/y' contains '/'"),
     ("web", "a\tb", "disk name 'a\\tb' contains '\\t'"),
     ("web", "é" * 200, "disk name is longer than 255 bytes"),

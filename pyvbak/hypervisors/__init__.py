@@ -123,7 +123,8 @@ def disk_names(spec: str, disk: str | None = None) -> list[str]:
             raise UsageError(f"--disk names one disk, but {spec} means {len(names)} disks "
                              f"({', '.join(names)}): their snapshots are named after them; drop --disk")
         return [disk] if disk is not None else names
-    return [disk or default_disk_name(spec)]
+    # '' is a name given (and refused as empty by check_vm_disk_names), not a default
+    return [disk if disk is not None else default_disk_name(spec)]
 
 
 class OpenedDisk:

@@ -39,7 +39,7 @@ out=$2
 [ -n "$out" ] || die "$usage"
 case $out in -*) out=./$out ;; esac  # a name no tool takes for an option
 missing_tools=
-for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv ln rm dirname sync grep; do
+for t in zstd od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm dirname sync grep; do
   command -v "$t" >/dev/null 2>&1 || missing_tools="$missing_tools $t"
 done
 [ -z "$missing_tools" ] || die "needs these commands, not found on PATH:$missing_tools (install coreutils, grep and zstd)"
@@ -223,16 +223,18 @@ paste -d ' ' "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" > "$tmp/where.unsorted" || 
 sort -u "$tmp/where.unsorted" > "$tmp/where" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
 rm -f "$tmp/packidx" "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" "$tmp/where.unsorted"
 
-# 3. Every block must be somewhere: "digest blockno pack offset length" (one line per
-#    copy), in pack order for sequential reads.
+# 3. Every block must be somewhere: "digest blockno pack offset length", one line per copy.
 join "$tmp/blocks" "$tmp/where" > "$tmp/found" || die "join failed"
-sort -k3,3 -k4,4 "$tmp/found" > "$tmp/plan" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
 cut -d' ' -f2 "$tmp/found" > "$tmp/found.n" && sort -u "$tmp/found.n" > "$tmp/found.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
 wanted=$(wc -l < "$tmp/blocks")
 found=$(wc -l < "$tmp/found.u")
 [ "$found" -eq "$wanted" ] \
   || die "$((wanted - found)) block(s) of snapshot $snap are missing from the repository (no pack index names them): run 'pyvbak verify', or restore another snapshot"
-rm -f "$tmp/found" "$tmp/found.n" "$tmp/found.u"
+# The plan: one copy of every block, in pack order (sequential reads, and runs of frames
+# that are consecutive both in a pack and on the disk: a full backup stores them so).
+sort -u -k2,2 "$tmp/found" > "$tmp/primary" && sort -k3,3 -k4,4 "$tmp/primary" > "$tmp/plan" \
+  || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+rm -f "$tmp/found.n" "$tmp/primary" "$tmp/blocks"
 
 # 4. Write every non-zero block at its place; zero blocks stay holes of the truncated file
 #    (on a block device they are written as zeros).
@@ -254,32 +256,103 @@ fi
 writing=$device
 : > "$tmp/done"
 : > "$tmp/failed"
-while read -r d n p o c; do
-  pack="$repo/packs/${p%"${p#??}"}/$p"
-  if [ ! -f "$pack" ]; then
-    echo "$n pack $p is missing" >> "$tmp/failed"
-    continue
+
+# One block: read its frame, decompress it, check its SHA-256, write it; a copy that does
+# not read back good is noted in failed (another copy is tried after the first pass).
+# A frame that several blocks share (identical blocks) is read and checked once.
+last_good=
+block() {  # DIGEST BLOCKNO PACK OFFSET_HEX CLEN_HEX
+  if [ "$3 $4" != "$last_good" ]; then
+    last_good=
+    check_frame "$@" || return 0
+    last_good="$3 $4"
   fi
-  if ! dd if="$pack" iflag=skip_bytes,count_bytes skip=$((0x$o)) count=$((0x$c)) bs=1M status=none \
+  dd if="$tmp/block" of="$dst" bs="$bs" seek="$2" conv=notrunc status=none 2>"$tmp/err" \
+    || die "cannot write block $2 to $dst: $(tail -n 1 "$tmp/err")"
+  echo "$2" >> "$tmp/done"
+}
+check_frame() {  # as block: the frame decompressed to $tmp/block and checked, or 1
+  pack="$repo/packs/${3%"${3#??}"}/$3"
+  if [ ! -f "$pack" ]; then
+    echo "$2 is in pack $3, which is missing" >> "$tmp/failed"
+    return 1
+  fi
+  if ! dd if="$pack" iflag=skip_bytes,count_bytes skip=$((0x$4)) count=$((0x$5)) bs=1M status=none \
       > "$tmp/frame" 2>/dev/null; then
-    echo "$n cannot be read from pack $p" >> "$tmp/failed"
-    continue
+    echo "$2 cannot be read from pack $3" >> "$tmp/failed"
+    return 1
   fi
   if ! zstd -dcq < "$tmp/frame" > "$tmp/block" 2>/dev/null; then
-    echo "$n does not decompress from pack $p at offset $((0x$o))" >> "$tmp/failed"
-    continue
+    echo "$2 does not decompress from pack $3 at offset $((0x$4))" >> "$tmp/failed"
+    return 1
   fi
   sha256sum "$tmp/block" > "$tmp/sum" || die "sha256sum failed (is ${TMPDIR:-/tmp} full?)"
   read -r got rest < "$tmp/sum"
-  if [ "$got" != "$d" ]; then
-    echo "$n does not match its digest in pack $p at offset $((0x$o))" >> "$tmp/failed"
-    continue
+  if [ "$got" != "$1" ]; then
+    echo "$2 does not match its digest in pack $3 at offset $((0x$4))" >> "$tmp/failed"
+    return 1
   fi
-  dd if="$tmp/block" of="$dst" bs="$bs" seek="$n" conv=notrunc status=none 2>"$tmp/err" \
-    || die "cannot write block $n to $dst: $(tail -n 1 "$tmp/err")"
-  echo "$n" >> "$tmp/done"
+}
+
+# A run of frames consecutive in one pack that are consecutive blocks of the disk: one dd,
+# one zstd, one split and one sha256sum for all of them (a process per block is what
+# restores spend their time on).  Any failure: each block of the run on its own.
+# (No `local` in POSIX sh: the functions' variables are named apart from the loop's.)
+run_pack=; run_n=0; run_k=0; run_off=0; run_end=-1
+max_k=$((16777216 / bs)); [ "$max_k" -ge 1 ] || max_k=1
+: > "$tmp/run.lines"; : > "$tmp/run.want"
+flush_run() {
+  [ "$run_k" -gt 0 ] || return 0
+  if [ "$run_k" -eq 1 ]; then
+    read -r f_d f_n f_p f_o f_c < "$tmp/run.lines"
+    block "$f_d" "$f_n" "$f_p" "$f_o" "$f_c"
+  else
+    if run_ok; then
+      dd if="$tmp/run" of="$dst" bs="$bs" seek="$run_n" conv=notrunc status=none 2>"$tmp/err" \
+        || die "cannot write blocks $run_n to $((run_n + run_k - 1)) to $dst: $(tail -n 1 "$tmp/err")"
+      cut -d' ' -f2 "$tmp/run.lines" >> "$tmp/done" || die "cut failed (is ${TMPDIR:-/tmp} full?)"
+    else
+      while read -r f_d f_n f_p f_o f_c; do block "$f_d" "$f_n" "$f_p" "$f_o" "$f_c"; done < "$tmp/run.lines"
+    fi
+    rm -f "$tmp/run" "$tmp/frames" "$tmp"/blk.*
+  fi
+  : > "$tmp/run.lines"; : > "$tmp/run.want"
+  run_k=0
+}
+run_ok() {  # the run decompressed to $tmp/run, every block of it matching its digest
+  pack="$repo/packs/${run_pack%"${run_pack#??}"}/$run_pack"
+  [ -f "$pack" ] || return 1
+  dd if="$pack" iflag=skip_bytes,count_bytes skip="$run_off" count=$((run_end - run_off)) bs=1M status=none \
+    > "$tmp/frames" 2>/dev/null || return 1
+  zstd -dcq < "$tmp/frames" > "$tmp/run" 2>/dev/null || return 1
+  split -b "$bs" "$tmp/run" "$tmp/blk." 2>/dev/null || return 1
+  sha256sum "$tmp"/blk.* > "$tmp/sums" || return 1
+  cut -c1-64 "$tmp/sums" > "$tmp/got" && paste -d ' ' "$tmp/got" "$tmp/run.want" > "$tmp/both" || return 1
+  [ "$(wc -l < "$tmp/both")" -eq "$run_k" ] || return 1
+  rc=0; grep -c -v '^\([0-9a-f]\{64\}\) \1$' "$tmp/both" > "$tmp/bad" || rc=$?
+  [ "$rc" -eq 1 ]  # grep -v selected nothing: every line is "digest digest"
+}
+while read -r d n p o c; do
+  off=$((0x$o))
+  if [ "$p" != "$run_pack" ] || [ "$off" -ne "$run_end" ] || [ "$n" -ne $((run_n + run_k)) ] \
+     || [ "$run_k" -ge "$max_k" ]; then
+    flush_run
+    run_pack=$p; run_n=$n; run_off=$off
+  fi
+  run_end=$((off + 0x$c))
+  run_k=$((run_k + 1))
+  echo "$d $n $p $o $c" >> "$tmp/run.lines"
+  echo "$d" >> "$tmp/run.want"
 done < "$tmp/plan"
+flush_run
+# Blocks whose copy did not read back good: every other copy of them.
 sort -u "$tmp/done" > "$tmp/done.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+if [ "$(wc -l < "$tmp/done.u")" -ne "$wanted" ]; then
+  join -v 1 "$tmp/found.u" "$tmp/done.u" > "$tmp/todo" && sort -k2,2 "$tmp/found" > "$tmp/found.byn" \
+    && join -1 2 -2 1 "$tmp/found.byn" "$tmp/todo" > "$tmp/retry" || die "join failed"
+  while read -r n d p o c; do block "$d" "$n" "$p" "$o" "$c"; done < "$tmp/retry"
+  sort -u "$tmp/done" > "$tmp/done.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+fi
 written=$(wc -l < "$tmp/done.u")
 if [ "$written" -ne "$wanted" ]; then
   sort -k1,1 "$tmp/failed" > "$tmp/failed.s" && join -v 1 "$tmp/failed.s" "$tmp/done.u" > "$tmp/lost" || die "join failed"

@@ -16,18 +16,20 @@ def backup(
     disk: Optional[str] = typer.Option(None, "--disk", help="Disk name (default: image file name, NBD export, QEMU device id or node)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),
     verify_cbt: bool = typer.Option(False, "--verify-cbt", help="Scan the whole disk and report blocks change tracking missed."),
+    image_format: str = typer.Option("auto", "--format", metavar="FORMAT", help="How an image file or block device is read: raw, or a format QEMU reads (qcow2, qcow, qed, vmdk, vhdx, vpc, vdi: through qemu-nbd). Default auto: by the file name (.qcow2, .vmdk, .vhdx, .vhd, .vdi, ... are read through qemu-nbd, anything else as raw)."),
     json_out: bool = JsonOption,
 ) -> None:
     """Back up a disk (or a VM's disks): only changed blocks are read, new blocks are stored once, compressed."""
-    from ..hypervisors import disk_names
+    from ..hypervisors import check_image_format, disk_names
     from ..repo.repository import check_vm_disk_names
 
+    check_image_format(source, image_format)
     names = disk_names(source, disk)  # a qemu:// URI naming no disk: QEMU is asked which it has
     for name in names:
         check_vm_disk_names(vm, name)  # before anything is opened or created (the default repository)
     r = open_repository(repo, create_default=True)
     results, cleaned = backup_source(r, source, vm=vm, names=names, threads=threads, verify_cbt=verify_cbt,
-                                     show_progress=not json_out)
+                                     show_progress=not json_out, image_format=image_format)
     if json_out:
         outs = []
         for result in results:
@@ -55,7 +57,7 @@ def backup(
 
 def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: list[str] | None = None,
                   threads: int | None = None, verify_cbt: bool = False, show_progress: bool = True,
-                  work_dir: str | None = None):
+                  work_dir: str | None = None, image_format: str = "auto"):
     """What ``pyvbak backup`` does, for any caller (the demo too): lock, clean up after a
     dead run, back up every disk ``source`` names, commit each; (results, cleaned).
     ``names``: ``disk_names(source, disk)`` when the caller has them already."""
@@ -77,7 +79,7 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
             prev_states[name] = (parent.meta.get("change_tracking") or {}).get("state") if parent else None
         try:
             with open_disks(source, names, previous_states=prev_states, verify_cbt=verify_cbt,
-                            work_dir=work_dir) as (disks, session_cleaned):
+                            work_dir=work_dir, image_format=image_format) as (disks, session_cleaned):
                 # several disks were frozen together just now: their snapshots say so
                 group = ({"consistency_group": {"id": new_snapshot_id(), "time": snapshot_time(), "disks": names}}
                          if len(names) > 1 else None)

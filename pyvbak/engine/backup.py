@@ -340,6 +340,8 @@ def run_backup(
         parent, unreadable_parent = _Parent(repo, None), f"the previous snapshot {latest.id} cannot be read ({exc})"
     sid = new_snapshot_id()
     result = BackupResult(sid, vm, disk, parent.snap.id if parent.snap else None, size, bs)
+    # what the control plane found about the source itself (a misnamed image read as raw)
+    result.warnings.extend(getattr(source, "source_warnings", None) or ())
     if unreadable_parent:
         result.warnings.append(f"{unreadable_parent}; scanned the whole disk")
     before = latest.meta.get("source") if latest is not None else None

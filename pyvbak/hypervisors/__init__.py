@@ -14,10 +14,11 @@ from contextlib import contextmanager
 
 from ..errors import UsageError
 
+from .image_formats import FORMAT_CHOICES, QEMU_FORMATS, QEMU_IMAGE_SUFFIXES, raw_container_warning
+
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbd+tcp://")
-# Image formats QEMU reads that are not raw: served read-only by qemu-nbd (covers
-# Hyper-V's vhdx/vhd, VMware's vmdk, VirtualBox's vdi, Xen/XCP-ng's vhd).
-QEMU_IMAGE_SUFFIXES = (".qcow2", ".qcow", ".qed", ".vmdk", ".vhdx", ".vhd", ".vpc", ".vdi")
+# QEMU_IMAGE_SUFFIXES: image formats QEMU reads that are not raw, served read-only by
+# qemu-nbd (covers Hyper-V's vhdx/vhd, VMware's vmdk, VirtualBox's vdi, Xen/XCP-ng's vhd).
 
 
 def default_work_dir() -> str:
@@ -142,11 +143,21 @@ class OpenedDisk:
             self._committer()
 
 
+def check_image_format(spec: str, image_format: str) -> None:
+    """``backup --format``: one of FORMAT_CHOICES, and only for image files and devices."""
+    if image_format not in FORMAT_CHOICES:
+        raise UsageError(f"unknown image format {image_format!r}: give one of {', '.join(FORMAT_CHOICES)}")
+    if image_format != "auto" and "://" in spec and not spec.startswith("file://"):
+        raise UsageError(f"--format is for image files and block devices; {spec.split('://', 1)[0]}:// sources "
+                         f"say their own format: drop --format")
+
+
 @contextmanager
 def open_disks(spec: str, names: list[str], *, previous_states: dict[str, dict | None],
-               verify_cbt: bool = False, work_dir: str | None = None):
+               verify_cbt: bool = False, work_dir: str | None = None, image_format: str = "auto"):
     """Yields (list of OpenedDisk, cleaned) for the disks ``disk_names`` gave; ``cleaned``
     fills with what the hypervisor session removed of an earlier, killed run.
+    ``image_format``: how an image file or device is read (``check_image_format``).
 
     The disks of a qemu:// URI share one hypervisor session: their point-in-time views
     are taken in one step, so together they are what the VM's disks held at one instant;
@@ -166,7 +177,7 @@ def open_disks(spec: str, names: list[str], *, previous_states: dict[str, dict |
     @contextmanager
     def opener():
         with open_source(spec, previous_state=previous_states.get(name), verify_cbt=verify_cbt,
-                         work_dir=work_dir) as (src, session):
+                         work_dir=work_dir, image_format=image_format) as (src, session):
             holder["session"] = session
             cleaned.extend(getattr(session, "cleaned_leftovers", None) or [])
             yield src
@@ -185,16 +196,29 @@ def _disk_source(disk):
 
 
 @contextmanager
-def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bool = False, work_dir: str | None = None):
+def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bool = False, work_dir: str | None = None,
+                image_format: str = "auto"):
     """Yields (source, session); call ``session.commit()`` after a successful backup
-    (session is None for sources that own no hypervisor resources)."""
+    (session is None for sources that own no hypervisor resources).  ``image_format``: an
+    image file or device is read as that format (``raw``, or through qemu-nbd), or with
+    ``auto`` by its name (image_formats)."""
+    check_image_format(spec, image_format)
+    path = spec[len("file://") :] if spec.startswith("file://") else spec
+    if image_format in QEMU_FORMATS:
+        from .qemu import QemuOfflineImage
+
+        with QemuOfflineImage(path, previous_state=previous_state, work_dir=work_dir or default_work_dir(),
+                              verify_cbt=verify_cbt, image_format=image_format) as session:
+            with session.open_source() as nbd:
+                yield SessionSource(session, nbd), session
+        return
     if spec.startswith(NBD_SCHEMES):
         from ..sources.nbd import NbdSource
 
         with NbdSource(spec) as src:
             yield src, None
         return
-    if spec.startswith("qemu://") or spec.lower().endswith(QEMU_IMAGE_SUFFIXES):
+    if spec.startswith("qemu://") or (image_format == "auto" and spec.lower().endswith(QEMU_IMAGE_SUFFIXES)):
         from .qemu import QemuHotBackup, QemuOfflineImage
 
         kind = QemuHotBackup if spec.startswith("qemu://") else QemuOfflineImage
@@ -211,6 +235,9 @@ def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bo
         )
     from ..sources.file import FileSource
 
-    path = spec[len("file://") :] if spec.startswith("file://") else spec
     with FileSource(path) as src:
+        if image_format == "auto":
+            warning = raw_container_warning(path)
+            if warning:
+                src.source_warnings = [warning]  # run_backup reports them with its own
         yield src, None

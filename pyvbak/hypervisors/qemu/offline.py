@@ -50,11 +50,13 @@ def _run(args: list[str], what: str, timeout: float = 60) -> str:
     return r.stdout
 
 
-def image_info(path: Path, *, running_vm_hint: str | None = None) -> dict:
+def image_info(path: Path, *, running_vm_hint: str | None = None, image_format: str | None = None) -> dict:
+    """``qemu-img info`` of ``path``: the format QEMU finds, or checked as ``image_format``."""
     if not path.exists():
         raise SourceError(f"disk image {path} does not exist")
+    fmt_args = ["-f", image_format] if image_format else []
     try:
-        out = _run(["qemu-img", "info", "--output=json", str(path)], f"qemu-img info {path}")
+        out = _run(["qemu-img", "info", "--output=json", *fmt_args, str(path)], f"qemu-img info {path}")
     except SourceError as e:
         if "lock" in str(e).lower():
             hint = running_vm_hint or ("back up a running VM through its QMP socket with a "
@@ -70,8 +72,11 @@ class QemuOfflineImage(ExportSession):
     fallback_reason, cleaned_leftovers; ``commit()`` after the backup is durable."""
 
     def __init__(self, path: str | os.PathLike, *, previous_state: dict | None, work_dir: str | os.PathLike,
-                 verify_cbt: bool = False, start_timeout: float = 30.0):
+                 verify_cbt: bool = False, start_timeout: float = 30.0, image_format: str | None = None):
+        """``image_format``: read the image as this format (``backup --format``); None: as
+        ``qemu-img info`` finds it."""
         self.path = Path(path).resolve()
+        self.image_format = image_format
         self.previous_state = dict(previous_state) if previous_state else None
         self.work_dir = Path(work_dir)
         self.verify_cbt = verify_cbt
@@ -119,7 +124,7 @@ class QemuOfflineImage(ExportSession):
         # who runs this run, before any other file of it (and before the image's bitmaps
         # change): another pyvbak sharing the work dir judges it by this, not by its pid
         self._write_journal()
-        info = image_info(self.path)
+        info = image_info(self.path, image_format=self.image_format)
         self.format = info["format"]
         self.size = int(info["virtual-size"])
         bitmaps = {}

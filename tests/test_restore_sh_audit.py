@@ -1,0 +1,348 @@
+"""restore.sh as a user without pyvbak meets it: other shells, awkward paths, snapshot
+names, an output that exists, damage with another good copy, signals, block devices."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from conftest import require_tool, wait_until
+from images import MiB, backup_file, random_bytes, resize, same_file, vm_image, write_at
+from pyvbak.repo import format as fmt
+from pyvbak.repo.repository import Repository
+
+BARE_PATH = "/usr/bin:/bin"
+
+
+def shells():
+    out = [("/bin/sh",), ("bash", "--posix")]
+    if shutil.which("busybox"):
+        out.append((shutil.which("busybox"), "sh"))
+    return out
+
+
+def run_sh(script, *args, cwd, shell=("/bin/sh",), env=None, timeout=120):
+    return subprocess.run(
+        [*shell, "--", str(script), *map(str, args)],
+        env={"PATH": BARE_PATH, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_error(p, *needles):
+    """A failure: non-zero exit, stderr exactly one restore.sh error line holding needles."""
+    assert p.returncode != 0, p.stdout
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("restore.sh: error: "), p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def no_partial(d):
+    return not [n for n in os.listdir(d) if "partial" in n]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    require_tool("zstd", "zstd")
+    base = tmp_path_factory.mktemp("rsha")
+    # a repository under a name no tool may take for an option, with a quote, a space and
+    # non-ASCII characters
+    repo = Repository.init(str(base / "-r 'q\"é x"))
+    img = base / "disk.img"
+    vm_image(img, 3 * MiB + 4321, seed=41)
+    s1 = backup_file(repo, img, vm="web", disk="sda").snapshot_id
+    c1 = shutil.copyfile(img, base / "s1.img")
+    resize(img, 4 * MiB + 17)  # grown
+    write_at(img, 4 * MiB - 3000, random_bytes(3017, 42))
+    s2 = backup_file(repo, img, vm="web", disk="sda").snapshot_id
+    c2 = shutil.copyfile(img, base / "s2.img")
+    resize(img, MiB + 5)  # shrunk
+    s3 = backup_file(repo, img, vm="web", disk="sda").snapshot_id
+    c3 = shutil.copyfile(img, base / "s3.img")
+    zero = base / "zero.img"
+    zero.write_bytes(b"")
+    resize(zero, 2 * MiB + 1)
+    s4 = backup_file(repo, zero, vm="db", disk="sdb").snapshot_id
+    backup_file(repo, zero, vm="db", disk="sdc")
+    elsewhere = base / "-out dir é"
+    elsewhere.mkdir()
+    return repo, [(s1, c1), (s2, c2), (s3, c3), (s4, zero)], elsewhere
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]) + "".join(s[1:]))
+def test_awkward_paths_and_every_kind_of_disk(setup, shell, tmp_path):
+    """Relative script and output paths starting with '-' (dirname, cd, truncate, rm, mv
+    took them for options: the partial file was left behind), and a CDPATH naming a decoy
+    directory of the same name (cd printed it and went there); grown, shrunk, partial last
+    block, all-zero disk."""
+    repo, snaps, elsewhere = setup
+    parent, name = os.path.split(repo.location)
+    decoy = tmp_path / "decoy" / name
+    decoy.mkdir(parents=True)
+    for k, (sid, copy) in enumerate(snaps):
+        out = f"-o {k} 'é.img"
+        p = run_sh(os.path.join(name, "restore.sh"), sid, out, cwd=parent, shell=shell,
+                   env={"CDPATH": str(tmp_path / "decoy")})
+        assert p.returncode == 0, p.stderr
+        assert same_file(os.path.join(parent, out), copy)
+        os.unlink(os.path.join(parent, out))
+    assert no_partial(parent)
+
+
+def test_snapshot_names_prefix_and_latest(setup):
+    repo, snaps, elsewhere = setup
+    script = os.path.join(repo.location, "restore.sh")
+    (s1, c1), (s2, c2), (s3, c3), (s4, c4) = snaps
+    for spec, copy in [(s1[:-3], c1), ("web@latest", c3), ("web/sda@latest", c3), ("db/sdb@latest", c4)]:
+        out = elsewhere / "spec.img"
+        p = run_sh(script, spec, out, cwd=elsewhere)
+        assert p.returncode == 0, p.stderr
+        assert same_file(out, copy)
+        out.unlink()
+    cases = [
+        (s1[:4], "is ambiguous"),
+        ("20000101T000000Z-deadbeef", "no snapshot 20000101T000000Z-deadbeef"),
+        ("nope@latest", "no snapshot of nope"),
+        ("db@latest", "several disks"),
+        ("../snapshots/" + s1, "is not a snapshot id"),
+        ("", "is not a snapshot id"),
+    ]
+    for spec, needle in cases:
+        p = run_sh(script, spec, elsewhere / "bad.img", cwd=elsewhere)
+        one_error(p, needle)
+        assert not (elsewhere / "bad.img").exists()
+    # an index without metadata is an interrupted backup's, not a snapshot
+    os.chmod(repo.location + "/snapshots", 0o755)
+    orphan = os.path.join(repo.location, "snapshots", "20000101T000000Z-0badf00d.index")
+    shutil.copyfile(os.path.join(repo.location, "snapshots", f"{s1}.index"), orphan)
+    try:
+        one_error(run_sh(script, "20000101T000000Z-0badf00d", elsewhere / "bad.img", cwd=elsewhere), "incomplete")
+    finally:
+        os.unlink(orphan)
+
+
+def test_existing_output_and_partial_files_are_never_destroyed(setup, tmp_path):
+    repo, snaps, _ = setup
+    script = os.path.join(repo.location, "restore.sh")
+    (s1, c1), (s2, c2) = snaps[:2]
+    out = tmp_path / "out.img"
+    out.write_bytes(b"keep me")
+    one_error(run_sh(script, s1, out, cwd=tmp_path), "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    # a file named like the partial file is someone else's: the old script truncated it,
+    # then deleted it on its way out
+    other = tmp_path / "new.img"
+    theirs = tmp_path / "new.img.pyvbak-restore-partial"
+    theirs.write_bytes(b"another restore's")
+    one_error(run_sh(script, s1, other, cwd=tmp_path), "pyvbak-restore-partial exists")
+    assert theirs.read_bytes() == b"another restore's" and not other.exists()
+    theirs.unlink()
+    # --force replaces a file, only once the restore is complete
+    p = run_sh(script, "--force", s2, out, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert same_file(out, c2)
+    # neither a directory nor a missing directory is an output
+    (tmp_path / "dir").mkdir()
+    one_error(run_sh(script, "--force", s1, tmp_path / "dir", cwd=tmp_path), "neither a regular file")
+    one_error(run_sh(script, s1, tmp_path / "no" / "such.img", cwd=tmp_path), "cannot create")
+    assert no_partial(tmp_path)
+
+
+def _records_of(repo_dir, digest):
+    """(pack id hex, offset, clen) of every copy the pack indexes name for ``digest``."""
+    out = []
+    for name in os.listdir(os.path.join(repo_dir, "index")):
+        with open(os.path.join(repo_dir, "index", name), "rb") as f:
+            recs = fmt.decode_pack_index(f.read(), name)
+        for r in recs:
+            if bytes(r["digest"]) == digest:
+                out.append((bytes(r["pack"]).hex(), int(r["offset"]), int(r["clen"])))
+    return sorted(set(out))
+
+
+@pytest.fixture(scope="module")
+def two_copies(tmp_path_factory):
+    """A repository holding every block of one snapshot twice, in two packs: another
+    repository's backup of the same disk, one block shifted (other packs, same blocks), its
+    packs and pack indexes copied in, as two concurrent backups would leave it."""
+    require_tool("zstd", "zstd")
+    base = tmp_path_factory.mktemp("rsh2")
+    img = base / "disk.img"
+    vm_image(img, 2 * MiB, seed=51)
+    a = Repository.init(str(base / "a"))
+    sid = backup_file(a, img).snapshot_id
+    b = Repository.init(str(base / "b"))
+    img2 = base / "disk2.img"
+    img2.write_bytes(random_bytes(64 * 1024, 52) + img.read_bytes())
+    backup_file(b, img2)
+    for sub in ("packs", "index"):
+        shutil.copytree(os.path.join(b.location, sub), os.path.join(a.location, sub), dirs_exist_ok=True)
+    _, _, records = a.load_snapshot_index(a.resolve(sid))
+    digests = [bytes(d) for d in records["digest"] if bytes(d) != fmt.ZERO_DIGEST]
+    victim = digests[len(digests) // 2]  # inside a run of frames
+    copies = _records_of(a.location, victim)
+    assert len(copies) == 2, copies
+    return a.location, sid, img, copies, victim
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_copy_is_replaced_by_another(two_copies, tmp_path, which, damage):
+    """The Python restorer falls back to another copy of a block; restore.sh kept one copy
+    per digest (sort -u) and stopped at the first that did not read back good."""
+    src, sid, img, copies, _ = two_copies
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo)
+    pack, off, clen = copies[which]
+    path = repo / fmt.pack_name(pack)
+    os.chmod(path, 0o644)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[off + clen // 2] ^= 0x55
+        path.write_bytes(data)
+    elif damage == "truncate":
+        path.write_bytes(data[: off + clen // 2])
+    else:
+        path.unlink()
+    out = tmp_path / "out.img"
+    p = run_sh(repo / "restore.sh", sid, out, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert same_file(out, img)
+    assert no_partial(tmp_path)
+
+
+def test_every_copy_damaged_is_one_error_line(two_copies, tmp_path):
+    src, sid, _, copies, victim = two_copies
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo)
+    for pack, off, clen in copies:
+        path = repo / fmt.pack_name(pack)
+        os.chmod(path, 0o644)
+        data = bytearray(path.read_bytes())
+        data[off + clen // 2] ^= 0x55
+        path.write_bytes(data)
+    out = tmp_path / "out.img"
+    one_error(run_sh(repo / "restore.sh", sid, out, cwd=tmp_path), "no other copy", "damaged")
+    assert not out.exists() and no_partial(tmp_path)
+
+
+def _slow_zstd_path(tmp_path):
+    """A PATH whose zstd, when it decodes a block (stdin to stdout), touches MARK and waits
+    for GO: the restore is caught mid-write, deterministically."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
+              "dirname sync grep cat").split():
+        (d / t).symlink_to(shutil.which(t))
+    (d / "zstd").write_text(
+        "#!/bin/sh\n"
+        'if [ "$*" = "-dcq" ]; then : > "$MARK"; n=0\n'
+        '  while [ ! -e "$GO" ] && [ $n -lt 600 ]; do sleep 0.05; n=$((n+1)); done; fi\n'
+        f'exec {shutil.which("zstd")} "$@"\n'
+    )
+    (d / "zstd").chmod(0o755)
+    return str(d)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_a_signal_mid_restore_leaves_no_output_and_no_temp_files(setup, tmp_path, sig, code):
+    repo, snaps, _ = setup
+    sid, _ = snaps[1]
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    out = tmp_path / "out.img"
+    out.write_bytes(b"the user's old disk")  # --force: replaced only by a complete restore
+    mark, go = tmp_path / "mark", tmp_path / "go"
+    env = {"PATH": _slow_zstd_path(tmp_path), "MARK": str(mark), "GO": str(go), "TMPDIR": str(tmpdir)}
+    proc = subprocess.Popen(["/bin/sh", os.path.join(repo.location, "restore.sh"), "--force", sid, str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(mark.exists, timeout=30, what="restore.sh to decode a block")
+        assert (tmp_path / "out.img.pyvbak-restore-partial").exists()
+        proc.send_signal(sig)
+        go.touch()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, stderr
+    assert "interrupted" in stderr and f"{out} left as it was" in stderr, stderr
+    assert out.read_bytes() == b"the user's old disk"
+    assert no_partial(tmp_path) and os.listdir(tmpdir) == []
+
+
+def test_restore_to_a_block_device(setup, tmp_path):
+    """A block device is an output with --force only; its zero blocks are written (a hole
+    in a file reads as zeros, a device keeps what it held)."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup for a loop device")
+    repo, snaps, _ = setup
+    sid, copy = snaps[0]
+    backing = tmp_path / "dev.bin"
+    backing.write_bytes(b"\xff" * (4 * MiB))
+    p = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"no loop device: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    try:
+        script = os.path.join(repo.location, "restore.sh")
+        one_error(run_sh(script, sid, dev, cwd=tmp_path), "block device", "--force")
+        p = run_sh(script, "--force", sid, dev, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        size = os.path.getsize(copy)
+        with open(dev, "rb") as f:
+            got = f.read(size)
+        with open(copy, "rb") as f:
+            assert got == f.read()
+        # the snapshot, 3 MiB, does not fit a 1 MiB device: refused before writing
+        subprocess.run(["losetup", "-d", dev], check=True)
+        small = tmp_path / "small.bin"
+        small.write_bytes(b"\xff" * MiB)
+        dev = subprocess.run(["losetup", "-f", "--show", str(small)], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        one_error(run_sh(script, "--force", sid, dev, cwd=tmp_path), "choose a larger device")
+        assert small.read_bytes() == b"\xff" * MiB
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def test_a_full_disk_is_one_error_line_and_no_partial(setup, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    repo, snaps, _ = setup
+    sid, _ = snaps[1]
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+    try:
+        one_error(run_sh(os.path.join(repo.location, "restore.sh"), sid, mnt / "out.img", cwd=tmp_path),
+                  "cannot write block")
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_missing_zstd_is_one_error_line(setup, tmp_path):
+    repo, snaps, _ = setup
+    d = tmp_path / "bin"
+    d.mkdir()
+    for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
+              "dirname sync grep").split():
+        (d / t).symlink_to(shutil.which(t))
+    p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), snaps[0][0], str(tmp_path / "o.img")],
+                       env={"PATH": str(d)}, capture_output=True, text=True, timeout=60)
+    one_error(p, "needs these commands", "zstd")
+    assert not (tmp_path / "o.img").exists()

@@ -142,11 +142,15 @@ esac
 meta="$repo/snapshots/$snap.json"
 index="$repo/snapshots/$snap.index"
 [ -f "$index" ] || die "the index of snapshot $snap ($index) is missing: the repository is damaged, restore another snapshot"
-grep -Fqx -e '  "status": "complete",' "$meta" \
-  || die "snapshot $snap is not complete ($meta has no \"status\": \"complete\"): choose another"
+# The fields read from here on, whatever the JSON's layout: white space taken out.
+tr -d ' \n\r\t' < "$meta" > "$tmp/meta" || die "cannot read $meta"
+grep -q '"status":"complete"' "$tmp/meta" \
+  || die "snapshot $snap is not complete or its metadata is damaged ($meta has no \"status\": \"complete\"): choose another"
 # The metadata names its index by SHA-256 (index_sha256; older snapshots have none): an
 # index copied over another's would restore the other snapshot's disk.
-want=$(json_field "$meta" index_sha256) || die "cannot read $meta"
+rc=0; grep -o '"index_sha256":"[0-9a-f]*"' "$tmp/meta" > "$tmp/field" || rc=$?
+[ "$rc" -le 1 ] || die "grep failed on $meta"
+want=$(cut -d'"' -f4 "$tmp/field") || die "cut failed on $meta"
 if [ -n "$want" ]; then
   sha256sum "$index" > "$tmp/sum" || die "sha256sum failed on $index"
   read -r got rest < "$tmp/sum"
@@ -156,6 +160,8 @@ fi
 # 1. The snapshot index: a 48-byte header, then one 48-byte record per block:
 #    sha256(32) fast_hash(16).  An all-zero digest marks a zero block.
 zstd -dcq "$index" > "$tmp/index.bin" 2>/dev/null || die "$index cannot be decompressed: the repository is damaged, restore another snapshot"
+ilen=$(wc -c < "$tmp/index.bin") || die "wc failed on $index"
+[ "$ilen" -ge 48 ] && [ $((ilen % 48)) -eq 0 ] || die "$index is damaged: $ilen bytes, not 48-byte records"
 od -An -v -tx1 -w48 "$tmp/index.bin" > "$tmp/index.od" || die "od failed on $index"
 tr -d ' ' < "$tmp/index.od" > "$tmp/index.hex" || die "tr failed on $index"
 rm -f "$tmp/index.bin" "$tmp/index.od"
@@ -168,21 +174,26 @@ size=$((0x$(echo "$header" | cut -c33-48)))
 count=$((0x$(echo "$header" | cut -c49-64)))
 [ "$bs" -gt 0 ] && [ "$size" -ge 0 ] && [ "$count" -eq $(( (size + bs - 1) / bs )) ] \
   || die "$index is damaged: $count records for a $size-byte disk of $bs-byte blocks"
-grep -o '"size": *[0-9]*' "$meta" > "$tmp/msize" || :
-grep -o '"block_size": *[0-9]*' "$meta" > "$tmp/mbs" || :
+grep -o '"size":[0-9]*' "$tmp/meta" > "$tmp/msize" || :
+grep -o '"block_size":[0-9]*' "$tmp/meta" > "$tmp/mbs" || :
 msize=$(tr -dc 0-9 < "$tmp/msize") && mbs=$(tr -dc 0-9 < "$tmp/mbs") || die "tr failed on $meta"
 [ -z "$msize" ] || [ "$msize" = "$size" ] || die "$index is a $size-byte disk but $meta says $msize bytes: the repository is damaged"
 [ -z "$mbs" ] || [ "$mbs" = "$bs" ] || die "$index has $bs-byte blocks but $meta says $mbs: the repository is damaged"
 tail -n +2 "$tmp/index.hex" > "$tmp/records" || die "tail failed on $index"
+rm -f "$tmp/index.hex"  # (files go as soon as they are read: $TMPDIR holds less)
 [ "$(wc -l < "$tmp/records")" -eq "$count" ] || die "$index is damaged: it does not hold its $count block records"
 zero=0000000000000000000000000000000000000000000000000000000000000000
 # "digest blockno" for every non-zero block, sorted by digest.
 cut -c1-64 "$tmp/records" > "$tmp/digests" || die "cut failed on $index"
+rm -f "$tmp/records"
 nl -ba -v0 -w1 -s' ' "$tmp/digests" > "$tmp/numbered" || die "nl failed on $index"
+rm -f "$tmp/digests"
 rc=0; grep -v " $zero\$" "$tmp/numbered" > "$tmp/nonzero" || rc=$?
 [ "$rc" -le 1 ] || die "grep failed on $index (is ${TMPDIR:-/tmp} full?)"
 { cut -d' ' -f1 "$tmp/nonzero" > "$tmp/nz.n" && cut -d' ' -f2 "$tmp/nonzero" > "$tmp/nz.d" \
-  && paste -d ' ' "$tmp/nz.d" "$tmp/nz.n" > "$tmp/unsorted"; } || die "cannot list the blocks of $index (is ${TMPDIR:-/tmp} full?)"
+  && rm -f "$tmp/nonzero" && paste -d ' ' "$tmp/nz.d" "$tmp/nz.n" > "$tmp/unsorted"; } \
+  || die "cannot list the blocks of $index (is ${TMPDIR:-/tmp} full?)"
+rm -f "$tmp/nz.d" "$tmp/nz.n"
 sort -k1,1 "$tmp/unsorted" > "$tmp/blocks" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
 if [ -n "$device" ]; then
   rc=0; grep " $zero\$" "$tmp/numbered" > "$tmp/zeros" || rc=$?
@@ -193,7 +204,10 @@ rm -f "$tmp/records" "$tmp/digests" "$tmp/numbered" "$tmp/unsorted" "$tmp/nonzer
 
 # 2. Pack indexes: an 80-byte header (magic 692fe50019b13e63, version, count), then
 #    80-byte records: sha256(32) pack_id(32) offset(u64) compressed_len(u32) uncompressed_len(u32).
-: > "$tmp/packidx"
+#    Each is joined with the snapshot's blocks on its own: only the records this snapshot
+#    needs are kept, not the whole repository's.  Every copy of a block is kept: one that
+#    reads back damaged is replaced by another.
+: > "$tmp/found"
 for f in "$repo"/index/*; do
   [ -f "$f" ] || continue
   # A damaged pack index is left out, as pyvbak does: if it named a block this snapshot
@@ -206,25 +220,24 @@ for f in "$repo"/index/*; do
   tr -d ' ' < "$tmp/pi.od" > "$tmp/pi.hex" || die "tr failed on $f"
   h=$(head -n 1 "$tmp/pi.hex") || die "head failed on $f"
   tail -n +2 "$tmp/pi.hex" > "$tmp/pi.rec" || die "tail failed on $f"
-  if [ "$(echo "$h" | cut -c1-24)" != "692fe50019b13e6300000001" ] || [ "${#h}" -ne 160 ] \
+  plen=$(wc -c < "$tmp/pi.bin") || die "wc failed on $f"
+  if [ "$(echo "$h" | cut -c1-24)" != "692fe50019b13e6300000001" ] || [ $((plen % 80)) -ne 0 ] \
      || [ "$((0x$(echo "$h" | cut -c25-40)))" -ne "$(wc -l < "$tmp/pi.rec")" ]; then
     echo "restore.sh: warning: pack index $f is damaged or not a pyvbak v1 pack index: left out" >&2
     continue
   fi
-  cat "$tmp/pi.rec" >> "$tmp/packidx" || die "cannot copy the records of $f (is ${TMPDIR:-/tmp} full?)"
+  # "digest pack offset length" (cut and paste: busybox cut has no --output-delimiter)
+  { cut -c1-64 "$tmp/pi.rec" > "$tmp/c1" && cut -c65-128 "$tmp/pi.rec" > "$tmp/c2" \
+    && cut -c129-144 "$tmp/pi.rec" > "$tmp/c3" && cut -c145-152 "$tmp/pi.rec" > "$tmp/c4"; } \
+    || die "cut failed on $f (is ${TMPDIR:-/tmp} full?)"
+  paste -d ' ' "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" > "$tmp/where.unsorted" || die "paste failed on $f"
+  sort -k1,1 "$tmp/where.unsorted" > "$tmp/where" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+  join "$tmp/blocks" "$tmp/where" >> "$tmp/found" || die "join failed on $f (is ${TMPDIR:-/tmp} full?)"
 done
-rm -f "$tmp/pi.bin" "$tmp/pi.od" "$tmp/pi.hex" "$tmp/pi.rec"
-# "digest pack offset length" (cut and paste: busybox cut has no --output-delimiter).
-# Every copy of a block is kept: one that reads back damaged is replaced by another.
-{ cut -c1-64 "$tmp/packidx" > "$tmp/c1" && cut -c65-128 "$tmp/packidx" > "$tmp/c2" \
-  && cut -c129-144 "$tmp/packidx" > "$tmp/c3" && cut -c145-152 "$tmp/packidx" > "$tmp/c4"; } \
-  || die "cut failed on the pack indexes (is ${TMPDIR:-/tmp} full?)"
-paste -d ' ' "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" > "$tmp/where.unsorted" || die "paste failed on the pack indexes"
-sort -u "$tmp/where.unsorted" > "$tmp/where" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
-rm -f "$tmp/packidx" "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" "$tmp/where.unsorted"
+rm -f "$tmp/pi.bin" "$tmp/pi.od" "$tmp/pi.hex" "$tmp/pi.rec" "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" \
+  "$tmp/where.unsorted" "$tmp/where"
 
 # 3. Every block must be somewhere: "digest blockno pack offset length", one line per copy.
-join "$tmp/blocks" "$tmp/where" > "$tmp/found" || die "join failed"
 cut -d' ' -f2 "$tmp/found" > "$tmp/found.n" && sort -u "$tmp/found.n" > "$tmp/found.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
 wanted=$(wc -l < "$tmp/blocks")
 found=$(wc -l < "$tmp/found.u")
@@ -232,8 +245,8 @@ found=$(wc -l < "$tmp/found.u")
   || die "$((wanted - found)) block(s) of snapshot $snap are missing from the repository (no pack index names them): run 'pyvbak verify', or restore another snapshot"
 # The plan: one copy of every block, in pack order (sequential reads, and runs of frames
 # that are consecutive both in a pack and on the disk: a full backup stores them so).
-sort -u -k2,2 "$tmp/found" > "$tmp/primary" && sort -k3,3 -k4,4 "$tmp/primary" > "$tmp/plan" \
-  || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+sort -u -k2,2 "$tmp/found" > "$tmp/primary" && rm -f "$tmp/blocks" "$tmp/found.n" \
+  && sort -k3,3 -k4,4 "$tmp/primary" > "$tmp/plan" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
 rm -f "$tmp/found.n" "$tmp/primary" "$tmp/blocks"
 
 # 4. Write every non-zero block at its place; zero blocks stay holes of the truncated file

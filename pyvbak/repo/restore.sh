@@ -39,7 +39,7 @@ out=$2
 [ -n "$out" ] || die "$usage"
 case $out in -*) out=./$out ;; esac  # a name no tool takes for an option
 missing_tools=
-for t in zstd od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm dirname sync grep; do
+for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv ln rm dirname sync grep; do
   command -v "$t" >/dev/null 2>&1 || missing_tools="$missing_tools $t"
 done
 [ -z "$missing_tools" ] || die "needs these commands, not found on PATH:$missing_tools (install coreutils, grep and zstd)"
@@ -313,6 +313,7 @@ check_frame() {  # as block: the frame decompressed to $tmp/block and checked, o
 # (No `local` in POSIX sh: the functions' variables are named apart from the loop's.)
 run_pack=; run_n=0; run_k=0; run_off=0; run_end=-1
 max_k=$((16777216 / bs)); [ "$max_k" -ge 1 ] || max_k=1
+command -v split >/dev/null 2>&1 || max_k=1  # (busybox has no split: one block at a time)
 : > "$tmp/run.lines"; : > "$tmp/run.want"
 flush_run() {
   [ "$run_k" -gt 0 ] || return 0

@@ -1,7 +1,7 @@
 #!/bin/sh
 # restore.sh - restore a pyvbak snapshot WITHOUT pyvbak.
-# Needs only a POSIX sh (dash, bash, busybox sh), coreutils (GNU or busybox, plus `join`),
-# grep and zstd.  Usage, from anywhere:
+# Needs only a POSIX sh (dash, bash, busybox sh), coreutils (GNU or busybox, plus `join`;
+# `split` if there), grep and zstd.  Usage, from anywhere:
 #     sh /path/to/REPO/restore.sh [--force] SNAPSHOT OUTPUT
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.

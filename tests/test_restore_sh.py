@@ -135,7 +135,7 @@ def _tools_dir(tmp_path, *, without=(), failing=()):
     ``failing`` is a script that prints nothing and exits 1 (a stage that breaks)."""
     d = tmp_path / "bin"
     d.mkdir()
-    for t in ("zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv rm "
+    for t in ("zstd od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
               "dirname sync cat grep").split():
         if t in without:
             continue
@@ -145,6 +145,17 @@ def _tools_dir(tmp_path, *, without=(), failing=()):
             continue
         (d / t).symlink_to(shutil.which(t))
     return str(d)
+
+
+def test_restore_sh_with_every_tool_of_the_tools_dir(setup, tmp_path):
+    """The PATH the failing-stage tests start from restores: their failures are the
+    stage's, not a tool missing from it."""
+    repo, snaps, elsewhere = setup
+    sid, copy = snaps[1]
+    out = elsewhere / "tools-dir.img"
+    p = run_sh(repo.location, sid, out, cwd=elsewhere, env={"PATH": _tools_dir(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert same_file(out, copy)
 
 
 def test_restore_sh_under_busybox_sh(setup):
@@ -171,16 +182,19 @@ def test_restore_sh_without_a_tool_says_which_and_writes_nothing(setup, tmp_path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("tool", "zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv".split())
+@pytest.mark.parametrize("tool", "zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate grep ln+mv"
+                         .split())
 def test_restore_sh_a_failing_stage_is_an_error_not_a_disk_of_zeros(setup, tmp_path, tool):
     """A stage of a pipeline that fails used to go unseen (`set -e` looks at a
     pipeline's last command only): `join` failing gave a 'restored' disk of zeros."""
     repo, snaps, elsewhere = setup
     sid, _ = snaps[1]
     out = elsewhere / f"fail-{tool}.img"
-    p = run_sh(repo.location, sid, out, cwd=elsewhere, env={"PATH": _tools_dir(tmp_path, failing=(tool,))})
+    # (ln+mv: the output gets its name from ln, or from mv where ln fails)
+    p = run_sh(repo.location, sid, out, cwd=elsewhere, env={"PATH": _tools_dir(tmp_path, failing=tool.split("+"))})
     assert p.returncode != 0, p.stdout
     assert "restore.sh: error:" in p.stderr
+    assert "needs these commands" not in p.stderr, "the stage never ran: the test proves nothing"
     assert not out.exists()
     assert not [n for n in os.listdir(elsewhere) if "partial" in n]
 

@@ -305,6 +305,15 @@ def test_restore_to_a_block_device(setup, tmp_path):
             got = f.read(size)
         with open(copy, "rb") as f:
             assert got == f.read()
+        # a mounted device is refused, even with --force
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        if shutil.which("mkfs.ext4") and subprocess.run(["mkfs.ext4", "-q", dev], capture_output=True).returncode == 0 \
+                and subprocess.run(["mount", dev, str(mnt)], capture_output=True).returncode == 0:
+            try:
+                one_error(run_sh(script, "--force", sid, dev, cwd=tmp_path), "is mounted", "unmount it")
+            finally:
+                subprocess.run(["umount", str(mnt)], check=True)
         # the snapshot, 3 MiB, does not fit a 1 MiB device: refused before writing
         subprocess.run(["losetup", "-d", dev], check=True)
         small = tmp_path / "small.bin"

@@ -55,6 +55,14 @@ device=
 if [ -b "$out" ]; then
   [ -n "$force" ] || die "$out is a block device: pass --force to overwrite it with the snapshot"
   device=1
+  # (Linux, and by the name given only: a symlink to a mounted device is not seen)
+  if [ -r /proc/mounts ]; then
+    while read -r mdev mrest; do
+      case $mdev in
+        "$out" | "$out"[0-9]* | "$out"p[0-9]*) die "$mdev is mounted (on ${mrest%% *}): unmount it before restoring onto $out" ;;
+      esac
+    done < /proc/mounts
+  fi
 elif [ -e "$out" ] || [ -L "$out" ]; then
   [ -n "$force" ] || die "$out exists: remove it, choose another output, or pass --force to replace it"
   [ -f "$out" ] || die "$out exists and is neither a regular file nor a block device: choose another output"

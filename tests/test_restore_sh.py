@@ -234,3 +234,43 @@ def test_a_damaged_pack_index_the_snapshot_does_not_need_is_left_out(setup, tmp_
     assert p.returncode == 0, p.stderr
     assert "warning: pack index" in p.stderr
     assert same_file(out, copy)
+
+
+def test_backups_bring_an_older_restore_kit_up_to_date(tmp_path, capsys):
+    """A repository made by an older pyvbak keeps its restore.sh until a backup replaces
+    it with this one's (a newer revision only: an older pyvbak never downgrades it), and
+    the replaced script restores."""
+    from pyvbak.cli.main import main
+    from pyvbak.repo.repository import restore_kit_revision
+
+    kit = os.path.join(os.path.dirname(fmt.__file__), "restore.sh")
+    current = open(kit, "rb").read()
+    revision = restore_kit_revision(current)
+    assert revision >= 2 and restore_kit_revision(b"#!/bin/sh\n# no revision line\n") == 1
+    repo_dir = tmp_path / "repo"
+    assert main(["init", str(repo_dir)]) == 0
+    old = b"#!/bin/sh\necho the old script\n"
+    (repo_dir / "restore.sh").write_bytes(old)
+    (repo_dir / "README-RESTORE.txt").write_bytes(b"old readme\n")
+    img = tmp_path / "d.img"
+    vm_image(img, 1 * MiB + 123, seed=5)
+    capsys.readouterr()
+    assert main(["backup", str(img), "--repo", str(repo_dir), "--vm", "v", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert f"updated restore.sh and README-RESTORE.txt in the repository to revision {revision}" in err
+    assert (repo_dir / "restore.sh").read_bytes() == current
+    assert b"old readme" not in (repo_dir / "README-RESTORE.txt").read_bytes()
+    assert os.stat(repo_dir / "restore.sh").st_mode & 0o111
+    # up to date: nothing said, nothing written
+    assert main(["backup", str(img), "--repo", str(repo_dir), "--vm", "v", "--json"]) == 0
+    assert "restore.sh" not in capsys.readouterr().err
+    # a newer revision (a newer pyvbak's) stays
+    newer = current.replace(f"# restore kit revision: {revision}".encode(), f"# restore kit revision: {revision + 1}".encode())
+    (repo_dir / "restore.sh").write_bytes(newer)
+    assert main(["backup", str(img), "--repo", str(repo_dir), "--vm", "v", "--json"]) == 0
+    assert (repo_dir / "restore.sh").read_bytes() == newer
+    (repo_dir / "restore.sh").write_bytes(current)
+    sid = Repository.open(str(repo_dir)).latest("v", "d").id
+    r = run_sh(repo_dir, sid, tmp_path / "out.img", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert same_file(tmp_path / "out.img", img)

@@ -73,6 +73,8 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
     with r.lock(purpose=f"backup of {vm}/{','.join(names)}") as lock:
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
         cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
+        for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes
+            info(line)
         prev_states = {}
         for name in names:
             parent = r.latest(vm, name)

@@ -45,6 +45,13 @@ DEFAULT_BLOCK_SIZE = 64 * 1024
 DEFAULT_COMPRESSION = "zstd:1"
 #: what init writes before the config (a directory holding only these is not a repository yet)
 INIT_HELPERS = ("restore.sh", "README-RESTORE.txt")
+#: the "restore kit revision: N" line of restore.sh (none: revision 1, before the line existed)
+_KIT_REVISION_RE = re.compile(rb"^# restore kit revision: (\d+)", re.M)
+
+
+def restore_kit_revision(script: bytes) -> int:
+    m = _KIT_REVISION_RE.search(script[:4096])
+    return int(m.group(1)) if m else 1
 # Packs group blocks so backends see few large objects (object stores bill per request).
 PACK_TARGET_BYTES = 16 * 1024 * 1024
 #: referenced_digests folds per-snapshot digests into the union at least this many at a time
@@ -598,6 +605,41 @@ class Repository:
     def read_block_frame(self, record) -> bytes:
         pack_hex = bytes(record["pack"]).hex()
         return self.backend.read_range(fmt.pack_name(pack_hex), int(record["offset"]), int(record["clen"]))
+
+    # -- the restore kit (restore.sh, README-RESTORE.txt) --------------------------------
+    def refresh_restore_kit(self) -> list[str]:
+        """Replace the repository's ``restore.sh`` and ``README-RESTORE.txt`` by this
+        pyvbak's when they are of an older revision (or restore.sh is missing): init is
+        not the only time they are written, so repositories get the script's fixes.  A
+        newer revision is left alone (an older pyvbak never downgrades it).  Each is an
+        atomic replace: a restore.sh running meanwhile keeps reading its old file.
+        Lines for the user; a failure is one such line, never the backup's failure."""
+        here = os.path.dirname(os.path.abspath(__file__))
+        try:
+            kit = {}
+            for name in INIT_HELPERS:
+                with open(os.path.join(here, name), "rb") as f:
+                    kit[name] = f.read()
+        except OSError:
+            return []  # not installed as files: init's copies stay
+        revision = restore_kit_revision(kit["restore.sh"])
+        try:
+            stored = self.backend.read("restore.sh")
+        except ObjectMissing:
+            stored = b""
+        except PyvbakError as e:
+            return [f"warning: could not read restore.sh to check its revision: {e}"]
+        if stored and restore_kit_revision(stored) >= revision:
+            return []
+        try:
+            for name in ("README-RESTORE.txt", "restore.sh"):
+                self.backend.replace(name, kit[name])
+            if _is_local(self.location):
+                os.chmod(os.path.join(self.location, "restore.sh"), 0o755)
+        except (PyvbakError, OSError) as e:
+            return [f"warning: could not update restore.sh and README-RESTORE.txt in the repository: {e}"]
+        return [f"updated restore.sh and README-RESTORE.txt in the repository to revision {revision}"
+                + (" (restore.sh was missing)" if not stored else "")]
 
     # -- leftovers of interrupted runs ------------------------------------------------
     def recover_leftovers(self, *, after_crash: bool = True) -> list[str]:

@@ -30,9 +30,9 @@ from contextlib import nullcontext
 
 import json
 import os
+import signal
 import socket
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,6 @@ class QemuHotBackup(ExportSession):
         self.snapshot_access = True  # decided from QEMU's version once connected
         self._lock: str | None = None             # the VM's session lock object, once held
         self._space_guard: fleece_guard.FleeceSpaceGuard | None = None
-        self._releaser: threading.Thread | None = None  # an early release_view under way
 
     # -- one disk: the session answers for it --------------------------------------
 
@@ -435,7 +434,6 @@ class QemuHotBackup(ExportSession):
         errors: list[str] = []
         try:
             with (guard.deferred() if guard else nullcontext()):
-                self._join_release()  # what is left is known once an early release is done
                 self._cleanup(failed, errors)
         finally:
             if guard:
@@ -480,50 +478,38 @@ class QemuHotBackup(ExportSession):
         """Remove ``d``'s export, snapshot-access node, copy-before-write job and fleecing
         node as soon as the engine has read what it needs, instead of at the session's
         end: from then on the guest's writes to this disk no longer pay a copy into the
-        fleecing file while the backup makes its packs durable and commits.
-
-        The steps (4-5 QMP round trips, 3-7 ms of QEMU's time) run on a thread of their
-        own, beside the packs' last writes and the commit (fsyncs) instead of before them:
-        in-process incrementals of the 2 GiB bench disk, bench/RESULTS.md "Session 11".
-        Releases run one at a time, in order; the teardown waits for the last one before
-        it looks at what is left.  The bitmaps are not touched: they are settled at the
-        end, once the snapshot is committed (or not).  A failed step never raises: its
-        flag stays set, so the teardown tries again and reports it.  Signals reach the
-        main thread as ever (the teardown then waits for the steps under way)."""
+        fleecing file while the backup makes its packs durable and commits (and the
+        removal overlaps those writes instead of following them).  The bitmaps are not
+        touched: they are settled at the end, once the snapshot is committed (or not).
+        Never raises for a failed step: its flag stays set, so the teardown tries again
+        and reports it.  A signal during the steps is taken after them."""
         qmp = self._qmp
         if qmp is None or qmp._sock is None:
             return
-        self._join_release()
-        releaser = threading.Thread(target=self._release_steps, args=(qmp, d), daemon=True,
-                                    name=f"pyvbak-release-{d.names.export}")
-        self._releaser = releaser
-        releaser.start()
-
-    def _join_release(self) -> None:
-        releaser, self._releaser = self._releaser, None
-        if releaser is not None:
-            releaser.join()
-
-    def _release_steps(self, qmp: QmpClient, d: HotDisk) -> None:
-        try:  # in this order: a node still in use by the one before cannot go
-            if d.export_added:
-                cleanup.remove_export(qmp, d.names.export)
-                d.export_added = False
-            if d.access_node_added:
-                cleanup.remove_node(qmp, d.names.access_node)
-                d.access_node_added = False
-            if d.job_started and not d.job_cancelled:
-                cleanup.cancel_job(qmp, d.names.job)
-                d.job_cancelled = True  # job_started stays: the bitmaps are settled at the end
-            if d.fleece_node_added:
-                cleanup.remove_node(qmp, d.names.fleece_node)
-                d.fleece_node_added = False
-            if self._server_started and not any(x.export_added for x in self.disks):
-                # the last export is gone: the server too, off the teardown's path
-                cleanup.stop_nbd_server(qmp)
-                self._server_started = False
-        except Exception:  # noqa: BLE001 - the teardown tries the rest again and reports it
-            pass
+        guard = self._guard
+        with (guard.deferred() if guard else nullcontext()):
+            try:  # in this order: a node still in use by the one before cannot go
+                if d.export_added:
+                    cleanup.remove_export(qmp, d.names.export)
+                    d.export_added = False
+                if d.access_node_added:
+                    cleanup.remove_node(qmp, d.names.access_node)
+                    d.access_node_added = False
+                if d.job_started and not d.job_cancelled:
+                    cleanup.cancel_job(qmp, d.names.job)
+                    d.job_cancelled = True  # job_started stays: the bitmaps are settled at the end
+                if d.fleece_node_added:
+                    cleanup.remove_node(qmp, d.names.fleece_node)
+                    d.fleece_node_added = False
+                if self._server_started and not any(x.export_added for x in self.disks):
+                    # the last export is gone: the server too, off the teardown's path
+                    cleanup.stop_nbd_server(qmp)
+                    self._server_started = False
+            except Exception:  # noqa: BLE001 - the teardown tries the rest again and reports it
+                pass
+        if guard is not None and guard.pending is not None:
+            raise Interrupted(f"interrupted by {signal.Signals(guard.pending).name}; "
+                              "cleaned up what this run created")
 
     def _cleanup(self, failed: bool, errors: list[str]) -> None:
         qmp = self._qmp

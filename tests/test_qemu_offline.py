@@ -349,3 +349,28 @@ def test_clean_files_never_signals_the_qemu_nbd_of_another_pid_namespace(tmp_pat
     finally:
         nbd.kill()
         nbd.wait()
+
+
+def test_a_leftover_qemu_nbd_that_ignores_sigterm_is_killed_not_reported_stopped(tmp_path, monkeypatch):
+    """A leftover 'qemu-nbd' of a dead run that ignores SIGTERM got reported as stopped
+    while it kept running; now it gets SIGKILL after the wait, and the line says so."""
+    from pyvbak.hypervisors.qemu import cleanup
+
+    monkeypatch.setattr(cleanup, "STOP_WAIT_S", 0.3)
+    run = "1234567-deadbeef"  # any run id: the process's arguments name its socket
+    ready = tmp_path / "ready"
+    code = ("import signal, sys, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+    stub = subprocess.Popen(["bash", "-c", 'exec -a qemu-nbd "$0" -c "$1" "$2"', sys.executable, code,
+                             f"--socket={tmp_path}/pyvbak-{run}-nbd.sock"])
+    try:
+        from conftest import wait_until
+
+        wait_until(ready.exists, what="the stand-in ignoring SIGTERM")
+        assert cleanup.serves_run(stub.pid, run)
+        line = cleanup._stop_if_ours(stub.pid, None, tmp_path / "x.pid", run, None, None)
+        assert line == f"qemu-nbd process {stub.pid} (killed: it ignored SIGTERM for 0.3s)"
+        assert stub.wait(5) == -signal.SIGKILL
+    finally:
+        stub.kill()
+        stub.wait()

@@ -353,10 +353,34 @@ def _stop_if_ours(pid: int, pidfd: int | None, source: Path, run: str, owner: di
         return None
     except PermissionError as e:
         raise SourceError(f"cannot stop qemu-nbd process {pid} left by run {run}: {e.strerror}") from None
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and running(pid):
+    if _stopped_within(pid, STOP_WAIT_S):
+        return f"qemu-nbd process {pid}"
+    # it ignored SIGTERM (stuck in I/O, or not the qemu-nbd it claims): it holds the image
+    # open and its socket bound, so it is not left running while said to be stopped
+    try:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return f"qemu-nbd process {pid}"
+    if _stopped_within(pid, STOP_WAIT_S):
+        return f"qemu-nbd process {pid} (killed: it ignored SIGTERM for {STOP_WAIT_S:g}s)"
+    return (f"qemu-nbd process {pid} of run {run}: still running after SIGTERM and SIGKILL (stuck in the "
+            f"kernel?); stop it by hand")
+
+
+#: how long a leftover qemu-nbd gets to exit after SIGTERM, and again after SIGKILL
+STOP_WAIT_S = 5.0
+
+
+def _stopped_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while running(pid):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
-    return f"qemu-nbd process {pid}"
+    return True
 
 
 def clean_files(paths: list[Path]) -> list[str]:

@@ -221,6 +221,34 @@ def test_out_of_space_on_direct_write_leaves_no_temp(repo, tmp_path, direct_dir,
     assert os.listdir(direct_dir) == []
 
 
+def test_a_failing_close_after_a_failure_does_not_hide_it(repo, tmp_path, monkeypatch):
+    """The clean-up after a failed restore reports the failure, not an EIO of its own
+    close (network file systems report write-back errors there), and still removes the
+    temp file."""
+    img = vm_image(tmp_path / "disk.img", 2 * MiB, seed=6)
+    sid = backup_file(repo, img).snapshot_id
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    real_close = os.close
+    failing = {"on": False}
+
+    def take_over(fd, st):
+        failing["on"] = True
+        raise RuntimeError("the failure to report")
+
+    def close(fd):
+        real_close(fd)
+        if failing["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(restore_mod, "_take_over_file_attributes", take_over)
+    monkeypatch.setattr(restore_mod.os, "close", close)
+    with pytest.raises(RuntimeError, match="the failure to report"):
+        restore_to(repo, sid, out_dir / "restored.img")
+    monkeypatch.setattr(restore_mod.os, "close", real_close)
+    assert os.listdir(out_dir) == []
+
+
 def test_force_replaces_existing_file_atomically(repo, tmp_path, direct_dir):
     img = dedup_image(tmp_path / "disk.img", 12 * MiB + 12345)
     sid = backup_file(repo, img).snapshot_id

@@ -552,12 +552,18 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
                 target.close()
             except BaseException:  # interrupted again while it waited for the writers (they are
                 pass  # done now): finish the clean-up and report the first failure
+        # The failure above is what is reported: a close or unlink failing now (EIO on a
+        # network file system) must not replace it (a temp file left is recognisable by
+        # its name, and the next restore to this directory removes it).
         if fd >= 0:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         if not is_device:
             try:
                 os.unlink(path)
-            except FileNotFoundError:
+            except OSError:
                 pass
         # A file target is untouched (the temp file is gone); a device was written in place.
         note = f"; block device {output} was partly overwritten: restore it again before using it" if is_device else ""

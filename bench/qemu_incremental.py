@@ -19,7 +19,10 @@ the minimal work any tool must do for the same changed blocks.
    round began, and the step that came first paid for them - pyvbak's fsync'd packs
    far more than the baselines, which write nothing (session 10: in-process rounds
    of pyvbak-first 0.18-0.25 s against baselines-first 0.09-0.11 s; with the settle
-   0.10-0.14 s in both orders).
+   0.10-0.14 s in both orders).  The same settle runs between the two steps too: the
+   NBD baseline detaches and re-attaches the guest's FUSE export, which flushes QEMU's
+   image (session 11: in-process pyvbak after the baselines 0.127-0.146 s, before them
+   0.088-0.091 s, in one run), and pyvbak's own writes are not the baselines' to pay.
 4. Time the incremental ``pyvbak backup`` (same command, a subprocess: the user's wall
    time including interpreter start-up), check "cbt": true.
 5. Baseline, same round: read exactly the 64 KiB blocks the rewrite touched from the raw
@@ -510,6 +513,7 @@ def in_process_rounds(n: int, vm: "BenchVM", rawcopy: str, size: int, repo: str,
         if first:
             base_s, _, _, dig = baseline(rawcopy, rw["blocks"], threads)
             qn = baseline_qemu_nbd(vm, rw["blocks"], threads, readers)
+            settle(settle_s)  # as in the CLI rounds
         buf = io.StringIO()
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(buf):
@@ -519,6 +523,7 @@ def in_process_rounds(n: int, vm: "BenchVM", rawcopy: str, size: int, repo: str,
         if code != 0 or res.get("cbt") is not True:
             raise RuntimeError(f"in-process incremental failed (exit {code}) or did not use the bitmap: {res}")
         if not first:
+            settle(settle_s)
             base_s, _, _, dig = baseline(rawcopy, rw["blocks"], threads)
             qn = baseline_qemu_nbd(vm, rw["blocks"], threads, readers)
         rounds.append({"main_s": round(dt, 4), "engine_duration_s": round(res["duration"], 4),
@@ -704,10 +709,12 @@ def main() -> int:
             baseline_first = r % 2 == 1  # the NBD baseline only reads: the bitmap is untouched
             if baseline_first:
                 (base_s, base_read, base_comp, dig), qn = baselines()
+                settle(a.settle)  # the guest export's re-attach flushes QEMU's image: not on pyvbak's clock
             inc_s, inc, _ = run_pyvbak(["backup", vm.uri, "--repo", repo, "--vm", "bench", "--json"], env)
             if inc.get("cbt") is not True:
                 raise RuntimeError(f"incremental backup did not use the dirty bitmap: {inc.get('fallback_reason')}")
             if not baseline_first:
+                settle(a.settle)  # pyvbak's writes (packs, index) not on the baselines' clock
                 (base_s, base_read, base_comp, dig), qn = baselines()
             exp_bytes = len(rw["blocks"]) * BLOCK
             rounds.append({

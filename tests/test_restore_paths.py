@@ -334,12 +334,23 @@ def test_verify_still_finds_corruption(repo, tmp_path):
     assert not report["ok"] and report["problem_count"] >= 1
 
 
+@pytest.mark.parametrize("zeroout", ["device", "written"])
 @pytest.mark.parametrize("direct", ["1", "0"])
-def test_block_device_in_place_zero_runs_and_partial_tail(repo, tmp_path, loopdev, monkeypatch, direct):  # noqa: F811
+def test_block_device_in_place_zero_runs_and_partial_tail(repo, tmp_path, loopdev, monkeypatch, direct, zeroout):  # noqa: F811
     """Onto a bigger device full of garbage: data blocks (O_DIRECT when direct=1), zero
-    runs written as zeros, the partial last block through the page cache, the rest of the
-    device untouched."""
+    runs zeroed by the device (BLKZEROOUT) or written as zeros where it refuses, the
+    partial last block through the page cache, the rest of the device untouched."""
     monkeypatch.setenv(restore_mod.DIRECT_ENV, direct)
+    real_zeroout, zeroed = restore_mod._block_zeroout, []
+
+    def block_zeroout(fd, start, end):
+        if zeroout == "written":
+            return False
+        done = real_zeroout(fd, start, end)
+        zeroed.append((start, end, done))
+        return done
+
+    monkeypatch.setattr(restore_mod, "_block_zeroout", block_zeroout)
     size = 12 * MiB + 12345
     img = dedup_image(tmp_path / "disk.img", size)
     sid = backup_file(repo, img).snapshot_id
@@ -353,6 +364,8 @@ def test_block_device_in_place_zero_runs_and_partial_tail(repo, tmp_path, loopde
         got = f.read()
     assert got[:size] == open(img, "rb").read()
     assert got[size:] == garbage[size:]
+    if zeroout == "device":  # a loop device takes BLKZEROOUT (it punches its backing file)
+        assert zeroed and all(done for _, _, done in zeroed), zeroed
 
 
 # -- raw zstd frames taken in place (reader.raw_frame_content) -------------------------

@@ -96,6 +96,7 @@ class _Target:
         self.stages: list[_Stage] = []
         self.lock = threading.Lock()
         self.zeros = None
+        self.zeroout = True  # until the device refuses BLKZEROOUT (write_zeros)
         self.writers = None
         self.error: BaseException | None = None
         # runs handed to the writers and not yet done: waited for with a condition, not by
@@ -244,7 +245,20 @@ class _Target:
             raise self.error
 
     def write_zeros(self, start: int, end: int) -> None:
-        """Zeros over [start, end); ``start`` is a multiple of bs."""
+        """Zeros over [start, end) of a block device; ``start`` is a multiple of bs.
+
+        The device zeroes the range itself when it can (``BLKZEROOUT``: a WRITE ZEROES
+        command, or the kernel's own zero pages; a loop device punches its backing file),
+        so no zeros cross from user space; where it refuses, they are written."""
+        if self.zeroout:
+            aligned_end = end - end % 512  # a device's size is whole sectors; a snapshot's may not be
+            if aligned_end > start:
+                if _block_zeroout(self.fd, start, aligned_end):
+                    start = aligned_end
+                else:
+                    self.zeroout = False
+            if start >= end:
+                return
         if self.direct:
             aligned_end = start + (end - start) // self.bs * self.bs
             if self.zeros is None:  # never written: anonymous memory reads as zeros
@@ -622,6 +636,27 @@ def _other_copy(repo, index, record, ulen: int):
         if problem is None:
             return bytes(data)
     return None
+
+
+#: ``_IO(0x12, 127)`` from <linux/fs.h>: zero a byte range of a block device
+_BLKZEROOUT = 0x127F
+
+
+def _block_zeroout(fd: int, start: int, end: int) -> bool:
+    """``BLKZEROOUT`` over [start, end) (512-byte aligned, as a device's sizes are); False
+    when the device or kernel does not take it, or the range is not aligned."""
+    if start % 512 or end % 512 or end <= start:
+        return False
+    import fcntl
+    import struct
+
+    try:
+        fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", start, end - start))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def _zero_device_runs(target: _Target, data_idx: np.ndarray, nblocks: int, bs: int, size: int) -> None:

@@ -106,6 +106,11 @@ def verify(
             info(f"pack index {d['name']}: {d['reason']}")
         for a in report["affected_snapshots"]:
             info(f"snapshot {a['id']}: {a['reason']}")
+        if report.get("damaged_copy_count"):
+            c = report["damaged_copies"][0]
+            info(f"{report['damaged_copy_count']} damaged copy(ies) of blocks that have a good copy too (e.g. "
+                 f"{c['digest'][:16]}… in pack {c['pack'][:16]}…: {c['reason']}): no snapshot loses data; "
+                 + ("removed below" if repair else "'pyvbak verify --repair' removes them from the index"))
         for name in report["orphan_snapshot_indexes"]:
             info(f"note: {name} has no metadata (a killed backup's, or a snapshot whose metadata was "
                  f"lost); prune removes it")
@@ -127,6 +132,9 @@ def verify(
                  else f"{n} damaged snapshot(s)" if n else "")
         if damaged:
             found = f"{found} and {damaged} damaged pack index(es)" if found else f"{damaged} damaged pack index(es)"
+        if report.get("damaged_copy_count"):
+            more = f"{report['damaged_copy_count']} damaged redundant block copy(ies)"
+            found = f"{found} and {more}" if found else more
         raise IntegrityError(f"verify found {found} in {r.location}")
 
 

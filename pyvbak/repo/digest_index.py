@@ -98,6 +98,25 @@ class DigestIndex:
                 out.append(np.asarray(recs[a:b]))
         return np.concatenate(out) if out else np.empty(0, fmt.PACK_INDEX_RECORD)
 
+    def locate_all(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every copy of each digest: (which, positions), ``which[i]`` the index into
+        ``digests`` of the record at ``positions[i]`` (digests not found do not appear)."""
+        keys = digests.view("S32") if digests.dtype != np.dtype("S32") else digests
+        which, where = [], []
+        for (dig, _), start in zip(self._parts, self._starts):
+            a = np.searchsorted(dig, keys, side="left")
+            n = np.searchsorted(dig, keys, side="right") - a
+            if not n.any():
+                continue
+            w = np.repeat(np.arange(len(keys), dtype=np.int64), n)
+            # position of each copy: its run's start plus its rank within the run
+            first = np.repeat(a - (np.cumsum(n) - n), n)
+            which.append(w)
+            where.append(start + first + np.arange(len(w), dtype=np.int64))
+        if not which:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(which), np.concatenate(where)
+
     def find(self, digest: bytes) -> int:
         """Position of ``digest`` or -1."""
         return int(self.locate(np.array([digest], dtype="S32"))[0])

@@ -29,6 +29,7 @@ the next prune) and duplicate index entries (harmless).
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -191,7 +192,9 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     first = np.ones(len(cand), bool)
     first[1:] = ref_pos[cand][1:] != ref_pos[cand][:-1]
     keep = np.zeros(len(recs), bool)
-    keep[cand[first]] = True
+    # a block stored more than once keeps a copy that reads back intact: the preferred
+    # copy may be the damaged one, and keeping it while the good one goes loses the block
+    keep[_intact_choice(repo, recs, cand, first, report)] = True
     kept_bytes = np.bincount(inv, weights=clen * keep, minlength=len(pack_ids))
     total_bytes = np.bincount(inv, weights=clen, minlength=len(pack_ids))
     unused_share = np.where(total_bytes > 0, 1 - kept_bytes / np.maximum(total_bytes, 1), 1.0)
@@ -326,6 +329,53 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     return report
 
 
+def _intact_choice(repo, recs: np.ndarray, cand: np.ndarray, first: np.ndarray, report: dict) -> np.ndarray:
+    """The records to keep: ``cand`` (record numbers) is grouped by digest, each group in
+    order of preference, ``first`` marks each group's first.  A group of one keeps it as
+    it is; a group of several keeps its first copy that reads back intact (decompressed,
+    SHA-256 checked) - or all of them when none does (nothing better to keep; verify
+    names the block).  Only blocks stored more than once are read."""
+    from .reader import ScratchSink, read_blocks, sort_for_reading
+
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, len(cand)))
+    chosen = cand[starts].copy()
+    pending = np.flatnonzero(sizes > 1)
+    extra: list[np.ndarray] = []
+    skipped = none_intact = 0
+    rank = 0
+    while len(pending):
+        k = cand[starts[pending] + rank]
+        order = sort_for_reading(recs[k])
+        batch = recs[k[order]]
+        bad = np.zeros(len(batch), bool)
+
+        def on_error(j: int, reason: str, bad=bad) -> None:
+            bad[j] = True
+
+        read_blocks(repo, batch, ScratchSink(lambda *a: None, on_error, block_size=repo.config.block_size),
+                    threads=os.cpu_count() or 1)
+        ok = np.empty(len(k), bool)
+        ok[order] = ~bad
+        chosen[pending[ok]] = k[ok]
+        skipped += int(np.count_nonzero(~ok))
+        pending = pending[~ok]
+        rank += 1
+        done = sizes[pending] <= rank
+        for g in pending[done].tolist():
+            extra.append(cand[starts[g] : starts[g] + sizes[g]])
+            none_intact += 1
+            skipped -= int(sizes[g])  # all kept after all
+        pending = pending[~done]
+    if skipped:
+        report["problems"].append(f"{skipped} copy(ies) of stored blocks read back damaged or missing and were not "
+                                  f"kept where another copy is intact (run 'pyvbak verify --repair')")
+    if none_intact:
+        report["problems"].append(f"{none_intact} block(s) stored more than once have no intact copy: all copies kept "
+                                  f"(run 'pyvbak verify' to see which snapshots lost them)")
+    return np.concatenate([chosen, *extra]) if extra else chosen
+
+
 def _load_pack_indexes(repo) -> tuple[list[str], np.ndarray]:
     """(names, every record) of the pack index objects, read from the repository itself."""
     names = sorted(repo.pack_index_names())
@@ -358,9 +408,9 @@ def _delete(backend, name: str) -> int:
         return 0
 
 
-def drop_bad_records(repo, bad: list[tuple[bytes, bytes]]) -> dict:
+def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
     """``verify --repair``: remove from the pack index the records of block copies that
-    read back missing or corrupt (``bad``: (digest, pack id) pairs), after a ``lost/``
+    read back missing or corrupt (``bad``: (digest, pack id, offset) of each), after a ``lost/``
     marker naming them.  Backups then no longer deduplicate against those copies: the
     next backup of a disk that still holds the blocks stores them again (a disk whose
     newest snapshot names one gets a full scan, see "Lost packs" in docs/FORMAT.md), and
@@ -370,13 +420,14 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes]]) -> dict:
     if not bad:
         return report
     index_names, recs = _load_pack_indexes(repo)
-    # the bad digests first (vectorised), then the exact (digest, pack) pairs among those
-    wanted = {d + p for d, p in bad}
+    # the bad digests first (vectorised), then the exact copies among those: (digest,
+    # pack, offset) - never another copy of the same block, which may be the good one
+    wanted = {(b[0], b[1], int(b[2])) for b in bad}
     cand = np.flatnonzero(digest_sets.isin(recs["digest"].view("S32"),
-                                           digest_sets.unique(np.array([d for d, _ in bad], "S32"))))
+                                           digest_sets.unique(np.array([b[0] for b in bad], "S32"))))
     drop = np.zeros(len(recs), bool)
     for k in cand.tolist():
-        drop[k] = bytes(recs["digest"][k]) + bytes(recs["pack"][k]) in wanted
+        drop[k] = (bytes(recs["digest"][k]), bytes(recs["pack"][k]), int(recs["offset"][k])) in wanted
     if not drop.any():
         return report
     packs = sorted({bytes(p).hex() for p in recs["pack"][drop]})

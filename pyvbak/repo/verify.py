@@ -73,24 +73,51 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
             for d in all_digests[pos < 0][held]:
                 problems[bytes(d).ljust(32, b"\0")] = ("block is in no pack index, but a pack no index names holds it: "
                                                        "'pyvbak verify --repair' (or 'pyvbak prune') indexes that pack again")
-    recs = index.records_at(pos[pos >= 0])
-    recs = recs[sort_for_reading(recs)]
+    # Every stored copy of each block is read, not just one: a snapshot is restorable as
+    # long as each of its blocks has one good copy (restore falls back to another), and a
+    # damaged copy beside a good one must still be named - prune keeps one copy per block
+    # and must not keep a bad one, and --repair drops its record.
+    which, positions = index.locate_all(all_digests)
+    recs = index.records_at(positions)
+    order = sort_for_reading(recs)
+    recs, which = recs[order], which[order]
+    if len(recs):  # the same record listed by two pack index files is one copy: read once
+        same = np.zeros(len(recs), bool)
+        same[1:] = ((recs["pack"][1:] == recs["pack"][:-1]) & (recs["offset"][1:] == recs["offset"][:-1])
+                    & (recs["digest"][1:] == recs["digest"][:-1]))
+        recs, which = recs[~same], which[~same]
     checked = {"blocks": 0, "bytes": 0}
+    good = np.zeros(len(recs), bool)  # per copy: read back intact
+    reasons: dict[int, str] = {}  # per copy that did not
 
     count_lock = threading.Lock()
 
     def on_blocks(k: int, buffer, offsets, ulens, ok) -> None:
         with count_lock:
+            good[k : k + len(ok)] |= ok
             checked["blocks"] += int(ok.sum())
             checked["bytes"] += int(ulens[ok].sum())
 
-    bad_records: list[tuple[bytes, bytes]] = []  # (digest, pack) of copies that read back wrong
-
     def on_error(k: int, reason: str) -> None:
-        problems[bytes(recs["digest"][k])] = reason
-        bad_records.append((bytes(recs["digest"][k]), bytes(recs["pack"][k])))
+        with count_lock:
+            reasons.setdefault(k, reason)
 
     read_blocks(repo, recs, ScratchSink(on_blocks, on_error, block_size=repo.config.block_size), threads=threads)
+
+    # A block is lost only when no copy of it read back intact; a bad copy beside a good
+    # one is a damaged copy: no snapshot loses anything, --repair drops its record.
+    has_good = np.zeros(len(all_digests), bool)
+    has_good[which[good]] = True
+    bad_records: list[tuple[bytes, bytes, int]] = []  # (digest, pack, offset) of copies that read back wrong
+    damaged_copies: list[dict] = []
+    for k, reason in sorted(reasons.items()):
+        d = bytes(recs["digest"][k]).ljust(32, b"\0")
+        bad_records.append((d, bytes(recs["pack"][k]).ljust(32, b"\0"), int(recs["offset"][k])))
+        if has_good[which[k]]:
+            damaged_copies.append({"digest": d.hex(), "pack": bytes(recs["pack"][k]).ljust(32, b"\0").hex(),
+                                   "offset": int(recs["offset"][k]), "reason": reason})
+        else:
+            problems.setdefault(d, reason)
 
     if problems:  # a second pass names the snapshots each bad block hurts
         bad = digest_sets.unique(np.array(list(problems), dtype="S32"))
@@ -112,7 +139,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     names = set(repo.backend.list("snapshots/")) if snapshots is None else set()
     orphans = sorted(n for n in names if n.endswith(".index") and n[: -len(".index")] + ".json" not in names)
     return {
-        "ok": not problems and not bad_snapshots and not damaged_indexes,
+        "ok": not problems and not bad_snapshots and not damaged_indexes and not damaged_copies,
         "orphan_snapshot_indexes": orphans,
         "damaged_pack_indexes": [
             {"name": n, "reason": "not a readable pack index: the next backup re-indexes its packs from their "
@@ -125,6 +152,10 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "sampled_percent": sample_percent,
         "problems": [{"digest": d.ljust(32, b"\0").hex(), "reason": r} for d, r in sorted(problems.items())][:1000],
         "problem_count": len(problems),
+        # bad copies of blocks that have a good copy too: every snapshot still restores
+        # (from the good one); 'verify --repair' drops their records
+        "damaged_copies": damaged_copies[:1000],
+        "damaged_copy_count": len(damaged_copies),
         "affected_snapshots": [{"id": sid, "reason": r} for sid, r in sorted(bad_snapshots.items())],
         "duration": time.monotonic() - t0,
         # packs no pack index names (their blocks are invisible until indexed again)

@@ -131,3 +131,15 @@ def test_thin_disk_bench(tmp_path):
     for kind in ("full", "incremental", "restore", "verify"):
         assert positive(doc["median"][kind]["wall_s"]) and positive(doc["median"][kind]["peak_rss_mib"])
     assert doc["blocks"] == 16384 and doc["rounds"][0]["full"]["duration_s"] > 0
+
+
+def test_restore_device_bench(tmp_path):
+    from test_blockdev import IN_CI
+
+    if not (os.geteuid() == 0 and os.path.exists("/dev/loop-control") and shutil.which("losetup")):
+        msg = "restore_device.py needs root, /dev/loop-control and losetup"
+        pytest.fail(msg) if IN_CI else pytest.skip(msg)
+    doc = run_bench(tmp_path, "restore_device.py", "--size-mib", "16", "--data-mib", "4", "--rounds", "1",
+                    "--work-dir", str(tmp_path / "w"))
+    assert positive(doc["device_s"]) and positive(doc["written_s"]) and positive(doc["ratio_written_over_device"])
+    assert os.listdir(tmp_path / "w") == []  # its work directory is removed

@@ -36,7 +36,7 @@ import numpy as np
 import zstandard
 
 from ..backends import BackendError, ObjectMissing
-from ..errors import IntegrityError, PyvbakError
+from ..errors import IntegrityError, OutOfSpace, PyvbakError
 from . import digest_sets
 from . import format as fmt
 from .packer import PackWriter
@@ -282,10 +282,24 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
                     writer.add(d, frame, ulen)
                 gone.add(pi)
             new_parts.append(writer.finish())
+        except OutOfSpace:
+            # No room for the repacked copies (a nearly full repository: where freeing
+            # space matters most): the repack is given up, its packs already written (new
+            # names, no index names them) go, and the packs nothing uses are still deleted
+            # below - that needs no room.  Mostly-unused packs stay whole, all indexed.
+            writer.abort()
+            for part in writer._index_parts:
+                for h in {bytes(x).ljust(32, b"\0").hex() for x in digest_sets.unique(part["pack"].view("S32"))} - present_hex:
+                    _delete(backend, fmt.pack_name(h))
+            repack_p[:] = False
+            gone = set(np.flatnonzero(delete_p | missing_p).tolist())
+            report["blocks_removed"] = int(np.count_nonzero(delete_p[inv]))
+            report["problems"].append("no room left to repack partly used packs: only packs nothing uses were deleted; "
+                                      "run 'pyvbak prune' again once there is free space")
         except BaseException:
             writer.abort()
             raise
-        report["packs_written"] = writer.packs_written
+        report["packs_written"] = writer.packs_written if new_parts else 0
         report["packs_repacked"] = int(np.count_nonzero(repack_p))
 
     # The marker goes first: from it on, a backup whose parent is older checks that

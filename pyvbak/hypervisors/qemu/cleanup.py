@@ -345,10 +345,7 @@ def _stop_if_ours(pid: int, pidfd: int | None, source: Path, run: str, owner: di
         return (f"process {pid} named by {source} is not run {run}'s qemu-nbd (its pid went to "
                 f"another process): not killed")
     try:
-        if pidfd is not None:
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        else:
-            os.kill(pid, signal.SIGTERM)
+        _signal(pid, pidfd, signal.SIGTERM)
     except ProcessLookupError:
         return None
     except PermissionError as e:
@@ -358,16 +355,21 @@ def _stop_if_ours(pid: int, pidfd: int | None, source: Path, run: str, owner: di
     # it ignored SIGTERM (stuck in I/O, or not the qemu-nbd it claims): it holds the image
     # open and its socket bound, so it is not left running while said to be stopped
     try:
-        if pidfd is not None:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        _signal(pid, pidfd, signal.SIGKILL)
     except ProcessLookupError:
         return f"qemu-nbd process {pid}"
     if _stopped_within(pid, STOP_WAIT_S):
         return f"qemu-nbd process {pid} (killed: it ignored SIGTERM for {STOP_WAIT_S:g}s)"
     return (f"qemu-nbd process {pid} of run {run}: still running after SIGTERM and SIGKILL (stuck in the "
             f"kernel?); stop it by hand")
+
+
+def _signal(pid: int, pidfd: int | None, sig: int) -> None:
+    """Through the pidfd when there is one: it cannot reach a process that got the pid since."""
+    if pidfd is not None:
+        signal.pidfd_send_signal(pidfd, sig)
+    else:
+        os.kill(pid, sig)
 
 
 #: how long a leftover qemu-nbd gets to exit after SIGTERM, and again after SIGKILL

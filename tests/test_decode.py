@@ -13,6 +13,8 @@ import hashlib
 import mmap
 import os
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import zstandard
@@ -483,6 +485,33 @@ def test_a_pack_cut_short_loses_only_the_frames_past_its_end(repo, tmp_path):
     report = verify_repository(repo, threads=2)
     assert report["problem_count"] == 3 and report["blocks_checked"] == 5
     assert sorted(d for d, *_ in report["_bad_records"]) == sorted(bytes(d) for d in recs["digest"][5:])
+
+
+def test_a_store_that_fails_every_read_is_not_asked_frame_by_frame(repo, tmp_path):
+    """After a failed range read each frame is read alone (a bad sector spoils one or
+    two); a store that fails them all (down, or the pack gone bad as a whole) was asked
+    once per frame of every range - hundreds of requests each.  Now a run of failures
+    ends the retries and the rest are reported unread."""
+    from pyvbak.backends import BackendError
+    from pyvbak.repo import reader
+
+    n = 40
+    _, _, _, recs = one_pack_of_text_blocks(repo, tmp_path, n=n)
+
+    class Down(RangeSpy):
+        calls = 0
+
+        def read_range_into(self, name, offset, buf):
+            Down.calls += 1
+            raise BackendError("connection refused (the store is down)")
+
+    errors = []
+    sink = ScratchSink(lambda *a: None, lambda k, r: errors.append((k, r)), block_size=BS)
+    read_blocks(SimpleNamespace(backend=Down(repo.backend), config=repo.config), recs, sink, threads=1)
+    assert sorted(k for k, _ in errors) == list(range(n))  # every block reported, once
+    assert Down.calls == 1 + reader.FRAME_RETRY_GIVE_UP  # the range, then the first frames alone
+    assert all("connection refused" in r for _, r in errors)
+    assert sum("not retried" in r for _, r in errors) == n - reader.FRAME_RETRY_GIVE_UP
 
 
 def digest_ending_in_zero() -> bytes:

@@ -26,6 +26,10 @@ GAP_BYTES = 256 * 1024
 RANGE_BYTES = 16 * 1024 * 1024
 #: ranges (of up to RANGE_BYTES) the backend is asked to prefetch beyond those queued
 PREFETCH_GROUPS = 2
+#: after a failed range read its frames are read one by one; this many failing in a row
+#: end that (the rest are reported unread): a bad sector spoils a frame or two, a pack cut
+#: short or a store that is down fails them all
+FRAME_RETRY_GIVE_UP = 8
 #: read buffers grow in steps of this much (a group is at most RANGE_BYTES, or one frame)
 _BUF_STEP = 1024 * 1024
 
@@ -301,32 +305,41 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
             view = local.view = memoryview(mmap.mmap(-1, -(-n // _BUF_STEP) * _BUF_STEP))
         return view[:n]
 
-    def work(pack_hex: str, start: int, end: int, k0: int, k1: int) -> None:
+    def work(pack_hex: str, start: int, end: int, k0: int, k1: int) -> bool:
+        """Read and decode records [k0, k1) of one pack range; False if the read failed."""
         if stop.is_set():
-            return
+            return True
         name = fmt.pack_name(pack_hex)
         if k1 - k0 == 1 and end - start > max_clen:  # _groups leaves such a record alone
             sink.error(k0, f"block in pack {pack_hex[:16]}… has a damaged pack index record "
                            f"(a {end - start}-byte frame, more than a block's frame can be)")
-            return
+            return True
         try:
             view = read_buffer(end - start)
             repo.backend.read_range_into(name, start, view)
         except ObjectMissing:
             for k in range(k0, k1):
                 sink.error(k, f"pack {pack_hex[:16]}… is missing")
-            return
+            return False
         except Exception as exc:  # a short or failed read: report per block, keep going
             if k1 - k0 > 1:
                 # One frame past the pack's end (a pack cut short, a damaged record) or on
                 # a bad sector fails the whole range: read each frame alone, so only the
-                # bad ones are reported (verify --repair drops the records reported).
+                # bad ones are reported (verify --repair drops the records reported).  A
+                # run of failures in a row means the pack (or its store) fails as a whole:
+                # the rest is reported unread, not asked for frame by frame (hundreds of
+                # requests per range against a store that is down).
                 offs, clens = recs["offset"][k0:k1].tolist(), recs["clen"][k0:k1].tolist()
+                failed_in_a_row = 0
                 for k, off, clen in zip(range(k0, k1), offs, clens):
-                    work(pack_hex, off, off + clen, k, k + 1)
-                return
+                    if failed_in_a_row >= FRAME_RETRY_GIVE_UP:
+                        sink.error(k, f"pack {pack_hex[:16]}… unreadable (not retried: {failed_in_a_row} "
+                                      f"frames before it failed in a row): {exc}")
+                        continue
+                    failed_in_a_row = 0 if work(pack_hex, off, off + clen, k, k + 1) else failed_in_a_row + 1
+                return True
             sink.error(k0, f"pack {pack_hex[:16]}… unreadable: {exc}")
-            return
+            return False
         dec = decoder()
         part = recs[k0:k1]
         src_off = part["offset"].astype(np.int64) - start
@@ -353,6 +366,7 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
                     sink.error(k0 + i + j, f"block in pack {pack_hex[:16]}… {PROBLEMS[int(status[j])]}")
             sink.filled(k0 + i, buf, offs, ulens[i : i + m], ok)
             i += m
+        return True
 
     groups = list(_groups(recs, max_clen))
     # Ask the backend to fetch ahead of the workers (PREFETCH_GROUPS beyond the ones

@@ -104,6 +104,20 @@ def test_qemu_benches(tmp_path):
     assert positive(doc["client_gbps"]) and positive(doc["qemu_img_gbps"]) and positive(doc["ratio"])
 
 
+def test_ab_qemu_incremental_bench(tmp_path):
+    root = os.path.dirname(BENCH)
+    short = tempfile.mkdtemp(prefix="pvb-", dir="/tmp")  # UNIX socket paths stay short
+    try:
+        doc = run_bench(tmp_path, "ab_qemu_incremental.py", root, root, "--size-mib", "16", "--rounds", "1",
+                        "--work-dir", short)
+        assert os.listdir(short) == []  # its work directory is removed
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert sorted(doc["checkouts"]) == [f"{root} (1)", f"{root} (2)"]  # an A/A run: one child each
+    assert all(positive(d["median_ms"]) and len(d["sorted_ms"]) == 1 for d in doc["checkouts"].values())
+    assert isinstance(doc["paired_median_diff_ms"][f"{root} (2)"], float)
+
+
 def test_pack_streaming_bench(tmp_path):
     doc = run_bench(tmp_path, "pack_streaming.py", "--size-mib", "64", "--rounds", "2")
     assert positive(doc["streamed_s"]) and positive(doc["whole_s"]) and positive(doc["whole_over_streamed"])

@@ -58,11 +58,12 @@ def test_off_on_a_running_vm_then_the_next_backup_reads_whole(vm, tmp_path, caps
     assert code == 0 and "no dirty bitmap of pyvbak's" in out
 
 
-def test_off_on_a_qcow2_image(tmp_path, capsys):
-    img = tmp_path / "disk.qcow2"
+@pytest.mark.parametrize("name", ["disk.qcow2", "disk.img"])  # by its name, or its header
+def test_off_on_a_qcow2_image(tmp_path, capsys, name):
+    img = tmp_path / name
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
-    for name in ("pyvbak-gen-3", "pyvbak-gen-4", "someone-elses"):
-        subprocess.run(["qemu-img", "bitmap", "--add", str(img), name], check=True)
+    for bitmap in ("pyvbak-gen-3", "pyvbak-gen-4", "someone-elses"):
+        subprocess.run(["qemu-img", "bitmap", "--add", "-f", "qcow2", str(img), bitmap], check=True)
     code, out, err = _run(capsys, ["cbt-off", str(img), "--json"])
     assert code == 0, err
     assert out["removed"] == [f"removed dirty bitmap pyvbak-gen-3 from {img}", f"removed dirty bitmap pyvbak-gen-4 from {img}"]

@@ -10,7 +10,6 @@ and random damage to them.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 
 from types import SimpleNamespace

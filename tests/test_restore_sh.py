@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import require_tool
-from images import BS, KiB, MiB, backup_file, random_bytes, resize, rewrite_pages, same_file, vm_image, write_at
+from images import KiB, MiB, backup_file, random_bytes, resize, rewrite_pages, same_file, vm_image, write_at
 from pyvbak.repo import format as fmt
 from pyvbak.repo.repository import Repository
 

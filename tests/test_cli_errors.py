@@ -13,6 +13,7 @@ import pytest
 from conftest import require_tool
 from images import BS, MiB, assert_one_error_line, random_bytes, run_pyvbak, same_file, vm_image, write_at
 from pyvbak.cli.main import main
+from pyvbak.errors import OutOfSpace
 from pyvbak.repo import format as fmt
 from pyvbak.repo.repository import Repository
 
@@ -378,6 +379,38 @@ def test_read_only_repository_restores_and_verifies_with_no_lock(tmp_path, capsy
     # restoring *into* the read-only file system: one line, not a traceback
     assert main(["restore", "v@latest", str(mnt / "back.img"), "--repo", repo, "--no-lock"]) == 1
     assert_one_error_line(capsys.readouterr().err, f"cannot create the restored file in {mnt}", "Read-only file system")
+
+
+def test_a_backup_out_of_space_keeps_what_it_stored_for_its_retry(tmp_path, capsys, read_only_mount, monkeypatch):
+    """A disk that fills during a backup: one error line, the repository valid, and the
+    packs stored before it indexed - they used to stay unindexed until a prune (the
+    retry finds no stale lock, so nothing adopted them), took the room the retry needed,
+    and every retry stored them again."""
+    monkeypatch.setattr("pyvbak.engine.backup.PACK_TARGET_BYTES", 1 * MiB)
+    mnt, _ = read_only_mount  # a 32 MiB tmpfs
+    repo = str(mnt / "repo")
+    assert main(["init", repo]) == 0
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(20 * MiB, 93))  # incompressible: 20 MiB of packs
+    ballast = mnt / "ballast"
+    ballast.write_bytes(bytes(18 * MiB))  # leaves ~14 MiB
+    capsys.readouterr()
+    assert main(["backup", str(img), "--repo", repo, "--vm", "v"]) == OutOfSpace.exit_code
+    err = capsys.readouterr().err
+    assert_one_error_line(err, "out of space")
+    assert "this backup stored before it failed: they are indexed" in err, err
+    kept = Repository.open(repo)
+    assert kept.snapshots() == [] and len(kept.pack_index_names()) == 1
+    stored_before = sum(1 for _ in kept.backend.list("packs/"))
+    assert stored_before >= 8
+    ballast.unlink()
+    capsys.readouterr()
+    assert main(["backup", str(img), "--repo", repo, "--vm", "v", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["new_bytes"] <= 20 * MiB - stored_before * (MiB - BS)  # the kept packs were not stored again
+    out = tmp_path / "out.img"
+    assert main(["restore", res["id"], str(out), "--repo", repo]) == 0 and same_file(out, img)
+    assert main(["verify", "--repo", repo]) == 0
 
 
 def test_default_repository_that_cannot_be_created_is_one_line(tmp_path, capsys, monkeypatch):

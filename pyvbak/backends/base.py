@@ -77,7 +77,7 @@ def out_of_space(name: str, location: str, detail: str = "") -> OutOfSpace:
     """The one OutOfSpace message every backend uses: what, where, and what to do."""
     extra = f" ({detail})" if detail else ""
     return OutOfSpace(
-        f"out of space writing {name!r} to {location}{extra}: nothing partial was stored and "
+        f"out of space writing {name!r} to {location}{extra}: nothing partial of it was stored and "
         f"the repository is still valid; free space (or raise the quota) there, or prune old "
         f"snapshots, then run again"
     )

@@ -93,7 +93,12 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
                         d.commit()
                     results.append(result)
             cleaned += session_cleaned
-        except BaseException:
+        except BaseException as exc:
+            kept = next((k for k in (getattr(e, "kept_packs", None) for e in (exc, exc.__cause__, exc.__context__)) if k),
+                        None)
+            if kept:  # run_backup indexed what it had stored (engine._index_stored_packs)
+                info(f"kept the {kept[0]} pack(s) ({human_bytes(kept[1])}) this backup stored before it failed: "
+                     f"they are indexed, so running it again stores only the rest")
             if results:  # the snapshots made before the failure exist and are complete
                 info("backed up and kept before the failure: "
                      + ", ".join(f"{x.vm}/{x.disk} snapshot {x.snapshot_id}" for x in results)

@@ -629,8 +629,8 @@ def run_backup(
             packer.flush()
             done_reading()
         pack_records = packer.finish()
-    except BaseException:
-        packer.abort()
+    except BaseException as exc:
+        _index_stored_packs(repo, packer.abort(), exc)
         raise
 
     # Hole blocks were settled by runs (settle_holes); the jobs' zero blocks get the zero
@@ -713,6 +713,31 @@ def run_backup(
     result.phases["commit"] = t_end - t_commit
     result.duration = t_end - t0
     return result
+
+
+def _index_stored_packs(repo, records: np.ndarray, exc: BaseException) -> None:
+    """A failed backup indexes the packs it stored whole before the failure, so that they
+    are not dead weight until a prune: its retry (out of space, a source that went away,
+    Ctrl-C) finds their blocks stored and writes only the rest.  Indexing is what leftover
+    recovery does after a crash, and always safe for a pack stored whole - but only under
+    this run's lock: a lock taken away (``unlock --all``) may mean a prune is deleting
+    unindexed packs right now.  Best effort: if this fails too (still no room, a second
+    Ctrl-C), the packs stay unindexed, for a later recovery or prune.  ``exc.kept_packs``
+    tells the caller what was kept: (packs, bytes)."""
+    if not len(records):
+        return
+    try:
+        for lock in repo._locks:
+            if lock.held:
+                lock.check_held()
+        repo.write_pack_index(records)
+    except BaseException:  # noqa: BLE001 - the backup's own failure is what gets reported
+        return
+    packs = len(np.unique(records["pack"].view("S32")))
+    try:
+        exc.kept_packs = (packs, int(records["clen"].astype(np.int64).sum()))
+    except AttributeError:
+        pass  # an exception type that takes no attributes: nothing to say, nothing lost
 
 
 def _changed(parent: _Parent, zero, fast, a: int, b: int, bs: int) -> np.ndarray:

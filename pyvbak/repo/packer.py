@@ -44,6 +44,7 @@ class PackWriter:
         self._inflight_bytes = 0
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyvbak-pack-upload")
         self._index_parts: list[np.ndarray] = []
+        self._named: list[tuple[Future, np.ndarray]] = []  # each pack's commit, and its records
         self.packs_written = 0
         self.bytes_written = 0
 
@@ -57,7 +58,7 @@ class PackWriter:
         elif self._unsent >= SEND_BYTES:
             self._send(self._frames)
 
-    def _send(self, buffers: list, name: str | None = None) -> None:
+    def _send(self, buffers: list, name: str | None = None) -> Future:
         """Hand ``buffers`` (the open pack's next bytes) to the writer thread; with
         ``name``, commit the pack under it afterwards."""
         if self._stream is None:
@@ -75,6 +76,7 @@ class PackWriter:
         self._inflight.append((fut, nbytes))
         self._inflight_bytes += nbytes
         self._frames, self._unsent = [], 0
+        return fut
 
     def _write_and_commit(self, stream, buffers: list, name: str) -> bool:
         stream.write(buffers)
@@ -104,7 +106,7 @@ class PackWriter:
         self._index_parts.append(idx)
         size = self._size + len(trailer)
         self._entries, self._size = [], 0
-        self._send(self._frames + [trailer], name=fmt.pack_name(pack_hex))
+        self._named.append((self._send(self._frames + [trailer], name=fmt.pack_name(pack_hex)), idx))
         self.packs_written += 1
         self.bytes_written += size
 
@@ -121,12 +123,19 @@ class PackWriter:
             return np.empty(0, fmt.PACK_INDEX_RECORD)
         return np.concatenate(self._index_parts)
 
-    def abort(self) -> None:
+    def abort(self) -> np.ndarray:
+        """Stop: writes not started are dropped, the one under way is waited for, streams
+        not committed leave no temp file.  Returns the index records of the packs that
+        are stored whole under their names (committed, or found there already): a failed
+        backup indexes them, so that its retry does not store their blocks again."""
         for fut, _ in self._inflight:
             fut.cancel()
         self._inflight.clear()
         self._uploader.shutdown(wait=True, cancel_futures=True)
         self._abort_streams()
+        stored = [idx for fut, idx in self._named
+                  if fut.done() and not fut.cancelled() and fut.exception() is None]
+        return np.concatenate(stored) if stored else np.empty(0, fmt.PACK_INDEX_RECORD)
 
     def _abort_streams(self) -> None:
         """Streams that were not committed (a failure, an abort) leave no temp file."""

@@ -508,7 +508,7 @@ def test_a_store_that_fails_every_read_is_not_asked_frame_by_frame(repo, tmp_pat
     sink = ScratchSink(lambda *a: None, lambda k, r: errors.append((k, r)), block_size=BS)
     read_blocks(SimpleNamespace(backend=Down(repo.backend), config=repo.config), recs, sink, threads=1)
     assert sorted(k for k, _ in errors) == list(range(n))  # every block reported, once
-    assert Down.calls == 1 + reader.FRAME_RETRY_GIVE_UP  # the range, then the first frames alone
+    assert Down.calls == 2 + reader.FRAME_RETRY_GIVE_UP  # the range, the first frames alone, one probe
     assert all("connection refused" in r for _, r in errors)
     assert sum("not retried" in r for _, r in errors) == n - reader.FRAME_RETRY_GIVE_UP
 

@@ -305,6 +305,14 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
             view = local.view = memoryview(mmap.mmap(-1, -(-n // _BUF_STEP) * _BUF_STEP))
         return view[:n]
 
+    def _store_reads(name: str, off: int, clen: int) -> bool:
+        """Whether the store reads [off, off + clen) of ``name`` (nothing is decoded)."""
+        try:
+            repo.backend.read_range_into(name, off, bytearray(clen))
+        except Exception:
+            return False
+        return True
+
     def work(pack_hex: str, start: int, end: int, k0: int, k1: int) -> bool:
         """Read and decode records [k0, k1) of one pack range; False if the read failed."""
         if stop.is_set():
@@ -326,17 +334,30 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
                 # One frame past the pack's end (a pack cut short, a damaged record) or on
                 # a bad sector fails the whole range: read each frame alone, so only the
                 # bad ones are reported (verify --repair drops the records reported).  A
-                # run of failures in a row means the pack (or its store) fails as a whole:
-                # the rest is reported unread, not asked for frame by frame (hundreds of
-                # requests per range against a store that is down).
+                # run of failures in a row may mean the pack (or its store) fails as a
+                # whole: then the rest is reported unread, not asked for frame by frame
+                # (hundreds of requests per range against a store that is down).  But
+                # what is reported is dropped by --repair, so a run is taken for that
+                # only once one more read proves it (a frame of the range read alone
+                # before, else its last frame, fails too); a bad stretch of many small
+                # frames, or a blip of the store, is read past frame by frame.
                 offs, clens = recs["offset"][k0:k1].tolist(), recs["clen"][k0:k1].tolist()
-                failed_in_a_row = 0
-                for k, off, clen in zip(range(k0, k1), offs, clens):
-                    if failed_in_a_row >= FRAME_RETRY_GIVE_UP:
+                failed_in_a_row, given_up, good = 0, False, None  # good: a frame read alone
+                for i, (k, off, clen) in enumerate(zip(range(k0, k1), offs, clens)):
+                    if failed_in_a_row >= FRAME_RETRY_GIVE_UP and not given_up and i < len(offs) - 1:
+                        probe = good if good is not None else (offs[-1], clens[-1])
+                        if _store_reads(name, *probe):
+                            failed_in_a_row = 0
+                        else:
+                            given_up = True
+                    if given_up:
                         sink.error(k, f"pack {pack_hex[:16]}… unreadable (not retried: {failed_in_a_row} "
                                       f"frames before it failed in a row): {exc}")
                         continue
-                    failed_in_a_row = 0 if work(pack_hex, off, off + clen, k, k + 1) else failed_in_a_row + 1
+                    if work(pack_hex, off, off + clen, k, k + 1):
+                        failed_in_a_row, good = 0, (off, clen)
+                    else:
+                        failed_in_a_row += 1
                 return True
             sink.error(k0, f"pack {pack_hex[:16]}… unreadable: {exc}")
             return False

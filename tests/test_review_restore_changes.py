@@ -16,6 +16,7 @@ from pyvbak.repo import restore as restore_mod
 from pyvbak.repo.reader import sort_for_reading
 from pyvbak.repo.verify import verify_repository
 from test_decode import repo  # noqa: F401  (fixture)
+from test_image_formats import misnamed_qcow2  # noqa: F401  (fixture)
 
 
 def _one_pack(repo, tmp_path, n):  # noqa: F811
@@ -58,3 +59,22 @@ def test_a_bad_stretch_of_many_frames_does_not_get_good_frames_after_it_dropped(
     bad_digests = sorted(d for d, *_ in report["_bad_records"])
     assert bad_digests == sorted(bytes(recs["digest"][k]).ljust(32, b"\0") for k in bad)
     assert report["blocks_checked"] == n - len(bad)
+
+
+# -- backup of a file:// image named like a QEMU format --------------------------------
+
+
+def test_a_file_uri_of_a_qcow2_is_read_through_qemu(tmp_path, capsys, cli_work_dir, misnamed_qcow2):  # noqa: F811
+    """``backup file:///.../vm.qcow2``: the name chooses qemu-nbd, but the session was
+    given the URI itself, taken for a relative path: 'disk image CWD/file:/... does not
+    exist'."""
+    from conftest import cli_json
+    from pyvbak.cli.main import main
+
+    img = tmp_path / "vm.qcow2"
+    os.rename(misnamed_qcow2, img)
+    repo = tmp_path / "repo"
+    assert main(["init", str(repo)]) == 0
+    got = cli_json(capsys, ["backup", f"file://{img}", "--repo", str(repo), "--vm", "v"])
+    assert got["size"] == 16 << 20 and got["disk"] == "vm"
+    assert not cli_work_dir.exists() or list(cli_work_dir.iterdir()) == []

@@ -223,7 +223,8 @@ def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bo
 
         kind = QemuHotBackup if spec.startswith("qemu://") else QemuOfflineImage
         work = work_dir or default_work_dir()
-        with kind(spec, previous_state=previous_state, work_dir=work, verify_cbt=verify_cbt) as session:
+        # an image's path without file:// (QemuOfflineImage took the URI for a relative path)
+        with kind(spec if kind is QemuHotBackup else path, previous_state=previous_state, work_dir=work, verify_cbt=verify_cbt) as session:
             with session.open_source() as nbd:
                 yield SessionSource(session, nbd), session
         return

@@ -78,3 +78,40 @@ def test_a_file_uri_of_a_qcow2_is_read_through_qemu(tmp_path, capsys, cli_work_d
     got = cli_json(capsys, ["backup", f"file://{img}", "--repo", str(repo), "--vm", "v"])
     assert got["size"] == 16 << 20 and got["disk"] == "vm"
     assert not cli_work_dir.exists() or list(cli_work_dir.iterdir()) == []
+
+
+# -- restore's clean-up after a failure -------------------------------------------------
+
+
+def test_a_close_that_fails_is_not_closed_again(repo, tmp_path, monkeypatch):  # noqa: F811
+    """Linux releases the descriptor even when close() fails (EIO from a network file
+    system's write-back): the clean-up closed the same number again - by then perhaps a
+    file another thread had opened - and the restore's own failure is still reported."""
+    from images import restore_to, vm_image
+
+    img = vm_image(tmp_path / "disk.img", 2 << 20, seed=6)
+    sid = backup_file(repo, img).snapshot_id
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    real_close, other, closes = os.close, [], []
+
+    def close(fd):
+        closes.append(fd)
+        real_close(fd)
+        if not other:
+            # another thread opens a file meanwhile: it gets the number just freed
+            o = os.open(os.devnull, os.O_RDONLY)
+            other.append((o, fd))
+            if o == fd:
+                raise OSError(errno.EIO, "Input/output error")
+
+    # the temp file's close is the first close once the target was written
+    monkeypatch.setattr(restore_mod, "_take_over_file_attributes", lambda fd, st: monkeypatch.setattr(restore_mod.os, "close", close))
+    with pytest.raises(restore_mod.RestoreError, match="Input/output error"):
+        restore_to(repo, sid, out_dir / "restored.img")
+    monkeypatch.setattr(restore_mod.os, "close", real_close)
+    (o, fd), = other
+    assert o == fd  # the number was reused
+    os.fstat(o)  # still the other file's: not closed by the clean-up
+    real_close(o)
+    assert os.listdir(out_dir) == []

@@ -289,8 +289,8 @@ class _Target:
                     interrupted = interrupted or exc
             self.writers = None
         if self.dfd >= 0:
-            os.close(self.dfd)
-            self.dfd = -1
+            dfd, self.dfd = self.dfd, -1  # released even when close fails: never closed twice
+            os.close(dfd)
         if interrupted is not None:
             raise interrupted
 
@@ -550,8 +550,10 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         if not is_device:
             _take_over_file_attributes(fd, st)
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
+        # released even when close fails (EIO: a network file system's write-back): the
+        # clean-up must not close the number again (another thread's file by then)
+        closing, fd = fd, -1
+        os.close(closing)
         pending = None
         if not is_device:
             if replace:

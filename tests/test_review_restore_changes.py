@@ -115,3 +115,96 @@ def test_a_close_that_fails_is_not_closed_again(repo, tmp_path, monkeypatch):  #
     os.fstat(o)  # still the other file's: not closed by the clean-up
     real_close(o)
     assert os.listdir(out_dir) == []
+
+
+# -- zero runs of a block device: BLKZEROOUT ---------------------------------------------
+
+
+@pytest.fixture
+def loop_with_sectors(tmp_path):
+    """``make(path, sector_size)``: a loop device over ``path`` with that logical block size."""
+    import subprocess
+
+    from conftest import IN_CI, require_tool
+
+    losetup = require_tool("losetup", "mount")
+    made = []
+
+    def make(path, sector_size):
+        r = subprocess.run([losetup, "-f", "--show", "--sector-size", str(sector_size), str(path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = f"cannot attach a loop device ({r.stderr.strip()}): needs root and /dev/loop-control"
+            pytest.fail(msg) if IN_CI else pytest.skip(msg)
+        made.append(r.stdout.strip())
+        return made[-1]
+
+    yield make
+    for dev in made:
+        subprocess.run([losetup, "-d", dev], check=False)
+
+
+def _zeroout_spy(monkeypatch, interrupt_at=None):
+    real, calls = restore_mod._block_zeroout, []
+
+    def spy(fd, start, end):
+        if interrupt_at is not None and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        done = real(fd, start, end)
+        calls.append((start, end, done))
+        return done
+
+    monkeypatch.setattr(restore_mod, "_block_zeroout", spy)
+    return calls
+
+
+def _zero_tailed_snapshot(repo, tmp_path, size):  # noqa: F811
+    img = make_image(tmp_path / "z.img", size, [(0, BS, "random"), (2 * BS, BS, "random")], seed=1)
+    return img, backup_file(repo, img).snapshot_id
+
+
+def test_a_4k_sector_device_zeroes_its_last_run_too(repo, tmp_path, loop_with_sectors, monkeypatch):  # noqa: F811
+    """A snapshot whose size ends inside a 4 KiB sector, onto a 4Kn device: its last zero
+    run was given to BLKZEROOUT 512-aligned, refused (EINVAL), and written whole from user
+    space (all of a thin disk's empty tail); now the sector-aligned part is the device's."""
+    from images import restore_to
+
+    size = 8 * BS + 1000
+    img, sid = _zero_tailed_snapshot(repo, tmp_path, size)
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(os.urandom(16 * BS))
+    dev = loop_with_sectors(dst, 4096)
+    calls = _zeroout_spy(monkeypatch)
+    restore_to(repo, sid, dev, force=True)
+    with open(dev, "rb") as f:
+        got = f.read(16 * BS)
+    assert got[:size] == open(img, "rb").read()
+    assert got[size:] == dst.read_bytes()[size:]  # past the snapshot: untouched
+    assert calls and all(done for *_, done in calls), calls
+    assert calls[-1][1] == size - size % 4096
+
+
+def test_zero_runs_are_zeroed_in_pieces_and_ctrl_c_is_taken_between(repo, tmp_path, loop_with_sectors,  # noqa: F811
+                                                                    monkeypatch):
+    """One BLKZEROOUT per zero run: a device without WRITE ZEROES has the kernel write the
+    zeros inside that one call, which no Ctrl-C or SIGTERM interrupts (a TiB run: many
+    minutes).  Now in pieces of ZEROOUT_BYTES, a signal taken between two."""
+    from images import restore_to
+    from pyvbak.errors import Interrupted
+
+    monkeypatch.setattr(restore_mod, "ZEROOUT_BYTES", 2 * BS)
+    size = 8 * BS + 1000
+    img, sid = _zero_tailed_snapshot(repo, tmp_path, size)
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(os.urandom(16 * BS))
+    dev = loop_with_sectors(dst, 512)
+    calls = _zeroout_spy(monkeypatch)
+    restore_to(repo, sid, dev, force=True)
+    with open(dev, "rb") as f:
+        assert f.read(size) == open(img, "rb").read()
+    assert len(calls) > 2 and all(e - s <= 2 * BS and done for s, e, done in calls), calls
+
+    calls = _zeroout_spy(monkeypatch, interrupt_at=2)
+    with pytest.raises(Interrupted, match="partly overwritten"):
+        restore_to(repo, sid, dev, force=True)
+    assert len(calls) == 2

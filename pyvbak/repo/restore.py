@@ -40,6 +40,9 @@ class RestoreError(PyvbakError):
 
 
 ZERO_WRITE_BYTES = 4 * 1024 * 1024
+#: a zero run of a block device is zeroed by the device (BLKZEROOUT) this much per call:
+#: a signal is acted on between two (about a second where the kernel writes the zeros)
+ZEROOUT_BYTES = 256 * 1024 * 1024
 #: "0" forces page-cache writes (bench/restore_paths.py times both paths in one run);
 #: anything else, or unset, uses O_DIRECT where the target supports it.
 DIRECT_ENV = "PYVBAK_RESTORE_DIRECT"
@@ -248,13 +251,19 @@ class _Target:
         """Zeros over [start, end) of a block device; ``start`` is a multiple of bs.
 
         The device zeroes the range itself when it can (``BLKZEROOUT``: a WRITE ZEROES
-        command, or the kernel's own zero pages; a loop device punches its backing file),
-        so no zeros cross from user space; where it refuses, they are written."""
+        command without unmap, or the kernel's own zero pages; a loop device zeroes its
+        file's range with FALLOC_FL_ZERO_RANGE, which keeps it allocated), so no zeros
+        cross from user space; where it refuses, they are written."""
         if self.zeroout:
-            aligned_end = end - end % 512  # a device's size is whole sectors; a snapshot's may not be
-            if aligned_end > start:
-                if _block_zeroout(self.fd, start, aligned_end):
-                    start = aligned_end
+            # whole logical blocks (a 4Kn device refuses 512-byte steps: then the whole
+            # run was written from user space); a snapshot's size may end inside one
+            aligned_end = end - end % _logical_block_size(self.fd)
+            # in pieces: one ioctl is not interrupted by Ctrl-C or SIGTERM, and a device
+            # without WRITE ZEROES has the kernel write the zeros (a TiB run: many minutes)
+            while self.zeroout and start < aligned_end:
+                n = min(ZEROOUT_BYTES, aligned_end - start)
+                if _block_zeroout(self.fd, start, start + n):
+                    start += n
                 else:
                     self.zeroout = False
             if start >= end:
@@ -642,6 +651,22 @@ def _other_copy(repo, index, record, ulen: int):
 
 #: ``_IO(0x12, 127)`` from <linux/fs.h>: zero a byte range of a block device
 _BLKZEROOUT = 0x127F
+
+
+#: ``_IO(0x12, 104)``: a block device's logical block size
+_BLKSSZGET = 0x1268
+
+
+def _logical_block_size(fd: int) -> int:
+    """The device's logical block size (the unit BLKZEROOUT takes), else 512."""
+    import fcntl
+    import struct
+
+    try:
+        size = struct.unpack("=i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+    except OSError:
+        return 512
+    return size if size >= 512 and size & (size - 1) == 0 else 512
 
 
 def _block_zeroout(fd: int, start: int, end: int) -> bool:

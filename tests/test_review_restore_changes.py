@@ -208,3 +208,30 @@ def test_zero_runs_are_zeroed_in_pieces_and_ctrl_c_is_taken_between(repo, tmp_pa
     with pytest.raises(Interrupted, match="partly overwritten"):
         restore_to(repo, sid, dev, force=True)
     assert len(calls) == 2
+
+
+# -- the restore kit ---------------------------------------------------------------------
+
+
+def test_a_refresh_killed_before_its_chmod_is_made_good_by_the_next(tmp_path, monkeypatch):
+    """restore.sh is replaced (the backend writes 0600), then made executable: a backup
+    killed in between left a current-revision restore.sh that './restore.sh' refuses,
+    and no later backup touched it again (its revision was current)."""
+    from pyvbak.repo.repository import Repository
+
+    r = Repository.init(str(tmp_path / "repo"))
+    script = tmp_path / "repo" / "restore.sh"
+    old = script.read_bytes().replace(b"# restore kit revision:", b"# (was) revision:")
+    script.write_bytes(old)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "chmod", killed)
+        with pytest.raises(KeyboardInterrupt):
+            r.refresh_restore_kit()
+    assert script.read_bytes() != old and not os.access(script, os.X_OK)
+    assert r.refresh_restore_kit() == ["made restore.sh in the repository executable again"]
+    assert os.stat(script).st_mode & 0o777 == 0o755
+    assert r.refresh_restore_kit() == []

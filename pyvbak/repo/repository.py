@@ -629,13 +629,22 @@ class Repository:
             stored = b""
         except PyvbakError as e:
             return [f"warning: could not read restore.sh to check its revision: {e}"]
+        script = os.path.join(self.location, "restore.sh") if _is_local(self.location) else None
         if stored and restore_kit_revision(stored) >= revision:
+            # up to date, but a run killed between its replace and its chmod left it
+            # without its x bit (the backend writes 0600): './restore.sh' is refused
+            try:
+                if script is not None and not os.stat(script).st_mode & 0o100:
+                    os.chmod(script, 0o755)
+                    return ["made restore.sh in the repository executable again"]
+            except OSError as e:
+                return [f"warning: could not make restore.sh in the repository executable: {e.strerror}"]
             return []
         try:
             for name in ("README-RESTORE.txt", "restore.sh"):
                 self.backend.replace(name, kit[name])
-            if _is_local(self.location):
-                os.chmod(os.path.join(self.location, "restore.sh"), 0o755)
+            if script is not None:
+                os.chmod(script, 0o755)
         except (PyvbakError, OSError) as e:
             return [f"warning: could not update restore.sh and README-RESTORE.txt in the repository: {e}"]
         return [f"updated restore.sh and README-RESTORE.txt in the repository to revision {revision}"

@@ -235,3 +235,36 @@ def test_a_refresh_killed_before_its_chmod_is_made_good_by_the_next(tmp_path, mo
     assert r.refresh_restore_kit() == ["made restore.sh in the repository executable again"]
     assert os.stat(script).st_mode & 0o777 == 0o755
     assert r.refresh_restore_kit() == []
+
+
+# -- leftover qemu-nbd: SIGKILL escalation -----------------------------------------------
+
+
+def test_no_sigkill_for_a_pid_that_went_to_another_process_during_the_wait(tmp_path, monkeypatch):
+    """Without a pidfd (kernel < 5.3) the SIGTERM wait watches the pid: a qemu-nbd that
+    exited and whose pid another process got meanwhile looked like one ignoring SIGTERM,
+    and that other process was SIGKILLed.  The pid is checked again before SIGKILL."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+    from pyvbak.hypervisors.qemu import cleanup
+
+    monkeypatch.setattr(cleanup, "STOP_WAIT_S", 0.2)
+    run = "1234567-deadbeef"
+    ready = tmp_path / "ready"
+    code = ("import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        wait_until(ready.exists, what="the process standing in for the pid's new owner")
+        answers = iter([True])  # the leftover's arguments at the first check; then the new owner's
+
+        monkeypatch.setattr(cleanup, "serves_run", lambda pid, r: next(answers, False))
+        line = cleanup._stop_if_ours(other.pid, None, tmp_path / "x.pid", run, None, None)
+        assert line == f"qemu-nbd process {other.pid}"
+        assert other.poll() is None  # not SIGKILLed
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()

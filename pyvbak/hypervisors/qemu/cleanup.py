@@ -337,11 +337,12 @@ def _stop_if_ours(pid: int, pidfd: int | None, source: Path, run: str, owner: di
     if owner is not None and not can_judge(owner):
         return (f"process {pid} named by {source}: not killed (run {run} belongs to a pyvbak of "
                 f"another machine or pid namespace)")
-    if record is not None:
-        ours = record.get("pid") == pid and same_process(record) and serves_run(pid, run)
-    else:
-        ours = serves_run(pid, run)
-    if not ours:
+    def ours() -> bool:
+        if record is not None:
+            return record.get("pid") == pid and same_process(record) and serves_run(pid, run)
+        return serves_run(pid, run)
+
+    if not ours():
         return (f"process {pid} named by {source} is not run {run}'s qemu-nbd (its pid went to "
                 f"another process): not killed")
     try:
@@ -354,6 +355,10 @@ def _stop_if_ours(pid: int, pidfd: int | None, source: Path, run: str, owner: di
         return f"qemu-nbd process {pid}"
     # it ignored SIGTERM (stuck in I/O, or not the qemu-nbd it claims): it holds the image
     # open and its socket bound, so it is not left running while said to be stopped
+    if pidfd is None and not ours():
+        # no pidfd: it exited during the wait and the pid went to another process since
+        # (the wait watches the pid): that one is not SIGKILLed
+        return f"qemu-nbd process {pid}"
     try:
         _signal(pid, pidfd, signal.SIGKILL)
     except ProcessLookupError:

@@ -13,7 +13,10 @@ stream is committed under the pack's name once the trailer is known.  The last p
 backup therefore no longer waits to be written whole at the end (bench/RESULTS.md,
 "Pack streaming").  Writes run on one background thread, in order, so compression workers
 keep going while a pack is written; the frames handed to it are bounded by
-``2 x target`` (plus the open pack's own: memory bound 3 x pack target, as before).
+``2 x target`` (plus the open pack's own).  Each pack's frames are kept until its commit is
+done (a pack whose name exists already is compared with them, and replaces the existing
+object if that differs: a damaged pack ``verify --repair`` dropped is cut again, same
+name, when its blocks are stored again): memory bound about 4 x pack target.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from ..backends import ObjectMissing
 from . import format as fmt
 
 #: hand the open pack's frames to the writer thread once this much has gathered
@@ -45,12 +49,14 @@ class PackWriter:
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyvbak-pack-upload")
         self._index_parts: list[np.ndarray] = []
         self._named: list[tuple[Future, np.ndarray]] = []  # each pack's commit, and its records
+        self._whole: list[bytes] = []          # every frame of the open pack (see _settle_existing)
         self.packs_written = 0
         self.bytes_written = 0
 
     def add(self, digest: bytes, frame: bytes, ulen: int) -> None:
         self._entries.append((digest, self._size, len(frame), ulen))
         self._frames.append(frame)
+        self._whole.append(frame)
         self._size += len(frame)
         self._unsent += len(frame)
         if self._size >= self.target:
@@ -58,7 +64,7 @@ class PackWriter:
         elif self._unsent >= SEND_BYTES:
             self._send(self._frames)
 
-    def _send(self, buffers: list, name: str | None = None) -> Future:
+    def _send(self, buffers: list, name: str | None = None, whole: list | None = None) -> Future:
         """Hand ``buffers`` (the open pack's next bytes) to the writer thread; with
         ``name``, commit the pack under it afterwards."""
         if self._stream is None:
@@ -71,18 +77,36 @@ class PackWriter:
         if name is None:
             fut = self._uploader.submit(stream.write, buffers)
         else:
-            fut = self._uploader.submit(self._write_and_commit, stream, buffers, name)
+            fut = self._uploader.submit(self._write_and_commit, stream, buffers, name, whole)
             self._stream = None
         self._inflight.append((fut, nbytes))
         self._inflight_bytes += nbytes
         self._frames, self._unsent = [], 0
         return fut
 
-    def _write_and_commit(self, stream, buffers: list, name: str) -> bool:
+    def _write_and_commit(self, stream, buffers: list, name: str, whole: list) -> bool:
         stream.write(buffers)
         created = stream.commit(name)
         self._streams.remove(stream)  # only this thread changes the list after creation
+        if not created:
+            self._settle_existing(name, whole)
         return created
+
+    def _settle_existing(self, name: str, whole: list) -> None:
+        """``name`` existed already: a pack with this table of contents was stored before
+        (a pack a prune is about to delete, a killed writer's) - or it is a damaged pack
+        whose every record ``verify --repair`` dropped: the backup storing those blocks
+        again cuts the very same pack, and indexing the damaged one again would make the
+        new snapshot reference the damage.  So the existing object is compared with this
+        pack's bytes (only on such a collision: rare) and, if they differ, replaced by them
+        (atomically: readers see one complete pack or the other, both valid for the
+        index records, which name the same frames at the same offsets)."""
+        try:
+            same = self.backend.read(name) == b"".join(whole)
+        except ObjectMissing:
+            same = False
+        if not same:
+            self.backend.replace(name, whole)
 
     def _wait_oldest(self) -> None:
         fut, nbytes = self._inflight.popleft()
@@ -106,7 +130,8 @@ class PackWriter:
         self._index_parts.append(idx)
         size = self._size + len(trailer)
         self._entries, self._size = [], 0
-        self._named.append((self._send(self._frames + [trailer], name=fmt.pack_name(pack_hex)), idx))
+        whole, self._whole = self._whole + [trailer], []
+        self._named.append((self._send(self._frames + [trailer], name=fmt.pack_name(pack_hex), whole=whole), idx))
         self.packs_written += 1
         self.bytes_written += size
 

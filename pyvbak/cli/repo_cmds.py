@@ -69,7 +69,7 @@ def verify(
     from contextlib import nullcontext
 
     from ..errors import IntegrityError, UsageError
-    from ..repo.prune import drop_bad_records
+    from ..repo.prune import damaged_lost_copies, drop_bad_records
     from ..repo.verify import verify_repository
 
     if repair and no_lock:
@@ -86,14 +86,20 @@ def verify(
         bad = report.pop("_bad_records")
         adoptable = report.pop("_adoptable")
         if repair:
-            report["repair"] = drop_bad_records(r, bad)
             # taking the lock adopted what killed writers left (their stale locks gone)
             adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged"))]
             if adoptable or report["damaged_pack_indexes"]:
                 # what a backup does after a crash: damaged pack indexes removed first (a
                 # re-indexed pack's index is often the very object name: create-only, it
-                # would not replace the garbage), then unindexed packs indexed again
+                # would not replace the garbage), then unindexed packs indexed again.
+                # Before the bad records are dropped: adopting after would index again a
+                # pack whose every record was just dropped (undoing the repair at once);
+                # and copies an earlier repair dropped that still read back bad go too.
+                pending, _ = r.unindexed_pack_records()
+                again, _ = damaged_lost_copies(r, pending)
+                bad = bad + [(bytes(x["digest"]), bytes(x["pack"]), int(x["offset"])) for x in pending[again]]
                 adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged"))]
+            report["repair"] = drop_bad_records(r, bad)
             report["repair"]["adopted"] = adopted
     if json_out:
         emit_json(report)

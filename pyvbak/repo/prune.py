@@ -29,6 +29,7 @@ the next prune) and duplicate index entries (harmless).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -146,6 +147,16 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     # snapshot references (a pack index lost from storage); those no snapshot references
     # go below like any other unreferenced pack.  A dry run adopts them in memory only.
     adopted, lines = repo.unindexed_pack_records()
+    # ... except the copies a lost/ marker dropped because they read back bad: adopting
+    # them again would undo 'verify --repair' (backups would deduplicate against them)
+    dropped, more = damaged_lost_copies(repo, adopted)
+    kept_out: set[str] = set()  # packs left unindexed for that reason (reported above)
+    if dropped.any():
+        kept_out = {bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(adopted["pack"][dropped].view("S32"))}
+        adopted = adopted[~dropped]
+        kept_out -= {bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(adopted["pack"].view("S32"))}
+        lines = [ln for ln in lines if not any(ln.startswith(f"adopted unindexed pack {h[:16]}") for h in kept_out)]
+        report["problems"] += more
     report["adopted"] = [line for line in recovered if line.startswith(("adopted", "left"))] + lines
     if len(adopted) and not dry_run:
         repo.write_pack_index(adopted)
@@ -214,7 +225,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
             f"{'their' if dry_run else 'removed their'} {lost} block record(s) from the index, so backups store those "
             f"blocks again; run 'pyvbak verify' to see which snapshots lost blocks")
 
-    indexed_hex = set(pack_hex)
+    indexed_hex = set(pack_hex) | kept_out  # (packs kept out of the index are named above)
     # what is left unindexed now could not be adopted (no valid trailer): not ours to delete
     unreadable = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
     if unreadable:
@@ -388,6 +399,51 @@ def _intact_choice(repo, recs: np.ndarray, cand: np.ndarray, first: np.ndarray, 
         report["problems"].append(f"{none_intact} block(s) stored more than once have no intact copy: all copies kept "
                                   f"(run 'pyvbak verify' to see which snapshots lost them)")
     return np.concatenate([chosen, *extra]) if extra else chosen
+
+
+def damaged_lost_copies(repo, records: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Of ``records`` (about to be adopted: read from the trailers of packs no index
+    names), the ones not to index again: copies in a pack a ``lost/`` marker names that do
+    not read back intact.  Such a pack is unindexed because ``verify --repair`` (or a prune
+    that found it missing) dropped its records; adopting every record again - as for a
+    killed backup's pack - would put the bad copies back in the index, and backups would
+    deduplicate against them instead of storing the blocks again.  A pack that went
+    missing and was put back reads back intact and is adopted whole.  Only such packs are
+    read (rare); (per record: drop it, problem lines)."""
+    drop = np.zeros(len(records), bool)
+    if not len(records):
+        return drop, []
+    named: set[bytes] = set()
+    for marker in repo.lost_markers():
+        try:
+            doc = json.loads(repo.backend.read(marker))
+            named.update(bytes.fromhex(h) for h in doc.get("packs", []) if isinstance(h, str) and len(h) == 64)
+        except (ObjectMissing, ValueError, TypeError, AttributeError):
+            continue  # a marker that is not what prune writes: it names nothing readable
+    if not named:
+        return drop, []
+    sel = np.flatnonzero(digest_sets.isin(records["pack"].view("S32"),
+                                          digest_sets.unique(np.array(sorted(named), "S32"))))
+    if not len(sel):
+        return drop, []
+    from .reader import ScratchSink, read_blocks, sort_for_reading
+
+    sel = sel[sort_for_reading(records[sel])]
+    batch = records[sel]
+    bad = np.zeros(len(batch), bool)
+
+    def on_error(j: int, reason: str) -> None:
+        bad[j] = True
+
+    read_blocks(repo, batch, ScratchSink(lambda *a: None, on_error, block_size=repo.config.block_size),
+                threads=os.cpu_count() or 1)
+    if not bad.any():
+        return drop, []
+    drop[sel[bad]] = True
+    packs = sorted({bytes(p).ljust(32, b"\0").hex() for p in batch["pack"][bad]})
+    return drop, [f"{int(bad.sum())} copy(ies) in {len(packs)} pack(s) no index names (e.g. {packs[0][:16]}…) were "
+                  f"dropped from the index by a lost/ marker and still read back damaged: not indexed again, the "
+                  f"pack(s) left in place"]
 
 
 def _load_pack_indexes(repo) -> tuple[list[str], np.ndarray]:

@@ -1,0 +1,185 @@
+"""Review of the copies / prune-on-full / failed-backup changes: regressions found.
+
+A pack whose every index record ``verify --repair`` dropped (they read back corrupt) is a
+pack no index names - exactly what adoption (a killed backup's pack) indexes again from the
+pack's own table of contents.  Adopted again, the corrupt copies were back in the index and
+backups deduplicated against them instead of storing the blocks again: the repair undone
+by the next prune (or by the same ``--repair`` when it also adopted), and the next
+snapshots unrestorable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from images import BS, backup_file, make_image, restore_to, same_file
+from pyvbak.cli.main import main
+from pyvbak.errors import IntegrityError
+from pyvbak.repo.prune import prune_repository
+from pyvbak.repo.repository import Repository
+from pyvbak.repo.verify import verify_repository
+
+
+def _pack_of(repo: Repository, before: set[str]) -> str:
+    (name,) = set(repo.backend.list("packs/")) - before
+    return name
+
+
+def _corrupt_every_frame(repo: Repository, pack_name: str) -> None:
+    pid = bytes.fromhex(pack_name.rsplit("/", 1)[-1])
+    path = os.path.join(repo.location, pack_name)
+    data = bytearray(open(path, "rb").read())
+    recs = [r for r in Repository.open(repo.location).load_digest_index().records if bytes(r["pack"]) == pid]
+    assert recs
+    for r in recs:
+        data[int(r["offset"]) + int(r["clen"]) // 2] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _records_of(location: str, pack_name: str) -> int:
+    pid = bytes.fromhex(pack_name.rsplit("/", 1)[-1])
+    return sum(bytes(r["pack"]) == pid for r in Repository.open(location).load_digest_index().records)
+
+
+def _backs_up_and_restores(tmp_path, location: str, img, vm: str) -> None:
+    """The repaired repository works: a backup stores the dropped blocks again (not
+    deduplicated against the corrupt copies) and its snapshot restores byte for byte."""
+    res = backup_file(Repository.open(location), img, vm=vm)
+    assert res.new_blocks > 0
+    out = tmp_path / f"out-{vm}.img"
+    restore_to(Repository.open(location), res.snapshot_id, out, force=True)
+    assert same_file(out, img)
+
+
+def test_prune_does_not_index_again_the_copies_repair_dropped(tmp_path, capsys):
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=11)
+    backup_file(repo, img)
+    (pack,) = list(repo.backend.list("packs/"))
+    _corrupt_every_frame(repo, pack)
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
+    assert _records_of(repo.location, pack) == 0  # dropped: the pack is named by no index now
+
+    r = Repository.open(repo.location)
+    with r.lock(exclusive=True):
+        dry = prune_repository(r, dry_run=True)
+        rep = prune_repository(r)
+    for p in (dry, rep):
+        assert not any(pack.rsplit("/", 1)[-1][:16] in line for line in p["adopted"]), p["adopted"]
+        assert any("dropped from the index by a lost/ marker and still read back damaged" in x for x in p["problems"])
+        assert not any("no pack pyvbak can read" in x for x in p["problems"])
+    assert _records_of(repo.location, pack) == 0
+    assert os.path.exists(os.path.join(repo.location, pack))  # left in place, not deleted
+    _backs_up_and_restores(tmp_path, repo.location, img, "vm1")
+
+
+def test_repair_that_also_adopts_does_not_index_again_what_it_dropped(tmp_path, capsys):
+    """One pack's index lost (its pack is adopted by --repair) and another pack corrupt:
+    --repair dropped the corrupt pack's records, then adopted every unindexed pack - that
+    one too."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    a = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=12)
+    b = make_image(tmp_path / "b.img", 4 * BS, [(0, 4 * BS, "random")], seed=13)
+    sa = backup_file(repo, a, vm="a").snapshot_id
+    index_a, packs_a = set(repo.pack_index_names()), set(repo.backend.list("packs/"))
+    backup_file(repo, b, vm="b")
+    pb = _pack_of(repo, packs_a)
+    _corrupt_every_frame(repo, pb)
+    for name in index_a:  # a's pack index lost from storage
+        os.unlink(os.path.join(repo.location, name))
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo.location, "--repair", "--json"]) == IntegrityError.exit_code
+    rep = json.loads(capsys.readouterr().out)["repair"]
+    assert rep["records_removed"] == 4 and any(line.startswith("adopted") for line in rep["adopted"])
+    assert _records_of(repo.location, pb) == 0
+    (pa,) = packs_a
+    assert _records_of(repo.location, pa) == 4  # a's pack is indexed again
+    restore_to(Repository.open(repo.location), sa, tmp_path / "out-a.img")
+    assert same_file(tmp_path / "out-a.img", a)
+    _backs_up_and_restores(tmp_path, repo.location, b, "b")
+
+
+def test_a_lost_pack_that_comes_back_intact_is_adopted_whole(tmp_path):
+    """The other kind of lost/ marker: a pack missing from storage (prune dropped its
+    records), put back later from a copy.  It reads back intact: indexed again."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=14)
+    sid = backup_file(repo, img).snapshot_id
+    (pack,) = list(repo.backend.list("packs/"))
+    path = os.path.join(repo.location, pack)
+    shutil.move(path, tmp_path / "pack.copy")
+    r = Repository.open(repo.location)
+    with r.lock(exclusive=True):
+        assert prune_repository(r)["lost_marker"]
+    assert _records_of(repo.location, pack) == 0
+    shutil.move(tmp_path / "pack.copy", path)
+    r = Repository.open(repo.location)
+    with r.lock(exclusive=True):
+        rep = prune_repository(r)
+    assert any(pack.rsplit("/", 1)[-1][:16] in line for line in rep["adopted"]) and not rep["problems"]
+    assert _records_of(repo.location, pack) == 4
+    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+    restore_to(Repository.open(repo.location), sid, tmp_path / "out.img")
+    assert same_file(tmp_path / "out.img", img)
+
+
+def test_damaged_lost_copies_reads_only_packs_markers_name(tmp_path, monkeypatch):
+    """Adoption of an ordinary killed backup's pack (no marker names it) reads nothing."""
+    from pyvbak.repo import prune as prune_mod
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=15)
+    backup_file(repo, img)
+    repo.write_lost_marker(["ab" * 32], 1)
+    for name in repo.pack_index_names():
+        os.unlink(os.path.join(repo.location, name))
+    r = Repository.open(repo.location)
+    adopted, _ = r.unindexed_pack_records()
+    calls = []
+    monkeypatch.setattr("pyvbak.repo.reader.read_blocks", lambda *a, **k: calls.append(a))
+    drop, lines = prune_mod.damaged_lost_copies(r, adopted)
+    assert len(adopted) == 4 and not drop.any() and not lines and not calls
+
+
+def test_backup_storing_a_dropped_pack_again_replaces_the_damaged_object(tmp_path, capsys):
+    """After --repair dropped every record of a corrupt pack, the next backup stores the
+    blocks again - and cuts the very same pack (same blocks, same order: same table of
+    contents, same name).  The create-only write found the name taken and the backup
+    indexed the corrupt object again: the new snapshot did not restore."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=16)
+    first = backup_file(repo, img).snapshot_id
+    (pack,) = list(repo.backend.list("packs/"))
+    _corrupt_every_frame(repo, pack)
+    assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
+    res = backup_file(Repository.open(repo.location), img)  # no prune in between
+    assert res.new_blocks == 4 and list(Repository.open(repo.location).backend.list("packs/")) == [pack]
+    for sid in (res.snapshot_id, first):  # the older snapshot is healed too (same names)
+        out = tmp_path / f"{sid}.img"
+        restore_to(Repository.open(repo.location), sid, out)
+        assert same_file(out, img)
+    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+
+
+def test_pack_writer_leaves_an_identical_existing_pack_untouched(tmp_path):
+    """The common collision (a pack stored before with the same table of contents) costs
+    a read and a compare, never a write."""
+    from pyvbak.repo.packer import PackWriter
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=17)
+    backup_file(repo, img)
+    (pack,) = list(repo.backend.list("packs/"))
+    before = os.stat(os.path.join(repo.location, pack))
+    data = repo.backend.read(pack)
+    writer = PackWriter(repo.backend, 1 << 30)
+    for rec in sorted(repo.load_digest_index().records, key=lambda r: int(r["offset"])):
+        o, n = int(rec["offset"]), int(rec["clen"])
+        writer.add(bytes(rec["digest"]), data[o : o + n], int(rec["ulen"]))
+    recs = writer.finish()
+    assert {bytes(p) for p in recs["pack"]} == {bytes.fromhex(pack.rsplit("/", 1)[-1])}
+    after = os.stat(os.path.join(repo.location, pack))
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

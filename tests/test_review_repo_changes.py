@@ -183,3 +183,22 @@ def test_pack_writer_leaves_an_identical_existing_pack_untouched(tmp_path):
     assert {bytes(p) for p in recs["pack"]} == {bytes.fromhex(pack.rsplit("/", 1)[-1])}
     after = os.stat(os.path.join(repo.location, pack))
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_verify_after_repair_does_not_call_the_dropped_pack_adoptable(tmp_path, capsys):
+    """verify said the dropped blocks were held by a pack no index names and to run
+    --repair to index it again; each --repair then adopted and dropped it once more."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=18)
+    backup_file(repo, img)
+    (pack,) = list(repo.backend.list("packs/"))
+    _corrupt_every_frame(repo, pack)
+    assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
+    rep = verify_repository(Repository.open(repo.location), threads=2)
+    assert rep["problem_count"] == 4 and rep["unindexed_packs"] is None and not rep["_adoptable"]
+    assert all("is missing" in p["reason"] for p in rep["problems"])
+    markers = Repository.open(repo.location).lost_markers()
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo.location, "--repair", "--json"]) == IntegrityError.exit_code
+    assert json.loads(capsys.readouterr().out)["repair"] == {"records_removed": 0, "lost_marker": None, "adopted": []}
+    assert Repository.open(repo.location).lost_markers() == markers

@@ -68,6 +68,12 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     unindexed_lines: list[str] = []
     if problems:
         adoptable, unindexed_lines = repo.unindexed_pack_records(index)
+        # copies a lost/ marker dropped that still read back bad are not adopted again
+        # (prune.damaged_lost_copies): their blocks are missing, not "held"
+        from .prune import damaged_lost_copies
+
+        refused, _ = damaged_lost_copies(repo, adoptable)
+        adoptable = adoptable[~refused]
         if len(adoptable):
             held = digest_sets.isin(all_digests[pos < 0], digest_sets.unique(adoptable["digest"].view("S32")))
             for d in all_digests[pos < 0][held]:

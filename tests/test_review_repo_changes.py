@@ -202,3 +202,37 @@ def test_verify_after_repair_does_not_call_the_dropped_pack_adoptable(tmp_path, 
     assert main(["verify", "--repo", repo.location, "--repair", "--json"]) == IntegrityError.exit_code
     assert json.loads(capsys.readouterr().out)["repair"] == {"records_removed": 0, "lost_marker": None, "adopted": []}
     assert Repository.open(repo.location).lost_markers() == markers
+
+
+def test_locate_all_matches_a_brute_force_search_either_way_round():
+    """locate_all searches a part smaller than the query the other way round (each of
+    its records among the sorted queries): the same copies as a full search, for
+    unsorted, repeated and missing queries and parts of every size."""
+    import numpy as np
+
+    from pyvbak.repo import format as fmt
+    from pyvbak.repo.digest_index import DigestIndex, _sorted_part
+
+    rng = np.random.default_rng(5)
+    pool = [rng.bytes(32) for _ in range(40)]
+    pool[0] = pool[0][:29] + b"\0\0\0"  # trailing NULs: S32 comparisons must still match
+    for _ in range(150):
+        parts = []
+        for _ in range(int(rng.integers(1, 4))):
+            n = int(rng.integers(0, 60))
+            r = np.zeros(n, fmt.PACK_INDEX_RECORD)
+            r["digest"] = np.frombuffer(b"".join(pool[i] for i in rng.integers(0, 40, n)), "V32")
+            r["offset"] = rng.integers(0, 1 << 40, n)
+            parts.append(r)
+        index = DigestIndex(parts=[_sorted_part(p) for p in parts])
+        picks = rng.integers(0, 40, int(rng.integers(0, 30)))
+        if rng.integers(0, 2):
+            picks = np.unique(picks)
+            rng.shuffle(picks)
+        keys = np.array([pool[i] for i in picks], "S32").reshape(-1)
+        which, pos = index.locate_all(keys)
+        got = sorted(zip(which.tolist(), index.records_at(pos)["offset"].tolist()))
+        every = np.concatenate(parts)
+        want = sorted((i, int(r["offset"])) for i, k in enumerate(picks.tolist())
+                      for r in every if bytes(r["digest"]) == pool[k])
+        assert got == want

@@ -100,10 +100,30 @@ class DigestIndex:
 
     def locate_all(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every copy of each digest: (which, positions), ``which[i]`` the index into
-        ``digests`` of the record at ``positions[i]`` (digests not found do not appear)."""
+        ``digests`` of the record at ``positions[i]`` (digests not found do not appear),
+        in no particular order."""
         keys = digests.view("S32") if digests.dtype != np.dtype("S32") else digests
         which, where = [], []
+        # A part smaller than the query is searched the other way round - each of its
+        # records in the sorted queries - which costs its own size, not the query's: the
+        # small parts besides the cached base (up to MERGE_MAX_FILES of them) each cost
+        # two full searches of every query otherwise (2 M queries, 10 small parts: 2.2 s
+        # vs 0.66 s for ``locate``).  Only for unique queries (each record has one).
+        if len(keys) < 2 or bool((keys[1:] > keys[:-1]).all()):  # sorted unique (verify's): no copy
+            order, sk, unique = None, keys, True
+        else:
+            order = np.argsort(keys, kind="stable")
+            sk = keys[order]
+            unique = bool((sk[1:] != sk[:-1]).all())
         for (dig, _), start in zip(self._parts, self._starts):
+            if unique and len(dig) < len(sk):
+                pos = np.searchsorted(sk, dig)
+                pos_c = np.minimum(pos, len(sk) - 1)
+                hit = np.flatnonzero((pos < len(sk)) & (sk[pos_c] == dig))
+                if len(hit):
+                    which.append((pos_c[hit] if order is None else order[pos_c[hit]]).astype(np.int64))
+                    where.append(start + hit.astype(np.int64))
+                continue
             a = np.searchsorted(dig, keys, side="left")
             n = np.searchsorted(dig, keys, side="right") - a
             if not n.any():

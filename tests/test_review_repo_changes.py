@@ -236,3 +236,38 @@ def test_locate_all_matches_a_brute_force_search_either_way_round():
         want = sorted((i, int(r["offset"])) for i, k in enumerate(picks.tolist())
                       for r in every if bytes(r["digest"]) == pool[k])
         assert got == want
+
+
+def test_drop_bad_records_drops_exactly_the_copies_named(monkeypatch):
+    """drop_bad_records matches (digest, pack, offset) vectorised: the same copies as the
+    per-record loop it replaced - not another copy of the digest, nor the digest at
+    another offset of the same pack, nor another digest at that offset elsewhere."""
+    import numpy as np
+
+    from pyvbak.repo import format as fmt
+    from pyvbak.repo import prune as prune_mod
+
+    rng = np.random.default_rng(9)
+    d = [rng.bytes(31) + b"\0" for _ in range(3)]  # trailing NUL: no S-type padding mix-up
+    p = [rng.bytes(32) for _ in range(3)]
+    rows = [(d[0], p[0], 0), (d[0], p[1], 0), (d[0], p[0], 4096), (d[1], p[0], 0), (d[1], p[2], 7), (d[2], p[2], 1 << 40)]
+    recs = np.zeros(len(rows), fmt.PACK_INDEX_RECORD)
+    for i, (dg, pk, off) in enumerate(rows):
+        recs[i]["digest"] = np.frombuffer(dg, "V32")[0]
+        recs[i]["pack"] = np.frombuffer(pk, "V32")[0]
+        recs[i]["offset"] = off
+
+    class Repo:
+        written: list = []
+        markers: list = []
+
+        def write_lost_marker(self, packs, n):
+            self.markers.append((packs, n))
+            return "lost/x"
+
+    monkeypatch.setattr(prune_mod, "_load_pack_indexes", lambda repo: (["index/a"], recs))
+    monkeypatch.setattr(prune_mod, "_rewrite_pack_indexes", lambda repo, kept, names: Repo.written.append(kept))
+    rep = prune_mod.drop_bad_records(Repo(), [(d[0], p[0], 4096), (d[1], p[2], 7), (d[2], p[0], 1 << 40)])
+    assert rep["records_removed"] == 2
+    kept = {(bytes(r["digest"]), bytes(r["pack"]), int(r["offset"])) for r in Repo.written[0]}
+    assert kept == {rows[0], rows[1], rows[3], rows[5]}

@@ -478,6 +478,15 @@ def _delete(backend, name: str) -> int:
         return 0
 
 
+def _copy_keys(recs: np.ndarray) -> np.ndarray:
+    """Per record its copy's key: digest, pack, offset (u64 big-endian), as ``S72``."""
+    raw = np.empty((len(recs), 72), np.uint8)
+    raw[:, :32] = np.ascontiguousarray(recs["digest"]).view(np.uint8).reshape(-1, 32)
+    raw[:, 32:64] = np.ascontiguousarray(recs["pack"]).view(np.uint8).reshape(-1, 32)
+    raw[:, 64:] = recs["offset"].astype(">u8").view(np.uint8).reshape(-1, 8)
+    return raw.reshape(-1).view("S72")
+
+
 def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
     """``verify --repair``: remove from the pack index the records of block copies that
     read back missing or corrupt (``bad``: (digest, pack id, offset) of each), after a ``lost/``
@@ -492,15 +501,17 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
     index_names, recs = _load_pack_indexes(repo)
     # the bad digests first (vectorised), then the exact copies among those: (digest,
     # pack, offset) - never another copy of the same block, which may be the good one
-    wanted = {(b[0], b[1], int(b[2])) for b in bad}
     cand = np.flatnonzero(digest_sets.isin(recs["digest"].view("S32"),
                                            digest_sets.unique(np.array([b[0] for b in bad], "S32"))))
+    # matched as 72-byte keys, vectorised (a loop over the candidates took ~2 s per
+    # million; a lost pack region can hold tens of millions)
+    wanted = np.frombuffer(b"".join(b[0].ljust(32, b"\0") + b[1].ljust(32, b"\0") + int(b[2]).to_bytes(8, "big")
+                                    for b in bad), "S72")
     drop = np.zeros(len(recs), bool)
-    for k in cand.tolist():
-        drop[k] = (bytes(recs["digest"][k]), bytes(recs["pack"][k]), int(recs["offset"][k])) in wanted
+    drop[cand] = digest_sets.isin(_copy_keys(recs[cand]), digest_sets.unique(wanted))
     if not drop.any():
         return report
-    packs = sorted({bytes(p).hex() for p in recs["pack"][drop]})
+    packs = sorted(bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(recs["pack"][drop].view("S32")))
     report["lost_marker"] = repo.write_lost_marker(packs, int(drop.sum()))
     # the local digest-index cache names the old index objects: it is rebuilt once they go
     _rewrite_pack_indexes(repo, recs[~drop], index_names)

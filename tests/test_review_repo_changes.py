@@ -271,3 +271,22 @@ def test_drop_bad_records_drops_exactly_the_copies_named(monkeypatch):
     assert rep["records_removed"] == 2
     kept = {(bytes(r["digest"]), bytes(r["pack"]), int(r["offset"])) for r in Repo.written[0]}
     assert kept == {rows[0], rows[1], rows[3], rows[5]}
+
+
+def test_crash_recovery_does_not_index_again_the_copies_repair_dropped(tmp_path, capsys):
+    """The same for the leftover recovery a backup runs after a crash (a stale lock): it
+    adopted the dropped pack whole, so the next backup deduplicated against its bad copies."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=13)
+    backup_file(repo, img)
+    (pack,) = list(repo.backend.list("packs/"))
+    _corrupt_every_frame(repo, pack)
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
+    assert _records_of(repo.location, pack) == 0
+
+    report = Repository.open(repo.location).recover_leftovers(after_crash=True)
+    assert not any(line.startswith("adopted") and pack.rsplit("/", 1)[-1][:16] in line for line in report), report
+    assert any("still read back damaged" in line for line in report), report
+    assert _records_of(repo.location, pack) == 0
+    _backs_up_and_restores(tmp_path, repo.location, img, "vm1")

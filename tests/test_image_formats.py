@@ -64,6 +64,9 @@ def test_a_misnamed_qcow2_is_backed_up_as_raw_with_a_warning_and_as_its_disk_wit
     assert raw["size"] == os.path.getsize(misnamed_qcow2)
     assert any("holds a qcow2 image" in w and "--format qcow2" in w for w in raw["warnings"]), raw["warnings"]
 
+    mixed = cli_json(capsys, ["backup", str(misnamed_qcow2), "--repo", str(repo), "--vm", "v", "--format", "qcow2"])
+    assert any("holds the image file's raw bytes" in w and "this one the disk the image holds" in w
+               and "its own --disk NAME" in w for w in mixed["warnings"]), mixed["warnings"]
     disk = cli_json(capsys, ["backup", str(misnamed_qcow2), "--repo", str(repo), "--vm", "v", "--disk", "d",
                              "--format", "qcow2"])
     assert disk["size"] == 16 * MiB and not any("holds a" in w for w in disk["warnings"])

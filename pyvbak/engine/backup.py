@@ -351,6 +351,13 @@ def run_backup(
         # as one disk): right when the image moved, wrong when it is another disk.
         result.warnings.append(f"the previous snapshot {latest.id} of {vm}/{disk} was read from {before[5:]}, this "
                                f"one from {now[5:]}: if that is another disk, give it its own --disk NAME")
+    elif before and now and {before.split(":", 1)[0], now.split(":", 1)[0]} == {"file", "image"}:
+        # One image file read both ways (raw bytes, and through qemu-nbd: --format): the
+        # container's bytes and the guest's disk would chain and count as one disk.
+        kind = lambda d: "the disk the image holds" if d.startswith("image:") else "the image file's raw bytes"  # noqa: E731
+        result.warnings.append(f"the previous snapshot {latest.id} of {vm}/{disk} holds {kind(before)} ({before}), "
+                               f"this one {kind(now)} ({now}): give one of them its own --disk NAME, so that "
+                               f"{vm}/{disk}@latest and retention do not mix the two")
     if damaged:  # perhaps this disk's newest: then this backup is a full scan, not wrong
         result.warnings.append(f"{len(damaged)} snapshot metadata object(s) are corrupt and were left out "
                                f"({', '.join(damaged[:3])}{', …' if len(damaged) > 3 else ''}): run 'pyvbak verify'")

@@ -34,26 +34,10 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from benchutil import PyvbakWorker  # noqa: E402
 from qemu_multidisk import Disks  # noqa: E402
 
 MiB = 1 << 20
-
-CHILD = r'''
-import contextlib, io, json, sys, time
-sys.path.insert(0, sys.argv[1])
-import pyvbak
-assert pyvbak.__file__.startswith(sys.argv[1]), f"imported {pyvbak.__file__}, not the checkout {sys.argv[1]}"
-from pyvbak.cli.main import main
-for _ in sys.stdin:
-    out = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        code = main(sys.argv[2:])
-    dt = time.perf_counter() - t0
-    doc = json.loads(out.getvalue()) if code == 0 else {}
-    print(json.dumps({"s": dt, "code": code, "cbt": doc.get("cbt")}), flush=True)
-'''
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,7 +56,7 @@ def main() -> int:
     os.makedirs(a.work_dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="ab-qemu-", dir=a.work_dir)
     vm = Disks(work, 1, a.size_mib * MiB, seed=1).start()
-    children: dict[str, subprocess.Popen] = {}  # by label
+    children: dict[str, PyvbakWorker] = {}  # by label
     times: dict[str, list[float]] = collections.defaultdict(list)
     try:
         repo = os.path.join(work, "repo")
@@ -83,20 +67,13 @@ def main() -> int:
                        check=True, capture_output=True, env=env, cwd=work)
         args = ["backup", vm.uri(), "--repo", repo, "--vm", "vm", "--json"]
         for label, root in zip(labels, roots):
-            children[label] = subprocess.Popen([sys.executable, "-c", CHILD, root, *args], stdin=subprocess.PIPE,
-                                               stdout=subprocess.PIPE, text=True, env=env, cwd=work)
+            children[label] = PyvbakWorker(root, args, env, cwd=work)
 
         def backup(label: str) -> dict:
-            child = children[label]
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            line = child.stdout.readline()
-            if not line:
-                raise SystemExit(f"the child of {label} died")
-            doc = json.loads(line)
-            if doc["code"] != 0:
-                raise SystemExit(f"backup with {label} failed (exit {doc['code']})")
-            return doc
+            seconds, code, result = children[label].run()
+            if code != 0:
+                raise SystemExit(f"backup with {label} failed (exit {code})")
+            return {"s": seconds, "cbt": result.get("cbt")}
 
         for label in labels:  # the full backup (first child), then a warm-up incremental each
             backup(label)
@@ -125,9 +102,7 @@ def main() -> int:
         return 0
     finally:
         for child in children.values():
-            if child.stdin:
-                child.stdin.close()
-            child.wait(timeout=60)
+            child.close()
         vm.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 
@@ -71,3 +72,56 @@ def image_bench_args(doc: str, *, size_mib: int, rounds: int, extra=None):
     if extra is not None:
         extra(ap)
     return ap.parse_args()
+
+
+_WORKER = r'''
+import contextlib, io, json, sys, time
+sys.path.insert(0, sys.argv[1])
+import pyvbak
+assert pyvbak.__file__.startswith(sys.argv[1]), f"imported {pyvbak.__file__}, not the checkout {sys.argv[1]}"
+from pyvbak.cli.main import main
+for _ in sys.stdin:
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        code = main(sys.argv[2:])
+    dt = time.perf_counter() - t0
+    print(json.dumps({"s": dt, "code": code, "result": json.loads(out.getvalue()) if code == 0 else {}}), flush=True)
+'''
+
+
+class PyvbakWorker:
+    """A child process that imported the pyvbak of checkout ``root`` once and runs
+    ``main(args)`` (a ``--json`` command) on each ``run()``, timing main() alone: the
+    command's work without interpreter start-up and imports, in a process of its own (as
+    a job runner would run it), not perturbed by the bench's own threads and buffers."""
+
+    def __init__(self, root: str, args: list[str], env: dict, cwd: str | None = None):
+        import sys
+
+        env = dict(env)
+        env.pop("PYTHONPATH", None)
+        root = os.path.abspath(root)
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, root, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
+
+    def run(self) -> tuple[float, int, dict]:
+        """(seconds main() took, its exit code, its JSON output or {})."""
+        import json
+
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the pyvbak worker process died")
+        doc = json.loads(line)
+        return doc["s"], doc["code"], doc["result"]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -91,7 +91,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import vmimage  # noqa: E402  (bench/vmimage.py, the shared VM-like image generator)
-from benchutil import cpu_model, ensure_bytecode  # noqa: E402
+from benchutil import PyvbakWorker, cpu_model, ensure_bytecode  # noqa: E402
 
 MiB = 1 << 20
 PAGE = 4096
@@ -506,7 +506,8 @@ def in_process_rounds(n: int, vm: "BenchVM", rawcopy: str, size: int, repo: str,
     worker runs one untimed backup first (nothing changed since the last one): what a
     process pays once - its lazy imports, thread pools, the digest-index cache's first
     build - is not any round's."""
-    worker = InProcessWorker(["backup", vm.uri, "--repo", repo, "--vm", "bench", "--json"], workdir)
+    worker = PyvbakWorker(os.path.join(HERE, ".."), ["backup", vm.uri, "--repo", repo, "--vm", "bench", "--json"],
+                          dict(os.environ, PYVBAK_WORK_DIR=workdir))
     rounds = []
     try:
         if worker.run()[1] != 0:
@@ -519,50 +520,6 @@ def in_process_rounds(n: int, vm: "BenchVM", rawcopy: str, size: int, repo: str,
             "baseline_read_compress_s": med("baseline_read_compress_s"), "baseline_qemu_nbd_s": med("baseline_qemu_nbd_s"),
             "ratio": med("ratio"), "ratio_vs_qemu_read": med("ratio_vs_qemu_read"), "rounds": rounds,
             "runner": "a worker process that imported pyvbak once; main() timed inside it"}
-
-
-WORKER = r'''
-import contextlib, io, json, sys, time
-sys.path.insert(0, sys.argv[1])
-from pyvbak.cli.main import main
-for _ in sys.stdin:
-    out = io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        code = main(sys.argv[2:])
-    dt = time.perf_counter() - t0
-    print(json.dumps({"s": dt, "code": code, "result": json.loads(out.getvalue()) if code == 0 else {}}), flush=True)
-'''
-
-
-class InProcessWorker:
-    """A child that imported this checkout's pyvbak once and runs ``main(args)`` on each
-    request, timing main() alone."""
-
-    def __init__(self, args: list[str], workdir: str):
-        root = os.path.abspath(os.path.join(HERE, ".."))
-        env = dict(os.environ, PYVBAK_WORK_DIR=workdir)
-        env.pop("PYTHONPATH", None)
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, root, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
-
-    def run(self) -> tuple[float, int, dict]:
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the in-process worker died")
-        doc = json.loads(line)
-        return doc["s"], doc["code"], doc["result"]
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _in_process_rounds(n, worker, vm, rawcopy, size, threads, readers, seed0, settle_s) -> list[dict]:

@@ -53,15 +53,22 @@ def _backs_up_and_restores(tmp_path, location: str, img, vm: str) -> None:
     assert same_file(out, img)
 
 
-def test_prune_does_not_index_again_the_copies_repair_dropped(tmp_path, capsys):
+def _one_pack_dropped_by_repair(tmp_path, capsys, seed: int):
+    """A one-pack backup whose every frame is corrupt, after 'verify --repair' dropped
+    its records: (repository, image, the pack's name)."""
     repo = Repository.init(str(tmp_path / "repo"))
-    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=11)
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=seed)
     backup_file(repo, img)
     (pack,) = list(repo.backend.list("packs/"))
     _corrupt_every_frame(repo, pack)
     capsys.readouterr()
     assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
     assert _records_of(repo.location, pack) == 0  # dropped: the pack is named by no index now
+    return repo, img, pack
+
+
+def test_prune_does_not_index_again_the_copies_repair_dropped(tmp_path, capsys):
+    repo, img, pack = _one_pack_dropped_by_repair(tmp_path, capsys, seed=11)
 
     r = Repository.open(repo.location)
     with r.lock(exclusive=True):
@@ -276,15 +283,7 @@ def test_drop_bad_records_drops_exactly_the_copies_named(monkeypatch):
 def test_crash_recovery_does_not_index_again_the_copies_repair_dropped(tmp_path, capsys):
     """The same for the leftover recovery a backup runs after a crash (a stale lock): it
     adopted the dropped pack whole, so the next backup deduplicated against its bad copies."""
-    repo = Repository.init(str(tmp_path / "repo"))
-    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=13)
-    backup_file(repo, img)
-    (pack,) = list(repo.backend.list("packs/"))
-    _corrupt_every_frame(repo, pack)
-    capsys.readouterr()
-    assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
-    assert _records_of(repo.location, pack) == 0
-
+    repo, img, pack = _one_pack_dropped_by_repair(tmp_path, capsys, seed=13)
     report = Repository.open(repo.location).recover_leftovers(after_crash=True)
     assert not any(line.startswith("adopted") and pack.rsplit("/", 1)[-1][:16] in line for line in report), report
     assert any("still read back damaged" in line for line in report), report

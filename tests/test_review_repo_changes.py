@@ -192,6 +192,38 @@ def test_pack_writer_leaves_an_identical_existing_pack_untouched(tmp_path):
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
+def test_pack_writer_replaces_an_existing_pack_it_cannot_read(tmp_path):
+    """An existing object of the pack's name that cannot be read (damaged media) is
+    replaced too, instead of failing the backup that cut the same pack again."""
+    from pyvbak.backends import BackendError
+    from pyvbak.repo.packer import PackWriter
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=19)
+    backup_file(repo, img)
+    (pack,) = list(repo.backend.list("packs/"))
+    data = repo.backend.read(pack)
+    before = os.stat(os.path.join(repo.location, pack)).st_ino
+
+    class Unreadable:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def read(self, name):
+            raise BackendError(f"I/O error reading {name}")
+
+    writer = PackWriter(Unreadable(repo.backend), 1 << 30)
+    for rec in sorted(repo.load_digest_index().records, key=lambda r: int(r["offset"])):
+        o, n = int(rec["offset"]), int(rec["clen"])
+        writer.add(bytes(rec["digest"]), data[o : o + n], int(rec["ulen"]))
+    writer.finish()
+    assert os.stat(os.path.join(repo.location, pack)).st_ino != before  # replaced, atomically
+    assert repo.backend.read(pack) == data
+
+
 def test_verify_after_repair_does_not_call_the_dropped_pack_adoptable(tmp_path, capsys):
     """verify said the dropped blocks were held by a pack no index names and to run
     --repair to index it again; each --repair then adopted and dropped it once more."""

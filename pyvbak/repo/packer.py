@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from ..backends import ObjectMissing
+from ..backends import BackendError, ObjectMissing
 from . import format as fmt
 
 #: hand the open pack's frames to the writer thread once this much has gathered
@@ -103,7 +103,7 @@ class PackWriter:
         index records, which name the same frames at the same offsets)."""
         try:
             same = self.backend.read(name) == b"".join(whole)
-        except ObjectMissing:
+        except (ObjectMissing, BackendError):  # gone meanwhile, or unreadable (damaged): replaced
             same = False
         if not same:
             self.backend.replace(name, whole)

@@ -374,28 +374,3 @@ def test_a_leftover_qemu_nbd_that_ignores_sigterm_is_killed_not_reported_stopped
     finally:
         stub.kill()
         stub.wait()
-
-
-def test_one_pyvbak_session_per_image_at_a_time(tmp_path, capsys):
-    """Two offline sessions of one image at once rotated each other's bitmaps (each took
-    the other's new generation for a dead run's) and the first's commit failed its
-    cleanup; cbt-off meanwhile removed the bitmap the session was exporting.  The second
-    is refused now - whatever its work dir - and a killed session holds nothing."""
-    from pyvbak.cli.main import main
-
-    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
-    with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
-        with pytest.raises(SourceError, match="another pyvbak session is backing up the image"):
-            with QemuOfflineImage(img, previous_state=None, work_dir=tmp_path / "elsewhere"):
-                pass
-        capsys.readouterr()
-        assert main(["cbt-off", str(img)]) != 0
-        err = capsys.readouterr().err
-        assert "another pyvbak session is backing up the image" in err and len(err.strip().splitlines()) == 1, err
-        s.commit()
-    assert bitmaps(img) == {"pyvbak-gen-1": ["auto"]}  # the session's rotation, intact
-    killed_offline_run(img, work, state=s.change_tracking_state)  # SIGKILL: its flock goes with it
-    with QemuOfflineImage(img, previous_state=s.change_tracking_state, work_dir=work) as s2:
-        s2.commit()
-    assert s2.change_tracking_state["bitmap"] not in (None, "pyvbak-gen-1")

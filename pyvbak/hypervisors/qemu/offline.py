@@ -66,34 +66,6 @@ def image_info(path: Path, *, running_vm_hint: str | None = None, image_format: 
     return json.loads(out)
 
 
-def lock_image(path: Path) -> int | None:
-    """One pyvbak session per image at a time (a backup, or cbt-off): two at once rotated
-    each other's dirty bitmaps (each took the other's new generation for a dead run's and
-    settled it), and the first's commit then failed its cleanup.  An advisory ``flock``
-    on the image itself: whatever work dir or repository the other session uses, gone
-    with its process (``kill -9`` too), and independent of QEMU's own image locks (byte-
-    range OFD locks), so a VM started meanwhile is not hindered.  Returns the fd holding
-    it (close it to release), or None on a file system without flock."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SourceError(f"disk image {path} does not exist") from None
-    except OSError as e:
-        raise SourceError(f"cannot open disk image {path}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SourceError(f"another pyvbak session is backing up the image {path} (or turning its change "
-                          f"tracking off); wait for it to finish") from None
-    except OSError:  # a file system without flock: nothing to coordinate with
-        os.close(fd)
-        return None
-    return fd
-
-
 class QemuOfflineImage(ExportSession):
     """Serve one powered-off image read-only over NBD.  Context manager; same attributes
     as ``QemuHotBackup``: nbd_uri, dirty_bitmap, size, change_tracking_state,
@@ -130,7 +102,6 @@ class QemuOfflineImage(ExportSession):
         self._old: str | None = None
         self._old_disabled = False
         self._new: str | None = None
-        self._image_lock: int | None = None  # fd holding flock(LOCK_EX) on the image (lock_image)
 
     def __enter__(self) -> "QemuOfflineImage":
         self._guard = TerminationGuard().__enter__()
@@ -148,7 +119,6 @@ class QemuOfflineImage(ExportSession):
 
     def _setup(self) -> None:
         check_socket_path(self.socket_path)
-        self._image_lock = lock_image(self.path)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.cleaned_leftovers = cleanup.clean_files(cleanup.dead_run_files(self.work_dir, self.run))
         # who runs this run, before any other file of it (and before the image's bitmaps
@@ -313,9 +283,6 @@ class QemuOfflineImage(ExportSession):
         finally:
             if guard:
                 guard.__exit__(None, None, None)
-            if self._image_lock is not None:  # last: the image's bitmaps are settled
-                fd, self._image_lock = self._image_lock, None
-                os.close(fd)
         if errors and raise_errors:
             raise SourceError("cleanup after the backup was incomplete: " + "; ".join(errors))
 

@@ -61,21 +61,10 @@ def _from_running_vm(uri: str, work_dir: Path, timeout: float) -> list[str]:
 
 
 def _from_image(path: Path) -> list[str]:
-    from .offline import lock_image
+    from .offline import _run, image_info
 
     if not path.exists():
         raise UsageError(f"image {path} does not exist")
-    lock = lock_image(path)  # no offline backup of the image meanwhile
-    try:
-        return _remove_image_bitmaps(path)
-    finally:
-        if lock is not None:
-            os.close(lock)
-
-
-def _remove_image_bitmaps(path: Path) -> list[str]:
-    from .offline import _run, image_info
-
     info = image_info(path, running_vm_hint="turn change tracking off through the VM's QMP socket: "
                       "pyvbak cbt-off 'qemu:///PATH/TO/QMP.SOCK?node=NODE'")
     if info.get("format") != "qcow2":

@@ -12,6 +12,7 @@ from pyvbak.backends.base import (
     Data,
     ObjectExists,
     ObjectMissing,
+    RangeBeyondEnd,
     validate_name,
     validate_prefix,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ObjectExists",
     "ObjectMissing",
     "OutOfSpace",
+    "RangeBeyondEnd",
     "open_backend",
     "validate_name",
     "validate_prefix",

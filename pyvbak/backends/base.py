@@ -73,6 +73,12 @@ class BackendError(RepositoryError):
     (permission denied, I/O error, range beyond the end of an object, ...)."""
 
 
+class RangeBeyondEnd(BackendError):
+    """A range read asked for bytes past the object's end: the object is shorter than its
+    reader was told (a pack cut short, a damaged index record) - a fact about the stored
+    data, unlike a read that failed (I/O error, timeout), which may succeed when retried."""
+
+
 def out_of_space(name: str, location: str, detail: str = "") -> OutOfSpace:
     """The one OutOfSpace message every backend uses: what, where, and what to do."""
     extra = f" ({detail})" if detail else ""
@@ -235,8 +241,8 @@ class Backend(abc.ABC):
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes of the object starting at ``offset``.
 
-        Raises ObjectMissing if the object does not exist, BackendError if
-        ``offset + length`` is beyond its end (a short read is never returned), UsageError
+        Raises ObjectMissing if the object does not exist, RangeBeyondEnd (a BackendError)
+        if ``offset + length`` is beyond its end (a short read is never returned), UsageError
         if offset or length is negative.  ``length == 0`` returns b"" for any offset up to
         the object's size.
         """

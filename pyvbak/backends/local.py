@@ -33,6 +33,7 @@ from pyvbak.backends.base import (
     Data,
     ObjectMissing,
     ObjectStream,
+    RangeBeyondEnd,
     check_stream_name,
     as_buffers,
     out_of_space,
@@ -321,7 +322,7 @@ class LocalBackend(Backend):
             if not stat_mod.S_ISREG(st.st_mode):
                 raise ObjectMissing(f"object {name!r} not found in local backend {self.location}")
             if offset + length > st.st_size:
-                raise BackendError(
+                raise RangeBeyondEnd(
                     f"{what} of {name!r} in local backend {self.location}: bytes "
                     f"[{offset}, {offset + length}) beyond its end ({st.st_size} bytes)"
                 )
@@ -341,7 +342,7 @@ class LocalBackend(Backend):
             while left:
                 chunk = os.pread(fd, left, pos)
                 if not chunk:  # cannot happen for an immutable file; never return short
-                    raise BackendError(f"short read of {path} at {pos} (object {name!r} in local backend {self.location})")
+                    raise RangeBeyondEnd(f"short read of {path} at {pos} (object {name!r} in local backend {self.location})")
                 parts.append(chunk)
                 pos += len(chunk)
                 left -= len(chunk)
@@ -370,7 +371,7 @@ class LocalBackend(Backend):
             while done < length:
                 n = os.preadv(fd, [view[done:]], offset + done)
                 if n <= 0:  # cannot happen for an immutable file; never leave buf half-filled silently
-                    raise BackendError(
+                    raise RangeBeyondEnd(
                         f"short read of {path} at {offset + done} (object {name!r} in local backend {self.location})"
                     )
                 done += n

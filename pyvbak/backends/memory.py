@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pyvbak.backends.base import (
     TEMP_PREFIX,
     Backend,
-    BackendError,
     Data,
     ObjectMissing,
+    RangeBeyondEnd,
     as_buffers,
     validate_name,
     validate_prefix,
@@ -95,7 +95,7 @@ class MemoryBackend(Backend):
             raise UsageError(f"read_range of {name!r}: offset ({offset}) and length ({length}) must be >= 0")
         data = self.read(name)
         if offset + length > len(data):
-            raise BackendError(
+            raise RangeBeyondEnd(
                 f"read_range of {name!r} in memory backend {self.location}: bytes "
                 f"[{offset}, {offset + length}) beyond its end ({len(data)} bytes)"
             )

@@ -64,6 +64,7 @@ def verify(
     json_out: bool = JsonOption,
     no_lock: bool = NoLockOption,
     repair: bool = typer.Option(False, "--repair", help="Remove the bad copies found from the index (exclusive lock), so the next backups store those blocks again."),
+    drop_unreadable: bool = typer.Option(False, "--drop-unreadable", help="With --repair: also remove copies that could not be read at all (I/O errors, twice), which --repair keeps: a read error may pass."),
 ) -> None:
     """Re-read stored blocks, check their digests, name the snapshots any bad block affects."""
     from contextlib import nullcontext
@@ -74,6 +75,8 @@ def verify(
 
     if repair and no_lock:
         raise UsageError("--repair changes the index and needs the repository lock: drop --no-lock")
+    if drop_unreadable and not repair:
+        raise UsageError("--drop-unreadable is a choice of --repair: add --repair")
     r = open_repository(repo)
     # --repair holds the exclusive lock from the start: taken only after a long verify, it
     # failed ("locked by backup") whenever a backup had started meanwhile, the work lost
@@ -84,7 +87,10 @@ def verify(
                 chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots)}.values()
             report = verify_repository(r, sample_percent=sample, snapshots=chosen)
         bad = report.pop("_bad_records")
+        unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
+        if drop_unreadable:
+            bad = bad + unreadable
         if repair:
             # taking the lock adopted what killed writers left (their stale locks gone)
             adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged"))]
@@ -127,6 +133,15 @@ def verify(
                  "of contents")
         for line in report.get("repair", {}).get("adopted", []):
             info(f"repair: {line}" + ("; run 'pyvbak verify' again to check its blocks" if line.startswith("adopted") else ""))
+        if report.get("unreadable_copy_count"):
+            n = report["unreadable_copy_count"]
+            if repair and drop_unreadable:
+                info(f"{n} block copy(ies) could not be read (I/O errors, twice): removed below with the bad ones")
+            else:
+                info(f"{n} block copy(ies) could not be read (I/O errors, twice), which says nothing about the data: "
+                     + ("--repair kept their records (" if repair else "'verify --repair' keeps their records (")
+                     + "a read error may pass: a network file system, an outage); if verify keeps finding them, "
+                     "'pyvbak verify --repair --drop-unreadable' removes them and the next backups store those blocks again")
         if report.get("repair", {}).get("records_removed"):
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "

@@ -18,7 +18,7 @@ import numpy as np
 import zstandard
 
 from .. import native
-from ..backends import ObjectMissing
+from ..backends import ObjectMissing, RangeBeyondEnd
 from . import digest_sets
 from . import format as fmt
 
@@ -26,6 +26,13 @@ GAP_BYTES = 256 * 1024
 RANGE_BYTES = 16 * 1024 * 1024
 #: ranges (of up to RANGE_BYTES) the backend is asked to prefetch beyond those queued
 PREFETCH_GROUPS = 2
+class ReadFailure(str):
+    """The failure reason of a block copy that could not be read at all (an I/O error, a
+    timeout, a store that is down) - unlike one that is missing, cut short or damaged, it
+    says nothing about the stored data, and may pass: ``verify --repair`` keeps such
+    copies' records unless told to drop them (``--drop-unreadable``)."""
+
+
 #: after a failed range read its frames are read one by one; this many failing in a row
 #: end that (the rest are reported unread): a bad sector spoils a frame or two, a pack cut
 #: short or a store that is down fails them all
@@ -351,15 +358,18 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
                         else:
                             given_up = True
                     if given_up:
-                        sink.error(k, f"pack {pack_hex[:16]}… unreadable (not retried: {failed_in_a_row} "
-                                      f"frames before it failed in a row): {exc}")
+                        sink.error(k, ReadFailure(f"pack {pack_hex[:16]}… unreadable (not retried: {failed_in_a_row} "
+                                                  f"frames before it failed in a row): {exc}"))
                         continue
                     if work(pack_hex, off, off + clen, k, k + 1):
                         failed_in_a_row, good = 0, (off, clen)
                     else:
                         failed_in_a_row += 1
                 return True
-            sink.error(k0, f"pack {pack_hex[:16]}… unreadable: {exc}")
+            if isinstance(exc, RangeBeyondEnd):  # the pack is shorter than its index says
+                sink.error(k0, f"pack {pack_hex[:16]}… is cut short: {exc}")
+            else:  # the read failed: nothing is known about the copy
+                sink.error(k0, ReadFailure(f"pack {pack_hex[:16]}… unreadable: {exc}"))
             return False
         dec = decoder()
         part = recs[k0:k1]

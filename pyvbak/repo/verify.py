@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import PyvbakError
 from . import digest_sets
 from . import format as fmt
-from .reader import ScratchSink, read_blocks, sort_for_reading
+from .reader import ReadFailure, ScratchSink, read_blocks, sort_for_reading
 
 
 def verify_repository(repo, *, sample_percent: float | None = None, threads: int | None = None, seed: int | None = None,
@@ -109,16 +109,39 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
             reasons.setdefault(k, reason)
 
     read_blocks(repo, recs, ScratchSink(on_blocks, on_error, block_size=repo.config.block_size), threads=threads)
+    # Copies that could not be read at all (I/O errors, timeouts: ReadFailure) are read
+    # once more, now that the rest is done: a passing error (a network file system, a
+    # store's blip) must not have --repair drop the records of intact copies.
+    failed_reads = np.array(sorted(k for k, r in reasons.items() if isinstance(r, ReadFailure)), np.int64)
+    if len(failed_reads):
+        for k in failed_reads.tolist():
+            del reasons[k]
+
+        def on_blocks_again(j: int, buffer, offsets, ulens, ok) -> None:
+            with count_lock:
+                ks = failed_reads[j : j + len(ok)]
+                good[ks] |= ok
+                checked["blocks"] += int(ok.sum())
+                checked["bytes"] += int(ulens[ok].sum())
+
+        def on_error_again(j: int, reason: str) -> None:
+            with count_lock:
+                reasons.setdefault(int(failed_reads[j]), reason)
+
+        read_blocks(repo, recs[failed_reads], ScratchSink(on_blocks_again, on_error_again,
+                                                          block_size=repo.config.block_size), threads=threads)
 
     # A block is lost only when no copy of it read back intact; a bad copy beside a good
     # one is a damaged copy: no snapshot loses anything, --repair drops its record.
     has_good = np.zeros(len(all_digests), bool)
     has_good[which[good]] = True
     bad_records: list[tuple[bytes, bytes, int]] = []  # (digest, pack, offset) of copies that read back wrong
+    unreadable_records: list[tuple[bytes, bytes, int]] = []  # ... that could not be read, twice
     damaged_copies: list[dict] = []
     for k, reason in sorted(reasons.items()):
         d = bytes(recs["digest"][k]).ljust(32, b"\0")
-        bad_records.append((d, bytes(recs["pack"][k]).ljust(32, b"\0"), int(recs["offset"][k])))
+        copy = (d, bytes(recs["pack"][k]).ljust(32, b"\0"), int(recs["offset"][k]))
+        (unreadable_records if isinstance(reason, ReadFailure) else bad_records).append(copy)
         if has_good[which[k]]:
             damaged_copies.append({"digest": d.hex(), "pack": bytes(recs["pack"][k]).ljust(32, b"\0").hex(),
                                    "offset": int(recs["offset"][k]), "reason": reason})
@@ -167,7 +190,11 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         # packs no pack index names (their blocks are invisible until indexed again)
         "unindexed_packs": {"packs": len(set(adoptable["pack"].tolist())), "blocks": int(len(adoptable))}
         if len(adoptable) else None,
+        # copies that could not be read (I/O errors), twice: --repair keeps their records
+        # unless told otherwise (--drop-unreadable)
+        "unreadable_copy_count": len(unreadable_records),
         # for verify --repair (prune.drop_bad_records); not part of the JSON report
         "_bad_records": bad_records,
+        "_unreadable_records": unreadable_records,
         "_adoptable": len(adoptable) > 0,
     }

@@ -31,6 +31,7 @@ from pyvbak.backends import (
     BackendError,
     FaultInjectingBackend,
     ObjectMissing,
+    RangeBeyondEnd,
     OutOfSpace,
     TEMP_PREFIX,
 )
@@ -135,9 +136,9 @@ def test_read_range_edges(backend):
 @pytest.mark.parametrize("offset,length", [(9999, 2), (10000, 1), (0, 10001), (20000, 0), (20000, 5)])
 def test_read_range_beyond_end(backend, offset, length):
     backend.write_new("obj", _pattern(10000))
-    with pytest.raises(BackendError) as ei:
+    with pytest.raises(RangeBeyondEnd) as ei:  # a BackendError: the stored object is shorter
         backend.read_range("obj", offset, length)
-    assert "obj" in str(ei.value)
+    assert "obj" in str(ei.value) and isinstance(ei.value, BackendError)
 
 
 @pytest.mark.parametrize("offset,length", [(-1, 1), (0, -1)])
@@ -180,9 +181,9 @@ def test_read_range_into_fills_exactly(backend):
 @pytest.mark.parametrize("offset,length", [(9999, 2), (10000, 1), (0, 10001), (20000, 0), (20000, 5)])
 def test_read_range_into_beyond_end(backend, offset, length):
     backend.write_new("obj", _pattern(10000))
-    with pytest.raises(BackendError) as ei:
+    with pytest.raises(RangeBeyondEnd) as ei:
         backend.read_range_into("obj", offset, bytearray(length))
-    assert "obj" in str(ei.value)
+    assert "obj" in str(ei.value) and isinstance(ei.value, BackendError)
 
 
 @pytest.mark.parametrize("name", ["missing", "data/zz/missing", "a/b"])

@@ -1,0 +1,107 @@
+"""verify and --repair with copies that cannot be read (I/O errors) - unlike copies that
+are missing, cut short or damaged, a read error says nothing about the stored data and may
+pass (a network file system's blip, an outage): --repair must not drop the records of
+intact copies over it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from images import BS, backup_file, make_image, restore_to, same_file
+from pyvbak.backends import BackendError
+from pyvbak.backends.local import LocalBackend
+from pyvbak.cli.main import main
+from pyvbak.errors import IntegrityError
+from pyvbak.repo.repository import Repository
+from pyvbak.repo.verify import verify_repository
+
+
+@pytest.fixture
+def one_pack(tmp_path):
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "d.img", 12 * BS, [(0, 12 * BS, "random")], seed=7)
+    sid = backup_file(repo, img).snapshot_id
+    (pack,) = list(repo.backend.list("packs/"))
+    return repo, img, sid, pack
+
+
+def records_of(location: str, pack: str) -> int:
+    pid = bytes.fromhex(pack.rsplit("/", 1)[-1])
+    return sum(bytes(r["pack"]) == pid for r in Repository.open(location).load_digest_index().records)
+
+
+def failing_reads(monkeypatch, pack: str, times: int | None):
+    """Reads of ``pack`` fail with an I/O error: the first ``times`` of them, or all."""
+    real, calls = LocalBackend.read_range_into, {"n": 0}
+
+    def read_range_into(self, name, offset, buf):
+        if name == pack and (times is None or calls["n"] < times):
+            calls["n"] += 1
+            raise BackendError(f"reading {name}: Input/output error")
+        return real(self, name, offset, buf)
+
+    monkeypatch.setattr(LocalBackend, "read_range_into", read_range_into)
+    return calls
+
+
+def test_a_passing_read_error_is_read_again_and_is_no_problem(one_pack, monkeypatch):
+    repo, _, _, pack = one_pack
+    # the range read, then each frame alone until 8 fail in a row and one probe read fails
+    # too: the whole first pass fails; the second, at the end, finds the storage back
+    from pyvbak.repo import reader
+
+    first_pass = 1 + reader.FRAME_RETRY_GIVE_UP + 1
+    calls = failing_reads(monkeypatch, pack, times=first_pass)
+    report = verify_repository(repo, threads=2)
+    assert calls["n"] == first_pass
+    assert report["ok"] and report["problem_count"] == 0 and report["unreadable_copy_count"] == 0
+    assert report["blocks_checked"] == 12
+
+
+def test_repair_keeps_the_records_of_copies_it_cannot_read_unless_told(one_pack, monkeypatch, capsys):
+    repo, img, sid, pack = one_pack
+    failing_reads(monkeypatch, pack, times=None)
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo.location, "--repair", "--json"]) == IntegrityError.exit_code
+    report = json.loads(capsys.readouterr().out)
+    assert report["unreadable_copy_count"] == 12 and report["problem_count"] == 12
+    assert [a["id"] for a in report["affected_snapshots"]] == [sid]
+    assert report["repair"]["records_removed"] == 0
+    assert records_of(repo.location, pack) == 12  # kept: the read error may pass
+
+    assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
+    err = capsys.readouterr().err
+    assert "could not be read (I/O errors, twice)" in err and "--drop-unreadable" in err
+
+    monkeypatch.undo()  # the storage is back: nothing was lost
+    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+    out = Path(img).parent / "out.img"
+    restore_to(Repository.open(repo.location), sid, out)
+    assert same_file(out, img)
+
+    failing_reads(monkeypatch, pack, times=None)  # a bad stretch that stays: the user decides
+    assert main(["verify", "--repo", repo.location, "--repair", "--drop-unreadable"]) == IntegrityError.exit_code
+    assert records_of(repo.location, pack) == 0
+
+
+def test_a_pack_cut_short_is_damage_not_a_read_error(one_pack, capsys):
+    """A pack shorter than its index says (RangeBeyondEnd) is a fact about the stored data:
+    plain --repair drops the frames past its end."""
+    repo, _, _, pack = one_pack
+    path = repo.location + "/" + pack
+    os.chmod(path, 0o644)
+    os.truncate(path, os.path.getsize(path) // 2)
+    report = verify_repository(repo, threads=2)
+    assert report["unreadable_copy_count"] == 0 and report["problem_count"] > 0
+    assert len(report["_bad_records"]) == report["problem_count"]
+
+
+def test_drop_unreadable_needs_repair(one_pack, capsys):
+    repo, *_ = one_pack
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo.location, "--drop-unreadable"]) == 2
+    assert "--drop-unreadable is a choice of --repair" in capsys.readouterr().err

@@ -170,3 +170,27 @@ def test_image_shrinking_during_incremental_scan(setup, tmp_path, capsys, monkey
     assert verify_repository(fresh, threads=2)["ok"]
     restore_to(fresh, first.snapshot_id, tmp_path / "o.img")
     assert same_file(tmp_path / "o.img", parent_copy)
+
+
+def test_an_interrupt_in_the_pack_index_write_still_indexes_the_packs(setup, monkeypatch):
+    """Ctrl-C or SIGTERM while the commit writes the pack index: the packs are stored
+    whole, and the backup indexes them before it gives up (as after a failed data phase),
+    so its retry does not store them again; without it they waited for a prune."""
+    repo, img = setup
+    real, calls = Repository.write_pack_index, {"n": 0}
+
+    def interrupted_once(self, records):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(self, records)
+
+    monkeypatch.setattr(Repository, "write_pack_index", interrupted_once)
+    with pytest.raises(KeyboardInterrupt) as failed:
+        backup_file(repo, img)
+    fresh = Repository.open(repo.location)
+    assert fresh.snapshots() == [] and len(fresh.pack_index_names()) == 1
+    assert failed.value.kept_packs[0] == len(packs(fresh))
+    monkeypatch.undo()
+    res = backup_file(fresh, img)
+    assert res.new_bytes == 0  # everything was stored and indexed by the interrupted run

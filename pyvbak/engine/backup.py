@@ -665,7 +665,11 @@ def run_backup(
     # -- commit: packs are durable; index them, then the snapshot, metadata last ---------
     t_commit = time.monotonic()
     result.phases["data"] = t_commit - t_data
-    repo.write_pack_index(pack_records)
+    try:
+        repo.write_pack_index(pack_records)
+    except BaseException as exc:  # Ctrl-C or SIGTERM in the write: once more, as for a failed data phase
+        _index_stored_packs(repo, pack_records, exc)
+        raise
     if not in_place:
         new_fast = np.ascontiguousarray(fast).view("V16").reshape(n)
         if parent.streamed:  # records for the changed blocks alone: the rest are the parent's

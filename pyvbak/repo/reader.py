@@ -320,6 +320,17 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
             return False
         return True
 
+    def _pack_size(name: str):
+        """The object's size, "missing", or "unknown" when that cannot be told either: the frames
+        of a range given up on that lie past the end are damage (the pack is cut short, a
+        fact about the stored data), not a read failure that may pass."""
+        try:
+            return repo.backend.stat(name)
+        except ObjectMissing:
+            return "missing"
+        except Exception:
+            return "unknown"
+
     def work(pack_hex: str, start: int, end: int, k0: int, k1: int) -> bool:
         """Read and decode records [k0, k1) of one pack range; False if the read failed."""
         if stop.is_set():
@@ -350,6 +361,7 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
                 # frames, or a blip of the store, is read past frame by frame.
                 offs, clens = recs["offset"][k0:k1].tolist(), recs["clen"][k0:k1].tolist()
                 failed_in_a_row, given_up, good = 0, False, None  # good: a frame read alone
+                size = None  # the pack's size, asked once given up (or "missing", "unknown")
                 for i, (k, off, clen) in enumerate(zip(range(k0, k1), offs, clens)):
                     if failed_in_a_row >= FRAME_RETRY_GIVE_UP and not given_up and i < len(offs) - 1:
                         probe = good if good is not None else (offs[-1], clens[-1])
@@ -358,8 +370,16 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
                         else:
                             given_up = True
                     if given_up:
-                        sink.error(k, ReadFailure(f"pack {pack_hex[:16]}… unreadable (not retried: {failed_in_a_row} "
-                                                  f"frames before it failed in a row): {exc}"))
+                        if size is None:  # once per range: what is past the end is damage
+                            size = _pack_size(name)
+                        if isinstance(size, int) and off + clen > size:
+                            sink.error(k, f"pack {pack_hex[:16]}… is cut short: frame [{off}, {off + clen}) "
+                                          f"beyond its end ({size} bytes)")
+                        elif size == "missing":
+                            sink.error(k, f"pack {pack_hex[:16]}… is missing")
+                        else:
+                            sink.error(k, ReadFailure(f"pack {pack_hex[:16]}… unreadable (not retried: "
+                                                      f"{failed_in_a_row} frames before it failed in a row): {exc}"))
                         continue
                     if work(pack_hex, off, off + clen, k, k + 1):
                         failed_in_a_row, good = 0, (off, clen)

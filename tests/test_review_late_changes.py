@@ -29,3 +29,34 @@ def test_a_pack_cut_short_before_its_first_frames_is_all_damage(tmp_path):
     assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
     pid = bytes.fromhex(pack.rsplit("/", 1)[-1])
     assert not any(bytes(r["pack"]) == pid for r in Repository.open(repo.location).load_digest_index().records)
+
+
+def test_an_unreadable_copy_beside_a_good_one_is_not_called_damaged(tmp_path, monkeypatch, capsys):
+    """A redundant copy that cannot be read was listed among the damaged copies: the CLI
+    said "8 damaged copy(ies) ... removed below" while --repair kept them, and the exit
+    line counted them as damaged."""
+    import json
+
+    from test_copies_audit import Copies
+    from test_verify_read_errors import failing_reads
+    from pyvbak.repo import format as fmt
+
+    copies = Copies(tmp_path)
+    failing_reads(monkeypatch, fmt.pack_name(copies.pa.hex()), times=None)
+    capsys.readouterr()
+    assert main(["verify", "--repo", copies.path, "--repair"]) == IntegrityError.exit_code
+    err = capsys.readouterr().err
+    assert "damaged" not in err and "removed below" not in err
+    assert "8 redundant block copy(ies) that could not be read" in err
+    assert copies.copy_packs(copies.shared[0]) == sorted([copies.pa, copies.pb])  # kept
+
+    assert main(["verify", "--repo", copies.path, "--json"]) == IntegrityError.exit_code
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and report["problem_count"] == 0
+    assert report["damaged_copy_count"] == 0 and report["damaged_copies"] == []
+    assert report["unreadable_copy_count"] == 8 and report["unreadable_redundant_copy_count"] == 8
+    assert {c["pack"] for c in report["unreadable_redundant_copies"]} == {copies.pa.hex()}
+
+    monkeypatch.undo()
+    assert verify_repository(copies.repo(), threads=2)["ok"]
+    copies.assert_all_restore()

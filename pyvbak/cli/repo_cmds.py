@@ -156,6 +156,9 @@ def verify(
         if report.get("damaged_copy_count"):
             more = f"{report['damaged_copy_count']} damaged redundant block copy(ies)"
             found = f"{found} and {more}" if found else more
+        if report.get("unreadable_redundant_copy_count"):
+            more = f"{report['unreadable_redundant_copy_count']} redundant block copy(ies) that could not be read"
+            found = f"{found} and {more}" if found else more
         raise IntegrityError(f"verify found {found} in {r.location}")
 
 

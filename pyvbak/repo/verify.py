@@ -138,13 +138,15 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     bad_records: list[tuple[bytes, bytes, int]] = []  # (digest, pack, offset) of copies that read back wrong
     unreadable_records: list[tuple[bytes, bytes, int]] = []  # ... that could not be read, twice
     damaged_copies: list[dict] = []
+    unreadable_copies: list[dict] = []  # reported apart: --repair keeps them, they are no damage found
     for k, reason in sorted(reasons.items()):
         d = bytes(recs["digest"][k]).ljust(32, b"\0")
         copy = (d, bytes(recs["pack"][k]).ljust(32, b"\0"), int(recs["offset"][k]))
-        (unreadable_records if isinstance(reason, ReadFailure) else bad_records).append(copy)
+        failed_read = isinstance(reason, ReadFailure)
+        (unreadable_records if failed_read else bad_records).append(copy)
         if has_good[which[k]]:
-            damaged_copies.append({"digest": d.hex(), "pack": bytes(recs["pack"][k]).ljust(32, b"\0").hex(),
-                                   "offset": int(recs["offset"][k]), "reason": reason})
+            (unreadable_copies if failed_read else damaged_copies).append(
+                {"digest": d.hex(), "pack": copy[1].hex(), "offset": copy[2], "reason": str(reason)})
         else:
             problems.setdefault(d, reason)
 
@@ -168,7 +170,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     names = set(repo.backend.list("snapshots/")) if snapshots is None else set()
     orphans = sorted(n for n in names if n.endswith(".index") and n[: -len(".index")] + ".json" not in names)
     return {
-        "ok": not problems and not bad_snapshots and not damaged_indexes and not damaged_copies,
+        "ok": not problems and not bad_snapshots and not damaged_indexes and not damaged_copies and not unreadable_records,
         "orphan_snapshot_indexes": orphans,
         "damaged_pack_indexes": [
             {"name": n, "reason": "not a readable pack index: the next backup re-indexes its packs from their "
@@ -191,8 +193,11 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "unindexed_packs": {"packs": len(set(adoptable["pack"].tolist())), "blocks": int(len(adoptable))}
         if len(adoptable) else None,
         # copies that could not be read (I/O errors), twice: --repair keeps their records
-        # unless told otherwise (--drop-unreadable)
+        # unless told otherwise (--drop-unreadable).  The count is of every such copy; the
+        # list names those of blocks that have a good copy too (the others are problems)
         "unreadable_copy_count": len(unreadable_records),
+        "unreadable_redundant_copies": unreadable_copies[:1000],
+        "unreadable_redundant_copy_count": len(unreadable_copies),
         # for verify --repair (prune.drop_bad_records); not part of the JSON report
         "_bad_records": bad_records,
         "_unreadable_records": unreadable_records,

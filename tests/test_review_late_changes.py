@@ -60,3 +60,47 @@ def test_an_unreadable_copy_beside_a_good_one_is_not_called_damaged(tmp_path, mo
     monkeypatch.undo()
     assert verify_repository(copies.repo(), threads=2)["ok"]
     copies.assert_all_restore()
+
+
+def test_repair_does_not_drop_a_put_back_pack_over_a_read_error_in_its_recheck(tmp_path, monkeypatch, capsys):
+    """verify --repair read a lost/-marked pack once more before adopting it and dropped
+    what that read could not read: a read error there (an NFS blip) had the intact pack
+    adopted and its records removed again at once, under a new lost/ marker."""
+    import json
+    import shutil
+
+    from test_verify_read_errors import records_of
+    from pyvbak.backends import BackendError
+    from pyvbak.backends.local import LocalBackend
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "d.img", 12 * BS, [(0, 12 * BS, "random")], seed=7)
+    backup_file(repo, img)
+    (pack,) = list(repo.backend.list("packs/"))
+    path = repo.location + "/" + pack
+    shutil.move(path, path + ".away")  # gone: --repair drops its records, a lost/ marker names it
+    assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
+    assert records_of(repo.location, pack) == 0
+    shutil.move(path + ".away", path)  # put back, intact
+    markers = len(Repository.open(repo.location).lost_markers())
+
+    real, calls = LocalBackend.read_range_into, []
+
+    def read_range_into(self, name, offset, buf):
+        if name == pack:
+            calls.append(offset)
+            if 2 <= len(calls) <= 11:  # verify's own read passes; the next ones fail
+                raise BackendError(f"reading {name}: Input/output error")
+        return real(self, name, offset, buf)
+
+    monkeypatch.setattr(LocalBackend, "read_range_into", read_range_into)
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo.location, "--repair", "--json"]) == IntegrityError.exit_code
+    report = json.loads(capsys.readouterr().out)
+    assert report["repair"]["records_removed"] == 0
+    assert len(Repository.open(repo.location).lost_markers()) == markers
+
+    monkeypatch.undo()  # the blip is over: the next repair adopts the pack whole
+    main(["verify", "--repo", repo.location, "--repair"])
+    assert records_of(repo.location, pack) == 12
+    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]

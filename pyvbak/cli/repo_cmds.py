@@ -70,7 +70,7 @@ def verify(
     from contextlib import nullcontext
 
     from ..errors import IntegrityError, UsageError
-    from ..repo.prune import damaged_lost_copies, drop_bad_records
+    from ..repo.prune import drop_bad_records
     from ..repo.verify import verify_repository
 
     if repair and no_lock:
@@ -99,11 +99,10 @@ def verify(
                 # re-indexed pack's index is often the very object name: create-only, it
                 # would not replace the garbage), then unindexed packs indexed again.
                 # Before the bad records are dropped: adopting after would index again a
-                # pack whose every record was just dropped (undoing the repair at once);
-                # and copies an earlier repair dropped that still read back bad go too.
-                pending, _ = r.unindexed_pack_records()
-                again, _ = damaged_lost_copies(r, pending)
-                bad = bad + [(bytes(x["digest"]), bytes(x["pack"]), int(x["offset"])) for x in pending[again]]
+                # pack whose every record was just dropped (undoing the repair at once).
+                # Copies an earlier repair dropped that still read back bad are left out
+                # by the adoption itself (one read: a second one here, its failures
+                # dropped, undid the adoption of intact copies over a read error).
                 adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged"))]
             report["repair"] = drop_bad_records(r, bad)
             report["repair"]["adopted"] = adopted

@@ -321,3 +321,27 @@ def test_crash_recovery_does_not_index_again_the_copies_repair_dropped(tmp_path,
     assert any("still read back damaged" in line for line in report), report
     assert _records_of(repo.location, pack) == 0
     _backs_up_and_restores(tmp_path, repo.location, img, "vm1")
+
+
+def test_adoption_says_a_read_failure_is_not_damage(tmp_path, capsys, monkeypatch):
+    """A lost/-marked pack that cannot be read at all (I/O errors) is not adopted this time
+    either, but the report says so, not that it 'still read back damaged'."""
+    from pyvbak.backends import BackendError
+    from pyvbak.backends.local import LocalBackend
+    from pyvbak.repo.prune import damaged_lost_copies
+
+    repo, _, pack = _one_pack_dropped_by_repair(tmp_path, capsys, seed=21)
+    real = LocalBackend.read_range_into
+
+    def failing(self, name, offset, buf):
+        if name == pack:
+            raise BackendError(f"reading {name}: Input/output error")
+        return real(self, name, offset, buf)
+
+    monkeypatch.setattr(LocalBackend, "read_range_into", failing)
+    r = Repository.open(repo.location)
+    pending, _ = r.unindexed_pack_records()
+    drop, lines = damaged_lost_copies(r, pending)
+    assert drop.all() and len(lines) == 1
+    assert "could not be read (I/O errors): not indexed this time, the next adoption tries again" in lines[0]
+    assert "damaged" not in lines[0]

@@ -140,7 +140,8 @@ def verify(
                 info(f"{n} block copy(ies) could not be read (I/O errors, twice), which says nothing about the data: "
                      + ("--repair kept their records (" if repair else "'verify --repair' keeps their records (")
                      + "a read error may pass: a network file system, an outage); if verify keeps finding them, "
-                     "'pyvbak verify --repair --drop-unreadable' removes them and the next backups store those blocks again")
+                     "'pyvbak verify --repair --drop-unreadable' removes them (and the next backups store again the "
+                     "blocks that have no other good copy)")
         if report.get("repair", {}).get("records_removed"):
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "

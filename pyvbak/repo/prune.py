@@ -426,24 +426,31 @@ def damaged_lost_copies(repo, records: np.ndarray) -> tuple[np.ndarray, list[str
                                           digest_sets.unique(np.array(sorted(named), "S32"))))
     if not len(sel):
         return drop, []
-    from .reader import ScratchSink, read_blocks, sort_for_reading
+    from .reader import ReadFailure, ScratchSink, read_blocks, sort_for_reading
 
     sel = sel[sort_for_reading(records[sel])]
     batch = records[sel]
     bad = np.zeros(len(batch), bool)
+    unread = np.zeros(len(batch), bool)  # could not be read at all (ReadFailure): may pass
 
     def on_error(j: int, reason: str) -> None:
         bad[j] = True
+        unread[j] = isinstance(reason, ReadFailure)
 
     read_blocks(repo, batch, ScratchSink(lambda *a: None, on_error, block_size=repo.config.block_size),
                 threads=os.cpu_count() or 1)
     if not bad.any():
         return drop, []
     drop[sel[bad]] = True
-    packs = sorted({bytes(p).ljust(32, b"\0").hex() for p in batch["pack"][bad]})
-    return drop, [f"{int(bad.sum())} copy(ies) in {len(packs)} pack(s) no index names (e.g. {packs[0][:16]}…) were "
-                  f"dropped from the index by a lost/ marker and still read back damaged: not indexed again, the "
-                  f"pack(s) left in place"]
+    lines = []
+    for what, mask, then in (
+            ("still read back damaged", bad & ~unread, "not indexed again, the pack(s) left in place"),
+            ("could not be read (I/O errors)", unread, "not indexed this time, the next adoption tries again")):
+        if mask.any():
+            packs = sorted({bytes(p).ljust(32, b"\0").hex() for p in batch["pack"][mask]})
+            lines.append(f"{int(mask.sum())} copy(ies) in {len(packs)} pack(s) no index names (e.g. {packs[0][:16]}…) "
+                         f"were dropped from the index by a lost/ marker and {what}: {then}")
+    return drop, lines
 
 
 def _load_pack_indexes(repo) -> tuple[list[str], np.ndarray]:

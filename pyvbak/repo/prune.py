@@ -149,14 +149,8 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     adopted, lines = repo.unindexed_pack_records()
     # ... except the copies a lost/ marker dropped because they read back bad: adopting
     # them again would undo 'verify --repair' (backups would deduplicate against them)
-    dropped, more = damaged_lost_copies(repo, adopted)
-    kept_out: set[str] = set()  # packs left unindexed for that reason (reported above)
-    if dropped.any():
-        kept_out = {bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(adopted["pack"][dropped].view("S32"))}
-        adopted = adopted[~dropped]
-        kept_out -= {bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(adopted["pack"].view("S32"))}
-        lines = [ln for ln in lines if not any(ln.startswith(f"adopted unindexed pack {h[:16]}") for h in kept_out)]
-        report["problems"] += more
+    adopted, lines, more, kept_out = leave_out_damaged_lost_copies(repo, adopted, lines)
+    report["problems"] += more  # kept_out: packs left unindexed for that reason
     report["adopted"] = [line for line in recovered if line.startswith(("adopted", "left"))] + lines
     if len(adopted) and not dry_run:
         repo.write_pack_index(adopted)
@@ -451,6 +445,25 @@ def damaged_lost_copies(repo, records: np.ndarray) -> tuple[np.ndarray, list[str
             lines.append(f"{int(mask.sum())} copy(ies) in {len(packs)} pack(s) no index names (e.g. {packs[0][:16]}…) "
                          f"were dropped from the index by a lost/ marker and {what}: {then}")
     return drop, lines
+
+
+def leave_out_damaged_lost_copies(repo, adopted: np.ndarray, lines: list[str]):
+    """``adopted`` (records of unindexed packs, from ``unindexed_pack_records``) and its
+    report ``lines`` without the copies ``damaged_lost_copies`` refuses: (records to
+    index, their lines - a pack refused whole loses its "adopted" line -, problem lines,
+    the hex ids of the packs refused whole)."""
+    refused, problems = damaged_lost_copies(repo, adopted)
+    if not refused.any():
+        return adopted, lines, problems, set()
+
+    def packs_of(recs):
+        return {bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(recs["pack"].view("S32"))}
+
+    kept_out = packs_of(adopted[refused])
+    adopted = adopted[~refused]
+    kept_out -= packs_of(adopted)  # packs still adopted in part keep their line
+    lines = [ln for ln in lines if not any(ln.startswith(f"adopted unindexed pack {h[:16]}") for h in kept_out)]
+    return adopted, lines, problems, kept_out
 
 
 def _load_pack_indexes(repo) -> tuple[list[str], np.ndarray]:

@@ -685,18 +685,10 @@ class Repository:
             # packs verify --repair or prune unindexed on purpose (a lost/ marker names
             # them) are adopted only where they read back intact: indexing their bad
             # copies again would have backups deduplicate against them
-            from .prune import damaged_lost_copies
+            from .prune import leave_out_damaged_lost_copies
 
-            refused, lines = damaged_lost_copies(self, adopted)
-            if refused.any():
-                packs_of = lambda recs: {bytes(p).ljust(32, b"\0").hex()  # noqa: E731
-                                         for p in digest_sets.unique(recs["pack"].view("S32"))}
-                kept_out = packs_of(adopted[refused])
-                adopted = adopted[~refused]
-                kept_out -= packs_of(adopted)  # packs still adopted in part keep their line
-                report = [ln for ln in report
-                          if not any(ln.startswith(f"adopted unindexed pack {h[:16]}") for h in kept_out)]
-                report += lines
+            adopted, report, problems, _ = leave_out_damaged_lost_copies(self, adopted, report)
+            report += problems
         # A damaged index goes before the adopted one is written: re-indexing a pack gives
         # the same records, so often the same (content-named, create-only) object name.  A
         # crash in between leaves unindexed packs, which the next backup adopts.

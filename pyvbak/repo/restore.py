@@ -100,6 +100,7 @@ class _Target:
         self.lock = threading.Lock()
         self.zeros = None
         self.zeroout = True  # until the device refuses BLKZEROOUT (write_zeros)
+        self.sector: int | None = None  # the device's logical block size, asked once
         self.writers = None
         self.error: BaseException | None = None
         # runs handed to the writers and not yet done: waited for with a condition, not by
@@ -257,7 +258,9 @@ class _Target:
         if self.zeroout:
             # whole logical blocks (a 4Kn device refuses 512-byte steps: then the whole
             # run was written from user space); a snapshot's size may end inside one
-            aligned_end = end - end % _logical_block_size(self.fd)
+            if self.sector is None:  # once: a fragmented thin disk has 10^5-10^6 zero runs
+                self.sector = _logical_block_size(self.fd)
+            aligned_end = end - end % self.sector
             # in pieces: one ioctl is not interrupted by Ctrl-C or SIGTERM, and a device
             # without WRITE ZEROES has the kernel write the zeros (a TiB run: many minutes)
             while self.zeroout and start < aligned_end:

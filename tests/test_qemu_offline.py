@@ -14,6 +14,7 @@ import pytest
 from conftest import require_tool
 from pyvbak.errors import SourceError
 from pyvbak.hypervisors.qemu import QemuOfflineImage
+from pyvbak.processes import running
 from pyvbak.sources.nbd import NbdSource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,15 +189,6 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _running(pid: int) -> bool:
-    """pid exists and is not a zombie (a killed process nobody reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _serve(img: Path, sock: Path, pidfile: Path | None = None) -> subprocess.Popen:
     """A qemu-nbd nobody's pyvbak run started (a person's, or a stand-in for one)."""
     args = ["qemu-nbd", "-t", "-r", "-f", "qcow2", f"--socket={sock}", "-x", "x"]
@@ -291,7 +283,7 @@ def test_a_pid_file_naming_another_process_does_not_get_it_killed(tmp_path, case
         with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
             cleaned = s.cleaned_leftovers
             s.commit()
-        assert _running(victim.pid), cleaned
+        assert running(victim.pid), cleaned
         assert f"qemu-nbd process {victim.pid}" not in cleaned
         assert any(f"process {victim.pid}" in c and "not killed" in c for c in cleaned), cleaned
         assert f"file {work / f'pyvbak-{run}-qemu-nbd.pid'}" in cleaned
@@ -312,16 +304,16 @@ def test_a_leftover_qemu_nbd_of_a_killed_run_is_stopped(tmp_path):
     run = killed_offline_run(img, work, outlive=True)
     nbd_pid = int((work / f"pyvbak-{run}-qemu-nbd.pid").read_text())
     try:
-        assert _running(nbd_pid) and socket_listening(work / f"pyvbak-{run}-nbd.sock")  # it outlived pyvbak
+        assert running(nbd_pid) and socket_listening(work / f"pyvbak-{run}-nbd.sock")  # it outlived pyvbak
         with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
             cleaned = s.cleaned_leftovers
             s.commit()
         assert f"qemu-nbd process {nbd_pid}" in cleaned, cleaned
         assert f"file {work / f'pyvbak-{run}-qemu-nbd.pid'}" in cleaned
-        assert not _running(nbd_pid)
+        assert not running(nbd_pid)
         assert not list(work.iterdir())
     finally:
-        if _running(nbd_pid):
+        if running(nbd_pid):
             os.kill(nbd_pid, signal.SIGKILL)
 
 
@@ -344,7 +336,7 @@ def test_clean_files_never_signals_the_qemu_nbd_of_another_pid_namespace(tmp_pat
 
         wait_until(lambda: (work / f"pyvbak-{run}-qemu-nbd.pid").exists(), timeout=10, what="the pid file")
         cleaned = clean_files(sorted(work.iterdir()))
-        assert _running(nbd.pid) and f"qemu-nbd process {nbd.pid}" not in cleaned
+        assert running(nbd.pid) and f"qemu-nbd process {nbd.pid}" not in cleaned
         assert any("not killed" in c and "another machine or pid namespace" in c for c in cleaned), cleaned
     finally:
         nbd.kill()

@@ -165,6 +165,14 @@ def _zero_tailed_snapshot(repo, tmp_path, size):  # noqa: F811
     return img, backup_file(repo, img).snapshot_id
 
 
+def _garbage_device(tmp_path, loop_with_sectors, sector: int):
+    """A loop device of 16 blocks of random bytes with ``sector``-byte logical blocks:
+    (its backing file, the device)."""
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(os.urandom(16 * BS))
+    return dst, loop_with_sectors(dst, sector)
+
+
 def test_a_4k_sector_device_zeroes_its_last_run_too(repo, tmp_path, loop_with_sectors, monkeypatch):  # noqa: F811
     """A snapshot whose size ends inside a 4 KiB sector, onto a 4Kn device: its last zero
     run was given to BLKZEROOUT 512-aligned, refused (EINVAL), and written whole from user
@@ -173,9 +181,7 @@ def test_a_4k_sector_device_zeroes_its_last_run_too(repo, tmp_path, loop_with_se
 
     size = 8 * BS + 1000
     img, sid = _zero_tailed_snapshot(repo, tmp_path, size)
-    dst = tmp_path / "dst.img"
-    dst.write_bytes(os.urandom(16 * BS))
-    dev = loop_with_sectors(dst, 4096)
+    dst, dev = _garbage_device(tmp_path, loop_with_sectors, 4096)
     calls = _zeroout_spy(monkeypatch)
     restore_to(repo, sid, dev, force=True)
     with open(dev, "rb") as f:
@@ -197,9 +203,7 @@ def test_zero_runs_are_zeroed_in_pieces_and_ctrl_c_is_taken_between(repo, tmp_pa
     monkeypatch.setattr(restore_mod, "ZEROOUT_BYTES", 2 * BS)
     size = 8 * BS + 1000
     img, sid = _zero_tailed_snapshot(repo, tmp_path, size)
-    dst = tmp_path / "dst.img"
-    dst.write_bytes(os.urandom(16 * BS))
-    dev = loop_with_sectors(dst, 512)
+    dst, dev = _garbage_device(tmp_path, loop_with_sectors, 512)
     calls = _zeroout_spy(monkeypatch)
     restore_to(repo, sid, dev, force=True)
     with open(dev, "rb") as f:

@@ -10,7 +10,6 @@ import pytest
 
 from images import BS, backup_file, make_image
 from pyvbak.backends import BackendError
-from pyvbak.repo import format as fmt
 from pyvbak.repo import reader
 from pyvbak.repo import restore as restore_mod
 from pyvbak.repo.reader import sort_for_reading

@@ -147,6 +147,9 @@ def test_cli_verify_says_no_snapshot_is_lost_and_repair_drops_only_the_bad_copy(
     code, out, err = cli(capsys, "verify", "--repo", copies.path, "--repair", "--json")
     rep = json.loads(out)
     assert rep["repair"]["records_removed"] == 1 and rep["affected_snapshots"] == []
+    # everything found was repaired: exit 0, and said so (the report still says what was found)
+    assert code == 0 and rep["repair"]["complete"] and not rep["ok"], err
+    assert "repair: complete" in err
     assert copies.copy_packs(d) == [copies.pa]  # the good copy stays
     for other in copies.shared[:5] + copies.shared[6:]:
         assert copies.copy_packs(other) == sorted([copies.pa, copies.pb])
@@ -162,6 +165,7 @@ def test_repair_after_a_pack_is_deleted_keeps_the_other_copies(copies, capsys):
     assert rep["problem_count"] == 0 and rep["affected_snapshots"] == [] and rep["damaged_copy_count"] == 8
     code, out, err = cli(capsys, "verify", "--repo", copies.path, "--repair", "--json")
     assert json.loads(out)["repair"]["records_removed"] == 8
+    assert code == 0, err
     assert all(copies.copy_packs(d) == [copies.pb] for d in copies.shared)
     assert verify_repository(copies.repo())["ok"]
     copies.assert_all_restore()
@@ -219,3 +223,22 @@ def test_forget_prune_keeps_the_intact_copy_for_the_remaining_snapshot(copies, c
     assert same_file(out_img, copies.img_a)
     rep = verify_repository(copies.repo())
     assert rep["problem_count"] == 0 and rep["affected_snapshots"] == []
+
+
+def test_repair_exit_code_says_whether_anything_found_is_left(copies, capsys, monkeypatch):
+    """verify --repair exits 0 only when what it found is gone: an unreadable redundant copy
+    is kept (exit 6) unless --drop-unreadable drops it (exit 0: every snapshot still
+    restores from the other copy)."""
+    from test_verify_read_errors import failing_reads
+
+    failing_reads(monkeypatch, fmt.pack_name(copies.pa.hex()), times=None)
+    code, out, err = cli(capsys, "verify", "--repo", copies.path, "--repair", "--json")
+    rep = json.loads(out)
+    assert code == 6 and rep["repair"]["complete"] is False and "repair: complete" not in err
+    code, out, err = cli(capsys, "verify", "--repo", copies.path, "--repair", "--drop-unreadable", "--json")
+    rep = json.loads(out)
+    assert code == 0 and rep["repair"]["complete"] is True and rep["repair"]["records_removed"] == 8, err
+    monkeypatch.undo()
+    assert all(copies.copy_packs(d) == [copies.pb] for d in copies.shared)
+    assert verify_repository(copies.repo())["ok"]
+    copies.assert_all_restore()

@@ -239,7 +239,8 @@ def test_verify_after_repair_does_not_call_the_dropped_pack_adoptable(tmp_path, 
     markers = Repository.open(repo.location).lost_markers()
     capsys.readouterr()
     assert main(["verify", "--repo", repo.location, "--repair", "--json"]) == IntegrityError.exit_code
-    assert json.loads(capsys.readouterr().out)["repair"] == {"records_removed": 0, "lost_marker": None, "adopted": []}
+    assert json.loads(capsys.readouterr().out)["repair"] == {"records_removed": 0, "lost_marker": None, "adopted": [],
+                                                              "complete": False}
     assert Repository.open(repo.location).lost_markers() == markers
 
 

@@ -106,6 +106,7 @@ def verify(
                 adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged"))]
             report["repair"] = drop_bad_records(r, bad)
             report["repair"]["adopted"] = adopted
+            report["repair"]["complete"] = _repair_complete(report, drop_unreadable)
     if json_out:
         emit_json(report)
     else:
@@ -146,6 +147,11 @@ def verify(
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "
                  f"blocks stores them again")
+    if not report["ok"] and report.get("repair", {}).get("complete"):
+        # exit 0: what verify found is gone and every snapshot reads back whole (the damage
+        # was in redundant copies or pack indexes only); the lines above said what was done
+        info("repair: complete - every snapshot restores from intact copies; 'pyvbak verify' confirms it")
+        return
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])
@@ -160,6 +166,19 @@ def verify(
             more = f"{report['unreadable_redundant_copy_count']} redundant block copy(ies) that could not be read"
             found = f"{found} and {more}" if found else more
         raise IntegrityError(f"verify found {found} in {r.location}")
+
+
+def _repair_complete(report: dict, drop_unreadable: bool) -> bool:
+    """Whether ``verify --repair`` left nothing of what the verify found: no snapshot lost
+    a block (every bad copy had a good one beside it), the bad copies' records are gone,
+    every damaged pack index was removed (its packs re-indexed), and no copy that could
+    not be read was kept (they are, unless ``--drop-unreadable``)."""
+    if report["problem_count"] or report["affected_snapshots"]:
+        return False
+    if report["unreadable_copy_count"] and not drop_unreadable:
+        return False
+    removed = {ln.split()[3] for ln in report["repair"]["adopted"] if ln.startswith("removed damaged pack index ")}
+    return all(d["name"] in removed for d in report["damaged_pack_indexes"])
 
 
 def unlock(

@@ -136,7 +136,7 @@ def _tools_dir(tmp_path, *, without=(), failing=()):
     d = tmp_path / "bin"
     d.mkdir()
     for t in ("zstd od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
-              "dirname sync cat grep").split():
+              "dirname readlink sync cat grep").split():
         if t in without:
             continue
         if t in failing:

@@ -241,7 +241,7 @@ def _slow_zstd_path(tmp_path):
     d = tmp_path / "bin"
     d.mkdir()
     for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
-              "dirname sync grep cat").split():
+              "dirname readlink sync grep cat").split():
         (d / t).symlink_to(shutil.which(t))
     (d / "zstd").write_text(
         "#!/bin/sh\n"
@@ -349,7 +349,7 @@ def test_missing_zstd_is_one_error_line(setup, tmp_path):
     d = tmp_path / "bin"
     d.mkdir()
     for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
-              "dirname sync grep").split():
+              "dirname readlink sync grep").split():
         (d / t).symlink_to(shutil.which(t))
     p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), snaps[0][0], str(tmp_path / "o.img")],
                        env={"PATH": str(d)}, capture_output=True, text=True, timeout=60)
@@ -364,7 +364,7 @@ def test_busybox_tools_with_join_only(setup, tmp_path):
     repo, snaps, _ = setup
     d = tmp_path / "bin"
     d.mkdir()
-    for t in "od tr head tail cut nl sort paste wc dd sha256sum mktemp truncate mv ln rm dirname sync grep".split():
+    for t in "od tr head tail cut nl sort paste wc dd sha256sum mktemp truncate mv ln rm dirname readlink sync grep".split():
         (d / t).symlink_to(busybox)
     for t in ("join", "zstd"):
         (d / t).symlink_to(shutil.which(t))
@@ -416,3 +416,33 @@ def test_damaged_snapshot_objects(setup, tmp_path, damage):
     else:
         one_error(p, needle)
         assert not out.exists() and no_partial(tmp_path)
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
+def test_a_symlink_output_restores_the_file_it_names(setup, tmp_path, shell):
+    """As pyvbak restore and cp do: through a link to an existing file (with --force) and
+    a dangling link, the named file gets the snapshot and the link stays a link; a link
+    into a missing directory is one error line."""
+    repo, snaps, elsewhere = setup
+    script = os.path.join(repo.location, "restore.sh")
+    sid, copy = snaps[0]
+    real = tmp_path / "real.img"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.img"
+    link.symlink_to("real.img")
+    one_error(run_sh(script, sid, link, cwd=tmp_path, shell=shell), "exists", "--force")
+    assert real.read_bytes() == b"old"
+    p = run_sh(script, "--force", sid, link, cwd=tmp_path, shell=shell)
+    assert p.returncode == 0, p.stderr
+    assert link.is_symlink() and same_file(real, copy)
+
+    dangling = tmp_path / "dangling.img"
+    dangling.symlink_to("target.img")
+    p = run_sh(script, sid, dangling, cwd=tmp_path, shell=shell)
+    assert p.returncode == 0, p.stderr
+    assert dangling.is_symlink() and same_file(tmp_path / "target.img", copy)
+
+    broken = tmp_path / "broken.img"
+    broken.symlink_to(tmp_path / "no-such-dir" / "x.img")
+    one_error(run_sh(script, sid, broken, cwd=tmp_path, shell=shell), "symbolic link")
+    assert no_partial(tmp_path)

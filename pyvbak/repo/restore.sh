@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 2  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 3  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -40,7 +40,7 @@ out=$2
 [ -n "$out" ] || die "$usage"
 case $out in -*) out=./$out ;; esac  # a name no tool takes for an option
 missing_tools=
-for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv ln rm dirname sync grep; do
+for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv ln rm dirname readlink sync grep; do
   command -v "$t" >/dev/null 2>&1 || missing_tools="$missing_tools $t"
 done
 [ -z "$missing_tools" ] || die "needs these commands, not found on PATH:$missing_tools (install coreutils, grep and zstd)"
@@ -51,7 +51,13 @@ repo=$(cd -P "$here" && pwd) || die "cannot enter the directory of $0 ($here)"
   || die "$repo is not a pyvbak repository (no snapshots/ and index/): run the restore.sh inside the repository"
 
 # The output: a new file, or (with --force) an existing file replaced only at the end, or a
-# block device written in place.
+# block device written in place.  A symbolic link is followed: the file it names is
+# restored (as cp and pyvbak restore do), not the link replaced by a file.
+if [ -L "$out" ] && [ ! -b "$out" ]; then
+  given=$out
+  out=$(readlink -f -- "$given") && [ -n "$out" ] \
+    || die "cannot resolve the symbolic link $given (its directory is missing?): give the path of the file itself"
+fi
 device=
 if [ -b "$out" ]; then
   [ -n "$force" ] || die "$out is a block device: pass --force to overwrite it with the snapshot"

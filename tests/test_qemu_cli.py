@@ -414,3 +414,43 @@ def test_the_file_node_under_a_qcow2_node_is_refused(vm, tmp_path, capsys, monke
     assert main(["backup", uri, "--repo", repo, "--vm", "web"]) == 4
     assert_one_error_line(capsys.readouterr().err, "'disk0-file'", "file under the qcow2 node 'disk0'", "?node=disk0")
     assert vm.pyvbak_nodes() == [] and vm.exports() == ["guest"]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["parent-held", "parent-streamed"])
+@pytest.mark.parametrize("rewrite_tail", [False, True], ids=["untouched", "tail-rewritten"])
+def test_a_disk_shrunk_and_grown_back_is_scanned_whole_not_trusted(tmp_path, capsys, monkeypatch, streamed,
+                                                                    rewrite_tail):
+    """QEMU keeps no resize history: shrunk and grown back to its old size between two
+    backups, a disk has the size it had and a bitmap that passes every check (cut at the
+    shrink, grown with clean bits), while its tail now reads as zeros.  The incremental
+    trusted it and read nothing: the snapshot restored the old tail.  Now one block the
+    bitmap calls clean is read back, the change is found, and the backup scans the disk
+    whole, saying why - also when the guest rewrote the last block after the grow."""
+    from pyvbak.engine import backup as engine
+
+    if streamed:
+        monkeypatch.setattr(engine, "STREAM_PARENT_MIN_BYTES", 0)
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    with FakeVM(tmp_path / "vm", size=16 * MiB) as vm:
+        vm.write(0, os.urandom(16 * MiB))
+        _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+        vm.ctl.cmd("block_resize", **{"node-name": "disk0", "size": 8 * MiB})
+        vm.ctl.cmd("block_resize", **{"node-name": "disk0", "size": 16 * MiB})
+        if rewrite_tail:
+            vm.write(16 * MiB - 64 * 1024, os.urandom(64 * 1024))
+        live = vm.read(0, 16 * MiB)
+        assert live[8 * MiB : 16 * MiB - 64 * 1024] == bytes(8 * MiB - 64 * 1024)
+        second = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+        assert second["cbt"] is False and "shrunk and grown back" in second["fallback_reason"]
+        assert any("change tracking not used" in w for w in second["warnings"])
+        out = tmp_path / "restored.img"
+        assert main(["restore", "web@latest", str(out), "--repo", repo]) == 0
+        assert out.read_bytes() == live
+        # the chain goes on from the new generation: the next incremental trusts the bitmap
+        vm.write(0, os.urandom(64 * 1024))
+        third = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+        assert third["cbt"] is True and third["changed_blocks"] == 1
+        assert main(["restore", "web@latest", str(out), "--repo", repo, "--force"]) == 0
+        assert out.read_bytes() == vm.read(0, 16 * MiB)

@@ -234,6 +234,9 @@ class _Parent:
         starts empty, for the blocks the backup finds changed (``patched``, set at commit)."""
         self.snap = snap
         self.streamed = (only is not None or hashes) and snap is not None
+        #: (block, 16-byte fast hash) of the parent's last non-zero block outside ``only``
+        #: (the dirty blocks), or None: what ``_missed_by_bitmap`` reads back
+        self.last_clean_data: tuple[int, bytes] | None = None
         if snap is None:
             self.n, self.size = 0, 0
             self.zero, self.fast = native.new_arrays(0)
@@ -259,6 +262,11 @@ class _Parent:
                     if hi > lo:
                         picked = only[lo:hi]
                         self.records[picked] = chunk[picked - base]
+                    data = np.flatnonzero(self.zero[base:end] == 0) + base
+                    if hi > lo and len(data):
+                        data = data[~np.isin(data, only[lo:hi], assume_unique=True)]
+                    if len(data):
+                        self.last_clean_data = (int(data[-1]), bytes(chunk["fast"][data[-1] - base]))
                 base = end
             if base != self.n:
                 raise IntegrityError(f"the index of snapshot {snap.id} has {base} records for {self.n} blocks")
@@ -270,6 +278,14 @@ class _Parent:
         self.zero = (self.records["digest"].view("S32") == b"").astype(np.uint8)
         # (n, 2) uint64, strided; native byte order is little-endian on every platform built
         self.fast = self.records.view("<u8").reshape(self.n, 6)[:, 4:6]
+
+    def find_last_clean_data(self, dirty: np.ndarray) -> None:
+        """``last_clean_data`` for a parent held whole (the streamed one finds it as it reads)."""
+        data = np.flatnonzero(self.zero == 0)
+        if len(data) and len(dirty):
+            data = data[~np.isin(data, dirty, assume_unique=True)]
+        if len(data):
+            self.last_clean_data = (int(data[-1]), self.fast[data[-1]].tobytes())
 
     def take_records(self, n: int) -> np.ndarray:
         """The new snapshot's records for an ``n``-block disk, holding the parent's digest
@@ -338,6 +354,17 @@ def run_backup(
         # A damaged latest snapshot must not stop every later backup of the disk: this one
         # is made without it (a full scan; dedup still finds the stored blocks).
         parent, unreadable_parent = _Parent(repo, None), f"the previous snapshot {latest.id} cannot be read ({exc})"
+    missed_by_bitmap = None
+    if (ct is not None and ct.extents is not None and not verify_cbt and parent.snap is not None
+            and parent.size == size and int(latest.meta.get("block_size", bs)) == bs):
+        if not parent.streamed:
+            parent.find_last_clean_data(_extent_blocks(ct.extents, n, bs))
+        missed_by_bitmap = _missed_by_bitmap(source, parent, bs, key, size)
+        if missed_by_bitmap and parent.streamed:
+            # the parent was read for an incremental (its dirty blocks' records only): read
+            # it again for the full scan this backup becomes
+            hashes_only = hasattr(source, "path") and hasattr(source, "fileno")
+            parent = _Parent(repo, latest, hashes=hashes_only) if hashes_only else _Parent(repo, latest)
     sid = new_snapshot_id()
     result = BackupResult(sid, vm, disk, parent.snap.id if parent.snap else None, size, bs)
     # what the control plane found about the source itself (a misnamed image read as raw)
@@ -363,10 +390,13 @@ def run_backup(
                                f"({', '.join(damaged[:3])}{', …' if len(damaged) > 3 else ''}): run 'pyvbak verify'")
 
     zero, fast = native.new_arrays(n)
-    use_cbt = ct is not None and ct.extents is not None and parent.snap is not None and parent.size == size
+    use_cbt = (ct is not None and ct.extents is not None and parent.snap is not None and parent.size == size
+               and not missed_by_bitmap)
     if ct is not None:
         if ct.extents is None:
             reason = ct.fallback_reason or "change tracking unavailable"
+        elif missed_by_bitmap:
+            reason = missed_by_bitmap
         elif parent.snap is None:
             reason = unreadable_parent or "no previous backup of this disk"
         elif parent.size != size:
@@ -749,6 +779,33 @@ def _index_stored_packs(repo, records: np.ndarray, exc: BaseException) -> None:
         exc.kept_packs = (packs, int(records["clen"].astype(np.int64).sum()))
     except AttributeError:
         pass  # an exception type that takes no attributes: nothing to say, nothing lost
+
+
+def _missed_by_bitmap(source, parent: _Parent, bs: int, key, size: int) -> str | None:
+    """Whether the dirty bitmap is caught missing a change, by reading back one block it
+    calls clean: the parent's last non-zero block outside the dirty set
+    (``parent.last_clean_data``), which must still hash the same.  A reason, or None.
+
+    QEMU keeps no history of resizes: a disk shrunk and grown back to its old size
+    between two backups has the same size, and its bitmap was cut at the shrink and grown
+    with clean bits - every check on the bitmap itself passes while the disk's tail now
+    reads as zeros.  Every block of the parent's from the shrink point on is then either
+    zero or dirty (written after the grow), so the last non-zero block not marked dirty
+    lies past the shrink point exactly when the shrink cut data the bitmap does not show:
+    one block read (~0.1 ms) finds every such case.  It also catches a bitmap cleared by
+    hand when that block changed since."""
+    if parent.last_clean_data is None:
+        return None
+    block, fast = parent.last_clean_data
+    offset = block * bs
+    length = min(bs, size - offset)
+    if length <= 0:
+        return None
+    data = source.read(offset, length)
+    if len(data) == length and native.hash_block(data, key) == fast:
+        return None
+    return (f"the dirty bitmap calls block {block} (offset {offset}) unchanged since the previous backup, "
+            f"but it changed (was the disk shrunk and grown back, or the bitmap cleared?)")
 
 
 def _changed(parent: _Parent, zero, fast, a: int, b: int, bs: int) -> np.ndarray:

@@ -9,6 +9,7 @@ with ``spawn_record`` and signalled only while ``same_process`` says its pid sti
 from __future__ import annotations
 
 import os
+import signal
 
 
 def _read_first_line(path: str) -> str | None:
@@ -154,3 +155,17 @@ def pid_alive(pid: int) -> bool:
     except IndexError:
         pass
     return b"python" in cmd or b"pyvbak" in cmd
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a helper process pyvbak starts (qemu-nbd, the demo's
+    qemu-storage-daemon): it gets SIGTERM when pyvbak dies, even by kill -9, so nothing
+    keeps serving or holding an image for a pyvbak that is gone (Linux; elsewhere the
+    next run's cleanup is the backstop).  The thread that starts it must outlive it: the
+    signal follows the thread's exit, not the process's."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort
+        pass

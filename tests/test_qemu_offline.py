@@ -62,7 +62,7 @@ def killed_offline_run(img, work, *, state=None, outlive: bool = False) -> str:
     child = (
         "import json,sys,time\n"
         "from pyvbak.hypervisors.qemu import QemuOfflineImage, offline\n"
-        + ("offline._die_with_parent = lambda: None\n" if outlive else "")
+        + ("offline.die_with_parent = lambda: None\n" if outlive else "")
         + "with QemuOfflineImage(sys.argv[1], previous_state=json.loads(sys.argv[3]), work_dir=sys.argv[2]) as s:\n"
         "    print('READY', s.run, flush=True); time.sleep(60)\n"
     )

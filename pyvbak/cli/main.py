@@ -1,7 +1,7 @@
 """The pyvbak command line: one module per command group, errors mapped to exit codes.
 
 A ``PyvbakError`` prints one line on stderr (``pyvbak: error: ...``) and exits with the
-error's code; Ctrl-C and SIGTERM become ``Interrupted`` so every context manager below
+error's code; Ctrl-C, SIGTERM and SIGHUP become ``Interrupted`` so every context manager below
 cleans up (snapshots, exports, locks, temp files) before the process exits.
 """
 
@@ -114,17 +114,38 @@ def _after_interrupt() -> str:
 
 
 def _interrupted() -> int:
-    print(f"pyvbak: error: interrupted (Ctrl-C): stopped cleanly; {_after_interrupt()}", file=sys.stderr)
+    _say(f"pyvbak: error: interrupted (Ctrl-C): stopped cleanly; {_after_interrupt()}")
     return Interrupted.exit_code
 
 
 def _sigterm(signum, frame):
-    raise Interrupted(f"interrupted by SIGTERM: stopped cleanly; {_after_interrupt()}")
+    why = ("SIGHUP (the terminal or ssh session closed)" if signum == getattr(signal, "SIGHUP", None)
+           else "SIGTERM")
+    raise Interrupted(f"interrupted by {why}: stopped cleanly; {_after_interrupt()}")
+
+
+def _catch_termination() -> dict:
+    """SIGTERM and SIGHUP become ``Interrupted``, so every context manager cleans up (a
+    dropped ssh session killed a restore outright: its 2 GiB temp file and its lock
+    stayed).  A SIGHUP that is ignored (``nohup``) stays ignored.  The previous handlers."""
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _sigterm)}
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
+        previous[hup] = signal.signal(hup, _sigterm)
+    return previous
+
+
+def _say(line: str) -> None:
+    """An error line on stderr - which a hangup may have closed: the exit code still counts."""
+    try:
+        print(line, file=sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     tune_for_throughput()  # this process is the CLI's: see pyvbak/allocator.py
-    previous = signal.signal(signal.SIGTERM, _sigterm)
+    previous = _catch_termination()
     try:
         args = sys.argv[1:] if argv is None else list(argv)
         _command[0] = next((a for a in args if not a.startswith("-")), "")
@@ -136,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             return _interrupted()
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except PyvbakError as exc:
-        print(f"pyvbak: error: {exc}", file=sys.stderr)
+        _say(f"pyvbak: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         return _interrupted()
@@ -173,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             return OS_ERROR_EXIT
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _click_exception_types() -> tuple[type, ...]:

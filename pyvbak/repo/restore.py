@@ -376,11 +376,11 @@ def commit_restored(pending: list[tuple[str, str]]) -> None:
 
 
 class _signals_deferred:
-    """SIGINT and SIGTERM noted, not acted on, inside the block; the first one noted is
+    """SIGINT, SIGTERM and SIGHUP noted, not acted on, inside the block; the first one noted is
     handed to its previous handler at the end.  Only in the main thread (the only one
     Python signal handlers run in); elsewhere a no-op."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __enter__(self):
         self.previous, self.got = {}, []

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pyvbak.errors import SourceError
-from pyvbak.processes import identity, spawn_record
+from pyvbak.processes import die_with_parent, identity, spawn_record
 
 from .session import ExportSession
 from ..resources import TerminationGuard, remove_files
@@ -170,7 +170,7 @@ class QemuOfflineImage(ExportSession):
         args.append(str(self.path))
         try:
             self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                          preexec_fn=_die_with_parent)
+                                          preexec_fn=die_with_parent)
         except FileNotFoundError:
             raise SourceError("qemu-nbd not found: install the Debian package 'qemu-utils'") from None
         # which process the pid is, so that a later cleanup never signals another one
@@ -302,13 +302,4 @@ class QemuOfflineImage(ExportSession):
         return remove_files((self.socket_path, self.pid_file), errors)
 
 
-def _die_with_parent() -> None:
-    """In the qemu-nbd child: get SIGTERM when pyvbak dies, even by kill -9, so a
-    killed backup does not leave a server holding the image open."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort; the next run's cleanup is the backstop
-        pass
 

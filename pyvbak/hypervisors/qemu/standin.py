@@ -16,6 +16,7 @@ import subprocess
 import time
 
 from pyvbak.errors import SourceError
+from pyvbak.processes import die_with_parent
 
 #: Debian packages of the programs the stand-in needs
 PACKAGES = {"qemu-storage-daemon": "qemu-system-common", "qemu-img": "qemu-utils", "fusermount3": "fuse3"}
@@ -54,8 +55,10 @@ class StandInVM:
                      "--export", f"type=fuse,id=guest{i},node-name=disk{i},mountpoint={guest},writable=on"]
         # Its own session: a terminal's Ctrl-C goes to the foreground process group, and the
         # daemon dying first (under the backup, its FUSE mounts with it) is not a clean stop;
-        # stop() ends it, on any exit of its owner.
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        # stop() ends it, on any exit of its owner - and a SIGTERM from the kernel if its
+        # owner dies without one (kill -9), instead of an orphan serving the demo's disks.
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=die_with_parent)
         try:
             deadline = time.monotonic() + timeout
             while not (os.path.exists(self.qmp) and all(self._mounted(g) for g in self.guests)):

@@ -1,0 +1,127 @@
+"""A hangup (the terminal or ssh session closed) stops a command the way SIGTERM does.
+
+Only SIGTERM used to become ``Interrupted``: a SIGHUP took its default action and the
+process died at once, like kill -9 - a restore left its 2 GiB temp file beside the output
+and its lock in the repository, a backup its temp packs and lock.  Now a hangup cleans up
+and exits 10 with one line; under ``nohup`` (SIGHUP ignored) the command goes on.
+
+Each command runs in a child whose worker threads block, at a point where the command's
+temp files and lock exist, until the test has sent its signal (no sleep-and-hope).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until
+from images import MiB, random_bytes, same_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The child: a hook that blocks the first call of a function run in worker threads until
+# the file GO exists (after touching MARK), then pyvbak's main().
+CHILD = r"""
+import importlib, os, sys, time
+mod, _, attr = sys.argv[1].partition(":")  # module:attribute or module:Class.attribute
+target = importlib.import_module(mod)
+*owners, name = attr.split(".")
+for o in owners:
+    target = getattr(target, o)
+real = getattr(target, name)
+def blocked(*a, **k):
+    open(os.environ["MARK"], "a").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.environ["GO"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return real(*a, **k)
+setattr(target, name, blocked)
+from pyvbak.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_blocked(tmp_path, hook: str, args: list[str], *, ignore_hup: bool = False) -> subprocess.Popen:
+    mark, go = tmp_path / "mark", tmp_path / "go"
+    for f in (mark, go):
+        if f.exists():
+            f.unlink()
+    env = dict(os.environ, MARK=str(mark), GO=str(go), PYTHONPATH=str(ROOT))
+    pre = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hup else None
+    return subprocess.Popen([sys.executable, "-c", CHILD, hook, *map(str, args)], env=env, preexec_fn=pre,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def hang_up(tmp_path, proc: subprocess.Popen) -> tuple[int, str, str]:
+    try:
+        wait_until((tmp_path / "mark").exists, timeout=30, what="the command to reach its blocked step")
+        proc.send_signal(signal.SIGHUP)
+    finally:
+        (tmp_path / "go").touch()
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+@pytest.fixture
+def backed_up(tmp_path):
+    from pyvbak.cli.main import main
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(random_bytes(24 * MiB, seed=5))
+    repo = tmp_path / "repo"
+    assert main(["init", str(repo)]) == 0
+    assert main(["backup", str(img), "--repo", str(repo), "--vm", "v"]) == 0
+    return img, repo
+
+
+def locks(repo: Path) -> list[str]:
+    return sorted(os.listdir(repo / "locks"))
+
+
+def temp_objects(repo: Path) -> list[str]:
+    return [str(p) for p in repo.rglob("*") if ".pyvbak-tmp" in p.name]
+
+
+def test_a_hangup_during_a_restore_cleans_up_and_exits_10(backed_up, tmp_path):
+    img, repo = backed_up
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = run_blocked(tmp_path, "pyvbak.backends.local:LocalBackend.read_range_into",
+                       ["restore", "v@latest", out_dir / "r.img", "--repo", repo])
+    code, out, err = hang_up(tmp_path, proc)
+    assert code == 10, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "SIGHUP" in lines[0] and "no partly restored file" in lines[0], err
+    assert os.listdir(out_dir) == [] and locks(repo) == []
+
+
+def test_a_hangup_during_a_backup_cleans_up_and_exits_10(backed_up, tmp_path):
+    from pyvbak.repo.repository import Repository
+    from pyvbak.repo.verify import verify_repository
+
+    img, repo = backed_up
+    img2 = tmp_path / "other.img"
+    img2.write_bytes(random_bytes(16 * MiB, seed=6))
+    before = sorted(os.listdir(repo / "snapshots"))
+    proc = run_blocked(tmp_path, "pyvbak.native:sha256_blocks", ["backup", img2, "--repo", repo, "--vm", "w"])
+    code, out, err = hang_up(tmp_path, proc)
+    assert code == 10, err
+    assert "SIGHUP" in err and "no snapshot was left half-written" in err
+    assert locks(repo) == [] and temp_objects(repo) == []
+    assert sorted(os.listdir(repo / "snapshots")) == before
+    assert verify_repository(Repository.open(str(repo)))["ok"]
+
+
+def test_under_nohup_a_hangup_is_ignored(backed_up, tmp_path):
+    img, repo = backed_up
+    out = tmp_path / "r.img"
+    proc = run_blocked(tmp_path, "pyvbak.backends.local:LocalBackend.read_range_into",
+                       ["restore", "v@latest", out, "--repo", repo], ignore_hup=True)
+    code, _, err = hang_up(tmp_path, proc)
+    assert code == 0, err
+    assert same_file(out, img) and locks(repo) == []

@@ -125,3 +125,42 @@ def test_under_nohup_a_hangup_is_ignored(backed_up, tmp_path):
     code, _, err = hang_up(tmp_path, proc)
     assert code == 0, err
     assert same_file(out, img) and locks(repo) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_after_the_backup_is_committed_finishes_it(backed_up, tmp_path, sig):
+    """Once every snapshot is committed, a signal has nothing left to stop: the backup
+    used to exit 10 with no --json result (a script lost the snapshot id) and a message
+    saying the disks were not backed up.  Now it finishes, prints its result, exits 0 and
+    says the signal arrived."""
+    import json
+
+    from pyvbak.repo.repository import Repository
+    from pyvbak.repo.verify import verify_repository
+
+    img, repo = backed_up
+    proc = run_blocked(tmp_path, "pyvbak.hypervisors:OpenedDisk.commit",
+                       ["backup", img, "--repo", repo, "--vm", "v", "--json"])
+    try:
+        wait_until((tmp_path / "mark").exists, timeout=30, what="the backup to commit its snapshot")
+        proc.send_signal(sig)
+    finally:
+        (tmp_path / "go").touch()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert Repository.open(str(repo)).resolve("v@latest").id == result["id"]
+    assert f"{sig.name} arrived after the work was committed" in err
+    assert locks(repo) == [] and temp_objects(repo) == []
+    assert verify_repository(Repository.open(str(repo)))["ok"]
+
+
+def test_a_signal_after_the_restore_is_in_place_finishes_it(backed_up, tmp_path):
+    img, repo = backed_up
+    out = tmp_path / "r.img"
+    proc = run_blocked(tmp_path, "pyvbak.cli.restore_cmd:_warn_other_copies",
+                       ["restore", "v@latest", out, "--repo", repo])
+    code, stdout, err = hang_up(tmp_path, proc)
+    assert code == 0, err
+    assert "restored snapshot" in stdout and "SIGHUP arrived after the work was committed" in err
+    assert same_file(out, img) and locks(repo) == []

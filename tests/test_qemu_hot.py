@@ -13,7 +13,7 @@ import pytest
 
 from conftest import wait_until
 from qemu_vm import MiB, FakeVM
-from pyvbak.errors import SourceError, UsageError
+from pyvbak.errors import Interrupted, SourceError, UsageError
 from pyvbak.hypervisors.qemu import QemuHotBackup, QmpClient, hot, parse_qemu_uri
 from pyvbak.sources.nbd import NbdSource
 
@@ -186,6 +186,30 @@ def test_keyboard_interrupt_cleans_up(vm, work):
     with pytest.raises(KeyboardInterrupt):
         with QemuHotBackup(vm.uri, previous_state=None, work_dir=work):
             raise KeyboardInterrupt
+    assert_clean(vm, work)
+    assert vm.bitmaps() == {}
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Interrupted], ids=["Ctrl-C", "SIGTERM"])
+def test_a_signal_while_the_session_lock_is_made_leaves_no_lock(vm, work, monkeypatch, interrupt):
+    """A signal after QEMU made the lock object but before its reply was read: the caller
+    never learned the object's id, and the lock stayed in the VM while the message said
+    everything was cleaned up."""
+    from pyvbak.hypervisors.qemu.qmp import QmpClient
+
+    real = QmpClient.execute
+
+    def execute(self, command, /, **arguments):
+        out = real(self, command, **arguments)
+        if command == "object-add":
+            raise interrupt("interrupted by SIGTERM") if interrupt is Interrupted else interrupt()
+        return out
+
+    monkeypatch.setattr(QmpClient, "execute", execute)
+    with pytest.raises(interrupt):
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work):
+            pass
+    monkeypatch.undo()
     assert_clean(vm, work)
     assert vm.bitmaps() == {}
 

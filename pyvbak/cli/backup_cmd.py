@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from .. import interrupts
 from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes, info, open_repository, progress_bar
 
 
@@ -29,7 +30,7 @@ def backup(
         check_vm_disk_names(vm, name)  # before anything is opened or created (the default repository)
     r = open_repository(repo, create_default=True)
     results, cleaned = backup_source(r, source, vm=vm, names=names, threads=threads, verify_cbt=verify_cbt,
-                                     show_progress=not json_out, image_format=image_format)
+                                     show_progress=not json_out, image_format=image_format, finish_on_commit=True)
     if json_out:
         outs = []
         for result in results:
@@ -57,10 +58,13 @@ def backup(
 
 def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: list[str] | None = None,
                   threads: int | None = None, verify_cbt: bool = False, show_progress: bool = True,
-                  work_dir: str | None = None, image_format: str = "auto"):
+                  work_dir: str | None = None, image_format: str = "auto", finish_on_commit: bool = False):
     """What ``pyvbak backup`` does, for any caller (the demo too): lock, clean up after a
     dead run, back up every disk ``source`` names, commit each; (results, cleaned).
-    ``names``: ``disk_names(source, disk)`` when the caller has them already."""
+    ``names``: ``disk_names(source, disk)`` when the caller has them already.
+    ``finish_on_commit``: once every snapshot is committed, signals are only noted
+    (pyvbak/interrupts.py) - for a caller whose command ends with this backup's output
+    and whose ``main()`` ends that mode."""
     from ..engine.backup import run_backup
     from ..hypervisors import disk_names, open_disks
     from ..repo.repository import check_vm_disk_names, new_snapshot_id, snapshot_time
@@ -90,6 +94,10 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
                         with progress_bar(f"backup {vm}/{d.name}", show_progress) as update:
                             result = run_backup(r, src, vm=vm, disk=d.name, threads=threads, verify_cbt=verify_cbt,
                                                 progress=update, extra_meta=group)
+                        if finish_on_commit and len(results) + 1 == len(names):
+                            # every snapshot is committed: a signal from now on finishes the
+                            # run (QEMU's view removed, lock released, result printed), noted
+                            interrupts.begin_finishing()
                         d.commit()
                     results.append(result)
             cleaned += session_cleaned
@@ -100,9 +108,11 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
                 info(f"kept the {kept[0]} pack(s) ({human_bytes(kept[1])}) this backup stored before it failed: "
                      f"they are indexed, so running it again stores only the rest")
             if results:  # the snapshots made before the failure exist and are complete
-                info("backed up and kept before the failure: "
+                info(("every disk was backed up before the failure: " if len(results) == len(names)
+                      else "backed up and kept before the failure: ")
                      + ", ".join(f"{x.vm}/{x.disk} snapshot {x.snapshot_id}" for x in results)
-                     + " (the disk in progress and those after it were not backed up)")
+                     + ("" if len(results) == len(names)
+                        else " (the disk in progress and those after it were not backed up)"))
             raise
     for result in results:
         result.cleaned_leftovers = cleaned

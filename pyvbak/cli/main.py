@@ -13,6 +13,7 @@ import sys
 
 import typer
 
+from .. import interrupts
 from ..allocator import tune_for_throughput
 from ..errors import Interrupted, PyvbakError
 from . import backup_cmd, demo_cmd, prune_cmds, repo_cmds, restore_cmd
@@ -119,9 +120,17 @@ def _interrupted() -> int:
 
 
 def _sigterm(signum, frame):
+    if interrupts.note_if_finishing(signum):  # committed: nothing left to stop (pyvbak/interrupts.py)
+        return
     why = ("SIGHUP (the terminal or ssh session closed)" if signum == getattr(signal, "SIGHUP", None)
            else "SIGTERM")
     raise Interrupted(f"interrupted by {why}: stopped cleanly; {_after_interrupt()}")
+
+
+def _sigint(signum, frame):
+    if interrupts.note_if_finishing(signum):
+        return
+    raise KeyboardInterrupt
 
 
 def _catch_termination() -> dict:
@@ -129,6 +138,8 @@ def _catch_termination() -> dict:
     dropped ssh session killed a restore outright: its 2 GiB temp file and its lock
     stayed).  A SIGHUP that is ignored (``nohup``) stays ignored.  The previous handlers."""
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _sigterm)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: the same rule
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _sigint)
     hup = getattr(signal, "SIGHUP", None)
     if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
         previous[hup] = signal.signal(hup, _sigterm)
@@ -196,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        noted = interrupts.end()
+        if noted:
+            _say(f"pyvbak: note: {' and '.join(dict.fromkeys(noted))} arrived after the work was committed: "
+                 f"it was finished and cleaned up instead of stopped")
 
 
 def _click_exception_types() -> tuple[type, ...]:

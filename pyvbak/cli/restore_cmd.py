@@ -39,7 +39,8 @@ def restore(
                          f"device to restore it to (e.g. {output}{snap.disk}.img)")
     with maybe_lock(r, no_lock, f"restore of {snap.id}"):
         with progress_bar(f"restore {snap.id}", not json_out) as update:
-            report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update)
+            report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update,
+                                      finish_on_commit=True)
     _warn_other_copies(report)
     if json_out:
         emit_json(report)
@@ -134,7 +135,7 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
                     done.append(f"{snap.disk} to {target}")
                 reports.append(report)
                 _warn_other_copies(report)
-            commit_restored(pending)
+            commit_restored(pending, finish=True)
             pending = []
     except BaseException:
         discard_restored(pending)

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pyvbak import interrupts
 from pyvbak.errors import Interrupted
 from pyvbak.processes import pid_alive  # noqa: F401  (re-exported: its old import path)
 
@@ -40,6 +41,8 @@ class TerminationGuard:
         self.pending: int | None = None  # signal number received while deferring
 
     def _handler(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        if interrupts.note_if_finishing(signum):  # the backup is committed: nothing to stop
+            return
         if self._deferring:
             self.pending = signum
             return
@@ -69,7 +72,8 @@ class TerminationGuard:
         prev_int = signal.getsignal(signal.SIGINT)
 
         def _int(signum, frame):  # noqa: ARG001
-            self.pending = signum
+            if not interrupts.note_if_finishing(signum):
+                self.pending = signum
 
         signal.signal(signal.SIGINT, _int)
         try:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .. import interrupts
 from ..backends import BackendError, ObjectMissing
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import pid_alive, start_time
@@ -353,9 +354,11 @@ def _take_over_file_attributes(fd: int, st) -> None:
     os.fchmod(fd, stat.S_IMODE(st.st_mode))  # after chown, which may clear set-id bits
 
 
-def commit_restored(pending: list[tuple[str, str]]) -> None:
+def commit_restored(pending: list[tuple[str, str]], *, finish: bool = False) -> None:
     """Rename restored temp files over their targets (``(temp, target)`` pairs, from
-    ``restore_snapshot(..., replace=False)``), then make the renames durable."""
+    ``restore_snapshot(..., replace=False)``), then make the renames durable.  ``finish``:
+    the restore is then done - a signal from the renames on is only noted
+    (pyvbak/interrupts.py), for a CLI command that ends with its output."""
     dirs = []
     # every rename or none: Ctrl-C or SIGTERM between two of them put some disks of a
     # group in place and discarded the others (a directory of two instants)
@@ -365,6 +368,8 @@ def commit_restored(pending: list[tuple[str, str]]) -> None:
             d = os.path.dirname(os.path.abspath(target))
             if d not in dirs:
                 dirs.append(d)
+        if finish:
+            interrupts.begin_finishing()
     for d in dirs:
         # the new names durable too: after a power loss the restore is there (or the old
         # file is, never neither) once the command said it succeeded
@@ -413,7 +418,7 @@ def discard_restored(pending: list[tuple[str, str]]) -> None:
 
 
 def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: int | None = None, progress=None,
-                     replace: bool = True) -> dict:
+                     replace: bool = True, finish_on_commit: bool = False) -> dict:
     """Restore ``snap`` to ``output`` (a file or block device).  A file is written under a
     temp name and renamed over ``output`` when complete; with ``replace=False`` the
     complete, synced temp file is left for the caller (``report["pending"]``: ``(temp,
@@ -569,9 +574,11 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         pending = None
         if not is_device:
             if replace:
-                commit_restored([(path, output)])
+                commit_restored([(path, output)], finish=finish_on_commit)
             else:
                 pending = (path, output)
+        elif finish_on_commit:  # written in place, and synced: done
+            interrupts.begin_finishing()
         t_end = time.monotonic()
     except BaseException as exc:
         failure = exc

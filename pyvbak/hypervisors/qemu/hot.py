@@ -36,6 +36,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pyvbak import interrupts
 from pyvbak.errors import Interrupted, PyvbakError, SourceError, UsageError
 from pyvbak.processes import identity
 
@@ -462,7 +463,7 @@ class QemuHotBackup(ExportSession):
                 "cleanup after the backup was incomplete: " + "; ".join(errors)
                 + " (the next pyvbak run on this VM removes what is left)"
             )
-        if pending is not None and exc is None:
+        if pending is not None and exc is None and not interrupts.note_if_finishing(pending):
             raise Interrupted("interrupted by a signal during cleanup; cleanup was completed first")
 
     def _on_low_space(self, free: int, reserve: int) -> None:
@@ -507,7 +508,7 @@ class QemuHotBackup(ExportSession):
                     self._server_started = False
             except Exception:  # noqa: BLE001 - the teardown tries the rest again and reports it
                 pass
-        if guard is not None and guard.pending is not None:
+        if guard is not None and guard.pending is not None and not interrupts.note_if_finishing(guard.pending):
             raise Interrupted(f"interrupted by {signal.Signals(guard.pending).name}; "
                               "cleaned up what this run created")
 
@@ -561,10 +562,9 @@ class QemuHotBackup(ExportSession):
                 self.qemu_gone = f"QEMU at {self.qmp_path} went away during the backup ({gone})"
                 fleece_in_use.clear()
             elif holds:
-                errors.append(f"QMP connection to {self.qmp_path} lost ({qmp._broken}); QEMU still holds "
-                              "pyvbak resources")
+                errors.append(f"QMP connection to {self.qmp_path} lost ({qmp._broken})")
         elif (qmp is None or qmp._sock is None) and holds:
-            errors.append(f"QMP connection to {self.qmp_path} lost; QEMU still holds pyvbak resources")
+            errors.append(f"QMP connection to {self.qmp_path} lost")
         paths = [d.fleece_path for d in self.disks if d.fleece_file_created and id(d) not in fleece_in_use]
         paths.append(self.names.nbd_socket)
         remove_files(paths, errors)

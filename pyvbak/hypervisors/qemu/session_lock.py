@@ -152,7 +152,15 @@ def acquire(qmp: QmpClient, run: str) -> str:
         _held.add(run)
     try:
         qmp.execute("object-add", **{"qom-type": "secret", "id": me, "data": lock_data(started)})
-    except BaseException:
+    except BaseException as exc:
+        if not isinstance(exc, QmpError):
+            # Interrupted (Ctrl-C, SIGTERM) or the connection failed while waiting for the
+            # reply: QEMU may have made the object all the same, and the caller never
+            # learns its id - remove it now (absent is fine), or it outlives the run
+            try:
+                release(qmp, me)
+            except BaseException:  # noqa: BLE001 - the next run's leftover scan removes it
+                pass
         with _held_lock:
             _held.discard(run)
         raise

@@ -214,6 +214,36 @@ def test_a_signal_while_the_session_lock_is_made_leaves_no_lock(vm, work, monkey
     assert vm.bitmaps() == {}
 
 
+def test_resources_that_only_look_like_pyvbaks_are_left_alone(vm, work, tmp_path):
+    """The admin's NBD server with an export named like a run's (pid 4242 not running),
+    a node named like a fleecing node, bitmaps named 'pyvbak-gen-x': the leftover scan
+    took the name as evidence - removed the export, stopped the admin's server under its
+    clients, deleted the node and the bitmap.  Without a session lock or work-dir files
+    of that run, nothing is pyvbak's."""
+    admin = tmp_path / "admin.raw"
+    admin.write_bytes(b"A" * MiB)
+    vm.ctl.cmd("blockdev-add", **{"driver": "raw", "node-name": "pyvbak-4242-abcd-fl",
+                                  "file": {"driver": "file", "filename": str(admin)}})
+    vm.ctl.cmd("block-dirty-bitmap-add", node="disk0", name="pyvbak-gen-x", persistent=True)
+    vm.ctl.cmd("block-dirty-bitmap-add", node="disk0", name="admin-inc", persistent=True)
+    vm.ctl.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(tmp_path / "admin-nbd.sock")}})
+    vm.ctl.cmd("block-export-add", type="nbd", id="pyvbak-4242-abcd", **{"node-name": "pyvbak-4242-abcd-fl"},
+               name="x")
+    with pytest.raises(SourceError, match="already runs an NBD server"):  # the admin's, running on
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work):
+            pass
+    assert "pyvbak-4242-abcd" in vm.exports()
+    assert "pyvbak-4242-abcd-fl" in vm.pyvbak_nodes()
+    assert {"pyvbak-gen-x", "admin-inc"} <= set(vm.bitmaps())
+    vm.ctl.cmd("block-export-del", id="pyvbak-4242-abcd")
+    vm.ctl.cmd("nbd-server-stop")
+    s1, _ = backup(vm, work)
+    s2, _ = backup(vm, work, s1.change_tracking_state)
+    assert s2.fallback_reason is None and not s2.cleaned_leftovers
+    assert vm.pyvbak_nodes() == ["pyvbak-4242-abcd-fl"]
+    assert set(vm.bitmaps()) == {"pyvbak-gen-x", "admin-inc", "pyvbak-gen-2"}
+
+
 # -- killed runs -----------------------------------------------------------------------
 
 CHILD = r"""

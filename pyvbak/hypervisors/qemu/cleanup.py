@@ -12,6 +12,8 @@ left behind, all named with ``pyvbak-<run>`` (see ``naming``):
   next one recording.  The newer one is merged back into the one the last good backup
   recorded, so no guest write is forgotten.
 
+A run is pyvbak's when its session lock object is in the VM or its files are in the work
+dir (a name alone is no evidence: an admin's ``pyvbak-4242-abcd`` export is left alone).
 A run is only cleaned when the process that created it is gone (``run_alive``): its pid
 is in the run id, and the identity its session lock in the VM (or else its journal in the
 work dir) recorded - machine, pid namespace, boot, process start time - tells whether
@@ -36,7 +38,7 @@ from pyvbak.errors import SourceError
 
 from pyvbak.processes import can_judge, cmdline, owner_alive, running, same_process
 
-from .naming import GEN_PREFIX, PREFIX, generation_of, pid_of_run, run_of
+from .naming import PREFIX, generation_of, pid_of_run, run_of
 from .qmp import QmpClient, QmpError
 from .session_lock import release as release_lock
 from .session_lock import is_live as lock_is_live
@@ -123,7 +125,9 @@ def stop_nbd_server(qmp: QmpClient) -> None:
 
 
 def gen_bitmaps(node: dict) -> dict[str, dict]:
-    return {b["name"]: b for b in node.get("dirty-bitmaps", []) if b.get("name", "").startswith(GEN_PREFIX)}
+    """pyvbak's generation bitmaps of a node (``pyvbak-gen-N`` exactly: a bitmap of the
+    admin's named ``pyvbak-gen-old`` is not one, and is never settled or removed)."""
+    return {b["name"]: b for b in node.get("dirty-bitmaps", []) if generation_of(b.get("name", "")) is not None}
 
 
 def run_alive(run: str, owner: dict | None) -> bool:
@@ -171,9 +175,15 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
              if n.get("node-name", "").startswith(PREFIX)]
     files = sorted(p for p in work_dir.glob(f"{PREFIX}*") if run_of(p.name)) if work_dir.is_dir() else []
 
-    runs = {run_of(x) for x in exports + jobs + nodes + [p.name for p in files]} - {None, own_run}
     # who made each run: the identity its session lock in the VM recorded, else its journal's
     locks = {lock: run_of(lock) for lock in session_locks(qmp)}
+    # A run is pyvbak's only with evidence besides a name: its session lock in the VM (a
+    # run makes it before anything else and removes it last, so every leftover of a
+    # killed run comes with it) or its files in this work dir.  An export, job or node
+    # of the admin's that merely looks like a run's (``pyvbak-4242-abcd``) is left alone:
+    # it was removed, and the NBD server it was served on stopped under another tool.
+    evidence = {run for run in locks.values() if run is not None} | {run_of(p.name) for p in files}
+    runs = ({run_of(x) for x in exports + jobs + nodes + [p.name for p in files]} & evidence) - {None, own_run}
     owners = journal_owners(files)
     for lock, run in locks.items():
         if run is not None and run != own_run:

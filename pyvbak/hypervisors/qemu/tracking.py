@@ -17,7 +17,7 @@ from pathlib import Path
 from pyvbak.errors import SourceError, UsageError
 
 from . import cleanup, session_lock
-from .naming import GEN_PREFIX, new_run_id
+from .naming import generation_of, new_run_id
 from .qmp import QmpClient, QmpError
 from .vm_disks import parse_qemu_uri_disks, resolve
 
@@ -70,7 +70,7 @@ def _from_image(path: Path) -> list[str]:
     if info.get("format") != "qcow2":
         raise UsageError(f"{path} is a {info.get('format')} image, not qcow2: it holds no dirty bitmaps")
     names = sorted(b["name"] for b in (info.get("format-specific", {}).get("data", {}).get("bitmaps") or [])
-                   if b.get("name", "").startswith(GEN_PREFIX))
+                   if generation_of(b.get("name", "")) is not None)
     if names and not os.access(path, os.W_OK):
         raise UsageError(f"image {path} is not writable: its dirty bitmaps cannot be removed")
     removed = []

@@ -243,3 +243,44 @@ def test_two_images_of_one_vm_get_their_own_disks_and_a_changed_source_is_said(t
     assert third["parent"] == second["id"]
     assert len(third["warnings"]) == 1 and f"was read from {os.path.abspath(data)}" in third["warnings"][0] \
         and "--disk NAME" in third["warnings"][0]
+
+
+def test_the_progress_bar_goes_to_a_terminal_stderr_and_leaves_stdout_clean(tmp_path):
+    """``pyvbak backup … > log`` from a terminal: the bar (rich's default console is
+    stdout) was drawn into the log - a blank first line - and the operator saw nothing."""
+    import pty
+    import subprocess
+    import sys
+
+    from images import MiB, random_bytes
+
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(8 * MiB, seed=3))
+    repo = tmp_path / "repo"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TERM="xterm", COLUMNS="100")
+    subprocess.run([sys.executable, "-m", "pyvbak", "init", str(repo)], check=True, capture_output=True, env=env)
+    master, slave = pty.openpty()
+    try:
+        with open(tmp_path / "log", "wb") as log:
+            p = subprocess.run([sys.executable, "-m", "pyvbak", "backup", str(img), "--repo", str(repo), "--vm", "v"],
+                               stdout=log, stderr=slave, env=env, timeout=120)
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert p.returncode == 0, seen
+    out = (tmp_path / "log").read_text()
+    assert out.startswith("snapshot ") and "\x1b" not in out, repr(out)
+    assert b"backup v/d" in seen  # the bar, on the terminal

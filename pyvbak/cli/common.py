@@ -83,10 +83,13 @@ def human_bytes(n: float) -> str:
 
 @contextmanager
 def progress_bar(description: str, enabled: bool):
-    """A rich progress bar (rate, ETA) on a terminal; a no-op callback otherwise."""
+    """A rich progress bar (rate, ETA) on stderr when it is a terminal; a no-op callback
+    otherwise.  On stderr, not rich's default stdout: ``pyvbak backup … > log`` from a
+    terminal showed no progress and began the log with the bar's blank line."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress(
@@ -96,6 +99,7 @@ def progress_bar(description: str, enabled: bool):
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         transient=True,
+        console=Console(stderr=True),
     ) as bar:
         task = bar.add_task(description, total=None)
 

@@ -903,3 +903,52 @@ def test_verify_repair_replaces_a_damaged_pack_index(backed_up, capsys):
     assert code == 0, err
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
     assert code == 0 and json.loads(out)["cleaned_leftovers"] == [] and json.loads(out)["new_bytes"] == 0
+
+
+def test_a_restore_into_the_repository_is_refused(backed_up, capsys):
+    """'restore X REPO/config --force' replaced the repository's config (its id and hash
+    key) with a disk image: pyvbak could no longer open it.  Files, and a group
+    restore's directory, inside a local repository are refused; nothing is written."""
+    tmp, repo, img, sid = backed_up
+    config = open(os.path.join(repo, "config"), "rb").read()
+    before = sorted(os.listdir(repo))
+    for args in (["web@latest", f"{repo}/config", "--force"], ["web@latest", f"{repo}/packs/new.img"],
+                 ["web@latest", f"{repo}/"], ["web@latest", f"{repo}/sub/dir/"], ["web@latest", repo, "--force"]):
+        code, out, err = cli(capsys, "restore", *args, "--repo", repo)
+        assert code == 2, (args, err)
+        assert_one_error_line(err, "inside the repository", "restore it elsewhere")
+    assert open(os.path.join(repo, "config"), "rb").read() == config
+    assert sorted(os.listdir(repo)) == before and not os.path.exists(f"{repo}/sub")
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+
+
+def test_a_group_restore_never_writes_outside_its_directory(backed_up, capsys):
+    """The disk name of a snapshot's metadata names the file of a group restore: one with
+    '/' (an altered repository) wrote outside DIR, with --force over any *.img file."""
+    tmp, repo, img, sid = backed_up
+    meta_path = os.path.join(repo, fmt.snapshot_meta_name(sid))
+    meta = open(meta_path).read()
+    victim = tmp / "victim.img"
+    victim.write_text("another VM's disk")
+    os.chmod(meta_path, 0o644)
+    with open(meta_path, "w") as f:
+        f.write(meta.replace('"disk": "disk"', f'"disk": "{tmp}/victim"'))
+    code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/out/", "--repo", repo, "--force")
+    assert code == 6, err
+    assert_one_error_line(err, "is not a file name")
+    assert victim.read_text() == "another VM's disk" and not (tmp / "out").exists()
+
+
+def test_a_failed_group_restore_removes_the_directories_it_made(backed_up, capsys, monkeypatch):
+    import pyvbak.repo.restore as restore_mod
+
+    tmp, repo, img, sid = backed_up
+    (tmp / "keep").mkdir()
+
+    def full(*a, **k):
+        raise OutOfSpace("no space left writing the restore")
+
+    monkeypatch.setattr(restore_mod, "restore_snapshot", full)
+    code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/keep/a/b/", "--repo", repo)
+    assert code == 9, err
+    assert os.listdir(tmp / "keep") == []

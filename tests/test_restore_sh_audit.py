@@ -446,3 +446,14 @@ def test_a_symlink_output_restores_the_file_it_names(setup, tmp_path, shell):
     broken.symlink_to(tmp_path / "no-such-dir" / "x.img")
     one_error(run_sh(script, sid, broken, cwd=tmp_path, shell=shell), "symbolic link")
     assert no_partial(tmp_path)
+
+
+def test_a_restore_into_the_repository_is_refused(setup, tmp_path):
+    repo, snaps, elsewhere = setup
+    script = os.path.join(repo.location, "restore.sh")
+    sid, _ = snaps[0]
+    config = open(os.path.join(repo.location, "config"), "rb").read()
+    for out in (os.path.join(repo.location, "config"), os.path.join(repo.location, "packs", "x.img")):
+        one_error(run_sh(script, "--force", sid, out, cwd=tmp_path), "inside the repository")
+    assert open(os.path.join(repo.location, "config"), "rb").read() == config
+    assert not os.path.exists(os.path.join(repo.location, "packs", "x.img"))

@@ -100,10 +100,20 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
     """Every disk of one consistency group to OUTDIR/DISK.img, in the group's order."""
     import os
 
-    from ..errors import TargetExists, UsageError
-    from ..repo.restore import commit_restored, discard_restored, restore_snapshot
+    from ..errors import IntegrityError, TargetExists, UsageError
+    from ..repo.restore import commit_restored, discard_restored, refuse_inside_repository, restore_snapshot
     from .common import info
 
+    for s in group:  # the metadata names the files: a name with a '/' would write outside DIR
+        if not s.disk or "/" in s.disk or "\0" in s.disk:
+            raise IntegrityError(f"snapshot {s.id} names its disk {s.disk!r}, which is not a file name (its "
+                                 f"metadata was altered?): restore it alone, to a file you name")
+    refuse_inside_repository(r, outdir)
+    # the directories this restore makes, deepest first: removed again if it fails
+    made, d = [], os.path.abspath(outdir)
+    while not os.path.lexists(d):
+        made.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
@@ -141,6 +151,11 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
         discard_restored(pending)
         if done:
             info("written in place before the failure (block devices): " + ", ".join(done))
+        for d in made:  # nothing is left behind: the directories it made either
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
         raise
     group_meta = group[0].meta.get("consistency_group") or {}  # none: a VM's one disk
     group_id = group_meta.get("id")

@@ -408,6 +408,20 @@ class _signals_deferred:
         return False
 
 
+def refuse_inside_repository(repo, output: str) -> None:
+    """A restore target inside a local repository's directory (its config, a pack, or a
+    new file among its objects) is refused: ``restore X REPO/config --force`` replaced the
+    repository's id and hash key with a disk image and pyvbak could no longer open it."""
+    root = getattr(repo.backend, "root", None)
+    if not root:
+        return
+    root = os.path.realpath(root)
+    absolute = os.path.abspath(output)
+    target = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        raise UsageError(f"restore target {output} is inside the repository {repo.location}: restore it elsewhere")
+
+
 def discard_restored(pending: list[tuple[str, str]]) -> None:
     """Remove restored temp files that will not be committed."""
     for temp, _ in pending:
@@ -450,6 +464,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     if not is_device and os.path.islink(output):
         # restore to the file the link names (as cp does), not over the link itself
         output = os.path.realpath(output)
+    refuse_inside_repository(repo, output)
     if st is not None and not force:
         raise TargetExists(f"restore target {output} already exists: pass --force to overwrite it")
     parent_dir = os.path.dirname(os.path.abspath(output))

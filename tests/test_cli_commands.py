@@ -284,3 +284,22 @@ def test_the_progress_bar_goes_to_a_terminal_stderr_and_leaves_stdout_clean(tmp_
     out = (tmp_path / "log").read_text()
     assert out.startswith("snapshot ") and "\x1b" not in out, repr(out)
     assert b"backup v/d" in seen  # the bar, on the terminal
+
+
+def test_init_takes_the_repository_like_every_other_command(tmp_path, monkeypatch, capsys):
+    """init was the one command with a required REPO argument: with PYVBAK_REPO exported
+    (as the README says), the very first command failed with "Missing argument"."""
+    from pyvbak.cli.main import main
+    from pyvbak.repo.repository import Repository
+
+    monkeypatch.setenv("PYVBAK_REPO", str(tmp_path / "env"))
+    assert main(["init"]) == 0
+    assert main(["init", "--repo", str(tmp_path / "opt")]) == 0
+    assert main(["init", str(tmp_path / "arg")]) == 0  # the command line's comes first
+    monkeypatch.delenv("PYVBAK_REPO")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert main(["init"]) == 0
+    for where in ("env", "opt", "arg", "xdg/pyvbak/repository"):
+        assert Repository.open(str(tmp_path / where)).config.block_size == 64 * 1024
+    capsys.readouterr()
+    assert main(["init", str(tmp_path / "env")]) == 3  # exists already: refused as before

@@ -11,14 +11,20 @@ from .common import JsonOption, NoLockOption, RepoOption, emit_json, human_bytes
 
 
 def init(
-    repo: str = typer.Argument(..., metavar="REPO", help="Directory for the new repository (must be empty or absent)."),
+    repo_arg: Optional[str] = typer.Argument(None, metavar="[REPO]", help="Directory for the new repository (must be empty or absent); else --repo, PYVBAK_REPO, or the default repository in your data directory."),
+    repo_opt: Optional[str] = RepoOption,
     block_size: str = typer.Option("64K", "--block-size", help="Block size, a power of two from 64K to 16M."),
     compression: str = typer.Option(DEFAULT_COMPRESSION, "--compression", help="zstd:LEVEL (-7..22)."),
     json_out: bool = JsonOption,
 ) -> None:
     """Create a repository."""
-    from ..repo.repository import Repository, parse_size
+    from ..repo.repository import Repository, default_repository_path, parse_size
 
+    # REPO as every other command takes it too (--repo, PYVBAK_REPO), and like them the
+    # default repository without either: an operator who exported PYVBAK_REPO as the
+    # README says got "Missing argument 'REPO'" from the very first command.  The one
+    # named on the command line comes first.
+    repo = repo_arg or repo_opt or default_repository_path()
     r = Repository.init(repo, block_size=parse_size(block_size), compression=compression)
     if json_out:
         emit_json({"repository": repo, "id": r.config.repo_id, "block_size": r.config.block_size})

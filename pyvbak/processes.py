@@ -8,6 +8,7 @@ with ``spawn_record`` and signalled only while ``same_process`` says its pid sti
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 
@@ -37,6 +38,37 @@ def pid_namespace() -> str | None:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return None
+
+
+#: a temp file of another machine, pid namespace or boot (``scope_token``) is left alone
+#: until it is this old: its writer cannot be judged from here, and no single write (one
+#: pack, one restore) of a live one takes a day
+FOREIGN_TEMP_MAX_AGE_S = 24 * 3600
+
+_scope: list[str] = []
+
+
+def scope_token() -> str:
+    """8 hex digits naming this machine, pid namespace and boot: put into temp-file names
+    next to the pid, so that a cleanup in another container or on another host sharing
+    the directory (NFS) does not take a live writer's pid for a dead one of its own."""
+    if not _scope:
+        _scope.append(hashlib.sha256(f"{machine_id()}|{pid_namespace()}|{boot_id()}".encode()).hexdigest()[:8])
+    return _scope[0]
+
+
+def temp_writer_alive(pid: int, scope: str | None, mtime: float, start: int | None = None) -> bool:
+    """Whether the writer of a temp file named with ``pid`` (+ its ``scope_token``, and
+    the process start time when the name has it) may still be writing it: a writer of
+    another scope is, until the file is FOREIGN_TEMP_MAX_AGE_S old; one of this scope
+    is judged by its pid (and start time).  Names without a scope (older pyvbak): by pid."""
+    import time
+
+    if scope is not None and scope != scope_token():
+        return time.time() - mtime < FOREIGN_TEMP_MAX_AGE_S
+    if not pid_alive(pid):
+        return False
+    return not start or start_time(pid) in (None, start)
 
 
 def start_time(pid: int) -> int | None:

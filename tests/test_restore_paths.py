@@ -666,4 +666,37 @@ def test_a_killed_restores_temp_file_goes_even_if_its_pid_now_runs_python(tmp_pa
     removed = cleanup_restore_leftovers(str(tmp_path))
     assert sorted(removed) == sorted([reused.name, dead.name])
     assert live.exists() and old_style.exists()
-    assert live.name.startswith(f".b.img{TEMP_MARK}{me}-") and live.name.endswith(f"-{mine}")
+    from pyvbak.processes import scope_token
+
+    assert live.name.startswith(f".b.img{TEMP_MARK}{me}-") and live.name.endswith(f"-{mine}-{scope_token()}")
+
+
+def test_a_restore_of_another_container_keeps_its_temp_file(tmp_path):
+    """A restore in another container (or on another host) sharing the directory: its
+    pid means nothing here, and a restore here deleted its temp file - it failed after
+    writing the whole disk.  Another scope's temp file stays until it is a day old."""
+    from pyvbak.processes import FOREIGN_TEMP_MAX_AGE_S, scope_token
+    from pyvbak.repo.restore import cleanup_restore_leftovers
+
+    other = "0123abcd" if scope_token() != "0123abcd" else "4567ef01"
+    theirs = tmp_path / f".a.img{TEMP_MARK}999999999-0123abcd-5-{other}"
+    old = tmp_path / f".b.img{TEMP_MARK}999999999-0123abcd-5-{other}"
+    ours = tmp_path / f".c.img{TEMP_MARK}999999999-0123abcd-5-{scope_token()}"
+    for p in (theirs, old, ours):
+        p.write_bytes(b"partial")
+    t = os.path.getmtime(old) - FOREIGN_TEMP_MAX_AGE_S - 60
+    os.utime(old, (t, t))
+    assert sorted(cleanup_restore_leftovers(str(tmp_path))) == sorted([old.name, ours.name])
+    assert theirs.exists()
+
+
+def test_an_output_name_of_255_bytes_restores(tmp_path):
+    """The temp name adds ~50 bytes to the output's: a valid name of 216-255 bytes failed
+    with "File name too long" (and advice to pick a writable directory)."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = vm_image(tmp_path / "d.img", 2 * MiB, seed=9)
+    sid = backup_file(repo, img).snapshot_id
+    out = tmp_path / ("é" * 100 + "x" * 51 + ".img")  # 255 bytes of UTF-8
+    assert len(out.name.encode()) == 255
+    restore_to(repo, sid, out)
+    assert same_file(out, img) and no_temps(tmp_path)

@@ -43,7 +43,7 @@ from pyvbak.backends.base import (
 from pyvbak.backends.base import check_folder_prefix as _check_folder_prefix
 from pyvbak import native
 from pyvbak.errors import UsageError
-from pyvbak.processes import pid_alive
+from pyvbak.processes import scope_token, temp_writer_alive
 
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -113,8 +113,9 @@ _live_lock = threading.Lock()
 
 
 def temp_name() -> str:
-    """A fresh temp-file basename: recognisable, and unique across processes and threads."""
-    return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+    """A fresh temp-file basename: recognisable, unique across processes and threads, and
+    naming its writer (``.pyvbak-tmp-<pid>-<scope>-<random>``: processes.scope_token)."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{scope_token()}-{secrets.token_hex(8)}"
 
 
 class LocalBackend(Backend):
@@ -545,11 +546,10 @@ class LocalBackend(Backend):
                 with _live_lock:
                     if path in _live_temps:
                         continue
-                if _writer_alive(fn):
-                    continue  # another live process on this host is still writing it
                 try:
-                    if os.lstat(path).st_mtime > cutoff:
-                        continue
+                    mtime = os.lstat(path).st_mtime
+                    if mtime > cutoff or _writer_alive(fn, mtime):
+                        continue  # young enough, or its writer is still writing it
                     os.unlink(path)
                 except FileNotFoundError:
                     continue
@@ -724,13 +724,17 @@ def _pwrite_direct(dfd: int, fd: int, view: memoryview, offset: int) -> None:
         _pwrite_all(fd, view[n:], offset + n)
 
 
-def _writer_alive(temp_name: str) -> bool:
-    """Temp names carry the writer's pid (``.pyvbak-tmp-<pid>-<random>``): a temp file whose
-    writer still runs is a write in progress, not a leftover, whatever its age."""
+def _writer_alive(temp_name: str, mtime: float) -> bool:
+    """Temp names carry the writer's pid and scope (``.pyvbak-tmp-<pid>-<scope>-<random>``;
+    older ones ``<pid>-<random>``): a temp file whose writer still runs is a write in
+    progress, not a leftover, whatever its age - and one of another container or host
+    (whose pid means nothing here) is left alone for a day (processes.temp_writer_alive)."""
+    parts = temp_name[len(TEMP_PREFIX):].split("-")
     try:
-        pid = int(temp_name[len(TEMP_PREFIX):].split("-", 1)[0])
+        pid = int(parts[0])
     except ValueError:
         return False
-    if pid == os.getpid():
+    scope = parts[1] if len(parts) == 3 else None
+    if pid == os.getpid() and scope in (None, scope_token()):
         return False  # our own: _live_temps above already protects writes in progress
-    return pid_alive(pid)
+    return temp_writer_alive(pid, scope, mtime)

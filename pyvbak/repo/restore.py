@@ -29,7 +29,7 @@ import numpy as np
 from .. import interrupts
 from ..backends import BackendError, ObjectMissing
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
-from ..processes import pid_alive, start_time
+from ..processes import scope_token, start_time, temp_writer_alive
 from . import digest_sets
 from .reader import BlockSink, ScratchBuffers, group_members, read_blocks, sort_for_reading
 
@@ -719,32 +719,45 @@ def _zero_device_runs(target: _Target, data_idx: np.ndarray, nblocks: int, bs: i
         target.write_zeros(a * bs, min(b * bs, size))
 
 
+#: a file name's limit on Linux filesystems, in bytes (NAME_MAX)
+NAME_MAX_BYTES = 255
+
+
 def temp_name(output: str) -> str:
-    """``.NAME.pyvbak-restore-PID-RANDOM-START``: recognisable, unique, and saying which
-    process owns it (START: the process's start time, so a later process that got the
-    pid does not keep a killed restore's file alive)."""
+    """``.NAME.pyvbak-restore-PID-RANDOM-START-SCOPE``: recognisable, unique, and saying
+    which process owns it (START: the process's start time, so a later process that got
+    the pid does not keep a killed restore's file alive; SCOPE: processes.scope_token, so
+    a restore in another container or on another host sharing the directory is not taken
+    for a dead one of ours).  NAME is cut to fit NAME_MAX: an output name of 216-255 bytes
+    is valid, but its temp name was not ("File name too long")."""
     start = start_time(os.getpid()) or 0
-    return f".{os.path.basename(output)}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}-{start}"
+    tail = f"{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}-{start}-{scope_token()}"
+    name = os.path.basename(output).encode("utf-8", "surrogateescape")
+    room = NAME_MAX_BYTES - 1 - len(tail.encode())
+    return "." + name[:room].decode("utf-8", "ignore") + tail
 
 
 def cleanup_restore_leftovers(directory: str) -> list[str]:
     """Remove temp files of restores killed with SIGKILL: recognised by their mark, and
     only when the process named in them no longer runs (a concurrent restore keeps its
-    own).  Names without a start time (older pyvbak) are judged by the pid alone."""
+    own; one of another scope is left alone for a day: processes.temp_writer_alive).
+    Names without a start time or scope (older pyvbak) are judged by the pid alone."""
     removed = []
     for name in os.listdir(directory):
         if not (name.startswith(".") and TEMP_MARK in name):
             continue
-        parts = name.split(TEMP_MARK, 1)[1].split("-")
+        parts = name.rsplit(TEMP_MARK, 1)[1].split("-")
         try:
             pid = int(parts[0])
             start = int(parts[2]) if len(parts) > 2 else None
         except ValueError:
             continue
-        if pid_alive(pid) and (not start or start_time(pid) in (None, start)):
-            continue  # its restore is still running
+        scope = parts[3] if len(parts) > 3 else None
+        path = os.path.join(directory, name)
         try:
-            os.unlink(os.path.join(directory, name))
+            if temp_writer_alive(pid, scope, os.lstat(path).st_mtime, start):
+                continue  # its restore is still running
+            os.unlink(path)
             removed.append(name)
         except OSError:
             pass

@@ -720,3 +720,47 @@ def test_kill_9_mid_stream_leaves_only_a_recognisable_temp_file(tmp_path):
     assert list(b.list()) == []
     assert b.cleanup_incomplete(prefix="packs/") == [leftover.replace(os.sep, "/")]
     assert _all_files(repo) == []
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_temp_objects_of_another_container_or_host_are_left_alone_for_a_day(backend):
+    """Temp names carried a bare pid, judged in this process's pid namespace: a backup in
+    another container (or on another NFS client) sharing the repository had its pack temp
+    file deleted by a cleanup here and failed.  Names now carry the writer's scope
+    (machine, pid namespace, boot); another scope's temp stays until it is a day old."""
+    from pyvbak.processes import FOREIGN_TEMP_MAX_AGE_S, scope_token
+
+    d = os.path.join(backend.root, "packs")
+    os.makedirs(d, exist_ok=True)
+    other = "0123abcd" if scope_token() != "0123abcd" else "4567ef01"
+    dead = _dead_pid()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert alive.stdout.readline() == "up\n"  # past its exec (until then /proc shows no command line)
+    names = {
+        "foreign": f"{local_mod.TEMP_PREFIX}{dead}-{other}-{'a' * 16}",
+        "foreign-old": f"{local_mod.TEMP_PREFIX}{dead}-{other}-{'b' * 16}",
+        "ours-dead": f"{local_mod.TEMP_PREFIX}{dead}-{scope_token()}-{'c' * 16}",
+        "old-format-dead": f"{local_mod.TEMP_PREFIX}{dead}-{'d' * 16}",
+        "ours-alive": f"{local_mod.TEMP_PREFIX}{alive.pid}-{scope_token()}-{'e' * 16}",
+    }
+    for key, name in names.items():
+        path = os.path.join(d, name)
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        if key == "foreign-old":
+            t = time.time() - FOREIGN_TEMP_MAX_AGE_S - 60
+            os.utime(path, (t, t))
+    try:
+        removed = sorted(backend.cleanup_incomplete())
+    finally:
+        alive.kill()
+        alive.communicate()
+    assert removed == sorted(f"packs/{names[k]}" for k in ("foreign-old", "ours-dead", "old-format-dead"))
+    assert sorted(os.listdir(d)) == sorted([names["foreign"], names["ours-alive"]])
+    assert local_mod.temp_name().split("-")[3] == scope_token()

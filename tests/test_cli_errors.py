@@ -935,7 +935,7 @@ def test_a_group_restore_never_writes_outside_its_directory(backed_up, capsys):
         f.write(meta.replace('"disk": "disk"', f'"disk": "{tmp}/victim"'))
     code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/out/", "--repo", repo, "--force")
     assert code == 6, err
-    assert_one_error_line(err, "is not a file name")
+    assert_one_error_line(err, "damaged")  # such metadata is no snapshot pyvbak made
     assert victim.read_text() == "another VM's disk" and not (tmp / "out").exists()
 
 
@@ -952,3 +952,49 @@ def test_a_failed_group_restore_removes_the_directories_it_made(backed_up, capsy
     code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/keep/a/b/", "--repo", repo)
     assert code == 9, err
     assert os.listdir(tmp / "keep") == []
+
+
+def test_latest_refuses_to_be_older_than_a_damaged_newer_snapshot(env, capsys):
+    """'VM@latest' took the newest *readable* snapshot: with the newest metadata damaged
+    (a recovery machine, no cache) it restored an older disk, exit 0, no word - in
+    pyvbak and restore.sh.  Now both refuse and name the damaged object; the older
+    snapshot still restores by its id."""
+    import subprocess
+
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+    first = json.loads(cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")[1])["id"]
+    write_at(img, 0, random_bytes(BS, seed=77))
+    second = json.loads(cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")[1])["id"]
+    meta = os.path.join(repo, fmt.snapshot_meta_name(second))
+    os.chmod(meta, 0o644)
+    with open(meta, "r+b") as f:
+        f.truncate(50)
+    cache = tmp / "fresh-cache"
+    os.environ["PYVBAK_CACHE_DIR"] = str(cache)  # a recovery machine: no cached metadata
+    try:
+        for out in (tmp / "o.img", f"{tmp}/dir/"):
+            code, _, err = cli(capsys, "restore", "web@latest", out, "--repo", repo)
+            assert code == 6, err
+            assert_one_error_line(err, fmt.snapshot_meta_name(second), "newer than", first)
+        assert not (tmp / "o.img").exists() and not (tmp / "dir").exists()
+        code, _, err = cli(capsys, "restore", second, tmp / "o.img", "--repo", repo)
+        assert code == 6 and "is damaged" in err  # there, but unreadable: not "not found" (5)
+        assert cli(capsys, "restore", first, tmp / "o.img", "--repo", repo)[0] == 0
+    finally:
+        del os.environ["PYVBAK_CACHE_DIR"]
+    p = subprocess.run(["sh", os.path.join(repo, "restore.sh"), "web@latest", str(tmp / "sh.img")],
+                       capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert p.returncode != 0 and "newer than" in p.stderr and second in p.stderr, p.stderr
+    assert not (tmp / "sh.img").exists()
+
+
+def test_snapshot_specs_naming_no_vm_or_disk_and_ambiguous_prefixes_are_usage_errors(backed_up, capsys):
+    tmp, repo, img, sid = backed_up
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    for spec in ("@latest", "/disk@latest", "web/@latest"):
+        code, _, err = cli(capsys, "restore", spec, tmp / "o.img", "--repo", repo)
+        assert code == 2, (spec, err)
+        assert_one_error_line(err, "names no")
+    code, _, err = cli(capsys, "restore", sid[:2], tmp / "o.img", "--repo", repo)
+    assert code == 2 and "ambiguous" in err

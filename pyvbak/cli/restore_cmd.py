@@ -83,16 +83,21 @@ def _vm_group(r, spec: str, output: str):
     if "/" in spec[: -len("@latest")]:
         return None
     vm = spec[: -len("@latest")]
+    if not vm:
+        return None  # resolve() says what is wrong with it
     snaps = r.snapshots(vm)
     disks = {s.disk for s in snaps}
     if len(disks) <= 1:
         # One disk: VM@latest DIR/ means every disk of the VM into DIR, as for several
         # (scripts need not know how many a VM has): DIR/DISK.img.
+        if snaps:
+            r.check_no_damaged_after(snaps[-1], spec)
         return [snaps[-1]] if snaps else None  # none: resolve() says there is no such snapshot
     group = r.latest_group(vm)
     if group is None:
         raise SnapshotNotFound(f"VM {vm} has several disks ({', '.join(sorted(disks))}) but no backup that froze them "
                                f"together (qemu:///SOCK?node=A&node=B): restore each with {vm}/DISK@latest")
+    r.check_no_damaged_after(max(group, key=lambda x: x.id), spec)
     return group
 
 

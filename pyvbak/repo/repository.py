@@ -196,7 +196,13 @@ def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
                                            for k, t in _META_FIELDS.items())):
         return False
     bs = meta["block_size"]  # values too: restore divides by it, sizes arrays by size / bs
-    return meta["size"] >= 0 and MIN_REPO_BLOCK <= bs <= MAX_REPO_BLOCK and not bs & (bs - 1)
+    if not (meta["size"] >= 0 and MIN_REPO_BLOCK <= bs <= MAX_REPO_BLOCK and not bs & (bs - 1)):
+        return False
+    try:  # names as a backup makes them: a group restore names files after the disk
+        check_vm_disk_names(meta["vm"], meta["disk"])
+    except UsageError:
+        return False
+    return True
 
 
 #: longest VM or disk name, in UTF-8 bytes
@@ -411,22 +417,45 @@ class Repository:
         """A snapshot id (or unique prefix), or ``VM[/DISK]@latest``."""
         if spec.endswith("@latest"):
             target = spec[: -len("@latest")]
-            vm, _, disk = target.partition("/")
+            vm, slash, disk = target.partition("/")
+            if not vm or (slash and not disk):
+                raise UsageError(f"'{spec}' names no {'VM' if not vm else 'disk'}: give VM@latest or "
+                                 f"VM/DISK@latest (list them with 'pyvbak snapshots')")
             snaps = self.snapshots(vm, disk or None)
+            if not snaps and self.damaged_snapshots:  # perhaps this VM's: their VM cannot be read
+                raise IntegrityError(f"no readable snapshot of {target} in {self.location}, and snapshot metadata "
+                                     f"{sorted(self.damaged_snapshots)[-1]} is damaged (it may be one): run 'pyvbak verify'")
             if not snaps:
                 raise SnapshotNotFound(f"no snapshot of {target} in {self.location}: list them with 'pyvbak snapshots'")
             disks = {s.disk for s in snaps}
             if not disk and len(disks) > 1:
                 raise SeveralDisks(vm, sorted(disks))
+            self.check_no_damaged_after(snaps[-1], spec)
             return snaps[-1]
         if not re.fullmatch(r"[0-9A-Za-z-]+", spec):
             raise UsageError(f"'{spec}' is not a snapshot id or VM[/DISK]@latest: list them with 'pyvbak snapshots'")
         matches = [s for s in self.snapshots() if s.id == spec] or [s for s in self.snapshots() if s.id.startswith(spec)]
         if not matches:
+            damaged = [n for n in self.damaged_snapshots if n[len("snapshots/"):].startswith(spec)]
+            if damaged:  # there, but unreadable: not "not found"
+                raise IntegrityError(f"snapshot metadata {damaged[0]} is damaged: run 'pyvbak verify' "
+                                     f"(restore.sh may still read it)")
             raise SnapshotNotFound(f"snapshot {spec} not found in {self.location}: list them with 'pyvbak snapshots'")
         if len(matches) > 1:
-            raise SnapshotNotFound(f"snapshot id prefix {spec} is ambiguous ({len(matches)} matches): give more characters")
+            raise UsageError(f"snapshot id prefix {spec} is ambiguous ({len(matches)} matches): give more characters")
         return matches[0]
+
+    def check_no_damaged_after(self, chosen: SnapshotInfo, spec: str) -> None:
+        """``VM@latest`` must not silently be an older snapshot than the newest: when the
+        metadata of a snapshot made after ``chosen`` is damaged (it may be this VM's
+        newest - its VM cannot be read), refuse, naming it (snapshot ids begin with their
+        UTC time).  This is when "latest" is asked for most: a recovery machine, no cache."""
+        newer = sorted(n for n in self.damaged_snapshots if n[len("snapshots/"):-len(".json")] > chosen.id)
+        if newer:
+            raise IntegrityError(
+                f"snapshot metadata {newer[-1]} is damaged and newer than {chosen.id}, the newest readable "
+                f"snapshot for {spec}: it may be the newest one; run 'pyvbak verify', or give a snapshot id "
+                f"to restore an older one ({chosen.id})")
 
     def load_snapshot_index(self, snap: SnapshotInfo, *, writable: bool = False) -> tuple[int, int, np.ndarray]:
         """(block size, disk size, records) of ``snap``; ``writable``: records the caller may

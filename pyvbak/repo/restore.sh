@@ -119,14 +119,19 @@ case $snap in
     case $target in */*) want_disk=${target#*/} ;; esac
     [ -n "$vm" ] || die "$usage"
     : > "$tmp/cands"
+    : > "$tmp/unreadable"
     for f in "$repo"/snapshots/*.json; do
       [ -f "$f" ] || continue
+      id=${f##*/}
+      # pyvbak writes only complete snapshots: metadata without its vm and status lines is
+      # damaged, and may be this VM's newest (checked once the latest is chosen)
+      grep -q '^  "vm": "' "$f" && grep -Fqx -e '  "status": "complete",' "$f" \
+        || echo "${id%.json}" >> "$tmp/unreadable"
       grep -Fqx -e "  \"vm\": \"$vm\"," "$f" || continue
       grep -Fqx -e '  "status": "complete",' "$f" || continue
       d=$(json_field "$f" disk) || die "cannot read $f"
       [ -z "$want_disk" ] || [ "$d" = "$want_disk" ] || continue
       t=$(json_field "$f" time) || die "cannot read $f"
-      id=${f##*/}
       echo "$t ${id%.json} $d" >> "$tmp/cands"
     done
     [ -s "$tmp/cands" ] || die "no snapshot of $target in $repo (names with quotes, backslashes or non-ASCII characters: give the snapshot id; list them with: grep -l '\"vm\": \"NAME\"' $repo/snapshots/*.json)"
@@ -138,6 +143,11 @@ case $snap in
     fi
     line=$(tail -n 1 "$tmp/cands.sorted") || die "tail failed"
     snap=$(echo "$line" | cut -d' ' -f2) || die "cut failed"
+    # ids begin with their UTC time: a damaged one sorting after the chosen may be newer
+    echo "$snap" >> "$tmp/unreadable"
+    newest=$(sort "$tmp/unreadable" | tail -n 1) || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+    [ "$newest" = "$snap" ] \
+      || die "snapshots/$newest.json cannot be read (damaged?) and is newer than $snap, the newest readable snapshot of $target: it may be the newest one; give a snapshot id to restore an older one ($snap)"
     ;;
   '' | *[!0-9A-Za-z-]*)
     die "'$snap' is not a snapshot id, prefix or VM[/DISK]@latest: the ids are the names of the *.json files in $repo/snapshots/"

@@ -998,3 +998,30 @@ def test_snapshot_specs_naming_no_vm_or_disk_and_ambiguous_prefixes_are_usage_er
         assert_one_error_line(err, "names no")
     code, _, err = cli(capsys, "restore", sid[:2], tmp / "o.img", "--repo", repo)
     assert code == 2 and "ambiguous" in err
+
+
+def test_a_restore_into_the_repository_through_a_bind_mount_is_refused(backed_up, capsys):
+    """The check compared path strings: a bind mount of the repository is another path
+    to the same directory, and a restore there planted a fake lock or snapshot (or, with
+    --force, replaced a pack).  Directories are compared by identity now, in pyvbak and
+    in restore.sh."""
+    import subprocess
+
+    tmp, repo, img, sid = backed_up
+    bind = tmp / "bind"
+    bind.mkdir()
+    r = subprocess.run(["mount", "--bind", repo, str(bind)], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = f"cannot bind-mount ({r.stderr.strip()}): needs root"
+        pytest.fail(msg) if os.environ.get("CI", "").lower() in ("1", "true", "yes") else pytest.skip(msg)
+    try:
+        before = sorted(os.listdir(os.path.join(repo, "locks")))
+        code, _, err = cli(capsys, "restore", "web@latest", bind / "locks" / "x.json", "--repo", repo)
+        assert code == 2, err
+        assert_one_error_line(err, "inside the repository")
+        p = subprocess.run(["sh", os.path.join(repo, "restore.sh"), sid, str(bind / "locks" / "y.json")],
+                           capture_output=True, text=True)
+        assert p.returncode != 0 and "inside the repository" in p.stderr, p.stderr
+        assert sorted(os.listdir(os.path.join(repo, "locks"))) == before
+    finally:
+        subprocess.run(["umount", str(bind)], check=True)

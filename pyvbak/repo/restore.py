@@ -415,11 +415,24 @@ def refuse_inside_repository(repo, output: str) -> None:
     root = getattr(repo.backend, "root", None)
     if not root:
         return
-    root = os.path.realpath(root)
-    absolute = os.path.abspath(output)
-    target = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
-    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
-        raise UsageError(f"restore target {output} is inside the repository {repo.location}: restore it elsewhere")
+    try:
+        root_id = (lambda st: (st.st_dev, st.st_ino))(os.stat(root))
+    except OSError:
+        return
+    # by identity, not by path: a bind mount or a second mount of the same directory is
+    # another string for it.  The target itself (a directory), then each existing ancestor.
+    d = os.path.realpath(os.path.abspath(output))
+    while True:
+        try:
+            st = os.stat(d)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == root_id:
+            raise UsageError(f"restore target {output} is inside the repository {repo.location}: restore it elsewhere")
+        parent = os.path.dirname(d)
+        if parent == d:
+            return
+        d = parent
 
 
 def discard_restored(pending: list[tuple[str, str]]) -> None:

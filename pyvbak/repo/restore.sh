@@ -74,11 +74,15 @@ elif [ -e "$out" ] || [ -L "$out" ]; then
   [ -n "$force" ] || die "$out exists: remove it, choose another output, or pass --force to replace it"
   [ -f "$out" ] || die "$out exists and is neither a regular file nor a block device: choose another output"
 fi
-# never into the repository itself (over its config, a pack, or a new file among them)
+# never into the repository itself (over its config, a pack, or a new file among them):
+# by identity (-ef), so that a bind mount of the repository is seen too
 odir=$(dirname -- "$out") && odir=$(cd -P -- "$odir" 2>/dev/null && pwd) || odir=
-case "$odir/" in
-  "$repo"/*) die "$out is inside the repository $repo: restore it elsewhere" ;;
-esac
+d=$odir
+while [ -n "$d" ]; do
+  if [ "$d" = "$repo" ] || [ "$d" -ef "$repo" ]; then die "$out is inside the repository $repo: restore it elsewhere"; fi
+  [ "$d" != / ] || break
+  d=$(dirname -- "$d") || break
+done
 part="$out.pyvbak-restore-partial"
 if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
   die "$part exists (left by an interrupted restore, or another restore is writing it): remove it first"

@@ -700,3 +700,37 @@ def test_an_output_name_of_255_bytes_restores(tmp_path):
     assert len(out.name.encode()) == 255
     restore_to(repo, sid, out)
     assert same_file(out, img) and no_temps(tmp_path)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_without_force_a_file_created_during_the_restore_is_left_alone(tmp_path, monkeypatch, links):
+    """The target was checked at the start only, then renamed over: a file a VM manager
+    (or another restore) created at OUTPUT while a long restore ran was replaced without
+    --force.  Now the commit links (no replace) and fails: the file stays, no temp file."""
+    from pyvbak.errors import TargetExists
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = vm_image(tmp_path / "d.img", 2 * MiB, seed=4)
+    sid = backup_file(repo, img).snapshot_id
+    out = tmp_path / "out" / "r.img"
+    out.parent.mkdir()
+    real_commit = restore_mod.commit_restored
+
+    def commit(pending, **kw):
+        out.write_text("made meanwhile")
+        return real_commit(pending, **kw)
+
+    monkeypatch.setattr(restore_mod, "commit_restored", commit)
+    if not links:
+        def no_link(*a, **k):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    with pytest.raises(TargetExists, match="created by something else while the restore ran"):
+        restore_mod.restore_snapshot(repo, repo.resolve(sid), str(out))
+    assert out.read_text() == "made meanwhile"
+    assert os.listdir(out.parent) == ["r.img"]
+    monkeypatch.setattr(restore_mod, "commit_restored", real_commit)
+    monkeypatch.undo()
+    out.unlink()
+    restore_mod.restore_snapshot(repo, repo.resolve(sid), str(out))  # nothing there: linked in place
+    assert same_file(out, img) and os.listdir(out.parent) == ["r.img"]

@@ -150,7 +150,7 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
                     done.append(f"{snap.disk} to {target}")
                 reports.append(report)
                 _warn_other_copies(report)
-            commit_restored(pending, finish=True)
+            commit_restored(pending, finish=True, force=force)
             pending = []
     except BaseException:
         discard_restored(pending)

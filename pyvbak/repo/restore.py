@@ -354,17 +354,24 @@ def _take_over_file_attributes(fd: int, st) -> None:
     os.fchmod(fd, stat.S_IMODE(st.st_mode))  # after chown, which may clear set-id bits
 
 
-def commit_restored(pending: list[tuple[str, str]], *, finish: bool = False) -> None:
+def commit_restored(pending: list[tuple[str, str]], *, finish: bool = False, force: bool = True) -> None:
     """Rename restored temp files over their targets (``(temp, target)`` pairs, from
     ``restore_snapshot(..., replace=False)``), then make the renames durable.  ``finish``:
     the restore is then done - a signal from the renames on is only noted
-    (pyvbak/interrupts.py), for a CLI command that ends with its output."""
+    (pyvbak/interrupts.py), for a CLI command that ends with its output.  Without
+    ``force`` no target is replaced: one that appeared while the restore ran (a VM
+    manager, another restore) raises TargetExists, and none of ``pending`` is put in
+    place (the temp files stay for ``discard_restored``)."""
     dirs = []
     # every rename or none: Ctrl-C or SIGTERM between two of them put some disks of a
     # group in place and discarded the others (a directory of two instants)
     with _signals_deferred():
+        linked = set() if force else _link_new(pending)
         for temp, target in pending:
-            os.replace(temp, target)
+            if target in linked:
+                os.unlink(temp)  # its data is the target now
+            else:
+                os.replace(temp, target)
             d = os.path.dirname(os.path.abspath(target))
             if d not in dirs:
                 dirs.append(d)
@@ -378,6 +385,40 @@ def commit_restored(pending: list[tuple[str, str]], *, finish: bool = False) -> 
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _link_new(pending: list[tuple[str, str]]) -> set[str]:
+    """Each temp file hard-linked as its target, which must not exist (the check at the
+    start is minutes old for a large disk): all of them or none (TargetExists).  Where
+    the filesystem has no hard links, the target is checked and left for the rename (as
+    restore.sh does).  The targets linked."""
+    linked: list[str] = []
+    try:
+        for temp, target in pending:
+            try:
+                os.link(temp, target)
+            except FileExistsError:
+                raise _appeared(target) from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                if os.path.lexists(target):
+                    raise _appeared(target) from None
+                continue
+            linked.append(target)
+    except BaseException:
+        for target in linked:  # ours: the same inodes as the temp files, which stay
+            try:
+                os.unlink(target)
+            except OSError:
+                pass
+        raise
+    return set(linked)
+
+
+def _appeared(target: str) -> TargetExists:
+    return TargetExists(f"restore target {target} was created by something else while the restore ran: left "
+                        f"alone; restore again with --force to replace it, or elsewhere")
 
 
 class _signals_deferred:
@@ -602,7 +643,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         pending = None
         if not is_device:
             if replace:
-                commit_restored([(path, output)], finish=finish_on_commit)
+                commit_restored([(path, output)], finish=finish_on_commit, force=force)
             else:
                 pending = (path, output)
         elif finish_on_commit:  # written in place, and synced: done

@@ -447,10 +447,12 @@ class Repository:
 
     def check_no_damaged_after(self, chosen: SnapshotInfo, spec: str) -> None:
         """``VM@latest`` must not silently be an older snapshot than the newest: when the
-        metadata of a snapshot made after ``chosen`` is damaged (it may be this VM's
+        metadata of a snapshot made after ``chosen`` (or in its second) is damaged (it may be this VM's
         newest - its VM cannot be read), refuse, naming it (snapshot ids begin with their
         UTC time).  This is when "latest" is asked for most: a recovery machine, no cache."""
-        newer = sorted(n for n in self.damaged_snapshots if n[len("snapshots/"):-len(".json")] > chosen.id)
+        # by the ids' time (to the second): within one second the random part says nothing
+        when = chosen.id.split("-", 1)[0]
+        newer = sorted(n for n in self.damaged_snapshots if n[len("snapshots/"):-len(".json")].split("-", 1)[0] >= when)
         if newer:
             raise IntegrityError(
                 f"snapshot metadata {newer[-1]} is damaged and newer than {chosen.id}, the newest readable "

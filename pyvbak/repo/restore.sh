@@ -130,7 +130,7 @@ case $snap in
       # pyvbak writes only complete snapshots: metadata without its vm and status lines is
       # damaged, and may be this VM's newest (checked once the latest is chosen)
       grep -q '^  "vm": "' "$f" && grep -Fqx -e '  "status": "complete",' "$f" \
-        || echo "${id%.json}" >> "$tmp/unreadable"
+        || echo "${id%%-*}" >> "$tmp/unreadable"
       grep -Fqx -e "  \"vm\": \"$vm\"," "$f" || continue
       grep -Fqx -e '  "status": "complete",' "$f" || continue
       d=$(json_field "$f" disk) || die "cannot read $f"
@@ -147,11 +147,15 @@ case $snap in
     fi
     line=$(tail -n 1 "$tmp/cands.sorted") || die "tail failed"
     snap=$(echo "$line" | cut -d' ' -f2) || die "cut failed"
-    # ids begin with their UTC time: a damaged one sorting after the chosen may be newer
-    echo "$snap" >> "$tmp/unreadable"
-    newest=$(sort "$tmp/unreadable" | tail -n 1) || die "sort failed (is ${TMPDIR:-/tmp} full?)"
-    [ "$newest" = "$snap" ] \
-      || die "snapshots/$newest.json cannot be read (damaged?) and is newer than $snap, the newest readable snapshot of $target: it may be the newest one; give a snapshot id to restore an older one ($snap)"
+    # ids begin with their UTC time (to the second): a damaged one of a later (or the
+    # same) second may be newer
+    if [ -s "$tmp/unreadable" ]; then
+      newest=$(sort "$tmp/unreadable" | tail -n 1) || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+      when=${snap%%-*}
+      last=$(printf '%s\n%s\n' "$when" "$newest" | sort | tail -n 1) || die "sort failed"
+      [ "$last" = "$when" ] && [ "$newest" != "$when" ] \
+        || die "a snapshot metadata file of $newest in snapshots/ cannot be read (damaged?) and may be newer than $snap, the newest readable snapshot of $target; give a snapshot id to restore an older one ($snap)"
+    fi
     ;;
   '' | *[!0-9A-Za-z-]*)
     die "'$snap' is not a snapshot id, prefix or VM[/DISK]@latest: the ids are the names of the *.json files in $repo/snapshots/"

@@ -1025,3 +1025,26 @@ def test_a_restore_into_the_repository_through_a_bind_mount_is_refused(backed_up
         assert sorted(os.listdir(os.path.join(repo, "locks"))) == before
     finally:
         subprocess.run(["umount", str(bind)], check=True)
+
+
+def test_small_operator_errors_are_one_clear_line(backed_up, capsys, tmp_path):
+    """From the operator audit: an empty OUTPUT wrote its temp file into the parent of the
+    working directory and failed with a bare OSError; a path through a file said 'Not a
+    directory (set PYVBAK_DEBUG=1 ...)'; memory:// repositories (the tests' backend) were
+    "created" by init and gone when it ended; -h was no option."""
+    tmp, repo, img, sid = backed_up
+    code, _, err = cli(capsys, "restore", sid, "", "--repo", repo)
+    assert code == 2 and "restore target is empty" in assert_one_error_line(err)
+    code, _, err = cli(capsys, "restore", sid, f"{img}/out.img", "--repo", repo)
+    assert code == 2 and "is a file, not a directory" in assert_one_error_line(err)
+    for args in (["init", "memory://m"], ["snapshots", "--repo", "memory://m"]):
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and "in-memory repository" in assert_one_error_line(err)
+    code, out, _ = cli(capsys, "restore", "-h")
+    assert code == 0 and "Usage: pyvbak restore" in out
+
+
+def test_init_of_a_file_url_makes_restore_sh_executable(tmp_path, capsys):
+    code, _, err = cli(capsys, "init", f"file://{tmp_path}/r")
+    assert code == 0, err
+    assert os.stat(tmp_path / "r" / "restore.sh").st_mode & 0o111

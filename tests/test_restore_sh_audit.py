@@ -457,3 +457,11 @@ def test_a_restore_into_the_repository_is_refused(setup, tmp_path):
         one_error(run_sh(script, "--force", sid, out, cwd=tmp_path), "inside the repository")
     assert open(os.path.join(repo.location, "config"), "rb").read() == config
     assert not os.path.exists(os.path.join(repo.location, "packs", "x.img"))
+
+
+def test_a_directory_output_is_not_offered_force(setup, tmp_path):
+    repo, snaps, _ = setup
+    (tmp_path / "d").mkdir()
+    line = one_error(run_sh(os.path.join(repo.location, "restore.sh"), snaps[0][0], tmp_path / "d", cwd=tmp_path),
+                     "neither a regular file nor a block device")
+    assert "--force" not in line

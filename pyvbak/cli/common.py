@@ -41,6 +41,7 @@ def open_repository(location: str | None, *, create_default: bool = False):
     from ..repo.repository import Repository, default_repository_path
 
     if location:
+        refuse_memory(location)
         return Repository.open(location)
     path = default_repository_path()
     if not os.path.exists(os.path.join(path, "config")) and not create_default:
@@ -63,6 +64,14 @@ def open_repository(location: str | None, *, create_default: bool = False):
             return repo
     info(f"using the default repository at {path}")
     return Repository.open(path)
+
+
+def refuse_memory(location: str) -> None:
+    """``memory://`` repositories are the test suite's: from the command line one would
+    take a backup and vanish with the process (init said "created")."""
+    if location.startswith("memory://"):
+        raise UsageError(f"{location} is an in-memory repository, gone when this command ends: give a directory "
+                         f"(or file:///PATH)")
 
 
 def info(message: str) -> None:

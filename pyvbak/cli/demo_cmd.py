@@ -122,6 +122,8 @@ def demo(
             if hot:
                 how = (f", read {human_bytes(res.bytes_read)} of {human_bytes(res.size)}"
                        + (" via the dirty bitmap" if res.cbt else f" (full scan: {res.fallback_reason})"))
+            if label == "full backup" and res.parent:  # a demo run again in the same repository
+                label = f"backup (incremental of the earlier demo's {res.parent})"
             print(
                 f"{label}: snapshot {res.snapshot_id}: changed {human_bytes(res.changed_bytes)}, "
                 f"new {human_bytes(res.new_bytes)}, stored {human_bytes(res.stored_bytes)} in {res.duration:.2f}s{how}"

@@ -22,6 +22,7 @@ def _new_app() -> typer.Typer:
     return typer.Typer(
         name="pyvbak",
         help="Hot, deduplicated, compressed, forever-incremental backups of virtual machine disks.",
+        context_settings={"help_option_names": ["-h", "--help"]},
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from ..repo.repository import DEFAULT_COMPRESSION
-from .common import JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository
+from .common import JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository, refuse_memory
 
 
 def init(
@@ -25,6 +25,7 @@ def init(
     # README says got "Missing argument 'REPO'" from the very first command.  The one
     # named on the command line comes first.
     repo = repo_arg or repo_opt or default_repository_path()
+    refuse_memory(repo)
     r = Repository.init(repo, block_size=parse_size(block_size), compression=compression)
     if json_out:
         emit_json({"repository": repo, "id": r.config.repo_id, "block_size": r.config.block_size})

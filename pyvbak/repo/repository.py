@@ -279,8 +279,9 @@ class Repository:
             for name in INIT_HELPERS:
                 data = resources.files("pyvbak.repo").joinpath(name).read_bytes()
                 backend.replace(name, data)
-            if _is_local(location):
-                os.chmod(os.path.join(location, "restore.sh"), 0o755)
+            root = getattr(backend, "root", None)
+            if root:  # a plain path or file://: the script runs as 'sh restore.sh' either way, but
+                os.chmod(os.path.join(root, "restore.sh"), 0o755)  # ./restore.sh needs the bit
             created = backend.write_new(fmt.CONFIG_NAME, config.to_json())
         except OutOfSpace:
             # The helpers written so far stay: they do not make a repository (no config),

@@ -502,10 +502,15 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     bs, size = snap.meta["block_size"], snap.meta["size"]
     nblocks = -(-size // bs)
     data_idx, data_digests = repo.data_blocks(snap)  # checked against the metadata too
+    if not output:
+        raise UsageError("restore target is empty: give the file or block device to restore to")
     try:
         st = os.stat(output)
     except FileNotFoundError:
         st = None
+    except NotADirectoryError:  # a path through a file (disk.img/out): say so, with advice
+        raise UsageError(f"restore target {output}: a part of its path is a file, not a directory; "
+                         f"give a path in an existing directory") from None
     is_device = st is not None and stat.S_ISBLK(st.st_mode)
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise UsageError(f"restore target {output} is a directory: give a file or block device path")

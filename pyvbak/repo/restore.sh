@@ -71,8 +71,8 @@ if [ -b "$out" ]; then
     done < /proc/mounts
   fi
 elif [ -e "$out" ] || [ -L "$out" ]; then
-  [ -n "$force" ] || die "$out exists: remove it, choose another output, or pass --force to replace it"
   [ -f "$out" ] || die "$out exists and is neither a regular file nor a block device: choose another output"
+  [ -n "$force" ] || die "$out exists: remove it, choose another output, or pass --force to replace it"
 fi
 # never into the repository itself (over its config, a pack, or a new file among them):
 # by identity (-ef), so that a bind mount of the repository is seen too

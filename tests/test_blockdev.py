@@ -52,3 +52,38 @@ def test_backup_block_device_and_restore_onto_another(tmp_path, loopdev, capsys)
     capsys.readouterr()
     with open(src, "rb") as a, open(dst, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_a_device_locked_by_another_writer_is_refused_by_both_restores(tmp_path, loopdev, capsys):
+    """restore.sh wrote a device a running pyvbak restore held (O_EXCL is seen only by
+    O_EXCL openers): both reported success and the device matched neither snapshot.  Both
+    now take the device's advisory lock (flock), and each refuses while the other holds it."""
+    import fcntl
+    import shutil
+    import subprocess
+
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(1 << 20))
+    backing = tmp_path / "dev.bin"
+    backing.write_bytes(b"\xff" * (2 << 20))
+    dev = loopdev(backing)
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(img), "--repo", repo, "--vm", "v"]) == 0
+    holder = os.open(dev, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the other restore would
+        capsys.readouterr()
+        assert main(["restore", "v@latest", dev, "--repo", repo, "--force"]) == 2
+        assert "is locked by another program" in capsys.readouterr().err
+        if shutil.which("flock"):
+            p = subprocess.run(["sh", os.path.join(repo, "restore.sh"), "--force", "v@latest", dev],
+                               capture_output=True, text=True)
+            assert p.returncode != 0 and "is locked by another program" in p.stderr, p.stderr
+    finally:
+        os.close(holder)
+    with open(dev, "rb") as f:
+        assert f.read(16) == b"\xff" * 16  # untouched
+    assert main(["restore", "v@latest", dev, "--repo", repo, "--force"]) == 0
+    with open(dev, "rb") as f:
+        assert f.read(1 << 20) == img.read_bytes()

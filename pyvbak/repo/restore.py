@@ -14,6 +14,7 @@ partial last block, and everything when O_DIRECT is refused, through the page ca
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import queue
@@ -602,6 +603,16 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
                 raise UsageError(f"block device {output} is in use (mounted, or held by device mapper, RAID or "
                                  "another restore): unmount or release it first") from None
             raise RestoreError(f"cannot open block device {output}: {exc.strerror}") from None
+        # and its advisory lock, the convention of tools that write whole disks (udev,
+        # systemd-repart): restore.sh takes it, and O_EXCL is only seen by O_EXCL openers
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UsageError(f"block device {output} is locked by another program (a restore.sh, or a tool "
+                                 "partitioning it): wait for it to finish") from None
+            raise RestoreError(f"cannot lock block device {output}: {exc.strerror}") from None
         dev_size = os.lseek(fd, 0, os.SEEK_END)
         if dev_size < size:
             os.close(fd)

@@ -62,11 +62,20 @@ device=
 if [ -b "$out" ]; then
   [ -n "$force" ] || die "$out is a block device: pass --force to overwrite it with the snapshot"
   device=1
-  # (Linux, and by the name given only: a symlink to a mounted device is not seen)
+  # Not while it or one of its partitions is mounted (Linux): the device's own name (a
+  # link such as /dev/disk/by-id/... resolved) and its partitions' from sysfs - exact
+  # names: /dev/loop70 mounted says nothing about /dev/loop7
   if [ -r /proc/mounts ]; then
+    rdev=$(readlink -f -- "$out") || rdev=$out
+    names=" $out $rdev "
+    for p in /sys/class/block/"${rdev##*/}"/*/partition; do
+      [ -f "$p" ] || continue
+      p=${p%/partition}
+      names="$names/dev/${p##*/} "
+    done
     while read -r mdev mrest; do
-      case $mdev in
-        "$out" | "$out"[0-9]* | "$out"p[0-9]*) die "$mdev is mounted (on ${mrest%% *}): unmount it before restoring onto $out" ;;
+      case $names in
+        *" $mdev "*) die "$mdev is mounted (on ${mrest%% *}): unmount it before restoring onto $out" ;;
       esac
     done < /proc/mounts
   fi
@@ -83,6 +92,12 @@ while [ -n "$d" ]; do
   [ "$d" != / ] || break
   d=$(dirname -- "$d") || break
 done
+if [ -n "$device" ] && command -v flock >/dev/null 2>&1; then
+  # the device's advisory lock (util-linux or busybox flock), as pyvbak restore takes it:
+  # two restores writing one device leave it matching neither snapshot
+  exec 9<"$out" || die "cannot open $out"
+  flock -n 9 || die "$out is locked by another program (a pyvbak restore, or a tool partitioning it): wait for it to finish"
+fi
 part="$out.pyvbak-restore-partial"
 if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
   die "$part exists (left by an interrupted restore, or another restore is writing it): remove it first"

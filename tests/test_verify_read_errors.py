@@ -105,3 +105,49 @@ def test_drop_unreadable_needs_repair(one_pack, capsys):
     capsys.readouterr()
     assert main(["verify", "--repo", repo.location, "--drop-unreadable"]) == 2
     assert "--drop-unreadable is a choice of --repair" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["flip", "append"])
+def test_verify_checks_pack_tables_of_contents_and_repair_rebuilds_them(tmp_path, capsys, damage):
+    """verify read frames through the pack index only: a pack whose own table of contents
+    (trailer) had a flipped bit or bytes after it passed as clean, and once its pack index
+    was lost too, every block in it was lost - though every frame was intact.  Now verify
+    reports it (exit 6) and --repair rebuilds it from the pack index, written only when it
+    hashes to the pack's name; adoption then works again."""
+    from pyvbak.repo import format as fmt
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=21)
+    sid = backup_file(repo, img).snapshot_id
+    (pack,) = list(repo.backend.list("packs/"))
+    path = repo.location + "/" + pack
+    os.chmod(path, 0o644)
+    original = open(path, "rb").read()
+    with open(path, "r+b") as f:
+        if damage == "flip":
+            f.seek(len(original) - 100)
+            b = f.read(1)
+            f.seek(len(original) - 100)
+            f.write(bytes([b[0] ^ 1]))
+        else:
+            f.seek(0, 2)
+            f.write(b"junk")
+    report = verify_repository(Repository.open(repo.location), threads=2)
+    assert not report["ok"] and report["problem_count"] == 0
+    assert [t["pack"] for t in report["damaged_pack_trailers"]] == [pack.rsplit("/", 1)[1]]
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo.location]) == IntegrityError.exit_code
+    assert "table of contents" in capsys.readouterr().err
+    assert main(["verify", "--repo", repo.location, "--repair", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["repair"]["trailers_rebuilt"]) == 1 and out["repair"]["complete"]
+    assert open(path, "rb").read() == original  # the very pack it was
+    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+    # the trailer does its job again: with every pack index gone, adoption re-indexes it
+    for name in repo.backend.list("index/"):
+        repo.backend.delete(name)
+    r = Repository.open(repo.location)
+    assert any("adopted" in line for line in r.recover_leftovers(after_crash=True))
+    out_img = tmp_path / "r.img"
+    restore_to(Repository.open(repo.location), sid, out_img)
+    assert same_file(out_img, img)

@@ -113,6 +113,11 @@ def verify(
                 adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged"))]
             report["repair"] = drop_bad_records(r, bad)
             report["repair"]["adopted"] = adopted
+            from ..repo.prune import rebuild_pack_trailers
+
+            rebuilt, not_rebuilt = rebuild_pack_trailers(r, [d["pack"] for d in report["damaged_pack_trailers"]])
+            report["repair"]["trailers_rebuilt"] = rebuilt
+            report["repair"]["trailers_not_rebuilt"] = not_rebuilt
             report["repair"]["complete"] = _repair_complete(report, drop_unreadable)
     if json_out:
         emit_json(report)
@@ -125,6 +130,12 @@ def verify(
             info(f"pack index {d['name']}: {d['reason']}")
         for a in report["affected_snapshots"]:
             info(f"snapshot {a['id']}: {a['reason']}")
+        for t in report["damaged_pack_trailers"]:
+            info(f"pack {t['pack'][:16]}…: {t['reason']}: its blocks read back through the pack index, but the pack "
+                 f"could not be indexed again from itself if that index were lost; "
+                 + ("rebuilt below" if repair else "'pyvbak verify --repair' rebuilds it from the pack index"))
+        for line in report.get("repair", {}).get("trailers_rebuilt", []) + report.get("repair", {}).get("trailers_not_rebuilt", []):
+            info(f"repair: {line}")
         if report.get("damaged_copy_count"):
             c = report["damaged_copies"][0]
             info(f"{report['damaged_copy_count']} damaged copy(ies) of blocks that have a good copy too (e.g. "
@@ -172,6 +183,9 @@ def verify(
         if report.get("unreadable_redundant_copy_count"):
             more = f"{report['unreadable_redundant_copy_count']} redundant block copy(ies) that could not be read"
             found = f"{found} and {more}" if found else more
+        if report["damaged_pack_trailers"]:
+            more = f"{len(report['damaged_pack_trailers'])} pack(s) with a damaged table of contents"
+            found = f"{found} and {more}" if found else more
         raise IntegrityError(f"verify found {found} in {r.location}")
 
 
@@ -185,6 +199,8 @@ def _repair_complete(report: dict, drop_unreadable: bool) -> bool:
     if report["unreadable_copy_count"] and not drop_unreadable:
         return False
     removed = {ln.split()[3] for ln in report["repair"]["adopted"] if ln.startswith("removed damaged pack index ")}
+    if report["repair"].get("trailers_not_rebuilt"):
+        return False
     return all(d["name"] in removed for d in report["damaged_pack_indexes"])
 
 

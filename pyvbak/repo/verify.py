@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from ..errors import PyvbakError
+from ..errors import IntegrityError, PyvbakError
 from . import digest_sets
 from . import format as fmt
 from .reader import ReadFailure, ScratchSink, read_blocks, sort_for_reading
@@ -131,6 +131,8 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         read_blocks(repo, recs[failed_reads], ScratchSink(on_blocks_again, on_error_again,
                                                           block_size=repo.config.block_size), threads=threads)
 
+    damaged_trailers = check_pack_trailers(repo, recs)
+
     # A block is lost only when no copy of it read back intact; a bad copy beside a good
     # one is a damaged copy: no snapshot loses anything, --repair drops its record.
     has_good = np.zeros(len(all_digests), bool)
@@ -170,7 +172,11 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     names = set(repo.backend.list("snapshots/")) if snapshots is None else set()
     orphans = sorted(n for n in names if n.endswith(".index") and n[: -len(".index")] + ".json" not in names)
     return {
-        "ok": not problems and not bad_snapshots and not damaged_indexes and not damaged_copies and not unreadable_records,
+        "ok": (not problems and not bad_snapshots and not damaged_indexes and not damaged_copies and not unreadable_records
+               and not damaged_trailers),
+        # packs whose own table of contents (trailer) is damaged: their blocks read fine
+        # through the pack index, but the pack could not be indexed again from itself
+        "damaged_pack_trailers": [{"pack": p, "reason": r} for p, r in sorted(damaged_trailers.items())],
         "orphan_snapshot_indexes": orphans,
         "damaged_pack_indexes": [
             {"name": n, "reason": "not a readable pack index: the next backup re-indexes its packs from their "
@@ -203,3 +209,53 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "_unreadable_records": unreadable_records,
         "_adoptable": len(adoptable) > 0,
     }
+
+
+def check_pack_trailers(repo, recs: np.ndarray) -> dict[str, str]:
+    """pack id (hex) -> what is wrong with its trailer, for the packs of ``recs`` (the
+    copies verify read).  A pack's trailer is what indexes it again when its pack index
+    object is lost (adoption): verify read frames through the index only, so a trailer
+    with a flipped bit or junk after it passed as clean, and the pack's blocks turned
+    into lost ones the day its index went too.  Two range reads per pack; a pack that is
+    gone or cannot be read is left to the frame checks, which report it."""
+    from ..backends import BackendError, ObjectMissing
+
+    damaged: dict[str, str] = {}
+    if not len(recs):
+        return damaged
+    packs = recs["pack"].view("S32")
+    order = np.argsort(packs, kind="stable")
+    sorted_packs = packs[order]
+    starts = np.flatnonzero(np.r_[True, sorted_packs[1:] != sorted_packs[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        mine = recs[order[a:b]]
+        pack_hex = bytes(mine["pack"][0]).ljust(32, b"\0").hex()
+        name = fmt.pack_name(pack_hex)
+        try:
+            size = repo.backend.stat(name)
+            if size < 4:
+                damaged[pack_hex] = f"{size} bytes: no room for a table of contents"
+                continue
+            tlen = fmt.trailer_length_from_tail(repo.backend.read_range(name, size - 4, 4))
+            if tlen > size:
+                damaged[pack_hex] = "its last 4 bytes give a table of contents longer than the pack (bytes after it?)"
+                continue
+            raw = repo.backend.read_range(name, size - tlen, tlen)
+        except (ObjectMissing, BackendError):
+            continue
+        if fmt.pack_id(raw).hex() != pack_hex:
+            damaged[pack_hex] = "its table of contents does not hash to the pack's name (damaged)"
+            continue
+        try:
+            toc = fmt.decode_pack_trailer(raw, f"pack {name}")
+        except IntegrityError as exc:
+            damaged[pack_hex] = str(exc)
+            continue
+        have = set(zip(toc["digest"].view("S32").tolist(), toc["offset"].tolist(), toc["clen"].tolist(),
+                       toc["ulen"].tolist()))
+        want = zip(mine["digest"].view("S32").tolist(), mine["offset"].tolist(), mine["clen"].tolist(),
+                   mine["ulen"].tolist())
+        if not all(w in have for w in want):
+            damaged[pack_hex] = "its table of contents does not list blocks the pack index says it holds"
+    return damaged

@@ -465,3 +465,20 @@ def test_a_directory_output_is_not_offered_force(setup, tmp_path):
     line = one_error(run_sh(os.path.join(repo.location, "restore.sh"), snaps[0][0], tmp_path / "d", cwd=tmp_path),
                      "neither a regular file nor a block device")
     assert "--force" not in line
+
+
+def test_a_failure_while_a_prune_holds_the_lock_says_so(setup, tmp_path):
+    """restore.sh takes no lock: racing a prune it failed with 'the repository is damaged',
+    when a prune moving blocks was the cause.  The error now says a prune holds the lock."""
+    import json
+
+    repo, snaps, _ = setup
+    sid, _ = snaps[0]
+    work = tmp_path / "repo"
+    shutil.copytree(repo.location, work)
+    for p in list((work / "packs").rglob("*")):
+        if p.is_file():
+            p.unlink()  # as if a prune had just moved them
+    (work / "locks" / "prune.json").write_text(json.dumps({"host": "h", "pid": 1, "exclusive": True}))
+    line = one_error(run_sh(work / "restore.sh", sid, tmp_path / "o.img", cwd=tmp_path), "a pyvbak prune holds")
+    assert "run restore.sh again" in line and not (tmp_path / "o.img").exists()

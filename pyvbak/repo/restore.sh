@@ -22,10 +22,20 @@ unset CDPATH
 
 writing=
 die() {
+  # restore.sh takes no lock: a prune (the one writer that moves blocks) running meanwhile
+  # is the likely cause of a block gone missing, not damage - say so
+  hint=
+  if [ -n "${repo:-}" ] && [ -n "${snap:-}" ]; then
+    for lock in "$repo"/locks/*.json; do
+      if [ -f "$lock" ] && grep -qs '"exclusive": true' "$lock"; then
+        hint=" [a pyvbak prune holds the repository's exclusive lock right now and may be moving blocks: run restore.sh again once it has finished]"
+      fi
+    done
+  fi
   if [ -n "$writing" ]; then
-    echo "restore.sh: error: $* ($out now holds an INCOMPLETE restore: do not use it)" >&2
+    echo "restore.sh: error: $*$hint ($out now holds an INCOMPLETE restore: do not use it)" >&2
   else
-    echo "restore.sh: error: $*" >&2
+    echo "restore.sh: error: $*$hint" >&2
   fi
   writing=
   exit 1

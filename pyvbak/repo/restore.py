@@ -340,11 +340,13 @@ def _umask() -> int:
     return 0o022
 
 
-def _take_over_file_attributes(fd: int, st) -> None:
+def _take_over_file_attributes(fd: int, st, old_path: str | None = None) -> None:
     """The restored file gets the mode, owner and group of the file it replaces (``st``),
     or, for a new file, the mode any new file gets (0666 less the umask), as ``cp`` would
     do: a libvirt image restored by root over ``libvirt-qemu:kvm 0660`` became ``root
-    0600`` and the VM could no longer open it.  The temp file is 0600 while it is written."""
+    0600`` and the VM could no longer open it.  The temp file is 0600 while it is written.
+    Extended attributes of the replaced file (``old_path``) come along too, best effort:
+    its SELinux label and POSIX ACLs decide whether the VM may open it."""
     if st is None:
         os.fchmod(fd, 0o666 & ~_umask())
         return
@@ -353,6 +355,16 @@ def _take_over_file_attributes(fd: int, st) -> None:
     except PermissionError:  # not root: the file stays the caller's, as a copy would
         pass
     os.fchmod(fd, stat.S_IMODE(st.st_mode))  # after chown, which may clear set-id bits
+    if old_path is not None and hasattr(os, "listxattr"):
+        try:
+            names = os.listxattr(old_path)
+        except OSError:
+            names = []
+        for name in names:
+            try:
+                os.setxattr(fd, name, os.getxattr(old_path, name))
+            except OSError:  # a namespace this process may not set (trusted.*), or none here
+                pass
 
 
 def commit_restored(pending: list[tuple[str, str]], *, finish: bool = False, force: bool = True) -> None:
@@ -650,7 +662,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         target.close()
         t_sync = time.monotonic()
         if not is_device:
-            _take_over_file_attributes(fd, st)
+            _take_over_file_attributes(fd, st, output if st is not None else None)
         os.fsync(fd)
         # released even when close fails (EIO: a network file system's write-back): the
         # clean-up must not close the number again (another thread's file by then)

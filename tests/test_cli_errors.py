@@ -1048,3 +1048,26 @@ def test_init_of_a_file_url_makes_restore_sh_executable(tmp_path, capsys):
     code, _, err = cli(capsys, "init", f"file://{tmp_path}/r")
     assert code == 0, err
     assert os.stat(tmp_path / "r" / "restore.sh").st_mode & 0o111
+
+
+def test_a_restore_whose_lock_was_removed_says_so(backed_up, capsys, monkeypatch):
+    """After 'pyvbak unlock --all' and a prune under a running restore, the restore failed
+    with 'pack ... is missing; run pyvbak verify', as if the repository were damaged."""
+    import shutil
+
+    import pyvbak.repo.restore as restore_mod
+
+    tmp, repo, img, sid = backed_up
+    real = restore_mod.restore_snapshot
+
+    def meanwhile(r, *a, **k):
+        for name in os.listdir(os.path.join(repo, "locks")):  # unlock --all
+            os.unlink(os.path.join(repo, "locks", name))
+        shutil.rmtree(os.path.join(repo, "packs"))  # and a prune that moved everything
+        return real(r, *a, **k)
+
+    monkeypatch.setattr(restore_mod, "restore_snapshot", meanwhile)
+    code, _, err = cli(capsys, "restore", sid, tmp / "o.img", "--repo", repo)
+    assert code == 6, err
+    assert_one_error_line(err, "lock", "was removed while it ran", "a prune may have moved")
+    assert not (tmp / "o.img").exists()

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import IntegrityError, PyvbakError
 from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository, progress_bar
 
 
@@ -37,15 +38,32 @@ def restore(
     if output.endswith("/"):  # a directory meant, for one disk: say so, not "Not a directory"
         raise UsageError(f"{output} names a directory, but {snapshot} is one disk: give the file or block "
                          f"device to restore it to (e.g. {output}{snap.disk}.img)")
-    with maybe_lock(r, no_lock, f"restore of {snap.id}"):
+    with maybe_lock(r, no_lock, f"restore of {snap.id}") as lock:
         with progress_bar(f"restore {snap.id}", not json_out) as update:
-            report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update,
-                                      finish_on_commit=True)
+            try:
+                report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update,
+                                          finish_on_commit=True)
+            except IntegrityError as exc:
+                _blame_a_removed_lock(lock, exc)
+                raise
     _warn_other_copies(report)
     if json_out:
         emit_json(report)
     else:
         print(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {output} in {report['duration']:.2f}s")
+
+
+def _blame_a_removed_lock(lock, exc) -> None:
+    """A restore whose blocks went missing while its lock was gone ('pyvbak unlock --all'
+    and a prune meanwhile) reported a missing pack, as if the repository were damaged:
+    say what happened instead (IntegrityError from the lock's LockedError message)."""
+    if lock is None:
+        return
+    try:
+        lock.check_held()
+    except PyvbakError as gone:
+        raise IntegrityError(f"{gone}".replace("nothing was committed", "a prune may have moved the blocks it "
+                                               "was reading; nothing was written to the target")) from exc
 
 
 def _warn_other_copies(report: dict) -> None:

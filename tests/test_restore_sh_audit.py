@@ -482,3 +482,14 @@ def test_a_failure_while_a_prune_holds_the_lock_says_so(setup, tmp_path):
     (work / "locks" / "prune.json").write_text(json.dumps({"host": "h", "pid": 1, "exclusive": True}))
     line = one_error(run_sh(work / "restore.sh", sid, tmp_path / "o.img", cwd=tmp_path), "a pyvbak prune holds")
     assert "run restore.sh again" in line and not (tmp_path / "o.img").exists()
+
+
+def test_an_output_name_of_255_bytes_restores(setup, tmp_path):
+    """'.pyvbak-restore-partial' (24 bytes) after a valid name of 232-255 bytes passed
+    NAME_MAX: 'File name too long'."""
+    repo, snaps, _ = setup
+    sid, copy = snaps[0]
+    out = tmp_path / ("y" * 251 + ".img")
+    p = run_sh(os.path.join(repo.location, "restore.sh"), sid, out, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert same_file(out, copy) and no_partial(tmp_path)

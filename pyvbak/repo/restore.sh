@@ -109,6 +109,12 @@ if [ -n "$device" ] && command -v flock >/dev/null 2>&1; then
   flock -n 9 || die "$out is locked by another program (a pyvbak restore, or a tool partitioning it): wait for it to finish"
 fi
 part="$out.pyvbak-restore-partial"
+base=${out##*/}
+if [ "${#base}" -gt 231 ]; then  # the suffix would pass NAME_MAX (255 bytes; LC_ALL=C counts bytes)
+  case $out in */*) odir_=${out%/*} ;; *) odir_=. ;; esac
+  h=$(printf '%s' "$base" | sha256sum | cut -c1-16) || die "sha256sum failed"
+  part="$odir_/.pyvbak-restore-partial-$h"
+fi
 if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
   die "$part exists (left by an interrupted restore, or another restore is writing it): remove it first"
 fi

@@ -40,6 +40,7 @@ BEHAVIOURS = {
     "dup_context_ids",  # gives base:allocation and every other requested context one id
     "endless_info",     # answers NBD_OPT_GO with NBD_REP_INFO replies forever
     "huge_size",        # advertises an export of 2^62 bytes
+    "error_then_more",  # ends a read's reply with an error chunk (DONE), then sends another chunk for it
 }
 
 
@@ -253,9 +254,11 @@ class FakeNbdServer:
                 self._stall()
             conn.shutdown(socket.SHUT_RDWR)
             raise EOFError
-        if b == "error":
+        if b in ("error", "error_then_more"):
             msg = b"injected failure"
             conn.sendall(self._chunk(DONE, P.REPLY_TYPE_ERROR, handle, P.S_ERROR.pack(5, len(msg)) + msg))
+            if b == "error_then_more":  # as QEMU 7.2's block status does once the view is gone
+                conn.sendall(self._chunk(DONE, P.REPLY_TYPE_OFFSET_DATA, handle, P.S_U64.pack(off) + data))
             return
         if b == "error_offset":
             msg = b"bad sector"

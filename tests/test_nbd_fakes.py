@@ -164,6 +164,22 @@ def test_error_chunk_names_errno():
     expect_error("error", "EIO for NBD_CMD_READ at offset 0 length 8192: injected failure")
 
 
+def test_more_chunks_after_an_error_reply_name_the_error():
+    """QEMU 7.2 ends a block-status reply with an error chunk and then sends the next
+    context's chunk for the same handle when the export's view went away (a cancelled
+    job): the user read 'reply for handle 1, which the client did not send', which looks
+    like a client bug.  The error the reply ended with is named now."""
+    expect_error("error_then_more", r"went on replying after it had ended a reply with an error "
+                                    r"\(EIO for NBD_CMD_READ.*injected failure\).*view may have gone away",
+                 op=_read_after_an_error)
+
+
+def _read_after_an_error(src):
+    with pytest.raises(SourceError, match="injected failure"):
+        src.read(0, 8192)  # the reply the server ends with its error: said as it is
+    src.read(8192, 8192)  # the chunk that came after it broke the connection: said why
+
+
 def test_error_offset_chunk():
     expect_error("error_offset", r"EIO .*at offset 1\): bad sector")
 

@@ -185,6 +185,11 @@ class NbdClient:
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._pending: dict[int, _Request] = {}
+        #: handle -> the error a reply ended with, for the last few such replies: a server
+        #: that sends more chunks after ending a reply with an error (QEMU 7.2's block
+        #: status when the export's view went away) is told apart from one that invents
+        #: handles, and the error it ended with is what the user hears
+        self._ended_with_error: dict[int, str] = {}
         self._pending_lock = threading.Lock()
         self._handles = itertools.count(1)
         self._fatal: SourceError | None = None
@@ -777,6 +782,10 @@ class NbdClient:
         with self._pending_lock:
             req = self._pending.get(handle)
         if req is None:
+            first = self._ended_with_error.get(handle)
+            if first is not None:
+                raise self._err(f"the server went on replying after it had ended a reply with an error ({first}); "
+                                f"the export's view may have gone away (its backup job cancelled?)")
             raise self._err(f"reply for handle {handle}, which the client did not send or which already completed")
         return req
 
@@ -797,6 +806,10 @@ class NbdClient:
                                           f"covered only {pos} bytes")
         with self._pending_lock:
             self._pending.pop(req.handle, None)
+            if req.error is not None:
+                self._ended_with_error[req.handle] = str(req.error).split(": ", 1)[-1]  # without "NBD server URI: "
+                while len(self._ended_with_error) > 64:
+                    self._ended_with_error.pop(next(iter(self._ended_with_error)))
         req.done.one_done()
 
     def _count_covered(self, req: _Request, n: int) -> None:

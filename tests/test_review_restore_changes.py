@@ -107,7 +107,7 @@ def test_a_close_that_fails_is_not_closed_again(repo, tmp_path, monkeypatch):  #
                 raise OSError(errno.EIO, "Input/output error")
 
     # the temp file's close is the first close once the target was written
-    monkeypatch.setattr(restore_mod, "_take_over_file_attributes", lambda fd, st: monkeypatch.setattr(restore_mod.os, "close", close))
+    monkeypatch.setattr(restore_mod, "_take_over_file_attributes", lambda fd, st, old_path=None: monkeypatch.setattr(restore_mod.os, "close", close))
     with pytest.raises(restore_mod.RestoreError, match="Input/output error"):
         restore_to(repo, sid, out_dir / "restored.img")
     monkeypatch.setattr(restore_mod.os, "close", real_close)

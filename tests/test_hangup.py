@@ -164,3 +164,30 @@ def test_a_signal_after_the_restore_is_in_place_finishes_it(backed_up, tmp_path)
     assert code == 0, err
     assert "restored snapshot" in stdout and "SIGHUP arrived after the work was committed" in err
     assert same_file(out, img) and locks(repo) == []
+
+
+def test_a_closed_terminal_after_the_commit_is_no_failure(backed_up, tmp_path, monkeypatch):
+    """A real hangup closes the terminal: printing the result then fails with EIO, and a
+    backup that had committed its snapshot exited 1 ('Input/output error').  Once the
+    work is committed, an output that cannot be written is no failure (exit 0); before the
+    commit the same error still fails the command."""
+    import errno as errno_mod
+    import io
+
+    from pyvbak import interrupts
+    from pyvbak.cli.main import main
+    from pyvbak.repo.repository import Repository
+
+    img, repo = backed_up
+
+    class Gone(io.TextIOBase):
+        def write(self, s):
+            raise OSError(errno_mod.EIO, "Input/output error")
+
+    before = len(Repository.open(str(repo)).snapshots())
+    monkeypatch.setattr(sys, "stdout", Gone())
+    monkeypatch.setattr(sys, "stderr", Gone())
+    assert main(["backup", str(img), "--repo", str(repo), "--vm", "v"]) == 0
+    assert len(Repository.open(str(repo)).snapshots()) == before + 1
+    assert not interrupts.finishing()  # main() ended the mode
+    assert main(["snapshots", "--repo", str(repo)]) == 1  # nothing committed there: a failure

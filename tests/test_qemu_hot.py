@@ -307,6 +307,50 @@ def test_kill9_leftovers_cleaned_by_next_run(vm, work, fleecing):
     assert set(vm.bitmaps()) == {s.change_tracking_state["bitmap"]}
 
 
+def test_a_cleanup_interrupted_halfway_keeps_the_evidence_for_the_next(vm, work, tmp_path, monkeypatch):
+    """The leftover cleanup released a dead run's session lock first: interrupted before it
+    removed the run's export and job, it left them with no evidence that they were
+    pyvbak's, and every later backup from another work dir failed ('already runs an NBD
+    server') with the copy job on the guest's disk.  The lock now goes last."""
+    from pyvbak.hypervisors.qemu import cleanup
+
+    s1, _ = backup(vm, work)
+    p = start_child(vm, work, s1.change_tracking_state)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    other = tmp_path / "other-work"  # another host's or user's work dir: only QEMU holds evidence
+    real = cleanup.remove_export
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cleanup, "remove_export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=other):
+            pass
+    monkeypatch.setattr(cleanup, "remove_export", real)
+    assert len(vm.pyvbak_objects()) == 1 and len(vm.exports()) == 2  # the dead run's lock, and its export
+    with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=other) as s:
+        cleaned = " | ".join(s.cleaned_leftovers)
+        assert "NBD export" in cleaned and "job" in cleaned and "session lock" in cleaned
+        s.commit()
+    assert vm.exports() == ["guest"] and vm.pyvbak_nodes() == [] and vm.jobs() == [] and vm.pyvbak_objects() == []
+
+
+def test_under_nohup_a_hangup_does_not_stop_a_hot_session(vm, work):
+    """TerminationGuard installed its SIGHUP handler over an ignored SIGHUP: under nohup,
+    a hangup still stopped hot backups (exit 10) while file backups went on."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: the session goes on
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert_clean(vm, work)
+
+
 def test_sigterm_cleans_up(vm, work):
     s1, _ = backup(vm, work)
     p = start_child(vm, work, s1.change_tracking_state)

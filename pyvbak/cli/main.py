@@ -7,6 +7,7 @@ cleans up (snapshots, exports, locks, temp files) before the process exits.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -176,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
-        print("pyvbak: error: aborted", file=sys.stderr)
+        _say("pyvbak: error: aborted")
         return Interrupted.exit_code
     except MemoryError:
         # e.g. the per-block arrays of a disk far larger than this machine can index
-        print("pyvbak: error: out of memory: the disk needs more memory than this machine has (about 50 bytes "
+        _say("pyvbak: error: out of memory: the disk needs more memory than this machine has (about 50 bytes "
               "per block: see the README's 'Sizing'); use a repository with larger blocks (pyvbak init "
-              "--block-size 1M) or a machine with more memory", file=sys.stderr)
+              "--block-size 1M) or a machine with more memory")
         return 1
     except Exception as exc:  # click usage errors
         if isinstance(exc, _click_exception_types()):
@@ -195,14 +196,18 @@ def main(argv: list[str] | None = None) -> int:
             where = ctx.command_path if ctx is not None and ctx.command_path else "pyvbak"
             if where == "pyvbak" and args and args[0] in COMMANDS:  # the command's own options
                 where = f"pyvbak {args[0]}"
-            print(f"pyvbak: error: {message} (see '{where} --help')", file=sys.stderr)
+            _say(f"pyvbak: error: {message} (see '{where} --help')")
             return code
+        if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.EPIPE) and interrupts.finishing():
+            # The work is committed and only its output failed: the terminal that took it
+            # is gone (the hangup that was noted) or nothing reads it any more.
+            return 0
         if isinstance(exc, OSError) and not os.environ.get(DEBUG_ENV):
             # The environment refused something no code path turned into a PyvbakError
             # (permissions, a full or read-only disk, a vanished path): one line, the
             # traceback only on request.  Everything else is a bug: traceback.
             where = f": {exc.filename}" if exc.filename is not None else ""
-            print(f"pyvbak: error: {exc.strerror or exc}{where} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+            _say(f"pyvbak: error: {exc.strerror or exc}{where} (set {DEBUG_ENV}=1 for the traceback)")
             return OS_ERROR_EXIT
         raise
     finally:

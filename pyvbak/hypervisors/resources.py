@@ -51,6 +51,8 @@ class TerminationGuard:
     def __enter__(self) -> "TerminationGuard":
         if threading.current_thread() is threading.main_thread():
             for sig in _CONVERTED:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # nohup: a hangup stays ignored
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handler)
             self._active = True
         return self
@@ -75,11 +77,14 @@ class TerminationGuard:
             if not interrupts.note_if_finishing(signum):
                 self.pending = signum
 
-        signal.signal(signal.SIGINT, _int)
+        ignored = prev_int is signal.SIG_IGN  # a background job of a script: Ctrl-C is not ours
+        if not ignored:
+            signal.signal(signal.SIGINT, _int)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, prev_int)
+            if not ignored:
+                signal.signal(signal.SIGINT, prev_int)
             self._deferring -= 1
 
 

@@ -197,16 +197,6 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
                 f"another pyvbak session (pid {pid}, run {run}) is active on this VM or work dir "
                 f"{work_dir}; wait for it to finish (QEMU serves one NBD server per VM)"
             )
-    # Session locks of dead runs go; a live one is a session that is about to back off
-    # (session_lock orders them), never a reason to stop this one.
-    for lock, run in locks.items():
-        if run is None or run == own_run:
-            continue
-        if lock_is_live(run, owners.get(run)):
-            continue
-        release_lock(qmp, lock)
-        cleaned.append(f"session lock {lock} of a dead run")
-
     def mine(name: str) -> bool:
         r = run_of(name)
         return r is not None and r in runs
@@ -240,6 +230,17 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     if leftover_files:  # (the common case has none: no query then)
         still_open = {str(n.get("file", "")) for n in named_nodes(qmp)}
         cleaned += clean_files([p for p in leftover_files if str(p) not in still_open])
+    # Session locks of dead runs go last: a lock is the evidence that a run's leftovers
+    # are pyvbak's, and a cleanup interrupted before it removed them must leave the next
+    # one (from any work dir) that evidence.  A live lock is a session that is about to
+    # back off (session_lock orders them), never a reason to stop this one.
+    for lock, run in locks.items():
+        if run is None or run == own_run:
+            continue
+        if lock_is_live(run, owners.get(run)):
+            continue
+        release_lock(qmp, lock)
+        cleaned.append(f"session lock {lock} of a dead run")
 
     if node is not None:
         cleaned += settle_bitmaps(qmp, node, previous_bitmap)

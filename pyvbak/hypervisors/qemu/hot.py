@@ -534,19 +534,25 @@ class QemuHotBackup(ExportSession):
         fleece_in_use = {id(d) for d in self.disks if d.fleece_node_added}
 
         if qmp is not None and qmp._sock is not None:
+            # each flag cleared once its step succeeded: what stays set is what QEMU still
+            # holds (the session lock is kept as evidence for the next run if anything is)
             for d in self.disks:
-                if d.export_added:
-                    step(f"removing export {d.names.export}", cleanup.remove_export, qmp, d.names.export)
-            if self._server_started:
-                step("stopping the NBD server", cleanup.stop_nbd_server, qmp)
+                if d.export_added and step(f"removing export {d.names.export}", cleanup.remove_export, qmp,
+                                           d.names.export):
+                    d.export_added = False
+            if self._server_started and step("stopping the NBD server", cleanup.stop_nbd_server, qmp):
+                self._server_started = False
             for d in self.disks:
-                if d.access_node_added:
-                    step(f"removing node {d.names.access_node}", cleanup.remove_node, qmp, d.names.access_node)
-                if d.job_started and not d.job_cancelled:
-                    step(f"cancelling job {d.names.job}", cleanup.cancel_job, qmp, d.names.job)
+                if d.access_node_added and step(f"removing node {d.names.access_node}", cleanup.remove_node, qmp,
+                                                d.names.access_node):
+                    d.access_node_added = False
+                if d.job_started and not d.job_cancelled and step(f"cancelling job {d.names.job}", cleanup.cancel_job,
+                                                                  qmp, d.names.job):
+                    d.job_cancelled = True
                 if d.fleece_node_added and step(f"removing node {d.names.fleece_node}", cleanup.remove_node,
                                                 qmp, d.names.fleece_node):
                     fleece_in_use.discard(id(d))
+                    d.fleece_node_added = False
             for d in self.disks:
                 if d.job_started:
                     # a disk whose snapshot is durable retires its old generation even if a
@@ -572,8 +578,13 @@ class QemuHotBackup(ExportSession):
             remove_files((self.names.journal, self.names.journal.with_suffix(".tmp")), errors)
         # Last, after the files too: another session may start once the lock is gone, and
         # one that found our files while we still run would refuse ("session active").
-        if self._lock is not None and qmp is not None and qmp._sock is not None:
+        # Kept when something of this run is left in QEMU: the lock is the evidence that
+        # lets the next run (from any work dir) take those leftovers for pyvbak's and
+        # remove them; without it they would be a stranger's, left for good.
+        if self._lock is not None and qmp is not None and qmp._sock is not None and not (holds or self._server_started):
             step("releasing the session lock", session_lock.release, qmp, self._lock)
+        elif self._lock is not None:
+            session_lock.abandon(self.names.run)
 
 
 def _qemu_gone(qmp_path) -> str | None:

@@ -209,6 +209,14 @@ def _held_by(orun: str, t: float) -> SourceError:
     )
 
 
+def abandon(run: str) -> None:
+    """The session ``run`` of this process is over but its lock object stays in the VM
+    (the evidence for its leftovers, which the cleanup could not remove): from now on it
+    is a leaked lock, which the next session - in this process too - cleans with them."""
+    with _held_lock:
+        _held.discard(run)
+
+
 def release(qmp: QmpClient, obj: str) -> None:
     """Delete a lock object; absent already is fine."""
     try:

@@ -40,7 +40,7 @@ def pid_namespace() -> str | None:
         return None
 
 
-#: a temp file of another machine, pid namespace or boot (``scope_token``) is left alone
+#: a temp file of another machine or pid namespace (``scope_token``) is left alone
 #: until it is this old: its writer cannot be judged from here, and no single write (one
 #: pack, one restore) of a live one takes a day
 FOREIGN_TEMP_MAX_AGE_S = 24 * 3600
@@ -49,11 +49,13 @@ _scope: list[str] = []
 
 
 def scope_token() -> str:
-    """8 hex digits naming this machine, pid namespace and boot: put into temp-file names
-    next to the pid, so that a cleanup in another container or on another host sharing
-    the directory (NFS) does not take a live writer's pid for a dead one of its own."""
+    """8 hex digits naming this machine and pid namespace: put into temp-file names next
+    to the pid, so that a cleanup in another container or on another host sharing the
+    directory (NFS) does not take a live writer's pid for a dead one of its own.  Not the
+    boot: this host's own temp files from before a reboot (a power loss) are this scope's,
+    judged by pid, not kept a day as a stranger's."""
     if not _scope:
-        _scope.append(hashlib.sha256(f"{machine_id()}|{pid_namespace()}|{boot_id()}".encode()).hexdigest()[:8])
+        _scope.append(hashlib.sha256(f"{machine_id()}|{pid_namespace()}".encode()).hexdigest()[:8])
     return _scope[0]
 
 

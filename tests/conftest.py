@@ -62,6 +62,15 @@ def _private_cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path_factory.mktemp("pyvbak-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _own_o_direct_memory(monkeypatch):
+    """The local backend remembers, process-wide, each device that refused O_DIRECT: a
+    test that makes it refuse on purpose must not leave that memory to the next ones."""
+    from pyvbak.backends import local
+
+    monkeypatch.setattr(local, "_no_direct_devs", set())
+
+
 @pytest.fixture
 def cli_work_dir(tmp_path, monkeypatch):
     """The work dir of the CLI's QEMU sessions (``PYVBAK_WORK_DIR``), under the test's tmp:

@@ -205,6 +205,8 @@ def test_short_direct_write_finished_buffered(repo, tmp_path, direct_dir, monkey
 
 
 def test_out_of_space_on_direct_write_leaves_no_temp(repo, tmp_path, direct_dir, monkeypatch):
+    img = vm_image(tmp_path / "disk.img", 4 * MiB, seed=4)
+    sid = backup_file(repo, img).snapshot_id  # before the hook: the backup's own O_DIRECT writes go through
     fds = direct_fds(monkeypatch)
     real_pwrite = os.pwrite
 
@@ -214,8 +216,6 @@ def test_out_of_space_on_direct_write_leaves_no_temp(repo, tmp_path, direct_dir,
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(restore_mod.os, "pwrite", pwrite)
-    img = vm_image(tmp_path / "disk.img", 4 * MiB, seed=4)
-    sid = backup_file(repo, img).snapshot_id
     with pytest.raises(OutOfSpace, match="no space left"):
         restore_to(repo, sid, direct_dir / "restored.img")
     assert os.listdir(direct_dir) == []

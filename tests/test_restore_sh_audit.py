@@ -442,6 +442,16 @@ def test_a_symlink_output_restores_the_file_it_names(setup, tmp_path, shell):
     assert p.returncode == 0, p.stderr
     assert dangling.is_symlink() and same_file(tmp_path / "target.img", copy)
 
+    # a relative link in another directory names a file there, not in the working
+    # directory (busybox readlink -f resolved it against the working directory)
+    (tmp_path / "vms").mkdir()
+    (tmp_path / "vms" / "new.img").symlink_to("target.img")
+    (tmp_path / "target.img").write_bytes(b"unrelated")
+    p = run_sh(script, "--force", sid, "vms/new.img", cwd=tmp_path, shell=shell)
+    assert p.returncode == 0, p.stderr
+    assert same_file(tmp_path / "vms" / "target.img", copy)
+    assert (tmp_path / "target.img").read_bytes() == b"unrelated"
+
     broken = tmp_path / "broken.img"
     broken.symlink_to(tmp_path / "no-such-dir" / "x.img")
     one_error(run_sh(script, sid, broken, cwd=tmp_path, shell=shell), "symbolic link")
@@ -482,6 +492,9 @@ def test_a_failure_while_a_prune_holds_the_lock_says_so(setup, tmp_path):
     (work / "locks" / "prune.json").write_text(json.dumps({"host": "h", "pid": 1, "exclusive": True}))
     line = one_error(run_sh(work / "restore.sh", sid, tmp_path / "o.img", cwd=tmp_path), "a pyvbak prune holds")
     assert "run restore.sh again" in line and not (tmp_path / "o.img").exists()
+    (tmp_path / "exists.img").write_bytes(b"x")  # an operator's error is not blamed on the prune
+    line = one_error(run_sh(work / "restore.sh", sid, tmp_path / "exists.img", cwd=tmp_path), "exists")
+    assert "a pyvbak prune holds" not in line
 
 
 def test_an_output_name_of_255_bytes_restores(setup, tmp_path):

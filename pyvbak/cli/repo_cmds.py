@@ -24,6 +24,10 @@ def init(
     # default repository without either: an operator who exported PYVBAK_REPO as the
     # README says got "Missing argument 'REPO'" from the very first command.  The one
     # named on the command line comes first.
+    if repo_arg == "" or (repo_arg is None and repo_opt == ""):
+        from ..errors import UsageError
+
+        raise UsageError("the repository path is empty: give REPO (or --repo REPO)")
     repo = repo_arg or repo_opt or default_repository_path()
     refuse_memory(repo)
     r = Repository.init(repo, block_size=parse_size(block_size), compression=compression)
@@ -111,11 +115,13 @@ def verify(
                 # by the adoption itself (one read: a second one here, its failures
                 # dropped, undid the adoption of intact copies over a read error).
                 adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged"))]
-            report["repair"] = drop_bad_records(r, bad)
-            report["repair"]["adopted"] = adopted
+            # trailers first: rebuilt from the pack index's records of the pack, all of them
+            # (a bad copy's record dropped first would leave a trailer that cannot be rebuilt)
             from ..repo.prune import rebuild_pack_trailers
 
             rebuilt, not_rebuilt = rebuild_pack_trailers(r, [d["pack"] for d in report["damaged_pack_trailers"]])
+            report["repair"] = drop_bad_records(r, bad)
+            report["repair"]["adopted"] = adopted
             report["repair"]["trailers_rebuilt"] = rebuilt
             report["repair"]["trailers_not_rebuilt"] = not_rebuilt
             report["repair"]["complete"] = _repair_complete(report, drop_unreadable)
@@ -198,7 +204,7 @@ def _repair_complete(report: dict, drop_unreadable: bool) -> bool:
         return False
     if report["unreadable_copy_count"] and not drop_unreadable:
         return False
-    removed = {ln.split()[3] for ln in report["repair"]["adopted"] if ln.startswith("removed damaged pack index ")}
+    removed = {ln.split()[4] for ln in report["repair"]["adopted"] if ln.startswith("removed damaged pack index ")}
     if report["repair"].get("trailers_not_rebuilt"):
         return False
     return all(d["name"] in removed for d in report["damaged_pack_indexes"])

@@ -61,9 +61,10 @@ def _blame_a_removed_lock(lock, exc) -> None:
         return
     try:
         lock.check_held()
-    except PyvbakError as gone:
-        raise IntegrityError(f"{gone}".replace("nothing was committed", "a prune may have moved the blocks it "
-                                               "was reading; nothing was written to the target")) from exc
+    except PyvbakError:
+        raise IntegrityError(f"{exc} - and this restore's lock on the repository was removed while it ran "
+                             f"('pyvbak unlock --all' or a prune elsewhere?): a prune may have moved the blocks "
+                             f"it was reading; run the restore again") from exc
 
 
 def _warn_other_copies(report: dict) -> None:
@@ -123,14 +124,15 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
     """Every disk of one consistency group to OUTDIR/DISK.img, in the group's order."""
     import os
 
-    from ..errors import IntegrityError, TargetExists, UsageError
+    from ..errors import TargetExists, UsageError
     from ..repo.restore import commit_restored, discard_restored, refuse_inside_repository, restore_snapshot
     from .common import info
 
     for s in group:  # the metadata names the files: a name with a '/' would write outside DIR
-        if not s.disk or "/" in s.disk or "\0" in s.disk:
-            raise IntegrityError(f"snapshot {s.id} names its disk {s.disk!r}, which is not a file name (its "
-                                 f"metadata was altered?): restore it alone, to a file you name")
+        if not s.disk or "/" in s.disk or "\0" in s.disk or s.disk in (".", ".."):
+            raise UsageError(f"snapshot {s.id} names its disk {s.disk!r}, which cannot name a file in {outdir} "
+                             f"(an older pyvbak allowed '/' in disk names): restore it alone, to a file you name: "
+                             f"pyvbak restore {s.id} FILE")
     refuse_inside_repository(r, outdir)
     # the directories this restore makes, deepest first: removed again if it fails
     made, d = [], os.path.abspath(outdir)

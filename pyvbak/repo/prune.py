@@ -573,7 +573,15 @@ def rebuild_pack_trailers(repo, packs: list[str]) -> tuple[list[str], list[str]]
             continue
         end = int((toc["offset"].astype(np.int64) + toc["clen"].astype(np.int64)).max())
         name = fmt.pack_name(pack_hex)
-        frames = repo.backend.read_range(name, 0, end)
+        try:
+            if repo.backend.stat(name) < end:
+                left.append(f"pack {pack_hex[:16]}…: shorter than the blocks its index places in it (cut "
+                            f"short): its table of contents cannot be rebuilt")
+                continue
+            frames = repo.backend.read_range(name, 0, end)
+        except (ObjectMissing, BackendError) as exc:
+            left.append(f"pack {pack_hex[:16]}…: cannot be read to rebuild its table of contents ({exc})")
+            continue
         repo.backend.replace(name, frames + trailer)
         done.append(f"rebuilt the table of contents of pack {pack_hex[:16]}… from its pack index "
                     f"({len(toc)} blocks; it hashes to the pack's name)")

@@ -25,7 +25,7 @@ die() {
   # restore.sh takes no lock: a prune (the one writer that moves blocks) running meanwhile
   # is the likely cause of a block gone missing, not damage - say so
   hint=
-  if [ -n "${repo:-}" ] && [ -n "${snap:-}" ]; then
+  if [ -n "${in_packs:-}" ]; then  # from step 2 on: where a prune's moves show
     for lock in "$repo"/locks/*.json; do
       if [ -f "$lock" ] && grep -qs '"exclusive": true' "$lock"; then
         hint=" [a pyvbak prune holds the repository's exclusive lock right now and may be moving blocks: run restore.sh again once it has finished]"
@@ -64,9 +64,23 @@ repo=$(cd -P "$here" && pwd) || die "cannot enter the directory of $0 ($here)"
 # block device written in place.  A symbolic link is followed: the file it names is
 # restored (as cp and pyvbak restore do), not the link replaced by a file.
 if [ -L "$out" ] && [ ! -b "$out" ]; then
+  # each link's target taken relative to the link's own directory (busybox readlink -f
+  # resolved a dangling relative link against the working directory), then the
+  # directory made physical
   given=$out
-  out=$(readlink -f -- "$given") && [ -n "$out" ] \
+  n=0
+  while [ -L "$out" ]; do
+    n=$((n + 1))
+    [ "$n" -le 40 ] || die "too many levels of symbolic links in $given: give the path of the file itself"
+    link=$(readlink -- "$out") || die "cannot read the symbolic link $out"
+    case $link in
+      /*) out=$link ;;
+      *) out=$(dirname -- "$out")/$link ;;
+    esac
+  done
+  ldir=$(dirname -- "$out") && ldir=$(cd -P -- "$ldir" 2>/dev/null && pwd) \
     || die "cannot resolve the symbolic link $given (its directory is missing?): give the path of the file itself"
+  out=$ldir/${out##*/}
 fi
 device=
 if [ -b "$out" ]; then
@@ -271,6 +285,7 @@ if [ -n "$device" ]; then
 fi
 rm -f "$tmp/records" "$tmp/digests" "$tmp/numbered" "$tmp/unsorted" "$tmp/nonzero" "$tmp/nz.n" "$tmp/nz.d" "$tmp/zeros"
 
+in_packs=1
 # 2. Pack indexes: an 80-byte header (magic 692fe50019b13e63, version, count), then
 #    80-byte records: sha256(32) pack_id(32) offset(u64) compressed_len(u32) uncompressed_len(u32).
 #    Each is joined with the snapshot's blocks on its own: only the records this snapshot

@@ -1,8 +1,10 @@
 """Is the process that left a resource still running?  One answer for every layer.
 
 Every resource pyvbak leaves outside itself (locks, temp objects, restore files, QEMU
-nodes, qemu-nbd) carries the pid of its owner; cleanup removes it only when that pid no
-longer runs a pyvbak.  A child pyvbak may have to signal later (a qemu-nbd) is recorded
+nodes, qemu-nbd) carries the pid of its owner (and its identity, or for temp files a
+scope token); cleanup removes it only when that owner is known to be gone - never for an
+owner this process cannot judge (another machine or pid namespace: its temp files go once
+a day old).  A child pyvbak may have to signal later (a qemu-nbd) is recorded
 with ``spawn_record`` and signalled only while ``same_process`` says its pid still runs it.
 """
 

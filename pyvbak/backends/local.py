@@ -2,12 +2,13 @@
 
 How each guarantee of the Backend interface is met:
 
-* atomic: data goes to a temp file ``<dir>/.pyvbak-tmp-<pid>-<random>`` in the target
+* atomic: data goes to a temp file ``<dir>/.pyvbak-tmp-<pid>-<scope>-<random>`` (scope:
+  processes.scope_token) in the target
   directory (same filesystem), is fsynced, then published in one step — ``os.link`` for
   create-only (fails with EEXIST if the object exists, so exactly one of racing writers wins),
   ``os.replace`` for replace — after which the directory is fsynced.
 * kill -9: the only trace is a temp file whose name starts with TEMP_PREFIX; ``list`` skips
-  such names, ``cleanup_incomplete`` removes them.
+  such names, ``cleanup_incomplete`` removes them (one of another scope only once a day old).
 * reads: ``read_range`` uses ``os.pread`` (``read_range_into``: ``os.preadv`` straight into
   the caller's buffer) on an fd, so a concurrent ``replace`` cannot mix versions (the fd keeps
   the old inode).

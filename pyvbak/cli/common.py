@@ -15,7 +15,8 @@ from ..errors import UsageError
 #: chunk jobs ~16 MiB per worker, 4 workers per thread for NBD sources)
 MAX_THREADS = 256
 
-REPO_HELP = "Repository path (or PYVBAK_REPO); default: a repository in your data directory, created on first use."
+REPO_HELP = ("Repository path (or PYVBAK_REPO); default: the repository in your data directory (created by the "
+             "first backup or demo, or by 'pyvbak init').")
 RepoOption = typer.Option(None, "--repo", "-r", help=REPO_HELP, envvar="PYVBAK_REPO", show_envvar=True)
 JsonOption = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 NoLockOption = typer.Option(

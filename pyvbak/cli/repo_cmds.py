@@ -74,10 +74,10 @@ def verify(
     sample: Optional[float] = typer.Option(None, "--sample", help="Check only this PERCENT of blocks, chosen at random."),
     json_out: bool = JsonOption,
     no_lock: bool = NoLockOption,
-    repair: bool = typer.Option(False, "--repair", help="Remove the bad copies found from the index (exclusive lock), so the next backups store those blocks again."),
+    repair: bool = typer.Option(False, "--repair", help="Repair what verify found (exclusive lock): drop bad copies from the index (the next backups store those blocks again), re-index packs from their tables of contents, rebuild damaged tables of contents; exit 0 when nothing found is left."),
     drop_unreadable: bool = typer.Option(False, "--drop-unreadable", help="With --repair: also remove copies that could not be read at all (I/O errors, twice), which --repair keeps: a read error may pass."),
 ) -> None:
-    """Re-read stored blocks, check their digests, name the snapshots any bad block affects."""
+    """Re-read stored blocks, check their digests and their packs' tables of contents, name the snapshots any bad block affects."""
     from contextlib import nullcontext
 
     from ..errors import IntegrityError, UsageError

@@ -1,4 +1,4 @@
-"""pyvbak restore SNAPSHOT OUTPUT --repo REPO [--force] [--no-lock]"""
+"""pyvbak restore SNAPSHOT OUTPUT|DIR/ [--repo REPO] [--force] [--no-lock] [--json] [--threads N]"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json
 
 def restore(
     snapshot: str = typer.Argument(..., metavar="SNAPSHOT", help="Snapshot id (or unique prefix), or VM@latest, or VM/DISK@latest; into a directory: its whole consistency group."),
-    output: str = typer.Argument(..., metavar="OUTPUT", help="File or block device to restore to; for VM@latest of a VM with several disks, a directory (each disk to DIR/DISK.img)."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="File or block device to restore to; a directory (ending in /) restores every disk of the snapshot's consistency group (or VM@latest's newest) as DIR/DISK.img."),
     repo: Optional[str] = RepoOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),

@@ -5,7 +5,9 @@ Ctrl-C.  SIGTERM (what systemd, docker and ``kill`` send) would instead end the 
 without running any cleanup, leaving snapshots, exports and bitmaps behind in the
 hypervisor.  ``TerminationGuard`` converts SIGTERM (and SIGHUP) into an ``Interrupted``
 exception in the main thread while a resource-owning session is active, and restores the
-previous handlers afterwards.
+previous handlers afterwards.  A signal that is ignored (``nohup``; SIGINT in a script's
+background job) stays ignored; once the backup is committed, pyvbak/interrupts.py has
+signals noted instead of raised.
 
 Cleanup itself must not be cut short by a second signal: ``guard.deferred()`` is a block
 during which SIGTERM/SIGHUP/SIGINT are only recorded; ``pending`` tells afterwards whether

@@ -3,9 +3,11 @@
 A snapshot's index is complete, so nothing but its own index and the packs it names is
 read.  Files are written to a recognisable temporary name beside the target
 (``.NAME.pyvbak-restore-*``), made sparse (zero blocks stay holes), fsynced, then renamed
-over the target: an existing file is replaced only by a complete, verified restore.
-Block devices are written in place; zero runs are written as zeros so the device ends up
-exactly equal to the snapshot.
+over the target: an existing file is replaced only by a complete, verified restore (its
+mode, owner and extended attributes kept); without ``force`` a target that appeared while
+the restore ran is never replaced (the commit is a hard link, not a rename).  A target
+inside the repository is refused.  Block devices are written in place (opened O_EXCL and
+flock'ed); zero runs are zeroed so the device ends up exactly equal to the snapshot.
 
 Full blocks are written with O_DIRECT when the target allows it (see ``_Target``); the
 partial last block, and everything when O_DIRECT is refused, through the page cache.

@@ -1,4 +1,5 @@
-"""Verify: re-read referenced blocks and check them; name every snapshot a bad block hurts."""
+"""Verify: re-read referenced blocks and check them, and the tables of contents of their
+packs; name every snapshot a bad block hurts."""
 
 from __future__ import annotations
 

@@ -23,14 +23,14 @@ from .vm_disks import parse_qemu_uri_disks, resolve
 
 
 def remove_change_tracking(spec: str, *, work_dir: str, qmp_timeout: float = 30.0) -> list[str]:
-    """Remove every ``pyvbak-gen-*`` bitmap of the disks ``spec`` names (a ``qemu://``
+    """Remove every ``pyvbak-gen-N`` bitmap (N a number) of the disks ``spec`` names (a ``qemu://``
     URI as for backups, or a qcow2 image file); one line per bitmap removed."""
     if spec.startswith("qemu://"):
         return _from_running_vm(spec, Path(work_dir), qmp_timeout)
     from ..image_formats import container_format
 
     # by its name, or by its header: a qcow2 named like a raw image (backed up with
-    # --format qcow2) holds bitmaps too; only pyvbak-gen-* bitmaps are ever removed
+    # --format qcow2) holds bitmaps too; only pyvbak-gen-N bitmaps are ever removed
     if spec.lower().endswith(".qcow2") or container_format(spec) == "qcow2":
         return _from_image(Path(spec))
     raise UsageError(f"{spec} has no change tracking of pyvbak's: only a running QEMU VM (qemu:///QMP.SOCK) "

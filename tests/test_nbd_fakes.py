@@ -242,7 +242,7 @@ def test_relative_xdg_directories_are_ignored(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative")
     monkeypatch.delenv("PYVBAK_CACHE_DIR", raising=False)
     assert default_repository_path() == f"{tmp_path}/.local/share/pyvbak/repository"
-    assert repo_cache_dir("r" * 32).startswith(f"{tmp_path}/.cache/pyvbak")
+    assert repo_cache_dir("a" * 32).startswith(f"{tmp_path}/.cache/pyvbak")
 
 
 def test_read_into_and_hole_zeroing_in_reused_buffers():

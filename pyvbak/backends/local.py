@@ -304,17 +304,29 @@ class LocalBackend(Backend):
     def read(self, name: str) -> bytes:
         path = self._path(name)
         try:
-            with open(path, "rb", buffering=0) as f:
-                return f.readall()
+            # O_NONBLOCK: a FIFO where an object should be would block the open for ever;
+            # only a regular file is an object (a link to /dev/zero read until memory ran out)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectMissing(f"object {name!r} not found in local backend {self.location}") from None
         except OSError as exc:
             raise self._error(exc, name, path, "reading") from exc
+        try:
+            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                raise ObjectMissing(f"object {name!r} not found in local backend {self.location}: "
+                                    f"{path} is not a regular file")
+            os.set_blocking(fd, True)
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                return f.readall()
+        except OSError as exc:
+            raise self._error(exc, name, path, "reading") from exc
+        finally:
+            os.close(fd)
 
     def _open_range(self, name: str, path: str, offset: int, length: int, what: str) -> int:
         """An fd on the object, after checking [offset, offset+length) lies inside it."""
         try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)  # a FIFO: no hang
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectMissing(f"object {name!r} not found in local backend {self.location}") from None
         except OSError as exc:
@@ -389,13 +401,13 @@ class LocalBackend(Backend):
         # range left half of it to be read synchronously by the restore worker (`fincore`
         # after a 16 MiB WILLNEED: 8 MiB cached).  Hence one call per PREFETCH_PIECE_BYTES.
         try:
-            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except Exception:  # a hint: the read itself reports a missing object
             return
         try:
             for pos in range(offset, offset + length, PREFETCH_PIECE_BYTES):
                 os.posix_fadvise(fd, pos, min(PREFETCH_PIECE_BYTES, offset + length - pos), os.POSIX_FADV_WILLNEED)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, OverflowError):  # (a damaged record's offset: the read says so)
             pass
         finally:
             os.close(fd)

@@ -55,6 +55,9 @@ def snapshots(
         info("no snapshots")
         return
     rows = [s.summary() for s in snaps]
+    for m in rows:  # names from the repository's metadata: no terminal control sequences from them
+        m["vm"], m["disk"] = _printable(m["vm"]), _printable(m["disk"])
+        m["time"] = _printable(str(m.get("time", "")))
     wv = max([16] + [len(m["vm"]) for m in rows])  # columns as wide as the longest name
     wd = max([12] + [len(m["disk"]) for m in rows])
     # disks frozen together by one run share a group: its id's random part names it here
@@ -104,7 +107,7 @@ def verify(
             bad = bad + unreadable
         if repair:
             # taking the lock adopted what killed writers left (their stale locks gone)
-            adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged"))]
+            adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
             if adoptable or report["damaged_pack_indexes"]:
                 # what a backup does after a crash: damaged pack indexes removed first (a
                 # re-indexed pack's index is often the very object name: create-only, it
@@ -114,7 +117,7 @@ def verify(
                 # Copies an earlier repair dropped that still read back bad are left out
                 # by the adoption itself (one read: a second one here, its failures
                 # dropped, undid the adoption of intact copies over a read error).
-                adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged"))]
+                adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
             # trailers first: rebuilt from the pack index's records of the pack, all of them
             # (a bad copy's record dropped first would leave a trailer that cannot be rebuilt)
             from ..repo.prune import rebuild_pack_trailers
@@ -193,6 +196,12 @@ def verify(
             more = f"{len(report['damaged_pack_trailers'])} pack(s) with a damaged table of contents"
             found = f"{found} and {more}" if found else more
         raise IntegrityError(f"verify found {found} in {r.location}")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (a hostile repository's VM name
+    could set the terminal's title, clear the screen or fake listing lines)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _repair_complete(report: dict, drop_unreadable: bool) -> bool:

@@ -39,7 +39,11 @@ def cache_root() -> str | None:
 
 def repo_cache_dir(repo_id: str) -> str | None:
     root = cache_root()
-    return os.path.join(root, repo_id) if root else None
+    if not root:
+        return None
+    if not _REPO_DIR.fullmatch(repo_id):  # a second line of defence: one plain name, never a path
+        raise ValueError(f"repository id {repo_id!r} is not 32 hex digits")
+    return os.path.join(root, repo_id)
 
 
 def mark_used(repo_id: str) -> None:
@@ -97,7 +101,7 @@ class SnapshotMetaCache:
         try:
             with open(self.path, "rb") as f:
                 doc = json.loads(f.read())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         if not (isinstance(doc, dict) and doc.get("format") == SNAPSHOTS_FORMAT and doc.get("repository") == self.repo_id):
             return {}

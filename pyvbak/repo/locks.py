@@ -50,7 +50,7 @@ class RepositoryLock:
                 info = json.loads(self.backend.read(name))
             except ObjectMissing:
                 continue  # removed meanwhile
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested thousands deep
                 info = None
             if not isinstance(info, dict):
                 # Lock objects are written whole (create-only), so this one is damaged.
@@ -69,6 +69,8 @@ class RepositoryLock:
             pid = int(info.get("pid", 0))
         except (TypeError, ValueError):
             pid = 0
+        if not 0 <= pid < 1 << 31:  # no such pid on Linux (pid_max is at most 2^22): not judged
+            return False
         return info.get("host") == socket.gethostname() and not owner_alive(pid, info)
 
     def _remove_stale(self, locks: dict[str, dict]) -> dict[str, dict]:

@@ -412,7 +412,7 @@ def damaged_lost_copies(repo, records: np.ndarray) -> tuple[np.ndarray, list[str
         try:
             doc = json.loads(repo.backend.read(marker))
             named.update(bytes.fromhex(h) for h in doc.get("packs", []) if isinstance(h, str) and len(h) == 64)
-        except (ObjectMissing, ValueError, TypeError, AttributeError):
+        except (ObjectMissing, ValueError, TypeError, AttributeError, RecursionError):
             continue  # a marker that is not what prune writes: it names nothing readable
     if not named:
         return drop, []

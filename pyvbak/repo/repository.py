@@ -308,13 +308,13 @@ class Repository:
                    "check the path (a repository holds config, restore.sh, packs/ …), or create one in a new directory")
             raise RepositoryError(f"{location} is not a pyvbak repository (no config file): {fix}") from None
         try:
-            doc = json.loads(raw)
+            doc = json.loads(raw)  # (RecursionError: JSON nested thousands deep)
             if not isinstance(doc, dict) or doc.get("format") != "pyvbak-repository":
                 raise ValueError("format")
             version = doc["version"]
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError("version")
-        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+        except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise RepositoryError(f"{location}/config is not a pyvbak repository configuration") from None
         if version > fmt.FORMAT_VERSION:
             raise RepositoryError(
@@ -325,6 +325,10 @@ class Repository:
             repo_id, block_size, compression, key = (doc[k] for k in ("id", "block_size", "compression", "fast_hash_key"))
             if not (isinstance(repo_id, str) and repo_id and isinstance(compression, str) and isinstance(key, str)):
                 raise TypeError("field types")
+            # the id names this repository's local cache directory: only what pyvbak writes
+            # (token_hex(16)), never a path a hostile config chose ("/tmp/x", "../..")
+            if not re.fullmatch(r"[0-9a-f]{32}", repo_id):
+                raise ValueError("id")
             if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < MIN_REPO_BLOCK
                     or block_size > MAX_REPO_BLOCK or block_size & (block_size - 1)):
                 raise ValueError("block size")
@@ -375,7 +379,7 @@ class Repository:
                     meta = json.loads(self.backend.read(name))
                 except ObjectMissing:
                     continue
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON, or nested thousands deep
                     meta = None
                 if not _valid_snapshot_meta(meta, sid):
                     if strict:
@@ -719,7 +723,15 @@ class Repository:
             report += problems
         # A damaged index goes before the adopted one is written: re-indexing a pack gives
         # the same records, so often the same (content-named, create-only) object name.  A
-        # crash in between leaves unindexed packs, which the next backup adopts.
+        # crash in between leaves unindexed packs, which the next backup adopts.  But not
+        # while a pack could not be re-indexed: the damaged index may be the last trace of
+        # its blocks (a partly readable object, for a repair by hand), and saying its packs
+        # were re-indexed would be false.
+        left = [ln for ln in found if ln.startswith("left ")]
+        if damaged and left:
+            report += [f"kept damaged pack index {name}: a pack could not be re-indexed from its own table of "
+                       f"contents ({left[0]}); run 'pyvbak verify'" for name in damaged]
+            damaged = []
         for name in damaged:
             try:
                 self.backend.delete(name)
@@ -750,19 +762,28 @@ class Repository:
             if name != fmt.pack_name(pack_hex):  # readers would look for it elsewhere
                 report.append(f"left {name} alone: a pack of that name belongs at {fmt.pack_name(pack_hex)}")
                 continue
-            size = self.backend.stat(name)
-            if size < 4:
-                report.append(f"left {name} alone: {size} bytes cannot be a pack (not pyvbak's?)")
+            try:
+                size = self.backend.stat(name)
+                if size < 4:
+                    report.append(f"left {name} alone: {size} bytes cannot be a pack (not pyvbak's?)")
+                    continue
+                tail = self.backend.read_range(name, size - 4, 4)
+                tlen = fmt.trailer_length_from_tail(tail)
+                if tlen > size:
+                    report.append(f"left pack {pack_hex[:16]}… alone: its last bytes give no table of contents "
+                                  f"(damaged or not pyvbak's)")
+                    continue
+                raw_trailer = self.backend.read_range(name, size - tlen, tlen)
+                if fmt.pack_id(raw_trailer).hex() != pack_hex:
+                    report.append(f"left pack {pack_hex[:16]}… alone: its trailer does not match its name (damaged or not pyvbak's)")
+                    continue
+                trailer = fmt.decode_pack_trailer(raw_trailer, f"pack {name}")
+            except ObjectMissing:  # gone since the listing (a prune), or not a regular file
+                report.append(f"left {name} alone: it is gone or not a regular file")
                 continue
-            tail = self.backend.read_range(name, size - 4, 4)
-            tlen = fmt.trailer_length_from_tail(tail)
-            if tlen > size:
+            except IntegrityError as exc:  # one malformed object must not stop every prune and repair
+                report.append(f"left pack {pack_hex[:16]}… alone: {exc}")
                 continue
-            raw_trailer = self.backend.read_range(name, size - tlen, tlen)
-            if fmt.pack_id(raw_trailer).hex() != pack_hex:
-                report.append(f"left pack {pack_hex[:16]}… alone: its trailer does not match its name (damaged or not pyvbak's)")
-                continue
-            trailer = fmt.decode_pack_trailer(raw_trailer, f"pack {name}")
             recs = np.zeros(len(trailer), fmt.PACK_INDEX_RECORD)
             for field in ("digest", "offset", "clen", "ulen"):
                 recs[field] = trailer[field]

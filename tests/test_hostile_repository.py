@@ -1,0 +1,174 @@
+"""A damaged or hostile repository (storage that lies, a copy from an untrusted place, bit
+rot): every command fails or goes on with a clear line - no traceback, no hang, no memory
+blow-up, nothing written or deleted outside the repository and the requested output."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from images import MiB, random_bytes
+from pyvbak.cli.main import main
+from pyvbak.repo import format as fmt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def no_traceback(err: str) -> None:
+    assert "Traceback" not in err, err
+
+
+@pytest.fixture
+def repo(tmp_path, capsys):
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(2 * MiB, seed=31))
+    r = tmp_path / "repo"
+    assert cli(capsys, "init", r)[0] == 0
+    assert cli(capsys, "backup", img, "--repo", r, "--vm", "web")[0] == 0
+    return r, img
+
+
+def writable(path: Path) -> Path:
+    if path.exists():
+        os.chmod(path, 0o644)
+    return path
+
+
+def test_a_config_id_that_is_a_path_is_damage_not_a_cache_directory(repo, tmp_path, capsys):
+    """The config's id named the local cache directory: '/tmp/victim/x' had a plain
+    'pyvbak snapshots' delete a directory there and write the snapshot list into it."""
+    r, _ = repo
+    victim = tmp_path / "victim"
+    (victim / ("0123456789abcdef" * 2)).mkdir(parents=True)
+    (victim / ("0123456789abcdef" * 2) / "user-file").write_text("keep me")
+    os.utime(victim / ("0123456789abcdef" * 2), (0, 0))  # "unused for months"
+    cfg = json.loads((r / "config").read_text())
+    for bad in (str(victim / "x"), "../../..", ""):
+        cfg["id"] = bad
+        writable(r / "config").write_text(json.dumps(cfg))
+        code, _, err = cli(capsys, "snapshots", "--repo", r)
+        assert code == 3 and "config is damaged" in err, err
+        no_traceback(err)
+    assert (victim / ("0123456789abcdef" * 2) / "user-file").read_text() == "keep me"
+    assert sorted(os.listdir(victim)) == ["0123456789abcdef" * 2]
+
+
+def test_a_pack_index_that_claims_a_terabyte_is_damage_not_out_of_memory(repo, tmp_path, capsys):
+    """A 19-byte zstd frame declaring 1 TiB of content: python-zstandard allocates the
+    declared size, and every restore, verify, backup and prune failed with 'out of memory
+    ... use larger blocks'.  It is a damaged pack index now: left out, reported."""
+    r, img = repo
+    lie = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", 1 << 40) + struct.pack("<I", (3 << 3) | 1)[:3] + b"abc"
+    (r / "index" / ("ee" * 32)).write_bytes(lie)
+    code, out, err = cli(capsys, "verify", "--repo", r, "--json")
+    no_traceback(err)
+    assert code == 6 and "out of memory" not in err
+    assert [d["name"] for d in json.loads(out)["damaged_pack_indexes"]] == ["index/" + "ee" * 32]
+    assert cli(capsys, "restore", "web@latest", tmp_path / "o.img", "--repo", r)[0] == 0
+    assert (tmp_path / "o.img").read_bytes() == img.read_bytes()
+
+
+def test_a_pack_index_offset_past_any_pack_is_damage_not_a_crash(repo, tmp_path, capsys):
+    """An offset of 2^63 or more crashed restore, verify and --repair (OverflowError in the
+    backend's prefetch), so the repair could not drop it."""
+    r, _ = repo
+    recs = np.zeros(1, fmt.PACK_INDEX_RECORD)
+    recs["offset"] = 1 << 63
+    (r / "index" / ("dd" * 32)).write_bytes(fmt.encode_pack_index(recs))
+    code, out, err = cli(capsys, "verify", "--repo", r, "--json")
+    no_traceback(err)
+    assert code == 6 and [d["name"] for d in json.loads(out)["damaged_pack_indexes"]] == ["index/" + "dd" * 32]
+
+
+def test_fifos_and_device_links_among_the_objects_never_hang(repo, tmp_path):
+    """A FIFO where an object should be blocked every command for ever; a link to
+    /dev/zero was read until memory ran out.  Only regular files are objects."""
+    r, _ = repo
+    (sid_json,) = [p for p in (r / "snapshots").iterdir() if p.suffix == ".json"]
+    os.mkfifo(r / "snapshots" / ("20990101T000000Z-0000ffff.json"))
+    os.symlink("/dev/zero", r / "index" / ("cc" * 32))
+    os.mkfifo(r / "locks" / "fifo.json")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for args in (["snapshots"], ["verify"], ["restore", sid_json.stem, str(tmp_path / "o.img")]):
+        p = subprocess.run([sys.executable, "-m", "pyvbak", *args, "--repo", str(r)], capture_output=True,
+                           text=True, timeout=60, env=env)
+        no_traceback(p.stderr)
+        assert p.returncode in (0, 6), (args, p.stderr)
+
+
+def test_json_nested_thousands_deep_and_impossible_pids_are_damage(repo, capsys):
+    r, _ = repo
+    deep = "[" * 100000 + "]" * 100000
+    (r / "snapshots" / "20990101T000000Z-0000aaaa.json").write_text(deep)
+    (r / "locks" / "deep.json").write_text(deep)
+    (r / "locks" / "huge.json").write_text(json.dumps({"host": os.uname().nodename, "pid": 1 << 70}))
+    code, out, err = cli(capsys, "snapshots", "--repo", r)
+    no_traceback(err)
+    assert code == 0 and "is corrupt" in err
+    code, out, err = cli(capsys, "prune", "--repo", r, "--dry-run")
+    no_traceback(err)
+    assert code != 0 and err.startswith("pyvbak: error: ")
+
+
+def test_one_malformed_pack_does_not_stop_adoption_prune_or_repair(repo, capsys):
+    """A trailer that hashes to its pack's name but is of another version raised out of
+    the adoption: every prune, verify --repair and adopting backup failed for good."""
+    r, img = repo
+    body = fmt.PACK_TRAILER_HEADER.pack(fmt.PACK_TRAILER_MAGIC, 2, 0)
+    payload = body + struct.pack(">I", len(body) + 4)
+    trailer = struct.pack("<II", fmt.SKIPPABLE_FRAME_MAGIC, len(payload)) + payload
+    pid = fmt.pack_id(trailer).hex()
+    (r / "packs" / pid[:2]).mkdir(exist_ok=True)
+    (r / "packs" / pid[:2] / pid).write_bytes(trailer)
+    code, out, err = cli(capsys, "prune", "--repo", r)
+    no_traceback(err)
+    assert code == 0, err
+    code, out, err = cli(capsys, "verify", "--repo", r, "--repair")
+    no_traceback(err)
+    assert code == 0, err
+    assert (r / "packs" / pid[:2] / pid).exists()  # left alone, for a look by hand
+
+
+def test_a_damaged_pack_index_stays_while_a_pack_cannot_be_reindexed(repo, capsys):
+    """A backup deleted a damaged pack index and said its packs were re-indexed, when
+    the pack's own table of contents was damaged too: no tool could restore the snapshot
+    afterwards.  The damaged index is kept then, and the line says why."""
+    r, img = repo
+    (index,) = list((r / "index").iterdir())
+    with open(writable(index), "ab") as f:
+        f.write(b"x")  # damaged (bytes after its frame)
+    (pack,) = [p for p in (r / "packs").rglob("*") if p.is_file()]
+    data = bytearray(writable(pack).read_bytes())
+    data[-100] ^= 1  # and the pack's table of contents
+    pack.write_bytes(bytes(data))
+    code, out, err = cli(capsys, "verify", "--repo", r, "--repair")
+    no_traceback(err)
+    assert code == 6 and "kept damaged pack index" in err
+    assert index.exists()
+
+
+def test_control_characters_in_names_are_not_sent_to_the_terminal(repo, capsys):
+    r, _ = repo
+    (meta,) = [p for p in (r / "snapshots").iterdir() if p.suffix == ".json"]
+    doc = json.loads(meta.read_text())
+    doc["vm"] = "web\x1b]0;owned\x07\nFAKE LINE"
+    writable(meta).write_text(json.dumps(doc, indent=2))
+    code, out, err = cli(capsys, "snapshots", "--repo", r)
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and "\nFAKE LINE" not in out
+    assert "\\x1b" in out and "\\n" in out
+
+

@@ -506,3 +506,46 @@ def test_an_output_name_of_255_bytes_restores(setup, tmp_path):
     p = run_sh(os.path.join(repo.location, "restore.sh"), sid, out, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert same_file(out, copy) and no_partial(tmp_path)
+
+
+def test_a_frame_that_decompresses_to_gigabytes_is_capped(tmp_path):
+    """restore.sh decompressed each frame without a limit: a 33 KB frame of a damaged or
+    hostile pack wrote 1 GiB into $TMPDIR (and a full $TMPDIR made it report good blocks
+    lost).  Each frame is cut at one byte more than a block; the SHA-256 then fails it."""
+    import time
+
+    import zstandard
+
+    from images import backup_file, make_image
+
+    require_tool("zstd", "zstd")
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "d.img", 64 * 1024, [(0, 64 * 1024, "random")], seed=5)
+    sid = backup_file(repo, img).snapshot_id
+    (pack,) = list(repo.backend.list("packs/"))
+    path = os.path.join(repo.location, pack)
+    (rec,) = fmt.decode_pack_index(repo.backend.read(list(repo.backend.list("index/"))[0]), "pack index")
+    clen = int(rec["clen"])
+    zeros, co = bytes(1 << 20), zstandard.ZstdCompressor(level=19).compressobj()
+    bomb = b"".join(co.compress(zeros) for _ in range(1024)) + co.flush()  # 1 GiB of zeros
+    assert len(bomb) + 8 <= clen
+    pad = clen - len(bomb) - 8  # a skippable frame fills the rest: the frame keeps its length
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(int(rec["offset"]))
+        f.write(bomb + (0x184D2A50).to_bytes(4, "little") + pad.to_bytes(4, "little") + bytes(pad))
+    tmpdir = tmp_path / "tmp"  # 16 MiB: the uncapped frame filled it and failed otherwise
+    tmpdir.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(tmpdir)], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = f"cannot mount a tmpfs ({r.stderr.strip()}): needs root"
+        pytest.fail(msg) if os.environ.get("CI", "").lower() in ("1", "true", "yes") else pytest.skip(msg)
+    try:
+        t0 = time.monotonic()
+        p = run_sh(os.path.join(repo.location, "restore.sh"), sid, tmp_path / "o.img", cwd=tmp_path,
+                   env={"TMPDIR": str(tmpdir)})
+        assert time.monotonic() - t0 < 60
+        one_error(p, "block 0 does not match its digest")
+        assert os.listdir(tmpdir) == [] and not (tmp_path / "o.img").exists()
+    finally:
+        subprocess.run(["umount", str(tmpdir)], check=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -60,6 +61,23 @@ def _private_cache_dir(tmp_path_factory, monkeypatch):
     """Every test gets its own pyvbak cache directory (never the user's ~/.cache).
     Subprocesses inherit it through the environment."""
     monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path_factory.mktemp("pyvbak-cache")))
+
+
+@contextlib.contextmanager
+def tmpfs_at(path, size_mib: int):
+    """A tmpfs of ``size_mib`` MiB mounted on the directory ``path`` (made here) for the
+    block; unmounted after.  Needs root: skipped without, failed under CI (which runs as
+    root, so a skip there would hide the test)."""
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = f"cannot mount a tmpfs ({r.stderr.strip()}): needs root"
+        pytest.fail(msg) if os.environ.get("CI", "").lower() in ("1", "true", "yes") else pytest.skip(msg)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
 
 
 @pytest.fixture(autouse=True)

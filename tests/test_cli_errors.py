@@ -340,16 +340,10 @@ def read_only_mount(tmp_path):
     """A tmpfs at tmp_path/ro; call the returned function to remount it read-only."""
     import subprocess
 
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        msg = f"cannot mount a tmpfs ({r.stderr.strip()}): needs root"
-        pytest.fail(msg) if os.environ.get("CI", "").lower() in ("1", "true", "yes") else pytest.skip(msg)
-    try:
+    from conftest import tmpfs_at
+
+    with tmpfs_at(tmp_path / "ro", 32) as mnt:
         yield mnt, lambda: subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_read_only_repository_restores_and_verifies_with_no_lock(tmp_path, capsys, read_only_mount):

@@ -257,9 +257,11 @@ size=$((0x$(echo "$header" | cut -c33-48)))
 count=$((0x$(echo "$header" | cut -c49-64)))
 [ "$bs" -gt 0 ] && [ "$size" -ge 0 ] && [ "$count" -eq $(( (size + bs - 1) / bs )) ] \
   || die "$index is damaged: $count records for a $size-byte disk of $bs-byte blocks"
-grep -o '"size":[0-9]*' "$tmp/meta" > "$tmp/msize" || :
-grep -o '"block_size":[0-9]*' "$tmp/meta" > "$tmp/mbs" || :
-msize=$(tr -dc 0-9 < "$tmp/msize") && mbs=$(tr -dc 0-9 < "$tmp/mbs") || die "tr failed on $meta"
+# the top-level keys only (two spaces in): a hot snapshot's change_tracking state holds a
+# "size" of its own, and every "size" run together was no size at all
+grep '^  "size": [0-9]' "$meta" > "$tmp/msize" || :
+grep '^  "block_size": [0-9]' "$meta" > "$tmp/mbs" || :
+msize=$(head -n 1 "$tmp/msize" | tr -dc 0-9) && mbs=$(head -n 1 "$tmp/mbs" | tr -dc 0-9) || die "tr failed on $meta"
 [ -z "$msize" ] || [ "$msize" = "$size" ] || die "$index is a $size-byte disk but $meta says $msize bytes: the repository is damaged"
 [ -z "$mbs" ] || [ "$mbs" = "$bs" ] || die "$index has $bs-byte blocks but $meta says $mbs: the repository is damaged"
 tail -n +2 "$tmp/index.hex" > "$tmp/records" || die "tail failed on $index"

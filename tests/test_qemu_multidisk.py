@@ -132,10 +132,17 @@ def test_cli_backs_up_every_disk_with_its_own_bitmap(vm, tmp_path, capsys, monke
     assert main(["snapshots", "--repo", repo, "--vm", "db"]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0].endswith("GROUP") and sum(group["id"].rsplit("-", 1)[1] in line for line in listing) == 2
+    import subprocess
+
     for i, disk in enumerate(("disk0", "disk1")):
         out = tmp_path / f"{disk}.img"
         assert main(["restore", f"db/{disk}@latest", str(out), "--repo", repo]) == 0
         assert out.read_bytes() == vm.read(0, vm.size, disk=i)
+        sh_out = tmp_path / f"{disk}-sh.img"  # and without pyvbak (group metadata and all)
+        p = subprocess.run(["sh", os.path.join(repo, "restore.sh"), f"db/{disk}@latest", str(sh_out)],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert sh_out.read_bytes() == out.read_bytes()
     assert_clean(vm, tmp_path / "work")
 
     # a group restore over an older one (--force) that cannot read its second disk's index

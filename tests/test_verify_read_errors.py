@@ -151,3 +151,20 @@ def test_verify_checks_pack_tables_of_contents_and_repair_rebuilds_them(tmp_path
     out_img = tmp_path / "r.img"
     restore_to(Repository.open(repo.location), sid, out_img)
     assert same_file(out_img, img)
+
+
+def test_a_table_of_contents_that_lacks_an_indexed_block_is_named(tmp_path):
+    """The trailer check compares the index's records of a pack with the trailer's, as
+    48-byte keys: intact, nothing; one record the trailer does not list, the pack."""
+    from pyvbak.repo.verify import check_pack_trailers
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "d.img", 8 * BS, [(0, 8 * BS, "random")], seed=3)
+    backup_file(repo, img)
+    recs = repo.load_digest_index().records
+    assert check_pack_trailers(repo, recs) == {}
+    bad = recs.copy()
+    bad["ulen"][0] = 123
+    (pack,) = list(repo.backend.list("packs/"))
+    assert check_pack_trailers(repo, bad) == {
+        pack.rsplit("/", 1)[1]: "its table of contents does not list blocks the pack index says it holds"}

@@ -253,10 +253,10 @@ def check_pack_trailers(repo, recs: np.ndarray) -> dict[str, str]:
         except IntegrityError as exc:
             damaged[pack_hex] = str(exc)
             continue
-        have = set(zip(toc["digest"].view("S32").tolist(), toc["offset"].tolist(), toc["clen"].tolist(),
-                       toc["ulen"].tolist()))
-        want = zip(mine["digest"].view("S32").tolist(), mine["offset"].tolist(), mine["clen"].tolist(),
-                   mine["ulen"].tolist())
-        if not all(w in have for w in want):
+        # as 48-byte keys, vectorised (a Python tuple per record was ~1 µs per block)
+        want = np.zeros(len(mine), fmt.PACK_TRAILER_RECORD)
+        for field in ("digest", "offset", "clen", "ulen"):
+            want[field] = mine[field]
+        if not digest_sets.isin(want.view("S48"), digest_sets.unique(np.ascontiguousarray(toc).view("S48"))).all():
             damaged[pack_hex] = "its table of contents does not list blocks the pack index says it holds"
     return damaged

@@ -357,8 +357,9 @@ def run_backup(
     missed_by_bitmap = None
     if (ct is not None and ct.extents is not None and not verify_cbt and parent.snap is not None
             and parent.size == size and int(latest.meta.get("block_size", bs)) == bs):
-        if not parent.streamed:
-            parent.find_last_clean_data(_extent_blocks(ct.extents, n, bs))
+        if not parent.streamed:  # (the dirty blocks, also the incremental's candidates below)
+            dirty = _extent_blocks(ct.extents, n, bs)
+            parent.find_last_clean_data(dirty)
         missed_by_bitmap = _missed_by_bitmap(source, parent, bs, key, size)
         if missed_by_bitmap and parent.streamed:
             # the parent was read for an incremental (its dirty blocks' records only): read
@@ -410,7 +411,7 @@ def run_backup(
             result.warnings.append(f"change tracking not used: {reason}; scanned the whole disk")
     cbt_candidates = None
     if use_cbt:
-        cbt_candidates = dirty if parent.streamed else _extent_blocks(ct.extents, n, bs)
+        cbt_candidates = dirty if dirty is not None else _extent_blocks(ct.extents, n, bs)
     result.cbt = bool(use_cbt and not verify_cbt)
 
     m = min(n, parent.n)

@@ -326,6 +326,9 @@ def run_backup(
     tail = n * bs - size  # bytes the partial last block lacks (0 when size is a multiple of bs)
     latest = repo.latest(vm, disk)
     damaged = list(repo.damaged_snapshots)
+    # after every snapshot of the repository listed: the newest by this number, whatever
+    # the clocks said (repository.snapshot_order)
+    sequence = repo.highest_sequence + 1
     unreadable_parent = None
     prev_state = (latest.meta.get("change_tracking") or {}).get("state") if latest else None
     ct = source.change_tracking(prev_state)
@@ -372,6 +375,14 @@ def run_backup(
     result.warnings.extend(getattr(source, "source_warnings", None) or ())
     if unreadable_parent:
         result.warnings.append(f"{unreadable_parent}; scanned the whole disk")
+    started = snapshot_time()
+    if latest is not None and latest.time > started:
+        # an NTP step back, a host restored from a VM snapshot, or a clock that once ran
+        # ahead: this snapshot still comes after that one (its sequence number), but its
+        # time will read as older
+        result.warnings.append(f"this machine's clock ({started}) is behind the time of {vm}/{disk}'s newest "
+                               f"snapshot {latest.id} ({latest.time}): this snapshot still comes after it "
+                               f"(snapshots are ordered by sequence number, not time); check the clock")
     before = latest.meta.get("source") if latest is not None else None
     now = getattr(source, "description", None)
     if before and now and before != now and before.startswith("file:") and now.startswith("file:"):
@@ -729,6 +740,7 @@ def run_backup(
         "size": size,
         "block_size": bs,
         "time": snapshot_time(),
+        "sequence": sequence,
         "parent": result.parent,
         "change_tracking": {
             "used": result.cbt,

@@ -120,6 +120,11 @@ class SnapshotInfo:
     def time(self) -> str:
         return self.meta["time"]
 
+    @property
+    def sequence(self) -> int:
+        """0 for a snapshot made before sequence numbers existed (pyvbak < 0.13)."""
+        return snapshot_sequence(self.meta)
+
     def summary(self) -> dict:
         m = self.meta
         out = {
@@ -127,6 +132,7 @@ class SnapshotInfo:
             "vm": m["vm"],
             "disk": m["disk"],
             "time": m["time"],
+            "sequence": self.sequence,
             "size": m["size"],
             "block_size": m["block_size"],
             "parent": m.get("parent"),
@@ -160,8 +166,28 @@ class ConsistencyGroup:
         return [self.snaps[d] for d in self.disks if d in self.snaps]
 
 
+def snapshot_sequence(meta: dict) -> int:
+    """A snapshot description's ``sequence`` (validated by _valid_snapshot_meta), 0 if none."""
+    return meta.get("sequence", 0)
+
+
+def snapshot_order(snap: SnapshotInfo) -> tuple:
+    """Where a snapshot stands among the others, oldest first: by sequence number (one
+    more than the repository's highest when its backup began), then time, then id.
+
+    Not by time first: wall clocks go back (an NTP step, a backup host restored from a VM
+    snapshot, a second host with a slow clock) and run ahead (one backup dated 2100), and
+    ordered by time, ``VM@latest``, the next backup's parent and ``--keep-last`` would all
+    take an older snapshot for the newest - silently, since every snapshot is whole.
+    Snapshots made before sequence numbers existed count as 0: among themselves by time,
+    before every numbered one.  Two backups begun at once may share a number (any two
+    writers of one repository, or two hosts backing up one disk): their times decide."""
+    return (snapshot_sequence(snap.meta), snap.meta.get("time", ""), snap.id)
+
+
 def consistency_groups(snaps) -> list[ConsistencyGroup]:
-    """The groups the given snapshots belong to, oldest first (by their instant)."""
+    """The groups the given snapshots belong to, oldest first (snapshot_order of their
+    newest member, then their instant)."""
     groups: dict[tuple[str, str], ConsistencyGroup] = {}
     for s in snaps:
         g = s.meta.get("consistency_group")
@@ -170,7 +196,8 @@ def consistency_groups(snaps) -> list[ConsistencyGroup]:
             if key not in groups:
                 groups[key] = ConsistencyGroup(g["id"], s.vm, str(g.get("time", "")), list(g["disks"]), {})
             groups[key].snaps[s.disk] = s
-    return sorted(groups.values(), key=lambda g: (g.time, max(x.id for x in g.snaps.values())))
+    return sorted(groups.values(), key=lambda g: (max(x.sequence for x in g.snaps.values()), g.time,
+                                                  max(x.id for x in g.snaps.values())))
 
 
 def _now_iso() -> str:
@@ -181,6 +208,10 @@ def new_snapshot_id() -> str:
     """Sortable by time, unique by 32 random bits, safe in any shell word."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
+
+#: sequence numbers stay below this: 18 decimal digits, which restore.sh zero-pads and
+#: sorts as text (a billion backups a second for 30 years would not reach it)
+MAX_SEQUENCE = 10**18
 
 #: what every snapshot description holds (docs/FORMAT.md, snapshot metadata)
 _META_FIELDS = {"vm": str, "disk": str, "size": int, "block_size": int, "time": str, "status": str}
@@ -194,6 +225,9 @@ def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
         return False
     if not (isinstance(meta, dict) and all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
                                            for k, t in _META_FIELDS.items())):
+        return False
+    seq = meta.get("sequence", 0)  # optional: snapshots made before it existed have none
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQUENCE:
         return False
     bs = meta["block_size"]  # values too: restore divides by it, sizes arrays by size / bs
     # (names are not checked against today's rules: an older pyvbak allowed '/' in disk
@@ -240,6 +274,8 @@ class Repository:
         self.damaged_snapshots: list[str] = []
         #: pack index objects the last load_digest_index() left out as damaged
         self.damaged_pack_indexes: list[str] = []
+        #: the highest sequence number the last snapshots() call listed (0: none)
+        self.highest_sequence = 0
         # parsed snapshot metadata by object name, kept between snapshots() calls: the
         # objects are immutable (create-only, then only deleted), so an entry is right for
         # as long as its name is listed; the local cache file is read once per process
@@ -359,7 +395,8 @@ class Repository:
         name recorded in ``damaged_snapshots`` (one damaged object must not stop backups
         of every other disk, nor the verify that reports it); ``strict`` raises
         IntegrityError instead (prune: deleting data such a snapshot may use is never
-        safe)."""
+        safe).  Sets ``highest_sequence``: the highest sequence number among every
+        readable description (a backup begun now takes the next one)."""
         cache = SnapshotMetaCache(self.config.repo_id)
         if cached:
             if self._meta_memo is None:
@@ -390,6 +427,7 @@ class Repository:
         if metas.keys() != from_cache.keys():
             cache.save(metas)
         self._meta_memo = metas
+        self.highest_sequence = max((snapshot_sequence(m) for m in metas.values()), default=0)
         found = []
         for name, meta in metas.items():
             if meta.get("status") != "complete":
@@ -399,7 +437,7 @@ class Repository:
             if disk is not None and meta.get("disk") != disk:
                 continue
             found.append(SnapshotInfo(name[len("snapshots/") : -len(".json")], meta))
-        found.sort(key=lambda s: (s.meta.get("time", ""), s.id))
+        found.sort(key=snapshot_order)
         return found
 
     def latest(self, vm: str, disk: str) -> SnapshotInfo | None:
@@ -435,15 +473,25 @@ class Repository:
             return snaps[-1]
         if not re.fullmatch(r"[0-9A-Za-z-]+", spec):
             raise UsageError(f"'{spec}' is not a snapshot id or VM[/DISK]@latest: list them with 'pyvbak snapshots'")
-        matches = [s for s in self.snapshots() if s.id == spec] or [s for s in self.snapshots() if s.id.startswith(spec)]
+        snaps = self.snapshots()
+        exact = [s for s in snaps if s.id == spec]
+        if exact:
+            return exact[0]
+        matches = [s for s in snaps if s.id.startswith(spec)]
+        # a damaged description's id counts too: the prefix may be meant for it (restore.sh
+        # reads the file names alone, and says "ambiguous" the same way)
+        damaged = [n for n in self.damaged_snapshots if n[len("snapshots/"):-len(".json")].startswith(spec)]
+        if damaged and f"snapshots/{spec}.json" in damaged:
+            damaged = [f"snapshots/{spec}.json"]  # the exact id of a damaged one
+            matches = []
+        if len(matches) + len(damaged) > 1:
+            raise UsageError(f"snapshot id prefix {spec} is ambiguous ({len(matches) + len(damaged)} matches"
+                             + (f", {len(damaged)} of them damaged" if damaged else "") + "): give more characters")
+        if damaged:  # there, but unreadable: not "not found"
+            raise IntegrityError(f"snapshot metadata {damaged[0]} is damaged: run 'pyvbak verify' "
+                                 f"(restore.sh may still read it)")
         if not matches:
-            damaged = [n for n in self.damaged_snapshots if n[len("snapshots/"):].startswith(spec)]
-            if damaged:  # there, but unreadable: not "not found"
-                raise IntegrityError(f"snapshot metadata {damaged[0]} is damaged: run 'pyvbak verify' "
-                                     f"(restore.sh may still read it)")
             raise SnapshotNotFound(f"snapshot {spec} not found in {self.location}: list them with 'pyvbak snapshots'")
-        if len(matches) > 1:
-            raise UsageError(f"snapshot id prefix {spec} is ambiguous ({len(matches)} matches): give more characters")
         return matches[0]
 
     def check_no_damaged_after(self, chosen: SnapshotInfo, spec: str) -> None:

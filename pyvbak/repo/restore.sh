@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 3  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 4  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -160,6 +160,14 @@ json_field() {  # FILE KEY: the string value of a top-level key (empty if none)
   grep "^  \"$2\": \"" "$1" > "$tmp/field" || :
   head -n 1 "$tmp/field" | cut -d'"' -f4
 }
+json_sequence() {  # FILE: its "sequence", zero-padded to 18 digits (0 if none; "bad" if not one)
+  grep "^  \"sequence\": " "$1" > "$tmp/field" || :
+  q=$(head -n 1 "$tmp/field" | cut -d: -f2 | tr -d ' ,') || return 1
+  case $q in '') q=0 ;; *[!0-9]*) echo bad; return 0 ;; esac
+  [ "${#q}" -le 18 ] || { echo bad; return 0; }
+  q="000000000000000000$q"
+  echo "${q#"${q%??????????????????}"}"
+}
 case $snap in
   *@latest)
     target=${snap%@latest}
@@ -181,17 +189,21 @@ case $snap in
       d=$(json_field "$f" disk) || die "cannot read $f"
       [ -z "$want_disk" ] || [ "$d" = "$want_disk" ] || continue
       t=$(json_field "$f" time) || die "cannot read $f"
-      echo "$t ${id%.json} $d" >> "$tmp/cands"
+      # ordered by sequence number, then time (the clock that dated them may have gone
+      # back, or run ahead, between two backups): as pyvbak orders them
+      q=$(json_sequence "$f") || die "cannot read $f"
+      if [ "$q" = bad ]; then echo "${id%%-*}" >> "$tmp/unreadable"; continue; fi
+      echo "$q $t ${id%.json} $d" >> "$tmp/cands"
     done
     [ -s "$tmp/cands" ] || die "no snapshot of $target in $repo (names with quotes, backslashes or non-ASCII characters: give the snapshot id; list them with: grep -l '\"vm\": \"NAME\"' $repo/snapshots/*.json)"
     sort "$tmp/cands" > "$tmp/cands.sorted" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
     if [ -z "$want_disk" ]; then
-      cut -d' ' -f3- "$tmp/cands.sorted" > "$tmp/disks" && sort -u "$tmp/disks" > "$tmp/disks.u" || die "cut failed"
+      cut -d' ' -f4- "$tmp/cands.sorted" > "$tmp/disks" && sort -u "$tmp/disks" > "$tmp/disks.u" || die "cut failed"
       [ "$(wc -l < "$tmp/disks.u")" -eq 1 ] \
         || die "VM $vm has several disks ($(tr '\n' ' ' < "$tmp/disks.u")): restore one at a time with $vm/DISK@latest"
     fi
     line=$(tail -n 1 "$tmp/cands.sorted") || die "tail failed"
-    snap=$(echo "$line" | cut -d' ' -f2) || die "cut failed"
+    snap=$(echo "$line" | cut -d' ' -f3) || die "cut failed"
     # ids begin with their UTC time (to the second): a damaged one of a later (or the
     # same) second may be newer
     if [ -s "$tmp/unreadable" ]; then

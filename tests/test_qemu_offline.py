@@ -366,3 +366,79 @@ def test_a_leftover_qemu_nbd_that_ignores_sigterm_is_killed_not_reported_stopped
     finally:
         stub.kill()
         stub.wait()
+
+
+# ---- what the image's own bitmap cannot see (session-13 offline-image audit) -----------
+
+def test_changes_outside_the_image_file_are_never_trusted_to_its_bitmap(tmp_path):
+    """A qcow2 bitmap records writes to that qcow2 alone: a write into its backing file,
+    a rebase onto another base, and a write into an external data file each changed the
+    disk without it, and the incremental that trusted it was silently wrong."""
+    work = tmp_path / "work"
+    base, base2, img = tmp_path / "base.qcow2", tmp_path / "base2.qcow2", tmp_path / "vm.qcow2"
+    for b in (base, base2):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(b), "4M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(img)], check=True)
+    s, _, _ = backup(img, work)
+    state = s.change_tracking_state
+    assert [b["file"] for b in state["backing_chain"]] == [str(base)]
+    s, _, _ = backup(img, work, state)  # nothing changed anywhere: the bitmap is trusted
+    assert s.fallback_reason is None and s.dirty_bitmap is not None
+    state = s.change_tracking_state
+    qemu_io(base, "qcow2", "write -P 9 1M 64k")  # into the base, under the overlay
+    s, _, _ = backup(img, work, state)
+    assert s.fallback_reason and "backing chain" in s.fallback_reason and s.dirty_bitmap is None
+    state = s.change_tracking_state
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", str(base2), "-F", "qcow2", str(img)], check=True)
+    s, _, _ = backup(img, work, state)
+    assert s.fallback_reason and str(base2) in s.fallback_reason and s.dirty_bitmap is None
+    state = s.change_tracking_state
+    s, _, _ = backup(img, work, state)  # the new chain, unchanged since: trusted again
+    assert s.fallback_reason is None and s.dirty_bitmap is not None
+
+    data_img = tmp_path / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={tmp_path / 'data.raw'},data_file_raw=on", str(data_img), "4M"], check=True)
+    s, _, _ = backup(data_img, work)
+    s, _, _ = backup(data_img, work, s.change_tracking_state)
+    assert s.fallback_reason and "external data file" in s.fallback_reason and s.dirty_bitmap is None
+
+
+def test_a_run_killed_after_a_disabled_bitmap_does_not_enable_it(tmp_path):
+    """The previous bitmap was disabled (by someone else: it missed writes) and a backup
+    that fell back to a full scan was killed: the next run merged its new bitmap into
+    the disabled one and enabled it, and the incremental after that missed the writes."""
+    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    s, _, _ = backup(img, work)
+    state = s.change_tracking_state
+    old = state["bitmap"]
+    subprocess.run(["qemu-img", "bitmap", "--disable", str(img), old], check=True)
+    qemu_io(img, "qcow2", "write -P 5 2M 64k")  # not recorded
+    killed_offline_run(img, work, state=state)
+    assert len(bitmaps(img)) == 2
+    with QemuOfflineImage(img, previous_state=state, work_dir=work) as s:
+        assert s.fallback_reason and "disabled" in s.fallback_reason, s.fallback_reason
+        assert s.dirty_bitmap is None
+        s.commit()
+
+
+def test_a_run_killed_after_an_inconsistent_bitmap_does_not_stop_later_backups(tmp_path):
+    """qemu-img refuses to merge into an in-use (inconsistent) bitmap: every later backup
+    of the image failed on the leftover of a killed run."""
+    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    s, _, _ = backup(img, work)
+    state = s.change_tracking_state
+    # a writer that crashed with the image open leaves its bitmaps in-use
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 0 64k", "-c", "sigraise 9", str(img)],
+                   capture_output=True)
+    assert "in-use" in bitmaps(img)[state["bitmap"]]
+    killed_offline_run(img, work, state=state)
+    with QemuOfflineImage(img, previous_state=state, work_dir=work) as s:
+        assert s.fallback_reason and "in-use" in s.fallback_reason
+        s.commit()
+    state = s.change_tracking_state
+    assert list(bitmaps(img)) == [state["bitmap"]]
+    s, _, _ = backup(img, work, state)  # and the one after it is incremental again
+    assert s.fallback_reason is None and s.dirty_bitmap == state["bitmap"]

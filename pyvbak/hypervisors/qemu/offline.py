@@ -52,18 +52,70 @@ def _run(args: list[str], what: str, timeout: float = 60) -> str:
 
 def image_info(path: Path, *, running_vm_hint: str | None = None, image_format: str | None = None) -> dict:
     """``qemu-img info`` of ``path``: the format QEMU finds, or checked as ``image_format``."""
+    return image_chain(path, running_vm_hint=running_vm_hint, image_format=image_format)[0]
+
+
+def image_chain(path: Path, *, running_vm_hint: str | None = None, image_format: str | None = None) -> list[dict]:
+    """``qemu-img info --backing-chain`` of ``path``: the image first, then each backing
+    file it reads through (one qemu-img run either way)."""
     if not path.exists():
         raise SourceError(f"disk image {path} does not exist")
     fmt_args = ["-f", image_format] if image_format else []
     try:
-        out = _run(["qemu-img", "info", "--output=json", *fmt_args, str(path)], f"qemu-img info {path}")
+        out = _run(["qemu-img", "info", "--backing-chain", "--output=json", *fmt_args, str(path)],
+                   f"qemu-img info {path}")
     except SourceError as e:
         if "lock" in str(e).lower():
             hint = running_vm_hint or ("back up a running VM through its QMP socket with a "
                                        "qemu:///PATH/TO/QMP.SOCK?node=NODE URI instead")
             raise SourceError(f"disk image {path} is in use (locked, probably by the running VM): {hint}") from None
         raise
-    return json.loads(out)
+    chain = json.loads(out)
+    return chain if isinstance(chain, list) and chain else [chain]
+
+
+def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
+    """What the disk's content depends on besides the image file itself, which its dirty
+    bitmap cannot see: (identity of every backing file: name and stat; None if one cannot
+    be identified) and the reason the bitmap can never be trusted (an external data file),
+    or None.
+
+    A qcow2 bitmap records the writes made to that qcow2 alone.  A write into a backing
+    file, a sibling overlay committed into a shared base, a rebase onto another base, or a
+    write into an external raw data file changes the disk without it (found by the
+    session-13 offline-image audit: each made a silently wrong incremental)."""
+    top = chain[0]
+    data_file = (top.get("format-specific", {}).get("data", {}) or {}).get("data-file")
+    if data_file:
+        return [], (f"the image keeps its data in the external data file {data_file}, which can be "
+                    f"written without the dirty bitmap seeing it")
+    identity = []
+    for link in chain[1:]:
+        name = link.get("filename", "")
+        try:
+            st = os.stat(name) if os.path.isabs(name) else None
+        except OSError:
+            st = None
+        if st is None:
+            return None, None
+        identity.append({"file": name, "format": link.get("format"), "dev": st.st_dev, "ino": st.st_ino,
+                         "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns})
+    return identity, None
+
+
+def _disabled_by(dead_files: list[Path], image: Path) -> set[str]:
+    """Bitmaps of ``image`` that dead runs' journals say those runs disabled."""
+    out = set()
+    for p in dead_files:
+        if not p.name.endswith(".json"):
+            continue
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("image") == str(image) and isinstance(doc.get("disabled_bitmap"), str):
+            out.add(doc["disabled_bitmap"])
+    return out
 
 
 class QemuOfflineImage(ExportSession):
@@ -102,6 +154,9 @@ class QemuOfflineImage(ExportSession):
         self._old: str | None = None
         self._old_disabled = False
         self._new: str | None = None
+        self._disabled_by_dead_runs: set[str] = set()
+        self.backing_chain: list[dict] | None = []
+        self._never_trusted: str | None = None
 
     def __enter__(self) -> "QemuOfflineImage":
         self._guard = TerminationGuard().__enter__()
@@ -120,11 +175,16 @@ class QemuOfflineImage(ExportSession):
     def _setup(self) -> None:
         check_socket_path(self.socket_path)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.cleaned_leftovers = cleanup.clean_files(cleanup.dead_run_files(self.work_dir, self.run))
+        dead = cleanup.dead_run_files(self.work_dir, self.run)
+        # which bitmaps a killed run had disabled itself (read before its journal goes)
+        self._disabled_by_dead_runs = _disabled_by(dead, self.path)
+        self.cleaned_leftovers = cleanup.clean_files(dead)
         # who runs this run, before any other file of it (and before the image's bitmaps
         # change): another pyvbak sharing the work dir judges it by this, not by its pid
         self._write_journal()
-        info = image_info(self.path, image_format=self.image_format)
+        chain = image_chain(self.path, image_format=self.image_format)
+        info = chain[0]
+        self.backing_chain, self._never_trusted = outside_data(chain)
         self.format = info["format"]
         self.size = int(info["virtual-size"])
         bitmaps = {}
@@ -153,6 +213,9 @@ class QemuOfflineImage(ExportSession):
                 self._bitmap_op("--add", new)
                 self._new = new
                 if old is not None:
+                    # first the evidence: a run killed after the disable has its bitmap
+                    # enabled again by the next run only if its journal says it disabled it
+                    self._write_journal(disabled_bitmap=old)
                     self._bitmap_op("--disable", old)
                     self._old_disabled = True
             except SourceError as e:
@@ -187,6 +250,7 @@ class QemuOfflineImage(ExportSession):
         self.change_tracking_state = {
             "kind": STATE_KIND, "bitmap": self._new, "generation": generation,
             "image": str(self.path), "format": self.format, "size": self.size,
+            "backing_chain": self.backing_chain,
         }
 
     def _write_journal(self, **more) -> None:
@@ -217,6 +281,21 @@ class QemuOfflineImage(ExportSession):
             return "the previous backup recorded no dirty bitmap for this image", None
         if prev.get("image") not in (None, str(self.path)):
             return f"the previous backup read image {prev.get('image')}, not {self.path}", None
+        if self._never_trusted:
+            return self._never_trusted, None
+        if self.backing_chain is None:
+            return (f"a backing file of {self.path} cannot be identified (not a local file), so changes "
+                    f"to it cannot be ruled out"), None
+        if self.backing_chain and "backing_chain" not in prev:
+            return (f"the previous backup did not record the backing chain of {self.path} (made by an "
+                    f"older pyvbak): changes to a backing file cannot be ruled out"), None
+        if self.backing_chain != (prev.get("backing_chain") or []):
+            before = [b.get("file") for b in prev.get("backing_chain") or [] if isinstance(b, dict)]
+            now = [b["file"] for b in self.backing_chain]
+            what = ("was replaced or written" if before == now
+                    else f"changed from {before or 'none'} to {now or 'none'}")
+            return (f"the backing chain of {self.path} {what} since the previous backup: its dirty bitmap "
+                    f"records writes to the image alone"), None
         b = bitmaps.get(name)
         if b is None:
             return f"dirty bitmap {name} is gone from {self.path} (deleted by someone else?)", None
@@ -240,11 +319,19 @@ class QemuOfflineImage(ExportSession):
             gen = generation_of(name)
             if gen is None or name == prev_name:
                 continue
-            if prev_gen is not None and gen > prev_gen:
+            prev_flags = bitmaps[prev_name].get("flags", []) if prev_gen is not None else []
+            if prev_gen is not None and gen > prev_gen and "in-use" in prev_flags:
+                # inconsistent (its writer crashed): never trusted, and qemu-img refuses to
+                # merge into it - the next backup scans the whole disk and replaces both
+                self.cleaned_leftovers.append(f"dirty bitmap {name} of an unfinished backup (the previous "
+                                              f"one, {prev_name}, is inconsistent)")
+            elif prev_gen is not None and gen > prev_gen:
                 self._bitmap_op("--merge", name, prev_name)
-                if "auto" not in bitmaps[prev_name].get("flags", []):
+                if "auto" not in prev_flags and prev_name in self._disabled_by_dead_runs:
+                    # that run disabled it (its journal says so): whole again with the merge
                     self._bitmap_op("--enable", prev_name)
                     bitmaps[prev_name]["flags"] = ["auto"]
+                # else it was disabled before that run: it missed writes, and stays so
                 self.cleaned_leftovers.append(f"dirty bitmap {name} of an unfinished backup merged back into {prev_name}")
             else:
                 self.cleaned_leftovers.append(f"stale dirty bitmap {name} in {self.path}")

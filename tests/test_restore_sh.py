@@ -274,3 +274,21 @@ def test_backups_bring_an_older_restore_kit_up_to_date(tmp_path, capsys):
     r = run_sh(repo_dir, sid, tmp_path / "out.img", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert same_file(tmp_path / "out.img", img)
+
+
+@pytest.mark.parametrize("odd", ["back\\slash", "new\nline"])
+def test_restore_sh_under_paths_sha256sum_escapes(setup, tmp_path, odd):
+    """GNU sha256sum escapes a file name holding a backslash or a newline and starts its
+    line with '\\': a repository or TMPDIR path with one made every check fail and
+    restore.sh call an intact repository damaged (the session-13 read-only audit)."""
+    repo, snaps, _ = setup
+    sid, copy = snaps[-1]
+    moved = tmp_path / f"repo {odd}"
+    shutil.copytree(repo.location, moved)
+    tmpdir = tmp_path / f"tmp {odd}"
+    tmpdir.mkdir()
+    out = tmp_path / "out.img"
+    p = run_sh(moved, sid, out, cwd=tmp_path, env={**BARE_ENV, "TMPDIR": str(tmpdir)})
+    assert p.returncode == 0, p.stderr
+    assert same_file(out, copy)
+    assert f"to {out}" in p.stdout  # printed as it is (echo in dash would expand '\s')

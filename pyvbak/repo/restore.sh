@@ -33,9 +33,9 @@ die() {
     done
   fi
   if [ -n "$writing" ]; then
-    echo "restore.sh: error: $*$hint ($out now holds an INCOMPLETE restore: do not use it)" >&2
+    printf '%s\n' "restore.sh: error: $*$hint ($out now holds an INCOMPLETE restore: do not use it)" >&2
   else
-    echo "restore.sh: error: $*$hint" >&2
+    printf '%s\n' "restore.sh: error: $*$hint" >&2
   fi
   writing=
   exit 1
@@ -141,9 +141,9 @@ cleanup() {
 }
 interrupted() {
   if [ -n "$writing" ]; then
-    echo "restore.sh: error: interrupted by SIG$1: $out now holds an INCOMPLETE restore: do not use it" >&2
+    printf '%s\n' "restore.sh: error: interrupted by SIG$1: $out now holds an INCOMPLETE restore: do not use it" >&2
   else
-    echo "restore.sh: error: interrupted by SIG$1: nothing restored, $out left as it was" >&2
+    printf '%s\n' "restore.sh: error: interrupted by SIG$1: nothing restored, $out left as it was" >&2
   fi
   writing=
   exit "$2"
@@ -193,7 +193,7 @@ case $snap in
       # back, or run ahead, between two backups): as pyvbak orders them
       q=$(json_sequence "$f") || die "cannot read $f"
       if [ "$q" = bad ]; then echo "${id%%-*}" >> "$tmp/unreadable"; continue; fi
-      echo "$q $t ${id%.json} $d" >> "$tmp/cands"
+      printf '%s\n' "$q $t ${id%.json} $d" >> "$tmp/cands"
     done
     [ -s "$tmp/cands" ] || die "no snapshot of $target in $repo (names with quotes, backslashes or non-ASCII characters: give the snapshot id; list them with: grep -l '\"vm\": \"NAME\"' $repo/snapshots/*.json)"
     sort "$tmp/cands" > "$tmp/cands.sorted" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
@@ -203,7 +203,7 @@ case $snap in
         || die "VM $vm has several disks ($(tr '\n' ' ' < "$tmp/disks.u")): restore one at a time with $vm/DISK@latest"
     fi
     line=$(tail -n 1 "$tmp/cands.sorted") || die "tail failed"
-    snap=$(echo "$line" | cut -d' ' -f3) || die "cut failed"
+    snap=$(printf '%s\n' "$line" | cut -d' ' -f3) || die "cut failed"
     # ids begin with their UTC time (to the second): a damaged one of a later (or the
     # same) second may be newer
     if [ -s "$tmp/unreadable" ]; then
@@ -247,7 +247,9 @@ rc=0; grep -o '"index_sha256":"[0-9a-f]*"' "$tmp/meta" > "$tmp/field" || rc=$?
 [ "$rc" -le 1 ] || die "grep failed on $meta"
 want=$(cut -d'"' -f4 "$tmp/field") || die "cut failed on $meta"
 if [ -n "$want" ]; then
-  sha256sum "$index" > "$tmp/sum" || die "sha256sum failed on $index"
+  # from stdin: GNU sha256sum escapes a name with a backslash or newline and starts
+  # its line with '\', which no digest equals
+  sha256sum < "$index" > "$tmp/sum" || die "sha256sum failed on $index"
   read -r got rest < "$tmp/sum"
   [ "$got" = "$want" ] || die "$index is not the index snapshot $snap's metadata names (replaced or damaged)"
 fi
@@ -311,7 +313,7 @@ for f in "$repo"/index/*; do
   # A damaged pack index is left out, as pyvbak does: if it named a block this snapshot
   # needs and no other index does, step 3 says that block is missing.
   if ! zstd -dcq "$f" > "$tmp/pi.bin" 2>/dev/null; then
-    echo "restore.sh: warning: pack index $f cannot be decompressed: left out" >&2
+    printf '%s\n' "restore.sh: warning: pack index $f cannot be decompressed: left out" >&2
     continue
   fi
   od -An -v -tx1 -w80 "$tmp/pi.bin" > "$tmp/pi.od" || die "od failed on $f"
@@ -321,7 +323,7 @@ for f in "$repo"/index/*; do
   plen=$(wc -c < "$tmp/pi.bin") || die "wc failed on $f"
   if [ "$(echo "$h" | cut -c1-24)" != "692fe50019b13e6300000001" ] || [ $((plen % 80)) -ne 0 ] \
      || [ "$((0x$(echo "$h" | cut -c25-40)))" -ne "$(wc -l < "$tmp/pi.rec")" ]; then
-    echo "restore.sh: warning: pack index $f is damaged or not a pyvbak v1 pack index: left out" >&2
+    printf '%s\n' "restore.sh: warning: pack index $f is damaged or not a pyvbak v1 pack index: left out" >&2
     continue
   fi
   # "digest pack offset length" (cut and paste: busybox cut has no --output-delimiter)
@@ -397,7 +399,7 @@ check_frame() {  # as block: the frame decompressed to $tmp/block and checked, o
   # or hostile pack) must not fill $TMPDIR; whatever went wrong, the SHA-256 below says so
   zstd -dcq < "$tmp/frame" 2>/dev/null | head -c "$((bs + 1))" > "$tmp/block" \
     || die "head failed writing $tmp/block (is ${TMPDIR:-/tmp} full?)"
-  sha256sum "$tmp/block" > "$tmp/sum" || die "sha256sum failed (is ${TMPDIR:-/tmp} full?)"
+  sha256sum < "$tmp/block" > "$tmp/sum" || die "sha256sum failed (is ${TMPDIR:-/tmp} full?)"
   read -r got rest < "$tmp/sum"
   if [ "$got" != "$1" ]; then
     echo "$2 does not match its digest in pack $3 at offset $((0x$4))" >> "$tmp/failed"
@@ -440,7 +442,7 @@ run_ok() {  # the run decompressed to $tmp/run, every block of it matching its d
   zstd -dcq < "$tmp/frames" 2>/dev/null | head -c "$((run_k * bs + 1))" > "$tmp/run" || return 1
   [ -s "$tmp/run" ] || return 1
   split -b "$bs" "$tmp/run" "$tmp/blk." 2>/dev/null || return 1
-  sha256sum "$tmp"/blk.* > "$tmp/sums" 2>/dev/null || return 1
+  (cd "$tmp" && sha256sum blk.*) > "$tmp/sums" 2>/dev/null || return 1  # names without escapes
   cut -c1-64 "$tmp/sums" > "$tmp/got" && paste -d ' ' "$tmp/got" "$tmp/run.want" > "$tmp/both" || return 1
   [ "$(wc -l < "$tmp/both")" -eq "$run_k" ] || return 1
   rc=0; grep -c -v '^\([0-9a-f]\{64\}\) \1$' "$tmp/both" > "$tmp/bad" || rc=$?
@@ -505,4 +507,4 @@ if [ -z "$device" ]; then
   sync  # and the rename too
 fi
 writing=
-echo "restored snapshot $snap ($size bytes) to $out"
+printf '%s\n' "restored snapshot $snap ($size bytes) to $out"

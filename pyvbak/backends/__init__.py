@@ -7,6 +7,7 @@ import os
 
 from pyvbak.backends.base import (
     TEMP_PREFIX,
+    AccessDenied,
     Backend,
     BackendError,
     Data,
@@ -23,6 +24,7 @@ from pyvbak.errors import OutOfSpace, UsageError
 
 __all__ = [
     "TEMP_PREFIX",
+    "AccessDenied",
     "Backend",
     "BackendError",
     "Data",

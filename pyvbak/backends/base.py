@@ -73,6 +73,13 @@ class BackendError(RepositoryError):
     (permission denied, I/O error, range beyond the end of an object, ...)."""
 
 
+class AccessDenied(BackendError):
+    """Storage refused this process access to an object (permission denied): a fact about
+    the caller's rights, not about the stored data.  Readers stop (exit 3) instead of
+    reporting the object's blocks as unreadable copies - which ``verify --repair
+    --drop-unreadable`` would drop from an intact repository."""
+
+
 class RangeBeyondEnd(BackendError):
     """A range read asked for bytes past the object's end: the object is shorter than its
     reader was told (a pack cut short, a damaged index record) - a fact about the stored

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 
 from pyvbak.backends.base import (
     TEMP_PREFIX,
+    AccessDenied,
     Backend,
     BackendError,
     Data,
@@ -167,7 +168,7 @@ class LocalBackend(Backend):
             # A file being created (a temp file, a lock) does not exist: what refused is
             # its directory - name that, not a file the user cannot find.
             check = failed_at if os.path.lexists(failed_at) else os.path.dirname(failed_at)
-            return BackendError(
+            return AccessDenied(
                 f"permission denied {action} {path} (object {name!r} in local backend {self.location}): "
                 f"check ownership and permissions of {check}"
             )

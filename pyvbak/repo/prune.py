@@ -139,7 +139,10 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         report["snapshots"] = len(snaps)
         referenced = repo.referenced_digests(snaps)
     except PyvbakError as exc:
-        raise IntegrityError(f"prune stopped, nothing deleted: {exc}") from None
+        # the error keeps its own class (its exit code): storage refusing a read is exit 3,
+        # not the "missing or corrupt data" of exit 6 that monitoring reads as damage
+        stopped = type(exc) if type(exc).__init__ is PyvbakError.__init__ else IntegrityError
+        raise stopped(f"prune stopped, nothing deleted: {exc}") from None
     report["referenced_blocks"] = int(len(referenced))
 
     # Packs no index names are adopted (indexed from their own trailers) before anything

@@ -18,7 +18,7 @@ import numpy as np
 import zstandard
 
 from .. import native
-from ..backends import ObjectMissing, RangeBeyondEnd
+from ..backends import AccessDenied, ObjectMissing, RangeBeyondEnd
 from . import digest_sets
 from . import format as fmt
 
@@ -347,6 +347,8 @@ def read_blocks(repo, recs: np.ndarray, sink: BlockSink, *, threads: int, kernel
             for k in range(k0, k1):
                 sink.error(k, f"pack {pack_hex[:16]}… is missing")
             return False
+        except AccessDenied:
+            raise  # this process's rights, not the data: the command stops, nothing is called lost
         except Exception as exc:  # a short or failed read: report per block, keep going
             if k1 - k0 > 1:
                 # One frame past the pack's end (a pack cut short, a damaged record) or on

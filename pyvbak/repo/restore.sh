@@ -238,6 +238,7 @@ meta="$repo/snapshots/$snap.json"
 index="$repo/snapshots/$snap.index"
 [ -f "$index" ] || die "the index of snapshot $snap ($index) is missing: the repository is damaged, restore another snapshot"
 # The fields read from here on, whatever the JSON's layout: white space taken out.
+[ -r "$meta" ] || die "permission denied reading $meta: check its ownership and permissions"
 tr -d ' \n\r\t' < "$meta" > "$tmp/meta" || die "cannot read $meta"
 grep -q '"status":"complete"' "$tmp/meta" \
   || die "snapshot $snap is not complete or its metadata is damaged ($meta has no \"status\": \"complete\"): choose another"
@@ -308,8 +309,12 @@ in_packs=1
 #    needs are kept, not the whole repository's.  Every copy of a block is kept: one that
 #    reads back damaged is replaced by another.
 : > "$tmp/found"
+denied() {  # FILE: it exists but this user may not read it - rights, not damage
+  die "permission denied reading $1: check its ownership and permissions (run restore.sh as a user who can read the whole repository)"
+}
 for f in "$repo"/index/*; do
   [ -f "$f" ] || continue
+  [ -r "$f" ] || denied "$f"
   # A damaged pack index is left out, as pyvbak does: if it named a block this snapshot
   # needs and no other index does, step 3 says that block is missing.
   if ! zstd -dcq "$f" > "$tmp/pi.bin" 2>/dev/null; then
@@ -390,6 +395,7 @@ check_frame() {  # as block: the frame decompressed to $tmp/block and checked, o
     echo "$2 is in pack $3, which is missing" >> "$tmp/failed"
     return 1
   fi
+  [ -r "$pack" ] || denied "$pack"
   if ! dd if="$pack" iflag=skip_bytes,count_bytes skip=$((0x$4)) count=$((0x$5)) bs=1M status=none \
       > "$tmp/frame" 2>/dev/null; then
     echo "$2 cannot be read from pack $3" >> "$tmp/failed"
@@ -436,6 +442,7 @@ flush_run() {
 run_ok() {  # the run decompressed to $tmp/run, every block of it matching its digest
   pack="$repo/packs/${run_pack%"${run_pack#??}"}/$run_pack"
   [ -f "$pack" ] || return 1
+  [ -r "$pack" ] || denied "$pack"
   dd if="$pack" iflag=skip_bytes,count_bytes skip="$run_off" count=$((run_end - run_off)) bs=1M status=none \
     > "$tmp/frames" 2>/dev/null || return 1
   # (capped like check_frame's: a frame that failed to decompress leaves less, caught below)

@@ -1,0 +1,89 @@
+"""Permission denied is the caller's rights, not damage (the session-13 read-only audit):
+a restore or verify that may not open a pack stops with exit 3 and the permission
+message, and ``verify --repair --drop-unreadable`` - which verify offers for copies that
+could not be read - never drops the records of intact blocks for it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from images import MiB, random_bytes
+from pyvbak.backends.local import LocalBackend
+from pyvbak.cli.main import main
+
+
+def cli(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def repo(tmp_path, capsys):
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(2 * MiB, seed=41))
+    r = tmp_path / "repo"
+    assert cli(capsys, "init", r)[0] == 0
+    code, out, err = cli(capsys, "backup", img, "--repo", r, "--vm", "v", "--json")
+    assert code == 0, err
+    return r, img, json.loads(out)["id"]
+
+
+@pytest.fixture
+def packs_denied(monkeypatch):
+    """Every read of a pack fails as open(2) does for a file another user owns 0600."""
+    real = LocalBackend.read_range_into
+
+    def denied(self, name, offset, buf):
+        if name.startswith("packs/"):
+            raise self._error(PermissionError(errno.EACCES, "Permission denied", self._path(name)),
+                              name, self._path(name), "opening")
+        return real(self, name, offset, buf)
+
+    monkeypatch.setattr(LocalBackend, "read_range_into", denied)
+    return lambda: monkeypatch.setattr(LocalBackend, "read_range_into", real)
+
+
+def test_restore_says_permission_denied_not_damage(repo, packs_denied, capsys, tmp_path):
+    r, _, sid = repo
+    code, _, err = cli(capsys, "restore", sid, tmp_path / "out.img", "--repo", r)
+    assert code == 3, err
+    assert "permission denied" in err and "bad block" not in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.img").exists()
+
+
+def test_verify_repair_drops_nothing_it_may_not_read(repo, packs_denied, capsys, tmp_path):
+    r, img, sid = repo
+    index_before = sorted(os.listdir(r / "index"))
+    code, _, err = cli(capsys, "verify", "--repo", r)
+    assert code == 3 and "permission denied" in err, err
+    assert "--drop-unreadable" not in err
+    code, _, err = cli(capsys, "verify", "--repo", r, "--repair", "--drop-unreadable")
+    assert code == 3 and "permission denied" in err, err
+    assert sorted(os.listdir(r / "index")) == index_before and not (r / "lost").exists()
+    packs_denied()  # the ownership fixed: everything is there
+    code, _, err = cli(capsys, "restore", sid, tmp_path / "out.img", "--repo", r)
+    assert code == 0, err
+    assert (tmp_path / "out.img").read_bytes() == img.read_bytes()
+
+
+def test_prune_stopped_by_permission_denied_exits_3(repo, monkeypatch, capsys):
+    r, _, sid = repo
+    real = LocalBackend.read
+
+    def denied(self, name):
+        if name.startswith("snapshots/") and name.endswith(".json"):
+            raise self._error(PermissionError(errno.EACCES, "Permission denied", self._path(name)),
+                              name, self._path(name), "reading")
+        return real(self, name)
+
+    monkeypatch.setattr(LocalBackend, "read", denied)
+    code, _, err = cli(capsys, "prune", "--repo", r)
+    assert code == 3, err
+    assert "prune stopped, nothing deleted" in err and "permission denied" in err

@@ -156,8 +156,20 @@ def _say(line: str) -> None:
         pass
 
 
+def _printable_anywhere() -> None:
+    """A VM or disk name this terminal's encoding lacks (a Cyrillic name under a Latin-1
+    locale) is printed escaped, not a UnicodeEncodeError: that traceback came after a
+    restore had put its file in place, and made it exit 1."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass  # not a text stream that can be reconfigured (a test's capture, a pipe closed)
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_for_throughput()  # this process is the CLI's: see pyvbak/allocator.py
+    _printable_anywhere()
     previous = _catch_termination()
     try:
         args = sys.argv[1:] if argv is None else list(argv)
@@ -198,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"pyvbak {args[0]}"
             _say(f"pyvbak: error: {message} (see '{where} --help')")
             return code
-        if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.EPIPE) and interrupts.finishing():
+        if isinstance(exc, OSError) and interrupts.finishing():
             # The work is committed and only its output failed: the terminal that took it
-            # is gone (the hangup that was noted) or nothing reads it any more.
+            # is gone (the hangup that was noted), nothing reads it any more, or it goes
+            # to a full disk.  The exit code says what happened to the work.
+            if exc.errno not in (errno.EIO, errno.EPIPE):
+                _say(f"pyvbak: note: the {_command[0] or 'command'} completed, but its result could not be "
+                     f"written to the output: {exc.strerror or exc}")
             return 0
         if isinstance(exc, OSError) and not os.environ.get(DEBUG_ENV):
             # The environment refused something no code path turned into a PyvbakError

@@ -1,0 +1,45 @@
+"""The CLI's result lines when the output cannot take them: a terminal whose encoding
+lacks a name's characters, stdout on a full device.  A restore that put its file in
+place is a success either way (the session-13 read-only audit: a traceback and exit 1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from images import MiB, random_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pyvbak(*args, stdout=subprocess.PIPE, **env):
+    return subprocess.run([sys.executable, "-m", "pyvbak", *map(str, args)], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
+def test_names_the_terminal_cannot_encode_are_escaped(tmp_path):
+    img, repo = tmp_path / "d.img", tmp_path / "repo"
+    img.write_bytes(random_bytes(MiB, seed=5))
+    assert pyvbak("init", repo).returncode == 0
+    p = pyvbak("backup", img, "--repo", repo, "--vm", "web-Жук")
+    assert p.returncode == 0, p.stderr
+    for args in (("snapshots", "--repo", repo), ("restore", "web-Жук@latest", tmp_path / "out.img", "--repo", repo)):
+        p = pyvbak(*args, PYTHONIOENCODING="latin-1")
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        assert "web-\\u0416\\u0443\\u043a" in p.stdout, p.stdout
+    assert (tmp_path / "out.img").read_bytes() == img.read_bytes()
+
+
+def test_a_restore_whose_result_line_cannot_be_written_still_succeeds(tmp_path):
+    img, repo = tmp_path / "d.img", tmp_path / "repo"
+    img.write_bytes(random_bytes(MiB, seed=6))
+    assert pyvbak("init", repo).returncode == 0
+    assert pyvbak("backup", img, "--repo", repo, "--vm", "v").returncode == 0
+    with open("/dev/full", "w") as full:
+        p = pyvbak("restore", "v@latest", tmp_path / "out.img", "--repo", repo, stdout=full)
+    assert p.returncode == 0, p.stderr
+    assert "restore completed" in p.stderr and "No space left" in p.stderr
+    assert (tmp_path / "out.img").read_bytes() == img.read_bytes()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import numpy as np
 
@@ -206,3 +207,19 @@ def _fallocate(path, mode: int, offset: int, length: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_GEN_TOKEN = re.compile(r"(pyvbak-gen-\d+)-[0-9a-f]{8}\b")
+
+
+def untokened(x):
+    """pyvbak's bitmap names with their random token taken off (``pyvbak-gen-3-1a2b3c4d``
+    -> ``pyvbak-gen-3``): what a test can expect, the generation number.  A string, or
+    the keys of a dict, or the items of a list, set or tuple."""
+    if isinstance(x, str):
+        return _GEN_TOKEN.sub(r"\1", x)
+    if isinstance(x, dict):
+        return {untokened(k): v for k, v in x.items()}
+    if isinstance(x, (list, set, tuple)):
+        return type(x)(untokened(v) for v in x)
+    return x

@@ -34,6 +34,7 @@ import subprocess
 from pathlib import Path
 
 from conftest import require_tool, wait_until
+from images import untokened
 from guest_linux import SerialConsole
 from qemu_vm import Qmp, stop_qemu
 
@@ -161,7 +162,7 @@ class QemuSystemVM:
         node = self.node_of(device)
         for n in self.ctl.cmd("query-named-block-nodes", flat=True):
             if n["node-name"] == node:
-                return {b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b}
+                return untokened({b["name"]: b for b in n.get("dirty-bitmaps", []) if "name" in b})
         raise KeyError(node)
 
     def pyvbak_traces(self) -> list[str]:

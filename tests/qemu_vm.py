@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from conftest import require_tool, wait_until
+from images import untokened
 
 MiB = 1 << 20
 
@@ -163,7 +164,9 @@ class FakeVM:
         raise KeyError(name)
 
     def bitmaps(self, node: str = "disk0") -> dict[str, dict]:
-        return {b["name"]: b for b in self.node(node).get("dirty-bitmaps", []) if "name" in b}
+        """The node's dirty bitmaps by name, pyvbak's without their random token
+        (``pyvbak-gen-N``; each entry's "name" is the real one)."""
+        return untokened({b["name"]: b for b in self.node(node).get("dirty-bitmaps", []) if "name" in b})
 
     def pyvbak_nodes(self) -> list[str]:
         return [n["node-name"] for n in self.ctl.cmd("query-named-block-nodes", flat=True)

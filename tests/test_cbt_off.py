@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from images import untokened
 from pyvbak.cli.main import main
 from qemu_vm import MiB, FakeVM
 
@@ -37,7 +38,7 @@ def test_off_on_a_running_vm_then_the_next_backup_reads_whole(vm, tmp_path, caps
     # one disk, by node
     code, out, err = _run(capsys, ["cbt-off", f"{vm.uri}", "--json"])
     assert code == 0, err
-    assert out["removed"] == ["removed dirty bitmap pyvbak-gen-1 from disk disk0 (node 'disk0')"]
+    assert untokened(out["removed"]) == ["removed dirty bitmap pyvbak-gen-1 from disk disk0 (node 'disk0')"]
     assert vm.bitmaps("disk0") == {} and set(vm.bitmaps("disk1")) == {"pyvbak-gen-1"}
     assert vm.pyvbak_nodes() == [] and vm.pyvbak_objects() == []  # the session lock is released
 
@@ -53,7 +54,7 @@ def test_off_on_a_running_vm_then_the_next_backup_reads_whole(vm, tmp_path, caps
 
     # nothing left to remove says so
     code, out, err = _run(capsys, ["cbt-off", vm.uri])
-    assert code == 0 and "removed dirty bitmap pyvbak-gen-2" in out
+    assert code == 0 and "removed dirty bitmap pyvbak-gen-2" in untokened(out)
     code, out, err = _run(capsys, ["cbt-off", vm.uri])
     assert code == 0 and "no dirty bitmap of pyvbak's" in out
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from images import untokened
+
 from conftest import wait_until
 from qemu_vm import MiB, FakeVM
 from pyvbak.errors import Interrupted, SourceError, UsageError
@@ -84,7 +86,7 @@ def test_first_then_incremental_backup(vm, work, fleecing):
     assert s1.dirty_bitmap is None and ext is None
     assert s1.size == vm.size
     st = s1.change_tracking_state
-    assert st["bitmap"] == "pyvbak-gen-1" and st["generation"] == 1 and st["node"] == "disk0"
+    assert untokened(st["bitmap"]) == "pyvbak-gen-1" and st["generation"] == 1 and st["node"] == "disk0"
     assert st["size"] == vm.size and st["image"].endswith("disk.qcow2")
     assert vm.bitmaps()["pyvbak-gen-1"]["recording"] is True
     assert_clean(vm, work)
@@ -93,7 +95,7 @@ def test_first_then_incremental_backup(vm, work, fleecing):
     vm.write(10 * K64 + 100, b"y" * 10)  # inside one 64 KiB granule
     vm.write(5 * MiB, b"z" * (2 * K64))
     s2, ext = backup(vm, work, st)
-    assert s2.fallback_reason is None and s2.dirty_bitmap == "pyvbak-gen-1"
+    assert s2.fallback_reason is None and untokened(s2.dirty_bitmap) == "pyvbak-gen-1"
     assert ext == [(3 * K64, K64), (10 * K64, K64), (5 * MiB, 2 * K64)]
     assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
     assert s2.change_tracking_state["generation"] == 2
@@ -103,7 +105,7 @@ def test_first_then_incremental_backup(vm, work, fleecing):
     assert s3.fallback_reason is None and ext == []
 
     s4, _ = backup(vm, work, s3.change_tracking_state, verify_cbt=True)
-    assert "verify-cbt" in s4.fallback_reason and s4.dirty_bitmap == "pyvbak-gen-3"
+    assert "verify-cbt" in s4.fallback_reason and untokened(s4.dirty_bitmap) == "pyvbak-gen-3"
 
 
 def test_point_in_time_view(vm, work, fleecing):
@@ -298,13 +300,13 @@ def test_kill9_leftovers_cleaned_by_next_run(vm, work, fleecing):
             assert "snapshot-access node" in cleaned and "fleece.raw" in cleaned
         else:
             assert "snapshot-access node" not in cleaned and "fleece.qcow2" in cleaned
-        assert "merged back into pyvbak-gen-1" in cleaned
+        assert "merged back into pyvbak-gen-1" in untokened(cleaned)
         assert s.fallback_reason is None
         with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
             assert src.change_tracking(s1.change_tracking_state).extents == [(0, K64), (MiB, K64)]
         s.commit()
     assert_clean(vm, work)
-    assert set(vm.bitmaps()) == {s.change_tracking_state["bitmap"]}
+    assert set(vm.bitmaps()) == {untokened(s.change_tracking_state["bitmap"])}
 
 
 def test_a_cleanup_interrupted_halfway_keeps_the_evidence_for_the_next(vm, work, tmp_path, monkeypatch):
@@ -437,7 +439,7 @@ def test_wrong_node_name(vm, work):
 
 def test_bitmap_deleted_by_someone_else(vm, work):
     s1, _ = backup(vm, work)
-    vm.ctl.cmd("block-dirty-bitmap-remove", node="disk0", name="pyvbak-gen-1")
+    vm.ctl.cmd("block-dirty-bitmap-remove", node="disk0", name=vm.bitmaps()["pyvbak-gen-1"]["name"])
     s2, ext = backup(vm, work, s1.change_tracking_state)
     assert "gone" in s2.fallback_reason and ext is None and s2.dirty_bitmap is None
     assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
@@ -452,7 +454,7 @@ def test_old_generation_removed_by_someone_else_during_the_backup(vm, work):
         with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
             ct = src.change_tracking(s1.change_tracking_state)
         s.release_view()
-        vm.ctl.cmd("block-dirty-bitmap-remove", node="disk0", name="pyvbak-gen-1")
+        vm.ctl.cmd("block-dirty-bitmap-remove", node="disk0", name=vm.bitmaps()["pyvbak-gen-1"]["name"])
         s.commit()
     assert ct.extents == [(0, K64)]
     assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
@@ -461,7 +463,7 @@ def test_old_generation_removed_by_someone_else_during_the_backup(vm, work):
 
 def test_bitmap_disabled_by_someone_else(vm, work):
     s1, _ = backup(vm, work)
-    vm.ctl.cmd("block-dirty-bitmap-disable", node="disk0", name="pyvbak-gen-1")
+    vm.ctl.cmd("block-dirty-bitmap-disable", node="disk0", name=vm.bitmaps()["pyvbak-gen-1"]["name"])
     s2, _ = backup(vm, work, s1.change_tracking_state)
     assert "disabled" in s2.fallback_reason
     assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
@@ -504,7 +506,7 @@ def test_raw_disk_tracks_changes_in_memory_until_qemu_restarts(tmp_path, work):
         s1, ext = backup(vm, work)
         assert s1.fallback_reason == "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)" and ext is None
         st = s1.change_tracking_state
-        assert st["bitmap"] == "pyvbak-gen-1" and st["persistent"] is False and st["format"] == "raw"
+        assert untokened(st["bitmap"]) == "pyvbak-gen-1" and st["persistent"] is False and st["format"] == "raw"
         bm = vm.bitmaps()
         assert set(bm) == {"pyvbak-gen-1"} and bm["pyvbak-gen-1"]["recording"] and not bm["pyvbak-gen-1"]["persistent"]
         assert_clean(vm, work)
@@ -512,7 +514,7 @@ def test_raw_disk_tracks_changes_in_memory_until_qemu_restarts(tmp_path, work):
         vm.write(2 * K64, b"x" * K64)
         vm.write(7 * MiB + 5, b"y")
         s2, ext = backup(vm, work, st)
-        assert s2.fallback_reason is None and s2.dirty_bitmap == "pyvbak-gen-1"
+        assert s2.fallback_reason is None and untokened(s2.dirty_bitmap) == "pyvbak-gen-1"
         assert ext == [(2 * K64, K64), (7 * MiB, K64)]
         assert set(vm.bitmaps()) == {"pyvbak-gen-2"}
         with QemuHotBackup(vm.uri, previous_state=s2.change_tracking_state, work_dir=work) as s:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_tool
+from images import untokened
 from pyvbak.errors import SourceError
 from pyvbak.hypervisors.qemu import QemuOfflineImage
 from pyvbak.processes import running
@@ -39,7 +40,7 @@ def qemu_io(img: Path, fmt: str, *cmds: str):
 def bitmaps(img: Path) -> dict:
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(img)], check=True,
                                      capture_output=True, text=True).stdout)
-    return {b["name"]: b["flags"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])}
+    return untokened({b["name"]: b["flags"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])})
 
 
 def backup(img, work, prev=None, fail=False):
@@ -85,12 +86,12 @@ def test_qcow2_bitmap_rotation(tmp_path):
     assert data == b"A" * 8 and s1.format == "qcow2" and s1.size == 8 * MiB
     assert s1.fallback_reason == "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)" and ext is None
     st1 = s1.change_tracking_state
-    assert st1["bitmap"] == "pyvbak-gen-1" and bitmaps(img) == {"pyvbak-gen-1": ["auto"]}
+    assert untokened(st1["bitmap"]) == "pyvbak-gen-1" and bitmaps(img) == {"pyvbak-gen-1": ["auto"]}
 
     # the "VM" runs and writes; qemu-io keeps the enabled persistent bitmap up to date
     qemu_io(img, "qcow2", f"write -P 0x42 {MiB} 64k", f"write -P 0x43 {4 * MiB} 128k")
     s2, ext, _ = backup(img, work, st1)
-    assert s2.fallback_reason is None and s2.dirty_bitmap == "pyvbak-gen-1"
+    assert s2.fallback_reason is None and untokened(s2.dirty_bitmap) == "pyvbak-gen-1"
     assert ext == [(MiB, K64), (4 * MiB, 2 * K64)]
     assert bitmaps(img) == {"pyvbak-gen-2": ["auto"]}
 
@@ -148,7 +149,7 @@ def test_killed_run_leaves_qemu_nbd_that_next_run_kills(tmp_path):
     with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
         cleaned = " | ".join(s.cleaned_leftovers)
         # qemu-nbd dies with its parent (PR_SET_PDEATHSIG); if not yet, the next run kills it
-        assert "-qemu-nbd.pid" in cleaned and "stale dirty bitmap pyvbak-gen-1" in cleaned
+        assert "-qemu-nbd.pid" in cleaned and "stale dirty bitmap pyvbak-gen-1" in untokened(cleaned)
         s.commit()
     assert bitmaps(img) == {"pyvbak-gen-2": ["auto"]}
     assert not os.path.exists(f"/proc/{nbd_pid}") or b"qemu-nbd" not in open(f"/proc/{nbd_pid}/cmdline", "rb").read()
@@ -172,9 +173,9 @@ def test_a_run_killed_after_rotating_leaves_change_tracking_usable(tmp_path):
     qemu_io(img, "qcow2", "write -P 7 1M 64k")  # written while no backup runs
     with QemuOfflineImage(img, previous_state=state, work_dir=work) as s:
         assert s.fallback_reason is None, s.fallback_reason
-        assert any("pyvbak-gen-2 of an unfinished backup merged back into pyvbak-gen-1" in c
+        assert any("pyvbak-gen-2 of an unfinished backup merged back into pyvbak-gen-1" in untokened(c)
                    for c in s.cleaned_leftovers), s.cleaned_leftovers
-        assert s.dirty_bitmap == "pyvbak-gen-1"
+        assert untokened(s.dirty_bitmap) == "pyvbak-gen-1"
         with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
             dirty = src.change_tracking(state).extents
         s.commit()
@@ -433,12 +434,31 @@ def test_a_run_killed_after_an_inconsistent_bitmap_does_not_stop_later_backups(t
     # a writer that crashed with the image open leaves its bitmaps in-use
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 3 0 64k", "-c", "sigraise 9", str(img)],
                    capture_output=True)
-    assert "in-use" in bitmaps(img)[state["bitmap"]]
+    assert "in-use" in bitmaps(img)[untokened(state["bitmap"])]
     killed_offline_run(img, work, state=state)
     with QemuOfflineImage(img, previous_state=state, work_dir=work) as s:
         assert s.fallback_reason and "in-use" in s.fallback_reason
         s.commit()
     state = s.change_tracking_state
-    assert list(bitmaps(img)) == [state["bitmap"]]
+    assert list(bitmaps(img)) == [untokened(state["bitmap"])]
     s, _, _ = backup(img, work, state)  # and the one after it is incremental again
     assert s.fallback_reason is None and s.dirty_bitmap == state["bitmap"]
+
+
+def test_a_bitmap_made_again_by_another_chain_is_not_trusted(tmp_path):
+    """Two backup chains of one image (two repositories, or two --vm names): once the
+    image lost its bitmaps (compacted with qemu-img convert, cbt-off), one chain made
+    pyvbak-gen-1 again, and the other, whose snapshot recorded its own pyvbak-gen-1,
+    trusted it: writes between that snapshot and the new bitmap were never read.  Each
+    bitmap's name now carries a random token."""
+    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    a, _, _ = backup(img, work)  # chain A
+    state_a = a.change_tracking_state
+    subprocess.run(["qemu-img", "bitmap", "--remove", str(img), state_a["bitmap"]], check=True)
+    qemu_io(img, "qcow2", "write -P 1 1M 64k")  # after A's snapshot, before any bitmap
+    b, _, _ = backup(img, work)  # chain B's first backup makes generation 1 again
+    assert b.change_tracking_state["generation"] == state_a["generation"] == 1
+    assert b.change_tracking_state["bitmap"] != state_a["bitmap"]
+    s, _, _ = backup(img, work, state_a)  # chain A's next: B's bitmap missed the write
+    assert s.fallback_reason and "gone" in s.fallback_reason and s.dirty_bitmap is None

@@ -122,7 +122,7 @@ class SnapshotInfo:
 
     @property
     def sequence(self) -> int:
-        """0 for a snapshot made before sequence numbers existed (pyvbak < 0.13)."""
+        """0 for a snapshot made before sequence numbers existed."""
         return snapshot_sequence(self.meta)
 
     def summary(self) -> dict:

@@ -20,7 +20,8 @@ pyvbak) is judged by its pid.  QEMU node names are limited to 31 characters, whi
   journal                    <work_dir>/pyvbak-<run>.json   (what the run made; "owner";
                              offline: "qemu_nbd", its qemu-nbd's spawn record)
   qemu-nbd pid file          <work_dir>/pyvbak-<run>-qemu-nbd.pid   (offline)
-  persistent dirty bitmaps   pyvbak-gen-<N>   (not per run: they outlive runs on purpose)
+  persistent dirty bitmaps   pyvbak-gen-<N>-<token>   (not per run: they outlive runs on
+                             purpose; earlier pyvbak made them without the token)
 
 ``<d>`` tells the disks of one run apart: empty for its first disk, ``-d<i>`` for the
 i-th (0-based) after it — a VM's disks are frozen at one instant by one run.
@@ -39,7 +40,7 @@ from pyvbak.errors import UsageError
 PREFIX = "pyvbak-"
 GEN_PREFIX = "pyvbak-gen-"
 _RUN_RE = re.compile(r"^pyvbak-(\d+)-([0-9a-f]{4})(?:$|[-.])")
-_GEN_RE = re.compile(r"^pyvbak-gen-(\d+)$")
+_GEN_RE = re.compile(r"^pyvbak-gen-(\d+)(?:-[0-9a-f]{8})?$")
 
 
 #: bytes a UNIX socket path may have on Linux (``sun_path`` holds 108 with the final NUL)
@@ -73,7 +74,14 @@ def pid_of_run(run: str) -> int:
 
 
 def bitmap_name(generation: int) -> str:
-    return f"{GEN_PREFIX}{generation}"
+    """A new generation's bitmap: its number (the order of generations on a disk) and a
+    random token, so that no other backup chain ever makes the same name.  By number
+    alone, a chain that found the disk without bitmaps (an image compacted with qemu-img
+    convert, cbt-off, a raw disk's QEMU restarted) made pyvbak-gen-N again, and another
+    chain - a second repository, another --vm name, a sibling VM's disk copied over this
+    one - whose snapshot recorded its own pyvbak-gen-N trusted it: a silently wrong
+    incremental (the session-13 offline-image audit)."""
+    return f"{GEN_PREFIX}{generation}-{secrets.token_hex(4)}"
 
 
 def generation_of(bitmap: str) -> int | None:

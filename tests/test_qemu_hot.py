@@ -1026,3 +1026,30 @@ def test_a_lock_this_process_leaked_does_not_block_its_next_session(vm, work):
 
     with QmpClient(vm.qmp_path).connect() as q:
         session_lock.release(q, name)
+
+
+def test_a_backing_file_written_while_the_vm_was_off_is_not_trusted_to_the_bitmap(tmp_path, work):
+    """An overlay's persistent bitmap records the writes to the overlay alone: a backing
+    file written between two runs of the VM changed the disk without it."""
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "8M"], check=True)
+    v = FakeVM(tmp_path / "vm", size=8 * MiB)
+    v.dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(v.image)],
+                   check=True)
+    v.start(create=False)
+    try:
+        s1, _ = backup(v, work)
+        assert [b["file"] for b in s1.change_tracking_state["backing_chain"]] == [str(base)]
+        v.write(0, b"a" * K64)
+        s2, ext = backup(v, work, s1.change_tracking_state)
+        assert s2.fallback_reason is None and ext == [(0, K64)]  # the chain as recorded: trusted
+        v.stop()
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 7 4M 64k", str(base)], check=True,
+                       capture_output=True)
+        v.start(create=False)
+        s3, ext = backup(v, work, s2.change_tracking_state)
+        assert s3.fallback_reason and "backing chain" in s3.fallback_reason and ext is None
+        assert_clean(v, work)
+    finally:
+        v.stop()

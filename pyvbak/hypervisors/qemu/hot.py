@@ -40,7 +40,7 @@ from pyvbak import interrupts
 from pyvbak.errors import Interrupted, PyvbakError, SourceError, UsageError
 from pyvbak.processes import identity
 
-from .session import ExportSession
+from .session import ExportSession, backing_chain_changed, outside_data
 from ..resources import TerminationGuard, remove_files
 from . import cleanup
 from . import fleece_guard, session_lock
@@ -244,7 +244,8 @@ class QemuHotBackup(ExportSession):
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
         olds: dict[str, str | None] = {}
         for d in self.disks:
-            self._prepare_disk(d, infos[d.node], max_gen[d.node], bitmaps_before[d.node], olds)
+            self._prepare_disk(d, infos[d.node], max_gen[d.node], bitmaps_before[d.node], olds,
+                               _backing_images(infos[d.node].get("image", {}), infos))
 
         # (c) the fleecing images - only with room for the copies the guest's writes cause
         free, fs_size = fleece_guard.free_bytes(str(self.work_dir))
@@ -343,9 +344,10 @@ class QemuHotBackup(ExportSession):
             return self._previous_states.get(name)
         return self._previous_state
 
-    def _prepare_disk(self, d: HotDisk, info: dict, max_gen: int, bitmaps_before: dict, olds: dict) -> None:
+    def _prepare_disk(self, d: HotDisk, info: dict, max_gen: int, bitmaps_before: dict, olds: dict,
+                      backing: list[dict]) -> None:
         """(b) for one disk: size, identity, whether its previous bitmap can be trusted,
-        the name of its next generation."""
+        the name of its next generation.  ``backing``: the images the disk reads through."""
         image = info.get("image", {})
         d.size = int(image.get("virtual-size", 0))
         fmt = info.get("drv", "")
@@ -353,8 +355,9 @@ class QemuHotBackup(ExportSession):
                     "qemu": self._qmp.qemu_version}
         if d.device is not None:
             identity["device"] = d.device
+        identity["backing_chain"], never_trusted = outside_data([image, *backing])
         bitmaps = cleanup.gen_bitmaps(info)
-        reason, old = _check_cbt(d, fmt, bitmaps, identity, bitmaps_before)
+        reason, old = _check_cbt(d, fmt, bitmaps, identity, bitmaps_before, never_trusted)
         prev_bitmap = (d.previous_state or {}).get("bitmap")
         d.old_bitmap = prev_bitmap if prev_bitmap in bitmaps and not bitmaps[prev_bitmap].get("busy") else None
         gens = [max_gen, *(generation_of(b) or 0 for b in bitmaps),
@@ -605,11 +608,28 @@ def _qemu_gone(qmp_path) -> str | None:
     return None
 
 
+def _backing_images(image: dict, infos: dict[str, dict]) -> list[dict]:
+    """The images a node's image reads through, nearest first.  ``query-named-block-nodes
+    {flat: true}`` lists each backing image as a node of its own (no nested
+    ``backing-image``): followed by file name, as each image names its backing file."""
+    by_file = {i["image"]["filename"]: i["image"] for i in infos.values()
+               if isinstance(i.get("image"), dict) and i.get("drv") != "file" and i["image"].get("filename")}
+    out: list[dict] = []
+    name = image.get("full-backing-filename") or image.get("backing-filename")
+    while name and len(out) < 256:  # (a loop of backing files cannot open in QEMU; bounded anyway)
+        link = by_file.get(name) or {"filename": name, "format": image.get("backing-filename-format")}
+        out.append(link)
+        image = link
+        name = link.get("full-backing-filename") or link.get("backing-filename")
+    return out
+
+
 def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
-               bitmaps_before: dict[str, dict] | None = None) -> tuple[str | None, str | None]:
+               bitmaps_before: dict[str, dict] | None = None,
+               never_trusted: str | None = None) -> tuple[str | None, str | None]:
     """(fallback reason or None, bitmap to export or None) for one disk.
     ``bitmaps_before``: the node's generations before leftover cleanup (which removes
-    stale ones)."""
+    stale ones); ``never_trusted``: why no bitmap of this disk can be (session.outside_data)."""
     prev, node = d.previous_state, d.node
     if not prev:
         return "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)", None
@@ -627,6 +647,11 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
         return f"the node now holds image {identity['image']}, the previous backup read {prev['image']}", None
     if prev.get("format") and prev["format"] != fmt:
         return f"the disk's format changed from '{prev['format']}' to '{fmt}' since the previous backup", None
+    if never_trusted:
+        return never_trusted, None
+    changed = backing_chain_changed(prev, identity.get("backing_chain"), identity["image"] or f"node '{node}'")
+    if changed:  # a backing file written while the VM was off: the overlay's bitmap did not see it
+        return changed, None
     persistent = fmt in _BITMAP_FORMATS
     b = bitmaps.get(name)
     if b is None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from pyvbak.errors import SourceError
 from pyvbak.processes import die_with_parent, identity, spawn_record
 
-from .session import ExportSession
+from .session import ExportSession, backing_chain_changed, outside_data
 from ..resources import TerminationGuard, remove_files
 from . import cleanup
 from .naming import PREFIX, bitmap_name, check_socket_path, generation_of, new_run_id
@@ -72,35 +72,6 @@ def image_chain(path: Path, *, running_vm_hint: str | None = None, image_format:
         raise
     chain = json.loads(out)
     return chain if isinstance(chain, list) and chain else [chain]
-
-
-def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
-    """What the disk's content depends on besides the image file itself, which its dirty
-    bitmap cannot see: (identity of every backing file: name and stat; None if one cannot
-    be identified) and the reason the bitmap can never be trusted (an external data file),
-    or None.
-
-    A qcow2 bitmap records the writes made to that qcow2 alone.  A write into a backing
-    file, a sibling overlay committed into a shared base, a rebase onto another base, or a
-    write into an external raw data file changes the disk without it (found by the
-    session-13 offline-image audit: each made a silently wrong incremental)."""
-    top = chain[0]
-    data_file = (top.get("format-specific", {}).get("data", {}) or {}).get("data-file")
-    if data_file:
-        return [], (f"the image keeps its data in the external data file {data_file}, which can be "
-                    f"written without the dirty bitmap seeing it")
-    identity = []
-    for link in chain[1:]:
-        name = link.get("filename", "")
-        try:
-            st = os.stat(name) if os.path.isabs(name) else None
-        except OSError:
-            st = None
-        if st is None:
-            return None, None
-        identity.append({"file": name, "format": link.get("format"), "dev": st.st_dev, "ino": st.st_ino,
-                         "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns})
-    return identity, None
 
 
 def _disabled_by(dead_files: list[Path], image: Path) -> set[str]:
@@ -283,19 +254,9 @@ class QemuOfflineImage(ExportSession):
             return f"the previous backup read image {prev.get('image')}, not {self.path}", None
         if self._never_trusted:
             return self._never_trusted, None
-        if self.backing_chain is None:
-            return (f"a backing file of {self.path} cannot be identified (not a local file), so changes "
-                    f"to it cannot be ruled out"), None
-        if self.backing_chain and "backing_chain" not in prev:
-            return (f"the previous backup did not record the backing chain of {self.path} (made by an "
-                    f"older pyvbak): changes to a backing file cannot be ruled out"), None
-        if self.backing_chain != (prev.get("backing_chain") or []):
-            before = [b.get("file") for b in prev.get("backing_chain") or [] if isinstance(b, dict)]
-            now = [b["file"] for b in self.backing_chain]
-            what = ("was replaced or written" if before == now
-                    else f"changed from {before or 'none'} to {now or 'none'}")
-            return (f"the backing chain of {self.path} {what} since the previous backup: its dirty bitmap "
-                    f"records writes to the image alone"), None
+        changed = backing_chain_changed(prev, self.backing_chain, str(self.path))
+        if changed:
+            return changed, None
         b = bitmaps.get(name)
         if b is None:
             return f"dirty bitmap {name} is gone from {self.path} (deleted by someone else?)", None

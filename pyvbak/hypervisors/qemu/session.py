@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class ExportSession:
     """A session that serves a frozen disk over NBD: ``nbd_uri`` and ``dirty_bitmap`` are
@@ -25,3 +27,53 @@ class ExportSession:
         from pyvbak.sources.nbd import NbdSource  # the data plane; imported late on purpose
 
         return NbdSource(self.nbd_uri, dirty_bitmap=self.dirty_bitmap, bitmap_connection=True)
+
+
+def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
+    """What the disk's content depends on besides the image file itself, which its dirty
+    bitmap cannot see: (identity of every backing file: name and stat; None if one cannot
+    be identified) and the reason the bitmap can never be trusted (an external data file),
+    or None.
+
+    A qcow2 bitmap records the writes made to that qcow2 alone.  A write into a backing
+    file, a sibling overlay committed into a shared base, a rebase onto another base, or a
+    write into an external raw data file changes the disk without it (found by the
+    session-13 offline-image audit: each made a silently wrong incremental)."""
+    top = chain[0]
+    data_file = (top.get("format-specific", {}).get("data", {}) or {}).get("data-file")
+    if data_file:
+        return [], (f"the image keeps its data in the external data file {data_file}, which can be "
+                    f"written without the dirty bitmap seeing it")
+    identity = []
+    for link in chain[1:]:
+        name = link.get("filename", "")
+        top_name = top.get("filename", "")
+        if name and not os.path.isabs(name) and os.path.isabs(top_name) and not name.startswith("json:"):
+            name = os.path.join(os.path.dirname(top_name), name)  # relative to the image naming it
+        try:
+            st = os.stat(name) if os.path.isabs(name) else None
+        except OSError:
+            st = None
+        if st is None:
+            return None, None
+        identity.append({"file": name, "format": link.get("format"), "dev": st.st_dev, "ino": st.st_ino,
+                         "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns})
+    return identity, None
+
+
+def backing_chain_changed(prev: dict, chain: list[dict] | None, image: str) -> str | None:
+    """Why the dirty bitmap cannot vouch for the backing files (``outside_data``'s
+    identity now against the one the previous backup recorded), or None."""
+    if chain is None:
+        return (f"a backing file of {image} cannot be identified (not a local file), so changes to it "
+                f"cannot be ruled out")
+    if chain and "backing_chain" not in prev:
+        return (f"the previous backup did not record the backing chain of {image} (made by an older "
+                f"pyvbak): changes to a backing file cannot be ruled out")
+    if chain != (prev.get("backing_chain") or []):
+        before = [b.get("file") for b in prev.get("backing_chain") or [] if isinstance(b, dict)]
+        now = [b["file"] for b in chain]
+        what = "was replaced or written" if before == now else f"changed from {before or 'none'} to {now or 'none'}"
+        return (f"the backing chain of {image} {what} since the previous backup: its dirty bitmap records "
+                f"writes to the image alone")
+    return None

@@ -13,7 +13,7 @@ import pytest
 
 from test_blockdev import loopdev  # noqa: F401  (fixture)
 from images import BS, KiB, MiB, allocated_bytes, backup_file, make_image, random_bytes, restore_to, same_file, vm_image
-from pyvbak.errors import IntegrityError, OutOfSpace
+from pyvbak.errors import IntegrityError, OutOfSpace, UsageError
 from pyvbak.repo import restore as restore_mod
 from pyvbak.repo.repository import Repository
 from pyvbak.repo.restore import TEMP_MARK
@@ -741,3 +741,46 @@ def test_without_force_a_file_created_during_the_restore_is_left_alone(tmp_path,
     out.unlink()
     restore_mod.restore_snapshot(repo, repo.resolve(sid), str(out))  # nothing there: linked in place
     assert same_file(out, img) and os.listdir(out.parent) == ["r.img"]
+
+
+def test_restore_into_a_directory_it_may_write_but_not_list(repo, tmp_path, monkeypatch):
+    """A drop directory (mode 0733): the temp-file cleanup's listing and the directory
+    fsync are refused, the restore itself is not (the session-13 read-only audit: it
+    failed with "cannot create the restored file ... restore into a directory you can
+    write").  Root is never refused, so the refusals are the kernel's, played here."""
+    img = tmp_path / "d.img"
+    make_image(img, 2 * MiB, [(0, 2 * MiB, "random")], seed=4)
+    sid = backup_file(repo, img).snapshot_id
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    real_listdir, real_open = os.listdir, os.open
+
+    def listdir(path="."):
+        if os.path.abspath(path) == str(drop):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_listdir(path)
+
+    def opener(path, flags, *a, **kw):
+        if os.path.abspath(path) == str(drop) and flags & getattr(os, "O_DIRECTORY", 0):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a, **kw)
+
+    synced = []
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "open", opener)
+    monkeypatch.setattr(os, "sync", lambda: synced.append(True))
+    restore_to(repo, sid, drop / "out.img")
+    assert same_file(drop / "out.img", img) and synced
+
+
+def test_a_restore_path_longer_than_the_system_takes_is_named_so(repo, tmp_path, monkeypatch):
+    img = tmp_path / "d.img"
+    make_image(img, MiB, [(0, MiB, "random")], seed=5)
+    sid = backup_file(repo, img).snapshot_id
+    monkeypatch.chdir(tmp_path)
+    while len(os.fsencode(os.getcwd())) <= 4200:  # past PATH_MAX (4096), one step at a time
+        os.mkdir("d" * 200)
+        os.chdir("d" * 200)
+    with pytest.raises(UsageError) as e:
+        restore_to(repo, sid, "out.img")
+    assert "too long" in str(e.value) and "does not exist" not in str(e.value)

@@ -395,7 +395,13 @@ def commit_restored(pending: list[tuple[str, str]], *, finish: bool = False, for
     for d in dirs:
         # the new names durable too: after a power loss the restore is there (or the old
         # file is, never neither) once the command said it succeeded
-        dfd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            dfd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except PermissionError:
+            # a directory this user may write but not read (a drop directory): no
+            # descriptor to fsync it through, so every file system is synced instead
+            os.sync()
+            continue
         try:
             os.fsync(dfd)
         finally:
@@ -542,6 +548,12 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     if st is not None and not force:
         raise TargetExists(f"restore target {output} already exists: pass --force to overwrite it")
     parent_dir = os.path.dirname(os.path.abspath(output))
+    try:
+        os.stat(parent_dir)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # (os.path.isdir said "does not exist" for it)
+            raise UsageError(f"the path of the restore target {output} is too long for this system "
+                             f"({len(os.fsencode(parent_dir))} bytes): restore to a shorter path") from None
     if not os.path.isdir(parent_dir):
         raise UsageError(f"directory {parent_dir} for the restore target does not exist")
 
@@ -827,7 +839,11 @@ def cleanup_restore_leftovers(directory: str) -> list[str]:
     own; one of another scope is left alone for a day: processes.temp_writer_alive).
     Names without a start time or scope (older pyvbak) are judged by the pid alone."""
     removed = []
-    for name in os.listdir(directory):
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed  # best effort: a drop directory (writable, not listable) still takes the restore
+    for name in names:
         if not (name.startswith(".") and TEMP_MARK in name):
             continue
         parts = name.rsplit(TEMP_MARK, 1)[1].split("-")

@@ -87,3 +87,36 @@ def test_prune_stopped_by_permission_denied_exits_3(repo, monkeypatch, capsys):
     code, _, err = cli(capsys, "prune", "--repo", r)
     assert code == 3, err
     assert "prune stopped, nothing deleted" in err and "permission denied" in err
+
+
+@pytest.fixture
+def read_only_locks(monkeypatch):
+    """Lock files cannot be written, as on a repository mounted read-only."""
+    real = LocalBackend.write_new
+
+    def refused(self, name, data):
+        if name.startswith("locks/"):
+            raise self._error(OSError(errno.EROFS, "Read-only file system", self._path(name)),
+                              name, self._path(name), "writing")
+        return real(self, name, data)
+
+    monkeypatch.setattr(LocalBackend, "write_new", refused)
+
+
+def test_dry_runs_on_a_read_only_repository(repo, read_only_locks, capsys):
+    """Previewing retention on read-only media: the dry runs say --no-lock would do, and
+    with it they run; --no-lock without --dry-run is refused (forget and prune write)."""
+    r, _, sid = repo
+    for args in (("prune", "--dry-run"), ("forget", "--keep-last", "1", "--dry-run"),
+                 ("forget", "v@latest", "--dry-run"), ("forget", "v@latest", "--prune", "--dry-run")):
+        code, _, err = cli(capsys, *args, "--repo", r)
+        assert code == 3 and "read-only file system" in err and "add --no-lock" in err, (args, err)
+        code, out, err = cli(capsys, *args, "--no-lock", "--repo", r)
+        assert code == 0, (args, err)
+    code, out, _ = cli(capsys, "forget", "v@latest", "--dry-run", "--no-lock", "--repo", r)
+    assert f"would forget 1 snapshot(s): {sid}" in out
+    for args in (("prune",), ("forget", "v@latest")):
+        code, _, err = cli(capsys, *args, "--no-lock", "--repo", r)
+        assert code == 2 and "--no-lock only goes with --dry-run" in err, err
+    code, out, _ = cli(capsys, "snapshots", "--repo", r, "--json")
+    assert sid in out  # nothing was forgotten

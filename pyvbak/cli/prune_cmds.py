@@ -8,6 +8,24 @@ import typer
 
 from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository
 
+DryRunNoLockOption = typer.Option(
+    False, "--no-lock",
+    help="With --dry-run: take no lock, for a repository on read-only storage (the preview may be "
+    "out of date if a backup or prune runs meanwhile).",
+)
+
+
+def _lock(r, *, dry_run: bool, no_lock: bool, **kw):
+    """The lock forget or prune takes; a dry run may take none (--no-lock), and one that
+    cannot write its lock says --no-lock would do."""
+    from contextlib import nullcontext
+
+    from ..errors import UsageError
+
+    if no_lock and not dry_run:
+        raise UsageError("--no-lock only goes with --dry-run: forget and prune change the repository and need its lock")
+    return nullcontext() if no_lock else r.lock(reader=dry_run, **kw)
+
 
 def forget(
     snapshots: Optional[List[str]] = typer.Argument(None, metavar="[SNAPSHOT]...", help="Snapshot ids (or unique prefixes), VM@latest or VM/DISK@latest."),
@@ -17,6 +35,7 @@ def forget(
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be forgotten (and pruned); change nothing."),
     repo: Optional[str] = RepoOption,
     json_out: bool = JsonOption,
+    no_lock: bool = DryRunNoLockOption,
 ) -> None:
     """Delete snapshots.  Their blocks stay until 'pyvbak prune' (or --prune)."""
     from ..errors import UsageError
@@ -34,9 +53,10 @@ def forget(
     # clean_stale=False otherwise: a stale lock is the evidence the next backup adopts a
     # killed backup's unindexed packs by; forget deletes no data and must not erase it.
     if prune_after:
-        lock = r.lock(exclusive=True, purpose="forget and prune", clean_stale=not dry_run)
+        lock = _lock(r, dry_run=dry_run, no_lock=no_lock, exclusive=True, purpose="forget and prune",
+                     clean_stale=not dry_run)
     else:
-        lock = r.lock(purpose="forget", clean_stale=False)
+        lock = _lock(r, dry_run=dry_run, no_lock=no_lock, purpose="forget", clean_stale=False)
     with lock:
         # A snapshot whose metadata is damaged can be named by its exact id only (nothing
         # else of it is readable); forgetting it is how a prune becomes possible again.
@@ -74,22 +94,23 @@ def prune(
     repo: Optional[str] = RepoOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be deleted; change nothing."),
     json_out: bool = JsonOption,
+    no_lock: bool = DryRunNoLockOption,
 ) -> None:
     """Delete blocks no snapshot references; repack mostly-unused packs (exclusive lock)."""
     r = open_repository(repo)
-    report = _prune(r, dry_run)
+    report = _prune(r, dry_run, no_lock=no_lock)
     if json_out:
         emit_json(report)
     else:
         _print_prune(report)
 
 
-def _prune(r, dry_run: bool, without: frozenset[str] = frozenset()) -> dict:
+def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: bool = False) -> dict:
     from ..repo.prune import prune_repository
 
     # A dry run changes nothing, stale locks included (they are what the next backup
     # adopts a killed backup's packs by).
-    with r.lock(exclusive=True, purpose="prune", clean_stale=not dry_run):
+    with _lock(r, dry_run=dry_run, no_lock=no_lock, exclusive=True, purpose="prune", clean_stale=not dry_run):
         return prune_repository(r, dry_run=dry_run, without=without)
 
 

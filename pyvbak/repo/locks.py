@@ -31,7 +31,7 @@ class RepositoryLock:
     def __init__(self, backend, *, exclusive: bool, purpose: str, clean_stale: bool = True, reader: bool = False,
                  recover=None):
         self.backend = backend
-        self.reader = reader  # restore / verify: --no-lock can do without the lock
+        self.reader = reader  # restore / verify / a dry run: --no-lock can do without the lock
         # Readers (restore, verify) leave stale locks alone: a stale lock is the evidence
         # the next backup uses to look for packs a killed backup left unindexed.
         self.clean_stale = clean_stale
@@ -115,14 +115,14 @@ class RepositoryLock:
                 where = f"repository {self.backend.location}"
                 if self.reader:
                     raise OutOfSpace(f"no space left in {where} even for a lock: free space there, or add --no-lock "
-                                     "to only read the repository (restore, verify)") from None
+                                     "to only read the repository (restore, verify, a --dry-run)") from None
                 raise OutOfSpace(f"no space left in {where} even for a lock: free space on its filesystem first "
                                  "(prune, too, needs a lock to run)") from None
             except BackendError as exc:
                 if not self.reader:
                     raise
                 # e.g. a backup disk mounted read-only for a disaster recovery
-                raise BackendError(f"{exc}; to only read the repository (restore, verify), add --no-lock") from None
+                raise BackendError(f"{exc}; to only read the repository (restore, verify, a --dry-run), add --no-lock") from None
             other = self._conflict({n: i for n, i in self._read_all().items() if not self._is_stale(i)})
             if other is not None:
                 self._release()

@@ -120,3 +120,56 @@ def test_dry_runs_on_a_read_only_repository(repo, read_only_locks, capsys):
         assert code == 2 and "--no-lock only goes with --dry-run" in err, err
     code, out, _ = cli(capsys, "snapshots", "--repo", r, "--json")
     assert sid in out  # nothing was forgotten
+
+
+def _made_by_backup(repo_dir, since: float):
+    """(mode, uid, gid, is_dir) of every object and directory a backup made after ``since``."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(repo_dir):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if st.st_ctime > since and not n.startswith("."):
+                out[os.path.relpath(p, repo_dir)] = (st.st_mode & 0o7777, st.st_uid, st.st_gid, os.path.isdir(p))
+    return out
+
+
+def test_a_group_shared_repository_stays_shared(tmp_path, capsys, monkeypatch):
+    """The repository's root lets its group in (setgid, group rwx): new objects are group
+    readable and new directories group usable, whatever this process's umask - they were
+    always 0600/0700, and the group lost the repository at the next backup."""
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(MiB, seed=42))
+    r = tmp_path / "repo"
+    assert cli(capsys, "init", r)[0] == 0
+    os.chmod(r, 0o2770)
+    old_umask = os.umask(0o077)
+    try:
+        since = os.stat(r).st_ctime
+        code, _, err = cli(capsys, "backup", img, "--repo", r, "--vm", "v")
+    finally:
+        os.umask(old_umask)
+    assert code == 0, err
+    made = _made_by_backup(r, since - 1)
+    files = {p: m for p, (m, _, _, d) in made.items() if not d and p.startswith(("packs", "index", "snapshots"))}
+    dirs = {p: m for p, (m, _, _, d) in made.items() if d and p.startswith("packs/")}
+    assert files and all(m & 0o777 == 0o640 for m in files.values()), files
+    assert dirs and all(m == 0o2770 for m in dirs.values()), dirs
+
+
+def test_a_backup_as_root_into_another_users_repository_leaves_it_theirs(tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the case is a backup run as root into another user's repository")
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(MiB, seed=43))
+    r = tmp_path / "repo"
+    assert cli(capsys, "init", r)[0] == 0
+    for dirpath, dirnames, filenames in os.walk(r):  # the user's repository
+        for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
+            os.chown(n, 65534, 65534)
+    since = os.stat(r).st_ctime
+    code, _, err = cli(capsys, "backup", img, "--repo", r, "--vm", "v")
+    assert code == 0, err
+    made = _made_by_backup(r, since - 1)
+    assert any(p.startswith("packs/") for p in made)
+    assert all((uid, gid) == (65534, 65534) for _, uid, gid, _ in made.values()), made

@@ -125,7 +125,8 @@ class LocalBackend(Backend):
 
     The root and intermediate directories are created on demand by writes; reading from a
     root that does not exist yet reports missing objects.  Files are created with mode 0600
-    (disk images hold secrets), directories 0700, both subject to the umask.
+    (disk images hold secrets), directories 0700, both subject to the umask - unless the
+    repository's root directory lets its group or others in (see ``_sharing``).
     """
 
     file_mode = 0o600
@@ -142,6 +143,46 @@ class LocalBackend(Backend):
         self.location = root
         self.direct_io = (_direct_default() if direct_io is None else bool(direct_io)) and bool(_O_DIRECT)
         self._closed = False
+        self._shared: tuple[int, int, int, int] | None = None  # (file mode, dir mode, uid, gid)
+
+    def _sharing(self) -> tuple[int, int, int, int] | None:
+        """How new files and directories follow the repository's root directory, or None
+        for the private defaults: its group and other permission bits (a group-shared
+        repository: files readable, directories usable as the root is, the umask
+        notwithstanding) and, when this process is root and the repository is another
+        user's, its owner - a backup run as root (its cron job, sudo) left 0600 root-owned
+        objects that locked the owner out of every command (the session-13 read-only
+        audit)."""
+        if self._shared is None:
+            try:
+                st = os.stat(self.root)
+            except OSError:
+                return None  # not made yet: the defaults
+            mode = stat_mod.S_IMODE(st.st_mode)
+            chown = hasattr(os, "geteuid") and os.geteuid() == 0 and st.st_uid != 0
+            self._shared = (self.file_mode | (mode & 0o044), self.dir_mode | (mode & 0o077),
+                            st.st_uid if chown else -1, st.st_gid if chown else -1)
+        f_mode, d_mode, uid, gid = self._shared
+        if f_mode == self.file_mode and d_mode == self.dir_mode and uid == -1:
+            return None
+        return self._shared
+
+    def _share_fd(self, fd: int) -> None:
+        """A new file (by descriptor) made as ``_sharing`` says."""
+        shared = self._sharing()
+        if shared is not None:
+            f_mode, _, uid, gid = shared
+            if uid != -1:
+                os.fchown(fd, uid, gid)
+            os.fchmod(fd, f_mode)
+
+    def _share_dir(self, path: str) -> None:
+        shared = self._sharing()
+        if shared is not None:
+            _, d_mode, uid, gid = shared
+            if uid != -1:
+                os.chown(path, uid, gid)
+            os.chmod(path, d_mode | (stat_mod.S_IMODE(os.stat(path).st_mode) & stat_mod.S_ISGID))
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -204,6 +245,8 @@ class LocalBackend(Backend):
                 if not os.path.isdir(d):
                     raise NotADirectoryError(errno.ENOTDIR, "an object exists where a directory is needed", d)
                 continue  # a concurrent writer created it (and fsyncs its parent)
+            if d != self.root:
+                self._share_dir(d)
             # the new entry must survive a crash before anything inside it relies on it
             self._fsync_dir(os.path.dirname(d))
 
@@ -217,6 +260,7 @@ class LocalBackend(Backend):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, self.file_mode)
             try:
+                self._share_fd(fd)
                 if not (self.direct_io and total >= DIRECT_MIN_BYTES and self._write_direct(fd, tmp, views, total)):
                     direct_stats["buffered"] += 1
                     for view in views:
@@ -598,6 +642,7 @@ class _LocalObjectStream(ObjectStream):
             with _live_lock:
                 _live_temps.add(self._tmp)
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, backend.file_mode)
+            backend._share_fd(self._fd)
         except OSError as exc:
             self.abort()
             raise backend._error(exc, folder, self._dir, "creating a temp file in") from exc

@@ -14,6 +14,7 @@ from pyvbak.backends.base import (
     ObjectExists,
     ObjectMissing,
     RangeBeyondEnd,
+    ReadOnlyStorage,
     validate_name,
     validate_prefix,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "ObjectMissing",
     "OutOfSpace",
     "RangeBeyondEnd",
+    "ReadOnlyStorage",
     "open_backend",
     "validate_name",
     "validate_prefix",

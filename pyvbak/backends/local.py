@@ -36,6 +36,7 @@ from pyvbak.backends.base import (
     ObjectMissing,
     ObjectStream,
     RangeBeyondEnd,
+    ReadOnlyStorage,
     check_stream_name,
     as_buffers,
     out_of_space,
@@ -201,7 +202,7 @@ class LocalBackend(Backend):
         if failed_at != path:
             where = f" at {failed_at}"
         if exc.errno == errno.EROFS:
-            return BackendError(
+            return ReadOnlyStorage(
                 f"cannot write {path} (object {name!r} in local backend {self.location}){where}: "
                 "the repository is on a read-only file system"
             )

@@ -43,3 +43,26 @@ def test_a_restore_whose_result_line_cannot_be_written_still_succeeds(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "restore completed" in p.stderr and "No space left" in p.stderr
     assert (tmp_path / "out.img").read_bytes() == img.read_bytes()
+
+
+def test_a_name_that_is_not_utf8_is_refused(tmp_path):
+    """Typed in a non-UTF-8 locale, a name's bytes were stored as escapes that the same
+    name typed in a UTF-8 session never matched (and restore.sh could not match)."""
+    img, repo = tmp_path / "d.img", tmp_path / "repo"
+    img.write_bytes(random_bytes(MiB, seed=7))
+    assert pyvbak("init", repo).returncode == 0
+    p = subprocess.run([sys.executable, "-m", "pyvbak", "backup", str(img), "--repo", str(repo), "--vm", b"caf\xe9"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C", "PYTHONUTF8": "0"})
+    assert p.returncode == 2 and "not valid UTF-8" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not list((repo / "snapshots").glob("*.json"))
+
+
+def test_the_local_cache_is_private(tmp_path):
+    img, repo, cache = tmp_path / "d.img", tmp_path / "repo", tmp_path / "cache"
+    img.write_bytes(random_bytes(MiB, seed=8))
+    assert pyvbak("init", repo).returncode == 0
+    assert pyvbak("backup", img, "--repo", repo, "--vm", "v", PYVBAK_CACHE_DIR=str(cache)).returncode == 0
+    assert pyvbak("snapshots", "--repo", repo, PYVBAK_CACHE_DIR=str(cache)).returncode == 0
+    (repo_dir,) = [d for d in cache.iterdir() if d.is_dir() and len(d.name) == 32]
+    assert repo_dir.stat().st_mode & 0o777 == 0o700

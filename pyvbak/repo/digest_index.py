@@ -202,7 +202,7 @@ def load_cached(directory: str, repo_id: str, names: list[str], read_index, reli
                 break
         else:
             return DigestIndex(np.concatenate(list(first.values())))
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # private, as the repository's objects
         chunks = _build_chunks(directory, names, lambda n: first.pop(n) if n in first else read_index(n))
         base = _write_base(directory, repo_id, names, None, chunks)
         return DigestIndex(parts=[base])

@@ -261,7 +261,15 @@ def check_vm_disk_names(vm: str, disk: str) -> None:
             raise UsageError(f"{kind} name {name!r} contains {shown}: names may not contain '/' (it "
                              f"separates VM and disk in VM/DISK@latest) or control characters; give "
                              f"{flag} without it")
-        if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        try:
+            encoded = name.encode("utf-8")
+        except UnicodeEncodeError:
+            # bytes that are not UTF-8 (typed in a non-UTF-8 locale, or a file name's):
+            # stored as escapes, they never match the same name typed in a UTF-8 session,
+            # and restore.sh cannot match them at all
+            raise UsageError(f"{kind} name {name!r} is not valid UTF-8 (a non-UTF-8 locale, or a file "
+                             f"name's bytes): give {flag} with a UTF-8 name") from None
+        if len(encoded) > NAME_MAX_BYTES:
             raise UsageError(f"{kind} name is longer than {NAME_MAX_BYTES} bytes: give a shorter {flag}")
 
 

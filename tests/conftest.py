@@ -97,6 +97,16 @@ def cli_work_dir(tmp_path, monkeypatch):
     return tmp_path / "work"
 
 
+def run_cli(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr) of this call alone."""
+    from pyvbak.cli.main import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def cli_json(capsys, argv: list[str]):
     """Run the CLI in-process with --json; its exit code must be 0; the parsed output."""
     import json

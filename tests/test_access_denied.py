@@ -11,16 +11,12 @@ import os
 
 import pytest
 
+from conftest import run_cli
 from images import MiB, random_bytes
 from pyvbak.backends.local import LocalBackend
-from pyvbak.cli.main import main
 
 
-def cli(capsys, *args):
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+cli = run_cli
 
 
 @pytest.fixture

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from images import MiB, random_bytes
-from pyvbak.cli.main import main
 from pyvbak.repo import repository as repository_module
 
 
-def cli(capsys, *args):
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+cli = run_cli
 
 
 class _ShiftedClock(real_datetime.datetime):

@@ -188,3 +188,36 @@ def test_a_backup_as_root_into_another_users_repository_leaves_it_theirs(tmp_pat
     made = _made_by_backup(r, since - 1)
     assert any(p.startswith("packs/") for p in made)
     assert all((uid, gid) == (65534, 65534) for _, uid, gid, _ in made.values()), made
+
+
+def test_a_plain_repository_directory_shares_nothing(tmp_path, capsys):
+    """0755 from a plain mkdir is no decision to share: objects stay 0600 (a first version
+    of the sharing made every pack world-readable under such a root)."""
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(MiB, seed=44))
+    r = tmp_path / "repo"
+    assert cli(capsys, "init", r)[0] == 0
+    os.chmod(r, 0o755)
+    since = os.stat(r).st_ctime
+    code, _, err = cli(capsys, "backup", img, "--repo", r, "--vm", "v")
+    assert code == 0, err
+    made = _made_by_backup(r, since - 1)
+    files = {p: m for p, (m, _, _, d) in made.items() if not d and p.startswith(("packs", "index", "snapshots"))}
+    assert files and all(m & 0o077 == 0 for m in files.values()), files
+
+
+def test_sharing_is_best_effort_where_modes_cannot_be_set(tmp_path, capsys, monkeypatch):
+    """vfat refuses chmod and chown: a group-shared root there must not stop backups."""
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(MiB, seed=45))
+    r = tmp_path / "repo"
+    assert cli(capsys, "init", r)[0] == 0
+    os.chmod(r, 0o2770)
+
+    def refused(*a, **kw):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    for name in ("fchmod", "chmod", "fchown", "chown"):
+        monkeypatch.setattr(os, name, refused)
+    code, _, err = cli(capsys, "backup", img, "--repo", r, "--vm", "v")
+    assert code == 0, err

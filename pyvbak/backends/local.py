@@ -148,20 +148,26 @@ class LocalBackend(Backend):
 
     def _sharing(self) -> tuple[int, int, int, int] | None:
         """How new files and directories follow the repository's root directory, or None
-        for the private defaults: its group and other permission bits (a group-shared
-        repository: files readable, directories usable as the root is, the umask
-        notwithstanding) and, when this process is root and the repository is another
-        user's, its owner - a backup run as root (its cron job, sudo) left 0600 root-owned
-        objects that locked the owner out of every command (the session-13 read-only
-        audit)."""
+        for the private defaults (0600/0700 less the umask).
+
+        Group: only a root directory with the setgid bit that grants its group access (an
+        administrator's ``chgrp G REPO; chmod 2770 REPO``, or 2750 for members who only
+        read) shares new objects with the group: files group-readable, directories with
+        the root's group bits, whatever the umask - they were always 0600/0700, and such
+        a repository lost its group at the next backup.  A plain directory's group and
+        other bits (0755 from mkdir) say nothing: disk images stay private.  Owner: a
+        process running as root in a repository another user owns gives new objects that
+        owner - a root cron job's backup left 0600 root-owned objects that locked the
+        owner out of every command (the session-13 read-only audit)."""
         if self._shared is None:
             try:
                 st = os.stat(self.root)
             except OSError:
                 return None  # not made yet: the defaults
             mode = stat_mod.S_IMODE(st.st_mode)
+            group = mode & 0o070 if mode & stat_mod.S_ISGID and mode & 0o040 else 0
             chown = hasattr(os, "geteuid") and os.geteuid() == 0 and st.st_uid != 0
-            self._shared = (self.file_mode | (mode & 0o044), self.dir_mode | (mode & 0o077),
+            self._shared = (self.file_mode | (group & 0o040), self.dir_mode | group | (stat_mod.S_ISGID if group else 0),
                             st.st_uid if chown else -1, st.st_gid if chown else -1)
         f_mode, d_mode, uid, gid = self._shared
         if f_mode == self.file_mode and d_mode == self.dir_mode and uid == -1:
@@ -169,21 +175,28 @@ class LocalBackend(Backend):
         return self._shared
 
     def _share_fd(self, fd: int) -> None:
-        """A new file (by descriptor) made as ``_sharing`` says."""
+        """A new file (by descriptor) made as ``_sharing`` says - best effort: a file
+        system without owners or modes (vfat) refuses, and the object is written anyway."""
         shared = self._sharing()
         if shared is not None:
             f_mode, _, uid, gid = shared
-            if uid != -1:
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, f_mode)
+            try:
+                if uid != -1:
+                    os.fchown(fd, uid, gid)
+                os.fchmod(fd, f_mode)
+            except OSError:
+                pass
 
     def _share_dir(self, path: str) -> None:
         shared = self._sharing()
         if shared is not None:
             _, d_mode, uid, gid = shared
-            if uid != -1:
-                os.chown(path, uid, gid)
-            os.chmod(path, d_mode | (stat_mod.S_IMODE(os.stat(path).st_mode) & stat_mod.S_ISGID))
+            try:
+                if uid != -1:
+                    os.chown(path, uid, gid)
+                os.chmod(path, d_mode)
+            except OSError:
+                pass
 
     # -- helpers ---------------------------------------------------------------------------
 

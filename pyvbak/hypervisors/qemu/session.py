@@ -57,7 +57,9 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
         if st is None:
             return None, None
         identity.append({"file": name, "format": link.get("format"), "dev": st.st_dev, "ino": st.st_ino,
-                         "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns})
+                         "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        # (not ctime: a chmod, chown or SELinux relabel - libvirt's on every VM start - changes
+        # it and no data; a write changes mtime)
     return identity, None
 
 

@@ -1053,3 +1053,24 @@ def test_a_backing_file_written_while_the_vm_was_off_is_not_trusted_to_the_bitma
         assert_clean(v, work)
     finally:
         v.stop()
+
+
+def test_a_killed_run_does_not_enable_a_bitmap_someone_else_disabled(vm, work):
+    """The previous bitmap was disabled by someone else (it missed the writes since) and a
+    backup - a full scan for that reason - was killed after its rotation: the next run
+    merged the killed run's generation back, enabled the disabled bitmap and trusted it,
+    and the write made while it was disabled was never read (the session-13 review).  A
+    bitmap is enabled again only when the dead run's journal says it disabled it."""
+    s1, _ = backup(vm, work)
+    vm.ctl.cmd("block-dirty-bitmap-disable", node="disk0", name=vm.bitmaps()["pyvbak-gen-1"]["name"])
+    vm.write(0, b"m" * K64)  # missed by the disabled bitmap
+    p = start_child(vm, work, s1.change_tracking_state)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    assert set(vm.bitmaps()) == {"pyvbak-gen-1", "pyvbak-gen-2"}
+    with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
+        assert "re-enabled" not in " | ".join(s.cleaned_leftovers)
+        assert s.fallback_reason and "disabled" in s.fallback_reason and s.dirty_bitmap is None
+        s.commit()
+    assert_clean(vm, work)

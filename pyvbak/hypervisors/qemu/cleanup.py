@@ -247,10 +247,29 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     return cleaned
 
 
-def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info: dict | None = None) -> list[str]:
+def bitmaps_disabled_by(files: list[Path]) -> set[str]:
+    """The bitmaps runs' journals among ``files`` (work-dir files) say their rotating
+    transaction disabled (``disables``): the evidence on which a dead run's disabled
+    bitmap is enabled again.  Read before the files are cleaned away."""
+    out: set[str] = set()
+    for p in files:
+        if not p.name.endswith(".json"):
+            continue
+        journal = read_journal(p) or {}
+        for disk in journal.get("disks") or []:
+            if isinstance(disk, dict) and isinstance(disk.get("disables"), str):
+                out.add(disk["disables"])
+    return out
+
+
+def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info: dict | None = None,
+                   disabled_by_runs: set[str] | frozenset = frozenset()) -> list[str]:
     """Merge a dead run's newer bitmap generations of ``node`` into ``previous_bitmap`` and
     drop stale ones (see clean_leftovers); ``info``: the node's current query-named-block-
-    nodes entry, if the caller has it."""
+    nodes entry, if the caller has it.  ``previous_bitmap`` is enabled again only when a
+    run's journal says that run disabled it (``disabled_by_runs``): one disabled before the
+    run missed writes, and enabled it would be trusted (the session-13 review found that
+    a silently wrong incremental)."""
     info = info if info is not None else node_info(qmp, node)
     if info is None:
         return []
@@ -264,12 +283,13 @@ def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info:
     if newer and prev is not None and not prev.get("busy"):
         actions = [{"type": "block-dirty-bitmap-merge",
                     "data": {"node": node, "target": previous_bitmap, "bitmaps": newer}}]
-        if not prev.get("recording"):
+        enable = not prev.get("recording") and previous_bitmap in disabled_by_runs
+        if enable:
             actions.append({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": previous_bitmap}})
         actions += [{"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": b}} for b in newer]
         qmp.execute("transaction", actions=actions)
         cleaned.append(f"dirty bitmap(s) {', '.join(newer)} of an unfinished backup merged back into "
-                       f"{previous_bitmap}" + ("" if prev.get("recording") else f" and {previous_bitmap} re-enabled"))
+                       f"{previous_bitmap}" + (f" and {previous_bitmap} re-enabled" if enable else ""))
     else:
         others += newer
     for b in others:

@@ -45,7 +45,7 @@ from ..resources import TerminationGuard, remove_files
 from . import cleanup
 from . import fleece_guard, session_lock
 from .vm_disks import MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
-from .naming import GEN_PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id
+from .naming import GEN_PREFIX, PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id, run_of
 from .qmp import QmpClient, QmpError
 
 STATE_KIND = "qemu-dirty-bitmap"
@@ -100,6 +100,9 @@ class HotDisk(ExportSession):
         self.export_added = False
         self.old_bitmap: str | None = None       # previous generation, if present on the node
         self.old_disabled_by_us = False
+        #: the bitmap the rotating transaction disables (the trusted previous one), in the
+        #: journal before it runs: a dead run's is enabled again only on that evidence
+        self.disables: str | None = None
         self.new_bitmap: str | None = None
         self.bitmap_persistent = True            # False: kept in QEMU's memory only
 
@@ -219,6 +222,9 @@ class QemuHotBackup(ExportSession):
         # one pyvbak session per VM, whatever work dir or repository the other one uses
         self._lock = session_lock.acquire(qmp, self.names.run)
 
+        # which bitmaps dead runs disabled themselves: their journals, before cleanup removes them
+        disabled_by_runs = cleanup.bitmaps_disabled_by(
+            [p for p in self.work_dir.glob(f"{PREFIX}*.json") if run_of(p.name) not in (None, self.names.run)])
         node_infos = cleanup.named_nodes(qmp)
         infos = {n["node-name"]: n for n in node_infos if n.get("node-name")}
         # generations only grow, also past the ones cleaned away now: a name is never reused
@@ -238,7 +244,8 @@ class QemuHotBackup(ExportSession):
         bitmaps_before = {d.node: bitmaps_before.get(d.node, {}) for d in self.disks}
         settled = []
         for d in self.disks:
-            settled += cleanup.settle_bitmaps(qmp, d.node, (d.previous_state or {}).get("bitmap"), infos.get(d.node))
+            settled += cleanup.settle_bitmaps(qmp, d.node, (d.previous_state or {}).get("bitmap"), infos.get(d.node),
+                                              disabled_by_runs)
         if settled:  # bitmaps were merged or removed: ask again
             self.cleaned_leftovers += settled
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
@@ -368,7 +375,7 @@ class QemuHotBackup(ExportSession):
         d.fallback_reason = reason
         if self.verify_cbt and reason is None:
             d.fallback_reason = "verify-cbt requested: the whole disk is scanned and compared with the dirty bitmap"
-        olds[d.node] = old
+        olds[d.node] = d.disables = old
         d.change_tracking_state = {
             "kind": STATE_KIND,
             "bitmap": d.new_bitmap,
@@ -425,7 +432,7 @@ class QemuHotBackup(ExportSession):
             "run": self.names.run, "pid": os.getpid(), "owner": identity(), "qmp": self.qmp_path,
             "nbd_socket": str(self.names.nbd_socket), "server_started": self._server_started,
             "disks": [{"node": d.node, "fleece_file": str(d.fleece_path), "new_bitmap": d.new_bitmap,
-                       "old_bitmap": d.old_bitmap} for d in self.disks],
+                       "old_bitmap": d.old_bitmap, "disables": d.disables} for d in self.disks],
         }
         tmp = self.names.journal.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._journal))

@@ -221,3 +221,20 @@ def test_sharing_is_best_effort_where_modes_cannot_be_set(tmp_path, capsys, monk
         monkeypatch.setattr(os, name, refused)
     code, _, err = cli(capsys, "backup", img, "--repo", r, "--vm", "v")
     assert code == 0, err
+
+
+def test_verify_stops_on_a_snapshot_index_it_may_not_read(repo, monkeypatch, capsys):
+    """A snapshot index this user may not read was reported as a damaged snapshot (exit 6,
+    which monitoring reads as damage): it is the user's rights (the session-13 review)."""
+    r, _, sid = repo
+    real = LocalBackend.read
+
+    def denied(self, name):
+        if name.endswith(".index"):
+            raise self._error(PermissionError(errno.EACCES, "Permission denied", self._path(name)),
+                              name, self._path(name), "reading")
+        return real(self, name)
+
+    monkeypatch.setattr(LocalBackend, "read", denied)
+    code, _, err = cli(capsys, "verify", "--repo", r)
+    assert code == 3 and "permission denied" in err and "damaged" not in err, err

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from ..backends import AccessDenied
 from ..errors import IntegrityError, PyvbakError
 from . import digest_sets
 from . import format as fmt
@@ -38,6 +39,8 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     forgotten: set[str] = set()
 
     def unreadable(snap, exc) -> None:
+        if isinstance(exc, AccessDenied):
+            raise exc  # this user's rights, not damage: verify stops (exit 3), as for a pack
         # forget takes a shared lock and runs beside verify: a snapshot whose metadata went
         # after the listing was forgotten meanwhile (its index goes next), not damaged
         if not repo.backend.exists(fmt.snapshot_meta_name(snap.id)):

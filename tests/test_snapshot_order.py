@@ -200,3 +200,53 @@ def test_a_prefix_that_also_names_a_damaged_snapshot_is_ambiguous(capsys, tmp_pa
     # the readable one by its whole id still restores
     code, _, err = cli(capsys, "restore", a["id"], tmp_path / "o.img", "--repo", repo)
     assert code == 0, err
+
+
+def test_a_snapshot_an_older_pyvbak_made_last_is_the_newest(capsys, tmp_path, disk, monkeypatch):
+    """Two pyvbak versions sharing a repository during an upgrade: a snapshot without a
+    sequence number made after numbered ones came first (taken as 0), so VM@latest and
+    --keep-last took an older one for the newest (the session-13 review).  It now comes
+    after its disk's numbered snapshots made before it."""
+    img, repo, write = disk
+    write(0)
+    first = backup(capsys, img, repo)
+    write(1)
+    second = backup(capsys, img, repo)
+    newest = write(2)
+    old = backup(capsys, img, repo)
+    meta_path = repo / "snapshots" / f"{old['id']}.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["sequence"]  # as the older pyvbak wrote it
+    meta_path.write_text(json.dumps(meta, indent=2))
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    code, out, _ = cli(capsys, "snapshots", "--repo", repo, "--json")
+    assert [s["id"] for s in json.loads(out)] == [first["id"], second["id"], old["id"]]
+    assert restored(capsys, repo, "vm1@latest", tmp_path / "py.img") == newest
+    assert restore_sh(repo, "vm1@latest", tmp_path / "sh.img") == newest
+    code, _, err = cli(capsys, "forget", "--keep-last", "1", "--repo", repo, "--json")
+    assert code == 0, err
+    code, out, _ = cli(capsys, "snapshots", "--repo", repo, "--json")
+    assert [s["id"] for s in json.loads(out)] == [old["id"]]
+
+
+def test_damaged_metadata_after_the_clock_went_back_stops_latest(capsys, tmp_path, disk, clock):
+    """With the clock gone back, the time in a damaged snapshot's id says nothing about
+    whether it is the newest: VM@latest restored an older snapshot without a word.  Any
+    damaged description now stops VM@latest."""
+    img, repo, write = disk
+    write(0)
+    backup(capsys, img, repo)
+    clock(hours=-1)
+    write(1)
+    b = backup(capsys, img, repo)
+    clock(hours=-2)
+    write(2)
+    c = backup(capsys, img, repo)
+    (repo / "snapshots" / f"{c['id']}.json").write_text("{damaged")
+    code, _, err = cli(capsys, "restore", "vm1@latest", tmp_path / "py.img", "--repo", repo)
+    assert code == 6 and c["id"] in err and "may be newer than" in err, err
+    assert not (tmp_path / "py.img").exists()
+    p = subprocess.run(["sh", str(repo / "restore.sh"), "vm1@latest", str(tmp_path / "sh.img")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and c["id"] in p.stderr and b["id"] in p.stderr, p.stderr
+    assert not (tmp_path / "sh.img").exists()

@@ -107,6 +107,9 @@ class RepoConfig:
 class SnapshotInfo:
     id: str
     meta: dict
+    #: where the listing placed it (snapshot_order): its sequence, or for one made before
+    #: sequence numbers existed the highest of its disk's numbered snapshots made before it
+    effective_sequence: int | None = None
 
     @property
     def vm(self) -> str:
@@ -182,7 +185,26 @@ def snapshot_order(snap: SnapshotInfo) -> tuple:
     Snapshots made before sequence numbers existed count as 0: among themselves by time,
     before every numbered one.  Two backups begun at once may share a number (any two
     writers of one repository, or two hosts backing up one disk): their times decide."""
-    return (snapshot_sequence(snap.meta), snap.meta.get("time", ""), snap.id)
+    seq = snap.effective_sequence if snap.effective_sequence is not None else snapshot_sequence(snap.meta)
+    return (seq, snap.meta.get("time", ""), snap.id)
+
+
+def place_unnumbered(snaps) -> None:
+    """Set ``effective_sequence``: a snapshot's own sequence number; for one without (an
+    older pyvbak made it, perhaps after newer ones: two versions sharing a repository
+    during an upgrade), the highest number among its disk's snapshots made before it by
+    time - so it comes after them, and a backup an older pyvbak made last is still the
+    newest (taken as 0 it came first: the review of session 13 found VM@latest and
+    --keep-last taking an older snapshot for the newest)."""
+    by_disk: dict[tuple, list] = {}
+    for s in snaps:
+        by_disk.setdefault((s.meta.get("vm"), s.meta.get("disk")), []).append(s)
+    for group in by_disk.values():
+        highest = 0
+        for s in sorted(group, key=lambda x: (x.meta.get("time", ""), x.id)):
+            seq = snapshot_sequence(s.meta)
+            highest = max(highest, seq)
+            s.effective_sequence = seq or highest
 
 
 def consistency_groups(snaps) -> list[ConsistencyGroup]:
@@ -196,7 +218,7 @@ def consistency_groups(snaps) -> list[ConsistencyGroup]:
             if key not in groups:
                 groups[key] = ConsistencyGroup(g["id"], s.vm, str(g.get("time", "")), list(g["disks"]), {})
             groups[key].snaps[s.disk] = s
-    return sorted(groups.values(), key=lambda g: (max(x.sequence for x in g.snaps.values()), g.time,
+    return sorted(groups.values(), key=lambda g: (max(snapshot_order(x)[0] for x in g.snaps.values()), g.time,
                                                   max(x.id for x in g.snaps.values())))
 
 
@@ -445,6 +467,7 @@ class Repository:
             if disk is not None and meta.get("disk") != disk:
                 continue
             found.append(SnapshotInfo(name[len("snapshots/") : -len(".json")], meta))
+        place_unnumbered(found)
         found.sort(key=snapshot_order)
         return found
 
@@ -503,18 +526,20 @@ class Repository:
         return matches[0]
 
     def check_no_damaged_after(self, chosen: SnapshotInfo, spec: str) -> None:
-        """``VM@latest`` must not silently be an older snapshot than the newest: when the
-        metadata of a snapshot made after ``chosen`` (or in its second) is damaged (it may be this VM's
-        newest - its VM cannot be read), refuse, naming it (snapshot ids begin with their
-        UTC time).  This is when "latest" is asked for most: a recovery machine, no cache."""
-        # by the ids' time (to the second): within one second the random part says nothing
-        when = chosen.id.split("-", 1)[0]
-        newer = sorted(n for n in self.damaged_snapshots if n[len("snapshots/"):-len(".json")].split("-", 1)[0] >= when)
-        if newer:
+        """``VM@latest`` must not silently be an older snapshot than the newest: when any
+        snapshot's metadata is damaged, it may be this VM's newest - its VM cannot be read,
+        nor its sequence number, and the time in its id says nothing once a clock went
+        back (a snapshot made after another may carry an older time) - so refuse, naming
+        it.  This is when "latest" is asked for most: a recovery machine, no cache.  (By
+        the time in the ids, a clock step back let VM@latest restore an older snapshot
+        without a word: the session-13 review.)"""
+        if self.damaged_snapshots:
+            damaged = sorted(self.damaged_snapshots)[-1]
+            more = f" (and {len(self.damaged_snapshots) - 1} more)" if len(self.damaged_snapshots) > 1 else ""
             raise IntegrityError(
-                f"snapshot metadata {newer[-1]} is damaged and newer than {chosen.id}, the newest readable "
-                f"snapshot for {spec}: it may be the newest one; run 'pyvbak verify', or give a snapshot id "
-                f"to restore an older one ({chosen.id})")
+                f"snapshot metadata {damaged}{more} is damaged and may be newer than {chosen.id}, the newest "
+                f"readable snapshot for {spec}: run 'pyvbak verify' (forget it by its id if it is lost), or give "
+                f"a snapshot id to restore an older one ({chosen.id})")
 
     def load_snapshot_index(self, snap: SnapshotInfo, *, writable: bool = False) -> tuple[int, int, np.ndarray]:
         """(block size, disk size, records) of ``snap``; ``writable``: records the caller may

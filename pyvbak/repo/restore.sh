@@ -183,7 +183,7 @@ case $snap in
       # pyvbak writes only complete snapshots: metadata without its vm and status lines is
       # damaged, and may be this VM's newest (checked once the latest is chosen)
       grep -q '^  "vm": "' "$f" && grep -Fqx -e '  "status": "complete",' "$f" \
-        || echo "${id%%-*}" >> "$tmp/unreadable"
+        || printf '%s\n' "${id%.json}" >> "$tmp/unreadable"
       grep -Fqx -e "  \"vm\": \"$vm\"," "$f" || continue
       grep -Fqx -e '  "status": "complete",' "$f" || continue
       d=$(json_field "$f" disk) || die "cannot read $f"
@@ -192,10 +192,22 @@ case $snap in
       # ordered by sequence number, then time (the clock that dated them may have gone
       # back, or run ahead, between two backups): as pyvbak orders them
       q=$(json_sequence "$f") || die "cannot read $f"
-      if [ "$q" = bad ]; then echo "${id%%-*}" >> "$tmp/unreadable"; continue; fi
+      if [ "$q" = bad ]; then printf '%s\n' "${id%.json}" >> "$tmp/unreadable"; continue; fi
       printf '%s\n' "$q $t ${id%.json} $d" >> "$tmp/cands"
     done
     [ -s "$tmp/cands" ] || die "no snapshot of $target in $repo (names with quotes, backslashes or non-ASCII characters: give the snapshot id; list them with: grep -l '\"vm\": \"NAME\"' $repo/snapshots/*.json)"
+    zero=000000000000000000
+    if grep -q "^$zero " "$tmp/cands" && grep -q -v "^$zero " "$tmp/cands"; then
+      # snapshots an older pyvbak made (no sequence) among numbered ones: each comes after
+      # the numbered ones made before it by time, as pyvbak places them
+      sort -k2,2 "$tmp/cands" > "$tmp/cands.t" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+      run=$zero
+      : > "$tmp/cands"
+      while read -r q t rest; do
+        if [ "$q" = "$zero" ]; then q=$run; elif [ "$q" -gt "$run" ]; then run=$q; fi
+        printf '%s\n' "$q $t $rest" >> "$tmp/cands"
+      done < "$tmp/cands.t"
+    fi
     sort "$tmp/cands" > "$tmp/cands.sorted" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
     if [ -z "$want_disk" ]; then
       cut -d' ' -f4- "$tmp/cands.sorted" > "$tmp/disks" && sort -u "$tmp/disks" > "$tmp/disks.u" || die "cut failed"
@@ -204,14 +216,11 @@ case $snap in
     fi
     line=$(tail -n 1 "$tmp/cands.sorted") || die "tail failed"
     snap=$(printf '%s\n' "$line" | cut -d' ' -f3) || die "cut failed"
-    # ids begin with their UTC time (to the second): a damaged one of a later (or the
-    # same) second may be newer
+    # A damaged one may be this VM's newest: its VM and sequence cannot be read, and the
+    # time in its id says nothing once a clock went back between two backups.
     if [ -s "$tmp/unreadable" ]; then
       newest=$(sort "$tmp/unreadable" | tail -n 1) || die "sort failed (is ${TMPDIR:-/tmp} full?)"
-      when=${snap%%-*}
-      last=$(printf '%s\n%s\n' "$when" "$newest" | sort | tail -n 1) || die "sort failed"
-      [ "$last" = "$when" ] && [ "$newest" != "$when" ] \
-        || die "a snapshot metadata file of $newest in snapshots/ cannot be read (damaged?) and may be newer than $snap, the newest readable snapshot of $target; give a snapshot id to restore an older one ($snap)"
+      die "snapshot metadata snapshots/$newest.json cannot be read (damaged?) and may be newer than $snap, the newest readable snapshot of $target; give a snapshot id to restore an older one ($snap)"
     fi
     ;;
   '' | *[!0-9A-Za-z-]*)

@@ -292,3 +292,28 @@ def test_restore_sh_under_paths_sha256sum_escapes(setup, tmp_path, odd):
     assert p.returncode == 0, p.stderr
     assert same_file(out, copy)
     assert f"to {out}" in p.stdout  # printed as it is (echo in dash would expand '\s')
+
+
+def test_restore_sh_removes_what_a_killed_run_left_in_tmpdir(setup, tmp_path):
+    """A restore.sh killed with SIGKILL runs no trap: its temporary directory (block lists,
+    decompressed blocks) stayed for good (the session-13 nights audit).  The next run
+    removes those of its pid namespace whose process is gone, and nothing else."""
+    repo, snaps, _ = setup
+    sid, copy = snaps[0]
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    ns = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    p = subprocess.Popen(["true"])  # a pid that has just ended
+    p.wait()
+    left = tmpdir / f"pyvbak-restore.{ns}.{p.pid}.AbCdEf"
+    live = tmpdir / f"pyvbak-restore.{ns}.{os.getpid()}.GhIjKl"
+    other_ns = tmpdir / f"pyvbak-restore.1{ns}.{p.pid}.MnOpQr"
+    for d in (left, live, other_ns):
+        d.mkdir()
+        (d / "blocks").write_bytes(b"x" * 100)
+    out = tmp_path / "out.img"
+    r = run_sh(repo.location, sid, out, cwd=tmp_path, env={**BARE_ENV, "TMPDIR": str(tmpdir)})
+    assert r.returncode == 0, r.stderr
+    assert same_file(out, copy)
+    assert not left.exists() and live.exists() and other_ns.exists()
+    assert sorted(x.name for x in tmpdir.iterdir()) == sorted([live.name, other_ns.name])  # its own went too

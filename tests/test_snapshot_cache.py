@@ -139,3 +139,38 @@ def test_one_instance_reads_the_cache_file_once_and_still_sees_other_writers(rep
     loads.clear()
     assert sorted(ids(r.snapshots())) == sorted(made[1:] + [added])
     assert loads == []
+
+
+def test_a_killed_saves_temp_file_is_removed_by_a_later_save(tmp_path, monkeypatch):
+    """A process killed while saving the metadata cache left snapshots.json.<hex>.tmp,
+    one more per such kill, never removed (the session-13 nights audit)."""
+    import time as time_mod
+
+    from pyvbak.repo import cache as cache_mod
+
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "cache"))
+    c = cache_mod.SnapshotMetaCache("0" * 32)
+    c.save({"snapshots/a.json": {"vm": "v"}})
+    d = os.path.dirname(c.path)
+    stale = os.path.join(d, cache_mod.SNAPSHOTS_FILE + ".0123456789ab.tmp")
+    fresh = os.path.join(d, cache_mod.SNAPSHOTS_FILE + ".ba9876543210.tmp")
+    for p in (stale, fresh):
+        with open(p, "w") as f:
+            f.write("{}")
+    old = time_mod.time() - 2 * cache_mod.STALE_TEMP_SECONDS
+    os.utime(stale, (old, old))
+    import subprocess
+
+    from pyvbak.processes import scope_token
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    killed = os.path.join(d, f"{cache_mod.SNAPSHOTS_FILE}.{ended.pid}-123-{scope_token()}-0123456789ab.tmp")
+    live = os.path.join(d, f"{cache_mod.SNAPSHOTS_FILE}.{os.getpid()}-0-{scope_token()}-0123456789ab.tmp")
+    for p in (killed, live):
+        with open(p, "w") as f:
+            f.write("{}")
+    c.save({"snapshots/b.json": {"vm": "v"}})
+    assert not os.path.exists(stale) and not os.path.exists(killed)  # however young
+    assert os.path.exists(fresh) and os.path.exists(live)  # a concurrent save's is kept
+    assert c.load() == {"snapshots/b.json": {"vm": "v"}}

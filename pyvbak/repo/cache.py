@@ -15,6 +15,8 @@ import secrets
 import shutil
 import time
 
+from ..processes import scope_token, start_time, temp_writer_alive
+
 CACHE_ENV = "PYVBAK_CACHE_DIR"
 SNAPSHOTS_FILE = "snapshots.json"
 SNAPSHOTS_FORMAT = "pyvbak-snapshot-metadata-cache-v1"
@@ -78,6 +80,10 @@ def mark_used(repo_id: str) -> None:
             pass
 
 
+#: a save's temp file older than this is a killed process's (a save takes milliseconds)
+STALE_TEMP_SECONDS = 60
+
+
 class SnapshotMetaCache:
     """Parsed snapshot metadata by object name.
 
@@ -112,10 +118,12 @@ class SnapshotMetaCache:
         """Best effort: a cache that cannot be written is only slower."""
         if self.path is None:
             return
-        tmp = f"{self.path}.{secrets.token_hex(6)}.tmp"
+        # named after its writer (pid, start time, scope): a killed one's is recognised
+        tmp = f"{self.path}.{os.getpid()}-{start_time(os.getpid()) or 0}-{scope_token()}-{secrets.token_hex(6)}.tmp"
         try:
             # 0700: VM names, sizes and digests of disks are the repository's secrets too
             os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            self._drop_stale_temps()
             # dumps, not dump: json.dump streams through the pure-Python encoder (2000
             # snapshots: 43 ms vs 16 ms), and this runs on every backup's first listing
             doc = json.dumps({"format": SNAPSHOTS_FORMAT, "repository": self.repo_id, "metas": metas})
@@ -127,5 +135,28 @@ class SnapshotMetaCache:
         finally:  # also on Ctrl-C: no temp file left behind
             try:
                 os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _drop_stale_temps(self) -> None:
+        """Temp files of saves killed with SIGKILL (no finally ran): each is the size of the
+        file (hundreds of KiB with hundreds of snapshots), one more per such kill (the
+        session-13 nights audit).  A live writer's (its pid, start time and scope in the
+        name: processes.temp_writer_alive) is kept; one named otherwise (an older pyvbak)
+        once older than a minute (a save takes milliseconds) is not."""
+        d, base = os.path.split(self.path)
+        now = time.time()
+        for entry in os.scandir(d):
+            if not (entry.name.startswith(base + ".") and entry.name.endswith(".tmp")):
+                continue
+            parts = entry.name[len(base) + 1 : -len(".tmp")].split("-")
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+                if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+                    stale = not temp_writer_alive(int(parts[0]), parts[2], mtime, int(parts[1]) or None)
+                else:
+                    stale = now - mtime > STALE_TEMP_SECONDS
+                if stale:
+                    os.unlink(entry.path)
             except OSError:
                 pass

@@ -133,7 +133,20 @@ if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
   die "$part exists (left by an interrupted restore, or another restore is writing it): remove it first"
 fi
 
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp} (set TMPDIR to a writable directory)"
+# The temporary directory is named after this pid namespace and process, so that one a
+# restore.sh killed with SIGKILL left (no trap runs then: block lists and decompressed
+# blocks, GiB for a large disk) is recognised and removed by the next run, here.
+ns=$(readlink /proc/self/ns/pid 2>/dev/null | tr -cd 0-9) || ns=
+if [ -n "$ns" ] && [ -d /proc/self ]; then
+  for d in "${TMPDIR:-/tmp}/pyvbak-restore.$ns."*; do
+    [ -d "$d" ] || continue
+    pid=${d#"${TMPDIR:-/tmp}/pyvbak-restore.$ns."}
+    pid=${pid%%.*}
+    case $pid in '' | *[!0-9]*) continue ;; esac
+    [ -d "/proc/$pid" ] || rm -rf "$d" 2>/dev/null || :
+  done
+fi
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.${ns:-0}.$$.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp} (set TMPDIR to a writable directory)"
 made_part=
 cleanup() {
   rm -rf "$tmp"

@@ -346,11 +346,10 @@ def read_only_mount(tmp_path):
         yield mnt, lambda: subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
 
 
-def test_read_only_repository_restores_and_verifies_without_a_lock(tmp_path, capsys, read_only_mount):
+def test_read_only_repository_restores_and_verifies_with_no_lock(tmp_path, capsys, read_only_mount):
     """A backup disk mounted read-only (disaster recovery): restore and verify cannot take
-    their shared lock, and need none - nothing can change the repository - so they go on
-    without it and say so (they used to stop and ask for --no-lock); a backup fails with
-    one line and no such hint."""
+    their shared lock, say so with the way out (--no-lock), and work with it; a backup
+    fails with one line and no such hint."""
     mnt, remount_ro = read_only_mount
     repo = str(mnt / "repo")
     img = tmp_path / "d.img"
@@ -360,10 +359,9 @@ def test_read_only_repository_restores_and_verifies_without_a_lock(tmp_path, cap
     remount_ro()
     out = tmp_path / "out.img"
     capsys.readouterr()
-    assert main(["restore", "v@latest", str(out), "--repo", repo]) == 0
-    assert "read-only file system: reading it without a lock" in capsys.readouterr().err
-    assert same_file(out, img)
-    out.unlink()
+    assert main(["restore", "v@latest", str(out), "--repo", repo]) == 3
+    assert_one_error_line(capsys.readouterr().err, "read-only file system", "add --no-lock")
+    assert not out.exists()
     assert main(["restore", "v@latest", str(out), "--repo", repo, "--no-lock"]) == 0
     assert same_file(out, img)
     capsys.readouterr()

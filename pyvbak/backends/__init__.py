@@ -14,7 +14,6 @@ from pyvbak.backends.base import (
     ObjectExists,
     ObjectMissing,
     RangeBeyondEnd,
-    ReadOnlyStorage,
     validate_name,
     validate_prefix,
 )
@@ -36,7 +35,6 @@ __all__ = [
     "ObjectMissing",
     "OutOfSpace",
     "RangeBeyondEnd",
-    "ReadOnlyStorage",
     "open_backend",
     "validate_name",
     "validate_prefix",

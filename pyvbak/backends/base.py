@@ -80,11 +80,6 @@ class AccessDenied(BackendError):
     --drop-unreadable`` would drop from an intact repository."""
 
 
-class ReadOnlyStorage(BackendError):
-    """The storage takes no writes at all (a read-only file system): nothing can change the
-    repository either, so a reader may go on without its lock."""
-
-
 class RangeBeyondEnd(BackendError):
     """A range read asked for bytes past the object's end: the object is shorter than its
     reader was told (a pack cut short, a damaged index record) - a fact about the stored

@@ -36,7 +36,6 @@ from pyvbak.backends.base import (
     ObjectMissing,
     ObjectStream,
     RangeBeyondEnd,
-    ReadOnlyStorage,
     check_stream_name,
     as_buffers,
     out_of_space,
@@ -215,7 +214,7 @@ class LocalBackend(Backend):
         if failed_at != path:
             where = f" at {failed_at}"
         if exc.errno == errno.EROFS:
-            return ReadOnlyStorage(
+            return BackendError(
                 f"cannot write {path} (object {name!r} in local backend {self.location}){where}: "
                 "the repository is on a read-only file system"
             )

@@ -26,25 +26,11 @@ NoLockOption = typer.Option(
 )
 
 
-@contextmanager
 def maybe_lock(repo, no_lock: bool, purpose: str):
-    """The shared lock a reader takes, or nothing with --no-lock; on read-only storage
-    (nothing can change the repository) none, said in a note."""
-    if no_lock:
-        yield None
-        return
-    with noting_read_only(repo, repo.lock(purpose=purpose, clean_stale=False, reader=True)) as lock:
-        yield lock
+    """The shared lock a reader takes, or nothing with --no-lock."""
+    from contextlib import nullcontext
 
-
-@contextmanager
-def noting_read_only(repo, lock):
-    """``lock`` (a reader's), with a note when it went on without one: read-only storage."""
-    with lock as held:
-        if held.read_only_storage:
-            info(f"note: {repo.location} is on a read-only file system: reading it without a lock "
-                 f"(nothing can change it meanwhile)")
-        yield held
+    return nullcontext() if no_lock else repo.lock(purpose=purpose, clean_stale=False, reader=True)
 
 
 def open_repository(location: str | None, *, create_default: bool = False):

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import JsonOption, RepoOption, emit_json, human_bytes, info, noting_read_only, open_repository
+from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository
 
 DryRunNoLockOption = typer.Option(
     False, "--no-lock",
@@ -16,18 +16,15 @@ DryRunNoLockOption = typer.Option(
 
 
 def _lock(r, *, dry_run: bool, no_lock: bool, **kw):
-    """The lock forget or prune takes; a dry run may take none (--no-lock; on read-only
-    storage it takes none by itself), and one that cannot write its lock says --no-lock
-    would do."""
+    """The lock forget or prune takes; a dry run may take none (--no-lock), and one that
+    cannot write its lock says --no-lock would do."""
     from contextlib import nullcontext
 
     from ..errors import UsageError
 
     if no_lock and not dry_run:
         raise UsageError("--no-lock only goes with --dry-run: forget and prune change the repository and need its lock")
-    if no_lock:
-        return nullcontext()
-    return noting_read_only(r, r.lock(reader=True, **kw)) if dry_run else r.lock(**kw)
+    return nullcontext() if no_lock else r.lock(reader=dry_run, **kw)
 
 
 def forget(

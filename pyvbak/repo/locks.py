@@ -20,7 +20,7 @@ import secrets
 import socket
 import time
 
-from ..backends import BackendError, ObjectMissing, ReadOnlyStorage
+from ..backends import BackendError, ObjectMissing
 from ..errors import LockedError, OutOfSpace
 from ..processes import can_judge, identity, owner_alive
 
@@ -42,8 +42,6 @@ class RepositoryLock:
         self.recover = recover  # what the exclusive lock does when it removed stale locks
         self.recovered: list[str] = []
         self.held = False  # between a successful __enter__ and __exit__
-        #: a reader on read-only storage went on without a lock object (nothing can write)
-        self.read_only_storage = False
 
     def _read_all(self) -> dict[str, dict]:
         locks = {}
@@ -120,17 +118,10 @@ class RepositoryLock:
                                      "to only read the repository (restore, verify, a --dry-run)") from None
                 raise OutOfSpace(f"no space left in {where} even for a lock: free space on its filesystem first "
                                  "(prune, too, needs a lock to run)") from None
-            except ReadOnlyStorage:
-                if not self.reader:
-                    raise
-                # A backup disk mounted read-only for a disaster recovery: nothing can
-                # prune it while this reads, which is all a reader's lock is for.
-                self.read_only_storage = True
-                return self
             except BackendError as exc:
                 if not self.reader:
                     raise
-                # e.g. permission denied: others may still write (and prune) the repository
+                # e.g. a backup disk mounted read-only for a disaster recovery
                 raise BackendError(f"{exc}; to only read the repository (restore, verify, a --dry-run), add --no-lock") from None
             other = self._conflict({n: i for n, i in self._read_all().items() if not self._is_stale(i)})
             if other is not None:
@@ -163,8 +154,6 @@ class RepositoryLock:
         """Raise LockedError unless this lock's object is still there.  A writer checks
         before it commits: a lock removed under it ('pyvbak unlock --all', or a prune that
         misjudged it stale) means a prune may have deleted what the commit would reference."""
-        if self.read_only_storage:
-            return  # no lock object, and nothing can have removed one or pruned meanwhile
         if not self.backend.exists(self.name):
             raise LockedError(
                 f"this process's lock on repository {self.backend.location} was removed while it ran "
@@ -178,8 +167,7 @@ class RepositoryLock:
 
     def __exit__(self, *exc) -> None:
         self.held = False
-        if not self.read_only_storage:
-            self._release()
+        self._release()
 
 
 def remove_locks(backend, *, all_hosts: bool = False) -> list[str]:

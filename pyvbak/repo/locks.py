@@ -121,7 +121,10 @@ class RepositoryLock:
             except BackendError as exc:
                 if not self.reader:
                     raise
-                # e.g. a backup disk mounted read-only for a disaster recovery
+                # e.g. a backup disk mounted read-only for a disaster recovery.  Not taken as
+                # leave to go on without the lock: a read-only mount (NFS, a bind mount) says
+                # nothing of the writers elsewhere, whose prune may move blocks meanwhile -
+                # --no-lock is the user's word that none runs (the session-13 review 2).
                 raise BackendError(f"{exc}; to only read the repository (restore, verify, a --dry-run), add --no-lock") from None
             other = self._conflict({n: i for n, i in self._read_all().items() if not self._is_stale(i)})
             if other is not None:

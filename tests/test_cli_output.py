@@ -66,3 +66,16 @@ def test_the_local_cache_is_private(tmp_path):
     assert pyvbak("snapshots", "--repo", repo, PYVBAK_CACHE_DIR=str(cache)).returncode == 0
     (repo_dir,) = [d for d in cache.iterdir() if d.is_dir() and len(d.name) == 32]
     assert repo_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_cache_an_earlier_pyvbak_left_open_is_made_private(tmp_path):
+    img, repo, cache = tmp_path / "d.img", tmp_path / "repo", tmp_path / "cache"
+    img.write_bytes(random_bytes(MiB, seed=9))
+    assert pyvbak("init", repo).returncode == 0
+    assert pyvbak("backup", img, "--repo", repo, "--vm", "v", PYVBAK_CACHE_DIR=str(cache)).returncode == 0
+    assert pyvbak("snapshots", "--repo", repo, PYVBAK_CACHE_DIR=str(cache)).returncode == 0
+    (repo_dir,) = [d for d in cache.iterdir() if d.is_dir() and len(d.name) == 32]
+    repo_dir.chmod(0o755)  # as an earlier pyvbak made it
+    img.write_bytes(random_bytes(MiB, seed=10))
+    assert pyvbak("backup", img, "--repo", repo, "--vm", "v", PYVBAK_CACHE_DIR=str(cache)).returncode == 0
+    assert repo_dir.stat().st_mode & 0o777 == 0o700

@@ -59,6 +59,8 @@ def mark_used(repo_id: str) -> None:
         return
     try:
         os.utime(d)
+        if os.stat(d).st_mode & 0o077:  # made by an earlier pyvbak (0755): private now
+            os.chmod(d, 0o700)
     except OSError:
         pass
     if _expired_once:
@@ -127,7 +129,7 @@ class SnapshotMetaCache:
             # dumps, not dump: json.dump streams through the pure-Python encoder (2000
             # snapshots: 43 ms vs 16 ms), and this runs on every backup's first listing
             doc = json.dumps({"format": SNAPSHOTS_FORMAT, "repository": self.repo_id, "metas": metas})
-            with open(tmp, "w") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
                 f.write(doc)
             os.replace(tmp, self.path)
         except OSError:

@@ -213,7 +213,7 @@ case $snap in
     if grep -q "^$zero " "$tmp/cands" && grep -q -v "^$zero " "$tmp/cands"; then
       # snapshots an older pyvbak made (no sequence) among numbered ones: each comes after
       # the numbered ones made before it by time, as pyvbak places them
-      sort -k2,2 "$tmp/cands" > "$tmp/cands.t" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+      sort -k2,2 -k3,3 "$tmp/cands" > "$tmp/cands.t" || die "sort failed (is ${TMPDIR:-/tmp} full?)"  # time, then id
       run=$zero
       : > "$tmp/cands"
       while read -r q t rest; do

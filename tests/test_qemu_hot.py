@@ -1099,3 +1099,27 @@ def test_a_disabled_bitmap_is_enabled_again_only_on_evidence_of_that_disk_and_ru
         assert "re-enabled" in " ".join(cleaned) and vm.bitmaps()["pyvbak-gen-1"]["recording"]
     finally:
         qmp.close()
+
+
+def test_another_vms_backup_leaves_a_killed_runs_journal_for_its_own_vm(vm, work, tmp_path):
+    """One work dir serves every VM: VM b's backup removed the files of VM a's killed run,
+    its journal too - the evidence that the run disabled a's bitmap - and a's next backup
+    became a full scan (review 2).  b's backup now leaves a's journal for a's next run."""
+    s1, _ = backup(vm, work)
+    vm.write(0, b"a" * K64)
+    p = start_child(vm, work, s1.change_tracking_state)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    other = FakeVM(tmp_path / "vm-b").start()
+    try:
+        backup(other, work)  # VM b, same work dir
+    finally:
+        other.stop()
+    assert [f.name for f in work.iterdir() if f.name.endswith(".json")], "a's journal is gone"
+    with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
+        assert s.fallback_reason is None, s.fallback_reason
+        with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
+            assert src.change_tracking(s1.change_tracking_state).extents == [(0, K64)]
+        s.commit()
+    assert_clean(vm, work)

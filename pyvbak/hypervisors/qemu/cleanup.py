@@ -157,14 +157,16 @@ def journal_owners(files: list[Path]) -> dict[str, dict]:
 
 
 def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_bitmap: str | None,
-                    own_run: str | None = None, node_infos: list[dict] | None = None) -> list[str]:
+                    own_run: str | None = None, node_infos: list[dict] | None = None,
+                    this_vm: str | None = None) -> list[str]:
     """Remove every pyvbak resource of a dead run; return one line per thing cleaned.
 
     ``previous_bitmap`` is the bitmap the last good backup recorded: other
     ``pyvbak-gen-N`` bitmaps on ``node`` are either merged into it (newer: a run that
     rotated and died) or dropped (older: a run that committed and died before deleting it).
     ``node_infos``: ``named_nodes(qmp)`` as the caller asked it moments ago, if it did (one
-    QMP round trip less on every backup).
+    QMP round trip less on every backup).  ``this_vm``: the QMP socket of the session; dead
+    runs' journals of other VMs stay (keep_other_disks_journals).
     """
     cleaned: list[str] = []
     work_dir = Path(work_dir)
@@ -227,6 +229,8 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
             remove_node(qmp, n)
             cleaned.append(f"fleecing node {n}")
     leftover_files = [p for p in files if mine(p.name)]
+    if this_vm is not None:
+        leftover_files = keep_other_disks_journals(leftover_files, "qmp", this_vm)
     if leftover_files:  # (the common case has none: no query then)
         still_open = {str(n.get("file", "")) for n in named_nodes(qmp)}
         cleaned += clean_files([p for p in leftover_files if str(p) not in still_open])
@@ -423,6 +427,33 @@ def _stopped_within(pid: int, seconds: float) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+#: a dead run's journal of another VM or image is kept this long for that disk's next run
+OTHER_JOURNAL_KEEP_S = 30 * 86400
+
+
+def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[Path]:
+    """``paths`` (a dead run's work-dir files) less the journals of runs on another disk
+    (``journal[key]`` - "qmp" for running VMs, "image" for offline ones - not ``value``),
+    younger than OTHER_JOURNAL_KEEP_S: the work dir is shared by every VM, and a journal
+    is the evidence on which that disk's next run enables again the bitmap the dead run
+    disabled - one VM's backup removing another's turned that VM's next incremental into a
+    full scan (the session-13 review 2).  Its other files go (a fleecing file is the size
+    of the guest's writes); the journal goes with its own disk's next run, or with age."""
+    out = []
+    now = time.time()
+    for p in paths:
+        if p.name.endswith(".json"):
+            journal = read_journal(p) or {}
+            try:
+                young = now - p.stat().st_mtime < OTHER_JOURNAL_KEEP_S
+            except OSError:
+                young = False
+            if young and key in journal and str(journal.get(key)) != value:
+                continue
+        out.append(p)
+    return out
 
 
 def clean_files(paths: list[Path]) -> list[str]:

@@ -231,7 +231,7 @@ class QemuHotBackup(ExportSession):
         bitmaps_before = {node: cleanup.gen_bitmaps(info) for node, info in infos.items()}
         # (a) leftovers of a killed run, before anything else
         self.cleaned_leftovers = cleanup.clean_leftovers(qmp, self.work_dir, None, None, own_run=self.names.run,
-                                                         node_infos=node_infos)
+                                                         node_infos=node_infos, this_vm=str(self.qmp_path))
         if self.cleaned_leftovers:  # nodes may have gone: ask again
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
         # devices are resolved to nodes now, with no leftover filter above a disk's node

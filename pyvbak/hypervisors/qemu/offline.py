@@ -149,7 +149,7 @@ class QemuOfflineImage(ExportSession):
         dead = cleanup.dead_run_files(self.work_dir, self.run)
         # which bitmaps a killed run had disabled itself (read before its journal goes)
         self._disabled_by_dead_runs = _disabled_by(dead, self.path)
-        self.cleaned_leftovers = cleanup.clean_files(dead)
+        self.cleaned_leftovers = cleanup.clean_files(cleanup.keep_other_disks_journals(dead, "image", str(self.path)))
         # who runs this run, before any other file of it (and before the image's bitmaps
         # change): another pyvbak sharing the work dir judges it by this, not by its pid
         self._write_journal()

@@ -297,17 +297,30 @@ def test_restore_sh_under_paths_sha256sum_escapes(setup, tmp_path, odd):
 def test_restore_sh_removes_what_a_killed_run_left_in_tmpdir(setup, tmp_path):
     """A restore.sh killed with SIGKILL runs no trap: its temporary directory (block lists,
     decompressed blocks) stayed for good (the session-13 nights audit).  The next run
-    removes those of its pid namespace whose process is gone, and nothing else."""
+    removes those of its machine and pid namespace whose process is gone, and nothing
+    else (another host sharing TMPDIR has its own)."""
     repo, snaps, _ = setup
     sid, copy = snaps[0]
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    ns = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    import hashlib
+
+    def first_line(path):
+        try:
+            with open(path) as f:
+                return f.readline().rstrip("\n")
+        except OSError:
+            return ""
+
+    # the scope restore.sh names its directory after: machine, host name, pid namespace
+    scope = hashlib.sha256("|".join([first_line("/etc/machine-id"), first_line("/proc/sys/kernel/hostname"),
+                                     os.readlink("/proc/self/ns/pid")]).encode()).hexdigest()[:8]
     p = subprocess.Popen(["true"])  # a pid that has just ended
     p.wait()
-    left = tmpdir / f"pyvbak-restore.{ns}.{p.pid}.AbCdEf"
-    live = tmpdir / f"pyvbak-restore.{ns}.{os.getpid()}.GhIjKl"
-    other_ns = tmpdir / f"pyvbak-restore.1{ns}.{p.pid}.MnOpQr"
+    left = tmpdir / f"pyvbak-restore.{scope}.{p.pid}.AbCdEf"
+    live = tmpdir / f"pyvbak-restore.{scope}.{os.getpid()}.GhIjKl"
+    other = ("1" if scope[0] == "0" else "0") + scope[1:]  # another host's, or container's
+    other_ns = tmpdir / f"pyvbak-restore.{other}.{p.pid}.MnOpQr"
     for d in (left, live, other_ns):
         d.mkdir()
         (d / "blocks").write_bytes(b"x" * 100)

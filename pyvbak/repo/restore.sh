@@ -133,20 +133,30 @@ if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
   die "$part exists (left by an interrupted restore, or another restore is writing it): remove it first"
 fi
 
-# The temporary directory is named after this pid namespace and process, so that one a
-# restore.sh killed with SIGKILL left (no trap runs then: block lists and decompressed
-# blocks, GiB for a large disk) is recognised and removed by the next run, here.
-ns=$(readlink /proc/self/ns/pid 2>/dev/null | tr -cd 0-9) || ns=
-if [ -n "$ns" ] && [ -d /proc/self ]; then
-  for d in "${TMPDIR:-/tmp}/pyvbak-restore.$ns."*; do
+# The temporary directory is named after this machine and pid namespace (a scope: a TMPDIR
+# on a share is seen by other hosts, and the initial pid namespace is alike on all of
+# them) and this process, so that one a restore.sh killed with SIGKILL left (no trap runs
+# then: block lists and decompressed blocks, GiB for a large disk) is recognised and
+# removed by the next run of the same scope, here - only where /proc shows this pid
+# namespace's processes (not so under 'unshare -p' without its own /proc).
+scope=
+ns=$(readlink /proc/self/ns/pid 2>/dev/null) || ns=
+if [ -n "$ns" ] && [ "$(readlink "/proc/$$/ns/pid" 2>/dev/null)" = "$ns" ]; then
+  mid=$(head -n 1 /etc/machine-id 2>/dev/null) || mid=
+  hn=$(head -n 1 /proc/sys/kernel/hostname 2>/dev/null) || hn=
+  scope=$(printf '%s|%s|%s' "$mid" "$hn" "$ns" | sha256sum | cut -c1-8) || scope=
+  case $scope in *[!0-9a-f]*) scope= ;; ????????) ;; *) scope= ;; esac  # 8 hex digits or none
+fi
+if [ -n "$scope" ]; then
+  for d in "${TMPDIR:-/tmp}/pyvbak-restore.$scope."*; do
     [ -d "$d" ] || continue
-    pid=${d#"${TMPDIR:-/tmp}/pyvbak-restore.$ns."}
+    pid=${d#"${TMPDIR:-/tmp}/pyvbak-restore.$scope."}
     pid=${pid%%.*}
     case $pid in '' | *[!0-9]*) continue ;; esac
     [ -d "/proc/$pid" ] || rm -rf "$d" 2>/dev/null || :
   done
 fi
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.${ns:-0}.$$.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp} (set TMPDIR to a writable directory)"
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.${scope:-x}.$$.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp} (set TMPDIR to a writable directory)"
 made_part=
 cleanup() {
   rm -rf "$tmp"

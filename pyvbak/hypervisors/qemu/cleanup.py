@@ -251,29 +251,31 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     return cleaned
 
 
-def bitmaps_disabled_by(files: list[Path]) -> set[tuple[str, str, str]]:
-    """(node, bitmap disabled, bitmap made) for each disk whose run's journal among
-    ``files`` (work-dir files) says its rotating transaction disabled a bitmap
-    (``disables``) as it made a new one (``new_bitmap``): the evidence on which a dead
-    run's disabled bitmap is enabled again.  Read before the files are cleaned away."""
-    out: set[tuple[str, str, str]] = set()
+def bitmaps_disabled_by(files: list[Path]) -> set[tuple[str, str]]:
+    """(bitmap disabled, bitmap made) for each disk whose run's journal among ``files``
+    (work-dir files) says its rotating transaction disabled a bitmap (``disables``) as it
+    made a new one (``new_bitmap``): the evidence on which a dead run's disabled bitmap is
+    enabled again.  Not keyed by node: a restart may rename a disk's node, and the made
+    bitmap's random token already names the disk and the run.  Read before the files are
+    cleaned away."""
+    out: set[tuple[str, str]] = set()
     for p in files:
         if not p.name.endswith(".json"):
             continue
         journal = read_journal(p) or {}
         for disk in journal.get("disks") or []:
-            if isinstance(disk, dict) and all(isinstance(disk.get(k), str) for k in ("node", "disables", "new_bitmap")):
-                out.add((disk["node"], disk["disables"], disk["new_bitmap"]))
+            if isinstance(disk, dict) and all(isinstance(disk.get(k), str) for k in ("disables", "new_bitmap")):
+                out.add((disk["disables"], disk["new_bitmap"]))
     return out
 
 
 def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info: dict | None = None,
-                   disabled_by_runs: set[tuple[str, str, str]] | frozenset = frozenset()) -> list[str]:
+                   disabled_by_runs: set[tuple[str, str]] | frozenset = frozenset()) -> list[str]:
     """Merge a dead run's newer bitmap generations of ``node`` into ``previous_bitmap`` and
     drop stale ones (see clean_leftovers); ``info``: the node's current query-named-block-
     nodes entry, if the caller has it.  ``previous_bitmap`` is enabled again only when a
-    run's journal says that run disabled it on this node as it made one of the bitmaps
-    merged back now (``disabled_by_runs``, from bitmaps_disabled_by): one disabled before
+    run's journal says that run disabled it as it made one of the bitmaps merged back now
+    (``disabled_by_runs``, from bitmaps_disabled_by): one disabled before
     the run missed writes, and enabled it would be trusted (the session-13 reviews found
     that a silently wrong incremental - also on the evidence of a stale journal, or of
     another disk's bitmap of the same old, token-less name)."""
@@ -290,8 +292,7 @@ def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info:
     if newer and prev is not None and not prev.get("busy"):
         actions = [{"type": "block-dirty-bitmap-merge",
                     "data": {"node": node, "target": previous_bitmap, "bitmaps": newer}}]
-        enable = not prev.get("recording") and any(
-            (node, previous_bitmap, b) in disabled_by_runs for b in newer)
+        enable = not prev.get("recording") and any((previous_bitmap, b) in disabled_by_runs for b in newer)
         if enable:
             actions.append({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": previous_bitmap}})
         actions += [{"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": b}} for b in newer]

@@ -337,3 +337,47 @@ def test_two_disks_that_would_share_a_name_are_refused():
     ])
     with pytest.raises(SourceError, match="would share a name"):
         resolve(clash, "/q.sock", [], {"n1", "n2"})
+
+
+KILLED_MULTIDISK_RUN = r"""
+import json, sys, time
+from pyvbak.hypervisors.qemu import QemuHotBackup
+with QemuHotBackup(sys.argv[1], previous_states=json.loads(sys.argv[3]), work_dir=sys.argv[2]) as s:
+    print("READY", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_backup_of_some_disks_leaves_the_killed_runs_evidence_for_the_others(tmp_path):
+    """A two-disk run killed after its rotation, then a backup of disk0 alone (a data disk
+    on its own schedule): its cleanup removed the killed run's journal, the only evidence
+    that the run disabled disk1's bitmap itself, and disk1's next backup scanned the whole
+    disk (the session-13 review 3).  The journal now stays until every disk it names is
+    settled."""
+    work = tmp_path / "work"
+    vm = FakeVM(tmp_path / "vm", disks=2).start()
+    try:
+        with QemuHotBackup(vm.all_disks_uri, previous_states={}, work_dir=work) as s:
+            for d in s.disks:
+                d.commit()
+        states = {d.name: dict(d.change_tracking_state) for d in s.disks}
+        p = subprocess.Popen([sys.executable, "-c", KILLED_MULTIDISK_RUN, vm.all_disks_uri, str(work),
+                              json.dumps(states)], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+        assert p.stdout.readline().startswith("READY")
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        p.stdout.close()
+        with QemuHotBackup(vm.all_disks_uri.split("?")[0] + "?node=disk0", previous_state=states["disk0"],
+                           work_dir=work) as s:
+            assert s.fallback_reason is None, s.fallback_reason
+            s.commit()
+        states["disk0"] = s.change_tracking_state
+        assert [f for f in work.iterdir() if f.name.endswith(".json")], "the killed run's journal is gone"
+        with QemuHotBackup(vm.all_disks_uri, previous_states=states, work_dir=work) as s:
+            assert [d.fallback_reason for d in s.disks] == [None, None]
+            for d in s.disks:
+                d.commit()
+        assert not list(work.iterdir())  # used, the journal went
+    finally:
+        vm.stop()

@@ -165,8 +165,9 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     ``pyvbak-gen-N`` bitmaps on ``node`` are either merged into it (newer: a run that
     rotated and died) or dropped (older: a run that committed and died before deleting it).
     ``node_infos``: ``named_nodes(qmp)`` as the caller asked it moments ago, if it did (one
-    QMP round trip less on every backup).  ``this_vm``: the QMP socket of the session; dead
-    runs' journals of other VMs stay (keep_other_disks_journals).
+    QMP round trip less on every backup).  ``this_vm``: the QMP socket of a backup session:
+    dead runs' journals stay - other VMs' for theirs (keep_other_disks_journals), this
+    VM's until the session has settled its disks' bitmaps (drop_settled_journals).
     """
     cleaned: list[str] = []
     work_dir = Path(work_dir)
@@ -230,7 +231,8 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
             cleaned.append(f"fleecing node {n}")
     leftover_files = [p for p in files if mine(p.name)]
     if this_vm is not None:
-        leftover_files = keep_other_disks_journals(leftover_files, "qmp", this_vm)
+        leftover_files = [p for p in keep_other_disks_journals(leftover_files, "qmp", this_vm)
+                          if not (p.name.endswith(".json") and str((read_journal(p) or {}).get("qmp")) == this_vm)]
     if leftover_files:  # (the common case has none: no query then)
         still_open = {str(n.get("file", "")) for n in named_nodes(qmp)}
         cleaned += clean_files([p for p in leftover_files if str(p) not in still_open])
@@ -455,6 +457,30 @@ def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[P
                 continue
         out.append(p)
     return out
+
+
+def drop_settled_journals(work_dir: Path, own_run: str, this_vm: str, nodes: set[str]) -> list[str]:
+    """Dead runs' journals of this VM whose every disk this session has settled: their
+    evidence is used.  One naming a disk this session does not back up (a run of some of
+    a killed multi-disk run's disks) stays for that disk's next run (or OTHER_JOURNAL_KEEP_S)."""
+    now = time.time()
+    dropped = []
+    for p in work_dir.glob(f"{PREFIX}*.json"):
+        run = run_of(p.name)
+        if run is None or run == own_run:
+            continue
+        journal = read_journal(p) or {}
+        if str(journal.get("qmp")) != this_vm:
+            continue
+        named = {d.get("node") for d in journal.get("disks") or [] if isinstance(d, dict)}
+        try:
+            old = now - p.stat().st_mtime >= OTHER_JOURNAL_KEEP_S
+            if named <= nodes or old:
+                p.unlink()
+                dropped.append(f"file {p}")
+        except OSError:
+            pass
+    return dropped
 
 
 def clean_files(paths: list[Path]) -> list[str]:

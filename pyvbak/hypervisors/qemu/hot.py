@@ -246,6 +246,9 @@ class QemuHotBackup(ExportSession):
         for d in self.disks:
             settled += cleanup.settle_bitmaps(qmp, d.node, (d.previous_state or {}).get("bitmap"), infos.get(d.node),
                                               disabled_by_runs)
+        # the evidence is used: this VM's dead journals whose every disk was settled now go
+        self.cleaned_leftovers += cleanup.drop_settled_journals(self.work_dir, self.names.run, str(self.qmp_path),
+                                                                {d.node for d in self.disks})
         if settled:  # bitmaps were merged or removed: ask again
             self.cleaned_leftovers += settled
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}

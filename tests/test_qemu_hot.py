@@ -1123,3 +1123,24 @@ def test_another_vms_backup_leaves_a_killed_runs_journal_for_its_own_vm(vm, work
             assert src.change_tracking(s1.change_tracking_state).extents == [(0, K64)]
         s.commit()
     assert_clean(vm, work)
+
+
+def test_an_offline_backup_leaves_a_killed_hot_runs_journal(vm, work, tmp_path):
+    """The same work dir serves offline images: their cleanup removed a running VM's
+    killed run's journal, and the VM's next backup scanned the whole disk."""
+    from pyvbak.hypervisors.qemu import QemuOfflineImage
+
+    s1, _ = backup(vm, work)
+    vm.write(0, b"o" * K64)
+    p = start_child(vm, work, s1.change_tracking_state)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    img = tmp_path / "other.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    with QemuOfflineImage(img, previous_state=None, work_dir=work) as o:
+        o.commit()
+    with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
+        assert s.fallback_reason is None, s.fallback_reason
+        s.commit()
+    assert_clean(vm, work)

@@ -438,7 +438,8 @@ OTHER_JOURNAL_KEEP_S = 30 * 86400
 
 def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[Path]:
     """``paths`` (a dead run's work-dir files) less the journals of runs on another disk
-    (``journal[key]`` - "qmp" for running VMs, "image" for offline ones - not ``value``),
+    (``journal[key]`` - "qmp" for running VMs, "image" for offline ones - not ``value``,
+    or a journal of the other kind),
     younger than OTHER_JOURNAL_KEEP_S: the work dir is shared by every VM, and a journal
     is the evidence on which that disk's next run enables again the bitmap the dead run
     disabled - one VM's backup removing another's turned that VM's next incremental into a
@@ -453,7 +454,8 @@ def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[P
                 young = now - p.stat().st_mtime < OTHER_JOURNAL_KEEP_S
             except OSError:
                 young = False
-            if young and key in journal and str(journal.get(key)) != value:
+            other_kind = any(k in journal for k in ("qmp", "image") if k != key)  # a hot run's, an offline one's
+            if young and ((key in journal and str(journal[key]) != value) or other_kind):
                 continue
         out.append(p)
     return out

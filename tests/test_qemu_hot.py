@@ -1144,3 +1144,70 @@ def test_an_offline_backup_leaves_a_killed_hot_runs_journal(vm, work, tmp_path):
         assert s.fallback_reason is None, s.fallback_reason
         s.commit()
     assert_clean(vm, work)
+
+
+def test_a_kept_journal_of_another_containers_run_blocks_no_backup(vm, work):
+    """A dead run's journal of another VM stays in the shared work dir for that VM's next
+    run; written in another container, it cannot be judged from here, and every backup
+    refused as if that run were active on this VM (the session-13 review 4)."""
+    import json
+
+    from pyvbak import processes
+
+    work.mkdir(parents=True, exist_ok=True)
+    run = "4194301-abcd"
+    journal = {"run": run, "pid": 4194301, "owner": {**processes.identity(), "pidns": "pid:[1]"},
+               "qmp": "/elsewhere/other-vm/qmp.sock",
+               "disks": [{"node": "disk0", "disables": "pyvbak-gen-1-00000000", "new_bitmap": "pyvbak-gen-2-00000000"}]}
+    (work / f"pyvbak-{run}.json").write_text(json.dumps(journal))
+    s1, _ = backup(vm, work)  # refused before
+    assert s1.change_tracking_state["bitmap"]
+    assert (work / f"pyvbak-{run}.json").exists()  # still there for its own VM's next run
+
+
+def _settle(bitmaps: dict, previous: str, evidence) -> tuple[list, list]:
+    """cleanup.settle_bitmaps against a node holding ``bitmaps`` (name -> flags): (the
+    QMP commands it sent, the lines it returned)."""
+    from pyvbak.hypervisors.qemu import cleanup
+
+    sent = []
+
+    class Recorder:
+        def execute(self, cmd, **args):
+            sent.append((cmd, args))
+
+    info = {"node-name": "disk0", "dirty-bitmaps": [{"name": n, **f} for n, f in bitmaps.items()]}
+    return sent, cleanup.settle_bitmaps(Recorder(), "disk0", previous, info, evidence)
+
+
+def test_a_killed_runs_bitmap_that_stopped_recording_keeps_the_previous_one_disabled():
+    """The killed run disabled X and made Y; someone then disabled Y: merged back, X
+    was enabled and trusted, and the writes while Y was disabled were missing (review 4)."""
+    ev = {("pyvbak-gen-1-aaaaaaaa", "pyvbak-gen-2-bbbbbbbb")}
+    sent, _ = _settle({"pyvbak-gen-1-aaaaaaaa": {"recording": False}, "pyvbak-gen-2-bbbbbbbb": {"recording": False}},
+                      "pyvbak-gen-1-aaaaaaaa", ev)
+    actions = [a["type"] for cmd, args in sent if cmd == "transaction" for a in args["actions"]]
+    assert "block-dirty-bitmap-merge" in actions and "block-dirty-bitmap-enable" not in actions
+    sent, _ = _settle({"pyvbak-gen-1-aaaaaaaa": {"recording": False}, "pyvbak-gen-2-bbbbbbbb": {"recording": True}},
+                      "pyvbak-gen-1-aaaaaaaa", ev)
+    actions = [a["type"] for cmd, args in sent if cmd == "transaction" for a in args["actions"]]
+    assert "block-dirty-bitmap-enable" in actions  # it kept recording: the evidence holds
+
+
+def test_inconsistent_bitmaps_are_not_merged():
+    """After a QEMU crash both bitmaps came back inconsistent: QEMU refuses the merge, and
+    every backup of the VM failed on it (review 4).  The newer ones are removed instead."""
+    for flags in ({"pyvbak-gen-1-aaaaaaaa": {"inconsistent": True}, "pyvbak-gen-2-bbbbbbbb": {"inconsistent": True}},
+                  {"pyvbak-gen-1-aaaaaaaa": {"recording": True}, "pyvbak-gen-2-bbbbbbbb": {"inconsistent": True}}):
+        sent, _ = _settle(flags, "pyvbak-gen-1-aaaaaaaa", set())
+        assert [cmd for cmd, _ in sent] == ["block-dirty-bitmap-remove"]
+        assert sent[0][1]["name"] == "pyvbak-gen-2-bbbbbbbb"
+
+
+def test_garbage_journals_in_the_work_dir_are_no_traceback(vm, work):
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "pyvbak-4194302-abcd.json").write_text('{"disks": 5, "qmp": 7}')
+    (work / "pyvbak-4194303-abcd.json").write_text('{"disks": [{"node": [1], "disables": 3}], "qmp": "%s"}'
+                                                   % vm.qmp_path)
+    (work / "pyvbak-4194304-abcd.json").write_text("not json")
+    backup(vm, work)

@@ -313,7 +313,8 @@ def test_restore_sh_removes_what_a_killed_run_left_in_tmpdir(setup, tmp_path):
             return ""
 
     # the scope restore.sh names its directory after: machine, host name, pid namespace
-    scope = hashlib.sha256("|".join([first_line("/etc/machine-id"), first_line("/proc/sys/kernel/hostname"),
+    machine = first_line("/etc/machine-id") or first_line("/proc/sys/kernel/random/boot_id")
+    scope = hashlib.sha256("|".join([machine, first_line("/proc/sys/kernel/hostname"),
                                      os.readlink("/proc/self/ns/pid")]).encode()).hexdigest()[:8]
     p = subprocess.Popen(["true"])  # a pid that has just ended
     p.wait()

@@ -143,6 +143,9 @@ scope=
 ns=$(readlink /proc/self/ns/pid 2>/dev/null) || ns=
 if [ -n "$ns" ] && [ "$(readlink "/proc/$$/ns/pid" 2>/dev/null)" = "$ns" ]; then
   mid=$(head -n 1 /etc/machine-id 2>/dev/null) || mid=
+  # no machine id (Alpine, a rescue shell): this boot's id tells hosts apart (a directory
+  # from before a reboot is then left alone: safe, not tidy)
+  [ -n "$mid" ] || mid=$(head -n 1 /proc/sys/kernel/random/boot_id 2>/dev/null) || mid=
   hn=$(head -n 1 /proc/sys/kernel/hostname 2>/dev/null) || hn=
   scope=$(printf '%s|%s|%s' "$mid" "$hn" "$ns" | sha256sum | cut -c1-8) || scope=
   case $scope in *[!0-9a-f]*) scope= ;; ????????) ;; *) scope= ;; esac  # 8 hex digits or none

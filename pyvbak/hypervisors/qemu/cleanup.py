@@ -187,6 +187,15 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     # it was removed, and the NBD server it was served on stopped under another tool.
     evidence = {run for run in locks.values() if run is not None} | {run_of(p.name) for p in files}
     runs = ({run_of(x) for x in exports + jobs + nodes + [p.name for p in files]} & evidence) - {None, own_run}
+    if this_vm is not None:
+        # A run known here by a kept journal alone - another VM's or image's dead run,
+        # left for its own disk's next run (keep_other_disks_journals) - holds nothing of
+        # this VM's and is no session on it: not judged (from another container it could
+        # not be, and every backup refused as if it were active: review 4).
+        kept = set(files) - set(keep_other_disks_journals(files, "qmp", this_vm))
+        in_vm = {run_of(x) for x in exports + jobs + nodes} | set(locks.values())
+        runs -= {r for r in (run_of(p.name) for p in kept)
+                 if r not in in_vm and all(q in kept for q in files if run_of(q.name) == r)}
     owners = journal_owners(files)
     for lock, run in locks.items():
         if run is not None and run != own_run:
@@ -264,11 +273,16 @@ def bitmaps_disabled_by(files: list[Path]) -> set[tuple[str, str]]:
     for p in files:
         if not p.name.endswith(".json"):
             continue
-        journal = read_journal(p) or {}
-        for disk in journal.get("disks") or []:
-            if isinstance(disk, dict) and all(isinstance(disk.get(k), str) for k in ("disables", "new_bitmap")):
+        for disk in journal_disks(read_journal(p) or {}):
+            if all(isinstance(disk.get(k), str) for k in ("disables", "new_bitmap")):
                 out.add((disk["disables"], disk["new_bitmap"]))
     return out
+
+
+def journal_disks(journal: dict) -> list[dict]:
+    """A journal's ``disks`` entries that are objects (a damaged journal has none)."""
+    disks = journal.get("disks")
+    return [d for d in disks if isinstance(d, dict)] if isinstance(disks, list) else []
 
 
 def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info: dict | None = None,
@@ -291,10 +305,18 @@ def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info:
     newer = [b for b in bitmaps if b != previous_bitmap and prev_gen is not None
              and (generation_of(b) or 0) > prev_gen and not bitmaps[b].get("busy")]
     others = [b for b in bitmaps if b != previous_bitmap and b not in newer and not bitmaps[b].get("busy")]
-    if newer and prev is not None and not prev.get("busy"):
+    if newer and prev is not None and (prev.get("inconsistent") or any(bitmaps[b].get("inconsistent") for b in newer)):
+        # QEMU refuses to merge an inconsistent bitmap (a crash): every backup failed on it.
+        # None of them can be trusted anyway: the newer ones go, the previous one stays for
+        # the check that makes this backup a full scan (and is retired when it commits).
+        others += newer
+    elif newer and prev is not None and not prev.get("busy"):
         actions = [{"type": "block-dirty-bitmap-merge",
                     "data": {"node": node, "target": previous_bitmap, "bitmaps": newer}}]
-        enable = not prev.get("recording") and any((previous_bitmap, b) in disabled_by_runs for b in newer)
+        # ... and only when every generation merged back kept recording since: one disabled
+        # after the run died (by someone else) missed writes too (the session-13 review 4)
+        enable = (not prev.get("recording") and any((previous_bitmap, b) in disabled_by_runs for b in newer)
+                  and all(bitmaps[b].get("recording") for b in newer))
         if enable:
             actions.append({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": previous_bitmap}})
         actions += [{"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": b}} for b in newer]
@@ -464,7 +486,8 @@ def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[P
 def drop_settled_journals(work_dir: Path, own_run: str, this_vm: str, nodes: set[str]) -> list[str]:
     """Dead runs' journals of this VM whose every disk this session has settled: their
     evidence is used.  One naming a disk this session does not back up (a run of some of
-    a killed multi-disk run's disks) stays for that disk's next run (or OTHER_JOURNAL_KEEP_S)."""
+    a killed multi-disk run's disks) stays for that disk's next run; any kept journal
+    (another VM's too, which may be gone for good) goes after OTHER_JOURNAL_KEEP_S."""
     now = time.time()
     dropped = []
     for p in work_dir.glob(f"{PREFIX}*.json"):
@@ -472,12 +495,10 @@ def drop_settled_journals(work_dir: Path, own_run: str, this_vm: str, nodes: set
         if run is None or run == own_run:
             continue
         journal = read_journal(p) or {}
-        if str(journal.get("qmp")) != this_vm:
-            continue
-        named = {d.get("node") for d in journal.get("disks") or [] if isinstance(d, dict)}
+        named = {str(d.get("node")) for d in journal_disks(journal)}
         try:
-            old = now - p.stat().st_mtime >= OTHER_JOURNAL_KEEP_S
-            if named <= nodes or old:
+            old = now - p.stat().st_mtime >= OTHER_JOURNAL_KEEP_S  # any VM's: its own may be gone
+            if old or (str(journal.get("qmp")) == this_vm and named <= nodes):
                 p.unlink()
                 dropped.append(f"file {p}")
         except OSError:

@@ -173,29 +173,21 @@ class LocalBackend(Backend):
             return None
         return self._shared
 
-    def _share_fd(self, fd: int) -> None:
-        """A new file (by descriptor) made as ``_sharing`` says - best effort: a file
-        system without owners or modes (vfat) refuses, and the object is written anyway."""
+    def _share(self, target, *, directory: bool = False) -> None:
+        """A new file (by descriptor) or directory (by path) made as ``_sharing`` says -
+        best effort: a file system without owners or modes (vfat) refuses, and the object
+        is written anyway."""
         shared = self._sharing()
-        if shared is not None:
-            f_mode, _, uid, gid = shared
-            try:
-                if uid != -1:
-                    os.fchown(fd, uid, gid)
-                os.fchmod(fd, f_mode)
-            except OSError:
-                pass
-
-    def _share_dir(self, path: str) -> None:
-        shared = self._sharing()
-        if shared is not None:
-            _, d_mode, uid, gid = shared
-            try:
-                if uid != -1:
-                    os.chown(path, uid, gid)
-                os.chmod(path, d_mode)
-            except OSError:
-                pass
+        if shared is None:
+            return
+        f_mode, d_mode, uid, gid = shared
+        chown, chmod = (os.chown, os.chmod) if directory else (os.fchown, os.fchmod)
+        try:
+            if uid != -1:
+                chown(target, uid, gid)
+            chmod(target, d_mode if directory else f_mode)
+        except OSError:
+            pass
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -259,7 +251,7 @@ class LocalBackend(Backend):
                     raise NotADirectoryError(errno.ENOTDIR, "an object exists where a directory is needed", d)
                 continue  # a concurrent writer created it (and fsyncs its parent)
             if d != self.root:
-                self._share_dir(d)
+                self._share(d, directory=True)
             # the new entry must survive a crash before anything inside it relies on it
             self._fsync_dir(os.path.dirname(d))
 
@@ -273,7 +265,7 @@ class LocalBackend(Backend):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, self.file_mode)
             try:
-                self._share_fd(fd)
+                self._share(fd)
                 if not (self.direct_io and total >= DIRECT_MIN_BYTES and self._write_direct(fd, tmp, views, total)):
                     direct_stats["buffered"] += 1
                     for view in views:
@@ -655,7 +647,7 @@ class _LocalObjectStream(ObjectStream):
             with _live_lock:
                 _live_temps.add(self._tmp)
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, backend.file_mode)
-            backend._share_fd(self._fd)
+            backend._share(self._fd)
         except OSError as exc:
             self.abort()
             raise backend._error(exc, folder, self._dir, "creating a temp file in") from exc

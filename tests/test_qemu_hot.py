@@ -1159,10 +1159,27 @@ def test_a_kept_journal_of_another_containers_run_blocks_no_backup(vm, work):
     journal = {"run": run, "pid": 4194301, "owner": {**processes.identity(), "pidns": "pid:[1]"},
                "qmp": "/elsewhere/other-vm/qmp.sock",
                "disks": [{"node": "disk0", "disables": "pyvbak-gen-1-00000000", "new_bitmap": "pyvbak-gen-2-00000000"}]}
-    (work / f"pyvbak-{run}.json").write_text(json.dumps(journal))
+    kept = work / f"pyvbak-{run}.json"
+    kept.write_text(json.dumps(journal))
     s1, _ = backup(vm, work)  # refused before
     assert s1.change_tracking_state["bitmap"]
-    assert (work / f"pyvbak-{run}.json").exists()  # still there for its own VM's next run
+    assert kept.exists()  # still there for its own VM's next run
+    # an offline backup in the same work dir is not refused either (review 5)
+    from pyvbak.hypervisors.qemu import QemuOfflineImage
+
+    img = work.parent / "offline.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    with QemuOfflineImage(img, previous_state=None, work_dir=work) as o:
+        o.commit()
+    assert kept.exists()
+    # once 30 days old it goes, and is no reason to refuse on the way (review 5)
+    import time
+
+    old = time.time() - 31 * 86400
+    os.utime(kept, (old, old))
+    backup(vm, work)
+    backup(vm, work)
+    assert not kept.exists()
 
 
 def _settle(bitmaps: dict, previous: str, evidence) -> tuple[list, list]:

@@ -188,14 +188,10 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     evidence = {run for run in locks.values() if run is not None} | {run_of(p.name) for p in files}
     runs = ({run_of(x) for x in exports + jobs + nodes + [p.name for p in files]} & evidence) - {None, own_run}
     if this_vm is not None:
-        # A run known here by a kept journal alone - another VM's or image's dead run,
-        # left for its own disk's next run (keep_other_disks_journals) - holds nothing of
-        # this VM's and is no session on it: not judged (from another container it could
-        # not be, and every backup refused as if it were active: review 4).
-        kept = set(files) - set(keep_other_disks_journals(files, "qmp", this_vm))
+        # a run known here by another disk's journal alone holds nothing of this VM's and
+        # is no session on it (journal_only_runs)
         in_vm = {run_of(x) for x in exports + jobs + nodes} | set(locks.values())
-        runs -= {r for r in (run_of(p.name) for p in kept)
-                 if r not in in_vm and all(q in kept for q in files if run_of(q.name) == r)}
+        runs -= journal_only_runs(files, "qmp", this_vm) - in_vm
     owners = journal_owners(files)
     for lock, run in locks.items():
         if run is not None and run != own_run:
@@ -458,6 +454,52 @@ def _stopped_within(pid: int, seconds: float) -> bool:
 OTHER_JOURNAL_KEEP_S = 30 * 86400
 
 
+def _other_disks_journal(p: Path, key: str, value: str) -> bool:
+    """``p`` is a journal of a run on another disk: ``journal[key]`` ("qmp" for running
+    VMs, "image" for offline ones) not ``value``, or a journal of the other kind."""
+    if not p.name.endswith(".json"):
+        return False
+    journal = read_journal(p) or {}
+    other_kind = any(k in journal for k in ("qmp", "image") if k != key)  # a hot run's, an offline one's
+    return (key in journal and str(journal[key]) != value) or other_kind
+
+
+def journal_only_runs(files: list[Path], key: str, value: str) -> set[str]:
+    """Runs known in the work dir only by a journal of another disk (every file of the run
+    is one): no session on this disk, and not judged live or dead by its sessions - from
+    another container it cannot be, and every backup here refused as if that run were
+    active (the session-13 reviews 4 and 5).  Their journals stay for their own disk's
+    next run; any goes after OTHER_JOURNAL_KEEP_S (drop_settled_journals, drop_old_journals)."""
+    by_run: dict[str, list[Path]] = {}
+    for p in files:
+        r = run_of(p.name)
+        if r is not None:
+            by_run.setdefault(r, []).append(p)
+    return {r for r, ps in by_run.items() if all(_other_disks_journal(p, key, value) for p in ps)}
+
+
+def drop_old_journals(work_dir: Path, own_run: str | None) -> list[str]:
+    """Journals older than OTHER_JOURNAL_KEEP_S of runs known by nothing else: their
+    own disk's next run never came (a VM deleted, a container gone)."""
+    files = sorted(work_dir.glob(f"{PREFIX}*")) if work_dir.is_dir() else []
+    by_run: dict[str, list[Path]] = {}
+    for p in files:
+        r = run_of(p.name)
+        if r is not None and r != own_run:
+            by_run.setdefault(r, []).append(p)
+    now = time.time()
+    dropped = []
+    for ps in by_run.values():
+        if len(ps) == 1 and ps[0].name.endswith(".json"):
+            try:
+                if now - ps[0].stat().st_mtime >= OTHER_JOURNAL_KEEP_S:
+                    ps[0].unlink()
+                    dropped.append(f"file {ps[0]}")
+            except OSError:
+                pass
+    return dropped
+
+
 def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[Path]:
     """``paths`` (a dead run's work-dir files) less the journals of runs on another disk
     (``journal[key]`` - "qmp" for running VMs, "image" for offline ones - not ``value``,
@@ -470,15 +512,12 @@ def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[P
     out = []
     now = time.time()
     for p in paths:
-        if p.name.endswith(".json"):
-            journal = read_journal(p) or {}
+        if _other_disks_journal(p, key, value):
             try:
-                young = now - p.stat().st_mtime < OTHER_JOURNAL_KEEP_S
+                if now - p.stat().st_mtime < OTHER_JOURNAL_KEEP_S:
+                    continue
             except OSError:
-                young = False
-            other_kind = any(k in journal for k in ("qmp", "image") if k != key)  # a hot run's, an offline one's
-            if young and ((key in journal and str(journal[key]) != value) or other_kind):
-                continue
+                pass
         out.append(p)
     return out
 
@@ -486,9 +525,8 @@ def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[P
 def drop_settled_journals(work_dir: Path, own_run: str, this_vm: str, nodes: set[str]) -> list[str]:
     """Dead runs' journals of this VM whose every disk this session has settled: their
     evidence is used.  One naming a disk this session does not back up (a run of some of
-    a killed multi-disk run's disks) stays for that disk's next run; any kept journal
-    (another VM's too, which may be gone for good) goes after OTHER_JOURNAL_KEEP_S."""
-    now = time.time()
+    a killed multi-disk run's disks) stays for that disk's next run (drop_old_journals
+    removes any after OTHER_JOURNAL_KEEP_S)."""
     dropped = []
     for p in work_dir.glob(f"{PREFIX}*.json"):
         run = run_of(p.name)
@@ -497,8 +535,7 @@ def drop_settled_journals(work_dir: Path, own_run: str, this_vm: str, nodes: set
         journal = read_journal(p) or {}
         named = {str(d.get("node")) for d in journal_disks(journal)}
         try:
-            old = now - p.stat().st_mtime >= OTHER_JOURNAL_KEEP_S  # any VM's: its own may be gone
-            if old or (str(journal.get("qmp")) == this_vm and named <= nodes):
+            if str(journal.get("qmp")) == this_vm and named <= nodes:
                 p.unlink()
                 dropped.append(f"file {p}")
         except OSError:
@@ -526,17 +563,19 @@ def clean_files(paths: list[Path]) -> list[str]:
     return cleaned
 
 
-def dead_run_files(work_dir: Path, own_run: str | None) -> list[Path]:
+def dead_run_files(work_dir: Path, own_run: str | None, image: str | None = None) -> list[Path]:
     """Work-dir files of pyvbak runs whose process is gone (``run_alive``, with the identity
-    a run's journal recorded); SourceError if one is alive."""
+    a run's journal recorded); SourceError if one is alive.  ``image``: an offline session's
+    image - runs known only by another disk's journal are left out (journal_only_runs)."""
     if not work_dir.is_dir():
         return []
     out = []
     files = sorted(work_dir.glob(f"{PREFIX}*"))
     owners = journal_owners(files)
+    others = journal_only_runs(files, "image", image) if image is not None else set()
     for p in files:
         run = run_of(p.name)
-        if run is None or run == own_run:
+        if run is None or run == own_run or run in others:
             continue
         pid = pid_of_run(run)
         if run_alive(run, owners.get(run)):

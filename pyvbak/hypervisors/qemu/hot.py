@@ -249,6 +249,7 @@ class QemuHotBackup(ExportSession):
         # the evidence is used: this VM's dead journals whose every disk was settled now go
         self.cleaned_leftovers += cleanup.drop_settled_journals(self.work_dir, self.names.run, str(self.qmp_path),
                                                                 {d.node for d in self.disks})
+        self.cleaned_leftovers += cleanup.drop_old_journals(self.work_dir, self.names.run)
         if settled:  # bitmaps were merged or removed: ask again
             self.cleaned_leftovers += settled
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}

@@ -146,10 +146,11 @@ class QemuOfflineImage(ExportSession):
     def _setup(self) -> None:
         check_socket_path(self.socket_path)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        dead = cleanup.dead_run_files(self.work_dir, self.run)
+        dead = cleanup.dead_run_files(self.work_dir, self.run, image=str(self.path))
         # which bitmaps a killed run had disabled itself (read before its journal goes)
         self._disabled_by_dead_runs = _disabled_by(dead, self.path)
         self.cleaned_leftovers = cleanup.clean_files(cleanup.keep_other_disks_journals(dead, "image", str(self.path)))
+        self.cleaned_leftovers += cleanup.drop_old_journals(self.work_dir, self.run)
         # who runs this run, before any other file of it (and before the image's bitmaps
         # change): another pyvbak sharing the work dir judges it by this, not by its pid
         self._write_journal()

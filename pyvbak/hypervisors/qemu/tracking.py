@@ -45,7 +45,8 @@ def _from_running_vm(uri: str, work_dir: Path, timeout: float) -> list[str]:
         lock = session_lock.acquire(qmp, run)  # no pyvbak session runs on this VM meanwhile
         try:
             # a killed run's filters and exports first: they hold its bitmaps busy
-            removed += [f"cleanup: {line}" for line in cleanup.clean_leftovers(qmp, work_dir, None, None, own_run=run)]
+            removed += [f"cleanup: {line}" for line in cleanup.clean_leftovers(qmp, work_dir, None, None, own_run=run,
+                                                                               this_vm=str(qmp_path))]
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
             for disk in resolve(qmp, qmp_path, selectors, set(infos)):
                 for name in sorted(cleanup.gen_bitmaps(infos.get(disk.node) or {})):

@@ -58,23 +58,25 @@ def test_a_name_that_is_not_utf8_is_refused(tmp_path):
     assert not list((repo / "snapshots").glob("*.json"))
 
 
-def test_the_local_cache_is_private(tmp_path):
+def backed_up_with_a_cache(tmp_path, seed: int):
+    """(image, repository, cache dir, the repository's directory in it) after one backup
+    and a listing, with their own cache."""
     img, repo, cache = tmp_path / "d.img", tmp_path / "repo", tmp_path / "cache"
-    img.write_bytes(random_bytes(MiB, seed=8))
+    img.write_bytes(random_bytes(MiB, seed=seed))
     assert pyvbak("init", repo).returncode == 0
     assert pyvbak("backup", img, "--repo", repo, "--vm", "v", PYVBAK_CACHE_DIR=str(cache)).returncode == 0
     assert pyvbak("snapshots", "--repo", repo, PYVBAK_CACHE_DIR=str(cache)).returncode == 0
     (repo_dir,) = [d for d in cache.iterdir() if d.is_dir() and len(d.name) == 32]
+    return img, repo, cache, repo_dir
+
+
+def test_the_local_cache_is_private(tmp_path):
+    _, _, _, repo_dir = backed_up_with_a_cache(tmp_path, seed=8)
     assert repo_dir.stat().st_mode & 0o777 == 0o700
 
 
 def test_a_cache_an_earlier_pyvbak_left_open_is_made_private(tmp_path):
-    img, repo, cache = tmp_path / "d.img", tmp_path / "repo", tmp_path / "cache"
-    img.write_bytes(random_bytes(MiB, seed=9))
-    assert pyvbak("init", repo).returncode == 0
-    assert pyvbak("backup", img, "--repo", repo, "--vm", "v", PYVBAK_CACHE_DIR=str(cache)).returncode == 0
-    assert pyvbak("snapshots", "--repo", repo, PYVBAK_CACHE_DIR=str(cache)).returncode == 0
-    (repo_dir,) = [d for d in cache.iterdir() if d.is_dir() and len(d.name) == 32]
+    img, repo, cache, repo_dir = backed_up_with_a_cache(tmp_path, seed=9)
     repo_dir.chmod(0o755)  # as an earlier pyvbak made it
     img.write_bytes(random_bytes(MiB, seed=10))
     assert pyvbak("backup", img, "--repo", repo, "--vm", "v", PYVBAK_CACHE_DIR=str(cache)).returncode == 0

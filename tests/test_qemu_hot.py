@@ -274,6 +274,14 @@ def start_child(vm, work, prev, fleecing="snapshot-access"):
     return p
 
 
+def killed_run(vm, work, prev, fleecing="snapshot-access") -> None:
+    """A session started in a child process and killed with SIGKILL once it serves."""
+    p = start_child(vm, work, prev, fleecing)
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+
+
 def json_dumps(x):
     import json
 
@@ -317,10 +325,7 @@ def test_a_cleanup_interrupted_halfway_keeps_the_evidence_for_the_next(vm, work,
     from pyvbak.hypervisors.qemu import cleanup
 
     s1, _ = backup(vm, work)
-    p = start_child(vm, work, s1.change_tracking_state)
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    p.stdout.close()
+    killed_run(vm, work, s1.change_tracking_state)
     other = tmp_path / "other-work"  # another host's or user's work dir: only QEMU holds evidence
     real = cleanup.remove_export
 
@@ -1064,10 +1069,7 @@ def test_a_killed_run_does_not_enable_a_bitmap_someone_else_disabled(vm, work):
     s1, _ = backup(vm, work)
     vm.ctl.cmd("block-dirty-bitmap-disable", node="disk0", name=vm.bitmaps()["pyvbak-gen-1"]["name"])
     vm.write(0, b"m" * K64)  # missed by the disabled bitmap
-    p = start_child(vm, work, s1.change_tracking_state)
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    p.stdout.close()
+    killed_run(vm, work, s1.change_tracking_state)
     assert set(vm.bitmaps()) == {"pyvbak-gen-1", "pyvbak-gen-2"}
     with QemuHotBackup(vm.uri, previous_state=s1.change_tracking_state, work_dir=work) as s:
         assert "re-enabled" not in " | ".join(s.cleaned_leftovers)
@@ -1107,10 +1109,7 @@ def test_another_vms_backup_leaves_a_killed_runs_journal_for_its_own_vm(vm, work
     became a full scan (review 2).  b's backup now leaves a's journal for a's next run."""
     s1, _ = backup(vm, work)
     vm.write(0, b"a" * K64)
-    p = start_child(vm, work, s1.change_tracking_state)
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    p.stdout.close()
+    killed_run(vm, work, s1.change_tracking_state)
     other = FakeVM(tmp_path / "vm-b").start()
     try:
         backup(other, work)  # VM b, same work dir
@@ -1132,10 +1131,7 @@ def test_an_offline_backup_leaves_a_killed_hot_runs_journal(vm, work, tmp_path):
 
     s1, _ = backup(vm, work)
     vm.write(0, b"o" * K64)
-    p = start_child(vm, work, s1.change_tracking_state)
-    p.send_signal(signal.SIGKILL)
-    p.wait(10)
-    p.stdout.close()
+    killed_run(vm, work, s1.change_tracking_state)
     img = tmp_path / "other.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
     with QemuOfflineImage(img, previous_state=None, work_dir=work) as o:

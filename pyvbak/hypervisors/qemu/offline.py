@@ -74,19 +74,12 @@ def image_chain(path: Path, *, running_vm_hint: str | None = None, image_format:
     return chain if isinstance(chain, list) and chain else [chain]
 
 
-def _disabled_by(dead_files: list[Path], image: Path) -> set[str]:
-    """Bitmaps of ``image`` that dead runs' journals say those runs disabled."""
-    out = set()
-    for p in dead_files:
-        if not p.name.endswith(".json"):
-            continue
-        try:
-            doc = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict) and doc.get("image") == str(image) and isinstance(doc.get("disabled_bitmap"), str):
-            out.add(doc["disabled_bitmap"])
-    return out
+def _disabled_by(dead_files: list[Path], image: Path) -> set[tuple[str, str]]:
+    """(bitmap disabled, bitmap made) that dead runs of ``image`` say they rotated: the
+    running VMs' rule and journal shape (cleanup.bitmaps_disabled_by), this image's runs."""
+    mine = [p for p in dead_files if p.name.endswith(".json")
+            and (cleanup.read_journal(p) or {}).get("image") == str(image)]
+    return cleanup.bitmaps_disabled_by(mine)
 
 
 class QemuOfflineImage(ExportSession):
@@ -125,7 +118,7 @@ class QemuOfflineImage(ExportSession):
         self._old: str | None = None
         self._old_disabled = False
         self._new: str | None = None
-        self._disabled_by_dead_runs: set[str] = set()
+        self._disabled_by_dead_runs: set[tuple[str, str]] = set()
         self.backing_chain: list[dict] | None = []
         self._never_trusted: str | None = None
 
@@ -187,7 +180,7 @@ class QemuOfflineImage(ExportSession):
                 if old is not None:
                     # first the evidence: a run killed after the disable has its bitmap
                     # enabled again by the next run only if its journal says it disabled it
-                    self._write_journal(disabled_bitmap=old)
+                    self._write_journal(disks=[{"disables": old, "new_bitmap": new}])
                     self._bitmap_op("--disable", old)
                     self._old_disabled = True
             except SourceError as e:
@@ -282,15 +275,18 @@ class QemuOfflineImage(ExportSession):
             if gen is None or name == prev_name:
                 continue
             prev_flags = bitmaps[prev_name].get("flags", []) if prev_gen is not None else []
-            if prev_gen is not None and gen > prev_gen and "in-use" in prev_flags:
+            flags = bitmaps[name].get("flags", [])
+            if prev_gen is not None and gen > prev_gen and ("in-use" in prev_flags or "in-use" in flags):
                 # inconsistent (its writer crashed): never trusted, and qemu-img refuses to
-                # merge into it - the next backup scans the whole disk and replaces both
-                self.cleaned_leftovers.append(f"dirty bitmap {name} of an unfinished backup (the previous "
-                                              f"one, {prev_name}, is inconsistent)")
+                # merge it - the next backup scans the whole disk and replaces both
+                self.cleaned_leftovers.append(f"dirty bitmap {name} of an unfinished backup (inconsistent, "
+                                              f"or the previous one, {prev_name}, is)")
             elif prev_gen is not None and gen > prev_gen:
                 self._bitmap_op("--merge", name, prev_name)
-                if "auto" not in prev_flags and prev_name in self._disabled_by_dead_runs:
-                    # that run disabled it (its journal says so): whole again with the merge
+                if ("auto" not in prev_flags and (prev_name, name) in self._disabled_by_dead_runs
+                        and "auto" in flags):
+                    # that run disabled it as it made this one, which kept recording since
+                    # (its journal says so; cleanup.settle_bitmaps): whole again with the merge
                     self._bitmap_op("--enable", prev_name)
                     bitmaps[prev_name]["flags"] = ["auto"]
                 # else it was disabled before that run: it missed writes, and stays so

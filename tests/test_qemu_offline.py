@@ -462,3 +462,21 @@ def test_a_bitmap_made_again_by_another_chain_is_not_trusted(tmp_path):
     assert b.change_tracking_state["bitmap"] != state_a["bitmap"]
     s, _, _ = backup(img, work, state_a)  # chain A's next: B's bitmap missed the write
     assert s.fallback_reason and "gone" in s.fallback_reason and s.dirty_bitmap is None
+
+
+def test_a_stale_journal_does_not_vouch_for_a_disabled_bitmap(tmp_path):
+    """The evidence that a killed run disabled the previous bitmap itself must name the
+    generation merged back now: a journal of another run (another work dir's, long
+    merged) enabled a bitmap that had missed writes (the running VMs' rule, review 2)."""
+    img, work = tmp_path / "vm.qcow2", tmp_path / "work"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    s, _, _ = backup(img, work)
+    state = s.change_tracking_state
+    subprocess.run(["qemu-img", "bitmap", "--disable", str(img), state["bitmap"]], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(img), "pyvbak-gen-2-0a1b2c3d"], check=True)
+    journal = {"run": "4194305-abcd", "pid": 4194305, "image": str(img),
+               "disks": [{"disables": state["bitmap"], "new_bitmap": "pyvbak-gen-2-99999999"}]}
+    (work / "pyvbak-4194305-abcd.json").write_text(json.dumps(journal))
+    with QemuOfflineImage(img, previous_state=state, work_dir=work) as s:
+        assert s.fallback_reason and "disabled" in s.fallback_reason, s.fallback_reason
+        s.commit()

@@ -1224,3 +1224,54 @@ def test_garbage_journals_in_the_work_dir_are_no_traceback(vm, work):
                                                    % vm.qmp_path)
     (work / "pyvbak-4194304-abcd.json").write_text("not json")
     backup(vm, work)
+
+
+def test_live_sessions_of_two_vms_share_a_work_dir(vm, work, tmp_path):
+    """A nightly job backs up several VMs at once, all with the default work dir: the
+    second VM's session refused while the first one ran ("another pyvbak session is
+    active on this VM or work dir"), though they share nothing but the folder."""
+    from pyvbak.hypervisors.qemu import QemuOfflineImage
+
+    other = FakeVM(tmp_path / "vm-b").start()
+    img = tmp_path / "powered-off.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    try:
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as a:
+            b_state, _ = backup(other, work)  # VM b while a's view, export and journal exist
+            assert b_state.change_tracking_state["bitmap"]
+            with QemuOfflineImage(img, previous_state=None, work_dir=work) as o:  # and an image
+                with QemuHotBackup(other.uri, previous_state=b_state.change_tracking_state, work_dir=work) as b:
+                    assert b.fallback_reason is None, b.fallback_reason
+                    b.commit()
+                o.commit()
+            assert a.nbd_uri and os.path.exists(a.names.nbd_socket)  # a's session untouched
+            a.commit()
+        assert_clean(other, work)
+        assert_clean(vm, work)
+    finally:
+        other.stop()
+
+
+def test_a_live_session_in_another_process_lets_other_disks_back_up(vm, work, tmp_path):
+    """The same across processes (two cron jobs, a parallel job runner): the second one
+    refused while the first one held its view.  (A live session of the same VM still holds
+    it, whatever the work dir: test_a_second_session_on_the_same_vm_is_refused_whatever_its_work_dir.)"""
+    from pyvbak.hypervisors.qemu import QemuOfflineImage
+
+    child = start_child(vm, work, None)  # VM a's session, live in another process
+    other = FakeVM(tmp_path / "vm-b").start()
+    img = tmp_path / "powered-off.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    try:
+        a_files = sorted(f.name for f in work.iterdir())
+        backup(other, work)
+        with QemuOfflineImage(img, previous_state=None, work_dir=work) as o:
+            o.commit()
+        assert sorted(f.name for f in work.iterdir()) == a_files  # a's files untouched
+        assert other.pyvbak_nodes() == [] and other.pyvbak_objects() == []
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(20)
+        child.stdout.close()
+        other.stop()
+    assert_clean(vm, work)

@@ -214,7 +214,8 @@ def test_a_live_run_of_another_pid_namespace_is_left_alone(tmp_path):
     """A pyvbak in another container (pid namespace) sharing the work dir serves an image;
     its run id's pid means nothing here (it looked dead, and its socket, pid file and
     journal were removed from under it).  Now its journal's owner identity makes it live:
-    a run here is refused with the one-line error and nothing of it is touched."""
+    a run of the same image here is refused with the one-line error, one of another image
+    goes ahead, and nothing of it is touched."""
     if not _unshare_works():
         pytest.skip("needs 'unshare --pid --fork --mount-proc' (root)")
     from pyvbak.hypervisors.qemu.cleanup import socket_listening
@@ -241,8 +242,12 @@ def test_a_live_run_of_another_pid_namespace_is_left_alone(tmp_path):
         assert f"pyvbak-{run}-qemu-nbd.pid" in before and socket_listening(sock)
         with pytest.raises(SourceError, match=rf"^another pyvbak session \(pid {run.split('-')[0]}\) is using "
                                               rf"work dir {work}; wait for it to finish$"):
-            with QemuOfflineImage(other, previous_state=None, work_dir=work):
+            with QemuOfflineImage(img, previous_state=None, work_dir=work):
                 pass
+        assert sorted(x.name for x in work.iterdir()) == before
+        with QemuOfflineImage(other, previous_state=None, work_dir=work) as s:  # another image: goes ahead
+            s.commit()
+        state = s.change_tracking_state
         assert sorted(x.name for x in work.iterdir()) == before
         with NbdSource(f"nbd+unix:///pyvbak?socket={sock}") as src:  # still serving
             assert src.read(0, 4) == b"aaaa"
@@ -251,7 +256,7 @@ def test_a_live_run_of_another_pid_namespace_is_left_alone(tmp_path):
         p.wait(30)
         p.stdout.close()
     assert p.returncode == 0 and not list(work.iterdir())
-    with QemuOfflineImage(other, previous_state=None, work_dir=work) as s:  # its turn now
+    with QemuOfflineImage(other, previous_state=state, work_dir=work) as s:  # nothing left of it
         assert s.cleaned_leftovers == []
 
 

@@ -38,7 +38,7 @@ from pyvbak.errors import SourceError
 
 from pyvbak.processes import can_judge, cmdline, owner_alive, running, same_process
 
-from .naming import PREFIX, generation_of, pid_of_run, run_of
+from .naming import PREFIX, generation_of, pid_of_run, run_of, running_here
 from .qmp import QmpClient, QmpError
 from .session_lock import release as release_lock
 from .session_lock import is_live as lock_is_live
@@ -134,11 +134,11 @@ def run_alive(run: str, owner: dict | None) -> bool:
     """Whether the process that created run's resources may still run
     (``processes.owner_alive``).  ``owner``: the identity recorded for the run (its session
     lock's, else its journal's), None when unknown: judged by pid.  A run with this
-    process's pid and an identity this process can judge is not a live one (this process's
-    own session passes its run as ``own_run``)."""
+    process's pid and an identity this process can judge is live while it is in progress
+    (``naming.running_here``: another session of this process)."""
     pid = pid_of_run(run)
     if pid == os.getpid() and can_judge(owner or {}):
-        return False
+        return running_here(run)
     return owner_alive(pid, owner)
 
 
@@ -187,17 +187,18 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     # it was removed, and the NBD server it was served on stopped under another tool.
     evidence = {run for run in locks.values() if run is not None} | {run_of(p.name) for p in files}
     runs = ({run_of(x) for x in exports + jobs + nodes + [p.name for p in files]} & evidence) - {None, own_run}
-    if this_vm is not None:
-        # a run known here by another disk's journal alone holds nothing of this VM's and
-        # is no session on it (journal_only_runs)
-        in_vm = {run_of(x) for x in exports + jobs + nodes} | set(locks.values())
-        runs -= journal_only_runs(files, "qmp", this_vm) - in_vm
     owners = journal_owners(files)
     for lock, run in locks.items():
         if run is not None and run != own_run:
             owner = owner_identity(lock_info(qmp, lock))
             if owner is not None:
                 owners[run] = owner
+    if this_vm is not None:
+        # a run whose journal names another VM or an image, with nothing in this VM, is
+        # no session on it: while it may run it is left alone, not a reason to refuse
+        # (other_disks_runs)
+        in_vm = {run_of(x) for x in exports + jobs + nodes} | set(locks.values())
+        runs -= {r for r in other_disks_runs(files, "qmp", this_vm) - in_vm if run_alive(r, owners.get(r))}
     for run in sorted(runs):  # type: ignore[arg-type]
         pid = pid_of_run(run)
         if run_alive(run, owners.get(run)):
@@ -464,18 +465,18 @@ def _other_disks_journal(p: Path, key: str, value: str) -> bool:
     return (key in journal and str(journal[key]) != value) or other_kind
 
 
-def journal_only_runs(files: list[Path], key: str, value: str) -> set[str]:
-    """Runs known in the work dir only by a journal of another disk (every file of the run
-    is one): no session on this disk, and not judged live or dead by its sessions - from
-    another container it cannot be, and every backup here refused as if that run were
-    active (the session-13 reviews 4 and 5).  Their journals stay for their own disk's
-    next run; any goes after OTHER_JOURNAL_KEEP_S (drop_settled_journals, drop_old_journals)."""
-    by_run: dict[str, list[Path]] = {}
-    for p in files:
-        r = run_of(p.name)
-        if r is not None:
-            by_run.setdefault(r, []).append(p)
-    return {r for r, ps in by_run.items() if all(_other_disks_journal(p, key, value) for p in ps)}
+def other_disks_runs(files: list[Path], key: str, value: str) -> set[str]:
+    """Runs whose work-dir journal names another disk (``_other_disks_journal``).  The
+    work dir is shared by every VM and image: such a run, while it may still run (or
+    cannot be judged from here: another container), is left alone by this disk's
+    sessions - before, a live backup of one VM made every other VM's and image's backup
+    refuse ("another pyvbak session is active"), and a run known only by its journal did
+    too (the session-13 reviews 4 and 5).  A dead one's files go, but its journal stays
+    for its own disk's next run (keep_other_disks_journals; any goes after
+    OTHER_JOURNAL_KEEP_S: drop_settled_journals, drop_old_journals).  A run writes its
+    journal before anything else in the work dir and removes it last, so a run with
+    files has one - except an older pyvbak's, judged by its pid as before."""
+    return {r for p in files if _other_disks_journal(p, key, value) and (r := run_of(p.name)) is not None}
 
 
 def drop_old_journals(work_dir: Path, own_run: str | None) -> list[str]:
@@ -566,19 +567,21 @@ def clean_files(paths: list[Path]) -> list[str]:
 def dead_run_files(work_dir: Path, own_run: str | None, image: str | None = None) -> list[Path]:
     """Work-dir files of pyvbak runs whose process is gone (``run_alive``, with the identity
     a run's journal recorded); SourceError if one is alive.  ``image``: an offline session's
-    image - runs known only by another disk's journal are left out (journal_only_runs)."""
+    image - live runs of other disks are left out (other_disks_runs)."""
     if not work_dir.is_dir():
         return []
     out = []
     files = sorted(work_dir.glob(f"{PREFIX}*"))
     owners = journal_owners(files)
-    others = journal_only_runs(files, "image", image) if image is not None else set()
+    others = other_disks_runs(files, "image", image) if image is not None else set()
     for p in files:
         run = run_of(p.name)
-        if run is None or run == own_run or run in others:
+        if run is None or run == own_run:
             continue
         pid = pid_of_run(run)
         if run_alive(run, owners.get(run)):
+            if run in others:
+                continue
             raise SourceError(f"another pyvbak session (pid {pid}) is using work dir {work_dir}; "
                               f"wait for it to finish")
         out.append(p)

@@ -43,7 +43,7 @@ from pyvbak.processes import identity
 from .session import ExportSession, backing_chain_changed, outside_data
 from ..resources import TerminationGuard, remove_files
 from . import cleanup
-from . import fleece_guard, session_lock
+from . import fleece_guard, naming, session_lock
 from .vm_disks import MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
 from .naming import GEN_PREFIX, PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id, run_of
 from .qmp import QmpClient, QmpError
@@ -201,6 +201,7 @@ class QemuHotBackup(ExportSession):
     # -- context manager -------------------------------------------------------------
 
     def __enter__(self) -> "QemuHotBackup":
+        naming.begin_run(self.names.run)  # live for this process's other sessions until the teardown ends
         self._guard = TerminationGuard().__enter__()
         try:
             self._setup()
@@ -455,6 +456,7 @@ class QemuHotBackup(ExportSession):
                 guard.__exit__(None, None, None)
             if self._qmp is not None:
                 self._qmp.close()
+            naming.end_run(self.names.run)
         pending = guard.pending if guard else None
         if self.qemu_gone and exc is not None and not isinstance(exc, KeyboardInterrupt):
             err = SourceError(f"{self.qemu_gone}: no snapshot was made"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,31 @@ def check_socket_path(path: Path) -> None:
 
 def new_run_id() -> str:
     return f"{os.getpid()}-{secrets.token_hex(2)}"
+
+
+# Runs of this process in progress (from ``begin_run`` to ``end_run``).  A run id carries
+# the pid, so a run of this process is judged by this set, not by the pid: another
+# session of the same process (a job runner backing up several VMs at once) took a
+# running session's files for a dead run's and removed them - its NBD socket, its
+# fleecing file.
+_running_here: set[str] = set()
+_running_lock = threading.Lock()
+
+
+def begin_run(run: str) -> None:
+    with _running_lock:
+        _running_here.add(run)
+
+
+def end_run(run: str) -> None:
+    """The run's teardown is over: what it left is a dead run's, for the next run to clean."""
+    with _running_lock:
+        _running_here.discard(run)
+
+
+def running_here(run: str) -> bool:
+    with _running_lock:
+        return run in _running_here
 
 
 def run_of(name: str) -> str | None:

@@ -31,7 +31,7 @@ from pyvbak.processes import die_with_parent, identity, spawn_record
 
 from .session import ExportSession, backing_chain_changed, outside_data
 from ..resources import TerminationGuard, remove_files
-from . import cleanup
+from . import cleanup, naming
 from .naming import PREFIX, bitmap_name, check_socket_path, generation_of, new_run_id
 
 STATE_KIND = "qemu-image-bitmap"
@@ -123,6 +123,7 @@ class QemuOfflineImage(ExportSession):
         self._never_trusted: str | None = None
 
     def __enter__(self) -> "QemuOfflineImage":
+        naming.begin_run(self.run)  # live for this process's other sessions until the teardown ends
         self._guard = TerminationGuard().__enter__()
         try:
             self._setup()
@@ -328,6 +329,7 @@ class QemuOfflineImage(ExportSession):
         finally:
             if guard:
                 guard.__exit__(None, None, None)
+            naming.end_run(self.run)
         if errors and raise_errors:
             raise SourceError("cleanup after the backup was incomplete: " + "; ".join(errors))
 

@@ -49,11 +49,18 @@ from .naming import GEN_PREFIX, PREFIX, RunNames, bitmap_name, check_socket_path
 from .qmp import QmpClient, QmpError
 
 STATE_KIND = "qemu-dirty-bitmap"
-#: QEMU from which the frozen view is a snapshot-access node (7.0) over the copy-before-
-#: write filter, with a raw fleecing file of the copies alone, exported with the disk's
-#: bitmap named by node (7.1); before it, a qcow2 fleecing image backed by the disk,
-#: which qemu-img had to create (~10 ms per disk; bench/RESULTS.md, "Snapshot-access")
-SNAPSHOT_ACCESS_SINCE = (7, 1)
+#: QEMU from which the frozen view is a snapshot-access node over the copy-before-write
+#: filter, with a raw fleecing file of the copies alone, exported with the disk's bitmap
+#: named by node; before it, a qcow2 fleecing image backed by the disk, which qemu-img
+#: has to create (~10 ms per disk; bench/RESULTS.md, "Snapshot-access").  The node exists
+#: from 7.0 and bitmaps named by node from 7.1, but up to 7.2 a read of the view that
+#: starts in a block the filter has copied aside and goes past the copied run is served
+#: from the live disk for that block (QEMU's hbitmap_status() said "not copied": fixed in
+#: 8.0, commit a4d5224c2c, not in Debian 12's 7.2): the guest's writes made after the
+#: instant - data, zeroes, discards - got into the backup, silently (the session-14
+#: guest-I/O audit; the block status of those blocks was wrong the same way).  The
+#: qcow2 image reads them right.
+SNAPSHOT_ACCESS_SINCE = (8, 0)
 #: formats that store dirty bitmaps in the image, so they outlive the QEMU process; on
 #: any other node (raw files, LVM or Ceph volumes, vmdk...) pyvbak's bitmap lives in QEMU's
 #: memory: change tracking holds while the VM's QEMU runs, and the first backup after a
@@ -504,6 +511,13 @@ class QemuHotBackup(ExportSession):
         if qmp is None or qmp._sock is None:
             return
         guard = self._guard
+        ended = None
+        if d.job_started and not d.job_cancelled and not self.snapshot_access:
+            # The qcow2 view reads every block the filter has not copied from the live
+            # disk, through its backing: once the job is gone (QEMU ended it: an error
+            # writing the fleecing image), such reads return what the guest wrote since.
+            # (A snapshot-access view fails its reads instead.)  Asked after the last read.
+            ended = _job_ended(qmp, d.names.job)
         with (guard.deferred() if guard else nullcontext()):
             try:  # in this order: a node still in use by the one before cannot go
                 if d.export_added:
@@ -527,6 +541,11 @@ class QemuHotBackup(ExportSession):
         if guard is not None and guard.pending is not None and not interrupts.note_if_finishing(guard.pending):
             raise Interrupted(f"interrupted by {signal.Signals(guard.pending).name}; "
                               "cleaned up what this run created")
+        if ended is not None:
+            self.broken = (f"the point-in-time view of disk '{d.node}' ended before the backup had read it "
+                           f"(QEMU {ended}): what was read may hold the guest's later writes, so no snapshot "
+                           f"was made; retry the backup")
+            raise SourceError(self.broken)
 
     def _cleanup(self, failed: bool, errors: list[str]) -> None:
         qmp = self._qmp
@@ -601,6 +620,22 @@ class QemuHotBackup(ExportSession):
             step("releasing the session lock", session_lock.release, qmp, self._lock)
         elif self._lock is not None:
             session_lock.abandon(self.names.run)
+
+
+def _job_ended(qmp: QmpClient, job_id: str) -> str | None:
+    """How the copy-before-write job ``job_id`` ended, or None while it runs (or when QEMU
+    cannot be asked: the teardown reports that)."""
+    try:
+        jobs = qmp.execute("query-jobs")
+    except Exception:  # noqa: BLE001 - a broken connection fails the backup anyway
+        return None
+    for j in jobs:
+        if j.get("id") == job_id:
+            if j.get("status") in ("created", "running", "paused", "ready", "standby"):
+                return None
+            why = f": {j['error']}" if j.get("error") else ""
+            return f"ended its copy-before-write job {job_id}, now '{j.get('status')}'{why}"
+    return f"no longer has its copy-before-write job {job_id}"
 
 
 def _qemu_gone(qmp_path) -> str | None:

@@ -172,3 +172,29 @@ def test_control_characters_in_names_are_not_sent_to_the_terminal(repo, capsys):
     assert "\\x1b" in out and "\\n" in out
 
 
+
+
+def test_a_status_other_than_complete_is_damage_not_absence(repo, tmp_path, capsys, monkeypatch):
+    """One flipped bit ("complete" -> "comple4e") made a snapshot invisible: VM@latest
+    restored the older one without a word, verify passed and prune deleted the blocks
+    only that snapshot used (the session-14 format audit).  It is damage now: named,
+    VM@latest refuses, verify fails, prune deletes nothing; mended, it restores."""
+    r, _ = repo
+    newer = tmp_path / "newer.img"
+    newer.write_bytes(random_bytes(2 * MiB, seed=32))
+    assert cli(capsys, "backup", newer, "--repo", r, "--vm", "web", "--disk", "d")[0] == 0
+    code, out, _ = cli(capsys, "snapshots", "--repo", r, "--vm", "web", "--json")
+    sid = json.loads(out)[-1]["id"]
+    meta = r / "snapshots" / f"{sid}.json"
+    good = meta.read_bytes()
+    meta.write_bytes(good.replace(b'"complete"', b'"comple4e"'))
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "another-host"))  # no cached copy of it
+    code, _, err = cli(capsys, "restore", "web/d@latest", tmp_path / "out.img", "--repo", r)
+    assert code != 0 and sid in err and "damaged" in err and not (tmp_path / "out.img").exists()
+    code, _, err = cli(capsys, "verify", "--repo", r)
+    assert code != 0 and sid in err
+    code, _, err = cli(capsys, "prune", "--repo", r)
+    assert code != 0 and "nothing deleted" in err
+    meta.write_bytes(good)
+    assert cli(capsys, "restore", sid, tmp_path / "back.img", "--repo", r)[0] == 0
+    assert (tmp_path / "back.img").read_bytes() == newer.read_bytes()

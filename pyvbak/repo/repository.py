@@ -248,6 +248,12 @@ def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
     if not (isinstance(meta, dict) and all(isinstance(meta.get(k), t) and not isinstance(meta.get(k), bool)
                                            for k, t in _META_FIELDS.items())):
         return False
+    if meta["status"] != "complete":
+        # the only status pyvbak has ever written (a description is written once its
+        # snapshot is whole): any other is damage - left out silently, as it was, VM@latest
+        # took the older snapshot, verify passed and prune deleted its blocks (the
+        # session-14 format audit: one flipped bit)
+        return False
     seq = meta.get("sequence", 0)  # optional: snapshots made before it existed have none
     if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQUENCE:
         return False
@@ -460,7 +466,10 @@ class Repository:
         self.highest_sequence = max((snapshot_sequence(m) for m in metas.values()), default=0)
         found = []
         for name, meta in metas.items():
-            if meta.get("status") != "complete":
+            if meta.get("status") != "complete":  # a cached description read before the rule above
+                if strict:
+                    raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'")
+                self.damaged_snapshots.append(name)
                 continue
             if vm is not None and meta.get("vm") != vm:
                 continue

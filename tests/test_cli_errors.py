@@ -810,6 +810,25 @@ def test_vm_latest_into_a_directory_works_for_a_vm_with_one_disk(backed_up, caps
     assert same_file(tmp / "vmdir" / "disk.img", img)
     code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/vmdir/", "--repo", repo)
     assert code == 7 and "--force" in assert_one_error_line(err, "disk.img")
+    # the same snapshot by its id, the same way (refused as "is a directory", also where
+    # the directory did not exist: the session-14 new-user audit)
+    code, out, err = cli(capsys, "restore", sid, f"{tmp}/by-id/", "--repo", repo)
+    assert code == 0, err
+    assert same_file(tmp / "by-id" / "disk.img", img)
+
+
+@pytest.mark.parametrize("via", ["--repo", "PYVBAK_REPO"])
+def test_an_empty_repository_path_is_refused_not_the_default(backed_up, capsys, monkeypatch, tmp_path, via):
+    """'--repo "$REPO"' with REPO unset backed up into the default repository, created in
+    the user's home on the way (the session-14 new-user audit)."""
+    tmp, repo, img, sid = backed_up
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    args = ["backup", img, "--vm", "web"] + (["--repo", ""] if via == "--repo" else [])
+    if via == "PYVBAK_REPO":
+        monkeypatch.setenv("PYVBAK_REPO", "")
+    code, out, err = cli(capsys, *args)
+    assert code == 2 and "repository path is empty" in assert_one_error_line(err)
+    assert not (tmp_path / "data").exists()
 
 
 def test_verify_finds_packs_no_index_names_and_repair_indexes_them(backed_up, capsys):

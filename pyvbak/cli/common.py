@@ -41,6 +41,11 @@ def open_repository(location: str | None, *, create_default: bool = False):
     from ..errors import RepositoryError
     from ..repo.repository import Repository, default_repository_path
 
+    if location == "" or (location is None and os.environ.get("PYVBAK_REPO") == ""):  # (click drops an empty one)
+        # an unset shell variable ('--repo "$REPO"' in a cron job) meant the default
+        # repository, created and filled in the user's home (the session-14 new-user audit)
+        raise UsageError("the repository path is empty (--repo or PYVBAK_REPO): give the repository's path, "
+                         "or leave both out for the default repository")
     if location:
         refuse_memory(location)
         return Repository.open(location)

@@ -92,8 +92,10 @@ def _vm_group(r, spec: str, output: str):
         snap = r.resolve(spec)
         group = next((g for g in consistency_groups(r.snapshots(snap.vm)) if snap.id in {s.id for s in g.ordered()}), None)
         if group is None:
-            raise UsageError(f"{output} is a directory: give the file or block device to restore {snap.id} to "
-                             "(only a snapshot of disks frozen together restores into a directory)")
+            # a snapshot of one disk (backed up alone): into DIR/DISK.img, as VM@latest
+            # DIR/ does for a VM of one disk (it was refused as "a directory", even where
+            # DIR did not exist yet: the session-14 new-user audit)
+            return [snap]
         missing = [d for d in group.disks if d not in group.snaps]
         if missing:
             raise SnapshotNotFound(f"consistency group {group.id} of {snap.id} lacks the snapshot(s) of "

@@ -331,3 +331,19 @@ def test_restore_sh_removes_what_a_killed_run_left_in_tmpdir(setup, tmp_path):
     assert same_file(out, copy)
     assert not left.exists() and live.exists() and other_ns.exists()
     assert sorted(x.name for x in tmpdir.iterdir()) == sorted([live.name, other_ns.name])  # its own went too
+
+
+def test_a_newer_repository_format_is_refused(setup, tmp_path):
+    """Every pyvbak command refuses a repository of a newer format version; restore.sh
+    never read the config and restored from it (the session-14 new-user audit)."""
+    repo, snaps, elsewhere = setup
+    (s1, _), _ = snaps
+    newer = tmp_path / "newer"
+    shutil.copytree(repo.location, newer)
+    cfg = newer / "config"
+    os.chmod(cfg, 0o644)
+    cfg.write_text(cfg.read_text().replace('"version": 1,', '"version": 2,'))
+    out = elsewhere / "newer.img"
+    p = run_sh(newer, s1, out, cwd=elsewhere)
+    assert p.returncode != 0 and "format version 2" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert not out.exists()

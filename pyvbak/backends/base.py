@@ -89,8 +89,9 @@ class RangeBeyondEnd(BackendError):
 def out_of_space(name: str, location: str, detail: str = "") -> OutOfSpace:
     """The one OutOfSpace message every backend uses: what, where, and what to do."""
     extra = f" ({detail})" if detail else ""
+    what = f"a new object in {name!r}" if name.endswith("/") else repr(name)  # a stream's: named at its end
     return OutOfSpace(
-        f"out of space writing {name!r} to {location}{extra}: nothing partial of it was stored and "
+        f"out of space writing {what} to {location}{extra}: nothing partial of it was stored and "
         f"the repository is still valid; free space (or raise the quota) there, or prune old "
         f"snapshots, then run again"
     )

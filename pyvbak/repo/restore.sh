@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 4  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 5  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -194,6 +194,12 @@ json_sequence() {  # FILE: its "sequence", zero-padded to 18 digits (0 if none; 
   q="000000000000000000$q"
   echo "${q#"${q%??????????????????}"}"
 }
+# The repository's format version (config): this script reads version 1; a newer pyvbak
+# writes a newer restore.sh beside a newer format.
+[ -r "$repo/config" ] || die "cannot read $repo/config: is this a pyvbak repository (and may this user read it)?"
+grep '^  "version": ' "$repo/config" > "$tmp/field" || :
+v=$(head -n 1 "$tmp/field" | cut -d: -f2 | tr -d ' ,') || die "cannot read the format version in $repo/config"
+[ "$v" = 1 ] || die "$repo/config says repository format version ${v:-(none)}; this restore.sh reads version 1: use the restore.sh that pyvbak wrote for that version"
 case $snap in
   *@latest)
     target=${snap%@latest}

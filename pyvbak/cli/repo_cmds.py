@@ -14,7 +14,7 @@ def init(
     repo_arg: Optional[str] = typer.Argument(None, metavar="[REPO]", help="Directory for the new repository (must be empty or absent); else --repo, PYVBAK_REPO, or the default repository in your data directory."),
     repo_opt: Optional[str] = RepoOption,
     block_size: str = typer.Option("64K", "--block-size", help="Block size, a power of two from 64K to 16M."),
-    compression: str = typer.Option(DEFAULT_COMPRESSION, "--compression", help="zstd:LEVEL (-7..22)."),
+    compression: str = typer.Option(DEFAULT_COMPRESSION, "--compression", help="zstd:LEVEL, LEVEL -7..22 (a bare 'zstd', like zstd:0, is zstd's own default, level 3)."),
     json_out: bool = JsonOption,
 ) -> None:
     """Create a repository."""

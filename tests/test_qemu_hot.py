@@ -1315,3 +1315,22 @@ def test_a_view_whose_job_qemu_ended_makes_no_snapshot(vm, work, monkeypatch):
                 assert src.read(0, K64) == b"B" * K64  # what the qcow2 view reads now
             s.disks[0].release_view()
     assert_clean(vm, work)
+
+
+def test_another_vms_run_seen_as_it_writes_its_first_journal_is_no_reason_to_refuse(vm, work):
+    """A run's first journal is written as pyvbak-<run>.tmp and renamed: a backup of
+    another VM that listed the work dir in that instant refused ("another pyvbak session
+    is active") - two nightly jobs started in the same second."""
+    import json
+
+    work.mkdir(parents=True, exist_ok=True)
+    other = live_pid()
+    try:
+        tmp = work / f"pyvbak-{other.pid}-abcd.tmp"
+        tmp.write_text(json.dumps({"run": f"{other.pid}-abcd", "pid": other.pid,
+                                   "qmp": "/elsewhere/other-vm/qmp.sock", "disks": []}))
+        backup(vm, work)
+        assert tmp.exists()  # a live run's: left alone
+    finally:
+        other.kill()
+        other.wait()

@@ -455,10 +455,10 @@ def _stopped_within(pid: int, seconds: float) -> bool:
 OTHER_JOURNAL_KEEP_S = 30 * 86400
 
 
-def _other_disks_journal(p: Path, key: str, value: str) -> bool:
+def _other_disks_journal(p: Path, key: str, value: str, suffixes: tuple[str, ...] = (".json",)) -> bool:
     """``p`` is a journal of a run on another disk: ``journal[key]`` ("qmp" for running
     VMs, "image" for offline ones) not ``value``, or a journal of the other kind."""
-    if not p.name.endswith(".json"):
+    if not p.name.endswith(suffixes):
         return False
     journal = read_journal(p) or {}
     other_kind = any(k in journal for k in ("qmp", "image") if k != key)  # a hot run's, an offline one's
@@ -475,8 +475,11 @@ def other_disks_runs(files: list[Path], key: str, value: str) -> set[str]:
     for its own disk's next run (keep_other_disks_journals; any goes after
     OTHER_JOURNAL_KEEP_S: drop_settled_journals, drop_old_journals).  A run writes its
     journal before anything else in the work dir and removes it last, so a run with
-    files has one - except an older pyvbak's, judged by its pid as before."""
-    return {r for p in files if _other_disks_journal(p, key, value) and (r := run_of(p.name)) is not None}
+    files has one - except an older pyvbak's, judged by its pid as before.  (Its first
+    journal is written as ``pyvbak-<run>.tmp`` and renamed: a run seen in that instant is
+    known by the temporary one.)"""
+    return {r for p in files
+            if _other_disks_journal(p, key, value, (".json", ".tmp")) and (r := run_of(p.name)) is not None}
 
 
 def drop_old_journals(work_dir: Path, own_run: str | None) -> list[str]:

@@ -44,3 +44,17 @@ def test_a_command_option_error_points_at_that_command_help(capsys):
     assert main(["snapshots", "--repo", "/nonexistent", "--vm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'--vm' requires an argument" in err and "(see 'pyvbak snapshots --help')" in err
+
+
+def test_top_level_help_lists_the_exit_codes_the_errors_carry(capsys):
+    """The exit codes were only in the README; every error class's code is in --help."""
+    import inspect
+
+    from pyvbak import errors
+
+    assert main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    codes = {c.exit_code for _, c in inspect.getmembers(errors, inspect.isclass)
+             if issubclass(c, errors.PyvbakError)}
+    for code in sorted(codes | {0}):
+        assert f" {code} " in out.split("Exit codes:")[1], code

@@ -23,6 +23,9 @@ def _new_app() -> typer.Typer:
     return typer.Typer(
         name="pyvbak",
         help="Hot, deduplicated, compressed, forever-incremental backups of virtual machine disks.",
+        epilog="Exit codes: 0 success, 1 other failure, 2 usage, 3 repository, 4 source (image, NBD, QEMU), "
+               "5 snapshot not found, 6 missing or corrupt data, 7 restore target exists, 8 locked, "
+               "9 out of space, 10 interrupted (README.md: Exit codes).",
         context_settings={"help_option_names": ["-h", "--help"]},
         no_args_is_help=True,
         add_completion=False,

@@ -198,3 +198,23 @@ def test_a_status_other_than_complete_is_damage_not_absence(repo, tmp_path, caps
     meta.write_bytes(good)
     assert cli(capsys, "restore", sid, tmp_path / "back.img", "--repo", r)[0] == 0
     assert (tmp_path / "back.img").read_bytes() == newer.read_bytes()
+
+
+@pytest.mark.parametrize("value", [5, None, "", "abc", "A" * 64])
+def test_an_index_sha256_that_is_no_sha256_is_damage_not_no_check(repo, tmp_path, capsys, monkeypatch, value):
+    """A damaged index_sha256 (not a string, not 64 hex digits) switched the index's
+    check off, in pyvbak and restore.sh: an index copied over it would restore another
+    snapshot's disk (the session-14 format audit).  The description is damaged now."""
+    r, _ = repo
+    code, out, _ = cli(capsys, "snapshots", "--repo", r, "--json")
+    sid = json.loads(out)[-1]["id"]
+    meta = writable(r / "snapshots" / f"{sid}.json")
+    m = json.loads(meta.read_text())
+    m["index_sha256"] = value
+    meta.write_text(json.dumps(m, indent=2))
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "another-host"))
+    code, _, err = cli(capsys, "restore", sid, tmp_path / "out.img", "--repo", r)
+    assert code != 0 and sid in err and not (tmp_path / "out.img").exists(), err
+    p = subprocess.run(["sh", str(r / "restore.sh"), sid, str(tmp_path / "out2.img")], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "damaged" in p.stderr and not (tmp_path / "out2.img").exists(), p.stderr

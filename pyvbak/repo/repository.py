@@ -239,6 +239,9 @@ MAX_SEQUENCE = 10**18
 _META_FIELDS = {"vm": str, "disk": str, "size": int, "block_size": int, "time": str, "status": str}
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
     """A usable snapshot description; with ``sid``, also the one stored under that id (a
     description copied over another's names another snapshot: its VM, time and index)."""
@@ -254,6 +257,9 @@ def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
         # took the older snapshot, verify passed and prune deleted its blocks (the
         # session-14 format audit: one flipped bit)
         return False
+    want = meta.get("index_sha256")  # optional: snapshots made before it existed have none
+    if "index_sha256" in meta and not (isinstance(want, str) and _HEX64.fullmatch(want)):
+        return False  # a damaged one turned the index check off (the session-14 format audit)
     seq = meta.get("sequence", 0)  # optional: snapshots made before it existed have none
     if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQUENCE:
         return False

@@ -288,6 +288,9 @@ grep -q '"status":"complete"' "$tmp/meta" \
 rc=0; grep -o '"index_sha256":"[0-9a-f]*"' "$tmp/meta" > "$tmp/field" || rc=$?
 [ "$rc" -le 1 ] || die "grep failed on $meta"
 want=$(cut -d'"' -f4 "$tmp/field") || die "cut failed on $meta"
+if [ "${#want}" -ne 64 ] && grep -q '"index_sha256"' "$tmp/meta"; then
+  die "snapshot metadata $meta is damaged (its index_sha256 is not a SHA-256): choose another snapshot"
+fi
 if [ -n "$want" ]; then
   # from stdin: GNU sha256sum escapes a name with a backslash or newline and starts
   # its line with '\', which no digest equals

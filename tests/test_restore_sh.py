@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -346,4 +347,31 @@ def test_a_newer_repository_format_is_refused(setup, tmp_path):
     out = elsewhere / "newer.img"
     p = run_sh(newer, s1, out, cwd=elsewhere)
     assert p.returncode != 0 and "format version 2" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["no disk", "no time", "index_sha256 null"])
+def test_vm_latest_refuses_where_the_newest_description_lacks_a_field(setup, tmp_path, damage):
+    """restore.sh counted as damaged only a description without its vm or status line:
+    the newest one without its disk or time line (or with an index_sha256 that is no
+    SHA-256) was passed over and VM@latest restored the older snapshot, where pyvbak
+    refuses (the session-14 format review)."""
+    repo, snaps, elsewhere = setup
+    _, (s2, _) = snaps
+    broken = tmp_path / "broken"
+    shutil.copytree(repo.location, broken)
+    meta = broken / "snapshots" / f"{s2}.json"
+    os.chmod(meta, 0o644)
+    key = {"no disk": '  "disk": ', "no time": '  "time": ', "index_sha256 null": '  "index_sha256": '}[damage]
+    lines = meta.read_text().splitlines(keepends=True)
+    if damage == "index_sha256 null":
+        lines = [key + "null,\n" if ln.startswith(key) else ln for ln in lines]
+    else:
+        lines = [ln for ln in lines if not ln.startswith(key)]
+    meta.write_text("".join(lines))
+    with open(os.path.join(repo.location, "snapshots", f"{s2}.json")) as f:
+        vm = json.load(f)["vm"]
+    out = elsewhere / f"latest-{damage.replace(' ', '-')}.img"
+    p = run_sh(broken, f"{vm}@latest", out, cwd=elsewhere)
+    assert p.returncode != 0 and s2 in p.stderr and "damaged" in p.stderr, p.stderr
     assert not out.exists()

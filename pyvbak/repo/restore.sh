@@ -212,10 +212,13 @@ case $snap in
     for f in "$repo"/snapshots/*.json; do
       [ -f "$f" ] || continue
       id=${f##*/}
-      # pyvbak writes only complete snapshots: metadata without its vm and status lines is
-      # damaged, and may be this VM's newest (checked once the latest is chosen)
-      grep -q '^  "vm": "' "$f" && grep -Fqx -e '  "status": "complete",' "$f" \
-        || printf '%s\n' "${id%.json}" >> "$tmp/unreadable"
+      # pyvbak writes only complete snapshots: metadata without its vm, disk, time and
+      # status lines, or with an index_sha256 that is no SHA-256, is damaged, and may be
+      # this VM's newest (checked once the latest is chosen)
+      { grep -q '^  "vm": "' "$f" && grep -Fqx -e '  "status": "complete",' "$f" \
+          && grep -q '^  "disk": "' "$f" && grep -q '^  "time": "' "$f" \
+          && { ! grep -q '^  "index_sha256": ' "$f" || grep -Eq '^  "index_sha256": "[0-9a-f]{64}",?$' "$f"; }; } \
+        || { printf '%s\n' "${id%.json}" >> "$tmp/unreadable"; continue; }
       grep -Fqx -e "  \"vm\": \"$vm\"," "$f" || continue
       grep -Fqx -e '  "status": "complete",' "$f" || continue
       d=$(json_field "$f" disk) || die "cannot read $f"

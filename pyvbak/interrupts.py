@@ -14,8 +14,10 @@ to the CLI).  Process-wide, like signal handlers themselves; main thread only.
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
+from typing import Iterator
 
-_state = {"finishing": False, "noted": []}
+_state = {"finishing": False, "noted": [], "held": 0, "held_noted": []}
 
 
 def begin_finishing() -> None:
@@ -29,10 +31,43 @@ def finishing() -> bool:
 
 def note_if_finishing(signum: int) -> bool:
     """For a signal handler: True (and the signal noted) when it must not raise."""
-    if not _state["finishing"]:
-        return False
-    _state["noted"].append(signum)
-    return True
+    if _state["finishing"]:
+        _state["noted"].append(signum)
+        return True
+    if _state["held"]:
+        _state["held_noted"].append(signum)
+        return True
+    return False
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """A step and what its caller must record of it, which no signal may split: the
+    handlers note a signal meanwhile; at the end it is raised as if it came then (by the
+    handler in place), unless the block called ``begin_finishing`` (then it is one of
+    the noted ones) or failed (its own error is what the caller hears).  A backup's
+    snapshot exists from its metadata on: a Ctrl-C between that write and the caller's
+    ``commit()`` of the disk said "no snapshot was made" of a snapshot that was, and
+    merged the dirty bitmap back, so the next backup scanned the whole disk (the
+    session-14 signal audit).  Main thread only, like the handlers."""
+    _state["held"] += 1
+    try:
+        yield
+    except BaseException:
+        _state["held"] -= 1
+        if not _state["held"]:
+            _state["held_noted"] = []
+        raise
+    _state["held"] -= 1
+    if _state["held"] or not _state["held_noted"]:
+        return
+    pending, _state["held_noted"] = _state["held_noted"], []
+    if _state["finishing"]:
+        _state["noted"].extend(pending)
+        return
+    handler = signal.getsignal(pending[0])
+    if callable(handler):
+        handler(pending[0], None)  # raises as that handler does (KeyboardInterrupt, Interrupted)
 
 
 def end() -> list[str]:

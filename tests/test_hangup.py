@@ -191,3 +191,47 @@ def test_a_closed_terminal_after_the_commit_is_no_failure(backed_up, tmp_path, m
     assert len(Repository.open(str(repo)).snapshots()) == before + 1
     assert not interrupts.finishing()  # main() ended the mode
     assert main(["snapshots", "--repo", str(repo)]) == 1  # nothing committed there: a failure
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("when", ["as the metadata is written", "after the commit"])
+def test_a_signal_as_the_snapshot_is_committed_finishes_the_backup(tmp_path, capsys, monkeypatch, signum, when):
+    """A Ctrl-C or SIGTERM between the snapshot's metadata write and the CLI's record of
+    it exited 10, "no snapshot", with the snapshot made - and a QEMU disk's session
+    merged its dirty bitmap back, so the next backup scanned the whole disk (the
+    session-14 signal audit).  The commit and its record are now one step to signals:
+    the backup completes, prints its result and says the signal came."""
+    import json
+
+    from pyvbak.cli.main import main
+    from pyvbak.repo import repository
+
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(1 * MiB, seed=5))
+    repo = tmp_path / "repo"
+    assert main(["init", str(repo)]) == 0
+    if when == "after the commit":
+        orig = repository.Repository.commit_snapshot
+
+        def commit(self, *a, **k):
+            orig(self, *a, **k)
+            os.kill(os.getpid(), signum)
+        monkeypatch.setattr(repository.Repository, "commit_snapshot", commit)
+    else:
+        from pyvbak.backends.local import LocalBackend
+
+        orig = LocalBackend.write_new
+
+        def write_new(self, name, data):
+            created = orig(self, name, data)
+            if name.startswith("snapshots/") and name.endswith(".json"):
+                os.kill(os.getpid(), signum)  # inside the commit: the handler runs now
+            return created
+        monkeypatch.setattr(LocalBackend, "write_new", write_new)
+    capsys.readouterr()
+    code = main(["backup", str(img), "--repo", str(repo), "--vm", "web", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    sid = json.loads(out)["id"]
+    assert (repo / "snapshots" / f"{sid}.json").exists()
+    assert signal.Signals(signum).name in err and "arrived after the work was committed" in err

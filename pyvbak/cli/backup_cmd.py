@@ -90,16 +90,21 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
                 group = ({"consistency_group": {"id": new_snapshot_id(), "time": snapshot_time(), "disks": names}}
                          if len(names) > 1 else None)
                 for d in disks:
-                    with d.open() as src:
-                        with progress_bar(f"backup {vm}/{d.name}", show_progress) as update:
-                            result = run_backup(r, src, vm=vm, disk=d.name, threads=threads, verify_cbt=verify_cbt,
-                                                progress=update, extra_meta=group)
-                        if finish_on_commit and len(results) + 1 == len(names):
+                    def committed(result, d=d) -> None:
+                        # as the snapshot becomes visible, before any signal is heard
+                        # (run_backup's on_commit): the disk retires its old bitmap, the
+                        # snapshot is among the kept ones if a Ctrl-C comes next
+                        d.commit()
+                        results.append(result)
+                        if finish_on_commit and len(results) == len(names):
                             # every snapshot is committed: a signal from now on finishes the
                             # run (QEMU's view removed, lock released, result printed), noted
                             interrupts.begin_finishing()
-                        d.commit()
-                    results.append(result)
+
+                    with d.open() as src:
+                        with progress_bar(f"backup {vm}/{d.name}", show_progress) as update:
+                            run_backup(r, src, vm=vm, disk=d.name, threads=threads, verify_cbt=verify_cbt,
+                                       progress=update, extra_meta=group, on_commit=committed)
             cleaned += session_cleaned
         except BaseException as exc:
             kept = next((k for k in (getattr(e, "kept_packs", None) for e in (exc, exc.__cause__, exc.__context__)) if k),

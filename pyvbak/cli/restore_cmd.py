@@ -82,7 +82,7 @@ def _vm_group(r, spec: str, output: str):
     single restore (OUTPUT not a directory)."""
     import os
 
-    from ..errors import SnapshotNotFound, UsageError
+    from ..errors import SnapshotNotFound
 
     if not (os.path.isdir(output) or output.endswith("/")):
         return None

@@ -310,11 +310,16 @@ def run_backup(
     verify_cbt: bool = False,
     progress=None,
     extra_meta: dict | None = None,
+    on_commit=None,
 ) -> BackupResult:
     """Back up ``source`` (an open Source) into ``repo``; returns the result.
 
     The caller holds the repository lock.  Raises PyvbakError subclasses; on any
-    exception nothing visible is written (packs may remain and are adopted later).
+    exception nothing visible is written (packs may remain and are adopted later) - but
+    for a signal once the snapshot is committed: ``on_commit(result)`` is called as the
+    snapshot becomes visible, with no signal heard in between (``interrupts.held``), so
+    a caller that must record the commit (a hypervisor session retiring its old dirty
+    bitmap) does so before a Ctrl-C is raised.
     """
     check_vm_disk_names(vm, disk)
     t0 = time.monotonic()
@@ -757,12 +762,13 @@ def run_backup(
         meta["lost_checked"] = lost
     if extra_meta:
         meta.update(extra_meta)
+    committed = (lambda: on_commit(result)) if on_commit is not None else None
     if parent.streamed:
         # records hold the dirty blocks' alone (updated in place): the others are the
         # parent's, read again in chunks and patched on the way to the compressor
-        repo.commit_snapshot(sid, meta, records, base=(parent.snap, parent.patched))
+        repo.commit_snapshot(sid, meta, records, base=(parent.snap, parent.patched), on_commit=committed)
     else:
-        repo.commit_snapshot(sid, meta, records, known_zero=known_zero)
+        repo.commit_snapshot(sid, meta, records, known_zero=known_zero, on_commit=committed)
     t_end = time.monotonic()
     result.phases["commit"] = t_end - t_commit
     result.duration = t_end - t0

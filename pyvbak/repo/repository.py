@@ -17,10 +17,11 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..backends import TEMP_PREFIX, BackendError, ObjectMissing, open_backend
 from ..errors import IntegrityError, OutOfSpace, PyvbakError, RepositoryError, SnapshotNotFound, UsageError
 from . import digest_sets
@@ -891,12 +892,14 @@ class Repository:
     # -- snapshot writing (last step of a backup) -----------------------------------------
     def commit_snapshot(self, snapshot_id: str, meta: dict, records: np.ndarray,
                         known_zero: list[tuple[int, int]] | None = None,
-                        base: tuple[SnapshotInfo, np.ndarray] | None = None) -> None:
+                        base: tuple[SnapshotInfo, np.ndarray] | None = None,
+                        on_commit: Callable[[], None] | None = None) -> None:
         """Block index first, metadata last: the metadata is what makes it visible.
         ``known_zero``: record ranges the caller knows are zero (encode_snapshot_index).
         ``base``: (snapshot, sorted block indices): ``records`` holds only those blocks'
         records; every other one is that snapshot's, read again in chunks
-        (encode_snapshot_index_patched)."""
+        (encode_snapshot_index_patched).  ``on_commit``: called once the metadata is
+        written, with no signal heard between the two (``interrupts.held``)."""
         index_name = fmt.snapshot_index_name(snapshot_id)
         for lock in self._locks:
             if lock.held:
@@ -921,7 +924,11 @@ class Repository:
             if not self.backend.write_new(index_name, data):
                 ours = False
                 raise RepositoryError(f"snapshot index {index_name} already exists (snapshot id collision): retry")
-            created = self.backend.write_new(fmt.snapshot_meta_name(snapshot_id), json.dumps(meta, indent=2).encode())
+            with interrupts.held():
+                created = self.backend.write_new(fmt.snapshot_meta_name(snapshot_id),
+                                                 json.dumps(meta, indent=2).encode())
+                if created and on_commit is not None:
+                    on_commit()
         except BaseException:
             # No metadata, no snapshot: an index written (or half-written) here is nobody's.
             # Out of space, an I/O error, Ctrl-C or SIGTERM remove it; a kill -9 leaves it

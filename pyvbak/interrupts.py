@@ -44,30 +44,25 @@ def note_if_finishing(signum: int) -> bool:
 def held() -> Iterator[None]:
     """A step and what its caller must record of it, which no signal may split: the
     handlers note a signal meanwhile; at the end it is raised as if it came then (by the
-    handler in place), unless the block called ``begin_finishing`` (then it is one of
-    the noted ones) or failed (its own error is what the caller hears).  A backup's
-    snapshot exists from its metadata on: a Ctrl-C between that write and the caller's
-    ``commit()`` of the disk said "no snapshot was made" of a snapshot that was, and
-    merged the dirty bitmap back, so the next backup scanned the whole disk (the
-    session-14 signal audit).  Main thread only, like the handlers."""
+    handler in place) - also when the block failed, the signal then in place of the
+    failure - unless the block called ``begin_finishing`` (then it is one of the noted
+    ones).  A backup's snapshot exists from its metadata on: a Ctrl-C between that write
+    and the caller's ``commit()`` of the disk said "no snapshot was made" of a snapshot
+    that was, and merged the dirty bitmap back, so the next backup scanned the whole disk
+    (the session-14 signal audit).  Main thread only, like the handlers."""
     _state["held"] += 1
     try:
         yield
-    except BaseException:
+    finally:
         _state["held"] -= 1
-        if not _state["held"]:
-            _state["held_noted"] = []
-        raise
-    _state["held"] -= 1
-    if _state["held"] or not _state["held_noted"]:
-        return
-    pending, _state["held_noted"] = _state["held_noted"], []
-    if _state["finishing"]:
-        _state["noted"].extend(pending)
-        return
-    handler = signal.getsignal(pending[0])
-    if callable(handler):
-        handler(pending[0], None)  # raises as that handler does (KeyboardInterrupt, Interrupted)
+        if not _state["held"] and _state["held_noted"]:
+            pending, _state["held_noted"] = _state["held_noted"], []
+            if _state["finishing"]:
+                _state["noted"].extend(pending)
+            else:
+                handler = signal.getsignal(pending[0])
+                if callable(handler):
+                    handler(pending[0], None)  # raises as that handler does (KeyboardInterrupt, Interrupted)
 
 
 def end() -> list[str]:

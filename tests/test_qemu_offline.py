@@ -485,3 +485,46 @@ def test_a_stale_journal_does_not_vouch_for_a_disabled_bitmap(tmp_path):
     with QemuOfflineImage(img, previous_state=state, work_dir=work) as s:
         assert s.fallback_reason and "disabled" in s.fallback_reason, s.fallback_reason
         s.commit()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_qemu_img_rotates_the_bitmap_loses_no_change_tracking(tmp_path, signum):
+    """A signal while 'qemu-img bitmap --disable' ran killed it (subprocess.run kills its
+    child; a terminal's Ctrl-C reaches the whole process group: clusters leaked in the
+    image) and the teardown, not knowing the bitmap was disabled, left it so and removed
+    the journal that said it: the next backup scanned the whole disk (the session-14
+    signal audit).  Now qemu-img runs to its end, the step is recorded, then the signal
+    stops the backup: the bitmap is enabled again and the next backup uses it."""
+    from conftest import wait_until
+
+    real = subprocess.run(["sh", "-c", "command -v qemu-img"], capture_output=True, text=True).stdout.strip()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "qemu-img").write_text(
+        f'#!/bin/sh\n"{real}" "$@"; rc=$?\n'
+        f'case " $* " in *" bitmap "*"--disable"*) touch "{tmp_path}/disabling"; sleep 3 ;; esac\nexit $rc\n')
+    (bindir / "qemu-img").chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WORK_DIR=str(tmp_path / "work"),
+               PYVBAK_CACHE_DIR=str(tmp_path / "cache"), PATH=f"{bindir}:{os.environ['PATH']}")
+    img, repo = tmp_path / "vm.qcow2", tmp_path / "repo"
+    subprocess.run([real, "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+    qemu_io(img, "qcow2", "write -P 7 0 4M")
+
+    def pyvbak(*args, **kw):
+        return subprocess.run([sys.executable, "-m", "pyvbak", *args], capture_output=True, text=True, env=env, **kw)
+
+    assert pyvbak("init", str(repo)).returncode == 0
+    assert pyvbak("backup", str(img), "--repo", str(repo), "--vm", "vm").returncode == 0
+    qemu_io(img, "qcow2", "write -P 9 8M 64k")
+    p = subprocess.Popen([sys.executable, "-m", "pyvbak", "backup", str(img), "--repo", str(repo), "--vm", "vm"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    wait_until(lambda: (tmp_path / "disabling").exists(), timeout=60, what="qemu-img bitmap --disable")
+    os.killpg(p.pid, signum)  # as a terminal does: the whole process group
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 10, err
+    check = subprocess.run([real, "check", "-q", str(img)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr  # no leaked clusters
+    (tmp_path / "disabling").unlink()
+    nxt = pyvbak("backup", str(img), "--repo", str(repo), "--vm", "vm", "--json")
+    res = json.loads(nxt.stdout)
+    assert res["cbt"] is True and res["fallback_reason"] is None and res["changed_blocks"] == 1, res

@@ -26,6 +26,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from pyvbak import interrupts
 from pyvbak.errors import SourceError
 from pyvbak.processes import die_with_parent, identity, spawn_record
 
@@ -38,9 +39,15 @@ STATE_KIND = "qemu-image-bitmap"
 EXPORT_NAME = "pyvbak"
 
 
-def _run(args: list[str], what: str, timeout: float = 60) -> str:
+def _run(args: list[str], what: str, timeout: float = 60, *, writes: bool = False) -> str:
+    """Run a qemu-img command; ``writes``: it changes the image, so it runs to its end
+    whatever signal comes: in a session of its own (a terminal's Ctrl-C goes to the whole
+    foreground process group, and killed mid-write ``qemu-img bitmap`` leaked clusters in
+    the user's image), and with pyvbak's signals noted until it is done and the caller
+    has recorded it (the session-14 signal audit: a bitmap it was disabling stayed
+    disabled, its evidence gone with the journal)."""
     try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, start_new_session=writes)
     except FileNotFoundError:
         raise SourceError(f"{args[0]} not found: install the Debian package 'qemu-utils'") from None
     except subprocess.TimeoutExpired:
@@ -176,14 +183,16 @@ class QemuOfflineImage(ExportSession):
             generation = max(gens) + 1
             new = bitmap_name(generation)
             try:
-                self._bitmap_op("--add", new)
-                self._new = new
+                with interrupts.held():  # each step and its record, whatever signal comes
+                    self._bitmap_op("--add", new)
+                    self._new = new
                 if old is not None:
                     # first the evidence: a run killed after the disable has its bitmap
                     # enabled again by the next run only if its journal says it disabled it
                     self._write_journal(disks=[{"disables": old, "new_bitmap": new}])
-                    self._bitmap_op("--disable", old)
-                    self._old_disabled = True
+                    with interrupts.held():
+                        self._bitmap_op("--disable", old)
+                        self._old_disabled = True
             except SourceError as e:
                 generation = None
                 if self.fallback_reason is None:
@@ -299,8 +308,9 @@ class QemuOfflineImage(ExportSession):
 
     def _bitmap_op(self, *ops: str) -> None:
         *flags, name = ops
-        _run(["qemu-img", "bitmap", *flags, "-f", "qcow2", str(self.path), name],
-             f"qemu-img bitmap {' '.join(flags)} {name} on {self.path}")
+        with interrupts.held():  # the image is written: never stopped halfway (see _run)
+            _run(["qemu-img", "bitmap", *flags, "-f", "qcow2", str(self.path), name],
+                 f"qemu-img bitmap {' '.join(flags)} {name} on {self.path}", writes=True)
 
     # -- teardown ----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pyvbak import interrupts
 from pyvbak.errors import SourceError, UsageError
 
 from . import cleanup, session_lock
@@ -76,6 +77,8 @@ def _from_image(path: Path) -> list[str]:
         raise UsageError(f"image {path} is not writable: its dirty bitmaps cannot be removed")
     removed = []
     for name in names:
-        _run(["qemu-img", "bitmap", "--remove", "-f", "qcow2", str(path), name], f"qemu-img bitmap --remove {name} on {path}")
-        removed.append(f"removed dirty bitmap {name} from {path}")
+        with interrupts.held():  # never stopped halfway through the image (offline._run)
+            _run(["qemu-img", "bitmap", "--remove", "-f", "qcow2", str(path), name],
+                 f"qemu-img bitmap --remove {name} on {path}", writes=True)
+            removed.append(f"removed dirty bitmap {name} from {path}")
     return removed

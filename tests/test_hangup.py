@@ -235,3 +235,18 @@ def test_a_signal_as_the_snapshot_is_committed_finishes_the_backup(tmp_path, cap
     sid = json.loads(out)["id"]
     assert (repo / "snapshots" / f"{sid}.json").exists()
     assert signal.Signals(signum).name in err and "arrived after the work was committed" in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_as_the_console_script_exits_leaves_its_exit_code(signum):
+    """main() put back the default handlers before the interpreter's exit: a SIGTERM in
+    those ~10 ms killed a backup that had succeeded (exit -15; the session-14 signal
+    audit).  The console script's main(exiting=True) leaves them ignored instead."""
+    code = ("import os, signal, sys\n"
+            "from pyvbak.cli.main import main\n"
+            "code = main(['--version'], exiting=True)\n"
+            f"os.kill(os.getpid(), {int(signum)})\n"
+            "sys.exit(code)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert p.returncode == 0 and "pyvbak" in p.stdout, (p.returncode, p.stderr)

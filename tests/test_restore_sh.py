@@ -332,6 +332,15 @@ def test_restore_sh_removes_what_a_killed_run_left_in_tmpdir(setup, tmp_path):
     assert same_file(out, copy)
     assert not left.exists() and live.exists() and other_ns.exists()
     assert sorted(x.name for x in tmpdir.iterdir()) == sorted([live.name, other_ns.name])  # its own went too
+    # a killed run leaves its partial output too: the next run stops on it, but only after
+    # removing the killed run's temporary files (they stayed until the partial file went)
+    left.mkdir()
+    (left / "blocks").write_bytes(b"x" * 100)
+    out2 = tmp_path / "out2.img"
+    (tmp_path / "out2.img.pyvbak-restore-partial").write_bytes(b"half")
+    r = run_sh(repo.location, sid, out2, cwd=tmp_path, env={**BARE_ENV, "TMPDIR": str(tmpdir)})
+    assert r.returncode != 0 and "partial" in r.stderr and not out2.exists()
+    assert not left.exists()
 
 
 def test_a_newer_repository_format_is_refused(setup, tmp_path):

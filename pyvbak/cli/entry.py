@@ -22,6 +22,6 @@ def entry() -> None:
     except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing was started yet
         print("pyvbak: error: interrupted (Ctrl-C) while starting: nothing was done", file=sys.stderr)
         sys.exit(10)  # errors.Interrupted.exit_code (not imported: it may be what was interrupted)
-    code = main()
+    code = main(exiting=True)  # signals are ignored from its return on: the outcome is decided
     gc.freeze()
     sys.exit(code)

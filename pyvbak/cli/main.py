@@ -170,7 +170,7 @@ def _printable_anywhere() -> None:
             pass  # not a text stream that can be reconfigured (a test's capture, a pipe closed)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     tune_for_throughput()  # this process is the CLI's: see pyvbak/allocator.py
     _printable_anywhere()
     previous = _catch_termination()
@@ -231,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # ``exiting`` (the console script, which exits with the code returned): the
+            # command is over, a signal from now on changes nothing - its default action
+            # killed a backup that had succeeded, exit -15 instead of 0, in the ~10 ms of
+            # the interpreter's exit (the session-14 signal audit)
+            signal.signal(signum, signal.SIG_IGN if exiting else handler)
         noted = interrupts.end()
         if noted:
             _say(f"pyvbak: note: {' and '.join(dict.fromkeys(noted))} arrived after the work was committed: "

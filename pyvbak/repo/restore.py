@@ -719,6 +719,9 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             raise RestoreError(f"writing {output} failed: {failure.strerror or failure}{note}") from None
         if note and isinstance(failure, KeyboardInterrupt):
             raise Interrupted(f"restore interrupted (Ctrl-C){note}") from None
+        if note and isinstance(failure, Interrupted):
+            # not the CLI's "no partly restored file was left behind" (a file target's)
+            raise Interrupted(f"restore {str(failure).split(':', 1)[0]}{note}") from None
         if note and isinstance(failure, PyvbakError):
             raise type(failure)(f"{failure}{note}") from None
         raise

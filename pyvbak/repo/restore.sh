@@ -129,10 +129,6 @@ if [ "${#base}" -gt 231 ]; then  # the suffix would pass NAME_MAX (255 bytes; LC
   h=$(printf '%s' "$base" | sha256sum | cut -c1-16) || die "sha256sum failed"
   part="$odir_/.pyvbak-restore-partial-$h"
 fi
-if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
-  die "$part exists (left by an interrupted restore, or another restore is writing it): remove it first"
-fi
-
 # The temporary directory is named after this machine and pid namespace (a scope: a TMPDIR
 # on a share is seen by other hosts, and the initial pid namespace is alike on all of
 # them) and this process, so that one a restore.sh killed with SIGKILL left (no trap runs
@@ -158,6 +154,11 @@ if [ -n "$scope" ]; then
     case $pid in '' | *[!0-9]*) continue ;; esac
     [ -d "/proc/$pid" ] || rm -rf "$d" 2>/dev/null || :
   done
+fi
+# (after that sweep: a restore killed with SIGKILL leaves both, and the next run, which
+# stops here, removed its GiB of temporary files only once the partial file was gone)
+if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
+  die "$part exists (left by an interrupted restore, or another restore is writing it): remove it first"
 fi
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.${scope:-x}.$$.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp} (set TMPDIR to a writable directory)"
 made_part=

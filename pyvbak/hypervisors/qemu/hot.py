@@ -420,6 +420,7 @@ class QemuHotBackup(ExportSession):
             return
         cluster = int(info.get("image", {}).get("cluster-size") or 65536)
         path = d.fleece_path = d.names.fleece_qcow2
+        d.fleece_file_created = True  # before: a signal during qemu-img may leave it (removing tolerates none)
         try:
             r = subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(d.size)],
@@ -429,7 +430,6 @@ class QemuHotBackup(ExportSession):
             raise SourceError("qemu-img not found: install the Debian package 'qemu-utils'") from None
         except subprocess.TimeoutExpired:
             raise SourceError(f"qemu-img create {path} timed out") from None
-        d.fleece_file_created = True
         if r.returncode != 0:
             raise SourceError(f"cannot create the fleecing image {path}: {r.stderr.strip()}")
 

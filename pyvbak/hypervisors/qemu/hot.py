@@ -32,7 +32,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from pyvbak.processes import identity
 from .session import ExportSession, backing_chain_changed, outside_data
 from ..resources import TerminationGuard, remove_files
 from . import cleanup
-from . import fleece_guard, naming, session_lock
+from . import fleece_guard, fleece_image, naming, session_lock
 from .vm_disks import MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
 from .naming import GEN_PREFIX, PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id, run_of
 from .qmp import QmpClient, QmpError
@@ -258,6 +257,7 @@ class QemuHotBackup(ExportSession):
         self.cleaned_leftovers += cleanup.drop_settled_journals(self.work_dir, self.names.run, str(self.qmp_path),
                                                                 {d.node for d in self.disks})
         self.cleaned_leftovers += cleanup.drop_old_journals(self.work_dir, self.names.run)
+        fleece_image.drop_old_templates()
         if settled:  # bitmaps were merged or removed: ask again
             self.cleaned_leftovers += settled
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
@@ -281,7 +281,12 @@ class QemuHotBackup(ExportSession):
                       "file": {"driver": "file", "filename": str(d.fleece_path)}, "discard": "unmap"}
             if not self.snapshot_access:
                 fleece.update(driver="qcow2", backing=d.node)
-            try_create(qmp, "blockdev-add", lambda d=d: setattr(d, "fleece_node_added", False), **fleece)
+            try:
+                try_create(qmp, "blockdev-add", lambda d=d: setattr(d, "fleece_node_added", False), **fleece)
+            except QmpError:
+                if not self.snapshot_access:  # made from a template: made anew next time
+                    fleece_image.forget_template(d.size, int(infos[d.node].get("image", {}).get("cluster-size") or 65536))
+                raise
 
         # (d) one transaction for every disk: bitmap rotation + point-in-time view, so
         # the VM's disks are frozen at the same instant (crash-consistent together)
@@ -420,18 +425,8 @@ class QemuHotBackup(ExportSession):
             return
         cluster = int(info.get("image", {}).get("cluster-size") or 65536)
         path = d.fleece_path = d.names.fleece_qcow2
-        d.fleece_file_created = True  # before: a signal during qemu-img may leave it (removing tolerates none)
-        try:
-            r = subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(d.size)],
-                capture_output=True, text=True, timeout=60,
-            )
-        except FileNotFoundError:
-            raise SourceError("qemu-img not found: install the Debian package 'qemu-utils'") from None
-        except subprocess.TimeoutExpired:
-            raise SourceError(f"qemu-img create {path} timed out") from None
-        if r.returncode != 0:
-            raise SourceError(f"cannot create the fleecing image {path}: {r.stderr.strip()}")
+        d.fleece_file_created = True  # before: a signal while it is written may leave it (removing tolerates none)
+        fleece_image.create(path, d.size, cluster)
 
     def _write_journal(self) -> None:
         """What this run creates, for a person looking at the work dir (leftover cleanup

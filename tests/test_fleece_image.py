@@ -1,0 +1,106 @@
+"""The qcow2 fleecing image of QEMU < 8.0, copied from a template kept in the local cache
+(pyvbak/hypervisors/qemu/fleece_image.py): qemu-img runs once per size and cluster size,
+and a template that changed on disk is made again, never copied."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import require_tool
+from pyvbak.hypervisors.qemu import fleece_image
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    require_tool("qemu-img", "qemu-utils")
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = fleece_image._qemu_img_create
+
+    def counting(path, size, cluster):
+        calls.append((size, cluster))
+        real(path, size, cluster)
+    monkeypatch.setattr(fleece_image, "_qemu_img_create", counting)
+    return tmp_path / "cache" / "fleece-templates", calls
+
+
+def info(path) -> dict:
+    return json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], check=True,
+                                     capture_output=True, text=True).stdout)
+
+
+def check(path) -> None:
+    r = subprocess.run(["qemu-img", "check", "-q", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_one_qemu_img_run_per_size_and_cluster_size(cache, tmp_path):
+    tdir, calls = cache
+    for i in range(3):
+        out = tmp_path / f"fl{i}.qcow2"
+        fleece_image.create(out, 64 * MiB, 65536)
+        i_ = info(out)
+        assert i_["format"] == "qcow2" and i_["virtual-size"] == 64 * MiB and i_["cluster-size"] == 65536
+        check(out)
+    fleece_image.create(tmp_path / "other.qcow2", 64 * MiB, 2 * MiB)
+    assert info(tmp_path / "other.qcow2")["cluster-size"] == 2 * MiB
+    assert calls == [(64 * MiB, 65536), (64 * MiB, 2 * MiB)]
+    assert oct(tdir.stat().st_mode & 0o777) == "0o700" and len(list(tdir.iterdir())) == 2
+    with pytest.raises(Exception, match="cannot create the fleecing image"):
+        fleece_image.create(tmp_path / "fl0.qcow2", 64 * MiB, 65536)  # never over an existing file
+
+
+@pytest.mark.parametrize("damage", ["a flipped bit", "an L1 entry", "another size"])
+def test_a_template_changed_on_disk_is_made_again_not_copied(cache, tmp_path, damage):
+    """A bit flipped in the template (or an L1 entry set: reads of that block would come
+    from the image, not the disk) is caught by the SHA-256 in its name or the header
+    check; the copy is made from a new template."""
+    tdir, calls = cache
+    fleece_image.create(tmp_path / "a.qcow2", 16 * MiB, 65536)
+    (template,) = tdir.iterdir()
+    data = bytearray(template.read_bytes())
+    if damage == "a flipped bit":
+        data[-1] ^= 1
+    elif damage == "an L1 entry":
+        l1 = int.from_bytes(data[40:48], "big")
+        data[l1:l1 + 8] = (0x80000000_00030000).to_bytes(8, "big")
+    else:
+        data[24:32] = (32 * MiB).to_bytes(8, "big")
+    os.chmod(template, 0o600)
+    template.write_bytes(bytes(data))
+    if damage != "a flipped bit":  # named after its new bytes: only the header check can tell
+        template.rename(fleece_image.template_path(tdir, 16 * MiB, 65536, bytes(data)))
+    fleece_image.create(tmp_path / "b.qcow2", 16 * MiB, 65536)
+    assert len(calls) == 2
+    assert (tmp_path / "b.qcow2").read_bytes() == (tmp_path / "a.qcow2").read_bytes()
+    assert [p.read_bytes() for p in tdir.iterdir()] == [(tmp_path / "a.qcow2").read_bytes()]
+
+
+def test_without_a_cache_every_image_is_made_by_qemu_img(cache, tmp_path, monkeypatch):
+    _, calls = cache
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    for i in range(2):
+        fleece_image.create(tmp_path / f"n{i}.qcow2", 8 * MiB, 65536)
+        check(tmp_path / f"n{i}.qcow2")
+    assert len(calls) == 2
+
+
+def test_unused_templates_and_half_made_ones_go(cache, tmp_path):
+    tdir, _ = cache
+    fleece_image.create(tmp_path / "a.qcow2", 8 * MiB, 65536)
+    fleece_image.create(tmp_path / "b.qcow2", 16 * MiB, 65536)
+    half = tdir / "qcow2-8388608-65536-4242-abcd.tmp"
+    half.write_bytes(b"QFI")
+    old, used = sorted(p for p in tdir.iterdir() if p.suffix == ".qcow2")
+    long_ago = time.time() - fleece_image.TEMPLATE_KEEP_S - 60
+    os.utime(old, (long_ago, long_ago))
+    os.utime(half, (time.time() - 2 * fleece_image.TEMPLATE_TMP_KEEP_S,) * 2)
+    fleece_image.drop_old_templates()
+    assert list(tdir.iterdir()) == [used]

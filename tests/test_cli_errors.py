@@ -1111,3 +1111,22 @@ def test_a_restore_whose_lock_was_removed_says_so(backed_up, capsys, monkeypatch
     assert code == 6, err
     assert_one_error_line(err, "lock", "was removed while it ran", "a prune may have moved")
     assert not (tmp / "o.img").exists()
+
+
+def test_verify_repair_with_a_sample_checks_again_the_same_sample(backed_up, capsys, monkeypatch):
+    """The re-check after adopting packs drew a new sample: it could miss the blocks the
+    first pass found lost and say "repair: complete", exit 0 (the session-14 review)."""
+    from pyvbak.repo import verify as verify_mod
+
+    tmp, repo, img, sid = backed_up
+    for name in os.listdir(os.path.join(repo, "index")):
+        os.unlink(os.path.join(repo, "index", name))
+    seeds = []
+    real = verify_mod.verify_repository
+
+    def recording(*a, **k):
+        seeds.append(k.get("seed"))
+        return real(*a, **k)
+    monkeypatch.setattr(verify_mod, "verify_repository", recording)
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair", "--sample", "50")
+    assert len(seeds) == 2 and seeds[0] is not None and seeds[0] == seeds[1], seeds

@@ -1334,3 +1334,28 @@ def test_another_vms_run_seen_as_it_writes_its_first_journal_is_no_reason_to_ref
     finally:
         other.kill()
         other.wait()
+
+
+def test_another_vms_live_session_never_stops_this_vms_nbd_server(vm, work, tmp_path):
+    """VM a's live backup left its NBD socket in the shared work dir, and VM b's backup took
+    it for a leftover of b's: it stopped b's NBD server - an admin's - and said "NBD server
+    started by pyvbak" (the session-14 review).  b's server is not pyvbak's: b's backup is
+    refused as for any NBD server already running, and the admin's export stays."""
+    other = FakeVM(tmp_path / "vm-b").start()
+    try:
+        admin = tmp_path / "admin-nbd.sock"
+        other.ctl.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(admin)}})
+        other.ctl.cmd("blockdev-add", driver="null-co", **{"node-name": "admin-null"}, size=1 << 20)
+        other.ctl.cmd("block-export-add", type="nbd", id="admin-export", **{"node-name": "admin-null"},
+                      writable=False)
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as a:
+            with pytest.raises(SourceError, match="already runs an NBD server"):
+                backup(other, work)
+            a.commit()
+        assert "admin-export" in other.exports()
+        from pyvbak.hypervisors.qemu.cleanup import socket_listening
+
+        assert socket_listening(admin)
+    finally:
+        other.stop()
+    assert_clean(vm, work)

@@ -216,8 +216,21 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
             remove_export(qmp, e)
             cleaned.append(f"NBD export {e}")
             server_was_ours = True  # pyvbak only exports on a server it started itself
+    # A dead run's socket that still answers: its NBD server is still up - in this VM only
+    # when the run was this VM's (something of it here, or its journal names this VM).  A
+    # live run's socket, or another VM's or a qemu-nbd's, says nothing of this VM's server:
+    # taken for it, another VM's live backup made this one stop its NBD server, an admin's
+    # too (the session-14 review).
+    this_vms = {run_of(x) for x in exports + jobs + nodes} | set(locks.values())
     for p in files:
-        if p.name.endswith("-nbd.sock") and socket_listening(p):
+        r = run_of(p.name)
+        if not (p.name.endswith("-nbd.sock") and mine(p.name)):
+            continue
+        if this_vm is not None and r not in this_vms and not any(
+                str((read_journal(j) or {}).get("qmp")) == this_vm for j in files
+                if j.name.endswith(".json") and run_of(j.name) == r):
+            continue
+        if socket_listening(p):
             server_was_ours = True
     if server_was_ours:
         stop_nbd_server(qmp)

@@ -473,7 +473,9 @@ class Repository:
         self.highest_sequence = max((snapshot_sequence(m) for m in metas.values()), default=0)
         found = []
         for name, meta in metas.items():
-            if meta.get("status") != "complete":  # a cached description read before the rule above
+            if not _valid_snapshot_meta(meta, name[len("snapshots/"):-len(".json")]):
+                # a cached description an older pyvbak read under older rules (a status
+                # other than "complete", a malformed index_sha256: the session-14 review)
                 if strict:
                     raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'")
                 self.damaged_snapshots.append(name)

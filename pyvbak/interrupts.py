@@ -14,6 +14,7 @@ to the CLI).  Process-wide, like signal handlers themselves; main thread only.
 from __future__ import annotations
 
 import signal
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -40,6 +41,11 @@ def note_if_finishing(signum: int) -> bool:
     return False
 
 
+def _note_int(signum, frame):  # noqa: ARG001 - signal handler signature
+    if not note_if_finishing(signum):
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def held() -> Iterator[None]:
     """A step and what its caller must record of it, which no signal may split: the
@@ -50,11 +56,20 @@ def held() -> Iterator[None]:
     and the caller's ``commit()`` of the disk said "no snapshot was made" of a snapshot
     that was, and merged the dirty bitmap back, so the next backup scanned the whole disk
     (the session-14 signal audit).  Main thread only, like the handlers."""
+    # Python's own Ctrl-C handler (a library caller: the CLI installs one that asks
+    # note_if_finishing) would raise at once: one that notes takes its place meanwhile
+    # (the session-14 review).  Other handlers and the default actions are the caller's.
+    own_int = (not _state["held"] and threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own_int:
+        signal.signal(signal.SIGINT, _note_int)
     _state["held"] += 1
     try:
         yield
     finally:
         _state["held"] -= 1
+        if own_int:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if not _state["held"] and _state["held_noted"]:
             pending, _state["held_noted"] = _state["held_noted"], []
             if _state["finishing"]:

@@ -250,3 +250,32 @@ def test_a_signal_as_the_console_script_exits_leaves_its_exit_code(signum):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     assert p.returncode == 0 and "pyvbak" in p.stdout, (p.returncode, p.stderr)
+
+
+def test_a_library_caller_hears_ctrl_c_only_after_on_commit(tmp_path, monkeypatch):
+    """Python's own Ctrl-C handler raised at once, inside the commit: a library caller's
+    on_commit was skipped although the snapshot existed (the session-14 review).  held()
+    puts a noting handler in its place for the step, and raises after it."""
+    from pyvbak.backends.local import LocalBackend
+    from pyvbak.engine.backup import run_backup
+    from pyvbak.repo.repository import Repository
+    from pyvbak.sources.file import FileSource
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    img = tmp_path / "d.img"
+    img.write_bytes(random_bytes(1 * MiB, seed=6))
+    repo = Repository.init(str(tmp_path / "repo"))
+    orig = LocalBackend.write_new
+
+    def write_new(self, name, data):
+        created = orig(self, name, data)
+        if name.startswith("snapshots/") and name.endswith(".json"):
+            os.kill(os.getpid(), signal.SIGINT)
+        return created
+    monkeypatch.setattr(LocalBackend, "write_new", write_new)
+    committed = []
+    with pytest.raises(KeyboardInterrupt):
+        with repo.lock(purpose="test"), FileSource(str(img)) as src:
+            run_backup(repo, src, vm="web", disk="d", on_commit=lambda r: committed.append(r.snapshot_id))
+    assert committed and [s.id for s in repo.snapshots()] == committed
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1359,3 +1359,39 @@ def test_another_vms_live_session_never_stops_this_vms_nbd_server(vm, work, tmp_
     finally:
         other.stop()
     assert_clean(vm, work)
+
+
+def test_a_journal_is_written_where_no_other_session_looks_until_it_is_whole(vm, work):
+    """A run's journal was written as pyvbak-<run>.tmp and renamed: another VM's session
+    that found it empty or half-written refused (the session-14 review).  It is written as
+    .pyvbak-<run>.json.tmp now, which no scan of pyvbak-* sees; a killed run's goes with
+    the next session, a live run's stays."""
+    from pyvbak.hypervisors.qemu import hot as hot_mod
+
+    seen = []
+    real = hot_mod.os.replace
+
+    def replace(src, dst):
+        seen.append((os.path.basename(src), sorted(p.name for p in work.glob("pyvbak-*"))))
+        return real(src, dst)
+    work.mkdir(parents=True, exist_ok=True)
+    other = live_pid()
+    try:
+        live_tmp = work / f".pyvbak-{other.pid}-abcd.json.tmp"
+        live_tmp.write_text("{")
+        p = subprocess.Popen(["true"])
+        p.wait()
+        dead_tmp = work / f".pyvbak-{p.pid}-abcd.json.tmp"
+        dead_tmp.write_text("{")
+        hot_mod.os.replace = replace
+        try:
+            backup(vm, work)
+        finally:
+            hot_mod.os.replace = real
+        journals = [(src, names) for src, names in seen if ".json" in src]  # (os.replace is everyone's)
+        assert journals and all(src.startswith(".pyvbak-") and not any(n.endswith(".tmp") for n in names)
+                                for src, names in journals), journals
+        assert live_tmp.exists() and not dead_tmp.exists()
+    finally:
+        other.kill()
+        other.wait()

@@ -517,6 +517,22 @@ def drop_old_journals(work_dir: Path, own_run: str | None) -> list[str]:
     return dropped
 
 
+def drop_dead_journal_temps(work_dir: Path) -> list[str]:
+    """Journals a killed run was writing (``naming.journal_temp``: ``.pyvbak-<run>.json.tmp``,
+    which the ``pyvbak-*`` scans do not see) whose run is gone."""
+    dropped = []
+    for p in work_dir.glob(f".{PREFIX}*.tmp") if work_dir.is_dir() else []:
+        run = run_of(p.name[1:])
+        if run is None or run_alive(run, None):
+            continue
+        try:
+            p.unlink()
+            dropped.append(f"file {p}")
+        except OSError:
+            pass
+    return dropped
+
+
 def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[Path]:
     """``paths`` (a dead run's work-dir files) less the journals of runs on another disk
     (``journal[key]`` - "qmp" for running VMs, "image" for offline ones - not ``value``,

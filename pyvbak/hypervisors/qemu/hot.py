@@ -257,6 +257,7 @@ class QemuHotBackup(ExportSession):
         self.cleaned_leftovers += cleanup.drop_settled_journals(self.work_dir, self.names.run, str(self.qmp_path),
                                                                 {d.node for d in self.disks})
         self.cleaned_leftovers += cleanup.drop_old_journals(self.work_dir, self.names.run)
+        self.cleaned_leftovers += cleanup.drop_dead_journal_temps(self.work_dir)
         fleece_image.drop_old_templates()
         if settled:  # bitmaps were merged or removed: ask again
             self.cleaned_leftovers += settled
@@ -441,7 +442,7 @@ class QemuHotBackup(ExportSession):
             "disks": [{"node": d.node, "fleece_file": str(d.fleece_path), "new_bitmap": d.new_bitmap,
                        "old_bitmap": d.old_bitmap, "disables": d.disables} for d in self.disks],
         }
-        tmp = self.names.journal.with_suffix(".tmp")
+        tmp = naming.journal_temp(self.names.journal)
         tmp.write_text(json.dumps(self._journal))
         os.replace(tmp, self.names.journal)
 
@@ -605,7 +606,7 @@ class QemuHotBackup(ExportSession):
         paths.append(self.names.nbd_socket)
         remove_files(paths, errors)
         if not errors:
-            remove_files((self.names.journal, self.names.journal.with_suffix(".tmp")), errors)
+            remove_files((self.names.journal, naming.journal_temp(self.names.journal)), errors)
         # Last, after the files too: another session may start once the lock is gone, and
         # one that found our files while we still run would refuse ("session active").
         # Kept when something of this run is left in QEMU: the lock is the evidence that

@@ -89,6 +89,14 @@ def running_here(run: str) -> bool:
         return run in _running_here
 
 
+def journal_temp(journal: Path) -> Path:
+    """Where a journal is written before it is renamed into place: a name the work dir's
+    ``pyvbak-*`` scans never see, so no other session finds a journal half-written (a
+    run's first one, seen empty, made another VM's backup refuse: the session-14 review).
+    A killed run's is removed by ``cleanup.drop_dead_journal_temps``."""
+    return journal.with_name(f".{journal.name}.tmp")
+
+
 def run_of(name: str) -> str | None:
     """The run id inside a pyvbak resource name (or file name), else None."""
     m = _RUN_RE.match(name)

@@ -152,6 +152,7 @@ class QemuOfflineImage(ExportSession):
         self._disabled_by_dead_runs = _disabled_by(dead, self.path)
         self.cleaned_leftovers = cleanup.clean_files(cleanup.keep_other_disks_journals(dead, "image", str(self.path)))
         self.cleaned_leftovers += cleanup.drop_old_journals(self.work_dir, self.run)
+        self.cleaned_leftovers += cleanup.drop_dead_journal_temps(self.work_dir)
         # who runs this run, before any other file of it (and before the image's bitmaps
         # change): another pyvbak sharing the work dir judges it by this, not by its pid
         self._write_journal()
@@ -238,7 +239,7 @@ class QemuOfflineImage(ExportSession):
             self._journal = {"run": self.run, "pid": os.getpid(), "owner": identity(), "image": str(self.path),
                              "nbd_socket": str(self.socket_path), "pid_file": str(self.pid_file)}
         self._journal.update(more)
-        tmp = self.journal.with_suffix(".tmp")
+        tmp = naming.journal_temp(self.journal)
         try:
             tmp.write_text(json.dumps(self._journal))
             os.replace(tmp, self.journal)
@@ -335,7 +336,7 @@ class QemuOfflineImage(ExportSession):
                     errors.append(str(e))
                 if not server_left:
                     # last: until now another pyvbak on this work dir sees a live run
-                    remove_files((self.journal, self.journal.with_suffix(".tmp")), errors)
+                    remove_files((self.journal, naming.journal_temp(self.journal)), errors)
         finally:
             if guard:
                 guard.__exit__(None, None, None)

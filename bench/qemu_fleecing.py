@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The two ways of taking a running disk's frozen view, side by side: snapshot-access
-(QEMU >= 7.1: a raw fleecing file pyvbak creates itself, the view a snapshot-access node
+(QEMU >= 8.0, forced here on 7.2: a raw fleecing file pyvbak creates itself, the view a snapshot-access node
 over the copy-before-write filter) against the qcow2 fleecing image backed by the disk
 (what older QEMUs get; `qemu-img create` per disk per backup).
 

@@ -593,7 +593,7 @@ def profiled_backup(repo: str, uri: str, workdir: str, cprofile: str | None = No
     wrap(packer.PackWriter, "finish", "pack finish (flush + wait uploads)")
     wrap(QmpClient, "connect", "QMP connect + capabilities")
     wrap(hot.QemuHotBackup, "_setup", "QEMU session setup (total)")
-    wrap(hot.QemuHotBackup, "_create_fleece_file", "  fleecing file (raw; qemu-img before QEMU 7.1)")
+    wrap(hot.QemuHotBackup, "_create_fleece_file", "  fleecing file (raw; a qcow2 from a template before QEMU 8.0)")
     wrap(qcleanup, "clean_leftovers", "  leftover scan")
     wrap(hot.QemuHotBackup, "_teardown", "QEMU session teardown (total)")
     wrap(qcleanup, "remove_export", "  block-export-del + wait")

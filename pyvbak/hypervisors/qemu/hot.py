@@ -8,7 +8,7 @@ NBD server):
 1. connects to QMP, takes the VM's session lock, cleans what a killed earlier run left
    (``cleanup.clean_leftovers``), then resolves the URI's devices to block nodes;
 2. checks whether the dirty bitmap recorded by the previous backup can be trusted;
-3. creates the fleecing file (raw, sparse; QEMU < 7.1: a qcow2 backed by the live node);
+3. creates the fleecing file (raw, sparse; QEMU < 8.0: a qcow2 backed by the live node);
 4. in ONE ``transaction``: adds the next bitmap ``pyvbak-gen-<N+1>`` (persistent in a
    qcow2; in QEMU's memory on any other format),
    disables ``pyvbak-gen-<N>`` and starts ``blockdev-backup sync=none`` live → fleecing,
@@ -97,7 +97,7 @@ class HotDisk(ExportSession):
         self.nbd_uri: str | None = None
         self.dirty_bitmap: str | None = None
         # what this run created for the disk, so cleanup undoes exactly that
-        self.fleece_path = names.fleece_file  # the qcow2 one under QEMU < 7.1
+        self.fleece_path = names.fleece_file  # the qcow2 one under QEMU < 8.0
         self.fleece_file_created = False
         self.fleece_node_added = False
         self.access_node_added = False

@@ -13,11 +13,11 @@ pyvbak) is judged by its pid.  QEMU node names are limited to 31 characters, whi
   export / NBD export name   pyvbak-<run><d>
   fleecing node              pyvbak-<run><d>-fl
   copy-before-write filter   pyvbak-<run><d>-cbw
-  snapshot-access node       pyvbak-<run><d>-acc   (the frozen view, QEMU >= 7.1)
+  snapshot-access node       pyvbak-<run><d>-acc   (the frozen view, QEMU >= 8.0)
   backup job id              pyvbak-<run><d>-job
-  fleecing file              <work_dir>/pyvbak-<run><d>-fleece.raw   (QEMU < 7.1: .qcow2)
+  fleecing file              <work_dir>/pyvbak-<run><d>-fleece.raw   (QEMU < 8.0: .qcow2)
   NBD server socket          <work_dir>/pyvbak-<run>-nbd.sock
-  journal                    <work_dir>/pyvbak-<run>.json   (what the run made; "owner";
+  journal                    <work_dir>/pyvbak-<run>.json   (written as .pyvbak-<run>.json.tmp, renamed; "owner";
                              offline: "qemu_nbd", its qemu-nbd's spawn record)
   qemu-nbd pid file          <work_dir>/pyvbak-<run>-qemu-nbd.pid   (offline)
   persistent dirty bitmaps   pyvbak-gen-<N>-<token>   (not per run: they outlive runs on

@@ -2,7 +2,7 @@
 """The two ways of taking a running disk's frozen view, side by side: snapshot-access
 (QEMU >= 8.0, forced here on 7.2: a raw fleecing file pyvbak creates itself, the view a snapshot-access node
 over the copy-before-write filter) against the qcow2 fleecing image backed by the disk
-(what older QEMUs get; `qemu-img create` per disk per backup).
+(what QEMU < 8.0 gets; a copy of a cached `qemu-img create` template per disk per backup).
 
     python bench/qemu_fleecing.py [--disks 4] [--size-mib 256] [--rounds 7] [--json]
 

@@ -538,9 +538,10 @@ class QemuHotBackup(ExportSession):
             raise Interrupted(f"interrupted by {signal.Signals(guard.pending).name}; "
                               "cleaned up what this run created")
         if ended is not None:
-            self.broken = (f"the point-in-time view of disk '{d.node}' ended before the backup had read it "
-                           f"(QEMU {ended}): what was read may hold the guest's later writes, so no snapshot "
-                           f"was made; retry the backup")
+            if self.broken is None:  # (else the space guard ended it, and said why: its message stands)
+                self.broken = (f"the point-in-time view of disk '{d.node}' ended before the backup had read it "
+                               f"(QEMU {ended}): what was read may hold the guest's later writes, so no snapshot "
+                               f"was made; retry the backup")
             raise SourceError(self.broken)
 
     def _cleanup(self, failed: bool, errors: list[str]) -> None:

@@ -39,8 +39,9 @@ def low_space_message(work_dir: str, free: int, reserve: int, nodes: str) -> str
     """``nodes``: the disks being backed up, quoted (``'disk0', 'disk1'``)."""
     return (
         f"work dir {work_dir} has only {free >> 20} MiB free (pyvbak keeps {reserve >> 20} MiB) for copies "
-        f"of the blocks the guest rewrites on {nodes} while they are backed up; the VM was not affected - free "
-        f"space there or set PYVBAK_WORK_DIR to a bigger filesystem"
+        f"of the blocks the guest rewrites on {nodes} while they are backed up (whatever fills that file "
+        f"system counts: a repository on it too); the VM was not affected - free space there or set "
+        f"PYVBAK_WORK_DIR to a bigger filesystem"
     )
 
 

@@ -1395,3 +1395,43 @@ def test_a_journal_is_written_where_no_other_session_looks_until_it_is_whole(vm,
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_view_qemu_cannot_say_is_running_makes_no_snapshot(vm, work, monkeypatch):
+    """The check after the last read took "QEMU did not answer" for "the job runs": a
+    snapshot holding the guest's later writes was committed (the session-14 re-audit).
+    Not known to run is not running."""
+    from pyvbak.errors import SourceError as SE
+    from pyvbak.hypervisors.qemu.qmp import QmpClient
+
+    monkeypatch.setattr(hot, "SNAPSHOT_ACCESS_SINCE", (99, 0))
+    real = QmpClient.execute
+
+    def execute(self, command, **args):
+        if command == "query-jobs" and getattr(self, "_fail_jobs", False):
+            raise SE("timed out after 3.0s waiting for the reply to 'query-jobs'")
+        return real(self, command, **args)
+    monkeypatch.setattr(QmpClient, "execute", execute)
+    with pytest.raises(SourceError, match="could not be asked whether its copy-before-write job"):
+        with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
+            s._qmp._fail_jobs = True
+            try:
+                s.disks[0].release_view()
+            finally:
+                s._qmp._fail_jobs = False
+    assert_clean(vm, work)
+
+
+def test_a_relative_work_dir_is_taken_from_pyvbaks_directory(vm, tmp_path, monkeypatch):
+    """QEMU opened the fleecing file named relative to its own working directory: a
+    relative PYVBAK_WORK_DIR failed with "Could not open 'relwork/...'" (the session-14
+    re-audit)."""
+    from pyvbak.hypervisors import default_work_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYVBAK_WORK_DIR", "relwork")
+    assert default_work_dir() == str(tmp_path / "relwork")
+    for fleecing in ((99, 0), (7, 1)):
+        monkeypatch.setattr(hot, "SNAPSHOT_ACCESS_SINCE", fleecing)
+        backup(vm, Path("relwork"))
+    assert_clean(vm, tmp_path / "relwork")

@@ -27,6 +27,9 @@ def default_work_dir() -> str:
     base = os.environ.get("PYVBAK_WORK_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pyvbak", "work"
     )
+    # absolute: QEMU opens the fleecing files and sockets named in it from its own working
+    # directory (a relative PYVBAK_WORK_DIR failed as "Could not open 'relwork/...'")
+    base = os.path.abspath(base)
     try:
         os.makedirs(base, mode=0o700, exist_ok=True)
     except OSError as exc:

@@ -157,7 +157,7 @@ class QemuHotBackup(ExportSession):
         self._previous_states = previous_states
         self._previous_state = previous_state
         self._expected_names = list(disk_names) if disk_names is not None else None
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).absolute()  # QEMU opens what is named in it from its own cwd
         self.verify_cbt = verify_cbt
         self.qmp_timeout = qmp_timeout
         self.names = RunNames(new_run_id(), self.work_dir)
@@ -510,8 +510,8 @@ class QemuHotBackup(ExportSession):
         ended = None
         if d.job_started and not d.job_cancelled and not self.snapshot_access:
             # The qcow2 view reads every block the filter has not copied from the live
-            # disk, through its backing: once the job is gone (QEMU ended it: an error
-            # writing the fleecing image), such reads return what the guest wrote since.
+            # disk, through its backing: once the job is gone (cancelled by someone, or
+            # ended by QEMU), such reads return what the guest wrote since.
             # (A snapshot-access view fails its reads instead.)  Asked after the last read.
             ended = _job_ended(qmp, d.names.job)
         with (guard.deferred() if guard else nullcontext()):
@@ -620,12 +620,14 @@ class QemuHotBackup(ExportSession):
 
 
 def _job_ended(qmp: QmpClient, job_id: str) -> str | None:
-    """How the copy-before-write job ``job_id`` ended, or None while it runs (or when QEMU
-    cannot be asked: the teardown reports that)."""
+    """How the copy-before-write job ``job_id`` ended (or that QEMU could not say), or None
+    while it runs."""
     try:
         jobs = qmp.execute("query-jobs")
-    except Exception:  # noqa: BLE001 - a broken connection fails the backup anyway
-        return None
+    except Exception as e:  # noqa: BLE001
+        # not known to run is not running: a QEMU that did not answer here let a snapshot
+        # holding the guest's later writes be committed (the session-14 re-audit)
+        return f"could not be asked whether its copy-before-write job {job_id} still runs ({e})"
     for j in jobs:
         if j.get("id") == job_id:
             if j.get("status") in ("created", "running", "paused", "ready", "standby"):

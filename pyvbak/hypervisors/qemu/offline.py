@@ -101,7 +101,7 @@ class QemuOfflineImage(ExportSession):
         self.path = Path(path).resolve()
         self.image_format = image_format
         self.previous_state = dict(previous_state) if previous_state else None
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).absolute()  # qemu-nbd is told paths in it
         self.verify_cbt = verify_cbt
         self.start_timeout = start_timeout
         self.run = new_run_id()

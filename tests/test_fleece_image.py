@@ -104,3 +104,54 @@ def test_unused_templates_and_half_made_ones_go(cache, tmp_path):
     os.utime(half, (time.time() - 2 * fleece_image.TEMPLATE_TMP_KEEP_S,) * 2)
     fleece_image.drop_old_templates()
     assert list(tdir.iterdir()) == [used]
+
+
+@pytest.mark.parametrize("how", ["read-only", "a file where the directory goes"])
+def test_a_cache_that_cannot_hold_a_template_is_no_reason_to_fail(cache, tmp_path, monkeypatch, how):
+    """The template cache is a speed-up: one that cannot be written (read-only, full,
+    another user's) failed every hot backup (the session-14 review).  The image is then
+    made where it is needed."""
+    tdir, calls = cache
+    if how == "read-only":
+        tdir.mkdir(parents=True)
+        os.chmod(tdir, 0o500)
+        if os.access(tdir, os.W_OK):  # root writes anyway: take its template making away instead
+            monkeypatch.setattr(fleece_image, "_make_template",
+                                lambda *a: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    else:
+        tdir.parent.mkdir(parents=True)
+        tdir.write_bytes(b"not a directory")
+    fleece_image.create(tmp_path / "a.qcow2", 8 * MiB, 65536)
+    check(tmp_path / "a.qcow2")
+    assert info(tmp_path / "a.qcow2")["virtual-size"] == 8 * MiB
+    os.chmod(tdir, 0o700) if tdir.is_dir() else None
+
+
+@pytest.mark.parametrize("plant", ["an external data file", "group-writable", "a symlink"])
+def test_a_planted_template_is_never_copied(cache, tmp_path, plant):
+    """A qcow2 with an external data file, stored under its own SHA-256 name, passed every
+    check: QEMU then wrote the guest's old blocks into that other file (the session-14
+    review).  Feature bits, the owner and the mode are checked now."""
+    tdir, calls = cache
+    tdir.mkdir(parents=True)
+    victim = tmp_path / "victim.raw"
+    src = tmp_path / "planted.qcow2"
+    if plant == "an external data file":
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={victim}",
+                        str(src), str(8 * MiB)], check=True)
+    else:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), str(8 * MiB)], check=True)
+    data = src.read_bytes()
+    planted = fleece_image.template_path(tdir, 8 * MiB, 65536, data)
+    if plant == "a symlink":
+        planted.symlink_to(src)
+    else:
+        planted.write_bytes(data)
+        os.chmod(planted, 0o664 if plant == "group-writable" else 0o600)
+    fleece_image.create(tmp_path / "a.qcow2", 8 * MiB, 65536)
+    assert calls == [(8 * MiB, 65536)]  # made anew, not copied
+    assert "data-file" not in json.dumps(info(tmp_path / "a.qcow2"))
+    if plant == "an external data file":
+        assert not planted.exists()
+    else:  # the same bytes: the new template has its name, as this user's own file
+        assert not planted.is_symlink() and oct(planted.stat().st_mode & 0o777) == "0o600"

@@ -9,9 +9,11 @@ once, kept as a template in pyvbak's local cache (``<cache root>/fleece-template
 none with the cache off: ``PYVBAK_CACHE_DIR=``, then every backup runs qemu-img), and
 each backup writes a copy into its work dir.  A template's
 name carries the SHA-256 of its bytes, checked before each use with its header (magic,
-version, size, cluster size, no backing file, no snapshot, an L1 table of zeros - so
-every read not yet copied goes to the disk): a template changed on disk (bit rot, a
-stray write) is removed and made again, never copied.  Templates not used
+version 3, size, cluster size, no backing file, no snapshot, no feature bit, an L1 table
+of zeros - so every read not yet copied goes to the disk) and its owner (this user's
+regular file, writable by no one else): a template changed on disk (bit rot, a stray or
+planted write) is removed and made again, never copied.  A cache that cannot hold one is
+no error: the image is then made by qemu-img where it is needed.  Templates not used
 for TEMPLATE_KEEP_S go (``drop_old_templates``).  The work dir holds only runs' resources
 (its leftover cleanup judges everything named ``pyvbak-*`` there).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
 import struct
 import subprocess
 import time
@@ -34,10 +37,11 @@ TEMPLATE_KEEP_S = 30 * 86400
 TEMPLATE_TMP_KEEP_S = 3600
 TEMPLATE_PREFIX = "qcow2-"
 QCOW2_MAGIC = b"QFI\xfb"
-#: the qcow2 header up to the snapshot table (QEMU's docs/interop/qcow2.txt): magic, version,
+#: the version-3 qcow2 header (QEMU's docs/interop/qcow2.txt): magic, version,
 #: backing_file_offset, backing_file_size, cluster_bits, size, crypt_method, l1_size,
-#: l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots
-_HEADER = struct.Struct(">4sIQIIQIIQQII")
+#: l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots,
+#: snapshots_offset, incompatible_features, compatible_features, autoclear_features
+_HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQ")
 
 
 def templates_dir() -> Path | None:
@@ -64,15 +68,19 @@ def template_path(work_dir: Path, size: int, cluster: int, data: bytes) -> Path:
 
 
 def looks_right(data: bytes, size: int, cluster: int) -> bool:
-    """An empty qcow2 of this size and cluster size: no backing file, no encryption, no
-    snapshot, and an L1 table of zeros (no cluster of its own: every read goes to the
-    backing disk until the filter copies a block into it)."""
+    """An empty version-3 qcow2 of this size and cluster size as ``qemu-img create`` makes
+    it: no backing file, no encryption, no snapshot, no feature bit (none that would send
+    its data elsewhere: an external data file is one - a template planted with it had QEMU
+    write the guest's old blocks into another file, the session-14 review), and an L1
+    table of zeros (no cluster of its own: every read goes to the backing disk until the
+    filter copies a block into it)."""
     if len(data) < _HEADER.size:
         return False
     (magic, version, backing_offset, _, cluster_bits, virtual_size, crypt, l1_size, l1_offset, _, _,
-     snapshots) = _HEADER.unpack_from(data)
-    if not (magic == QCOW2_MAGIC and version in (2, 3) and backing_offset == 0 and crypt == 0
-            and snapshots == 0 and 1 << cluster_bits == cluster and virtual_size == size):
+     snapshots, _, incompatible, compatible, autoclear) = _HEADER.unpack_from(data)
+    if not (magic == QCOW2_MAGIC and version == 3 and backing_offset == 0 and crypt == 0
+            and snapshots == 0 and incompatible == 0 and compatible == 0 and autoclear == 0
+            and 1 << cluster_bits == cluster and virtual_size == size):
         return False
     l1 = data[l1_offset:l1_offset + 8 * l1_size]
     return len(l1) == 8 * l1_size and not any(l1)
@@ -87,10 +95,12 @@ def _template(work_dir: Path, size: int, cluster: int) -> bytes | None:
     for name in sorted(names):
         path = Path(work_dir) / name
         try:
+            st = path.stat(follow_symlinks=False)
             data = path.read_bytes()
         except OSError:
             continue
-        if path == template_path(work_dir, size, cluster, data) and looks_right(data, size, cluster):
+        ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+        if ours and path == template_path(work_dir, size, cluster, data) and looks_right(data, size, cluster):
             try:
                 os.utime(path)  # in use: kept (drop_old_templates)
             except OSError:
@@ -125,12 +135,13 @@ def _make_template(work_dir: Path, size: int, cluster: int) -> bytes:
         if not looks_right(data, size, cluster):
             raise SourceError(f"qemu-img made {tmp}, which is no empty qcow2 of {size} bytes: "
                               "check the qemu-utils installation")
+        os.chmod(tmp, 0o600)  # this user's alone, whatever the umask (_template checks it)
         os.replace(tmp, template_path(work_dir, size, cluster, data))  # whole or not at all, for any other run
         return data
     finally:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:  # gone (renamed), or a directory that refuses it: the real error stands
             pass
 
 
@@ -138,12 +149,18 @@ def create(path: Path, size: int, cluster: int) -> None:
     """Write a new, empty qcow2 fleecing image of ``size`` bytes at ``path`` (which must
     not exist), from the template (made now if there is none)."""
     tdir = templates_dir()
-    if tdir is None:
+    data = None
+    if tdir is not None:
+        try:
+            data = _template(tdir, size, cluster) or _make_template(tdir, size, cluster)
+        except (OSError, SourceError):
+            # a cache that cannot hold one (read-only, full, another user's): a speed-up
+            # only - the image is made where it is needed, as without a cache (the session-14
+            # review: such a cache failed every hot backup)
+            data = None
+    if data is None:
         _qemu_img_create(path, size, cluster)
         return
-    data = _template(tdir, size, cluster)
-    if data is None:
-        data = _make_template(tdir, size, cluster)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     except OSError as e:

@@ -59,8 +59,12 @@ def held() -> Iterator[None]:
     # Python's own Ctrl-C handler (a library caller: the CLI installs one that asks
     # note_if_finishing) would raise at once: one that notes takes its place meanwhile
     # (the session-14 review).  Other handlers and the default actions are the caller's.
-    own_int = (not _state["held"] and threading.current_thread() is threading.main_thread()
-               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if threading.current_thread() is not threading.main_thread():
+        # signals go to the main thread, whose handlers would note them for this block and
+        # this thread raise them (the session-14 review): no hold outside the main thread
+        yield
+        return
+    own_int = not _state["held"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if own_int:
         signal.signal(signal.SIGINT, _note_int)
     _state["held"] += 1

@@ -242,11 +242,18 @@ def test_a_signal_as_the_console_script_exits_leaves_its_exit_code(signum):
     """main() put back the default handlers before the interpreter's exit: a SIGTERM in
     those ~10 ms killed a backup that had succeeded (exit -15; the session-14 signal
     audit).  The console script's main(exiting=True) leaves them ignored instead."""
+    # through entry(), the console script itself: main() signalled as it returns
     code = ("import os, signal, sys\n"
-            "from pyvbak.cli.main import main\n"
-            "code = main(['--version'], exiting=True)\n"
-            f"os.kill(os.getpid(), {int(signum)})\n"
-            "sys.exit(code)\n")
+            "from pyvbak.cli import main as m\n"
+            "real = m.main\n"
+            "def main(*a, **k):\n"
+            "    code = real(*a, **k)\n"
+            f"    os.kill(os.getpid(), {int(signum)})\n"
+            "    return code\n"
+            "m.main = main\n"
+            "sys.argv = ['pyvbak', '--version']\n"
+            "from pyvbak.cli.entry import entry\n"
+            "entry()\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
     assert p.returncode == 0 and "pyvbak" in p.stdout, (p.returncode, p.stderr)

@@ -538,7 +538,10 @@ class QemuHotBackup(ExportSession):
             raise Interrupted(f"interrupted by {signal.Signals(guard.pending).name}; "
                               "cleaned up what this run created")
         if ended is not None:
-            if self.broken is None:  # (else the space guard ended it, and said why: its message stands)
+            if self.broken is None and ended.startswith("could not"):
+                self.broken = (f"the point-in-time view of disk '{d.node}' could not be confirmed whole after the "
+                               f"backup read it (QEMU {ended}): unconfirmed, no snapshot was made; retry the backup")
+            elif self.broken is None:  # (else the space guard ended it, and said why: its message stands)
                 self.broken = (f"the point-in-time view of disk '{d.node}' ended before the backup had read it "
                                f"(QEMU {ended}): what was read may hold the guest's later writes, so no snapshot "
                                f"was made; retry the backup")

@@ -218,3 +218,23 @@ def test_an_index_sha256_that_is_no_sha256_is_damage_not_no_check(repo, tmp_path
     p = subprocess.run(["sh", str(r / "restore.sh"), sid, str(tmp_path / "out2.img")], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode != 0 and "damaged" in p.stderr and not (tmp_path / "out2.img").exists(), p.stderr
+
+
+@pytest.mark.parametrize("damage", [{"status": "comple4e"}, {"index_sha256": None}])
+def test_a_description_an_older_pyvbak_cached_is_checked_by_todays_rules(repo, tmp_path, capsys, monkeypatch,
+                                                                         damage):
+    """The local cache holds descriptions as an older pyvbak checked them: one with a
+    status other than "complete" or a malformed index_sha256 (damage it let through) was
+    still trusted from there (the session-14 review)."""
+    r, _ = repo
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "cache"))
+    code, out, _ = cli(capsys, "snapshots", "--repo", r, "--json")  # fills the cache
+    sid = json.loads(out)[-1]["id"]
+    (cache_file,) = (tmp_path / "cache").glob("*/snapshots.json")
+    doc = json.loads(cache_file.read_text())
+    doc["metas"][f"snapshots/{sid}.json"].update(damage)
+    cache_file.write_text(json.dumps(doc))
+    code, out, err = cli(capsys, "snapshots", "--repo", r, "--json")
+    assert sid not in out and sid in err
+    code, _, err = cli(capsys, "restore", "web@latest", tmp_path / "out.img", "--repo", r)
+    assert code != 0 and sid in err and not (tmp_path / "out.img").exists()

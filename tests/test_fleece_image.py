@@ -76,7 +76,7 @@ def test_a_template_changed_on_disk_is_made_again_not_copied(cache, tmp_path, da
     os.chmod(template, 0o600)
     template.write_bytes(bytes(data))
     if damage != "a flipped bit":  # named after its new bytes: only the header check can tell
-        template.rename(fleece_image.template_path(tdir, 16 * MiB, 65536, bytes(data)))
+        template.rename(tdir / fleece_image.template_name(16 * MiB, 65536, bytes(data)))
     fleece_image.create(tmp_path / "b.qcow2", 16 * MiB, 65536)
     assert len(calls) == 2
     assert (tmp_path / "b.qcow2").read_bytes() == (tmp_path / "a.qcow2").read_bytes()
@@ -142,7 +142,7 @@ def test_a_planted_template_is_never_copied(cache, tmp_path, plant):
     else:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src), str(8 * MiB)], check=True)
     data = src.read_bytes()
-    planted = fleece_image.template_path(tdir, 8 * MiB, 65536, data)
+    planted = tdir / fleece_image.template_name(8 * MiB, 65536, data)
     if plant == "a symlink":
         planted.symlink_to(src)
     else:
@@ -155,3 +155,32 @@ def test_a_planted_template_is_never_copied(cache, tmp_path, plant):
         assert not planted.exists()
     else:  # the same bytes: the new template has its name, as this user's own file
         assert not planted.is_symlink() and oct(planted.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("case", ["a link to another directory", "another user's directory", "writable by others"])
+def test_a_templates_directory_that_is_not_this_users_own_is_not_used(cache, tmp_path, case):
+    """Whoever could write the cache root (root running with a user's cache; umask 000)
+    could make fleece-templates a link to another directory, and this user's qcow2-* files
+    there were removed as damaged templates (the session-14 review).  Such a directory is
+    not used: the image is made where it is needed, nothing in it is touched."""
+    tdir, calls = cache
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    keep = elsewhere / "qcow2-8388608-65536-precious.qcow2"
+    keep.write_bytes(b"someone's file")
+    if case == "a link to another directory":
+        tdir.parent.mkdir(parents=True)
+        tdir.symlink_to(elsewhere)
+    else:
+        tdir.mkdir(parents=True)
+        (tdir / keep.name).write_bytes(b"someone's file")
+        keep = tdir / keep.name
+        if case == "another user's directory":
+            os.chown(tdir, 65534, 65534) if os.geteuid() == 0 else pytest.skip("needs root to give a directory away")
+        else:
+            os.chmod(tdir, 0o777)
+    fleece_image.create(tmp_path / "a.qcow2", 8 * MiB, 65536)
+    check(tmp_path / "a.qcow2")
+    fleece_image.forget_template(8 * MiB, 65536)
+    fleece_image.drop_old_templates()
+    assert keep.read_bytes() == b"someone's file" and calls == [(8 * MiB, 65536)]

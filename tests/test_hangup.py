@@ -286,3 +286,38 @@ def test_a_library_caller_hears_ctrl_c_only_after_on_commit(tmp_path, monkeypatc
             run_backup(repo, src, vm="web", disk="d", on_commit=lambda r: committed.append(r.snapshot_id))
     assert committed and [s.id for s in repo.snapshots()] == committed
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_held_in_another_thread_holds_nothing():
+    """held() in a worker thread made the main thread's handler note a Ctrl-C, and the
+    worker raise it (the session-14 review): outside the main thread it holds nothing."""
+    import threading
+
+    from pyvbak import interrupts
+
+    entered, release = threading.Event(), threading.Event()
+    raised_in_worker = []
+
+    def worker():
+        try:
+            with interrupts.held():
+                entered.set()
+                release.wait(10)
+        except BaseException as e:  # noqa: BLE001 - what the test looks for
+            raised_in_worker.append(e)
+
+    from pyvbak.cli.main import _sigint  # the CLI's handler, which asks note_if_finishing
+
+    previous = signal.signal(signal.SIGINT, _sigint)
+    t = threading.Thread(target=worker)
+    t.start()
+    assert entered.wait(10)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a call: the handler runs before it returns
+    finally:
+        release.set()
+        t.join(10)
+        signal.signal(signal.SIGINT, previous)
+    assert raised_in_worker == []

@@ -1412,7 +1412,7 @@ def test_a_view_qemu_cannot_say_is_running_makes_no_snapshot(vm, work, monkeypat
             raise SE("timed out after 3.0s waiting for the reply to 'query-jobs'")
         return real(self, command, **args)
     monkeypatch.setattr(QmpClient, "execute", execute)
-    with pytest.raises(SourceError, match="could not be asked whether its copy-before-write job"):
+    with pytest.raises(SourceError, match="could not be confirmed whole .* could not be asked whether its copy-before-write"):
         with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
             s._qmp._fail_jobs = True
             try:

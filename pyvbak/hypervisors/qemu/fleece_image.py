@@ -44,27 +44,47 @@ QCOW2_MAGIC = b"QFI\xfb"
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQ")
 
 
-def templates_dir() -> Path | None:
-    """Where the templates are kept (made 0700 if missing), or None: no local cache."""
+def _open_templates_dir() -> int | None:
+    """A descriptor of the templates directory (made 0700 if missing), opened without
+    following a link and checked to be this user's and writable by no one else; None when
+    there is no local cache or it is not such a directory (then qemu-img makes every
+    image).  Everything below works through the descriptor: a ``fleece-templates`` made a
+    link to another directory by whoever can write the cache root (root running with a
+    user's cache; a umask of 000) had this user's files there removed (the session-14
+    review)."""
     from pyvbak.repo.cache import cache_root
 
     root = cache_root()
     if not root:
         return None
-    d = Path(root) / "fleece-templates"
+    d = os.path.join(root, "fleece-templates")
     try:
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
     except OSError:
         return None
-    return d
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is None or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _pattern(size: int, cluster: int) -> str:
     return f"{TEMPLATE_PREFIX}{size}-{cluster}-"
 
 
-def template_path(work_dir: Path, size: int, cluster: int, data: bytes) -> Path:
-    return Path(work_dir) / f"{_pattern(size, cluster)}{hashlib.sha256(data).hexdigest()[:32]}.qcow2"
+def template_name(size: int, cluster: int, data: bytes) -> str:
+    return f"{_pattern(size, cluster)}{hashlib.sha256(data).hexdigest()[:32]}.qcow2"
 
 
 def looks_right(data: bytes, size: int, cluster: int) -> bool:
@@ -86,28 +106,34 @@ def looks_right(data: bytes, size: int, cluster: int) -> bool:
     return len(l1) == 8 * l1_size and not any(l1)
 
 
-def _template(work_dir: Path, size: int, cluster: int) -> bytes | None:
-    """The bytes of an intact template, or None; damaged ones are removed."""
+def _template(dfd: int, size: int, cluster: int) -> bytes | None:
+    """The bytes of an intact template in the directory ``dfd``, or None; damaged ones
+    (and links, and files not this user's alone) are removed."""
     try:
-        names = [n for n in os.listdir(work_dir) if n.startswith(_pattern(size, cluster)) and n.endswith(".qcow2")]
+        names = [n for n in os.listdir(dfd) if n.startswith(_pattern(size, cluster)) and n.endswith(".qcow2")]
     except OSError:
         return None
     for name in sorted(names):
-        path = Path(work_dir) / name
+        data = None
         try:
-            st = path.stat(follow_symlinks=False)
-            data = path.read_bytes()
+            ffd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except OSError:
-            continue
-        ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
-        if ours and path == template_path(work_dir, size, cluster, data) and looks_right(data, size, cluster):
+            ffd = None  # a link (ELOOP), or gone
+        if ffd is not None:
             try:
-                os.utime(path)  # in use: kept (drop_old_templates)
+                st = os.fstat(ffd)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+                    with os.fdopen(os.dup(ffd), "rb") as f:
+                        data = f.read()
+                    if name == template_name(size, cluster, data) and looks_right(data, size, cluster):
+                        os.utime(ffd)  # in use: kept (drop_old_templates)
+                        return data
             except OSError:
-                pass
-            return data
+                continue
+            finally:
+                os.close(ffd)
         try:
-            path.unlink()
+            os.unlink(name, dir_fd=dfd)
         except OSError:
             pass
     return None
@@ -127,40 +153,58 @@ def _qemu_img_create(path: Path, size: int, cluster: int) -> None:
         raise SourceError(f"cannot create the fleecing image {path}: {r.stderr.strip()}")
 
 
-def _make_template(work_dir: Path, size: int, cluster: int) -> bytes:
-    tmp = Path(work_dir) / f"{_pattern(size, cluster)}{os.getpid()}-{secrets.token_hex(4)}.tmp"
+def _make_template(dfd: int, size: int, cluster: int) -> bytes:
+    """qemu-img makes the image in a private temporary directory; its bytes are written
+    into the templates directory under a temporary name, then renamed (whole or not at
+    all, for any other run)."""
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="pyvbak-template-")
+    tmp = f"{_pattern(size, cluster)}{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
-        _qemu_img_create(tmp, size, cluster)
-        data = tmp.read_bytes()
+        made = Path(scratch) / "template.qcow2"
+        _qemu_img_create(made, size, cluster)
+        data = made.read_bytes()
         if not looks_right(data, size, cluster):
-            raise SourceError(f"qemu-img made {tmp}, which is no empty qcow2 of {size} bytes: "
+            raise SourceError(f"qemu-img made {made}, which is no empty qcow2 of {size} bytes: "
                               "check the qemu-utils installation")
-        os.chmod(tmp, 0o600)  # this user's alone, whatever the umask (_template checks it)
-        os.replace(tmp, template_path(work_dir, size, cluster, data))  # whole or not at all, for any other run
+        ffd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            os.fchmod(ffd, 0o600)  # this user's alone, whatever the umask (_template checks it)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(ffd, view):]
+        finally:
+            os.close(ffd)
+        os.replace(tmp, template_name(size, cluster, data), src_dir_fd=dfd, dst_dir_fd=dfd)
         return data
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         try:
-            tmp.unlink()
-        except OSError:  # gone (renamed), or a directory that refuses it: the real error stands
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:  # gone (renamed), or never made: the real error stands
             pass
 
 
-def create(path: Path, size: int, cluster: int) -> None:
+def create(path: Path, size: int, cluster: int) -> bool:
     """Write a new, empty qcow2 fleecing image of ``size`` bytes at ``path`` (which must
-    not exist), from the template (made now if there is none)."""
-    tdir = templates_dir()
+    not exist), from the template (made now if there is none); whether it came from one."""
+    dfd = _open_templates_dir()
     data = None
-    if tdir is not None:
+    if dfd is not None:
         try:
-            data = _template(tdir, size, cluster) or _make_template(tdir, size, cluster)
+            data = _template(dfd, size, cluster) or _make_template(dfd, size, cluster)
         except (OSError, SourceError):
             # a cache that cannot hold one (read-only, full, another user's): a speed-up
             # only - the image is made where it is needed, as without a cache (the session-14
             # review: such a cache failed every hot backup)
             data = None
+        finally:
+            os.close(dfd)
     if data is None:
         _qemu_img_create(path, size, cluster)
-        return
+        return False
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     except OSError as e:
@@ -173,33 +217,45 @@ def create(path: Path, size: int, cluster: int) -> None:
         raise SourceError(f"cannot write the fleecing image {path}: {e.strerror}") from None
     finally:
         os.close(fd)
+    return True
 
 
 def forget_template(size: int, cluster: int) -> None:
-    """QEMU refused an image made from the template: the next backup makes it again."""
-    tdir = templates_dir()
-    for name in os.listdir(tdir) if tdir is not None else []:
-        if name.startswith(_pattern(size, cluster)) and name.endswith(".qcow2"):
-            try:
-                os.unlink(tdir / name)
-            except OSError:
-                pass
+    """QEMU refused an image made from the template: the next backup makes it again.  Never
+    an error of its own (QEMU's refusal is what the user hears)."""
+    dfd = _open_templates_dir()
+    if dfd is None:
+        return
+    try:
+        for name in os.listdir(dfd):
+            if name.startswith(_pattern(size, cluster)) and name.endswith(".qcow2"):
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def drop_old_templates() -> None:
     """Templates unused for TEMPLATE_KEEP_S, and half-made ones of killed runs."""
     now = time.time()
-    tdir = templates_dir()
-    try:
-        entries = list(os.scandir(tdir)) if tdir is not None else []
-    except OSError:
+    dfd = _open_templates_dir()
+    if dfd is None:
         return
-    for e in entries:
-        if not e.name.startswith(TEMPLATE_PREFIX):
-            continue
-        keep = TEMPLATE_TMP_KEEP_S if e.name.endswith(".tmp") else TEMPLATE_KEEP_S
-        try:
-            if now - e.stat(follow_symlinks=False).st_mtime >= keep:
-                os.unlink(e.path)
-        except OSError:
-            pass
+    try:
+        for e in os.scandir(dfd):
+            if not e.name.startswith(TEMPLATE_PREFIX):
+                continue
+            keep = TEMPLATE_TMP_KEEP_S if e.name.endswith(".tmp") else TEMPLATE_KEEP_S
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime >= keep:
+                    os.unlink(e.name, dir_fd=dfd)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

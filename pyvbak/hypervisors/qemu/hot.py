@@ -285,7 +285,7 @@ class QemuHotBackup(ExportSession):
             try:
                 try_create(qmp, "blockdev-add", lambda d=d: setattr(d, "fleece_node_added", False), **fleece)
             except QmpError:
-                if not self.snapshot_access:  # made from a template: made anew next time
+                if getattr(d, "fleece_from_template", False):  # made from a template: made anew next time
                     fleece_image.forget_template(d.size, int(infos[d.node].get("image", {}).get("cluster-size") or 65536))
                 raise
 
@@ -427,7 +427,7 @@ class QemuHotBackup(ExportSession):
         cluster = int(info.get("image", {}).get("cluster-size") or 65536)
         path = d.fleece_path = d.names.fleece_qcow2
         d.fleece_file_created = True  # before: a signal while it is written may leave it (removing tolerates none)
-        fleece_image.create(path, d.size, cluster)
+        d.fleece_from_template = fleece_image.create(path, d.size, cluster)
 
     def _write_journal(self) -> None:
         """What this run creates, for a person looking at the work dir (leftover cleanup

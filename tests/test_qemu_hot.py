@@ -1371,9 +1371,9 @@ def test_a_journal_is_written_where_no_other_session_looks_until_it_is_whole(vm,
     seen = []
     real = hot_mod.os.replace
 
-    def replace(src, dst):
+    def replace(src, dst, **kw):
         seen.append((os.path.basename(src), sorted(p.name for p in work.glob("pyvbak-*"))))
-        return real(src, dst)
+        return real(src, dst, **kw)
     work.mkdir(parents=True, exist_ok=True)
     other = live_pid()
     try:

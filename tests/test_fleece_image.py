@@ -24,9 +24,9 @@ def cache(tmp_path, monkeypatch):
     calls = []
     real = fleece_image._qemu_img_create
 
-    def counting(path, size, cluster):
+    def counting(path, size, cluster, **kw):
         calls.append((size, cluster))
-        real(path, size, cluster)
+        real(path, size, cluster, **kw)
     monkeypatch.setattr(fleece_image, "_qemu_img_create", counting)
     return tmp_path / "cache" / "fleece-templates", calls
 
@@ -184,3 +184,26 @@ def test_a_templates_directory_that_is_not_this_users_own_is_not_used(cache, tmp
     fleece_image.forget_template(8 * MiB, 65536)
     fleece_image.drop_old_templates()
     assert keep.read_bytes() == b"someone's file" and calls == [(8 * MiB, 65536)]
+
+
+def test_a_good_template_on_a_read_only_cache_is_still_copied(cache, tmp_path, monkeypatch):
+    """Marking a template used (its mtime) failed on a read-only cache and the template
+    was passed over: qemu-img then ran twice per disk, slower than no cache (the session-14
+    review)."""
+    tdir, calls = cache
+    fleece_image.create(tmp_path / "a.qcow2", 8 * MiB, 65536)
+    monkeypatch.setattr(fleece_image.os, "utime", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only")))
+    assert fleece_image.create(tmp_path / "b.qcow2", 8 * MiB, 65536) is True
+    assert calls == [(8 * MiB, 65536)]
+
+
+def test_a_fifo_named_like_a_template_blocks_nothing(cache, tmp_path):
+    """Opened to be read, a FIFO of a template's name blocked the backup for ever (the
+    session-14 review): it is found out and removed."""
+    tdir, calls = cache
+    tdir.mkdir(parents=True)
+    fifo = tdir / fleece_image.template_name(8 * MiB, 65536, b"x")
+    os.mkfifo(fifo)
+    fleece_image.create(tmp_path / "a.qcow2", 8 * MiB, 65536)
+    check(tmp_path / "a.qcow2")
+    assert not fifo.exists()

@@ -24,9 +24,10 @@ NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbd+tcp://")
 def default_work_dir() -> str:
     """Where sockets and fleecing files live; the same place every run, so the next run
     finds what a killed one left."""
-    base = os.environ.get("PYVBAK_WORK_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "pyvbak", "work"
-    )
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored (as repo/cache.py does)
+        xdg = os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("PYVBAK_WORK_DIR") or os.path.join(xdg, "pyvbak", "work")
     # absolute: QEMU opens the fleecing files and sockets named in it from its own working
     # directory (a relative PYVBAK_WORK_DIR failed as "Could not open 'relwork/...'")
     base = os.path.abspath(base)

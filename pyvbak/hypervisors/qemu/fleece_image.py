@@ -115,8 +115,8 @@ def _template(dfd: int, size: int, cluster: int) -> bytes | None:
         return None
     for name in sorted(names):
         data = None
-        try:
-            ffd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:  # (O_NONBLOCK: a FIFO of that name would block the open before it is found out)
+            ffd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
         except OSError:
             ffd = None  # a link (ELOOP), or gone
         if ffd is not None:
@@ -126,7 +126,10 @@ def _template(dfd: int, size: int, cluster: int) -> bytes | None:
                     with os.fdopen(os.dup(ffd), "rb") as f:
                         data = f.read()
                     if name == template_name(size, cluster, data) and looks_right(data, size, cluster):
-                        os.utime(ffd)  # in use: kept (drop_old_templates)
+                        try:
+                            os.utime(ffd)  # in use: kept (drop_old_templates)
+                        except OSError:
+                            pass  # a read-only cache: still a good template
                         return data
             except OSError:
                 continue
@@ -139,11 +142,11 @@ def _template(dfd: int, size: int, cluster: int) -> bytes | None:
     return None
 
 
-def _qemu_img_create(path: Path, size: int, cluster: int) -> None:
+def _qemu_img_create(path, size: int, cluster: int, pass_fds: tuple[int, ...] = ()) -> None:
     try:
         r = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(size)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=60, pass_fds=pass_fds,
         )
     except FileNotFoundError:
         raise SourceError("qemu-img not found: install the Debian package 'qemu-utils'") from None
@@ -154,36 +157,34 @@ def _qemu_img_create(path: Path, size: int, cluster: int) -> None:
 
 
 def _make_template(dfd: int, size: int, cluster: int) -> bytes:
-    """qemu-img makes the image in a private temporary directory; its bytes are written
-    into the templates directory under a temporary name, then renamed (whole or not at
-    all, for any other run)."""
-    import shutil
-    import tempfile
-
-    scratch = tempfile.mkdtemp(prefix="pyvbak-template-")
+    """qemu-img makes the template in the templates directory itself, under a temporary
+    name (made first: a cache that cannot hold one is found out before qemu-img runs),
+    reached through the directory's descriptor (``/proc/self/fd/N/NAME``, the descriptor
+    passed on: never by a path another user could redirect); checked, then renamed whole.
+    A killed run's temporary file goes with ``drop_old_templates``."""
     tmp = f"{_pattern(size, cluster)}{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd))
     try:
-        made = Path(scratch) / "template.qcow2"
-        _qemu_img_create(made, size, cluster)
-        data = made.read_bytes()
-        if not looks_right(data, size, cluster):
-            raise SourceError(f"qemu-img made {made}, which is no empty qcow2 of {size} bytes: "
-                              "check the qemu-utils installation")
-        ffd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        _qemu_img_create(f"/proc/self/fd/{dfd}/{tmp}", size, cluster, pass_fds=(dfd,))
+        ffd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
         try:
+            st = os.fstat(ffd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                raise SourceError(f"the fleecing image template {tmp} changed hands while it was made")
             os.fchmod(ffd, 0o600)  # this user's alone, whatever the umask (_template checks it)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(ffd, view):]
+            with os.fdopen(os.dup(ffd), "rb") as f:
+                data = f.read()
         finally:
             os.close(ffd)
+        if not looks_right(data, size, cluster):
+            raise SourceError(f"qemu-img made {tmp}, which is no empty qcow2 of {size} bytes: "
+                              "check the qemu-utils installation")
         os.replace(tmp, template_name(size, cluster, data), src_dir_fd=dfd, dst_dir_fd=dfd)
         return data
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
         try:
             os.unlink(tmp, dir_fd=dfd)
-        except OSError:  # gone (renamed), or never made: the real error stands
+        except OSError:  # gone (renamed): the real error, if any, stands
             pass
 
 

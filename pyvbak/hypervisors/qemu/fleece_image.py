@@ -5,7 +5,7 @@ qcow2 of the disk's size and cluster size, made for every disk of every hot back
 per disk than the snapshot-access form in a session-14 measurement), and an empty qcow2
 of a given size and cluster size is always the same bytes (a few hundred KiB: header,
 L1 and refcount tables; no id, no time).  So qemu-img makes one per (size, cluster size)
-once, kept as a template in pyvbak's local cache (``<cache root>/fleece-templates``, 0700;
+once (for the backup that needs it first: its image, checked, is kept), as a template in pyvbak's local cache (``<cache root>/fleece-templates``, 0700;
 none with the cache off: ``PYVBAK_CACHE_DIR=``, then every backup runs qemu-img), and
 each backup writes a copy into its work dir.  A template's
 name carries the SHA-256 of its bytes, checked before each use with its header (magic,
@@ -142,11 +142,11 @@ def _template(dfd: int, size: int, cluster: int) -> bytes | None:
     return None
 
 
-def _qemu_img_create(path, size: int, cluster: int, pass_fds: tuple[int, ...] = ()) -> None:
+def _qemu_img_create(path, size: int, cluster: int) -> None:
     try:
         r = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(size)],
-            capture_output=True, text=True, timeout=60, pass_fds=pass_fds,
+            capture_output=True, text=True, timeout=60,
         )
     except FileNotFoundError:
         raise SourceError("qemu-img not found: install the Debian package 'qemu-utils'") from None
@@ -156,56 +156,63 @@ def _qemu_img_create(path, size: int, cluster: int, pass_fds: tuple[int, ...] = 
         raise SourceError(f"cannot create the fleecing image {path}: {r.stderr.strip()}")
 
 
-def _make_template(dfd: int, size: int, cluster: int) -> bytes:
-    """qemu-img makes the template in the templates directory itself, under a temporary
-    name (made first: a cache that cannot hold one is found out before qemu-img runs),
-    reached through the directory's descriptor (``/proc/self/fd/N/NAME``, the descriptor
-    passed on: never by a path another user could redirect); checked, then renamed whole.
-    A killed run's temporary file goes with ``drop_old_templates``."""
+def _keep_template(dfd: int, size: int, cluster: int, data: bytes) -> None:
+    """Store ``data`` (an image qemu-img made for a backup, checked) as the template:
+    written by this process through a new file's own descriptor (O_EXCL, no link
+    followed: nothing another hand could redirect), then renamed whole.  Best effort: a
+    cache that cannot hold it costs nothing but the next backup's qemu-img run (the
+    session-14 reviews: a template made apart from the image, in a cache without room or
+    without /proc, cost two qemu-img runs per disk on every backup).  A killed run's
+    temporary file goes with ``drop_old_templates``."""
+    if not looks_right(data, size, cluster):
+        return
     tmp = f"{_pattern(size, cluster)}{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd))
     try:
-        _qemu_img_create(f"/proc/self/fd/{dfd}/{tmp}", size, cluster, pass_fds=(dfd,))
-        ffd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        ffd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    except OSError:
+        return
+    try:
         try:
-            st = os.fstat(ffd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                raise SourceError(f"the fleecing image template {tmp} changed hands while it was made")
             os.fchmod(ffd, 0o600)  # this user's alone, whatever the umask (_template checks it)
-            with os.fdopen(os.dup(ffd), "rb") as f:
-                data = f.read()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(ffd, view):]
         finally:
             os.close(ffd)
-        if not looks_right(data, size, cluster):
-            raise SourceError(f"qemu-img made {tmp}, which is no empty qcow2 of {size} bytes: "
-                              "check the qemu-utils installation")
         os.replace(tmp, template_name(size, cluster, data), src_dir_fd=dfd, dst_dir_fd=dfd)
-        return data
+    except OSError:
+        pass
     finally:
         try:
             os.unlink(tmp, dir_fd=dfd)
-        except OSError:  # gone (renamed): the real error, if any, stands
+        except OSError:  # gone (renamed)
             pass
 
 
 def create(path: Path, size: int, cluster: int) -> bool:
     """Write a new, empty qcow2 fleecing image of ``size`` bytes at ``path`` (which must
-    not exist), from the template (made now if there is none); whether it came from one."""
+    not exist): a copy of the template, or else qemu-img's, kept as the template for the
+    next backups; whether it came from a template."""
     dfd = _open_templates_dir()
-    data = None
-    if dfd is not None:
-        try:
-            data = _template(dfd, size, cluster) or _make_template(dfd, size, cluster)
-        except (OSError, SourceError):
-            # a cache that cannot hold one (read-only, full, another user's): a speed-up
-            # only - the image is made where it is needed, as without a cache (the session-14
-            # review: such a cache failed every hot backup)
-            data = None
-        finally:
+    try:
+        data = None
+        if dfd is not None:
+            try:
+                data = _template(dfd, size, cluster)
+            except OSError:  # a cache that cannot be read: a speed-up only
+                data = None
+        if data is None:
+            _qemu_img_create(path, size, cluster)
+            if dfd is not None:
+                try:
+                    made = Path(path).read_bytes()
+                except OSError:
+                    made = b""
+                _keep_template(dfd, size, cluster, made)
+            return False
+    finally:
+        if dfd is not None:
             os.close(dfd)
-    if data is None:
-        _qemu_img_create(path, size, cluster)
-        return False
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
     except OSError as e:

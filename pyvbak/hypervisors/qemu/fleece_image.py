@@ -228,38 +228,16 @@ def create(path: Path, size: int, cluster: int) -> bool:
     return True
 
 
-def forget_template(size: int, cluster: int) -> None:
-    """QEMU refused an image made from the template: the next backup makes it again.  Never
-    an error of its own (QEMU's refusal is what the user hears)."""
-    dfd = _open_templates_dir()
-    if dfd is None:
-        return
-    try:
-        for name in os.listdir(dfd):
-            if name.startswith(_pattern(size, cluster)) and name.endswith(".qcow2"):
-                try:
-                    os.unlink(name, dir_fd=dfd)
-                except OSError:
-                    pass
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-def drop_old_templates() -> None:
-    """Templates unused for TEMPLATE_KEEP_S, and half-made ones of killed runs."""
-    now = time.time()
+def _remove(which) -> None:
+    """Remove the entries of the templates directory that ``which(entry)`` selects (a
+    ``DirEntry``); never an error of its own."""
     dfd = _open_templates_dir()
     if dfd is None:
         return
     try:
         for e in os.scandir(dfd):
-            if not e.name.startswith(TEMPLATE_PREFIX):
-                continue
-            keep = TEMPLATE_TMP_KEEP_S if e.name.endswith(".tmp") else TEMPLATE_KEEP_S
             try:
-                if now - e.stat(follow_symlinks=False).st_mtime >= keep:
+                if which(e):
                     os.unlink(e.name, dir_fd=dfd)
             except OSError:
                 pass
@@ -267,3 +245,21 @@ def drop_old_templates() -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def forget_template(size: int, cluster: int) -> None:
+    """QEMU refused an image made from the template: the next backup makes it again (QEMU's
+    refusal is what the user hears)."""
+    _remove(lambda e: e.name.startswith(_pattern(size, cluster)) and e.name.endswith(".qcow2"))
+
+
+def drop_old_templates() -> None:
+    """Templates unused for TEMPLATE_KEEP_S, and half-made ones of killed runs."""
+    now = time.time()
+
+    def old(e) -> bool:
+        if not e.name.startswith(TEMPLATE_PREFIX):
+            return False
+        keep = TEMPLATE_TMP_KEEP_S if e.name.endswith(".tmp") else TEMPLATE_KEEP_S
+        return now - e.stat(follow_symlinks=False).st_mtime >= keep
+    _remove(old)

@@ -193,11 +193,11 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
             owner = owner_identity(lock_info(qmp, lock))
             if owner is not None:
                 owners[run] = owner
+    in_vm = {run_of(x) for x in exports + jobs + nodes} | set(locks.values())  # runs with something here
     if this_vm is not None:
         # a run whose journal names another VM or an image, with nothing in this VM, is
         # no session on it: while it may run it is left alone, not a reason to refuse
         # (other_disks_runs)
-        in_vm = {run_of(x) for x in exports + jobs + nodes} | set(locks.values())
         runs -= {r for r in other_disks_runs(files, "qmp", this_vm) - in_vm if run_alive(r, owners.get(r))}
     for run in sorted(runs):  # type: ignore[arg-type]
         pid = pid_of_run(run)
@@ -221,17 +221,13 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     # live run's socket, or another VM's or a qemu-nbd's, says nothing of this VM's server:
     # taken for it, another VM's live backup made this one stop its NBD server, an admin's
     # too (the session-14 review).
-    this_vms = {run_of(x) for x in exports + jobs + nodes} | set(locks.values())
-    for p in files:
-        r = run_of(p.name)
-        if not (p.name.endswith("-nbd.sock") and mine(p.name)):
-            continue
-        if this_vm is not None and r not in this_vms and not any(
-                str((read_journal(j) or {}).get("qmp")) == this_vm for j in files
-                if j.name.endswith(".json") and run_of(j.name) == r):
-            continue
-        if socket_listening(p):
-            server_was_ours = True
+    sockets = [p for p in files if p.name.endswith("-nbd.sock") and mine(p.name)]
+    if sockets and this_vm is not None:
+        this_vms = in_vm | {run_of(j.name) for j in files
+                            if j.name.endswith(".json") and str((read_journal(j) or {}).get("qmp")) == this_vm}
+        sockets = [p for p in sockets if run_of(p.name) in this_vms]
+    if any(socket_listening(p) for p in sockets):
+        server_was_ours = True
     if server_was_ours:
         stop_nbd_server(qmp)
         cleaned.append("NBD server started by pyvbak")
@@ -488,9 +484,9 @@ def other_disks_runs(files: list[Path], key: str, value: str) -> set[str]:
     for its own disk's next run (keep_other_disks_journals; any goes after
     OTHER_JOURNAL_KEEP_S: drop_settled_journals, drop_old_journals).  A run writes its
     journal before anything else in the work dir and removes it last, so a run with
-    files has one - except an older pyvbak's, judged by its pid as before.  (Its first
-    journal is written as ``pyvbak-<run>.tmp`` and renamed: a run seen in that instant is
-    known by the temporary one.)"""
+    files has one - except an older pyvbak's, judged by its pid as before.  (Journals are
+    written as ``.pyvbak-<run>.json.tmp``, which these scans do not see, and renamed; an
+    older pyvbak wrote ``pyvbak-<run>.tmp``, read here too.)"""
     return {r for p in files
             if _other_disks_journal(p, key, value, (".json", ".tmp")) and (r := run_of(p.name)) is not None}
 

@@ -266,7 +266,8 @@ except PyvbakError as e:
 
 
 def start_child(vm, work, prev, fleecing="snapshot-access"):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # what the next run cleans is tested here: no watchdog cleans up first
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="0")
     p = subprocess.Popen([sys.executable, "-c", CHILD, vm.uri, str(work), json_dumps(prev), fleecing],
                          stdout=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
@@ -745,8 +746,8 @@ with QemuHotBackup(uri, previous_state=None, work_dir=work) as s:
 
 def killed_session(vm, work, run_pid: int | None = None) -> str:
     """A session killed with SIGKILL once its fleecing view and export were up; returns
-    its run id (the child's pid, or ``run_pid``)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    its run id (the child's pid, or ``run_pid``).  No watchdog: the leftovers stay."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="0")
     p = subprocess.Popen([sys.executable, "-c", KILLED_AS, vm.uri, str(work), str(run_pid or "")],
                          stdout=subprocess.PIPE, text=True, env=env)
     try:

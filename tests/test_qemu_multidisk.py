@@ -280,7 +280,7 @@ def test_kill9_of_a_multi_disk_run_is_cleaned_by_the_next_one(vm, tmp_path):
     vm.write(0, b"b" * K64, disk=1)
     p = subprocess.Popen([sys.executable, "-c", CHILD, vm.all_disks_uri, str(work), json.dumps(states)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="0"))
     assert p.stdout.readline().startswith("READY")
     vm.write(MiB, b"c" * K64, disk=1)  # after the killed run's instant
     p.send_signal(signal.SIGKILL)
@@ -363,7 +363,8 @@ def test_a_backup_of_some_disks_leaves_the_killed_runs_evidence_for_the_others(t
         states = {d.name: dict(d.change_tracking_state) for d in s.disks}
         p = subprocess.Popen([sys.executable, "-c", KILLED_MULTIDISK_RUN, vm.all_disks_uri, str(work),
                               json.dumps(states)], stdout=subprocess.PIPE, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+                             env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+                                      PYVBAK_WATCHDOG="0"))
         assert p.stdout.readline().startswith("READY")
         p.send_signal(signal.SIGKILL)
         p.wait(10)

@@ -201,7 +201,7 @@ def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters
     assert code == 0, err
     p = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, vm.uri, str(cli_work_dir), repo], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), PYVBAK_WATCHDOG="0"))
     try:
         assert p.stdout.readline().startswith("READY")
         assert vm.node_of("virtio-disk0").startswith("pyvbak-")  # the filter stands above the disk

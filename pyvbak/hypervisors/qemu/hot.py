@@ -42,7 +42,7 @@ from pyvbak.processes import identity
 from .session import ExportSession, backing_chain_changed, outside_data
 from ..resources import TerminationGuard, remove_files
 from . import cleanup
-from . import fleece_guard, fleece_image, naming, session_lock
+from . import fleece_guard, fleece_image, naming, session_lock, watchdog
 from .vm_disks import MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
 from .naming import GEN_PREFIX, PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id, run_of
 from .qmp import QmpClient, QmpError
@@ -177,6 +177,7 @@ class QemuHotBackup(ExportSession):
         self.snapshot_access = True  # decided from QEMU's version once connected
         self._lock: str | None = None             # the VM's session lock object, once held
         self._space_guard: fleece_guard.FleeceSpaceGuard | None = None
+        self._watchdog: watchdog.Watchdog | None = None
 
     # -- one disk: the session answers for it --------------------------------------
 
@@ -208,6 +209,9 @@ class QemuHotBackup(ExportSession):
 
     def __enter__(self) -> "QemuHotBackup":
         naming.begin_run(self.names.run)  # live for this process's other sessions until the teardown ends
+        # before anything is made in the VM: it cleans up if this process dies without the teardown
+        self._watchdog = (watchdog.Watchdog(self.qmp_path, self.work_dir, self.names.run, self.qmp_timeout).start()
+                          if watchdog.enabled() else None)
         self._guard = TerminationGuard().__enter__()
         try:
             self._setup()
@@ -460,6 +464,8 @@ class QemuHotBackup(ExportSession):
             if self._qmp is not None:
                 self._qmp.close()
             naming.end_run(self.names.run)
+            if self._watchdog is not None:
+                self._watchdog.done()
         pending = guard.pending if guard else None
         if self.qemu_gone and exc is not None and not isinstance(exc, KeyboardInterrupt):
             err = SourceError(f"{self.qemu_gone}: no snapshot was made"

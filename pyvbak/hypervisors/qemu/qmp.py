@@ -59,8 +59,13 @@ class QmpClient:
 
     # -- connection --------------------------------------------------------------
 
-    def connect(self) -> "QmpClient":
+    def connect(self, sock: socket.socket | None = None) -> "QmpClient":
+        """Connect, read the greeting, negotiate capabilities.  ``sock``: a socket the caller
+        connected to the monitor already (the watchdog queues at the monitor first)."""
         path = self.socket_path
+        if sock is not None:
+            sock.settimeout(self.timeout)
+            return self._start(sock)
         if not os.path.exists(path):
             raise SourceError(
                 f"QMP socket {path} does not exist: is the VM running, and was it started with "
@@ -91,6 +96,10 @@ class QmpClient:
         except OSError as e:
             sock.close()
             raise SourceError(f"cannot connect to QMP socket {path}: {e.strerror or e}") from None
+        return self._start(sock)
+
+    def _start(self, sock: socket.socket) -> "QmpClient":
+        path = self.socket_path
         self._sock = sock
         try:
             greeting = self._read_message(

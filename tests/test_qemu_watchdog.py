@@ -136,3 +136,152 @@ def test_no_watchdog_when_turned_off(vm, work, monkeypatch):
         assert s._watchdog is None
         s.commit()
     assert_clean(vm, work)
+
+
+# -- the session-15 review's cases ---------------------------------------------------------
+
+def _kill_cli_backup_once_serving(vm, tmp_path, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """``pyvbak backup`` (the console entry point, as a user runs it: the current directory not on its path) of ``vm`` from
+    ``cwd``, SIGKILLed once its export serves; returns its (code, stdout, stderr)."""
+    repo = tmp_path / "repo"
+    subprocess.run([sys.executable, "-m", "pyvbak", "init", str(repo)], check=True, capture_output=True, env=env)
+    vm.write(0, os.urandom(4 * MiB))  # something to read for a while
+    code = "import sys; from pyvbak.cli.entry import entry; sys.argv[0] = 'pyvbak'; entry()"
+    p = subprocess.Popen([sys.executable, "-P", "-c", code, "backup", vm.uri, "--repo", str(repo), "--vm", "v"],
+                         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: any(e.startswith("pyvbak-") for e in vm.exports()) or p.poll() is not None, timeout=60,
+               what="the backup's export")
+    p.send_signal(signal.SIGKILL)
+    out, err = p.communicate(timeout=60)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_the_watchdog_runs_nothing_from_the_directory_pyvbak_was_started_in(vm, tmp_path):
+    """The watchdog imports json and socket before pyvbak: a json.py or socket.py where
+    pyvbak was started (a user's scratch files, /tmp for a cron job) is not run."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "ran"
+    for name in ("json", "socket", "signal", "time"):
+        (cwd / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write({name!r})\nraise SystemExit(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="1", PYVBAK_WORK_DIR=str(tmp_path / "work"))
+    p = _kill_cli_backup_once_serving(vm, tmp_path, cwd, env)
+    assert p.returncode == -signal.SIGKILL
+    wait_until(lambda: nothing_of_pyvbak_in(vm), timeout=30, what="the watchdog's cleanup")
+    assert not marker.exists(), marker.read_text()
+    assert "pyvbak watchdog: backup run" in p.stderr and "removed:" in p.stderr
+
+
+FORKING_CHILD = r"""
+import os, sys, time
+from pyvbak.hypervisors.qemu import QemuHotBackup
+with QemuHotBackup(sys.argv[1], work_dir=sys.argv[2]) as s:
+    pid = os.fork()  # a worker forked while the session is open (multiprocessing's default)
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    print("READY", pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_process_forked_from_pyvbak_does_not_keep_the_watchdog_from_cleaning_up(vm, work):
+    """The fork inherits the watchdog's socket and the QMP connection; both are closed in
+    it, so pyvbak's death is seen at once and the monitor is free for the watchdog."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="1")
+    p = subprocess.Popen([sys.executable, "-c", FORKING_CHILD, vm.uri, str(work)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, env=env)
+    line = p.stdout.readline()
+    assert line.startswith("READY"), line
+    forked = int(line.split()[1])
+    try:
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        wait_until(lambda: nothing_of_pyvbak_in(vm), timeout=8, what="the watchdog's cleanup while the fork lives")
+        assert os.path.exists(f"/proc/{forked}")
+    finally:
+        os.kill(forked, signal.SIGKILL)
+        p.stdout.close()
+
+
+SIGPIPE_CHILD = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as many command-line tools do
+from pyvbak.hypervisors.qemu import QemuHotBackup
+with QemuHotBackup(sys.argv[1], work_dir=sys.argv[2]) as s:
+    wd = s._watchdog._proc
+    wd.kill()
+    wd.wait()
+    s.commit()
+print("over", flush=True)
+"""
+
+
+def test_a_watchdog_that_died_first_is_no_sigpipe_for_the_application(vm, work):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="1")
+    p = subprocess.run([sys.executable, "-c", SIGPIPE_CHILD, vm.uri, str(work)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert (p.returncode, p.stdout.strip()) == (0, "over"), p.stderr
+    assert nothing_of_pyvbak_in(vm)
+
+
+def test_a_session_waits_for_a_watchdogs_cleanup_lock_instead_of_failing(tmp_path):
+    """Through another monitor of the VM nothing serialises a backup with a watchdog: the
+    backup finds the watchdog's lock ("cleanup": true) ahead of it and waits for it to go
+    (before, it failed: "another pyvbak session ... is backing up this VM")."""
+    import threading
+    import time
+
+    from pyvbak.errors import SourceError
+    from pyvbak.hypervisors.qemu import QmpClient, session_lock
+
+    v = FakeVM(tmp_path, extra_monitors=1).start()
+    try:
+        with QmpClient(v.extra_qmp_paths[0]).connect() as q2:
+            # a live run (this process's, held), as a watchdog's is while it cleans up
+            lock = session_lock.acquire(q2, f"{os.getpid()}-beef", cleanup=True)
+            assert '"cleanup": true' in v.ctl.cmd("qom-get", path=f"/objects/{lock}", property="data")
+            timer = threading.Timer(0.5, session_lock.release, (q2, lock))
+            t0 = time.monotonic()
+            timer.start()
+            try:
+                with QemuHotBackup(v.uri, work_dir=tmp_path / "work") as s:
+                    assert lock not in v.pyvbak_objects()
+                    s.commit()
+            finally:
+                timer.join()
+            assert time.monotonic() - t0 >= 0.45
+            # and a watchdog gives way to a session
+            with QemuHotBackup(v.uri, work_dir=tmp_path / "work") as s:
+                with pytest.raises(SourceError, match="another pyvbak session"):
+                    session_lock.acquire(q2, f"{os.getpid()}-cafe", cleanup=True)
+                s.commit()
+        assert v.pyvbak_objects() == []
+    finally:
+        v.stop()
+
+
+def test_a_dead_runs_nbd_socket_stays_for_its_own_vms_cleanup(tmp_path):
+    """Cleaning one VM leaves another VM's dead run its journal and its NBD socket (the
+    evidence that its VM's NBD server is pyvbak's), and both go with age."""
+    import json as json_
+
+    from pyvbak.hypervisors.qemu import cleanup
+
+    work = tmp_path / "work"
+    work.mkdir()
+    run = "4242-abcd"
+    journal = work / f"pyvbak-{run}.json"
+    journal.write_text(json_.dumps({"qmp": "/vm/b/qmp.sock"}))
+    sock, fleece = work / f"pyvbak-{run}-nbd.sock", work / f"pyvbak-{run}-fleece.raw"
+    sock.write_bytes(b"")
+    fleece.write_bytes(b"x")
+    files = [fleece, sock, journal]
+    assert cleanup.keep_other_disks_journals(files, "qmp", "/vm/a/qmp.sock") == [fleece]
+    assert cleanup.keep_other_disks_journals(files, "qmp", "/vm/b/qmp.sock") == files
+    fleece.unlink()
+    assert cleanup.drop_old_journals(work, None) == []  # young: kept
+    old = journal.stat().st_mtime - cleanup.OTHER_JOURNAL_KEEP_S - 1
+    os.utime(journal, (old, old))
+    assert cleanup.drop_old_journals(work, None) == [f"file {sock}", f"file {journal}"]
+    assert list(work.iterdir()) == []

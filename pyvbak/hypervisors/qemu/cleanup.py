@@ -492,8 +492,9 @@ def other_disks_runs(files: list[Path], key: str, value: str) -> set[str]:
 
 
 def drop_old_journals(work_dir: Path, own_run: str | None) -> list[str]:
-    """Journals older than OTHER_JOURNAL_KEEP_S of runs known by nothing else: their
-    own disk's next run never came (a VM deleted, a container gone)."""
+    """Journals older than OTHER_JOURNAL_KEEP_S of runs known by nothing else (but the NBD
+    socket kept with one): their own disk's next run never came (a VM deleted, a
+    container gone)."""
     files = sorted(work_dir.glob(f"{PREFIX}*")) if work_dir.is_dir() else []
     by_run: dict[str, list[Path]] = {}
     for p in files:
@@ -503,13 +504,22 @@ def drop_old_journals(work_dir: Path, own_run: str | None) -> list[str]:
     now = time.time()
     dropped = []
     for ps in by_run.values():
-        if len(ps) == 1 and ps[0].name.endswith(".json"):
+        # a journal, with the NBD socket kept beside it (keep_other_disks_journals)
+        journals = [p for p in ps if p.name.endswith(".json")]
+        if len(journals) == 1 and all(p.name.endswith(("-nbd.sock", ".json")) for p in ps):
             try:
-                if now - ps[0].stat().st_mtime >= OTHER_JOURNAL_KEEP_S:
-                    ps[0].unlink()
-                    dropped.append(f"file {ps[0]}")
+                if now - journals[0].stat().st_mtime < OTHER_JOURNAL_KEEP_S:
+                    continue
             except OSError:
-                pass
+                continue
+            for p in sorted(ps, key=lambda p: p.name.endswith(".json")):  # the journal last
+                try:
+                    p.unlink()
+                    dropped.append(f"file {p}")
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    break
     return dropped
 
 
@@ -536,19 +546,25 @@ def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[P
     younger than OTHER_JOURNAL_KEEP_S: the work dir is shared by every VM, and a journal
     is the evidence on which that disk's next run enables again the bitmap the dead run
     disabled - one VM's backup removing another's turned that VM's next incremental into a
-    full scan (the session-13 review 2).  Its other files go (a fleecing file is the size
-    of the guest's writes); the journal goes with its own disk's next run, or with age."""
-    out = []
+    full scan (the session-13 review 2).  Its NBD socket stays with it: when the run died
+    between removing its last export and stopping its NBD server, the socket is the only
+    evidence that its VM's server is pyvbak's, and one VM's cleanup removing it left the
+    other VM's server running, failing that VM's next backups (the session-15 review:
+    the watchdogs of a killed job runner's two VMs, cleaning at once).  Its other files go
+    (a fleecing file is the size of the guest's writes); the journal and socket go with
+    its own disk's next run, or with age."""
+    out, kept_runs = [], set()
     now = time.time()
     for p in paths:
         if _other_disks_journal(p, key, value):
             try:
                 if now - p.stat().st_mtime < OTHER_JOURNAL_KEEP_S:
+                    kept_runs.add(run_of(p.name))
                     continue
             except OSError:
                 pass
         out.append(p)
-    return out
+    return [p for p in out if not (p.name.endswith("-nbd.sock") and run_of(p.name) in kept_runs)]
 
 
 def drop_settled_journals(work_dir: Path, own_run: str, this_vm: str, nodes: set[str]) -> list[str]:

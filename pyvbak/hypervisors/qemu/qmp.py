@@ -23,6 +23,7 @@ import socket
 import stat
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 from pyvbak.errors import SourceError
@@ -41,6 +42,26 @@ class QmpError(SourceError):
         self.command = command
         self.error_class = error_class
         self.desc = desc
+
+
+#: connected clients: a process forked from this one closes its copies of their sockets,
+#: or QEMU would go on seeing a client on the monitor after this process died - and serve
+#: no other (the watchdog's cleanup waited for a forked worker to exit: session-15 review)
+_connected: "weakref.WeakSet[QmpClient]" = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for client in list(_connected):
+        sock, client._sock = client._sock, None
+        client._broken = "the connection belongs to the process this one was forked from"
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class QmpClient:
@@ -101,6 +122,7 @@ class QmpClient:
     def _start(self, sock: socket.socket) -> "QmpClient":
         path = self.socket_path
         self._sock = sock
+        _connected.add(self)
         try:
             greeting = self._read_message(
                 what="the QMP greeting",

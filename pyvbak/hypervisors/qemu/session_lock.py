@@ -12,6 +12,10 @@ id, pid namespace, boot id, process start time)::
      "boot": "…", "start": 1234567}
 
 (pyvbak before it wrote the start time alone, ``"%.6f"``; such locks are still read.)
+A watchdog cleaning up after a killed run (``watchdog.py``) adds ``"cleanup": true``: a
+session that finds only such locks ahead of it removes its own, waits for them to go (up
+to ``CLEANUP_WAIT_S``) and starts again, instead of failing; a watchdog gives way to any
+other session.
 Whether a lock's session may still run is ``is_live``: a run of this process by
 ``_held``; any other by ``processes.owner_alive(pid, identity)`` - alive whenever this
 process cannot judge it (another machine, or another pid namespace: a pyvbak in another
@@ -56,6 +60,8 @@ LOCK_SUFFIX = "-lock"
 #: how long a session waits for later-started sessions that saw its lock to back off (a
 #: few QMP round trips each); one still there after this holds the VM
 RACE_GRACE_S = 2.0
+#: how long a session waits for a watchdog's cleanup (watchdog.py) ahead of it to end
+CLEANUP_WAIT_S = 60.0
 
 # Runs of this process that hold a lock: a lock carrying this process's pid but not
 # listed here was leaked (e.g. a signal between object-add and the session recording it)
@@ -102,9 +108,11 @@ def session_locks(qmp: QmpClient) -> list[str]:
             and run_of(p["name"]) is not None]
 
 
-def lock_data(started: float) -> str:
-    """The data of this process's lock object for a session started at ``started``."""
-    return json.dumps({"started": started, "pid": os.getpid(), **identity()})
+def lock_data(started: float, cleanup: bool = False) -> str:
+    """The data of this process's lock object for a session started at ``started``;
+    ``cleanup``: a watchdog's, which only removes a killed run's leftovers (``"cleanup":
+    true``: a backup starting meanwhile waits for it instead of failing)."""
+    return json.dumps({"started": started, "pid": os.getpid(), **identity(), **({"cleanup": True} if cleanup else {})})
 
 
 def parse_lock_data(data) -> dict | None:
@@ -139,9 +147,32 @@ def _started(qmp: QmpClient, obj: str) -> float | None:
     return None if info is None else info["started"]
 
 
-def acquire(qmp: QmpClient, run: str) -> str:
+def acquire(qmp: QmpClient, run: str, *, cleanup: bool = False) -> str:
     """Take the VM's session lock for ``run``; returns the object id (release with
-    ``release``).  SourceError naming the other session if one that is alive holds it."""
+    ``release``).  SourceError naming the other session if one that is alive holds it.
+    ``cleanup``: the lock of a watchdog (``watchdog.py``), which gives way to any session;
+    a session that finds only such locks ahead of it waits up to ``CLEANUP_WAIT_S`` for
+    them to go and tries again."""
+    deadline = time.monotonic() + CLEANUP_WAIT_S
+    while True:
+        cleaners = _acquire_once(qmp, run, cleanup)
+        if isinstance(cleaners, str):
+            return cleaners
+        # only watchdogs cleaning up after a killed run are ahead: ours is gone again
+        while True:
+            present = {other: (orun, t) for other, orun, t, _ in _live_others(qmp, None)}
+            ahead = [o for o in cleaners if o in present]
+            if not ahead:
+                break
+            if time.monotonic() >= deadline:
+                orun, t = present[ahead[0]]
+                raise _held_by(orun, t, cleanup=True)
+            time.sleep(0.02)
+
+
+def _acquire_once(qmp: QmpClient, run: str, cleanup: bool) -> "str | list[str]":
+    """One attempt of ``acquire``: our object id, or (ours removed again) the watchdogs'
+    lock objects ahead of it when nothing else is."""
     me = lock_id(run)
     # Compared as written: the other sessions read back the number stored (rounded to 6
     # decimals, as the old bare-float locks were), and a session comparing its unrounded
@@ -151,7 +182,7 @@ def acquire(qmp: QmpClient, run: str) -> str:
     with _held_lock:
         _held.add(run)
     try:
-        qmp.execute("object-add", **{"qom-type": "secret", "id": me, "data": lock_data(started)})
+        qmp.execute("object-add", **{"qom-type": "secret", "id": me, "data": lock_data(started, cleanup)})
     except BaseException as exc:
         if not isinstance(exc, QmpError):
             # Interrupted (Ctrl-C, SIGTERM) or the connection failed while waiting for the
@@ -165,15 +196,21 @@ def acquire(qmp: QmpClient, run: str) -> str:
             _held.discard(run)
         raise
     try:
-        later = []
-        for other, orun, t in _live_others(qmp, me):
+        later, cleaners = [], []
+        for other, orun, t, info in _live_others(qmp, me):
             if (t, orun) < (started, run):
-                raise _held_by(orun, t)
+                if info.get("cleanup") and not cleanup:
+                    cleaners.append(other)
+                    continue
+                raise _held_by(orun, t, cleanup=bool(info.get("cleanup")))
             later.append(other)
+        if cleaners:
+            release(qmp, me)
+            return cleaners
         # Later sessions either saw ours and are going, or hold the VM: wait for them.
         deadline = time.monotonic() + RACE_GRACE_S
         while later:
-            present = {other: (orun, t) for other, orun, t in _live_others(qmp, me)}
+            present = {other: (orun, t) for other, orun, t, _ in _live_others(qmp, me)}
             later = [o for o in later if o in present]
             if later and time.monotonic() >= deadline:
                 orun, t = present[later[0]]
@@ -186,8 +223,8 @@ def acquire(qmp: QmpClient, run: str) -> str:
     return me
 
 
-def _live_others(qmp: QmpClient, me: str) -> list[tuple[str, str, float]]:
-    """(object, run, start time) of the other live sessions' lock objects."""
+def _live_others(qmp: QmpClient, me: str | None) -> list[tuple[str, str, float, dict]]:
+    """(object, run, start time, lock data) of the other live sessions' lock objects."""
     out = []
     for other in session_locks(qmp):
         orun = run_of(other)
@@ -198,11 +235,15 @@ def _live_others(qmp: QmpClient, me: str) -> list[tuple[str, str, float]]:
             continue  # gone meanwhile, or not ours to read
         if not is_live(orun, owner_identity(info)):
             continue  # a killed (or leaked) run's lock: leftover cleanup removes it
-        out.append((other, orun, info["started"]))
+        out.append((other, orun, info["started"], info))
     return out
 
 
-def _held_by(orun: str, t: float) -> SourceError:
+def _held_by(orun: str, t: float, cleanup: bool = False) -> SourceError:
+    if cleanup:
+        return SourceError(
+            f"a pyvbak watchdog (pid {pid_of_run(orun)}) has been cleaning up after a killed backup of this VM "
+            f"since {time.strftime('%H:%M:%S', time.localtime(t))}; retry when it is done")
     return SourceError(
         f"another pyvbak session (pid {pid_of_run(orun)}, run {orun}) is backing up this VM since "
         f"{time.strftime('%H:%M:%S', time.localtime(t))}; wait for it to finish"

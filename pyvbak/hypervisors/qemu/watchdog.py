@@ -8,29 +8,40 @@ fills up (``on-cbw-error=break-guest-write``), and a nightly job's next run, whi
 clean up (cleanup.py), may be a day away.
 
 So each hot backup session starts a watchdog: a child in a session of its own (a terminal's
-Ctrl-C and a process-group kill do not reach it) that blocks reading a pipe from pyvbak.
-The session writes ``done`` when its own teardown is over; the watchdog then exits.  End
-of file without ``done`` means pyvbak is gone without its teardown: the watchdog connects
-to the VM's QMP socket (free again: QEMU serves one client per monitor), takes the VM's
-session lock and removes what dead runs left - exports, NBD server, jobs and their
-filters, fleecing nodes and files, session locks - exactly as the next run would
-(``cleanup.clean_leftovers``).  The dirty bitmaps stay as they are, with the dead run's
-journal in the work dir: the next backup settles them on that evidence, knowing from the
-repository which generation the last good backup recorded.  What it did goes to the
-stderr pyvbak had (a cron job's mail, a terminal).
+Ctrl-C and a process-group kill do not reach it; it ignores SIGTERM, SIGHUP and SIGINT, so
+a service manager's stop, sent to every process of the service, leaves it to see whether
+pyvbak then finishes its teardown) that reads a socket from pyvbak.  The session sends
+``done`` when its own teardown is over; the watchdog then exits.  End of file without
+``done`` means pyvbak is gone without its teardown: the watchdog connects to the VM's QMP
+socket (free again: QEMU serves one client per monitor), takes the VM's session lock
+(marked as a cleanup's: a backup starting meanwhile waits for it instead of failing) and
+removes what dead runs left - exports, NBD server, jobs and their filters, fleecing nodes
+and files, session locks - exactly as the next run would (``cleanup.clean_leftovers``).
+The dirty bitmaps stay as they are, with the dead run's journal in the work dir: the next
+backup settles them on that evidence, knowing from the repository which generation the
+last good backup recorded.  What it did goes to the stderr pyvbak had (a cron job's mail,
+a terminal), one line.  When the monitor does not answer within ``CONNECT_SECONDS`` (QEMU
+hung or gone, or a backup started meanwhile holds it - that one cleans up) it says so and
+exits; then the next backup cleans up.
 
-The child starts as ``python -S`` with a few lines of code (~9 ms, 0.4 ms of the parent's
-time to spawn): the package is imported only when there is something to clean.  A watchdog
-that is itself killed changes nothing: the next run cleans up as before.
-$PYVBAK_WATCHDOG=0 starts none (the tests of the next run's cleanup).
+The child is ``python -I -S`` (isolated: nothing from the current directory or PYTHON*
+variables; the package's directory is passed) with a few lines of code, started in ``/``
+(~9 ms; 0.4 ms of the parent's time to spawn): the package is imported only when there is
+something to clean.  The socket is closed in children ``fork()``ed from pyvbak, whose
+copies would otherwise keep the watchdog from seeing pyvbak's end.  A watchdog that is
+itself killed changes nothing: the next run cleans up as before.  $PYVBAK_WATCHDOG=0 starts
+none (the tests of the next run's cleanup); a frozen executable (no Python to start) has none.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from pathlib import Path
 
 ENV = "PYVBAK_WATCHDOG"
@@ -38,11 +49,13 @@ DONE = b"done\n"
 #: how long the watchdog keeps trying to reach the VM's monitor after pyvbak died
 CONNECT_SECONDS = 10.0
 
-# Runs with -S (no site): sys.path is set from argv before pyvbak is imported.
+# Runs with -I -S: sys.path is set from argv before pyvbak is imported.
 _BOOT = """\
-import os, sys
+import os, signal, sys
+for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signal.signal(sig, signal.SIG_IGN)
 data = b""
-while True:
+while not data.endswith(b"done\\n"):
     try:
         chunk = os.read(0, 64)
     except InterruptedError:
@@ -54,11 +67,13 @@ while True:
     data += chunk
 if data.endswith(b"done\\n"):
     sys.exit(0)
-import json, socket
+import json, socket, time
 args = json.loads(sys.argv[1])
 # queue at the monitor before anything else: QEMU serves its clients one after the other,
 # and a backup started right after the death then waits for this cleanup, not the reverse
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(args["connect_seconds"])
+t0 = time.monotonic()
 try:
     sock.connect(args["qmp_path"])
 except OSError:
@@ -66,12 +81,26 @@ except OSError:
     sock = None
 sys.path[:0] = args.pop("path")
 from pyvbak.hypervisors.qemu.watchdog import clean_up_after
-sys.exit(clean_up_after(sock=sock, **args))
+sys.exit(clean_up_after(sock=sock, started=t0, **args))
 """
+
+#: the watchdogs of this process's open sessions (their sockets close in forked children)
+_open: "weakref.WeakSet[Watchdog]" = weakref.WeakSet()
+_open_lock = threading.Lock()
+#: watchdogs told ``done``, kept until they have exited (no zombie, no ResourceWarning)
+_ending: list[subprocess.Popen] = []
+
+
+def _close_in_child() -> None:
+    for w in list(_open):
+        w._drop()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return os.environ.get(ENV, "1") != "0" and not getattr(sys, "frozen", False)
 
 
 class Watchdog:
@@ -80,34 +109,60 @@ class Watchdog:
 
     def __init__(self, qmp_path: str | os.PathLike, work_dir: str | os.PathLike, run: str, qmp_timeout: float):
         self.args = {"qmp_path": str(qmp_path), "work_dir": str(work_dir), "run": run,
-                     "pid": os.getpid(), "qmp_timeout": qmp_timeout}
+                     "pid": os.getpid(), "qmp_timeout": qmp_timeout, "connect_seconds": CONNECT_SECONDS}
         self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
 
     def start(self) -> "Watchdog":
         import json
 
         import pyvbak
 
+        _ending[:] = [p for p in _ending if p.poll() is None]
         # the directory pyvbak is imported from (an editable install's is not on sys.path
         # without site) and the dependencies' directories
         path = [str(Path(pyvbak.__file__).resolve().parent.parent)] + [p for p in sys.path if p]
+        ours = theirs = None
         try:
+            # a socket, not a pipe: "done" is sent with MSG_NOSIGNAL, so a watchdog that died
+            # first never raises SIGPIPE in an application that restored its default action
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             self._proc = subprocess.Popen(
-                [sys.executable, "-S", "-c", _BOOT, json.dumps(dict(self.args, path=path))],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
-        except OSError:
-            self._proc = None  # no watchdog (no fork: out of processes): the next run cleans up
+                [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(dict(self.args, path=path))],
+                stdin=theirs, stdout=subprocess.DEVNULL, cwd="/", start_new_session=True)
+            self._sock, ours = ours, None
+            with _open_lock:
+                _open.add(self)
+        except (OSError, ValueError):
+            self._proc = None  # no watchdog (out of processes, no executable): the next run cleans up
+        finally:
+            for s in (ours, theirs):
+                if s is not None:
+                    s.close()
         return self
+
+    def _drop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     def done(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.stdin is None:
-            return
-        try:
-            proc.stdin.write(DONE)
-            proc.stdin.close()
-        except OSError:
-            pass  # it is gone already: nothing to tell
+        sock, self._sock = self._sock, None
+        with _open_lock:
+            _open.discard(self)
+        if sock is not None:
+            try:
+                sock.sendall(DONE, socket.MSG_NOSIGNAL) if hasattr(socket, "MSG_NOSIGNAL") else sock.sendall(DONE)
+            except OSError:
+                pass  # it is gone already: nothing to tell
+            finally:
+                sock.close()
+        if proc is not None and proc.poll() is None:
+            _ending.append(proc)
 
 
 def _say(text: str) -> None:
@@ -118,10 +173,13 @@ def _say(text: str) -> None:
         pass
 
 
-def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout: float, sock=None) -> int:
+def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout: float, connect_seconds: float,
+                   sock=None, started: float | None = None) -> int:
     """The watchdog's work once backup run ``run`` (process ``pid``) is gone without its
-    teardown: 0 when the VM holds nothing of it any more, 1 when something could not be
-    removed (the next run tries again).  ``sock``: a connection to the monitor, made first."""
+    teardown: 0 when the VM holds nothing of it any more (or a backup started meanwhile
+    cleans up), 1 when it could not clean (the next run does).  ``sock``: a connection to
+    the monitor made first, at ``started`` (``time.monotonic()``); the monitor must answer
+    within ``connect_seconds`` of that."""
     from pyvbak.errors import PyvbakError
     from pyvbak.processes import running
 
@@ -129,24 +187,36 @@ def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout
     from .naming import new_run_id
     from .qmp import QmpClient
 
-    deadline = time.monotonic() + CONNECT_SECONDS
-    while running(pid) and time.monotonic() < deadline:  # the pipe closes as it exits
+    deadline = (time.monotonic() if started is None else started) + connect_seconds
+    while running(pid) and time.monotonic() < deadline:  # the socket closes as it exits
         time.sleep(0.01)
     what = f"backup run {run} (pid {pid}) ended without its cleanup"
     own = new_run_id()
     while True:
+        left = deadline - time.monotonic()
         try:
-            qmp = QmpClient(qmp_path, timeout=qmp_timeout).connect(sock)
+            if left <= 0:
+                raise TimeoutError
+            qmp = QmpClient(qmp_path, timeout=min(qmp_timeout, left)).connect(sock)
+            qmp.timeout = qmp_timeout
             break
-        except PyvbakError as exc:  # its connection may still be closing, or the VM is gone
+        except (PyvbakError, TimeoutError) as exc:
             sock = None  # used up: the retries connect anew
-            if time.monotonic() > deadline:
-                _say(f"{what}; could not reach the VM to clean up ({exc}); the next backup of it cleans up")
-                return 1
-            time.sleep(0.05)
+            gone = not os.path.exists(qmp_path) or "refuses connections" in str(exc)
+            if not gone and time.monotonic() < deadline and not isinstance(exc, TimeoutError):
+                time.sleep(0.05)  # the dead process's connection may still be closing
+                continue
+            if gone:
+                _say(f"{what}; its VM's QMP socket {qmp_path} no longer answers (QEMU is gone): nothing to clean "
+                     f"in it; the next backup of the VM removes its files from the work dir")
+            else:
+                _say(f"{what}; the VM's monitor {qmp_path} did not answer within {connect_seconds:g} s (QEMU hung, "
+                     f"or another client - a backup started meanwhile, which cleans up - holds it); the next "
+                     f"backup of the VM cleans up")
+            return 1
     try:
         with qmp:
-            lock = session_lock.acquire(qmp, own)
+            lock = session_lock.acquire(qmp, own, cleanup=True)
             try:
                 cleaned = cleanup.clean_leftovers(qmp, Path(work_dir), None, None, own_run=own, this_vm=qmp_path)
             finally:
@@ -157,5 +227,5 @@ def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout
         _say(f"{what}; cleaning up after it failed: {exc}; the next backup of the VM cleans up")
         return 1
     if cleaned:
-        _say(f"{what}; removed: {'; '.join(cleaned)} (the next backup settles the dirty bitmaps)")
+        _say(f"{what}; removed: {'; '.join(cleaned)}")
     return 0

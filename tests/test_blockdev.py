@@ -87,3 +87,43 @@ def test_a_device_locked_by_another_writer_is_refused_by_both_restores(tmp_path,
     assert main(["restore", "v@latest", dev, "--repo", repo, "--force"]) == 0
     with open(dev, "rb") as f:
         assert f.read(1 << 20) == img.read_bytes()
+
+
+def test_a_qcow2_over_a_block_device_is_never_trusted_to_its_bitmap(tmp_path, loopdev, capsys, monkeypatch):
+    """A block device's node records nothing of its content (size 0; its mtime moves only
+    for writes through that very node): a write through another node of the device - a
+    VM's private /dev, another host on a SAN - went unseen, and the incremental trusted
+    the image's bitmap (the session-15 offline audit: restore != image)."""
+    import json
+
+    qemu_img = require_tool("qemu-img", "qemu-utils")
+    qemu_io = require_tool("qemu-io", "qemu-utils")
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x11" * (4 << 20) + bytes(28 << 20))
+    dev = loopdev(base)
+    top = tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", dev, str(top)], check=True)
+    subprocess.run([qemu_io, "-f", "qcow2", "-c", "write -P 0x22 8M 1M", str(top)], check=True, capture_output=True)
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    capsys.readouterr()
+    results = []
+    for step in range(3):
+        if step == 2:  # the same device written through a node of its own
+            st = os.stat(dev)
+            alt = tmp_path / "alt"
+            os.mknod(alt, 0o600 | 0o060000, st.st_rdev)
+            with open(alt, "r+b") as f:
+                f.seek(20 * 65536)
+                f.write(os.urandom(4 * 65536))
+                os.fsync(f.fileno())
+            alt.unlink()
+        assert main(["backup", str(top), "--repo", repo, "--vm", "v", "--json"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert all(r["cbt"] is False for r in results)
+    assert "is not a regular file (a device)" in results[2]["fallback_reason"]
+    ref, out = tmp_path / "ref.raw", tmp_path / "out.raw"
+    subprocess.run([qemu_img, "convert", "-O", "raw", str(top), str(ref)], check=True)
+    assert main(["restore", "v/top@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == ref.read_bytes()

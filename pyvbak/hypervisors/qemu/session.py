@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 
 class ExportSession:
@@ -56,6 +57,14 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
             st = None
         if st is None:
             return None, None
+        if not stat.S_ISREG(st.st_mode):
+            # A block device's node says nothing of its content: its size reads 0 and its
+            # mtime moves only for writes through that very node - not through another node
+            # of the device (libvirt gives each VM its own /dev), another host on shared
+            # storage, or the loop device's file (the session-15 offline audit: a silently
+            # wrong incremental).
+            return [], (f"the backing file {name} of the image is not a regular file (a device), which can be "
+                        f"written without the dirty bitmap or its file times showing it")
         identity.append({"file": name, "format": link.get("format"), "dev": st.st_dev, "ino": st.st_ino,
                          "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         # (not ctime: a chmod, chown or SELinux relabel - libvirt's on every VM start - changes

@@ -285,3 +285,19 @@ def test_a_dead_runs_nbd_socket_stays_for_its_own_vms_cleanup(tmp_path):
     os.utime(journal, (old, old))
     assert cleanup.drop_old_journals(work, None) == [f"file {sock}", f"file {journal}"]
     assert list(work.iterdir()) == []
+
+
+def test_with_qemu_gone_the_watchdog_removes_the_runs_files_and_says_so(vm, work):
+    """A fleecing file can be as big as the guest's writes: with no QEMU holding it any
+    more the watchdog removes it (and the socket) at once; the journal stays."""
+    p = start_child(vm, work, None, "qcow2")
+    assert any(n.endswith("-fleece.qcow2") for n in os.listdir(work))
+    vm.stop()  # QEMU goes first (a host shutting down), then pyvbak
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    said = p.stderr.read()  # end of file: the watchdog is done
+    p.stderr.close()
+    assert "no longer answers (QEMU is gone): nothing to clean in it; removed: file " in said, said
+    assert len(said.strip().splitlines()) == 1
+    assert [n for n in os.listdir(work) if not n.endswith(".json")] == []

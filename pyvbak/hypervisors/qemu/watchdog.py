@@ -184,7 +184,7 @@ def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout
     from pyvbak.processes import running
 
     from . import cleanup, session_lock
-    from .naming import new_run_id
+    from .naming import PREFIX, new_run_id, run_of
     from .qmp import QmpClient
 
     deadline = (time.monotonic() if started is None else started) + connect_seconds
@@ -207,8 +207,15 @@ def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout
                 time.sleep(0.05)  # the dead process's connection may still be closing
                 continue
             if gone:
+                # nothing holds the run's files any more (a fleecing file can be as big as the
+                # guest's writes); its journal stays, the evidence for the bitmaps' settling
+                files = [p for p in Path(work_dir).glob(f"{PREFIX}{run}-*") if run_of(p.name) == run]
+                try:
+                    removed = cleanup.clean_files(files)
+                except PyvbakError:
+                    removed = []
                 _say(f"{what}; its VM's QMP socket {qmp_path} no longer answers (QEMU is gone): nothing to clean "
-                     f"in it; the next backup of the VM removes its files from the work dir")
+                     f"in it" + (f"; removed: {'; '.join(removed)}" if removed else ""))
             else:
                 _say(f"{what}; the VM's monitor {qmp_path} did not answer within {connect_seconds:g} s (QEMU hung, "
                      f"or another client - a backup started meanwhile, which cleans up - holds it); the next "

@@ -289,10 +289,13 @@ def test_a_dead_runs_nbd_socket_stays_for_its_own_vms_cleanup(tmp_path):
 
 def test_with_qemu_gone_the_watchdog_removes_the_runs_files_and_says_so(vm, work):
     """A fleecing file can be as big as the guest's writes: with no QEMU holding it any
-    more the watchdog removes it (and the socket) at once; the journal stays."""
+    more (its monitor refuses connections) the watchdog removes it (and the NBD socket) at
+    once; the journal stays.  (A missing monitor socket is no proof: a socket deleted under
+    a live QEMU, a VM restarting - then nothing is removed.)"""
     p = start_child(vm, work, None, "qcow2")
     assert any(n.endswith("-fleece.qcow2") for n in os.listdir(work))
-    vm.stop()  # QEMU goes first (a host shutting down), then pyvbak
+    vm.proc.kill()  # QEMU dies first (its socket stays, refusing connections), then pyvbak
+    vm.proc.wait(10)
     p.send_signal(signal.SIGKILL)
     p.wait(10)
     p.stdout.close()
@@ -301,3 +304,21 @@ def test_with_qemu_gone_the_watchdog_removes_the_runs_files_and_says_so(vm, work
     assert "no longer answers (QEMU is gone): nothing to clean in it; removed: file " in said, said
     assert len(said.strip().splitlines()) == 1
     assert [n for n in os.listdir(work) if not n.endswith(".json")] == []
+
+
+def test_a_relative_qmp_socket_path_is_the_same_socket_for_the_watchdog(vm, work):
+    """The watchdog runs in "/": a relative socket path (the Python API takes one) named
+    another socket there, the VM was taken for gone, and the filter stayed (review 2)."""
+    uri = f"qemu:{vm.qmp_path.name}?node=disk0"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="1")
+    p = subprocess.Popen([sys.executable, "-c", CHILD, uri, str(work), "null", "qcow2"], cwd=vm.qmp_path.parent,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline()
+    assert line.startswith("READY"), (line, p.stderr.read() if p.poll() is not None else "")
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    p.stdout.close()
+    wait_until(lambda: nothing_of_pyvbak_in(vm), timeout=30, what="the watchdog's cleanup")
+    said = p.stderr.read()
+    p.stderr.close()
+    assert "removed: NBD export" in said, said

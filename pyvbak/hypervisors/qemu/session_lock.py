@@ -239,12 +239,16 @@ def _live_others(qmp: QmpClient, me: str | None) -> list[tuple[str, str, float, 
     return out
 
 
+class HeldByOther(SourceError):
+    """The VM's session lock is held by another live session (or a watchdog's cleanup)."""
+
+
 def _held_by(orun: str, t: float, cleanup: bool = False) -> SourceError:
     if cleanup:
-        return SourceError(
+        return HeldByOther(
             f"a pyvbak watchdog (pid {pid_of_run(orun)}) has been cleaning up after a killed backup of this VM "
             f"since {time.strftime('%H:%M:%S', time.localtime(t))}; retry when it is done")
-    return SourceError(
+    return HeldByOther(
         f"another pyvbak session (pid {pid_of_run(orun)}, run {orun}) is backing up this VM since "
         f"{time.strftime('%H:%M:%S', time.localtime(t))}; wait for it to finish"
     )

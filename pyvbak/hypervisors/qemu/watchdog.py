@@ -24,8 +24,8 @@ a terminal), one line.  When the monitor does not answer within ``CONNECT_SECOND
 hung or gone, or a backup started meanwhile holds it - that one cleans up) it says so and
 exits; then the next backup cleans up.
 
-The child is ``python -I -S`` (isolated: nothing from the current directory or PYTHON*
-variables; the package's directory is passed) with a few lines of code, started in ``/``
+The child is ``python -P -S`` (nothing from the current directory; the package's
+directory is passed) with a few lines of code, started in ``/``
 (~9 ms; 0.4 ms of the parent's time to spawn): the package is imported only when there is
 something to clean.  The socket is closed in children ``fork()``ed from pyvbak, whose
 copies would otherwise keep the watchdog from seeing pyvbak's end.  A watchdog that is
@@ -49,7 +49,7 @@ DONE = b"done\n"
 #: how long the watchdog keeps trying to reach the VM's monitor after pyvbak died
 CONNECT_SECONDS = 10.0
 
-# Runs with -I -S: sys.path is set from argv before pyvbak is imported.
+# Runs with -P -S: sys.path is set from argv before pyvbak is imported.
 _BOOT = """\
 import os, signal, sys
 for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -87,8 +87,6 @@ sys.exit(clean_up_after(sock=sock, started=t0, **args))
 #: the watchdogs of this process's open sessions (their sockets close in forked children)
 _open: "weakref.WeakSet[Watchdog]" = weakref.WeakSet()
 _open_lock = threading.Lock()
-#: watchdogs told ``done``, kept until they have exited (no zombie, no ResourceWarning)
-_ending: list[subprocess.Popen] = []
 
 
 def _close_in_child() -> None:
@@ -99,8 +97,16 @@ def _close_in_child() -> None:
 os.register_at_fork(after_in_child=_close_in_child)
 
 
+def _python_executable() -> bool:
+    """Whether ``sys.executable`` is a Python interpreter to start the watchdog with (an
+    embedding host - uWSGI - sets it to its own program, a frozen application to itself)."""
+    exe = sys.executable
+    return bool(exe) and not getattr(sys, "frozen", False) and \
+        os.path.basename(exe).lower().startswith(("python", "pypy")) and os.access(exe, os.X_OK)
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0" and not getattr(sys, "frozen", False)
+    return os.environ.get(ENV, "1") != "0"
 
 
 class Watchdog:
@@ -108,7 +114,9 @@ class Watchdog:
     session cleaned up after itself."""
 
     def __init__(self, qmp_path: str | os.PathLike, work_dir: str | os.PathLike, run: str, qmp_timeout: float):
-        self.args = {"qmp_path": str(qmp_path), "work_dir": str(work_dir), "run": run,
+        # absolute: the watchdog runs in "/" (a relative path named another socket there, and
+        # the VM was taken for gone: the session-15 review 2)
+        self.args = {"qmp_path": os.path.abspath(qmp_path), "work_dir": os.path.abspath(work_dir), "run": run,
                      "pid": os.getpid(), "qmp_timeout": qmp_timeout, "connect_seconds": CONNECT_SECONDS}
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
@@ -118,27 +126,31 @@ class Watchdog:
 
         import pyvbak
 
-        _ending[:] = [p for p in _ending if p.poll() is None]
+        if not _python_executable():
+            return self  # no Python to start (embedded, uWSGI-like hosts): the next run cleans up
         # the directory pyvbak is imported from (an editable install's is not on sys.path
         # without site) and the dependencies' directories
         path = [str(Path(pyvbak.__file__).resolve().parent.parent)] + [p for p in sys.path if p]
-        ours = theirs = None
+        theirs = None
         try:
             # a socket, not a pipe: "done" is sent with MSG_NOSIGNAL, so a watchdog that died
             # first never raises SIGPIPE in an application that restored its default action
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(dict(self.args, path=path))],
-                stdin=theirs, stdout=subprocess.DEVNULL, cwd="/", start_new_session=True)
-            self._sock, ours = ours, None
+            self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             with _open_lock:
-                _open.add(self)
-        except (OSError, ValueError):
-            self._proc = None  # no watchdog (out of processes, no executable): the next run cleans up
+                _open.add(self)  # before the child exists: a fork from another thread meanwhile closes it
+            # -P: nothing from the current directory (a json.py there ran: session-15 review);
+            # -S: no site (fast; the path is passed); started in "/"
+            self._proc = subprocess.Popen(
+                [sys.executable, "-P", "-S", "-c", _BOOT, json.dumps(dict(self.args, path=path))],
+                stdin=theirs, stdout=subprocess.DEVNULL, cwd="/", start_new_session=True)
+        except Exception:  # noqa: BLE001 - no watchdog (out of processes or fds): the next run cleans up
+            self._proc = None
+            self._drop()
+            with _open_lock:
+                _open.discard(self)
         finally:
-            for s in (ours, theirs):
-                if s is not None:
-                    s.close()
+            if theirs is not None:
+                theirs.close()
         return self
 
     def _drop(self) -> None:
@@ -162,7 +174,9 @@ class Watchdog:
             finally:
                 sock.close()
         if proc is not None and proc.poll() is None:
-            _ending.append(proc)
+            # reaped as soon as it exits (it reads "done" and ends): no zombie until the next
+            # session, no ResourceWarning
+            threading.Thread(target=proc.wait, name="pyvbak-watchdog-reaper", daemon=True).start()
 
 
 def _say(text: str) -> None:
@@ -202,7 +216,14 @@ def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout
             break
         except (PyvbakError, TimeoutError) as exc:
             sock = None  # used up: the retries connect anew
-            gone = not os.path.exists(qmp_path) or "refuses connections" in str(exc)
+            # refused: nothing listens on the socket (QEMU is gone).  A missing path is no
+            # proof (a socket deleted under a live QEMU, a VM restarting): never treated so,
+            # or a fleecing file QEMU still writes would be removed
+            gone = "refuses connections" in str(exc)
+            missing = not os.path.exists(qmp_path)
+            if missing and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             if not gone and time.monotonic() < deadline and not isinstance(exc, TimeoutError):
                 time.sleep(0.05)  # the dead process's connection may still be closing
                 continue
@@ -216,6 +237,9 @@ def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout
                     removed = []
                 _say(f"{what}; its VM's QMP socket {qmp_path} no longer answers (QEMU is gone): nothing to clean "
                      f"in it" + (f"; removed: {'; '.join(removed)}" if removed else ""))
+            elif missing:
+                _say(f"{what}; its VM's QMP socket {qmp_path} no longer exists (QEMU gone, or the VM restarting); "
+                     f"the next backup of the VM cleans up")
             else:
                 _say(f"{what}; the VM's monitor {qmp_path} did not answer within {connect_seconds:g} s (QEMU hung, "
                      f"or another client - a backup started meanwhile, which cleans up - holds it); the next "
@@ -228,9 +252,9 @@ def clean_up_after(qmp_path: str, work_dir: str, run: str, pid: int, qmp_timeout
                 cleaned = cleanup.clean_leftovers(qmp, Path(work_dir), None, None, own_run=own, this_vm=qmp_path)
             finally:
                 session_lock.release(qmp, lock)
+    except session_lock.HeldByOther:  # a backup (it cleans up) or another watchdog is at it
+        return 0
     except PyvbakError as exc:
-        if "another pyvbak session" in str(exc):  # a backup started meanwhile: it cleans up
-            return 0
         _say(f"{what}; cleaning up after it failed: {exc}; the next backup of the VM cleans up")
         return 1
     if cleaned:

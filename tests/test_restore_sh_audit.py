@@ -3,9 +3,11 @@ names, an output that exists, damage with another good copy, signals, block devi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 
 import pytest
@@ -544,3 +546,219 @@ def test_a_frame_that_decompresses_to_gigabytes_is_capped(tmp_path):
         assert time.monotonic() - t0 < 60
         one_error(p, "block 0 does not match its digest")
         assert os.listdir(tmpdir) == [] and not (tmp_path / "o.img").exists()
+
+
+# --- the s15 restore audit: restore.sh onto block devices, a full TMPDIR, odd outputs ---
+
+
+@contextlib.contextmanager
+def loop_device(backing):
+    """A loop device over the file ``backing``: skipped without root or losetup; detached after."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup for a loop device")
+    p = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"no loop device: {p.stderr.strip()}")
+    dev = p.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size: str):
+    """A tmpfs of ``size`` (mount's size=, e.g. '512k') on the directory ``path``; unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    os.makedirs(path, exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {p.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
+def test_a_write_back_failure_on_a_block_device_is_an_error(tmp_path, shell):
+    """Every dd went into the device's page cache and the bare `sync` at the end reports
+    nothing: a loop device whose (sparse) backing file sits on a full tmpfs - a thin volume
+    out of space - failed every write-back, and restore.sh said "restored" with exit 0.
+    The fsync at the end now fails it, saying the device was partly overwritten."""
+    from images import make_image
+
+    require_tool("zstd", "zstd")
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "d.img", 6 * MiB, [(0, 6 * MiB, "random")], seed=7)
+    sid = backup_file(repo, img).snapshot_id
+    with small_tmpfs(tmp_path / "thin", "2m") as thin:
+        backing = thin / "back"
+        with open(backing, "wb") as f:
+            f.truncate(8 * MiB)  # sparse: 2 MiB of room for 6 MiB of data
+        with loop_device(backing) as dev:
+            p = run_sh(os.path.join(repo.location, "restore.sh"), "--force", sid, dev, cwd=tmp_path, shell=shell)
+            one_error(p, "flushed to disk", f"block device {dev} was partly overwritten", "restore it again")
+
+
+@pytest.mark.parametrize("shell", [s for s in shells() if "busybox" not in s[0]], ids=lambda s: os.path.basename(s[0]))
+def test_a_failing_fsync_keeps_the_old_file(setup, tmp_path, shell):
+    """A file too: its data is fsynced before the rename, and an error there (a write that
+    failed at write-back) leaves OUTPUT as it was and no partial file.  The failure is
+    injected: a dd that fails its fsync, as on a thin volume out of space.  (Not under
+    busybox sh, which runs its own dd applet, not one on PATH: its fsync is tested on a
+    device above.)"""
+    repo, snaps, _ = setup
+    sid, _ = snaps[0]
+    d = tmp_path / "bin"
+    d.mkdir()
+    dd = d / "dd"
+    dd.write_text('#!/bin/sh\ncase " $* " in *conv=fsync*)\n'
+                  "  echo \"dd: fsync failed for 'standard output': Input/output error\" >&2; exit 1 ;;\nesac\n"
+                  f'exec {shutil.which("dd")} "$@"\n')
+    dd.chmod(0o755)
+    out = tmp_path / "out.img"
+    out.write_bytes(b"the user's old disk")
+    p = run_sh(os.path.join(repo.location, "restore.sh"), "--force", sid, out, cwd=tmp_path, shell=shell,
+               env={"PATH": f"{d}:{BARE_PATH}"})
+    line = one_error(p, "flushed to disk", "Input/output error")
+    assert "partly overwritten" not in line
+    assert out.read_bytes() == b"the user's old disk" and no_partial(tmp_path)
+
+
+def test_a_too_small_device_named_through_a_link_is_refused(setup, tmp_path):
+    """The size check read /sys/class/block/<the name as given>/size: a link such as
+    /dev/disk/by-id/..., /dev/mapper/... or /dev/VG/LV has none, the check was skipped and
+    the device overwritten up to its end.  A device node whose name sysfs does not know
+    (made with mknod elsewhere) is measured by reading the snapshot's last byte from it."""
+    repo, snaps, _ = setup
+    script = os.path.join(repo.location, "restore.sh")
+    sid, copy = snaps[0]  # 3 MiB + 4321 bytes
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"\xee" * (3 * MiB))
+    with loop_device(small) as dev:
+        link = tmp_path / "by-id-link"
+        link.symlink_to(dev)
+        one_error(run_sh(script, "--force", sid, link, cwd=tmp_path), "choose a larger device")
+        st = os.stat(dev)
+        node = tmp_path / "node"
+        os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)
+        one_error(run_sh(script, "--force", sid, node, cwd=tmp_path), "cannot tell the size of", "smaller")
+        assert small.read_bytes() == b"\xee" * (3 * MiB)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\xee" * (4 * MiB))
+    with loop_device(big) as dev:
+        node = tmp_path / "node2"
+        os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+        p = run_sh(script, "--force", sid, node, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        with open(dev, "rb") as f:
+            assert f.read(os.path.getsize(copy)) == open(copy, "rb").read()
+
+
+def test_a_device_with_holders_is_refused(setup, tmp_path):
+    """pyvbak opens a device O_EXCL and so refuses one that device mapper, md RAID, LVM or
+    bcache is built on; restore.sh wrote it.  It now refuses one whose sysfs holders/ is
+    not empty.  (No dm or md here: a holder is bind-mounted over holders/ in a private
+    mount namespace.)"""
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare")
+    repo, snaps, _ = setup
+    sid, _ = snaps[0]
+    backing = tmp_path / "dev.bin"
+    backing.write_bytes(b"\xee" * (4 * MiB))
+    fake = tmp_path / "holders"
+    fake.mkdir()
+    (fake / "dm-7").symlink_to("../../dm-7")
+    with loop_device(backing) as dev:
+        holders = f"/sys/class/block/{os.path.basename(dev)}/holders"
+        p = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
+             'mount --bind "$1" "$2" || exit 99; shift 2; exec "$@"', "sh", str(fake), holders,
+             "/bin/sh", os.path.join(repo.location, "restore.sh"), "--force", sid, dev],
+            env={"PATH": BARE_PATH + ":/usr/sbin:/sbin"}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        if p.returncode == 99:
+            pytest.skip(f"cannot bind-mount over sysfs: {p.stderr.strip()}")
+        one_error(p, f"{dev} is held by dm-7", "release it first")
+        assert os.listdir(holders) == []  # (the bind mount stayed in its namespace)
+    assert backing.read_bytes() == b"\xee" * (4 * MiB)
+
+
+def test_force_keeps_the_owner_group_and_mode_of_the_replaced_file(setup, tmp_path):
+    """As pyvbak restore does (a VM manager may not open the image otherwise): --force
+    gave the new file restore.sh's user and umask."""
+    repo, snaps, _ = setup
+    sid, copy = snaps[0]
+    out = tmp_path / "vm.img"
+    out.write_bytes(b"old")
+    os.chmod(out, 0o640)
+    owner = (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(out, *owner)
+    p = run_sh(os.path.join(repo.location, "restore.sh"), "--force", sid, out, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    st = os.stat(out)
+    assert same_file(out, copy)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, *owner)
+
+
+def test_a_full_tmpdir_is_one_line_naming_it(setup, tmp_path):
+    """A nearly full $TMPDIR: a run of blocks that did not fit left its files there, so
+    single blocks did not fit either - each taken for an unreadable pack, with a tool
+    error line per block on stderr, before a retry pass succeeded.  Now the run's files go
+    first: the restore succeeds quietly.  A TMPDIR too small even for that is one error
+    line naming it (it printed the tools' errors, then blamed the repository or a tool)."""
+    repo, snaps, _ = setup
+    script = os.path.join(repo.location, "restore.sh")
+    sid, copy = snaps[1]  # 4 MiB + 17 bytes, runs of up to 64 blocks
+    for size, ok in (("1m", True), ("100k", False), ("24k", False)):
+        with small_tmpfs(tmp_path / f"tmp{size}", size) as tmpdir:
+            out = tmp_path / "out.img"
+            p = run_sh(script, sid, out, cwd=tmp_path, env={"TMPDIR": str(tmpdir)})
+            if ok:
+                assert p.returncode == 0 and p.stderr == "", (size, p.stderr)
+                assert same_file(out, copy)
+                out.unlink()
+            else:
+                one_error(p, f"is {tmpdir} full?", "set TMPDIR")
+                assert not out.exists()
+            assert os.listdir(tmpdir) == [] and no_partial(tmp_path)
+
+
+def test_an_output_name_too_long_is_refused_before_the_work(setup, tmp_path):
+    """An OUTPUT name over 255 bytes failed the final rename - after the whole disk was
+    restored - with two lines.  It is now refused at once (before the snapshot is even
+    looked up), in one line."""
+    repo, snaps, _ = setup
+    script = os.path.join(repo.location, "restore.sh")
+    out = tmp_path / ("x" * 256)
+    one_error(run_sh(script, snaps[0][0], out, cwd=tmp_path), "256 bytes long", "choose a shorter name")
+    one_error(run_sh(script, "20000101T000000Z-deadbeef", out, cwd=tmp_path), "256 bytes long")
+    assert no_partial(tmp_path) and os.listdir(tmp_path) == []
+
+
+def test_pyvbak_restore_to_a_link_loop_or_a_long_name_is_one_usage_line(setup, tmp_path, capsys):
+    """os.stat(output) caught two error types: a symbolic link loop or a name over 255
+    bytes reached the CLI's catch-all ('set PYVBAK_DEBUG=1 for the traceback', exit 1)."""
+    from conftest import run_cli
+
+    repo, snaps, _ = setup
+    sid, _ = snaps[0]
+    loop = tmp_path / "self"
+    loop.symlink_to("self")
+    for out, needle in ((loop, "too many levels of symbolic links"), (tmp_path / ("x" * 300), "too long")):
+        code, _, err = run_cli(capsys, "restore", sid, out, "--repo", repo.location)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert needle in lines[0] and str(out) in lines[0] and "PYVBAK_DEBUG" not in lines[0], lines[0]
+
+
+def test_force_after_the_snapshot_is_a_usage_error(setup, tmp_path):
+    """`sh restore.sh SNAP --force` restored to a file named ./--force."""
+    repo, snaps, _ = setup
+    script = os.path.join(repo.location, "restore.sh")
+    sid, _ = snaps[0]
+    one_error(run_sh(script, sid, "--force", cwd=tmp_path), "--force goes before SNAPSHOT", "usage:")
+    one_error(run_sh(script, "--force", sid, cwd=tmp_path), "usage:")
+    assert os.listdir(tmp_path) == []

@@ -532,6 +532,17 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     except NotADirectoryError:  # a path through a file (disk.img/out): say so, with advice
         raise UsageError(f"restore target {output}: a part of its path is a file, not a directory; "
                          f"give a path in an existing directory") from None
+    except OSError as exc:
+        # a symbolic link loop, a name over NAME_MAX, a directory this user may not search:
+        # the path itself is what is wrong, not pyvbak (the catch-all said "unexpected")
+        advice = {
+            errno.ELOOP: "too many levels of symbolic links (a link loop?); give the path of the file itself",
+            errno.ENAMETOOLONG: "too long for this system (a name over 255 bytes, or the whole path over "
+                                "4096); give a shorter name",
+            errno.EACCES: "permission denied on a directory of its path; restore elsewhere, or as a user "
+                          "who may enter it",
+        }.get(exc.errno, f"{exc.strerror or exc}; give another path")
+        raise UsageError(f"restore target {output}: {advice}") from None
     is_device = st is not None and stat.S_ISBLK(st.st_mode)
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise UsageError(f"restore target {output} is a directory: give a file or block device path")

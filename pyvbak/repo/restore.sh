@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 5  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 6  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -33,12 +33,21 @@ die() {
     done
   fi
   if [ -n "$writing" ]; then
-    printf '%s\n' "restore.sh: error: $*$hint ($out now holds an INCOMPLETE restore: do not use it)" >&2
+    printf '%s\n' "restore.sh: error: $*$hint (block device $out was partly overwritten: it holds an INCOMPLETE restore, restore it again before using it)" >&2
   else
     printf '%s\n' "restore.sh: error: $*$hint" >&2
   fi
   writing=
   exit 1
+}
+# A step that writes into $TMPDIR failed: one line naming TMPDIR (its tools' own messages
+# went to ERRFILE, not the terminal: a nearly full TMPDIR printed several lines, and a
+# write that failed there was taken for an unreadable pack or a damaged index).
+tmp_die() {  # MESSAGE [ERRFILE]: with the last line ERRFILE kept of the tool's error, if any
+  t_why=
+  [ -z "${2:-}" ] || t_why=$(tail -n 1 "$2" 2>/dev/null) || t_why=
+  [ -z "$t_why" ] || t_why=": $t_why"
+  die "$1$t_why (is ${TMPDIR:-/tmp} full? set TMPDIR to a directory with more room)"
 }
 usage="usage: sh restore.sh [--force] SNAPSHOT OUTPUT (SNAPSHOT: an id from snapshots/, a unique prefix of one, VM@latest or VM/DISK@latest)"
 
@@ -48,6 +57,8 @@ if [ $# -eq 3 ] && [ "$1" = "--force" ]; then force=1; shift; fi
 snap=$1
 out=$2
 [ -n "$out" ] || die "$usage"
+# --force goes first: after SNAPSHOT it was taken for the OUTPUT name (a file ./--force)
+[ "$snap" != --force ] && [ "$out" != --force ] || die "--force goes before SNAPSHOT: $usage"
 case $out in -*) out=./$out ;; esac  # a name no tool takes for an option
 missing_tools=
 for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv ln rm dirname readlink sync grep; do
@@ -83,14 +94,36 @@ if [ -L "$out" ] && [ ! -b "$out" ]; then
   out=$ldir/${out##*/}
 fi
 device=
+sysdir=
 if [ -b "$out" ]; then
   [ -n "$force" ] || die "$out is a block device: pass --force to overwrite it with the snapshot"
   device=1
+  # Its sysfs directory (Linux), for its size, holders and partitions: named after the
+  # device itself, so a link (/dev/disk/by-id/..., /dev/mapper/..., /dev/VG/LV) is resolved
+  # first - the link's own name has no entry, and every check was silently skipped.  Only
+  # a node directly in /dev is named as the kernel names it (one made elsewhere with mknod
+  # may carry another device's name): without one, step 4 measures the size by reading.
+  rdev=$(readlink -f -- "$out") || rdev=$out
+  case $rdev in
+    /dev/*/*) ;;
+    /dev/?*) [ ! -d "/sys/class/block/${rdev#/dev/}" ] || sysdir=/sys/class/block/${rdev#/dev/} ;;
+  esac
+  # Not while device mapper, md RAID, LVM or bcache is built on it or on one of its
+  # partitions (pyvbak's O_EXCL open refuses those; sh cannot open O_EXCL, but sysfs
+  # lists them as holders)
+  if [ -n "$sysdir" ]; then
+    for h in "$sysdir"/holders/* "$sysdir"/*/holders/*; do  # (only partitions have holders/ among its subdirectories)
+      [ -e "$h" ] || [ -L "$h" ] || continue
+      hd=${h%/holders/*}
+      what=$out
+      [ "$hd" = "$sysdir" ] || what="$out (its partition /dev/${hd##*/})"
+      die "$what is held by ${h##*/}: device mapper, LVM, RAID or bcache is built on it; release it first (dmsetup remove, vgchange -an, mdadm --stop...)"
+    done
+  fi
   # Not while it or one of its partitions is mounted (Linux): the device's own name (a
   # link such as /dev/disk/by-id/... resolved) and its partitions' from sysfs - exact
   # names: /dev/loop70 mounted says nothing about /dev/loop7
   if [ -r /proc/mounts ]; then
-    rdev=$(readlink -f -- "$out") || rdev=$out
     names=" $out $rdev "
     for p in /sys/class/block/"${rdev##*/}"/*/partition; do
       [ -f "$p" ] || continue
@@ -124,7 +157,16 @@ if [ -n "$device" ] && command -v flock >/dev/null 2>&1; then
 fi
 part="$out.pyvbak-restore-partial"
 base=${out##*/}
-if [ "${#base}" -gt 231 ]; then  # the suffix would pass NAME_MAX (255 bytes; LC_ALL=C counts bytes)
+# The longest name the output's file system takes (NAME_MAX: 255 bytes, or what getconf,
+# where there, says for that directory; LC_ALL=C counts bytes): a longer OUTPUT name was
+# refused only by the final rename, once the whole disk had been restored
+nmax=
+[ -z "$odir" ] || nmax=$(getconf NAME_MAX "$odir" 2>/dev/null) || nmax=
+case $nmax in '' | *[!0-9]*) nmax=255 ;; esac
+if [ -z "$device" ] && [ "${#base}" -gt "$nmax" ]; then
+  die "the name of $out is ${#base} bytes long, longer than its file system takes ($nmax bytes): choose a shorter name"
+fi
+if [ $((${#base} + 24)) -gt "$nmax" ]; then  # the suffix would pass NAME_MAX
   case $out in */*) odir_=${out%/*} ;; *) odir_=. ;; esac
   h=$(printf '%s' "$base" | sha256sum | cut -c1-16) || die "sha256sum failed"
   part="$odir_/.pyvbak-restore-partial-$h"
@@ -168,7 +210,7 @@ cleanup() {
 }
 interrupted() {
   if [ -n "$writing" ]; then
-    printf '%s\n' "restore.sh: error: interrupted by SIG$1: $out now holds an INCOMPLETE restore: do not use it" >&2
+    printf '%s\n' "restore.sh: error: interrupted by SIG$1: block device $out was partly overwritten: it holds an INCOMPLETE restore, restore it again before using it" >&2
   else
     printf '%s\n' "restore.sh: error: interrupted by SIG$1: nothing restored, $out left as it was" >&2
   fi
@@ -179,6 +221,13 @@ trap cleanup EXIT
 trap 'interrupted HUP 129' HUP
 trap 'interrupted INT 130' INT
 trap 'interrupted TERM 143' TERM
+if [ -z "$device" ]; then
+  # made now, not after the work: an output directory that is missing or not writable is
+  # said at once, not after hours of reading the repository
+  ( set -C; : > "$part" ) 2>/dev/null \
+    || die "cannot create $part: does its directory exist, is it writable (or did another restore just create it)?"
+  made_part=1
+fi
 
 # 0. Which snapshot.  Its metadata snapshots/ID.json makes it exist (an index without it
 # is an interrupted backup's).  pyvbak writes the metadata with json.dumps(indent=2):
@@ -236,7 +285,7 @@ case $snap in
     if grep -q "^$zero " "$tmp/cands" && grep -q -v "^$zero " "$tmp/cands"; then
       # snapshots an older pyvbak made (no sequence) among numbered ones: each comes after
       # the numbered ones made before it by time, as pyvbak places them
-      sort -k2,2 -k3,3 "$tmp/cands" > "$tmp/cands.t" || die "sort failed (is ${TMPDIR:-/tmp} full?)"  # time, then id
+      sort -k2,2 -k3,3 "$tmp/cands" > "$tmp/cands.t" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"  # time, then id
       run=$zero
       : > "$tmp/cands"
       while read -r q t rest; do
@@ -244,7 +293,7 @@ case $snap in
         printf '%s\n' "$q $t $rest" >> "$tmp/cands"
       done < "$tmp/cands.t"
     fi
-    sort "$tmp/cands" > "$tmp/cands.sorted" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+    sort "$tmp/cands" > "$tmp/cands.sorted" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
     if [ -z "$want_disk" ]; then
       cut -d' ' -f4- "$tmp/cands.sorted" > "$tmp/disks" && sort -u "$tmp/disks" > "$tmp/disks.u" || die "cut failed"
       [ "$(wc -l < "$tmp/disks.u")" -eq 1 ] \
@@ -305,11 +354,15 @@ fi
 
 # 1. The snapshot index: a 48-byte header, then one 48-byte record per block:
 #    sha256(32) fast_hash(16).  An all-zero digest marks a zero block.
-zstd -dcq "$index" > "$tmp/index.bin" 2>/dev/null || die "$index cannot be decompressed: the repository is damaged, restore another snapshot"
+if ! zstd -dcq "$index" > "$tmp/index.bin" 2>"$tmp/err"; then
+  # a TMPDIR too full for it is no damaged index: zstd -t reads it and writes nothing
+  ! zstd -tq "$index" >/dev/null 2>&1 || tmp_die "cannot decompress $index into ${TMPDIR:-/tmp}" "$tmp/err"
+  die "$index cannot be decompressed: the repository is damaged, restore another snapshot"
+fi
 ilen=$(wc -c < "$tmp/index.bin") || die "wc failed on $index"
 [ "$ilen" -ge 48 ] && [ $((ilen % 48)) -eq 0 ] || die "$index is damaged: $ilen bytes, not 48-byte records"
-od -An -v -tx1 -w48 "$tmp/index.bin" > "$tmp/index.od" || die "od failed on $index"
-tr -d ' ' < "$tmp/index.od" > "$tmp/index.hex" || die "tr failed on $index"
+od -An -v -tx1 -w48 "$tmp/index.bin" > "$tmp/index.od" 2>"$tmp/err" || tmp_die "od failed on $index" "$tmp/err"
+tr -d ' ' < "$tmp/index.od" > "$tmp/index.hex" 2>"$tmp/err" || tmp_die "tr failed on $index" "$tmp/err"
 rm -f "$tmp/index.bin" "$tmp/index.od"
 header=$(head -n 1 "$tmp/index.hex") || die "head failed on $index"
 [ "${#header}" -eq 96 ] && [ "$(echo "$header" | cut -c1-16)" = "29388ea2738fa92c" ] \
@@ -327,26 +380,28 @@ grep '^  "block_size": [0-9]' "$meta" > "$tmp/mbs" || :
 msize=$(head -n 1 "$tmp/msize" | tr -dc 0-9) && mbs=$(head -n 1 "$tmp/mbs" | tr -dc 0-9) || die "tr failed on $meta"
 [ -z "$msize" ] || [ "$msize" = "$size" ] || die "$index is a $size-byte disk but $meta says $msize bytes: the repository is damaged"
 [ -z "$mbs" ] || [ "$mbs" = "$bs" ] || die "$index has $bs-byte blocks but $meta says $mbs: the repository is damaged"
-tail -n +2 "$tmp/index.hex" > "$tmp/records" || die "tail failed on $index"
+tail -n +2 "$tmp/index.hex" > "$tmp/records" 2>"$tmp/err" || tmp_die "tail failed on $index" "$tmp/err"
 rm -f "$tmp/index.hex"  # (files go as soon as they are read: $TMPDIR holds less)
 [ "$(wc -l < "$tmp/records")" -eq "$count" ] || die "$index is damaged: it does not hold its $count block records"
 zero=0000000000000000000000000000000000000000000000000000000000000000
 # "digest blockno" for every non-zero block, sorted by digest.
-cut -c1-64 "$tmp/records" > "$tmp/digests" || die "cut failed on $index"
+cut -c1-64 "$tmp/records" > "$tmp/digests" 2>"$tmp/err" || tmp_die "cut failed on $index" "$tmp/err"
 rm -f "$tmp/records"
-nl -ba -v0 -w1 -s' ' "$tmp/digests" > "$tmp/numbered" || die "nl failed on $index"
+nl -ba -v0 -w1 -s' ' "$tmp/digests" > "$tmp/numbered" 2>"$tmp/err" || tmp_die "nl failed on $index" "$tmp/err"
 rm -f "$tmp/digests"
-rc=0; grep -v " $zero\$" "$tmp/numbered" > "$tmp/nonzero" || rc=$?
-[ "$rc" -le 1 ] || die "grep failed on $index (is ${TMPDIR:-/tmp} full?)"
-{ cut -d' ' -f1 "$tmp/nonzero" > "$tmp/nz.n" && cut -d' ' -f2 "$tmp/nonzero" > "$tmp/nz.d" \
-  && rm -f "$tmp/nonzero" && paste -d ' ' "$tmp/nz.d" "$tmp/nz.n" > "$tmp/unsorted"; } \
-  || die "cannot list the blocks of $index (is ${TMPDIR:-/tmp} full?)"
+rc=0; grep -v " $zero\$" "$tmp/numbered" > "$tmp/nonzero" 2>"$tmp/err" || rc=$?
+[ "$rc" -le 1 ] || tmp_die "grep failed on $index" "$tmp/err"
+# (2> on each command, never on a { group }: a signal's trap run between the group's
+# commands wrote its message there - into a file removed on exit, or /dev/null)
+{ cut -d' ' -f1 "$tmp/nonzero" > "$tmp/nz.n" 2>"$tmp/err" && cut -d' ' -f2 "$tmp/nonzero" > "$tmp/nz.d" 2>"$tmp/err" \
+  && rm -f "$tmp/nonzero" && paste -d ' ' "$tmp/nz.d" "$tmp/nz.n" > "$tmp/unsorted" 2>"$tmp/err"; } \
+  || tmp_die "cannot list the blocks of $index" "$tmp/err"
 rm -f "$tmp/nz.d" "$tmp/nz.n"
-sort -k1,1 "$tmp/unsorted" > "$tmp/blocks" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+sort -k1,1 "$tmp/unsorted" > "$tmp/blocks" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
 if [ -n "$device" ]; then
-  rc=0; grep " $zero\$" "$tmp/numbered" > "$tmp/zeros" || rc=$?
-  [ "$rc" -le 1 ] || die "grep failed on $index (is ${TMPDIR:-/tmp} full?)"
-  cut -d' ' -f1 "$tmp/zeros" > "$tmp/zero.n" || die "cut failed on $index"
+  rc=0; grep " $zero\$" "$tmp/numbered" > "$tmp/zeros" 2>"$tmp/err" || rc=$?
+  [ "$rc" -le 1 ] || tmp_die "grep failed on $index" "$tmp/err"
+  cut -d' ' -f1 "$tmp/zeros" > "$tmp/zero.n" 2>"$tmp/err" || tmp_die "cut failed on $index" "$tmp/err"
 fi
 rm -f "$tmp/records" "$tmp/digests" "$tmp/numbered" "$tmp/unsorted" "$tmp/nonzero" "$tmp/nz.n" "$tmp/nz.d" "$tmp/zeros"
 
@@ -365,14 +420,15 @@ for f in "$repo"/index/*; do
   [ -r "$f" ] || denied "$f"
   # A damaged pack index is left out, as pyvbak does: if it named a block this snapshot
   # needs and no other index does, step 3 says that block is missing.
-  if ! zstd -dcq "$f" > "$tmp/pi.bin" 2>/dev/null; then
+  if ! zstd -dcq "$f" > "$tmp/pi.bin" 2>"$tmp/err"; then
+    ! zstd -tq "$f" >/dev/null 2>&1 || tmp_die "cannot decompress $f into ${TMPDIR:-/tmp}" "$tmp/err"
     printf '%s\n' "restore.sh: warning: pack index $f cannot be decompressed: left out" >&2
     continue
   fi
-  od -An -v -tx1 -w80 "$tmp/pi.bin" > "$tmp/pi.od" || die "od failed on $f"
-  tr -d ' ' < "$tmp/pi.od" > "$tmp/pi.hex" || die "tr failed on $f"
+  od -An -v -tx1 -w80 "$tmp/pi.bin" > "$tmp/pi.od" 2>"$tmp/err" || tmp_die "od failed on $f" "$tmp/err"
+  tr -d ' ' < "$tmp/pi.od" > "$tmp/pi.hex" 2>"$tmp/err" || tmp_die "tr failed on $f" "$tmp/err"
   h=$(head -n 1 "$tmp/pi.hex") || die "head failed on $f"
-  tail -n +2 "$tmp/pi.hex" > "$tmp/pi.rec" || die "tail failed on $f"
+  tail -n +2 "$tmp/pi.hex" > "$tmp/pi.rec" 2>"$tmp/err" || tmp_die "tail failed on $f" "$tmp/err"
   plen=$(wc -c < "$tmp/pi.bin") || die "wc failed on $f"
   if [ "$(echo "$h" | cut -c1-24)" != "692fe50019b13e6300000001" ] || [ $((plen % 80)) -ne 0 ] \
      || [ "$((0x$(echo "$h" | cut -c25-40)))" -ne "$(wc -l < "$tmp/pi.rec")" ]; then
@@ -380,44 +436,53 @@ for f in "$repo"/index/*; do
     continue
   fi
   # "digest pack offset length" (cut and paste: busybox cut has no --output-delimiter)
-  { cut -c1-64 "$tmp/pi.rec" > "$tmp/c1" && cut -c65-128 "$tmp/pi.rec" > "$tmp/c2" \
-    && cut -c129-144 "$tmp/pi.rec" > "$tmp/c3" && cut -c145-152 "$tmp/pi.rec" > "$tmp/c4"; } \
-    || die "cut failed on $f (is ${TMPDIR:-/tmp} full?)"
-  paste -d ' ' "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" > "$tmp/where.unsorted" || die "paste failed on $f"
-  sort -k1,1 "$tmp/where.unsorted" > "$tmp/where" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
-  join "$tmp/blocks" "$tmp/where" >> "$tmp/found" || die "join failed on $f (is ${TMPDIR:-/tmp} full?)"
+  { cut -c1-64 "$tmp/pi.rec" > "$tmp/c1" 2>"$tmp/err" && cut -c65-128 "$tmp/pi.rec" > "$tmp/c2" 2>"$tmp/err" \
+    && cut -c129-144 "$tmp/pi.rec" > "$tmp/c3" 2>"$tmp/err" && cut -c145-152 "$tmp/pi.rec" > "$tmp/c4" 2>"$tmp/err"; } \
+    || tmp_die "cut failed on $f" "$tmp/err"
+  paste -d ' ' "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" > "$tmp/where.unsorted" 2>"$tmp/err" || tmp_die "paste failed on $f" "$tmp/err"
+  sort -k1,1 "$tmp/where.unsorted" > "$tmp/where" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
+  join "$tmp/blocks" "$tmp/where" >> "$tmp/found" 2>"$tmp/err" || tmp_die "join failed on $f" "$tmp/err"
 done
 rm -f "$tmp/pi.bin" "$tmp/pi.od" "$tmp/pi.hex" "$tmp/pi.rec" "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" \
   "$tmp/where.unsorted" "$tmp/where"
 
 # 3. Every block must be somewhere: "digest blockno pack offset length", one line per copy.
-cut -d' ' -f2 "$tmp/found" > "$tmp/found.n" && sort -u "$tmp/found.n" > "$tmp/found.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+{ cut -d' ' -f2 "$tmp/found" > "$tmp/found.n" 2>"$tmp/err" && sort -u "$tmp/found.n" > "$tmp/found.u" 2>"$tmp/err"; } \
+  || tmp_die "sort failed" "$tmp/err"
 wanted=$(wc -l < "$tmp/blocks")
 found=$(wc -l < "$tmp/found.u")
 [ "$found" -eq "$wanted" ] \
   || die "$((wanted - found)) block(s) of snapshot $snap are missing from the repository (no pack index names them): run 'pyvbak verify', or restore another snapshot"
 # The plan: one copy of every block, in pack order (sequential reads, and runs of frames
 # that are consecutive both in a pack and on the disk: a full backup stores them so).
-sort -u -k2,2 "$tmp/found" > "$tmp/primary" && rm -f "$tmp/blocks" "$tmp/found.n" \
-  && sort -k3,3 -k4,4 "$tmp/primary" > "$tmp/plan" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+{ sort -u -k2,2 "$tmp/found" > "$tmp/primary" 2>"$tmp/err" && rm -f "$tmp/blocks" "$tmp/found.n" \
+  && sort -k3,3 -k4,4 "$tmp/primary" > "$tmp/plan" 2>"$tmp/err"; } || tmp_die "sort failed" "$tmp/err"
 rm -f "$tmp/found.n" "$tmp/primary" "$tmp/blocks"
 
 # 4. Write every non-zero block at its place; zero blocks stay holes of the truncated file
 #    (on a block device they are written as zeros).
 if [ -n "$device" ]; then
   dst=$out
-  dev=${out##*/}
-  if [ -r "/sys/class/block/$dev/size" ]; then
-    read -r sectors < "/sys/class/block/$dev/size" || sectors=
-    [ -z "$sectors" ] || [ $((sectors * 512)) -ge "$size" ] \
+  # It must hold the whole disk, checked before anything is written: its size from sysfs
+  # (in 512-byte sectors), or else the snapshot's last byte read from it.  A device whose
+  # size cannot be told is refused, not written unchecked (a too-small one was overwritten
+  # up to its end before dd failed).
+  sectors=
+  [ -z "$sysdir" ] || [ ! -r "$sysdir/size" ] || read -r sectors < "$sysdir/size" || sectors=
+  case $sectors in *[!0-9]*) sectors= ;; esac
+  if [ -n "$sectors" ]; then
+    [ $((sectors * 512)) -ge "$size" ] \
       || die "$out holds $((sectors * 512)) bytes, the snapshot $size: choose a larger device"
+  elif [ "$size" -gt 0 ]; then
+    got=$(dd if="$out" bs=1 count=1 skip=$((size - 1)) iflag=skip_bytes status=none 2>/dev/null | wc -c | tr -d ' ') || got=
+    [ "$got" = 1 ] \
+      || die "cannot tell the size of $out (no /sys/class/block entry for it, and byte $((size - 1)) of it does not read): it may be smaller than the snapshot ($size bytes); give the device's /dev/NAME, or check that it can be read"
   fi
+  exec 8<"$dst" || die "cannot open $dst"  # (for the fsync at the end)
 else
   dst=$part
-  ( set -C; : > "$part" ) 2>/dev/null \
-    || die "cannot create $part: does its directory exist, is it writable (or did another restore just create it)?"
-  made_part=1
   truncate -s "$size" "$part" 2>"$tmp/err" || die "cannot make $part $size bytes long: $(tail -n 1 "$tmp/err")"
+  exec 8<"$part" || die "cannot open $part"  # (for the fsync at the end)
 fi
 writing=$device
 : > "$tmp/done"
@@ -435,28 +500,34 @@ block() {  # DIGEST BLOCKNO PACK OFFSET_HEX CLEN_HEX
   fi
   dd if="$tmp/block" of="$dst" bs="$bs" seek="$2" conv=notrunc status=none 2>"$tmp/err" \
     || die "cannot write block $2 to $dst: $(tail -n 1 "$tmp/err")"
-  echo "$2" >> "$tmp/done"
+  printf '%s\n' "$2" 2>/dev/null >> "$tmp/done" || tmp_die "cannot note block $2 as written in $tmp/done"
+}
+note_failed() {  # WHY: a copy that did not read back good, for the error if no other copy does
+  printf '%s\n' "$1" 2>/dev/null >> "$tmp/failed" || tmp_die "cannot note a bad copy in $tmp/failed"
 }
 check_frame() {  # as block: the frame decompressed to $tmp/block and checked, or 1
   pack="$repo/packs/${3%"${3#??}"}/$3"
   if [ ! -f "$pack" ]; then
-    echo "$2 is in pack $3, which is missing" >> "$tmp/failed"
+    note_failed "$2 is in pack $3, which is missing"
     return 1
   fi
   [ -r "$pack" ] || denied "$pack"
   if ! dd if="$pack" iflag=skip_bytes,count_bytes skip=$((0x$4)) count=$((0x$5)) bs=1M status=none \
-      > "$tmp/frame" 2>/dev/null; then
-    echo "$2 cannot be read from pack $3" >> "$tmp/failed"
+      > "$tmp/frame" 2>"$tmp/err"; then
+    # the pack read again, into nothing: if that works, it was $TMPDIR that failed
+    ! dd if="$pack" iflag=skip_bytes,count_bytes skip=$((0x$4)) count=$((0x$5)) bs=1M status=none \
+        of=/dev/null 2>/dev/null || tmp_die "cannot copy a frame of pack $3 into ${TMPDIR:-/tmp}" "$tmp/err"
+    note_failed "$2 cannot be read from pack $3"
     return 1
   fi
   # at most one byte more than a block: a frame that decompresses to gigabytes (a damaged
   # or hostile pack) must not fill $TMPDIR; whatever went wrong, the SHA-256 below says so
-  zstd -dcq < "$tmp/frame" 2>/dev/null | head -c "$((bs + 1))" > "$tmp/block" \
-    || die "head failed writing $tmp/block (is ${TMPDIR:-/tmp} full?)"
-  sha256sum < "$tmp/block" > "$tmp/sum" || die "sha256sum failed (is ${TMPDIR:-/tmp} full?)"
+  zstd -dcq < "$tmp/frame" 2>/dev/null | head -c "$((bs + 1))" > "$tmp/block" 2>"$tmp/err" \
+    || tmp_die "head failed writing $tmp/block" "$tmp/err"
+  sha256sum < "$tmp/block" > "$tmp/sum" 2>"$tmp/err" || tmp_die "sha256sum failed" "$tmp/err"
   read -r got rest < "$tmp/sum"
   if [ "$got" != "$1" ]; then
-    echo "$2 does not match its digest in pack $3 at offset $((0x$4))" >> "$tmp/failed"
+    note_failed "$2 does not match its digest in pack $3 at offset $((0x$4))"
     return 1
   fi
 }
@@ -478,8 +549,10 @@ flush_run() {
     if run_ok; then
       dd if="$tmp/run" of="$dst" bs="$bs" seek="$run_n" conv=notrunc status=none 2>"$tmp/err" \
         || die "cannot write blocks $run_n to $((run_n + run_k - 1)) to $dst: $(tail -n 1 "$tmp/err")"
-      cut -d' ' -f2 "$tmp/run.lines" >> "$tmp/done" || die "cut failed (is ${TMPDIR:-/tmp} full?)"
+      cut -d' ' -f2 "$tmp/run.lines" >> "$tmp/done" 2>"$tmp/err" || tmp_die "cut failed" "$tmp/err"
     else
+      # (what the run left in $TMPDIR goes first: a nearly full one has room for one block)
+      rm -f "$tmp/run" "$tmp/frames" "$tmp"/blk.*
       while read -r f_d f_n f_p f_o f_c; do block "$f_d" "$f_n" "$f_p" "$f_o" "$f_c"; done < "$tmp/run.lines"
     fi
     rm -f "$tmp/run" "$tmp/frames" "$tmp"/blk.*
@@ -494,13 +567,14 @@ run_ok() {  # the run decompressed to $tmp/run, every block of it matching its d
   dd if="$pack" iflag=skip_bytes,count_bytes skip="$run_off" count=$((run_end - run_off)) bs=1M status=none \
     > "$tmp/frames" 2>/dev/null || return 1
   # (capped like check_frame's: a frame that failed to decompress leaves less, caught below)
-  zstd -dcq < "$tmp/frames" 2>/dev/null | head -c "$((run_k * bs + 1))" > "$tmp/run" || return 1
+  zstd -dcq < "$tmp/frames" 2>/dev/null | head -c "$((run_k * bs + 1))" > "$tmp/run" 2>/dev/null || return 1
   [ -s "$tmp/run" ] || return 1
   split -b "$bs" "$tmp/run" "$tmp/blk." 2>/dev/null || return 1
   (cd "$tmp" && sha256sum blk.*) > "$tmp/sums" 2>/dev/null || return 1  # names without escapes
-  cut -c1-64 "$tmp/sums" > "$tmp/got" && paste -d ' ' "$tmp/got" "$tmp/run.want" > "$tmp/both" || return 1
+  cut -c1-64 "$tmp/sums" > "$tmp/got" 2>/dev/null && paste -d ' ' "$tmp/got" "$tmp/run.want" > "$tmp/both" 2>/dev/null \
+    || return 1
   [ "$(wc -l < "$tmp/both")" -eq "$run_k" ] || return 1
-  rc=0; grep -c -v '^\([0-9a-f]\{64\}\) \1$' "$tmp/both" > "$tmp/bad" || rc=$?
+  rc=0; grep -c -v '^\([0-9a-f]\{64\}\) \1$' "$tmp/both" > "$tmp/bad" 2>/dev/null || rc=$?
   [ "$rc" -eq 1 ]  # grep -v selected nothing: every line is "digest digest"
 }
 while read -r d n p o c; do
@@ -512,21 +586,22 @@ while read -r d n p o c; do
   fi
   run_end=$((off + 0x$c))
   run_k=$((run_k + 1))
-  echo "$d $n $p $o $c" >> "$tmp/run.lines"
-  echo "$d" >> "$tmp/run.want"
+  printf '%s\n' "$d $n $p $o $c" 2>/dev/null >> "$tmp/run.lines" && printf '%s\n' "$d" 2>/dev/null >> "$tmp/run.want" \
+    || tmp_die "cannot write $tmp/run.lines"
 done < "$tmp/plan"
 flush_run
 # Blocks whose copy did not read back good: every other copy of them.
-sort -u "$tmp/done" > "$tmp/done.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+sort -u "$tmp/done" > "$tmp/done.u" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
 if [ "$(wc -l < "$tmp/done.u")" -ne "$wanted" ]; then
-  join -v 1 "$tmp/found.u" "$tmp/done.u" > "$tmp/todo" && sort -k2,2 "$tmp/found" > "$tmp/found.byn" \
-    && join -1 2 -2 1 "$tmp/found.byn" "$tmp/todo" > "$tmp/retry" || die "join failed"
+  { join -v 1 "$tmp/found.u" "$tmp/done.u" > "$tmp/todo" 2>"$tmp/err" && sort -k2,2 "$tmp/found" > "$tmp/found.byn" 2>"$tmp/err" \
+    && join -1 2 -2 1 "$tmp/found.byn" "$tmp/todo" > "$tmp/retry" 2>"$tmp/err"; } || tmp_die "join failed" "$tmp/err"
   while read -r n d p o c; do block "$d" "$n" "$p" "$o" "$c"; done < "$tmp/retry"
-  sort -u "$tmp/done" > "$tmp/done.u" || die "sort failed (is ${TMPDIR:-/tmp} full?)"
+  sort -u "$tmp/done" > "$tmp/done.u" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
 fi
 written=$(wc -l < "$tmp/done.u")
 if [ "$written" -ne "$wanted" ]; then
-  sort -k1,1 "$tmp/failed" > "$tmp/failed.s" && join -v 1 "$tmp/failed.s" "$tmp/done.u" > "$tmp/lost" || die "join failed"
+  { sort -k1,1 "$tmp/failed" > "$tmp/failed.s" 2>"$tmp/err" && join -v 1 "$tmp/failed.s" "$tmp/done.u" > "$tmp/lost" 2>"$tmp/err"; } \
+    || tmp_die "join failed" "$tmp/err"
   first=$(head -n 1 "$tmp/lost") || die "head failed"
   die "block $first, and no other copy of it reads back good: the repository is damaged ($((wanted - written)) block(s) of snapshot $snap lost; run 'pyvbak verify', or restore another snapshot)"
 fi
@@ -546,8 +621,25 @@ if [ -n "$device" ]; then
   flush
 else
   [ "$(wc -c < "$part")" -eq "$size" ] || die "$part is not $size bytes after the restore"
+  if [ -n "$force" ] && [ -f "$out" ]; then
+    # the file it replaces keeps its owner, group and mode, as with pyvbak (a VM manager
+    # may not open it otherwise): GNU chown/chmod --reference, where there; a failure
+    # (busybox has no --reference, a non-root user cannot give a file away) is ignored
+    chown --reference="$out" -- "$part" >/dev/null 2>&1 || :
+    chmod --reference="$out" -- "$part" >/dev/null 2>&1 || :
+  fi
 fi
-sync  # the restored data is on disk before it gets its final name
+# The restored data on disk before it is called restored (a file: before its rename).  dd
+# writes into the page cache, and a write that fails later, at write-back (a thin volume
+# out of space, a failing disk: EIO, ENOSPC), is reported only by an fsync - not by a bare
+# sync.  fsync here through fd 8, opened before the first write: it reports every
+# write-back error since then, even one another program's fsync has already seen.  (dd
+# without of= fsyncs its standard output, also when it writes nothing.)
+if ! fsync_err=$(dd if=/dev/null count=0 conv=fsync status=none 2>&1 >&8); then
+  fsync_err=${fsync_err##*: }  # (GNU dd names the file 'standard output')
+  die "writing $dst failed when it was flushed to disk (a thin volume out of space, or a failing disk?): ${fsync_err:-fsync failed}"
+fi
+exec 8<&-
 if [ -z "$device" ]; then
   if [ -n "$force" ]; then
     mv -f "$part" "$out" || die "cannot rename $part to $out"

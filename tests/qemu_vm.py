@@ -32,7 +32,10 @@ class Qmp:
 
     def __init__(self, path: Path):
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(10)
+        # QEMU's main loop flushes synchronously (blockdev-del of a fleecing image): with the
+        # shared disk saturated by another job that took more than 10 s once (a full suite
+        # run beside a 2 GiB restore benchmark)
+        self.sock.settimeout(60)
         self.sock.connect(str(path))
         self.f = self.sock.makefile("rwb")
         json.loads(self.f.readline())

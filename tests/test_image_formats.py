@@ -11,7 +11,8 @@ import pytest
 
 from conftest import cli_json, require_tool
 from pyvbak.cli.main import main
-from pyvbak.hypervisors.image_formats import container_format, raw_container_warning
+from pyvbak.hypervisors.image_formats import (
+    SUFFIX_FORMATS, container_format, format_of_name, raw_container_warning, vmdk_descriptor_problem)
 
 MiB = 1 << 20
 
@@ -99,3 +100,28 @@ def test_bad_format_choices_are_one_line_errors(tmp_path, capsys, cli_work_dir, 
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], err
     assert not (repo / "snapshots").exists() or os.listdir(repo / "snapshots") == []
+
+
+def test_the_suffix_names_the_format():
+    assert format_of_name("/x/Disk.VHD") == format_of_name("d.vpc") == "vpc"
+    assert format_of_name("web01.data.qcow2") == "qcow2" and format_of_name("a.qcow") == "qcow"
+    assert format_of_name("guest-flat.vmdk") == "vmdk" and format_of_name("disk.img") is None
+    assert all(format_of_name(f"x{suffix}") == fmt for suffix, fmt in SUFFIX_FORMATS.items())
+
+
+def test_what_may_be_followed_as_a_vmdk_descriptor(tmp_path):
+    """A raw extent (NAME-flat.vmdk) whose guest wrote a descriptor text at its start must
+    not be read as vmdk: its extent lines may name any host file."""
+    text = b'# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\nRW 8 FLAT "/etc/shadow" 0\n'
+    p = tmp_path / "d.vmdk"
+    p.write_bytes(text)
+    assert vmdk_descriptor_problem(str(p)) is None  # a descriptor file
+    # QEMU's CID update rewrites it as a sector: NUL, then stale text of the old one
+    p.write_bytes((text[:-10] + b"\0" + text[-9:]).ljust(512, b"\0"))
+    assert vmdk_descriptor_problem(str(p)) is None
+    p.write_bytes(text.ljust(512 * 1024, b"\0"))  # a 512 KiB disk's extent
+    assert "binary data" in vmdk_descriptor_problem(str(p))
+    p.write_bytes(text.ljust(1 << 20, b" "))  # more than QEMU reads of a descriptor
+    assert "too large" in vmdk_descriptor_problem(str(p))
+    p.write_bytes(b"KDMV" + bytes(1 << 20))  # a sparse extent
+    assert vmdk_descriptor_problem(str(p)) is None

@@ -18,7 +18,8 @@ from .image_formats import FORMAT_CHOICES, QEMU_FORMATS, QEMU_IMAGE_SUFFIXES, ra
 
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbd+tcp://")
 # QEMU_IMAGE_SUFFIXES: image formats QEMU reads that are not raw, served read-only by
-# qemu-nbd (covers Hyper-V's vhdx/vhd, VMware's vmdk, VirtualBox's vdi, Xen/XCP-ng's vhd).
+# qemu-nbd (covers Hyper-V's vhdx/vhd, VMware's vmdk, VirtualBox's vdi, Xen/XCP-ng's vhd);
+# each names its format (image_formats.SUFFIX_FORMATS), which QEMU is told: never probed.
 
 
 def default_work_dir() -> str:
@@ -47,6 +48,9 @@ class SessionSource:
         self.session, self.nbd = session, nbd
         self.description = session.description
         self.size = nbd.size
+        # what the session found about the image (a dirty bitmap it could not rotate):
+        # run_backup reports them with its own warnings
+        self.source_warnings = list(getattr(session, "source_warnings", None) or ())
 
     def _check(self) -> None:
         if self.session.broken:
@@ -205,7 +209,8 @@ def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bo
     """Yields (source, session); call ``session.commit()`` after a successful backup
     (session is None for sources that own no hypervisor resources).  ``image_format``: an
     image file or device is read as that format (``raw``, or through qemu-nbd), or with
-    ``auto`` by its name (image_formats)."""
+    ``auto`` in the format its name's suffix names (image_formats.SUFFIX_FORMATS), raw
+    without one."""
     check_image_format(spec, image_format)
     path = spec[len("file://") :] if spec.startswith("file://") else spec
     if image_format in QEMU_FORMATS:

@@ -1,8 +1,8 @@
 """Which image format a file source is read as, and what its header says it holds.
 
 A path is read as a raw disk unless its name ends in a QEMU image suffix (``.qcow2``,
-``.vmdk``, ...) or ``backup --format`` names a format: probing a raw image's header to
-choose is unsafe (a guest that wrote a qcow2 onto its raw disk would have its disk backed
+``.vmdk``, ...: the suffix names the format, ``SUFFIX_FORMATS``, and QEMU is told it) or
+``backup --format`` names a format: probing a raw image's header to choose is unsafe (a guest that wrote a qcow2 onto its raw disk would have its disk backed
 up as the inner image - QEMU refuses to guess for the same reason).  But a file read as
 raw whose header is a container's is almost always a misnamed image (``vm.img`` holding
 a qcow2): its backup is the container's bytes - restorable as that file, but not the
@@ -25,11 +25,58 @@ import struct
 #: formats ``backup --format`` accepts besides ``auto`` and ``raw``: read through qemu-nbd
 QEMU_FORMATS = ("qcow2", "qcow", "qed", "vmdk", "vhdx", "vpc", "vdi")
 FORMAT_CHOICES = ("auto", "raw", *QEMU_FORMATS)
-#: names read through qemu-nbd by default (the format then comes from ``qemu-img info``)
-QEMU_IMAGE_SUFFIXES = (".qcow2", ".qcow", ".qed", ".vmdk", ".vhdx", ".vhd", ".vpc", ".vdi")
+#: names read through qemu-nbd by default, and the format each suffix names: QEMU is told it
+#: (``-f``), never left to probe the header - a raw VMware extent is named ``NAME-flat.vmdk``
+#: and its guest may have written any image header at its start (the session-15 audit: a
+#: guest-written qcow2 header named a host file as its backing file)
+SUFFIX_FORMATS = {".qcow2": "qcow2", ".qcow": "qcow", ".qed": "qed", ".vmdk": "vmdk", ".vhdx": "vhdx",
+                  ".vhd": "vpc", ".vpc": "vpc", ".vdi": "vdi"}
+QEMU_IMAGE_SUFFIXES = tuple(SUFFIX_FORMATS)
 
 _VDI_SIGNATURE = 0xBEDA107F
 _HEAD_BYTES = 512
+
+
+def format_of_name(path: str) -> str | None:
+    """The image format ``path``'s name suffix (any case) names, or None (read as raw)."""
+    lower = str(path).lower()
+    for suffix, fmt in SUFFIX_FORMATS.items():
+        if lower.endswith(suffix):
+            return fmt
+    return None
+
+
+#: QEMU reads at most this much of a VMDK text descriptor (block/vmdk.c vmdk_read_desc)
+_VMDK_DESCRIPTOR_MAX = (1 << 20) - 1
+#: a text descriptor with NUL bytes (QEMU's padding after it updated the CID) is no larger
+_VMDK_PADDED_MAX = 64 * 1024
+
+
+def vmdk_descriptor_problem(path: str) -> str | None:
+    """Why ``path``, read as vmdk, is not a VMDK descriptor file QEMU may follow, or None.
+
+    A vmdk that is not a sparse extent (``KDMV``/``COWD`` magic) is a text descriptor whose
+    extent lines name the files holding the disk - any file, absolute paths too.  A raw
+    extent (``NAME-flat.vmdk``) whose guest wrote such a text at its start would have QEMU
+    read host files as the disk.  A descriptor is a small text file (QEMU rewrites one as a
+    512-byte sector: NUL-padded, with old text after the NUL): a file too large for QEMU to
+    read whole, or larger than 64 KiB with a NUL byte, is a disk's data, not a descriptor.
+    (Left: a disk of at most 64 KiB whose guest wrote a descriptor - no VM has such a disk.)"""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if head in (b"KDMV", b"COWD"):
+                return None
+            f.seek(0, os.SEEK_END)
+            if f.tell() > _VMDK_DESCRIPTOR_MAX:
+                return "it is too large for a VMDK descriptor (a small text file) and is no sparse extent"
+            f.seek(0)
+            data = f.read()
+            if b"\0" in data and len(data) > _VMDK_PADDED_MAX:
+                return "it holds binary data, so it is neither a VMDK descriptor (text) nor a sparse extent"
+    except OSError:
+        return None  # (qemu-img says why it cannot read it)
+    return None
 
 
 def container_format(path: str) -> str | None:

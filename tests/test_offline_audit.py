@@ -1,0 +1,334 @@
+"""The session-15 offline-image audit (D2-D7): the suffix names the format (never a probed
+header), backing files are never probed, a bitmap that cannot be rotated does not fail a
+committed backup, a failed setup keeps what the next run needs, non-files are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_json, require_tool, run_cli, wait_until
+from images import untokened
+from pyvbak.cli.main import main
+from pyvbak.errors import SourceError
+from pyvbak.hypervisors.qemu import QemuOfflineImage
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def tools():
+    require_tool("qemu-img", "qemu-utils")
+    require_tool("qemu-nbd", "qemu-utils")
+    require_tool("qemu-io", "qemu-utils")
+
+
+@pytest.fixture
+def repo(tmp_path, cli_work_dir):
+    r = tmp_path / "repo"
+    assert main(["init", str(r)]) == 0
+    return r
+
+
+def qemu_img(*args):
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def qemu_io(img: Path, fmt: str, *cmds: str):
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run(args + [str(img)], check=True, capture_output=True)
+
+
+def bitmaps(img: Path) -> dict:
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", str(img)],
+                                     check=True, capture_output=True, text=True).stdout)
+    return untokened({b["name"]: b["flags"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])})
+
+
+def one_line_error(capsys, argv, code=4) -> str:
+    got, out, err = run_cli(capsys, *argv)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert got == code and len(lines) == 1, (got, err)
+    return lines[0]
+
+
+def restored(capsys, repo, snap_id, tmp_path) -> bytes:
+    out = tmp_path / f"restored-{snap_id}-{time.monotonic_ns()}.raw"
+    assert main(["restore", snap_id, str(out), "--repo", str(repo)]) == 0
+    capsys.readouterr()
+    return out.read_bytes()
+
+
+def as_raw(img: Path, fmt: str, tmp_path: Path) -> bytes:
+    out = tmp_path / "ref.raw"
+    qemu_img("convert", "-f", fmt, "-O", "raw", str(img), str(out))
+    return out.read_bytes()
+
+
+# ---- D2/D4: the suffix names the format -------------------------------------------------
+
+def test_a_guest_written_qcow2_header_in_a_flat_vmdk_extent_is_not_followed(tmp_path, capsys, repo):
+    """A raw VMware extent NAME-flat.vmdk whose guest wrote a qcow2 header naming a host file
+    as its backing file: probed, the backup held the host file and a dirty bitmap was written
+    into the guest's disk."""
+    secret = tmp_path / "host-secret.txt"
+    secret.write_bytes(b"HOST SECRET\n".ljust(MiB, b"\0"))
+    os.chmod(secret, 0o600)
+    desc = tmp_path / "guest.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(desc), "4M")
+    flat = tmp_path / "guest-flat.vmdk"
+    inner = tmp_path / "inner.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(inner), "1M")
+    qemu_io(desc, "vmdk", f"write -s {inner} 0 {inner.stat().st_size}")  # the guest writes it
+    before = flat.read_bytes()
+    line = one_line_error(capsys, ["backup", str(flat), "--repo", str(repo), "--vm", "g"])
+    assert str(flat) in line and "not a vmdk image" in line and "--format raw" in line, line
+    assert flat.read_bytes() == before  # no bitmap written into the guest's disk
+    assert not (repo / "snapshots").exists() or not os.listdir(repo / "snapshots")
+
+    # what it is, said by the user: the guest's raw disk, header and all
+    raw = cli_json(capsys, ["backup", str(flat), "--repo", str(repo), "--vm", "g", "--format", "raw"])
+    assert raw["size"] == 4 * MiB and restored(capsys, repo, raw["id"], tmp_path) == before
+    # and the descriptor that names the extent is the disk
+    disk = cli_json(capsys, ["backup", str(desc), "--repo", str(repo), "--vm", "g", "--disk", "d"])
+    assert disk["size"] == 4 * MiB and restored(capsys, repo, disk["id"], tmp_path) == before
+    assert b"HOST SECRET" not in restored(capsys, repo, disk["id"], tmp_path)
+
+
+@pytest.mark.parametrize("disk_size", ["512K", "4M"])  # (4M: more than QEMU reads of a descriptor)
+def test_a_guest_written_vmdk_descriptor_in_a_flat_extent_is_not_followed(tmp_path, capsys, repo, disk_size):
+    """Read as vmdk, a flat extent whose guest wrote a text descriptor at its start would have
+    QEMU open the extents it names: any host file."""
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"HOST SECRET\n".ljust(512 * 1024, b"\0"))
+    desc = tmp_path / "guest.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(desc), disk_size)
+    text = (f'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+            f'RW 1024 FLAT "{secret}" 0\nddb.virtualHWVersion = "4"\n').encode()
+    staged = tmp_path / "text"
+    staged.write_bytes(text)
+    qemu_io(desc, "vmdk", f"write -s {staged} 0 {len(text)}")
+    flat = tmp_path / "guest-flat.vmdk"
+    line = one_line_error(capsys, ["backup", str(flat), "--repo", str(repo), "--vm", "g"])
+    assert "not a vmdk image" in line and "--format raw" in line, line
+    line = one_line_error(capsys, ["backup", str(flat), "--repo", str(repo), "--vm", "g", "--format", "vmdk"])
+    assert "not a vmdk image" in line, line
+
+
+def test_vmdk_subformats_with_text_descriptors_still_back_up(tmp_path, capsys, repo):
+    for sub in ("monolithicFlat", "twoGbMaxExtentFlat", "twoGbMaxExtentSparse", "monolithicSparse"):
+        img = tmp_path / f"{sub}.vmdk"
+        qemu_img("create", "-f", "vmdk", "-o", f"subformat={sub}", str(img), "4M")
+        qemu_io(img, "vmdk", "write -P 0x3c 1M 64k")
+        res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "v", "--disk", sub])
+        assert res["size"] == 4 * MiB
+        assert restored(capsys, repo, res["id"], tmp_path) == as_raw(img, "vmdk", tmp_path), sub
+
+
+def test_a_fixed_vhd_is_read_as_vpc_by_its_suffix(tmp_path, capsys, repo):
+    """QEMU's vpc probe looks at offset 0 only: a fixed VHD (Azure's) was backed up as raw
+    bytes, its footer included."""
+    img = tmp_path / "disk.vhd"
+    qemu_img("create", "-f", "vpc", "-o", "subformat=fixed", str(img), "8M")
+    qemu_io(img, "vpc", "write -P 0x11 0 1M")
+    virtual = json.loads(subprocess.run(["qemu-img", "info", "-f", "vpc", "--output=json", str(img)],
+                                        check=True, capture_output=True, text=True).stdout)["virtual-size"]
+    assert virtual < img.stat().st_size
+    res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "v"])
+    assert res["size"] == virtual and "'vpc'" in res["fallback_reason"]
+    assert restored(capsys, repo, res["id"], tmp_path) == as_raw(img, "vpc", tmp_path)
+    # --format raw still overrides: the file's bytes
+    raw = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "v", "--disk", "file", "--format", "raw"])
+    assert raw["size"] == img.stat().st_size
+
+
+@pytest.mark.parametrize("case", ["empty", "bad magic", "qcow v1"])
+def test_a_qcow2_named_file_that_is_not_one_is_refused(tmp_path, capsys, repo, case):
+    """An empty or damaged .qcow2 was backed up as its raw bytes, exit 0."""
+    img = tmp_path / "vm.qcow2"
+    if case == "empty":
+        img.write_bytes(b"")
+    elif case == "bad magic":
+        qemu_img("create", "-f", "qcow2", str(img), "4M")
+        qemu_io(img, "qcow2", "write -P 1 0 64k")
+        with open(img, "r+b") as f:
+            f.write(b"XXXX")
+    else:
+        qemu_img("create", "-f", "qcow", str(img), "4M")
+    line = one_line_error(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "v"])
+    assert f"{img} is not a qcow2 image" in line and "--format" in line, line
+    assert not (repo / "snapshots").exists() or not os.listdir(repo / "snapshots")
+    if case == "qcow v1":  # what it is, named: read so
+        res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "v", "--format", "qcow"])
+        assert res["size"] == 4 * MiB
+
+
+def test_a_backing_file_without_a_recorded_format_is_refused(tmp_path, capsys, repo):
+    """QEMU probes a backing file whose format the image does not record (a qcow v1 image
+    records none): a guest's raw base disk would be read as whatever its guest wrote."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x22" * MiB)
+    top = tmp_path / "top.qcow"
+    qemu_img("create", "-f", "qcow", "-b", str(base), "-F", "raw", str(top), "1M")
+    line = one_line_error(capsys, ["backup", str(top), "--repo", str(repo), "--vm", "v"])
+    assert f"names its backing file {base} without its format" in line and "qemu-img rebase -u" in line, line
+    # recorded: read in that format
+    top2 = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top2), "1M")
+    res = cli_json(capsys, ["backup", str(top2), "--repo", str(repo), "--vm", "v", "--disk", "t"])
+    assert restored(capsys, repo, res["id"], tmp_path) == b"\x22" * MiB
+
+
+# ---- D6: not a file -----------------------------------------------------------------------
+
+def test_a_fifo_or_character_device_with_an_image_suffix_is_refused_at_once(tmp_path, capsys, repo):
+    fifo = tmp_path / "fifo.qcow2"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    line = one_line_error(capsys, ["backup", str(fifo), "--repo", str(repo), "--vm", "a"])
+    assert line.endswith(f"{fifo} is neither a regular file nor a block device") and time.monotonic() - start < 10
+    zero = tmp_path / "zero.qcow2"
+    zero.symlink_to("/dev/zero")
+    line = one_line_error(capsys, ["backup", str(zero), "--repo", str(repo), "--vm", "a"])
+    assert f"{zero} (-> /dev/zero) is neither a regular file nor a block device" in line, line
+    assert not (repo / "snapshots").exists() or not os.listdir(repo / "snapshots")
+
+
+# ---- D3/D7: a bitmap that cannot be rotated ----------------------------------------------
+
+def test_a_read_only_qcow2_backs_up_with_its_bitmap_left_recording(tmp_path, capsys, repo):
+    """The backup was made, then the teardown's 'bitmap --remove' failed: exit 4, no JSON."""
+    img = tmp_path / "r.qcow2"
+    qemu_img("create", "-f", "qcow2", str(img), "16M")
+    qemu_io(img, "qcow2", "write -P 0x11 0 4M")
+    first = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "r"])
+    qemu_io(img, "qcow2", "write -P 0x12 1M 64k")
+    if subprocess.run(["chattr", "+i", str(img)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here")
+    try:
+        assert not os.access(img, os.W_OK)
+        res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "r"])
+        assert res["cbt"] is True and res["changed_blocks"] == 1, res
+        assert any("cannot rotate the dirty bitmap" in w and "read-only" in w for w in res["warnings"]), res
+        assert list(bitmaps(img)) == ["pyvbak-gen-1"]  # untouched, recording
+        assert restored(capsys, repo, res["id"], tmp_path) == as_raw(img, "qcow2", tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(img)], check=True)
+    # writable again: the next one uses that bitmap (a superset) and rotates it
+    qemu_io(img, "qcow2", "write -P 0x13 8M 64k")
+    nxt = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "r"])
+    assert nxt["cbt"] is True and nxt["fallback_reason"] is None and nxt["changed_blocks"] == 1, nxt
+    assert list(bitmaps(img)) == ["pyvbak-gen-2"]
+    assert restored(capsys, repo, nxt["id"], tmp_path) == as_raw(img, "qcow2", tmp_path)
+    assert first["cbt"] is False
+
+
+def test_a_read_only_qcow2_without_a_bitmap_says_so_every_time(tmp_path, capsys, repo):
+    img = tmp_path / "r.qcow2"
+    qemu_img("create", "-f", "qcow2", str(img), "4M")
+    if subprocess.run(["chattr", "+i", str(img)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here")
+    try:
+        for _ in range(2):
+            res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "r"])
+            assert res["cbt"] is False and "read-only" in res["fallback_reason"], res
+    finally:
+        subprocess.run(["chattr", "-i", str(img)], check=True)
+    res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "r"])
+    assert res["fallback_reason"].startswith(f"the previous backup could not keep a dirty bitmap in {img}: "
+                                             "the image file is read-only"), res
+
+
+def test_a_qcow2_v2_says_why_it_never_gets_a_bitmap(tmp_path, capsys, repo):
+    img = tmp_path / "old.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "compat=0.10", str(img), "4M")
+    for _ in range(3):
+        res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "v"])
+        assert "qcow2 v2 (compat 0.10) images cannot store dirty bitmaps" in res["fallback_reason"], res
+        assert "compat=1.1" in res["fallback_reason"]
+
+
+def test_a_corrupt_flagged_qcow2_backs_up_and_says_so(tmp_path, capsys, repo):
+    img = tmp_path / "c.qcow2"
+    qemu_img("create", "-f", "qcow2", str(img), "4M")
+    qemu_io(img, "qcow2", "write -P 5 0 64k")
+    cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "v"])
+    with open(img, "r+b") as f:  # incompatible_features bit 1: corrupt
+        f.seek(72)
+        features = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", features | 2))
+    res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "v"])
+    assert res["cbt"] is False and "marked corrupt" in res["fallback_reason"] and "qemu-img check" in res["fallback_reason"]
+    assert list(bitmaps(img)) == ["pyvbak-gen-1"]
+
+
+def test_an_image_another_process_holds_open_read_only_backs_up(tmp_path, capsys, repo):
+    """A copy job, or a VM on an external snapshot's overlay, holds the image open
+    read-only: 'qemu-img bitmap --add' fails its write lock, and so did the teardown."""
+    img = tmp_path / "b.qcow2"
+    qemu_img("create", "-f", "qcow2", str(img), "8M")
+    qemu_io(img, "qcow2", "write -P 1 0 1M")
+    first = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "b"])
+    qemu_io(img, "qcow2", "write -P 2 2M 64k")
+    holder = subprocess.Popen(["qemu-io", "-r", "-f", "qcow2", "-c", "sleep 30000", str(img)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "b"])
+        assert res["cbt"] is True and res["changed_blocks"] == 1, res
+        assert any("cannot rotate" in w and "another process has the image open" in w for w in res["warnings"]), res
+    finally:
+        holder.kill()
+        holder.wait()
+    assert list(bitmaps(img)) == ["pyvbak-gen-1"]
+    assert restored(capsys, repo, res["id"], tmp_path) == as_raw(img, "qcow2", tmp_path)
+    nxt = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "b"])
+    assert nxt["cbt"] is True and list(bitmaps(img)) == ["pyvbak-gen-2"] and first["id"] != nxt["id"]
+
+
+# ---- D5: setup fails after the rotation ----------------------------------------------------
+
+def test_a_setup_failing_after_the_rotation_keeps_the_journal_and_says_why(tmp_path, monkeypatch):
+    """qemu-nbd cannot lock the image (a VM starting): the teardown could not put the bitmaps
+    back, said nothing, and removed the journal - the next run scanned it all, blaming a
+    bitmap that 'missed writes'."""
+    img, work = tmp_path / "v.qcow2", tmp_path / "work"
+    qemu_img("create", "-f", "qcow2", str(img), "8M")
+    with QemuOfflineImage(img, previous_state=None, work_dir=work) as s:
+        s.commit()
+    state = s.change_tracking_state
+    qemu_io(img, "qcow2", "write -P 2 0 64k")
+    real = subprocess.run(["sh", "-c", "command -v qemu-nbd"], capture_output=True, text=True).stdout.strip()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    flag = tmp_path / "holding"
+    (bindir / "qemu-nbd").write_text(
+        '#!/bin/sh\nfor last; do :; done\n'
+        f'(touch "{flag}"; exec qemu-io -f qcow2 -c "sleep 3000" "$last") >/dev/null 2>&1 &\n'
+        f'sleep 0.5\nexec "{real}" "$@"\n')
+    (bindir / "qemu-nbd").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    with pytest.raises(SourceError) as err:
+        with QemuOfflineImage(img, previous_state=state, work_dir=work):
+            pass
+    msg = str(err.value)
+    assert "in use (locked" in msg and "cleanup was incomplete" in msg and "--merge" in msg, msg
+    assert "is kept for it" in msg and "\n" not in msg
+    assert [p.suffix for p in work.iterdir()] == [".json"]  # the journal: which bitmap it disabled
+    monkeypatch.undo()
+    wait_until(lambda: flag.exists(), what="the holder")
+    time.sleep(3.5)  # the "VM" stops
+    with QemuOfflineImage(img, previous_state=state, work_dir=work) as s:
+        assert s.fallback_reason is None and s.dirty_bitmap == state["bitmap"], s.fallback_reason
+        assert any("merged back" in c for c in s.cleaned_leftovers), s.cleaned_leftovers
+        s.commit()
+    assert not list(work.iterdir())

@@ -32,9 +32,9 @@ class Qmp:
 
     def __init__(self, path: Path):
         self.sock = socket.socket(socket.AF_UNIX)
-        # QEMU's main loop flushes synchronously (blockdev-del of a fleecing image): with the
-        # shared disk saturated by another job that took more than 10 s once (a full suite
-        # run beside a 2 GiB restore benchmark)
+        # a reply took more than 10 s once, in a full suite run on this shared machine while
+        # other jobs loaded its disk (QEMU's main loop flushes synchronously, e.g. in
+        # blockdev-del of a fleecing image)
         self.sock.settimeout(60)
         self.sock.connect(str(path))
         self.f = self.sock.makefile("rwb")

@@ -127,13 +127,18 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
 
 def cbt_off(
     source: str = typer.Argument(..., metavar="SOURCE", help="qemu:///QMP.SOCK of a running VM (?device=ID or ?node=NODE to choose disks, as for backup), or a qcow2 image no VM runs."),
+    image_format: str = typer.Option("auto", "--format", metavar="FORMAT", help="auto: an image file named .qcow2; qcow2: any image file (never decided by its header alone: a guest's raw disk may hold one)."),
     json_out: bool = JsonOption,
 ) -> None:
     """Turn pyvbak's change tracking off: remove its dirty bitmaps from the disks (the next backup reads them whole)."""
     from ..hypervisors import default_work_dir
     from ..hypervisors.qemu.tracking import remove_change_tracking
 
-    removed = remove_change_tracking(source, work_dir=default_work_dir())
+    from ..errors import UsageError
+
+    if image_format not in ("auto", "qcow2"):
+        raise UsageError(f"--format {image_format!r} is not understood here: auto (a .qcow2 name) or qcow2")
+    removed = remove_change_tracking(source, work_dir=default_work_dir(), image_format=image_format)
     if json_out:
         emit_json({"source": source, "removed": removed})
         return

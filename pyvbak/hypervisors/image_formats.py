@@ -20,6 +20,7 @@ starts with it too.
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 #: formats ``backup --format`` accepts besides ``auto`` and ``raw``: read through qemu-nbd
@@ -76,6 +77,48 @@ def vmdk_descriptor_problem(path: str) -> str | None:
                 return "it holds binary data, so it is neither a VMDK descriptor (text) nor a sparse extent"
     except OSError:
         return None  # (qemu-img says why it cannot read it)
+    return None
+
+
+#: what VMware names the files holding a disk's data beside its descriptor NAME.vmdk:
+#: NAME-flat.vmdk, split NAME-f001.vmdk / NAME-s001.vmdk, ESXi snapshot NAME-000001-delta.vmdk
+_VMDK_EXTENT_NAME = re.compile(r"-(flat|f\d{3}|s\d{3}|delta|sesparse)\.vmdk$", re.IGNORECASE)
+_VMDK_EXTENT_LINE = re.compile(rb'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+"([^"]+)"', re.MULTILINE)
+#: siblings looked at for a descriptor naming the file (a datastore directory holds a few)
+_VMDK_SIBLINGS_MAX = 2000
+
+
+def vmdk_extent_problem(path: str) -> str | None:
+    """Why ``path`` is one of a VMware disk's extents rather than a disk to back up, or None.
+
+    An extent holds the guest's bytes (a raw one all of them, from its first sector), and a
+    guest can write there whatever header makes QEMU follow other files: a text descriptor
+    or a sparse ``KDMV`` header with an embedded descriptor or a parent, naming a host file
+    or another VM's disk (the session-15 audit and its review 4).  So an extent is never
+    read as a vmdk: one named as VMware names extents, or named by a descriptor beside it."""
+    name = os.path.basename(path)
+    if _VMDK_EXTENT_NAME.search(name):
+        return f"its name says it is an extent of a VMware disk (NAME{_VMDK_EXTENT_NAME.search(name).group(0)})"
+    real = os.path.realpath(path)
+    folder = os.path.dirname(real)
+    try:
+        siblings = [e for e in os.scandir(folder) if e.name.lower().endswith(".vmdk") and e.path != real]
+    except OSError:
+        return None
+    for entry in siblings[:_VMDK_SIBLINGS_MAX]:
+        try:
+            if not entry.is_file() or entry.stat().st_size > _VMDK_DESCRIPTOR_MAX:
+                continue
+            with open(entry.path, "rb") as f:
+                text = f.read(_VMDK_DESCRIPTOR_MAX)
+        except OSError:
+            continue
+        if text[:4] in (b"KDMV", b"COWD"):
+            continue
+        for m in _VMDK_EXTENT_LINE.finditer(text):
+            named = os.fsdecode(m.group(1))
+            if os.path.realpath(os.path.join(folder, named)) == real:
+                return f"the descriptor {entry.path} names it as one of its extents"
     return None
 
 

@@ -16,10 +16,11 @@ backup.  On exit after ``commit()`` the old generation is removed; otherwise it 
 re-enabled with the new one merged in and the new one removed.  Other formats have no
 bitmaps: ``fallback_reason`` says so and the engine scans.  A qcow2 whose bitmap cannot be
 rotated (a read-only file, a qcow2 v2 or ``corrupt`` image, one another process holds
-open) is left as it is: an enabled previous bitmap that can be trusted is used and kept
-(it goes on recording: the next backups read what it recorded since it was made, a
-superset of their changes) with a warning; else the backup scans, and ``fallback_reason``
-and the snapshot's state (``bitmap_problem``) name the cause for this and later backups.
+open) is left as it is: a previous bitmap that can be trusted is used by this backup (with
+a warning), but the snapshot records no bitmap - the next backup scans - since a name that
+vouched for two snapshots could be found again in an older copy of the image, with fewer
+writes in it; without one the backup scans.  ``fallback_reason`` and the snapshot's state
+(``bitmap_problem``) name the cause for this and later backups.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from pyvbak.errors import SourceError
 from pyvbak.processes import die_with_parent, identity, spawn_record
 
 from .session import ExportSession, backing_chain_changed, outside_data
-from ..image_formats import SUFFIX_FORMATS, container_format, format_of_name, vmdk_descriptor_problem
+from ..image_formats import (SUFFIX_FORMATS, container_format, format_of_name, vmdk_descriptor_problem,
+                             vmdk_extent_problem)
 from ..resources import TerminationGuard, remove_files
 from . import cleanup, naming
 from .naming import PREFIX, bitmap_name, check_socket_path, generation_of, new_run_id
@@ -132,7 +134,8 @@ def _check_backing_format(link: dict, image: Path) -> None:
         raise SourceError(f"{link.get('filename') or image} names its backing file {backing} without its format, "
                           f"and pyvbak never lets QEMU guess a format from a file's header: record it with "
                           f"'qemu-img rebase -u -b {backing} -F FORMAT {link.get('filename') or image}' "
-                          f"(a qcow image: convert it to qcow2)")
+                          f"(a qcow or qed image, which can record no format but raw for it: convert it to "
+                          f"qcow2 with 'qemu-img convert -O qcow2')")
 
 
 def _disabled_by(dead_files: list[Path], image: Path) -> set[tuple[str, str]]:
@@ -189,7 +192,6 @@ class QemuOfflineImage(ExportSession):
         self._new: str | None = None
         self._rotated = False  # gen-N+1 added and (if trusted) gen-N disabled
         self._retire: str | None = None  # the bitmap a committed, rotated run removes
-        self._kept: str | None = None  # not rotated: the trusted bitmap used and left recording
         self._bitmap_problem: str | None = None  # why no bitmap is left for the next backup
         self._no_prev_bitmap = False
         self._disabled_by_dead_runs: set[tuple[str, str]] = set()
@@ -287,14 +289,16 @@ class QemuOfflineImage(ExportSession):
                         pass  # the teardown tries again (and the next run drops it as stale)
         if problem is not None:
             if old is not None:
-                # Not rotated, and the previous bitmap is trusted: it is used and left
-                # enabled, so it goes on recording - for the next backup, what it recorded
-                # since it was made is a superset of what changed since this one.
-                self._kept, generation = old, generation_of(old)
+                # Not rotated, and the previous bitmap is trusted: this backup uses it, but
+                # its snapshot records no bitmap.  Recorded again, the same name vouched for
+                # two snapshots, and an image put back to a copy made between them (a
+                # restored file, a storage snapshot's rollback) still held that name, with
+                # fewer writes in it: the next backup trusted it and missed blocks (the
+                # session-15 review 4).  A rotation makes a new name no copy can hold.
+                self._bitmap_problem = problem
                 self.source_warnings.append(
-                    f"cannot rotate the dirty bitmap {old} in {self.path}: {problem}; it was used and keeps "
-                    f"recording, so later incremental backups read every write since it was made until it can "
-                    f"be rotated")
+                    f"cannot rotate the dirty bitmap {old} in {self.path}: {problem}; this backup used it, the "
+                    f"next one scans the whole disk")
             else:
                 self._bitmap_problem = problem
                 cause = f"no dirty bitmap can be kept in {self.path} for the next backup: {problem}"
@@ -331,7 +335,7 @@ class QemuOfflineImage(ExportSession):
             time.sleep(0.01)
         self.nbd_uri = f"nbd+unix:///{EXPORT_NAME}?socket={self.socket_path}"
         self.change_tracking_state = {
-            "kind": STATE_KIND, "bitmap": self._new if self._rotated else self._kept, "generation": generation,
+            "kind": STATE_KIND, "bitmap": self._new if self._rotated else None, "generation": generation,
             "image": str(self.path), "format": self.format, "size": self.size,
             "backing_chain": self.backing_chain,
         }
@@ -345,6 +349,10 @@ class QemuOfflineImage(ExportSession):
         fmt, path = self.image_format, self.path
         _check_file_type(path, self._given)
         if fmt == "vmdk":
+            extent = vmdk_extent_problem(str(path))
+            if extent:
+                raise SourceError(f"{path} is an extent of a VMware disk, not a disk of its own: {extent}; back up "
+                                  f"the descriptor .vmdk that names it, or this file with --format raw")
             problem = vmdk_descriptor_problem(str(path))
             if problem:
                 raise SourceError(f"{path} is not a vmdk image: {problem} (a raw extent such as NAME-flat.vmdk holds "

@@ -32,9 +32,10 @@ class ExportSession:
 
 def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
     """What the disk's content depends on besides the image file itself, which its dirty
-    bitmap cannot see: (identity of every backing file: name and stat; None if one cannot
-    be identified) and the reason the bitmap can never be trusted (an external data file),
-    or None.
+    bitmap cannot see: (identity of every backing file and of the files those keep data in
+    - a vmdk's extents, a qcow2's data file: name and stat; None if one cannot be
+    identified) and the reason the bitmap can never be trusted (an external data file of
+    the image, a backing file that is a device), or None.
 
     A qcow2 bitmap records the writes made to that qcow2 alone.  A write into a backing
     file, a sibling overlay committed into a shared base, a rebase onto another base, or a
@@ -46,30 +47,51 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
         return [], (f"the image keeps its data in the external data file {data_file}, which can be "
                     f"written without the dirty bitmap seeing it")
     identity = []
+    top_name = top.get("filename", "")
     for link in chain[1:]:
-        name = link.get("filename", "")
-        top_name = top.get("filename", "")
-        if name and not os.path.isabs(name) and os.path.isabs(top_name) and not name.startswith("json:"):
-            name = os.path.join(os.path.dirname(top_name), name)  # relative to the image naming it
-        try:
-            st = os.stat(name) if os.path.isabs(name) else None
-        except OSError:
-            st = None
-        if st is None:
-            return None, None
-        if not stat.S_ISREG(st.st_mode):
-            # A block device's node says nothing of its content: its size reads 0 and its
-            # mtime moves only for writes through that very node - not through another node
-            # of the device (libvirt gives each VM its own /dev), another host on shared
-            # storage, or the loop device's file (the session-15 offline audit: a silently
-            # wrong incremental).
-            return [], (f"the backing file {name} of the image is not a regular file (a device), which can be "
-                        f"written without the dirty bitmap or its file times showing it")
-        identity.append({"file": name, "format": link.get("format"), "dev": st.st_dev, "ino": st.st_ino,
-                         "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-        # (not ctime: a chmod, chown or SELinux relabel - libvirt's on every VM start - changes
-        # it and no data; a write changes mtime)
+        name = _absolute(link.get("filename", ""), top_name)  # relative to the image naming it
+        # ... and the files a backing image keeps its data in: a vmdk descriptor's extents,
+        # a qcow2's external data file - written, they change the disk as much as the backing
+        # file itself (the session-15 review 4: a write into a backing vmdk's flat extent
+        # made an incremental that restored wrong data)
+        data = (link.get("format-specific", {}) or {}).get("data", {}) or {}
+        others = [_absolute(e.get("filename", ""), name) for e in data.get("extents", []) or [] if isinstance(e, dict)]
+        if data.get("data-file"):
+            others.append(_absolute(data["data-file"], name))
+        for file in [name] + [f for f in others if f != name]:
+            reason = _identify(file, link.get("format"), identity)
+            if reason is not None:
+                return ([], reason) if reason else (None, None)
     return identity, None
+
+
+def _absolute(name: str, relative_to: str) -> str:
+    if name and not os.path.isabs(name) and os.path.isabs(relative_to) and not name.startswith("json:"):
+        return os.path.join(os.path.dirname(relative_to), name)
+    return name
+
+
+def _identify(name: str, fmt, identity: list[dict]) -> str | None:
+    """Append ``name``'s identity; None when done, "" when it cannot be identified (not a
+    local file), else the reason no bitmap can ever vouch for it."""
+    try:
+        st = os.stat(name) if os.path.isabs(name) else None
+    except OSError:
+        st = None
+    if st is None:
+        return ""
+    if not stat.S_ISREG(st.st_mode):
+        # A block device's node says nothing of its content: its size reads 0 and its mtime
+        # moves only for writes through that very node - not through another node of the
+        # device (libvirt gives each VM its own /dev), another host on shared storage, or the
+        # loop device's file (the session-15 offline audit: a silently wrong incremental).
+        return (f"the backing file {name} of the image is not a regular file (a device), which can be "
+                f"written without the dirty bitmap or its file times showing it")
+    identity.append({"file": name, "format": fmt, "dev": st.st_dev, "ino": st.st_ino,
+                     "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    # (not ctime: a chmod, chown or SELinux relabel - libvirt's on every VM start - changes it
+    # and no data; a write changes mtime)
+    return None
 
 
 def backing_chain_changed(prev: dict, chain: list[dict] | None, image: str) -> str | None:

@@ -23,17 +23,23 @@ from .qmp import QmpClient, QmpError
 from .vm_disks import parse_qemu_uri_disks, resolve
 
 
-def remove_change_tracking(spec: str, *, work_dir: str, qmp_timeout: float = 30.0) -> list[str]:
+def remove_change_tracking(spec: str, *, work_dir: str, qmp_timeout: float = 30.0,
+                           image_format: str = "auto") -> list[str]:
     """Remove every ``pyvbak-gen-N`` bitmap (N a number) of the disks ``spec`` names (a ``qemu://``
-    URI as for backups, or a qcow2 image file); one line per bitmap removed."""
+    URI as for backups, or a qcow2 image file); one line per bitmap removed.  An image file
+    is a qcow2 by its name (``.qcow2``) or ``image_format="qcow2"``, never by its header
+    alone: a guest's raw disk may hold a qcow2 its guest wrote, bitmaps included, and
+    removing them wrote into the guest's disk (the session-15 review 4)."""
     if spec.startswith("qemu://"):
         return _from_running_vm(spec, Path(work_dir), qmp_timeout)
     from ..image_formats import container_format
 
-    # by its name, or by its header: a qcow2 named like a raw image (backed up with
-    # --format qcow2) holds bitmaps too; only pyvbak-gen-N bitmaps are ever removed
-    if spec.lower().endswith(".qcow2") or container_format(spec) == "qcow2":
+    if image_format == "qcow2" or (image_format == "auto" and spec.lower().endswith(".qcow2")):
         return _from_image(Path(spec))
+    if image_format == "auto" and container_format(spec) == "qcow2":
+        raise UsageError(f"{spec} begins like a qcow2 image but is not named .qcow2: pyvbak does not go by a "
+                         f"header alone (a guest's raw disk may hold one); if it is the VM's qcow2 image, pass "
+                         f"--format qcow2")
     raise UsageError(f"{spec} has no change tracking of pyvbak's: only a running QEMU VM (qemu:///QMP.SOCK) "
                      "or a qcow2 image holds its dirty bitmaps")
 
@@ -67,10 +73,13 @@ def _from_image(path: Path) -> list[str]:
 
     if not path.exists():
         raise UsageError(f"image {path} does not exist")
-    info = image_info(path, running_vm_hint="turn change tracking off through the VM's QMP socket: "
-                      "pyvbak cbt-off 'qemu:///PATH/TO/QMP.SOCK?node=NODE'")
-    if info.get("format") != "qcow2":
-        raise UsageError(f"{path} is a {info.get('format')} image, not qcow2: it holds no dirty bitmaps")
+    try:
+        info = image_info(path, running_vm_hint="turn change tracking off through the VM's QMP socket: "
+                          "pyvbak cbt-off 'qemu:///PATH/TO/QMP.SOCK?node=NODE'", image_format="qcow2")
+    except SourceError as e:
+        if "not in qcow2 format" in str(e) or "Image is not in qcow2 format" in str(e):
+            raise UsageError(f"{path} is not a qcow2 image: it holds no dirty bitmaps") from None
+        raise
     names = sorted(b["name"] for b in (info.get("format-specific", {}).get("data", {}).get("bitmaps") or [])
                    if generation_of(b.get("name", "")) is not None)
     if names and not os.access(path, os.W_OK):

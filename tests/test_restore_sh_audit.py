@@ -632,7 +632,7 @@ def test_a_too_small_device_named_through_a_link_is_refused(setup, tmp_path):
     """The size check read /sys/class/block/<the name as given>/size: a link such as
     /dev/disk/by-id/..., /dev/mapper/... or /dev/VG/LV has none, the check was skipped and
     the device overwritten up to its end.  A device node whose name sysfs does not know
-    (made with mknod elsewhere) is measured by reading the snapshot's last byte from it."""
+    (made with mknod elsewhere) is found in sysfs by its number."""
     repo, snaps, _ = setup
     script = os.path.join(repo.location, "restore.sh")
     sid, copy = snaps[0]  # 3 MiB + 4321 bytes
@@ -645,7 +645,8 @@ def test_a_too_small_device_named_through_a_link_is_refused(setup, tmp_path):
         st = os.stat(dev)
         node = tmp_path / "node"
         os.mknod(node, 0o600 | stat.S_IFBLK, st.st_rdev)
-        one_error(run_sh(script, "--force", sid, node, cwd=tmp_path), "cannot tell the size of", "smaller")
+        # (told by its number: /sys/dev/block/MAJ:MIN, whatever the node is called)
+        one_error(run_sh(script, "--force", sid, node, cwd=tmp_path), "choose a larger device")
         assert small.read_bytes() == b"\xee" * (3 * MiB)
     big = tmp_path / "big.bin"
     big.write_bytes(b"\xee" * (4 * MiB))
@@ -762,3 +763,85 @@ def test_force_after_the_snapshot_is_a_usage_error(setup, tmp_path):
     one_error(run_sh(script, sid, "--force", cwd=tmp_path), "--force goes before SNAPSHOT", "usage:")
     one_error(run_sh(script, "--force", sid, cwd=tmp_path), "usage:")
     assert os.listdir(tmp_path) == []
+
+
+def _truncating_tool(tmp_path, tool):
+    """A directory for the front of PATH with ``tool`` in it: a call whose arguments match
+    the glob $TRUNC_MATCH writes all but the last 20 bytes of its output and exits 0, as
+    busybox's grep, cut, nl, paste and sort applets do when $TMPDIR fills up."""
+    real = shutil.which(tool, path=BARE_PATH)
+    d = tmp_path / "trunc-bin"
+    d.mkdir(exist_ok=True)
+    w = d / tool
+    w.write_text(f'#!/bin/sh\ncase " $* " in $TRUNC_MATCH) "{real}" "$@" | head -c -20; exit 0 ;; esac\n'
+                 f'exec "{real}" "$@"\n')
+    w.chmod(0o755)
+    return str(d)
+
+
+@pytest.mark.parametrize("shell", [s for s in shells() if "busybox" not in s[0]], ids=lambda s: os.path.basename(s[0]))
+@pytest.mark.parametrize("tool,match", [
+    pytest.param("nl", "*/digests *", id="nl-numbered"),          # step 1: the numbered records
+    pytest.param("grep", "*-v *numbered *", id="grep-nonzero"),   # step 1: the non-zero blocks
+    pytest.param("sort", "*-k1,1 */unsorted *", id="sort-blocks"),  # step 1: the sorted block list
+    pytest.param("cut", "*-c129-144 *", id="cut-c3"),             # step 2: a pack index's offsets
+    pytest.param("paste", "*/c4 *", id="paste-where"),            # step 2: a pack index's records
+])
+def test_a_list_cut_short_in_tmpdir_is_one_line_naming_it(setup, tmp_path, shell, tool, match):
+    """Under `busybox sh` the text tools are busybox's applets, which exit 0 after a write
+    that failed (ENOSPC: a TMPDIR full for a moment): step 1's block list was cut short and
+    the number of blocks to restore counted from it - exit 0 and holes where data should
+    be.  Every list is now counted against the index's record count (a wrapper here cuts
+    one list short and exits 0, as those applets do)."""
+    repo, snaps, _ = setup
+    sid, copy = snaps[0]
+    out = tmp_path / "out.img"
+    wrap = _truncating_tool(tmp_path, tool)
+    p = run_sh(os.path.join(repo.location, "restore.sh"), sid, out, cwd=tmp_path, shell=shell,
+               env={"PATH": wrap + ":" + BARE_PATH, "TRUNC_MATCH": match})
+    one_error(p, "cut short", "full?", "set TMPDIR")
+    assert not out.exists() and no_partial(tmp_path)
+    # the same without the wrapper cutting anything: restored
+    p = run_sh(os.path.join(repo.location, "restore.sh"), sid, out, cwd=tmp_path, shell=shell,
+               env={"PATH": wrap + ":" + BARE_PATH, "TRUNC_MATCH": "no-such-call"})
+    assert p.returncode == 0, p.stderr
+    assert same_file(out, copy)
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
+def test_a_device_mounted_under_another_name_is_refused(setup, tmp_path, shell):
+    """The mount check compared names: a mounted loop device given as OUTPUT through a node
+    made with mknod outside /dev, or mounted through such a node (as the kernel's /dev/root
+    shows in /proc/mounts) and given as /dev/loopN, was overwritten under its file system.
+    It is now told by its number (/proc/self/mountinfo's MAJ:MIN)."""
+    if not shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"):
+        pytest.skip("needs mkfs.ext4")
+    repo, snaps, _ = setup
+    script = os.path.join(repo.location, "restore.sh")
+    sid, _ = snaps[0]
+    backing = tmp_path / "fs.bin"
+    with open(backing, "wb") as f:
+        f.truncate(8 * MiB)
+    subprocess.run([shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"), "-q", "-F", str(backing)],
+                   check=True, capture_output=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_device(backing) as dev:
+        node = tmp_path / "node"
+        os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(dev).st_rdev)
+        for mounted, output in ((dev, node), (node, dev)):
+            p = subprocess.run(["mount", str(mounted), str(mnt)], capture_output=True, text=True)
+            if p.returncode != 0:
+                pytest.skip(f"cannot mount a loop device: {p.stderr.strip()}")
+            try:
+                (mnt / "f").write_text("hello")
+                one_error(run_sh(script, "--force", sid, output, cwd=tmp_path, shell=shell),
+                          "is mounted", str(mnt), "unmount it")
+            finally:
+                subprocess.run(["umount", str(mnt)], capture_output=True)
+        p = subprocess.run(["mount", dev, str(mnt)], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        try:
+            assert (mnt / "f").read_text() == "hello"
+        finally:
+            subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 6  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 7  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -98,16 +98,30 @@ sysdir=
 if [ -b "$out" ]; then
   [ -n "$force" ] || die "$out is a block device: pass --force to overwrite it with the snapshot"
   device=1
-  # Its sysfs directory (Linux), for its size, holders and partitions: named after the
-  # device itself, so a link (/dev/disk/by-id/..., /dev/mapper/..., /dev/VG/LV) is resolved
-  # first - the link's own name has no entry, and every check was silently skipped.  Only
-  # a node directly in /dev is named as the kernel names it (one made elsewhere with mknod
-  # may carry another device's name): without one, step 4 measures the size by reading.
+  # The device is told by its number, not its name: a mounted device named by another node
+  # (a link such as /dev/disk/by-id/..., a node made with mknod outside /dev, the kernel's
+  # /dev/root in /proc/mounts) was overwritten while mounted.  stat -L gives its major and
+  # minor (hex; GNU and busybox stat), /sys/dev/block/MAJ:MIN its sysfs directory (size,
+  # holders, partitions) whatever the node is called.
   rdev=$(readlink -f -- "$out") || rdev=$out
-  case $rdev in
-    /dev/*/*) ;;
-    /dev/?*) [ ! -d "/sys/class/block/${rdev#/dev/}" ] || sysdir=/sys/class/block/${rdev#/dev/} ;;
+  devnum=
+  mm=$(stat -L -c '%t %T' "$out" 2>/dev/null) || mm=
+  mj=${mm%% *}; mn=${mm#* }
+  case $mm/$mj/$mn in
+    *' '*/*/* ) case $mj/$mn in ?*/?*) case $mj$mn in *[!0-9a-f]*) ;; *) devnum=$((0x$mj)):$((0x$mn)) ;; esac ;; esac ;;
   esac
+  if [ -n "$devnum" ] && [ -d "/sys/dev/block/$devnum" ]; then
+    sysdir=$(cd -P "/sys/dev/block/$devnum" 2>/dev/null && pwd) || sysdir=
+  fi
+  if [ -z "$sysdir" ]; then
+    # no stat -c or no /sys/dev/block: by name, only for a node directly in /dev (one made
+    # elsewhere with mknod may carry another device's name): without one, step 4 measures
+    # the size by reading
+    case $rdev in
+      /dev/*/*) ;;
+      /dev/?*) [ ! -d "/sys/class/block/${rdev#/dev/}" ] || sysdir=/sys/class/block/${rdev#/dev/} ;;
+    esac
+  fi
   # Not while device mapper, md RAID, LVM or bcache is built on it or on one of its
   # partitions (pyvbak's O_EXCL open refuses those; sh cannot open O_EXCL, but sysfs
   # lists them as holders)
@@ -120,12 +134,37 @@ if [ -b "$out" ]; then
       die "$what is held by ${h##*/}: device mapper, LVM, RAID or bcache is built on it; release it first (dmsetup remove, vgchange -an, mdadm --stop...)"
     done
   fi
-  # Not while it or one of its partitions is mounted (Linux): the device's own name (a
-  # link such as /dev/disk/by-id/... resolved) and its partitions' from sysfs - exact
-  # names: /dev/loop70 mounted says nothing about /dev/loop7
+  # Not while it or one of its partitions is mounted (Linux).  By number: field 3 (MAJ:MIN)
+  # of /proc/self/mountinfo against the device's and its partitions' (their sysfs dev
+  # files).  And by name, in /proc/mounts (where there is no mountinfo or no number, and for
+  # file systems such as btrfs whose mountinfo shows a number of their own): the device's
+  # name (a link resolved) and its partitions' - exact names: /dev/loop70 mounted says
+  # nothing about /dev/loop7
+  if [ -n "$devnum" ] && [ -r /proc/self/mountinfo ]; then
+    nums=" $devnum "
+    if [ -n "$sysdir" ]; then
+      for p in "$sysdir"/*/partition; do
+        [ -f "$p" ] || continue
+        p=${p%/partition}
+        pn=
+        [ ! -r "$p/dev" ] || read -r pn < "$p/dev" || pn=
+        [ -z "$pn" ] || nums="$nums$pn "
+      done
+    fi
+    while read -r m_id m_parent m_num m_root m_point m_rest; do
+      case $nums in
+        *" $m_num "*)
+          what=$out
+          [ "$m_num" = "$devnum" ] || what="$out (its partition, device $m_num)"
+          die "$what is mounted (on $m_point): unmount it before restoring onto $out" ;;
+      esac
+    done < /proc/self/mountinfo
+  fi
   if [ -r /proc/mounts ]; then
     names=" $out $rdev "
-    for p in /sys/class/block/"${rdev##*/}"/*/partition; do
+    pdir=$sysdir
+    [ -n "$pdir" ] || pdir=/sys/class/block/${rdev##*/}
+    for p in "$pdir"/*/partition; do
       [ -f "$p" ] || continue
       p=${p%/partition}
       names="$names/dev/${p##*/} "
@@ -384,24 +423,46 @@ tail -n +2 "$tmp/index.hex" > "$tmp/records" 2>"$tmp/err" || tmp_die "tail faile
 rm -f "$tmp/index.hex"  # (files go as soon as they are read: $TMPDIR holds less)
 [ "$(wc -l < "$tmp/records")" -eq "$count" ] || die "$index is damaged: it does not hold its $count block records"
 zero=0000000000000000000000000000000000000000000000000000000000000000
+# Busybox's grep, cut, nl, paste and sort (the applets `busybox sh` runs before PATH) exit 0
+# after a write that failed (ENOSPC: a TMPDIR full for a moment): a list cut short was taken
+# for the whole disk, and its missing blocks left as holes.  So every list is counted
+# against what it must hold.
+lines_are() {  # FILE N: FILE holds N lines, or it was cut short in $TMPDIR
+  [ "$(wc -l < "$1")" -eq "$2" ] \
+    || tmp_die "a list of blocks was cut short writing it into ${TMPDIR:-/tmp} (${1##*/}: $(wc -l < "$1") lines, not $2)"
+}
 # "digest blockno" for every non-zero block, sorted by digest.
 cut -c1-64 "$tmp/records" > "$tmp/digests" 2>"$tmp/err" || tmp_die "cut failed on $index" "$tmp/err"
+lines_are "$tmp/digests" "$count"
 rm -f "$tmp/records"
 nl -ba -v0 -w1 -s' ' "$tmp/digests" > "$tmp/numbered" 2>"$tmp/err" || tmp_die "nl failed on $index" "$tmp/err"
+lines_are "$tmp/numbered" "$count"
 rm -f "$tmp/digests"
 rc=0; grep -v " $zero\$" "$tmp/numbered" > "$tmp/nonzero" 2>"$tmp/err" || rc=$?
 [ "$rc" -le 1 ] || tmp_die "grep failed on $index" "$tmp/err"
+# the zero blocks counted into a variable (no file to cut short): with the non-zero ones,
+# every record of the index
+rc=0; zeros=$(grep -c " $zero\$" "$tmp/numbered" 2>"$tmp/err") || rc=$?
+[ "$rc" -le 1 ] || tmp_die "grep failed on $index" "$tmp/err"
+case $zeros in '' | *[!0-9]*) tmp_die "grep failed on $index" "$tmp/err" ;; esac
+nonzero=$(wc -l < "$tmp/nonzero")
+[ $((nonzero + zeros)) -eq "$count" ] \
+  || tmp_die "a list of blocks was cut short writing it into ${TMPDIR:-/tmp} (nonzero: $nonzero lines and $zeros zero blocks, not $count)"
 # (2> on each command, never on a { group }: a signal's trap run between the group's
 # commands wrote its message there - into a file removed on exit, or /dev/null)
 { cut -d' ' -f1 "$tmp/nonzero" > "$tmp/nz.n" 2>"$tmp/err" && cut -d' ' -f2 "$tmp/nonzero" > "$tmp/nz.d" 2>"$tmp/err" \
   && rm -f "$tmp/nonzero" && paste -d ' ' "$tmp/nz.d" "$tmp/nz.n" > "$tmp/unsorted" 2>"$tmp/err"; } \
   || tmp_die "cannot list the blocks of $index" "$tmp/err"
+lines_are "$tmp/nz.n" "$nonzero"; lines_are "$tmp/nz.d" "$nonzero"; lines_are "$tmp/unsorted" "$nonzero"
 rm -f "$tmp/nz.d" "$tmp/nz.n"
 sort -k1,1 "$tmp/unsorted" > "$tmp/blocks" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
+lines_are "$tmp/blocks" "$nonzero"
 if [ -n "$device" ]; then
   rc=0; grep " $zero\$" "$tmp/numbered" > "$tmp/zeros" 2>"$tmp/err" || rc=$?
   [ "$rc" -le 1 ] || tmp_die "grep failed on $index" "$tmp/err"
+  lines_are "$tmp/zeros" "$zeros"
   cut -d' ' -f1 "$tmp/zeros" > "$tmp/zero.n" 2>"$tmp/err" || tmp_die "cut failed on $index" "$tmp/err"
+  lines_are "$tmp/zero.n" "$zeros"
 fi
 rm -f "$tmp/records" "$tmp/digests" "$tmp/numbered" "$tmp/unsorted" "$tmp/nonzero" "$tmp/nz.n" "$tmp/nz.d" "$tmp/zeros"
 
@@ -439,8 +500,12 @@ for f in "$repo"/index/*; do
   { cut -c1-64 "$tmp/pi.rec" > "$tmp/c1" 2>"$tmp/err" && cut -c65-128 "$tmp/pi.rec" > "$tmp/c2" 2>"$tmp/err" \
     && cut -c129-144 "$tmp/pi.rec" > "$tmp/c3" 2>"$tmp/err" && cut -c145-152 "$tmp/pi.rec" > "$tmp/c4" 2>"$tmp/err"; } \
     || tmp_die "cut failed on $f" "$tmp/err"
+  nrec=$(wc -l < "$tmp/pi.rec")
+  for c in c1 c2 c3 c4; do lines_are "$tmp/$c" "$nrec"; done
   paste -d ' ' "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" > "$tmp/where.unsorted" 2>"$tmp/err" || tmp_die "paste failed on $f" "$tmp/err"
+  lines_are "$tmp/where.unsorted" "$nrec"
   sort -k1,1 "$tmp/where.unsorted" > "$tmp/where" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
+  lines_are "$tmp/where" "$nrec"
   join "$tmp/blocks" "$tmp/where" >> "$tmp/found" 2>"$tmp/err" || tmp_die "join failed on $f" "$tmp/err"
 done
 rm -f "$tmp/pi.bin" "$tmp/pi.od" "$tmp/pi.hex" "$tmp/pi.rec" "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" \
@@ -449,14 +514,17 @@ rm -f "$tmp/pi.bin" "$tmp/pi.od" "$tmp/pi.hex" "$tmp/pi.rec" "$tmp/c1" "$tmp/c2"
 # 3. Every block must be somewhere: "digest blockno pack offset length", one line per copy.
 { cut -d' ' -f2 "$tmp/found" > "$tmp/found.n" 2>"$tmp/err" && sort -u "$tmp/found.n" > "$tmp/found.u" 2>"$tmp/err"; } \
   || tmp_die "sort failed" "$tmp/err"
-wanted=$(wc -l < "$tmp/blocks")
+lines_are "$tmp/found.n" "$(wc -l < "$tmp/found")"
+wanted=$nonzero
 found=$(wc -l < "$tmp/found.u")
 [ "$found" -eq "$wanted" ] \
   || die "$((wanted - found)) block(s) of snapshot $snap are missing from the repository (no pack index names them): run 'pyvbak verify', or restore another snapshot"
 # The plan: one copy of every block, in pack order (sequential reads, and runs of frames
 # that are consecutive both in a pack and on the disk: a full backup stores them so).
 { sort -u -k2,2 "$tmp/found" > "$tmp/primary" 2>"$tmp/err" && rm -f "$tmp/blocks" "$tmp/found.n" \
+  && lines_are "$tmp/primary" "$wanted" \
   && sort -k3,3 -k4,4 "$tmp/primary" > "$tmp/plan" 2>"$tmp/err"; } || tmp_die "sort failed" "$tmp/err"
+lines_are "$tmp/plan" "$wanted"
 rm -f "$tmp/found.n" "$tmp/primary" "$tmp/blocks"
 
 # 4. Write every non-zero block at its place; zero blocks stay holes of the truncated file

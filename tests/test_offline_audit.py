@@ -15,6 +15,7 @@ import pytest
 
 from conftest import cli_json, require_tool, run_cli, wait_until
 from images import untokened
+from test_qemu_offline import qemu_io
 from pyvbak.cli.main import main
 from pyvbak.errors import SourceError
 from pyvbak.hypervisors.qemu import QemuOfflineImage
@@ -38,13 +39,6 @@ def repo(tmp_path, cli_work_dir):
 
 def qemu_img(*args):
     subprocess.run(["qemu-img", *args], check=True, capture_output=True)
-
-
-def qemu_io(img: Path, fmt: str, *cmds: str):
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run(args + [str(img)], check=True, capture_output=True)
 
 
 def bitmaps(img: Path) -> dict:

@@ -16,6 +16,7 @@ import pytest
 from conftest import wait_until
 from images import untokened
 from qemu_vm import MiB, FakeVM
+import test_qemu_hot
 from test_qemu_hot import CHILD, assert_clean, backup
 from pyvbak.hypervisors.qemu import QemuHotBackup, hot, watchdog
 from pyvbak.sources.nbd import NbdSource
@@ -23,19 +24,7 @@ from pyvbak.sources.nbd import NbdSource
 ROOT = Path(__file__).resolve().parent.parent
 K64 = 64 * 1024
 
-
-@pytest.fixture
-def vm(tmp_path):
-    v = FakeVM(tmp_path).start()
-    try:
-        yield v
-    finally:
-        v.stop()
-
-
-@pytest.fixture
-def work(tmp_path):
-    return tmp_path / "work"
+vm, work = test_qemu_hot.vm, test_qemu_hot.work  # the same stand-in VM and work dir fixtures
 
 
 @pytest.fixture(autouse=True)

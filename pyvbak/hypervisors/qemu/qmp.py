@@ -52,13 +52,8 @@ _connected: "weakref.WeakSet[QmpClient]" = weakref.WeakSet()
 
 def _close_in_child() -> None:
     for client in list(_connected):
-        sock, client._sock = client._sock, None
         client._broken = "the connection belongs to the process this one was forked from"
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        client.close()
 
 
 os.register_at_fork(after_in_child=_close_in_child)

@@ -423,3 +423,13 @@ def test_an_extent_a_descriptor_names_is_never_read_as_a_vmdk(tmp_path, capsys, 
     assert extent.read_bytes() == before
     res = cli_json(capsys, ["backup", str(disk), "--repo", str(repo), "--vm", "g"])  # the disk itself: fine
     assert restored(capsys, repo, res["id"], tmp_path) == as_raw(disk, "vmdk", tmp_path)
+
+
+def test_a_qcow2_named_vmdk_gets_the_format_advice(tmp_path, capsys, repo):
+    """Not the raw-extent advice (review 4's R6): its header says what it may be."""
+    img = tmp_path / "q.vmdk"
+    qemu_img("create", "-f", "qcow2", str(img), "4M")
+    line = one_line_error(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "q"])
+    assert "its header is a qcow2 image's" in line and "--format qcow2" in line and "descriptor" not in line, line
+    res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "q", "--format", "qcow2"])
+    assert res["size"] == 4 * MiB

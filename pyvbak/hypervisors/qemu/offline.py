@@ -354,6 +354,11 @@ class QemuOfflineImage(ExportSession):
                 raise SourceError(f"{path} is an extent of a VMware disk, not a disk of its own: {extent}; back up "
                                   f"the descriptor .vmdk that names it, or this file with --format raw")
             problem = vmdk_descriptor_problem(str(path))
+            header = container_format(str(path)) if problem else None
+            if header not in (None, "vmdk"):
+                raise SourceError(f"{path} is not a vmdk image, which its name says it is: its header is a {header} "
+                                  f"image's; if it is one (not a guest's raw disk), give its format with --format "
+                                  f"{header} (--format raw backs up the file's bytes as the disk)")
             if problem:
                 raise SourceError(f"{path} is not a vmdk image: {problem} (a raw extent such as NAME-flat.vmdk holds "
                                   f"a disk's data): back up the descriptor .vmdk that names it, or this file with "

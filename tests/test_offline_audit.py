@@ -433,3 +433,38 @@ def test_a_qcow2_named_vmdk_gets_the_format_advice(tmp_path, capsys, repo):
     assert "its header is a qcow2 image's" in line and "--format qcow2" in line and "descriptor" not in line, line
     res = cli_json(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "q", "--format", "qcow2"])
     assert res["size"] == 4 * MiB
+
+
+def test_a_sparse_header_naming_other_files_is_refused_wherever_its_descriptor_is(tmp_path, capsys, repo):
+    """A raw extent named like any disk, its descriptor in another directory: a guest-written
+    KDMV header with an embedded descriptor naming a host file was followed (review 6)."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"HOST SECRET".ljust(512, b"\0"))
+    sparse = tmp_path / "sparse.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicSparse", str(sparse), "1M")
+    head = bytearray(sparse.read_bytes()[:65536])
+    desc_sector, desc_sectors = struct.unpack_from("<QQ", head, 28)
+    struct.pack_into("<Q", head, 12, 0)  # capacity 0: QEMU opens the embedded descriptor's extents
+    text = (f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+            f'RW 1 FLAT "{secret}" 0\n').encode()
+    head[desc_sector * 512 : (desc_sector + desc_sectors) * 512] = text.ljust(desc_sectors * 512, b"\0")
+    (tmp_path / "data").mkdir()
+    disk = tmp_path / "data" / "disk.vmdk"  # the guest's raw disk, written at its start
+    disk.write_bytes(bytes(head) + bytes(4 * MiB - len(head)))
+    line = one_line_error(capsys, ["backup", str(disk), "--repo", str(repo), "--vm", "g"])
+    assert "its sparse header names other files as its extents" in line and str(secret) in line, line
+
+
+def test_disks_named_like_extents_still_back_up(tmp_path, capsys, repo):
+    """A sparse disk of its own named -delta is no extent; a descriptor named -f001 is taken
+    for a raw extent by its name, and --format vmdk says otherwise (review 6)."""
+    delta = tmp_path / "app-delta.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicSparse", str(delta), "4M")
+    res = cli_json(capsys, ["backup", str(delta), "--repo", str(repo), "--vm", "a"])
+    assert res["size"] == 4 * MiB
+    desc = tmp_path / "db-f001.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(desc), "4M")
+    line = one_line_error(capsys, ["backup", str(desc), "--repo", str(repo), "--vm", "d"])
+    assert "--format vmdk" in line, line
+    res = cli_json(capsys, ["backup", str(desc), "--repo", str(repo), "--vm", "d", "--format", "vmdk"])
+    assert res["size"] == 4 * MiB and restored(capsys, repo, res["id"], tmp_path) == as_raw(desc, "vmdk", tmp_path)

@@ -80,25 +80,29 @@ def vmdk_descriptor_problem(path: str) -> str | None:
     return None
 
 
-#: what VMware names the files holding a disk's data beside its descriptor NAME.vmdk:
-#: NAME-flat.vmdk, split NAME-f001.vmdk / NAME-s001.vmdk, ESXi snapshot NAME-000001-delta.vmdk
-_VMDK_EXTENT_NAME = re.compile(r"-(flat|f\d{3}|s\d{3}|delta|sesparse)\.vmdk$", re.IGNORECASE)
+#: what VMware names the raw extents holding a disk's bytes beside its descriptor NAME.vmdk:
+#: NAME-flat.vmdk, split NAME-f001.vmdk (sparse extents, -s001, -delta, are no disk alone
+#: either, but a sparse disk of its own may be named so: those are caught by the descriptor
+#: beside them, and a sparse header is checked after qemu-img reads it - review 6)
+_VMDK_EXTENT_NAME = re.compile(r"-(flat|f\d{3})\.vmdk$", re.IGNORECASE)
 _VMDK_EXTENT_LINE = re.compile(rb'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+"([^"]+)"', re.MULTILINE)
 #: siblings looked at for a descriptor naming the file (a datastore directory holds a few)
 _VMDK_SIBLINGS_MAX = 2000
 
 
-def vmdk_extent_problem(path: str) -> str | None:
+def vmdk_extent_problem(path: str, by_name: bool = True) -> str | None:
     """Why ``path`` is one of a VMware disk's extents rather than a disk to back up, or None.
 
     An extent holds the guest's bytes (a raw one all of them, from its first sector), and a
     guest can write there whatever header makes QEMU follow other files: a text descriptor
     or a sparse ``KDMV`` header with an embedded descriptor or a parent, naming a host file
     or another VM's disk (the session-15 audit and its review 4).  So an extent is never
-    read as a vmdk: one named as VMware names extents, or named by a descriptor beside it."""
+    read as a vmdk: one named by a descriptor beside it, or (``by_name``: its format comes
+    from its name, not ``--format vmdk``) named as VMware names raw extents."""
     name = os.path.basename(path)
-    if _VMDK_EXTENT_NAME.search(name):
-        return f"its name says it is an extent of a VMware disk (NAME{_VMDK_EXTENT_NAME.search(name).group(0)})"
+    if by_name and _VMDK_EXTENT_NAME.search(name):
+        return (f"its name says it is a raw extent of a VMware disk (NAME{_VMDK_EXTENT_NAME.search(name).group(0)}; "
+                f"if it is a vmdk disk of its own, say so with --format vmdk)")
     real = os.path.realpath(path)
     folder = os.path.dirname(real)
     try:
@@ -119,6 +123,27 @@ def vmdk_extent_problem(path: str) -> str | None:
             named = os.fsdecode(m.group(1))
             if os.path.realpath(os.path.join(folder, named)) == real:
                 return f"the descriptor {entry.path} names it as one of its extents"
+    return None
+
+
+def vmdk_sparse_problem(path: str, info: dict) -> str | None:
+    """Why a sparse vmdk (``KDMV``/``COWD``) ``qemu-img info`` describes as ``info`` is not a
+    disk of its own, or None: its header can hold an embedded descriptor whose extents name
+    any file - a raw extent whose guest wrote one (named like any disk, its descriptor in
+    another directory) had a host file backed up (the session-15 review 6).  A sparse disk's
+    one extent is the file itself."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"KDMV", b"COWD"):
+                return None
+    except OSError:
+        return None
+    data = (info.get("format-specific", {}) or {}).get("data", {}) or {}
+    real = os.path.realpath(path)
+    others = list(dict.fromkeys(e.get("filename") for e in data.get("extents", []) or []
+                                if isinstance(e, dict) and os.path.realpath(str(e.get("filename", ""))) != real))
+    if others:
+        return f"its sparse header names other files as its extents ({', '.join(map(str, others))})"
     return None
 
 

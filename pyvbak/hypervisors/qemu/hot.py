@@ -670,10 +670,29 @@ def _backing_images(image: dict, infos: dict[str, dict]) -> list[dict]:
     ``backing-image``): followed by file name, as each image names its backing file."""
     by_file = {i["image"]["filename"]: i["image"] for i in infos.values()
                if isinstance(i.get("image"), dict) and i.get("drv") != "file" and i["image"].get("filename")}
+    by_inode: dict[tuple[int, int], dict] = {}  # the same files under other names (a symlinked directory)
+    for fname, img in by_file.items():
+        try:
+            st = os.stat(fname)
+            by_inode.setdefault((st.st_dev, st.st_ino), img)
+        except (OSError, ValueError):
+            pass
     out: list[dict] = []
     name = image.get("full-backing-filename") or image.get("backing-filename")
     while name and len(out) < 256:  # (a loop of backing files cannot open in QEMU; bounded anyway)
-        link = by_file.get(name) or {"filename": name, "format": image.get("backing-filename-format")}
+        link = by_file.get(name)
+        if link is None:
+            try:
+                st = os.stat(name)
+                link = by_inode.get((st.st_dev, st.st_ino))
+            except (OSError, ValueError):
+                pass
+        if link is None:
+            # QEMU holds no node of it under any name: what it keeps data in (a vmdk's extents,
+            # a qcow2's data file) is unknown, and a write there went unseen (the session-15
+            # review 6) - only a raw file keeps nothing elsewhere
+            fmt = image.get("backing-filename-format")
+            link = {"filename": name, "format": fmt, **({} if fmt == "raw" else {"unidentified": True})}
         out.append(link)
         image = link
         name = link.get("full-backing-filename") or link.get("backing-filename")

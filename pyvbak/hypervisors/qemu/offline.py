@@ -41,7 +41,7 @@ from pyvbak.processes import die_with_parent, identity, spawn_record
 
 from .session import ExportSession, backing_chain_changed, outside_data
 from ..image_formats import (SUFFIX_FORMATS, container_format, format_of_name, vmdk_descriptor_problem,
-                             vmdk_extent_problem)
+                             vmdk_extent_problem, vmdk_sparse_problem)
 from ..resources import TerminationGuard, remove_files
 from . import cleanup, naming
 from .naming import PREFIX, bitmap_name, check_socket_path, generation_of, new_run_id
@@ -349,7 +349,7 @@ class QemuOfflineImage(ExportSession):
         fmt, path = self.image_format, self.path
         _check_file_type(path, self._given)
         if fmt == "vmdk":
-            extent = vmdk_extent_problem(str(path))
+            extent = vmdk_extent_problem(str(path), by_name=self.format_from_name)
             if extent:
                 raise SourceError(f"{path} is an extent of a VMware disk, not a disk of its own: {extent}; back up "
                                   f"the descriptor .vmdk that names it, or this file with --format raw")
@@ -372,6 +372,12 @@ class QemuOfflineImage(ExportSession):
                                   f"format with --format FORMAT (--format raw backs up the file's bytes as "
                                   f"the disk)") from None
             raise
+        if fmt == "vmdk":
+            problem = vmdk_sparse_problem(str(path), top)
+            if problem:
+                raise SourceError(f"{path} is not a vmdk disk of its own: {problem} (a guest's raw disk may hold "
+                                  f"such a header): back up the descriptor .vmdk of the disk, or this file with "
+                                  f"--format raw")
         if not top.get("backing-filename"):
             return [top]
         _check_backing_format(top, path)

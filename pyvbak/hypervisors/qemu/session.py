@@ -49,6 +49,8 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
     identity = []
     top_name = top.get("filename", "")
     for link in chain[1:]:
+        if link.get("unidentified"):  # (hot.py: a backing image QEMU holds no node of)
+            return None, None
         name = _absolute(link.get("filename", ""), top_name)  # relative to the image naming it
         # ... and the files a backing image keeps its data in: a vmdk descriptor's extents,
         # a qcow2's external data file - written, they change the disk as much as the backing

@@ -1,0 +1,76 @@
+"""A running VM's disk with a backing image QEMU opened under another path than the
+overlay's header names (libvirt's -blockdev by node; here a symlinked directory): its
+node must still be found, or a write into its flat extent goes unseen (session-15 review 6)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from conftest import cli_json, require_tool, wait_until
+from pyvbak.cli.main import main
+from qemu_vm import MiB, Qmp, stop_qemu
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def test_a_write_into_a_backing_vmdks_extent_opened_by_another_path_is_seen(tmp_path, capsys, cli_work_dir):
+    require_tool("qemu-storage-daemon", "qemu-system-common")
+    require_tool("fusermount3", "fuse3")
+    os.symlink(tmp_path, tmp_path / "lnk")
+    run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "base.vmdk", "16M")
+    run("qemu-io", "-f", "vmdk", "-c", "write -P 0x11 0 16M", "base.vmdk")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.vmdk", "-F", "vmdk", "disk.qcow2", "16M")
+    guest = tmp_path / "guest.img"
+    guest.touch()
+    qmp, ctl_sock = tmp_path / "qmp.sock", tmp_path / "ctl.sock"
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon",
+         "--blockdev", f"driver=file,node-name=base-file,filename={tmp_path}/lnk/base.vmdk,read-only=on",
+         "--blockdev", "driver=vmdk,node-name=base,file=base-file,read-only=on",
+         "--blockdev", f"driver=file,node-name=disk0-file,filename={tmp_path}/disk.qcow2",
+         "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file,backing=base",
+         "--chardev", f"socket,path={qmp},server=on,wait=off,id=q0", "--monitor", "chardev=q0",
+         "--chardev", f"socket,path={ctl_sock},server=on,wait=off,id=c0", "--monitor", "chardev=c0",
+         "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={guest},writable=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    ctl = None
+    try:
+        wait_until(lambda: proc.poll() is not None or (ctl_sock.exists() and _mounted(guest)), timeout=30,
+                   what="qemu-storage-daemon")
+        assert proc.poll() is None
+        ctl = Qmp(ctl_sock)
+        repo = str(tmp_path / "repo")
+        assert main(["init", repo]) == 0
+
+        def write(path, offset, data):
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        def backup():
+            res = cli_json(capsys, ["backup", f"qemu://{qmp}?node=disk0", "--repo", repo, "--vm", "hot"])
+            return res[0] if isinstance(res, list) else res
+
+        backup()
+        write(guest, MiB, b"\x22" * 65536)
+        assert backup()["cbt"] is True
+        write(tmp_path / "base-flat.vmdk", 4 * MiB, b"\x33" * 262144)  # into the backing image's extent
+        write(guest, 8 * MiB, b"\x44" * 65536)
+        res = backup()
+        assert res["cbt"] is False and "backing chain" in res["fallback_reason"], res
+        out = tmp_path / "out.raw"
+        assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
+        assert out.read_bytes() == guest.read_bytes()
+    finally:
+        stop_qemu(proc, ctl)
+        if _mounted(guest):
+            subprocess.run(["fusermount3", "-u", str(guest)], check=False)

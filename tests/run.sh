@@ -12,7 +12,8 @@ fi
 # a real VM for the guest-device tests, and the kernel and static busybox its booted Linux
 # guest is built from (tests/guest_linux.py); without their recommends (a GUI, UEFI firmware,
 # firmware blobs)
-DEB_PACKAGES_NO_RECOMMENDS="qemu-system-x86 linux-image-cloud-amd64 busybox-static"
+# (btrfs-progs: restore.sh must refuse a device of a mounted btrfs, which mountinfo does not name)
+DEB_PACKAGES_NO_RECOMMENDS="qemu-system-x86 linux-image-cloud-amd64 busybox-static btrfs-progs"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=""
   for p in $DEB_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import require_tool, wait_until
+from conftest import IN_CI, require_tool, wait_until
 from images import MiB, backup_file, random_bytes, resize, same_file, vm_image, write_at
 from pyvbak.repo import format as fmt
 from pyvbak.repo.repository import Repository
@@ -845,3 +845,60 @@ def test_a_device_mounted_under_another_name_is_refused(setup, tmp_path, shell):
             assert (mnt / "f").read_text() == "hello"
         finally:
             subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
+def test_a_device_of_a_mounted_btrfs_is_refused(setup, tmp_path, shell):
+    """btrfs shows a number of its own in mountinfo and one device in /proc/mounts: its
+    second device, or its device named by another node, was overwritten under it (review 5).
+    Its sysfs lists every device it is on."""
+    mkfs = shutil.which("mkfs.btrfs", path=BARE_PATH + ":/usr/sbin:/sbin")
+    if mkfs is None:  # (the README's test command installs btrfs-progs when it can)
+        (pytest.fail if IN_CI else pytest.skip)("needs mkfs.btrfs (btrfs-progs)")
+    repo, snaps, _ = setup
+    script = os.path.join(repo.location, "restore.sh")
+    sid, _ = snaps[0]
+    backs = []
+    for k in range(2):
+        backs.append(tmp_path / f"b{k}")
+        with open(backs[-1], "wb") as f:
+            f.truncate(128 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_device(backs[0]) as first, loop_device(backs[1]) as second:
+        p = subprocess.run([mkfs, "-q", "-f", "-d", "single", "-m", "single", first, second], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        p = subprocess.run(["mount", "-t", "btrfs", first, str(mnt)], capture_output=True, text=True)
+        if p.returncode != 0:
+            (pytest.fail if IN_CI else pytest.skip)(f"cannot mount btrfs: {p.stderr.strip()}")
+        try:
+            (mnt / "f").write_text("hello")
+            node = tmp_path / "node"
+            os.mknod(node, 0o600 | stat.S_IFBLK, os.stat(first).st_rdev)
+            for output in (second, node):  # its other device; its first, by another node
+                one_error(run_sh(script, "--force", sid, output, cwd=tmp_path, shell=shell),
+                          "is part of the mounted btrfs file system", "unmount it")
+            assert (mnt / "f").read_text() == "hello"
+        finally:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_without_proc_a_device_is_refused_not_assumed_free(setup, tmp_path):
+    """Nothing can tell whether a device is mounted without /proc (a rescue chroot): a
+    mounted device was overwritten (review 5)."""
+    if not shutil.which("unshare") or not shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"):
+        (pytest.fail if IN_CI else pytest.skip)("needs unshare and mkfs.ext4")
+    repo, snaps, _ = setup
+    sid, _ = snaps[0]
+    backing = tmp_path / "fs.bin"
+    with open(backing, "wb") as f:
+        f.truncate(8 * MiB)
+    subprocess.run([shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"), "-q", "-F", str(backing)],
+                   check=True, capture_output=True)
+    with loop_device(backing) as dev:
+        script = os.path.join(repo.location, "restore.sh")
+        p = subprocess.run(["unshare", "-m", "sh", "-c", 'umount -l /proc && exec sh "$0" --force "$1" "$2"', script, sid, dev],
+                           env={"PATH": BARE_PATH}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        if "umount" in p.stderr and "restore.sh" not in p.stderr:
+            (pytest.fail if IN_CI else pytest.skip)(f"cannot unmount /proc in a namespace: {p.stderr.strip()}")
+        one_error(p, "cannot tell whether", "/proc is not mounted")

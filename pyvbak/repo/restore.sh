@@ -104,6 +104,8 @@ if [ -b "$out" ]; then
   # minor (hex; GNU and busybox stat), /sys/dev/block/MAJ:MIN its sysfs directory (size,
   # holders, partitions) whatever the node is called.
   rdev=$(readlink -f -- "$out") || rdev=$out
+  # (stat is needed here: by name alone a mounted device named by another node was missed)
+  command -v stat >/dev/null 2>&1 || die "stat (coreutils) is needed to restore onto a block device: install it"
   devnum=
   mm=$(stat -L -c '%t %T' "$out" 2>/dev/null) || mm=
   mj=${mm%% *}; mn=${mm#* }
@@ -159,6 +161,26 @@ if [ -b "$out" ]; then
           die "$what is mounted (on $m_point): unmount it before restoring onto $out" ;;
       esac
     done < /proc/self/mountinfo
+  fi
+  # btrfs shows a number of its own in mountinfo and one device name in /proc/mounts, for
+  # a file system that may span several devices: its sysfs lists every device it is on
+  # (a mounted btrfs named by another node, or its second device, was overwritten: the
+  # session-15 review 5)
+  if [ -n "$sysdir" ]; then
+    for b in /sys/fs/btrfs/*/devices/*; do
+      [ -e "$b" ] || continue
+      bd=$(cd -P "$b" 2>/dev/null && pwd) || continue
+      case $bd in
+        "$sysdir" | "$sysdir"/*)
+          fsid=${b#/sys/fs/btrfs/}
+          die "$out is part of the mounted btrfs file system ${fsid%%/*}: unmount it before restoring onto $out" ;;
+      esac
+    done
+  fi
+  # Without /proc (a rescue chroot) nothing above could tell whether it is mounted:
+  # refused rather than assumed free
+  if [ ! -r /proc/self/mountinfo ] && [ ! -r /proc/mounts ]; then
+    die "cannot tell whether $out is mounted (/proc is not mounted here): mount /proc (mount -t proc proc /proc) and retry"
   fi
   if [ -r /proc/mounts ]; then
     names=" $out $rdev "

@@ -824,7 +824,7 @@ def test_a_device_mounted_under_another_name_is_refused(setup, tmp_path, shell):
         f.truncate(8 * MiB)
     subprocess.run([shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"), "-q", "-F", str(backing)],
                    check=True, capture_output=True)
-    mnt = tmp_path / "mnt"
+    mnt = tmp_path / "m nt"  # (mountinfo writes the space as \\040: the message says it as it is)
     mnt.mkdir()
     with loop_device(backing) as dev:
         node = tmp_path / "node"

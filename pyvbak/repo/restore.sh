@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 8  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 9  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -158,6 +158,8 @@ if [ -b "$out" ]; then
         *" $m_num "*)
           what=$out
           [ "$m_num" = "$devnum" ] || what="$out (its partition, device $m_num)"
+          # (mountinfo escapes a space, tab, newline and backslash as \040 \011 \012 \134)
+          m_point=$(printf '%b' "$m_point") || :
           die "$what is mounted (on $m_point): unmount it before restoring onto $out" ;;
       esac
     done < /proc/self/mountinfo

@@ -808,6 +808,15 @@ def test_a_list_cut_short_in_tmpdir_is_one_line_naming_it(setup, tmp_path, shell
     assert same_file(out, copy)
 
 
+def _ext4_file(path):
+    """An 8 MiB file holding an empty ext4 file system (for a loop device to mount)."""
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+    subprocess.run([shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"), "-q", "-F", str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
 @pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
 def test_a_device_mounted_under_another_name_is_refused(setup, tmp_path, shell):
     """The mount check compared names: a mounted loop device given as OUTPUT through a node
@@ -819,11 +828,7 @@ def test_a_device_mounted_under_another_name_is_refused(setup, tmp_path, shell):
     repo, snaps, _ = setup
     script = os.path.join(repo.location, "restore.sh")
     sid, _ = snaps[0]
-    backing = tmp_path / "fs.bin"
-    with open(backing, "wb") as f:
-        f.truncate(8 * MiB)
-    subprocess.run([shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"), "-q", "-F", str(backing)],
-                   check=True, capture_output=True)
+    backing = _ext4_file(tmp_path / "fs.bin")
     mnt = tmp_path / "m nt"  # (mountinfo writes the space as \\040: the message says it as it is)
     mnt.mkdir()
     with loop_device(backing) as dev:
@@ -890,11 +895,7 @@ def test_without_proc_a_device_is_refused_not_assumed_free(setup, tmp_path):
         (pytest.fail if IN_CI else pytest.skip)("needs unshare and mkfs.ext4")
     repo, snaps, _ = setup
     sid, _ = snaps[0]
-    backing = tmp_path / "fs.bin"
-    with open(backing, "wb") as f:
-        f.truncate(8 * MiB)
-    subprocess.run([shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"), "-q", "-F", str(backing)],
-                   check=True, capture_output=True)
+    backing = _ext4_file(tmp_path / "fs.bin")
     with loop_device(backing) as dev:
         script = os.path.join(repo.location, "restore.sh")
         p = subprocess.run(["unshare", "-m", "sh", "-c", 'umount -l /proc && exec sh "$0" --force "$1" "$2"', script, sid, dev],

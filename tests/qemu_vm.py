@@ -220,5 +220,26 @@ def hard_kill(pid: int) -> None:
         pass
 
 
+def wait_for_eof(stream, timeout: float, what: str) -> bytes:
+    """Read ``stream`` (a pipe) to its end of file - every process holding its write end
+    gone, e.g. a killed pyvbak and the watchdog it left (which inherits its stderr) -
+    within ``timeout`` seconds; what it carried."""
+    import selectors
+
+    out = b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream.fileno(), selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{what}: still open after {timeout:g} s")
+            if sel.select(left):
+                chunk = os.read(stream.fileno(), 65536)
+                if not chunk:
+                    return out
+                out += chunk
+
+
 def now() -> float:
     return time.monotonic()

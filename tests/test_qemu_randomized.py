@@ -24,7 +24,7 @@ from conftest import cli_json
 from pyvbak.cli.main import main
 from pyvbak.repo.repository import Repository
 from pyvbak.repo.verify import verify_repository
-from qemu_vm import MiB, FakeVM, hard_kill
+from qemu_vm import MiB, FakeVM, hard_kill, wait_for_eof
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 8 * MiB
@@ -154,7 +154,7 @@ def test_random_hot_backups_keep_every_promise(tmp_path, capsys, monkeypatch, se
             else:  # kill: a CLI backup killed at a random instant; the next run cleans up
                 env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WORK_DIR=str(work))
                 p = subprocess.Popen([sys.executable, "-m", "pyvbak", "backup", vm.all_disks_uri, "--repo", repo,
-                                      "--vm", "vm", "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      "--vm", "vm", "--json"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env=env)
                 time.sleep(rng.uniform(0.05, 0.6))  # an arbitrary instant, on purpose
                 hard_kill(p.pid)
@@ -162,6 +162,11 @@ def test_random_hot_backups_keep_every_promise(tmp_path, capsys, monkeypatch, se
                 res = cli_json(capsys, ["backup", vm.all_disks_uri, "--repo", repo, "--vm", "vm"])
                 assert [r["disk"] for r in res] == disks
                 backed_up.update(disks)
+                # the killed run's watchdog may have queued at the monitor after this backup
+                # did, and cleans (nothing, by now) under its own lock once it is free: its
+                # end closes the stderr it inherited (a CI run caught its lock here)
+                wait_for_eof(p.stderr, 60, "the killed backup's stderr (its watchdog)")
+                p.stderr.close()
                 check_clean()
                 check_restores({d: [bytes(model[d])] for d in disks})
             report = verify_repository(Repository.open(repo))

@@ -395,6 +395,36 @@ def test_a_write_into_a_backing_files_own_data_files_is_seen(tmp_path, capsys, r
     assert restored(capsys, repo, res["id"], tmp_path) == as_raw(top, "qcow2", tmp_path)
 
 
+def test_a_backing_files_data_file_named_relative_is_never_vouched_for(tmp_path, capsys, repo, monkeypatch):
+    """QEMU 7.2 opens a qcow2's relative ``data-file`` from its own working directory, not
+    the image's (checked: ``qemu-io`` of the image from another directory cannot find it):
+    the file a backing image keeps its data in depends on the process that opens it, and
+    pyvbak had identified the one beside the image while QEMU read another (the session-15
+    review 6's suspicion, built: cbt true, nothing read, restore != image)."""
+    here, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    b = here / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-o", "data_file=base.data,data_file_raw=on", str(b), "8M"],
+                   cwd=here, check=True, capture_output=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 2M", str(b)], cwd=here, check=True,
+                   capture_output=True)
+    (elsewhere / "base.data").write_bytes((here / "base.data").read_bytes())  # a same-named file
+    top = here / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-F", "qcow2", "-b", str(b), str(top))
+    monkeypatch.chdir(elsewhere)  # pyvbak (and its qemu-nbd) run here: QEMU reads this base.data
+    first = cli_json(capsys, ["backup", str(top), "--repo", str(repo), "--vm", "t"])
+    qemu_io(top, "qcow2", "write -P 0x32 4M 64k")
+    with open(elsewhere / "base.data", "r+b") as f:  # the data file QEMU reads, written directly
+        f.seek(1 << 20)
+        f.write(b"\x33" * 65536)
+    res = cli_json(capsys, ["backup", str(top), "--repo", str(repo), "--vm", "t"])
+    assert res["cbt"] is False and "base.data" in res["fallback_reason"] and "relative" in res["fallback_reason"]
+    assert first["cbt"] is False
+    data = restored(capsys, repo, res["id"], tmp_path)
+    assert data[1 << 20:(1 << 20) + 65536] == b"\x33" * 65536 and data[4 << 20:(4 << 20) + 65536] == b"\x32" * 65536
+
+
 @pytest.mark.parametrize("header", ["text", "sparse"])
 def test_an_extent_a_descriptor_names_is_never_read_as_a_vmdk(tmp_path, capsys, repo, header):
     """Whatever its name, a file a descriptor beside it names as an extent holds a disk's

@@ -59,6 +59,15 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
         data = (link.get("format-specific", {}) or {}).get("data", {}) or {}
         others = [_absolute(e.get("filename", ""), name) for e in data.get("extents", []) or [] if isinstance(e, dict)]
         if data.get("data-file"):
+            if not os.path.isabs(data["data-file"]) and not data["data-file"].startswith("json:"):
+                # QEMU 7.2 opens a relative data-file from its own working directory, not the
+                # image's (checked with qemu-io): which file holds the backing image's data
+                # depends on the process opening it, so no identity recorded here is the one
+                # QEMU reads (the session-16 test: cbt true, restore != image)
+                return [], (f"the backing image {name} keeps its data in the external data file "
+                            f"{data['data-file']!r}, named relative to the working directory of the process "
+                            f"that opens it, so writes to it cannot be ruled out; give it an absolute name "
+                            f"(qemu-img amend -o data_file=/PATH {name})")
             others.append(_absolute(data["data-file"], name))
         for file in [name] + [f for f in others if f != name]:
             reason = _identify(file, link.get("format"), identity)

@@ -87,20 +87,42 @@ def _group_with_old_targets(capsys, tmp_path, size: int, seed: int):
         (out_dir / f"{disk}.img").write_bytes(b"old " + disk.encode())
     return repo, imgs, sids, out_dir
 
+# the CLI in a child that stops where a restore's renames would begin (every disk written
+# to its temp file), until a signal ends it
+PAUSED_BEFORE_RENAMES = r"""
+import os, sys, time
+from pyvbak.repo import restore
+
+def paused(*args, **kwargs):
+    with open(os.environ["PYVBAK_TEST_MARKER"], "w"):
+        pass
+    while True:
+        time.sleep(0.01)
+
+restore.commit_restored = paused
+from pyvbak.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_group_restore_killed_leaves_targets_untouched_and_temps_cleaned(capsys, tmp_path, monkeypatch, sig):
     monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
     repo, imgs, sids, out_dir = _group_with_old_targets(capsys, tmp_path, 48 * MiB, seed=20)
     for disk in ("d1", "d2"):
         os.chmod(out_dir / f"{disk}.img", 0o640)
-    env = dict(os.environ, PYVBAK_CACHE_DIR="")
+    marker = tmp_path / "at-commit"
+    env = dict(os.environ, PYVBAK_CACHE_DIR="", PYVBAK_TEST_MARKER=str(marker))
     env.pop("PYVBAK_REPO", None)
-    proc = subprocess.Popen([sys.executable, "-m", "pyvbak", "restore", "g@latest", f"{out_dir}/", "--repo", str(repo),
-                             "--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_BEFORE_RENAMES, "restore", "g@latest", f"{out_dir}/",
+                             "--repo", str(repo), "--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     with reaped(proc):
-        # the second disk's temp file exists: the first one is written and waits for its rename
-        wait_until(lambda: any(n.startswith(".d2.img.pyvbak-restore-") for n in os.listdir(out_dir))
-                   or proc.poll() is not None, timeout=60, what="second temp file")
+        # both disks are restored into their temp files and wait for the renames (a poll for
+        # the second temp file instead let the restore finish first now and then: a CI run)
+        wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60, what="the renames")
+        assert marker.exists(), proc.communicate()
+        assert sorted(n.split(".pyvbak-restore-")[0] for n in os.listdir(out_dir) if ".pyvbak-restore-" in n) == [
+            ".d1.img", ".d2.img"]
         os.kill(proc.pid, sig)
         proc.wait(timeout=30)
     for disk in ("d1", "d2"):  # not renamed: the group is put in place whole or not at all

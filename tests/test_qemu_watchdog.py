@@ -134,8 +134,11 @@ def _kill_cli_backup_once_serving(vm, tmp_path, cwd: Path, env: dict) -> subproc
     ``cwd``, SIGKILLed once its export serves; returns its (code, stdout, stderr)."""
     repo = tmp_path / "repo"
     subprocess.run([sys.executable, "-m", "pyvbak", "init", str(repo)], check=True, capture_output=True, env=env)
-    vm.write(0, os.urandom(4 * MiB))  # something to read for a while
-    code = "import sys; from pyvbak.cli.entry import entry; sys.argv[0] = 'pyvbak'; entry()"
+    vm.write(0, os.urandom(4 * MiB))  # something to read
+    # the backup stops once its session serves (a fast one finished before a polled kill)
+    code = ("import sys, threading; from pyvbak.engine import backup; "
+            "backup.run_backup = lambda *a, **k: threading.Event().wait(); "
+            "from pyvbak.cli.entry import entry; sys.argv[0] = 'pyvbak'; entry()")
     p = subprocess.Popen([sys.executable, "-P", "-c", code, "backup", vm.uri, "--repo", str(repo), "--vm", "v"],
                          cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: any(e.startswith("pyvbak-") for e in vm.exports()) or p.poll() is not None, timeout=60,

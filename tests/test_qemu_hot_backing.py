@@ -74,3 +74,59 @@ def test_a_write_into_a_backing_vmdks_extent_opened_by_another_path_is_seen(tmp_
         stop_qemu(proc, ctl)
         if _mounted(guest):
             subprocess.run(["fusermount3", "-u", str(guest)], check=False)
+
+
+def test_a_running_vms_backing_image_with_a_relative_data_file_is_never_vouched_for(tmp_path, capsys, cli_work_dir):
+    """QEMU opens a qcow2's relative data-file from its own working directory (here not the
+    images' directory, which holds a same-named file): no identity pyvbak can record is
+    the file QEMU reads, so the bitmap never vouches for such a chain (session 16)."""
+    require_tool("qemu-storage-daemon", "qemu-system-common")
+    require_tool("fusermount3", "fuse3")
+    images, qemu_cwd = tmp_path / "images", tmp_path / "qemu-cwd"
+    images.mkdir()
+    qemu_cwd.mkdir()
+    run = lambda *a: subprocess.run(a, check=True, cwd=images, capture_output=True)  # noqa: E731
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=base.data,data_file_raw=on", "base.qcow2", "16M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 16M", "base.qcow2")
+    (qemu_cwd / "base.data").write_bytes((images / "base.data").read_bytes())
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "disk.qcow2", "16M")
+    guest = tmp_path / "guest.img"
+    guest.touch()
+    qmp, ctl_sock = tmp_path / "qmp.sock", tmp_path / "ctl.sock"
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon",
+         "--blockdev", f"driver=file,node-name=base-file,filename={images}/base.qcow2,read-only=on",
+         "--blockdev", "driver=qcow2,node-name=base,file=base-file,read-only=on",
+         "--blockdev", f"driver=file,node-name=disk0-file,filename={images}/disk.qcow2",
+         "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file,backing=base",
+         "--chardev", f"socket,path={qmp},server=on,wait=off,id=q0", "--monitor", "chardev=q0",
+         "--chardev", f"socket,path={ctl_sock},server=on,wait=off,id=c0", "--monitor", "chardev=c0",
+         "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={guest},writable=on"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=qemu_cwd)
+    ctl = None
+    try:
+        wait_until(lambda: proc.poll() is not None or (ctl_sock.exists() and _mounted(guest)), timeout=30,
+                   what="qemu-storage-daemon")
+        assert proc.poll() is None
+        ctl = Qmp(ctl_sock)
+        repo = str(tmp_path / "repo")
+        assert main(["init", repo]) == 0
+
+        def backup():
+            res = cli_json(capsys, ["backup", f"qemu://{qmp}?node=disk0", "--repo", repo, "--vm", "hot"])
+            return res[0] if isinstance(res, list) else res
+
+        backup()
+        with open(qemu_cwd / "base.data", "r+b") as f:  # the data file QEMU reads, written directly
+            f.seek(4 * MiB)
+            f.write(b"\x33" * 65536)
+        res = backup()
+        assert res["cbt"] is False and "relative" in res["fallback_reason"], res
+        out = tmp_path / "out.raw"
+        assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
+        assert out.read_bytes()[4 * MiB:4 * MiB + 65536] == b"\x33" * 65536
+        assert out.read_bytes() == guest.read_bytes()
+    finally:
+        stop_qemu(proc, ctl)
+        if _mounted(guest):
+            subprocess.run(["fusermount3", "-u", str(guest)], check=False)

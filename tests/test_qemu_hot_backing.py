@@ -4,6 +4,7 @@ node must still be found, or a write into its flat extent goes unseen (session-1
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -18,33 +19,51 @@ def _mounted(path: Path) -> bool:
         return any(line.split()[4] == str(path) for line in f)
 
 
-def test_a_write_into_a_backing_vmdks_extent_opened_by_another_path_is_seen(tmp_path, capsys, cli_work_dir):
+@contextlib.contextmanager
+def running_vm(tmp_path: Path, base_driver: str, base_path: Path, disk_path: Path, cwd: Path):
+    """A stand-in VM (qemu-storage-daemon started in ``cwd``) whose disk ``disk_path`` (a
+    qcow2) reads through the backing image ``base_path`` opened by node: yields (its QMP
+    socket, the guest's writable FUSE file)."""
     require_tool("qemu-storage-daemon", "qemu-system-common")
     require_tool("fusermount3", "fuse3")
-    os.symlink(tmp_path, tmp_path / "lnk")
-    run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
-    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "base.vmdk", "16M")
-    run("qemu-io", "-f", "vmdk", "-c", "write -P 0x11 0 16M", "base.vmdk")
-    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.vmdk", "-F", "vmdk", "disk.qcow2", "16M")
     guest = tmp_path / "guest.img"
     guest.touch()
     qmp, ctl_sock = tmp_path / "qmp.sock", tmp_path / "ctl.sock"
     proc = subprocess.Popen(
         ["qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=base-file,filename={tmp_path}/lnk/base.vmdk,read-only=on",
-         "--blockdev", "driver=vmdk,node-name=base,file=base-file,read-only=on",
-         "--blockdev", f"driver=file,node-name=disk0-file,filename={tmp_path}/disk.qcow2",
+         "--blockdev", f"driver=file,node-name=base-file,filename={base_path},read-only=on",
+         "--blockdev", f"driver={base_driver},node-name=base,file=base-file,read-only=on",
+         "--blockdev", f"driver=file,node-name=disk0-file,filename={disk_path}",
          "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file,backing=base",
          "--chardev", f"socket,path={qmp},server=on,wait=off,id=q0", "--monitor", "chardev=q0",
          "--chardev", f"socket,path={ctl_sock},server=on,wait=off,id=c0", "--monitor", "chardev=c0",
          "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={guest},writable=on"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     ctl = None
     try:
         wait_until(lambda: proc.poll() is not None or (ctl_sock.exists() and _mounted(guest)), timeout=30,
                    what="qemu-storage-daemon")
         assert proc.poll() is None
         ctl = Qmp(ctl_sock)
+        yield qmp, guest
+    finally:
+        stop_qemu(proc, ctl)
+        if _mounted(guest):
+            subprocess.run(["fusermount3", "-u", str(guest)], check=False)
+
+
+def hot_backup(capsys, qmp: Path, repo: str) -> dict:
+    res = cli_json(capsys, ["backup", f"qemu://{qmp}?node=disk0", "--repo", repo, "--vm", "hot"])
+    return res[0] if isinstance(res, list) else res
+
+
+def test_a_write_into_a_backing_vmdks_extent_opened_by_another_path_is_seen(tmp_path, capsys, cli_work_dir):
+    os.symlink(tmp_path, tmp_path / "lnk")
+    run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "base.vmdk", "16M")
+    run("qemu-io", "-f", "vmdk", "-c", "write -P 0x11 0 16M", "base.vmdk")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.vmdk", "-F", "vmdk", "disk.qcow2", "16M")
+    with running_vm(tmp_path, "vmdk", tmp_path / "lnk" / "base.vmdk", tmp_path / "disk.qcow2", tmp_path) as (qmp, guest):
         repo = str(tmp_path / "repo")
         assert main(["init", repo]) == 0
 
@@ -56,32 +75,22 @@ def test_a_write_into_a_backing_vmdks_extent_opened_by_another_path_is_seen(tmp_
             finally:
                 os.close(fd)
 
-        def backup():
-            res = cli_json(capsys, ["backup", f"qemu://{qmp}?node=disk0", "--repo", repo, "--vm", "hot"])
-            return res[0] if isinstance(res, list) else res
-
-        backup()
+        hot_backup(capsys, qmp, repo)
         write(guest, MiB, b"\x22" * 65536)
-        assert backup()["cbt"] is True
+        assert hot_backup(capsys, qmp, repo)["cbt"] is True
         write(tmp_path / "base-flat.vmdk", 4 * MiB, b"\x33" * 262144)  # into the backing image's extent
         write(guest, 8 * MiB, b"\x44" * 65536)
-        res = backup()
+        res = hot_backup(capsys, qmp, repo)
         assert res["cbt"] is False and "backing chain" in res["fallback_reason"], res
         out = tmp_path / "out.raw"
         assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
         assert out.read_bytes() == guest.read_bytes()
-    finally:
-        stop_qemu(proc, ctl)
-        if _mounted(guest):
-            subprocess.run(["fusermount3", "-u", str(guest)], check=False)
 
 
 def test_a_running_vms_backing_image_with_a_relative_data_file_is_never_vouched_for(tmp_path, capsys, cli_work_dir):
     """QEMU opens a qcow2's relative data-file from its own working directory (here not the
     images' directory, which holds a same-named file): no identity pyvbak can record is
     the file QEMU reads, so the bitmap never vouches for such a chain (session 16)."""
-    require_tool("qemu-storage-daemon", "qemu-system-common")
-    require_tool("fusermount3", "fuse3")
     images, qemu_cwd = tmp_path / "images", tmp_path / "qemu-cwd"
     images.mkdir()
     qemu_cwd.mkdir()
@@ -90,43 +99,16 @@ def test_a_running_vms_backing_image_with_a_relative_data_file_is_never_vouched_
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 16M", "base.qcow2")
     (qemu_cwd / "base.data").write_bytes((images / "base.data").read_bytes())
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "disk.qcow2", "16M")
-    guest = tmp_path / "guest.img"
-    guest.touch()
-    qmp, ctl_sock = tmp_path / "qmp.sock", tmp_path / "ctl.sock"
-    proc = subprocess.Popen(
-        ["qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=base-file,filename={images}/base.qcow2,read-only=on",
-         "--blockdev", "driver=qcow2,node-name=base,file=base-file,read-only=on",
-         "--blockdev", f"driver=file,node-name=disk0-file,filename={images}/disk.qcow2",
-         "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file,backing=base",
-         "--chardev", f"socket,path={qmp},server=on,wait=off,id=q0", "--monitor", "chardev=q0",
-         "--chardev", f"socket,path={ctl_sock},server=on,wait=off,id=c0", "--monitor", "chardev=c0",
-         "--export", f"type=fuse,id=guest,node-name=disk0,mountpoint={guest},writable=on"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=qemu_cwd)
-    ctl = None
-    try:
-        wait_until(lambda: proc.poll() is not None or (ctl_sock.exists() and _mounted(guest)), timeout=30,
-                   what="qemu-storage-daemon")
-        assert proc.poll() is None
-        ctl = Qmp(ctl_sock)
+    with running_vm(tmp_path, "qcow2", images / "base.qcow2", images / "disk.qcow2", qemu_cwd) as (qmp, guest):
         repo = str(tmp_path / "repo")
         assert main(["init", repo]) == 0
-
-        def backup():
-            res = cli_json(capsys, ["backup", f"qemu://{qmp}?node=disk0", "--repo", repo, "--vm", "hot"])
-            return res[0] if isinstance(res, list) else res
-
-        backup()
+        hot_backup(capsys, qmp, repo)
         with open(qemu_cwd / "base.data", "r+b") as f:  # the data file QEMU reads, written directly
             f.seek(4 * MiB)
             f.write(b"\x33" * 65536)
-        res = backup()
+        res = hot_backup(capsys, qmp, repo)
         assert res["cbt"] is False and "relative" in res["fallback_reason"], res
         out = tmp_path / "out.raw"
         assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
         assert out.read_bytes()[4 * MiB:4 * MiB + 65536] == b"\x33" * 65536
         assert out.read_bytes() == guest.read_bytes()
-    finally:
-        stop_qemu(proc, ctl)
-        if _mounted(guest):
-            subprocess.run(["fusermount3", "-u", str(guest)], check=False)

@@ -1,6 +1,7 @@
-"""A running VM's disk with a backing image QEMU opened under another path than the
-overlay's header names (libvirt's -blockdev by node; here a symlinked directory): its
-node must still be found, or a write into its flat extent goes unseen (session-15 review 6)."""
+"""A running VM's disk with a backing image: one QEMU opened under another path than the
+overlay's header names (libvirt's -blockdev by node; here a symlinked directory), whose
+node must still be found, or a write into its flat extent goes unseen (session-15 review
+6); one whose data file QEMU found relative to its own working directory (session 16)."""
 
 from __future__ import annotations
 

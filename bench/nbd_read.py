@@ -9,8 +9,8 @@ Makes a random (non-sparse) raw image on tmpfs, serves it with
     way the engine's workers read a network source; ``ratio`` is this one),
   * NbdSource.read_many (``--depth`` reads in flight, each returned as a new ``bytes``:
     one copy more; ``ratio_read_many``), and
-  * ``qemu-img convert -n -O raw nbd+unix:///?socket=... null-co://`` (qemu's own NBD
-    client writing to a discarding target),
+  * ``qemu-img convert -n -f raw --target-image-opts nbd+unix:///?socket=... driver=null-co,size=N``
+    (qemu's own NBD client writing to a discarding target),
 
 and reports the best of ``--repeat`` runs of each and their ratio (client / qemu-img).
 

@@ -29,7 +29,7 @@ def _lock(r, *, dry_run: bool, no_lock: bool, **kw):
 
 def forget(
     snapshots: Optional[List[str]] = typer.Argument(None, metavar="[SNAPSHOT]...", help="Snapshot ids (or unique prefixes), VM@latest or VM/DISK@latest."),
-    keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Forget all but the N newest snapshots of each VM disk."),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", min=1, help="Forget all but the N newest snapshots of each VM disk (and of each VM's N newest complete consistency groups)."),
     vm: Optional[str] = typer.Option(None, "--vm", help="With --keep-last: only this VM's disks."),
     prune_after: bool = typer.Option(False, "--prune", help="Prune right after (needs the repository to itself)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be forgotten (and pruned); change nothing."),

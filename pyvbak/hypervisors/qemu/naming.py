@@ -160,7 +160,7 @@ class RunNames:
 
     @property
     def fleece_qcow2(self) -> Path:
-        """The fleecing file of a QEMU < 7.0 session (qcow2 backed by the disk)."""
+        """The fleecing file of a QEMU < 8.0 session (qcow2 backed by the disk)."""
         return self.work_dir / f"{PREFIX}{self.run}{self.disk_tag}-fleece.qcow2"
 
     @property

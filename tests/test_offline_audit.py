@@ -425,6 +425,49 @@ def test_a_backing_files_data_file_named_relative_is_never_vouched_for(tmp_path,
     assert data[1 << 20:(1 << 20) + 65536] == b"\x33" * 65536 and data[4 << 20:(4 << 20) + 65536] == b"\x32" * 65536
 
 
+@pytest.mark.parametrize("name", ["file:base.raw", 'json:{"driver":"raw","file":{"driver":"file","filename":"base.raw"}}'])
+def test_a_backing_name_relative_inside_a_prefix_is_never_vouched_for(tmp_path, capsys, repo, monkeypatch, name):
+    """QEMU opens a relative name inside ``file:`` or ``json:`` from its working directory
+    and reports it as a plain relative name, which pyvbak joined with the image's directory:
+    it watched another file than the one qemu-nbd read (the session-16 paths audit: cbt
+    true, restore != image)."""
+    images, run_dir = tmp_path / "images", tmp_path / "run"
+    images.mkdir()
+    run_dir.mkdir()
+    for base in (images / "base.raw", run_dir / "base.raw"):
+        qemu_img("create", "-f", "raw", str(base), "4M")
+    qemu_io(run_dir / "base.raw", "raw", "write -P 0x11 0 1M")
+    top = images / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", "-u", "-b", name, "-F", "raw", str(top), "4M")
+    monkeypatch.chdir(run_dir)  # pyvbak's working directory, and its qemu-nbd's
+    cli_json(capsys, ["backup", str(top), "--repo", str(repo), "--vm", "t"])
+    qemu_io(run_dir / "base.raw", "raw", "write -P 0x22 0 64k")  # the file QEMU reads
+    res = cli_json(capsys, ["backup", str(top), "--repo", str(repo), "--vm", "t"])
+    assert res["cbt"] is False and "relative to the working directory" in res["fallback_reason"], res
+    assert restored(capsys, repo, res["id"], tmp_path) == as_raw(top, "qcow2", tmp_path)
+
+
+def test_an_image_given_through_a_symlink_reads_the_backing_file_qemu_finds_beside_the_link(tmp_path, capsys, repo):
+    """QEMU resolves a relative backing name against the directory of the name it is given
+    - the link's, as a VM started on that name does; pyvbak served the link's target and
+    backed up the base file beside the target (the session-16 paths audit), or refused the
+    image when there was none."""
+    vm, store = tmp_path / "vm", tmp_path / "store"
+    vm.mkdir()
+    store.mkdir()
+    for base, pattern in ((vm / "base.raw", "0x4c"), (store / "base.raw", "0x52")):
+        qemu_img("create", "-f", "raw", str(base), "4M")
+        qemu_io(base, "raw", f"write -P {pattern} 0 1M")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "disk.qcow2", "4M"],
+                   cwd=store, check=True)
+    (vm / "disk.qcow2").symlink_to("../store/disk.qcow2")
+    res = cli_json(capsys, ["backup", str(vm / "disk.qcow2"), "--repo", str(repo), "--vm", "t"])
+    assert restored(capsys, repo, res["id"], tmp_path)[:1] == b"\x4c"
+    (store / "base.raw").unlink()  # nothing beside the target: still the link's base file
+    res = cli_json(capsys, ["backup", str(vm / "disk.qcow2"), "--repo", str(repo), "--vm", "t"])
+    assert restored(capsys, repo, res["id"], tmp_path) == as_raw(vm / "disk.qcow2", "qcow2", tmp_path)
+
+
 @pytest.mark.parametrize("header", ["text", "sparse"])
 def test_an_extent_a_descriptor_names_is_never_read_as_a_vmdk(tmp_path, capsys, repo, header):
     """Whatever its name, a file a descriptor beside it names as an extent holds a disk's

@@ -10,6 +10,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import cli_json, require_tool, wait_until
 from pyvbak.cli.main import main
 from qemu_vm import MiB, Qmp, stop_qemu
@@ -113,3 +115,47 @@ def test_a_running_vms_backing_image_with_a_relative_data_file_is_never_vouched_
         assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
         assert out.read_bytes()[4 * MiB:4 * MiB + 65536] == b"\x33" * 65536
         assert out.read_bytes() == guest.read_bytes()
+
+
+@pytest.mark.parametrize("header", ["names-another-file", "names-none"])
+def test_the_backing_file_qemu_reads_is_watched_whatever_the_header_names(tmp_path, capsys, cli_work_dir, header):
+    """libvirt's -blockdev attaches a backing node by name, whatever the overlay's header
+    says; a blockdev-snapshot overlay may name none.  The chain was followed by header names:
+    pyvbak watched a file QEMU did not read, or none, and a write into the one it read went
+    unseen (the session-16 paths audit: cbt true, restore != disk)."""
+    images, other = tmp_path / "images", tmp_path / "other"
+    images.mkdir()
+    other.mkdir()
+    run = lambda *a: subprocess.run(a, check=True, cwd=images, capture_output=True)  # noqa: E731
+    for base, pattern in ((images / "base.raw", "0x11"), (other / "base.raw", "0x77")):
+        run("qemu-img", "create", "-q", "-f", "raw", str(base), "16M")
+        run("qemu-io", "-f", "raw", "-c", f"write -P {pattern} 0 16M", str(base))
+    names = ["-b", "base.raw", "-F", "raw"] if header == "names-another-file" else []
+    run("qemu-img", "create", "-q", "-f", "qcow2", *names, "disk.qcow2", "16M")
+    with running_vm(tmp_path, "raw", other / "base.raw", images / "disk.qcow2", images) as (qmp, guest):
+        repo = str(tmp_path / "repo")
+        assert main(["init", repo]) == 0
+        hot_backup(capsys, qmp, repo)
+        with open(other / "base.raw", "r+b") as f:  # the file QEMU reads, written directly
+            f.write(b"\x33" * 65536)
+        res = hot_backup(capsys, qmp, repo)
+        assert res["cbt"] is False and "backing chain" in res["fallback_reason"], res
+        out = tmp_path / "out.raw"
+        assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
+        assert out.read_bytes()[:65536] == b"\x33" * 65536 and out.read_bytes() == guest.read_bytes()
+
+
+def test_a_vm_started_with_relative_file_names_gets_the_reason_its_chain_is_not_vouched_for(tmp_path, capsys,
+                                                                                            cli_work_dir):
+    """QEMU reports the names it opened, relative to its own working directory (a VM started
+    by hand with -hda disk.qcow2): the reason said "not a local file" (session-16 paths audit)."""
+    run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
+    run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "disk.qcow2", "16M")
+    with running_vm(tmp_path, "raw", Path("base.raw"), Path("disk.qcow2"), tmp_path) as (qmp, guest):
+        repo = str(tmp_path / "repo")
+        assert main(["init", repo]) == 0
+        hot_backup(capsys, qmp, repo)
+        res = hot_backup(capsys, qmp, repo)
+        assert res["cbt"] is False and "'base.raw'" in res["fallback_reason"], res
+        assert "relative to the working directory" in res["fallback_reason"] and "absolute" in res["fallback_reason"]

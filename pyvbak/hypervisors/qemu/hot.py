@@ -267,9 +267,12 @@ class QemuHotBackup(ExportSession):
             self.cleaned_leftovers += settled
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
         olds: dict[str, str | None] = {}
+        # each disk's backing chain as QEMU's graph holds it (the flat list above names only
+        # the file each header gives)
+        graph = {n["node-name"]: n for n in qmp.execute("query-named-block-nodes", flat=False) if n.get("node-name")}
         for d in self.disks:
             self._prepare_disk(d, infos[d.node], max_gen[d.node], bitmaps_before[d.node], olds,
-                               _backing_images(infos[d.node].get("image", {}), infos))
+                               _backing_images((graph.get(d.node) or {}).get("image", {})))
 
         # (c) the fleecing images - only with room for the copies the guest's writes cause
         free, fs_size = fleece_guard.free_bytes(str(self.work_dir))
@@ -664,38 +667,27 @@ def _qemu_gone(qmp_path) -> str | None:
     return None
 
 
-def _backing_images(image: dict, infos: dict[str, dict]) -> list[dict]:
-    """The images a node's image reads through, nearest first.  ``query-named-block-nodes
-    {flat: true}`` lists each backing image as a node of its own (no nested
-    ``backing-image``): followed by file name, as each image names its backing file."""
-    by_file = {i["image"]["filename"]: i["image"] for i in infos.values()
-               if isinstance(i.get("image"), dict) and i.get("drv") != "file" and i["image"].get("filename")}
-    by_inode: dict[tuple[int, int], dict] = {}  # the same files under other names (a symlinked directory)
-    for fname, img in by_file.items():
-        try:
-            st = os.stat(fname)
-            by_inode.setdefault((st.st_dev, st.st_ino), img)
-        except (OSError, ValueError):
-            pass
+#: drivers of filter nodes: a filter in a backing chain (libvirt's throttle groups) passes
+#: its child's data through and keeps none of its own
+FILTER_DRIVERS = frozenset({"throttle", "copy-on-read", "preallocate", "compress", "copy-before-write",
+                            "snapshot-access", "blkdebug", "blklogwrites", "blkreplay"})
+
+
+def _backing_images(image: dict) -> list[dict]:
+    """The images a node's image reads through, nearest first, as QEMU's block graph holds
+    them: the non-flat ``query-named-block-nodes`` nests each backing child's image info
+    (``backing-image``: the file QEMU reads, its format and its extents or data file).  Not
+    the names the images' headers give: libvirt's -blockdev attaches a backing node by
+    name, whatever the header says, and a ``blockdev-snapshot`` overlay may name none -
+    followed by header names, a write into the file QEMU really read went unseen (the
+    session-16 paths audit: two silently wrong incrementals).  Filter nodes on the way are
+    skipped."""
     out: list[dict] = []
-    name = image.get("full-backing-filename") or image.get("backing-filename")
-    while name and len(out) < 256:  # (a loop of backing files cannot open in QEMU; bounded anyway)
-        link = by_file.get(name)
-        if link is None:
-            try:
-                st = os.stat(name)
-                link = by_inode.get((st.st_dev, st.st_ino))
-            except (OSError, ValueError):
-                pass
-        if link is None:
-            # QEMU holds no node of it under any name: what it keeps data in (a vmdk's extents,
-            # a qcow2's data file) is unknown, and a write there went unseen (the session-15
-            # review 6) - only a raw file keeps nothing elsewhere
-            fmt = image.get("backing-filename-format")
-            link = {"filename": name, "format": fmt, **({} if fmt == "raw" else {"unidentified": True})}
-        out.append(link)
-        image = link
-        name = link.get("full-backing-filename") or link.get("backing-filename")
+    link = image.get("backing-image")
+    while isinstance(link, dict) and len(out) < 256:  # (a graph has no loops; bounded anyway)
+        if link.get("format") not in FILTER_DRIVERS:
+            out.append(link)
+        link = link.get("backing-image")
     return out
 
 
@@ -724,7 +716,9 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
         return f"the disk's format changed from '{prev['format']}' to '{fmt}' since the previous backup", None
     if never_trusted:
         return never_trusted, None
-    changed = backing_chain_changed(prev, identity.get("backing_chain"), identity["image"] or f"node '{node}'")
+    image = identity["image"]
+    shown = image if image and not image.startswith("json:") else f"node '{node}'"  # (json: a graph built by hand)
+    changed = backing_chain_changed(prev, identity.get("backing_chain"), shown)
     if changed:  # a backing file written while the VM was off: the overlay's bitmap did not see it
         return changed, None
     persistent = fmt in _BITMAP_FORMATS

@@ -158,6 +158,10 @@ class QemuOfflineImage(ExportSession):
         is refused: QEMU would probe the header)."""
         self.path = Path(path).resolve()
         self._given = os.path.abspath(path)
+        # QEMU opens the image by the name given, not its symlink's target: it finds a relative
+        # backing file or vmdk extent beside that name, as the VM does (resolved, the backup
+        # read another base file beside the target - the session-16 paths audit)
+        self.qemu_path = Path(self._given)
         # by the name the user gave: a symlink's target may have no image suffix
         self.format_from_name = image_format is None
         self.image_format = image_format or format_of_name(str(path))
@@ -313,7 +317,7 @@ class QemuOfflineImage(ExportSession):
                 "-x", EXPORT_NAME, f"--pid-file={self.pid_file}"]
         if old is not None:
             args += ["-B", old]
-        args.append(str(self.path))
+        args.append(str(self.qemu_path))
         try:
             self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                           preexec_fn=die_with_parent)
@@ -346,8 +350,8 @@ class QemuOfflineImage(ExportSession):
         """``qemu-img info`` of the image read as ``image_format`` and of each backing file
         in the format the image above it records: nothing is probed (a backing file whose
         format is not recorded is refused, before QEMU would probe it)."""
-        fmt, path = self.image_format, self.path
-        _check_file_type(path, self._given)
+        fmt, path = self.image_format, self.qemu_path
+        _check_file_type(self.path, self._given)
         if fmt == "vmdk":
             extent = vmdk_extent_problem(str(path), by_name=self.format_from_name)
             if extent:
@@ -492,7 +496,7 @@ class QemuOfflineImage(ExportSession):
     def _bitmap_op(self, *ops: str) -> None:
         *flags, name = ops
         with interrupts.held():  # the image is written: never stopped halfway (see _run)
-            _run(["qemu-img", "bitmap", *flags, "-f", "qcow2", str(self.path), name],
+            _run(["qemu-img", "bitmap", *flags, "-f", "qcow2", str(self.qemu_path), name],
                  f"qemu-img bitmap {' '.join(flags)} {name} on {self.path}", writes=True)
 
     # -- teardown ----------------------------------------------------------------

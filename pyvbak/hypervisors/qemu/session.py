@@ -47,11 +47,19 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
         return [], (f"the image keeps its data in the external data file {data_file}, which can be "
                     f"written without the dirty bitmap seeing it")
     identity = []
-    top_name = top.get("filename", "")
     for link in chain[1:]:
-        if link.get("unidentified"):  # (hot.py: a backing image QEMU holds no node of)
-            return None, None
-        name = _absolute(link.get("filename", ""), top_name)  # relative to the image naming it
+        name = link.get("filename", "")
+        if name and not os.path.isabs(name) and not name.startswith("json:"):
+            # QEMU reports a backing file by the name it opened: one it found beside the image
+            # naming it is absolute (when that image's is); a relative one is relative to the
+            # working directory of the process that opened it (a VM started with relative
+            # paths; a json:/file: backing name), which is not pyvbak's - joined with the
+            # image's directory, it named a file QEMU did not read (the session-16 paths
+            # audit: a silently wrong incremental)
+            return [], (f"the backing file {name!r} of the image is named relative to the working directory of "
+                        f"the process that opened it, so which file it is cannot be known here and writes to it "
+                        f"cannot be ruled out; name it absolutely (start the VM with absolute paths, or "
+                        f"'qemu-img rebase -u -b /ABSOLUTE/PATH -F FORMAT IMAGE')")
         # ... and the files a backing image keeps its data in: a vmdk descriptor's extents,
         # a qcow2's external data file - written, they change the disk as much as the backing
         # file itself (the session-15 review 4: a write into a backing vmdk's flat extent

@@ -468,6 +468,35 @@ def test_an_image_given_through_a_symlink_reads_the_backing_file_qemu_finds_besi
     assert restored(capsys, repo, res["id"], tmp_path) == as_raw(vm / "disk.qcow2", "qcow2", tmp_path)
 
 
+def test_an_image_named_through_a_symlinked_directory_and_dotdot_is_the_file_the_kernel_finds(tmp_path, capsys, repo):
+    """``vm/ld/../disk.qcow2`` with ``vm/ld`` a link to ``store/sub`` is ``store/disk.qcow2``;
+    made absolute with normpath it became ``vm/disk.qcow2`` - another image, read and given
+    a bitmap (session-16 review 1 of the symlink change)."""
+    vm, store = tmp_path / "vm", tmp_path / "store"
+    (store / "sub").mkdir(parents=True)
+    vm.mkdir()
+    (vm / "ld").symlink_to("../store/sub")
+    for img, pattern in ((vm / "disk.qcow2", "0x4c"), (store / "disk.qcow2", "0x52")):
+        qemu_img("create", "-f", "qcow2", str(img), "4M")
+        qemu_io(img, "qcow2", f"write -P {pattern} 0 1M")
+    res = cli_json(capsys, ["backup", f"{vm}/ld/../disk.qcow2", "--repo", str(repo), "--vm", "t"])
+    assert restored(capsys, repo, res["id"], tmp_path)[:1] == b"\x52"
+    assert bitmaps(store / "disk.qcow2") and not bitmaps(vm / "disk.qcow2")
+
+
+def test_a_backing_node_qemu_names_by_a_protocol_is_no_local_file():
+    """nbd+unix://, rbd:, json: ... are not paths relative to anything: "cannot be
+    identified", not the advice to name a file absolutely (session-16 review 1)."""
+    from pyvbak.hypervisors.qemu.session import outside_data
+
+    top = {"filename": "/vm/disk.qcow2", "format": "qcow2"}
+    for name in ("nbd+unix:///x?socket=/run/nbd.sock", "rbd:pool/image", "json:{\"driver\": \"raw\"}",
+                 "blkverify:/a.raw:/b.raw"):
+        assert outside_data([top, {"filename": name, "format": "raw"}]) == (None, None), name
+    identity, reason = outside_data([top, {"filename": "base.raw", "format": "raw"}])
+    assert identity == [] and "relative to the working directory" in reason
+
+
 @pytest.mark.parametrize("header", ["text", "sparse"])
 def test_an_extent_a_descriptor_names_is_never_read_as_a_vmdk(tmp_path, capsys, repo, header):
     """Whatever its name, a file a descriptor beside it names as an extent holds a disk's

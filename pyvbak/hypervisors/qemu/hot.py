@@ -387,7 +387,7 @@ class QemuHotBackup(ExportSession):
                     "qemu": self._qmp.qemu_version}
         if d.device is not None:
             identity["device"] = d.device
-        identity["backing_chain"], never_trusted = outside_data([image, *backing])
+        identity["backing_chain"], never_trusted = outside_data([image, *backing], data_files_from_headers=False)
         bitmaps = cleanup.gen_bitmaps(info)
         reason, old = _check_cbt(d, fmt, bitmaps, identity, bitmaps_before, never_trusted)
         prev_bitmap = (d.previous_state or {}).get("bitmap")
@@ -681,9 +681,13 @@ def _backing_images(image: dict) -> list[dict]:
     name, whatever the header says, and a ``blockdev-snapshot`` overlay may name none -
     followed by header names, a write into the file QEMU really read went unseen (the
     session-16 paths audit: two silently wrong incrementals).  Filter nodes on the way are
-    skipped."""
+    skipped, and so are those the disk's node itself is (libvirt's copy-on-read or throttle
+    filter above the disk): QEMU nests a filter's child as its ``backing-image``, which is
+    the disk's own image, not a backing file (review 1: every backup a full scan)."""
     out: list[dict] = []
-    link = image.get("backing-image")
+    while isinstance(image, dict) and image.get("format") in FILTER_DRIVERS:
+        image = image.get("backing-image")
+    link = image.get("backing-image") if isinstance(image, dict) else None
     while isinstance(link, dict) and len(out) < 256:  # (a graph has no loops; bounded anyway)
         if link.get("format") not in FILTER_DRIVERS:
             out.append(link)

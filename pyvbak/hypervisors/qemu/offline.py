@@ -160,8 +160,10 @@ class QemuOfflineImage(ExportSession):
         self._given = os.path.abspath(path)
         # QEMU opens the image by the name given, not its symlink's target: it finds a relative
         # backing file or vmdk extent beside that name, as the VM does (resolved, the backup
-        # read another base file beside the target - the session-16 paths audit)
-        self.qemu_path = Path(self._given)
+        # read another base file beside the target - the session-16 paths audit).  Made
+        # absolute without normalising: abspath drops "link/.." before the kernel follows the
+        # link, and named another image (review 1)
+        self.qemu_path = Path(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
         # by the name the user gave: a symlink's target may have no image suffix
         self.format_from_name = image_format is None
         self.image_format = image_format or format_of_name(str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 
@@ -30,7 +31,7 @@ class ExportSession:
         return NbdSource(self.nbd_uri, dirty_bitmap=self.dirty_bitmap, bitmap_connection=True)
 
 
-def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
+def outside_data(chain: list[dict], *, data_files_from_headers: bool = True) -> tuple[list[dict] | None, str | None]:
     """What the disk's content depends on besides the image file itself, which its dirty
     bitmap cannot see: (identity of every backing file and of the files those keep data in
     - a vmdk's extents, a qcow2's data file: name and stat; None if one cannot be
@@ -40,7 +41,12 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
     A qcow2 bitmap records the writes made to that qcow2 alone.  A write into a backing
     file, a sibling overlay committed into a shared base, a rebase onto another base, or a
     write into an external raw data file changes the disk without it (found by the
-    session-13 offline-image audit: each made a silently wrong incremental)."""
+    session-13 offline-image audit: each made a silently wrong incremental).
+
+    ``data_files_from_headers``: a backing qcow2's data file is the one its header names
+    (what QEMU reports) - true for ``qemu-img``/``qemu-nbd``, not for a running VM, whose
+    configuration may attach another (libvirt's <dataStore>, ``"data-file": NODE``): such a
+    chain is never vouched for (session-16 review 1: a silently wrong incremental)."""
     top = chain[0]
     data_file = (top.get("format-specific", {}).get("data", {}) or {}).get("data-file")
     if data_file:
@@ -49,7 +55,9 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
     identity = []
     for link in chain[1:]:
         name = link.get("filename", "")
-        if name and not os.path.isabs(name) and not name.startswith("json:"):
+        if _PROTOCOL.match(name):
+            return None, None  # not a local file (nbd:, rbd:, iscsi://, json:): cannot be identified
+        if name and not os.path.isabs(name):
             # QEMU reports a backing file by the name it opened: one it found beside the image
             # naming it is absolute (when that image's is); a relative one is relative to the
             # working directory of the process that opened it (a VM started with relative
@@ -67,6 +75,10 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
         data = (link.get("format-specific", {}) or {}).get("data", {}) or {}
         others = [_absolute(e.get("filename", ""), name) for e in data.get("extents", []) or [] if isinstance(e, dict)]
         if data.get("data-file"):
+            if not data_files_from_headers:
+                return [], (f"the backing image {name} keeps its data in an external data file, which the "
+                            f"VM may attach from another file than the image names ({data['data-file']}), so "
+                            f"writes to it cannot be ruled out")
             if not os.path.isabs(data["data-file"]) and not data["data-file"].startswith("json:"):
                 # QEMU 7.2 opens a relative data-file from its own working directory, not the
                 # image's (checked with qemu-io): which file holds the backing image's data
@@ -82,6 +94,10 @@ def outside_data(chain: list[dict]) -> tuple[list[dict] | None, str | None]:
             if reason is not None:
                 return ([], reason) if reason else (None, None)
     return identity, None
+
+
+#: a protocol name QEMU reports for a node that is no local file (``nbd+unix://…``, ``rbd:…``, ``json:{…}``)
+_PROTOCOL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 def _absolute(name: str, relative_to: str) -> str:

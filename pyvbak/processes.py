@@ -10,9 +10,14 @@ with ``spawn_record`` and signalled only while ``same_process`` says its pid sti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import subprocess
 
 
 def _read_first_line(path: str) -> str | None:
@@ -191,6 +196,22 @@ def pid_alive(pid: int) -> bool:
     except IndexError:
         pass
     return b"python" in cmd or b"pyvbak" in cmd
+
+
+@contextlib.contextmanager
+def spawned_helper(args: list[str], **popen_kwargs) -> Iterator[subprocess.Popen]:
+    """Context manager: ``subprocess.Popen`` of a helper process that dies with pyvbak
+    (``die_with_parent``); Ctrl-C, SIGTERM and SIGHUP are held (``interrupts.held``) until
+    the block, which records the process, is done, then raised.  A ``preexec_fn`` makes
+    Python run its fork handlers in the parent, and an exception a signal handler raised in
+    one of them was dropped ("Exception ignored"): the backup went on and exited 0 (the
+    session-16 flaky-test audit)."""
+    import subprocess  # (noqa: the module's users that need no helper do not pay for it)
+
+    from . import interrupts
+
+    with interrupts.held():
+        yield subprocess.Popen(args, preexec_fn=die_with_parent, **popen_kwargs)
 
 
 def die_with_parent() -> None:

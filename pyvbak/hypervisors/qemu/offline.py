@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pyvbak import interrupts
 from pyvbak.errors import SourceError
-from pyvbak.processes import die_with_parent, identity, spawn_record
+from pyvbak.processes import identity, spawn_record, spawned_helper
 
 from .session import ExportSession, backing_chain_changed, outside_data
 from ..image_formats import (SUFFIX_FORMATS, container_format, format_of_name, vmdk_descriptor_problem,
@@ -321,12 +321,12 @@ class QemuOfflineImage(ExportSession):
             args += ["-B", old]
         args.append(str(self.qemu_path))
         try:
-            self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                          preexec_fn=die_with_parent)
+            with spawned_helper(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+                self._proc = proc
+                # which process the pid is, so that a later cleanup never signals another one
+                self._write_journal(qemu_nbd=spawn_record(proc.pid))
         except FileNotFoundError:
             raise SourceError("qemu-nbd not found: install the Debian package 'qemu-utils'") from None
-        # which process the pid is, so that a later cleanup never signals another one
-        self._write_journal(qemu_nbd=spawn_record(self._proc.pid))
         deadline = time.monotonic() + self.start_timeout
         while not (self.socket_path.exists() and self.pid_file.exists()):
             if self._proc.poll() is not None:

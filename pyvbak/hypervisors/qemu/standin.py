@@ -16,7 +16,7 @@ import subprocess
 import time
 
 from pyvbak.errors import SourceError
-from pyvbak.processes import die_with_parent
+from pyvbak.processes import spawned_helper
 
 #: Debian packages of the programs the stand-in needs
 PACKAGES = {"qemu-storage-daemon": "qemu-system-common", "qemu-img": "qemu-utils", "fusermount3": "fuse3"}
@@ -57,9 +57,10 @@ class StandInVM:
         # daemon dying first (under the backup, its FUSE mounts with it) is not a clean stop;
         # stop() ends it, on any exit of its owner - and a SIGTERM from the kernel if its
         # owner dies without one (kill -9), instead of an orphan serving the demo's disks.
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=die_with_parent)
         try:
+            with spawned_helper(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True) as proc:
+                self.proc = proc
             deadline = time.monotonic() + timeout
             while not (os.path.exists(self.qmp) and all(self._mounted(g) for g in self.guests)):
                 if self.proc.poll() is not None or time.monotonic() > deadline:

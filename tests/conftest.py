@@ -40,6 +40,21 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
+def unix_listening(path) -> bool:
+    """Whether a unix socket accepts connections.  Its file appears at bind(), a moment
+    before listen(): a connect in between is refused, so "the file exists" is no proof."""
+    import socket
+
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
 @contextlib.contextmanager
 def reaped(proc):
     """Run the block with child ``proc``; afterwards (also on failure) it is killed if

@@ -33,7 +33,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from conftest import require_tool, wait_until
+from conftest import require_tool, unix_listening, wait_until
 from images import untokened
 from guest_linux import SerialConsole
 from qemu_vm import Qmp, stop_qemu
@@ -109,7 +109,9 @@ class QemuSystemVM:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         sockets = (self.ctl_path, self.qmp_path) + ((self.serial_path,) if booting else ())
-        wait_until(lambda: self.proc.poll() is not None or all(p.exists() for p in sockets),
+        # listening, not merely bound: a connect between the two is refused (the session-16
+        # flaky-test audit)
+        wait_until(lambda: self.proc.poll() is not None or all(unix_listening(p) for p in sockets),
                    timeout=20, what="qemu-system-x86_64 to start")
         if self.proc.poll() is not None:
             raise RuntimeError(f"qemu-system-x86_64 failed: {self.proc.stdout.read().decode()}")

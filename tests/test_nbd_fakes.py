@@ -17,12 +17,16 @@ from pyvbak.sources import nbd_protocol as P
 from pyvbak.sources.base import Extent
 from pyvbak.sources.nbd import NbdSource
 
+#: the reply timeout of the tests of misbehaving servers; the others wait far longer, since
+#: the fake server's threads run in this process and a loaded machine may stall it for a
+#: second (the session-16 flaky-test audit)
 TIMEOUT = 1.0
+PATIENT = 30.0
 DATA = os.urandom(256 * 1024)
 
 
 def open_source(server, **kw):
-    kw.setdefault("timeout", TIMEOUT)
+    kw.setdefault("timeout", PATIENT)
     return NbdSource(server.uri, **kw)
 
 
@@ -30,7 +34,7 @@ def expect_error(behaviour, match, *, op=lambda s: s.read(0, 8192), **srv):
     with FakeNbdServer(DATA, behaviour, **srv) as server:
         t0 = time.monotonic()
         with pytest.raises(SourceError, match=match) as ei:
-            with open_source(server) as src:
+            with open_source(server, timeout=TIMEOUT) as src:
                 op(src)
         # Generous bound: the point is "no hang", not a timing assertion.
         assert time.monotonic() - t0 < TIMEOUT * 5 + 2
@@ -213,7 +217,7 @@ def test_nbd_error_reply_keeps_connection_usable():
 
 def test_stalled_server_does_not_block_close():
     with FakeNbdServer(DATA, "stall_reply") as server:
-        src = open_source(server).open()
+        src = open_source(server, timeout=TIMEOUT).open()
         t = threading.Thread(target=lambda: pytest.raises(SourceError, src.read, 0, 100), daemon=True)
         t.start()
         wait_until(lambda: src.client._pending, timeout=5, what="the read to be submitted")

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import require_tool, wait_until
+from conftest import require_tool, unix_listening, wait_until
 from pyvbak.errors import SourceError
 from pyvbak.sources.nbd import NbdSource
 
@@ -43,18 +43,6 @@ def _tcp_listening(port) -> bool:
         return False
 
 
-def _unix_listening(path) -> bool:
-    # The socket file appears at bind(), a moment before listen(): probe with a connect.
-    if not os.path.exists(path):
-        return False
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
-
-
 @contextlib.contextmanager
 def _running(argv, ready, what):
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -78,7 +66,7 @@ def qemu_nbd(image, fmt, sockdir, *, tcp=False, extra=()):
         uri = f"nbd://127.0.0.1:{port}/disk0"
     else:
         path = os.path.join(sockdir, "nbd.sock")
-        where, ready = ["-k", path], lambda: _unix_listening(path)
+        where, ready = ["-k", path], lambda: unix_listening(path)
         uri = f"nbd+unix:///disk0?socket={path}"
     argv = [tool, "-t", "-r", "-e", "8", "-f", fmt, "-x", "disk0", *where, *extra, str(image)]
     with _running(argv, ready, "qemu-nbd"):
@@ -94,7 +82,7 @@ def qemu_storage_daemon(qcow2, sockdir, bitmap):
             "--blockdev", "driver=qcow2,node-name=fmt0,file=file0,read-only=on",
             "--nbd-server", f"addr.type=unix,addr.path={path}",
             "--export", f"type=nbd,id=e0,node-name=fmt0,name=disk0,bitmaps.0={bitmap}"]
-    with _running(argv, lambda: _unix_listening(path), "qemu-storage-daemon"):
+    with _running(argv, lambda: unix_listening(path), "qemu-storage-daemon"):
         yield f"nbd+unix:///disk0?socket={path}"
 
 
@@ -301,7 +289,7 @@ def test_a_server_that_takes_one_connection_answers_the_bitmap_on_the_main_one(b
     tool = require_tool("qemu-nbd", "qemu-utils")
     path = os.path.join(sockdir, "one.sock")
     argv = [tool, "-t", "-r", "-f", "qcow2", "-x", "disk0", "-B", "bm0", "-k", path, str(image)]
-    with _running(argv, lambda: _unix_listening(path), "qemu-nbd"):
+    with _running(argv, lambda: unix_listening(path), "qemu-nbd"):
         uri = f"nbd+unix:///disk0?socket={path}"
         with NbdSource(uri, dirty_bitmap="bm0", timeout=1, bitmap_connection=True) as src:
             assert src.dirty_extents() == dirty

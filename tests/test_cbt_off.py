@@ -78,6 +78,18 @@ def test_off_on_a_qcow2_image(tmp_path, capsys, name):
     assert [b["name"] for b in info["format-specific"]["data"]["bitmaps"]] == ["someone-elses"]
 
 
+def test_off_on_a_qcow2_named_relatively_with_a_colon(tmp_path, capsys, monkeypatch):
+    """``a:b.qcow2`` handed to qemu-img as given is protocol 'a' to QEMU ("Unknown
+    protocol"), and ``./a:b.qcow2`` too once pathlib dropped its "./" (session-16 review 2);
+    backups already named it absolutely."""
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "./a:b.qcow2", "4M"], check=True)
+    for name in ("a:b.qcow2", "./a:b.qcow2"):
+        subprocess.run(["qemu-img", "bitmap", "--add", "-f", "qcow2", "./a:b.qcow2", "pyvbak-gen-1"], check=True)
+        code, out, err = _run(capsys, ["cbt-off", name])
+        assert code == 0 and "removed dirty bitmap pyvbak-gen-1" in untokened(out), err
+
+
 @pytest.mark.parametrize("source, needle", [
     ("/nonexistent/disk.qcow2", "does not exist"),
     ("/dev/null", "has no change tracking of pyvbak's"),

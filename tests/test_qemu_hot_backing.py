@@ -6,6 +6,7 @@ node must still be found, or a write into its flat extent goes unseen (session-1
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -224,3 +225,40 @@ def test_a_disk_under_a_filter_node_stays_incremental(tmp_path, capsys, cli_work
         out = tmp_path / "out.raw"
         assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
         assert out.read_bytes() == guest.read_bytes()
+
+
+@pytest.mark.parametrize("top, expect", [("copy-on-read", "external data file"),
+                                         ("raw", "reads through other nodes")])
+def test_what_a_node_above_the_disk_hides_is_still_never_vouched_for(tmp_path, capsys, cli_work_dir, top, expect):
+    """Under a filter the disk's own image was no longer checked for its external data file
+    (a regression of review 1's filter fix); a raw node over the qcow2's node (or a quorum)
+    nests no backing image at all, so its backing file went unseen (session-16 review 2)."""
+    run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
+    run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
+    data = ["-o", f"data_file={tmp_path}/data.raw"] if top == "copy-on-read" else []
+    run("qemu-img", "create", "-q", "-f", "qcow2", *data, "-b", f"{tmp_path}/base.raw", "-F", "raw", "disk.qcow2", "16M")
+    with running_vm(tmp_path, "raw", tmp_path / "base.raw", tmp_path / "disk.qcow2", tmp_path,
+                    top_filter=top) as (qmp, guest):
+        repo = str(tmp_path / "repo")
+        assert main(["init", repo]) == 0
+        hot_backup(capsys, qmp, repo, node="top")
+        changed = tmp_path / ("data.raw" if top == "copy-on-read" else "base.raw")
+        with open(changed, "r+b") as f:  # under the node above the disk, written directly
+            f.write(b"\x33" * 65536)
+        res = hot_backup(capsys, qmp, repo, node="top")
+        assert res["cbt"] is False and expect in res["fallback_reason"], res
+        out = tmp_path / "out.raw"
+        assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
+        assert out.read_bytes() == guest.read_bytes()
+
+
+def test_a_disk_nodes_options_without_children_are_no_unusual_graph():
+    """An encrypted qcow2's json: name carries its key's id: that is no other node."""
+    from pyvbak.hypervisors.qemu.hot import _unusual_graph
+
+    plain = {"driver": "qcow2", "file": {"driver": "file", "filename": "/vm/disk.qcow2"}}
+    assert _unusual_graph({"filename": "/vm/disk.qcow2"}) is None
+    assert _unusual_graph({"filename": "json:" + json.dumps({**plain, "encrypt": {"key-secret": "sec0"}})}) is None
+    assert _unusual_graph({"filename": "json:" + json.dumps({**plain, "backing": {"driver": "raw"}})}) is None
+    assert _unusual_graph({"filename": "json:" + json.dumps({**plain, "data-file": {"driver": "file"}})})
+    assert _unusual_graph({"filename": "json:" + json.dumps({"driver": "quorum", "children": [plain]})})

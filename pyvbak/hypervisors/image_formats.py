@@ -38,6 +38,16 @@ _VDI_SIGNATURE = 0xBEDA107F
 _HEAD_BYTES = 512
 
 
+def name_for_qemu(path: str | os.PathLike) -> str:
+    """The image name to hand ``qemu-img``/``qemu-nbd``: absolute (a name with a ':' before
+    its first '/' is a protocol to QEMU: ``a:b.qcow2`` is "Unknown protocol 'a'"), but
+    neither normalised (``abspath`` drops ``link/..`` before the kernel follows the link:
+    another image) nor resolved (QEMU finds a relative backing file or vmdk extent beside
+    the name it is given, as the VM does) - session-16 reviews 1 and 2."""
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
 def format_of_name(path: str) -> str | None:
     """The image format ``path``'s name suffix (any case) names, or None (read as raw)."""
     lower = str(path).lower()

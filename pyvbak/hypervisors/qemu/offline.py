@@ -40,8 +40,8 @@ from pyvbak.errors import SourceError
 from pyvbak.processes import identity, spawn_record, spawned_helper
 
 from .session import ExportSession, backing_chain_changed, outside_data
-from ..image_formats import (SUFFIX_FORMATS, container_format, format_of_name, vmdk_descriptor_problem,
-                             vmdk_extent_problem, vmdk_sparse_problem)
+from ..image_formats import (SUFFIX_FORMATS, container_format, format_of_name, name_for_qemu,
+                             vmdk_descriptor_problem, vmdk_extent_problem, vmdk_sparse_problem)
 from ..resources import TerminationGuard, remove_files
 from . import cleanup, naming
 from .naming import PREFIX, bitmap_name, check_socket_path, generation_of, new_run_id
@@ -158,12 +158,8 @@ class QemuOfflineImage(ExportSession):
         is refused: QEMU would probe the header)."""
         self.path = Path(path).resolve()
         self._given = os.path.abspath(path)
-        # QEMU opens the image by the name given, not its symlink's target: it finds a relative
-        # backing file or vmdk extent beside that name, as the VM does (resolved, the backup
-        # read another base file beside the target - the session-16 paths audit).  Made
-        # absolute without normalising: abspath drops "link/.." before the kernel follows the
-        # link, and named another image (review 1)
-        self.qemu_path = Path(path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+        # QEMU opens the image by the name given, not its symlink's target (name_for_qemu)
+        self.qemu_path = Path(name_for_qemu(path))
         # by the name the user gave: a symlink's target may have no image suffix
         self.format_from_name = image_format is None
         self.image_format = image_format or format_of_name(str(path))

@@ -32,10 +32,10 @@ def remove_change_tracking(spec: str, *, work_dir: str, qmp_timeout: float = 30.
     removing them wrote into the guest's disk (the session-15 review 4)."""
     if spec.startswith("qemu://"):
         return _from_running_vm(spec, Path(work_dir), qmp_timeout)
-    from ..image_formats import container_format
+    from ..image_formats import container_format, name_for_qemu
 
     if image_format == "qcow2" or (image_format == "auto" and spec.lower().endswith(".qcow2")):
-        return _from_image(Path(spec))
+        return _from_image(Path(name_for_qemu(spec)))
     if image_format == "auto" and container_format(spec) == "qcow2":
         raise UsageError(f"{spec} begins like a qcow2 image but is not named .qcow2: pyvbak does not go by a "
                          f"header alone (a guest's raw disk may hold one); if it is the VM's qcow2 image, pass "

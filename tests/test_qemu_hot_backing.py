@@ -262,3 +262,4 @@ def test_a_disk_nodes_options_without_children_are_no_unusual_graph():
     assert _unusual_graph({"filename": "json:" + json.dumps({**plain, "backing": {"driver": "raw"}})}) is None
     assert _unusual_graph({"filename": "json:" + json.dumps({**plain, "data-file": {"driver": "file"}})})
     assert _unusual_graph({"filename": "json:" + json.dumps({"driver": "quorum", "children": [plain]})})
+    assert _unusual_graph({"filename": "blkdebug::/vm/inner.qcow2"})  # (a plain name over other nodes: review 3)

@@ -706,6 +706,9 @@ def _unusual_graph(image: dict) -> str | None:
     node - none of which the backing chain shows, so a write under them went unseen
     (session-16 review 2).  Options without children (``encrypt.key-secret``) are fine."""
     name = image.get("filename") or ""
+    if name.startswith(("blkdebug:", "blkverify:")):  # QEMU's debug drivers: plain names over other nodes
+        return (f"the disk's node reads through QEMU's debug driver {name.split(':', 1)[0]}, which pyvbak "
+                f"cannot see through")
     if not name.startswith("json:"):
         return None
     try:

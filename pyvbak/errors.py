@@ -15,8 +15,8 @@ Exit codes (stable, documented in README):
 from __future__ import annotations
 
 
-class PyvbakError(Exception):
-    """Base class: a user-facing error with a one-line message and an exit code."""
+class _OneLineMessage:
+    """A one-line message and an exit code (PyvbakError, Interrupted)."""
 
     exit_code = 1
 
@@ -26,6 +26,10 @@ class PyvbakError(Exception):
 
     def __str__(self) -> str:  # one line, always
         return self.message.replace("\n", " ")
+
+
+class PyvbakError(_OneLineMessage, Exception):
+    """Base class: a user-facing error with a one-line message and an exit code."""
 
 
 class UsageError(PyvbakError, ValueError):
@@ -68,5 +72,13 @@ class OutOfSpace(PyvbakError):
     exit_code = 9
 
 
-class Interrupted(PyvbakError):
+class Interrupted(_OneLineMessage, BaseException):
+    """SIGTERM or SIGHUP (Ctrl-C is Python's KeyboardInterrupt): a stop request, raised
+    wherever the main thread is.  Like KeyboardInterrupt it is no ``Exception``: as a
+    PyvbakError, every ``except Exception`` (an optimisation's fallback, a warning) or
+    ``except PyvbakError`` on its way swallowed it, and the command went on and exited 0
+    (the session-16 signal audit: a backup during its allocation-map query, a restore in a
+    prefetch hint, verify reporting a snapshot damaged).  Caught where a user-facing
+    error is (cli/main.py), exit code 10."""
+
     exit_code = 10

@@ -251,7 +251,7 @@ def test_resources_that_only_look_like_pyvbaks_are_left_alone(vm, work, tmp_path
 
 CHILD = r"""
 import sys, time, json
-from pyvbak.errors import PyvbakError
+from pyvbak.errors import Interrupted, PyvbakError
 from pyvbak.hypervisors.qemu import QemuHotBackup, hot
 uri, work, prev = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 hot.SNAPSHOT_ACCESS_SINCE = {"qcow2": (99, 0), "snapshot-access": (7, 1)}[sys.argv[4]]  # as the fixture
@@ -259,7 +259,7 @@ try:
     with QemuHotBackup(uri, previous_state=prev, work_dir=work) as s:
         print("READY", s.nbd_uri, flush=True)
         time.sleep(60)
-except PyvbakError as e:
+except (PyvbakError, Interrupted) as e:  # (a stop request is no Exception, like Ctrl-C)
     print("ERR", e, flush=True)
     sys.exit(e.exit_code)
 """

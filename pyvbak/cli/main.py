@@ -111,6 +111,7 @@ _AFTER_INTERRUPT = {
     "backup": "no snapshot was left half-written",
     "demo": "no snapshot was left half-written",
     "restore": "no partly restored file was left behind",
+    "cbt-off": "the dirty bitmaps not yet removed are still there; run it again to finish",
 }
 _command = [""]
 
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         if rv == _TYPER_CTRL_C_EXIT:
             return _interrupted()
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
-    except PyvbakError as exc:
+    except (PyvbakError, Interrupted) as exc:
         _say(f"pyvbak: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:

@@ -126,7 +126,17 @@ class RepositoryLock:
                 # nothing of the writers elsewhere, whose prune may move blocks meanwhile -
                 # --no-lock is the user's word that none runs (the session-13 review 2).
                 raise BackendError(f"{exc}; to only read the repository (restore, verify, a --dry-run), add --no-lock") from None
-            other = self._conflict({n: i for n, i in self._read_all().items() if not self._is_stale(i)})
+            except BaseException:
+                # a stop request: the object may exist (linked before write_new returned)
+                self._release()
+                raise
+            try:
+                other = self._conflict({n: i for n, i in self._read_all().items() if not self._is_stale(i)})
+            except BaseException:
+                # a with whose __enter__ raises never calls __exit__: a signal here left the
+                # lock, which another host cannot judge stale (the session-16 signal audit)
+                self._release()
+                raise
             if other is not None:
                 self._release()
         if other is not None:

@@ -693,7 +693,7 @@ class Repository:
             try:
                 index = load_cached(cache_dir, self.config.repo_id, names, read_index, self.pack_index_names)
             except (PyvbakError, BackendError):
-                raise  # the repository's own problem, or Ctrl-C/SIGTERM (Interrupted): report it
+                raise  # the repository's own problem: report it (a stop request is no Exception)
             except Exception:  # the cache's problem (disk full, permissions, damage): do without
                 index = None
         if index is None:

@@ -664,6 +664,14 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
                 raise OutOfSpace(f"no space left in {parent_dir} for the restore: free space there, or restore elsewhere") from None
             raise RestoreError(f"cannot create the restored file in {parent_dir}: {exc.strerror}; "
                                "restore into a directory you can write") from None
+        except BaseException:
+            # a stop request as the file was created: it may exist, empty (the session-16
+            # signal audit: "no partly restored file was left behind" beside one)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
     try:
         target = _Target(path, fd, bs, direct=os.environ.get(DIRECT_ENV, "1") != "0", threads=threads)
         if not is_device:

@@ -209,9 +209,19 @@ class QemuHotBackup(ExportSession):
 
     def __enter__(self) -> "QemuHotBackup":
         naming.begin_run(self.names.run)  # live for this process's other sessions until the teardown ends
-        # before anything is made in the VM: it cleans up if this process dies without the teardown
-        self._watchdog = (watchdog.Watchdog(self.qmp_path, self.work_dir, self.names.run, self.qmp_timeout).start()
-                          if watchdog.enabled() else None)
+        # before anything is made in the VM: it cleans up if this process dies without the teardown.
+        # A stop request while it starts is raised once it is recorded, and it is told the
+        # session ended (it swallowed the signal, and the orphaned watchdog took the live
+        # backup for dead: the session-16 signal audit)
+        try:
+            with interrupts.held():
+                self._watchdog = (watchdog.Watchdog(self.qmp_path, self.work_dir, self.names.run,
+                                                    self.qmp_timeout).start() if watchdog.enabled() else None)
+        except BaseException:
+            if self._watchdog is not None:
+                self._watchdog.done()
+            naming.end_run(self.names.run)
+            raise
         self._guard = TerminationGuard().__enter__()
         try:
             self._setup()
@@ -231,7 +241,11 @@ class QemuHotBackup(ExportSession):
         qmp = self._qmp = QmpClient(self.qmp_path, timeout=self.qmp_timeout).connect()
         self.snapshot_access = qmp.version_tuple >= SNAPSHOT_ACCESS_SINCE
         # one pyvbak session per VM, whatever work dir or repository the other one uses
-        self._lock = session_lock.acquire(qmp, self.names.run)
+        # its id recorded before it exists: a signal after its creation, before acquire
+        # returned, left it in the VM (the session-16 signal audit); an absent one is released
+        # without complaint
+        self._lock = session_lock.lock_id(self.names.run)
+        session_lock.acquire(qmp, self.names.run)
 
         # which bitmaps dead runs disabled themselves: their journals, before cleanup removes them
         disabled_by_runs = cleanup.bitmaps_disabled_by(
@@ -479,7 +493,7 @@ class QemuHotBackup(ExportSession):
                                  "run is left (the next backup checks the VM's dirty bitmaps)"))
             err.exit_code = getattr(exc, "exit_code", SourceError.exit_code)
             raise err from exc
-        if errors and isinstance(exc, (PyvbakError, KeyboardInterrupt)):
+        if errors and isinstance(exc, (PyvbakError, Interrupted, KeyboardInterrupt)):
             # The user must hear that QEMU still holds something of pyvbak's, not only
             # why the backup failed: one message for both, the failure's exit code.
             what = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)

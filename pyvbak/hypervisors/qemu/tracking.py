@@ -49,8 +49,9 @@ def _from_running_vm(uri: str, work_dir: Path, timeout: float) -> list[str]:
     run = new_run_id()
     removed: list[str] = []
     with QmpClient(qmp_path, timeout=timeout).connect() as qmp:
-        lock = session_lock.acquire(qmp, run)  # no pyvbak session runs on this VM meanwhile
+        lock = session_lock.lock_id(run)  # (recorded first: see hot.py's _setup)
         try:
+            session_lock.acquire(qmp, run)  # no pyvbak session runs on this VM meanwhile
             # a killed run's filters and exports first: they hold its bitmaps busy
             removed += [f"cleanup: {line}" for line in cleanup.clean_leftovers(qmp, work_dir, None, None, own_run=run,
                                                                                this_vm=str(qmp_path))]

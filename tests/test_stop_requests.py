@@ -1,0 +1,150 @@
+"""A stop request (SIGTERM, SIGHUP, Ctrl-C) at an instant where it used to be swallowed or
+to leave something behind (the session-16 signal audit).
+
+``Interrupted`` (SIGTERM/SIGHUP) was a PyvbakError, so an ``Exception``: every ``except
+Exception`` (an optimisation's fallback, a hint) or ``except PyvbakError`` (a warning, a
+snapshot reported unreadable) on its way caught it, and the command went on - exit 0, or
+verify's "damaged" (exit 6).  Ctrl-C (KeyboardInterrupt) was right all along; SIGTERM now
+is no Exception either.  Each case runs the CLI in a child whose patched function sends the
+signal to its own process at that instant (the handler runs there, as for a real one).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from images import MiB, make_image
+from pyvbak.errors import Interrupted, PyvbakError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import os, signal, sys
+SIG = int(os.environ["STOP_SIGNAL"])
+fired = []
+def stop_here():
+    if not fired:
+        fired.append(1)
+        os.kill(os.getpid(), SIG)
+PATCH
+from pyvbak.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_stopped(tmp_path, patch: str, argv: list, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("PYVBAK_REPO", None)
+    return subprocess.run([sys.executable, "-c", CHILD.replace("PATCH", patch), *map(str, argv)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def pyvbak(*argv) -> None:
+    subprocess.run([sys.executable, "-m", "pyvbak", *map(str, argv)], check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.fixture
+def repo_and_image(tmp_path):
+    repo = tmp_path / "repo"
+    pyvbak("init", repo)
+    img = make_image(tmp_path / "vm.img", 4 * MiB, [(0, 2 * MiB, "random")], seed=5)
+    return repo, img
+
+
+def snapshots(repo: Path) -> list[str]:
+    d = repo / "snapshots"
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".json")) if d.exists() else []
+
+
+def test_a_stop_request_is_no_exception():
+    assert issubclass(Interrupted, BaseException) and not issubclass(Interrupted, Exception)
+    assert not issubclass(Interrupted, PyvbakError) and Interrupted("x\ny").exit_code == 10
+    assert str(Interrupted("x\ny")) == "x y"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_during_the_allocation_map_query_a_backup_stops(tmp_path, repo_and_image, sig):
+    """`_zero_extent_blocks` falls back to reading everything when the map fails: it took
+    the stop request for such a failure, and the snapshot was made (exit 0)."""
+    repo, img = repo_and_image
+    patch = ("from pyvbak.sources.file import FileSource\n"
+             "real = FileSource.extents\n"
+             "def extents(self, *a, **k):\n    stop_here()\n    return real(self, *a, **k)\n"
+             "FileSource.extents = extents\n")
+    p = run_stopped(tmp_path, patch, ["backup", img, "--repo", repo, "--vm", "v"], sig)
+    assert p.returncode == 10 and "interrupted by SIG" in p.stderr, p.stderr
+    assert snapshots(repo) == [] and os.listdir(repo / "locks") == []
+
+
+def test_while_verify_reads_a_snapshot_index_it_stops_and_reports_no_damage(tmp_path, repo_and_image):
+    repo, img = repo_and_image
+    pyvbak("backup", img, "--repo", repo, "--vm", "v")
+    patch = ("from pyvbak.repo.repository import Repository\n"
+             "real = Repository.snapshot_digests\n"
+             "def snapshot_digests(self, snap):\n    stop_here()\n    return real(self, snap)\n"
+             "Repository.snapshot_digests = snapshot_digests\n")
+    p = run_stopped(tmp_path, patch, ["verify", "--repo", repo])
+    assert p.returncode == 10 and "damaged" not in p.stderr, (p.returncode, p.stderr)
+
+
+def test_a_restore_stopped_in_a_prefetch_hint_puts_nothing_in_place(tmp_path, repo_and_image):
+    repo, img = repo_and_image
+    pyvbak("backup", img, "--repo", repo, "--vm", "v")
+    out = tmp_path / "out"
+    out.mkdir()
+    # inside the hint, where its `except Exception` was
+    patch = ("from pyvbak.backends.local import LocalBackend\n"
+             "real = LocalBackend._path\n"
+             "def _path(self, name):\n"
+             "    if sys._getframe(1).f_code.co_name == 'prefetch':\n        stop_here()\n"
+             "    return real(self, name)\n"
+             "LocalBackend._path = _path\n")
+    p = run_stopped(tmp_path, patch, ["restore", "v@latest", out / "disk.img", "--repo", repo])
+    assert p.returncode == 10 and os.listdir(out) == [], (p.returncode, p.stderr, os.listdir(out))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_right_after_the_repository_lock_is_written_removes_it(tmp_path, repo_and_image, sig):
+    """A `with` whose __enter__ raises never calls __exit__: the lock stayed, and another
+    host cannot judge it stale."""
+    repo, img = repo_and_image
+    patch = ("from pyvbak.repo.locks import RepositoryLock\n"
+             "real = RepositoryLock._conflict\n"
+             "calls = []\n"
+             "def _conflict(self, locks):\n"
+             "    calls.append(1)\n"
+             "    if len(calls) == 2:  # the check after the lock object was written\n"
+             "        stop_here()\n"
+             "    return real(self, locks)\n"
+             "RepositoryLock._conflict = _conflict\n")
+    p = run_stopped(tmp_path, patch, ["backup", img, "--repo", repo, "--vm", "v"], sig)
+    assert p.returncode == 10, p.stderr
+    assert os.listdir(repo / "locks") == [] and snapshots(repo) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_as_the_restore_file_is_created_leaves_no_temp_file(tmp_path, repo_and_image, sig):
+    repo, img = repo_and_image
+    pyvbak("backup", img, "--repo", repo, "--vm", "v")
+    out = tmp_path / "out"
+    out.mkdir()
+    patch = ("import os as _os\n"
+             "from pyvbak.repo import restore\n"
+             "real_open = _os.open\n"
+             "class _Os:\n"
+             "    def __getattr__(self, name):\n        return getattr(_os, name)\n"
+             "    def open(self, path, flags, *a):\n"
+             "        fd = real_open(path, flags, *a)\n"
+             "        if '.pyvbak-restore-' in str(path):\n            stop_here()\n"
+             "        return fd\n"
+             "restore.os = _Os()\n")
+    p = run_stopped(tmp_path, patch, ["restore", "v@latest", out / "disk.img", "--repo", repo], sig)
+    assert p.returncode == 10 and os.listdir(out) == [], (p.returncode, p.stderr, os.listdir(out))
+    assert os.listdir(repo / "locks") == []

@@ -18,7 +18,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-_state = {"finishing": False, "noted": [], "held": 0, "held_noted": []}
+_state = {"finishing": False, "noted": [], "held": 0, "held_noted": [], "raised": []}
 
 
 def begin_finishing() -> None:
@@ -84,8 +84,24 @@ def held() -> Iterator[None]:
                     handler(pending[0], None)  # raises as that handler does (KeyboardInterrupt, Interrupted)
 
 
+def raising(signum: int) -> None:
+    """For a signal handler about to raise its stop request: recorded, so that a command
+    which still ends normally can say the request was lost - Python drops an exception
+    raised inside a finalizer, a weakref callback or an at-fork handler ("Exception
+    ignored"), wherever the main thread happened to be (the session-16 signal audit)."""
+    _state["raised"].append(signum)
+
+
 def end() -> list[str]:
     """Back to raising; the names of the signals noted meanwhile (oldest first)."""
     noted = [signal.Signals(s).name for s in _state["noted"]]
     _state["finishing"], _state["noted"] = False, []
     return noted
+
+
+def raised_and_lost() -> list[str]:
+    """The stop requests raised since the last call (``raising``), by name; for a command
+    that ended normally, they were lost on their way."""
+    raised = [signal.Signals(s).name for s in _state["raised"]]
+    _state["raised"] = []
+    return raised

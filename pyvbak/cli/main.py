@@ -130,12 +130,14 @@ def _sigterm(signum, frame):
         return
     why = ("SIGHUP (the terminal or ssh session closed)" if signum == getattr(signal, "SIGHUP", None)
            else "SIGTERM")
+    interrupts.raising(signum)
     raise Interrupted(f"interrupted by {why}: stopped cleanly; {_after_interrupt()}")
 
 
 def _sigint(signum, frame):
     if interrupts.note_if_finishing(signum):
         return
+    interrupts.raising(signum)
     raise KeyboardInterrupt
 
 
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     tune_for_throughput()  # this process is the CLI's: see pyvbak/allocator.py
     _printable_anywhere()
     previous = _catch_termination()
+    interrupts.raised_and_lost()  # (a library caller's earlier commands' are not this one's)
     try:
         args = sys.argv[1:] if argv is None else list(argv)
         _command[0] = next((a for a in args if not a.startswith("-")), "")
@@ -184,7 +187,14 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         # A command that returns normally returns None.
         if rv == _TYPER_CTRL_C_EXIT:
             return _interrupted()
-        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        lost = interrupts.raised_and_lost() if code == 0 else []
+        if lost:
+            # raised inside an object's clean-up, where Python drops exceptions: the command
+            # ran to its end, complete - say so rather than nothing (session-16 signal audit)
+            _say(f"pyvbak: note: {' and '.join(dict.fromkeys(lost))} arrived while Python was cleaning up an object, "
+                 f"where it cannot stop the command: the {_command[0] or 'command'} ran to its end and is complete")
+        return code
     except (PyvbakError, Interrupted) as exc:
         _say(f"pyvbak: error: {exc}")
         return exc.exit_code

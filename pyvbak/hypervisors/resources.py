@@ -48,6 +48,7 @@ class TerminationGuard:
         if self._deferring:
             self.pending = signum
             return
+        interrupts.raising(signum)
         raise Interrupted(f"interrupted by {signal.Signals(signum).name}; cleaned up what this run created")
 
     def __enter__(self) -> "TerminationGuard":

@@ -165,3 +165,33 @@ def test_a_stop_request_python_drops_in_a_finalizer_is_at_least_reported(tmp_pat
     assert p.returncode == 0 and len(snapshots(repo)) == 1, p.stderr
     assert "pyvbak: note: SIGTERM arrived while Python was cleaning up an object" in p.stderr, p.stderr
     assert "ran to its end and is complete" in p.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_the_nbd_handshake_of_a_hot_backup_leaves_qemu_answering(tmp_path, sig):
+    """The half-open NBD connection stayed open while the teardown stopped QEMU's NBD server:
+    QEMU 7.2 waited for it in nbd-server-stop, pyvbak timed out after 30 s, and the VM's
+    monitor never answered again (the session-16 signal audit, a real qemu-system too)."""
+    import time
+
+    from conftest import require_tool
+    from qemu_vm import FakeVM
+
+    require_tool("qemu-storage-daemon", "qemu-system-common")
+    require_tool("fusermount3", "fuse3")
+    vm = FakeVM(tmp_path / "vm").start()
+    try:
+        repo = tmp_path / "repo"
+        pyvbak("init", repo)
+        vm.write(0, os.urandom(MiB))
+        patch = ("from pyvbak.sources.nbd import NbdClient\n"
+                 "real = NbdClient._handshake\n"
+                 "def _handshake(self):\n    stop_here()\n    return real(self)\n"
+                 "NbdClient._handshake = _handshake\n")
+        t0 = time.monotonic()
+        p = run_stopped(tmp_path, patch, ["backup", vm.uri, "--repo", repo, "--vm", "v"], sig)
+        assert p.returncode == 10 and time.monotonic() - t0 < 20, p.stderr
+        assert "incomplete" not in p.stderr, p.stderr
+        assert vm.exports() == ["guest"] and vm.jobs() == [] and vm.pyvbak_nodes() == []  # the monitor answers
+    finally:
+        vm.stop()

@@ -236,6 +236,12 @@ class NbdClient:
         except (OSError, socket.timeout) as e:
             self._abort_socket()
             raise self._err(f"handshake failed: {self._describe_oserror(e)}") from None
+        except BaseException:
+            # a stop request mid-handshake: a half-open connection left to QEMU made its
+            # nbd-server-stop wait for it - and QEMU 7.2's monitor hung for good (the
+            # session-16 signal audit)
+            self._abort_socket()
+            raise
         self._reader = threading.Thread(target=self._reader_main, name=f"nbd-reader {self.name}", daemon=True)
         self._reader.start()
         return self
@@ -1000,8 +1006,12 @@ class NbdSource:
     # ---- lifecycle ---------------------------------------------------------------
     def open(self) -> "NbdSource":
         if not self._open:
-            self.client.connect()
-            self._open = True
+            try:
+                self.client.connect()
+                self._open = True
+            except BaseException:
+                self.client.close()  # (idempotent; a stop request right after the handshake)
+                raise
         return self
 
     def close(self) -> None:

@@ -67,6 +67,21 @@ def hot_backup(capsys, qmp: Path, repo: str, node: str = "disk0") -> dict:
     return res[0] if isinstance(res, list) else res
 
 
+def a_direct_write_is_seen(capsys, qmp: Path, repo: str, written: Path, expect: str, guest: Path, tmp_path: Path,
+                           node: str = "disk0") -> None:
+    """Back up, write 64 KiB of 0x33 at the start of ``written`` (a file QEMU reads for the
+    disk, not through it), back up again: the second backup scans, saying ``expect``, and
+    restores what the guest sees."""
+    hot_backup(capsys, qmp, repo, node)
+    with open(written, "r+b") as f:
+        f.write(b"\x33" * 65536)
+    res = hot_backup(capsys, qmp, repo, node)
+    assert res["cbt"] is False and expect in res["fallback_reason"], res
+    out = tmp_path / "out.raw"
+    assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == guest.read_bytes()
+
+
 def test_a_write_into_a_backing_vmdks_extent_opened_by_another_path_is_seen(tmp_path, capsys, cli_work_dir):
     os.symlink(tmp_path, tmp_path / "lnk")
     run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
@@ -144,14 +159,7 @@ def test_the_backing_file_qemu_reads_is_watched_whatever_the_header_names(tmp_pa
     with running_vm(tmp_path, "raw", other / "base.raw", images / "disk.qcow2", images) as (qmp, guest):
         repo = str(tmp_path / "repo")
         assert main(["init", repo]) == 0
-        hot_backup(capsys, qmp, repo)
-        with open(other / "base.raw", "r+b") as f:  # the file QEMU reads, written directly
-            f.write(b"\x33" * 65536)
-        res = hot_backup(capsys, qmp, repo)
-        assert res["cbt"] is False and "backing chain" in res["fallback_reason"], res
-        out = tmp_path / "out.raw"
-        assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
-        assert out.read_bytes()[:65536] == b"\x33" * 65536 and out.read_bytes() == guest.read_bytes()
+        a_direct_write_is_seen(capsys, qmp, repo, other / "base.raw", "backing chain", guest, tmp_path)
 
 
 def test_a_vm_started_with_relative_file_names_gets_the_reason_its_chain_is_not_vouched_for(tmp_path, capsys,
@@ -189,14 +197,7 @@ def test_a_backing_images_data_file_a_running_vm_may_attach_elsewhere_is_never_v
                     base_options=",data-file=data", extra=extra) as (qmp, guest):
         repo = str(tmp_path / "repo")
         assert main(["init", repo]) == 0
-        hot_backup(capsys, qmp, repo)
-        with open(other / "data.raw", "r+b") as f:  # the data file QEMU reads, written directly
-            f.write(b"\x33" * 65536)
-        res = hot_backup(capsys, qmp, repo)
-        assert res["cbt"] is False and "external data file" in res["fallback_reason"], res
-        out = tmp_path / "out.raw"
-        assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
-        assert out.read_bytes()[:65536] == b"\x33" * 65536 and out.read_bytes() == guest.read_bytes()
+        a_direct_write_is_seen(capsys, qmp, repo, other / "data.raw", "external data file", guest, tmp_path)
 
 
 @pytest.mark.parametrize("driver", ["copy-on-read", "throttle"])
@@ -241,15 +242,8 @@ def test_what_a_node_above_the_disk_hides_is_still_never_vouched_for(tmp_path, c
                     top_filter=top) as (qmp, guest):
         repo = str(tmp_path / "repo")
         assert main(["init", repo]) == 0
-        hot_backup(capsys, qmp, repo, node="top")
-        changed = tmp_path / ("data.raw" if top == "copy-on-read" else "base.raw")
-        with open(changed, "r+b") as f:  # under the node above the disk, written directly
-            f.write(b"\x33" * 65536)
-        res = hot_backup(capsys, qmp, repo, node="top")
-        assert res["cbt"] is False and expect in res["fallback_reason"], res
-        out = tmp_path / "out.raw"
-        assert main(["restore", res["id"], str(out), "--repo", repo]) == 0
-        assert out.read_bytes() == guest.read_bytes()
+        changed = tmp_path / ("data.raw" if top == "copy-on-read" else "base.raw")  # under the node above the disk
+        a_direct_write_is_seen(capsys, qmp, repo, changed, expect, guest, tmp_path, node="top")
 
 
 def test_a_disk_nodes_options_without_children_are_no_unusual_graph():

@@ -58,6 +58,16 @@ def repo_and_image(tmp_path):
     return repo, img
 
 
+@pytest.fixture
+def backed_up(tmp_path, repo_and_image):
+    """A repository with one snapshot of the image (v@latest), and an empty directory."""
+    repo, img = repo_and_image
+    pyvbak("backup", img, "--repo", repo, "--vm", "v")
+    out = tmp_path / "out"
+    out.mkdir()
+    return repo, out
+
+
 def snapshots(repo: Path) -> list[str]:
     d = repo / "snapshots"
     return sorted(p.name for p in d.iterdir() if p.name.endswith(".json")) if d.exists() else []
@@ -94,11 +104,8 @@ def test_while_verify_reads_a_snapshot_index_it_stops_and_reports_no_damage(tmp_
     assert p.returncode == 10 and "damaged" not in p.stderr, (p.returncode, p.stderr)
 
 
-def test_a_restore_stopped_in_a_prefetch_hint_puts_nothing_in_place(tmp_path, repo_and_image):
-    repo, img = repo_and_image
-    pyvbak("backup", img, "--repo", repo, "--vm", "v")
-    out = tmp_path / "out"
-    out.mkdir()
+def test_a_restore_stopped_in_a_prefetch_hint_puts_nothing_in_place(tmp_path, backed_up):
+    repo, out = backed_up
     # inside the hint, where its `except Exception` was
     patch = ("from pyvbak.backends.local import LocalBackend\n"
              "real = LocalBackend._path\n"
@@ -130,11 +137,8 @@ def test_a_stop_right_after_the_repository_lock_is_written_removes_it(tmp_path, 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_stop_as_the_restore_file_is_created_leaves_no_temp_file(tmp_path, repo_and_image, sig):
-    repo, img = repo_and_image
-    pyvbak("backup", img, "--repo", repo, "--vm", "v")
-    out = tmp_path / "out"
-    out.mkdir()
+def test_a_stop_as_the_restore_file_is_created_leaves_no_temp_file(tmp_path, backed_up, sig):
+    repo, out = backed_up
     patch = ("import os as _os\n"
              "from pyvbak.repo import restore\n"
              "real_open = _os.open\n"

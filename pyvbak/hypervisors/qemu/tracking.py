@@ -64,8 +64,13 @@ def _from_running_vm(uri: str, work_dir: Path, timeout: float) -> list[str]:
                         raise SourceError(f"QEMU could not remove dirty bitmap {name} from disk {disk.name} "
                                           f"(node '{disk.node}'): {e.desc}") from None
                     removed.append(f"removed dirty bitmap {name} from disk {disk.name} (node '{disk.node}')")
-        finally:
-            session_lock.release(qmp, lock)
+        except BaseException:
+            try:
+                session_lock.release(qmp, lock)
+            except Exception:  # noqa: BLE001 - the first failure is the one to report (a lost connection's too)
+                pass
+            raise
+        session_lock.release(qmp, lock)
     return removed
 
 

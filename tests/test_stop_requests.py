@@ -199,3 +199,26 @@ def test_a_stop_during_the_nbd_handshake_of_a_hot_backup_leaves_qemu_answering(t
         assert vm.exports() == ["guest"] and vm.jobs() == [] and vm.pyvbak_nodes() == []  # the monitor answers
     finally:
         vm.stop()
+
+
+def test_a_stop_during_the_demos_last_cleanup_is_said(tmp_path, monkeypatch):
+    """After "demo OK" the cleanup deferred a signal and dropped it: exit 0, no word
+    (the session-16 review 4).  It is noted as one after the work was done."""
+    from conftest import require_tool
+
+    require_tool("mkfs.ext4", "e2fsprogs")
+    repo = tmp_path / "repo"
+    pyvbak("init", repo)
+    patch = ("import shutil\n"
+             "real = shutil.rmtree\n"
+             "def rmtree(path, *a, **k):\n"
+             "    if 'pyvbak-demo-' in str(path):\n        stop_here()\n"
+             "    return real(path, *a, **k)\n"
+             "shutil.rmtree = rmtree\n")
+    env_tmp = tmp_path / "tmp"
+    env_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(env_tmp))  # (the demo's work directory: its own)
+    p = run_stopped(tmp_path, patch, ["demo", "--repo", repo, "--size-mib", "32"])
+    assert p.returncode == 0 and p.stdout.rstrip().endswith("demo OK"), p.stderr
+    assert "pyvbak: note: SIGTERM arrived after the work was committed" in p.stderr, p.stderr
+    assert os.listdir(env_tmp) == []  # its work directory went all the same

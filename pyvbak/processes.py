@@ -206,7 +206,7 @@ def spawned_helper(args: list[str], **popen_kwargs) -> Iterator[subprocess.Popen
     Python run its fork handlers in the parent, and an exception a signal handler raised in
     one of them was dropped ("Exception ignored"): the backup went on and exited 0 (the
     session-16 flaky-test audit)."""
-    import subprocess  # (noqa: the module's users that need no helper do not pay for it)
+    import subprocess  # (here: most users of this module start no helper)
 
     from . import interrupts
 

@@ -79,7 +79,7 @@ def outside_data(chain: list[dict], *, data_files_from_headers: bool = True) -> 
                 return [], (f"the backing image {name} keeps its data in an external data file, which the "
                             f"VM may attach from another file than the image names ({data['data-file']}), so "
                             f"writes to it cannot be ruled out")
-            if not os.path.isabs(data["data-file"]) and not data["data-file"].startswith("json:"):
+            if not os.path.isabs(data["data-file"]) and not _PROTOCOL.match(data["data-file"]):
                 # QEMU 7.2 opens a relative data-file from its own working directory, not the
                 # image's (checked with qemu-io): which file holds the backing image's data
                 # depends on the process opening it, so no identity recorded here is the one

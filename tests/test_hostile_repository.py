@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
 from images import MiB, random_bytes
 from pyvbak.cli.main import main
@@ -238,3 +239,57 @@ def test_a_description_an_older_pyvbak_cached_is_checked_by_todays_rules(repo, t
     assert sid not in out and sid in err
     code, _, err = cli(capsys, "restore", "web@latest", tmp_path / "out.img", "--repo", r)
     assert code != 0 and sid in err and not (tmp_path / "out.img").exists()
+
+
+def _snapshot_without_index_check(r: Path) -> tuple[str, Path]:
+    """The newest snapshot as an older pyvbak wrote it (no ``index_sha256``): its index is
+    trusted as it decodes."""
+    (meta,) = (r / "snapshots").glob("*.json")  # (not listed by pyvbak: it would cache the description)
+    sid = meta.stem
+    m = json.loads(writable(meta).read_text())
+    del m["index_sha256"]
+    meta.write_text(json.dumps(m, indent=2))
+    return sid, writable(r / fmt.snapshot_index_name(sid))
+
+
+def _huge_but_consistent_index(block_size: int) -> bytes:
+    """An index frame for a disk of 2^50 bytes, a few bytes long: its header agrees with
+    the content size its frame declares (the records never follow), so only the snapshot's
+    metadata can tell it from the start of a real index of a 1 PiB disk."""
+    size = 1 << 50
+    count = size // block_size
+    head = fmt.SNAPSHOT_HEADER.pack(fmt.SNAPSHOT_INDEX_MAGIC, fmt.FORMAT_VERSION, block_size, size, count)
+    declared = len(head) + count * fmt.SNAPSHOT_RECORD.itemsize
+    frame = zstandard.ZstdCompressor(level=1).compressobj(size=declared)
+    return frame.compress(head) + frame.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+
+@pytest.mark.parametrize("lie", ["declares a terabyte", "a consistent petabyte disk"])
+def test_a_snapshot_index_that_claims_more_than_its_disk_is_damage_not_out_of_memory(repo, tmp_path, capsys,
+                                                                                      monkeypatch, lie):
+    """A snapshot written before pyvbak recorded ``index_sha256`` has only its metadata to
+    check its index against: an index frame declaring a terabyte of content, or a header
+    for a far larger disk than the metadata's, made restore and the next backup fail with
+    'out of memory ... use larger blocks' (session 15's note) - damage, named, now."""
+    r, img = repo
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "another-host"))
+    sid, index = _snapshot_without_index_check(r)
+    meta = json.loads((r / "snapshots" / f"{sid}.json").read_text())
+    if lie == "declares a terabyte":
+        index.write_bytes(b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", 1 << 40)
+                          + struct.pack("<I", (3 << 3) | 1)[:3] + b"abc")
+    else:
+        index.write_bytes(_huge_but_consistent_index(meta["block_size"]))
+    code, _, err = cli(capsys, "restore", sid, tmp_path / "out.img", "--repo", r)
+    no_traceback(err)
+    assert code != 0 and "out of memory" not in err and fmt.snapshot_index_name(sid) in err, err
+    assert not (tmp_path / "out.img").exists()
+    code, out, err = cli(capsys, "backup", img, "--repo", r, "--vm", "web", "--json")  # the parent's, writable
+    no_traceback(err)
+    assert code == 0 and "out of memory" not in err, err
+    res = json.loads(out)
+    assert res["changed_bytes"] == img.stat().st_size
+    assert any(sid in w and "scanned the whole disk" in w for w in res["warnings"]), res["warnings"]
+    code, _, err = cli(capsys, "verify", "--repo", r)
+    no_traceback(err)
+    assert code != 0 and "out of memory" not in err and sid in err, err

@@ -221,7 +221,7 @@ def encode_snapshot_index_patched(block_size: int, disk_size: int, base_chunks, 
     return b"".join(out)
 
 
-def _decompress_snapshot_writable(data: bytes, what: str) -> memoryview:
+def _decompress_snapshot_writable(data: bytes, what: str, expect: tuple[int, int] | None) -> memoryview:
     """A snapshot index decompressed into writable memory of its own (not zero-filled
     first).  The frame header's content size is only trusted once the index header it
     announces agrees with it: a damaged frame must give IntegrityError, not an
@@ -232,13 +232,16 @@ def _decompress_snapshot_writable(data: bytes, what: str) -> memoryview:
     except zstandard.ZstdError as exc:  # not a zstd frame at all
         raise _corrupt(what, exc) from None
     if size < 0:  # no content size in the header: decompress, then copy once
-        return memoryview(bytearray(_decompress_meta(data, what)))
+        most = None if expect is None else SNAPSHOT_HEADER.size + _record_count(*expect) * SNAPSHOT_RECORD.itemsize
+        return memoryview(bytearray(_decompress_meta(data, what, max_output=most)))
     try:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
             head = reader.read(SNAPSHOT_HEADER.size)
     except zstandard.ZstdError as exc:
         raise _corrupt(what, exc) from None
-    _, _, count = _snapshot_header(head, what)
+    block_size, disk_size, count = _snapshot_header(head, what)
+    if expect is not None and expect != (block_size, disk_size):
+        raise IntegrityError(f"{what} does not match its snapshot's metadata")
     if size != SNAPSHOT_HEADER.size + count * SNAPSHOT_RECORD.itemsize:
         raise IntegrityError(f"{what} is inconsistent: its frame holds {size} bytes for {count} records")
     out = np.empty(size, np.uint8)
@@ -252,12 +255,22 @@ def _decompress_snapshot_writable(data: bytes, what: str) -> memoryview:
     return memoryview(out)
 
 
-def decode_snapshot_index(data: bytes, what: str, *, writable: bool = False) -> tuple[int, int, np.ndarray]:
+def decode_snapshot_index(data: bytes, what: str, *, writable: bool = False,
+                          expect: tuple[int, int] | None = None) -> tuple[int, int, np.ndarray]:
     """Returns (block_size, disk_size, records); IntegrityError on any inconsistency.
     ``records`` is a view of the decompressed bytes (no copy), read-only unless
-    ``writable`` (then the caller may change it in place)."""
-    raw = _decompress_snapshot_writable(data, what) if writable else memoryview(_decompress_meta(data, what))
+    ``writable`` (then the caller may change it in place).  ``expect``: the (block size,
+    disk size) the snapshot's metadata gives, checked before any memory is taken for the
+    records: an index of a snapshot made before its metadata recorded the index's SHA-256
+    could claim a petabyte disk, and the backup it parented failed "out of memory"."""
+    if writable:
+        raw = _decompress_snapshot_writable(data, what, expect)
+    else:
+        most = None if expect is None else SNAPSHOT_HEADER.size + _record_count(*expect) * SNAPSHOT_RECORD.itemsize
+        raw = memoryview(_decompress_meta(data, what, max_output=most))
     block_size, disk_size, count = _snapshot_header(raw[: SNAPSHOT_HEADER.size], what)
+    if expect is not None and expect != (block_size, disk_size):
+        raise IntegrityError(f"{what} does not match its snapshot's metadata")
     body = raw[SNAPSHOT_HEADER.size :]
     if len(body) != count * SNAPSHOT_RECORD.itemsize:
         raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
@@ -273,9 +286,13 @@ def _snapshot_header(head, what: str) -> tuple[int, int, int]:
         raise IntegrityError(f"{what} is not a pyvbak snapshot index (bad magic)")
     if version != FORMAT_VERSION:
         raise IntegrityError(f"{what} has index version {version}; this pyvbak reads version {FORMAT_VERSION}")
-    if count != (-(-disk_size // block_size) if block_size else -1):
+    if count != (_record_count(block_size, disk_size) if block_size else -1):
         raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
     return block_size, disk_size, count
+
+
+def _record_count(block_size: int, disk_size: int) -> int:
+    return -(-disk_size // block_size)
 
 
 def iter_snapshot_index(data: bytes, what: str, chunk_records: int = 1 << 20, *,

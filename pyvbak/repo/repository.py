@@ -564,10 +564,9 @@ class Repository:
         change in place (the next backup of the disk starts from them)."""
         name = fmt.snapshot_index_name(snap.id)
         data = self._read_snapshot_index(snap, name)
-        bs, size, records = fmt.decode_snapshot_index(data, f"snapshot index {name}", writable=writable)
+        bs, size, records = fmt.decode_snapshot_index(data, f"snapshot index {name}", writable=writable,
+                                                      expect=(snap.meta["block_size"], snap.meta["size"]))
         del data  # compressed bytes: not held while the caller works on the records
-        if bs != snap.meta["block_size"] or size != snap.meta["size"]:
-            raise IntegrityError(f"index of snapshot {snap.id} does not match its metadata")
         return bs, size, records
 
     def _read_snapshot_index(self, snap: SnapshotInfo, name: str) -> bytes:

@@ -25,12 +25,15 @@ def _mounted(path: Path) -> bool:
 
 @contextlib.contextmanager
 def running_vm(tmp_path: Path, base_driver: str, base_path: Path, disk_path: Path, cwd: Path, *,
-               base_options: str = "", extra: tuple[str, ...] = (), top_filter: str | None = None):
+               base_options: str = "", extra: tuple[str, ...] = (), top_filter: str | None = None,
+               above: tuple[str, ...] = (), guest_node: str | None = None):
     """A stand-in VM (qemu-storage-daemon started in ``cwd``) whose disk ``disk_path`` (a
     qcow2, node ``disk0``) reads through the backing image ``base_path`` opened by node
     (``base_options``: more of that node's options; ``extra``: more daemon arguments, before
     it): yields (its QMP socket, the guest's writable FUSE file).  ``top_filter``: the guest
-    writes through a filter node ``top`` of that driver above the disk."""
+    writes through a filter node ``top`` of that driver above the disk; ``above``: more
+    daemon arguments after the disk's node (nodes over it), ``guest_node`` the one the guest
+    writes through then."""
     require_tool("qemu-storage-daemon", "qemu-system-common")
     require_tool("fusermount3", "fuse3")
     guest = tmp_path / "guest.img"
@@ -44,9 +47,10 @@ def running_vm(tmp_path: Path, base_driver: str, base_path: Path, disk_path: Pat
          "--blockdev", f"driver=file,node-name=disk0-file,filename={disk_path}",
          "--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file,backing=base",
          *(["--blockdev", f"driver={top_filter},node-name=top,file=disk0"] if top_filter else []),
+         *above,
          "--chardev", f"socket,path={qmp},server=on,wait=off,id=q0", "--monitor", "chardev=q0",
          "--chardev", f"socket,path={ctl_sock},server=on,wait=off,id=c0", "--monitor", "chardev=c0",
-         "--export", f"type=fuse,id=guest,node-name={'top' if top_filter else 'disk0'},mountpoint={guest},"
+         "--export", f"type=fuse,id=guest,node-name={guest_node or ('top' if top_filter else 'disk0')},mountpoint={guest},"
                      f"writable=on"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     ctl = None
@@ -257,3 +261,26 @@ def test_a_disk_nodes_options_without_children_are_no_unusual_graph():
     assert _unusual_graph({"filename": "json:" + json.dumps({**plain, "data-file": {"driver": "file"}})})
     assert _unusual_graph({"filename": "json:" + json.dumps({"driver": "quorum", "children": [plain]})})
     assert _unusual_graph({"filename": "blkdebug::/vm/inner.qcow2"})  # (a plain name over other nodes: review 3)
+
+
+def test_a_snapshot_access_node_is_refused_for_what_it_is(tmp_path, capsys, cli_work_dir):
+    """Another backup's point-in-time view (snapshot-access over copy-before-write over the
+    disk) carries the disk image's file name: it was refused as "the file under the qcow2
+    node", which it is not (session-16 review 3, F2)."""
+    run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
+    run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{tmp_path}/base.raw", "-F", "raw", "disk.qcow2", "16M")
+    run("qemu-img", "create", "-q", "-f", "raw", "target.raw", "16M")
+    above = ("--blockdev", f"driver=file,node-name=target-file,filename={tmp_path}/target.raw",
+             "--blockdev", "driver=raw,node-name=target,file=target-file",
+             "--blockdev", "driver=copy-before-write,node-name=cbw,file=disk0,target=target",
+             "--blockdev", "driver=snapshot-access,node-name=view,file=cbw")
+    with running_vm(tmp_path, "raw", tmp_path / "base.raw", tmp_path / "disk.qcow2", tmp_path, above=above,
+                    guest_node="cbw") as (qmp, _):
+        repo = str(tmp_path / "repo")
+        assert main(["init", repo]) == 0
+        capsys.readouterr()
+        assert main(["backup", f"qemu://{qmp}?node=view", "--repo", repo, "--vm", "hot"]) == 4
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "snapshot-access" in err and "file under" not in err, err
+        assert "?node=disk0" in err, err

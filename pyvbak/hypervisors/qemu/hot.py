@@ -43,7 +43,7 @@ from .session import ExportSession, backing_chain_changed, outside_data
 from ..resources import TerminationGuard, remove_files
 from . import cleanup
 from . import fleece_guard, fleece_image, naming, session_lock, watchdog
-from .vm_disks import MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
+from .vm_disks import FILTER_DRIVERS, MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
 from .naming import GEN_PREFIX, PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id, run_of
 from .qmp import QmpClient, QmpError
 
@@ -682,12 +682,6 @@ def _qemu_gone(qmp_path) -> str | None:
     finally:
         probe.close()
     return None
-
-
-#: drivers of filter nodes: a filter in a backing chain (libvirt's throttle groups) passes
-#: its child's data through and keeps none of its own
-FILTER_DRIVERS = frozenset({"throttle", "copy-on-read", "preallocate", "compress", "copy-before-write",
-                            "snapshot-access", "blkdebug", "blklogwrites", "blkreplay"})
 
 
 def _disk_chain(image: dict) -> list[dict]:

@@ -217,17 +217,32 @@ def _user_nodes(node_names: set[str]) -> list[str]:
 _CONTAINER_FORMATS = {"qcow2", "qed", "vmdk", "vdi", "vhdx", "vpc", "luks", "parallels"}
 
 
+#: drivers of filter nodes: a filter in a backing chain (libvirt's throttle groups) passes
+#: its child's data through and keeps none of its own
+FILTER_DRIVERS = frozenset({"throttle", "copy-on-read", "preallocate", "compress", "copy-before-write",
+                            "snapshot-access", "blkdebug", "blklogwrites", "blkreplay"})
+
+
 def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str) -> None:
     """SourceError for a disk named by the protocol node under a format node (``?node=
     disk0-file`` under qcow2 ``disk0``): its bytes are the image file's - qcow2 clusters,
-    metadata and all - not what the guest sees, and change tracking would follow the file."""
+    metadata and all - not what the guest sees, and change tracking would follow the file.
+    And for a snapshot-access node: another backup's frozen view of a disk, whose bytes
+    come partly from that backup's copy-before-write target, which no dirty bitmap of the
+    disk sees."""
     for d in disks:
         info = infos.get(d.node) or {}
         filename = info.get("file")
+        above = [n for n, i in infos.items() if n != d.node and filename and i.get("file") == filename
+                 and i.get("drv") in _CONTAINER_FORMATS]
+        if info.get("drv") == "snapshot-access":
+            # (named after the disk image's file too: it was refused as that file's node,
+            # which it is not - session-16 review 3)
+            disk = f", ?node={above[0]}" if above else ""
+            raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is a snapshot-access node, another "
+                              f"backup's frozen view of a disk, not a disk: back up the disk's own node{disk}")
         if not filename or info.get("drv") in _CONTAINER_FORMATS:
             continue
-        above = [n for n, i in infos.items() if n != d.node and i.get("file") == filename
-                 and i.get("drv") in _CONTAINER_FORMATS]
         if above:
             fmt = infos[above[0]].get("drv")
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is the file under the {fmt} node "

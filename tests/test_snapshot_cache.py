@@ -174,3 +174,36 @@ def test_a_killed_saves_temp_file_is_removed_by_a_later_save(tmp_path, monkeypat
     assert not os.path.exists(stale) and not os.path.exists(killed)  # however young
     assert os.path.exists(fresh) and os.path.exists(live)  # a concurrent save's is kept
     assert c.load() == {"snapshots/b.json": {"vm": "v"}}
+
+
+def test_directories_made_for_the_cache_and_work_dir_are_private_under_umask_000(tmp_path, monkeypatch):
+    """makedirs gives its mode to the last directory only: under umask 000 a missing
+    ~/.cache (the cache root's parent) was made 0777, so anyone on the host could swap
+    pyvbak's directories in it (the session-14 review)."""
+    from pyvbak.hypervisors import default_work_dir
+    from pyvbak.hypervisors.qemu.fleece_image import _open_templates_dir as templates_dir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("PYVBAK_CACHE_DIR", raising=False)
+    monkeypatch.delenv("PYVBAK_WORK_DIR", raising=False)
+    old = os.umask(0)
+    try:
+        work = default_work_dir()
+        fd = templates_dir()
+        repo = Repository.init(str(tmp_path / "repo"))
+        repo.snapshots()  # writes the snapshot cache
+    finally:
+        os.umask(old)
+    if fd is not None:
+        os.close(fd)
+    made = [p for p in (home / ".cache").rglob("*") if p.is_dir()] + [home / ".cache"]
+    assert os.path.join(str(home), ".cache", "pyvbak", "work") == work
+    assert any(p.name == "fleece-templates" for p in made) and len(made) >= 4, made
+    assert {p: oct(p.stat().st_mode & 0o777) for p in made if p.stat().st_mode & 0o077} == {}
+    (home / "file").write_text("x")
+    from pyvbak.repo.cache import make_private_dirs
+    with pytest.raises(FileExistsError):
+        make_private_dirs(str(home / "file"))

@@ -32,8 +32,10 @@ def default_work_dir() -> str:
     # absolute: QEMU opens the fleecing files and sockets named in it from its own working
     # directory (a relative PYVBAK_WORK_DIR failed as "Could not open 'relwork/...'")
     base = os.path.abspath(base)
+    from ..repo.cache import make_private_dirs
+
     try:
-        os.makedirs(base, mode=0o700, exist_ok=True)
+        make_private_dirs(base)
     except OSError as exc:
         raise UsageError(f"cannot create the work dir {base} (sockets and fleecing files): {exc.strerror}; "
                          "set PYVBAK_WORK_DIR to a writable directory") from None

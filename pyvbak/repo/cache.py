@@ -39,6 +39,24 @@ def cache_root() -> str | None:
     return os.path.join(base, "pyvbak")
 
 
+def make_private_dirs(path: str) -> None:
+    """``os.makedirs(path, 0o700, exist_ok=True)`` with every directory it creates 0700,
+    the missing parents too (makedirs gives its mode to the last one only): under a umask
+    of 000 a missing ~/.cache was made 0777, and anyone on the host could then replace
+    pyvbak's directories in it (the session-14 review).  OSError as makedirs gives it."""
+    missing = []
+    d = os.path.abspath(path)
+    while not os.path.isdir(d) and os.path.dirname(d) != d:
+        missing.append(d)
+        d = os.path.dirname(d)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(d):  # a file (or a link to one) in the way: as makedirs says it
+                raise
+
+
 def repo_cache_dir(repo_id: str) -> str | None:
     root = cache_root()
     if not root:
@@ -124,7 +142,7 @@ class SnapshotMetaCache:
         tmp = f"{self.path}.{os.getpid()}-{start_time(os.getpid()) or 0}-{scope_token()}-{secrets.token_hex(6)}.tmp"
         try:
             # 0700: VM names, sizes and digests of disks are the repository's secrets too
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            make_private_dirs(os.path.dirname(self.path))
             self._drop_stale_temps()
             # dumps, not dump: json.dump streams through the pure-Python encoder (2000
             # snapshots: 43 ms vs 16 ms), and this runs on every backup's first listing

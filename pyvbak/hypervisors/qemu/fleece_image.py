@@ -52,14 +52,14 @@ def _open_templates_dir() -> int | None:
     link to another directory by whoever can write the cache root (root running with a
     user's cache; a umask of 000) had this user's files there removed (the session-14
     review)."""
-    from pyvbak.repo.cache import cache_root
+    from pyvbak.repo.cache import cache_root, make_private_dirs
 
     root = cache_root()
     if not root:
         return None
     d = os.path.join(root, "fleece-templates")
     try:
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        make_private_dirs(root)
         os.mkdir(d, 0o700)
     except FileExistsError:
         pass

@@ -157,3 +157,18 @@ def test_restore_device_bench(tmp_path):
                     "--work-dir", str(tmp_path / "w"))
     assert positive(doc["device_s"]) and positive(doc["written_s"]) and positive(doc["ratio_written_over_device"])
     assert os.listdir(tmp_path / "w") == []  # its work directory is removed
+
+
+def test_kernel_micro_benchmarks_run_and_agree_with_their_references(tmp_path):
+    """bench/test_kernels.py (pytest-benchmark) once per kernel, timing off: every kernel
+    this CPU offers gives its reference's result."""
+    from pyvbak import native
+
+    want = len(native.available_kernels()) + len(native.available_sha256_kernels()) + len(
+        native.available_decode_kernels())
+    env = dict(os.environ, PYVBAK_KERNEL_BENCH_MIB="4")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          os.path.join(BENCH, "test_kernels.py")], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert f"{want} passed" in out.stdout, out.stdout[-2000:]

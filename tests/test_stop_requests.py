@@ -38,8 +38,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_stopped(tmp_path, patch: str, argv: list, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
+def run_stopped(tmp_path, patch: str, argv: list, sig=signal.SIGTERM, **env_extra) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)), PYVBAK_CACHE_DIR=str(tmp_path / "cache"),
+               **env_extra)
     env.pop("PYVBAK_REPO", None)
     return subprocess.run([sys.executable, "-c", CHILD.replace("PATCH", patch), *map(str, argv)], env=env,
                           capture_output=True, text=True, timeout=120)
@@ -222,3 +223,52 @@ def test_a_stop_during_the_demos_last_cleanup_is_said(tmp_path, monkeypatch):
     assert p.returncode == 0 and p.stdout.rstrip().endswith("demo OK"), p.stderr
     assert "pyvbak: note: SIGTERM arrived after the work was committed" in p.stderr, p.stderr
     assert os.listdir(env_tmp) == []  # its work directory went all the same
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_qemu_img_starts_leaves_no_fleecing_image(tmp_path, sig):
+    """subprocess.run lost its child when the stop request came inside its Popen: qemu-img
+    create went on and made the fleecing image in the work dir after the teardown had
+    removed its name, while pyvbak said it had cleaned up (the session-17 acceptance
+    audit).  The stand-in qemu-img here waits for pyvbak to be gone before it creates the
+    file: only a qemu-img that pyvbak kills makes none."""
+    from conftest import require_tool, wait_until
+    from qemu_vm import FakeVM
+
+    require_tool("qemu-storage-daemon", "qemu-system-common")
+    require_tool("fusermount3", "fuse3")
+    real = subprocess.run(["sh", "-c", "command -v qemu-img"], capture_output=True, text=True).stdout.strip()
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    (bin_dir / "qemu-img").write_text(
+        f"#!/bin/sh\nwhile kill -0 $PPID 2>/dev/null; do sleep 0.05; done\nexec {real} \"$@\"\n")
+    (bin_dir / "qemu-img").chmod(0o755)
+    vm = FakeVM(tmp_path / "vm").start()
+    try:
+        repo = tmp_path / "repo"
+        pyvbak("init", repo)
+        patch = ("import subprocess\n"
+                 "real = subprocess.Popen._execute_child\n"
+                 "def _execute_child(self, args, *a, **k):\n"
+                 "    real(self, args, *a, **k)\n"
+                 "    if 'qemu-img' in str(args[0]):\n        stop_here()\n"
+                 "subprocess.Popen._execute_child = _execute_child\n")
+        p = run_stopped(tmp_path, patch, ["backup", vm.uri, "--repo", repo, "--vm", "v"], sig,
+                        PATH=f"{bin_dir}:{os.environ['PATH']}", PYVBAK_WORK_DIR=str(work), PYVBAK_WATCHDOG="0")
+        assert p.returncode == 10, p.stderr
+
+        def helpers_at_work() -> list[int]:  # the stand-in qemu-img, or the real one it became
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if str(work).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        found.append(int(pid))
+                except OSError:
+                    pass
+            return found
+
+        wait_until(lambda: helpers_at_work() == [], timeout=30, what="the stand-in qemu-img gone")
+        assert [f.name for f in work.iterdir() if "fleece" in f.name] == [], p.stderr
+        assert vm.pyvbak_nodes() == [] and vm.jobs() == []
+    finally:
+        vm.stop()

@@ -70,10 +70,10 @@ def demo(
     """Run the main job on a built-in demo disk: backup, change, backup, restore, check."""
     import random
     import shutil
-    import subprocess
     import tempfile
 
     from ..engine.backup import run_backup
+    from ..processes import run_helper
     from ..repo.restore import restore_snapshot
     from ..sources.file import FileSource
 
@@ -92,7 +92,7 @@ def demo(
     try:
         tree, image = os.path.join(work, "tree"), os.path.join(work, "demo-vm-disk0.img")
         _populate(tree, rng)
-        made = subprocess.run([mkfs, "-q", "-F", "-t", "ext4", "-d", tree, image, f"{size_mib}M"], capture_output=True, text=True)
+        made = run_helper([mkfs, "-q", "-F", "-t", "ext4", "-d", tree, image, f"{size_mib}M"], text=True)
         if made.returncode != 0:
             last = ((made.stderr or made.stdout).strip().splitlines() or ["(no message)"])[-1]
             raise SourceError(f"demo: mkfs.ext4 could not make the {size_mib} MiB disk image: {last}")
@@ -102,7 +102,7 @@ def demo(
             from .backup_cmd import backup_source
 
             qcow2 = os.path.join(work, "demo-vm-disk0.qcow2")
-            subprocess.run(["qemu-img", "convert", "-O", "qcow2", image, qcow2], check=True, capture_output=True)
+            run_helper(["qemu-img", "convert", "-O", "qcow2", image, qcow2]).check_returncode()
             os.unlink(image)
             vm = StandInVM(work, [qcow2])  # assigned first: the finally below stops it
             vm.start()
@@ -140,7 +140,7 @@ def demo(
         with open(new_blob, "wb") as f:
             f.write(rng.randbytes(1 << 20))
         cmds = f"rm /srv/data/blob0.bin\nwrite {new_blob} /srv/data/blob0.bin\nwrite {new_log} /var/log/nightly.log\n"
-        subprocess.run([debugfs, "-w", "-f", "-", image], input=cmds.encode(), check=True, capture_output=True)
+        run_helper([debugfs, "-w", "-f", "-", image], input=cmds.encode()).check_returncode()
         print("changed files inside the filesystem (debugfs): /srv/data/blob0.bin, /var/log/nightly.log"
               + (" - through the running VM's disk" if hot else ""))
         second, second_sum = backup_once("incremental backup")
@@ -154,7 +154,7 @@ def demo(
             with r.lock(purpose="demo restore"):
                 restore_snapshot(r, r.resolve(res.snapshot_id), out)
             same = _sha256(out) == expected
-            fsck_ok = subprocess.run([fsck, "-fn", out], capture_output=True).returncode == 0
+            fsck_ok = run_helper([fsck, "-fn", out]).returncode == 0
             print(f"restored {res.snapshot_id}: byte-identical={same}, e2fsck clean={fsck_ok}")
             if not (same and fsck_ok):
                 raise SourceError(f"demo check failed for snapshot {res.snapshot_id}: see {work}")

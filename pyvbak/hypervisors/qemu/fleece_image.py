@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from pyvbak.errors import SourceError
+from pyvbak.processes import run_helper
 
 #: a template unused this long is removed (a VM resized or gone)
 TEMPLATE_KEEP_S = 30 * 86400
@@ -144,10 +145,8 @@ def _template(dfd: int, size: int, cluster: int) -> bytes | None:
 
 def _qemu_img_create(path, size: int, cluster: int) -> None:
     try:
-        r = subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(size)],
-            capture_output=True, text=True, timeout=60,
-        )
+        r = run_helper(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", str(path), str(size)],
+                       text=True, timeout=60)
     except FileNotFoundError:
         raise SourceError("qemu-img not found: install the Debian package 'qemu-utils'") from None
     except subprocess.TimeoutExpired:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pyvbak import interrupts
 from pyvbak.errors import SourceError
-from pyvbak.processes import identity, spawn_record, spawned_helper
+from pyvbak.processes import identity, run_helper, spawn_record, spawned_helper
 
 from .session import ExportSession, backing_chain_changed, outside_data
 from ..image_formats import (SUFFIX_FORMATS, container_format, format_of_name, name_for_qemu,
@@ -58,7 +58,7 @@ def _run(args: list[str], what: str, timeout: float = 60, *, writes: bool = Fals
     has recorded it (the session-14 signal audit: a bitmap it was disabling stayed
     disabled, its evidence gone with the journal)."""
     try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, start_new_session=writes)
+        r = run_helper(args, text=True, timeout=timeout, start_new_session=writes)
     except FileNotFoundError:
         raise SourceError(f"{args[0]} not found: install the Debian package 'qemu-utils'") from None
     except subprocess.TimeoutExpired:

@@ -272,3 +272,27 @@ def test_a_stop_while_qemu_img_starts_leaves_no_fleecing_image(tmp_path, sig):
         assert vm.pyvbak_nodes() == [] and vm.jobs() == []
     finally:
         vm.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_stop_while_the_modules_load_is_one_line_and_exit_10(tmp_path, sig):
+    """Before main() had its handlers, SIGTERM and SIGHUP took their default action: a
+    service manager's stop in the first ~0.2 s killed pyvbak without a word, exit 143 or
+    129, while Ctrl-C got exit 10 and its line (the session-17 acceptance audit)."""
+    starter = (
+        "import importlib.abc, os, signal, sys\n"
+        "class Hook(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'pyvbak.cli.main':\n"
+        "            os.kill(os.getpid(), int(os.environ['STOP_SIGNAL']))\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "sys.argv = ['pyvbak', 'snapshots', '--repo', sys.argv[1]]\n"
+        "from pyvbak.cli.entry import entry\n"
+        "entry()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)))
+    p = subprocess.run([sys.executable, "-c", starter, str(tmp_path / "no-repo")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 10, (p.returncode, p.stderr)
+    assert p.stderr.count("\n") == 1 and "while starting: nothing was done" in p.stderr, p.stderr
+    assert signal.Signals(sig).name[3:] in p.stderr or "Ctrl-C" in p.stderr, p.stderr

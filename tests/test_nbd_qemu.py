@@ -295,3 +295,22 @@ def test_a_server_that_takes_one_connection_answers_the_bitmap_on_the_main_one(b
             assert src.dirty_extents() == dirty
             assert src._bitmap_client is None and src.bitmap_connection is False
             assert src.read(1 * MiB, 65536) == b"\x7e" * 65536  # the main connection still works
+
+
+def test_a_plain_export_says_why_it_is_read_whole_and_verify_cbt_says_there_is_nothing_to_check(sparse_raw, sockdir,
+                                                                                               tmp_path, capsys):
+    """An nbd:// backup read the whole export every time with "cbt": false and no reason,
+    and --verify-cbt on a source without change tracking passed without a word (the
+    session-17 acceptance audit)."""
+    from conftest import cli_json
+    from pyvbak.cli.main import main
+
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    with qemu_nbd(sparse_raw, "raw", sockdir) as uri:
+        for _ in range(2):
+            res = cli_json(capsys, ["backup", uri, "--repo", repo, "--vm", "v"])
+            assert res["cbt"] is False and "offers no dirty bitmap" in res["fallback_reason"], res
+    res = cli_json(capsys, ["backup", str(sparse_raw), "--repo", repo, "--vm", "f", "--verify-cbt"])
+    assert res["fallback_reason"] is None and res["cbt_missed_blocks"] is None
+    assert any("no change tracking to verify" in w for w in res["warnings"]), res["warnings"]

@@ -64,3 +64,40 @@ def test_file_source_read_ranges_into(tmp_path):
         os.truncate(img, 100_000)
         with pytest.raises(SourceError, match="shrank while being read"):
             src.read_ranges_into([(90_000, 20_000)], bytearray(20_000))
+
+
+def test_an_unknown_nbd_unix_parameter_is_named():
+    """It was blamed on the socket parameter (the session-17 acceptance audit)."""
+    for uri in ("nbd+unix:///x?socket=/s&foo=1", "nbd+unix:///x?foo=1&socket=/s"):
+        with pytest.raises(UsageError, match="unknown query parameter 'foo'"):
+            parse_nbd_uri(uri)
+
+
+@pytest.mark.parametrize("spec, code, says", [
+    # schemes are case-insensitive (RFC 3986): these reach QEMU's and the NBD client's checks
+    ("QEMU:///nonexistent/qmp.sock?node=disk0", 4, "/nonexistent/qmp.sock does not exist"),
+    ("Nbd+Unix:///disk0?socket=/nonexistent/nbd.sock", 4, "/nonexistent/nbd.sock"),
+    # QEMU's own spellings, which were taken for image file names that did not exist
+    ("qemu:vm/qmp.sock?node=disk0", 2, "qemu:///ABSOLUTE/PATH/QMP.SOCK"),
+    ("nbd:unix:/run/nbd.sock:exportname=disk0", 2, "nbd+unix:///EXPORT?socket=PATH"),
+    # a socket path with a trailing slash was said not to exist ("is the VM running?")
+    ("qemu:///run/vm/qmp.sock/?node=disk0", 2, "ends in '/'"),
+])
+def test_source_spellings_get_an_error_that_points_the_right_way(tmp_path, capsys, spec, code, says):
+    from pyvbak.cli.main import main
+
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    capsys.readouterr()
+    assert main(["backup", spec, "--repo", repo, "--vm", "v"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "unsupported source" not in err, err
+
+
+def test_a_file_named_like_a_qemu_spelling_is_still_a_file(tmp_path, capsys, monkeypatch):
+    from pyvbak.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qemu:disk.img").write_bytes(b"\x01" * 65536)
+    assert main(["init", "repo"]) == 0
+    assert main(["backup", "qemu:disk.img", "--repo", "repo", "--vm", "v"]) == 0

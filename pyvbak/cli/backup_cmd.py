@@ -21,9 +21,10 @@ def backup(
     json_out: bool = JsonOption,
 ) -> None:
     """Back up a disk (or a VM's disks): only changed blocks are read, new blocks are stored once, compressed."""
-    from ..hypervisors import check_image_format, disk_names
+    from ..hypervisors import check_image_format, disk_names, source_spec
     from ..repo.repository import check_vm_disk_names
 
+    source = source_spec(source)
     check_image_format(source, image_format)
     names = disk_names(source, disk)  # a qemu:// URI naming no disk: QEMU is asked which it has
     for name in names:
@@ -131,11 +132,12 @@ def cbt_off(
     json_out: bool = JsonOption,
 ) -> None:
     """Turn pyvbak's change tracking off: remove its dirty bitmaps from the disks (the next backup reads them whole)."""
-    from ..hypervisors import default_work_dir
+    from ..hypervisors import default_work_dir, source_spec
     from ..hypervisors.qemu.tracking import remove_change_tracking
 
     from ..errors import UsageError
 
+    source = source_spec(source)
     if image_format not in ("auto", "qcow2"):
         raise UsageError(f"--format {image_format!r} is not understood here: auto (a .qcow2 name) or qcow2")
     removed = remove_change_tracking(source, work_dir=default_work_dir(), image_format=image_format)

@@ -425,6 +425,12 @@ def run_backup(
         result.fallback_reason = reason
         if reason:
             result.warnings.append(f"change tracking not used: {reason}; scanned the whole disk")
+    else:
+        result.fallback_reason = getattr(source, "why_untracked", None)
+        if verify_cbt:
+            # (an image file is compared block by block on every backup anyway; the user
+            # may think some tracking was checked: say there was none)
+            result.warnings.append("--verify-cbt: this source has no change tracking to verify")
     cbt_candidates = None
     if use_cbt:
         cbt_candidates = dirty if dirty is not None else _extent_blocks(ct.extents, n, bs)

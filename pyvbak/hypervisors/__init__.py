@@ -10,6 +10,7 @@ that may mean several disks of one VM (``qemu:///SOCK``: every disk; ``?node=``,
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 
 from ..errors import UsageError
@@ -106,6 +107,30 @@ class SessionSource:
         if not (trusted and self.session.dirty_bitmap):
             return ChangeTracking(None, state, self.session.fallback_reason or "no dirty bitmap")
         return ChangeTracking(self.nbd.dirty_extents(), state, None)
+
+
+#: the URI schemes a source may have (RFC 3986: schemes are case-insensitive)
+_SCHEMES = ("qemu", "nbd", "nbd+unix", "nbd+tcp", "nbds", "nbds+unix", "nbds+tcp", "file")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def source_spec(spec: str) -> str:
+    """The SOURCE argument as the rest of this package reads it: a URI's scheme in lower
+    case (``QEMU:///...`` was refused as an unsupported source).  UsageError for QEMU's
+    own spellings, which are no URI pyvbak reads: ``qemu:PATH`` without ``//`` was taken
+    for an image file name that did not exist, ``nbd:unix:PATH`` (qemu-img's legacy NBD
+    form) too - unless a file of that name exists (the session-17 acceptance audit)."""
+    m = _SCHEME.match(spec)
+    if m and m.group(1).lower() in _SCHEMES:
+        return m.group(1).lower() + spec[len(m.group(1)):]
+    lowered = spec.lower()
+    if lowered.startswith(("qemu:", "nbd:")) and not os.path.lexists(spec):
+        if lowered.startswith("qemu:"):
+            raise UsageError(f"source {spec!r}: a running VM is named qemu:///ABSOLUTE/PATH/QMP.SOCK?node=NODE "
+                             f"(three slashes, then the socket's absolute path)")
+        raise UsageError(f"source {spec!r}: give an NBD export as nbd+unix:///EXPORT?socket=PATH or "
+                         f"nbd://HOST[:PORT]/EXPORT (QEMU's legacy nbd:... form is not read)")
+    return spec
 
 
 def default_disk_name(spec: str) -> str:

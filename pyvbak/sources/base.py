@@ -61,7 +61,10 @@ class Source(Protocol):
 
     def change_tracking(self, previous_state: dict | None) -> ChangeTracking | None:
         """Changed extents since the backup whose metadata recorded ``previous_state``;
-        None when this source has no change tracking at all."""
+        None when this source has no change tracking at all.  Such a source that cannot be
+        scanned cheaply either (an NBD export: every backup reads it whole) may say why in
+        an attribute ``why_untracked`` (a string, or None), which the result reports as its
+        fallback reason."""
 
     # Optional: ``done_reading()`` is called once the engine has read everything it will
     # (before its data is made durable): a source holding a point-in-time view of a running

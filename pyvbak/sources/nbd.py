@@ -94,7 +94,10 @@ def parse_nbd_uri(uri: str) -> dict:
         sockets = query.pop("socket", None)
         if not sockets or not sockets[0]:
             raise UsageError(f"malformed NBD URI {uri!r}: missing ?socket=PATH")
-        if len(sockets) > 1 or query:
+        if query:
+            raise UsageError(f"malformed NBD URI {uri!r}: unknown query parameter {sorted(query)[0]!r} "
+                             f"(nbd+unix:///EXPORT?socket=PATH takes socket= alone)")
+        if len(sockets) > 1:
             raise UsageError(f"malformed NBD URI {uri!r}: only one 'socket' query parameter is allowed")
         return {"transport": "unix", "host": None, "port": None, "socket": sockets[0], "export": export}
     if scheme.startswith("nbds"):
@@ -1122,6 +1125,14 @@ class NbdSource:
                 return self.client
             self._bitmap_client = extra
         return self._bitmap_client
+
+    @property
+    def why_untracked(self) -> str | None:
+        """(sources.base) Why every backup of this export reads all of it, or None."""
+        if self.dirty_bitmap:
+            return None
+        return (f"NBD export {self.uri} offers no dirty bitmap pyvbak can rely on (back a running QEMU VM up "
+                f"through qemu:/// for change tracking)")
 
     def change_tracking(self, previous_state: dict | None) -> ChangeTracking | None:
         if not self.dirty_bitmap:

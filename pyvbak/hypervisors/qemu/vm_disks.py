@@ -65,6 +65,9 @@ def parse_qemu_uri_disks(uri: str) -> tuple[str, list[DiskSelector]]:
                          f"supported: {_FORM} (three slashes)")
     if not parts.path or parts.path == "/":
         raise UsageError(f"qemu URI {uri!r} has no QMP socket path: {_FORM}")
+    if parts.path.endswith("/"):  # (it was said not to exist: "is the VM running?")
+        raise UsageError(f"qemu URI {uri!r}: the QMP socket path ends in '/'; name the socket itself, "
+                         f"qemu://{parts.path.rstrip('/')}" + (f"?{parts.query}" if parts.query else ""))
     if parts.fragment:
         raise UsageError(f"qemu URI {uri!r} has a '#' in it: generated node names (#block123) cannot be "
                          f"named in a URI; name the disk by its guest device instead (?device=ID, see "

@@ -145,9 +145,11 @@ def verify(
     if json_out:
         emit_json(report)
     else:
+        sampled = (f" - a random {report['sampled_percent']:g} % sample of their blocks: the others were not read"
+                   if report["sampled_percent"] is not None else "")
         print(
             f"checked {report['blocks_checked']} blocks ({human_bytes(report['bytes_checked'])}) "
-            f"of {report['snapshots']} snapshot(s) in {report['duration']:.1f}s"
+            f"of {report['snapshots']} snapshot(s) in {report['duration']:.1f}s{sampled}"
         )
         for d in report["damaged_pack_indexes"]:
             info(f"pack index {d['name']}: {d['reason']}")
@@ -220,7 +222,26 @@ def verify(
         if report["damaged_pack_trailers"]:
             more = f"{len(report['damaged_pack_trailers'])} pack(s) with a damaged table of contents"
             found = f"{found} and {more}" if found else more
-        raise IntegrityError(f"verify found {found} in {r.location}")
+        raise IntegrityError(f"verify found {found} in {r.location}: {_next_step(report)}")
+
+
+def _next_step(report: dict) -> str:
+    """What to do about what verify found (it used to say only what: the backups after it
+    kept deduplicating against the bad copies, every new snapshot unrestorable, and
+    nothing sent the user to the repair - the session-17 acceptance audit)."""
+    steps = []
+    if (report["problem_count"] or report.get("damaged_copy_count") or report["damaged_pack_indexes"]
+            or report["damaged_pack_trailers"] or report.get("unindexed_packs")):
+        steps.append("run 'pyvbak verify --repair', then back up the affected disks: until the repair, backups of "
+                     "the same data reuse the bad copies and cannot be restored either")
+    damaged_only = [a for a in report["affected_snapshots"] if "bad block" not in a["reason"]]
+    if damaged_only:
+        steps.append("put the damaged snapshot files named above back from a copy of the repository, or forget "
+                     "those snapshots ('pyvbak forget ID')")
+    if not steps and report.get("unreadable_copy_count"):
+        steps.append("check the storage and run verify again ('pyvbak verify --repair --drop-unreadable' drops "
+                     "copies that keep failing)")
+    return "; ".join(steps) or "see the lines above"
 
 
 def _printable(text: str) -> str:

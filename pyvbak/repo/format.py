@@ -241,7 +241,8 @@ def _decompress_snapshot_writable(data: bytes, what: str, expect: tuple[int, int
         raise _corrupt(what, exc) from None
     block_size, disk_size, count = _snapshot_header(head, what)
     if expect is not None and expect != (block_size, disk_size):
-        raise IntegrityError(f"{what} does not match its snapshot's metadata")
+        raise IntegrityError(f"{what} does not match its snapshot's metadata: one of them is damaged; run "
+                             f"'pyvbak verify'")
     if size != SNAPSHOT_HEADER.size + count * SNAPSHOT_RECORD.itemsize:
         raise IntegrityError(f"{what} is inconsistent: its frame holds {size} bytes for {count} records")
     out = np.empty(size, np.uint8)
@@ -270,7 +271,8 @@ def decode_snapshot_index(data: bytes, what: str, *, writable: bool = False,
         raw = memoryview(_decompress_meta(data, what, max_output=most))
     block_size, disk_size, count = _snapshot_header(raw[: SNAPSHOT_HEADER.size], what)
     if expect is not None and expect != (block_size, disk_size):
-        raise IntegrityError(f"{what} does not match its snapshot's metadata")
+        raise IntegrityError(f"{what} does not match its snapshot's metadata: one of them is damaged; run "
+                             f"'pyvbak verify'")
     body = raw[SNAPSHOT_HEADER.size :]
     if len(body) != count * SNAPSHOT_RECORD.itemsize:
         raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
@@ -311,7 +313,8 @@ def iter_snapshot_index(data: bytes, what: str, chunk_records: int = 1 << 20, *,
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
             block_size, disk_size, count = _snapshot_header(reader.read(SNAPSHOT_HEADER.size), what)
             if expect is not None and expect != (block_size, disk_size):
-                raise IntegrityError(f"{what} does not match its snapshot's metadata")
+                raise IntegrityError(f"{what} does not match its snapshot's metadata: one of them is damaged; "
+                                     f"run 'pyvbak verify'")
             left = count
             while left:
                 want = min(left, chunk_records) * record

@@ -577,11 +577,13 @@ class Repository:
         try:
             data = self.backend.read(name)
         except ObjectMissing:
-            raise IntegrityError(f"index of snapshot {snap.id} ({name}) is missing: run 'pyvbak verify'") from None
+            raise IntegrityError(f"index of snapshot {snap.id} ({name}) is missing: put it back from a copy of the "
+                                 f"repository, or forget the snapshot ('pyvbak forget {snap.id}')") from None
         want = snap.meta.get("index_sha256")
         if isinstance(want, str) and hashlib.sha256(data).hexdigest() != want:
             raise IntegrityError(f"index of snapshot {snap.id} ({name}) is corrupt or another snapshot's: its "
-                                 f"SHA-256 is not the one the metadata records; run 'pyvbak verify'")
+                                 f"SHA-256 is not the one the metadata records; put it back from a copy of the "
+                                 f"repository, or forget the snapshot ('pyvbak forget {snap.id}')")
         return data
 
     # -- blocks lost from storage ---------------------------------------------------

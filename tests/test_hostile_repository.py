@@ -293,3 +293,23 @@ def test_a_snapshot_index_that_claims_more_than_its_disk_is_damage_not_out_of_me
     code, _, err = cli(capsys, "verify", "--repo", r)
     no_traceback(err)
     assert code != 0 and "out of memory" not in err and sid in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_lost_or_damaged_config_is_named_with_the_way_out(repo, capsys, damage):
+    """A truncated config was "not a pyvbak repository configuration" (no next step) while
+    init said the directory "already holds a pyvbak repository"; a deleted one made the
+    repository "not a pyvbak repository: check the path" (the session-17 acceptance audit)."""
+    r, _ = repo
+    config = writable(r / "config")
+    if damage == "truncated":
+        config.write_bytes(config.read_bytes()[:50])
+    else:
+        config.unlink()
+    for command in (["snapshots", "--repo", r], ["verify", "--repo", r], ["init", r]):
+        code, _, err = cli(capsys, *command)
+        no_traceback(err)
+        assert code == 3 and err.count("\n") == 1, err
+        assert "back from a copy" in err or "never replaces" in err, err
+        assert "check the path" not in err and "is not empty" not in err, err
+    assert not config.exists() or len(config.read_bytes()) == 50  # init wrote nothing over it

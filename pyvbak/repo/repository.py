@@ -308,6 +308,16 @@ def check_vm_disk_names(vm: str, disk: str) -> None:
             raise UsageError(f"{kind} name is longer than {NAME_MAX_BYTES} bytes: give a shorter {flag}")
 
 
+
+def _holds_repository_data(location: str) -> bool:
+    """A directory with a pyvbak repository's snapshot descriptions in it (whatever else
+    is lost)."""
+    try:
+        with os.scandir(os.path.join(location, "snapshots")) as it:
+            return any(e.name.endswith(".json") for e in it)
+    except OSError:
+        return False
+
 class Repository:
     def __init__(self, backend, config: RepoConfig):
         self.backend = backend
@@ -339,11 +349,15 @@ class Repository:
         if _is_local(location) and os.path.isdir(location):
             if os.path.exists(os.path.join(location, fmt.CONFIG_NAME)):
                 raise RepositoryError(f"{location} already holds a pyvbak repository: use it as it is (--repo "
-                                      f"{location}), or give another directory to create a new one")
+                                      f"{location}), or give another directory to create a new one (init never "
+                                      f"replaces a repository's config, even a damaged one)")
             # What an init that failed or is running (config not written yet) leaves counts
             # as empty: the helpers are written again, and the create-only config decides
             # between two inits of one path.
             if any(name not in INIT_HELPERS and not name.startswith(TEMP_PREFIX) for name in os.listdir(location)):
+                if _holds_repository_data(location):
+                    raise RepositoryError(f"{location} holds pyvbak snapshots whose config file is missing: put config "
+                                          f"back from a copy of the repository (a new one could not read them)")
                 raise RepositoryError(f"{location} is not empty: give an empty or new directory for the repository")
         from importlib import resources  # only init needs it (~8 ms of every start-up otherwise)
 
@@ -383,6 +397,12 @@ class Repository:
             # 'pyvbak init' of a directory holding other files fails: say so, not "init it"
             empty = not os.path.isdir(location) or not any(
                 name not in INIT_HELPERS and not name.startswith(TEMP_PREFIX) for name in os.listdir(location))
+            if not empty and _holds_repository_data(location):
+                # (it said "not a pyvbak repository: check the path" of a repository whose
+                # config alone was lost - the session-17 acceptance audit)
+                raise RepositoryError(f"{location} holds pyvbak snapshots but its config file is missing: put config "
+                                      f"back from a copy of the repository (its snapshots and blocks are untouched)"
+                                      ) from None
             fix = (f"create one with 'pyvbak init {location}'" if empty else
                    "check the path (a repository holds config, restore.sh, packs/ …), or create one in a new directory")
             raise RepositoryError(f"{location} is not a pyvbak repository (no config file): {fix}") from None
@@ -394,7 +414,8 @@ class Repository:
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError("version")
         except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
-            raise RepositoryError(f"{location}/config is not a pyvbak repository configuration") from None
+            raise RepositoryError(f"{location}/config is damaged (not a pyvbak repository configuration): put it "
+                                  f"back from a copy of the repository (its snapshots and blocks are untouched)") from None
         if version > fmt.FORMAT_VERSION:
             raise RepositoryError(
                 f"repository {location} has format version {version}, newer than this pyvbak supports "
@@ -415,7 +436,8 @@ class Repository:
             if len(config.hash_key) != 16:
                 raise ValueError("fast hash key")
         except (KeyError, ValueError, TypeError, UsageError):
-            raise RepositoryError(f"{location}/config is damaged: restore it from a copy") from None
+            raise RepositoryError(f"{location}/config is damaged: put it back from a copy of the repository (its "
+                                  f"snapshots and blocks are untouched)") from None
         return cls(backend, config)
 
     def lock(self, *, exclusive: bool = False, purpose: str = "backup", clean_stale: bool = True,

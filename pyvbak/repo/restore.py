@@ -566,7 +566,8 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             raise UsageError(f"the path of the restore target {output} is too long for this system "
                              f"({len(os.fsencode(parent_dir))} bytes): restore to a shorter path") from None
     if not os.path.isdir(parent_dir):
-        raise UsageError(f"directory {parent_dir} for the restore target does not exist")
+        raise UsageError(f"directory {parent_dir} for the restore target does not exist: create it first, or choose "
+                         f"another path")
 
     recs, blocks, bounds, index = _locate(repo, snap, data_idx, data_digests)
     del data_digests
@@ -653,7 +654,8 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         dev_size = os.lseek(fd, 0, os.SEEK_END)
         if dev_size < size:
             os.close(fd)
-            raise UsageError(f"block device {output} has {dev_size} bytes, the snapshot needs {size}")
+            raise UsageError(f"block device {output} has {dev_size} bytes, the snapshot needs {size}: restore onto a "
+                             f"device of at least {size} bytes, or to a file")
     else:
         path = os.path.join(parent_dir, temp_name(output))
         try:

@@ -41,7 +41,8 @@ class FileSource:
             raise SourceError(f"{self.path} is a directory, not a disk image: give an image file or block device")
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             os.close(fd)
-            raise SourceError(f"{self.path} is neither a regular file nor a block device")
+            raise SourceError(f"{self.path} is neither a regular file nor a block device: give a disk image file or block "
+                              f"device")
         self.size = os.lseek(fd, 0, os.SEEK_END)
         self._fd = fd
         return self

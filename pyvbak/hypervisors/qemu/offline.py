@@ -87,7 +87,7 @@ def _check_file_type(path: Path, shown: str | None = None) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise SourceError(f"{shown} is a directory, not a disk image: give an image file or block device")
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise SourceError(f"{shown} is neither a regular file nor a block device")
+        raise SourceError(f"{shown} is neither a regular file nor a block device: give a disk image file or block device")
 
 
 def image_info(path: Path, *, running_vm_hint: str | None = None, image_format: str | None = None) -> dict:

@@ -349,3 +349,102 @@ def test_a_sampled_verify_says_it_was_a_sample(populated, capsys):
     _, repo, _, _ = populated
     code, out, _ = cli(capsys, "verify", "--repo", repo, "--sample", "50")
     assert code == 0 and "a random 50 % sample" in out
+
+
+def _one_pack_repo(tmp_path, capsys, seed):
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=seed)
+    cli(capsys, "backup", img, "--repo", repo, "--vm", "v")
+    (pack,) = list(Repository.open(str(repo)).backend.list("packs/"))
+    return repo, img, repo / pack
+
+
+def _next_step(err: str) -> str:
+    return err.strip().splitlines()[-1].split(" in ", 1)[1].split(": ", 1)[1]
+
+
+def test_verify_next_step_for_a_damaged_table_of_contents_alone_loses_no_data(tmp_path, capsys):
+    """It said backups "cannot be restored either" when only a pack's trailer was damaged
+    (the session-17 review)."""
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 87)
+    os.chmod(pack, 0o644)
+    data = bytearray(pack.read_bytes())
+    data[-100] ^= 1
+    pack.write_bytes(data)
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    step = _next_step(err)
+    assert code == 6 and "tables of contents" in step and "cannot be restored" not in step, err
+    assert cli(capsys, "restore", "v@latest", tmp_path / "o.img", "--repo", repo)[0] == 0
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_verify_next_step_for_copies_that_cannot_be_read_is_the_storage(tmp_path, capsys, monkeypatch, repair):
+    """The only copies failing to read (I/O errors) sent the user to 'verify --repair',
+    which keeps them by design - also after that very repair (the session-17 review)."""
+    from pyvbak.backends import BackendError
+    from pyvbak.backends.local import LocalBackend
+
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 88)
+    name = str(pack.relative_to(repo))
+    real = LocalBackend.read_range_into
+
+    def failing(self, obj, offset, buf):
+        if obj == name:
+            raise BackendError(f"reading {obj}: Input/output error")
+        return real(self, obj, offset, buf)
+
+    monkeypatch.setattr(LocalBackend, "read_range_into", failing)
+    code, _, err = cli(capsys, "verify", "--repo", repo, *(["--repair"] if repair else []))
+    step = _next_step(err)
+    assert code == 6 and step.startswith("check the storage") and "--drop-unreadable" in step, err
+    assert "run 'pyvbak verify --repair', then" not in step
+
+
+def test_verify_next_step_for_an_index_that_cannot_be_read_is_not_forget(tmp_path, capsys, monkeypatch):
+    from pyvbak.backends import BackendError
+    from pyvbak.backends.local import LocalBackend
+
+    repo, img, _ = _one_pack_repo(tmp_path, capsys, 89)
+    real = LocalBackend.read
+
+    def failing(self, obj, *a, **k):
+        if obj.startswith("snapshots/") and obj.endswith(".index"):
+            raise BackendError(f"reading {obj}: Input/output error")
+        return real(self, obj, *a, **k)
+
+    monkeypatch.setattr(LocalBackend, "read", failing)
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    last = err.strip().splitlines()[-1]
+    assert code == 6 and "could not be read" in last and "forget" not in last and "damaged" not in last, err
+
+
+def test_verify_next_step_after_a_repair_is_the_backup_and_it_works(tmp_path, capsys):
+    """After --repair dropped a lost pack's records it still said "run verify --repair", and
+    a plain verify after it too: a loop (the session-17 review)."""
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 90)
+    os.unlink(pack)
+    code, _, err = cli(capsys, "verify", "--repo", repo, "--repair")
+    assert code == 6 and _next_step(err).startswith("back up the affected disks: the repair dropped"), err
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "(once is enough)" in _next_step(err), err
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+
+
+def test_a_pack_lost_with_its_index_is_stored_again_after_the_named_repair(tmp_path, capsys):
+    """Blocks no index names and no marker covers (a pack and its pack index both lost):
+    an incremental carried their records on unread.  --repair now leaves a marker, so the
+    "back up the affected disks" verify names is true."""
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 91)
+    os.unlink(pack)
+    for index in (repo / "index").rglob("*"):
+        if index.is_file():
+            index.unlink()
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "'pyvbak verify --repair'" in _next_step(err), err
+    assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 6
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0  # an incremental of the unchanged disk
+    for snap in Repository.open(str(repo)).snapshots():
+        assert cli(capsys, "restore", snap.id, tmp_path / f"{snap.id}.img", "--repo", repo)[0] == 0
+        assert same_file(tmp_path / f"{snap.id}.img", img)

@@ -128,6 +128,11 @@ def verify(
 
             rebuilt, not_rebuilt = rebuild_pack_trailers(r, [d["pack"] for d in report["damaged_pack_trailers"]])
             report["repair"] = drop_bad_records(r, bad)
+            if report["lost_blocks_by_cause"]["not_indexed"] and not report["repair"]["lost_marker"]:
+                # blocks no index names and no marker dropped now (a pack and its index both
+                # lost): a marker, so that the next backup checks its parent instead of
+                # carrying their records on unread - "back up the affected disks" is then true
+                report["repair"]["lost_marker"] = r.write_lost_marker([], 0)
             report["repair"]["adopted"] = adopted
             report["repair"]["trailers_rebuilt"] = rebuilt
             report["repair"]["trailers_not_rebuilt"] = not_rebuilt
@@ -209,8 +214,10 @@ def verify(
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])
+        unread = len(report.get("snapshots_unread") or ())
         found = (f"{report['problem_count']} bad block(s) affecting {n} snapshot(s)" if report["problem_count"]
-                 else f"{n} damaged snapshot(s)" if n else "")
+                 else f"{n - unread} damaged snapshot(s)" if n > unread
+                 else f"{n} snapshot(s) whose index could not be read" if n else "")
         if damaged:
             found = f"{found} and {damaged} damaged pack index(es)" if found else f"{damaged} damaged pack index(es)"
         if report.get("damaged_copy_count"):
@@ -222,25 +229,51 @@ def verify(
         if report["damaged_pack_trailers"]:
             more = f"{len(report['damaged_pack_trailers'])} pack(s) with a damaged table of contents"
             found = f"{found} and {more}" if found else more
-        raise IntegrityError(f"verify found {found} in {r.location}: {_next_step(report)}")
+        raise IntegrityError(f"verify found {found} in {r.location}: "
+                             f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
 
 
-def _next_step(report: dict) -> str:
+def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool = False) -> str:
     """What to do about what verify found (it used to say only what: the backups after it
     kept deduplicating against the bad copies, every new snapshot unrestorable, and
-    nothing sent the user to the repair - the session-17 acceptance audit)."""
+    nothing sent the user to the repair - the session-17 acceptance audit).  Built from
+    the causes, so that it is true for each: ``repaired``: this run was ``--repair``."""
+    lost = report.get("lost_blocks_by_cause") or {}
+    again = "a backup stores again the blocks a disk still holds (those no disk holds any more are lost)"
     steps = []
-    if (report["problem_count"] or report.get("damaged_copy_count") or report["damaged_pack_indexes"]
-            or report["damaged_pack_trailers"] or report.get("unindexed_packs")):
+    bad, unread, unindexed = lost.get("bad_copy", 0), lost.get("unreadable", 0), lost.get("not_indexed", 0)
+    if dropped_unreadable:
+        bad, unread = bad + unread, 0
+    if bad and not repaired:
         steps.append("run 'pyvbak verify --repair', then back up the affected disks: until the repair, backups of "
                      "the same data reuse the bad copies and cannot be restored either")
-    damaged_only = [a for a in report["affected_snapshots"] if "bad block" not in a["reason"]]
-    if damaged_only:
+    elif bad or (unindexed and repaired):
+        steps.append(f"back up the affected disks: the repair dropped the lost blocks' records, and {again}")
+    elif unindexed:
+        steps.append(f"back up the affected disks after one 'pyvbak verify --repair' (once is enough): {again}")
+    if unread:
+        steps.append("check the storage and run verify again (the only copies of some blocks could not be read); "
+                     "if they keep failing, 'pyvbak verify --repair --drop-unreadable' drops them, then back up "
+                     "the affected disks")
+    if not repaired:
+        if report.get("damaged_copy_count") and not bad:
+            steps.append("'pyvbak verify --repair' drops the damaged copies (every snapshot still restores from "
+                         "the good ones)")
+        if report["damaged_pack_indexes"]:
+            steps.append("the next backup or 'pyvbak verify --repair' rebuilds the damaged pack index(es) from "
+                         "the packs")
+        if report["damaged_pack_trailers"]:
+            steps.append("'pyvbak verify --repair' rebuilds the damaged tables of contents (no snapshot loses data)")
+        if report.get("unindexed_packs"):
+            steps.append("'pyvbak verify --repair' (or 'pyvbak prune') indexes the packs no index names")
+    if report.get("unreadable_redundant_copy_count") and not unread and not dropped_unreadable:
+        steps.append("check the storage: some redundant copies could not be read (every snapshot still restores)")
+    if report.get("snapshots_damaged"):
         steps.append("put the damaged snapshot files named above back from a copy of the repository, or forget "
                      "those snapshots ('pyvbak forget ID')")
-    if not steps and report.get("unreadable_copy_count"):
-        steps.append("check the storage and run verify again ('pyvbak verify --repair --drop-unreadable' drops "
-                     "copies that keep failing)")
+    if report.get("snapshots_unread"):
+        steps.append(f"check the storage and run verify again (the index of {len(report['snapshots_unread'])} "
+                     f"snapshot(s) could not be read)")
     return "; ".join(steps) or "see the lines above"
 
 

@@ -37,6 +37,8 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         for sid in [name[len("snapshots/") : -len(".json")]]
     }
     forgotten: set[str] = set()
+    # snapshots whose index could not be read (an I/O error: the storage, not damage found)
+    unread_snapshots: set[str] = set()
 
     def unreadable(snap, exc) -> None:
         if isinstance(exc, AccessDenied):
@@ -47,6 +49,8 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
             forgotten.add(snap.id)
         else:
             bad_snapshots[snap.id] = str(exc)
+            if not isinstance(exc, IntegrityError):
+                unread_snapshots.add(snap.id)
 
     all_digests = repo.referenced_digests(snaps, on_unreadable=unreadable)
     if sample_percent is not None and len(all_digests):
@@ -65,6 +69,10 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         forget_cached(repo_cache_dir(repo.config.repo_id))
     pos = index.locate(all_digests)
     problems: dict[bytes, str] = {bytes(d).ljust(32, b"\0"): "block is missing (no pack index names it)" for d in all_digests[pos < 0]}
+    # why each lost block is lost, for what to do next: "not_indexed" (no record: a repair
+    # or a prune dropped it, or an index was lost), "bad_copy" (every copy reads back
+    # wrong or its pack is gone), "unreadable" (every copy failed to read, twice)
+    lost_kind: dict[bytes, str] = dict.fromkeys(problems, "not_indexed")
     # Missing from every pack index is not always lost: a pack index object lost from
     # storage leaves its packs unindexed, and their own tables of contents still say what
     # they hold (prune and --repair index them again).  Only listed when blocks are missing.
@@ -155,7 +163,10 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
                 {"digest": d.hex(), "pack": copy[1].hex(), "offset": copy[2], "reason": str(reason)})
         else:
             problems.setdefault(d, reason)
+            if d not in lost_kind:
+                lost_kind[d] = "unreadable" if failed_read else "bad_copy"
 
+    lacking_blocks: set[str] = set()  # snapshots whose index reads, and names a lost block
     if problems:  # a second pass names the snapshots each bad block hurts
         bad = digest_sets.unique(np.array(list(problems), dtype="S32"))
         for snap in snaps:
@@ -170,6 +181,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
             if hit.any():
                 first = bytes(digests[hit][0]).ljust(32, b"\0")
                 bad_snapshots[snap.id] = f"{int(hit.sum())} bad block(s), e.g. {first.hex()[:16]}…: {problems[first]}"
+                lacking_blocks.add(snap.id)
     # Indexes without metadata: what a killed backup leaves (prune removes them) - or a
     # snapshot whose metadata object is gone.  Not a failure, but said: it is the only
     # trace of the second kind.
@@ -198,6 +210,12 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "damaged_copies": damaged_copies[:1000],
         "damaged_copy_count": len(damaged_copies),
         "affected_snapshots": [{"id": sid, "reason": r} for sid, r in sorted(bad_snapshots.items())],
+        # (for the CLI's next step: counts of lost blocks by cause, and the affected
+        # snapshots whose own index or metadata is damaged, or could not be read)
+        "lost_blocks_by_cause": {k: sum(1 for d in problems if lost_kind.get(d) == k)
+                                 for k in ("bad_copy", "unreadable", "not_indexed")},
+        "snapshots_damaged": sorted(set(bad_snapshots) - unread_snapshots - lacking_blocks),
+        "snapshots_unread": sorted(unread_snapshots),
         "duration": time.monotonic() - t0,
         # packs no pack index names (their blocks are invisible until indexed again)
         "unindexed_packs": {"packs": len(set(adoptable["pack"].tolist())), "blocks": int(len(adoptable))}

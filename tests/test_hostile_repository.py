@@ -313,3 +313,22 @@ def test_a_lost_or_damaged_config_is_named_with_the_way_out(repo, capsys, damage
         assert "back from a copy" in err or "never replaces" in err, err
         assert "check the path" not in err and "is not empty" not in err, err
     assert not config.exists() or len(config.read_bytes()) == 50  # init wrote nothing over it
+
+
+def test_another_tools_directory_is_not_called_a_damaged_repository(tmp_path, capsys):
+    """Any file named config (~/.ssh, .git, a restic repository) was "damaged: put it back
+    from a copy", and any snapshots/*.json "pyvbak snapshots whose config is missing"
+    (the session-17 review)."""
+    ssh = tmp_path / "ssh"
+    ssh.mkdir()
+    (ssh / "config").write_text("Host *\n  ForwardAgent no\n")
+    other = tmp_path / "other"
+    (other / "snapshots").mkdir(parents=True)
+    (other / "snapshots" / "nightly.json").write_text("{}")
+    for where, says in ((ssh, "not a pyvbak repository configuration: check the path"),
+                        (other, "not a pyvbak repository (no config file): check the path")):
+        code, _, err = cli(capsys, "snapshots", "--repo", where)
+        assert code == 3 and says in err and "back from a copy" not in err, err
+        code, _, err = cli(capsys, "init", where)
+        assert code == 3 and "is not empty" in err and "already holds" not in err, err
+    assert (ssh / "config").read_text().startswith("Host *")

@@ -310,13 +310,30 @@ def check_vm_disk_names(vm: str, disk: str) -> None:
 
 
 def _holds_repository_data(location: str) -> bool:
-    """A directory with a pyvbak repository's snapshot descriptions in it (whatever else
-    is lost)."""
+    """Snapshots as pyvbak writes them in ``location`` (whatever else is lost): a
+    ``SNAPID.json`` beside its ``SNAPID.index`` - not merely a ``snapshots/`` folder with
+    JSON in it, which another tool's directory may have (the session-17 review)."""
     try:
-        with os.scandir(os.path.join(location, "snapshots")) as it:
-            return any(e.name.endswith(".json") for e in it)
+        names = set(os.listdir(os.path.join(location, "snapshots")))
     except OSError:
         return False
+    return any(n.endswith(".json") and _SNAPSHOT_ID_RE.match(n[:-5]) and n[:-5] + ".index" in names for n in names)
+
+
+def _pyvbak_config(path: str) -> bool:
+    """The file at ``path`` is a pyvbak repository's config by its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            return b'"pyvbak-repository"' in f.read(4096)
+    except OSError:
+        return True  # cannot tell: taken for one (init then refuses: nothing is overwritten)
+
+
+def _is_pyvbak_directory(location: str) -> bool:
+    """``location`` holds pyvbak's own files beside its config: the restore kit init writes,
+    or pyvbak's snapshots.  An unreadable config elsewhere (~/.ssh, a git or restic
+    directory) is not a damaged repository's."""
+    return all(os.path.isfile(os.path.join(location, n)) for n in INIT_HELPERS) or _holds_repository_data(location)
 
 class Repository:
     def __init__(self, backend, config: RepoConfig):
@@ -347,7 +364,8 @@ class Repository:
         if _is_local(location) and os.path.exists(location) and not os.path.isdir(location):
             raise RepositoryError(f"{location} exists and is not a directory: choose another repository path")
         if _is_local(location) and os.path.isdir(location):
-            if os.path.exists(os.path.join(location, fmt.CONFIG_NAME)):
+            if os.path.exists(os.path.join(location, fmt.CONFIG_NAME)) and (
+                    _is_pyvbak_directory(location) or _pyvbak_config(os.path.join(location, fmt.CONFIG_NAME))):
                 raise RepositoryError(f"{location} already holds a pyvbak repository: use it as it is (--repo "
                                       f"{location}), or give another directory to create a new one (init never "
                                       f"replaces a repository's config, even a damaged one)")
@@ -414,8 +432,12 @@ class Repository:
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError("version")
         except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
-            raise RepositoryError(f"{location}/config is damaged (not a pyvbak repository configuration): put it "
-                                  f"back from a copy of the repository (its snapshots and blocks are untouched)") from None
+            if _is_local(location) and _is_pyvbak_directory(location):
+                raise RepositoryError(f"{location}/config is damaged (not a pyvbak repository configuration): put "
+                                      f"it back from a copy of the repository (its snapshots and blocks are "
+                                      f"untouched)") from None
+            raise RepositoryError(f"{location}/config is not a pyvbak repository configuration: check the path (a "
+                                  f"repository holds config, restore.sh, packs/ …)") from None
         if version > fmt.FORMAT_VERSION:
             raise RepositoryError(
                 f"repository {location} has format version {version}, newer than this pyvbak supports "

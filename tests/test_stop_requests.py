@@ -296,3 +296,30 @@ def test_a_stop_while_the_modules_load_is_one_line_and_exit_10(tmp_path, sig):
     assert p.returncode == 10, (p.returncode, p.stderr)
     assert p.stderr.count("\n") == 1 and "while starting: nothing was done" in p.stderr, p.stderr
     assert signal.Signals(sig).name[3:] in p.stderr or "Ctrl-C" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_a_failure_is_reported_keeps_the_failure(tmp_path, sig):
+    """A stop request that landed while main() wrote a failed command's error line escaped
+    it: SIGTERM as a traceback (exit 1), Ctrl-C as "interrupted while starting: nothing was
+    done" (exit 10), of a command that had run (the session-17 review).  The outcome is
+    decided there: it stands, and the request is noted."""
+    starter = (
+        "import io, os, signal, sys\n"
+        "class Stderr(io.TextIOWrapper):\n"
+        "    fired = False\n"
+        "    def write(self, text):\n"
+        "        if 'pyvbak: error:' in text and not Stderr.fired:\n"
+        "            Stderr.fired = True\n"
+        "            os.kill(os.getpid(), int(os.environ['STOP_SIGNAL']))\n"
+        "        return super().write(text)\n"
+        "sys.stderr = Stderr(sys.stderr.buffer, encoding='utf-8', line_buffering=True)\n"
+        "sys.argv = ['pyvbak', 'snapshots', '--repo', sys.argv[1]]\n"
+        "from pyvbak.cli.entry import entry\n"
+        "entry()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)))
+    p = subprocess.run([sys.executable, "-c", starter, str(tmp_path / "no-repo")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 3, (p.returncode, p.stderr)  # the repository is missing: that outcome stands
+    assert "Traceback" not in p.stderr and "nothing was done" not in p.stderr, p.stderr
+    assert "is not a pyvbak repository" in p.stderr and "the outcome above stands" in p.stderr, p.stderr

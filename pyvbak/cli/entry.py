@@ -42,15 +42,28 @@ def _nothing_done(what: str):
 
 
 def entry() -> None:
+    started = [False]
     try:
         _starting_handlers()
-        from .main import main
+        from . import main as cli_main
 
-        code = main(exiting=True)  # signals are ignored from its return on: the outcome is decided
-    except KeyboardInterrupt:  # Ctrl-C while the modules load (main handles its own)
-        _nothing_done("(Ctrl-C)")
-    except _StoppedWhileStarting as stop:
+        started = cli_main._started
+        code = cli_main.main(exiting=True)  # signals are ignored from its return on: the outcome is decided
+    except (KeyboardInterrupt, _StoppedWhileStarting) as stop:
+        if started[0]:
+            # main() had its handlers: it notes a stop request once the outcome is decided,
+            # but one can land between two of its steps there (an instruction's width)
+            print(f"pyvbak: error: interrupted{' (Ctrl-C)' if isinstance(stop, KeyboardInterrupt) else ''} as the "
+                  f"command was ending", file=sys.stderr)
+            sys.exit(10)
+        if isinstance(stop, KeyboardInterrupt):  # Ctrl-C while the modules load
+            _nothing_done("(Ctrl-C)")
         _nothing_done("by SIGHUP (the terminal or ssh session closed)"
                       if stop.args[0] == getattr(signal, "SIGHUP", None) else "by SIGTERM")
+    except BaseException as exc:
+        if type(exc).__name__ == "Interrupted":  # (errors not imported: see _nothing_done) the same window
+            print(f"pyvbak: error: {exc}", file=sys.stderr)
+            sys.exit(10)
+        raise
     gc.freeze()
     sys.exit(code)

@@ -173,10 +173,24 @@ def _printable_anywhere() -> None:
             pass  # not a text stream that can be reconfigured (a test's capture, a pipe closed)
 
 
+#: [the command failed and main() is reporting it], [main() has its signal handlers]
+_failing, _started = [False], [False]
+
+
+def _failed() -> None:
+    """The outcome is decided - an error to report: a stop request from here on is only
+    noted.  Raised inside an ``except`` clause below it escaped main(): SIGTERM as a
+    traceback, Ctrl-C as "nothing was done" (the session-17 review)."""
+    _failing[0] = True
+    interrupts.begin_finishing()
+
+
 def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     tune_for_throughput()  # this process is the CLI's: see pyvbak/allocator.py
     _printable_anywhere()
+    _failing[0] = False
     previous = _catch_termination()
+    _started[0] = True
     interrupts.raised_and_lost()  # (a library caller's earlier commands' are not this one's)
     try:
         args = sys.argv[1:] if argv is None else list(argv)
@@ -196,22 +210,28 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
                  f"where it cannot stop the command: the {_command[0] or 'command'} ran to its end and is complete")
         return code
     except (PyvbakError, Interrupted) as exc:
+        _failed()
         _say(f"pyvbak: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
+        _failed()
         return _interrupted()
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
+        _failed()
         _say("pyvbak: error: aborted")
         return Interrupted.exit_code
     except MemoryError:
         # e.g. the per-block arrays of a disk far larger than this machine can index
+        _failed()
         _say("pyvbak: error: out of memory: the disk needs more memory than this machine has (about 50 bytes "
               "per block: see the README's 'Sizing'); use a repository with larger blocks (pyvbak init "
               "--block-size 1M) or a machine with more memory")
         return 1
     except Exception as exc:  # click usage errors
+        committed = interrupts.finishing()  # (asked before _failed() says so of every outcome)
+        _failed()
         if isinstance(exc, _click_exception_types()):
             # one line like every other error (click's own form is usage + hint + error)
             code = getattr(exc, "exit_code", 2) or 2
@@ -224,7 +244,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
                 where = f"pyvbak {args[0]}"
             _say(f"pyvbak: error: {message} (see '{where} --help')")
             return code
-        if isinstance(exc, OSError) and interrupts.finishing():
+        if isinstance(exc, OSError) and committed:
             # The work is committed and only its output failed: the terminal that took it
             # is gone (the hangup that was noted), nothing reads it any more, or it goes
             # to a full disk.  The exit code says what happened to the work.
@@ -248,7 +268,10 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             # the interpreter's exit (the session-14 signal audit)
             signal.signal(signum, signal.SIG_IGN if exiting else handler)
         noted = interrupts.end()
-        if noted:
+        if noted and _failing[0]:
+            _say(f"pyvbak: note: {' and '.join(dict.fromkeys(noted))} arrived as the command was ending: the "
+                 f"outcome above stands")
+        elif noted:
             _say(f"pyvbak: note: {' and '.join(dict.fromkeys(noted))} arrived after the work was committed: "
                  f"it was finished and cleaned up instead of stopped")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -195,8 +196,14 @@ def test_directories_made_for_the_cache_and_work_dir_are_private_under_umask_000
         fd = templates_dir()
         repo = Repository.init(str(tmp_path / "repo"))
         repo.snapshots()  # writes the snapshot cache
+        from pyvbak.cli.common import open_repository
+        monkeypatch.delenv("PYVBAK_REPO", raising=False)
+        monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+        default = open_repository(None, create_default=True)  # the default repository, its parents
     finally:
         os.umask(old)
+    shared = [p for p in Path(default.location).parents if str(p).startswith(str(home)) and p.stat().st_mode & 0o077]
+    assert str(home / ".local") in default.location and shared == [home], shared
     if fd is not None:
         os.close(fd)
     made = [p for p in (home / ".cache").rglob("*") if p.is_dir()] + [home / ".cache"]
@@ -207,3 +214,5 @@ def test_directories_made_for_the_cache_and_work_dir_are_private_under_umask_000
     from pyvbak.repo.cache import make_private_dirs
     with pytest.raises(FileExistsError):
         make_private_dirs(str(home / "file"))
+    with pytest.raises(NotADirectoryError, match="file"):  # a parent in the way is named, as makedirs does
+        make_private_dirs(str(home / "file" / "work"))

@@ -39,6 +39,7 @@ def open_repository(location: str | None, *, create_default: bool = False):
     that created an empty one reported success, and a restore said "using" it and then
     that it was no repository."""
     from ..errors import RepositoryError
+    from ..repo.cache import make_private_dirs
     from ..repo.repository import Repository, default_repository_path
 
     if location == "" or (location is None and os.environ.get("PYVBAK_REPO") == ""):  # (click drops an empty one)
@@ -55,7 +56,7 @@ def open_repository(location: str | None, *, create_default: bool = False):
                               "--repo REPO or set PYVBAK_REPO ('pyvbak backup' creates the default one)")
     if not os.path.exists(os.path.join(path, "config")):
         try:
-            os.makedirs(path, exist_ok=True)
+            make_private_dirs(path)  # (a repository holds the VMs' disks: 0700, its missing parents too)
         except OSError as exc:
             raise UsageError(f"cannot create the default repository at {path}: {exc.strerror}; "
                              "give --repo REPO or set PYVBAK_REPO") from None

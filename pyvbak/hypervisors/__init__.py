@@ -38,7 +38,8 @@ def default_work_dir() -> str:
     try:
         make_private_dirs(base)
     except OSError as exc:
-        raise UsageError(f"cannot create the work dir {base} (sockets and fleecing files): {exc.strerror}; "
+        which = f" ({exc.filename})" if exc.filename and exc.filename != base else ""
+        raise UsageError(f"cannot create the work dir {base} (sockets and fleecing files): {exc.strerror}{which}; "
                          "set PYVBAK_WORK_DIR to a writable directory") from None
     return base
 

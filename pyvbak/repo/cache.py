@@ -8,6 +8,7 @@ index cache is in digest_index.py.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -43,9 +44,11 @@ def make_private_dirs(path: str) -> None:
     """``os.makedirs(path, 0o700, exist_ok=True)`` with every directory it creates 0700,
     the missing parents too (makedirs gives its mode to the last one only): under a umask
     of 000 a missing ~/.cache was made 0777, and anyone on the host could then replace
-    pyvbak's directories in it (the session-14 review).  OSError as makedirs gives it."""
+    pyvbak's directories in it (the session-14 review).  OSError naming the path that
+    failed: FileExistsError when ``path`` itself is something else than a directory,
+    NotADirectoryError when one of its parents is."""
     missing = []
-    d = os.path.abspath(path)
+    target = d = os.path.abspath(path)
     while not os.path.isdir(d) and os.path.dirname(d) != d:
         missing.append(d)
         d = os.path.dirname(d)
@@ -53,8 +56,12 @@ def make_private_dirs(path: str) -> None:
         try:
             os.mkdir(d, 0o700)
         except FileExistsError:
-            if not os.path.isdir(d):  # a file (or a link to one) in the way: as makedirs says it
+            if os.path.isdir(d):
+                continue  # made meanwhile by another process
+            if d == target:
                 raise
+            # a file (or a dangling link) where a parent should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), d) from None
 
 
 def repo_cache_dir(repo_id: str) -> str | None:

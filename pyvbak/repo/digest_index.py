@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from . import format as fmt
+from .cache import make_private_dirs
 
 CACHE_FORMAT = "pyvbak-digest-index-cache-v1"
 MANIFEST = "digest-index.json"
@@ -202,7 +203,7 @@ def load_cached(directory: str, repo_id: str, names: list[str], read_index, reli
                 break
         else:
             return DigestIndex(np.concatenate(list(first.values())))
-        os.makedirs(directory, mode=0o700, exist_ok=True)  # private, as the repository's objects
+        make_private_dirs(directory)  # private, as the repository's objects (its parents too)
         chunks = _build_chunks(directory, names, lambda n: first.pop(n) if n in first else read_index(n))
         base = _write_base(directory, repo_id, names, None, chunks)
         return DigestIndex(parts=[base])

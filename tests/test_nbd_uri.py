@@ -82,6 +82,9 @@ def test_an_unknown_nbd_unix_parameter_is_named():
     ("nbd:unix:/run/nbd.sock:exportname=disk0", 2, "nbd+unix:///EXPORT?socket=PATH"),
     # a socket path with a trailing slash was said not to exist ("is the VM running?")
     ("qemu:///run/vm/qmp.sock/?node=disk0", 2, "ends in '/'"),
+    ("qemu:////", 2, "has no QMP socket path"),  # (not "name the socket itself, qemu://")
+    # RFC 8089: file://HOST/PATH - "file://x.img" was read as ./x.img
+    ("file://x.img", 2, "file:///ABSOLUTE/PATH"),
 ])
 def test_source_spellings_get_an_error_that_points_the_right_way(tmp_path, capsys, spec, code, says):
     from pyvbak.cli.main import main
@@ -99,5 +102,11 @@ def test_a_file_named_like_a_qemu_spelling_is_still_a_file(tmp_path, capsys, mon
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "qemu:disk.img").write_bytes(b"\x01" * 65536)
+    (tmp_path / "File:").mkdir()
+    (tmp_path / "File:" / "x.img").write_bytes(b"\x02" * 65536)
+    (tmp_path / "x.img").write_bytes(b"\x03" * 65536)  # what "File://x.img" was read as
     assert main(["init", "repo"]) == 0
     assert main(["backup", "qemu:disk.img", "--repo", "repo", "--vm", "v"]) == 0
+    assert main(["backup", "File://x.img", "--repo", "repo", "--vm", "w", "--disk", "d"]) == 0
+    assert main(["restore", "w/d@latest", str(tmp_path / "out.img"), "--repo", "repo"]) == 0
+    assert (tmp_path / "out.img").read_bytes() == b"\x02" * 65536

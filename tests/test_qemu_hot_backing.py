@@ -284,3 +284,7 @@ def test_a_snapshot_access_node_is_refused_for_what_it_is(tmp_path, capsys, cli_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "snapshot-access" in err and "file under" not in err, err
         assert "?node=disk0" in err, err
+        # the copy-before-write filter under it, on the qcow2 too: no "file under" either (review 1)
+        assert main(["backup", f"qemu://{qmp}?node=cbw", "--repo", repo, "--vm", "hot"]) == 4
+        err = capsys.readouterr().err
+        assert "copy-before-write filter node" in err and "?node=disk0" in err and "file under" not in err, err

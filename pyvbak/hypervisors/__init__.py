@@ -121,9 +121,16 @@ def source_spec(spec: str) -> str:
     own spellings, which are no URI pyvbak reads: ``qemu:PATH`` without ``//`` was taken
     for an image file name that did not exist, ``nbd:unix:PATH`` (qemu-img's legacy NBD
     form) too - unless a file of that name exists (the session-17 acceptance audit)."""
+    if os.path.lexists(spec):  # a path that exists is that path, however it is spelled ("File:/x.img")
+        return spec
     m = _SCHEME.match(spec)
     if m and m.group(1).lower() in _SCHEMES:
-        return m.group(1).lower() + spec[len(m.group(1)):]
+        spec = m.group(1).lower() + spec[len(m.group(1)):]
+        if spec.startswith("file://") and not spec.startswith("file:///"):
+            # RFC 8089: file://HOST/PATH; "file://x.img" was read as the relative ./x.img
+            raise UsageError(f"source {spec!r} names a host after file://: give file:///ABSOLUTE/PATH (three "
+                             f"slashes) or a plain path")
+        return spec
     lowered = spec.lower()
     if lowered.startswith(("qemu:", "nbd:")) and not os.path.lexists(spec):
         if lowered.startswith("qemu:"):
@@ -183,7 +190,7 @@ def check_image_format(spec: str, image_format: str) -> None:
     """``backup --format``: one of FORMAT_CHOICES, and only for image files and devices."""
     if image_format not in FORMAT_CHOICES:
         raise UsageError(f"unknown image format {image_format!r}: give one of {', '.join(FORMAT_CHOICES)}")
-    if image_format != "auto" and "://" in spec and not spec.startswith("file://"):
+    if image_format != "auto" and "://" in spec and not spec.startswith("file://") and not os.path.lexists(spec):
         raise UsageError(f"--format is for image files and block devices; {spec.split('://', 1)[0]}:// sources "
                          f"say their own format: drop --format")
 
@@ -265,7 +272,7 @@ def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bo
             with session.open_source() as nbd:
                 yield SessionSource(session, nbd), session
         return
-    if "://" in spec and not spec.startswith("file://"):
+    if "://" in spec and not spec.startswith("file://") and not os.path.lexists(spec):
         scheme = spec.split("://", 1)[0]
         raise UsageError(
             f"unsupported source '{scheme}://': give an image path, nbd://HOST[:PORT]/EXPORT, "

@@ -65,6 +65,8 @@ def parse_qemu_uri_disks(uri: str) -> tuple[str, list[DiskSelector]]:
                          f"supported: {_FORM} (three slashes)")
     if not parts.path or parts.path == "/":
         raise UsageError(f"qemu URI {uri!r} has no QMP socket path: {_FORM}")
+    if not parts.path.strip("/"):
+        raise UsageError(f"qemu URI {uri!r} has no QMP socket path: {_FORM}")
     if parts.path.endswith("/"):  # (it was said not to exist: "is the VM running?")
         raise UsageError(f"qemu URI {uri!r}: the QMP socket path ends in '/'; name the socket itself, "
                          f"qemu://{parts.path.rstrip('/')}" + (f"?{parts.query}" if parts.query else ""))
@@ -246,6 +248,14 @@ def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str)
                               f"backup's frozen view of a disk, not a disk: back up the disk's own node{disk}")
         if not filename or info.get("drv") in _CONTAINER_FORMATS:
             continue
+        if above and info.get("drv") in FILTER_DRIVERS:
+            # a filter node on the same image: above the format node (the guest's view
+            # through it) or under it (over its file) - QEMU's flat listing does not say,
+            # and only the format node is sure to be the guest's disk (the session-17
+            # review: a copy-before-write filter was called "the file under" the qcow2)
+            raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is a {info.get('drv')} filter node on the "
+                              f"{infos[above[0]].get('drv')} image of node {above[0]!r}: back up the disk's node, "
+                              f"?node={above[0]}")
         if above:
             fmt = infos[above[0]].get("drv")
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is the file under the {fmt} node "

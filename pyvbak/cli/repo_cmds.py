@@ -129,10 +129,15 @@ def verify(
             rebuilt, not_rebuilt = rebuild_pack_trailers(r, [d["pack"] for d in report["damaged_pack_trailers"]])
             report["repair"] = drop_bad_records(r, bad)
             if report["lost_blocks_by_cause"]["not_indexed"] and not report["repair"]["lost_marker"]:
-                # blocks no index names and no marker dropped now (a pack and its index both
-                # lost): a marker, so that the next backup checks its parent instead of
-                # carrying their records on unread - "back up the affected disks" is then true
-                report["repair"]["lost_marker"] = r.write_lost_marker([], 0)
+                # blocks no index names that no marker covers (a pack and its pack index both
+                # lost, after the snapshots naming them were made): a marker, so that the
+                # next backup checks its parent instead of carrying their records on unread -
+                # "back up the affected disks" is then true.  A snapshot made before some
+                # marker is checked anyway (an earlier repair's or prune's).
+                markers = set(r.lost_markers())
+                hit = {a["id"] for a in report["affected_snapshots"]}
+                if any(markers <= set(s.meta.get("lost_checked") or ()) for s in r.snapshots() if s.id in hit):
+                    report["repair"]["lost_marker"] = r.write_lost_marker([], 0)
             report["repair"]["adopted"] = adopted
             report["repair"]["trailers_rebuilt"] = rebuilt
             report["repair"]["trailers_not_rebuilt"] = not_rebuilt

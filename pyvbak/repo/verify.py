@@ -70,8 +70,9 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     pos = index.locate(all_digests)
     problems: dict[bytes, str] = {bytes(d).ljust(32, b"\0"): "block is missing (no pack index names it)" for d in all_digests[pos < 0]}
     # why each lost block is lost, for what to do next: "not_indexed" (no record: a repair
-    # or a prune dropped it, or an index was lost), "bad_copy" (every copy reads back
-    # wrong or its pack is gone), "unreadable" (every copy failed to read, twice)
+    # or a prune dropped it, or an index was lost), "adoptable" (no record, but a pack no
+    # index names holds it), "bad_copy" (every copy reads back wrong or its pack is gone),
+    # "unreadable" (every copy failed to read, twice)
     lost_kind: dict[bytes, str] = dict.fromkeys(problems, "not_indexed")
     # Missing from every pack index is not always lost: a pack index object lost from
     # storage leaves its packs unindexed, and their own tables of contents still say what
@@ -91,6 +92,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
             for d in all_digests[pos < 0][held]:
                 problems[bytes(d).ljust(32, b"\0")] = ("block is in no pack index, but a pack no index names holds it: "
                                                        "'pyvbak verify --repair' (or 'pyvbak prune') indexes that pack again")
+                lost_kind[bytes(d).ljust(32, b"\0")] = "adoptable"
     # Every stored copy of each block is read, not just one: a snapshot is restorable as
     # long as each of its blocks has one good copy (restore falls back to another), and a
     # damaged copy beside a good one must still be named - prune keeps one copy per block
@@ -213,7 +215,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         # (for the CLI's next step: counts of lost blocks by cause, and the affected
         # snapshots whose own index or metadata is damaged, or could not be read)
         "lost_blocks_by_cause": {k: sum(1 for d in problems if lost_kind.get(d) == k)
-                                 for k in ("bad_copy", "unreadable", "not_indexed")},
+                                 for k in ("bad_copy", "unreadable", "not_indexed", "adoptable")},
         "snapshots_damaged": sorted(set(bad_snapshots) - unread_snapshots - lacking_blocks),
         "snapshots_unread": sorted(unread_snapshots),
         "duration": time.monotonic() - t0,

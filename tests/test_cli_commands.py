@@ -448,3 +448,29 @@ def test_a_pack_lost_with_its_index_is_stored_again_after_the_named_repair(tmp_p
     for snap in Repository.open(str(repo)).snapshots():
         assert cli(capsys, "restore", snap.id, tmp_path / f"{snap.id}.img", "--repo", repo)[0] == 0
         assert same_file(tmp_path / f"{snap.id}.img", img)
+
+
+def test_a_repair_of_chosen_snapshots_leaves_the_marker_the_disks_newest_snapshot_needs(tmp_path, capsys):
+    """The zero-record marker was decided from the chosen snapshots alone: `verify OLD
+    --repair` wrote none when the disk's newest snapshot (the next backup's parent) had
+    checked every existing marker, so that backup carried the lost records on unread
+    (review 2, R1)."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    a = make_image(tmp_path / "a.img", 20 * BS, [(0, 20 * BS, "random")], seed=92)
+    x = make_image(tmp_path / "x.img", 20 * BS, [(0, 20 * BS, "random")], seed=93)
+    objects = lambda prefix: {n for n in Repository.open(str(repo)).backend.list(prefix)}  # noqa: E731
+    cli(capsys, "backup", a, "--repo", repo, "--vm", "a")
+    pack_a, index_a = objects("packs/"), objects("index/")
+    (old,) = [s.id for s in Repository.open(str(repo)).snapshots()]
+    cli(capsys, "backup", x, "--repo", repo, "--vm", "x")
+    for name in objects("packs/") - pack_a:
+        os.unlink(repo / name)
+    assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 6  # marker M1, for x
+    assert cli(capsys, "backup", a, "--repo", repo, "--vm", "a")[0] == 0  # a's newest: lost_checked [M1]
+    for name in pack_a | index_a:
+        os.unlink(repo / name)
+    assert cli(capsys, "verify", old, "--repo", repo, "--repair")[0] == 6
+    assert cli(capsys, "backup", a, "--repo", repo, "--vm", "a")[0] == 0
+    code, _, err = cli(capsys, "restore", "a@latest", tmp_path / "a-out.img", "--repo", repo)
+    assert code == 0 and same_file(tmp_path / "a-out.img", a), err

@@ -132,11 +132,15 @@ def verify(
                 # blocks no index names that no marker covers (a pack and its pack index both
                 # lost, after the snapshots naming them were made): a marker, so that the
                 # next backup checks its parent instead of carrying their records on unread -
-                # "back up the affected disks" is then true.  A snapshot made before some
-                # marker is checked anyway (an earlier repair's or prune's).
+                # "back up the affected disks" is then true.  The parent is each affected
+                # disk's newest snapshot (also when other snapshots were chosen: review 2),
+                # which is checked anyway when it predates some marker.
                 markers = set(r.lost_markers())
+                everything = r.snapshots()
                 hit = {a["id"] for a in report["affected_snapshots"]}
-                if any(markers <= set(s.meta.get("lost_checked") or ()) for s in r.snapshots() if s.id in hit):
+                disks = {(s.vm, s.disk) for s in everything if s.id in hit}
+                newest = {(s.vm, s.disk): s for s in everything if (s.vm, s.disk) in disks}  # (oldest first)
+                if any(markers <= set(s.meta.get("lost_checked") or ()) for s in newest.values()):
                     report["repair"]["lost_marker"] = r.write_lost_marker([], 0)
             report["repair"]["adopted"] = adopted
             report["repair"]["trailers_rebuilt"] = rebuilt
@@ -214,8 +218,9 @@ def verify(
     if not report["ok"] and report.get("repair", {}).get("recheck"):
         recheck = report["repair"]["recheck"]
         raise IntegrityError(f"after repair, {recheck['problem_count']} bad block(s) affecting "
-                             f"{len(recheck['affected_snapshots'])} snapshot(s) remain in {r.location}: "
-                             "their data is not in the repository")
+                             f"{len(recheck['affected_snapshots'])} snapshot(s) remain in {r.location}: their "
+                             f"data is not in the repository; back up the affected disks: a backup stores again "
+                             f"the blocks a disk still holds (those no disk holds any more are lost)")
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])
@@ -272,7 +277,8 @@ def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool
         if report.get("unindexed_packs"):
             steps.append("'pyvbak verify --repair' (or 'pyvbak prune') indexes the packs no index names")
     if report.get("unreadable_redundant_copy_count") and not unread and not dropped_unreadable:
-        steps.append("check the storage: some redundant copies could not be read (every snapshot still restores)")
+        steps.append("check the storage: some redundant copies could not be read (every snapshot still restores); "
+                     "if they keep failing, 'pyvbak verify --repair --drop-unreadable' drops them")
     if report.get("snapshots_damaged"):
         steps.append("put the damaged snapshot files named above back from a copy of the repository, or forget "
                      "those snapshots ('pyvbak forget ID')")

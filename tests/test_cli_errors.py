@@ -586,12 +586,16 @@ def test_verify_sample_out_of_range_even_on_an_empty_repository(env, capsys):
 
 
 def test_init_completes_a_directory_an_interrupted_init_left(env, capsys):
-    """An init that died before its config leaves only the helpers: not a repository,
-    and no obstacle to the next init (which the 'no config' error tells the user to run)."""
+    """An init that died before its config leaves only the helpers (each written whole:
+    replaced atomically) and temp objects: not a repository, and no obstacle to the next
+    init (which the 'no config' error tells the user to run).  A user's own restore.sh
+    is no such helper: it was replaced (the session-17 review 2)."""
+    from importlib import resources
+
     tmp, repo, img = env
     os.makedirs(repo)
     for name in ("restore.sh", "README-RESTORE.txt"):
-        open(os.path.join(repo, name), "w").write("partial")
+        open(os.path.join(repo, name), "wb").write(resources.files("pyvbak.repo").joinpath(name).read_bytes())
     open(os.path.join(repo, ".pyvbak-tmp-1-0123456789abcdef"), "w").write("partial")
     code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "x")
     assert code == 3
@@ -605,6 +609,14 @@ def test_init_completes_a_directory_an_interrupted_init_left(env, capsys):
     code, _, err = cli(capsys, "init", tmp / "notempty")
     assert code == 3
     assert_one_error_line(err, "is not empty")
+    os.makedirs(tmp / "scripts")
+    open(tmp / "scripts" / "restore.sh", "w").write("my own script")  # alone: still the user's
+    for where in (tmp / "scripts", f"file://{tmp / 'scripts'}", f"file://{tmp / 'notempty'}"):
+        code, _, err = cli(capsys, "init", where)
+        assert code == 3, where
+        assert_one_error_line(err, "is not empty")
+    assert open(tmp / "scripts" / "restore.sh").read() == "my own script"
+    assert sorted(os.listdir(tmp / "notempty")) == ["data.txt", "restore.sh"]
 
 
 def test_default_repository_created_by_concurrent_first_commands(tmp_path):

@@ -306,7 +306,8 @@ def test_a_lost_or_damaged_config_is_named_with_the_way_out(repo, capsys, damage
         config.write_bytes(config.read_bytes()[:50])
     else:
         config.unlink()
-    for command in (["snapshots", "--repo", r], ["verify", "--repo", r], ["init", r]):
+    for command in (["snapshots", "--repo", r], ["verify", "--repo", r], ["init", r],
+                    ["snapshots", "--repo", f"file://{r}"], ["init", f"file://{r}"]):  # (review 2: file:// too)
         code, _, err = cli(capsys, *command)
         no_traceback(err)
         assert code == 3 and err.count("\n") == 1, err

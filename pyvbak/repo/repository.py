@@ -48,6 +48,7 @@ DEFAULT_COMPRESSION = "zstd:1"
 INIT_HELPERS = ("restore.sh", "README-RESTORE.txt")
 #: the "restore kit revision: N" line of restore.sh (none: revision 1, before the line existed)
 _KIT_REVISION_RE = re.compile(rb"^# restore kit revision: (\d+)", re.M)
+_README_FIRST_LINE = b"RESTORING FROM THIS pyvbak REPOSITORY"
 
 
 def restore_kit_revision(script: bytes) -> int:
@@ -333,7 +334,8 @@ def _is_pyvbak_directory(location: str) -> bool:
     """``location`` holds pyvbak's own files beside its config: the restore kit init writes,
     or pyvbak's snapshots.  An unreadable config elsewhere (~/.ssh, a git or restic
     directory) is not a damaged repository's."""
-    return all(os.path.isfile(os.path.join(location, n)) for n in INIT_HELPERS) or _holds_repository_data(location)
+    return all(_init_leftover(location, n) for n in INIT_HELPERS) or _holds_repository_data(location)
+
 
 class Repository:
     def __init__(self, backend, config: RepoConfig):
@@ -361,19 +363,20 @@ class Repository:
                 f"block size {block_size} is invalid: use a power of two from 64K to 16M (default 64K)"
             )
         level = parse_compression(compression)
-        if _is_local(location) and os.path.exists(location) and not os.path.isdir(location):
+        path = _local_path(location)
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise RepositoryError(f"{location} exists and is not a directory: choose another repository path")
-        if _is_local(location) and os.path.isdir(location):
-            if os.path.exists(os.path.join(location, fmt.CONFIG_NAME)) and (
-                    _is_pyvbak_directory(location) or _pyvbak_config(os.path.join(location, fmt.CONFIG_NAME))):
+        if path is not None and os.path.isdir(path):
+            if os.path.exists(os.path.join(path, fmt.CONFIG_NAME)) and (
+                    _is_pyvbak_directory(path) or _pyvbak_config(os.path.join(path, fmt.CONFIG_NAME))):
                 raise RepositoryError(f"{location} already holds a pyvbak repository: use it as it is (--repo "
                                       f"{location}), or give another directory to create a new one (init never "
                                       f"replaces a repository's config, even a damaged one)")
             # What an init that failed or is running (config not written yet) leaves counts
             # as empty: the helpers are written again, and the create-only config decides
             # between two inits of one path.
-            if any(name not in INIT_HELPERS and not name.startswith(TEMP_PREFIX) for name in os.listdir(location)):
-                if _holds_repository_data(location):
+            if not all(_init_leftover(path, name) for name in os.listdir(path)):
+                if _holds_repository_data(path):
                     raise RepositoryError(f"{location} holds pyvbak snapshots whose config file is missing: put config "
                                           f"back from a copy of the repository (a new one could not read them)")
                 raise RepositoryError(f"{location} is not empty: give an empty or new directory for the repository")
@@ -402,8 +405,9 @@ class Repository:
 
     @classmethod
     def open(cls, location: str) -> "Repository":
-        if _is_local(location) and not os.path.isdir(location):
-            if os.path.exists(location):
+        path = _local_path(location)
+        if path is not None and not os.path.isdir(path):
+            if os.path.exists(path):
                 raise RepositoryError(f"{location} is a file, not a pyvbak repository: give the repository's directory")
             raise RepositoryError(
                 f"{location} is not a pyvbak repository (no such directory): create one with 'pyvbak init {location}'"
@@ -413,9 +417,8 @@ class Repository:
             raw = backend.read(fmt.CONFIG_NAME)
         except ObjectMissing:
             # 'pyvbak init' of a directory holding other files fails: say so, not "init it"
-            empty = not os.path.isdir(location) or not any(
-                name not in INIT_HELPERS and not name.startswith(TEMP_PREFIX) for name in os.listdir(location))
-            if not empty and _holds_repository_data(location):
+            empty = path is None or all(_init_leftover(path, name) for name in os.listdir(path))
+            if not empty and _holds_repository_data(path):
                 # (it said "not a pyvbak repository: check the path" of a repository whose
                 # config alone was lost - the session-17 acceptance audit)
                 raise RepositoryError(f"{location} holds pyvbak snapshots but its config file is missing: put config "
@@ -432,7 +435,7 @@ class Repository:
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError("version")
         except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
-            if _is_local(location) and _is_pyvbak_directory(location):
+            if path is not None and (_is_pyvbak_directory(path) or b'"pyvbak-repository"' in raw[:4096]):
                 raise RepositoryError(f"{location}/config is damaged (not a pyvbak repository configuration): put "
                                       f"it back from a copy of the repository (its snapshots and blocks are "
                                       f"untouched)") from None
@@ -805,7 +808,8 @@ class Repository:
             stored = b""
         except PyvbakError as e:
             return [f"warning: could not read restore.sh to check its revision: {e}"]
-        script = os.path.join(self.location, "restore.sh") if _is_local(self.location) else None
+        local = _local_path(self.location)
+        script = os.path.join(local, "restore.sh") if local is not None else None
         if stored and restore_kit_revision(stored) >= revision:
             # up to date, but a run killed between its replace and its chmod left it
             # without its x bit (the backend writes 0600): './restore.sh' is refused
@@ -993,8 +997,31 @@ class Repository:
             raise RepositoryError(f"snapshot {snapshot_id} already exists: retry")
 
 
-def _is_local(location: str) -> bool:
-    return "://" not in location
+def _local_path(location: str) -> str | None:
+    """The directory of a repository on the local file system - a plain path, or
+    ``file://PATH`` (both LocalBackend) - else None.  ``file://`` once skipped every check
+    of init and open: a repository made in a non-empty directory, a user's restore.sh
+    replaced (the session-17 review 2)."""
+    scheme, sep, rest = location.partition("://")
+    if not sep:
+        return location
+    return rest if scheme.lower() == "file" and rest else None
+
+
+def _init_leftover(directory: str, name: str) -> bool:
+    """``name`` in ``directory`` is what an init that failed (or runs) leaves: a temp
+    object, or pyvbak's own restore kit - recognised by its first line, not its name (a
+    user's own restore.sh was replaced)."""
+    if name.startswith(TEMP_PREFIX):
+        return True
+    if name not in INIT_HELPERS:
+        return False
+    try:
+        with open(os.path.join(directory, name), "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return bool(_KIT_REVISION_RE.search(head)) if name == "restore.sh" else head.startswith(_README_FIRST_LINE)
 
 
 def default_repository_path() -> str:

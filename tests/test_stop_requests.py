@@ -323,3 +323,23 @@ def test_a_stop_while_a_failure_is_reported_keeps_the_failure(tmp_path, sig):
     assert p.returncode == 3, (p.returncode, p.stderr)  # the repository is missing: that outcome stands
     assert "Traceback" not in p.stderr and "nothing was done" not in p.stderr, p.stderr
     assert "is not a pyvbak repository" in p.stderr and "the outcome above stands" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_forget_reports_what_it_did_is_noted_not_a_failure(tmp_path, repo_and_image, sig):
+    """Once forget has forgotten, a stop request while it printed so said "stopped cleanly;
+    run the command again to finish" (exit 10), and running it again found the snapshot
+    gone, exit 5 (the session-17 review 2)."""
+    repo, img = repo_and_image
+    pyvbak("backup", img, "--repo", repo, "--vm", "v")
+    (meta,) = snapshots(repo)
+    sid = meta[: -len(".json")]
+    patch = ("import builtins\n"
+             "real_print = builtins.print\n"
+             "def print(*a, **k):\n"
+             "    if a and str(a[0]).startswith('forgot '):\n        stop_here()\n"
+             "    return real_print(*a, **k)\n"
+             "builtins.print = print\n")
+    p = run_stopped(tmp_path, patch, ["forget", sid, "--repo", repo], sig)
+    assert p.returncode == 0 and "arrived after the work was committed" in p.stderr, (p.returncode, p.stderr)
+    assert f"forgot 1 snapshot(s): {sid}" in p.stdout and snapshots(repo) == []

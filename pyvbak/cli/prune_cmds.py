@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import typer
 
+from .. import interrupts
 from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository
 
 DryRunNoLockOption = typer.Option(
@@ -79,6 +80,9 @@ def forget(
 
             # a dry run forgot nothing: its prune preview leaves the chosen snapshots out itself
             result["prune"] = prune_repository(r, dry_run=dry_run, without=frozenset(forgotten) if dry_run else frozenset())
+        # done: a stop request from here on is noted (it said "run the command again", which
+        # then found the snapshots gone, exit 5 - the session-17 review 2)
+        interrupts.begin_finishing()
     for line in broken:
         info(f"warning: {line}")
     if json_out:
@@ -111,7 +115,9 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
     # A dry run changes nothing, stale locks included (they are what the next backup
     # adopts a killed backup's packs by).
     with _lock(r, dry_run=dry_run, no_lock=no_lock, exclusive=True, purpose="prune", clean_stale=not dry_run):
-        return prune_repository(r, dry_run=dry_run, without=without)
+        report = prune_repository(r, dry_run=dry_run, without=without)
+        interrupts.begin_finishing()  # done: a stop request from here on is noted
+        return report
 
 
 def _print_prune(rep: dict) -> None:

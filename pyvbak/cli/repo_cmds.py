@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from .. import interrupts
 from ..repo.repository import DEFAULT_COMPRESSION
 from .common import JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository, refuse_memory
 
@@ -32,6 +33,7 @@ def init(
     repo = repo_arg or repo_opt or default_repository_path()
     refuse_memory(repo)
     r = Repository.init(repo, block_size=parse_size(block_size), compression=compression)
+    interrupts.begin_finishing()  # made: a stop request from here on is noted
     if json_out:
         emit_json({"repository": repo, "id": r.config.repo_id, "block_size": r.config.block_size})
     else:
@@ -156,6 +158,7 @@ def verify(
                 report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
                                                                      "blocks_checked")}
                 report["repair"]["complete"] = again["ok"]
+            interrupts.begin_finishing()  # repaired: a stop request from here on is noted
     if json_out:
         emit_json(report)
     else:
@@ -321,5 +324,7 @@ def unlock(
     print(f"removed {len(removed)} lock(s)" + (": " + ", ".join(removed) if removed else ""))
     if removed:  # what the removed locks' processes may have left: adopt it now
         with r.lock(purpose="unlock"):
-            for line in r.recover_leftovers():
-                print(f"cleanup: {line}")
+            cleaned = r.recover_leftovers()
+            interrupts.begin_finishing()  # done: a stop request from here on is noted
+        for line in cleaned:
+            print(f"cleanup: {line}")

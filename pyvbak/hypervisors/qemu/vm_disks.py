@@ -22,6 +22,7 @@ otherwise stand where the disk's node is).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
@@ -228,6 +229,32 @@ FILTER_DRIVERS = frozenset({"throttle", "copy-on-read", "preallocate", "compress
                             "snapshot-access", "blkdebug", "blklogwrites", "blkreplay"})
 
 
+def _reads(info: dict) -> tuple[list, str | None]:
+    """(drivers from a node of the flat ``query-named-block-nodes`` down to its file, that
+    file's name).  QEMU gives a node whose children it cannot put in a plain file name a
+    ``json:{...}`` pseudo-filename nesting its ``file`` children: a qcow2 over a
+    preallocate filter over the file is ``json:{"driver": "qcow2", "file": {"driver":
+    "preallocate", "file": {"driver": "file", "filename": ...}}}``."""
+    drivers, name = [info.get("drv")], info.get("file") or ""
+    if not name.startswith("json:"):
+        return drivers, name or None
+    try:
+        node = json.loads(name[5:])
+    except ValueError:
+        return drivers, None
+    for _ in range(64):  # (nested as deep as the graph; bounded anyway)
+        if not isinstance(node, dict):
+            break
+        drivers.append(node.get("driver"))
+        child = node.get("file")
+        if isinstance(child, dict):
+            node = child
+            continue
+        name = child if isinstance(child, str) else node.get("filename")
+        return drivers, name if isinstance(name, str) and name else None
+    return drivers, None
+
+
 def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str) -> None:
     """SourceError for a disk named by the protocol node under a format node (``?node=
     disk0-file`` under qcow2 ``disk0``): its bytes are the image file's - qcow2 clusters,
@@ -235,19 +262,20 @@ def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str)
     And for a snapshot-access node: another backup's frozen view of a disk, whose bytes
     come partly from that backup's copy-before-write target, which no dirty bitmap of the
     disk sees."""
+    reads = {n: _reads(i) for n, i in infos.items()}
     for d in disks:
         info = infos.get(d.node) or {}
-        filename = info.get("file")
-        above = [n for n, i in infos.items() if n != d.node and filename and i.get("file") == filename
-                 and i.get("drv") in _CONTAINER_FORMATS]
+        drivers, filename = reads.get(d.node) or ([], None)
+        above = [n for n, (drv, f) in reads.items() if n != d.node and filename and f == filename
+                 and any(x in _CONTAINER_FORMATS for x in drv)]
         if info.get("drv") == "snapshot-access":
             # (named after the disk image's file too: it was refused as that file's node,
             # which it is not - session-16 review 3)
             disk = f", ?node={above[0]}" if above else ""
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is a snapshot-access node, another "
                               f"backup's frozen view of a disk, not a disk: back up the disk's own node{disk}")
-        if not filename or info.get("drv") in _CONTAINER_FORMATS:
-            continue
+        if not filename or any(x in _CONTAINER_FORMATS for x in drivers):
+            continue  # (a node that reads through a container format: the guest's view)
         if above and info.get("drv") in FILTER_DRIVERS:
             # a filter node on the same image: above the format node (the guest's view
             # through it) or under it (over its file) - QEMU's flat listing does not say,
@@ -256,6 +284,13 @@ def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str)
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is a {info.get('drv')} filter node on the "
                               f"{infos[above[0]].get('drv')} image of node {above[0]!r}: back up the disk's node, "
                               f"?node={above[0]}")
+        if above and info.get("drv") not in ("file", "host_device", "host_cdrom"):
+            # a filter between the format node and its file (preallocate, copy-on-read):
+            # QEMU names both with json: pseudo-filenames, which never equalled the file
+            # node's name - the container's bytes were backed up as the disk (review 2)
+            raise SourceError(f"node {d.node!r} of the VM at {qmp_path} reads the {infos[above[0]].get('drv')} "
+                              f"image of node {above[0]!r} as raw bytes (a {info.get('drv')} node over its file): back "
+                              f"up the guest's view, ?node={above[0]}")
         if above:
             fmt = infos[above[0]].get("drv")
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is the file under the {fmt} node "

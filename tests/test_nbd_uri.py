@@ -85,6 +85,8 @@ def test_an_unknown_nbd_unix_parameter_is_named():
     ("qemu:////", 2, "has no QMP socket path"),  # (not "name the socket itself, qemu://")
     # RFC 8089: file://HOST/PATH - "file://x.img" was read as ./x.img
     ("file://x.img", 2, "file:///ABSOLUTE/PATH"),
+    ("file://", 2, "has no path"),
+    ("file://localhost/nonexistent/x.img", 4, "/nonexistent/x.img does not exist"),  # this host
 ])
 def test_source_spellings_get_an_error_that_points_the_right_way(tmp_path, capsys, spec, code, says):
     from pyvbak.cli.main import main
@@ -110,3 +112,8 @@ def test_a_file_named_like_a_qemu_spelling_is_still_a_file(tmp_path, capsys, mon
     assert main(["backup", "File://x.img", "--repo", "repo", "--vm", "w", "--disk", "d"]) == 0
     assert main(["restore", "w/d@latest", str(tmp_path / "out.img"), "--repo", "repo"]) == 0
     assert (tmp_path / "out.img").read_bytes() == b"\x02" * 65536
+    (tmp_path / "file:").mkdir()  # the lower-case spelling too (review 2)
+    (tmp_path / "file:" / "x.img").write_bytes(b"\x04" * 65536)
+    assert main(["backup", "file://x.img", "--repo", "repo", "--vm", "u", "--disk", "d"]) == 0
+    assert main(["restore", "u/d@latest", str(tmp_path / "out2.img"), "--repo", "repo"]) == 0
+    assert (tmp_path / "out2.img").read_bytes() == b"\x04" * 65536

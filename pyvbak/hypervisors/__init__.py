@@ -121,11 +121,16 @@ def source_spec(spec: str) -> str:
     own spellings, which are no URI pyvbak reads: ``qemu:PATH`` without ``//`` was taken
     for an image file name that did not exist, ``nbd:unix:PATH`` (qemu-img's legacy NBD
     form) too - unless a file of that name exists (the session-17 acceptance audit)."""
-    if os.path.lexists(spec):  # a path that exists is that path, however it is spelled ("File:/x.img")
-        return spec
     m = _SCHEME.match(spec)
+    if os.path.lexists(spec):  # a path that exists is that path, however it is spelled ("File:/x.img")
+        # (made plainly a path: "file://x.img" of a directory "file:" was stripped to ./x.img)
+        return "./" + spec if m else spec
     if m and m.group(1).lower() in _SCHEMES:
         spec = m.group(1).lower() + spec[len(m.group(1)):]
+        if spec.startswith("file://localhost/"):  # RFC 8089: this host
+            spec = "file://" + spec[len("file://localhost"):]
+        if spec == "file://":
+            raise UsageError("source 'file://' has no path: give file:///ABSOLUTE/PATH or a plain path")
         if spec.startswith("file://") and not spec.startswith("file:///"):
             # RFC 8089: file://HOST/PATH; "file://x.img" was read as the relative ./x.img
             raise UsageError(f"source {spec!r} names a host after file://: give file:///ABSOLUTE/PATH (three "

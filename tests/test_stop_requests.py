@@ -343,3 +343,17 @@ def test_a_stop_while_forget_reports_what_it_did_is_noted_not_a_failure(tmp_path
     p = run_stopped(tmp_path, patch, ["forget", sid, "--repo", repo], sig)
     assert p.returncode == 0 and "arrived after the work was committed" in p.stderr, (p.returncode, p.stderr)
     assert f"forgot 1 snapshot(s): {sid}" in p.stdout and snapshots(repo) == []
+
+
+def test_a_committed_backup_whose_json_reader_is_gone_exits_0(tmp_path, repo_and_image):
+    """The reader of --json closed its end (a pipe to a process that died): typer turned the
+    EPIPE into exit 1, silently, for a backup that was made (the session-17 review 2)."""
+    repo, img = repo_and_image
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.Popen([sys.executable, "-m", "pyvbak", "backup", str(img), "--repo", str(repo), "--vm", "v",
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # nobody reads the result
+    err = p.stderr.read().decode()
+    p.stderr.close()
+    assert p.wait(timeout=120) == 0, err
+    assert len(snapshots(repo)) == 1 and "Traceback" not in err

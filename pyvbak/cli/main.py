@@ -218,6 +218,13 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         return _interrupted()
     except typer.Exit as exc:
         return exc.exit_code
+    except SystemExit as exc:
+        if exc.code == 1 and interrupts.finishing():
+            # typer's own answer to a broken pipe (EPIPE) while the command printed: it
+            # pacifies the streams and exits 1 - of a backup that had committed, which the
+            # rule below for OSErrors of the output calls a success (the session-17 review 2)
+            return 0
+        raise
     except typer.Abort:
         _failed()
         _say("pyvbak: error: aborted")

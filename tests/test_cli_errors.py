@@ -617,6 +617,10 @@ def test_init_completes_a_directory_an_interrupted_init_left(env, capsys):
         assert_one_error_line(err, "is not empty")
     assert open(tmp / "scripts" / "restore.sh").read() == "my own script"
     assert sorted(os.listdir(tmp / "notempty")) == ["data.txt", "restore.sh"]
+    os.makedirs(tmp / "older")  # an older pyvbak's interrupted init: its kit had no revision line (review 3)
+    open(tmp / "older" / "restore.sh", "w").write("#!/bin/sh\n# restore.sh - restore a pyvbak snapshot WITHOUT "
+                                                  "pyvbak.\n")
+    assert cli(capsys, "init", tmp / "older")[0] == 0
 
 
 def test_default_repository_created_by_concurrent_first_commands(tmp_path):

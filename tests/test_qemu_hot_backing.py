@@ -322,3 +322,20 @@ def test_a_node_under_the_format_node_through_a_filter_is_refused_not_backed_up_
         assert res["size"] == 16 * MiB
     finally:
         stop_qemu(proc, Qmp(ctl) if ctl.exists() else None)
+
+
+def test_with_a_filter_above_the_qcow2_the_refusal_names_the_qcow2_node(tmp_path, capsys, cli_work_dir):
+    """A throttle filter above the disk (libvirt's) reads through the qcow2 too, and the
+    refusal of ?node=disk0-file named it as "the throttle container" (review 3)."""
+    run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
+    run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{tmp_path}/base.raw", "-F", "raw", "disk.qcow2", "16M")
+    extra = ("--object", "throttle-group,id=tg0,x-bps-total=1000000000")
+    with running_vm(tmp_path, "raw", tmp_path / "base.raw", tmp_path / "disk.qcow2", tmp_path, extra=extra,
+                    top_filter="throttle,throttle-group=tg0") as (qmp, _):
+        repo = str(tmp_path / "repo")
+        assert main(["init", repo]) == 0
+        capsys.readouterr()
+        assert main(["backup", f"qemu://{qmp}?node=disk0-file", "--repo", repo, "--vm", "v"]) == 4
+        err = capsys.readouterr().err
+        assert "the qcow2 node 'disk0'" in err and "?node=disk0" in err and "throttle" not in err, err

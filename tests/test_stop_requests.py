@@ -357,3 +357,35 @@ def test_a_committed_backup_whose_json_reader_is_gone_exits_0(tmp_path, repo_and
     p.stderr.close()
     assert p.wait(timeout=120) == 0, err
     assert len(snapshots(repo)) == 1 and "Traceback" not in err
+
+
+def test_a_repair_that_leaves_damage_is_no_success_when_its_reader_is_gone(tmp_path, repo_and_image):
+    """verify --repair marked itself finished before reporting, and the closed pipe's exit
+    then became 0: a repair that left lost blocks said nothing and succeeded (review 3)."""
+    repo, img = repo_and_image
+    pyvbak("backup", img, "--repo", repo, "--vm", "v")
+    for pack in (repo / "packs").rglob("*"):
+        if pack.is_file():
+            pack.unlink()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.Popen([sys.executable, "-m", "pyvbak", "verify", "--repair", "--repo", str(repo), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    p.stdout.close()
+    assert p.wait(timeout=120) != 0
+
+
+def test_a_stop_during_forget_says_to_look_before_running_it_again(tmp_path, repo_and_image):
+    """Stopped between two snapshots, forget said "run the command again to finish", which
+    then failed on the one already forgotten, exit 5 (review 3)."""
+    repo, img = repo_and_image
+    pyvbak("backup", img, "--repo", repo, "--vm", "v")
+    pyvbak("backup", img, "--repo", repo, "--vm", "w")
+    ids = [m[: -len(".json")] for m in snapshots(repo)]
+    patch = ("import pyvbak.repo.prune as pr\n"
+             "real = pr.forget_snapshots\n"
+             "def forget_snapshots(repo, targets):\n"
+             "    done = real(repo, targets[:1])\n    stop_here()\n    return done + real(repo, targets[1:])\n"
+             "pr.forget_snapshots = forget_snapshots\n")
+    p = run_stopped(tmp_path, patch, ["forget", *ids, "--repo", repo])
+    assert p.returncode == 10 and "list them with 'pyvbak snapshots' before running it again" in p.stderr, p.stderr
+    assert len(snapshots(repo)) == 1

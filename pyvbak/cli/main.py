@@ -112,6 +112,10 @@ _AFTER_INTERRUPT = {
     "demo": "no snapshot was left half-written",
     "restore": "no partly restored file was left behind",
     "cbt-off": "the dirty bitmaps not yet removed are still there; run it again to finish",
+    # (a second run of these found nothing left to do and failed, exit 5 - review 3)
+    "forget": ("the repository is consistent, and some of the snapshots may be forgotten already: list them with "
+               "'pyvbak snapshots' before running it again"),
+    "unlock": "the locks it named are removed; what their processes left is adopted by the next backup",
 }
 _command = [""]
 

@@ -97,6 +97,7 @@ def verify(
     r = open_repository(repo)
     # --repair holds the exclusive lock from the start: taken only after a long verify, it
     # failed ("locked by backup") whenever a backup had started meanwhile, the work lost
+    recheck_report = None  # the check after a repair that adopted packs
     with (r.lock(exclusive=True, purpose="verify --repair") if repair else nullcontext()) as lock:
         with (nullcontext() if repair else maybe_lock(r, no_lock, "verify")):
             chosen = None
@@ -158,7 +159,11 @@ def verify(
                 report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
                                                                      "blocks_checked")}
                 report["repair"]["complete"] = again["ok"]
-            interrupts.begin_finishing()  # repaired: a stop request from here on is noted
+                recheck_report = again
+            if report["repair"]["complete"]:
+                # repaired, a success: a stop request from here on is noted (one that leaves
+                # damage is a failure, exit 6, whatever comes while it is said - review 3)
+                interrupts.begin_finishing()
     if json_out:
         emit_json(report)
     else:
@@ -220,10 +225,12 @@ def verify(
         return
     if not report["ok"] and report.get("repair", {}).get("recheck"):
         recheck = report["repair"]["recheck"]
-        raise IntegrityError(f"after repair, {recheck['problem_count']} bad block(s) affecting "
-                             f"{len(recheck['affected_snapshots'])} snapshot(s) remain in {r.location}: their "
-                             f"data is not in the repository; back up the affected disks: a backup stores again "
-                             f"the blocks a disk still holds (those no disk holds any more are lost)")
+        what = (f"{recheck['problem_count']} bad block(s) affecting {len(recheck['affected_snapshots'])} snapshot(s)"
+                if recheck["problem_count"] else f"{len(recheck['affected_snapshots'])} damaged snapshot(s)")
+        # the step from what the check after the repair found (it said "back up" of copies
+        # the repair keeps, and of damaged snapshot files, which no backup heals - review 3)
+        raise IntegrityError(f"after repair, {what} remain in {r.location}: "
+                             f"{_next_step(recheck_report, repaired=True, dropped_unreadable=drop_unreadable)}")
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])

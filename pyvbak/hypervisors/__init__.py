@@ -127,7 +127,7 @@ def source_spec(spec: str) -> str:
         return "./" + spec if m else spec
     if m and m.group(1).lower() in _SCHEMES:
         spec = m.group(1).lower() + spec[len(m.group(1)):]
-        if spec.startswith("file://localhost/"):  # RFC 8089: this host
+        if spec[:17].lower() == "file://localhost/":  # RFC 8089: this host (host names in any case)
             spec = "file://" + spec[len("file://localhost"):]
         if spec == "file://":
             raise UsageError("source 'file://' has no path: give file:///ABSOLUTE/PATH or a plain path")

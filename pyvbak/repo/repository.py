@@ -1021,7 +1021,9 @@ def _init_leftover(directory: str, name: str) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    return bool(_KIT_REVISION_RE.search(head)) if name == "restore.sh" else head.startswith(_README_FIRST_LINE)
+    if name == "restore.sh":  # (kits before the revision line had the same second line - review 3)
+        return bool(_KIT_REVISION_RE.search(head)) or b"# restore.sh - restore a pyvbak snapshot" in head
+    return head.startswith(_README_FIRST_LINE)
 
 
 def default_repository_path() -> str:

@@ -268,6 +268,9 @@ def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str)
         drivers, filename = reads.get(d.node) or ([], None)
         above = [n for n, (drv, f) in reads.items() if n != d.node and filename and f == filename
                  and any(x in _CONTAINER_FORMATS for x in drv)]
+        # the container node itself first (a throttle filter above it reads through it too,
+        # and was named as "the throttle container" - review 3)
+        above.sort(key=lambda n: infos[n].get("drv") not in _CONTAINER_FORMATS)
         if info.get("drv") == "snapshot-access":
             # (named after the disk image's file too: it was refused as that file's node,
             # which it is not - session-16 review 3)

@@ -290,20 +290,21 @@ def test_a_snapshot_access_node_is_refused_for_what_it_is(tmp_path, capsys, cli_
         assert "copy-before-write filter node" in err and "?node=disk0" in err and "file under" not in err, err
 
 
-@pytest.mark.parametrize("middle", ["preallocate", "copy-on-read"])
+@pytest.mark.parametrize("middle", ["preallocate", "copy-on-read", "blkdebug"])
 def test_a_node_under_the_format_node_through_a_filter_is_refused_not_backed_up_as_the_disk(tmp_path, capsys,
                                                                                          cli_work_dir, middle):
     """With a filter between a qcow2 node and its file, QEMU names both with json:
     pseudo-filenames, and ?node=<the filter> or ?node=<the file node> was backed up without
     a word: a snapshot of the qcow2 file's bytes, not the guest's disk (the session-17
-    review 2)."""
+    review 2).  blkdebug names its node plainly, ``blkdebug::FILE``: only QEMU's block graph
+    shows the file node under it (review 3)."""
     require_tool("qemu-storage-daemon", "qemu-system-common")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "disk.qcow2"), "16M"], check=True)
     qmp, ctl = tmp_path / "qmp.sock", tmp_path / "ctl.sock"
     proc = subprocess.Popen(
         ["qemu-storage-daemon",
          "--blockdev", f"driver=file,node-name=disk0-file,filename={tmp_path / 'disk.qcow2'}",
-         "--blockdev", f"driver={middle},node-name=mid,file=disk0-file",
+         "--blockdev", f"driver={middle},node-name=mid,{'image' if middle == 'blkdebug' else 'file'}=disk0-file",
          "--blockdev", "driver=qcow2,node-name=disk0,file=mid",
          "--chardev", f"socket,path={qmp},server=on,wait=off,id=q0", "--monitor", "chardev=q0",
          "--chardev", f"socket,path={ctl},server=on,wait=off,id=c0", "--monitor", "chardev=c0"],

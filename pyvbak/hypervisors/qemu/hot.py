@@ -261,7 +261,11 @@ class QemuHotBackup(ExportSession):
             infos = {n["node-name"]: n for n in cleanup.named_nodes(qmp) if n.get("node-name")}
         # devices are resolved to nodes now, with no leftover filter above a disk's node
         resolved = resolve(qmp, self.qmp_path, self.selectors, set(infos))
-        check_guest_view(resolved, infos, self.qmp_path)
+        try:  # (QEMU's debug command, there since 4.0: the file names are the fallback)
+            graph = qmp.execute("x-debug-query-block-graph")
+        except QmpError:
+            graph = None
+        check_guest_view(resolved, infos, self.qmp_path, graph)
         self.disks = [HotDisk(self, vd, self.names.for_disk(i), self._previous_for(vd.name))
                       for i, vd in enumerate(self._named(resolved))]
         max_gen = {d.node: max([generation_of(b) or 0 for b in bitmaps_before.get(d.node, {})], default=0)

@@ -255,7 +255,34 @@ def _reads(info: dict) -> tuple[list, str | None]:
     return drivers, None
 
 
-def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str) -> None:
+def _container_above(graph: dict, node: str, infos: dict[str, dict]) -> str | None:
+    """The container-format node (qcow2, vmdk, ...) whose ``file`` child ``node`` is, or
+    lies under through more such edges (a filter between them), in QEMU's block graph
+    (``x-debug-query-block-graph``), or None."""
+    try:
+        names = {n["id"]: n.get("name") for n in graph["nodes"]}
+        parents: dict = {}
+        for e in graph["edges"]:
+            if e.get("name") in ("file", "image"):  # (blkdebug's child is its "image")
+                parents.setdefault(e["child"], []).append(e["parent"])
+        ids = [i for i, name in names.items() if name == node]
+    except (KeyError, TypeError):
+        return None
+    seen = set(ids)
+    while ids:
+        nxt = []
+        for i in ids:
+            for p in parents.get(i, ()):
+                if (infos.get(names.get(p)) or {}).get("drv") in _CONTAINER_FORMATS:
+                    return names[p]
+                if p not in seen:
+                    seen.add(p)
+                    nxt.append(p)
+        ids = nxt
+    return None
+
+
+def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str, graph: dict | None = None) -> None:
     """SourceError for a disk named by the protocol node under a format node (``?node=
     disk0-file`` under qcow2 ``disk0``): its bytes are the image file's - qcow2 clusters,
     metadata and all - not what the guest sees, and change tracking would follow the file.
@@ -277,7 +304,15 @@ def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str)
             disk = f", ?node={above[0]}" if above else ""
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is a snapshot-access node, another "
                               f"backup's frozen view of a disk, not a disk: back up the disk's own node{disk}")
+        # the graph itself: QEMU cuts a json: pseudo-filename at 4095 bytes (a long backing
+        # chain's), and blkdebug names its node plainly - by the file names alone such a
+        # node's container bytes were backed up as the disk (review 3)
+        container = _container_above(graph, d.node, infos) if graph else None
+        if container is not None and info.get("drv") in _CONTAINER_FORMATS:
+            container = None  # (a format node over another's file: a container of its own)
         if not filename or any(x in _CONTAINER_FORMATS for x in drivers):
+            if container is not None:
+                _refuse_under(d.node, container, infos, qmp_path)
             continue  # (a node that reads through a container format: the guest's view)
         if above and info.get("drv") in FILTER_DRIVERS:
             # a filter node on the same image: above the format node (the guest's view
@@ -299,3 +334,12 @@ def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str)
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is the file under the {fmt} node "
                               f"{above[0]!r}: back up the guest's view, ?node={above[0]} (the file node "
                               f"holds the {fmt} container's bytes)")
+        if container is not None:
+            _refuse_under(d.node, container, infos, qmp_path)
+
+
+def _refuse_under(node: str, container: str, infos: dict[str, dict], qmp_path: str) -> None:
+    fmt = infos[container].get("drv")
+    raise SourceError(f"node {node!r} of the VM at {qmp_path} lies under the {fmt} node {container!r} (its file, "
+                      f"or a node over its file): back up the guest's view, ?node={container} (the {fmt} "
+                      f"container's bytes are not the guest's disk)")

@@ -115,7 +115,8 @@ _AFTER_INTERRUPT = {
     # (a second run of these found nothing left to do and failed, exit 5 - review 3)
     "forget": ("the repository is consistent, and some of the snapshots may be forgotten already: list them with "
                "'pyvbak snapshots' before running it again"),
-    "unlock": "the locks it named are removed; what their processes left is adopted by the next backup",
+    "unlock": ("the locks it named are removed; 'pyvbak verify --repair' (or 'pyvbak prune') indexes what their "
+               "processes left"),
 }
 _command = [""]
 

@@ -228,9 +228,11 @@ def verify(
         what = (f"{recheck['problem_count']} bad block(s) affecting {len(recheck['affected_snapshots'])} snapshot(s)"
                 if recheck["problem_count"] else f"{len(recheck['affected_snapshots'])} damaged snapshot(s)")
         # the step from what the check after the repair found (it said "back up" of copies
-        # the repair keeps, and of damaged snapshot files, which no backup heals - review 3)
+        # the repair keeps, and of damaged snapshot files, which no backup heals - review 3),
+        # none of which this repair acted on: a bad copy in a pack it adopted just now is
+        # still indexed (it said "the repair dropped" - review 4)
         raise IntegrityError(f"after repair, {what} remain in {r.location}: "
-                             f"{_next_step(recheck_report, repaired=True, dropped_unreadable=drop_unreadable)}")
+                             f"{_next_step(recheck_report, dropped_unreadable=drop_unreadable)}")
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])

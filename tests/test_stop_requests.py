@@ -274,6 +274,16 @@ def test_a_stop_while_qemu_img_starts_leaves_no_fleecing_image(tmp_path, sig):
         vm.stop()
 
 
+def _snapshots_through_entry(tmp_path, sig, prelude: str) -> subprocess.CompletedProcess:
+    """`pyvbak snapshots` of a missing repository through the console script's entry(),
+    after ``prelude`` (Python that arranges for STOP_SIGNAL to come at some instant)."""
+    code = (prelude + "sys.argv = ['pyvbak', 'snapshots', '--repo', sys.argv[1]]\n"
+            "from pyvbak.cli.entry import entry\nentry()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)))
+    return subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-repo")], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_stop_while_the_modules_load_is_one_line_and_exit_10(tmp_path, sig):
     """Before main() had its handlers, SIGTERM and SIGHUP took their default action: a
@@ -286,13 +296,8 @@ def test_a_stop_while_the_modules_load_is_one_line_and_exit_10(tmp_path, sig):
         "        if name == 'pyvbak.cli.main':\n"
         "            os.kill(os.getpid(), int(os.environ['STOP_SIGNAL']))\n"
         "        return None\n"
-        "sys.meta_path.insert(0, Hook())\n"
-        "sys.argv = ['pyvbak', 'snapshots', '--repo', sys.argv[1]]\n"
-        "from pyvbak.cli.entry import entry\n"
-        "entry()\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)))
-    p = subprocess.run([sys.executable, "-c", starter, str(tmp_path / "no-repo")], env=env, capture_output=True,
-                       text=True, timeout=60)
+        "sys.meta_path.insert(0, Hook())\n")
+    p = _snapshots_through_entry(tmp_path, sig, starter)
     assert p.returncode == 10, (p.returncode, p.stderr)
     assert p.stderr.count("\n") == 1 and "while starting: nothing was done" in p.stderr, p.stderr
     assert signal.Signals(sig).name[3:] in p.stderr or "Ctrl-C" in p.stderr, p.stderr
@@ -313,13 +318,8 @@ def test_a_stop_while_a_failure_is_reported_keeps_the_failure(tmp_path, sig):
         "            Stderr.fired = True\n"
         "            os.kill(os.getpid(), int(os.environ['STOP_SIGNAL']))\n"
         "        return super().write(text)\n"
-        "sys.stderr = Stderr(sys.stderr.buffer, encoding='utf-8', line_buffering=True)\n"
-        "sys.argv = ['pyvbak', 'snapshots', '--repo', sys.argv[1]]\n"
-        "from pyvbak.cli.entry import entry\n"
-        "entry()\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)))
-    p = subprocess.run([sys.executable, "-c", starter, str(tmp_path / "no-repo")], env=env, capture_output=True,
-                       text=True, timeout=60)
+        "sys.stderr = Stderr(sys.stderr.buffer, encoding='utf-8', line_buffering=True)\n")
+    p = _snapshots_through_entry(tmp_path, sig, starter)
     assert p.returncode == 3, (p.returncode, p.stderr)  # the repository is missing: that outcome stands
     assert "Traceback" not in p.stderr and "nothing was done" not in p.stderr, p.stderr
     assert "is not a pyvbak repository" in p.stderr and "the outcome above stands" in p.stderr, p.stderr

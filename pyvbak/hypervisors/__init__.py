@@ -137,7 +137,7 @@ def source_spec(spec: str) -> str:
                              f"slashes) or a plain path")
         return spec
     lowered = spec.lower()
-    if lowered.startswith(("qemu:", "nbd:")) and not os.path.lexists(spec):
+    if lowered.startswith(("qemu:", "nbd:")):  # (an existing path of that name returned above)
         if lowered.startswith("qemu:"):
             raise UsageError(f"source {spec!r}: a running VM is named qemu:///ABSOLUTE/PATH/QMP.SOCK?node=NODE "
                              f"(three slashes, then the socket's absolute path)")

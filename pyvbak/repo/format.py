@@ -232,17 +232,14 @@ def _decompress_snapshot_writable(data: bytes, what: str, expect: tuple[int, int
     except zstandard.ZstdError as exc:  # not a zstd frame at all
         raise _corrupt(what, exc) from None
     if size < 0:  # no content size in the header: decompress, then copy once
-        most = None if expect is None else SNAPSHOT_HEADER.size + _record_count(*expect) * SNAPSHOT_RECORD.itemsize
-        return memoryview(bytearray(_decompress_meta(data, what, max_output=most)))
+        return memoryview(bytearray(_decompress_meta(data, what, max_output=_index_bytes(expect))))
     try:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
             head = reader.read(SNAPSHOT_HEADER.size)
     except zstandard.ZstdError as exc:
         raise _corrupt(what, exc) from None
     block_size, disk_size, count = _snapshot_header(head, what)
-    if expect is not None and expect != (block_size, disk_size):
-        raise IntegrityError(f"{what} does not match its snapshot's metadata: one of them is damaged; run "
-                             f"'pyvbak verify'")
+    _check_expected(what, expect, block_size, disk_size)
     if size != SNAPSHOT_HEADER.size + count * SNAPSHOT_RECORD.itemsize:
         raise IntegrityError(f"{what} is inconsistent: its frame holds {size} bytes for {count} records")
     out = np.empty(size, np.uint8)
@@ -267,12 +264,9 @@ def decode_snapshot_index(data: bytes, what: str, *, writable: bool = False,
     if writable:
         raw = _decompress_snapshot_writable(data, what, expect)
     else:
-        most = None if expect is None else SNAPSHOT_HEADER.size + _record_count(*expect) * SNAPSHOT_RECORD.itemsize
-        raw = memoryview(_decompress_meta(data, what, max_output=most))
+        raw = memoryview(_decompress_meta(data, what, max_output=_index_bytes(expect)))
     block_size, disk_size, count = _snapshot_header(raw[: SNAPSHOT_HEADER.size], what)
-    if expect is not None and expect != (block_size, disk_size):
-        raise IntegrityError(f"{what} does not match its snapshot's metadata: one of them is damaged; run "
-                             f"'pyvbak verify'")
+    _check_expected(what, expect, block_size, disk_size)
     body = raw[SNAPSHOT_HEADER.size :]
     if len(body) != count * SNAPSHOT_RECORD.itemsize:
         raise IntegrityError(f"{what} is inconsistent: {count} records for a {disk_size}-byte disk")
@@ -297,6 +291,18 @@ def _record_count(block_size: int, disk_size: int) -> int:
     return -(-disk_size // block_size)
 
 
+def _index_bytes(expect: tuple[int, int] | None) -> int | None:
+    """The decompressed size of an index of a (block size, disk size) snapshot, or None."""
+    return None if expect is None else SNAPSHOT_HEADER.size + _record_count(*expect) * SNAPSHOT_RECORD.itemsize
+
+
+def _check_expected(what: str, expect: tuple[int, int] | None, block_size: int, disk_size: int) -> None:
+    """IntegrityError unless an index header's (block size, disk size) is ``expect``'s."""
+    if expect is not None and expect != (block_size, disk_size):
+        raise IntegrityError(f"{what} does not match its snapshot's metadata: one of them is damaged; run "
+                             f"'pyvbak verify'")
+
+
 def iter_snapshot_index(data: bytes, what: str, chunk_records: int = 1 << 20, *,
                         expect: tuple[int, int] | None = None):
     """``decode_snapshot_index`` as a stream: yields the records in chunks of at most
@@ -312,9 +318,7 @@ def iter_snapshot_index(data: bytes, what: str, chunk_records: int = 1 << 20, *,
     try:
         with zstandard.ZstdDecompressor().stream_reader(data) as reader:
             block_size, disk_size, count = _snapshot_header(reader.read(SNAPSHOT_HEADER.size), what)
-            if expect is not None and expect != (block_size, disk_size):
-                raise IntegrityError(f"{what} does not match its snapshot's metadata: one of them is damaged; "
-                                     f"run 'pyvbak verify'")
+            _check_expected(what, expect, block_size, disk_size)
             left = count
             while left:
                 want = min(left, chunk_records) * record

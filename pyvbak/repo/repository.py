@@ -309,7 +309,6 @@ def check_vm_disk_names(vm: str, disk: str) -> None:
             raise UsageError(f"{kind} name is longer than {NAME_MAX_BYTES} bytes: give a shorter {flag}")
 
 
-
 def _holds_repository_data(location: str) -> bool:
     """Snapshots as pyvbak writes them in ``location`` (whatever else is lost): a
     ``SNAPID.json`` beside its ``SNAPID.index`` - not merely a ``snapshots/`` folder with
@@ -321,11 +320,16 @@ def _holds_repository_data(location: str) -> bool:
     return any(n.endswith(".json") and _SNAPSHOT_ID_RE.match(n[:-5]) and n[:-5] + ".index" in names for n in names)
 
 
+def _says_pyvbak_config(head: bytes) -> bool:
+    """A config's first bytes name pyvbak's format (whatever else in it is damaged)."""
+    return b'"pyvbak-repository"' in head[:4096]
+
+
 def _pyvbak_config(path: str) -> bool:
     """The file at ``path`` is a pyvbak repository's config by its first bytes."""
     try:
         with open(path, "rb") as f:
-            return b'"pyvbak-repository"' in f.read(4096)
+            return _says_pyvbak_config(f.read(4096))
     except OSError:
         return True  # cannot tell: taken for one (init then refuses: nothing is overwritten)
 
@@ -435,7 +439,7 @@ class Repository:
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError("version")
         except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
-            if path is not None and (_is_pyvbak_directory(path) or b'"pyvbak-repository"' in raw[:4096]):
+            if path is not None and (_is_pyvbak_directory(path) or _says_pyvbak_config(raw)):
                 raise RepositoryError(f"{location}/config is damaged (not a pyvbak repository configuration): put "
                                       f"it back from a copy of the repository (its snapshots and blocks are "
                                       f"untouched)") from None

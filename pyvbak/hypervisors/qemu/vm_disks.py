@@ -64,9 +64,7 @@ def parse_qemu_uri_disks(uri: str) -> tuple[str, list[DiskSelector]]:
     if parts.netloc:
         raise UsageError(f"qemu URI {uri!r} names a host ({parts.netloc!r}); only local QMP sockets are "
                          f"supported: {_FORM} (three slashes)")
-    if not parts.path or parts.path == "/":
-        raise UsageError(f"qemu URI {uri!r} has no QMP socket path: {_FORM}")
-    if not parts.path.strip("/"):
+    if not parts.path.strip("/"):  # ("", "/", "////")
         raise UsageError(f"qemu URI {uri!r} has no QMP socket path: {_FORM}")
     if parts.path.endswith("/"):  # (it was said not to exist: "is the VM running?")
         raise UsageError(f"qemu URI {uri!r}: the QMP socket path ends in '/'; name the socket itself, "

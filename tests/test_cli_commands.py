@@ -321,8 +321,9 @@ def test_verify_says_what_to_do_and_the_repair_it_names_makes_backups_restorable
     os.chmod(pack, 0o644)
     open(pack, "wb").write(data)
     code, out, err = cli(capsys, "verify", "--repo", repo)
-    assert code == 6 and err.strip().splitlines()[-1].count("verify --repair") == 1, err
-    assert "back up the affected disks" in err
+    # (the bad copy is flagged: the backup alone heals it, tests/test_flagged_copies.py;
+    # here the repair is run first, which must work as well)
+    assert code == 6 and "back up the affected disks" in err.strip().splitlines()[-1], err
     code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
     assert code == 6, err  # the only copy was bad: the snapshot lacks it until a backup stores it again
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")

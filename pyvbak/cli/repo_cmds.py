@@ -107,6 +107,7 @@ def verify(
             # miss the blocks the first found lost, and say "repair: complete")
             seed = secrets.randbits(64) if sample is not None else None
             report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
+            report["flagged"] = None if repair else _flag_bad_copies(r, report["_bad_records"], no_lock)
         bad = report.pop("_bad_records")
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
@@ -214,6 +215,13 @@ def verify(
                      + "a read error may pass: a network file system, an outage); if verify keeps finding them, "
                      "'pyvbak verify --repair --drop-unreadable' removes them (and the next backups store again the "
                      "blocks that have no other good copy)")
+        flagged = report.get("flagged")
+        if flagged and flagged["marker"]:
+            info(f"flagged {flagged['copies']} bad block copy(ies) ({flagged['marker']}): backups no longer "
+                 f"deduplicate against them, so the next backup of each disk that still holds those blocks stores "
+                 f"them again")
+        elif flagged and flagged["error"]:
+            info(f"the bad block copies were not flagged for the next backups ({flagged['error']})")
         if report.get("repair", {}).get("records_removed"):
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "
@@ -255,6 +263,34 @@ def verify(
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
 
 
+def _flag_bad_copies(r, bad: list, no_lock: bool) -> dict | None:
+    """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
+    next backup of each disk that still holds those blocks stores them again (before, every
+    backup after the damage deduplicated against the bad copies until someone ran
+    ``verify --repair``: its snapshots could not be restored either - the session-17
+    acceptance audit; Proxmox Backup Server's verify likewise marks bad chunks for the
+    next backup).  Create-only, under verify's shared lock; copies flagged before are not
+    flagged again.  ``{"marker": name or None, "copies": n, "error": reason or None}``,
+    None when there is nothing to flag."""
+    import numpy as np
+
+    from ..backends import BackendError
+    from ..repo import digest_sets
+
+    if not bad:
+        return None
+    keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
+    new = [c for c, seen in zip(bad, digest_sets.isin(keys, r.flagged_copies()).tolist()) if not seen]
+    if not new:
+        return {"marker": None, "copies": 0, "error": None}
+    if no_lock:  # read-only media, as a rule: verify writes nothing there
+        return {"marker": None, "copies": 0, "error": "--no-lock: nothing is written"}
+    try:
+        return {"marker": r.write_flag_marker(new), "copies": len(new), "error": None}
+    except (BackendError, OSError) as exc:
+        return {"marker": None, "copies": 0, "error": str(exc)}
+
+
 def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool = False) -> str:
     """What to do about what verify found (it used to say only what: the backups after it
     kept deduplicating against the bad copies, every new snapshot unrestorable, and
@@ -266,7 +302,12 @@ def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool
     bad, unread, unindexed = lost.get("bad_copy", 0), lost.get("unreadable", 0), lost.get("not_indexed", 0)
     if dropped_unreadable:
         bad, unread = bad + unread, 0
-    if bad and not repaired:
+    flagged = report.get("flagged") or {}
+    if bad and not repaired and not dropped_unreadable and flagged and not flagged.get("error"):
+        # (flagged now, or by an earlier verify: backups store these blocks again)
+        steps.append(f"back up the affected disks: the bad copies are flagged, so {again}, and every snapshot that "
+                     f"names them restores again")
+    elif bad and not repaired:
         steps.append("run 'pyvbak verify --repair', then back up the affected disks: until the repair, backups of "
                      "the same data reuse the bad copies and cannot be restored either")
     elif bad or (unindexed and repaired):

@@ -527,7 +527,7 @@ def run_backup(
         result.bytes_scanned = size - hole_bytes
 
     # -- the pipeline ------------------------------------------------------------------
-    repo_index = repo.load_digest_index()
+    repo_index = repo.dedup_index()  # blocks whose every copy is flagged bad are stored again
     t_data = time.monotonic()
     result.phases["prepare"] = t_data - t0
     claimed: set[bytes] = set()

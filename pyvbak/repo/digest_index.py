@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from . import digest_sets
 from . import format as fmt
 from .cache import make_private_dirs
 
@@ -163,6 +164,30 @@ class DigestIndex:
         if not self._parts:
             return np.empty(0, fmt.PACK_INDEX_RECORD)
         return np.concatenate([np.asarray(r) for _, r in self._parts])
+
+
+class ExcludingIndex:
+    """A DigestIndex in which the ``excluded`` digests (sorted unique S32) are absent -
+    for deduplication only (Repository.dedup_index): blocks whose every copy is flagged
+    bad.  Only the lookups a backup makes."""
+
+    def __init__(self, index: DigestIndex, excluded: np.ndarray):
+        self._index, self._excluded = index, excluded
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def locate(self, digests: np.ndarray) -> np.ndarray:
+        keys = digests.view("S32") if digests.dtype != np.dtype("S32") else digests
+        out = self._index.locate(keys)
+        out[digest_sets.isin(keys, self._excluded)] = -1
+        return out
+
+    def find(self, digest: bytes) -> int:
+        return int(self.locate(np.array([digest], dtype="S32"))[0])
+
+    def __contains__(self, digest: bytes) -> bool:
+        return self.find(digest) >= 0
 
 
 def _sorted_part(records: np.ndarray):

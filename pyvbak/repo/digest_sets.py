@@ -58,3 +58,18 @@ def locate(names: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
 def isin(names: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
     """Per name: is it in ``sorted_unique`` (sorted and unique)?  (``np.isin``)"""
     return locate(names, sorted_unique) >= 0
+
+
+def copy_keys(recs: np.ndarray) -> np.ndarray:
+    """Per pack index record, its copy's key - digest, pack id, offset (u64 big-endian) -
+    as ``S72``: one stored copy of a block, whichever index file lists it."""
+    raw = np.empty((len(recs), 72), np.uint8)
+    raw[:, :32] = np.ascontiguousarray(recs["digest"]).view(np.uint8).reshape(-1, 32)
+    raw[:, 32:64] = np.ascontiguousarray(recs["pack"]).view(np.uint8).reshape(-1, 32)
+    raw[:, 64:] = recs["offset"].astype(">u8").view(np.uint8).reshape(-1, 8)
+    return raw.reshape(-1).view("S72")
+
+
+def copy_key(digest: bytes, pack: bytes, offset: int) -> bytes:
+    """``copy_keys`` of one copy."""
+    return digest.ljust(32, b"\0") + pack.ljust(32, b"\0") + int(offset).to_bytes(8, "big")

@@ -501,15 +501,6 @@ def _delete(backend, name: str) -> int:
         return 0
 
 
-def _copy_keys(recs: np.ndarray) -> np.ndarray:
-    """Per record its copy's key: digest, pack, offset (u64 big-endian), as ``S72``."""
-    raw = np.empty((len(recs), 72), np.uint8)
-    raw[:, :32] = np.ascontiguousarray(recs["digest"]).view(np.uint8).reshape(-1, 32)
-    raw[:, 32:64] = np.ascontiguousarray(recs["pack"]).view(np.uint8).reshape(-1, 32)
-    raw[:, 64:] = recs["offset"].astype(">u8").view(np.uint8).reshape(-1, 8)
-    return raw.reshape(-1).view("S72")
-
-
 def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
     """``verify --repair``: remove from the pack index the records of block copies that
     read back missing or corrupt (``bad``: (digest, pack id, offset) of each), after a ``lost/``
@@ -528,10 +519,9 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
                                            digest_sets.unique(np.array([b[0] for b in bad], "S32"))))
     # matched as 72-byte keys, vectorised (a loop over the candidates took ~2 s per
     # million; a lost pack region can hold tens of millions)
-    wanted = np.frombuffer(b"".join(b[0].ljust(32, b"\0") + b[1].ljust(32, b"\0") + int(b[2]).to_bytes(8, "big")
-                                    for b in bad), "S72")
+    wanted = np.frombuffer(b"".join(digest_sets.copy_key(*b) for b in bad), "S72")
     drop = np.zeros(len(recs), bool)
-    drop[cand] = digest_sets.isin(_copy_keys(recs[cand]), digest_sets.unique(wanted))
+    drop[cand] = digest_sets.isin(digest_sets.copy_keys(recs[cand]), digest_sets.unique(wanted))
     if not drop.any():
         return report
     packs = sorted(bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(recs["pack"][drop].view("S32")))

@@ -27,7 +27,7 @@ from ..errors import IntegrityError, OutOfSpace, PyvbakError, RepositoryError, S
 from . import digest_sets
 from . import format as fmt
 from .cache import SnapshotMetaCache, repo_cache_dir
-from .digest_index import DigestIndex, load_cached
+from .digest_index import DigestIndex, ExcludingIndex, load_cached
 from .locks import RepositoryLock
 
 MIN_REPO_BLOCK = 64 * 1024
@@ -649,12 +649,53 @@ class Repository:
         self.backend.write_new(name, json.dumps(doc, indent=2).encode())
         return name
 
+    def write_flag_marker(self, copies: list[tuple[bytes, bytes, int]]) -> str:
+        """A ``lost/`` marker that flags ``copies`` ((digest, pack id, offset) of block
+        copies a plain ``verify`` found corrupt or missing) without touching the index:
+        backups stop deduplicating against them (``dedup_index``) and check their parents,
+        so the next backup of a disk that still holds the blocks stores them again - what
+        ``verify --repair`` achieves by dropping the records, without its exclusive lock
+        (docs/FORMAT.md, "Lost packs")."""
+        name = fmt.LOST_PREFIX + new_snapshot_id()
+        doc = {"time": _now_iso(), "packs": [], "records": 0,
+               "flagged": [[d.ljust(32, b"\0").hex(), p.ljust(32, b"\0").hex(), int(o)] for d, p, o in copies]}
+        self.backend.write_new(name, json.dumps(doc, indent=1).encode())
+        return name
+
+    def flagged_copies(self) -> np.ndarray:
+        """Sorted unique copy keys (``digest_sets.copy_keys``, S72) of the copies ``lost/``
+        markers flag as bad.  Markers are immutable: each is read once per process."""
+        read = self.__dict__.setdefault("_flag_markers_read", {})
+        for name in self.lost_markers():
+            if name not in read:
+                read[name] = _flagged_in_marker(self.backend, name)
+        keys = [k for ks in read.values() for k in ks]
+        return digest_sets.unique(np.array(keys, "S72")) if keys else np.empty(0, "S72")
+
+    def dedup_index(self):
+        """The digest index as a backup deduplicates against it: a block whose every copy
+        is flagged bad (``flagged_copies``) is absent, so the backup stores it again.  Its
+        records stay for restore and verify, which try every copy; once a good copy is
+        stored, the block is present again."""
+        index = self.load_digest_index()
+        flagged = self.flagged_copies()
+        if not len(flagged):
+            return index
+        digests = digest_sets.unique(np.ascontiguousarray(flagged.view(np.uint8).reshape(-1, 72)[:, :32]).view("S32").reshape(-1))
+        which, positions = index.locate_all(digests)
+        good = ~digest_sets.isin(digest_sets.copy_keys(index.records_at(positions)), flagged)
+        has_good = np.zeros(len(digests), bool)
+        has_good[which[good]] = True
+        excluded = digests[~has_good]
+        return ExcludingIndex(index, excluded) if len(excluded) else index
+
     def lost_blocks_of(self, snap: SnapshotInfo) -> int:
-        """How many of ``snap``'s non-zero blocks the digest index no longer has."""
+        """How many of ``snap``'s non-zero blocks a backup would not find: no longer in the
+        digest index, or with every copy flagged bad."""
         _, digests = self.data_blocks(snap)
         if not len(digests):
             return 0
-        return int(np.count_nonzero(self.load_digest_index().locate(digests) < 0))
+        return int(np.count_nonzero(self.dedup_index().locate(digests) < 0))
 
     def iter_snapshot_index(self, snap: SnapshotInfo):
         """``snap``'s records in chunks (format.iter_snapshot_index): for passes that need
@@ -999,6 +1040,20 @@ class Repository:
             raise
         if not created:
             raise RepositoryError(f"snapshot {snapshot_id} already exists: retry")
+
+
+def _flagged_in_marker(backend, name: str) -> list[bytes]:
+    """The copy keys a ``lost/`` marker flags (none for a marker of dropped records, or
+    one that cannot be read: a damaged marker must not stop backups)."""
+    try:
+        doc = json.loads(backend.read(name))
+        out = []
+        for d, p, o in doc.get("flagged") or ():
+            if len(d) == 64 and len(p) == 64 and isinstance(o, int) and o >= 0:
+                out.append(digest_sets.copy_key(bytes.fromhex(d), bytes.fromhex(p), o))
+        return out
+    except (ObjectMissing, BackendError, ValueError, TypeError, AttributeError, OverflowError, RecursionError):
+        return []
 
 
 def _local_path(location: str) -> str | None:

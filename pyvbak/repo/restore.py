@@ -326,6 +326,15 @@ def _locate(repo, snap, nonzero: np.ndarray, digests: np.ndarray):
             "run 'pyvbak verify' to see which snapshots are affected"
         )
     recs = index.records_at(pos)
+    flagged = repo.flagged_copies()
+    if len(flagged):
+        # a block stored again after verify flagged its copy: read the good copy first
+        # (the flagged one would fail its check, then be read past with a warning)
+        for i in np.flatnonzero(digest_sets.isin(digest_sets.copy_keys(recs), flagged)).tolist():
+            alts = index.copies(bytes(recs["digest"][i]).ljust(32, b"\0"))
+            unflagged = alts[~digest_sets.isin(digest_sets.copy_keys(alts), flagged)]
+            if len(unflagged):
+                recs[i] = unflagged[0]
     order, bounds = group_members(inverse.reshape(-1), len(uniq))
     return recs, nonzero[order], bounds, index
 

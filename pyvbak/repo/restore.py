@@ -701,7 +701,9 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             written[0] += len(data) * len(places)
             from_copies.append(bytes(recs_sorted[k]["digest"]).hex())
         if errors:
-            raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); run 'pyvbak verify'")
+            raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); run 'pyvbak verify': "
+                                 f"it names the snapshots affected and flags the bad copies, so that the next backup of "
+                                 f"a disk still holding those blocks stores them again")
         direct = target.direct
         target.close()
         t_sync = time.monotonic()

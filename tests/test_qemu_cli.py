@@ -463,3 +463,43 @@ def test_a_disk_shrunk_and_grown_back_is_scanned_whole_not_trusted(tmp_path, cap
         assert third["cbt"] is True and third["changed_blocks"] == 1
         assert main(["restore", "web@latest", str(out), "--repo", repo, "--force"]) == 0
         assert out.read_bytes() == vm.read(0, 16 * MiB)
+
+
+def test_a_hot_backup_after_verify_flagged_a_bad_copy_reads_the_disk_whole_then_tracks_again(vm, tmp_path, capsys,
+                                                                                               monkeypatch):
+    """The bitmap names only what the guest wrote: a block whose stored copy verify found
+    bad is not among it, so the backup after the flag must read the whole disk (its
+    parent names the block) - and the chain goes on from the bitmap after it."""
+    from pyvbak.repo.repository import Repository
+
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(2 * MiB))
+    _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    vm.write(4 * MiB, os.urandom(64 * 1024))
+    assert _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])["cbt"] is True
+    rec = Repository.open(repo).load_digest_index().records[0]
+    pack_hex = bytes(rec["pack"]).ljust(32, b"\0").hex()
+    path = os.path.join(repo, "packs", pack_hex[:2], pack_hex)
+    data = bytearray(open(path, "rb").read())
+    data[int(rec["offset"]) + 9] ^= 0x5A
+    os.chmod(path, 0o644)
+    open(path, "wb").write(data)
+    capsys.readouterr()
+    assert main(["verify", "--repo", repo]) == 6
+    assert "back up the affected disks" in capsys.readouterr().err
+
+    healed = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert healed["fallback_reason"] and "lost from the repository" in healed["fallback_reason"], healed
+    # every allocated block read (the 2 MiB and the 64 KiB written), not only the dirty ones
+    assert healed["bytes_read"] >= 2 * MiB + 64 * 1024 and healed["new_blocks"] == 1, healed
+    capsys.readouterr()
+    for snap in Repository.open(repo).snapshots():  # the older snapshots restore again too
+        out = tmp_path / f"{snap.id}.img"
+        assert main(["restore", snap.id, str(out), "--repo", repo]) == 0, capsys.readouterr().err
+    assert (tmp_path / f"{healed['snapshot_id']}.img").read_bytes() == vm.read(0, vm.size)
+
+    vm.write(9 * MiB, os.urandom(64 * 1024))
+    after = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert after["cbt"] is True and after["changed_blocks"] == 1 and after["fallback_reason"] is None

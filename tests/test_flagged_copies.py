@@ -171,3 +171,25 @@ def test_an_older_pyvbak_reads_a_flag_marker_as_a_marker_of_nothing_dropped(tmp_
     assert list(doc) == ["time", "packs", "records", "flagged"]
     assert doc["packs"] == [] and doc["records"] == 0 and doc["flagged"][0][2] == bad[2]
     assert sys.modules["pyvbak.repo.repository"].Repository.open(str(repo)).lost_markers() == [name]
+
+
+def test_a_flag_that_cannot_be_written_leaves_verify_s_report_and_names_the_repair(tmp_path, capsys, monkeypatch):
+    """A full disk (or read-only storage) when verify writes its marker: the damage found is
+    still what verify reports (exit 6, not the out-of-space exit), with the repair as the
+    way out."""
+    from pyvbak.backends.local import LocalBackend
+    from pyvbak.errors import OutOfSpace
+
+    repo, img, _ = _damaged_repo(tmp_path, capsys, 309)
+    real = LocalBackend.write_new
+
+    def full(self, name, data, *a, **k):
+        if name.startswith("lost/"):
+            raise OutOfSpace(f"no space left on device writing {name}")
+        return real(self, name, data, *a, **k)
+
+    monkeypatch.setattr(LocalBackend, "write_new", full)
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and _markers(repo) == [], err
+    assert "were not flagged" in err and "no space left" in err
+    assert "verify --repair" in err.strip().splitlines()[-1], err

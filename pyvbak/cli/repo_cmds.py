@@ -274,7 +274,8 @@ def _flag_bad_copies(r, bad: list, no_lock: bool) -> dict | None:
     None when there is nothing to flag."""
     import numpy as np
 
-    from ..backends import BackendError
+    from ..backends import BackendError, ObjectExists
+    from ..errors import OutOfSpace
     from ..repo import digest_sets
 
     if not bad:
@@ -287,7 +288,7 @@ def _flag_bad_copies(r, bad: list, no_lock: bool) -> dict | None:
         return {"marker": None, "copies": 0, "error": "--no-lock: nothing is written"}
     try:
         return {"marker": r.write_flag_marker(new), "copies": len(new), "error": None}
-    except (BackendError, OSError) as exc:
+    except (BackendError, ObjectExists, OutOfSpace, OSError) as exc:  # verify's report still stands
         return {"marker": None, "copies": 0, "error": str(exc)}
 
 

@@ -96,7 +96,7 @@ def test_a_verify_run_twice_flags_once_and_still_sends_to_the_backup(tmp_path, c
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
     report = json.loads(out)
-    assert code == 6 and report["flagged"] == {"marker": None, "copies": 0, "error": None}
+    assert code == 6 and report["flagged"] == {"marker": None, "copies": 0, "cleared": 0, "error": None}
     assert len(_markers(repo)) == 1
     assert "back up the affected disks" in err.strip().splitlines()[-1], err
 
@@ -168,7 +168,7 @@ def test_an_older_pyvbak_reads_a_flag_marker_as_a_marker_of_nothing_dropped(tmp_
     repo, img, bad = _damaged_repo(tmp_path, capsys, 308, blocks=4)
     name = Repository.open(str(repo)).write_flag_marker([bad])
     doc = json.loads((repo / name).read_text())
-    assert list(doc) == ["time", "packs", "records", "flagged"]
+    assert list(doc) == ["time", "packs", "records", "flagged", "cleared"] and doc["cleared"] == []
     assert doc["packs"] == [] and doc["records"] == 0 and doc["flagged"][0][2] == bad[2]
     assert sys.modules["pyvbak.repo.repository"].Repository.open(str(repo)).lost_markers() == [name]
 
@@ -193,3 +193,98 @@ def test_a_flag_that_cannot_be_written_leaves_verify_s_report_and_names_the_repa
     assert code == 6 and _markers(repo) == [], err
     assert "were not flagged" in err and "no space left" in err
     assert "verify --repair" in err.strip().splitlines()[-1], err
+
+
+# -- review 1 of the change (session 18) ------------------------------------------------
+
+
+def test_a_parent_that_listed_the_marker_without_honouring_it_is_checked_all_the_same(tmp_path, capsys, monkeypatch):
+    """A backup by an older pyvbak (a second host not yet upgraded) lists the flag marker
+    in its lost_checked but deduplicated against the flagged copy: the next backup must
+    still find the block its parent names flagged-only, and store it again (it carried it
+    on with no warning, and verify's "back up" looped for ever - review 1, D1)."""
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 310)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    with monkeypatch.context() as m:  # the older pyvbak: markers' flags unknown to it
+        m.setattr(Repository, "dedup_index", Repository.load_digest_index)
+        code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
+        assert code == 0 and json.loads(out)["new_blocks"] == 0, err
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
+    res = json.loads(out)
+    assert code == 0 and res["new_blocks"] == 1 and res["warnings"], err
+    _restores_everything(capsys, tmp_path, repo, img)
+
+
+def test_a_marker_that_cannot_be_read_fails_the_backup_instead_of_ignoring_its_flags(tmp_path, capsys, monkeypatch):
+    """An I/O error reading a marker was taken for "flags nothing": the backup deduplicated
+    against the bad copy and recorded the marker as checked (review 1, D1)."""
+    from pyvbak.backends import BackendError
+    from pyvbak.backends.local import LocalBackend
+
+    repo, img, _ = _damaged_repo(tmp_path, capsys, 311)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    real = LocalBackend.read
+
+    def failing(self, name, *a, **k):
+        if name.startswith("lost/"):
+            raise BackendError(f"reading {name}: Input/output error")
+        return real(self, name, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalBackend, "read", failing)
+        code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v")
+        assert code != 0 and "Input/output error" in err and len(err.strip().splitlines()) == 1, err
+        # restore only prefers unflagged copies: it goes on without the marker
+        code, _, err = cli(capsys, "restore", "v@latest", tmp_path / "blip.img", "--repo", repo)
+        assert code == 6, err  # the one snapshot's only copy is bad (no backup stored it again yet)
+    assert len(Repository.open(str(repo)).snapshots()) == 1
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] == 1, err
+    _restores_everything(capsys, tmp_path, repo, img)
+
+
+def test_each_flag_entry_is_parsed_on_its_own(tmp_path, capsys):
+    """One entry it could not parse made the whole marker flag nothing, the docs said it is
+    skipped (review 1, D2)."""
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 312)
+    good = [bad[0].hex(), bad[1].hex(), bad[2]]
+    odd = [[good[0], good[1], 1 << 64], [good[0], good[1]], "x", None, [*good, 1], ["zz" * 32, good[1], 0],
+           [good[0], good[1], True], [good[0], good[1], -1], {"a": 1}]
+    r = Repository.open(str(repo))
+    r.backend.write_new("lost/20260101T000000Z-0000aaaa", json.dumps({"flagged": [*odd, good]}).encode())
+    assert Repository.open(str(repo)).flagged_copies().tolist() == [digest_sets.copy_key(*bad)]
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "other", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] == 1, err
+
+
+def test_a_pack_recut_under_its_old_name_is_deduplicated_against_and_verify_clears_its_flags(tmp_path, capsys):
+    """The backup after a lost pack cuts the very same pack again (same blocks, same order):
+    the good copies then carry the flagged keys.  They were left out of deduplication for
+    good - every backup of the same data stored them again (review 1, D3)."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=313)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    os.unlink(repo / pack)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] == 40, err
+    assert list(Repository.open(str(repo)).backend.list("packs/")) == [pack]  # the same name again
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "other", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] == 0, err
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 0 and "cleared 40 flagged block copy(ies)" in err, err
+    assert len(Repository.open(str(repo)).flagged_copies()) == 0
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "third", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] == 0 and json.loads(out)["warnings"] == [], err
+    _restores_everything(capsys, tmp_path, repo, img)
+
+
+def test_a_sampled_verify_sends_to_a_full_verify_before_the_backup(tmp_path, capsys):
+    """A sample flags only the bad copies it read; the next step said the backup heals
+    every snapshot while it deduplicated against the others (review 1, D4)."""
+    repo, img, _ = _damaged_repo(tmp_path, capsys, 314)
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--sample", "100")
+    last = err.strip().splitlines()[-1]
+    assert code == 6 and "run 'pyvbak verify' without --sample" in last, err

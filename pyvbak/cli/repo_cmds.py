@@ -107,7 +107,10 @@ def verify(
             # miss the blocks the first found lost, and say "repair: complete")
             seed = secrets.randbits(64) if sample is not None else None
             report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
-            report["flagged"] = None if repair else _flag_bad_copies(r, report["_bad_records"], no_lock)
+            # (--repair drops the bad copies' records instead of flagging them)
+            report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"],
+                                                 report["_healed_flags"], no_lock)
+        report.pop("_healed_flags")
         bad = report.pop("_bad_records")
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
@@ -216,12 +219,16 @@ def verify(
                      "'pyvbak verify --repair --drop-unreadable' removes them (and the next backups store again the "
                      "blocks that have no other good copy)")
         flagged = report.get("flagged")
-        if flagged and flagged["marker"]:
+        if flagged and flagged["marker"] and flagged["copies"]:
             info(f"flagged {flagged['copies']} bad block copy(ies) ({flagged['marker']}): backups no longer "
                  f"deduplicate against them, so the next backup of each disk that still holds those blocks stores "
                  f"them again")
-        elif flagged and flagged["error"]:
-            info(f"the bad block copies were not flagged for the next backups ({flagged['error']})")
+        if flagged and flagged["marker"] and flagged["cleared"]:
+            info(f"cleared {flagged['cleared']} flagged block copy(ies) that read back intact now "
+                 f"({flagged['marker']})")
+        if flagged and flagged["error"]:
+            info(f"the bad block copies were not flagged for the next backups ({flagged['error']})" if not report["ok"]
+                 else f"flagged block copies that read back intact now were not cleared ({flagged['error']})")
         if report.get("repair", {}).get("records_removed"):
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "
@@ -263,33 +270,37 @@ def verify(
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
 
 
-def _flag_bad_copies(r, bad: list, no_lock: bool) -> dict | None:
+def _flag_bad_copies(r, bad: list, healed: list, no_lock: bool) -> dict | None:
     """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
     next backup of each disk that still holds those blocks stores them again (before, every
     backup after the damage deduplicated against the bad copies until someone ran
     ``verify --repair``: its snapshots could not be restored either - the session-17
     acceptance audit; Proxmox Backup Server's verify likewise marks bad chunks for the
-    next backup).  Create-only, under verify's shared lock; copies flagged before are not
-    flagged again.  ``{"marker": name or None, "copies": n, "error": reason or None}``,
-    None when there is nothing to flag."""
+    next backup), and clear flagged copies that read back intact now (``healed``).
+    Create-only, under verify's lock; copies flagged before are not flagged again.
+    ``{"marker": name or None, "copies": flagged now, "cleared": n, "error": reason or
+    None}``, None when there is nothing to flag or clear."""
     import numpy as np
 
     from ..backends import BackendError, ObjectExists
     from ..errors import OutOfSpace
     from ..repo import digest_sets
 
-    if not bad:
+    if not bad and not healed:
         return None
-    keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
-    new = [c for c, seen in zip(bad, digest_sets.isin(keys, r.flagged_copies()).tolist()) if not seen]
-    if not new:
-        return {"marker": None, "copies": 0, "error": None}
+    new = bad
+    if bad:
+        keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
+        new = [c for c, seen in zip(bad, digest_sets.isin(keys, r.flagged_copies()).tolist()) if not seen]
+    nothing = {"marker": None, "copies": 0, "cleared": 0, "error": None}
+    if not new and not healed:
+        return nothing
     if no_lock:  # read-only media, as a rule: verify writes nothing there
-        return {"marker": None, "copies": 0, "error": "--no-lock: nothing is written"}
+        return {**nothing, "error": "--no-lock: nothing is written"} if new else nothing
     try:
-        return {"marker": r.write_flag_marker(new), "copies": len(new), "error": None}
+        return {**nothing, "marker": r.write_flag_marker(new, healed), "copies": len(new), "cleared": len(healed)}
     except (BackendError, ObjectExists, OutOfSpace, OSError) as exc:  # verify's report still stands
-        return {"marker": None, "copies": 0, "error": str(exc)}
+        return {**nothing, "error": str(exc)}
 
 
 def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool = False) -> str:
@@ -304,7 +315,12 @@ def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool
     if dropped_unreadable:
         bad, unread = bad + unread, 0
     flagged = report.get("flagged") or {}
-    if bad and not repaired and not dropped_unreadable and flagged and not flagged.get("error"):
+    if bad and not repaired and report.get("sampled_percent") is not None:
+        # a sample read some copies: those it did not read may be as bad (a pack cut short
+        # past the sampled frames), and backups go on deduplicating against them
+        steps.append("run 'pyvbak verify' without --sample, then back up the affected disks: the sample read only "
+                     "part of the blocks, and flagged only the bad copies it read")
+    elif bad and not repaired and not dropped_unreadable and flagged and not flagged.get("error"):
         # (flagged now, or by an earlier verify: backups store these blocks again)
         steps.append(f"back up the affected disks: the bad copies are flagged, so {again}, and every snapshot that "
                      f"names them restores again")

@@ -350,9 +350,15 @@ def run_backup(
     lost = repo.lost_markers()
     missing = 0
     try:
-        if latest is not None and not set(lost) <= set(latest.meta.get("lost_checked") or ()):
-            # A prune removed the records of packs gone from storage after this parent was
-            # made: an incremental would carry its records of those blocks on, unread.
+        # blocks whose every copy is flagged bad (a plain verify's flags; usually none)
+        flag_only = getattr(repo.dedup_index(), "excluded", None) if lost else None
+        if latest is not None and (not set(lost) <= set(latest.meta.get("lost_checked") or ())
+                                   or (flag_only is not None and len(flag_only))):
+            # A prune or repair removed the records of packs gone from storage after this
+            # parent was made, or a verify flagged copies: an incremental would carry its
+            # records of those blocks on, unread.  Blocks still flagged-only are looked
+            # for in every parent, whatever it checked: one made by an older pyvbak, which
+            # lists a marker without honouring its flags, names them all the same.
             missing = repo.lost_blocks_of(latest)
         parent = _Parent(repo, latest if not missing else None, only=dirty, hashes=hashes_only)
         if missing:

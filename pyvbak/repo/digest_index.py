@@ -173,6 +173,7 @@ class ExcludingIndex:
 
     def __init__(self, index: DigestIndex, excluded: np.ndarray):
         self._index, self._excluded = index, excluded
+        self.excluded = excluded
 
     def __len__(self) -> int:
         return len(self._index)

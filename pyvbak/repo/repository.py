@@ -58,6 +58,10 @@ def restore_kit_revision(script: bytes) -> int:
 PACK_TARGET_BYTES = 16 * 1024 * 1024
 #: referenced_digests folds per-snapshot digests into the union at least this many at a time
 FOLD_MIN_DIGESTS = 1 << 20
+#: flagged copies a backup reads to see whether they still read back bad, when they are
+#: the only copies of their blocks (Repository.dedup_index); beyond it they count as bad
+#: (stored again: costs room, never data)
+FLAG_RECHECK_MAX = 1024
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
 _SNAPSHOT_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
@@ -649,45 +653,105 @@ class Repository:
         self.backend.write_new(name, json.dumps(doc, indent=2).encode())
         return name
 
-    def write_flag_marker(self, copies: list[tuple[bytes, bytes, int]]) -> str:
-        """A ``lost/`` marker that flags ``copies`` ((digest, pack id, offset) of block
+    def write_flag_marker(self, flagged: list[tuple[bytes, bytes, int]],
+                          cleared: list[tuple[bytes, bytes, int]] = ()) -> str:
+        """A ``lost/`` marker that flags ``flagged`` ((digest, pack id, offset) of block
         copies a plain ``verify`` found corrupt or missing) without touching the index:
         backups stop deduplicating against them (``dedup_index``) and check their parents,
         so the next backup of a disk that still holds the blocks stores them again - what
-        ``verify --repair`` achieves by dropping the records, without its exclusive lock
-        (docs/FORMAT.md, "Lost packs")."""
+        ``verify --repair`` achieves by dropping the records, without its exclusive lock.
+        ``cleared``: flagged copies verify read back intact since (put back, or a pack
+        re-cut under the same name by the backup that stored the blocks again): flagged no
+        more (docs/FORMAT.md, "Lost packs")."""
         name = fmt.LOST_PREFIX + new_snapshot_id()
-        doc = {"time": _now_iso(), "packs": [], "records": 0,
-               "flagged": [[d.ljust(32, b"\0").hex(), p.ljust(32, b"\0").hex(), int(o)] for d, p, o in copies]}
+
+        def entries(copies):
+            return [[d.ljust(32, b"\0").hex(), p.ljust(32, b"\0").hex(), int(o)] for d, p, o in copies]
+
+        doc = {"time": _now_iso(), "packs": [], "records": 0, "flagged": entries(flagged), "cleared": entries(cleared)}
         self.backend.write_new(name, json.dumps(doc, indent=1).encode())
+        self._dedup_index_cache = None
         return name
 
-    def flagged_copies(self) -> np.ndarray:
-        """Sorted unique copy keys (``digest_sets.copy_keys``, S72) of the copies ``lost/``
-        markers flag as bad.  Markers are immutable: each is read once per process."""
+    def flagged_copies(self, *, strict: bool = False) -> np.ndarray:
+        """Sorted unique copy keys (``digest_sets.copy_keys``, S72) of the copies the ``lost/``
+        markers flag as bad: flagged by a marker and not cleared by a later one (markers in
+        name order: their names begin with their time).  Markers are immutable: each is
+        read once per process.  ``strict`` (backups): a marker that cannot be read (an I/O
+        error, not a missing or damaged one) raises - a backup that went on without its
+        flags could deduplicate against a bad copy; restore uses the flags only to choose
+        which copy to read first, and goes on."""
         read = self.__dict__.setdefault("_flag_markers_read", {})
-        for name in self.lost_markers():
+        names = self.lost_markers()
+        for name in names:
             if name not in read:
-                read[name] = _flagged_in_marker(self.backend, name)
-        keys = [k for ks in read.values() for k in ks]
-        return digest_sets.unique(np.array(keys, "S72")) if keys else np.empty(0, "S72")
+                got = _marker_flags(self.backend, name, strict=strict)
+                if got is None:  # (not strict) unreadable now: asked again next time
+                    continue
+                read[name] = got
+        keys, states = [], []
+        for name in names:  # in time order: the last word on a copy counts
+            flagged, cleared = read.get(name, ((), ()))
+            keys += flagged
+            states += [True] * len(flagged)
+            keys += cleared
+            states += [False] * len(cleared)
+        if not keys:
+            return np.empty(0, "S72")
+        keys_arr, states_arr = np.array(keys, "S72"), np.array(states, bool)
+        order = np.argsort(keys_arr, kind="stable")  # stable: each key's mentions stay in time order
+        k, st = keys_arr[order], states_arr[order]
+        last = np.r_[k[1:] != k[:-1], True]
+        return k[last][st[last]]
 
     def dedup_index(self):
         """The digest index as a backup deduplicates against it: a block whose every copy
-        is flagged bad (``flagged_copies``) is absent, so the backup stores it again.  Its
-        records stay for restore and verify, which try every copy; once a good copy is
-        stored, the block is present again."""
+        is flagged bad (``flagged_copies``) and still reads back bad is absent, so the
+        backup stores it again.  Its records stay for restore and verify, which try every
+        copy; once a good copy is stored, the block is present again.  A flagged copy is
+        read (up to FLAG_RECHECK_MAX of them) when it is a block's only kind of copy: a
+        pack put back, or re-cut under the same name by the backup that stored the blocks
+        again, holds the good bytes under the flagged name.  ``.excluded``: the absent
+        digests (S32, sorted), empty when none."""
         index = self.load_digest_index()
-        flagged = self.flagged_copies()
-        if not len(flagged):
-            return index
-        digests = digest_sets.unique(np.ascontiguousarray(flagged.view(np.uint8).reshape(-1, 72)[:, :32]).view("S32").reshape(-1))
-        which, positions = index.locate_all(digests)
-        good = ~digest_sets.isin(digest_sets.copy_keys(index.records_at(positions)), flagged)
-        has_good = np.zeros(len(digests), bool)
-        has_good[which[good]] = True
-        excluded = digests[~has_good]
-        return ExcludingIndex(index, excluded) if len(excluded) else index
+        names = tuple(self.lost_markers())
+        held = getattr(self, "_dedup_index_cache", None)
+        if held is not None and held[0] == (id(index), names):
+            return held[1]
+        flagged = self.flagged_copies(strict=True)
+        excluded = np.empty(0, "S32")
+        if len(flagged):
+            digests = digest_sets.unique(np.ascontiguousarray(
+                flagged.view(np.uint8).reshape(-1, 72)[:, :32]).view("S32").reshape(-1))
+            which, positions = index.locate_all(digests)
+            recs = index.records_at(positions)
+            good = ~digest_sets.isin(digest_sets.copy_keys(recs), flagged)
+            has_good = np.zeros(len(digests), bool)
+            has_good[which[good]] = True
+            # flagged copies of blocks with no other copy: do they still read back bad?
+            recheck = np.flatnonzero(~has_good[which])[:FLAG_RECHECK_MAX]
+            for i in recheck.tolist():
+                if not has_good[which[i]] and self._copy_reads_back(recs[i]):
+                    has_good[which[i]] = True
+            excluded = digests[~has_good]
+        result = ExcludingIndex(index, excluded) if len(excluded) else index
+        self._dedup_index_cache = ((id(index), names), result)
+        return result
+
+    def _copy_reads_back(self, record) -> bool:
+        """Whether the copy of ``record`` decodes to its digest now."""
+        from .reader import decode_block, max_frame_bytes
+
+        if int(record["clen"]) > max_frame_bytes(self.config.block_size) or int(record["ulen"]) > self.config.block_size:
+            return False
+        try:
+            frame = memoryview(self.read_block_frame(record))
+        except (ObjectMissing, BackendError):
+            return False
+        import zstandard
+
+        digest = bytes(record["digest"]).ljust(32, b"\0")
+        return decode_block(zstandard.ZstdDecompressor(), frame, int(record["ulen"]), digest)[1] is None
 
     def lost_blocks_of(self, snap: SnapshotInfo) -> int:
         """How many of ``snap``'s non-zero blocks a backup would not find: no longer in the
@@ -1042,18 +1106,37 @@ class Repository:
             raise RepositoryError(f"snapshot {snapshot_id} already exists: retry")
 
 
-def _flagged_in_marker(backend, name: str) -> list[bytes]:
-    """The copy keys a ``lost/`` marker flags (none for a marker of dropped records, or
-    one that cannot be read: a damaged marker must not stop backups)."""
+def _marker_flags(backend, name: str, *, strict: bool):
+    """(flagged, cleared) copy keys of one ``lost/`` marker: none for a marker of dropped
+    records, a damaged one, or one gone; each entry parsed on its own (one that cannot be
+    is skipped, the others count).  An I/O error reading it raises when ``strict``, else
+    None."""
     try:
         doc = json.loads(backend.read(name))
-        out = []
-        for d, p, o in doc.get("flagged") or ():
-            if len(d) == 64 and len(p) == 64 and isinstance(o, int) and o >= 0:
-                out.append(digest_sets.copy_key(bytes.fromhex(d), bytes.fromhex(p), o))
-        return out
-    except (ObjectMissing, BackendError, ValueError, TypeError, AttributeError, OverflowError, RecursionError):
-        return []
+    except ObjectMissing:
+        return (), ()
+    except BackendError:
+        if strict:
+            raise
+        return None
+    except (ValueError, TypeError, RecursionError):  # not JSON (damaged): flags nothing
+        return (), ()
+    if not isinstance(doc, dict):
+        return (), ()
+    out = []
+    for field in ("flagged", "cleared"):
+        keys = []
+        entries = doc.get(field)
+        for entry in entries if isinstance(entries, list) else ():
+            try:
+                d, p, o = entry
+                if (isinstance(d, str) and isinstance(p, str) and len(d) == 64 and len(p) == 64
+                        and type(o) is int and 0 <= o < 1 << 64):
+                    keys.append(digest_sets.copy_key(bytes.fromhex(d), bytes.fromhex(p), o))
+            except (ValueError, TypeError):
+                continue
+        out.append(keys)
+    return out[0], out[1]
 
 
 def _local_path(location: str) -> str | None:

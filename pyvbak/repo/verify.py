@@ -168,6 +168,16 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
             if d not in lost_kind:
                 lost_kind[d] = "unreadable" if failed_read else "bad_copy"
 
+    # flagged copies (lost/ markers) that read back intact now: put back, or re-cut under
+    # the same name by the backup that stored their blocks again - to be cleared
+    flagged = repo.flagged_copies()
+    healed_flags: list[tuple[bytes, bytes, int]] = []
+    if len(flagged) and good.any():
+        intact = recs[good]
+        for rec in intact[digest_sets.isin(digest_sets.copy_keys(intact), flagged)]:
+            healed_flags.append((bytes(rec["digest"]).ljust(32, b"\0"), bytes(rec["pack"]).ljust(32, b"\0"),
+                                 int(rec["offset"])))
+
     lacking_blocks: set[str] = set()  # snapshots whose index reads, and names a lost block
     if problems:  # a second pass names the snapshots each bad block hurts
         bad = digest_sets.unique(np.array(list(problems), dtype="S32"))
@@ -230,6 +240,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "unreadable_redundant_copy_count": len(unreadable_copies),
         # for verify --repair (prune.drop_bad_records); not part of the JSON report
         "_bad_records": bad_records,
+        "_healed_flags": healed_flags,
         "_unreadable_records": unreadable_records,
         "_adoptable": len(adoptable) > 0,
     }

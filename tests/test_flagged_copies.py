@@ -168,7 +168,7 @@ def test_an_older_pyvbak_reads_a_flag_marker_as_a_marker_of_nothing_dropped(tmp_
     repo, img, bad = _damaged_repo(tmp_path, capsys, 308, blocks=4)
     name = Repository.open(str(repo)).write_flag_marker([bad])
     doc = json.loads((repo / name).read_text())
-    assert list(doc) == ["time", "packs", "records", "flagged", "cleared"] and doc["cleared"] == []
+    assert list(doc) == ["time", "packs", "records", "flagged", "cleared", "seen"] and doc["cleared"] == []
     assert doc["packs"] == [] and doc["records"] == 0 and doc["flagged"][0][2] == bad[2]
     assert sys.modules["pyvbak.repo.repository"].Repository.open(str(repo)).lost_markers() == [name]
 
@@ -207,6 +207,13 @@ def test_a_parent_that_listed_the_marker_without_honouring_it_is_checked_all_the
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     with monkeypatch.context() as m:  # the older pyvbak: markers' flags unknown to it
         m.setattr(Repository, "dedup_index", Repository.load_digest_index)
+        real_commit = Repository.commit_snapshot
+
+        def older_commit(self, sid, meta, *a, **k):
+            meta.pop("flags_honoured", None)
+            return real_commit(self, sid, meta, *a, **k)
+
+        m.setattr(Repository, "commit_snapshot", older_commit)
         code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
         assert code == 0 and json.loads(out)["new_blocks"] == 0, err
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
@@ -288,3 +295,41 @@ def test_a_sampled_verify_sends_to_a_full_verify_before_the_backup(tmp_path, cap
     code, out, err = cli(capsys, "verify", "--repo", repo, "--sample", "100")
     last = err.strip().splitlines()[-1]
     assert code == 6 and "run 'pyvbak verify' without --sample" in last, err
+
+
+def test_a_flag_that_stays_costs_later_backups_no_parent_check(tmp_path, capsys, monkeypatch):
+    """A flagged-only block no disk holds any more stays flagged (until a repair): the
+    parents of this version's backups honoured the flags, so they are not read again on
+    every backup (only the first backup after the marker looks at its parent)."""
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 315)
+    other = make_image(tmp_path / "e.img", 8 * BS, [(0, 8 * BS, "random")], seed=316)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    code, out, err = cli(capsys, "backup", other, "--repo", repo, "--vm", "v", "--disk", "d", "--json")  # changed
+    assert code == 0 and json.loads(out)["warnings"], err  # parent checked: it names the flagged block
+    looked = []
+    real = Repository.lost_blocks_of
+    monkeypatch.setattr(Repository, "lost_blocks_of", lambda self, snap: looked.append(snap.id) or real(self, snap))
+    for _ in range(2):
+        code, out, err = cli(capsys, "backup", other, "--repo", repo, "--vm", "v", "--disk", "d", "--json")
+        assert code == 0 and json.loads(out)["warnings"] == [] and json.loads(out)["new_blocks"] == 0, err
+    assert looked == []
+    assert len(Repository.open(str(repo)).dedup_index().excluded) == 1  # still flagged-only
+    assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 6  # the old snapshot lost it for good
+    assert not hasattr(Repository.open(str(repo)).dedup_index(), "excluded")
+
+
+def test_a_clear_counts_for_the_flags_its_verify_saw_not_for_later_ones(tmp_path, capsys):
+    """Flags and clears written in the same second were ordered by their names' random
+    part: a clear could lose to the flag it cleared, or win over a newer one."""
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 317, blocks=4)
+    r = Repository.open(str(repo))
+    first = r.write_flag_marker([bad])
+    r.write_flag_marker([], [bad], seen=[first])  # a verify that read the copy intact since
+    assert len(Repository.open(str(repo)).flagged_copies()) == 0
+    again = Repository.open(str(repo)).write_flag_marker([bad])  # found bad once more
+    r = Repository.open(str(repo))
+    assert r.flagged_copies().tolist() == [digest_sets.copy_key(*bad)]
+    r.write_flag_marker([], [bad], seen=[first])  # a late clear that did not know the new flag
+    assert len(Repository.open(str(repo)).flagged_copies()) == 1
+    r.write_flag_marker([], [bad], seen=[first, again])
+    assert len(Repository.open(str(repo)).flagged_copies()) == 0

@@ -228,10 +228,37 @@ def test_lost_marker_and_lost_checked(tmp_path, capsys):
     # the next snapshot records the markers it was made after, as object names
     second = backup_file(Repository.open(str(tmp_path / "repo")), img).snapshot_id
     meta = json.loads((tmp_path / "repo" / "snapshots" / f"{second}.json").read_bytes())
-    assert set(meta) == META_KEYS | {"lost_checked"}
-    assert meta["lost_checked"] == [f"lost/{name}"]
+    assert set(meta) == META_KEYS | {"lost_checked", "flags_honoured"}
+    assert meta["lost_checked"] == [f"lost/{name}"] and meta["flags_honoured"] is True
     assert meta["parent"] is None  # its parent predates the marker: a full scan
     assert "lost_checked" not in json.loads((tmp_path / "repo" / "snapshots" / f"{first}.json").read_bytes())
+
+
+def test_flag_marker(tmp_path, capsys):
+    """The marker a plain verify writes (docs/FORMAT.md, "Lost packs"): packs empty,
+    records 0 - what an older pyvbak reads as nothing dropped - then the flagged and
+    cleared copies as [digest hex, pack hex, offset]."""
+    repo = Repository.init(str(tmp_path / "repo"))
+    img, _ = _image(tmp_path)
+    backup_file(repo, img)
+    (pack,) = [n for n in _files(tmp_path / "repo") if n.startswith("packs/")]
+    path = tmp_path / "repo" / pack
+    raw = bytearray(path.read_bytes())
+    _, recs = _trailer_records(bytes(raw))
+    raw[recs[0][1] + recs[0][2] // 2] ^= 0xFF
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["verify", "--repo", str(tmp_path / "repo")]) == 6
+    (marker,) = [n for n in _files(tmp_path / "repo") if n.startswith("lost/")]
+    assert SNAPID.match(marker[len("lost/"):])
+    mraw = (tmp_path / "repo" / marker).read_bytes()
+    assert mraw == _dumps_layout(mraw, 1)
+    doc = json.loads(mraw)
+    assert list(doc) == ["time", "packs", "records", "flagged", "cleared", "seen"]
+    assert TIME.match(doc["time"]) and doc["packs"] == [] and doc["records"] == 0
+    assert doc["cleared"] == [] and doc["seen"] == []
+    assert doc["flagged"] == [[recs[0][0].hex(), pack.split("/")[-1], recs[0][1]]]
 
 
 def _read_first_line(path):

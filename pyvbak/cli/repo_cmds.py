@@ -109,8 +109,9 @@ def verify(
             report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
             # (--repair drops the bad copies' records instead of flagging them)
             report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"],
-                                                 report["_healed_flags"], no_lock)
+                                                 report["_healed_flags"], report["_flag_markers_seen"], no_lock)
         report.pop("_healed_flags")
+        report.pop("_flag_markers_seen")
         bad = report.pop("_bad_records")
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
@@ -270,7 +271,7 @@ def verify(
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
 
 
-def _flag_bad_copies(r, bad: list, healed: list, no_lock: bool) -> dict | None:
+def _flag_bad_copies(r, bad: list, healed: list, seen: list, no_lock: bool) -> dict | None:
     """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
     next backup of each disk that still holds those blocks stores them again (before, every
     backup after the damage deduplicated against the bad copies until someone ran
@@ -298,7 +299,7 @@ def _flag_bad_copies(r, bad: list, healed: list, no_lock: bool) -> dict | None:
     if no_lock:  # read-only media, as a rule: verify writes nothing there
         return {**nothing, "error": "--no-lock: nothing is written"} if new else nothing
     try:
-        return {**nothing, "marker": r.write_flag_marker(new, healed), "copies": len(new), "cleared": len(healed)}
+        return {**nothing, "marker": r.write_flag_marker(new, healed, seen), "copies": len(new), "cleared": len(healed)}
     except (BackendError, ObjectExists, OutOfSpace, OSError) as exc:  # verify's report still stands
         return {**nothing, "error": str(exc)}
 

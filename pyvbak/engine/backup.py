@@ -353,12 +353,13 @@ def run_backup(
         # blocks whose every copy is flagged bad (a plain verify's flags; usually none)
         flag_only = getattr(repo.dedup_index(), "excluded", None) if lost else None
         if latest is not None and (not set(lost) <= set(latest.meta.get("lost_checked") or ())
-                                   or (flag_only is not None and len(flag_only))):
+                                   or (flag_only is not None and len(flag_only)
+                                       and not latest.meta.get("flags_honoured"))):
             # A prune or repair removed the records of packs gone from storage after this
             # parent was made, or a verify flagged copies: an incremental would carry its
-            # records of those blocks on, unread.  Blocks still flagged-only are looked
-            # for in every parent, whatever it checked: one made by an older pyvbak, which
-            # lists a marker without honouring its flags, names them all the same.
+            # records of those blocks on, unread.  A parent made by an older pyvbak lists
+            # markers without having honoured their flags: while blocks are flagged-only
+            # it is looked at whatever it lists (once per disk: its child honours them).
             missing = repo.lost_blocks_of(latest)
         parent = _Parent(repo, latest if not missing else None, only=dirty, hashes=hashes_only)
         if missing:
@@ -772,6 +773,9 @@ def run_backup(
     }
     if lost:  # every block this snapshot names is in the index (checked, or stored anew)
         meta["lost_checked"] = lost
+        # ... and none is flagged-only by those markers (an older pyvbak's snapshot lists
+        # them without this: its parent check ignored their flags)
+        meta["flags_honoured"] = True
     if extra_meta:
         meta.update(extra_meta)
     committed = (lambda: on_commit(result)) if on_commit is not None else None

@@ -654,33 +654,36 @@ class Repository:
         return name
 
     def write_flag_marker(self, flagged: list[tuple[bytes, bytes, int]],
-                          cleared: list[tuple[bytes, bytes, int]] = ()) -> str:
+                          cleared: list[tuple[bytes, bytes, int]] = (), seen: list[str] = ()) -> str:
         """A ``lost/`` marker that flags ``flagged`` ((digest, pack id, offset) of block
         copies a plain ``verify`` found corrupt or missing) without touching the index:
         backups stop deduplicating against them (``dedup_index``) and check their parents,
         so the next backup of a disk that still holds the blocks stores them again - what
         ``verify --repair`` achieves by dropping the records, without its exclusive lock.
         ``cleared``: flagged copies verify read back intact since (put back, or a pack
-        re-cut under the same name by the backup that stored the blocks again): flagged no
-        more (docs/FORMAT.md, "Lost packs")."""
+        re-cut under the same name by the backup that stored the blocks again): the flags
+        of the markers in ``seen`` (those that verify knew) no longer count for them
+        (docs/FORMAT.md, "Lost packs")."""
         name = fmt.LOST_PREFIX + new_snapshot_id()
 
         def entries(copies):
             return [[d.ljust(32, b"\0").hex(), p.ljust(32, b"\0").hex(), int(o)] for d, p, o in copies]
 
-        doc = {"time": _now_iso(), "packs": [], "records": 0, "flagged": entries(flagged), "cleared": entries(cleared)}
+        doc = {"time": _now_iso(), "packs": [], "records": 0, "flagged": entries(flagged), "cleared": entries(cleared),
+               "seen": sorted(seen) if cleared else []}
         self.backend.write_new(name, json.dumps(doc, indent=1).encode())
         self._dedup_index_cache = None
         return name
 
     def flagged_copies(self, *, strict: bool = False) -> np.ndarray:
         """Sorted unique copy keys (``digest_sets.copy_keys``, S72) of the copies the ``lost/``
-        markers flag as bad: flagged by a marker and not cleared by a later one (markers in
-        name order: their names begin with their time).  Markers are immutable: each is
-        read once per process.  ``strict`` (backups): a marker that cannot be read (an I/O
-        error, not a missing or damaged one) raises - a backup that went on without its
-        flags could deduplicate against a bad copy; restore uses the flags only to choose
-        which copy to read first, and goes on."""
+        markers flag as bad: flagged by a marker, and not cleared by a marker that saw that
+        one (a flag written after a clear, by a verify that found the copy bad again,
+        counts).  Markers are immutable: each is read once per process.  ``strict``
+        (backups): a marker that cannot be read (an I/O error, not a missing or damaged
+        one) raises - a backup that went on without its flags could deduplicate against a
+        bad copy; restore uses the flags only to choose which copy to read first, and goes
+        on.  ``self.flag_markers_seen``: the markers this answer is from."""
         read = self.__dict__.setdefault("_flag_markers_read", {})
         names = self.lost_markers()
         for name in names:
@@ -689,20 +692,19 @@ class Repository:
                 if got is None:  # (not strict) unreadable now: asked again next time
                     continue
                 read[name] = got
-        keys, states = [], []
-        for name in names:  # in time order: the last word on a copy counts
-            flagged, cleared = read.get(name, ((), ()))
-            keys += flagged
-            states += [True] * len(flagged)
-            keys += cleared
-            states += [False] * len(cleared)
-        if not keys:
-            return np.empty(0, "S72")
-        keys_arr, states_arr = np.array(keys, "S72"), np.array(states, bool)
-        order = np.argsort(keys_arr, kind="stable")  # stable: each key's mentions stay in time order
-        k, st = keys_arr[order], states_arr[order]
-        last = np.r_[k[1:] != k[:-1], True]
-        return k[last][st[last]]
+        self.flag_markers_seen = [n for n in names if n in read]
+        clears = [(set(read[n][2]), read[n][1]) for n in self.flag_markers_seen if read[n][1]]
+        out = []
+        for name in self.flag_markers_seen:
+            flagged = read[name][0]
+            if not flagged:
+                continue
+            keys = np.array(flagged, "S72")
+            cleared = [k for saw, ks in clears if name in saw for k in ks]
+            if cleared:
+                keys = keys[~digest_sets.isin(keys, digest_sets.unique(np.array(cleared, "S72")))]
+            out.append(keys)
+        return digest_sets.unique(np.concatenate(out)) if out else np.empty(0, "S72")
 
     def dedup_index(self):
         """The digest index as a backup deduplicates against it: a block whose every copy
@@ -733,7 +735,11 @@ class Repository:
             for i in recheck.tolist():
                 if not has_good[which[i]] and self._copy_reads_back(recs[i]):
                     has_good[which[i]] = True
-            excluded = digests[~has_good]
+            # a block with no record left (a repair dropped the flagged copies) is no
+            # flagged-only block: the lost/ markers' parent checks cover it
+            indexed = np.zeros(len(digests), bool)
+            indexed[which] = True
+            excluded = digests[indexed & ~has_good]
         result = ExcludingIndex(index, excluded) if len(excluded) else index
         self._dedup_index_cache = ((id(index), names), result)
         return result
@@ -1107,22 +1113,22 @@ class Repository:
 
 
 def _marker_flags(backend, name: str, *, strict: bool):
-    """(flagged, cleared) copy keys of one ``lost/`` marker: none for a marker of dropped
-    records, a damaged one, or one gone; each entry parsed on its own (one that cannot be
-    is skipped, the others count).  An I/O error reading it raises when ``strict``, else
-    None."""
+    """(flagged, cleared, seen) of one ``lost/`` marker: copy keys, copy keys, marker names;
+    nothing for a marker of dropped records, a damaged one, or one gone.  Each entry is
+    parsed on its own (one that cannot be is skipped, the others count).  An I/O error
+    reading it raises when ``strict``, else gives None."""
     try:
         doc = json.loads(backend.read(name))
     except ObjectMissing:
-        return (), ()
+        return (), (), ()
     except BackendError:
         if strict:
             raise
         return None
     except (ValueError, TypeError, RecursionError):  # not JSON (damaged): flags nothing
-        return (), ()
+        return (), (), ()
     if not isinstance(doc, dict):
-        return (), ()
+        return (), (), ()
     out = []
     for field in ("flagged", "cleared"):
         keys = []
@@ -1136,7 +1142,9 @@ def _marker_flags(backend, name: str, *, strict: bool):
             except (ValueError, TypeError):
                 continue
         out.append(keys)
-    return out[0], out[1]
+    seen = doc.get("seen")
+    seen = [n for n in seen if isinstance(n, str)] if isinstance(seen, list) else []
+    return out[0], out[1], seen
 
 
 def _local_path(location: str) -> str | None:

@@ -241,6 +241,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         # for verify --repair (prune.drop_bad_records); not part of the JSON report
         "_bad_records": bad_records,
         "_healed_flags": healed_flags,
+        "_flag_markers_seen": list(getattr(repo, "flag_markers_seen", [])),
         "_unreadable_records": unreadable_records,
         "_adoptable": len(adoptable) > 0,
     }

@@ -333,3 +333,23 @@ def test_a_clear_counts_for_the_flags_its_verify_saw_not_for_later_ones(tmp_path
     assert len(Repository.open(str(repo)).flagged_copies()) == 1
     r.write_flag_marker([], [bad], seen=[first, again])
     assert len(Repository.open(str(repo)).flagged_copies()) == 0
+
+
+def test_parsed_markers_come_from_the_local_cache_and_a_damaged_entry_is_read_again(tmp_path, capsys, monkeypatch):
+    """A marker of a lost region can flag a million copies: parsed once per machine, not
+    on every backup and restore (review 1, D5)."""
+    from pyvbak.backends.local import LocalBackend
+
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "cache"))
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 318, blocks=4)
+    name = Repository.open(str(repo)).write_flag_marker([bad])
+    assert Repository.open(str(repo)).flagged_copies().tolist() == [digest_sets.copy_key(*bad)]
+    reads = []
+    real = LocalBackend.read
+    monkeypatch.setattr(LocalBackend, "read", lambda self, n, *a, **k: reads.append(n) or real(self, n, *a, **k))
+    assert Repository.open(str(repo)).flagged_copies().tolist() == [digest_sets.copy_key(*bad)]
+    assert name not in reads
+    (cached,) = list((tmp_path / "cache").rglob("*.npz"))
+    cached.write_bytes(b"garbage")
+    assert Repository.open(str(repo)).flagged_copies().tolist() == [digest_sets.copy_key(*bad)]
+    assert name in reads

@@ -353,3 +353,100 @@ def test_parsed_markers_come_from_the_local_cache_and_a_damaged_entry_is_read_ag
     cached.write_bytes(b"garbage")
     assert Repository.open(str(repo)).flagged_copies().tolist() == [digest_sets.copy_key(*bad)]
     assert name in reads
+
+
+# -- review 2 of the change ---------------------------------------------------------------
+
+
+def test_a_clear_does_not_undo_a_flag_written_while_its_verify_read(tmp_path, capsys, monkeypatch):
+    """The flags a verify clears are those it listed before reading the copies: one that
+    another verify wrote in between stays (review 2, N2)."""
+    import pyvbak.repo.verify as verify_mod
+
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 320, blocks=4)
+    r = Repository.open(str(repo))
+    r.write_flag_marker([bad])
+    path = repo / "packs" / bad[1].hex()[:2] / bad[1].hex()
+    good_bytes = path.read_bytes()
+    data = bytearray(good_bytes)
+    data[bad[2] + 7] ^= 0x55  # undo the damage: the flagged copy reads back intact now
+    path.write_bytes(data)
+    real_read_blocks = verify_mod.read_blocks
+    written = []
+
+    def read_then_flag(*a, **k):
+        real_read_blocks(*a, **k)  # this verify read the copy intact ...
+        if not written:  # ... then another verify found it bad (a blip) and flagged it again
+            written.append(Repository.open(str(repo)).write_flag_marker([bad]))
+
+    monkeypatch.setattr(verify_mod, "read_blocks", read_then_flag)
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 0 and "cleared 1 flagged" in err, err
+    assert Repository.open(str(repo)).flagged_copies().tolist() == [digest_sets.copy_key(*bad)]
+
+
+def test_verify_flags_anew_when_a_marker_cannot_be_read(tmp_path, capsys, monkeypatch):
+    """A marker verify could not read may clear what it flags: verify then flags every bad
+    copy it finds again, instead of taking them for flagged (review 2, N4)."""
+    from pyvbak.backends import BackendError
+    from pyvbak.backends.local import LocalBackend
+
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 321, blocks=4)
+    r = Repository.open(str(repo))
+    first = r.write_flag_marker([bad])
+    clear = r.write_flag_marker([], [bad], seen=[first])  # cleared (wrongly, say) ...
+    real = LocalBackend.read
+
+    def failing(self, name, *a, **k):
+        if name == clear:
+            raise BackendError(f"reading {name}: Input/output error")
+        return real(self, name, *a, **k)
+
+    monkeypatch.setattr(LocalBackend, "read", failing)
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "flagged 1 bad block copy(ies)" in err, err
+    monkeypatch.setattr(LocalBackend, "read", real)
+    assert Repository.open(str(repo)).flagged_copies().tolist() == [digest_sets.copy_key(*bad)]
+
+
+def test_a_flag_on_a_lost_pack_costs_backups_one_stat_not_a_read_per_copy(tmp_path, capsys, monkeypatch):
+    """A flagged-only block no disk holds stays flagged; every backup looked at up to 1024
+    of its copies one request at a time (review 2, N3)."""
+    from pyvbak.backends.local import LocalBackend
+
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=322)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--disk", "d")[0] == 0
+    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    os.unlink(repo / pack)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    other = make_image(tmp_path / "e.img", 8 * BS, [(0, 8 * BS, "random")], seed=323)
+    assert cli(capsys, "backup", other, "--repo", repo, "--vm", "v", "--disk", "d")[0] == 0  # the data is gone
+    calls = []
+    for method in ("read", "read_range", "read_range_into", "stat"):
+        real = getattr(LocalBackend, method)
+        monkeypatch.setattr(LocalBackend, method,
+                            lambda self, n, *a, _r=real, _m=method, **k: calls.append((_m, n)) or _r(self, n, *a, **k))
+    assert cli(capsys, "backup", other, "--repo", repo, "--vm", "v", "--disk", "d")[0] == 0
+    assert [c for c in calls if c[1] == pack] == [("stat", pack)]
+
+
+def test_a_copy_listed_twice_with_different_records_is_not_taken_for_healed(tmp_path, capsys):
+    """Two index records of one flagged copy that differ (a damaged pack index): the
+    backup's read-check took the copy for good when one of them read back, while restore
+    reads the other (review 2, N5)."""
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 324, blocks=4)
+    r = Repository.open(str(repo))
+    recs = r.load_digest_index().records
+    mine = recs[[bytes(d).ljust(32, b"\0") == bad[0] for d in recs["digest"]]].copy()
+    path = repo / "packs" / bad[1].hex()[:2] / bad[1].hex()
+    data = bytearray(path.read_bytes())
+    data[bad[2] + 7] ^= 0x55  # the frame reads back intact again ...
+    path.write_bytes(data)
+    mine["clen"] += 3  # ... through one record; a second index file lists it longer
+    r.write_pack_index(mine)
+    r = Repository.open(str(repo))
+    r.write_flag_marker([bad])
+    assert len(Repository.open(str(repo)).load_digest_index().copies(bad[0])) == 2
+    assert Repository.open(str(repo)).dedup_index().find(bad[0]) < 0

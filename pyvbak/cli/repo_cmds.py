@@ -108,10 +108,10 @@ def verify(
             seed = secrets.randbits(64) if sample is not None else None
             report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
             # (--repair drops the bad copies' records instead of flagging them)
-            report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"],
+            report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_flagged_before"],
                                                  report["_healed_flags"], report["_flag_markers_seen"], no_lock)
-        report.pop("_healed_flags")
-        report.pop("_flag_markers_seen")
+        for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before"):
+            report.pop(k)
         bad = report.pop("_bad_records")
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
@@ -159,7 +159,8 @@ def verify(
                 # now: checked again here (they were counted as lost, exit 6, and the user
                 # was sent to run verify a second time - the session-14 new-user audit)
                 again = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
-                for k in ("_bad_records", "_unreadable_records", "_adoptable"):
+                for k in ("_bad_records", "_unreadable_records", "_adoptable", "_healed_flags", "_flag_markers_seen",
+                          "_flagged_before"):
                     again.pop(k, None)
                 report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
                                                                      "blocks_checked")}
@@ -271,7 +272,7 @@ def verify(
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
 
 
-def _flag_bad_copies(r, bad: list, healed: list, seen: list, no_lock: bool) -> dict | None:
+def _flag_bad_copies(r, bad: list, flagged_before, healed: list, seen: list, no_lock: bool) -> dict | None:
     """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
     next backup of each disk that still holds those blocks stores them again (before, every
     backup after the damage deduplicated against the bad copies until someone ran
@@ -292,7 +293,7 @@ def _flag_bad_copies(r, bad: list, healed: list, seen: list, no_lock: bool) -> d
     new = bad
     if bad:
         keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
-        new = [c for c, seen in zip(bad, digest_sets.isin(keys, r.flagged_copies()).tolist()) if not seen]
+        new = [c for c, known in zip(bad, digest_sets.isin(keys, flagged_before).tolist()) if not known]
     nothing = {"marker": None, "copies": 0, "cleared": 0, "error": None}
     if not new and not healed:
         return nothing

@@ -58,10 +58,10 @@ def restore_kit_revision(script: bytes) -> int:
 PACK_TARGET_BYTES = 16 * 1024 * 1024
 #: referenced_digests folds per-snapshot digests into the union at least this many at a time
 FOLD_MIN_DIGESTS = 1 << 20
-#: flagged copies a backup reads to see whether they still read back bad, when they are
-#: the only copies of their blocks (Repository.dedup_index); beyond it they count as bad
-#: (stored again: costs room, never data)
-FLAG_RECHECK_MAX = 1024
+#: flagged copies a backup reads (and packs it stats) to see whether they still read back
+#: bad, when they are the only copies of their blocks (Repository.dedup_index); beyond it
+#: they count as bad (stored again: costs room, never data)
+FLAG_RECHECK_MAX = 64
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
 _SNAPSHOT_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
@@ -688,7 +688,11 @@ class Repository:
         names = self.lost_markers()
         for name in names:
             if name not in read:
-                got = self._marker_flags_cached(name, strict=strict)
+                try:
+                    got = self._marker_flags_cached(name, strict=strict)
+                except BackendError as exc:
+                    raise type(exc)(f"{exc} (marker {name} says which stored block copies are bad: a backup needs it; "
+                                    f"check the storage and run the backup again)") from exc
                 if got is None:  # (not strict) unreadable now: asked again next time
                     continue
                 read[name] = got
@@ -760,11 +764,7 @@ class Repository:
             good = ~digest_sets.isin(digest_sets.copy_keys(recs), flagged)
             has_good = np.zeros(len(digests), bool)
             has_good[which[good]] = True
-            # flagged copies of blocks with no other copy: do they still read back bad?
-            recheck = np.flatnonzero(~has_good[which])[:FLAG_RECHECK_MAX]
-            for i in recheck.tolist():
-                if not has_good[which[i]] and self._copy_reads_back(recs[i]):
-                    has_good[which[i]] = True
+            self._recheck_flagged(recs, which, has_good)
             # a block with no record left (a repair dropped the flagged copies) is no
             # flagged-only block: the lost/ markers' parent checks cover it
             indexed = np.zeros(len(digests), bool)
@@ -773,6 +773,46 @@ class Repository:
         result = ExcludingIndex(index, excluded) if len(excluded) else index
         self._dedup_index_cache = ((id(index), names), result)
         return result
+
+    def _recheck_flagged(self, recs: np.ndarray, which: np.ndarray, has_good: np.ndarray) -> None:
+        """Read the flagged copies (``recs``, of digest ``which``) of blocks with no other
+        copy (``~has_good``), to see whether they still read back bad; set ``has_good``
+        for those that do not.  Bounded, since it runs on every backup while such a block
+        stays (one no disk holds any more stays until a repair - review 2 of the change):
+        one stat per pack (a missing pack's copies are not read; FLAG_RECHECK_MAX packs),
+        FLAG_RECHECK_MAX frames.  A copy listed with differing records (a damaged pack
+        index) is left bad: restore reads one of them, not the one that happens to read."""
+        cand = np.flatnonzero(~has_good[which])
+        if not len(cand):
+            return
+        keys = digest_sets.copy_keys(recs)
+        order = np.argsort(keys[cand], kind="stable")
+        cand, ck = cand[order], keys[cand][order]
+        shape = (recs["clen"].astype(np.int64) << 32) + recs["ulen"].astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, ck[1:] != ck[:-1]])  # each key's records
+        consistent = np.minimum.reduceat(shape[cand], starts) == np.maximum.reduceat(shape[cand], starts)
+        cand = cand[starts[consistent]]
+        packs_ok: dict[bytes, bool] = {}
+        reads = 0
+        for i in cand.tolist():
+            if has_good[which[i]]:
+                continue
+            pack = bytes(recs["pack"][i]).ljust(32, b"\0")
+            if pack not in packs_ok:
+                if len(packs_ok) >= FLAG_RECHECK_MAX:
+                    break
+                try:
+                    self.backend.stat(fmt.pack_name(pack.hex()))
+                    packs_ok[pack] = True
+                except (ObjectMissing, BackendError):
+                    packs_ok[pack] = False
+            if not packs_ok[pack]:
+                continue
+            if reads >= FLAG_RECHECK_MAX:
+                break
+            reads += 1
+            if self._copy_reads_back(recs[i]):
+                has_good[which[i]] = True
 
     def _copy_reads_back(self, record) -> bool:
         """Whether the copy of ``record`` decodes to its digest now."""

@@ -97,6 +97,12 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     # long as each of its blocks has one good copy (restore falls back to another), and a
     # damaged copy beside a good one must still be named - prune keeps one copy per block
     # and must not keep a bad one, and --repair drops its record.
+    # the flags as they stand before any copy is read: a clear written below counts for
+    # these alone (a flag another verify writes while this one reads is not undone by a
+    # read that came before it - review 2 of the change)
+    flagged = repo.flagged_copies()
+    seen_markers = list(repo.flag_markers_seen)
+    flags_unreadable = len(seen_markers) < len(repo.lost_markers())
     which, positions = index.locate_all(all_digests)
     recs = index.records_at(positions)
     order = sort_for_reading(recs)
@@ -170,11 +176,14 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
 
     # flagged copies (lost/ markers) that read back intact now: put back, or re-cut under
     # the same name by the backup that stored their blocks again - to be cleared
-    flagged = repo.flagged_copies()
     healed_flags: list[tuple[bytes, bytes, int]] = []
     if len(flagged) and good.any():
         intact = recs[good]
-        for rec in intact[digest_sets.isin(digest_sets.copy_keys(intact), flagged)]:
+        keep = digest_sets.isin(digest_sets.copy_keys(intact), flagged)
+        if reasons:  # a copy listed twice, one record reading back bad (a damaged index): not healed
+            failed = digest_sets.unique(digest_sets.copy_keys(recs[np.array(sorted(reasons), np.int64)]))
+            keep &= ~digest_sets.isin(digest_sets.copy_keys(intact), failed)
+        for rec in intact[keep]:
             healed_flags.append((bytes(rec["digest"]).ljust(32, b"\0"), bytes(rec["pack"]).ljust(32, b"\0"),
                                  int(rec["offset"])))
 
@@ -241,7 +250,9 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         # for verify --repair (prune.drop_bad_records); not part of the JSON report
         "_bad_records": bad_records,
         "_healed_flags": healed_flags,
-        "_flag_markers_seen": list(getattr(repo, "flag_markers_seen", [])),
+        "_flag_markers_seen": [] if flags_unreadable else list(seen_markers),
+        # a marker could not be read: what it flags is unknown, so every bad copy is flagged anew
+        "_flagged_before": np.empty(0, "S72") if flags_unreadable else flagged,
         "_unreadable_records": unreadable_records,
         "_adoptable": len(adoptable) > 0,
     }

@@ -675,7 +675,7 @@ class Repository:
         self._dedup_index_cache = None
         return name
 
-    def flagged_copies(self, *, strict: bool = False) -> np.ndarray:
+    def flagged_copies(self, *, strict: bool = False, names: list[str] | None = None) -> np.ndarray:
         """Sorted unique copy keys (``digest_sets.copy_keys``, S72) of the copies the ``lost/``
         markers flag as bad: flagged by a marker, and not cleared by a marker that saw that
         one (a flag written after a clear, by a verify that found the copy bad again,
@@ -685,7 +685,7 @@ class Repository:
         bad copy; restore uses the flags only to choose which copy to read first, and goes
         on.  ``self.flag_markers_seen``: the markers this answer is from."""
         read = self.__dict__.setdefault("_flag_markers_read", {})
-        names = self.lost_markers()
+        names = self.lost_markers() if names is None else names  # (names: listed just now)
         for name in names:
             if name not in read:
                 try:
@@ -751,10 +751,12 @@ class Repository:
         digests (S32, sorted), empty when none."""
         index = self.load_digest_index()
         names = tuple(self.lost_markers())
+        if not names:  # (as a rule: no marker, nothing more to read)
+            return index
         held = getattr(self, "_dedup_index_cache", None)
         if held is not None and held[0] == (id(index), names):
             return held[1]
-        flagged = self.flagged_copies(strict=True)
+        flagged = self.flagged_copies(strict=True, names=list(names))
         excluded = np.empty(0, "S32")
         if len(flagged):
             digests = digest_sets.unique(np.ascontiguousarray(

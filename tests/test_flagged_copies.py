@@ -91,13 +91,15 @@ def test_the_backup_after_a_plain_verify_stores_the_bad_block_again_and_every_sn
     _restores_everything(capsys, tmp_path, repo, img, "-repaired")
 
 
-def test_a_verify_run_twice_flags_once_and_still_sends_to_the_backup(tmp_path, capsys):
+def test_a_verify_run_twice_flags_again_and_still_sends_to_the_backup(tmp_path, capsys):
+    """The second verify flags the copy again (a verify beside it may be about to clear the
+    first flag, having read the copy before it went bad: review 3)."""
     repo, img, _ = _damaged_repo(tmp_path, capsys, 302)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
     report = json.loads(out)
-    assert code == 6 and report["flagged"] == {"marker": None, "copies": 0, "cleared": 0, "error": None}
-    assert len(_markers(repo)) == 1
+    assert code == 6 and report["flagged"]["copies"] == 0 and report["flagged"]["again"] == 1, report["flagged"]
+    assert len(_markers(repo)) == 2 and report["flagged"]["marker"][len("lost/"):] in _markers(repo)
     assert "back up the affected disks" in err.strip().splitlines()[-1], err
 
 
@@ -450,3 +452,54 @@ def test_a_copy_listed_twice_with_different_records_is_not_taken_for_healed(tmp_
     r.write_flag_marker([bad])
     assert len(Repository.open(str(repo)).load_digest_index().copies(bad[0])) == 2
     assert Repository.open(str(repo)).dedup_index().find(bad[0]) < 0
+
+
+# -- review 3 of the change ---------------------------------------------------------------
+
+
+def test_verify_says_when_no_backup_can_bring_the_blocks_back(tmp_path, capsys):
+    """Once the disk was backed up and its newest snapshot does not use the lost block, the
+    disk no longer holds it: verify said "back up the affected disks" after every backup."""
+    repo, img, _ = _damaged_repo(tmp_path, capsys, 330)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    changed = make_image(tmp_path / "c.img", 40 * BS, [(0, 40 * BS, "random")], seed=331)
+    assert cli(capsys, "backup", changed, "--repo", repo, "--vm", "v", "--disk", "d")[0] == 0
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    last = err.strip().splitlines()[-1]
+    assert code == 6 and "no longer hold those blocks" in last and "pyvbak forget ID" in last, err
+    assert "back up the affected disks" not in last, err
+
+
+def test_a_verify_that_cannot_read_a_marker_clears_nothing_and_says_nothing_of_clears(tmp_path, capsys, monkeypatch):
+    """Its clears would list no marker they undo (void), while it printed "cleared N"."""
+    from pyvbak.backends import BackendError
+    from pyvbak.backends.local import LocalBackend
+
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 332, blocks=4)
+    r = Repository.open(str(repo))
+    r.write_flag_marker([bad])
+    other = r.write_lost_marker([], 0)
+    path = repo / "packs" / bad[1].hex()[:2] / bad[1].hex()
+    data = bytearray(path.read_bytes())
+    data[bad[2] + 7] ^= 0x55  # intact again
+    path.write_bytes(data)
+    real = LocalBackend.read
+    monkeypatch.setattr(LocalBackend, "read", lambda self, n, *a, **k: (_ for _ in ()).throw(
+        BackendError(f"reading {n}: Input/output error")) if n == other else real(self, n, *a, **k))
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "cache"))
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 0 and "cleared" not in err, err
+    assert len(_markers(repo)) == 2
+
+
+def test_a_markers_seen_list_keeps_marker_names_only(tmp_path, capsys):
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 333, blocks=4)
+    r = Repository.open(str(repo))
+    key = [bad[0].hex(), bad[1].hex(), bad[2]]
+    r.backend.write_new("lost/20260101T000000Z-0000bbbb", json.dumps({"flagged": [key]}).encode())
+    r.backend.write_new("lost/20260101T000001Z-0000cccc", json.dumps(
+        {"cleared": [key], "seen": ["x" * 100000, 7, "lost/20260101T000000Z-0000bbbb"]}).encode())
+    from pyvbak.repo.repository import _marker_flags
+
+    assert _marker_flags(r.backend, "lost/20260101T000001Z-0000cccc", strict=True)[2] == ["lost/20260101T000000Z-0000bbbb"]
+    assert len(Repository.open(str(repo)).flagged_copies()) == 0

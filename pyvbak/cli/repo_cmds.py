@@ -108,10 +108,12 @@ def verify(
             seed = secrets.randbits(64) if sample is not None else None
             report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
             # (--repair drops the bad copies' records instead of flagging them)
-            report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_flagged_before"],
-                                                 report["_healed_flags"], report["_flag_markers_seen"], no_lock)
-        for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before"):
+            report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
+                                                 report["_flagged_before"], report["_healed_flags"],
+                                                 report["_flag_markers_seen"], no_lock)
+        for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before", "_redundant_bad"):
             report.pop(k)
+        report["lost_blocks_not_on_disks"] = _not_on_disks(r, report)
         bad = report.pop("_bad_records")
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
@@ -160,7 +162,7 @@ def verify(
                 # was sent to run verify a second time - the session-14 new-user audit)
                 again = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
                 for k in ("_bad_records", "_unreadable_records", "_adoptable", "_healed_flags", "_flag_markers_seen",
-                          "_flagged_before"):
+                          "_flagged_before", "_redundant_bad"):
                     again.pop(k, None)
                 report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
                                                                      "blocks_checked")}
@@ -221,10 +223,12 @@ def verify(
                      "'pyvbak verify --repair --drop-unreadable' removes them (and the next backups store again the "
                      "blocks that have no other good copy)")
         flagged = report.get("flagged")
-        if flagged and flagged["marker"] and flagged["copies"]:
-            info(f"flagged {flagged['copies']} bad block copy(ies) ({flagged['marker']}): backups no longer "
-                 f"deduplicate against them, so the next backup of each disk that still holds those blocks stores "
-                 f"them again")
+        if flagged and flagged["marker"] and (flagged["copies"] or flagged["again"]):
+            again = f" (and {flagged['again']} flagged before)" if flagged["copies"] and flagged["again"] else ""
+            what = (f"flagged {flagged['copies']} bad block copy(ies){again}" if flagged["copies"]
+                    else f"flagged again {flagged['again']} bad block copy(ies) flagged before")
+            info(f"{what} ({flagged['marker']}): backups no longer deduplicate against them, so the next backup of "
+                 f"each disk that still holds those blocks stores them again")
         if flagged and flagged["marker"] and flagged["cleared"]:
             info(f"cleared {flagged['cleared']} flagged block copy(ies) that read back intact now "
                  f"({flagged['marker']})")
@@ -272,16 +276,17 @@ def verify(
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
 
 
-def _flag_bad_copies(r, bad: list, flagged_before, healed: list, seen: list, no_lock: bool) -> dict | None:
+def _flag_bad_copies(r, bad: list, redundant: set, flagged_before, healed: list, seen: list,
+                     no_lock: bool) -> dict | None:
     """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
     next backup of each disk that still holds those blocks stores them again (before, every
     backup after the damage deduplicated against the bad copies until someone ran
     ``verify --repair``: its snapshots could not be restored either - the session-17
     acceptance audit; Proxmox Backup Server's verify likewise marks bad chunks for the
     next backup), and clear flagged copies that read back intact now (``healed``).
-    Create-only, under verify's lock; copies flagged before are not flagged again.
-    ``{"marker": name or None, "copies": flagged now, "cleared": n, "error": reason or
-    None}``, None when there is nothing to flag or clear."""
+    Create-only, under verify's lock.  ``{"marker": name or None, "copies": newly flagged,
+    "again": flagged before too, "cleared": n, "error": reason or None}``, None when there
+    is nothing to flag or clear."""
     import numpy as np
 
     from ..backends import BackendError, ObjectExists
@@ -290,19 +295,43 @@ def _flag_bad_copies(r, bad: list, flagged_before, healed: list, seen: list, no_
 
     if not bad and not healed:
         return None
-    new = bad
+    # Every bad copy of a block with no good copy is flagged, also one an earlier marker
+    # flags: a verify running beside this one may have read it intact before it went bad
+    # again, and be about to clear that earlier flag; this marker is one its clear does
+    # not know (review 3).  A bad copy beside a good one matters to restore's choice
+    # alone (backups deduplicate against the good one): flagged once.
+    again = 0
     if bad:
         keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
-        new = [c for c, known in zip(bad, digest_sets.isin(keys, flagged_before).tolist()) if not known]
-    nothing = {"marker": None, "copies": 0, "cleared": 0, "error": None}
-    if not new and not healed:
+        pairs = [(c, k) for c, k in zip(bad, digest_sets.isin(keys, flagged_before).tolist()) if not (k and c in redundant)]
+        bad = [c for c, _ in pairs]
+        again = sum(1 for _, k in pairs if k)
+    nothing = {"marker": None, "copies": 0, "again": 0, "cleared": 0, "error": None}
+    if not bad and not healed:
         return nothing
     if no_lock:  # read-only media, as a rule: verify writes nothing there
-        return {**nothing, "error": "--no-lock: nothing is written"} if new else nothing
+        return {**nothing, "error": "--no-lock: nothing is written"} if bad else nothing
     try:
-        return {**nothing, "marker": r.write_flag_marker(new, healed, seen), "copies": len(new), "cleared": len(healed)}
+        return {**nothing, "marker": r.write_flag_marker(bad, healed, seen), "copies": len(bad) - again,
+                "again": again, "cleared": len(healed)}
     except (BackendError, ObjectExists, OutOfSpace, OSError) as exc:  # verify's report still stands
         return {**nothing, "error": str(exc)}
+
+
+def _not_on_disks(r, report: dict) -> bool:
+    """Whether no backup can bring back the lost blocks: every disk of a snapshot that
+    lacks them has a newer snapshot that does not use them - so the disk did not hold
+    them at its last backup (verify said "back up the affected disks" after every such
+    backup - review 3 of the flagged copies)."""
+    lacking = ({a["id"] for a in report["affected_snapshots"]} - set(report.get("snapshots_damaged") or ())
+               - set(report.get("snapshots_unread") or ()))
+    if not lacking or not report.get("problem_count"):
+        return False
+    newest: dict = {}
+    for s in r.snapshots():  # oldest first
+        newest[(s.vm, s.disk)] = s.id
+    disks = {(s.vm, s.disk) for s in r.snapshots() if s.id in lacking}
+    return all(newest.get(d) not in lacking for d in disks)
 
 
 def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool = False) -> str:
@@ -317,6 +346,11 @@ def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool
     if dropped_unreadable:
         bad, unread = bad + unread, 0
     flagged = report.get("flagged") or {}
+    if (bad or unindexed) and report.get("lost_blocks_not_on_disks"):
+        steps.append("the affected disks were backed up since and no longer hold those blocks (their newest snapshots "
+                     "do not use them): they are lost to the snapshots named above - restore another snapshot, or "
+                     "forget those ('pyvbak forget ID')")
+        bad = unindexed = 0
     if bad and not repaired and report.get("sampled_percent") is not None:
         # a sample read some copies: those it did not read may be as bad (a pack cut short
         # past the sampled frames), and backups go on deduplicating against them

@@ -1185,6 +1185,7 @@ class Repository:
 
 
 _NO_FLAGS = (np.empty(0, "S72"), np.empty(0, "S72"), [])
+_MARKER_NAME = re.compile(re.escape(fmt.LOST_PREFIX) + r"[0-9A-Za-z-]{1,100}")
 
 
 def _marker_flags(backend, name: str, *, strict: bool):
@@ -1222,7 +1223,8 @@ def _parse_marker_flags(doc: dict):
                 continue
         out.append(np.array(keys, "S72") if keys else np.empty(0, "S72"))
     seen = doc.get("seen")
-    seen = [n for n in seen if isinstance(n, str)] if isinstance(seen, list) else []
+    # marker names only (a hostile one-line name must not cost megabytes in every backup)
+    seen = [n for n in seen if isinstance(n, str) and _MARKER_NAME.fullmatch(n)] if isinstance(seen, list) else []
     return out[0], out[1], seen
 
 

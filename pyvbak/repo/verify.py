@@ -159,6 +159,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     has_good[which[good]] = True
     bad_records: list[tuple[bytes, bytes, int]] = []  # (digest, pack, offset) of copies that read back wrong
     unreadable_records: list[tuple[bytes, bytes, int]] = []  # ... that could not be read, twice
+    redundant_bad: set[tuple[bytes, bytes, int]] = set()  # bad copies of blocks that have a good one too
     damaged_copies: list[dict] = []
     unreadable_copies: list[dict] = []  # reported apart: --repair keeps them, they are no damage found
     for k, reason in sorted(reasons.items()):
@@ -166,6 +167,8 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         copy = (d, bytes(recs["pack"][k]).ljust(32, b"\0"), int(recs["offset"][k]))
         failed_read = isinstance(reason, ReadFailure)
         (unreadable_records if failed_read else bad_records).append(copy)
+        if not failed_read and has_good[which[k]]:
+            redundant_bad.add(copy)
         if has_good[which[k]]:
             (unreadable_copies if failed_read else damaged_copies).append(
                 {"digest": d.hex(), "pack": copy[1].hex(), "offset": copy[2], "reason": str(reason)})
@@ -177,7 +180,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     # flagged copies (lost/ markers) that read back intact now: put back, or re-cut under
     # the same name by the backup that stored their blocks again - to be cleared
     healed_flags: list[tuple[bytes, bytes, int]] = []
-    if len(flagged) and good.any():
+    if len(flagged) and good.any() and not flags_unreadable:  # (clears need the flags they undo listed)
         intact = recs[good]
         keep = digest_sets.isin(digest_sets.copy_keys(intact), flagged)
         if reasons:  # a copy listed twice, one record reading back bad (a damaged index): not healed
@@ -249,6 +252,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "unreadable_redundant_copy_count": len(unreadable_copies),
         # for verify --repair (prune.drop_bad_records); not part of the JSON report
         "_bad_records": bad_records,
+        "_redundant_bad": redundant_bad,
         "_healed_flags": healed_flags,
         "_flag_markers_seen": [] if flags_unreadable else list(seen_markers),
         # a marker could not be read: what it flags is unknown, so every bad copy is flagged anew

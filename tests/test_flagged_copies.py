@@ -503,3 +503,23 @@ def test_a_markers_seen_list_keeps_marker_names_only(tmp_path, capsys):
 
     assert _marker_flags(r.backend, "lost/20260101T000001Z-0000cccc", strict=True)[2] == ["lost/20260101T000000Z-0000bbbb"]
     assert len(Repository.open(str(repo)).flagged_copies()) == 0
+
+
+def test_a_pack_cut_short_ends_healed_after_the_backup_and_one_repair(tmp_path, capsys):
+    """Its table of contents cannot be rebuilt (frames are missing), so verify reported it
+    every night after the repair, which could not rebuild it, and prune left it (review 3,
+    an older defect): the repair now moves the pack's intact blocks to a new pack."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=334)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    os.chmod(repo / pack, 0o644)
+    os.truncate(repo / pack, os.path.getsize(repo / pack) // 2)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
+    assert code == 0 and "into a new pack" in err and "repair: complete" in err, err
+    assert pack not in Repository.open(str(repo)).backend.list("packs/")
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+    _restores_everything(capsys, tmp_path, repo, img)

@@ -136,8 +136,19 @@ def verify(
             # (a bad copy's record dropped first would leave a trailer that cannot be rebuilt)
             from ..repo.prune import rebuild_pack_trailers
 
-            rebuilt, not_rebuilt = rebuild_pack_trailers(r, [d["pack"] for d in report["damaged_pack_trailers"]])
+            damaged_trailers = [d["pack"] for d in report["damaged_pack_trailers"]]
+            rebuilt, not_rebuilt = rebuild_pack_trailers(r, damaged_trailers)
             report["repair"] = drop_bad_records(r, bad)
+            if not_rebuilt:
+                # (after the bad copies' records are dropped: what the index still places
+                # in such a pack is moved to a new one, when all of it reads back intact)
+                from ..repo.prune import move_out_of_packs
+
+                unrebuilt = [p for p in damaged_trailers if any(ln.startswith(f"pack {p[:16]}…") for ln in not_rebuilt)]
+                moved, not_moved = move_out_of_packs(r, unrebuilt)
+                rebuilt += moved
+                not_rebuilt = not_moved + [ln for ln in not_rebuilt
+                                           if not any(ln.startswith(f"pack {p[:16]}…") for p in unrebuilt)]
             if report["lost_blocks_by_cause"]["not_indexed"] and not report["repair"]["lost_marker"]:
                 # blocks no index names that no marker covers (a pack and its pack index both
                 # lost, after the snapshots naming them were made): a marker, so that the

@@ -91,16 +91,31 @@ def test_the_backup_after_a_plain_verify_stores_the_bad_block_again_and_every_sn
     _restores_everything(capsys, tmp_path, repo, img, "-repaired")
 
 
-def test_a_verify_run_twice_flags_again_and_still_sends_to_the_backup(tmp_path, capsys):
-    """The second verify flags the copy again (a verify beside it may be about to clear the
-    first flag, having read the copy before it went bad: review 3)."""
+def test_a_verify_run_twice_flags_once_and_still_sends_to_the_backup(tmp_path, capsys):
+    """Alone, a second verify does not flag the copy again (a marker a night for a block
+    lost for good made every disk's next backup re-check its parent: review 4)."""
     repo, img, _ = _damaged_repo(tmp_path, capsys, 302)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
     report = json.loads(out)
-    assert code == 6 and report["flagged"]["copies"] == 0 and report["flagged"]["again"] == 1, report["flagged"]
-    assert len(_markers(repo)) == 2 and report["flagged"]["marker"][len("lost/"):] in _markers(repo)
+    assert code == 6 and report["flagged"] == {"marker": None, "copies": 0, "again": 0, "cleared": 0, "error": None}
+    assert len(_markers(repo)) == 1
     assert "back up the affected disks" in err.strip().splitlines()[-1], err
+
+
+def test_a_verify_beside_another_flags_again_what_that_one_may_clear(tmp_path, capsys):
+    """Another verify running may have read the copy intact before it went bad again and
+    be about to clear the earlier flag: this one flags it again (review 3)."""
+    from pyvbak.repo.locks import RepositoryLock
+
+    repo, img, _ = _damaged_repo(tmp_path, capsys, 335)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    with RepositoryLock(Repository.open(str(repo)).backend, exclusive=False, purpose="verify", clean_stale=False,
+                        reader=True):
+        code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    report = json.loads(out)
+    assert code == 6 and report["flagged"]["again"] == 1 and report["flagged"]["copies"] == 0, report["flagged"]
+    assert len(_markers(repo)) == 2 and report["flagged"]["marker"][len("lost/"):] in _markers(repo)
 
 
 def test_verify_without_a_lock_writes_nothing_and_names_the_repair(tmp_path, capsys):

@@ -99,7 +99,7 @@ def verify(
     # failed ("locked by backup") whenever a backup had started meanwhile, the work lost
     recheck_report = None  # the check after a repair that adopted packs
     with (r.lock(exclusive=True, purpose="verify --repair") if repair else nullcontext()) as lock:
-        with (nullcontext() if repair else maybe_lock(r, no_lock, "verify")):
+        with (nullcontext() if repair else maybe_lock(r, no_lock, "verify")) as verify_lock:
             chosen = None
             if snapshots:
                 chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots)}.values()
@@ -110,7 +110,8 @@ def verify(
             # (--repair drops the bad copies' records instead of flagging them)
             report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
                                                  report["_flagged_before"], report["_healed_flags"],
-                                                 report["_flag_markers_seen"], no_lock)
+                                                 report["_flag_markers_seen"], no_lock,
+                                                 beside=_other_verifies(r, verify_lock))
         for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before", "_redundant_bad"):
             report.pop(k)
         report["lost_blocks_not_on_disks"] = _not_on_disks(r, report)
@@ -287,8 +288,22 @@ def verify(
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
 
 
+def _other_verifies(r, own) -> bool:
+    """Whether another verify (which may clear flags) holds a lock now, or a lock whose
+    purpose cannot be read does."""
+    from ..repo.locks import RepositoryLock
+
+    try:
+        locks = RepositoryLock(r.backend, exclusive=False, purpose="verify")._read_all()
+    except Exception:  # cannot tell: as if one did
+        return True
+    mine = getattr(own, "name", None)
+    return any(name != mine and (info.get("damaged") or str(info.get("purpose", "")).startswith("verify"))
+               and not RepositoryLock._is_stale(info) for name, info in locks.items())
+
+
 def _flag_bad_copies(r, bad: list, redundant: set, flagged_before, healed: list, seen: list,
-                     no_lock: bool) -> dict | None:
+                     no_lock: bool, *, beside: bool = True) -> dict | None:
     """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
     next backup of each disk that still holds those blocks stores them again (before, every
     backup after the damage deduplicated against the bad copies until someone ran
@@ -306,15 +321,18 @@ def _flag_bad_copies(r, bad: list, redundant: set, flagged_before, healed: list,
 
     if not bad and not healed:
         return None
-    # Every bad copy of a block with no good copy is flagged, also one an earlier marker
-    # flags: a verify running beside this one may have read it intact before it went bad
-    # again, and be about to clear that earlier flag; this marker is one its clear does
-    # not know (review 3).  A bad copy beside a good one matters to restore's choice
-    # alone (backups deduplicate against the good one): flagged once.
+    # A copy an earlier marker flags is flagged again when another verify runs beside this
+    # one (``beside``): it may have read the copy intact before it went bad again, and be
+    # about to clear that earlier flag; this marker is one its clear does not know
+    # (review 3).  A verify that starts later reads the copy after this one found it bad:
+    # its clear is right.  Otherwise flagged once: a marker a night for a block lost for
+    # good made every disk's next backup re-check its parent, every night (review 4).  A
+    # bad copy beside a good one matters to restore's choice alone: flagged once.
     again = 0
     if bad:
         keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
-        pairs = [(c, k) for c, k in zip(bad, digest_sets.isin(keys, flagged_before).tolist()) if not (k and c in redundant)]
+        pairs = [(c, k) for c, k in zip(bad, digest_sets.isin(keys, flagged_before).tolist())
+                 if not (k and (c in redundant or not beside))]
         bad = [c for c, _ in pairs]
         again = sum(1 for _, k in pairs if k)
     nothing = {"marker": None, "copies": 0, "again": 0, "cleared": 0, "error": None}

@@ -114,7 +114,8 @@ def verify(
                                                  beside=_other_verifies(r, verify_lock))
         for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before", "_redundant_bad"):
             report.pop(k)
-        report["lost_blocks_not_on_disks"] = _not_on_disks(r, report)
+        # (only a verify of every block of every snapshot knows what the newest ones use)
+        report["lost_blocks_not_on_disks"] = chosen is None and sample is None and _not_on_disks(r, report)
         bad = report.pop("_bad_records")
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
@@ -138,18 +139,19 @@ def verify(
             from ..repo.prune import rebuild_pack_trailers
 
             damaged_trailers = [d["pack"] for d in report["damaged_pack_trailers"]]
-            rebuilt, not_rebuilt = rebuild_pack_trailers(r, damaged_trailers)
+            from ..repo.prune import finish_moves, move_out_of_packs
+
+            movable: list[str] = []
+            rebuilt, not_rebuilt = rebuild_pack_trailers(r, damaged_trailers, movable)
+            rebuilt = finish_moves(r)[0] + rebuilt  # (an earlier repair's move, interrupted before its delete)
             report["repair"] = drop_bad_records(r, bad)
-            if not_rebuilt:
+            if movable:
                 # (after the bad copies' records are dropped: what the index still places
                 # in such a pack is moved to a new one, when all of it reads back intact)
-                from ..repo.prune import move_out_of_packs
-
-                unrebuilt = [p for p in damaged_trailers if any(ln.startswith(f"pack {p[:16]}…") for ln in not_rebuilt)]
-                moved, not_moved = move_out_of_packs(r, unrebuilt)
+                moved, not_moved = move_out_of_packs(r, movable)
                 rebuilt += moved
                 not_rebuilt = not_moved + [ln for ln in not_rebuilt
-                                           if not any(ln.startswith(f"pack {p[:16]}…") for p in unrebuilt)]
+                                           if not any(ln.startswith(f"pack {p[:16]}…") for p in movable)]
             if report["lost_blocks_by_cause"]["not_indexed"] and not report["repair"]["lost_marker"]:
                 # blocks no index names that no marker covers (a pack and its pack index both
                 # lost, after the snapshots naming them were made): a marker, so that the
@@ -360,7 +362,8 @@ def _not_on_disks(r, report: dict) -> bool:
     for s in r.snapshots():  # oldest first
         newest[(s.vm, s.disk)] = s.id
     disks = {(s.vm, s.disk) for s in r.snapshots() if s.id in lacking}
-    return all(newest.get(d) not in lacking for d in disks)
+    affected = {a["id"] for a in report["affected_snapshots"]}  # (a damaged newest one: unknown)
+    return all(newest.get(d) not in affected for d in disks)
 
 
 def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool = False) -> str:

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import zstandard
 
-from ..backends import BackendError, ObjectMissing
+from ..backends import BackendError, ObjectMissing, RangeBeyondEnd
 from ..errors import IntegrityError, OutOfSpace, PyvbakError
 from . import digest_sets
 from . import format as fmt
@@ -223,6 +223,10 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
             f"blocks again; run 'pyvbak verify' to see which snapshots lost blocks")
 
     indexed_hex = set(pack_hex) | kept_out  # (packs kept out of the index are named above)
+    if not dry_run:  # a repair's move interrupted before its delete: its old pack goes now
+        finished, deleted = finish_moves(repo, indexed_hex)
+        report["problems"].extend(finished)
+        listed_packs = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in deleted]
     # what is left unindexed now could not be adopted (no valid trailer): not ours to delete
     unreadable = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
     if unreadable:
@@ -533,17 +537,21 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
     return report
 
 
-def move_out_of_packs(repo, packs: list[str]) -> tuple[list[str], list[str]]:
-    """``verify --repair`` of packs whose table of contents could not be rebuilt (a pack
-    cut short, or one a repair dropped records of: its trailer no longer hashes to its
-    name): when every block the pack index still places in such a pack reads back intact,
-    those frames are copied unchanged into a new pack (create-only, durable), the pack
-    indexes are rewritten with the new records instead of the old (new objects first),
-    and the old pack is deleted last - prune's order (docs/FORMAT.md).  Verify reported
-    such a pack every night after the repair that could not rebuild it, and neither
-    --repair nor prune did anything about it (review 3 of the flagged copies).  A pack
-    with a block that does not read back intact is left (its copies are the repair's to
-    drop first).  (done lines, lines for packs left).  Caller holds the EXCLUSIVE lock."""
+def move_out_of_packs(repo, packs: list[str], referenced=None) -> tuple[list[str], list[str]]:
+    """``verify --repair`` of packs whose table of contents could not be rebuilt because
+    frames are missing (a pack cut short, or one a repair dropped records of: its trailer
+    no longer hashes to its name): the frames the pack index still places there that read
+    back intact are copied unchanged into a new pack (create-only, durable), a ``lost/``
+    marker names the old packs (``moved_out``), the pack indexes are rewritten with the new
+    records instead of the old (new objects first), and the old packs are deleted last -
+    prune's order (docs/FORMAT.md).  Verify reported such a pack every night after the
+    repair that could not rebuild it, and neither --repair nor prune did anything about it
+    (review 3 of the flagged copies).  A frame that does not read back intact is left
+    behind only when no snapshot references its block (``referenced``: sorted S32
+    digests, asked for when needed): otherwise the pack stays (its copy is the repair's to
+    drop first).  A pack the copy cuts again under its own name (every frame there after
+    all) is that rebuild, and is not deleted.  (done lines, lines for packs left).
+    Caller holds the EXCLUSIVE lock."""
     done: list[str] = []
     left: list[str] = []
     if not packs:
@@ -564,19 +572,28 @@ def move_out_of_packs(repo, packs: list[str]) -> tuple[list[str], list[str]]:
             mine, mine_at = mine[order], mine_at[order]
             first = np.r_[True, mine["offset"][1:] != mine["offset"][:-1]]  # a record listed twice: one frame
             name = fmt.pack_name(pack_hex)
-            frames = []
+            frames, dropped = [], 0
             for rec in mine[first]:
                 off, n = int(rec["offset"]), int(rec["clen"])
                 digest = bytes(rec["digest"]).ljust(32, b"\0")
                 try:
                     frame = repo.backend.read_range(name, off, n)
-                except (ObjectMissing, BackendError):
+                except (ObjectMissing, RangeBeyondEnd):  # gone, or past the end of a pack cut short
                     frame = None
-                if frame is None or decode_block(dctx, memoryview(frame), int(rec["ulen"]), digest)[1] is not None:
+                except BackendError as exc:  # a read that failed says nothing: the pack stays
                     frames = None
-                    left.append(f"pack {pack_hex[:16]}…: block {digest.hex()[:16]}… in it does not read back intact: "
-                                f"its blocks stay where they are")
+                    left.append(f"pack {pack_hex[:16]}…: cannot be read to move its blocks ({exc})")
                     break
+                if frame is None or decode_block(dctx, memoryview(frame), int(rec["ulen"]), digest)[1] is not None:
+                    if referenced is None:
+                        referenced = repo.referenced_digests(repo.snapshots())
+                    if digest_sets.isin(np.array([digest], "S32"), referenced)[0]:
+                        frames = None
+                        left.append(f"pack {pack_hex[:16]}…: block {digest.hex()[:16]}… in it does not read back "
+                                    f"intact: its blocks stay where they are")
+                        break
+                    dropped += 1  # no snapshot uses it: left behind (what prune does with it)
+                    continue
                 frames.append((digest, frame, int(rec["ulen"])))
             if frames is None:
                 continue
@@ -585,27 +602,58 @@ def move_out_of_packs(repo, packs: list[str]) -> tuple[list[str], list[str]]:
             moving[mine_at] = True
             moved_from.append(pack_hex)
             done.append(f"moved the {len(frames)} block(s) of pack {pack_hex[:16]}… (its table of contents cannot be "
-                        f"rebuilt) into a new pack")
+                        f"rebuilt) into a new pack" + (f", leaving {dropped} damaged one(s) no snapshot uses" if dropped
+                                                       else ""))
         new_records = writer.finish()
     except BaseException:
         writer.abort()  # the new packs no index names: a later prune or backup adopts or deletes them
         raise
     if not moved_from:
         return done, left
+    written = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(new_records["pack"].view("S32"))}
+    gone = [p for p in moved_from if p not in written]  # (one cut again under its name was rebuilt)
+    if gone:
+        repo.write_lost_marker([], 0, moved_out=gone)  # before the index changes: an interrupted move is finished later
     _rewrite_pack_indexes(repo, np.concatenate([recs[~moving], new_records]), index_names)
     repo._digest_index_cache = None
-    for pack_hex in moved_from:
+    for pack_hex in gone:
         _delete(repo.backend, fmt.pack_name(pack_hex))
     return done, left
 
 
-def rebuild_pack_trailers(repo, packs: list[str]) -> tuple[list[str], list[str]]:
+def finish_moves(repo, indexed: set[str] | None = None) -> tuple[list[str], set[str]]:
+    """Delete the packs a ``moved_out`` marker names that no pack index names any more: a
+    move (``move_out_of_packs``) interrupted after its index rewrite, before the delete.
+    (lines, the pack ids deleted).  Caller holds the EXCLUSIVE lock."""
+    named: set[str] = set()
+    for marker in repo.lost_markers():
+        try:
+            doc = json.loads(repo.backend.read(marker))
+            named.update(h for h in doc.get("moved_out") or () if isinstance(h, str) and len(h) == 64)
+        except (ObjectMissing, BackendError, ValueError, TypeError, AttributeError, RecursionError):
+            continue
+    if not named:
+        return [], set()
+    if indexed is None:
+        _, recs = _load_pack_indexes(repo)
+        indexed = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(recs["pack"].view("S32"))}
+    out, deleted = [], set()
+    for pack_hex in sorted(named - indexed):
+        if _delete(repo.backend, fmt.pack_name(pack_hex)):
+            out.append(f"deleted pack {pack_hex[:16]}…, whose blocks an interrupted repair had moved to a new pack")
+            deleted.add(pack_hex)
+    return out, deleted
+
+
+def rebuild_pack_trailers(repo, packs: list[str], movable: list[str] | None = None) -> tuple[list[str], list[str]]:
     """``verify --repair`` of packs whose table of contents (trailer) is damaged
     (verify.check_pack_trailers): the trailer is rebuilt from the pack index's records of
     the pack - and written only when it hashes to the pack's name, which proves it is the
     one the pack was made with - then the pack is replaced by its frames and that trailer
     (an atomic replace; a pack whose frames verify read intact).  (rebuilt lines, lines
-    for packs it could not rebuild).  Caller holds the EXCLUSIVE lock."""
+    for packs it could not rebuild).  ``movable`` gets the packs refused for what they
+    hold (frames missing: cut short, or records dropped) - not for a read that failed -
+    for ``move_out_of_packs``.  Caller holds the EXCLUSIVE lock."""
     done: list[str] = []
     left: list[str] = []
     if not packs:
@@ -629,6 +677,8 @@ def rebuild_pack_trailers(repo, packs: list[str]) -> tuple[list[str], list[str]]
         if fmt.pack_id(trailer).hex() != pack_hex:
             left.append(f"pack {pack_hex[:16]}…: the pack index no longer lists all of its blocks (a repair dropped "
                         f"some?): its table of contents cannot be rebuilt; its blocks stay indexed")
+            if movable is not None:
+                movable.append(pack_hex)
             continue
         end = int((toc["offset"].astype(np.int64) + toc["clen"].astype(np.int64)).max())
         name = fmt.pack_name(pack_hex)
@@ -636,6 +686,8 @@ def rebuild_pack_trailers(repo, packs: list[str]) -> tuple[list[str], list[str]]
             if repo.backend.stat(name) < end:
                 left.append(f"pack {pack_hex[:16]}…: shorter than the blocks its index places in it (cut "
                             f"short): its table of contents cannot be rebuilt")
+                if movable is not None:
+                    movable.append(pack_hex)
                 continue
             frames = repo.backend.read_range(name, 0, end)
         except (ObjectMissing, BackendError) as exc:

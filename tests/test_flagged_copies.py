@@ -656,3 +656,22 @@ def test_lost_for_good_is_said_only_by_a_verify_of_everything(tmp_path, capsys):
     for args in (["verify", old], ["verify", "--sample", "100"]):
         code, out, err = cli(capsys, *args, "--repo", repo)
         assert code == 6 and "no longer hold" not in err, err
+
+
+def test_a_move_is_finished_only_once_the_packs_it_wrote_are_indexed(tmp_path, capsys):
+    """finish_moves deletes what a move emptied: not before the move's new packs are
+    indexed, and never for a marker without them (damaged or not pyvbak's)."""
+    from pyvbak.repo.prune import finish_moves
+
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 8 * BS, [(0, 8 * BS, "random")], seed=346)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    r = Repository.open(str(repo))
+    (pack,) = r.backend.list("packs/")
+    pack_hex = pack.rsplit("/", 1)[-1]
+    r.write_lost_marker([], 0, moved_out=[pack_hex], moved_to=["ab" * 32])  # a move that never got indexed
+    r.backend.write_new("lost/20260101T000000Z-0000dddd", json.dumps({"moved_out": [pack_hex]}).encode())
+    assert finish_moves(r, indexed=set()) == ([], set())
+    assert pack in Repository.open(str(repo)).backend.list("packs/")
+    _restores_everything(capsys, tmp_path, repo, img)

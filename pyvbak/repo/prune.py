@@ -612,8 +612,8 @@ def move_out_of_packs(repo, packs: list[str], referenced=None) -> tuple[list[str
         return done, left
     written = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(new_records["pack"].view("S32"))}
     gone = [p for p in moved_from if p not in written]  # (one cut again under its name was rebuilt)
-    if gone:
-        repo.write_lost_marker([], 0, moved_out=gone)  # before the index changes: an interrupted move is finished later
+    if gone:  # before the index changes: an interrupted move is finished later
+        repo.write_lost_marker([], 0, moved_out=gone, moved_to=sorted(written))
     _rewrite_pack_indexes(repo, np.concatenate([recs[~moving], new_records]), index_names)
     repo._digest_index_cache = None
     for pack_hex in gone:
@@ -625,18 +625,24 @@ def finish_moves(repo, indexed: set[str] | None = None) -> tuple[list[str], set[
     """Delete the packs a ``moved_out`` marker names that no pack index names any more: a
     move (``move_out_of_packs``) interrupted after its index rewrite, before the delete.
     (lines, the pack ids deleted).  Caller holds the EXCLUSIVE lock."""
-    named: set[str] = set()
+    moves: list[tuple[set[str], set[str]]] = []  # (moved out, moved to)
     for marker in repo.lost_markers():
         try:
             doc = json.loads(repo.backend.read(marker))
-            named.update(h for h in doc.get("moved_out") or () if isinstance(h, str) and len(h) == 64)
+            out_ = {h for h in doc.get("moved_out") or () if isinstance(h, str) and len(h) == 64}
+            to = {h for h in doc.get("moved_to") or () if isinstance(h, str) and len(h) == 64}
         except (ObjectMissing, BackendError, ValueError, TypeError, AttributeError, RecursionError):
             continue
-    if not named:
+        if out_ and to:
+            moves.append((out_, to))
+    if not moves:
         return [], set()
     if indexed is None:
         _, recs = _load_pack_indexes(repo)
         indexed = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(recs["pack"].view("S32"))}
+    # a move is done when the packs it wrote are indexed (the index rewrite happened) and
+    # the packs it emptied are not (nothing indexed them again since)
+    named = set().union(*(o for o, to in moves if to <= indexed))
     out, deleted = [], set()
     for pack_hex in sorted(named - indexed):
         if _delete(repo.backend, fmt.pack_name(pack_hex)):

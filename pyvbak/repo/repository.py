@@ -647,13 +647,15 @@ class Repository:
         that were gone from storage (docs/FORMAT.md, "Lost packs")."""
         return sorted(n for n in self.backend.list(fmt.LOST_PREFIX) if not n.endswith("/"))
 
-    def write_lost_marker(self, packs: list[str], records: int, *, moved_out: list[str] | None = None) -> str:
-        """``moved_out``: packs whose blocks a repair moved to a new pack, to be deleted
-        (by the repair, or the next one or prune when it was interrupted)."""
+    def write_lost_marker(self, packs: list[str], records: int, *, moved_out: list[str] | None = None,
+                          moved_to: list[str] | None = None) -> str:
+        """``moved_out``: packs whose blocks a repair moved to the packs ``moved_to``, to
+        be deleted (by the repair, or the next one or prune when it was interrupted)."""
         name = fmt.LOST_PREFIX + new_snapshot_id()
         doc = {"time": _now_iso(), "packs": packs, "records": records}
         if moved_out:
             doc["moved_out"] = moved_out
+            doc["moved_to"] = moved_to or []
         self.backend.write_new(name, json.dumps(doc, indent=2).encode())
         return name
 

@@ -675,3 +675,83 @@ def test_a_move_is_finished_only_once_the_packs_it_wrote_are_indexed(tmp_path, c
     assert finish_moves(r, indexed=set()) == ([], set())
     assert pack in Repository.open(str(repo)).backend.list("packs/")
     _restores_everything(capsys, tmp_path, repo, img)
+
+
+# -- review 5 ---------------------------------------------------------------------------------
+
+
+def _moved_pack_repo(tmp_path, capsys, seed):
+    """A repository whose one pack was cut short, backed up again and moved out by a
+    repair: (repo, image, the old pack's object name, its original bytes)."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=seed)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    original = (repo / pack).read_bytes()
+    os.chmod(repo / pack, 0o644)
+    os.truncate(repo / pack, len(original) // 2)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 0
+    assert pack not in Repository.open(str(repo)).backend.list("packs/")
+    return repo, img, pack, original
+
+
+def test_a_moved_out_pack_put_back_whole_is_not_deleted(tmp_path, capsys):
+    """A sampled or chosen repair does not adopt unindexed packs first; it deleted a pack
+    put back from a copy under a name a move had emptied (review 5, D1)."""
+    repo, img, pack, original = _moved_pack_repo(tmp_path, capsys, 350)
+    (repo / pack).parent.mkdir(exist_ok=True)
+    (repo / pack).write_bytes(original)
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--repair", "--sample", "1")
+    assert code == 0 and "interrupted repair" not in err, err
+    assert pack in Repository.open(str(repo)).backend.list("packs/")
+    assert cli(capsys, "prune", "--repo", repo)[0] == 0  # adopted (then judged like any pack)
+    _restores_everything(capsys, tmp_path, repo, img)
+
+
+def test_finishing_moves_waits_out_a_damaged_pack_index_and_odd_names(tmp_path, capsys, monkeypatch):
+    """A damaged pack index stopped the whole repair in finish_moves; a moved_out entry
+    that is no pack id failed every prune and repair (review 5, D2, D4)."""
+    import pyvbak.repo.prune as prune_mod
+    from pyvbak.errors import IntegrityError
+
+    repo, img, pack, _ = _moved_pack_repo(tmp_path, capsys, 351)
+    r = Repository.open(str(repo))
+    r.backend.write_new("lost/20260101T000000Z-0000eeee",
+                        json.dumps({"moved_out": ["x" * 63 + "/"], "moved_to": ["ab" * 32]}).encode())
+    assert prune_mod.finish_moves(r) == ([], set())
+
+    def damaged(repo):
+        raise IntegrityError("pack index index/x is corrupt")
+
+    monkeypatch.setattr(prune_mod, "_load_pack_indexes", damaged)
+    assert prune_mod.finish_moves(r) == ([], set())
+
+
+def test_a_move_keeps_the_pack_when_a_snapshot_index_cannot_be_read(tmp_path, capsys, monkeypatch):
+    """Whether a damaged frame is used could not be told: the repair aborted (review 5, D3);
+    the pack now stays, and the repair reports."""
+    from pyvbak.repo.prune import move_out_of_packs
+
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=352)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    os.chmod(repo / pack, 0o644)
+    os.truncate(repo / pack, os.path.getsize(repo / pack) // 2)
+    real = Repository.referenced_digests
+
+    def one_unreadable(self, snaps, on_unreadable=None):
+        snaps = list(snaps)
+        on_unreadable(snaps[0], IntegrityError_("snapshot index is corrupt"))
+        return real(self, snaps[1:], on_unreadable=on_unreadable)
+
+    from pyvbak.errors import IntegrityError as IntegrityError_
+
+    monkeypatch.setattr(Repository, "referenced_digests", one_unreadable)
+    done, left = move_out_of_packs(Repository.open(str(repo)), [pack.rsplit("/", 1)[-1]])
+    assert not done and left and "does not read back intact" in left[0]
+    assert pack in Repository.open(str(repo)).backend.list("packs/")

@@ -133,6 +133,8 @@ def _print_prune(rep: dict) -> None:
             info(f"cleanup: {done} {name} ({what.replace('_', ' ').replace(' removed', '')})")
     for line in rep["adopted"]:  # packs no index named: indexed first, then judged like the rest
         info(f"cleanup: {line}" if not rep["dry_run"] else f"cleanup: would have {line}")
+    for line in rep.get("moves_finished", ()):
+        info(f"cleanup: {line}")
     for p in rep["problems"]:
         info(f"warning: {p}")
     if rep["missing_blocks"]:

@@ -202,7 +202,7 @@ def verify(
         for t in report["damaged_pack_trailers"]:
             info(f"pack {t['pack'][:16]}…: {t['reason']}: its blocks read back through the pack index, but the pack "
                  f"could not be indexed again from itself if that index were lost; "
-                 + ("rebuilt below" if repair else "'pyvbak verify --repair' rebuilds it from the pack index"))
+                 + ("repaired below, if it can be" if repair else "'pyvbak verify --repair' rebuilds it from the pack index"))
         for line in report.get("repair", {}).get("trailers_rebuilt", []) + report.get("repair", {}).get("trailers_not_rebuilt", []):
             info(f"repair: {line}")
         if report.get("damaged_copy_count"):

@@ -44,6 +44,17 @@ def _damaged_repo(tmp_path, capsys, seed, *, blocks=40):
     return repo, img, (bytes(rec["digest"]).ljust(32, b"\0"), bytes(rec["pack"]).ljust(32, b"\0"), int(rec["offset"]))
 
 
+def _one_pack_repo(tmp_path, capsys, seed):
+    """A repository with one snapshot of a 40-block random image, in one pack: (repo,
+    image, the pack's object name)."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=seed)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    return repo, img, pack
+
+
 def _markers(repo):
     return sorted(os.listdir(repo / "lost")) if (repo / "lost").is_dir() else []
 
@@ -138,11 +149,7 @@ def test_another_vm_holding_the_same_data_stores_it_again(tmp_path, capsys):
 
 
 def test_a_lost_pack_is_flagged_and_stored_again_by_the_next_backup(tmp_path, capsys):
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=305)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 305)
     os.unlink(repo / pack)
     code, out, err = cli(capsys, "verify", "--repo", repo)
     assert code == 6 and "back up the affected disks" in err.strip().splitlines()[-1], err
@@ -285,11 +292,7 @@ def test_a_pack_recut_under_its_old_name_is_deduplicated_against_and_verify_clea
     """The backup after a lost pack cuts the very same pack again (same blocks, same order):
     the good copies then carry the flagged keys.  They were left out of deduplication for
     good - every backup of the same data stored them again (review 1, D3)."""
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=313)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 313)
     os.unlink(repo / pack)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
@@ -524,11 +527,7 @@ def test_a_pack_cut_short_ends_healed_after_the_backup_and_one_repair(tmp_path, 
     """Its table of contents cannot be rebuilt (frames are missing), so verify reported it
     every night after the repair, which could not rebuild it, and prune left it (review 3,
     an older defect): the repair now moves the pack's intact blocks to a new pack."""
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=334)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 334)
     os.chmod(repo / pack, 0o644)
     os.truncate(repo / pack, os.path.getsize(repo / pack) // 2)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
@@ -567,11 +566,7 @@ def test_a_pack_whose_rebuild_read_failed_is_not_moved(tmp_path, capsys, monkeyp
     from pyvbak.backends.local import LocalBackend
     import pyvbak.repo.prune as prune_mod
 
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=341)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 341)
     data = bytearray((repo / pack).read_bytes())
     data[-30] ^= 1  # the table of contents only
     os.chmod(repo / pack, 0o644)
@@ -599,11 +594,7 @@ def test_an_interrupted_move_is_finished_by_the_next_repair_or_prune(tmp_path, c
     for ever (prune warned on every run): a moved_out marker names it (review 4, 3)."""
     import pyvbak.repo.prune as prune_mod
 
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=342)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 342)
     os.chmod(repo / pack, 0o644)
     os.truncate(repo / pack, os.path.getsize(repo / pack) // 2)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
@@ -629,11 +620,7 @@ def test_an_interrupted_move_is_finished_by_the_next_repair_or_prune(tmp_path, c
 def test_a_pack_cut_short_in_blocks_no_snapshot_uses_is_moved_without_them(tmp_path, capsys):
     """The lost tail held only blocks of a forgotten snapshot: the move refused for ever
     ("does not read back intact") and verify kept naming the repair (review 4, 4)."""
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=343)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 343)
     (sid,) = [s.id for s in Repository.open(str(repo)).snapshots()]
     half = make_image(tmp_path / "h.img", 20 * BS, [(0, 20 * BS, "random")], seed=343)  # the image's first half
     assert cli(capsys, "backup", half, "--repo", repo, "--vm", "w")[0] == 0
@@ -735,11 +722,7 @@ def test_a_move_keeps_the_pack_when_a_snapshot_index_cannot_be_read(tmp_path, ca
     the pack now stays, and the repair reports."""
     from pyvbak.repo.prune import move_out_of_packs
 
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=352)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 352)
     os.chmod(repo / pack, 0o644)
     os.truncate(repo / pack, os.path.getsize(repo / pack) // 2)
     real = Repository.referenced_digests

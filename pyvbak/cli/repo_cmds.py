@@ -112,7 +112,7 @@ def verify(
                                                  report["_flagged_before"], report["_healed_flags"],
                                                  report["_flag_markers_seen"], no_lock,
                                                  beside=_other_verifies(r, verify_lock))
-        for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before", "_redundant_bad"):
+        for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before", "_redundant_bad"):  # (for the flags)
             report.pop(k)
         # (only a verify of every block of every snapshot knows what the newest ones use)
         report["lost_blocks_not_on_disks"] = chosen is None and sample is None and _not_on_disks(r, report)
@@ -136,11 +136,9 @@ def verify(
                 adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
             # trailers first: rebuilt from the pack index's records of the pack, all of them
             # (a bad copy's record dropped first would leave a trailer that cannot be rebuilt)
-            from ..repo.prune import rebuild_pack_trailers
+            from ..repo.prune import finish_moves, move_out_of_packs, rebuild_pack_trailers
 
             damaged_trailers = [d["pack"] for d in report["damaged_pack_trailers"]]
-            from ..repo.prune import finish_moves, move_out_of_packs
-
             movable: list[str] = []
             rebuilt, not_rebuilt = rebuild_pack_trailers(r, damaged_trailers, movable)
             rebuilt = finish_moves(r)[0] + rebuilt  # (an earlier repair's move, interrupted before its delete)
@@ -175,9 +173,8 @@ def verify(
                 # now: checked again here (they were counted as lost, exit 6, and the user
                 # was sent to run verify a second time - the session-14 new-user audit)
                 again = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
-                for k in ("_bad_records", "_unreadable_records", "_adoptable", "_healed_flags", "_flag_markers_seen",
-                          "_flagged_before", "_redundant_bad"):
-                    again.pop(k, None)
+                for k in [k for k in again if k.startswith("_")]:  # (what the repair acts on)
+                    again.pop(k)
                 report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
                                                                      "blocks_checked")}
                 report["repair"]["complete"] = again["ok"]
@@ -358,10 +355,9 @@ def _not_on_disks(r, report: dict) -> bool:
                - set(report.get("snapshots_unread") or ()))
     if not lacking or not report.get("problem_count"):
         return False
-    newest: dict = {}
-    for s in r.snapshots():  # oldest first
-        newest[(s.vm, s.disk)] = s.id
-    disks = {(s.vm, s.disk) for s in r.snapshots() if s.id in lacking}
+    snaps = r.snapshots()
+    newest = {(s.vm, s.disk): s.id for s in snaps}  # (oldest first: the last one stays)
+    disks = {(s.vm, s.disk) for s in snaps if s.id in lacking}
     affected = {a["id"] for a in report["affected_snapshots"]}  # (a damaged newest one: unknown)
     return all(newest.get(d) not in affected for d in disks)
 

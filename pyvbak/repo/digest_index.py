@@ -172,8 +172,7 @@ class ExcludingIndex:
     bad.  Only the lookups a backup makes."""
 
     def __init__(self, index: DigestIndex, excluded: np.ndarray):
-        self._index, self._excluded = index, excluded
-        self.excluded = excluded
+        self._index, self.excluded = index, excluded
 
     def __len__(self) -> int:
         return len(self._index)
@@ -181,7 +180,7 @@ class ExcludingIndex:
     def locate(self, digests: np.ndarray) -> np.ndarray:
         keys = digests.view("S32") if digests.dtype != np.dtype("S32") else digests
         out = self._index.locate(keys)
-        out[digest_sets.isin(keys, self._excluded)] = -1
+        out[digest_sets.isin(keys, self.excluded)] = -1
         return out
 
     def find(self, digest: bytes) -> int:

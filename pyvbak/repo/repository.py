@@ -824,18 +824,24 @@ class Repository:
 
     def _copy_reads_back(self, record) -> bool:
         """Whether the copy of ``record`` decodes to its digest now."""
+        return int(record["ulen"]) <= self.config.block_size and self.read_checked_block(record, int(record["ulen"])) is not None
+
+    def read_checked_block(self, record, ulen: int) -> bytes | None:
+        """The ``ulen``-byte block the copy of ``record`` holds, decoded and checked against
+        its digest; None when the copy is missing, cannot be read, or is not intact (a
+        record claiming a longer frame than a block's can be is not read)."""
         from .reader import decode_block, max_frame_bytes
 
-        if int(record["clen"]) > max_frame_bytes(self.config.block_size) or int(record["ulen"]) > self.config.block_size:
-            return False
+        if int(record["clen"]) > max_frame_bytes(self.config.block_size):
+            return None
         try:
             frame = memoryview(self.read_block_frame(record))
         except (ObjectMissing, BackendError):
-            return False
+            return None
         import zstandard
 
-        digest = bytes(record["digest"]).ljust(32, b"\0")
-        return decode_block(zstandard.ZstdDecompressor(), frame, int(record["ulen"]), digest)[1] is None
+        data, problem = decode_block(zstandard.ZstdDecompressor(), frame, ulen, bytes(record["digest"]).ljust(32, b"\0"))
+        return bytes(data) if problem is None else None
 
     def lost_blocks_of(self, snap: SnapshotInfo) -> int:
         """How many of ``snap``'s non-zero blocks a backup would not find: no longer in the

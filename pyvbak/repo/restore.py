@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .. import interrupts
-from ..backends import BackendError, ObjectMissing
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import scope_token, start_time, temp_writer_alive
 from . import digest_sets
@@ -783,25 +782,12 @@ def _other_copy(repo, index, record, ulen: int):
     damaged or lost pack (verify names the bad one; 'verify --repair' drops it).  ``ulen``
     comes from the block's place on the disk, not from a pack index record (a wrong one
     may be why the first copy failed); the SHA-256 proves the bytes either way."""
-    from .reader import decode_block, max_frame_bytes
-
-    dctx = None
     for alt in index.copies(bytes(record["digest"])):
         if bytes(alt["pack"]) == bytes(record["pack"]) and int(alt["offset"]) == int(record["offset"]):
             continue
-        if int(alt["clen"]) > max_frame_bytes(repo.config.block_size):
-            continue  # a damaged record: not read (as read_blocks)
-        try:
-            frame = memoryview(repo.read_block_frame(alt))
-        except (ObjectMissing, BackendError):  # missing or unreadable too: the next copy
-            continue
-        if dctx is None:
-            import zstandard
-
-            dctx = zstandard.ZstdDecompressor()
-        data, problem = decode_block(dctx, frame, ulen, bytes(record["digest"]))
-        if problem is None:
-            return bytes(data)
+        data = repo.read_checked_block(alt, ulen)  # (missing, unreadable, damaged: the next copy)
+        if data is not None:
+            return data
     return None
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 from images import BS, make_image, same_file
 from pyvbak.cli.main import main
@@ -27,32 +26,27 @@ def cli(capsys, *args):
     return code, out.out, out.err
 
 
-def _damaged_repo(tmp_path, capsys, seed, *, blocks=40):
-    """A repository with one snapshot of a random image whose first stored frame is
-    corrupt: (repo, image, the bad copy's (digest, pack, offset))."""
+def _one_pack_repo(tmp_path, capsys, seed, *, blocks=40):
+    """A repository with one snapshot of a random image (up to a pack's worth of blocks),
+    in one pack: (repo, image, the pack's object name)."""
     repo = tmp_path / "repo"
     cli(capsys, "init", repo)
     img = make_image(tmp_path / "d.img", blocks * BS, [(0, blocks * BS, "random")], seed=seed)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    rec = Repository.open(str(repo)).load_digest_index().records[0]
-    pack_hex = bytes(rec["pack"]).ljust(32, b"\0").hex()
-    path = repo / "packs" / pack_hex[:2] / pack_hex
-    data = bytearray(path.read_bytes())
-    data[int(rec["offset"]) + 7] ^= 0x55
-    os.chmod(path, 0o644)
-    path.write_bytes(data)
-    return repo, img, (bytes(rec["digest"]).ljust(32, b"\0"), bytes(rec["pack"]).ljust(32, b"\0"), int(rec["offset"]))
-
-
-def _one_pack_repo(tmp_path, capsys, seed):
-    """A repository with one snapshot of a 40-block random image, in one pack: (repo,
-    image, the pack's object name)."""
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=seed)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
     (pack,) = Repository.open(str(repo)).backend.list("packs/")
     return repo, img, pack
+
+
+def _damaged_repo(tmp_path, capsys, seed, *, blocks=40):
+    """``_one_pack_repo`` whose first stored frame is corrupt: (repo, image, the bad
+    copy's (digest, pack, offset))."""
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, seed, blocks=blocks)
+    rec = Repository.open(str(repo)).load_digest_index().records[0]
+    data = bytearray((repo / pack).read_bytes())
+    data[int(rec["offset"]) + 7] ^= 0x55
+    os.chmod(repo / pack, 0o644)
+    (repo / pack).write_bytes(data)
+    return repo, img, (bytes(rec["digest"]).ljust(32, b"\0"), bytes(rec["pack"]).ljust(32, b"\0"), int(rec["offset"]))
 
 
 def _markers(repo):
@@ -194,7 +188,7 @@ def test_an_older_pyvbak_reads_a_flag_marker_as_a_marker_of_nothing_dropped(tmp_
     doc = json.loads((repo / name).read_text())
     assert list(doc) == ["time", "packs", "records", "flagged", "cleared", "seen"] and doc["cleared"] == []
     assert doc["packs"] == [] and doc["records"] == 0 and doc["flagged"][0][2] == bad[2]
-    assert sys.modules["pyvbak.repo.repository"].Repository.open(str(repo)).lost_markers() == [name]
+    assert Repository.open(str(repo)).lost_markers() == [name]
 
 
 def test_a_flag_that_cannot_be_written_leaves_verify_s_report_and_names_the_repair(tmp_path, capsys, monkeypatch):
@@ -547,13 +541,8 @@ def test_a_move_that_cuts_the_old_pack_again_keeps_it(tmp_path, capsys):
     name then deleted the new one - every block lost, "repair: complete" (review 4, 1)."""
     from pyvbak.repo.prune import move_out_of_packs
 
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=340)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    r = Repository.open(str(repo))
-    (pack,) = r.backend.list("packs/")
-    done, left = move_out_of_packs(r, [pack.rsplit("/", 1)[-1]])
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 340)
+    done, left = move_out_of_packs(Repository.open(str(repo)), [pack.rsplit("/", 1)[-1]])
     assert done and not left
     assert list(Repository.open(str(repo)).backend.list("packs/")) == [pack]
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
@@ -650,12 +639,8 @@ def test_a_move_is_finished_only_once_the_packs_it_wrote_are_indexed(tmp_path, c
     indexed, and never for a marker without them (damaged or not pyvbak's)."""
     from pyvbak.repo.prune import finish_moves
 
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 8 * BS, [(0, 8 * BS, "random")], seed=346)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, 346, blocks=8)
     r = Repository.open(str(repo))
-    (pack,) = r.backend.list("packs/")
     pack_hex = pack.rsplit("/", 1)[-1]
     r.write_lost_marker([], 0, moved_out=[pack_hex], moved_to=["ab" * 32])  # a move that never got indexed
     r.backend.write_new("lost/20260101T000000Z-0000dddd", json.dumps({"moved_out": [pack_hex]}).encode())
@@ -670,11 +655,7 @@ def test_a_move_is_finished_only_once_the_packs_it_wrote_are_indexed(tmp_path, c
 def _moved_pack_repo(tmp_path, capsys, seed):
     """A repository whose one pack was cut short, backed up again and moved out by a
     repair: (repo, image, the old pack's object name, its original bytes)."""
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=seed)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    repo, img, pack = _one_pack_repo(tmp_path, capsys, seed)
     original = (repo / pack).read_bytes()
     os.chmod(repo / pack, 0o644)
     os.truncate(repo / pack, len(original) // 2)

@@ -39,7 +39,7 @@ def open_repository(location: str | None, *, create_default: bool = False):
     that created an empty one reported success, and a restore said "using" it and then
     that it was no repository."""
     from ..errors import RepositoryError
-    from ..repo.cache import make_private_dirs
+    from ..repo.cache import make_private_dirs, untrusted_cache_reason, untrusted_dir_reason
     from ..repo.repository import Repository, default_repository_path
 
     if location == "" or (location is None and os.environ.get("PYVBAK_REPO") == ""):  # (click drops an empty one)
@@ -47,10 +47,18 @@ def open_repository(location: str | None, *, create_default: bool = False):
         # repository, created and filled in the user's home (the session-14 new-user audit)
         raise UsageError("the repository path is empty (--repo or PYVBAK_REPO): give the repository's path, "
                          "or leave both out for the default repository")
+    reason = untrusted_cache_reason()
+    if reason:
+        info(f"warning: not using the local cache: {reason}; make it yours and 0700 (chmod 700), "
+             f"or set PYVBAK_CACHE_DIR to a directory only you can write (or to '' for no cache)")
     if location:
         refuse_memory(location)
         return Repository.open(location)
     path = default_repository_path()
+    reason = untrusted_dir_reason(path)
+    if reason:  # (whoever can write it can delete the backups in it, or put others there)
+        raise UsageError(f"the default repository {path} is not private: {reason}; make it yours and 0700 "
+                         f"(chmod 700), or give --repo REPO")
     if not os.path.exists(os.path.join(path, "config")) and not create_default:
         raise RepositoryError(f"no repository given and the default one ({path}) does not exist yet: give "
                               "--repo REPO or set PYVBAK_REPO ('pyvbak backup' creates the default one)")

@@ -33,14 +33,22 @@ def default_work_dir() -> str:
     # absolute: QEMU opens the fleecing files and sockets named in it from its own working
     # directory (a relative PYVBAK_WORK_DIR failed as "Could not open 'relwork/...'")
     base = os.path.abspath(base)
-    from ..repo.cache import make_private_dirs
+    from ..repo.cache import make_private_dirs, untrusted_dir_reason
 
-    try:
-        make_private_dirs(base)
-    except OSError as exc:
-        which = f" ({exc.filename})" if exc.filename and exc.filename != base else ""
-        raise UsageError(f"cannot create the work dir {base} (sockets and fleecing files): {exc.strerror}{which}; "
-                         "set PYVBAK_WORK_DIR to a writable directory") from None
+    # judged before anything is made in it, and after: whoever can write it could put a
+    # socket of their own where a backup connects to QEMU, or read the fleecing files
+    reason = untrusted_dir_reason(base)
+    if reason is None:
+        try:
+            make_private_dirs(base)
+        except OSError as exc:
+            which = f" ({exc.filename})" if exc.filename and exc.filename != base else ""
+            raise UsageError(f"cannot create the work dir {base} (sockets and fleecing files): {exc.strerror}{which}; "
+                             "set PYVBAK_WORK_DIR to a writable directory") from None
+        reason = untrusted_dir_reason(base)
+    if reason is not None:
+        raise UsageError(f"the work dir {base} (sockets and fleecing files) is not private: {reason}; make it yours "
+                         "and 0700 (chmod 700), or set PYVBAK_WORK_DIR to a directory only you can write") from None
     return base
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 
 from ..processes import scope_token, start_time, temp_writer_alive
@@ -64,9 +65,78 @@ def make_private_dirs(path: str) -> None:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), d) from None
 
 
+def untrusted_dir_reason(path: str) -> str | None:
+    """Why the directory ``path`` cannot be trusted to hold this user's private files, or
+    None when it can.  Whoever can write ``path`` (or rename it, by writing one of its
+    parents) can plant a cached index that makes backups skip blocks, or a socket a
+    backup connects to: a cache root left 0777 by a umask of 000, another user's
+    directory, a PYVBAK_WORK_DIR in a shared place.  The rules are OpenSSH's StrictModes
+    for ~/.ssh, with Debian's allowance for a user's private group:
+
+    * ``path`` itself (when it exists): this user's, writable by no one else but this
+      user's own private group;
+    * each existing directory above it, links resolved: this user's or root's, and
+      writable by no one else unless its sticky bit is set (/tmp) or the group that can
+      write it is this user's own private group.
+
+    A part of the path that does not exist yet is not judged: make_private_dirs makes
+    it 0700."""
+    euid = os.geteuid()
+    real = os.path.realpath(path)
+    parts = [real]
+    while os.path.dirname(parts[-1]) != parts[-1]:
+        parts.append(os.path.dirname(parts[-1]))
+    for i, d in enumerate(parts):
+        try:
+            st = os.stat(d)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # (a file in the way: make_private_dirs names it)
+        except OSError as exc:
+            return f"{d} cannot be checked ({exc.strerror})"
+        if not stat.S_ISDIR(st.st_mode):
+            return None  # (not a directory: make_private_dirs says so, naming it)
+        mode = stat.S_IMODE(st.st_mode)
+        if i == 0:
+            if st.st_uid != euid:
+                return f"{d} belongs to user id {st.st_uid}, not to this user ({euid})"
+            if mode & 0o002 or (mode & 0o020 and not _private_group(st.st_gid, euid)):
+                return f"{d} is writable by others (mode {mode:04o})"
+            continue
+        if st.st_uid not in (euid, 0):
+            return f"{d}, a directory above {real}, belongs to user id {st.st_uid}"
+        if mode & 0o002 and not mode & stat.S_ISVTX:
+            return f"{d}, a directory above {real}, is writable by everyone (mode {mode:04o})"
+        if mode & 0o020 and not mode & stat.S_ISVTX and not _private_group(st.st_gid, euid):
+            return f"{d}, a directory above {real}, is writable by group {st.st_gid} (mode {mode:04o})"
+    return None
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """Is ``gid`` the user's own group: its primary group, holding no other user?"""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid and set(group.gr_mem) <= {user.pw_name} and group.gr_name == user.pw_name
+
+
+def untrusted_cache_reason() -> str | None:
+    """untrusted_dir_reason for the cache root; None when there is no cache.  While it has
+    a reason the cache is not used at all (every backup reads and hashes as on a new
+    machine) and the CLI warns, naming it.  Asked on every use, not once per process (a
+    few stat calls, ~20 us): a long-running job runner sees a fix, or a change for the
+    worse, at its next use."""
+    root = cache_root()
+    return untrusted_dir_reason(os.path.abspath(root)) if root else None
+
+
 def repo_cache_dir(repo_id: str) -> str | None:
     root = cache_root()
-    if not root:
+    if not root or untrusted_cache_reason():
         return None
     if not _REPO_DIR.fullmatch(repo_id):  # a second line of defence: one plain name, never a path
         raise ValueError(f"repository id {repo_id!r} is not 32 hex digits")

@@ -53,10 +53,10 @@ def _open_templates_dir() -> int | None:
     link to another directory by whoever can write the cache root (root running with a
     user's cache; a umask of 000) had this user's files there removed (the session-14
     review)."""
-    from pyvbak.repo.cache import cache_root, make_private_dirs
+    from pyvbak.repo.cache import cache_root, make_private_dirs, untrusted_cache_reason
 
     root = cache_root()
-    if not root:
+    if not root or untrusted_cache_reason():
         return None
     d = os.path.join(root, "fleece-templates")
     try:

@@ -1106,6 +1106,23 @@ def test_init_of_a_file_url_makes_restore_sh_executable(tmp_path, capsys):
     assert os.stat(tmp_path / "r" / "restore.sh").st_mode & 0o111
 
 
+def test_a_file_url_repository_is_read_as_rfc_8089_says(tmp_path, capsys, monkeypatch):
+    """file://localhost/PATH is /PATH on this host; file://NAME names a host: refused.
+    Both were taken as relative directories (./localhost/PATH, ./NAME)."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "init", f"file://LocalHost{tmp_path}/r")
+    assert code == 0, err
+    assert os.path.exists(tmp_path / "r" / "config") and not os.path.exists(tmp_path / "LocalHost")
+    code, out, err = cli(capsys, "snapshots", "--repo", f"file://localhost{tmp_path}/r", "--json")
+    assert code == 0 and json.loads(out) == [], err
+    for where, what in (("file://r", "names a host after file://"), ("file://", "has no path"),
+                        ("file://server/srv/r", "names a host after file://")):
+        code, _, err = cli(capsys, "snapshots", "--repo", where)
+        assert code == 2 and assert_one_error_line(err) == (
+            f"pyvbak: error: repository location {where!r} {what}: give file:///ABSOLUTE/PATH (three slashes) or a plain path")
+    assert sorted(os.listdir(tmp_path)) == ["r"]
+
+
 def test_a_restore_whose_lock_was_removed_says_so(backed_up, capsys, monkeypatch):
     """After 'pyvbak unlock --all' and a prune under a running restore, the restore failed
     with 'pack ... is missing; run pyvbak verify', as if the repository were damaged."""

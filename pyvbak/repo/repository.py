@@ -237,6 +237,10 @@ def new_snapshot_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 
+#: a whole id as new_snapshot_id makes it (a shorter spec is a prefix, found by listing)
+_FULL_SNAPSHOT_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
+
+
 #: sequence numbers stay below this: 18 decimal digits, which restore.sh zero-pads and
 #: sorts as text (a billion backups a second for 30 years would not reach it)
 MAX_SEQUENCE = 10**18
@@ -577,6 +581,15 @@ class Repository:
             return snaps[-1]
         if not re.fullmatch(r"[0-9A-Za-z-]+", spec):
             raise UsageError(f"'{spec}' is not a snapshot id or VM[/DISK]@latest: list them with 'pyvbak snapshots'")
+        if _FULL_SNAPSHOT_ID.fullmatch(spec):
+            # a whole id: its one description, not a listing of every snapshot (10 000
+            # snapshots on a machine without a cache: 10 000 reads, or one)
+            try:
+                meta = json.loads(self.backend.read(f"snapshots/{spec}.json"))
+            except (ObjectMissing, ValueError, RecursionError):
+                meta = None  # (missing or damaged: the listing below says which)
+            if _valid_snapshot_meta(meta, spec):
+                return SnapshotInfo(spec, meta)
         snaps = self.snapshots()
         exact = [s for s in snaps if s.id == spec]
         if exact:
@@ -1245,10 +1258,12 @@ def _local_path(location: str) -> str | None:
     ``file://PATH`` (both LocalBackend) - else None.  ``file://`` once skipped every check
     of init and open: a repository made in a non-empty directory, a user's restore.sh
     replaced (the session-17 review 2)."""
-    scheme, sep, rest = location.partition("://")
+    from ..backends import file_uri_path
+
+    scheme, sep, _ = location.partition("://")
     if not sep:
         return location
-    return rest if scheme.lower() == "file" and rest else None
+    return file_uri_path(location) if scheme.lower() == "file" else None
 
 
 def _init_leftover(directory: str, name: str) -> bool:

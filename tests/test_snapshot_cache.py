@@ -15,6 +15,7 @@ from pyvbak.repo.cache import SNAPSHOTS_FILE, repo_cache_dir
 from pyvbak.repo.prune import forget_snapshots
 from pyvbak.repo.repository import Repository
 from pyvbak.repo.verify import verify_repository
+from pyvbak.errors import IntegrityError, SnapshotNotFound
 
 
 def ids(snaps):
@@ -216,3 +217,30 @@ def test_directories_made_for_the_cache_and_work_dir_are_private_under_umask_000
         make_private_dirs(str(home / "file"))
     with pytest.raises(NotADirectoryError, match="file"):  # a parent in the way is named, as makedirs does
         make_private_dirs(str(home / "file" / "work"))
+
+
+def test_a_whole_snapshot_id_is_resolved_by_reading_its_description_alone(repo_with_snapshots, monkeypatch):
+    """`restore ID` listed every snapshot and read each description the cache lacked: on a
+    machine without a cache, one read per snapshot in the repository."""
+    repo, made = repo_with_snapshots
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    r = Repository.open(repo.location)
+    calls = []
+    real_list, real_read = r.backend.list, r.backend.read
+    monkeypatch.setattr(r.backend, "list", lambda prefix, *a, **k: calls.append(("list", prefix)) or real_list(prefix, *a, **k))
+    monkeypatch.setattr(r.backend, "read", lambda name, *a, **k: calls.append(("read", name)) or real_read(name, *a, **k))
+    snap = r.resolve(made[1])
+    assert (snap.id, snap.vm) == (made[1], "b")
+    assert snap.meta == uncached(repo, vm="b")[0].meta
+    assert calls == [("read", f"snapshots/{made[1]}.json")]
+    calls.clear()
+    assert r.resolve(made[1][:-2]).id == made[1]  # a prefix: found by listing
+    assert ("list", "snapshots/") in calls
+
+    forget_snapshots(r, [snap])  # gone: not found, as before
+    with pytest.raises(SnapshotNotFound, match=f"snapshot {made[1]} not found"):
+        r.resolve(made[1])
+    with open(os.path.join(repo.location, "snapshots", f"{made[0]}.json"), "w") as f:
+        f.write('{"vm": "a", "id": "another"}')  # damaged (or another's copied over it): said so
+    with pytest.raises(IntegrityError, match=f"snapshot metadata snapshots/{made[0]}.json is damaged"):
+        Repository.open(repo.location).resolve(made[0])

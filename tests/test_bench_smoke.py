@@ -140,6 +140,13 @@ def test_allocator_bench(tmp_path):
         assert all(positive(r["full"]["duration_s"]) for r in doc["runs"][variant])
 
 
+def test_job_size_bench(tmp_path):
+    doc = run_bench(tmp_path, "job_size.py", "--size-mib", "16", "--rounds", "2", "--sizes-mib", "1,4")
+    assert [r["job_mib"] for r in doc["results"]] == [1, 4, doc["engine_choice_mib"]]
+    assert all(positive(r["wall_s"]) and positive(r["cpu_s"]) and len(r["wall_rounds"]) == 2 for r in doc["results"])
+    assert doc["results"][-1]["wall_vs_engine_choice"] == 1 and doc["stored_bytes_identical"] is True
+
+
 def test_thin_disk_bench(tmp_path):
     doc = run_bench(tmp_path, "thin_disk.py", "--size-gib", "1", "--data-mib", "2", "--rounds", "1")
     for kind in ("full", "incremental", "restore", "verify"):

@@ -21,8 +21,9 @@ The main thread keeps at most
 ``2 * workers`` jobs in flight and feeds finished frames to the PackWriter, which holds
 one open pack and at most two uploading.  Peak memory is therefore about
 ``2 * workers * CHUNK_BYTES * 2`` for chunk jobs (data + frames; 128 MiB for an NBD
-source on 2 cores, 32 MiB for a file; sources are read into one reused buffer per
-worker, so their data is at most ``workers * CHUNK_BYTES``), at most ``MAPPED_FRAMES_BUDGET`` (256 MiB) of
+source on 2 cores; a full read of a file or block device on up to 4 cores takes jobs of
+LOCAL_CHUNK_BYTES: 64 MiB on 2 cores, 128 MiB on 4; sources are read into one reused
+buffer per worker, so their data is at most ``workers`` jobs' worth), at most ``MAPPED_FRAMES_BUDGET`` (256 MiB) of
 frames for window jobs when every block changed, + ``3 * PACK_TARGET_BYTES`` + the
 per-block arrays: the snapshot index being built (48 bytes per block: the parent's,
 decompressed and taken over when the disk kept its size), the new zero flags and fast
@@ -68,6 +69,15 @@ SCAN_WINDOW_BYTES = 32 * 1024 * 1024
 #: 66 ms, 512 KiB 62, 1 MiB 65, 2 MiB 61, 4 MiB 52; then 4/8/16 MiB 70/70/75 (noise).
 GROUP_BYTES = CHUNK_BYTES
 MAPPED_FRAMES_BUDGET = 256 * 1024 * 1024
+#: jobs of a full read of a local file or block device: 8 MiB while the data and frames
+#: of the jobs in flight (``2 * workers * chunk * 2``) stay within LOCAL_CHUNK_BUDGET (up
+#: to 4 workers), else CHUNK_BYTES.  In-process full backups of the 2 GiB peers image on
+#: 2 cores, a fresh process each, alternating (bench/RESULTS.md, "Full-read job size"):
+#: 1 MiB 2.31 s, 2 MiB 1.97, 4 MiB 1.86, 8 MiB 1.80, 16 MiB 1.82 (CPU 3.55 -> 3.46 s
+#: from 4 to 8 MiB): half the jobs, half the hand-offs to the thread that packs.  NBD
+#: sources keep CHUNK_BYTES: they run 4 workers per core.
+LOCAL_CHUNK_BYTES = 8 * 1024 * 1024
+LOCAL_CHUNK_BUDGET = 128 * 1024 * 1024
 #: an incremental of a disk whose index is at least this large does not hold its parent's
 #: index: it keeps the dirty blocks' records (change tracking) or every block's hash and
 #: the changed blocks' records (a scan), the rest streamed at commit (see _Parent).  64 MiB
@@ -529,8 +539,11 @@ def run_backup(
             settle_holes(_mask_runs(holes), prefilled=False)
         # Allocated runs are grouped like dirty ones: a fragmented image (20 000 scattered
         # 64 KiB clusters over 1 TiB) had a job, a hand-off and a round trip per cluster.
-        firsts, ends = _mask_run_arrays(~holes, chunk_blocks)
-        jobs = [("stream", g) for g in _groups(zip(firsts.tolist(), ends.tolist()), max(1, GROUP_BYTES // bs))]
+        job_bytes = GROUP_BYTES
+        if hasattr(source, "fileno") and 4 * threads * LOCAL_CHUNK_BYTES <= LOCAL_CHUNK_BUDGET:
+            job_bytes = max(GROUP_BYTES, LOCAL_CHUNK_BYTES)
+        firsts, ends = _mask_run_arrays(~holes, max(chunk_blocks, job_bytes // bs))
+        jobs = [("stream", g) for g in _groups(zip(firsts.tolist(), ends.tolist()), max(1, job_bytes // bs))]
         result.bytes_scanned = size - hole_bytes
 
     # -- the pipeline ------------------------------------------------------------------

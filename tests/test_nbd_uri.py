@@ -117,3 +117,21 @@ def test_a_file_named_like_a_qemu_spelling_is_still_a_file(tmp_path, capsys, mon
     assert main(["backup", "file://x.img", "--repo", "repo", "--vm", "u", "--disk", "d"]) == 0
     assert main(["restore", "u/d@latest", str(tmp_path / "out2.img"), "--repo", "repo"]) == 0
     assert (tmp_path / "out2.img").read_bytes() == b"\x04" * 65536
+
+
+def test_library_callers_get_the_same_reading_of_a_source_as_the_cli(tmp_path):
+    """backup_source and open_source are the library's entry points: "FILE:///..." and
+    "file://localhost/..." were refused there as unsupported sources (only the CLI read
+    them through source_spec)."""
+    from pyvbak.cli.backup_cmd import backup_source
+    from pyvbak.hypervisors import open_source
+    from pyvbak.repo.repository import Repository
+
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\x05" * 65536 * 3)
+    for spec in (f"FILE://{img}", f"file://LocalHost{img}"):
+        with open_source(spec) as (src, session):
+            assert session is None and src.read(0, 4) == b"\x05" * 4
+    repo = Repository.init(str(tmp_path / "repo"))
+    results, _ = backup_source(repo, f"File://localhost{img}", vm="v", disk="d", show_progress=False)
+    assert [r.new_blocks for r in results] == [1] and repo.latest("v", "d") is not None

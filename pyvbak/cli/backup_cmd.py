@@ -67,9 +67,10 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
     (pyvbak/interrupts.py) - for a caller whose command ends with this backup's output
     and whose ``main()`` ends that mode."""
     from ..engine.backup import run_backup
-    from ..hypervisors import disk_names, open_disks
+    from ..hypervisors import disk_names, open_disks, source_spec
     from ..repo.repository import check_vm_disk_names, new_snapshot_id, snapshot_time
 
+    source = source_spec(source)  # (idempotent: the CLI's own call already did it)
     if names is None:
         names = disk_names(source, disk)
     for name in names:

@@ -259,6 +259,7 @@ def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bo
     image file or device is read as that format (``raw``, or through qemu-nbd), or with
     ``auto`` in the format its name's suffix names (image_formats.SUFFIX_FORMATS), raw
     without one."""
+    spec = source_spec(spec)  # a library caller's "QEMU:///...", "file://localhost/..." (idempotent)
     check_image_format(spec, image_format)
     path = spec[len("file://") :] if spec.startswith("file://") else spec
     if image_format in QEMU_FORMATS:

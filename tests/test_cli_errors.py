@@ -790,6 +790,38 @@ def test_an_interrupted_restore_speaks_of_the_restore(env, capsys, monkeypatch, 
     assert code == 10 and "run the command again" in assert_one_error_line(err, "stopped cleanly")
 
 
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_forget_stopped_in_its_prune_says_the_snapshots_are_gone_and_names_prune(env, capsys, monkeypatch, how):
+    """'forget --prune' stopped while it pruned said "some of the snapshots may be
+    forgotten already: list them before running it again": they all were, and what was
+    left to do was the prune, which it did not name."""
+    import pyvbak.repo.prune as prune_mod
+    from pyvbak.cli import main as main_mod
+
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "w")[0] == 0
+
+    def interrupted(*a, **k):
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        main_mod._sigterm(15, None)
+
+    monkeypatch.setattr(prune_mod, "prune_repository", interrupted)
+    code, out, err = cli(capsys, "forget", "v@latest", "--prune", "--repo", repo)
+    assert code == 10 and out == ""
+    assert_one_error_line(err, "stopped cleanly; the 1 snapshot(s) are forgotten and the prune stopped",
+                          "run 'pyvbak prune' to finish it")
+    code, out, _ = cli(capsys, "snapshots", "--repo", repo, "--json")
+    assert [s["vm"] for s in json.loads(out)] == ["w"]
+    monkeypatch.setattr("pyvbak.repo.verify.verify_repository", interrupted)
+    code, out, err = cli(capsys, "verify", "--repo", repo)  # the next command: its own line again
+    assert code == 10 and "run the command again" in assert_one_error_line(err, "stopped cleanly")
+    code, out, err = cli(capsys, "forget", "w@latest", "--repo", repo)  # forget alone: as before
+    assert code == 0
+
+
 def test_a_full_repository_filesystem_gives_advice_that_can_work(env, capsys, monkeypatch):
     """With no space even for a lock, 'free space or prune old snapshots' was circular:
     prune needs a lock too.  Readers are told about --no-lock."""

@@ -119,9 +119,20 @@ _AFTER_INTERRUPT = {
                "processes left"),
 }
 _command = [""]
+#: what a stop means at the stage a command has reached, when that differs from its
+#: _AFTER_INTERRUPT line (set_after_interrupt; reset by every main())
+_stage_note: list[str | None] = [None]
+
+
+def set_after_interrupt(note: str) -> None:
+    """From now on, a stop of this command tells the user ``note`` (what is done and what
+    to run next) instead of the command's usual line."""
+    _stage_note[0] = note
 
 
 def _after_interrupt() -> str:
+    if _stage_note[0]:
+        return _stage_note[0]
     return _AFTER_INTERRUPT.get(_command[0], "the repository is consistent; run the command again to finish")
 
 
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     try:
         args = sys.argv[1:] if argv is None else list(argv)
         _command[0] = next((a for a in args if not a.startswith("-")), "")
+        _stage_note[0] = None
         rv = _app_for(args)(args=args, prog_name="pyvbak", standalone_mode=False)
         # Without standalone mode, click *returns* the code of an Exit instead of raising
         # it - and typer turns Ctrl-C (KeyboardInterrupt) into Exit(130) before we see it.

@@ -77,7 +77,11 @@ def forget(
         result = {"forgotten": forgotten, "dry_run": dry_run}
         if prune_after:
             from ..repo.prune import prune_repository
+            from .main import set_after_interrupt
 
+            if not dry_run:  # (it said "some of the snapshots may be forgotten already")
+                set_after_interrupt(f"the {len(forgotten)} snapshot(s) are forgotten and the prune stopped before "
+                                    f"it finished, leaving the repository consistent: run 'pyvbak prune' to finish it")
             # a dry run forgot nothing: its prune preview leaves the chosen snapshots out itself
             result["prune"] = prune_repository(r, dry_run=dry_run, without=frozenset(forgotten) if dry_run else frozenset())
         # done: a stop request from here on is noted (it said "run the command again", which

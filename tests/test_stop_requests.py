@@ -368,10 +368,29 @@ def test_a_repair_that_leaves_damage_is_no_success_when_its_reader_is_gone(tmp_p
         if pack.is_file():
             pack.unlink()
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
-    p = subprocess.Popen([sys.executable, "-m", "pyvbak", "verify", "--repair", "--repo", str(repo), "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    p.stdout.close()
-    assert p.wait(timeout=120) != 0
+    for json_out in (["--json"], []):
+        p = subprocess.Popen([sys.executable, "-m", "pyvbak", "verify", "--repair", "--repo", str(repo), *json_out],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        p.stdout.close()
+        err = p.stderr.read()
+        p.stderr.close()
+        # the repair's own outcome and line, not click's silent exit 1 for the closed pipe
+        assert p.wait(timeout=120) == 6, err
+        assert "pyvbak: error: verify found" in err and "Traceback" not in err, err
+
+
+def test_a_listing_whose_reader_is_gone_exits_0(tmp_path, repo_and_image):
+    """'pyvbak snapshots | head -1': the reader stops early; the command did its work."""
+    repo, img = repo_and_image
+    pyvbak("backup", img, "--repo", repo, "--vm", "v")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
+    for args in (["snapshots", "--repo", str(repo)], ["snapshots", "--repo", str(repo), "--json"], ["--help"]):
+        p = subprocess.Popen([sys.executable, "-m", "pyvbak", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=env, text=True)
+        p.stdout.close()
+        err = p.stderr.read()
+        p.stderr.close()
+        assert p.wait(timeout=120) == 0 and err == "", (args, err)
 
 
 def test_a_stop_during_forget_says_to_look_before_running_it_again(tmp_path, repo_and_image):

@@ -189,6 +189,56 @@ def _printable_anywhere() -> None:
             pass  # not a text stream that can be reconfigured (a test's capture, a pipe closed)
 
 
+class _PipedStdout:
+    """sys.stdout while a command runs, when it is a pipe or socket: a reader that went
+    away (EPIPE: ``pyvbak verify --repair | head``, a job runner killed) ends the output,
+    not the command.  click answered the EPIPE with a silent exit 1, wherever the command
+    was: a repair that left lost blocks, which ends with its error line and exit 6, said
+    nothing and exited 1.  Now the command runs to its end and its exit code and stderr
+    say what happened to the work."""
+
+    def __init__(self, stream):
+        self._stream, self.gone = stream, False
+
+    def write(self, text):
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._reader_gone()
+        return len(text)
+
+    def flush(self):
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self):
+        self.gone = True
+        try:  # what is left in the stream's buffer, flushed at exit, goes nowhere quietly
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _pipe_guard():
+    """A _PipedStdout for sys.stdout when that is a pipe or socket, else None."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (AttributeError, ValueError, OSError):  # (a test's capture, no stdout at all)
+        return None
+    return _PipedStdout(sys.stdout) if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) else None
+
+
 #: [the command failed and main() is reporting it], [main() has its signal handlers]
 _failing, _started = [False], [False]
 
@@ -208,6 +258,9 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     previous = _catch_termination()
     _started[0] = True
     interrupts.raised_and_lost()  # (a library caller's earlier commands' are not this one's)
+    piped = _pipe_guard()
+    if piped is not None:
+        sys.stdout = piped
     try:
         args = sys.argv[1:] if argv is None else list(argv)
         _command[0] = next((a for a in args if not a.startswith("-")), "")
@@ -285,6 +338,8 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             return OS_ERROR_EXIT
         raise
     finally:
+        if piped is not None and sys.stdout is piped:
+            sys.stdout = piped._stream
         for signum, handler in previous.items():
             # ``exiting`` (the console script, which exits with the code returned): the
             # command is over, a signal from now on changes nothing - its default action

@@ -1,13 +1,14 @@
-"""Directories pyvbak keeps private (the local cache, the QEMU work dir, the default
-repository) are used only when no one else can write them (repo/cache.py,
-untrusted_dir_reason): whoever can write the cache can plant a cached index or snapshot
-description that makes backups skip blocks; whoever can write the work dir can put a
-socket where a backup connects to QEMU."""
+"""Directories pyvbak keeps private (the local cache and each repository's directory in it,
+the QEMU work dir, the default repository) are used only when no one else can write them
+(repo/cache.py, untrusted_dir_reason): whoever can write the cache can plant a cached index
+or snapshot description that makes backups skip blocks; whoever can write the work dir can
+put a socket where a backup connects to QEMU."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -17,14 +18,22 @@ from pyvbak.errors import UsageError
 from pyvbak.repo import cache as cache_mod
 from pyvbak.repo.cache import SNAPSHOTS_FILE, untrusted_dir_reason
 
+#: a user id no one on this machine has
+STRANGER = 4242
+
+
+def reason_of(path) -> str | None:
+    r = untrusted_dir_reason(str(path))
+    return None if r is None else str(r)
+
 
 def test_private_directories_are_trusted_and_missing_parts_are_not_judged(tmp_path):
     d = tmp_path / "mine"
     d.mkdir(mode=0o700)
-    assert untrusted_dir_reason(str(d)) is None
-    assert untrusted_dir_reason(str(d / "not" / "yet")) is None  # make_private_dirs makes them 0700
+    assert reason_of(d) is None
+    assert reason_of(d / "not" / "yet") is None  # make_private_dirs makes them 0700
     os.chmod(d, 0o755)  # readable by others: their secrets' problem, not a way in
-    assert untrusted_dir_reason(str(d)) is None
+    assert reason_of(d) is None
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o1777])
@@ -34,13 +43,15 @@ def test_a_directory_others_can_write_is_not_trusted(tmp_path, mode, monkeypatch
     d.mkdir()
     os.chmod(d, mode)
     reason = untrusted_dir_reason(str(d))
-    assert reason == f"{d} is writable by others (mode {mode:04o})"
+    assert str(reason) == f"{d} is writable by others (mode {mode:04o})"
+    assert reason.advice() == f"take write access from the others ('chmod go-w {d}')"
     # and below it: anyone can rename what pyvbak makes there and put their own in its place
-    reason = untrusted_dir_reason(str(d / "pyvbak"))
+    below = reason_of(d / "pyvbak")
     if mode & 0o1000:  # sticky (/tmp): others cannot rename what is not theirs
-        assert reason is None
+        assert below is None
     else:
-        assert reason is not None and reason.startswith(f"{d}, a directory above {d / 'pyvbak'}, is writable by")
+        who = "everyone" if mode & 0o002 else f"group {os.stat(d).st_gid}"
+        assert below == f"{d} (a directory above {d / 'pyvbak'}) is writable by {who} (mode {mode:04o})"
 
 
 def test_a_directory_only_the_users_private_group_can_write_is_trusted(tmp_path, monkeypatch):
@@ -52,24 +63,52 @@ def test_a_directory_only_the_users_private_group_can_write_is_trusted(tmp_path,
     d = tmp_path / "upg"
     d.mkdir()
     os.chmod(d, 0o775)
-    me = pwd.getpwuid(os.geteuid())
-    group = grp.getgrgid(os.stat(d).st_gid)
-    alone = group.gr_gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
-    assert cache_mod._private_group(group.gr_gid, me.pw_uid) is alone
-    assert (untrusted_dir_reason(str(d)) is None) is alone
-    assert (untrusted_dir_reason(str(d / "sub")) is None) is alone
+    try:
+        me = pwd.getpwuid(os.geteuid())
+        group = grp.getgrgid(os.stat(d).st_gid)
+        alone = group.gr_gid == me.pw_gid and group.gr_name == me.pw_name and set(group.gr_mem) <= {me.pw_name}
+    except KeyError:  # a user id without a passwd entry (a container's --user): no group is its own
+        alone = False
+    assert cache_mod._private_group(os.stat(d).st_gid, os.geteuid()) is alone
+    assert (reason_of(d) is None) is alone
+    assert (reason_of(d / "sub") is None) is alone
     monkeypatch.setattr(cache_mod, "_private_group", lambda gid, uid: True)
-    assert untrusted_dir_reason(str(d)) is None and untrusted_dir_reason(str(d / "sub")) is None
+    assert reason_of(d) is None and reason_of(d / "sub") is None
 
 
-def test_another_users_directory_is_not_trusted(tmp_path, monkeypatch):
+def test_another_users_directory_is_not_trusted_and_the_advice_fits_who_asks(tmp_path, monkeypatch):
     d = tmp_path / "theirs"
     d.mkdir(mode=0o700)
     owner = os.stat(d).st_uid
-    monkeypatch.setattr(cache_mod.os, "geteuid", lambda: owner + 4242)  # this process as someone else
-    assert untrusted_dir_reason(str(d)) == f"{d} belongs to user id {owner}, not to this user ({owner + 4242})"
-    if owner != 0:  # (a directory above owned by root is trusted, as OpenSSH does)
-        assert f"{d}, a directory above" in untrusted_dir_reason(str(d / "sub"))
+    monkeypatch.setattr(cache_mod.os, "geteuid", lambda: STRANGER)  # this process as someone else
+    reason = untrusted_dir_reason(str(d))
+    assert str(reason) == f"{d} belongs to user id {owner}, not to this user ({STRANGER})"
+    if owner == 0:
+        assert reason.advice() == "it is user id 0's: use a directory of your own"
+    else:  # (a directory above owned by root is trusted, as OpenSSH does)
+        assert f"{d} (a directory above" in reason_of(d / "sub")
+    # root running with a user's HOME (sudo without -H): never "make it yours" (the user's home)
+    monkeypatch.setattr(cache_mod.os, "geteuid", lambda: 0)
+    assert cache_mod.Distrust(str(d), "belongs to user id 1000", 1000).advice() == (
+        "it is user id 1000's: run pyvbak as that user, or as root with root's own HOME (sudo -H)")
+
+
+def test_in_a_user_namespace_the_hosts_root_directories_are_trusted(tmp_path, monkeypatch):
+    """Inside ``unshare -r`` or a rootless container, every directory of the host's root
+    shows as the overflow id (65534): the cache was off and the work dir refused."""
+    d = tmp_path / "host-root"
+    d.mkdir(mode=0o755)
+    owner = os.stat(d).st_uid
+    monkeypatch.setattr(cache_mod.os, "geteuid", lambda: STRANGER)  # the directory is not "ours" nor root's
+    monkeypatch.setattr(cache_mod, "_unmapped_uid", lambda: None)  # no namespace: a stranger's directory
+    assert owner == 0 or reason_of(d / "sub") is not None
+    monkeypatch.setattr(cache_mod, "_unmapped_uid", lambda: owner)  # in one: it shows as the overflow id
+    assert reason_of(d / "sub") is None
+    assert reason_of(d) is not None  # (the directory itself must still be this user's)
+    with open("/proc/self/uid_map") as f:  # and outside one (this test run), no such id
+        if f.read().split() == ["0", "0", "4294967295"]:
+            monkeypatch.undo()
+            assert cache_mod._unmapped_uid() is None
 
 
 def test_links_are_judged_where_they_lead(tmp_path):
@@ -78,16 +117,40 @@ def test_links_are_judged_where_they_lead(tmp_path):
     os.chmod(shared, 0o777)
     link = tmp_path / "cache"
     link.symlink_to(shared)
-    assert untrusted_dir_reason(str(link)) == f"{shared} is writable by others (mode 0777)"
+    assert reason_of(link) == f"{shared} is writable by others (mode 0777)"
+
+
+def test_a_directory_that_cannot_be_reached_is_left_to_the_error_of_making_it(tmp_path, monkeypatch):
+    """EACCES on a directory above said "is not private: cannot be checked", where the
+    older "cannot create the work dir ...: Permission denied" was the right line."""
+    from pyvbak.hypervisors import default_work_dir
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    real_stat = os.stat
+
+    def stat(p, *a, **k):
+        if str(p).startswith(str(locked)):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_stat(p, *a, **k)
+
+    monkeypatch.setattr(cache_mod.os, "stat", stat)
+    assert reason_of(locked / "w") is None
+    monkeypatch.setattr(cache_mod, "make_private_dirs",
+                        lambda p: (_ for _ in ()).throw(PermissionError(13, "Permission denied", p)))
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(locked / "w"))
+    with pytest.raises(UsageError, match=rf"^cannot create the work dir {locked}/w \(sockets and fleecing files\): "
+                                         "Permission denied; set PYVBAK_WORK_DIR to a writable directory"):
+        default_work_dir()
 
 
 def _backup(capsys, repo, img, vm="vm"):
     return run_cli(capsys, "backup", img, "--repo", repo, "--vm", vm, "--json")
 
 
-def test_a_cache_others_can_write_is_not_read_and_the_cli_warns(tmp_path, capsys, monkeypatch):
-    """The attack: a snapshot description planted in the cache (its name is listed, its
-    content is the attacker's) is what `snapshots` and the next backup's parent would be."""
+def _cached_repo(tmp_path, capsys, monkeypatch):
+    """(cache root, repository, image, snapshot id, the repository's cache directory)
+    after a backup and a listing that cached its description."""
     root = tmp_path / "cache"
     root.mkdir(mode=0o700)
     monkeypatch.setenv("PYVBAK_CACHE_DIR", str(root))
@@ -98,26 +161,65 @@ def test_a_cache_others_can_write_is_not_read_and_the_cli_warns(tmp_path, capsys
     assert code == 0 and "local cache" not in err, err
     sid = json.loads(out)["snapshot_id"]
     assert run_cli(capsys, "snapshots", "--repo", repo)[0] == 0  # (the listing that caches it)
-    [cached] = [p for p in root.rglob(SNAPSHOTS_FILE)]
-    doc = json.loads(cached.read_text())
+    [cached] = list(root.rglob(SNAPSHOTS_FILE))
+    return root, repo, img, sid, cached.parent
+
+
+def _plant(cache_dir, sid):
+    doc = json.loads((cache_dir / SNAPSHOTS_FILE).read_text())
     doc["metas"][f"snapshots/{sid}.json"]["vm"] = "planted"
-    cached.write_text(json.dumps(doc))
+    (cache_dir / SNAPSHOTS_FILE).write_text(json.dumps(doc))
+
+
+def test_a_cache_others_can_write_is_not_read_and_the_cli_warns(tmp_path, capsys, monkeypatch):
+    """The attack: a snapshot description planted in the cache (its name is listed, its
+    content is the attacker's) is what `snapshots` and the next backup's parent would be."""
+    root, repo, img, sid, cache_dir = _cached_repo(tmp_path, capsys, monkeypatch)
+    _plant(cache_dir, sid)
     os.chmod(root, 0o777)  # as a umask of 000 (or another user's hand) leaves it
 
     code, out, err = run_cli(capsys, "snapshots", "--repo", repo, "--json")
     assert code == 0, err
     assert [s["vm"] for s in json.loads(out)] == ["vm"]  # read from the repository, not the cache
     assert err.splitlines() == [
-        f"warning: not using the local cache: {root} is writable by others (mode 0777); make it yours and 0700 "
-        "(chmod 700), or set PYVBAK_CACHE_DIR to a directory only you can write (or to '' for no cache)"]
+        f"warning: not using the local cache: {root} is writable by others (mode 0777); take write access from the "
+        f"others ('chmod go-w {root}'), or set PYVBAK_CACHE_DIR to a directory only you can write ('' for no cache)"]
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     code, out, err = _backup(capsys, repo, str(img))  # works without the cache, writes nothing there
     assert code == 0, err
     assert json.loads(out)["parent"] == sid
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
-    os.chmod(root, 0o700)  # mended: used again, and the plant is still what it holds
+
+
+@pytest.mark.parametrize("how", ["writable", "another user's"])
+def test_a_repository_directory_in_the_cache_that_others_can_write_is_not_read(tmp_path, capsys, monkeypatch, how):
+    """While the root was open, another user replaced this repository's directory in it
+    with their own: after the root was mended (as the warning says) the plant was used,
+    without a word (review 1)."""
+    root, repo, img, sid, cache_dir = _cached_repo(tmp_path, capsys, monkeypatch)
+    _plant(cache_dir, sid)
+    if how == "writable":
+        os.chmod(cache_dir, 0o777)
+        why = "is writable by others (mode 0777)"
+    else:
+        if os.geteuid() != 0:  # (as tmpfs_at in conftest: CI runs as root, where a skip would hide it)
+            msg = "handing a directory to another user needs root"
+            pytest.fail(msg) if os.environ.get("CI", "").lower() in ("1", "true", "yes") else pytest.skip(msg)
+        os.chown(cache_dir, STRANGER, STRANGER)
+        why = f"belongs to user id {STRANGER}, not to this user (0)"
     code, out, err = run_cli(capsys, "snapshots", "--repo", repo, "--json")
-    assert code == 0 and err == ""
+    assert code == 0, err
+    assert [s["vm"] for s in json.loads(out)] == ["vm"]
+    assert err.splitlines() == [
+        f"warning: not using the local cache: {cache_dir} {why}; move it out of the way ('mv {cache_dir} "
+        f"{cache_dir}.untrusted'): it is only a cache, made again, or set PYVBAK_CACHE_DIR to a directory only you "
+        f"can write ('' for no cache)"]
+    code, out, err = _backup(capsys, repo, str(img))
+    assert code == 0 and json.loads(out)["parent"] == sid, err
+    shutil.move(str(cache_dir), f"{cache_dir}.untrusted")  # the advice, followed: a fresh one, used
+    code, out, err = run_cli(capsys, "snapshots", "--repo", repo, "--json")
+    assert code == 0 and err == "" and [s["vm"] for s in json.loads(out)] == ["vm", "vm"]
+    assert (cache_dir / SNAPSHOTS_FILE).exists() and oct(os.stat(cache_dir).st_mode & 0o777) == "0o700"
 
 
 def test_a_work_dir_others_can_write_is_refused(tmp_path, monkeypatch):
@@ -128,14 +230,14 @@ def test_a_work_dir_others_can_write_is_refused(tmp_path, monkeypatch):
     assert default_work_dir() == str(work) and oct(os.stat(work).st_mode & 0o777) == "0o700"
     os.chmod(work, 0o777)
     with pytest.raises(UsageError, match=rf"^the work dir {work} \(sockets and fleecing files\) is not private: "
-                       rf"{work} is writable by others \(mode 0777\); make it yours and 0700"):
+                       rf"{work} is writable by others \(mode 0777\); take write access from the others"):
         default_work_dir()
     os.chmod(work, 0o700)
     os.chmod(tmp_path, 0o777)  # a parent anyone can write: the work dir can be swapped
     try:
         nested = tmp_path / "new"
         monkeypatch.setenv("PYVBAK_WORK_DIR", str(nested))
-        with pytest.raises(UsageError, match="a directory above"):
+        with pytest.raises(UsageError, match=rf"{tmp_path} \(a directory above {nested}\) is writable by everyone"):
             default_work_dir()
         assert not nested.exists()  # judged before anything is made there
     finally:
@@ -155,20 +257,46 @@ def test_a_qemu_backup_with_a_shared_work_dir_fails_with_one_line(tmp_path, caps
     assert os.listdir(work) == []
 
 
-def test_a_default_repository_others_can_write_is_refused(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["backup", "init"])
+def test_a_default_repository_others_can_write_is_refused(tmp_path, capsys, monkeypatch, command):
+    """init of the default repository created it there, and the next backup refused it
+    (review 1)."""
     data = tmp_path / "data"
     data.mkdir()
     os.chmod(data, 0o777)
     monkeypatch.setenv("XDG_DATA_HOME", str(data))
     monkeypatch.delenv("PYVBAK_REPO", raising=False)
     img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=5)
-    code, out, err = run_cli(capsys, "backup", str(img), "--vm", "v")
-    assert code != 0 and out == ""
+    args = ["backup", str(img), "--vm", "v"] if command == "backup" else ["init"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and out == ""
     assert assert_one_error_line(err) == (
-        f"pyvbak: error: the default repository {data}/pyvbak/repository is not private: {data}, a directory above "
-        f"{data}/pyvbak/repository, is writable by everyone (mode 0777); make it yours and 0700 (chmod 700), "
-        "or give --repo REPO")
+        f"pyvbak: error: the default repository {data}/pyvbak/repository is not private: {data} (a directory above "
+        f"{data}/pyvbak/repository) is writable by everyone (mode 0777); take write access from the others "
+        f"('chmod go-w {data}'), or give --repo REPO")
     assert os.listdir(data) == []  # nothing made in it
     os.chmod(data, 0o700)
-    code, out, err = run_cli(capsys, "backup", str(img), "--vm", "v")
+    code, out, err = run_cli(capsys, *args)
     assert code == 0, err
+
+
+def test_no_home_directory_means_no_cache_and_clear_errors(tmp_path, capsys, monkeypatch):
+    """No HOME and no passwd entry: "~" stayed "~", and the cache, the work dir and the
+    default repository went under whatever directory the command ran in."""
+    from pyvbak.hypervisors import default_work_dir
+    from pyvbak.repo.cache import cache_root
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("PYVBAK_CACHE_DIR", "XDG_CACHE_HOME", "XDG_DATA_HOME", "PYVBAK_WORK_DIR", "PYVBAK_REPO"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p)  # what it does with neither
+    assert cache_root() is None
+    with pytest.raises(UsageError, match="no home directory to keep the work dir"):
+        default_work_dir()
+    code, out, err = run_cli(capsys, "init")
+    assert code == 2 and "no home directory for the default repository: give --repo REPO" in assert_one_error_line(err)
+    img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=6)
+    assert run_cli(capsys, "init", "r")[0] == 0
+    code, out, err = run_cli(capsys, "backup", str(img), "--repo", "r", "--vm", "v")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["d.img", "r"]  # no ./~ made

@@ -39,26 +39,18 @@ def open_repository(location: str | None, *, create_default: bool = False):
     that created an empty one reported success, and a restore said "using" it and then
     that it was no repository."""
     from ..errors import RepositoryError
-    from ..repo.cache import make_private_dirs, untrusted_cache_reason, untrusted_dir_reason
-    from ..repo.repository import Repository, default_repository_path
+    from ..repo.cache import make_private_dirs
+    from ..repo.repository import Repository
 
     if location == "" or (location is None and os.environ.get("PYVBAK_REPO") == ""):  # (click drops an empty one)
         # an unset shell variable ('--repo "$REPO"' in a cron job) meant the default
         # repository, created and filled in the user's home (the session-14 new-user audit)
         raise UsageError("the repository path is empty (--repo or PYVBAK_REPO): give the repository's path, "
                          "or leave both out for the default repository")
-    reason = untrusted_cache_reason()
-    if reason:
-        info(f"warning: not using the local cache: {reason}; make it yours and 0700 (chmod 700), "
-             f"or set PYVBAK_CACHE_DIR to a directory only you can write (or to '' for no cache)")
     if location:
         refuse_memory(location)
-        return Repository.open(location)
-    path = default_repository_path()
-    reason = untrusted_dir_reason(path)
-    if reason:  # (whoever can write it can delete the backups in it, or put others there)
-        raise UsageError(f"the default repository {path} is not private: {reason}; make it yours and 0700 "
-                         f"(chmod 700), or give --repo REPO")
+        return _warn_untrusted_cache(Repository.open(location))
+    path = checked_default_repository_path()
     if not os.path.exists(os.path.join(path, "config")) and not create_default:
         raise RepositoryError(f"no repository given and the default one ({path}) does not exist yet: give "
                               "--repo REPO or set PYVBAK_REPO ('pyvbak backup' creates the default one)")
@@ -76,9 +68,41 @@ def open_repository(location: str | None, *, create_default: bool = False):
             # another pyvbak command created it between the check and the init: use it
         else:
             info(f"created the default repository at {path}")
-            return repo
+            return _warn_untrusted_cache(repo)
     info(f"using the default repository at {path}")
-    return Repository.open(path)
+    return _warn_untrusted_cache(Repository.open(path))
+
+
+def checked_default_repository_path() -> str:
+    """The default repository's path, once it passes the rules of private directories:
+    whoever can write it can delete the backups in it, or put others there."""
+    from ..repo.cache import untrusted_dir_reason
+    from ..repo.repository import default_repository_path
+
+    path = default_repository_path()
+    if not os.path.isabs(path):  # no HOME and no passwd entry: "~" stayed "~"
+        raise UsageError("no home directory for the default repository: give --repo REPO (or set HOME)")
+    reason = untrusted_dir_reason(path)
+    if reason:
+        raise UsageError(f"the default repository {path} is not private: {reason}; {reason.advice()}, or give "
+                         f"--repo REPO")
+    return path
+
+
+def _warn_untrusted_cache(repo):
+    """``repo``, after one warning line when its local cache cannot be trusted (it is
+    then not used: repo/cache.py, untrusted_cache_reason)."""
+    from ..repo.cache import cache_root, untrusted_cache_reason
+
+    reason = untrusted_cache_reason(repo.config.repo_id)
+    if reason:
+        # this repository's own directory in the cache root (links resolved, as the reason's)
+        inside = os.path.dirname(reason.directory) == os.path.realpath(cache_root())
+        fix = (f"move it out of the way ('mv {reason.directory} {reason.directory}.untrusted'): it is only a cache, "
+               f"made again" if inside else reason.advice())
+        info(f"warning: not using the local cache: {reason}; {fix}, or set PYVBAK_CACHE_DIR to a directory only "
+             f"you can write ('' for no cache)")
+    return repo
 
 
 def refuse_memory(location: str) -> None:

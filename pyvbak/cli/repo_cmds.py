@@ -9,7 +9,8 @@ import typer
 
 from .. import interrupts
 from ..repo.repository import DEFAULT_COMPRESSION
-from .common import JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository, refuse_memory
+from .common import (JsonOption, NoLockOption, RepoOption, checked_default_repository_path, emit_json, human_bytes, info,
+                     maybe_lock, open_repository, refuse_memory)
 
 
 def init(
@@ -20,7 +21,7 @@ def init(
     json_out: bool = JsonOption,
 ) -> None:
     """Create a repository."""
-    from ..repo.repository import Repository, default_repository_path, parse_size
+    from ..repo.repository import Repository, parse_size
 
     # REPO as every other command takes it too (--repo, PYVBAK_REPO), and like them the
     # default repository without either: an operator who exported PYVBAK_REPO as the
@@ -30,7 +31,7 @@ def init(
         from ..errors import UsageError
 
         raise UsageError("the repository path is empty: give REPO (or --repo REPO)")
-    repo = repo_arg or repo_opt or default_repository_path()
+    repo = repo_arg or repo_opt or checked_default_repository_path()
     refuse_memory(repo)
     r = Repository.init(repo, block_size=parse_size(block_size), compression=compression)
     interrupts.begin_finishing()  # made: a stop request from here on is noted

@@ -27,8 +27,13 @@ def default_work_dir() -> str:
     """Where sockets and fleecing files live; the same place every run, so the next run
     finds what a killed one left."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if not os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored (as repo/cache.py does)
-        xdg = os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(xdg) and not os.environ.get("PYVBAK_WORK_DIR"):
+        # the XDG spec: a relative path is invalid and ignored (as repo/cache.py does)
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):  # no HOME, no passwd entry: "~" would be a directory here
+            raise UsageError("no home directory to keep the work dir (sockets and fleecing files) in: set HOME, "
+                             "or PYVBAK_WORK_DIR to a directory only you can write")
+        xdg = os.path.join(home, ".cache")
     base = os.environ.get("PYVBAK_WORK_DIR") or os.path.join(xdg, "pyvbak", "work")
     # absolute: QEMU opens the fleecing files and sockets named in it from its own working
     # directory (a relative PYVBAK_WORK_DIR failed as "Could not open 'relwork/...'")
@@ -47,8 +52,8 @@ def default_work_dir() -> str:
                              "set PYVBAK_WORK_DIR to a writable directory") from None
         reason = untrusted_dir_reason(base)
     if reason is not None:
-        raise UsageError(f"the work dir {base} (sockets and fleecing files) is not private: {reason}; make it yours "
-                         "and 0700 (chmod 700), or set PYVBAK_WORK_DIR to a directory only you can write") from None
+        raise UsageError(f"the work dir {base} (sockets and fleecing files) is not private: {reason}; "
+                         f"{reason.advice()}, or set PYVBAK_WORK_DIR to a directory only you can write") from None
     return base
 
 
@@ -129,21 +134,19 @@ def source_spec(spec: str) -> str:
     own spellings, which are no URI pyvbak reads: ``qemu:PATH`` without ``//`` was taken
     for an image file name that did not exist, ``nbd:unix:PATH`` (qemu-img's legacy NBD
     form) too - unless a file of that name exists (the session-17 acceptance audit)."""
+    from ..backends import file_uri_path, is_file_uri
+
     m = _SCHEME.match(spec)
     if os.path.lexists(spec):  # a path that exists is that path, however it is spelled ("File:/x.img")
         # (made plainly a path: "file://x.img" of a directory "file:" was stripped to ./x.img)
         return "./" + spec if m else spec
+    if is_file_uri(spec):
+        # RFC 8089, as for a repository location (backends.file_uri_path): the plain
+        # absolute path ("file://x.img" was read as the relative ./x.img, "file:///a%20b.img"
+        # as a file named "a%20b.img")
+        return file_uri_path(spec, "source")
     if m and m.group(1).lower() in _SCHEMES:
-        spec = m.group(1).lower() + spec[len(m.group(1)):]
-        if spec[:17].lower() == "file://localhost/":  # RFC 8089: this host (host names in any case)
-            spec = "file://" + spec[len("file://localhost"):]
-        if spec == "file://":
-            raise UsageError("source 'file://' has no path: give file:///ABSOLUTE/PATH or a plain path")
-        if spec.startswith("file://") and not spec.startswith("file:///"):
-            # RFC 8089: file://HOST/PATH; "file://x.img" was read as the relative ./x.img
-            raise UsageError(f"source {spec!r} names a host after file://: give file:///ABSOLUTE/PATH (three "
-                             f"slashes) or a plain path")
-        return spec
+        return m.group(1).lower() + spec[len(m.group(1)):]
     lowered = spec.lower()
     if lowered.startswith(("qemu:", "nbd:")):  # (an existing path of that name returned above)
         if lowered.startswith("qemu:"):

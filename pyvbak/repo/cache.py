@@ -16,6 +16,7 @@ import secrets
 import shutil
 import stat
 import time
+from dataclasses import dataclass
 
 from ..processes import scope_token, start_time, temp_writer_alive
 
@@ -30,14 +31,19 @@ _expired_once = False
 
 
 def cache_root() -> str | None:
-    """$PYVBAK_CACHE_DIR, else $XDG_CACHE_HOME/pyvbak, else ~/.cache/pyvbak; None when
-    $PYVBAK_CACHE_DIR is set but empty (no cache)."""
+    """$PYVBAK_CACHE_DIR (absolute), else $XDG_CACHE_HOME/pyvbak, else ~/.cache/pyvbak;
+    None when $PYVBAK_CACHE_DIR is set but empty (no cache), or when there is no home
+    directory to find (no HOME and no passwd entry: "~" stayed "~", and the cache went
+    to ./~/.cache under whatever directory the command ran in)."""
     root = os.environ.get(CACHE_ENV)
     if root is not None:
-        return root or None
+        return os.path.abspath(root) if root else None
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # the XDG spec: a relative path is invalid and ignored
-        base = os.path.join(os.path.expanduser("~"), ".cache")
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):
+            return None
+        base = os.path.join(home, ".cache")
     return os.path.join(base, "pyvbak")
 
 
@@ -65,7 +71,31 @@ def make_private_dirs(path: str) -> None:
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), d) from None
 
 
-def untrusted_dir_reason(path: str) -> str | None:
+@dataclass(frozen=True)
+class Distrust:
+    """Why a directory pyvbak keeps private cannot be trusted: ``directory`` (the path
+    itself or one above it, links resolved) ``why`` ("is writable by others (mode
+    0777)"), and whose it is."""
+
+    directory: str
+    why: str
+    owner: int
+
+    def __str__(self) -> str:
+        return f"{self.directory} {self.why}"
+
+    def advice(self) -> str:
+        """What to do about it, for the directory named (never "chown it to yourself":
+        root running with a user's HOME would take the user's home directory)."""
+        euid = os.geteuid()
+        if self.owner != euid and euid == 0:
+            return f"it is user id {self.owner}'s: run pyvbak as that user, or as root with root's own HOME (sudo -H)"
+        if self.owner != euid:
+            return f"it is user id {self.owner}'s: use a directory of your own"
+        return f"take write access from the others ('chmod go-w {self.directory}')"
+
+
+def untrusted_dir_reason(path: str) -> Distrust | None:
     """Why the directory ``path`` cannot be trusted to hold this user's private files, or
     None when it can.  Whoever can write ``path`` (or rename it, by writing one of its
     parents) can plant a cached index that makes backups skip blocks, or a socket a
@@ -75,13 +105,15 @@ def untrusted_dir_reason(path: str) -> str | None:
 
     * ``path`` itself (when it exists): this user's, writable by no one else but this
       user's own private group;
-    * each existing directory above it, links resolved: this user's or root's, and
-      writable by no one else unless its sticky bit is set (/tmp) or the group that can
-      write it is this user's own private group.
+    * each existing directory above it, links resolved: this user's or root's (in a user
+      namespace also the overflow id the host's root shows as), and writable by no one
+      else unless its sticky bit is set (/tmp) or the group that can write it is this
+      user's own private group.
 
-    A part of the path that does not exist yet is not judged: make_private_dirs makes
-    it 0700."""
+    A part of the path that does not exist yet, or cannot be reached (EACCES), is not
+    judged: make_private_dirs makes it 0700, or fails naming it."""
     euid = os.geteuid()
+    trusted_owners = {euid, 0} | ({_unmapped_uid()} - {None})
     real = os.path.realpath(path)
     parts = [real]
     while os.path.dirname(parts[-1]) != parts[-1]:
@@ -89,30 +121,43 @@ def untrusted_dir_reason(path: str) -> str | None:
     for i, d in enumerate(parts):
         try:
             st = os.stat(d)
-        except (FileNotFoundError, NotADirectoryError):
-            continue  # (a file in the way: make_private_dirs names it)
-        except OSError as exc:
-            return f"{d} cannot be checked ({exc.strerror})"
+        except OSError:
+            continue  # missing, a file in the way, unreachable: make_private_dirs names it
         if not stat.S_ISDIR(st.st_mode):
             return None  # (not a directory: make_private_dirs says so, naming it)
         mode = stat.S_IMODE(st.st_mode)
+        group_write = mode & 0o020 and not _private_group(st.st_gid, euid)
         if i == 0:
             if st.st_uid != euid:
-                return f"{d} belongs to user id {st.st_uid}, not to this user ({euid})"
-            if mode & 0o002 or (mode & 0o020 and not _private_group(st.st_gid, euid)):
-                return f"{d} is writable by others (mode {mode:04o})"
+                return Distrust(d, f"belongs to user id {st.st_uid}, not to this user ({euid})", st.st_uid)
+            if mode & 0o002 or group_write:
+                return Distrust(d, f"is writable by others (mode {mode:04o})", st.st_uid)
             continue
-        if st.st_uid not in (euid, 0):
-            return f"{d}, a directory above {real}, belongs to user id {st.st_uid}"
-        if mode & 0o002 and not mode & stat.S_ISVTX:
-            return f"{d}, a directory above {real}, is writable by everyone (mode {mode:04o})"
-        if mode & 0o020 and not mode & stat.S_ISVTX and not _private_group(st.st_gid, euid):
-            return f"{d}, a directory above {real}, is writable by group {st.st_gid} (mode {mode:04o})"
+        if st.st_uid not in trusted_owners:
+            return Distrust(d, f"(a directory above {real}) belongs to user id {st.st_uid}", st.st_uid)
+        if (mode & 0o002 or group_write) and not mode & stat.S_ISVTX:
+            who = "everyone" if mode & 0o002 else f"group {st.st_gid}"
+            return Distrust(d, f"(a directory above {real}) is writable by {who} (mode {mode:04o})", st.st_uid)
     return None
 
 
+def _unmapped_uid() -> int | None:
+    """The id files of unmapped owners show as inside a user namespace (rootless
+    containers, ``unshare -r``): there the host's root-owned directories carry it.  None
+    outside one (then it is a real account, "nobody", and no owner to trust)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            if f.read().split() == ["0", "0", "4294967295"]:
+                return None
+        with open("/proc/sys/kernel/overflowuid") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _private_group(gid: int, uid: int) -> bool:
-    """Is ``gid`` the user's own group: its primary group, holding no other user?"""
+    """Is ``gid`` the user's own group: its primary group, named after it, holding no
+    other user?"""
     import grp
     import pwd
 
@@ -124,22 +169,31 @@ def _private_group(gid: int, uid: int) -> bool:
     return user.pw_gid == gid and set(group.gr_mem) <= {user.pw_name} and group.gr_name == user.pw_name
 
 
-def untrusted_cache_reason() -> str | None:
-    """untrusted_dir_reason for the cache root; None when there is no cache.  While it has
-    a reason the cache is not used at all (every backup reads and hashes as on a new
-    machine) and the CLI warns, naming it.  Asked on every use, not once per process (a
-    few stat calls, ~20 us): a long-running job runner sees a fix, or a change for the
-    worse, at its next use."""
+def untrusted_cache_reason(repo_id: str | None = None) -> Distrust | None:
+    """untrusted_dir_reason for the cache root and, given ``repo_id``, for that
+    repository's directory in it (another user's, put there while the root was open,
+    would hold their snapshot descriptions and indexes); None when there is no cache.
+    While it has a reason that cache is not used at all (every backup reads and hashes
+    as on a new machine) and the CLI warns, naming the directory.  Asked on every use, not
+    once per process (a few stat calls, ~20 us): a long-running job runner sees a fix, or
+    a change for the worse, at its next use."""
     root = cache_root()
-    return untrusted_dir_reason(os.path.abspath(root)) if root else None
+    if not root:
+        return None
+    reason = untrusted_dir_reason(root)
+    if reason is None and repo_id is not None and _REPO_DIR.fullmatch(repo_id):
+        reason = untrusted_dir_reason(os.path.join(root, repo_id))
+    return reason
 
 
 def repo_cache_dir(repo_id: str) -> str | None:
     root = cache_root()
-    if not root or untrusted_cache_reason():
+    if not root:
         return None
     if not _REPO_DIR.fullmatch(repo_id):  # a second line of defence: one plain name, never a path
         raise ValueError(f"repository id {repo_id!r} is not 32 hex digits")
+    if untrusted_cache_reason(repo_id):
+        return None
     return os.path.join(root, repo_id)
 
 

@@ -1155,6 +1155,32 @@ def test_a_file_url_repository_is_read_as_rfc_8089_says(tmp_path, capsys, monkey
     assert sorted(os.listdir(tmp_path)) == ["r"]
 
 
+def test_a_file_url_repository_is_percent_decoded_and_may_have_one_slash(tmp_path, capsys, monkeypatch):
+    """file:///a%20b was made as a directory "a%20b", file:///r?x=1 as "r?x=1", and
+    file:/PATH (RFC 8089's form without an authority) as ./file:/PATH (review 1)."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    spaced = tmp_path / "a b" / "r"
+    code, _, err = cli(capsys, "init", Path(spaced).as_uri())  # (file:///.../a%20b/r)
+    assert code == 0 and "%20" in Path(spaced).as_uri(), err
+    assert (spaced / "config").exists() and not (tmp_path / "a%20b").exists()
+    code, out, err = cli(capsys, "snapshots", "--repo", f"file:{spaced}".replace(" ", "%20"), "--json")
+    assert code == 0 and json.loads(out) == [], err
+    for where in (f"file://{tmp_path}/r?x=1", f"file://{tmp_path}/r#frag"):
+        code, _, err = cli(capsys, "init", where)
+        assert code == 2 and "has a query or fragment" in assert_one_error_line(err)
+    code, _, err = cli(capsys, "init", f"file://{tmp_path}/bad%00name")
+    assert code == 2 and "NUL" in assert_one_error_line(err)
+    assert sorted(os.listdir(tmp_path)) == ["a b"]  # nothing made for the refused ones, no ./file:
+    # a directory literally named so stays a path (read as a URI, it would be a fresh
+    # directory under tmp_path: never anything outside it)
+    literal = tmp_path / f"file:{tmp_path}" / "lit"
+    literal.mkdir(parents=True)
+    code, _, err = cli(capsys, "init", f"file:{tmp_path}/lit")
+    assert code == 0 and (literal / "config").exists() and not (tmp_path / "lit").exists(), err
+
+
 def test_a_restore_whose_lock_was_removed_says_so(backed_up, capsys, monkeypatch):
     """After 'pyvbak unlock --all' and a prune under a running restore, the restore failed
     with 'pack ... is missing; run pyvbak verify', as if the repository were damaged."""

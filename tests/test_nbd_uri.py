@@ -129,9 +129,27 @@ def test_library_callers_get_the_same_reading_of_a_source_as_the_cli(tmp_path):
 
     img = tmp_path / "d.img"
     img.write_bytes(b"\x05" * 65536 * 3)
-    for spec in (f"FILE://{img}", f"file://LocalHost{img}"):
+    for spec in (f"FILE://{img}", f"file://LocalHost{img}", f"file:{img}"):
         with open_source(spec) as (src, session):
             assert session is None and src.read(0, 4) == b"\x05" * 4
     repo = Repository.init(str(tmp_path / "repo"))
     results, _ = backup_source(repo, f"File://localhost{img}", vm="v", disk="d", show_progress=False)
     assert [r.new_blocks for r in results] == [1] and repo.latest("v", "d") is not None
+
+
+def test_a_file_uri_source_is_percent_decoded(tmp_path, capsys):
+    """file:///a%20b.img (Path.as_uri, file managers) said "does not exist" (review 1)."""
+    from pathlib import Path
+
+    from pyvbak.cli.main import main
+
+    img = tmp_path / "my disk.img"
+    img.write_bytes(b"\x06" * 65536)
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    assert main(["backup", Path(img).as_uri(), "--repo", repo, "--vm", "v", "--disk", "d"]) == 0
+    assert main(["restore", "v/d@latest", str(tmp_path / "out.img"), "--repo", repo]) == 0
+    assert (tmp_path / "out.img").read_bytes() == b"\x06" * 65536
+    capsys.readouterr()
+    assert main(["backup", f"file://{img}?x", "--repo", repo, "--vm", "v", "--disk", "d"]) == 2
+    assert "source" in capsys.readouterr().err

@@ -36,25 +36,49 @@ __all__ = [
     "OutOfSpace",
     "RangeBeyondEnd",
     "file_uri_path",
+    "is_file_uri",
     "open_backend",
     "validate_name",
     "validate_prefix",
 ]
 
 
-def file_uri_path(location: str) -> str:
-    """The path of a ``file://`` repository location, as RFC 8089 reads it:
-    ``file:///PATH`` and ``file://localhost/PATH`` are the absolute /PATH on this host.
-    UsageError for any other host, or none (``file://repo`` was opened as the relative
-    directory ./repo, ``file://localhost/srv/r`` as ./localhost/srv/r)."""
-    rest = location.partition("://")[2]
-    if rest[:10].lower() == "localhost/":  # (host names in any case)
-        rest = rest[len("localhost"):]
-    if not rest.startswith("/"):
-        what = "has no path" if not rest else "names a host after file://"
-        raise UsageError(f"repository location {location!r} {what}: give file:///ABSOLUTE/PATH (three slashes) "
-                         f"or a plain path")
-    return rest
+def file_uri_path(uri: str, what: str = "repository location") -> str:
+    """The path of a ``file:`` URI on this host, as RFC 8089 reads it: ``file:///PATH``,
+    ``file://localhost/PATH`` and ``file:/PATH`` are the absolute /PATH, percent-escapes
+    decoded (``file:///srv/a%20b`` is "/srv/a b", as file managers and ``Path.as_uri``
+    write it).  UsageError (``what`` names the argument) for another host, no path, or a
+    query or fragment (``?``, ``#``: they were taken into the directory's name).  Before,
+    ``file://repo`` was opened as ./repo, ``file://localhost/srv/r`` as
+    ./localhost/srv/r and ``file:/srv/r`` as ./file:/srv/r."""
+    from urllib.parse import unquote_to_bytes
+
+    rest = uri.partition(":")[2]
+    if rest.startswith("//"):
+        rest = rest[2:]
+        if rest[:10].lower() == "localhost/":  # (host names in any case)
+            rest = rest[len("localhost"):]
+        if not rest.startswith("/"):
+            what_is_wrong = "has no path" if not rest else "names a host after file://"
+            raise UsageError(f"{what} {uri!r} {what_is_wrong}: give file:///ABSOLUTE/PATH (three slashes) or a plain path")
+    elif not rest.startswith("/"):
+        raise UsageError(f"{what} {uri!r} is no file: URI of an absolute path: give file:///ABSOLUTE/PATH or a plain path")
+    if "?" in rest or "#" in rest:
+        raise UsageError(f"{what} {uri!r} has a query or fragment ('?' or '#'), which names no file: give a plain path "
+                         f"(or write those characters as %3F and %23)")
+    path = os.fsdecode(unquote_to_bytes(rest))  # (any bytes a Linux path may hold, %FF too)
+    if "\0" in path:
+        raise UsageError(f"{what} {uri!r} holds an escaped NUL byte (%00), which no path can")
+    return path
+
+
+def is_file_uri(location: str) -> bool:
+    """Is ``location`` meant as a ``file:`` URI: ``file://...``, or ``file:/...`` where no
+    such relative path exists (a directory literally named "file:" stays a path)."""
+    head = location[:5].lower()
+    if head != "file:":
+        return False
+    return location[5:7] == "//" or (location[5:6] == "/" and not os.path.lexists(location))
 
 
 def open_backend(location: str | os.PathLike) -> Backend:
@@ -71,14 +95,14 @@ def open_backend(location: str | os.PathLike) -> Backend:
         location = os.fspath(location)
     if not isinstance(location, str) or not location:
         raise UsageError(f"repository location must be a non-empty path or URL, not {location!r}")
+    if is_file_uri(location):
+        return LocalBackend(file_uri_path(location))
     scheme, sep, rest = location.partition("://")
     if not sep:
         return LocalBackend(location)
     scheme = scheme.lower()
     if scheme == "memory":
         return MemoryBackend(rest)
-    if scheme == "file":
-        return LocalBackend(file_uri_path(location))
     raise UsageError(
         f"unsupported repository location {location!r}: use a local path or memory://NAME "
         f"(sftp:// and s3:// are not supported yet)"

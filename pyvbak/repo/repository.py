@@ -1258,12 +1258,11 @@ def _local_path(location: str) -> str | None:
     ``file://PATH`` (both LocalBackend) - else None.  ``file://`` once skipped every check
     of init and open: a repository made in a non-empty directory, a user's restore.sh
     replaced (the session-17 review 2)."""
-    from ..backends import file_uri_path
+    from ..backends import file_uri_path, is_file_uri
 
-    scheme, sep, _ = location.partition("://")
-    if not sep:
-        return location
-    return file_uri_path(location) if scheme.lower() == "file" else None
+    if is_file_uri(location):
+        return file_uri_path(location)
+    return None if "://" in location else location
 
 
 def _init_leftover(directory: str, name: str) -> bool:

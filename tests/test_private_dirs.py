@@ -118,6 +118,12 @@ def test_links_are_judged_where_they_lead(tmp_path):
     link = tmp_path / "cache"
     link.symlink_to(shared)
     assert reason_of(link) == f"{shared} is writable by others (mode 0777)"
+    # and a link to a private directory, in a directory anyone can write (and so replace it)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (shared / "cache").symlink_to(mine)
+    assert reason_of(shared / "cache") == (
+        f"{shared} (a directory above {shared / 'cache'}) is writable by everyone (mode 0777)")
 
 
 def test_a_directory_that_cannot_be_reached_is_left_to_the_error_of_making_it(tmp_path, monkeypatch):

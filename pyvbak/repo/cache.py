@@ -105,7 +105,7 @@ def untrusted_dir_reason(path: str) -> Distrust | None:
 
     * ``path`` itself (when it exists): this user's, writable by no one else but this
       user's own private group;
-    * each existing directory above it, links resolved: this user's or root's (in a user
+    * each existing directory above it, links resolved and as given: this user's or root's (in a user
       namespace also the overflow id the host's root shows as), and writable by no one
       else unless its sticky bit is set (/tmp) or the group that can write it is this
       user's own private group.
@@ -118,7 +118,16 @@ def untrusted_dir_reason(path: str) -> Distrust | None:
     parts = [real]
     while os.path.dirname(parts[-1]) != parts[-1]:
         parts.append(os.path.dirname(parts[-1]))
+    # and the directories the path goes through as given: a link to a private directory,
+    # kept in a directory anyone can write, can be replaced by anyone (review 1)
+    on_real_path = set(parts)
+    given = d = os.path.abspath(path)
+    while os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+        if d not in on_real_path:
+            parts.append(d)
     for i, d in enumerate(parts):
+        below = real if d in on_real_path else given
         try:
             st = os.stat(d)
         except OSError:
@@ -134,10 +143,10 @@ def untrusted_dir_reason(path: str) -> Distrust | None:
                 return Distrust(d, f"is writable by others (mode {mode:04o})", st.st_uid)
             continue
         if st.st_uid not in trusted_owners:
-            return Distrust(d, f"(a directory above {real}) belongs to user id {st.st_uid}", st.st_uid)
+            return Distrust(d, f"(a directory above {below}) belongs to user id {st.st_uid}", st.st_uid)
         if (mode & 0o002 or group_write) and not mode & stat.S_ISVTX:
             who = "everyone" if mode & 0o002 else f"group {st.st_gid}"
-            return Distrust(d, f"(a directory above {real}) is writable by {who} (mode {mode:04o})", st.st_uid)
+            return Distrust(d, f"(a directory above {below}) is writable by {who} (mode {mode:04o})", st.st_uid)
     return None
 
 

@@ -143,6 +143,8 @@ def _interrupted() -> int:
 
 def _sigterm(signum, frame):
     if interrupts.note_if_finishing(signum):  # committed: nothing left to stop (pyvbak/interrupts.py)
+        if _writing_output[0]:  # ... but the output, waiting on a pipe nobody reads
+            raise _OutputStopped
         return
     why = ("SIGHUP (the terminal or ssh session closed)" if signum == getattr(signal, "SIGHUP", None)
            else "SIGTERM")
@@ -152,6 +154,8 @@ def _sigterm(signum, frame):
 
 def _sigint(signum, frame):
     if interrupts.note_if_finishing(signum):
+        if _writing_output[0]:
+            raise _OutputStopped
         return
     interrupts.raising(signum)
     raise KeyboardInterrupt
@@ -189,31 +193,55 @@ def _printable_anywhere() -> None:
             pass  # not a text stream that can be reconfigured (a test's capture, a pipe closed)
 
 
+class _OutputStopped(BaseException):
+    """A stop request (SIGTERM, SIGHUP, Ctrl-C) that arrived, after the work was
+    committed, while the output waited on a full pipe that nobody reads: it ends the
+    output (the process hung there, SIGTERM only noted - review 2)."""
+
+
+#: [a write to a piped stdout is under way] (_PipedStdout; the signal handlers ask)
+_writing_output = [False]
+
+
 class _PipedStdout:
     """sys.stdout while a command runs, when it is a pipe or socket: a reader that went
     away (EPIPE: ``pyvbak verify --repair | head``, a job runner killed) ends the output,
     not the command.  click answered the EPIPE with a silent exit 1, wherever the command
     was: a repair that left lost blocks, which ends with its error line and exit 6, said
-    nothing and exited 1.  Now the command runs to its end and its exit code and stderr
-    say what happened to the work."""
+    nothing and exited 1; and what was still buffered failed at the interpreter's exit
+    ("Exception ignored ... BrokenPipeError", exit 120: review 2).  Now the command runs
+    to its end, main() flushes through here, and its exit code and stderr say what
+    happened to the work."""
 
     def __init__(self, stream):
         self._stream, self.gone = stream, False
 
     def write(self, text):
         if not self.gone:
+            _writing_output[0] = True
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
+            except (BrokenPipeError, _OutputStopped):
                 self._reader_gone()
+            except (Interrupted, KeyboardInterrupt):  # the command stops: its output ends here
+                self._reader_gone()
+                raise
+            finally:
+                _writing_output[0] = False
         return len(text)
 
     def flush(self):
         if not self.gone:
+            _writing_output[0] = True
             try:
                 self._stream.flush()
-            except BrokenPipeError:
+            except (BrokenPipeError, _OutputStopped):
                 self._reader_gone()
+            except (Interrupted, KeyboardInterrupt):  # the command stops: its output ends here
+                self._reader_gone()
+                raise
+            finally:
+                _writing_output[0] = False
 
     def _reader_gone(self):
         self.gone = True
@@ -272,6 +300,9 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         if rv == _TYPER_CTRL_C_EXIT:
             return _interrupted()
         code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        # the output out of the buffer while this command can still say what became of it
+        # (at the interpreter's exit an EPIPE or ENOSPC was "Exception ignored", exit 120)
+        sys.stdout.flush()
         lost = interrupts.raised_and_lost() if code == 0 else []
         if lost:
             # raised inside an object's clean-up, where Python drops exceptions: the command
@@ -339,6 +370,10 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         raise
     finally:
         if piped is not None and sys.stdout is piped:
+            try:  # (a failed command's output: its outcome is decided, a stop only ends the output)
+                piped.flush()
+            except BaseException:  # noqa: BLE001 - a stop during the flush of a failed command's output
+                piped._reader_gone()
             sys.stdout = piped._stream
         for signum, handler in previous.items():
             # ``exiting`` (the console script, which exits with the code returned): the

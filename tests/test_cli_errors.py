@@ -820,6 +820,26 @@ def test_a_forget_stopped_in_its_prune_says_the_snapshots_are_gone_and_names_pru
     assert code == 10 and "run the command again" in assert_one_error_line(err, "stopped cleanly")
     code, out, err = cli(capsys, "forget", "w@latest", "--repo", repo)  # forget alone: as before
     assert code == 0
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "w")[0] == 0
+    monkeypatch.setattr("pyvbak.repo.prune.keep_last_selection", interrupted)
+    for extra in ([], ["--prune"]):  # a dry run said "some of the snapshots may be forgotten already" (review 2)
+        code, out, err = cli(capsys, "forget", "--keep-last", "1", "--dry-run", *extra, "--repo", repo)
+        assert code == 10 and "a dry run changes nothing: nothing was forgotten or pruned" in assert_one_error_line(err)
+    assert len(json.loads(cli(capsys, "snapshots", "--repo", repo, "--json")[1])) == 1
+
+
+def test_a_restore_output_may_be_a_file_uri(backed_up, capsys, monkeypatch):
+    """OUTPUT as file:///PATH went to ./file:/PATH (review 2); --repo and SOURCE read it."""
+    from pathlib import Path
+
+    tmp, repo, img, sid = backed_up
+    monkeypatch.chdir(tmp)
+    out = tmp / "restored disk.img"
+    code, _, err = cli(capsys, "restore", sid, Path(out).as_uri(), "--repo", repo)
+    assert code == 0, err
+    assert out.read_bytes() == open(img, "rb").read() and not (tmp / "file:").exists()
+    code, _, err = cli(capsys, "restore", sid, f"file://{tmp}/o.img?x", "--repo", repo)
+    assert code == 2 and "restore output" in assert_one_error_line(err, "query or fragment")
 
 
 def test_a_full_repository_filesystem_gives_advice_that_can_work(env, capsys, monkeypatch):

@@ -52,12 +52,25 @@ def _hot_demo_repo(tmp_path) -> str:
 
 
 def test_demo_backs_up_changes_restores_and_checks(tmp_path, capsys):
+    """And the line it prints to restore without pyvbak runs as printed: for a repository
+    given as a file: URI of a path with a space, it named the URI, unquoted (review 2)."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
     require_tool("mkfs.ext4", "e2fsprogs")
-    repo = str(tmp_path / "repo")
+    repo = Path(tmp_path / "my repo").as_uri()
     assert main(["init", repo]) == 0
     code, out, err = _run(capsys, "--repo", repo, "--size-mib", "32")
     assert code == 0, err
     assert out.count("byte-identical=True, e2fsck clean=True") == 2 and out.rstrip().endswith("demo OK")
+    [line] = [ln for ln in out.splitlines() if ln.startswith("restore without pyvbak: ")]
+    command = line[len("restore without pyvbak: "):].replace("OUTPUT.img", shlex.quote(str(tmp_path / "o.img")))
+    assert shlex.split(command)[1] == str(tmp_path / "my repo" / "restore.sh")
+    env = dict(os.environ, PYTHONPATH="", PATH=os.environ["PATH"])
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert os.path.getsize(tmp_path / "o.img") == 32 * 1024 * 1024
 
 
 def test_hot_demo_uses_the_dirty_bitmap_and_leaves_nothing_in_qemu(tmp_path, capsys):

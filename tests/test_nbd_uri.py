@@ -153,3 +153,25 @@ def test_a_file_uri_source_is_percent_decoded(tmp_path, capsys):
     capsys.readouterr()
     assert main(["backup", f"file://{img}?x", "--repo", repo, "--vm", "v", "--disk", "d"]) == 2
     assert "source" in capsys.readouterr().err
+
+
+def test_a_file_uri_source_is_the_absolute_path_even_where_a_relative_one_of_that_spelling_exists(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """file:///ABS read ./file:/ABS when the current directory held a "file:" directory with
+    such a path in it - another disk, backed up without a word (review 2).  A repository
+    location was read as the absolute path; both are now."""
+    from pyvbak.cli.main import main
+
+    cwd = tmp_path / "cwd"
+    meant = tmp_path / "meant.img"
+    meant.write_bytes(b"\x07" * 65536)
+    decoy = cwd / f"file:{meant}"
+    decoy.parent.mkdir(parents=True)
+    decoy.write_bytes(b"\x08" * 65536)
+    monkeypatch.chdir(cwd)
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    for i, spec in enumerate((f"file://{meant}", f"FILE://localhost{meant}")):
+        assert main(["backup", spec, "--repo", repo, "--vm", "v", "--disk", f"d{i}"]) == 0
+        assert main(["restore", f"v/d{i}@latest", str(tmp_path / f"out{i}.img"), "--repo", repo]) == 0
+        assert (tmp_path / f"out{i}.img").read_bytes() == b"\x07" * 65536

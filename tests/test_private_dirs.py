@@ -197,7 +197,7 @@ def test_a_cache_others_can_write_is_not_read_and_the_cli_warns(tmp_path, capsys
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
-@pytest.mark.parametrize("how", ["writable", "another user's"])
+@pytest.mark.parametrize("how", ["writable", "another user's", "a link"])
 def test_a_repository_directory_in_the_cache_that_others_can_write_is_not_read(tmp_path, capsys, monkeypatch, how):
     """While the root was open, another user replaced this repository's directory in it
     with their own: after the root was mended (as the warning says) the plant was used,
@@ -207,6 +207,11 @@ def test_a_repository_directory_in_the_cache_that_others_can_write_is_not_read(t
     if how == "writable":
         os.chmod(cache_dir, 0o777)
         why = "is writable by others (mode 0777)"
+    elif how == "a link":  # (even to a directory of this user's: whoever made the link chose where it leads)
+        elsewhere = tmp_path / "elsewhere"
+        shutil.move(str(cache_dir), str(elsewhere))
+        cache_dir.symlink_to(elsewhere)
+        why = "is a symbolic link, which pyvbak never makes"
     else:
         if os.geteuid() != 0:  # (as tmpfs_at in conftest: CI runs as root, where a skip would hide it)
             msg = "handing a directory to another user needs root"

@@ -73,12 +73,17 @@ def file_uri_path(uri: str, what: str = "repository location") -> str:
 
 
 def is_file_uri(location: str) -> bool:
-    """Is ``location`` meant as a ``file:`` URI: ``file://...``, or ``file:/...`` where no
-    such relative path exists (a directory literally named "file:" stays a path)."""
-    head = location[:5].lower()
-    if head != "file:":
+    """Is ``location`` meant as a ``file:`` URI?  ``file:///PATH`` and
+    ``file://localhost/PATH`` always (read as a relative path, they named a different file
+    whenever a directory "file:" held one: review 2); ``file:/PATH`` and
+    ``file://HOST/...`` where no such relative path exists (a directory literally named
+    "file:" stays a path; otherwise file_uri_path reads or refuses them)."""
+    if location[:5].lower() != "file:":
         return False
-    return location[5:7] == "//" or (location[5:6] == "/" and not os.path.lexists(location))
+    rest = location[5:]
+    if rest.startswith("///") or rest[:12].lower() == "//localhost/":
+        return True
+    return rest.startswith("/") and not os.path.lexists(location)
 
 
 def open_backend(location: str | os.PathLike) -> Backend:

@@ -96,8 +96,8 @@ def _warn_untrusted_cache(repo):
 
     reason = untrusted_cache_reason(repo.config.repo_id)
     if reason:
-        # this repository's own directory in the cache root (links resolved, as the reason's)
-        inside = os.path.dirname(reason.directory) == os.path.realpath(cache_root())
+        # this repository's own directory in the cache root (a link there: the link)
+        inside = os.path.dirname(reason.directory) in (cache_root(), os.path.realpath(cache_root()))
         fix = (f"move it out of the way ('mv {reason.directory} {reason.directory}.untrusted'): it is only a cache, "
                f"made again" if inside else reason.advice())
         info(f"warning: not using the local cache: {reason}; {fix}, or set PYVBAK_CACHE_DIR to a directory only "

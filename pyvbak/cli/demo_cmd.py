@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -159,7 +160,9 @@ def demo(
             if not (same and fsck_ok):
                 raise SourceError(f"demo check failed for snapshot {res.snapshot_id}: see {work}")
             os.unlink(out)
-        print(f"restore without pyvbak: sh {os.path.join(r.location, 'restore.sh')} {second.snapshot_id} OUTPUT.img")
+        # a line to paste into a shell: the repository's directory (not a file: URI), quoted
+        kit = os.path.join(getattr(r.backend, "root", None) or r.location, "restore.sh")
+        print(f"restore without pyvbak: sh {shlex.quote(kit)} {second.snapshot_id} OUTPUT.img")
         print("demo OK")
         # the demo's work is done: a signal from here on is only noted, and said (it was
         # deferred below and dropped: exit 0 and no word - the session-16 review 4)

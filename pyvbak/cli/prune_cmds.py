@@ -53,6 +53,10 @@ def forget(
     # only that the repository was locked, and a retry forgot the next ones.
     # clean_stale=False otherwise: a stale lock is the evidence the next backup adopts a
     # killed backup's unindexed packs by; forget deletes no data and must not erase it.
+    if dry_run:  # (a stop said "some of the snapshots may be forgotten already": review 2)
+        from .main import set_after_interrupt
+
+        set_after_interrupt("a dry run changes nothing: nothing was forgotten or pruned")
     if prune_after:
         lock = _lock(r, dry_run=dry_run, no_lock=no_lock, exclusive=True, purpose="forget and prune",
                      clean_stale=not dry_run)

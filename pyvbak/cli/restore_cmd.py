@@ -12,7 +12,7 @@ from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json
 
 def restore(
     snapshot: str = typer.Argument(..., metavar="SNAPSHOT", help="Snapshot id (or unique prefix), or VM@latest, or VM/DISK@latest; into a directory: its whole consistency group."),
-    output: str = typer.Argument(..., metavar="OUTPUT", help="File or block device to restore to; a directory (ending in /) restores every disk of the snapshot's consistency group (or VM@latest's newest) as DIR/DISK.img."),
+    output: str = typer.Argument(..., metavar="OUTPUT", help="File or block device to restore to (or a file:/// URI of one); a directory (one that exists, or a path ending in /) restores every disk of the snapshot's consistency group (or VM@latest's newest) as DIR/DISK.img."),
     repo: Optional[str] = RepoOption,
     force: bool = typer.Option(False, "--force", help="Overwrite OUTPUT if it exists."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=f"Worker threads (default: all cores; at most {MAX_THREADS}: memory grows with them)."),
@@ -20,8 +20,11 @@ def restore(
     no_lock: bool = NoLockOption,
 ) -> None:
     """Restore a snapshot byte-identical, checking every block's digest."""
+    from ..backends import file_uri_path, is_file_uri
     from ..repo.restore import restore_snapshot
 
+    if is_file_uri(output):  # as for --repo and SOURCE: the file: URI's path (it was ./file:/...)
+        output = file_uri_path(output, "restore output")
     r = open_repository(repo)
     group = _vm_group(r, snapshot, output)
     if group is not None:

@@ -137,14 +137,14 @@ def source_spec(spec: str) -> str:
     from ..backends import file_uri_path, is_file_uri
 
     m = _SCHEME.match(spec)
-    if os.path.lexists(spec):  # a path that exists is that path, however it is spelled ("File:/x.img")
-        # (made plainly a path: "file://x.img" of a directory "file:" was stripped to ./x.img)
-        return "./" + spec if m else spec
     if is_file_uri(spec):
         # RFC 8089, as for a repository location (backends.file_uri_path): the plain
         # absolute path ("file://x.img" was read as the relative ./x.img, "file:///a%20b.img"
         # as a file named "a%20b.img")
         return file_uri_path(spec, "source")
+    if os.path.lexists(spec):  # a path that exists is that path, however it is spelled ("File://x.img")
+        # (made plainly a path: "file://x.img" of a directory "file:" was stripped to ./x.img)
+        return "./" + spec if m else spec
     if m and m.group(1).lower() in _SCHEMES:
         return m.group(1).lower() + spec[len(m.group(1)):]
     lowered = spec.lower()

@@ -191,7 +191,14 @@ def untrusted_cache_reason(repo_id: str | None = None) -> Distrust | None:
         return None
     reason = untrusted_dir_reason(root)
     if reason is None and repo_id is not None and _REPO_DIR.fullmatch(repo_id):
-        reason = untrusted_dir_reason(os.path.join(root, repo_id))
+        d = os.path.join(root, repo_id)
+        try:
+            st = os.lstat(d)
+        except OSError:
+            return None  # not made yet (make_private_dirs makes it 0700), or unreachable
+        if stat.S_ISLNK(st.st_mode):  # pyvbak never makes one there: whoever did chose where it leads
+            return Distrust(d, "is a symbolic link, which pyvbak never makes", st.st_uid)
+        reason = untrusted_dir_reason(d)
     return reason
 
 

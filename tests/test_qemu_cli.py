@@ -196,6 +196,27 @@ def test_forgetting_the_newest_snapshot_forces_a_full_scan_never_a_wrong_increme
     assert again["cbt"] is True and again["changed_blocks"] == 1
 
 
+def test_one_disk_backed_up_under_two_names_says_so(vm, tmp_path, capsys, monkeypatch):
+    """Each backup moves the disk's one bitmap on: under a second name the other's next
+    backup scans whole - and said the bitmap's backup "is not in this repository", of a
+    backup that was, under the other name (the docs audit)."""
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(MiB))
+    _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "root"])
+    other = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "data"])
+    again = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "root"])
+    assert again["cbt"] is False
+    assert f"of the backup of web/data ({other['id']}) in this repository: this disk is backed up under two " \
+           f"names" in again["fallback_reason"]
+    assert "back it up under one name" in again["fallback_reason"]
+    out = tmp_path / "root.img"
+    capsys.readouterr()
+    assert main(["restore", "web/root@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == vm.read(0, vm.size)
+
+
 def test_work_dir_that_cannot_be_created_is_one_line(vm, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -57,6 +57,14 @@ def backup(
         )
 
 
+def _bitmap_owner(r, bitmap: str) -> str | None:
+    """"VM/DISK (ID)" of the newest snapshot in ``r`` whose change tracking recorded dirty
+    bitmap ``bitmap``, or None (asked only when a disk's bitmap was moved on by a backup
+    that is not its parent: the snapshot descriptions come from the local cache)."""
+    owners = [s for s in r.snapshots() if ((s.meta.get("change_tracking") or {}).get("state") or {}).get("bitmap") == bitmap]
+    return f"{owners[-1].vm}/{owners[-1].disk} ({owners[-1].id})" if owners else None
+
+
 def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: list[str] | None = None,
                   threads: int | None = None, verify_cbt: bool = False, show_progress: bool = True,
                   work_dir: str | None = None, image_format: str = "auto", finish_on_commit: bool = False):
@@ -87,7 +95,8 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
             prev_states[name] = (parent.meta.get("change_tracking") or {}).get("state") if parent else None
         try:
             with open_disks(source, names, previous_states=prev_states, verify_cbt=verify_cbt,
-                            work_dir=work_dir, image_format=image_format) as (disks, session_cleaned):
+                            work_dir=work_dir, image_format=image_format,
+                            bitmap_owner=lambda bitmap: _bitmap_owner(r, bitmap)) as (disks, session_cleaned):
                 # several disks were frozen together just now: their snapshots say so
                 group = ({"consistency_group": {"id": new_snapshot_id(), "time": snapshot_time(), "disks": names}}
                          if len(names) > 1 else None)

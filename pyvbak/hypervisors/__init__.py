@@ -213,9 +213,11 @@ def check_image_format(spec: str, image_format: str) -> None:
 
 @contextmanager
 def open_disks(spec: str, names: list[str], *, previous_states: dict[str, dict | None],
-               verify_cbt: bool = False, work_dir: str | None = None, image_format: str = "auto"):
+               verify_cbt: bool = False, work_dir: str | None = None, image_format: str = "auto",
+               bitmap_owner=None):
     """Yields (list of OpenedDisk, cleaned) for the disks ``disk_names`` gave; ``cleaned``
     fills with what the hypervisor session removed of an earlier, killed run.
+    ``bitmap_owner``: QemuHotBackup's (which snapshot recorded a dirty bitmap).
     ``image_format``: how an image file or device is read (``check_image_format``).
 
     The disks of a qemu:// URI share one hypervisor session: their point-in-time views
@@ -225,7 +227,8 @@ def open_disks(spec: str, names: list[str], *, previous_states: dict[str, dict |
         from .qemu import QemuHotBackup
 
         with QemuHotBackup(spec, previous_states=previous_states, disk_names=names,
-                           work_dir=work_dir or default_work_dir(), verify_cbt=verify_cbt) as session:
+                           work_dir=work_dir or default_work_dir(), verify_cbt=verify_cbt,
+                           bitmap_owner=bitmap_owner) as session:
             yield [OpenedDisk(d.name, lambda d=d: _disk_source(d), d.commit)
                    for d in session.disks], list(session.cleaned_leftovers)
         return

@@ -146,10 +146,14 @@ class QemuHotBackup(ExportSession):
 
     def __init__(self, uri: str, *, previous_state: dict | None = None, work_dir: str | os.PathLike,
                  verify_cbt: bool = False, qmp_timeout: float = 30.0,
-                 previous_states: dict[str, dict | None] | None = None, disk_names: list[str] | None = None):
+                 previous_states: dict[str, dict | None] | None = None, disk_names: list[str] | None = None,
+                 bitmap_owner=None):
         """``previous_states``: {disk name: change-tracking state of its latest snapshot}
         (``previous_state`` alone: the one disk's); ``disk_names``: the names the caller
-        expects, in order (from ``vm_disks.query_disk_names``; one name renames one disk)."""
+        expects, in order (from ``vm_disks.query_disk_names``; one name renames one disk);
+        ``bitmap_owner(name)``: which snapshot of the repository recorded dirty bitmap
+        ``name`` ("VM/DISK (ID)"), or None - to say so when another name's backup moved
+        this disk's bitmap on."""
         self.uri = uri
         self.qmp_path, self.selectors = parse_qemu_uri_disks(uri)
         if previous_states is None and previous_state is not None and len(self.selectors) != 1:
@@ -157,6 +161,7 @@ class QemuHotBackup(ExportSession):
         self._previous_states = previous_states
         self._previous_state = previous_state
         self._expected_names = list(disk_names) if disk_names is not None else None
+        self.bitmap_owner = bitmap_owner
         self.work_dir = Path(work_dir).absolute()  # QEMU opens what is named in it from its own cwd
         self.verify_cbt = verify_cbt
         self.qmp_timeout = qmp_timeout
@@ -410,7 +415,7 @@ class QemuHotBackup(ExportSession):
         identity["backing_chain"], never_trusted = outside_data(chain, data_files_from_headers=False)
         never_trusted = _unusual_graph(chain[0]) or never_trusted
         bitmaps = cleanup.gen_bitmaps(info)
-        reason, old = _check_cbt(d, fmt, bitmaps, identity, bitmaps_before, never_trusted)
+        reason, old = _check_cbt(d, fmt, bitmaps, identity, bitmaps_before, never_trusted, self.bitmap_owner)
         prev_bitmap = (d.previous_state or {}).get("bitmap")
         d.old_bitmap = prev_bitmap if prev_bitmap in bitmaps and not bitmaps[prev_bitmap].get("busy") else None
         gens = [max_gen, *(generation_of(b) or 0 for b in bitmaps),
@@ -747,10 +752,11 @@ def _unusual_graph(image: dict) -> str | None:
 
 def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
                bitmaps_before: dict[str, dict] | None = None,
-               never_trusted: str | None = None) -> tuple[str | None, str | None]:
+               never_trusted: str | None = None, bitmap_owner=None) -> tuple[str | None, str | None]:
     """(fallback reason or None, bitmap to export or None) for one disk.
     ``bitmaps_before``: the node's generations before leftover cleanup (which removes
-    stale ones); ``never_trusted``: why no bitmap of this disk can be (session.outside_data)."""
+    stale ones); ``never_trusted``: why no bitmap of this disk can be (session.outside_data);
+    ``bitmap_owner``: QemuHotBackup's."""
     prev, node = d.previous_state, d.node
     if not prev:
         return "no dirty bitmap of an earlier backup of this disk (its first backup through QEMU)", None
@@ -780,6 +786,12 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
     if b is None:
         newer = sorted(n for n in (bitmaps_before or bitmaps) if (generation_of(n) or 0) > (generation_of(name) or 0))
         if newer:  # a later backup rotated it away, and its snapshot is not the parent now
+            owners = [o for o in map(bitmap_owner, newer) if o] if bitmap_owner is not None else []
+            if owners:  # (it said "not in this repository" of a backup that was: the docs audit)
+                return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of the "
+                        f"backup of {owners[-1]} in this repository: this disk is backed up under two names, and "
+                        f"each moves its one bitmap on; back it up under one name (the same --disk, or always the "
+                        f"whole VM) to keep change tracking"), None
             return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of a "
                     f"newer backup that is not in this repository (forgotten, or made into another repository)"), None
         if not persistent:

@@ -204,6 +204,13 @@ def test_a_fifo_or_character_device_with_an_image_suffix_is_refused_at_once(tmp_
     assert not (repo / "snapshots").exists() or not os.listdir(repo / "snapshots")
 
 
+def test_a_file_whose_size_cannot_be_told_is_one_line_that_names_it(capsys, repo):
+    """/proc/self/mem opens as a regular file and refuses lseek: the error was a bare
+    "Invalid argument", naming no file (the docs audit)."""
+    line = one_line_error(capsys, ["backup", "/proc/self/mem", "--repo", str(repo), "--vm", "a"])
+    assert "cannot tell the size of disk image /proc/self/mem: Invalid argument" in line, line
+
+
 # ---- D3/D7: a bitmap that cannot be rotated ----------------------------------------------
 
 def test_a_read_only_qcow2_backs_up_with_its_bitmap_and_the_next_one_scans(tmp_path, capsys, repo):

@@ -43,7 +43,12 @@ class FileSource:
             os.close(fd)
             raise SourceError(f"{self.path} is neither a regular file nor a block device: give a disk image file or block "
                               f"device")
-        self.size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            self.size = os.lseek(fd, 0, os.SEEK_END)
+        except OSError as exc:  # (/proc/self/mem: EINVAL, said as a bare "Invalid argument" - the docs audit)
+            os.close(fd)
+            raise SourceError(f"cannot tell the size of disk image {self.path}: {exc.strerror}; give a disk image file "
+                              f"or block device") from None
         self._fd = fd
         return self
 

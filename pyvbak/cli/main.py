@@ -245,15 +245,22 @@ class _PipedStdout:
 
     def _reader_gone(self):
         self.gone = True
-        try:  # what is left in the stream's buffer, flushed at exit, goes nowhere quietly
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self._stream.fileno())
-            os.close(null)
-        except OSError:
-            pass
+        _drop_pending_output(self._stream)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+def _drop_pending_output(stream) -> None:
+    """What is left in ``stream``'s buffer, flushed at the interpreter's exit, goes nowhere
+    quietly: its descriptor now points at /dev/null (a failed flush there was "Exception
+    ignored" and exit 120, whatever the command's outcome)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, AttributeError, ValueError):  # (no descriptor: a test's capture, which does not fail)
+        pass
 
 
 def _pipe_guard():
@@ -375,6 +382,11 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             except BaseException:  # noqa: BLE001 - a stop during the flush of a failed command's output
                 piped._reader_gone()
             sys.stdout = piped._stream
+        elif piped is None:
+            try:  # a file or terminal: what the command could not write (a full disk) fails here, once
+                sys.stdout.flush()
+            except Exception:  # noqa: BLE001 - already reported by the outcome above, or nothing to report
+                _drop_pending_output(sys.stdout)
         for signum, handler in previous.items():
             # ``exiting`` (the console script, which exits with the code returned): the
             # command is over, a signal from now on changes nothing - its default action

@@ -719,3 +719,51 @@ def test_a_move_keeps_the_pack_when_a_snapshot_index_cannot_be_read(tmp_path, ca
     done, left = move_out_of_packs(Repository.open(str(repo)), [pack.rsplit("/", 1)[-1]])
     assert not done and left and "does not read back intact" in left[0]
     assert pack in Repository.open(str(repo)).backend.list("packs/")
+
+
+def test_a_restore_that_finds_a_bad_copy_flags_it_and_the_next_backup_heals(tmp_path, capsys):
+    """A restore that hit a corrupt copy said to run verify, and until someone did, every
+    backup went on deduplicating against that copy (a nightly test-restore changed
+    nothing).  Now the restore flags it, as verify would, and the next backup of the disk
+    stores the block again."""
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 341)
+    code, out, err = cli(capsys, "restore", "v@latest", tmp_path / "no-lock.img", "--repo", repo, "--no-lock")
+    assert code == 6 and _markers(repo) == [] and "run 'pyvbak verify'" in err  # --no-lock writes nothing
+    code, out, err = cli(capsys, "restore", "v@latest", tmp_path / "o.img", "--repo", repo)
+    assert code == 6 and not (tmp_path / "o.img").exists()
+    assert "the bad copies are flagged now, so the next backup of a disk that still holds those blocks stores " \
+           "them again" in err, err
+    (marker,) = _markers(repo)
+    doc = json.loads((repo / "lost" / marker).read_text())
+    assert doc["flagged"] == [[bad[0].hex(), bad[1].hex(), bad[2]]] and doc["cleared"] == [] and doc["packs"] == []
+    assert cli(capsys, "restore", "v@latest", tmp_path / "o.img", "--repo", repo)[0] == 6
+    assert _markers(repo) == [marker]  # flagged already: no marker per restore
+
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
+    res = json.loads(out)
+    assert code == 0 and res["new_blocks"] == 1 and res["new_bytes"] == BS, err
+    _restores_everything(capsys, tmp_path, repo, img)  # the old snapshot too: the block is named by content
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    assert code == 6 and json.loads(out)["affected_snapshots"] == [], err  # only the bad copy beside a good one
+    assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 0
+
+
+def test_a_restore_from_another_copy_flags_the_bad_one(tmp_path, capsys):
+    """A block stored twice (two backups at once): the restore reads past the bad copy
+    and says so; it flags it too, so restores read the good copy first from then on."""
+    repo, img, bad = _damaged_repo(tmp_path, capsys, 342)
+    r = Repository.open(str(repo))
+    good = r.read_checked_block(r.load_digest_index().records[0], BS)
+    assert good is None  # (the first copy is the damaged one)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6  # flags it ...
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0  # ... and a second copy is stored
+    for name in _markers(repo):
+        os.unlink(repo / "lost" / name)  # (as if the flag never was: a repository restored from an older copy)
+    code, out, err = cli(capsys, "restore", "v@latest", tmp_path / "o.img", "--repo", repo, "--json")
+    report = json.loads(out)
+    assert code == 0 and same_file(tmp_path / "o.img", img), err
+    assert report["blocks_from_other_copies"] == 1 and report["flagged_copies"] == 1
+    (marker,) = _markers(repo)
+    assert json.loads((repo / "lost" / marker).read_text())["flagged"] == [[bad[0].hex(), bad[1].hex(), bad[2]]]
+    code, out, err = cli(capsys, "restore", "v@latest", tmp_path / "o2.img", "--repo", repo, "--json")
+    assert code == 0 and json.loads(out)["blocks_from_other_copies"] == 0 and "another" not in err  # good copy first

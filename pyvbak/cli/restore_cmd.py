@@ -45,7 +45,7 @@ def restore(
         with progress_bar(f"restore {snap.id}", not json_out) as update:
             try:
                 report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update,
-                                          finish_on_commit=True)
+                                          finish_on_commit=True, flag_bad_copies=not no_lock)
             except IntegrityError as exc:
                 _blame_a_removed_lock(lock, exc)
                 raise
@@ -168,7 +168,7 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
             for snap, target in zip(group, targets):
                 with progress_bar(f"restore {snap.vm}/{snap.disk}", not json_out) as update:
                     report = restore_snapshot(r, snap, target, force=force, threads=threads, progress=update,
-                                              replace=False)
+                                              replace=False, flag_bad_copies=not no_lock)
                 if "pending" in report:
                     pending.append(report.pop("pending"))
                 else:  # a block device behind DIR/DISK.img: written in place

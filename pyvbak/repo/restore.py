@@ -33,7 +33,7 @@ from .. import interrupts
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import scope_token, start_time, temp_writer_alive
 from . import digest_sets
-from .reader import BlockSink, ScratchBuffers, group_members, read_blocks, sort_for_reading
+from .reader import BlockSink, ReadFailure, ScratchBuffers, group_members, read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
 
@@ -515,12 +515,14 @@ def discard_restored(pending: list[tuple[str, str]]) -> None:
 
 
 def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: int | None = None, progress=None,
-                     replace: bool = True, finish_on_commit: bool = False) -> dict:
+                     replace: bool = True, finish_on_commit: bool = False, flag_bad_copies: bool = False) -> dict:
     """Restore ``snap`` to ``output`` (a file or block device).  A file is written under a
     temp name and renamed over ``output`` when complete; with ``replace=False`` the
     complete, synced temp file is left for the caller (``report["pending"]``: ``(temp,
     output)``, for ``commit_restored`` or ``discard_restored``), so several disks can be
-    put in place together."""
+    put in place together.  ``flag_bad_copies`` (the caller holds a repository lock):
+    copies found corrupt or missing are flagged in a ``lost/`` marker, as a plain verify
+    flags them (``report["flagged_copies"]``)."""
     t0 = time.monotonic()
     # One worker per core: the backend prefetches the pack ranges ahead of them (packs are
     # written with O_DIRECT, so a restore reads them cold).  2 GiB bench image, 2 cores,
@@ -591,6 +593,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     errors: list[str] = []
     failed: list[tuple[int, str]] = []  # (record in reading order, why its copy is bad)
     from_copies: list[str] = []  # digests restored from another copy than the index's first
+    flagged_copies = 0
     written = [0]
     count_lock = threading.Lock()
     target = None
@@ -699,7 +702,15 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             target.write_block(data, places)
             written[0] += len(data) * len(places)
             from_copies.append(bytes(recs_sorted[k]["digest"]).hex())
+        if flag_bad_copies:
+            flagged_copies = _flag_failed_copies(repo, [recs_sorted[k] for k, reason in sorted(failed)
+                                                        if not isinstance(reason, ReadFailure)])
         if errors:
+            if flagged_copies:
+                raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); "
+                                     f"the bad copies are flagged now, so the next backup of a disk that still holds "
+                                     f"those blocks stores them again: run 'pyvbak verify' to see which snapshots they "
+                                     f"affect")
             raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); run 'pyvbak verify': "
                                  f"it names the snapshots affected and flags the bad copies, so that the next backup of "
                                  f"a disk still holding those blocks stores them again")
@@ -767,12 +778,39 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         # blocks whose first copy was missing or damaged, restored from another copy
         # ('pyvbak verify --repair' drops the bad one from the index)
         "blocks_from_other_copies": len(from_copies),
+        # copies found corrupt or missing that this restore flagged (flag_bad_copies)
+        "flagged_copies": flagged_copies,
         # seconds per phase: index loading and block lookup; reading, checking and
         # writing the blocks; fsync and rename (where a slow restore's time went)
         "phases": {"prepare": t_data - t0, "data": t_sync - t_data, "sync": t_end - t_sync},
         "duration": t_end - t0,
         **({"pending": pending} if pending is not None else {}),
     }
+
+
+def _flag_failed_copies(repo, records: list) -> int:
+    """Flag ``records`` (pack index records of copies read back corrupt or missing: not
+    those a read error kept from being read) in a ``lost/`` marker, as a plain verify does
+    (Repository.write_flag_marker), but for copies no marker flags yet: the next backup of
+    each disk that still holds those blocks stores them again, with no verify run first
+    (before, every backup went on deduplicating against the bad copy, and a nightly
+    test-restore that found it changed nothing).  Best effort - the restore's own outcome
+    stands whatever happens here; the number of copies flagged."""
+    from ..backends import BackendError, ObjectExists
+
+    if not records:
+        return 0
+    recs = np.array(records, dtype=records[0].dtype)
+    try:
+        new = recs[~digest_sets.isin(digest_sets.copy_keys(recs), repo.flagged_copies())]
+        if not len(new):
+            return 0
+        copies = [(bytes(r["digest"]).ljust(32, b"\0"), bytes(r["pack"]).ljust(32, b"\0"), int(r["offset"]))
+                  for r in new]
+        repo.write_flag_marker(copies)
+    except (BackendError, ObjectExists, OutOfSpace, OSError):  # (read-only storage, a full disk)
+        return 0
+    return len(copies)
 
 
 def _other_copy(repo, index, record, ulen: int):

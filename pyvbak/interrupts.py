@@ -92,9 +92,14 @@ def raising(signum: int) -> None:
     _state["raised"].append(signum)
 
 
+def noted_names() -> list[str]:
+    """The names of the signals noted so far (oldest first)."""
+    return [signal.Signals(s).name for s in _state["noted"]]
+
+
 def end() -> list[str]:
     """Back to raising; the names of the signals noted meanwhile (oldest first)."""
-    noted = [signal.Signals(s).name for s in _state["noted"]]
+    noted = noted_names()
     _state["finishing"], _state["noted"] = False, []
     return noted
 

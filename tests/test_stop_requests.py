@@ -449,6 +449,97 @@ def test_a_stop_while_the_output_waits_on_a_full_pipe_stops_the_command(tmp_path
     assert len(out) < 8192, len(out)  # (all of it waits in Python's buffer for the end of the command)
 
 
+def _stalled_run(tmp_path, args, *, same_pipe: bool):
+    """``pyvbak ARGS`` with stdout (and, ``same_pipe``, stderr: 2>&1) a full 4 KiB pipe
+    nobody reads; SIGTERM once it waits there: (exit code, stderr or "")."""
+    import fcntl
+
+    from conftest import wait_until
+
+    r, w = os.pipe()
+    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+    os.write(w, b"#" * 4096)  # what a reader that stalled left unread
+    p = subprocess.Popen([sys.executable, "-m", "pyvbak", *map(str, args)], stdout=w,
+                         stderr=w if same_pipe else subprocess.PIPE, env=_as_users_run_it(tmp_path), text=True)
+    os.close(w)
+    try:
+        def waits_on_the_pipe():
+            try:
+                with open(f"/proc/{p.pid}/wchan") as f:
+                    return "pipe" in f.read()
+            except OSError:
+                return False
+
+        wait_until(lambda: p.poll() is not None or waits_on_the_pipe(), timeout=60, what="the command at its output")
+        assert p.poll() is None
+        p.send_signal(signal.SIGTERM)
+        code = p.wait(timeout=30)  # (it hung here: a line waiting on the pipe, the stop only noted)
+        return code, "" if same_pipe else p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if p.stderr:
+            p.stderr.close()
+        os.close(r)
+
+
+def test_a_stop_while_the_error_line_waits_on_a_full_pipe_ends_the_command(tmp_path, backed_up):
+    """2>&1 into a reader that stopped reading: the error line of the stopped command
+    waited on the same full pipe, and a second SIGTERM was only noted (review 3)."""
+    repo, _ = backed_up
+    code, _ = _stalled_run(tmp_path, ["snapshots", "--repo", repo, "--json"], same_pipe=True)
+    assert code == 10
+
+
+def test_a_second_stop_ends_an_error_line_waiting_on_a_full_stderr_pipe(tmp_path):
+    """The outcome is decided (the repository is missing: exit 3) and its line waits on a
+    stderr nobody reads: one stop is noted (it may just have landed as a line went out),
+    a second ends the line, not the outcome (it hung, review 3)."""
+    import fcntl
+
+    from conftest import wait_until
+
+    r, w = os.pipe()
+    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+    os.write(w, b"#" * 4096)
+    p = subprocess.Popen([sys.executable, "-m", "pyvbak", "snapshots", "--repo", str(tmp_path / "none")],
+                         stdout=subprocess.DEVNULL, stderr=w, env=_as_users_run_it(tmp_path))
+    os.close(w)
+    try:
+        def waits():
+            try:
+                with open(f"/proc/{p.pid}/wchan") as f:
+                    return "pipe" in f.read()
+            except OSError:
+                return False
+
+        wait_until(lambda: p.poll() is not None or waits(), timeout=60, what="the error line at the full pipe")
+        p.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):  # one: noted, the line still waits
+            p.wait(timeout=1)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 3
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(r)
+
+
+@pytest.mark.parametrize("args", [["unlock"], ["snapshots"]])
+def test_a_command_done_but_stopped_at_its_output_says_what_became_of_the_work(tmp_path, backed_up, args):
+    """unlock (and cbt-off) that had done their work said "interrupted ... run it again"
+    when stopped while their result waited on a full pipe (review 3); a listing is
+    its output, so stopping it is a stop."""
+    repo, _ = backed_up
+    code, err = _stalled_run(tmp_path, [*args, "--repo", repo], same_pipe=False)
+    if args == ["unlock"]:
+        assert code == 0 and "arrived after the work was committed" in err, err
+    else:
+        assert code == 10 and "interrupted by SIGTERM: stopped cleanly" in err, err
+
+
 def test_a_stop_during_forget_says_to_look_before_running_it_again(tmp_path, repo_and_image):
     """Stopped between two snapshots, forget said "run the command again to finish", which
     then failed on the one already forgotten, exit 5 (review 3)."""

@@ -151,6 +151,9 @@ def cbt_off(
     if image_format not in ("auto", "qcow2"):
         raise UsageError(f"--format {image_format!r} is not understood here: auto (a .qcow2 name) or qcow2")
     removed = remove_change_tracking(source, work_dir=default_work_dir(), image_format=image_format)
+    # done: a stop from here on (the result waiting on a full pipe) is noted, and does not
+    # say "the dirty bitmaps not yet removed are still there" of bitmaps all gone (review 3)
+    interrupts.begin_finishing()
     if json_out:
         emit_json({"source": source, "removed": removed})
         return

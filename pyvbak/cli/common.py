@@ -113,8 +113,60 @@ def refuse_memory(location: str) -> None:
                          f"(or file:///PATH)")
 
 
+class _OutputStopped(BaseException):
+    """A stop request (SIGTERM, SIGHUP, Ctrl-C) that arrived, after the work was
+    committed (or the outcome decided), while output waited on a full pipe that nobody
+    reads: it ends that output (the process hung there, the stop only noted - reviews 2
+    and 3).  Raised by cli.main's signal handlers while ``_writing_output`` is set."""
+
+
+#: [a write of the command's output to a piped stdout (cli.main's _PipedStdout) is under
+#: way]: the signal handlers ask
+_writing_output = [False]
+#: [None, or while write_line writes: how many stop requests were noted before it began]
+#: - a second one noted during the write ends it (one alone may just have landed while a
+#: line went out, which must not lose the error line: the session-17 review)
+_writing_line: list = [None]
+
+
+def _drop_pending_output(stream) -> None:
+    """What is left in ``stream``'s buffer, flushed at the interpreter's exit, goes nowhere
+    quietly: its descriptor now points at /dev/null (a failed flush there was "Exception
+    ignored" and exit 120, whatever the command's outcome)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, AttributeError, ValueError):  # (no descriptor: a test's capture, which does not fail)
+        pass
+
+
+def write_line(stream, line: str) -> None:
+    """``line`` on ``stream`` (stderr: warnings, notes, the error line) - which a hangup
+    may have closed (EIO, EPIPE: dropped), or a reader may have stopped reading: once the
+    outcome is decided, a second stop request while the line waits ends this output (a
+    stopped command writing its error line into a full pipe nobody read hung - review 3;
+    stdout and stderr into one pipe, 2>&1, end together at the first: cli.main); before,
+    a stop ends the command as anywhere else."""
+    from .. import interrupts
+    from ..errors import Interrupted
+
+    _writing_line[0] = len(interrupts.noted_names())
+    try:
+        print(line, file=stream, flush=True)
+    except (OSError, ValueError):
+        pass
+    except _OutputStopped:
+        _drop_pending_output(stream)
+    except (Interrupted, KeyboardInterrupt):  # a stop of work still under way: it stops, this output ends
+        _drop_pending_output(stream)
+        raise
+    finally:
+        _writing_line[0] = None
+
+
 def info(message: str) -> None:
-    print(message, file=sys.stderr)
+    write_line(sys.stderr, message)
 
 
 def emit_json(obj) -> None:

@@ -18,6 +18,7 @@ from .. import interrupts
 from ..allocator import tune_for_throughput
 from ..errors import Interrupted, PyvbakError
 from . import backup_cmd, demo_cmd, prune_cmds, repo_cmds, restore_cmd
+from .common import _OutputStopped, _drop_pending_output, _writing_line, _writing_output, write_line
 
 def _new_app() -> typer.Typer:
     return typer.Typer(
@@ -141,9 +142,17 @@ def _interrupted() -> int:
     return Interrupted.exit_code
 
 
+def _output_waits() -> bool:
+    """For a stop request noted once the outcome is decided: does it end output that waits?
+    Any while the results go to a piped stdout; a second one during a line on stderr."""
+    if _writing_output[0]:
+        return True
+    return _writing_line[0] is not None and len(interrupts.noted_names()) - _writing_line[0] >= 2
+
+
 def _sigterm(signum, frame):
     if interrupts.note_if_finishing(signum):  # committed: nothing left to stop (pyvbak/interrupts.py)
-        if _writing_output[0]:  # ... but the output, waiting on a pipe nobody reads
+        if _output_waits():  # ... but the output, waiting on a pipe nobody reads
             raise _OutputStopped
         return
     why = ("SIGHUP (the terminal or ssh session closed)" if signum == getattr(signal, "SIGHUP", None)
@@ -154,7 +163,7 @@ def _sigterm(signum, frame):
 
 def _sigint(signum, frame):
     if interrupts.note_if_finishing(signum):
-        if _writing_output[0]:
+        if _output_waits():
             raise _OutputStopped
         return
     interrupts.raising(signum)
@@ -175,11 +184,9 @@ def _catch_termination() -> dict:
 
 
 def _say(line: str) -> None:
-    """An error line on stderr - which a hangup may have closed: the exit code still counts."""
-    try:
-        print(line, file=sys.stderr)
-    except (OSError, ValueError):
-        pass
+    """An error line on stderr - which a hangup may have closed, or a reader may have
+    stopped reading (write_line): the exit code still counts."""
+    write_line(sys.stderr, line)
 
 
 def _printable_anywhere() -> None:
@@ -191,16 +198,6 @@ def _printable_anywhere() -> None:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError, OSError):
             pass  # not a text stream that can be reconfigured (a test's capture, a pipe closed)
-
-
-class _OutputStopped(BaseException):
-    """A stop request (SIGTERM, SIGHUP, Ctrl-C) that arrived, after the work was
-    committed, while the output waited on a full pipe that nobody reads: it ends the
-    output (the process hung there, SIGTERM only noted - review 2)."""
-
-
-#: [a write to a piped stdout is under way] (_PipedStdout; the signal handlers ask)
-_writing_output = [False]
 
 
 class _PipedStdout:
@@ -245,22 +242,16 @@ class _PipedStdout:
 
     def _reader_gone(self):
         self.gone = True
+        try:  # stderr into the same pipe (2>&1): its lines would wait there as well
+            same = os.path.samestat(os.fstat(self._stream.fileno()), os.fstat(sys.stderr.fileno()))
+        except (OSError, AttributeError, ValueError):
+            same = False
         _drop_pending_output(self._stream)
+        if same:
+            _drop_pending_output(sys.stderr)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
-
-
-def _drop_pending_output(stream) -> None:
-    """What is left in ``stream``'s buffer, flushed at the interpreter's exit, goes nowhere
-    quietly: its descriptor now points at /dev/null (a failed flush there was "Exception
-    ignored" and exit 120, whatever the command's outcome)."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, stream.fileno())
-        os.close(null)
-    except (OSError, AttributeError, ValueError):  # (no descriptor: a test's capture, which does not fail)
-        pass
 
 
 def _pipe_guard():
@@ -387,19 +378,25 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
                 sys.stdout.flush()
             except Exception:  # noqa: BLE001 - already reported by the outcome above, or nothing to report
                 _drop_pending_output(sys.stdout)
-        for signum, handler in previous.items():
-            # ``exiting`` (the console script, which exits with the code returned): the
-            # command is over, a signal from now on changes nothing - its default action
-            # killed a backup that had succeeded, exit -15 instead of 0, in the ~10 ms of
-            # the interpreter's exit (the session-14 signal audit)
-            signal.signal(signum, signal.SIG_IGN if exiting else handler)
-        noted = interrupts.end()
+        # The command is over: a stop from here on only ends what is still being written.
+        # The notes are said while this process's handlers are in place - under the
+        # exit's SIG_IGN, a note waiting on a full stderr pipe nobody read (2>&1) hung the
+        # process for good (review 3).
+        interrupts.begin_finishing()
+        noted = interrupts.noted_names()
         if noted and _failing[0]:
             _say(f"pyvbak: note: {' and '.join(dict.fromkeys(noted))} arrived as the command was ending: the "
                  f"outcome above stands")
         elif noted:
             _say(f"pyvbak: note: {' and '.join(dict.fromkeys(noted))} arrived after the work was committed: "
                  f"it was finished and cleaned up instead of stopped")
+        for signum, handler in previous.items():
+            # ``exiting`` (the console script, which exits with the code returned): the
+            # command is over, a signal from now on changes nothing - its default action
+            # killed a backup that had succeeded, exit -15 instead of 0, in the ~10 ms of
+            # the interpreter's exit (the session-14 signal audit)
+            signal.signal(signum, signal.SIG_IGN if exiting else handler)
+        interrupts.end()
 
 
 def _click_exception_types() -> tuple[type, ...]:

@@ -453,6 +453,8 @@ def unlock(
 
     r = open_repository(repo)
     removed = remove_locks(r.backend, all_hosts=all_locks)
+    if not removed:  # nothing more to do: a stop from here on (the line waiting on a full pipe) is noted
+        interrupts.begin_finishing()
     print(f"removed {len(removed)} lock(s)" + (": " + ", ".join(removed) if removed else ""))
     if removed:  # what the removed locks' processes may have left: adopt it now
         with r.lock(purpose="unlock"):

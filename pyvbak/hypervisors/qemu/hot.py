@@ -790,8 +790,8 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
             if owners:  # (it said "not in this repository" of a backup that was: the docs audit)
                 return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of the "
                         f"backup of {owners[-1]} in this repository: this disk is backed up under two names, and "
-                        f"each moves its one bitmap on; back it up under one name (the same --disk, or always the "
-                        f"whole VM) to keep change tracking"), None
+                        f"each moves its one bitmap on; back it up under one name (the same --vm and --disk, or always "
+                        f"the whole VM) to keep change tracking"), None
             return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of a "
                     f"newer backup that is not in this repository (forgotten, or made into another repository)"), None
         if not persistent:

@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 9  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 10  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -695,7 +695,7 @@ if [ "$written" -ne "$wanted" ]; then
   { sort -k1,1 "$tmp/failed" > "$tmp/failed.s" 2>"$tmp/err" && join -v 1 "$tmp/failed.s" "$tmp/done.u" > "$tmp/lost" 2>"$tmp/err"; } \
     || tmp_die "join failed" "$tmp/err"
   first=$(head -n 1 "$tmp/lost") || die "head failed"
-  die "block $first, and no other copy of it reads back good: the repository is damaged ($((wanted - written)) block(s) of snapshot $snap lost; run 'pyvbak verify', or restore another snapshot)"
+  die "block $first, and no other copy of it reads back good: the repository is damaged ($((wanted - written)) block(s) of snapshot $snap lost; run 'pyvbak verify' (it flags the bad copies, so the next backup of a disk that still holds those blocks stores them again), or restore another snapshot)"
 fi
 if [ -n "$device" ]; then
   # Zero blocks, in runs of consecutive blocks: one dd per run.

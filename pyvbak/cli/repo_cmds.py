@@ -289,17 +289,10 @@ def verify(
 
 
 def _other_verifies(r, own) -> bool:
-    """Whether another verify (which may clear flags) holds a lock now, or a lock whose
-    purpose cannot be read does."""
-    from ..repo.locks import RepositoryLock
+    """Whether another verify holds a lock now (repo.locks.other_verifies)."""
+    from ..repo.locks import other_verifies
 
-    try:
-        locks = RepositoryLock(r.backend, exclusive=False, purpose="verify")._read_all()
-    except Exception:  # cannot tell: as if one did
-        return True
-    mine = getattr(own, "name", None)
-    return any(name != mine and (info.get("damaged") or str(info.get("purpose", "")).startswith("verify"))
-               and not RepositoryLock._is_stale(info) for name, info in locks.items())
+    return other_verifies(r.backend, own)
 
 
 def _flag_bad_copies(r, bad: list, redundant: set, flagged_before, healed: list, seen: list,

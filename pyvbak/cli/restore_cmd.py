@@ -45,7 +45,7 @@ def restore(
         with progress_bar(f"restore {snap.id}", not json_out) as update:
             try:
                 report = restore_snapshot(r, snap, output, force=force, threads=threads, progress=update,
-                                          finish_on_commit=True, flag_bad_copies=not no_lock)
+                                          finish_on_commit=True, flag_bad_copies=lock)
             except IntegrityError as exc:
                 _blame_a_removed_lock(lock, exc)
                 raise
@@ -158,7 +158,7 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
         raise UsageError(f"restore target(s) {', '.join(directories)} are directories: remove them or restore elsewhere")
     reports, pending, done = [], [], []
     try:
-        with maybe_lock(r, no_lock, f"restore of {group[0].vm} ({len(group)} disks)"):
+        with maybe_lock(r, no_lock, f"restore of {group[0].vm} ({len(group)} disks)") as lock:
             # Every disk's index read (and checked against its metadata) before the first
             # disk is written, and every disk written to its temp file before any is put
             # in place: with --force, a group restore that failed at its second disk left
@@ -168,7 +168,7 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
             for snap, target in zip(group, targets):
                 with progress_bar(f"restore {snap.vm}/{snap.disk}", not json_out) as update:
                     report = restore_snapshot(r, snap, target, force=force, threads=threads, progress=update,
-                                              replace=False, flag_bad_copies=not no_lock)
+                                              replace=False, flag_bad_copies=lock)
                 if "pending" in report:
                     pending.append(report.pop("pending"))
                 else:  # a block device behind DIR/DISK.img: written in place

@@ -183,6 +183,20 @@ class RepositoryLock:
         self._release()
 
 
+def other_verifies(backend, own=None) -> bool:
+    """Whether a verify other than ``own`` (a RepositoryLock, or None) holds a lock now (it
+    may clear flags of copies it read intact), or a lock whose purpose cannot be read
+    does.  A flagger that finds a flagged copy bad again flags it again meanwhile: that
+    verify's clear does not know the new marker (the session-18 review 3)."""
+    try:
+        locks = RepositoryLock(backend, exclusive=False, purpose="verify")._read_all()
+    except Exception:  # cannot tell: as if one did
+        return True
+    mine = getattr(own, "name", None)
+    return any(name != mine and (info.get("damaged") or str(info.get("purpose", "")).startswith("verify"))
+               and not RepositoryLock._is_stale(info) for name, info in locks.items())
+
+
 def remove_locks(backend, *, all_hosts: bool = False) -> list[str]:
     """``pyvbak unlock``: remove locks of dead processes on this host, or every lock
     (``all_hosts``) when the user knows no other pyvbak uses the repository."""

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__, interrupts
-from ..backends import TEMP_PREFIX, BackendError, ObjectMissing, open_backend
+from ..backends import TEMP_PREFIX, BackendError, ObjectMissing, RangeBeyondEnd, open_backend
 from ..errors import IntegrityError, OutOfSpace, PyvbakError, RepositoryError, SnapshotNotFound, UsageError
 from . import digest_sets
 from . import format as fmt
@@ -843,18 +843,26 @@ class Repository:
         """The ``ulen``-byte block the copy of ``record`` holds, decoded and checked against
         its digest; None when the copy is missing, cannot be read, or is not intact (a
         record claiming a longer frame than a block's can be is not read)."""
+        return self.check_block_copy(record, ulen)[0]
+
+    def check_block_copy(self, record, ulen: int) -> tuple[bytes | None, str]:
+        """(the block, "ok"), or (None, why): "bad" when the copy is missing or read back
+        not intact (what verify and restore flag), "unreadable" when the storage could not
+        be read (an I/O error: never flagged)."""
         from .reader import decode_block, max_frame_bytes
 
         if int(record["clen"]) > max_frame_bytes(self.config.block_size):
-            return None
+            return None, "bad"
         try:
             frame = memoryview(self.read_block_frame(record))
-        except (ObjectMissing, BackendError):
-            return None
+        except (ObjectMissing, RangeBeyondEnd):  # (a pack cut short is a fact about the data)
+            return None, "bad"
+        except BackendError:
+            return None, "unreadable"
         import zstandard
 
         data, problem = decode_block(zstandard.ZstdDecompressor(), frame, ulen, bytes(record["digest"]).ljust(32, b"\0"))
-        return bytes(data) if problem is None else None
+        return (bytes(data), "ok") if problem is None else (None, "bad")
 
     def lost_blocks_of(self, snap: SnapshotInfo) -> int:
         """How many of ``snap``'s non-zero blocks a backup would not find: no longer in the

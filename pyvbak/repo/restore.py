@@ -33,7 +33,7 @@ from .. import interrupts
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import scope_token, start_time, temp_writer_alive
 from . import digest_sets
-from .reader import BlockSink, ReadFailure, ScratchBuffers, group_members, read_blocks, sort_for_reading
+from .reader import BlockSink, ScratchBuffers, group_members, read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
 
@@ -520,9 +520,9 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     temp name and renamed over ``output`` when complete; with ``replace=False`` the
     complete, synced temp file is left for the caller (``report["pending"]``: ``(temp,
     output)``, for ``commit_restored`` or ``discard_restored``), so several disks can be
-    put in place together.  ``flag_bad_copies`` (the caller holds a repository lock):
-    copies found corrupt or missing are flagged in a ``lost/`` marker, as a plain verify
-    flags them (``report["flagged_copies"]``)."""
+    put in place together.  ``flag_bad_copies``: the repository lock the caller holds (or
+    True to vouch for one): copies found corrupt or missing are flagged in a ``lost/``
+    marker, as a plain verify flags them (``report["flagged_copies"]``; _flag_failed_copies)."""
     t0 = time.monotonic()
     # One worker per core: the backend prefetches the pack ranges ahead of them (packs are
     # written with O_DIRECT, so a restore reads them cold).  2 GiB bench image, 2 cores,
@@ -693,22 +693,32 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             _zero_device_runs(target, data_idx, nblocks, bs, size)
         read_blocks(repo, recs_sorted, Sink(), threads=threads)
         target.flush()  # every staged run written: what follows overwrites them, never races them
+        bad_copies = []  # copies read back missing or not intact, twice (what a restore flags)
         for k, reason in sorted(failed):
-            data = _other_copy(repo, index, recs_sorted[k], int(recs_sorted[k]["ulen"]))
+            ulen = int(recs_sorted[k]["ulen"])
+            # the same copy once more first: a passing failure (a storage blip, a short read)
+            # must neither fail the restore nor flag a good copy (review 4)
+            data, kind = repo.check_block_copy(recs_sorted[k], ulen)
+            if kind == "bad":
+                bad_copies.append(recs_sorted[k])
+            if data is None:
+                data, bad_others = _other_copy(repo, index, recs_sorted[k], ulen)
+                bad_copies.extend(bad_others)  # (every bad copy: one left unflagged was deduplicated against)
             if data is None:
                 errors.append(reason)
                 continue
             places = (blocks[starts[k] : stops[k]] * bs).tolist()
             target.write_block(data, places)
             written[0] += len(data) * len(places)
-            from_copies.append(bytes(recs_sorted[k]["digest"]).hex())
+            if kind != "ok":
+                from_copies.append(bytes(recs_sorted[k]["digest"]).hex())
+        all_flagged = False
         if flag_bad_copies:
-            flagged_copies = _flag_failed_copies(repo, [recs_sorted[k] for k, reason in sorted(failed)
-                                                        if not isinstance(reason, ReadFailure)])
+            flagged_copies, all_flagged = _flag_failed_copies(repo, bad_copies, flag_bad_copies)
         if errors:
-            if flagged_copies:
+            if all_flagged:
                 raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); "
-                                     f"the bad copies are flagged now, so the next backup of a disk that still holds "
+                                     f"the bad copies are flagged, so the next backup of a disk that still holds "
                                      f"those blocks stores them again: run 'pyvbak verify' to see which snapshots they "
                                      f"affect")
             raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); run 'pyvbak verify': "
@@ -788,45 +798,62 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     }
 
 
-def _flag_failed_copies(repo, records: list) -> int:
-    """Flag ``records`` (pack index records of copies read back corrupt or missing: not
-    those a read error kept from being read) in a ``lost/`` marker, as a plain verify does
-    (Repository.write_flag_marker), but for copies no marker flags yet: the next backup of
-    each disk that still holds those blocks stores them again, with no verify run first
-    (before, every backup went on deduplicating against the bad copy, and a nightly
-    test-restore that found it changed nothing).  Best effort - the restore's own outcome
-    stands whatever happens here; the number of copies flagged."""
+def _flag_failed_copies(repo, records: list, under) -> tuple[int, bool]:
+    """Flag ``records`` (pack index records of copies read back missing or not intact,
+    twice: never those a read error kept from being read) in a ``lost/`` marker, as a
+    plain verify does (Repository.write_flag_marker): the next backup of each disk that
+    still holds those blocks stores them again, with no verify run first (before, every
+    backup went on deduplicating against the bad copy, and a nightly test-restore that
+    found it changed nothing).  Copies flagged already are flagged again only while a
+    verify runs, which may clear the earlier flag (it may have read the copy intact just
+    before it went bad: review 4, as for verify in session 18).  ``under``: the lock the
+    restore holds (True: the caller vouches for one) - a lock removed meanwhile
+    ('unlock --all') flags nothing: a prune may have moved the blocks (review 4).  Best
+    effort: the restore's own outcome stands whatever happens here.  (copies flagged now,
+    whether every one of ``records`` is flagged after this)."""
     from ..backends import BackendError, ObjectExists
+    from .locks import other_verifies
 
     if not records:
-        return 0
-    recs = np.array(records, dtype=records[0].dtype)
+        return 0, False
     try:
-        new = recs[~digest_sets.isin(digest_sets.copy_keys(recs), repo.flagged_copies())]
-        if not len(new):
-            return 0
-        copies = [(bytes(r["digest"]).ljust(32, b"\0"), bytes(r["pack"]).ljust(32, b"\0"), int(r["offset"]))
-                  for r in new]
+        if hasattr(under, "check_held"):
+            under.check_held()
+    except PyvbakError:
+        return 0, False
+    copies = sorted({(bytes(r["digest"]).ljust(32, b"\0"), bytes(r["pack"]).ljust(32, b"\0"), int(r["offset"]))
+                     for r in records})
+    try:
+        keys = np.array([digest_sets.copy_key(*c) for c in copies], "S72")
+        flagged_before = digest_sets.isin(keys, repo.flagged_copies()).tolist()
+        if not other_verifies(repo.backend, under):
+            copies = [c for c, before in zip(copies, flagged_before) if not before]
+        if not copies:
+            return 0, True
         repo.write_flag_marker(copies)
     except (BackendError, ObjectExists, OutOfSpace, OSError):  # (read-only storage, a full disk)
-        return 0
-    return len(copies)
+        return 0, False
+    return len(copies), True
 
 
 def _other_copy(repo, index, record, ulen: int):
-    """The ``ulen``-byte block of ``record`` read and checked from another stored copy of
-    it, or None when there is none that is intact.  A digest is stored more than once when
-    backups wrote it at the same time: the second copy is what saves a restore from a
-    damaged or lost pack (verify names the bad one; 'verify --repair' drops it).  ``ulen``
-    comes from the block's place on the disk, not from a pack index record (a wrong one
-    may be why the first copy failed); the SHA-256 proves the bytes either way."""
+    """(the ``ulen``-byte block of ``record`` read and checked from another stored copy of
+    it, or None when there is none that is intact; the other copies read back bad on the
+    way).  A digest is stored more than once when backups wrote it at the same time: the
+    second copy is what saves a restore from a damaged or lost pack (verify names the bad
+    one; 'verify --repair' drops it).  ``ulen`` comes from the block's place on the disk,
+    not from a pack index record (a wrong one may be why the first copy failed); the
+    SHA-256 proves the bytes either way."""
+    bad = []
     for alt in index.copies(bytes(record["digest"])):
         if bytes(alt["pack"]) == bytes(record["pack"]) and int(alt["offset"]) == int(record["offset"]):
             continue
-        data = repo.read_checked_block(alt, ulen)  # (missing, unreadable, damaged: the next copy)
+        data, kind = repo.check_block_copy(alt, ulen)  # (missing, unreadable, damaged: the next copy)
         if data is not None:
-            return data
-    return None
+            return data, bad
+        if kind == "bad":
+            bad.append(alt)
+    return None, bad
 
 
 #: ``_IO(0x12, 127)`` from <linux/fs.h>: zero a byte range of a block device

@@ -92,6 +92,11 @@ def raising(signum: int) -> None:
     _state["raised"].append(signum)
 
 
+def stops_seen() -> int:
+    """How many stop requests this command has had, raised or noted."""
+    return len(_state["raised"]) + len(_state["noted"])
+
+
 def noted_names() -> list[str]:
     """The names of the signals noted so far (oldest first)."""
     return [signal.Signals(s).name for s in _state["noted"]]

@@ -449,9 +449,10 @@ def test_a_stop_while_the_output_waits_on_a_full_pipe_stops_the_command(tmp_path
     assert len(out) < 8192, len(out)  # (all of it waits in Python's buffer for the end of the command)
 
 
-def _stalled_run(tmp_path, args, *, same_pipe: bool):
+def _stalled_run(tmp_path, args, *, same_pipe: bool, stops: int = 1):
     """``pyvbak ARGS`` with stdout (and, ``same_pipe``, stderr: 2>&1) a full 4 KiB pipe
-    nobody reads; SIGTERM once it waits there: (exit code, stderr or "")."""
+    nobody reads; ``stops`` SIGTERMs once it waits there (the next once it waits again):
+    (exit code, stderr or "")."""
     import fcntl
 
     from conftest import wait_until
@@ -470,9 +471,13 @@ def _stalled_run(tmp_path, args, *, same_pipe: bool):
             except OSError:
                 return False
 
-        wait_until(lambda: p.poll() is not None or waits_on_the_pipe(), timeout=60, what="the command at its output")
-        assert p.poll() is None
-        p.send_signal(signal.SIGTERM)
+        for _ in range(stops):
+            wait_until(lambda: p.poll() is not None or waits_on_the_pipe(), timeout=60,
+                       what="the command at its output")
+            assert p.poll() is None
+            p.send_signal(signal.SIGTERM)
+            if stops > 1:  # (until it waits again, on its error line)
+                wait_until(lambda: p.poll() is not None or not waits_on_the_pipe(), timeout=10, what="the stop taken")
         code = p.wait(timeout=30)  # (it hung here: a line waiting on the pipe, the stop only noted)
         return code, "" if same_pipe else p.stderr.read()
     finally:
@@ -486,9 +491,11 @@ def _stalled_run(tmp_path, args, *, same_pipe: bool):
 
 def test_a_stop_while_the_error_line_waits_on_a_full_pipe_ends_the_command(tmp_path, backed_up):
     """2>&1 into a reader that stopped reading: the error line of the stopped command
-    waited on the same full pipe, and a second SIGTERM was only noted (review 3)."""
+    waited on the same full pipe, and a second SIGTERM was only noted (review 3).  The
+    first stop stops the work and leaves the line waiting for the reader (one that only
+    paused gets it: review 4); the second ends the line."""
     repo, _ = backed_up
-    code, _ = _stalled_run(tmp_path, ["snapshots", "--repo", repo, "--json"], same_pipe=True)
+    code, _ = _stalled_run(tmp_path, ["snapshots", "--repo", repo, "--json"], same_pipe=True, stops=2)
     assert code == 10
 
 

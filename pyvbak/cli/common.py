@@ -123,10 +123,12 @@ class _OutputStopped(BaseException):
 #: [a write of the command's output to a piped stdout (cli.main's _PipedStdout) is under
 #: way]: the signal handlers ask
 _writing_output = [False]
-#: [None, or while write_line writes: how many stop requests were noted before it began]
-#: - a second one noted during the write ends it (one alone may just have landed while a
-#: line went out, which must not lose the error line: the session-17 review)
-_writing_line: list = [None]
+#: [a line on stderr is under way (write_line)]: a stop noted while it waits ends it if
+#: it is the command's second stop request at least (a first one alone may just have
+#: landed while a line went out, which must not lose the error line: the session-17
+#: review; after the first, the line that says what it did waits for a reader that only
+#: paused: review 4)
+_writing_line = [False]
 
 
 def _drop_pending_output(stream) -> None:
@@ -141,28 +143,40 @@ def _drop_pending_output(stream) -> None:
         pass
 
 
+def _writable_now(stream) -> bool:
+    """Would a write to ``stream`` go out now (a pipe with room, a file, a terminal not
+    held)?  True for a stream without a descriptor (a test's capture)."""
+    import select
+
+    try:
+        return bool(select.select([], [stream.fileno()], [], 0)[1])
+    except (OSError, AttributeError, ValueError):
+        return True
+
+
 def write_line(stream, line: str) -> None:
     """``line`` on ``stream`` (stderr: warnings, notes, the error line) - which a hangup
     may have closed (EIO, EPIPE: dropped), or a reader may have stopped reading: once the
     outcome is decided, a second stop request while the line waits ends this output (a
-    stopped command writing its error line into a full pipe nobody read hung - review 3;
-    stdout and stderr into one pipe, 2>&1, end together at the first: cli.main); before,
-    a stop ends the command as anywhere else."""
+    stopped command writing its error line into a full pipe nobody read hung - review 3);
+    before, a stop ends the command as anywhere else, and the line is still written (a
+    reader that only paused - a full pipe, a terminal held with Ctrl-S - gets it later:
+    review 4)."""
     from .. import interrupts
-    from ..errors import Interrupted
 
-    _writing_line[0] = len(interrupts.noted_names())
+    if interrupts.stops_seen() >= 2 and not _writable_now(stream):
+        # asked to stop twice already (the second before this line began): not another wait
+        _drop_pending_output(stream)
+        return
+    _writing_line[0] = True
     try:
         print(line, file=stream, flush=True)
     except (OSError, ValueError):
         pass
     except _OutputStopped:
         _drop_pending_output(stream)
-    except (Interrupted, KeyboardInterrupt):  # a stop of work still under way: it stops, this output ends
-        _drop_pending_output(stream)
-        raise
     finally:
-        _writing_line[0] = None
+        _writing_line[0] = False
 
 
 def info(message: str) -> None:

@@ -144,10 +144,11 @@ def _interrupted() -> int:
 
 def _output_waits() -> bool:
     """For a stop request noted once the outcome is decided: does it end output that waits?
-    Any while the results go to a piped stdout; a second one during a line on stderr."""
+    Any while the results go to a piped stdout; during a line on stderr, the command's
+    second stop request or a later one (common._writing_line)."""
     if _writing_output[0]:
         return True
-    return _writing_line[0] is not None and len(interrupts.noted_names()) - _writing_line[0] >= 2
+    return _writing_line[0] and interrupts.stops_seen() >= 2
 
 
 def _sigterm(signum, frame):
@@ -218,9 +219,11 @@ class _PipedStdout:
             _writing_output[0] = True
             try:
                 return self._stream.write(text)
-            except (BrokenPipeError, _OutputStopped):
+            except BrokenPipeError:
+                self._reader_gone(stderr_too=True)
+            except _OutputStopped:
                 self._reader_gone()
-            except (Interrupted, KeyboardInterrupt):  # the command stops: its output ends here
+            except (Interrupted, KeyboardInterrupt):  # the command stops: its results end here
                 self._reader_gone()
                 raise
             finally:
@@ -232,18 +235,24 @@ class _PipedStdout:
             _writing_output[0] = True
             try:
                 self._stream.flush()
-            except (BrokenPipeError, _OutputStopped):
+            except BrokenPipeError:
+                self._reader_gone(stderr_too=True)
+            except _OutputStopped:
                 self._reader_gone()
-            except (Interrupted, KeyboardInterrupt):  # the command stops: its output ends here
+            except (Interrupted, KeyboardInterrupt):  # the command stops: its results end here
                 self._reader_gone()
                 raise
             finally:
                 _writing_output[0] = False
 
-    def _reader_gone(self):
+    def _reader_gone(self, *, stderr_too: bool = False):
+        """No more results.  ``stderr_too`` (the reader is gone: EPIPE): stderr into the
+        same pipe (2>&1) could not be written either.  Not on a stop: the error line that
+        says what the stop did still goes out if the reader resumes (a second stop ends a
+        line that waits - common.write_line)."""
         self.gone = True
-        try:  # stderr into the same pipe (2>&1): its lines would wait there as well
-            same = os.path.samestat(os.fstat(self._stream.fileno()), os.fstat(sys.stderr.fileno()))
+        try:
+            same = stderr_too and os.path.samestat(os.fstat(self._stream.fileno()), os.fstat(sys.stderr.fileno()))
         except (OSError, AttributeError, ValueError):
             same = False
         _drop_pending_output(self._stream)

@@ -449,6 +449,15 @@ def test_a_stop_while_the_output_waits_on_a_full_pipe_stops_the_command(tmp_path
     assert len(out) < 8192, len(out)  # (all of it waits in Python's buffer for the end of the command)
 
 
+def _waits_on_a_pipe(pid: int) -> bool:
+    """Is process ``pid`` blocked writing to a pipe (its kernel wait channel)?"""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "pipe" in f.read()
+    except OSError:
+        return False
+
+
 def _stalled_run(tmp_path, args, *, same_pipe: bool, stops: int = 1):
     """``pyvbak ARGS`` with stdout (and, ``same_pipe``, stderr: 2>&1) a full 4 KiB pipe
     nobody reads; ``stops`` SIGTERMs once it waits there (the next once it waits again):
@@ -465,11 +474,7 @@ def _stalled_run(tmp_path, args, *, same_pipe: bool, stops: int = 1):
     os.close(w)
     try:
         def waits_on_the_pipe():
-            try:
-                with open(f"/proc/{p.pid}/wchan") as f:
-                    return "pipe" in f.read()
-            except OSError:
-                return False
+            return _waits_on_a_pipe(p.pid)
 
         for _ in range(stops):
             wait_until(lambda: p.poll() is not None or waits_on_the_pipe(), timeout=60,
@@ -514,14 +519,8 @@ def test_a_second_stop_ends_an_error_line_waiting_on_a_full_stderr_pipe(tmp_path
                          stdout=subprocess.DEVNULL, stderr=w, env=_as_users_run_it(tmp_path))
     os.close(w)
     try:
-        def waits():
-            try:
-                with open(f"/proc/{p.pid}/wchan") as f:
-                    return "pipe" in f.read()
-            except OSError:
-                return False
-
-        wait_until(lambda: p.poll() is not None or waits(), timeout=60, what="the error line at the full pipe")
+        wait_until(lambda: p.poll() is not None or _waits_on_a_pipe(p.pid), timeout=60,
+                   what="the error line at the full pipe")
         p.send_signal(signal.SIGTERM)
         with pytest.raises(subprocess.TimeoutExpired):  # one: noted, the line still waits
             p.wait(timeout=1)

@@ -215,35 +215,27 @@ class _PipedStdout:
         self._stream, self.gone = stream, False
 
     def write(self, text):
-        if not self.gone:
-            _writing_output[0] = True
-            try:
-                return self._stream.write(text)
-            except BrokenPipeError:
-                self._reader_gone(stderr_too=True)
-            except _OutputStopped:
-                self._reader_gone()
-            except (Interrupted, KeyboardInterrupt):  # the command stops: its results end here
-                self._reader_gone()
-                raise
-            finally:
-                _writing_output[0] = False
+        self._guarded(self._stream.write, text)
         return len(text)
 
     def flush(self):
-        if not self.gone:
-            _writing_output[0] = True
-            try:
-                self._stream.flush()
-            except BrokenPipeError:
-                self._reader_gone(stderr_too=True)
-            except _OutputStopped:
-                self._reader_gone()
-            except (Interrupted, KeyboardInterrupt):  # the command stops: its results end here
-                self._reader_gone()
-                raise
-            finally:
-                _writing_output[0] = False
+        self._guarded(self._stream.flush)
+
+    def _guarded(self, call, *args):
+        if self.gone:
+            return
+        _writing_output[0] = True
+        try:
+            call(*args)
+        except BrokenPipeError:
+            self._reader_gone(stderr_too=True)
+        except _OutputStopped:
+            self._reader_gone()
+        except (Interrupted, KeyboardInterrupt):  # the command stops: its results end here
+            self._reader_gone()
+            raise
+        finally:
+            _writing_output[0] = False
 
     def _reader_gone(self, *, stderr_too: bool = False):
         """No more results.  ``stderr_too`` (the reader is gone: EPIPE): stderr into the

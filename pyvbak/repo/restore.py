@@ -515,7 +515,7 @@ def discard_restored(pending: list[tuple[str, str]]) -> None:
 
 
 def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: int | None = None, progress=None,
-                     replace: bool = True, finish_on_commit: bool = False, flag_bad_copies: bool = False) -> dict:
+                     replace: bool = True, finish_on_commit: bool = False, flag_bad_copies=False) -> dict:
     """Restore ``snap`` to ``output`` (a file or block device).  A file is written under a
     temp name and renamed over ``output`` when complete; with ``replace=False`` the
     complete, synced temp file is left for the caller (``report["pending"]``: ``(temp,

@@ -73,9 +73,9 @@ def _blame_a_removed_lock(lock, exc) -> None:
 def _warn_other_copies(report: dict) -> None:
     n = report.get("blocks_from_other_copies", 0)
     if n:
-        info(f"warning: {n} block(s) of snapshot {report['snapshot']} had a missing or damaged copy and were "
-             "restored from another (the restore is complete and checked); run 'pyvbak verify --repair' to drop "
-             "the bad copies")
+        info(f"warning: {n} block(s) of snapshot {report['snapshot']} had a copy that did not read back intact "
+             "(missing, damaged or unreadable) and were restored from another (the restore is complete and checked); "
+             "run 'pyvbak verify': it tells which, and 'pyvbak verify --repair' drops the bad ones")
 
 
 def _vm_group(r, spec: str, output: str):

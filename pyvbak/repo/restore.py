@@ -694,6 +694,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         read_blocks(repo, recs_sorted, Sink(), threads=threads)
         target.flush()  # every staged run written: what follows overwrites them, never races them
         bad_copies = []  # copies read back missing or not intact, twice (what a restore flags)
+        unread_lost = 0  # lost blocks with a copy that could not be read (never flagged: a backup may reuse it)
         for k, reason in sorted(failed):
             ulen = int(recs_sorted[k]["ulen"])
             # the same copy once more first: a passing failure (a storage blip, a short read)
@@ -701,11 +702,14 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             data, kind = repo.check_block_copy(recs_sorted[k], ulen)
             if kind == "bad":
                 bad_copies.append(recs_sorted[k])
+            unreadable = kind == "unreadable"
             if data is None:
-                data, bad_others = _other_copy(repo, index, recs_sorted[k], ulen)
+                data, bad_others, unreadable_others = _other_copy(repo, index, recs_sorted[k], ulen)
                 bad_copies.extend(bad_others)  # (every bad copy: one left unflagged was deduplicated against)
+                unreadable = unreadable or unreadable_others
             if data is None:
                 errors.append(reason)
+                unread_lost += unreadable
                 continue
             places = (blocks[starts[k] : stops[k]] * bs).tolist()
             target.write_block(data, places)
@@ -716,7 +720,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         if flag_bad_copies:
             flagged_copies, all_flagged = _flag_failed_copies(repo, bad_copies, flag_bad_copies)
         if errors:
-            if all_flagged:
+            if all_flagged and not unread_lost:  # (else a backup may deduplicate against the unreadable copy: review 5)
                 raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); "
                                      f"the bad copies are flagged, so the next backup of a disk that still holds "
                                      f"those blocks stores them again: run 'pyvbak verify' to see which snapshots they "
@@ -839,21 +843,22 @@ def _flag_failed_copies(repo, records: list, under) -> tuple[int, bool]:
 def _other_copy(repo, index, record, ulen: int):
     """(the ``ulen``-byte block of ``record`` read and checked from another stored copy of
     it, or None when there is none that is intact; the other copies read back bad on the
-    way).  A digest is stored more than once when backups wrote it at the same time: the
+    way; whether one could not be read).  A digest is stored more than once when backups wrote it at the same time: the
     second copy is what saves a restore from a damaged or lost pack (verify names the bad
     one; 'verify --repair' drops it).  ``ulen`` comes from the block's place on the disk,
     not from a pack index record (a wrong one may be why the first copy failed); the
     SHA-256 proves the bytes either way."""
-    bad = []
+    bad, unreadable = [], False
     for alt in index.copies(bytes(record["digest"])):
         if bytes(alt["pack"]) == bytes(record["pack"]) and int(alt["offset"]) == int(record["offset"]):
             continue
         data, kind = repo.check_block_copy(alt, ulen)  # (missing, unreadable, damaged: the next copy)
         if data is not None:
-            return data, bad
+            return data, bad, unreadable
         if kind == "bad":
             bad.append(alt)
-    return None, bad
+        unreadable = unreadable or kind == "unreadable"
+    return None, bad, unreadable
 
 
 #: ``_IO(0x12, 127)`` from <linux/fs.h>: zero a byte range of a block device

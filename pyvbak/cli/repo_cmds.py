@@ -88,6 +88,7 @@ def verify(
     from contextlib import nullcontext
 
     from ..errors import IntegrityError, UsageError
+    from ..repo.locks import other_verifies
     from ..repo.prune import drop_bad_records
     from ..repo.verify import verify_repository
 
@@ -112,7 +113,7 @@ def verify(
             report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
                                                  report["_flagged_before"], report["_healed_flags"],
                                                  report["_flag_markers_seen"], no_lock,
-                                                 beside=_other_verifies(r, verify_lock))
+                                                 beside=other_verifies(r.backend, verify_lock))
         for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before", "_redundant_bad"):  # (for the flags)
             report.pop(k)
         # (only a verify of every block of every snapshot knows what the newest ones use)
@@ -286,13 +287,6 @@ def verify(
             found = f"{found} and {more}" if found else more
         raise IntegrityError(f"verify found {found} in {r.location}: "
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
-
-
-def _other_verifies(r, own) -> bool:
-    """Whether another verify holds a lock now (repo.locks.other_verifies)."""
-    from ..repo.locks import other_verifies
-
-    return other_verifies(r.backend, own)
 
 
 def _flag_bad_copies(r, bad: list, redundant: set, flagged_before, healed: list, seen: list,

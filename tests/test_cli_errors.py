@@ -765,21 +765,29 @@ def test_one_disk_restored_to_a_directory_path_is_a_usage_error(backed_up, capsy
     assert not (tmp / "nodir").exists()
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_an_interrupted_restore_speaks_of_the_restore(env, capsys, monkeypatch, how):
-    """Every interrupted command said "no snapshot was left half-written", a restore too."""
-    import pyvbak.repo.restore as restore_mod
+def _stopped_by(how: str):
+    """A stand-in for a step that a stop request ends: Ctrl-C, or SIGTERM through the
+    CLI's own handler."""
     from pyvbak.cli import main as main_mod
-
-    tmp, repo, img = env
-    cli(capsys, "init", repo)
-    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
 
     def interrupted(*a, **k):
         if how == "ctrl-c":
             raise KeyboardInterrupt
         main_mod._sigterm(15, None)
 
+    return interrupted
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_restore_speaks_of_the_restore(env, capsys, monkeypatch, how):
+    """Every interrupted command said "no snapshot was left half-written", a restore too."""
+    import pyvbak.repo.restore as restore_mod
+
+    tmp, repo, img = env
+    cli(capsys, "init", repo)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
+
+    interrupted = _stopped_by(how)
     monkeypatch.setattr(restore_mod, "restore_snapshot", interrupted)
     code, out, err = cli(capsys, "restore", "v@latest", tmp / "o.img", "--repo", repo)
     assert code == 10
@@ -796,18 +804,13 @@ def test_a_forget_stopped_in_its_prune_says_the_snapshots_are_gone_and_names_pru
     forgotten already: list them before running it again": they all were, and what was
     left to do was the prune, which it did not name."""
     import pyvbak.repo.prune as prune_mod
-    from pyvbak.cli import main as main_mod
 
     tmp, repo, img = env
     cli(capsys, "init", repo)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "w")[0] == 0
 
-    def interrupted(*a, **k):
-        if how == "ctrl-c":
-            raise KeyboardInterrupt
-        main_mod._sigterm(15, None)
-
+    interrupted = _stopped_by(how)
     monkeypatch.setattr(prune_mod, "prune_repository", interrupted)
     code, out, err = cli(capsys, "forget", "v@latest", "--prune", "--repo", repo)
     assert code == 10 and out == ""

@@ -22,6 +22,14 @@ def vm(tmp_path):
         v.stop()
 
 
+def _hot_repo(tmp_path, monkeypatch) -> str:
+    """A fresh repository, and the CLI's QEMU work dir under the test's tmp."""
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    return repo
+
+
 def _run_json(capsys, argv) -> dict:
     capsys.readouterr()
     code = main(argv + ["--json"])
@@ -31,9 +39,7 @@ def _run_json(capsys, argv) -> dict:
 
 
 def test_hot_backups_use_the_dirty_bitmap_and_restore_exactly(vm, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     vm.write(0, os.urandom(4 * MiB))
     vm.write(20 * MiB, b"guest text " * 100000)
 
@@ -77,9 +83,7 @@ def test_hot_backups_use_the_dirty_bitmap_and_restore_exactly(vm, tmp_path, caps
 
 
 def test_unreachable_qmp_socket_is_a_clean_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     capsys.readouterr()
     code = main(["backup", f"qemu://{tmp_path}/nope.sock?node=disk0", "--repo", repo, "--vm", "web"])
     _, err = capsys.readouterr()
@@ -172,9 +176,7 @@ def test_forgetting_the_newest_snapshot_forces_a_full_scan_never_a_wrong_increme
     """The dirty bitmap tracks changes since the newest backup.  Once that snapshot is
     forgotten the next backup's parent is an older one, and an incremental through the
     bitmap would miss what changed between the two: pyvbak must scan everything."""
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     vm.write(0, os.urandom(2 * MiB))
     _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     vm.write(4 * MiB, os.urandom(64 * 1024))  # only in the snapshot about to be forgotten
@@ -200,9 +202,7 @@ def test_one_disk_backed_up_under_two_names_says_so(vm, tmp_path, capsys, monkey
     """Each backup moves the disk's one bitmap on: under a second name the other's next
     backup scans whole - and said the bitmap's backup "is not in this repository", of a
     backup that was, under the other name (the docs audit)."""
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     vm.write(0, os.urandom(MiB))
     _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "root"])
     other = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "data"])
@@ -236,9 +236,7 @@ def test_blocks_the_guest_zeroes_are_dirty_zero_extents_restored_as_zeros(vm, tm
     clusters) leaves the blocks dirty in the bitmap and reported zero by the view's
     allocation map: the incremental takes them as zero without a read, and they restore
     as zeros, while the parent still restores its data."""
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     data = os.urandom(2 * MiB)
     vm.write(4 * MiB, data)
     first = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
@@ -267,9 +265,7 @@ def test_the_point_in_time_view_is_gone_before_the_snapshot_is_committed(vm, tmp
     the commit; the bitmaps wait for the commit (the old generation is still there)."""
     from pyvbak.repo.repository import Repository
 
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     vm.write(0, os.urandom(4 * MiB))
     _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     vm.write(2 * MiB, os.urandom(256 * 1024))
@@ -300,9 +296,7 @@ def test_a_commit_that_fails_after_the_view_went_keeps_every_change_for_the_next
     from pyvbak.backends.base import BackendError
     from pyvbak.repo.repository import Repository
 
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     vm.write(0, os.urandom(4 * MiB))
     first = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     vm.write(1 * MiB, os.urandom(128 * 1024))
@@ -335,9 +329,7 @@ def test_an_incremental_asks_the_allocation_map_only_around_its_dirty_extents(vm
     from pyvbak.sources import nbd_protocol as P
     from pyvbak.sources.nbd import BASE_ALLOCATION, NbdClient
 
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     vm.write(0, os.urandom(2 * MiB))
     _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
 
@@ -368,9 +360,7 @@ def test_a_large_disks_incremental_holds_only_its_dirty_blocks_parent_records(tm
     from pyvbak.repo import format as fmt
     from pyvbak.repo.repository import Repository
 
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     block = 64 * 1024
     with FakeVM(tmp_path / "vm", size=256 << 30) as vm:
         kept, changed = os.urandom(block), os.urandom(block)
@@ -436,9 +426,7 @@ def test_the_file_node_under_a_qcow2_node_is_refused(vm, tmp_path, capsys, monke
     """?node=disk0-file was backed up: the qcow2 container's bytes, not the guest's disk."""
     from images import assert_one_error_line
 
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     capsys.readouterr()
     uri = vm.uri.replace("node=disk0", "node=disk0-file")
     assert main(["backup", uri, "--repo", repo, "--vm", "web"]) == 4
@@ -460,9 +448,7 @@ def test_a_disk_shrunk_and_grown_back_is_scanned_whole_not_trusted(tmp_path, cap
 
     if streamed:
         monkeypatch.setattr(engine, "STREAM_PARENT_MIN_BYTES", 0)
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     with FakeVM(tmp_path / "vm", size=16 * MiB) as vm:
         vm.write(0, os.urandom(16 * MiB))
         _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
@@ -493,9 +479,7 @@ def test_a_hot_backup_after_verify_flagged_a_bad_copy_reads_the_disk_whole_then_
     parent names the block) - and the chain goes on from the bitmap after it."""
     from pyvbak.repo.repository import Repository
 
-    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
+    repo = _hot_repo(tmp_path, monkeypatch)
     vm.write(0, os.urandom(2 * MiB))
     _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     vm.write(4 * MiB, os.urandom(64 * 1024))

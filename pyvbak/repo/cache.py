@@ -9,6 +9,7 @@ index cache is in digest_index.py.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -150,10 +151,12 @@ def untrusted_dir_reason(path: str) -> Distrust | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def _unmapped_uid() -> int | None:
     """The id files of unmapped owners show as inside a user namespace (rootless
     containers, ``unshare -r``): there the host's root-owned directories carry it.  None
-    outside one (then it is a real account, "nobody", and no owner to trust)."""
+    outside one (then it is a real account, "nobody", and no owner to trust).  Read once
+    per process: a process does not change namespaces under pyvbak."""
     try:
         with open("/proc/self/uid_map") as f:
             if f.read().split() == ["0", "0", "4294967295"]:

@@ -481,8 +481,14 @@ def _stalled_run(tmp_path, args, *, same_pipe: bool, stops: int = 1):
                        what="the command at its output")
             assert p.poll() is None
             p.send_signal(signal.SIGTERM)
-            if stops > 1:  # (until it waits again, on its error line)
-                wait_until(lambda: p.poll() is not None or not waits_on_the_pipe(), timeout=10, what="the stop taken")
+            if stops > 1:  # the stop taken: its results dropped (stdout now /dev/null), then the error line waits
+                def stdout_dropped():
+                    try:
+                        return os.readlink(f"/proc/{p.pid}/fd/1") == os.devnull
+                    except OSError:
+                        return p.poll() is not None
+
+                wait_until(lambda: p.poll() is not None or stdout_dropped(), timeout=30, what="the stop taken")
         code = p.wait(timeout=30)  # (it hung here: a line waiting on the pipe, the stop only noted)
         return code, "" if same_pipe else p.stderr.read()
     finally:

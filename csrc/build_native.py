@@ -12,7 +12,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["hash_scalar.c", "hash_avx2.c", "hash_avx512.c", "hash_common.c", "scan.c", "diff.c", "sha256.c", "gather.c", "decode.c"]
+SOURCES = ["hash_scalar.c", "hash_avx2.c", "hash_avx512.c", "hash_common.c", "scan.c", "diff.c", "sha256.c", "sha256_x16.c", "gather.c", "decode.c"]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "native_cdef.h")) as f:

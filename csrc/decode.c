@@ -157,7 +157,7 @@ int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off,
         }
         uint8_t out[64];
         if (k)
-            pv_sha256_many(msgs, lens, k, out);
+            pv_sha256_many(msgs, lens, k, out, PV_SHA_NI);
         for (uint64_t t = 0; t < k; t++) {
             if (memcmp(out + 32 * t, digests + 32 * idx[t], 32) != 0)
                 status[idx[t]] = PV_DECODE_MISMATCH;

@@ -4,6 +4,8 @@
 #define PV_KERNEL_SCALAR 0
 #define PV_KERNEL_AVX2 1
 #define PV_KERNEL_AVX512 2
+#define PV_SHA_NI 1
+#define PV_SHA_X16 2
 #define PV_OK 0
 #define PV_ERR_ARG -1
 #define PV_ERR_KERNEL -2
@@ -30,9 +32,10 @@ int64_t pv_changed_blocks(const uint8_t *old_zero, const uint64_t *old_hash, uin
                           const uint8_t *new_zero, const uint64_t *new_hash, uint64_t new_n,
                           int64_t *out);
 int pv_sha256_available(void);
-int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out);
+int pv_sha256_kernels(void);
+int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out, int kernel);
 int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t *lens, uint64_t n,
-                     uint8_t *out);
+                     uint8_t *out, int kernel);
 uint64_t pv_gather(uint8_t *dst, const uint8_t *const *srcs, const uint64_t *lens, uint64_t n);
 unsigned pv_zstd_load(void);
 void *pv_zstd_dctx_new(void);

@@ -60,14 +60,21 @@ int64_t pv_changed_blocks(const uint8_t *old_zero, const uint64_t *old_hash, uin
                           const uint8_t *new_zero, const uint64_t *new_hash, uint64_t new_n,
                           int64_t *out);
 
-/* SHA-256 (block names) with the SHA-NI kernel in sha256.c: 1 if it runs on this CPU. */
+/* SHA-256 (block names).  Kernels: PV_SHA_NI pairs of messages through the SHA extensions
+ * (sha256.c); PV_SHA_X16 16 messages side by side in AVX-512 lanes (sha256_x16.c), runs of
+ * fewer than 9 equal-length messages through SHA-NI. */
+#define PV_SHA_NI 1
+#define PV_SHA_X16 2
+/* 1 if the SHA-NI kernel runs on this CPU (decode.c's checks use it). */
 int pv_sha256_available(void);
+/* The kernels that run on this CPU: bit k set for kernel k (0 without SHA-NI). */
+int pv_sha256_kernels(void);
 /* SHA-256 of n messages, msgs[i] of lens[i] bytes, into out[32*i .. 32*i+32).  Neighbours
- * of equal length are hashed two at a time.  PV_ERR_KERNEL without the SHA extensions. */
-int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out);
+ * of equal length are hashed together.  PV_ERR_KERNEL for a kernel this CPU lacks. */
+int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out, int kernel);
 /* The same for n blocks of one buffer: message i is base[offsets[i] .. offsets[i]+lens[i]). */
 int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t *lens, uint64_t n,
-                     uint8_t *out);
+                     uint8_t *out, int kernel);
 
 /* Copy srcs[i] (lens[i] bytes each) back to back to dst; returns the bytes copied. */
 uint64_t pv_gather(uint8_t *dst, const uint8_t *const *srcs, const uint64_t *lens, uint64_t n);

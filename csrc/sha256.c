@@ -13,22 +13,10 @@
 #include <string.h>
 
 #include "pyvbak_native.h"
+#include "sha256_impl.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-
-/* FIPS 180-4 section 4.2.2 round constants and 5.3.3 initial hash value. */
-static const uint32_t K256[64] = {
-    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
-static const uint32_t H0[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                               0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
 
 #define PV_SHA_TARGET __attribute__((target("sha,sse4.1,ssse3")))
 
@@ -55,7 +43,7 @@ PV_SHA_TARGET static void blocks_x2(__m128i st[4], const uint8_t *pa, const uint
                                   _mm_alignr_epi8(vb[(g + 3) & 3], vb[(g + 2) & 3], 4)),
                     vb[(g + 3) & 3]);
             }
-            const __m128i kk = _mm_loadu_si128((const __m128i *)(K256 + 4 * g));
+            const __m128i kk = _mm_loadu_si128((const __m128i *)(PV_K256 + 4 * g));
             __m128i ma = _mm_add_epi32(va[g & 3], kk), mb = _mm_add_epi32(vb[g & 3], kk);
             a1 = _mm_sha256rnds2_epu32(a1, a0, ma);
             b1 = _mm_sha256rnds2_epu32(b1, b0, mb);
@@ -72,7 +60,7 @@ PV_SHA_TARGET static void blocks_x2(__m128i st[4], const uint8_t *pa, const uint
 
 /* H0..H7 <-> the (ABEF, CDGH) register pair sha256rnds2 works on. */
 PV_SHA_TARGET static void state_in(__m128i st[2]) {
-    __m128i abcd = _mm_loadu_si128((const __m128i *)H0), efgh = _mm_loadu_si128((const __m128i *)(H0 + 4));
+    __m128i abcd = _mm_loadu_si128((const __m128i *)PV_H0), efgh = _mm_loadu_si128((const __m128i *)(PV_H0 + 4));
     abcd = _mm_shuffle_epi32(abcd, 0xB1);
     efgh = _mm_shuffle_epi32(efgh, 0x1B);
     st[0] = _mm_alignr_epi8(abcd, efgh, 8);
@@ -87,26 +75,14 @@ PV_SHA_TARGET static void state_out(const __m128i st[2], uint8_t out[32]) {
     _mm_storeu_si128((__m128i *)(out + 16), _mm_shuffle_epi8(efgh, bswap));
 }
 
-/* The final one or two blocks: the message tail, 0x80, zeros, 64-bit big-endian bit count. */
-static size_t pad_tail(uint8_t buf[128], const uint8_t *msg, uint64_t len) {
-    size_t rem = (size_t)(len & 63), n = rem < 56 ? 64 : 128;
-    memset(buf, 0, n);
-    if (rem)
-        memcpy(buf, msg + (len - rem), rem);
-    buf[rem] = 0x80;
-    uint64_t bits = len << 3;
-    for (int i = 0; i < 8; i++) buf[n - 1 - i] = (uint8_t)(bits >> (8 * i));
-    return n / 64;
-}
-
 PV_SHA_TARGET static void sha256_x2(const uint8_t *ma, const uint8_t *mb, uint64_t len, uint8_t outa[32], uint8_t outb[32]) {
     __m128i st[4];
     uint8_t ta[128], tb[128];
     state_in(st);
     st[2] = st[0]; st[3] = st[1];
     blocks_x2(st, ma, mb, len / 64);
-    size_t nt = pad_tail(ta, ma, len);
-    pad_tail(tb, mb, len);
+    size_t nt = pv_sha256_pad_tail(ta, ma, len);
+    pv_sha256_pad_tail(tb, mb, len);
     blocks_x2(st, ta, tb, nt);
     state_out(st, outa);
     state_out(st + 2, outb);
@@ -122,12 +98,23 @@ int pv_sha256_available(void) {
     return cached;
 }
 
-PV_SHA_TARGET static void hash_all(const uint8_t *base, const uint8_t *const *msgs, const int64_t *offsets,
-                                   const uint64_t *lens, uint64_t n, uint8_t *out) {
-    uint64_t i = 0;
-    while (i < n) {
+int pv_sha256_kernels(void) {
+    if (!pv_sha256_available())
+        return 0; /* the lanes kernel leaves short runs to SHA-NI: it needs both */
+    return (1 << PV_SHA_NI) | (pv_sha256_x16_available() ? 1 << PV_SHA_X16 : 0);
+}
+
+/* A run of this many equal-length messages or more goes through the 16 lanes, the lanes
+ * left over repeating its first message; a shorter one, in pairs through SHA-NI.  Lanes
+ * cost the same full or not: 16 lanes take ~16/3.8 of a one-block time at 3.8 GB/s, a
+ * pair ~2/2.0 (session 20, bench/sha256.py), so 9 blocks is where the lanes win. */
+#define PV_X16_MIN_RUN 9
+
+PV_SHA_TARGET static void hash_pairs(const uint8_t *base, const uint8_t *const *msgs, const int64_t *offsets,
+                                     const uint64_t *lens, uint64_t i, uint64_t end, uint8_t *out) {
+    while (i < end) {
         const uint8_t *a = base ? base + offsets[i] : msgs[i];
-        if (i + 1 < n && lens[i + 1] == lens[i]) {
+        if (i + 1 < end && lens[i + 1] == lens[i]) {
             const uint8_t *b = base ? base + offsets[i + 1] : msgs[i + 1];
             sha256_x2(a, b, lens[i], out + 32 * i, out + 32 * (i + 1));
             i += 2;
@@ -141,18 +128,52 @@ PV_SHA_TARGET static void hash_all(const uint8_t *base, const uint8_t *const *ms
     }
 }
 
-int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out) {
-    if (!pv_sha256_available())
+static void hash_lanes(const uint8_t *base, const uint8_t *const *msgs, const int64_t *offsets, uint64_t len,
+                       uint64_t i, uint64_t count, uint8_t *out) {
+    const uint8_t *m[PV_SHA_LANES];
+    uint8_t *o[PV_SHA_LANES];
+    for (uint64_t lane = 0; lane < PV_SHA_LANES; lane++) {
+        uint64_t k = i + (lane < count ? lane : 0);
+        m[lane] = base ? base + offsets[k] : msgs[k];
+        o[lane] = lane < count ? out + 32 * (i + lane) : NULL;
+    }
+    pv_sha256_x16(m, len, o);
+}
+
+static void hash_all(const uint8_t *base, const uint8_t *const *msgs, const int64_t *offsets,
+                     const uint64_t *lens, uint64_t n, uint8_t *out, int kernel) {
+    if (kernel != PV_SHA_X16) {
+        hash_pairs(base, msgs, offsets, lens, 0, n, out);
+        return;
+    }
+    uint64_t i = 0;
+    while (i < n) {
+        uint64_t end = i + 1;
+        while (end < n && lens[end] == lens[i]) end++;
+        while (end - i >= PV_X16_MIN_RUN) {
+            uint64_t count = end - i < PV_SHA_LANES ? end - i : PV_SHA_LANES;
+            hash_lanes(base, msgs, offsets, lens[i], i, count, out);
+            i += count;
+        }
+        hash_pairs(base, msgs, offsets, lens, i, end, out);
+        i = end;
+    }
+}
+
+static int known_kernel(int kernel) { return kernel >= 0 && kernel < 31 && (pv_sha256_kernels() >> kernel & 1); }
+
+int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out, int kernel) {
+    if (!known_kernel(kernel))
         return PV_ERR_KERNEL;
-    hash_all(NULL, msgs, NULL, lens, n, out);
+    hash_all(NULL, msgs, NULL, lens, n, out, kernel);
     return PV_OK;
 }
 
 int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t *lens, uint64_t n,
-                     uint8_t *out) {
-    if (!pv_sha256_available())
+                     uint8_t *out, int kernel) {
+    if (!known_kernel(kernel))
         return PV_ERR_KERNEL;
-    hash_all(base, NULL, offsets, lens, n, out);
+    hash_all(base, NULL, offsets, lens, n, out, kernel);
     return PV_OK;
 }
 
@@ -160,12 +181,14 @@ int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t
 
 int pv_sha256_available(void) { return 0; }
 
-int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out) {
+int pv_sha256_kernels(void) { return 0; }
+
+int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out, int kernel) {
     return PV_ERR_KERNEL;
 }
 
 int pv_sha256_blocks(const uint8_t *base, const int64_t *offsets, const uint64_t *lens, uint64_t n,
-                     uint8_t *out) {
+                     uint8_t *out, int kernel) {
     return PV_ERR_KERNEL;
 }
 

@@ -1,8 +1,10 @@
-"""The native SHA-256 kernel (csrc/sha256.c) against its reference, hashlib.
+"""The native SHA-256 kernels (csrc/sha256.c, csrc/sha256_x16.c) against their reference,
+hashlib.
 
 Block names are SHA-256: a kernel that differs by one bit in one length would make every
 block it hashes unreadable (restore checks every digest), so every padding boundary is
-covered, both code paths (one message, two interleaved), and the reader's batch check.
+covered, every code path (one message, two interleaved, sixteen lanes full or partly
+repeated, runs cut by a length change), and the reader's batch check.
 """
 
 from __future__ import annotations
@@ -30,9 +32,65 @@ def ref(data) -> bytes:
 
 @pytest.mark.skipif(not NATIVE, reason="this CPU has no SHA extensions: only the hashlib path runs here")
 def test_native_kernel_is_the_default_where_available(monkeypatch):
-    # Where the kernel exists it is what backups use, so the comparisons below exercise it.
+    # Where a kernel exists one of them is what backups use, so the comparisons below exercise it.
     monkeypatch.delenv("PYVBAK_SHA256", raising=False)
-    assert NATIVE == ["sha-ni"] and native.selected_sha256_kernel() == "sha-ni"
+    assert NATIVE[0] == "sha-ni" and set(NATIVE) <= {"sha-ni", "avx512"}
+    assert native.selected_sha256_kernel() in NATIVE
+
+
+def test_the_default_is_the_faster_native_kernel_by_measurement(monkeypatch):
+    monkeypatch.delenv("PYVBAK_SHA256", raising=False)
+    calls = []
+
+    def fake_blocks(buf, offs, lens, *, kernel):
+        calls.append(kernel)
+        clock[0] += {"sha-ni": 2.0, "avx512": 1.0, "slow": 5.0}[kernel]
+        return b""
+
+    clock = [0.0]
+    monkeypatch.setattr(native, "sha256_blocks", fake_blocks)
+    monkeypatch.setattr(native.time, "perf_counter", lambda: clock[0])
+    native._fastest_sha256_kernel.cache_clear()
+    try:
+        assert native._fastest_sha256_kernel(("hashlib", "sha-ni", "avx512")) == "avx512"
+        assert native._fastest_sha256_kernel(("hashlib", "slow", "sha-ni")) == "sha-ni"
+        assert set(calls) == {"sha-ni", "avx512", "slow"}  # both timed, never the reference
+        assert native._fastest_sha256_kernel(("hashlib", "sha-ni")) == "sha-ni"  # nothing to time
+        assert native._fastest_sha256_kernel(("hashlib",)) == "hashlib"
+    finally:
+        native._fastest_sha256_kernel.cache_clear()
+
+
+LANES = [k for k in NATIVE if k == "avx512"]
+
+
+@pytest.mark.skipif(not LANES, reason="this CPU has no AVX-512: the 16-lane kernel does not run here")
+@pytest.mark.parametrize("run", [1, 8, 9, 15, 16, 17, 24, 25, 32, 33, 40])
+def test_lanes_every_run_length_with_distinct_messages(run):
+    # Every lane different, so a lane mixed up in the transposition shows; runs below 9 go
+    # through SHA-NI pairs, from 9 through the lanes (the last group's spare lanes repeat)
+    for size in (64 * 1024, 1000, 55, 56, 64, 0):
+        bufs = [os.urandom(size) for _ in range(run)]
+        assert native.sha256_many(bufs, kernel="avx512") == [ref(b) for b in bufs], (run, size)
+
+
+@pytest.mark.skipif(not LANES, reason="this CPU has no AVX-512: the 16-lane kernel does not run here")
+def test_lanes_every_length_through_two_padding_blocks():
+    data = os.urandom(300 + 16)
+    for n in range(300):
+        bufs = [data[lane : lane + n] for lane in range(16)] + [data[:n]]  # 17: 16 lanes, then one
+        assert native.sha256_many(bufs, kernel="avx512") == [ref(b) for b in bufs], n
+
+
+@pytest.mark.skipif(not LANES, reason="this CPU has no AVX-512: the 16-lane kernel does not run here")
+def test_lanes_runs_cut_by_length_changes_and_odd_addresses():
+    chunk = memoryview(bytearray(os.urandom(40 * 4096 + 7)))
+    # runs of 12, 1, 20 and 3 equal lengths; odd offsets, overlapping and repeated blocks
+    lens = [4096] * 12 + [100] + [4095] * 20 + [4096] * 3
+    offs = [(i * 4093 + 1) % (len(chunk) - 4096) for i in range(len(lens))]
+    offs[5] = offs[6]
+    got = native.sha256_blocks(chunk, np.array(offs, np.int64), np.array(lens, np.int64), kernel="avx512")
+    assert got == b"".join(ref(chunk[o : o + ln]) for o, ln in zip(offs, lens))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -93,7 +151,10 @@ def test_bad_arguments():
 
 def test_kernel_selection(monkeypatch):
     monkeypatch.delenv("PYVBAK_SHA256", raising=False)
-    assert native.selected_sha256_kernel() == KERNELS[-1]
+    assert native.selected_sha256_kernel() == native._fastest_sha256_kernel(tuple(KERNELS))
+    for kernel in KERNELS:
+        monkeypatch.setenv("PYVBAK_SHA256", kernel)
+        assert native.selected_sha256_kernel() == kernel
     monkeypatch.setenv("PYVBAK_SHA256", "hashlib")
     assert native.selected_sha256_kernel() == "hashlib"
     monkeypatch.setenv("PYVBAK_SHA256", "md5")

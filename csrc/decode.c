@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include "pyvbak_native.h"
+#include "sha256_impl.h"
 
 #define ZSTD_CONTENTSIZE_UNKNOWN (0ULL - 1)
 #define ZSTD_CONTENTSIZE_ERROR (0ULL - 2)
@@ -135,17 +136,19 @@ static uint8_t decode_one(void *dctx, const uint8_t *frame, uint64_t len, uint8_
 
 int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off, const uint64_t *src_len,
                          uint8_t *dst, const int64_t *dst_off, const uint64_t *ulen, const uint8_t *digests,
-                         uint64_t n, uint8_t *status) {
-    if (!loaded() || !dctx || !pv_sha256_available())
+                         uint64_t n, uint8_t *status, int sha_kernel) {
+    if (!loaded() || !dctx || !pv_sha256_available() || !(pv_sha256_kernels() >> sha_kernel & 1))
         return PV_ERR_KERNEL;
     int64_t good = 0;
-    /* Two at a time: the SHA-NI kernel hashes two equal-length messages in one pass
-     * (sha256.c), and both are still in cache from their decompression. */
-    for (uint64_t i = 0; i < n; i += 2) {
-        uint64_t m = (i + 1 < n) ? 2 : 1;
-        const uint8_t *msgs[2];
-        uint64_t lens[2];
-        uint64_t idx[2];
+    /* A group at a time, hashed in one call while the group is still in cache from its
+     * decompression: two blocks for the SHA-NI pairs, sixteen for the AVX-512 lanes
+     * (sha256.c; 16 blocks of 64 KiB are 1 MiB, within a core's L2 here). */
+    const uint64_t group = sha_kernel == PV_SHA_X16 ? PV_SHA_LANES : 2;
+    for (uint64_t i = 0; i < n; i += group) {
+        uint64_t m = n - i < group ? n - i : group;
+        const uint8_t *msgs[PV_SHA_LANES];
+        uint64_t lens[PV_SHA_LANES];
+        uint64_t idx[PV_SHA_LANES];
         uint64_t k = 0;
         for (uint64_t j = i; j < i + m; j++) {
             status[j] = decode_one(dctx, src + src_off[j], src_len[j], dst + dst_off[j], ulen[j]);
@@ -155,9 +158,9 @@ int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off,
                 idx[k++] = j;
             }
         }
-        uint8_t out[64];
+        uint8_t out[32 * PV_SHA_LANES];
         if (k)
-            pv_sha256_many(msgs, lens, k, out, PV_SHA_NI);
+            pv_sha256_many(msgs, lens, k, out, sha_kernel);
         for (uint64_t t = 0; t < k; t++) {
             if (memcmp(out + 32 * t, digests + 32 * idx[t], 32) != 0)
                 status[idx[t]] = PV_DECODE_MISMATCH;

@@ -42,4 +42,4 @@ void *pv_zstd_dctx_new(void);
 void pv_zstd_dctx_free(void *dctx);
 int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off, const uint64_t *src_len,
                          uint8_t *dst, const int64_t *dst_off, const uint64_t *ulen, const uint8_t *digests,
-                         uint64_t n, uint8_t *status);
+                         uint64_t n, uint8_t *status, int sha_kernel);

@@ -90,11 +90,12 @@ unsigned pv_zstd_load(void);
 void *pv_zstd_dctx_new(void);
 void pv_zstd_dctx_free(void *dctx);
 /* Block i: the frame src[src_off[i] .. +src_len[i]) decoded to dst[dst_off[i] .. +ulen[i])
- * and checked against digests[32*i .. +32); status[i] = PV_DECODE_*.  Returns the number
- * of good blocks, or PV_ERR_KERNEL without libzstd or the SHA-256 kernel.  Bounds and
- * non-overlap of the ranges are the caller's (native.py checks them). */
+ * and checked against digests[32*i .. +32) with SHA-256 kernel sha_kernel (PV_SHA_*);
+ * status[i] = PV_DECODE_*.  Returns the number of good blocks, or PV_ERR_KERNEL without
+ * libzstd or that kernel.  Bounds and non-overlap of the ranges are the caller's
+ * (native.py checks them). */
 int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off, const uint64_t *src_len,
                          uint8_t *dst, const int64_t *dst_off, const uint64_t *ulen, const uint8_t *digests,
-                         uint64_t n, uint8_t *status);
+                         uint64_t n, uint8_t *status, int sha_kernel);
 
 #endif

@@ -551,6 +551,13 @@ def _decode_index(values, name: str) -> np.ndarray:
     return _index_array(arr, name)
 
 
+def _decode_sha_kernel() -> int:
+    """The SHA-256 kernel the decode kernel checks blocks with: the lanes where they are
+    the selected kernel, else SHA-NI pairs (decode_kernel_available needs SHA-NI; a forced
+    hashlib reference applies to sha256_many and sha256_blocks, not to this kernel)."""
+    return lib.PV_SHA_X16 if selected_sha256_kernel() == "avx512" else lib.PV_SHA_NI
+
+
 def decode_blocks_into(dctx, src, src_offsets, src_lengths, dst, dst_offsets, ulens, digests) -> np.ndarray:
     """Decode block i, the zstd frame ``src[src_offsets[i] : +src_lengths[i]]``, into
     ``dst[dst_offsets[i] : +ulens[i]]`` and check its SHA-256 against ``digests[i]``
@@ -593,7 +600,7 @@ def decode_blocks_into(dctx, src, src_offsets, src_lengths, dst, dst_offsets, ul
         raise UsageError("the destination buffer overlaps the source buffer")
     rc = lib.pv_decode_blocks(dctx, csrc, ffi.from_buffer("int64_t[]", so), ffi.from_buffer("uint64_t[]", sl.view(np.uint64)),
                               cdst, ffi.from_buffer("int64_t[]", do), ffi.from_buffer("uint64_t[]", ul.view(np.uint64)),
-                              cdig, n, ffi.from_buffer("uint8_t[]", status))
+                              cdig, n, ffi.from_buffer("uint8_t[]", status), _decode_sha_kernel())
     if rc < 0:  # pragma: no cover - availability was checked by new_decode_context
         raise UsageError(f"native decode failed (code {rc})")
     return status

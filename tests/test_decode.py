@@ -118,6 +118,30 @@ def test_a_batch_reports_each_block_in_place(kernel):
 
 
 @needs_native
+@pytest.mark.parametrize("sha_kernel", [k for k in native.available_sha256_kernels() if k != "hashlib"])
+def test_each_sha256_kernel_checks_every_block_of_a_long_batch_in_place(monkeypatch, sha_kernel):
+    # The native kernel checks blocks in groups (two for SHA-NI, sixteen for the AVX-512
+    # lanes): a bad block in any lane of a group, or a group that is short or cut by a
+    # length change, must not change its neighbours' decisions.
+    monkeypatch.setenv("PYVBAK_SHA256", sha_kernel)
+    c1 = zstandard.ZstdCompressor(level=1, write_checksum=True)
+    blocks = [text_bytes(4096, seed=i) if i % 3 else random_bytes(4096, seed=i) for i in range(45)]
+    blocks[20] = blocks[20][:1000]  # a length change inside what would be one group
+    frames = [c1.compress(b) for b in blocks]
+    digests = [sha(b) for b in blocks]
+    want = [OK] * len(blocks)
+    for i in (0, 9, 15, 31):
+        digests[i] = sha(b"another block")
+        want[i] = MISMATCH
+    for i in (16, 44):
+        frames[i] = b"\x28\xb5\x2f\xfd" + bytes(20)
+        want[i] = CORRUPT
+    status, good = decode_all("native", frames, [len(b) for b in blocks], digests)
+    assert status == want
+    assert all(g == b for g, b, w in zip(good, blocks, want) if w == OK)
+
+
+@needs_native
 def test_native_is_the_default_where_it_runs(monkeypatch):
     monkeypatch.delenv("PYVBAK_DECODE", raising=False)
     assert native.selected_decode_kernel() == "native" and BlockDecoder().kernel == "native"

@@ -137,7 +137,8 @@ static uint8_t decode_one(void *dctx, const uint8_t *frame, uint64_t len, uint8_
 int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off, const uint64_t *src_len,
                          uint8_t *dst, const int64_t *dst_off, const uint64_t *ulen, const uint8_t *digests,
                          uint64_t n, uint8_t *status, int sha_kernel) {
-    if (!loaded() || !dctx || !pv_sha256_available() || !(pv_sha256_kernels() >> sha_kernel & 1))
+    if (!loaded() || !dctx || (sha_kernel != PV_SHA_NI && sha_kernel != PV_SHA_X16) ||
+        !(pv_sha256_kernels() >> sha_kernel & 1))
         return PV_ERR_KERNEL;
     int64_t good = 0;
     /* A group at a time, hashed in one call while the group is still in cache from its
@@ -159,8 +160,8 @@ int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off,
             }
         }
         uint8_t out[32 * PV_SHA_LANES];
-        if (k)
-            pv_sha256_many(msgs, lens, k, out, sha_kernel);
+        if (k && pv_sha256_many(msgs, lens, k, out, sha_kernel) != PV_OK)
+            return PV_ERR_KERNEL; /* not reached: the kernel was checked above */
         for (uint64_t t = 0; t < k; t++) {
             if (memcmp(out + 32 * t, digests + 32 * idx[t], 32) != 0)
                 status[idx[t]] = PV_DECODE_MISMATCH;

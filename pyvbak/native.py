@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -400,7 +401,7 @@ def gather_into(dst, buffers) -> int:
 # native kernels must give identical digests (tests/test_sha256.py): "sha-ni" (csrc/sha256.c)
 # hashes two equal-length blocks at a time through the SHA extensions, "avx512"
 # (csrc/sha256_x16.c) sixteen at a time in AVX-512 lanes, leaving short runs to SHA-NI.  Per
-# core here: hashlib 1.3 GB/s, sha-ni 2.0, avx512 3.8 (bench/RESULTS.md, "SHA-256 of
+# core here: hashlib 1.4 GB/s, sha-ni 2.1, avx512 3.8 (bench/RESULTS.md, "SHA-256 of
 # blocks").  Which of the two native ones is faster depends on the CPU (one that splits
 # 512-bit work in halves may favour SHA-NI), so with both present the first use times them
 # once on the same blocks and keeps the faster.  $PYVBAK_SHA256 forces one of SHA256_KERNELS.
@@ -416,10 +417,25 @@ def available_sha256_kernels() -> list[str]:
     return ["hashlib"] + [name for name, kid in _SHA_KERNEL_ID.items() if mask >> kid & 1]
 
 
-@lru_cache(maxsize=None)
+_FASTEST_SHA256: dict[tuple, str] = {}  # available kernels -> the faster native one, timed once
+_FASTEST_SHA256_LOCK = threading.Lock()
+
+
 def _fastest_sha256_kernel(avail: tuple) -> str:
-    """The faster native kernel of ``avail`` on this CPU, timed on 16 blocks of 16 KiB
-    (~0.1 ms per kernel and round; best of 3 alternating rounds after one warm-up each)."""
+    """The faster native kernel of ``avail`` on this CPU, timed once per process (under a
+    lock: threads that first hash at once wait for one timing and all get its answer)."""
+    chosen = _FASTEST_SHA256.get(avail)
+    if chosen is None:
+        with _FASTEST_SHA256_LOCK:
+            chosen = _FASTEST_SHA256.get(avail)
+            if chosen is None:
+                chosen = _FASTEST_SHA256[avail] = _time_sha256_kernels(avail)
+    return chosen
+
+
+def _time_sha256_kernels(avail: tuple) -> str:
+    """Times each native kernel of ``avail`` on 16 blocks of 16 KiB (~0.1 ms per kernel and
+    round; best of 3 alternating rounds after one warm-up each) and names the faster."""
     native_ones = [k for k in avail if k != "hashlib"]
     if len(native_ones) < 2:
         return avail[-1]

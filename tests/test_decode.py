@@ -241,6 +241,27 @@ def test_forced_kernels_are_checked(monkeypatch):
     assert BlockDecoder().kernel == "python"  # the reference, where the kernel cannot run
 
 
+@needs_native
+def test_the_c_entry_points_refuse_a_sha256_kernel_number_they_do_not_have():
+    # Python never passes one, but C must not shift by it (undefined behaviour) or accept
+    # a number that aliases a real kernel and then compare digests it never computed.
+    lib, ffi = native.lib, native.ffi
+    frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(b"x" * 4096)
+    dst, status = bytearray(4096), bytearray(1)
+    arg = lambda v: ffi.new("int64_t[]", [v])  # noqa: E731
+    uarg = lambda v: ffi.new("uint64_t[]", [v])  # noqa: E731
+    dctx = native.new_decode_context()
+    for kernel in (-1, 0, 3, 31, 33, 34, 40, 2**31 - 1):
+        rc = lib.pv_decode_blocks(dctx, frame, arg(0), uarg(len(frame)), ffi.from_buffer(dst), arg(0), uarg(4096),
+                                  sha(b"x" * 4096), 1, ffi.from_buffer(status), kernel)
+        assert rc == lib.PV_ERR_KERNEL, kernel
+        rc = lib.pv_sha256_blocks(b"x" * 64, arg(0), uarg(64), 1, ffi.from_buffer(bytearray(32)), kernel)
+        assert rc == lib.PV_ERR_KERNEL, kernel
+    rc = lib.pv_decode_blocks(dctx, frame, arg(0), uarg(len(frame)), ffi.from_buffer(dst), arg(0), uarg(4096),
+                              sha(b"x" * 4096), 1, ffi.from_buffer(status), lib.PV_SHA_NI)
+    assert rc == 1 and status[0] == OK and bytes(dst) == b"x" * 4096
+
+
 # -- restore and verify with each kernel ---------------------------------------------------
 
 

@@ -50,15 +50,43 @@ def test_the_default_is_the_faster_native_kernel_by_measurement(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(native, "sha256_blocks", fake_blocks)
     monkeypatch.setattr(native.time, "perf_counter", lambda: clock[0])
-    native._fastest_sha256_kernel.cache_clear()
-    try:
-        assert native._fastest_sha256_kernel(("hashlib", "sha-ni", "avx512")) == "avx512"
-        assert native._fastest_sha256_kernel(("hashlib", "slow", "sha-ni")) == "sha-ni"
-        assert set(calls) == {"sha-ni", "avx512", "slow"}  # both timed, never the reference
-        assert native._fastest_sha256_kernel(("hashlib", "sha-ni")) == "sha-ni"  # nothing to time
-        assert native._fastest_sha256_kernel(("hashlib",)) == "hashlib"
-    finally:
-        native._fastest_sha256_kernel.cache_clear()
+    monkeypatch.setattr(native, "_FASTEST_SHA256", {})
+    assert native._fastest_sha256_kernel(("hashlib", "sha-ni", "avx512")) == "avx512"
+    assert native._fastest_sha256_kernel(("hashlib", "slow", "sha-ni")) == "sha-ni"
+    assert set(calls) == {"sha-ni", "avx512", "slow"}  # both timed, never the reference
+    timed = len(calls)
+    assert native._fastest_sha256_kernel(("hashlib", "sha-ni", "avx512")) == "avx512"
+    assert len(calls) == timed  # measured once, then remembered
+    assert native._fastest_sha256_kernel(("hashlib", "sha-ni")) == "sha-ni"  # nothing to time
+    assert native._fastest_sha256_kernel(("hashlib",)) == "hashlib"
+
+
+def test_threads_that_first_hash_at_once_share_one_timing(monkeypatch):
+    # The timing is measured once per process: threads that ask at the same moment wait
+    # for it rather than each timing (and each perhaps choosing another kernel).
+    import threading
+
+    monkeypatch.setattr(native, "_FASTEST_SHA256", {})
+    timings, inside = [], threading.Event()
+    release = threading.Event()
+
+    def slow_timing(avail):
+        timings.append(avail)
+        inside.set()
+        assert release.wait(10)
+        return "sha-ni" if len(timings) == 1 else "avx512"
+
+    monkeypatch.setattr(native, "_time_sha256_kernels", slow_timing)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(native._fastest_sha256_kernel(("hashlib", "sha-ni", "avx512"))))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    assert inside.wait(10)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(timings) == 1 and got == ["sha-ni"] * 8
 
 
 LANES = [k for k in NATIVE if k == "avx512"]

@@ -300,6 +300,40 @@ def test_missing_pack(backed_up, capsys):
     assert [n for n in os.listdir(tmp) if ".pyvbak-restore-" in n] == []
 
 
+@pytest.mark.parametrize("how", ["packs moved away", "packs emptied"])
+def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_up, capsys, how):
+    """Its index still names the blocks: a backup deduplicated against them and committed a
+    snapshot no restore could read, exit 0.  Refused (exit 6, nothing written) until the
+    packs are back, or a verify has flagged what is lost; then it stores the blocks again."""
+    tmp, repo, img, sid = backed_up
+    packs = os.path.join(repo, "packs")
+    shutil.move(packs, tmp / "packs.away")
+    if how == "packs emptied":
+        os.mkdir(packs)
+    before = sorted(os.listdir(os.path.join(repo, "snapshots")))
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and out == ""
+    assert_one_error_line(err, "no pack files under packs/")
+    assert "nothing was backed up" in err and "pyvbak verify" in err
+    assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == before
+    assert os.path.exists(packs) == (how == "packs emptied") and (how == "packs moved away" or not os.listdir(packs))
+
+    # the packs put back: backups go on as before
+    if os.path.exists(packs):
+        os.rmdir(packs)
+    shutil.move(tmp / "packs.away", packs)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+
+    # truly lost: a verify flags them, and the next backup stores the blocks again
+    shutil.rmtree(packs)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0, err
+    assert json.loads(out)["new_blocks"] > 0
+    assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)
+
+
 @pytest.mark.parametrize("vm,disk,needle", [
     ("a/b", "d", "VM name 'a/b' contains '/'"),
     ("", "d", "VM name is empty"),

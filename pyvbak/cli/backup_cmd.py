@@ -89,6 +89,7 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes
             info(line)
+        r.check_pack_storage()  # before a VM's disks are frozen or anything is written
         prev_states = {}
         for name in names:
             parent = r.latest(vm, name)

@@ -930,6 +930,30 @@ class Repository:
     def pack_index_names(self) -> list[str]:
         return list(self.backend.list("index/"))
 
+    def check_pack_storage(self) -> None:
+        """Refuses (IntegrityError) a backup into a repository whose pack indexes name
+        stored blocks while its storage holds no pack at all: the backup would deduplicate
+        against blocks that are not there and commit a snapshot no restore can read, and
+        say nothing.  That is storage not mounted or an incomplete copy far more often than
+        data lost; a partial loss is verify's to find.  Once a ``lost/`` marker exists
+        (a verify or restore flagged the missing copies), backups go on: they store the
+        flagged blocks again.  Costs a ``stat`` of the packs of the digest index's first and
+        last records (the index a backup loads anyway); only when both are missing is
+        ``packs/`` listed, up to its first name."""
+        index = self.load_digest_index()
+        if not len(index):
+            return
+        recs = index.records_at([0, len(index) - 1])
+        names = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in recs["pack"]}
+        if any(self.backend.exists(name) for name in sorted(names)):
+            return
+        if next(iter(self.backend.list("packs/")), None) is not None or self.lost_markers():
+            return
+        raise IntegrityError(
+            f"repository {self.location} has pack indexes but no pack files under packs/: its stored data is "
+            f"not there (storage not mounted, or an incomplete copy?); nothing was backed up: put the packs back, "
+            f"or run 'pyvbak verify' to flag what is lost (backups then store it again)")
+
     def load_digest_index(self) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when
         there is one, else in memory).  Kept per pack-index listing: a backup needs it

@@ -444,7 +444,9 @@ def test_a_flag_on_a_lost_pack_costs_backups_one_stat_not_a_read_per_copy(tmp_pa
         monkeypatch.setattr(LocalBackend, method,
                             lambda self, n, *a, _r=real, _m=method, **k: calls.append((_m, n)) or _r(self, n, *a, **k))
     assert cli(capsys, "backup", other, "--repo", repo, "--vm", "v", "--disk", "d")[0] == 0
-    assert [c for c in calls if c[1] == pack] == [("stat", pack)]
+    # one stat by the flag's recheck, one by Repository.check_pack_storage (the digest
+    # index's first record is in that pack), and no read
+    assert [c for c in calls if c[1] == pack] == [("stat", pack)] * 2
 
 
 def test_a_copy_listed_twice_with_different_records_is_not_taken_for_healed(tmp_path, capsys):

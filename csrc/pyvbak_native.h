@@ -62,9 +62,11 @@ int64_t pv_changed_blocks(const uint8_t *old_zero, const uint64_t *old_hash, uin
 
 /* SHA-256 (block names).  Kernels: PV_SHA_NI pairs of messages through the SHA extensions
  * (sha256.c); PV_SHA_X16 16 messages side by side in AVX-512 lanes (sha256_x16.c), runs of
- * fewer than 9 equal-length messages through SHA-NI. */
+ * fewer than 9 equal-length messages through SHA-NI; PV_SHA_X16_ALONE the lanes for every
+ * run (CPUs with AVX-512 and without SHA-NI). */
 #define PV_SHA_NI 1
 #define PV_SHA_X16 2
+#define PV_SHA_X16_ALONE 3
 /* 1 if the SHA-NI kernel runs on this CPU (decode.c's checks use it). */
 int pv_sha256_available(void);
 /* The kernels that run on this CPU: bit k set for kernel k (0 without SHA-NI). */

@@ -99,9 +99,11 @@ int pv_sha256_available(void) {
 }
 
 int pv_sha256_kernels(void) {
+    /* PV_SHA_X16 leaves short runs to SHA-NI: it needs both; PV_SHA_X16_ALONE is what a
+     * CPU with AVX-512 but without SHA-NI (Skylake-SP, Cascade Lake) gets */
     if (!pv_sha256_available())
-        return 0; /* the lanes kernel leaves short runs to SHA-NI: it needs both */
-    return (1 << PV_SHA_NI) | (pv_sha256_x16_available() ? 1 << PV_SHA_X16 : 0);
+        return pv_sha256_x16_available() ? 1 << PV_SHA_X16_ALONE : 0;
+    return (1 << PV_SHA_NI) | (pv_sha256_x16_available() ? 1 << PV_SHA_X16 | 1 << PV_SHA_X16_ALONE : 0);
 }
 
 /* A run of this many equal-length messages or more goes through the 16 lanes, the lanes
@@ -142,26 +144,31 @@ static void hash_lanes(const uint8_t *base, const uint8_t *const *msgs, const in
 
 static void hash_all(const uint8_t *base, const uint8_t *const *msgs, const int64_t *offsets,
                      const uint64_t *lens, uint64_t n, uint8_t *out, int kernel) {
-    if (kernel != PV_SHA_X16) {
+    if (kernel == PV_SHA_NI) {
         hash_pairs(base, msgs, offsets, lens, 0, n, out);
         return;
     }
+    /* the lanes; without SHA-NI (PV_SHA_X16_ALONE) short runs take them too, spare lanes
+     * and all: native.py hands calls of fewer than 9 messages to hashlib instead */
+    const uint64_t min_run = kernel == PV_SHA_X16 ? PV_X16_MIN_RUN : 1;
     uint64_t i = 0;
     while (i < n) {
         uint64_t end = i + 1;
         while (end < n && lens[end] == lens[i]) end++;
-        while (end - i >= PV_X16_MIN_RUN) {
+        while (end - i >= min_run) {
             uint64_t count = end - i < PV_SHA_LANES ? end - i : PV_SHA_LANES;
             hash_lanes(base, msgs, offsets, lens[i], i, count, out);
             i += count;
         }
-        hash_pairs(base, msgs, offsets, lens, i, end, out);
+        if (i < end)
+            hash_pairs(base, msgs, offsets, lens, i, end, out);
         i = end;
     }
 }
 
 static int known_kernel(int kernel) {
-    return (kernel == PV_SHA_NI || kernel == PV_SHA_X16) && (pv_sha256_kernels() >> kernel & 1);
+    return (kernel == PV_SHA_NI || kernel == PV_SHA_X16 || kernel == PV_SHA_X16_ALONE) &&
+           (pv_sha256_kernels() >> kernel & 1);
 }
 
 int pv_sha256_many(const uint8_t *const *msgs, const uint64_t *lens, uint64_t n, uint8_t *out, int kernel) {

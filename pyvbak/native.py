@@ -402,28 +402,37 @@ def gather_into(dst, buffers) -> int:
 # hashes two equal-length blocks at a time through the SHA extensions, "avx512"
 # (csrc/sha256_x16.c) sixteen at a time in AVX-512 lanes, leaving short runs to SHA-NI.  Per
 # core here: hashlib 1.4 GB/s, sha-ni 2.1, avx512 3.8 (bench/RESULTS.md, "SHA-256 of
-# blocks").  Which of the two native ones is faster depends on the CPU (one that splits
-# 512-bit work in halves may favour SHA-NI), so with both present the first use times them
-# once on the same blocks and keeps the faster.  $PYVBAK_SHA256 forces one of SHA256_KERNELS.
+# blocks").  Which is faster depends on the CPU (one that splits 512-bit work in halves may
+# favour SHA-NI), so the first use times the candidates once on the same blocks and keeps
+# the faster.  On a CPU with AVX-512 and no SHA-NI (Skylake-SP, Cascade Lake) "avx512" runs
+# every run through the lanes (kernel PV_SHA_X16_ALONE) and calls of fewer than 9 blocks go
+# to hashlib; there the candidates are hashlib and avx512.  $PYVBAK_SHA256 forces one of
+# SHA256_KERNELS.
 
 SHA256_KERNELS = ("hashlib", "sha-ni", "avx512")
-_SHA_KERNEL_ID = {"sha-ni": lib.PV_SHA_NI, "avx512": lib.PV_SHA_X16}
 _SHA_ENV = "PYVBAK_SHA256"
+_LANES_MIN_CALL = 9  # as PV_X16_MIN_RUN in csrc/sha256.c: below it 16 lanes cost more than they save
+
+
+def _sha_kernel_id(kernel: str) -> int:
+    if kernel == "sha-ni":
+        return lib.PV_SHA_NI
+    return lib.PV_SHA_X16 if lib.pv_sha256_available() else lib.PV_SHA_X16_ALONE
 
 
 def available_sha256_kernels() -> list[str]:
     """The SHA-256 kernels this CPU supports, reference first."""
     mask = lib.pv_sha256_kernels()
-    return ["hashlib"] + [name for name, kid in _SHA_KERNEL_ID.items() if mask >> kid & 1]
+    return ["hashlib"] + [name for name in SHA256_KERNELS[1:] if mask >> _sha_kernel_id(name) & 1]
 
 
-_FASTEST_SHA256: dict[tuple, str] = {}  # available kernels -> the faster native one, timed once
+_FASTEST_SHA256: dict[tuple, str] = {}  # available kernels -> the faster one, timed once
 _FASTEST_SHA256_LOCK = threading.Lock()
 
 
 def _fastest_sha256_kernel(avail: tuple) -> str:
-    """The faster native kernel of ``avail`` on this CPU, timed once per process (under a
-    lock: threads that first hash at once wait for one timing and all get its answer)."""
+    """The faster kernel of ``avail`` on this CPU, timed once per process (under a lock:
+    threads that first hash at once wait for one timing and all get its answer)."""
     chosen = _FASTEST_SHA256.get(avail)
     if chosen is None:
         with _FASTEST_SHA256_LOCK:
@@ -434,23 +443,27 @@ def _fastest_sha256_kernel(avail: tuple) -> str:
 
 
 def _time_sha256_kernels(avail: tuple) -> str:
-    """Times each native kernel of ``avail`` on 16 blocks of 16 KiB (~0.1 ms per kernel and
-    round; best of 3 alternating rounds after one warm-up each) and names the faster."""
-    native_ones = [k for k in avail if k != "hashlib"]
-    if len(native_ones) < 2:
+    """Times the candidates of ``avail`` on 16 blocks of 16 KiB (~0.1 ms per kernel and
+    round; best of 3 alternating rounds after one warm-up each) and names the faster.  The
+    candidates: the native kernels, with hashlib among them where SHA-NI is missing (the
+    lanes alone are the one native kernel then; SHA-NI pairs always beat hashlib)."""
+    candidates = [k for k in avail if k != "hashlib"]
+    if candidates and "sha-ni" not in candidates:
+        candidates.insert(0, "hashlib")
+    if len(candidates) < 2:
         return avail[-1]
     n, size = 16, 16 << 10
     probe = bytearray(n * size)
     offs = np.arange(n, dtype=np.int64) * size
     lens = np.full(n, size, dtype=np.int64)
-    best = dict.fromkeys(native_ones, float("inf"))
+    best = dict.fromkeys(candidates, float("inf"))
     for round_ in range(4):
-        for kernel in native_ones:
+        for kernel in candidates:
             started = time.perf_counter()
             sha256_blocks(probe, offs, lens, kernel=kernel)
             if round_:
                 best[kernel] = min(best[kernel], time.perf_counter() - started)
-    return min(native_ones, key=best.__getitem__)
+    return min(candidates, key=best.__getitem__)
 
 
 def selected_sha256_kernel(kernel: str | None = None) -> str:
@@ -460,6 +473,12 @@ def selected_sha256_kernel(kernel: str | None = None) -> str:
     if kernel is None and not os.environ.get(_SHA_ENV):
         return _fastest_sha256_kernel(tuple(avail))
     return chosen
+
+
+def _by_hashlib(kernel: str, n: int) -> bool:
+    """Whether a call of ``n`` messages goes to hashlib: the reference chosen, or the lanes
+    without SHA-NI for fewer messages than fill them usefully."""
+    return kernel == "hashlib" or (n < _LANES_MIN_CALL and _sha_kernel_id(kernel) == lib.PV_SHA_X16_ALONE)
 
 
 def sha256_blocks(buf, offsets, lengths, *, kernel=None) -> bytes:
@@ -475,13 +494,13 @@ def sha256_blocks(buf, offsets, lengths, *, kernel=None) -> bytes:
     if n and (offs.min() < 0 or lens.min() < 0 or offs.max() > nbytes or (lens > nbytes - offs).any()):
         raise UsageError(f"a block lies outside the {nbytes}-byte buffer")
     kernel = selected_sha256_kernel(kernel)
-    if kernel == "hashlib":
+    if _by_hashlib(kernel, n):
         mv = memoryview(buf).cast("B")
         return b"".join(hashlib.sha256(mv[o : o + ln]).digest() for o, ln in zip(offs.tolist(), lens.tolist()))
     out = bytearray(32 * n)
     if n:
         rc = lib.pv_sha256_blocks(cbuf, ffi.from_buffer("int64_t[]", offs), ffi.from_buffer("uint64_t[]", lens.view(np.uint64)),
-                                  n, ffi.from_buffer("uint8_t[]", out), _SHA_KERNEL_ID[kernel])
+                                  n, ffi.from_buffer("uint8_t[]", out), _sha_kernel_id(kernel))
         if rc != lib.PV_OK:  # pragma: no cover - availability was checked above
             raise UsageError(f"native SHA-256 failed (code {rc})")
     return bytes(out)
@@ -491,7 +510,7 @@ def sha256_many(buffers, *, kernel=None) -> list[bytes]:
     """SHA-256 digest of each bytes-like object in ``buffers`` (any iterable), in order."""
     buffers = buffers if isinstance(buffers, list) else list(buffers)
     kernel = selected_sha256_kernel(kernel)
-    if kernel == "hashlib":
+    if _by_hashlib(kernel, len(buffers)):
         try:
             return [hashlib.sha256(b).digest() for b in buffers]
         except TypeError as exc:
@@ -505,7 +524,7 @@ def sha256_many(buffers, *, kernel=None) -> list[bytes]:
         raise UsageError(f"sha256_many needs bytes-like objects: {exc}") from None
     out = bytearray(32 * n)
     rc = lib.pv_sha256_many(ffi.new("uint8_t *[]", cbufs), ffi.new("uint64_t[]", [len(c) for c in cbufs]), n,
-                            ffi.from_buffer("uint8_t[]", out), _SHA_KERNEL_ID[kernel])
+                            ffi.from_buffer("uint8_t[]", out), _sha_kernel_id(kernel))
     if rc != lib.PV_OK:  # pragma: no cover
         raise UsageError(f"native SHA-256 failed (code {rc})")
     return [bytes(out[i : i + 32]) for i in range(0, 32 * n, 32)]

@@ -103,6 +103,55 @@ def test_lanes_every_run_length_with_distinct_messages(run):
 
 
 @pytest.mark.skipif(not LANES, reason="this CPU has no AVX-512: the 16-lane kernel does not run here")
+def test_lanes_without_sha_ni_every_run_through_the_lanes_and_short_calls_to_hashlib(monkeypatch):
+    # What a CPU with AVX-512 but no SHA-NI (Skylake-SP, Cascade Lake) runs: every run of
+    # equal lengths through the lanes, spare lanes and all, and calls of fewer than 9
+    # messages through hashlib.  Run here by giving "avx512" that kernel's number.
+    lib = native.lib
+    monkeypatch.setattr(native, "_sha_kernel_id",
+                        lambda k: lib.PV_SHA_NI if k == "sha-ni" else lib.PV_SHA_X16_ALONE)
+    hashed_by_hashlib = []
+    real = hashlib.sha256
+
+    class Spy:
+        @staticmethod
+        def sha256(data):
+            hashed_by_hashlib.append(len(data))
+            return real(data)
+
+    monkeypatch.setattr(native, "hashlib", Spy)
+    for run in (1, 2, 8, 9, 15, 16, 17, 25, 33):
+        for size in (4096, 1000, 55, 56, 0):
+            bufs = [os.urandom(size) for _ in range(run)]
+            hashed_by_hashlib.clear()
+            assert native.sha256_many(bufs, kernel="avx512") == [ref(b) for b in bufs], (run, size)
+            assert len(hashed_by_hashlib) == (run if run < 9 else 0)
+    # runs shorter than 9 inside a longer call: through the lanes too (no SHA-NI to take them)
+    lens = [4096] * 3 + [100] + [4095] * 20 + [4096] * 2 + [7]
+    chunk = os.urandom(30 * 4096)
+    offs = [(i * 4093 + 1) % (len(chunk) - 4096) for i in range(len(lens))]
+    hashed_by_hashlib.clear()
+    got = native.sha256_blocks(chunk, np.array(offs, np.int64), np.array(lens, np.int64), kernel="avx512")
+    assert got == b"".join(ref(chunk[o : o + ln]) for o, ln in zip(offs, lens)) and not hashed_by_hashlib
+
+
+def test_without_sha_ni_the_lanes_are_timed_against_hashlib(monkeypatch):
+    clock = [0.0]
+
+    def fake_blocks(buf, offs, lens, *, kernel):
+        clock[0] += {"hashlib": 2.0, "avx512": 1.0}[kernel]
+        return b""
+
+    monkeypatch.setattr(native, "sha256_blocks", fake_blocks)
+    monkeypatch.setattr(native.time, "perf_counter", lambda: clock[0])
+    assert native._time_sha256_kernels(("hashlib", "avx512")) == "avx512"
+    clock[0] = 0.0
+    monkeypatch.setattr(native, "sha256_blocks",
+                        lambda buf, offs, lens, *, kernel: clock.__setitem__(0, clock[0] + {"hashlib": 1.0, "avx512": 3.0}[kernel]))
+    assert native._time_sha256_kernels(("hashlib", "avx512")) == "hashlib"
+
+
+@pytest.mark.skipif(not LANES, reason="this CPU has no AVX-512: the 16-lane kernel does not run here")
 def test_lanes_every_length_through_two_padding_blocks():
     data = os.urandom(300 + 16)
     for n in range(300):

@@ -313,8 +313,8 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     before = sorted(os.listdir(os.path.join(repo, "snapshots")))
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
     assert code == 6 and out == ""
-    assert_one_error_line(err, "no pack files under packs/")
-    assert "nothing was backed up" in err and "pyvbak verify" in err
+    assert_one_error_line(err, f"no pack files in {packs}")
+    assert "nothing was backed up" in err and "mount or copy the packs back" in err and "pyvbak verify" in err
     assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == before
     assert os.path.exists(packs) == (how == "packs emptied") and (how == "packs moved away" or not os.listdir(packs))
 
@@ -324,8 +324,16 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     shutil.move(tmp / "packs.away", packs)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
 
-    # truly lost: a verify flags them, and the next backup stores the blocks again
+    # truly lost: a restore that tried some of them flags only those: still refused (the
+    # unflagged ones would be deduplicated against nothing); a verify flags them all, and
+    # the next backup stores the blocks again
+    other = vm_image(tmp / "other.img", 2 * MiB, seed=43)  # blocks the restore below does not try
+    assert cli(capsys, "backup", other, "--repo", repo, "--vm", "db")[0] == 0
     shutil.rmtree(packs)
+    assert cli(capsys, "restore", sid, tmp / "partial.img", "--repo", repo)[0] == 6
+    assert os.listdir(os.path.join(repo, "lost"))
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "no pack files" in err
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
     assert code == 0, err

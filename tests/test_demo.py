@@ -73,6 +73,23 @@ def test_demo_backs_up_changes_restores_and_checks(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "o.img") == 32 * 1024 * 1024
 
 
+def test_demo_into_a_repository_whose_packs_are_gone_is_refused(tmp_path, capsys):
+    """Its cold backups ran run_backup directly, past the check the backup command makes:
+    two snapshots committed that no restore could read (session 20, review 2)."""
+    import shutil
+
+    require_tool("mkfs.ext4", "e2fsprogs")
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    assert _run(capsys, "--repo", repo, "--size-mib", "32")[0] == 0
+    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    before = sorted(os.listdir(os.path.join(repo, "snapshots")))
+    code, out, err = _run(capsys, "--repo", repo, "--size-mib", "32")
+    assert code == 6 and "no pack files in" in err
+    assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == before
+    assert _traces_of(_work_dir(out)) == []
+
+
 def test_hot_demo_uses_the_dirty_bitmap_and_leaves_nothing_in_qemu(tmp_path, capsys):
     repo = _hot_demo_repo(tmp_path)
     code, out, err = _run(capsys, "--hot", "--repo", repo, "--size-mib", "32")

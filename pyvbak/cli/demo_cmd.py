@@ -118,6 +118,7 @@ def demo(
             else:
                 with r.lock(purpose="demo backup"):
                     r.recover_leftovers()
+                    r.check_pack_storage()
                     with FileSource(image) as src:
                         res = run_backup(r, src, vm="demo-vm", disk="disk0")
             how = ""

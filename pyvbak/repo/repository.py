@@ -934,12 +934,13 @@ class Repository:
         """Refuses (IntegrityError) a backup into a repository whose pack indexes name
         stored blocks while its storage holds no pack at all: the backup would deduplicate
         against blocks that are not there and commit a snapshot no restore can read, and
-        say nothing.  That is storage not mounted or an incomplete copy far more often than
-        data lost; a partial loss is verify's to find.  Once a ``lost/`` marker exists
-        (a verify or restore flagged the missing copies), backups go on: they store the
-        flagged blocks again.  Costs a ``stat`` of the packs of the digest index's first and
-        last records (the index a backup loads anyway); only when both are missing is
-        ``packs/`` listed, up to its first name."""
+        say nothing.  That is storage not mounted or a copy made without its packs far more
+        often than data lost; a partial loss is verify's to find.  Once ``lost/`` markers
+        flag every copy the index names (a plain verify found them all missing), backups
+        go on: they store every block again.  Costs a listing of ``index/`` and a ``stat``
+        of the packs of the digest index's first and last records (the index a backup
+        loads anyway); only when both are missing is ``packs/`` listed, up to its first
+        name, and the markers' flags read."""
         index = self.load_digest_index()
         if not len(index):
             return
@@ -947,12 +948,17 @@ class Repository:
         names = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in recs["pack"]}
         if any(self.backend.exists(name) for name in sorted(names)):
             return
-        if next(iter(self.backend.list("packs/")), None) is not None or self.lost_markers():
+        if next(iter(self.backend.list("packs/")), None) is not None:
             return
+        flagged = self.flagged_copies(strict=True)
+        if len(flagged) and digest_sets.isin(digest_sets.copy_keys(index.records), flagged).all():
+            return
+        packs_dir = (_local_path(self.location) or self.location).rstrip("/") + "/packs"
         raise IntegrityError(
-            f"repository {self.location} has pack indexes but no pack files under packs/: its stored data is "
-            f"not there (storage not mounted, or an incomplete copy?); nothing was backed up: put the packs back, "
-            f"or run 'pyvbak verify' to flag what is lost (backups then store it again)")
+            f"repository {self.location} has pack indexes but no pack files in {packs_dir}: its stored data is not "
+            f"there (storage not mounted, or a copy made without its packs?); nothing was backed up: mount or copy "
+            f"the packs back; only if they are really lost, run 'pyvbak verify' to flag them, and backups then "
+            f"store every block again")
 
     def load_digest_index(self) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when

@@ -69,7 +69,7 @@ int64_t pv_changed_blocks(const uint8_t *old_zero, const uint64_t *old_hash, uin
 #define PV_SHA_X16_ALONE 3
 /* 1 if the SHA-NI kernel runs on this CPU (decode.c's checks use it). */
 int pv_sha256_available(void);
-/* The kernels that run on this CPU: bit k set for kernel k (0 without SHA-NI). */
+/* The kernels that run on this CPU: bit k set for kernel k (0 with neither SHA-NI nor AVX-512). */
 int pv_sha256_kernels(void);
 /* SHA-256 of n messages, msgs[i] of lens[i] bytes, into out[32*i .. 32*i+32).  Neighbours
  * of equal length are hashed together.  PV_ERR_KERNEL for a kernel this CPU lacks. */

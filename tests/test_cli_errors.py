@@ -300,45 +300,76 @@ def test_missing_pack(backed_up, capsys):
     assert [n for n in os.listdir(tmp) if ".pyvbak-restore-" in n] == []
 
 
-@pytest.mark.parametrize("how", ["packs moved away", "packs emptied"])
+@pytest.mark.parametrize("how", ["packs moved away", "packs emptied", "only lost+found and a sentinel left"])
 def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_up, capsys, how):
     """Its index still names the blocks: a backup deduplicated against them and committed a
     snapshot no restore could read, exit 0.  Refused (exit 6, nothing written) until the
-    packs are back, or a verify has flagged what is lost; then it stores the blocks again."""
+    packs are back or a prune has dropped them from the index; then it stores the blocks
+    again.  Flags that leave copies unflagged are no way on: a restore's (what it tried),
+    a verify's after a forget (the copies snapshots use) (session 20, reviews 2 and 3)."""
     tmp, repo, img, sid = backed_up
     packs = os.path.join(repo, "packs")
     shutil.move(packs, tmp / "packs.away")
-    if how == "packs emptied":
+    if how != "packs moved away":
         os.mkdir(packs)
+    if how == "only lost+found and a sentinel left":  # what an unmounted mount point may hold
+        os.mkdir(os.path.join(packs, "lost+found"))
+        open(os.path.join(packs, "lost+found", "#1234"), "w").close()
+        open(os.path.join(packs, ".not-mounted"), "w").close()
+    left = sorted(os.listdir(packs)) if os.path.exists(packs) else None
     before = sorted(os.listdir(os.path.join(repo, "snapshots")))
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
     assert code == 6 and out == ""
     assert_one_error_line(err, f"no pack files in {packs}")
-    assert "nothing was backed up" in err and "mount or copy the packs back" in err and "pyvbak verify" in err
+    assert "nothing was backed up" in err and "mount or copy the packs back" in err and "pyvbak prune" in err
     assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == before
-    assert os.path.exists(packs) == (how == "packs emptied") and (how == "packs moved away" or not os.listdir(packs))
+    assert (sorted(os.listdir(packs)) if os.path.exists(packs) else None) == left
 
     # the packs put back: backups go on as before
     if os.path.exists(packs):
-        os.rmdir(packs)
+        shutil.rmtree(packs)
     shutil.move(tmp / "packs.away", packs)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
 
-    # truly lost: a restore that tried some of them flags only those: still refused (the
-    # unflagged ones would be deduplicated against nothing); a verify flags them all, and
-    # the next backup stores the blocks again
-    other = vm_image(tmp / "other.img", 2 * MiB, seed=43)  # blocks the restore below does not try
+    # truly lost: the flags of a restore (some copies) or of a verify (the copies snapshots
+    # use: "db" is forgotten) leave the rest to be deduplicated against nothing: still
+    # refused; a prune drops the lost packs from the index, and the next backup stores
+    # every block again
+    other = vm_image(tmp / "other.img", 2 * MiB, seed=43)
     assert cli(capsys, "backup", other, "--repo", repo, "--vm", "db")[0] == 0
+    assert cli(capsys, "forget", "db@latest", "--repo", repo)[0] == 0
     shutil.rmtree(packs)
     assert cli(capsys, "restore", sid, tmp / "partial.img", "--repo", repo)[0] == 6
     assert os.listdir(os.path.join(repo, "lost"))
-    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
-    assert code == 6 and "no pack files" in err
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 6
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 6
+    assert cli(capsys, "prune", "--repo", repo)[0] == 0
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
     assert code == 0, err
     assert json.loads(out)["new_blocks"] > 0
     assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)
+
+
+def test_a_refused_backup_leaves_a_damaged_pack_index_for_when_the_packs_are_back(backed_up, capsys):
+    """Leftover recovery ran first and deleted a damaged pack index whose packs it could not
+    see (packs/ unmounted); with every index damaged the check did not apply at all
+    (session 20, review 3)."""
+    tmp, repo, img, sid = backed_up
+    (name,) = os.listdir(os.path.join(repo, "index"))
+    index_path = os.path.join(repo, "index", name)
+    with open(index_path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 16)
+    damaged = open(index_path, "rb").read()
+    shutil.move(os.path.join(repo, "packs"), tmp / "packs.away")
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "no pack files" in err
+    assert open(index_path, "rb").read() == damaged
+    shutil.move(tmp / "packs.away", os.path.join(repo, "packs"))
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0  # re-indexes the pack
+    assert cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)[0] == 0
     assert same_file(tmp / "out.img", img)
 
 

@@ -85,11 +85,13 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         check_vm_disk_names(vm, name)  # before anything is opened or created
     results = []
     with r.lock(purpose=f"backup of {vm}/{','.join(names)}") as lock:
+        # before a VM's disks are frozen or anything is written or cleaned up: leftover
+        # recovery would take damaged pack indexes whose packs it cannot see for garbage
+        r.check_pack_storage()
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
         cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes
             info(line)
-        r.check_pack_storage()  # before a VM's disks are frozen or anything is written
         prev_states = {}
         for name in names:
             parent = r.latest(vm, name)

@@ -117,8 +117,8 @@ def demo(
                                           work_dir=os.path.join(work, "pyvbak-work"))
             else:
                 with r.lock(purpose="demo backup"):
-                    r.recover_leftovers()
                     r.check_pack_storage()
+                    r.recover_leftovers()
                     with FileSource(image) as src:
                         res = run_backup(r, src, vm="demo-vm", disk="disk0")
             how = ""

@@ -935,30 +935,40 @@ class Repository:
         stored blocks while its storage holds no pack at all: the backup would deduplicate
         against blocks that are not there and commit a snapshot no restore can read, and
         say nothing.  That is storage not mounted or a copy made without its packs far more
-        often than data lost; a partial loss is verify's to find.  Once ``lost/`` markers
-        flag every copy the index names (a plain verify found them all missing), backups
-        go on: they store every block again.  Costs a listing of ``index/`` and a ``stat``
-        of the packs of the digest index's first and last records (the index a backup
-        loads anyway); only when both are missing is ``packs/`` listed, up to its first
-        name, and the markers' flags read."""
+        often than data lost; a partial loss is verify's to find.  Runs before leftover
+        recovery, which would take a damaged pack index whose packs it cannot see for
+        garbage.  The way on when the packs are really lost is ``prune``: it drops the
+        lost packs' records from the index (lost/ markers say so), and backups then store
+        every block again.  A verify's flags are a way on only where they cover every copy
+        the index names (a repository whose one pack was lost: its blocks are then stored
+        again, as after any flagged loss); a restore's cover only what it tried, and a
+        verify's only the copies snapshots still use.  Costs a listing of ``index/`` and a
+        ``stat`` of the packs of the digest index's first and last records (the index a
+        backup loads anyway); only when both are missing (or every pack index is damaged)
+        is ``packs/`` listed, and the flags compared."""
         index = self.load_digest_index()
-        if not len(index):
+        if not len(index) and not self.damaged_pack_indexes:
             return
-        recs = index.records_at([0, len(index) - 1])
-        names = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in recs["pack"]}
-        if any(self.backend.exists(name) for name in sorted(names)):
+        if len(index):
+            recs = index.records_at([0, len(index) - 1])
+            names = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in recs["pack"]}
+            if any(self.backend.exists(name) for name in sorted(names)):
+                return
+        # (pack objects only: a lost+found/ or a "not mounted" sentinel file is no pack)
+        if any(_PACK_OBJECT.fullmatch(name) for name in self.backend.list(fmt.PACKS_FOLDER)):
             return
-        if next(iter(self.backend.list("packs/")), None) is not None:
-            return
-        flagged = self.flagged_copies(strict=True)
-        if len(flagged) and digest_sets.isin(digest_sets.copy_keys(index.records), flagged).all():
-            return
+        if len(index) and not self.damaged_pack_indexes:
+            flagged = self.flagged_copies(strict=True)
+            # (fewer flags than records: not all covered, whatever the records - no need to
+            # build every record's key for a large index)
+            if len(flagged) >= len(index) and digest_sets.isin(digest_sets.copy_keys(index.records), flagged).all():
+                return
         packs_dir = (_local_path(self.location) or self.location).rstrip("/") + "/packs"
         raise IntegrityError(
             f"repository {self.location} has pack indexes but no pack files in {packs_dir}: its stored data is not "
             f"there (storage not mounted, or a copy made without its packs?); nothing was backed up: mount or copy "
-            f"the packs back; only if they are really lost, run 'pyvbak verify' to flag them, and backups then "
-            f"store every block again")
+            f"the packs back; only if they are really lost, run 'pyvbak prune' to drop them from the index, and "
+            f"backups then store every block again")
 
     def load_digest_index(self) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when
@@ -1289,6 +1299,9 @@ def _parse_marker_flags(doc: dict):
     # marker names only (a hostile one-line name must not cost megabytes in every backup)
     seen = [n for n in seen if isinstance(n, str) and _MARKER_NAME.fullmatch(n)] if isinstance(seen, list) else []
     return out[0], out[1], seen
+
+
+_PACK_OBJECT = re.compile(re.escape(fmt.PACKS_FOLDER) + r"([0-9a-f]{2})/\1[0-9a-f]{62}")
 
 
 def _local_path(location: str) -> str | None:

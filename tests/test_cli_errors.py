@@ -352,6 +352,42 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     assert same_file(tmp / "out.img", img)
 
 
+def test_packs_really_lost_with_a_damaged_pack_index_get_advice_that_works(backed_up, capsys):
+    """Prune reads every pack index strictly: the advised 'pyvbak prune' failed on a damaged
+    one, and the backup went on refusing with the same advice (session 20, review 4)."""
+    tmp, repo, img, sid = backed_up
+    (name,) = os.listdir(os.path.join(repo, "index"))
+    with open(os.path.join(repo, "index", name), "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 16)
+    shutil.rmtree(os.path.join(repo, "packs"))
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "run 'pyvbak verify --repair', then 'pyvbak prune'" in err
+    cli(capsys, "verify", "--repair", "--repo", repo)
+    assert cli(capsys, "prune", "--repo", repo)[0] == 0
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] > 0, err
+    assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)
+
+
+def test_flags_on_every_copy_count_copies_not_index_records(backed_up, capsys):
+    """Index files that repeat records (a prune killed between writing its new index and
+    deleting the old one): every copy flagged, yet the count of flags was below the count
+    of records and the backup was refused (session 20, review 4)."""
+    from pyvbak.repo import format as fmt
+
+    tmp, repo, img, sid = backed_up
+    r = Repository.open(repo)
+    (name,) = r.pack_index_names()
+    recs = fmt.decode_pack_index(r.backend.read(name), "index")
+    r.write_pack_index(recs[::-1].copy())  # the same records again, in another index object
+    shutil.rmtree(os.path.join(repo, "packs"))
+    assert cli(capsys, "verify", "--repo", repo)[0] == 6  # flags every copy
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] > 0, err
+
+
 def test_a_refused_backup_leaves_a_damaged_pack_index_for_when_the_packs_are_back(backed_up, capsys):
     """Leftover recovery ran first and deleted a damaged pack index whose packs it could not
     see (packs/ unmounted); with every index damaged the check did not apply at all

@@ -104,3 +104,27 @@ def test_unlock_adopts_what_the_removed_lock_left(crashed_repo, capsys):
     out = capsys.readouterr().out
     assert "removed 1 lock" in out and "adopted unindexed pack" in out
     assert list(repo.backend.list("index/"))
+
+
+def test_a_backup_refused_for_missing_packs_keeps_a_killed_runs_stale_lock(tmp_path, capsys):
+    """The refusal came after the lock was taken, which removed the stale lock: once the
+    packs were back, no backup knew to clean up after the killed run (session 20, review 4)."""
+    import shutil
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(4 << 20))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 0
+    r = Repository.open(repo)
+    lock = {"host": socket.gethostname(), "pid": _dead_pid(), "time": 0, "exclusive": False, "purpose": "backup"}
+    r.backend.write_new("locks/deadbeef.json", json.dumps(lock).encode())
+    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    capsys.readouterr()
+    assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 6
+    assert "no pack files" in capsys.readouterr().err
+    assert r.backend.exists("locks/deadbeef.json")
+    shutil.move(tmp_path / "packs.away", os.path.join(repo, "packs"))
+    assert main(["backup", str(img), "--repo", repo, "--vm", "vm", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert any("stale lock" in line for line in out["cleaned_leftovers"])

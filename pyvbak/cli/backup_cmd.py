@@ -84,10 +84,12 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
     for name in names:
         check_vm_disk_names(vm, name)  # before anything is opened or created
     results = []
+    # before a VM's disks are frozen or anything is written or cleaned up, and before the
+    # lock: leftover recovery would take damaged pack indexes whose packs it cannot see for
+    # garbage, and taking the lock removes a killed run's stale lock, the evidence the
+    # backup after the packs are back cleans up on
+    r.check_pack_storage()
     with r.lock(purpose=f"backup of {vm}/{','.join(names)}") as lock:
-        # before a VM's disks are frozen or anything is written or cleaned up: leftover
-        # recovery would take damaged pack indexes whose packs it cannot see for garbage
-        r.check_pack_storage()
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
         cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes

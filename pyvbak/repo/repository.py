@@ -937,7 +937,11 @@ class Repository:
         say nothing.  That is storage not mounted or a copy made without its packs far more
         often than data lost; a partial loss is verify's to find.  Runs before leftover
         recovery, which would take a damaged pack index whose packs it cannot see for
-        garbage.  The way on when the packs are really lost is ``prune``: it drops the
+        garbage, and before the lock, whose taking removes a killed run's stale lock: the
+        evidence that makes the next backup clean up after that run once the packs are back
+        (prune rewrites indexes before it deletes packs, so no prune makes it refuse
+        wrongly).  The way on when the packs are really lost is ``prune`` (after ``verify
+        --repair`` where a pack index is damaged: prune reads them strictly): it drops the
         lost packs' records from the index (lost/ markers say so), and backups then store
         every block again.  A verify's flags are a way on only where they cover every copy
         the index names (a repository whose one pack was lost: its blocks are then stored
@@ -957,18 +961,30 @@ class Repository:
         # (pack objects only: a lost+found/ or a "not mounted" sentinel file is no pack)
         if any(_PACK_OBJECT.fullmatch(name) for name in self.backend.list(fmt.PACKS_FOLDER)):
             return
-        if len(index) and not self.damaged_pack_indexes:
-            flagged = self.flagged_copies(strict=True)
-            # (fewer flags than records: not all covered, whatever the records - no need to
-            # build every record's key for a large index)
-            if len(flagged) >= len(index) and digest_sets.isin(digest_sets.copy_keys(index.records), flagged).all():
-                return
+        if len(index) and not self.damaged_pack_indexes and self._flags_cover_every_copy(index):
+            return
         packs_dir = (_local_path(self.location) or self.location).rstrip("/") + "/packs"
+        # prune reads every pack index strictly: a damaged one needs verify --repair first
+        way_on = ("'pyvbak verify --repair', then 'pyvbak prune', to drop them from the index"
+                  if self.damaged_pack_indexes else "'pyvbak prune' to drop them from the index")
         raise IntegrityError(
             f"repository {self.location} has pack indexes but no pack files in {packs_dir}: its stored data is not "
             f"there (storage not mounted, or a copy made without its packs?); nothing was backed up: mount or copy "
-            f"the packs back; only if they are really lost, run 'pyvbak prune' to drop them from the index, and "
-            f"backups then store every block again")
+            f"the packs back; only if they are really lost, run {way_on}, and backups then store every block again")
+
+    def _flags_cover_every_copy(self, index) -> bool:
+        """Whether the lost/ markers flag every copy ``index`` names, compared a million
+        records at a time (80 MB of records, 72 MB of keys) and stopping at the first copy
+        not flagged."""
+        flagged = self.flagged_copies(strict=True)
+        if not len(flagged):
+            return False
+        step = 1 << 20
+        for start in range(0, len(index), step):
+            recs = index.records_at(np.arange(start, min(len(index), start + step), dtype=np.int64))
+            if not digest_sets.isin(digest_sets.copy_keys(recs), flagged).all():
+                return False
+        return True
 
     def load_digest_index(self) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when

@@ -128,3 +128,24 @@ def test_a_backup_refused_for_missing_packs_keeps_a_killed_runs_stale_lock(tmp_p
     assert main(["backup", str(img), "--repo", repo, "--vm", "vm", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert any("stale lock" in line for line in out["cleaned_leftovers"])
+
+
+def test_a_backup_while_a_prune_holds_the_lock_says_so_even_with_packs_empty(tmp_path, capsys):
+    """The check ran before the lock for a while: a backup during a prune that had emptied
+    packs/ said the data was not there and advised the prune that was running (session 20,
+    review 5); under the lock it waits its turn as before (exit 8)."""
+    import shutil
+
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(4 << 20))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 0
+    r = Repository.open(repo)
+    prune = {"host": socket.gethostname(), "pid": os.getpid(), "time": 0, "exclusive": True, "purpose": "prune"}
+    r.backend.write_new("locks/feedface.json", json.dumps(prune).encode())
+    shutil.rmtree(os.path.join(repo, "packs"))
+    capsys.readouterr()
+    assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 8
+    err = capsys.readouterr().err
+    assert "locked by prune" in err and "no pack files" not in err

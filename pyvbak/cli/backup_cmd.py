@@ -84,12 +84,14 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
     for name in names:
         check_vm_disk_names(vm, name)  # before anything is opened or created
     results = []
-    # before a VM's disks are frozen or anything is written or cleaned up, and before the
-    # lock: leftover recovery would take damaged pack indexes whose packs it cannot see for
-    # garbage, and taking the lock removes a killed run's stale lock, the evidence the
-    # backup after the packs are back cleans up on
-    r.check_pack_storage()
-    with r.lock(purpose=f"backup of {vm}/{','.join(names)}") as lock:
+    with r.lock(purpose=f"backup of {vm}/{','.join(names)}", clean_stale=False) as lock:
+        # under the lock (no prune meanwhile), before a VM's disks are frozen or anything
+        # is written or cleaned up: stale locks are removed after it (a refusal keeps a
+        # killed run's, the evidence the backup after the packs are back cleans up on), and
+        # leftover recovery would take damaged pack indexes whose packs it cannot see for
+        # garbage
+        r.check_pack_storage()
+        lock.remove_stale()
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
         cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes

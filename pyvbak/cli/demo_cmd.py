@@ -116,8 +116,9 @@ def demo(
                 (res,), _ = backup_source(r, source, vm="demo-vm", disk="disk0", show_progress=False,
                                           work_dir=os.path.join(work, "pyvbak-work"))
             else:
-                r.check_pack_storage()  # as backup_source: before the lock
-                with r.lock(purpose="demo backup"):
+                with r.lock(purpose="demo backup", clean_stale=False) as lock:
+                    r.check_pack_storage()  # as backup_source: before stale locks go
+                    lock.remove_stale()
                     r.recover_leftovers()
                     with FileSource(image) as src:
                         res = run_backup(r, src, vm="demo-vm", disk="disk0")

@@ -163,6 +163,14 @@ class RepositoryLock:
                 raise
         return self
 
+    def remove_stale(self) -> list[str]:
+        """For a lock taken with ``clean_stale=False``: remove the stale locks now, once its
+        holder has decided to go on (a backup refused before that keeps a killed run's
+        stale lock, the evidence the next backup cleans up on).  Returns the names
+        removed, also in ``stale_removed``."""
+        self._remove_stale({n: i for n, i in self._read_all().items() if n != self.name})
+        return self.stale_removed
+
     def check_held(self) -> None:
         """Raise LockedError unless this lock's object is still there.  A writer checks
         before it commits: a lock removed under it ('pyvbak unlock --all', or a prune that

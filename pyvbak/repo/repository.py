@@ -937,10 +937,9 @@ class Repository:
         say nothing.  That is storage not mounted or a copy made without its packs far more
         often than data lost; a partial loss is verify's to find.  Runs before leftover
         recovery, which would take a damaged pack index whose packs it cannot see for
-        garbage, and before the lock, whose taking removes a killed run's stale lock: the
-        evidence that makes the next backup clean up after that run once the packs are back
-        (prune rewrites indexes before it deletes packs, so no prune makes it refuse
-        wrongly).  The way on when the packs are really lost is ``prune`` (after ``verify
+        garbage, and under a lock taken without removing stale locks (the backup removes
+        them after it): a killed run's stale lock is the evidence that makes the next
+        backup clean up after that run once the packs are back.  The way on when the packs are really lost is ``prune`` (after ``verify
         --repair`` where a pack index is damaged: prune reads them strictly): it drops the
         lost packs' records from the index (lost/ markers say so), and backups then store
         every block again.  A verify's flags are a way on only where they cover every copy

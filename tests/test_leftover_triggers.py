@@ -106,19 +106,26 @@ def test_unlock_adopts_what_the_removed_lock_left(crashed_repo, capsys):
     assert list(repo.backend.list("index/"))
 
 
-def test_a_backup_refused_for_missing_packs_keeps_a_killed_runs_stale_lock(tmp_path, capsys):
-    """The refusal came after the lock was taken, which removed the stale lock: once the
-    packs were back, no backup knew to clean up after the killed run (session 20, review 4)."""
-    import shutil
-
+def _backed_up_with_lock(tmp_path, name: str, *, pid: int, exclusive: bool, purpose: str):
+    """(image, repository path, Repository): one backup done, then a lock object of ``pid``
+    (a dead one: stale; this process: live) at locks/NAME.json."""
     img = tmp_path / "disk.img"
     img.write_bytes(os.urandom(4 << 20))
     repo = str(tmp_path / "repo")
     assert main(["init", repo]) == 0
     assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 0
     r = Repository.open(repo)
-    lock = {"host": socket.gethostname(), "pid": _dead_pid(), "time": 0, "exclusive": False, "purpose": "backup"}
-    r.backend.write_new("locks/deadbeef.json", json.dumps(lock).encode())
+    lock = {"host": socket.gethostname(), "pid": pid, "time": 0, "exclusive": exclusive, "purpose": purpose}
+    r.backend.write_new(f"locks/{name}.json", json.dumps(lock).encode())
+    return img, repo, r
+
+
+def test_a_backup_refused_for_missing_packs_keeps_a_killed_runs_stale_lock(tmp_path, capsys):
+    """The refusal came after the lock was taken, which removed the stale lock: once the
+    packs were back, no backup knew to clean up after the killed run (session 20, review 4)."""
+    import shutil
+
+    img, repo, r = _backed_up_with_lock(tmp_path, "deadbeef", pid=_dead_pid(), exclusive=False, purpose="backup")
     shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
     capsys.readouterr()
     assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 6
@@ -136,14 +143,7 @@ def test_a_backup_while_a_prune_holds_the_lock_says_so_even_with_packs_empty(tmp
     review 5); under the lock it waits its turn as before (exit 8)."""
     import shutil
 
-    img = tmp_path / "disk.img"
-    img.write_bytes(os.urandom(4 << 20))
-    repo = str(tmp_path / "repo")
-    assert main(["init", repo]) == 0
-    assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 0
-    r = Repository.open(repo)
-    prune = {"host": socket.gethostname(), "pid": os.getpid(), "time": 0, "exclusive": True, "purpose": "prune"}
-    r.backend.write_new("locks/feedface.json", json.dumps(prune).encode())
+    img, repo, r = _backed_up_with_lock(tmp_path, "feedface", pid=os.getpid(), exclusive=True, purpose="prune")
     shutil.rmtree(os.path.join(repo, "packs"))
     capsys.readouterr()
     assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 8

@@ -939,10 +939,10 @@ class Repository:
         recovery, which would take a damaged pack index whose packs it cannot see for
         garbage, and under a lock taken without removing stale locks (the backup removes
         them after it): a killed run's stale lock is the evidence that makes the next
-        backup clean up after that run once the packs are back.  The way on when the packs are really lost is ``prune`` (after ``verify
-        --repair`` where a pack index is damaged: prune reads them strictly): it drops the
-        lost packs' records from the index (lost/ markers say so), and backups then store
-        every block again.  A verify's flags are a way on only where they cover every copy
+        backup clean up after that run once the packs are back.  The way on when the
+        packs are really lost is ``prune`` (after ``verify --repair`` where a pack index
+        is damaged: prune reads them strictly): it drops the lost packs' records from the
+        index (lost/ markers say so), and backups then store every block again.  A verify's flags are a way on only where they cover every copy
         the index names (a repository whose one pack was lost: its blocks are then stored
         again, as after any flagged loss); a restore's cover only what it tried, and a
         verify's only the copies snapshots still use.  Costs a listing of ``index/`` and a

@@ -7,6 +7,7 @@
 #define PV_SHA_NI 1
 #define PV_SHA_X16 2
 #define PV_SHA_X16_ALONE 3
+#define PV_X16_MIN_RUN 9
 #define PV_OK 0
 #define PV_ERR_ARG -1
 #define PV_ERR_KERNEL -2

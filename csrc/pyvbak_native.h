@@ -67,6 +67,12 @@ int64_t pv_changed_blocks(const uint8_t *old_zero, const uint64_t *old_hash, uin
 #define PV_SHA_NI 1
 #define PV_SHA_X16 2
 #define PV_SHA_X16_ALONE 3
+/* A run of this many equal-length messages or more goes through the 16 lanes, the lanes
+ * left over repeating its first message; a shorter one, in pairs through SHA-NI (without
+ * SHA-NI, native.py hands calls of fewer to hashlib).  Lanes cost the same full or not:
+ * 16 lanes take ~16/3.8 of a one-block time at 3.8 GB/s, a pair ~2/2.0 (session 20,
+ * bench/sha256.py), so 9 blocks is where the lanes win. */
+#define PV_X16_MIN_RUN 9
 /* 1 if the SHA-NI kernel runs on this CPU (decode.c's checks use it). */
 int pv_sha256_available(void);
 /* The kernels that run on this CPU: bit k set for kernel k (0 with neither SHA-NI nor AVX-512). */

@@ -106,12 +106,6 @@ int pv_sha256_kernels(void) {
     return (1 << PV_SHA_NI) | (pv_sha256_x16_available() ? 1 << PV_SHA_X16 | 1 << PV_SHA_X16_ALONE : 0);
 }
 
-/* A run of this many equal-length messages or more goes through the 16 lanes, the lanes
- * left over repeating its first message; a shorter one, in pairs through SHA-NI.  Lanes
- * cost the same full or not: 16 lanes take ~16/3.8 of a one-block time at 3.8 GB/s, a
- * pair ~2/2.0 (session 20, bench/sha256.py), so 9 blocks is where the lanes win. */
-#define PV_X16_MIN_RUN 9
-
 PV_SHA_TARGET static void hash_pairs(const uint8_t *base, const uint8_t *const *msgs, const int64_t *offsets,
                                      const uint64_t *lens, uint64_t i, uint64_t end, uint8_t *out) {
     while (i < end) {

@@ -411,7 +411,6 @@ def gather_into(dst, buffers) -> int:
 
 SHA256_KERNELS = ("hashlib", "sha-ni", "avx512")
 _SHA_ENV = "PYVBAK_SHA256"
-_LANES_MIN_CALL = 9  # as PV_X16_MIN_RUN in csrc/sha256.c: below it 16 lanes cost more than they save
 
 
 def _sha_kernel_id(kernel: str) -> int:
@@ -478,7 +477,7 @@ def selected_sha256_kernel(kernel: str | None = None) -> str:
 def _by_hashlib(kernel: str, n: int) -> bool:
     """Whether a call of ``n`` messages goes to hashlib: the reference chosen, or the lanes
     without SHA-NI for fewer messages than fill them usefully."""
-    return kernel == "hashlib" or (n < _LANES_MIN_CALL and _sha_kernel_id(kernel) == lib.PV_SHA_X16_ALONE)
+    return kernel == "hashlib" or (n < lib.PV_X16_MIN_RUN and _sha_kernel_id(kernel) == lib.PV_SHA_X16_ALONE)
 
 
 def sha256_blocks(buf, offsets, lengths, *, kernel=None) -> bytes:

@@ -289,6 +289,8 @@ def test_missing_pack(backed_up, capsys):
     tmp, repo, img, sid = backed_up
     packs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs]
     assert packs
+    # another VM's pack stays (with no pack left at all the storage is taken for unmounted)
+    assert cli(capsys, "backup", vm_image(tmp / "other.img", 2 * MiB, seed=44), "--repo", repo, "--vm", "db")[0] == 0
     os.unlink(packs[0])
     code, out, err = cli(capsys, "verify", "--repo", repo)
     assert code == 6
@@ -340,9 +342,9 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     assert cli(capsys, "forget", "db@latest", "--repo", repo)[0] == 0
     shutil.rmtree(packs)
     assert cli(capsys, "restore", sid, tmp / "partial.img", "--repo", repo)[0] == 6
-    assert os.listdir(os.path.join(repo, "lost"))
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 6
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
+    assert not os.path.exists(os.path.join(repo, "lost"))  # (no pack at all: neither flags)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 6
     assert cli(capsys, "prune", "--repo", repo)[0] == 0
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
@@ -350,6 +352,31 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     assert json.loads(out)["new_blocks"] > 0
     assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
     assert same_file(tmp / "out.img", img)
+
+
+@pytest.mark.parametrize("command", ["verify", "restore"])
+def test_verify_and_restore_flag_nothing_while_the_packs_are_not_mounted(backed_up, capsys, command):
+    """Packs/ unmounted: verify and restore flagged every copy as lost, the next backup took
+    the flags for leave to store every block again, into the empty mount point, and once
+    the storage was mounted back over it that snapshot's blocks were hidden: restore failed.
+    Now both say the storage is missing and write nothing; the backup stays refused."""
+    tmp, repo, img, sid = backed_up
+    packs = os.path.join(repo, "packs")
+    shutil.move(packs, tmp / "packs.away")
+    os.mkdir(packs)  # the mount point, unmounted
+    args = ["verify", "--repo", repo] if command == "verify" else ["restore", sid, tmp / "r.img", "--repo", repo]
+    code, out, err = cli(capsys, *args)
+    assert code == 6 and out == ""
+    assert_one_error_line(err, f"no pack files in {packs}", "mount or copy the packs back")
+    assert "nothing was" in err and "flagged" in err
+    assert not os.path.exists(os.path.join(repo, "lost")) and not (tmp / "r.img").exists()
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 6 and os.listdir(packs) == [], err
+    os.rmdir(packs)  # mounted again
+    shutil.move(tmp / "packs.away", packs)
+    code, out, err = cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)
+    assert code == 0 and same_file(tmp / "out.img", img), err
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
 
 
 def test_packs_really_lost_with_a_damaged_pack_index_get_advice_that_works(backed_up, capsys):
@@ -382,8 +409,16 @@ def test_flags_on_every_copy_count_copies_not_index_records(backed_up, capsys):
     (name,) = r.pack_index_names()
     recs = fmt.decode_pack_index(r.backend.read(name), "index")
     r.write_pack_index(recs[::-1].copy())  # the same records again, in another index object
-    shutil.rmtree(os.path.join(repo, "packs"))
+    for d, _, files in os.walk(os.path.join(repo, "packs")):  # every copy read back bad ...
+        for f in files:
+            path = os.path.join(d, f)
+            size = os.path.getsize(path)
+            os.chmod(path, 0o644)
+            with open(path, "r+b") as fh:
+                fh.write(b"\xa5" * size)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6  # flags every copy
+    assert os.listdir(os.path.join(repo, "lost"))
+    shutil.rmtree(os.path.join(repo, "packs"))  # ... and the bad packs deleted
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
     assert code == 0 and json.loads(out)["new_blocks"] > 0, err
 

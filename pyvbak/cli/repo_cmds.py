@@ -105,10 +105,19 @@ def verify(
             chosen = None
             if snapshots:
                 chosen = {s.id: s for s in (r.resolve(spec) for spec in snapshots)}.values()
+            # Packs all gone is storage not mounted far more often than data lost: a plain
+            # verify says so and flags nothing (its flags let the next backups store every
+            # block again, into the empty mount point, where a remount hides them).
+            # --repair is the user's word that they are lost ("verify --repair, then
+            # prune" is the way on pack_storage_error gives for damaged pack indexes).
+            if not repair and r.pack_storage_missing():
+                raise r.pack_storage_error("nothing was checked or flagged")
             # one sample for the check and the re-check after a repair (a new draw could
             # miss the blocks the first found lost, and say "repair: complete")
             seed = secrets.randbits(64) if sample is not None else None
             report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
+            if not repair and report["_bad_records"] and r.pack_storage_missing():  # (gone while it ran)
+                raise r.pack_storage_error("nothing was flagged")
             # (--repair drops the bad copies' records instead of flagging them)
             report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
                                                  report["_flagged_before"], report["_healed_flags"],

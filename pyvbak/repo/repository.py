@@ -930,46 +930,58 @@ class Repository:
     def pack_index_names(self) -> list[str]:
         return list(self.backend.list("index/"))
 
-    def check_pack_storage(self) -> None:
-        """Refuses (IntegrityError) a backup into a repository whose pack indexes name
-        stored blocks while its storage holds no pack at all: the backup would deduplicate
-        against blocks that are not there and commit a snapshot no restore can read, and
-        say nothing.  That is storage not mounted or a copy made without its packs far more
-        often than data lost; a partial loss is verify's to find.  Runs before leftover
-        recovery, which would take a damaged pack index whose packs it cannot see for
-        garbage, and under a lock taken without removing stale locks (the backup removes
-        them after it): a killed run's stale lock is the evidence that makes the next
-        backup clean up after that run once the packs are back.  The way on when the
-        packs are really lost is ``prune`` (after ``verify --repair`` where a pack index
-        is damaged: prune reads them strictly): it drops the lost packs' records from the
-        index (lost/ markers say so), and backups then store every block again.  A verify's flags are a way on only where they cover every copy
-        the index names (a repository whose one pack was lost: its blocks are then stored
-        again, as after any flagged loss); a restore's cover only what it tried, and a
-        verify's only the copies snapshots still use.  Costs a listing of ``index/`` and a
-        ``stat`` of the packs of the digest index's first and last records (the index a
-        backup loads anyway); only when both are missing (or every pack index is damaged)
-        is ``packs/`` listed, and the flags compared."""
+    def pack_storage_missing(self) -> bool:
+        """Whether the pack indexes name stored blocks (or some are damaged) while the
+        storage holds no pack at all: storage not mounted, or a copy made without its
+        packs, far more often than data lost.  Costs a listing of ``index/`` and a ``stat``
+        of the packs of the digest index's first and last records (the index a backup
+        loads anyway); ``packs/`` is listed only when both are missing.  Only objects
+        named like packs count: a ``lost+found/`` or a "not mounted" sentinel file in an
+        empty mount point is no pack."""
         index = self.load_digest_index()
         if not len(index) and not self.damaged_pack_indexes:
-            return
+            return False
         if len(index):
             recs = index.records_at([0, len(index) - 1])
             names = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in recs["pack"]}
             if any(self.backend.exists(name) for name in sorted(names)):
-                return
-        # (pack objects only: a lost+found/ or a "not mounted" sentinel file is no pack)
-        if any(_PACK_OBJECT.fullmatch(name) for name in self.backend.list(fmt.PACKS_FOLDER)):
-            return
-        if len(index) and not self.damaged_pack_indexes and self._flags_cover_every_copy(index):
-            return
+                return False
+        return not any(_PACK_OBJECT.fullmatch(name) for name in self.backend.list(fmt.PACKS_FOLDER))
+
+    def pack_storage_error(self, outcome: str) -> IntegrityError:
+        """The error for a repository whose packs are all gone (``pack_storage_missing``);
+        ``outcome``: what the command did not do ("nothing was backed up")."""
         packs_dir = (_local_path(self.location) or self.location).rstrip("/") + "/packs"
         # prune reads every pack index strictly: a damaged one needs verify --repair first
         way_on = ("'pyvbak verify --repair', then 'pyvbak prune', to drop them from the index"
                   if self.damaged_pack_indexes else "'pyvbak prune' to drop them from the index")
-        raise IntegrityError(
+        return IntegrityError(
             f"repository {self.location} has pack indexes but no pack files in {packs_dir}: its stored data is not "
-            f"there (storage not mounted, or a copy made without its packs?); nothing was backed up: mount or copy "
+            f"there (storage not mounted, or a copy made without its packs?); {outcome}: mount or copy "
             f"the packs back; only if they are really lost, run {way_on}, and backups then store every block again")
+
+    def check_pack_storage(self) -> None:
+        """Refuses (IntegrityError) a backup into a repository whose packs are all gone
+        (``pack_storage_missing``): the backup would deduplicate against blocks that are
+        not there and commit a snapshot no restore can read, and say nothing.  A partial
+        loss is verify's to find.  Runs before leftover recovery, which would take a
+        damaged pack index whose packs it cannot see for garbage, and under a lock taken
+        without removing stale locks (the backup removes them after it): a killed run's
+        stale lock is the evidence that makes the next backup clean up after that run once
+        the packs are back.  The way on when the packs are really lost is ``prune`` (after
+        ``verify --repair`` where a pack index is damaged: prune reads them strictly): it
+        drops the lost packs' records from the index (lost/ markers say so), and backups
+        then store every block again.  Flags (lost/ markers) are a way on only where they
+        cover every copy the index names: verify and restore write none while the storage
+        holds no pack (they stop with this error), so such flags come from copies read
+        back bad while their packs were there.  The flags are compared only when the
+        storage is missing."""
+        if not self.pack_storage_missing():
+            return
+        index = self.load_digest_index()
+        if len(index) and not self.damaged_pack_indexes and self._flags_cover_every_copy(index):
+            return
+        raise self.pack_storage_error("nothing was backed up")
 
     def _flags_cover_every_copy(self, index) -> bool:
         """Whether the lost/ markers flag every copy ``index`` names, compared a million

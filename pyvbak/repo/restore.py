@@ -717,6 +717,11 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             if kind != "ok":
                 from_copies.append(bytes(recs_sorted[k]["digest"]).hex())
         all_flagged = False
+        if errors and repo.pack_storage_missing():
+            # every pack gone: storage not mounted far more often than data lost - said
+            # so, and nothing flagged (flags let backups store every block again, into an
+            # empty mount point a remount then hides)
+            raise repo.pack_storage_error(f"snapshot {snap.id} was not restored and nothing was flagged")
         if flag_bad_copies:
             flagged_copies, all_flagged = _flag_failed_copies(repo, bad_copies, flag_bad_copies)
         if errors:

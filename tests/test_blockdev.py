@@ -54,6 +54,31 @@ def test_backup_block_device_and_restore_onto_another(tmp_path, loopdev, capsys)
         assert a.read() == b.read()
 
 
+def test_a_restore_onto_a_device_while_the_packs_are_not_mounted_writes_nothing(tmp_path, loopdev, capsys):
+    """The check came after the writing: the device's zero blocks were zeroed before the
+    restore failed (session 21, review 1)."""
+    import shutil
+
+    src_img = tmp_path / "src.img"
+    with open(src_img, "wb") as f:
+        f.write(os.urandom(1 << 20) + bytes(3 << 20))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(src_img), "--repo", repo, "--vm", "vm"]) == 0
+    dst_img = tmp_path / "dst.img"
+    before = os.urandom(4 << 20)
+    dst_img.write_bytes(before)
+    dst = loopdev(dst_img)
+    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    os.mkdir(os.path.join(repo, "packs"))
+    capsys.readouterr()
+    assert main(["restore", "vm@latest", dst, "--repo", repo, "--force"]) == 6
+    assert "none of their pack files" in capsys.readouterr().err
+    with open(dst, "rb") as f:
+        assert f.read() == before
+    assert not os.path.exists(os.path.join(repo, "lost"))
+
+
 def test_a_device_locked_by_another_writer_is_refused_by_both_restores(tmp_path, loopdev, capsys):
     """restore.sh wrote a device a running pyvbak restore held (O_EXCL is seen only by
     O_EXCL openers): both reported success and the device matched neither snapshot.  Both

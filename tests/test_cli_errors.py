@@ -322,8 +322,8 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     before = sorted(os.listdir(os.path.join(repo, "snapshots")))
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
     assert code == 6 and out == ""
-    assert_one_error_line(err, f"no pack files in {packs}")
-    assert "nothing was backed up" in err and "mount or copy the packs back" in err and "pyvbak prune" in err
+    assert_one_error_line(err, f"none of their pack files in {packs}")
+    assert "nothing was backed up" in err and "mount or copy the packs back" in err and "pyvbak verify --repair" in err
     assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == before
     assert (sorted(os.listdir(packs)) if os.path.exists(packs) else None) == left
 
@@ -333,10 +333,9 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     shutil.move(tmp / "packs.away", packs)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
 
-    # truly lost: the flags of a restore (some copies) or of a verify (the copies snapshots
-    # use: "db" is forgotten) leave the rest to be deduplicated against nothing: still
-    # refused; a prune drops the lost packs from the index, and the next backup stores
-    # every block again
+    # truly lost: restore, verify and prune all refuse and write nothing (storage not
+    # mounted, as far as they can tell); the user's 'verify --repair' drops the lost packs
+    # from the index, and the next backup stores every block again
     other = vm_image(tmp / "other.img", 2 * MiB, seed=43)
     assert cli(capsys, "backup", other, "--repo", repo, "--vm", "db")[0] == 0
     assert cli(capsys, "forget", "db@latest", "--repo", repo)[0] == 0
@@ -344,9 +343,11 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     assert cli(capsys, "restore", sid, tmp / "partial.img", "--repo", repo)[0] == 6
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 6
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
-    assert not os.path.exists(os.path.join(repo, "lost"))  # (no pack at all: neither flags)
+    code, out, err = cli(capsys, "prune", "--repo", repo)
+    assert code == 6 and out == "" and "nothing was pruned" in err, err
+    assert not os.path.exists(os.path.join(repo, "lost"))  # (no pack at all: no flags, no records dropped)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 6
-    assert cli(capsys, "prune", "--repo", repo)[0] == 0
+    assert cli(capsys, "verify", "--repair", "--repo", repo)[0] == 6  # (lost blocks until the next backup)
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
     assert code == 0, err
     assert json.loads(out)["new_blocks"] > 0
@@ -367,11 +368,20 @@ def test_verify_and_restore_flag_nothing_while_the_packs_are_not_mounted(backed_
     args = ["verify", "--repo", repo] if command == "verify" else ["restore", sid, tmp / "r.img", "--repo", repo]
     code, out, err = cli(capsys, *args)
     assert code == 6 and out == ""
-    assert_one_error_line(err, f"no pack files in {packs}", "mount or copy the packs back")
+    assert_one_error_line(err, f"none of their pack files in {packs}", "mount or copy the packs back")
     assert "nothing was" in err and "flagged" in err
     assert not os.path.exists(os.path.join(repo, "lost")) and not (tmp / "r.img").exists()
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
     assert code == 6 and os.listdir(packs) == [], err
+    # the nightly job's prune: it dropped every record from the index, and the next
+    # backup stored every block again into the mount point
+    index_before = sorted(os.listdir(os.path.join(repo, "index")))
+    code, out, err = cli(capsys, "forget", "--keep-last", "1", "--prune", "--repo", repo)
+    assert code == 6 and "nothing was forgotten or pruned" in err and "mount or copy the packs back" in err, err
+    assert sorted(os.listdir(os.path.join(repo, "index"))) == index_before
+    assert cli(capsys, "prune", "--repo", repo)[0] == 6
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 6
+    assert not os.path.exists(os.path.join(repo, "lost")) and os.listdir(packs) == []
     os.rmdir(packs)  # mounted again
     shutil.move(tmp / "packs.away", packs)
     code, out, err = cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)
@@ -381,7 +391,8 @@ def test_verify_and_restore_flag_nothing_while_the_packs_are_not_mounted(backed_
 
 def test_packs_really_lost_with_a_damaged_pack_index_get_advice_that_works(backed_up, capsys):
     """Prune reads every pack index strictly: the advised 'pyvbak prune' failed on a damaged
-    one, and the backup went on refusing with the same advice (session 20, review 4)."""
+    one, and the backup went on refusing with the same advice (session 20, review 4).  The
+    way on is 'verify --repair' now, damaged pack index or not."""
     tmp, repo, img, sid = backed_up
     (name,) = os.listdir(os.path.join(repo, "index"))
     with open(os.path.join(repo, "index", name), "r+b") as f:
@@ -389,38 +400,56 @@ def test_packs_really_lost_with_a_damaged_pack_index_get_advice_that_works(backe
         f.write(b"\xff" * 16)
     shutil.rmtree(os.path.join(repo, "packs"))
     code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
-    assert code == 6 and "run 'pyvbak verify --repair', then 'pyvbak prune'" in err
+    assert code == 6 and "run 'pyvbak verify --repair' to drop them" in err
     cli(capsys, "verify", "--repair", "--repo", repo)
-    assert cli(capsys, "prune", "--repo", repo)[0] == 0
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
     assert code == 0 and json.loads(out)["new_blocks"] > 0, err
     assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
     assert same_file(tmp / "out.img", img)
 
 
-def test_flags_on_every_copy_count_copies_not_index_records(backed_up, capsys):
-    """Index files that repeat records (a prune killed between writing its new index and
-    deleting the old one): every copy flagged, yet the count of flags was below the count
-    of records and the backup was refused (session 20, review 4)."""
-    from pyvbak.repo import format as fmt
-
+def test_flags_on_every_copy_are_no_leave_to_back_up_while_the_packs_are_gone(backed_up, capsys):
+    """Flags covering every copy let a backup go on while packs/ was empty: flags an older
+    pyvbak's verify wrote while the storage was not mounted, and that backup stored every
+    block into the mount point (session 21, review 1).  'verify --repair' is the way on."""
     tmp, repo, img, sid = backed_up
     r = Repository.open(repo)
-    (name,) = r.pack_index_names()
-    recs = fmt.decode_pack_index(r.backend.read(name), "index")
-    r.write_pack_index(recs[::-1].copy())  # the same records again, in another index object
-    for d, _, files in os.walk(os.path.join(repo, "packs")):  # every copy read back bad ...
-        for f in files:
-            path = os.path.join(d, f)
-            size = os.path.getsize(path)
-            os.chmod(path, 0o644)
-            with open(path, "r+b") as fh:
-                fh.write(b"\xa5" * size)
-    assert cli(capsys, "verify", "--repo", repo)[0] == 6  # flags every copy
-    assert os.listdir(os.path.join(repo, "lost"))
-    shutil.rmtree(os.path.join(repo, "packs"))  # ... and the bad packs deleted
-    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
-    assert code == 0 and json.loads(out)["new_blocks"] > 0, err
+    recs = r.load_digest_index().records
+    r.write_flag_marker([(bytes(x["digest"]).ljust(32, b"\0"), bytes(x["pack"]).ljust(32, b"\0"), int(x["offset"]))
+                         for x in recs])
+    packs = os.path.join(repo, "packs")
+    shutil.move(packs, tmp / "packs.away")
+    os.mkdir(packs)
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "none of their pack files" in err and os.listdir(packs) == [], err
+    os.rmdir(packs)
+    shutil.move(tmp / "packs.away", packs)
+    assert cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)
+
+
+def test_a_pack_the_index_does_not_name_does_not_make_the_storage_present(backed_up, capsys):
+    """Any object named like a pack counted: one stray pack in the empty mount point (one a
+    backup stored there in an earlier unmount, or another repository's) let verify flag
+    every copy and the next backup store every block into the mount point again (session
+    21, review 1)."""
+    tmp, repo, img, sid = backed_up
+    stranger = tmp / "stranger"
+    assert cli(capsys, "init", stranger)[0] == 0
+    assert cli(capsys, "backup", vm_image(tmp / "s.img", 2 * MiB, seed=45), "--repo", stranger, "--vm", "s")[0] == 0
+    packs = os.path.join(repo, "packs")
+    shutil.move(packs, tmp / "packs.away")
+    shutil.copytree(stranger / "packs", packs)
+    for args in (["verify", "--repo", repo], ["restore", sid, tmp / "out.img", "--repo", repo],
+                 ["backup", img, "--repo", repo, "--vm", "web"], ["prune", "--repo", repo]):
+        code, out, err = cli(capsys, *args)
+        assert code == 6 and "none of their pack files" in err, (args, err)
+    assert not os.path.exists(os.path.join(repo, "lost")) and not (tmp / "out.img").exists()
+    assert sorted(os.listdir(packs)) == sorted(os.listdir(stranger / "packs"))
+    shutil.rmtree(packs)
+    shutil.move(tmp / "packs.away", packs)
+    assert cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)
 
 
 def test_a_refused_backup_leaves_a_damaged_pack_index_for_when_the_packs_are_back(backed_up, capsys):
@@ -436,7 +465,7 @@ def test_a_refused_backup_leaves_a_damaged_pack_index_for_when_the_packs_are_bac
     damaged = open(index_path, "rb").read()
     shutil.move(os.path.join(repo, "packs"), tmp / "packs.away")
     code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
-    assert code == 6 and "no pack files" in err
+    assert code == 6 and "none of their pack files" in err
     assert open(index_path, "rb").read() == damaged
     shutil.move(tmp / "packs.away", os.path.join(repo, "packs"))
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0  # re-indexes the pack

@@ -85,7 +85,7 @@ def test_demo_into_a_repository_whose_packs_are_gone_is_refused(tmp_path, capsys
     shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
     before = sorted(os.listdir(os.path.join(repo, "snapshots")))
     code, out, err = _run(capsys, "--repo", repo, "--size-mib", "32")
-    assert code == 6 and "no pack files in" in err
+    assert code == 6 and "none of their pack files in" in err
     assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == before
     assert _traces_of(_work_dir(out)) == []
 

@@ -129,12 +129,68 @@ def test_a_backup_refused_for_missing_packs_keeps_a_killed_runs_stale_lock(tmp_p
     shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
     capsys.readouterr()
     assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 6
-    assert "no pack files" in capsys.readouterr().err
+    assert "none of their pack files" in capsys.readouterr().err
     assert r.backend.exists("locks/deadbeef.json")
     shutil.move(tmp_path / "packs.away", os.path.join(repo, "packs"))
     assert main(["backup", str(img), "--repo", repo, "--vm", "vm", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert any("stale lock" in line for line in out["cleaned_leftovers"])
+
+
+@pytest.mark.parametrize("command", [["prune"], ["forget", "--keep-last", "1", "--prune"]])
+def test_a_prune_refused_for_missing_packs_keeps_the_stale_lock_and_the_damaged_pack_index(tmp_path, capsys, command):
+    """Prune's exclusive lock removed stale locks and cleaned up after them on the way in:
+    with packs/ unmounted that deleted a damaged pack index whose packs it could not see,
+    and the stale lock the backup after a remount cleans up on.  Now the storage check
+    comes first; once the packs are back the prune removes the stale lock and re-indexes
+    the pack (the exclusive lock's clean-up, after its stale locks go)."""
+    import shutil
+
+    img, repo, r = _backed_up_with_lock(tmp_path, "deadbeef", pid=_dead_pid(), exclusive=False, purpose="backup")
+    (name,) = r.pack_index_names()
+    path = os.path.join(repo, name)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 16)
+    damaged = open(path, "rb").read()
+    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    capsys.readouterr()
+    assert main([*command, "--repo", repo]) == 6
+    assert "none of their pack files" in capsys.readouterr().err
+    assert r.backend.exists("locks/deadbeef.json") and open(path, "rb").read() == damaged
+    shutil.move(tmp_path / "packs.away", os.path.join(repo, "packs"))
+    assert main([*command, "--repo", repo]) == 0, capsys.readouterr().err
+    assert not r.backend.exists("locks/deadbeef.json")
+    r = Repository.open(repo)
+    assert len(r.load_digest_index()) > 0 and r.damaged_pack_indexes == []
+    assert main(["restore", "vm@latest", str(tmp_path / "out.img"), "--repo", repo]) == 0
+    assert (tmp_path / "out.img").read_bytes() == img.read_bytes()
+
+
+def test_unlock_while_the_packs_are_not_mounted_leaves_the_clean_up_for_later(tmp_path, capsys):
+    """Unlock's clean-up after the locks it removed ran with packs/ unmounted: it deleted a
+    damaged pack index whose packs it could not see, said they were re-indexed, and the
+    snapshot did not restore after the remount (session 21, review 1)."""
+    import shutil
+
+    img, repo, r = _backed_up_with_lock(tmp_path, "deadbeef", pid=_dead_pid(), exclusive=False, purpose="backup")
+    (name,) = r.pack_index_names()
+    path = os.path.join(repo, name)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 16)
+    damaged = open(path, "rb").read()
+    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    capsys.readouterr()
+    assert main(["unlock", "--repo", repo]) == 0
+    out, err = capsys.readouterr()
+    assert "removed 1 lock(s)" in out and "cleanup:" not in out
+    assert "no clean-up after the removed locks was done" in err and "mount or copy the packs back" in err
+    assert not r.backend.exists("locks/deadbeef.json") and open(path, "rb").read() == damaged
+    shutil.move(tmp_path / "packs.away", os.path.join(repo, "packs"))
+    assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 0  # re-indexes the pack
+    assert main(["restore", "vm@latest", str(tmp_path / "out.img"), "--repo", repo]) == 0
+    assert (tmp_path / "out.img").read_bytes() == img.read_bytes()
 
 
 def test_a_backup_while_a_prune_holds_the_lock_says_so_even_with_packs_empty(tmp_path, capsys):
@@ -148,4 +204,4 @@ def test_a_backup_while_a_prune_holds_the_lock_says_so_even_with_packs_empty(tmp
     capsys.readouterr()
     assert main(["backup", str(img), "--repo", repo, "--vm", "vm"]) == 8
     err = capsys.readouterr().err
-    assert "locked by prune" in err and "no pack files" not in err
+    assert "locked by prune" in err and "none of their pack files" not in err

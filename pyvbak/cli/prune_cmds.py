@@ -57,12 +57,17 @@ def forget(
         from .main import set_after_interrupt
 
         set_after_interrupt("a dry run changes nothing: nothing was forgotten or pruned")
-    if prune_after:
+    if prune_after:  # (stale locks go after the pack-storage check, as in _prune)
         lock = _lock(r, dry_run=dry_run, no_lock=no_lock, exclusive=True, purpose="forget and prune",
-                     clean_stale=not dry_run)
+                     clean_stale=False)
     else:
         lock = _lock(r, dry_run=dry_run, no_lock=no_lock, purpose="forget", clean_stale=False)
-    with lock:
+    with lock as held:
+        if prune_after:
+            if r.pack_storage_missing():  # (see _prune)
+                raise r.pack_storage_error("nothing was forgotten or pruned")
+            if held is not None and not dry_run:
+                held.remove_stale()
         # A snapshot whose metadata is damaged can be named by its exact id only (nothing
         # else of it is readable); forgetting it is how a prune becomes possible again.
         r.snapshots()
@@ -122,7 +127,17 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
 
     # A dry run changes nothing, stale locks included (they are what the next backup
     # adopts a killed backup's packs by).
-    with _lock(r, dry_run=dry_run, no_lock=no_lock, exclusive=True, purpose="prune", clean_stale=not dry_run):
+    with _lock(r, dry_run=dry_run, no_lock=no_lock, exclusive=True, purpose="prune", clean_stale=False) as lock:
+        # Packs all gone is storage not mounted far more often than data lost: a prune
+        # then dropped every record from the index, and the backups after it stored every
+        # block again into the empty mount point, hidden once the storage is mounted back
+        # (a nightly 'backup; prune' job did that on the first night it was unmounted).
+        # Checked before stale locks go: the exclusive lock's clean-up after them would
+        # take a damaged pack index whose packs it cannot see for garbage.
+        if r.pack_storage_missing():
+            raise r.pack_storage_error("nothing was pruned")
+        if lock is not None and not dry_run:
+            lock.remove_stale()
         report = prune_repository(r, dry_run=dry_run, without=without)
         interrupts.begin_finishing()  # done: a stop request from here on is noted
         return report

@@ -89,7 +89,7 @@ def verify(
 
     from ..errors import IntegrityError, UsageError
     from ..repo.locks import other_verifies
-    from ..repo.prune import drop_bad_records
+    from ..repo.prune import drop_bad_records, drop_lost_pack_records
     from ..repo.verify import verify_repository
 
     if repair and no_lock:
@@ -153,7 +153,15 @@ def verify(
             movable: list[str] = []
             rebuilt, not_rebuilt = rebuild_pack_trailers(r, damaged_trailers, movable)
             rebuilt = finish_moves(r)[0] + rebuilt  # (an earlier repair's move, interrupted before its delete)
-            report["repair"] = drop_bad_records(r, bad)
+            # every pack gone (the user's word that they are lost): every record of them,
+            # also of blocks no snapshot uses, which prune would drop but refuses to while
+            # no pack is there (the backups stayed refused)
+            if r.pack_storage_missing():
+                info(f"warning: none of the packs the index names is in {r.location} (storage not mounted?): "
+                     f"--repair takes them for lost and drops every record of them")
+                report["repair"] = drop_lost_pack_records(r)
+            else:
+                report["repair"] = drop_bad_records(r, bad)
             if movable:
                 # (after the bad copies' records are dropped: what the index still places
                 # in such a pack is moved to a new one, when all of it reads back intact)
@@ -454,7 +462,14 @@ def unlock(
     print(f"removed {len(removed)} lock(s)" + (": " + ", ".join(removed) if removed else ""))
     if removed:  # what the removed locks' processes may have left: adopt it now
         with r.lock(purpose="unlock"):
-            cleaned = r.recover_leftovers()
+            # ... unless the packs are all gone (storage not mounted?): the clean-up would
+            # take a damaged pack index whose packs it cannot see for garbage (review 1).
+            # Left to the backup or prune after the packs are back: backups re-index a
+            # damaged pack index's packs, prune adopts what a killed backup left unindexed.
+            missing = r.pack_storage_missing()
+            cleaned = [] if missing else r.recover_leftovers()
             interrupts.begin_finishing()  # done: a stop request from here on is noted
+        if missing:
+            info(f"warning: {r.pack_storage_error('no clean-up after the removed locks was done')}")
         for line in cleaned:
             print(f"cleanup: {line}")

@@ -41,6 +41,7 @@ class RepositoryLock:
         self.stale_removed: list[str] = []
         self.recover = recover  # what the exclusive lock does when it removed stale locks
         self.recovered: list[str] = []
+        self._recovery_ran = False
         self.held = False  # between a successful __enter__ and __exit__
 
     def _read_all(self) -> dict[str, dict]:
@@ -149,26 +150,32 @@ class RepositoryLock:
                 f"(pid {other.get('pid')} on {other.get('host')}): wait for it to finish, or {fix}"
             )
         self.held = True
-        if self.exclusive and self.stale_removed:
-            # The stale locks just removed were the evidence 'unlock' and the next backup
-            # clean up a killed writer by (temp objects, packs it left unindexed); under
-            # the exclusive lock no writer runs, so that is done now (verify --repair
-            # left them stranded until a prune).
-            try:
-                self.recovered = (self.recover() if self.recover is not None
-                                  else self.backend.cleanup_incomplete(older_than_seconds=0))
-            except BaseException:
-                self.held = False
-                self._release()
-                raise
+        try:
+            self._recover_after_stale()
+        except BaseException:
+            self.held = False
+            self._release()
+            raise
         return self
+
+    def _recover_after_stale(self) -> None:
+        """The stale locks just removed were the evidence 'unlock' and the next backup
+        clean up a killed writer by (temp objects, packs it left unindexed); under the
+        exclusive lock no writer runs, so that is done now (verify --repair left them
+        stranded until a prune).  Once per lock."""
+        if self.exclusive and self.stale_removed and not self._recovery_ran:
+            self._recovery_ran = True
+            self.recovered = (self.recover() if self.recover is not None
+                              else self.backend.cleanup_incomplete(older_than_seconds=0))
 
     def remove_stale(self) -> list[str]:
         """For a lock taken with ``clean_stale=False``: remove the stale locks now, once its
         holder has decided to go on (a backup refused before that keeps a killed run's
         stale lock, the evidence the next backup cleans up on).  Returns the names
-        removed, also in ``stale_removed``."""
+        removed, also in ``stale_removed``; an exclusive lock then cleans up after their
+        holders, as one taken with ``clean_stale=True`` does (``recovered``)."""
         self._remove_stale({n: i for n, i in self._read_all().items() if n != self.name})
+        self._recover_after_stale()
         return self.stale_removed
 
     def check_held(self) -> None:

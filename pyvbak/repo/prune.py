@@ -539,6 +539,31 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
     return report
 
 
+def drop_lost_pack_records(repo) -> dict:
+    """``verify --repair`` of a repository whose packs are all gone
+    (``Repository.pack_storage_missing``), on the user's word that they are lost: every
+    record of a pack the storage does not hold goes, after a ``lost/`` marker naming those
+    packs - the records of blocks no snapshot uses too (prune drops those otherwise, and
+    prune refuses while no pack is there: the backups would stay refused for good).  The
+    same dict as ``drop_bad_records``.  Caller holds the EXCLUSIVE lock."""
+    report = {"records_removed": 0, "lost_marker": None}
+    index_names, recs = _load_pack_indexes(repo)
+    if not len(recs):
+        return report
+    present = set(repo.backend.list(fmt.PACKS_FOLDER))
+    pack_ids, inv = np.unique(recs["pack"].view("S32"), return_inverse=True)
+    pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
+    missing_p = np.array([fmt.pack_name(h) not in present for h in pack_hex], bool)
+    drop = missing_p[inv.reshape(-1)]
+    if not drop.any():
+        return report
+    report["lost_marker"] = repo.write_lost_marker([h for h, m in zip(pack_hex, missing_p) if m], int(drop.sum()))
+    _rewrite_pack_indexes(repo, recs[~drop], index_names)
+    repo._digest_index_cache = None
+    report["records_removed"] = int(drop.sum())
+    return report
+
+
 def move_out_of_packs(repo, packs: list[str], referenced=None) -> tuple[list[str], list[str]]:
     """``verify --repair`` of packs whose table of contents could not be rebuilt because
     frames are missing (a pack cut short, or one a repair dropped records of: its trailer

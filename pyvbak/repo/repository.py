@@ -932,12 +932,17 @@ class Repository:
 
     def pack_storage_missing(self) -> bool:
         """Whether the pack indexes name stored blocks (or some are damaged) while the
-        storage holds no pack at all: storage not mounted, or a copy made without its
-        packs, far more often than data lost.  Costs a listing of ``index/`` and a ``stat``
-        of the packs of the digest index's first and last records (the index a backup
-        loads anyway); ``packs/`` is listed only when both are missing.  Only objects
-        named like packs count: a ``lost+found/`` or a "not mounted" sentinel file in an
-        empty mount point is no pack."""
+        storage holds none of the packs they name: storage not mounted, or a copy made
+        without its packs, far more often than data lost.  Costs a listing of ``index/``
+        and a ``stat`` of the packs of the digest index's first and last records (the index
+        a backup loads anyway); only when both are missing is ``packs/`` listed and
+        compared with the packs the index names, a million records at a time.  Objects not
+        named like packs (a ``lost+found/``, a "not mounted" sentinel file) do not count,
+        nor packs the index does not name: another repository's, or one a backup stored
+        into the empty mount point during an earlier unmount (review 1: with any pack
+        counted, one such pack let verify flag every copy and the next backup store every
+        block into the mount point again).  With every pack index damaged, which packs they
+        name is unknown: then any pack counts."""
         index = self.load_digest_index()
         if not len(index) and not self.damaged_pack_indexes:
             return False
@@ -946,19 +951,29 @@ class Repository:
             names = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in recs["pack"]}
             if any(self.backend.exists(name) for name in sorted(names)):
                 return False
-        return not any(_PACK_OBJECT.fullmatch(name) for name in self.backend.list(fmt.PACKS_FOLDER))
+        listed = [m.group(2) for m in map(_PACK_OBJECT.fullmatch, self.backend.list(fmt.PACKS_FOLDER)) if m]
+        if not listed:
+            return True
+        if not len(index):
+            return False
+        present = digest_sets.unique(np.array([bytes.fromhex(h) for h in listed], "S32"))
+        step = 1 << 20
+        for start in range(0, len(index), step):
+            recs = index.records_at(np.arange(start, min(len(index), start + step), dtype=np.int64))
+            if digest_sets.isin(recs["pack"].view("S32"), present).any():
+                return False
+        return True
 
     def pack_storage_error(self, outcome: str) -> IntegrityError:
         """The error for a repository whose packs are all gone (``pack_storage_missing``);
         ``outcome``: what the command did not do ("nothing was backed up")."""
         packs_dir = (_local_path(self.location) or self.location).rstrip("/") + "/packs"
-        # prune reads every pack index strictly: a damaged one needs verify --repair first
-        way_on = ("'pyvbak verify --repair', then 'pyvbak prune', to drop them from the index"
-                  if self.damaged_pack_indexes else "'pyvbak prune' to drop them from the index")
+        # (verify --repair, not prune: prune refuses too, and a nightly job runs prune)
         return IntegrityError(
-            f"repository {self.location} has pack indexes but no pack files in {packs_dir}: its stored data is not "
+            f"repository {self.location} has pack indexes but none of their pack files in {packs_dir}: its stored data is not "
             f"there (storage not mounted, or a copy made without its packs?); {outcome}: mount or copy "
-            f"the packs back; only if they are really lost, run {way_on}, and backups then store every block again")
+            f"the packs back; only if they are really lost, run 'pyvbak verify --repair' to drop them from the "
+            f"index, and backups then store every block again")
 
     def check_pack_storage(self) -> None:
         """Refuses (IntegrityError) a backup into a repository whose packs are all gone
@@ -968,34 +983,15 @@ class Repository:
         damaged pack index whose packs it cannot see for garbage, and under a lock taken
         without removing stale locks (the backup removes them after it): a killed run's
         stale lock is the evidence that makes the next backup clean up after that run once
-        the packs are back.  The way on when the packs are really lost is ``prune`` (after
-        ``verify --repair`` where a pack index is damaged: prune reads them strictly): it
+        the packs are back.  The way on when the packs are really lost is ``verify
+        --repair`` (the user's word; prune, verify and restore stop with this error too): it
         drops the lost packs' records from the index (lost/ markers say so), and backups
         then store every block again.  Flags (lost/ markers) are a way on only where they
         cover every copy the index names: verify and restore write none while the storage
-        holds no pack (they stop with this error), so such flags come from copies read
-        back bad while their packs were there.  The flags are compared only when the
-        storage is missing."""
-        if not self.pack_storage_missing():
-            return
-        index = self.load_digest_index()
-        if len(index) and not self.damaged_pack_indexes and self._flags_cover_every_copy(index):
-            return
-        raise self.pack_storage_error("nothing was backed up")
-
-    def _flags_cover_every_copy(self, index) -> bool:
-        """Whether the lost/ markers flag every copy ``index`` names, compared a million
-        records at a time (80 MB of records, 72 MB of keys) and stopping at the first copy
-        not flagged."""
-        flagged = self.flagged_copies(strict=True)
-        if not len(flagged):
-            return False
-        step = 1 << 20
-        for start in range(0, len(index), step):
-            recs = index.records_at(np.arange(start, min(len(index), start + step), dtype=np.int64))
-            if not digest_sets.isin(digest_sets.copy_keys(recs), flagged).all():
-                return False
-        return True
+        holds no pack, so such flags come from copies read back bad while their packs were
+        there.  The flags are compared only when the storage is missing."""
+        if self.pack_storage_missing():
+            raise self.pack_storage_error("nothing was backed up")
 
     def load_digest_index(self) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when
@@ -1328,7 +1324,7 @@ def _parse_marker_flags(doc: dict):
     return out[0], out[1], seen
 
 
-_PACK_OBJECT = re.compile(re.escape(fmt.PACKS_FOLDER) + r"([0-9a-f]{2})/\1[0-9a-f]{62}")
+_PACK_OBJECT = re.compile(re.escape(fmt.PACKS_FOLDER) + r"([0-9a-f]{2})/(\1[0-9a-f]{62})")
 
 
 def _local_path(location: str) -> str | None:

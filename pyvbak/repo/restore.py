@@ -579,6 +579,10 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         raise UsageError(f"directory {parent_dir} for the restore target does not exist: create it first, or choose "
                          f"another path")
 
+    if len(data_idx) and repo.pack_storage_missing():
+        # before anything is written: a block device was zeroed where the snapshot has
+        # zero blocks before the restore failed (review 1); two stats when the packs are there
+        raise repo.pack_storage_error(f"snapshot {snap.id} was not restored, and nothing was written or flagged")
     recs, blocks, bounds, index = _locate(repo, snap, data_idx, data_digests)
     del data_digests
     t_data = time.monotonic()

@@ -285,6 +285,32 @@ def test_a_signal_mid_restore_leaves_no_output_and_no_temp_files(setup, tmp_path
     assert no_partial(tmp_path) and os.listdir(tmpdir) == []
 
 
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
+def test_a_signal_during_the_clean_up_still_removes_the_partial_file(setup, tmp_path, shell):
+    """Ctrl-C while the EXIT trap ran (a restore failing as the signal came, or a command
+    substitution the signal killed): the INT trap exited the shell from inside the
+    clean-up, before it removed the partial file, and the retry refused to start (the
+    session-21 soak: 1 Ctrl-C in 40).  Here an rm that signals the shell as the clean-up
+    calls it makes that moment certain."""
+    repo, _, _ = setup
+    d = tmp_path / "bin"
+    d.mkdir()
+    for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln "
+              "dirname readlink sync grep cat zstd kill").split():
+        if shutil.which(t):
+            (d / t).symlink_to(shutil.which(t))
+    (d / "rm").write_text("#!/bin/sh\n"
+                          'case "$*" in "-rf "*pyvbak-restore.*) kill -INT "$PPID" ;; esac\n'
+                          f'exec {shutil.which("rm")} "$@"\n')
+    (d / "rm").chmod(0o755)
+    out = tmp_path / "out.img"
+    p = subprocess.run([shutil.which(shell[0]), *shell[1:], "--", os.path.join(repo.location, "restore.sh"),
+                        "20990101T000000Z-00000000", str(out)], env={"PATH": str(d)}, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0 and "restore.sh: error:" in p.stderr, p.stderr
+    assert no_partial(tmp_path) and not out.exists(), (os.listdir(tmp_path), p.stderr)
+
+
 def test_restore_to_a_block_device(setup, tmp_path):
     """A block device is an output with --force only; its zero blocks are written (a hole
     in a file reads as zeros, a device keeps what it held)."""

@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 10  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 11  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -267,17 +267,23 @@ if [ -z "$device" ] && { [ -e "$part" ] || [ -L "$part" ]; }; then
 fi
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.${scope:-x}.$$.XXXXXX") || die "cannot make a temporary directory in ${TMPDIR:-/tmp} (set TMPDIR to a writable directory)"
 made_part=
+# Both handlers clean up, and first ignore further signals: a signal's trap that ran while
+# the EXIT trap was running exited the shell from inside it, and the partial file stayed
+# (the retry then refused to start: the session-21 soak, 1 Ctrl-C in 40).  Idempotent.
 cleanup() {
+  trap '' HUP INT TERM
   rm -rf "$tmp"
   [ -z "$made_part" ] || rm -f "$part"
 }
 interrupted() {
+  trap '' HUP INT TERM
   if [ -n "$writing" ]; then
     printf '%s\n' "restore.sh: error: interrupted by SIG$1: block device $out was partly overwritten: it holds an INCOMPLETE restore, restore it again before using it" >&2
   else
     printf '%s\n' "restore.sh: error: interrupted by SIG$1: nothing restored, $out left as it was" >&2
   fi
   writing=
+  cleanup
   exit "$2"
 }
 trap cleanup EXIT
@@ -430,10 +436,14 @@ rm -f "$tmp/index.bin" "$tmp/index.od"
 header=$(head -n 1 "$tmp/index.hex") || die "head failed on $index"
 [ "${#header}" -eq 96 ] && [ "$(echo "$header" | cut -c1-16)" = "29388ea2738fa92c" ] \
   || die "$index is not a pyvbak snapshot index (damaged)"
-[ "$((0x$(echo "$header" | cut -c17-24)))" -eq 1 ] || die "$index has an unsupported version: restore it with a newer pyvbak"
-bs=$((0x$(echo "$header" | cut -c25-32)))
-size=$((0x$(echo "$header" | cut -c33-48)))
-count=$((0x$(echo "$header" | cut -c49-64)))
+# (each field cut by a command of its own: a Ctrl-C that killed a cut inside the arithmetic
+# left it "0x", a stray shell error line, before the signal's trap could run)
+version=$(echo "$header" | cut -c17-24) && bsx=$(echo "$header" | cut -c25-32) \
+  && sizex=$(echo "$header" | cut -c33-48) && countx=$(echo "$header" | cut -c49-64) || die "cut failed on $index"
+[ "$((0x$version))" -eq 1 ] || die "$index has an unsupported version: restore it with a newer pyvbak"
+bs=$((0x$bsx))
+size=$((0x$sizex))
+count=$((0x$countx))
 [ "$bs" -gt 0 ] && [ "$size" -ge 0 ] && [ "$count" -eq $(( (size + bs - 1) / bs )) ] \
   || die "$index is damaged: $count records for a $size-byte disk of $bs-byte blocks"
 # the top-level keys only (two spaces in): a hot snapshot's change_tracking state holds a
@@ -515,8 +525,9 @@ for f in "$repo"/index/*; do
   h=$(head -n 1 "$tmp/pi.hex") || die "head failed on $f"
   tail -n +2 "$tmp/pi.hex" > "$tmp/pi.rec" 2>"$tmp/err" || tmp_die "tail failed on $f" "$tmp/err"
   plen=$(wc -c < "$tmp/pi.bin") || die "wc failed on $f"
-  if [ "$(echo "$h" | cut -c1-24)" != "692fe50019b13e6300000001" ] || [ $((plen % 80)) -ne 0 ] \
-     || [ "$((0x$(echo "$h" | cut -c25-40)))" -ne "$(wc -l < "$tmp/pi.rec")" ]; then
+  magic=$(echo "$h" | cut -c1-24) && nrec=$(echo "$h" | cut -c25-40) || die "cut failed on $f"  # (as for the header)
+  if [ "$magic" != "692fe50019b13e6300000001" ] || [ $((plen % 80)) -ne 0 ] \
+     || [ "$((0x$nrec))" -ne "$(wc -l < "$tmp/pi.rec")" ]; then
     printf '%s\n' "restore.sh: warning: pack index $f is damaged or not a pyvbak v1 pack index: left out" >&2
     continue
   fi

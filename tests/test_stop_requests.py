@@ -567,3 +567,26 @@ def test_a_stop_during_forget_says_to_look_before_running_it_again(tmp_path, rep
     p = run_stopped(tmp_path, patch, ["forget", *ids, "--repo", repo])
     assert p.returncode == 10 and "list them with 'pyvbak snapshots' before running it again" in p.stderr, p.stderr
     assert len(snapshots(repo)) == 1
+
+
+def test_a_ctrl_c_raised_inside_an_exec_of_a_string_still_exits_10_under_python_m(tmp_path, repo_and_image):
+    """A KeyboardInterrupt raised inside exec() of a string (dataclasses build their
+    methods so: a lazy import of a module with a @dataclass) sets CPython's "unhandled
+    KeyboardInterrupt" flag though pyvbak caught it, and ``python -m pyvbak`` then killed
+    itself with SIGINT after its exit-10 line (the session-21 soak, ~2 % of early Ctrl-Cs).
+    The Ctrl-C comes here inside such an exec, deterministically."""
+    repo, img = repo_and_image
+    (tmp_path / "stopping_main.py").write_text(
+        "import os, signal\n"
+        "from pyvbak.repo.repository import Repository\n"
+        "def check(self):\n"
+        "    exec('os.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(10 ** 7): pass', "
+        "{'os': os, 'signal': signal})\n"
+        "Repository.check_pack_storage = check\n"
+        "from pyvbak.cli.entry import entry\n"
+        "entry()\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "stopping_main", "backup", str(img), "--repo", str(repo), "--vm", "v"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == Interrupted.exit_code, (p.returncode, p.stderr)
+    assert "interrupted (Ctrl-C)" in p.stderr and snapshots(repo) == []

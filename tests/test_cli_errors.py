@@ -452,6 +452,58 @@ def test_a_pack_the_index_does_not_name_does_not_make_the_storage_present(backed
     assert same_file(tmp / "out.img", img)
 
 
+def _damage(path):
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 16)
+
+
+def test_a_damaged_pack_index_beside_a_pack_really_lost_is_no_storage_missing(backed_up, capsys):
+    """With only the packs the index names counted, a damaged pack index (its pack there)
+    beside another VM's pack really lost made verify, backup and restore say "storage not
+    mounted?" and refuse every backup until a repair (session 21, review 2)."""
+    tmp, repo, img, sid = backed_up
+    web_index = set(os.listdir(os.path.join(repo, "index")))
+    web_packs = {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs}
+    assert cli(capsys, "backup", vm_image(tmp / "o.img", 2 * MiB, seed=46), "--repo", repo, "--vm", "db")[0] == 0
+    (db_index,) = set(os.listdir(os.path.join(repo, "index"))) - web_index
+    db_packs = {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs} - web_packs
+    (web_index,) = web_index
+    _damage(os.path.join(repo, "index", web_index))
+    for p in db_packs:
+        os.unlink(p)
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0 and "none of their pack files" not in err, err
+    code, _, err = cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)
+    assert code == 0 and same_file(tmp / "out.img", img), err
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "none of their pack files" not in err, err
+
+
+@pytest.mark.parametrize("damaged", ["every pack index", "one pack index"])
+def test_repair_of_packs_really_lost_says_so_before_it_touches_a_damaged_pack_index(backed_up, capsys, damaged):
+    """verify --repair ran its leftover clean-up first: with the packs all gone it removed
+    damaged pack indexes "(its packs were re-indexed ...)" with nothing to re-index, and
+    with every index damaged it never said the storage looked unmounted (session 21,
+    review 2).  Now it says so first, and removes them as lost with the rest."""
+    tmp, repo, img, sid = backed_up
+    assert cli(capsys, "backup", vm_image(tmp / "o.img", 2 * MiB, seed=47), "--repo", repo, "--vm", "db")[0] == 0
+    names = sorted(os.listdir(os.path.join(repo, "index")))
+    for n in names if damaged == "every pack index" else names[:1]:
+        _damage(os.path.join(repo, "index", n))
+    shutil.rmtree(os.path.join(repo, "packs"))
+    code, out, err = cli(capsys, "verify", "--repair", "--repo", repo)
+    lines = err.strip().splitlines()
+    assert code == 6 and lines[0].startswith("warning: none of the packs the index names is in "), err
+    assert f"{repo}/packs (storage not mounted?)" in lines[0]
+    assert "re-indexed" not in err and "taken for lost with the others" in err, err
+    assert os.listdir(os.path.join(repo, "index")) == [] and os.listdir(os.path.join(repo, "lost"))
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] > 0, err
+    assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)
+
+
 def test_a_refused_backup_leaves_a_damaged_pack_index_for_when_the_packs_are_back(backed_up, capsys):
     """Leftover recovery ran first and deleted a damaged pack index whose packs it could not
     see (packs/ unmounted); with every index damaged the check did not apply at all

@@ -100,7 +100,19 @@ def verify(
     # --repair holds the exclusive lock from the start: taken only after a long verify, it
     # failed ("locked by backup") whenever a backup had started meanwhile, the work lost
     recheck_report = None  # the check after a repair that adopted packs
-    with (r.lock(exclusive=True, purpose="verify --repair") if repair else nullcontext()) as lock:
+    storage_missing = False
+    with (r.lock(exclusive=True, purpose="verify --repair", clean_stale=False) if repair else nullcontext()) as lock:
+        if repair:
+            # Before any clean-up (stale locks' included): with the packs all gone it would
+            # remove damaged pack indexes as "re-indexed" with nothing there to re-index
+            # (review 2).  --repair is the user's word that they are lost: said at once,
+            # and drop_lost_pack_records drops them, damaged pack indexes included.
+            storage_missing = r.pack_storage_missing()
+            if storage_missing:
+                info(f"warning: none of the packs the index names is in {r.packs_location()} (storage not "
+                     f"mounted?): --repair takes them for lost and drops every record of them")
+            else:
+                lock.remove_stale()
         with (nullcontext() if repair else maybe_lock(r, no_lock, "verify")) as verify_lock:
             chosen = None
             if snapshots:
@@ -135,7 +147,7 @@ def verify(
         if repair:
             # taking the lock adopted what killed writers left (their stale locks gone)
             adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
-            if adoptable or report["damaged_pack_indexes"]:
+            if (adoptable or report["damaged_pack_indexes"]) and not storage_missing:
                 # what a backup does after a crash: damaged pack indexes removed first (a
                 # re-indexed pack's index is often the very object name: create-only, it
                 # would not replace the garbage), then unindexed packs indexed again.
@@ -156,10 +168,10 @@ def verify(
             # every pack gone (the user's word that they are lost): every record of them,
             # also of blocks no snapshot uses, which prune would drop but refuses to while
             # no pack is there (the backups stayed refused)
-            if r.pack_storage_missing():
-                info(f"warning: none of the packs the index names is in {r.location} (storage not mounted?): "
-                     f"--repair takes them for lost and drops every record of them")
+            if storage_missing:
                 report["repair"] = drop_lost_pack_records(r)
+                adopted += [f"removed damaged pack index {n} (none of the packs is in {r.packs_location()}: taken "
+                            f"for lost with the others)" for n in report["repair"].pop("damaged_indexes_removed")]
             else:
                 report["repair"] = drop_bad_records(r, bad)
             if movable:

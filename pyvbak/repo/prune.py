@@ -544,21 +544,34 @@ def drop_lost_pack_records(repo) -> dict:
     (``Repository.pack_storage_missing``), on the user's word that they are lost: every
     record of a pack the storage does not hold goes, after a ``lost/`` marker naming those
     packs - the records of blocks no snapshot uses too (prune drops those otherwise, and
-    prune refuses while no pack is there: the backups would stay refused for good).  The
-    same dict as ``drop_bad_records``.  Caller holds the EXCLUSIVE lock."""
-    report = {"records_removed": 0, "lost_marker": None}
-    index_names, recs = _load_pack_indexes(repo)
-    if not len(recs):
-        return report
+    prune refuses while no pack is there: the backups would stay refused for good).
+    Damaged pack indexes are removed too (their packs are of the same storage), listed in
+    ``damaged_indexes_removed``; otherwise the same dict as ``drop_bad_records``.  Caller
+    holds the EXCLUSIVE lock."""
+    report = {"records_removed": 0, "lost_marker": None, "damaged_indexes_removed": []}
+    # a damaged pack index names packs of the same storage: lost with the rest (prune's
+    # strict reading stopped here: review 2)
+    index_names, loaded = [], []
+    for name in sorted(repo.pack_index_names()):
+        try:
+            loaded.append(fmt.decode_pack_index(repo.backend.read(name), f"pack index {name}"))
+            index_names.append(name)
+        except (IntegrityError, ObjectMissing):
+            report["damaged_indexes_removed"].append(name)
+    recs = np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD)
     present = set(repo.backend.list(fmt.PACKS_FOLDER))
     pack_ids, inv = np.unique(recs["pack"].view("S32"), return_inverse=True)
     pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
     missing_p = np.array([fmt.pack_name(h) not in present for h in pack_hex], bool)
     drop = missing_p[inv.reshape(-1)]
-    if not drop.any():
+    if not drop.any() and not report["damaged_indexes_removed"]:
         return report
+    # the marker first (FORMAT.md, "Lost packs"): from it on, backups check their parents
     report["lost_marker"] = repo.write_lost_marker([h for h, m in zip(pack_hex, missing_p) if m], int(drop.sum()))
-    _rewrite_pack_indexes(repo, recs[~drop], index_names)
+    if drop.any():
+        _rewrite_pack_indexes(repo, recs[~drop], index_names)
+    for name in report["damaged_indexes_removed"]:
+        _delete(repo.backend, name)
     repo._digest_index_cache = None
     report["records_removed"] = int(drop.sum())
     return report

@@ -938,11 +938,11 @@ class Repository:
         a backup loads anyway); only when both are missing is ``packs/`` listed and
         compared with the packs the index names, a million records at a time.  Objects not
         named like packs (a ``lost+found/``, a "not mounted" sentinel file) do not count,
-        nor packs the index does not name: another repository's, or one a backup stored
-        into the empty mount point during an earlier unmount (review 1: with any pack
-        counted, one such pack let verify flag every copy and the next backup store every
-        block into the mount point again).  With every pack index damaged, which packs they
-        name is unknown: then any pack counts."""
+        nor packs the index does not name (another repository's: review 1).  Where a pack
+        index is damaged, which packs it names is unknown: then any pack counts (a damaged
+        index beside a pack really lost made every command say "not mounted": review 2).
+        A pack an older pyvbak stored into the empty mount point during an earlier unmount
+        is one the index names: it makes the storage look present (docs/FORMAT.md)."""
         index = self.load_digest_index()
         if not len(index) and not self.damaged_pack_indexes:
             return False
@@ -954,7 +954,7 @@ class Repository:
         listed = [m.group(2) for m in map(_PACK_OBJECT.fullmatch, self.backend.list(fmt.PACKS_FOLDER)) if m]
         if not listed:
             return True
-        if not len(index):
+        if self.damaged_pack_indexes:
             return False
         present = digest_sets.unique(np.array([bytes.fromhex(h) for h in listed], "S32"))
         step = 1 << 20
@@ -964,10 +964,14 @@ class Repository:
                 return False
         return True
 
+    def packs_location(self) -> str:
+        """Where the packs are, for messages: REPO/packs."""
+        return (_local_path(self.location) or self.location).rstrip("/") + "/packs"
+
     def pack_storage_error(self, outcome: str) -> IntegrityError:
         """The error for a repository whose packs are all gone (``pack_storage_missing``);
         ``outcome``: what the command did not do ("nothing was backed up")."""
-        packs_dir = (_local_path(self.location) or self.location).rstrip("/") + "/packs"
+        packs_dir = self.packs_location()
         # (verify --repair, not prune: prune refuses too, and a nightly job runs prune)
         return IntegrityError(
             f"repository {self.location} has pack indexes but none of their pack files in {packs_dir}: its stored data is not "
@@ -986,10 +990,9 @@ class Repository:
         the packs are back.  The way on when the packs are really lost is ``verify
         --repair`` (the user's word; prune, verify and restore stop with this error too): it
         drops the lost packs' records from the index (lost/ markers say so), and backups
-        then store every block again.  Flags (lost/ markers) are a way on only where they
-        cover every copy the index names: verify and restore write none while the storage
-        holds no pack, so such flags come from copies read back bad while their packs were
-        there.  The flags are compared only when the storage is missing."""
+        then store every block again.  Flags (lost/ markers) covering every copy are no
+        way on: an older pyvbak's verify wrote such flags while the storage was not
+        mounted (review 1)."""
         if self.pack_storage_missing():
             raise self.pack_storage_error("nothing was backed up")
 

@@ -244,6 +244,53 @@ def test_prune_stopped_at_every_step_leaves_a_valid_repository(tmp_path):
             break
 
 
+class StopAtRead:
+    """A backend whose ``n``-th ``read_range`` raises KeyboardInterrupt (Ctrl-C, there)."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.n, self.calls = inner, n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def read_range(self, *args, **kw):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.inner.read_range(*args, **kw)
+
+
+def test_a_prune_stopped_while_repacking_leaves_no_new_pack(tmp_path, monkeypatch):
+    """A prune stopped (Ctrl-C, SIGTERM) while it repacked left the complete new packs it
+    had written, named by no index, until the next prune (the session-21 soak: 7 stops
+    in 25).  Packs of one block each here, so the first is complete before the stop."""
+    import pyvbak.repo.prune as prune_mod
+
+    monkeypatch.setattr(prune_mod, "PACK_TARGET_BYTES", BS // 2)
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "disk.img", 12 * BS, [(0, 12 * BS, "random")], seed=31)
+    a = backup_file(repo, img, vm="a").snapshot_id
+    with open(img, "r+b") as f:  # half of each of a's packs no longer used once a is forgotten
+        f.seek(0)
+        f.write(os.urandom(6 * BS))
+    backup_file(repo, img, vm="b")
+    other = make_image(tmp_path / "o.img", 12 * BS, [(0, 12 * BS, "random")], seed=32)
+    c = backup_file(repo, other, vm="c").snapshot_id
+    with open(other, "r+b") as f:
+        f.seek(0)
+        f.write(os.urandom(6 * BS))
+    backup_file(repo, other, vm="d")
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a), repo.resolve(c)])
+    before = packs(repo)
+    repo.backend = StopAtRead(repo.backend, 2)
+    with pytest.raises(KeyboardInterrupt):
+        with repo.lock(exclusive=True):
+            prune_repository(repo, repack_unused=0.01)
+    assert repo.backend.calls == 2
+    assert packs(Repository.open(repo.location)) == before
+
+
 # -- CLI ---------------------------------------------------------------------------------
 
 def test_cli_forget_keep_last_and_prune(tmp_path, capsys):

@@ -504,6 +504,37 @@ def test_repair_of_packs_really_lost_says_so_before_it_touches_a_damaged_pack_in
     assert same_file(tmp / "out.img", img)
 
 
+def test_a_repair_taking_the_packs_for_lost_covers_every_snapshot_and_adopts_what_is_there(backed_up, capsys):
+    """verify --repair SNAPSHOT (or --sample) with the packs all gone dropped every record
+    and reported on the chosen snapshot alone: exit 0, "complete", while the others no
+    longer restored.  It also left listed packs no index names (a killed backup's)
+    unindexed until a second run (session 21, review 3)."""
+    tmp, repo, img, sid = backed_up
+    web_index = set(os.listdir(os.path.join(repo, "index")))
+    web_packs = {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs}
+    db = vm_image(tmp / "db.img", 2 * MiB, seed=48)
+    assert cli(capsys, "backup", db, "--repo", repo, "--vm", "db")[0] == 0
+    for n in set(os.listdir(os.path.join(repo, "index"))) - web_index:  # db's pack: indexed by no one
+        os.unlink(os.path.join(repo, "index", n))
+    for p in web_packs:  # web's: really lost
+        os.unlink(p)
+    index_before = sorted(os.listdir(os.path.join(repo, "index")))
+    for scoped in (["web@latest"], ["--sample", "50"]):
+        code, out, err = cli(capsys, "verify", "--repair", *scoped, "--repo", repo)
+        assert code == 2 and "without SNAPSHOT or --sample" in err, err
+        assert sorted(os.listdir(os.path.join(repo, "index"))) == index_before
+    code, out, err = cli(capsys, "verify", "--repair", "--repo", repo, "--json")
+    assert code == 6, err
+    repair = json.loads(out)["repair"]
+    assert repair["packs_taken_for_lost"] is True and any(ln.startswith("adopted") for ln in repair["adopted"]), out
+    assert cli(capsys, "restore", "db@latest", tmp / "db.out", "--repo", repo)[0] == 0
+    assert same_file(tmp / "db.out", db)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    assert cli(capsys, "verify", "--repo", repo)[0] in (0, 6)  # (the old web snapshot lost its blocks)
+    assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)
+
+
 def test_a_refused_backup_leaves_a_damaged_pack_index_for_when_the_packs_are_back(backed_up, capsys):
     """Leftover recovery ran first and deleted a damaged pack index whose packs it could not
     see (packs/ unmounted); with every index damaged the check did not apply at all

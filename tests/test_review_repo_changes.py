@@ -241,7 +241,7 @@ def test_verify_after_repair_does_not_call_the_dropped_pack_adoptable(tmp_path, 
     assert main(["verify", "--repo", repo.location, "--repair", "--json"]) == IntegrityError.exit_code
     assert json.loads(capsys.readouterr().out)["repair"] == {"records_removed": 0, "lost_marker": None, "adopted": [],
                                                               "complete": False, "trailers_rebuilt": [],
-                                                              "trailers_not_rebuilt": []}
+                                                              "trailers_not_rebuilt": [], "packs_taken_for_lost": False}
     assert Repository.open(repo.location).lost_markers() == markers
 
 

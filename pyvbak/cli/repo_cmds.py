@@ -108,6 +108,12 @@ def verify(
             # (review 2).  --repair is the user's word that they are lost: said at once,
             # and drop_lost_pack_records drops them, damaged pack indexes included.
             storage_missing = r.pack_storage_missing()
+            if storage_missing and (snapshots or sample is not None):
+                # (it drops every record of them, and reported on the chosen ones alone:
+                # exit 0, "complete", with other snapshots left unrestorable - review 3)
+                raise UsageError(f"none of the packs the index names is in {r.packs_location()} (storage not "
+                                 f"mounted?): mount them, or, if they are really lost, repair everything: "
+                                 f"'pyvbak verify --repair' without SNAPSHOT or --sample")
             if storage_missing:
                 info(f"warning: none of the packs the index names is in {r.packs_location()} (storage not "
                      f"mounted?): --repair takes them for lost and drops every record of them")
@@ -172,8 +178,11 @@ def verify(
                 report["repair"] = drop_lost_pack_records(r)
                 adopted += [f"removed damaged pack index {n} (none of the packs is in {r.packs_location()}: taken "
                             f"for lost with the others)" for n in report["repair"].pop("damaged_indexes_removed")]
+                if adoptable:  # packs there that no index names (a killed backup's): indexed now (review 3)
+                    adopted += [ln for ln in r.recover_leftovers() if ln.startswith("adopted")]
             else:
                 report["repair"] = drop_bad_records(r, bad)
+            report["repair"]["packs_taken_for_lost"] = storage_missing
             if movable:
                 # (after the bad copies' records are dropped: what the index still places
                 # in such a pack is moved to a new one, when all of it reads back intact)

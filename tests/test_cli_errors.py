@@ -535,6 +535,24 @@ def test_a_repair_taking_the_packs_for_lost_covers_every_snapshot_and_adopts_wha
     assert same_file(tmp / "out.img", img)
 
 
+def test_verify_sends_to_prune_for_unindexed_packs_only_when_prune_can_run(backed_up, capsys):
+    """'verify --repair (or prune) indexes them again': prune stops on a damaged pack
+    index, so with one the advice is the repair alone (session 21, review 2)."""
+    tmp, repo, img, sid = backed_up
+    (web_index,) = os.listdir(os.path.join(repo, "index"))
+    assert cli(capsys, "backup", vm_image(tmp / "db.img", 2 * MiB, seed=49), "--repo", repo, "--vm", "db")[0] == 0
+    for n in set(os.listdir(os.path.join(repo, "index"))) - {web_index}:
+        os.unlink(os.path.join(repo, "index", n))
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "(or 'pyvbak prune') indexes" in err, err
+    _damage(os.path.join(repo, "index", web_index))
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "'pyvbak verify --repair' indexes" in err and "'pyvbak prune') indexes" not in err, err
+    assert cli(capsys, "prune", "--repo", repo)[0] != 0  # (why: it reads every pack index strictly)
+    assert cli(capsys, "verify", "--repair", "--repo", repo)[0] == 0
+    assert cli(capsys, "restore", "db@latest", tmp / "db.out", "--repo", repo)[0] == 0
+
+
 def test_a_refused_backup_leaves_a_damaged_pack_index_for_when_the_packs_are_back(backed_up, capsys):
     """Leftover recovery ran first and deleted a damaged pack index whose packs it could not
     see (packs/ unmounted); with every index damaged the check did not apply at all

@@ -252,9 +252,10 @@ def verify(
                  f"lost); prune removes it")
         if report.get("unindexed_packs") and not report.get("repair"):
             u = report["unindexed_packs"]
+            # (prune stops on a damaged pack index: then only the repair)
+            also = "" if report["damaged_pack_indexes"] else " (or 'pyvbak prune')"
             info(f"{u['packs']} pack(s) holding {u['blocks']} block(s) are named by no pack index (one lost from "
-                 "storage?): 'pyvbak verify --repair' (or 'pyvbak prune') indexes them again from their own tables "
-                 "of contents")
+                 f"storage?): 'pyvbak verify --repair'{also} indexes them again from their own tables of contents")
         recheck = report.get("repair", {}).get("recheck")
         for line in report.get("repair", {}).get("adopted", []):
             info(f"repair: {line}" + ("; run 'pyvbak verify' again to check its blocks"
@@ -435,7 +436,8 @@ def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool
         if report["damaged_pack_trailers"]:
             steps.append("'pyvbak verify --repair' rebuilds the damaged tables of contents (no snapshot loses data)")
         if report.get("unindexed_packs"):
-            steps.append("'pyvbak verify --repair' (or 'pyvbak prune') indexes the packs no index names")
+            also = "" if report["damaged_pack_indexes"] else " (or 'pyvbak prune')"  # (prune stops on one)
+            steps.append(f"'pyvbak verify --repair'{also} indexes the packs no index names")
     if report.get("unreadable_redundant_copy_count") and not unread and not dropped_unreadable:
         steps.append("check the storage: some redundant copies could not be read (every snapshot still restores); "
                      "if they keep failing, 'pyvbak verify --repair --drop-unreadable' drops them")

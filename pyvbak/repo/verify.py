@@ -88,10 +88,11 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         refused, _ = damaged_lost_copies(repo, adoptable)
         adoptable = adoptable[~refused]
         if len(adoptable):
+            also_prune = "" if repo.damaged_pack_indexes else " (or 'pyvbak prune')"  # (prune stops on one)
             held = digest_sets.isin(all_digests[pos < 0], digest_sets.unique(adoptable["digest"].view("S32")))
             for d in all_digests[pos < 0][held]:
                 problems[bytes(d).ljust(32, b"\0")] = ("block is in no pack index, but a pack no index names holds it: "
-                                                       "'pyvbak verify --repair' (or 'pyvbak prune') indexes that pack again")
+                                                       "'pyvbak verify --repair'" + also_prune + " indexes that pack again")
                 lost_kind[bytes(d).ljust(32, b"\0")] = "adoptable"
     # Every stored copy of each block is read, not just one: a snapshot is restorable as
     # long as each of its blocks has one good copy (restore falls back to another), and a

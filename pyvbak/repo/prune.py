@@ -33,10 +33,12 @@ import json
 import os
 import re
 import time
+from contextlib import ExitStack
 
 import numpy as np
 import zstandard
 
+from .. import interrupts
 from ..backends import BackendError, ObjectMissing, RangeBeyondEnd
 from ..errors import IntegrityError, OutOfSpace, PyvbakError
 from . import digest_sets
@@ -251,6 +253,11 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     # repack: kept frames of mostly-unused packs, checked, into new packs
     new_parts = []
     gone = set(np.flatnonzero(delete_p | missing_p).tolist())
+    # From the last new pack until the new index names them, a stop request is held: one
+    # raised in between left every new pack named by no index (review 4).  Before it, a
+    # stop deletes them (_delete_new_packs); after it, the old packs stay for the next
+    # prune, every snapshot restorable either way.
+    index_hold = ExitStack()
     if repack_p.any():
         writer = PackWriter(backend, PACK_TARGET_BYTES)
         dctx = zstandard.ZstdDecompressor()
@@ -295,6 +302,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
                 for d, frame, ulen in frames:
                     writer.add(d, frame, ulen)
                 gone.add(pi)
+            index_hold.enter_context(interrupts.held())
             new_parts.append(writer.finish())
         except OutOfSpace:
             # No room for the repacked copies (a nearly full repository: where freeing
@@ -311,25 +319,29 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
         except BaseException:
             writer.abort()
             _delete_new_packs(backend, writer, present_hex, stopping=True)
+            index_hold.close()  # (a stop noted meanwhile is raised in place of the failure)
             raise
         report["packs_written"] = writer.packs_written if new_parts else 0
         report["packs_repacked"] = int(np.count_nonzero(repack_p))
 
-    # The marker goes first: from it on, a backup whose parent is older checks that
-    # parent's blocks against the index (a crash after it costs a check, never a miss).
-    if missing_p.any():
-        lost_packs = [pack_hex[i] for i in np.flatnonzero(missing_p).tolist()]
-        report["lost_marker"] = repo.write_lost_marker(lost_packs, int(np.count_nonzero(missing_p[inv])))
+    try:
+        # The marker goes first: from it on, a backup whose parent is older checks that
+        # parent's blocks against the index (a crash after it costs a check, never a miss).
+        if missing_p.any():
+            lost_packs = [pack_hex[i] for i in np.flatnonzero(missing_p).tolist()]
+            report["lost_marker"] = repo.write_lost_marker(lost_packs, int(np.count_nonzero(missing_p[inv])))
 
-    # 4. new index, then old indexes away, then packs away
-    drop = np.zeros(len(pack_ids), bool)
-    drop[list(gone)] = True
-    survivors = recs[~drop[inv]]
-    new_records = np.concatenate([survivors, *new_parts]) if new_parts else survivors
-    # nothing dropped, moved or deduplicated: the index files stay as they are
-    rewrite_index = len(new_records) != listed_records or bool(new_parts)
-    if rewrite_index:
-        _rewrite_pack_indexes(repo, new_records, index_names)
+        # 4. new index, then old indexes away, then packs away
+        drop = np.zeros(len(pack_ids), bool)
+        drop[list(gone)] = True
+        survivors = recs[~drop[inv]]
+        new_records = np.concatenate([survivors, *new_parts]) if new_parts else survivors
+        # nothing dropped, moved or deduplicated: the index files stay as they are
+        rewrite_index = len(new_records) != listed_records or bool(new_parts)
+        if rewrite_index:
+            _rewrite_pack_indexes(repo, new_records, index_names)
+    finally:
+        index_hold.close()
     # Packs are named by their contents, so a pack this prune wrote can carry the name of
     # one it is about to delete (the kept frames of a repacked pack can equal a pack an
     # interrupted earlier prune wrote and a backup then re-adopted): writing it was a no-op
@@ -616,6 +628,7 @@ def move_out_of_packs(repo, packs: list[str], referenced=None) -> tuple[list[str
     ids = recs["pack"].view("S32")
     dctx = zstandard.ZstdDecompressor()
     writer = PackWriter(repo.backend, PACK_TARGET_BYTES)
+    index_hold = ExitStack()
     moving = np.zeros(len(recs), bool)
     moved_from: list[str] = []
     try:
@@ -663,20 +676,26 @@ def move_out_of_packs(repo, packs: list[str], referenced=None) -> tuple[list[str
             done.append(f"moved the {len(frames)} block(s) of pack {pack_hex[:16]}… (its table of contents cannot be "
                         f"rebuilt) into a new pack" + (f", leaving {dropped} damaged one(s) no snapshot uses" if dropped
                                                        else ""))
+        index_hold.enter_context(interrupts.held())  # (until the new index names them: see prune_repository)
         new_records = writer.finish()
     except BaseException:
         writer.abort()
         # (a new pack cut under the name of one the index names is that pack: it stays)
         named = {bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(recs["pack"].view("S32"))}
         _delete_new_packs(repo.backend, writer, named, stopping=True)
+        index_hold.close()
         raise
     if not moved_from:
+        index_hold.close()
         return done, left
     written = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(new_records["pack"].view("S32"))}
     gone = [p for p in moved_from if p not in written]  # (one cut again under its name was rebuilt)
     if gone:  # before the index changes: an interrupted move is finished later
         repo.write_lost_marker([], 0, moved_out=gone, moved_to=sorted(written))
-    _rewrite_pack_indexes(repo, np.concatenate([recs[~moving], new_records]), index_names)
+    try:
+        _rewrite_pack_indexes(repo, np.concatenate([recs[~moving], new_records]), index_names)
+    finally:
+        index_hold.close()
     repo._digest_index_cache = None
     for pack_hex in gone:
         _delete(repo.backend, fmt.pack_name(pack_hex))

@@ -535,6 +535,29 @@ def test_a_repair_taking_the_packs_for_lost_covers_every_snapshot_and_adopts_wha
     assert same_file(tmp / "out.img", img)
 
 
+def test_a_repair_taking_the_packs_for_lost_indexes_a_killed_backups_pack_in_one_run(backed_up, capsys):
+    """Verify looks for packs no index names only when a block is missing from the index;
+    with the packs all gone the index names every block, so the first repair left a killed
+    backup's pack unindexed (session 21, review 4)."""
+    tmp, repo, img, sid = backed_up
+    web_index = set(os.listdir(os.path.join(repo, "index")))
+    web_packs = {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs}
+    code, out, err = cli(capsys, "backup", vm_image(tmp / "k.img", 2 * MiB, seed=50), "--repo", repo, "--vm", "k",
+                         "--json")
+    assert code == 0, err
+    os.unlink(os.path.join(repo, "snapshots", json.loads(out)["id"] + ".json"))  # killed before its commit ...
+    for n in set(os.listdir(os.path.join(repo, "index"))) - web_index:  # ... and before its pack index
+        os.unlink(os.path.join(repo, "index", n))
+    for p in web_packs:
+        os.unlink(p)
+    code, out, err = cli(capsys, "verify", "--repair", "--repo", repo, "--json")
+    assert code == 6, err
+    assert any(ln.startswith("adopted") for ln in json.loads(out)["repair"]["adopted"]), out
+    r = Repository.open(repo)
+    indexed = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in r.load_digest_index().records["pack"]}
+    assert set(r.backend.list("packs/")) == indexed and indexed
+
+
 def test_verify_sends_to_prune_for_unindexed_packs_only_when_prune_can_run(backed_up, capsys):
     """'verify --repair (or prune) indexes them again': prune stops on a damaged pack
     index, so with one the advice is the repair alone (session 21, review 2)."""

@@ -178,8 +178,11 @@ def verify(
                 report["repair"] = drop_lost_pack_records(r)
                 adopted += [f"removed damaged pack index {n} (none of the packs is in {r.packs_location()}: taken "
                             f"for lost with the others)" for n in report["repair"].pop("damaged_indexes_removed")]
-                if adoptable:  # packs there that no index names (a killed backup's): indexed now (review 3)
-                    adopted += [ln for ln in r.recover_leftovers() if ln.startswith("adopted")]
+                # packs there that no index names (a killed backup's): indexed now (review 3).
+                # Always looked for: verify looks for them only when a block is missing from
+                # the index, and with the packs all gone the index still names every block
+                # (review 4)
+                adopted += [ln for ln in r.recover_leftovers() if ln.startswith("adopted")]
             else:
                 report["repair"] = drop_bad_records(r, bad)
             report["repair"]["packs_taken_for_lost"] = storage_missing

@@ -311,6 +311,32 @@ def test_a_signal_during_the_clean_up_still_removes_the_partial_file(setup, tmp_
     assert no_partial(tmp_path) and not out.exists(), (os.listdir(tmp_path), p.stderr)
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["new", "--force"])
+def test_a_signal_after_the_rename_says_the_restore_is_complete(setup, tmp_path, force):
+    """A Ctrl-C during the last sync, after OUTPUT was put in place, said "nothing
+    restored, OUTPUT left as it was" of a complete restore that had replaced it (session
+    21, review 4).  Here a sync that signals the shell makes that moment certain."""
+    repo, snaps, _ = setup
+    sid, copy = snaps[0]
+    d = tmp_path / "bin"
+    d.mkdir()
+    for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
+              "dirname readlink grep cat zstd kill chown chmod getconf").split():
+        if shutil.which(t):
+            (d / t).symlink_to(shutil.which(t))
+    (d / "sync").write_text('#!/bin/sh\nkill -INT "$PPID"\n')
+    (d / "sync").chmod(0o755)
+    out = tmp_path / "out.img"
+    if force:
+        out.write_bytes(b"the old disk")
+    p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), *(["--force"] if force else []), sid,
+                        str(out)], env={"PATH": str(d)}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130, p.stderr
+    assert f"after the restore was complete: {out} holds snapshot {sid}" in p.stderr, p.stderr
+    assert "left as it was" not in p.stderr
+    assert same_file(out, copy) and no_partial(tmp_path)
+
+
 def test_restore_to_a_block_device(setup, tmp_path):
     """A block device is an output with --force only; its zero blocks are written (a hole
     in a file reads as zeros, a device keeps what it held)."""

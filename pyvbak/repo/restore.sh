@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 11  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 12  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -275,9 +275,20 @@ cleanup() {
   rm -rf "$tmp"
   [ -z "$made_part" ] || rm -f "$part"
 }
+renaming=
+in_place=
+restored_in_place() {  # whether OUTPUT is the restored file already (renamed or linked)
+  [ -n "$in_place" ] && return 0
+  [ -n "$renaming" ] || return 1
+  { [ ! -e "$part" ] && [ ! -L "$part" ]; } && return 0  # (mv done)
+  [ "$out" -ef "$part" ] 2>/dev/null  # (ln done)
+}
 interrupted() {
   trap '' HUP INT TERM
-  if [ -n "$writing" ]; then
+  if restored_in_place; then
+    # (it said "nothing restored, left as it was" of an OUTPUT already replaced: review 4)
+    printf '%s\n' "restore.sh: error: interrupted by SIG$1 after the restore was complete: $out holds snapshot $snap (run sync to be sure it is on disk)" >&2
+  elif [ -n "$writing" ]; then
     printf '%s\n' "restore.sh: error: interrupted by SIG$1: block device $out was partly overwritten: it holds an INCOMPLETE restore, restore it again before using it" >&2
   else
     printf '%s\n' "restore.sh: error: interrupted by SIG$1: nothing restored, $out left as it was" >&2
@@ -744,6 +755,7 @@ if ! fsync_err=$(dd if=/dev/null count=0 conv=fsync status=none 2>&1 >&8); then
 fi
 exec 8<&-
 if [ -z "$device" ]; then
+  renaming=1
   if [ -n "$force" ]; then
     mv -f "$part" "$out" || die "cannot rename $part to $out"
   elif ln "$part" "$out" 2>/dev/null; then
@@ -753,6 +765,7 @@ if [ -z "$device" ]; then
     [ ! -e "$out" ] && [ ! -L "$out" ] || die "$out was created by something else during the restore: left alone"
     mv "$part" "$out" || die "cannot rename $part to $out"
   fi
+  in_place=1
   made_part=
   sync  # and the rename too
 fi

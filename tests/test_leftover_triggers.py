@@ -137,6 +137,22 @@ def test_a_backup_refused_for_missing_packs_keeps_a_killed_runs_stale_lock(tmp_p
     assert any("stale lock" in line for line in out["cleaned_leftovers"])
 
 
+def _stale_lock_damaged_index_packs_away(tmp_path):
+    """(image, repository path, Repository, its one pack index's path, that index's
+    damaged bytes): a killed backup's stale lock, the pack index damaged, packs/ moved to
+    TMP/packs.away (storage not mounted)."""
+    import shutil
+
+    img, repo, r = _backed_up_with_lock(tmp_path, "deadbeef", pid=_dead_pid(), exclusive=False, purpose="backup")
+    (name,) = r.pack_index_names()
+    path = os.path.join(repo, name)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 16)
+    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    return img, repo, r, path, open(path, "rb").read()
+
+
 @pytest.mark.parametrize("command", [["prune"], ["forget", "--keep-last", "1", "--prune"]])
 def test_a_prune_refused_for_missing_packs_keeps_the_stale_lock_and_the_damaged_pack_index(tmp_path, capsys, command):
     """Prune's exclusive lock removed stale locks and cleaned up after them on the way in:
@@ -146,14 +162,7 @@ def test_a_prune_refused_for_missing_packs_keeps_the_stale_lock_and_the_damaged_
     the pack (the exclusive lock's clean-up, after its stale locks go)."""
     import shutil
 
-    img, repo, r = _backed_up_with_lock(tmp_path, "deadbeef", pid=_dead_pid(), exclusive=False, purpose="backup")
-    (name,) = r.pack_index_names()
-    path = os.path.join(repo, name)
-    with open(path, "r+b") as f:
-        f.seek(100)
-        f.write(b"\xff" * 16)
-    damaged = open(path, "rb").read()
-    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    img, repo, r, path, damaged = _stale_lock_damaged_index_packs_away(tmp_path)
     capsys.readouterr()
     assert main([*command, "--repo", repo]) == 6
     assert "none of their pack files" in capsys.readouterr().err
@@ -173,14 +182,7 @@ def test_unlock_while_the_packs_are_not_mounted_leaves_the_clean_up_for_later(tm
     snapshot did not restore after the remount (session 21, review 1)."""
     import shutil
 
-    img, repo, r = _backed_up_with_lock(tmp_path, "deadbeef", pid=_dead_pid(), exclusive=False, purpose="backup")
-    (name,) = r.pack_index_names()
-    path = os.path.join(repo, name)
-    with open(path, "r+b") as f:
-        f.seek(100)
-        f.write(b"\xff" * 16)
-    damaged = open(path, "rb").read()
-    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    img, repo, r, path, damaged = _stale_lock_damaged_index_packs_away(tmp_path)
     capsys.readouterr()
     assert main(["unlock", "--repo", repo]) == 0
     out, err = capsys.readouterr()

@@ -285,6 +285,24 @@ def test_a_signal_mid_restore_leaves_no_output_and_no_temp_files(setup, tmp_path
     assert no_partial(tmp_path) and os.listdir(tmpdir) == []
 
 
+_TOOLS = ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm dirname readlink "
+          "sync grep cat zstd kill chown chmod getconf").split()
+
+
+def _path_with(tmp_path, **scripts) -> str:
+    """A PATH directory with restore.sh's tools, ``scripts`` (name: sh body) in place of
+    some of them."""
+    d = tmp_path / "bin"
+    d.mkdir()
+    for t in _TOOLS:
+        if t not in scripts and shutil.which(t):
+            (d / t).symlink_to(shutil.which(t))
+    for name, body in scripts.items():
+        (d / name).write_text("#!/bin/sh\n" + body)
+        (d / name).chmod(0o755)
+    return str(d)
+
+
 @pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
 def test_a_signal_during_the_clean_up_still_removes_the_partial_file(setup, tmp_path, shell):
     """Ctrl-C while the EXIT trap ran (a restore failing as the signal came, or a command
@@ -293,19 +311,11 @@ def test_a_signal_during_the_clean_up_still_removes_the_partial_file(setup, tmp_
     session-21 soak: 1 Ctrl-C in 40).  Here an rm that signals the shell as the clean-up
     calls it makes that moment certain."""
     repo, _, _ = setup
-    d = tmp_path / "bin"
-    d.mkdir()
-    for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln "
-              "dirname readlink sync grep cat zstd kill").split():
-        if shutil.which(t):
-            (d / t).symlink_to(shutil.which(t))
-    (d / "rm").write_text("#!/bin/sh\n"
-                          'case "$*" in "-rf "*pyvbak-restore.*) kill -INT "$PPID" ;; esac\n'
-                          f'exec {shutil.which("rm")} "$@"\n')
-    (d / "rm").chmod(0o755)
+    d = _path_with(tmp_path, rm='case "$*" in "-rf "*pyvbak-restore.*) kill -INT "$PPID" ;; esac\n'
+                                f'exec {shutil.which("rm")} "$@"\n')
     out = tmp_path / "out.img"
     p = subprocess.run([shutil.which(shell[0]), *shell[1:], "--", os.path.join(repo.location, "restore.sh"),
-                        "20990101T000000Z-00000000", str(out)], env={"PATH": str(d)}, capture_output=True, text=True,
+                        "20990101T000000Z-00000000", str(out)], env={"PATH": d}, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode != 0 and "restore.sh: error:" in p.stderr, p.stderr
     assert no_partial(tmp_path) and not out.exists(), (os.listdir(tmp_path), p.stderr)
@@ -318,19 +328,12 @@ def test_a_signal_after_the_rename_says_the_restore_is_complete(setup, tmp_path,
     21, review 4).  Here a sync that signals the shell makes that moment certain."""
     repo, snaps, _ = setup
     sid, copy = snaps[0]
-    d = tmp_path / "bin"
-    d.mkdir()
-    for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
-              "dirname readlink grep cat zstd kill chown chmod getconf").split():
-        if shutil.which(t):
-            (d / t).symlink_to(shutil.which(t))
-    (d / "sync").write_text('#!/bin/sh\nkill -INT "$PPID"\n')
-    (d / "sync").chmod(0o755)
+    d = _path_with(tmp_path, sync='kill -INT "$PPID"\n')
     out = tmp_path / "out.img"
     if force:
         out.write_bytes(b"the old disk")
     p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), *(["--force"] if force else []), sid,
-                        str(out)], env={"PATH": str(d)}, capture_output=True, text=True, timeout=120)
+                        str(out)], env={"PATH": d}, capture_output=True, text=True, timeout=120)
     assert p.returncode == 130, p.stderr
     assert f"after the restore was complete: {out} holds snapshot {sid}" in p.stderr, p.stderr
     assert "left as it was" not in p.stderr

@@ -126,8 +126,8 @@ def verify(
             # Packs all gone is storage not mounted far more often than data lost: a plain
             # verify says so and flags nothing (its flags let the next backups store every
             # block again, into the empty mount point, where a remount hides them).
-            # --repair is the user's word that they are lost ("verify --repair, then
-            # prune" is the way on pack_storage_error gives for damaged pack indexes).
+            # --repair is the user's word that they are lost (the way on
+            # pack_storage_error gives): it checked above, before any clean-up.
             if not repair and r.pack_storage_missing():
                 raise r.pack_storage_error("nothing was checked or flagged")
             # one sample for the check and the re-check after a repair (a new draw could

@@ -336,6 +336,36 @@ def test_a_prune_stopped_as_it_writes_the_new_index_leaves_every_pack_indexed(tm
     assert verify_repository(r, threads=2)["ok"]
 
 
+def test_a_prune_failing_as_it_writes_the_new_index_leaves_no_stop_request_held(tmp_path):
+    """The hold on stop requests was left open when the index write failed (out of
+    space): Ctrl-C was then noted and never raised (review 5 of session 21)."""
+    import signal
+
+    from pyvbak import interrupts
+    from pyvbak.errors import OutOfSpace
+
+    class FullAtIndexWrite(CtrlCAtIndexWrite):
+        def write_new(self, name, data):
+            if name.startswith("index/"):
+                raise OutOfSpace("no space left on device (injected)")
+            return self.inner.write_new(name, data)
+
+    repo = Repository.init(str(tmp_path / "repo"))
+    img = make_image(tmp_path / "disk.img", 12 * BS, [(0, 12 * BS, "random")], seed=34)
+    a = backup_file(repo, img, vm="a").snapshot_id
+    with open(img, "r+b") as f:
+        f.seek(0)
+        f.write(os.urandom(6 * BS))
+    backup_file(repo, img, vm="b")
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(a)])
+    repo.backend = FullAtIndexWrite(repo.backend)
+    with pytest.raises(OutOfSpace):
+        with repo.lock(exclusive=True):
+            prune_repository(repo, repack_unused=0.01)
+    assert interrupts._state["held"] == 0 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # -- CLI ---------------------------------------------------------------------------------
 
 def test_cli_forget_keep_last_and_prune(tmp_path, capsys):

@@ -258,73 +258,72 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     # stop deletes them (_delete_new_packs); after it, the old packs stay for the next
     # prune, every snapshot restorable either way.
     index_hold = ExitStack()
-    if repack_p.any():
-        writer = PackWriter(backend, PACK_TARGET_BYTES)
-        dctx = zstandard.ZstdDecompressor()
-        # records grouped by pack once (a scan of all records per repacked pack would be
-        # records x packs: 10^11 steps for 160 M records and 1000 packs)
-        by_pack, pack_bounds = group_members(inv, len(pack_ids))
-        try:
-            for pi in np.flatnonzero(repack_p).tolist():
-                in_pack = by_pack[pack_bounds[pi] : pack_bounds[pi + 1]]
-                mine = in_pack[keep[in_pack]]
-                name = fmt.pack_name(pack_hex[pi])
-                end = int((recs["offset"][mine] + recs["clen"][mine]).max())
-                try:
-                    data = memoryview(backend.read_range(name, 0, end))
-                except ObjectMissing:  # gone since the listing: nothing to copy, nothing to keep
-                    repack_p[pi] = False
-                    missing_p[pi] = True
+    try:  # (the hold is left on every way out: review 5)
+        if repack_p.any():
+            writer = PackWriter(backend, PACK_TARGET_BYTES)
+            dctx = zstandard.ZstdDecompressor()
+            # records grouped by pack once (a scan of all records per repacked pack would be
+            # records x packs: 10^11 steps for 160 M records and 1000 packs)
+            by_pack, pack_bounds = group_members(inv, len(pack_ids))
+            try:
+                for pi in np.flatnonzero(repack_p).tolist():
+                    in_pack = by_pack[pack_bounds[pi] : pack_bounds[pi + 1]]
+                    mine = in_pack[keep[in_pack]]
+                    name = fmt.pack_name(pack_hex[pi])
+                    end = int((recs["offset"][mine] + recs["clen"][mine]).max())
+                    try:
+                        data = memoryview(backend.read_range(name, 0, end))
+                    except ObjectMissing:  # gone since the listing: nothing to copy, nothing to keep
+                        repack_p[pi] = False
+                        missing_p[pi] = True
+                        gone.add(pi)
+                        report["problems"].append(f"pack {pack_hex[pi][:16]}… disappeared during the prune: its "
+                                                  f"records were removed from the index (run 'pyvbak verify')")
+                        continue
+                    except BackendError as exc:  # e.g. truncated: kept as it is, for verify to name
+                        repack_p[pi] = False
+                        report["blocks_removed"] -= int(np.count_nonzero(~keep[in_pack]))
+                        report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: it cannot be read ({exc}); "
+                                                  f"run 'pyvbak verify --repair'")
+                        continue
+                    frames = []
+                    for k in mine.tolist():
+                        off, n = int(recs["offset"][k]), int(recs["clen"][k])
+                        frame = data[off : off + n]
+                        d, ulen = bytes(recs["digest"][k]), int(recs["ulen"][k])
+                        if decode_block(dctx, frame, ulen, d)[1] is not None:
+                            frames = None
+                            report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: block {d.hex()[:16]}… does not match its digest (run 'pyvbak verify --repair')")
+                            break
+                        frames.append((d, bytes(frame), ulen))
+                    if frames is None:
+                        repack_p[pi] = False  # keep the whole pack and its records
+                        report["blocks_removed"] -= int(np.count_nonzero(~keep[in_pack]))
+                        continue
+                    for d, frame, ulen in frames:
+                        writer.add(d, frame, ulen)
                     gone.add(pi)
-                    report["problems"].append(f"pack {pack_hex[pi][:16]}… disappeared during the prune: its "
-                                              f"records were removed from the index (run 'pyvbak verify')")
-                    continue
-                except BackendError as exc:  # e.g. truncated: kept as it is, for verify to name
-                    repack_p[pi] = False
-                    report["blocks_removed"] -= int(np.count_nonzero(~keep[in_pack]))
-                    report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: it cannot be read ({exc}); "
-                                              f"run 'pyvbak verify --repair'")
-                    continue
-                frames = []
-                for k in mine.tolist():
-                    off, n = int(recs["offset"][k]), int(recs["clen"][k])
-                    frame = data[off : off + n]
-                    d, ulen = bytes(recs["digest"][k]), int(recs["ulen"][k])
-                    if decode_block(dctx, frame, ulen, d)[1] is not None:
-                        frames = None
-                        report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: block {d.hex()[:16]}… does not match its digest (run 'pyvbak verify --repair')")
-                        break
-                    frames.append((d, bytes(frame), ulen))
-                if frames is None:
-                    repack_p[pi] = False  # keep the whole pack and its records
-                    report["blocks_removed"] -= int(np.count_nonzero(~keep[in_pack]))
-                    continue
-                for d, frame, ulen in frames:
-                    writer.add(d, frame, ulen)
-                gone.add(pi)
-            index_hold.enter_context(interrupts.held())
-            new_parts.append(writer.finish())
-        except OutOfSpace:
-            # No room for the repacked copies (a nearly full repository: where freeing
-            # space matters most): the repack is given up, its packs already written (new
-            # names, no index names them) go, and the packs nothing uses are still deleted
-            # below - that needs no room.  Mostly-unused packs stay whole, all indexed.
-            writer.abort()
-            _delete_new_packs(backend, writer, present_hex)
-            repack_p[:] = False
-            gone = set(np.flatnonzero(delete_p | missing_p).tolist())
-            report["blocks_removed"] = int(np.count_nonzero(delete_p[inv]))
-            report["problems"].append("no room left to repack partly used packs: only packs nothing uses were deleted; "
-                                      "run 'pyvbak prune' again once there is free space")
-        except BaseException:
-            writer.abort()
-            _delete_new_packs(backend, writer, present_hex, stopping=True)
-            index_hold.close()  # (a stop noted meanwhile is raised in place of the failure)
-            raise
-        report["packs_written"] = writer.packs_written if new_parts else 0
-        report["packs_repacked"] = int(np.count_nonzero(repack_p))
+                index_hold.enter_context(interrupts.held())
+                new_parts.append(writer.finish())
+            except OutOfSpace:
+                # No room for the repacked copies (a nearly full repository: where freeing
+                # space matters most): the repack is given up, its packs already written (new
+                # names, no index names them) go, and the packs nothing uses are still deleted
+                # below - that needs no room.  Mostly-unused packs stay whole, all indexed.
+                writer.abort()
+                _delete_new_packs(backend, writer, present_hex)
+                repack_p[:] = False
+                gone = set(np.flatnonzero(delete_p | missing_p).tolist())
+                report["blocks_removed"] = int(np.count_nonzero(delete_p[inv]))
+                report["problems"].append("no room left to repack partly used packs: only packs nothing uses were deleted; "
+                                          "run 'pyvbak prune' again once there is free space")
+            except BaseException:
+                writer.abort()
+                _delete_new_packs(backend, writer, present_hex, stopping=True)
+                raise
+            report["packs_written"] = writer.packs_written if new_parts else 0
+            report["packs_repacked"] = int(np.count_nonzero(repack_p))
 
-    try:
         # The marker goes first: from it on, a backup whose parent is older checks that
         # parent's blocks against the index (a crash after it costs a check, never a miss).
         if missing_p.any():
@@ -679,23 +678,22 @@ def move_out_of_packs(repo, packs: list[str], referenced=None) -> tuple[list[str
         index_hold.enter_context(interrupts.held())  # (until the new index names them: see prune_repository)
         new_records = writer.finish()
     except BaseException:
-        writer.abort()
-        # (a new pack cut under the name of one the index names is that pack: it stays)
-        named = {bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(recs["pack"].view("S32"))}
-        _delete_new_packs(repo.backend, writer, named, stopping=True)
-        index_hold.close()
+        try:
+            writer.abort()
+            # (a new pack cut under the name of one the index names is that pack: it stays)
+            named = {bytes(p).ljust(32, b"\0").hex() for p in digest_sets.unique(recs["pack"].view("S32"))}
+            _delete_new_packs(repo.backend, writer, named, stopping=True)
+        finally:
+            index_hold.close()
         raise
-    if not moved_from:
-        index_hold.close()
-        return done, left
-    written = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(new_records["pack"].view("S32"))}
-    gone = [p for p in moved_from if p not in written]  # (one cut again under its name was rebuilt)
-    if gone:  # before the index changes: an interrupted move is finished later
-        repo.write_lost_marker([], 0, moved_out=gone, moved_to=sorted(written))
-    try:
+    with index_hold:  # (left on every way out: review 5)
+        if not moved_from:
+            return done, left
+        written = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(new_records["pack"].view("S32"))}
+        gone = [p for p in moved_from if p not in written]  # (one cut again under its name was rebuilt)
+        if gone:  # before the index changes: an interrupted move is finished later
+            repo.write_lost_marker([], 0, moved_out=gone, moved_to=sorted(written))
         _rewrite_pack_indexes(repo, np.concatenate([recs[~moving], new_records]), index_names)
-    finally:
-        index_hold.close()
     repo._digest_index_cache = None
     for pack_hex in gone:
         _delete(repo.backend, fmt.pack_name(pack_hex))

@@ -286,7 +286,7 @@ def test_a_signal_mid_restore_leaves_no_output_and_no_temp_files(setup, tmp_path
 
 
 _TOOLS = ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm dirname readlink "
-          "sync grep cat zstd kill chown chmod getconf").split()
+          "sync grep cat zstd kill chown chmod getconf mkdir").split()
 
 
 def _path_with(tmp_path, **scripts) -> str:
@@ -338,6 +338,21 @@ def test_a_signal_after_the_rename_says_the_restore_is_complete(setup, tmp_path,
     assert f"after the restore was complete: {out} holds snapshot {sid}" in p.stderr, p.stderr
     assert "left as it was" not in p.stderr
     assert same_file(out, copy) and no_partial(tmp_path)
+
+
+def test_a_directory_made_at_output_during_the_restore_gets_nothing_put_inside(setup, tmp_path):
+    """mv and ln put the restore INTO a directory made at OUTPUT meanwhile, and "restored
+    to OUTPUT" was said (session 21, review 5).  A dd that makes it as the restore flushes
+    (the step before the rename) makes that moment certain."""
+    repo, snaps, _ = setup
+    sid, _ = snaps[0]
+    out = tmp_path / "out.img"
+    d = _path_with(tmp_path, dd='case " $* " in *" conv=fsync "*) mkdir "$RACE_OUT" ;; esac\n'
+                                f'exec {shutil.which("dd")} "$@"\n')
+    p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), sid, str(out)],
+                       env={"PATH": d, "RACE_OUT": str(out)}, capture_output=True, text=True, timeout=120)
+    one_error(p, f"{out} became a directory during the restore")
+    assert out.is_dir() and os.listdir(out) == [] and no_partial(tmp_path)
 
 
 def test_restore_to_a_block_device(setup, tmp_path):

@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 12  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 13  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -755,6 +755,11 @@ if ! fsync_err=$(dd if=/dev/null count=0 conv=fsync status=none 2>&1 >&8); then
 fi
 exec 8<&-
 if [ -z "$device" ]; then
+  # (mv and ln put a file INTO a directory: one made at OUTPUT during the restore, or a
+  # link to one, got the restore inside it, and "restored to OUTPUT" was said: review 5)
+  if [ -d "$out" ]; then
+    die "$out became a directory during the restore (or a link to one): nothing restored; give a file path"
+  fi
   renaming=1
   if [ -n "$force" ]; then
     mv -f "$part" "$out" || die "cannot rename $part to $out"

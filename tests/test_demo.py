@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from conftest import require_tool
-from images import untokened
+from images import BS, make_image, untokened
 from pyvbak.cli.main import main
 
 
@@ -87,7 +87,20 @@ def test_demo_into_a_repository_whose_packs_are_gone_is_refused(tmp_path, capsys
     code, out, err = _run(capsys, "--repo", repo, "--size-mib", "32")
     assert code == 6 and "none of their pack files in" in err
     assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == before
-    assert _traces_of(_work_dir(out)) == []
+    assert out == ""  # (said before any image is made)
+
+
+def test_a_hot_demo_into_a_repository_whose_packs_are_gone_starts_no_vm(tmp_path, capsys):
+    """It made the image and started the VM stand-in before its backup refused (session
+    21, review 3)."""
+    import shutil
+
+    repo = _hot_demo_repo(tmp_path)
+    assert main(["backup", str(make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=7)),
+                 "--repo", repo, "--vm", "x"]) == 0
+    shutil.move(os.path.join(repo, "packs"), tmp_path / "packs.away")
+    code, out, err = _run(capsys, "--hot", "--repo", repo, "--size-mib", "32")
+    assert code == 6 and "none of their pack files in" in err and out == "", (out, err)
 
 
 def test_hot_demo_uses_the_dirty_bitmap_and_leaves_nothing_in_qemu(tmp_path, capsys):

@@ -85,6 +85,10 @@ def demo(
         if missing_tools():
             raise SourceError(f"demo --hot needs {', '.join(missing_tools())}: install them (or run the demo without --hot)")
     r = open_repository(repo, create_default=True)
+    # early, without the lock: a repository whose packs are gone is said before a disk
+    # image is made and a VM stand-in started for nothing (review 3); each backup checks
+    # again under its lock
+    r.check_pack_storage()
     print(f"repository: {r.location}")
     # under /tmp: the QMP and NBD sockets must fit a UNIX socket path
     work = tempfile.mkdtemp(prefix="pyvbak-demo-", dir="/tmp" if hot else None)

@@ -244,6 +244,21 @@ def test_prune_stopped_at_every_step_leaves_a_valid_repository(tmp_path):
             break
 
 
+def _half_forgotten(repo, tmp_path, vm: str, seed: int):
+    """(image, the id of its second snapshot): VM ``vm`` backed up, half of its 12-block
+    image rewritten and backed up as ``vm``-new, and the first snapshot forgotten - so
+    half of the first backup's blocks are unused, and a prune repacks its packs."""
+    img = make_image(tmp_path / f"{vm}.img", 12 * BS, [(0, 12 * BS, "random")], seed=seed)
+    first = backup_file(repo, img, vm=vm).snapshot_id
+    with open(img, "r+b") as f:
+        f.seek(0)
+        f.write(os.urandom(6 * BS))
+    second = backup_file(repo, img, vm=f"{vm}-new").snapshot_id
+    with repo.lock():
+        forget_snapshots(repo, [repo.resolve(first)])
+    return img, second
+
+
 class StopAtRead:
     """A backend whose ``n``-th ``read_range`` raises KeyboardInterrupt (Ctrl-C, there)."""
 
@@ -268,20 +283,8 @@ def test_a_prune_stopped_while_repacking_leaves_no_new_pack(tmp_path, monkeypatc
 
     monkeypatch.setattr(prune_mod, "PACK_TARGET_BYTES", BS // 2)
     repo = Repository.init(str(tmp_path / "repo"))
-    img = make_image(tmp_path / "disk.img", 12 * BS, [(0, 12 * BS, "random")], seed=31)
-    a = backup_file(repo, img, vm="a").snapshot_id
-    with open(img, "r+b") as f:  # half of each of a's packs no longer used once a is forgotten
-        f.seek(0)
-        f.write(os.urandom(6 * BS))
-    backup_file(repo, img, vm="b")
-    other = make_image(tmp_path / "o.img", 12 * BS, [(0, 12 * BS, "random")], seed=32)
-    c = backup_file(repo, other, vm="c").snapshot_id
-    with open(other, "r+b") as f:
-        f.seek(0)
-        f.write(os.urandom(6 * BS))
-    backup_file(repo, other, vm="d")
-    with repo.lock():
-        forget_snapshots(repo, [repo.resolve(a), repo.resolve(c)])
+    _half_forgotten(repo, tmp_path, "a", 31)
+    _half_forgotten(repo, tmp_path, "c", 32)
     before = packs(repo)
     repo.backend = StopAtRead(repo.backend, 2)
     with pytest.raises(KeyboardInterrupt):
@@ -314,14 +317,7 @@ def test_a_prune_stopped_as_it_writes_the_new_index_leaves_every_pack_indexed(tm
     named by no index (review 4 of session 21): it is held until the index is written
     (the old packs then wait for the next prune, as after any stop)."""
     repo = Repository.init(str(tmp_path / "repo"))
-    img = make_image(tmp_path / "disk.img", 12 * BS, [(0, 12 * BS, "random")], seed=33)
-    a = backup_file(repo, img, vm="a").snapshot_id
-    with open(img, "r+b") as f:
-        f.seek(0)
-        f.write(os.urandom(6 * BS))
-    b = backup_file(repo, img, vm="b").snapshot_id
-    with repo.lock():
-        forget_snapshots(repo, [repo.resolve(a)])
+    img, b = _half_forgotten(repo, tmp_path, "a", 33)
     before = set(packs(repo))
     repo.backend = CtrlCAtIndexWrite(repo.backend)
     with pytest.raises(KeyboardInterrupt):
@@ -351,14 +347,7 @@ def test_a_prune_failing_as_it_writes_the_new_index_leaves_no_stop_request_held(
             return self.inner.write_new(name, data)
 
     repo = Repository.init(str(tmp_path / "repo"))
-    img = make_image(tmp_path / "disk.img", 12 * BS, [(0, 12 * BS, "random")], seed=34)
-    a = backup_file(repo, img, vm="a").snapshot_id
-    with open(img, "r+b") as f:
-        f.seek(0)
-        f.write(os.urandom(6 * BS))
-    backup_file(repo, img, vm="b")
-    with repo.lock():
-        forget_snapshots(repo, [repo.resolve(a)])
+    _half_forgotten(repo, tmp_path, "a", 34)
     repo.backend = FullAtIndexWrite(repo.backend)
     with pytest.raises(OutOfSpace):
         with repo.lock(exclusive=True):

@@ -121,6 +121,13 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def pack_files(repo) -> list[str]:
+    """The files under REPO/packs/ but the pack-storage mark: the packs."""
+    root = os.path.join(repo, "packs")
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                  if os.path.join(d, f) != os.path.join(root, "pack-storage.json"))
+
+
 def same_file(a, b) -> bool:
     """Byte-for-byte equal (sizes first, then content)."""
     if os.path.getsize(a) != os.path.getsize(b):

@@ -357,7 +357,7 @@ def _one_pack_repo(tmp_path, capsys, seed):
     cli(capsys, "init", repo)
     img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=seed)
     cli(capsys, "backup", img, "--repo", repo, "--vm", "v")
-    (pack,) = list(Repository.open(str(repo)).backend.list("packs/"))
+    (pack,) = list(Repository.open(str(repo)).pack_object_names())
     return repo, img, repo / pack
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import require_tool
-from images import BS, MiB, assert_one_error_line, random_bytes, run_pyvbak, same_file, vm_image, write_at
+from images import BS, MiB, assert_one_error_line, pack_files, random_bytes, run_pyvbak, same_file, vm_image, write_at
 from pyvbak.cli.main import main
 from pyvbak.errors import OutOfSpace
 from pyvbak.repo import format as fmt
@@ -287,7 +287,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 def test_missing_pack(backed_up, capsys):
     """A pack deleted behind pyvbak's back: verify and restore exit 6, no output left."""
     tmp, repo, img, sid = backed_up
-    packs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs]
+    packs = pack_files(repo)
     assert packs
     # another VM's pack stays (with no pack left at all the storage is taken for unmounted)
     assert cli(capsys, "backup", vm_image(tmp / "other.img", 2 * MiB, seed=44), "--repo", repo, "--vm", "db")[0] == 0
@@ -428,11 +428,12 @@ def test_flags_on_every_copy_are_no_leave_to_back_up_while_the_packs_are_gone(ba
     assert same_file(tmp / "out.img", img)
 
 
-def test_a_pack_the_index_does_not_name_does_not_make_the_storage_present(backed_up, capsys):
+@pytest.mark.parametrize("with_mark", [False, True])
+def test_a_pack_the_index_does_not_name_does_not_make_the_storage_present(backed_up, capsys, with_mark):
     """Any object named like a pack counted: one stray pack in the empty mount point (one a
     backup stored there in an earlier unmount, or another repository's) let verify flag
     every copy and the next backup store every block into the mount point again (session
-    21, review 1)."""
+    21, review 1).  With the other repository's pack-storage mark, that is said."""
     tmp, repo, img, sid = backed_up
     stranger = tmp / "stranger"
     assert cli(capsys, "init", stranger)[0] == 0
@@ -440,16 +441,167 @@ def test_a_pack_the_index_does_not_name_does_not_make_the_storage_present(backed
     packs = os.path.join(repo, "packs")
     shutil.move(packs, tmp / "packs.away")
     shutil.copytree(stranger / "packs", packs)
+    if not with_mark:
+        os.unlink(os.path.join(packs, "pack-storage.json"))
+    said = "another repository's packs" if with_mark else "none of their pack files"
     for args in (["verify", "--repo", repo], ["restore", sid, tmp / "out.img", "--repo", repo],
-                 ["backup", img, "--repo", repo, "--vm", "web"], ["prune", "--repo", repo]):
+                 ["backup", img, "--repo", repo, "--vm", "web"], ["prune", "--repo", repo],
+                 ["verify", "--repo", repo, "--repair"] if with_mark else ["forget", "web@latest", "--repo", repo,
+                                                                           "--prune"]):
         code, out, err = cli(capsys, *args)
-        assert code == 6 and "none of their pack files" in err, (args, err)
+        assert code == 6 and said in err, (args, err)
     assert not os.path.exists(os.path.join(repo, "lost")) and not (tmp / "out.img").exists()
-    assert sorted(os.listdir(packs)) == sorted(os.listdir(stranger / "packs"))
+    assert sorted(pack_files(repo)) == sorted(p.replace(str(stranger), repo) for p in pack_files(stranger))
+    assert os.path.exists(os.path.join(packs, "pack-storage.json")) is with_mark
+    if with_mark:  # (the stranger's mark, untouched)
+        assert (stranger / "packs" / "pack-storage.json").read_bytes() == open(os.path.join(packs, "pack-storage.json"), "rb").read()
     shutil.rmtree(packs)
     shutil.move(tmp / "packs.away", packs)
     assert cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)[0] == 0
     assert same_file(tmp / "out.img", img)
+
+
+def _stray_pack_in_the_mount_point(tmp, repo, capsys):
+    """What an older pyvbak left: it stored a pack into the empty mount point while the
+    storage was not mounted (the pack the index names), and the storage, mounted back, hid
+    it.  Returns the packs/ the storage is mounted at (set aside, as if unmounted)."""
+    packs = os.path.join(repo, "packs")
+    before = set(pack_files(repo))
+    code, out, err = cli(capsys, "backup", vm_image(tmp / "n.img", 2 * MiB, seed=52), "--repo", repo, "--vm", "new",
+                         "--json")
+    assert code == 0, err
+    new = set(pack_files(repo)) - before
+    assert new
+    shutil.move(packs, tmp / "packs.away")  # unmounted: only that pack in the mount point
+    for p in new:
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        shutil.copy(os.path.join(tmp / "packs.away", os.path.relpath(p, packs)), p)
+    return tmp / "packs.away"
+
+
+@pytest.mark.parametrize("command", ["backup", "prune", "forget --prune", "verify", "restore"])
+def test_a_pack_an_older_pyvbak_left_in_the_mount_point_does_not_make_the_storage_present(backed_up, capsys, command):
+    """The index names such a pack, so the packs alone made the storage look present: the
+    next backup stored every changed block into the mount point again, and a prune dropped
+    the records of every pack not there (session 21, left open).  The pack-storage mark is
+    not in the mount point: the commands that write refuse, exit 6, and write nothing; the
+    ones that only read say so and read what is there."""
+    tmp, repo, img, sid = backed_up
+    away = _stray_pack_in_the_mount_point(tmp, repo, capsys)
+    packs = os.path.join(repo, "packs")
+    index_before = sorted(os.listdir(os.path.join(repo, "index")))
+    snaps_before = sorted(os.listdir(os.path.join(repo, "snapshots")))
+    stray = pack_files(repo)
+    args = {"backup": ["backup", img, "--repo", repo, "--vm", "web"], "prune": ["prune", "--repo", repo],
+            "forget --prune": ["forget", "new@latest", "--repo", repo, "--prune"],
+            "verify": ["verify", "--repo", repo], "restore": ["restore", sid, tmp / "out.img", "--repo", repo]}[command]
+    code, out, err = cli(capsys, *args)
+    if command in ("verify", "restore"):
+        # (reads what is there: web's blocks are not; nothing flagged)
+        assert code == 6 and "pack-storage mark" in err and f"{packs}/pack-storage.json is missing" in err, err
+    else:
+        assert code == 6 and f"its pack-storage mark {packs}/pack-storage.json is missing" in err, err
+        assert "storage its packs are on is not there (not mounted?)" in err and "verify --repair" in err
+    assert pack_files(repo) == stray and not os.path.exists(os.path.join(repo, "lost"))
+    assert sorted(os.listdir(os.path.join(repo, "index"))) == index_before
+    assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == snaps_before
+    assert not os.path.exists(os.path.join(packs, "pack-storage.json"))
+    shutil.rmtree(packs)  # mounted back
+    shutil.move(away, packs)
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    if command == "restore":
+        assert same_file(tmp / "out.img", img)
+
+
+def test_repair_marks_a_pack_storage_whose_mark_alone_was_lost(backed_up, capsys):
+    """Packs copied to new storage without the mark: the backup refuses; 'verify --repair'
+    (the user's word that this packs/ is the storage) checks the packs and marks it, and
+    backups go on, deduplicating against those packs."""
+    tmp, repo, img, sid = backed_up
+    os.unlink(os.path.join(repo, "packs", "pack-storage.json"))
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "pack-storage.json is missing" in err, err
+    code, out, err = cli(capsys, "verify", "--repair", "--repo", repo)
+    assert code == 0 and "marked " in err and "was missing" in err, err
+    assert open(os.path.join(repo, "packs", "pack-storage.json"), "rb").read() == open(
+        os.path.join(repo, "pack-storage.json"), "rb").read()
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web", "--json")
+    assert code == 0 and json.loads(out)["new_blocks"] == 0, err
+
+
+@pytest.mark.parametrize("damage", ["damaged", "another repository's"])
+def test_a_damaged_or_foreign_pack_storage_mark_is_refused_and_said(backed_up, capsys, damage):
+    tmp, repo, img, sid = backed_up
+    mark = os.path.join(repo, "packs", "pack-storage.json")
+    if damage == "damaged":
+        with open(mark, "r+b") as f:
+            f.write(b"\xff")
+    else:
+        doc = json.load(open(mark))
+        doc["repository"] = "0" * 32
+        with open(mark, "w") as f:
+            json.dump(doc, f)
+    before = open(mark, "rb").read()
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    said = "is damaged" if damage == "damaged" else "names repository " + "0" * 32
+    assert code == 6 and said in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli(capsys, "verify", "--repair", "--repo", repo)
+    if damage == "damaged":  # the user's word: marked again
+        assert code == 0 and "was damaged" in err, err
+        assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    else:  # never replaced: another repository's storage
+        assert code == 6 and said in err and open(mark, "rb").read() == before, err
+
+
+def test_a_repository_made_before_the_mark_is_marked_by_its_next_backup(backed_up, capsys):
+    """Repositories made by an older pyvbak have no mark: judged by their packs alone, and
+    marked by the first backup that finds the packs there."""
+    tmp, repo, img, sid = backed_up
+    for name in ("packs/pack-storage.json", "pack-storage.json"):
+        os.unlink(os.path.join(repo, name))
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+    assert cli(capsys, "prune", "--repo", repo)[0] == 0
+    assert not os.path.exists(os.path.join(repo, "pack-storage.json"))
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 0 and "marked" not in err, err
+    mark = json.load(open(os.path.join(repo, "packs", "pack-storage.json")))
+    assert mark["repository"] == Repository.open(repo).config.repo_id
+    assert open(os.path.join(repo, "pack-storage.json"), "rb").read() == open(
+        os.path.join(repo, "packs", "pack-storage.json"), "rb").read()
+
+
+def test_index_and_packs_both_unmounted_refuse_a_backup(backed_up, capsys):
+    """With index/ unmounted as well, the index is empty and the packs alone said nothing:
+    a backup stored every block into the mount points (session 21, left open).  The root
+    copy of the mark says packs/ is marked: refused, nothing written."""
+    tmp, repo, img, sid = backed_up
+    for sub in ("packs", "index"):
+        shutil.move(os.path.join(repo, sub), tmp / (sub + ".away"))
+        os.mkdir(os.path.join(repo, sub))
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "pack-storage.json is missing" in err, err
+    assert os.listdir(os.path.join(repo, "packs")) == [] and os.listdir(os.path.join(repo, "index")) == []
+    for sub in ("packs", "index"):
+        os.rmdir(os.path.join(repo, sub))
+        shutil.move(tmp / (sub + ".away"), os.path.join(repo, sub))
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+
+
+def test_a_repository_with_nothing_stored_takes_an_empty_packs_again(env, capsys):
+    """Storage mounted over packs/ after the first backup of an all-zero disk: nothing to
+    lose, so the backup marks the new packs/ and goes on."""
+    tmp, repo, _ = env
+    zero = tmp / "zero.img"
+    zero.write_bytes(bytes(2 * MiB))
+    assert cli(capsys, "init", repo)[0] == 0
+    cli(capsys, "backup", zero, "--repo", repo, "--vm", "z")
+    cli(capsys, "forget", "z@latest", "--repo", repo)
+    shutil.rmtree(os.path.join(repo, "packs"))
+    os.mkdir(os.path.join(repo, "packs"))
+    code, _, err = cli(capsys, "backup", vm_image(tmp / "d.img", 2 * MiB, seed=53), "--repo", repo, "--vm", "d")
+    assert code == 0 and "was missing" in err, err
+    assert os.path.exists(os.path.join(repo, "packs", "pack-storage.json"))
 
 
 def _damage(path):
@@ -464,10 +616,10 @@ def test_a_damaged_pack_index_beside_a_pack_really_lost_is_no_storage_missing(ba
     mounted?" and refuse every backup until a repair (session 21, review 2)."""
     tmp, repo, img, sid = backed_up
     web_index = set(os.listdir(os.path.join(repo, "index")))
-    web_packs = {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs}
+    web_packs = set(pack_files(repo))
     assert cli(capsys, "backup", vm_image(tmp / "o.img", 2 * MiB, seed=46), "--repo", repo, "--vm", "db")[0] == 0
     (db_index,) = set(os.listdir(os.path.join(repo, "index"))) - web_index
-    db_packs = {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs} - web_packs
+    db_packs = set(pack_files(repo)) - web_packs
     (web_index,) = web_index
     _damage(os.path.join(repo, "index", web_index))
     for p in db_packs:
@@ -511,7 +663,7 @@ def test_a_repair_taking_the_packs_for_lost_covers_every_snapshot_and_adopts_wha
     unindexed until a second run (session 21, review 3)."""
     tmp, repo, img, sid = backed_up
     web_index = set(os.listdir(os.path.join(repo, "index")))
-    web_packs = {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs}
+    web_packs = set(pack_files(repo))
     db = vm_image(tmp / "db.img", 2 * MiB, seed=48)
     assert cli(capsys, "backup", db, "--repo", repo, "--vm", "db")[0] == 0
     for n in set(os.listdir(os.path.join(repo, "index"))) - web_index:  # db's pack: indexed by no one
@@ -541,7 +693,7 @@ def test_a_repair_taking_the_packs_for_lost_indexes_a_killed_backups_pack_in_one
     backup's pack unindexed (session 21, review 4)."""
     tmp, repo, img, sid = backed_up
     web_index = set(os.listdir(os.path.join(repo, "index")))
-    web_packs = {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(repo, "packs")) for f in fs}
+    web_packs = set(pack_files(repo))
     code, out, err = cli(capsys, "backup", vm_image(tmp / "k.img", 2 * MiB, seed=50), "--repo", repo, "--vm", "k",
                          "--json")
     assert code == 0, err
@@ -555,7 +707,7 @@ def test_a_repair_taking_the_packs_for_lost_indexes_a_killed_backups_pack_in_one
     assert any(ln.startswith("adopted") for ln in json.loads(out)["repair"]["adopted"]), out
     r = Repository.open(repo)
     indexed = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in r.load_digest_index().records["pack"]}
-    assert set(r.backend.list("packs/")) == indexed and indexed
+    assert set(r.pack_object_names()) == indexed and indexed
 
 
 def test_verify_sends_to_prune_for_unindexed_packs_only_when_prune_can_run(backed_up, capsys):
@@ -692,7 +844,7 @@ def test_a_backup_out_of_space_keeps_what_it_stored_for_its_retry(tmp_path, caps
     assert "this backup stored before it failed: they are indexed" in err, err
     kept = Repository.open(repo)
     assert kept.snapshots() == [] and len(kept.pack_index_names()) == 1
-    stored_before = sum(1 for _ in kept.backend.list("packs/"))
+    stored_before = sum(1 for _ in kept.pack_object_names())
     assert stored_before >= 8
     ballast.unlink()
     capsys.readouterr()

@@ -311,7 +311,7 @@ def test_a_damaged_block_fails_restore_and_verify_with_each_kernel(repo, tmp_pat
     clean = verify_repository(repo, threads=2)
     unique = set(nonzero_blocks(img))
     assert clean["ok"] and clean["blocks_checked"] == len(unique) and clean["bytes_checked"] == sum(map(len, unique))
-    pack = next(n for n in repo.backend.list("packs/"))
+    pack = next(n for n in repo.pack_object_names())
     path = os.path.join(repo.location, pack)
     with open(path, "r+b") as f:
         f.seek(200)

@@ -36,7 +36,7 @@ def faulty(repo, **kw):
 
 
 def packs(repo):
-    return sorted(repo.backend.list("packs/"))
+    return sorted(repo.pack_object_names())
 
 
 def test_out_of_space_on_third_pack_then_heal(setup, tmp_path):

@@ -34,7 +34,7 @@ def _one_pack_repo(tmp_path, capsys, seed, *, blocks=40):
     cli(capsys, "init", repo)
     img = make_image(tmp_path / "d.img", blocks * BS, [(0, blocks * BS, "random")], seed=seed)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    (pack,) = Repository.open(str(repo)).pack_object_names()
     return repo, img, pack
 
 
@@ -304,7 +304,7 @@ def test_a_pack_recut_under_its_old_name_is_deduplicated_against_and_verify_clea
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
     assert code == 0 and json.loads(out)["new_blocks"] == 40, err
-    assert pack in Repository.open(str(repo)).backend.list("packs/")  # the same name again
+    assert pack in Repository.open(str(repo)).pack_object_names()  # the same name again
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "other", "--json")
     assert code == 0 and json.loads(out)["new_blocks"] == 0, err
     code, out, err = cli(capsys, "verify", "--repo", repo)
@@ -445,7 +445,7 @@ def test_a_flag_on_a_lost_pack_costs_backups_one_stat_not_a_read_per_copy(tmp_pa
     cli(capsys, "init", repo)
     img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=322)
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--disk", "d")[0] == 0
-    (pack,) = Repository.open(str(repo)).backend.list("packs/")
+    (pack,) = Repository.open(str(repo)).pack_object_names()
     _another_pack(tmp_path, capsys, repo)
     os.unlink(repo / pack)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
@@ -545,7 +545,7 @@ def test_a_pack_cut_short_ends_healed_after_the_backup_and_one_repair(tmp_path, 
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
     code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
     assert code == 0 and "into a new pack" in err and "repair: complete" in err, err
-    assert pack not in Repository.open(str(repo)).backend.list("packs/")
+    assert pack not in Repository.open(str(repo)).pack_object_names()
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
     _restores_everything(capsys, tmp_path, repo, img)
 
@@ -561,7 +561,7 @@ def test_a_move_that_cuts_the_old_pack_again_keeps_it(tmp_path, capsys):
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 340)
     done, left = move_out_of_packs(Repository.open(str(repo)), [pack.rsplit("/", 1)[-1]])
     assert done and not left
-    assert list(Repository.open(str(repo)).backend.list("packs/")) == [pack]
+    assert list(Repository.open(str(repo)).pack_object_names()) == [pack]
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
     _restores_everything(capsys, tmp_path, repo, img)
 
@@ -615,10 +615,10 @@ def test_an_interrupted_move_is_finished_by_the_next_repair_or_prune(tmp_path, c
     monkeypatch.setattr(prune_mod, "_delete", stop_at_delete)
     assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 10
     monkeypatch.setattr(prune_mod, "_delete", real_delete)
-    assert pack in Repository.open(str(repo)).backend.list("packs/")
+    assert pack in Repository.open(str(repo)).pack_object_names()
     code, out, err = cli(capsys, "prune", "--repo", repo)
     assert code == 0 and "interrupted repair had moved" in (out + err) and "left in place" not in (out + err), out + err
-    assert pack not in Repository.open(str(repo)).backend.list("packs/")
+    assert pack not in Repository.open(str(repo)).pack_object_names()
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
     _restores_everything(capsys, tmp_path, repo, img)
 
@@ -662,7 +662,7 @@ def test_a_move_is_finished_only_once_the_packs_it_wrote_are_indexed(tmp_path, c
     r.write_lost_marker([], 0, moved_out=[pack_hex], moved_to=["ab" * 32])  # a move that never got indexed
     r.backend.write_new("lost/20260101T000000Z-0000dddd", json.dumps({"moved_out": [pack_hex]}).encode())
     assert finish_moves(r, indexed=set()) == ([], set())
-    assert pack in Repository.open(str(repo)).backend.list("packs/")
+    assert pack in Repository.open(str(repo)).pack_object_names()
     _restores_everything(capsys, tmp_path, repo, img)
 
 
@@ -679,7 +679,7 @@ def _moved_pack_repo(tmp_path, capsys, seed):
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
     assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 0
-    assert pack not in Repository.open(str(repo)).backend.list("packs/")
+    assert pack not in Repository.open(str(repo)).pack_object_names()
     return repo, img, pack, original
 
 
@@ -691,7 +691,7 @@ def test_a_moved_out_pack_put_back_whole_is_not_deleted(tmp_path, capsys):
     (repo / pack).write_bytes(original)
     code, out, err = cli(capsys, "verify", "--repo", repo, "--repair", "--sample", "1")
     assert code == 0 and "interrupted repair" not in err, err
-    assert pack in Repository.open(str(repo)).backend.list("packs/")
+    assert pack in Repository.open(str(repo)).pack_object_names()
     assert cli(capsys, "prune", "--repo", repo)[0] == 0  # adopted (then judged like any pack)
     _restores_everything(capsys, tmp_path, repo, img)
 
@@ -735,7 +735,7 @@ def test_a_move_keeps_the_pack_when_a_snapshot_index_cannot_be_read(tmp_path, ca
     monkeypatch.setattr(Repository, "referenced_digests", one_unreadable)
     done, left = move_out_of_packs(Repository.open(str(repo)), [pack.rsplit("/", 1)[-1]])
     assert not done and left and "does not read back intact" in left[0]
-    assert pack in Repository.open(str(repo)).backend.list("packs/")
+    assert pack in Repository.open(str(repo)).pack_object_names()
 
 
 def test_a_restore_that_finds_a_bad_copy_flags_it_and_the_next_backup_heals(tmp_path, capsys):

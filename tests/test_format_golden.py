@@ -1,8 +1,8 @@
 """Golden tests of the repository's JSON objects and object names (docs/FORMAT.md).
 
 tests/test_repo_format.py freezes the binary records (snapshot index, pack index, trailer);
-this file freezes what it does not: the config, snapshot metadata, lost/ marker and lock
-JSON (names, values, and the byte layout restore.sh greps), and the object paths of a
+this file freezes what it does not: the config, snapshot metadata, lost/ marker, pack-storage
+mark and lock JSON (names, values, and the byte layout restore.sh greps), and the object paths of a
 real backup.  Every expected value is a literal or is computed here from the stored
 bytes with hashlib/zstandard: never by pyvbak's own functions, so changing those fails
 these tests."""
@@ -173,6 +173,24 @@ def test_object_paths_of_a_backup(tmp_path):
     # zero blocks are not stored, a repeated block is stored once
     assert {p[0] for p in placed} == {hashlib.sha256(b).digest() for b in blocks if any(b)}
     assert len(placed) == 3
+
+
+def test_pack_storage_mark(tmp_path, capsys):
+    """packs/pack-storage.json and its copy at the root (docs/FORMAT.md, "Pack storage
+    mark"): the same bytes, written by the first backup, naming the repository's id."""
+    root = tmp_path / "repo"
+    img, _ = _image(tmp_path)
+    assert main(["init", str(root)]) == 0
+    assert not (root / "packs" / "pack-storage.json").exists() and not (root / "pack-storage.json").exists()
+    assert main(["backup", img, "--repo", str(root), "--vm", "v"]) == 0
+    names = _files(root)
+    assert "packs/pack-storage.json" in names and "pack-storage.json" in names
+    raw = (root / "packs" / "pack-storage.json").read_bytes()
+    assert raw == (root / "pack-storage.json").read_bytes() and raw == _dumps_layout(raw, 2)
+    doc = json.loads(raw)
+    assert list(doc) == ["format", "repository", "created"]
+    assert doc["format"] == "pyvbak-pack-storage" and TIME.match(doc["created"])
+    assert doc["repository"] == json.loads((root / "config").read_bytes())["id"]
 
 
 def test_stored_block_is_a_zstd_frame_named_by_sha256(tmp_path):

@@ -37,7 +37,7 @@ def crashed_repo(tmp_path):
     faulty = Repository(FaultInjectingBackend(open_backend(repo.location), fail_on_write=1, prefix="index/"), repo.config)
     with FileSource(str(img)) as src, pytest.raises(OutOfSpace):
         run_backup(faulty, src, vm="vm", disk="d")
-    assert list(repo.backend.list("packs/")) and not list(repo.backend.list("index/"))
+    assert list(repo.pack_object_names()) and not list(repo.backend.list("index/"))
     lock = {"host": socket.gethostname(), "pid": _dead_pid(), "time": 0, "exclusive": False, "purpose": "backup"}
     repo.backend.write_new("locks/deadbeef.json", json.dumps(lock).encode())
     return repo, img

@@ -34,7 +34,7 @@ def test_prune_on_full_repository_still_deletes_unused_packs(tmp_path):
     s3 = backup_file(repo, keep, vm="a", disk="keep")
     with repo.lock():
         forget_snapshots(repo, [repo.resolve(s1.snapshot_id), repo.resolve(s2.snapshot_id)])
-    packs_of_gone = {n for n in repo.backend.list("packs/")}
+    packs_of_gone = {n for n in repo.pack_object_names()}
 
     full = Repository(FaultInjectingBackend(open_backend(repo.location), fail_on_write=1, prefix="packs/"), repo.config)
     with full.lock(exclusive=True):
@@ -48,7 +48,7 @@ def test_prune_on_full_repository_still_deletes_unused_packs(tmp_path):
     assert any("no room left to repack" in p for p in rep["problems"])
 
     fresh = Repository.open(repo.location)
-    left = set(fresh.backend.list("packs/"))
+    left = set(fresh.pack_object_names())
     assert len(left) == len(packs_of_gone) - rep["packs_deleted"]
     assert verify_repository(fresh, threads=2)["ok"]
     restore_to(fresh, s3.snapshot_id, tmp_path / "out.img")

@@ -30,7 +30,7 @@ def objects(repo) -> dict[str, int]:
 
 
 def packs(repo) -> list[str]:
-    return sorted(repo.backend.list("packs/"))
+    return sorted(repo.pack_object_names())
 
 
 @pytest.fixture

@@ -258,7 +258,7 @@ def test_force_replaces_existing_file_atomically(repo, tmp_path, direct_dir):
     old_ino = os.stat(out).st_ino
 
     # a corrupt block: the restore fails, the existing file is untouched, no temp is left
-    packs = [n for n in repo.backend.list("packs/")]
+    packs = [n for n in repo.pack_object_names()]
     victim = os.path.join(repo.location, packs[0])
     original = open(victim, "rb").read()
     os.chmod(victim, 0o644)
@@ -322,7 +322,7 @@ def test_restore_and_verify_read_into_reused_buffers(repo, tmp_path, monkeypatch
 def test_verify_still_finds_corruption(repo, tmp_path):
     img = vm_image(tmp_path / "disk.img", 4 * MiB, seed=7)
     backup_file(repo, img)
-    pack = next(iter(repo.backend.list("packs/")))
+    pack = next(iter(repo.pack_object_names()))
     path = os.path.join(repo.location, pack)
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:
@@ -409,7 +409,7 @@ def test_corrupt_raw_block_is_caught_by_its_digest(repo, tmp_path):
     img = tmp_path / "disk.img"
     img.write_bytes(random_bytes(4 * BS, seed=11))
     sid = backup_file(repo, img).snapshot_id
-    pack = next(iter(repo.backend.list("packs/")))
+    pack = next(iter(repo.pack_object_names()))
     path = os.path.join(repo.location, pack)
     os.chmod(path, 0o644)
     with open(path, "r+b") as f:

@@ -595,7 +595,7 @@ def test_a_frame_that_decompresses_to_gigabytes_is_capped(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "d.img", 64 * 1024, [(0, 64 * 1024, "random")], seed=5)
     sid = backup_file(repo, img).snapshot_id
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     path = os.path.join(repo.location, pack)
     (rec,) = fmt.decode_pack_index(repo.backend.read(list(repo.backend.list("index/"))[0]), "pack index")
     clen = int(rec["clen"])

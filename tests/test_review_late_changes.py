@@ -18,7 +18,7 @@ def test_a_pack_cut_short_before_its_first_frames_is_all_damage(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "d.img", 30 * BS, [(0, 30 * BS, "random")], seed=7)
     backup_file(repo, img)
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     path = repo.location + "/" + pack
     os.chmod(path, 0o644)
     os.truncate(path, 100)
@@ -76,7 +76,7 @@ def test_repair_does_not_drop_a_put_back_pack_over_a_read_error_in_its_recheck(t
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "d.img", 12 * BS, [(0, 12 * BS, "random")], seed=7)
     backup_file(repo, img)
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     path = repo.location + "/" + pack
     shutil.move(path, path + ".away")  # gone: --repair drops its records, a lost/ marker names it
     assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code

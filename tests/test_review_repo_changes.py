@@ -22,7 +22,7 @@ from pyvbak.repo.verify import verify_repository
 
 
 def _pack_of(repo: Repository, before: set[str]) -> str:
-    (name,) = set(repo.backend.list("packs/")) - before
+    (name,) = set(repo.pack_object_names()) - before
     return name
 
 
@@ -59,7 +59,7 @@ def _one_pack_dropped_by_repair(tmp_path, capsys, seed: int):
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=seed)
     backup_file(repo, img)
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     _corrupt_every_frame(repo, pack)
     capsys.readouterr()
     assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
@@ -91,7 +91,7 @@ def test_repair_that_also_adopts_does_not_index_again_what_it_dropped(tmp_path, 
     a = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=12)
     b = make_image(tmp_path / "b.img", 4 * BS, [(0, 4 * BS, "random")], seed=13)
     sa = backup_file(repo, a, vm="a").snapshot_id
-    index_a, packs_a = set(repo.pack_index_names()), set(repo.backend.list("packs/"))
+    index_a, packs_a = set(repo.pack_index_names()), set(repo.pack_object_names())
     backup_file(repo, b, vm="b")
     pb = _pack_of(repo, packs_a)
     _corrupt_every_frame(repo, pb)
@@ -115,7 +115,7 @@ def test_a_lost_pack_that_comes_back_intact_is_adopted_whole(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=14)
     sid = backup_file(repo, img).snapshot_id
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     path = os.path.join(repo.location, pack)
     shutil.move(path, tmp_path / "pack.copy")
     r = Repository.open(repo.location)
@@ -159,11 +159,11 @@ def test_backup_storing_a_dropped_pack_again_replaces_the_damaged_object(tmp_pat
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=16)
     first = backup_file(repo, img).snapshot_id
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     _corrupt_every_frame(repo, pack)
     assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
     res = backup_file(Repository.open(repo.location), img)  # no prune in between
-    assert res.new_blocks == 4 and list(Repository.open(repo.location).backend.list("packs/")) == [pack]
+    assert res.new_blocks == 4 and list(Repository.open(repo.location).pack_object_names()) == [pack]
     for sid in (res.snapshot_id, first):  # the older snapshot is healed too (same names)
         out = tmp_path / f"{sid}.img"
         restore_to(Repository.open(repo.location), sid, out)
@@ -179,7 +179,7 @@ def test_pack_writer_leaves_an_identical_existing_pack_untouched(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=17)
     backup_file(repo, img)
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     before = os.stat(os.path.join(repo.location, pack))
     data = repo.backend.read(pack)
     writer = PackWriter(repo.backend, 1 << 30)
@@ -201,7 +201,7 @@ def test_pack_writer_replaces_an_existing_pack_it_cannot_read(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=19)
     backup_file(repo, img)
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     data = repo.backend.read(pack)
     before = os.stat(os.path.join(repo.location, pack)).st_ino
 
@@ -230,7 +230,7 @@ def test_verify_after_repair_does_not_call_the_dropped_pack_adoptable(tmp_path, 
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=18)
     backup_file(repo, img)
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     _corrupt_every_frame(repo, pack)
     assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
     rep = verify_repository(Repository.open(repo.location), threads=2)

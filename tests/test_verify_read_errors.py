@@ -25,7 +25,7 @@ def one_pack(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "d.img", 12 * BS, [(0, 12 * BS, "random")], seed=7)
     sid = backup_file(repo, img).snapshot_id
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     return repo, img, sid, pack
 
 
@@ -119,7 +119,7 @@ def test_verify_checks_pack_tables_of_contents_and_repair_rebuilds_them(tmp_path
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=21)
     sid = backup_file(repo, img).snapshot_id
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     path = repo.location + "/" + pack
     os.chmod(path, 0o644)
     original = open(path, "rb").read()
@@ -165,6 +165,6 @@ def test_a_table_of_contents_that_lacks_an_indexed_block_is_named(tmp_path):
     assert check_pack_trailers(repo, recs) == {}
     bad = recs.copy()
     bad["ulen"][0] = 123
-    (pack,) = list(repo.backend.list("packs/"))
+    (pack,) = list(repo.pack_object_names())
     assert check_pack_trailers(repo, bad) == {
         pack.rsplit("/", 1)[1]: "its table of contents does not list blocks the pack index says it holds"}

@@ -96,6 +96,10 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes
             info(line)
+        # (checked above: from here on packs/ is taken for the repository's pack storage,
+        # and the first backup of a repository marks it so)
+        for line in r.mark_pack_storage():
+            info(line)
         prev_states = {}
         for name in names:
             parent = r.latest(vm, name)

@@ -64,8 +64,9 @@ def forget(
         lock = _lock(r, dry_run=dry_run, no_lock=no_lock, purpose="forget", clean_stale=False)
     with lock as held:
         if prune_after:
-            if r.pack_storage_missing():  # (see _prune)
-                raise r.pack_storage_error("nothing was forgotten or pruned")
+            problem = r.pack_storage_problem()  # (see _prune)
+            if problem:
+                raise problem.error("nothing was forgotten or pruned")
             if held is not None and not dry_run:
                 held.remove_stale()
         # A snapshot whose metadata is damaged can be named by its exact id only (nothing
@@ -134,8 +135,9 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
         # (a nightly 'backup; prune' job did that on the first night it was unmounted).
         # Checked before stale locks go: the exclusive lock's clean-up after them would
         # take a damaged pack index whose packs it cannot see for garbage.
-        if r.pack_storage_missing():
-            raise r.pack_storage_error("nothing was pruned")
+        problem = r.pack_storage_problem()
+        if problem:
+            raise problem.error("nothing was pruned")
         if lock is not None and not dry_run:
             lock.remove_stale()
         report = prune_repository(r, dry_run=dry_run, without=without)

@@ -107,17 +107,24 @@ def verify(
             # remove damaged pack indexes as "re-indexed" with nothing there to re-index
             # (review 2).  --repair is the user's word that they are lost: said at once,
             # and drop_lost_pack_records drops them, damaged pack indexes included.
-            storage_missing = r.pack_storage_missing()
+            problem = r.pack_storage_problem()
+            if problem and problem.kind == "foreign":  # (not this repository's to repair)
+                raise problem.error("nothing was checked or repaired")
+            storage_missing = problem is not None and problem.kind == "no packs"
             if storage_missing and (snapshots or sample is not None):
                 # (it drops every record of them, and reported on the chosen ones alone:
                 # exit 0, "complete", with other snapshots left unrestorable - review 3)
-                raise UsageError(f"none of the packs the index names is in {r.packs_location()} (storage not "
-                                 f"mounted?): mount them, or, if they are really lost, repair everything: "
+                raise UsageError(f"{problem.summary()}: mount them, or, if they are really lost, repair everything: "
                                  f"'pyvbak verify --repair' without SNAPSHOT or --sample")
             if storage_missing:
-                info(f"warning: none of the packs the index names is in {r.packs_location()} (storage not "
-                     f"mounted?): --repair takes them for lost and drops every record of them")
-            else:
+                info(f"warning: {problem.summary()}: --repair takes them for lost and drops every record of them")
+            elif problem:  # the mark missing or damaged, some of the packs there
+                info(f"warning: {problem.summary()}: --repair takes {r.packs_location()} for this repository's "
+                     f"pack storage")
+            # the user's word: packs/ as it is is the storage (its lost packs dropped below)
+            for line in r.mark_pack_storage() if problem else ():
+                info(line)
+            if not storage_missing:
                 lock.remove_stale()
         with (nullcontext() if repair else maybe_lock(r, no_lock, "verify")) as verify_lock:
             chosen = None
@@ -127,15 +134,21 @@ def verify(
             # verify says so and flags nothing (its flags let the next backups store every
             # block again, into the empty mount point, where a remount hides them).
             # --repair is the user's word that they are lost (the way on
-            # pack_storage_error gives): it checked above, before any clean-up.
-            if not repair and r.pack_storage_missing():
-                raise r.pack_storage_error("nothing was checked or flagged")
+            # PackStorageProblem.error gives): it checked above, before any clean-up.
+            problem = None if repair else r.pack_storage_problem()
+            if problem and problem.kind in ("no packs", "foreign"):
+                raise problem.error("nothing was checked or flagged")
+            if problem:  # (the mark: verify checks every block it reads, and reads what is there)
+                info(f"warning: {problem.summary()}: verify reads the packs there, but flags nothing, and "
+                     f"backups and prune refuse this repository until the storage is mounted (or 'pyvbak verify "
+                     f"--repair' marks it, if it is the storage)")
             # one sample for the check and the re-check after a repair (a new draw could
             # miss the blocks the first found lost, and say "repair: complete")
             seed = secrets.randbits(64) if sample is not None else None
             report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
-            if not repair and report["_bad_records"] and r.pack_storage_missing():  # (gone while it ran)
-                raise r.pack_storage_error("nothing was flagged")
+            problem = r.pack_storage_problem() if not repair and report["_bad_records"] else None
+            if problem:  # (the mark, or the packs gone while it ran)
+                raise problem.error("nothing was flagged")
             # (--repair drops the bad copies' records instead of flagging them)
             report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
                                                  report["_flagged_before"], report["_healed_flags"],
@@ -492,10 +505,10 @@ def unlock(
             # take a damaged pack index whose packs it cannot see for garbage (review 1).
             # Left to the backup or prune after the packs are back: backups re-index a
             # damaged pack index's packs, prune adopts what a killed backup left unindexed.
-            missing = r.pack_storage_missing()
+            missing = r.pack_storage_problem()
             cleaned = [] if missing else r.recover_leftovers()
             interrupts.begin_finishing()  # done: a stop request from here on is noted
         if missing:
-            info(f"warning: {r.pack_storage_error('no clean-up after the removed locks was done')}")
+            info(f"warning: {missing.error('no clean-up after the removed locks was done')}")
         for line in cleaned:
             print(f"cleanup: {line}")

@@ -12,6 +12,8 @@ A change of layout is a new format version with its own magic.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import struct
 
 import numpy as np
@@ -57,6 +59,33 @@ LOST_PREFIX = "lost/"
 
 #: the folder every pack lies under (PackWriter opens its streams there)
 PACKS_FOLDER = "packs/"
+
+
+#: the pack storage's mark (docs/FORMAT.md, "Pack storage mark"): it says that the
+#: ``packs/`` the repository sees is its own pack storage, not an empty mount point; the
+#: root holds a copy, which says that the mark exists
+PACK_STORAGE_MARK = PACKS_FOLDER + "pack-storage.json"
+PACK_STORAGE_MARK_COPY = "pack-storage.json"
+_PACK_STORAGE_FORMAT = "pyvbak-pack-storage"
+
+
+def encode_pack_storage_mark(repository_id: str, created: str) -> bytes:
+    """The mark's bytes (mark and root copy are the same bytes)."""
+    return json.dumps({"format": _PACK_STORAGE_FORMAT, "repository": repository_id, "created": created},
+                      indent=2).encode()
+
+
+def decode_pack_storage_mark(data: bytes, what: str) -> str:
+    """The repository id a mark names.  Raises IntegrityError for anything that is not a
+    mark as ``encode_pack_storage_mark`` writes it."""
+    try:
+        doc = json.loads(data)
+        repo_id = doc["repository"] if isinstance(doc, dict) and doc.get("format") == _PACK_STORAGE_FORMAT else None
+    except (ValueError, KeyError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        repo_id = None
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[0-9a-f]{32}", repo_id):
+        raise IntegrityError(f"{what} is damaged (not a pyvbak pack-storage mark)")
+    return repo_id
 
 
 def pack_name(pack_id_hex: str) -> str:

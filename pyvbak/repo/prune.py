@@ -183,7 +183,7 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     # Packs an index names but the backend does not hold (lost storage, deleted by hand):
     # their records go from the index, so the next backup of a disk that has those blocks
     # stores them again instead of deduplicating against frames that are gone.
-    listed_packs = list(backend.list("packs/"))
+    listed_packs = repo.pack_object_names()
     present_hex = {n.rsplit("/", 1)[-1] for n in listed_packs}
     present_names = set(listed_packs)
     pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
@@ -568,7 +568,7 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
 
 def drop_lost_pack_records(repo) -> dict:
     """``verify --repair`` of a repository whose packs are all gone
-    (``Repository.pack_storage_missing``), on the user's word that they are lost: every
+    (``Repository.pack_storage_problem``), on the user's word that they are lost: every
     record of a pack the storage does not hold goes, after a ``lost/`` marker naming those
     packs - the records of blocks no snapshot uses too (prune drops those otherwise, and
     prune refuses while no pack is there: the backups would stay refused for good).

@@ -930,7 +930,7 @@ class Repository:
     def pack_index_names(self) -> list[str]:
         return list(self.backend.list("index/"))
 
-    def pack_storage_missing(self) -> bool:
+    def named_packs_missing(self) -> bool:
         """Whether the pack indexes name stored blocks (or some are damaged) while the
         storage holds none of the packs they name: storage not mounted, or a copy made
         without its packs, far more often than data lost.  Costs a listing of ``index/``
@@ -942,7 +942,8 @@ class Repository:
         index is damaged, which packs it names is unknown: then any pack counts (a damaged
         index beside a pack really lost made every command say "not mounted": review 2).
         A pack an older pyvbak stored into the empty mount point during an earlier unmount
-        is one the index names: it makes the storage look present (docs/FORMAT.md)."""
+        is one the index names: it makes the storage look present; the pack-storage mark
+        (``pack_storage_problem``) is what tells that storage from the mount point."""
         index = self.load_digest_index()
         if not len(index) and not self.damaged_pack_indexes:
             return False
@@ -964,25 +965,83 @@ class Repository:
                 return False
         return True
 
+    def pack_object_names(self) -> list[str]:
+        """Every object under ``packs/`` but the pack-storage mark: the packs, and whatever
+        else is there (a pack under the wrong ``HH/``, a file not pyvbak's)."""
+        return [n for n in self.backend.list(fmt.PACKS_FOLDER) if n != fmt.PACK_STORAGE_MARK]
+
+    def pack_storage_mark_state(self) -> tuple[str, str]:
+        """The pack-storage mark (docs/FORMAT.md, "Pack storage mark") as found:
+        ("ok", ""), ("unmarked", "") - neither the mark nor its root copy: a repository no
+        backup has marked yet -, ("missing", "") - the root copy says there is a mark, and
+        ``packs/`` holds none -, ("damaged", ""), or ("foreign", ID): the mark names
+        another repository.  Two reads of small objects."""
+        try:
+            mark = self.backend.read(fmt.PACK_STORAGE_MARK)
+        except ObjectMissing:
+            return ("missing", "") if self.backend.exists(fmt.PACK_STORAGE_MARK_COPY) else ("unmarked", "")
+        try:
+            owner = fmt.decode_pack_storage_mark(mark, fmt.PACK_STORAGE_MARK)
+        except IntegrityError:
+            return "damaged", ""
+        return ("ok", "") if owner == self.config.repo_id else ("foreign", owner)
+
+    def pack_storage_problem(self, *, writing: bool = True) -> "PackStorageProblem | None":
+        """What says that ``packs/`` is not this repository's pack storage, or None.  First
+        the packs the index names (``named_packs_missing``: "no packs"), then the
+        pack-storage mark: another repository's, or, for a command ``writing``, missing or
+        damaged while the repository holds something to lose (stored blocks, a damaged pack
+        index, a snapshot).  Without its mark, a ``packs/`` that holds some of the packs the index
+        names may still be an empty mount point that an older pyvbak stored packs into;
+        the commands that write (backup, prune, the flags of verify and restore) refuse it,
+        the ones that only read (verify, restore) read what is there.  An unmarked
+        repository (made before the mark) is judged by its packs alone, and its next
+        backup marks it."""
+        state, owner = self.pack_storage_mark_state()
+        if state == "foreign":  # (said first: it tells more than "none of the packs")
+            return PackStorageProblem(self, state, owner)
+        if self.named_packs_missing():
+            return PackStorageProblem(self, "no packs")
+        if state in ("ok", "unmarked") or not writing:
+            return None
+        if not self.holds_stored_data():
+            return None  # nothing to lose: the next backup marks packs/ again
+        return PackStorageProblem(self, state, owner)
+
+    def holds_stored_data(self) -> bool:
+        """Blocks the index names, a damaged pack index, or a snapshot."""
+        return bool(len(self.load_digest_index()) or self.damaged_pack_indexes or self.snapshots())
+
+    def mark_pack_storage(self) -> list[str]:
+        """Write the pack-storage mark, then its root copy, unless both are there: backups
+        call it once the storage has passed ``pack_storage_problem`` (repositories made
+        before the mark get it), ``verify --repair`` on the user's word.  The mark first:
+        the root copy says that one exists.  Lines for the user."""
+        state, _ = self.pack_storage_mark_state()
+        if state == "foreign" or (state == "ok" and self.backend.exists(fmt.PACK_STORAGE_MARK_COPY)):
+            return []  # (another repository's mark is never replaced: its storage, not ours)
+        data = fmt.encode_pack_storage_mark(self.config.repo_id, _now_iso())
+        if state != "ok":
+            self.backend.replace(fmt.PACK_STORAGE_MARK, data)
+        self.backend.replace(fmt.PACK_STORAGE_MARK_COPY, data)
+        if state == "unmarked":
+            return []
+        return [f"marked {self.packs_location()} as this repository's pack storage again (its mark "
+                f"{self.pack_storage_mark_location()} was {state})"]
+
     def packs_location(self) -> str:
         """Where the packs are, for messages: REPO/packs."""
         return (_local_path(self.location) or self.location).rstrip("/") + "/packs"
 
-    def pack_storage_error(self, outcome: str) -> IntegrityError:
-        """The error for a repository whose packs are all gone (``pack_storage_missing``);
-        ``outcome``: what the command did not do ("nothing was backed up")."""
-        packs_dir = self.packs_location()
-        # (verify --repair, not prune: prune refuses too, and a nightly job runs prune)
-        return IntegrityError(
-            f"repository {self.location} has pack indexes but none of their pack files in {packs_dir}: its stored data is not "
-            f"there (storage not mounted, or a copy made without its packs?); {outcome}: mount or copy "
-            f"the packs back; only if they are really lost, run 'pyvbak verify --repair' to drop them from the "
-            f"index, and backups then store every block again")
+    def pack_storage_mark_location(self) -> str:
+        """Where the pack-storage mark is, for messages: REPO/packs/pack-storage.json."""
+        return (_local_path(self.location) or self.location).rstrip("/") + "/" + fmt.PACK_STORAGE_MARK
 
     def check_pack_storage(self) -> None:
-        """Refuses (IntegrityError) a backup into a repository whose packs are all gone
-        (``pack_storage_missing``): the backup would deduplicate against blocks that are
-        not there and commit a snapshot no restore can read, and say nothing.  A partial
+        """Refuses (IntegrityError) a backup into a repository whose pack storage is not
+        there (``pack_storage_problem``): the backup would deduplicate against blocks that
+        are not there, or store blocks into an empty mount point that the storage, mounted
+        back, hides, and commit a snapshot no restore can read, and say nothing.  A partial
         loss is verify's to find.  Runs before leftover recovery, which would take a
         damaged pack index whose packs it cannot see for garbage, and under a lock taken
         without removing stale locks (the backup removes them after it): a killed run's
@@ -993,8 +1052,9 @@ class Repository:
         then store every block again.  Flags (lost/ markers) covering every copy are no
         way on: an older pyvbak's verify wrote such flags while the storage was not
         mounted (review 1)."""
-        if self.pack_storage_missing():
-            raise self.pack_storage_error("nothing was backed up")
+        problem = self.pack_storage_problem()
+        if problem:
+            raise problem.error("nothing was backed up")
 
     def load_digest_index(self) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when
@@ -1189,7 +1249,7 @@ class Repository:
         indexed = {raw[i : i + 32].hex() for i in range(0, len(raw), 32)}
         report: list[str] = []
         adopted = []
-        for name in self.backend.list("packs/"):
+        for name in self.pack_object_names():
             pack_hex = name.rsplit("/", 1)[-1]
             if pack_hex in indexed or not re.fullmatch(r"[0-9a-f]{64}", pack_hex):
                 continue
@@ -1281,6 +1341,57 @@ class Repository:
             raise
         if not created:
             raise RepositoryError(f"snapshot {snapshot_id} already exists: retry")
+
+
+@dataclass(frozen=True)
+class PackStorageProblem:
+    """Why ``packs/`` is not taken for the repository's pack storage
+    (``Repository.pack_storage_problem``).  ``kind``: "no packs" (none of the packs the
+    index names), "missing" / "damaged" (the pack-storage mark), "foreign" (the mark names
+    repository ``owner``)."""
+
+    repo: Repository
+    kind: str
+    owner: str = ""
+
+    def summary(self) -> str:
+        """One clause for a warning line."""
+        packs_dir = self.repo.packs_location()
+        mark = self.repo.pack_storage_mark_location()
+        if self.kind == "no packs":
+            return f"none of the packs the index names is in {packs_dir} (storage not mounted?)"
+        if self.kind == "missing":
+            return f"the repository's pack-storage mark {mark} is missing (storage not mounted?)"
+        if self.kind == "damaged":
+            return f"the repository's pack-storage mark {mark} is damaged"
+        return f"{packs_dir} holds another repository's packs (its mark names repository {self.owner})"
+
+    def error(self, outcome: str) -> IntegrityError:
+        """The command's error; ``outcome``: what it did not do ("nothing was backed up")."""
+        repo, packs_dir = self.repo, self.repo.packs_location()
+        mark = repo.pack_storage_mark_location()
+        if self.kind == "no packs":
+            # (verify --repair, not prune: prune refuses too, and a nightly job runs prune)
+            return IntegrityError(
+                f"repository {repo.location} has pack indexes but none of their pack files in {packs_dir}: its stored "
+                f"data is not there (storage not mounted, or a copy made without its packs?); {outcome}: mount or "
+                f"copy the packs back; only if they are really lost, run 'pyvbak verify --repair' to drop them from "
+                f"the index, and backups then store every block again")
+        if self.kind == "foreign":
+            return IntegrityError(
+                f"{packs_dir} holds another repository's packs: its pack-storage mark {mark} names repository "
+                f"{self.owner}, and this one is {repo.config.repo_id}; {outcome}: mount this repository's pack storage "
+                f"there")
+        if self.kind == "missing":
+            return IntegrityError(
+                f"repository {repo.location} has stored data, but its pack-storage mark {mark} is missing: the storage "
+                f"its packs are on is not there (not mounted?); {outcome}: mount it, or copy the packs back with the "
+                f"mark; only if {packs_dir} really is this repository's pack storage and the mark alone was lost, run "
+                f"'pyvbak verify --repair': it checks the packs there and marks the storage again")
+        return IntegrityError(
+            f"repository {repo.location}'s pack-storage mark {mark} is damaged; {outcome}: put it back from a copy of "
+            f"the repository, or, if {packs_dir} is this repository's pack storage, run 'pyvbak verify --repair': it "
+            f"checks the packs there and marks the storage again")
 
 
 _NO_FLAGS = (np.empty(0, "S72"), np.empty(0, "S72"), [])

@@ -579,10 +579,12 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         raise UsageError(f"directory {parent_dir} for the restore target does not exist: create it first, or choose "
                          f"another path")
 
-    if len(data_idx) and repo.pack_storage_missing():
-        # before anything is written: a block device was zeroed where the snapshot has
-        # zero blocks before the restore failed (review 1); two stats when the packs are there
-        raise repo.pack_storage_error(f"snapshot {snap.id} was not restored, and nothing was written or flagged")
+    # before anything is written: a block device was zeroed where the snapshot has zero
+    # blocks before the restore failed (review 1); two stats when the packs are there.  A
+    # missing mark is no refusal: a restore checks every block it reads, and reads what is there
+    problem = repo.pack_storage_problem(writing=False) if len(data_idx) else None
+    if problem:
+        raise problem.error(f"snapshot {snap.id} was not restored, and nothing was written or flagged")
     recs, blocks, bounds, index = _locate(repo, snap, data_idx, data_digests)
     del data_digests
     t_data = time.monotonic()
@@ -721,11 +723,12 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             if kind != "ok":
                 from_copies.append(bytes(recs_sorted[k]["digest"]).hex())
         all_flagged = False
-        if errors and repo.pack_storage_missing():
-            # every pack gone: storage not mounted far more often than data lost - said
-            # so, and nothing flagged (flags let backups store every block again, into an
-            # empty mount point a remount then hides)
-            raise repo.pack_storage_error(f"snapshot {snap.id} was not restored and nothing was flagged")
+        # every pack gone, or packs/ without its mark: storage not mounted far more often
+        # than data lost - said so, and nothing flagged (flags let backups store every
+        # block again, into an empty mount point a remount then hides)
+        problem = repo.pack_storage_problem() if errors else None
+        if problem:
+            raise problem.error(f"snapshot {snap.id} was not restored and nothing was flagged")
         if flag_bad_copies:
             flagged_copies, all_flagged = _flag_failed_copies(repo, bad_copies, flag_bad_copies)
         if errors:

@@ -93,7 +93,16 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         r.check_pack_storage()
         lock.remove_stale()
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
-        cleaned += r.recover_leftovers(after_crash=bool(lock.stale_removed))
+        # a pack index this host saw before is gone: a prune elsewhere, or lost from
+        # storage - then its packs are unindexed, and this backup would carry its parent's
+        # records of their blocks on unread into a snapshot no restore can read
+        gone = r.pack_indexes_gone()
+        recovered = r.recover_leftovers(after_crash=bool(lock.stale_removed) or gone)
+        if gone and any(ln.startswith("adopted") for ln in recovered):
+            info(f"warning: a pack index this host saw before is gone from {r.location.rstrip('/')}/index (lost "
+                 f"from storage?) and packs no index names were there: indexed them again (run 'pyvbak verify')")
+        cleaned += recovered
+        r.remember_pack_indexes()
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes
             info(line)
         # (checked above: from here on packs/ is taken for the repository's pack storage,

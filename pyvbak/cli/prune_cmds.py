@@ -94,6 +94,8 @@ def forget(
                                     f"it finished, leaving the repository consistent: run 'pyvbak prune' to finish it")
             # a dry run forgot nothing: its prune preview leaves the chosen snapshots out itself
             result["prune"] = prune_repository(r, dry_run=dry_run, without=frozenset(forgotten) if dry_run else frozenset())
+            if not dry_run:  # (the pack indexes it removed are no loss for the next backup to look into)
+                r.remember_pack_indexes()
         # done: a stop request from here on is noted (it said "run the command again", which
         # then found the snapshots gone, exit 5 - the session-17 review 2)
         interrupts.begin_finishing()
@@ -141,6 +143,8 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
         if lock is not None and not dry_run:
             lock.remove_stale()
         report = prune_repository(r, dry_run=dry_run, without=without)
+        if not dry_run:  # (the pack indexes it removed are no loss for the next backup to look into)
+            r.remember_pack_indexes()
         interrupts.begin_finishing()  # done: a stop request from here on is noted
         return report
 

@@ -24,6 +24,9 @@ from ..processes import scope_token, start_time, temp_writer_alive
 CACHE_ENV = "PYVBAK_CACHE_DIR"
 SNAPSHOTS_FILE = "snapshots.json"
 SNAPSHOTS_FORMAT = "pyvbak-snapshot-metadata-cache-v1"
+SEEN_INDEXES_FILE = "pack-indexes-seen"
+SEEN_INDEXES_FORMAT = "pyvbak-pack-indexes-seen-v1"
+_INDEX_NAME = re.compile(r"index/[0-9a-f]{64}")
 #: the cache directories of repositories not used for this long are removed (a repository
 #: deleted or moved elsewhere would otherwise leave its cache behind for ever)
 EXPIRE_SECONDS = 30 * 86400
@@ -288,45 +291,98 @@ class SnapshotMetaCache:
         """Best effort: a cache that cannot be written is only slower."""
         if self.path is None:
             return
-        # named after its writer (pid, start time, scope): a killed one's is recognised
-        tmp = f"{self.path}.{os.getpid()}-{start_time(os.getpid()) or 0}-{scope_token()}-{secrets.token_hex(6)}.tmp"
+        # dumps, not dump: json.dump streams through the pure-Python encoder (2000
+        # snapshots: 43 ms vs 16 ms), and this runs on every backup's first listing
+        _write_private(self.path, json.dumps({"format": SNAPSHOTS_FORMAT, "repository": self.repo_id,
+                                              "metas": metas}).encode())
+
+
+class SeenPackIndexes:
+    """The pack index names this host last listed in the repository.
+
+    Pack index objects leave storage through a prune or a repair, or by loss (a file
+    deleted by hand, a storage fault).  A lost one leaves its packs unindexed: their
+    blocks are missing to every restore, and a backup carries the parent's records of them
+    on unread, committing snapshots that do not restore, until a crash recovery, a prune
+    or ``verify --repair`` indexes the packs again (the session-22 acceptance audit).  A
+    backup that finds a name gone looks for packs no index names
+    (``Repository.recover_leftovers``): one listing of ``packs/`` after each prune made
+    elsewhere, none otherwise.  Best effort, like the other caches: without a cache
+    directory nothing is remembered, and verify still finds such packs."""
+
+    def __init__(self, repo_id: str):
+        self.repo_id = repo_id
+        d = repo_cache_dir(repo_id)
+        self.path = os.path.join(d, SEEN_INDEXES_FILE) if d else None
+
+    def _head(self) -> bytes:
+        return f"{SEEN_INDEXES_FORMAT} {self.repo_id}\n".encode()
+
+    @staticmethod
+    def _ids(names) -> set[bytes]:
+        return {bytes.fromhex(n[6:]) for n in names if _INDEX_NAME.fullmatch(n)}
+
+    def gone(self, names) -> bool:
+        """Whether a pack index remembered is not among ``names`` (the listing now)."""
+        if self.path is None:
+            return False
         try:
-            # 0700: VM names, sizes and digests of disks are the repository's secrets too
-            make_private_dirs(os.path.dirname(self.path))
-            self._drop_stale_temps()
-            # dumps, not dump: json.dump streams through the pure-Python encoder (2000
-            # snapshots: 43 ms vs 16 ms), and this runs on every backup's first listing
-            doc = json.dumps({"format": SNAPSHOTS_FORMAT, "repository": self.repo_id, "metas": metas})
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                f.write(doc)
-            os.replace(tmp, self.path)
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except OSError:
+            return False
+        head = self._head()
+        body = raw[len(head):]
+        if not raw.startswith(head) or len(body) % 32:
+            return False  # damaged or foreign: remembered again by this run
+        now = self._ids(names)
+        return any(body[i : i + 32] not in now for i in range(0, len(body), 32))
+
+    def remember(self, names) -> None:
+        if self.path is not None:
+            _write_private(self.path, self._head() + b"".join(sorted(self._ids(names))))
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Replace the cache file ``path`` atomically, private to the user (0600 in a 0700
+    directory: VM names, sizes and digests of disks are the repository's secrets too).
+    Best effort: a cache that cannot be written is only slower."""
+    # named after its writer (pid, start time, scope): a killed one's is recognised
+    tmp = f"{path}.{os.getpid()}-{start_time(os.getpid()) or 0}-{scope_token()}-{secrets.token_hex(6)}.tmp"
+    try:
+        make_private_dirs(os.path.dirname(path))
+        _drop_stale_temps(path)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:  # also on Ctrl-C: no temp file left behind
+        try:
+            os.unlink(tmp)
         except OSError:
             pass
-        finally:  # also on Ctrl-C: no temp file left behind
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
-    def _drop_stale_temps(self) -> None:
-        """Temp files of saves killed with SIGKILL (no finally ran): each is the size of the
-        file (hundreds of KiB with hundreds of snapshots), one more per such kill (the
-        session-13 nights audit).  A live writer's (its pid, start time and scope in the
-        name: processes.temp_writer_alive) is kept; one named otherwise (an older pyvbak)
-        once older than a minute (a save takes milliseconds) is not."""
-        d, base = os.path.split(self.path)
-        now = time.time()
-        for entry in os.scandir(d):
-            if not (entry.name.startswith(base + ".") and entry.name.endswith(".tmp")):
-                continue
-            parts = entry.name[len(base) + 1 : -len(".tmp")].split("-")
-            try:
-                mtime = entry.stat(follow_symlinks=False).st_mtime
-                if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
-                    stale = not temp_writer_alive(int(parts[0]), parts[2], mtime, int(parts[1]) or None)
-                else:
-                    stale = now - mtime > STALE_TEMP_SECONDS
-                if stale:
-                    os.unlink(entry.path)
-            except OSError:
-                pass
+
+def _drop_stale_temps(path: str) -> None:
+    """Temp files of saves killed with SIGKILL (no finally ran): each is the size of the
+    file (hundreds of KiB with hundreds of snapshots), one more per such kill (the
+    session-13 nights audit).  A live writer's (its pid, start time and scope in the
+    name: processes.temp_writer_alive) is kept; one named otherwise (an older pyvbak)
+    once older than a minute (a save takes milliseconds) is not."""
+    d, base = os.path.split(path)
+    now = time.time()
+    for entry in os.scandir(d):
+        if not (entry.name.startswith(base + ".") and entry.name.endswith(".tmp")):
+            continue
+        parts = entry.name[len(base) + 1 : -len(".tmp")].split("-")
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+            if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+                stale = not temp_writer_alive(int(parts[0]), parts[2], mtime, int(parts[1]) or None)
+            else:
+                stale = now - mtime > STALE_TEMP_SECONDS
+            if stale:
+                os.unlink(entry.path)
+        except OSError:
+            pass

@@ -26,7 +26,7 @@ from ..backends import TEMP_PREFIX, BackendError, ObjectMissing, RangeBeyondEnd,
 from ..errors import IntegrityError, OutOfSpace, PyvbakError, RepositoryError, SnapshotNotFound, UsageError
 from . import digest_sets
 from . import format as fmt
-from .cache import SnapshotMetaCache, make_private_dirs, repo_cache_dir
+from .cache import SeenPackIndexes, SnapshotMetaCache, make_private_dirs, repo_cache_dir
 from .digest_index import DigestIndex, ExcludingIndex, load_cached
 from .locks import RepositoryLock
 
@@ -1118,6 +1118,16 @@ class Repository:
             except ObjectMissing:
                 pass  # removed meanwhile (a repair by a backup)
         return damaged
+
+    def pack_indexes_gone(self) -> bool:
+        """Whether a pack index this host listed before is gone (cache.SeenPackIndexes):
+        a prune elsewhere, or a pack index lost from storage, whose packs are then
+        unindexed."""
+        return SeenPackIndexes(self.config.repo_id).gone(self.pack_index_names())
+
+    def remember_pack_indexes(self) -> None:
+        """Remember the pack indexes listed now (after a backup's recovery, a prune, a repair)."""
+        SeenPackIndexes(self.config.repo_id).remember(self.pack_index_names())
 
     def write_pack_index(self, records: np.ndarray) -> str | None:
         if not len(records):

@@ -498,9 +498,9 @@ def test_a_pack_an_older_pyvbak_left_in_the_mount_point_does_not_make_the_storag
     code, out, err = cli(capsys, *args)
     if command in ("verify", "restore"):
         # (reads what is there: web's blocks are not; nothing flagged)
-        assert code == 6 and "pack-storage mark" in err and f"{packs}/pack-storage.json is missing" in err, err
+        assert code == 6 and f"the mark {packs}/pack-storage.json is missing" in err, err
     else:
-        assert code == 6 and f"its pack-storage mark {packs}/pack-storage.json is missing" in err, err
+        assert code == 6 and f"the mark {packs}/pack-storage.json is missing" in err, err
         assert "storage its packs are on is not there (not mounted?)" in err and "verify --repair" in err
     assert pack_files(repo) == stray and not os.path.exists(os.path.join(repo, "lost"))
     assert sorted(os.listdir(os.path.join(repo, "index"))) == index_before
@@ -588,20 +588,96 @@ def test_index_and_packs_both_unmounted_refuse_a_backup(backed_up, capsys):
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
 
 
-def test_a_repository_with_nothing_stored_takes_an_empty_packs_again(env, capsys):
-    """Storage mounted over packs/ after the first backup of an all-zero disk: nothing to
-    lose, so the backup marks the new packs/ and goes on."""
-    tmp, repo, _ = env
-    zero = tmp / "zero.img"
-    zero.write_bytes(bytes(2 * MiB))
+def test_a_repository_with_nothing_stored_is_no_reason_to_take_an_empty_mount_point(env, capsys):
+    """Every snapshot forgotten and pruned, then the storage not mounted: the backup took the
+    empty mount point for the storage, marked it, and stored its snapshot there - hidden,
+    unrestorable, once the storage was mounted back (review 1).  Refused; verify --repair
+    is the user's word."""
+    tmp, repo, img = env
     assert cli(capsys, "init", repo)[0] == 0
-    cli(capsys, "backup", zero, "--repo", repo, "--vm", "z")
-    cli(capsys, "forget", "z@latest", "--repo", repo)
-    shutil.rmtree(os.path.join(repo, "packs"))
-    os.mkdir(os.path.join(repo, "packs"))
-    code, _, err = cli(capsys, "backup", vm_image(tmp / "d.img", 2 * MiB, seed=53), "--repo", repo, "--vm", "d")
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    assert cli(capsys, "forget", "web@latest", "--repo", repo, "--prune")[0] == 0
+    packs = os.path.join(repo, "packs")
+    shutil.move(packs, tmp / "packs.away")
+    os.mkdir(packs)
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "pack-storage.json is missing" in err and os.listdir(packs) == [], err
+    assert sorted(os.listdir(os.path.join(repo, "snapshots"))) == []
+    code, _, err = cli(capsys, "verify", "--repair", "--repo", repo)
     assert code == 0 and "was missing" in err, err
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+
+
+def test_a_repository_made_before_the_mark_is_not_marked_while_packs_are_missing(backed_up, capsys):
+    """An unmarked repository whose storage is not mounted, with a pack an older pyvbak
+    stored into the mount point: the packs check passes (the index names that pack), and
+    the backup marked the mount point - after which every check passed at every unmount
+    (review 1).  The first mark needs every pack the index names."""
+    tmp, repo, img, sid = backed_up
+    for name in ("packs/pack-storage.json", "pack-storage.json"):
+        os.unlink(os.path.join(repo, name))
+    away = _stray_pack_in_the_mount_point(tmp, repo, capsys)
+    os.unlink(os.path.join(repo, "pack-storage.json"))  # (that backup marked: an older pyvbak would not)
+    os.unlink(os.path.join(away, "pack-storage.json"))
+    code, _, err = cli(capsys, "backup", vm_image(tmp / "n.img", 2 * MiB, seed=52), "--repo", repo, "--vm", "new")
+    assert code == 0 and "were not marked" not in err
+    assert "of the packs the index names are not in" in err and "not marked" in err, err
+    assert not os.path.exists(os.path.join(repo, "packs", "pack-storage.json"))
+    assert not os.path.exists(os.path.join(repo, "pack-storage.json"))
+    shutil.rmtree(os.path.join(repo, "packs"))  # mounted back
+    shutil.move(away, os.path.join(repo, "packs"))
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 0 and "warning" not in err, err
     assert os.path.exists(os.path.join(repo, "packs", "pack-storage.json"))
+
+
+def test_repair_of_a_missing_mark_checks_everything_or_nothing(backed_up, capsys):
+    """verify --repair SNAPSHOT (or --sample) marked packs/ for the whole repository after
+    checking a part of it, exit 0 (review 1)."""
+    tmp, repo, img, sid = backed_up
+    os.unlink(os.path.join(repo, "packs", "pack-storage.json"))
+    for scoped in (["web@latest"], ["--sample", "50"]):
+        code, _, err = cli(capsys, "verify", "--repair", *scoped, "--repo", repo)
+        assert code == 2 and "without SNAPSHOT or --sample" in err, err
+        assert not os.path.exists(os.path.join(repo, "packs", "pack-storage.json"))
+
+
+def test_restore_refuses_before_writing_when_the_mark_is_missing_and_a_pack_with_it(backed_up, capsys):
+    """With the mark missing, a restore reads what is there; a snapshot whose packs are not
+    all there is refused before anything is written (a block device had its zero runs
+    written first - review 1), with the storage named, not "run verify"."""
+    tmp, repo, img, sid = backed_up
+    away = _stray_pack_in_the_mount_point(tmp, repo, capsys)
+    out = tmp / "target.img"
+    out.write_bytes(b"\xaa" * (4 * MiB))
+    before = out.read_bytes()
+    code, _, err = cli(capsys, "restore", sid, out, "--repo", repo, "--force")
+    assert code == 6 and "pack-storage.json is missing" in err and "not mounted?" in err, err
+    assert out.read_bytes() == before
+    assert cli(capsys, "restore", "new@latest", tmp / "new.img", "--repo", repo)[0] == 0  # (its pack is there)
+    assert same_file(tmp / "new.img", tmp / "n.img")
+    # index/ not mounted either: blocks missing from the index, and the same error
+    shutil.move(os.path.join(repo, "index"), tmp / "index.away")
+    os.mkdir(os.path.join(repo, "index"))
+    code, _, err = cli(capsys, "restore", sid, tmp / "o2.img", "--repo", repo)
+    assert code == 6 and "pack-storage.json is missing" in err, err
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    last = err.strip().splitlines()[-1]
+    assert code == 6 and "pack-storage.json is missing" in last and "nothing was flagged" in last, err
+    del away
+
+
+def test_a_mark_that_is_no_file_is_damaged_and_a_lost_root_copy_gets_the_marks_bytes(backed_up, capsys):
+    tmp, repo, img, sid = backed_up
+    mark = os.path.join(repo, "packs", "pack-storage.json")
+    raw = open(mark, "rb").read()
+    os.unlink(os.path.join(repo, "pack-storage.json"))  # (a crash between the two writes)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    assert open(os.path.join(repo, "pack-storage.json"), "rb").read() == raw
+    os.unlink(mark)
+    os.mkdir(mark)
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "is damaged" in err and "not mounted" not in err, err
 
 
 def _damage(path):

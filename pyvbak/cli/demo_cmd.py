@@ -73,10 +73,8 @@ def demo(
     import shutil
     import tempfile
 
-    from ..engine.backup import run_backup
     from ..processes import run_helper
     from ..repo.restore import restore_snapshot
-    from ..sources.file import FileSource
 
     mkfs, debugfs, fsck = _tool("mkfs.ext4"), _tool("debugfs"), _tool("e2fsck")
     if hot:
@@ -103,9 +101,9 @@ def demo(
             raise SourceError(f"demo: mkfs.ext4 could not make the {size_mib} MiB disk image: {last}")
         print(f"made a {size_mib} MiB disk image with an ext4 filesystem: {image}")
         source = image
-        if hot:
-            from .backup_cmd import backup_source
+        from .backup_cmd import backup_source
 
+        if hot:
             qcow2 = os.path.join(work, "demo-vm-disk0.qcow2")
             run_helper(["qemu-img", "convert", "-O", "qcow2", image, qcow2]).check_returncode()
             os.unlink(image)
@@ -116,16 +114,9 @@ def demo(
             print(f"started the VM stand-in (qemu-storage-daemon) on {qcow2}; backing up {source}")
 
         def backup_once(label: str):
-            if hot:
-                (res,), _ = backup_source(r, source, vm="demo-vm", disk="disk0", show_progress=False,
-                                          work_dir=os.path.join(work, "pyvbak-work"))
-            else:
-                with r.lock(purpose="demo backup", clean_stale=False) as lock:
-                    r.check_pack_storage()  # as backup_source: before stale locks go
-                    lock.remove_stale()
-                    r.recover_leftovers()
-                    with FileSource(image) as src:
-                        res = run_backup(r, src, vm="demo-vm", disk="disk0")
+            # (what 'pyvbak backup' does: the checks, the clean-up, the pack-storage mark)
+            (res,), _ = backup_source(r, source, vm="demo-vm", disk="disk0", show_progress=False,
+                                      work_dir=os.path.join(work, "pyvbak-work") if hot else None)
             how = ""
             if hot:
                 how = (f", read {human_bytes(res.bytes_read)} of {human_bytes(res.size)}"

@@ -90,6 +90,7 @@ def verify(
     from ..errors import IntegrityError, UsageError
     from ..repo.locks import other_verifies
     from ..repo.prune import drop_bad_records, drop_lost_pack_records
+    from ..repo.repository import PackStorageProblem
     from ..repo.verify import verify_repository
 
     if repair and no_lock:
@@ -111,6 +112,12 @@ def verify(
             if problem and problem.kind == "foreign":  # (not this repository's to repair)
                 raise problem.error("nothing was checked or repaired")
             storage_missing = problem is not None and problem.kind == "no packs"
+            mark_state = r.pack_storage_mark_state()[0] if problem else "ok"
+            if mark_state in ("missing", "damaged") and (snapshots or sample is not None):
+                # (marking packs/ for the whole repository after checking a part - review 1)
+                raise UsageError(f"{PackStorageProblem(r, mark_state).summary()}: mount the storage, or, if "
+                                 f"{r.packs_location()} really is this repository's pack storage, check and mark "
+                                 f"everything: 'pyvbak verify --repair' without SNAPSHOT or --sample")
             if storage_missing and (snapshots or sample is not None):
                 # (it drops every record of them, and reported on the chosen ones alone:
                 # exit 0, "complete", with other snapshots left unrestorable - review 3)
@@ -122,7 +129,7 @@ def verify(
                 info(f"warning: {problem.summary()}: --repair takes {r.packs_location()} for this repository's "
                      f"pack storage")
             # the user's word: packs/ as it is is the storage (its lost packs dropped below)
-            for line in r.mark_pack_storage() if problem else ():
+            for line in r.write_pack_storage_mark(mark_state) if mark_state in ("missing", "damaged") else ():
                 info(line)
             if not storage_missing:
                 lock.remove_stale()
@@ -135,11 +142,11 @@ def verify(
             # block again, into the empty mount point, where a remount hides them).
             # --repair is the user's word that they are lost (the way on
             # PackStorageProblem.error gives): it checked above, before any clean-up.
-            problem = None if repair else r.pack_storage_problem()
-            if problem and problem.kind in ("no packs", "foreign"):
-                raise problem.error("nothing was checked or flagged")
-            if problem:  # (the mark: verify checks every block it reads, and reads what is there)
-                info(f"warning: {problem.summary()}: verify reads the packs there, but flags nothing, and "
+            read_problem = None if repair else r.pack_storage_problem()
+            if read_problem and read_problem.kind in ("no packs", "foreign"):
+                raise read_problem.error("nothing was checked or flagged")
+            if read_problem:  # (the mark: verify checks every block it reads, and reads what is there)
+                info(f"warning: {read_problem.summary()}: verify reads the packs there, but flags nothing, and "
                      f"backups and prune refuse this repository until the storage is mounted (or 'pyvbak verify "
                      f"--repair' marks it, if it is the storage)")
             # one sample for the check and the re-check after a repair (a new draw could
@@ -341,6 +348,10 @@ def verify(
         if report["damaged_pack_trailers"]:
             more = f"{len(report['damaged_pack_trailers'])} pack(s) with a damaged table of contents"
             found = f"{found} and {more}" if found else more
+        if read_problem is not None:
+            # (its advice, "verify --repair, then back up", would mark the mount point and
+            # fill it - review 1): the storage first
+            raise read_problem.error(f"verify found {found}, and nothing was flagged")
         raise IntegrityError(f"verify found {found} in {r.location}: "
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
 

@@ -979,6 +979,9 @@ class Repository:
         try:
             mark = self.backend.read(fmt.PACK_STORAGE_MARK)
         except ObjectMissing:
+            local = _local_path(self.location)
+            if local is not None and os.path.lexists(os.path.join(local, fmt.PACK_STORAGE_MARK)):
+                return "damaged", ""  # (a directory or a device there: not "storage not mounted" - review 1)
             return ("missing", "") if self.backend.exists(fmt.PACK_STORAGE_MARK_COPY) else ("unmarked", "")
         try:
             owner = fmt.decode_pack_storage_mark(mark, fmt.PACK_STORAGE_MARK)
@@ -986,48 +989,69 @@ class Repository:
             return "damaged", ""
         return ("ok", "") if owner == self.config.repo_id else ("foreign", owner)
 
-    def pack_storage_problem(self, *, writing: bool = True) -> "PackStorageProblem | None":
+    def pack_storage_problem(self) -> "PackStorageProblem | None":
         """What says that ``packs/`` is not this repository's pack storage, or None.  First
         the packs the index names (``named_packs_missing``: "no packs"), then the
-        pack-storage mark: another repository's, or, for a command ``writing``, missing or
-        damaged while the repository holds something to lose (stored blocks, a damaged pack
-        index, a snapshot).  Without its mark, a ``packs/`` that holds some of the packs the index
+        pack-storage mark: another repository's, missing (its root copy there) or damaged.  Without its mark, a ``packs/`` that holds some of the packs the index
         names may still be an empty mount point that an older pyvbak stored packs into;
         the commands that write (backup, prune, the flags of verify and restore) refuse it,
         the ones that only read (verify, restore) read what is there.  An unmarked
         repository (made before the mark) is judged by its packs alone, and its next
-        backup marks it."""
+        backup marks it once every pack the index names is there."""
         state, owner = self.pack_storage_mark_state()
         if state == "foreign":  # (said first: it tells more than "none of the packs")
             return PackStorageProblem(self, state, owner)
         if self.named_packs_missing():
             return PackStorageProblem(self, "no packs")
-        if state in ("ok", "unmarked") or not writing:
+        if state in ("ok", "unmarked"):
             return None
-        if not self.holds_stored_data():
-            return None  # nothing to lose: the next backup marks packs/ again
+        # (with nothing stored either: the next backup's blocks would be hidden all the
+        # same once the storage is mounted back - review 1)
         return PackStorageProblem(self, state, owner)
-
-    def holds_stored_data(self) -> bool:
-        """Blocks the index names, a damaged pack index, or a snapshot."""
-        return bool(len(self.load_digest_index()) or self.damaged_pack_indexes or self.snapshots())
 
     def mark_pack_storage(self) -> list[str]:
         """Write the pack-storage mark, then its root copy, unless both are there: backups
-        call it once the storage has passed ``pack_storage_problem`` (repositories made
-        before the mark get it), ``verify --repair`` on the user's word.  The mark first:
-        the root copy says that one exists.  Lines for the user."""
+        call it once the storage has passed ``pack_storage_problem``, ``verify --repair``
+        on the user's word.  The mark first: the root copy says that one exists.  A
+        repository no backup has marked yet (made before the mark) is marked only when
+        every pack its index names is there: an empty mount point holding a pack an older
+        pyvbak stored into it passes the packs check, and marked, it would pass every
+        check after (review 1).  Lines for the user."""
         state, _ = self.pack_storage_mark_state()
-        if state == "foreign" or (state == "ok" and self.backend.exists(fmt.PACK_STORAGE_MARK_COPY)):
-            return []  # (another repository's mark is never replaced: its storage, not ours)
-        data = fmt.encode_pack_storage_mark(self.config.repo_id, _now_iso())
-        if state != "ok":
-            self.backend.replace(fmt.PACK_STORAGE_MARK, data)
-        self.backend.replace(fmt.PACK_STORAGE_MARK_COPY, data)
+        if state == "foreign":  # (another repository's mark is never replaced: its storage, not ours)
+            return []
+        if state == "ok":
+            if not self.backend.exists(fmt.PACK_STORAGE_MARK_COPY):  # (a crash between the two)
+                self.backend.replace(fmt.PACK_STORAGE_MARK_COPY, self.backend.read(fmt.PACK_STORAGE_MARK))
+            return []
         if state == "unmarked":
+            absent = self.named_packs_absent()
+            if absent:
+                return [f"warning: {absent} of the packs the index names are not in {self.packs_location()} (storage "
+                        f"not mounted, or packs lost?): it was not marked as this repository's pack storage; "
+                        f"run 'pyvbak verify'"]
+        return self.write_pack_storage_mark(state)
+
+    def write_pack_storage_mark(self, state: str) -> list[str]:
+        """Write the mark and its root copy (the same bytes), whatever is there: the user's
+        word (``verify --repair``), or a backup's after its checks."""
+        data = fmt.encode_pack_storage_mark(self.config.repo_id, _now_iso())
+        self.backend.replace(fmt.PACK_STORAGE_MARK, data)
+        self.backend.replace(fmt.PACK_STORAGE_MARK_COPY, data)
+        if state in ("unmarked", "ok"):
             return []
         return [f"marked {self.packs_location()} as this repository's pack storage again (its mark "
                 f"{self.pack_storage_mark_location()} was {state})"]
+
+    def named_packs_absent(self) -> int:
+        """How many of the packs the index names ``packs/`` does not hold (one listing)."""
+        index = self.load_digest_index()
+        if not len(index):
+            return 0
+        named = digest_sets.unique(index.records["pack"].view("S32"))
+        listed = [m.group(2) for m in map(_PACK_OBJECT.fullmatch, self.backend.list(fmt.PACKS_FOLDER)) if m]
+        present = digest_sets.unique(np.array([bytes.fromhex(h) for h in listed], "S32")) if listed else np.empty(0, "S32")
+        return int(np.count_nonzero(~digest_sets.isin(named, present)))
 
     def packs_location(self) -> str:
         """Where the packs are, for messages: REPO/packs."""
@@ -1394,7 +1418,7 @@ class PackStorageProblem:
                 f"there")
         if self.kind == "missing":
             return IntegrityError(
-                f"repository {repo.location} has stored data, but its pack-storage mark {mark} is missing: the storage "
+                f"repository {repo.location} has marked its pack storage, but the mark {mark} is missing: the storage "
                 f"its packs are on is not there (not mounted?); {outcome}: mount it, or copy the packs back with the "
                 f"mark; only if {packs_dir} really is this repository's pack storage and the mark alone was lost, run "
                 f"'pyvbak verify --repair': it checks the packs there and marks the storage again")

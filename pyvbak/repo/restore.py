@@ -33,6 +33,7 @@ from .. import interrupts
 from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, TargetExists, UsageError
 from ..processes import scope_token, start_time, temp_writer_alive
 from . import digest_sets
+from . import format as fmt
 from .reader import BlockSink, ScratchBuffers, group_members, read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
@@ -581,12 +582,23 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
 
     # before anything is written: a block device was zeroed where the snapshot has zero
     # blocks before the restore failed (review 1); two stats when the packs are there.  A
-    # missing mark is no refusal: a restore checks every block it reads, and reads what is there
-    problem = repo.pack_storage_problem(writing=False) if len(data_idx) else None
-    if problem:
-        raise problem.error(f"snapshot {snap.id} was not restored, and nothing was written or flagged")
-    recs, blocks, bounds, index = _locate(repo, snap, data_idx, data_digests)
+    # missing mark is no refusal while the snapshot's packs are all there: a restore checks
+    # every block it reads, and reads what is there
+    problem = repo.pack_storage_problem() if len(data_idx) else None
+    not_restored = f"snapshot {snap.id} was not restored, and nothing was written or flagged"
+    if problem and problem.kind in ("no packs", "foreign"):
+        raise problem.error(not_restored)
+    try:
+        recs, blocks, bounds, index = _locate(repo, snap, data_idx, data_digests)
+    except IntegrityError:
+        if problem:  # (blocks missing from the index: index/ not mounted either - review 1)
+            raise problem.error(not_restored) from None
+        raise
     del data_digests
+    if problem:  # the mark missing or damaged: are this snapshot's packs there?
+        packs = digest_sets.unique(recs["pack"].view("S32"))
+        if not all(repo.backend.exists(fmt.pack_name(bytes(p).ljust(32, b"\0").hex())) for p in packs):
+            raise problem.error(not_restored)
     t_data = time.monotonic()
     order = sort_for_reading(recs, disk_pos=blocks[bounds[:-1]])
     recs_sorted = recs[order]

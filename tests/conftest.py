@@ -28,6 +28,23 @@ def require_tool(name: str, debian_package: str) -> str:
     pytest.skip(hint)
 
 
+def busybox_path() -> str | None:
+    """busybox on PATH, else the static one tests/run.sh unpacks into tests/.guest/ (for
+    the booted guest; never installed on the host)."""
+    unpacked = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".guest", "bin", "busybox")
+    return shutil.which("busybox") or (unpacked if os.access(unpacked, os.X_OK) else None)
+
+
+def require_busybox() -> str:
+    path = busybox_path()
+    if path:
+        return path
+    hint = "busybox not found: run the README's test command (sh tests/run.sh), which unpacks busybox-static"
+    if IN_CI:
+        pytest.fail(hint)
+    pytest.skip(hint)
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout

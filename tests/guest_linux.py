@@ -1,9 +1,11 @@
 """A tiny Linux guest for ``QemuSystemVM``: a distribution kernel, an initramfs built here
 (busybox and the script below as ``/init``), and the guest's serial console.
 
-Nothing is downloaded: the kernel comes from Debian's ``linux-image-cloud-amd64`` (any
-installed ``/boot/vmlinuz-VERSION`` with its ``/lib/modules/VERSION`` does), busybox from
-``busybox-static``.  The virtio drivers the guest needs (``virtio_pci``, ``virtio_blk``)
+Nothing is downloaded here: the kernel comes from Debian's ``linux-image-cloud-amd64`` and
+busybox from ``busybox-static``, as the README's test command unpacks them into
+``tests/.guest/`` (``apt-get download`` + ``dpkg-deb -x`` + ``depmod -b``: never installed
+on the host, whose boot loader a kernel package would change); else any installed
+``/boot/vmlinuz-VERSION`` with its ``/lib/modules/VERSION``, and ``/bin/busybox`` if static.  The virtio drivers the guest needs (``virtio_pci``, ``virtio_blk``)
 are modules in Debian's kernels: they are put into the initramfs with what they depend
 on (``modules.dep``), decompressed, and loaded by ``/init`` in dependency order; were
 they built in (``=y`` in ``/boot/config-VERSION``, hence listed in ``modules.builtin``),
@@ -134,28 +136,34 @@ def skip_or_fail(hint: str):
 
 
 # --- what the host has ---------------------------------------------------------------
+#: where tests/run.sh unpacks the guest's kernel and busybox (a file system root of their own)
+UNPACKED = Path(__file__).resolve().parent / ".guest"
+
+
 def find_kernel() -> tuple[str, Path]:
-    """(version, vmlinuz) of an installed kernel with its modules; cloud kernels first
-    (small, and made for virtio), the newest of each kind first."""
-    candidates = []
-    for vmlinuz in Path("/boot").glob("vmlinuz-*"):
-        version = vmlinuz.name[len("vmlinuz-"):]
-        if (Path("/lib/modules") / version / "modules.dep").is_file() and os.access(vmlinuz, os.R_OK):
-            candidates.append((version.endswith("-cloud-amd64"), version, vmlinuz))
-    if not candidates:
-        skip_or_fail("no readable /boot/vmlinuz-* with its /lib/modules: install the Debian package "
-                     "'linux-image-cloud-amd64' (the README's test command does)")
-    candidates.sort(key=lambda c: (c[0], [int(x) if x.isdigit() else 0 for x in re.split(r"[.-]", c[1])]))
-    _, version, vmlinuz = candidates[-1]
-    return version, vmlinuz
+    """(version, vmlinuz) of a kernel with its modules (in ``ROOT/boot`` and
+    ``ROOT/lib/modules/VERSION``), the unpacked one first, else an installed one; cloud
+    kernels first (small, and made for virtio), the newest of each kind first."""
+    for root in (UNPACKED, Path("/")):
+        candidates = []
+        for vmlinuz in (root / "boot").glob("vmlinuz-*"):
+            version = vmlinuz.name[len("vmlinuz-"):]
+            if (root / "lib" / "modules" / version / "modules.dep").is_file() and os.access(vmlinuz, os.R_OK):
+                candidates.append((version.endswith("-cloud-amd64"), version, vmlinuz))
+        if candidates:
+            candidates.sort(key=lambda c: (c[0], [int(x) if x.isdigit() else 0 for x in re.split(r"[.-]", c[1])]))
+            _, version, vmlinuz = candidates[-1]
+            return version, vmlinuz
+    skip_or_fail(f"no kernel with its modules in {UNPACKED} or /boot: run the README's test command "
+                 f"(sh tests/run.sh), which unpacks Debian's linux-image-cloud-amd64 there")
 
 
 def find_static_busybox() -> Path:
-    for p in (Path("/bin/busybox"), Path("/usr/bin/busybox")):
+    for p in (UNPACKED / "bin" / "busybox", Path("/bin/busybox"), Path("/usr/bin/busybox")):
         if p.is_file() and _is_static_elf(p.read_bytes()):
             return p
-    skip_or_fail("no statically linked busybox: install the Debian package 'busybox-static' "
-                 "(the README's test command does)")
+    skip_or_fail(f"no statically linked busybox in {UNPACKED}/bin or on this host: run the README's test "
+                 f"command (sh tests/run.sh), which unpacks Debian's busybox-static there")
 
 
 def _is_static_elf(data: bytes) -> bool:
@@ -169,10 +177,11 @@ def _is_static_elf(data: bytes) -> bool:
                for i in range(phnum))
 
 
-def modules_to_load(version: str, wanted=("virtio_pci", "virtio_blk")) -> list[Path]:
+def modules_to_load(version: str, vmlinuz: Path, wanted=("virtio_pci", "virtio_blk")) -> list[Path]:
     """The module files for ``wanted`` and what they depend on, in an order insmod can
-    load them; a module the kernel has built in (``modules.builtin``) needs no file."""
-    base = Path("/lib/modules") / version
+    load them; a module the kernel has built in (``modules.builtin``) needs no file.
+    The modules are beside ``vmlinuz``'s ``boot/``: ``ROOT/lib/modules/VERSION``."""
+    base = vmlinuz.parent.parent / "lib" / "modules" / version
     def name(path: str) -> str:
         return Path(path).name.split(".ko")[0].replace("-", "_")
 
@@ -259,7 +268,7 @@ def build_guest(dest: Path) -> LinuxGuest:
     under a second; a session fixture builds it once)."""
     version, vmlinuz = find_kernel()
     busybox = find_static_busybox()
-    modules = modules_to_load(version)
+    modules = modules_to_load(version, vmlinuz)
     cpio = Cpio()
     for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
         cpio.dir(d)

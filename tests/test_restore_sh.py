@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import require_tool
+from conftest import require_busybox, require_tool
 from images import KiB, MiB, backup_file, random_bytes, resize, rewrite_pages, same_file, vm_image, write_at
 from pyvbak.repo import format as fmt
 from pyvbak.repo.repository import Repository
@@ -163,7 +163,7 @@ def test_restore_sh_under_busybox_sh(setup):
     """busybox sh runs its own applets (cut without --output-delimiter, dd without
     conv=sparse) even where GNU coreutils are installed: the script sticks to what both
     have."""
-    busybox = require_tool("busybox", "busybox-static")
+    busybox = require_busybox()
     repo, snaps, elsewhere = setup
     for k, (sid, copy) in enumerate(snaps):
         out = elsewhere / f"bb{k}.img"

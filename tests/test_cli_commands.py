@@ -141,7 +141,9 @@ def test_verify_sample(populated, capsys):
     a = verify_repository(r, sample_percent=10, seed=1, threads=2)
     b = verify_repository(r, sample_percent=10, seed=1, threads=2)
     assert a["blocks_checked"] == b["blocks_checked"] == 41
-    for bad in ("0", "150", "-5"):
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--sample", "50%", "--json")
+    assert code == 0 and 200 <= json.loads(out)["blocks_checked"] <= 212, err
+    for bad in ("0", "150", "-5", "ten", "%"):
         code, _, err = cli(capsys, "verify", "--repo", repo, "--sample", bad)
         assert code == 2, (bad, err)
         assert_one_error_line(err, "--sample")

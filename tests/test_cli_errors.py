@@ -251,6 +251,16 @@ def test_repo_from_environment(env, capsys, monkeypatch):
     assert same_file(tmp / "o.img", img)
 
 
+def test_init_given_two_repositories_refuses_and_pyvbak_repo_gives_way(env, capsys, monkeypatch):
+    """'init A --repo B' made A and said nothing of B (the session-22 new-user audit)."""
+    tmp, repo, img = env
+    code, _, err = cli(capsys, "init", tmp / "a", "--repo", tmp / "b")
+    assert code == 2 and "two repositories" in err and not (tmp / "a").exists() and not (tmp / "b").exists(), err
+    monkeypatch.setenv("PYVBAK_REPO", str(tmp / "c"))  # (a profile's): REPO comes first
+    assert cli(capsys, "init", tmp / "a")[0] == 0
+    assert (tmp / "a" / "config").exists() and not (tmp / "c").exists()
+
+
 def test_default_repository_created_on_first_use(tmp_path):
     img = vm_image(tmp_path / "d.img", 1 * MiB + 5, seed=43)
     xdg = tmp_path / "xdg"
@@ -1769,3 +1779,26 @@ def test_verify_repair_with_a_sample_checks_again_the_same_sample(backed_up, cap
     monkeypatch.setattr(verify_mod, "verify_repository", recording)
     code, out, err = cli(capsys, "verify", "--repo", repo, "--repair", "--sample", "50")
     assert len(seeds) == 2 and seeds[0] is not None and seeds[0] == seeds[1], seeds
+
+
+def test_verify_names_a_pack_under_the_wrong_folder_before_advising_the_repair(backed_up, capsys):
+    """A pack moved under another packs/HH/ with its pack index lost: prune named it ("left
+    ... alone: a pack of that name belongs at ..."), verify computed the same line and
+    dropped it, advising only the repair that gives its blocks up (the session-22 new-user
+    audit)."""
+    tmp, repo, img, sid = backed_up
+    (pack,) = pack_files(repo)
+    for name in os.listdir(os.path.join(repo, "index")):
+        os.unlink(os.path.join(repo, "index", name))
+    os.makedirs(os.path.join(repo, "packs", "00"), exist_ok=True)
+    moved = os.path.join(repo, "packs", "00", os.path.basename(pack))
+    os.rename(pack, moved)
+    code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
+    (left,) = json.loads(out)["packs_left_alone"]
+    assert code == 6 and os.path.relpath(pack, repo) in left and os.path.relpath(moved, repo) in left
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert f"note: {left}" in err and "first look at the objects under packs/ named above" in err, err
+    os.rename(moved, pack)
+    assert cli(capsys, "verify", "--repair", "--repo", repo)[0] == 0
+    assert cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import stat
@@ -12,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import IN_CI, require_tool, wait_until
+from conftest import IN_CI, busybox_path, require_busybox, require_tool, wait_until
 from images import MiB, backup_file, random_bytes, resize, same_file, vm_image, write_at
 from pyvbak.repo import format as fmt
 from pyvbak.repo.repository import Repository
@@ -22,8 +23,8 @@ BARE_PATH = "/usr/bin:/bin"
 
 def shells():
     out = [("/bin/sh",), ("bash", "--posix")]
-    if shutil.which("busybox"):
-        out.append((shutil.which("busybox"), "sh"))
+    if busybox_path():
+        out.append((busybox_path(), "sh"))
     return out
 
 
@@ -122,6 +123,8 @@ def test_snapshot_names_prefix_and_latest(setup):
         p = run_sh(script, spec, elsewhere / "bad.img", cwd=elsewhere)
         one_error(p, needle)
         assert not (elsewhere / "bad.img").exists()
+    p = run_sh(script, "db@latest", elsewhere / "bad.img", cwd=elsewhere)
+    assert re.search(r"has several disks \([^ )]+( [^ )]+)+\): ", p.stderr), p.stderr  # (no stray space)
     # an index without metadata is an interrupted backup's, not a snapshot
     os.chmod(repo.location + "/snapshots", 0o755)
     orphan = os.path.join(repo.location, "snapshots", "20000101T000000Z-0badf00d.index")
@@ -433,7 +436,7 @@ def test_missing_zstd_is_one_error_line(setup, tmp_path):
 def test_busybox_tools_with_join_only(setup, tmp_path):
     """A rescue system of busybox applets, plus join (busybox has none) and zstd: no
     split either, so every block goes on its own."""
-    busybox = require_tool("busybox", "busybox-static")
+    busybox = require_busybox()
     repo, snaps, _ = setup
     d = tmp_path / "bin"
     d.mkdir()

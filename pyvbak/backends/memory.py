@@ -2,8 +2,8 @@
 
 Same semantics as every other backend (it passes the conformance suite).  Stores named
 ``memory://NAME`` live for the whole process, so a test can open the same "repository" twice
-(``open_backend("memory://x")``) just as a second run would reopen a directory; ``drop`` /
-``drop_all`` forget them.
+(``open_backend("memory://x")``) just as a second run would reopen a directory; ``drop``
+forgets one.
 """
 
 from __future__ import annotations
@@ -67,11 +67,6 @@ class MemoryBackend(Backend):
         """Forget the named store (its objects are gone for every later open)."""
         with _stores_lock:
             _stores.pop(name, None)
-
-    @staticmethod
-    def drop_all() -> None:
-        with _stores_lock:
-            _stores.clear()
 
     def _check(self, name: str) -> str:
         if self._closed:

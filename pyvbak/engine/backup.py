@@ -440,7 +440,10 @@ def run_backup(
         else:
             reason = None
         result.fallback_reason = reason
-        if reason:
+        # (a disk's first backup in this repository can only read it all: the reason stays
+        # in fallback_reason, and a warning on every new VM's first night was noise - the
+        # session-22 new-user audit)
+        if reason and latest is not None:
             result.warnings.append(f"change tracking not used: {reason}; scanned the whole disk")
     else:
         result.fallback_reason = getattr(source, "why_untracked", None)

@@ -24,7 +24,6 @@ from typing import Iterable, Iterator
 
 from pyvbak import interrupts
 from pyvbak.errors import Interrupted
-from pyvbak.processes import pid_alive  # noqa: F401  (re-exported: its old import path)
 
 _CONVERTED = (signal.SIGTERM, signal.SIGHUP)
 

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
@@ -1515,6 +1514,3 @@ def default_repository_path() -> str:
 def snapshot_time() -> str:
     return _now_iso()
 
-
-def wall_time() -> float:
-    return time.time()

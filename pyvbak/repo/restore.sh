@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 13  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 14  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -377,7 +377,7 @@ case $snap in
     if [ -z "$want_disk" ]; then
       cut -d' ' -f4- "$tmp/cands.sorted" > "$tmp/disks" && sort -u "$tmp/disks" > "$tmp/disks.u" || die "cut failed"
       [ "$(wc -l < "$tmp/disks.u")" -eq 1 ] \
-        || die "VM $vm has several disks ($(tr '\n' ' ' < "$tmp/disks.u")): restore one at a time with $vm/DISK@latest"
+        || die "VM $vm has several disks ($(paste -s -d ' ' "$tmp/disks.u")): restore one at a time with $vm/DISK@latest"
     fi
     line=$(tail -n 1 "$tmp/cands.sorted") || die "tail failed"
     snap=$(printf '%s\n' "$line" | cut -d' ' -f3) || die "cut failed"

@@ -245,6 +245,10 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         # packs no pack index names (their blocks are invisible until indexed again)
         "unindexed_packs": {"packs": len(set(adoptable["pack"].tolist())), "blocks": int(len(adoptable))}
         if len(adoptable) else None,
+        # objects under packs/ that could hold the missing blocks but cannot be indexed as
+        # they are (a pack under the wrong packs/HH/, a table of contents that does not
+        # match the name): named, so a misplaced pack is moved back, not given up for lost
+        "packs_left_alone": [ln for ln in unindexed_lines if ln.startswith("left ")],
         # copies that could not be read (I/O errors), twice: --repair keeps their records
         # unless told otherwise (--drop-unreadable).  The count is of every such copy; the
         # list names those of blocks that have a good copy too (the others are problems)

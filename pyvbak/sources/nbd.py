@@ -664,15 +664,10 @@ class NbdClient:
                 self._drain(item[3])
 
     # ---- block status ------------------------------------------------------------
-    def context_extents(self, context: str, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, int]]:
-        """(offset, length, flags) for ``context`` covering [offset, offset+length), in
-        order, looping over replies that cover less than asked."""
-        for off, ln, fl in self.context_extent_array(context, offset, length).tolist():
-            yield off, ln, fl
-
     def context_extent_array(self, context: str, offset: int = 0, length: int | None = None) -> np.ndarray:
-        """``context_extents`` as one (k, 3) int64 array of [offset, length, flags] rows:
-        no Python object per extent (a fragmented disk has 10^5-10^6 of them; on the
+        """The extents of ``context`` covering [offset, offset+length), in order (replies
+        that cover less than asked are asked on), as one (k, 3) int64 array of [offset,
+        length, flags] rows: no Python object per extent (a fragmented disk has 10^5-10^6 of them; on the
         2 GiB bench disk, 1.7 k extents, the per-extent objects of the base:allocation
         map alone cost ~15 ms of CPU per backup)."""
         end = self.size if length is None else min(self.size, offset + length)

@@ -4,7 +4,7 @@ QMP is line-delimited JSON: the server greets with ``{"QMP": {...}}``, the clien
 send ``qmp_capabilities`` before anything else, then each ``{"execute": ...}`` gets one
 ``{"return": ...}`` or ``{"error": {"class", "desc"}}`` reply.  Asynchronous events
 (``{"event": ...}``) can arrive at any time, also in between a command and its reply;
-they are kept aside in order so callers can wait for them (``wait_event``).
+they are kept aside in order (``events``, the last 10 000), apart from the replies.
 
 Every socket operation has a timeout.  A timeout leaves the stream in an unknown state
 (a late reply could be mistaken for the next one), so the client is then marked broken
@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 from pyvbak.errors import SourceError
 
@@ -265,39 +265,3 @@ class QmpClient:
             return True, self.execute(command, **arguments)
         except QmpError as e:
             return False, e
-
-    def wait_event(self, predicate: Callable[[dict], bool], timeout: float | None = None, what: str = "a QMP event") -> dict:
-        """Return (and remove) the first kept or incoming event for which ``predicate``
-        is true; SourceError after ``timeout`` seconds."""
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                for ev in list(self.events):
-                    if predicate(ev):
-                        self.events.remove(ev)
-                        return ev
-                if time.monotonic() >= deadline:
-                    raise SourceError(f"timed out after {timeout}s waiting for {what} on {self.socket_path}")
-                if self._sock is None:
-                    raise SourceError(f"QMP connection to {self.socket_path} is closed")
-                # poll with a short read; a quiet socket is not an error here
-                self._sock.settimeout(max(0.01, min(0.2, deadline - time.monotonic())))
-                try:
-                    chunk = self._sock.recv(65536)
-                except socket.timeout:
-                    chunk = None
-                except OSError as e:
-                    raise self._fail(f"QMP connection to {self.socket_path} failed: {e.strerror or e}")
-                if chunk == b"":
-                    raise self._fail(f"QEMU closed the QMP connection {self.socket_path}")
-                if chunk:
-                    self._buf += chunk
-                while b"\n" in self._buf:
-                    line, _, self._buf = self._buf.partition(b"\n")
-                    try:
-                        m = json.loads(line)
-                    except ValueError:
-                        continue
-                    if "event" in m:
-                        self.events.append(m)

@@ -1,1 +1,0 @@
-"""jobs layer (see docs/ARCHITECTURE.md)."""

@@ -618,20 +618,22 @@ def test_a_repository_with_nothing_stored_is_no_reason_to_take_an_empty_mount_po
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
 
 
-def test_a_repository_made_before_the_mark_is_not_marked_while_packs_are_missing(backed_up, capsys):
+def test_a_repository_made_before_the_mark_is_not_backed_up_into_while_packs_are_missing(backed_up, capsys):
     """An unmarked repository whose storage is not mounted, with a pack an older pyvbak
     stored into the mount point: the packs check passes (the index names that pack), and
     the backup marked the mount point - after which every check passed at every unmount
-    (review 1).  The first mark needs every pack the index names."""
+    (review 1) - then, unmarked, still stored into it (review 2).  Until the first mark,
+    every pack the index names must be there."""
     tmp, repo, img, sid = backed_up
     for name in ("packs/pack-storage.json", "pack-storage.json"):
         os.unlink(os.path.join(repo, name))
     away = _stray_pack_in_the_mount_point(tmp, repo, capsys)
     os.unlink(os.path.join(repo, "pack-storage.json"))  # (that backup marked: an older pyvbak would not)
     os.unlink(os.path.join(away, "pack-storage.json"))
+    stray = pack_files(repo)
     code, _, err = cli(capsys, "backup", vm_image(tmp / "n.img", 2 * MiB, seed=52), "--repo", repo, "--vm", "new")
-    assert code == 0 and "were not marked" not in err
-    assert "of the packs the index names are not in" in err and "not marked" in err, err
+    assert code == 6 and "of the packs the index of repository" in err and "no pack-storage mark" in err, err
+    assert pack_files(repo) == stray
     assert not os.path.exists(os.path.join(repo, "packs", "pack-storage.json"))
     assert not os.path.exists(os.path.join(repo, "pack-storage.json"))
     shutil.rmtree(os.path.join(repo, "packs"))  # mounted back

@@ -99,8 +99,9 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         gone = r.pack_indexes_gone()
         recovered = r.recover_leftovers(after_crash=bool(lock.stale_removed) or gone)
         if gone and any(ln.startswith("adopted") for ln in recovered):
-            info(f"warning: a pack index this host saw before is gone from {r.location.rstrip('/')}/index (lost "
-                 f"from storage?) and packs no index names were there: indexed them again (run 'pyvbak verify')")
+            info(f"warning: packs no pack index names were in {r.packs_location()} (a pack index lost from "
+                 f"storage, or a backup elsewhere not done yet): indexed them from their own tables of contents "
+                 f"(run 'pyvbak verify' if no backup was running elsewhere)")
         cleaned += recovered
         r.remember_pack_indexes()
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes
@@ -150,10 +151,20 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
                      + ("" if len(results) == len(names)
                         else " (the disk in progress and those after it were not backed up)"))
             raise
+        _remember_written(r)
     for result in results:
         result.cleaned_leftovers = cleaned
         result.consistency_group = (group or {}).get("consistency_group")
     return results, cleaned
+
+
+def _remember_written(r) -> None:
+    """The pack indexes this backup wrote, remembered with the others (best effort: a
+    cache that cannot be written never fails a backup)."""
+    try:
+        r.remember_pack_indexes(add=True)
+    except Exception:  # noqa: BLE001 - a listing error here is the next backup's to meet
+        pass
 
 
 def cbt_off(

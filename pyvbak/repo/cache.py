@@ -322,25 +322,41 @@ class SeenPackIndexes:
     def _ids(names) -> set[bytes]:
         return {bytes.fromhex(n[6:]) for n in names if _INDEX_NAME.fullmatch(n)}
 
-    def gone(self, names) -> bool:
-        """Whether a pack index remembered is not among ``names`` (the listing now)."""
+    def _remembered(self) -> set[bytes] | None:
+        """The ids remembered; None without a cache or a readable file of ours."""
         if self.path is None:
-            return False
+            return None
         try:
             with open(self.path, "rb") as f:
                 raw = f.read()
         except OSError:
-            return False
+            return None
         head = self._head()
         body = raw[len(head):]
         if not raw.startswith(head) or len(body) % 32:
-            return False  # damaged or foreign: remembered again by this run
-        now = self._ids(names)
-        return any(body[i : i + 32] not in now for i in range(0, len(body), 32))
+            return None  # damaged or foreign
+        return {body[i : i + 32] for i in range(0, len(body), 32)}
+
+    def gone(self, names) -> bool:
+        """Whether a pack index remembered is not among ``names`` (the listing now) - also
+        when nothing is remembered (no cache, a first run on this host, a damaged file):
+        then nothing says none was lost, and one listing of packs/ costs what a prune
+        elsewhere does (review 2)."""
+        remembered = self._remembered()
+        return remembered is None or not remembered <= self._ids(names)
 
     def remember(self, names) -> None:
+        """Remember ``names`` (the listing after a look for unindexed packs) in place of
+        what was remembered."""
         if self.path is not None:
             _write_private(self.path, self._head() + b"".join(sorted(self._ids(names))))
+
+    def add(self, names) -> None:
+        """Remember ``names`` too (what a backup wrote): forgetting nothing remembered,
+        which only a look for unindexed packs may (a concurrent backup's names stay)."""
+        remembered = self._remembered()
+        if self.path is not None and remembered is not None:
+            _write_private(self.path, self._head() + b"".join(sorted(remembered | self._ids(names))))
 
 
 def _write_private(path: str, data: bytes) -> None:

@@ -1002,7 +1002,13 @@ class Repository:
             return PackStorageProblem(self, state, owner)
         if self.named_packs_missing():
             return PackStorageProblem(self, "no packs")
-        if state in ("ok", "unmarked"):
+        if state == "unmarked":
+            # no mark yet to tell the storage from an empty mount point holding a pack an
+            # older pyvbak stored there: every pack the index names must be there (one
+            # listing, until the first backup marks packs/ - review 2)
+            absent = self.named_packs_absent()
+            return PackStorageProblem(self, state, count=absent) if absent else None
+        if state == "ok":
             return None
         # (with nothing stored either: the next backup's blocks would be hidden all the
         # same once the storage is mounted back - review 1)
@@ -1148,9 +1154,13 @@ class Repository:
         unindexed."""
         return SeenPackIndexes(self.config.repo_id).gone(self.pack_index_names())
 
-    def remember_pack_indexes(self) -> None:
-        """Remember the pack indexes listed now (after a backup's recovery, a prune, a repair)."""
-        SeenPackIndexes(self.config.repo_id).remember(self.pack_index_names())
+    def remember_pack_indexes(self, *, add: bool = False) -> None:
+        """Remember the pack indexes listed now: in place of the ones remembered after a
+        look for unindexed packs (a backup's recovery, a prune, a repair of everything),
+        beside them (``add``) after a backup wrote its own (the newest one lost went
+        unnoticed when only the listing before it was remembered - review 2)."""
+        seen = SeenPackIndexes(self.config.repo_id)
+        (seen.add if add else seen.remember)(self.pack_index_names())
 
     def write_pack_index(self, records: np.ndarray) -> str | None:
         if not len(records):
@@ -1386,6 +1396,7 @@ class PackStorageProblem:
     repo: Repository
     kind: str
     owner: str = ""
+    count: int = 0  # ("unmarked": how many of the packs the index names are not there)
 
     def summary(self) -> str:
         """One clause for a warning line."""
@@ -1397,6 +1408,8 @@ class PackStorageProblem:
             return f"the repository's pack-storage mark {mark} is missing (storage not mounted?)"
         if self.kind == "damaged":
             return f"the repository's pack-storage mark {mark} is damaged"
+        if self.kind == "unmarked":
+            return f"{self.count} of the packs the index names are not in {packs_dir} (storage not mounted?)"
         return f"{packs_dir} holds another repository's packs (its mark names repository {self.owner})"
 
     def error(self, outcome: str) -> IntegrityError:
@@ -1415,6 +1428,12 @@ class PackStorageProblem:
                 f"{packs_dir} holds another repository's packs: its pack-storage mark {mark} names repository "
                 f"{self.owner}, and this one is {repo.config.repo_id}; {outcome}: mount this repository's pack storage "
                 f"there")
+        if self.kind == "unmarked":
+            return IntegrityError(
+                f"{self.count} of the packs the index of repository {repo.location} names are not in {packs_dir}, and "
+                f"no pack-storage mark tells its storage from an empty mount point yet (a repository made before the "
+                f"mark); {outcome}: if the storage is not mounted, mount it; if those packs are really lost, run "
+                f"'pyvbak verify --repair' to drop them from the index (the next backup then marks {packs_dir})")
         if self.kind == "missing":
             return IntegrityError(
                 f"repository {repo.location} has marked its pack storage, but the mark {mark} is missing: the storage "

@@ -69,3 +69,18 @@ class Source(Protocol):
     # Optional: ``done_reading()`` is called once the engine has read everything it will
     # (before its data is made durable): a source holding a point-in-time view of a running
     # VM's disk releases it then.  No read follows; it raises only ``Interrupted``.
+
+    # Optional members the engine looks for (``hasattr``), each changing how it reads:
+    #
+    # ``fileno()`` and ``path``: a local file or block device.  The engine maps it and
+    #   compares the whole disk block by block against the parent's fast hashes in native
+    #   code (the mapped scan, engine/backup.py), reads with fewer workers (the page cache
+    #   is no network), and hashes the parent's unchanged blocks only where needed.
+    # ``read_into(offset, buffer) -> int``: fill a caller's buffer (no allocation per read;
+    #   used when there is no ``fileno``: a network source).
+    # ``read_ranges_into(ranges, buffer) -> int``: several (offset, length) ranges back to
+    #   back into one buffer, all requests in flight at once (a change-tracking
+    #   incremental's short dirty runs: one round trip instead of one each).
+    # ``zero_ranges(within=None)``: see ``extents``.  ``why_untracked``: see
+    #   ``change_tracking``.  ``source_warnings``: lines the result's warnings carry (what
+    #   the control plane found about the source, e.g. an image read as raw).

@@ -139,7 +139,10 @@ class BenchVM:
 
     def mounted(self) -> bool:
         with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == self.guest for line in f)
+            # (mountinfo names the resolved path: bench/.data may be a symlink, as in a
+            # frozen copy of the tree that shares the images)
+            guest = os.path.realpath(self.guest)
+            return any(line.split()[4] == guest for line in f)
 
     def start(self) -> "BenchVM":
         for p in (self.qmp_path, self.ctl_path):

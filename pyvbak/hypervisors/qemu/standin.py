@@ -11,6 +11,7 @@ copy-before-write filter and are recorded by its dirty bitmaps, as a guest's wou
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -74,8 +75,12 @@ class StandInVM:
 
     @staticmethod
     def _mounted(path: str) -> bool:
+        # mountinfo names the resolved path, with space, tab, newline and backslash as
+        # octal escapes (a work dir under a symlink never matched: the start timed out)
+        real = os.path.realpath(path)
         with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == path for line in f)
+            return any(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) == real
+                       for line in f)
 
     def state(self, disk: int = 0) -> str:
         """What QEMU holds, from its own QMP answers: exports, jobs, pyvbak's nodes and the

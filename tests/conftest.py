@@ -31,8 +31,10 @@ def require_tool(name: str, debian_package: str) -> str:
 def busybox_path() -> str | None:
     """busybox on PATH, else the static one tests/run.sh unpacks into tests/.guest/ (for
     the booted guest; never installed on the host)."""
-    unpacked = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".guest", "bin", "busybox")
-    return shutil.which("busybox") or (unpacked if os.access(unpacked, os.X_OK) else None)
+    guest = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".guest")
+    unpacked = [p for p in (os.path.join(guest, "bin", "busybox"), os.path.join(guest, "usr", "bin", "busybox"))
+                if os.access(p, os.X_OK)]
+    return shutil.which("busybox") or (unpacked[0] if unpacked else None)
 
 
 def require_busybox() -> str:

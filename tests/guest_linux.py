@@ -148,7 +148,7 @@ def find_kernel() -> tuple[str, Path]:
         candidates = []
         for vmlinuz in (root / "boot").glob("vmlinuz-*"):
             version = vmlinuz.name[len("vmlinuz-"):]
-            if (root / "lib" / "modules" / version / "modules.dep").is_file() and os.access(vmlinuz, os.R_OK):
+            if _modules_dir(vmlinuz, version) is not None and os.access(vmlinuz, os.R_OK):
                 candidates.append((version.endswith("-cloud-amd64"), version, vmlinuz))
         if candidates:
             candidates.sort(key=lambda c: (c[0], [int(x) if x.isdigit() else 0 for x in re.split(r"[.-]", c[1])]))
@@ -158,8 +158,19 @@ def find_kernel() -> tuple[str, Path]:
                  f"(sh tests/run.sh), which unpacks Debian's linux-image-cloud-amd64 there")
 
 
+def _modules_dir(vmlinuz: Path, version: str) -> Path | None:
+    """ROOT/lib/modules/VERSION, or ROOT/usr/lib/modules/VERSION (merged /usr), with its
+    modules.dep; ROOT is the one ``vmlinuz``'s boot/ is in."""
+    root = vmlinuz.parent.parent
+    for base in (root / "lib" / "modules" / version, root / "usr" / "lib" / "modules" / version):
+        if (base / "modules.dep").is_file():
+            return base
+    return None
+
+
 def find_static_busybox() -> Path:
-    for p in (UNPACKED / "bin" / "busybox", Path("/bin/busybox"), Path("/usr/bin/busybox")):
+    for p in (UNPACKED / "bin" / "busybox", UNPACKED / "usr" / "bin" / "busybox", Path("/bin/busybox"),
+              Path("/usr/bin/busybox")):
         if p.is_file() and _is_static_elf(p.read_bytes()):
             return p
     skip_or_fail(f"no statically linked busybox in {UNPACKED}/bin or on this host: run the README's test "
@@ -181,7 +192,7 @@ def modules_to_load(version: str, vmlinuz: Path, wanted=("virtio_pci", "virtio_b
     """The module files for ``wanted`` and what they depend on, in an order insmod can
     load them; a module the kernel has built in (``modules.builtin``) needs no file.
     The modules are beside ``vmlinuz``'s ``boot/``: ``ROOT/lib/modules/VERSION``."""
-    base = vmlinuz.parent.parent / "lib" / "modules" / version
+    base = _modules_dir(vmlinuz, version)
     def name(path: str) -> str:
         return Path(path).name.split(".ko")[0].replace("-", "_")
 

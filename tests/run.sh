@@ -34,20 +34,34 @@ fi
 # guest tests skip (fail in CI) and say how to get them.
 GUEST=tests/.guest
 if [ ! -f "$GUEST/.unpacked" ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then
-  kernel=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n 1)
+  kernel_package() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n 1
+  }
+  kernel=$(kernel_package)
+  if [ -z "$kernel" ] && [ "$(id -u)" = 0 ]; then  # (no package lists yet)
+    apt-get update -qq && kernel=$(kernel_package)
+  fi
   debs=$(mktemp -d)
-  if [ -n "$kernel" ] && (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>&1); then
+  trap 'rm -rf "$debs"' EXIT
+  trap 'rm -rf "$debs"; exit 130' INT
+  trap 'rm -rf "$debs"; exit 143' TERM
+  if [ -z "$kernel" ]; then
+    echo "tests/run.sh: apt knows no linux-image-cloud-amd64 (run apt-get update): the booted-guest tests will skip" >&2
+  elif (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>&1); then
     rm -rf "$GUEST" && mkdir -p "$GUEST"
-    for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$GUEST"; done
-    for modules in "$GUEST"/lib/modules/*; do
+    unpacked=yes
+    for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$GUEST" || unpacked=; done
+    for modules in "$GUEST"/lib/modules/* "$GUEST"/usr/lib/modules/*; do
       [ -d "$modules" ] || continue
-      PATH="$PATH:/sbin:/usr/sbin" depmod -b "$GUEST" "$(basename "$modules")" || echo "tests/run.sh: depmod failed for $modules" >&2
+      PATH="$PATH:/sbin:/usr/sbin" depmod -b "$GUEST" "$(basename "$modules")" || unpacked=
     done
-    touch "$GUEST/.unpacked"
+    # (only once complete: a failed step is tried again by the next run)
+    if [ -n "$unpacked" ]; then touch "$GUEST/.unpacked"; else echo "tests/run.sh: unpacking $kernel failed (kmod's depmod missing?)" >&2; fi
   else
     echo "tests/run.sh: could not download $kernel and busybox-static: the booted-guest tests will skip" >&2
   fi
   rm -rf "$debs"
+  trap - EXIT INT TERM
 fi
 # A Python that refuses pip installs outside a virtual environment (PEP 668: Debian's
 # own python3) gets one of its own, .venv/ in the checkout.

@@ -1804,3 +1804,33 @@ def test_verify_names_a_pack_under_the_wrong_folder_before_advising_the_repair(b
     assert cli(capsys, "verify", "--repair", "--repo", repo)[0] == 0
     assert cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)[0] == 0
     assert same_file(tmp / "out.img", img)
+
+
+def test_a_repository_made_before_the_mark_with_a_pack_really_lost_gets_out_with_one_repair(env, capsys):
+    """Refused while a pack its index names is absent, and the repair dropped only the
+    records snapshots use: those of blocks no snapshot uses (a forget without prune) kept
+    naming the lost pack, and every backup stayed refused (review 3)."""
+    tmp, repo, img = env
+    assert cli(capsys, "init", repo)[0] == 0
+    old = vm_image(tmp / "old.img", 2 * MiB, seed=60)
+    assert cli(capsys, "backup", old, "--repo", repo, "--vm", "old")[0] == 0
+    assert cli(capsys, "forget", "old@latest", "--repo", repo)[0] == 0  # (its blocks stay indexed)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    for name in ("packs/pack-storage.json", "pack-storage.json"):  # made before the mark
+        os.unlink(os.path.join(repo, name))
+    r = Repository.open(repo)
+    index = r.load_digest_index()
+    web_digests = r.data_blocks(r.latest("web", "disk"))[1]
+    web_packs = {bytes(p).ljust(32, b"\0").hex() for p in index.records_at(index.locate(web_digests))["pack"]}
+    (old_pack,) = [p for p in pack_files(repo) if os.path.basename(p) not in web_packs]
+    os.unlink(old_pack)
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 6 and "1 of the packs the index of repository" in err, err
+    code, _, err = cli(capsys, "verify", "--repair", "web@latest", "--repo", repo)
+    assert code == 2 and "without SNAPSHOT or --sample" in err, err
+    code, _, err = cli(capsys, "verify", "--repair", "--repo", repo)
+    assert code == 0, err
+    code, _, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 0 and os.path.exists(os.path.join(repo, "packs", "pack-storage.json")), err
+    assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
+    assert same_file(tmp / "out.img", img)

@@ -111,31 +111,35 @@ def verify(
     # failed ("locked by backup") whenever a backup had started meanwhile, the work lost
     recheck_report = None  # the check after a repair that adopted packs
     storage_missing = False
+    repair_problem = None
     with (r.lock(exclusive=True, purpose="verify --repair", clean_stale=False) if repair else nullcontext()) as lock:
         if repair:
             # Before any clean-up (stale locks' included): with the packs all gone it would
             # remove damaged pack indexes as "re-indexed" with nothing there to re-index
             # (review 2).  --repair is the user's word that they are lost: said at once,
             # and drop_lost_pack_records drops them, damaged pack indexes included.
-            problem = r.pack_storage_problem()
-            if problem and problem.kind == "foreign":  # (not this repository's to repair)
-                raise problem.error("nothing was checked or repaired")
-            storage_missing = problem is not None and problem.kind == "no packs"
-            mark_state = r.pack_storage_mark_state()[0] if problem else "ok"
-            if mark_state in ("missing", "damaged") and (snapshots or sample is not None):
-                # (marking packs/ for the whole repository after checking a part - review 1)
-                raise UsageError(f"{PackStorageProblem(r, mark_state).summary()}: mount the storage, or, if "
-                                 f"{r.packs_location()} really is this repository's pack storage, check and mark "
-                                 f"everything: 'pyvbak verify --repair' without SNAPSHOT or --sample")
+            repair_problem = r.pack_storage_problem()
+            if repair_problem and repair_problem.kind == "foreign":  # (not this repository's to repair)
+                raise repair_problem.error("nothing was checked or repaired")
+            storage_missing = repair_problem is not None and repair_problem.kind == "no packs"
+            mark_state = r.pack_storage_mark_state()[0] if repair_problem else "ok"
+            whole = (PackStorageProblem(r, mark_state) if mark_state in ("missing", "damaged")
+                     else repair_problem if repair_problem and repair_problem.kind == "unmarked" else None)
+            if whole is not None and (snapshots or sample is not None):
+                # (marking packs/ for the whole repository after checking a part - review 1;
+                # an unmarked repository's absent packs are dropped by a repair of everything)
+                raise UsageError(f"{whole.summary()}: mount the storage, or, if {r.packs_location()} really is this "
+                                 f"repository's pack storage, repair everything: 'pyvbak verify --repair' without "
+                                 f"SNAPSHOT or --sample")
             if storage_missing and (snapshots or sample is not None):
                 # (it drops every record of them, and reported on the chosen ones alone:
                 # exit 0, "complete", with other snapshots left unrestorable - review 3)
-                raise UsageError(f"{problem.summary()}: mount them, or, if they are really lost, repair everything: "
+                raise UsageError(f"{repair_problem.summary()}: mount them, or, if they are really lost, repair everything: "
                                  f"'pyvbak verify --repair' without SNAPSHOT or --sample")
             if storage_missing:
-                info(f"warning: {problem.summary()}: --repair takes them for lost and drops every record of them")
-            elif problem:  # the mark missing or damaged, some of the packs there
-                info(f"warning: {problem.summary()}: --repair takes {r.packs_location()} for this repository's "
+                info(f"warning: {repair_problem.summary()}: --repair takes them for lost and drops every record of them")
+            elif repair_problem:  # the mark missing or damaged, some of the packs there
+                info(f"warning: {repair_problem.summary()}: --repair takes {r.packs_location()} for this repository's "
                      f"pack storage")
             # the user's word: packs/ as it is is the storage (its lost packs dropped below)
             for line in r.write_pack_storage_mark(mark_state) if mark_state in ("missing", "damaged") else ():
@@ -214,6 +218,15 @@ def verify(
                 adopted += [ln for ln in r.recover_leftovers() if ln.startswith("adopted")]
             else:
                 report["repair"] = drop_bad_records(r, bad)
+                if repair_problem is not None and repair_problem.kind == "unmarked" and r.named_packs_absent():
+                    # a repository made before the mark is refused while packs its index
+                    # names are absent: the records of blocks no snapshot uses go too (they
+                    # kept it refused for good - review 3), after a marker of their own
+                    more = drop_lost_pack_records(r)
+                    report["repair"]["records_removed"] += more["records_removed"]
+                    report["repair"]["lost_marker"] = report["repair"]["lost_marker"] or more["lost_marker"]
+                    adopted += [f"removed damaged pack index {n} (its packs are not in {r.packs_location()})"
+                                for n in more["damaged_indexes_removed"]]
             report["repair"]["packs_taken_for_lost"] = storage_missing
             if movable:
                 # (after the bad copies' records are dropped: what the index still places

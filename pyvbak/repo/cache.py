@@ -339,9 +339,13 @@ class SeenPackIndexes:
 
     def gone(self, names) -> bool:
         """Whether a pack index remembered is not among ``names`` (the listing now) - also
-        when nothing is remembered (no cache, a first run on this host, a damaged file):
-        then nothing says none was lost, and one listing of packs/ costs what a prune
-        elsewhere does (review 2)."""
+        when nothing is remembered (a first run on this host, a damaged file): then
+        nothing says none was lost, and one listing of packs/ costs what a prune
+        elsewhere does (review 2).  Not without a cache directory: every backup would list
+        packs/ and index a concurrent backup's packs a second time (review 3); there
+        verify names such packs, and prune or verify --repair indexes them."""
+        if self.path is None:
+            return False
         remembered = self._remembered()
         return remembered is None or not remembered <= self._ids(names)
 

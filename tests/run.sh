@@ -38,16 +38,17 @@ if [ ! -f "$GUEST/.unpacked" ] && command -v apt-get >/dev/null 2>&1 && command 
     apt-cache depends linux-image-cloud-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)$/\1/p' | head -n 1
   }
   kernel=$(kernel_package)
-  if [ -z "$kernel" ] && [ "$(id -u)" = 0 ]; then  # (no package lists yet)
-    apt-get update -qq && kernel=$(kernel_package)
+  if [ -z "$kernel" ] && [ "$(id -u)" = 0 ] && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then
+    apt-get update -qq && kernel=$(kernel_package)  # (no package lists yet)
   fi
   debs=$(mktemp -d)
   trap 'rm -rf "$debs"' EXIT
   trap 'rm -rf "$debs"; exit 130' INT
   trap 'rm -rf "$debs"; exit 143' TERM
   if [ -z "$kernel" ]; then
-    echo "tests/run.sh: apt knows no linux-image-cloud-amd64 (run apt-get update): the booted-guest tests will skip" >&2
-  elif (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>&1); then
+    echo "tests/run.sh: apt knows no linux-image-cloud-amd64 (no package lists, or not Debian on amd64): the" \
+         "booted-guest tests will skip" >&2
+  elif (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>"$debs/why"); then
     rm -rf "$GUEST" && mkdir -p "$GUEST"
     unpacked=yes
     for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$GUEST" || unpacked=; done
@@ -58,7 +59,8 @@ if [ ! -f "$GUEST/.unpacked" ] && command -v apt-get >/dev/null 2>&1 && command 
     # (only once complete: a failed step is tried again by the next run)
     if [ -n "$unpacked" ]; then touch "$GUEST/.unpacked"; else echo "tests/run.sh: unpacking $kernel failed (kmod's depmod missing?)" >&2; fi
   else
-    echo "tests/run.sh: could not download $kernel and busybox-static: the booted-guest tests will skip" >&2
+    echo "tests/run.sh: could not download $kernel and busybox-static ($(grep -v '^W:' "$debs/why" | tail -n 1)):" \
+         "the booted-guest tests will skip" >&2
   fi
   rm -rf "$debs"
   trap - EXIT INT TERM

@@ -1834,3 +1834,27 @@ def test_a_repository_made_before_the_mark_with_a_pack_really_lost_gets_out_with
     assert code == 0 and os.path.exists(os.path.join(repo, "packs", "pack-storage.json")), err
     assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
     assert same_file(tmp / "out.img", img)
+
+
+def test_a_misplaced_pack_of_a_repository_made_before_the_mark_is_named_not_given_up(env, capsys):
+    """A pack moved under another packs/HH/ was taken for lost: the refusal never said where
+    it was, and verify --repair dropped its records (review 4)."""
+    tmp, repo, img = env
+    assert cli(capsys, "init", repo)[0] == 0
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    assert cli(capsys, "backup", vm_image(tmp / "db.img", 2 * MiB, seed=61), "--repo", repo, "--vm", "db")[0] == 0
+    for name in ("packs/pack-storage.json", "pack-storage.json"):  # made before the mark
+        os.unlink(os.path.join(repo, name))
+    pack = pack_files(repo)[0]
+    os.makedirs(os.path.join(repo, "packs", "zz"))
+    moved = os.path.join(repo, "packs", "zz", os.path.basename(pack))
+    os.rename(pack, moved)
+    index_before = sorted(os.listdir(os.path.join(repo, "index")))
+    for args in (["backup", img, "--repo", repo, "--vm", "web"], ["verify", "--repair", "--repo", repo]):
+        code, _, err = cli(capsys, *args)
+        assert code == 6 and f"packs/zz/{os.path.basename(pack)} belongs at" in err and "move it there" in err, err
+    assert sorted(os.listdir(os.path.join(repo, "index"))) == index_before and not os.path.exists(
+        os.path.join(repo, "lost"))
+    os.rename(moved, pack)
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0

@@ -310,15 +310,32 @@ def test_the_pack_index_of_this_hosts_last_backup_lost_is_found_too(tmp_path, mo
     assert (tmp_path / "out.img").read_bytes() == a.read_bytes()
 
 
-def test_without_a_local_cache_backups_do_not_list_packs(tmp_path, monkeypatch, capsys):
-    """With nothing remembered and nowhere to remember it, every backup listed packs/ and
-    indexed a concurrent backup's packs a second time, with a warning (review 3)."""
+def test_without_a_local_cache_a_lost_pack_index_is_found_unless_another_backup_runs(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Without a local cache nothing is remembered: backups did not look at all, and
+    committed snapshots no restore could read (review 4) - or looked at every overlap and
+    indexed the other backup's packs a second time, with a warning (review 3).  They look
+    unless another backup holds a lock."""
     monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
     repo = str(tmp_path / "repo")
     a = tmp_path / "a.img"
     a.write_bytes(os.urandom(4 << 20))
     assert main(["init", repo]) == 0
     assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
-    listed = _listing_spy(monkeypatch)
+    with open(a, "r+b") as f:
+        f.write(os.urandom(1 << 20))
+    before = set(os.listdir(os.path.join(repo, "index")))
     assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
+    (newest,) = set(os.listdir(os.path.join(repo, "index"))) - before
+    os.unlink(os.path.join(repo, "index", newest))
+    listed = _listing_spy(monkeypatch)
+    b = tmp_path / "b.img"
+    b.write_bytes(os.urandom(1 << 20))
+    with Repository.open(repo).lock(purpose="backup of other/disk"):  # another backup, running
+        assert main(["backup", str(b), "--repo", repo, "--vm", "b"]) == 0
     assert "packs/" not in listed
+    capsys.readouterr()
+    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
+    assert "packs/" in listed and "adopted unindexed pack" in capsys.readouterr().err
+    assert main(["restore", "a@latest", str(tmp_path / "out.img"), "--repo", repo]) == 0
+    assert (tmp_path / "out.img").read_bytes() == a.read_bytes()

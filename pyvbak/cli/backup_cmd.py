@@ -76,6 +76,7 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
     and whose ``main()`` ends that mode."""
     from ..engine.backup import run_backup
     from ..hypervisors import disk_names, open_disks, source_spec
+    from ..repo.locks import other_backups
     from ..repo.repository import check_vm_disk_names, new_snapshot_id, snapshot_time
 
     source = source_spec(source)  # (idempotent: the CLI's own call already did it)
@@ -97,13 +98,19 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         # storage - then its packs are unindexed, and this backup would carry its parent's
         # records of their blocks on unread into a snapshot no restore can read
         gone = r.pack_indexes_gone()
+        if gone is None:
+            # nothing remembered (no local cache, a first run here): look, unless another
+            # backup is writing now - its packs are not indexed yet, and would be indexed
+            # twice with a warning at every overlap (review 3); a later backup looks
+            gone = not other_backups(r.backend, lock)
         recovered = r.recover_leftovers(after_crash=bool(lock.stale_removed) or gone)
         if gone and any(ln.startswith("adopted") for ln in recovered):
             info(f"warning: packs no pack index names were in {r.packs_location()} (a pack index lost from "
                  f"storage, or a backup elsewhere not done yet): indexed them from their own tables of contents "
                  f"(run 'pyvbak verify' if no backup was running elsewhere)")
         cleaned += recovered
-        r.remember_pack_indexes()
+        if gone or lock.stale_removed:  # (looked: what is listed now is all indexed)
+            r.remember_pack_indexes()
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes
             info(line)
         # (checked above: from here on packs/ is taken for the repository's pack storage,

@@ -119,7 +119,9 @@ def verify(
             # (review 2).  --repair is the user's word that they are lost: said at once,
             # and drop_lost_pack_records drops them, damaged pack indexes included.
             repair_problem = r.pack_storage_problem()
-            if repair_problem and repair_problem.kind == "foreign":  # (not this repository's to repair)
+            if repair_problem and (repair_problem.kind == "foreign" or repair_problem.misplaced):
+                # (not this repository's to repair; or packs only misplaced, which the repair
+                # would give up for lost - review 4)
                 raise repair_problem.error("nothing was checked or repaired")
             storage_missing = repair_problem is not None and repair_problem.kind == "no packs"
             mark_state = r.pack_storage_mark_state()[0] if repair_problem else "ok"
@@ -223,6 +225,7 @@ def verify(
                     # names are absent: the records of blocks no snapshot uses go too (they
                     # kept it refused for good - review 3), after a marker of their own
                     more = drop_lost_pack_records(r)
+                    storage_missing = storage_missing or more["records_removed"] > 0  # (packs_taken_for_lost)
                     report["repair"]["records_removed"] += more["records_removed"]
                     report["repair"]["lost_marker"] = report["repair"]["lost_marker"] or more["lost_marker"]
                     adopted += [f"removed damaged pack index {n} (its packs are not in {r.packs_location()})"

@@ -337,17 +337,12 @@ class SeenPackIndexes:
             return None  # damaged or foreign
         return {body[i : i + 32] for i in range(0, len(body), 32)}
 
-    def gone(self, names) -> bool:
-        """Whether a pack index remembered is not among ``names`` (the listing now) - also
-        when nothing is remembered (a first run on this host, a damaged file): then
-        nothing says none was lost, and one listing of packs/ costs what a prune
-        elsewhere does (review 2).  Not without a cache directory: every backup would list
-        packs/ and index a concurrent backup's packs a second time (review 3); there
-        verify names such packs, and prune or verify --repair indexes them."""
-        if self.path is None:
-            return False
+    def gone(self, names) -> bool | None:
+        """Whether a pack index remembered is not among ``names`` (the listing now); None
+        when nothing is remembered (no cache directory, a first run on this host, a
+        damaged file): nothing says none was lost (review 2)."""
         remembered = self._remembered()
-        return remembered is None or not remembered <= self._ids(names)
+        return None if remembered is None else not remembered <= self._ids(names)
 
     def remember(self, names) -> None:
         """Remember ``names`` (the listing after a look for unindexed packs) in place of

@@ -1006,8 +1006,8 @@ class Repository:
             # no mark yet to tell the storage from an empty mount point holding a pack an
             # older pyvbak stored there: every pack the index names must be there (one
             # listing, until the first backup marks packs/ - review 2)
-            absent = self.named_packs_absent()
-            return PackStorageProblem(self, state, count=absent) if absent else None
+            absent, misplaced = self.named_packs_absent_detail()
+            return PackStorageProblem(self, state, count=absent, misplaced=tuple(misplaced)) if absent else None
         if state == "ok":
             return None
         # (with nothing stored either: the next backup's blocks would be hidden all the
@@ -1050,13 +1050,25 @@ class Repository:
 
     def named_packs_absent(self) -> int:
         """How many of the packs the index names ``packs/`` does not hold (one listing)."""
+        return self.named_packs_absent_detail()[0]
+
+    def named_packs_absent_detail(self) -> tuple[int, list[str]]:
+        """(how many of the packs the index names ``packs/`` does not hold where readers
+        look, the objects among them found under another ``packs/HH/``: misplaced, not
+        lost).  One listing."""
         index = self.load_digest_index()
         if not len(index):
-            return 0
+            return 0, []
         named = digest_sets.unique(index.records["pack"].view("S32"))
-        listed = [m.group(2) for m in map(_PACK_OBJECT.fullmatch, self.backend.list(fmt.PACKS_FOLDER)) if m]
+        objects = self.pack_object_names()
+        listed = [m.group(2) for m in map(_PACK_OBJECT.fullmatch, objects) if m]
         present = digest_sets.unique(np.array([bytes.fromhex(h) for h in listed], "S32")) if listed else np.empty(0, "S32")
-        return int(np.count_nonzero(~digest_sets.isin(named, present)))
+        absent = named[~digest_sets.isin(named, present)]
+        if not len(absent):
+            return 0, []
+        wanted = {bytes(p).ljust(32, b"\0").hex() for p in absent}
+        misplaced = [n for n in objects if n.rsplit("/", 1)[-1] in wanted]
+        return len(absent), misplaced
 
     def packs_location(self) -> str:
         """Where the packs are, for messages: REPO/packs."""
@@ -1148,10 +1160,10 @@ class Repository:
                 pass  # removed meanwhile (a repair by a backup)
         return damaged
 
-    def pack_indexes_gone(self) -> bool:
+    def pack_indexes_gone(self) -> bool | None:
         """Whether a pack index this host listed before is gone (cache.SeenPackIndexes):
         a prune elsewhere, or a pack index lost from storage, whose packs are then
-        unindexed."""
+        unindexed; None when this host remembers none (no local cache, a first run)."""
         return SeenPackIndexes(self.config.repo_id).gone(self.pack_index_names())
 
     def remember_pack_indexes(self, *, add: bool = False) -> None:
@@ -1274,7 +1286,11 @@ class Repository:
                 self.backend.delete(name)
             except ObjectMissing:
                 pass
-            report.append(f"removed damaged pack index {name} (its packs were re-indexed from their own tables of contents)")
+            # (with nothing to re-index, "its packs were re-indexed" was untrue - review 4)
+            report.append(f"removed damaged pack index {name} (" + (
+                "its packs were re-indexed from their own tables of contents)" if len(adopted) else
+                "every pack here is indexed without it: packs only it named are gone; 'pyvbak verify' names "
+                "the blocks lost with them)"))
         if len(adopted):
             self.write_pack_index(adopted)
         if len(adopted) or damaged:
@@ -1397,6 +1413,7 @@ class PackStorageProblem:
     kind: str
     owner: str = ""
     count: int = 0  # ("unmarked": how many of the packs the index names are not there)
+    misplaced: tuple = ()  # (... of them found under another packs/HH/)
 
     def summary(self) -> str:
         """One clause for a warning line."""
@@ -1428,6 +1445,13 @@ class PackStorageProblem:
                 f"{packs_dir} holds another repository's packs: its pack-storage mark {mark} names repository "
                 f"{self.owner}, and this one is {repo.config.repo_id}; {outcome}: mount this repository's pack storage "
                 f"there")
+        if self.kind == "unmarked" and self.misplaced:
+            name = self.misplaced[0]
+            return IntegrityError(
+                f"{self.count} of the packs the index of repository {repo.location} names are not where readers look "
+                f"in {packs_dir}, e.g. {name} belongs at {fmt.pack_name(name.rsplit('/', 1)[-1])}; {outcome}: move "
+                f"{'it' if len(self.misplaced) == 1 else f'the {len(self.misplaced)} misplaced ones'} there (and mount "
+                f"the storage if it is not), then run the command again")
         if self.kind == "unmarked":
             return IntegrityError(
                 f"{self.count} of the packs the index of repository {repo.location} names are not in {packs_dir}, and "

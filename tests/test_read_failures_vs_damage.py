@@ -37,7 +37,7 @@ def test_an_unreadable_copy_beside_a_good_one_is_not_called_damaged(tmp_path, mo
     line counted them as damaged."""
     import json
 
-    from test_copies_audit import Copies
+    from test_block_copies import Copies
     from test_verify_read_errors import failing_reads
     from pyvbak.repo import format as fmt
 

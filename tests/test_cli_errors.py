@@ -125,6 +125,9 @@ def test_unknown_snapshot(backed_up, capsys):
         assert out == ""
         assert_one_error_line(err)
     assert not (tmp / "out.img").exists()
+    # a VM's name where an id goes: the @latest form is named (session-22 new-user audit)
+    code, _, err = cli(capsys, "restore", "web", tmp / "out.img", "--repo", repo)
+    assert code == 5 and "web is a VM; its newest snapshot is web@latest" in err, err
 
 
 def test_restore_existing_output_and_force(backed_up, capsys):

@@ -607,6 +607,9 @@ class Repository:
             raise IntegrityError(f"snapshot metadata {damaged[0]} is damaged: run 'pyvbak verify' "
                                  f"(restore.sh may still read it)")
         if not matches:
+            if any(s.vm == spec for s in snaps):  # a VM's name, given where an id goes
+                raise SnapshotNotFound(f"snapshot {spec} not found in {self.location}: {spec} is a VM; its newest "
+                                       f"snapshot is {spec}@latest")
             raise SnapshotNotFound(f"snapshot {spec} not found in {self.location}: list them with 'pyvbak snapshots'")
         return matches[0]
 

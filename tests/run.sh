@@ -48,7 +48,10 @@ if [ ! -f "$GUEST/.unpacked" ] && command -v apt-get >/dev/null 2>&1 && command 
   if [ -z "$kernel" ]; then
     echo "tests/run.sh: apt knows no linux-image-cloud-amd64 (no package lists, or not Debian on amd64): the" \
          "booted-guest tests will skip" >&2
-  elif (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>"$debs/why"); then
+  elif (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>"$debs/why") || {
+         # (lists out of date or missing, the kernel known from the installed packages)
+         [ "$(id -u)" = 0 ] && apt-get update -qq \
+           && (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>"$debs/why"); }; then
     rm -rf "$GUEST" && mkdir -p "$GUEST"
     unpacked=yes
     for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$GUEST" || unpacked=; done

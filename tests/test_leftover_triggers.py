@@ -310,18 +310,21 @@ def test_the_pack_index_of_this_hosts_last_backup_lost_is_found_too(tmp_path, mo
     assert (tmp_path / "out.img").read_bytes() == a.read_bytes()
 
 
-def test_without_a_local_cache_a_lost_pack_index_is_found_unless_another_backup_runs(tmp_path, monkeypatch,
-                                                                                      capsys):
+def test_without_a_local_cache_a_backup_checks_its_parent_against_the_index(tmp_path, monkeypatch, capsys):
     """Without a local cache nothing is remembered: backups did not look at all, and
-    committed snapshots no restore could read (review 4) - or looked at every overlap and
-    indexed the other backup's packs a second time, with a warning (review 3).  They look
-    unless another backup holds a lock."""
+    committed snapshots no restore could read (review 4); looking at every backup indexed
+    a running backup's packs again, with a warning (review 3); looking only when no other
+    lock was there let any other host's lock stop every look (review 5).  A backup checks
+    the parent it carries blocks of against the index, and looks when that misses some -
+    whatever other locks there are."""
     monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
     repo = str(tmp_path / "repo")
-    a = tmp_path / "a.img"
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
     a.write_bytes(os.urandom(4 << 20))
+    b.write_bytes(os.urandom(1 << 20))
     assert main(["init", repo]) == 0
     assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
+    assert main(["backup", str(b), "--repo", repo, "--vm", "b"]) == 0
     with open(a, "r+b") as f:
         f.write(os.urandom(1 << 20))
     before = set(os.listdir(os.path.join(repo, "index")))
@@ -329,13 +332,11 @@ def test_without_a_local_cache_a_lost_pack_index_is_found_unless_another_backup_
     (newest,) = set(os.listdir(os.path.join(repo, "index"))) - before
     os.unlink(os.path.join(repo, "index", newest))
     listed = _listing_spy(monkeypatch)
-    b = tmp_path / "b.img"
-    b.write_bytes(os.urandom(1 << 20))
-    with Repository.open(repo).lock(purpose="backup of other/disk"):  # another backup, running
-        assert main(["backup", str(b), "--repo", repo, "--vm", "b"]) == 0
+    assert main(["backup", str(b), "--repo", repo, "--vm", "b"]) == 0  # (its parent is whole)
     assert "packs/" not in listed
     capsys.readouterr()
-    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
+    with Repository.open(repo).lock(purpose="backup of other/disk"):  # another backup, running
+        assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
     assert "packs/" in listed and "adopted unindexed pack" in capsys.readouterr().err
     assert main(["restore", "a@latest", str(tmp_path / "out.img"), "--repo", repo]) == 0
     assert (tmp_path / "out.img").read_bytes() == a.read_bytes()

@@ -76,7 +76,6 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
     and whose ``main()`` ends that mode."""
     from ..engine.backup import run_backup
     from ..hypervisors import disk_names, open_disks, source_spec
-    from ..repo.locks import other_backups
     from ..repo.repository import check_vm_disk_names, new_snapshot_id, snapshot_time
 
     source = source_spec(source)  # (idempotent: the CLI's own call already did it)
@@ -99,10 +98,12 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         # records of their blocks on unread into a snapshot no restore can read
         gone = r.pack_indexes_gone()
         if gone is None:
-            # nothing remembered (no local cache, a first run here): look, unless another
-            # backup is writing now - its packs are not indexed yet, and would be indexed
-            # twice with a warning at every overlap (review 3); a later backup looks
-            gone = not other_backups(r.backend, lock)
+            # no local cache: nothing remembered.  Looking at every backup indexed the packs
+            # of a backup running meanwhile again, with a warning (review 3); looking only
+            # when no other lock was there let other hosts' and damaged locks stop every
+            # look (review 5).  The parents this backup carries blocks of are checked
+            # against the index instead, and a look made only when one misses some.
+            gone = any(_parent_misses_blocks(r, r.latest(vm, n)) for n in names)
         recovered = r.recover_leftovers(after_crash=bool(lock.stale_removed) or gone)
         if gone and any(ln.startswith("adopted") for ln in recovered):
             info(f"warning: packs no pack index names were in {r.packs_location()} (a pack index lost from "
@@ -163,6 +164,20 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         result.cleaned_leftovers = cleaned
         result.consistency_group = (group or {}).get("consistency_group")
     return results, cleaned
+
+
+def _parent_misses_blocks(r, parent) -> bool:
+    """Whether ``parent`` (a disk's newest snapshot, or None) names blocks the index does
+    not: a pack index lost from storage leaves its packs' blocks so.  A parent that cannot
+    be read is the engine's to report (it scans the disk): looked at as if it missed some."""
+    from ..errors import IntegrityError
+
+    if parent is None:
+        return False
+    try:
+        return r.lost_blocks_of(parent) > 0
+    except IntegrityError:
+        return True
 
 
 def _remember_written(r) -> None:

@@ -119,6 +119,8 @@ def verify(
             # (review 2).  --repair is the user's word that they are lost: said at once,
             # and drop_lost_pack_records drops them, damaged pack indexes included.
             repair_problem = r.pack_storage_problem()
+            if not (repair_problem and repair_problem.kind == "foreign"):
+                repair_problem = r.misplaced_packs_problem() or repair_problem
             if repair_problem and (repair_problem.kind == "foreign" or repair_problem.misplaced):
                 # (not this repository's to repair; or packs only misplaced, which the repair
                 # would give up for lost - review 4)
@@ -168,8 +170,9 @@ def verify(
             # miss the blocks the first found lost, and say "repair: complete")
             seed = secrets.randbits(64) if sample is not None else None
             report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
-            problem = r.pack_storage_problem() if not repair and report["_bad_records"] else None
-            if problem:  # (the mark, or the packs gone while it ran)
+            problem = (r.pack_storage_problem() or r.misplaced_packs_problem()
+                       if not repair and report["_bad_records"] else None)
+            if problem:  # (the mark, the packs gone while it ran, or some only misplaced)
                 raise problem.error("nothing was flagged")
             # (--repair drops the bad copies' records instead of flagging them)
             report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
@@ -225,12 +228,13 @@ def verify(
                     # names are absent: the records of blocks no snapshot uses go too (they
                     # kept it refused for good - review 3), after a marker of their own
                     more = drop_lost_pack_records(r)
-                    storage_missing = storage_missing or more["records_removed"] > 0  # (packs_taken_for_lost)
                     report["repair"]["records_removed"] += more["records_removed"]
                     report["repair"]["lost_marker"] = report["repair"]["lost_marker"] or more["lost_marker"]
                     adopted += [f"removed damaged pack index {n} (its packs are not in {r.packs_location()})"
                                 for n in more["damaged_indexes_removed"]]
-            report["repair"]["packs_taken_for_lost"] = storage_missing
+            # (absent packs of a repository no backup has marked are taken for lost too - review 5)
+            report["repair"]["packs_taken_for_lost"] = storage_missing or bool(
+                repair_problem is not None and repair_problem.kind == "unmarked")
             if movable:
                 # (after the bad copies' records are dropped: what the index still places
                 # in such a pack is moved to a new one, when all of it reads back intact)

@@ -338,11 +338,14 @@ class SeenPackIndexes:
         return {body[i : i + 32] for i in range(0, len(body), 32)}
 
     def gone(self, names) -> bool | None:
-        """Whether a pack index remembered is not among ``names`` (the listing now); None
-        when nothing is remembered (no cache directory, a first run on this host, a
-        damaged file): nothing says none was lost (review 2)."""
+        """Whether a pack index remembered is not among ``names`` (the listing now) - also
+        when nothing is remembered (a first run on this host, a damaged file): nothing
+        says none was lost (review 2), and one look costs what a prune elsewhere does.
+        None without a cache directory: nothing can be remembered."""
+        if self.path is None:
+            return None
         remembered = self._remembered()
-        return None if remembered is None else not remembered <= self._ids(names)
+        return remembered is None or not remembered <= self._ids(names)
 
     def remember(self, names) -> None:
         """Remember ``names`` (the listing after a look for unindexed packs) in place of

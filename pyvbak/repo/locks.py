@@ -212,19 +212,6 @@ def other_verifies(backend, own=None) -> bool:
                and not RepositoryLock._is_stale(info) for name, info in locks.items())
 
 
-def other_backups(backend, own=None) -> bool:
-    """Whether a backup other than ``own`` (a RepositoryLock, or None) holds a lock now:
-    its packs may be written and not indexed yet (or a lock whose purpose cannot be read
-    does: as if one did)."""
-    try:
-        locks = RepositoryLock(backend, exclusive=False, purpose="backup")._read_all()
-    except Exception:  # cannot tell: as if one did
-        return True
-    mine = getattr(own, "name", None)
-    return any(name != mine and (info.get("damaged") or "backup" in str(info.get("purpose", "")))
-               and not RepositoryLock._is_stale(info) for name, info in locks.items())
-
-
 def remove_locks(backend, *, all_hosts: bool = False) -> list[str]:
     """``pyvbak unlock``: remove locks of dead processes on this host, or every lock
     (``all_hosts``) when the user knows no other pyvbak uses the repository."""

@@ -1051,6 +1051,14 @@ class Repository:
         return [f"marked {self.packs_location()} as this repository's pack storage again (its mark "
                 f"{self.pack_storage_mark_location()} was {state})"]
 
+    def misplaced_packs_problem(self) -> "PackStorageProblem | None":
+        """A "misplaced" problem when packs the index names are found under another
+        ``packs/HH/`` (a copy or a move done by hand): readers look for them where they
+        belong, so their blocks read as missing, and a repair or a flag would give them up
+        (review 5).  One listing: asked when blocks were found missing, and by repairs."""
+        absent, misplaced = self.named_packs_absent_detail()
+        return PackStorageProblem(self, "misplaced", count=absent, misplaced=tuple(misplaced)) if misplaced else None
+
     def named_packs_absent(self) -> int:
         """How many of the packs the index names ``packs/`` does not hold (one listing)."""
         return self.named_packs_absent_detail()[0]
@@ -1410,7 +1418,8 @@ class PackStorageProblem:
     """Why ``packs/`` is not taken for the repository's pack storage
     (``Repository.pack_storage_problem``).  ``kind``: "no packs" (none of the packs the
     index names), "missing" / "damaged" (the pack-storage mark), "foreign" (the mark names
-    repository ``owner``)."""
+    repository ``owner``), "unmarked" (no mark yet, and ``count`` of the packs the index
+    names absent), "misplaced" (``misplaced``: packs found under another ``packs/HH/``)."""
 
     repo: Repository
     kind: str
@@ -1428,6 +1437,9 @@ class PackStorageProblem:
             return f"the repository's pack-storage mark {mark} is missing (storage not mounted?)"
         if self.kind == "damaged":
             return f"the repository's pack-storage mark {mark} is damaged"
+        if self.misplaced:
+            return (f"{len(self.misplaced)} of the packs the index names are elsewhere under {packs_dir}, e.g. "
+                    f"{self.misplaced[0]}, which belongs at {fmt.pack_name(self.misplaced[0].rsplit('/', 1)[-1])}")
         if self.kind == "unmarked":
             return f"{self.count} of the packs the index names are not in {packs_dir} (storage not mounted?)"
         return f"{packs_dir} holds another repository's packs (its mark names repository {self.owner})"
@@ -1448,13 +1460,14 @@ class PackStorageProblem:
                 f"{packs_dir} holds another repository's packs: its pack-storage mark {mark} names repository "
                 f"{self.owner}, and this one is {repo.config.repo_id}; {outcome}: mount this repository's pack storage "
                 f"there")
-        if self.kind == "unmarked" and self.misplaced:
-            name = self.misplaced[0]
+        if self.misplaced:
+            name, n = self.misplaced[0], len(self.misplaced)
+            others = (f"; the other {self.count - n} are nowhere under it" if self.count > n else "")
             return IntegrityError(
                 f"{self.count} of the packs the index of repository {repo.location} names are not where readers look "
-                f"in {packs_dir}, e.g. {name} belongs at {fmt.pack_name(name.rsplit('/', 1)[-1])}; {outcome}: move "
-                f"{'it' if len(self.misplaced) == 1 else f'the {len(self.misplaced)} misplaced ones'} there (and mount "
-                f"the storage if it is not), then run the command again")
+                f"in {packs_dir}: {n} {'is' if n == 1 else 'are'} elsewhere under it, e.g. {name}, which belongs at "
+                f"{fmt.pack_name(name.rsplit('/', 1)[-1])}{others}; {outcome}: move {'it' if n == 1 else 'them'} "
+                f"there, then run the command again")
         if self.kind == "unmarked":
             return IntegrityError(
                 f"{self.count} of the packs the index of repository {repo.location} names are not in {packs_dir}, and "

@@ -738,7 +738,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         # every pack gone, or packs/ without its mark: storage not mounted far more often
         # than data lost - said so, and nothing flagged (flags let backups store every
         # block again, into an empty mount point a remount then hides)
-        problem = repo.pack_storage_problem() if errors else None
+        problem = (repo.pack_storage_problem() or repo.misplaced_packs_problem()) if errors else None
         if problem:
             raise problem.error(f"snapshot {snap.id} was not restored and nothing was flagged")
         if flag_bad_copies:

@@ -50,7 +50,7 @@ if [ ! -f "$GUEST/.unpacked" ] && command -v apt-get >/dev/null 2>&1 && command 
          "booted-guest tests will skip" >&2
   elif (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>"$debs/why") || {
          # (lists out of date or missing, the kernel known from the installed packages)
-         [ "$(id -u)" = 0 ] && apt-get update -qq \
+         [ "$(id -u)" = 0 ] && apt-get update -qq && kernel=$(kernel_package) && [ -n "$kernel" ] \
            && (cd "$debs" && apt-get download -qq "$kernel" busybox-static >/dev/null 2>"$debs/why"); }; then
     rm -rf "$GUEST" && mkdir -p "$GUEST"
     unpacked=yes

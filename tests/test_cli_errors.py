@@ -1878,7 +1878,8 @@ def test_a_misplaced_pack_is_named_and_nothing_is_given_up(backed_up, capsys):
     os.rename(pack, moved)
     index_before = sorted(os.listdir(os.path.join(repo, "index")))
     for args in (["verify", "--repo", repo], ["verify", "--repair", "--repo", repo],
-                 ["restore", sid, tmp / "out.img", "--repo", repo]):
+                 ["restore", sid, tmp / "out.img", "--repo", repo], ["prune", "--repo", repo],
+                 ["forget", "db@latest", "--repo", repo, "--prune"]):
         code, _, err = cli(capsys, *args)
         assert code == 6 and f"packs/zz/{os.path.basename(pack)}, which belongs at" in err, (args, err)
     assert sorted(os.listdir(os.path.join(repo, "index"))) == index_before
@@ -1887,3 +1888,17 @@ def test_a_misplaced_pack_is_named_and_nothing_is_given_up(backed_up, capsys):
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
     assert cli(capsys, "restore", sid, tmp / "out.img", "--repo", repo)[0] == 0
     assert same_file(tmp / "out.img", img)
+
+
+def test_a_file_under_a_lost_packs_name_elsewhere_is_no_misplaced_pack(backed_up, capsys):
+    """The name alone made junk "the misplaced pack": moved where told, it took the pack's
+    place (review 6).  Only an object whose table of contents hashes to the name counts."""
+    tmp, repo, img, sid = backed_up
+    assert cli(capsys, "backup", vm_image(tmp / "db.img", 2 * MiB, seed=63), "--repo", repo, "--vm", "db")[0] == 0
+    pack = pack_files(repo)[0]
+    os.unlink(pack)
+    os.makedirs(os.path.join(repo, "packs", "zz"))
+    with open(os.path.join(repo, "packs", "zz", os.path.basename(pack)), "wb") as f:
+        f.write(os.urandom(1024))
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "belongs at" not in err.splitlines()[-1] and "is missing" in err, err

@@ -64,7 +64,7 @@ def forget(
         lock = _lock(r, dry_run=dry_run, no_lock=no_lock, purpose="forget", clean_stale=False)
     with lock as held:
         if prune_after:
-            problem = r.pack_storage_problem()  # (see _prune)
+            problem = r.pack_storage_problem() or r.misplaced_packs_problem()  # (see _prune)
             if problem:
                 raise problem.error("nothing was forgotten or pruned")
             if held is not None and not dry_run:
@@ -137,7 +137,9 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
         # (a nightly 'backup; prune' job did that on the first night it was unmounted).
         # Checked before stale locks go: the exclusive lock's clean-up after them would
         # take a damaged pack index whose packs it cannot see for garbage.
-        problem = r.pack_storage_problem()
+        # (a pack under another packs/HH/ reads as missing: prune dropped its records as
+        # lost, with a marker, and its snapshots no longer restored - review 6)
+        problem = r.pack_storage_problem() or r.misplaced_packs_problem()
         if problem:
             raise problem.error("nothing was pruned")
         if lock is not None and not dry_run:

@@ -163,9 +163,10 @@ def verify(
             if read_problem and read_problem.kind in ("no packs", "foreign"):
                 raise read_problem.error("nothing was checked or flagged")
             if read_problem:  # (the mark: verify checks every block it reads, and reads what is there)
+                way = (" (or 'pyvbak verify --repair' marks it, if it is the storage)"
+                       if read_problem.kind in ("missing", "damaged") else "")
                 info(f"warning: {read_problem.summary()}: verify reads the packs there, but flags nothing, and "
-                     f"backups and prune refuse this repository until the storage is mounted (or 'pyvbak verify "
-                     f"--repair' marks it, if it is the storage)")
+                     f"backups and prune refuse this repository until the storage is mounted{way}")
             # one sample for the check and the re-check after a repair (a new draw could
             # miss the blocks the first found lost, and say "repair: complete")
             seed = secrets.randbits(64) if sample is not None else None

@@ -1004,7 +1004,8 @@ class Repository:
         if state == "foreign":  # (said first: it tells more than "none of the packs")
             return PackStorageProblem(self, state, owner)
         if self.named_packs_missing():
-            return PackStorageProblem(self, "no packs")
+            # (every pack moved under other packs/HH/ is no storage lost: named - review 6)
+            return self.misplaced_packs_problem() or PackStorageProblem(self, "no packs")
         if state == "unmarked":
             # no mark yet to tell the storage from an empty mount point holding a pack an
             # older pyvbak stored there: every pack the index names must be there (one
@@ -1078,8 +1079,23 @@ class Repository:
         if not len(absent):
             return 0, []
         wanted = {bytes(p).ljust(32, b"\0").hex() for p in absent}
-        misplaced = [n for n in objects if n.rsplit("/", 1)[-1] in wanted]
+        # (by its table of contents, not its name alone: a file of junk under a lost pack's
+        # name was "to be moved there", into the pack's place - review 6)
+        misplaced = [n for n in objects if n.rsplit("/", 1)[-1] in wanted and self._is_pack_named(n)]
         return len(absent), misplaced
+
+    def _is_pack_named(self, name: str) -> bool:
+        """Whether the object ``name`` is a pack whose trailer hashes to its file name."""
+        try:
+            size = self.backend.stat(name)
+            if size < 4:
+                return False
+            tlen = fmt.trailer_length_from_tail(self.backend.read_range(name, size - 4, 4))
+            if tlen > size:
+                return False
+            return fmt.pack_id(self.backend.read_range(name, size - tlen, tlen)).hex() == name.rsplit("/", 1)[-1]
+        except (ObjectMissing, IntegrityError, BackendError):
+            return False
 
     def packs_location(self) -> str:
         """Where the packs are, for messages: REPO/packs."""
@@ -1462,7 +1478,8 @@ class PackStorageProblem:
                 f"there")
         if self.misplaced:
             name, n = self.misplaced[0], len(self.misplaced)
-            others = (f"; the other {self.count - n} are nowhere under it" if self.count > n else "")
+            rest = self.count - n
+            others = (f"; the other {rest} {'is' if rest == 1 else 'are'} nowhere under it" if rest else "")
             return IntegrityError(
                 f"{self.count} of the packs the index of repository {repo.location} names are not where readers look "
                 f"in {packs_dir}: {n} {'is' if n == 1 else 'are'} elsewhere under it, e.g. {name}, which belongs at "

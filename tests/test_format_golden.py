@@ -25,7 +25,7 @@ HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SNAPID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")  # YYYYMMDDTHHMMSSZ-xxxxxxxx
 TIME = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z$")
 META_KEYS = {"vm", "disk", "source", "size", "block_size", "time", "sequence", "parent", "change_tracking",
-             "stats", "warnings", "id", "status", "index", "index_sha256", "pyvbak_version"}
+             "stats", "warnings", "id", "status", "index", "index_sha256", "pyvbak_version", "pack_index"}
 STATS_KEYS = {"bytes_scanned", "bytes_read", "changed_blocks", "changed_bytes", "new_blocks", "new_bytes",
               "stored_bytes", "duration"}
 
@@ -111,7 +111,12 @@ def test_snapshot_metadata_json(tmp_path):
         index = (tmp_path / "repo" / "snapshots" / f"{sid}.index").read_bytes()
         assert raw == _dumps_layout(raw, 2)  # json.dumps(indent=2): one top-level key per line, 2 spaces in
         m = json.loads(raw)
-        assert set(m) == META_KEYS  # no lost/ markers, no consistency group: neither key
+        # no lost/ markers, no consistency group: neither key; the second backup stored
+        # nothing new, and wrote no pack index to name
+        assert set(m) == (META_KEYS if seq == 1 else META_KEYS - {"pack_index"})
+        if seq == 1:
+            assert re.fullmatch(r"index/[0-9a-f]{64}", m["pack_index"])
+            assert (tmp_path / "repo" / m["pack_index"]).exists()
         assert m["id"] == sid and m["index"] == f"snapshots/{sid}.index" and m["status"] == "complete"
         assert m["index_sha256"] == hashlib.sha256(index).hexdigest()
         assert (m["vm"], m["disk"], m["size"], m["block_size"]) == ("web", "disk0", 4 * BS + 100, 65536)

@@ -340,3 +340,30 @@ def test_without_a_local_cache_a_backup_checks_its_parent_against_the_index(tmp_
     assert "packs/" in listed and "adopted unindexed pack" in capsys.readouterr().err
     assert main(["restore", "a@latest", str(tmp_path / "out.img"), "--repo", repo]) == 0
     assert (tmp_path / "out.img").read_bytes() == a.read_bytes()
+
+
+def test_the_pack_index_a_parent_wrote_elsewhere_is_checked_too(tmp_path, monkeypatch, capsys):
+    """A pack index written by a run without the local cache (or by another host) was never
+    listed here: lost, it went unnoticed, and every later backup of the disk committed
+    snapshots no restore could read (the session-22 soak).  A snapshot names the pack index
+    it wrote, and the disk's next backup checks it is there."""
+    repo = str(tmp_path / "repo")
+    a = tmp_path / "a.img"
+    a.write_bytes(os.urandom(4 << 20))
+    assert main(["init", repo]) == 0
+    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
+    with open(a, "r+b") as f:
+        f.write(os.urandom(1 << 20))
+    cache = os.environ["PYVBAK_CACHE_DIR"]
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
+    before = set(os.listdir(os.path.join(repo, "index")))
+    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
+    (written,) = set(os.listdir(os.path.join(repo, "index"))) - before
+    assert Repository.open(repo).latest("a", "a").meta["pack_index"] == f"index/{written}"
+    os.unlink(os.path.join(repo, "index", written))
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", cache)
+    capsys.readouterr()
+    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
+    assert "adopted unindexed pack" in capsys.readouterr().err
+    assert main(["restore", "a@latest", str(tmp_path / "out.img"), "--repo", repo]) == 0
+    assert (tmp_path / "out.img").read_bytes() == a.read_bytes()

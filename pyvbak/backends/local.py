@@ -642,6 +642,15 @@ class _LocalObjectStream(ObjectStream):
         self._done = False
         self._tmp: str | None = None
         try:
+            self._create(backend, folder)
+        except BaseException:
+            # (a Ctrl-C or SIGTERM between creating the temp file and returning the stream
+            # left it: the caller never had the stream to abort - the session-22 soak)
+            self.abort()
+            raise
+
+    def _create(self, backend: LocalBackend, folder: str) -> None:
+        try:
             backend._ensure_dir(self._dir)
             self._tmp = os.path.join(self._dir, temp_name())
             with _live_lock:

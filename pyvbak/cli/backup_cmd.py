@@ -97,6 +97,14 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         # storage - then its packs are unindexed, and this backup would carry its parent's
         # records of their blocks on unread into a snapshot no restore can read
         gone = r.pack_indexes_gone()
+        if not gone:
+            # the pack index each disk's parent wrote, gone: that one this host may never
+            # have listed (written by another host, or by a run without the cache - the
+            # session-22 soak), and the backup carries its blocks on
+            listed = set(r.pack_index_names())
+            parents = [r.latest(vm, n) for n in names]
+            if any(p is not None and p.meta.get("pack_index") not in (None, *listed) for p in parents):
+                gone = True
         if gone is None:
             # no local cache: nothing remembered.  Looking at every backup indexed the packs
             # of a backup running meanwhile again, with a warning (review 3); looking only
@@ -107,8 +115,8 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         recovered = r.recover_leftovers(after_crash=bool(lock.stale_removed) or gone)
         if gone and any(ln.startswith("adopted") for ln in recovered):
             info(f"warning: packs no pack index names were in {r.packs_location()} (a pack index lost from "
-                 f"storage, or a backup elsewhere not done yet): indexed them from their own tables of contents "
-                 f"(run 'pyvbak verify' if no backup was running elsewhere)")
+                 f"storage, a prune stopped before it finished, or a backup elsewhere not done yet): indexed them "
+                 f"from their own tables of contents (run 'pyvbak verify' if none of the last two happened)")
         cleaned += recovered
         if gone or lock.stale_removed:  # (looked: what is listed now is all indexed)
             r.remember_pack_indexes()

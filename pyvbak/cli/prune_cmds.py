@@ -93,9 +93,12 @@ def forget(
                 set_after_interrupt(f"the {len(forgotten)} snapshot(s) are forgotten and the prune stopped before "
                                     f"it finished, leaving the repository consistent: run 'pyvbak prune' to finish it")
             # a dry run forgot nothing: its prune preview leaves the chosen snapshots out itself
-            result["prune"] = prune_repository(r, dry_run=dry_run, without=frozenset(forgotten) if dry_run else frozenset())
-            if not dry_run:  # (the pack indexes it removed are no loss for the next backup to look into)
-                r.remember_pack_indexes()
+            try:
+                result["prune"] = prune_repository(r, dry_run=dry_run,
+                                                   without=frozenset(forgotten) if dry_run else frozenset())
+            finally:
+                if not dry_run:
+                    _remember_pack_indexes(r)
         # done: a stop request from here on is noted (it said "run the command again", which
         # then found the snapshots gone, exit 5 - the session-17 review 2)
         interrupts.begin_finishing()
@@ -144,9 +147,11 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
             raise problem.error("nothing was pruned")
         if lock is not None and not dry_run:
             lock.remove_stale()
-        report = prune_repository(r, dry_run=dry_run, without=without)
-        if not dry_run:  # (the pack indexes it removed are no loss for the next backup to look into)
-            r.remember_pack_indexes()
+        try:
+            report = prune_repository(r, dry_run=dry_run, without=without)
+        finally:
+            if not dry_run:
+                _remember_pack_indexes(r)
         interrupts.begin_finishing()  # done: a stop request from here on is noted
         return report
 
@@ -187,3 +192,13 @@ def _groups_left_incomplete(r, targets) -> list[str]:
                        f"the other disks frozen with them: 'restore {g.vm}@latest DIR/' will use an "
                        "older complete group")
     return out
+
+
+def _remember_pack_indexes(r) -> None:
+    """After a prune, finished or stopped: the pack indexes it removed are no loss for the
+    next backup here to look into (a stopped prune's made it warn of a pack index "lost
+    from storage" - the session-22 soak).  Best effort: never the prune's outcome."""
+    try:
+        r.remember_pack_indexes()
+    except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
+        pass

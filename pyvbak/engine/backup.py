@@ -742,7 +742,7 @@ def run_backup(
     t_commit = time.monotonic()
     result.phases["data"] = t_commit - t_data
     try:
-        repo.write_pack_index(pack_records)
+        written_index = repo.write_pack_index(pack_records)
     except BaseException as exc:  # Ctrl-C or SIGTERM in the write: once more, as for a failed data phase
         _index_stored_packs(repo, pack_records, exc)
         raise
@@ -787,6 +787,8 @@ def run_backup(
         },
         "warnings": result.warnings,
     }
+    if written_index:  # (the next backup of the disk checks it is still there: FORMAT.md)
+        meta["pack_index"] = written_index
     if lost:  # every block this snapshot names is in the index (checked, or stored anew)
         meta["lost_checked"] = lost
         # ... and none is flagged-only by those markers (an older pyvbak's snapshot lists

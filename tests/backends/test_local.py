@@ -764,3 +764,22 @@ def test_temp_objects_of_another_container_or_host_are_left_alone_for_a_day(back
     assert removed == sorted(f"packs/{names[k]}" for k in ("foreign-old", "ours-dead", "old-format-dead"))
     assert sorted(os.listdir(d)) == sorted([names["foreign"], names["ours-alive"]])
     assert local_mod.temp_name().split("-")[3] == scope_token()
+
+
+def test_a_stop_while_a_stream_is_opened_leaves_no_temp_file(tmp_path, monkeypatch):
+    """A Ctrl-C between the stream's temp file being made and the stream being returned
+    left the file (the caller never had the stream to abort): the session-22 soak, 1 of
+    120 stopped backups."""
+    b = LocalBackend(str(tmp_path / "r"))
+
+    real_share = b._share
+
+    def interrupted(fd, **kw):
+        if kw:  # (the directories made on the way)
+            return real_share(fd, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(b, "_share", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        b.open_stream("packs/")
+    assert _all_files(b.root) == []

@@ -727,9 +727,10 @@ def finish_moves(repo, indexed: set[str] | None = None) -> tuple[list[str], set[
     named = set().union(*(o for o, to in moves if to <= indexed))
     out, deleted = [], set()
     for pack_hex in sorted(named - indexed):
-        if _trailer_names_pack(repo, pack_hex):
+        if repo.trailer_names_pack(fmt.pack_name(pack_hex), unreadable=True):
             # a whole pack under that name (put back from a copy, or cut again by a
-            # backup): not what the move emptied - adoption indexes it (review 5)
+            # backup), or one that cannot be read to tell: not what the move emptied -
+            # adoption indexes it (review 5)
             continue
         if _delete(repo.backend, fmt.pack_name(pack_hex)):
             out.append(f"deleted pack {pack_hex[:16]}…, whose blocks an interrupted repair had moved to a new pack")
@@ -738,24 +739,6 @@ def finish_moves(repo, indexed: set[str] | None = None) -> tuple[list[str], set[
 
 
 _PACK_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def _trailer_names_pack(repo, pack_hex: str) -> bool:
-    """Whether the object ``pack_hex`` ends in a table of contents that hashes to its name
-    (a whole pack), or cannot be read to tell (then it is kept as well)."""
-    name = fmt.pack_name(pack_hex)
-    try:
-        size = repo.backend.stat(name)
-        if size < 4:
-            return False
-        tlen = fmt.trailer_length_from_tail(repo.backend.read_range(name, size - 4, 4))
-        if tlen > size:
-            return False
-        return fmt.pack_id(repo.backend.read_range(name, size - tlen, tlen)).hex() == pack_hex
-    except ObjectMissing:
-        return False
-    except (BackendError, IntegrityError, ValueError):
-        return True
 
 
 def rebuild_pack_trailers(repo, packs: list[str], movable: list[str] | None = None) -> tuple[list[str], list[str]]:

@@ -1081,11 +1081,13 @@ class Repository:
         wanted = {bytes(p).ljust(32, b"\0").hex() for p in absent}
         # (by its table of contents, not its name alone: a file of junk under a lost pack's
         # name was "to be moved there", into the pack's place - review 6)
-        misplaced = [n for n in objects if n.rsplit("/", 1)[-1] in wanted and self._is_pack_named(n)]
+        misplaced = [n for n in objects if n.rsplit("/", 1)[-1] in wanted and self.trailer_names_pack(n)]
         return len(absent), misplaced
 
-    def _is_pack_named(self, name: str) -> bool:
-        """Whether the object ``name`` is a pack whose trailer hashes to its file name."""
+    def trailer_names_pack(self, name: str, *, unreadable: bool = False) -> bool:
+        """Whether the object ``name`` ends in a table of contents (trailer) that hashes to
+        its file name: a whole pack.  ``unreadable``: the answer when it cannot be read to
+        tell (a read error, damage past the trailer's length); a missing object is none."""
         try:
             size = self.backend.stat(name)
             if size < 4:
@@ -1094,8 +1096,10 @@ class Repository:
             if tlen > size:
                 return False
             return fmt.pack_id(self.backend.read_range(name, size - tlen, tlen)).hex() == name.rsplit("/", 1)[-1]
-        except (ObjectMissing, IntegrityError, BackendError):
+        except ObjectMissing:
             return False
+        except (BackendError, IntegrityError, ValueError):
+            return unreadable
 
     def packs_location(self) -> str:
         """Where the packs are, for messages: REPO/packs."""

@@ -222,6 +222,17 @@ def _listing_spy(monkeypatch) -> list[str]:
     return listed
 
 
+def _backup_writing_a_pack_index(repo: str, image, vm: str = "a") -> str:
+    """Rewrite 1 MiB of ``image``, back it up, and return the name of the pack index object
+    that backup wrote."""
+    with open(image, "r+b") as f:
+        f.write(os.urandom(1 << 20))
+    before = set(os.listdir(os.path.join(repo, "index")))
+    assert main(["backup", str(image), "--repo", repo, "--vm", vm]) == 0
+    (written,) = set(os.listdir(os.path.join(repo, "index"))) - before
+    return written
+
+
 def _two_vms(tmp_path):
     repo = str(tmp_path / "repo")
     a, b = tmp_path / "a.img", tmp_path / "b.img"
@@ -285,12 +296,7 @@ def test_the_pack_index_of_this_hosts_last_backup_lost_is_found_too(tmp_path, mo
     a.write_bytes(os.urandom(4 << 20))
     assert main(["init", repo]) == 0
     assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
-    with open(a, "r+b") as f:
-        f.write(os.urandom(1 << 20))
-    before = set(os.listdir(os.path.join(repo, "index")))
-    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
-    (newest,) = set(os.listdir(os.path.join(repo, "index"))) - before
-    os.unlink(os.path.join(repo, "index", newest))
+    os.unlink(os.path.join(repo, "index", _backup_writing_a_pack_index(repo, a)))
     repaired = ""
     if between == "a damaged cache file":
         for d, _, fs in os.walk(os.environ["PYVBAK_CACHE_DIR"]):
@@ -325,12 +331,7 @@ def test_without_a_local_cache_a_backup_checks_its_parent_against_the_index(tmp_
     assert main(["init", repo]) == 0
     assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
     assert main(["backup", str(b), "--repo", repo, "--vm", "b"]) == 0
-    with open(a, "r+b") as f:
-        f.write(os.urandom(1 << 20))
-    before = set(os.listdir(os.path.join(repo, "index")))
-    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
-    (newest,) = set(os.listdir(os.path.join(repo, "index"))) - before
-    os.unlink(os.path.join(repo, "index", newest))
+    os.unlink(os.path.join(repo, "index", _backup_writing_a_pack_index(repo, a)))
     listed = _listing_spy(monkeypatch)
     assert main(["backup", str(b), "--repo", repo, "--vm", "b"]) == 0  # (its parent is whole)
     assert "packs/" not in listed
@@ -352,13 +353,9 @@ def test_the_pack_index_a_parent_wrote_elsewhere_is_checked_too(tmp_path, monkey
     a.write_bytes(os.urandom(4 << 20))
     assert main(["init", repo]) == 0
     assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
-    with open(a, "r+b") as f:
-        f.write(os.urandom(1 << 20))
     cache = os.environ["PYVBAK_CACHE_DIR"]
     monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
-    before = set(os.listdir(os.path.join(repo, "index")))
-    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
-    (written,) = set(os.listdir(os.path.join(repo, "index"))) - before
+    written = _backup_writing_a_pack_index(repo, a)
     assert Repository.open(repo).latest("a", "a").meta["pack_index"] == f"index/{written}"
     os.unlink(os.path.join(repo, "index", written))
     monkeypatch.setenv("PYVBAK_CACHE_DIR", cache)

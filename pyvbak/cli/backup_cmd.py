@@ -93,25 +93,7 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         r.check_pack_storage()
         lock.remove_stale()
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
-        # a pack index this host saw before is gone: a prune elsewhere, or lost from
-        # storage - then its packs are unindexed, and this backup would carry its parent's
-        # records of their blocks on unread into a snapshot no restore can read
-        gone = r.pack_indexes_gone()
-        if not gone:
-            # the pack index each disk's parent wrote, gone: that one this host may never
-            # have listed (written by another host, or by a run without the cache - the
-            # session-22 soak), and the backup carries its blocks on
-            listed = set(r.pack_index_names())
-            parents = [r.latest(vm, n) for n in names]
-            if any(p is not None and p.meta.get("pack_index") not in (None, *listed) for p in parents):
-                gone = True
-        if gone is None:
-            # no local cache: nothing remembered.  Looking at every backup indexed the packs
-            # of a backup running meanwhile again, with a warning (review 3); looking only
-            # when no other lock was there let other hosts' and damaged locks stop every
-            # look (review 5).  The parents this backup carries blocks of are checked
-            # against the index instead, and a look made only when one misses some.
-            gone = any(_parent_misses_blocks(r, r.latest(vm, n)) for n in names)
+        gone = _pack_index_may_be_lost(r, [r.latest(vm, n) for n in names])
         recovered = r.recover_leftovers(after_crash=bool(lock.stale_removed) or gone)
         if gone and any(ln.startswith("adopted") for ln in recovered):
             info(f"warning: packs no pack index names were in {r.packs_location()} (a pack index lost from "
@@ -172,6 +154,29 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         result.cleaned_leftovers = cleaned
         result.consistency_group = (group or {}).get("consistency_group")
     return results, cleaned
+
+
+def _pack_index_may_be_lost(r, parents) -> bool:
+    """Whether a pack index may have been lost from storage, leaving its packs unindexed:
+    this backup would carry its ``parents``' records of their blocks on unread into a
+    snapshot no restore can read (docs/FORMAT.md, "Write ordering").  Cheap signs first."""
+    # one this host listed before is gone (a prune elsewhere, or a loss), or this host
+    # knows none yet
+    gone = r.pack_indexes_gone()
+    if gone:
+        return True
+    # the one a parent wrote is gone: one this host may never have listed (written by
+    # another host, or by a run without the cache - the session-22 soak)
+    listed = set(r.pack_index_names())
+    if any(p is not None and p.meta.get("pack_index") not in (None, *listed) for p in parents):
+        return True
+    if gone is None:
+        # no local cache, nothing remembered.  Looking at every backup indexed the packs of
+        # a backup running meanwhile again, with a warning (review 3); looking only when no
+        # other lock was there let other hosts' and damaged locks stop every look (review
+        # 5).  The parents are checked against the index instead.
+        return any(_parent_misses_blocks(r, p) for p in parents)
+    return False
 
 
 def _parent_misses_blocks(r, parent) -> bool:

@@ -324,13 +324,8 @@ def test_without_a_local_cache_a_backup_checks_its_parent_against_the_index(tmp_
     the parent it carries blocks of against the index, and looks when that misses some -
     whatever other locks there are."""
     monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
-    repo = str(tmp_path / "repo")
-    a, b = tmp_path / "a.img", tmp_path / "b.img"
-    a.write_bytes(os.urandom(4 << 20))
-    b.write_bytes(os.urandom(1 << 20))
-    assert main(["init", repo]) == 0
-    assert main(["backup", str(a), "--repo", repo, "--vm", "a"]) == 0
-    assert main(["backup", str(b), "--repo", repo, "--vm", "b"]) == 0
+    repo, a, _ = _two_vms(tmp_path)
+    b = tmp_path / "b.img"
     os.unlink(os.path.join(repo, "index", _backup_writing_a_pack_index(repo, a)))
     listed = _listing_spy(monkeypatch)
     assert main(["backup", str(b), "--repo", repo, "--vm", "b"]) == 0  # (its parent is whole)

@@ -162,12 +162,13 @@ def _pack_index_may_be_lost(r, parents) -> bool:
     snapshot no restore can read (docs/FORMAT.md, "Write ordering").  Cheap signs first."""
     # one this host listed before is gone (a prune elsewhere, or a loss), or this host
     # knows none yet
-    gone = r.pack_indexes_gone()
+    listed = r.pack_index_names()
+    gone = r.pack_indexes_gone(listed)
     if gone:
         return True
     # the one a parent wrote is gone: one this host may never have listed (written by
     # another host, or by a run without the cache - the session-22 soak)
-    listed = set(r.pack_index_names())
+    listed = set(listed)
     if any(p is not None and p.meta.get("pack_index") not in (None, *listed) for p in parents):
         return True
     if gone is None:

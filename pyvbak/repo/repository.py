@@ -1191,11 +1191,12 @@ class Repository:
                 pass  # removed meanwhile (a repair by a backup)
         return damaged
 
-    def pack_indexes_gone(self) -> bool | None:
-        """Whether a pack index this host listed before is gone (cache.SeenPackIndexes):
-        a prune elsewhere, or a pack index lost from storage, whose packs are then
-        unindexed; None when this host remembers none (no local cache, a first run)."""
-        return SeenPackIndexes(self.config.repo_id).gone(self.pack_index_names())
+    def pack_indexes_gone(self, names: list[str] | None = None) -> bool | None:
+        """Whether a pack index this host listed before is not among ``names`` (the
+        listing of ``index/``, made here if not given) (cache.SeenPackIndexes): a prune
+        elsewhere, or a pack index lost from storage, whose packs are then unindexed; True
+        when this host remembers none yet, None without a local cache."""
+        return SeenPackIndexes(self.config.repo_id).gone(self.pack_index_names() if names is None else names)
 
     def remember_pack_indexes(self, *, add: bool = False) -> None:
         """Remember the pack indexes listed now: in place of the ones remembered after a

@@ -332,255 +332,367 @@ def run_backup(
     bitmap) does so before a Ctrl-C is raised.
     """
     check_vm_disk_names(vm, disk)
-    t0 = time.monotonic()
-    cfg = repo.config
-    bs, key = cfg.block_size, cfg.hash_key
-    threads = threads or os.cpu_count() or 1
-    size = source.size
-    n = native.block_count(size, bs)
-    tail = n * bs - size  # bytes the partial last block lacks (0 when size is a multiple of bs)
-    latest = repo.latest(vm, disk)
-    damaged = list(repo.damaged_snapshots)
-    # after every snapshot of the repository listed: the newest by this number, whatever
-    # the clocks said (repository.snapshot_order)
-    sequence = repo.highest_sequence + 1
-    unreadable_parent = None
-    prev_state = (latest.meta.get("change_tracking") or {}).get("state") if latest else None
-    ct = source.change_tracking(prev_state)
-    # Dirty blocks (a change-tracking incremental of a disk that kept its size): only
-    # their parent records are held, the rest is streamed at commit (see _Parent).
-    # An incremental that scans (an image file) keeps every block's hash and zero mark,
-    # and records for the blocks it finds changed.
-    stream_parent = (latest is not None and n * fmt.SNAPSHOT_RECORD.itemsize >= STREAM_PARENT_MIN_BYTES
-                     and latest.meta.get("size") == size and latest.meta.get("block_size") == bs)
-    dirty = None
-    if stream_parent and ct is not None and ct.extents is not None and not verify_cbt:
-        dirty = _extent_blocks(ct.extents, n, bs)
-    hashes_only = stream_parent and dirty is None and hasattr(source, "path") and hasattr(source, "fileno")
-    lost = repo.lost_markers()
-    missing = 0
-    try:
-        # blocks whose every copy is flagged bad (a plain verify's flags; usually none)
-        flag_only = getattr(repo.dedup_index(), "excluded", None) if lost else None
-        if latest is not None and (not set(lost) <= set(latest.meta.get("lost_checked") or ())
-                                   or (flag_only is not None and len(flag_only)
-                                       and not latest.meta.get("flags_honoured"))):
-            # A prune or repair removed the records of packs gone from storage after this
-            # parent was made, or a verify flagged copies: an incremental would carry its
-            # records of those blocks on, unread.  A parent made by an older pyvbak lists
-            # markers without having honoured their flags: while blocks are flagged-only
-            # it is looked at whatever it lists (once per disk: its child honours them).
-            missing = repo.lost_blocks_of(latest)
-        parent = _Parent(repo, latest if not missing else None, only=dirty, hashes=hashes_only)
-        if missing:
-            unreadable_parent = (f"the previous snapshot {latest.id} names {missing} block(s) lost from the "
-                                 f"repository (see {lost[-1]}); they are stored again if the disk still has them")
-    except IntegrityError as exc:
-        # A damaged latest snapshot must not stop every later backup of the disk: this one
-        # is made without it (a full scan; dedup still finds the stored blocks).
-        parent, unreadable_parent = _Parent(repo, None), f"the previous snapshot {latest.id} cannot be read ({exc})"
-    missed_by_bitmap = None
-    if (ct is not None and ct.extents is not None and not verify_cbt and parent.snap is not None
-            and parent.size == size and int(latest.meta.get("block_size", bs)) == bs):
-        if not parent.streamed:  # (the dirty blocks, also the incremental's candidates below)
-            dirty = _extent_blocks(ct.extents, n, bs)
-            parent.find_last_clean_data(dirty)
-        missed_by_bitmap = _missed_by_bitmap(source, parent, bs, key, size)
-        if missed_by_bitmap and parent.streamed:
-            # the parent was read for an incremental (its dirty blocks' records only): read
-            # it again for the full scan this backup becomes
-            hashes_only = hasattr(source, "path") and hasattr(source, "fileno")
-            parent = _Parent(repo, latest, hashes=hashes_only) if hashes_only else _Parent(repo, latest)
-    sid = new_snapshot_id()
-    result = BackupResult(sid, vm, disk, parent.snap.id if parent.snap else None, size, bs)
-    # what the control plane found about the source itself (a misnamed image read as raw)
-    result.warnings.extend(getattr(source, "source_warnings", None) or ())
-    if unreadable_parent:
-        result.warnings.append(f"{unreadable_parent}; scanned the whole disk")
-    started = snapshot_time()
-    if latest is not None and latest.time > started:
-        # an NTP step back, a host restored from a VM snapshot, or a clock that once ran
-        # ahead: this snapshot still comes after that one (its sequence number), but its
-        # time will read as older
-        result.warnings.append(f"this machine's clock ({started}) is behind the time of {vm}/{disk}'s newest "
-                               f"snapshot {latest.id} ({latest.time}): this snapshot still comes after it "
-                               f"(snapshots are ordered by sequence number, not time); check the clock")
-    before = latest.meta.get("source") if latest is not None else None
-    now = getattr(source, "description", None)
-    if before and now and before != now and before.startswith("file:") and now.startswith("file:"):
-        # Two images under one disk name chain into each other (and retention counts them
-        # as one disk): right when the image moved, wrong when it is another disk.
-        result.warnings.append(f"the previous snapshot {latest.id} of {vm}/{disk} was read from {before[5:]}, this "
-                               f"one from {now[5:]}: if that is another disk, give it its own --disk NAME")
-    elif before and now and {before.split(":", 1)[0], now.split(":", 1)[0]} == {"file", "image"}:
-        # One image file read both ways (raw bytes, and through qemu-nbd: --format): the
-        # container's bytes and the guest's disk would chain and count as one disk.
-        kind = lambda d: "the disk the image holds" if d.startswith("image:") else "the image file's raw bytes"  # noqa: E731
-        result.warnings.append(f"the previous snapshot {latest.id} of {vm}/{disk} holds {kind(before)} ({before}), "
-                               f"this one {kind(now)} ({now}): give one of them its own --disk NAME, so that "
-                               f"{vm}/{disk}@latest and retention do not mix the two")
-    if damaged:  # perhaps this disk's newest: then this backup is a full scan, not wrong
-        result.warnings.append(f"{len(damaged)} snapshot metadata object(s) are corrupt and were left out "
-                               f"({', '.join(damaged[:3])}{', …' if len(damaged) > 3 else ''}): run 'pyvbak verify'")
+    run = _BackupRun(repo, source, vm, disk, threads or os.cpu_count() or 1, verify_cbt)
+    run.prepare()
+    run.read_and_store(progress)
+    return run.commit(extra_meta, on_commit)
 
-    zero, fast = native.new_arrays(n)
-    use_cbt = (ct is not None and ct.extents is not None and parent.snap is not None and parent.size == size
-               and not missed_by_bitmap)
-    if ct is not None:
-        if ct.extents is None:
-            reason = ct.fallback_reason or "change tracking unavailable"
-        elif missed_by_bitmap:
-            reason = missed_by_bitmap
-        elif parent.snap is None:
-            reason = unreadable_parent or "no previous backup of this disk"
-        elif parent.size != size:
-            reason = f"disk size changed from {parent.size} to {size} bytes"
-        elif verify_cbt:
-            reason = "--verify-cbt requested a full scan"
+
+class _BackupRun:
+    """One backup of one disk, in its three phases (``BackupResult.phases``):
+
+    ``prepare``: the parent snapshot, whether change tracking can be trusted, the warnings
+    about the source, the new index (the parent's, taken over) and the jobs to run;
+    ``read_and_store``: the pipeline - jobs read, scan, hash and compress on worker threads,
+    the main thread packs their frames - then what changed, counted;
+    ``commit``: packs are durable; their index, then the snapshot index, metadata last.
+
+    The per-block arrays the phases share: ``zero`` and ``fast`` (the disk's zero marks and
+    fast hashes as the backup finds them; in place, the parent's own hashes), ``records``
+    (the new index; ``digests`` is its digest column) and ``parent`` (``_Parent``)."""
+
+    def __init__(self, repo: Repository, source, vm: str, disk: str, threads: int, verify_cbt: bool):
+        self.t0 = time.monotonic()
+        self.repo, self.source, self.vm, self.disk = repo, source, vm, disk
+        self.threads, self.verify_cbt = threads, verify_cbt
+        cfg = repo.config
+        self.bs, self.key, self.level = cfg.block_size, cfg.hash_key, cfg.compression_level
+        self.size = source.size
+        self.n = native.block_count(self.size, self.bs)
+        self.tail = self.n * self.bs - self.size  # bytes the partial last block lacks (0 when size is a multiple of bs)
+        self.chunk_blocks = max(1, CHUNK_BYTES // self.bs)
+
+    # -- prepare ---------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        self._choose_parent()
+        self.result = BackupResult(new_snapshot_id(), self.vm, self.disk,
+                                   self.parent.snap.id if self.parent.snap else None, self.size, self.bs)
+        self.started = snapshot_time()
+        self._note_warnings()
+        self._decide_tracking()
+        self._take_index()
+        self._plan_jobs()
+        self.repo_index = self.repo.dedup_index()  # blocks whose every copy is flagged bad are stored again
+        self.t_data = time.monotonic()
+        self.result.phases["prepare"] = self.t_data - self.t0
+
+    def _choose_parent(self) -> None:
+        """The disk's newest snapshot as the parent, unless it cannot be read or names
+        lost blocks; the source's change tracking since it; which blocks it says are dirty."""
+        repo, source, n, bs, size = self.repo, self.source, self.n, self.bs, self.size
+        self.latest = latest = repo.latest(self.vm, self.disk)
+        self.damaged = list(repo.damaged_snapshots)
+        # after every snapshot of the repository listed: the newest by this number, whatever
+        # the clocks said (repository.snapshot_order)
+        self.sequence = repo.highest_sequence + 1
+        self.unreadable_parent = None
+        prev_state = (latest.meta.get("change_tracking") or {}).get("state") if latest else None
+        self.ct = ct = source.change_tracking(prev_state)
+        # Dirty blocks (a change-tracking incremental of a disk that kept its size): only
+        # their parent records are held, the rest is streamed at commit (see _Parent).
+        # An incremental that scans (an image file) keeps every block's hash and zero mark,
+        # and records for the blocks it finds changed.
+        stream_parent = (latest is not None and n * fmt.SNAPSHOT_RECORD.itemsize >= STREAM_PARENT_MIN_BYTES
+                         and latest.meta.get("size") == size and latest.meta.get("block_size") == bs)
+        self.dirty = None
+        if stream_parent and ct is not None and ct.extents is not None and not self.verify_cbt:
+            self.dirty = _extent_blocks(ct.extents, n, bs)
+        maps = hasattr(source, "path") and hasattr(source, "fileno")  # the native scanner can map it
+        self.lost = lost = repo.lost_markers()
+        missing = 0
+        try:
+            # blocks whose every copy is flagged bad (a plain verify's flags; usually none)
+            flag_only = getattr(repo.dedup_index(), "excluded", None) if lost else None
+            if latest is not None and (not set(lost) <= set(latest.meta.get("lost_checked") or ())
+                                       or (flag_only is not None and len(flag_only)
+                                           and not latest.meta.get("flags_honoured"))):
+                # A prune or repair removed the records of packs gone from storage after this
+                # parent was made, or a verify flagged copies: an incremental would carry its
+                # records of those blocks on, unread.  A parent made by an older pyvbak lists
+                # markers without having honoured their flags: while blocks are flagged-only
+                # it is looked at whatever it lists (once per disk: its child honours them).
+                missing = repo.lost_blocks_of(latest)
+            self.parent = _Parent(repo, latest if not missing else None, only=self.dirty,
+                                  hashes=stream_parent and self.dirty is None and maps)
+            if missing:
+                self.unreadable_parent = (f"the previous snapshot {latest.id} names {missing} block(s) lost from the "
+                                          f"repository (see {lost[-1]}); they are stored again if the disk still has them")
+        except IntegrityError as exc:
+            # A damaged latest snapshot must not stop every later backup of the disk: this one
+            # is made without it (a full scan; dedup still finds the stored blocks).
+            self.parent = _Parent(repo, None)
+            self.unreadable_parent = f"the previous snapshot {latest.id} cannot be read ({exc})"
+        self.missed_by_bitmap = None
+        parent = self.parent
+        if (ct is not None and ct.extents is not None and not self.verify_cbt and parent.snap is not None
+                and parent.size == size and int(latest.meta.get("block_size", bs)) == bs):
+            if not parent.streamed:  # (the dirty blocks, also the incremental's candidates below)
+                self.dirty = _extent_blocks(ct.extents, n, bs)
+                parent.find_last_clean_data(self.dirty)
+            self.missed_by_bitmap = _missed_by_bitmap(source, parent, bs, self.key, size)
+            if self.missed_by_bitmap and parent.streamed:
+                # the parent was read for an incremental (its dirty blocks' records only): read
+                # it again for the full scan this backup becomes
+                self.parent = _Parent(repo, latest, hashes=maps)
+
+    def _note_warnings(self) -> None:
+        """What the user should know about the source and the parent before the data."""
+        result, latest, vm, disk = self.result, self.latest, self.vm, self.disk
+        # what the control plane found about the source itself (a misnamed image read as raw)
+        result.warnings.extend(getattr(self.source, "source_warnings", None) or ())
+        if self.unreadable_parent:
+            result.warnings.append(f"{self.unreadable_parent}; scanned the whole disk")
+        if latest is not None and latest.time > self.started:
+            # an NTP step back, a host restored from a VM snapshot, or a clock that once ran
+            # ahead: this snapshot still comes after that one (its sequence number), but its
+            # time will read as older
+            result.warnings.append(f"this machine's clock ({self.started}) is behind the time of {vm}/{disk}'s newest "
+                                   f"snapshot {latest.id} ({latest.time}): this snapshot still comes after it "
+                                   f"(snapshots are ordered by sequence number, not time); check the clock")
+        before = latest.meta.get("source") if latest is not None else None
+        now = getattr(self.source, "description", None)
+        if before and now and before != now and before.startswith("file:") and now.startswith("file:"):
+            # Two images under one disk name chain into each other (and retention counts them
+            # as one disk): right when the image moved, wrong when it is another disk.
+            result.warnings.append(f"the previous snapshot {latest.id} of {vm}/{disk} was read from {before[5:]}, this "
+                                   f"one from {now[5:]}: if that is another disk, give it its own --disk NAME")
+        elif before and now and {before.split(":", 1)[0], now.split(":", 1)[0]} == {"file", "image"}:
+            # One image file read both ways (raw bytes, and through qemu-nbd: --format): the
+            # container's bytes and the guest's disk would chain and count as one disk.
+            kind = lambda d: "the disk the image holds" if d.startswith("image:") else "the image file's raw bytes"  # noqa: E731
+            result.warnings.append(f"the previous snapshot {latest.id} of {vm}/{disk} holds {kind(before)} ({before}), "
+                                   f"this one {kind(now)} ({now}): give one of them its own --disk NAME, so that "
+                                   f"{vm}/{disk}@latest and retention do not mix the two")
+        if self.damaged:  # perhaps this disk's newest: then this backup is a full scan, not wrong
+            damaged = self.damaged
+            result.warnings.append(f"{len(damaged)} snapshot metadata object(s) are corrupt and were left out "
+                                   f"({', '.join(damaged[:3])}{', …' if len(damaged) > 3 else ''}): run 'pyvbak verify'")
+
+    def _decide_tracking(self) -> None:
+        """Whether the change tracking's dirty blocks are what this backup reads
+        (``result.cbt``), and if not, why (``result.fallback_reason``)."""
+        ct, parent, size, result = self.ct, self.parent, self.size, self.result
+        self.use_cbt = (ct is not None and ct.extents is not None and parent.snap is not None
+                        and parent.size == size and not self.missed_by_bitmap)
+        if ct is not None:
+            if ct.extents is None:
+                reason = ct.fallback_reason or "change tracking unavailable"
+            elif self.missed_by_bitmap:
+                reason = self.missed_by_bitmap
+            elif parent.snap is None:
+                reason = self.unreadable_parent or "no previous backup of this disk"
+            elif parent.size != size:
+                reason = f"disk size changed from {parent.size} to {size} bytes"
+            elif self.verify_cbt:
+                reason = "--verify-cbt requested a full scan"
+            else:
+                reason = None
+            result.fallback_reason = reason
+            # (a disk's first backup in this repository can only read it all: the reason
+            # stays in fallback_reason; a warning on every new VM's first night would be noise)
+            if reason and self.latest is not None:
+                result.warnings.append(f"change tracking not used: {reason}; scanned the whole disk")
         else:
-            reason = None
-        result.fallback_reason = reason
-        # (a disk's first backup in this repository can only read it all: the reason stays
-        # in fallback_reason, and a warning on every new VM's first night was noise - the
-        # session-22 new-user audit)
-        if reason and latest is not None:
-            result.warnings.append(f"change tracking not used: {reason}; scanned the whole disk")
-    else:
-        result.fallback_reason = getattr(source, "why_untracked", None)
-        if verify_cbt:
-            # (an image file is compared block by block on every backup anyway; the user
-            # may think some tracking was checked: say there was none)
-            result.warnings.append("--verify-cbt: this source has no change tracking to verify")
-    cbt_candidates = None
-    if use_cbt:
-        cbt_candidates = dirty if dirty is not None else _extent_blocks(ct.extents, n, bs)
-    result.cbt = bool(use_cbt and not verify_cbt)
+            result.fallback_reason = getattr(self.source, "why_untracked", None)
+            if self.verify_cbt:
+                # (an image file is compared block by block on every backup anyway; the user
+                # may think some tracking was checked: say there was none)
+                result.warnings.append("--verify-cbt: this source has no change tracking to verify")
+        self.cbt_candidates = None
+        if self.use_cbt:
+            self.cbt_candidates = self.dirty if self.dirty is not None else _extent_blocks(ct.extents, self.n, self.bs)
+        result.cbt = bool(self.use_cbt and not self.verify_cbt)
 
-    m = min(n, parent.n)
-    # changed blocks in holes: indices of those the parent had data in, and the runs
-    # beyond the parent's end (a full backup of a thin disk: most of the disk)
-    hole_changed: list[np.ndarray] = []
-    hole_changed_runs: list[tuple[int, int]] = []
-    # A change-tracking incremental updates the parent's index in place: the fast hashes
-    # too, through a view, instead of copying 16 bytes per block of the disk out and back
-    # (1 TiB: ~1 s).  Every other path scans into contiguous arrays, compares them with
-    # the parent's hashes window by window, and writes them into the records at commit.
-    taken = parent.snap is not None and parent.n == n and parent.records.flags.writeable
-    in_place = result.cbt and taken
-    records = parent.take_records(n)  # the new index: digests filled in below, fast at commit
-    digests = records["digest"]
-    if in_place:
-        fast = parent.fast  # the parent's hashes, each until its block's job writes the new one
+    def _take_index(self) -> None:
+        """The arrays the backup fills: the new index (the parent's, taken over when the
+        disk kept its size), zero marks and fast hashes."""
+        parent, n = self.parent, self.n
+        self.zero, self.fast = native.new_arrays(n)
+        self.m = min(n, parent.n)  # blocks the parent also has
+        # changed blocks in holes: indices of those the parent had data in, and the runs
+        # beyond the parent's end (a full backup of a thin disk: most of the disk)
+        self.hole_changed: list[np.ndarray] = []
+        self.hole_changed_runs: list[tuple[int, int]] = []
+        # A change-tracking incremental updates the parent's index in place: the fast hashes
+        # too, through a view, instead of copying 16 bytes per block of the disk out and back
+        # (1 TiB: ~1 s).  Every other path scans into contiguous arrays, compares them with
+        # the parent's hashes window by window, and writes them into the records at commit.
+        self.taken = parent.snap is not None and parent.n == n and parent.records.flags.writeable
+        self.in_place = self.result.cbt and self.taken
+        self.records = parent.take_records(n)  # the new index: digests filled in below, fast at commit
+        self.digests = self.records["digest"]
+        if self.in_place:
+            self.fast = parent.fast  # the parent's hashes, each until its block's job writes the new one
 
-    # -- decide what to read ------------------------------------------------------------
-    # Three kinds of job, each covering blocks [a, b):
-    #   "stream": read the blocks, scan them, then hash and compress the changed ones
-    #             (change-tracking candidates; sources that cannot be mapped; no parent,
-    #             where every non-zero block is new and hashing it while hot saves a pass);
-    #   "mapped": files and block devices with a parent: the native scanner maps a window
-    #             and hashes its blocks at memory speed, then only the window's changed
-    #             blocks are read again, still in the page cache -- on a disk larger than
-    #             RAM a separate whole-disk scan first would have evicted them;
-    #   "read":   read, hash and compress blocks known to have changed (inside "mapped").
-    # Blocks in holes (sparse files: SEEK_DATA/SEEK_HOLE; NBD: base:allocation) are zero
-    # without being read.  Whole stretches of them get no job: a job per 4 MiB chunk or
-    # 32 MiB window of holes cost ~150 us of Python, ~5-40 s for a 1 TB thin image.
-    # (a change-tracking incremental only needs to know about its dirty extents)
-    holes = _zero_extent_blocks(source, n, bs, within=ct.extents if result.cbt else None)
-    # bytes in holes: zero without being read (a partial last block counts its own bytes)
-    hole_bytes = int(np.count_nonzero(holes)) * bs - (tail if n and holes[-1] else 0)
+    def _plan_jobs(self) -> None:
+        """``jobs``: (kind, block runs) in disk order, and the blocks in holes settled.
 
-    def settle_holes(runs, prefilled: bool) -> None:
+        Three kinds of job, each covering blocks [a, b):
+          "stream": read the blocks, scan them, then hash and compress the changed ones
+                    (change-tracking candidates; sources that cannot be mapped; no parent,
+                    where every non-zero block is new and hashing it while hot saves a pass);
+          "mapped": files and block devices with a parent: the native scanner maps a window
+                    and hashes its blocks at memory speed, then only the window's changed
+                    blocks are read again, still in the page cache -- on a disk larger than
+                    RAM a separate whole-disk scan first would have evicted them;
+          "read":   read, hash and compress blocks known to have changed (inside "mapped").
+        Blocks in holes (sparse files: SEEK_DATA/SEEK_HOLE; NBD: base:allocation) are zero
+        without being read.  Whole stretches of them get no job: a job per 4 MiB chunk or
+        32 MiB window of holes cost ~150 us of Python, ~5-40 s for a 1 TB thin image."""
+        source, n, bs, size, result, parent = self.source, self.n, self.bs, self.size, self.result, self.parent
+        # (a change-tracking incremental only needs to know about its dirty extents)
+        holes = _zero_extent_blocks(source, n, bs, within=self.ct.extents if result.cbt else None)
+        # bytes in holes: zero without being read (a partial last block counts its own bytes)
+        hole_bytes = int(np.count_nonzero(holes)) * bs - (self.tail if n and holes[-1] else 0)
+        chunk_blocks = self.chunk_blocks
+        if result.cbt:
+            m = self.m
+            self.zero[:m] = parent.zero[:m]
+            if not self.in_place:
+                self.fast[:m] = parent.fast[:m]
+            # Dirty runs are short (a 1 % rewrite: ~160 runs of ~3 blocks over 2 GiB): one job
+            # per run cost ~0.4 ms of Python each, under the GIL; a job takes up to
+            # CHUNK_BYTES of runs, read with all their requests in flight at once.
+            candidates = self.cbt_candidates
+            firsts, ends = _run_arrays(candidates, chunk_blocks)
+            in_hole = _runs_within(holes, firsts, ends)  # unallocated: zero, never read
+            if in_hole.any():
+                self._settle_holes(zip(firsts[in_hole].tolist(), ends[in_hole].tolist()), prefilled=True)
+                firsts, ends = firsts[~in_hole], ends[~in_hole]
+            runs = list(zip(firsts.tolist(), ends.tolist()))
+            self.jobs = [("stream", g) for g in _groups(runs, max(1, GROUP_BYTES // bs))]
+            result.bytes_scanned = (int(len(candidates)) * bs
+                                    - (self.tail if len(candidates) and candidates[-1] == n - 1 else 0))
+        elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
+            window_bytes = max(CHUNK_BYTES, min(SCAN_WINDOW_BYTES, MAPPED_FRAMES_BUDGET // (2 * self.threads)))
+            window = max(1, window_bytes // bs)
+            starts = np.arange(0, n, window)
+            all_hole = np.logical_and.reduceat(holes, starts) if n else np.zeros(0, bool)
+            if all_hole.any():
+                self._settle_holes(((a * window, min(b * window, n)) for a, b in _mask_runs(all_hole)), prefilled=False)
+            self.jobs = [("mapped", [(a, min(a + window, n))]) for a in starts[~all_hole].tolist()]
+            # The scan reads the whole disk but its holes; the changed blocks read again for
+            # SHA-256 and compression are added as they go.
+            result.bytes_scanned = result.bytes_read = size - hole_bytes
+        else:
+            if holes.any():
+                self._settle_holes(_mask_runs(holes), prefilled=False)
+            # Allocated runs are grouped like dirty ones: a fragmented image (20 000 scattered
+            # 64 KiB clusters over 1 TiB) had a job, a hand-off and a round trip per cluster.
+            job_bytes = GROUP_BYTES
+            if hasattr(source, "fileno") and 4 * self.threads * LOCAL_CHUNK_BYTES <= LOCAL_CHUNK_BUDGET:
+                job_bytes = max(GROUP_BYTES, LOCAL_CHUNK_BYTES)
+            firsts, ends = _mask_run_arrays(~holes, max(chunk_blocks, job_bytes // bs))
+            self.jobs = [("stream", g) for g in _groups(zip(firsts.tolist(), ends.tolist()), max(1, job_bytes // bs))]
+            result.bytes_scanned = size - hole_bytes
+
+    def _settle_holes(self, runs, prefilled: bool) -> None:
         """Mark the blocks of ``runs`` ((first, last_exclusive) block runs in holes) zero
         and note the changed ones (the parent had data there, or had no such block).  By
         runs, touching no more memory than it must: on a 1 TiB thin disk (16.7 M blocks)
         boolean masks over the disk, index arrays of every hole block and writes of zeros
         into fresh zeroed arrays took seconds and ~1 GB per backup.  ``prefilled``: the
         fast hashes below the parent's end were copied from the parent (else all zero)."""
+        zero, fast, m, parent_zero = self.zero, self.fast, self.m, self.parent.zero
         for a, b in runs:
             zero[a:b] = 1
             if a < m:
                 c = min(b, m)
                 if prefilled:
                     fast[a:c] = 0
-                had_data = np.flatnonzero(parent.zero[a:c] == 0) + a
+                had_data = np.flatnonzero(parent_zero[a:c] == 0) + a
                 if len(had_data):  # the parent's digests there (the rest are zero already)
-                    digests[had_data] = ZERO_MARK
-                    hole_changed.append(had_data)
+                    self.digests[had_data] = ZERO_MARK
+                    self.hole_changed.append(had_data)
             if b > m:
-                hole_changed_runs.append((max(a, m), b))
+                self.hole_changed_runs.append((max(a, m), b))
 
-    chunk_blocks = max(1, CHUNK_BYTES // bs)
-    if result.cbt:
-        zero[:m] = parent.zero[:m]
-        if not in_place:
-            fast[:m] = parent.fast[:m]
-        # Dirty runs are short (a 1 % rewrite: ~160 runs of ~3 blocks over 2 GiB): one job
-        # per run cost ~0.4 ms of Python each, under the GIL; a job takes up to
-        # CHUNK_BYTES of runs, read with all their requests in flight at once.
-        firsts, ends = _run_arrays(cbt_candidates, chunk_blocks)
-        in_hole = _runs_within(holes, firsts, ends)  # unallocated: zero, never read
-        if in_hole.any():
-            settle_holes(zip(firsts[in_hole].tolist(), ends[in_hole].tolist()), prefilled=True)
-            firsts, ends = firsts[~in_hole], ends[~in_hole]
-        runs = list(zip(firsts.tolist(), ends.tolist()))
-        jobs = [("stream", g) for g in _groups(runs, max(1, GROUP_BYTES // bs))]
-        result.bytes_scanned = int(len(cbt_candidates)) * bs - (tail if len(cbt_candidates) and cbt_candidates[-1] == n - 1 else 0)
-    elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
-        window_bytes = max(CHUNK_BYTES, min(SCAN_WINDOW_BYTES, MAPPED_FRAMES_BUDGET // (2 * threads)))
-        window = max(1, window_bytes // bs)
-        starts = np.arange(0, n, window)
-        all_hole = np.logical_and.reduceat(holes, starts) if n else np.zeros(0, bool)
-        if all_hole.any():
-            settle_holes(((a * window, min(b * window, n)) for a, b in _mask_runs(all_hole)), prefilled=False)
-        jobs = [("mapped", [(a, min(a + window, n))]) for a in starts[~all_hole].tolist()]
-        # The scan reads the whole disk but its holes; the changed blocks read again for
-        # SHA-256 and compression are added as they go.
-        result.bytes_scanned = result.bytes_read = size - hole_bytes
-    else:
-        if holes.any():
-            settle_holes(_mask_runs(holes), prefilled=False)
-        # Allocated runs are grouped like dirty ones: a fragmented image (20 000 scattered
-        # 64 KiB clusters over 1 TiB) had a job, a hand-off and a round trip per cluster.
-        job_bytes = GROUP_BYTES
-        if hasattr(source, "fileno") and 4 * threads * LOCAL_CHUNK_BYTES <= LOCAL_CHUNK_BUDGET:
-            job_bytes = max(GROUP_BYTES, LOCAL_CHUNK_BYTES)
-        firsts, ends = _mask_run_arrays(~holes, max(chunk_blocks, job_bytes // bs))
-        jobs = [("stream", g) for g in _groups(zip(firsts.tolist(), ends.tolist()), max(1, job_bytes // bs))]
-        result.bytes_scanned = size - hole_bytes
+    # -- read_and_store: the pipeline -----------------------------------------------------
 
-    # -- the pipeline ------------------------------------------------------------------
-    repo_index = repo.dedup_index()  # blocks whose every copy is flagged bad are stored again
-    t_data = time.monotonic()
-    result.phases["prepare"] = t_data - t0
-    claimed: set[bytes] = set()
-    claim_lock = threading.Lock()
-    local = threading.local()
-    level = cfg.compression_level
-    changed_all: list[np.ndarray] = []  # per job, in job order: ascending
+    def read_and_store(self, progress) -> None:
+        """Run the jobs on worker threads and pack their new blocks; then count what changed."""
+        source, bs, result = self.source, self.bs, self.result
+        self.claimed: set[bytes] = set()  # blocks a job of this backup stores
+        self.claim_lock = threading.Lock()
+        self.local = threading.local()  # per worker: its compressor and read buffer
+        self.reads_into = hasattr(source, "read_into") and not hasattr(source, "fileno")
+        self.reads_ranges = hasattr(source, "read_ranges_into")
+        changed_all: list[np.ndarray] = []  # per job, in job order: ascending
+        digests = self.digests
+        self.packer = packer = PackWriter(self.repo.backend, PACK_TARGET_BYTES)
+        total_job_bytes = sum((b - a) * bs for _, ranges in self.jobs for a, b in ranges) or 1
+        done_bytes = 0
+        try:
+            # Reads from a network source (NBD) wait on the server, not on a core: give them
+            # more workers so more requests are in flight while others hash and compress.
+            workers = self.threads if hasattr(source, "fileno") else 4 * self.threads
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pyvbak-worker") as pool:
+                inflight: deque = deque()
 
-    def compressor():
-        c = getattr(local, "cctx", None)
+                def drain_one():
+                    nonlocal done_bytes
+                    nblocks, changed, out, nread = inflight.popleft().result()
+                    result.bytes_read += nread
+                    changed_all.append(changed)
+                    for data_idx, joined, stored in out:
+                        digests[data_idx] = np.frombuffer(joined, "V32")
+                        for d, frame, ulen in stored:
+                            packer.add(d, frame, ulen)
+                            result.new_bytes += ulen
+                            result.stored_bytes += len(frame)
+                        result.new_blocks += len(stored)
+                    done_bytes += nblocks * bs
+                    if progress is not None:
+                        progress(done_bytes, total_job_bytes)
+
+                for job in self.jobs:
+                    inflight.append(pool.submit(self._run_job, *job))
+                    if len(inflight) >= 2 * workers:
+                        drain_one()
+                while inflight:
+                    drain_one()
+            done_reading = getattr(source, "done_reading", None)
+            if done_reading is not None:
+                # a hot source's point-in-time view can go now: the guest stops paying for it
+                # while the packs below are made durable.  The last pack is handed to the
+                # writer thread first, so its write and fsync overlap the view's removal (QMP
+                # round trips, ~3-6 ms of QEMU's time per disk) instead of following it.
+                packer.flush()
+                done_reading()
+            self.pack_records = packer.finish()
+        except BaseException as exc:
+            _index_stored_packs(self.repo, packer.abort(), exc)
+            raise
+        self._count_changes(changed_all)
+        if self.verify_cbt:
+            self._check_tracking()
+
+    def _run_job(self, kind: str, ranges: list[tuple[int, int]]):
+        if kind == "mapped":
+            return self._scan_mapped(*ranges[0])
+        return self._work(ranges, scan=True)
+
+    def _compressor(self):
+        c = getattr(self.local, "cctx", None)
         if c is None:
-            c = local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+            c = self.local.cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True)
         return c
 
-    reads_into = hasattr(source, "read_into") and not hasattr(source, "fileno")
-    reads_ranges = hasattr(source, "read_ranges_into")
-
-    def read_ranges(ranges: list[tuple[int, int]]):
+    def _read_ranges(self, ranges: list[tuple[int, int]]):
         """The blocks of ``ranges`` back to back: (memoryview, bytes read)."""
+        source, bs, size = self.source, self.bs, self.size
         spans = [(a * bs, min(b * bs, size) - a * bs) for a, b in ranges]
         total = sum(ln for _, ln in spans)
-        if reads_into or reads_ranges:
+        if self.reads_into or self.reads_ranges:
             # one reused buffer per worker: no copy of each reply into a fresh bytes
             # object (1 GiB over NBD, 4 MiB reads on 2 threads: 0.25-0.33 s of CPU
             # instead of 0.35-0.43 s); nothing of it outlives this job
-            buf = getattr(local, "read_buffer", None)
+            buf = getattr(self.local, "read_buffer", None)
             if buf is None or len(buf) < total:
-                buf = local.read_buffer = memoryview(bytearray(max(total, CHUNK_BYTES)))
+                buf = self.local.read_buffer = memoryview(bytearray(max(total, CHUNK_BYTES)))
             view = buf[:total]
-            if reads_ranges:
+            if self.reads_ranges:
                 nread = source.read_ranges_into(spans, view)
             else:
                 nread, pos = 0, 0
@@ -594,12 +706,13 @@ def run_backup(
         data = source.read(*spans[0]) if len(spans) == 1 else b"".join(source.read(o, ln) for o, ln in spans)
         return memoryview(data), len(data)
 
-    def work(ranges: list[tuple[int, int]], scan: bool):
+    def _work(self, ranges: list[tuple[int, int]], scan: bool):
         """Read the blocks of ``ranges`` (block runs in ascending order), scan them when
         ``scan`` (else all of them are changed), then hash and compress the changed
         non-zero ones; (blocks covered, changed indices, frames out, bytes read)."""
-        mv, nread = read_ranges(ranges)
-        if len(ranges) == 1 and not in_place:  # contiguous: the arrays' own slices, no gathering
+        bs, key, zero, fast, parent = self.bs, self.key, self.zero, self.fast, self.parent
+        mv, nread = self._read_ranges(ranges)
+        if len(ranges) == 1 and not self.in_place:  # contiguous: the arrays' own slices, no gathering
             a, b = ranges[0]
             count = b - a
             if scan:
@@ -639,99 +752,57 @@ def run_backup(
         lengths = np.minimum(nread - offsets, bs)
         joined = native.sha256_blocks(mv, offsets, lengths)
         names = [joined[k : k + 32] for k in range(0, len(joined), 32)]
-        known = repo_index.locate(np.frombuffer(joined, "S32")) >= 0
+        known = self.repo_index.locate(np.frombuffer(joined, "S32")) >= 0
         new = []  # (position among the job's data blocks) of blocks this job stores
         if not known.all():
-            with claim_lock:
+            with self.claim_lock:
                 for k in np.flatnonzero(~known).tolist():
-                    if names[k] not in claimed:
-                        claimed.add(names[k])
+                    if names[k] not in self.claimed:
+                        self.claimed.add(names[k])
                         new.append(k)
         offs, lens = offsets.tolist(), lengths.tolist()
-        frames = compress_blocks(compressor(), [mv[offs[k] : offs[k] + lens[k]] for k in new])
+        frames = compress_blocks(self._compressor(), [mv[offs[k] : offs[k] + lens[k]] for k in new])
         stored = [(names[k], frame, lens[k]) for k, frame in zip(new, frames)]
         return count, changed, [(data_idx, joined, stored)], nread
 
-    def scan_mapped(a: int, b: int):
-        native.scan_fd_range(source.fileno(), a * bs, min(b * bs, size) - a * bs, bs, key,
-                             zero[a:b], fast[a:b], name=source.path, size=size)
-        changed = _changed(parent, zero, fast, a, b, bs)
+    def _scan_mapped(self, a: int, b: int):
+        bs, size, zero = self.bs, self.size, self.zero
+        native.scan_fd_range(self.source.fileno(), a * bs, min(b * bs, size) - a * bs, bs, self.key,
+                             zero[a:b], self.fast[a:b], name=self.source.path, size=size)
+        changed = _changed(self.parent, zero, self.fast, a, b, bs)
         out, nread = [], 0
         # the window's changed blocks, re-read while in the page cache, as few jobs' worth
         # of work as fit CHUNK_BYTES (one hashing call and one lookup per group)
-        for group in _groups(_runs(changed[zero[changed] == 0], chunk_blocks), max(1, GROUP_BYTES // bs)):
-            _, _, part, nr = work(group, scan=False)
+        for group in _groups(_runs(changed[zero[changed] == 0], self.chunk_blocks), max(1, GROUP_BYTES // bs)):
+            _, _, part, nr = self._work(group, scan=False)
             out.extend(part)
             nread += nr
         return b - a, changed, out, nread
 
-    def run_job(kind: str, ranges: list[tuple[int, int]]):
-        if kind == "mapped":
-            return scan_mapped(*ranges[0])
-        return work(ranges, scan=True)
+    def _count_changes(self, changed_all: list[np.ndarray]) -> None:
+        """The jobs' changed zero blocks get the zero marker; the result's change counts."""
+        n, result = self.n, self.result
+        # Hole blocks were settled by runs (_settle_holes); the jobs' zero blocks get the zero
+        # marker here.  The two sets are disjoint: the count is their sum.
+        self.job_changed = job_changed = np.concatenate(changed_all) if changed_all else np.empty(0, np.int64)
+        self.digests[job_changed[self.zero[job_changed] == 1]] = ZERO_MARK
+        hole_changed, hole_changed_runs = self.hole_changed, self.hole_changed_runs
+        result.changed_blocks = (len(job_changed) + sum(len(h) for h in hole_changed)
+                                 + sum(b - a for a, b in hole_changed_runs))
+        last_changed = n > 0 and ((len(job_changed) > 0 and int(job_changed[-1]) == n - 1)
+                                  or any(len(h) and int(h.max()) == n - 1 for h in hole_changed)
+                                  or any(b == n for _, b in hole_changed_runs))
+        result.changed_bytes = result.changed_blocks * self.bs - (self.tail if last_changed else 0)
+        result.packs_written = self.packer.packs_written
 
-    packer = PackWriter(repo.backend, PACK_TARGET_BYTES)
-    total_job_bytes = sum((b - a) * bs for _, ranges in jobs for a, b in ranges) or 1
-    done_bytes = 0
-    try:
-        # Reads from a network source (NBD) wait on the server, not on a core: give them
-        # more workers so more requests are in flight while others hash and compress.
-        workers = threads if hasattr(source, "fileno") else 4 * threads
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pyvbak-worker") as pool:
-            inflight: deque = deque()
-            it = iter(jobs)
-
-            def drain_one():
-                nonlocal done_bytes
-                nblocks, changed, out, nread = inflight.popleft().result()
-                result.bytes_read += nread
-                changed_all.append(changed)
-                for data_idx, joined, stored in out:
-                    digests[data_idx] = np.frombuffer(joined, "V32")
-                    for d, frame, ulen in stored:
-                        packer.add(d, frame, ulen)
-                        result.new_bytes += ulen
-                        result.stored_bytes += len(frame)
-                    result.new_blocks += len(stored)
-                done_bytes += nblocks * bs
-                if progress is not None:
-                    progress(done_bytes, total_job_bytes)
-
-            for job in it:
-                inflight.append(pool.submit(run_job, *job))
-                if len(inflight) >= 2 * workers:
-                    drain_one()
-            while inflight:
-                drain_one()
-        done_reading = getattr(source, "done_reading", None)
-        if done_reading is not None:
-            # a hot source's point-in-time view can go now: the guest stops paying for it
-            # while the packs below are made durable.  The last pack is handed to the
-            # writer thread first, so its write and fsync overlap the view's removal (QMP
-            # round trips, ~3-6 ms of QEMU's time per disk) instead of following it.
-            packer.flush()
-            done_reading()
-        pack_records = packer.finish()
-    except BaseException as exc:
-        _index_stored_packs(repo, packer.abort(), exc)
-        raise
-
-    # Hole blocks were settled by runs (settle_holes); the jobs' zero blocks get the zero
-    # marker here.  The two sets are disjoint: the count is their sum.
-    job_changed = np.concatenate(changed_all) if changed_all else np.empty(0, np.int64)
-    digests[job_changed[zero[job_changed] == 1]] = ZERO_MARK
-    result.changed_blocks = (len(job_changed) + sum(len(h) for h in hole_changed)
-                             + sum(b - a for a, b in hole_changed_runs))
-    last_changed = n > 0 and ((len(job_changed) > 0 and int(job_changed[-1]) == n - 1)
-                              or any(len(h) and int(h.max()) == n - 1 for h in hole_changed)
-                              or any(b == n for _, b in hole_changed_runs))
-    result.changed_bytes = result.changed_blocks * bs - (tail if last_changed else 0)
-    result.packs_written = packer.packs_written
-
-    if verify_cbt and ct is not None and ct.extents is not None and parent.snap is not None and parent.size == size:
-        marks = _extent_mask(ct.extents, n, bs)
-        changed_idx = np.sort(np.concatenate([job_changed, *hole_changed,
-                                              *(np.arange(a, b, dtype=np.int64) for a, b in hole_changed_runs)]),
+    def _check_tracking(self) -> None:
+        """--verify-cbt: the changed blocks the full scan found that the bitmap did not name."""
+        ct, parent, n, result = self.ct, self.parent, self.n, self.result
+        if ct is None or ct.extents is None or parent.snap is None or parent.size != self.size:
+            return
+        marks = _extent_mask(ct.extents, n, self.bs)
+        changed_idx = np.sort(np.concatenate([self.job_changed, *self.hole_changed,
+                                              *(np.arange(a, b, dtype=np.int64) for a, b in self.hole_changed_runs)]),
                               kind="stable")
         missed = changed_idx[~marks[changed_idx]] if len(changed_idx) else changed_idx
         result.cbt_missed_blocks = [int(x) for x in missed[:1000]]
@@ -739,74 +810,82 @@ def run_backup(
             result.warnings.append(f"change tracking missed {len(missed)} changed blocks (found by the full scan)")
 
     # -- commit: packs are durable; index them, then the snapshot, metadata last ---------
-    t_commit = time.monotonic()
-    result.phases["data"] = t_commit - t_data
-    try:
-        written_index = repo.write_pack_index(pack_records)
-    except BaseException as exc:  # Ctrl-C or SIGTERM in the write: once more, as for a failed data phase
-        _index_stored_packs(repo, pack_records, exc)
-        raise
-    if not in_place:
-        new_fast = np.ascontiguousarray(fast).view("V16").reshape(n)
-        if parent.streamed:  # records for the changed blocks alone: the rest are the parent's
-            parent.patched = np.unique(np.concatenate([job_changed, *hole_changed]))
-            records["fast"][parent.patched] = new_fast[parent.patched]
-        elif taken:  # the parent's hashes are there: every block's is replaced
-            records["fast"] = new_fast
-        else:  # fresh records: zero blocks' hashes are zero already (a thin disk's most)
-            nonzero_blocks = np.flatnonzero(zero == 0)
-            records["fast"][nonzero_blocks] = new_fast[nonzero_blocks]
-    known_zero = None
-    if parent.snap is None:  # then the records are fresh: nonzero_blocks is set above
-        # A first backup wrote records for data blocks only (zero blocks' records are
-        # zero): spans of the index holding none are fed to the compressor as zeros, never
-        # read (never-written memory: a read faults in its pages, 4 KiB at a time).
-        span = ZERO_SPAN_RECORDS
-        has_data = np.zeros(-(-n // span), dtype=bool)
-        has_data[nonzero_blocks // span] = True
-        edges = _mask_edges(~has_data) * span
-        known_zero = list(zip(edges[0::2].tolist(), np.minimum(edges[1::2], n).tolist()))
-    result.duration = time.monotonic() - t0
-    meta = {
-        "vm": vm,
-        "disk": disk,
-        "source": source.description,
-        "size": size,
-        "block_size": bs,
-        "time": snapshot_time(),
-        "sequence": sequence,
-        "parent": result.parent,
-        "change_tracking": {
-            "used": result.cbt,
-            "state": ct.state if ct is not None else {},
-            "fallback_reason": result.fallback_reason,
-        },
-        "stats": {
-            k: getattr(result, k)
-            for k in ("bytes_scanned", "bytes_read", "changed_blocks", "changed_bytes", "new_blocks", "new_bytes", "stored_bytes", "duration")
-        },
-        "warnings": result.warnings,
-    }
-    if written_index:  # (the next backup of the disk checks it is still there: FORMAT.md)
-        meta["pack_index"] = written_index
-    if lost:  # every block this snapshot names is in the index (checked, or stored anew)
-        meta["lost_checked"] = lost
-        # ... and none is flagged-only by those markers (an older pyvbak's snapshot lists
-        # them without this: its parent check ignored their flags)
-        meta["flags_honoured"] = True
-    if extra_meta:
-        meta.update(extra_meta)
-    committed = (lambda: on_commit(result)) if on_commit is not None else None
-    if parent.streamed:
-        # records hold the dirty blocks' alone (updated in place): the others are the
-        # parent's, read again in chunks and patched on the way to the compressor
-        repo.commit_snapshot(sid, meta, records, base=(parent.snap, parent.patched), on_commit=committed)
-    else:
-        repo.commit_snapshot(sid, meta, records, known_zero=known_zero, on_commit=committed)
-    t_end = time.monotonic()
-    result.phases["commit"] = t_end - t_commit
-    result.duration = t_end - t0
-    return result
+
+    def commit(self, extra_meta: dict | None, on_commit) -> BackupResult:
+        repo, result, records, parent, n = self.repo, self.result, self.records, self.parent, self.n
+        t_commit = time.monotonic()
+        result.phases["data"] = t_commit - self.t_data
+        try:
+            written_index = repo.write_pack_index(self.pack_records)
+        except BaseException as exc:  # Ctrl-C or SIGTERM in the write: once more, as for a failed data phase
+            _index_stored_packs(repo, self.pack_records, exc)
+            raise
+        if not self.in_place:
+            new_fast = np.ascontiguousarray(self.fast).view("V16").reshape(n)
+            if parent.streamed:  # records for the changed blocks alone: the rest are the parent's
+                parent.patched = np.unique(np.concatenate([self.job_changed, *self.hole_changed]))
+                records["fast"][parent.patched] = new_fast[parent.patched]
+            elif self.taken:  # the parent's hashes are there: every block's is replaced
+                records["fast"] = new_fast
+            else:  # fresh records: zero blocks' hashes are zero already (a thin disk's most)
+                nonzero_blocks = np.flatnonzero(self.zero == 0)
+                records["fast"][nonzero_blocks] = new_fast[nonzero_blocks]
+        known_zero = None
+        if parent.snap is None:  # then the records are fresh: nonzero_blocks is set above
+            # A first backup wrote records for data blocks only (zero blocks' records are
+            # zero): spans of the index holding none are fed to the compressor as zeros, never
+            # read (never-written memory: a read faults in its pages, 4 KiB at a time).
+            span = ZERO_SPAN_RECORDS
+            has_data = np.zeros(-(-n // span), dtype=bool)
+            has_data[nonzero_blocks // span] = True
+            edges = _mask_edges(~has_data) * span
+            known_zero = list(zip(edges[0::2].tolist(), np.minimum(edges[1::2], n).tolist()))
+        result.duration = time.monotonic() - self.t0
+        meta = self._snapshot_meta(written_index)
+        if extra_meta:
+            meta.update(extra_meta)
+        committed = (lambda: on_commit(result)) if on_commit is not None else None
+        if parent.streamed:
+            # records hold the dirty blocks' alone (updated in place): the others are the
+            # parent's, read again in chunks and patched on the way to the compressor
+            repo.commit_snapshot(result.snapshot_id, meta, records, base=(parent.snap, parent.patched), on_commit=committed)
+        else:
+            repo.commit_snapshot(result.snapshot_id, meta, records, known_zero=known_zero, on_commit=committed)
+        t_end = time.monotonic()
+        result.phases["commit"] = t_end - t_commit
+        result.duration = t_end - self.t0
+        return result
+
+    def _snapshot_meta(self, written_index: str | None) -> dict:
+        result, ct = self.result, self.ct
+        meta = {
+            "vm": self.vm,
+            "disk": self.disk,
+            "source": self.source.description,
+            "size": self.size,
+            "block_size": self.bs,
+            "time": snapshot_time(),
+            "sequence": self.sequence,
+            "parent": result.parent,
+            "change_tracking": {
+                "used": result.cbt,
+                "state": ct.state if ct is not None else {},
+                "fallback_reason": result.fallback_reason,
+            },
+            "stats": {
+                k: getattr(result, k)
+                for k in ("bytes_scanned", "bytes_read", "changed_blocks", "changed_bytes", "new_blocks", "new_bytes", "stored_bytes", "duration")
+            },
+            "warnings": result.warnings,
+        }
+        if written_index:  # (the next backup of the disk checks it is still there: FORMAT.md)
+            meta["pack_index"] = written_index
+        if self.lost:  # every block this snapshot names is in the index (checked, or stored anew)
+            meta["lost_checked"] = self.lost
+            # ... and none is flagged-only by those markers (an older pyvbak's snapshot lists
+            # them without this: its parent check ignored their flags)
+            meta["flags_honoured"] = True
+        return meta
 
 
 def _index_stored_packs(repo, records: np.ndarray, exc: BaseException) -> None:

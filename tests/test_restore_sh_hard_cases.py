@@ -324,6 +324,41 @@ def test_a_signal_during_the_clean_up_still_removes_the_partial_file(setup, tmp_
     assert no_partial(tmp_path) and not out.exists(), (os.listdir(tmp_path), p.stderr)
 
 
+@pytest.mark.parametrize("shell", shells()[:2], ids=lambda s: os.path.basename(s[0]) + "".join(s[1:]))
+def test_a_ctrl_c_that_kills_a_count_prints_only_the_interrupted_line(setup, tmp_path, shell):
+    """Ctrl-C reaches the whole process group: a `wc` counting lines dies with the shell,
+    and a count it never printed, tested in a `[ ... -eq ... ]`, put a stray
+    "[: Illegal number" line before the trap's own.  Here a wc that sends SIGINT to its
+    process group (the restore's own session, as a terminal would) stops the restore at
+    each of its counts in turn.  (Busybox sh runs its own wc applet, never PATH's.)"""
+    repo, snaps, _ = setup
+    sid, _ = snaps[1]
+    wc = shutil.which("wc")
+    calls = tmp_path / "calls"
+    d = _path_with(tmp_path, wc=f'echo >> "$WC_CALLS"\n'
+                                f'if [ "$({wc} -l < "$WC_CALLS")" -eq "${{WC_STOP:-0}}" ]; then kill -INT 0; exit 130; fi\n'
+                                f'exec {wc} "$@"\n')
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    out = tmp_path / "out.img"
+    script = os.path.join(repo.location, "restore.sh")
+    cmd = [shutil.which(shell[0]), *shell[1:], "--", script, f"{sid[:-2]}", str(out)]
+    env = {"PATH": d, "WC_CALLS": str(calls), "TMPDIR": str(tmpdir)}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    counts = len(calls.read_text().splitlines())
+    assert counts >= 8  # (the index, the block lists, the pack index, the runs, the output's size)
+    out.unlink()
+    for stop in range(1, counts + 1):
+        calls.unlink()
+        p = subprocess.run(cmd, env={**env, "WC_STOP": str(stop)}, capture_output=True, text=True, timeout=120,
+                           start_new_session=True)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 130 and lines == [f"restore.sh: error: interrupted by SIGINT: nothing restored, "
+                                                 f"{out} left as it was"], (stop, p.stderr)
+        assert not out.exists() and no_partial(tmp_path) and os.listdir(tmpdir) == [], stop
+
+
 @pytest.mark.parametrize("force", [False, True], ids=["new", "--force"])
 def test_a_signal_after_the_rename_says_the_restore_is_complete(setup, tmp_path, force):
     """A Ctrl-C during the last sync, after OUTPUT was put in place, said "nothing

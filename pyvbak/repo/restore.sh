@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 14  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 15  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -376,7 +376,8 @@ case $snap in
     sort "$tmp/cands" > "$tmp/cands.sorted" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
     if [ -z "$want_disk" ]; then
       cut -d' ' -f4- "$tmp/cands.sorted" > "$tmp/disks" && sort -u "$tmp/disks" > "$tmp/disks.u" || die "cut failed"
-      [ "$(wc -l < "$tmp/disks.u")" -eq 1 ] \
+      ndisks=$(wc -l < "$tmp/disks.u") || die "wc failed"
+      [ "$ndisks" -eq 1 ] \
         || die "VM $vm has several disks ($(paste -s -d ' ' "$tmp/disks.u")): restore one at a time with $vm/DISK@latest"
     fi
     line=$(tail -n 1 "$tmp/cands.sorted") || die "tail failed"
@@ -466,15 +467,20 @@ msize=$(head -n 1 "$tmp/msize" | tr -dc 0-9) && mbs=$(head -n 1 "$tmp/mbs" | tr 
 [ -z "$mbs" ] || [ "$mbs" = "$bs" ] || die "$index has $bs-byte blocks but $meta says $mbs: the repository is damaged"
 tail -n +2 "$tmp/index.hex" > "$tmp/records" 2>"$tmp/err" || tmp_die "tail failed on $index" "$tmp/err"
 rm -f "$tmp/index.hex"  # (files go as soon as they are read: $TMPDIR holds less)
-[ "$(wc -l < "$tmp/records")" -eq "$count" ] || die "$index is damaged: it does not hold its $count block records"
+nrecords=$(wc -l < "$tmp/records") || die "wc failed on $index"
+[ "$nrecords" -eq "$count" ] || die "$index is damaged: it does not hold its $count block records"
 zero=0000000000000000000000000000000000000000000000000000000000000000
 # Busybox's grep, cut, nl, paste and sort (the applets `busybox sh` runs before PATH) exit 0
 # after a write that failed (ENOSPC: a TMPDIR full for a moment): a list cut short was taken
 # for the whole disk, and its missing blocks left as holes.  So every list is counted
 # against what it must hold.
+# (Every number a command prints goes into a variable first, checked: a Ctrl-C kills the
+# command too, and its empty output inside a [ test printed "[: Illegal number" before
+# the signal's trap ran.)
 lines_are() {  # FILE N: FILE holds N lines, or it was cut short in $TMPDIR
-  [ "$(wc -l < "$1")" -eq "$2" ] \
-    || tmp_die "a list of blocks was cut short writing it into ${TMPDIR:-/tmp} (${1##*/}: $(wc -l < "$1") lines, not $2)"
+  la_n=$(wc -l < "$1") || die "wc failed on $1"
+  [ "$la_n" -eq "$2" ] \
+    || tmp_die "a list of blocks was cut short writing it into ${TMPDIR:-/tmp} (${1##*/}: $la_n lines, not $2)"
 }
 # "digest blockno" for every non-zero block, sorted by digest.
 cut -c1-64 "$tmp/records" > "$tmp/digests" 2>"$tmp/err" || tmp_die "cut failed on $index" "$tmp/err"
@@ -490,7 +496,7 @@ rc=0; grep -v " $zero\$" "$tmp/numbered" > "$tmp/nonzero" 2>"$tmp/err" || rc=$?
 rc=0; zeros=$(grep -c " $zero\$" "$tmp/numbered" 2>"$tmp/err") || rc=$?
 [ "$rc" -le 1 ] || tmp_die "grep failed on $index" "$tmp/err"
 case $zeros in '' | *[!0-9]*) tmp_die "grep failed on $index" "$tmp/err" ;; esac
-nonzero=$(wc -l < "$tmp/nonzero")
+nonzero=$(wc -l < "$tmp/nonzero") || die "wc failed"
 [ $((nonzero + zeros)) -eq "$count" ] \
   || tmp_die "a list of blocks was cut short writing it into ${TMPDIR:-/tmp} (nonzero: $nonzero lines and $zeros zero blocks, not $count)"
 # (2> on each command, never on a { group }: a signal's trap run between the group's
@@ -537,8 +543,9 @@ for f in "$repo"/index/*; do
   tail -n +2 "$tmp/pi.hex" > "$tmp/pi.rec" 2>"$tmp/err" || tmp_die "tail failed on $f" "$tmp/err"
   plen=$(wc -c < "$tmp/pi.bin") || die "wc failed on $f"
   magic=$(echo "$h" | cut -c1-24) && nrec=$(echo "$h" | cut -c25-40) || die "cut failed on $f"  # (as for the header)
+  pi_lines=$(wc -l < "$tmp/pi.rec") || die "wc failed on $f"
   if [ "$magic" != "692fe50019b13e6300000001" ] || [ $((plen % 80)) -ne 0 ] \
-     || [ "$((0x$nrec))" -ne "$(wc -l < "$tmp/pi.rec")" ]; then
+     || [ "$((0x$nrec))" -ne "$pi_lines" ]; then
     printf '%s\n' "restore.sh: warning: pack index $f is damaged or not a pyvbak v1 pack index: left out" >&2
     continue
   fi
@@ -546,7 +553,7 @@ for f in "$repo"/index/*; do
   { cut -c1-64 "$tmp/pi.rec" > "$tmp/c1" 2>"$tmp/err" && cut -c65-128 "$tmp/pi.rec" > "$tmp/c2" 2>"$tmp/err" \
     && cut -c129-144 "$tmp/pi.rec" > "$tmp/c3" 2>"$tmp/err" && cut -c145-152 "$tmp/pi.rec" > "$tmp/c4" 2>"$tmp/err"; } \
     || tmp_die "cut failed on $f" "$tmp/err"
-  nrec=$(wc -l < "$tmp/pi.rec")
+  nrec=$pi_lines
   for c in c1 c2 c3 c4; do lines_are "$tmp/$c" "$nrec"; done
   paste -d ' ' "$tmp/c1" "$tmp/c2" "$tmp/c3" "$tmp/c4" > "$tmp/where.unsorted" 2>"$tmp/err" || tmp_die "paste failed on $f" "$tmp/err"
   lines_are "$tmp/where.unsorted" "$nrec"
@@ -560,9 +567,10 @@ rm -f "$tmp/pi.bin" "$tmp/pi.od" "$tmp/pi.hex" "$tmp/pi.rec" "$tmp/c1" "$tmp/c2"
 # 3. Every block must be somewhere: "digest blockno pack offset length", one line per copy.
 { cut -d' ' -f2 "$tmp/found" > "$tmp/found.n" 2>"$tmp/err" && sort -u "$tmp/found.n" > "$tmp/found.u" 2>"$tmp/err"; } \
   || tmp_die "sort failed" "$tmp/err"
-lines_are "$tmp/found.n" "$(wc -l < "$tmp/found")"
+nfound=$(wc -l < "$tmp/found") || die "wc failed"
+lines_are "$tmp/found.n" "$nfound"
 wanted=$nonzero
-found=$(wc -l < "$tmp/found.u")
+found=$(wc -l < "$tmp/found.u") || die "wc failed"
 [ "$found" -eq "$wanted" ] \
   || die "$((wanted - found)) block(s) of snapshot $snap are missing from the repository (no pack index names them): run 'pyvbak verify', or restore another snapshot"
 # The plan: one copy of every block, in pack order (sequential reads, and runs of frames
@@ -687,7 +695,7 @@ run_ok() {  # the run decompressed to $tmp/run, every block of it matching its d
   (cd "$tmp" && sha256sum blk.*) > "$tmp/sums" 2>/dev/null || return 1  # names without escapes
   cut -c1-64 "$tmp/sums" > "$tmp/got" 2>/dev/null && paste -d ' ' "$tmp/got" "$tmp/run.want" > "$tmp/both" 2>/dev/null \
     || return 1
-  [ "$(wc -l < "$tmp/both")" -eq "$run_k" ] || return 1
+  r_lines=$(wc -l < "$tmp/both" 2>/dev/null) && [ "$r_lines" -eq "$run_k" ] || return 1
   rc=0; grep -c -v '^\([0-9a-f]\{64\}\) \1$' "$tmp/both" > "$tmp/bad" 2>/dev/null || rc=$?
   [ "$rc" -eq 1 ]  # grep -v selected nothing: every line is "digest digest"
 }
@@ -706,13 +714,14 @@ done < "$tmp/plan"
 flush_run
 # Blocks whose copy did not read back good: every other copy of them.
 sort -u "$tmp/done" > "$tmp/done.u" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
-if [ "$(wc -l < "$tmp/done.u")" -ne "$wanted" ]; then
+written=$(wc -l < "$tmp/done.u") || die "wc failed"
+if [ "$written" -ne "$wanted" ]; then
   { join -v 1 "$tmp/found.u" "$tmp/done.u" > "$tmp/todo" 2>"$tmp/err" && sort -k2,2 "$tmp/found" > "$tmp/found.byn" 2>"$tmp/err" \
     && join -1 2 -2 1 "$tmp/found.byn" "$tmp/todo" > "$tmp/retry" 2>"$tmp/err"; } || tmp_die "join failed" "$tmp/err"
   while read -r n d p o c; do block "$d" "$n" "$p" "$o" "$c"; done < "$tmp/retry"
   sort -u "$tmp/done" > "$tmp/done.u" 2>"$tmp/err" || tmp_die "sort failed" "$tmp/err"
 fi
-written=$(wc -l < "$tmp/done.u")
+written=$(wc -l < "$tmp/done.u") || die "wc failed"
 if [ "$written" -ne "$wanted" ]; then
   { sort -k1,1 "$tmp/failed" > "$tmp/failed.s" 2>"$tmp/err" && join -v 1 "$tmp/failed.s" "$tmp/done.u" > "$tmp/lost" 2>"$tmp/err"; } \
     || tmp_die "join failed" "$tmp/err"
@@ -734,7 +743,8 @@ if [ -n "$device" ]; then
   done < "$tmp/zero.n"
   flush
 else
-  [ "$(wc -c < "$part")" -eq "$size" ] || die "$part is not $size bytes after the restore"
+  psize=$(wc -c < "$part") || die "wc failed on $part"
+  [ "$psize" -eq "$size" ] || die "$part is not $size bytes after the restore"
   if [ -n "$force" ] && [ -f "$out" ]; then
     # the file it replaces keeps its owner, group and mode, as with pyvbak (a VM manager
     # may not open it otherwise): GNU chown/chmod --reference, where there; a failure

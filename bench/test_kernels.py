@@ -111,13 +111,20 @@ def _decode_reference(src, src_offsets, lens, dst, dst_offsets, digests) -> None
         dst[dst_offsets[i]:dst_offsets[i] + len(b)] = np.frombuffer(b, np.uint8)
 
 
-@pytest.mark.parametrize("kernel", native.available_decode_kernels())
-def test_decode(benchmark, pack, kernel):
+_LANES_ALONE = bool(native.lib.pv_sha256_kernels() >> native.lib.PV_SHA_X16_ALONE & 1)
+
+
+@pytest.mark.parametrize("kernel", native.available_decode_kernels() + (["native-lanes-alone"] if _LANES_ALONE else []))
+def test_decode(benchmark, pack, kernel, monkeypatch):
+    """``native-lanes-alone``: the native kernel checking with the AVX-512 lanes alone, as
+    on a CPU without SHA extensions (Xeons before Ice Lake)."""
     src, src_offsets, lens, dst_offsets, ulens, digests, expect = pack
     benchmark.group = f"decode + SHA-256 check, {len(ulens)} blocks of 64 KiB"
     benchmark.extra_info["bytes"] = len(expect)
     dst = np.zeros(len(expect), np.uint8)
-    if kernel == "native":
+    if kernel == "native-lanes-alone":
+        monkeypatch.setattr(native, "_decode_sha_kernel", lambda: native.lib.PV_SHA_X16_ALONE)
+    if kernel.startswith("native"):
         dctx = native.new_decode_context()
 
         def run():

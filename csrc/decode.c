@@ -137,14 +137,17 @@ static uint8_t decode_one(void *dctx, const uint8_t *frame, uint64_t len, uint8_
 int64_t pv_decode_blocks(void *dctx, const uint8_t *src, const int64_t *src_off, const uint64_t *src_len,
                          uint8_t *dst, const int64_t *dst_off, const uint64_t *ulen, const uint8_t *digests,
                          uint64_t n, uint8_t *status, int sha_kernel) {
-    if (!loaded() || !dctx || (sha_kernel != PV_SHA_NI && sha_kernel != PV_SHA_X16) ||
+    /* PV_SHA_X16_ALONE: the lanes on a CPU with AVX-512 and no SHA extensions (Xeons
+     * before Ice Lake), where a group short of sixteen takes the lanes too */
+    if (!loaded() || !dctx ||
+        (sha_kernel != PV_SHA_NI && sha_kernel != PV_SHA_X16 && sha_kernel != PV_SHA_X16_ALONE) ||
         !(pv_sha256_kernels() >> sha_kernel & 1))
         return PV_ERR_KERNEL;
     int64_t good = 0;
     /* A group at a time, hashed in one call while the group is still in cache from its
      * decompression: two blocks for the SHA-NI pairs, sixteen for the AVX-512 lanes
      * (sha256.c; 16 blocks of 64 KiB are 1 MiB, within a core's L2 here). */
-    const uint64_t group = sha_kernel == PV_SHA_X16 ? PV_SHA_LANES : 2;
+    const uint64_t group = sha_kernel == PV_SHA_NI ? 2 : PV_SHA_LANES;
     for (uint64_t i = 0; i < n; i += group) {
         uint64_t m = n - i < group ? n - i : group;
         const uint8_t *msgs[PV_SHA_LANES];

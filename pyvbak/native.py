@@ -549,8 +549,9 @@ def zstd_library_version() -> int:
 
 
 def decode_kernel_available() -> bool:
-    """Whether ``decode_blocks_into`` runs here (libzstd loaded, SHA-256 kernel on this CPU)."""
-    return bool(zstd_library_version()) and bool(lib.pv_sha256_available())
+    """Whether ``decode_blocks_into`` runs here (libzstd loaded, and SHA extensions or
+    AVX-512 on this CPU)."""
+    return bool(zstd_library_version()) and bool(lib.pv_sha256_kernels() & (1 << lib.PV_SHA_NI | 1 << lib.PV_SHA_X16_ALONE))
 
 
 def available_decode_kernels() -> list[str]:
@@ -567,7 +568,7 @@ def new_decode_context():
     """A zstd decompression context for ``decode_blocks_into``; one per thread (not
     thread-safe), freed when the returned object is collected."""
     if not decode_kernel_available():
-        raise UsageError("the native decode kernel needs libzstd.so.1 (1.4+) and a CPU with SHA extensions")
+        raise UsageError("the native decode kernel needs libzstd.so.1 (1.4+) and a CPU with SHA extensions or AVX-512")
     return ffi.gc(lib.pv_zstd_dctx_new(), lib.pv_zstd_dctx_free)
 
 
@@ -587,8 +588,10 @@ def _decode_index(values, name: str) -> np.ndarray:
 
 def _decode_sha_kernel() -> int:
     """The SHA-256 kernel the decode kernel checks blocks with: the lanes where they are
-    the selected kernel, else SHA-NI pairs (decode_kernel_available needs SHA-NI; a forced
-    hashlib reference applies to sha256_many and sha256_blocks, not to this kernel)."""
+    the selected kernel, else SHA-NI pairs; without SHA extensions, the lanes alone (a
+    forced hashlib reference applies to sha256_many and sha256_blocks, not to this kernel)."""
+    if not lib.pv_sha256_available():
+        return lib.PV_SHA_X16_ALONE
     return lib.PV_SHA_X16 if selected_sha256_kernel() == "avx512" else lib.PV_SHA_NI
 
 

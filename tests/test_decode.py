@@ -117,13 +117,22 @@ def test_a_batch_reports_each_block_in_place(kernel):
         assert (data is not None) == (want == OK) and (data is None or sha(data) == digest)
 
 
+def _lanes_alone_available() -> bool:
+    return bool(native.lib.pv_sha256_kernels() >> native.lib.PV_SHA_X16_ALONE & 1)
+
+
 @needs_native
-@pytest.mark.parametrize("sha_kernel", [k for k in native.available_sha256_kernels() if k != "hashlib"])
+@pytest.mark.parametrize("sha_kernel", [k for k in native.available_sha256_kernels() if k != "hashlib"]
+                         + (["avx512-alone"] if _lanes_alone_available() else []))
 def test_each_sha256_kernel_checks_every_block_of_a_long_batch_in_place(monkeypatch, sha_kernel):
     # The native kernel checks blocks in groups (two for SHA-NI, sixteen for the AVX-512
     # lanes): a bad block in any lane of a group, or a group that is short or cut by a
-    # length change, must not change its neighbours' decisions.
-    monkeypatch.setenv("PYVBAK_SHA256", sha_kernel)
+    # length change, must not change its neighbours' decisions.  "avx512-alone": the lanes
+    # as a CPU with AVX-512 and no SHA extensions runs them (every group, short or not).
+    if sha_kernel == "avx512-alone":
+        monkeypatch.setattr(native, "_decode_sha_kernel", lambda: native.lib.PV_SHA_X16_ALONE)
+    else:
+        monkeypatch.setenv("PYVBAK_SHA256", sha_kernel)
     c1 = zstandard.ZstdCompressor(level=1, write_checksum=True)
     blocks = [text_bytes(4096, seed=i) if i % 3 else random_bytes(4096, seed=i) for i in range(45)]
     blocks[20] = blocks[20][:1000]  # a length change inside what would be one group
@@ -251,16 +260,21 @@ def test_the_c_entry_points_refuse_a_sha256_kernel_number_they_do_not_have():
     arg = lambda v: ffi.new("int64_t[]", [v])  # noqa: E731
     uarg = lambda v: ffi.new("uint64_t[]", [v])  # noqa: E731
     dctx = native.new_decode_context()
-    for kernel in (-1, 0, 3, 4, 31, 33, 34, 35, 40, 2**31 - 1):
+    for kernel in (-1, 0, 4, 31, 33, 34, 35, 40, 2**31 - 1):
         rc = lib.pv_decode_blocks(dctx, frame, arg(0), uarg(len(frame)), ffi.from_buffer(dst), arg(0), uarg(4096),
                                   sha(b"x" * 4096), 1, ffi.from_buffer(status), kernel)
-        assert rc == lib.PV_ERR_KERNEL, kernel  # 3 too: the lanes alone are for CPUs without SHA-NI
-        if kernel != lib.PV_SHA_X16_ALONE:
-            rc = lib.pv_sha256_blocks(b"x" * 64, arg(0), uarg(64), 1, ffi.from_buffer(bytearray(32)), kernel)
+        assert rc == lib.PV_ERR_KERNEL, kernel
+        rc = lib.pv_sha256_blocks(b"x" * 64, arg(0), uarg(64), 1, ffi.from_buffer(bytearray(32)), kernel)
+        assert rc == lib.PV_ERR_KERNEL, kernel
+    mask = lib.pv_sha256_kernels()
+    for kernel in (lib.PV_SHA_NI, lib.PV_SHA_X16, lib.PV_SHA_X16_ALONE):  # each where this CPU has it
+        dst[:], status[:] = bytes(4096), b"\xff"
+        rc = lib.pv_decode_blocks(dctx, frame, arg(0), uarg(len(frame)), ffi.from_buffer(dst), arg(0), uarg(4096),
+                                  sha(b"x" * 4096), 1, ffi.from_buffer(status), kernel)
+        if mask >> kernel & 1:
+            assert rc == 1 and status[0] == OK and bytes(dst) == b"x" * 4096, kernel
+        else:
             assert rc == lib.PV_ERR_KERNEL, kernel
-    rc = lib.pv_decode_blocks(dctx, frame, arg(0), uarg(len(frame)), ffi.from_buffer(dst), arg(0), uarg(4096),
-                              sha(b"x" * 4096), 1, ffi.from_buffer(status), lib.PV_SHA_NI)
-    assert rc == 1 and status[0] == OK and bytes(dst) == b"x" * 4096
 
 
 # -- restore and verify with each kernel ---------------------------------------------------

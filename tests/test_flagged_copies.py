@@ -556,7 +556,7 @@ def test_a_pack_cut_short_ends_healed_after_the_backup_and_one_repair(tmp_path, 
 def test_a_move_that_cuts_the_old_pack_again_keeps_it(tmp_path, capsys):
     """Moving every frame of a pack writes the very same pack (same name): deleting the old
     name then deleted the new one - every block lost, "repair: complete" (review 4, 1)."""
-    from pyvbak.repo.prune import move_out_of_packs
+    from pyvbak.repo.repair import move_out_of_packs
 
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 340)
     done, left = move_out_of_packs(Repository.open(str(repo)), [pack.rsplit("/", 1)[-1]])
@@ -570,7 +570,7 @@ def test_a_pack_whose_rebuild_read_failed_is_not_moved(tmp_path, capsys, monkeyp
     """Only a pack refused for what it holds goes to the move, not one a read failed on."""
     from pyvbak.backends import BackendError
     from pyvbak.backends.local import LocalBackend
-    import pyvbak.repo.prune as prune_mod
+    import pyvbak.repo.repair as repair_mod
 
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 341)
     data = bytearray((repo / pack).read_bytes())
@@ -588,7 +588,7 @@ def test_a_pack_whose_rebuild_read_failed_is_not_moved(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(LocalBackend, "read_range", failing_once)
     moved = []
-    monkeypatch.setattr(prune_mod, "move_out_of_packs", lambda r, packs, *a: moved.append(packs) or ([], []))
+    monkeypatch.setattr(repair_mod, "move_out_of_packs", lambda r, packs, *a: moved.append(packs) or ([], []))
     code, out, err = cli(capsys, "verify", "--repo", repo, "--repair")
     assert calls and moved == [], err
     monkeypatch.setattr(LocalBackend, "read_range", real)
@@ -598,23 +598,23 @@ def test_a_pack_whose_rebuild_read_failed_is_not_moved(tmp_path, capsys, monkeyp
 def test_an_interrupted_move_is_finished_by_the_next_repair_or_prune(tmp_path, capsys, monkeypatch):
     """Stopped after the index rewrite, before the old pack's delete, the old pack stayed
     for ever (prune warned on every run): a moved_out marker names it (review 4, 3)."""
-    import pyvbak.repo.prune as prune_mod
+    import pyvbak.repo.repair as repair_mod
 
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 342)
     os.chmod(repo / pack, 0o644)
     os.truncate(repo / pack, os.path.getsize(repo / pack) // 2)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0
-    real_delete = prune_mod._delete
+    real_delete = repair_mod.delete_object
 
     def stop_at_delete(backend, name):
         if name == pack:
             raise KeyboardInterrupt
         return real_delete(backend, name)
 
-    monkeypatch.setattr(prune_mod, "_delete", stop_at_delete)
+    monkeypatch.setattr(repair_mod, "delete_object", stop_at_delete)
     assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 10
-    monkeypatch.setattr(prune_mod, "_delete", real_delete)
+    monkeypatch.setattr(repair_mod, "delete_object", real_delete)
     assert pack in Repository.open(str(repo)).pack_object_names()
     code, out, err = cli(capsys, "prune", "--repo", repo)
     assert code == 0 and "interrupted repair had moved" in (out + err) and "left in place" not in (out + err), out + err
@@ -654,7 +654,7 @@ def test_lost_for_good_is_said_only_by_a_verify_of_everything(tmp_path, capsys):
 def test_a_move_is_finished_only_once_the_packs_it_wrote_are_indexed(tmp_path, capsys):
     """finish_moves deletes what a move emptied: not before the move's new packs are
     indexed, and never for a marker without them (damaged or not pyvbak's)."""
-    from pyvbak.repo.prune import finish_moves
+    from pyvbak.repo.repair import finish_moves
 
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 346, blocks=8)
     r = Repository.open(str(repo))
@@ -699,26 +699,26 @@ def test_a_moved_out_pack_put_back_whole_is_not_deleted(tmp_path, capsys):
 def test_finishing_moves_waits_out_a_damaged_pack_index_and_odd_names(tmp_path, capsys, monkeypatch):
     """A damaged pack index stopped the whole repair in finish_moves; a moved_out entry
     that is no pack id failed every prune and repair (review 5, D2, D4)."""
-    import pyvbak.repo.prune as prune_mod
+    import pyvbak.repo.repair as repair_mod
     from pyvbak.errors import IntegrityError
 
     repo, img, pack, _ = _moved_pack_repo(tmp_path, capsys, 351)
     r = Repository.open(str(repo))
     r.backend.write_new("lost/20260101T000000Z-0000eeee",
                         json.dumps({"moved_out": ["x" * 63 + "/"], "moved_to": ["ab" * 32]}).encode())
-    assert prune_mod.finish_moves(r) == ([], set())
+    assert repair_mod.finish_moves(r) == ([], set())
 
     def damaged(repo):
         raise IntegrityError("pack index index/x is corrupt")
 
-    monkeypatch.setattr(prune_mod, "_load_pack_indexes", damaged)
-    assert prune_mod.finish_moves(r) == ([], set())
+    monkeypatch.setattr(repair_mod, "load_pack_indexes", damaged)
+    assert repair_mod.finish_moves(r) == ([], set())
 
 
 def test_a_move_keeps_the_pack_when_a_snapshot_index_cannot_be_read(tmp_path, capsys, monkeypatch):
     """Whether a damaged frame is used could not be told: the repair aborted (review 5, D3);
     the pack now stays, and the repair reports."""
-    from pyvbak.repo.prune import move_out_of_packs
+    from pyvbak.repo.repair import move_out_of_packs
 
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 352)
     os.chmod(repo / pack, 0o644)

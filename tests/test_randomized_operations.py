@@ -15,6 +15,7 @@ import pytest
 import pyvbak.engine.backup as eb
 import pyvbak.repo.digest_index as dx
 import pyvbak.repo.prune as pr
+import pyvbak.repo.rewrite as rw
 from pyvbak.engine.backup import run_backup
 from pyvbak.repo.prune import forget_snapshots, prune_repository
 from pyvbak.repo.repository import Repository
@@ -71,7 +72,7 @@ def test_random_operations_with_crashes_keep_every_promise(tmp_path, monkeypatch
     if seed % 4 >= 2:  # several packs per backup and pack index files of a few records
         monkeypatch.setattr(eb, "PACK_TARGET_BYTES", 200_000)
         monkeypatch.setattr(pr, "PACK_TARGET_BYTES", 200_000)
-        monkeypatch.setattr(pr, "INDEX_RECORDS_PER_FILE", 5)
+        monkeypatch.setattr(rw, "INDEX_RECORDS_PER_FILE", 5)
     loc = str(tmp_path / "repo")
     Repository.init(loc)
     disks: dict[str, bytearray] = {}

@@ -135,7 +135,7 @@ def test_a_lost_pack_that_comes_back_intact_is_adopted_whole(tmp_path):
 
 def test_damaged_lost_copies_reads_only_packs_markers_name(tmp_path, monkeypatch):
     """Adoption of an ordinary killed backup's pack (no marker names it) reads nothing."""
-    from pyvbak.repo import prune as prune_mod
+    from pyvbak.repo import repair as repair_mod
 
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "a.img", 4 * BS, [(0, 4 * BS, "random")], seed=15)
@@ -147,7 +147,7 @@ def test_damaged_lost_copies_reads_only_packs_markers_name(tmp_path, monkeypatch
     adopted, _ = r.unindexed_pack_records()
     calls = []
     monkeypatch.setattr("pyvbak.repo.reader.read_blocks", lambda *a, **k: calls.append(a))
-    drop, lines = prune_mod.damaged_lost_copies(r, adopted)
+    drop, lines = repair_mod.damaged_lost_copies(r, adopted)
     assert len(adopted) == 4 and not drop.any() and not lines and not calls
 
 
@@ -286,7 +286,7 @@ def test_drop_bad_records_drops_exactly_the_copies_named(monkeypatch):
     import numpy as np
 
     from pyvbak.repo import format as fmt
-    from pyvbak.repo import prune as prune_mod
+    from pyvbak.repo import repair as repair_mod
 
     rng = np.random.default_rng(9)
     d = [rng.bytes(31) + b"\0" for _ in range(3)]  # trailing NUL: no S-type padding mix-up
@@ -306,9 +306,9 @@ def test_drop_bad_records_drops_exactly_the_copies_named(monkeypatch):
             self.markers.append((packs, n))
             return "lost/x"
 
-    monkeypatch.setattr(prune_mod, "_load_pack_indexes", lambda repo: (["index/a"], recs))
-    monkeypatch.setattr(prune_mod, "_rewrite_pack_indexes", lambda repo, kept, names: Repo.written.append(kept))
-    rep = prune_mod.drop_bad_records(Repo(), [(d[0], p[0], 4096), (d[1], p[2], 7), (d[2], p[0], 1 << 40)])
+    monkeypatch.setattr(repair_mod, "load_pack_indexes", lambda repo: (["index/a"], recs))
+    monkeypatch.setattr(repair_mod, "rewrite_pack_indexes", lambda repo, kept, names: Repo.written.append(kept))
+    rep = repair_mod.drop_bad_records(Repo(), [(d[0], p[0], 4096), (d[1], p[2], 7), (d[2], p[0], 1 << 40)])
     assert rep["records_removed"] == 2
     kept = {(bytes(r["digest"]), bytes(r["pack"]), int(r["offset"])) for r in Repo.written[0]}
     assert kept == {rows[0], rows[1], rows[3], rows[5]}
@@ -330,7 +330,7 @@ def test_adoption_says_a_read_failure_is_not_damage(tmp_path, capsys, monkeypatc
     either, but the report says so, not that it 'still read back damaged'."""
     from pyvbak.backends import BackendError
     from pyvbak.backends.local import LocalBackend
-    from pyvbak.repo.prune import damaged_lost_copies
+    from pyvbak.repo.repair import damaged_lost_copies
 
     repo, _, pack = _one_pack_dropped_by_repair(tmp_path, capsys, seed=21)
     real = LocalBackend.read_range_into

@@ -97,7 +97,7 @@ def verify(
 
     from ..errors import IntegrityError, UsageError
     from ..repo.locks import other_verifies
-    from ..repo.prune import drop_bad_records, drop_lost_pack_records
+    from ..repo.repair import drop_bad_records, drop_lost_pack_records
     from ..repo.repository import PackStorageProblem
     from ..repo.verify import verify_repository
 
@@ -204,7 +204,7 @@ def verify(
                 adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
             # trailers first: rebuilt from the pack index's records of the pack, all of them
             # (a bad copy's record dropped first would leave a trailer that cannot be rebuilt)
-            from ..repo.prune import finish_moves, move_out_of_packs, rebuild_pack_trailers
+            from ..repo.repair import finish_moves, move_out_of_packs, rebuild_pack_trailers
 
             damaged_trailers = [d["pack"] for d in report["damaged_pack_trailers"]]
             movable: list[str] = []

@@ -1298,7 +1298,7 @@ class Repository:
             # packs verify --repair or prune unindexed on purpose (a lost/ marker names
             # them) are adopted only where they read back intact: indexing their bad
             # copies again would have backups deduplicate against them
-            from .prune import leave_out_damaged_lost_copies
+            from .repair import leave_out_damaged_lost_copies
 
             adopted, report, problems, _ = leave_out_damaged_lost_copies(self, adopted, report)
             report += problems

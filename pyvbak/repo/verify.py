@@ -82,8 +82,8 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     if problems:
         adoptable, unindexed_lines = repo.unindexed_pack_records(index)
         # copies a lost/ marker dropped that still read back bad are not adopted again
-        # (prune.damaged_lost_copies): their blocks are missing, not "held"
-        from .prune import damaged_lost_copies
+        # (repair.damaged_lost_copies): their blocks are missing, not "held"
+        from .repair import damaged_lost_copies
 
         refused, _ = damaged_lost_copies(repo, adoptable)
         adoptable = adoptable[~refused]
@@ -255,7 +255,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
         "unreadable_copy_count": len(unreadable_records),
         "unreadable_redundant_copies": unreadable_copies[:1000],
         "unreadable_redundant_copy_count": len(unreadable_copies),
-        # for verify --repair (prune.drop_bad_records); not part of the JSON report
+        # for verify --repair (repair.drop_bad_records); not part of the JSON report
         "_bad_records": bad_records,
         "_redundant_bad": redundant_bad,
         "_healed_flags": healed_flags,

@@ -97,8 +97,7 @@ def verify(
 
     from ..errors import IntegrityError, UsageError
     from ..repo.locks import other_verifies
-    from ..repo.repair import drop_bad_records, drop_lost_pack_records
-    from ..repo.repository import PackStorageProblem
+    from ..repo.repair import repair_repository, start_repair
     from ..repo.verify import verify_repository
 
     sample = _percent(sample_arg)
@@ -110,46 +109,9 @@ def verify(
     # --repair holds the exclusive lock from the start: taken only after a long verify, it
     # failed ("locked by backup") whenever a backup had started meanwhile, the work lost
     recheck_report = None  # the check after a repair that adopted packs
-    storage_missing = False
-    repair_problem = None
     with (r.lock(exclusive=True, purpose="verify --repair", clean_stale=False) if repair else nullcontext()) as lock:
         if repair:
-            # Before any clean-up (stale locks' included): with the packs all gone it would
-            # remove damaged pack indexes as "re-indexed" with nothing there to re-index
-            # (review 2).  --repair is the user's word that they are lost: said at once,
-            # and drop_lost_pack_records drops them, damaged pack indexes included.
-            repair_problem = r.pack_storage_problem()
-            if not (repair_problem and repair_problem.kind == "foreign"):
-                repair_problem = r.misplaced_packs_problem() or repair_problem
-            if repair_problem and (repair_problem.kind == "foreign" or repair_problem.misplaced):
-                # (not this repository's to repair; or packs only misplaced, which the repair
-                # would give up for lost - review 4)
-                raise repair_problem.error("nothing was checked or repaired")
-            storage_missing = repair_problem is not None and repair_problem.kind == "no packs"
-            mark_state = r.pack_storage_mark_state()[0] if repair_problem else "ok"
-            whole = (PackStorageProblem(r, mark_state) if mark_state in ("missing", "damaged")
-                     else repair_problem if repair_problem and repair_problem.kind == "unmarked" else None)
-            if whole is not None and (snapshots or sample is not None):
-                # (marking packs/ for the whole repository after checking a part - review 1;
-                # an unmarked repository's absent packs are dropped by a repair of everything)
-                raise UsageError(f"{whole.summary()}: mount the storage, or, if {r.packs_location()} really is this "
-                                 f"repository's pack storage, repair everything: 'pyvbak verify --repair' without "
-                                 f"SNAPSHOT or --sample")
-            if storage_missing and (snapshots or sample is not None):
-                # (it drops every record of them, and reported on the chosen ones alone:
-                # exit 0, "complete", with other snapshots left unrestorable - review 3)
-                raise UsageError(f"{repair_problem.summary()}: mount them, or, if they are really lost, repair everything: "
-                                 f"'pyvbak verify --repair' without SNAPSHOT or --sample")
-            if storage_missing:
-                info(f"warning: {repair_problem.summary()}: --repair takes them for lost and drops every record of them")
-            elif repair_problem:  # the mark missing or damaged, some of the packs there
-                info(f"warning: {repair_problem.summary()}: --repair takes {r.packs_location()} for this repository's "
-                     f"pack storage")
-            # the user's word: packs/ as it is is the storage (its lost packs dropped below)
-            for line in r.write_pack_storage_mark(mark_state) if mark_state in ("missing", "damaged") else ():
-                info(line)
-            if not storage_missing:
-                lock.remove_stale()
+            repair_problem = start_repair(r, lock, partial=bool(snapshots) or sample is not None, say=info)
         with (nullcontext() if repair else maybe_lock(r, no_lock, "verify")) as verify_lock:
             chosen = None
             if snapshots:
@@ -187,95 +149,10 @@ def verify(
         bad = report.pop("_bad_records")
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
-        if drop_unreadable:
-            bad = bad + unreadable
         if repair:
-            # taking the lock adopted what killed writers left (their stale locks gone)
-            adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
-            if (adoptable or report["damaged_pack_indexes"]) and not storage_missing:
-                # what a backup does after a crash: damaged pack indexes removed first (a
-                # re-indexed pack's index is often the very object name: create-only, it
-                # would not replace the garbage), then unindexed packs indexed again.
-                # Before the bad records are dropped: adopting after would index again a
-                # pack whose every record was just dropped (undoing the repair at once).
-                # Copies an earlier repair dropped that still read back bad are left out
-                # by the adoption itself (one read: a second one here, its failures
-                # dropped, undid the adoption of intact copies over a read error).
-                adopted += [ln for ln in r.recover_leftovers() if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
-            # trailers first: rebuilt from the pack index's records of the pack, all of them
-            # (a bad copy's record dropped first would leave a trailer that cannot be rebuilt)
-            from ..repo.repair import finish_moves, move_out_of_packs, rebuild_pack_trailers
-
-            damaged_trailers = [d["pack"] for d in report["damaged_pack_trailers"]]
-            movable: list[str] = []
-            rebuilt, not_rebuilt = rebuild_pack_trailers(r, damaged_trailers, movable)
-            rebuilt = finish_moves(r)[0] + rebuilt  # (an earlier repair's move, interrupted before its delete)
-            # every pack gone (the user's word that they are lost): every record of them,
-            # also of blocks no snapshot uses, which prune would drop but refuses to while
-            # no pack is there (the backups stayed refused)
-            if storage_missing:
-                report["repair"] = drop_lost_pack_records(r)
-                adopted += [f"removed damaged pack index {n} (none of the packs is in {r.packs_location()}: taken "
-                            f"for lost with the others)" for n in report["repair"].pop("damaged_indexes_removed")]
-                # packs there that no index names (a killed backup's): indexed now (review 3).
-                # Always looked for: verify looks for them only when a block is missing from
-                # the index, and with the packs all gone the index still names every block
-                # (review 4)
-                adopted += [ln for ln in r.recover_leftovers() if ln.startswith("adopted")]
-            else:
-                report["repair"] = drop_bad_records(r, bad)
-                if repair_problem is not None and repair_problem.kind == "unmarked" and r.named_packs_absent():
-                    # a repository made before the mark is refused while packs its index
-                    # names are absent: the records of blocks no snapshot uses go too (they
-                    # kept it refused for good - review 3), after a marker of their own
-                    more = drop_lost_pack_records(r)
-                    report["repair"]["records_removed"] += more["records_removed"]
-                    report["repair"]["lost_marker"] = report["repair"]["lost_marker"] or more["lost_marker"]
-                    adopted += [f"removed damaged pack index {n} (its packs are not in {r.packs_location()})"
-                                for n in more["damaged_indexes_removed"]]
-            # (absent packs of a repository no backup has marked are taken for lost too - review 5)
-            report["repair"]["packs_taken_for_lost"] = storage_missing or bool(
-                repair_problem is not None and repair_problem.kind == "unmarked")
-            if movable:
-                # (after the bad copies' records are dropped: what the index still places
-                # in such a pack is moved to a new one, when all of it reads back intact)
-                moved, not_moved = move_out_of_packs(r, movable)
-                rebuilt += moved
-                not_rebuilt = not_moved + [ln for ln in not_rebuilt
-                                           if not any(ln.startswith(f"pack {p[:16]}…") for p in movable)]
-            if report["lost_blocks_by_cause"]["not_indexed"] and not report["repair"]["lost_marker"]:
-                # blocks no index names that no marker covers (a pack and its pack index both
-                # lost, after the snapshots naming them were made): a marker, so that the
-                # next backup checks its parent instead of carrying their records on unread -
-                # "back up the affected disks" is then true.  The parent is each affected
-                # disk's newest snapshot (also when other snapshots were chosen: review 2),
-                # which is checked anyway when it predates some marker.
-                markers = set(r.lost_markers())
-                everything = r.snapshots()
-                hit = {a["id"] for a in report["affected_snapshots"]}
-                disks = {(s.vm, s.disk) for s in everything if s.id in hit}
-                newest = {(s.vm, s.disk): s for s in everything if (s.vm, s.disk) in disks}  # (oldest first)
-                if any(markers <= set(s.meta.get("lost_checked") or ()) for s in newest.values()):
-                    report["repair"]["lost_marker"] = r.write_lost_marker([], 0)
-            if chosen is None and sample is None:
-                # (the ones it removed are no loss for the next backup to look into; after a
-                # repair of a part, unindexed packs may be left: remembered as they were - review 2)
-                r.remember_pack_indexes()
-            report["repair"]["adopted"] = adopted
-            report["repair"]["trailers_rebuilt"] = rebuilt
-            report["repair"]["trailers_not_rebuilt"] = not_rebuilt
-            report["repair"]["complete"] = _repair_complete(report, drop_unreadable)
-            if not report["repair"]["complete"] and any(ln.startswith("adopted") for ln in adopted):
-                # the blocks verify found in no pack index may be in the packs adopted just
-                # now: checked again here (they were counted as lost, exit 6, and the user
-                # was sent to run verify a second time - the session-14 new-user audit)
-                again = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
-                for k in [k for k in again if k.startswith("_")]:  # (what the repair acts on)
-                    again.pop(k)
-                report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
-                                                                     "blocks_checked")}
-                report["repair"]["complete"] = again["ok"]
-                recheck_report = again
+            recheck_report = repair_repository(r, lock, report, repair_problem, bad=bad, unreadable=unreadable,
+                                               adoptable=adoptable, chosen=chosen, sample=sample, seed=seed,
+                                               drop_unreadable=drop_unreadable)
             if report["repair"]["complete"]:
                 # repaired, a success: a stop request from here on is noted (one that leaves
                 # damage is a failure, exit 6, whatever comes while it is said - review 3)
@@ -540,21 +417,6 @@ def _printable(text: str) -> str:
     """``text`` with control characters shown as escapes (a hostile repository's VM name
     could set the terminal's title, clear the screen or fake listing lines)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _repair_complete(report: dict, drop_unreadable: bool) -> bool:
-    """Whether ``verify --repair`` left nothing of what the verify found: no snapshot lost
-    a block (every bad copy had a good one beside it), the bad copies' records are gone,
-    every damaged pack index was removed (its packs re-indexed), and no copy that could
-    not be read was kept (they are, unless ``--drop-unreadable``)."""
-    if report["problem_count"] or report["affected_snapshots"]:
-        return False
-    if report["unreadable_copy_count"] and not drop_unreadable:
-        return False
-    removed = {ln.split()[4] for ln in report["repair"]["adopted"] if ln.startswith("removed damaged pack index ")}
-    if report["repair"].get("trailers_not_rebuilt"):
-        return False
-    return all(d["name"] in removed for d in report["damaged_pack_indexes"])
 
 
 def unlock(

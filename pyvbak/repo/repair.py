@@ -1,28 +1,39 @@
 """Repair: what ``pyvbak verify --repair`` changes, and what every adoption must respect
-of an earlier repair.
+of an earlier repair (docs/FORMAT.md, "Lost packs" and "Pack storage mark").
 
-The primitives, each under the caller's EXCLUSIVE lock and in docs/FORMAT.md's order (a
-``lost/`` marker before the pack index changes, new pack index objects before the old
-ones go, a pack deleted only once no index names it):
+The CLI takes the EXCLUSIVE lock (without removing stale locks) and calls:
 
-- ``drop_bad_records``: the records of the copies verify read back missing or corrupt;
-- ``drop_lost_pack_records``: every record of the packs storage does not hold (on the
-  user's word that they are lost), damaged pack indexes with them;
-- ``rebuild_pack_trailers``: a damaged table of contents rebuilt from the pack index, and
-  written only when it hashes to the pack's name;
-- ``move_out_of_packs``: the intact frames of a pack whose table of contents cannot be
-  rebuilt copied into a new pack; ``finish_moves`` deletes what an interrupted move
-  emptied (prune calls it too);
-- ``damaged_lost_copies`` / ``leave_out_damaged_lost_copies``: the copies adoption (prune,
-  verify, a backup's recovery) must not index again - a repair dropped them and they
-  still read back bad.
+1. ``start_repair`` before its verify: the pack storage is checked before any clean-up;
+   ``packs/`` is marked again on the user's word where the mark is missing or damaged;
+   stale locks go, unless the packs are all gone (their clean-up would remove damaged
+   pack indexes as re-indexed);
+2. ``repair_repository`` after it, in this order: adoption of what no index names
+   (damaged pack indexes removed first), damaged tables of contents rebuilt, the bad
+   copies' records dropped after a ``lost/`` marker naming them (or, with the packs all
+   gone, every record of the packs storage does not hold), packs whose table of contents
+   cannot be rebuilt moved out, a marker for blocks no index names, and, if it adopted
+   packs and is not complete, the same verify once more.  ``report["repair"]`` says what
+   was done (its keys are the JSON report's).
 
-What a repair never does: drop a copy that could not be read at all (a read error may
-pass) unless told to, drop another copy of a block than the one named bad (it may be the
-good one), or delete a pack whose blocks are not indexed elsewhere first.  Errors: the
-backend's and ``IntegrityError`` of a pack index that cannot be read propagate (nothing
-is changed before the read); a pack that cannot be read or rebuilt is left as it is and
-named in the lines returned.
+The primitives keep docs/FORMAT.md's order: a ``lost/`` marker before the pack index
+changes, new pack index objects before the old ones go, a pack deleted only once no
+index names it.  ``damaged_lost_copies`` / ``leave_out_damaged_lost_copies`` are what
+adoption elsewhere (prune, verify, a backup's recovery) must leave out: copies a repair
+dropped that still read back bad.  ``finish_moves`` is prune's too.
+
+What a repair never does: mark over another repository's pack storage mark, or repair
+while a pack the index names is found under another ``packs/HH/`` (misplaced, not lost);
+mark ``packs/`` or drop the records of packs taken for lost after checking only a part
+(SNAPSHOT or --sample: refused); drop a copy that could not be read at all (a read error
+may pass) unless told to (``drop_unreadable``); drop another copy of a block than the one
+named bad (it may be the good one); write a table of contents that does not hash to its
+pack's name.
+
+Errors: ``PackStorageProblem.error`` (exit 6) and ``UsageError`` (exit 2) from
+``start_repair``, before anything is written; the backend's errors and ``IntegrityError``
+of a pack index that cannot be read propagate (each step reads before it writes, and a
+step stopped half-way leaves what the next repair or prune finishes); a pack that cannot
+be read, rebuilt or moved is left as it is and named in the report's lines.
 """
 
 from __future__ import annotations
@@ -31,19 +42,188 @@ import json
 import os
 import re
 from contextlib import ExitStack
+from typing import Callable
 
 import numpy as np
 import zstandard
 
 from .. import interrupts
 from ..backends import BackendError, ObjectMissing, RangeBeyondEnd
-from ..errors import IntegrityError
+from ..errors import IntegrityError, UsageError
 from . import digest_sets
 from . import format as fmt
+from . import verify
 from .packer import PackWriter
 from .reader import decode_block
-from .repository import PACK_TARGET_BYTES
+from .repository import PACK_TARGET_BYTES, PackStorageProblem
 from .rewrite import delete_new_packs, delete_object, load_pack_indexes, rewrite_pack_indexes
+
+
+def start_repair(repo, lock, *, partial: bool, say: Callable[[str], None]) -> PackStorageProblem | None:
+    """The first step of ``verify --repair``, before its verify, under its EXCLUSIVE
+    ``lock`` taken without removing stale locks: the pack storage checked before any
+    clean-up, refused when it is another repository's or holds packs only misplaced
+    (``PackStorageProblem.error``), and refused for a ``partial`` repair (SNAPSHOT or
+    --sample: ``UsageError``) where the repair must drop or mark for the whole repository;
+    otherwise ``packs/`` marked on the user's word where its mark is missing or damaged
+    (``say`` gets the warning and the mark's lines), and stale locks removed, unless the
+    packs are all gone.  The pack storage problem the repair goes on with (None: none),
+    for ``repair_repository``."""
+    # Before any clean-up (stale locks' included): with the packs all gone it would
+    # remove damaged pack indexes as "re-indexed" with nothing there to re-index
+    # (review 2).  --repair is the user's word that they are lost: said at once,
+    # and drop_lost_pack_records drops them, damaged pack indexes included.
+    repair_problem = repo.pack_storage_problem()
+    if not (repair_problem and repair_problem.kind == "foreign"):
+        repair_problem = repo.misplaced_packs_problem() or repair_problem
+    if repair_problem and (repair_problem.kind == "foreign" or repair_problem.misplaced):
+        # (not this repository's to repair; or packs only misplaced, which the repair
+        # would give up for lost - review 4)
+        raise repair_problem.error("nothing was checked or repaired")
+    storage_missing = repair_problem is not None and repair_problem.kind == "no packs"
+    mark_state = repo.pack_storage_mark_state()[0] if repair_problem else "ok"
+    whole = (PackStorageProblem(repo, mark_state) if mark_state in ("missing", "damaged")
+             else repair_problem if repair_problem and repair_problem.kind == "unmarked" else None)
+    if whole is not None and partial:
+        # (marking packs/ for the whole repository after checking a part - review 1;
+        # an unmarked repository's absent packs are dropped by a repair of everything)
+        raise UsageError(f"{whole.summary()}: mount the storage, or, if {repo.packs_location()} really is this "
+                         f"repository's pack storage, repair everything: 'pyvbak verify --repair' without "
+                         f"SNAPSHOT or --sample")
+    if storage_missing and partial:
+        # (it drops every record of them, and reported on the chosen ones alone:
+        # exit 0, "complete", with other snapshots left unrestorable - review 3)
+        raise UsageError(f"{repair_problem.summary()}: mount them, or, if they are really lost, repair everything: "
+                         f"'pyvbak verify --repair' without SNAPSHOT or --sample")
+    if storage_missing:
+        say(f"warning: {repair_problem.summary()}: --repair takes them for lost and drops every record of them")
+    elif repair_problem:  # the mark missing or damaged, some of the packs there
+        say(f"warning: {repair_problem.summary()}: --repair takes {repo.packs_location()} for this repository's "
+            f"pack storage")
+    # the user's word: packs/ as it is is the storage (its lost packs dropped below)
+    for line in repo.write_pack_storage_mark(mark_state) if mark_state in ("missing", "damaged") else ():
+        say(line)
+    if not storage_missing:
+        lock.remove_stale()
+    return repair_problem
+
+
+def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProblem | None, *, bad: list,
+                      unreadable: list, adoptable: bool, chosen, sample: float | None, seed: int | None,
+                      drop_unreadable: bool) -> dict | None:
+    """The repair of ``verify --repair``, after its verify (``report``, without its private
+    keys, which come as ``bad`` and ``unreadable``: the copies that read back corrupt or
+    missing, and those that could not be read; ``adoptable``: packs no index names hold
+    missing blocks), under ``lock`` (``start_repair``'s, ``repair_problem`` its result;
+    ``chosen``, ``sample``, ``seed``: what the verify checked).  In this order: what was
+    left unindexed adopted, damaged tables of contents rebuilt (and an interrupted move
+    finished), the bad copies' records dropped (every record of packs taken for lost),
+    packs that cannot be rebuilt moved out, a marker for blocks no index names, and,
+    after a repair that adopted packs and is not complete, the same verify again.  Sets
+    ``report["repair"]``; the report of that second verify, None when none ran."""
+    storage_missing = repair_problem is not None and repair_problem.kind == "no packs"
+    if drop_unreadable:
+        bad = bad + unreadable
+    # taking the lock adopted what killed writers left (their stale locks gone)
+    adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
+    if (adoptable or report["damaged_pack_indexes"]) and not storage_missing:
+        # what a backup does after a crash: damaged pack indexes removed first (a
+        # re-indexed pack's index is often the very object name: create-only, it
+        # would not replace the garbage), then unindexed packs indexed again.
+        # Before the bad records are dropped: adopting after would index again a
+        # pack whose every record was just dropped (undoing the repair at once).
+        # Copies an earlier repair dropped that still read back bad are left out
+        # by the adoption itself (one read: a second one here, its failures
+        # dropped, undid the adoption of intact copies over a read error).
+        adopted += [ln for ln in repo.recover_leftovers() if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
+    # trailers first: rebuilt from the pack index's records of the pack, all of them
+    # (a bad copy's record dropped first would leave a trailer that cannot be rebuilt)
+    damaged_trailers = [d["pack"] for d in report["damaged_pack_trailers"]]
+    movable: list[str] = []
+    rebuilt, not_rebuilt = rebuild_pack_trailers(repo, damaged_trailers, movable)
+    rebuilt = finish_moves(repo)[0] + rebuilt  # (an earlier repair's move, interrupted before its delete)
+    # every pack gone (the user's word that they are lost): every record of them,
+    # also of blocks no snapshot uses, which prune would drop but refuses to while
+    # no pack is there (the backups stayed refused)
+    if storage_missing:
+        report["repair"] = drop_lost_pack_records(repo)
+        adopted += [f"removed damaged pack index {n} (none of the packs is in {repo.packs_location()}: taken "
+                    f"for lost with the others)" for n in report["repair"].pop("damaged_indexes_removed")]
+        # packs there that no index names (a killed backup's): indexed now (review 3).
+        # Always looked for: verify looks for them only when a block is missing from
+        # the index, and with the packs all gone the index still names every block
+        # (review 4)
+        adopted += [ln for ln in repo.recover_leftovers() if ln.startswith("adopted")]
+    else:
+        report["repair"] = drop_bad_records(repo, bad)
+        if repair_problem is not None and repair_problem.kind == "unmarked" and repo.named_packs_absent():
+            # a repository made before the mark is refused while packs its index
+            # names are absent: the records of blocks no snapshot uses go too (they
+            # kept it refused for good - review 3), after a marker of their own
+            more = drop_lost_pack_records(repo)
+            report["repair"]["records_removed"] += more["records_removed"]
+            report["repair"]["lost_marker"] = report["repair"]["lost_marker"] or more["lost_marker"]
+            adopted += [f"removed damaged pack index {n} (its packs are not in {repo.packs_location()})"
+                        for n in more["damaged_indexes_removed"]]
+    # (absent packs of a repository no backup has marked are taken for lost too - review 5)
+    report["repair"]["packs_taken_for_lost"] = storage_missing or bool(
+        repair_problem is not None and repair_problem.kind == "unmarked")
+    if movable:
+        # (after the bad copies' records are dropped: what the index still places
+        # in such a pack is moved to a new one, when all of it reads back intact)
+        moved, not_moved = move_out_of_packs(repo, movable)
+        rebuilt += moved
+        not_rebuilt = not_moved + [ln for ln in not_rebuilt
+                                   if not any(ln.startswith(f"pack {p[:16]}…") for p in movable)]
+    if report["lost_blocks_by_cause"]["not_indexed"] and not report["repair"]["lost_marker"]:
+        # blocks no index names that no marker covers (a pack and its pack index both
+        # lost, after the snapshots naming them were made): a marker, so that the
+        # next backup checks its parent instead of carrying their records on unread -
+        # "back up the affected disks" is then true.  The parent is each affected
+        # disk's newest snapshot (also when other snapshots were chosen: review 2),
+        # which is checked anyway when it predates some marker.
+        markers = set(repo.lost_markers())
+        everything = repo.snapshots()
+        hit = {a["id"] for a in report["affected_snapshots"]}
+        disks = {(s.vm, s.disk) for s in everything if s.id in hit}
+        newest = {(s.vm, s.disk): s for s in everything if (s.vm, s.disk) in disks}  # (oldest first)
+        if any(markers <= set(s.meta.get("lost_checked") or ()) for s in newest.values()):
+            report["repair"]["lost_marker"] = repo.write_lost_marker([], 0)
+    if chosen is None and sample is None:
+        # (the ones it removed are no loss for the next backup to look into; after a
+        # repair of a part, unindexed packs may be left: remembered as they were - review 2)
+        repo.remember_pack_indexes()
+    report["repair"]["adopted"] = adopted
+    report["repair"]["trailers_rebuilt"] = rebuilt
+    report["repair"]["trailers_not_rebuilt"] = not_rebuilt
+    report["repair"]["complete"] = _repair_complete(report, drop_unreadable)
+    if not report["repair"]["complete"] and any(ln.startswith("adopted") for ln in adopted):
+        # the blocks verify found in no pack index may be in the packs adopted just
+        # now: checked again here (they were counted as lost, exit 6, and the user
+        # was sent to run verify a second time - the session-14 new-user audit)
+        again = verify.verify_repository(repo, sample_percent=sample, snapshots=chosen, seed=seed)
+        for k in [k for k in again if k.startswith("_")]:  # (what the repair acts on)
+            again.pop(k)
+        report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
+                                                             "blocks_checked")}
+        report["repair"]["complete"] = again["ok"]
+        return again
+    return None
+
+
+def _repair_complete(report: dict, drop_unreadable: bool) -> bool:
+    """Whether ``verify --repair`` left nothing of what the verify found: no snapshot lost
+    a block (every bad copy had a good one beside it), the bad copies' records are gone,
+    every damaged pack index was removed (its packs re-indexed), and no copy that could
+    not be read was kept (they are, unless ``--drop-unreadable``)."""
+    if report["problem_count"] or report["affected_snapshots"]:
+        return False
+    if report["unreadable_copy_count"] and not drop_unreadable:
+        return False
+    removed = {ln.split()[4] for ln in report["repair"]["adopted"] if ln.startswith("removed damaged pack index ")}
+    if report["repair"].get("trailers_not_rebuilt"):
+        return False
+    return all(d["name"] in removed for d in report["damaged_pack_indexes"])
 
 
 def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:

@@ -77,8 +77,8 @@ class Interrupted(_OneLineMessage, BaseException):
     wherever the main thread is.  Like KeyboardInterrupt it is no ``Exception``: as a
     PyvbakError, every ``except Exception`` (an optimisation's fallback, a warning) or
     ``except PyvbakError`` on its way swallowed it, and the command went on and exited 0
-    (the session-16 signal audit: a backup during its allocation-map query, a restore in a
-    prefetch hint, verify reporting a snapshot damaged).  Caught where a user-facing
+    (a backup during its allocation-map query, a restore in a prefetch hint, verify
+    reporting a snapshot damaged).  Caught where a user-facing
     error is (cli/main.py), exit code 10."""
 
     exit_code = 10

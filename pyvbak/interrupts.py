@@ -54,14 +54,14 @@ def held() -> Iterator[None]:
     failure - unless the block called ``begin_finishing`` (then it is one of the noted
     ones).  A backup's snapshot exists from its metadata on: a Ctrl-C between that write
     and the caller's ``commit()`` of the disk said "no snapshot was made" of a snapshot
-    that was, and merged the dirty bitmap back, so the next backup scanned the whole disk
-    (the session-14 signal audit).  Main thread only, like the handlers."""
+    that was, and merged the dirty bitmap back, so the next backup scanned the whole disk.
+    Main thread only, like the handlers."""
     # Python's own Ctrl-C handler (a library caller: the CLI installs one that asks
-    # note_if_finishing) would raise at once: one that notes takes its place meanwhile
-    # (the session-14 review).  Other handlers and the default actions are the caller's.
+    # note_if_finishing) would raise at once: one that notes takes its place meanwhile.
+    # Other handlers and the default actions are the caller's.
     if threading.current_thread() is not threading.main_thread():
         # signals go to the main thread, whose handlers would note them for this block and
-        # this thread raise them (the session-14 review): no hold outside the main thread
+        # this thread raise them: no hold outside the main thread
         yield
         return
     own_int = not _state["held"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -88,7 +88,7 @@ def raising(signum: int) -> None:
     """For a signal handler about to raise its stop request: recorded, so that a command
     which still ends normally can say the request was lost - Python drops an exception
     raised inside a finalizer, a weakref callback or an at-fork handler ("Exception
-    ignored"), wherever the main thread happened to be (the session-16 signal audit)."""
+    ignored"), wherever the main thread happened to be."""
     _state["raised"].append(signum)
 
 

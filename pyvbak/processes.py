@@ -204,8 +204,7 @@ def spawned_helper(args: list[str], **popen_kwargs) -> Iterator[subprocess.Popen
     (``die_with_parent``); Ctrl-C, SIGTERM and SIGHUP are held (``interrupts.held``) until
     the block, which records the process, is done, then raised.  A ``preexec_fn`` makes
     Python run its fork handlers in the parent, and an exception a signal handler raised in
-    one of them was dropped ("Exception ignored"): the backup went on and exited 0 (the
-    session-16 flaky-test audit)."""
+    one of them was dropped ("Exception ignored"): the backup went on and exited 0."""
     import subprocess  # (here: most users of this module start no helper)
 
     from . import interrupts
@@ -222,7 +221,7 @@ def run_helper(args: list[str], *, timeout: float | None = None, input=None,
     and any exception (that request, the timeout) kills and reaps it before going on.
     subprocess.run lost the child when the request came inside its Popen: ``qemu-img
     create`` went on and made a fleecing image in the work dir after the teardown had
-    removed its name (the session-17 acceptance audit).  stdin is /dev/null unless
+    removed its name.  stdin is /dev/null unless
     ``input`` is given."""
     import subprocess
 

@@ -109,8 +109,7 @@ class QemuSystemVM:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         sockets = (self.ctl_path, self.qmp_path) + ((self.serial_path,) if booting else ())
-        # listening, not merely bound: a connect between the two is refused (the session-16
-        # flaky-test audit)
+        # listening, not merely bound: a connect between the two is refused (a flaky test)
         wait_until(lambda: self.proc.poll() is not None or all(unix_listening(p) for p in sockets),
                    timeout=20, what="qemu-system-x86_64 to start")
         if self.proc.poll() is not None:

@@ -1,4 +1,4 @@
-"""Permission denied is the caller's rights, not damage (the session-13 read-only audit):
+"""Permission denied is the caller's rights, not damage:
 a restore or verify that may not open a pack stops with exit 3 and the permission
 message, and ``verify --repair --drop-unreadable`` - which verify offers for copies that
 could not be read - never drops the records of intact blocks for it."""
@@ -206,7 +206,7 @@ def test_sharing_is_best_effort_where_modes_cannot_be_set(tmp_path, capsys, monk
 
 def test_verify_stops_on_a_snapshot_index_it_may_not_read(repo, monkeypatch, capsys):
     """A snapshot index this user may not read was reported as a damaged snapshot (exit 6,
-    which monitoring reads as damage): it is the user's rights (the session-13 review)."""
+    which monitoring reads as damage): it is the user's rights."""
     r, _, sid = repo
     real = LocalBackend.read
 

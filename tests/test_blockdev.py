@@ -56,7 +56,7 @@ def test_backup_block_device_and_restore_onto_another(tmp_path, loopdev, capsys)
 
 def test_a_restore_onto_a_device_while_the_packs_are_not_mounted_writes_nothing(tmp_path, loopdev, capsys):
     """The check came after the writing: the device's zero blocks were zeroed before the
-    restore failed (session 21, review 1)."""
+    restore failed."""
     import shutil
 
     src_img = tmp_path / "src.img"
@@ -118,7 +118,7 @@ def test_a_qcow2_over_a_block_device_is_never_trusted_to_its_bitmap(tmp_path, lo
     """A block device's node records nothing of its content (size 0; its mtime moves only
     for writes through that very node): a write through another node of the device - a
     VM's private /dev, another host on a SAN - went unseen, and the incremental trusted
-    the image's bitmap (the session-15 offline audit: restore != image)."""
+    the image's bitmap (restore != image)."""
     import json
 
     qemu_img = require_tool("qemu-img", "qemu-utils")

@@ -80,7 +80,7 @@ def test_off_on_a_qcow2_image(tmp_path, capsys, name):
 
 def test_off_on_a_qcow2_named_relatively_with_a_colon(tmp_path, capsys, monkeypatch):
     """``a:b.qcow2`` handed to qemu-img as given is protocol 'a' to QEMU ("Unknown
-    protocol"), and ``./a:b.qcow2`` too once pathlib dropped its "./" (session-16 review 2);
+    protocol"), and ``./a:b.qcow2`` too once pathlib dropped its "./";
     backups already named it absolutely."""
     monkeypatch.chdir(tmp_path)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "./a:b.qcow2", "4M"], check=True)

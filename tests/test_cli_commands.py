@@ -309,8 +309,8 @@ def test_init_takes_the_repository_like_every_other_command(tmp_path, monkeypatc
 
 def test_verify_says_what_to_do_and_the_repair_it_names_makes_backups_restorable_again(tmp_path, capsys):
     """After verify found a bad block it said only what: the next backups deduplicated
-    against the bad copy, each new snapshot unrestorable, and nothing named the repair
-    (the session-17 acceptance audit).  The way out it names now works end to end."""
+    against the bad copy, each new snapshot unrestorable, and nothing named the repair.
+    The way out it names now works end to end."""
     repo = tmp_path / "repo"
     cli(capsys, "init", repo)
     img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=85)
@@ -368,8 +368,7 @@ def _next_step(err: str) -> str:
 
 
 def test_verify_next_step_for_a_damaged_table_of_contents_alone_loses_no_data(tmp_path, capsys):
-    """It said backups "cannot be restored either" when only a pack's trailer was damaged
-    (the session-17 review)."""
+    """It said backups "cannot be restored either" when only a pack's trailer was damaged."""
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 87)
     os.chmod(pack, 0o644)
     data = bytearray(pack.read_bytes())
@@ -384,7 +383,7 @@ def test_verify_next_step_for_a_damaged_table_of_contents_alone_loses_no_data(tm
 @pytest.mark.parametrize("repair", [False, True])
 def test_verify_next_step_for_copies_that_cannot_be_read_is_the_storage(tmp_path, capsys, monkeypatch, repair):
     """The only copies failing to read (I/O errors) sent the user to 'verify --repair',
-    which keeps them by design - also after that very repair (the session-17 review)."""
+    which keeps them by design - also after that very repair."""
     from pyvbak.backends import BackendError
     from pyvbak.backends.local import LocalBackend
 
@@ -424,7 +423,7 @@ def test_verify_next_step_for_an_index_that_cannot_be_read_is_not_forget(tmp_pat
 
 def test_verify_next_step_after_a_repair_is_the_backup_and_it_works(tmp_path, capsys):
     """After --repair dropped a lost pack's records it still said "run verify --repair", and
-    a plain verify after it too: a loop (the session-17 review)."""
+    a plain verify after it too: a loop."""
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 90)
     os.unlink(pack)
     code, _, err = cli(capsys, "verify", "--repo", repo, "--repair")
@@ -456,8 +455,7 @@ def test_a_pack_lost_with_its_index_is_stored_again_after_the_named_repair(tmp_p
 def test_a_repair_of_chosen_snapshots_leaves_the_marker_the_disks_newest_snapshot_needs(tmp_path, capsys):
     """The zero-record marker was decided from the chosen snapshots alone: `verify OLD
     --repair` wrote none when the disk's newest snapshot (the next backup's parent) had
-    checked every existing marker, so that backup carried the lost records on unread
-    (review 2, R1)."""
+    checked every existing marker, so that backup carried the lost records on unread."""
     repo = tmp_path / "repo"
     cli(capsys, "init", repo)
     a = make_image(tmp_path / "a.img", 20 * BS, [(0, 20 * BS, "random")], seed=92)
@@ -483,7 +481,7 @@ def test_a_repair_of_chosen_snapshots_leaves_the_marker_the_disks_newest_snapsho
 def test_a_bad_copy_in_a_pack_the_repair_adopted_is_named_for_a_second_repair(tmp_path, capsys):
     """A pack whose index was lost also held a corrupt block: --repair adopted the pack, its
     re-check found the block, and the line said "the repair dropped the lost blocks'
-    records" - it had not; the backup made as told could not be restored (review 4)."""
+    records" - it had not; the backup made as told could not be restored."""
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 94)
     rec = Repository.open(str(repo)).load_digest_index().records[0]
     for index in (repo / "index").rglob("*"):

@@ -125,7 +125,7 @@ def test_unknown_snapshot(backed_up, capsys):
         assert out == ""
         assert_one_error_line(err)
     assert not (tmp / "out.img").exists()
-    # a VM's name where an id goes: the @latest form is named (session-22 new-user audit)
+    # a VM's name where an id goes: the @latest form is named
     code, _, err = cli(capsys, "restore", "web", tmp / "out.img", "--repo", repo)
     assert code == 5 and "web is a VM; its newest snapshot is web@latest" in err, err
 
@@ -255,7 +255,7 @@ def test_repo_from_environment(env, capsys, monkeypatch):
 
 
 def test_init_given_two_repositories_refuses_and_pyvbak_repo_gives_way(env, capsys, monkeypatch):
-    """'init A --repo B' made A and said nothing of B (the session-22 new-user audit)."""
+    """'init A --repo B' made A and said nothing of B."""
     tmp, repo, img = env
     code, _, err = cli(capsys, "init", tmp / "a", "--repo", tmp / "b")
     assert code == 2 and "two repositories" in err and not (tmp / "a").exists() and not (tmp / "b").exists(), err
@@ -321,7 +321,7 @@ def test_a_backup_into_a_repository_whose_packs_are_all_gone_is_refused(backed_u
     snapshot no restore could read, exit 0.  Refused (exit 6, nothing written) until the
     packs are back or a prune has dropped them from the index; then it stores the blocks
     again.  Flags that leave copies unflagged are no way on: a restore's (what it tried),
-    a verify's after a forget (the copies snapshots use) (session 20, reviews 2 and 3)."""
+    a verify's after a forget (the copies snapshots use)."""
     tmp, repo, img, sid = backed_up
     packs = os.path.join(repo, "packs")
     shutil.move(packs, tmp / "packs.away")
@@ -404,7 +404,7 @@ def test_verify_and_restore_flag_nothing_while_the_packs_are_not_mounted(backed_
 
 def test_packs_really_lost_with_a_damaged_pack_index_get_advice_that_works(backed_up, capsys):
     """Prune reads every pack index strictly: the advised 'pyvbak prune' failed on a damaged
-    one, and the backup went on refusing with the same advice (session 20, review 4).  The
+    one, and the backup went on refusing with the same advice.  The
     way on is 'verify --repair' now, damaged pack index or not."""
     tmp, repo, img, sid = backed_up
     (name,) = os.listdir(os.path.join(repo, "index"))
@@ -424,7 +424,7 @@ def test_packs_really_lost_with_a_damaged_pack_index_get_advice_that_works(backe
 def test_flags_on_every_copy_are_no_leave_to_back_up_while_the_packs_are_gone(backed_up, capsys):
     """Flags covering every copy let a backup go on while packs/ was empty: flags an older
     pyvbak's verify wrote while the storage was not mounted, and that backup stored every
-    block into the mount point (session 21, review 1).  'verify --repair' is the way on."""
+    block into the mount point.  'verify --repair' is the way on."""
     tmp, repo, img, sid = backed_up
     r = Repository.open(repo)
     recs = r.load_digest_index().records
@@ -445,8 +445,8 @@ def test_flags_on_every_copy_are_no_leave_to_back_up_while_the_packs_are_gone(ba
 def test_a_pack_the_index_does_not_name_does_not_make_the_storage_present(backed_up, capsys, with_mark):
     """Any object named like a pack counted: one stray pack in the empty mount point (one a
     backup stored there in an earlier unmount, or another repository's) let verify flag
-    every copy and the next backup store every block into the mount point again (session
-    21, review 1).  With the other repository's pack-storage mark, that is said."""
+    every copy and the next backup store every block into the mount point again.  With
+    the other repository's pack-storage mark, that is said."""
     tmp, repo, img, sid = backed_up
     stranger = tmp / "stranger"
     assert cli(capsys, "init", stranger)[0] == 0
@@ -496,7 +496,7 @@ def _stray_pack_in_the_mount_point(tmp, repo, capsys):
 def test_a_pack_an_older_pyvbak_left_in_the_mount_point_does_not_make_the_storage_present(backed_up, capsys, command):
     """The index names such a pack, so the packs alone made the storage look present: the
     next backup stored every changed block into the mount point again, and a prune dropped
-    the records of every pack not there (session 21, left open).  The pack-storage mark is
+    the records of every pack not there.  The pack-storage mark is
     not in the mount point: the commands that write refuse, exit 6, and write nothing; the
     ones that only read say so and read what is there."""
     tmp, repo, img, sid = backed_up
@@ -586,7 +586,7 @@ def test_a_repository_made_before_the_mark_is_marked_by_its_next_backup(backed_u
 
 def test_index_and_packs_both_unmounted_refuse_a_backup(backed_up, capsys):
     """With index/ unmounted as well, the index is empty and the packs alone said nothing:
-    a backup stored every block into the mount points (session 21, left open).  The root
+    a backup stored every block into the mount points.  The root
     copy of the mark says packs/ is marked: refused, nothing written."""
     tmp, repo, img, sid = backed_up
     for sub in ("packs", "index"):
@@ -604,7 +604,7 @@ def test_index_and_packs_both_unmounted_refuse_a_backup(backed_up, capsys):
 def test_a_repository_with_nothing_stored_is_no_reason_to_take_an_empty_mount_point(env, capsys):
     """Every snapshot forgotten and pruned, then the storage not mounted: the backup took the
     empty mount point for the storage, marked it, and stored its snapshot there - hidden,
-    unrestorable, once the storage was mounted back (review 1).  Refused; verify --repair
+    unrestorable, once the storage was mounted back.  Refused; verify --repair
     is the user's word."""
     tmp, repo, img = env
     assert cli(capsys, "init", repo)[0] == 0
@@ -625,8 +625,8 @@ def test_a_repository_made_before_the_mark_is_not_backed_up_into_while_packs_are
     """An unmarked repository whose storage is not mounted, with a pack an older pyvbak
     stored into the mount point: the packs check passes (the index names that pack), and
     the backup marked the mount point - after which every check passed at every unmount
-    (review 1) - then, unmarked, still stored into it (review 2).  Until the first mark,
-    every pack the index names must be there."""
+    - then, unmarked, still stored into it.  Until the first mark, every pack the index
+    names must be there."""
     tmp, repo, img, sid = backed_up
     for name in ("packs/pack-storage.json", "pack-storage.json"):
         os.unlink(os.path.join(repo, name))
@@ -648,7 +648,7 @@ def test_a_repository_made_before_the_mark_is_not_backed_up_into_while_packs_are
 
 def test_repair_of_a_missing_mark_checks_everything_or_nothing(backed_up, capsys):
     """verify --repair SNAPSHOT (or --sample) marked packs/ for the whole repository after
-    checking a part of it, exit 0 (review 1)."""
+    checking a part of it, exit 0."""
     tmp, repo, img, sid = backed_up
     os.unlink(os.path.join(repo, "packs", "pack-storage.json"))
     for scoped in (["web@latest"], ["--sample", "50"]):
@@ -660,7 +660,7 @@ def test_repair_of_a_missing_mark_checks_everything_or_nothing(backed_up, capsys
 def test_restore_refuses_before_writing_when_the_mark_is_missing_and_a_pack_with_it(backed_up, capsys):
     """With the mark missing, a restore reads what is there; a snapshot whose packs are not
     all there is refused before anything is written (a block device had its zero runs
-    written first - review 1), with the storage named, not "run verify"."""
+    written first), with the storage named, not "run verify"."""
     tmp, repo, img, sid = backed_up
     away = _stray_pack_in_the_mount_point(tmp, repo, capsys)
     out = tmp / "target.img"
@@ -704,7 +704,7 @@ def _damage(path):
 def test_a_damaged_pack_index_beside_a_pack_really_lost_is_no_storage_missing(backed_up, capsys):
     """With only the packs the index names counted, a damaged pack index (its pack there)
     beside another VM's pack really lost made verify, backup and restore say "storage not
-    mounted?" and refuse every backup until a repair (session 21, review 2)."""
+    mounted?" and refuse every backup until a repair."""
     tmp, repo, img, sid = backed_up
     web_index = set(os.listdir(os.path.join(repo, "index")))
     web_packs = set(pack_files(repo))
@@ -727,8 +727,8 @@ def test_a_damaged_pack_index_beside_a_pack_really_lost_is_no_storage_missing(ba
 def test_repair_of_packs_really_lost_says_so_before_it_touches_a_damaged_pack_index(backed_up, capsys, damaged):
     """verify --repair ran its leftover clean-up first: with the packs all gone it removed
     damaged pack indexes "(its packs were re-indexed ...)" with nothing to re-index, and
-    with every index damaged it never said the storage looked unmounted (session 21,
-    review 2).  Now it says so first, and removes them as lost with the rest."""
+    with every index damaged it never said the storage looked unmounted.  Now it says so
+    first, and removes them as lost with the rest."""
     tmp, repo, img, sid = backed_up
     assert cli(capsys, "backup", vm_image(tmp / "o.img", 2 * MiB, seed=47), "--repo", repo, "--vm", "db")[0] == 0
     names = sorted(os.listdir(os.path.join(repo, "index")))
@@ -751,7 +751,7 @@ def test_a_repair_taking_the_packs_for_lost_covers_every_snapshot_and_adopts_wha
     """verify --repair SNAPSHOT (or --sample) with the packs all gone dropped every record
     and reported on the chosen snapshot alone: exit 0, "complete", while the others no
     longer restored.  It also left listed packs no index names (a killed backup's)
-    unindexed until a second run (session 21, review 3)."""
+    unindexed until a second run."""
     tmp, repo, img, sid = backed_up
     web_index = set(os.listdir(os.path.join(repo, "index")))
     web_packs = set(pack_files(repo))
@@ -781,7 +781,7 @@ def test_a_repair_taking_the_packs_for_lost_covers_every_snapshot_and_adopts_wha
 def test_a_repair_taking_the_packs_for_lost_indexes_a_killed_backups_pack_in_one_run(backed_up, capsys):
     """Verify looks for packs no index names only when a block is missing from the index;
     with the packs all gone the index names every block, so the first repair left a killed
-    backup's pack unindexed (session 21, review 4)."""
+    backup's pack unindexed."""
     tmp, repo, img, sid = backed_up
     web_index = set(os.listdir(os.path.join(repo, "index")))
     web_packs = set(pack_files(repo))
@@ -803,7 +803,7 @@ def test_a_repair_taking_the_packs_for_lost_indexes_a_killed_backups_pack_in_one
 
 def test_verify_sends_to_prune_for_unindexed_packs_only_when_prune_can_run(backed_up, capsys):
     """'verify --repair (or prune) indexes them again': prune stops on a damaged pack
-    index, so with one the advice is the repair alone (session 21, review 2)."""
+    index, so with one the advice is the repair alone."""
     tmp, repo, img, sid = backed_up
     (web_index,) = os.listdir(os.path.join(repo, "index"))
     assert cli(capsys, "backup", vm_image(tmp / "db.img", 2 * MiB, seed=49), "--repo", repo, "--vm", "db")[0] == 0
@@ -821,8 +821,7 @@ def test_verify_sends_to_prune_for_unindexed_packs_only_when_prune_can_run(backe
 
 def test_a_refused_backup_leaves_a_damaged_pack_index_for_when_the_packs_are_back(backed_up, capsys):
     """Leftover recovery ran first and deleted a damaged pack index whose packs it could not
-    see (packs/ unmounted); with every index damaged the check did not apply at all
-    (session 20, review 3)."""
+    see (packs/ unmounted); with every index damaged the check did not apply at all."""
     tmp, repo, img, sid = backed_up
     (name,) = os.listdir(os.path.join(repo, "index"))
     index_path = os.path.join(repo, "index", name)
@@ -1129,7 +1128,7 @@ def test_init_completes_a_directory_an_interrupted_init_left(env, capsys):
     """An init that died before its config leaves only the helpers (each written whole:
     replaced atomically) and temp objects: not a repository, and no obstacle to the next
     init (which the 'no config' error tells the user to run).  A user's own restore.sh
-    is no such helper: it was replaced (the session-17 review 2)."""
+    is no such helper: it was replaced."""
     from importlib import resources
 
     tmp, repo, img = env
@@ -1157,7 +1156,7 @@ def test_init_completes_a_directory_an_interrupted_init_left(env, capsys):
         assert_one_error_line(err, "is not empty")
     assert open(tmp / "scripts" / "restore.sh").read() == "my own script"
     assert sorted(os.listdir(tmp / "notempty")) == ["data.txt", "restore.sh"]
-    os.makedirs(tmp / "older")  # an older pyvbak's interrupted init: its kit had no revision line (review 3)
+    os.makedirs(tmp / "older")  # an older pyvbak's interrupted init: its kit had no revision line
     open(tmp / "older" / "restore.sh", "w").write("#!/bin/sh\n# restore.sh - restore a pyvbak snapshot WITHOUT "
                                                   "pyvbak.\n")
     assert cli(capsys, "init", tmp / "older")[0] == 0
@@ -1365,14 +1364,14 @@ def test_a_forget_stopped_in_its_prune_says_the_snapshots_are_gone_and_names_pru
     assert code == 0
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "w")[0] == 0
     monkeypatch.setattr("pyvbak.repo.prune.keep_last_selection", interrupted)
-    for extra in ([], ["--prune"]):  # a dry run said "some of the snapshots may be forgotten already" (review 2)
+    for extra in ([], ["--prune"]):  # a dry run said "some of the snapshots may be forgotten already"
         code, out, err = cli(capsys, "forget", "--keep-last", "1", "--dry-run", *extra, "--repo", repo)
         assert code == 10 and "a dry run changes nothing: nothing was forgotten or pruned" in assert_one_error_line(err)
     assert len(json.loads(cli(capsys, "snapshots", "--repo", repo, "--json")[1])) == 1
 
 
 def test_a_restore_output_may_be_a_file_uri(backed_up, capsys, monkeypatch):
-    """OUTPUT as file:///PATH went to ./file:/PATH (review 2); --repo and SOURCE read it."""
+    """OUTPUT as file:///PATH went to ./file:/PATH; --repo and SOURCE read it."""
     from pathlib import Path
 
     tmp, repo, img, sid = backed_up
@@ -1422,7 +1421,7 @@ def test_vm_latest_into_a_directory_works_for_a_vm_with_one_disk(backed_up, caps
     code, out, err = cli(capsys, "restore", "web@latest", f"{tmp}/vmdir/", "--repo", repo)
     assert code == 7 and "--force" in assert_one_error_line(err, "disk.img")
     # the same snapshot by its id, the same way (refused as "is a directory", also where
-    # the directory did not exist: the session-14 new-user audit)
+    # the directory did not exist)
     code, out, err = cli(capsys, "restore", sid, f"{tmp}/by-id/", "--repo", repo)
     assert code == 0, err
     assert same_file(tmp / "by-id" / "disk.img", img)
@@ -1431,7 +1430,7 @@ def test_vm_latest_into_a_directory_works_for_a_vm_with_one_disk(backed_up, caps
 @pytest.mark.parametrize("via", ["--repo", "PYVBAK_REPO"])
 def test_an_empty_repository_path_is_refused_not_the_default(backed_up, capsys, monkeypatch, tmp_path, via):
     """'--repo "$REPO"' with REPO unset backed up into the default repository, created in
-    the user's home on the way (the session-14 new-user audit)."""
+    the user's home on the way."""
     tmp, repo, img, sid = backed_up
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     args = ["backup", img, "--vm", "web"] + (["--repo", ""] if via == "--repo" else [])
@@ -1679,10 +1678,10 @@ def test_a_restore_into_the_repository_through_a_bind_mount_is_refused(backed_up
 
 
 def test_small_operator_errors_are_one_clear_line(backed_up, capsys, tmp_path):
-    """From the operator audit: an empty OUTPUT wrote its temp file into the parent of the
-    working directory and failed with a bare OSError; a path through a file said 'Not a
-    directory (set PYVBAK_DEBUG=1 ...)'; memory:// repositories (the tests' backend) were
-    "created" by init and gone when it ended; -h was no option."""
+    """An empty OUTPUT wrote its temp file into the parent of the working directory and
+    failed with a bare OSError; a path through a file said 'Not a directory (set
+    PYVBAK_DEBUG=1 ...)'; memory:// repositories (the tests' backend) were "created" by
+    init and gone when it ended; -h was no option."""
     tmp, repo, img, sid = backed_up
     code, _, err = cli(capsys, "restore", sid, "", "--repo", repo)
     assert code == 2 and "restore target is empty" in assert_one_error_line(err)
@@ -1720,7 +1719,7 @@ def test_a_file_url_repository_is_read_as_rfc_8089_says(tmp_path, capsys, monkey
 
 def test_a_file_url_repository_is_percent_decoded_and_may_have_one_slash(tmp_path, capsys, monkeypatch):
     """file:///a%20b was made as a directory "a%20b", file:///r?x=1 as "r?x=1", and
-    file:/PATH (RFC 8089's form without an authority) as ./file:/PATH (review 1)."""
+    file:/PATH (RFC 8089's form without an authority) as ./file:/PATH."""
     from pathlib import Path
 
     monkeypatch.chdir(tmp_path)
@@ -1769,7 +1768,7 @@ def test_a_restore_whose_lock_was_removed_says_so(backed_up, capsys, monkeypatch
 
 def test_verify_repair_with_a_sample_checks_again_the_same_sample(backed_up, capsys, monkeypatch):
     """The re-check after adopting packs drew a new sample: it could miss the blocks the
-    first pass found lost and say "repair: complete", exit 0 (the session-14 review)."""
+    first pass found lost and say "repair: complete", exit 0."""
     from pyvbak.repo import verify as verify_mod
 
     tmp, repo, img, sid = backed_up
@@ -1789,8 +1788,7 @@ def test_verify_repair_with_a_sample_checks_again_the_same_sample(backed_up, cap
 def test_verify_names_a_pack_under_the_wrong_folder_before_advising_the_repair(backed_up, capsys):
     """A pack moved under another packs/HH/ with its pack index lost: prune named it ("left
     ... alone: a pack of that name belongs at ..."), verify computed the same line and
-    dropped it, advising only the repair that gives its blocks up (the session-22 new-user
-    audit)."""
+    dropped it, advising only the repair that gives its blocks up."""
     tmp, repo, img, sid = backed_up
     (pack,) = pack_files(repo)
     for name in os.listdir(os.path.join(repo, "index")):
@@ -1812,7 +1810,7 @@ def test_verify_names_a_pack_under_the_wrong_folder_before_advising_the_repair(b
 def test_a_repository_made_before_the_mark_with_a_pack_really_lost_gets_out_with_one_repair(env, capsys):
     """Refused while a pack its index names is absent, and the repair dropped only the
     records snapshots use: those of blocks no snapshot uses (a forget without prune) kept
-    naming the lost pack, and every backup stayed refused (review 3)."""
+    naming the lost pack, and every backup stayed refused."""
     tmp, repo, img = env
     assert cli(capsys, "init", repo)[0] == 0
     old = vm_image(tmp / "old.img", 2 * MiB, seed=60)
@@ -1841,7 +1839,7 @@ def test_a_repository_made_before_the_mark_with_a_pack_really_lost_gets_out_with
 
 def test_a_misplaced_pack_of_a_repository_made_before_the_mark_is_named_not_given_up(env, capsys):
     """A pack moved under another packs/HH/ was taken for lost: the refusal never said where
-    it was, and verify --repair dropped its records (review 4)."""
+    it was, and verify --repair dropped its records."""
     tmp, repo, img = env
     assert cli(capsys, "init", repo)[0] == 0
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
@@ -1866,7 +1864,7 @@ def test_a_misplaced_pack_of_a_repository_made_before_the_mark_is_named_not_give
 def test_a_misplaced_pack_is_named_and_nothing_is_given_up(backed_up, capsys):
     """A pack moved under another packs/HH/ read as missing: verify flagged its copies,
     'verify --repair' dropped its records, the next backups stored its blocks again - and
-    nothing said where it was (review 5)."""
+    nothing said where it was."""
     tmp, repo, img, sid = backed_up
     assert cli(capsys, "backup", vm_image(tmp / "db.img", 2 * MiB, seed=62), "--repo", repo, "--vm", "db")[0] == 0
     r = Repository.open(repo)
@@ -1892,7 +1890,7 @@ def test_a_misplaced_pack_is_named_and_nothing_is_given_up(backed_up, capsys):
 
 def test_a_file_under_a_lost_packs_name_elsewhere_is_no_misplaced_pack(backed_up, capsys):
     """The name alone made junk "the misplaced pack": moved where told, it took the pack's
-    place (review 6).  Only an object whose table of contents hashes to the name counts."""
+    place.  Only an object whose table of contents hashes to the name counts."""
     tmp, repo, img, sid = backed_up
     assert cli(capsys, "backup", vm_image(tmp / "db.img", 2 * MiB, seed=63), "--repo", repo, "--vm", "db")[0] == 0
     pack = pack_files(repo)[0]

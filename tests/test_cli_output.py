@@ -1,6 +1,6 @@
 """The CLI's result lines when the output cannot take them: a terminal whose encoding
 lacks a name's characters, stdout on a full device.  A restore that put its file in
-place is a success either way (the session-13 read-only audit: a traceback and exit 1)."""
+place is a success either way (it was a traceback and exit 1)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def _hot_demo_repo(tmp_path) -> str:
 
 def test_demo_backs_up_changes_restores_and_checks(tmp_path, capsys):
     """And the line it prints to restore without pyvbak runs as printed: for a repository
-    given as a file: URI of a path with a space, it named the URI, unquoted (review 2)."""
+    given as a file: URI of a path with a space, it named the URI, unquoted."""
     import shlex
     import subprocess
     from pathlib import Path
@@ -75,7 +75,7 @@ def test_demo_backs_up_changes_restores_and_checks(tmp_path, capsys):
 
 def test_demo_into_a_repository_whose_packs_are_gone_is_refused(tmp_path, capsys):
     """Its cold backups ran run_backup directly, past the check the backup command makes:
-    two snapshots committed that no restore could read (session 20, review 2)."""
+    two snapshots committed that no restore could read."""
     import shutil
 
     require_tool("mkfs.ext4", "e2fsprogs")
@@ -91,8 +91,7 @@ def test_demo_into_a_repository_whose_packs_are_gone_is_refused(tmp_path, capsys
 
 
 def test_a_hot_demo_into_a_repository_whose_packs_are_gone_starts_no_vm(tmp_path, capsys):
-    """It made the image and started the VM stand-in before its backup refused (session
-    21, review 3)."""
+    """It made the image and started the VM stand-in before its backup refused."""
     import shutil
 
     repo = _hot_demo_repo(tmp_path)
@@ -153,7 +152,7 @@ def test_ctrl_c_to_the_whole_process_group_during_the_hot_demo_leaves_nothing(tm
 def test_the_stand_in_vm_starts_in_a_work_dir_reached_through_a_symlink(tmp_path):
     """mountinfo names the resolved path (octal escapes for a space): a work dir under a
     symlink never matched, and the start timed out after 30 s (bench/.data as a symlink in
-    a frozen copy of the tree, session 22)."""
+    a frozen copy of the tree)."""
     import subprocess
 
     from pyvbak.hypervisors.qemu.standin import StandInVM

@@ -1,10 +1,10 @@
 """A plain verify flags the bad copies it finds, and the next backup stores those blocks again.
 
 Before, every backup after the damage deduplicated against the bad copy until someone ran
-``verify --repair`` (exclusive lock): each new snapshot was as unrestorable as the old ones
-(the session-17 acceptance audit).  Now verify writes a ``lost/`` marker with the copies
-it found corrupt or missing ("flagged"); backups treat a block whose every copy is flagged
-as absent (docs/FORMAT.md, "Lost packs").
+``verify --repair`` (exclusive lock): each new snapshot was as unrestorable as the old ones.
+Now verify writes a ``lost/`` marker with the copies it found corrupt or missing
+("flagged"); backups treat a block whose every copy is flagged as absent (docs/FORMAT.md,
+"Lost packs").
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def test_the_backup_after_a_plain_verify_stores_the_bad_block_again_and_every_sn
 
 def test_a_verify_run_twice_flags_once_and_still_sends_to_the_backup(tmp_path, capsys):
     """Alone, a second verify does not flag the copy again (a marker a night for a block
-    lost for good made every disk's next backup re-check its parent: review 4)."""
+    lost for good made every disk's next backup re-check its parent)."""
     repo, img, _ = _damaged_repo(tmp_path, capsys, 302)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
@@ -121,7 +121,7 @@ def test_a_verify_run_twice_flags_once_and_still_sends_to_the_backup(tmp_path, c
 
 def test_a_verify_beside_another_flags_again_what_that_one_may_clear(tmp_path, capsys):
     """Another verify running may have read the copy intact before it went bad again and
-    be about to clear the earlier flag: this one flags it again (review 3)."""
+    be about to clear the earlier flag: this one flags it again."""
     from pyvbak.repo.locks import RepositoryLock
 
     repo, img, _ = _damaged_repo(tmp_path, capsys, 335)
@@ -225,14 +225,14 @@ def test_a_flag_that_cannot_be_written_leaves_verify_s_report_and_names_the_repa
     assert "verify --repair" in err.strip().splitlines()[-1], err
 
 
-# -- review 1 of the change (session 18) ------------------------------------------------
+# -- backups and verifies honouring flags; parsing and caching markers ------------------
 
 
 def test_a_parent_that_listed_the_marker_without_honouring_it_is_checked_all_the_same(tmp_path, capsys, monkeypatch):
     """A backup by an older pyvbak (a second host not yet upgraded) lists the flag marker
     in its lost_checked but deduplicated against the flagged copy: the next backup must
     still find the block its parent names flagged-only, and store it again (it carried it
-    on with no warning, and verify's "back up" looped for ever - review 1, D1)."""
+    on with no warning, and verify's "back up" looped for ever)."""
     repo, img, bad = _damaged_repo(tmp_path, capsys, 310)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6
     with monkeypatch.context() as m:  # the older pyvbak: markers' flags unknown to it
@@ -254,7 +254,7 @@ def test_a_parent_that_listed_the_marker_without_honouring_it_is_checked_all_the
 
 def test_a_marker_that_cannot_be_read_fails_the_backup_instead_of_ignoring_its_flags(tmp_path, capsys, monkeypatch):
     """An I/O error reading a marker was taken for "flags nothing": the backup deduplicated
-    against the bad copy and recorded the marker as checked (review 1, D1)."""
+    against the bad copy and recorded the marker as checked."""
     from pyvbak.backends import BackendError
     from pyvbak.backends.local import LocalBackend
 
@@ -282,7 +282,7 @@ def test_a_marker_that_cannot_be_read_fails_the_backup_instead_of_ignoring_its_f
 
 def test_each_flag_entry_is_parsed_on_its_own(tmp_path, capsys):
     """One entry it could not parse made the whole marker flag nothing, the docs said it is
-    skipped (review 1, D2)."""
+    skipped."""
     repo, img, bad = _damaged_repo(tmp_path, capsys, 312)
     good = [bad[0].hex(), bad[1].hex(), bad[2]]
     odd = [[good[0], good[1], 1 << 64], [good[0], good[1]], "x", None, [*good, 1], ["zz" * 32, good[1], 0],
@@ -297,7 +297,7 @@ def test_each_flag_entry_is_parsed_on_its_own(tmp_path, capsys):
 def test_a_pack_recut_under_its_old_name_is_deduplicated_against_and_verify_clears_its_flags(tmp_path, capsys):
     """The backup after a lost pack cuts the very same pack again (same blocks, same order):
     the good copies then carry the flagged keys.  They were left out of deduplication for
-    good - every backup of the same data stored them again (review 1, D3)."""
+    good - every backup of the same data stored them again."""
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 313)
     _another_pack(tmp_path, capsys, repo)
     os.unlink(repo / pack)
@@ -317,7 +317,7 @@ def test_a_pack_recut_under_its_old_name_is_deduplicated_against_and_verify_clea
 
 def test_a_sampled_verify_sends_to_a_full_verify_before_the_backup(tmp_path, capsys):
     """A sample flags only the bad copies it read; the next step said the backup heals
-    every snapshot while it deduplicated against the others (review 1, D4)."""
+    every snapshot while it deduplicated against the others."""
     repo, img, _ = _damaged_repo(tmp_path, capsys, 314)
     code, out, err = cli(capsys, "verify", "--repo", repo, "--sample", "100")
     last = err.strip().splitlines()[-1]
@@ -364,7 +364,7 @@ def test_a_clear_counts_for_the_flags_its_verify_saw_not_for_later_ones(tmp_path
 
 def test_parsed_markers_come_from_the_local_cache_and_a_damaged_entry_is_read_again(tmp_path, capsys, monkeypatch):
     """A marker of a lost region can flag a million copies: parsed once per machine, not
-    on every backup and restore (review 1, D5)."""
+    on every backup and restore."""
     from pyvbak.backends.local import LocalBackend
 
     monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "cache"))
@@ -382,12 +382,12 @@ def test_parsed_markers_come_from_the_local_cache_and_a_damaged_entry_is_read_ag
     assert name in reads
 
 
-# -- review 2 of the change ---------------------------------------------------------------
+# -- verifies side by side; the cost of a flag that stays -------------------------------
 
 
 def test_a_clear_does_not_undo_a_flag_written_while_its_verify_read(tmp_path, capsys, monkeypatch):
     """The flags a verify clears are those it listed before reading the copies: one that
-    another verify wrote in between stays (review 2, N2)."""
+    another verify wrote in between stays."""
     import pyvbak.repo.verify as verify_mod
 
     repo, img, bad = _damaged_repo(tmp_path, capsys, 320, blocks=4)
@@ -414,7 +414,7 @@ def test_a_clear_does_not_undo_a_flag_written_while_its_verify_read(tmp_path, ca
 
 def test_verify_flags_anew_when_a_marker_cannot_be_read(tmp_path, capsys, monkeypatch):
     """A marker verify could not read may clear what it flags: verify then flags every bad
-    copy it finds again, instead of taking them for flagged (review 2, N4)."""
+    copy it finds again, instead of taking them for flagged."""
     from pyvbak.backends import BackendError
     from pyvbak.backends.local import LocalBackend
 
@@ -438,7 +438,7 @@ def test_verify_flags_anew_when_a_marker_cannot_be_read(tmp_path, capsys, monkey
 
 def test_a_flag_on_a_lost_pack_costs_backups_one_stat_not_a_read_per_copy(tmp_path, capsys, monkeypatch):
     """A flagged-only block no disk holds stays flagged; every backup looked at up to 1024
-    of its copies one request at a time (review 2, N3)."""
+    of its copies one request at a time."""
     from pyvbak.backends.local import LocalBackend
 
     repo = tmp_path / "repo"
@@ -466,7 +466,7 @@ def test_a_flag_on_a_lost_pack_costs_backups_one_stat_not_a_read_per_copy(tmp_pa
 def test_a_copy_listed_twice_with_different_records_is_not_taken_for_healed(tmp_path, capsys):
     """Two index records of one flagged copy that differ (a damaged pack index): the
     backup's read-check took the copy for good when one of them read back, while restore
-    reads the other (review 2, N5)."""
+    reads the other."""
     repo, img, bad = _damaged_repo(tmp_path, capsys, 324, blocks=4)
     r = Repository.open(str(repo))
     recs = r.load_digest_index().records
@@ -483,7 +483,7 @@ def test_a_copy_listed_twice_with_different_records_is_not_taken_for_healed(tmp_
     assert Repository.open(str(repo)).dedup_index().find(bad[0]) < 0
 
 
-# -- review 3 of the change ---------------------------------------------------------------
+# -- lost for good; markers that cannot be read; packs cut short ------------------------
 
 
 def test_verify_says_when_no_backup_can_bring_the_blocks_back(tmp_path, capsys):
@@ -536,8 +536,8 @@ def test_a_markers_seen_list_keeps_marker_names_only(tmp_path, capsys):
 
 def test_a_pack_cut_short_ends_healed_after_the_backup_and_one_repair(tmp_path, capsys):
     """Its table of contents cannot be rebuilt (frames are missing), so verify reported it
-    every night after the repair, which could not rebuild it, and prune left it (review 3,
-    an older defect): the repair now moves the pack's intact blocks to a new pack."""
+    every night after the repair, which could not rebuild it, and prune left it: the
+    repair now moves the pack's intact blocks to a new pack."""
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 334)
     os.chmod(repo / pack, 0o644)
     os.truncate(repo / pack, os.path.getsize(repo / pack) // 2)
@@ -550,12 +550,12 @@ def test_a_pack_cut_short_ends_healed_after_the_backup_and_one_repair(tmp_path, 
     _restores_everything(capsys, tmp_path, repo, img)
 
 
-# -- review 4 ---------------------------------------------------------------------------------
+# -- moving a pack's intact blocks out of it --------------------------------------------
 
 
 def test_a_move_that_cuts_the_old_pack_again_keeps_it(tmp_path, capsys):
     """Moving every frame of a pack writes the very same pack (same name): deleting the old
-    name then deleted the new one - every block lost, "repair: complete" (review 4, 1)."""
+    name then deleted the new one - every block lost, "repair: complete"."""
     from pyvbak.repo.repair import move_out_of_packs
 
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 340)
@@ -597,7 +597,7 @@ def test_a_pack_whose_rebuild_read_failed_is_not_moved(tmp_path, capsys, monkeyp
 
 def test_an_interrupted_move_is_finished_by_the_next_repair_or_prune(tmp_path, capsys, monkeypatch):
     """Stopped after the index rewrite, before the old pack's delete, the old pack stayed
-    for ever (prune warned on every run): a moved_out marker names it (review 4, 3)."""
+    for ever (prune warned on every run): a moved_out marker names it."""
     import pyvbak.repo.repair as repair_mod
 
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 342)
@@ -625,7 +625,7 @@ def test_an_interrupted_move_is_finished_by_the_next_repair_or_prune(tmp_path, c
 
 def test_a_pack_cut_short_in_blocks_no_snapshot_uses_is_moved_without_them(tmp_path, capsys):
     """The lost tail held only blocks of a forgotten snapshot: the move refused for ever
-    ("does not read back intact") and verify kept naming the repair (review 4, 4)."""
+    ("does not read back intact") and verify kept naming the repair."""
     repo, img, pack = _one_pack_repo(tmp_path, capsys, 343)
     (sid,) = [s.id for s in Repository.open(str(repo)).snapshots()]
     half = make_image(tmp_path / "h.img", 20 * BS, [(0, 20 * BS, "random")], seed=343)  # the image's first half
@@ -640,7 +640,7 @@ def test_a_pack_cut_short_in_blocks_no_snapshot_uses_is_moved_without_them(tmp_p
 
 
 def test_lost_for_good_is_said_only_by_a_verify_of_everything(tmp_path, capsys):
-    """'verify OLD_ID' or a sample cannot tell what the newest snapshots use (review 4, 2)."""
+    """'verify OLD_ID' or a sample cannot tell what the newest snapshots use."""
     repo, img, _ = _damaged_repo(tmp_path, capsys, 344)
     (old,) = [s.id for s in Repository.open(str(repo)).snapshots()]
     changed = make_image(tmp_path / "c.img", 40 * BS, [(0, 40 * BS, "random")], seed=345)
@@ -666,7 +666,7 @@ def test_a_move_is_finished_only_once_the_packs_it_wrote_are_indexed(tmp_path, c
     _restores_everything(capsys, tmp_path, repo, img)
 
 
-# -- review 5 ---------------------------------------------------------------------------------
+# -- moves finished safely; restores that flag the bad copies they find -----------------
 
 
 def _moved_pack_repo(tmp_path, capsys, seed):
@@ -685,7 +685,7 @@ def _moved_pack_repo(tmp_path, capsys, seed):
 
 def test_a_moved_out_pack_put_back_whole_is_not_deleted(tmp_path, capsys):
     """A sampled or chosen repair does not adopt unindexed packs first; it deleted a pack
-    put back from a copy under a name a move had emptied (review 5, D1)."""
+    put back from a copy under a name a move had emptied."""
     repo, img, pack, original = _moved_pack_repo(tmp_path, capsys, 350)
     (repo / pack).parent.mkdir(exist_ok=True)
     (repo / pack).write_bytes(original)
@@ -698,7 +698,7 @@ def test_a_moved_out_pack_put_back_whole_is_not_deleted(tmp_path, capsys):
 
 def test_finishing_moves_waits_out_a_damaged_pack_index_and_odd_names(tmp_path, capsys, monkeypatch):
     """A damaged pack index stopped the whole repair in finish_moves; a moved_out entry
-    that is no pack id failed every prune and repair (review 5, D2, D4)."""
+    that is no pack id failed every prune and repair."""
     import pyvbak.repo.repair as repair_mod
     from pyvbak.errors import IntegrityError
 
@@ -716,7 +716,7 @@ def test_finishing_moves_waits_out_a_damaged_pack_index_and_odd_names(tmp_path, 
 
 
 def test_a_move_keeps_the_pack_when_a_snapshot_index_cannot_be_read(tmp_path, capsys, monkeypatch):
-    """Whether a damaged frame is used could not be told: the repair aborted (review 5, D3);
+    """Whether a damaged frame is used could not be told: the repair aborted;
     the pack now stays, and the repair reports."""
     from pyvbak.repo.repair import move_out_of_packs
 
@@ -755,7 +755,7 @@ def test_a_restore_that_finds_a_bad_copy_flags_it_and_the_next_backup_heals(tmp_
     doc = json.loads((repo / "lost" / marker).read_text())
     assert doc["flagged"] == [[bad[0].hex(), bad[1].hex(), bad[2]]] and doc["cleared"] == [] and doc["packs"] == []
     code, out, err = cli(capsys, "restore", "v@latest", tmp_path / "o.img", "--repo", repo)
-    assert code == 6 and flagged_line in err, err  # (it said "run verify: it flags ...": review 4)
+    assert code == 6 and flagged_line in err, err  # (it said "run verify: it flags ...")
     assert _markers(repo) == [marker]  # flagged already: no marker per restore
 
     code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "v", "--json")
@@ -791,7 +791,7 @@ def test_a_restore_from_another_copy_flags_the_bad_one(tmp_path, capsys):
 def test_a_restore_flags_every_bad_copy_of_a_block_not_only_the_first(tmp_path, capsys):
     """A block stored twice, both copies bad: the restore flagged the copy it read first
     and said the bad copies were flagged; the backup then deduplicated against the other
-    bad one, and its snapshot could not be restored either (review 4)."""
+    bad one, and its snapshot could not be restored either."""
     repo, img, first = _damaged_repo(tmp_path, capsys, 343)
     assert cli(capsys, "verify", "--repo", repo)[0] == 6  # flags it ...
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "v")[0] == 0  # ... and a second copy is stored
@@ -823,7 +823,7 @@ def test_a_restore_flags_every_bad_copy_of_a_block_not_only_the_first(tmp_path, 
 def test_a_copy_that_reads_back_intact_the_second_time_is_neither_a_failure_nor_flagged(tmp_path, capsys,
                                                                                       monkeypatch):
     """Storage gone for a moment (a mount dropped, a short read): every copy not read yet
-    was flagged "missing" and the next backup stored them all again (review 4).  The
+    was flagged "missing" and the next backup stored them all again.  The
     restore reads a failed copy once more before it gives up on it or flags it."""
     import pyvbak.repo.restore as restore_mod
 
@@ -855,7 +855,7 @@ def test_a_copy_that_reads_back_intact_the_second_time_is_neither_a_failure_nor_
 def test_a_restore_beside_a_verify_flags_again_what_that_verify_may_clear(tmp_path, capsys):
     """The verify may have read the copy intact just before it went bad again, and clear
     the earlier flag; a restore that finds it bad again flags it again while a verify
-    holds a lock (review 4; verify itself does since session 18's review 3)."""
+    holds a lock (as verify itself does)."""
     from pyvbak.repo.locks import RepositoryLock
 
     repo, img, _ = _damaged_repo(tmp_path, capsys, 345)
@@ -871,7 +871,7 @@ def test_a_restore_beside_a_verify_flags_again_what_that_verify_may_clear(tmp_pa
 
 def test_a_restore_whose_lock_was_removed_flags_nothing(tmp_path, capsys, monkeypatch):
     """'unlock --all' and a prune meanwhile: the blocks may have moved, and the restore
-    wrote a marker all the same (review 4)."""
+    wrote a marker all the same."""
     import pyvbak.repo.restore as restore_mod
     from pyvbak.repo.locks import remove_locks
 
@@ -892,7 +892,7 @@ def test_a_restore_whose_lock_was_removed_flags_nothing(tmp_path, capsys, monkey
 def test_a_lost_block_with_an_unreadable_copy_is_not_promised_to_heal(tmp_path, capsys, monkeypatch):
     """One copy bad, the other unreadable (an I/O error: never flagged): the restore said
     the bad copies were flagged and the next backup would store the block again - it
-    deduplicated against the unreadable copy instead (review 5)."""
+    deduplicated against the unreadable copy instead."""
     from pyvbak.backends import BackendError
     from pyvbak.backends.local import LocalBackend
 

@@ -109,7 +109,7 @@ def test_unused_templates_and_half_made_ones_go(cache, tmp_path):
 @pytest.mark.parametrize("how", ["read-only", "a file where the directory goes"])
 def test_a_cache_that_cannot_hold_a_template_is_no_reason_to_fail(cache, tmp_path, monkeypatch, how):
     """The template cache is a speed-up: one that cannot be written (read-only, full,
-    another user's) failed every hot backup (the session-14 review).  The image is then
+    another user's) failed every hot backup.  The image is then
     made where it is needed."""
     tdir, calls = cache
     if how == "read-only":
@@ -135,8 +135,8 @@ def test_a_cache_that_cannot_hold_a_template_is_no_reason_to_fail(cache, tmp_pat
 @pytest.mark.parametrize("plant", ["an external data file", "group-writable", "a symlink"])
 def test_a_planted_template_is_never_copied(cache, tmp_path, plant):
     """A qcow2 with an external data file, stored under its own SHA-256 name, passed every
-    check: QEMU then wrote the guest's old blocks into that other file (the session-14
-    review).  Feature bits, the owner and the mode are checked now."""
+    check: QEMU then wrote the guest's old blocks into that other file.  Feature bits, the
+    owner and the mode are checked now."""
     tdir, calls = cache
     tdir.mkdir(parents=True)
     victim = tmp_path / "victim.raw"
@@ -166,7 +166,7 @@ def test_a_planted_template_is_never_copied(cache, tmp_path, plant):
 def test_a_templates_directory_that_is_not_this_users_own_is_not_used(cache, tmp_path, case):
     """Whoever could write the cache root (root running with a user's cache; umask 000)
     could make fleece-templates a link to another directory, and this user's qcow2-* files
-    there were removed as damaged templates (the session-14 review).  Such a directory is
+    there were removed as damaged templates.  Such a directory is
     not used: the image is made where it is needed, nothing in it is touched."""
     tdir, calls = cache
     elsewhere = tmp_path / "elsewhere"
@@ -193,8 +193,7 @@ def test_a_templates_directory_that_is_not_this_users_own_is_not_used(cache, tmp
 
 def test_a_good_template_on_a_read_only_cache_is_still_copied(cache, tmp_path, monkeypatch):
     """Marking a template used (its mtime) failed on a read-only cache and the template
-    was passed over: qemu-img then ran twice per disk, slower than no cache (the session-14
-    review)."""
+    was passed over: qemu-img then ran twice per disk, slower than no cache."""
     tdir, calls = cache
     fleece_image.create(tmp_path / "a.qcow2", 8 * MiB, 65536)
     monkeypatch.setattr(fleece_image.os, "utime", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only")))
@@ -203,8 +202,8 @@ def test_a_good_template_on_a_read_only_cache_is_still_copied(cache, tmp_path, m
 
 
 def test_a_fifo_named_like_a_template_blocks_nothing(cache, tmp_path):
-    """Opened to be read, a FIFO of a template's name blocked the backup for ever (the
-    session-14 review): it is found out and removed."""
+    """Opened to be read, a FIFO of a template's name blocked the backup for ever: it is
+    found out and removed."""
     tdir, calls = cache
     tdir.mkdir(parents=True)
     fifo = tdir / fleece_image.template_name(8 * MiB, 65536, b"x")
@@ -217,7 +216,7 @@ def test_a_fifo_named_like_a_template_blocks_nothing(cache, tmp_path):
 def test_the_first_image_is_made_once_and_kept_as_the_template(cache, tmp_path):
     """The template is the first backup's own image, checked and kept: a cache without
     room, or a template made apart from the image, cost two qemu-img runs per disk on
-    every backup (the session-14 reviews)."""
+    every backup."""
     tdir, calls = cache
     assert fleece_image.create(tmp_path / "a.qcow2", 8 * MiB, 65536) is False
     assert fleece_image.create(tmp_path / "b.qcow2", 8 * MiB, 65536) is True

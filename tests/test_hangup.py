@@ -198,8 +198,8 @@ def test_a_closed_terminal_after_the_commit_is_no_failure(backed_up, tmp_path, m
 def test_a_signal_as_the_snapshot_is_committed_finishes_the_backup(tmp_path, capsys, monkeypatch, signum, when):
     """A Ctrl-C or SIGTERM between the snapshot's metadata write and the CLI's record of
     it exited 10, "no snapshot", with the snapshot made - and a QEMU disk's session
-    merged its dirty bitmap back, so the next backup scanned the whole disk (the
-    session-14 signal audit).  The commit and its record are now one step to signals:
+    merged its dirty bitmap back, so the next backup scanned the whole disk.  The
+    commit and its record are now one step to signals:
     the backup completes, prints its result and says the signal came."""
     import json
 
@@ -240,8 +240,8 @@ def test_a_signal_as_the_snapshot_is_committed_finishes_the_backup(tmp_path, cap
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_as_the_console_script_exits_leaves_its_exit_code(signum):
     """main() put back the default handlers before the interpreter's exit: a SIGTERM in
-    those ~10 ms killed a backup that had succeeded (exit -15; the session-14 signal
-    audit).  The console script's main(exiting=True) leaves them ignored instead."""
+    those ~10 ms killed a backup that had succeeded (exit -15).  The console script's
+    main(exiting=True) leaves them ignored instead."""
     # through entry(), the console script itself: main() signalled as it returns
     code = ("import os, signal, sys\n"
             "from pyvbak.cli import main as m\n"
@@ -261,7 +261,7 @@ def test_a_signal_as_the_console_script_exits_leaves_its_exit_code(signum):
 
 def test_a_library_caller_hears_ctrl_c_only_after_on_commit(tmp_path, monkeypatch):
     """Python's own Ctrl-C handler raised at once, inside the commit: a library caller's
-    on_commit was skipped although the snapshot existed (the session-14 review).  held()
+    on_commit was skipped although the snapshot existed.  held()
     puts a noting handler in its place for the step, and raises after it."""
     from pyvbak.backends.local import LocalBackend
     from pyvbak.engine.backup import run_backup
@@ -290,7 +290,7 @@ def test_a_library_caller_hears_ctrl_c_only_after_on_commit(tmp_path, monkeypatc
 
 def test_held_in_another_thread_holds_nothing():
     """held() in a worker thread made the main thread's handler note a Ctrl-C, and the
-    worker raise it (the session-14 review): outside the main thread it holds nothing."""
+    worker raise it: outside the main thread it holds nothing."""
     import threading
 
     from pyvbak import interrupts

@@ -178,7 +178,7 @@ def test_control_characters_in_names_are_not_sent_to_the_terminal(repo, capsys):
 def test_a_status_other_than_complete_is_damage_not_absence(repo, tmp_path, capsys, monkeypatch):
     """One flipped bit ("complete" -> "comple4e") made a snapshot invisible: VM@latest
     restored the older one without a word, verify passed and prune deleted the blocks
-    only that snapshot used (the session-14 format audit).  It is damage now: named,
+    only that snapshot used.  It is damage now: named,
     VM@latest refuses, verify fails, prune deletes nothing; mended, it restores."""
     r, _ = repo
     newer = tmp_path / "newer.img"
@@ -205,7 +205,7 @@ def test_a_status_other_than_complete_is_damage_not_absence(repo, tmp_path, caps
 def test_an_index_sha256_that_is_no_sha256_is_damage_not_no_check(repo, tmp_path, capsys, monkeypatch, value):
     """A damaged index_sha256 (not a string, not 64 hex digits) switched the index's
     check off, in pyvbak and restore.sh: an index copied over it would restore another
-    snapshot's disk (the session-14 format audit).  The description is damaged now."""
+    snapshot's disk.  The description is damaged now."""
     r, _ = repo
     code, out, _ = cli(capsys, "snapshots", "--repo", r, "--json")
     sid = json.loads(out)[-1]["id"]
@@ -226,7 +226,7 @@ def test_a_description_an_older_pyvbak_cached_is_checked_by_todays_rules(repo, t
                                                                          damage):
     """The local cache holds descriptions as an older pyvbak checked them: one with a
     status other than "complete" or a malformed index_sha256 (damage it let through) was
-    still trusted from there (the session-14 review)."""
+    still trusted from there."""
     r, _ = repo
     monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "cache"))
     code, out, _ = cli(capsys, "snapshots", "--repo", r, "--json")  # fills the cache
@@ -270,7 +270,7 @@ def test_a_snapshot_index_that_claims_more_than_its_disk_is_damage_not_out_of_me
     """A snapshot written before pyvbak recorded ``index_sha256`` has only its metadata to
     check its index against: an index frame declaring a terabyte of content, or a header
     for a far larger disk than the metadata's, made restore and the next backup fail with
-    'out of memory ... use larger blocks' (session 15's note) - damage, named, now."""
+    'out of memory ... use larger blocks' - damage, named, now."""
     r, img = repo
     monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "another-host"))
     sid, index = _snapshot_without_index_check(r)
@@ -299,7 +299,7 @@ def test_a_snapshot_index_that_claims_more_than_its_disk_is_damage_not_out_of_me
 def test_a_lost_or_damaged_config_is_named_with_the_way_out(repo, capsys, damage):
     """A truncated config was "not a pyvbak repository configuration" (no next step) while
     init said the directory "already holds a pyvbak repository"; a deleted one made the
-    repository "not a pyvbak repository: check the path" (the session-17 acceptance audit)."""
+    repository "not a pyvbak repository: check the path"."""
     r, _ = repo
     config = writable(r / "config")
     if damage == "truncated":
@@ -307,7 +307,7 @@ def test_a_lost_or_damaged_config_is_named_with_the_way_out(repo, capsys, damage
     else:
         config.unlink()
     for command in (["snapshots", "--repo", r], ["verify", "--repo", r], ["init", r],
-                    ["snapshots", "--repo", f"file://{r}"], ["init", f"file://{r}"]):  # (review 2: file:// too)
+                    ["snapshots", "--repo", f"file://{r}"], ["init", f"file://{r}"]):  # (file:// too)
         code, _, err = cli(capsys, *command)
         no_traceback(err)
         assert code == 3 and err.count("\n") == 1, err
@@ -318,8 +318,7 @@ def test_a_lost_or_damaged_config_is_named_with_the_way_out(repo, capsys, damage
 
 def test_another_tools_directory_is_not_called_a_damaged_repository(tmp_path, capsys):
     """Any file named config (~/.ssh, .git, a restic repository) was "damaged: put it back
-    from a copy", and any snapshots/*.json "pyvbak snapshots whose config is missing"
-    (the session-17 review)."""
+    from a copy", and any snapshots/*.json "pyvbak snapshots whose config is missing"."""
     ssh = tmp_path / "ssh"
     ssh.mkdir()
     (ssh / "config").write_text("Host *\n  ForwardAgent no\n")

@@ -122,7 +122,7 @@ def _backed_up_with_lock(tmp_path, name: str, *, pid: int, exclusive: bool, purp
 
 def test_a_backup_refused_for_missing_packs_keeps_a_killed_runs_stale_lock(tmp_path, capsys):
     """The refusal came after the lock was taken, which removed the stale lock: once the
-    packs were back, no backup knew to clean up after the killed run (session 20, review 4)."""
+    packs were back, no backup knew to clean up after the killed run."""
     import shutil
 
     img, repo, r = _backed_up_with_lock(tmp_path, "deadbeef", pid=_dead_pid(), exclusive=False, purpose="backup")
@@ -179,7 +179,7 @@ def test_a_prune_refused_for_missing_packs_keeps_the_stale_lock_and_the_damaged_
 def test_unlock_while_the_packs_are_not_mounted_leaves_the_clean_up_for_later(tmp_path, capsys):
     """Unlock's clean-up after the locks it removed ran with packs/ unmounted: it deleted a
     damaged pack index whose packs it could not see, said they were re-indexed, and the
-    snapshot did not restore after the remount (session 21, review 1)."""
+    snapshot did not restore after the remount."""
     import shutil
 
     img, repo, r, path, damaged = _stale_lock_damaged_index_packs_away(tmp_path)
@@ -197,8 +197,8 @@ def test_unlock_while_the_packs_are_not_mounted_leaves_the_clean_up_for_later(tm
 
 def test_a_backup_while_a_prune_holds_the_lock_says_so_even_with_packs_empty(tmp_path, capsys):
     """The check ran before the lock for a while: a backup during a prune that had emptied
-    packs/ said the data was not there and advised the prune that was running (session 20,
-    review 5); under the lock it waits its turn as before (exit 8)."""
+    packs/ said the data was not there and advised the prune that was running; under the
+    lock it waits its turn as before (exit 8)."""
     import shutil
 
     img, repo, r = _backed_up_with_lock(tmp_path, "feedface", pid=os.getpid(), exclusive=True, purpose="prune")
@@ -248,8 +248,8 @@ def _two_vms(tmp_path):
 def test_a_pack_index_lost_from_storage_is_indexed_again_by_the_next_backup(tmp_path, capsys):
     """A lost pack index object (its pack still there) left the pack unindexed, and every
     later backup of the disk exited 0 carrying the parent's records of its blocks on
-    unread: snapshots neither restore nor restore.sh could read (the session-22
-    acceptance audit).  The backup sees a pack index it saw before gone, and indexes the
+    unread: snapshots neither restore nor restore.sh could read.  The backup sees a pack
+    index it saw before gone, and indexes the
     pack again from its own table of contents."""
     repo, a, index_a = _two_vms(tmp_path)
     os.unlink(index_a)
@@ -290,7 +290,7 @@ def test_the_pack_index_of_this_hosts_last_backup_lost_is_found_too(tmp_path, mo
     """Only the listing before a backup was remembered, not the pack index the backup then
     wrote: that one lost went unnoticed by the next backup (one VM backed up night after
     night), as did any lost index once a repair of one snapshot had remembered the listing,
-    or with no local cache at all (review 2)."""
+    or with no local cache at all."""
     repo = str(tmp_path / "repo")
     a = tmp_path / "a.img"
     a.write_bytes(os.urandom(4 << 20))
@@ -318,9 +318,9 @@ def test_the_pack_index_of_this_hosts_last_backup_lost_is_found_too(tmp_path, mo
 
 def test_without_a_local_cache_a_backup_checks_its_parent_against_the_index(tmp_path, monkeypatch, capsys):
     """Without a local cache nothing is remembered: backups did not look at all, and
-    committed snapshots no restore could read (review 4); looking at every backup indexed
-    a running backup's packs again, with a warning (review 3); looking only when no other
-    lock was there let any other host's lock stop every look (review 5).  A backup checks
+    committed snapshots no restore could read; looking at every backup indexed a running
+    backup's packs again, with a warning; looking only when no other lock was there let
+    any other host's lock stop every look.  A backup checks
     the parent it carries blocks of against the index, and looks when that misses some -
     whatever other locks there are."""
     monkeypatch.setenv("PYVBAK_CACHE_DIR", "")
@@ -341,7 +341,7 @@ def test_without_a_local_cache_a_backup_checks_its_parent_against_the_index(tmp_
 def test_the_pack_index_a_parent_wrote_elsewhere_is_checked_too(tmp_path, monkeypatch, capsys):
     """A pack index written by a run without the local cache (or by another host) was never
     listed here: lost, it went unnoticed, and every later backup of the disk committed
-    snapshots no restore could read (the session-22 soak).  A snapshot names the pack index
+    snapshots no restore could read.  A snapshot names the pack index
     it wrote, and the disk's next backup checks it is there."""
     repo = str(tmp_path / "repo")
     a = tmp_path / "a.img"

@@ -608,7 +608,7 @@ def test_gather_into_refuses_overflow_and_readonly():
         native.gather_into(b"immutable", [b"x"])
 
 
-# -- argument checks an audit found missing (each once reached C with bad memory) ------
+# -- argument checks once missing (each once reached C with bad memory) ---------------
 
 def test_sha256_blocks_bounds_cannot_wrap():
     """offs + lens past 2^63 wrapped negative and passed the check: the SHA-NI kernel then

@@ -19,7 +19,7 @@ from pyvbak.sources.nbd import NbdSource
 
 #: the reply timeout of the tests of misbehaving servers; the others wait far longer, since
 #: the fake server's threads run in this process and a loaded machine may stall it for a
-#: second (the session-16 flaky-test audit)
+#: second
 TIMEOUT = 1.0
 PATIENT = 30.0
 DATA = os.urandom(256 * 1024)
@@ -288,7 +288,7 @@ def test_zero_ranges_within_windows_loop_over_partial_replies(monkeypatch):
         assert len(asked) > 2  # the 4 KiB replies were continued
 
 
-# -- faults found by an audit: each once hung, ate memory or mixed up data -------------
+# -- hostile servers: each of these once hung, ate memory or mixed up data ------------
 
 def test_a_tiny_maximum_block_size_is_refused():
     """(1, 1, 1) made a 4 MiB read 4 M requests held at once: gigabytes of memory."""

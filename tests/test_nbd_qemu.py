@@ -300,8 +300,7 @@ def test_a_server_that_takes_one_connection_answers_the_bitmap_on_the_main_one(b
 def test_a_plain_export_says_why_it_is_read_whole_and_verify_cbt_says_there_is_nothing_to_check(sparse_raw, sockdir,
                                                                                                tmp_path, capsys):
     """An nbd:// backup read the whole export every time with "cbt": false and no reason,
-    and --verify-cbt on a source without change tracking passed without a word (the
-    session-17 acceptance audit)."""
+    and --verify-cbt on a source without change tracking passed without a word."""
     from conftest import cli_json
     from pyvbak.cli.main import main
 

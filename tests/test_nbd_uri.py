@@ -67,7 +67,7 @@ def test_file_source_read_ranges_into(tmp_path):
 
 
 def test_an_unknown_nbd_unix_parameter_is_named():
-    """It was blamed on the socket parameter (the session-17 acceptance audit)."""
+    """It was blamed on the socket parameter."""
     for uri in ("nbd+unix:///x?socket=/s&foo=1", "nbd+unix:///x?foo=1&socket=/s"):
         with pytest.raises(UsageError, match="unknown query parameter 'foo'"):
             parse_nbd_uri(uri)
@@ -112,7 +112,7 @@ def test_a_file_named_like_a_qemu_spelling_is_still_a_file(tmp_path, capsys, mon
     assert main(["backup", "File://x.img", "--repo", "repo", "--vm", "w", "--disk", "d"]) == 0
     assert main(["restore", "w/d@latest", str(tmp_path / "out.img"), "--repo", "repo"]) == 0
     assert (tmp_path / "out.img").read_bytes() == b"\x02" * 65536
-    (tmp_path / "file:").mkdir()  # the lower-case spelling too (review 2)
+    (tmp_path / "file:").mkdir()  # the lower-case spelling too
     (tmp_path / "file:" / "x.img").write_bytes(b"\x04" * 65536)
     assert main(["backup", "file://x.img", "--repo", "repo", "--vm", "u", "--disk", "d"]) == 0
     assert main(["restore", "u/d@latest", str(tmp_path / "out2.img"), "--repo", "repo"]) == 0
@@ -138,7 +138,7 @@ def test_library_callers_get_the_same_reading_of_a_source_as_the_cli(tmp_path):
 
 
 def test_a_file_uri_source_is_percent_decoded(tmp_path, capsys):
-    """file:///a%20b.img (Path.as_uri, file managers) said "does not exist" (review 1)."""
+    """file:///a%20b.img (Path.as_uri, file managers) said "does not exist"."""
     from pathlib import Path
 
     from pyvbak.cli.main import main
@@ -158,7 +158,7 @@ def test_a_file_uri_source_is_percent_decoded(tmp_path, capsys):
 def test_a_file_uri_source_is_the_absolute_path_even_where_a_relative_one_of_that_spelling_exists(tmp_path, capsys,
                                                                                                  monkeypatch):
     """file:///ABS read ./file:/ABS when the current directory held a "file:" directory with
-    such a path in it - another disk, backed up without a word (review 2).  A repository
+    such a path in it - another disk, backed up without a word.  A repository
     location was read as the absolute path; both are now."""
     from pyvbak.cli.main import main
 

@@ -1,6 +1,6 @@
-"""The session-15 offline-image audit (D2-D7): the suffix names the format (never a probed
-header), backing files are never probed, a bitmap that cannot be rotated does not fail a
-committed backup, a failed setup keeps what the next run needs, non-files are refused."""
+"""Offline images: the suffix names the format (never a probed header), backing files
+are never probed, a bitmap that cannot be rotated does not fail a committed backup, a
+failed setup keeps what the next run needs, non-files are refused."""
 
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_a_fifo_or_character_device_with_an_image_suffix_is_refused_at_once(tmp_
 
 def test_a_file_whose_size_cannot_be_told_is_one_line_that_names_it(capsys, repo):
     """/proc/self/mem opens as a regular file and refuses lseek: the error was a bare
-    "Invalid argument", naming no file (the docs audit)."""
+    "Invalid argument", naming no file."""
     line = one_line_error(capsys, ["backup", "/proc/self/mem", "--repo", str(repo), "--vm", "a"])
     assert "cannot tell the size of disk image /proc/self/mem: Invalid argument" in line, line
 
@@ -215,7 +215,7 @@ def test_a_file_whose_size_cannot_be_told_is_one_line_that_names_it(capsys, repo
 
 def test_a_read_only_qcow2_backs_up_with_its_bitmap_and_the_next_one_scans(tmp_path, capsys, repo):
     """The backup was made, then the teardown's 'bitmap --remove' failed: exit 4, no JSON.
-    The bitmap it could not rotate is used, but not recorded again (review 4: one name
+    The bitmap it could not rotate is used, but not recorded again (one name
     vouching for two snapshots trusted an older copy of the image): the next one scans."""
     img = tmp_path / "r.qcow2"
     qemu_img("create", "-f", "qcow2", str(img), "16M")
@@ -380,7 +380,7 @@ def test_a_setup_failing_after_the_rotation_keeps_the_journal_and_says_why(tmp_p
 def test_a_write_into_a_backing_files_own_data_files_is_seen(tmp_path, capsys, repo, base):
     """A backing vmdk keeps its data in extent files, a qcow2 may keep it in an external data
     file: a write there changes the disk, and only the backing file's own name and times were
-    checked (review 4: cbt true, nothing read, restore != image)."""
+    checked (cbt true, nothing read, restore != image)."""
     if base == "vmdk-flat":
         b, fmt = tmp_path / "base.vmdk", "vmdk"
         qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(b), "8M")
@@ -407,8 +407,8 @@ def test_a_backing_files_data_file_named_relative_is_never_vouched_for(tmp_path,
     """QEMU 7.2 opens a qcow2's relative ``data-file`` from its own working directory, not
     the image's (checked: ``qemu-io`` of the image from another directory cannot find it):
     the file a backing image keeps its data in depends on the process that opens it, and
-    pyvbak had identified the one beside the image while QEMU read another (the session-15
-    review 6's suspicion, built: cbt true, nothing read, restore != image)."""
+    pyvbak had identified the one beside the image while QEMU read another (cbt true,
+    nothing read, restore != image)."""
     here, elsewhere = tmp_path / "images", tmp_path / "elsewhere"
     here.mkdir()
     elsewhere.mkdir()
@@ -437,8 +437,7 @@ def test_a_backing_files_data_file_named_relative_is_never_vouched_for(tmp_path,
 def test_a_backing_name_relative_inside_a_prefix_is_never_vouched_for(tmp_path, capsys, repo, monkeypatch, name):
     """QEMU opens a relative name inside ``file:`` or ``json:`` from its working directory
     and reports it as a plain relative name, which pyvbak joined with the image's directory:
-    it watched another file than the one qemu-nbd read (the session-16 paths audit: cbt
-    true, restore != image)."""
+    it watched another file than the one qemu-nbd read (cbt true, restore != image)."""
     images, run_dir = tmp_path / "images", tmp_path / "run"
     images.mkdir()
     run_dir.mkdir()
@@ -458,7 +457,7 @@ def test_a_backing_name_relative_inside_a_prefix_is_never_vouched_for(tmp_path, 
 def test_an_image_given_through_a_symlink_reads_the_backing_file_qemu_finds_beside_the_link(tmp_path, capsys, repo):
     """QEMU resolves a relative backing name against the directory of the name it is given
     - the link's, as a VM started on that name does; pyvbak served the link's target and
-    backed up the base file beside the target (the session-16 paths audit), or refused the
+    backed up the base file beside the target, or refused the
     image when there was none."""
     vm, store = tmp_path / "vm", tmp_path / "store"
     vm.mkdir()
@@ -479,7 +478,7 @@ def test_an_image_given_through_a_symlink_reads_the_backing_file_qemu_finds_besi
 def test_an_image_named_through_a_symlinked_directory_and_dotdot_is_the_file_the_kernel_finds(tmp_path, capsys, repo):
     """``vm/ld/../disk.qcow2`` with ``vm/ld`` a link to ``store/sub`` is ``store/disk.qcow2``;
     made absolute with normpath it became ``vm/disk.qcow2`` - another image, read and given
-    a bitmap (session-16 review 1 of the symlink change)."""
+    a bitmap."""
     vm, store = tmp_path / "vm", tmp_path / "store"
     (store / "sub").mkdir(parents=True)
     vm.mkdir()
@@ -494,7 +493,7 @@ def test_an_image_named_through_a_symlinked_directory_and_dotdot_is_the_file_the
 
 def test_a_backing_node_qemu_names_by_a_protocol_is_no_local_file():
     """nbd+unix://, rbd:, json: ... are not paths relative to anything: "cannot be
-    identified", not the advice to name a file absolutely (session-16 review 1)."""
+    identified", not the advice to name a file absolutely."""
     from pyvbak.hypervisors.qemu.session import outside_data
 
     top = {"filename": "/vm/disk.qcow2", "format": "qcow2"}
@@ -509,7 +508,7 @@ def test_a_backing_node_qemu_names_by_a_protocol_is_no_local_file():
 def test_an_extent_a_descriptor_names_is_never_read_as_a_vmdk(tmp_path, capsys, repo, header):
     """Whatever its name, a file a descriptor beside it names as an extent holds a disk's
     bytes: its guest may have written a descriptor, or a sparse KDMV header whose embedded
-    descriptor or parent names a host file (review 4), at its start."""
+    descriptor or parent names a host file, at its start."""
     disk = tmp_path / "vm.vmdk"
     qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(disk), "4M")
     extent = tmp_path / "vm-data.vmdk"  # renamed, and the descriptor edited to match
@@ -536,7 +535,7 @@ def test_an_extent_a_descriptor_names_is_never_read_as_a_vmdk(tmp_path, capsys, 
 
 
 def test_a_qcow2_named_vmdk_gets_the_format_advice(tmp_path, capsys, repo):
-    """Not the raw-extent advice (review 4's R6): its header says what it may be."""
+    """Not the raw-extent advice: its header says what it may be."""
     img = tmp_path / "q.vmdk"
     qemu_img("create", "-f", "qcow2", str(img), "4M")
     line = one_line_error(capsys, ["backup", str(img), "--repo", str(repo), "--vm", "q"])
@@ -547,7 +546,7 @@ def test_a_qcow2_named_vmdk_gets_the_format_advice(tmp_path, capsys, repo):
 
 def test_a_sparse_header_naming_other_files_is_refused_wherever_its_descriptor_is(tmp_path, capsys, repo):
     """A raw extent named like any disk, its descriptor in another directory: a guest-written
-    KDMV header with an embedded descriptor naming a host file was followed (review 6)."""
+    KDMV header with an embedded descriptor naming a host file was followed."""
     secret = tmp_path / "host-secret"
     secret.write_bytes(b"HOST SECRET".ljust(512, b"\0"))
     sparse = tmp_path / "sparse.vmdk"
@@ -567,7 +566,7 @@ def test_a_sparse_header_naming_other_files_is_refused_wherever_its_descriptor_i
 
 def test_disks_named_like_extents_still_back_up(tmp_path, capsys, repo):
     """A sparse disk of its own named -delta is no extent; a descriptor named -f001 is taken
-    for a raw extent by its name, and --format vmdk says otherwise (review 6)."""
+    for a raw extent by its name, and --format vmdk says otherwise."""
     delta = tmp_path / "app-delta.vmdk"
     qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicSparse", str(delta), "4M")
     res = cli_json(capsys, ["backup", str(delta), "--repo", str(repo), "--vm", "a"])

@@ -201,7 +201,7 @@ def test_a_cache_others_can_write_is_not_read_and_the_cli_warns(tmp_path, capsys
 def test_a_repository_directory_in_the_cache_that_others_can_write_is_not_read(tmp_path, capsys, monkeypatch, how):
     """While the root was open, another user replaced this repository's directory in it
     with their own: after the root was mended (as the warning says) the plant was used,
-    without a word (review 1)."""
+    without a word."""
     root, repo, img, sid, cache_dir = _cached_repo(tmp_path, capsys, monkeypatch)
     _plant(cache_dir, sid)
     if how == "writable":
@@ -270,8 +270,7 @@ def test_a_qemu_backup_with_a_shared_work_dir_fails_with_one_line(tmp_path, caps
 
 @pytest.mark.parametrize("command", ["backup", "init"])
 def test_a_default_repository_others_can_write_is_refused(tmp_path, capsys, monkeypatch, command):
-    """init of the default repository created it there, and the next backup refused it
-    (review 1)."""
+    """init of the default repository created it there, and the next backup refused it."""
     data = tmp_path / "data"
     data.mkdir()
     os.chmod(data, 0o777)

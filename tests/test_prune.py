@@ -277,8 +277,8 @@ class StopAtRead:
 
 def test_a_prune_stopped_while_repacking_leaves_no_new_pack(tmp_path, monkeypatch):
     """A prune stopped (Ctrl-C, SIGTERM) while it repacked left the complete new packs it
-    had written, named by no index, until the next prune (the session-21 soak: 7 stops
-    in 25).  Packs of one block each here, so the first is complete before the stop."""
+    had written, named by no index, until the next prune (7 stops in 25).  Packs of one
+    block each here, so the first is complete before the stop."""
     import pyvbak.repo.prune as prune_mod
 
     monkeypatch.setattr(prune_mod, "PACK_TARGET_BYTES", BS // 2)
@@ -314,7 +314,7 @@ class CtrlCAtIndexWrite:
 
 def test_a_prune_stopped_as_it_writes_the_new_index_leaves_every_pack_indexed(tmp_path):
     """A stop between the last new pack and the new index naming it left every new pack
-    named by no index (review 4 of session 21): it is held until the index is written
+    named by no index: it is held until the index is written
     (the old packs then wait for the next prune, as after any stop)."""
     repo = Repository.init(str(tmp_path / "repo"))
     img, b = _half_forgotten(repo, tmp_path, "a", 33)
@@ -334,7 +334,7 @@ def test_a_prune_stopped_as_it_writes_the_new_index_leaves_every_pack_indexed(tm
 
 def test_a_prune_failing_as_it_writes_the_new_index_leaves_no_stop_request_held(tmp_path):
     """The hold on stop requests was left open when the index write failed (out of
-    space): Ctrl-C was then noted and never raised (review 5 of session 21)."""
+    space): Ctrl-C was then noted and never raised."""
     import signal
 
     from pyvbak import interrupts

@@ -201,7 +201,7 @@ def test_forgetting_the_newest_snapshot_forces_a_full_scan_never_a_wrong_increme
 def test_one_disk_backed_up_under_two_names_says_so(vm, tmp_path, capsys, monkeypatch):
     """Each backup moves the disk's one bitmap on: under a second name the other's next
     backup scans whole - and said the bitmap's backup "is not in this repository", of a
-    backup that was, under the other name (the docs audit)."""
+    backup that was, under the other name."""
     repo = _hot_repo(tmp_path, monkeypatch)
     vm.write(0, os.urandom(MiB))
     _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web", "--disk", "root"])

@@ -676,7 +676,7 @@ def test_sessions_racing_within_a_microsecond_agree_on_one(tmp_path, monkeypatch
     from pyvbak.hypervisors.qemu.qmp import QmpClient
 
     # the winner waits for the loser's lock to go: a grace far beyond a loaded machine's
-    # stalls (1 s let a stalled loser make both give up: the session-16 flaky-test audit)
+    # stalls (1 s let a stalled loser make both give up)
     monkeypatch.setattr(session_lock, "RACE_GRACE_S", 10.0)
     (tmp_path / "vm").mkdir()
     vm = FakeVM(tmp_path / "vm", extra_monitors=1).start()
@@ -1068,7 +1068,7 @@ def test_a_killed_run_does_not_enable_a_bitmap_someone_else_disabled(vm, work):
     """The previous bitmap was disabled by someone else (it missed the writes since) and a
     backup - a full scan for that reason - was killed after its rotation: the next run
     merged the killed run's generation back, enabled the disabled bitmap and trusted it,
-    and the write made while it was disabled was never read (the session-13 review).  A
+    and the write made while it was disabled was never read.  A
     bitmap is enabled again only when the dead run's journal says it disabled it."""
     s1, _ = backup(vm, work)
     vm.ctl.cmd("block-dirty-bitmap-disable", node="disk0", name=vm.bitmaps()["pyvbak-gen-1"]["name"])
@@ -1086,7 +1086,7 @@ def test_a_disabled_bitmap_is_enabled_again_only_on_evidence_of_that_disk_and_ru
     """The evidence that a dead run disabled the previous bitmap itself must name one of
     the generations merged back now (its random token names the disk and the run): a
     stale journal (another run, long merged) or another disk's bitmap of the same old,
-    token-less name enabled a bitmap that had missed writes (the session-13 review 2)."""
+    token-less name enabled a bitmap that had missed writes."""
     from pyvbak.hypervisors.qemu import cleanup
 
     vm.ctl.cmd("block-dirty-bitmap-add", node="disk0", name="pyvbak-gen-1", persistent=True)
@@ -1110,7 +1110,7 @@ def test_a_disabled_bitmap_is_enabled_again_only_on_evidence_of_that_disk_and_ru
 def test_another_vms_backup_leaves_a_killed_runs_journal_for_its_own_vm(vm, work, tmp_path):
     """One work dir serves every VM: VM b's backup removed the files of VM a's killed run,
     its journal too - the evidence that the run disabled a's bitmap - and a's next backup
-    became a full scan (review 2).  b's backup now leaves a's journal for a's next run."""
+    became a full scan.  b's backup now leaves a's journal for a's next run."""
     s1, _ = backup(vm, work)
     vm.write(0, b"a" * K64)
     killed_run(vm, work, s1.change_tracking_state)
@@ -1149,7 +1149,7 @@ def test_an_offline_backup_leaves_a_killed_hot_runs_journal(vm, work, tmp_path):
 def test_a_kept_journal_of_another_containers_run_blocks_no_backup(vm, work):
     """A dead run's journal of another VM stays in the shared work dir for that VM's next
     run; written in another container, it cannot be judged from here, and every backup
-    refused as if that run were active on this VM (the session-13 review 4)."""
+    refused as if that run were active on this VM."""
     import json
 
     from pyvbak import processes
@@ -1164,7 +1164,7 @@ def test_a_kept_journal_of_another_containers_run_blocks_no_backup(vm, work):
     s1, _ = backup(vm, work)  # refused before
     assert s1.change_tracking_state["bitmap"]
     assert kept.exists()  # still there for its own VM's next run
-    # an offline backup in the same work dir is not refused either (review 5)
+    # an offline backup in the same work dir is not refused either
     from pyvbak.hypervisors.qemu import QemuOfflineImage
 
     img = work.parent / "offline.qcow2"
@@ -1172,7 +1172,7 @@ def test_a_kept_journal_of_another_containers_run_blocks_no_backup(vm, work):
     with QemuOfflineImage(img, previous_state=None, work_dir=work) as o:
         o.commit()
     assert kept.exists()
-    # once 30 days old it goes, and is no reason to refuse on the way (review 5)
+    # once 30 days old it goes, and is no reason to refuse on the way
     import time
 
     old = time.time() - 31 * 86400
@@ -1199,7 +1199,7 @@ def _settle(bitmaps: dict, previous: str, evidence) -> tuple[list, list]:
 
 def test_a_killed_runs_bitmap_that_stopped_recording_keeps_the_previous_one_disabled():
     """The killed run disabled X and made Y; someone then disabled Y: merged back, X
-    was enabled and trusted, and the writes while Y was disabled were missing (review 4)."""
+    was enabled and trusted, and the writes while Y was disabled were missing."""
     ev = {("pyvbak-gen-1-aaaaaaaa", "pyvbak-gen-2-bbbbbbbb")}
     sent, _ = _settle({"pyvbak-gen-1-aaaaaaaa": {"recording": False}, "pyvbak-gen-2-bbbbbbbb": {"recording": False}},
                       "pyvbak-gen-1-aaaaaaaa", ev)
@@ -1213,7 +1213,7 @@ def test_a_killed_runs_bitmap_that_stopped_recording_keeps_the_previous_one_disa
 
 def test_inconsistent_bitmaps_are_not_merged():
     """After a QEMU crash both bitmaps came back inconsistent: QEMU refuses the merge, and
-    every backup of the VM failed on it (review 4).  The newer ones are removed instead."""
+    every backup of the VM failed on it.  The newer ones are removed instead."""
     for flags in ({"pyvbak-gen-1-aaaaaaaa": {"inconsistent": True}, "pyvbak-gen-2-bbbbbbbb": {"inconsistent": True}},
                   {"pyvbak-gen-1-aaaaaaaa": {"recording": True}, "pyvbak-gen-2-bbbbbbbb": {"inconsistent": True}}):
         sent, _ = _settle(flags, "pyvbak-gen-1-aaaaaaaa", set())
@@ -1284,8 +1284,8 @@ def test_a_live_session_in_another_process_lets_other_disks_back_up(vm, work, tm
 def test_reads_across_blocks_the_guest_overwrote_are_the_instants(vm, work):
     """QEMU 7.2's snapshot-access view served a read that starts in a block the guest
     overwrote after the instant (copied aside) and goes on past it from the live disk:
-    the guest's new data, zeroes or discards got into the backup (the session-14
-    guest-I/O audit).  The view QEMU 7.2 gets reads it right, with reads of any size."""
+    the guest's new data, zeroes or discards got into the backup.  The view QEMU 7.2 gets
+    reads it right, with reads of any size."""
     pattern = os.urandom(1 << 20)
     vm.write(0, pattern)
     with QemuHotBackup(vm.uri, previous_state=None, work_dir=work) as s:
@@ -1343,7 +1343,7 @@ def test_another_vms_run_seen_as_it_writes_its_first_journal_is_no_reason_to_ref
 def test_another_vms_live_session_never_stops_this_vms_nbd_server(vm, work, tmp_path):
     """VM a's live backup left its NBD socket in the shared work dir, and VM b's backup took
     it for a leftover of b's: it stopped b's NBD server - an admin's - and said "NBD server
-    started by pyvbak" (the session-14 review).  b's server is not pyvbak's: b's backup is
+    started by pyvbak".  b's server is not pyvbak's: b's backup is
     refused as for any NBD server already running, and the admin's export stays."""
     other = FakeVM(tmp_path / "vm-b").start()
     try:
@@ -1367,7 +1367,7 @@ def test_another_vms_live_session_never_stops_this_vms_nbd_server(vm, work, tmp_
 
 def test_a_journal_is_written_where_no_other_session_looks_until_it_is_whole(vm, work):
     """A run's journal was written as pyvbak-<run>.tmp and renamed: another VM's session
-    that found it empty or half-written refused (the session-14 review).  It is written as
+    that found it empty or half-written refused.  It is written as
     .pyvbak-<run>.json.tmp now, which no scan of pyvbak-* sees; a killed run's goes with
     the next session, a live run's stays."""
     from pyvbak.hypervisors.qemu import hot as hot_mod
@@ -1403,7 +1403,7 @@ def test_a_journal_is_written_where_no_other_session_looks_until_it_is_whole(vm,
 
 def test_a_view_qemu_cannot_say_is_running_makes_no_snapshot(vm, work, monkeypatch):
     """The check after the last read took "QEMU did not answer" for "the job runs": a
-    snapshot holding the guest's later writes was committed (the session-14 re-audit).
+    snapshot holding the guest's later writes was committed.
     Not known to run is not running."""
     from pyvbak.errors import SourceError as SE
     from pyvbak.hypervisors.qemu.qmp import QmpClient
@@ -1428,8 +1428,7 @@ def test_a_view_qemu_cannot_say_is_running_makes_no_snapshot(vm, work, monkeypat
 
 def test_a_relative_work_dir_is_taken_from_pyvbaks_directory(vm, tmp_path, monkeypatch):
     """QEMU opened the fleecing file named relative to its own working directory: a
-    relative PYVBAK_WORK_DIR failed with "Could not open 'relwork/...'" (the session-14
-    re-audit)."""
+    relative PYVBAK_WORK_DIR failed with "Could not open 'relwork/...'"."""
     from pyvbak.hypervisors import default_work_dir
 
     monkeypatch.chdir(tmp_path)

@@ -1,7 +1,7 @@
 """A running VM's disk with a backing image: one QEMU opened under another path than the
 overlay's header names (libvirt's -blockdev by node; here a symlinked directory), whose
-node must still be found, or a write into its flat extent goes unseen (session-15 review
-6); one whose data file QEMU found relative to its own working directory (session 16)."""
+node must still be found, or a write into its flat extent goes unseen; one whose data
+file QEMU found relative to its own working directory."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_a_write_into_a_backing_vmdks_extent_opened_by_another_path_is_seen(tmp_
 def test_a_running_vms_backing_image_with_a_relative_data_file_is_never_vouched_for(tmp_path, capsys, cli_work_dir):
     """QEMU opens a qcow2's relative data-file from its own working directory (here not the
     images' directory, which holds a same-named file): no identity pyvbak can record is
-    the file QEMU reads, so the bitmap never vouches for such a chain (session 16)."""
+    the file QEMU reads, so the bitmap never vouches for such a chain."""
     images, qemu_cwd = tmp_path / "images", tmp_path / "qemu-cwd"
     images.mkdir()
     qemu_cwd.mkdir()
@@ -150,7 +150,7 @@ def test_the_backing_file_qemu_reads_is_watched_whatever_the_header_names(tmp_pa
     """libvirt's -blockdev attaches a backing node by name, whatever the overlay's header
     says; a blockdev-snapshot overlay may name none.  The chain was followed by header names:
     pyvbak watched a file QEMU did not read, or none, and a write into the one it read went
-    unseen (the session-16 paths audit: cbt true, restore != disk)."""
+    unseen (cbt true, restore != disk)."""
     images, other = tmp_path / "images", tmp_path / "other"
     images.mkdir()
     other.mkdir()
@@ -169,7 +169,7 @@ def test_the_backing_file_qemu_reads_is_watched_whatever_the_header_names(tmp_pa
 def test_a_vm_started_with_relative_file_names_gets_the_reason_its_chain_is_not_vouched_for(tmp_path, capsys,
                                                                                             cli_work_dir):
     """QEMU reports the names it opened, relative to its own working directory (a VM started
-    by hand with -hda disk.qcow2): the reason said "not a local file" (session-16 paths audit)."""
+    by hand with -hda disk.qcow2): the reason said "not a local file"."""
     run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
     run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "disk.qcow2", "16M")
@@ -186,7 +186,7 @@ def test_a_backing_images_data_file_a_running_vm_may_attach_elsewhere_is_never_v
                                                                                           cli_work_dir):
     """QEMU reports a qcow2's data file as its header names it, but a VM's configuration may
     attach another (libvirt's <dataStore>: "data-file": NODE): pyvbak watched the header's
-    file while QEMU read the other (session-16 review 1: cbt true, restore != disk)."""
+    file while QEMU read the other (cbt true, restore != disk)."""
     images, other = tmp_path / "images", tmp_path / "other"
     images.mkdir()
     other.mkdir()
@@ -208,7 +208,7 @@ def test_a_backing_images_data_file_a_running_vm_may_attach_elsewhere_is_never_v
 def test_a_disk_under_a_filter_node_stays_incremental(tmp_path, capsys, cli_work_dir, driver):
     """QEMU nests a filter's child as its backing-image: the disk's own image was taken for a
     backing file of the filter above it (libvirt's copy-on-read or throttle node), and every
-    guest write made the next backup a full scan (session-16 review 1)."""
+    guest write made the next backup a full scan."""
     run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
     run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
     run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 2M", "base.raw")
@@ -236,8 +236,8 @@ def test_a_disk_under_a_filter_node_stays_incremental(tmp_path, capsys, cli_work
                                          ("raw", "reads through other nodes")])
 def test_what_a_node_above_the_disk_hides_is_still_never_vouched_for(tmp_path, capsys, cli_work_dir, top, expect):
     """Under a filter the disk's own image was no longer checked for its external data file
-    (a regression of review 1's filter fix); a raw node over the qcow2's node (or a quorum)
-    nests no backing image at all, so its backing file went unseen (session-16 review 2)."""
+    (a regression of the fix for filters above it); a raw node over the qcow2's node (or a
+    quorum) nests no backing image at all, so its backing file went unseen."""
     run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
     run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
     data = ["-o", f"data_file={tmp_path}/data.raw"] if top == "copy-on-read" else []
@@ -260,13 +260,13 @@ def test_a_disk_nodes_options_without_children_are_no_unusual_graph():
     assert _unusual_graph({"filename": "json:" + json.dumps({**plain, "backing": {"driver": "raw"}})}) is None
     assert _unusual_graph({"filename": "json:" + json.dumps({**plain, "data-file": {"driver": "file"}})})
     assert _unusual_graph({"filename": "json:" + json.dumps({"driver": "quorum", "children": [plain]})})
-    assert _unusual_graph({"filename": "blkdebug::/vm/inner.qcow2"})  # (a plain name over other nodes: review 3)
+    assert _unusual_graph({"filename": "blkdebug::/vm/inner.qcow2"})  # (a plain name over other nodes)
 
 
 def test_a_snapshot_access_node_is_refused_for_what_it_is(tmp_path, capsys, cli_work_dir):
     """Another backup's point-in-time view (snapshot-access over copy-before-write over the
     disk) carries the disk image's file name: it was refused as "the file under the qcow2
-    node", which it is not (session-16 review 3, F2)."""
+    node", which it is not."""
     run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
     run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{tmp_path}/base.raw", "-F", "raw", "disk.qcow2", "16M")
@@ -284,7 +284,7 @@ def test_a_snapshot_access_node_is_refused_for_what_it_is(tmp_path, capsys, cli_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "snapshot-access" in err and "file under" not in err, err
         assert "?node=disk0" in err, err
-        # the copy-before-write filter under it, on the qcow2 too: no "file under" either (review 1)
+        # the copy-before-write filter under it, on the qcow2 too: no "file under" either
         assert main(["backup", f"qemu://{qmp}?node=cbw", "--repo", repo, "--vm", "hot"]) == 4
         err = capsys.readouterr().err
         assert "copy-before-write filter node" in err and "?node=disk0" in err and "file under" not in err, err
@@ -295,9 +295,8 @@ def test_a_node_under_the_format_node_through_a_filter_is_refused_not_backed_up_
                                                                                          cli_work_dir, middle):
     """With a filter between a qcow2 node and its file, QEMU names both with json:
     pseudo-filenames, and ?node=<the filter> or ?node=<the file node> was backed up without
-    a word: a snapshot of the qcow2 file's bytes, not the guest's disk (the session-17
-    review 2).  blkdebug names its node plainly, ``blkdebug::FILE``: only QEMU's block graph
-    shows the file node under it (review 3)."""
+    a word: a snapshot of the qcow2 file's bytes, not the guest's disk.  blkdebug names its
+    node plainly, ``blkdebug::FILE``: only QEMU's block graph shows the file node under it."""
     require_tool("qemu-storage-daemon", "qemu-system-common")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "disk.qcow2"), "16M"], check=True)
     qmp, ctl = tmp_path / "qmp.sock", tmp_path / "ctl.sock"
@@ -327,7 +326,7 @@ def test_a_node_under_the_format_node_through_a_filter_is_refused_not_backed_up_
 
 def test_with_a_filter_above_the_qcow2_the_refusal_names_the_qcow2_node(tmp_path, capsys, cli_work_dir):
     """A throttle filter above the disk (libvirt's) reads through the qcow2 too, and the
-    refusal of ?node=disk0-file named it as "the throttle container" (review 3)."""
+    refusal of ?node=disk0-file named it as "the throttle container"."""
     run = lambda *a: subprocess.run(a, check=True, cwd=tmp_path, capture_output=True)  # noqa: E731
     run("qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M")
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{tmp_path}/base.raw", "-F", "raw", "disk.qcow2", "16M")

@@ -352,7 +352,7 @@ def test_a_backup_of_some_disks_leaves_the_killed_runs_evidence_for_the_others(t
     """A two-disk run killed after its rotation, then a backup of disk0 alone (a data disk
     on its own schedule): its cleanup removed the killed run's journal, the only evidence
     that the run disabled disk1's bitmap itself, and disk1's next backup scanned the whole
-    disk (the session-13 review 3).  The journal now stays until every disk it names is
+    disk.  The journal now stays until every disk it names is
     settled."""
     work = tmp_path / "work"
     vm = FakeVM(tmp_path / "vm", disks=2).start()

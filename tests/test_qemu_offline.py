@@ -79,7 +79,7 @@ def killed_offline_run(img, work, *, state=None, outlive: bool = False) -> str:
         p.stdout.close()
     if not outlive:
         # its qemu-nbd dies of the parent's death a moment later, holding the image's lock
-        # until then (up to ~6 ms after wait() returned: the session-16 flaky-test audit)
+        # until then (up to ~6 ms after wait() returned)
         pid = json.loads((Path(work) / f"pyvbak-{ready[1]}.json").read_text())["qemu_nbd"]["pid"]
         wait_until(lambda: _gone(pid), timeout=30, what=f"the killed run's qemu-nbd (pid {pid})")
     return ready[1]
@@ -386,7 +386,7 @@ def test_a_leftover_qemu_nbd_that_ignores_sigterm_is_killed_not_reported_stopped
         stub.wait()
 
 
-# ---- what the image's own bitmap cannot see (session-13 offline-image audit) -----------
+# ---- what the image's own bitmap cannot see --------------------------------------------
 
 def test_changes_outside_the_image_file_are_never_trusted_to_its_bitmap(tmp_path):
     """A qcow2 bitmap records writes to that qcow2 alone: a write into its backing file,
@@ -484,7 +484,7 @@ def test_a_bitmap_made_again_by_another_chain_is_not_trusted(tmp_path):
 def test_a_stale_journal_does_not_vouch_for_a_disabled_bitmap(tmp_path):
     """The evidence that a killed run disabled the previous bitmap itself must name the
     generation merged back now: a journal of another run (another work dir's, long
-    merged) enabled a bitmap that had missed writes (the running VMs' rule, review 2)."""
+    merged) enabled a bitmap that had missed writes (the running VMs' rule)."""
     img, work = tmp_path / "vm.qcow2", tmp_path / "work"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
     s, _, _ = backup(img, work)
@@ -504,8 +504,8 @@ def test_a_signal_while_qemu_img_rotates_the_bitmap_loses_no_change_tracking(tmp
     """A signal while 'qemu-img bitmap --disable' ran killed it (subprocess.run kills its
     child; a terminal's Ctrl-C reaches the whole process group: clusters leaked in the
     image) and the teardown, not knowing the bitmap was disabled, left it so and removed
-    the journal that said it: the next backup scanned the whole disk (the session-14
-    signal audit).  Now qemu-img runs to its end, the step is recorded, then the signal
+    the journal that said it: the next backup scanned the whole disk.  Now qemu-img runs
+    to its end, the step is recorded, then the signal
     stops the backup: the bitmap is enabled again and the next backup uses it."""
     from conftest import wait_until
 
@@ -515,7 +515,7 @@ def test_a_signal_while_qemu_img_rotates_the_bitmap_loses_no_change_tracking(tmp
     (bindir / "qemu-img").write_text(
         f'#!/bin/sh\n"{real}" "$@"; rc=$?\n'
         # (holds until the test has sent its signal: a fixed sleep let a stalled test signal
-        # after qemu-img ended - the session-16 flaky-test audit)
+        # after qemu-img ended)
         f'case " $* " in *" bitmap "*"--disable"*) touch "{tmp_path}/disabling"; i=0\n'
         f'  while [ ! -e "{tmp_path}/go" ] && [ $i -lt 6000 ]; do sleep 0.01; i=$((i+1)); done ;; esac\nexit $rc\n')
     (bindir / "qemu-img").chmod(0o755)
@@ -550,7 +550,7 @@ def test_a_signal_while_qemu_img_rotates_the_bitmap_loses_no_change_tracking(tmp
 def test_a_signal_while_qemu_nbd_is_started_stops_the_backup(tmp_path, signum):
     """Starting qemu-nbd with a preexec_fn runs Python's fork handlers in pyvbak; a signal
     handled in one of them raised there, and Python dropped the exception ("Exception
-    ignored"): the backup went on and exited 0 (the session-16 flaky-test audit).  Here the
+    ignored"): the backup went on and exited 0.  Here the
     signal comes in the parent's after-fork handler, the instant a real one can land in."""
     child = r"""
 import os, signal, subprocess, sys

@@ -158,7 +158,7 @@ def test_random_hot_backups_keep_every_promise(tmp_path, capsys, monkeypatch, se
                                      env=env)
                 if rng.random() < 0.75:
                     # while it holds something in QEMU: an arbitrary instant of 0.05-0.6 s fell
-                    # there only 15-19 % of the time (start-up first; the s19 fuzzing run)
+                    # there only 15-19 % of the time (start-up first)
                     deadline = time.monotonic() + 60
                     while p.poll() is None and time.monotonic() < deadline and not vm.pyvbak_nodes():
                         time.sleep(0.002)

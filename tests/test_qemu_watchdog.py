@@ -127,7 +127,7 @@ def test_no_watchdog_when_turned_off(vm, work, monkeypatch):
     assert_clean(vm, work)
 
 
-# -- the session-15 review's cases ---------------------------------------------------------
+# -- the watchdog's working directory, forked children, cleanup lock and sockets ----------
 
 def _kill_cli_backup_once_serving(vm, tmp_path, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     """``pyvbak backup`` (the console entry point, as a user runs it: the current directory not on its path) of ``vm`` from
@@ -300,7 +300,7 @@ def test_with_qemu_gone_the_watchdog_removes_the_runs_files_and_says_so(vm, work
 
 def test_a_relative_qmp_socket_path_is_the_same_socket_for_the_watchdog(vm, work):
     """The watchdog runs in "/": a relative socket path (the Python API takes one) named
-    another socket there, the VM was taken for gone, and the filter stayed (review 2)."""
+    another socket there, the VM was taken for gone, and the filter stayed."""
     uri = f"qemu:{vm.qmp_path.name}?node=disk0"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="1")
     p = subprocess.Popen([sys.executable, "-c", CHILD, uri, str(work), "null", "qcow2"], cwd=vm.qmp_path.parent,

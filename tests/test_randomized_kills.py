@@ -68,7 +68,7 @@ def test_random_kills_of_real_backups_keep_every_promise(tmp_path, seed):
             if rng.random() < 0.75:
                 # while it works on the repository: an arbitrary instant of 0.05-0.5 s fell
                 # there only 12-17 % of the time (the interpreter's start-up and imports
-                # come first; the s19 fuzzing run measured it)
+                # come first)
                 locks = Path(repo) / "locks"
                 deadline = time.monotonic() + 60
                 while p.poll() is None and time.monotonic() < deadline and not (

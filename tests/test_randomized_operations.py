@@ -80,7 +80,7 @@ def test_random_operations_with_crashes_keep_every_promise(tmp_path, monkeypatch
     for step in range(STEPS):
         op = rnd.choice(["backup"] * 4 + ["forget", "prune", "prune"])
         # the crash at one of the first 6 writes or deletes, or (one time in three) later:
-        # of 39 crashes over 40 seeds with 1..40, 10 came after the 6th (the s19 fuzzing run)
+        # of 39 crashes over 40 seeds with 1..40, 10 came after the 6th
         crash_at = rnd.choice([None, None, rnd.randint(1, 6) if rnd.random() < 2 / 3 else rnd.randint(7, 40)])
         base = Repository.open(loc)
         repo = Repository(CrashingBackend(base.backend, crash_at), base.config) if crash_at else base

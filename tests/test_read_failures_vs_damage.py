@@ -1,4 +1,4 @@
-"""Review of the late changes: read failures versus damage, and their neighbours."""
+"""Read failures versus damage, and their neighbours."""
 
 from __future__ import annotations
 

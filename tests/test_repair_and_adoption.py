@@ -1,4 +1,4 @@
-"""Review of the copies / prune-on-full / failed-backup changes: regressions found.
+"""Block copies, prune on a full disk, failed backups: regression tests.
 
 A pack whose every index record ``verify --repair`` dropped (they read back corrupt) is a
 pack no index names - exactly what adoption (a killed backup's pack) indexes again from the

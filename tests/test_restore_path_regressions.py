@@ -1,4 +1,4 @@
-"""Review of the restore/read-path/hypervisor changes: one regression test per defect."""
+"""The restore and read paths and the hypervisor sources: one regression test per defect."""
 
 from __future__ import annotations
 

@@ -549,7 +549,7 @@ def test_failed_device_restore_says_the_device_was_partly_overwritten(repo, tmp_
     with pytest.raises(want, match=r"block device .* was partly overwritten: restore it again before using it") as info:
         restore_to(repo, sid, dev, force=True)
     # a device's message does not say the CLI's "stopped cleanly ... nothing was left" of
-    # a file target (the session-14 signal audit: both, one after the other)
+    # a file target (both were said, one after the other)
     assert "stopped cleanly" not in str(info.value)
     # the same failure onto a file leaves no file and no temp
     out = tmp_path / "out.img"
@@ -752,7 +752,7 @@ def test_without_force_a_file_created_during_the_restore_is_left_alone(tmp_path,
 
 def test_restore_into_a_directory_it_may_write_but_not_list(repo, tmp_path, monkeypatch):
     """A drop directory (mode 0733): the temp-file cleanup's listing and the directory
-    fsync are refused, the restore itself is not (the session-13 read-only audit: it
+    fsync are refused, the restore itself is not (it
     failed with "cannot create the restored file ... restore into a directory you can
     write").  Root is never refused, so the refusals are the kernel's, played here."""
     img = tmp_path / "d.img"

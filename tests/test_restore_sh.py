@@ -281,7 +281,7 @@ def test_backups_bring_an_older_restore_kit_up_to_date(tmp_path, capsys):
 def test_restore_sh_under_paths_sha256sum_escapes(setup, tmp_path, odd):
     """GNU sha256sum escapes a file name holding a backslash or a newline and starts its
     line with '\\': a repository or TMPDIR path with one made every check fail and
-    restore.sh call an intact repository damaged (the session-13 read-only audit)."""
+    restore.sh call an intact repository damaged."""
     repo, snaps, _ = setup
     sid, copy = snaps[-1]
     moved = tmp_path / f"repo {odd}"
@@ -297,7 +297,7 @@ def test_restore_sh_under_paths_sha256sum_escapes(setup, tmp_path, odd):
 
 def test_restore_sh_removes_what_a_killed_run_left_in_tmpdir(setup, tmp_path):
     """A restore.sh killed with SIGKILL runs no trap: its temporary directory (block lists,
-    decompressed blocks) stayed for good (the session-13 nights audit).  The next run
+    decompressed blocks) stayed for good.  The next run
     removes those of its machine and pid namespace whose process is gone, and nothing
     else (another host sharing TMPDIR has its own)."""
     repo, snaps, _ = setup
@@ -345,7 +345,7 @@ def test_restore_sh_removes_what_a_killed_run_left_in_tmpdir(setup, tmp_path):
 
 def test_a_newer_repository_format_is_refused(setup, tmp_path):
     """Every pyvbak command refuses a repository of a newer format version; restore.sh
-    never read the config and restored from it (the session-14 new-user audit)."""
+    never read the config and restored from it."""
     repo, snaps, elsewhere = setup
     (s1, _), _ = snaps
     newer = tmp_path / "newer"
@@ -364,7 +364,7 @@ def test_vm_latest_refuses_where_the_newest_description_lacks_a_field(setup, tmp
     """restore.sh counted as damaged only a description without its vm or status line:
     the newest one without its disk or time line (or with an index_sha256 that is no
     SHA-256) was passed over and VM@latest restored the older snapshot, where pyvbak
-    refuses (the session-14 format review)."""
+    refuses."""
     repo, snaps, elsewhere = setup
     _, (s2, _) = snaps
     broken = tmp_path / "broken"

@@ -310,8 +310,8 @@ def _path_with(tmp_path, **scripts) -> str:
 def test_a_signal_during_the_clean_up_still_removes_the_partial_file(setup, tmp_path, shell):
     """Ctrl-C while the EXIT trap ran (a restore failing as the signal came, or a command
     substitution the signal killed): the INT trap exited the shell from inside the
-    clean-up, before it removed the partial file, and the retry refused to start (the
-    session-21 soak: 1 Ctrl-C in 40).  Here an rm that signals the shell as the clean-up
+    clean-up, before it removed the partial file, and the retry refused to start (1 Ctrl-C
+    in 40).  Here an rm that signals the shell as the clean-up
     calls it makes that moment certain."""
     repo, _, _ = setup
     d = _path_with(tmp_path, rm='case "$*" in "-rf "*pyvbak-restore.*) kill -INT "$PPID" ;; esac\n'
@@ -362,8 +362,8 @@ def test_a_ctrl_c_that_kills_a_count_prints_only_the_interrupted_line(setup, tmp
 @pytest.mark.parametrize("force", [False, True], ids=["new", "--force"])
 def test_a_signal_after_the_rename_says_the_restore_is_complete(setup, tmp_path, force):
     """A Ctrl-C during the last sync, after OUTPUT was put in place, said "nothing
-    restored, OUTPUT left as it was" of a complete restore that had replaced it (session
-    21, review 4).  Here a sync that signals the shell makes that moment certain."""
+    restored, OUTPUT left as it was" of a complete restore that had replaced it.  Here a
+    sync that signals the shell makes that moment certain."""
     repo, snaps, _ = setup
     sid, copy = snaps[0]
     d = _path_with(tmp_path, sync='kill -INT "$PPID"\n')
@@ -380,7 +380,7 @@ def test_a_signal_after_the_rename_says_the_restore_is_complete(setup, tmp_path,
 
 def test_a_directory_made_at_output_during_the_restore_gets_nothing_put_inside(setup, tmp_path):
     """mv and ln put the restore INTO a directory made at OUTPUT meanwhile, and "restored
-    to OUTPUT" was said (session 21, review 5).  A dd that makes it as the restore flushes
+    to OUTPUT" was said.  A dd that makes it as the restore flushes
     (the step before the rename) makes that moment certain."""
     repo, snaps, _ = setup
     sid, _ = snaps[0]
@@ -657,7 +657,7 @@ def test_a_frame_that_decompresses_to_gigabytes_is_capped(tmp_path):
         assert os.listdir(tmpdir) == [] and not (tmp_path / "o.img").exists()
 
 
-# --- the s15 restore audit: restore.sh onto block devices, a full TMPDIR, odd outputs ---
+# --- restore.sh onto block devices, a full TMPDIR, odd outputs -------------------------
 
 
 @contextlib.contextmanager
@@ -964,7 +964,7 @@ def test_a_device_mounted_under_another_name_is_refused(setup, tmp_path, shell):
 @pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
 def test_a_device_of_a_mounted_btrfs_is_refused(setup, tmp_path, shell):
     """btrfs shows a number of its own in mountinfo and one device in /proc/mounts: its
-    second device, or its device named by another node, was overwritten under it (review 5).
+    second device, or its device named by another node, was overwritten under it.
     Its sysfs lists every device it is on."""
     mkfs = shutil.which("mkfs.btrfs", path=BARE_PATH + ":/usr/sbin:/sbin")
     if mkfs is None:  # (the README's test command installs btrfs-progs when it can)
@@ -999,7 +999,7 @@ def test_a_device_of_a_mounted_btrfs_is_refused(setup, tmp_path, shell):
 
 def test_without_proc_a_device_is_refused_not_assumed_free(setup, tmp_path):
     """Nothing can tell whether a device is mounted without /proc (a rescue chroot): a
-    mounted device was overwritten (review 5)."""
+    mounted device was overwritten."""
     if not shutil.which("unshare") or not shutil.which("mkfs.ext4", path=BARE_PATH + ":/usr/sbin:/sbin"):
         (pytest.fail if IN_CI else pytest.skip)("needs unshare and mkfs.ext4")
     repo, snaps, _ = setup

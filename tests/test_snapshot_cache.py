@@ -145,7 +145,7 @@ def test_one_instance_reads_the_cache_file_once_and_still_sees_other_writers(rep
 
 def test_a_killed_saves_temp_file_is_removed_by_a_later_save(tmp_path, monkeypatch):
     """A process killed while saving the metadata cache left snapshots.json.<hex>.tmp,
-    one more per such kill, never removed (the session-13 nights audit)."""
+    one more per such kill, never removed."""
     import time as time_mod
 
     from pyvbak.repo import cache as cache_mod
@@ -181,7 +181,7 @@ def test_a_killed_saves_temp_file_is_removed_by_a_later_save(tmp_path, monkeypat
 def test_directories_made_for_the_cache_and_work_dir_are_private_under_umask_000(tmp_path, monkeypatch):
     """makedirs gives its mode to the last directory only: under umask 000 a missing
     ~/.cache (the cache root's parent) was made 0777, so anyone on the host could swap
-    pyvbak's directories in it (the session-14 review)."""
+    pyvbak's directories in it."""
     from pyvbak.hypervisors import default_work_dir
     from pyvbak.hypervisors.qemu.fleece_image import _open_templates_dir as templates_dir
 

@@ -205,7 +205,7 @@ def test_a_prefix_that_also_names_a_damaged_snapshot_is_ambiguous(capsys, tmp_pa
 def test_a_snapshot_an_older_pyvbak_made_last_is_the_newest(capsys, tmp_path, disk, monkeypatch):
     """Two pyvbak versions sharing a repository during an upgrade: a snapshot without a
     sequence number made after numbered ones came first (taken as 0), so VM@latest and
-    --keep-last took an older one for the newest (the session-13 review).  It now comes
+    --keep-last took an older one for the newest.  It now comes
     after its disk's numbered snapshots made before it."""
     img, repo, write = disk
     write(0)

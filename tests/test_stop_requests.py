@@ -1,5 +1,5 @@
 """A stop request (SIGTERM, SIGHUP, Ctrl-C) at an instant where it used to be swallowed or
-to leave something behind (the session-16 signal audit).
+to leave something behind.
 
 ``Interrupted`` (SIGTERM/SIGHUP) was a PyvbakError, so an ``Exception``: every ``except
 Exception`` (an optimisation's fallback, a hint) or ``except PyvbakError`` (a warning, a
@@ -158,7 +158,7 @@ def test_a_stop_as_the_restore_file_is_created_leaves_no_temp_file(tmp_path, bac
 def test_a_stop_request_python_drops_in_a_finalizer_is_at_least_reported(tmp_path, repo_and_image):
     """Python drops an exception a signal handler raises inside a finalizer ("Exception
     ignored": every subprocess.run ends by collecting its Popen): the command runs to its
-    end.  It says so instead of nothing (the session-16 signal audit)."""
+    end.  It says so instead of nothing."""
     repo, img = repo_and_image
     patch = ("from pyvbak.sources.file import FileSource\n"
              "class Dropped:\n    def __del__(self):\n        stop_here()\n"
@@ -176,7 +176,7 @@ def test_a_stop_request_python_drops_in_a_finalizer_is_at_least_reported(tmp_pat
 def test_a_stop_during_the_nbd_handshake_of_a_hot_backup_leaves_qemu_answering(tmp_path, sig):
     """The half-open NBD connection stayed open while the teardown stopped QEMU's NBD server:
     QEMU 7.2 waited for it in nbd-server-stop, pyvbak timed out after 30 s, and the VM's
-    monitor never answered again (the session-16 signal audit, a real qemu-system too)."""
+    monitor never answered again (a real qemu-system too)."""
     import time
 
     from conftest import require_tool
@@ -203,8 +203,8 @@ def test_a_stop_during_the_nbd_handshake_of_a_hot_backup_leaves_qemu_answering(t
 
 
 def test_a_stop_during_the_demos_last_cleanup_is_said(tmp_path, monkeypatch):
-    """After "demo OK" the cleanup deferred a signal and dropped it: exit 0, no word
-    (the session-16 review 4).  It is noted as one after the work was done."""
+    """After "demo OK" the cleanup deferred a signal and dropped it: exit 0, no word.  It
+    is noted as one after the work was done."""
     from conftest import require_tool
 
     require_tool("mkfs.ext4", "e2fsprogs")
@@ -229,8 +229,8 @@ def test_a_stop_during_the_demos_last_cleanup_is_said(tmp_path, monkeypatch):
 def test_a_stop_while_qemu_img_starts_leaves_no_fleecing_image(tmp_path, sig):
     """subprocess.run lost its child when the stop request came inside its Popen: qemu-img
     create went on and made the fleecing image in the work dir after the teardown had
-    removed its name, while pyvbak said it had cleaned up (the session-17 acceptance
-    audit).  The stand-in qemu-img here waits for pyvbak to be gone before it creates the
+    removed its name, while pyvbak said it had cleaned up.  The stand-in qemu-img here
+    waits for pyvbak to be gone before it creates the
     file: only a qemu-img that pyvbak kills makes none."""
     from conftest import require_tool, wait_until
     from qemu_vm import FakeVM
@@ -288,7 +288,7 @@ def _snapshots_through_entry(tmp_path, sig, prelude: str) -> subprocess.Complete
 def test_a_stop_while_the_modules_load_is_one_line_and_exit_10(tmp_path, sig):
     """Before main() had its handlers, SIGTERM and SIGHUP took their default action: a
     service manager's stop in the first ~0.2 s killed pyvbak without a word, exit 143 or
-    129, while Ctrl-C got exit 10 and its line (the session-17 acceptance audit)."""
+    129, while Ctrl-C got exit 10 and its line."""
     starter = (
         "import importlib.abc, os, signal, sys\n"
         "class Hook(importlib.abc.MetaPathFinder):\n"
@@ -307,7 +307,7 @@ def test_a_stop_while_the_modules_load_is_one_line_and_exit_10(tmp_path, sig):
 def test_a_stop_while_a_failure_is_reported_keeps_the_failure(tmp_path, sig):
     """A stop request that landed while main() wrote a failed command's error line escaped
     it: SIGTERM as a traceback (exit 1), Ctrl-C as "interrupted while starting: nothing was
-    done" (exit 10), of a command that had run (the session-17 review).  The outcome is
+    done" (exit 10), of a command that had run.  The outcome is
     decided there: it stands, and the request is noted."""
     starter = (
         "import io, os, signal, sys\n"
@@ -329,7 +329,7 @@ def test_a_stop_while_a_failure_is_reported_keeps_the_failure(tmp_path, sig):
 def test_a_stop_while_forget_reports_what_it_did_is_noted_not_a_failure(tmp_path, repo_and_image, sig):
     """Once forget has forgotten, a stop request while it printed so said "stopped cleanly;
     run the command again to finish" (exit 10), and running it again found the snapshot
-    gone, exit 5 (the session-17 review 2)."""
+    gone, exit 5."""
     repo, img = repo_and_image
     pyvbak("backup", img, "--repo", repo, "--vm", "v")
     (meta,) = snapshots(repo)
@@ -347,7 +347,7 @@ def test_a_stop_while_forget_reports_what_it_did_is_noted_not_a_failure(tmp_path
 
 def test_a_committed_backup_whose_json_reader_is_gone_exits_0(tmp_path, repo_and_image):
     """The reader of --json closed its end (a pipe to a process that died): typer turned the
-    EPIPE into exit 1, silently, for a backup that was made (the session-17 review 2)."""
+    EPIPE into exit 1, silently, for a backup that was made."""
     repo, img = repo_and_image
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
     p = subprocess.Popen([sys.executable, "-m", "pyvbak", "backup", str(img), "--repo", str(repo), "--vm", "v",
@@ -361,7 +361,7 @@ def test_a_committed_backup_whose_json_reader_is_gone_exits_0(tmp_path, repo_and
 
 def test_a_repair_that_leaves_damage_is_no_success_when_its_reader_is_gone(tmp_path, repo_and_image):
     """verify --repair marked itself finished before reporting, and the closed pipe's exit
-    then became 0: a repair that left lost blocks said nothing and succeeded (review 3)."""
+    then became 0: a repair that left lost blocks said nothing and succeeded."""
     repo, img = repo_and_image
     pyvbak("backup", img, "--repo", repo, "--vm", "v")
     for pack in (repo / "packs").rglob("*"):
@@ -382,7 +382,7 @@ def test_a_repair_that_leaves_damage_is_no_success_when_its_reader_is_gone(tmp_p
 def _as_users_run_it(tmp_path) -> dict:
     """The environment of a command-line run as users have it: stdout block-buffered
     into a pipe (this machine sets PYTHONUNBUFFERED, under which the output that waited
-    for the interpreter's exit - and failed there, exit 120 - never waits: review 2)."""
+    for the interpreter's exit - and failed there, exit 120 - never waits)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("PYTHONUNBUFFERED", None)
     env.pop("PYVBAK_REPO", None)
@@ -405,8 +405,8 @@ def test_a_listing_whose_reader_is_gone_exits_0(tmp_path, repo_and_image):
 
 def test_a_stop_while_the_output_waits_on_a_full_pipe_stops_the_command(tmp_path):
     """A reader that reads nothing (a hung job runner): the listing waited for the pipe at
-    the interpreter's exit, where SIGTERM is ignored - the process hung until killed
-    (review 2).  Now main() writes its output and a stop ends it: exit 10, one line."""
+    the interpreter's exit, where SIGTERM is ignored - the process hung until killed.
+    Now main() writes its output and a stop ends it: exit 10, one line."""
     import fcntl
     import json
     import termios
@@ -502,9 +502,9 @@ def _stalled_run(tmp_path, args, *, same_pipe: bool, stops: int = 1):
 
 def test_a_stop_while_the_error_line_waits_on_a_full_pipe_ends_the_command(tmp_path, backed_up):
     """2>&1 into a reader that stopped reading: the error line of the stopped command
-    waited on the same full pipe, and a second SIGTERM was only noted (review 3).  The
-    first stop stops the work and leaves the line waiting for the reader (one that only
-    paused gets it: review 4); the second ends the line."""
+    waited on the same full pipe, and a second SIGTERM was only noted.  The first stop
+    stops the work and leaves the line waiting for the reader (one that only paused gets
+    it); the second ends the line."""
     repo, _ = backed_up
     code, _ = _stalled_run(tmp_path, ["snapshots", "--repo", repo, "--json"], same_pipe=True, stops=2)
     assert code == 10
@@ -513,7 +513,7 @@ def test_a_stop_while_the_error_line_waits_on_a_full_pipe_ends_the_command(tmp_p
 def test_a_second_stop_ends_an_error_line_waiting_on_a_full_stderr_pipe(tmp_path):
     """The outcome is decided (the repository is missing: exit 3) and its line waits on a
     stderr nobody reads: one stop is noted (it may just have landed as a line went out),
-    a second ends the line, not the outcome (it hung, review 3)."""
+    a second ends the line, not the outcome (it hung)."""
     import fcntl
 
     from conftest import wait_until
@@ -542,7 +542,7 @@ def test_a_second_stop_ends_an_error_line_waiting_on_a_full_stderr_pipe(tmp_path
 @pytest.mark.parametrize("args", [["unlock"], ["snapshots"]])
 def test_a_command_done_but_stopped_at_its_output_says_what_became_of_the_work(tmp_path, backed_up, args):
     """unlock (and cbt-off) that had done their work said "interrupted ... run it again"
-    when stopped while their result waited on a full pipe (review 3); a listing is
+    when stopped while their result waited on a full pipe; a listing is
     its output, so stopping it is a stop."""
     repo, _ = backed_up
     code, err = _stalled_run(tmp_path, [*args, "--repo", repo], same_pipe=False)
@@ -554,7 +554,7 @@ def test_a_command_done_but_stopped_at_its_output_says_what_became_of_the_work(t
 
 def test_a_stop_during_forget_says_to_look_before_running_it_again(tmp_path, repo_and_image):
     """Stopped between two snapshots, forget said "run the command again to finish", which
-    then failed on the one already forgotten, exit 5 (review 3)."""
+    then failed on the one already forgotten, exit 5."""
     repo, img = repo_and_image
     pyvbak("backup", img, "--repo", repo, "--vm", "v")
     pyvbak("backup", img, "--repo", repo, "--vm", "w")
@@ -573,7 +573,7 @@ def test_a_ctrl_c_raised_inside_an_exec_of_a_string_still_exits_10_under_python_
     """A KeyboardInterrupt raised inside exec() of a string (dataclasses build their
     methods so: a lazy import of a module with a @dataclass) sets CPython's "unhandled
     KeyboardInterrupt" flag though pyvbak caught it, and ``python -m pyvbak`` then killed
-    itself with SIGINT after its exit-10 line (the session-21 soak, ~2 % of early Ctrl-Cs).
+    itself with SIGINT after its exit-10 line (~2 % of early Ctrl-Cs).
     The Ctrl-C comes here inside such an exec, deterministically."""
     repo, img = repo_and_image
     (tmp_path / "stopping_main.py").write_text(

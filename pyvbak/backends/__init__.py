@@ -75,7 +75,7 @@ def file_uri_path(uri: str, what: str = "repository location") -> str:
 def is_file_uri(location: str) -> bool:
     """Is ``location`` meant as a ``file:`` URI?  ``file:///PATH`` and
     ``file://localhost/PATH`` always (read as a relative path, they named a different file
-    whenever a directory "file:" held one: review 2); ``file:/PATH`` and
+    whenever a directory "file:" held one); ``file:/PATH`` and
     ``file://HOST/...`` where no such relative path exists (a directory literally named
     "file:" stays a path; otherwise file_uri_path reads or refuses them)."""
     if location[:5].lower() != "file:":

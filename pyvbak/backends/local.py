@@ -157,7 +157,7 @@ class LocalBackend(Backend):
         other bits (0755 from mkdir) say nothing: disk images stay private.  Owner: a
         process running as root in a repository another user owns gives new objects that
         owner - a root cron job's backup left 0600 root-owned objects that locked the
-        owner out of every command (the session-13 read-only audit)."""
+        owner out of every command."""
         if self._shared is None:
             try:
                 st = os.stat(self.root)
@@ -645,7 +645,7 @@ class _LocalObjectStream(ObjectStream):
             self._create(backend, folder)
         except BaseException:
             # (a Ctrl-C or SIGTERM between creating the temp file and returning the stream
-            # left it: the caller never had the stream to abort - the session-22 soak)
+            # left it: the caller never had the stream to abort)
             self.abort()
             raise
 

@@ -167,15 +167,15 @@ def _pack_index_may_be_lost(r, parents) -> bool:
     if gone:
         return True
     # the one a parent wrote is gone: one this host may never have listed (written by
-    # another host, or by a run without the cache - the session-22 soak)
+    # another host, or by a run without the cache)
     listed = set(listed)
     if any(p is not None and p.meta.get("pack_index") not in (None, *listed) for p in parents):
         return True
     if gone is None:
         # no local cache, nothing remembered.  Looking at every backup indexed the packs of
-        # a backup running meanwhile again, with a warning (review 3); looking only when no
-        # other lock was there let other hosts' and damaged locks stop every look (review
-        # 5).  The parents are checked against the index instead.
+        # a backup running meanwhile again, with a warning; looking only when no other
+        # lock was there let other hosts' and damaged locks stop every look.  The parents
+        # are checked against the index instead.
         return any(_parent_misses_blocks(r, p) for p in parents)
     return False
 
@@ -219,7 +219,7 @@ def cbt_off(
         raise UsageError(f"--format {image_format!r} is not understood here: auto (a .qcow2 name) or qcow2")
     removed = remove_change_tracking(source, work_dir=default_work_dir(), image_format=image_format)
     # done: a stop from here on (the result waiting on a full pipe) is noted, and does not
-    # say "the dirty bitmaps not yet removed are still there" of bitmaps all gone (review 3)
+    # say "the dirty bitmaps not yet removed are still there" of bitmaps all gone
     interrupts.begin_finishing()
     if json_out:
         emit_json({"source": source, "removed": removed})

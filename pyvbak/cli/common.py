@@ -44,7 +44,7 @@ def open_repository(location: str | None, *, create_default: bool = False):
 
     if location == "" or (location is None and os.environ.get("PYVBAK_REPO") == ""):  # (click drops an empty one)
         # an unset shell variable ('--repo "$REPO"' in a cron job) meant the default
-        # repository, created and filled in the user's home (the session-14 new-user audit)
+        # repository, created and filled in the user's home
         raise UsageError("the repository path is empty (--repo or PYVBAK_REPO): give the repository's path, "
                          "or leave both out for the default repository")
     if location:
@@ -125,9 +125,8 @@ class _OutputStopped(BaseException):
 _writing_output = [False]
 #: [a line on stderr is under way (write_line)]: a stop noted while it waits ends it if
 #: it is the command's second stop request at least (a first one alone may just have
-#: landed while a line went out, which must not lose the error line: the session-17
-#: review; after the first, the line that says what it did waits for a reader that only
-#: paused: review 4)
+#: landed while a line went out, which must not lose the error line; after the first,
+#: the line that says what it did waits for a reader that only paused)
 _writing_line = [False]
 
 
@@ -158,10 +157,9 @@ def write_line(stream, line: str) -> None:
     """``line`` on ``stream`` (stderr: warnings, notes, the error line) - which a hangup
     may have closed (EIO, EPIPE: dropped), or a reader may have stopped reading: once the
     outcome is decided, a second stop request while the line waits ends this output (a
-    stopped command writing its error line into a full pipe nobody read hung - review 3);
+    stopped command writing its error line into a full pipe nobody read hung);
     before, a stop ends the command as anywhere else, and the line is still written (a
-    reader that only paused - a full pipe, a terminal held with Ctrl-S - gets it later:
-    review 4)."""
+    reader that only paused - a full pipe, a terminal held with Ctrl-S - gets it later)."""
     from .. import interrupts
 
     if interrupts.stops_seen() >= 2 and not _writable_now(stream):

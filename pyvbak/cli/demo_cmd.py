@@ -84,7 +84,7 @@ def demo(
             raise SourceError(f"demo --hot needs {', '.join(missing_tools())}: install them (or run the demo without --hot)")
     r = open_repository(repo, create_default=True)
     # early, without the lock: a repository whose packs are gone is said before a disk
-    # image is made and a VM stand-in started for nothing (review 3); each backup checks
+    # image is made and a VM stand-in started for nothing; each backup checks
     # again under its lock
     r.check_pack_storage()
     print(f"repository: {r.location}")
@@ -162,7 +162,7 @@ def demo(
         print(f"restore without pyvbak: sh {shlex.quote(kit)} {second.snapshot_id} OUTPUT.img")
         print("demo OK")
         # the demo's work is done: a signal from here on is only noted, and said (it was
-        # deferred below and dropped: exit 0 and no word - the session-16 review 4)
+        # deferred below and dropped: exit 0 and no word)
         interrupts.begin_finishing()
     finally:
         # Not cut short by a second Ctrl-C (a terminal sends it to the whole group): the

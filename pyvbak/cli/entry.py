@@ -28,7 +28,7 @@ def _stop_while_starting(signum, frame):  # noqa: ARG001 - signal handler signat
 def _starting_handlers() -> None:
     """Until ``main`` installs its own, SIGTERM and SIGHUP end the start-up as Ctrl-C does:
     one line, exit 10.  Their default action killed a command in its first ~0.2 s (the
-    module imports) without a word, exit 143 or 129 (the session-17 acceptance audit).
+    module imports) without a word, exit 143 or 129.
     An ignored SIGHUP (nohup) stays ignored."""
     for name in ("SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
@@ -42,7 +42,7 @@ def _exit(code: int):
     methods that way: a lazy import of a module with a ``@dataclass``) sets CPython's
     "unhandled KeyboardInterrupt" flag even though pyvbak caught it, and under
     ``python -m pyvbak`` the interpreter then killed itself with SIGINT after printing the
-    exit-10 line (the session-21 soak: ~2 % of early Ctrl-Cs).  Every exec of a string
+    exit-10 line (~2 % of early Ctrl-Cs).  Every exec of a string
     clears that flag first (pythonrun.c, run_eval_code_obj), so one that does nothing
     clears it here."""
     exec("0")  # noqa: S102 - a constant: see above

@@ -113,7 +113,7 @@ _AFTER_INTERRUPT = {
     "demo": "no snapshot was left half-written",
     "restore": "no partly restored file was left behind",
     "cbt-off": "the dirty bitmaps not yet removed are still there; run it again to finish",
-    # (a second run of these found nothing left to do and failed, exit 5 - review 3)
+    # (a second run of these found nothing left to do and failed, exit 5)
     "forget": ("the repository is consistent, and some of the snapshots may be forgotten already: list them with "
                "'pyvbak snapshots' before running it again"),
     "unlock": ("the locks it named are removed; 'pyvbak verify --repair' (or 'pyvbak prune') indexes what their "
@@ -207,7 +207,7 @@ class _PipedStdout:
     not the command.  click answered the EPIPE with a silent exit 1, wherever the command
     was: a repair that left lost blocks, which ends with its error line and exit 6, said
     nothing and exited 1; and what was still buffered failed at the interpreter's exit
-    ("Exception ignored ... BrokenPipeError", exit 120: review 2).  Now the command runs
+    ("Exception ignored ... BrokenPipeError", exit 120).  Now the command runs
     to its end, main() flushes through here, and its exit code and stderr say what
     happened to the work."""
 
@@ -273,7 +273,7 @@ _failing, _started = [False], [False]
 def _failed() -> None:
     """The outcome is decided - an error to report: a stop request from here on is only
     noted.  Raised inside an ``except`` clause below it escaped main(): SIGTERM as a
-    traceback, Ctrl-C as "nothing was done" (the session-17 review)."""
+    traceback, Ctrl-C as "nothing was done"."""
     _failing[0] = True
     interrupts.begin_finishing()
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         lost = interrupts.raised_and_lost() if code == 0 else []
         if lost:
             # raised inside an object's clean-up, where Python drops exceptions: the command
-            # ran to its end, complete - say so rather than nothing (session-16 signal audit)
+            # ran to its end, complete - say so rather than nothing
             _say(f"pyvbak: note: {' and '.join(dict.fromkeys(lost))} arrived while Python was cleaning up an object, "
                  f"where it cannot stop the command: the {_command[0] or 'command'} ran to its end and is complete")
         return code
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         if exc.code == 1 and interrupts.finishing():
             # typer's own answer to a broken pipe (EPIPE) while the command printed: it
             # pacifies the streams and exits 1 - of a backup that had committed, which the
-            # rule below for OSErrors of the output calls a success (the session-17 review 2)
+            # rule below for OSErrors of the output calls a success
             return 0
         raise
     except typer.Abort:
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
         # The command is over: a stop from here on only ends what is still being written.
         # The notes are said while this process's handlers are in place - under the
         # exit's SIG_IGN, a note waiting on a full stderr pipe nobody read (2>&1) hung the
-        # process for good (review 3).
+        # process for good.
         interrupts.begin_finishing()
         noted = interrupts.noted_names()
         if noted and _failing[0]:
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             # ``exiting`` (the console script, which exits with the code returned): the
             # command is over, a signal from now on changes nothing - its default action
             # killed a backup that had succeeded, exit -15 instead of 0, in the ~10 ms of
-            # the interpreter's exit (the session-14 signal audit)
+            # the interpreter's exit
             signal.signal(signum, signal.SIG_IGN if exiting else handler)
         interrupts.end()
 

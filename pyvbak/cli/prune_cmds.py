@@ -53,7 +53,7 @@ def forget(
     # only that the repository was locked, and a retry forgot the next ones.
     # clean_stale=False otherwise: a stale lock is the evidence the next backup adopts a
     # killed backup's unindexed packs by; forget deletes no data and must not erase it.
-    if dry_run:  # (a stop said "some of the snapshots may be forgotten already": review 2)
+    if dry_run:  # (else a stop says "some of the snapshots may be forgotten already")
         from .main import set_after_interrupt
 
         set_after_interrupt("a dry run changes nothing: nothing was forgotten or pruned")
@@ -100,7 +100,7 @@ def forget(
                 if not dry_run:
                     _remember_pack_indexes(r)
         # done: a stop request from here on is noted (it said "run the command again", which
-        # then found the snapshots gone, exit 5 - the session-17 review 2)
+        # then found the snapshots gone, exit 5)
         interrupts.begin_finishing()
     for line in broken:
         info(f"warning: {line}")
@@ -141,7 +141,7 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
         # Checked before stale locks go: the exclusive lock's clean-up after them would
         # take a damaged pack index whose packs it cannot see for garbage.
         # (a pack under another packs/HH/ reads as missing: prune dropped its records as
-        # lost, with a marker, and its snapshots no longer restored - review 6)
+        # lost, with a marker, and its snapshots no longer restored)
         problem = r.pack_storage_problem() or r.misplaced_packs_problem()
         if problem:
             raise problem.error("nothing was pruned")
@@ -197,7 +197,7 @@ def _groups_left_incomplete(r, targets) -> list[str]:
 def _remember_pack_indexes(r) -> None:
     """After a prune, finished or stopped: the pack indexes it removed are no loss for the
     next backup here to look into (a stopped prune's made it warn of a pack index "lost
-    from storage" - the session-22 soak).  Best effort: never the prune's outcome."""
+    from storage").  Best effort: never the prune's outcome."""
     try:
         r.remember_pack_indexes()
     except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower

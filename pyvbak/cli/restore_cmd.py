@@ -97,7 +97,7 @@ def _vm_group(r, spec: str, output: str):
         if group is None:
             # a snapshot of one disk (backed up alone): into DIR/DISK.img, as VM@latest
             # DIR/ does for a VM of one disk (it was refused as "a directory", even where
-            # DIR did not exist yet: the session-14 new-user audit)
+            # DIR did not exist yet)
             return [snap]
         missing = [d for d in group.disks if d not in group.snaps]
         if missing:

@@ -133,7 +133,7 @@ def source_spec(spec: str) -> str:
     case (``QEMU:///...`` was refused as an unsupported source).  UsageError for QEMU's
     own spellings, which are no URI pyvbak reads: ``qemu:PATH`` without ``//`` was taken
     for an image file name that did not exist, ``nbd:unix:PATH`` (qemu-img's legacy NBD
-    form) too - unless a file of that name exists (the session-17 acceptance audit)."""
+    form) too - unless a file of that name exists."""
     from ..backends import file_uri_path, is_file_uri
 
     m = _SCHEME.match(spec)

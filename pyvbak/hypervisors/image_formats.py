@@ -28,8 +28,8 @@ QEMU_FORMATS = ("qcow2", "qcow", "qed", "vmdk", "vhdx", "vpc", "vdi")
 FORMAT_CHOICES = ("auto", "raw", *QEMU_FORMATS)
 #: names read through qemu-nbd by default, and the format each suffix names: QEMU is told it
 #: (``-f``), never left to probe the header - a raw VMware extent is named ``NAME-flat.vmdk``
-#: and its guest may have written any image header at its start (the session-15 audit: a
-#: guest-written qcow2 header named a host file as its backing file)
+#: and its guest may have written any image header at its start (a guest-written qcow2
+#: header can name a host file as its backing file)
 SUFFIX_FORMATS = {".qcow2": "qcow2", ".qcow": "qcow", ".qed": "qed", ".vmdk": "vmdk", ".vhdx": "vhdx",
                   ".vhd": "vpc", ".vpc": "vpc", ".vdi": "vdi"}
 QEMU_IMAGE_SUFFIXES = tuple(SUFFIX_FORMATS)
@@ -43,7 +43,7 @@ def name_for_qemu(path: str | os.PathLike) -> str:
     its first '/' is a protocol to QEMU: ``a:b.qcow2`` is "Unknown protocol 'a'"), but
     neither normalised (``abspath`` drops ``link/..`` before the kernel follows the link:
     another image) nor resolved (QEMU finds a relative backing file or vmdk extent beside
-    the name it is given, as the VM does) - session-16 reviews 1 and 2."""
+    the name it is given, as the VM does)."""
     path = os.fspath(path)
     return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
@@ -93,7 +93,7 @@ def vmdk_descriptor_problem(path: str) -> str | None:
 #: what VMware names the raw extents holding a disk's bytes beside its descriptor NAME.vmdk:
 #: NAME-flat.vmdk, split NAME-f001.vmdk (sparse extents, -s001, -delta, are no disk alone
 #: either, but a sparse disk of its own may be named so: those are caught by the descriptor
-#: beside them, and a sparse header is checked after qemu-img reads it - review 6)
+#: beside them, and a sparse header is checked after qemu-img reads it)
 _VMDK_EXTENT_NAME = re.compile(r"-(flat|f\d{3})\.vmdk$", re.IGNORECASE)
 _VMDK_EXTENT_LINE = re.compile(rb'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+"([^"]+)"', re.MULTILINE)
 #: siblings looked at for a descriptor naming the file (a datastore directory holds a few)
@@ -106,7 +106,7 @@ def vmdk_extent_problem(path: str, by_name: bool = True) -> str | None:
     An extent holds the guest's bytes (a raw one all of them, from its first sector), and a
     guest can write there whatever header makes QEMU follow other files: a text descriptor
     or a sparse ``KDMV`` header with an embedded descriptor or a parent, naming a host file
-    or another VM's disk (the session-15 audit and its review 4).  So an extent is never
+    or another VM's disk.  So an extent is never
     read as a vmdk: one named by a descriptor beside it, or (``by_name``: its format comes
     from its name, not ``--format vmdk``) named as VMware names raw extents."""
     name = os.path.basename(path)
@@ -140,7 +140,7 @@ def vmdk_sparse_problem(path: str, info: dict) -> str | None:
     """Why a sparse vmdk (``KDMV``/``COWD``) ``qemu-img info`` describes as ``info`` is not a
     disk of its own, or None: its header can hold an embedded descriptor whose extents name
     any file - a raw extent whose guest wrote one (named like any disk, its descriptor in
-    another directory) had a host file backed up (the session-15 review 6).  A sparse disk's
+    another directory) had a host file backed up.  A sparse disk's
     one extent is the file itself."""
     try:
         with open(path, "rb") as f:

@@ -55,7 +55,7 @@ def make_private_dirs(path: str) -> None:
     """``os.makedirs(path, 0o700, exist_ok=True)`` with every directory it creates 0700,
     the missing parents too (makedirs gives its mode to the last one only): under a umask
     of 000 a missing ~/.cache was made 0777, and anyone on the host could then replace
-    pyvbak's directories in it (the session-14 review).  OSError naming the path that
+    pyvbak's directories in it.  OSError naming the path that
     failed: FileExistsError when ``path`` itself is something else than a directory,
     NotADirectoryError when one of its parents is."""
     missing = []
@@ -123,7 +123,7 @@ def untrusted_dir_reason(path: str) -> Distrust | None:
     while os.path.dirname(parts[-1]) != parts[-1]:
         parts.append(os.path.dirname(parts[-1]))
     # and the directories the path goes through as given: a link to a private directory,
-    # kept in a directory anyone can write, can be replaced by anyone (review 1)
+    # kept in a directory anyone can write, can be replaced by anyone
     on_real_path = set(parts)
     given = d = os.path.abspath(path)
     while os.path.dirname(d) != d:
@@ -304,7 +304,7 @@ class SeenPackIndexes:
     deleted by hand, a storage fault).  A lost one leaves its packs unindexed: their
     blocks are missing to every restore, and a backup carries the parent's records of them
     on unread, committing snapshots that do not restore, until a crash recovery, a prune
-    or ``verify --repair`` indexes the packs again (the session-22 acceptance audit).  A
+    or ``verify --repair`` indexes the packs again.  A
     backup that finds a name gone looks for packs no index names
     (``Repository.recover_leftovers``): one listing of ``packs/`` after each prune made
     elsewhere, none otherwise.  Best effort, like the other caches: without a cache
@@ -340,7 +340,7 @@ class SeenPackIndexes:
     def gone(self, names) -> bool | None:
         """Whether a pack index remembered is not among ``names`` (the listing now) - also
         when nothing is remembered (a first run on this host, a damaged file): nothing
-        says none was lost (review 2), and one look costs what a prune elsewhere does.
+        says none was lost, and one look costs what a prune elsewhere does.
         None without a cache directory: nothing can be remembered."""
         if self.path is None:
             return None
@@ -384,8 +384,8 @@ def _write_private(path: str, data: bytes) -> None:
 
 def _drop_stale_temps(path: str) -> None:
     """Temp files of saves killed with SIGKILL (no finally ran): each is the size of the
-    file (hundreds of KiB with hundreds of snapshots), one more per such kill (the
-    session-13 nights audit).  A live writer's (its pid, start time and scope in the
+    file (hundreds of KiB with hundreds of snapshots), one more per such kill.  A live
+    writer's (its pid, start time and scope in the
     name: processes.temp_writer_alive) is kept; one named otherwise (an older pyvbak)
     once older than a minute (a save takes milliseconds) is not."""
     d, base = os.path.split(path)

@@ -125,7 +125,7 @@ class RepositoryLock:
                 # e.g. a backup disk mounted read-only for a disaster recovery.  Not taken as
                 # leave to go on without the lock: a read-only mount (NFS, a bind mount) says
                 # nothing of the writers elsewhere, whose prune may move blocks meanwhile -
-                # --no-lock is the user's word that none runs (the session-13 review 2).
+                # --no-lock is the user's word that none runs.
                 raise BackendError(f"{exc}; to only read the repository (restore, verify, a --dry-run), add --no-lock") from None
             except BaseException:
                 # a stop request: the object may exist (linked before write_new returned)
@@ -135,7 +135,7 @@ class RepositoryLock:
                 other = self._conflict({n: i for n, i in self._read_all().items() if not self._is_stale(i)})
             except BaseException:
                 # a with whose __enter__ raises never calls __exit__: a signal here left the
-                # lock, which another host cannot judge stale (the session-16 signal audit)
+                # lock, which another host cannot judge stale
                 self._release()
                 raise
             if other is not None:
@@ -202,7 +202,7 @@ def other_verifies(backend, own=None) -> bool:
     """Whether a verify other than ``own`` (a RepositoryLock, or None) holds a lock now (it
     may clear flags of copies it read intact), or a lock whose purpose cannot be read
     does.  A flagger that finds a flagged copy bad again flags it again meanwhile: that
-    verify's clear does not know the new marker (the session-18 review 3)."""
+    verify's clear does not know the new marker."""
     try:
         locks = RepositoryLock(backend, exclusive=False, purpose="verify")._read_all()
     except Exception:  # cannot tell: as if one did

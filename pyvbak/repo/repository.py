@@ -199,8 +199,8 @@ def place_unnumbered(snaps) -> None:
     older pyvbak made it, perhaps after newer ones: two versions sharing a repository
     during an upgrade), the highest number among its disk's snapshots made before it by
     time - so it comes after them, and a backup an older pyvbak made last is still the
-    newest (taken as 0 it came first: the review of session 13 found VM@latest and
-    --keep-last taking an older snapshot for the newest)."""
+    newest (taken as 0 it came first: VM@latest and --keep-last took an older snapshot
+    for the newest)."""
     by_disk: dict[tuple, list] = {}
     for s in snaps:
         by_disk.setdefault((s.meta.get("vm"), s.meta.get("disk")), []).append(s)
@@ -263,12 +263,12 @@ def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
     if meta["status"] != "complete":
         # the only status pyvbak has ever written (a description is written once its
         # snapshot is whole): any other is damage - left out silently, as it was, VM@latest
-        # took the older snapshot, verify passed and prune deleted its blocks (the
-        # session-14 format audit: one flipped bit)
+        # took the older snapshot, verify passed and prune deleted its blocks (one
+        # flipped bit)
         return False
     want = meta.get("index_sha256")  # optional: snapshots made before it existed have none
     if "index_sha256" in meta and not (isinstance(want, str) and _HEX64.fullmatch(want)):
-        return False  # a damaged one turned the index check off (the session-14 format audit)
+        return False  # a damaged one turned the index check off
     seq = meta.get("sequence", 0)  # optional: snapshots made before it existed have none
     if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < MAX_SEQUENCE:
         return False
@@ -319,7 +319,7 @@ def check_vm_disk_names(vm: str, disk: str) -> None:
 def _holds_repository_data(location: str) -> bool:
     """Snapshots as pyvbak writes them in ``location`` (whatever else is lost): a
     ``SNAPID.json`` beside its ``SNAPID.index`` - not merely a ``snapshots/`` folder with
-    JSON in it, which another tool's directory may have (the session-17 review)."""
+    JSON in it, which another tool's directory may have."""
     try:
         names = set(os.listdir(os.path.join(location, "snapshots")))
     except OSError:
@@ -431,7 +431,7 @@ class Repository:
             empty = path is None or all(_init_leftover(path, name) for name in os.listdir(path))
             if not empty and _holds_repository_data(path):
                 # (it said "not a pyvbak repository: check the path" of a repository whose
-                # config alone was lost - the session-17 acceptance audit)
+                # config alone was lost)
                 raise RepositoryError(f"{location} holds pyvbak snapshots but its config file is missing: put config "
                                       f"back from a copy of the repository (its snapshots and blocks are untouched)"
                                       ) from None
@@ -533,7 +533,7 @@ class Repository:
         for name, meta in metas.items():
             if not _valid_snapshot_meta(meta, name[len("snapshots/"):-len(".json")]):
                 # a cached description an older pyvbak read under older rules (a status
-                # other than "complete", a malformed index_sha256: the session-14 review)
+                # other than "complete", a malformed index_sha256)
                 if strict:
                     raise IntegrityError(f"snapshot metadata {name} is corrupt: run 'pyvbak verify'")
                 self.damaged_snapshots.append(name)
@@ -620,7 +620,7 @@ class Repository:
         back (a snapshot made after another may carry an older time) - so refuse, naming
         it.  This is when "latest" is asked for most: a recovery machine, no cache.  (By
         the time in the ids, a clock step back let VM@latest restore an older snapshot
-        without a word: the session-13 review.)"""
+        without a word.)"""
         if self.damaged_snapshots:
             damaged = sorted(self.damaged_snapshots)[-1]
             more = f" (and {len(self.damaged_snapshots) - 1} more)" if len(self.damaged_snapshots) > 1 else ""
@@ -733,7 +733,7 @@ class Repository:
     def _marker_flags_cached(self, name: str, *, strict: bool):
         """``_marker_flags`` through the local cache: markers are immutable, and one of a
         lost region can flag a million copies (~170 MB of JSON, ~3 s to parse, on every
-        backup and restore - review 1 of the change, D5); the parsed arrays load in
+        backup and restore); the parsed arrays load in
         milliseconds.  Best effort: no cache, or a damaged entry, reads the marker."""
         base = name[len(fmt.LOST_PREFIX):]
         cache = repo_cache_dir(self.config.repo_id) if re.fullmatch(r"[0-9A-Za-z-]{1,100}", base) else None
@@ -801,7 +801,7 @@ class Repository:
         """Read the flagged copies (``recs``, of digest ``which``) of blocks with no other
         copy (``~has_good``), to see whether they still read back bad; set ``has_good``
         for those that do not.  Bounded, since it runs on every backup while such a block
-        stays (one no disk holds any more stays until a repair - review 2 of the change):
+        stays (one no disk holds any more stays until a repair):
         one stat per pack (a missing pack's copies are not read; FLAG_RECHECK_MAX packs),
         FLAG_RECHECK_MAX frames.  A copy listed with differing records (a damaged pack
         index) is left bad: restore reads one of them, not the one that happens to read."""
@@ -940,9 +940,9 @@ class Repository:
         a backup loads anyway); only when both are missing is ``packs/`` listed and
         compared with the packs the index names, a million records at a time.  Objects not
         named like packs (a ``lost+found/``, a "not mounted" sentinel file) do not count,
-        nor packs the index does not name (another repository's: review 1).  Where a pack
+        nor packs the index does not name (another repository's).  Where a pack
         index is damaged, which packs it names is unknown: then any pack counts (a damaged
-        index beside a pack really lost made every command say "not mounted": review 2).
+        index beside a pack really lost made every command say "not mounted").
         A pack an older pyvbak stored into the empty mount point during an earlier unmount
         is one the index names: it makes the storage look present; the pack-storage mark
         (``pack_storage_problem``) is what tells that storage from the mount point."""
@@ -983,7 +983,7 @@ class Repository:
         except ObjectMissing:
             local = _local_path(self.location)
             if local is not None and os.path.lexists(os.path.join(local, fmt.PACK_STORAGE_MARK)):
-                return "damaged", ""  # (a directory or a device there: not "storage not mounted" - review 1)
+                return "damaged", ""  # (a directory or a device there: not "storage not mounted")
             return ("missing", "") if self.backend.exists(fmt.PACK_STORAGE_MARK_COPY) else ("unmarked", "")
         try:
             owner = fmt.decode_pack_storage_mark(mark, fmt.PACK_STORAGE_MARK)
@@ -1004,18 +1004,18 @@ class Repository:
         if state == "foreign":  # (said first: it tells more than "none of the packs")
             return PackStorageProblem(self, state, owner)
         if self.named_packs_missing():
-            # (every pack moved under other packs/HH/ is no storage lost: named - review 6)
+            # (every pack moved under other packs/HH/ is no storage lost: named)
             return self.misplaced_packs_problem() or PackStorageProblem(self, "no packs")
         if state == "unmarked":
             # no mark yet to tell the storage from an empty mount point holding a pack an
             # older pyvbak stored there: every pack the index names must be there (one
-            # listing, until the first backup marks packs/ - review 2)
+            # listing, until the first backup marks packs/)
             absent, misplaced = self.named_packs_absent_detail()
             return PackStorageProblem(self, state, count=absent, misplaced=tuple(misplaced)) if absent else None
         if state == "ok":
             return None
         # (with nothing stored either: the next backup's blocks would be hidden all the
-        # same once the storage is mounted back - review 1)
+        # same once the storage is mounted back)
         return PackStorageProblem(self, state, owner)
 
     def mark_pack_storage(self) -> list[str]:
@@ -1025,7 +1025,7 @@ class Repository:
         repository no backup has marked yet (made before the mark) is marked only when
         every pack its index names is there: an empty mount point holding a pack an older
         pyvbak stored into it passes the packs check, and marked, it would pass every
-        check after (review 1).  Lines for the user."""
+        check after.  Lines for the user."""
         state, _ = self.pack_storage_mark_state()
         if state == "foreign":  # (another repository's mark is never replaced: its storage, not ours)
             return []
@@ -1055,8 +1055,8 @@ class Repository:
     def misplaced_packs_problem(self) -> "PackStorageProblem | None":
         """A "misplaced" problem when packs the index names are found under another
         ``packs/HH/`` (a copy or a move done by hand): readers look for them where they
-        belong, so their blocks read as missing, and a repair or a flag would give them up
-        (review 5).  One listing: asked when blocks were found missing, and by repairs."""
+        belong, so their blocks read as missing, and a repair or a flag would give them
+        up.  One listing: asked when blocks were found missing, and by repairs."""
         absent, misplaced = self.named_packs_absent_detail()
         return PackStorageProblem(self, "misplaced", count=absent, misplaced=tuple(misplaced)) if misplaced else None
 
@@ -1080,7 +1080,7 @@ class Repository:
             return 0, []
         wanted = {bytes(p).ljust(32, b"\0").hex() for p in absent}
         # (by its table of contents, not its name alone: a file of junk under a lost pack's
-        # name was "to be moved there", into the pack's place - review 6)
+        # name was "to be moved there", into the pack's place)
         misplaced = [n for n in objects if n.rsplit("/", 1)[-1] in wanted and self.trailer_names_pack(n)]
         return len(absent), misplaced
 
@@ -1123,7 +1123,7 @@ class Repository:
         drops the lost packs' records from the index (lost/ markers say so), and backups
         then store every block again.  Flags (lost/ markers) covering every copy are no
         way on: an older pyvbak's verify wrote such flags while the storage was not
-        mounted (review 1)."""
+        mounted."""
         problem = self.pack_storage_problem()
         if problem:
             raise problem.error("nothing was backed up")
@@ -1202,7 +1202,7 @@ class Repository:
         """Remember the pack indexes listed now: in place of the ones remembered after a
         look for unindexed packs (a backup's recovery, a prune, a repair of everything),
         beside them (``add``) after a backup wrote its own (the newest one lost went
-        unnoticed when only the listing before it was remembered - review 2)."""
+        unnoticed when only the listing before it was remembered)."""
         seen = SeenPackIndexes(self.config.repo_id)
         (seen.add if add else seen.remember)(self.pack_index_names())
 
@@ -1318,7 +1318,7 @@ class Repository:
                 self.backend.delete(name)
             except ObjectMissing:
                 pass
-            # (with nothing to re-index, "its packs were re-indexed" was untrue - review 4)
+            # (with nothing to re-index, "its packs were re-indexed" would be untrue)
             report.append(f"removed damaged pack index {name} (" + (
                 "its packs were re-indexed from their own tables of contents)" if len(adopted) else
                 "every pack here is indexed without it: packs only it named are gone; 'pyvbak verify' names "
@@ -1559,7 +1559,7 @@ def _local_path(location: str) -> str | None:
     """The directory of a repository on the local file system - a plain path, or
     ``file://PATH`` (both LocalBackend) - else None.  ``file://`` once skipped every check
     of init and open: a repository made in a non-empty directory, a user's restore.sh
-    replaced (the session-17 review 2)."""
+    replaced."""
     from ..backends import file_uri_path, is_file_uri
 
     if is_file_uri(location):
@@ -1580,7 +1580,7 @@ def _init_leftover(directory: str, name: str) -> bool:
             head = f.read(4096)
     except OSError:
         return False
-    if name == "restore.sh":  # (kits before the revision line had the same second line - review 3)
+    if name == "restore.sh":  # (kits before the revision line had the same second line)
         return bool(_KIT_REVISION_RE.search(head)) or b"# restore.sh - restore a pyvbak snapshot" in head
     return head.startswith(_README_FIRST_LINE)
 

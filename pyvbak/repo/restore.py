@@ -581,7 +581,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
                          f"another path")
 
     # before anything is written: a block device was zeroed where the snapshot has zero
-    # blocks before the restore failed (review 1); two stats when the packs are there.  A
+    # blocks before the restore failed; two stats when the packs are there.  A
     # missing mark is no refusal while the snapshot's packs are all there: a restore checks
     # every block it reads, and reads what is there
     problem = repo.pack_storage_problem() if len(data_idx) else None
@@ -591,7 +591,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     try:
         recs, blocks, bounds, index = _locate(repo, snap, data_idx, data_digests)
     except IntegrityError:
-        if problem:  # (blocks missing from the index: index/ not mounted either - review 1)
+        if problem:  # (blocks missing from the index: index/ not mounted either)
             raise problem.error(not_restored) from None
         raise
     del data_digests
@@ -696,8 +696,8 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             raise RestoreError(f"cannot create the restored file in {parent_dir}: {exc.strerror}; "
                                "restore into a directory you can write") from None
         except BaseException:
-            # a stop request as the file was created: it may exist, empty (the session-16
-            # signal audit: "no partly restored file was left behind" beside one)
+            # a stop request as the file was created: it may exist, empty (else "no partly
+            # restored file was left behind" would be said beside one)
             try:
                 os.unlink(path)
             except OSError:
@@ -716,7 +716,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         for k, reason in sorted(failed):
             ulen = int(recs_sorted[k]["ulen"])
             # the same copy once more first: a passing failure (a storage blip, a short read)
-            # must neither fail the restore nor flag a good copy (review 4)
+            # must neither fail the restore nor flag a good copy
             data, kind = repo.check_block_copy(recs_sorted[k], ulen)
             if kind == "bad":
                 bad_copies.append(recs_sorted[k])
@@ -744,7 +744,7 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         if flag_bad_copies:
             flagged_copies, all_flagged = _flag_failed_copies(repo, bad_copies, flag_bad_copies)
         if errors:
-            if all_flagged and not unread_lost:  # (else a backup may deduplicate against the unreadable copy: review 5)
+            if all_flagged and not unread_lost:  # (else a backup may deduplicate against the unreadable copy)
                 raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); "
                                      f"the bad copies are flagged, so the next backup of a disk that still holds "
                                      f"those blocks stores them again: run 'pyvbak verify' to see which snapshots they "
@@ -834,9 +834,9 @@ def _flag_failed_copies(repo, records: list, under) -> tuple[int, bool]:
     backup went on deduplicating against the bad copy, and a nightly test-restore that
     found it changed nothing).  Copies flagged already are flagged again only while a
     verify runs, which may clear the earlier flag (it may have read the copy intact just
-    before it went bad: review 4, as for verify in session 18).  ``under``: the lock the
+    before it went bad, as for verify).  ``under``: the lock the
     restore holds (True: the caller vouches for one) - a lock removed meanwhile
-    ('unlock --all') flags nothing: a prune may have moved the blocks (review 4).  Best
+    ('unlock --all') flags nothing: a prune may have moved the blocks.  Best
     effort: the restore's own outcome stands whatever happens here.  (copies flagged now,
     whether every one of ``records`` is flagged after this)."""
     from ..backends import BackendError, ObjectExists

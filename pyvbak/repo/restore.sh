@@ -166,8 +166,7 @@ if [ -b "$out" ]; then
   fi
   # btrfs shows a number of its own in mountinfo and one device name in /proc/mounts, for
   # a file system that may span several devices: its sysfs lists every device it is on
-  # (a mounted btrfs named by another node, or its second device, was overwritten: the
-  # session-15 review 5)
+  # (a mounted btrfs named by another node, or its second device, was overwritten)
   if [ -n "$sysdir" ]; then
     for b in /sys/fs/btrfs/*/devices/*; do
       [ -e "$b" ] || continue
@@ -269,7 +268,7 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyvbak-restore.${scope:-x}.$$.XXXXXX") || die "
 made_part=
 # Both handlers clean up, and first ignore further signals: a signal's trap that ran while
 # the EXIT trap was running exited the shell from inside it, and the partial file stayed
-# (the retry then refused to start: the session-21 soak, 1 Ctrl-C in 40).  Idempotent.
+# (the retry then refused to start: 1 Ctrl-C in 40).  Idempotent.
 cleanup() {
   trap '' HUP INT TERM
   rm -rf "$tmp"
@@ -286,7 +285,7 @@ restored_in_place() {  # whether OUTPUT is the restored file already (renamed or
 interrupted() {
   trap '' HUP INT TERM
   if restored_in_place; then
-    # (it said "nothing restored, left as it was" of an OUTPUT already replaced: review 4)
+    # (else "nothing restored, left as it was" would be said of an OUTPUT already replaced)
     printf '%s\n' "restore.sh: error: interrupted by SIG$1 after the restore was complete: $out holds snapshot $snap (run sync to be sure it is on disk)" >&2
   elif [ -n "$writing" ]; then
     printf '%s\n' "restore.sh: error: interrupted by SIG$1: block device $out was partly overwritten: it holds an INCOMPLETE restore, restore it again before using it" >&2
@@ -766,7 +765,7 @@ fi
 exec 8<&-
 if [ -z "$device" ]; then
   # (mv and ln put a file INTO a directory: one made at OUTPUT during the restore, or a
-  # link to one, got the restore inside it, and "restored to OUTPUT" was said: review 5)
+  # link to one, got the restore inside it, and "restored to OUTPUT" was said)
   if [ -d "$out" ]; then
     die "$out became a directory during the restore (or a link to one): nothing restored; give a file path"
   fi

@@ -100,7 +100,7 @@ def verify_repository(repo, *, sample_percent: float | None = None, threads: int
     # and must not keep a bad one, and --repair drops its record.
     # the flags as they stand before any copy is read: a clear written below counts for
     # these alone (a flag another verify writes while this one reads is not undone by a
-    # read that came before it - review 2 of the change)
+    # read that came before it)
     flagged = repo.flagged_copies()
     seen_markers = list(repo.flag_markers_seen)
     flags_unreadable = len(seen_markers) < len(repo.lost_markers())

@@ -45,7 +45,7 @@ class FileSource:
                               f"device")
         try:
             self.size = os.lseek(fd, 0, os.SEEK_END)
-        except OSError as exc:  # (/proc/self/mem: EINVAL, said as a bare "Invalid argument" - the docs audit)
+        except OSError as exc:  # (/proc/self/mem: EINVAL, not to be said as a bare "Invalid argument")
             os.close(fd)
             raise SourceError(f"cannot tell the size of disk image {self.path}: {exc.strerror}; give a disk image file "
                               f"or block device") from None

@@ -241,8 +241,7 @@ class NbdClient:
             raise self._err(f"handshake failed: {self._describe_oserror(e)}") from None
         except BaseException:
             # a stop request mid-handshake: a half-open connection left to QEMU made its
-            # nbd-server-stop wait for it - and QEMU 7.2's monitor hung for good (the
-            # session-16 signal audit)
+            # nbd-server-stop wait for it - and QEMU 7.2's monitor hung for good
             self._abort_socket()
             raise
         self._reader = threading.Thread(target=self._reader_main, name=f"nbd-reader {self.name}", daemon=True)

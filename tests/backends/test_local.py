@@ -768,8 +768,7 @@ def test_temp_objects_of_another_container_or_host_are_left_alone_for_a_day(back
 
 def test_a_stop_while_a_stream_is_opened_leaves_no_temp_file(tmp_path, monkeypatch):
     """A Ctrl-C between the stream's temp file being made and the stream being returned
-    left the file (the caller never had the stream to abort): the session-22 soak, 1 of
-    120 stopped backups."""
+    left the file (the caller never had the stream to abort): 1 of 120 stopped backups."""
     b = LocalBackend(str(tmp_path / "r"))
 
     real_share = b._share

@@ -220,7 +220,7 @@ def clean_leftovers(qmp: QmpClient, work_dir: Path, node: str | None, previous_b
     # when the run was this VM's (something of it here, or its journal names this VM).  A
     # live run's socket, or another VM's or a qemu-nbd's, says nothing of this VM's server:
     # taken for it, another VM's live backup made this one stop its NBD server, an admin's
-    # too (the session-14 review).
+    # too.
     sockets = [p for p in files if p.name.endswith("-nbd.sock") and mine(p.name)]
     if sockets and this_vm is not None:
         this_vms = in_vm | {run_of(j.name) for j in files
@@ -298,9 +298,9 @@ def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info:
     nodes entry, if the caller has it.  ``previous_bitmap`` is enabled again only when a
     run's journal says that run disabled it as it made one of the bitmaps merged back now
     (``disabled_by_runs``, from bitmaps_disabled_by): one disabled before
-    the run missed writes, and enabled it would be trusted (the session-13 reviews found
-    that a silently wrong incremental - also on the evidence of a stale journal, or of
-    another disk's bitmap of the same old, token-less name)."""
+    the run missed writes, and enabled it would be trusted (a silently wrong incremental -
+    also on the evidence of a stale journal, or of another disk's bitmap of the same old,
+    token-less name)."""
     info = info if info is not None else node_info(qmp, node)
     if info is None:
         return []
@@ -320,7 +320,7 @@ def settle_bitmaps(qmp: QmpClient, node: str, previous_bitmap: str | None, info:
         actions = [{"type": "block-dirty-bitmap-merge",
                     "data": {"node": node, "target": previous_bitmap, "bitmaps": newer}}]
         # ... and only when every generation merged back kept recording since: one disabled
-        # after the run died (by someone else) missed writes too (the session-13 review 4)
+        # after the run died (by someone else) missed writes too
         enable = (not prev.get("recording") and any((previous_bitmap, b) in disabled_by_runs for b in newer)
                   and all(bitmaps[b].get("recording") for b in newer))
         if enable:
@@ -480,7 +480,7 @@ def other_disks_runs(files: list[Path], key: str, value: str) -> set[str]:
     cannot be judged from here: another container), is left alone by this disk's
     sessions - before, a live backup of one VM made every other VM's and image's backup
     refuse ("another pyvbak session is active"), and a run known only by its journal did
-    too (the session-13 reviews 4 and 5).  A dead one's files go, but its journal stays
+    too.  A dead one's files go, but its journal stays
     for its own disk's next run (keep_other_disks_journals; any goes after
     OTHER_JOURNAL_KEEP_S: drop_settled_journals, drop_old_journals).  A run writes its
     journal before anything else in the work dir and removes it last, so a run with
@@ -546,11 +546,11 @@ def keep_other_disks_journals(paths: list[Path], key: str, value: str) -> list[P
     younger than OTHER_JOURNAL_KEEP_S: the work dir is shared by every VM, and a journal
     is the evidence on which that disk's next run enables again the bitmap the dead run
     disabled - one VM's backup removing another's turned that VM's next incremental into a
-    full scan (the session-13 review 2).  Its NBD socket stays with it: when the run died
+    full scan.  Its NBD socket stays with it: when the run died
     between removing its last export and stopping its NBD server, the socket is the only
     evidence that its VM's server is pyvbak's, and one VM's cleanup removing it left the
-    other VM's server running, failing that VM's next backups (the session-15 review:
-    the watchdogs of a killed job runner's two VMs, cleaning at once).  Its other files go
+    other VM's server running, failing that VM's next backups (the watchdogs of a killed
+    job runner's two VMs, cleaning at once).  Its other files go
     (a fleecing file is the size of the guest's writes); the journal and socket go with
     its own disk's next run, or with age."""
     out, kept_runs = [], set()

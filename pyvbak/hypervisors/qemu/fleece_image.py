@@ -2,7 +2,8 @@
 qcow2 of the disk's size and cluster size, made for every disk of every hot backup.
 
 ``qemu-img create`` costs ~10 ms a disk (a process and its libraries; 12.7 ms more set-up
-per disk than the snapshot-access form in a session-14 measurement), and an empty qcow2
+per disk than the snapshot-access form: bench/RESULTS.md, "Session 14 run (QEMU < 8.0 gets
+the qcow2 view; its image copied from a template)"), and an empty qcow2
 of a given size and cluster size is always the same bytes (a few hundred KiB: header,
 L1 and refcount tables; no id, no time).  So qemu-img makes one per (size, cluster size)
 once (for the backup that needs it first: its image, checked, is kept), as a template in pyvbak's local cache (``<cache root>/fleece-templates``, 0700;
@@ -51,8 +52,7 @@ def _open_templates_dir() -> int | None:
     there is no local cache or it is not such a directory (then qemu-img makes every
     image).  Everything below works through the descriptor: a ``fleece-templates`` made a
     link to another directory by whoever can write the cache root (root running with a
-    user's cache; a umask of 000) had this user's files there removed (the session-14
-    review)."""
+    user's cache; a umask of 000) had this user's files there removed."""
     from pyvbak.repo.cache import cache_root, make_private_dirs, untrusted_cache_reason
 
     root = cache_root()
@@ -92,7 +92,7 @@ def looks_right(data: bytes, size: int, cluster: int) -> bool:
     """An empty version-3 qcow2 of this size and cluster size as ``qemu-img create`` makes
     it: no backing file, no encryption, no snapshot, no feature bit (none that would send
     its data elsewhere: an external data file is one - a template planted with it had QEMU
-    write the guest's old blocks into another file, the session-14 review), and an L1
+    write the guest's old blocks into another file), and an L1
     table of zeros (no cluster of its own: every read goes to the backing disk until the
     filter copies a block into it)."""
     if len(data) < _HEADER.size:
@@ -159,9 +159,9 @@ def _keep_template(dfd: int, size: int, cluster: int, data: bytes) -> None:
     """Store ``data`` (an image qemu-img made for a backup, checked) as the template:
     written by this process through a new file's own descriptor (O_EXCL, no link
     followed: nothing another hand could redirect), then renamed whole.  Best effort: a
-    cache that cannot hold it costs nothing but the next backup's qemu-img run (the
-    session-14 reviews: a template made apart from the image, in a cache without room or
-    without /proc, cost two qemu-img runs per disk on every backup).  A killed run's
+    cache that cannot hold it costs nothing but the next backup's qemu-img run (a template
+    made apart from the image, in a cache without room or without /proc, cost two qemu-img
+    runs per disk on every backup).  A killed run's
     temporary file goes with ``drop_old_templates``."""
     if not looks_right(data, size, cluster):
         return

@@ -56,8 +56,8 @@ STATE_KIND = "qemu-dirty-bitmap"
 #: starts in a block the filter has copied aside and goes past the copied run is served
 #: from the live disk for that block (QEMU's hbitmap_status() said "not copied": fixed in
 #: 8.0, commit a4d5224c2c, not in Debian 12's 7.2): the guest's writes made after the
-#: instant - data, zeroes, discards - got into the backup, silently (the session-14
-#: guest-I/O audit; the block status of those blocks was wrong the same way).  The
+#: instant - data, zeroes, discards - got into the backup, silently (the block status of
+#: those blocks was wrong the same way).  The
 #: qcow2 image reads them right.
 SNAPSHOT_ACCESS_SINCE = (8, 0)
 #: formats that store dirty bitmaps in the image, so they outlive the QEMU process; on
@@ -217,7 +217,7 @@ class QemuHotBackup(ExportSession):
         # before anything is made in the VM: it cleans up if this process dies without the teardown.
         # A stop request while it starts is raised once it is recorded, and it is told the
         # session ended (it swallowed the signal, and the orphaned watchdog took the live
-        # backup for dead: the session-16 signal audit)
+        # backup for dead)
         try:
             with interrupts.held():
                 self._watchdog = (watchdog.Watchdog(self.qmp_path, self.work_dir, self.names.run,
@@ -247,7 +247,7 @@ class QemuHotBackup(ExportSession):
         self.snapshot_access = qmp.version_tuple >= SNAPSHOT_ACCESS_SINCE
         # one pyvbak session per VM, whatever work dir or repository the other one uses
         # its id recorded before it exists: a signal after its creation, before acquire
-        # returned, left it in the VM (the session-16 signal audit); an absent one is released
+        # returned, left it in the VM; an absent one is released
         # without complaint
         self._lock = session_lock.lock_id(self.names.run)
         session_lock.acquire(qmp, self.names.run)
@@ -664,7 +664,7 @@ def _job_ended(qmp: QmpClient, job_id: str) -> str | None:
         jobs = qmp.execute("query-jobs")
     except Exception as e:  # noqa: BLE001
         # not known to run is not running: a QEMU that did not answer here let a snapshot
-        # holding the guest's later writes be committed (the session-14 re-audit)
+        # holding the guest's later writes be committed
         return f"could not be asked whether its copy-before-write job {job_id} still runs ({e})"
     for j in jobs:
         if j.get("id") == job_id:
@@ -700,10 +700,10 @@ def _disk_chain(image: dict) -> list[dict]:
     file).  Not the names the images' headers give: libvirt's -blockdev attaches a backing
     node by name, whatever the header says, and a ``blockdev-snapshot`` overlay may name
     none - followed by header names, a write into the file QEMU really read went unseen
-    (the session-16 paths audit: two silently wrong incrementals).  Filter nodes are
-    skipped, above the disk's image too (libvirt's copy-on-read or throttle node): QEMU
-    nests a filter's child as its ``backing-image`` (review 1: the disk's own image taken
-    for a backing file; review 2: its data file then went unchecked).  [] without nested
+    (a silently wrong incremental).  Filter nodes are skipped, above the disk's image too
+    (libvirt's copy-on-read or throttle node): QEMU nests a filter's child as its
+    ``backing-image`` (the disk's own image was taken for a backing file, and its data
+    file then went unchecked).  [] without nested
     information."""
     while isinstance(image, dict) and image.get("format") in FILTER_DRIVERS:
         image = image.get("backing-image")
@@ -721,7 +721,7 @@ def _unusual_graph(image: dict) -> str | None:
     in a plain file name ``json:{...}``: a format node whose ``file`` is itself a format
     node (a raw node over a qcow2's), a quorum's ``children``, a data file attached by
     node - none of which the backing chain shows, so a write under them went unseen
-    (session-16 review 2).  Options without children (``encrypt.key-secret``) are fine."""
+    (a silently wrong incremental).  Options without children (``encrypt.key-secret``) are fine."""
     name = image.get("filename") or ""
     if name.startswith(("blkdebug:", "blkverify:")):  # QEMU's debug drivers: plain names over other nodes
         return (f"the disk's node reads through QEMU's debug driver {name.split(':', 1)[0]}, which pyvbak "
@@ -787,7 +787,7 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
         newer = sorted(n for n in (bitmaps_before or bitmaps) if (generation_of(n) or 0) > (generation_of(name) or 0))
         if newer:  # a later backup rotated it away, and its snapshot is not the parent now
             owners = [o for o in map(bitmap_owner, newer) if o] if bitmap_owner is not None else []
-            if owners:  # (it said "not in this repository" of a backup that was: the docs audit)
+            if owners:  # (else "not in this repository" would be said of a backup that is)
                 return (f"dirty bitmap {name} of the previous snapshot was replaced by {', '.join(newer)} of the "
                         f"backup of {owners[-1]} in this repository: this disk is backed up under two names, and "
                         f"each moves its one bitmap on; back it up under one name (the same --vm and --disk, or always "

@@ -92,7 +92,7 @@ def running_here(run: str) -> bool:
 def journal_temp(journal: Path) -> Path:
     """Where a journal is written before it is renamed into place: a name the work dir's
     ``pyvbak-*`` scans never see, so no other session finds a journal half-written (a
-    run's first one, seen empty, made another VM's backup refuse: the session-14 review).
+    run's first one, seen empty, made another VM's backup refuse).
     A killed run's is removed by ``cleanup.drop_dead_journal_temps``."""
     return journal.with_name(f".{journal.name}.tmp")
 
@@ -114,7 +114,7 @@ def bitmap_name(generation: int) -> str:
     convert, cbt-off, a raw disk's QEMU restarted) made pyvbak-gen-N again, and another
     chain - a second repository, another --vm name, a sibling VM's disk copied over this
     one - whose snapshot recorded its own pyvbak-gen-N trusted it: a silently wrong
-    incremental (the session-13 offline-image audit)."""
+    incremental."""
     return f"{GEN_PREFIX}{generation}-{secrets.token_hex(4)}"
 
 

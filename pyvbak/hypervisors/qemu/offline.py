@@ -55,8 +55,8 @@ def _run(args: list[str], what: str, timeout: float = 60, *, writes: bool = Fals
     whatever signal comes: in a session of its own (a terminal's Ctrl-C goes to the whole
     foreground process group, and killed mid-write ``qemu-img bitmap`` leaked clusters in
     the user's image), and with pyvbak's signals noted until it is done and the caller
-    has recorded it (the session-14 signal audit: a bitmap it was disabling stayed
-    disabled, its evidence gone with the journal)."""
+    has recorded it (a bitmap it was disabling stayed disabled, its evidence gone with
+    the journal)."""
     try:
         r = run_helper(args, text=True, timeout=timeout, start_new_session=writes)
     except FileNotFoundError:
@@ -295,8 +295,8 @@ class QemuOfflineImage(ExportSession):
                 # its snapshot records no bitmap.  Recorded again, the same name vouched for
                 # two snapshots, and an image put back to a copy made between them (a
                 # restored file, a storage snapshot's rollback) still held that name, with
-                # fewer writes in it: the next backup trusted it and missed blocks (the
-                # session-15 review 4).  A rotation makes a new name no copy can hold.
+                # fewer writes in it: the next backup trusted it and missed blocks.  A
+                # rotation makes a new name no copy can hold.
                 self._bitmap_problem = problem
                 self.source_warnings.append(
                     f"cannot rotate the dirty bitmap {old} in {self.path}: {problem}; this backup used it, the "

@@ -46,7 +46,7 @@ class QmpError(SourceError):
 
 #: connected clients: a process forked from this one closes its copies of their sockets,
 #: or QEMU would go on seeing a client on the monitor after this process died - and serve
-#: no other (the watchdog's cleanup waited for a forked worker to exit: session-15 review)
+#: no other (the watchdog's cleanup waited for a forked worker to exit)
 _connected: "weakref.WeakSet[QmpClient]" = weakref.WeakSet()
 
 

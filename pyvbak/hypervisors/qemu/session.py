@@ -40,13 +40,13 @@ def outside_data(chain: list[dict], *, data_files_from_headers: bool = True) -> 
 
     A qcow2 bitmap records the writes made to that qcow2 alone.  A write into a backing
     file, a sibling overlay committed into a shared base, a rebase onto another base, or a
-    write into an external raw data file changes the disk without it (found by the
-    session-13 offline-image audit: each made a silently wrong incremental).
+    write into an external raw data file changes the disk without it (each made a
+    silently wrong incremental).
 
     ``data_files_from_headers``: a backing qcow2's data file is the one its header names
     (what QEMU reports) - true for ``qemu-img``/``qemu-nbd``, not for a running VM, whose
     configuration may attach another (libvirt's <dataStore>, ``"data-file": NODE``): such a
-    chain is never vouched for (session-16 review 1: a silently wrong incremental)."""
+    chain is never vouched for (a silently wrong incremental)."""
     top = chain[0]
     data_file = (top.get("format-specific", {}).get("data", {}) or {}).get("data-file")
     if data_file:
@@ -62,16 +62,16 @@ def outside_data(chain: list[dict], *, data_files_from_headers: bool = True) -> 
             # naming it is absolute (when that image's is); a relative one is relative to the
             # working directory of the process that opened it (a VM started with relative
             # paths; a json:/file: backing name), which is not pyvbak's - joined with the
-            # image's directory, it named a file QEMU did not read (the session-16 paths
-            # audit: a silently wrong incremental)
+            # image's directory, it named a file QEMU did not read (a silently wrong
+            # incremental)
             return [], (f"the backing file {name!r} of the image is named relative to the working directory of "
                         f"the process that opened it, so which file it is cannot be known here and writes to it "
                         f"cannot be ruled out; name it absolutely (start the VM with absolute paths, or "
                         f"'qemu-img rebase -u -b /ABSOLUTE/PATH -F FORMAT IMAGE')")
         # ... and the files a backing image keeps its data in: a vmdk descriptor's extents,
         # a qcow2's external data file - written, they change the disk as much as the backing
-        # file itself (the session-15 review 4: a write into a backing vmdk's flat extent
-        # made an incremental that restored wrong data)
+        # file itself (a write into a backing vmdk's flat extent made an incremental that
+        # restored wrong data)
         data = (link.get("format-specific", {}) or {}).get("data", {}) or {}
         others = [_absolute(e.get("filename", ""), name) for e in data.get("extents", []) or [] if isinstance(e, dict)]
         if data.get("data-file"):
@@ -83,7 +83,7 @@ def outside_data(chain: list[dict], *, data_files_from_headers: bool = True) -> 
                 # QEMU 7.2 opens a relative data-file from its own working directory, not the
                 # image's (checked with qemu-io): which file holds the backing image's data
                 # depends on the process opening it, so no identity recorded here is the one
-                # QEMU reads (the session-16 test: cbt true, restore != image)
+                # QEMU reads (cbt true, restore != image)
                 return [], (f"the backing image {name} keeps its data in the external data file "
                             f"{data['data-file']!r}, named relative to the working directory of the process "
                             f"that opens it, so writes to it cannot be ruled out; give it an absolute name "
@@ -119,7 +119,7 @@ def _identify(name: str, fmt, identity: list[dict]) -> str | None:
         # A block device's node says nothing of its content: its size reads 0 and its mtime
         # moves only for writes through that very node - not through another node of the
         # device (libvirt gives each VM its own /dev), another host on shared storage, or the
-        # loop device's file (the session-15 offline audit: a silently wrong incremental).
+        # loop device's file (a silently wrong incremental).
         return (f"the backing file {name} of the image is not a regular file (a device), which can be "
                 f"written without the dirty bitmap or its file times showing it")
     identity.append({"file": name, "format": fmt, "dev": st.st_dev, "ino": st.st_ino,

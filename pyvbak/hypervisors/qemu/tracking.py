@@ -29,7 +29,7 @@ def remove_change_tracking(spec: str, *, work_dir: str, qmp_timeout: float = 30.
     URI as for backups, or a qcow2 image file); one line per bitmap removed.  An image file
     is a qcow2 by its name (``.qcow2``) or ``image_format="qcow2"``, never by its header
     alone: a guest's raw disk may hold a qcow2 its guest wrote, bitmaps included, and
-    removing them wrote into the guest's disk (the session-15 review 4)."""
+    removing them wrote into the guest's disk."""
     if spec.startswith("qemu://"):
         return _from_running_vm(spec, Path(work_dir), qmp_timeout)
     from ..image_formats import container_format, name_for_qemu

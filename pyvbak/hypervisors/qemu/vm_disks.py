@@ -294,17 +294,17 @@ def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str,
         above = [n for n, (drv, f) in reads.items() if n != d.node and filename and f == filename
                  and any(x in _CONTAINER_FORMATS for x in drv)]
         # the container node itself first (a throttle filter above it reads through it too,
-        # and was named as "the throttle container" - review 3)
+        # and was named as "the throttle container")
         above.sort(key=lambda n: infos[n].get("drv") not in _CONTAINER_FORMATS)
         if info.get("drv") == "snapshot-access":
             # (named after the disk image's file too: it was refused as that file's node,
-            # which it is not - session-16 review 3)
+            # which it is not)
             disk = f", ?node={above[0]}" if above else ""
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is a snapshot-access node, another "
                               f"backup's frozen view of a disk, not a disk: back up the disk's own node{disk}")
         # the graph itself: QEMU cuts a json: pseudo-filename at 4095 bytes (a long backing
         # chain's), and blkdebug names its node plainly - by the file names alone such a
-        # node's container bytes were backed up as the disk (review 3)
+        # node's container bytes were backed up as the disk
         container = _container_above(graph, d.node, infos) if graph else None
         if container is not None and info.get("drv") in _CONTAINER_FORMATS:
             container = None  # (a format node over another's file: a container of its own)
@@ -315,15 +315,15 @@ def check_guest_view(disks: list[VmDisk], infos: dict[str, dict], qmp_path: str,
         if above and info.get("drv") in FILTER_DRIVERS:
             # a filter node on the same image: above the format node (the guest's view
             # through it) or under it (over its file) - QEMU's flat listing does not say,
-            # and only the format node is sure to be the guest's disk (the session-17
-            # review: a copy-before-write filter was called "the file under" the qcow2)
+            # and only the format node is sure to be the guest's disk (a copy-before-write
+            # filter was called "the file under" the qcow2)
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} is a {info.get('drv')} filter node on the "
                               f"{infos[above[0]].get('drv')} image of node {above[0]!r}: back up the disk's node, "
                               f"?node={above[0]}")
         if above and info.get("drv") not in ("file", "host_device", "host_cdrom"):
             # a filter between the format node and its file (preallocate, copy-on-read):
             # QEMU names both with json: pseudo-filenames, which never equalled the file
-            # node's name - the container's bytes were backed up as the disk (review 2)
+            # node's name - the container's bytes were backed up as the disk
             raise SourceError(f"node {d.node!r} of the VM at {qmp_path} reads the {infos[above[0]].get('drv')} "
                               f"image of node {above[0]!r} as raw bytes (a {info.get('drv')} node over its file): back "
                               f"up the guest's view, ?node={above[0]}")

@@ -115,7 +115,7 @@ class Watchdog:
 
     def __init__(self, qmp_path: str | os.PathLike, work_dir: str | os.PathLike, run: str, qmp_timeout: float):
         # absolute: the watchdog runs in "/" (a relative path named another socket there, and
-        # the VM was taken for gone: the session-15 review 2)
+        # the VM was taken for gone)
         self.args = {"qmp_path": os.path.abspath(qmp_path), "work_dir": os.path.abspath(work_dir), "run": run,
                      "pid": os.getpid(), "qmp_timeout": qmp_timeout, "connect_seconds": CONNECT_SECONDS}
         self._proc: subprocess.Popen | None = None
@@ -138,7 +138,7 @@ class Watchdog:
             self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             with _open_lock:
                 _open.add(self)  # before the child exists: a fork from another thread meanwhile closes it
-            # -P: nothing from the current directory (a json.py there ran: session-15 review);
+            # -P: nothing from the current directory (a json.py there would run);
             # -S: no site (fast; the path is passed); started in "/"
             self._proc = subprocess.Popen(
                 [sys.executable, "-P", "-S", "-c", _BOOT, json.dumps(dict(self.args, path=path))],

@@ -113,6 +113,16 @@ def resize(path, size: int) -> None:
     os.truncate(os.fspath(path), size)
 
 
+def qemu_io(img, fmt: str, *cmds: str):
+    """Run ``qemu-io -f FMT -c CMD...`` on the image ``img`` (a guest's writes, offline)."""
+    import subprocess
+
+    args = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run(args + [str(img)], check=True, capture_output=True)
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(os.fspath(path), "rb") as f:

@@ -243,3 +243,44 @@ def wait_for_eof(stream, timeout: float, what: str) -> bytes:
 
 def now() -> float:
     return time.monotonic()
+
+
+# -- pyvbak's hot sessions against the stand-in ------------------------------------------
+
+def assert_clean(vm: FakeVM, work: Path):
+    assert vm.exports() == ["guest"]
+    assert vm.pyvbak_nodes() == []
+    assert vm.pyvbak_objects() == []  # the session lock is released
+    assert vm.jobs() == []
+    assert not work.exists() or list(work.iterdir()) == []
+
+
+def backup(vm, work, previous_state=None, **kw):
+    """One committed backup; returns (session, dirty extents or None)."""
+    from pyvbak.hypervisors.qemu import QemuHotBackup
+    from pyvbak.sources.nbd import NbdSource
+
+    with QemuHotBackup(vm.uri, previous_state=previous_state, work_dir=work, **kw) as s:
+        with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
+            ct = src.change_tracking(previous_state) if s.dirty_bitmap else None
+        s.commit()
+    return s, (ct.extents if ct else None)
+
+
+#: ``python -c HOT_SESSION_CHILD URI WORK_DIR PREVIOUS_STATE_JSON FORM``: a hot session (the
+#: view FORM, "snapshot-access" or "qcow2") that prints "READY <nbd uri>" once it serves,
+#: then sleeps - to be killed
+HOT_SESSION_CHILD = r"""
+import sys, time, json
+from pyvbak.errors import Interrupted, PyvbakError
+from pyvbak.hypervisors.qemu import QemuHotBackup, hot
+uri, work, prev = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+hot.SNAPSHOT_ACCESS_SINCE = {"qcow2": (99, 0), "snapshot-access": (7, 1)}[sys.argv[4]]  # as the fleecing fixture
+try:
+    with QemuHotBackup(uri, previous_state=prev, work_dir=work) as s:
+        print("READY", s.nbd_uri, flush=True)
+        time.sleep(60)
+except (PyvbakError, Interrupted) as e:  # (a stop request is no Exception, like Ctrl-C)
+    print("ERR", e, flush=True)
+    sys.exit(e.exit_code)
+"""

@@ -155,7 +155,7 @@ def test_thin_disk_bench(tmp_path):
 
 
 def test_restore_device_bench(tmp_path):
-    from test_blockdev import IN_CI
+    from conftest import IN_CI
 
     if not (os.geteuid() == 0 and os.path.exists("/dev/loop-control") and shutil.which("losetup")):
         msg = "restore_device.py needs root, /dev/loop-control and losetup"

@@ -5,28 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
-
-from conftest import IN_CI, require_tool
+from conftest import require_tool
 from pyvbak.cli.main import main
-
-
-@pytest.fixture
-def loopdev(tmp_path):
-    losetup = require_tool("losetup", "mount")
-    made = []
-
-    def make(path):
-        r = subprocess.run([losetup, "-f", "--show", str(path)], capture_output=True, text=True)
-        if r.returncode != 0:
-            msg = f"cannot attach a loop device ({r.stderr.strip()}): needs root and /dev/loop-control"
-            pytest.fail(msg) if IN_CI else pytest.skip(msg)
-        made.append(r.stdout.strip())
-        return r.stdout.strip()
-
-    yield make
-    for dev in made:
-        subprocess.run([losetup, "-d", dev], check=False)
 
 
 def test_backup_block_device_and_restore_onto_another(tmp_path, loopdev, capsys):

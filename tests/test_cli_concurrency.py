@@ -13,7 +13,7 @@ from conftest import wait_until
 from images import MiB, assert_one_error_line, make_image, same_file
 from pyvbak.cli.main import main
 from pyvbak.repo.repository import Repository
-from test_crash_safety import CHILD
+from repo_faults import FAILPOINT_CHILD
 
 
 def cli(capsys, *args):
@@ -76,7 +76,7 @@ def test_backup_runs_while_another_is_mid_way(tmp_path, capsys):
     a, b = _images(tmp_path)
     marker, release = tmp_path / "a-paused", tmp_path / "a-release"
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, "backup", a, "--repo", repo, "--vm", "alpha", "--json", "--threads", "1"],
+        [sys.executable, "-c", FAILPOINT_CHILD, "backup", a, "--repo", repo, "--vm", "alpha", "--json", "--threads", "1"],
         env=_env(PYVBAK_TEST_FAILPOINT="pack-1", PYVBAK_TEST_MARKER=str(marker), PYVBAK_TEST_RELEASE=str(release)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -27,56 +27,7 @@ from images import MiB, make_image, same_file
 from pyvbak.cli.main import main
 from pyvbak.repo.repository import Repository
 from pyvbak.repo.verify import verify_repository
-
-CHILD = r"""
-import os, sys, time
-from pyvbak.backends import local as L
-from pyvbak.backends.base import as_buffers
-
-point, marker = os.environ["PYVBAK_TEST_FAILPOINT"], os.environ["PYVBAK_TEST_MARKER"]
-prefix, nth = {
-    "lock": ("locks/", 1),
-    "mid-pack": ("packs/", 1),
-    "pack-1": ("packs/", 1),
-    "pack-2": ("packs/", 2),
-    "pack-index": ("index/", 1),
-    "snapshot-index": ("snapshots/", 1),
-}[point]
-seen = [0]
-
-def pause():
-    with open(marker + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
-    os.rename(marker + ".tmp", marker)
-    release = os.environ.get("PYVBAK_TEST_RELEASE")
-    while not (release and os.path.exists(release)):  # without a release file: until killed
-        time.sleep(0.01)
-
-# wraps a call that makes an object `name` visible: LocalBackend.write_new, and the
-# commit of a stream (packs are written through streams)
-def hooked(orig):
-    def call(self, name, *rest):
-        hit = name.startswith(prefix) and (seen.__setitem__(0, seen[0] + 1) or seen[0] == nth)
-        if hit and point == "mid-pack":
-            # what a writer killed mid-write leaves: a partial temp file carrying its pid
-            backend = getattr(self, "_backend", self)
-            d = os.path.dirname(backend._path(name))
-            backend._ensure_dir(d)
-            piece = as_buffers(rest[0])[0][0] if rest else b"partial pack"
-            with open(os.path.join(d, L.temp_name()), "wb") as f:
-                f.write(piece[: max(1, len(piece) // 2)])
-            pause()
-        result = orig(self, name, *rest)
-        if hit:
-            pause()
-        return result
-    return call
-
-L.LocalBackend.write_new = hooked(L.LocalBackend.write_new)
-L._LocalObjectStream.commit = hooked(L._LocalObjectStream.commit)
-from pyvbak.cli.main import main
-sys.exit(main(sys.argv[1:]))
-"""
+from repo_faults import FAILPOINT_CHILD, kill_child_at
 
 
 @pytest.fixture(scope="module")
@@ -134,23 +85,6 @@ def check_after_kill(capsys, repo, image, tmp_path, *, expect_cleanup: list[str]
     assert code == 0, err
     assert same_file(out_img, image)
     return before, res
-
-
-def kill_child_at(tmp_path, point, argv, sig=signal.SIGKILL) -> int:
-    """Run the CLI with ``argv`` in a child that stops at failpoint ``point``, send it
-    ``sig`` there; its exit status."""
-    marker = tmp_path / f"at-{point}"
-    if marker.exists():
-        marker.unlink()
-    env = dict(os.environ, PYVBAK_TEST_FAILPOINT=point, PYVBAK_TEST_MARKER=str(marker))
-    env.pop("PYVBAK_REPO", None)
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, argv)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    with reaped(proc):
-        wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60, what=f"failpoint {point}")
-        assert marker.exists(), f"child ended before failpoint {point}: {proc.communicate()}"
-        os.kill(proc.pid, sig)
-        return proc.wait(timeout=30)
 
 
 def kill_at_failpoint(tmp_path, image, repo, point):
@@ -264,7 +198,7 @@ def test_sigterm_during_commit_exits_10_and_cleans_up(tmp_path, image, capsys, s
     env = dict(os.environ, PYVBAK_TEST_FAILPOINT="snapshot-index", PYVBAK_TEST_MARKER=str(marker))
     env.pop("PYVBAK_REPO", None)
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, *backup_argv(image, repo)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", FAILPOINT_CHILD, *backup_argv(image, repo)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         wait_until(lambda: marker.exists() or proc.poll() is not None, timeout=60, what="failpoint snapshot-index")

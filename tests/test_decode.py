@@ -20,7 +20,6 @@ import zstandard
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from test_blockdev import loopdev  # noqa: F401  (fixture)
 from images import BS, MiB, backup_file, make_image, random_bytes, restore_to, same_file, text_bytes
 from pyvbak import native
 from pyvbak.errors import IntegrityError, UsageError
@@ -278,11 +277,6 @@ def test_the_c_entry_points_refuse_a_sha256_kernel_number_they_do_not_have():
 
 
 # -- restore and verify with each kernel ---------------------------------------------------
-
-
-@pytest.fixture
-def repo(tmp_path):
-    return Repository.init(str(tmp_path / "repo"))
 
 
 def dedup_image(path) -> str:
@@ -734,7 +728,7 @@ def test_a_record_claiming_a_full_block_for_the_partial_tail_writes_nothing_past
 
 
 @pytest.mark.parametrize("direct", ["1", "0"])
-def test_other_copies_overwrite_the_failed_blocks_on_a_block_device(repo, tmp_path, monkeypatch, loopdev, direct):  # noqa: F811
+def test_other_copies_overwrite_the_failed_blocks_on_a_block_device(repo, tmp_path, monkeypatch, loopdev, direct):
     """A failed block's staged room is written (garbage) with its run; the other copy must
     land over it after the run, also on a device, direct or through the page cache - and
     nothing past the snapshot's end changes."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 
 import pytest
 
@@ -44,17 +43,6 @@ def test_a_fixed_vhd_is_known_by_its_footer(tmp_path):
     assert container_format(str(p)) == "vpc"
     assert container_format(str(tmp_path / "missing.img")) is None
     assert container_format(str(tmp_path)) is None  # a directory
-
-
-@pytest.fixture
-def misnamed_qcow2(tmp_path):
-    """A qcow2 image named like a raw one, holding 1 MiB of 0x55 in a 16 MiB disk."""
-    require_tool("qemu-img", "qemu-utils")
-    require_tool("qemu-io", "qemu-utils")
-    img = tmp_path / "guest.img"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 1M", str(img)], check=True, capture_output=True)
-    return img
 
 
 def test_a_misnamed_qcow2_is_backed_up_as_raw_with_a_warning_and_as_its_disk_with_format(

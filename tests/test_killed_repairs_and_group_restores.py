@@ -13,7 +13,7 @@ import pytest
 from conftest import reaped, wait_until
 from images import MiB, make_image, same_file
 from pyvbak.cli.main import main
-from test_crash_safety import kill_child_at
+from repo_faults import kill_child_at
 
 
 def cli(capsys, *args):

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_json, require_tool, run_cli, wait_until
-from images import untokened
-from test_qemu_offline import qemu_io
+from images import qemu_io, untokened
 from pyvbak.cli.main import main
 from pyvbak.errors import SourceError
 from pyvbak.hypervisors.qemu import QemuOfflineImage

@@ -14,27 +14,13 @@ import pytest
 from images import untokened, zero_range
 
 from conftest import wait_until
-from qemu_vm import MiB, FakeVM
+from qemu_vm import HOT_SESSION_CHILD, MiB, FakeVM, assert_clean, backup
 from pyvbak.errors import Interrupted, SourceError, UsageError
 from pyvbak.hypervisors.qemu import QemuHotBackup, QmpClient, hot, parse_qemu_uri
 from pyvbak.sources.nbd import NbdSource
 
 ROOT = Path(__file__).resolve().parent.parent
 K64 = 64 * 1024
-
-
-@pytest.fixture
-def vm(tmp_path):
-    v = FakeVM(tmp_path).start()
-    try:
-        yield v
-    finally:
-        v.stop()
-
-
-@pytest.fixture
-def work(tmp_path):
-    return tmp_path / "work"
 
 
 @pytest.fixture(params=["snapshot-access", "qcow2"])
@@ -46,23 +32,6 @@ def fleecing(request, monkeypatch):
     tests on it read block by block, which it serves right.)"""
     monkeypatch.setattr(hot, "SNAPSHOT_ACCESS_SINCE", (7, 1) if request.param == "snapshot-access" else (99, 0))
     return request.param
-
-
-def assert_clean(vm: FakeVM, work: Path):
-    assert vm.exports() == ["guest"]
-    assert vm.pyvbak_nodes() == []
-    assert vm.pyvbak_objects() == []  # the session lock is released
-    assert vm.jobs() == []
-    assert not work.exists() or list(work.iterdir()) == []
-
-
-def backup(vm, work, previous_state=None, **kw):
-    """One committed backup; returns (session, dirty extents or None)."""
-    with QemuHotBackup(vm.uri, previous_state=previous_state, work_dir=work, **kw) as s:
-        with NbdSource(s.nbd_uri, dirty_bitmap=s.dirty_bitmap) as src:
-            ct = src.change_tracking(previous_state) if s.dirty_bitmap else None
-        s.commit()
-    return s, (ct.extents if ct else None)
 
 
 # -- URI -------------------------------------------------------------------------------
@@ -249,26 +218,10 @@ def test_resources_that_only_look_like_pyvbaks_are_left_alone(vm, work, tmp_path
 
 # -- killed runs -----------------------------------------------------------------------
 
-CHILD = r"""
-import sys, time, json
-from pyvbak.errors import Interrupted, PyvbakError
-from pyvbak.hypervisors.qemu import QemuHotBackup, hot
-uri, work, prev = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-hot.SNAPSHOT_ACCESS_SINCE = {"qcow2": (99, 0), "snapshot-access": (7, 1)}[sys.argv[4]]  # as the fixture
-try:
-    with QemuHotBackup(uri, previous_state=prev, work_dir=work) as s:
-        print("READY", s.nbd_uri, flush=True)
-        time.sleep(60)
-except (PyvbakError, Interrupted) as e:  # (a stop request is no Exception, like Ctrl-C)
-    print("ERR", e, flush=True)
-    sys.exit(e.exit_code)
-"""
-
-
 def start_child(vm, work, prev, fleecing="snapshot-access"):
     # what the next run cleans is tested here: no watchdog cleans up first
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="0")
-    p = subprocess.Popen([sys.executable, "-c", CHILD, vm.uri, str(work), json_dumps(prev), fleecing],
+    p = subprocess.Popen([sys.executable, "-c", HOT_SESSION_CHILD, vm.uri, str(work), json_dumps(prev), fleecing],
                          stdout=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     assert line.startswith("READY"), line

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_tool, unix_listening, wait_until
-from images import untokened
+from images import qemu_io, untokened
 from pyvbak.errors import SourceError
 from pyvbak.hypervisors.qemu import QemuOfflineImage
 from pyvbak.processes import running
@@ -28,13 +28,6 @@ def tools():
     require_tool("qemu-img", "qemu-utils")
     require_tool("qemu-nbd", "qemu-utils")
     require_tool("qemu-io", "qemu-utils")
-
-
-def qemu_io(img: Path, fmt: str, *cmds: str):
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run(args + [str(img)], check=True, capture_output=True)
 
 
 def bitmaps(img: Path) -> dict:

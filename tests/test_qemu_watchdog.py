@@ -15,16 +15,12 @@ import pytest
 
 from conftest import wait_until
 from images import untokened
-from qemu_vm import MiB, FakeVM
-import test_qemu_hot
-from test_qemu_hot import CHILD, assert_clean, backup
+from qemu_vm import HOT_SESSION_CHILD, MiB, FakeVM, assert_clean, backup
 from pyvbak.hypervisors.qemu import QemuHotBackup, hot, watchdog
 from pyvbak.sources.nbd import NbdSource
 
 ROOT = Path(__file__).resolve().parent.parent
 K64 = 64 * 1024
-
-vm, work = test_qemu_hot.vm, test_qemu_hot.work  # the same stand-in VM and work dir fixtures
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +31,7 @@ def watchdog_on(monkeypatch):
 def start_child(vm, work, prev, form: str) -> subprocess.Popen:
     """A hot session in a child process (its watchdog on), serving once it prints READY."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="1")
-    p = subprocess.Popen([sys.executable, "-c", CHILD, vm.uri, str(work), json.dumps(prev), form],
+    p = subprocess.Popen([sys.executable, "-c", HOT_SESSION_CHILD, vm.uri, str(work), json.dumps(prev), form],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     assert line.startswith("READY"), (line, p.stderr.read() if p.poll() is not None else "")
@@ -303,7 +299,7 @@ def test_a_relative_qmp_socket_path_is_the_same_socket_for_the_watchdog(vm, work
     another socket there, the VM was taken for gone, and the filter stayed."""
     uri = f"qemu:{vm.qmp_path.name}?node=disk0"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_WATCHDOG="1")
-    p = subprocess.Popen([sys.executable, "-c", CHILD, uri, str(work), "null", "qcow2"], cwd=vm.qmp_path.parent,
+    p = subprocess.Popen([sys.executable, "-c", HOT_SESSION_CHILD, uri, str(work), "null", "qcow2"], cwd=vm.qmp_path.parent,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     assert line.startswith("READY"), (line, p.stderr.read() if p.poll() is not None else "")

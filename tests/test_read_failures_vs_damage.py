@@ -37,8 +37,7 @@ def test_an_unreadable_copy_beside_a_good_one_is_not_called_damaged(tmp_path, mo
     line counted them as damaged."""
     import json
 
-    from test_block_copies import Copies
-    from test_verify_read_errors import failing_reads
+    from repo_faults import Copies, failing_reads
     from pyvbak.repo import format as fmt
 
     copies = Copies(tmp_path)
@@ -69,7 +68,7 @@ def test_repair_does_not_drop_a_put_back_pack_over_a_read_error_in_its_recheck(t
     import json
     import shutil
 
-    from test_verify_read_errors import records_of
+    from repo_faults import records_of
     from pyvbak.backends import BackendError
     from pyvbak.backends.local import LocalBackend
 

@@ -32,11 +32,6 @@ from images import (
 )
 
 
-@pytest.fixture
-def repo(tmp_path):
-    return Repository.init(str(tmp_path / "repo"))
-
-
 def stored_digests(repo) -> set[bytes]:
     idx = repo.load_digest_index()
     return {bytes(d) for d in idx.records["digest"]}

@@ -14,11 +14,9 @@ from pyvbak.repo import reader
 from pyvbak.repo import restore as restore_mod
 from pyvbak.repo.reader import sort_for_reading
 from pyvbak.repo.verify import verify_repository
-from test_decode import repo  # noqa: F401  (fixture)
-from test_image_formats import misnamed_qcow2  # noqa: F401  (fixture)
 
 
-def _one_pack(repo, tmp_path, n):  # noqa: F811
+def _one_pack(repo, tmp_path, n):
     img = make_image(tmp_path / "d.img", n * BS, [(0, n * BS, "text")], seed=2)
     backup_file(repo, img)
     recs = repo.load_digest_index().records_at(np.arange(n))
@@ -44,7 +42,7 @@ class _BadStretch:
         return self.inner.read_range_into(name, offset, buf)
 
 
-def test_a_bad_stretch_of_many_frames_does_not_get_good_frames_after_it_dropped(repo, tmp_path):  # noqa: F811
+def test_a_bad_stretch_of_many_frames_does_not_get_good_frames_after_it_dropped(repo, tmp_path):
     """More than FRAME_RETRY_GIVE_UP small frames on a bad stretch, good frames after it:
     the retries gave up and reported the good frames 'unreadable (not retried)', and
     verify --repair drops every record reported: good blocks lost from the index."""
@@ -65,7 +63,7 @@ def test_a_bad_stretch_of_many_frames_does_not_get_good_frames_after_it_dropped(
 # -- backup of a file:// image named like a QEMU format --------------------------------
 
 
-def test_a_file_uri_of_a_qcow2_is_read_through_qemu(tmp_path, capsys, cli_work_dir, misnamed_qcow2):  # noqa: F811
+def test_a_file_uri_of_a_qcow2_is_read_through_qemu(tmp_path, capsys, cli_work_dir, misnamed_qcow2):
     """``backup file:///.../vm.qcow2``: the name chooses qemu-nbd, but the session was
     given the URI itself, taken for a relative path: 'disk image CWD/file:/... does not
     exist'."""
@@ -84,7 +82,7 @@ def test_a_file_uri_of_a_qcow2_is_read_through_qemu(tmp_path, capsys, cli_work_d
 # -- restore's clean-up after a failure -------------------------------------------------
 
 
-def test_a_close_that_fails_is_not_closed_again(repo, tmp_path, monkeypatch):  # noqa: F811
+def test_a_close_that_fails_is_not_closed_again(repo, tmp_path, monkeypatch):
     """Linux releases the descriptor even when close() fails (EIO from a network file
     system's write-back): the clean-up closed the same number again - by then perhaps a
     file another thread had opened - and the restore's own failure is still reported."""
@@ -159,7 +157,7 @@ def _zeroout_spy(monkeypatch, interrupt_at=None):
     return calls
 
 
-def _zero_tailed_snapshot(repo, tmp_path, size):  # noqa: F811
+def _zero_tailed_snapshot(repo, tmp_path, size):
     img = make_image(tmp_path / "z.img", size, [(0, BS, "random"), (2 * BS, BS, "random")], seed=1)
     return img, backup_file(repo, img).snapshot_id
 
@@ -172,7 +170,7 @@ def _garbage_device(tmp_path, loop_with_sectors, sector: int):
     return dst, loop_with_sectors(dst, sector)
 
 
-def test_a_4k_sector_device_zeroes_its_last_run_too(repo, tmp_path, loop_with_sectors, monkeypatch):  # noqa: F811
+def test_a_4k_sector_device_zeroes_its_last_run_too(repo, tmp_path, loop_with_sectors, monkeypatch):
     """A snapshot whose size ends inside a 4 KiB sector, onto a 4Kn device: its last zero
     run was given to BLKZEROOUT 512-aligned, refused (EINVAL), and written whole from user
     space (all of a thin disk's empty tail); now the sector-aligned part is the device's."""
@@ -191,7 +189,7 @@ def test_a_4k_sector_device_zeroes_its_last_run_too(repo, tmp_path, loop_with_se
     assert calls[-1][1] == size - size % 4096
 
 
-def test_zero_runs_are_zeroed_in_pieces_and_ctrl_c_is_taken_between(repo, tmp_path, loop_with_sectors,  # noqa: F811
+def test_zero_runs_are_zeroed_in_pieces_and_ctrl_c_is_taken_between(repo, tmp_path, loop_with_sectors,
                                                                     monkeypatch):
     """One BLKZEROOUT per zero run: a device without WRITE ZEROES has the kernel write the
     zeros inside that one call, which no Ctrl-C or SIGTERM interrupts (a TiB run: many

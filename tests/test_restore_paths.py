@@ -11,18 +11,12 @@ import shutil
 
 import pytest
 
-from test_blockdev import loopdev  # noqa: F401  (fixture)
 from images import BS, KiB, MiB, allocated_bytes, backup_file, make_image, random_bytes, restore_to, same_file, vm_image
 from pyvbak.errors import IntegrityError, OutOfSpace, UsageError
 from pyvbak.repo import restore as restore_mod
 from pyvbak.repo.repository import Repository
 from pyvbak.repo.restore import TEMP_MARK
 from pyvbak.repo.verify import verify_repository
-
-
-@pytest.fixture
-def repo(tmp_path):
-    return Repository.init(str(tmp_path / "repo"))
 
 
 def direct_io_works(directory) -> bool:
@@ -336,7 +330,7 @@ def test_verify_still_finds_corruption(repo, tmp_path):
 
 @pytest.mark.parametrize("zeroout", ["device", "written"])
 @pytest.mark.parametrize("direct", ["1", "0"])
-def test_block_device_in_place_zero_runs_and_partial_tail(repo, tmp_path, loopdev, monkeypatch, direct, zeroout):  # noqa: F811
+def test_block_device_in_place_zero_runs_and_partial_tail(repo, tmp_path, loopdev, monkeypatch, direct, zeroout):
     """Onto a bigger device full of garbage: data blocks (O_DIRECT when direct=1), zero
     runs zeroed by the device (BLKZEROOUT) or written as zeros where it refuses, the
     partial last block through the page cache, the rest of the device untouched."""
@@ -483,7 +477,7 @@ def test_restore_through_a_symlink_writes_the_file_it_names(repo, tmp_path):
     assert same_file(real, img)
 
 
-def test_block_device_in_use_is_refused(repo, tmp_path, loopdev):  # noqa: F811
+def test_block_device_in_use_is_refused(repo, tmp_path, loopdev):
     """A mounted device (here: held by an exclusive opener, which is what a mount is to the
     kernel) is not written: one clear error, the device unchanged."""
     from pyvbak.errors import UsageError
@@ -508,7 +502,7 @@ def test_block_device_in_use_is_refused(repo, tmp_path, loopdev):  # noqa: F811
 
 
 @pytest.mark.parametrize("failure", ["ctrl-c", "sigterm", "bad block"])
-def test_failed_device_restore_says_the_device_was_partly_overwritten(repo, tmp_path, loopdev, monkeypatch, failure):  # noqa: F811
+def test_failed_device_restore_says_the_device_was_partly_overwritten(repo, tmp_path, loopdev, monkeypatch, failure):
     """A file target is left as it was; a device is not, and the error must say so instead
     of the generic "nothing was committed"."""
     from pyvbak.errors import Interrupted

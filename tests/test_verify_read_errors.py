@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 from images import BS, backup_file, make_image, restore_to, same_file
-from pyvbak.backends import BackendError
-from pyvbak.backends.local import LocalBackend
 from pyvbak.cli.main import main
 from pyvbak.errors import IntegrityError
 from pyvbak.repo.repository import Repository
 from pyvbak.repo.verify import verify_repository
+from repo_faults import failing_reads, records_of
 
 
 @pytest.fixture
@@ -27,25 +26,6 @@ def one_pack(tmp_path):
     sid = backup_file(repo, img).snapshot_id
     (pack,) = list(repo.pack_object_names())
     return repo, img, sid, pack
-
-
-def records_of(location: str, pack: str) -> int:
-    pid = bytes.fromhex(pack.rsplit("/", 1)[-1])
-    return sum(bytes(r["pack"]) == pid for r in Repository.open(location).load_digest_index().records)
-
-
-def failing_reads(monkeypatch, pack: str, times: int | None):
-    """Reads of ``pack`` fail with an I/O error: the first ``times`` of them, or all."""
-    real, calls = LocalBackend.read_range_into, {"n": 0}
-
-    def read_range_into(self, name, offset, buf):
-        if name == pack and (times is None or calls["n"] < times):
-            calls["n"] += 1
-            raise BackendError(f"reading {name}: Input/output error")
-        return real(self, name, offset, buf)
-
-    monkeypatch.setattr(LocalBackend, "read_range_into", read_range_into)
-    return calls
 
 
 def test_a_passing_read_error_is_read_again_and_is_no_problem(one_pack, monkeypatch):

@@ -34,8 +34,8 @@ def init(
         raise UsageError("the repository path is empty: give REPO (or --repo REPO)")
     if (repo_arg and repo_opt and os.path.abspath(repo_arg) != os.path.abspath(repo_opt)
             and os.environ.get("PYVBAK_REPO") != repo_opt):
-        # (an explicit --repo beside REPO was ignored without a word - the session-22
-        # new-user audit; PYVBAK_REPO from a profile gives way to REPO, as documented)
+        # (an explicit --repo beside REPO was ignored without a word; PYVBAK_REPO from a
+        # profile gives way to REPO, as documented)
         from ..errors import UsageError
 
         raise UsageError(f"init was given two repositories, {repo_arg} and --repo {repo_opt}: give one")
@@ -155,7 +155,7 @@ def verify(
                                                drop_unreadable=drop_unreadable)
             if report["repair"]["complete"]:
                 # repaired, a success: a stop request from here on is noted (one that leaves
-                # damage is a failure, exit 6, whatever comes while it is said - review 3)
+                # damage is a failure, exit 6, whatever comes while it is said)
                 interrupts.begin_finishing()
     if json_out:
         emit_json(report)
@@ -237,9 +237,9 @@ def verify(
         what = (f"{recheck['problem_count']} bad block(s) affecting {len(recheck['affected_snapshots'])} snapshot(s)"
                 if recheck["problem_count"] else f"{len(recheck['affected_snapshots'])} damaged snapshot(s)")
         # the step from what the check after the repair found (it said "back up" of copies
-        # the repair keeps, and of damaged snapshot files, which no backup heals - review 3),
+        # the repair keeps, and of damaged snapshot files, which no backup heals),
         # none of which this repair acted on: a bad copy in a pack it adopted just now is
-        # still indexed (it said "the repair dropped" - review 4)
+        # still indexed (not "the repair dropped")
         raise IntegrityError(f"after repair, {what} remain in {r.location}: "
                              f"{_next_step(recheck_report, dropped_unreadable=drop_unreadable)}")
     if not report["ok"]:
@@ -262,7 +262,7 @@ def verify(
             found = f"{found} and {more}" if found else more
         if read_problem is not None:
             # (its advice, "verify --repair, then back up", would mark the mount point and
-            # fill it - review 1): the storage first
+            # fill it): the storage first
             raise read_problem.error(f"verify found {found}, and nothing was flagged")
         raise IntegrityError(f"verify found {found} in {r.location}: "
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
@@ -273,8 +273,8 @@ def _flag_bad_copies(r, bad: list, redundant: set, flagged_before, healed: list,
     """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
     next backup of each disk that still holds those blocks stores them again (before, every
     backup after the damage deduplicated against the bad copies until someone ran
-    ``verify --repair``: its snapshots could not be restored either - the session-17
-    acceptance audit; Proxmox Backup Server's verify likewise marks bad chunks for the
+    ``verify --repair``: its snapshots could not be restored either; Proxmox Backup
+    Server's verify likewise marks bad chunks for the
     next backup), and clear flagged copies that read back intact now (``healed``).
     Create-only, under verify's lock.  ``{"marker": name or None, "copies": newly flagged,
     "again": flagged before too, "cleared": n, "error": reason or None}``, None when there
@@ -289,10 +289,10 @@ def _flag_bad_copies(r, bad: list, redundant: set, flagged_before, healed: list,
         return None
     # A copy an earlier marker flags is flagged again when another verify runs beside this
     # one (``beside``): it may have read the copy intact before it went bad again, and be
-    # about to clear that earlier flag; this marker is one its clear does not know
-    # (review 3).  A verify that starts later reads the copy after this one found it bad:
+    # about to clear that earlier flag; this marker is one its clear does not know.
+    # A verify that starts later reads the copy after this one found it bad:
     # its clear is right.  Otherwise flagged once: a marker a night for a block lost for
-    # good made every disk's next backup re-check its parent, every night (review 4).  A
+    # good made every disk's next backup re-check its parent, every night.  A
     # bad copy beside a good one matters to restore's choice alone: flagged once.
     again = 0
     if bad:
@@ -317,7 +317,7 @@ def _not_on_disks(r, report: dict) -> bool:
     """Whether no backup can bring back the lost blocks: every disk of a snapshot that
     lacks them has a newer snapshot that does not use them - so the disk did not hold
     them at its last backup (verify said "back up the affected disks" after every such
-    backup - review 3 of the flagged copies)."""
+    backup)."""
     lacking = ({a["id"] for a in report["affected_snapshots"]} - set(report.get("snapshots_damaged") or ())
                - set(report.get("snapshots_unread") or ()))
     if not lacking or not report.get("problem_count"):
@@ -332,7 +332,7 @@ def _not_on_disks(r, report: dict) -> bool:
 def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool = False) -> str:
     """What to do about what verify found (it used to say only what: the backups after it
     kept deduplicating against the bad copies, every new snapshot unrestorable, and
-    nothing sent the user to the repair - the session-17 acceptance audit).  Built from
+    nothing sent the user to the repair).  Built from
     the causes, so that it is true for each: ``repaired``: this run was ``--repair``."""
     lost = report.get("lost_blocks_by_cause") or {}
     again = "a backup stores again the blocks a disk still holds (those no disk holds any more are lost)"
@@ -342,7 +342,7 @@ def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool
         bad, unread = bad + unread, 0
     flagged = report.get("flagged") or {}
     if unindexed and report.get("packs_left_alone") and not repaired:
-        # (a misplaced pack: the repair would give its blocks up - the session-22 new-user audit)
+        # (a misplaced pack: the repair would give its blocks up)
         steps.append("first look at the objects under packs/ named above: one moved back where the note says holds "
                      "blocks again (then run 'pyvbak verify' once more)")
     if (bad or unindexed) and report.get("lost_blocks_not_on_disks"):
@@ -396,7 +396,7 @@ def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool
 
 def _percent(text: str | None) -> float | None:
     """--sample's PERCENT: 10, 2.5 or 10% (the help says PERCENT: '10%' was refused as
-    "not a valid float" - the session-22 new-user audit)."""
+    "not a valid float")."""
     if text is None:
         return None
     from ..errors import UsageError
@@ -409,7 +409,7 @@ def _percent(text: str | None) -> float | None:
 
 def _utc(iso: str) -> str:
     """A snapshot time to the second, marked UTC as stored (a listing read as local time
-    was hours off - the session-22 new-user audit)."""
+    was hours off)."""
     return iso[:19] + "Z" if len(iso) >= 19 and iso.endswith("Z") else iso[:19]
 
 
@@ -434,7 +434,7 @@ def unlock(
     if removed:  # what the removed locks' processes may have left: adopt it now
         with r.lock(purpose="unlock"):
             # ... unless the packs are all gone (storage not mounted?): the clean-up would
-            # take a damaged pack index whose packs it cannot see for garbage (review 1).
+            # take a damaged pack index whose packs it cannot see for garbage.
             # Left to the backup or prune after the packs are back: backups re-index a
             # damaged pack index's packs, prune adopts what a killed backup left unindexed.
             missing = r.pack_storage_problem()

@@ -252,11 +252,11 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     new_parts = []
     gone = set(np.flatnonzero(delete_p | missing_p).tolist())
     # From the last new pack until the new index names them, a stop request is held: one
-    # raised in between left every new pack named by no index (review 4).  Before it, a
+    # raised in between left every new pack named by no index.  Before it, a
     # stop deletes them (delete_new_packs); after it, the old packs stay for the next
     # prune, every snapshot restorable either way.
     index_hold = ExitStack()
-    try:  # (the hold is left on every way out: review 5)
+    try:  # (the hold is left on every way out)
         if repack_p.any():
             writer = PackWriter(backend, PACK_TARGET_BYTES)
             dctx = zstandard.ZstdDecompressor()

@@ -70,29 +70,29 @@ def start_repair(repo, lock, *, partial: bool, say: Callable[[str], None]) -> Pa
     packs are all gone.  The pack storage problem the repair goes on with (None: none),
     for ``repair_repository``."""
     # Before any clean-up (stale locks' included): with the packs all gone it would
-    # remove damaged pack indexes as "re-indexed" with nothing there to re-index
-    # (review 2).  --repair is the user's word that they are lost: said at once,
+    # remove damaged pack indexes as "re-indexed" with nothing there to re-index.
+    # --repair is the user's word that they are lost: said at once,
     # and drop_lost_pack_records drops them, damaged pack indexes included.
     repair_problem = repo.pack_storage_problem()
     if not (repair_problem and repair_problem.kind == "foreign"):
         repair_problem = repo.misplaced_packs_problem() or repair_problem
     if repair_problem and (repair_problem.kind == "foreign" or repair_problem.misplaced):
         # (not this repository's to repair; or packs only misplaced, which the repair
-        # would give up for lost - review 4)
+        # would give up for lost)
         raise repair_problem.error("nothing was checked or repaired")
     storage_missing = repair_problem is not None and repair_problem.kind == "no packs"
     mark_state = repo.pack_storage_mark_state()[0] if repair_problem else "ok"
     whole = (PackStorageProblem(repo, mark_state) if mark_state in ("missing", "damaged")
              else repair_problem if repair_problem and repair_problem.kind == "unmarked" else None)
     if whole is not None and partial:
-        # (marking packs/ for the whole repository after checking a part - review 1;
+        # (marking packs/ for the whole repository after checking a part;
         # an unmarked repository's absent packs are dropped by a repair of everything)
         raise UsageError(f"{whole.summary()}: mount the storage, or, if {repo.packs_location()} really is this "
                          f"repository's pack storage, repair everything: 'pyvbak verify --repair' without "
                          f"SNAPSHOT or --sample")
     if storage_missing and partial:
         # (it drops every record of them, and reported on the chosen ones alone:
-        # exit 0, "complete", with other snapshots left unrestorable - review 3)
+        # exit 0, "complete", with other snapshots left unrestorable)
         raise UsageError(f"{repair_problem.summary()}: mount them, or, if they are really lost, repair everything: "
                          f"'pyvbak verify --repair' without SNAPSHOT or --sample")
     if storage_missing:
@@ -149,23 +149,22 @@ def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProbl
         report["repair"] = drop_lost_pack_records(repo)
         adopted += [f"removed damaged pack index {n} (none of the packs is in {repo.packs_location()}: taken "
                     f"for lost with the others)" for n in report["repair"].pop("damaged_indexes_removed")]
-        # packs there that no index names (a killed backup's): indexed now (review 3).
+        # packs there that no index names (a killed backup's): indexed now.
         # Always looked for: verify looks for them only when a block is missing from
-        # the index, and with the packs all gone the index still names every block
-        # (review 4)
+        # the index, and with the packs all gone the index still names every block)
         adopted += [ln for ln in repo.recover_leftovers() if ln.startswith("adopted")]
     else:
         report["repair"] = drop_bad_records(repo, bad)
         if repair_problem is not None and repair_problem.kind == "unmarked" and repo.named_packs_absent():
             # a repository made before the mark is refused while packs its index
             # names are absent: the records of blocks no snapshot uses go too (they
-            # kept it refused for good - review 3), after a marker of their own
+            # kept it refused for good), after a marker of their own
             more = drop_lost_pack_records(repo)
             report["repair"]["records_removed"] += more["records_removed"]
             report["repair"]["lost_marker"] = report["repair"]["lost_marker"] or more["lost_marker"]
             adopted += [f"removed damaged pack index {n} (its packs are not in {repo.packs_location()})"
                         for n in more["damaged_indexes_removed"]]
-    # (absent packs of a repository no backup has marked are taken for lost too - review 5)
+    # (absent packs of a repository no backup has marked are taken for lost too)
     report["repair"]["packs_taken_for_lost"] = storage_missing or bool(
         repair_problem is not None and repair_problem.kind == "unmarked")
     if movable:
@@ -180,7 +179,7 @@ def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProbl
         # lost, after the snapshots naming them were made): a marker, so that the
         # next backup checks its parent instead of carrying their records on unread -
         # "back up the affected disks" is then true.  The parent is each affected
-        # disk's newest snapshot (also when other snapshots were chosen: review 2),
+        # disk's newest snapshot (also when other snapshots were chosen),
         # which is checked anyway when it predates some marker.
         markers = set(repo.lost_markers())
         everything = repo.snapshots()
@@ -191,7 +190,7 @@ def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProbl
             report["repair"]["lost_marker"] = repo.write_lost_marker([], 0)
     if chosen is None and sample is None:
         # (the ones it removed are no loss for the next backup to look into; after a
-        # repair of a part, unindexed packs may be left: remembered as they were - review 2)
+        # repair of a part, unindexed packs may be left: remembered as they were)
         repo.remember_pack_indexes()
     report["repair"]["adopted"] = adopted
     report["repair"]["trailers_rebuilt"] = rebuilt
@@ -200,7 +199,7 @@ def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProbl
     if not report["repair"]["complete"] and any(ln.startswith("adopted") for ln in adopted):
         # the blocks verify found in no pack index may be in the packs adopted just
         # now: checked again here (they were counted as lost, exit 6, and the user
-        # was sent to run verify a second time - the session-14 new-user audit)
+        # was sent to run verify a second time)
         again = verify.verify_repository(repo, sample_percent=sample, snapshots=chosen, seed=seed)
         for k in [k for k in again if k.startswith("_")]:  # (what the repair acts on)
             again.pop(k)
@@ -269,7 +268,7 @@ def drop_lost_pack_records(repo) -> dict:
     holds the EXCLUSIVE lock."""
     report = {"records_removed": 0, "lost_marker": None, "damaged_indexes_removed": []}
     # a damaged pack index names packs of the same storage: lost with the rest (prune's
-    # strict reading stopped here: review 2)
+    # strict reading stopped here)
     index_names, loaded = [], []
     for name in sorted(repo.pack_index_names()):
         try:
@@ -304,8 +303,8 @@ def move_out_of_packs(repo, packs: list[str], referenced=None) -> tuple[list[str
     marker names the old packs (``moved_out``), the pack indexes are rewritten with the new
     records instead of the old (new objects first), and the old packs are deleted last -
     prune's order (docs/FORMAT.md).  Verify reported such a pack every night after the
-    repair that could not rebuild it, and neither --repair nor prune did anything about it
-    (review 3 of the flagged copies).  A frame that does not read back intact is left
+    repair that could not rebuild it, and neither --repair nor prune did anything about it.
+    A frame that does not read back intact is left
     behind only when no snapshot references its block (``referenced``: sorted S32
     digests, asked for when needed): otherwise the pack stays (its copy is the repair's to
     drop first).  A pack the copy cuts again under its own name (every frame there after
@@ -378,7 +377,7 @@ def move_out_of_packs(repo, packs: list[str], referenced=None) -> tuple[list[str
         finally:
             index_hold.close()
         raise
-    with index_hold:  # (left on every way out: review 5)
+    with index_hold:  # (left on every way out)
         if not moved_from:
             return done, left
         written = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(new_records["pack"].view("S32"))}
@@ -411,7 +410,7 @@ def finish_moves(repo, indexed: set[str] | None = None) -> tuple[list[str], set[
     if indexed is None:
         try:
             _, recs = load_pack_indexes(repo)
-        except (IntegrityError, ObjectMissing, BackendError):  # a damaged pack index: not now (review 5)
+        except (IntegrityError, ObjectMissing, BackendError):  # a damaged pack index: not now
             return [], set()
         indexed = {bytes(p).ljust(32, b"\0").hex() for p in np.unique(recs["pack"].view("S32"))}
     # a move is done when the packs it wrote are indexed (the index rewrite happened) and
@@ -422,7 +421,7 @@ def finish_moves(repo, indexed: set[str] | None = None) -> tuple[list[str], set[
         if repo.trailer_names_pack(fmt.pack_name(pack_hex), unreadable=True):
             # a whole pack under that name (put back from a copy, or cut again by a
             # backup), or one that cannot be read to tell: not what the move emptied -
-            # adoption indexes it (review 5)
+            # adoption indexes it)
             continue
         if delete_object(repo.backend, fmt.pack_name(pack_hex)):
             out.append(f"deleted pack {pack_hex[:16]}…, whose blocks an interrupted repair had moved to a new pack")

@@ -54,8 +54,8 @@ def delete_new_packs(backend, writer, keep_hex: set[str], *, stopping: bool = Fa
     """Delete the packs ``writer`` finished before it was given up, except those named in
     ``keep_hex`` (a new pack cut under the name of one that was there already is that
     pack): no index names them.  A prune or repair stopped by a signal while repacking
-    left complete 16 MiB packs that only the next prune removed (the session-21 soak: 7
-    stops in 25).  ``stopping``: on the way out of a failure or a stop, whose report must
+    left complete 16 MiB packs that only the next prune removed (7 stops
+    in 25 in a soak test).  ``stopping``: on the way out of a failure or a stop, whose report must
     not be replaced by a deletion's error (a pack left is adopted or deleted by the next
     prune)."""
     for part in writer._index_parts:

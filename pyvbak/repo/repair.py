@@ -278,10 +278,11 @@ def drop_lost_pack_records(repo) -> dict:
             report["damaged_indexes_removed"].append(name)
     recs = np.concatenate(loaded) if loaded else np.empty(0, fmt.PACK_INDEX_RECORD)
     present = set(repo.backend.list(fmt.PACKS_FOLDER))
-    pack_ids, inv = np.unique(recs["pack"].view("S32"), return_inverse=True)
+    # (4 M records of 2000 packs: 1.3 s, np.unique 2.0 s - digest_sets)
+    pack_ids, inv = digest_sets.unique_inverse(recs["pack"].view("S32"))
     pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
     missing_p = np.array([fmt.pack_name(h) not in present for h in pack_hex], bool)
-    drop = missing_p[inv.reshape(-1)]
+    drop = missing_p[inv]
     if not drop.any() and not report["damaged_indexes_removed"]:
         return report
     # the marker first (FORMAT.md, "Lost packs"): from it on, backups check their parents

@@ -148,6 +148,11 @@ class PackWriter:
             return np.empty(0, fmt.PACK_INDEX_RECORD)
         return np.concatenate(self._index_parts)
 
+    def packs_cut(self) -> list[str]:
+        """The names (hex) of the packs this writer has cut, in order: stored, being
+        stored, or given up by an abort."""
+        return [bytes(part["pack"][0]).hex() for part in self._index_parts if len(part)]
+
     def abort(self) -> np.ndarray:
         """Stop: writes not started are dropped, the one under way is waited for, streams
         not committed leave no temp file.  Returns the index records of the packs that

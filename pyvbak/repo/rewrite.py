@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends import ObjectMissing
-from . import digest_sets
 from . import format as fmt
 
 #: records per new pack index file (80 bytes each: 80 MiB per file before compression)
@@ -58,10 +57,9 @@ def delete_new_packs(backend, writer, keep_hex: set[str], *, stopping: bool = Fa
     in 25 in a soak test).  ``stopping``: on the way out of a failure or a stop, whose report must
     not be replaced by a deletion's error (a pack left is adopted or deleted by the next
     prune)."""
-    for part in writer._index_parts:
-        for h in sorted({bytes(x).ljust(32, b"\0").hex() for x in digest_sets.unique(part["pack"].view("S32"))} - keep_hex):
-            try:
-                delete_object(backend, fmt.pack_name(h))
-            except Exception:
-                if not stopping:
-                    raise
+    for h in sorted(set(writer.packs_cut()) - keep_hex):
+        try:
+            delete_object(backend, fmt.pack_name(h))
+        except Exception:
+            if not stopping:
+                raise

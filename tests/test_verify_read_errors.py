@@ -94,8 +94,6 @@ def test_verify_checks_pack_tables_of_contents_and_repair_rebuilds_them(tmp_path
     was lost too, every block in it was lost - though every frame was intact.  Now verify
     reports it (exit 6) and --repair rebuilds it from the pack index, written only when it
     hashes to the pack's name; adoption then works again."""
-    from pyvbak.repo import format as fmt
-
     repo = Repository.init(str(tmp_path / "repo"))
     img = make_image(tmp_path / "d.img", 40 * BS, [(0, 40 * BS, "random")], seed=21)
     sid = backup_file(repo, img).snapshot_id

@@ -359,6 +359,37 @@ def test_a_ctrl_c_that_kills_a_count_prints_only_the_interrupted_line(setup, tmp
         assert not out.exists() and no_partial(tmp_path) and os.listdir(tmpdir) == [], stop
 
 
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]) + "".join(s[1:]))
+def test_a_ctrl_c_as_the_partial_file_is_made_removes_it(setup, tmp_path, shell):
+    """The partial file is made in a subshell, and the clean-up was told to remove it only
+    after that subshell returned: a Ctrl-C the moment the file appeared left it (1 in 2-6
+    here), and the retry refused to start.  Each round signals the restore's process
+    group as soon as the file exists."""
+    repo, snaps, _ = setup
+    sid, _ = snaps[0]
+    script = os.path.join(repo.location, "restore.sh")
+    out = tmp_path / "out.img"
+    part = str(out) + ".pyvbak-restore-partial"
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    for round_ in range(15):
+        p = subprocess.Popen([shutil.which(shell[0]), *shell[1:], "--", script, sid, str(out)],
+                             env={"PATH": BARE_PATH, "TMPDIR": str(tmpdir)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            wait_until(lambda: os.path.exists(part) or p.poll() is not None, timeout=30, interval=0,
+                       what="restore.sh to make its partial file")
+            assert p.poll() is None, p.communicate()
+            os.killpg(p.pid, signal.SIGINT)
+            _, stderr = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        assert p.returncode == 130 and "interrupted by SIGINT" in stderr, (round_, stderr)
+        assert not os.path.exists(part) and not out.exists() and os.listdir(tmpdir) == [], (round_, stderr)
+
+
 @pytest.mark.parametrize("force", [False, True], ids=["new", "--force"])
 def test_a_signal_after_the_rename_says_the_restore_is_complete(setup, tmp_path, force):
     """A Ctrl-C during the last sync, after OUTPUT was put in place, said "nothing

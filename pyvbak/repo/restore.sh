@@ -272,7 +272,11 @@ made_part=
 cleanup() {
   trap '' HUP INT TERM
   rm -rf "$tmp"
-  [ -z "$made_part" ] || rm -f "$part"
+  if [ "$made_part" = 1 ]; then
+    rm -f "$part"
+  elif [ "$made_part" = maybe ] && [ -f "$part" ] && [ ! -L "$part" ] && [ ! -s "$part" ]; then
+    rm -f "$part"  # (see its creation below)
+  fi
 }
 renaming=
 in_place=
@@ -303,8 +307,14 @@ trap 'interrupted TERM 143' TERM
 if [ -z "$device" ]; then
   # made now, not after the work: an output directory that is missing or not writable is
   # said at once, not after hours of reading the repository
+  # A signal as the file is made (it reaches the subshell too) runs the trap before
+  # made_part=1: the partial file stayed, and the retry refused to start.  "maybe": the
+  # clean-up then removes it while it is still empty - it did not exist a moment ago (only
+  # another restore of the same OUTPUT making it in that same instant would lose its file,
+  # and then fail at its rename, not restore wrongly).
+  made_part=maybe
   ( set -C; : > "$part" ) 2>/dev/null \
-    || die "cannot create $part: does its directory exist, is it writable (or did another restore just create it)?"
+    || { made_part=; die "cannot create $part: does its directory exist, is it writable (or did another restore just create it)?"; }
   made_part=1
 fi
 

@@ -434,6 +434,27 @@ def test_verify_next_step_after_a_repair_is_the_backup_and_it_works(tmp_path, ca
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
 
 
+def test_after_a_repair_that_adopted_packs_and_dropped_lost_records_the_next_step_is_the_backup(tmp_path, capsys):
+    """A repair that adopted packs checks again; that check finds the blocks whose records
+    the repair had just dropped, and the advice was to run the repair once more."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    a = make_image(tmp_path / "a.img", 20 * BS, [(0, 20 * BS, "random")], seed=94)
+    x = make_image(tmp_path / "x.img", 20 * BS, [(0, 20 * BS, "random")], seed=95)
+    objects = lambda prefix: {n for n in Repository.open(str(repo)).backend.list(prefix)  # noqa: E731
+                              if n != "packs/pack-storage.json"}
+    cli(capsys, "backup", a, "--repo", repo, "--vm", "a")
+    pack_a, index_a = objects("packs/"), objects("index/")
+    cli(capsys, "backup", x, "--repo", repo, "--vm", "x")
+    for name in pack_a | (objects("index/") - index_a):  # a's packs lost; x's pack index lost
+        os.unlink(repo / name)
+    code, _, err = cli(capsys, "verify", "--repo", repo, "--repair")
+    assert "repair: adopted unindexed pack" in err and "repair: checked again after adopting packs" in err, err
+    assert code == 6 and _next_step(err).startswith("back up the affected disks: the repair dropped"), err
+    assert cli(capsys, "backup", a, "--repo", repo, "--vm", "a")[0] == 0  # the step named: and then all is well
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+
+
 def test_a_pack_lost_with_its_index_is_stored_again_after_the_named_repair(tmp_path, capsys):
     """Blocks no index names and no marker covers (a pack and its pack index both lost):
     an incremental carried their records on unread.  --repair now leaves a marker, so the

@@ -237,11 +237,12 @@ def verify(
         what = (f"{recheck['problem_count']} bad block(s) affecting {len(recheck['affected_snapshots'])} snapshot(s)"
                 if recheck["problem_count"] else f"{len(recheck['affected_snapshots'])} damaged snapshot(s)")
         # the step from what the check after the repair found (it said "back up" of copies
-        # the repair keeps, and of damaged snapshot files, which no backup heals),
-        # none of which this repair acted on: a bad copy in a pack it adopted just now is
-        # still indexed (not "the repair dropped")
+        # the repair keeps, and of damaged snapshot files, which no backup heals): a bad
+        # copy in a pack it adopted just now is still indexed (not "the repair dropped");
+        # blocks no index names are those whose records it dropped, or which a marker
+        # covers (not "after one 'pyvbak verify --repair'": this was it)
         raise IntegrityError(f"after repair, {what} remain in {r.location}: "
-                             f"{_next_step(recheck_report, dropped_unreadable=drop_unreadable)}")
+                             f"{_next_step(recheck_report, repaired_unindexed=True, dropped_unreadable=drop_unreadable)}")
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])
@@ -329,11 +330,14 @@ def _not_on_disks(r, report: dict) -> bool:
     return all(newest.get(d) not in affected for d in disks)
 
 
-def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool = False) -> str:
+def _next_step(report: dict, *, repaired: bool = False, repaired_unindexed: bool = False,
+               dropped_unreadable: bool = False) -> str:
     """What to do about what verify found (it used to say only what: the backups after it
     kept deduplicating against the bad copies, every new snapshot unrestorable, and
     nothing sent the user to the repair).  Built from
-    the causes, so that it is true for each: ``repaired``: this run was ``--repair``."""
+    the causes, so that it is true for each: ``repaired``: this run was ``--repair``;
+    ``repaired_unindexed``: the report is the check after a repair, which dealt with the
+    blocks no index names but not with the bad copies it found in packs it adopted."""
     lost = report.get("lost_blocks_by_cause") or {}
     again = "a backup stores again the blocks a disk still holds (those no disk holds any more are lost)"
     steps = []
@@ -362,7 +366,7 @@ def _next_step(report: dict, *, repaired: bool = False, dropped_unreadable: bool
     elif bad and not repaired:
         steps.append("run 'pyvbak verify --repair', then back up the affected disks: until the repair, backups of "
                      "the same data reuse the bad copies and cannot be restored either")
-    elif bad or (unindexed and repaired):
+    elif bad or (unindexed and (repaired or repaired_unindexed)):
         steps.append(f"back up the affected disks: the repair dropped the lost blocks' records, and {again}")
     elif unindexed:
         steps.append(f"back up the affected disks after one 'pyvbak verify --repair' (once is enough): {again}")

@@ -595,6 +595,14 @@ def _decode_sha_kernel() -> int:
     return lib.PV_SHA_X16 if selected_sha256_kernel() == "avx512" else lib.PV_SHA_NI
 
 
+def decode_min_batch() -> int:
+    """The fewest blocks a batch should hold to be worth the decode kernel: with the
+    AVX-512 lanes alone (no SHA extensions), a group of fewer than PV_X16_MIN_RUN blocks
+    costs the lanes as much as sixteen, and such a batch is better checked by hashlib
+    (the reference path, as ``sha256_many`` does); 1 elsewhere."""
+    return lib.PV_X16_MIN_RUN if _decode_sha_kernel() == lib.PV_SHA_X16_ALONE else 1
+
+
 def decode_blocks_into(dctx, src, src_offsets, src_lengths, dst, dst_offsets, ulens, digests) -> np.ndarray:
     """Decode block i, the zstd frame ``src[src_offsets[i] : +src_lengths[i]]``, into
     ``dst[dst_offsets[i] : +ulens[i]]`` and check its SHA-256 against ``digests[i]``

@@ -150,6 +150,26 @@ def test_each_sha256_kernel_checks_every_block_of_a_long_batch_in_place(monkeypa
 
 
 @needs_native
+@pytest.mark.skipif(not _lanes_alone_available(), reason="needs AVX-512 (the lanes alone)")
+@pytest.mark.parametrize("n,native_called", [(1, False), (8, False), (9, True), (20, True)])
+def test_with_the_lanes_alone_a_short_batch_goes_the_reference_way(monkeypatch, n, native_called):
+    # Without SHA extensions a group of fewer than 9 blocks costs the lanes as much as
+    # sixteen: such a batch is decoded by python-zstandard and hashed by hashlib.
+    monkeypatch.setattr(native, "_decode_sha_kernel", lambda: native.lib.PV_SHA_X16_ALONE)
+    calls = []
+    real = native.decode_blocks_into
+    monkeypatch.setattr(native, "decode_blocks_into", lambda *a: calls.append(1) or real(*a))
+    c1 = zstandard.ZstdCompressor(level=1, write_checksum=True)
+    blocks = [text_bytes(4096, seed=i) for i in range(n)]
+    digests = [sha(b) for b in blocks]
+    digests[-1] = sha(b"another block")
+    status, good = decode_all("native", [c1.compress(b) for b in blocks], [4096] * n, digests)
+    assert status == [OK] * (n - 1) + [MISMATCH]
+    assert good[:-1] == blocks[:-1]
+    assert bool(calls) == native_called
+
+
+@needs_native
 def test_native_is_the_default_where_it_runs(monkeypatch):
     monkeypatch.delenv("PYVBAK_DECODE", raising=False)
     assert native.selected_decode_kernel() == "native" and BlockDecoder().kernel == "native"

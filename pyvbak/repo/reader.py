@@ -136,6 +136,11 @@ class BlockDecoder:
     def __init__(self, kernel: str | None = None):
         self.kernel = native.selected_decode_kernel(kernel)
         self._ctx = native.new_decode_context() if self.kernel == "native" else zstandard.ZstdDecompressor()
+        # (without SHA extensions the kernel checks blocks in the AVX-512 lanes, and a
+        # short batch - one pack's few blocks of a fragmented snapshot - goes the
+        # reference way, its SHA-256 through hashlib: native.decode_min_batch)
+        self._min_native = native.decode_min_batch() if self.kernel == "native" else 0
+        self._reference_ctx = None
 
     def decode_into(self, src, src_offsets: np.ndarray, src_lengths: np.ndarray, dst, dst_offsets: np.ndarray,
                     ulens: np.ndarray, digests: np.ndarray) -> np.ndarray:
@@ -144,15 +149,18 @@ class BlockDecoder:
         or ``V32`` array); returns a uint8 ``native.DECODE_*`` status per block.  A bad
         block's destination bytes are undefined."""
         digests = np.ascontiguousarray(digests)
-        if self.kernel == "native":
-            return native.decode_blocks_into(self._ctx, src, src_offsets, src_lengths, dst, dst_offsets, ulens, digests)
         n = len(src_offsets)
+        if self.kernel == "native" and n >= self._min_native:
+            return native.decode_blocks_into(self._ctx, src, src_offsets, src_lengths, dst, dst_offsets, ulens, digests)
+        ctx = self._ctx
+        if self.kernel == "native":
+            ctx = self._reference_ctx = self._reference_ctx or zstandard.ZstdDecompressor()
         status = np.empty(n, np.uint8)
         src, dst = memoryview(src).cast("B"), memoryview(dst).cast("B")
         so, sl, do, ul = (a.tolist() for a in (src_offsets, src_lengths, dst_offsets, ulens))
         good: list[int] = []
         for i in range(n):
-            data, status[i] = _frame_status(self._ctx, src[so[i] : so[i] + sl[i]], ul[i])
+            data, status[i] = _frame_status(ctx, src[so[i] : so[i] + sl[i]], ul[i])
             if data is not None:
                 dst[do[i] : do[i] + ul[i]] = data
                 good.append(i)

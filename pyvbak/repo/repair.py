@@ -100,7 +100,8 @@ def start_repair(repo, lock, *, partial: bool, say: Callable[[str], None]) -> Pa
     elif repair_problem:  # the mark missing or damaged, some of the packs there
         say(f"warning: {repair_problem.summary()}: --repair takes {repo.packs_location()} for this repository's "
             f"pack storage")
-    # the user's word: packs/ as it is is the storage (its lost packs dropped below)
+    # the user's word: packs/ as it is is the storage (its lost packs' records are
+    # dropped by repair_repository)
     for line in repo.write_pack_storage_mark(mark_state) if mark_state in ("missing", "damaged") else ():
         say(line)
     if not storage_missing:

@@ -83,7 +83,8 @@ def outside_data(chain: list[dict], *, data_files_from_headers: bool = True) -> 
                 # QEMU 7.2 opens a relative data-file from its own working directory, not the
                 # image's (checked with qemu-io): which file holds the backing image's data
                 # depends on the process opening it, so no identity recorded here is the one
-                # QEMU reads (cbt true, restore != image)
+                # QEMU reads (a backup trusting the bitmap said "cbt": true and restored
+                # something else than the image)
                 return [], (f"the backing image {name} keeps its data in the external data file "
                             f"{data['data-file']!r}, named relative to the working directory of the process "
                             f"that opens it, so writes to it cannot be ruled out; give it an absolute name "

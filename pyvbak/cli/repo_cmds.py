@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from .. import interrupts
-from ..repo.repository import DEFAULT_COMPRESSION
+from ..repo.repository import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION
 from .common import (JsonOption, NoLockOption, RepoOption, checked_default_repository_path, emit_json, human_bytes, info,
                      maybe_lock, open_repository, refuse_memory)
 
@@ -17,7 +17,7 @@ from .common import (JsonOption, NoLockOption, RepoOption, checked_default_repos
 def init(
     repo_arg: Optional[str] = typer.Argument(None, metavar="[REPO]", help="Directory for the new repository (must be empty or absent); else --repo, PYVBAK_REPO, or the default repository in your data directory."),
     repo_opt: Optional[str] = RepoOption,
-    block_size: str = typer.Option("64K", "--block-size", help="Block size, a power of two from 64K to 16M."),
+    block_size: str = typer.Option(f"{DEFAULT_BLOCK_SIZE // 1024}K", "--block-size", help="Block size, a power of two from 64K to 16M."),
     compression: str = typer.Option(DEFAULT_COMPRESSION, "--compression", help="zstd:LEVEL, LEVEL -7..22 (a bare 'zstd', like zstd:0, is zstd's own default, level 3)."),
     json_out: bool = JsonOption,
 ) -> None:
@@ -98,7 +98,7 @@ def verify(
     from ..errors import IntegrityError, UsageError
     from ..repo.locks import other_verifies
     from ..repo.repair import repair_repository, start_repair
-    from ..repo.verify import verify_repository
+    from ..repo.verify import flag_bad_copies, lost_blocks_not_on_disks, verify_repository
 
     sample = _percent(sample_arg)
     if repair and no_lock:
@@ -138,14 +138,14 @@ def verify(
             if problem:  # (the mark, the packs gone while it ran, or some only misplaced)
                 raise problem.error("nothing was flagged")
             # (--repair drops the bad copies' records instead of flagging them)
-            report["flagged"] = _flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
-                                                 report["_flagged_before"], report["_healed_flags"],
-                                                 report["_flag_markers_seen"], no_lock,
-                                                 beside=other_verifies(r.backend, verify_lock))
+            report["flagged"] = flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
+                                                report["_flagged_before"], report["_healed_flags"],
+                                                report["_flag_markers_seen"], no_lock,
+                                                beside=other_verifies(r.backend, verify_lock))
         for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before", "_redundant_bad"):  # (for the flags)
             report.pop(k)
         # (only a verify of every block of every snapshot knows what the newest ones use)
-        report["lost_blocks_not_on_disks"] = chosen is None and sample is None and _not_on_disks(r, report)
+        report["lost_blocks_not_on_disks"] = chosen is None and sample is None and lost_blocks_not_on_disks(r, report)
         bad = report.pop("_bad_records")
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
@@ -267,67 +267,6 @@ def verify(
             raise read_problem.error(f"verify found {found}, and nothing was flagged")
         raise IntegrityError(f"verify found {found} in {r.location}: "
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
-
-
-def _flag_bad_copies(r, bad: list, redundant: set, flagged_before, healed: list, seen: list,
-                     no_lock: bool, *, beside: bool = True) -> dict | None:
-    """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
-    next backup of each disk that still holds those blocks stores them again (before, every
-    backup after the damage deduplicated against the bad copies until someone ran
-    ``verify --repair``: its snapshots could not be restored either; Proxmox Backup
-    Server's verify likewise marks bad chunks for the
-    next backup), and clear flagged copies that read back intact now (``healed``).
-    Create-only, under verify's lock.  ``{"marker": name or None, "copies": newly flagged,
-    "again": flagged before too, "cleared": n, "error": reason or None}``, None when there
-    is nothing to flag or clear."""
-    import numpy as np
-
-    from ..backends import BackendError, ObjectExists
-    from ..errors import OutOfSpace
-    from ..repo import digest_sets
-
-    if not bad and not healed:
-        return None
-    # A copy an earlier marker flags is flagged again when another verify runs beside this
-    # one (``beside``): it may have read the copy intact before it went bad again, and be
-    # about to clear that earlier flag; this marker is one its clear does not know.
-    # A verify that starts later reads the copy after this one found it bad:
-    # its clear is right.  Otherwise flagged once: a marker a night for a block lost for
-    # good made every disk's next backup re-check its parent, every night.  A
-    # bad copy beside a good one matters to restore's choice alone: flagged once.
-    again = 0
-    if bad:
-        keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
-        pairs = [(c, k) for c, k in zip(bad, digest_sets.isin(keys, flagged_before).tolist())
-                 if not (k and (c in redundant or not beside))]
-        bad = [c for c, _ in pairs]
-        again = sum(1 for _, k in pairs if k)
-    nothing = {"marker": None, "copies": 0, "again": 0, "cleared": 0, "error": None}
-    if not bad and not healed:
-        return nothing
-    if no_lock:  # read-only media, as a rule: verify writes nothing there
-        return {**nothing, "error": "--no-lock: nothing is written"} if bad else nothing
-    try:
-        return {**nothing, "marker": r.write_flag_marker(bad, healed, seen), "copies": len(bad) - again,
-                "again": again, "cleared": len(healed)}
-    except (BackendError, ObjectExists, OutOfSpace, OSError) as exc:  # verify's report still stands
-        return {**nothing, "error": str(exc)}
-
-
-def _not_on_disks(r, report: dict) -> bool:
-    """Whether no backup can bring back the lost blocks: every disk of a snapshot that
-    lacks them has a newer snapshot that does not use them - so the disk did not hold
-    them at its last backup (verify said "back up the affected disks" after every such
-    backup)."""
-    lacking = ({a["id"] for a in report["affected_snapshots"]} - set(report.get("snapshots_damaged") or ())
-               - set(report.get("snapshots_unread") or ()))
-    if not lacking or not report.get("problem_count"):
-        return False
-    snaps = r.snapshots()
-    newest = {(s.vm, s.disk): s.id for s in snaps}  # (oldest first: the last one stays)
-    disks = {(s.vm, s.disk) for s in snaps if s.id in lacking}
-    affected = {a["id"] for a in report["affected_snapshots"]}  # (a damaged newest one: unknown)
-    return all(newest.get(d) not in affected for d in disks)
 
 
 def _next_step(report: dict, *, repaired: bool = False, repaired_unindexed: bool = False,

@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-from ..backends import AccessDenied
-from ..errors import IntegrityError, PyvbakError
+from ..backends import AccessDenied, BackendError, ObjectExists
+from ..errors import IntegrityError, OutOfSpace, PyvbakError
 from . import digest_sets
 from . import format as fmt
 from .reader import ReadFailure, ScratchSink, read_blocks, sort_for_reading
@@ -315,3 +315,58 @@ def check_pack_trailers(repo, recs: np.ndarray) -> dict[str, str]:
         if not digest_sets.isin(want.view("S48"), digest_sets.unique(np.ascontiguousarray(toc).view("S48"))).all():
             damaged[pack_hex] = "its table of contents does not list blocks the pack index says it holds"
     return damaged
+
+
+def flag_bad_copies(repo, bad: list, redundant: set, flagged_before, healed: list, seen: list,
+                    no_lock: bool, *, beside: bool = True) -> dict | None:
+    """Flag the copies a plain verify found corrupt or missing in a ``lost/`` marker, so the
+    next backup of each disk that still holds those blocks stores them again (before, every
+    backup after the damage deduplicated against the bad copies until someone ran
+    ``verify --repair``: its snapshots could not be restored either; Proxmox Backup
+    Server's verify likewise marks bad chunks for the next backup), and clear flagged
+    copies that read back intact now (``healed``).
+    Create-only, under verify's lock.  ``{"marker": name or None, "copies": newly flagged,
+    "again": flagged before too, "cleared": n, "error": reason or None}``, None when there
+    is nothing to flag or clear."""
+    if not bad and not healed:
+        return None
+    # A copy an earlier marker flags is flagged again when another verify runs beside this
+    # one (``beside``): it may have read the copy intact before it went bad again, and be
+    # about to clear that earlier flag; this marker is one its clear does not know.
+    # A verify that starts later reads the copy after this one found it bad:
+    # its clear is right.  Otherwise flagged once: a marker a night for a block lost for
+    # good made every disk's next backup re-check its parent, every night.  A
+    # bad copy beside a good one matters to restore's choice alone: flagged once.
+    again = 0
+    if bad:
+        keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
+        pairs = [(c, k) for c, k in zip(bad, digest_sets.isin(keys, flagged_before).tolist())
+                 if not (k and (c in redundant or not beside))]
+        bad = [c for c, _ in pairs]
+        again = sum(1 for _, k in pairs if k)
+    nothing = {"marker": None, "copies": 0, "again": 0, "cleared": 0, "error": None}
+    if not bad and not healed:
+        return nothing
+    if no_lock:  # read-only media, as a rule: verify writes nothing there
+        return {**nothing, "error": "--no-lock: nothing is written"} if bad else nothing
+    try:
+        return {**nothing, "marker": repo.write_flag_marker(bad, healed, seen), "copies": len(bad) - again,
+                "again": again, "cleared": len(healed)}
+    except (BackendError, ObjectExists, OutOfSpace, OSError) as exc:  # verify's report still stands
+        return {**nothing, "error": str(exc)}
+
+
+def lost_blocks_not_on_disks(repo, report: dict) -> bool:
+    """Whether no backup can bring back the lost blocks: every disk of a snapshot that
+    lacks them has a newer snapshot that does not use them - so the disk did not hold
+    them at its last backup (verify said "back up the affected disks" after every such
+    backup)."""
+    lacking = ({a["id"] for a in report["affected_snapshots"]} - set(report.get("snapshots_damaged") or ())
+               - set(report.get("snapshots_unread") or ()))
+    if not lacking or not report.get("problem_count"):
+        return False
+    snaps = repo.snapshots()
+    newest = {(s.vm, s.disk): s.id for s in snaps}  # (oldest first: the last one stays)
+    disks = {(s.vm, s.disk) for s in snaps if s.id in lacking}
+    affected = {a["id"] for a in report["affected_snapshots"]}  # (a damaged newest one: unknown)
+    return all(newest.get(d) not in affected for d in disks)

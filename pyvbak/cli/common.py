@@ -116,8 +116,7 @@ def refuse_memory(location: str) -> None:
 class _OutputStopped(BaseException):
     """A stop request (SIGTERM, SIGHUP, Ctrl-C) that arrived, after the work was
     committed (or the outcome decided), while output waited on a full pipe that nobody
-    reads: it ends that output (the process hung there, the stop only noted - reviews 2
-    and 3).  Raised by cli.main's signal handlers while ``_writing_output`` is set."""
+    reads: it ends that output (the process hung there, the stop only noted).  Raised by cli.main's signal handlers while ``_writing_output`` is set."""
 
 
 #: [a write of the command's output to a piped stdout (cli.main's _PipedStdout) is under

@@ -3,9 +3,10 @@ what others wrote: prune (``prune.py``) and repair (``repair.py``).
 
 Both read every pack index object, write the new ones (create-only) before the old ones
 go, and delete packs only after no index names them; a pack they wrote and gave up is
-deleted again.  Kept here, below both, because prune also uses repair's primitives
-(adoption that leaves out the copies a repair dropped, finishing a repair's interrupted
-move): neither module could hold these without importing the other.
+deleted again.  Kept here, below both: prune also uses repair's primitives (adoption that
+leaves out the copies a repair dropped, finishing a repair's interrupted move), so in
+prune.py these would make the two modules import each other, and in repair.py prune's own
+index rewrite would live in the repair module.
 """
 
 from __future__ import annotations

@@ -455,6 +455,28 @@ def test_after_a_repair_that_adopted_packs_and_dropped_lost_records_the_next_ste
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
 
 
+def test_a_pack_cut_to_nothing_in_its_own_place_is_not_a_pack_to_move_back(tmp_path, capsys):
+    """A pack cut to 0 bytes in its own place: verify said its blocks read back and that a
+    repair would rebuild its table of contents with no snapshot losing data; after the
+    repair, it sent the user to "move back where the note says" an object the note gave no
+    place for."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "a.img", 16 * BS, [(0, 16 * BS, "random")], seed=96)
+    cli(capsys, "backup", img, "--repo", repo, "--vm", "a")
+    (pack,) = [p for p in (repo / "packs").rglob("*") if p.is_file() and p.name != "pack-storage.json"]
+    make_image(img, 16 * BS, [(0, 16 * BS, "random")], seed=97)  # the disk moves on: every block new
+    cli(capsys, "backup", img, "--repo", repo, "--vm", "a")
+    pack.write_bytes(b"")
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "blocks of it do not read back either" in err, err
+    assert "its blocks read back" not in err and "no snapshot loses data" not in _next_step(err), err
+    assert cli(capsys, "verify", "--repair", "--repo", repo)[0] == 6
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 6 and "cannot be a pack" in err and "moved back" not in _next_step(err), err
+    assert "forget" in _next_step(err), err  # the old snapshot's blocks are gone from every disk
+
+
 def test_a_pack_lost_with_its_index_is_stored_again_after_the_named_repair(tmp_path, capsys):
     """Blocks no index names and no marker covers (a pack and its pack index both lost):
     an incremental carried their records on unread.  --repair now leaves a marker, so the

@@ -147,6 +147,7 @@ def verify(
         # (only a verify of every block of every snapshot knows what the newest ones use)
         report["lost_blocks_not_on_disks"] = chosen is None and sample is None and lost_blocks_not_on_disks(r, report)
         bad = report.pop("_bad_records")
+        bad_packs = {bytes(c[1]).ljust(32, b"\0").hex() for c in bad}  # (packs of which a copy read back bad)
         unreadable = report.pop("_unreadable_records")
         adoptable = report.pop("_adoptable")
         if repair:
@@ -171,6 +172,9 @@ def verify(
         for a in report["affected_snapshots"]:
             info(f"snapshot {a['id']}: {a['reason']}")
         for t in report["damaged_pack_trailers"]:
+            if t["pack"] in bad_packs:  # (cut short, or damaged inside: not only its table of contents)
+                info(f"pack {t['pack'][:16]}…: {t['reason']}; blocks of it do not read back either (above)")
+                continue
             info(f"pack {t['pack'][:16]}…: {t['reason']}: its blocks read back through the pack index, but the pack "
                  f"could not be indexed again from itself if that index were lost; "
                  + ("repaired below, if it can be" if repair else "'pyvbak verify --repair' rebuilds it from the pack index"))
@@ -266,17 +270,18 @@ def verify(
             # fill it): the storage first
             raise read_problem.error(f"verify found {found}, and nothing was flagged")
         raise IntegrityError(f"verify found {found} in {r.location}: "
-                             f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable)}")
+                             f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable, bad_packs=bad_packs)}")
 
 
 def _next_step(report: dict, *, repaired: bool = False, repaired_unindexed: bool = False,
-               dropped_unreadable: bool = False) -> str:
+               dropped_unreadable: bool = False, bad_packs: set = frozenset()) -> str:
     """What to do about what verify found (it used to say only what: the backups after it
     kept deduplicating against the bad copies, every new snapshot unrestorable, and
     nothing sent the user to the repair).  Built from
     the causes, so that it is true for each: ``repaired``: this run was ``--repair``;
     ``repaired_unindexed``: the report is the check after a repair, which dealt with the
-    blocks no index names but not with the bad copies it found in packs it adopted."""
+    blocks no index names but not with the bad copies it found in packs it adopted;
+    ``bad_packs``: the packs (hex) some of whose copies read back bad."""
     lost = report.get("lost_blocks_by_cause") or {}
     again = "a backup stores again the blocks a disk still holds (those no disk holds any more are lost)"
     steps = []
@@ -284,8 +289,9 @@ def _next_step(report: dict, *, repaired: bool = False, repaired_unindexed: bool
     if dropped_unreadable:
         bad, unread = bad + unread, 0
     flagged = report.get("flagged") or {}
-    if unindexed and report.get("packs_left_alone") and not repaired:
-        # (a misplaced pack: the repair would give its blocks up)
+    if unindexed and any("belongs at" in ln for ln in report.get("packs_left_alone") or ()) and not repaired:
+        # (a misplaced pack: the repair would give its blocks up; a damaged one left alone
+        # in its own place has nowhere to go back to)
         steps.append("first look at the objects under packs/ named above: one moved back where the note says holds "
                      "blocks again (then run 'pyvbak verify' once more)")
     if (bad or unindexed) and report.get("lost_blocks_not_on_disks"):
@@ -320,7 +326,8 @@ def _next_step(report: dict, *, repaired: bool = False, repaired_unindexed: bool
         if report["damaged_pack_indexes"]:
             steps.append("the next backup or 'pyvbak verify --repair' rebuilds the damaged pack index(es) from "
                          "the packs")
-        if report["damaged_pack_trailers"]:
+        if any(t["pack"] not in bad_packs for t in report["damaged_pack_trailers"]):
+            # (a pack with bad blocks too is the bad copies' advice above: its records go)
             steps.append("'pyvbak verify --repair' rebuilds the damaged tables of contents (no snapshot loses data)")
         if report.get("unindexed_packs"):
             also = "" if report["damaged_pack_indexes"] else " (or 'pyvbak prune')"  # (prune stops on one)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -1835,6 +1836,26 @@ def test_a_repository_made_before_the_mark_with_a_pack_really_lost_gets_out_with
     assert code == 0 and os.path.exists(os.path.join(repo, "packs", "pack-storage.json")), err
     assert cli(capsys, "restore", "web@latest", tmp / "out.img", "--repo", repo)[0] == 0
     assert same_file(tmp / "out.img", img)
+
+
+def test_several_misplaced_packs_are_put_back_after_one_error(env, capsys):
+    """The error named one misplaced pack and its place and said "move them there": a user
+    doing what it says needed one verify per pack.  It now states where each belongs."""
+    tmp, repo, img = env
+    assert cli(capsys, "init", repo)[0] == 0
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+    assert cli(capsys, "backup", vm_image(tmp / "db.img", 2 * MiB, seed=62), "--repo", repo, "--vm", "db")[0] == 0
+    packs = pack_files(repo)
+    assert len(packs) >= 2
+    os.makedirs(os.path.join(repo, "packs", "zz"))
+    for pack in packs:
+        os.rename(pack, os.path.join(repo, "packs", "zz", os.path.basename(pack)))
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    rule = re.search(r"each pack belongs at packs/HH/NAME, HH the first two characters of its NAME", err)
+    assert code == 6 and "move them there" in err and rule, err
+    for name in os.listdir(os.path.join(repo, "packs", "zz")):  # the rule, followed once
+        os.rename(os.path.join(repo, "packs", "zz", name), os.path.join(repo, "packs", name[:2], name))
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
 
 
 def test_a_misplaced_pack_of_a_repository_made_before_the_mark_is_named_not_given_up(env, capsys):

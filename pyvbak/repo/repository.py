@@ -1489,7 +1489,8 @@ class PackStorageProblem:
                 f"{self.count} of the packs the index of repository {repo.location} names are not where readers look "
                 f"in {packs_dir}: {n} {'is' if n == 1 else 'are'} elsewhere under it, e.g. {name}, which belongs at "
                 f"{fmt.pack_name(name.rsplit('/', 1)[-1])}{others}; {outcome}: move {'it' if n == 1 else 'them'} "
-                f"there, then run the command again")
+                f"there{'' if n == 1 else ' (each pack belongs at packs/HH/NAME, HH the first two characters of its NAME)'}, "
+                f"then run the command again")
         if self.kind == "unmarked":
             return IntegrityError(
                 f"{self.count} of the packs the index of repository {repo.location} names are not in {packs_dir}, and "

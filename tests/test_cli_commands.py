@@ -477,6 +477,61 @@ def test_a_pack_cut_to_nothing_in_its_own_place_is_not_a_pack_to_move_back(tmp_p
     assert "forget" in _next_step(err), err  # the old snapshot's blocks are gone from every disk
 
 
+def _flip_byte(path, offset: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def test_lost_blocks_beside_a_damaged_snapshot_file_are_counted_apart(tmp_path, capsys):
+    """A bad block of an old snapshot and another snapshot's index file missing: verify said
+    "1 bad block(s) affecting 2 snapshot(s) ... they are lost to the snapshots named above -
+    forget those", the intact one included."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    img = make_image(tmp_path / "a.img", 8 * BS, [(0, 8 * BS, "random")], seed=98)
+    cli(capsys, "backup", img, "--repo", repo, "--vm", "a")
+    (pack,) = [p for p in (repo / "packs").rglob("*") if p.is_file() and p.name != "pack-storage.json"]
+    make_image(img, 8 * BS, [(0, 8 * BS, "random")], seed=99)
+    cli(capsys, "backup", img, "--repo", repo, "--vm", "a")
+    cli(capsys, "backup", img, "--repo", repo, "--vm", "a")  # the disk, unchanged
+    s2 = Repository.open(str(repo)).snapshots()[1].id
+    _flip_byte(pack)
+    os.unlink(repo / "snapshots" / f"{s2}.index")
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    last = err.strip().splitlines()[-1]
+    assert code == 6 and "1 bad block(s) affecting 1 snapshot(s) and 1 damaged snapshot(s)" in last, err
+    assert "lost to the snapshots with bad blocks named above" in last, err
+
+
+def test_while_a_snapshot_description_is_damaged_lost_blocks_may_still_be_on_a_disk(tmp_path, capsys):
+    """Disk a: data A, then B, then A again; the newest snapshot's description damaged, and
+    a copy of an A block bad.  verify called the block lost ("forget those"): the damaged
+    description was left out, so B's snapshot looked like the disk's newest.  A backup
+    heals it."""
+    repo = tmp_path / "repo"
+    cli(capsys, "init", repo)
+    a = make_image(tmp_path / "A.img", 8 * BS, [(0, 8 * BS, "random")], seed=100)
+    b = make_image(tmp_path / "B.img", 8 * BS, [(0, 8 * BS, "random")], seed=101)
+    disk = tmp_path / "a.img"
+    for data in (a, b, a):
+        shutil.copyfile(data, disk)
+        cli(capsys, "backup", disk, "--repo", repo, "--vm", "a")
+    s1, _, s3 = Repository.open(str(repo)).snapshots()
+    first_pack = min((p for p in (repo / "packs").rglob("*") if p.is_file() and p.name != "pack-storage.json"),
+                     key=lambda p: p.stat().st_mtime_ns)
+    _flip_byte(first_pack)
+    (repo / "snapshots" / f"{s3.id}.json").write_text("garbage")
+    code, _, err = cli(capsys, "verify", "--repo", repo)
+    step = _next_step(err)
+    assert code == 6 and "they are lost" not in step and step.startswith("back up the affected disks"), err
+    assert cli(capsys, "backup", disk, "--repo", repo, "--vm", "a")[0] == 0  # what it says: and A is whole again
+    assert cli(capsys, "restore", s1.id, tmp_path / "s1.img", "--repo", repo)[0] == 0
+    assert same_file(tmp_path / "s1.img", a)
+
+
 def test_a_pack_lost_with_its_index_is_stored_again_after_the_named_repair(tmp_path, capsys):
     """Blocks no index names and no marker covers (a pack and its pack index both lost):
     an incremental carried their records on unread.  --repair now leaves a marker, so the

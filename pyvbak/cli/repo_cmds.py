@@ -251,7 +251,13 @@ def verify(
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])
         unread = len(report.get("snapshots_unread") or ())
-        found = (f"{report['problem_count']} bad block(s) affecting {n} snapshot(s)" if report["problem_count"]
+        files = len(report.get("snapshots_damaged") or ())
+        # (the snapshots a damaged file of their own hurts are counted apart from those
+        # with bad blocks: the advice for the two differs, and one is no loss of data)
+        found = (f"{report['problem_count']} bad block(s) affecting {n - files - unread} snapshot(s)"
+                 + (f" and {files} damaged snapshot(s)" if files else "")
+                 + (f" and {unread} snapshot(s) whose index could not be read" if unread else "")
+                 if report["problem_count"]
                  else f"{n - unread} damaged snapshot(s)" if n > unread
                  else f"{n} snapshot(s) whose index could not be read" if n else "")
         if damaged:
@@ -296,7 +302,7 @@ def _next_step(report: dict, *, repaired: bool = False, repaired_unindexed: bool
                      "blocks again (then run 'pyvbak verify' once more)")
     if (bad or unindexed) and report.get("lost_blocks_not_on_disks"):
         steps.append("the affected disks were backed up since and no longer hold those blocks (their newest snapshots "
-                     "do not use them): they are lost to the snapshots named above - restore another snapshot, or "
+                     "do not use them): they are lost to the snapshots with bad blocks named above - restore another snapshot, or "
                      "forget those ('pyvbak forget ID')")
         bad = unindexed = 0
     if bad and not repaired and report.get("sampled_percent") is not None:

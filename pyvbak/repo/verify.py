@@ -366,6 +366,10 @@ def lost_blocks_not_on_disks(repo, report: dict) -> bool:
     if not lacking or not report.get("problem_count"):
         return False
     snaps = repo.snapshots()
+    if repo.damaged_snapshots:
+        # a snapshot whose description cannot be read may be a disk's newest (its VM and
+        # place are unknown): the disk may still hold the blocks, and a backup heal them
+        return False
     newest = {(s.vm, s.disk): s.id for s in snaps}  # (oldest first: the last one stays)
     disks = {(s.vm, s.disk) for s in snaps if s.id in lacking}
     affected = {a["id"] for a in report["affected_snapshots"]}  # (a damaged newest one: unknown)

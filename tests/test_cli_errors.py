@@ -528,6 +528,22 @@ def test_a_pack_an_older_pyvbak_left_in_the_mount_point_does_not_make_the_storag
         assert same_file(tmp / "out.img", img)
 
 
+@pytest.mark.parametrize("json_out", [False, True], ids=["text", "json"])
+def test_verify_of_intact_packs_whose_mark_is_lost_fails_while_backups_refuse(backed_up, capsys, json_out):
+    """It exited 0 with a warning while every backup refused: a monitor watching verify's
+    exit code saw a healthy repository."""
+    tmp, repo, img, sid = backed_up
+    os.unlink(os.path.join(repo, "packs", "pack-storage.json"))
+    code, out, err = cli(capsys, "verify", "--repo", repo, *(["--json"] if json_out else []))
+    assert code == 6 and "every block verify read is intact, but backups refuse" in err, err
+    assert "'pyvbak verify --repair'" in err.strip().splitlines()[-1], err
+    if json_out:
+        assert json.loads(out)["ok"] is True
+    assert cli(capsys, "verify", "--repair", "--repo", repo)[0] == 0  # the way it names
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+    assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0
+
+
 def test_repair_marks_a_pack_storage_whose_mark_alone_was_lost(backed_up, capsys):
     """Packs copied to new storage without the mark: the backup refuses; 'verify --repair'
     (the user's word that this packs/ is the storage) checks the packs and marks it, and

@@ -277,6 +277,11 @@ def verify(
             raise read_problem.error(f"verify found {found}, and nothing was flagged")
         raise IntegrityError(f"verify found {found} in {r.location}: "
                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable, bad_packs=bad_packs)}")
+    if read_problem is not None:
+        # every block it read is intact, but backups, prune and forget --prune refuse this
+        # repository until the storage is back or marked: exit 0 told a monitor that
+        # watches verify's exit code the repository was healthy
+        raise read_problem.error("every block verify read is intact, but backups refuse this repository")
 
 
 def _next_step(report: dict, *, repaired: bool = False, repaired_unindexed: bool = False,

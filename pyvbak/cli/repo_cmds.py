@@ -159,7 +159,10 @@ def verify(
                 # damage is a failure, exit 6, whatever comes while it is said)
                 interrupts.begin_finishing()
     if json_out:
-        emit_json(report)
+        # (a pack storage problem fails the command, exit 6, whatever the blocks: the report
+        # says so too, for a script that reads "ok")
+        emit_json(report if read_problem is None else
+                  {**report, "ok": False, "pack_storage_problem": read_problem.summary()})
     else:
         sampled = (f" - a random {report['sampled_percent']:g} % sample of their blocks: the others were not read"
                    if report["sampled_percent"] is not None else "")
@@ -173,7 +176,7 @@ def verify(
             info(f"snapshot {a['id']}: {a['reason']}")
         for t in report["damaged_pack_trailers"]:
             if t["pack"] in bad_packs:  # (cut short, or damaged inside: not only its table of contents)
-                info(f"pack {t['pack'][:16]}…: {t['reason']}; blocks of it do not read back either (above)")
+                info(f"pack {t['pack'][:16]}…: {t['reason']}; some of its block copies do not read back either")
                 continue
             info(f"pack {t['pack'][:16]}…: {t['reason']}: its blocks read back through the pack index, but the pack "
                  f"could not be indexed again from itself if that index were lost; "

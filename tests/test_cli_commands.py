@@ -434,18 +434,25 @@ def test_verify_next_step_after_a_repair_is_the_backup_and_it_works(tmp_path, ca
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
 
 
-def test_after_a_repair_that_adopted_packs_and_dropped_lost_records_the_next_step_is_the_backup(tmp_path, capsys):
-    """A repair that adopted packs checks again; that check finds the blocks whose records
-    the repair had just dropped, and the advice was to run the repair once more."""
+def _vm_a_then_x(tmp_path, capsys, seed: int):
+    """A repository with VM a backed up, then VM x: (repo, a's image, objects(prefix) -
+    the object names under it but the pack-storage mark, a's packs, a's pack indexes)."""
     repo = tmp_path / "repo"
     cli(capsys, "init", repo)
-    a = make_image(tmp_path / "a.img", 20 * BS, [(0, 20 * BS, "random")], seed=94)
-    x = make_image(tmp_path / "x.img", 20 * BS, [(0, 20 * BS, "random")], seed=95)
+    a = make_image(tmp_path / "a.img", 20 * BS, [(0, 20 * BS, "random")], seed=seed)
+    x = make_image(tmp_path / "x.img", 20 * BS, [(0, 20 * BS, "random")], seed=seed + 1)
     objects = lambda prefix: {n for n in Repository.open(str(repo)).backend.list(prefix)  # noqa: E731
                               if n != "packs/pack-storage.json"}
     cli(capsys, "backup", a, "--repo", repo, "--vm", "a")
     pack_a, index_a = objects("packs/"), objects("index/")
     cli(capsys, "backup", x, "--repo", repo, "--vm", "x")
+    return repo, a, objects, pack_a, index_a
+
+
+def test_after_a_repair_that_adopted_packs_and_dropped_lost_records_the_next_step_is_the_backup(tmp_path, capsys):
+    """A repair that adopted packs checks again; that check finds the blocks whose records
+    the repair had just dropped, and the advice was to run the repair once more."""
+    repo, a, objects, pack_a, index_a = _vm_a_then_x(tmp_path, capsys, seed=94)
     for name in pack_a | (objects("index/") - index_a):  # a's packs lost; x's pack index lost
         os.unlink(repo / name)
     code, _, err = cli(capsys, "verify", "--repo", repo, "--repair")
@@ -554,16 +561,8 @@ def test_a_repair_of_chosen_snapshots_leaves_the_marker_the_disks_newest_snapsho
     """The zero-record marker was decided from the chosen snapshots alone: `verify OLD
     --repair` wrote none when the disk's newest snapshot (the next backup's parent) had
     checked every existing marker, so that backup carried the lost records on unread."""
-    repo = tmp_path / "repo"
-    cli(capsys, "init", repo)
-    a = make_image(tmp_path / "a.img", 20 * BS, [(0, 20 * BS, "random")], seed=92)
-    x = make_image(tmp_path / "x.img", 20 * BS, [(0, 20 * BS, "random")], seed=93)
-    objects = lambda prefix: {n for n in Repository.open(str(repo)).backend.list(prefix)  # noqa: E731
-                              if n != "packs/pack-storage.json"}
-    cli(capsys, "backup", a, "--repo", repo, "--vm", "a")
-    pack_a, index_a = objects("packs/"), objects("index/")
-    (old,) = [s.id for s in Repository.open(str(repo)).snapshots()]
-    cli(capsys, "backup", x, "--repo", repo, "--vm", "x")
+    repo, a, objects, pack_a, index_a = _vm_a_then_x(tmp_path, capsys, seed=92)
+    old = Repository.open(str(repo)).snapshots(vm="a")[0].id
     for name in objects("packs/") - pack_a:
         os.unlink(repo / name)
     assert cli(capsys, "verify", "--repo", repo, "--repair")[0] == 6  # marker M1, for x

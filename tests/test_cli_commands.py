@@ -115,7 +115,7 @@ def test_verify_json_shape(populated, capsys):
     code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["ok"] is True
+    assert report["ok"] is True and report["error"] is None
     assert report["snapshots"] == 4
     # 200 + 10 changed + 101 + 100 unique blocks
     assert report["blocks_checked"] == 411
@@ -194,7 +194,10 @@ def test_verify_of_chosen_snapshots_checks_their_blocks_only(tmp_path, capsys):
     report = json.loads(out)
     assert report["snapshots"] == 1 and report["blocks_checked"] == 10
     code, out, err = cli(capsys, "verify", ids["a"], "--repo", repo, "--json")
-    assert code == 6 and [a["id"] for a in json.loads(out)["affected_snapshots"]] == [ids["a"]]
+    report = json.loads(out)
+    assert code == 6 and [a["id"] for a in report["affected_snapshots"]] == [ids["a"]]
+    # the line stderr ends with (what verify found, the next step), for a script
+    assert report["error"] and err.strip().splitlines()[-1] == f"pyvbak: error: {report['error']}", (report, err)
     code, out, err = cli(capsys, "verify", "--repo", repo, "--json")
     assert code == 6 and json.loads(out)["snapshots"] == 2
     code, out, err = cli(capsys, "verify", "v/nope@latest", "--repo", repo)

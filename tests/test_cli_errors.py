@@ -540,6 +540,7 @@ def test_verify_of_intact_packs_whose_mark_is_lost_fails_while_backups_refuse(ba
     if json_out:  # (the report agrees with the exit code)
         doc = json.loads(out)
         assert doc["ok"] is False and doc["problem_count"] == 0 and "is missing" in doc["pack_storage_problem"], doc
+        assert "every block verify read is intact, but backups refuse" in doc["error"], doc
     assert cli(capsys, "verify", "--repair", "--repo", repo)[0] == 0  # the way it names
     assert cli(capsys, "verify", "--repo", repo)[0] == 0
     assert cli(capsys, "backup", img, "--repo", repo, "--vm", "web")[0] == 0

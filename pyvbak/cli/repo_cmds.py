@@ -95,7 +95,7 @@ def verify(
     """Re-read stored blocks, check their digests and their packs' tables of contents, name the snapshots any bad block affects."""
     from contextlib import nullcontext
 
-    from ..errors import IntegrityError, UsageError
+    from ..errors import UsageError
     from ..repo.locks import other_verifies
     from ..repo.repair import repair_repository, start_repair
     from ..repo.verify import flag_bad_copies, lost_blocks_not_on_disks, verify_repository
@@ -158,11 +158,14 @@ def verify(
                 # repaired, a success: a stop request from here on is noted (one that leaves
                 # damage is a failure, exit 6, whatever comes while it is said)
                 interrupts.begin_finishing()
+    failure = _verify_failure(r, report, recheck_report, read_problem, repair=repair, drop_unreadable=drop_unreadable,
+                              bad_packs=bad_packs)
     if json_out:
         # (a pack storage problem fails the command, exit 6, whatever the blocks: the report
-        # says so too, for a script that reads "ok")
-        emit_json(report if read_problem is None else
-                  {**report, "ok": False, "pack_storage_problem": read_problem.summary()})
+        # says so too, for a script that reads "ok"; "error": the line verify ends with, what
+        # it found and the next step, or null)
+        doc = report if read_problem is None else {**report, "ok": False, "pack_storage_problem": read_problem.summary()}
+        emit_json({**doc, "error": str(failure) if failure is not None else None})
     else:
         sampled = (f" - a random {report['sampled_percent']:g} % sample of their blocks: the others were not read"
                    if report["sampled_percent"] is not None else "")
@@ -234,11 +237,21 @@ def verify(
             info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
                  f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "
                  f"blocks stores them again")
-    if not report["ok"] and report.get("repair", {}).get("complete"):
+    if report.get("repair", {}).get("complete") and not report["ok"]:
         # exit 0: what verify found is gone and every snapshot reads back whole (the damage
         # was in redundant copies or pack indexes only); the lines above said what was done
         info("repair: complete - every snapshot restores from intact copies; 'pyvbak verify' confirms it")
-        return
+    if failure is not None:
+        raise failure
+
+
+def _verify_failure(r, report: dict, recheck_report, read_problem, *, repair: bool, drop_unreadable: bool,
+                    bad_packs: set) -> Exception | None:
+    """The error verify ends with (exit 6: what it found and the next step), or None."""
+    from ..errors import IntegrityError
+
+    if not report["ok"] and report.get("repair", {}).get("complete"):
+        return None
     if not report["ok"] and report.get("repair", {}).get("recheck"):
         recheck = report["repair"]["recheck"]
         what = (f"{recheck['problem_count']} bad block(s) affecting {len(recheck['affected_snapshots'])} snapshot(s)"
@@ -248,8 +261,8 @@ def verify(
         # copy in a pack it adopted just now is still indexed (not "the repair dropped");
         # blocks no index names are those whose records it dropped, or which a marker
         # covers (not "after one 'pyvbak verify --repair'": this was it)
-        raise IntegrityError(f"after repair, {what} remain in {r.location}: "
-                             f"{_next_step(recheck_report, repaired_unindexed=True, dropped_unreadable=drop_unreadable)}")
+        return IntegrityError(f"after repair, {what} remain in {r.location}: "
+                              f"{_next_step(recheck_report, repaired_unindexed=True, dropped_unreadable=drop_unreadable)}")
     if not report["ok"]:
         n = len(report["affected_snapshots"])
         damaged = len(report["damaged_pack_indexes"])
@@ -277,14 +290,15 @@ def verify(
         if read_problem is not None:
             # (its advice, "verify --repair, then back up", would mark the mount point and
             # fill it): the storage first
-            raise read_problem.error(f"verify found {found}, and nothing was flagged")
-        raise IntegrityError(f"verify found {found} in {r.location}: "
-                             f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable, bad_packs=bad_packs)}")
+            return read_problem.error(f"verify found {found}, and nothing was flagged")
+        return IntegrityError(f"verify found {found} in {r.location}: "
+                              f"{_next_step(report, repaired=repair, dropped_unreadable=repair and drop_unreadable, bad_packs=bad_packs)}")
     if read_problem is not None:
         # every block it read is intact, but backups, prune and forget --prune refuse this
         # repository until the storage is back or marked: exit 0 told a monitor that
         # watches verify's exit code the repository was healthy
-        raise read_problem.error("every block verify read is intact, but backups refuse this repository")
+        return read_problem.error("every block verify read is intact, but backups refuse this repository")
+    return None
 
 
 def _next_step(report: dict, *, repaired: bool = False, repaired_unindexed: bool = False,

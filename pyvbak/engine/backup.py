@@ -473,8 +473,8 @@ class _BackupRun:
         """Whether the change tracking's dirty blocks are what this backup reads
         (``result.cbt``), and if not, why (``result.fallback_reason``)."""
         ct, parent, size, result = self.ct, self.parent, self.size, self.result
-        self.use_cbt = (ct is not None and ct.extents is not None and parent.snap is not None
-                        and parent.size == size and not self.missed_by_bitmap)
+        use_cbt = (ct is not None and ct.extents is not None and parent.snap is not None
+                   and parent.size == size and not self.missed_by_bitmap)
         if ct is not None:
             if ct.extents is None:
                 reason = ct.fallback_reason or "change tracking unavailable"
@@ -500,9 +500,9 @@ class _BackupRun:
                 # may think some tracking was checked: say there was none)
                 result.warnings.append("--verify-cbt: this source has no change tracking to verify")
         self.cbt_candidates = None
-        if self.use_cbt:
+        if use_cbt:
             self.cbt_candidates = self.dirty if self.dirty is not None else _extent_blocks(ct.extents, self.n, self.bs)
-        result.cbt = bool(self.use_cbt and not self.verify_cbt)
+        result.cbt = bool(use_cbt and not self.verify_cbt)
 
     def _take_index(self) -> None:
         """The arrays the backup fills: the new index (the parent's, taken over when the

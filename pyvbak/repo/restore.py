@@ -524,143 +524,148 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
     put in place together.  ``flag_bad_copies``: the repository lock the caller holds (or
     True to vouch for one): copies found corrupt or missing are flagged in a ``lost/``
     marker, as a plain verify flags them (``report["flagged_copies"]``; _flag_failed_copies)."""
-    t0 = time.monotonic()
     # One worker per core: the backend prefetches the pack ranges ahead of them (packs are
     # written with O_DIRECT, so a restore reads them cold).  2 GiB bench image, 2 cores,
     # in-process: warm packs 2 threads 1.18 s, 3 threads 1.29 s, 4 threads 1.58 s;
     # dropped caches 2 threads 1.54-1.61 s, 4 threads 1.65-1.83 s (more threads only add
     # hand-offs once reads no longer block them).
-    threads = threads or (os.cpu_count() or 1)
-    bs, size = snap.meta["block_size"], snap.meta["size"]
-    nblocks = -(-size // bs)
-    data_idx, data_digests = repo.data_blocks(snap)  # checked against the metadata too
-    if not output:
-        raise UsageError("restore target is empty: give the file or block device to restore to")
-    try:
-        st = os.stat(output)
-    except FileNotFoundError:
-        st = None
-    except NotADirectoryError:  # a path through a file (disk.img/out): say so, with advice
-        raise UsageError(f"restore target {output}: a part of its path is a file, not a directory; "
-                         f"give a path in an existing directory") from None
-    except OSError as exc:
-        # a symbolic link loop, a name over NAME_MAX, a directory this user may not search:
-        # the path itself is what is wrong, not pyvbak (the catch-all said "unexpected")
-        advice = {
-            errno.ELOOP: "too many levels of symbolic links (a link loop?); give the path of the file itself",
-            errno.ENAMETOOLONG: "too long for this system (a name over 255 bytes, or the whole path over "
-                                "4096); give a shorter name",
-            errno.EACCES: "permission denied on a directory of its path; restore elsewhere, or as a user "
-                          "who may enter it",
-        }.get(exc.errno, f"{exc.strerror or exc}; give another path")
-        raise UsageError(f"restore target {output}: {advice}") from None
-    is_device = st is not None and stat.S_ISBLK(st.st_mode)
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"restore target {output} is a directory: give a file or block device path")
-    if st is not None and not (is_device or stat.S_ISREG(st.st_mode)):
-        # A file restore replaces its target by rename: over a character device, FIFO or
-        # socket that would replace the device node itself (e.g. /dev/null).
-        kind = ("character device" if stat.S_ISCHR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode)
-                else "socket" if stat.S_ISSOCK(st.st_mode) else "special file")
-        raise UsageError(f"restore target {output} is a {kind}: give a regular file path or a block device")
-    if not is_device and os.path.islink(output):
-        # restore to the file the link names (as cp does), not over the link itself
-        output = os.path.realpath(output)
-    refuse_inside_repository(repo, output)
-    if st is not None and not force:
-        raise TargetExists(f"restore target {output} already exists: pass --force to overwrite it")
-    parent_dir = os.path.dirname(os.path.abspath(output))
-    try:
-        os.stat(parent_dir)
-    except OSError as exc:
-        if exc.errno == errno.ENAMETOOLONG:  # (os.path.isdir said "does not exist" for it)
-            raise UsageError(f"the path of the restore target {output} is too long for this system "
-                             f"({len(os.fsencode(parent_dir))} bytes): restore to a shorter path") from None
-    if not os.path.isdir(parent_dir):
-        raise UsageError(f"directory {parent_dir} for the restore target does not exist: create it first, or choose "
-                         f"another path")
-
-    # before anything is written: a block device was zeroed where the snapshot has zero
-    # blocks before the restore failed; two stats when the packs are there.  A
-    # missing mark is no refusal while the snapshot's packs are all there: a restore checks
-    # every block it reads, and reads what is there
-    problem = repo.pack_storage_problem() if len(data_idx) else None
-    not_restored = f"snapshot {snap.id} was not restored, and nothing was written or flagged"
-    if problem and problem.kind in ("no packs", "foreign"):
-        raise problem.error(not_restored)
-    try:
-        recs, blocks, bounds, index = _locate(repo, snap, data_idx, data_digests)
-    except IntegrityError:
-        if problem:  # (blocks missing from the index: index/ not mounted either)
-            raise problem.error(not_restored) from None
-        raise
-    del data_digests
-    if problem:  # the mark missing or damaged: are this snapshot's packs there?
-        packs = digest_sets.unique(recs["pack"].view("S32"))
-        if not all(repo.backend.exists(fmt.pack_name(bytes(p).ljust(32, b"\0").hex())) for p in packs):
-            raise problem.error(not_restored)
-    t_data = time.monotonic()
-    order = sort_for_reading(recs, disk_pos=blocks[bounds[:-1]])
-    recs_sorted = recs[order]
-    starts, stops = bounds[order], bounds[order + 1]  # per record in reading order
-    # A block's length is its place's - a full block, or the disk's partial tail - not what
-    # its pack index record says: a record claiming a full block for the tail was staged as
-    # one, and its failed room written past the snapshot's end (the SHA-256 proves the bytes).
-    recs_sorted["ulen"] = np.minimum(bs, size - blocks[starts] * bs)
-
-    errors: list[str] = []
-    failed: list[tuple[int, str]] = []  # (record in reading order, why its copy is bad)
-    from_copies: list[str] = []  # digests restored from another copy than the index's first
-    flagged_copies = 0
-    written = [0]
-    count_lock = threading.Lock()
-    target = None
-    firsts = blocks[starts] * bs  # per record in reading order: the disk offset of its first copy
-    copies = stops - starts
-
-    class Sink(BlockSink):
-        """Full blocks are decoded straight into the O_DIRECT staging runs (``reserve_run``);
-        the partial last block, and every block when writes are buffered, into a scratch
-        buffer and written from there."""
-
-        def __init__(self):
-            self.scratch = ScratchBuffers(bs)
-            self.local = threading.local()  # whether this thread's reservation is staged
-
-        def reserve(self, k, ulens):
-            room = target.reserve_run(firsts[k : k + len(ulens)], ulens)
-            self.local.staged = room is not None
-            return room if room is not None else self.scratch.reserve(ulens)
-
-        def filled(self, k, buffer, offsets, ulens, ok):
-            n = len(offsets)
-            staged = self.local.staged
-            if staged:
-                # Staged blocks are in place already.  Those with more places (dedup inside
-                # the disk) are all copied out before the first write_block: it may submit
-                # the staging buffer, and a writer then hands it on to be overwritten.
-                more = np.flatnonzero(ok & (copies[k : k + n] > 1)).tolist()
-                extra = [(bytes(buffer[offsets[i] : offsets[i] + ulens[i]]),
-                          (blocks[starts[k + i] + 1 : stops[k + i]] * bs).tolist()) for i in more]
-                for data, places in extra:
-                    target.write_block(data, places)
-            else:  # the scratch buffer is this thread's alone: written from in place
-                for i in np.flatnonzero(ok).tolist():
-                    target.write_block(buffer[offsets[i] : offsets[i] + ulens[i]],
-                                       (blocks[starts[k + i] : stops[k + i]] * bs).tolist())
-            done_bytes = int((ulens * copies[k : k + n])[ok].sum())
-            with count_lock:
-                written[0] += done_bytes
-                done = written[0]
-            if progress is not None:
-                progress(done, max(1, size))
-
-        def error(self, k, reason):
-            failed.append((k, reason))
-
+    run = _RestoreRun(repo, snap, output, threads or (os.cpu_count() or 1))
+    run.prepare(force)
+    run.order_reads()
+    run.create_target()
     # from the target's creation on, everything is inside the try: its clean-up removes it
-    if is_device:
-        path = output
+    try:
+        run.write_blocks(progress)
+        run.reread_failed_blocks()
+        run.settle_failures(flag_bad_copies)
+        run.sync_and_commit(replace=replace, finish_on_commit=finish_on_commit, force=force)
+    except BaseException as failure:
+        run.abandon(failure)
+    return run.report()
+
+
+class _RestoreRun:
+    """One restore of one snapshot, in the three phases of its report's ``phases``:
+
+    ``prepare``: the snapshot's data blocks, the target checked (nothing is written to a
+    target that cannot take the restore), each block located in the packs;
+    ``data``: the reads ordered (``order_reads``), the target created (``create_target``),
+    every block read, checked and written (``write_blocks``), the blocks whose copy failed
+    read again or from another copy (``reread_failed_blocks``), then what the failures
+    that remain mean (``settle_failures``);
+    ``sync``: ``sync_and_commit`` - the file's attributes, fsync, the rename into place.
+    Once the target exists, a failure goes through ``abandon``: the temp file removed, the
+    failure said as the user is told it.
+
+    The per-record arrays the phases share, in reading order: ``recs_sorted`` (the pack
+    index records, ``ulen`` set from each block's place), ``starts`` / ``stops`` (the
+    record's disk blocks are ``blocks[starts[k] : stops[k]]``), ``firsts`` (the disk
+    offset of its first place) and ``copies`` (how many places it has)."""
+
+    def __init__(self, repo, snap, output: str, threads: int):
+        self.t0 = time.monotonic()
+        self.repo, self.snap, self.output, self.threads = repo, snap, output, threads
+        self.bs, self.size = snap.meta["block_size"], snap.meta["size"]
+        self.nblocks = -(-self.size // self.bs)
+        self.target: _Target | None = None
+        self.fd = -1
+        self.from_copies: list[str] = []  # digests restored from another copy than the index's first
+        self.flagged_copies = 0
+
+    # -- prepare ---------------------------------------------------------------------------
+
+    def prepare(self, force: bool) -> None:
+        """The snapshot's data blocks (its index checked against its metadata), the target
+        (``_check_target``), then where each block is stored: all before anything is
+        written."""
+        repo, snap = self.repo, self.snap
+        self.data_idx, data_digests = repo.data_blocks(snap)  # checked against the metadata too
+        self._check_target(force)
+        # before anything is written: a block device was zeroed where the snapshot has zero
+        # blocks before the restore failed; two stats when the packs are there.  A
+        # missing mark is no refusal while the snapshot's packs are all there: a restore checks
+        # every block it reads, and reads what is there
+        problem = repo.pack_storage_problem() if len(self.data_idx) else None
+        not_restored = f"snapshot {snap.id} was not restored, and nothing was written or flagged"
+        if problem and problem.kind in ("no packs", "foreign"):
+            raise problem.error(not_restored)
+        try:
+            self.recs, self.blocks, self.bounds, self.index = _locate(repo, snap, self.data_idx, data_digests)
+        except IntegrityError:
+            if problem:  # (blocks missing from the index: index/ not mounted either)
+                raise problem.error(not_restored) from None
+            raise
+        del data_digests
+        if problem:  # the mark missing or damaged: are this snapshot's packs there?
+            packs = digest_sets.unique(self.recs["pack"].view("S32"))
+            if not all(repo.backend.exists(fmt.pack_name(bytes(p).ljust(32, b"\0").hex())) for p in packs):
+                raise problem.error(not_restored)
+        self.t_data = time.monotonic()
+
+    def _check_target(self, force: bool) -> None:
+        """The target is a new file in an existing directory, or an existing regular file
+        or block device (with ``force``), not inside the repository; a symbolic link is
+        followed.  Sets ``st`` (None for a new file), ``is_device``, ``parent_dir``."""
+        output = self.output
+        if not output:
+            raise UsageError("restore target is empty: give the file or block device to restore to")
+        self.st = st = _stat_target(output)
+        self.is_device = is_device = st is not None and stat.S_ISBLK(st.st_mode)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"restore target {output} is a directory: give a file or block device path")
+        if st is not None and not (is_device or stat.S_ISREG(st.st_mode)):
+            # A file restore replaces its target by rename: over a character device, FIFO or
+            # socket that would replace the device node itself (e.g. /dev/null).
+            kind = ("character device" if stat.S_ISCHR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "socket" if stat.S_ISSOCK(st.st_mode) else "special file")
+            raise UsageError(f"restore target {output} is a {kind}: give a regular file path or a block device")
+        if not is_device and os.path.islink(output):
+            # restore to the file the link names (as cp does), not over the link itself
+            self.output = output = os.path.realpath(output)
+        refuse_inside_repository(self.repo, output)
+        if st is not None and not force:
+            raise TargetExists(f"restore target {output} already exists: pass --force to overwrite it")
+        self.parent_dir = parent_dir = os.path.dirname(os.path.abspath(output))
+        try:
+            os.stat(parent_dir)
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # (os.path.isdir said "does not exist" for it)
+                raise UsageError(f"the path of the restore target {output} is too long for this system "
+                                 f"({len(os.fsencode(parent_dir))} bytes): restore to a shorter path") from None
+        if not os.path.isdir(parent_dir):
+            raise UsageError(f"directory {parent_dir} for the restore target does not exist: create it first, or choose "
+                             f"another path")
+
+    # -- data --------------------------------------------------------------------------------
+
+    def order_reads(self) -> None:
+        """The unique records in reading order (pack by pack), each with its length and
+        its places on the disk."""
+        recs, blocks, bounds, bs, size = self.recs, self.blocks, self.bounds, self.bs, self.size
+        order = sort_for_reading(recs, disk_pos=blocks[bounds[:-1]])
+        self.recs_sorted = recs_sorted = recs[order]
+        self.starts, self.stops = starts, stops = bounds[order], bounds[order + 1]  # per record in reading order
+        # A block's length is its place's - a full block, or the disk's partial tail - not what
+        # its pack index record says: a record claiming a full block for the tail was staged as
+        # one, and its failed room written past the snapshot's end (the SHA-256 proves the bytes).
+        recs_sorted["ulen"] = np.minimum(bs, size - blocks[starts] * bs)
+        self.firsts = blocks[starts] * bs  # per record in reading order: the disk offset of its first copy
+        self.copies = stops - starts
+
+    def create_target(self) -> None:
+        """The block device opened (``_open_device``), or a new temp file beside the
+        target created (``_create_temp_file``): ``path`` and ``fd``."""
+        if self.is_device:
+            self.path = self.output
+            self.fd = self._open_device()
+        else:
+            self.path = os.path.join(self.parent_dir, temp_name(self.output))
+            self.fd = self._create_temp_file()
+
+    def _open_device(self) -> int:
+        """The device opened for writing, exclusively and under its advisory lock, and at
+        least the snapshot's size."""
+        output, path, size = self.output, self.path, self.size
         try:
             # O_EXCL on a block device (Linux): fails with EBUSY while it is mounted or
             # held by another exclusive user (device mapper, RAID, a running restore)
@@ -685,11 +690,15 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             os.close(fd)
             raise UsageError(f"block device {output} has {dev_size} bytes, the snapshot needs {size}: restore onto a "
                              f"device of at least {size} bytes, or to a file")
-    else:
-        path = os.path.join(parent_dir, temp_name(output))
+        return fd
+
+    def _create_temp_file(self) -> int:
+        """The temp file created (0600, empty), after the leftovers of killed restores in
+        its directory are removed."""
+        parent_dir, path = self.parent_dir, self.path
         try:
             cleanup_restore_leftovers(parent_dir)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpace(f"no space left in {parent_dir} for the restore: free space there, or restore elsewhere") from None
@@ -703,17 +712,34 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             except OSError:
                 pass
             raise
-    try:
-        target = _Target(path, fd, bs, direct=os.environ.get(DIRECT_ENV, "1") != "0", threads=threads)
-        if not is_device:
-            os.ftruncate(fd, size)  # sparse: blocks never written stay holes
+
+    def write_blocks(self, progress) -> None:
+        """Every block read, checked against its digest and written to its places: a file
+        sized first (blocks never written stay holes), a device's zero runs zeroed.  The
+        records whose copy failed are left in ``failed`` for ``reread_failed_blocks``."""
+        self.target = target = _Target(self.path, self.fd, self.bs, direct=os.environ.get(DIRECT_ENV, "1") != "0",
+                                       threads=self.threads)
+        if not self.is_device:
+            os.ftruncate(self.fd, self.size)  # sparse: blocks never written stay holes
         else:
-            _zero_device_runs(target, data_idx, nblocks, bs, size)
-        read_blocks(repo, recs_sorted, Sink(), threads=threads)
+            _zero_device_runs(target, self.data_idx, self.nblocks, self.bs, self.size)
+        sink = _RestoreSink(target, self.blocks, self.starts, self.stops, self.firsts, self.copies,
+                            bs=self.bs, size=self.size, progress=progress)
+        read_blocks(self.repo, self.recs_sorted, sink, threads=self.threads)
         target.flush()  # every staged run written: what follows overwrites them, never races them
-        bad_copies = []  # copies read back missing or not intact, twice (what a restore flags)
-        unread_lost = 0  # lost blocks with a copy that could not be read (never flagged: a backup may reuse it)
-        for k, reason in sorted(failed):
+        self.written, self.failed = sink.written, sink.failed
+
+    def reread_failed_blocks(self) -> None:
+        """Each block whose copy failed, read again from that copy (a passing failure),
+        else from another copy, and written over its places.  What is left: ``errors``
+        (why, per block lost), ``bad_copies`` (the copies read back missing or not intact,
+        twice: what a restore flags) and ``unread_lost`` (lost blocks with a copy that
+        could not be read: never flagged, a backup may reuse it)."""
+        repo, index, recs_sorted, blocks, starts, stops, bs = (self.repo, self.index, self.recs_sorted, self.blocks,
+                                                               self.starts, self.stops, self.bs)
+        target, errors, bad_copies, from_copies = self.target, [], [], self.from_copies
+        unread_lost = 0
+        for k, reason in sorted(self.failed):
             ulen = int(recs_sorted[k]["ulen"])
             # the same copy once more first: a passing failure (a storage blip, a short read)
             # must neither fail the restore nor flag a good copy
@@ -731,9 +757,16 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
                 continue
             places = (blocks[starts[k] : stops[k]] * bs).tolist()
             target.write_block(data, places)
-            written[0] += len(data) * len(places)
+            self.written += len(data) * len(places)
             if kind != "ok":
                 from_copies.append(bytes(recs_sorted[k]["digest"]).hex())
+        self.errors, self.bad_copies, self.unread_lost = errors, bad_copies, unread_lost
+
+    def settle_failures(self, flag_bad_copies) -> None:
+        """The blocks still lost: storage not mounted is said as such (nothing flagged),
+        else the bad copies are flagged (under the lock ``flag_bad_copies``) and a lost
+        block fails the restore."""
+        repo, snap, errors = self.repo, self.snap, self.errors
         all_flagged = False
         # every pack gone, or packs/ without its mark: storage not mounted far more often
         # than data lost - said so, and nothing flagged (flags let backups store every
@@ -742,9 +775,9 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
         if problem:
             raise problem.error(f"snapshot {snap.id} was not restored and nothing was flagged")
         if flag_bad_copies:
-            flagged_copies, all_flagged = _flag_failed_copies(repo, bad_copies, flag_bad_copies)
+            self.flagged_copies, all_flagged = _flag_failed_copies(repo, self.bad_copies, flag_bad_copies)
         if errors:
-            if all_flagged and not unread_lost:  # (else a backup may deduplicate against the unreadable copy)
+            if all_flagged and not self.unread_lost:  # (else a backup may deduplicate against the unreadable copy)
                 raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); "
                                      f"the bad copies are flagged, so the next backup of a disk that still holds "
                                      f"those blocks stores them again: run 'pyvbak verify' to see which snapshots they "
@@ -752,43 +785,54 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             raise IntegrityError(f"restore of snapshot {snap.id} failed: {errors[0]} ({len(errors)} bad block(s)); run 'pyvbak verify': "
                                  f"it names the snapshots affected and flags the bad copies, so that the next backup of "
                                  f"a disk still holding those blocks stores them again")
-        direct = target.direct
-        target.close()
-        t_sync = time.monotonic()
-        if not is_device:
-            _take_over_file_attributes(fd, st, output if st is not None else None)
-        os.fsync(fd)
+
+    # -- sync --------------------------------------------------------------------------------
+
+    def sync_and_commit(self, *, replace: bool, finish_on_commit: bool, force: bool) -> None:
+        """The writes waited for, the file given the replaced one's attributes, fsynced and
+        closed, then renamed over the target (``replace``; else left in ``pending`` for
+        the caller).  ``finish_on_commit``: a signal from the commit on is only noted."""
+        self.direct = self.target.direct
+        self.target.close()
+        self.t_sync = time.monotonic()
+        if not self.is_device:
+            _take_over_file_attributes(self.fd, self.st, self.output if self.st is not None else None)
+        os.fsync(self.fd)
         # released even when close fails (EIO: a network file system's write-back): the
         # clean-up must not close the number again (another thread's file by then)
-        closing, fd = fd, -1
+        closing, self.fd = self.fd, -1
         os.close(closing)
-        pending = None
-        if not is_device:
+        self.pending = None
+        if not self.is_device:
             if replace:
-                commit_restored([(path, output)], finish=finish_on_commit, force=force)
+                commit_restored([(self.path, self.output)], finish=finish_on_commit, force=force)
             else:
-                pending = (path, output)
+                self.pending = (self.path, self.output)
         elif finish_on_commit:  # written in place, and synced: done
             interrupts.begin_finishing()
-        t_end = time.monotonic()
-    except BaseException as exc:
-        failure = exc
-        if target is not None:
+        self.t_end = time.monotonic()
+
+    def abandon(self, failure: BaseException) -> None:
+        """After ``failure`` (raised once the target existed): writes waited for, the temp
+        file removed, then ``failure`` raised as the user is told it (for a device: that
+        it was partly overwritten).  Called in the ``except`` that caught ``failure``."""
+        output, is_device = self.output, self.is_device
+        if self.target is not None:
             try:
-                target.close()
+                self.target.close()
             except BaseException:  # interrupted again while it waited for the writers (they are
                 pass  # done now): finish the clean-up and report the first failure
         # The failure above is what is reported: a close or unlink failing now (EIO on a
         # network file system) must not replace it (a temp file left is recognisable by
         # its name, and the next restore to this directory removes it).
-        if fd >= 0:
+        if self.fd >= 0:
             try:
-                os.close(fd)
+                os.close(self.fd)
             except OSError:
                 pass
         if not is_device:
             try:
-                os.unlink(path)
+                os.unlink(self.path)
             except OSError:
                 pass
         # A file target is untouched (the temp file is gone); a device was written in place.
@@ -804,26 +848,101 @@ def restore_snapshot(repo, snap, output: str, *, force: bool = False, threads: i
             raise Interrupted(f"restore {str(failure).split(':', 1)[0]}{note}") from None
         if note and isinstance(failure, PyvbakError):
             raise type(failure)(f"{failure}{note}") from None
-        raise
-    return {
-        "snapshot": snap.id,
-        "output": output,
-        "size": size,
-        "bytes_written": written[0],
-        "blocks": int(nblocks),
-        "unique_blocks_read": int(len(recs)),
-        "write_mode": "direct" if direct else "buffered",
-        # blocks whose first copy was missing or damaged, restored from another copy
-        # ('pyvbak verify --repair' drops the bad one from the index)
-        "blocks_from_other_copies": len(from_copies),
-        # copies found corrupt or missing that this restore flagged (flag_bad_copies)
-        "flagged_copies": flagged_copies,
-        # seconds per phase: index loading and block lookup; reading, checking and
-        # writing the blocks; fsync and rename (where a slow restore's time went)
-        "phases": {"prepare": t_data - t0, "data": t_sync - t_data, "sync": t_end - t_sync},
-        "duration": t_end - t0,
-        **({"pending": pending} if pending is not None else {}),
-    }
+        raise  # ``failure`` itself, as it was raised (the caller's except is handling it)
+
+    def report(self) -> dict:
+        return {
+            "snapshot": self.snap.id,
+            "output": self.output,
+            "size": self.size,
+            "bytes_written": self.written,
+            "blocks": int(self.nblocks),
+            "unique_blocks_read": int(len(self.recs)),
+            "write_mode": "direct" if self.direct else "buffered",
+            # blocks whose first copy was missing or damaged, restored from another copy
+            # ('pyvbak verify --repair' drops the bad one from the index)
+            "blocks_from_other_copies": len(self.from_copies),
+            # copies found corrupt or missing that this restore flagged (flag_bad_copies)
+            "flagged_copies": self.flagged_copies,
+            # seconds per phase: index loading and block lookup; reading, checking and
+            # writing the blocks; fsync and rename (where a slow restore's time went)
+            "phases": {"prepare": self.t_data - self.t0, "data": self.t_sync - self.t_data, "sync": self.t_end - self.t_sync},
+            "duration": self.t_end - self.t0,
+            **({"pending": self.pending} if self.pending is not None else {}),
+        }
+
+
+def _stat_target(output: str):
+    """``os.stat`` of the restore target, None when it does not exist; a path that cannot
+    name a file is a UsageError with advice."""
+    try:
+        return os.stat(output)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:  # a path through a file (disk.img/out): say so, with advice
+        raise UsageError(f"restore target {output}: a part of its path is a file, not a directory; "
+                         f"give a path in an existing directory") from None
+    except OSError as exc:
+        # a symbolic link loop, a name over NAME_MAX, a directory this user may not search:
+        # the path itself is what is wrong, not pyvbak (the catch-all said "unexpected")
+        advice = {
+            errno.ELOOP: "too many levels of symbolic links (a link loop?); give the path of the file itself",
+            errno.ENAMETOOLONG: "too long for this system (a name over 255 bytes, or the whole path over "
+                                "4096); give a shorter name",
+            errno.EACCES: "permission denied on a directory of its path; restore elsewhere, or as a user "
+                          "who may enter it",
+        }.get(exc.errno, f"{exc.strerror or exc}; give another path")
+        raise UsageError(f"restore target {output}: {advice}") from None
+
+
+class _RestoreSink(BlockSink):
+    """Full blocks are decoded straight into the O_DIRECT staging runs (``reserve_run``);
+    the partial last block, and every block when writes are buffered, into a scratch
+    buffer and written from there.  Counts the bytes written (``written``, for
+    ``progress``) and keeps each record whose copy failed (``failed``: (record, why)).
+    The per-record arrays are ``_RestoreRun``'s, in reading order."""
+
+    def __init__(self, target: _Target, blocks, starts, stops, firsts, copies, *, bs: int, size: int, progress):
+        self.target, self.blocks, self.starts, self.stops = target, blocks, starts, stops
+        self.firsts, self.copies, self.bs, self.size, self.progress = firsts, copies, bs, size, progress
+        self.scratch = ScratchBuffers(bs)
+        self.local = threading.local()  # whether this thread's reservation is staged
+        self.failed: list[tuple[int, str]] = []  # (record in reading order, why its copy is bad)
+        self.written = 0
+        self.count_lock = threading.Lock()
+
+    def reserve(self, k, ulens):
+        room = self.target.reserve_run(self.firsts[k : k + len(ulens)], ulens)
+        self.local.staged = room is not None
+        return room if room is not None else self.scratch.reserve(ulens)
+
+    def filled(self, k, buffer, offsets, ulens, ok):
+        n = len(offsets)
+        staged = self.local.staged
+        # locals: the loops below run per block
+        target, blocks, starts, stops, bs, copies = self.target, self.blocks, self.starts, self.stops, self.bs, self.copies
+        if staged:
+            # Staged blocks are in place already.  Those with more places (dedup inside
+            # the disk) are all copied out before the first write_block: it may submit
+            # the staging buffer, and a writer then hands it on to be overwritten.
+            more = np.flatnonzero(ok & (copies[k : k + n] > 1)).tolist()
+            extra = [(bytes(buffer[offsets[i] : offsets[i] + ulens[i]]),
+                      (blocks[starts[k + i] + 1 : stops[k + i]] * bs).tolist()) for i in more]
+            for data, places in extra:
+                target.write_block(data, places)
+        else:  # the scratch buffer is this thread's alone: written from in place
+            for i in np.flatnonzero(ok).tolist():
+                target.write_block(buffer[offsets[i] : offsets[i] + ulens[i]],
+                                   (blocks[starts[k + i] : stops[k + i]] * bs).tolist())
+        done_bytes = int((ulens * copies[k : k + n])[ok].sum())
+        with self.count_lock:
+            self.written += done_bytes
+            done = self.written
+        if self.progress is not None:
+            self.progress(done, max(1, self.size))
+
+    def error(self, k, reason):
+        self.failed.append((k, reason))
 
 
 def _flag_failed_copies(repo, records: list, under) -> tuple[int, bool]:

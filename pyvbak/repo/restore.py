@@ -851,6 +851,7 @@ class _RestoreRun:
         raise  # ``failure`` itself, as it was raised (the caller's except is handling it)
 
     def report(self) -> dict:
+        """What ``restore_snapshot`` returns (the CLI prints it for ``--json``)."""
         return {
             "snapshot": self.snap.id,
             "output": self.output,

@@ -361,6 +361,15 @@ class _BackupRun:
         self.n = native.block_count(self.size, self.bs)
         self.tail = self.n * self.bs - self.size  # bytes the partial last block lacks (0 when size is a multiple of bs)
         self.chunk_blocks = max(1, CHUNK_BYTES // self.bs)
+        self.mappable = hasattr(source, "path") and hasattr(source, "fileno")  # the native scanner can map it
+        # The blocks the change tracking names changed since the newest snapshot (sorted),
+        # when it may stand for a scan (it has extents, no --verify-cbt, the disk kept its
+        # size), else None.  A change-tracking incremental (``result.cbt``, which implies
+        # it) reads these blocks alone; a parent streamed for one holds their records alone
+        # (``_Parent(only=dirty)``: then ``parent.patched is dirty``, the blocks the new
+        # index changes, the rest streamed from the parent at commit); and the bitmap is
+        # checked by reading back the parent's last data block outside them.
+        self.dirty: np.ndarray | None = None
 
     # -- prepare ---------------------------------------------------------------------------
 
@@ -379,7 +388,7 @@ class _BackupRun:
 
     def _choose_parent(self) -> None:
         """The disk's newest snapshot as the parent, unless it cannot be read or names
-        lost blocks; the source's change tracking since it; which blocks it says are dirty."""
+        lost blocks; the source's change tracking since it, and the blocks it calls dirty."""
         repo, source, n, bs, size = self.repo, self.source, self.n, self.bs, self.size
         self.latest = latest = repo.latest(self.vm, self.disk)
         self.damaged = list(repo.damaged_snapshots)
@@ -389,16 +398,14 @@ class _BackupRun:
         self.unreadable_parent = None
         prev_state = (latest.meta.get("change_tracking") or {}).get("state") if latest else None
         self.ct = ct = source.change_tracking(prev_state)
-        # Dirty blocks (a change-tracking incremental of a disk that kept its size): only
-        # their parent records are held, the rest is streamed at commit (see _Parent).
-        # An incremental that scans (an image file) keeps every block's hash and zero mark,
-        # and records for the blocks it finds changed.
+        if (ct is not None and ct.extents is not None and not self.verify_cbt and latest is not None
+                and latest.meta.get("size") == size):
+            self.dirty = _extent_blocks(ct.extents, n, bs)
+        # An incremental of a large disk does not hold its parent's index (see _Parent): a
+        # change-tracking one keeps the dirty blocks' records, one that scans (an image
+        # file) every block's hash and zero mark, and records for the blocks it finds changed.
         stream_parent = (latest is not None and n * fmt.SNAPSHOT_RECORD.itemsize >= STREAM_PARENT_MIN_BYTES
                          and latest.meta.get("size") == size and latest.meta.get("block_size") == bs)
-        self.dirty = None
-        if stream_parent and ct is not None and ct.extents is not None and not self.verify_cbt:
-            self.dirty = _extent_blocks(ct.extents, n, bs)
-        maps = hasattr(source, "path") and hasattr(source, "fileno")  # the native scanner can map it
         self.lost = lost = repo.lost_markers()
         missing = 0
         try:
@@ -413,8 +420,8 @@ class _BackupRun:
                 # markers without having honoured their flags: while blocks are flagged-only
                 # it is looked at whatever it lists (once per disk: its child honours them).
                 missing = repo.lost_blocks_of(latest)
-            self.parent = _Parent(repo, latest if not missing else None, only=self.dirty,
-                                  hashes=stream_parent and self.dirty is None and maps)
+            self.parent = _Parent(repo, latest if not missing else None, only=self.dirty if stream_parent else None,
+                                  hashes=stream_parent and self.dirty is None and self.mappable)
             if missing:
                 self.unreadable_parent = (f"the previous snapshot {latest.id} names {missing} block(s) lost from the "
                                           f"repository (see {lost[-1]}); they are stored again if the disk still has them")
@@ -423,18 +430,6 @@ class _BackupRun:
             # is made without it (a full scan; dedup still finds the stored blocks).
             self.parent = _Parent(repo, None)
             self.unreadable_parent = f"the previous snapshot {latest.id} cannot be read ({exc})"
-        self.missed_by_bitmap = None
-        parent = self.parent
-        if (ct is not None and ct.extents is not None and not self.verify_cbt and parent.snap is not None
-                and parent.size == size and int(latest.meta.get("block_size", bs)) == bs):
-            if not parent.streamed:  # (the dirty blocks, also the incremental's candidates below)
-                self.dirty = _extent_blocks(ct.extents, n, bs)
-                parent.find_last_clean_data(self.dirty)
-            self.missed_by_bitmap = _missed_by_bitmap(source, parent, bs, self.key, size)
-            if self.missed_by_bitmap and parent.streamed:
-                # the parent was read for an incremental (its dirty blocks' records only): read
-                # it again for the full scan this backup becomes
-                self.parent = _Parent(repo, latest, hashes=maps)
 
     def _note_warnings(self) -> None:
         """What the user should know about the source and the parent before the data."""
@@ -471,15 +466,29 @@ class _BackupRun:
 
     def _decide_tracking(self) -> None:
         """Whether the change tracking's dirty blocks are what this backup reads
-        (``result.cbt``), and if not, why (``result.fallback_reason``)."""
-        ct, parent, size, result = self.ct, self.parent, self.size, self.result
+        (``result.cbt``: then ``dirty``), and if not, why (``result.fallback_reason``).
+
+        The dirty bitmap is checked first, by one block read back (``_missed_by_bitmap``).
+        Caught missing a change, it is not used, and a parent streamed for its dirty blocks
+        is read again for the full scan this backup becomes."""
+        ct, size, result, latest = self.ct, self.size, self.result, self.latest
+        missed_by_bitmap = None
+        if self.dirty is not None and self.parent.snap is not None and latest.meta.get("block_size") == self.bs:
+            if not self.parent.streamed:  # (a streamed parent found its last clean block as it read)
+                self.parent.find_last_clean_data(self.dirty)
+            missed_by_bitmap = _missed_by_bitmap(self.source, self.parent, self.bs, self.key, size)
+            if missed_by_bitmap and self.parent.streamed:
+                # the parent was read for an incremental (its dirty blocks' records only): read
+                # it again for the full scan this backup becomes
+                self.parent = _Parent(self.repo, latest, hashes=self.mappable)
+        parent = self.parent
         use_cbt = (ct is not None and ct.extents is not None and parent.snap is not None
-                   and parent.size == size and not self.missed_by_bitmap)
+                   and parent.size == size and not missed_by_bitmap)
         if ct is not None:
             if ct.extents is None:
                 reason = ct.fallback_reason or "change tracking unavailable"
-            elif self.missed_by_bitmap:
-                reason = self.missed_by_bitmap
+            elif missed_by_bitmap:
+                reason = missed_by_bitmap
             elif parent.snap is None:
                 reason = self.unreadable_parent or "no previous backup of this disk"
             elif parent.size != size:
@@ -491,7 +500,7 @@ class _BackupRun:
             result.fallback_reason = reason
             # (a disk's first backup in this repository can only read it all: the reason
             # stays in fallback_reason; a warning on every new VM's first night would be noise)
-            if reason and self.latest is not None:
+            if reason and latest is not None:
                 result.warnings.append(f"change tracking not used: {reason}; scanned the whole disk")
         else:
             result.fallback_reason = getattr(self.source, "why_untracked", None)
@@ -499,9 +508,6 @@ class _BackupRun:
                 # (an image file is compared block by block on every backup anyway; the user
                 # may think some tracking was checked: say there was none)
                 result.warnings.append("--verify-cbt: this source has no change tracking to verify")
-        self.cbt_candidates = None
-        if use_cbt:
-            self.cbt_candidates = self.dirty if self.dirty is not None else _extent_blocks(ct.extents, self.n, self.bs)
         result.cbt = bool(use_cbt and not self.verify_cbt)
 
     def _take_index(self) -> None:
@@ -554,7 +560,7 @@ class _BackupRun:
             # Dirty runs are short (a 1 % rewrite: ~160 runs of ~3 blocks over 2 GiB): one job
             # per run cost ~0.4 ms of Python each, under the GIL; a job takes up to
             # CHUNK_BYTES of runs, read with all their requests in flight at once.
-            candidates = self.cbt_candidates
+            candidates = self.dirty
             firsts, ends = _run_arrays(candidates, chunk_blocks)
             in_hole = _runs_within(holes, firsts, ends)  # unallocated: zero, never read
             if in_hole.any():
@@ -564,7 +570,7 @@ class _BackupRun:
             self.jobs = [("stream", g) for g in _groups(runs, max(1, GROUP_BYTES // bs))]
             result.bytes_scanned = (int(len(candidates)) * bs
                                     - (self.tail if len(candidates) and candidates[-1] == n - 1 else 0))
-        elif hasattr(source, "path") and hasattr(source, "fileno") and parent.snap is not None:
+        elif self.mappable and parent.snap is not None:
             window_bytes = max(CHUNK_BYTES, min(SCAN_WINDOW_BYTES, MAPPED_FRAMES_BUDGET // (2 * self.threads)))
             window = max(1, window_bytes // bs)
             starts = np.arange(0, n, window)

@@ -39,6 +39,7 @@ the memory-mapped local cache otherwise (repo/digest_index.py).
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 import time
@@ -247,6 +248,9 @@ class _Parent:
         #: (block, 16-byte fast hash) of the parent's last non-zero block outside ``only``
         #: (the dirty blocks), or None: what ``_missed_by_bitmap`` reads back
         self.last_clean_data: tuple[int, bytes] | None = None
+        #: streamed: the blocks whose records ``records`` holds for the new index (``only``,
+        #: or the blocks a scan found changed, set at commit); the rest are the parent's
+        self.patched: np.ndarray | None = None
         if snap is None:
             self.n, self.size = 0, 0
             self.zero, self.fast = native.new_arrays(0)
@@ -336,6 +340,32 @@ def run_backup(
     run.prepare()
     run.read_and_store(progress)
     return run.commit(extra_meta, on_commit)
+
+
+class _IndexUpdate(enum.Enum):
+    """How the new snapshot's index is made from its parent's: the records it starts from,
+    and where its fast hashes are written (``_BackupRun._take_index`` decides).
+
+    Whether the parent's index is held whole or streamed (``_Parent.streamed``: then the
+    commit streams the parent's records again and patches them) is decided before, when the
+    parent is read, from the disk's size; it is not one of these: a change-tracking
+    incremental updates IN_PLACE a parent held whole and a streamed one alike."""
+
+    #: a change-tracking incremental of a disk that kept its size: the parent's records
+    #: (all, or a streamed parent's dirty blocks' alone) are taken over and each job writes
+    #: its blocks' new fast hashes into them, ``fast`` being a view of them: copying 16
+    #: bytes per block of the disk out and back instead cost a 1 TiB disk ~1 s
+    IN_PLACE = "in place"
+    #: a scan with a streamed parent: the records start empty; at commit the blocks found
+    #: changed (``_Parent.patched``) get their fast hashes, the rest stay the parent's
+    PATCH = "patch"
+    #: a scan of a disk that kept its size: the parent's records are taken over, their
+    #: digests those of every unchanged block; at commit every block's fast hash is replaced
+    TAKEN = "taken"
+    #: no parent, or the disk's size changed: zeroed records (the parent's digests copied
+    #: for the blocks both have); at commit the data blocks get their fast hashes, a zero
+    #: block's is zero already (most of a thin disk)
+    FRESH = "fresh"
 
 
 class _BackupRun:
@@ -512,7 +542,7 @@ class _BackupRun:
 
     def _take_index(self) -> None:
         """The arrays the backup fills: the new index (the parent's, taken over when the
-        disk kept its size), zero marks and fast hashes."""
+        disk kept its size; ``index_update``), zero marks and fast hashes."""
         parent, n = self.parent, self.n
         self.zero, self.fast = native.new_arrays(n)
         self.m = min(n, parent.n)  # blocks the parent also has
@@ -520,15 +550,18 @@ class _BackupRun:
         # beyond the parent's end (a full backup of a thin disk: most of the disk)
         self.hole_changed: list[np.ndarray] = []
         self.hole_changed_runs: list[tuple[int, int]] = []
-        # A change-tracking incremental updates the parent's index in place: the fast hashes
-        # too, through a view, instead of copying 16 bytes per block of the disk out and back
-        # (1 TiB: ~1 s).  Every other path scans into contiguous arrays, compares them with
-        # the parent's hashes window by window, and writes them into the records at commit.
-        self.taken = parent.snap is not None and parent.n == n and parent.records.flags.writeable
-        self.in_place = self.result.cbt and self.taken
+        taken = parent.snap is not None and parent.n == n and parent.records.flags.writeable
+        if self.result.cbt and taken:
+            self.index_update = _IndexUpdate.IN_PLACE  # how the new index is made from the parent's
+        elif parent.streamed:
+            self.index_update = _IndexUpdate.PATCH
+        elif taken:
+            self.index_update = _IndexUpdate.TAKEN
+        else:
+            self.index_update = _IndexUpdate.FRESH
         self.records = parent.take_records(n)  # the new index: digests filled in below, fast at commit
         self.digests = self.records["digest"]
-        if self.in_place:
+        if self.index_update is _IndexUpdate.IN_PLACE:
             self.fast = parent.fast  # the parent's hashes, each until its block's job writes the new one
 
     def _plan_jobs(self) -> None:
@@ -555,7 +588,7 @@ class _BackupRun:
         if result.cbt:
             m = self.m
             self.zero[:m] = parent.zero[:m]
-            if not self.in_place:
+            if self.index_update is not _IndexUpdate.IN_PLACE:
                 self.fast[:m] = parent.fast[:m]
             # Dirty runs are short (a 1 % rewrite: ~160 runs of ~3 blocks over 2 GiB): one job
             # per run cost ~0.4 ms of Python each, under the GIL; a job takes up to
@@ -718,7 +751,9 @@ class _BackupRun:
         non-zero ones; (blocks covered, changed indices, frames out, bytes read)."""
         bs, key, zero, fast, parent = self.bs, self.key, self.zero, self.fast, self.parent
         mv, nread = self._read_ranges(ranges)
-        if len(ranges) == 1 and not self.in_place:  # contiguous: the arrays' own slices, no gathering
+        # contiguous: the arrays' own slices, no gathering (in place, the gathered path copies
+        # the parent's hashes before the scan overwrites them)
+        if len(ranges) == 1 and self.index_update is not _IndexUpdate.IN_PLACE:
             a, b = ranges[0]
             count = b - a
             if scan:
@@ -826,34 +861,36 @@ class _BackupRun:
         except BaseException as exc:  # Ctrl-C or SIGTERM in the write: once more, as for a failed data phase
             _index_stored_packs(repo, self.pack_records, exc)
             raise
-        if not self.in_place:
+        update, known_zero = self.index_update, None
+        if update is not _IndexUpdate.IN_PLACE:  # (in place, the jobs wrote them)
             new_fast = np.ascontiguousarray(self.fast).view("V16").reshape(n)
-            if parent.streamed:  # records for the changed blocks alone: the rest are the parent's
+            if update is _IndexUpdate.PATCH:  # records for the changed blocks alone: the rest are the parent's
                 parent.patched = np.unique(np.concatenate([self.job_changed, *self.hole_changed]))
                 records["fast"][parent.patched] = new_fast[parent.patched]
-            elif self.taken:  # the parent's hashes are there: every block's is replaced
+            elif update is _IndexUpdate.TAKEN:  # the parent's hashes are there: every block's is replaced
                 records["fast"] = new_fast
-            else:  # fresh records: zero blocks' hashes are zero already (a thin disk's most)
+            else:  # FRESH
                 nonzero_blocks = np.flatnonzero(self.zero == 0)
                 records["fast"][nonzero_blocks] = new_fast[nonzero_blocks]
-        known_zero = None
-        if parent.snap is None:  # then the records are fresh: nonzero_blocks is set above
-            # A first backup wrote records for data blocks only (zero blocks' records are
-            # zero): spans of the index holding none are fed to the compressor as zeros, never
-            # read (never-written memory: a read faults in its pages, 4 KiB at a time).
-            span = ZERO_SPAN_RECORDS
-            has_data = np.zeros(-(-n // span), dtype=bool)
-            has_data[nonzero_blocks // span] = True
-            edges = _mask_edges(~has_data) * span
-            known_zero = list(zip(edges[0::2].tolist(), np.minimum(edges[1::2], n).tolist()))
+                if parent.snap is None:
+                    # A first backup wrote records for data blocks only (zero blocks' records
+                    # are zero): spans of the index holding none are fed to the compressor as
+                    # zeros, never read (never-written memory: a read faults in its pages, 4 KiB
+                    # at a time).
+                    span = ZERO_SPAN_RECORDS
+                    has_data = np.zeros(-(-n // span), dtype=bool)
+                    has_data[nonzero_blocks // span] = True
+                    edges = _mask_edges(~has_data) * span
+                    known_zero = list(zip(edges[0::2].tolist(), np.minimum(edges[1::2], n).tolist()))
         result.duration = time.monotonic() - self.t0
         meta = self._snapshot_meta(written_index)
         if extra_meta:
             meta.update(extra_meta)
         committed = (lambda: on_commit(result)) if on_commit is not None else None
         if parent.streamed:
-            # records hold the dirty blocks' alone (updated in place): the others are the
-            # parent's, read again in chunks and patched on the way to the compressor
+            # records hold those of parent.patched alone (the dirty blocks, updated in place,
+            # or the changed ones): the others are the parent's, read again in chunks and
+            # patched on the way to the compressor
             repo.commit_snapshot(result.snapshot_id, meta, records, base=(parent.snap, parent.patched), on_commit=committed)
         else:
             repo.commit_snapshot(result.snapshot_id, meta, records, known_zero=known_zero, on_commit=committed)

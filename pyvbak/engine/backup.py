@@ -55,7 +55,8 @@ from ..allocator import sparse_zeros
 from ..errors import IntegrityError, SourceError
 from ..repo import format as fmt
 from ..repo.packer import PackWriter
-from ..repo.repository import PACK_TARGET_BYTES, Repository, check_vm_disk_names, new_snapshot_id, snapshot_time
+from ..repo.repository import (PACK_TARGET_BYTES, Repository, SnapshotInfo, check_vm_disk_names, new_snapshot_id,
+                                snapshot_time)
 
 CHUNK_BYTES = 4 * 1024 * 1024
 # Mapped-scan windows (bench/RESULTS.md, "Incremental of an image file: scan windows"):
@@ -377,21 +378,30 @@ class _BackupRun:
     the main thread packs their frames - then what changed, counted;
     ``commit``: packs are durable; their index, then the snapshot index, metadata last.
 
-    The per-block arrays the phases share: ``zero`` and ``fast`` (the disk's zero marks and
-    fast hashes as the backup finds them; in place, the parent's own hashes), ``records``
-    (the new index; ``digests`` is its digest column) and ``parent`` (``_Parent``)."""
+    Every attribute is declared in ``__init__``, with the phase that sets it.  The per-block
+    arrays the phases share: ``zero`` and ``fast`` (the disk's zero marks and fast hashes as
+    the backup finds them; in place, the parent's own hashes), ``records`` (the new index;
+    ``digests`` is its digest column) and ``parent`` (``_Parent``)."""
 
     def __init__(self, repo: Repository, source, vm: str, disk: str, threads: int, verify_cbt: bool):
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic()  # when the backup began: its duration and phases count from here
         self.repo, self.source, self.vm, self.disk = repo, source, vm, disk
-        self.threads, self.verify_cbt = threads, verify_cbt
-        cfg = repo.config
+        self.threads, self.verify_cbt = threads, verify_cbt  # cores to use; --verify-cbt (scan, compare the tracking)
+        cfg = repo.config  # the repository's block size, fast-hash key and zstd level:
         self.bs, self.key, self.level = cfg.block_size, cfg.hash_key, cfg.compression_level
-        self.size = source.size
-        self.n = native.block_count(self.size, self.bs)
+        self.size = source.size  # the disk's size in bytes
+        self.n = native.block_count(self.size, self.bs)  # its blocks
         self.tail = self.n * self.bs - self.size  # bytes the partial last block lacks (0 when size is a multiple of bs)
         self.chunk_blocks = max(1, CHUNK_BYTES // self.bs)
         self.mappable = hasattr(source, "path") and hasattr(source, "fileno")  # the native scanner can map it
+        # -- set by prepare: the parent and the change tracking (_choose_parent, _decide_tracking)
+        self.latest: SnapshotInfo | None = None  # the disk's newest snapshot: the parent, if it can be read
+        self.damaged: list[str] = []  # snapshot metadata objects left out as corrupt (a warning)
+        self.sequence = 0  # this snapshot's sequence number: after every snapshot the repository lists
+        self.lost: list[str] = []  # the repository's lost/ markers, every one honoured by this snapshot
+        self.ct = None  # the source's change tracking since the newest snapshot (None: the source has none)
+        self.parent: _Parent | None = None  # the parent's per-block arrays (``parent.snap`` None: no parent)
+        self.unreadable_parent: str | None = None  # why the newest snapshot is not the parent, or None
         # The blocks the change tracking names changed since the newest snapshot (sorted),
         # when it may stand for a scan (it has extents, no --verify-cbt, the disk kept its
         # size), else None.  A change-tracking incremental (``result.cbt``, which implies
@@ -400,6 +410,32 @@ class _BackupRun:
         # index changes, the rest streamed from the parent at commit); and the bitmap is
         # checked by reading back the parent's last data block outside them.
         self.dirty: np.ndarray | None = None
+        self.result: BackupResult | None = None  # what this backup did: made once the parent (which it names) is known
+        # -- set by prepare: the new index and the jobs (_take_index, _plan_jobs)
+        self.index_update: _IndexUpdate | None = None  # how the new index is made from the parent's
+        self.records: np.ndarray | None = None  # the new index, one SNAPSHOT_RECORD per block
+        self.digests: np.ndarray | None = None  # its digest column (a view)
+        self.zero: np.ndarray | None = None  # per block: 1 if zero, as this backup finds it (uint8)
+        self.fast: np.ndarray | None = None  # per block: the fast hash, (n, 2) uint64; in place, a view of records
+        self.m = 0  # blocks the parent also has
+        self.jobs: list[tuple[str, list[tuple[int, int]]]] = []  # (kind, block runs) in disk order: see _plan_jobs
+        # changed blocks in holes: indices of those the parent had data in, and the runs
+        # beyond the parent's end (a full backup of a thin disk: most of the disk)
+        self.hole_changed: list[np.ndarray] = []
+        self.hole_changed_runs: list[tuple[int, int]] = []
+        self.repo_index = None  # the repository's digest index: which blocks are stored already
+        self.t_data = 0.0  # when the data phase began (time.monotonic)
+        # -- read_and_store and its workers
+        self.claimed: set[bytes] = set()  # blocks a job of this backup stores
+        self.claim_lock = threading.Lock()  # guards ``claimed``
+        self.local = threading.local()  # per worker: its compressor and read buffer
+        # whether the source reads into a buffer it is given: a range at a time (a network
+        # source), or several ranges at once (files by preadv; NBD requests all in flight)
+        self.reads_into = hasattr(source, "read_into") and not hasattr(source, "fileno")
+        self.reads_ranges = hasattr(source, "read_ranges_into")
+        self.packer: PackWriter | None = None  # packs the new blocks' frames
+        self.pack_records: np.ndarray | None = None  # the written packs' index records, indexed at commit
+        self.job_changed: np.ndarray | None = None  # the jobs' changed blocks, ascending (holes': hole_changed)
 
     # -- prepare ---------------------------------------------------------------------------
 
@@ -407,7 +443,6 @@ class _BackupRun:
         self._choose_parent()
         self.result = BackupResult(new_snapshot_id(), self.vm, self.disk,
                                    self.parent.snap.id if self.parent.snap else None, self.size, self.bs)
-        self.started = snapshot_time()
         self._note_warnings()
         self._decide_tracking()
         self._take_index()
@@ -425,7 +460,6 @@ class _BackupRun:
         # after every snapshot of the repository listed: the newest by this number, whatever
         # the clocks said (repository.snapshot_order)
         self.sequence = repo.highest_sequence + 1
-        self.unreadable_parent = None
         prev_state = (latest.meta.get("change_tracking") or {}).get("state") if latest else None
         self.ct = ct = source.change_tracking(prev_state)
         if (ct is not None and ct.extents is not None and not self.verify_cbt and latest is not None
@@ -464,15 +498,16 @@ class _BackupRun:
     def _note_warnings(self) -> None:
         """What the user should know about the source and the parent before the data."""
         result, latest, vm, disk = self.result, self.latest, self.vm, self.disk
+        started = snapshot_time()
         # what the control plane found about the source itself (a misnamed image read as raw)
         result.warnings.extend(getattr(self.source, "source_warnings", None) or ())
         if self.unreadable_parent:
             result.warnings.append(f"{self.unreadable_parent}; scanned the whole disk")
-        if latest is not None and latest.time > self.started:
+        if latest is not None and latest.time > started:
             # an NTP step back, a host restored from a VM snapshot, or a clock that once ran
             # ahead: this snapshot still comes after that one (its sequence number), but its
             # time will read as older
-            result.warnings.append(f"this machine's clock ({self.started}) is behind the time of {vm}/{disk}'s newest "
+            result.warnings.append(f"this machine's clock ({started}) is behind the time of {vm}/{disk}'s newest "
                                    f"snapshot {latest.id} ({latest.time}): this snapshot still comes after it "
                                    f"(snapshots are ordered by sequence number, not time); check the clock")
         before = latest.meta.get("source") if latest is not None else None
@@ -545,14 +580,10 @@ class _BackupRun:
         disk kept its size; ``index_update``), zero marks and fast hashes."""
         parent, n = self.parent, self.n
         self.zero, self.fast = native.new_arrays(n)
-        self.m = min(n, parent.n)  # blocks the parent also has
-        # changed blocks in holes: indices of those the parent had data in, and the runs
-        # beyond the parent's end (a full backup of a thin disk: most of the disk)
-        self.hole_changed: list[np.ndarray] = []
-        self.hole_changed_runs: list[tuple[int, int]] = []
+        self.m = min(n, parent.n)
         taken = parent.snap is not None and parent.n == n and parent.records.flags.writeable
         if self.result.cbt and taken:
-            self.index_update = _IndexUpdate.IN_PLACE  # how the new index is made from the parent's
+            self.index_update = _IndexUpdate.IN_PLACE
         elif parent.streamed:
             self.index_update = _IndexUpdate.PATCH
         elif taken:
@@ -652,11 +683,6 @@ class _BackupRun:
     def read_and_store(self, progress) -> None:
         """Run the jobs on worker threads and pack their new blocks; then count what changed."""
         source, bs, result = self.source, self.bs, self.result
-        self.claimed: set[bytes] = set()  # blocks a job of this backup stores
-        self.claim_lock = threading.Lock()
-        self.local = threading.local()  # per worker: its compressor and read buffer
-        self.reads_into = hasattr(source, "read_into") and not hasattr(source, "fileno")
-        self.reads_ranges = hasattr(source, "read_ranges_into")
         changed_all: list[np.ndarray] = []  # per job, in job order: ascending
         digests = self.digests
         self.packer = packer = PackWriter(self.repo.backend, PACK_TARGET_BYTES)

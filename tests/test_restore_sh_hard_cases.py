@@ -364,7 +364,9 @@ def test_a_ctrl_c_as_the_partial_file_is_made_removes_it(setup, tmp_path, shell)
     """The partial file is made in a subshell, and the clean-up was told to remove it only
     after that subshell returned: a Ctrl-C the moment the file appeared left it (1 in 2-6
     here), and the retry refused to start.  Each round signals the restore's process
-    group as soon as the file exists."""
+    group as soon as the file exists.  Its zstd waits 2 s first: on a busy machine the
+    whole restore (a few MiB) could end before the signal was sent, and the round tested
+    nothing (the window is the partial file's creation, before any zstd runs)."""
     repo, snaps, _ = setup
     sid, _ = snaps[0]
     script = os.path.join(repo.location, "restore.sh")
@@ -372,9 +374,14 @@ def test_a_ctrl_c_as_the_partial_file_is_made_removes_it(setup, tmp_path, shell)
     part = str(out) + ".pyvbak-restore-partial"
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "zstd").write_text(f'#!/bin/sh\n{shutil.which("sleep", path=BARE_PATH)} 2\n'
+                               f'exec {shutil.which("zstd", path=BARE_PATH)} "$@"\n')
+    (slow / "zstd").chmod(0o755)
     for round_ in range(15):
         p = subprocess.Popen([shutil.which(shell[0]), *shell[1:], "--", script, sid, str(out)],
-                             env={"PATH": BARE_PATH, "TMPDIR": str(tmpdir)}, stdout=subprocess.PIPE,
+                             env={"PATH": f"{slow}:{BARE_PATH}", "TMPDIR": str(tmpdir)}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             wait_until(lambda: os.path.exists(part) or p.poll() is not None, timeout=30, interval=0,

@@ -7,17 +7,19 @@ loaded the parent's index, and the blocks stay until a prune).
 
 ``prune`` takes the exclusive lock (no backup, restore or verify runs meanwhile) and:
 
-1. removes temp objects of interrupted writes and block indexes without metadata (left
-   by backups killed between their last two writes), and adopts packs no index names
-   (indexed from their trailers: a killed backup's, or ones whose index was lost);
+1. removes temp objects of interrupted writes, and finds block indexes without metadata
+   (left by backups killed between their last two writes; deleted once step 3 has
+   decided);
 2. reads every snapshot's block index: the set of referenced blocks (a snapshot whose
    index cannot be read stops the prune - deleting data it might reference is never
-   safe);
-3. reads every pack index: for each referenced block one copy is kept (duplicates come
-   from adopted packs of killed backups); a pack none of whose blocks is kept is
-   deleted, a pack with at least ``repack_unused`` of its bytes unused is *repacked* -
-   its kept frames, each checked against its digest, are copied as they are (no
-   recompression) into new packs;
+   safe); adopts packs no index names (indexed from their trailers: a killed backup's,
+   or ones whose index was lost); reads every pack index: for each referenced block one
+   copy is kept (duplicates come from adopted packs of killed backups: the first copy
+   that reads back intact);
+3. a pack none of whose blocks is kept is deleted, a pack with at least
+   ``repack_unused`` of its bytes unused is *repacked* - its kept frames, each checked
+   against its digest, are copied as they are (no recompression) into new packs (a dry
+   run stops once this is decided, having written and deleted nothing);
 4. writes the new pack index (create-only), then deletes the old pack index files, then
    the packs no index names any more.
 
@@ -99,270 +101,391 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
                      without: frozenset[str] = frozenset()) -> dict:
     """Remove what no snapshot references.  Caller holds the EXCLUSIVE lock.
     ``without``: snapshot ids counted as forgotten already (the preview of
-    ``forget --prune --dry-run``)."""
-    t0 = time.monotonic()
-    backend = repo.backend
-    report: dict = {
-        "dry_run": dry_run,
-        "temp_objects_removed": [],
-        "orphan_snapshot_indexes": [],
-        "snapshots": 0,
-        "referenced_blocks": 0,
-        "missing_blocks": 0,
-        "packs_before": 0,
-        "packs_missing": 0,
-        "packs_deleted": 0,
-        "packs_repacked": 0,
-        "packs_written": 0,
-        "adopted": [],
-        "blocks_removed": 0,
-        "bytes_freed": 0,
-        "problems": [],
-    }
-
-    # 1. leftovers of interrupted writes (an exclusive lock that removed stale locks has
-    # cleaned up after their processes already: its findings are reported here too)
-    recovered = [line for lk in getattr(repo, "_locks", []) if lk.held and lk.exclusive for line in lk.recovered]
-    if not dry_run:
-        report["temp_objects_removed"] = [line[len("removed incomplete object "):] for line in recovered
-                                          if line.startswith("removed incomplete object ")]
-        report["temp_objects_removed"] += backend.cleanup_incomplete(older_than_seconds=0)
-    names = list(backend.list("snapshots/"))
-    metas = {n[: -len(".json")] for n in names if n.endswith(".json")}
-    orphans = sorted(n for n in names if n.endswith(".index") and n[: -len(".index")] not in metas)
-    report["orphan_snapshot_indexes"] = orphans
-
-    # 2. what the snapshots reference
-    try:
-        # Every metadata object read again, not taken from the local cache: a description
-        # damaged since it was cached must stop prune as much as one never seen before.
-        snaps = [s for s in repo.snapshots(strict=True, cached=False) if s.id not in without]
-        report["snapshots"] = len(snaps)
-        referenced = repo.referenced_digests(snaps)
-    except PyvbakError as exc:
-        # the error keeps its own class (its exit code): storage refusing a read is exit 3,
-        # not the "missing or corrupt data" of exit 6 that monitoring reads as damage
-        stopped = type(exc) if type(exc).__init__ is PyvbakError.__init__ else IntegrityError
-        raise stopped(f"prune stopped, nothing deleted: {exc}") from None
-    report["referenced_blocks"] = int(len(referenced))
-
-    # Packs no index names are adopted (indexed from their own trailers) before anything
-    # is decided, not deleted as a killed backup's leftovers: their blocks may be what a
-    # snapshot references (a pack index lost from storage); those no snapshot references
-    # go below like any other unreferenced pack.  A dry run adopts them in memory only.
-    adopted, lines = repo.unindexed_pack_records()
-    # ... except the copies a lost/ marker dropped because they read back bad: adopting
-    # them again would undo 'verify --repair' (backups would deduplicate against them)
-    adopted, lines, more, kept_out = leave_out_damaged_lost_copies(repo, adopted, lines)
-    report["problems"] += more  # kept_out: packs left unindexed for that reason
-    report["adopted"] = [line for line in recovered if line.startswith(("adopted", "left"))] + lines
-    if len(adopted) and not dry_run:
-        repo.write_pack_index(adopted)
-        repo._digest_index_cache = None
-        adopted = adopted[:0]
-
-    # 3. what the packs hold, and which copy of each referenced block stays
-    index_names, recs = load_pack_indexes(repo)
-    if len(adopted):
-        recs = np.concatenate([recs, adopted])
-    listed_records = len(recs)
-    # Integer keys from here on: sorting and comparing the 32-byte names themselves is
-    # what made a prune of 4 M records take 26 s (digest_sets).
-    pack_ids, inv = digest_sets.unique_inverse(recs["pack"].view("S32"))
-    if len(recs):  # the same record listed by two index files counts once
-        order = np.lexsort((recs["offset"], inv))
-        recs, inv = recs[order], inv[order]
-        o = recs["offset"]
-        uniq = np.ones(len(recs), bool)
-        uniq[1:] = (inv[1:] != inv[:-1]) | (o[1:] != o[:-1])
-        recs, inv = recs[uniq], inv[uniq]
-        del order, o, uniq
-    clen = recs["clen"].astype(np.int64)
-    # Packs an index names but the backend does not hold (lost storage, deleted by hand):
-    # their records go from the index, so the next backup of a disk that has those blocks
-    # stores them again instead of deduplicating against frames that are gone.
-    listed_packs = repo.pack_object_names()
-    present_hex = {n.rsplit("/", 1)[-1] for n in listed_packs}
-    present_names = set(listed_packs)
-    pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in pack_ids]
-    # by full name: readers open packs/HH/ID, so a pack moved to another HH/ is missing too
-    missing_p = np.array([fmt.pack_name(h) not in present_names for h in pack_hex], bool)
-    ref_pos = digest_sets.locate(recs["digest"].view("S32"), referenced)  # digest rank, -1: unreferenced
-    ref_pos[missing_p[inv]] = -1  # a copy in a missing pack is no copy
-    is_ref = ref_pos >= 0
-    stored = np.zeros(len(referenced), bool)
-    stored[ref_pos[is_ref]] = True
-    report["missing_blocks"] = int(len(referenced) - np.count_nonzero(stored))
-    report["packs_before"] = int(len(pack_ids))
-    ref_bytes = np.bincount(inv, weights=clen * is_ref, minlength=len(pack_ids))
-    cand = np.flatnonzero(is_ref)
-    # per digest the copy in the pack with the most referenced bytes (likeliest to stay)
-    cand = cand[np.lexsort((-ref_bytes[inv[cand]], ref_pos[cand]))]
-    first = np.ones(len(cand), bool)
-    first[1:] = ref_pos[cand][1:] != ref_pos[cand][:-1]
-    keep = np.zeros(len(recs), bool)
-    # a block stored more than once keeps a copy that reads back intact: the preferred
-    # copy may be the damaged one, and keeping it while the good one goes loses the block
-    keep[_intact_choice(repo, recs, cand, first, report)] = True
-    kept_bytes = np.bincount(inv, weights=clen * keep, minlength=len(pack_ids))
-    total_bytes = np.bincount(inv, weights=clen, minlength=len(pack_ids))
-    unused_share = np.where(total_bytes > 0, 1 - kept_bytes / np.maximum(total_bytes, 1), 1.0)
-    delete_p = (kept_bytes == 0) & ~missing_p
-    # a pack with nothing unused is never repacked, whatever the threshold: the copy would
-    # be the same bytes under the same content-derived name
-    repack_p = ~delete_p & ~missing_p & (unused_share >= repack_unused) & (kept_bytes < total_bytes)
-    # Records of packs that stay are all kept in the index, used or not: their frames are
-    # still there (a later backup may dedup against them), and the next prune counts
-    # their bytes when it decides whether to repack.
-    report["blocks_removed"] = int(np.count_nonzero(delete_p[inv] | (repack_p[inv] & ~keep)))
-    if missing_p.any():
-        report["packs_missing"] = int(np.count_nonzero(missing_p))
-        lost = int(np.count_nonzero(missing_p[inv]))
-        report["problems"].append(
-            f"{report['packs_missing']} pack(s) the index names are missing (e.g. {pack_hex[int(np.flatnonzero(missing_p)[0])][:16]}…): "
-            f"{'their' if dry_run else 'removed their'} {lost} block record(s) from the index, so backups store those "
-            f"blocks again; run 'pyvbak verify' to see which snapshots lost blocks")
-
-    indexed_hex = set(pack_hex) | kept_out  # (packs kept out of the index are named above)
-    if not dry_run:  # a repair's move interrupted before its delete: its old pack goes now
-        finished, deleted = finish_moves(repo, indexed_hex)
-        if finished:
-            report["moves_finished"] = finished
-        listed_packs = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in deleted]
-    # what is left unindexed now could not be adopted (no valid trailer): not ours to delete
-    unreadable = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
-    if unreadable:
-        report["problems"].append(f"{len(unreadable)} object(s) under packs/ are no pack pyvbak can read "
-                                  f"(e.g. {unreadable[0]}): left in place")
-    report["packs_deleted"] = int(np.count_nonzero(delete_p))
-    report["packs_repacked"] = int(np.count_nonzero(repack_p))
+    ``forget --prune --dry-run``).  The steps of the module docstring, in their order."""
+    run = _PruneRun(repo, dry_run, repack_unused, without)
+    # 1. leftovers of interrupted writes
+    run.remove_temp_objects()
+    run.find_orphan_snapshot_indexes()
+    # 2. what the snapshots reference, what the packs hold, which copy of each block stays
+    run.read_references()
+    run.adopt_unindexed_packs()
+    run.read_pack_indexes()
+    run.find_missing_packs()
+    run.choose_copies()
+    # 3. which packs go and which are repacked
+    run.decide_packs()
+    run.finish_moves_and_name_unreadable()
     if dry_run:
-        report["bytes_freed"] = int(total_bytes[delete_p | repack_p].sum() - kept_bytes[repack_p].sum())
-        # what the repack would write: its kept bytes in packs of PACK_TARGET_BYTES (the
-        # preview said "repacked into 0" where the real run writes one)
-        moved = int(kept_bytes[repack_p].sum())
-        report["packs_written"] = -(-moved // PACK_TARGET_BYTES) if moved else 0
-        report["duration"] = time.monotonic() - t0
-        return report
-
-    for name in orphans:
-        delete_object(backend, name)
-
-    # repack: kept frames of mostly-unused packs, checked, into new packs
-    new_parts = []
-    gone = set(np.flatnonzero(delete_p | missing_p).tolist())
+        return run.preview()
+    run.delete_orphan_snapshot_indexes()
     # From the last new pack until the new index names them, a stop request is held: one
     # raised in between left every new pack named by no index.  Before it, a
     # stop deletes them (delete_new_packs); after it, the old packs stay for the next
     # prune, every snapshot restorable either way.
     index_hold = ExitStack()
     try:  # (the hold is left on every way out)
-        if repack_p.any():
-            writer = PackWriter(backend, PACK_TARGET_BYTES)
-            dctx = zstandard.ZstdDecompressor()
-            # records grouped by pack once (a scan of all records per repacked pack would be
-            # records x packs: 10^11 steps for 160 M records and 1000 packs)
-            by_pack, pack_bounds = group_members(inv, len(pack_ids))
-            try:
-                for pi in np.flatnonzero(repack_p).tolist():
-                    in_pack = by_pack[pack_bounds[pi] : pack_bounds[pi + 1]]
-                    mine = in_pack[keep[in_pack]]
-                    name = fmt.pack_name(pack_hex[pi])
-                    end = int((recs["offset"][mine] + recs["clen"][mine]).max())
-                    try:
-                        data = memoryview(backend.read_range(name, 0, end))
-                    except ObjectMissing:  # gone since the listing: nothing to copy, nothing to keep
-                        repack_p[pi] = False
-                        missing_p[pi] = True
-                        gone.add(pi)
-                        report["problems"].append(f"pack {pack_hex[pi][:16]}… disappeared during the prune: its "
-                                                  f"records were removed from the index (run 'pyvbak verify')")
-                        continue
-                    except BackendError as exc:  # e.g. truncated: kept as it is, for verify to name
-                        repack_p[pi] = False
-                        report["blocks_removed"] -= int(np.count_nonzero(~keep[in_pack]))
-                        report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: it cannot be read ({exc}); "
-                                                  f"run 'pyvbak verify --repair'")
-                        continue
-                    frames = []
-                    for k in mine.tolist():
-                        off, n = int(recs["offset"][k]), int(recs["clen"][k])
-                        frame = data[off : off + n]
-                        d, ulen = bytes(recs["digest"][k]), int(recs["ulen"][k])
-                        if decode_block(dctx, frame, ulen, d)[1] is not None:
-                            frames = None
-                            report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: block {d.hex()[:16]}… does not match its digest (run 'pyvbak verify --repair')")
-                            break
-                        frames.append((d, bytes(frame), ulen))
-                    if frames is None:
-                        repack_p[pi] = False  # keep the whole pack and its records
-                        report["blocks_removed"] -= int(np.count_nonzero(~keep[in_pack]))
-                        continue
-                    for d, frame, ulen in frames:
-                        writer.add(d, frame, ulen)
-                    gone.add(pi)
-                index_hold.enter_context(interrupts.held())
-                new_parts.append(writer.finish())
-            except OutOfSpace:
-                # No room for the repacked copies (a nearly full repository: where freeing
-                # space matters most): the repack is given up, its packs already written (new
-                # names, no index names them) go, and the packs nothing uses are still deleted
-                # below - that needs no room.  Mostly-unused packs stay whole, all indexed.
-                writer.abort()
-                delete_new_packs(backend, writer, present_hex)
-                repack_p[:] = False
-                gone = set(np.flatnonzero(delete_p | missing_p).tolist())
-                report["blocks_removed"] = int(np.count_nonzero(delete_p[inv]))
-                report["problems"].append("no room left to repack partly used packs: only packs nothing uses were deleted; "
-                                          "run 'pyvbak prune' again once there is free space")
-            except BaseException:
-                writer.abort()
-                delete_new_packs(backend, writer, present_hex, stopping=True)
-                raise
-            report["packs_written"] = writer.packs_written if new_parts else 0
-            report["packs_repacked"] = int(np.count_nonzero(repack_p))
-
-        # The marker goes first: from it on, a backup whose parent is older checks that
-        # parent's blocks against the index (a crash after it costs a check, never a miss).
-        if missing_p.any():
-            lost_packs = [pack_hex[i] for i in np.flatnonzero(missing_p).tolist()]
-            report["lost_marker"] = repo.write_lost_marker(lost_packs, int(np.count_nonzero(missing_p[inv])))
-
+        run.repack(index_hold)
+        run.write_lost_marker()
         # 4. new index, then old indexes away, then packs away
-        drop = np.zeros(len(pack_ids), bool)
-        drop[list(gone)] = True
-        survivors = recs[~drop[inv]]
-        new_records = np.concatenate([survivors, *new_parts]) if new_parts else survivors
-        # nothing dropped, moved or deduplicated: the index files stay as they are
-        rewrite_index = len(new_records) != listed_records or bool(new_parts)
-        if rewrite_index:
-            rewrite_pack_indexes(repo, new_records, index_names)
+        run.write_pack_index()
     finally:
         index_hold.close()
-    # Packs are named by their contents, so a pack this prune wrote can carry the name of
-    # one it is about to delete (the kept frames of a repacked pack can equal a pack an
-    # interrupted earlier prune wrote and a backup then re-adopted): writing it was a no-op
-    # and deleting "the old one" would delete the blocks just moved there.
-    written_packs = set()
-    for part in new_parts:
-        if len(part):
-            written_packs.update(bytes(p).ljust(32, b"\0").hex()
-                                 for p in digest_sets.unique(part["pack"].view("S32")))
-    freed = 0
-    for pi in sorted(gone):
-        if pack_hex[pi] not in written_packs and not missing_p[pi]:
-            freed += delete_object(backend, fmt.pack_name(pack_hex[pi]))
-    # what the repacked frames take again in their new packs (a pack whose name existed
-    # before was not written anew)
-    for h in written_packs - present_hex:
+    run.delete_packs()
+    return run.finish()
+
+
+class _PruneRun:
+    """One prune, step by step (``prune_repository`` calls them in order; each fills its
+    keys of ``report``).  The per-record arrays the steps share, one row per pack index
+    record: ``recs`` (the records, each listed once), ``inv`` (its pack's number: a row of
+    ``pack_ids`` / ``pack_hex``) and ``keep`` (the copies that stay); per pack
+    (``pack_ids``): ``missing_p``, ``delete_p``, ``repack_p``, and the set ``gone`` of the
+    packs the index stops naming."""
+
+    def __init__(self, repo, dry_run: bool, repack_unused: float, without: frozenset[str]):
+        self.t0 = time.monotonic()
+        self.repo, self.backend = repo, repo.backend
+        self.dry_run, self.repack_unused, self.without = dry_run, repack_unused, without
+        self.report: dict = {
+            "dry_run": dry_run,
+            "temp_objects_removed": [],
+            "orphan_snapshot_indexes": [],
+            "snapshots": 0,
+            "referenced_blocks": 0,
+            "missing_blocks": 0,
+            "packs_before": 0,
+            "packs_missing": 0,
+            "packs_deleted": 0,
+            "packs_repacked": 0,
+            "packs_written": 0,
+            "adopted": [],
+            "blocks_removed": 0,
+            "bytes_freed": 0,
+            "problems": [],
+        }
+
+    # -- 1. leftovers of interrupted writes ---------------------------------------------------
+
+    def remove_temp_objects(self) -> None:
+        """Deletes the temp objects of interrupted writes (not in a dry run).  An exclusive
+        lock that removed stale locks has cleaned up after their processes already: its
+        findings (``recovered``, adoptions included) are reported here too.
+        Fills ``temp_objects_removed``."""
+        self.recovered = [line for lk in getattr(self.repo, "_locks", []) if lk.held and lk.exclusive
+                          for line in lk.recovered]
+        if not self.dry_run:
+            self.report["temp_objects_removed"] = [line[len("removed incomplete object "):] for line in self.recovered
+                                                   if line.startswith("removed incomplete object ")]
+            self.report["temp_objects_removed"] += self.backend.cleanup_incomplete(older_than_seconds=0)
+
+    def find_orphan_snapshot_indexes(self) -> None:
+        """Lists the snapshot block indexes without metadata (backups killed between their
+        last two writes); they are deleted once step 3 has decided (not in a dry run).
+        Fills ``orphan_snapshot_indexes``."""
+        names = list(self.backend.list("snapshots/"))
+        metas = {n[: -len(".json")] for n in names if n.endswith(".json")}
+        self.orphans = sorted(n for n in names if n.endswith(".index") and n[: -len(".index")] not in metas)
+        self.report["orphan_snapshot_indexes"] = self.orphans
+
+    # -- 2. what the snapshots reference, what the packs hold, which copy stays ------------
+
+    def read_references(self) -> None:
+        """``referenced``: the digests every snapshot (but those ``without``) references.  A
+        snapshot that cannot be read stops the prune, nothing written or deleted since the
+        temp objects.  Fills ``snapshots`` and ``referenced_blocks``."""
         try:
-            freed -= backend.stat(fmt.pack_name(h))
-        except ObjectMissing:
-            pass
-    report["bytes_freed"] = freed
-    repo._digest_index_cache = None
-    report["duration"] = time.monotonic() - t0
-    return report
+            # Every metadata object read again, not taken from the local cache: a description
+            # damaged since it was cached must stop prune as much as one never seen before.
+            snaps = [s for s in self.repo.snapshots(strict=True, cached=False) if s.id not in self.without]
+            self.report["snapshots"] = len(snaps)
+            self.referenced = self.repo.referenced_digests(snaps)
+        except PyvbakError as exc:
+            # the error keeps its own class (its exit code): storage refusing a read is exit 3,
+            # not the "missing or corrupt data" of exit 6 that monitoring reads as damage
+            stopped = type(exc) if type(exc).__init__ is PyvbakError.__init__ else IntegrityError
+            raise stopped(f"prune stopped, nothing deleted: {exc}") from None
+        self.report["referenced_blocks"] = int(len(self.referenced))
+
+    def adopt_unindexed_packs(self) -> None:
+        """Packs no index names are adopted (indexed from their own trailers) before anything
+        is decided, not deleted as a killed backup's leftovers: their blocks may be what a
+        snapshot references (a pack index lost from storage); those no snapshot references
+        go in step 3 like any other unreferenced pack.  Writes their pack index; a dry run
+        adopts them in memory only (``adopted``: the records not written).
+        ``kept_out``: the packs left unindexed because a lost/ marker dropped their copies.
+        Fills ``adopted`` and ``problems``."""
+        adopted, lines = self.repo.unindexed_pack_records()
+        # ... except the copies a lost/ marker dropped because they read back bad: adopting
+        # them again would undo 'verify --repair' (backups would deduplicate against them)
+        adopted, lines, more, self.kept_out = leave_out_damaged_lost_copies(self.repo, adopted, lines)
+        self.report["problems"] += more  # kept_out: packs left unindexed for that reason
+        self.report["adopted"] = [line for line in self.recovered if line.startswith(("adopted", "left"))] + lines
+        if len(adopted) and not self.dry_run:
+            self.repo.write_pack_index(adopted)
+            self.repo._digest_index_cache = None
+            adopted = adopted[:0]
+        self.adopted = adopted
+
+    def read_pack_indexes(self) -> None:
+        """Reads every pack index (``index_names``, and their records with a dry run's
+        adopted ones: ``listed_records``) into ``recs``, each record once (the same record
+        listed by two index files counts once), and ``pack_ids`` / ``inv``."""
+        self.index_names, recs = load_pack_indexes(self.repo)
+        if len(self.adopted):
+            recs = np.concatenate([recs, self.adopted])
+        self.listed_records = len(recs)
+        # Integer keys from here on: sorting and comparing the 32-byte names themselves is
+        # what made a prune of 4 M records take 26 s (digest_sets).
+        self.pack_ids, inv = digest_sets.unique_inverse(recs["pack"].view("S32"))
+        if len(recs):  # the same record listed by two index files counts once
+            order = np.lexsort((recs["offset"], inv))
+            recs, inv = recs[order], inv[order]
+            o = recs["offset"]
+            uniq = np.ones(len(recs), bool)
+            uniq[1:] = (inv[1:] != inv[:-1]) | (o[1:] != o[:-1])
+            recs, inv = recs[uniq], inv[uniq]
+            del order, o, uniq
+        self.recs, self.inv = recs, inv
+        self.clen = recs["clen"].astype(np.int64)
+
+    def find_missing_packs(self) -> None:
+        """``missing_p``: the packs an index names but the backend does not hold (lost
+        storage, deleted by hand): their records go from the index, so the next backup of a
+        disk that has those blocks stores them again instead of deduplicating against
+        frames that are gone.  Lists the packs (``listed_packs``, ``present_hex``)."""
+        self.listed_packs = self.repo.pack_object_names()
+        self.present_hex = {n.rsplit("/", 1)[-1] for n in self.listed_packs}
+        present_names = set(self.listed_packs)
+        self.pack_hex = [bytes(p).ljust(32, b"\0").hex() for p in self.pack_ids]
+        # by full name: readers open packs/HH/ID, so a pack moved to another HH/ is missing too
+        self.missing_p = np.array([fmt.pack_name(h) not in present_names for h in self.pack_hex], bool)
+
+    def choose_copies(self) -> None:
+        """``keep``: for each referenced block one copy, in the pack with the most referenced
+        bytes - or, for a block stored more than once, the first copy in that order that
+        reads back intact (those blocks are read).  Fills ``missing_blocks``,
+        ``packs_before`` and (``_intact_choice``) ``problems``."""
+        recs, inv, clen, referenced = self.recs, self.inv, self.clen, self.referenced
+        ref_pos = digest_sets.locate(recs["digest"].view("S32"), referenced)  # digest rank, -1: unreferenced
+        ref_pos[self.missing_p[inv]] = -1  # a copy in a missing pack is no copy
+        is_ref = ref_pos >= 0
+        stored = np.zeros(len(referenced), bool)
+        stored[ref_pos[is_ref]] = True
+        self.report["missing_blocks"] = int(len(referenced) - np.count_nonzero(stored))
+        self.report["packs_before"] = int(len(self.pack_ids))
+        ref_bytes = np.bincount(inv, weights=clen * is_ref, minlength=len(self.pack_ids))
+        cand = np.flatnonzero(is_ref)
+        # per digest the copy in the pack with the most referenced bytes (likeliest to stay)
+        cand = cand[np.lexsort((-ref_bytes[inv[cand]], ref_pos[cand]))]
+        first = np.ones(len(cand), bool)
+        first[1:] = ref_pos[cand][1:] != ref_pos[cand][:-1]
+        self.keep = np.zeros(len(recs), bool)
+        # a block stored more than once keeps a copy that reads back intact: the preferred
+        # copy may be the damaged one, and keeping it while the good one goes loses the block
+        self.keep[_intact_choice(self.repo, recs, cand, first, self.report)] = True
+
+    # -- 3. which packs go and which are repacked ----------------------------------------
+
+    def decide_packs(self) -> None:
+        """``delete_p``: the packs none of whose copies is kept; ``repack_p``: those with at
+        least ``repack_unused`` of their frame bytes unused; ``gone``: the packs the index
+        stops naming (deleted or missing; the repack adds those it copied).  Fills
+        ``blocks_removed``, ``packs_missing``, ``packs_deleted``, ``packs_repacked`` and
+        ``problems`` (the missing packs)."""
+        inv, clen, missing_p = self.inv, self.clen, self.missing_p
+        n_packs = len(self.pack_ids)
+        self.kept_bytes = np.bincount(inv, weights=clen * self.keep, minlength=n_packs)
+        self.total_bytes = np.bincount(inv, weights=clen, minlength=n_packs)
+        unused_share = np.where(self.total_bytes > 0, 1 - self.kept_bytes / np.maximum(self.total_bytes, 1), 1.0)
+        self.delete_p = delete_p = (self.kept_bytes == 0) & ~missing_p
+        # a pack with nothing unused is never repacked, whatever the threshold: the copy would
+        # be the same bytes under the same content-derived name
+        self.repack_p = (~delete_p & ~missing_p & (unused_share >= self.repack_unused)
+                         & (self.kept_bytes < self.total_bytes))
+        # Records of packs that stay are all kept in the index, used or not: their frames are
+        # still there (a later backup may dedup against them), and the next prune counts
+        # their bytes when it decides whether to repack.
+        self.report["blocks_removed"] = int(np.count_nonzero(delete_p[inv] | (self.repack_p[inv] & ~self.keep)))
+        if missing_p.any():
+            self.report["packs_missing"] = int(np.count_nonzero(missing_p))
+            lost = int(np.count_nonzero(missing_p[inv]))
+            self.report["problems"].append(
+                f"{self.report['packs_missing']} pack(s) the index names are missing (e.g. {self.pack_hex[int(np.flatnonzero(missing_p)[0])][:16]}…): "
+                f"{'their' if self.dry_run else 'removed their'} {lost} block record(s) from the index, so backups store those "
+                f"blocks again; run 'pyvbak verify' to see which snapshots lost blocks")
+        self.report["packs_deleted"] = int(np.count_nonzero(delete_p))
+        self.report["packs_repacked"] = int(np.count_nonzero(self.repack_p))
+        self.gone = set(np.flatnonzero(delete_p | missing_p).tolist())
+
+    def finish_moves_and_name_unreadable(self) -> None:
+        """Deletes the old pack of a repair's move interrupted before its delete (not in a
+        dry run), and names the objects under packs/ left unindexed now: they could not be
+        adopted (no valid trailer), and are not ours to delete.  Fills ``moves_finished``
+        (only when there were some) and ``problems``."""
+        indexed_hex = set(self.pack_hex) | self.kept_out  # (packs kept out of the index are named above)
+        listed_packs = self.listed_packs
+        if not self.dry_run:
+            finished, deleted = finish_moves(self.repo, indexed_hex)
+            if finished:
+                self.report["moves_finished"] = finished
+            listed_packs = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in deleted]
+        unreadable = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
+        if unreadable:
+            self.report["problems"].append(f"{len(unreadable)} object(s) under packs/ are no pack pyvbak can read "
+                                           f"(e.g. {unreadable[0]}): left in place")
+
+    def preview(self) -> dict:
+        """A dry run's report: what the decisions would free, and the packs the repack
+        would write (its kept bytes in packs of PACK_TARGET_BYTES: the preview said
+        "repacked into 0" where the real run writes one).  Fills ``bytes_freed``,
+        ``packs_written`` and ``duration``."""
+        kept_bytes, repack_p = self.kept_bytes, self.repack_p
+        self.report["bytes_freed"] = int(self.total_bytes[self.delete_p | repack_p].sum() - kept_bytes[repack_p].sum())
+        moved = int(kept_bytes[repack_p].sum())
+        self.report["packs_written"] = -(-moved // PACK_TARGET_BYTES) if moved else 0
+        self.report["duration"] = time.monotonic() - self.t0
+        return self.report
+
+    def delete_orphan_snapshot_indexes(self) -> None:
+        """Deletes the block indexes without metadata step 1 found."""
+        for name in self.orphans:
+            delete_object(self.backend, name)
+
+    def repack(self, index_hold: ExitStack) -> None:
+        """Copies the kept frames of the packs to repack, each checked against its digest,
+        as they are into new packs (``new_parts``: their records); a pack that cannot be
+        read or holds a damaged frame is kept whole instead, one gone since the listing
+        counts as missing.  Out of space, the repack is given up and the new packs it wrote
+        deleted.  Enters the hold on stop requests (``index_hold``) before the last new
+        pack is finished.  Fills ``packs_written``, ``packs_repacked``, ``blocks_removed``
+        and ``problems``."""
+        self.new_parts = []
+        if not self.repack_p.any():
+            return
+        writer = PackWriter(self.backend, PACK_TARGET_BYTES)
+        dctx = zstandard.ZstdDecompressor()
+        # records grouped by pack once (a scan of all records per repacked pack would be
+        # records x packs: 10^11 steps for 160 M records and 1000 packs)
+        by_pack, pack_bounds = group_members(self.inv, len(self.pack_ids))
+        try:
+            for pi in np.flatnonzero(self.repack_p).tolist():
+                frames = self._checked_frames(pi, by_pack[pack_bounds[pi] : pack_bounds[pi + 1]], dctx)
+                if frames is None:
+                    continue
+                for d, frame, ulen in frames:
+                    writer.add(d, frame, ulen)
+                self.gone.add(pi)
+            index_hold.enter_context(interrupts.held())
+            self.new_parts.append(writer.finish())
+        except OutOfSpace:
+            # No room for the repacked copies (a nearly full repository: where freeing
+            # space matters most): the repack is given up, its packs already written (new
+            # names, no index names them) go, and the packs nothing uses are still deleted
+            # below - that needs no room.  Mostly-unused packs stay whole, all indexed.
+            writer.abort()
+            delete_new_packs(self.backend, writer, self.present_hex)
+            self.repack_p[:] = False
+            self.gone = set(np.flatnonzero(self.delete_p | self.missing_p).tolist())
+            self.report["blocks_removed"] = int(np.count_nonzero(self.delete_p[self.inv]))
+            self.report["problems"].append("no room left to repack partly used packs: only packs nothing uses were deleted; "
+                                           "run 'pyvbak prune' again once there is free space")
+        except BaseException:
+            writer.abort()
+            delete_new_packs(self.backend, writer, self.present_hex, stopping=True)
+            raise
+        self.report["packs_written"] = writer.packs_written if self.new_parts else 0
+        self.report["packs_repacked"] = int(np.count_nonzero(self.repack_p))
+
+    def _checked_frames(self, pi: int, in_pack: np.ndarray, dctx) -> list | None:
+        """The kept frames of pack ``pi`` (``in_pack``: its record numbers), read and each
+        checked against its digest: (digest, frame, ulen) - or None when the pack is not
+        repacked after all: gone since the listing (then missing: its records leave the
+        index) or unreadable or holding a damaged frame (then kept whole, all its records
+        with it).  Fills ``problems`` and corrects ``blocks_removed``."""
+        recs, report, pack_hex = self.recs, self.report, self.pack_hex
+        mine = in_pack[self.keep[in_pack]]
+        name = fmt.pack_name(pack_hex[pi])
+        end = int((recs["offset"][mine] + recs["clen"][mine]).max())
+        try:
+            data = memoryview(self.backend.read_range(name, 0, end))
+        except ObjectMissing:  # gone since the listing: nothing to copy, nothing to keep
+            self.repack_p[pi] = False
+            self.missing_p[pi] = True
+            self.gone.add(pi)
+            report["problems"].append(f"pack {pack_hex[pi][:16]}… disappeared during the prune: its "
+                                      f"records were removed from the index (run 'pyvbak verify')")
+            return None
+        except BackendError as exc:  # e.g. truncated: kept as it is, for verify to name
+            self.repack_p[pi] = False
+            report["blocks_removed"] -= int(np.count_nonzero(~self.keep[in_pack]))
+            report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: it cannot be read ({exc}); "
+                                      f"run 'pyvbak verify --repair'")
+            return None
+        frames = []
+        for k in mine.tolist():
+            off, n = int(recs["offset"][k]), int(recs["clen"][k])
+            frame = data[off : off + n]
+            d, ulen = bytes(recs["digest"][k]), int(recs["ulen"][k])
+            if decode_block(dctx, frame, ulen, d)[1] is not None:
+                report["problems"].append(f"pack {pack_hex[pi][:16]}… kept as is: block {d.hex()[:16]}… does not match its digest (run 'pyvbak verify --repair')")
+                self.repack_p[pi] = False  # keep the whole pack and its records
+                report["blocks_removed"] -= int(np.count_nonzero(~self.keep[in_pack]))
+                return None
+            frames.append((d, bytes(frame), ulen))
+        return frames
+
+    def write_lost_marker(self) -> None:
+        """Writes the lost/ marker of the missing packs (if any).  The marker goes first:
+        from it on, a backup whose parent is older checks that parent's blocks against the
+        index (a crash after it costs a check, never a miss).  Fills ``lost_marker``."""
+        if self.missing_p.any():
+            lost_packs = [self.pack_hex[i] for i in np.flatnonzero(self.missing_p).tolist()]
+            self.report["lost_marker"] = self.repo.write_lost_marker(lost_packs,
+                                                                     int(np.count_nonzero(self.missing_p[self.inv])))
+
+    # -- 4. new index, then old indexes away, then packs away --------------------------------
+
+    def write_pack_index(self) -> None:
+        """Writes the new pack index files - every record of every pack not ``gone``, plus
+        the new packs' - then deletes the old ones (``rewrite_pack_indexes``); when nothing
+        was dropped, moved or deduplicated, the index files stay as they are."""
+        drop = np.zeros(len(self.pack_ids), bool)
+        drop[list(self.gone)] = True
+        survivors = self.recs[~drop[self.inv]]
+        new_records = np.concatenate([survivors, *self.new_parts]) if self.new_parts else survivors
+        if len(new_records) != self.listed_records or bool(self.new_parts):
+            rewrite_pack_indexes(self.repo, new_records, self.index_names)
+
+    def delete_packs(self) -> None:
+        """Deletes the ``gone`` packs still there, but for any this prune wrote.  Fills
+        ``bytes_freed``: their sizes less what the new packs take."""
+        # Packs are named by their contents, so a pack this prune wrote can carry the name of
+        # one it is about to delete (the kept frames of a repacked pack can equal a pack an
+        # interrupted earlier prune wrote and a backup then re-adopted): writing it was a no-op
+        # and deleting "the old one" would delete the blocks just moved there.
+        written_packs = set()
+        for part in self.new_parts:
+            if len(part):
+                written_packs.update(bytes(p).ljust(32, b"\0").hex()
+                                     for p in digest_sets.unique(part["pack"].view("S32")))
+        freed = 0
+        for pi in sorted(self.gone):
+            if self.pack_hex[pi] not in written_packs and not self.missing_p[pi]:
+                freed += delete_object(self.backend, fmt.pack_name(self.pack_hex[pi]))
+        # what the repacked frames take again in their new packs (a pack whose name existed
+        # before was not written anew)
+        for h in written_packs - self.present_hex:
+            try:
+                freed -= self.backend.stat(fmt.pack_name(h))
+            except ObjectMissing:
+                pass
+        self.report["bytes_freed"] = freed
+
+    def finish(self) -> dict:
+        """Drops the repository's digest index (the index changed).  Fills ``duration``."""
+        self.repo._digest_index_cache = None
+        self.report["duration"] = time.monotonic() - self.t0
+        return self.report
 
 
 def _intact_choice(repo, recs: np.ndarray, cand: np.ndarray, first: np.ndarray, report: dict) -> np.ndarray:

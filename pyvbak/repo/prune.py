@@ -114,7 +114,8 @@ def prune_repository(repo, *, dry_run: bool = False, repack_unused: float = REPA
     run.choose_copies()
     # 3. which packs go and which are repacked
     run.decide_packs()
-    run.finish_moves_and_name_unreadable()
+    run.finish_interrupted_moves()
+    run.name_unreadable_pack_objects()
     if dry_run:
         return run.preview()
     run.delete_orphan_snapshot_indexes()
@@ -191,8 +192,8 @@ class _PruneRun:
 
     def read_references(self) -> None:
         """``referenced``: the digests every snapshot (but those ``without``) references.  A
-        snapshot that cannot be read stops the prune, nothing written or deleted since the
-        temp objects.  Fills ``snapshots`` and ``referenced_blocks``."""
+        snapshot that cannot be read stops the prune before anything else is written or
+        deleted.  Fills ``snapshots`` and ``referenced_blocks``."""
         try:
             # Every metadata object read again, not taken from the local cache: a description
             # damaged since it was cached must stop prune as much as one never seen before.
@@ -288,8 +289,7 @@ class _PruneRun:
 
     def decide_packs(self) -> None:
         """``delete_p``: the packs none of whose copies is kept; ``repack_p``: those with at
-        least ``repack_unused`` of their frame bytes unused; ``gone``: the packs the index
-        stops naming (deleted or missing; the repack adds those it copied).  Fills
+        least ``repack_unused`` of their frame bytes unused.  Fills
         ``blocks_removed``, ``packs_missing``, ``packs_deleted``, ``packs_repacked`` and
         ``problems`` (the missing packs)."""
         inv, clen, missing_p = self.inv, self.clen, self.missing_p
@@ -315,21 +315,22 @@ class _PruneRun:
                 f"blocks again; run 'pyvbak verify' to see which snapshots lost blocks")
         self.report["packs_deleted"] = int(np.count_nonzero(delete_p))
         self.report["packs_repacked"] = int(np.count_nonzero(self.repack_p))
-        self.gone = set(np.flatnonzero(delete_p | missing_p).tolist())
 
-    def finish_moves_and_name_unreadable(self) -> None:
-        """Deletes the old pack of a repair's move interrupted before its delete (not in a
-        dry run), and names the objects under packs/ left unindexed now: they could not be
-        adopted (no valid trailer), and are not ours to delete.  Fills ``moves_finished``
-        (only when there were some) and ``problems``."""
-        indexed_hex = set(self.pack_hex) | self.kept_out  # (packs kept out of the index are named above)
-        listed_packs = self.listed_packs
+    def finish_interrupted_moves(self) -> None:
+        """Deletes the old pack of a repair's move interrupted before its delete (one no
+        index names; not in a dry run).  Fills ``moves_finished`` (only when there were
+        some)."""
+        self.indexed_hex = set(self.pack_hex) | self.kept_out  # (packs kept out of the index are named above)
         if not self.dry_run:
-            finished, deleted = finish_moves(self.repo, indexed_hex)
+            finished, deleted = finish_moves(self.repo, self.indexed_hex)
             if finished:
                 self.report["moves_finished"] = finished
-            listed_packs = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in deleted]
-        unreadable = [n for n in listed_packs if n.rsplit("/", 1)[-1] not in indexed_hex]
+            self.listed_packs = [n for n in self.listed_packs if n.rsplit("/", 1)[-1] not in deleted]
+
+    def name_unreadable_pack_objects(self) -> None:
+        """Names the objects under packs/ left unindexed now: they could not be adopted (no
+        valid trailer), and are not ours to delete.  Fills ``problems``."""
+        unreadable = [n for n in self.listed_packs if n.rsplit("/", 1)[-1] not in self.indexed_hex]
         if unreadable:
             self.report["problems"].append(f"{len(unreadable)} object(s) under packs/ are no pack pyvbak can read "
                                            f"(e.g. {unreadable[0]}): left in place")
@@ -353,13 +354,15 @@ class _PruneRun:
 
     def repack(self, index_hold: ExitStack) -> None:
         """Copies the kept frames of the packs to repack, each checked against its digest,
-        as they are into new packs (``new_parts``: their records); a pack that cannot be
-        read or holds a damaged frame is kept whole instead, one gone since the listing
-        counts as missing.  Out of space, the repack is given up and the new packs it wrote
+        as they are into new packs (``new_parts``: their records); ``gone``: the packs the
+        index stops naming - deleted, missing and repacked.  A pack that cannot be read or
+        holds a damaged frame is kept whole instead, one gone since the listing counts as
+        missing.  Out of space, the repack is given up and the new packs it wrote
         deleted.  Enters the hold on stop requests (``index_hold``) before the last new
         pack is finished.  Fills ``packs_written``, ``packs_repacked``, ``blocks_removed``
         and ``problems``."""
         self.new_parts = []
+        self.gone = set(np.flatnonzero(self.delete_p | self.missing_p).tolist())
         if not self.repack_p.any():
             return
         writer = PackWriter(self.backend, PACK_TARGET_BYTES)

@@ -52,7 +52,8 @@ def test_a_bad_copy_beside_a_good_one_is_reported_but_loses_no_snapshot(copies, 
     went unseen, and damage of that one named both snapshots lost)."""
     pack = getattr(copies, bad)
     copies.flip(copies.shared[3], pack)
-    rep = verify_repository(copies.repo())
+    verified = verify_repository(copies.repo())
+    rep = verified.report
     assert not rep["ok"]
     assert rep["problem_count"] == 0 and rep["affected_snapshots"] == []
     assert rep["damaged_copy_count"] == 1
@@ -60,17 +61,18 @@ def test_a_bad_copy_beside_a_good_one_is_reported_but_loses_no_snapshot(copies, 
     assert (c["digest"], c["pack"]) == (copies.shared[3].hex(), pack.hex())
     assert "does not match" in c["reason"]
     assert rep["blocks_checked"] == 8 * 2 + 1 - 1  # every copy read; the bad one does not count
-    assert [(d, p) for d, p, _ in rep["_bad_records"]] == [(copies.shared[3], pack)]
+    assert [(d, p) for d, p, _ in verified.findings.bad_copies] == [(copies.shared[3], pack)]
     copies.assert_all_restore()
 
 
 def test_a_block_with_every_copy_bad_is_lost_for_every_snapshot_naming_it(copies):
     copies.flip(copies.shared[0], copies.pa)
     copies.flip(copies.shared[0], copies.pb)
-    rep = verify_repository(copies.repo())
+    verified = verify_repository(copies.repo())
+    rep = verified.report
     assert rep["problem_count"] == 1 and rep["damaged_copy_count"] == 0
     assert sorted(a["id"] for a in rep["affected_snapshots"]) == sorted([copies.a, copies.b])
-    assert len(rep["_bad_records"]) == 2
+    assert len(verified.findings.bad_copies) == 2
 
 
 def test_cli_verify_says_no_snapshot_is_lost_and_repair_drops_only_the_bad_copy(copies, capsys):
@@ -98,13 +100,13 @@ def test_cli_verify_says_no_snapshot_is_lost_and_repair_drops_only_the_bad_copy(
 
 def test_repair_after_a_pack_is_deleted_keeps_the_other_copies(copies, capsys):
     os.unlink(copies.pack_path(copies.pa))
-    rep = verify_repository(copies.repo())
+    rep = verify_repository(copies.repo()).report
     assert rep["problem_count"] == 0 and rep["affected_snapshots"] == [] and rep["damaged_copy_count"] == 8
     code, out, err = cli(capsys, "verify", "--repo", copies.path, "--repair", "--json")
     assert json.loads(out)["repair"]["records_removed"] == 8
     assert code == 0, err
     assert all(copies.copy_packs(d) == [copies.pb] for d in copies.shared)
-    assert verify_repository(copies.repo())["ok"]
+    assert verify_repository(copies.repo()).report["ok"]
     copies.assert_all_restore()
 
 
@@ -129,7 +131,7 @@ def test_prune_keeps_an_intact_copy_not_the_damaged_one(copies, damage):
         assert any(f"{len(hurt)} copy(ies) of stored blocks read back damaged" in p for p in r["problems"]), r["problems"]
     for d in hurt:  # the intact copy stays (PA itself, or the pack PA was repacked into)
         assert any(p != copies.pb for p in copies.copy_packs(d))
-    after = verify_repository(copies.repo())
+    after = verify_repository(copies.repo()).report
     assert after["problem_count"] == 0 and after["affected_snapshots"] == []
     copies.assert_all_restore()
 
@@ -158,7 +160,7 @@ def test_forget_prune_keeps_the_intact_copy_for_the_remaining_snapshot(copies, c
     out_img = copies.tmp / "a-out.img"
     restore_to(copies.repo(), copies.a, out_img)
     assert same_file(out_img, copies.img_a)
-    rep = verify_repository(copies.repo())
+    rep = verify_repository(copies.repo()).report
     assert rep["problem_count"] == 0 and rep["affected_snapshots"] == []
 
 
@@ -177,5 +179,5 @@ def test_repair_exit_code_says_whether_anything_found_is_left(copies, capsys, mo
     assert code == 0 and rep["repair"]["complete"] is True and rep["repair"]["records_removed"] == 8, err
     monkeypatch.undo()
     assert all(copies.copy_packs(d) == [copies.pb] for d in copies.shared)
-    assert verify_repository(copies.repo())["ok"]
+    assert verify_repository(copies.repo()).report["ok"]
     copies.assert_all_restore()

@@ -138,8 +138,8 @@ def test_verify_sample(populated, capsys):
     assert 200 <= report["blocks_checked"] <= 212  # round(411 / 2) = 206 chosen, all distinct
     # different runs choose different blocks (seeded runs are reproducible)
     r = Repository.open(repo)
-    a = verify_repository(r, sample_percent=10, seed=1, threads=2)
-    b = verify_repository(r, sample_percent=10, seed=1, threads=2)
+    a = verify_repository(r, sample_percent=10, seed=1, threads=2).report
+    b = verify_repository(r, sample_percent=10, seed=1, threads=2).report
     assert a["blocks_checked"] == b["blocks_checked"] == 41
     code, out, err = cli(capsys, "verify", "--repo", repo, "--sample", "50%", "--json")
     assert code == 0 and 200 <= json.loads(out)["blocks_checked"] <= 212, err

@@ -65,7 +65,7 @@ def check_after_kill(capsys, repo, image, tmp_path, *, expect_cleanup: list[str]
     ] if os.path.isdir(os.path.join(repo, "snapshots")) else True
     # verify the repository exactly as the crash left it (the CLI's verify would take a
     # lock and so silently remove the stale one the next backup must report)
-    report = verify_repository(Repository.open(str(repo)), threads=2)
+    report = verify_repository(Repository.open(str(repo)), threads=2).report
     assert report["ok"], report
     assert report["snapshots"] == len(before)
 

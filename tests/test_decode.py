@@ -336,7 +336,7 @@ def test_a_damaged_block_fails_restore_and_verify_with_each_kernel(repo, tmp_pat
     monkeypatch.setenv("PYVBAK_DECODE", kernel)
     img = dedup_image(tmp_path / "d.img")
     sid = backup_file(repo, img).snapshot_id
-    clean = verify_repository(repo, threads=2)
+    clean = verify_repository(repo, threads=2).report
     unique = set(nonzero_blocks(img))
     assert clean["ok"] and clean["blocks_checked"] == len(unique) and clean["bytes_checked"] == sum(map(len, unique))
     pack = next(n for n in repo.pack_object_names())
@@ -349,7 +349,7 @@ def test_a_damaged_block_fails_restore_and_verify_with_each_kernel(repo, tmp_pat
     with pytest.raises(IntegrityError, match="restore of snapshot .* failed: block in pack .*(corrupt frame|does not match)"):
         restore_to(repo, sid, tmp_path / "out.img")
     assert not (tmp_path / "out.img").exists()
-    report = verify_repository(repo, threads=2)
+    report = verify_repository(repo, threads=2).report
     assert not report["ok"] and report["problem_count"] == 1 and report["blocks_checked"] == len(unique) - 1
 
 
@@ -555,9 +555,10 @@ def test_a_pack_cut_short_loses_only_the_frames_past_its_end(repo, tmp_path):
     cut = int(recs["offset"][5]) + int(recs["clen"][5]) // 2  # inside frame 5: frames 5, 6, 7 are gone
     os.chmod(pack_path, 0o644)
     os.truncate(pack_path, cut)
-    report = verify_repository(repo, threads=2)
+    verified = verify_repository(repo, threads=2)
+    report = verified.report
     assert report["problem_count"] == 3 and report["blocks_checked"] == 5
-    assert sorted(d for d, *_ in report["_bad_records"]) == sorted(bytes(d) for d in recs["digest"][5:])
+    assert sorted(d for d, *_ in verified.findings.bad_copies) == sorted(bytes(d) for d in recs["digest"][5:])
 
 
 def test_a_store_that_fails_every_read_is_not_asked_frame_by_frame(repo, tmp_path):

@@ -57,7 +57,7 @@ def test_out_of_space_on_third_pack_then_heal(setup, tmp_path):
     assert len(fresh.pack_index_names()) == 1
     assert failed.value.kept_packs[0] == written
     assert fresh.load_digest_index().records["pack"].shape[0] > 0
-    report = verify_repository(fresh, threads=2)
+    report = verify_repository(fresh, threads=2).report
     assert report["ok"] and report["problem_count"] == 0
 
     # space is freed; nothing is left for the next run's recovery to adopt
@@ -68,7 +68,7 @@ def test_out_of_space_on_third_pack_then_heal(setup, tmp_path):
     assert res.new_bytes < 8 * MiB + 5
     assert res.new_bytes <= (8 * MiB + 5) - written * (SMALL_PACK - 64 * 1024)
     assert [s.id for s in fresh.snapshots()] == [res.snapshot_id]
-    assert verify_repository(fresh, threads=2)["ok"]
+    assert verify_repository(fresh, threads=2).report["ok"]
     restore_to(fresh, res.snapshot_id, tmp_path / "out.img")
     assert same_file(tmp_path / "out.img", img)
     # a second recovery finds nothing left to adopt
@@ -85,7 +85,7 @@ def test_out_of_space_at_commit_leaves_no_snapshot(setup, tmp_path, prefix):
     fresh = Repository.open(repo.location)
     assert fresh.snapshots() == []
     assert not [n for n in fresh.backend.list("snapshots/") if n.endswith(".json")]
-    assert verify_repository(fresh, threads=2)["ok"]
+    assert verify_repository(fresh, threads=2).report["ok"]
     bad.backend.heal()
     bad.recover_leftovers()
     res = backup_file(bad, img)
@@ -107,7 +107,7 @@ def test_out_of_space_after_bytes_incremental_keeps_parent(setup, tmp_path):
         backup_file(bad, img)
     fresh = Repository.open(repo.location)
     assert [s.id for s in fresh.snapshots()] == [first.snapshot_id]
-    assert verify_repository(fresh, threads=2)["ok"]
+    assert verify_repository(fresh, threads=2).report["ok"]
     # the parent still restores; the next backup is still an incremental of it
     bad.backend.heal()
     bad.recover_leftovers()
@@ -167,7 +167,7 @@ def test_image_shrinking_during_incremental_scan(setup, tmp_path, capsys, monkey
     fresh = Repository.open(repo.location)
     assert [s.id for s in fresh.snapshots()] == [first.snapshot_id]
     assert list(fresh.backend.list("locks/")) == []
-    assert verify_repository(fresh, threads=2)["ok"]
+    assert verify_repository(fresh, threads=2).report["ok"]
     restore_to(fresh, first.snapshot_id, tmp_path / "o.img")
     assert same_file(tmp_path / "o.img", parent_copy)
 

@@ -114,7 +114,7 @@ def test_a_hangup_during_a_backup_cleans_up_and_exits_10(backed_up, tmp_path):
     assert "SIGHUP" in err and "no snapshot was left half-written" in err
     assert locks(repo) == [] and temp_objects(repo) == []
     assert sorted(os.listdir(repo / "snapshots")) == before
-    assert verify_repository(Repository.open(str(repo)))["ok"]
+    assert verify_repository(Repository.open(str(repo))).report["ok"]
 
 
 def test_under_nohup_a_hangup_is_ignored(backed_up, tmp_path):
@@ -152,7 +152,7 @@ def test_a_signal_after_the_backup_is_committed_finishes_it(backed_up, tmp_path,
     assert Repository.open(str(repo)).resolve("v@latest").id == result["id"]
     assert f"{sig.name} arrived after the work was committed" in err
     assert locks(repo) == [] and temp_objects(repo) == []
-    assert verify_repository(Repository.open(str(repo)))["ok"]
+    assert verify_repository(Repository.open(str(repo))).report["ok"]
 
 
 def test_a_signal_after_the_restore_is_in_place_finishes_it(backed_up, tmp_path):

@@ -163,7 +163,7 @@ def test_verify_beside_a_forget_does_not_report_the_forgotten_snapshot_damaged(c
         return listed
 
     monkeypatch.setattr(r, "snapshots", listing_then_forget)
-    report = verify_repository(r)
+    report = verify_repository(r).report
     assert report["ok"], report
     assert report["affected_snapshots"] == []
 

@@ -50,7 +50,7 @@ def test_prune_on_full_repository_still_deletes_unused_packs(tmp_path):
     fresh = Repository.open(repo.location)
     left = set(fresh.pack_object_names())
     assert len(left) == len(packs_of_gone) - rep["packs_deleted"]
-    assert verify_repository(fresh, threads=2)["ok"]
+    assert verify_repository(fresh, threads=2).report["ok"]
     restore_to(fresh, s3.snapshot_id, tmp_path / "out.img")
     assert same_file(tmp_path / "out.img", keep)
 
@@ -58,6 +58,6 @@ def test_prune_on_full_repository_still_deletes_unused_packs(tmp_path):
     with fresh.lock(exclusive=True):
         again = prune_repository(fresh)
     assert again["packs_repacked"] >= 1 and not again["problems"]
-    assert verify_repository(fresh, threads=2)["ok"]
+    assert verify_repository(fresh, threads=2).report["ok"]
     restore_to(fresh, s3.snapshot_id, tmp_path / "out.img", force=True)
     assert same_file(tmp_path / "out.img", keep)

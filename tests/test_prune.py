@@ -87,7 +87,7 @@ def test_forget_then_prune_repacks_the_half_used_pack(two_generations, tmp_path)
     index = repo.load_digest_index()
     assert len(index) == 100
     check_all_restore(repo, tmp_path, {b: img})
-    assert verify_repository(repo, threads=2)["ok"]
+    assert verify_repository(repo, threads=2).report["ok"]
 
 
 def test_frames_are_copied_byte_for_byte(two_generations):
@@ -231,7 +231,7 @@ def test_prune_stopped_at_every_step_leaves_a_valid_repository(tmp_path):
         repo = Repository.open(str(work / "repo"))
         for lock in list(repo.backend.list("locks/")):  # the dead process's lock, now stale
             repo.backend.delete(lock)
-        assert verify_repository(repo, threads=2)["ok"], f"crash at mutating call {n}"
+        assert verify_repository(repo, threads=2).report["ok"], f"crash at mutating call {n}"
         check_all_restore(repo, work, {b: img})
         with repo.lock(exclusive=True):
             prune_repository(repo)
@@ -329,7 +329,7 @@ def test_a_prune_stopped_as_it_writes_the_new_index_leaves_every_pack_indexed(tm
     assert set(packs(r)) - before <= indexed  # (an old pack the new index no longer names: the next prune's)
     assert set(packs(r)) - before  # (the repack wrote a pack, now indexed)
     check_all_restore(r, tmp_path, {b: img})
-    assert verify_repository(r, threads=2)["ok"]
+    assert verify_repository(r, threads=2).report["ok"]
 
 
 def test_a_prune_failing_as_it_writes_the_new_index_leaves_no_stop_request_held(tmp_path):
@@ -489,7 +489,7 @@ def test_a_prune_never_deletes_a_pack_it_just_wrote_under_the_same_name(tmp_path
         r = Repository.open(repo.location)
         keeper = prune_repository(r, dry_run=True)
         report = prune_repository(r)
-        assert verify_repository(Repository.open(repo.location))["ok"], (seed, report)
+        assert verify_repository(Repository.open(repo.location)).report["ok"], (seed, report)
         check_all_restore(Repository.open(repo.location), base, {b: img})
         assert packs(r) == [new_pack], seed
         if keeper["packs_repacked"]:  # the copies in the old pack were kept: the hazard ran
@@ -506,7 +506,7 @@ def test_a_pack_with_nothing_unused_is_not_repacked_at_any_threshold(two_generat
     before = packs(repo)
     report = prune_repository(repo, repack_unused=0.0)
     assert report["packs_repacked"] == 0 and packs(repo) == before
-    assert verify_repository(Repository.open(repo.location))["ok"]
+    assert verify_repository(Repository.open(repo.location)).report["ok"]
     check_all_restore(Repository.open(repo.location), tmp_path, {b: img})
 
 
@@ -532,7 +532,7 @@ def test_a_lost_pack_leaves_the_index_so_the_next_backup_stores_its_blocks_again
     repo, img, a, b, a_copy = two_generations
     lost = packs(repo)[0]
     os.unlink(os.path.join(repo.location, lost))
-    assert not verify_repository(repo, threads=2)["ok"]
+    assert not verify_repository(repo, threads=2).report["ok"]
     with repo.lock(exclusive=True):
         dry = prune_repository(repo, dry_run=True)
     assert dry["packs_missing"] == 1 and any("missing" in p for p in dry["problems"])
@@ -546,7 +546,7 @@ def test_a_lost_pack_leaves_the_index_so_the_next_backup_stores_its_blocks_again
     assert any("lost from the repository" in w for w in again.warnings), again.warnings
     nxt = backup_file(repo, img)  # checked once: the one after is incremental again
     assert nxt.parent == again.snapshot_id and nxt.new_bytes == 0
-    report = verify_repository(repo, threads=2, snapshots=[repo.resolve(again.snapshot_id)])
+    report = verify_repository(repo, threads=2, snapshots=[repo.resolve(again.snapshot_id)]).report
     assert report["ok"], report
     check_all_restore(repo, tmp_path, {again.snapshot_id: img})
     with repo.lock(exclusive=True):
@@ -621,7 +621,7 @@ def test_a_lost_pack_index_costs_prune_nothing_it_adopts_the_packs(two_generatio
         rep = prune_repository(repo)
     assert len(rep["adopted"]) == 2 and rep["packs_deleted"] == 0 and rep["missing_blocks"] == 0
     check_all_restore(repo, tmp_path, {a: a_copy, b: img})
-    assert verify_repository(repo, threads=2)["ok"]
+    assert verify_repository(repo, threads=2).report["ok"]
 
 
 def test_a_truncated_pack_due_for_repacking_is_kept_and_named_not_a_failed_prune(two_generations, tmp_path):

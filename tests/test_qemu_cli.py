@@ -158,7 +158,7 @@ def test_qemu_killed_mid_backup_fails_cleanly_and_the_next_run_falls_back(vm, tm
     # a dead QEMU holds nothing: its fleecing file and the run's journal went at once
     assert not [p for p in os.listdir(tmp_path / "work") if p.startswith("pyvbak-")]
     assert [s.id for s in repo.snapshots()] == [first["id"]]
-    assert verify_repository(repo)["ok"]
+    assert verify_repository(repo).report["ok"]
 
     vm.stop()
     vm.start(create=False)  # QEMU restarted on the same qcow2 (its bitmap was not saved cleanly)

@@ -177,7 +177,7 @@ def test_random_hot_backups_keep_every_promise(tmp_path, capsys, monkeypatch, se
                 p.stderr.close()
                 check_clean()
                 check_restores({d: [bytes(model[d])] for d in disks})
-            report = verify_repository(Repository.open(repo))
+            report = verify_repository(Repository.open(repo)).report
             assert report["ok"], report
         # the disks hold exactly what the test wrote (no guest write lost to the sessions)
         for i, d in enumerate(disks):

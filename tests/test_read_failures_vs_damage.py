@@ -22,9 +22,10 @@ def test_a_pack_cut_short_before_its_first_frames_is_all_damage(tmp_path):
     path = repo.location + "/" + pack
     os.chmod(path, 0o644)
     os.truncate(path, 100)
-    report = verify_repository(repo, threads=2)
+    verified = verify_repository(repo, threads=2)
+    report = verified.report
     assert report["unreadable_copy_count"] == 0
-    assert report["problem_count"] == 30 and len(report["_bad_records"]) == 30
+    assert report["problem_count"] == 30 and len(verified.findings.bad_copies) == 30
     assert all("cut short" in p["reason"] for p in report["problems"])
     assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
     pid = bytes.fromhex(pack.rsplit("/", 1)[-1])
@@ -57,7 +58,7 @@ def test_an_unreadable_copy_beside_a_good_one_is_not_called_damaged(tmp_path, mo
     assert {c["pack"] for c in report["unreadable_redundant_copies"]} == {copies.pa.hex()}
 
     monkeypatch.undo()
-    assert verify_repository(copies.repo(), threads=2)["ok"]
+    assert verify_repository(copies.repo(), threads=2).report["ok"]
     copies.assert_all_restore()
 
 
@@ -102,4 +103,4 @@ def test_repair_does_not_drop_a_put_back_pack_over_a_read_error_in_its_recheck(t
     monkeypatch.undo()  # the blip is over: the next repair adopts the pack whole
     main(["verify", "--repo", repo.location, "--repair"])
     assert records_of(repo.location, pack) == 12
-    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+    assert verify_repository(Repository.open(repo.location), threads=2).report["ok"]

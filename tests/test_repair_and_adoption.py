@@ -128,7 +128,7 @@ def test_a_lost_pack_that_comes_back_intact_is_adopted_whole(tmp_path):
         rep = prune_repository(r)
     assert any(pack.rsplit("/", 1)[-1][:16] in line for line in rep["adopted"]) and not rep["problems"]
     assert _records_of(repo.location, pack) == 4
-    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+    assert verify_repository(Repository.open(repo.location), threads=2).report["ok"]
     restore_to(Repository.open(repo.location), sid, tmp_path / "out.img")
     assert same_file(tmp_path / "out.img", img)
 
@@ -168,7 +168,7 @@ def test_backup_storing_a_dropped_pack_again_replaces_the_damaged_object(tmp_pat
         out = tmp_path / f"{sid}.img"
         restore_to(Repository.open(repo.location), sid, out)
         assert same_file(out, img)
-    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+    assert verify_repository(Repository.open(repo.location), threads=2).report["ok"]
 
 
 def test_pack_writer_leaves_an_identical_existing_pack_untouched(tmp_path):
@@ -233,8 +233,9 @@ def test_verify_after_repair_does_not_call_the_dropped_pack_adoptable(tmp_path, 
     (pack,) = list(repo.pack_object_names())
     _corrupt_every_frame(repo, pack)
     assert main(["verify", "--repo", repo.location, "--repair"]) == IntegrityError.exit_code
-    rep = verify_repository(Repository.open(repo.location), threads=2)
-    assert rep["problem_count"] == 4 and rep["unindexed_packs"] is None and not rep["_adoptable"]
+    verified = verify_repository(Repository.open(repo.location), threads=2)
+    rep = verified.report
+    assert rep["problem_count"] == 4 and rep["unindexed_packs"] is None and not verified.findings.adoptable
     assert all("is missing" in p["reason"] for p in rep["problems"])
     markers = Repository.open(repo.location).lost_markers()
     capsys.readouterr()

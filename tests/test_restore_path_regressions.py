@@ -52,10 +52,11 @@ def test_a_bad_stretch_of_many_frames_does_not_get_good_frames_after_it_dropped(
     lo = int(recs["offset"][bad[0]])
     hi = int(recs["offset"][bad[-1]]) + int(recs["clen"][bad[-1]])
     repo.backend = _BadStretch(repo.backend, lo, hi)
-    report = verify_repository(repo, threads=1)
+    verified = verify_repository(repo, threads=1)
+    report = verified.report
     # read errors: copies that could not be read (kept by --repair unless --drop-unreadable)
-    assert report["_bad_records"] == []
-    bad_digests = sorted(d for d, *_ in report["_unreadable_records"])
+    assert verified.findings.bad_copies == []
+    bad_digests = sorted(d for d, *_ in verified.findings.unreadable_copies)
     assert bad_digests == sorted(bytes(recs["digest"][k]).ljust(32, b"\0") for k in bad)
     assert report["blocks_checked"] == n - len(bad)
 

@@ -308,7 +308,7 @@ def test_restore_and_verify_read_into_reused_buffers(repo, tmp_path, monkeypatch
     assert len(counting.buffers) <= 2  # one per worker thread, reused for every range
 
     counting.calls = {"read_range": 0, "read_range_into": 0}
-    report = verify_repository(repo, threads=2)
+    report = verify_repository(repo, threads=2).report
     assert report["ok"] and report["blocks_checked"] > 0
     assert counting.calls["read_range_into"] > 4
 
@@ -324,7 +324,7 @@ def test_verify_still_finds_corruption(repo, tmp_path):
         b = f.read(1)
         f.seek(200)
         f.write(bytes([b[0] ^ 1]))
-    report = verify_repository(repo, threads=2)
+    report = verify_repository(repo, threads=2).report
     assert not report["ok"] and report["problem_count"] >= 1
 
 
@@ -414,7 +414,7 @@ def test_corrupt_raw_block_is_caught_by_its_digest(repo, tmp_path):
     with pytest.raises(IntegrityError, match="does not match its digest"):
         restore_to(repo, sid, tmp_path / "out.img")
     assert not (tmp_path / "out.img").exists()
-    report = verify_repository(repo, threads=2)
+    report = verify_repository(repo, threads=2).report
     assert not report["ok"] and report["problem_count"] == 1
 
 

@@ -95,7 +95,7 @@ def test_verify_reads_the_repository_not_the_cache(repo_with_snapshots):
     with open(path, "wb") as f:
         f.write(b"{damaged")
     # the cache still holds the intact copy; verify reads the object and reports it
-    report = verify_repository(Repository.open(repo.location))
+    report = verify_repository(Repository.open(repo.location)).report
     assert report["ok"] is False
     assert [a["id"] for a in report["affected_snapshots"]] == [made[2]]
     assert "corrupt" in report["affected_snapshots"][0]["reason"]

@@ -36,7 +36,7 @@ def test_a_passing_read_error_is_read_again_and_is_no_problem(one_pack, monkeypa
 
     first_pass = 1 + reader.FRAME_RETRY_GIVE_UP + 1
     calls = failing_reads(monkeypatch, pack, times=first_pass)
-    report = verify_repository(repo, threads=2)
+    report = verify_repository(repo, threads=2).report
     assert calls["n"] == first_pass
     assert report["ok"] and report["problem_count"] == 0 and report["unreadable_copy_count"] == 0
     assert report["blocks_checked"] == 12
@@ -58,7 +58,7 @@ def test_repair_keeps_the_records_of_copies_it_cannot_read_unless_told(one_pack,
     assert "could not be read (I/O errors, twice)" in err and "--drop-unreadable" in err
 
     monkeypatch.undo()  # the storage is back: nothing was lost
-    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+    assert verify_repository(Repository.open(repo.location), threads=2).report["ok"]
     out = Path(img).parent / "out.img"
     restore_to(Repository.open(repo.location), sid, out)
     assert same_file(out, img)
@@ -75,9 +75,10 @@ def test_a_pack_cut_short_is_damage_not_a_read_error(one_pack, capsys):
     path = repo.location + "/" + pack
     os.chmod(path, 0o644)
     os.truncate(path, os.path.getsize(path) // 2)
-    report = verify_repository(repo, threads=2)
+    verified = verify_repository(repo, threads=2)
+    report = verified.report
     assert report["unreadable_copy_count"] == 0 and report["problem_count"] > 0
-    assert len(report["_bad_records"]) == report["problem_count"]
+    assert len(verified.findings.bad_copies) == report["problem_count"]
 
 
 def test_drop_unreadable_needs_repair(one_pack, capsys):
@@ -110,7 +111,7 @@ def test_verify_checks_pack_tables_of_contents_and_repair_rebuilds_them(tmp_path
         else:
             f.seek(0, 2)
             f.write(b"junk")
-    report = verify_repository(Repository.open(repo.location), threads=2)
+    report = verify_repository(Repository.open(repo.location), threads=2).report
     assert not report["ok"] and report["problem_count"] == 0
     assert [t["pack"] for t in report["damaged_pack_trailers"]] == [pack.rsplit("/", 1)[1]]
     capsys.readouterr()
@@ -120,7 +121,7 @@ def test_verify_checks_pack_tables_of_contents_and_repair_rebuilds_them(tmp_path
     out = json.loads(capsys.readouterr().out)
     assert len(out["repair"]["trailers_rebuilt"]) == 1 and out["repair"]["complete"]
     assert open(path, "rb").read() == original  # the very pack it was
-    assert verify_repository(Repository.open(repo.location), threads=2)["ok"]
+    assert verify_repository(Repository.open(repo.location), threads=2).report["ok"]
     # the trailer does its job again: with every pack index gone, adoption re-indexes it
     for name in repo.backend.list("index/"):
         repo.backend.delete(name)

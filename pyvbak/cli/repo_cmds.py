@@ -132,27 +132,22 @@ def verify(
             # one sample for the check and the re-check after a repair (a new draw could
             # miss the blocks the first found lost, and say "repair: complete")
             seed = secrets.randbits(64) if sample is not None else None
-            report = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
+            verified = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
+            report, findings = verified.report, verified.findings
             problem = (r.pack_storage_problem() or r.misplaced_packs_problem()
-                       if not repair and report["_bad_records"] else None)
+                       if not repair and findings.bad_copies else None)
             if problem:  # (the mark, the packs gone while it ran, or some only misplaced)
                 raise problem.error("nothing was flagged")
             # (--repair drops the bad copies' records instead of flagging them)
-            report["flagged"] = flag_bad_copies(r, [] if repair else report["_bad_records"], report["_redundant_bad"],
-                                                report["_flagged_before"], report["_healed_flags"],
-                                                report["_flag_markers_seen"], no_lock,
+            report["flagged"] = flag_bad_copies(r, findings, flag_bad=not repair, no_lock=no_lock,
                                                 beside=other_verifies(r.backend, verify_lock))
-        for k in ("_healed_flags", "_flag_markers_seen", "_flagged_before", "_redundant_bad"):  # (for the flags)
-            report.pop(k)
         # (only a verify of every block of every snapshot knows what the newest ones use)
         report["lost_blocks_not_on_disks"] = chosen is None and sample is None and lost_blocks_not_on_disks(r, report)
-        bad = report.pop("_bad_records")
-        bad_packs = {bytes(c[1]).ljust(32, b"\0").hex() for c in bad}  # (packs of which a copy read back bad)
-        unreadable = report.pop("_unreadable_records")
-        adoptable = report.pop("_adoptable")
+        bad_packs = findings.bad_packs()  # (packs of which a copy read back bad)
         if repair:
-            recheck_report = repair_repository(r, lock, report, repair_problem, bad=bad, unreadable=unreadable,
-                                               adoptable=adoptable, chosen=chosen, sample=sample, seed=seed,
+            recheck_report = repair_repository(r, lock, report, repair_problem, bad=findings.bad_copies,
+                                               unreadable=findings.unreadable_copies, adoptable=findings.adoptable,
+                                               chosen=chosen, sample=sample, seed=seed,
                                                drop_unreadable=drop_unreadable)
             if report["repair"]["complete"]:
                 # repaired, a success: a stop request from here on is noted (one that leaves

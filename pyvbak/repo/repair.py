@@ -112,10 +112,9 @@ def start_repair(repo, lock, *, partial: bool, say: Callable[[str], None]) -> Pa
 def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProblem | None, *, bad: list,
                       unreadable: list, adoptable: bool, chosen, sample: float | None, seed: int | None,
                       drop_unreadable: bool) -> dict | None:
-    """The repair of ``verify --repair``, after its verify (``report``, without its private
-    keys, which come as ``bad`` and ``unreadable``: the copies that read back corrupt or
-    missing, and those that could not be read; ``adoptable``: packs no index names hold
-    missing blocks), under ``lock`` (``start_repair``'s, ``repair_problem`` its result;
+    """The repair of ``verify --repair``, after its verify (``report``; its findings come
+    as ``bad`` and ``unreadable``: the copies that read back corrupt or missing, and those
+    that could not be read; ``adoptable``: packs no index names hold missing blocks), under ``lock`` (``start_repair``'s, ``repair_problem`` its result;
     ``chosen``, ``sample``, ``seed``: what the verify checked).  In this order: what was
     left unindexed adopted, damaged tables of contents rebuilt (and an interrupted move
     finished), the bad copies' records dropped (every record of packs taken for lost),
@@ -201,9 +200,7 @@ def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProbl
         # the blocks verify found in no pack index may be in the packs adopted just
         # now: checked again here (they were counted as lost, exit 6, and the user
         # was sent to run verify a second time)
-        again = verify.verify_repository(repo, sample_percent=sample, snapshots=chosen, seed=seed)
-        for k in [k for k in again if k.startswith("_")]:  # (what the repair acts on)
-            again.pop(k)
+        again = verify.verify_repository(repo, sample_percent=sample, snapshots=chosen, seed=seed).report
         report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
                                                              "blocks_checked")}
         report["repair"]["complete"] = again["ok"]

@@ -97,7 +97,7 @@ def verify(
 
     from ..errors import UsageError
     from ..repo.locks import other_verifies
-    from ..repo.repair import repair_repository, start_repair
+    from ..repo.repair import RepairOptions, repair_repository, start_repair
     from ..repo.verify import flag_bad_copies, lost_blocks_not_on_disks, verify_repository
 
     sample = _percent(sample_arg)
@@ -143,16 +143,16 @@ def verify(
                                                 beside=other_verifies(r.backend, verify_lock))
         # (only a verify of every block of every snapshot knows what the newest ones use)
         report["lost_blocks_not_on_disks"] = chosen is None and sample is None and lost_blocks_not_on_disks(r, report)
-        bad_packs = findings.bad_packs()  # (packs of which a copy read back bad)
         if repair:
-            recheck_report = repair_repository(r, lock, report, repair_problem, bad=findings.bad_copies,
-                                               unreadable=findings.unreadable_copies, adoptable=findings.adoptable,
-                                               chosen=chosen, sample=sample, seed=seed,
-                                               drop_unreadable=drop_unreadable)
+            repaired = repair_repository(r, lock, repair_problem, verified,
+                                         RepairOptions(snapshots=chosen, sample_percent=sample, seed=seed,
+                                                       drop_unreadable=drop_unreadable))
+            report["repair"], recheck_report = repaired.report, repaired.recheck_report
             if report["repair"]["complete"]:
                 # repaired, a success: a stop request from here on is noted (one that leaves
                 # damage is a failure, exit 6, whatever comes while it is said)
                 interrupts.begin_finishing()
+    bad_packs = findings.bad_packs()  # (packs of which a copy read back bad)
     failure = _verify_failure(r, report, recheck_report, read_problem, repair=repair, drop_unreadable=drop_unreadable,
                               bad_packs=bad_packs)
     if json_out:

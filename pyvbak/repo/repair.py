@@ -12,8 +12,8 @@ The CLI takes the EXCLUSIVE lock (without removing stale locks) and calls:
    copies' records dropped after a ``lost/`` marker naming them (or, with the packs all
    gone, every record of the packs storage does not hold), packs whose table of contents
    cannot be rebuilt moved out, a marker for blocks no index names, and, if it adopted
-   packs and is not complete, the same verify once more.  ``report["repair"]`` says what
-   was done (its keys are the JSON report's).
+   packs and is not complete, the same verify once more.  It returns what was done (the
+   JSON report's ``"repair"``, which the CLI puts there) and that second verify's report.
 
 The primitives keep docs/FORMAT.md's order: a ``lost/`` marker before the pack index
 changes, new pack index objects before the old ones go, a pack deleted only once no
@@ -42,7 +42,8 @@ import json
 import os
 import re
 from contextlib import ExitStack
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import zstandard
@@ -109,24 +110,46 @@ def start_repair(repo, lock, *, partial: bool, say: Callable[[str], None]) -> Pa
     return repair_problem
 
 
-def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProblem | None, *, bad: list,
-                      unreadable: list, adoptable: bool, chosen, sample: float | None, seed: int | None,
-                      drop_unreadable: bool) -> dict | None:
-    """The repair of ``verify --repair``, after its verify (``report``; its findings come
-    as ``bad`` and ``unreadable``: the copies that read back corrupt or missing, and those
-    that could not be read; ``adoptable``: packs no index names hold missing blocks), under ``lock`` (``start_repair``'s, ``repair_problem`` its result;
-    ``chosen``, ``sample``, ``seed``: what the verify checked).  In this order: what was
-    left unindexed adopted, damaged tables of contents rebuilt (and an interrupted move
-    finished), the bad copies' records dropped (every record of packs taken for lost),
-    packs that cannot be rebuilt moved out, a marker for blocks no index names, and,
-    after a repair that adopted packs and is not complete, the same verify again.  Sets
-    ``report["repair"]``; the report of that second verify, None when none ran."""
+@dataclass(frozen=True)
+class RepairOptions:
+    """What ``verify --repair`` was asked besides the repair: what its verify checked
+    (``snapshots``: the chosen SnapshotInfos, None: every snapshot; ``sample_percent`` and
+    ``seed``: its --sample), which the check after adopting packs checks again; and
+    ``drop_unreadable``: drop the copies that could not be read too."""
+
+    snapshots: Iterable | None
+    sample_percent: float | None
+    seed: int | None
+    drop_unreadable: bool
+
+
+@dataclass(frozen=True)
+class RepairOutcome:
+    """``report``: what the repair did, the JSON report's ``"repair"``; ``recheck_report``:
+    the report of the verify run again after adopting packs, None when none ran."""
+
+    report: dict
+    recheck_report: dict | None
+
+
+def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, verified: verify.VerifyResult,
+                      options: RepairOptions) -> RepairOutcome:
+    """The repair of ``verify --repair``, after its verify (``verified``: its report, and
+    the copies that read back corrupt or missing, or could not be read, and whether packs
+    no index names hold missing blocks), under ``lock`` (``start_repair``'s,
+    ``repair_problem`` its result).  In this order: what was left unindexed adopted,
+    damaged tables of contents rebuilt (and an interrupted move finished), the bad copies'
+    records dropped (every record of packs taken for lost), packs that cannot be rebuilt
+    moved out, a marker for blocks no index names, and, after a repair that adopted packs
+    and is not complete, the same verify again."""
+    report, findings = verified.report, verified.findings
     storage_missing = repair_problem is not None and repair_problem.kind == "no packs"
-    if drop_unreadable:
-        bad = bad + unreadable
+    bad = findings.bad_copies
+    if options.drop_unreadable:
+        bad = bad + findings.unreadable_copies
     # taking the lock adopted what killed writers left (their stale locks gone)
     adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
-    if (adoptable or report["damaged_pack_indexes"]) and not storage_missing:
+    if (findings.adoptable or report["damaged_pack_indexes"]) and not storage_missing:
         # what a backup does after a crash: damaged pack indexes removed first (a
         # re-indexed pack's index is often the very object name: create-only, it
         # would not replace the garbage), then unindexed packs indexed again.
@@ -146,26 +169,26 @@ def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProbl
     # also of blocks no snapshot uses, which prune would drop but refuses to while
     # no pack is there (the backups stayed refused)
     if storage_missing:
-        report["repair"] = drop_lost_pack_records(repo)
+        done = drop_lost_pack_records(repo)
         adopted += [f"removed damaged pack index {n} (none of the packs is in {repo.packs_location()}: taken "
-                    f"for lost with the others)" for n in report["repair"].pop("damaged_indexes_removed")]
+                    f"for lost with the others)" for n in done.pop("damaged_indexes_removed")]
         # packs there that no index names (a killed backup's): indexed now.
         # Always looked for: verify looks for them only when a block is missing from
         # the index, and with the packs all gone the index still names every block)
         adopted += [ln for ln in repo.recover_leftovers() if ln.startswith("adopted")]
     else:
-        report["repair"] = drop_bad_records(repo, bad)
+        done = drop_bad_records(repo, bad)
         if repair_problem is not None and repair_problem.kind == "unmarked" and repo.named_packs_absent():
             # a repository made before the mark is refused while packs its index
             # names are absent: the records of blocks no snapshot uses go too (they
             # kept it refused for good), after a marker of their own
             more = drop_lost_pack_records(repo)
-            report["repair"]["records_removed"] += more["records_removed"]
-            report["repair"]["lost_marker"] = report["repair"]["lost_marker"] or more["lost_marker"]
+            done["records_removed"] += more["records_removed"]
+            done["lost_marker"] = done["lost_marker"] or more["lost_marker"]
             adopted += [f"removed damaged pack index {n} (its packs are not in {repo.packs_location()})"
                         for n in more["damaged_indexes_removed"]]
     # (absent packs of a repository no backup has marked are taken for lost too)
-    report["repair"]["packs_taken_for_lost"] = storage_missing or bool(
+    done["packs_taken_for_lost"] = storage_missing or bool(
         repair_problem is not None and repair_problem.kind == "unmarked")
     if movable:
         # (after the bad copies' records are dropped: what the index still places
@@ -174,7 +197,7 @@ def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProbl
         rebuilt += moved
         not_rebuilt = not_moved + [ln for ln in not_rebuilt
                                    if not any(ln.startswith(f"pack {p[:16]}…") for p in movable)]
-    if report["lost_blocks_by_cause"]["not_indexed"] and not report["repair"]["lost_marker"]:
+    if report["lost_blocks_by_cause"]["not_indexed"] and not done["lost_marker"]:
         # blocks no index names that no marker covers (a pack and its pack index both
         # lost, after the snapshots naming them were made): a marker, so that the
         # next backup checks its parent instead of carrying their records on unread -
@@ -187,38 +210,39 @@ def repair_repository(repo, lock, report: dict, repair_problem: PackStorageProbl
         disks = {(s.vm, s.disk) for s in everything if s.id in hit}
         newest = {(s.vm, s.disk): s for s in everything if (s.vm, s.disk) in disks}  # (oldest first)
         if any(markers <= set(s.meta.get("lost_checked") or ()) for s in newest.values()):
-            report["repair"]["lost_marker"] = repo.write_lost_marker([], 0)
-    if chosen is None and sample is None:
+            done["lost_marker"] = repo.write_lost_marker([], 0)
+    if options.snapshots is None and options.sample_percent is None:
         # (the ones it removed are no loss for the next backup to look into; after a
         # repair of a part, unindexed packs may be left: remembered as they were)
         repo.remember_pack_indexes()
-    report["repair"]["adopted"] = adopted
-    report["repair"]["trailers_rebuilt"] = rebuilt
-    report["repair"]["trailers_not_rebuilt"] = not_rebuilt
-    report["repair"]["complete"] = _repair_complete(report, drop_unreadable)
-    if not report["repair"]["complete"] and any(ln.startswith("adopted") for ln in adopted):
+    done["adopted"] = adopted
+    done["trailers_rebuilt"] = rebuilt
+    done["trailers_not_rebuilt"] = not_rebuilt
+    done["complete"] = _repair_complete(report, done, options.drop_unreadable)
+    if not done["complete"] and any(ln.startswith("adopted") for ln in adopted):
         # the blocks verify found in no pack index may be in the packs adopted just
         # now: checked again here (they were counted as lost, exit 6, and the user
         # was sent to run verify a second time)
-        again = verify.verify_repository(repo, sample_percent=sample, snapshots=chosen, seed=seed).report
-        report["repair"]["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots",
-                                                             "blocks_checked")}
-        report["repair"]["complete"] = again["ok"]
-        return again
-    return None
+        again = verify.verify_repository(repo, sample_percent=options.sample_percent, snapshots=options.snapshots,
+                                         seed=options.seed).report
+        done["recheck"] = {k: again[k] for k in ("ok", "problem_count", "affected_snapshots", "blocks_checked")}
+        done["complete"] = again["ok"]
+        return RepairOutcome(done, again)
+    return RepairOutcome(done, None)
 
 
-def _repair_complete(report: dict, drop_unreadable: bool) -> bool:
-    """Whether ``verify --repair`` left nothing of what the verify found: no snapshot lost
-    a block (every bad copy had a good one beside it), the bad copies' records are gone,
-    every damaged pack index was removed (its packs re-indexed), and no copy that could
-    not be read was kept (they are, unless ``--drop-unreadable``)."""
+def _repair_complete(report: dict, done: dict, drop_unreadable: bool) -> bool:
+    """Whether ``verify --repair`` left nothing of what the verify found (``report``; what
+    the repair did: ``done``): no snapshot lost a block (every bad copy had a good one
+    beside it), the bad copies' records are gone, every damaged pack index was removed (its
+    packs re-indexed), and no copy that could not be read was kept (they are, unless
+    ``--drop-unreadable``)."""
     if report["problem_count"] or report["affected_snapshots"]:
         return False
     if report["unreadable_copy_count"] and not drop_unreadable:
         return False
-    removed = {ln.split()[4] for ln in report["repair"]["adopted"] if ln.startswith("removed damaged pack index ")}
-    if report["repair"].get("trailers_not_rebuilt"):
+    removed = {ln.split()[4] for ln in done["adopted"] if ln.startswith("removed damaged pack index ")}
+    if done.get("trailers_not_rebuilt"):
         return False
     return all(d["name"] in removed for d in report["damaged_pack_indexes"])
 

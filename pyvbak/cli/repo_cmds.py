@@ -162,82 +162,89 @@ def verify(
         doc = report if read_problem is None else {**report, "ok": False, "pack_storage_problem": read_problem.summary()}
         emit_json({**doc, "error": str(failure) if failure is not None else None})
     else:
-        sampled = (f" - a random {report['sampled_percent']:g} % sample of their blocks: the others were not read"
-                   if report["sampled_percent"] is not None else "")
-        print(
-            f"checked {report['blocks_checked']} blocks ({human_bytes(report['bytes_checked'])}) "
-            f"of {report['snapshots']} snapshot(s) in {report['duration']:.1f}s{sampled}"
-        )
-        for d in report["damaged_pack_indexes"]:
-            info(f"pack index {d['name']}: {d['reason']}")
-        for a in report["affected_snapshots"]:
-            info(f"snapshot {a['id']}: {a['reason']}")
-        for t in report["damaged_pack_trailers"]:
-            if t["pack"] in bad_packs:  # (cut short, or damaged inside: not only its table of contents)
-                info(f"pack {t['pack'][:16]}…: {t['reason']}; some of its block copies do not read back either")
-                continue
-            info(f"pack {t['pack'][:16]}…: {t['reason']}: its blocks read back through the pack index, but the pack "
-                 f"could not be indexed again from itself if that index were lost; "
-                 + ("repaired below, if it can be" if repair else "'pyvbak verify --repair' rebuilds it from the pack index"))
-        for line in report.get("repair", {}).get("trailers_rebuilt", []) + report.get("repair", {}).get("trailers_not_rebuilt", []):
-            info(f"repair: {line}")
-        if report.get("damaged_copy_count"):
-            c = report["damaged_copies"][0]
-            info(f"{report['damaged_copy_count']} damaged copy(ies) of blocks that have a good copy too (e.g. "
-                 f"{c['digest'][:16]}… in pack {c['pack'][:16]}…: {c['reason']}): no snapshot loses data; "
-                 + ("removed below" if repair else "'pyvbak verify --repair' removes them from the index"))
-        for name in report["orphan_snapshot_indexes"]:
-            info(f"note: {name} has no metadata (a killed backup's, or a snapshot whose metadata was "
-                 f"lost); prune removes it")
-        for line in report.get("packs_left_alone") or ():
-            info(f"note: {line}")
-        if report.get("unindexed_packs") and not report.get("repair"):
-            u = report["unindexed_packs"]
-            # (prune stops on a damaged pack index: then only the repair)
-            also = "" if report["damaged_pack_indexes"] else " (or 'pyvbak prune')"
-            info(f"{u['packs']} pack(s) holding {u['blocks']} block(s) are named by no pack index (one lost from "
-                 f"storage?): 'pyvbak verify --repair'{also} indexes them again from their own tables of contents")
-        recheck = report.get("repair", {}).get("recheck")
-        for line in report.get("repair", {}).get("adopted", []):
-            info(f"repair: {line}" + ("; run 'pyvbak verify' again to check its blocks"
-                                      if line.startswith("adopted") and recheck is None else ""))
-        if recheck is not None:
-            info(f"repair: checked again after adopting packs: {recheck['blocks_checked']} blocks, "
-                 + ("all good" if recheck["ok"] else f"{recheck['problem_count']} bad block(s) affecting "
-                    f"{len(recheck['affected_snapshots'])} snapshot(s)"))
-        if report.get("unreadable_copy_count"):
-            n = report["unreadable_copy_count"]
-            if repair and drop_unreadable:
-                info(f"{n} block copy(ies) could not be read (I/O errors, twice): removed below with the bad ones")
-            else:
-                info(f"{n} block copy(ies) could not be read (I/O errors, twice), which says nothing about the data: "
-                     + ("--repair kept their records (" if repair else "'verify --repair' keeps their records (")
-                     + "a read error may pass: a network file system, an outage); if verify keeps finding them, "
-                     "'pyvbak verify --repair --drop-unreadable' removes them (and the next backups store again the "
-                     "blocks that have no other good copy)")
-        flagged = report.get("flagged")
-        if flagged and flagged["marker"] and (flagged["copies"] or flagged["again"]):
-            again = f" (and {flagged['again']} flagged before)" if flagged["copies"] and flagged["again"] else ""
-            what = (f"flagged {flagged['copies']} bad block copy(ies){again}" if flagged["copies"]
-                    else f"flagged again {flagged['again']} bad block copy(ies) flagged before")
-            info(f"{what} ({flagged['marker']}): backups no longer deduplicate against them, so the next backup of "
-                 f"each disk that still holds those blocks stores them again")
-        if flagged and flagged["marker"] and flagged["cleared"]:
-            info(f"cleared {flagged['cleared']} flagged block copy(ies) that read back intact now "
-                 f"({flagged['marker']})")
-        if flagged and flagged["error"]:
-            info(f"the bad block copies were not flagged for the next backups ({flagged['error']})" if not report["ok"]
-                 else f"flagged block copies that read back intact now were not cleared ({flagged['error']})")
-        if report.get("repair", {}).get("records_removed"):
-            info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
-                 f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "
-                 f"blocks stores them again")
+        _print_verify_report(report, bad_packs, repair=repair, drop_unreadable=drop_unreadable)
     if report.get("repair", {}).get("complete") and not report["ok"]:
         # exit 0: what verify found is gone and every snapshot reads back whole (the damage
         # was in redundant copies or pack indexes only); the lines above said what was done
         info("repair: complete - every snapshot restores from intact copies; 'pyvbak verify' confirms it")
     if failure is not None:
         raise failure
+
+
+def _print_verify_report(report: dict, bad_packs: set, *, repair: bool, drop_unreadable: bool) -> None:
+    """Verify's report as text: what it checked on stdout, what it found and what the
+    repair did on stderr (``bad_packs``: the packs, hex, some of whose copies read back
+    bad)."""
+    sampled = (f" - a random {report['sampled_percent']:g} % sample of their blocks: the others were not read"
+               if report["sampled_percent"] is not None else "")
+    print(
+        f"checked {report['blocks_checked']} blocks ({human_bytes(report['bytes_checked'])}) "
+        f"of {report['snapshots']} snapshot(s) in {report['duration']:.1f}s{sampled}"
+    )
+    for d in report["damaged_pack_indexes"]:
+        info(f"pack index {d['name']}: {d['reason']}")
+    for a in report["affected_snapshots"]:
+        info(f"snapshot {a['id']}: {a['reason']}")
+    for t in report["damaged_pack_trailers"]:
+        if t["pack"] in bad_packs:  # (cut short, or damaged inside: not only its table of contents)
+            info(f"pack {t['pack'][:16]}…: {t['reason']}; some of its block copies do not read back either")
+            continue
+        info(f"pack {t['pack'][:16]}…: {t['reason']}: its blocks read back through the pack index, but the pack "
+             f"could not be indexed again from itself if that index were lost; "
+             + ("repaired below, if it can be" if repair else "'pyvbak verify --repair' rebuilds it from the pack index"))
+    for line in report.get("repair", {}).get("trailers_rebuilt", []) + report.get("repair", {}).get("trailers_not_rebuilt", []):
+        info(f"repair: {line}")
+    if report.get("damaged_copy_count"):
+        c = report["damaged_copies"][0]
+        info(f"{report['damaged_copy_count']} damaged copy(ies) of blocks that have a good copy too (e.g. "
+             f"{c['digest'][:16]}… in pack {c['pack'][:16]}…: {c['reason']}): no snapshot loses data; "
+             + ("removed below" if repair else "'pyvbak verify --repair' removes them from the index"))
+    for name in report["orphan_snapshot_indexes"]:
+        info(f"note: {name} has no metadata (a killed backup's, or a snapshot whose metadata was "
+             f"lost); prune removes it")
+    for line in report.get("packs_left_alone") or ():
+        info(f"note: {line}")
+    if report.get("unindexed_packs") and not report.get("repair"):
+        u = report["unindexed_packs"]
+        # (prune stops on a damaged pack index: then only the repair)
+        also = "" if report["damaged_pack_indexes"] else " (or 'pyvbak prune')"
+        info(f"{u['packs']} pack(s) holding {u['blocks']} block(s) are named by no pack index (one lost from "
+             f"storage?): 'pyvbak verify --repair'{also} indexes them again from their own tables of contents")
+    recheck = report.get("repair", {}).get("recheck")
+    for line in report.get("repair", {}).get("adopted", []):
+        info(f"repair: {line}" + ("; run 'pyvbak verify' again to check its blocks"
+                                  if line.startswith("adopted") and recheck is None else ""))
+    if recheck is not None:
+        info(f"repair: checked again after adopting packs: {recheck['blocks_checked']} blocks, "
+             + ("all good" if recheck["ok"] else f"{recheck['problem_count']} bad block(s) affecting "
+                f"{len(recheck['affected_snapshots'])} snapshot(s)"))
+    if report.get("unreadable_copy_count"):
+        n = report["unreadable_copy_count"]
+        if repair and drop_unreadable:
+            info(f"{n} block copy(ies) could not be read (I/O errors, twice): removed below with the bad ones")
+        else:
+            info(f"{n} block copy(ies) could not be read (I/O errors, twice), which says nothing about the data: "
+                 + ("--repair kept their records (" if repair else "'verify --repair' keeps their records (")
+                 + "a read error may pass: a network file system, an outage); if verify keeps finding them, "
+                 "'pyvbak verify --repair --drop-unreadable' removes them (and the next backups store again the "
+                 "blocks that have no other good copy)")
+    flagged = report.get("flagged")
+    if flagged and flagged["marker"] and (flagged["copies"] or flagged["again"]):
+        again = f" (and {flagged['again']} flagged before)" if flagged["copies"] and flagged["again"] else ""
+        what = (f"flagged {flagged['copies']} bad block copy(ies){again}" if flagged["copies"]
+                else f"flagged again {flagged['again']} bad block copy(ies) flagged before")
+        info(f"{what} ({flagged['marker']}): backups no longer deduplicate against them, so the next backup of "
+             f"each disk that still holds those blocks stores them again")
+    if flagged and flagged["marker"] and flagged["cleared"]:
+        info(f"cleared {flagged['cleared']} flagged block copy(ies) that read back intact now "
+             f"({flagged['marker']})")
+    if flagged and flagged["error"]:
+        info(f"the bad block copies were not flagged for the next backups ({flagged['error']})" if not report["ok"]
+             else f"flagged block copies that read back intact now were not cleared ({flagged['error']})")
+    if report.get("repair", {}).get("records_removed"):
+        info(f"repair: removed {report['repair']['records_removed']} bad block record(s) from the index "
+             f"({report['repair']['lost_marker']}): the next backup of each disk that still holds those "
+             f"blocks stores them again")
 
 
 def _verify_failure(r, report: dict, recheck_report, read_problem, *, repair: bool, drop_unreadable: bool,

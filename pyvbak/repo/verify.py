@@ -144,19 +144,21 @@ class _VerifyRun:
             forget_cached(repo_cache_dir(repo.config.repo_id))
         pos = index.locate(all_digests)
         # digest -> what is wrong with the block (a lost block)
-        self.problems: dict[bytes, str] = {bytes(d).ljust(32, b"\0"): "block is missing (no pack index names it)"
-                                           for d in all_digests[pos < 0]}
+        problems: dict[bytes, str] = {bytes(d).ljust(32, b"\0"): "block is missing (no pack index names it)"
+                                      for d in all_digests[pos < 0]}
+        self.problems = problems
         # why each lost block is lost, for what to do next: "not_indexed" (no record: a repair
         # or a prune dropped it, or an index was lost), "adoptable" (no record, but a pack no
         # index names holds it), "bad_copy" (every copy reads back wrong or its pack is gone),
         # "unreadable" (every copy failed to read, twice)
-        self.lost_kind: dict[bytes, str] = dict.fromkeys(self.problems, "not_indexed")
+        lost_kind: dict[bytes, str] = dict.fromkeys(problems, "not_indexed")
+        self.lost_kind = lost_kind
         # Missing from every pack index is not always lost: a pack index object lost from
         # storage leaves its packs unindexed, and their own tables of contents still say what
         # they hold (prune and --repair index them again).  Only listed when blocks are missing.
         self.adoptable = np.empty(0, fmt.PACK_INDEX_RECORD)
         self.unindexed_lines: list[str] = []
-        if self.problems:
+        if problems:
             self.adoptable, self.unindexed_lines = repo.unindexed_pack_records(index)
             # copies a lost/ marker dropped that still read back bad are not adopted again
             # (repair.damaged_lost_copies): their blocks are missing, not "held"
@@ -168,10 +170,10 @@ class _VerifyRun:
                 also_prune = "" if repo.damaged_pack_indexes else " (or 'pyvbak prune')"  # (prune stops on one)
                 held = digest_sets.isin(all_digests[pos < 0], digest_sets.unique(self.adoptable["digest"].view("S32")))
                 for d in all_digests[pos < 0][held]:
-                    self.problems[bytes(d).ljust(32, b"\0")] = (
-                        "block is in no pack index, but a pack no index names holds it: "
-                        "'pyvbak verify --repair'" + also_prune + " indexes that pack again")
-                    self.lost_kind[bytes(d).ljust(32, b"\0")] = "adoptable"
+                    problems[bytes(d).ljust(32, b"\0")] = ("block is in no pack index, but a pack no index names holds "
+                                                           "it: 'pyvbak verify --repair'" + also_prune
+                                                           + " indexes that pack again")
+                    lost_kind[bytes(d).ljust(32, b"\0")] = "adoptable"
 
     # -- read_copies ---------------------------------------------------------------------
 
@@ -250,34 +252,39 @@ class _VerifyRun:
         """Each copy that did not read back intact, bad or unreadable; a block with no good
         copy lost (``problems``); flagged copies that read back intact now.  Reads nothing."""
         recs, which, reasons = self.recs, self.which, self.reasons
+        problems, lost_kind = self.problems, self.lost_kind
         # A block is lost only when no copy of it read back intact; a bad copy beside a good
         # one is a damaged copy: no snapshot loses anything, --repair drops its record.
         has_good = np.zeros(len(self.all_digests), bool)
         has_good[which[self.good]] = True
-        self.bad_copies: list[Copy] = []  # copies that read back wrong
-        self.unreadable_copies: list[Copy] = []  # ... that could not be read, twice
-        self.redundant_bad_copies: set[Copy] = set()  # bad copies of blocks that have a good one too
-        self.damaged_entries: list[dict] = []  # the report's damaged_copies (bad ones of blocks with a good one)
+        bad_copies: list[Copy] = []  # copies that read back wrong
+        unreadable_copies: list[Copy] = []  # ... that could not be read, twice
+        redundant_bad: set[Copy] = set()  # bad copies of blocks that have a good one too
+        damaged_entries: list[dict] = []  # the report's damaged_copies (bad ones of blocks with a good one)
         # ... its unreadable_redundant_copies, reported apart: --repair keeps them, they are no damage found
-        self.unreadable_redundant_entries: list[dict] = []
+        unreadable_entries: list[dict] = []
         for k, reason in sorted(reasons.items()):
             d = bytes(recs["digest"][k]).ljust(32, b"\0")
             copy = (d, bytes(recs["pack"][k]).ljust(32, b"\0"), int(recs["offset"][k]))
             failed_read = isinstance(reason, ReadFailure)
-            (self.unreadable_copies if failed_read else self.bad_copies).append(copy)
+            (unreadable_copies if failed_read else bad_copies).append(copy)
             if not failed_read and has_good[which[k]]:
-                self.redundant_bad_copies.add(copy)
+                redundant_bad.add(copy)
             if has_good[which[k]]:
-                (self.unreadable_redundant_entries if failed_read else self.damaged_entries).append(
+                (unreadable_entries if failed_read else damaged_entries).append(
                     {"digest": d.hex(), "pack": copy[1].hex(), "offset": copy[2], "reason": str(reason)})
             else:
-                self.problems.setdefault(d, reason)
-                if d not in self.lost_kind:
-                    self.lost_kind[d] = "unreadable" if failed_read else "bad_copy"
+                problems.setdefault(d, reason)
+                if d not in lost_kind:
+                    lost_kind[d] = "unreadable" if failed_read else "bad_copy"
+        self.bad_copies, self.unreadable_copies = bad_copies, unreadable_copies
+        self.redundant_bad_copies = redundant_bad
+        self.damaged_entries, self.unreadable_redundant_entries = damaged_entries, unreadable_entries
 
         # flagged copies (lost/ markers) that read back intact now: put back, or re-cut under
         # the same name by the backup that stored their blocks again - to be cleared
-        self.healed_flags: list[Copy] = []
+        healed_flags: list[Copy] = []
+        self.healed_flags = healed_flags
         # (clears need the flags they undo listed)
         if len(self.flagged) and self.good.any() and not self.flags_unreadable:
             intact = recs[self.good]
@@ -286,8 +293,8 @@ class _VerifyRun:
                 failed = digest_sets.unique(digest_sets.copy_keys(recs[np.array(sorted(reasons), np.int64)]))
                 keep &= ~digest_sets.isin(digest_sets.copy_keys(intact), failed)
             for rec in intact[keep]:
-                self.healed_flags.append((bytes(rec["digest"]).ljust(32, b"\0"), bytes(rec["pack"]).ljust(32, b"\0"),
-                                          int(rec["offset"])))
+                healed_flags.append((bytes(rec["digest"]).ljust(32, b"\0"), bytes(rec["pack"]).ljust(32, b"\0"),
+                                     int(rec["offset"])))
 
     # -- name_affected_snapshots ---------------------------------------------------------
 
@@ -443,7 +450,7 @@ def flag_bad_copies(repo, findings: VerifyFindings, *, flag_bad: bool, no_lock: 
     "again": flagged before too, "cleared": n, "error": reason or None}``, None when there
     is nothing to flag or clear."""
     bad = findings.bad_copies if flag_bad else []
-    healed = findings.healed_flags
+    healed, redundant = findings.healed_flags, findings.redundant_bad_copies
     if not bad and not healed:
         return None
     # A copy an earlier marker flags is flagged again when another verify runs beside this
@@ -457,7 +464,7 @@ def flag_bad_copies(repo, findings: VerifyFindings, *, flag_bad: bool, no_lock: 
     if bad:
         keys = np.array([digest_sets.copy_key(*c) for c in bad], "S72")
         pairs = [(c, k) for c, k in zip(bad, digest_sets.isin(keys, findings.flagged_before).tolist())
-                 if not (k and (c in findings.redundant_bad_copies or not beside))]
+                 if not (k and (c in redundant or not beside))]
         bad = [c for c, _ in pairs]
         again = sum(1 for _, k in pairs if k)
     nothing = {"marker": None, "copies": 0, "again": 0, "cleared": 0, "error": None}

@@ -23,10 +23,14 @@ loaded the parent's index, and the blocks stay until a prune).
 4. writes the new pack index (create-only), then deletes the old pack index files, then
    the packs no index names any more.
 
-Crash safety (docs/FORMAT.md "Prune"): until step 4 only new objects are written; in step
-4 the old indexes go before any pack, so no index ever names a deleted pack, and a
-killed prune leaves at worst unindexed packs (adopted by the next backup, removed by
-the next prune) and duplicate index entries (harmless).
+Crash safety (docs/FORMAT.md "Forget and prune (invariants)"): until step 4 nothing an
+index or a snapshot names is deleted - the objects written are new ones (an adoption's
+pack index, the repacked packs, the lost/ marker) and only leftovers no reader uses go
+(temp objects, block indexes without metadata, the old pack of a repair's interrupted
+move, the new packs of a repack given up); in step 4 the old indexes go before any pack,
+so no index ever names a deleted pack, and a killed prune leaves at worst unindexed
+packs (adopted by the next backup, removed by the next prune) and duplicate index
+entries (harmless).
 """
 
 from __future__ import annotations
@@ -58,8 +62,6 @@ REPACK_UNUSED = 0.2
 def forget_snapshots(repo, snaps) -> list[str]:
     """Delete each snapshot: metadata first (it is gone at that instant), then its index.
     Caller holds a (shared) repository lock.  Returns the ids."""
-    from ..backends import ObjectMissing
-
     done = []
     for snap in snaps:
         for name in (fmt.snapshot_meta_name(snap.id), fmt.snapshot_index_name(snap.id)):

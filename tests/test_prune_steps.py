@@ -292,7 +292,7 @@ def test_a_stop_as_the_last_new_pack_is_stored_waits_for_the_index_naming_it(tmp
     assert len(new) == 3 and new <= indexed_packs(r)
     assert before <= set(packs(r))  # (the repacked pack too: the next prune's)
     assert restores(r, b, img, tmp_path)
-    assert verify_repository(r, threads=2)["ok"]
+    assert verify_repository(r, threads=2).report["ok"]
 
 
 # -- what a stopped prune leaves ------------------------------------------------------------

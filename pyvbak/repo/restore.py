@@ -560,17 +560,51 @@ class _RestoreRun:
     The per-record arrays the phases share, in reading order: ``recs_sorted`` (the pack
     index records, ``ulen`` set from each block's place), ``starts`` / ``stops`` (the
     record's disk blocks are ``blocks[starts[k] : stops[k]]``), ``firsts`` (the disk
-    offset of its first place) and ``copies`` (how many places it has)."""
+    offset of its first place) and ``copies`` (how many places it has).
+
+    Every attribute is declared in ``__init__``, with the phase that sets it."""
 
     def __init__(self, repo, snap, output: str, threads: int):
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic()  # when the restore began: its duration and phases count from here
         self.repo, self.snap, self.output, self.threads = repo, snap, output, threads
         self.bs, self.size = snap.meta["block_size"], snap.meta["size"]
         self.nblocks = -(-self.size // self.bs)
-        self.target: _Target | None = None
-        self.fd = -1
+        # -- set by prepare
+        self.data_idx: np.ndarray | None = None  # the snapshot's non-zero blocks (disk block indices)
+        self.recs: np.ndarray | None = None  # the unique pack index records to read (_locate)
+        self.blocks: np.ndarray | None = None  # the records' disk blocks, flat: record u's are blocks[bounds[u] : bounds[u + 1]]
+        self.bounds: np.ndarray | None = None  # len(recs) + 1 offsets into blocks
+        self.index = None  # the repository's digest index (the other copies of a failed block)
+        self.t_data = 0.0  # when the data phase began (time.monotonic)
+        # -- set by _check_target (``output`` too: a symbolic link is followed)
+        self.st: os.stat_result | None = None  # the target's stat, None for a new file
+        self.is_device = False  # the target is a block device (written in place)
+        self.parent_dir: str | None = None  # the target's directory (a file's temp file goes there)
+        # -- set by order_reads: the per-record arrays in reading order (see above)
+        self.recs_sorted: np.ndarray | None = None
+        self.starts: np.ndarray | None = None
+        self.stops: np.ndarray | None = None
+        self.firsts: np.ndarray | None = None
+        self.copies: np.ndarray | None = None
+        # -- set by create_target
+        self.path: str | None = None  # what is written: the device, or the temp file beside the target
+        self.fd = -1  # its descriptor (-1: none open)
+        # -- set by write_blocks
+        self.target: _Target | None = None  # the writer to ``fd`` (None: not created yet)
+        self.written = 0  # bytes written (reread_failed_blocks adds its own)
+        self.failed: list[tuple[int, str]] = []  # (record in reading order, why its copy is bad)
+        # -- set by reread_failed_blocks
         self.from_copies: list[str] = []  # digests restored from another copy than the index's first
-        self.flagged_copies = 0
+        self.errors: list[str] = []  # why, per block lost
+        self.bad_copies: list = []  # the copies read back missing or not intact, twice (what a restore flags)
+        self.unread_lost = 0  # lost blocks with a copy that could not be read (never flagged)
+        # -- set by settle_failures
+        self.flagged_copies = 0  # copies this restore flagged
+        # -- set by sync_and_commit
+        self.direct = False  # the writes bypassed the page cache (O_DIRECT)
+        self.t_sync = 0.0  # when the sync phase began (time.monotonic)
+        self.pending: tuple[str, str] | None = None  # (temp file, target) left for the caller to rename
+        self.t_end = 0.0  # when the restore ended (time.monotonic)
 
     # -- prepare ---------------------------------------------------------------------------
 
@@ -605,7 +639,7 @@ class _RestoreRun:
     def _check_target(self, force: bool) -> None:
         """The target is a new file in an existing directory, or an existing regular file
         or block device (with ``force``), not inside the repository; a symbolic link is
-        followed.  Sets ``st`` (None for a new file), ``is_device``, ``parent_dir``."""
+        followed."""
         output = self.output
         if not output:
             raise UsageError("restore target is empty: give the file or block device to restore to")

@@ -82,12 +82,51 @@ class _VerifyRun:
     with no good copy lost; flagged copies that read back intact are healed;
     ``name_affected_snapshots``: the snapshots each lost block hurts (their indexes read
     again), and snapshot indexes without metadata;
-    ``result``: the report and the findings."""
+    ``result``: the report and the findings.
+
+    Every attribute is declared in ``__init__``, with the phase that sets it."""
 
     def __init__(self, repo, sample_percent: float | None, threads: int | None, seed: int | None, snapshots):
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic()  # when the verify began: its duration counts from here
+        # ``chosen``: the snapshots to check (SnapshotInfos), None for all
         self.repo, self.sample_percent, self.seed, self.chosen = repo, sample_percent, seed, snapshots
         self.threads = threads or os.cpu_count() or 1
+        # -- set by list_blocks (bad_snapshots, forgotten and unread_snapshots added to by
+        # _unreadable, in name_affected_snapshots too)
+        self.snaps: list = []  # the snapshots checked (SnapshotInfo)
+        self.bad_snapshots: dict[str, str] = {}  # snapshot id -> why it is affected
+        self.forgotten: set[str] = set()  # snapshots forgotten while verify read them (not damaged)
+        # snapshots whose index could not be read (an I/O error: the storage, not damage found)
+        self.unread_snapshots: set[str] = set()
+        self.all_digests: np.ndarray | None = None  # the blocks checked (S32 digests, sorted; a sample of them)
+        # -- set by locate_blocks
+        self.index = None  # the repository's digest index
+        self.damaged_indexes: list[str] = []  # pack index objects that cannot be read
+        self.problems: dict[bytes, str] = {}  # digest -> what is wrong with the block (a lost block)
+        self.lost_kind: dict[bytes, str] = {}  # digest -> why the block is lost (see locate_blocks)
+        self.adoptable: np.ndarray | None = None  # pack index records of packs no index names holding missing blocks
+        self.unindexed_lines: list[str] = []  # what listing the packs no index names said
+        # -- set by read_copies
+        self.flagged: np.ndarray | None = None  # the copies flagged (S72 copy keys) before any copy was read
+        self.seen_markers: list[str] = []  # the lost/ markers those flags were read from
+        self.flags_unreadable = False  # a marker could not be read
+        self.recs: np.ndarray | None = None  # per copy: its record, in reading order
+        self.which: np.ndarray | None = None  # per copy: its block (position in all_digests)
+        self.checked: dict[str, int] = {}  # the blocks and bytes read back intact
+        self.good: np.ndarray | None = None  # per copy: read back intact
+        self.reasons: dict[int, str] = {}  # per copy that did not: why
+        self.damaged_trailers: dict[str, str] = {}  # pack id (hex) -> what is wrong with its table of contents
+        # -- set by judge_copies
+        self.bad_copies: list[Copy] = []  # copies that read back wrong
+        self.unreadable_copies: list[Copy] = []  # ... that could not be read, twice
+        self.redundant_bad_copies: set[Copy] = set()  # bad copies of blocks that have a good one too
+        self.damaged_entries: list[dict] = []  # the report's damaged_copies (bad ones of blocks with a good one)
+        # ... its unreadable_redundant_copies, reported apart: --repair keeps them, they are no damage found
+        self.unreadable_redundant_entries: list[dict] = []
+        self.healed_flags: list[Copy] = []  # flagged copies that read back intact now
+        # -- set by name_affected_snapshots
+        self.lacking_blocks: set[str] = set()  # snapshots whose index reads, and names a lost block
+        self.orphans: list[str] = []  # snapshot indexes without metadata
 
     # -- list_blocks ---------------------------------------------------------------------
 
@@ -97,16 +136,14 @@ class _VerifyRun:
         blocks they reference, and a ``--sample`` of those."""
         repo = self.repo
         self.snaps = repo.snapshots(cached=False) if self.chosen is None else list(self.chosen)
-        # snapshot id -> why it is affected
-        self.bad_snapshots: dict[str, str] = {
+        self.bad_snapshots = {
             sid: f"snapshot metadata {name} is corrupt: restore it from a copy, or forget the snapshot "
             f"('pyvbak forget {sid}'); prune refuses to run until then"
             for name in (repo.damaged_snapshots if self.chosen is None else [])
             for sid in [name[len("snapshots/") : -len(".json")]]
         }
-        self.forgotten: set[str] = set()
-        # snapshots whose index could not be read (an I/O error: the storage, not damage found)
-        self.unread_snapshots: set[str] = set()
+        self.forgotten = set()
+        self.unread_snapshots = set()
         self.all_digests = repo.referenced_digests(self.snaps, on_unreadable=self._unreadable)
         if self.sample_percent is not None and len(self.all_digests):
             rng = np.random.default_rng(self.seed)
@@ -157,7 +194,7 @@ class _VerifyRun:
         # storage leaves its packs unindexed, and their own tables of contents still say what
         # they hold (prune and --repair index them again).  Only listed when blocks are missing.
         self.adoptable = np.empty(0, fmt.PACK_INDEX_RECORD)
-        self.unindexed_lines: list[str] = []
+        self.unindexed_lines = []
         if problems:
             self.adoptable, self.unindexed_lines = repo.unindexed_pack_records(index)
             # copies a lost/ marker dropped that still read back bad are not adopted again
@@ -201,7 +238,6 @@ class _VerifyRun:
             same[1:] = ((recs["pack"][1:] == recs["pack"][:-1]) & (recs["offset"][1:] == recs["offset"][:-1])
                         & (recs["digest"][1:] == recs["digest"][:-1]))
             recs, which = recs[~same], which[~same]
-        # per copy: its record, its block (position in all_digests)
         self.recs, self.which = recs, which
         checked = self.checked = {"blocks": 0, "bytes": 0}
         good = self.good = np.zeros(len(recs), bool)  # per copy: read back intact
@@ -303,7 +339,7 @@ class _VerifyRun:
         each lost block hurts; then, when every snapshot is checked, the snapshot indexes
         without metadata (``snapshots/`` listed)."""
         repo, problems = self.repo, self.problems
-        self.lacking_blocks: set[str] = set()  # snapshots whose index reads, and names a lost block
+        self.lacking_blocks = set()
         if problems:
             bad = digest_sets.unique(np.array(list(problems), dtype="S32"))
             for snap in self.snaps:

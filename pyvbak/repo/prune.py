@@ -143,7 +143,9 @@ class _PruneRun:
     record: ``recs`` (the records, each listed once), ``inv`` (its pack's number: a row of
     ``pack_ids`` / ``pack_hex``) and ``keep`` (the copies that stay); per pack
     (``pack_ids``): ``missing_p``, ``delete_p``, ``repack_p``, and the set ``gone`` of the
-    packs the index stops naming."""
+    packs the index stops naming.
+
+    Every attribute is declared in ``__init__``, with the step that sets it."""
 
     def __init__(self, repo, dry_run: bool, repack_unused: float, without: frozenset[str]):
         self.t0 = time.monotonic()
@@ -166,6 +168,39 @@ class _PruneRun:
             "bytes_freed": 0,
             "problems": [],
         }
+        # -- set by remove_temp_objects
+        self.recovered: list[str] = []  # what the exclusive lock's removal of stale locks cleaned up
+        # -- set by find_orphan_snapshot_indexes
+        self.orphans: list[str] = []  # snapshot block indexes without metadata
+        # -- set by read_references
+        self.referenced: np.ndarray | None = None  # the digests the snapshots reference (S32, sorted)
+        # -- set by adopt_unindexed_packs
+        self.kept_out: set[str] = set()  # packs (hex) left unindexed: a lost/ marker dropped their copies
+        self.adopted: np.ndarray | None = None  # the adopted records not written (a dry run's; else empty)
+        # -- set by read_pack_indexes
+        self.index_names: list[str] = []  # the pack index objects
+        self.listed_records = 0  # the records they list, a dry run's adopted ones with them
+        self.pack_ids: np.ndarray | None = None  # the packs the records name (S32, sorted)
+        self.recs: np.ndarray | None = None  # per record (each once): the pack index record
+        self.inv: np.ndarray | None = None  # per record: its pack's number (a row of pack_ids)
+        self.clen: np.ndarray | None = None  # per record: its frame's length (int64)
+        # -- set by find_missing_packs (listed_packs less the moves finish_interrupted_moves finished)
+        self.listed_packs: list[str] = []  # the objects under packs/
+        self.present_hex: set[str] = set()  # their names (pack ids, hex)
+        self.pack_hex: list[str] = []  # per pack (pack_ids): its id in hex
+        self.missing_p: np.ndarray | None = None  # per pack: named by an index, not held by the backend
+        # -- set by choose_copies
+        self.keep: np.ndarray | None = None  # per record: the copy that stays
+        # -- set by decide_packs
+        self.kept_bytes: np.ndarray | None = None  # per pack: the frame bytes of its kept copies
+        self.total_bytes: np.ndarray | None = None  # per pack: all its frame bytes
+        self.delete_p: np.ndarray | None = None  # per pack: none of its copies is kept
+        self.repack_p: np.ndarray | None = None  # per pack: to repack (the repack may give it up)
+        # -- set by finish_interrupted_moves
+        self.indexed_hex: set[str] = set()  # the packs (hex) an index names or that were kept out of one
+        # -- set by repack
+        self.new_parts: list[np.ndarray] = []  # the new packs' records
+        self.gone: set[int] = set()  # the packs (numbers) the index stops naming
 
     # -- 1. leftovers of interrupted writes ---------------------------------------------------
 

@@ -134,9 +134,9 @@ class RepairOutcome:
 
 def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, verified: verify.VerifyResult,
                       options: RepairOptions) -> RepairOutcome:
-    """The repair of ``verify --repair``, after its verify (``verified``: its report, and
-    the copies that read back corrupt or missing, or could not be read, and whether packs
-    no index names hold missing blocks), under ``lock`` (``start_repair``'s,
+    """The repair of ``verify --repair``, after its verify (``verified``: its report - its
+    ``unindexed_packs`` says whether packs no index names hold missing blocks - and the
+    copies that read back corrupt or missing, or could not be read), under ``lock`` (``start_repair``'s,
     ``repair_problem`` its result).  In this order: what was left unindexed adopted,
     damaged tables of contents rebuilt (and an interrupted move finished), the bad copies'
     records dropped (every record of packs taken for lost), packs that cannot be rebuilt
@@ -149,7 +149,8 @@ def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, ver
         bad = bad + findings.unreadable_copies
     # taking the lock adopted what killed writers left (their stale locks gone)
     adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
-    if (findings.adoptable or report["damaged_pack_indexes"]) and not storage_missing:
+    # (report["unindexed_packs"]: packs no index names hold blocks missing from every pack index)
+    if (report["unindexed_packs"] or report["damaged_pack_indexes"]) and not storage_missing:
         # what a backup does after a crash: damaged pack indexes removed first (a
         # re-indexed pack's index is often the very object name: create-only, it
         # would not replace the garbage), then unindexed packs indexed again.

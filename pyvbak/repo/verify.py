@@ -34,7 +34,6 @@ class VerifyFindings:
     # they flag); a marker could not be read: none, so every bad copy is flagged anew
     flag_markers_seen: list[str]
     flagged_before: np.ndarray
-    adoptable: bool  # packs no index names hold blocks missing from every pack index
 
     def bad_packs(self) -> set[str]:
         """The packs (hex) of which a copy read back bad."""
@@ -418,7 +417,6 @@ class _VerifyRun:
             healed_flags=self.healed_flags,
             flag_markers_seen=[] if self.flags_unreadable else list(self.seen_markers),
             flagged_before=np.empty(0, "S72") if self.flags_unreadable else self.flagged,
-            adoptable=len(adoptable) > 0,
         )
         return VerifyResult(report, findings)
 

@@ -1,7 +1,7 @@
 """The Backend interface: the only way the repository layer touches storage.
 
 A backend stores *objects*: immutable-or-replaced byte strings under relative names such as
-``data/ab/abcdef...`` or ``snapshots/ID.json``.  The interface is deliberately what an object
+``packs/ab/abcdef...`` or ``snapshots/ID.json``.  The interface is deliberately what an object
 store (S3) can do too: whole-object writes only (no appends, no partial writes, no rename of
 "directories"), so SFTP and S3 backends can be added later without touching the layers above.
 Retry, failover and rate limiting are wrappers around this interface, never inside a backend.
@@ -121,12 +121,12 @@ def validate_name(name: object) -> str:
 
 
 def validate_prefix(prefix: object) -> str:
-    """A list() prefix: "" or a string prefix of valid names ("data/", "data/ab", "snap")."""
+    """A list() prefix: "" or a string prefix of valid names ("packs/", "packs/ab", "snap")."""
     if not isinstance(prefix, str):
         raise UsageError(f"list prefix must be a str, not {type(prefix).__name__}: {prefix!r}")
     if prefix == "":
         return prefix
-    # "data/" is a valid prefix although "data/" is not a valid name: validate it with a
+    # "packs/" is a valid prefix although "packs/" is not a valid name: validate it with a
     # stand-in last component.
     validate_name(prefix + "x" if prefix.endswith("/") else prefix)
     return prefix
@@ -277,8 +277,9 @@ class Backend(abc.ABC):
         """Create the object if it does not exist; return True if this call created it.
 
         Returns False, leaving the existing object untouched, if an object of that name
-        already exists (objects are content-addressed: same name means same bytes, so the
-        caller has nothing to do).  Of concurrent ``write_new`` calls for one name exactly
+        already exists.  Names are content-addressed, so False normally means "already
+        stored"; but the existing object may be a damaged copy, and a caller that must know
+        (the pack writer) reads it back and ``replace``s it if it differs.  Of concurrent ``write_new`` calls for one name exactly
         one returns True.  Atomic (no partial object is ever visible, even after a crash)
         and durable on return.  ``data`` is bytes-like or a sequence of bytes-like objects
         written as their concatenation.  Raises OutOfSpace on a full disk / exceeded quota
@@ -307,7 +308,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]:
         """Yield every object name that starts with ``prefix`` (a string prefix such as
-        "data/", "snapshots/" or "data/ab"), each once, in no particular order.
+        "packs/", "snapshots/" or "packs/ab"), each once, in no particular order.
 
         Never yields in-progress or interrupted temp objects.  Objects created or deleted
         while the iteration runs may or may not be yielded.  A prefix matching nothing (or
@@ -334,9 +335,15 @@ class Backend(abc.ABC):
         looked for: the whole repository is not listed.  A prefix that is not "" and
         does not end in "/" is a UsageError.
 
-        Writes in progress in *this process* are never removed.  Writes in progress in
-        other processes are removed if old enough, so call it with age 0 only while holding
-        the repository's exclusive lock; otherwise pass an age well above the longest write.
+        Never removes the temp object of a write still in progress: in this process (the
+        backend tracks its own writes), or in another process whose writer may still be
+        running.  A backend that can tell (the local one: the writer's pid, in the temp
+        name, runs on this host) keeps a live writer's temp objects at any age and removes
+        a dead one's once older than ``older_than_seconds``; one that cannot (another
+        host's temp file, an object store's unfinished multipart upload) keeps them until
+        they are ``processes.FOREIGN_TEMP_MAX_AGE_S`` old, whatever ``older_than_seconds``
+        says.  This is what lets a backup call it with age 0 under
+        a *shared* lock while other backups write (repository.recover_leftovers).
         """
 
     @abc.abstractmethod

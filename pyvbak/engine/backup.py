@@ -86,7 +86,7 @@ LOCAL_CHUNK_BUDGET = 128 * 1024 * 1024
 #: of records is a ~85 GiB disk at 64 KiB blocks; a 1 TiB disk's incremental peaked at
 #: 198 / 145 MiB instead of 982 / 868 MiB.  Below it the whole index is held: reading it
 #: twice cost the 2 GiB bench disk's incremental 4-7 ms more (bench/RESULTS.md,
-#: "Fragmented disks").
+#: "Fragmented disks of a terabyte").
 STREAM_PARENT_MIN_BYTES = 64 * 1024 * 1024
 #: a first backup's index is compressed with zeros fed for spans of this many records
 #: holding no data block (3 MiB of records: 768 pages)
@@ -372,8 +372,9 @@ class _IndexUpdate(enum.Enum):
 class _BackupRun:
     """One backup of one disk, in its three phases (``BackupResult.phases``):
 
-    ``prepare``: the parent snapshot, whether change tracking can be trusted, the warnings
-    about the source, the new index (the parent's, taken over) and the jobs to run;
+    ``prepare``: the parent snapshot, the warnings about the source, whether change
+    tracking can be trusted, the new index (the parent's, taken over), the jobs to run and
+    the repository's digest index to deduplicate against;
     ``read_and_store``: the pipeline - jobs read, scan, hash and compress on worker threads,
     the main thread packs their frames - then what changed, counted;
     ``commit``: packs are durable; their index, then the snapshot index, metadata last.

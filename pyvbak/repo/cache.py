@@ -32,7 +32,8 @@ _INDEX_NAME = re.compile(r"index/[0-9a-f]{64}")
 EXPIRE_SECONDS = 30 * 86400
 #: how often that removal looks through the root: its mtime stamp lets every other
 #: process skip a scan that costs a stat per directory (2165 directories on a machine
-#: that runs the test suite: 7-22 ms of every backup, bench/RESULTS.md "Cache-expiry scan")
+#: that runs the test suite: 7-22 ms of every backup; bench/RESULTS.md "Per-backup fixed
+#: costs in a large repository", "Cache-expiry scan")
 EXPIRE_CHECK_SECONDS = 86400
 EXPIRE_STAMP = "expiry-checked"
 _REPO_DIR = re.compile(r"[0-9a-f]{32}")

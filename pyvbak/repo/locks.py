@@ -3,13 +3,15 @@
 A lock is an object ``locks/<random>.json`` holding host, pid, time and whether it is
 exclusive.  Backups take *shared* locks: two backups (of the same or different VMs) may
 run at once because everything they write is content-addressed and create-only, and each
-snapshot has its own names.  Operations that delete data (prune) take an
+snapshot has its own names.  Operations that delete or rewrite data (prune, ``forget
+--prune``, ``verify --repair``; a dry-run prune too, unless ``--no-lock``) take an
 *exclusive* lock and refuse to start while any other lock exists; a shared lock refuses
 to start while an exclusive one exists.  After writing its lock a process lists the
 locks again, so two processes racing for conflicting locks both see each other and the
 later one backs off.  Locks of dead processes on this host (pid no longer running, or
 running another process now: a lock records the boot and its process's start time) are
-stale and removed; locks from other hosts are left for the user (``pyvbak unlock``).
+stale and removed; locks from other hosts (or another pid namespace of this one) cannot be
+judged from here and are left for the user (``pyvbak unlock --all``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ one block; the trailer is a zstd skippable frame listing the blocks, so a pack i
 a valid zstd stream.  Packs are named by the SHA-256 of their trailer (their table of
 contents: every block's digest, offset and lengths) and written create-only.  Hashing the
 whole pack again instead cost 0.4-0.6 s of a 2.7 s full backup of the 2 GiB bench image
-(bench/RESULTS.md, "Pack names"); the blocks inside are checked by their own digests.
+(bench/RESULTS.md, "Measurements quoted in the docs", "Pack names"); the blocks inside are checked by their own digests.
 
 Each pack is written through a backend stream (``Backend.open_stream``): its frames go to
 storage in pieces while later blocks are still being hashed and compressed, and the

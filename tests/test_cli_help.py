@@ -14,12 +14,30 @@ def test_the_documented_commands_are_the_registered_ones():
     assert sorted(REGISTERED) == sorted(COMMANDS)
 
 
-def test_the_readme_documents_every_command():
+def _readme_synopsis() -> list[str]:
+    """The lines of the README's "Command line" code block."""
     import os
 
     with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
         readme = f.read()
-    assert [c for c in REGISTERED if f"pyvbak {c}" not in readme] == []
+    return readme.split("\n## Command line\n", 1)[1].split("```", 2)[1].splitlines()
+
+
+@pytest.mark.parametrize("command", sorted(REGISTERED))
+def test_the_readme_synopsis_shows_every_command_and_its_options(command):
+    import re
+
+    import typer
+
+    from pyvbak.cli.main import _app_for
+
+    lines = [ln for ln in _readme_synopsis() if ln.split("#")[0].split()[:2] == ["pyvbak", command]]
+    assert lines, f"no 'pyvbak {command} ...' line in the README's Command line block"
+    click_command = typer.main.get_command(_app_for([command]))
+    click_command = getattr(click_command, "commands", {}).get(command, click_command)
+    options = [o for p in click_command.params for o in p.opts if o.startswith("--") and o != "--help"]
+    assert options, "no options found: the command's parameters were not read"
+    assert [o for o in options if not any(re.search(re.escape(o) + r"(?![\w-])", ln) for ln in lines)] == []
 
 
 @pytest.mark.parametrize("command", sorted(REGISTERED))

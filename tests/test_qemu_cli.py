@@ -508,3 +508,112 @@ def test_a_hot_backup_after_verify_flagged_a_bad_copy_reads_the_disk_whole_then_
     vm.write(9 * MiB, os.urandom(64 * 1024))
     after = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
     assert after["cbt"] is True and after["changed_blocks"] == 1 and after["fallback_reason"] is None
+
+
+class _QmpForwarder:
+    """A unix socket that forwards each connection to the VM's QMP socket and says when
+    it has: a backup connected here is known to be queued at QEMU's monitor, which
+    serves one client at a time, once ``forwarded`` is set."""
+
+    def __init__(self, path, target):
+        import socket
+        import threading
+
+        self.path, self.target = str(path), str(target)
+        self.forwarded = threading.Event()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(4)
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(self.target)  # (returns once queued: QEMU accepts it when the monitor is free)
+        self.forwarded.set()
+        for src, dst in ((client, upstream), (upstream, client)):
+            t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    @staticmethod
+    def _pump(src, dst):
+        import socket
+
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_backup_that_waited_for_another_of_the_vm_goes_on_from_its_snapshot(vm, tmp_path, capsys, monkeypatch):
+    """Two backups of one VM at once on its one QMP socket (a cron run and a manual one):
+    QEMU serves one monitor client at a time, so the second waits for the first to end.
+    It read its parent's change-tracking state before it waited: it took the first's new
+    bitmap for a stale one, scanned the whole disk, and said the disk was "backed up under
+    two names" (session 25's audit).  It must go on from the first's snapshot instead."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import wait_until
+
+    repo = _hot_repo(tmp_path, monkeypatch)
+    vm.write(0, os.urandom(MiB))
+    _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    vm.write(8 * MiB, os.urandom(MiB))
+    env = dict(os.environ, PYVBAK_WORK_DIR=str(tmp_path / "work"))
+    cmd = [sys.executable, "-m", "pyvbak", "backup", "--repo", repo, "--vm", "web", "--json"]
+    first = subprocess.Popen(cmd[:4] + [vm.uri] + cmd[4:], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    forwarder = _QmpForwarder(tmp_path / "fwd.sock", vm.qmp_path)
+    second = None
+    try:
+        # the first holds the VM's session (its lock object is in QEMU): stopped there
+        wait_until(lambda: vm.pyvbak_objects() or first.poll() is not None, timeout=60,
+                   what="the first backup's session lock")
+        assert first.poll() is None, first.communicate()
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.Popen(cmd[:4] + [f"qemu://{tmp_path / 'fwd.sock'}?node=disk0"] + cmd[4:], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert forwarder.forwarded.wait(60), "the second backup never connected"
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        out1, err1 = first.communicate(timeout=120)
+        out2, err2 = second.communicate(timeout=120)
+    finally:
+        forwarder.close()
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    a, b = json.loads(out1), json.loads(out2)
+    assert a["cbt"] is True and a["changed_bytes"] >= MiB
+    assert b["parent"] == a["id"]
+    assert b["cbt"] is True, b.get("fallback_reason")
+    assert b["changed_bytes"] == 0 and b["bytes_read"] < MiB
+    assert "stale dirty bitmap" not in err2
+    capsys.readouterr()
+    out = tmp_path / "web.img"
+    assert main(["restore", "web/disk0@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == vm.read(0, vm.size)

@@ -108,12 +108,8 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         # and the first backup of a repository marks it so)
         for line in r.mark_pack_storage():
             info(line)
-        prev_states = {}
-        for name in names:
-            parent = r.latest(vm, name)
-            prev_states[name] = (parent.meta.get("change_tracking") or {}).get("state") if parent else None
         try:
-            with open_disks(source, names, previous_states=prev_states, verify_cbt=verify_cbt,
+            with open_disks(source, names, previous_states=_LatestChangeTracking(r, vm), verify_cbt=verify_cbt,
                             work_dir=work_dir, image_format=image_format,
                             bitmap_owner=lambda bitmap: _bitmap_owner(r, bitmap)) as (disks, session_cleaned):
                 # several disks were frozen together just now: their snapshots say so
@@ -154,6 +150,23 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         result.cleaned_leftovers = cleaned
         result.consistency_group = (group or {}).get("consistency_group")
     return results, cleaned
+
+
+class _LatestChangeTracking:
+    """{disk name: the change-tracking state of its newest snapshot}, each read from the
+    repository when the hypervisor session asks for it, which is once it holds the VM.
+    A backup that waited for another session of the same VM (QEMU serves one monitor
+    client at a time: a cron run and a manual one) must see the snapshot that session
+    just made: read before the wait, the state named a bitmap the other session had
+    rotated away, and the backup read the whole disk, saying it was backed up under two
+    names (session 25's audit)."""
+
+    def __init__(self, repo, vm: str):
+        self._repo, self._vm = repo, vm
+
+    def get(self, name: str) -> dict | None:
+        parent = self._repo.latest(self._vm, name)
+        return (parent.meta.get("change_tracking") or {}).get("state") if parent else None
 
 
 def _pack_index_may_be_lost(r, parents) -> bool:

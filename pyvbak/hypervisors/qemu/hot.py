@@ -26,6 +26,7 @@ one is merged back into the old one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 
 import json
@@ -146,10 +147,11 @@ class QemuHotBackup(ExportSession):
 
     def __init__(self, uri: str, *, previous_state: dict | None = None, work_dir: str | os.PathLike,
                  verify_cbt: bool = False, qmp_timeout: float = 30.0,
-                 previous_states: dict[str, dict | None] | None = None, disk_names: list[str] | None = None,
+                 previous_states: Mapping[str, dict | None] | None = None, disk_names: list[str] | None = None,
                  bitmap_owner=None):
-        """``previous_states``: {disk name: change-tracking state of its latest snapshot}
-        (``previous_state`` alone: the one disk's); ``disk_names``: the names the caller
+        """``previous_states``: {disk name: change-tracking state of its latest snapshot},
+        asked (``.get``) only once this session holds the VM, so a caller may read them
+        then (``previous_state`` alone: the one disk's); ``disk_names``: the names the caller
         expects, in order (from ``vm_disks.query_disk_names``; one name renames one disk);
         ``bitmap_owner(name)``: which snapshot of the repository recorded dirty bitmap
         ``name`` ("VM/DISK (ID)"), or None - to say so when another name's backup moved

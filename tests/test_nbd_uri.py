@@ -175,3 +175,14 @@ def test_a_file_uri_source_is_the_absolute_path_even_where_a_relative_one_of_tha
         assert main(["backup", spec, "--repo", repo, "--vm", "v", "--disk", f"d{i}"]) == 0
         assert main(["restore", f"v/d{i}@latest", str(tmp_path / f"out{i}.img"), "--repo", repo]) == 0
         assert (tmp_path / f"out{i}.img").read_bytes() == b"\x07" * 65536
+
+
+@pytest.mark.parametrize("socket_path", ["/tmp/w?x#y%20/s.sock", "/tmp/wp%41/s.sock", "/tmp/a+b/s.sock",
+                                         "/tmp/w d\nx/s.sock", "/tmp/ü &=;/s.sock", "relative/s.sock"])
+@pytest.mark.parametrize("export", ["pyvbak", "pyvbak-1-2", "a b/c#d?e%f"])
+def test_an_nbd_unix_uri_made_here_gives_back_its_socket_and_export(socket_path, export):
+    # (the URI of the frozen view pyvbak serves from its work dir: whatever the path holds)
+    from pyvbak.sources.nbd import nbd_unix_uri
+
+    parsed = parse_nbd_uri(nbd_unix_uri(export, socket_path))
+    assert (parsed["transport"], parsed["socket"], parsed["export"]) == ("unix", socket_path, export)

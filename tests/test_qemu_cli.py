@@ -617,3 +617,32 @@ def test_a_backup_that_waited_for_another_of_the_vm_goes_on_from_its_snapshot(vm
     out = tmp_path / "web.img"
     assert main(["restore", "web/disk0@latest", str(out), "--repo", repo]) == 0
     assert out.read_bytes() == vm.read(0, vm.size)
+
+
+@pytest.mark.parametrize("work_name", ["w?x#y%20", "wp%41", "a+b", "w d\nx"])
+def test_a_work_dir_with_uri_characters_in_its_path_serves_hot_and_offline_backups(vm, tmp_path, capsys, monkeypatch,
+                                                                                    work_name):
+    """The work dir's path goes into the URI of the NBD export pyvbak reads: unescaped, a
+    '#' made it a "malformed NBD URI", '%41' or a newline another socket's path (exit 2
+    or 4 for an address the user never gave; session 25's audit)."""
+    import subprocess
+
+    work = tmp_path / work_name
+    work.mkdir(mode=0o700)
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(work))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(MiB))
+    _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    vm.write(2 * MiB, os.urandom(MiB))
+    again = _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    assert again["cbt"] is True and again["changed_bytes"] >= MiB
+    out = tmp_path / "web.img"
+    assert main(["restore", "web/disk0@latest", str(out), "--repo", repo]) == 0
+    assert out.read_bytes() == vm.read(0, vm.size)
+    # a powered-off disk, through qemu-nbd serving on a socket in the same work dir
+    image = tmp_path / "off.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(out), str(image)], check=True)
+    off = _run_json(capsys, ["backup", str(image), "--repo", repo, "--vm", "off"])
+    assert off["bytes_read"] >= 2 * MiB
+    assert list(work.iterdir()) == []

@@ -63,6 +63,15 @@ _SOCK_BUF = 4 << 20
 # --------------------------------------------------------------------------------------
 
 
+def nbd_unix_uri(export: str, socket_path: str) -> str:
+    """``nbd+unix:///EXPORT?socket=PATH`` with both parts percent-encoded, so that
+    ``parse_nbd_uri`` gives them back whatever they hold: a work dir with ``#``, ``%41``,
+    ``+`` or a newline in its path broke every hot backup as a "malformed NBD URI" of an
+    address the user never gave (session 25's audit)."""
+    return (f"nbd+unix:///{urllib.parse.quote(export, safe='')}"
+            f"?socket={urllib.parse.quote(str(socket_path), safe='/')}")
+
+
 def parse_nbd_uri(uri: str) -> dict:
     """Parse ``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``.
 

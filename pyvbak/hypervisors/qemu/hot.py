@@ -377,7 +377,9 @@ class QemuHotBackup(ExportSession):
                                      else [d.dirty_bitmap])
             d.export_added = True
             try_create(qmp, "block-export-add", lambda d=d: setattr(d, "export_added", False), **export)
-            d.nbd_uri = f"nbd+unix:///{d.names.export}?socket={sock}"
+            from pyvbak.sources.nbd import nbd_unix_uri  # (the data plane: imported late, as in session.py)
+
+            d.nbd_uri = nbd_unix_uri(d.names.export, sock)
         # from now on guest writes are copied into the work dir: never let that fill up
         self._space_guard = fleece_guard.FleeceSpaceGuard(str(self.work_dir), self._on_low_space).start()
 

@@ -335,7 +335,9 @@ class QemuOfflineImage(ExportSession):
             if time.monotonic() > deadline:
                 raise SourceError(f"qemu-nbd did not start serving {self.path} within {self.start_timeout}s")
             time.sleep(0.01)
-        self.nbd_uri = f"nbd+unix:///{EXPORT_NAME}?socket={self.socket_path}"
+        from pyvbak.sources.nbd import nbd_unix_uri  # (the data plane: imported late, as in session.py)
+
+        self.nbd_uri = nbd_unix_uri(EXPORT_NAME, self.socket_path)
         self.change_tracking_state = {
             "kind": STATE_KIND, "bitmap": self._new if self._rotated else None, "generation": generation,
             "image": str(self.path), "format": self.format, "size": self.size,

@@ -474,6 +474,15 @@ def selected_sha256_kernel(kernel: str | None = None) -> str:
     return chosen
 
 
+def check_forced_kernels() -> None:
+    """Raises UsageError for a scan or SHA-256 kernel forced ($PYVBAK_KERNEL,
+    $PYVBAK_SHA256) that is unknown or that this CPU lacks, timing nothing.  A backup
+    checks first: otherwise a typo failed only a backup that found a block to scan or hash,
+    and a nightly job passed on quiet nights."""
+    selected_kernel()
+    _choose("SHA-256", None, _SHA_ENV, SHA256_KERNELS, available_sha256_kernels())
+
+
 def _by_hashlib(kernel: str, n: int) -> bool:
     """Whether a call of ``n`` messages goes to hashlib: the reference chosen, or the lanes
     without SHA-NI for fewer messages than fill them usefully."""

@@ -882,6 +882,19 @@ def test_bad_vm_or_disk_names_are_refused_before_anything_happens(tmp_path, caps
     assert not repo.exists()
 
 
+@pytest.mark.parametrize("variable,needle", [("PYVBAK_SHA256", "unknown SHA-256 kernel 'md5'"),
+                                             ("PYVBAK_KERNEL", "unknown scan kernel 'md5'")])
+def test_a_forced_kernel_that_is_unknown_fails_a_backup_with_nothing_to_hash(backed_up, capsys, monkeypatch, variable, needle):
+    """A typo in a forced kernel fails every backup: one of a disk unchanged since the last
+    hashes nothing, yet a nightly job must not pass on quiet nights and fail on busy ones."""
+    tmp, repo, img, first = backed_up
+    monkeypatch.setenv(variable, "md5")
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 2 and out == ""
+    assert_one_error_line(err, needle, variable)
+    assert [s.id for s in Repository.open(repo).snapshots()] == [first]
+
+
 @pytest.mark.parametrize("command", ["backup", "restore"])
 def test_threads_beyond_the_bound_are_a_usage_error(tmp_path, capsys, command):
     args = ["backup", str(tmp_path / "d.img"), "--vm", "v"] if command == "backup" else ["restore", "v@latest", str(tmp_path / "o.img")]

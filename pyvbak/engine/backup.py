@@ -337,6 +337,7 @@ def run_backup(
     bitmap) does so before a Ctrl-C is raised.
     """
     check_vm_disk_names(vm, disk)
+    native.check_forced_kernels()  # a forced kernel this machine lacks fails every backup, not one with blocks to hash
     run = _BackupRun(repo, source, vm, disk, threads or os.cpu_count() or 1, verify_cbt)
     run.prepare()
     run.read_and_store(progress)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from images import MiB, random_bytes
+from images import MiB, assert_one_error_line, random_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +49,23 @@ def test_a_restore_whose_result_line_cannot_be_written_still_succeeds(tmp_path, 
     assert p.returncode == 0, p.stderr
     assert "restore completed" in p.stderr and "No space left" in p.stderr and "Exception ignored" not in p.stderr
     assert (tmp_path / "out.img").read_bytes() == img.read_bytes()
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+@pytest.mark.parametrize("command", ["snapshots", "verify"])
+def test_a_listing_whose_output_cannot_be_written_says_it_was_standard_output(tmp_path, unbuffered, command):
+    """It said only "No space left on device", naming no file: the user looked at the
+    repository's disk."""
+    img, repo = tmp_path / "d.img", tmp_path / "repo"
+    img.write_bytes(random_bytes(MiB, seed=11))
+    assert pyvbak("init", repo).returncode == 0
+    assert pyvbak("backup", img, "--repo", repo, "--vm", "v").returncode == 0
+    with open("/dev/full", "w") as full:
+        p = pyvbak(command, "--repo", repo, stdout=full, PYTHONUNBUFFERED=unbuffered)
+    assert p.returncode == 1
+    assert_one_error_line(p.stderr, "cannot write to standard output: No space left on device",
+                          f"'pyvbak {command}'")
+    assert "Exception ignored" not in p.stderr
 
 
 def test_a_name_that_is_not_utf8_is_refused(tmp_path):

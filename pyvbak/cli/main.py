@@ -231,6 +231,9 @@ class _PipedStdout:
             self._reader_gone(stderr_too=True)
         except _OutputStopped:
             self._reader_gone()
+        except OSError as exc:  # (a socket reset: no EPIPE)
+            _stdout_failed[0] = exc
+            raise
         except (Interrupted, KeyboardInterrupt):  # the command stops: its results end here
             self._reader_gone()
             raise
@@ -255,19 +258,47 @@ class _PipedStdout:
         return getattr(self._stream, name)
 
 
-def _pipe_guard():
-    """A _PipedStdout for sys.stdout when that is a pipe or socket, else None."""
+class _FileStdout:
+    """sys.stdout while a command runs, when it is a file or terminal: a write there that
+    fails is noted as standard output's, so the error line says so (``pyvbak snapshots >
+    /dev/full`` said only "No space left on device", naming nothing)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._noted(self._stream.write, text)
+
+    def flush(self):
+        self._noted(self._stream.flush)
+
+    def _noted(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as exc:
+            _stdout_failed[0] = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _stdout_guard():
+    """A _PipedStdout for sys.stdout when that is a pipe or socket, a _FileStdout for
+    any other descriptor, else None."""
     import stat
 
     try:
         mode = os.fstat(sys.stdout.fileno()).st_mode
     except (AttributeError, ValueError, OSError):  # (a test's capture, no stdout at all)
         return None
-    return _PipedStdout(sys.stdout) if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) else None
+    return _PipedStdout(sys.stdout) if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) else _FileStdout(sys.stdout)
 
 
 #: [the command failed and main() is reporting it], [main() has its signal handlers]
 _failing, _started = [False], [False]
+#: [the OSError a write to stdout raised in this command, or None]
+_stdout_failed: list[OSError | None] = [None]
 
 
 def _failed() -> None:
@@ -282,12 +313,13 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     tune_for_throughput()  # this process is the CLI's: see pyvbak/allocator.py
     _printable_anywhere()
     _failing[0] = False
+    _stdout_failed[0] = None
     previous = _catch_termination()
     _started[0] = True
     interrupts.raised_and_lost()  # (a library caller's earlier commands' are not this one's)
-    piped = _pipe_guard()
-    if piped is not None:
-        sys.stdout = piped
+    guard = _stdout_guard()
+    if guard is not None:
+        sys.stdout = guard
     try:
         args = sys.argv[1:] if argv is None else list(argv)
         _command[0] = next((a for a in args if not a.startswith("-")), "")
@@ -359,6 +391,12 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
                 _say(f"pyvbak: note: the {_command[0] or 'command'} completed, but its result could not be "
                      f"written to the output: {exc.strerror or exc}")
             return 0
+        if exc is _stdout_failed[0] and not os.environ.get(DEBUG_ENV):
+            # the work of a command that changes nothing is its output ("committed" above
+            # covers the others): lost or cut short, which only the user can judge
+            _say(f"pyvbak: error: cannot write to standard output: {exc.strerror or exc}: the output of "
+                 f"'{f'pyvbak {_command[0]}'.strip()}' is incomplete or lost")
+            return OS_ERROR_EXIT
         if isinstance(exc, OSError) and not os.environ.get(DEBUG_ENV):
             # The environment refused something no code path turned into a PyvbakError
             # (permissions, a full or read-only disk, a vanished path): one line, the
@@ -368,13 +406,15 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
             return OS_ERROR_EXIT
         raise
     finally:
-        if piped is not None and sys.stdout is piped:
+        if isinstance(guard, _PipedStdout) and sys.stdout is guard:
             try:  # (a failed command's output: its outcome is decided, a stop only ends the output)
-                piped.flush()
+                guard.flush()
             except BaseException:  # noqa: BLE001 - a stop during the flush of a failed command's output
-                piped._reader_gone()
-            sys.stdout = piped._stream
-        elif piped is None:
+                guard._reader_gone()
+            sys.stdout = guard._stream
+        elif not isinstance(guard, _PipedStdout):
+            if guard is not None and sys.stdout is guard:
+                sys.stdout = guard._stream
             try:  # a file or terminal: what the command could not write (a full disk) fails here, once
                 sys.stdout.flush()
             except Exception:  # noqa: BLE001 - already reported by the outcome above, or nothing to report

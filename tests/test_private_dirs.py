@@ -310,3 +310,21 @@ def test_no_home_directory_means_no_cache_and_clear_errors(tmp_path, capsys, mon
     code, out, err = run_cli(capsys, "backup", str(img), "--repo", "r", "--vm", "v")
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["d.img", "r"]  # no ./~ made
+
+
+def test_a_home_directory_that_does_not_exist_gets_no_cache_made_in_it(tmp_path, capsys, monkeypatch):
+    """HOME=/nonexistent-home made /nonexistent-home/.cache/pyvbak: a home tree under /.
+    The cache is skipped instead, as one that cannot be used is."""
+    from pyvbak.repo.cache import cache_root
+
+    home = tmp_path / "nonexistent-home"
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("PYVBAK_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    assert cache_root() is None
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=7)
+    code, out, err = _backup(capsys, repo, str(img))
+    assert code == 0 and json.loads(out)["snapshot_id"], err
+    assert not home.exists()

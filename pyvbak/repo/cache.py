@@ -44,14 +44,15 @@ def cache_root() -> str | None:
     """$PYVBAK_CACHE_DIR (absolute), else $XDG_CACHE_HOME/pyvbak, else ~/.cache/pyvbak;
     None when $PYVBAK_CACHE_DIR is set but empty (no cache), or when there is no home
     directory to find (no HOME and no passwd entry: "~" stayed "~", and the cache went
-    to ./~/.cache under whatever directory the command ran in)."""
+    to ./~/.cache under whatever directory the command ran in) or it does not exist
+    (HOME=/nonexistent-home made /nonexistent-home/.cache/pyvbak)."""
     root = os.environ.get(CACHE_ENV)
     if root is not None:
         return os.path.abspath(root) if root else None
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # the XDG spec: a relative path is invalid and ignored
         home = os.path.expanduser("~")
-        if not os.path.isabs(home):
+        if not (os.path.isabs(home) and os.path.isdir(home)):
             return None
         base = os.path.join(home, ".cache")
     return os.path.join(base, "pyvbak")

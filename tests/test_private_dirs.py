@@ -314,7 +314,7 @@ def test_no_home_directory_means_no_cache_and_clear_errors(tmp_path, capsys, mon
 
 def test_a_home_directory_that_does_not_exist_gets_no_cache_made_in_it(tmp_path, capsys, monkeypatch):
     """HOME=/nonexistent-home made /nonexistent-home/.cache/pyvbak: a home tree under /.
-    The cache is skipped instead, as one that cannot be used is."""
+    The cache is skipped instead, as one that cannot be used is, and the CLI says so."""
     from pyvbak.repo.cache import cache_root
 
     home = tmp_path / "nonexistent-home"
@@ -326,5 +326,50 @@ def test_a_home_directory_that_does_not_exist_gets_no_cache_made_in_it(tmp_path,
     assert run_cli(capsys, "init", repo)[0] == 0
     img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=7)
     code, out, err = _backup(capsys, repo, str(img))
-    assert code == 0 and json.loads(out)["snapshot_id"], err
+    assert code == 0 and json.loads(out)["snapshot_id"]
+    assert err.splitlines() == [
+        f"warning: not using the local cache: the home directory {home} does not exist; every run is slower without "
+        f"it: set PYVBAK_CACHE_DIR to a directory you can write ('' for no cache)"]
     assert not home.exists()
+
+
+@pytest.mark.parametrize("where", ["/dev/null", "a regular file", "/proc", "XDG_CACHE_HOME=/dev/null"])
+def test_a_cache_dir_that_cannot_be_used_is_said_once_and_json_stays_clean(tmp_path, capsys, monkeypatch, where):
+    """It cost every run its cache without a word: a user tuning a slow nightly job could
+    not know."""
+    if where == "a regular file":
+        (tmp_path / "afile").write_bytes(b"x")
+        monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "afile"))
+        why = f"{tmp_path / 'afile'} is not a directory"
+    elif where.startswith("XDG"):
+        monkeypatch.delenv("PYVBAK_CACHE_DIR")
+        monkeypatch.setenv("XDG_CACHE_HOME", "/dev/null")
+        why = "/dev/null is not a directory"
+    else:
+        monkeypatch.setenv("PYVBAK_CACHE_DIR", where)
+        why = "/dev/null is not a directory" if where == "/dev/null" else None
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=8)
+    for args in (("backup", img, "--repo", repo, "--vm", "vm", "--json"), ("snapshots", "--repo", repo, "--json")):
+        code, out, err = run_cli(capsys, *args)
+        assert code == 0, err
+        json.loads(out)
+        [line] = err.splitlines()
+        assert line.startswith("warning: not using the local cache: "), line
+        if why:
+            assert f": {why}; every run is slower without it" in line
+        elif os.geteuid() == 0:  # (anyone else is told /proc is root's: untrusted_cache_reason)
+            assert "no directory can be made in /proc" in line
+
+
+def test_a_usable_cache_is_not_warned_about_and_the_probe_leaves_nothing(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "new-cache"
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(root / "below"))
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    code, out, err = run_cli(capsys, "unlock", "--repo", repo)  # (writes nothing to the cache)
+    assert code == 0 and err == ""
+    assert not root.exists()
+    root.mkdir()
+    assert run_cli(capsys, "unlock", "--repo", repo)[2] == "" and os.listdir(root) == []

@@ -49,7 +49,7 @@ def open_repository(location: str | None, *, create_default: bool = False):
                          "or leave both out for the default repository")
     if location:
         refuse_memory(location)
-        return _warn_untrusted_cache(Repository.open(location))
+        return _warn_if_cache_unused(Repository.open(location))
     path = checked_default_repository_path()
     if not os.path.exists(os.path.join(path, "config")) and not create_default:
         raise RepositoryError(f"no repository given and the default one ({path}) does not exist yet: give "
@@ -68,9 +68,9 @@ def open_repository(location: str | None, *, create_default: bool = False):
             # another pyvbak command created it between the check and the init: use it
         else:
             info(f"created the default repository at {path}")
-            return _warn_untrusted_cache(repo)
+            return _warn_if_cache_unused(repo)
     info(f"using the default repository at {path}")
-    return _warn_untrusted_cache(Repository.open(path))
+    return _warn_if_cache_unused(Repository.open(path))
 
 
 def checked_default_repository_path() -> str:
@@ -89,12 +89,17 @@ def checked_default_repository_path() -> str:
     return path
 
 
-def _warn_untrusted_cache(repo):
+def _warn_if_cache_unused(repo):
     """``repo``, after one warning line when its local cache cannot be trusted (it is
-    then not used: repo/cache.py, untrusted_cache_reason)."""
-    from ..repo.cache import cache_root, untrusted_cache_reason
+    then not used: repo/cache.py, untrusted_cache_reason) or cannot be kept (a user
+    tuning a slow nightly job is told: repo/cache.py, unusable_cache_reason)."""
+    from ..repo.cache import cache_root, unusable_cache_reason, untrusted_cache_reason
 
     reason = untrusted_cache_reason(repo.config.repo_id)
+    unusable = None if reason else unusable_cache_reason(repo.config.repo_id)
+    if unusable:
+        info(f"warning: not using the local cache: {unusable}; every run is slower without it: set PYVBAK_CACHE_DIR "
+             f"to a directory you can write ('' for no cache)")
     if reason:
         # this repository's own directory in the cache root (a link there: the link)
         inside = os.path.dirname(reason.directory) in (cache_root(), os.path.realpath(cache_root()))

@@ -58,6 +58,38 @@ def cache_root() -> str | None:
     return os.path.join(base, "pyvbak")
 
 
+def unusable_cache_reason(repo_id: str) -> str | None:
+    """Why the repository's cache cannot be kept here, or None when it can (or when there
+    is no cache by choice, $PYVBAK_CACHE_DIR='', or it is not trusted: see
+    untrusted_cache_reason).  Every write to the cache is best effort (it is only
+    slower without one), so without a word ``PYVBAK_CACHE_DIR=/dev/null``, a regular file
+    or /proc cost every run its cache.  Makes nothing that stays: where the directory does
+    not exist yet, making one beside where it goes (removed at once) is the one test that
+    holds for root, who passes every permission check, on /proc."""
+    if cache_root() is None and os.environ.get(CACHE_ENV) is None:  # (no cache, and not by choice)
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):
+            return "there is no home directory to keep it in (no HOME, and no passwd entry for this user)"
+        return f"the home directory {home} {'is not a directory' if os.path.exists(home) else 'does not exist'}"
+    d = repo_cache_dir(repo_id)
+    if d is None:
+        return None
+    existing = d
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is not a directory"
+    if existing == d:
+        return None if os.access(d, os.W_OK | os.X_OK) else f"{d} is not writable"
+    probe = os.path.join(existing, f".pyvbak-probe-{os.getpid()}-{secrets.token_hex(6)}")
+    try:
+        os.mkdir(probe, 0o700)
+        os.rmdir(probe)
+    except OSError as exc:
+        return f"no directory can be made in {existing} ({exc.strerror})"
+    return None
+
+
 def make_private_dirs(path: str) -> None:
     """``os.makedirs(path, 0o700, exist_ok=True)`` with every directory it creates 0700,
     the missing parents too (makedirs gives its mode to the last one only): under a umask

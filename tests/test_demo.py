@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+
+import pytest
 
 from conftest import require_tool
-from images import BS, make_image, untokened
+from images import BS, assert_one_error_line, make_image, untokened
 from pyvbak.cli.main import main
 
 
@@ -112,9 +115,33 @@ def test_hot_demo_uses_the_dirty_bitmap_and_leaves_nothing_in_qemu(tmp_path, cap
     assert _traces_of(_work_dir(out)) == []  # work dir, sockets, FUSE mount, daemon: all gone
 
 
-def test_demo_size_below_what_its_files_need_is_a_usage_error(tmp_path, capsys):
-    code, _, err = _run(capsys, "--repo", str(tmp_path / "r"), "--size-mib", "16")
-    assert code == 2 and "--size-mib" in err
+@pytest.mark.parametrize("size", ["16", "99999999999999"])
+def test_demo_size_below_what_its_files_need_or_beyond_a_demo_is_a_usage_error(tmp_path, capsys, size):
+    """Beyond, it was a fragment of mkfs's output: "\ta filesystem using a blocksize of 4096."."""
+    code, _, err = _run(capsys, "--repo", str(tmp_path / "r"), "--size-mib", size)
+    assert code == 2 and f"{size} is not in the range 32<=x<=16384" in assert_one_error_line(err, "--size-mib")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_demo_disk_mkfs_cannot_make_is_one_line_with_mkfs_s_whole_message(tmp_path, capsys, monkeypatch):
+    require_tool("mkfs.ext4", "e2fsprogs")
+    from pyvbak import processes
+
+    real = processes.run_helper
+
+    def mkfs_fails(args, **kw):
+        if "mkfs.ext4" in args[0]:
+            return subprocess.CompletedProcess(args, 1, "", "mkfs.ext4: Size of device (0x5af3107a3fff00 blocks) d.img "
+                                                           "too big to create\n\ta filesystem using a blocksize of 4096.\n")
+        return real(args, **kw)
+
+    monkeypatch.setattr(processes, "run_helper", mkfs_fails)
+    repo = str(tmp_path / "r")
+    assert main(["init", repo]) == 0
+    code, _, err = _run(capsys, "--repo", repo)
+    assert code == 4
+    assert_one_error_line(err, "mkfs.ext4 could not make the 64 MiB disk image in /", ": mkfs.ext4: Size of device "
+                          "(0x5af3107a3fff00 blocks) d.img too big to create a filesystem using a blocksize of 4096.")
 
 
 def test_ctrl_c_to_the_whole_process_group_during_the_hot_demo_leaves_nothing(tmp_path):

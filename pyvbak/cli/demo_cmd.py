@@ -62,9 +62,14 @@ def _populate(root: str, rng: random.Random) -> None:
         f.write("demo-vm\n")
 
 
+#: the largest demo disk: the demo reads its image whole once per check (a 64 GiB one took
+#: 6 minutes here), and mkfs.ext4 failed far beyond it (16 TiB: the file system's file size)
+MAX_SIZE_MIB = 16384
+
+
 def demo(
     repo: Optional[str] = RepoOption,
-    size_mib: int = typer.Option(64, "--size-mib", min=32, help="Size of the demo disk (its files take ~15 MiB)."),
+    size_mib: int = typer.Option(64, "--size-mib", min=32, max=MAX_SIZE_MIB, help=f"Size of the demo disk (its files take ~15 MiB; at most {MAX_SIZE_MIB})."),
     keep: bool = typer.Option(False, "--keep", help="Keep the demo work directory."),
     hot: bool = typer.Option(False, "--hot", help="Back up a running VM instead (qemu-storage-daemon stands in for QEMU; needs qemu-utils, qemu-system-common, fuse3)."),
 ) -> None:
@@ -97,8 +102,11 @@ def demo(
         _populate(tree, rng)
         made = run_helper([mkfs, "-q", "-F", "-t", "ext4", "-d", tree, image, f"{size_mib}M"], text=True)
         if made.returncode != 0:
-            last = ((made.stderr or made.stdout).strip().splitlines() or ["(no message)"])[-1]
-            raise SourceError(f"demo: mkfs.ext4 could not make the {size_mib} MiB disk image: {last}")
+            # its whole message on one line (the last line alone was a wrapped fragment: "\ta
+            # filesystem using a blocksize of 4096.")
+            said = " ".join((made.stderr or made.stdout).split()) or "(no message)"
+            raise SourceError(f"demo: mkfs.ext4 could not make the {size_mib} MiB disk image in "
+                              f"{os.path.dirname(work)}: {said}")
         print(f"made a {size_mib} MiB disk image with an ext4 filesystem: {image}")
         source = image
         from .backup_cmd import backup_source

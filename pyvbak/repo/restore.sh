@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 15  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 16  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -52,6 +52,8 @@ tmp_die() {  # MESSAGE [ERRFILE]: with the last line ERRFILE kept of the tool's 
 usage="usage: sh restore.sh [--force] SNAPSHOT OUTPUT (SNAPSHOT: an id from snapshots/, a unique prefix of one, VM@latest or VM/DISK@latest)"
 
 force=
+# --force SNAPSHOT: it is OUTPUT that is missing (this was called "--force goes before SNAPSHOT")
+if [ $# -eq 2 ] && [ "$1" = "--force" ]; then die "OUTPUT is missing: $usage"; fi
 if [ $# -eq 3 ] && [ "$1" = "--force" ]; then force=1; shift; fi
 [ $# -eq 2 ] || die "$usage"
 snap=$1

@@ -15,6 +15,18 @@ Exit codes (stable, documented in README):
 from __future__ import annotations
 
 
+#: control characters as Python's repr writes them: what a message shows of a path or name
+#: holding one (C0 and DEL)
+_ESCAPES = {**{c: f"\\x{c:02x}" for c in (*range(32), 127)}, 9: "\\t", 10: "\\n", 13: "\\r"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (a newline as ``\\n``): one line on a
+    terminal, whatever a path or name in it holds.  A newline shown as a space made
+    ``init $'R\\nx'`` say "R x already holds a pyvbak repository: use it (--repo R x)"."""
+    return text.translate(_ESCAPES)
+
+
 class _OneLineMessage:
     """A one-line message and an exit code (PyvbakError, Interrupted)."""
 
@@ -25,7 +37,7 @@ class _OneLineMessage:
         self.message = message
 
     def __str__(self) -> str:  # one line, always
-        return self.message.replace("\n", " ")
+        return one_line(self.message)
 
 
 class PyvbakError(_OneLineMessage, Exception):

@@ -895,6 +895,20 @@ def test_a_forced_kernel_that_is_unknown_fails_a_backup_with_nothing_to_hash(bac
     assert [s.id for s in Repository.open(repo).snapshots()] == [first]
 
 
+def test_a_path_holding_a_newline_is_shown_escaped_on_one_line(env, capsys):
+    """A newline in a path broke the error line in two, or (as a space) named another path:
+    "R x already holds a pyvbak repository: use it (--repo R x)"."""
+    tmp = env[0]
+    repo = tmp / "R sp ü\nnl"
+    assert cli(capsys, "init", repo)[0] == 0
+    code, out, err = cli(capsys, "init", repo)
+    assert code == 3 and out == ""
+    assert_one_error_line(err, f"{tmp}/R sp ü\\nnl already holds a pyvbak repository", f"--repo {tmp}/R sp ü\\nnl")
+    code, _, err = cli(capsys, "snapshots", "--repo", tmp / "no\tsuch\x1b[31m")
+    assert code == 3 and "\x1b" not in err
+    assert_one_error_line(err, "no\\tsuch\\x1b[31m is not a pyvbak repository")
+
+
 @pytest.mark.parametrize("command", ["backup", "restore"])
 def test_threads_beyond_the_bound_are_a_usage_error(tmp_path, capsys, command):
     args = ["backup", str(tmp_path / "d.img"), "--vm", "v"] if command == "backup" else ["restore", "v@latest", str(tmp_path / "o.img")]

@@ -77,7 +77,7 @@ def snapshots(repo: Path) -> list[str]:
 def test_a_stop_request_is_no_exception():
     assert issubclass(Interrupted, BaseException) and not issubclass(Interrupted, Exception)
     assert not issubclass(Interrupted, PyvbakError) and Interrupted("x\ny").exit_code == 10
-    assert str(Interrupted("x\ny")) == "x y"
+    assert str(Interrupted("x\ny")) == "x\\ny"  # one line (errors.one_line)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])

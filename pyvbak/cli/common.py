@@ -163,8 +163,10 @@ def write_line(stream, line: str) -> None:
     outcome is decided, a second stop request while the line waits ends this output (a
     stopped command writing its error line into a full pipe nobody read hung);
     before, a stop ends the command as anywhere else, and the line is still written (a
-    reader that only paused - a full pipe, a terminal held with Ctrl-S - gets it later)."""
+    reader that only paused - a full pipe, a terminal held with Ctrl-S - gets it later).
+    One line, always: a path's control characters are shown escaped (errors.one_line)."""
     from .. import interrupts
+    from ..errors import one_line
 
     if interrupts.stops_seen() >= 2 and not _writable_now(stream):
         # asked to stop twice already (the second before this line began): not another wait
@@ -172,7 +174,7 @@ def write_line(stream, line: str) -> None:
         return
     _writing_line[0] = True
     try:
-        print(line, file=stream, flush=True)
+        print(one_line(line), file=stream, flush=True)
     except (OSError, ValueError):
         pass
     except _OutputStopped:

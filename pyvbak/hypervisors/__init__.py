@@ -5,6 +5,13 @@ hypervisor it also owns the snapshot/export/bitmap resources and cleans them up 
 (success, error, Ctrl-C, SIGTERM).  ``open_disks(spec, ...)`` is the same for a spec
 that may mean several disks of one VM (``qemu:///SOCK``: every disk; ``?node=``,
 ``?device=`` repeated), all frozen at one instant.  The engine never knows which hypervisor a disk came from.
+
+Which kind of source a SOURCE is (a running QEMU VM, an NBD export, an image file QEMU
+reads, a raw file or device, a URI no kind reads) is decided in one place,
+``source_kind``; each kind says how its disks are named and how they are opened.  A new
+kind (another hypervisor) is a class beside the others, its URI scheme in
+``_KIND_OF_SCHEME`` and its URI form in the message refusing other schemes
+(``_Unsupported``).
 """
 
 from __future__ import annotations
@@ -16,11 +23,6 @@ from contextlib import contextmanager
 from ..errors import UsageError
 
 from .image_formats import FORMAT_CHOICES, QEMU_FORMATS, QEMU_IMAGE_SUFFIXES, raw_container_warning
-
-NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbd+tcp://")
-# QEMU_IMAGE_SUFFIXES: image formats QEMU reads that are not raw, served read-only by
-# qemu-nbd (covers Hyper-V's vhdx/vhd, VMware's vmdk, VirtualBox's vdi, Xen/XCP-ng's vhd);
-# each names its format (image_formats.SUFFIX_FORMATS), which QEMU is told: never probed.
 
 
 def default_work_dir() -> str:
@@ -123,8 +125,10 @@ class SessionSource:
         return ChangeTracking(self.nbd.dirty_extents(), state, None)
 
 
-#: the URI schemes a source may have (RFC 3986: schemes are case-insensitive)
-_SCHEMES = ("qemu", "nbd", "nbd+unix", "nbd+tcp", "nbds", "nbds+unix", "nbds+tcp", "file")
+#: the URI schemes of sources no kind reads (TLS NBD; ``file:`` URIs are paths to
+#: source_spec), lowercased too (RFC 3986: schemes are case-insensitive) so that their
+#: refusal names them one way
+_OTHER_SCHEMES = ("nbds", "nbds+unix", "nbds+tcp", "file")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -145,7 +149,7 @@ def source_spec(spec: str) -> str:
     if os.path.lexists(spec):  # a path that exists is that path, however it is spelled ("File://x.img")
         # (made plainly a path: "file://x.img" of a directory "file:" was stripped to ./x.img)
         return "./" + spec if m else spec
-    if m and m.group(1).lower() in _SCHEMES:
+    if m and (m.group(1).lower() in _KIND_OF_SCHEME or m.group(1).lower() in _OTHER_SCHEMES):
         return m.group(1).lower() + spec[len(m.group(1)):]
     lowered = spec.lower()
     if lowered.startswith(("qemu:", "nbd:")):  # (an existing path of that name returned above)
@@ -157,34 +161,10 @@ def source_spec(spec: str) -> str:
     return spec
 
 
-def default_disk_name(spec: str) -> str:
-    """Default --disk: the image's file name without its extension (the last one:
-    ``web01.data.img`` is ``web01.data``, not ``web01``, which another disk of the VM
-    would share), or the NBD export."""
-    if spec.startswith(NBD_SCHEMES):
-        from ..sources.nbd import parse_nbd_uri
-
-        return (parse_nbd_uri(spec)["export"] or "disk0").replace("/", "-")
-    base = os.path.basename(spec.rstrip("/")) or "disk0"
-    return os.path.splitext(base)[0] or base
-
-
-def disk_names(spec: str, disk: str | None = None) -> list[str]:
-    """The disk names a backup of ``spec`` makes snapshots of, in order: ``--disk`` or
-    the default name for one disk.  A qemu:// URI names its disks by node or device
-    (``?node=``, ``?device=``); one without either means every disk of the VM, and QEMU
-    is asked which those are."""
-    if spec.startswith("qemu://"):
-        from .qemu.vm_disks import parse_qemu_uri_disks, query_disk_names
-
-        path, selectors = parse_qemu_uri_disks(spec)
-        names = query_disk_names(path, selectors)
-        if len(names) > 1 and disk is not None:
-            raise UsageError(f"--disk names one disk, but {spec} means {len(names)} disks "
-                             f"({', '.join(names)}): their snapshots are named after them; drop --disk")
-        return [disk] if disk is not None else names
-    # '' is a name given (and refused as empty by check_vm_disk_names), not a default
-    return [disk if disk is not None else default_disk_name(spec)]
+def _names_uri(spec: str) -> bool:
+    """Whether ``spec`` is a URI, not a path: ``SCHEME://`` that is no ``file://`` URI and
+    no existing file of that name."""
+    return "://" in spec and not spec.startswith("file://") and not os.path.lexists(spec)
 
 
 class OpenedDisk:
@@ -202,11 +182,182 @@ class OpenedDisk:
             self._committer()
 
 
+class _OneDisk:
+    """A kind of source that is one disk: named ``--disk`` or after itself
+    (``default_name``), opened alone (``open``: a context manager yielding (source,
+    session), session None for a source that owns no hypervisor resources)."""
+
+    def default_name(self, spec: str) -> str:
+        """Default --disk: the image's file name without its extension (the last one:
+        ``web01.data.img`` is ``web01.data``, not ``web01``, which another disk of the VM
+        would share)."""
+        base = os.path.basename(spec.rstrip("/")) or "disk0"
+        return os.path.splitext(base)[0] or base
+
+    def disk_names(self, spec: str, disk: str | None) -> list[str]:
+        # '' is a name given (and refused as empty by check_vm_disk_names), not a default
+        return [disk if disk is not None else self.default_name(spec)]
+
+    @contextmanager
+    def open_disks(self, spec: str, names: list[str], *, previous_states, verify_cbt, work_dir, image_format,
+                   bitmap_owner):
+        # the disk is opened by open_source, which decides again with image_format: a
+        # file's --format changes how it is read, not which disks it is
+        name = names[0]
+        holder: dict = {}
+        cleaned: list[str] = []
+
+        @contextmanager
+        def opener():
+            with open_source(spec, previous_state=previous_states.get(name), verify_cbt=verify_cbt,
+                             work_dir=work_dir, image_format=image_format) as (src, session):
+                holder["session"] = session
+                cleaned.extend(getattr(session, "cleaned_leftovers", None) or [])
+                yield src
+
+        def committer():
+            if holder.get("session") is not None:
+                holder["session"].commit()
+
+        yield [OpenedDisk(name, opener, committer)], cleaned
+
+
+class _RawFile(_OneDisk):
+    """An image file or block device read as raw bytes (a path, or --format raw)."""
+
+    @contextmanager
+    def open(self, spec, *, previous_state, verify_cbt, work_dir, image_format):
+        from ..sources.file import FileSource
+
+        with FileSource(spec) as src:
+            if image_format == "auto":
+                warning = raw_container_warning(spec)
+                if warning:
+                    src.source_warnings = [warning]  # run_backup reports them with its own
+            yield src, None
+
+
+class _QemuImage(_OneDisk):
+    """An image file in a format QEMU reads that is not raw, served read-only by qemu-nbd
+    (Hyper-V's vhdx/vhd, VMware's vmdk, VirtualBox's vdi, Xen/XCP-ng's vhd): named by
+    --format, or by its name's suffix (image_formats.SUFFIX_FORMATS), which QEMU is told:
+    never probed."""
+
+    @contextmanager
+    def open(self, spec, *, previous_state, verify_cbt, work_dir, image_format):
+        from .qemu import QemuOfflineImage
+
+        named = None if image_format == "auto" else image_format  # None: the one its name's suffix names
+        with QemuOfflineImage(spec, previous_state=previous_state, work_dir=work_dir or default_work_dir(),
+                              verify_cbt=verify_cbt, image_format=named) as session:
+            with session.open_source() as nbd:
+                yield SessionSource(session, nbd), session
+
+
+class _NbdExport(_OneDisk):
+    """``nbd://HOST[:PORT]/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``: read by pyvbak's
+    own NBD client (sources/nbd.py)."""
+
+    def default_name(self, spec: str) -> str:
+        """Default --disk: the export's name."""
+        from ..sources.nbd import parse_nbd_uri
+
+        return (parse_nbd_uri(spec)["export"] or "disk0").replace("/", "-")
+
+    @contextmanager
+    def open(self, spec, *, previous_state, verify_cbt, work_dir, image_format):
+        from ..sources.nbd import NbdSource
+
+        with NbdSource(spec) as src:
+            yield src, None
+
+
+class _Unsupported(_OneDisk):
+    """A URI of a scheme no kind reads: refused when it is opened."""
+
+    def open(self, spec, **_):
+        scheme = spec.split("://", 1)[0]
+        # (a new kind's URI form goes here too)
+        raise UsageError(
+            f"unsupported source '{scheme}://': give an image path, nbd://HOST[:PORT]/EXPORT, "
+            "nbd+unix:///EXPORT?socket=PATH or qemu:///QMP.SOCK?node=NODE"
+        )
+
+
+class _QemuVm:
+    """``qemu:///QMP.SOCK``: the disks of a running QEMU VM, named by node or device
+    (``?node=``, ``?device=``); one without either means every disk of the VM, and QEMU is
+    asked which those are.  They share one hypervisor session (qemu/hot.py): their
+    point-in-time views are taken in one step, so together they are what the VM's disks
+    held at one instant."""
+
+    def disk_names(self, spec: str, disk: str | None) -> list[str]:
+        from .qemu.vm_disks import parse_qemu_uri_disks, query_disk_names
+
+        path, selectors = parse_qemu_uri_disks(spec)
+        names = query_disk_names(path, selectors)
+        if len(names) > 1 and disk is not None:
+            raise UsageError(f"--disk names one disk, but {spec} means {len(names)} disks "
+                             f"({', '.join(names)}): their snapshots are named after them; drop --disk")
+        return [disk] if disk is not None else names
+
+    @contextmanager
+    def open_disks(self, spec: str, names: list[str], *, previous_states, verify_cbt, work_dir, image_format,
+                   bitmap_owner):
+        from .qemu import QemuHotBackup
+
+        with QemuHotBackup(spec, previous_states=previous_states, disk_names=names,
+                           work_dir=work_dir or default_work_dir(), verify_cbt=verify_cbt,
+                           bitmap_owner=bitmap_owner) as session:
+            yield [OpenedDisk(d.name, lambda d=d: _disk_source(d), d.commit)
+                   for d in session.disks], list(session.cleaned_leftovers)
+
+    @contextmanager
+    def open(self, spec, *, previous_state, verify_cbt, work_dir, image_format):
+        from .qemu import QemuHotBackup
+
+        with QemuHotBackup(spec, previous_state=previous_state, work_dir=work_dir or default_work_dir(),
+                           verify_cbt=verify_cbt) as session:
+            with session.open_source() as nbd:
+                yield SessionSource(session, nbd), session
+
+
+RAW_FILE, QEMU_IMAGE, NBD_EXPORT, QEMU_VM = _RawFile(), _QemuImage(), _NbdExport(), _QemuVm()
+UNSUPPORTED = _Unsupported()
+#: the kind a URI's scheme (as source_spec leaves it: lower case) names
+_KIND_OF_SCHEME = {"qemu": QEMU_VM, "nbd": NBD_EXPORT, "nbd+unix": NBD_EXPORT, "nbd+tcp": NBD_EXPORT}
+
+
+def source_kind(spec: str, image_format: str = "auto"):
+    """Which kind of source ``spec`` (as source_spec leaves it) is, read as
+    ``image_format``.  In this order: --format naming a QEMU format makes it an image file
+    (check_image_format refuses it for a URI); a URI is its scheme's kind; a name with a
+    QEMU image suffix is an image file read through qemu-nbd, unless --format raw; a
+    URI of another scheme is refused when opened; anything else is a raw file or device."""
+    if image_format in QEMU_FORMATS:
+        return QEMU_IMAGE
+    scheme, sep, _ = spec.partition("://")
+    if sep and scheme in _KIND_OF_SCHEME:
+        return _KIND_OF_SCHEME[scheme]
+    if image_format == "auto" and spec.lower().endswith(QEMU_IMAGE_SUFFIXES):
+        return QEMU_IMAGE
+    if _names_uri(spec):
+        return UNSUPPORTED
+    return RAW_FILE
+
+
+def disk_names(spec: str, disk: str | None = None) -> list[str]:
+    """The disk names a backup of ``spec`` makes snapshots of, in order: ``--disk`` or
+    the default name for one disk (an image's file name, an NBD export's name); a VM's
+    kind names its disks itself (qemu://: by node or device)."""
+    return source_kind(spec).disk_names(spec, disk)
+
+
 def check_image_format(spec: str, image_format: str) -> None:
     """``backup --format``: one of FORMAT_CHOICES, and only for image files and devices."""
     if image_format not in FORMAT_CHOICES:
         raise UsageError(f"unknown image format {image_format!r}: give one of {', '.join(FORMAT_CHOICES)}")
-    if image_format != "auto" and "://" in spec and not spec.startswith("file://") and not os.path.lexists(spec):
+    if image_format != "auto" and _names_uri(spec):
         raise UsageError(f"--format is for image files and block devices; {spec.split('://', 1)[0]}:// sources "
                          f"say their own format: drop --format")
 
@@ -220,35 +371,13 @@ def open_disks(spec: str, names: list[str], *, previous_states: dict[str, dict |
     ``bitmap_owner``: QemuHotBackup's (which snapshot recorded a dirty bitmap).
     ``image_format``: how an image file or device is read (``check_image_format``).
 
-    The disks of a qemu:// URI share one hypervisor session: their point-in-time views
-    are taken in one step, so together they are what the VM's disks held at one instant;
-    each disk's source is opened in turn."""
-    if spec.startswith("qemu://"):
-        from .qemu import QemuHotBackup
-
-        with QemuHotBackup(spec, previous_states=previous_states, disk_names=names,
-                           work_dir=work_dir or default_work_dir(), verify_cbt=verify_cbt,
-                           bitmap_owner=bitmap_owner) as session:
-            yield [OpenedDisk(d.name, lambda d=d: _disk_source(d), d.commit)
-                   for d in session.disks], list(session.cleaned_leftovers)
-        return
-    name = names[0]
-    holder: dict = {}
-    cleaned: list[str] = []
-
-    @contextmanager
-    def opener():
-        with open_source(spec, previous_state=previous_states.get(name), verify_cbt=verify_cbt,
-                         work_dir=work_dir, image_format=image_format) as (src, session):
-            holder["session"] = session
-            cleaned.extend(getattr(session, "cleaned_leftovers", None) or [])
-            yield src
-
-    def committer():
-        if holder.get("session") is not None:
-            holder["session"].commit()
-
-    yield [OpenedDisk(name, opener, committer)], cleaned
+    The disks of a VM share one hypervisor session: their point-in-time views are taken in
+    one step, so together they are what the VM's disks held at one instant; each disk's
+    source is opened in turn."""
+    with source_kind(spec).open_disks(spec, names, previous_states=previous_states, verify_cbt=verify_cbt,
+                                      work_dir=work_dir, image_format=image_format,
+                                      bitmap_owner=bitmap_owner) as opened:
+        yield opened
 
 
 @contextmanager
@@ -267,42 +396,6 @@ def open_source(spec: str, *, previous_state: dict | None = None, verify_cbt: bo
     without one."""
     spec = source_spec(spec)  # a library caller's "QEMU:///...", "file://localhost/..." (idempotent)
     check_image_format(spec, image_format)
-    path = spec[len("file://") :] if spec.startswith("file://") else spec
-    if image_format in QEMU_FORMATS:
-        from .qemu import QemuOfflineImage
-
-        with QemuOfflineImage(path, previous_state=previous_state, work_dir=work_dir or default_work_dir(),
-                              verify_cbt=verify_cbt, image_format=image_format) as session:
-            with session.open_source() as nbd:
-                yield SessionSource(session, nbd), session
-        return
-    if spec.startswith(NBD_SCHEMES):
-        from ..sources.nbd import NbdSource
-
-        with NbdSource(spec) as src:
-            yield src, None
-        return
-    if spec.startswith("qemu://") or (image_format == "auto" and spec.lower().endswith(QEMU_IMAGE_SUFFIXES)):
-        from .qemu import QemuHotBackup, QemuOfflineImage
-
-        kind = QemuHotBackup if spec.startswith("qemu://") else QemuOfflineImage
-        work = work_dir or default_work_dir()
-        # an image's path without file:// (QemuOfflineImage took the URI for a relative path)
-        with kind(spec if kind is QemuHotBackup else path, previous_state=previous_state, work_dir=work, verify_cbt=verify_cbt) as session:
-            with session.open_source() as nbd:
-                yield SessionSource(session, nbd), session
-        return
-    if "://" in spec and not spec.startswith("file://") and not os.path.lexists(spec):
-        scheme = spec.split("://", 1)[0]
-        raise UsageError(
-            f"unsupported source '{scheme}://': give an image path, nbd://HOST[:PORT]/EXPORT, "
-            "nbd+unix:///EXPORT?socket=PATH or qemu:///QMP.SOCK?node=NODE"
-        )
-    from ..sources.file import FileSource
-
-    with FileSource(path) as src:
-        if image_format == "auto":
-            warning = raw_container_warning(path)
-            if warning:
-                src.source_warnings = [warning]  # run_backup reports them with its own
-        yield src, None
+    with source_kind(spec, image_format).open(spec, previous_state=previous_state, verify_cbt=verify_cbt,
+                                              work_dir=work_dir, image_format=image_format) as opened:
+        yield opened

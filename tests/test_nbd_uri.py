@@ -186,3 +186,22 @@ def test_an_nbd_unix_uri_made_here_gives_back_its_socket_and_export(socket_path,
 
     parsed = parse_nbd_uri(nbd_unix_uri(export, socket_path))
     assert (parsed["transport"], parsed["socket"], parsed["export"]) == ("unix", socket_path, export)
+
+
+@pytest.mark.parametrize("spec", ["ftp://host/disk.img", "http://nohost/y.qcow2", "nbds://h/e.vmdk", "HTTP://h/x"])
+def test_an_unsupported_uri_is_refused_before_any_repository_is_opened_or_made(tmp_path, capsys, monkeypatch, spec):
+    """A URI no kind of source reads is refused as one, with the other checks of the
+    arguments: it was refused only when its disk was opened - after the default
+    repository was created - and one ending in an image suffix was taken for a missing
+    image file (exit 4, "does not exist"; session 25)."""
+    from pyvbak.cli.main import main
+
+    monkeypatch.delenv("PYVBAK_REPO", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["backup", spec, "--vm", "v"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"unsupported source '{spec.split('://')[0]}://'" in err, err
+    assert not (tmp_path / "data").exists()

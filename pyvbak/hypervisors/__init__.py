@@ -273,9 +273,18 @@ class _NbdExport(_OneDisk):
 
 
 class _Unsupported(_OneDisk):
-    """A URI of a scheme no kind reads: refused when it is opened."""
+    """A URI of a scheme no kind reads: refused as soon as its disks are named, which the
+    CLI does before it opens (or creates) a repository - a mistyped ``ftp://…`` made the
+    default repository first (session 25)."""
+
+    def disk_names(self, spec: str, disk: str | None) -> list[str]:
+        self.refuse(spec)
 
     def open(self, spec, **_):
+        self.refuse(spec)
+
+    @staticmethod
+    def refuse(spec: str):
         scheme = spec.split("://", 1)[0]
         # (a new kind's URI form goes here too)
         raise UsageError(
@@ -331,18 +340,19 @@ _KIND_OF_SCHEME = {"qemu": QEMU_VM, "nbd": NBD_EXPORT, "nbd+unix": NBD_EXPORT, "
 def source_kind(spec: str, image_format: str = "auto"):
     """Which kind of source ``spec`` (as source_spec leaves it) is, read as
     ``image_format``.  In this order: --format naming a QEMU format makes it an image file
-    (check_image_format refuses it for a URI); a URI is its scheme's kind; a name with a
-    QEMU image suffix is an image file read through qemu-nbd, unless --format raw; a
-    URI of another scheme is refused when opened; anything else is a raw file or device."""
+    (check_image_format refuses it for a URI); a URI is its scheme's kind, or refused if
+    no kind reads that scheme (also one ending in an image suffix: ``http://h/y.qcow2``
+    was taken for a missing image file); a name with a QEMU image suffix is an image file
+    read through qemu-nbd, unless --format raw; anything else is a raw file or device."""
     if image_format in QEMU_FORMATS:
         return QEMU_IMAGE
     scheme, sep, _ = spec.partition("://")
     if sep and scheme in _KIND_OF_SCHEME:
         return _KIND_OF_SCHEME[scheme]
-    if image_format == "auto" and spec.lower().endswith(QEMU_IMAGE_SUFFIXES):
-        return QEMU_IMAGE
     if _names_uri(spec):
         return UNSUPPORTED
+    if image_format == "auto" and spec.lower().endswith(QEMU_IMAGE_SUFFIXES):
+        return QEMU_IMAGE
     return RAW_FILE
 
 

@@ -373,3 +373,27 @@ def test_a_usable_cache_is_not_warned_about_and_the_probe_leaves_nothing(tmp_pat
     assert not root.exists()
     root.mkdir()
     assert run_cli(capsys, "unlock", "--repo", repo)[2] == "" and os.listdir(root) == []
+
+
+def test_a_home_directory_that_does_not_exist_gets_no_work_dir_or_default_repository_made(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """HOME=/nonexistent-home made a home tree under / for the QEMU work dir and the
+    default repository (session 25's audit; the cache already declines)."""
+    from pyvbak.hypervisors import default_work_dir
+
+    home = tmp_path / "nonexistent-home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    for var in ("PYVBAK_CACHE_DIR", "XDG_CACHE_HOME", "XDG_DATA_HOME", "PYVBAK_WORK_DIR", "PYVBAK_REPO"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(UsageError, match=f"the home directory {home} does not exist"):
+        default_work_dir()
+    img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=7)
+    for args in (["init"], ["backup", str(img), "--vm", "v"], ["demo"]):
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and f"the home directory {home} does not exist" in assert_one_error_line(err)
+        assert "give --repo REPO" in err
+    assert not home.exists()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # a data directory of its own: used
+    assert run_cli(capsys, "backup", str(img), "--vm", "v")[0] == 0
+    assert (tmp_path / "data" / "pyvbak" / "repository").is_dir() and not home.exists()

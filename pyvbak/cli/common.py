@@ -82,6 +82,12 @@ def checked_default_repository_path() -> str:
     path = default_repository_path()
     if not os.path.isabs(path):  # no HOME and no passwd entry: "~" stayed "~"
         raise UsageError("no home directory for the default repository: give --repo REPO (or set HOME)")
+    home = os.path.expanduser("~")
+    if not os.path.isabs(os.environ.get("XDG_DATA_HOME", "")) and not os.path.isdir(home):
+        # (HOME=/nonexistent-home made /nonexistent-home/.local/share/pyvbak/repository:
+        # backups on whatever file system / is, under a home nobody has)
+        raise UsageError(f"the home directory {home} does not exist, so the default repository cannot be kept "
+                         f"under it: give --repo REPO (or set HOME)")
     reason = untrusted_dir_reason(path)
     if reason:
         raise UsageError(f"the default repository {path} is not private: {reason}; {reason.advice()}, or give "

@@ -528,7 +528,7 @@ def test_a_markers_seen_list_keeps_marker_names_only(tmp_path, capsys):
     r.backend.write_new("lost/20260101T000000Z-0000bbbb", json.dumps({"flagged": [key]}).encode())
     r.backend.write_new("lost/20260101T000001Z-0000cccc", json.dumps(
         {"cleared": [key], "seen": ["x" * 100000, 7, "lost/20260101T000000Z-0000bbbb"]}).encode())
-    from pyvbak.repo.repository import _marker_flags
+    from pyvbak.repo.markers import _marker_flags
 
     assert _marker_flags(r.backend, "lost/20260101T000001Z-0000cccc", strict=True)[2] == ["lost/20260101T000000Z-0000bbbb"]
     assert len(Repository.open(str(repo)).flagged_copies()) == 0

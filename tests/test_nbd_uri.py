@@ -39,7 +39,7 @@ def test_malformed(uri):
 ])
 def test_default_disk_names_are_valid_names(spec, disk):
     from pyvbak.hypervisors import disk_names
-    from pyvbak.repo.repository import check_vm_disk_names
+    from pyvbak.repo.snapshots import check_vm_disk_names
 
     assert disk_names(spec) == [disk]
     check_vm_disk_names("vm", disk)

@@ -4,7 +4,7 @@ A wall clock goes back (an NTP step, a backup host restored from a VM snapshot, 
 host with a slow clock) or runs ahead once (a snapshot dated 2100).  Ordered by time,
 ``VM@latest`` (pyvbak and restore.sh), the next backup's parent and ``--keep-last`` took
 an older snapshot for the newest, silently.  The clock is shifted here for the process
-by patching the one place pyvbak reads it (repo/repository.py's ``datetime``)."""
+by patching the one place pyvbak reads it (repo/snapshots.py's ``datetime``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import run_cli
 from images import MiB, random_bytes
-from pyvbak.repo import repository as repository_module
+from pyvbak.repo import snapshots as snapshots_module
 
 
 cli = run_cli
@@ -35,7 +35,7 @@ class _ShiftedClock(real_datetime.datetime):
 @pytest.fixture
 def clock(monkeypatch):
     """``clock(hours=-1)``: every later backup in this process is dated that far off."""
-    monkeypatch.setattr(repository_module, "datetime", _ShiftedClock)
+    monkeypatch.setattr(snapshots_module, "datetime", _ShiftedClock)
 
     def set_shift(**delta):
         _ShiftedClock.shift = real_datetime.timedelta(**delta)

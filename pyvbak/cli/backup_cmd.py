@@ -22,7 +22,7 @@ def backup(
 ) -> None:
     """Back up a disk (or a VM's disks): only changed blocks are read, new blocks are stored once, compressed."""
     from ..hypervisors import check_image_format, disk_names, source_spec
-    from ..repo.repository import check_vm_disk_names
+    from ..repo.snapshots import check_vm_disk_names
 
     source = source_spec(source)
     check_image_format(source, image_format)
@@ -76,7 +76,7 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
     and whose ``main()`` ends that mode."""
     from ..engine.backup import run_backup
     from ..hypervisors import disk_names, open_disks, source_spec
-    from ..repo.repository import check_vm_disk_names, new_snapshot_id, snapshot_time
+    from ..repo.snapshots import check_vm_disk_names, new_snapshot_id, snapshot_time
 
     source = source_spec(source)  # (idempotent: the CLI's own call already did it)
     if names is None:

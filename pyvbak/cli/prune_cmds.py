@@ -40,8 +40,9 @@ def forget(
 ) -> None:
     """Delete snapshots.  Their blocks stay until 'pyvbak prune' (or --prune)."""
     from ..errors import UsageError
+    from ..repo.pack_storage import misplaced_packs_problem, pack_storage_problem
     from ..repo.prune import forget_snapshots, keep_last_selection
-    from ..repo.repository import SnapshotInfo
+    from ..repo.snapshots import SnapshotInfo
 
     if not snapshots and keep_last is None:
         raise UsageError("forget needs snapshot ids, VM[/DISK]@latest or --keep-last N: list snapshots with 'pyvbak snapshots'")
@@ -64,7 +65,7 @@ def forget(
         lock = _lock(r, dry_run=dry_run, no_lock=no_lock, purpose="forget", clean_stale=False)
     with lock as held:
         if prune_after:
-            problem = r.pack_storage_problem() or r.misplaced_packs_problem()  # (see _prune)
+            problem = pack_storage_problem(r) or misplaced_packs_problem(r)  # (see _prune)
             if problem:
                 raise problem.error("nothing was forgotten or pruned")
             if held is not None and not dry_run:
@@ -129,6 +130,7 @@ def prune(
 
 
 def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: bool = False) -> dict:
+    from ..repo.pack_storage import misplaced_packs_problem, pack_storage_problem
     from ..repo.prune import prune_repository
 
     # A dry run changes nothing, stale locks included (they are what the next backup
@@ -142,7 +144,7 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
         # take a damaged pack index whose packs it cannot see for garbage.
         # (a pack under another packs/HH/ reads as missing: prune dropped its records as
         # lost, with a marker, and its snapshots no longer restored)
-        problem = r.pack_storage_problem() or r.misplaced_packs_problem()
+        problem = pack_storage_problem(r) or misplaced_packs_problem(r)
         if problem:
             raise problem.error("nothing was pruned")
         if lock is not None and not dry_run:
@@ -181,7 +183,7 @@ def _groups_left_incomplete(r, targets) -> list[str]:
     """Consistency groups (disks frozen at one instant) that forgetting ``targets`` leaves
     with some disks but not all: their snapshots still restore one by one, but no longer
     as the VM's consistent set."""
-    from ..repo.repository import consistency_groups
+    from ..repo.snapshots import consistency_groups
 
     going = {s.id for s in targets}
     out = []

@@ -97,6 +97,7 @@ def verify(
 
     from ..errors import UsageError
     from ..repo.locks import other_verifies
+    from ..repo.pack_storage import misplaced_packs_problem, pack_storage_problem
     from ..repo.repair import RepairOptions, repair_repository, start_repair
     from ..repo.verify import flag_bad_copies, lost_blocks_not_on_disks, verify_repository
 
@@ -121,7 +122,7 @@ def verify(
             # block again, into the empty mount point, where a remount hides them).
             # --repair is the user's word that they are lost (the way on
             # PackStorageProblem.error gives): it checked above, before any clean-up.
-            read_problem = None if repair else r.pack_storage_problem()
+            read_problem = None if repair else pack_storage_problem(r)
             if read_problem and read_problem.kind in ("no packs", "foreign"):
                 raise read_problem.error("nothing was checked or flagged")
             if read_problem:  # (the mark: verify checks every block it reads, and reads what is there)
@@ -134,7 +135,7 @@ def verify(
             seed = secrets.randbits(64) if sample is not None else None
             verified = verify_repository(r, sample_percent=sample, snapshots=chosen, seed=seed)
             report, findings = verified.report, verified.findings
-            problem = (r.pack_storage_problem() or r.misplaced_packs_problem()
+            problem = (pack_storage_problem(r) or misplaced_packs_problem(r)
                        if not repair and findings.bad_copies else None)
             if problem:  # (the mark, the packs gone while it ran, or some only misplaced)
                 raise problem.error("nothing was flagged")
@@ -405,6 +406,7 @@ def unlock(
 ) -> None:
     """Remove stale locks (of processes that no longer run on this host)."""
     from ..repo.locks import remove_locks
+    from ..repo.pack_storage import pack_storage_problem
 
     r = open_repository(repo)
     removed = remove_locks(r.backend, all_hosts=all_locks)
@@ -417,7 +419,7 @@ def unlock(
             # take a damaged pack index whose packs it cannot see for garbage.
             # Left to the backup or prune after the packs are back: backups re-index a
             # damaged pack index's packs, prune adopts what a killed backup left unindexed.
-            missing = r.pack_storage_problem()
+            missing = pack_storage_problem(r)
             cleaned = [] if missing else r.recover_leftovers()
             interrupts.begin_finishing()  # done: a stop request from here on is noted
         if missing:

@@ -31,7 +31,7 @@ def restore(
         _restore_group(r, group, output, force=force, threads=threads, json_out=json_out, no_lock=no_lock)
         return
     from ..errors import UsageError
-    from ..repo.repository import SeveralDisks
+    from ..repo.snapshots import SeveralDisks
 
     try:
         snap = r.resolve(snapshot)
@@ -90,7 +90,7 @@ def _vm_group(r, spec: str, output: str):
     if not (os.path.isdir(output) or output.endswith("/")):
         return None
     if not spec.endswith("@latest"):
-        from ..repo.repository import consistency_groups
+        from ..repo.snapshots import consistency_groups
 
         snap = r.resolve(spec)
         group = next((g for g in consistency_groups(r.snapshots(snap.vm)) if snap.id in {s.id for s in g.ordered()}), None)

@@ -55,8 +55,8 @@ from ..allocator import sparse_zeros
 from ..errors import IntegrityError, SourceError
 from ..repo import format as fmt
 from ..repo.packer import PackWriter
-from ..repo.repository import (PACK_TARGET_BYTES, Repository, SnapshotInfo, check_vm_disk_names, new_snapshot_id,
-                                snapshot_time)
+from ..repo.repository import PACK_TARGET_BYTES, Repository
+from ..repo.snapshots import SnapshotInfo, check_vm_disk_names, new_snapshot_id, snapshot_time
 
 CHUNK_BYTES = 4 * 1024 * 1024
 # Mapped-scan windows (bench/RESULTS.md, "Incremental of an image file: scan windows"):
@@ -460,7 +460,7 @@ class _BackupRun:
         self.latest = latest = repo.latest(self.vm, self.disk)
         self.damaged = list(repo.damaged_snapshots)
         # after every snapshot of the repository listed: the newest by this number, whatever
-        # the clocks said (repository.snapshot_order)
+        # the clocks said (snapshots.snapshot_order)
         self.sequence = repo.highest_sequence + 1
         prev_state = (latest.meta.get("change_tracking") or {}).get("state") if latest else None
         self.ct = ct = source.change_tracking(prev_state)

@@ -50,8 +50,9 @@ from . import format as fmt
 from .packer import PackWriter
 from .reader import decode_block, group_members
 from .repair import finish_moves, leave_out_damaged_lost_copies
-from .repository import PACK_TARGET_BYTES, consistency_groups
+from .repository import PACK_TARGET_BYTES
 from .rewrite import delete_new_packs, delete_object, load_pack_indexes, rewrite_pack_indexes
+from .snapshots import consistency_groups
 
 #: repack a pack once this share of its frame bytes is unused (restic's default
 #: ``--max-unused`` is 5 % of the whole repository; per pack, 20 % keeps repacking - a

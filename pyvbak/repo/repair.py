@@ -54,9 +54,11 @@ from ..errors import IntegrityError, UsageError
 from . import digest_sets
 from . import format as fmt
 from . import verify
+from .pack_storage import (PackStorageProblem, misplaced_packs_problem, named_packs_absent, pack_storage_mark_state,
+                           pack_storage_problem, trailer_names_pack, write_pack_storage_mark)
 from .packer import PackWriter
 from .reader import decode_block
-from .repository import PACK_TARGET_BYTES, PackStorageProblem
+from .repository import PACK_TARGET_BYTES
 from .rewrite import delete_new_packs, delete_object, load_pack_indexes, rewrite_pack_indexes
 
 
@@ -74,15 +76,15 @@ def start_repair(repo, lock, *, partial: bool, say: Callable[[str], None]) -> Pa
     # remove damaged pack indexes as "re-indexed" with nothing there to re-index.
     # --repair is the user's word that they are lost: said at once,
     # and drop_lost_pack_records drops them, damaged pack indexes included.
-    repair_problem = repo.pack_storage_problem()
+    repair_problem = pack_storage_problem(repo)
     if not (repair_problem and repair_problem.kind == "foreign"):
-        repair_problem = repo.misplaced_packs_problem() or repair_problem
+        repair_problem = misplaced_packs_problem(repo) or repair_problem
     if repair_problem and (repair_problem.kind == "foreign" or repair_problem.misplaced):
         # (not this repository's to repair; or packs only misplaced, which the repair
         # would give up for lost)
         raise repair_problem.error("nothing was checked or repaired")
     storage_missing = repair_problem is not None and repair_problem.kind == "no packs"
-    mark_state = repo.pack_storage_mark_state()[0] if repair_problem else "ok"
+    mark_state = pack_storage_mark_state(repo)[0] if repair_problem else "ok"
     whole = (PackStorageProblem(repo, mark_state) if mark_state in ("missing", "damaged")
              else repair_problem if repair_problem and repair_problem.kind == "unmarked" else None)
     if whole is not None and partial:
@@ -103,7 +105,7 @@ def start_repair(repo, lock, *, partial: bool, say: Callable[[str], None]) -> Pa
             f"pack storage")
     # the user's word: packs/ as it is is the storage (its lost packs' records are
     # dropped by repair_repository)
-    for line in repo.write_pack_storage_mark(mark_state) if mark_state in ("missing", "damaged") else ():
+    for line in write_pack_storage_mark(repo, mark_state) if mark_state in ("missing", "damaged") else ():
         say(line)
     if not storage_missing:
         lock.remove_stale()
@@ -179,7 +181,7 @@ def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, ver
         adopted += [ln for ln in repo.recover_leftovers() if ln.startswith("adopted")]
     else:
         done = drop_bad_records(repo, bad)
-        if repair_problem is not None and repair_problem.kind == "unmarked" and repo.named_packs_absent():
+        if repair_problem is not None and repair_problem.kind == "unmarked" and named_packs_absent(repo):
             # a repository made before the mark is refused while packs its index
             # names are absent: the records of blocks no snapshot uses go too (they
             # kept it refused for good), after a marker of their own
@@ -282,7 +284,7 @@ def drop_bad_records(repo, bad: list[tuple[bytes, bytes, int]]) -> dict:
 
 def drop_lost_pack_records(repo) -> dict:
     """``verify --repair`` of a repository whose packs are all gone
-    (``Repository.pack_storage_problem``), on the user's word that they are lost: every
+    (``pack_storage_problem``), on the user's word that they are lost: every
     record of a pack the storage does not hold goes, after a ``lost/`` marker naming those
     packs - the records of blocks no snapshot uses too (prune drops those otherwise, and
     prune refuses while no pack is there: the backups would stay refused for good).
@@ -442,7 +444,7 @@ def finish_moves(repo, indexed: set[str] | None = None) -> tuple[list[str], set[
     named = set().union(*(o for o, to in moves if to <= indexed))
     out, deleted = [], set()
     for pack_hex in sorted(named - indexed):
-        if repo.trailer_names_pack(fmt.pack_name(pack_hex), unreadable=True):
+        if trailer_names_pack(repo.backend, fmt.pack_name(pack_hex), unreadable=True):
             # a whole pack under that name (put back from a copy, or cut again by a
             # backup), or one that cannot be read to tell: not what the move emptied -
             # adoption indexes it)

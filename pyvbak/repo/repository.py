@@ -5,6 +5,10 @@ packs, then the pack index that names them, then the snapshot's block index, the
 snapshot's metadata last.  Every object is written atomically by the backend, and a
 snapshot is visible only through its metadata, so a crash at any instant leaves either
 a complete snapshot or none.
+
+Beside it: snapshots.py (snapshot descriptions, their order, new ids), markers.py (the
+``lost/`` markers and their flags), pack_storage.py (whether ``packs/`` is this
+repository's pack storage).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Callable
 
 import numpy as np
@@ -25,9 +28,12 @@ from ..backends import TEMP_PREFIX, BackendError, ObjectMissing, RangeBeyondEnd,
 from ..errors import IntegrityError, OutOfSpace, PyvbakError, RepositoryError, SnapshotNotFound, UsageError
 from . import digest_sets
 from . import format as fmt
-from .cache import SeenPackIndexes, SnapshotMetaCache, make_private_dirs, repo_cache_dir
+from . import markers
+from .cache import SeenPackIndexes, SnapshotMetaCache, repo_cache_dir
 from .digest_index import DigestIndex, ExcludingIndex, load_cached
 from .locks import RepositoryLock
+from .snapshots import (SeveralDisks, SnapshotInfo, consistency_groups, now_iso, place_unnumbered, snapshot_order,
+                        snapshot_sequence)
 
 MIN_REPO_BLOCK = 64 * 1024
 MAX_REPO_BLOCK = 16 * 1024 * 1024
@@ -101,139 +107,11 @@ class RepoConfig:
                 "compression": f"zstd:{self.compression_level}",
                 "fast_hash": "pyvbak-nh128-v1",
                 "fast_hash_key": self.hash_key.hex(),
-                "created": _now_iso(),
+                "created": now_iso(),
                 "created_by": f"pyvbak {__version__}",
             },
             indent=2,
         ).encode()
-
-
-@dataclass
-class SnapshotInfo:
-    id: str
-    meta: dict
-    #: where the listing placed it (snapshot_order): its sequence, or for one made before
-    #: sequence numbers existed the highest of its disk's numbered snapshots made before it
-    effective_sequence: int | None = None
-
-    @property
-    def vm(self) -> str:
-        return self.meta["vm"]
-
-    @property
-    def disk(self) -> str:
-        return self.meta["disk"]
-
-    @property
-    def time(self) -> str:
-        return self.meta["time"]
-
-    @property
-    def sequence(self) -> int:
-        """0 for a snapshot made before sequence numbers existed."""
-        return snapshot_sequence(self.meta)
-
-    def summary(self) -> dict:
-        m = self.meta
-        out = {
-            "id": self.id,
-            "vm": m["vm"],
-            "disk": m["disk"],
-            "time": m["time"],
-            "sequence": self.sequence,
-            "size": m["size"],
-            "block_size": m["block_size"],
-            "parent": m.get("parent"),
-            "source": m.get("source"),
-            "cbt": m.get("change_tracking", {}).get("used", False),
-            "stats": m.get("stats", {}),
-        }
-        if isinstance(m.get("consistency_group"), dict):  # disks of a VM frozen at one instant
-            out["consistency_group"] = m["consistency_group"]
-        return out
-
-
-@dataclass
-class ConsistencyGroup:
-    """Snapshots one run made of several disks of a VM frozen at one instant (their
-    metadata's ``consistency_group``).  ``snaps``: the ones present, by disk."""
-
-    id: str
-    vm: str
-    time: str
-    disks: list
-    snaps: dict
-
-    @property
-    def complete(self) -> bool:
-        """A snapshot of every disk it froze (a failed run, or a forget, leaves it without)."""
-        return all(d in self.snaps for d in self.disks)
-
-    def ordered(self) -> list[SnapshotInfo]:
-        """The present snapshots, in the order the run named the disks."""
-        return [self.snaps[d] for d in self.disks if d in self.snaps]
-
-
-def snapshot_sequence(meta: dict) -> int:
-    """A snapshot description's ``sequence`` (validated by _valid_snapshot_meta), 0 if none."""
-    return meta.get("sequence", 0)
-
-
-def snapshot_order(snap: SnapshotInfo) -> tuple:
-    """Where a snapshot stands among the others, oldest first: by sequence number (one
-    more than the repository's highest when its backup began), then time, then id.
-
-    Not by time first: wall clocks go back (an NTP step, a backup host restored from a VM
-    snapshot, a second host with a slow clock) and run ahead (one backup dated 2100), and
-    ordered by time, ``VM@latest``, the next backup's parent and ``--keep-last`` would all
-    take an older snapshot for the newest - silently, since every snapshot is whole.
-    Snapshots made before sequence numbers existed count as 0: among themselves by time,
-    before every numbered one.  Two backups begun at once may share a number (any two
-    writers of one repository, or two hosts backing up one disk): their times decide."""
-    seq = snap.effective_sequence if snap.effective_sequence is not None else snapshot_sequence(snap.meta)
-    return (seq, snap.meta.get("time", ""), snap.id)
-
-
-def place_unnumbered(snaps) -> None:
-    """Set ``effective_sequence``: a snapshot's own sequence number; for one without (an
-    older pyvbak made it, perhaps after newer ones: two versions sharing a repository
-    during an upgrade), the highest number among its disk's snapshots made before it by
-    time - so it comes after them, and a backup an older pyvbak made last is still the
-    newest (taken as 0 it came first: VM@latest and --keep-last took an older snapshot
-    for the newest)."""
-    by_disk: dict[tuple, list] = {}
-    for s in snaps:
-        by_disk.setdefault((s.meta.get("vm"), s.meta.get("disk")), []).append(s)
-    for group in by_disk.values():
-        highest = 0
-        for s in sorted(group, key=lambda x: (x.meta.get("time", ""), x.id)):
-            seq = snapshot_sequence(s.meta)
-            highest = max(highest, seq)
-            s.effective_sequence = seq or highest
-
-
-def consistency_groups(snaps) -> list[ConsistencyGroup]:
-    """The groups the given snapshots belong to, oldest first (snapshot_order of their
-    newest member, then their instant)."""
-    groups: dict[tuple[str, str], ConsistencyGroup] = {}
-    for s in snaps:
-        g = s.meta.get("consistency_group")
-        if isinstance(g, dict) and isinstance(g.get("id"), str) and isinstance(g.get("disks"), list):
-            key = (s.vm, g["id"])
-            if key not in groups:
-                groups[key] = ConsistencyGroup(g["id"], s.vm, str(g.get("time", "")), list(g["disks"]), {})
-            groups[key].snaps[s.disk] = s
-    return sorted(groups.values(), key=lambda g: (max(snapshot_order(x)[0] for x in g.snaps.values()), g.time,
-                                                  max(x.id for x in g.snaps.values())))
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def new_snapshot_id() -> str:
-    """Sortable by time, unique by 32 random bits, safe in any shell word."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 
 #: a whole id as new_snapshot_id makes it (a shorter spec is a prefix, found by listing)
@@ -276,44 +154,6 @@ def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
     # (names are not checked against today's rules: an older pyvbak allowed '/' in disk
     # names, and such snapshots restore; a group restore refuses to make files of them)
     return meta["size"] >= 0 and MIN_REPO_BLOCK <= bs <= MAX_REPO_BLOCK and not bs & (bs - 1)
-
-
-#: longest VM or disk name, in UTF-8 bytes
-NAME_MAX_BYTES = 255
-
-
-class SeveralDisks(UsageError):
-    """``VM@latest`` named a VM with several disks where one snapshot is meant."""
-
-    def __init__(self, vm: str, disks: list[str]):
-        self.vm, self.disks = vm, disks
-        super().__init__(f"VM {vm} has several disks ({', '.join(disks)}): name one as {vm}/DISK@latest")
-
-
-def check_vm_disk_names(vm: str, disk: str) -> None:
-    """VM and disk names of a new snapshot: what ``VM[/DISK]@latest`` can name again.
-
-    Non-empty, at most NAME_MAX_BYTES bytes of UTF-8, no '/' (it separates VM and disk
-    in snapshot references), no control characters.  Raises UsageError."""
-    for kind, flag, name in (("VM", "--vm", vm), ("disk", "--disk", disk)):
-        if not isinstance(name, str) or not name.strip():
-            raise UsageError(f"{kind} name is empty: give {flag} NAME")
-        bad = sorted({c for c in name if c == "/" or ord(c) < 32 or ord(c) == 127})
-        if bad:
-            shown = ", ".join(repr(c) for c in bad)
-            raise UsageError(f"{kind} name {name!r} contains {shown}: names may not contain '/' (it "
-                             f"separates VM and disk in VM/DISK@latest) or control characters; give "
-                             f"{flag} without it")
-        try:
-            encoded = name.encode("utf-8")
-        except UnicodeEncodeError:
-            # bytes that are not UTF-8 (typed in a non-UTF-8 locale, or a file name's):
-            # stored as escapes, they never match the same name typed in a UTF-8 session,
-            # and restore.sh cannot match them at all
-            raise UsageError(f"{kind} name {name!r} is not valid UTF-8 (a non-UTF-8 locale, or a file "
-                             f"name's bytes): give {flag} with a UTF-8 name") from None
-        if len(encoded) > NAME_MAX_BYTES:
-            raise UsageError(f"{kind} name is longer than {NAME_MAX_BYTES} bytes: give a shorter {flag}")
 
 
 def _holds_repository_data(location: str) -> bool:
@@ -374,7 +214,7 @@ class Repository:
                 f"block size {block_size} is invalid: use a power of two from 64K to 16M (default 64K)"
             )
         level = parse_compression(compression)
-        path = _local_path(location)
+        path = local_path(location)
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise RepositoryError(f"{location} exists and is not a directory: choose another repository path")
         if path is not None and os.path.isdir(path):
@@ -416,7 +256,7 @@ class Repository:
 
     @classmethod
     def open(cls, location: str) -> "Repository":
-        path = _local_path(location)
+        path = local_path(location)
         if path is not None and not os.path.isdir(path):
             if os.path.exists(path):
                 raise RepositoryError(f"{location} is a file, not a pyvbak repository: give the repository's directory")
@@ -656,110 +496,29 @@ class Repository:
                                  f"repository, or forget the snapshot ('pyvbak forget {snap.id}')")
         return data
 
-    # -- blocks lost from storage ---------------------------------------------------
+    # -- blocks lost from storage: the lost/ markers (markers.py) -------------------
     def lost_markers(self) -> list[str]:
-        """Names of the ``lost/`` markers: each says a prune removed the records of packs
-        that were gone from storage (docs/FORMAT.md, "Lost packs")."""
-        return sorted(n for n in self.backend.list(fmt.LOST_PREFIX) if not n.endswith("/"))
+        return markers.lost_markers(self.backend)
 
     def write_lost_marker(self, packs: list[str], records: int, *, moved_out: list[str] | None = None,
                           moved_to: list[str] | None = None) -> str:
-        """``moved_out``: packs whose blocks a repair moved to the packs ``moved_to``, to
-        be deleted (by the repair, or the next one or prune when it was interrupted)."""
-        name = fmt.LOST_PREFIX + new_snapshot_id()
-        doc = {"time": _now_iso(), "packs": packs, "records": records}
-        if moved_out:
-            doc["moved_out"] = moved_out
-            doc["moved_to"] = moved_to or []
-        self.backend.write_new(name, json.dumps(doc, indent=2).encode())
-        return name
+        return markers.write_lost_marker(self.backend, packs, records, moved_out=moved_out, moved_to=moved_to)
 
     def write_flag_marker(self, flagged: list[tuple[bytes, bytes, int]],
                           cleared: list[tuple[bytes, bytes, int]] = (), seen: list[str] = ()) -> str:
-        """A ``lost/`` marker that flags ``flagged`` ((digest, pack id, offset) of block
-        copies a plain ``verify`` found corrupt or missing) without touching the index:
-        backups stop deduplicating against them (``dedup_index``) and check their parents,
-        so the next backup of a disk that still holds the blocks stores them again - what
-        ``verify --repair`` achieves by dropping the records, without its exclusive lock.
-        ``cleared``: flagged copies verify read back intact since (put back, or a pack
-        re-cut under the same name by the backup that stored the blocks again): the flags
-        of the markers in ``seen`` (those that verify knew) no longer count for them
-        (docs/FORMAT.md, "Lost packs")."""
-        name = fmt.LOST_PREFIX + new_snapshot_id()
-
-        def entries(copies):
-            return [[d.ljust(32, b"\0").hex(), p.ljust(32, b"\0").hex(), int(o)] for d, p, o in copies]
-
-        doc = {"time": _now_iso(), "packs": [], "records": 0, "flagged": entries(flagged), "cleared": entries(cleared),
-               "seen": sorted(seen) if cleared else []}
-        self.backend.write_new(name, json.dumps(doc, indent=1).encode())
+        name = markers.write_flag_marker(self.backend, flagged, cleared, seen)
         self._dedup_index_cache = None
         return name
 
     def flagged_copies(self, *, strict: bool = False, names: list[str] | None = None) -> np.ndarray:
-        """Sorted unique copy keys (``digest_sets.copy_keys``, S72) of the copies the ``lost/``
-        markers flag as bad: flagged by a marker, and not cleared by a marker that saw that
-        one (a flag written after a clear, by a verify that found the copy bad again,
-        counts).  Markers are immutable: each is read once per process.  ``strict``
-        (backups): a marker that cannot be read (an I/O error, not a missing or damaged
-        one) raises - a backup that went on without its flags could deduplicate against a
-        bad copy; restore uses the flags only to choose which copy to read first, and goes
-        on.  ``self.flag_markers_seen``: the markers this answer is from."""
+        """markers.flagged_copies of the ``lost/`` markers (``names``: listed just now),
+        each read once per process.  ``self.flag_markers_seen``: the markers this answer
+        is from."""
         read = self.__dict__.setdefault("_flag_markers_read", {})
-        names = self.lost_markers() if names is None else names  # (names: listed just now)
-        for name in names:
-            if name not in read:
-                try:
-                    got = self._marker_flags_cached(name, strict=strict)
-                except BackendError as exc:
-                    raise type(exc)(f"{exc} (marker {name} says which stored block copies are bad: a backup needs it; "
-                                    f"check the storage and run the backup again)") from exc
-                if got is None:  # (not strict) unreadable now: asked again next time
-                    continue
-                read[name] = got
-        self.flag_markers_seen = [n for n in names if n in read]
-        clears = [(set(read[n][2]), read[n][1]) for n in self.flag_markers_seen if len(read[n][1])]
-        out = []
-        for name in self.flag_markers_seen:
-            keys = read[name][0]
-            if not len(keys):
-                continue
-            cleared = [ks for saw, ks in clears if name in saw]
-            if cleared:
-                keys = keys[~digest_sets.isin(keys, digest_sets.unique(np.concatenate(cleared)))]
-            out.append(keys)
-        return digest_sets.unique(np.concatenate(out)) if out else np.empty(0, "S72")
-
-    def _marker_flags_cached(self, name: str, *, strict: bool):
-        """``_marker_flags`` through the local cache: markers are immutable, and one of a
-        lost region can flag a million copies (~170 MB of JSON, ~3 s to parse, on every
-        backup and restore); the parsed arrays load in
-        milliseconds.  Best effort: no cache, or a damaged entry, reads the marker."""
-        base = name[len(fmt.LOST_PREFIX):]
-        cache = repo_cache_dir(self.config.repo_id) if re.fullmatch(r"[0-9A-Za-z-]{1,100}", base) else None
-        path = os.path.join(cache, "lost-markers", base + ".npz") if cache else None
-        if path is not None:
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    flagged, cleared, seen = z["flagged"], z["cleared"], z["seen"]
-                    if flagged.dtype == np.dtype("S72") and cleared.dtype == np.dtype("S72"):
-                        return flagged, cleared, [str(x) for x in seen.tolist()]
-            except Exception:  # not cached yet, or damaged: read the marker
-                pass
-        got = _marker_flags(self.backend, name, strict=strict)
-        if got is not None and got is not _NO_FLAGS and path is not None:  # (a damaged one may be put back)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            try:
-                make_private_dirs(os.path.dirname(path))
-                with open(tmp, "wb") as f:
-                    np.savez(f, flagged=got[0], cleared=got[1], seen=np.array(got[2], dtype=str))
-                os.replace(tmp, path)
-            except Exception:  # the cache's problem (full, read-only): the answer stands
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-        return got
+        names = self.lost_markers() if names is None else names
+        flagged, self.flag_markers_seen = markers.flagged_copies(self.backend, self.config.repo_id, names, read,
+                                                                 strict=strict)
+        return flagged
 
     def dedup_index(self):
         """The digest index as a backup deduplicates against it: a block whose every copy
@@ -928,205 +687,32 @@ class Repository:
             referenced = digest_sets.unique(np.concatenate([referenced, *pending]))
         return referenced
 
-    # -- digest index ---------------------------------------------------------------
-    def pack_index_names(self) -> list[str]:
-        return list(self.backend.list("index/"))
-
-    def named_packs_missing(self) -> bool:
-        """Whether the pack indexes name stored blocks (or some are damaged) while the
-        storage holds none of the packs they name: storage not mounted, or a copy made
-        without its packs, far more often than data lost.  Costs a listing of ``index/``
-        and a ``stat`` of the packs of the digest index's first and last records (the index
-        a backup loads anyway); only when both are missing is ``packs/`` listed and
-        compared with the packs the index names, a million records at a time.  Objects not
-        named like packs (a ``lost+found/``, a "not mounted" sentinel file) do not count,
-        nor packs the index does not name (another repository's).  Where a pack
-        index is damaged, which packs it names is unknown: then any pack counts (a damaged
-        index beside a pack really lost made every command say "not mounted").
-        A pack an older pyvbak stored into the empty mount point during an earlier unmount
-        is one the index names: it makes the storage look present; the pack-storage mark
-        (``pack_storage_problem``) is what tells that storage from the mount point."""
-        index = self.load_digest_index()
-        if not len(index) and not self.damaged_pack_indexes:
-            return False
-        if len(index):
-            recs = index.records_at([0, len(index) - 1])
-            names = {fmt.pack_name(bytes(p).ljust(32, b"\0").hex()) for p in recs["pack"]}
-            if any(self.backend.exists(name) for name in sorted(names)):
-                return False
-        listed = [m.group(2) for m in map(_PACK_OBJECT.fullmatch, self.backend.list(fmt.PACKS_FOLDER)) if m]
-        if not listed:
-            return True
-        if self.damaged_pack_indexes:
-            return False
-        present = digest_sets.unique(np.array([bytes.fromhex(h) for h in listed], "S32"))
-        step = 1 << 20
-        for start in range(0, len(index), step):
-            recs = index.records_at(np.arange(start, min(len(index), start + step), dtype=np.int64))
-            if digest_sets.isin(recs["pack"].view("S32"), present).any():
-                return False
-        return True
-
+    # -- pack storage: whether packs/ is this repository's (pack_storage.py) ------------
+    # (pack_storage.py builds on this class, so the backup's two steps import it where used)
     def pack_object_names(self) -> list[str]:
         """Every object under ``packs/`` but the pack-storage mark: the packs, and whatever
         else is there (a pack under the wrong ``HH/``, a file not pyvbak's)."""
         return [n for n in self.backend.list(fmt.PACKS_FOLDER) if n != fmt.PACK_STORAGE_MARK]
 
-    def pack_storage_mark_state(self) -> tuple[str, str]:
-        """The pack-storage mark (docs/FORMAT.md, "Pack storage mark") as found:
-        ("ok", ""), ("unmarked", "") - neither the mark nor its root copy: a repository no
-        backup has marked yet -, ("missing", "") - the root copy says there is a mark, and
-        ``packs/`` holds none -, ("damaged", ""), or ("foreign", ID): the mark names
-        another repository.  Two reads of small objects."""
-        try:
-            mark = self.backend.read(fmt.PACK_STORAGE_MARK)
-        except ObjectMissing:
-            local = _local_path(self.location)
-            if local is not None and os.path.lexists(os.path.join(local, fmt.PACK_STORAGE_MARK)):
-                return "damaged", ""  # (a directory or a device there: not "storage not mounted")
-            return ("missing", "") if self.backend.exists(fmt.PACK_STORAGE_MARK_COPY) else ("unmarked", "")
-        try:
-            owner = fmt.decode_pack_storage_mark(mark, fmt.PACK_STORAGE_MARK)
-        except IntegrityError:
-            return "damaged", ""
-        return ("ok", "") if owner == self.config.repo_id else ("foreign", owner)
-
-    def pack_storage_problem(self) -> "PackStorageProblem | None":
-        """What says that ``packs/`` is not this repository's pack storage, or None.  First
-        the packs the index names (``named_packs_missing``: "no packs"), then the
-        pack-storage mark: another repository's, missing (its root copy there) or damaged.  Without its mark, a ``packs/`` that holds some of the packs the index
-        names may still be an empty mount point that an older pyvbak stored packs into;
-        the commands that write (backup, prune, the flags of verify and restore) refuse it,
-        the ones that only read (verify, restore) read what is there.  An unmarked
-        repository (made before the mark) is judged by its packs alone, and its next
-        backup marks it once every pack the index names is there."""
-        state, owner = self.pack_storage_mark_state()
-        if state == "foreign":  # (said first: it tells more than "none of the packs")
-            return PackStorageProblem(self, state, owner)
-        if self.named_packs_missing():
-            # (every pack moved under other packs/HH/ is no storage lost: named)
-            return self.misplaced_packs_problem() or PackStorageProblem(self, "no packs")
-        if state == "unmarked":
-            # no mark yet to tell the storage from an empty mount point holding a pack an
-            # older pyvbak stored there: every pack the index names must be there (one
-            # listing, until the first backup marks packs/)
-            absent, misplaced = self.named_packs_absent_detail()
-            return PackStorageProblem(self, state, count=absent, misplaced=tuple(misplaced)) if absent else None
-        if state == "ok":
-            return None
-        # (with nothing stored either: the next backup's blocks would be hidden all the
-        # same once the storage is mounted back)
-        return PackStorageProblem(self, state, owner)
-
-    def mark_pack_storage(self) -> list[str]:
-        """Write the pack-storage mark, then its root copy, unless both are there: backups
-        call it once the storage has passed ``pack_storage_problem``, ``verify --repair``
-        on the user's word.  The mark first: the root copy says that one exists.  A
-        repository no backup has marked yet (made before the mark) is marked only when
-        every pack its index names is there: an empty mount point holding a pack an older
-        pyvbak stored into it passes the packs check, and marked, it would pass every
-        check after.  Lines for the user."""
-        state, _ = self.pack_storage_mark_state()
-        if state == "foreign":  # (another repository's mark is never replaced: its storage, not ours)
-            return []
-        if state == "ok":
-            if not self.backend.exists(fmt.PACK_STORAGE_MARK_COPY):  # (a crash between the two)
-                self.backend.replace(fmt.PACK_STORAGE_MARK_COPY, self.backend.read(fmt.PACK_STORAGE_MARK))
-            return []
-        if state == "unmarked":
-            absent = self.named_packs_absent()
-            if absent:
-                return [f"warning: {absent} of the packs the index names are not in {self.packs_location()} (storage "
-                        f"not mounted, or packs lost?): it was not marked as this repository's pack storage; "
-                        f"run 'pyvbak verify'"]
-        return self.write_pack_storage_mark(state)
-
-    def write_pack_storage_mark(self, state: str) -> list[str]:
-        """Write the mark and its root copy (the same bytes), whatever is there: the user's
-        word (``verify --repair``), or a backup's after its checks."""
-        data = fmt.encode_pack_storage_mark(self.config.repo_id, _now_iso())
-        self.backend.replace(fmt.PACK_STORAGE_MARK, data)
-        self.backend.replace(fmt.PACK_STORAGE_MARK_COPY, data)
-        if state in ("unmarked", "ok"):
-            return []
-        return [f"marked {self.packs_location()} as this repository's pack storage again (its mark "
-                f"{self.pack_storage_mark_location()} was {state})"]
-
-    def misplaced_packs_problem(self) -> "PackStorageProblem | None":
-        """A "misplaced" problem when packs the index names are found under another
-        ``packs/HH/`` (a copy or a move done by hand): readers look for them where they
-        belong, so their blocks read as missing, and a repair or a flag would give them
-        up.  One listing: asked when blocks were found missing, and by repairs."""
-        absent, misplaced = self.named_packs_absent_detail()
-        return PackStorageProblem(self, "misplaced", count=absent, misplaced=tuple(misplaced)) if misplaced else None
-
-    def named_packs_absent(self) -> int:
-        """How many of the packs the index names ``packs/`` does not hold (one listing)."""
-        return self.named_packs_absent_detail()[0]
-
-    def named_packs_absent_detail(self) -> tuple[int, list[str]]:
-        """(how many of the packs the index names ``packs/`` does not hold where readers
-        look, the objects among them found under another ``packs/HH/``: misplaced, not
-        lost).  One listing."""
-        index = self.load_digest_index()
-        if not len(index):
-            return 0, []
-        named = digest_sets.unique(index.records["pack"].view("S32"))
-        objects = self.pack_object_names()
-        listed = [m.group(2) for m in map(_PACK_OBJECT.fullmatch, objects) if m]
-        present = digest_sets.unique(np.array([bytes.fromhex(h) for h in listed], "S32")) if listed else np.empty(0, "S32")
-        absent = named[~digest_sets.isin(named, present)]
-        if not len(absent):
-            return 0, []
-        wanted = {bytes(p).ljust(32, b"\0").hex() for p in absent}
-        # (by its table of contents, not its name alone: a file of junk under a lost pack's
-        # name was "to be moved there", into the pack's place)
-        misplaced = [n for n in objects if n.rsplit("/", 1)[-1] in wanted and self.trailer_names_pack(n)]
-        return len(absent), misplaced
-
-    def trailer_names_pack(self, name: str, *, unreadable: bool = False) -> bool:
-        """Whether the object ``name`` ends in a table of contents (trailer) that hashes to
-        its file name: a whole pack.  ``unreadable``: the answer when it cannot be read to
-        tell (a read error, damage past the trailer's length); a missing object is none."""
-        try:
-            size = self.backend.stat(name)
-            if size < 4:
-                return False
-            tlen = fmt.trailer_length_from_tail(self.backend.read_range(name, size - 4, 4))
-            if tlen > size:
-                return False
-            return fmt.pack_id(self.backend.read_range(name, size - tlen, tlen)).hex() == name.rsplit("/", 1)[-1]
-        except ObjectMissing:
-            return False
-        except (BackendError, IntegrityError, ValueError):
-            return unreadable
-
     def packs_location(self) -> str:
         """Where the packs are, for messages: REPO/packs."""
-        return (_local_path(self.location) or self.location).rstrip("/") + "/packs"
-
-    def pack_storage_mark_location(self) -> str:
-        """Where the pack-storage mark is, for messages: REPO/packs/pack-storage.json."""
-        return (_local_path(self.location) or self.location).rstrip("/") + "/" + fmt.PACK_STORAGE_MARK
+        return (local_path(self.location) or self.location).rstrip("/") + "/packs"
 
     def check_pack_storage(self) -> None:
-        """Refuses (IntegrityError) a backup into a repository whose pack storage is not
-        there (``pack_storage_problem``): the backup would deduplicate against blocks that
-        are not there, or store blocks into an empty mount point that the storage, mounted
-        back, hides, and commit a snapshot no restore can read, and say nothing.  A partial
-        loss is verify's to find.  Runs before leftover recovery, which would take a
-        damaged pack index whose packs it cannot see for garbage, and under a lock taken
-        without removing stale locks (the backup removes them after it): a killed run's
-        stale lock is the evidence that makes the next backup clean up after that run once
-        the packs are back.  The way on when the packs are really lost is ``verify
-        --repair`` (the user's word; prune, verify and restore stop with this error too): it
-        drops the lost packs' records from the index (lost/ markers say so), and backups
-        then store every block again.  Flags (lost/ markers) covering every copy are no
-        way on: an older pyvbak's verify wrote such flags while the storage was not
-        mounted."""
-        problem = self.pack_storage_problem()
-        if problem:
-            raise problem.error("nothing was backed up")
+        """A backup's first check, under its lock (pack_storage.check_pack_storage)."""
+        from .pack_storage import check_pack_storage
+
+        check_pack_storage(self)
+
+    def mark_pack_storage(self) -> list[str]:
+        """A backup's, once its checks passed (pack_storage.mark_pack_storage)."""
+        from .pack_storage import mark_pack_storage
+
+        return mark_pack_storage(self)
+
+    # -- digest index ---------------------------------------------------------------
+    def pack_index_names(self) -> list[str]:
+        return list(self.backend.list("index/"))
 
     def load_digest_index(self) -> DigestIndex:
         """All pack indexes, merged (repo/digest_index.py: through the local cache when
@@ -1241,7 +827,7 @@ class Repository:
             stored = b""
         except PyvbakError as e:
             return [f"warning: could not read restore.sh to check its revision: {e}"]
-        local = _local_path(self.location)
+        local = local_path(self.location)
         script = os.path.join(local, "restore.sh") if local is not None else None
         if stored and restore_kit_revision(stored) >= revision:
             # up to date, but a run killed between its replace and its chmod left it
@@ -1434,129 +1020,7 @@ class Repository:
             raise RepositoryError(f"snapshot {snapshot_id} already exists: retry")
 
 
-@dataclass(frozen=True)
-class PackStorageProblem:
-    """Why ``packs/`` is not taken for the repository's pack storage
-    (``Repository.pack_storage_problem``).  ``kind``: "no packs" (none of the packs the
-    index names), "missing" / "damaged" (the pack-storage mark), "foreign" (the mark names
-    repository ``owner``), "unmarked" (no mark yet, and ``count`` of the packs the index
-    names absent), "misplaced" (``misplaced``: packs found under another ``packs/HH/``)."""
-
-    repo: Repository
-    kind: str
-    owner: str = ""
-    count: int = 0  # ("unmarked": how many of the packs the index names are not there)
-    misplaced: tuple = ()  # (... of them found under another packs/HH/)
-
-    def summary(self) -> str:
-        """One clause for a warning line."""
-        packs_dir = self.repo.packs_location()
-        mark = self.repo.pack_storage_mark_location()
-        if self.kind == "no packs":
-            return f"none of the packs the index names is in {packs_dir} (storage not mounted?)"
-        if self.kind == "missing":
-            return f"the repository's pack-storage mark {mark} is missing (storage not mounted?)"
-        if self.kind == "damaged":
-            return f"the repository's pack-storage mark {mark} is damaged"
-        if self.misplaced:
-            return (f"{len(self.misplaced)} of the packs the index names are elsewhere under {packs_dir}, e.g. "
-                    f"{self.misplaced[0]}, which belongs at {fmt.pack_name(self.misplaced[0].rsplit('/', 1)[-1])}")
-        if self.kind == "unmarked":
-            return f"{self.count} of the packs the index names are not in {packs_dir} (storage not mounted?)"
-        return f"{packs_dir} holds another repository's packs (its mark names repository {self.owner})"
-
-    def error(self, outcome: str) -> IntegrityError:
-        """The command's error; ``outcome``: what it did not do ("nothing was backed up")."""
-        repo, packs_dir = self.repo, self.repo.packs_location()
-        mark = repo.pack_storage_mark_location()
-        if self.kind == "no packs":
-            # (verify --repair, not prune: prune refuses too, and a nightly job runs prune)
-            return IntegrityError(
-                f"repository {repo.location} has pack indexes but none of their pack files in {packs_dir}: its stored "
-                f"data is not there (storage not mounted, or a copy made without its packs?); {outcome}: mount or "
-                f"copy the packs back; only if they are really lost, run 'pyvbak verify --repair' to drop them from "
-                f"the index, and backups then store every block again")
-        if self.kind == "foreign":
-            return IntegrityError(
-                f"{packs_dir} holds another repository's packs: its pack-storage mark {mark} names repository "
-                f"{self.owner}, and this one is {repo.config.repo_id}; {outcome}: mount this repository's pack storage "
-                f"there")
-        if self.misplaced:
-            name, n = self.misplaced[0], len(self.misplaced)
-            rest = self.count - n
-            others = (f"; the other {rest} {'is' if rest == 1 else 'are'} nowhere under it" if rest else "")
-            return IntegrityError(
-                f"{self.count} of the packs the index of repository {repo.location} names are not where readers look "
-                f"in {packs_dir}: {n} {'is' if n == 1 else 'are'} elsewhere under it, e.g. {name}, which belongs at "
-                f"{fmt.pack_name(name.rsplit('/', 1)[-1])}{others}; {outcome}: move {'it' if n == 1 else 'them'} "
-                f"there{'' if n == 1 else ' (each pack belongs at packs/HH/NAME, HH the first two characters of its NAME)'}, "
-                f"then run the command again")
-        if self.kind == "unmarked":
-            return IntegrityError(
-                f"{self.count} of the packs the index of repository {repo.location} names are not in {packs_dir}, and "
-                f"no pack-storage mark tells its storage from an empty mount point yet (a repository made before the "
-                f"mark); {outcome}: if the storage is not mounted, mount it; if those packs are really lost, run "
-                f"'pyvbak verify --repair' to drop them from the index (the next backup then marks {packs_dir})")
-        if self.kind == "missing":
-            return IntegrityError(
-                f"repository {repo.location} has marked its pack storage, but the mark {mark} is missing: the storage "
-                f"its packs are on is not there (not mounted?); {outcome}: mount it, or copy the packs back with the "
-                f"mark; only if {packs_dir} really is this repository's pack storage and the mark alone was lost, run "
-                f"'pyvbak verify --repair': it checks the packs there and marks the storage again")
-        return IntegrityError(
-            f"repository {repo.location}'s pack-storage mark {mark} is damaged; {outcome}: put it back from a copy of "
-            f"the repository, or, if {packs_dir} is this repository's pack storage, run 'pyvbak verify --repair': it "
-            f"checks the packs there and marks the storage again")
-
-
-_NO_FLAGS = (np.empty(0, "S72"), np.empty(0, "S72"), [])
-_MARKER_NAME = re.compile(re.escape(fmt.LOST_PREFIX) + r"[0-9A-Za-z-]{1,100}")
-
-
-def _marker_flags(backend, name: str, *, strict: bool):
-    """(flagged, cleared, seen) of one ``lost/`` marker: copy keys, copy keys, marker names;
-    nothing for a marker of dropped records, a damaged one, or one gone.  Each entry is
-    parsed on its own (one that cannot be is skipped, the others count).  An I/O error
-    reading it raises when ``strict``, else gives None."""
-    try:
-        doc = json.loads(backend.read(name))
-    except ObjectMissing:
-        return _NO_FLAGS
-    except BackendError:
-        if strict:
-            raise
-        return None
-    except (ValueError, TypeError, RecursionError):  # not JSON (damaged): flags nothing
-        return _NO_FLAGS
-    if not isinstance(doc, dict):
-        return _NO_FLAGS
-    return _parse_marker_flags(doc)
-
-
-def _parse_marker_flags(doc: dict):
-    out = []
-    for field in ("flagged", "cleared"):
-        keys = []
-        entries = doc.get(field)
-        for entry in entries if isinstance(entries, list) else ():
-            try:
-                d, p, o = entry
-                if (isinstance(d, str) and isinstance(p, str) and len(d) == 64 and len(p) == 64
-                        and type(o) is int and 0 <= o < 1 << 64):
-                    keys.append(digest_sets.copy_key(bytes.fromhex(d), bytes.fromhex(p), o))
-            except (ValueError, TypeError):
-                continue
-        out.append(np.array(keys, "S72") if keys else np.empty(0, "S72"))
-    seen = doc.get("seen")
-    # marker names only (a hostile one-line name must not cost megabytes in every backup)
-    seen = [n for n in seen if isinstance(n, str) and _MARKER_NAME.fullmatch(n)] if isinstance(seen, list) else []
-    return out[0], out[1], seen
-
-
-_PACK_OBJECT = re.compile(re.escape(fmt.PACKS_FOLDER) + r"([0-9a-f]{2})/(\1[0-9a-f]{62})")
-
-
-def _local_path(location: str) -> str | None:
+def local_path(location: str) -> str | None:
     """The directory of a repository on the local file system - a plain path, or
     ``file://PATH`` (both LocalBackend) - else None.  ``file://`` once skipped every check
     of init and open: a repository made in a non-empty directory, a user's restore.sh
@@ -1591,8 +1055,4 @@ def default_repository_path() -> str:
     if not os.path.isabs(base):  # the XDG spec: a relative path is invalid and ignored
         base = os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "pyvbak", "repository")
-
-
-def snapshot_time() -> str:
-    return _now_iso()
 

@@ -34,6 +34,7 @@ from ..errors import IntegrityError, Interrupted, OutOfSpace, PyvbakError, Targe
 from ..processes import scope_token, start_time, temp_writer_alive
 from . import digest_sets
 from . import format as fmt
+from .pack_storage import misplaced_packs_problem, pack_storage_problem
 from .reader import BlockSink, ScratchBuffers, group_members, read_blocks, sort_for_reading
 
 TEMP_MARK = ".pyvbak-restore-"
@@ -619,7 +620,7 @@ class _RestoreRun:
         # blocks before the restore failed; two stats when the packs are there.  A
         # missing mark is no refusal while the snapshot's packs are all there: a restore checks
         # every block it reads, and reads what is there
-        problem = repo.pack_storage_problem() if len(self.data_idx) else None
+        problem = pack_storage_problem(repo) if len(self.data_idx) else None
         not_restored = f"snapshot {snap.id} was not restored, and nothing was written or flagged"
         if problem and problem.kind in ("no packs", "foreign"):
             raise problem.error(not_restored)
@@ -805,7 +806,7 @@ class _RestoreRun:
         # every pack gone, or packs/ without its mark: storage not mounted far more often
         # than data lost - said so, and nothing flagged (flags let backups store every
         # block again, into an empty mount point a remount then hides)
-        problem = (repo.pack_storage_problem() or repo.misplaced_packs_problem()) if errors else None
+        problem = (pack_storage_problem(repo) or misplaced_packs_problem(repo)) if errors else None
         if problem:
             raise problem.error(f"snapshot {snap.id} was not restored and nothing was flagged")
         if flag_bad_copies:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -1117,17 +1118,75 @@ def test_a_damaged_pack_index_is_reported_then_rebuilt_from_the_packs(tmp_path, 
     lambda d: dict(d, version="1"),
 ], ids=["list", "bs-null", "compression-null", "bs-odd", "bs-small", "short-key", "version-str"])
 def test_a_damaged_config_is_one_line_and_exit_3(backed_up, capsys, edit):
+    """config and its copy both damaged (one alone is read from the other:
+    test_a_config_lost_or_damaged_alone_is_read_from_its_copy_and_put_back)."""
     tmp, repo, img, sid = backed_up
     cfg_path = os.path.join(repo, "config")
-    os.chmod(cfg_path, 0o644)
     doc = edit(json.loads(open(cfg_path).read()))
-    open(cfg_path, "w").write(json.dumps(doc))
+    for name in ("config", "config.copy"):
+        os.chmod(os.path.join(repo, name), 0o644)
+        open(os.path.join(repo, name), "w").write(json.dumps(doc))
     for args in (["snapshots", "--repo", repo], ["backup", img, "--repo", repo, "--vm", "web"],
                  ["restore", sid, tmp / "o", "--repo", repo]):
         code, _, err = cli(capsys, *args)
         assert code == 3, (args, err)
         assert_one_error_line(err, f"{repo}/config")
     assert not (tmp / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "garbage", "bs-odd", "zeroed"])
+def test_a_config_lost_or_damaged_alone_is_read_from_its_copy_and_put_back(backed_up, capsys, damage):
+    """One small file stood between a user and every snapshot: with config deleted or
+    damaged, neither pyvbak nor restore.sh restored anything, and init refused to make it
+    again (session 25's audit).  Its copy is read instead, every command says so, and the
+    next backup puts config back, byte for byte."""
+    tmp, repo, img, sid = backed_up
+    cfg_path = os.path.join(repo, "config")
+    original = open(cfg_path, "rb").read()
+    assert open(os.path.join(repo, "config.copy"), "rb").read() == original
+    os.chmod(cfg_path, 0o644)
+    if damage == "deleted":
+        os.unlink(cfg_path)
+    else:
+        doc = json.loads(original)
+        open(cfg_path, "wb").write({"truncated": original[:40], "garbage": b"garbage{",
+                                    "bs-odd": json.dumps(dict(doc, block_size=65537)).encode(),
+                                    "zeroed": bytes(len(original))}[damage])
+    how = "missing" if damage == "deleted" else "damaged"
+    code, out, err = cli(capsys, "restore", sid, tmp / "o", "--repo", repo)
+    assert code == 0, err
+    assert f"warning: {repo}/config is {how}: read its copy config.copy" in err
+    assert same_file(tmp / "o", img)
+    code, out, err = cli(capsys, "verify", "--repo", repo)
+    assert code == 0 and f"config is {how}" in err
+    # restore.sh reads the copy too
+    p = subprocess.run(["sh", os.path.join(repo, "restore.sh"), sid, str(tmp / "o2")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "config is missing or damaged: reading its copy config.copy" in p.stderr
+    assert same_file(tmp / "o2", img)
+    # a backup puts config back (init would refuse: the repository is there)
+    assert cli(capsys, "init", repo)[0] == 3
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 0, err
+    assert f"config was {how}: put back from its copy config.copy" in err
+    assert open(cfg_path, "rb").read() == original
+    code, out, err = cli(capsys, "snapshots", "--repo", repo)
+    assert code == 0 and "config" not in err
+
+
+def test_a_repository_without_a_config_copy_gets_one_from_its_next_backup(backed_up, capsys):
+    """Repositories made before the copy existed (and an init killed between config and
+    its copy) have none: the next backup writes it; a plain verify does not write."""
+    tmp, repo, img, sid = backed_up
+    copy = os.path.join(repo, "config.copy")
+    os.unlink(copy)
+    assert cli(capsys, "verify", "--repo", repo)[0] == 0
+    assert not os.path.exists(copy)
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 0 and "wrote config.copy" in err
+    assert open(copy, "rb").read() == open(os.path.join(repo, "config"), "rb").read()
+    code, out, err = cli(capsys, "backup", img, "--repo", repo, "--vm", "web")
+    assert code == 0 and "config" not in err
 
 
 @pytest.mark.parametrize("field,value", [("block_size", 0), ("block_size", 3000), ("size", -1)])

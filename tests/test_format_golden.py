@@ -151,8 +151,9 @@ def test_object_paths_of_a_backup(tmp_path):
     packs = [n for n in names if n.startswith("packs/")]
     indexes = [n for n in names if n.startswith("index/")]
     assert sorted(set(names) - set(packs) - set(indexes)) == sorted(
-        ["config", "restore.sh", "README-RESTORE.txt", f"snapshots/{sid}.index", f"snapshots/{sid}.json"])
+        ["config", "config.copy", "restore.sh", "README-RESTORE.txt", f"snapshots/{sid}.index", f"snapshots/{sid}.json"])
     assert len(packs) == 1 and len(indexes) == 1
+    assert (root / "config.copy").read_bytes() == (root / "config").read_bytes()  # the same bytes, always
     placed = set()
     for name in packs:
         _, hh, pid = name.split("/")

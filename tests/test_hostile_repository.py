@@ -60,7 +60,8 @@ def test_a_config_id_that_is_a_path_is_damage_not_a_cache_directory(repo, tmp_pa
     cfg = json.loads((r / "config").read_text())
     for bad in (str(victim / "x"), "../../..", ""):
         cfg["id"] = bad
-        writable(r / "config").write_text(json.dumps(cfg))
+        for name in ("config", "config.copy"):  # (whoever can write one can write both)
+            writable(r / name).write_text(json.dumps(cfg))
         code, _, err = cli(capsys, "snapshots", "--repo", r)
         assert code == 3 and "config is damaged" in err, err
         no_traceback(err)
@@ -301,6 +302,7 @@ def test_a_lost_or_damaged_config_is_named_with_the_way_out(repo, capsys, damage
     init said the directory "already holds a pyvbak repository"; a deleted one made the
     repository "not a pyvbak repository: check the path"."""
     r, _ = repo
+    (r / "config.copy").unlink()  # (one alone is read from the other: test_cli_errors.py)
     config = writable(r / "config")
     if damage == "truncated":
         config.write_bytes(config.read_bytes()[:50])

@@ -104,6 +104,8 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
             r.remember_pack_indexes()
         for line in r.refresh_restore_kit():  # repositories made by an older pyvbak get its fixes
             info(line)
+        for line in r.settle_config_copy():  # (config put back from its copy, or the copy written)
+            info(line)
         # (checked above: from here on packs/ is taken for the repository's pack storage,
         # and the first backup of a repository marks it so)
         for line in r.mark_pack_storage():

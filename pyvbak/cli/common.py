@@ -49,12 +49,14 @@ def open_repository(location: str | None, *, create_default: bool = False):
                          "or leave both out for the default repository")
     if location:
         refuse_memory(location)
-        return _warn_if_cache_unused(Repository.open(location))
+        return _opened(Repository.open(location))
     path = checked_default_repository_path()
-    if not os.path.exists(os.path.join(path, "config")) and not create_default:
+    # (config, or its copy alone: a repository whose config was lost is opened from it)
+    exists = lambda: any(os.path.exists(os.path.join(path, n)) for n in ("config", "config.copy"))  # noqa: E731
+    if not exists() and not create_default:
         raise RepositoryError(f"no repository given and the default one ({path}) does not exist yet: give "
                               "--repo REPO or set PYVBAK_REPO ('pyvbak backup' creates the default one)")
-    if not os.path.exists(os.path.join(path, "config")):
+    if not exists():
         try:
             make_private_dirs(path)  # (a repository holds the VMs' disks: 0700, its missing parents too)
         except OSError as exc:
@@ -63,14 +65,23 @@ def open_repository(location: str | None, *, create_default: bool = False):
         try:
             repo = Repository.init(path)
         except RepositoryError:
-            if not os.path.exists(os.path.join(path, "config")):
+            if not exists():
                 raise
             # another pyvbak command created it between the check and the init: use it
         else:
             info(f"created the default repository at {path}")
-            return _warn_if_cache_unused(repo)
+            return _opened(repo)
     info(f"using the default repository at {path}")
-    return _warn_if_cache_unused(Repository.open(path))
+    return _opened(Repository.open(path))
+
+
+def _opened(repo):
+    """``repo``, after the warnings every command that opens it gives: its config read from
+    the copy, its local cache not used."""
+    if repo.config_problem is not None:
+        info(f"warning: {repo.location}/config is {repo.config_problem}: read its copy config.copy (the next "
+             f"backup, or 'pyvbak verify --repair', puts config back)")
+    return _warn_if_cache_unused(repo)
 
 
 def checked_default_repository_path() -> str:

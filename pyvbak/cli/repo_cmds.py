@@ -112,6 +112,8 @@ def verify(
     recheck_report = None  # the check after a repair that adopted packs
     with (r.lock(exclusive=True, purpose="verify --repair", clean_stale=False) if repair else nullcontext()) as lock:
         if repair:
+            for line in r.settle_config_copy():  # (config put back from its copy, or the copy written)
+                info(f"repair: {line}")
             repair_problem = start_repair(r, lock, partial=bool(snapshots) or sample is not None, say=info)
         with (nullcontext() if repair else maybe_lock(r, no_lock, "verify")) as verify_lock:
             chosen = None

@@ -53,6 +53,9 @@ PACK_TRAILER_HEADER = struct.Struct(">8sII")  # magic, version, record count
 
 # -- object names ---------------------------------------------------------------------
 CONFIG_NAME = "config"
+#: the config's copy, the same bytes: read when config is missing or damaged (one small
+#: file was all that stood between a user and every snapshot: session 25's audit)
+CONFIG_COPY_NAME = "config.copy"
 #: markers a prune leaves when it removed the index records of packs gone from storage
 LOST_PREFIX = "lost/"
 

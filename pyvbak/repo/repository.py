@@ -156,6 +156,51 @@ def _valid_snapshot_meta(meta, sid: str | None = None) -> bool:
     return meta["size"] >= 0 and MIN_REPO_BLOCK <= bs <= MAX_REPO_BLOCK and not bs & (bs - 1)
 
 
+class _ConfigDamaged(Exception):
+    """A config object that is not a valid pyvbak configuration; ``how``: "not pyvbak's"
+    (not even its header reads as one) or "damaged" (a field is wrong)."""
+
+    def __init__(self, how: str):
+        super().__init__(how)
+        self.how = how
+
+
+def _parse_config(raw: bytes, location: str) -> RepoConfig:
+    """The configuration in a config object's bytes (config, or its copy).  Raises
+    _ConfigDamaged, or RepositoryError for a format version newer than this pyvbak's."""
+    try:
+        doc = json.loads(raw)  # (RecursionError: JSON nested thousands deep)
+        if not isinstance(doc, dict) or doc.get("format") != "pyvbak-repository":
+            raise ValueError("format")
+        version = doc["version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError("version")
+    except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise _ConfigDamaged("not pyvbak's") from None
+    if version > fmt.FORMAT_VERSION:
+        raise RepositoryError(
+            f"repository {location} has format version {version}, newer than this pyvbak supports "
+            f"({fmt.FORMAT_VERSION}): upgrade pyvbak"
+        )
+    try:
+        repo_id, block_size, compression, key = (doc[k] for k in ("id", "block_size", "compression", "fast_hash_key"))
+        if not (isinstance(repo_id, str) and repo_id and isinstance(compression, str) and isinstance(key, str)):
+            raise TypeError("field types")
+        # the id names this repository's local cache directory: only what pyvbak writes
+        # (token_hex(16)), never a path a hostile config chose ("/tmp/x", "../..")
+        if not re.fullmatch(r"[0-9a-f]{32}", repo_id):
+            raise ValueError("id")
+        if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < MIN_REPO_BLOCK
+                or block_size > MAX_REPO_BLOCK or block_size & (block_size - 1)):
+            raise ValueError("block size")
+        config = RepoConfig(repo_id, version, block_size, parse_compression(compression), bytes.fromhex(key))
+        if len(config.hash_key) != 16:
+            raise ValueError("fast hash key")
+    except (KeyError, ValueError, TypeError, UsageError):
+        raise _ConfigDamaged("damaged") from None
+    return config
+
+
 def _holds_repository_data(location: str) -> bool:
     """Snapshots as pyvbak writes them in ``location`` (whatever else is lost): a
     ``SNAPID.json`` beside its ``SNAPID.index`` - not merely a ``snapshots/`` folder with
@@ -205,6 +250,11 @@ class Repository:
         self._meta_memo: dict[str, dict] | None = None
         #: locks taken through lock(): a commit checks that the held ones are still there
         self._locks: list[RepositoryLock] = []
+        #: None, or why config was not read and its copy was ("missing", "damaged")
+        self.config_problem: str | None = None
+        #: the bytes the config was read from (what settle_config_copy writes; None: made
+        #: here, not read - nothing to settle)
+        self._config_bytes: bytes | None = None
 
     # -- creation / opening ---------------------------------------------------------
     @classmethod
@@ -218,8 +268,9 @@ class Repository:
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise RepositoryError(f"{location} exists and is not a directory: choose another repository path")
         if path is not None and os.path.isdir(path):
-            if os.path.exists(os.path.join(path, fmt.CONFIG_NAME)) and (
-                    _is_pyvbak_directory(path) or _pyvbak_config(os.path.join(path, fmt.CONFIG_NAME))):
+            if any(os.path.exists(os.path.join(path, name)) and (
+                    _is_pyvbak_directory(path) or _pyvbak_config(os.path.join(path, name)))
+                   for name in (fmt.CONFIG_NAME, fmt.CONFIG_COPY_NAME)):
                 raise RepositoryError(f"{location} already holds a pyvbak repository: use it as it is (--repo "
                                       f"{location}), or give another directory to create a new one (init never "
                                       f"replaces a repository's config, even a damaged one)")
@@ -235,7 +286,11 @@ class Repository:
 
         backend = open_backend(location)
         config = RepoConfig(secrets.token_hex(16), fmt.FORMAT_VERSION, block_size, level, secrets.token_bytes(16))
-        # Helpers first, config last: a directory without config is not a repository yet.
+        # Helpers first, then config: a directory without config is not a repository yet.
+        # Its copy after it, by the init whose config was created (two inits of one path
+        # write different ids); an init killed in between leaves no copy, which the first
+        # backup writes (settle_config_copy).
+        config_bytes = config.to_json()
         try:
             for name in INIT_HELPERS:
                 data = resources.files("pyvbak.repo").joinpath(name).read_bytes()
@@ -243,7 +298,9 @@ class Repository:
             root = getattr(backend, "root", None)
             if root:  # a plain path or file://: the script runs as 'sh restore.sh' either way, but
                 os.chmod(os.path.join(root, "restore.sh"), 0o755)  # ./restore.sh needs the bit
-            created = backend.write_new(fmt.CONFIG_NAME, config.to_json())
+            created = backend.write_new(fmt.CONFIG_NAME, config_bytes)
+            if created:
+                backend.replace(fmt.CONFIG_COPY_NAME, config_bytes)
         except OutOfSpace:
             # The helpers written so far stay: they do not make a repository (no config),
             # and the next init of this directory writes them again.
@@ -252,7 +309,9 @@ class Repository:
         if not created:
             raise RepositoryError(f"{location} already holds a pyvbak repository: use it as it is (--repo "
                                   f"{location}), or give another directory to create a new one")
-        return cls(backend, config)
+        repo = cls(backend, config)
+        repo._config_bytes = config_bytes
+        return repo
 
     @classmethod
     def open(cls, location: str) -> "Repository":
@@ -267,6 +326,24 @@ class Repository:
         try:
             raw = backend.read(fmt.CONFIG_NAME)
         except ObjectMissing:
+            raw = None
+        try:
+            config = _parse_config(raw, location) if raw is not None else None
+            problem = None if raw is not None else "missing"
+        except _ConfigDamaged as exc:
+            config, problem = None, exc.how
+        if config is None:
+            # config alone lost or damaged: its copy, written beside it at init
+            try:
+                copy = _parse_config(backend.read(fmt.CONFIG_COPY_NAME), location)
+            except (ObjectMissing, _ConfigDamaged):
+                copy = None
+            if copy is not None:
+                repo = cls(backend, copy)
+                repo.config_problem = "missing" if problem == "missing" else "damaged"
+                repo._config_bytes = backend.read(fmt.CONFIG_COPY_NAME)
+                return repo
+        if raw is None:
             # 'pyvbak init' of a directory holding other files fails: say so, not "init it"
             empty = path is None or all(_init_leftover(path, name) for name in os.listdir(path))
             if not empty and _holds_repository_data(path):
@@ -278,43 +355,50 @@ class Repository:
             fix = (f"create one with 'pyvbak init {location}'" if empty else
                    "check the path (a repository holds config, restore.sh, packs/ …), or create one in a new directory")
             raise RepositoryError(f"{location} is not a pyvbak repository (no config file): {fix}") from None
-        try:
-            doc = json.loads(raw)  # (RecursionError: JSON nested thousands deep)
-            if not isinstance(doc, dict) or doc.get("format") != "pyvbak-repository":
-                raise ValueError("format")
-            version = doc["version"]
-            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-                raise ValueError("version")
-        except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+        if problem == "not pyvbak's":
             if path is not None and (_is_pyvbak_directory(path) or _says_pyvbak_config(raw)):
                 raise RepositoryError(f"{location}/config is damaged (not a pyvbak repository configuration): put "
                                       f"it back from a copy of the repository (its snapshots and blocks are "
                                       f"untouched)") from None
             raise RepositoryError(f"{location}/config is not a pyvbak repository configuration: check the path (a "
                                   f"repository holds config, restore.sh, packs/ …)") from None
-        if version > fmt.FORMAT_VERSION:
-            raise RepositoryError(
-                f"repository {location} has format version {version}, newer than this pyvbak supports "
-                f"({fmt.FORMAT_VERSION}): upgrade pyvbak"
-            )
-        try:
-            repo_id, block_size, compression, key = (doc[k] for k in ("id", "block_size", "compression", "fast_hash_key"))
-            if not (isinstance(repo_id, str) and repo_id and isinstance(compression, str) and isinstance(key, str)):
-                raise TypeError("field types")
-            # the id names this repository's local cache directory: only what pyvbak writes
-            # (token_hex(16)), never a path a hostile config chose ("/tmp/x", "../..")
-            if not re.fullmatch(r"[0-9a-f]{32}", repo_id):
-                raise ValueError("id")
-            if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < MIN_REPO_BLOCK
-                    or block_size > MAX_REPO_BLOCK or block_size & (block_size - 1)):
-                raise ValueError("block size")
-            config = RepoConfig(repo_id, version, block_size, parse_compression(compression), bytes.fromhex(key))
-            if len(config.hash_key) != 16:
-                raise ValueError("fast hash key")
-        except (KeyError, ValueError, TypeError, UsageError):
+        if problem is not None:
             raise RepositoryError(f"{location}/config is damaged: put it back from a copy of the repository (its "
                                   f"snapshots and blocks are untouched)") from None
-        return cls(backend, config)
+        repo = cls(backend, config)
+        repo._config_bytes = raw
+        return repo
+
+    def settle_config_copy(self) -> list[str]:
+        """Writers only (a backup, a repair; under the repository lock): config put back
+        from its copy when it was read from there, or the copy written when it is missing
+        or damaged (repositories made before pyvbak kept one; an init killed between the
+        two).  Both read as valid but different: neither is touched (which one is this
+        repository's cannot be told from here).  Returns what was done, a line each."""
+        data, was = self._config_bytes, self.config_problem
+        if data is None:
+            return []
+        if was is not None:
+            self.backend.replace(fmt.CONFIG_NAME, data)
+            self.config_problem = None
+            return [f"config was {was}: put back from its copy {fmt.CONFIG_COPY_NAME}"]
+        try:
+            copy = self.backend.read(fmt.CONFIG_COPY_NAME)
+        except ObjectMissing:
+            copy = None
+        if copy == data:
+            return []
+        if copy is not None:
+            try:
+                other = _parse_config(copy, self.location)
+            except (_ConfigDamaged, RepositoryError):
+                other = None
+            if other is not None and other != self.config:
+                return [f"warning: {fmt.CONFIG_COPY_NAME} and config differ (both read as valid): left as they "
+                        f"are; pyvbak reads config"]
+        self.backend.replace(fmt.CONFIG_COPY_NAME, data)
+        return [f"wrote {fmt.CONFIG_COPY_NAME}, the copy of config read when config is lost or damaged"
+                + (" (the one there was damaged)" if copy is not None else "")]
 
     def lock(self, *, exclusive: bool = False, purpose: str = "backup", clean_stale: bool = True,
              reader: bool = False) -> RepositoryLock:

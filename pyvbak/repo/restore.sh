@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 16  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 17  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -336,11 +336,18 @@ json_sequence() {  # FILE: its "sequence", zero-padded to 18 digits (0 if none; 
   echo "${q#"${q%??????????????????}"}"
 }
 # The repository's format version (config): this script reads version 1; a newer pyvbak
-# writes a newer restore.sh beside a newer format.
-[ -r "$repo/config" ] || die "cannot read $repo/config: is this a pyvbak repository (and may this user read it)?"
-grep '^  "version": ' "$repo/config" > "$tmp/field" || :
-v=$(head -n 1 "$tmp/field" | cut -d: -f2 | tr -d ' ,') || die "cannot read the format version in $repo/config"
-[ "$v" = 1 ] || die "$repo/config says repository format version ${v:-(none)}; this restore.sh reads version 1: use the restore.sh that pyvbak wrote for that version"
+# writes a newer restore.sh beside a newer format.  config.copy holds the same bytes: it
+# is read when config is missing or says no version (a file lost or damaged alone).
+config=$repo/config
+if ! { [ -r "$config" ] && grep -q '^  "version": ' "$config"; } \
+    && [ -r "$repo/config.copy" ] && grep -q '^  "version": ' "$repo/config.copy"; then
+  config=$repo/config.copy
+  echo "restore.sh: $repo/config is missing or damaged: reading its copy config.copy" >&2
+fi
+[ -r "$config" ] || die "cannot read $config: is this a pyvbak repository (and may this user read it)?"
+grep '^  "version": ' "$config" > "$tmp/field" || :
+v=$(head -n 1 "$tmp/field" | cut -d: -f2 | tr -d ' ,') || die "cannot read the format version in $config"
+[ "$v" = 1 ] || die "$config says repository format version ${v:-(none)}; this restore.sh reads version 1: use the restore.sh that pyvbak wrote for that version"
 case $snap in
   *@latest)
     target=${snap%@latest}

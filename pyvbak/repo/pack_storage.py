@@ -51,8 +51,10 @@ def check_pack_storage(repo) -> None:
 
 def pack_storage_problem(repo) -> "PackStorageProblem | None":
     """What says that ``packs/`` is not this repository's pack storage, or None.  First
-    the packs the index names (``named_packs_missing``: "no packs"), then the
-    pack-storage mark: another repository's, missing (its root copy there) or damaged.  Without its mark, a ``packs/`` that holds some of the packs the index
+    a mark of another repository (it tells more than "none of the packs"), then the
+    packs the index names (``named_packs_missing``: "no packs"), then the rest of the
+    mark: missing (its root copy there) or damaged (docs/FORMAT.md, "Pack storage
+    mark", in the same order).  Without its mark, a ``packs/`` that holds some of the packs the index
     names may still be an empty mount point that an older pyvbak stored packs into;
     the commands that write (backup, prune, the flags of verify and restore) refuse it,
     the ones that only read (verify, restore) read what is there.  An unmarked

@@ -13,15 +13,18 @@ loaded the parent's index, and the blocks stay until a prune).
 2. reads every snapshot's block index: the set of referenced blocks (a snapshot whose
    index cannot be read stops the prune - deleting data it might reference is never
    safe); adopts packs no index names (indexed from their trailers: a killed backup's,
-   or ones whose index was lost); reads every pack index: for each referenced block one
-   copy is kept (duplicates come from adopted packs of killed backups: the first copy
-   that reads back intact);
+   or ones whose index was lost); reads every pack index; finds the packs an index names
+   that storage no longer holds (their records are dropped, under a lost/ marker written
+   before the new index); for each referenced block one copy is kept (duplicates come
+   from adopted packs of killed backups: the first copy that reads back intact);
 3. a pack none of whose blocks is kept is deleted, a pack with at least
    ``repack_unused`` of its bytes unused is *repacked* - its kept frames, each checked
-   against its digest, are copied as they are (no recompression) into new packs (a dry
-   run stops once this is decided, having written and deleted nothing);
-4. writes the new pack index (create-only), then deletes the old pack index files, then
-   the packs no index names any more.
+   against its digest, are copied as they are (no recompression) into new packs; the old
+   pack of a repair's interrupted move is deleted, and objects under packs/ that are no
+   pack are named, never deleted (a dry run stops once this is decided, having written
+   and deleted nothing);
+4. writes the lost/ marker (if packs are missing), the new pack index (create-only), then
+   deletes the old pack index files, then the packs no index names any more.
 
 Crash safety (docs/FORMAT.md "Forget and prune (invariants)"): until step 4 nothing an
 index or a snapshot names is deleted - the objects written are new ones (an adoption's

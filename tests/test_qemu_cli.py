@@ -646,3 +646,23 @@ def test_a_work_dir_with_uri_characters_in_its_path_serves_hot_and_offline_backu
     off = _run_json(capsys, ["backup", str(image), "--repo", repo, "--vm", "off"])
     assert off["bytes_read"] >= 2 * MiB
     assert list(work.iterdir()) == []
+
+
+def test_a_forced_kernel_that_is_unknown_fails_a_hot_backup_before_the_vm_is_touched(vm, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """run_backup checks $PYVBAK_SHA256 / $PYVBAK_KERNEL first, but a hot backup reaches it
+    only after the VM's point-in-time view is taken (and then removed again)."""
+    repo = _hot_repo(tmp_path, monkeypatch)
+    vm.write(0, os.urandom(MiB))
+    _run_json(capsys, ["backup", vm.uri, "--repo", repo, "--vm", "web"])
+    bitmaps = vm.bitmaps()
+    monkeypatch.setenv("PYVBAK_SHA256", "md5")
+    events = []
+    import pyvbak.hypervisors.qemu.hot as hot
+
+    monkeypatch.setattr(hot.QemuHotBackup, "__enter__", lambda self: events.append("entered") or 1 / 0)
+    capsys.readouterr()
+    assert main(["backup", vm.uri, "--repo", repo, "--vm", "web"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown SHA-256 kernel 'md5'" in err and err.count("\n") == 1, err
+    assert events == [] and vm.bitmaps() == bitmaps

@@ -29,6 +29,9 @@ def backup(
     names = disk_names(source, disk)  # a qemu:// URI naming no disk: QEMU is asked which it has
     for name in names:
         check_vm_disk_names(vm, name)  # before anything is opened or created (the default repository)
+    from ..native import check_forced_kernels
+
+    check_forced_kernels()  # (run_backup checks too, but only after a VM's view is taken)
     r = open_repository(repo, create_default=True)
     results, cleaned = backup_source(r, source, vm=vm, names=names, threads=threads, verify_cbt=verify_cbt,
                                      show_progress=not json_out, image_format=image_format, finish_on_commit=True)

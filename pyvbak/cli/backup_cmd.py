@@ -98,7 +98,7 @@ def backup_source(r, source: str, *, vm: str, disk: str | None = None, names: li
         cleaned = [f"removed stale lock {n}" for n in lock.stale_removed]
         gone = _pack_index_may_be_lost(r, [r.latest(vm, n) for n in names])
         recovered = r.recover_leftovers(after_crash=bool(lock.stale_removed) or gone)
-        if gone and any(ln.startswith("adopted") for ln in recovered):
+        if gone and any(ln.kind == "adopted" for ln in recovered):
             info(f"warning: packs no pack index names were in {r.packs_location()} (a pack index lost from "
                  f"storage, a prune stopped before it finished, or a backup elsewhere not done yet): indexed them "
                  f"from their own tables of contents (run 'pyvbak verify' if none of the last two happened)")

@@ -216,7 +216,7 @@ def _print_verify_report(report: dict, bad_packs: set, *, repair: bool, drop_unr
     recheck = report.get("repair", {}).get("recheck")
     for line in report.get("repair", {}).get("adopted", []):
         info(f"repair: {line}" + ("; run 'pyvbak verify' again to check its blocks"
-                                  if line.startswith("adopted") and recheck is None else ""))
+                                  if line.kind == "adopted" and recheck is None else ""))
     if recheck is not None:
         info(f"repair: checked again after adopting packs: {recheck['blocks_checked']} blocks, "
              + ("all good" if recheck["ok"] else f"{recheck['problem_count']} bad block(s) affecting "

@@ -167,8 +167,13 @@ class RepositoryLock:
         stranded until a prune).  Once per lock."""
         if self.exclusive and self.stale_removed and not self._recovery_ran:
             self._recovery_ran = True
-            self.recovered = (self.recover() if self.recover is not None
-                              else self.backend.cleanup_incomplete(older_than_seconds=0))
+            if self.recover is not None:
+                self.recovered = self.recover()
+            else:
+                from .repository import RecoveryLine  # (repository.py imports this module)
+
+                self.recovered = [RecoveryLine("temp_removed", n, f"removed incomplete object {n}")
+                                  for n in self.backend.cleanup_incomplete(older_than_seconds=0)]
 
     def remove_stale(self) -> list[str]:
         """For a lock taken with ``clean_stale=False``: remove the stale locks now, once its

@@ -216,8 +216,8 @@ class _PruneRun:
         self.recovered = [line for lk in getattr(self.repo, "_locks", []) if lk.held and lk.exclusive
                           for line in lk.recovered]
         if not self.dry_run:
-            self.report["temp_objects_removed"] = [line[len("removed incomplete object "):] for line in self.recovered
-                                                   if line.startswith("removed incomplete object ")]
+            self.report["temp_objects_removed"] = [line.subject for line in self.recovered
+                                                   if line.kind == "temp_removed"]
             self.report["temp_objects_removed"] += self.backend.cleanup_incomplete(older_than_seconds=0)
 
     def find_orphan_snapshot_indexes(self) -> None:
@@ -261,7 +261,7 @@ class _PruneRun:
         # them again would undo 'verify --repair' (backups would deduplicate against them)
         adopted, lines, more, self.kept_out = leave_out_damaged_lost_copies(self.repo, adopted, lines)
         self.report["problems"] += more  # kept_out: packs left unindexed for that reason
-        self.report["adopted"] = [line for line in self.recovered if line.startswith(("adopted", "left"))] + lines
+        self.report["adopted"] = [line for line in self.recovered if line.kind in ("adopted", "left_alone")] + lines
         if len(adopted) and not self.dry_run:
             self.repo.write_pack_index(adopted)
             self.repo._digest_index_cache = None

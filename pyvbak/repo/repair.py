@@ -58,7 +58,7 @@ from .pack_storage import (PackStorageProblem, misplaced_packs_problem, named_pa
                            pack_storage_problem, trailer_names_pack, write_pack_storage_mark)
 from .packer import PackWriter
 from .reader import decode_block
-from .repository import PACK_TARGET_BYTES
+from .repository import PACK_TARGET_BYTES, RecoveryLine
 from .rewrite import delete_new_packs, delete_object, load_pack_indexes, rewrite_pack_indexes
 
 
@@ -150,7 +150,7 @@ def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, ver
     if options.drop_unreadable:
         bad = bad + findings.unreadable_copies
     # taking the lock adopted what killed writers left (their stale locks gone)
-    adopted = [ln for ln in lock.recovered if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
+    adopted = [ln for ln in lock.recovered if ln.kind in ("adopted", "index_removed", "index_kept")]
     # (report["unindexed_packs"]: packs no index names hold blocks missing from every pack index)
     if (report["unindexed_packs"] or report["damaged_pack_indexes"]) and not storage_missing:
         # what a backup does after a crash: damaged pack indexes removed first (a
@@ -161,7 +161,7 @@ def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, ver
         # Copies an earlier repair dropped that still read back bad are left out
         # by the adoption itself (one read: a second one here, its failures
         # dropped, undid the adoption of intact copies over a read error).
-        adopted += [ln for ln in repo.recover_leftovers() if ln.startswith(("adopted", "removed damaged", "kept damaged"))]
+        adopted += [ln for ln in repo.recover_leftovers() if ln.kind in ("adopted", "index_removed", "index_kept")]
     # trailers first: rebuilt from the pack index's records of the pack, all of them
     # (a bad copy's record dropped first would leave a trailer that cannot be rebuilt)
     damaged_trailers = [d["pack"] for d in report["damaged_pack_trailers"]]
@@ -173,12 +173,13 @@ def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, ver
     # no pack is there (the backups stayed refused)
     if storage_missing:
         done = drop_lost_pack_records(repo)
-        adopted += [f"removed damaged pack index {n} (none of the packs is in {repo.packs_location()}: taken "
-                    f"for lost with the others)" for n in done.pop("damaged_indexes_removed")]
+        adopted += [RecoveryLine("index_removed", n, f"removed damaged pack index {n} (none of the packs is in "
+                                 f"{repo.packs_location()}: taken for lost with the others)")
+                    for n in done.pop("damaged_indexes_removed")]
         # packs there that no index names (a killed backup's): indexed now.
         # Always looked for: verify looks for them only when a block is missing from
         # the index, and with the packs all gone the index still names every block)
-        adopted += [ln for ln in repo.recover_leftovers() if ln.startswith("adopted")]
+        adopted += [ln for ln in repo.recover_leftovers() if ln.kind == "adopted"]
     else:
         done = drop_bad_records(repo, bad)
         if repair_problem is not None and repair_problem.kind == "unmarked" and named_packs_absent(repo):
@@ -188,7 +189,8 @@ def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, ver
             more = drop_lost_pack_records(repo)
             done["records_removed"] += more["records_removed"]
             done["lost_marker"] = done["lost_marker"] or more["lost_marker"]
-            adopted += [f"removed damaged pack index {n} (its packs are not in {repo.packs_location()})"
+            adopted += [RecoveryLine("index_removed", n,
+                                     f"removed damaged pack index {n} (its packs are not in {repo.packs_location()})")
                         for n in more["damaged_indexes_removed"]]
     # (absent packs of a repository no backup has marked are taken for lost too)
     done["packs_taken_for_lost"] = storage_missing or bool(
@@ -222,7 +224,7 @@ def repair_repository(repo, lock, repair_problem: PackStorageProblem | None, ver
     done["trailers_rebuilt"] = rebuilt
     done["trailers_not_rebuilt"] = not_rebuilt
     done["complete"] = _repair_complete(report, done, options.drop_unreadable)
-    if not done["complete"] and any(ln.startswith("adopted") for ln in adopted):
+    if not done["complete"] and any(ln.kind == "adopted" for ln in adopted):
         # the blocks verify found in no pack index may be in the packs adopted just
         # now: checked again here (they were counted as lost, exit 6, and the user
         # was sent to run verify a second time)
@@ -244,7 +246,7 @@ def _repair_complete(report: dict, done: dict, drop_unreadable: bool) -> bool:
         return False
     if report["unreadable_copy_count"] and not drop_unreadable:
         return False
-    removed = {ln.split()[4] for ln in done["adopted"] if ln.startswith("removed damaged pack index ")}
+    removed = {ln.subject for ln in done["adopted"] if ln.kind == "index_removed"}
     if done.get("trailers_not_rebuilt"):
         return False
     return all(d["name"] in removed for d in report["damaged_pack_indexes"])
@@ -579,5 +581,5 @@ def leave_out_damaged_lost_copies(repo, adopted: np.ndarray, lines: list[str]):
     kept_out = packs_of(adopted[refused])
     adopted = adopted[~refused]
     kept_out -= packs_of(adopted)  # packs still adopted in part keep their line
-    lines = [ln for ln in lines if not any(ln.startswith(f"adopted unindexed pack {h[:16]}") for h in kept_out)]
+    lines = [ln for ln in lines if not (ln.kind == "adopted" and ln.subject in kept_out)]
     return adopted, lines, problems, kept_out

@@ -201,6 +201,27 @@ def _parse_config(raw: bytes, location: str) -> RepoConfig:
     return config
 
 
+class RecoveryLine(str):
+    """One line of what a leftover recovery did (``recover_leftovers``,
+    ``unindexed_pack_records``, a repair): printed and put in JSON as the text it is;
+    ``kind`` and ``subject`` say what it is about for the code that decides on it, so that
+    no caller parses the wording.  Kinds (subject): ``temp_removed`` (the temp object),
+    ``adopted`` (the pack's hex id), ``left_alone`` (the object left unindexed),
+    ``kept_out`` (copies a lost/ marker dropped that were not adopted again; no subject),
+    ``index_removed`` / ``index_kept`` (a damaged pack index's name)."""
+
+    kind: str
+    subject: str
+
+    def __new__(cls, kind: str, subject: str, text: str) -> "RecoveryLine":
+        line = super().__new__(cls, text)
+        line.kind, line.subject = kind, subject
+        return line
+
+    def __reduce__(self):  # (copied and pickled whole: results are deep-copied)
+        return RecoveryLine, (self.kind, self.subject, str(self))
+
+
 def _holds_repository_data(location: str) -> bool:
     """Snapshots as pyvbak writes them in ``location`` (whatever else is lost): a
     ``SNAPID.json`` beside its ``SNAPID.index`` - not merely a ``snapshots/`` folder with
@@ -956,7 +977,7 @@ class Repository:
         """
         # Without a stale lock only locks/ is looked at: the one window in which a killed
         # writer leaves no lock is between writing its lock's temp object and linking it.
-        report = [f"removed incomplete object {n}" for n in
+        report = [RecoveryLine("temp_removed", n, f"removed incomplete object {n}") for n in
                   self.backend.cleanup_incomplete(older_than_seconds=0, prefix="" if after_crash else "locks/")]
         index = self.load_digest_index()
         damaged = list(self.damaged_pack_indexes)
@@ -971,17 +992,18 @@ class Repository:
             from .repair import leave_out_damaged_lost_copies
 
             adopted, report, problems, _ = leave_out_damaged_lost_copies(self, adopted, report)
-            report += problems
+            report += [RecoveryLine("kept_out", "", line) for line in problems]
         # A damaged index goes before the adopted one is written: re-indexing a pack gives
         # the same records, so often the same (content-named, create-only) object name.  A
         # crash in between leaves unindexed packs, which the next backup adopts.  But not
         # while a pack could not be re-indexed: the damaged index may be the last trace of
         # its blocks (a partly readable object, for a repair by hand), and saying its packs
         # were re-indexed would be false.
-        left = [ln for ln in found if ln.startswith("left ")]
+        left = [ln for ln in found if ln.kind == "left_alone"]
         if damaged and left:
-            report += [f"kept damaged pack index {name}: a pack could not be re-indexed from its own table of "
-                       f"contents ({left[0]}); run 'pyvbak verify'" for name in damaged]
+            report += [RecoveryLine("index_kept", name, f"kept damaged pack index {name}: a pack could not be "
+                                    f"re-indexed from its own table of contents ({left[0]}); run 'pyvbak verify'")
+                       for name in damaged]
             damaged = []
         for name in damaged:
             try:
@@ -989,10 +1011,10 @@ class Repository:
             except ObjectMissing:
                 pass
             # (with nothing to re-index, "its packs were re-indexed" would be untrue)
-            report.append(f"removed damaged pack index {name} (" + (
+            report.append(RecoveryLine("index_removed", name, f"removed damaged pack index {name} (" + (
                 "its packs were re-indexed from their own tables of contents)" if len(adopted) else
                 "every pack here is indexed without it: packs only it named are gone; 'pyvbak verify' names "
-                "the blocks lost with them)"))
+                "the blocks lost with them)")))
         if len(adopted):
             self.write_pack_index(adopted)
         if len(adopted) or damaged:
@@ -1015,36 +1037,40 @@ class Repository:
             if pack_hex in indexed or not re.fullmatch(r"[0-9a-f]{64}", pack_hex):
                 continue
             if name != fmt.pack_name(pack_hex):  # readers would look for it elsewhere
-                report.append(f"left {name} alone: a pack of that name belongs at {fmt.pack_name(pack_hex)}")
+                report.append(RecoveryLine("left_alone", name,
+                                           f"left {name} alone: a pack of that name belongs at {fmt.pack_name(pack_hex)}"))
                 continue
             try:
                 size = self.backend.stat(name)
                 if size < 4:
-                    report.append(f"left {name} alone: {size} bytes cannot be a pack (not pyvbak's?)")
+                    report.append(RecoveryLine("left_alone", name,
+                                               f"left {name} alone: {size} bytes cannot be a pack (not pyvbak's?)"))
                     continue
                 tail = self.backend.read_range(name, size - 4, 4)
                 tlen = fmt.trailer_length_from_tail(tail)
                 if tlen > size:
-                    report.append(f"left pack {pack_hex[:16]}… alone: its last bytes give no table of contents "
-                                  f"(damaged or not pyvbak's)")
+                    report.append(RecoveryLine("left_alone", name, f"left pack {pack_hex[:16]}… alone: its last "
+                                               f"bytes give no table of contents (damaged or not pyvbak's)"))
                     continue
                 raw_trailer = self.backend.read_range(name, size - tlen, tlen)
                 if fmt.pack_id(raw_trailer).hex() != pack_hex:
-                    report.append(f"left pack {pack_hex[:16]}… alone: its trailer does not match its name (damaged or not pyvbak's)")
+                    report.append(RecoveryLine("left_alone", name, f"left pack {pack_hex[:16]}… alone: its trailer "
+                                               f"does not match its name (damaged or not pyvbak's)"))
                     continue
                 trailer = fmt.decode_pack_trailer(raw_trailer, f"pack {name}")
             except ObjectMissing:  # gone since the listing (a prune), or not a regular file
-                report.append(f"left {name} alone: it is gone or not a regular file")
+                report.append(RecoveryLine("left_alone", name, f"left {name} alone: it is gone or not a regular file"))
                 continue
             except IntegrityError as exc:  # one malformed object must not stop every prune and repair
-                report.append(f"left pack {pack_hex[:16]}… alone: {exc}")
+                report.append(RecoveryLine("left_alone", name, f"left pack {pack_hex[:16]}… alone: {exc}"))
                 continue
             recs = np.zeros(len(trailer), fmt.PACK_INDEX_RECORD)
             for field in ("digest", "offset", "clen", "ulen"):
                 recs[field] = trailer[field]
             recs["pack"] = np.frombuffer(bytes.fromhex(pack_hex), "V32")[0]
             adopted.append(recs)
-            report.append(f"adopted unindexed pack {pack_hex[:16]}… ({len(recs)} blocks): indexed from its own table of contents")
+            report.append(RecoveryLine("adopted", pack_hex, f"adopted unindexed pack {pack_hex[:16]}… ({len(recs)} "
+                                       f"blocks): indexed from its own table of contents"))
         return (np.concatenate(adopted) if adopted else np.empty(0, fmt.PACK_INDEX_RECORD)), report
 
     # -- snapshot writing (last step of a backup) -----------------------------------------

@@ -402,7 +402,7 @@ class _VerifyRun:
             # objects under packs/ that could hold the missing blocks but cannot be indexed as
             # they are (a pack under the wrong packs/HH/, a table of contents that does not
             # match the name): named, so a misplaced pack is moved back, not given up for lost
-            "packs_left_alone": [ln for ln in self.unindexed_lines if ln.startswith("left ")],
+            "packs_left_alone": [ln for ln in self.unindexed_lines if ln.kind == "left_alone"],
             # copies that could not be read (I/O errors), twice: --repair keeps their records
             # unless told otherwise (--drop-unreadable).  The count is of every such copy; the
             # list names those of blocks that have a good copy too (the others are problems)

@@ -2025,3 +2025,16 @@ def test_a_file_under_a_lost_packs_name_elsewhere_is_no_misplaced_pack(backed_up
         f.write(os.urandom(1024))
     code, _, err = cli(capsys, "verify", "--repo", repo)
     assert code == 6 and "belongs at" not in err.splitlines()[-1] and "is missing" in err, err
+
+
+@pytest.mark.parametrize("below", ["sub", "a/b/c"])
+def test_init_under_a_file_says_which_is_not_a_directory(env, capsys, below):
+    """'init afile/sub' said "error writing .../afile/sub/restore.sh (object 'restore.sh' in
+    local backend ...) ... an object exists where a directory is needed" (session 25's
+    audit); 'init afile' already said afile is not a directory."""
+    tmp = env[0]
+    (tmp / "afile").write_text("x")
+    code, out, err = cli(capsys, "init", tmp / "afile" / below)
+    assert code == 3 and out == ""
+    assert_one_error_line(err, f"{tmp}/afile is not a directory", "choose another repository path")
+    assert (tmp / "afile").read_text() == "x"

@@ -288,6 +288,15 @@ class Repository:
         path = local_path(location)
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise RepositoryError(f"{location} exists and is not a directory: choose another repository path")
+        if path is not None and not os.path.exists(path):
+            # (a file on the way said "an object exists where a directory is needed", of
+            # restore.sh, at the first write)
+            above = os.path.dirname(os.path.abspath(path))
+            while not os.path.lexists(above) and os.path.dirname(above) != above:
+                above = os.path.dirname(above)
+            if os.path.lexists(above) and not os.path.isdir(above):
+                raise RepositoryError(f"{above} is not a directory, so the repository {location} cannot be made "
+                                      f"under it: choose another repository path")
         if path is not None and os.path.isdir(path):
             if any(os.path.exists(os.path.join(path, name)) and (
                     _is_pyvbak_directory(path) or _pyvbak_config(os.path.join(path, name)))

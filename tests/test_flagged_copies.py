@@ -41,7 +41,7 @@ def _one_pack_repo(tmp_path, capsys, seed, *, blocks=40):
 def _another_pack(tmp_path, capsys, repo):
     """A second pack in ``repo`` (a backup of VM "keeper"), which stays when the tests
     delete the first: with no pack left at all, verify and restore take the storage for
-    unmounted and flag nothing (Repository.pack_storage_missing)."""
+    unmounted and flag nothing (pack_storage.named_packs_missing)."""
     keeper = make_image(tmp_path / "keeper.img", 4 * BS, [(0, 4 * BS, "random")], seed=999)
     assert cli(capsys, "backup", keeper, "--repo", repo, "--vm", "keeper")[0] == 0
 

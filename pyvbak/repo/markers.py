@@ -26,8 +26,9 @@ from .snapshots import new_snapshot_id, now_iso
 
 
 def lost_markers(backend) -> list[str]:
-    """Names of the ``lost/`` markers: each says a prune removed the records of packs
-    that were gone from storage (docs/FORMAT.md, "Lost packs")."""
+    """Names of the ``lost/`` markers: each says records were dropped from the index -
+    of packs a prune found gone from storage, of copies ``verify --repair`` dropped - or
+    flags copies a verify found bad (docs/FORMAT.md, "Lost packs")."""
     return sorted(n for n in backend.list(fmt.LOST_PREFIX) if not n.endswith("/"))
 
 

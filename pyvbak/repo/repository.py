@@ -365,13 +365,14 @@ class Repository:
         if config is None:
             # config alone lost or damaged: its copy, written beside it at init
             try:
-                copy = _parse_config(backend.read(fmt.CONFIG_COPY_NAME), location)
+                raw_copy = backend.read(fmt.CONFIG_COPY_NAME)
+                copy = _parse_config(raw_copy, location)
             except (ObjectMissing, _ConfigDamaged):
                 copy = None
             if copy is not None:
                 repo = cls(backend, copy)
                 repo.config_problem = "missing" if problem == "missing" else "damaged"
-                repo._config_bytes = backend.read(fmt.CONFIG_COPY_NAME)
+                repo._config_bytes = raw_copy
                 return repo
         if raw is None:
             # 'pyvbak init' of a directory holding other files fails: say so, not "init it"

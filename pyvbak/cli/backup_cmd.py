@@ -64,7 +64,7 @@ def _bitmap_owner(r, bitmap: str) -> str | None:
     """"VM/DISK (ID)" of the newest snapshot in ``r`` whose change tracking recorded dirty
     bitmap ``bitmap``, or None (asked only when a disk's bitmap was moved on by a backup
     that is not its parent: the snapshot descriptions come from the local cache)."""
-    owners = [s for s in r.snapshots() if ((s.meta.get("change_tracking") or {}).get("state") or {}).get("bitmap") == bitmap]
+    owners = [s for s in r.snapshots() if (s.tracking_state or {}).get("bitmap") == bitmap]
     return f"{owners[-1].vm}/{owners[-1].disk} ({owners[-1].id})" if owners else None
 
 
@@ -171,7 +171,7 @@ class _LatestChangeTracking:
 
     def get(self, name: str) -> dict | None:
         parent = self._repo.latest(self._vm, name)
-        return (parent.meta.get("change_tracking") or {}).get("state") if parent else None
+        return parent.tracking_state if parent else None
 
 
 def _pack_index_may_be_lost(r, parents) -> bool:

@@ -462,7 +462,7 @@ class _BackupRun:
         # after every snapshot of the repository listed: the newest by this number, whatever
         # the clocks said (snapshots.snapshot_order)
         self.sequence = repo.highest_sequence + 1
-        prev_state = (latest.meta.get("change_tracking") or {}).get("state") if latest else None
+        prev_state = latest.tracking_state if latest else None
         self.ct = ct = source.change_tracking(prev_state)
         if (ct is not None and ct.extents is not None and not self.verify_cbt and latest is not None
                 and latest.meta.get("size") == size):

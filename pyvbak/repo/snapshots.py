@@ -41,6 +41,12 @@ class SnapshotInfo:
         """0 for a snapshot made before sequence numbers existed."""
         return snapshot_sequence(self.meta)
 
+    @property
+    def tracking_state(self) -> dict | None:
+        """The change-tracking state its source recorded (what the next backup's source is
+        given back: a dirty bitmap's name and generation ...), or None."""
+        return (self.meta.get("change_tracking") or {}).get("state")
+
     def summary(self) -> dict:
         m = self.meta
         out = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -397,3 +399,32 @@ def test_a_home_directory_that_does_not_exist_gets_no_work_dir_or_default_reposi
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))  # a data directory of its own: used
     assert run_cli(capsys, "backup", str(img), "--vm", "v")[0] == 0
     assert (tmp_path / "data" / "pyvbak" / "repository").is_dir() and not home.exists()
+
+
+def test_a_probe_directory_left_by_a_killed_run_is_removed_by_the_next_probe(tmp_path, capsys, monkeypatch):
+    """The probe is made and removed at once; a kill -9 between the two left it in the
+    cache's parent (a home directory) for good."""
+    from pyvbak.processes import scope_token, start_time
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    monkeypatch.setenv("PYVBAK_CACHE_DIR", str(parent / "cache"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # (its pid is free again)
+    me = os.getpid()
+    stale = parent / f".pyvbak-probe-{dead.pid}-12345-{scope_token()}-0123456789ab"
+    live = parent / f".pyvbak-probe-{me}-{start_time(me)}-{scope_token()}-0123456789ab"
+    old_style_stale = parent / f".pyvbak-probe-{dead.pid}-0123456789ab"
+    old_style_recent = parent / f".pyvbak-probe-{me}-ba9876543210"
+    not_empty = parent / f".pyvbak-probe-{dead.pid}-12345-{scope_token()}-ffffffffffff"
+    a_file = parent / f".pyvbak-probe-{dead.pid}-12345-{scope_token()}-eeeeeeeeeeee"
+    for d in (stale, live, old_style_stale, old_style_recent, not_empty):
+        d.mkdir()
+    (not_empty / "mine").write_bytes(b"x")
+    a_file.write_bytes(b"x")
+    os.utime(old_style_stale, (time.time() - 120, time.time() - 120))
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    code, out, err = run_cli(capsys, "unlock", "--repo", repo)
+    assert code == 0 and err == ""
+    assert sorted(p.name for p in parent.iterdir()) == sorted(p.name for p in (live, old_style_recent, not_empty, a_file))

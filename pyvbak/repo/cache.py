@@ -81,13 +81,46 @@ def unusable_cache_reason(repo_id: str) -> str | None:
         return f"{existing} is not a directory"
     if existing == d:
         return None if os.access(d, os.W_OK | os.X_OK) else f"{d} is not writable"
-    probe = os.path.join(existing, f".pyvbak-probe-{os.getpid()}-{secrets.token_hex(6)}")
+    _drop_stale_probes(existing)
+    # named after its maker, like a temp file: a kill -9 between the two calls below
+    # leaves it, and the next probe of the same directory removes it
+    pid = os.getpid()
+    probe = os.path.join(existing, f"{PROBE_PREFIX}{pid}-{start_time(pid) or 0}-{scope_token()}-{secrets.token_hex(6)}")
     try:
         os.mkdir(probe, 0o700)
         os.rmdir(probe)
     except OSError as exc:
         return f"no directory can be made in {existing} ({exc.strerror})"
     return None
+
+
+#: the directories unusable_cache_reason makes and removes at once, to test where it can
+PROBE_PREFIX = ".pyvbak-probe-"
+
+
+def _drop_stale_probes(path: str) -> None:
+    """Remove the empty probe directories of makers killed with SIGKILL in ``path`` (a
+    live maker's are kept: its pid, start time and scope are in the name; one named as an
+    older pyvbak named them, pid and random part alone, once a minute old).  Best effort."""
+    try:
+        entries = [e for e in os.scandir(path) if e.name.startswith(PROBE_PREFIX)]
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        parts = entry.name[len(PROBE_PREFIX):].split("-")
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+            if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+                stale = not temp_writer_alive(int(parts[0]), parts[2], mtime, int(parts[1]) or None)
+            else:
+                stale = len(parts) == 2 and parts[0].isdigit() and now - mtime > STALE_TEMP_SECONDS
+            if stale:
+                os.rmdir(entry.path)  # (only if empty: nothing of anyone else's is removed)
+        except OSError:
+            pass
 
 
 def make_private_dirs(path: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -303,10 +304,12 @@ def test_no_home_directory_means_no_cache_and_clear_errors(tmp_path, capsys, mon
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(os.path, "expanduser", lambda p: p)  # what it does with neither
     assert cache_root() is None
-    with pytest.raises(UsageError, match="no home directory to keep the work dir"):
+    no_home = r"there is no home directory \(no HOME, and no passwd entry for this user\)"
+    with pytest.raises(UsageError, match=no_home + ", so the work dir"):
         default_work_dir()
     code, out, err = run_cli(capsys, "init")
-    assert code == 2 and "no home directory for the default repository: give --repo REPO" in assert_one_error_line(err)
+    assert code == 2 and re.search(no_home + ", so the default repository cannot be kept under it: give --repo REPO",
+                                   assert_one_error_line(err))
     img = make_image(tmp_path / "d.img", 4 * BS, [(0, 4 * BS, "random")], seed=6)
     assert run_cli(capsys, "init", "r")[0] == 0
     code, out, err = run_cli(capsys, "backup", str(img), "--repo", "r", "--vm", "v")

@@ -87,17 +87,15 @@ def _opened(repo):
 def checked_default_repository_path() -> str:
     """The default repository's path, once it passes the rules of private directories:
     whoever can write it can delete the backups in it, or put others there."""
-    from ..repo.cache import untrusted_dir_reason
+    from ..repo.cache import home_problem, untrusted_dir_reason
     from ..repo.repository import default_repository_path
 
     path = default_repository_path()
-    if not os.path.isabs(path):  # no HOME and no passwd entry: "~" stayed "~"
-        raise UsageError("no home directory for the default repository: give --repo REPO (or set HOME)")
-    home = os.path.expanduser("~")
-    if not os.path.isabs(os.environ.get("XDG_DATA_HOME", "")) and not os.path.isdir(home):
-        # (HOME=/nonexistent-home made /nonexistent-home/.local/share/pyvbak/repository:
-        # backups on whatever file system / is, under a home nobody has)
-        raise UsageError(f"the home directory {home} does not exist, so the default repository cannot be kept "
+    # (under XDG_DATA_HOME when that is absolute; else under the home directory, which must
+    # be one: HOME=/nonexistent-home made a home tree under /, and no HOME at all ./~)
+    problem = None if os.path.isabs(os.environ.get("XDG_DATA_HOME", "")) else home_problem()
+    if problem:
+        raise UsageError(f"{problem}, so the default repository cannot be kept "
                          f"under it: give --repo REPO (or set HOME)")
     reason = untrusted_dir_reason(path)
     if reason:

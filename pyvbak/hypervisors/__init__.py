@@ -31,17 +31,13 @@ def default_work_dir() -> str:
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(xdg) and not os.environ.get("PYVBAK_WORK_DIR"):
         # the XDG spec: a relative path is invalid and ignored (as repo/cache.py does)
-        home = os.path.expanduser("~")
-        # no HOME, no passwd entry: "~" would be a directory here; a home that does not
-        # exist would be made, a tree under / (as repo/cache.py's cache_root declines to)
-        if not os.path.isabs(home):
-            raise UsageError("no home directory to keep the work dir (sockets and fleecing files) in: set HOME, "
-                             "or PYVBAK_WORK_DIR to a directory only you can write")
-        if not os.path.isdir(home):
-            raise UsageError(f"the home directory {home} does not exist, so the work dir (sockets and fleecing "
-                             f"files) cannot be kept under it: set HOME, or PYVBAK_WORK_DIR to a directory only "
-                             f"you can write")
-        xdg = os.path.join(home, ".cache")
+        from ..repo.cache import home_problem
+
+        problem = home_problem()
+        if problem:
+            raise UsageError(f"{problem}, so the work dir (sockets and fleecing files) cannot be kept under it: "
+                             f"set HOME, or PYVBAK_WORK_DIR to a directory only you can write")
+        xdg = os.path.join(os.path.expanduser("~"), ".cache")
     base = os.environ.get("PYVBAK_WORK_DIR") or os.path.join(xdg, "pyvbak", "work")
     # absolute: QEMU opens the fleecing files and sockets named in it from its own working
     # directory (a relative PYVBAK_WORK_DIR failed as "Could not open 'relwork/...'")

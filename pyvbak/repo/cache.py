@@ -40,6 +40,19 @@ _REPO_DIR = re.compile(r"[0-9a-f]{32}")
 _expired_once = False
 
 
+def home_problem() -> str | None:
+    """Why the home directory cannot hold pyvbak's directories (the cache, the QEMU work
+    dir, the default repository), or None.  No HOME and no passwd entry: "~" stays "~",
+    and a directory of that name was made under whatever directory the command ran in; a
+    home that does not exist (HOME=/nonexistent-home) was made, a home tree under /."""
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):
+        return "there is no home directory (no HOME, and no passwd entry for this user)"
+    if not os.path.isdir(home):
+        return f"the home directory {home} {'is not a directory' if os.path.exists(home) else 'does not exist'}"
+    return None
+
+
 def cache_root() -> str | None:
     """$PYVBAK_CACHE_DIR (absolute), else $XDG_CACHE_HOME/pyvbak, else ~/.cache/pyvbak;
     None when $PYVBAK_CACHE_DIR is set but empty (no cache), or when there is no home
@@ -51,10 +64,9 @@ def cache_root() -> str | None:
         return os.path.abspath(root) if root else None
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # the XDG spec: a relative path is invalid and ignored
-        home = os.path.expanduser("~")
-        if not (os.path.isabs(home) and os.path.isdir(home)):
+        if home_problem():
             return None
-        base = os.path.join(home, ".cache")
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "pyvbak")
 
 
@@ -67,10 +79,7 @@ def unusable_cache_reason(repo_id: str) -> str | None:
     not exist yet, making one beside where it goes (removed at once) is the one test that
     holds for root, who passes every permission check, on /proc."""
     if cache_root() is None and os.environ.get(CACHE_ENV) is None:  # (no cache, and not by choice)
-        home = os.path.expanduser("~")
-        if not os.path.isabs(home):
-            return "there is no home directory to keep it in (no HOME, and no passwd entry for this user)"
-        return f"the home directory {home} {'is not a directory' if os.path.exists(home) else 'does not exist'}"
+        return home_problem()
     d = repo_cache_dir(repo_id)
     if d is None:
         return None

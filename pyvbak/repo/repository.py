@@ -32,8 +32,8 @@ from . import markers
 from .cache import SeenPackIndexes, SnapshotMetaCache, repo_cache_dir
 from .digest_index import DigestIndex, ExcludingIndex, load_cached
 from .locks import RepositoryLock
-from .snapshots import (SeveralDisks, SnapshotInfo, consistency_groups, now_iso, place_unnumbered, snapshot_order,
-                        snapshot_sequence)
+from .snapshots import (SNAPSHOT_ID_RE, SeveralDisks, SnapshotInfo, consistency_groups, now_iso, place_unnumbered,
+                        snapshot_order, snapshot_sequence)
 
 MIN_REPO_BLOCK = 64 * 1024
 MAX_REPO_BLOCK = 16 * 1024 * 1024
@@ -69,7 +69,6 @@ FOLD_MIN_DIGESTS = 1 << 20
 FLAG_RECHECK_MAX = 64
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)(i?[bB])?\s*$")
-_SNAPSHOT_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
 
 
 def parse_size(text: str) -> int:
@@ -112,10 +111,6 @@ class RepoConfig:
             },
             indent=2,
         ).encode()
-
-
-#: a whole id as new_snapshot_id makes it (a shorter spec is a prefix, found by listing)
-_FULL_SNAPSHOT_ID = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
 
 
 #: sequence numbers stay below this: 18 decimal digits, which restore.sh zero-pads and
@@ -230,7 +225,7 @@ def _holds_repository_data(location: str) -> bool:
         names = set(os.listdir(os.path.join(location, "snapshots")))
     except OSError:
         return False
-    return any(n.endswith(".json") and _SNAPSHOT_ID_RE.match(n[:-5]) and n[:-5] + ".index" in names for n in names)
+    return any(n.endswith(".json") and SNAPSHOT_ID_RE.fullmatch(n[:-5]) and n[:-5] + ".index" in names for n in names)
 
 
 def _says_pyvbak_config(head: bytes) -> bool:
@@ -535,7 +530,7 @@ class Repository:
             return snaps[-1]
         if not re.fullmatch(r"[0-9A-Za-z-]+", spec):
             raise UsageError(f"'{spec}' is not a snapshot id or VM[/DISK]@latest: list them with 'pyvbak snapshots'")
-        if _FULL_SNAPSHOT_ID.fullmatch(spec):
+        if SNAPSHOT_ID_RE.fullmatch(spec):
             # a whole id: its one description, not a listing of every snapshot (10 000
             # snapshots on a machine without a cache: 10 000 reads, or one)
             try:

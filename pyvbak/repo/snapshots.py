@@ -9,6 +9,7 @@ fields and the order.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -151,8 +152,12 @@ def snapshot_time() -> str:
     return now_iso()
 
 
+#: a whole snapshot id as new_snapshot_id makes it (fullmatch; a shorter spec is a prefix)
+SNAPSHOT_ID_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
+
+
 def new_snapshot_id() -> str:
-    """Sortable by time, unique by 32 random bits, safe in any shell word."""
+    """Sortable by time, unique by 32 random bits, safe in any shell word (SNAPSHOT_ID_RE)."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
 
 

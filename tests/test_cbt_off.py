@@ -94,6 +94,10 @@ def test_off_on_a_qcow2_named_relatively_with_a_colon(tmp_path, capsys, monkeypa
     ("/nonexistent/disk.qcow2", "does not exist"),
     ("/dev/null", "has no change tracking of pyvbak's"),
     ("qemu:///nonexistent/qmp.sock", "nonexistent/qmp.sock"),
+    # a URI of a scheme pyvbak does not read, refused as a backup refuses it (it was taken
+    # for a missing image file: "image http:/h/disk.qcow2 does not exist")
+    ("http://h/disk.qcow2", "unsupported source 'http://'"),
+    ("nbd://h/export", "has no change tracking of pyvbak's"),
 ])
 def test_what_it_refuses(capsys, source, needle):
     code, _, err = _run(capsys, ["cbt-off", source])

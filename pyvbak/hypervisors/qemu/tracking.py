@@ -30,11 +30,15 @@ def remove_change_tracking(spec: str, *, work_dir: str, qmp_timeout: float = 30.
     is a qcow2 by its name (``.qcow2``) or ``image_format="qcow2"``, never by its header
     alone: a guest's raw disk may hold a qcow2 its guest wrote, bitmaps included, and
     removing them wrote into the guest's disk."""
-    if spec.startswith("qemu://"):
-        return _from_running_vm(spec, Path(work_dir), qmp_timeout)
+    from .. import QEMU_IMAGE, QEMU_VM, UNSUPPORTED, source_kind
     from ..image_formats import container_format, name_for_qemu
 
-    if image_format == "qcow2" or (image_format == "auto" and spec.lower().endswith(".qcow2")):
+    kind = source_kind(spec, image_format)  # what a backup of ``spec`` would read it as
+    if kind is QEMU_VM:
+        return _from_running_vm(spec, Path(work_dir), qmp_timeout)
+    if kind is UNSUPPORTED:
+        kind.refuse(spec)  # (``http://h/x.qcow2`` was taken for a missing image file)
+    if kind is QEMU_IMAGE and (image_format == "qcow2" or spec.lower().endswith(".qcow2")):
         return _from_image(Path(name_for_qemu(spec)))
     if image_format == "auto" and container_format(spec) == "qcow2":
         raise UsageError(f"{spec} begins like a qcow2 image but is not named .qcow2: pyvbak does not go by a "

@@ -104,3 +104,19 @@ def test_a_cache_an_earlier_pyvbak_left_open_is_made_private(tmp_path):
     img.write_bytes(random_bytes(MiB, seed=10))
     assert pyvbak("backup", img, "--repo", repo, "--vm", "v", PYVBAK_CACHE_DIR=str(cache)).returncode == 0
     assert repo_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_result_lines_show_a_path_holding_a_newline_escaped_on_one_line(tmp_path):
+    """Error lines escaped it; the result lines printed it, a second line that read like
+    another message ("b (block size 64.0 KiB)")."""
+    repo, img = tmp_path / "r\nx", tmp_path / "i\nmages" / "d.img"
+    img.parent.mkdir()
+    img.write_bytes(random_bytes(MiB, seed=9))
+    out = tmp_path / "out\n.img"
+    for args in (("init", repo), ("backup", img, "--repo", repo, "--vm", "vm"),
+                 ("restore", "vm@latest", out, "--repo", repo)):
+        p = pyvbak(*args)
+        assert p.returncode == 0, p.stderr
+        [line] = p.stdout.splitlines()
+        assert args[0] == "backup" or "\\n" in line, line  # (a backup's line names no path)
+    assert out.read_bytes() == img.read_bytes()

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from .. import interrupts
-from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes, info, open_repository, progress_bar
+from .common import MAX_THREADS, JsonOption, RepoOption, emit_json, human_bytes, info, open_repository, progress_bar, say
 
 
 def backup(
@@ -52,7 +52,7 @@ def backup(
             info(f"warning: {about}{w}")
         if verify_cbt and result.cbt_missed_blocks is not None and not len(result.cbt_missed_blocks):
             info(f"{about}change tracking verified: the full scan found no block it had missed")
-        print(
+        say(
             f"snapshot {result.snapshot_id} of {result.vm}/{result.disk} ({human_bytes(result.size)}): scanned "
             f"{human_bytes(result.bytes_scanned)}, read {human_bytes(result.bytes_read)}, changed {human_bytes(result.changed_bytes)}, "
             f"new {human_bytes(result.new_bytes)}, stored {human_bytes(result.stored_bytes)} "
@@ -243,6 +243,6 @@ def cbt_off(
         emit_json({"source": source, "removed": removed})
         return
     for line in removed:
-        print(line)
+        say(line)
     if not removed:
-        print(f"no dirty bitmap of pyvbak's on {source}")
+        say(f"no dirty bitmap of pyvbak's on {source}")

@@ -202,6 +202,15 @@ def info(message: str) -> None:
     write_line(sys.stderr, message)
 
 
+def say(line: str) -> None:
+    """One line of a command's human output on stdout, its control characters escaped as
+    on stderr (errors.one_line): a path holding a newline printed two lines, the second
+    looking like another message."""
+    from ..errors import one_line
+
+    print(one_line(line))
+
+
 def emit_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 

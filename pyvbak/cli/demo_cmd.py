@@ -24,7 +24,7 @@ import typer
 
 from .. import interrupts
 from ..errors import SourceError
-from .common import RepoOption, human_bytes, open_repository
+from .common import RepoOption, human_bytes, open_repository, say
 
 if TYPE_CHECKING:  # imported where it is used (start-up time)
     import random
@@ -92,7 +92,7 @@ def demo(
     # image is made and a VM stand-in started for nothing; each backup checks
     # again under its lock
     r.check_pack_storage()
-    print(f"repository: {r.location}")
+    say(f"repository: {r.location}")
     # under /tmp: the QMP and NBD sockets must fit a UNIX socket path
     work = tempfile.mkdtemp(prefix="pyvbak-demo-", dir="/tmp" if hot else None)
     rng = random.Random(2026)
@@ -107,7 +107,7 @@ def demo(
             said = " ".join((made.stderr or made.stdout).split()) or "(no message)"
             raise SourceError(f"demo: mkfs.ext4 could not make the {size_mib} MiB disk image in "
                               f"{os.path.dirname(work)}: {said}")
-        print(f"made a {size_mib} MiB disk image with an ext4 filesystem: {image}")
+        say(f"made a {size_mib} MiB disk image with an ext4 filesystem: {image}")
         source = image
         from .backup_cmd import backup_source
 
@@ -119,7 +119,7 @@ def demo(
             vm.start()
             image = vm.guests[0]  # the guest's view of its running disk: what is checked and changed
             source = vm.uri()
-            print(f"started the VM stand-in (qemu-storage-daemon) on {qcow2}; backing up {source}")
+            say(f"started the VM stand-in (qemu-storage-daemon) on {qcow2}; backing up {source}")
 
         def backup_once(label: str):
             # (what 'pyvbak backup' does: the checks, the clean-up, the pack-storage mark)
@@ -131,7 +131,7 @@ def demo(
                        + (" via the dirty bitmap" if res.cbt else f" (full scan: {res.fallback_reason})"))
             if label == "full backup" and res.parent:  # a demo run again in the same repository
                 label = f"backup (incremental of the earlier demo's {res.parent})"
-            print(
+            say(
                 f"{label}: snapshot {res.snapshot_id}: changed {human_bytes(res.changed_bytes)}, "
                 f"new {human_bytes(res.new_bytes)}, stored {human_bytes(res.stored_bytes)} in {res.duration:.2f}s{how}"
             )
@@ -147,11 +147,11 @@ def demo(
             f.write(rng.randbytes(1 << 20))
         cmds = f"rm /srv/data/blob0.bin\nwrite {new_blob} /srv/data/blob0.bin\nwrite {new_log} /var/log/nightly.log\n"
         run_helper([debugfs, "-w", "-f", "-", image], input=cmds.encode()).check_returncode()
-        print("changed files inside the filesystem (debugfs): /srv/data/blob0.bin, /var/log/nightly.log"
+        say("changed files inside the filesystem (debugfs): /srv/data/blob0.bin, /var/log/nightly.log"
               + (" - through the running VM's disk" if hot else ""))
         second, second_sum = backup_once("incremental backup")
         if hot:
-            print(f"QEMU after the backups: {vm.state()}")
+            say(f"QEMU after the backups: {vm.state()}")
             if not second.cbt:
                 raise SourceError(f"demo check failed: the incremental did not use the dirty bitmap: {second.fallback_reason}")
 
@@ -161,11 +161,12 @@ def demo(
                 restore_snapshot(r, r.resolve(res.snapshot_id), out)
             same = _sha256(out) == expected
             fsck_ok = run_helper([fsck, "-fn", out]).returncode == 0
-            print(f"restored {res.snapshot_id}: byte-identical={same}, e2fsck clean={fsck_ok}")
+            say(f"restored {res.snapshot_id}: byte-identical={same}, e2fsck clean={fsck_ok}")
             if not (same and fsck_ok):
                 raise SourceError(f"demo check failed for snapshot {res.snapshot_id}: see {work}")
             os.unlink(out)
         # a line to paste into a shell: the repository's directory (not a file: URI), quoted
+        # (so printed as it is, not escaped like the lines above: a newline in quotes is one word)
         kit = os.path.join(getattr(r.backend, "root", None) or r.location, "restore.sh")
         print(f"restore without pyvbak: sh {shlex.quote(kit)} {second.snapshot_id} OUTPUT.img")
         print("demo OK")
@@ -181,6 +182,6 @@ def demo(
             if vm is not None:
                 vm.stop()
             if keep:
-                print(f"kept the work directory {work}")
+                say(f"kept the work directory {work}")
             else:
                 shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from .. import interrupts
-from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository
+from .common import JsonOption, RepoOption, emit_json, human_bytes, info, open_repository, say
 
 DryRunNoLockOption = typer.Option(
     False, "--no-lock",
@@ -109,7 +109,7 @@ def forget(
         emit_json(result)
         return
     verb = "would forget" if dry_run else "forgot"
-    print(f"{verb} {len(forgotten)} snapshot(s)" + (": " + ", ".join(forgotten) if forgotten else ""))
+    say(f"{verb} {len(forgotten)} snapshot(s)" + (": " + ", ".join(forgotten) if forgotten else ""))
     if prune_after:
         _print_prune(result["prune"])
 
@@ -160,7 +160,7 @@ def _prune(r, dry_run: bool, without: frozenset[str] = frozenset(), *, no_lock: 
 
 def _print_prune(rep: dict) -> None:
     verb = "would free" if rep["dry_run"] else "freed"
-    print(
+    say(
         f"{verb} {human_bytes(rep['bytes_freed'])}: {rep['packs_deleted']} pack(s) deleted, "
         f"{rep['packs_repacked']} repacked into {rep['packs_written']}, {rep['blocks_removed']} unused block(s) removed; "
         f"{rep['snapshots']} snapshot(s) keep {rep['referenced_blocks']} block(s)"

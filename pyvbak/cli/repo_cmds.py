@@ -11,7 +11,7 @@ import typer
 from .. import interrupts
 from ..repo.repository import DEFAULT_BLOCK_SIZE, DEFAULT_COMPRESSION
 from .common import (JsonOption, NoLockOption, RepoOption, checked_default_repository_path, emit_json, human_bytes, info,
-                     maybe_lock, open_repository, refuse_memory)
+                     maybe_lock, open_repository, refuse_memory, say)
 
 
 def init(
@@ -46,7 +46,7 @@ def init(
     if json_out:
         emit_json({"repository": repo, "id": r.config.repo_id, "block_size": r.config.block_size})
     else:
-        print(f"created pyvbak repository {r.config.repo_id[:12]} at {repo} (block size {human_bytes(r.config.block_size)})")
+        say(f"created pyvbak repository {r.config.repo_id[:12]} at {repo} (block size {human_bytes(r.config.block_size)})")
 
 
 def snapshots(
@@ -80,7 +80,7 @@ def snapshots(
         cbt = "yes" if m["cbt"] else "no"
         if grouped:
             cbt = f"{cbt:<3}  {group.rsplit('-', 1)[-1] if group else '-'}"
-        print(f"{m['id']:<26} {m['vm']:<{wv}} {m['disk']:<{wd}} {_utc(m['time']):<20} {human_bytes(m['size']):>10}  {cbt}")
+        say(f"{m['id']:<26} {m['vm']:<{wv}} {m['disk']:<{wd}} {_utc(m['time']):<20} {human_bytes(m['size']):>10}  {cbt}")
 
 
 def verify(
@@ -180,7 +180,7 @@ def _print_verify_report(report: dict, bad_packs: set, *, repair: bool, drop_unr
     bad)."""
     sampled = (f" - a random {report['sampled_percent']:g} % sample of their blocks: the others were not read"
                if report["sampled_percent"] is not None else "")
-    print(
+    say(
         f"checked {report['blocks_checked']} blocks ({human_bytes(report['bytes_checked'])}) "
         f"of {report['snapshots']} snapshot(s) in {report['duration']:.1f}s{sampled}"
     )
@@ -414,7 +414,7 @@ def unlock(
     removed = remove_locks(r.backend, all_hosts=all_locks)
     if not removed:  # nothing more to do: a stop from here on (the line waiting on a full pipe) is noted
         interrupts.begin_finishing()
-    print(f"removed {len(removed)} lock(s)" + (": " + ", ".join(removed) if removed else ""))
+    say(f"removed {len(removed)} lock(s)" + (": " + ", ".join(removed) if removed else ""))
     if removed:  # what the removed locks' processes may have left: adopt it now
         with r.lock(purpose="unlock"):
             # ... unless the packs are all gone (storage not mounted?): the clean-up would
@@ -427,4 +427,4 @@ def unlock(
         if missing:
             info(f"warning: {missing.error('no clean-up after the removed locks was done')}")
         for line in cleaned:
-            print(f"cleanup: {line}")
+            say(f"cleanup: {line}")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import IntegrityError, PyvbakError
-from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository, progress_bar
+from .common import MAX_THREADS, JsonOption, NoLockOption, RepoOption, emit_json, human_bytes, info, maybe_lock, open_repository, progress_bar, say
 
 
 def restore(
@@ -53,7 +53,7 @@ def restore(
     if json_out:
         emit_json(report)
     else:
-        print(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {output} in {report['duration']:.2f}s")
+        say(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {output} in {report['duration']:.2f}s")
 
 
 def _blame_a_removed_lock(lock, exc) -> None:
@@ -193,8 +193,8 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
         emit_json([{**rep, "consistency_group": group_id} for rep in reports])
         return
     for snap, target, report in zip(group, targets, reports):
-        print(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {target} "
+        say(f"restored snapshot {snap.id} ({snap.vm}/{snap.disk}, {human_bytes(report['size'])}) to {target} "
               f"in {report['duration']:.2f}s")
     if group_id:
-        print(f"consistency group {group_id}: {len(group)} disks of {group[0].vm} as they were at one instant "
+        say(f"consistency group {group_id}: {len(group)} disks of {group[0].vm} as they were at one instant "
               f"({group_meta.get('time', '?')})")

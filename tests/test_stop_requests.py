@@ -590,3 +590,62 @@ def test_a_ctrl_c_raised_inside_an_exec_of_a_string_still_exits_10_under_python_
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == Interrupted.exit_code, (p.returncode, p.stderr)
     assert "interrupted (Ctrl-C)" in p.stderr and snapshots(repo) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_python_drops_while_the_modules_load_still_stops_the_command(tmp_path, backed_up, sig):
+    """The start-up handler raised inside a weakref callback (the import machinery's module
+    locks have one), where Python drops the exception with a traceback ("Exception
+    ignored"): the command ran on to its end and exited 0 - a ``restore --force`` the user
+    had stopped replaced the file (session 26's audit)."""
+    repo, out = backed_up
+    target = out / "existing.img"
+    target.write_bytes(b"the user's file")
+    code = (
+        "import importlib.abc, os, signal, sys, weakref\n"
+        "class Thing:\n    pass\n"
+        "class Hook(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'pyvbak.cli.main':\n"
+        "            thing = Thing()\n"
+        "            ref = weakref.ref(thing, lambda _: os.kill(os.getpid(), int(os.environ['STOP_SIGNAL'])))\n"
+        "            del thing  # the callback runs here; the handler raises inside it\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Hook())\n"
+        "sys.argv = ['pyvbak', 'restore', 'v@latest', sys.argv[1], '--repo', sys.argv[2], '--force']\n"
+        "from pyvbak.cli.entry import entry\nentry()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), STOP_SIGNAL=str(int(sig)), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-c", code, str(target), str(repo)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 10, (p.returncode, p.stderr)
+    assert p.stderr.count("\n") == 1 and "while starting: nothing was done" in p.stderr, p.stderr
+    assert ("Ctrl-C" if sig == signal.SIGINT else "SIGTERM") in p.stderr
+    assert target.read_bytes() == b"the user's file" and os.listdir(out) == ["existing.img"]
+
+
+def test_a_stop_request_python_drops_is_reported_without_a_traceback_by_the_console_script(tmp_path, repo_and_image):
+    """Python prints a dropped exception's traceback under "Exception ignored"; the
+    console script's command says in one note what became of the request instead."""
+    repo, img = repo_and_image
+    code = ("import os, signal, sys\n"
+            "from pyvbak.sources.file import FileSource\n"
+            "fired = []\n"
+            "class Dropped:\n"
+            "    def __del__(self):\n"
+            "        if not fired:\n"
+            "            fired.append(1)\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "real = FileSource.extents\n"
+            "def extents(self, *a, **k):\n"
+            "    Dropped()  # collected at once: its __del__ runs here\n"
+            "    return real(self, *a, **k)\n"
+            "FileSource.extents = extents\n"
+            "sys.argv = ['pyvbak', 'backup', sys.argv[1], '--repo', sys.argv[2], '--vm', 'v']\n"
+            "from pyvbak.cli.entry import entry\nentry()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYVBAK_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-c", code, str(img), str(repo)], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and len(snapshots(repo)) == 1, p.stderr
+    assert p.stderr.splitlines() == [
+        "pyvbak: note: SIGTERM arrived while Python was cleaning up an object, where it cannot stop the command: "
+        "the backup ran to its end and is complete"], p.stderr

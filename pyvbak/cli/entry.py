@@ -21,19 +21,58 @@ class _StoppedWhileStarting(BaseException):
     """SIGTERM or SIGHUP before ``main`` has its own handlers."""
 
 
+#: the stop requests (signal numbers) raised before ``main`` had its own handlers.  Python
+#: drops an exception raised inside a weakref callback or a finalizer ("Exception
+#: ignored") - the import machinery's module locks have such a callback - and the command
+#: then ran on to its end and exited 0: a ``restore --force`` stopped while it started
+#: replaced the file (session 26's audit, ~1 in 200-500 early stops).  ``main`` looks here
+#: once it has its handlers, and ends the command before it does anything.
+stops_while_starting: list[int] = []
+
+
 def _stop_while_starting(signum, frame):  # noqa: ARG001 - signal handler signature
+    stops_while_starting.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise _StoppedWhileStarting(signum)
 
 
+_stop_while_starting.pyvbak_starting = True  # (main's _catch_termination replaces it, as the default one)
+
+
+def stopped_by(signum: int) -> str:
+    """How a stop request is named in "interrupted ... while starting"."""
+    if signum == signal.SIGINT:
+        return "(Ctrl-C)"
+    return "by SIGHUP (the terminal or ssh session closed)" if signum == getattr(signal, "SIGHUP", None) else "by SIGTERM"
+
+
+def _quiet_stop_requests(previous):
+    """An ``sys.unraisablehook`` that says nothing of a stop request Python dropped (a
+    traceback under "Exception ignored"): every one is recorded where it was raised
+    (``stops_while_starting``, ``interrupts.raising``) and the command's last line says
+    what became of it.  Anything else goes to ``previous``."""
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, (KeyboardInterrupt, _StoppedWhileStarting)) or type(exc).__name__ == "Interrupted":
+            return
+        previous(unraisable)
+    return hook
+
+
 def _starting_handlers() -> None:
-    """Until ``main`` installs its own, SIGTERM and SIGHUP end the start-up as Ctrl-C does:
-    one line, exit 10.  Their default action killed a command in its first ~0.2 s (the
-    module imports) without a word, exit 143 or 129.
-    An ignored SIGHUP (nohup) stays ignored."""
-    for name in ("SIGTERM", "SIGHUP"):
+    """Until ``main`` installs its own, SIGTERM, SIGHUP and Ctrl-C end the start-up: one
+    line, exit 10.  The default action of the first two killed a command in its first
+    ~0.2 s (the module imports) without a word, exit 143 or 129.  An ignored SIGHUP
+    (nohup) stays ignored."""
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):
         signum = getattr(signal, name, None)
-        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+        if signum is None:
+            continue
+        current = signal.getsignal(signum)
+        if (current is signal.default_int_handler) if name == "SIGINT" else (current is not signal.SIG_IGN):
             signal.signal(signum, _stop_while_starting)
+    sys.unraisablehook = _quiet_stop_requests(sys.unraisablehook)
 
 
 def _exit(code: int):
@@ -69,10 +108,7 @@ def entry() -> None:
             print(f"pyvbak: error: interrupted{' (Ctrl-C)' if isinstance(stop, KeyboardInterrupt) else ''} as the "
                   f"command was ending", file=sys.stderr)
             _exit(10)
-        if isinstance(stop, KeyboardInterrupt):  # Ctrl-C while the modules load
-            _nothing_done("(Ctrl-C)")
-        _nothing_done("by SIGHUP (the terminal or ssh session closed)"
-                      if stop.args[0] == getattr(signal, "SIGHUP", None) else "by SIGTERM")
+        _nothing_done(stopped_by(signal.SIGINT if isinstance(stop, KeyboardInterrupt) else stop.args[0]))
     except BaseException as exc:
         if type(exc).__name__ == "Interrupted":  # (errors not imported: see _nothing_done) the same window
             print(f"pyvbak: error: {exc}", file=sys.stderr)

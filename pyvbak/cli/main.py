@@ -176,7 +176,10 @@ def _catch_termination() -> dict:
     dropped ssh session killed a restore outright: its 2 GiB temp file and its lock
     stayed).  A SIGHUP that is ignored (``nohup``) stays ignored.  The previous handlers."""
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _sigterm)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Ctrl-C: the same rule
+    sigint = signal.getsignal(signal.SIGINT)
+    # Ctrl-C: the same rule, unless the program chose otherwise (the console script's
+    # start-up handler is replaced too: cli/entry.py)
+    if sigint is signal.default_int_handler or getattr(sigint, "pyvbak_starting", False):
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _sigint)
     hup = getattr(signal, "SIGHUP", None)
     if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN:
@@ -317,12 +320,19 @@ def main(argv: list[str] | None = None, *, exiting: bool = False) -> int:
     previous = _catch_termination()
     _started[0] = True
     interrupts.raised_and_lost()  # (a library caller's earlier commands' are not this one's)
+    # a stop request raised while the console script started, which Python dropped
+    starting = sys.modules.get(__package__ + ".entry")
+    dropped = list(getattr(starting, "stops_while_starting", ()))
+    if dropped:
+        starting.stops_while_starting.clear()
     guard = _stdout_guard()
     if guard is not None:
         sys.stdout = guard
     try:
         args = sys.argv[1:] if argv is None else list(argv)
         _command[0] = next((a for a in args if not a.startswith("-")), "")
+        if dropped:
+            raise Interrupted(f"interrupted {starting.stopped_by(dropped[0])} while starting: nothing was done")
         _stage_note[0] = None
         rv = _app_for(args)(args=args, prog_name="pyvbak", standalone_mode=False)
         # Without standalone mode, click *returns* the code of an Exit instead of raising

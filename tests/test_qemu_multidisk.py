@@ -28,7 +28,7 @@ from pyvbak.hypervisors import disk_names
 from pyvbak.hypervisors.qemu import QemuHotBackup
 from pyvbak.hypervisors.qemu.vm_disks import DiskSelector, parse_qemu_uri_disks
 from pyvbak.sources.nbd import NbdSource
-from qemu_vm import MiB, FakeVM
+from qemu_vm import MiB, FakeVM, hard_kill
 
 ROOT = Path(__file__).resolve().parents[1]
 K64 = 64 * 1024
@@ -258,6 +258,37 @@ def test_a_failing_disk_keeps_the_ones_before_it_and_loses_no_write(vm, tmp_path
         out = tmp_path / f"{disk}.img"
         assert main(["restore", f"db/{disk}@latest", str(out), "--repo", repo]) == 0
         assert out.read_bytes() == vm.read(0, vm.size, disk=i)
+
+
+def test_qemu_gone_after_the_first_disk_committed_says_which_disks_got_no_snapshot(vm, tmp_path, capsys, monkeypatch):
+    """The error line said "no snapshot was made" right below the line naming disk0's
+    kept snapshot (session 26's audit)."""
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(K64), disk=0)
+    disk0 = vm.read(0, vm.size, disk=0)
+
+    import pyvbak.engine.backup as engine
+
+    real = engine.run_backup
+
+    def qemu_dies_before_disk1(repo_, src, **kw):
+        if kw["disk"] == "disk1":
+            hard_kill(vm.proc.pid)
+            vm.proc.wait(10)
+        return real(repo_, src, **kw)
+
+    monkeypatch.setattr(engine, "run_backup", qemu_dies_before_disk1)
+    capsys.readouterr()
+    assert main(["backup", vm.all_disks_uri, "--repo", repo, "--vm", "db"]) == 4
+    kept, error = capsys.readouterr().err.splitlines()
+    assert kept.startswith("backed up and kept before the failure: db/disk0 snapshot "), kept
+    assert "went away during the backup" in error and ": no snapshot of disk1 was made;" in error, error
+    assert "no snapshot was made" not in error, error
+    monkeypatch.setattr(engine, "run_backup", real)
+    assert main(["restore", "db/disk0@latest", str(tmp_path / "d0.img"), "--repo", repo]) == 0
+    assert (tmp_path / "d0.img").read_bytes() == disk0
 
 
 CHILD = """

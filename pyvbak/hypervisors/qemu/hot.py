@@ -501,9 +501,14 @@ class QemuHotBackup(ExportSession):
                 self._watchdog.done()
         pending = guard.pending if guard else None
         if self.qemu_gone and exc is not None and not isinstance(exc, KeyboardInterrupt):
-            err = SourceError(f"{self.qemu_gone}: no snapshot was made"
+            # (the disks committed before QEMU went are kept: the caller names them, and
+            # this line must not say there is no snapshot - session 26's audit)
+            unmade = [d.name for d in self.disks if not d.committed]
+            what = ("no snapshot was made" if len(unmade) == len(self.disks) or not self.disks
+                    else f"no snapshot of {', '.join(unmade)} was made")
+            err = SourceError(f"{self.qemu_gone}: {what}"
                               + (f"; left in the work dir: {'; '.join(errors)}" if errors else "; nothing of this "
-                                 "run is left (the next backup checks the VM's dirty bitmaps)"))
+                                 "run is left in QEMU or the work dir (the next backup checks the VM's dirty bitmaps)"))
             err.exit_code = getattr(exc, "exit_code", SourceError.exit_code)
             raise err from exc
         if errors and isinstance(exc, (PyvbakError, Interrupted, KeyboardInterrupt)):

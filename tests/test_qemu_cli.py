@@ -666,3 +666,39 @@ def test_a_forced_kernel_that_is_unknown_fails_a_hot_backup_before_the_vm_is_tou
     err = capsys.readouterr().err
     assert "unknown SHA-256 kernel 'md5'" in err and err.count("\n") == 1, err
     assert events == [] and vm.bitmaps() == bitmaps
+
+
+def test_ctrl_c_while_the_view_is_released_gets_the_usual_ctrl_c_line(vm, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C that came while the session released the disk's view was taken after it
+    as "interrupted by SIGINT; cleaned up what this run created" (session 26's audit),
+    where every other Ctrl-C says "interrupted (Ctrl-C): stopped cleanly; ..."."""
+    import signal
+
+    from pyvbak.hypervisors.qemu import cleanup
+
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    vm.write(0, os.urandom(MiB))
+    real, sent = cleanup.remove_export, []
+
+    def remove_export(*a, **k):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # taken by the deferred block's handler
+        return real(*a, **k)
+
+    monkeypatch.setattr(cleanup, "remove_export", remove_export)
+    capsys.readouterr()
+    assert main(["backup", vm.uri, "--repo", repo, "--vm", "web"]) == 10
+    kept, line = capsys.readouterr().err.splitlines()
+    assert kept.startswith("kept the 1 pack(s)"), kept  # (what it stored: indexed, not stored again)
+    assert line.startswith("pyvbak: error: interrupted (Ctrl-C): stopped cleanly; "), line
+    assert sent and vm.pyvbak_nodes() == [] and vm.exports() == ["guest"]
+    assert json.loads(_snapshots_json(capsys, repo)) == []
+
+
+def _snapshots_json(capsys, repo: str) -> str:
+    capsys.readouterr()
+    assert main(["snapshots", "--repo", repo, "--json"]) == 0
+    return capsys.readouterr().out

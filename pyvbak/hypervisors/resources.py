@@ -47,8 +47,23 @@ class TerminationGuard:
         if self._deferring:
             self.pending = signum
             return
+        self._raise(signum)
+
+    @staticmethod
+    def _raise(signum: int):
         interrupts.raising(signum)
+        if signum == signal.SIGINT:  # the CLI's own line for Ctrl-C (its stage note included)
+            raise KeyboardInterrupt
         raise Interrupted(f"interrupted by {signal.Signals(signum).name}; cleaned up what this run created")
+
+    def raise_pending(self) -> None:
+        """After a ``deferred`` block: the stop request that came during it, raised as it
+        would have been (Ctrl-C as KeyboardInterrupt), unless the work is committed by
+        now (then only noted).  A stop taken late said "interrupted by SIGINT" where every
+        other Ctrl-C says "interrupted (Ctrl-C)" (session 26's audit)."""
+        signum, self.pending = self.pending, None
+        if signum is not None and not interrupts.note_if_finishing(signum):
+            self._raise(signum)
 
     def __enter__(self) -> "TerminationGuard":
         if threading.current_thread() is threading.main_thread():

@@ -31,7 +31,6 @@ from contextlib import nullcontext
 
 import json
 import os
-import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -526,8 +525,8 @@ class QemuHotBackup(ExportSession):
                 "cleanup after the backup was incomplete: " + "; ".join(errors)
                 + " (the next pyvbak run on this VM removes what is left)"
             )
-        if pending is not None and exc is None and not interrupts.note_if_finishing(pending):
-            raise Interrupted("interrupted by a signal during cleanup; cleanup was completed first")
+        if pending is not None and exc is None:
+            guard.raise_pending()
 
     def _on_low_space(self, free: int, reserve: int) -> None:
         """Guard thread: break the backup, not the guest (see fleece_guard)."""
@@ -578,9 +577,8 @@ class QemuHotBackup(ExportSession):
                     self._server_started = False
             except Exception:  # noqa: BLE001 - the teardown tries the rest again and reports it
                 pass
-        if guard is not None and guard.pending is not None and not interrupts.note_if_finishing(guard.pending):
-            raise Interrupted(f"interrupted by {signal.Signals(guard.pending).name}; "
-                              "cleaned up what this run created")
+        if guard is not None:
+            guard.raise_pending()
         if ended is not None:
             if self.broken is None and ended.startswith("could not"):
                 self.broken = (f"the point-in-time view of disk '{d.node}' could not be confirmed whole after the "

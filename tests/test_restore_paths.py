@@ -784,3 +784,28 @@ def test_a_restore_path_longer_than_the_system_takes_is_named_so(repo, tmp_path,
     with pytest.raises(UsageError) as e:
         restore_to(repo, sid, "out.img")
     assert "too long" in str(e.value) and "does not exist" not in str(e.value)
+
+
+def test_a_restore_says_which_killed_restores_temp_files_it_removed(tmp_path, capsys):
+    """A restore killed with SIGKILL leaves its temp file (a disk's size) beside the
+    target; the next restore into that directory removed it without a word, where a
+    backup reports what it cleaned up after a killed run (session 26's audit)."""
+    import json
+
+    from conftest import run_cli
+
+    img = make_image(tmp_path / "d.img", 8 * BS, [(0, 8 * BS, "random")], seed=4)
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    assert run_cli(capsys, "backup", str(img), "--repo", repo, "--vm", "v")[0] == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / f".old.img{TEMP_MARK}999999999-0123abcd-5"
+    dead.write_bytes(b"half a disk")
+    code, stdout, err = run_cli(capsys, "restore", "v@latest", str(out / "new.img"), "--repo", repo, "--json")
+    assert code == 0 and not dead.exists()
+    line = f"removed {dead}, the temp file of a restore that was killed"
+    assert json.loads(stdout)["cleaned_leftovers"] == [line]
+    assert err.splitlines() == [f"cleanup: {line}"]
+    code, stdout, err = run_cli(capsys, "restore", "v@latest", str(out / "new.img"), "--repo", repo, "--force")
+    assert code == 0 and err == "" and sorted(os.listdir(out)) == ["new.img"]

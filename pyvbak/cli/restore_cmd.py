@@ -50,6 +50,8 @@ def restore(
                 _blame_a_removed_lock(lock, exc)
                 raise
     _warn_other_copies(report)
+    for line in report.get("cleaned_leftovers", ()):
+        info(f"cleanup: {line}")
     if json_out:
         emit_json(report)
     else:
@@ -175,6 +177,8 @@ def _restore_group(r, group, outdir: str, *, force: bool, threads, json_out: boo
                     done.append(f"{snap.disk} to {target}")
                 reports.append(report)
                 _warn_other_copies(report)
+                for line in report.get("cleaned_leftovers", ()):
+                    info(f"cleanup: {line}")
             commit_restored(pending, finish=True, force=force)
             pending = []
     except BaseException:

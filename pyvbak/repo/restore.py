@@ -605,6 +605,7 @@ class _RestoreRun:
         self.direct = False  # the writes bypassed the page cache (O_DIRECT)
         self.t_sync = 0.0  # when the sync phase began (time.monotonic)
         self.pending: tuple[str, str] | None = None  # (temp file, target) left for the caller to rename
+        self.cleaned_leftovers: list[str] = []  # what this restore removed of killed restores (their temp files)
         self.t_end = 0.0  # when the restore ended (time.monotonic)
 
     # -- prepare ---------------------------------------------------------------------------
@@ -732,7 +733,8 @@ class _RestoreRun:
         its directory are removed."""
         parent_dir, path = self.parent_dir, self.path
         try:
-            cleanup_restore_leftovers(parent_dir)
+            self.cleaned_leftovers += [f"removed {os.path.join(parent_dir, name)}, the temp file of a restore that "
+                                       f"was killed" for name in cleanup_restore_leftovers(parent_dir)]
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -904,6 +906,9 @@ class _RestoreRun:
             # writing the blocks; fsync and rename (where a slow restore's time went)
             "phases": {"prepare": self.t_data - self.t0, "data": self.t_sync - self.t_data, "sync": self.t_end - self.t_sync},
             "duration": self.t_end - self.t0,
+            # temp files of killed restores removed from the target's directory (as a
+            # backup reports what it cleaned up after a killed run)
+            "cleaned_leftovers": list(self.cleaned_leftovers),
             **({"pending": self.pending} if self.pending is not None else {}),
         }
 

@@ -490,3 +490,44 @@ def test_a_description_copied_over_anothers_is_damaged(repo, tmp_path):
     ids = [s.id for s in fresh.snapshots(cached=False)]
     assert ids == [b] and fresh.damaged_snapshots == [fmt.snapshot_meta_name(a)]
     assert fresh.latest("a", "disk0") is None
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("becomes", ["other data", "zeros"])
+def test_a_block_written_between_the_scan_and_its_second_read_is_kept_as_one_read_saw_it(tmp_path, monkeypatch,
+                                                                                          streamed, becomes):
+    """An incremental of a file maps a window, scans it, then reads its changed blocks
+    again.  A block written between the two reads was stored as the second read saw it
+    (B) under the fast hash of the first (A): once the disk held A again, every later
+    backup took the block for unchanged and restored B, and verify passed (session 26's
+    audit).  Now its data, digest and fast hash come from one read."""
+    from pyvbak import native
+    from pyvbak.engine import backup as engine
+
+    monkeypatch.setattr(engine, "STREAM_PARENT_MIN_BYTES", 0 if streamed else 1 << 62)
+    img = make_image(tmp_path / "d.img", 16 * BS, [(0, 16 * BS, "random")], seed=11)
+    repo = Repository.init(str(tmp_path / "repo"))
+    backup_file(repo, img)
+    a = random_bytes(BS, 12)
+    b = random_bytes(BS, 13) if becomes == "other data" else bytes(BS)
+    write_at(img, 3 * BS, a)
+    real, written = native.scan_fd_range, []
+
+    def scan_then_a_write(fd, offset, length, *args, **kw):
+        out = real(fd, offset, length, *args, **kw)
+        if not written:  # the guest writes B right after the scan saw A
+            written.append(1)
+            write_at(img, 3 * BS, b)
+        return out
+
+    monkeypatch.setattr(native, "scan_fd_range", scan_then_a_write)
+    raced = backup_file(repo, img)
+    monkeypatch.setattr(native, "scan_fd_range", real)
+    assert written
+    restore_to(repo, raced.snapshot_id, tmp_path / "raced.img")
+    assert (tmp_path / "raced.img").read_bytes()[3 * BS : 4 * BS] == b  # as the second read saw it
+    write_at(img, 3 * BS, a)  # the disk holds A again, and stays idle
+    idle = backup_file(repo, img)
+    assert idle.changed_blocks == 1
+    restore_to(repo, idle.snapshot_id, tmp_path / "idle.img")
+    assert same_file(tmp_path / "idle.img", img)

@@ -774,9 +774,15 @@ class _BackupRun:
         return memoryview(data), len(data)
 
     def _work(self, ranges: list[tuple[int, int]], scan: bool):
-        """Read the blocks of ``ranges`` (block runs in ascending order), scan them when
-        ``scan`` (else all of them are changed), then hash and compress the changed
-        non-zero ones; (blocks covered, changed indices, frames out, bytes read)."""
+        """Read the blocks of ``ranges`` (block runs in ascending order), scan them, then
+        hash and compress the changed non-zero ones; (blocks covered, changed indices,
+        frames out, bytes read).  ``scan``: changed means changed since the parent; else
+        every block of ``ranges`` is changed (a mapped window's scan found them so), and
+        this read's zero flags and fast hashes replace that scan's.  A block written
+        between the two reads was stored as the second saw it under the fast hash of the
+        first: once the disk held the first again, every later backup took the block for
+        unchanged and restored the second (session 26's audit).  Data, digest and fast
+        hash now come from one read."""
         bs, key, zero, fast, parent = self.bs, self.key, self.zero, self.fast, self.parent
         mv, nread = self._read_ranges(ranges)
         # contiguous: the arrays' own slices, no gathering (in place, the gathered path copies
@@ -784,8 +790,8 @@ class _BackupRun:
         if len(ranges) == 1 and self.index_update is not _IndexUpdate.IN_PLACE:
             a, b = ranges[0]
             count = b - a
+            native.scan_buffer(mv, bs, key, zero[a:b], fast[a:b])
             if scan:
-                native.scan_buffer(mv, bs, key, zero[a:b], fast[a:b])
                 changed = _changed(parent, zero, fast, a, b, bs)
             else:
                 changed = np.arange(a, b, dtype=np.int64)
@@ -796,18 +802,18 @@ class _BackupRun:
             count = int(lengths.sum())
             # every block of every run, in order, without an arange per run
             idx = np.arange(count, dtype=np.int64) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+            z, f = native.new_arrays(count)
+            native.scan_buffer(mv, bs, key, z, f)
             if scan:
-                z, f = native.new_arrays(count)
-                native.scan_buffer(mv, bs, key, z, f)
                 k = int(np.searchsorted(idx, parent.n))  # blocks the parent also has
                 # a gathered copy, taken before the writes below (in place, ``fast`` is the
                 # parent's hashes until this job writes them)
                 old_fast = parent.fast[idx[:k]]
                 local_changed = native.changed_blocks(parent.zero[idx[:k]], old_fast, k * bs,
                                                       z, f, count * bs, bs)
-                zero[idx], fast[idx] = z, f
             else:
                 local_changed = np.arange(count, dtype=np.int64)
+            zero[idx], fast[idx] = z, f
             changed = idx[local_changed]
         nonzero = zero[changed] == 0
         data_local = local_changed[nonzero]

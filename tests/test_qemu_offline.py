@@ -579,3 +579,43 @@ sys.exit(main(sys.argv[1:]))
     nxt = subprocess.run([sys.executable, "-m", "pyvbak", "backup", str(img), "--repo", str(repo), "--vm", "vm",
                           "--json"], capture_output=True, text=True, env=env)
     assert nxt.returncode == 0, nxt.stderr
+
+
+def test_a_raw_image_a_running_qemu_writes_is_refused_as_a_qcow2_one_is(tmp_path, capsys, monkeypatch):
+    """A qcow2 a VM holds is refused (qemu-img cannot take its lock); a raw file in the
+    same state, or the qcow2 read with --format raw, was read while the VM wrote it: a
+    torn snapshot without a word (session 26's audit).  QEMU's write-permission lock
+    says so; a read-only user of the image (qemu-nbd -r) does not stop the backup."""
+    from conftest import run_cli
+
+    monkeypatch.setenv("PYVBAK_WORK_DIR", str(tmp_path / "work"))
+    raw, qcow = tmp_path / "vm.raw", tmp_path / "vm.qcow2"
+    raw.write_bytes(os.urandom(1 << 20))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "1M"], check=True)
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    sock = tmp_path / "nbd.sock"
+    vm = subprocess.Popen(["qemu-storage-daemon",
+                           "--blockdev", f"driver=file,filename={raw},node-name=f1",
+                           "--blockdev", "driver=raw,file=f1,node-name=r1",
+                           "--blockdev", f"driver=file,filename={qcow},node-name=f2",
+                           "--blockdev", "driver=qcow2,file=f2,node-name=q2",
+                           "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                           "--export", "type=nbd,id=e1,node-name=r1,name=r1,writable=on",
+                           "--export", "type=nbd,id=e2,node-name=q2,name=q2,writable=on"])
+    try:
+        wait_until(lambda: unix_listening(str(sock)), timeout=30, what="the stand-in VM's NBD server")
+        for args in ((str(raw),), (str(qcow), "--format", "raw"), (str(qcow),)):
+            code, out, err = run_cli(capsys, "backup", *args, "--repo", repo, "--vm", "inuse")
+            assert code == 4 and "is in use (locked" in err and "qemu:///" in err, err
+    finally:
+        vm.terminate()
+        vm.wait(30)
+    reader = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "--socket", str(tmp_path / "ro.sock"), str(raw)])
+    try:
+        wait_until(lambda: unix_listening(str(tmp_path / "ro.sock")), timeout=30, what="qemu-nbd -r")
+        code, out, err = run_cli(capsys, "backup", str(raw), "--repo", repo, "--vm", "inuse")
+        assert code == 0, err
+    finally:
+        reader.terminate()
+        reader.wait(30)

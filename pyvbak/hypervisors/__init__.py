@@ -229,9 +229,15 @@ class _RawFile(_OneDisk):
 
     @contextmanager
     def open(self, spec, *, previous_state, verify_cbt, work_dir, image_format):
+        from ..errors import SourceError
         from ..sources.file import FileSource
+        from .qemu.image_locks import held_for_writing
 
         with FileSource(spec) as src:
+            if held_for_writing(src.fileno()):  # (as qemu-img refuses a qcow2 a VM holds: offline.image_chain)
+                raise SourceError(f"disk image {spec} is in use (locked for writing, probably by the running VM): "
+                                  f"back up a running VM through its QMP socket with a "
+                                  f"qemu:///PATH/TO/QMP.SOCK?node=NODE URI instead")
             if image_format == "auto":
                 warning = raw_container_warning(spec)
                 if warning:

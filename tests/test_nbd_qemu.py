@@ -4,6 +4,7 @@ qemu-storage-daemon exporting a dirty bitmap."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -313,3 +314,24 @@ def test_a_plain_export_says_why_it_is_read_whole_and_verify_cbt_says_there_is_n
     res = cli_json(capsys, ["backup", str(sparse_raw), "--repo", repo, "--vm", "f", "--verify-cbt"])
     assert res["fallback_reason"] is None and res["cbt_missed_blocks"] is None
     assert any("no change tracking to verify" in w for w in res["warnings"]), res["warnings"]
+
+
+def test_a_writable_export_is_backed_up_with_a_warning_a_read_only_one_without(sparse_raw, sockdir, tmp_path, capsys):
+    """An export is read as it is, not frozen: a writable one (qemu-nbd's default) gave
+    torn snapshots with no warning (session 26's audit)."""
+    from conftest import run_cli
+
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    path = os.path.join(sockdir, "rw.sock")
+    tool = require_tool("qemu-nbd", "qemu-utils")
+    with _running([tool, "-t", "-f", "raw", "-x", "disk0", "-k", path, str(sparse_raw)],
+                  lambda: unix_listening(path), "qemu-nbd"):
+        code, out, err = run_cli(capsys, "backup", f"nbd+unix:///disk0?socket={path}", "--repo", repo, "--vm", "v",
+                                 "--json")
+    assert code == 0, err
+    [warning] = json.loads(out)["warnings"]
+    assert warning.startswith("NBD export nbd+unix:///disk0") and "is writable" in warning and "qemu-nbd -r" in warning
+    with qemu_nbd(sparse_raw, "raw", sockdir) as uri:  # (-r)
+        code, out, err = run_cli(capsys, "backup", uri, "--repo", repo, "--vm", "v", "--json")
+    assert code == 0 and json.loads(out)["warnings"] == [] and "writable" not in err, err

@@ -531,3 +531,30 @@ def test_a_block_written_between_the_scan_and_its_second_read_is_kept_as_one_rea
     assert idle.changed_blocks == 1
     restore_to(repo, idle.snapshot_id, tmp_path / "idle.img")
     assert same_file(tmp_path / "idle.img", img)
+
+
+def test_a_file_written_while_it_is_read_gets_a_warning(tmp_path, monkeypatch):
+    """A file is read as it is, not frozen: a backup of one being written (a running VM's
+    raw disk, a file copied into place) said nothing (session 26's audit)."""
+    from pyvbak.sources.file import FileSource
+
+    img = make_image(tmp_path / "d.img", 16 * BS, [(0, 16 * BS, "random")], seed=21)
+    repo = Repository.init(str(tmp_path / "repo"))
+    quiet = backup_file(repo, img)
+    assert quiet.warnings == []
+    real, written = FileSource.read_ranges_into, []
+
+    def read_then_a_write(self, ranges, buffer):
+        n = real(self, ranges, buffer)
+        if not written:
+            written.append(1)
+            write_at(img, 9 * BS, random_bytes(BS, 22))
+        return n
+
+    monkeypatch.setattr(FileSource, "read_ranges_into", read_then_a_write)
+    write_at(img, 0, random_bytes(BS, 23))
+    os.utime(img, ns=(0, 0))  # (so the write during the backup moves the time: two writes can share a clock tick)
+    res = backup_file(repo, img)
+    assert written
+    [warning] = res.warnings
+    assert warning.startswith(f"{img} was written while it was read") and "qemu:///" in warning

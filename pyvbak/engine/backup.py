@@ -734,6 +734,10 @@ class _BackupRun:
         self._count_changes(changed_all)
         if self.verify_cbt:
             self._check_tracking()
+        written = getattr(source, "written_while_read", None)  # a source read as it is, not frozen
+        why = written() if written is not None else None
+        if why:
+            result.warnings.append(why)
 
     def _run_job(self, kind: str, ranges: list[tuple[int, int]]):
         if kind == "mapped":

@@ -275,8 +275,16 @@ class _NbdExport(_OneDisk):
     @contextmanager
     def open(self, spec, *, previous_state, verify_cbt, work_dir, image_format):
         from ..sources.nbd import NbdSource
+        from ..sources.nbd_protocol import TFLAG_READ_ONLY
 
         with NbdSource(spec) as src:
+            if not src.client.transmission_flags & TFLAG_READ_ONLY:
+                # (pyvbak's own exports, of a running VM's frozen view or a stopped image, are read-only)
+                src.source_warnings = [
+                    f"NBD export {spec} is writable: pyvbak reads it as it is, not frozen, so a write to it during the "
+                    f"backup leaves this snapshot with blocks from before and after it; export a stopped disk or a "
+                    f"snapshot read-only (qemu-nbd -r), or back up a running QEMU VM through its QMP socket "
+                    f"(qemu:///PATH/TO/QMP.SOCK?node=NODE)"]
             yield src, None
 
 

@@ -16,11 +16,16 @@ from ..errors import SourceError
 from .base import Extent
 
 
+def _stamp(st) -> tuple[int, int, int]:
+    return st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+
 class FileSource:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.description = f"file:{os.path.abspath(self.path)}"
         self._fd: int | None = None
+        self._stamp: tuple[int, int, int] | None = None  # a regular file's times and size when opened
         self.size = 0
 
     def __enter__(self) -> "FileSource":
@@ -50,7 +55,25 @@ class FileSource:
             raise SourceError(f"cannot tell the size of disk image {self.path}: {exc.strerror}; give a disk image file "
                               f"or block device") from None
         self._fd = fd
+        self._stamp = _stamp(st) if stat.S_ISREG(st.st_mode) else None
         return self
+
+    def written_while_read(self) -> str | None:
+        """Why the backup of this file may mix data from two instants, or None: a regular
+        file whose modification or change time moved since it was opened was written
+        while it was read (a block device gives no such sign).  Read as it is, not frozen:
+        the snapshot holds some blocks from before the write and some from after."""
+        if self._stamp is None or self._fd is None:
+            return None
+        try:
+            now = _stamp(os.fstat(self._fd))
+        except OSError:
+            return None
+        if now == self._stamp:
+            return None
+        return (f"{self.path} was written while it was read (its modification time changed): this snapshot may hold "
+                f"blocks from before and after that write; back up a stopped VM's disk or a snapshot of it (LVM, ZFS, "
+                f"qemu-img), or a running QEMU VM through its QMP socket (qemu:///PATH/TO/QMP.SOCK?node=NODE)")
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -2038,3 +2038,27 @@ def test_init_under_a_file_says_which_is_not_a_directory(env, capsys, below):
     assert code == 3 and out == ""
     assert_one_error_line(err, f"{tmp}/afile is not a directory", "choose another repository path")
     assert (tmp / "afile").read_text() == "x"
+
+
+def test_an_empty_source_a_socket_and_a_format_given_by_option_get_their_own_lines(tmp_path, capsys):
+    """Session 26's audit: an empty SOURCE was "disk image  does not exist" (exit 4), a
+    socket the bare "No such device or address", and --format vmdk on a qcow2 named .img
+    was said to be what "its name says"."""
+    import socket
+    import subprocess
+
+    from conftest import run_cli
+
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    code, _, err = run_cli(capsys, "backup", "", "--repo", repo, "--vm", "v")
+    assert code == 2 and "SOURCE is empty" in assert_one_error_line(err), err
+    sock_path = tmp_path / "a.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock_path))
+        code, _, err = run_cli(capsys, "backup", str(sock_path), "--repo", repo, "--vm", "v")
+    assert code == 4 and "is neither a regular file nor a block device" in assert_one_error_line(err), err
+    img = tmp_path / "q.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    code, _, err = run_cli(capsys, "backup", str(img), "--repo", repo, "--vm", "v", "--format", "vmdk")
+    assert code == 4 and "is not a vmdk image, as --format says" in assert_one_error_line(err), err

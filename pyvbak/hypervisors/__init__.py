@@ -142,6 +142,9 @@ def source_spec(spec: str) -> str:
     form) too - unless a file of that name exists."""
     from ..backends import file_uri_path, is_file_uri
 
+    if not spec:  # ("disk image  does not exist", exit 4: a usage error, not a missing file)
+        raise UsageError("SOURCE is empty: give an image path, nbd://HOST[:PORT]/EXPORT, "
+                         "nbd+unix:///EXPORT?socket=PATH or qemu:///QMP.SOCK?node=NODE")
     m = _SCHEME.match(spec)
     if is_file_uri(spec):
         # RFC 8089, as for a repository location (backends.file_uri_path): the plain

@@ -39,6 +39,9 @@ class FileSource:
         except PermissionError:
             raise SourceError(f"disk image {self.path} is not readable (permission denied): run as a user who can read it") from None
         except OSError as exc:
+            if exc.errno == errno.ENXIO and os.path.exists(self.path):  # a socket (or a FIFO's like)
+                raise SourceError(f"{self.path} is neither a regular file nor a block device: give a disk image file "
+                                  f"or block device") from None
             raise SourceError(f"cannot open disk image {self.path}: {exc.strerror}") from None
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):

@@ -360,7 +360,8 @@ class QemuOfflineImage(ExportSession):
             problem = vmdk_descriptor_problem(str(path))
             header = container_format(str(path)) if problem else None
             if header not in (None, "vmdk"):
-                raise SourceError(f"{path} is not a vmdk image, which its name says it is: its header is a {header} "
+                said = "which its name says it is" if self.format_from_name else "as --format says"
+                raise SourceError(f"{path} is not a vmdk image, {said}: its header is a {header} "
                                   f"image's; if it is one (not a guest's raw disk), give its format with --format "
                                   f"{header} (--format raw backs up the file's bytes as the disk)")
             if problem:

@@ -223,3 +223,20 @@ def test_after_a_kill9_the_next_run_finds_the_devices_under_the_leftover_filters
     assert main(["restore", "web@latest", f"{out}/", "--repo", repo]) == 0
     for device in ("data", "pflash1", "virtio-disk0"):
         assert (out / f"{device}.img").read_bytes() == vm.read_disk(device, tmp_path / f"{device}.now")
+
+
+def test_a_device_named_by_its_id_or_by_its_qom_path_keeps_one_change_tracking_chain(vm, cli_work_dir, tmp_path,
+                                                                                   capsys):
+    """Both spellings name one device and one disk name, but each switch between them
+    fell back to a full scan: "the previous backup was of device 'virtio-disk0', not
+    '/machine/peripheral/virtio-disk0/virtio-backend'" (session 26's audit)."""
+    repo = str(tmp_path / "repo")
+    assert main(["init", repo]) == 0
+    qom = "/machine/peripheral/virtio-disk0/virtio-backend"
+    code, res, err = _run(capsys, ["backup", f"{vm.uri}?device=virtio-disk0", "--repo", repo, "--vm", "web"])
+    assert code == 0 and res["disk"] == "virtio-disk0", err
+    for spelling in (qom, "virtio-disk0", qom):
+        code, res, err = _run(capsys, ["backup", f"{vm.uri}?device={spelling}", "--repo", repo, "--vm", "web"])
+        assert code == 0 and res["disk"] == "virtio-disk0", err
+        assert res["cbt"] and res["fallback_reason"] is None and res["bytes_read"] == 0, (spelling, res)
+    assert_clean(vm, cli_work_dir)

@@ -43,7 +43,7 @@ from .session import ExportSession, backing_chain_changed, outside_data
 from ..resources import TerminationGuard, remove_files
 from . import cleanup
 from . import fleece_guard, fleece_image, naming, session_lock, watchdog
-from .vm_disks import FILTER_DRIVERS, MAX_DISKS, VmDisk, check_guest_view, parse_qemu_uri_disks, resolve
+from .vm_disks import FILTER_DRIVERS, MAX_DISKS, VmDisk, check_guest_view, device_id, parse_qemu_uri_disks, resolve
 from .naming import GEN_PREFIX, PREFIX, RunNames, bitmap_name, check_socket_path, generation_of, new_run_id, run_of
 from .qmp import QmpClient, QmpError
 
@@ -773,7 +773,9 @@ def _check_cbt(d: HotDisk, fmt: str, bitmaps: dict[str, dict], identity: dict,
     if d.device is not None and prev.get("device"):
         # a device's node may have a generated name (#block123) that differs after a
         # restart; the bitmap lives in the image, which is checked next
-        if prev["device"] != d.device:
+        # (by the device's id: ``vda`` and its QOM path ``/machine/peripheral/vda/...``
+        # name one device, and one disk name; each switch of spelling read the disk whole)
+        if (device_id(prev["device"]) or prev["device"]) != (device_id(d.device) or d.device):
             return f"the previous backup was of device '{prev['device']}', not '{d.device}'", None
     elif prev.get("node") != node:
         return f"the previous backup was of node '{prev.get('node')}', not '{node}'", None

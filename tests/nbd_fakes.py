@@ -30,6 +30,7 @@ BEHAVIOURS = {
     "stall_handshake",  # sends half the greeting, then nothing
     "stall_mid_reply",  # sends a reply header and part of the data, then nothing
     "close_mid_reply",  # sends a reply header and part of the data, then closes
+    "close_on_read",    # closes the connection at a read, no reply (QEMU 7.2 on a read error of its disk)
     "error",            # structured NBD_REPLY_TYPE_ERROR with EIO and a message
     "error_offset",     # NBD_REPLY_TYPE_ERROR_OFFSET: EIO at an offset inside the request
     "simple_error",     # simple reply with EPERM
@@ -232,6 +233,9 @@ class FakeNbdServer:
         if not structured:
             conn.sendall(P.S_SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle) + data)
             return
+        if b == "close_on_read":
+            conn.shutdown(socket.SHUT_RDWR)
+            raise EOFError
         if b == "garbage_magic":
             conn.sendall(b"\xde\xad\xbe\xef" + bytes(16))
             return

@@ -164,6 +164,14 @@ def test_close_mid_reply():
     expect_error("close_mid_reply", "closed the connection in the middle")
 
 
+def test_a_connection_closed_at_a_read_says_it_may_be_a_read_error_of_the_servers_disk():
+    """QEMU 7.2's server closes the connection at a read its disk fails (structured
+    replies on); "closed the connection with requests outstanding" alone hid the I/O
+    error (session 26's audit)."""
+    expect_error("close_on_read", r"closed the connection with requests outstanding \(it stopped, or could not read "
+                                  r"its disk: QEMU closes the connection at a read error\)")
+
+
 def test_error_chunk_names_errno():
     expect_error("error", "EIO for NBD_CMD_READ at offset 0 length 8192: injected failure")
 

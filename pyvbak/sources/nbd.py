@@ -785,8 +785,12 @@ class NbdClient:
                     idle = not self._pending
                 if got == 0 and idle and self._closing:
                     return False
-                raise self._err("server closed the connection" + (" in the middle of a reply header" if got else
-                                " with requests outstanding" if not idle else ""))
+                raise self._err("server closed the connection" + (
+                    " in the middle of a reply header" if got else
+                    # (QEMU 7.2's server, structured replies on, closes it at a read its disk
+                    # fails, where simple replies carry EIO: session 26's audit)
+                    " with requests outstanding (it stopped, or could not read its disk: QEMU closes the connection "
+                    "at a read error)" if not idle else ""))
             got += r
         return True
 

@@ -245,8 +245,8 @@ def test_a_live_run_of_another_pid_namespace_is_left_alone(tmp_path):
         sock = work / f"pyvbak-{run}-nbd.sock"
         before = sorted(x.name for x in work.iterdir())
         assert f"pyvbak-{run}-qemu-nbd.pid" in before and socket_listening(sock)
-        with pytest.raises(SourceError, match=rf"^another pyvbak session \(pid {run.split('-')[0]}\) is using "
-                                              rf"work dir {work}; wait for it to finish$"):
+        with pytest.raises(SourceError, match=rf"^another pyvbak session \(pid {run.split('-')[0]}\) is backing up "
+                                              rf"{img} \(its files are in work dir {work}\); wait for it to finish$"):
             with QemuOfflineImage(img, previous_state=None, work_dir=work):
                 pass
         assert sorted(x.name for x in work.iterdir()) == before

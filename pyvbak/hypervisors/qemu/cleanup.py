@@ -626,7 +626,9 @@ def dead_run_files(work_dir: Path, own_run: str | None, image: str | None = None
         if run_alive(run, owners.get(run)):
             if run in others:
                 continue
-            raise SourceError(f"another pyvbak session (pid {pid}) is using work dir {work_dir}; "
-                              f"wait for it to finish")
+            same_image = image is not None and (read_journal(work_dir / f"{PREFIX}{run}.json") or {}).get("image") == image
+            what = (f"is backing up {image} (its files are in work dir {work_dir})" if same_image
+                    else f"is using work dir {work_dir}")
+            raise SourceError(f"another pyvbak session (pid {pid}) {what}; wait for it to finish")
         out.append(p)
     return out

@@ -132,3 +132,35 @@ def test_a_qcow2_over_a_block_device_is_never_trusted_to_its_bitmap(tmp_path, lo
     subprocess.run([qemu_img, "convert", "-O", "raw", str(top), str(ref)], check=True)
     assert main(["restore", "v/top@latest", str(out), "--repo", repo]) == 0
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_a_device_held_by_an_exclusive_user_is_backed_up_with_a_warning(tmp_path, loopdev, capsys):
+    """A device is read as it is: one mounted (or held by device mapper, RAID) may be
+    written during its backup, which said nothing (session 26's source audit).  Linux
+    refuses an O_EXCL open of such a device."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import run_cli
+
+    img = tmp_path / "disk.raw"
+    img.write_bytes(os.urandom(1 << 20))
+    dev = loopdev(img)
+    repo = str(tmp_path / "repo")
+    assert run_cli(capsys, "init", repo)[0] == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys\n"
+                               "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_EXCL)\n"
+                               "print('held', flush=True)\nsys.stdin.read()\n", dev],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, out, err = run_cli(capsys, "backup", dev, "--repo", repo, "--vm", "v", "--json")
+        assert code == 0, err
+        [warning] = json.loads(out)["warnings"]
+        assert warning.startswith(f"block device {dev} is in use (mounted") and "not frozen" in warning
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    code, out, err = run_cli(capsys, "backup", dev, "--repo", repo, "--vm", "v", "--json")
+    assert code == 0 and json.loads(out)["warnings"] == [], err

@@ -241,10 +241,10 @@ class _RawFile(_OneDisk):
                 raise SourceError(f"disk image {spec} is in use (locked for writing, probably by the running VM): "
                                   f"back up a running VM through its QMP socket with a "
                                   f"qemu:///PATH/TO/QMP.SOCK?node=NODE URI instead")
+            warnings = [src.in_use_elsewhere()]
             if image_format == "auto":
-                warning = raw_container_warning(spec)
-                if warning:
-                    src.source_warnings = [warning]  # run_backup reports them with its own
+                warnings.append(raw_container_warning(spec))
+            src.source_warnings = [w for w in warnings if w]  # run_backup reports them with its own
             yield src, None
 
 

@@ -61,6 +61,21 @@ class FileSource:
         self._stamp = _stamp(st) if stat.S_ISREG(st.st_mode) else None
         return self
 
+    def in_use_elsewhere(self) -> str | None:
+        """Why this block device may be written while it is read, or None: held by an
+        exclusive user (mounted, or device mapper, RAID).  Linux refuses an O_EXCL open of
+        such a device (EBUSY); this open only reads, and is closed at once."""
+        if self._stamp is not None or self._fd is None:  # (a regular file: written_while_read)
+            return None
+        try:
+            os.close(os.open(self.path, os.O_RDONLY | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)))
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return (f"block device {self.path} is in use (mounted, or held by device mapper or RAID): it is read as "
+                        f"it is, not frozen, so this snapshot may hold blocks from before and after a write to it; "
+                        f"back up a snapshot of it (LVM, ZFS) or unmount it first")
+        return None
+
     def written_while_read(self) -> str | None:
         """Why the backup of this file may mix data from two instants, or None: a regular
         file whose modification or change time moved since it was opened was written

@@ -122,11 +122,9 @@ def _drop_stale_probes(path: str) -> None:
             if not entry.is_dir(follow_symlinks=False):
                 continue
             mtime = entry.stat(follow_symlinks=False).st_mtime
-            if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
-                stale = not temp_writer_alive(int(parts[0]), parts[2], mtime, int(parts[1]) or None)
-            else:
-                stale = len(parts) == 2 and parts[0].isdigit() and now - mtime > STALE_TEMP_SECONDS
-            if stale:
+            # PID-START-SCOPE-RANDOM, or an older pyvbak's PID-RANDOM
+            named = parts[0].isdigit() and (len(parts) == 2 or (len(parts) == 4 and parts[1].isdigit()))
+            if named and _maker_gone(parts, mtime, now):
                 os.rmdir(entry.path)  # (only if empty: nothing of anyone else's is removed)
         except OSError:
             pass
@@ -499,12 +497,16 @@ def _drop_stale_temps(path: str) -> None:
             continue
         parts = entry.name[len(base) + 1 : -len(".tmp")].split("-")
         try:
-            mtime = entry.stat(follow_symlinks=False).st_mtime
-            if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
-                stale = not temp_writer_alive(int(parts[0]), parts[2], mtime, int(parts[1]) or None)
-            else:
-                stale = now - mtime > STALE_TEMP_SECONDS
-            if stale:
+            if _maker_gone(parts, entry.stat(follow_symlinks=False).st_mtime, now):
                 os.unlink(entry.path)
         except OSError:
             pass
+
+
+def _maker_gone(parts: list[str], mtime: float, now: float) -> bool:
+    """Whether the process that named a temp file or probe directory ``PID-START-SCOPE-
+    RANDOM`` (``parts``, split at "-") is gone (processes.temp_writer_alive); a name
+    without them (an older pyvbak's) goes once STALE_TEMP_SECONDS old."""
+    if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+        return not temp_writer_alive(int(parts[0]), parts[2], mtime, int(parts[1]) or None)
+    return now - mtime > STALE_TEMP_SECONDS

@@ -26,6 +26,7 @@ class FileSource:
         self.description = f"file:{os.path.abspath(self.path)}"
         self._fd: int | None = None
         self._stamp: tuple[int, int, int] | None = None  # a regular file's times and size when opened
+        self._device = False  # a block device (else a regular file)
         self.size = 0
 
     def __enter__(self) -> "FileSource":
@@ -58,14 +59,15 @@ class FileSource:
             raise SourceError(f"cannot tell the size of disk image {self.path}: {exc.strerror}; give a disk image file "
                               f"or block device") from None
         self._fd = fd
-        self._stamp = _stamp(st) if stat.S_ISREG(st.st_mode) else None
+        self._device = stat.S_ISBLK(st.st_mode)
+        self._stamp = None if self._device else _stamp(st)
         return self
 
     def in_use_elsewhere(self) -> str | None:
         """Why this block device may be written while it is read, or None: held by an
         exclusive user (mounted, or device mapper, RAID).  Linux refuses an O_EXCL open of
         such a device (EBUSY); this open only reads, and is closed at once."""
-        if self._stamp is not None or self._fd is None:  # (a regular file: written_while_read)
+        if not self._device or self._fd is None:  # (a regular file: written_while_read)
             return None
         try:
             os.close(os.open(self.path, os.O_RDONLY | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)))

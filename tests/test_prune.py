@@ -403,6 +403,8 @@ def test_cli_forget_by_id_and_latest(two_generations, capsys):
         (["forget", "--vm", "x", "20990101"], 2, ("--vm only goes with --keep-last",)),
         (["forget", "nosuchsnapshot"], 5, ("not found",)),
         (["forget", "--keep-last", "0"], 2, ()),
+        # the union of both forgot a named snapshot --keep-last keeps: refused
+        (["forget", "--keep-last", "1", "vm1@latest"], 2, ("not both", "--keep-last 1")),
     ],
 )
 def test_cli_forget_bad_input(two_generations, capsys, args, code, needles):

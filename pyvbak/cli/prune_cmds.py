@@ -48,6 +48,11 @@ def forget(
         raise UsageError("forget needs snapshot ids, VM[/DISK]@latest or --keep-last N: list snapshots with 'pyvbak snapshots'")
     if vm is not None and keep_last is None:
         raise UsageError("--vm only goes with --keep-last; name snapshots by id or VM[/DISK]@latest instead")
+    if snapshots and keep_last is not None:
+        # both forgot the union: a snapshot named "to be sure" beside --keep-last 1 was
+        # forgotten although --keep-last kept it (session 27's docs audit)
+        raise UsageError(f"give snapshots to forget or --keep-last N, not both ({snapshots[0]} and --keep-last "
+                         f"{keep_last}): run 'pyvbak forget' once for each")
     r = open_repository(repo)
     # With --prune the exclusive lock comes first: forgetting under a shared lock and then
     # failing to get the exclusive one (a backup running) forgot snapshots while saying

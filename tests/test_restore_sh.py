@@ -136,7 +136,7 @@ def _tools_dir(tmp_path, *, without=(), failing=()):
     ``failing`` is a script that prints nothing and exits 1 (a stage that breaks)."""
     d = tmp_path / "bin"
     d.mkdir()
-    for t in ("zstd od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
+    for t in ("zstd od tr head tail cut nl sort join paste split wc ls dd sha256sum mktemp truncate mv ln rm "
               "dirname readlink sync cat grep").split():
         if t in without:
             continue
@@ -183,7 +183,7 @@ def test_restore_sh_without_a_tool_says_which_and_writes_nothing(setup, tmp_path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("tool", "zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate grep ln+mv"
+@pytest.mark.parametrize("tool", "zstd od tr head tail cut nl sort join paste wc ls dd sha256sum mktemp truncate grep ln+mv"
                          .split())
 def test_restore_sh_a_failing_stage_is_an_error_not_a_disk_of_zeros(setup, tmp_path, tool):
     """A stage of a pipeline that fails used to go unseen (`set -e` looks at a

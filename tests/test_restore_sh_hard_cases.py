@@ -246,7 +246,7 @@ def _slow_zstd_path(tmp_path):
     for GO: the restore is caught mid-write, deterministically."""
     d = tmp_path / "bin"
     d.mkdir()
-    for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
+    for t in ("od tr head tail cut nl sort join paste split wc ls dd sha256sum mktemp truncate mv ln rm "
               "dirname readlink sync grep cat").split():
         (d / t).symlink_to(shutil.which(t))
     (d / "zstd").write_text(
@@ -288,7 +288,7 @@ def test_a_signal_mid_restore_leaves_no_output_and_no_temp_files(setup, tmp_path
     assert no_partial(tmp_path) and os.listdir(tmpdir) == []
 
 
-_TOOLS = ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm dirname readlink "
+_TOOLS = ("od tr head tail cut nl sort join paste split wc ls dd sha256sum mktemp truncate mv ln rm dirname readlink "
           "sync grep cat zstd kill chown chmod getconf mkdir").split()
 
 
@@ -497,7 +497,7 @@ def test_missing_zstd_is_one_error_line(setup, tmp_path):
     repo, snaps, _ = setup
     d = tmp_path / "bin"
     d.mkdir()
-    for t in ("od tr head tail cut nl sort join paste split wc dd sha256sum mktemp truncate mv ln rm "
+    for t in ("od tr head tail cut nl sort join paste split wc ls dd sha256sum mktemp truncate mv ln rm "
               "dirname readlink sync grep").split():
         (d / t).symlink_to(shutil.which(t))
     p = subprocess.run(["/bin/sh", os.path.join(repo.location, "restore.sh"), snaps[0][0], str(tmp_path / "o.img")],
@@ -513,7 +513,7 @@ def test_busybox_tools_with_join_only(setup, tmp_path):
     repo, snaps, _ = setup
     d = tmp_path / "bin"
     d.mkdir()
-    for t in "od tr head tail cut nl sort paste wc dd sha256sum mktemp truncate mv ln rm dirname readlink sync grep".split():
+    for t in "od tr head tail cut nl sort paste wc ls dd sha256sum mktemp truncate mv ln rm dirname readlink sync grep".split():
         (d / t).symlink_to(busybox)
     for t in ("join", "zstd"):
         (d / t).symlink_to(shutil.which(t))
@@ -1051,3 +1051,55 @@ def test_without_proc_a_device_is_refused_not_assumed_free(setup, tmp_path):
         if "umount" in p.stderr and "restore.sh" not in p.stderr:
             (pytest.fail if IN_CI else pytest.skip)(f"cannot unmount /proc in a namespace: {p.stderr.strip()}")
         one_error(p, "cannot tell whether", "/proc is not mounted")
+
+
+@pytest.mark.parametrize("shell", shells(), ids=lambda s: os.path.basename(s[0]))
+def test_a_disk_past_4_gib_restores_in_every_shell(tmp_path, shell):
+    """busybox's `wc -c` counts in 32 bits (a 5 GiB file: 1073754169, 4 GiB: 0) and busybox
+    sh runs its own applet whatever PATH says: the check of the restored file's size failed
+    every restore of a disk of 4 GiB or more, after the whole disk was written (session 27's
+    audit).  The size now comes from `ls -ln`.  A thin disk: data below and past 4 GiB."""
+    require_tool("zstd", "zstd")
+    img = tmp_path / "big.img"
+    size = (4 << 30) + 65536 + 17
+    with open(img, "wb") as f:
+        f.truncate(size)
+    write_at(img, 3 * MiB, random_bytes(65536, seed=41))
+    write_at(img, (4 << 30) + 7, random_bytes(65536 + 10, seed=42))  # into the short last block
+    repo = Repository.init(str(tmp_path / "repo"))
+    sid = backup_file(repo, img, vm="big", disk="d").snapshot_id
+    out = tmp_path / "out.img"
+    p = run_sh(os.path.join(repo.location, "restore.sh"), sid, out, cwd=tmp_path, shell=shell, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert os.path.getsize(out) == size
+    assert _same_thin_file(out, img)
+
+
+def _data_extents(path):
+    """(offset, end) of every extent SEEK_DATA finds: the rest of the file is holes."""
+    out = []
+    with open(path, "rb") as f:
+        fd, end, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < end:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data past pos
+                break
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            out.append((pos, hole))
+            pos = hole
+    return out
+
+
+def _same_thin_file(a, b) -> bool:
+    """Byte for byte the same, reading only where either file has data (reading the 4 GiB
+    of holes of both took most of a minute of system time)."""
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for lo, hi in _data_extents(a) + _data_extents(b):
+            for at in range(lo, hi, 1 << 20):
+                n = min(1 << 20, hi - at)
+                if os.pread(fa.fileno(), n, at) != os.pread(fb.fileno(), n, at):
+                    return False
+    return True

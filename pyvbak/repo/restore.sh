@@ -6,7 +6,7 @@
 # SNAPSHOT: a snapshot id, a unique prefix of one, VM@latest or VM/DISK@latest.
 # OUTPUT: a new file; an existing file or a block device only with --force.
 # See README-RESTORE.txt beside this script and docs/FORMAT.md in the pyvbak sources.
-# restore kit revision: 17  (backups replace an older revision's restore.sh and README-RESTORE.txt)
+# restore kit revision: 18  (backups replace an older revision's restore.sh and README-RESTORE.txt)
 # Format v1: integers are big-endian, so hex fields read from od become numbers
 # with $((0x...)).  Every block is a standard zstd frame with a content checksum,
 # which `zstd -d` checks; the block's SHA-256 is checked too.
@@ -49,6 +49,15 @@ tmp_die() {  # MESSAGE [ERRFILE]: with the last line ERRFILE kept of the tool's 
   [ -z "$t_why" ] || t_why=": $t_why"
   die "$1$t_why (is ${TMPDIR:-/tmp} full? set TMPDIR to a directory with more room)"
 }
+# The size of FILE in bytes, from the fifth field of `ls -ln` (POSIX): busybox's `wc -c`
+# counts in 32 bits (a 5 GiB file: 1073754169, a 4 GiB one: 0) and busybox sh runs its own
+# wc applet before PATH's, so every restore of a disk of 4 GiB or more failed its last check.
+size_of() {  # FILE
+  so_line=$(ls -ln -- "$1") || return 1
+  so_size=$(set -f; set -- $so_line; [ $# -ge 5 ] && printf '%s' "$5") || return 1
+  case $so_size in ''|*[!0-9]*) return 1 ;; esac
+  printf '%s\n' "$so_size"
+}
 usage="usage: sh restore.sh [--force] SNAPSHOT OUTPUT (SNAPSHOT: an id from snapshots/, a unique prefix of one, VM@latest or VM/DISK@latest)"
 
 force=
@@ -63,7 +72,7 @@ out=$2
 [ "$snap" != --force ] && [ "$out" != --force ] || die "--force goes before SNAPSHOT: $usage"
 case $out in -*) out=./$out ;; esac  # a name no tool takes for an option
 missing_tools=
-for t in zstd od tr head tail cut nl sort join paste wc dd sha256sum mktemp truncate mv ln rm dirname readlink sync grep; do
+for t in zstd od tr head tail cut nl sort join paste wc ls dd sha256sum mktemp truncate mv ln rm dirname readlink sync grep; do
   command -v "$t" >/dev/null 2>&1 || missing_tools="$missing_tools $t"
 done
 [ -z "$missing_tools" ] || die "needs these commands, not found on PATH:$missing_tools (install coreutils, grep and zstd)"
@@ -458,7 +467,7 @@ if ! zstd -dcq "$index" > "$tmp/index.bin" 2>"$tmp/err"; then
   ! zstd -tq "$index" >/dev/null 2>&1 || tmp_die "cannot decompress $index into ${TMPDIR:-/tmp}" "$tmp/err"
   die "$index cannot be decompressed: the repository is damaged, restore another snapshot"
 fi
-ilen=$(wc -c < "$tmp/index.bin") || die "wc failed on $index"
+ilen=$(size_of "$tmp/index.bin") || die "ls failed on $index"
 [ "$ilen" -ge 48 ] && [ $((ilen % 48)) -eq 0 ] || die "$index is damaged: $ilen bytes, not 48-byte records"
 od -An -v -tx1 -w48 "$tmp/index.bin" > "$tmp/index.od" 2>"$tmp/err" || tmp_die "od failed on $index" "$tmp/err"
 tr -d ' ' < "$tmp/index.od" > "$tmp/index.hex" 2>"$tmp/err" || tmp_die "tr failed on $index" "$tmp/err"
@@ -559,7 +568,7 @@ for f in "$repo"/index/*; do
   tr -d ' ' < "$tmp/pi.od" > "$tmp/pi.hex" 2>"$tmp/err" || tmp_die "tr failed on $f" "$tmp/err"
   h=$(head -n 1 "$tmp/pi.hex") || die "head failed on $f"
   tail -n +2 "$tmp/pi.hex" > "$tmp/pi.rec" 2>"$tmp/err" || tmp_die "tail failed on $f" "$tmp/err"
-  plen=$(wc -c < "$tmp/pi.bin") || die "wc failed on $f"
+  plen=$(size_of "$tmp/pi.bin") || die "ls failed on $f"
   magic=$(echo "$h" | cut -c1-24) && nrec=$(echo "$h" | cut -c25-40) || die "cut failed on $f"  # (as for the header)
   pi_lines=$(wc -l < "$tmp/pi.rec") || die "wc failed on $f"
   if [ "$magic" != "692fe50019b13e6300000001" ] || [ $((plen % 80)) -ne 0 ] \
@@ -761,7 +770,7 @@ if [ -n "$device" ]; then
   done < "$tmp/zero.n"
   flush
 else
-  psize=$(wc -c < "$part") || die "wc failed on $part"
+  psize=$(size_of "$part") || die "ls failed on $part"
   [ "$psize" -eq "$size" ] || die "$part is not $size bytes after the restore"
   if [ -n "$force" ] && [ -f "$out" ]; then
     # the file it replaces keeps its owner, group and mode, as with pyvbak (a VM manager

@@ -20,8 +20,10 @@ other, each with a fresh repository under bench/.data/peers/, removed at the end
             restic: restic restore latest --target DIR
             borg:   (cd DIR && borg extract R::incr)
 
-Repository init time is not counted.  ``sync`` runs (untimed) before every timed step
-so one tool's write-back does not land on the next one's clock; restore times are
+Repository init time is not counted.  ``sync`` runs (untimed) before every timed step,
+then ``--settle`` seconds pass (default 3: the discards of what the last step deleted,
+see ``settle``), so one tool's write-back and deletions do not land on the next one's
+clock; restore times are
 reported as the command alone (``restore_s``, used for the ratios) and command + sync
 (``restore_durable_s``: pyvbak fsyncs its output, restic and borg do not).
 
@@ -204,8 +206,23 @@ def drop_caches(repos: list[str]) -> str:
     return "fadvise"
 
 
-def one_round(tools: list, image: str, work: str, cold_restore: bool = False) -> dict:
-    """Full, rewrite, incremental, sizes, restore - each tool in turn at every step."""
+def settle(seconds: float) -> None:
+    """Before each timed command: what the last one left the disk to do is done.  The disk
+    is mounted with online discard: deleting a tool's restored 2 GiB image (1.3 GB of data)
+    or the last round's repositories discards their blocks after the unlink returns, and a
+    tool that did not fsync leaves writeback behind.  Without this the tool timed next paid
+    for it: session 27, five warm rounds, restic restored in 5.0-5.3 s right after
+    pyvbak's restore was deleted and in 3.6-4.1 s otherwise, pyvbak in 1.54-1.64 s first
+    and 1.89-2.35 s after another tool's; a 1.2 GB O_DIRECT `dd` ran at 663 MB/s right
+    after a 1.5 GB file was deleted and synced, 980 MB/s three seconds later."""
+    os.sync()
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def one_round(tools: list, image: str, work: str, cold_restore: bool = False, settle_s: float = 0.0) -> dict:
+    """Full, rewrite, incremental, sizes, restore - each tool in turn at every step, each
+    timed command after ``settle(settle_s)``."""
     res: dict = {t.name: {} for t in tools}
     vmimage.page_cache(image)
     for t in tools:
@@ -214,6 +231,7 @@ def one_round(tools: list, image: str, work: str, cold_restore: bool = False) ->
         # borg drops what it read from the page cache (posix_fadvise DONTNEED), so every
         # tool gets a freshly cached image, not only the first one.
         vmimage.page_cache(image)
+        settle(settle_s)
         res[t.name]["full_s"] = t.backup(image, "full")
         if t.name == "pyvbak":
             res[t.name]["full_engine_s"] = t.last_engine_s
@@ -223,6 +241,7 @@ def one_round(tools: list, image: str, work: str, cold_restore: bool = False) ->
     vmimage.page_cache(image)
     for t in tools:
         vmimage.page_cache(image)
+        settle(settle_s)
         res[t.name]["incr_s"] = t.backup(image, "incr")
         if t.name == "pyvbak":
             res[t.name]["incr_engine_s"] = t.last_engine_s
@@ -233,6 +252,7 @@ def one_round(tools: list, image: str, work: str, cold_restore: bool = False) ->
     for t in tools:
         outdir = os.path.join(work, f"{t.name}-restore")
         os.makedirs(outdir)
+        settle(settle_s)
         if cold_restore:
             res["_evicted_by"] = drop_caches([x.repo for x in tools])
         s0 = time.perf_counter()
@@ -273,6 +293,8 @@ def main() -> int:
         help="where repositories and restores go (default bench/.data/peers); e.g. a tmpfs dir to take a throttled disk out of the comparison",
     )
     ap.add_argument("--cold-restore", action="store_true", help="evict the repositories from the page cache before each tool's restore (drop_caches as root, else posix_fadvise): restore from a cold repository")
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="seconds to wait, after a sync, before each timed command (the last one's discards and writeback done)")
     ap.add_argument("--reps", type=int, default=1, help="rounds (fresh repositories, image reset, tool order rotated); medians reported")
     a = ap.parse_args()
     ensure_bytecode()  # time pyvbak as installed: see benchutil.ensure_bytecode
@@ -298,7 +320,7 @@ def main() -> int:
                 for name in os.listdir(work):
                     shutil.rmtree(os.path.join(work, name))
                 del log[:]  # keep the commands of one round only
-            res = one_round(order, image, work, cold_restore=a.cold_restore)
+            res = one_round(order, image, work, cold_restore=a.cold_restore, settle_s=a.settle)
             res["_order"] = [t.name for t in order]
             rounds.append(res)
             vmimage.undo_rewrite(image, res.pop("_rewrite"))
@@ -329,6 +351,7 @@ def main() -> int:
         "rewrite": rw,
         "reps": a.reps,
         "cold_restore": a.cold_restore,
+        "settle_s": a.settle,
         "tools": res,
         "skipped": skipped,
         "ratios": {k: round(v, 3) for k, v in ratios.items()},

@@ -65,17 +65,18 @@ def test_scan_and_sha256_benches(tmp_path):
 
 
 def test_peers_bench_pyvbak_only(tmp_path):
-    doc = run_bench(tmp_path, "peers.py", "--size-mib", "16", "--tools", "pyvbak")
+    doc = run_bench(tmp_path, "peers.py", "--size-mib", "16", "--tools", "pyvbak", "--settle", "0")
     p = doc["tools"]["pyvbak"]
     assert p["restore_identical"] is True
     assert positive(p["full_s"]) and positive(p["incr_s"]) and positive(p["restore_s"])
     assert doc["rounds"][0]["evicted_by"] is None
+    assert doc["settle_s"] == 0
 
 
 def test_peers_bench_cold_restore_evicts_without_privilege(tmp_path):
     # root in a container may not write /proc/sys/vm/drop_caches: the repositories are then
     # dropped file by file (posix_fadvise), and the restore still comes out identical
-    doc = run_bench(tmp_path, "peers.py", "--size-mib", "16", "--tools", "pyvbak", "--cold-restore")
+    doc = run_bench(tmp_path, "peers.py", "--size-mib", "16", "--tools", "pyvbak", "--cold-restore", "--settle", "0.1")
     assert doc["cold_restore"] is True
     assert doc["rounds"][0]["evicted_by"] in ("drop_caches", "fadvise")
     assert doc["tools"]["pyvbak"]["restore_identical"] is True

@@ -599,7 +599,7 @@ lines_are "$tmp/found.n" "$nfound"
 wanted=$nonzero
 found=$(wc -l < "$tmp/found.u") || die "wc failed"
 [ "$found" -eq "$wanted" ] \
-  || die "$((wanted - found)) block(s) of snapshot $snap are missing from the repository (no pack index names them): run 'pyvbak verify', or restore another snapshot"
+  || die "$((wanted - found)) of the disk's block(s) of snapshot $snap are missing from the repository (no pack index names them): run 'pyvbak verify', or restore another snapshot"
 # The plan: one copy of every block, in pack order (sequential reads, and runs of frames
 # that are consecutive both in a pack and on the disk: a full backup stores them so).
 { sort -u -k2,2 "$tmp/found" > "$tmp/primary" 2>"$tmp/err" && rm -f "$tmp/blocks" "$tmp/found.n" \

@@ -400,6 +400,11 @@ def encode_pack_trailer(records: np.ndarray) -> bytes:
     return struct.pack("<II", SKIPPABLE_FRAME_MAGIC, len(payload)) + payload
 
 
+def pack_trailer_length(count: int) -> int:
+    """The size of the trailer ``encode_pack_trailer`` writes for ``count`` records."""
+    return 8 + PACK_TRAILER_HEADER.size + count * PACK_TRAILER_RECORD.itemsize + 4
+
+
 def pack_id(trailer: bytes) -> bytes:
     """A pack's 32-byte id: SHA-256 of its trailer (frame header included).
 

@@ -387,12 +387,11 @@ class _PruneRun:
         # trailers too, as the real run counts whole pack objects: frames alone, the preview
         # was 0.1 MB short of what the prune then freed (142.5 against 142.6 MiB, session
         # 27's audit: the deleted packs' trailers less the new ones')
-        records = np.bincount(self.inv, minlength=len(gone_p))
-        moved_records = int(np.count_nonzero(self.keep & repack_p[self.inv]))
-        gone_trailers = int(np.count_nonzero(gone_p)) * fmt.pack_trailer_length(0) + int(records[gone_p].sum()) * (
-            fmt.pack_trailer_length(1) - fmt.pack_trailer_length(0))
-        new_trailers = written * fmt.pack_trailer_length(0) + moved_records * (
-            fmt.pack_trailer_length(1) - fmt.pack_trailer_length(0))
+        def trailers(packs: int, records: int) -> int:
+            return packs * fmt.pack_trailer_length(0) + records * fmt.PACK_TRAILER_RECORD.itemsize
+
+        gone_trailers = trailers(int(np.count_nonzero(gone_p)), int(np.count_nonzero(gone_p[self.inv])))
+        new_trailers = trailers(written, int(np.count_nonzero(self.keep & repack_p[self.inv])))
         self.report["bytes_freed"] = int(self.total_bytes[gone_p].sum() - moved + gone_trailers - new_trailers)
         self.report["packs_written"] = written
         self.report["duration"] = time.monotonic() - self.t0
